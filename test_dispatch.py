@@ -1,0 +1,883 @@
+"""Specifications of dispatch, tested end to end over loopback.
+
+A real PySocks client talks to a real Dispatcher, which connects to real
+servers on 127.0.0.x and ::1. Pure parts (address parsing, the balancer, the
+errno mapping, the handshake reader) have unit tests of their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import socks
+
+import dispatch
+from dispatch import Dispatcher, Reply, WeightedRoundRobin
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 10.0
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+
+
+# ---------------------------------------------------------------------------
+# Servers the proxy connects to
+# ---------------------------------------------------------------------------
+
+
+class Server:
+    """A TCP server on loopback running ``serve(conn)`` per connection in a thread."""
+
+    def __init__(self, serve: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, 0))
+        self.listener.listen(2048)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.serve = serve
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        with conn:
+            try:
+                self.serve(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def echo(conn: socket.socket) -> None:
+    """Echo everything, then half-close when the client has."""
+    while data := conn.recv(65536):
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def tell_peer(conn: socket.socket) -> None:
+    """Write the connection's source address, then close."""
+    conn.sendall(conn.getpeername()[0].encode())
+
+
+@pytest.fixture
+def echo_server() -> Iterator[Server]:
+    server = Server(echo)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def peer_server() -> Iterator[Server]:
+    server = Server(tell_peer)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[Callable[..., Dispatcher]]:
+    """Start Dispatchers on a free loopback port; shut them all down after."""
+    started: list[Dispatcher] = []
+
+    def make(addresses: list[str] | None = None, **options: object) -> Dispatcher:
+        options.setdefault("port", 0)
+        proxy = Dispatcher(["127.0.0.1"] if addresses is None else addresses, **options).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.shutdown()
+
+
+@pytest.fixture
+def proxy(make_proxy: Callable[..., Dispatcher]) -> Dispatcher:
+    return make_proxy()
+
+
+def client_through(
+    proxy: Dispatcher | Any, target: tuple[str, int], kind: int = socks.SOCKS5, rdns: bool = False
+) -> socks.socksocket:
+    """A PySocks socket connected to ``target`` through ``proxy``."""
+    family = socket.AF_INET6 if ":" in proxy.address[0] else socket.AF_INET
+    client = socks.socksocket(family, socket.SOCK_STREAM)
+    client.set_proxy(kind, *proxy.address, rdns=rdns)
+    client.settimeout(TIMEOUT)
+    client.connect(target)
+    return client
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def round_trip(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload``, half-close, and return all that comes back."""
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    return read_all(sock)
+
+
+def raw_client(proxy: Dispatcher) -> socket.socket:
+    """A plain socket connected to the proxy, for hand-written handshakes."""
+    sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"got {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def socks5_request(host: str, port: int, command: int = 1) -> bytes:
+    return bytes([5, command, 0]) + dispatch.encode_socks5_address(host, port)
+
+
+def socks5_reply(sock: socket.socket) -> tuple[int, str, int]:
+    """Read a SOCKS5 reply; return (code, bound host, bound port)."""
+    version, code, _, atyp = recv_exactly(sock, 4)
+    assert version == 5
+    size = {1: 4, 4: 16}[atyp]
+    host = socket.inet_ntop(socket.AF_INET if atyp == 1 else socket.AF_INET6, recv_exactly(sock, size))
+    (port,) = struct.unpack("!H", recv_exactly(sock, 2))
+    return code, host, port
+
+
+def socks4_request(ip: str, port: int, command: int = 1, host: str | None = None) -> bytes:
+    packed = socket.inet_aton("0.0.0.1" if host else ip)
+    request = struct.pack("!BBH4s", 4, command, port, packed) + b"user\0"
+    return request + (host.encode() + b"\0" if host else b"")
+
+
+def refused_port() -> int:
+    """A loopback port with nothing listening."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# The protocol, end to end
+# ---------------------------------------------------------------------------
+
+
+def test_socks5_connects_to_an_ipv4_target(proxy: Dispatcher, echo_server: Server) -> None:
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"hello") == b"hello"
+
+
+@needs_ipv6
+def test_socks5_connects_to_an_ipv6_target(make_proxy: Callable[..., Dispatcher]) -> None:
+    server = Server(echo, host="::1")
+    proxy = make_proxy(["::1"])
+    try:
+        with client_through(proxy, ("::1", server.port)) as client:
+            assert round_trip(client, b"over six") == b"over six"
+    finally:
+        server.close()
+
+
+def test_socks5_resolves_domain_name_at_proxy(proxy: Dispatcher, echo_server: Server) -> None:
+    with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"by name") == b"by name"
+
+
+def test_socks4_connects(proxy: Dispatcher, echo_server: Server) -> None:
+    with client_through(proxy, (echo_server.host, echo_server.port), socks.SOCKS4) as client:
+        assert round_trip(client, b"four") == b"four"
+
+
+def test_socks4a_resolves_name_at_proxy(proxy: Dispatcher, echo_server: Server) -> None:
+    with client_through(proxy, ("localhost", echo_server.port), socks.SOCKS4, rdns=True) as client:
+        assert round_trip(client, b"four a") == b"four a"
+
+
+def test_name_tries_each_address_until_one_connects(make_proxy: Callable[..., Dispatcher]) -> None:
+    """localhost may resolve to ::1 first while only 127.0.0.1 listens."""
+    if not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) here")
+    server = Server(echo, host="127.0.0.1")
+    proxy = make_proxy(["127.0.0.1", "::1"])
+    try:
+        for _ in range(4):  # whichever family the name resolves to first
+            with client_through(proxy, ("localhost", server.port), rdns=True) as client:
+                assert round_trip(client, b"x") == b"x"
+    finally:
+        server.close()
+
+
+def test_success_reply_carries_the_upstream_local_address(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        sock.sendall(socks5_request(peer_server.host, peer_server.port))
+        code, host, port = socks5_reply(sock)
+        assert (code, host) == (Reply.SUCCEEDED, "127.0.0.2")
+        assert port != 0
+        assert read_all(sock) == b"127.0.0.2"
+
+
+def test_socks4_success_reply_carries_the_upstream_local_address(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.3"])
+    with raw_client(proxy) as sock:
+        sock.sendall(socks4_request(peer_server.host, peer_server.port))
+        version, code, port, ip = struct.unpack("!BBH4s", recv_exactly(sock, 8))
+        assert (version, code, socket.inet_ntoa(ip)) == (0, 0x5A, "127.0.0.3")
+        assert port != 0
+
+
+# ---------------------------------------------------------------------------
+# Balancing
+# ---------------------------------------------------------------------------
+
+
+def test_weights_7_3_interleave_end_to_end(make_proxy: Callable[..., Dispatcher], peer_server: Server) -> None:
+    proxy = make_proxy(["127.0.0.2@7", "127.0.0.3/3"])
+    seen = []
+    for _ in range(30):
+        with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+            seen.append(read_all(client).decode())
+    a, b = "127.0.0.2", "127.0.0.3"
+    assert seen[:10] == [a, b, a, a, a, b, a, a, b, a]
+    for start in range(len(seen) - 10 + 1):
+        window = seen[start : start + 10]
+        assert (window.count(a), window.count(b)) == (7, 3)
+    stats = {row["ip"]: row for row in proxy.stats()}
+    assert (stats[a]["connections"], stats[b]["connections"]) == (21, 9)
+
+
+def test_each_family_has_its_own_rotation(make_proxy: Callable[..., Dispatcher], peer_server: Server) -> None:
+    if not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) here")
+    server6 = Server(tell_peer, host="::1")
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3", "::1"])
+    try:
+        seen = []
+        for target in [peer_server, server6, peer_server, server6, peer_server]:
+            with client_through(proxy, (target.host, target.port)) as client:
+                seen.append(read_all(client).decode())
+        assert seen == ["127.0.0.2", "::1", "127.0.0.3", "::1", "127.0.0.2"]
+    finally:
+        server6.close()
+
+
+# ---------------------------------------------------------------------------
+# Failure replies
+# ---------------------------------------------------------------------------
+
+
+def _socks5_code_for(proxy: Dispatcher, request: bytes) -> int:
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        sock.sendall(request)
+        code, _, _ = socks5_reply(sock)
+        assert sock.recv(1) == b""  # the proxy closes after a failure
+        return code
+
+
+def test_refused_target_gets_reply_05(proxy: Dispatcher) -> None:
+    assert _socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+
+
+def test_unresolvable_name_gets_reply_04(proxy: Dispatcher) -> None:
+    # An empty label fails in the resolver itself: no DNS query leaves.
+    assert _socks5_code_for(proxy, socks5_request("bad..name", 80)) == Reply.HOST_UNREACHABLE
+
+
+def test_unreachable_network_gets_reply_03(proxy: Dispatcher) -> None:
+    # TCP to a multicast group fails with ENETUNREACH before any packet leaves.
+    assert _socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
+
+
+def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) -> None:
+    # A listener whose accept queue is full drops new SYNs: the connect hangs.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=TIMEOUT)
+        proxy = make_proxy(connect_timeout=0.3)
+        try:
+            code = _socks5_code_for(proxy, socks5_request(*full.getsockname()))
+        finally:
+            filler.close()
+    assert code == Reply.TTL_EXPIRED
+
+
+def test_unknown_command_gets_reply_07(proxy: Dispatcher, echo_server: Server) -> None:
+    for command in (2, 3, 9):  # BIND, UDP ASSOCIATE, nonsense
+        request = socks5_request(echo_server.host, echo_server.port, command=command)
+        assert _socks5_code_for(proxy, request) == Reply.COMMAND_NOT_SUPPORTED
+
+
+def test_unknown_address_type_gets_reply_08(proxy: Dispatcher) -> None:
+    assert _socks5_code_for(proxy, b"\x05\x01\x00\x07rest") == Reply.ADDRESS_TYPE_NOT_SUPPORTED
+
+
+def test_no_acceptable_method_gets_05_ff_and_close(proxy: Dispatcher) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x02")  # username/password only
+        assert recv_exactly(sock, 2) == b"\x05\xff"
+        assert sock.recv(1) == b""
+
+
+@needs_ipv6
+def test_ipv6_target_without_ipv6_local_address_gets_reply_08(
+    proxy: Dispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        assert _socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
+        proxy.shutdown()
+    assert "no IPv6 local address to dispatch to" in caplog.text
+
+
+def test_socks4_failures_get_5b(proxy: Dispatcher, echo_server: Server) -> None:
+    requests = [
+        socks4_request("127.0.0.1", refused_port()),
+        socks4_request(echo_server.host, echo_server.port, command=2),
+        socks4_request("", 80, host="bad..name"),
+    ]
+    for request in requests:
+        with raw_client(proxy) as sock:
+            sock.sendall(request)
+            assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+            assert sock.recv(1) == b""
+
+
+def test_socks4_without_ipv4_local_address_gets_5b(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) here")
+    proxy = make_proxy(["::1"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with raw_client(proxy) as sock:
+            sock.sendall(socks4_request(echo_server.host, echo_server.port))
+            assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+        proxy.shutdown()
+    assert "no IPv4 local address to dispatch to" in caplog.text
+
+
+def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Server) -> None:
+    for _ in range(3):
+        _socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port()))
+        with raw_client(proxy) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert sock.recv(1) == b""
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"still here") == b"still here"
+
+
+# ---------------------------------------------------------------------------
+# Handshake framing and early data
+# ---------------------------------------------------------------------------
+
+
+def test_handshake_split_into_single_bytes(proxy: Dispatcher, echo_server: Server) -> None:
+    with raw_client(proxy) as sock:
+        for byte in b"\x05\x01\x00":
+            sock.send(bytes([byte]))
+            time.sleep(0.01)  # separate segments: the splitting is the point
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        for byte in socks5_request(echo_server.host, echo_server.port):
+            sock.send(bytes([byte]))
+            time.sleep(0.01)
+        assert socks5_reply(sock)[0] == Reply.SUCCEEDED
+        assert round_trip(sock, b"split") == b"split"
+
+
+def test_socks4a_split_into_single_bytes(proxy: Dispatcher, echo_server: Server) -> None:
+    with raw_client(proxy) as sock:
+        for byte in socks4_request("", echo_server.port, host="localhost"):
+            sock.send(bytes([byte]))
+            time.sleep(0.005)
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5a"
+        assert round_trip(sock, b"split 4a") == b"split 4a"
+
+
+def test_socks5_handshake_merged_with_first_payload(proxy: Dispatcher, echo_server: Server) -> None:
+    with raw_client(proxy) as sock:
+        request = socks5_request(echo_server.host, echo_server.port)
+        sock.sendall(b"\x05\x01\x00" + request + b"early payload")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert socks5_reply(sock)[0] == Reply.SUCCEEDED
+        assert round_trip(sock, b" and more") == b"early payload and more"
+
+
+def test_socks4a_request_merged_with_first_payload(proxy: Dispatcher, echo_server: Server) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(socks4_request("", echo_server.port, host="localhost") + b"early")
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5a"
+        assert round_trip(sock, b"") == b"early"
+
+
+# ---------------------------------------------------------------------------
+# The relay
+# ---------------------------------------------------------------------------
+
+
+def test_client_half_close_is_passed_on(proxy: Dispatcher) -> None:
+    """The client finishes sending; the server still answers after that EOF."""
+
+    def answer_after_eof(conn: socket.socket) -> None:
+        received = read_all(conn)
+        conn.sendall(b"got %d bytes" % len(received))
+
+    server = Server(answer_after_eof)
+    try:
+        with client_through(proxy, (server.host, server.port)) as client:
+            assert round_trip(client, b"x" * 1000) == b"got 1000 bytes"
+    finally:
+        server.close()
+
+
+def test_server_half_close_is_passed_on(proxy: Dispatcher) -> None:
+    """The server finishes first; the client can still send, and is heard."""
+    heard: list[bytes] = []
+
+    def speak_first(conn: socket.socket) -> None:
+        conn.sendall(b"banner")
+        conn.shutdown(socket.SHUT_WR)
+        heard.append(read_all(conn))
+
+    server = Server(speak_first)
+    try:
+        with client_through(proxy, (server.host, server.port)) as client:
+            assert read_all(client) == b"banner"
+            client.sendall(b"after your EOF")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        deadline = time.monotonic() + TIMEOUT
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == [b"after your EOF"]
+    finally:
+        server.close()
+
+
+def test_megabytes_each_way_arrive_intact(proxy: Dispatcher, echo_server: Server) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        received = bytearray()
+
+        def receive() -> None:
+            received.extend(read_all(client))
+
+        reader = threading.Thread(target=receive)
+        reader.start()
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(TIMEOUT * 3)
+    assert len(received) == len(payload)
+    assert received == payload
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == row["bytes_down"] == len(payload)
+
+
+def test_different_payloads_each_way(proxy: Dispatcher) -> None:
+    down = os.urandom(3 * 1024 * 1024 + 7)
+    up = os.urandom(2 * 1024 * 1024 + 3)
+    heard: list[bytes] = []
+
+    def exchange(conn: socket.socket) -> None:
+        sender = threading.Thread(target=lambda: (conn.sendall(down), conn.shutdown(socket.SHUT_WR)))
+        sender.start()
+        heard.append(read_all(conn))
+        sender.join()
+
+    server = Server(exchange)
+    try:
+        with client_through(proxy, (server.host, server.port)) as client:
+            sender = threading.Thread(target=lambda: (client.sendall(up), client.shutdown(socket.SHUT_WR)))
+            sender.start()
+            assert read_all(client) == down
+            sender.join()
+        deadline = time.monotonic() + TIMEOUT
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == [up]
+    finally:
+        server.close()
+
+
+def _raise_descriptor_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        pytest.skip(f"the descriptor limit is below the {wanted} this test needs")
+
+
+def test_more_than_1024_connections_open_at_once(proxy: Dispatcher, echo_server: Server) -> None:
+    count = 1100
+    # Each connection holds four descriptors in this process: client, the
+    # proxy's two sockets, and the echo server's.
+    _raise_descriptor_limit(4 * count + 200)
+    clients = []
+    try:
+        for index in range(count):
+            client = client_through(proxy, (echo_server.host, echo_server.port))
+            client.sendall(b"%d;" % index)
+            clients.append(client)
+        assert max(client.fileno() for client in clients) > 1024
+        assert proxy.open_connections() == count
+        for index, client in enumerate(clients):
+            expected = b"%d;" % index
+            assert recv_exactly(client, len(expected)) == expected
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_reset_client_is_a_log_line_not_a_traceback(
+    proxy: Dispatcher, echo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        client = client_through(proxy, (echo_server.host, echo_server.port))
+        client.sendall(b"x" * 1000)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        deadline = time.monotonic() + TIMEOUT
+        while proxy.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert proxy.open_connections() == 0
+    assert not [record for record in caplog.records if record.exc_info]
+    assert any(f"-> 127.0.0.1:{echo_server.port} via 127.0.0.1" in r.message for r in caplog.records)
+
+
+def test_one_log_line_per_connection(proxy: Dispatcher, echo_server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            client_port = client.getsockname()[1]
+            assert round_trip(client, b"12345") == b"12345"
+        proxy.shutdown()
+    lines = [r.message for r in caplog.records if f"127.0.0.1:{client_port} ->" in r.message]
+    assert len(lines) == 1
+    assert f"-> 127.0.0.1:{echo_server.port} via 127.0.0.1: ok, 5 B up, 5 B down" in lines[0]
+
+
+# ---------------------------------------------------------------------------
+# The library
+# ---------------------------------------------------------------------------
+
+
+def test_dispatcher_is_a_context_manager_on_a_free_port(echo_server: Server) -> None:
+    with Dispatcher(["127.0.0.1"], port=0) as proxy:
+        host, port = proxy.address
+        assert (host, port != 0) == ("127.0.0.1", True)
+        proxy.start()
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"lib") == b"lib"
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=1).close()
+
+
+def test_stats_count_connections_and_bytes_per_address(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    for payload in (b"a" * 10, b"b" * 20, b"c" * 30):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            round_trip(client, payload)
+    deadline = time.monotonic() + TIMEOUT
+    while proxy.open_connections() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert rows["127.0.0.2"] | {"bytes_up": 0} == {
+        "ip": "127.0.0.2", "interface": None, "weight": 2, "connections": 2,
+        "open": 0, "bytes_up": 0, "bytes_down": 40,
+    }
+    assert rows["127.0.0.2"]["bytes_up"] == 40
+    assert (rows["127.0.0.3"]["connections"], rows["127.0.0.3"]["bytes_down"]) == (1, 20)
+
+
+def test_shutdown_closes_open_connections(proxy: Dispatcher, echo_server: Server) -> None:
+    client = client_through(proxy, (echo_server.host, echo_server.port))
+    client.sendall(b"ping")
+    assert recv_exactly(client, 4) == b"ping"
+    proxy.shutdown()
+    assert client.recv(1) == b""
+    client.close()
+
+
+def test_address_not_on_this_machine_is_refused() -> None:
+    with pytest.raises(dispatch.AddressError, match="not an address of this machine"):
+        Dispatcher(["203.0.113.9"], port=0)
+
+
+# ---------------------------------------------------------------------------
+# Pure parts
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("10.0.0.2", ("10.0.0.2", 1)),
+        ("10.0.0.2@7", ("10.0.0.2", 7)),
+        ("10.0.0.2/7", ("10.0.0.2", 7)),
+        ("fdaa:bbcc:ddee:0:1:2:3:4@3", ("fdaa:bbcc:ddee:0:1:2:3:4", 3)),
+        ("fdaa:bbcc:ddee:0:1:2:3:4", ("fdaa:bbcc:ddee:0:1:2:3:4", 1)),
+        ("wlan0@12", ("wlan0", 12)),
+    ],
+)
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert dispatch.parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["10.0.0.2@0", "10.0.0.2@-1", "10.0.0.2@x", "10.0.0.2@", "@3", "eth0/1.5"])
+def test_parse_address_rejects_bad_weights(text: str) -> None:
+    with pytest.raises(dispatch.AddressError):
+        dispatch.parse_address(text)
+
+
+def test_weighted_round_robin_is_smooth_and_exact() -> None:
+    rounds = WeightedRoundRobin(["A", "B"], [7, 3])
+    picks = [rounds.next() for _ in range(100)]
+    assert "".join(picks[:10]) == "ABAAABAABA"
+    for start in range(len(picks) - 9):
+        assert picks[start : start + 10].count("A") == 7
+
+
+def test_weighted_round_robin_three_links() -> None:
+    rounds = WeightedRoundRobin(["cable", "wifi", "phone"], [3, 3, 1])
+    picks = [rounds.next() for _ in range(70)]
+    for start in range(len(picks) - 6):
+        window = picks[start : start + 7]
+        assert (window.count("cable"), window.count("wifi"), window.count("phone")) == (3, 3, 1)
+    # Smooth: never more than two picks of one link in a row here.
+    assert all(len({picks[i], picks[i + 1], picks[i + 2]}) > 1 for i in range(len(picks) - 2))
+
+
+def test_weighted_round_robin_rejects_bad_weights() -> None:
+    with pytest.raises(ValueError):
+        WeightedRoundRobin(["A"], [0])
+    with pytest.raises(ValueError):
+        WeightedRoundRobin([], [])
+
+
+@pytest.mark.parametrize(
+    "error, reply",
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), Reply.CONNECTION_REFUSED),
+        (OSError(errno.ENETUNREACH, "unreachable"), Reply.NETWORK_UNREACHABLE),
+        (OSError(errno.ENETDOWN, "down"), Reply.NETWORK_UNREACHABLE),
+        (OSError(errno.EHOSTUNREACH, "no route"), Reply.HOST_UNREACHABLE),
+        (OSError(errno.EHOSTDOWN, "host down"), Reply.HOST_UNREACHABLE),
+        (socket.gaierror(socket.EAI_NONAME, "unknown"), Reply.HOST_UNREACHABLE),
+        (TimeoutError("timed out"), Reply.TTL_EXPIRED),
+        (OSError(errno.ETIMEDOUT, "timed out"), Reply.TTL_EXPIRED),
+        (OSError(errno.EACCES, "denied"), Reply.GENERAL_FAILURE),
+        (OSError("no errno"), Reply.GENERAL_FAILURE),
+    ],
+)
+def test_reply_code_maps_os_errors(error: OSError, reply: Reply) -> None:
+    assert dispatch._reply_code(error) == reply
+
+
+class _Chunks:
+    """A stand-in socket that hands out prepared chunks."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    def recv(self, size: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_handshake_reader_keeps_bytes_beyond_the_handshake() -> None:
+    reader = dispatch.HandshakeReader(_Chunks(b"\x05\x01", b"\x00rest", b"more"))  # type: ignore[arg-type]
+    assert reader.read(3) == b"\x05\x01\x00"
+    assert reader.rest() == b"rest"
+    assert reader.read(4) == b"more"
+
+
+def test_handshake_reader_caps_a_missing_nul() -> None:
+    reader = dispatch.HandshakeReader(_Chunks(b"x" * 600, b"y" * 600, b"\0"))  # type: ignore[arg-type]
+    with pytest.raises(dispatch.ProtocolError, match="no NUL within 1024 bytes"):
+        reader.read_until_nul(1024)
+
+
+def test_handshake_reader_raises_on_eof() -> None:
+    reader = dispatch.HandshakeReader(_Chunks(b"\x05"))  # type: ignore[arg-type]
+    with pytest.raises(dispatch.ProtocolError, match="client closed"):
+        reader.read(2)
+
+
+def test_socks5_address_round_trip() -> None:
+    for host in ("192.0.2.1", "2001:db8::1", "example.com"):
+        encoded = dispatch.encode_socks5_address(host, 443)
+        reader = dispatch.HandshakeReader(_Chunks(encoded))  # type: ignore[arg-type]
+        assert dispatch.read_socks5_address(reader) == (host, 443)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dispatch {dispatch.__version__}"
+
+
+def test_cli_list_shows_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("INTERFACE")
+    assert any(line.split()[:3] == ["lo", "127.0.0.1", "no"] for line in out.splitlines()[1:])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["no-such-interface0"], "is neither an IP address nor an interface"),
+        (["127.0.0.1@0"], "the weight must be a positive whole number"),
+        (["127.0.0.1@many"], "the weight must be a positive whole number"),
+        (["203.0.113.9"], "203.0.113.9 is not an address of this machine"),
+        (["127.0.0.1", "127.0.0.1@2"], "127.0.0.1 is given more than once"),
+        (["--port", "70000", "127.0.0.1"], "is not a port number"),
+        (["--ip", "203.0.113.9", "--port", "0", "127.0.0.1"], "cannot listen on 203.0.113.9:0"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        status = dispatch.main(["start", *arguments])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cli_port_in_use_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert dispatch.main(["start", "--port", port, "127.0.0.1"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_cli_start_serves_until_sigterm(
+    echo_server: Server, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = refused_port()
+    outcome: list[bytes] = []
+
+    def use_then_stop() -> None:
+        running = type("Running", (), {"address": ("127.0.0.1", port)})()
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    client = client_through(running, (echo_server.host, echo_server.port))
+                    break
+                except socks.ProxyConnectionError:
+                    time.sleep(0.02)  # not listening yet
+            with client:
+                outcome.append(round_trip(client, b"via the CLI"))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    helper = threading.Thread(target=use_then_stop)
+    helper.start()
+    log_file = os.path.join(str(tmp_path), "dispatch.log")
+    status = dispatch.main(["start", "--port", str(port), "--log-file", log_file, "127.0.0.1@2"])
+    helper.join(TIMEOUT)
+    assert status == 0
+    assert outcome == [b"via the CLI"]
+    out = capsys.readouterr().out
+    assert f"proxy on 127.0.0.1:{port}" in out
+    assert f"log: {log_file}" in out
+    assert "stopped after" in out and "1 connections, 11 B up, 11 B down" in out
+    with open(log_file) as log:
+        assert "via 127.0.0.1: ok, 11 B up, 11 B down" in log.read()
+
+
+def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) -> None:
+    """``python dispatch.py start`` as a user runs it, stopped by SIGINT."""
+    port = refused_port()
+    log_file = os.path.join(str(tmp_path), "run.log")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "dispatch.py"), "start", "--port", str(port),
+         "--log-file", log_file, "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert f"proxy on 127.0.0.1:{port}" in first
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("log:"):
+                break
+        running = type("Running", (), {"address": ("127.0.0.1", port)})()
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"ctrl-c") == b"ctrl-c"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0
+    assert "stopped after" in out
+    assert err == ""

@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""Download-manager benchmark for dispatch, standard library only.
+
+A small "download manager" fetches one file with K parallel connections: the
+file is cut into chunks (1 MB by default) put in a shared queue, and every
+connection keeps taking the next chunk and fetching it with an HTTP Range
+request over a keep-alive connection, like real download managers do.  A
+connection may go straight to the server (optionally bound to a source
+address and/or a device) or through a SOCKS5 proxy (a tiny CONNECT client is
+implemented here).  Everything is time-bounded: connect and read timeouts on
+every socket, a retry limit per chunk and an overall deadline.
+
+``bench`` (the default command) builds the network lab (tools/netlab.py),
+once per routing setup, and measures per round:
+
+  single    one link alone: direct download bound to uplink 1
+  sum       three direct downloads in parallel, each bound (SO_BINDTODEVICE
+            and source address) to its own uplink; their rates summed
+  dispatch  through ``dispatch.py start`` run in the client namespace with
+            weights matching the link rates, K connections
+
+then prints kB/s (1 kB = 1000 bytes) side by side, the ratio to the sum, and
+medians.  ``fetch`` runs a single download (inside a namespace with --netns).
+
+Examples (as root, from the project directory)::
+
+    python tools/download.py bench --rounds 3
+    python tools/download.py bench --setups metrics --rounds 1
+    python tools/download.py fetch --netns dlab-client --bind-dev dlab-up2 \\
+        http://203.0.113.80:8080/file?size=5000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import queue
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import netlab  # noqa: E402  (sibling module)
+
+CHUNK = 1_000_000
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 10.0
+MAX_ATTEMPTS = 4  # per chunk, before the download gives up on it
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- #
+# Connections: direct or through SOCKS5
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class Route:
+    """How connections are made: namespace, binding, optional SOCKS5 proxy."""
+    ns: str | None = None
+    bind_addr: str | None = None
+    bind_dev: str | None = None
+    socks: tuple[str, int] | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        piece = sock.recv(n - len(data))
+        if not piece:
+            raise ConnectionError("connection closed during SOCKS handshake")
+        data += piece
+    return data
+
+
+def socks5_connect(sock: socket.socket, host: str, port: int) -> None:
+    """SOCKS5 CONNECT (RFC 1928) without authentication on a connected socket."""
+    sock.sendall(b"\x05\x01\x00")  # version 5, one method: no authentication
+    version, method = _recv_exact(sock, 2)
+    if version != 5 or method != 0:
+        raise ConnectionError(f"SOCKS5 proxy refused no-auth (method {method:#x})")
+    try:
+        ip = ipaddress.ip_address(host)
+        atyp, addr = (1, ip.packed) if ip.version == 4 else (4, ip.packed)
+    except ValueError:
+        atyp, addr = 3, bytes([len(host.encode())]) + host.encode()
+    sock.sendall(bytes([5, 1, 0, atyp]) + addr + struct.pack("!H", port))
+    version, reply, _, atyp = _recv_exact(sock, 4)
+    if version != 5 or reply != 0:
+        raise ConnectionError(f"SOCKS5 CONNECT failed, reply code {reply}")
+    length = {1: 4, 4: 16}.get(atyp) or _recv_exact(sock, 1)[0]
+    _recv_exact(sock, length + 2)  # bound address and port: unused
+
+
+def connect(route: Route, host: str, port: int) -> socket.socket:
+    """Open a TCP connection to host:port following ``route``."""
+    if route.socks:
+        sock = netlab.open_connection(*route.socks, ns=route.ns, bind_addr=route.bind_addr,
+                                      bind_dev=route.bind_dev, timeout=route.connect_timeout)
+        try:
+            socks5_connect(sock, host, port)  # still under the connect timeout
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = netlab.open_connection(host, port, ns=route.ns, bind_addr=route.bind_addr,
+                                      bind_dev=route.bind_dev, timeout=route.connect_timeout)
+    sock.settimeout(route.read_timeout)
+    return sock
+
+
+# --------------------------------------------------------------------------- #
+# HTTP range requests
+# --------------------------------------------------------------------------- #
+
+class HttpConnection:
+    """A keep-alive HTTP/1.1 connection doing Range GETs of one URL."""
+
+    def __init__(self, route: Route, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or 80
+        self.target = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
+        self.route = route
+        self.sock = connect(route, self.host, self.port)
+        self.reader = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
+
+    def get_range(self, start: int, end: int, deadline: float, sink: "Progress | None" = None
+                  ) -> tuple[bytes, int | None]:
+        """GET bytes [start, end]; returns (body, total size from Content-Range)."""
+        request = (f"GET {self.target} HTTP/1.1\r\nHost: {self.host}\r\n"
+                   f"Range: bytes={start}-{end}\r\nUser-Agent: dispatch-bench\r\n\r\n")
+        self.sock.sendall(request.encode())
+        status, headers = self._read_head()
+        if status != 206:
+            raise ConnectionError(f"HTTP status {status}, expected 206")
+        length = int(headers["content-length"])
+        total = headers.get("content-range", "").rpartition("/")[2]
+        body = bytearray()
+        while len(body) < length:
+            if time.monotonic() > deadline:
+                raise TimeoutError("overall deadline reached")
+            piece = self.reader.read1(min(65_536, length - len(body)))
+            if not piece:
+                raise ConnectionError("server closed mid-body")
+            body += piece
+            if sink:
+                sink.add(len(piece))
+        return bytes(body), int(total) if total.isdigit() else None
+
+    def _read_head(self) -> tuple[int, dict[str, str]]:
+        status_line = self.reader.readline(8192).decode("latin-1")
+        if not status_line:
+            raise ConnectionError("connection closed")
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        for _ in range(100):
+            line = self.reader.readline(8192).decode("latin-1").strip()
+            if not line:
+                return status, headers
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raise ConnectionError("too many header lines")
+
+
+# --------------------------------------------------------------------------- #
+# The download manager
+# --------------------------------------------------------------------------- #
+
+class Progress:
+    """Bytes received on the wire (including chunks later retried)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.received = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.received += n
+
+
+@dataclass
+class Result:
+    size: int
+    done_bytes: int = 0  # bytes of completed chunks
+    elapsed: float = 0.0
+    complete: bool = False
+    errors: list[str] = field(default_factory=list)
+    corrupt_chunks: int = 0
+
+    @property
+    def rate(self) -> float:
+        """File bytes per second (completed chunks only)."""
+        return self.done_bytes / self.elapsed if self.elapsed > 0 else 0.0
+
+    def summary(self) -> str:
+        state = "complete" if self.complete else "INCOMPLETE"
+        errors = f", {len(self.errors)} errors (first: {self.errors[0]})" if self.errors else ""
+        return (f"{self.done_bytes}/{self.size} bytes in {self.elapsed:.2f}s = "
+                f"{self.rate / 1000:.0f} kB/s, {state}{errors}")
+
+
+def probe_size(route: Route, url: str) -> int:
+    """Learn the file size with a one-byte range request (as download managers do)."""
+    conn = HttpConnection(route, url)
+    try:
+        _, total = conn.get_range(0, 0, time.monotonic() + route.read_timeout)
+    finally:
+        conn.close()
+    if total is None:
+        raise ConnectionError("server did not report the size in Content-Range")
+    return total
+
+
+def download(url: str, route: Route, connections: int = 12, chunk: int = CHUNK,
+             deadline: float = 60.0, size: int | None = None, verify: bool = False
+             ) -> Result:
+    """Fetch ``url`` with ``connections`` parallel range-request workers.
+
+    The clock starts before the size probe and stops when the last chunk is
+    in (or at ``deadline`` seconds).  A failed chunk goes back to the queue
+    for another connection, up to MAX_ATTEMPTS times.
+    """
+    started = time.monotonic()
+    end_by = started + deadline
+    result = Result(size=size or 0)
+    try:
+        if size is None:
+            result.size = size = probe_size(route, url)
+    except OSError as exc:
+        result.errors.append(f"size probe: {exc}")
+        result.elapsed = time.monotonic() - started
+        return result
+    chunks: queue.Queue[tuple[int, int, int]] = queue.Queue()
+    for start in range(0, size, chunk):
+        chunks.put((start, min(start + chunk, size) - 1, 0))
+    lock = threading.Lock()
+    reference = netlab.GeneratedFile(size) if verify else None
+    progress = Progress()
+    remaining = [chunks.qsize()]  # chunks not yet done nor abandoned
+    all_done = threading.Event()
+
+    def finish_chunk(ok_bytes: int) -> None:
+        with lock:
+            result.done_bytes += ok_bytes
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                all_done.set()
+
+    def worker() -> None:
+        conn: HttpConnection | None = None
+        while not all_done.is_set() and time.monotonic() < end_by:
+            try:
+                start, end, attempts = chunks.get(timeout=0.2)
+            except queue.Empty:
+                continue  # others may still requeue a failed chunk
+            try:
+                if conn is None:
+                    conn = HttpConnection(route, url)
+                body, _ = conn.get_range(start, end, end_by, progress)
+                if reference and body != reference.read(start, len(body)):
+                    with lock:
+                        result.corrupt_chunks += 1
+                finish_chunk(len(body))
+            except (OSError, ValueError, KeyError, IndexError) as exc:
+                with lock:
+                    result.errors.append(f"{type(exc).__name__}: {exc}")
+                if conn:
+                    conn.close()
+                conn = None
+                if attempts + 1 < MAX_ATTEMPTS and time.monotonic() < end_by:
+                    chunks.put((start, end, attempts + 1))
+                else:
+                    finish_chunk(0)  # abandoned
+        if conn:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    all_done.wait(max(0.0, end_by - time.monotonic()))
+    result.elapsed = time.monotonic() - started
+    result.complete = result.done_bytes == size
+    for thread in threads:  # they stop within a read timeout at worst
+        thread.join(timeout=READ_TIMEOUT + 1)
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# Benchmark
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class Round:
+    single: float
+    links: list[float]
+    dispatch: float | None
+    dispatch_note: str
+    dispatch_split: dict[int, int]  # rx bytes per uplink during the dispatch run
+
+    @property
+    def total(self) -> float:
+        return sum(self.links)
+
+
+def _size_for(rate: float, seconds: float, chunk: int) -> int:
+    """A file size that takes about ``seconds`` at ``rate``, whole chunks."""
+    return max(chunk, round(rate * seconds / chunk) * chunk)
+
+
+def dispatch_available(dispatch: str) -> tuple[bool, str]:
+    if not os.path.exists(dispatch):
+        return False, f"{dispatch} does not exist"
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
+                          capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0:
+        return False, f"'dispatch.py start --help' failed: {proc.stderr.strip()[-300:]}"
+    return True, ""
+
+
+def run_dispatch(lab: netlab.Lab, args: argparse.Namespace, size: int
+                 ) -> tuple[float | None, str, dict[int, int]]:
+    """Start dispatch in the client namespace, download through it, stop it."""
+    weights = [max(1, round(link.rate / min(l.rate for l in lab.uplinks)))
+               for link in lab.uplinks]
+    spec = [f"{link.client_addr}@{w}" for link, w in zip(lab.uplinks, weights)]
+    argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1",
+            "--port", str(args.proxy_port), *spec]
+    log = open(args.dispatch_log, "a")
+    log.write(f"\n=== {lab.setup}: {' '.join(argv)}\n")
+    log.flush()
+    proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=PROJECT_DIR)
+    try:
+        if not lab.wait_for_port(args.proxy_port, timeout=10):
+            return None, f"dispatch not listening (exit {proc.poll()}, see {args.dispatch_log})", {}
+        route = Route(ns=lab.client_ns, socks=("127.0.0.1", args.proxy_port))
+        before = lab.counters()
+        res = download(lab.http_url(path=f"/d?size={size}"), route, args.connections,
+                       args.chunk, args.deadline, size=size, verify=args.verify)
+        after = lab.counters()
+        split = {i: after[i].rx_bytes - before[i].rx_bytes for i in after}
+        return res.rate, res.summary(), split
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+
+
+def bench_round(lab: netlab.Lab, args: argparse.Namespace, use_dispatch: bool,
+                why_not: str) -> Round:
+    rates = [link.rate for link in lab.uplinks]
+    first = lab.uplinks[0]
+    single_size = _size_for(first.rate, args.seconds, args.chunk)
+    route = Route(ns=lab.client_ns, bind_addr=first.client_addr, bind_dev=first.client_ifname)
+    single = download(lab.http_url(path=f"/s?size={single_size}"), route, args.connections,
+                      args.chunk, args.deadline, size=single_size, verify=args.verify)
+    print(f"    single (uplink 1): {single.summary()}", flush=True)
+
+    # Three managers in parallel, each pinned (device + address) to one uplink.
+    results: list[Result | None] = [None] * len(lab.uplinks)
+
+    def one(i: int) -> None:
+        link = lab.uplinks[i]
+        size = _size_for(link.rate, args.seconds, args.chunk)
+        r = Route(ns=lab.client_ns, bind_addr=link.client_addr, bind_dev=link.client_ifname)
+        per_link = max(1, args.connections // len(lab.uplinks))
+        results[i] = download(lab.http_url(path=f"/l{i}?size={size}"), r, per_link,
+                              args.chunk, args.deadline, size=size, verify=args.verify)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(lab.uplinks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=args.deadline + 30)
+    links = [r.rate if r else 0.0 for r in results]
+    for link, r in zip(lab.uplinks, results):
+        print(f"    uplink {link.index} alone-in-parallel: {r.summary() if r else 'hung'}",
+              flush=True)
+
+    dispatch_rate, note, split = None, why_not, {}
+    if use_dispatch:
+        dispatch_size = _size_for(sum(rates), args.seconds, args.chunk)
+        dispatch_rate, note, split = run_dispatch(lab, args, dispatch_size)
+        print(f"    dispatch: {note}; rx bytes per uplink {split}", flush=True)
+    return Round(single.rate, links, dispatch_rate, note, split)
+
+
+def _kb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1000:.0f}"
+
+
+def print_table(setup: str, rounds: list[Round]) -> None:
+    print(f"\n== setup {setup!r} (kB/s, 1 kB = 1000 B) ==")
+    header = f"{'round':>6} {'single':>8} " + " ".join(
+        f"{'link' + str(i + 1):>7}" for i in range(len(rounds[0].links))) + \
+        f" {'sum':>7} {'dispatch':>9} {'disp/sum':>9} {'single/sum':>10}"
+    print(header)
+
+    def row(label: str, single: float, links: list[float], dispatch: float | None) -> str:
+        total = sum(links)
+        ratio = "n/a" if dispatch is None or not total else f"{dispatch / total:.2f}"
+        return (f"{label:>6} {_kb(single):>8} " + " ".join(f"{_kb(v):>7}" for v in links)
+                + f" {_kb(total):>7} {_kb(dispatch):>9} {ratio:>9} "
+                f"{single / total if total else 0:>10.2f}")
+
+    for n, r in enumerate(rounds, 1):
+        print(row(str(n), r.single, r.links, r.dispatch))
+    dispatch = [r.dispatch for r in rounds if r.dispatch is not None]
+    print(row("median", statistics.median(r.single for r in rounds),
+              [statistics.median(r.links[i] for r in rounds) for i in range(len(rounds[0].links))],
+              statistics.median(dispatch) if dispatch else None))
+
+
+def bench(args: argparse.Namespace) -> int:
+    ok, reason = netlab.Lab.available()
+    if not ok:
+        print(f"cannot build the lab: {reason}")
+        return 2
+    use_dispatch, why_not = dispatch_available(args.dispatch)
+    if not use_dispatch:
+        print(f"dispatch column skipped: {why_not}")
+    overall_end = time.monotonic() + args.time_limit
+    for setup in args.setups:
+        with netlab.Lab(name=args.name, setup=setup, rates=args.rates) as lab:
+            lab.start_http_server(port=netlab.HTTP_PORT, lifetime=args.time_limit + 60)
+            print(f"\n-- setup {setup}: lab up, rates "
+                  f"{[link.rate // 1000 for link in lab.uplinks]} kB/s", flush=True)
+            rounds = []
+            for n in range(args.rounds):
+                if time.monotonic() > overall_end:
+                    print("  time limit reached, stopping")
+                    break
+                print(f"  round {n + 1}", flush=True)
+                rounds.append(bench_round(lab, args, use_dispatch, why_not))
+            if rounds:
+                print_table(setup, rounds)
+    return 0
+
+
+def fetch(args: argparse.Namespace) -> int:
+    socks = None
+    if args.socks:
+        host, _, port = args.socks.rpartition(":")
+        socks = (host.strip("[]"), int(port))
+    route = Route(ns=args.netns, bind_addr=args.bind_addr, bind_dev=args.bind_dev, socks=socks)
+    result = download(args.url, route, args.connections, args.chunk, args.deadline,
+                      verify=args.verify)
+    print(result.summary())
+    if result.corrupt_chunks:
+        print(f"{result.corrupt_chunks} chunks did not match the generated content")
+    return 0 if result.complete and not result.corrupt_chunks else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--connections", "-k", type=int, default=12)
+        p.add_argument("--chunk", type=int, default=CHUNK, help="bytes per range request")
+        p.add_argument("--deadline", type=float, default=60.0,
+                       help="seconds allowed per download")
+        p.add_argument("--verify", action="store_true",
+                       help="check the bytes against the lab's generated content")
+
+    b = sub.add_parser("bench", help="build the lab and compare single/sum/dispatch (default)")
+    common(b)
+    b.add_argument("--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS),
+                   help="comma-separated: rules,metrics")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--seconds", type=float, default=8.0,
+                   help="size files to last about this long at the expected rate")
+    b.add_argument("--rates", type=netlab._rates_arg, default=list(netlab.DEFAULT_RATES),
+                   help="uplink rates in kB/s, comma-separated")
+    b.add_argument("--name", default="dlab-bench", help="lab name (namespace prefix)")
+    b.add_argument("--dispatch", default=os.path.join(PROJECT_DIR, "dispatch.py"))
+    b.add_argument("--proxy-port", type=int, default=11080)
+    b.add_argument("--dispatch-log", default="/tmp/dlab-bench-dispatch.log")
+    b.add_argument("--time-limit", type=float, default=900.0,
+                   help="no new round starts after this many seconds")
+
+    f = sub.add_parser("fetch", help="download one URL and print the rate")
+    common(f)
+    f.add_argument("url")
+    f.add_argument("--netns", help="create the sockets in this network namespace")
+    f.add_argument("--bind-addr")
+    f.add_argument("--bind-dev", help="SO_BINDTODEVICE")
+    f.add_argument("--socks", help="SOCKS5 proxy HOST:PORT (in the same namespace)")
+
+    args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["bench"]))
+    if args.command == "fetch":
+        return fetch(args)
+    if args.command in (None, "bench"):
+        if args.command is None:
+            args = parser.parse_args(["bench"])
+        return bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
