@@ -9,6 +9,7 @@ The protocol, as served (RFC 1928 and the SOCKS4/4a papers)::
 
     client -> proxy   05 NMETHODS METHODS...          SOCKS5 greeting
     proxy  -> client  05 00                           "no authentication"
+                      (or 05 02, then RFC 1929: 01 ULEN USER PLEN PASS -> 01 00)
     client -> proxy   05 01 00 ATYP DST.ADDR DST.PORT  CONNECT request
     proxy  -> client  05 REP 00 ATYP BND.ADDR BND.PORT after the upstream connect
     ... then bytes are copied both ways until each side has closed.
@@ -25,8 +26,10 @@ import argparse
 import dataclasses
 import enum
 import errno
+import hmac
 import ipaddress
 import logging
+import math
 import os
 import selectors
 import signal
@@ -36,7 +39,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __version__ = "0.1.0"
@@ -47,6 +50,8 @@ __all__ = [
     "SocksError",
     "AddressError",
     "parse_address",
+    "parse_credentials",
+    "check_credentials",
     "usable_addresses",
     "main",
 ]
@@ -112,6 +117,16 @@ REPLY_MESSAGES = {
 }
 
 
+AUTH_VERSION = 1  # the version byte of RFC 1929 username/password messages
+
+
+class AuthStatus(enum.IntEnum):
+    """RFC 1929 status: zero is success, anything else closes the connection."""
+
+    SUCCESS = 0x00
+    FAILURE = 0x01
+
+
 class Socks4Reply(enum.IntEnum):
     """SOCKS4 reply codes; SOCKS4 has one code for every kind of failure."""
 
@@ -145,6 +160,42 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
 RELAY_BUFFER_SIZE = 256 * 1024
 MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
+MAX_AUTH_FIELD = 255  # an RFC 1929 user name or password has a one-byte length
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_GRACE = 5.0
+# After the grace period, how long shutdown() waits for the handlers to see
+# their sockets closed and write their log lines.
+CLOSE_TIMEOUT = 2.0
+
+# Descriptors the process needs besides connections (listener, log, resolver),
+# and the descriptors one connection holds (client, upstream, and one spare
+# for the resolver's socket while a name is being looked up).
+RESERVED_DESCRIPTORS = 64
+DESCRIPTORS_PER_CONNECTION = 3
+# Each connection is a thread: past some thousands, threads exhaust the
+# machine before descriptors do, whatever the descriptor limit says.
+MAX_CONNECTIONS_CEILING = 10_000
+# Refusals (allow-list, too many connections) are logged at most this often,
+# so that a flood of them cannot flood the log.
+REFUSAL_LOG_INTERVAL = 1.0
+
+# The clients allowed when no allow-list is given: this machine and the
+# private networks it may be shared on.
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "127.0.0.0/8",  # loopback
+        "10.0.0.0/8",  # RFC 1918
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",  # carrier-grade NAT (RFC 6598), as phone hotspots use
+        "169.254.0.0/16",  # IPv4 link-local
+        "::1/128",  # loopback
+        "fc00::/7",  # unique local addresses
+        "fe80::/10",  # link-local
+    )
+)
 
 
 # ---------------------------------------------------------------------------
@@ -186,8 +237,8 @@ def _describe(error: OSError) -> str:
     """A short, plain description of an OS error for the log."""
     if isinstance(error, SocksError):
         return str(error)
-    if isinstance(error, TimeoutError):
-        return "timed out"
+    if isinstance(error, socket.timeout):
+        return error.strerror or "timed out"
     return error.strerror or str(error)
 
 
@@ -199,17 +250,29 @@ def _describe(error: OSError) -> str:
 class HandshakeReader:
     """Reads the handshake from a client socket, message by message.
 
-    It receives what the client has sent so far in one call and keeps what
-    lies beyond the handshake (a client may send its first payload right
-    behind the request) so that the relay can pass it on: nothing is stranded.
+    It never receives more than the message being read may need, so a
+    hostile client cannot make it hold more than MAX_SOCKS4_FIELD + 1 bytes;
+    what it did receive beyond the handshake (a SOCKS4a host name read with
+    the user id, an early payload) is kept for the relay: nothing is stranded.
+    With a ``timeout``, the whole handshake must arrive within that many
+    seconds, however slowly its bytes drip in.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
         self._sock = sock
         self._buffer = bytearray()
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
-    def _fill(self) -> None:
-        data = self._sock.recv(4096)
+    def _fill(self, wanted: int) -> None:
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("handshake timed out")
+            self._sock.settimeout(remaining)
+        try:
+            data = self._sock.recv(wanted)
+        except socket.timeout:
+            raise ProtocolError("handshake timed out") from None
         if not data:
             raise ProtocolError("client closed during the handshake")
         self._buffer += data
@@ -217,7 +280,7 @@ class HandshakeReader:
     def read(self, size: int) -> bytes:
         """Return exactly ``size`` bytes, or raise ProtocolError on EOF."""
         while len(self._buffer) < size:
-            self._fill()
+            self._fill(size - len(self._buffer))
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
@@ -230,7 +293,7 @@ class HandshakeReader:
         """Return the bytes before the next NUL, which is consumed.
 
         Raises ProtocolError if no NUL comes within ``limit`` bytes, without
-        buffering more than the limit from the client.
+        buffering more than the limit and the NUL from the client.
         """
         while True:
             end = self._buffer.find(b"\0", 0, limit + 1)
@@ -240,13 +303,40 @@ class HandshakeReader:
                 return data
             if len(self._buffer) > limit:
                 raise ProtocolError(f"no NUL within {limit} bytes")
-            self._fill()
+            self._fill(limit + 1 - len(self._buffer))
 
     def rest(self) -> bytes:
         """Return and forget what was received beyond the handshake."""
         data = bytes(self._buffer)
         self._buffer.clear()
         return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a client asks for: a command and the target's host and port."""
+
+    command: int
+    host: str
+    port: int
+
+
+def read_socks5_methods(reader: HandshakeReader) -> bytes:
+    """Read NMETHODS and METHODS, the rest of a SOCKS5 greeting."""
+    return reader.read(reader.read_byte())
+
+
+def read_socks5_request(reader: HandshakeReader) -> Request:
+    """Read VER CMD RSV ATYP DST.ADDR DST.PORT.
+
+    Raises SocksError with the reply to send for a wrong version or an
+    unusable address, ProtocolError on EOF.
+    """
+    version, command, _reserved = reader.read(3)
+    if version != SOCKS5_VERSION:
+        raise SocksError(Reply.GENERAL_FAILURE, f"request version {version}, not 5")
+    host, port = read_socks5_address(reader)
+    return Request(command, host, port)
 
 
 def read_socks5_address(reader: HandshakeReader) -> tuple[str, int]:
@@ -266,6 +356,79 @@ def read_socks5_address(reader: HandshakeReader) -> tuple[str, int]:
         raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
     (port,) = struct.unpack("!H", reader.read(2))
     return host, port
+
+
+def read_socks4_request(reader: HandshakeReader) -> Request:
+    """Read CMD DST.PORT DST.IP USERID 00, and HOST 00 for SOCKS4a.
+
+    The version byte has been read. The user id is not used. Raises
+    ProtocolError on EOF or when a field has no NUL within MAX_SOCKS4_FIELD
+    bytes, SocksError for an unusable host name.
+    """
+    command = reader.read_byte()
+    port, packed_ip = struct.unpack("!H4s", reader.read(6))
+    reader.read_until_nul(MAX_SOCKS4_FIELD)
+    if packed_ip[:3] == b"\0\0\0" and packed_ip[3] != 0:
+        # SOCKS4a: the host name follows, to be resolved here.
+        host = _decode_name(reader.read_until_nul(MAX_SOCKS4_FIELD))
+    else:
+        host = socket.inet_ntoa(packed_ip)
+    return Request(command, host, port)
+
+
+def read_auth_request(reader: HandshakeReader) -> tuple[bytes, bytes]:
+    """Read an RFC 1929 request, VER ULEN UNAME PLEN PASSWD; return (user, password).
+
+    Raises ProtocolError for a version other than 1 or on EOF.
+    """
+    version = reader.read_byte()
+    if version != AUTH_VERSION:
+        raise ProtocolError(f"authentication version {version}, not {AUTH_VERSION}")
+    user = reader.read(reader.read_byte())
+    password = reader.read(reader.read_byte())
+    return user, password
+
+
+def check_credentials(known: Iterable[tuple[bytes, bytes]], user: bytes, password: bytes) -> bool:
+    """Whether (user, password) is one of the ``known`` pairs.
+
+    Every pair is compared, name and password alike, in constant time: how
+    long it takes tells nothing about which user exists or how much of a
+    secret was right.
+    """
+    matched = False
+    for known_user, known_password in known:
+        user_matches = hmac.compare_digest(user, known_user)
+        password_matches = hmac.compare_digest(password, known_password)
+        matched |= user_matches & password_matches
+    return matched
+
+
+def parse_credentials(text: str) -> tuple[str, str]:
+    """Split ``USER:PASS`` (the password may hold colons) into (user, password).
+
+    Raises ValueError, with a message that never holds the password, unless
+    both are 1 to 255 bytes of UTF-8 as RFC 1929 requires.
+    """
+    user, colon, password = text.partition(":")
+    if not colon:
+        raise ValueError("expected USER:PASS")
+    _encode_credential(user, password)
+    return user, password
+
+
+def _encode_credential(user: str, password: str) -> tuple[bytes, bytes]:
+    encoded = user.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape")
+    if not 1 <= len(encoded[0]) <= MAX_AUTH_FIELD:
+        raise ValueError(f"a user name must be 1 to {MAX_AUTH_FIELD} bytes")
+    if not 1 <= len(encoded[1]) <= MAX_AUTH_FIELD:
+        raise ValueError(f"the password of user {user!r} must be 1 to {MAX_AUTH_FIELD} bytes")
+    return encoded
+
+
+def _printable(name: bytes) -> str:
+    """A client-chosen name, quoted and escaped so that it cannot forge log lines."""
+    return repr(name.decode("utf-8", "backslashreplace"))
 
 
 def encode_socks5_address(host: str, port: int) -> bytes:
@@ -595,6 +758,7 @@ def relay(
     upstream: socket.socket,
     early: bytes = b"",
     count: Callable[[int, int], None] | None = None,
+    idle_timeout: float | None = None,
 ) -> tuple[int, int]:
     """Copy bytes both ways until each side has closed; return (up, down).
 
@@ -603,14 +767,22 @@ def relay(
     Each direction has its own pending data, so a slow reader on one side
     never stops the other direction (no deadlock with echoing peers).
     ``count(up, down)`` is called as bytes go through, for live statistics.
+    With an ``idle_timeout``, raises TimeoutError once nothing has moved
+    either way for that many seconds.
     """
     client.setblocking(False)
     upstream.setblocking(False)
     directions = [_Direction(client, upstream), _Direction(upstream, client)]
     directions[0].pending = memoryview(early)
+    last_activity = time.monotonic()
     with _selector() as selector:
         registered: dict[socket.socket, int] = {}
         while not all(direction.done for direction in directions):
+            wait = None
+            if idle_timeout is not None:
+                wait = last_activity + idle_timeout - time.monotonic()
+                if wait <= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, f"idle for {idle_timeout:g} s")
             wanted: dict[socket.socket, int] = {}
             for direction in directions:
                 if direction.done:
@@ -630,7 +802,9 @@ def relay(
                 else:
                     selector.register(sock, events)
                 registered[sock] = events
-            ready = {key.fileobj: events for key, events in selector.select()}
+            ready = {key.fileobj: events for key, events in selector.select(wait)}
+            if ready:
+                last_activity = time.monotonic()
             for index, direction in enumerate(directions):
                 if direction.done:
                     continue
@@ -702,6 +876,13 @@ class _Direction:
         return sent
 
 
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
+
+
 class _Server(socketserver.ThreadingTCPServer):
     """The listening socket; one daemon thread serves each connection."""
 
@@ -718,6 +899,16 @@ class _Server(socketserver.ThreadingTCPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.dispatcher = dispatcher
         super().__init__(address, SocksHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # Called in the accepting thread before a handler thread exists or a
+        # byte is read: a refused client costs nothing but the accept.
+        return self.dispatcher._admit(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        # Every accepted socket ends here, served, refused or failed.
+        self.dispatcher._release(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Ordinary faults are handled in SocksHandler; what gets here is a bug.
@@ -738,9 +929,10 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self.dispatcher = self.server.dispatcher
         self.timeout = self.dispatcher.handshake_timeout
         super().setup()
-        self.reader = HandshakeReader(self.connection)
+        self.reader = HandshakeReader(self.connection, self.dispatcher.handshake_timeout)
         self.started = time.monotonic()
         self.target = "-"
+        self.user: str | None = None
         self.local: LocalAddress | None = None
         self.up = 0
         self.down = 0
@@ -748,7 +940,6 @@ class SocksHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         client = _format_endpoint(*_split_host(self.client_address))
         result = "ok"
-        self.dispatcher._track(self.connection, True)
         try:
             upstream = self.handshake()
             with upstream:
@@ -756,11 +947,11 @@ class SocksHandler(socketserver.StreamRequestHandler):
         except OSError as error:
             result = _describe(error)
         finally:
-            self.dispatcher._track(self.connection, False)
             via = self.local.describe() if self.local else "-"
+            who = f"{client} user {self.user}" if self.user else client
             logger.info(
                 "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
-                client, self.target, via, result, self.up, self.down,
+                who, self.target, via, result, self.up, self.down,
                 time.monotonic() - self.started,
             )
 
@@ -778,28 +969,44 @@ class SocksHandler(socketserver.StreamRequestHandler):
         raise ProtocolError(f"not a SOCKS request (first byte 0x{version:02x})")
 
     def socks5(self) -> socket.socket:
-        methods = self.reader.read(self.reader.read_byte())
-        if Method.NO_AUTHENTICATION not in methods:
+        methods = read_socks5_methods(self.reader)
+        wanted = Method.USERNAME_PASSWORD if self.dispatcher.requires_auth else Method.NO_AUTHENTICATION
+        if wanted not in methods:
             self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
             raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
-        self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
-        version, command, _reserved = self.reader.read(3)
+        self.wfile.write(bytes([SOCKS5_VERSION, wanted]))
+        if wanted == Method.USERNAME_PASSWORD:
+            self.authenticate()
         try:
-            if version != SOCKS5_VERSION:
-                raise SocksError(Reply.GENERAL_FAILURE, f"request version {version}, not 5")
-            host, port = read_socks5_address(self.reader)
-            self.target = _format_endpoint(host, port)
-            if command != Command.CONNECT:
-                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {command} not supported")
-            upstream = self.connect_upstream(host, port)
-        except SocksError as error:
-            self._socks5_reply(error.reply)
-            raise
+            request = read_socks5_request(self.reader)
+            self.target = _format_endpoint(request.host, request.port)
+            if request.command != Command.CONNECT:
+                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
+            upstream = self.connect_upstream(request.host, request.port)
         except OSError as error:
             self._socks5_reply(_reply_code(error))
             raise
         self._socks5_reply(Reply.SUCCEEDED, upstream.getsockname())
         return upstream
+
+    def authenticate(self) -> None:
+        """The RFC 1929 sub-negotiation; raises SocksError (closing) on failure."""
+        try:
+            user, password = read_auth_request(self.reader)
+        except OSError:
+            self._auth_reply(AuthStatus.FAILURE)
+            raise
+        self.user = _printable(user)
+        if not check_credentials(self.dispatcher._credentials, user, password):
+            self._auth_reply(AuthStatus.FAILURE)
+            raise SocksError(Reply.NOT_ALLOWED, "wrong user name or password")
+        self._auth_reply(AuthStatus.SUCCESS)
+
+    def _auth_reply(self, status: AuthStatus) -> None:
+        try:
+            self.wfile.write(bytes([AUTH_VERSION, status]))
+        except OSError:
+            pass
 
     def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
         try:
@@ -808,20 +1015,14 @@ class SocksHandler(socketserver.StreamRequestHandler):
             pass  # the client left; the log line says why the request failed
 
     def socks4(self) -> socket.socket:
-        command = self.reader.read_byte()
-        port, packed_ip = struct.unpack("!H4s", self.reader.read(6))
-        self.reader.read_until_nul(MAX_SOCKS4_FIELD)  # the user id, unused
-        ip = socket.inet_ntoa(packed_ip)
-        if packed_ip[:3] == b"\0\0\0" and packed_ip[3] != 0:
-            # SOCKS4a: the host name follows, to be resolved here.
-            host = _decode_name(self.reader.read_until_nul(MAX_SOCKS4_FIELD))
-        else:
-            host = ip
-        self.target = _format_endpoint(host, port)
         try:
-            if command != Command.CONNECT:
-                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {command} not supported")
-            upstream = self.connect_upstream(host, port)
+            request = read_socks4_request(self.reader)
+            self.target = _format_endpoint(request.host, request.port)
+            if self.dispatcher.requires_auth:
+                raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
+            if request.command != Command.CONNECT:
+                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
+            upstream = self.connect_upstream(request.host, request.port)
         except OSError:
             self._socks4_reply(Socks4Reply.REJECTED)
             raise
@@ -870,9 +1071,14 @@ class SocksHandler(socketserver.StreamRequestHandler):
             if local is not None:
                 balancer.add_bytes(local, up, down)
 
+        self.dispatcher._track_upstream(upstream, True)
         try:
-            relay(self.connection, upstream, early=self.reader.rest(), count=count)
+            relay(
+                self.connection, upstream, early=self.reader.rest(), count=count,
+                idle_timeout=self.dispatcher.idle_timeout,
+            )
         finally:
+            self.dispatcher._track_upstream(upstream, False)
             if local is not None:
                 balancer.closed(local)
 
@@ -880,6 +1086,28 @@ class SocksHandler(socketserver.StreamRequestHandler):
 # ---------------------------------------------------------------------------
 # Dispatcher: the public API
 # ---------------------------------------------------------------------------
+
+
+def default_max_connections() -> int:
+    """How many connections fit the descriptor limit (soft RLIMIT_NOFILE)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to fit
+        return MAX_CONNECTIONS_CEILING
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_CEILING
+    fitting = (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION
+    return max(1, min(fitting, MAX_CONNECTIONS_CEILING))
+
+
+def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A client's address as the allow-list sees it: IPv4 clients of a
+    dual-stack listener arrive as ::ffff:a.b.c.d and are matched as IPv4."""
+    ip = ipaddress.ip_address(host.partition("%")[0])  # no IPv6 zone
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class Dispatcher:
@@ -892,7 +1120,22 @@ class Dispatcher:
         with Dispatcher(["10.0.0.2@7", "10.0.0.3@3"], port=1080) as proxy:
             proxy.serve_forever()
 
-    Raises AddressError for an unusable address and OSError if it cannot listen.
+    Keyword options:
+
+    - ``auth``: {user: password}; if given, SOCKS5 clients must log in
+      (RFC 1929) and SOCKS4 clients, which cannot, are refused.
+    - ``allow``: the networks (``"192.168.1.0/24"``, ``"fd00::/8"``, single
+      addresses) clients may connect from; None means PRIVATE_NETWORKS,
+      ``["0.0.0.0/0", "::/0"]`` means anyone.
+    - ``handshake_timeout``: seconds a client has for its whole handshake.
+    - ``idle_timeout``: close a relay after that many seconds with nothing
+      moving either way; None (the default) never does.
+    - ``max_connections``: refuse new clients beyond that many open at once;
+      None means default_max_connections().
+    - ``connect_timeout``: seconds to connect upstream.
+
+    Raises AddressError for an unusable address, ValueError for a bad
+    ``auth`` or ``allow`` entry, and OSError if it cannot listen.
     """
 
     def __init__(
@@ -902,13 +1145,32 @@ class Dispatcher:
         port: int = 1080,
         *,
         connect_timeout: float = 5.0,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
+        max_connections: int | None = None,
+        auth: Mapping[str, str] | None = None,
+        allow: Iterable[str] | None = None,
     ) -> None:
         self.balancer = Balancer(resolve_addresses(addresses))
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
+        self.idle_timeout = idle_timeout
+        self.max_connections = default_max_connections() if max_connections is None else max_connections
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self._credentials = [_encode_credential(user, password) for user, password in (auth or {}).items()]
+        self.allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
+            list(PRIVATE_NETWORKS) if allow is None else [ipaddress.ip_network(a, strict=False) for a in allow]
+        )
+        # Client sockets from their admission to their closing, and upstream
+        # sockets while they relay: shutdown() closes both.
+        self._clients: set[socket.socket] = set()
+        self._upstreams: set[socket.socket] = set()
+        self._closing = False
+        self._changed = threading.Condition()
+        self.refused = 0
+        self._unlogged_refusals = 0
+        self._last_refusal_log = -math.inf
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
         self._server = _Server((host, port), self)
@@ -922,6 +1184,19 @@ class Dispatcher:
     def addresses(self) -> list[LocalAddress]:
         """The local addresses connections are dispatched to."""
         return self.balancer.addresses
+
+    @property
+    def requires_auth(self) -> bool:
+        """Whether clients must log in with a user name and password."""
+        return bool(self._credentials)
+
+    def allows(self, host: str) -> bool:
+        """Whether a client at IP address ``host`` may connect."""
+        try:
+            ip = _client_ip(host)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.allowed_networks)
 
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` is called from another thread."""
@@ -947,32 +1222,65 @@ class Dispatcher:
             self._thread.join()
             self._thread = None
         self._server.server_close()
-        deadline = time.monotonic() + grace
-        while self.open_connections() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with self._connections_lock:
-            for sock in self._connections:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        with self._changed:
+            self._changed.wait_for(lambda: not self._clients, timeout=grace)
+            self._closing = True
+            for sock in self._clients | self._upstreams:
+                _shutdown_quietly(sock)
+            # The handlers now see their sockets closed; let them log it.
+            self._changed.wait_for(lambda: not self._clients, timeout=CLOSE_TIMEOUT)
 
     def open_connections(self) -> int:
         """How many client connections are open now."""
-        with self._connections_lock:
-            return len(self._connections)
+        with self._changed:
+            return len(self._clients)
 
     def stats(self) -> list[dict[str, Any]]:
         """Per local address: ip, interface, weight, connections (total and
         open) and bytes each way."""
         return self.balancer.stats()
 
-    def _track(self, sock: socket.socket, open_: bool) -> None:
-        with self._connections_lock:
-            if open_:
-                self._connections.add(sock)
+    def _admit(self, sock: socket.socket, client_address: tuple[Any, ...]) -> bool:
+        """Track a new client if the allow-list and the limit let it in."""
+        client = _format_endpoint(*_split_host(client_address))
+        if not self.allows(client_address[0]):
+            self._refuse(client, "not in the allow-list")
+            return False
+        with self._changed:
+            full = len(self._clients) >= self.max_connections
+            if not full:
+                self._clients.add(sock)
+        if full:
+            self._refuse(client, f"{self.max_connections} connections are open, the most allowed")
+            return False
+        return True
+
+    def _refuse(self, client: str, reason: str) -> None:
+        with self._changed:
+            self.refused += 1
+            self._unlogged_refusals += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log < REFUSAL_LOG_INTERVAL:
+                return
+            others = self._unlogged_refusals - 1
+            self._unlogged_refusals = 0
+            self._last_refusal_log = now
+        more = f" ({others} more refused since the last such line)" if others else ""
+        logger.warning("refused %s: %s%s", client, reason, more)
+
+    def _release(self, sock: socket.socket) -> None:
+        with self._changed:
+            self._clients.discard(sock)
+            self._changed.notify_all()
+
+    def _track_upstream(self, sock: socket.socket, open_: bool) -> None:
+        with self._changed:
+            if not open_:
+                self._upstreams.discard(sock)
+            elif self._closing:
+                _shutdown_quietly(sock)  # connected just as the grace ran out
             else:
-                self._connections.discard(sock)
+                self._upstreams.add(sock)
 
     def __enter__(self) -> Dispatcher:
         return self
