@@ -1373,18 +1373,83 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     connections = sum(row["connections"] for row in stats)
     up = sum(row["bytes_up"] for row in stats)
     down = sum(row["bytes_down"] for row in stats)
+    refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
     return (
         f"dispatch: stopped after {seconds:.0f} s: {connections} connections, "
-        f"{up} B up, {down} B down"
+        f"{up} B up, {down} B down{refused}"
     )
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """The (user, password) pairs of a file of ``USER:PASS`` lines.
+
+    Blank lines and lines starting with # are skipped. Raises ValueError
+    naming the file and line, never a password.
+    """
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().splitlines()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {_describe(error)}") from None
+    pairs = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}, line {number}: not UTF-8") from None
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            pairs.append(parse_credentials(line))
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+    return pairs
+
+
+def _credentials(args: argparse.Namespace) -> dict[str, str]:
+    """The users of --auth and --auth-file; raises ValueError."""
+    pairs = list(args.auth or [])
+    if args.auth_file:
+        pairs += read_auth_file(args.auth_file)
+    users: dict[str, str] = {}
+    for user, password in pairs:
+        if user in users:
+            raise ValueError(f"user {user!r} is given more than once")
+        users[user] = password
+    return users
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _descriptor_limit() -> str:
+    try:
+        import resource
+    except ImportError:
+        return "none"
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 def _start(args: argparse.Namespace) -> int:
     try:
+        users = _credentials(args)
         dispatcher = Dispatcher(
-            args.addresses, args.ip, args.port, connect_timeout=args.connect_timeout
+            args.addresses, args.ip, args.port,
+            connect_timeout=args.connect_timeout,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+            auth=users,
+            allow=args.allow,
         )
-    except AddressError as error:
+    except (AddressError, ValueError) as error:
         print(f"dispatch: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
@@ -1397,17 +1462,37 @@ def _start(args: argparse.Namespace) -> int:
         print(f"dispatch: error: cannot write the log: {_describe(error)}", file=sys.stderr)
         return 2
     host, port = dispatcher.address
-    print(f"dispatch {__version__}: SOCKS4/4a/5 proxy on {_format_endpoint(host, port)}")
-    print("dispatching to:")
-    print(_address_table(dispatcher.addresses))
+    allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
+    default = "" if args.allow else " (loopback and private networks)"
+    idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
+    lines = [
+        f"dispatch {__version__}: SOCKS4/4a/5 proxy on {_format_endpoint(host, port)}",
+        "dispatching to:",
+        _address_table(dispatcher.addresses),
+        f"clients allowed from: {allowed}{default}",
+        f"login: {len(users)} user(s), SOCKS5 only" if users else "login: none",
+        f"limits: {dispatcher.max_connections} connections at once (descriptor limit "
+        f"{_descriptor_limit()}), handshake {args.handshake_timeout:g} s, idle timeout {idle}, "
+        f"grace {args.grace:g} s",
+    ]
+    if not args.allow and not users and not _is_loopback(host):
+        lines.append(
+            f"warning: anyone on this machine's private networks can use the proxy on "
+            f"{_format_endpoint(host, port)}; add --auth or --auth-file, or narrow it with --allow"
+        )
+    print("\n".join(lines))
     print(f"log: {where}", flush=True)
     logger.info("listening on %s", _format_endpoint(host, port))
+    for line in lines[3:]:
+        (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
 
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
         stop.set()
 
+    # The handlers stay in place during the grace period, so that a second
+    # Ctrl-C does not end it with a KeyboardInterrupt traceback.
     previous = {
         signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
     }
@@ -1416,10 +1501,17 @@ def _start(args: argparse.Namespace) -> int:
     try:
         while not stop.wait(0.5):
             pass
+        still_open = dispatcher.open_connections()
+        if still_open:
+            print(
+                f"dispatch: stopping; {still_open} open connection(s) get up to {args.grace:g} s to finish",
+                flush=True,
+            )
+        logger.info("stopping with %d open connection(s)", still_open)
+        dispatcher.shutdown(args.grace)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        dispatcher.shutdown()
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
     logger.info("stopped")
     return 0
@@ -1450,6 +1542,36 @@ def _build_parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=_seconds, default=5.0, metavar="SECONDS",
         help="give up connecting upstream after this long (default 5)",
     )
+    start.add_argument(
+        "--auth", action="append", type=_user_password, metavar="USER:PASS",
+        help="require this SOCKS5 login (repeatable); SOCKS4 is then refused",
+    )
+    start.add_argument(
+        "--auth-file", metavar="PATH",
+        help="require a SOCKS5 login from this file: one USER:PASS a line, # comments",
+    )
+    start.add_argument(
+        "--allow", action="append", type=_network, metavar="CIDR",
+        help="admit clients from this network or address only (repeatable; "
+        "default: loopback and private networks)",
+    )
+    start.add_argument(
+        "--handshake-timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+        help=f"close a client that has not finished its handshake after this long "
+        f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
+    start.add_argument(
+        "--idle-timeout", type=_seconds, metavar="SECONDS",
+        help="close a connection with nothing moving either way for this long (default: never)",
+    )
+    start.add_argument(
+        "--max-connections", type=_positive, metavar="N",
+        help="refuse new clients while N connections are open (default: what the descriptor limit fits)",
+    )
+    start.add_argument(
+        "--grace", type=_seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
+        help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
+    )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
     start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT]")
     return parser
@@ -1462,13 +1584,45 @@ def _port(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
+    value = _number(text)
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _user_password(text: str) -> tuple[str, str]:
+    try:
+        return parse_credentials(text)
+    except ValueError as error:
+        # The text is not repeated: it may hold a password.
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP network or address") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
