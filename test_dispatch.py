@@ -99,6 +99,19 @@ def tell_peer(conn: socket.socket) -> None:
     conn.sendall(conn.getpeername()[0].encode())
 
 
+@pytest.fixture(autouse=True)
+def restore_logger() -> Iterator[None]:
+    """Undo what the command line does to the logger (its own handler, no
+    propagation), so that caplog sees the records of later tests."""
+    logger = dispatch.logger
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
 @pytest.fixture
 def echo_server() -> Iterator[Server]:
     server = Server(echo)
@@ -135,12 +148,17 @@ def proxy(make_proxy: Callable[..., Dispatcher]) -> Dispatcher:
 
 
 def client_through(
-    proxy: Dispatcher | Any, target: tuple[str, int], kind: int = socks.SOCKS5, rdns: bool = False
+    proxy: Dispatcher | Any,
+    target: tuple[str, int],
+    kind: int = socks.SOCKS5,
+    rdns: bool = False,
+    login: tuple[str, str] | None = None,
 ) -> socks.socksocket:
     """A PySocks socket connected to ``target`` through ``proxy``."""
     family = socket.AF_INET6 if ":" in proxy.address[0] else socket.AF_INET
     client = socks.socksocket(family, socket.SOCK_STREAM)
-    client.set_proxy(kind, *proxy.address, rdns=rdns)
+    username, password = login or (None, None)
+    client.set_proxy(kind, *proxy.address, rdns=rdns, username=username, password=password)
     client.settimeout(TIMEOUT)
     client.connect(target)
     return client
@@ -562,11 +580,14 @@ def _raise_descriptor_limit(wanted: int) -> None:
         pytest.skip(f"the descriptor limit is below the {wanted} this test needs")
 
 
-def test_more_than_1024_connections_open_at_once(proxy: Dispatcher, echo_server: Server) -> None:
+def test_more_than_1024_connections_open_at_once(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
     count = 1100
     # Each connection holds four descriptors in this process: client, the
     # proxy's two sockets, and the echo server's.
     _raise_descriptor_limit(4 * count + 200)
+    proxy = make_proxy()  # after the raise: its default limit follows it
     clients = []
     try:
         for index in range(count):
@@ -730,20 +751,41 @@ def test_reply_code_maps_os_errors(error: OSError, reply: Reply) -> None:
 
 
 class _Chunks:
-    """A stand-in socket that hands out prepared chunks."""
+    """A stand-in socket that hands out prepared chunks, as much of each as
+    asked for, and counts what it gave."""
 
     def __init__(self, *chunks: bytes) -> None:
-        self.chunks = list(chunks)
+        self.chunks = [chunk for chunk in chunks if chunk]
+        self.given = 0
 
     def recv(self, size: int) -> bytes:
-        return self.chunks.pop(0) if self.chunks else b""
+        if not self.chunks:
+            return b""
+        data, rest = self.chunks[0][:size], self.chunks[0][size:]
+        if rest:
+            self.chunks[0] = rest
+        else:
+            self.chunks.pop(0)
+        self.given += len(data)
+        return data
 
 
 def test_handshake_reader_keeps_bytes_beyond_the_handshake() -> None:
-    reader = dispatch.HandshakeReader(_Chunks(b"\x05\x01", b"\x00rest", b"more"))  # type: ignore[arg-type]
+    reader = dispatch.HandshakeReader(_Chunks(b"\x05\x01", b"\x00user\0early", b"more"))  # type: ignore[arg-type]
     assert reader.read(3) == b"\x05\x01\x00"
-    assert reader.rest() == b"rest"
+    assert reader.read_until_nul(1024) == b"user"
+    assert reader.rest() == b"early"
     assert reader.read(4) == b"more"
+
+
+def test_handshake_reader_receives_no_more_than_a_message_needs() -> None:
+    stream = _Chunks(b"\x05\x01\x00" + b"x" * 5000)
+    reader = dispatch.HandshakeReader(stream)  # type: ignore[arg-type]
+    assert reader.read(3) == b"\x05\x01\x00"
+    assert stream.given == 3
+    with pytest.raises(dispatch.ProtocolError):
+        reader.read_until_nul(1024)
+    assert stream.given == 3 + 1025
 
 
 def test_handshake_reader_caps_a_missing_nul() -> None:
@@ -881,3 +923,425 @@ def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) 
     assert process.returncode == 0
     assert "stopped after" in out
     assert err == ""
+
+
+# ---------------------------------------------------------------------------
+# Exposing it: login, allow-list, limits, shutdown
+# ---------------------------------------------------------------------------
+
+LOGIN = ("alice", "s3cret-pass")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes; return it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def closed_by_proxy(sock: socket.socket) -> bool:
+    """Whether the proxy closes ``sock`` (EOF or reset) with nothing more to say."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.message for record in caplog.records if record.message.startswith("refused ")]
+
+
+def test_login_lets_a_known_user_through(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(auth=dict([LOGIN, ("bob", "other")]))
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with client_through(proxy, (echo_server.host, echo_server.port), login=LOGIN) as client:
+            assert round_trip(client, b"logged in") == b"logged in"
+        proxy.shutdown()
+    assert "user 'alice' -> 127.0.0.1" in caplog.text
+    assert LOGIN[1] not in caplog.text
+
+
+def test_login_required_refuses_a_client_without_one_with_05_ff(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(auth=dict([LOGIN]))
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x00")  # "no authentication" only
+        assert recv_exactly(sock, 2) == b"\x05\xff"
+        assert sock.recv(1) == b""
+
+
+@pytest.mark.parametrize("user, password", [("alice", "not-her-pass"), ("mallory", LOGIN[1]), ("alic", LOGIN[1])])
+def test_wrong_login_gets_status_1_and_close(
+    make_proxy: Callable[..., Dispatcher], caplog: pytest.LogCaptureFixture, user: str, password: str
+) -> None:
+    proxy = make_proxy(auth=dict([LOGIN]))
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x02\x00\x02")
+            assert recv_exactly(sock, 2) == b"\x05\x02"
+            sock.sendall(bytes([1, len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
+            assert recv_exactly(sock, 2) == b"\x01\x01"
+            assert sock.recv(1) == b""
+        proxy.shutdown()
+    assert f"user {user!r} -> -" in caplog.text
+    assert "wrong user name or password" in caplog.text
+    assert password not in caplog.text
+
+
+def test_socks4_is_refused_when_a_login_is_required(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(auth=dict([LOGIN]))
+    for request in (
+        socks4_request(echo_server.host, echo_server.port),
+        socks4_request("", echo_server.port, host="localhost"),
+    ):
+        with raw_client(proxy) as sock:
+            sock.sendall(request)
+            assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+            assert sock.recv(1) == b""
+
+
+def test_check_credentials_matches_exact_pairs_only() -> None:
+    known = [(b"alice", b"pw1"), (b"bob", b"pw2")]
+    assert dispatch.check_credentials(known, b"alice", b"pw1")
+    assert dispatch.check_credentials(known, b"bob", b"pw2")
+    for user, password in [(b"alice", b"pw2"), (b"bob", b"pw1"), (b"alice", b"pw"), (b"", b""), (b"eve", b"pw1")]:
+        assert not dispatch.check_credentials(known, user, password)
+
+
+def test_parse_credentials() -> None:
+    assert dispatch.parse_credentials("alice:pa:ss") == ("alice", "pa:ss")
+    for text in ("no colon", ":password", "alice:", "u" * 256 + ":p", "alice:" + "p" * 256):
+        with pytest.raises(ValueError) as error:
+            dispatch.parse_credentials(text)
+        assert "password" not in text or text.split(":", 1)[1] not in str(error.value)
+
+
+def test_client_outside_the_allow_list_is_refused_before_the_handshake(
+    make_proxy: Callable[..., Dispatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(allow=["10.0.0.0/8", "fd00::/8"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with raw_client(proxy) as sock:
+            port = sock.getsockname()[1]
+            assert closed_by_proxy(sock)  # no "05 00": nothing was read
+        assert wait_for(lambda: bool(refusal_lines(caplog)))
+    assert refusal_lines(caplog) == [f"refused 127.0.0.1:{port}: not in the allow-list"]
+    assert proxy.refused == 1
+
+
+def test_allow_list_admits_a_listed_address(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(allow=["127.0.0.2"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        sock.settimeout(TIMEOUT)
+        sock.connect(proxy.address)
+        sock.sendall(b"\x05\x01\x00" + socks5_request(echo_server.host, echo_server.port))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert socks5_reply(sock)[0] == Reply.SUCCEEDED
+        assert round_trip(sock, b"listed") == b"listed"
+    with raw_client(proxy) as sock:  # from 127.0.0.1
+        assert closed_by_proxy(sock)
+
+
+def test_default_allow_list_is_loopback_and_private_networks() -> None:
+    with Dispatcher(["127.0.0.1"], port=0) as proxy:
+        for ip in ("127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.5.4", "172.31.255.255", "192.168.1.20",
+                   "100.64.0.7", "169.254.1.1", "::1", "fd12:3456::1", "fe80::1%eth0", "::ffff:192.168.1.5"):
+            assert proxy.allows(ip), ip
+        for ip in ("8.8.8.8", "172.32.0.1", "192.169.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8", "junk"):
+            assert not proxy.allows(ip), ip
+
+
+def test_ipv4_mapped_clients_match_ipv4_entries() -> None:
+    with Dispatcher(["127.0.0.1"], port=0, allow=["192.0.2.0/24"]) as proxy:
+        assert proxy.allows("::ffff:192.0.2.9")
+        assert proxy.allows("192.0.2.9")
+        assert not proxy.allows("::ffff:198.51.100.1")
+    with Dispatcher(["127.0.0.1"], port=0, allow=["0.0.0.0/0", "::/0"]) as proxy:
+        assert proxy.allows("203.0.113.1") and proxy.allows("2001:db8::1")
+
+
+def test_stalled_handshake_is_cut_off_while_others_are_served(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(handshake_timeout=0.5)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with raw_client(proxy) as staller:
+            staller.sendall(b"\x05")  # and nothing more
+            started = time.monotonic()
+            with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+                assert round_trip(client, b"served meanwhile") == b"served meanwhile"
+            assert closed_by_proxy(staller)
+            assert 0.4 < time.monotonic() - started < TIMEOUT
+        proxy.shutdown()
+    assert "handshake timed out" in caplog.text
+
+
+def test_dripping_handshake_is_cut_off_at_the_deadline(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(handshake_timeout=0.5)
+    with raw_client(proxy) as sock:
+        started = time.monotonic()
+        sock.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01")
+        try:
+            while time.monotonic() - started < TIMEOUT:
+                sock.sendall(b"u")  # a user id that never ends, byte by byte
+                time.sleep(0.1)  # the dripping is the point
+        except OSError:
+            pass
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+        assert time.monotonic() - started < 2.0
+
+
+def test_idle_relay_is_closed_after_the_idle_timeout(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(idle_timeout=0.5)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            for tick in range(6):  # busy for longer than the timeout: kept open
+                if tick:
+                    time.sleep(0.2)  # a pause shorter than the timeout
+                client.sendall(b"tick")
+                assert recv_exactly(client, 4) == b"tick"
+            last_activity = time.monotonic()
+            assert closed_by_proxy(client)
+            assert 0.4 < time.monotonic() - last_activity < TIMEOUT
+        proxy.shutdown()
+    assert "idle for 0.5 s, 24 B up, 24 B down" in caplog.text
+
+
+def test_clients_beyond_max_connections_are_refused_at_once(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(max_connections=2)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        first = client_through(proxy, (echo_server.host, echo_server.port))
+        second = client_through(proxy, (echo_server.host, echo_server.port))
+        for _ in range(5):
+            with raw_client(proxy) as extra:
+                started = time.monotonic()
+                assert closed_by_proxy(extra)
+                assert time.monotonic() - started < 1.0
+        assert wait_for(lambda: proxy.refused == 5)
+        lines = refusal_lines(caplog)
+        assert 1 <= len(lines) <= 2  # at most one a second
+        assert "2 connections are open, the most allowed" in lines[0]
+        first.close()
+        assert wait_for(lambda: proxy.open_connections() == 1)
+        with client_through(proxy, (echo_server.host, echo_server.port)) as third:
+            assert round_trip(third, b"room again") == b"room again"
+        second.close()
+
+
+def test_default_max_connections_fits_the_descriptor_limit() -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    expected = min((soft - 64) // 3, dispatch.MAX_CONNECTIONS_CEILING)
+    assert dispatch.default_max_connections() == expected
+    with Dispatcher(["127.0.0.1"], port=0) as proxy:
+        assert proxy.max_connections == expected
+
+
+@pytest.mark.parametrize("socks4a", [False, True])
+def test_socks4_field_without_nul_is_refused_at_the_cap(
+    proxy: Dispatcher, echo_server: Server, socks4a: bool
+) -> None:
+    cap = dispatch.MAX_SOCKS4_FIELD
+    with raw_client(proxy) as sock:
+        if socks4a:
+            sock.sendall(struct.pack("!BBH4s", 4, 1, echo_server.port, b"\0\0\0\1") + b"user\0" + b"h" * (cap + 1))
+        else:
+            sock.sendall(struct.pack("!BBH4s", 4, 1, echo_server.port, b"\x7f\0\0\1") + b"u" * (cap + 1))
+        # The proxy read exactly up to the cap and the byte past it: its
+        # close is a clean EOF, not a reset for unread bytes.
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+        assert sock.recv(1) == b""
+
+
+def test_socks4_fields_up_to_the_cap_are_served(proxy: Dispatcher, echo_server: Server) -> None:
+    cap = dispatch.MAX_SOCKS4_FIELD
+    with raw_client(proxy) as sock:
+        sock.sendall(struct.pack("!BBH4s", 4, 1, echo_server.port, b"\x7f\0\0\1") + b"u" * cap + b"\0")
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5a"
+        assert round_trip(sock, b"long id") == b"long id"
+
+
+def run_cli(
+    arguments: list[str], use: Callable[[Any, Callable[[], None]], None], log_file: str
+) -> int:
+    """Run ``dispatch start`` in this process on a free port; once it listens,
+    call ``use(running, stop)`` from another thread (``running.address`` is
+    where it listens, ``stop()`` sends SIGTERM, also sent after ``use``);
+    return the exit status."""
+    port = refused_port()
+    running = type("Running", (), {"address": ("127.0.0.1", port)})()
+    failures: list[BaseException] = []
+    stopped: list[bool] = []
+
+    def stop() -> None:
+        if not stopped:
+            stopped.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def drive() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                socket.create_connection(running.address, timeout=TIMEOUT).close()
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    failures.append(AssertionError("the proxy never listened"))
+                    return
+                time.sleep(0.02)  # not listening yet
+        try:
+            use(running, stop)
+        except BaseException as failure:
+            failures.append(failure)
+        finally:
+            stop()
+
+    helper = threading.Thread(target=drive)
+    helper.start()
+    status = dispatch.main(["start", "--port", str(port), "--log-file", log_file, *arguments])
+    helper.join(TIMEOUT)
+    if failures:
+        raise failures[0]
+    return status
+
+
+def test_cli_grace_keeps_relays_flowing_then_closes_them(
+    echo_server: Server, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    auth_file = tmp_path / "users"
+    auth_file.write_text("# who may use it\n\n%s:%s\n" % LOGIN)
+    grace = 1.0
+    closed_after: list[float] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        with client_through(running, (echo_server.host, echo_server.port), login=LOGIN) as client:
+            client.sendall(b"before")
+            assert recv_exactly(client, 6) == b"before"
+            stop()
+            stopped_at = time.monotonic()
+
+            def refuses_new_clients() -> bool:
+                try:
+                    socket.create_connection(running.address, timeout=TIMEOUT).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            assert wait_for(refuses_new_clients)
+            client.sendall(b"during")  # the grace period: still relayed
+            assert recv_exactly(client, 6) == b"during"
+            assert closed_by_proxy(client)
+            closed_after.append(time.monotonic() - stopped_at)
+
+    log_file = str(tmp_path / "dispatch.log")
+    status = run_cli(["--grace", str(grace), "--auth-file", str(auth_file), "127.0.0.1"], use, log_file)
+    assert status == 0
+    assert grace <= closed_after[0] < TIMEOUT
+    out = capsys.readouterr().out
+    assert "login: 1 user(s), SOCKS5 only" in out
+    assert "open connection(s) get up to 1 s to finish" in out
+    assert "stopped after" in out and "1 connections, 12 B up, 12 B down" in out
+    with open(log_file) as log:
+        text = log.read()
+    assert "user 'alice' -> 127.0.0.1" in text
+    assert LOGIN[1] not in text
+
+
+def test_cli_warns_when_exposed_without_login(
+    echo_server: Server, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = str(tmp_path / "dispatch.log")
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"lan") == b"lan"
+
+    assert run_cli(["--ip", "0.0.0.0", "127.0.0.1"], use, log_file) == 0
+    out = capsys.readouterr().out
+    assert "clients allowed from: 127.0.0.0/8, 10.0.0.0/8" in out
+    assert "(loopback and private networks)" in out
+    assert "warning: anyone on this machine's private networks can use the proxy" in out
+    limit = dispatch.default_max_connections()
+    assert f"limits: {limit} connections at once (descriptor limit " in out
+    with open(log_file) as log:
+        text = log.read()
+    assert "WARNING warning: anyone" in text
+    assert f"limits: {limit} connections at once" in text
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--ip", "0.0.0.0", "--auth", "%s:%s" % LOGIN],
+        ["--ip", "0.0.0.0", "--allow", "192.168.1.0/24"],
+        ["--ip", "127.0.0.1"],
+    ],
+)
+def test_cli_does_not_warn_when_guarded_or_on_loopback(
+    arguments: list[str], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = str(tmp_path / "dispatch.log")
+    assert run_cli([*arguments, "127.0.0.1"], lambda running, stop: None, log_file) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out
+    assert LOGIN[1] not in out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        (b"alice:%s\nbob\n", "line 2: expected USER:PASS"),
+        (b"# users\n\n:%s\n", "line 3: a user name must be 1 to 255"),
+        (b"alice:%s\nalice:%s2\n", "user 'alice' is given more than once"),
+        (b"alice:%s\n\xff\xfe:x\n", "line 2: not UTF-8"),
+    ],
+)
+def test_cli_bad_auth_file_exits_2_naming_the_line_not_the_password(
+    content: bytes | None, message: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "users"
+    if content is not None:
+        path.write_bytes(content.replace(b"%s", LOGIN[1].encode()))
+    assert dispatch.main(["start", "--port", "0", "--auth-file", str(path), "127.0.0.1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert LOGIN[1] not in err
+
+
+def test_cli_bad_auth_option_does_not_echo_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--auth", "alice" + LOGIN[1], "127.0.0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected USER:PASS" in err
+    assert LOGIN[1] not in err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--allow", "10.0.0.0/33"], "is not an IP network or address"),
+        (["--max-connections", "0"], "is not a positive whole number"),
+        (["--idle-timeout", "-1"], "is not a positive number of seconds"),
+        (["--handshake-timeout", "nan"], "is not a positive number of seconds"),
+        (["--grace", "-1"], "is not a number of seconds"),
+    ],
+)
+def test_cli_bad_limits_exit_2(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", *arguments, "127.0.0.1"])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
