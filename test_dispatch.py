@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
+import random
 import resource
 import signal
 import socket
+import string
 import struct
 import subprocess
 import sys
@@ -23,6 +26,8 @@ from typing import Any
 
 import pytest
 import socks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dispatch
 from dispatch import Dispatcher, Reply, WeightedRoundRobin
@@ -1345,3 +1350,305 @@ def test_cli_bad_limits_exit_2(arguments: list[str], message: str, capsys: pytes
         dispatch.main(["start", *arguments, "127.0.0.1"])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Hostile input: properties of the parsers, fuzzing a running proxy
+# ---------------------------------------------------------------------------
+
+chunks_strategy = st.lists(st.binary(min_size=1, max_size=64), max_size=12)
+name_strategy = st.text(alphabet=string.ascii_letters + string.digits + ".-", min_size=1, max_size=255)
+host_strategy = st.one_of(st.ip_addresses().map(str), name_strategy)
+port_strategy = st.integers(0, 65535)
+
+
+def _same_host(parsed: str, sent: str) -> bool:
+    """IP addresses compare as addresses (inet_ntop and ipaddress may spell
+    an IPv4-mapped one differently), names as text."""
+    if dispatch._is_ip(sent):
+        return ipaddress.ip_address(parsed) == ipaddress.ip_address(sent)
+    return parsed == sent
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    return [data[start:end] for start, end in zip(points, points[1:])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=chunks_strategy, sizes=st.lists(st.integers(0, 40), max_size=12))
+def test_handshake_reader_reads_the_stream_as_sent(chunks: list[bytes], sizes: list[int]) -> None:
+    stream = b"".join(chunks)
+    reader = dispatch.HandshakeReader(_Chunks(*chunks))  # type: ignore[arg-type]
+    offset = 0
+    for size in sizes:
+        if offset + size > len(stream):
+            with pytest.raises(dispatch.ProtocolError):
+                reader.read(size)
+            return
+        assert reader.read(size) == stream[offset : offset + size]
+        offset += size
+    assert reader.rest() == b""  # nothing received beyond what was read
+
+
+@settings(max_examples=200, deadline=None)
+@given(command=st.integers(0, 255), host=host_strategy, port=port_strategy, cuts=st.lists(st.integers(0, 300)))
+def test_socks5_request_round_trips(command: int, host: str, port: int, cuts: list[int]) -> None:
+    data = bytes([5, command, 0]) + dispatch.encode_socks5_address(host, port)
+    reader = dispatch.HandshakeReader(_Chunks(*_split(data + b"payload", cuts)))  # type: ignore[arg-type]
+    request = dispatch.read_socks5_request(reader)
+    assert (request.command, request.port) == (command, port)
+    assert _same_host(request.host, host)
+    assert reader.read(7) == b"payload"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    command=st.integers(0, 255),
+    ip=st.ip_addresses(v=4).filter(lambda ip: not (ip.packed[:3] == b"\0\0\0" and ip.packed[3])),
+    port=port_strategy,
+    user_id=st.binary(max_size=dispatch.MAX_SOCKS4_FIELD).filter(lambda b: b"\0" not in b),
+    name=st.one_of(st.none(), name_strategy),
+    cuts=st.lists(st.integers(0, 2100)),
+)
+def test_socks4_request_round_trips(
+    command: int, ip: Any, port: int, user_id: bytes, name: str | None, cuts: list[int]
+) -> None:
+    packed = b"\0\0\0\x07" if name else ip.packed
+    data = struct.pack("!BH4s", command, port, packed) + user_id + b"\0"
+    data += name.encode() + b"\0" if name else b""
+    reader = dispatch.HandshakeReader(_Chunks(*_split(data + b"early", cuts)))  # type: ignore[arg-type]
+    request = dispatch.read_socks4_request(reader)
+    assert request == dispatch.Request(command, name or str(ip), port)
+    # What came with the request is kept, never more than "early" itself.
+    assert b"early".startswith(reader.rest())
+
+
+@settings(max_examples=200, deadline=None)
+@given(user=st.binary(max_size=255), password=st.binary(max_size=255), cuts=st.lists(st.integers(0, 520)))
+def test_auth_request_round_trips(user: bytes, password: bytes, cuts: list[int]) -> None:
+    data = bytes([1, len(user)]) + user + bytes([len(password)]) + password
+    reader = dispatch.HandshakeReader(_Chunks(*_split(data, cuts)))  # type: ignore[arg-type]
+    assert dispatch.read_auth_request(reader) == (user, password)
+
+
+# The most each parser may receive, whatever the client sends.
+PARSER_BOUNDS = {
+    dispatch.read_socks5_methods: 1 + 255,
+    dispatch.read_socks5_address: 1 + 1 + 255 + 2,
+    dispatch.read_socks5_request: 3 + 1 + 1 + 255 + 2,
+    dispatch.read_socks4_request: 7 + 2 * (dispatch.MAX_SOCKS4_FIELD + 1),
+    dispatch.read_auth_request: 1 + 1 + 255 + 1 + 255,
+}
+
+
+@pytest.mark.parametrize("parser", list(PARSER_BOUNDS), ids=lambda parser: parser.__name__)
+@settings(max_examples=200, deadline=None)
+@given(data=st.one_of(st.binary(max_size=600), st.binary(min_size=1000, max_size=3000)), cuts=st.lists(st.integers()))
+def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], data: bytes, cuts: list[int]) -> None:
+    """Any bytes give a value or a SocksError (the reply to send), never
+    another exception, and are read no further than the protocol allows."""
+    stream = _Chunks(*_split(data, cuts))
+    try:
+        parser(dispatch.HandshakeReader(stream))  # type: ignore[arg-type]
+    except dispatch.SocksError:
+        pass
+    assert stream.given <= PARSER_BOUNDS[parser]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    known=st.dictionaries(st.binary(min_size=1, max_size=8), st.binary(min_size=1, max_size=8), max_size=4),
+    user=st.binary(max_size=8),
+    password=st.binary(max_size=8),
+)
+def test_check_credentials_is_exact_lookup(known: dict[bytes, bytes], user: bytes, password: bytes) -> None:
+    expected = known.get(user) == password
+    assert dispatch.check_credentials(list(known.items()), user, password) == expected
+    for known_user, known_password in known.items():
+        assert dispatch.check_credentials(list(known.items()), known_user, known_password)
+
+
+@pytest.fixture
+def loopback_guard(monkeypatch: pytest.MonkeyPatch, echo_server: Server) -> None:
+    """Fuzzed requests name any target: let the proxy connect to the echo
+    server only, refusing the rest before any lookup or packet."""
+    resolve = dispatch._resolve_target
+
+    def guarded(host: str, port: int, families: Any) -> Any:
+        if (host, port) != (echo_server.host, echo_server.port):
+            raise dispatch.SocksError(Reply.NOT_ALLOWED, "not a target of this test")
+        return resolve(host, port, families)
+
+    monkeypatch.setattr(dispatch, "_resolve_target", guarded)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def hostile_cases(rng: random.Random, target: tuple[str, int]) -> list[bytes]:
+    """Random, truncated, oversized, mutated and foreign handshakes."""
+    host, port = target
+    request5 = socks5_request(host, port)
+    valid = [
+        b"\x05\x01\x00" + request5,
+        b"\x05\x01\x02\x01" + bytes([len(LOGIN[0])]) + LOGIN[0].encode()
+        + bytes([len(LOGIN[1])]) + LOGIN[1].encode() + request5,
+        socks4_request(host, port),
+        socks4_request("", port, host=host),
+    ]
+    foreign = [
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello's start
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+    ]
+    cases = list(valid) + foreign
+    for _ in range(250):
+        kind = rng.randrange(6)
+        base = rng.choice(valid)
+        if kind == 0:
+            cases.append(rng.randbytes(rng.randrange(0, 300)))
+        elif kind == 1:
+            cases.append(bytes([rng.choice([4, 5])]) + rng.randbytes(rng.randrange(0, 300)))
+        elif kind == 2:
+            cases.append(base[: rng.randrange(len(base))])
+        elif kind == 3:
+            mutated = bytearray(base)
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            cases.append(bytes(mutated))
+        elif kind == 4:
+            oversized = [
+                b"\x05\xff" + bytes(range(255)) + rng.randbytes(100),
+                b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"n" * 255 + b"\x00\x50",
+                b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * rng.randrange(1000, 5000),
+                b"\x04\x01\x00\x50\x00\x00\x00\x01u\0" + b"h" * rng.randrange(1000, 5000),
+                b"\x05\x01\x02\x01\xff" + b"a" * 255 + b"\xff" + b"p" * 255,
+            ]
+            cases.append(rng.choice(oversized))
+        else:
+            cases.append(base + rng.randbytes(rng.randrange(1, 2000)))
+    return cases
+
+
+def _play(proxy: Dispatcher, payload: bytes, ending: str) -> None:
+    """Send ``payload`` and end as told; the proxy must answer or close."""
+    with raw_client(proxy) as sock:
+        try:
+            sock.sendall(payload)
+        except OSError:
+            return  # closed on us already: that is an answer
+        if ending == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        if ending == "half-close":
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                read_all(sock)  # a timeout here fails the test: a client left hanging
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            except OSError as error:
+                if error.errno != errno.ENOTCONN:  # reset before the shutdown
+                    raise
+
+
+@pytest.mark.parametrize("login", [False, True], ids=["open", "login"])
+def test_hostile_clients_get_a_reply_or_a_close(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    loopback_guard: None,
+    caplog: pytest.LogCaptureFixture,
+    login: bool,
+) -> None:
+    proxy = make_proxy(auth=dict([LOGIN]) if login else None)
+    threads, descriptors = threading.active_count(), _open_descriptors()
+    rng = random.Random(1928 + login)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for payload in hostile_cases(rng, (echo_server.host, echo_server.port)):
+            _play(proxy, payload, rng.choice(["half-close", "half-close", "close", "reset"]))
+        with client_through(
+            proxy, (echo_server.host, echo_server.port), login=LOGIN if login else None
+        ) as client:
+            assert round_trip(client, b"still serving") == b"still serving"
+        assert wait_for(lambda: proxy.open_connections() == 0)
+        assert wait_for(lambda: threading.active_count() <= threads), threading.enumerate()
+        assert wait_for(lambda: _open_descriptors() <= descriptors)
+    assert not [record for record in caplog.records if record.exc_info]
+    assert "unexpected error" not in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Nothing lost
+# ---------------------------------------------------------------------------
+
+
+def _chunked(rng: random.Random, data: bytes) -> list[bytes]:
+    chunks, offset = [], 0
+    while offset < len(data):
+        size = rng.choice([1, 7, 1000, 65536, 300_000])
+        chunks.append(data[offset : offset + size])
+        offset += size
+    return chunks
+
+
+def _send_then_half_close(sock: socket.socket, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def test_random_payloads_with_half_closes_arrive_byte_exact(proxy: Dispatcher) -> None:
+    """Who half-closes first, and when, varies: each byte arrives, in order."""
+    rng = random.Random(1929)
+    sizes = [0, 1, 2, 1000, 65535, 65536, 65537, 262_144, 1_000_003]
+    cases = []
+    for _ in range(24):
+        up = rng.randbytes(rng.choice(sizes))
+        down = rng.randbytes(rng.choice(sizes))
+        order = rng.choice(["server first", "client first", "together"])
+        cases.append((up, _chunked(rng, up), down, _chunked(rng, down), order))
+    current: list[Any] = []
+    heard: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        _, _, _, down_chunks, order = current[0]
+        if order == "server first":
+            _send_then_half_close(conn, down_chunks)
+            heard.append(read_all(conn))
+        elif order == "client first":
+            heard.append(read_all(conn))
+            _send_then_half_close(conn, down_chunks)
+        else:
+            sender = threading.Thread(target=_send_then_half_close, args=(conn, down_chunks))
+            sender.start()
+            heard.append(read_all(conn))
+            sender.join(TIMEOUT)
+
+    server = Server(serve)
+    try:
+        for index, case in enumerate(cases):
+            up, up_chunks, down, _, order = case
+            current[:] = [case]
+            with client_through(proxy, (server.host, server.port)) as client:
+                if order == "server first":
+                    received = read_all(client)
+                    _send_then_half_close(client, up_chunks)
+                elif order == "client first":
+                    _send_then_half_close(client, up_chunks)
+                    received = read_all(client)
+                else:
+                    sender = threading.Thread(target=_send_then_half_close, args=(client, up_chunks))
+                    sender.start()
+                    received = read_all(client)
+                    sender.join(TIMEOUT)
+                assert received == down, f"case {index} ({order}): down"
+                assert wait_for(lambda: len(heard) == index + 1)
+                assert heard[index] == up, f"case {index} ({order}): up"
+    finally:
+        server.close()
+    assert wait_for(lambda: proxy.open_connections() == 0)
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == sum(len(case[0]) for case in cases)
+    assert row["bytes_down"] == sum(len(case[2]) for case in cases)
