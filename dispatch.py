@@ -22,6 +22,7 @@ Only the standard library is needed to proxy through IP addresses; the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -38,6 +39,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 __all__ = [
@@ -143,6 +149,13 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
 )
 
 RELAY_BUFFER_SIZE = 256 * 1024
+# splice() moves bytes between sockets through a pipe without copying them
+# into the process (Linux). A direction switches to it once it has carried
+# SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
+_CAN_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2") and hasattr(fcntl, "F_SETPIPE_SZ") if fcntl else False
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_AFTER = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
 MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
 
@@ -579,7 +592,8 @@ def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> so
     """A socket bound to ``local`` and connected to (ip, port)."""
     sock = socket.socket(local.family, socket.SOCK_STREAM)
     try:
-        if _IP_BIND_ADDRESS_NO_PORT is not None and local.family == socket.AF_INET:
+        if _IP_BIND_ADDRESS_NO_PORT is not None:
+            # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((local.ip, 0))
         sock.settimeout(timeout)
@@ -606,16 +620,17 @@ def relay(
     """
     client.setblocking(False)
     upstream.setblocking(False)
-    directions = [_Direction(client, upstream), _Direction(upstream, client)]
-    directions[0].pending = memoryview(early)
-    with _selector() as selector:
+    directions = [_Direction(client, upstream, early), _Direction(upstream, client)]
+    with contextlib.ExitStack() as cleanup, _selector() as selector:
+        for direction in directions:
+            cleanup.callback(direction.close)
         registered: dict[socket.socket, int] = {}
         while not all(direction.done for direction in directions):
             wanted: dict[socket.socket, int] = {}
             for direction in directions:
                 if direction.done:
                     continue
-                if direction.pending:
+                if direction.queued:
                     wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
                 else:
                     wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
@@ -652,54 +667,106 @@ def _selector() -> selectors.BaseSelector:
 
 
 class _Direction:
-    """One way of the copy: from ``src`` to ``dst``."""
+    """One way of the copy: from ``src`` to ``dst``.
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    Bytes are received into memory and sent on; on Linux a direction that
+    has carried a lot moves them through a pipe with splice() instead, so
+    bulk transfers skip the copies in and out of the process. Short
+    connections never pay for the pipe's two descriptors.
+    """
+
+    def __init__(self, src: socket.socket, dst: socket.socket, early: bytes = b"") -> None:
         self.src = src
         self.dst = dst
-        self.pending = memoryview(b"")
+        self.pending = memoryview(early)  # received, not yet sent (copy mode)
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0  # received, not yet sent (splice mode)
         self.eof = False
         self.done = False
         self.total = 0
 
+    @property
+    def queued(self) -> int:
+        """Bytes received from ``src`` that ``dst`` has yet to take."""
+        return self.in_pipe if self.pipe else len(self.pending)
+
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
         sent = 0
-        if self.pending and dst_events & selectors.EVENT_WRITE:
-            sent += self._send()
-        elif not self.pending and src_events & selectors.EVENT_READ:
-            try:
-                data = self.src.recv(RELAY_BUFFER_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError:
-                data = b""  # a reset counts as the end of this direction
-            if data:
-                self.pending = memoryview(data)
-                sent += self._send()
-            else:
-                self.eof = True
-        if self.eof and not self.pending:
+        if self.queued and dst_events & selectors.EVENT_WRITE:
+            sent = self._send()
+        elif not self.queued and src_events & selectors.EVENT_READ:
+            if self._receive():
+                sent = self._send()
+        if self.eof and not self.queued:
             self.done = True
+            self.close()
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         return sent
 
+    def _receive(self) -> bool:
+        """Receive what ``src`` has; return whether anything came."""
+        if self.pipe is None and self.total >= SPLICE_AFTER:
+            self.pipe = _open_pipe()
+        try:
+            if self.pipe:
+                self.in_pipe = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                received = self.in_pipe
+            else:
+                data = self.src.recv(RELAY_BUFFER_SIZE)
+                self.pending = memoryview(data)
+                received = len(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            received = 0  # a reset ends this direction like an EOF
+        if not received:
+            self.eof = True
+        return bool(received)
+
     def _send(self) -> int:
         try:
-            sent = self.dst.send(self.pending)
+            if self.pipe:
+                sent = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
+                self.in_pipe -= sent
+            else:
+                sent = self.dst.send(self.pending)
+                self.pending = self.pending[sent:]
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             # The receiver is gone: what it has not taken can never arrive.
             self.pending = memoryview(b"")
+            self.in_pipe = 0
             self.eof = True
             return 0
-        self.pending = self.pending[sent:]
         self.total += sent
         return sent
+
+    def close(self) -> None:
+        """Release the pipe, if there is one."""
+        if self.pipe:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+def _open_pipe() -> tuple[int, int] | None:
+    """A non-blocking pipe for splice(), or None where there is none to have."""
+    if not _CAN_SPLICE:
+        return None
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # out of descriptors: copying works without them
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size works too
+    return read_end, write_end
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -1060,6 +1127,28 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     return where
 
 
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open descriptors to the hard limit.
+
+    Each connection holds two sockets (and a pipe each way during a bulk
+    transfer), so the usual soft limit of 1,024 would cap a BitTorrent
+    client's few thousand connections. Returns the new limit, or None where
+    there is no such limit (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # some systems cap it lower than they say (macOS: OPEN_MAX)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
     connections = sum(row["connections"] for row in stats)
@@ -1072,6 +1161,7 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
 
 
 def _start(args: argparse.Namespace) -> int:
+    descriptor_limit = raise_descriptor_limit()
     try:
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port, connect_timeout=args.connect_timeout
@@ -1094,6 +1184,11 @@ def _start(args: argparse.Namespace) -> int:
     print(_address_table(dispatcher.addresses))
     print(f"log: {where}", flush=True)
     logger.info("listening on %s", _format_endpoint(host, port))
+    if descriptor_limit is not None:
+        logger.info(
+            "descriptor limit %d: room for about %d connections at once",
+            descriptor_limit, (descriptor_limit - 32) // 2,
+        )
 
     stop = threading.Event()
 

@@ -508,7 +508,14 @@ def test_server_half_close_is_passed_on(proxy: Dispatcher) -> None:
         server.close()
 
 
-def test_megabytes_each_way_arrive_intact(proxy: Dispatcher, echo_server: Server) -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_megabytes_each_way_arrive_intact(
+    splice: bool, proxy: Dispatcher, echo_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk transfers move to splice() on Linux; both ways of copying are exact."""
+    if splice and not dispatch._CAN_SPLICE:
+        pytest.skip("splice() is Linux only")
+    monkeypatch.setattr(dispatch, "_CAN_SPLICE", splice)
     payload = os.urandom(8 * 1024 * 1024)
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         received = bytearray()
