@@ -581,9 +581,10 @@ def _resolve_target(
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
     targets = [(info[0], info[4][0]) for info in infos if info[0] in families]
     if not targets:
+        missing = "IPv6" if infos and infos[0][0] == socket.AF_INET6 else "IPv4"
         raise SocksError(
-            Reply.HOST_UNREACHABLE,
-            f"{host} has no address of a family there is a local address for",
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
         )
     return targets
 
