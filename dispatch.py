@@ -148,15 +148,16 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
     socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
 )
 
-RELAY_BUFFER_SIZE = 256 * 1024
+RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
 # splice() moves bytes between sockets through a pipe without copying them
 # into the process (Linux). A direction switches to it once it has carried
 # SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
-_CAN_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2") and hasattr(fcntl, "F_SETPIPE_SZ") if fcntl else False
+_CAN_SPLICE = fcntl is not None and all(
+    hasattr(module, name) for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"))
+)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 SPLICE_AFTER = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
-MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
 
 

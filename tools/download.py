@@ -54,7 +54,7 @@ import netlab  # noqa: E402  (sibling module)
 CHUNK = 1_000_000
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 10.0
-MAX_ATTEMPTS = 4  # per chunk, before the download gives up on it
+MAX_ATTEMPTS = 6  # per chunk, before the download gives up on it
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
