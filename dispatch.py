@@ -148,6 +148,12 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
     socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
 )
 
+# Created non-blocking in one call where the platform allows it.
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_CONNECT_IN_PROGRESS = {
+    getattr(errno, name) for name in ("EINPROGRESS", "EWOULDBLOCK", "EAGAIN") if hasattr(errno, name)
+}
+
 RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
 # splice() moves bytes between sockets through a pipe without copying them
 # into the process (Linux). A direction switches to it once it has carried
@@ -210,20 +216,54 @@ def _describe(error: OSError) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _wait_until(sock: socket.socket, events: int, deadline: float) -> None:
+    """Wait until ``sock`` is ready for ``events``; TimeoutError past ``deadline``."""
+    with _selector() as selector:
+        selector.register(sock, events)
+        if not selector.select(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("timed out")
+
+
+# The handshake's sockets are non-blocking and these try the call first, then
+# wait: a socket with a timeout would poll before every call, and each call
+# hands the GIL to another thread and back. Fewer calls, more connections.
+def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Receive up to ``size`` bytes from a non-blocking socket, waiting until ``deadline``."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_READ, deadline)
+
+
+def _send_all_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Send all of ``data`` on a non-blocking socket, waiting until ``deadline``."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_WRITE, deadline)
+
+
 class HandshakeReader:
     """Reads the handshake from a client socket, message by message.
+
+    The socket may be non-blocking: a read waits for data until ``deadline``
+    (time.monotonic()) and then raises TimeoutError.
 
     It receives what the client has sent so far in one call and keeps what
     lies beyond the handshake (a client may send its first payload right
     behind the request) so that the relay can pass it on: nothing is stranded.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, deadline: float = float("inf")) -> None:
         self._sock = sock
+        self._deadline = deadline
         self._buffer = bytearray()
 
     def _fill(self) -> None:
-        data = self._sock.recv(4096)
+        data = _recv_by(self._sock, 4096, self._deadline)
         if not data:
             raise ProtocolError("client closed during the handshake")
         self._buffer += data
@@ -591,15 +631,21 @@ def _resolve_target(
 
 
 def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> socket.socket:
-    """A socket bound to ``local`` and connected to (ip, port)."""
-    sock = socket.socket(local.family, socket.SOCK_STREAM)
+    """A non-blocking socket bound to ``local`` and connected to (ip, port)."""
+    sock = socket.socket(local.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
     try:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
         if _IP_BIND_ADDRESS_NO_PORT is not None:
             # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((local.ip, 0))
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
+        error = sock.connect_ex((ip, port))
+        if error in _CONNECT_IN_PROGRESS:
+            _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
@@ -620,8 +666,9 @@ def relay(
     never stops the other direction (no deadlock with echoing peers).
     ``count(up, down)`` is called as bytes go through, for live statistics.
     """
-    client.setblocking(False)
-    upstream.setblocking(False)
+    for sock in (client, upstream):
+        if sock.gettimeout() != 0:
+            sock.setblocking(False)
     directions = [_Direction(client, upstream, early), _Direction(upstream, client)]
     with contextlib.ExitStack() as cleanup, _selector() as selector:
         for direction in directions:
@@ -805,9 +852,10 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def setup(self) -> None:
         self.dispatcher = self.server.dispatcher
-        self.timeout = self.dispatcher.handshake_timeout
         super().setup()
-        self.reader = HandshakeReader(self.connection)
+        self.connection.setblocking(False)
+        deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        self.reader = HandshakeReader(self.connection, deadline)
         self.started = time.monotonic()
         self.target = "-"
         self.local: LocalAddress | None = None
@@ -849,9 +897,9 @@ class SocksHandler(socketserver.StreamRequestHandler):
     def socks5(self) -> socket.socket:
         methods = self.reader.read(self.reader.read_byte())
         if Method.NO_AUTHENTICATION not in methods:
-            self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
+            self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
             raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
-        self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
+        self.send(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
         version, command, _reserved = self.reader.read(3)
         try:
             if version != SOCKS5_VERSION:
@@ -870,9 +918,13 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self._socks5_reply(Reply.SUCCEEDED, upstream.getsockname())
         return upstream
 
+    def send(self, data: bytes) -> None:
+        """Send a reply to the client."""
+        _send_all_by(self.connection, data, time.monotonic() + self.dispatcher.handshake_timeout)
+
     def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
         try:
-            self.wfile.write(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
+            self.send(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
         except OSError:
             pass  # the client left; the log line says why the request failed
 
@@ -901,7 +953,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def _socks4_reply(self, reply: Socks4Reply, port: int = 0, ip: str = "0.0.0.0") -> None:
         try:
-            self.wfile.write(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
+            self.send(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
         except OSError:
             pass
 
