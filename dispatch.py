@@ -23,6 +23,7 @@ Only the standard library is needed to proxy through IP addresses; the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -41,6 +42,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 __all__ = [
@@ -157,9 +163,27 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
     socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
 )
 
-RELAY_BUFFER_SIZE = 256 * 1024
-MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
+# Created non-blocking in one call where the platform allows it.
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_CONNECT_IN_PROGRESS = {
+    getattr(errno, name) for name in ("EINPROGRESS", "EWOULDBLOCK", "EAGAIN") if hasattr(errno, name)
+}
+
+RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
+# splice() moves bytes between sockets through a pipe without copying them
+# into the process (Linux). A direction switches to it once it has carried
+# SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
+_CAN_SPLICE = fcntl is not None and all(
+    hasattr(module, name) for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"))
+)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_AFTER = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
+# The most the handshake reader receives ahead of what it has used: a SOCKS4
+# field and its NUL. A whole SOCKS5 greeting and request fit in it too, so
+# most handshakes take one receive.
+HANDSHAKE_WINDOW = MAX_SOCKS4_FIELD + 1
 MAX_AUTH_FIELD = 255  # an RFC 1929 user name or password has a one-byte length
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -170,7 +194,9 @@ CLOSE_TIMEOUT = 2.0
 
 # Descriptors the process needs besides connections (listener, log, resolver),
 # and the descriptors one connection holds (client, upstream, and one spare
-# for the resolver's socket while a name is being looked up).
+# for the resolver's socket while a name is being looked up). The splice()
+# pipes of bulk transfers are not counted: without descriptors for them,
+# the relay copies instead.
 RESERVED_DESCRIPTORS = 64
 DESCRIPTORS_PER_CONNECTION = 3
 # Each connection is a thread: past some thousands, threads exhaust the
@@ -247,31 +273,60 @@ def _describe(error: OSError) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _wait_until(sock: socket.socket, events: int, deadline: float) -> None:
+    """Wait until ``sock`` is ready for ``events``; TimeoutError past ``deadline``."""
+    with _selector() as selector:
+        selector.register(sock, events)
+        if not selector.select(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("timed out")
+
+
+# The handshake's sockets are non-blocking and these try the call first, then
+# wait: a socket with a timeout would poll before every call, and each call
+# hands the GIL to another thread and back. Fewer calls, more connections.
+def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Receive up to ``size`` bytes from a non-blocking socket, waiting until ``deadline``."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_READ, deadline)
+
+
+def _send_all_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Send all of ``data`` on a non-blocking socket, waiting until ``deadline``."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_WRITE, deadline)
+
+
 class HandshakeReader:
     """Reads the handshake from a client socket, message by message.
 
-    It never receives more than the message being read may need, so a
-    hostile client cannot make it hold more than MAX_SOCKS4_FIELD + 1 bytes;
-    what it did receive beyond the handshake (a SOCKS4a host name read with
-    the user id, an early payload) is kept for the relay: nothing is stranded.
-    With a ``timeout``, the whole handshake must arrive within that many
-    seconds, however slowly its bytes drip in.
+    The socket may be non-blocking: a read waits for data until ``deadline``
+    (time.monotonic()), and then raises ProtocolError: the whole handshake
+    must arrive by then, however slowly its bytes drip in.
+
+    It receives what the client has sent so far, but never more than
+    HANDSHAKE_WINDOW bytes beyond what it has used, so a hostile client
+    cannot make it hold more. What it did receive beyond the handshake (a
+    client may send its first payload right behind the request) is kept so
+    that the relay can pass it on: nothing is stranded.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
+    def __init__(self, sock: socket.socket, deadline: float = math.inf) -> None:
         self._sock = sock
+        self._deadline = deadline
         self._buffer = bytearray()
-        self._deadline = None if timeout is None else time.monotonic() + timeout
 
-    def _fill(self, wanted: int) -> None:
-        if self._deadline is not None:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProtocolError("handshake timed out")
-            self._sock.settimeout(remaining)
+    def _fill(self, needed: int) -> None:
+        wanted = max(needed, HANDSHAKE_WINDOW - len(self._buffer))
         try:
-            data = self._sock.recv(wanted)
-        except socket.timeout:
+            data = _recv_by(self._sock, wanted, self._deadline)
+        except TimeoutError:
             raise ProtocolError("handshake timed out") from None
         if not data:
             raise ProtocolError("client closed during the handshake")
@@ -731,22 +786,30 @@ def _resolve_target(
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
     targets = [(info[0], info[4][0]) for info in infos if info[0] in families]
     if not targets:
+        missing = "IPv6" if infos and infos[0][0] == socket.AF_INET6 else "IPv4"
         raise SocksError(
-            Reply.HOST_UNREACHABLE,
-            f"{host} has no address of a family there is a local address for",
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
         )
     return targets
 
 
 def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> socket.socket:
-    """A socket bound to ``local`` and connected to (ip, port)."""
-    sock = socket.socket(local.family, socket.SOCK_STREAM)
+    """A non-blocking socket bound to ``local`` and connected to (ip, port)."""
+    sock = socket.socket(local.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
     try:
-        if _IP_BIND_ADDRESS_NO_PORT is not None and local.family == socket.AF_INET:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
+        if _IP_BIND_ADDRESS_NO_PORT is not None:
+            # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((local.ip, 0))
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
+        error = sock.connect_ex((ip, port))
+        if error in _CONNECT_IN_PROGRESS:
+            _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
@@ -770,12 +833,14 @@ def relay(
     With an ``idle_timeout``, raises TimeoutError once nothing has moved
     either way for that many seconds.
     """
-    client.setblocking(False)
-    upstream.setblocking(False)
-    directions = [_Direction(client, upstream), _Direction(upstream, client)]
-    directions[0].pending = memoryview(early)
+    for sock in (client, upstream):
+        if sock.gettimeout() != 0:
+            sock.setblocking(False)
+    directions = [_Direction(client, upstream, early), _Direction(upstream, client)]
     last_activity = time.monotonic()
-    with _selector() as selector:
+    with contextlib.ExitStack() as cleanup, _selector() as selector:
+        for direction in directions:
+            cleanup.callback(direction.close)
         registered: dict[socket.socket, int] = {}
         while not all(direction.done for direction in directions):
             wait = None
@@ -787,7 +852,7 @@ def relay(
             for direction in directions:
                 if direction.done:
                     continue
-                if direction.pending:
+                if direction.queued:
                     wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
                 else:
                     wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
@@ -826,54 +891,106 @@ def _selector() -> selectors.BaseSelector:
 
 
 class _Direction:
-    """One way of the copy: from ``src`` to ``dst``."""
+    """One way of the copy: from ``src`` to ``dst``.
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    Bytes are received into memory and sent on; on Linux a direction that
+    has carried a lot moves them through a pipe with splice() instead, so
+    bulk transfers skip the copies in and out of the process. Short
+    connections never pay for the pipe's two descriptors.
+    """
+
+    def __init__(self, src: socket.socket, dst: socket.socket, early: bytes = b"") -> None:
         self.src = src
         self.dst = dst
-        self.pending = memoryview(b"")
+        self.pending = memoryview(early)  # received, not yet sent (copy mode)
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0  # received, not yet sent (splice mode)
         self.eof = False
         self.done = False
         self.total = 0
 
+    @property
+    def queued(self) -> int:
+        """Bytes received from ``src`` that ``dst`` has yet to take."""
+        return self.in_pipe if self.pipe else len(self.pending)
+
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
         sent = 0
-        if self.pending and dst_events & selectors.EVENT_WRITE:
-            sent += self._send()
-        elif not self.pending and src_events & selectors.EVENT_READ:
-            try:
-                data = self.src.recv(RELAY_BUFFER_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError:
-                data = b""  # a reset counts as the end of this direction
-            if data:
-                self.pending = memoryview(data)
-                sent += self._send()
-            else:
-                self.eof = True
-        if self.eof and not self.pending:
+        if self.queued and dst_events & selectors.EVENT_WRITE:
+            sent = self._send()
+        elif not self.queued and src_events & selectors.EVENT_READ:
+            if self._receive():
+                sent = self._send()
+        if self.eof and not self.queued:
             self.done = True
+            self.close()
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         return sent
 
+    def _receive(self) -> bool:
+        """Receive what ``src`` has; return whether anything came."""
+        if self.pipe is None and self.total >= SPLICE_AFTER:
+            self.pipe = _open_pipe()
+        try:
+            if self.pipe:
+                self.in_pipe = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                received = self.in_pipe
+            else:
+                data = self.src.recv(RELAY_BUFFER_SIZE)
+                self.pending = memoryview(data)
+                received = len(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            received = 0  # a reset ends this direction like an EOF
+        if not received:
+            self.eof = True
+        return bool(received)
+
     def _send(self) -> int:
         try:
-            sent = self.dst.send(self.pending)
+            if self.pipe:
+                sent = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
+                self.in_pipe -= sent
+            else:
+                sent = self.dst.send(self.pending)
+                self.pending = self.pending[sent:]
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             # The receiver is gone: what it has not taken can never arrive.
             self.pending = memoryview(b"")
+            self.in_pipe = 0
             self.eof = True
             return 0
-        self.pending = self.pending[sent:]
         self.total += sent
         return sent
+
+    def close(self) -> None:
+        """Release the pipe, if there is one."""
+        if self.pipe:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+def _open_pipe() -> tuple[int, int] | None:
+    """A non-blocking pipe for splice(), or None where there is none to have."""
+    if not _CAN_SPLICE:
+        return None
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # out of descriptors: copying works without them
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size works too
+    return read_end, write_end
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
@@ -927,9 +1044,10 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def setup(self) -> None:
         self.dispatcher = self.server.dispatcher
-        self.timeout = self.dispatcher.handshake_timeout
         super().setup()
-        self.reader = HandshakeReader(self.connection, self.dispatcher.handshake_timeout)
+        self.connection.setblocking(False)
+        deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        self.reader = HandshakeReader(self.connection, deadline)
         self.started = time.monotonic()
         self.target = "-"
         self.user: str | None = None
@@ -972,9 +1090,9 @@ class SocksHandler(socketserver.StreamRequestHandler):
         methods = read_socks5_methods(self.reader)
         wanted = Method.USERNAME_PASSWORD if self.dispatcher.requires_auth else Method.NO_AUTHENTICATION
         if wanted not in methods:
-            self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
+            self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
             raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
-        self.wfile.write(bytes([SOCKS5_VERSION, wanted]))
+        self.send(bytes([SOCKS5_VERSION, wanted]))
         if wanted == Method.USERNAME_PASSWORD:
             self.authenticate()
         try:
@@ -1002,15 +1120,19 @@ class SocksHandler(socketserver.StreamRequestHandler):
             raise SocksError(Reply.NOT_ALLOWED, "wrong user name or password")
         self._auth_reply(AuthStatus.SUCCESS)
 
+    def send(self, data: bytes) -> None:
+        """Send a reply to the client."""
+        _send_all_by(self.connection, data, time.monotonic() + self.dispatcher.handshake_timeout)
+
     def _auth_reply(self, status: AuthStatus) -> None:
         try:
-            self.wfile.write(bytes([AUTH_VERSION, status]))
+            self.send(bytes([AUTH_VERSION, status]))
         except OSError:
             pass
 
     def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
         try:
-            self.wfile.write(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
+            self.send(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
         except OSError:
             pass  # the client left; the log line says why the request failed
 
@@ -1033,7 +1155,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def _socks4_reply(self, reply: Socks4Reply, port: int = 0, ip: str = "0.0.0.0") -> None:
         try:
-            self.wfile.write(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
+            self.send(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
         except OSError:
             pass
 
@@ -1368,6 +1490,28 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     return where
 
 
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open descriptors to the hard limit.
+
+    Each connection holds two sockets (and a pipe each way during a bulk
+    transfer), so the usual soft limit of 1,024 would cap a BitTorrent
+    client's few thousand connections. Returns the new limit, or None where
+    there is no such limit (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # some systems cap it lower than they say (macOS: OPEN_MAX)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
     connections = sum(row["connections"] for row in stats)
@@ -1428,16 +1572,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _descriptor_limit() -> str:
-    try:
-        import resource
-    except ImportError:
-        return "none"
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
-
-
 def _start(args: argparse.Namespace) -> int:
+    descriptor_limit = raise_descriptor_limit()
     try:
         users = _credentials(args)
         dispatcher = Dispatcher(
@@ -1465,15 +1601,15 @@ def _start(args: argparse.Namespace) -> int:
     allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
     default = "" if args.allow else " (loopback and private networks)"
     idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
+    fits = f" (descriptor limit {descriptor_limit})" if descriptor_limit is not None else ""
     lines = [
         f"dispatch {__version__}: SOCKS4/4a/5 proxy on {_format_endpoint(host, port)}",
         "dispatching to:",
         _address_table(dispatcher.addresses),
         f"clients allowed from: {allowed}{default}",
         f"login: {len(users)} user(s), SOCKS5 only" if users else "login: none",
-        f"limits: {dispatcher.max_connections} connections at once (descriptor limit "
-        f"{_descriptor_limit()}), handshake {args.handshake_timeout:g} s, idle timeout {idle}, "
-        f"grace {args.grace:g} s",
+        f"limits: {dispatcher.max_connections} connections at once{fits}, "
+        f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
     ]
     if not args.allow and not users and not _is_loopback(host):
         lines.append(

@@ -472,11 +472,12 @@ def process_tree(root: int) -> list[int]:
 
 
 def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process tree, including its children that exited and were reaped."""
     total = 0
     for pid in process_tree(root):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            total += sum(map(int, fields[11:15]))  # utime, stime, cutime, cstime
     return total / CLK_TCK
 
 
