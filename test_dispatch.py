@@ -1222,8 +1222,8 @@ def test_socks4_fields_up_to_the_cap_are_served(proxy: Dispatcher, echo_server: 
 def run_cli(
     arguments: list[str], use: Callable[[Any, Callable[[], None]], None], log_file: str
 ) -> int:
-    """Run ``dispatch start`` in this process on a free port; once it listens,
-    call ``use(running, stop)`` from another thread (``running.address`` is
+    """Run ``dispatch start`` in this process on a free port; once it handles
+    SIGTERM, call ``use(running, stop)`` from another thread (``running.address`` is
     where it listens, ``stop()`` sends SIGTERM, also sent after ``use``);
     return the exit status."""
     port = refused_port()
@@ -1236,17 +1236,15 @@ def run_cli(
             stopped.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def stoppable() -> bool:
+        # The proxy listens before it handles SIGTERM, which must not reach
+        # the default handler: that would end the test run.
+        return getattr(signal.getsignal(signal.SIGTERM), "__name__", "") == "request_stop"
+
     def drive() -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                socket.create_connection(running.address, timeout=TIMEOUT).close()
-                break
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    failures.append(AssertionError("the proxy never listened"))
-                    return
-                time.sleep(0.02)  # not listening yet
+        if not wait_for(stoppable):
+            failures.append(AssertionError("the proxy never got ready to stop"))
+            return
         try:
             use(running, stop)
         except BaseException as failure:
