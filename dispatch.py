@@ -29,6 +29,7 @@ import errno
 import ipaddress
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -830,10 +831,47 @@ class _Server(socketserver.ThreadingTCPServer):
     # refused by a short accept queue.
     request_queue_size = 1024
 
+    # Threads are reused: one that has served a connection waits a moment for
+    # the next. Starting a thread costs more than serving a short connection
+    # (a stack to map, and the accept loop waits until the thread runs).
+    idle_thread_seconds = 2.0
+    max_idle_threads = 64
+
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.dispatcher = dispatcher
+        self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self._idle_threads = 0  # waiting for a request, not yet promised one
+        self._idle_lock = threading.Lock()
         super().__init__(address, SocksHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to an idle thread, or start a new one."""
+        with self._idle_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._waiting_requests.put((request, client_address))
+                return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve connections in this thread until none comes for a while."""
+        while True:
+            super().process_request_thread(request, client_address)
+            with self._idle_lock:
+                if self._idle_threads >= self.max_idle_threads:
+                    return
+                self._idle_threads += 1
+            try:
+                request, client_address = self._waiting_requests.get(timeout=self.idle_thread_seconds)
+            except queue.Empty:
+                with self._idle_lock:
+                    # A request may have been promised to an idle thread just now.
+                    try:
+                        request, client_address = self._waiting_requests.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Ordinary faults are handled in SocksHandler; what gets here is a bug.
