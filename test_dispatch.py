@@ -6,8 +6,10 @@ errno mapping, the handshake reader) have unit tests of their own.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import http.server
 import logging
 import os
 import resource
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -608,6 +611,318 @@ def test_one_log_line_per_connection(proxy: Dispatcher, echo_server: Server, cap
     lines = [r.message for r in caplog.records if f"127.0.0.1:{client_port} ->" in r.message]
     assert len(lines) == 1
     assert f"-> 127.0.0.1:{echo_server.port} via 127.0.0.1: ok, 5 B up, 5 B down" in lines[0]
+
+
+# ---------------------------------------------------------------------------
+# HTTP proxy on the same port
+# ---------------------------------------------------------------------------
+
+
+class Origin(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 origin server with keep-alive, for the proxy to forward to.
+
+    GET /chunked answers in chunks, GET /close with a body ended by closing,
+    GET /204 and /304 with no body; any other GET tells what it saw; POST
+    echoes the body (Content-Length or chunked).
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"hello ", b"chunked ", b"world"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/close":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until the end")
+            self.close_connection = True
+        elif self.path in ("/204", "/304"):
+            self.send_response(int(self.path[1:]))
+            self.end_headers()
+        else:
+            lines = [f"{self.command} {self.path}", f"peer {self.client_address[0]}:{self.client_address[1]}"]
+            lines += [f"{name.lower()}: {value}" for name, value in self.headers.items()]
+            self._answer("\n".join(lines).encode(), [("Keep-Alive", "timeout=5"), ("Connection", "X-Private"), ("X-Private", "1")])
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(body)
+
+    def _answer(self, body: bytes, headers: list[tuple[str, str]] = []) -> None:
+        self.send_response(200)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def origin() -> Iterator[str]:
+    """An HTTP origin on loopback; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def proxy_url(proxy: Dispatcher) -> str:
+    return f"http://127.0.0.1:{proxy.address[1]}"
+
+
+def curl(*arguments: str) -> str:
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", str(TIMEOUT), *arguments], capture_output=True, text=True, timeout=TIMEOUT * 2
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response framed by Content-Length (or by the close)."""
+    reader = dispatch.HandshakeReader(sock)
+    lines = dispatch._read_head(reader)
+    status = int(lines[0].split()[1])
+    headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+    if status in (204, 304):
+        body = b""
+    elif "content-length" in headers:
+        body = reader.read(int(headers["content-length"]))
+    else:
+        body = reader.rest() + read_all(sock)
+    assert not reader.buffered
+    return status, headers, body
+
+
+def http_exchange(proxy: Dispatcher, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with raw_client(proxy) as sock:
+        sock.sendall(request)
+        return read_response(sock)
+
+
+def test_curl_gets_through_the_http_proxy(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    body = curl("-x", proxy_url(proxy), origin + "/path?q=1")
+    assert body.startswith("GET /path?q=1\npeer 127.0.0.2:")
+    assert f"host: {origin[len('http://'):]}" in body
+    assert "via: 1.1 dispatch" in body
+
+
+def test_curl_keeps_the_client_connection_for_several_requests(
+    make_proxy: Callable[..., Dispatcher], origin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        out = curl("-x", proxy_url(proxy), origin + "/one", origin + "/two", origin + "/chunked")
+    first, second = out.split("GET /two\n")
+    # The second request reused the upstream connection: same address, same port.
+    assert first.split("\n")[1] == second.split("\n")[0] == first.split("\n")[1]
+    assert out.endswith("hello chunked world")
+    clients = {r.message.split(" -> ")[0] for r in caplog.records if " -> GET " in r.message}
+    assert len(clients) == 1  # one client connection carried all three
+    (row,) = [row for row in proxy.stats() if row["ip"] == "127.0.0.2"]
+    assert row["connections"] == 1
+
+
+def test_requests_to_different_hosts_on_one_connection(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    try:
+        with raw_client(proxy) as sock:
+            for base in (origin, f"http://localhost:{other.server_address[1]}", origin):
+                sock.sendall(f"GET {base}/x HTTP/1.1\r\nHost: ignored\r\n\r\n".encode())
+                status, _, body = read_response(sock)
+                assert status == 200
+                assert body.startswith(b"GET /x\npeer 127.0.0.")
+                assert f"\nhost: {base.split('//')[1]}".encode() in body
+        assert sum(row["connections"] for row in proxy.stats()) == 3
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_curl_tunnels_with_connect(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(["127.0.0.3"])
+    body = curl("-p", "-x", proxy_url(proxy), origin + "/tunnelled")
+    assert body.startswith("GET /tunnelled\npeer 127.0.0.3:")
+    assert "via:" not in body  # a tunnel carries the client's own bytes
+
+
+def test_connect_relays_bytes_sent_right_behind_the_request(proxy: Dispatcher, echo_server: Server) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n\r\nearly bytes".encode())
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        assert recv_exactly(sock, len(established)) == established
+        assert round_trip(sock, b" and late") == b"early bytes and late"
+
+
+def test_urllib_through_proxy_handler(
+    proxy: Dispatcher, origin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # or urllib would skip the proxy for loopback
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy_url(proxy)}))
+    with opener.open(origin + "/chunked", timeout=TIMEOUT) as response:
+        assert response.read() == b"hello chunked world"
+    payload = os.urandom(300_000)
+    with opener.open(urllib.request.Request(origin + "/post", data=payload), timeout=TIMEOUT) as response:
+        assert response.read() == payload
+    with opener.open(origin + "/seen", timeout=TIMEOUT) as response:
+        assert b"via: 1.1 dispatch" in response.read()
+
+
+def test_chunked_request_body_is_passed_on(proxy: Dispatcher, origin: str) -> None:
+    request = (
+        f"POST {origin}/post HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n7;ext=1\r\n chunks\r\n0\r\nX-Trailer: t\r\n\r\n"
+    ).encode()
+    assert http_exchange(proxy, request)[2] == b"hello chunks"
+
+
+def test_204_and_304_responses_have_no_body(proxy: Dispatcher, origin: str) -> None:
+    with raw_client(proxy) as sock:
+        for status in (204, 304):
+            sock.sendall(f"GET {origin}/{status} HTTP/1.1\r\n\r\n".encode())
+            assert read_response(sock)[::2] == (status, b"")
+        sock.sendall(f"GET {origin}/after HTTP/1.1\r\n\r\n".encode())
+        assert read_response(sock)[2].startswith(b"GET /after")
+
+
+def test_head_response_has_no_body(proxy: Dispatcher, origin: str) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(f"HEAD {origin}/ HTTP/1.1\r\n\r\nGET {origin}/next HTTP/1.1\r\n\r\n".encode())
+        reader = dispatch.HandshakeReader(sock)
+        head = dispatch._read_head(reader)
+        assert head[0] == "HTTP/1.1 200 OK" and "Content-Length: 1000" in head
+        assert dispatch._read_head(reader)[0] == "HTTP/1.1 200 OK"  # the next response at once
+
+
+def test_response_ended_by_close_closes_the_client_connection(proxy: Dispatcher, origin: str) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(f"GET {origin}/close HTTP/1.1\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+    assert (status, headers["connection"], body) == (200, "close", b"until the end")
+
+
+def test_hop_by_hop_headers_are_removed(proxy: Dispatcher, origin: str) -> None:
+    request = (
+        f"GET {origin}/headers HTTP/1.1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+        "Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic dTpw\r\n"
+        "TE: trailers\r\nUpgrade: h2c\r\nX-End-To-End: kept\r\n\r\n"
+    ).encode()
+    status, headers, body = http_exchange(proxy, request)
+    seen = body.decode().split("\n")[2:]
+    names = {line.split(":")[0] for line in seen}
+    assert names.isdisjoint({"connection", "x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"})
+    assert "x-end-to-end: kept" in seen
+    # The origin's own hop-by-hop headers do not reach the client either.
+    assert "keep-alive" not in headers and "x-private" not in headers
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # origin form: not for a proxy
+        b"GET http://127.0.0.1/ HTTP/1.1 extra\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/2.0\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nNo colon here\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET ftp://127.0.0.1/ HTTP/1.1\r\n\r\n",
+        b"CONNECT 127.0.0.1 HTTP/1.1\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x",  # cut short
+    ],
+)
+def test_malformed_request_gets_400(proxy: Dispatcher, request_bytes: bytes) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(request_bytes)
+        sock.shutdown(socket.SHUT_WR)
+        status, headers, body = read_response(sock)
+    assert (status, headers["connection"]) == (400, "close")
+    assert body.startswith(b"400 Bad Request: ")
+
+
+def test_proxy_keeps_serving_after_a_malformed_request(proxy: Dispatcher, origin: str) -> None:
+    for _ in range(3):
+        assert http_exchange(proxy, b"BREW coffee HTTP/1.1\r\n\r\n")[0] == 400
+    assert curl("-x", proxy_url(proxy), origin + "/fine").startswith("GET /fine")
+
+
+def test_oversized_header_gets_431(proxy: Dispatcher) -> None:
+    long_line = b"X-Big: " + b"a" * dispatch.MAX_HEADER_LINE + b"\r\n"
+    assert http_exchange(proxy, b"GET http://127.0.0.1/ HTTP/1.1\r\n" + long_line + b"\r\n")[0] == 431
+    many = b"X-Some: " + b"b" * 4000 + b"\r\n"
+    assert http_exchange(proxy, b"GET http://127.0.0.1/ HTTP/1.1\r\n" + many * 20 + b"\r\n")[0] == 431
+
+
+def test_unreachable_origin_gets_502(proxy: Dispatcher) -> None:
+    for url in (f"http://127.0.0.1:{refused_port()}/", "http://bad..name/"):
+        status, _, body = http_exchange(proxy, f"GET {url} HTTP/1.1\r\n\r\n".encode())
+        assert status == 502
+    status, _, body = http_exchange(proxy, f"CONNECT 127.0.0.1:{refused_port()} HTTP/1.1\r\n\r\n".encode())
+    assert (status, body) == (502, b"502 Bad Gateway: Connection refused\n")
+
+
+def test_origin_connect_timeout_gets_504(make_proxy: Callable[..., Dispatcher]) -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=TIMEOUT)
+        proxy = make_proxy(connect_timeout=0.3)
+        try:
+            host, port = full.getsockname()
+            status = http_exchange(proxy, f"GET http://{host}:{port}/ HTTP/1.1\r\n\r\n".encode())[0]
+        finally:
+            filler.close()
+    assert status == 504
+
+
+def test_credentials_are_required_when_set(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(credentials={"alice": "s3cret"})
+    request = f"GET {origin}/ HTTP/1.1\r\n".encode()
+    status, headers, _ = http_exchange(proxy, request + b"\r\n")
+    assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="dispatch"')
+    wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:guess") + b"\r\n\r\n"
+    assert http_exchange(proxy, request + wrong)[0] == 407
+    assert curl("-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/in").startswith("GET /in")
+    assert curl("-p", "-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/tunnel").startswith("GET /tunnel")
+
+
+def test_one_log_line_per_http_request(
+    make_proxy: Callable[..., Dispatcher], origin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        curl("-x", proxy_url(proxy), origin + "/a", origin + "/b")
+        proxy.shutdown()
+    lines = [r.message for r in caplog.records if "-> GET" in r.message]
+    assert [line.split(" -> ")[1].split(" via ")[0] for line in lines] == [f"GET {origin}/a", f"GET {origin}/b"]
+    assert all(" via 127.0.0.2: 200, " in line for line in lines)
 
 
 # ---------------------------------------------------------------------------
