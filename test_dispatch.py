@@ -683,7 +683,7 @@ def origin() -> Iterator[str]:
     """An HTTP origin on loopback; yields its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -750,7 +750,7 @@ def test_curl_keeps_the_client_connection_for_several_requests(
 
 def test_requests_to_different_hosts_on_one_connection(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
     other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
     try:
         with raw_client(proxy) as sock:
@@ -923,6 +923,404 @@ def test_one_log_line_per_http_request(
     lines = [r.message for r in caplog.records if "-> GET" in r.message]
     assert [line.split(" -> ")[1].split(" via ")[0] for line in lines] == [f"GET {origin}/a", f"GET {origin}/b"]
     assert all(" via 127.0.0.2: 200, " in line for line in lines)
+
+
+# ---------------------------------------------------------------------------
+# SOCKS5 UDP ASSOCIATE
+# ---------------------------------------------------------------------------
+
+
+class UdpServer:
+    """A UDP server on loopback: answers each datagram with ``answer(data, sender)``
+    and keeps what it received."""
+
+    def __init__(self, answer: Callable[[bytes, tuple[str, int]], bytes]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.host, self.port = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, sender = self.sock.recvfrom(65535)
+                self.received.append(data)
+                self.sock.sendto(self.answer(data, sender), sender)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[UdpServer]:
+    server = UdpServer(lambda data, sender: data)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def udp_sender() -> Iterator[UdpServer]:
+    """Answers with the IP address the datagram came from."""
+    server = UdpServer(lambda data, sender: sender[0].encode())
+    yield server
+    server.close()
+
+
+def wait_until_all_closed(proxy: Dispatcher) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while proxy.open_connections() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.open_connections() == 0
+
+
+def udp_client(proxy: Dispatcher) -> socks.socksocket:
+    client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.set_proxy(socks.SOCKS5, *proxy.address)
+    client.settimeout(TIMEOUT)
+    return client
+
+
+def udp_associate(proxy: Dispatcher, client_port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """A raw UDP ASSOCIATE naming ``client_port``; return the TCP socket and the relay address."""
+    sock = raw_client(proxy)
+    sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", client_port, command=3))
+    assert recv_exactly(sock, 2) == b"\x05\x00"
+    code, host, port = socks5_reply(sock)
+    assert code == Reply.SUCCEEDED
+    return sock, (host, port)
+
+
+def udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def test_udp_associate_echoes_many_datagrams(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_client(proxy) as client:
+        for index in range(200):
+            payload = b"datagram %d " % index + os.urandom(index)
+            client.sendto(payload, (udp_echo.host, udp_echo.port))
+            assert client.recvfrom(65535) == (payload, (udp_echo.host, udp_echo.port))
+    wait_until_all_closed(proxy)
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d " % i) + i for i in range(200))
+
+
+def test_udp_leaves_from_the_dispatched_addresses(
+    make_proxy: Callable[..., Dispatcher], udp_sender: UdpServer
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    seen = []
+    for _ in range(6):
+        with udp_client(proxy) as client:
+            answers = set()
+            for _ in range(3):
+                client.sendto(b"who am I", (udp_sender.host, udp_sender.port))
+                answers.add(client.recv(100).decode())
+            (address,) = answers  # one association, one local address
+            seen.append(address)
+    assert seen == ["127.0.0.2", "127.0.0.3", "127.0.0.2"] * 2
+
+
+def test_udp_resolves_names_at_the_proxy(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    tcp, relay_address = udp_associate(proxy, 0)
+    with tcp, udp_socket() as sock:
+        sock.sendto(b"\0\0\0" + dispatch.encode_socks5_address("localhost", udp_echo.port) + b"named", relay_address)
+        data = sock.recv(65535)
+    assert data == dispatch.encode_udp_header("127.0.0.1", udp_echo.port) + b"named"
+
+
+def test_udp_fragments_are_dropped(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_socket() as sock:
+        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
+        with tcp:
+            header = dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+            sock.sendto(b"\0\0\x01" + header + b"fragment", relay_address)
+            sock.sendto(b"\0\0\0" + header + b"whole", relay_address)
+            assert sock.recv(65535).endswith(b"whole")
+    assert udp_echo.received == [b"whole"]
+
+
+def test_udp_from_another_client_is_ignored(
+    proxy: Dispatcher, udp_echo: UdpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        with udp_socket() as client, udp_socket() as other_port, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other_ip:
+            other_ip.bind(("127.0.0.5", 0))
+            tcp, relay_address = udp_associate(proxy, 0)  # the port is learned from the first datagram
+            with tcp:
+                client.sendto(header + b"first", relay_address)
+                assert client.recv(65535).endswith(b"first")
+                other_port.sendto(header + b"other port", relay_address)
+                other_ip.sendto(header + b"other address", relay_address)
+                client.sendto(header + b"second", relay_address)
+                assert client.recv(65535).endswith(b"second")
+        proxy.shutdown()
+    assert udp_echo.received == [b"first", b"second"]
+    assert any("-> UDP via 127.0.0.1: ok, 2 datagrams up, 2 down, 2 dropped" in r.message for r in caplog.records)
+
+
+def test_udp_association_ends_with_its_tcp_connection(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_socket() as sock:
+        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
+        header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+        sock.sendto(header + b"ping", relay_address)
+        assert sock.recv(65535).endswith(b"ping")
+        assert proxy.stats()[0]["open"] == 1
+        tcp.close()
+        wait_until_all_closed(proxy)
+        assert proxy.stats()[0]["open"] == 0
+        # The relay port is closed: the kernel answers with ICMP port unreachable.
+        sock.connect(relay_address)
+        sock.send(header + b"late")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(65535)
+
+
+# ---------------------------------------------------------------------------
+# Live statistics
+# ---------------------------------------------------------------------------
+
+
+def test_stats_count_bytes_live_during_a_transfer(proxy: Dispatcher, echo_server: Server) -> None:
+    proxy.stats()  # the rates count from here
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        payload = os.urandom(200_000)
+        client.sendall(payload)
+        assert recv_exactly(client, len(payload)) == payload
+        deadline = time.monotonic() + TIMEOUT
+        while proxy.stats()[0]["bytes_down"] < len(payload) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (row,) = proxy.stats()
+        assert (row["open"], row["bytes_up"], row["bytes_down"]) == (1, len(payload), len(payload))
+        (quiet,) = proxy.stats()  # nothing moved since the previous call
+        assert (quiet["rate_up"], quiet["rate_down"]) == (0, 0)
+
+
+def test_stats_rates_are_measured_since_the_previous_call(proxy: Dispatcher, echo_server: Server) -> None:
+    started = time.monotonic()
+    proxy.stats()
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"r" * 100_000) == b"r" * 100_000
+    wait_until_all_closed(proxy)
+    (row,) = proxy.stats()
+    elapsed = time.monotonic() - started  # at least the proxy's interval
+    assert row["rate_up"] >= 100_000 / elapsed
+    assert row["rate_down"] == pytest.approx(row["rate_up"])
+
+
+def test_stats_table_format() -> None:
+    rows = [
+        {"ip": "192.168.1.20", "interface": "wlan0", "weight": 3, "state": "up", "open": 12,
+         "connections": 340, "bytes_down": 1_234_567_890, "bytes_up": 45_600_000,
+         "rate_down": 1_204_500.0, "rate_up": 30_000.0},
+        {"ip": "10.0.0.2", "interface": None, "weight": 1, "state": "sitting out", "open": 0,
+         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0},
+    ]
+    assert dispatch.format_stats(rows).splitlines() == [
+        "ADDRESS       INTERFACE  WEIGHT  STATE        OPEN  TOTAL    DOWN       UP     RATE DOWN    RATE UP",
+        "192.168.1.20  wlan0      3       up             12    340  1.2 GB  45.6 MB  1,204.5 kB/s  30.0 kB/s",
+        "10.0.0.2      -          1       sitting out     0      7   999 B      0 B      0.0 kB/s   0.0 kB/s",
+    ]
+
+
+@pytest.mark.parametrize(
+    "count, text",
+    [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (53_140, "53.1 kB"), (812_000, "812 kB"),
+     (1_200_000, "1.2 MB"), (340_000_000_000, "340 GB"), (5e15, "5000 TB")],
+)
+def test_format_bytes(count: int, text: str) -> None:
+    assert dispatch.format_bytes(count) == text
+
+
+def test_cli_prints_stats_periodically_and_at_the_end(echo_server: Server, tmp_path: object) -> None:
+    port = refused_port()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "dispatch.py"), "start", "--port", str(port), "--stats", "0.2",
+         "--log-file", os.path.join(str(tmp_path), "run.log"), "127.0.0.2@3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("ADDRESS  "):
+                break  # the first table: the proxy is serving
+        running = type("Running", (), {"address": ("127.0.0.1", port)})()
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"x" * 5000) == b"x" * 5000
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("127.0.0.2 ") and line.split()[5] == "1":
+                break  # a table that shows the connection
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert (process.returncode, err) == (0, "")
+    lines = out.splitlines()
+    last = max(index for index, line in enumerate(lines) if line.startswith("ADDRESS  "))
+    final_table = lines[last : last + 2]
+    assert final_table[0].split()[:6] == ["ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL"]
+    assert final_table[1].split()[:10] == ["127.0.0.2", "-", "3", "up", "0", "1", "5.0", "kB", "5.0", "kB"]
+    assert "stopped after" in out
+
+
+# ---------------------------------------------------------------------------
+# Pure parts: HTTP and UDP framing
+# ---------------------------------------------------------------------------
+
+
+def test_parse_request_line() -> None:
+    assert dispatch.parse_request_line("GET http://h/ HTTP/1.1") == ("GET", "http://h/", "HTTP/1.1")
+    for bad in ("GET http://h/", "GET  http://h/ HTTP/1.1", "G3T / HTTP/1.1", "GET / HTTP/2", "GET / HTTP/1.1 x"):
+        with pytest.raises(ValueError):
+            dispatch.parse_request_line(bad)
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("http://example.com/a?b=c", ("example.com", 80, "/a?b=c")),
+        ("http://example.com", ("example.com", 80, "/")),
+        ("HTTP://example.com:8080?q", ("example.com", 8080, "/?q")),
+        ("http://[2001:db8::1]:81/x#frag", ("2001:db8::1", 81, "/x")),
+        ("http://[2001:db8::1]/", ("2001:db8::1", 80, "/")),
+    ],
+)
+def test_parse_absolute_url(url: str, expected: tuple[str, int, str]) -> None:
+    assert dispatch.parse_absolute_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url", ["/path", "https://h/", "http://", "http://h:0/", "http://h:99999/", "http://u@h/", "http://[::1/", "http://h:x/"]
+)
+def test_parse_absolute_url_rejects(url: str) -> None:
+    with pytest.raises(ValueError):
+        dispatch.parse_absolute_url(url)
+
+
+def test_parse_connect_target() -> None:
+    assert dispatch.parse_connect_target("example.com:443") == ("example.com", 443)
+    assert dispatch.parse_connect_target("[::1]:8443") == ("::1", 8443)
+    for bad in ("example.com", "example.com:", ":443", "[::1]"):
+        with pytest.raises(ValueError):
+            dispatch.parse_connect_target(bad)
+
+
+def test_parse_header_lines() -> None:
+    assert dispatch.parse_header_lines(["Host: a", "X-Empty:", "X-Sp:  v \t"]) == [
+        ("Host", "a"), ("X-Empty", ""), ("X-Sp", "v"),
+    ]
+    for bad in ("No colon", "Name : v", " folded: v", ": v"):
+        with pytest.raises(ValueError):
+            dispatch.parse_header_lines([bad])
+
+
+@pytest.mark.parametrize(
+    "headers, request_, expected",
+    [
+        ([], True, 0),
+        ([], False, dispatch.UNTIL_CLOSE),
+        ([("Content-Length", "12")], True, 12),
+        ([("Content-Length", "12"), ("content-length", "12")], False, 12),
+        ([("Transfer-Encoding", "gzip, Chunked")], True, dispatch.CHUNKED),
+        ([("Transfer-Encoding", "chunked"), ("Content-Length", "3")], False, dispatch.CHUNKED),
+        ([("Transfer-Encoding", "gzip")], False, dispatch.UNTIL_CLOSE),
+    ],
+)
+def test_body_length(headers: list[tuple[str, str]], request_: bool, expected: int) -> None:
+    assert dispatch.body_length(headers, request_) == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Length", "1"), ("Content-Length", "2")],
+        [("Content-Length", "-1")],
+        [("Content-Length", "1"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "gzip")],
+    ],
+)
+def test_body_length_rejects_ambiguous_requests(headers: list[tuple[str, str]]) -> None:
+    with pytest.raises(ValueError):
+        dispatch.body_length(headers, request=True)
+
+
+def test_response_has_body() -> None:
+    assert dispatch.response_has_body("GET", 200)
+    assert not dispatch.response_has_body("HEAD", 200)
+    assert not any(dispatch.response_has_body("GET", status) for status in (100, 103, 204, 304))
+
+
+def test_parse_chunk_size() -> None:
+    assert dispatch.parse_chunk_size(b"1a\r\n") == 26
+    assert dispatch.parse_chunk_size(b"0;name=value\r\n") == 0
+    for bad in (b"\r\n", b"x1\r\n", b"-1\r\n", b"1" * 17 + b"\r\n"):
+        with pytest.raises(ValueError):
+            dispatch.parse_chunk_size(bad)
+
+
+def test_forwarded_headers_drop_hop_by_hop_ones() -> None:
+    headers = [
+        ("Connection", "close, X-Mine"), ("X-Mine", "1"), ("Keep-Alive", "5"), ("Proxy-Connection", "k"),
+        ("Proxy-Authorization", "Basic x"), ("TE", "trailers"), ("Trailer", "X"), ("Upgrade", "h2c"),
+        ("Transfer-Encoding", "chunked"), ("Accept", "*/*"),
+    ]
+    assert dispatch.forwarded_headers(headers) == [("Transfer-Encoding", "chunked"), ("Accept", "*/*")]
+
+
+def test_keeps_alive() -> None:
+    assert dispatch.keeps_alive("HTTP/1.1", [])
+    assert not dispatch.keeps_alive("HTTP/1.1", [("Connection", "Keep-Alive, Close")])
+    assert not dispatch.keeps_alive("HTTP/1.0", [("Connection", "keep-alive")])
+
+
+def test_basic_credentials() -> None:
+    def header(raw: bytes) -> list[tuple[str, str]]:
+        return [("Proxy-Authorization", "Basic " + base64.b64encode(raw).decode())]
+
+    assert dispatch.basic_credentials(header(b"alice:pa:ss")) == ("alice", "pa:ss")
+    assert dispatch.basic_credentials(header(b"no colon")) is None
+    assert dispatch.basic_credentials([("Proxy-Authorization", "Basic !!!")]) is None
+    assert dispatch.basic_credentials([("Proxy-Authorization", "Bearer abc")]) is None
+    assert dispatch.basic_credentials([]) is None
+
+
+def test_check_credentials() -> None:
+    with Dispatcher(["127.0.0.1"], port=0, credentials={"alice": "s3cret"}) as proxy:
+        assert proxy.requires_credentials
+        assert proxy.check_credentials("alice", "s3cret")
+        assert not proxy.check_credentials("alice", "s3cre")
+        assert not proxy.check_credentials("bob", "s3cret")
+        assert not proxy.check_credentials("bob", "")
+    with Dispatcher(["127.0.0.1"], port=0) as open_proxy:
+        assert not open_proxy.requires_credentials
+
+
+def test_error_response_is_complete() -> None:
+    response = dispatch.error_response(dispatch.HTTPStatus.BAD_GATEWAY, "connection refused")
+    assert response == (
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 36\r\nConnection: close\r\n\r\n502 Bad Gateway: connection refused\n"
+    )
+
+
+def test_udp_datagram_round_trip() -> None:
+    for host in ("192.0.2.1", "2001:db8::1", "example.com"):
+        datagram = dispatch.encode_udp_header(host, 53) + b"payload"
+        assert dispatch.parse_udp_datagram(datagram) == (0, host, 53, b"payload")
+    assert dispatch.parse_udp_datagram(b"\0\0\x02\x01\x7f\0\0\x01\0\x35")[0] == 2
+    with pytest.raises(dispatch.ProtocolError, match="truncated"):
+        dispatch.parse_udp_datagram(b"\0\0\0\x01\x7f\0")
+    with pytest.raises(dispatch.SocksError):
+        dispatch.parse_udp_datagram(b"\0\0\0\x09rest")
 
 
 # ---------------------------------------------------------------------------
