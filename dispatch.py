@@ -1469,9 +1469,10 @@ class HttpProxySession:
             result = str(status)
             return keep_alive
         except OSError as error:
-            status = _http_status(error)
-            result = f"{status.value} {_describe(error)}"
+            result = _describe(error)
             if not self.responded:
+                status = _http_status(error)
+                result = f"{status.value} {result}"
                 self._send_error(status, _describe(error))
             return False
         finally:
@@ -1940,8 +1941,8 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     )
 
 
-def _print_stats(dispatcher: Dispatcher, started: float) -> None:
-    print(f"after {time.monotonic() - started:.0f} s:")
+def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
+    print(f"{title} {time.monotonic() - started:.0f} s:")
     print(format_stats(dispatcher.stats()), flush=True)
 
 
@@ -1990,7 +1991,7 @@ def _start(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
         dispatcher.shutdown()
     if args.stats:
-        _print_stats(dispatcher, started)
+        _print_stats(dispatcher, started, "at the end, after")
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
     logger.info("stopped")
     return 0

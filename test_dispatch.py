@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -648,7 +648,8 @@ class Origin(http.server.BaseHTTPRequestHandler):
         else:
             lines = [f"{self.command} {self.path}", f"peer {self.client_address[0]}:{self.client_address[1]}"]
             lines += [f"{name.lower()}: {value}" for name, value in self.headers.items()]
-            self._answer("\n".join(lines).encode(), [("Keep-Alive", "timeout=5"), ("Connection", "X-Private"), ("X-Private", "1")])
+            hop_by_hop = [("Keep-Alive", "timeout=5"), ("Connection", "X-Private"), ("X-Private", "1")]
+            self._answer("\n".join(lines).encode(), hop_by_hop)
 
     def do_HEAD(self) -> None:
         self.send_response(200)
@@ -666,7 +667,7 @@ class Origin(http.server.BaseHTTPRequestHandler):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self._answer(body)
 
-    def _answer(self, body: bytes, headers: list[tuple[str, str]] = []) -> None:
+    def _answer(self, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
         self.send_response(200)
         for name, value in headers:
             self.send_header(name, value)
@@ -838,7 +839,8 @@ def test_hop_by_hop_headers_are_removed(proxy: Dispatcher, origin: str) -> None:
     status, headers, body = http_exchange(proxy, request)
     seen = body.decode().split("\n")[2:]
     names = {line.split(":")[0] for line in seen}
-    assert names.isdisjoint({"connection", "x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"})
+    hop_by_hop = {"connection", "x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"}
+    assert names.isdisjoint(hop_by_hop)
     assert "x-end-to-end: kept" in seen
     # The origin's own hop-by-hop headers do not reach the client either.
     assert "keep-alive" not in headers and "x-private" not in headers
@@ -1052,8 +1054,9 @@ def test_udp_from_another_client_is_ignored(
 ) -> None:
     header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
     with caplog.at_level(logging.INFO, logger="dispatch"):
-        with udp_socket() as client, udp_socket() as other_port, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other_ip:
-            other_ip.bind(("127.0.0.5", 0))
+        other_ip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other_ip.bind(("127.0.0.5", 0))
+        with udp_socket() as client, udp_socket() as other_port, other_ip:
             tcp, relay_address = udp_associate(proxy, 0)  # the port is learned from the first datagram
             with tcp:
                 client.sendto(header + b"first", relay_address)
@@ -1199,7 +1202,8 @@ def test_parse_absolute_url(url: str, expected: tuple[str, int, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["/path", "https://h/", "http://", "http://h:0/", "http://h:99999/", "http://u@h/", "http://[::1/", "http://h:x/"]
+    "url",
+    ["/path", "https://h/", "http://", "http://h:0/", "http://h:99999/", "http://u@h/", "http://[::1/", "http://h:x/"],
 )
 def test_parse_absolute_url_rejects(url: str) -> None:
     with pytest.raises(ValueError):
@@ -1350,7 +1354,8 @@ def test_stats_count_connections_and_bytes_per_address(
     while proxy.open_connections() and time.monotonic() < deadline:
         time.sleep(0.01)
     rows = {row["ip"]: row for row in proxy.stats()}
-    assert {key: rows["127.0.0.2"][key] for key in ("ip", "interface", "weight", "state", "connections", "open", "bytes_down")} == {
+    keys = ("ip", "interface", "weight", "state", "connections", "open", "bytes_down")
+    assert {key: rows["127.0.0.2"][key] for key in keys} == {
         "ip": "127.0.0.2", "interface": None, "weight": 2, "state": "up", "connections": 2,
         "open": 0, "bytes_down": 40,
     }
