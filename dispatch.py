@@ -27,6 +27,7 @@ Only the standard library is needed to proxy through IP addresses; the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import base64
 import binascii
@@ -47,6 +48,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 __all__ = [
@@ -153,8 +159,22 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
     socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
 )
 
-RELAY_BUFFER_SIZE = 256 * 1024
-MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
+# Created non-blocking in one call where the platform allows it.
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_CONNECT_IN_PROGRESS = {
+    getattr(errno, name) for name in ("EINPROGRESS", "EWOULDBLOCK", "EAGAIN") if hasattr(errno, name)
+}
+
+RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
+# splice() moves bytes between sockets through a pipe without copying them
+# into the process (Linux). A direction switches to it once it has carried
+# SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
+_CAN_SPLICE = fcntl is not None and all(
+    hasattr(module, name) for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"))
+)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_AFTER = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
 
 # HTTP proxy. An HTTP request starts with its method, a token of letters;
@@ -252,26 +272,64 @@ def _describe(error: OSError) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _wait_until(sock: socket.socket, events: int, deadline: float) -> None:
+    """Wait until ``sock`` is ready for ``events``; TimeoutError past ``deadline``."""
+    with _selector() as selector:
+        selector.register(sock, events)
+        if not selector.select(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("timed out")
+
+
+# The handshake's sockets are non-blocking and these try the call first, then
+# wait: a socket with a timeout would poll before every call, and each call
+# hands the GIL to another thread and back. Fewer calls, more connections.
+def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Receive up to ``size`` bytes from a non-blocking socket, waiting until ``deadline``."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_READ, deadline)
+
+
+def _send_all_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Send all of ``data`` on a non-blocking socket, waiting until ``deadline``."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_WRITE, deadline)
+
+
 class HandshakeReader:
     """Reads the handshake from a client socket, message by message.
+
+    The socket may be non-blocking: a read waits for data until ``deadline``
+    (time.monotonic(); it may be moved) and then raises TimeoutError.
 
     It receives what the client has sent so far in one call and keeps what
     lies beyond the handshake (a client may send its first payload right
     behind the request) so that the relay can pass it on: nothing is stranded.
+    It also reads HTTP heads and bodies (from a client or an origin), and
+    parses SOCKS5 UDP headers from ``data`` with no socket at all.
     """
 
     def __init__(
         self,
         sock: socket.socket | None,
+        deadline: float = float("inf"),
+        *,
         eof_message: str = "client closed during the handshake",
         data: bytes = b"",
     ) -> None:
         self._sock = sock
+        self.deadline = deadline
         self._buffer = bytearray(data)
         self._eof_message = eof_message
 
     def _fill(self) -> None:
-        data = self._sock.recv(HTTP_COPY_SIZE) if self._sock else b""
+        data = _recv_by(self._sock, 4096, self.deadline) if self._sock else b""
         if not data:
             raise ProtocolError(self._eof_message)
         self._buffer += data
@@ -279,7 +337,7 @@ class HandshakeReader:
     def has_more(self) -> bool:
         """Wait for the next byte; False if the peer closed instead."""
         if not self._buffer and self._sock:
-            self._buffer += self._sock.recv(HTTP_COPY_SIZE)
+            self._buffer += _recv_by(self._sock, HTTP_COPY_SIZE, self.deadline)
         return bool(self._buffer)
 
     def peek_byte(self) -> int:
@@ -291,7 +349,7 @@ class HandshakeReader:
     def read_some(self, limit: int) -> bytes:
         """Return up to ``limit`` bytes, at least one; b"" at EOF."""
         if not self._buffer:
-            return self._sock.recv(limit) if self._sock else b""
+            return _recv_by(self._sock, limit, self.deadline) if self._sock else b""
         data = bytes(self._buffer[:limit])
         del self._buffer[:limit]
         return data
@@ -410,7 +468,7 @@ def parse_udp_datagram(datagram: bytes) -> tuple[int, str, int, bytes]:
 
     Raises SocksError for a datagram too short or of an unknown address type.
     """
-    reader = HandshakeReader(None, "truncated UDP datagram", datagram)
+    reader = HandshakeReader(None, eof_message="truncated UDP datagram", data=datagram)
     frag = reader.read(3)[2]
     host, port = read_socks5_address(reader)
     return frag, host, port, reader.rest()
@@ -888,22 +946,30 @@ def _resolve_target(
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
     targets = [(info[0], info[4][0]) for info in infos if info[0] in families]
     if not targets:
+        missing = "IPv6" if infos and infos[0][0] == socket.AF_INET6 else "IPv4"
         raise SocksError(
-            Reply.HOST_UNREACHABLE,
-            f"{host} has no address of a family there is a local address for",
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
         )
     return targets
 
 
 def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> socket.socket:
-    """A socket bound to ``local`` and connected to (ip, port)."""
-    sock = socket.socket(local.family, socket.SOCK_STREAM)
+    """A non-blocking socket bound to ``local`` and connected to (ip, port)."""
+    sock = socket.socket(local.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
     try:
-        if _IP_BIND_ADDRESS_NO_PORT is not None and local.family == socket.AF_INET:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
+        if _IP_BIND_ADDRESS_NO_PORT is not None:
+            # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((local.ip, 0))
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
+        error = sock.connect_ex((ip, port))
+        if error in _CONNECT_IN_PROGRESS:
+            _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
@@ -935,18 +1001,20 @@ def relay(
     never stops the other direction (no deadlock with echoing peers).
     ``count(up, down)`` is called as bytes go through, for live statistics.
     """
-    client.setblocking(False)
-    upstream.setblocking(False)
-    directions = [_Direction(client, upstream), _Direction(upstream, client)]
-    directions[0].pending = memoryview(early)
-    with _selector() as selector:
+    for sock in (client, upstream):
+        if sock.gettimeout() != 0:
+            sock.setblocking(False)
+    directions = [_Direction(client, upstream, early), _Direction(upstream, client)]
+    with contextlib.ExitStack() as cleanup, _selector() as selector:
+        for direction in directions:
+            cleanup.callback(direction.close)
         registered: dict[socket.socket, int] = {}
         while not all(direction.done for direction in directions):
             wanted: dict[socket.socket, int] = {}
             for direction in directions:
                 if direction.done:
                     continue
-                if direction.pending:
+                if direction.queued:
                     wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
                 else:
                     wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
@@ -983,54 +1051,106 @@ def _selector() -> selectors.BaseSelector:
 
 
 class _Direction:
-    """One way of the copy: from ``src`` to ``dst``."""
+    """One way of the copy: from ``src`` to ``dst``.
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    Bytes are received into memory and sent on; on Linux a direction that
+    has carried a lot moves them through a pipe with splice() instead, so
+    bulk transfers skip the copies in and out of the process. Short
+    connections never pay for the pipe's two descriptors.
+    """
+
+    def __init__(self, src: socket.socket, dst: socket.socket, early: bytes = b"") -> None:
         self.src = src
         self.dst = dst
-        self.pending = memoryview(b"")
+        self.pending = memoryview(early)  # received, not yet sent (copy mode)
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0  # received, not yet sent (splice mode)
         self.eof = False
         self.done = False
         self.total = 0
 
+    @property
+    def queued(self) -> int:
+        """Bytes received from ``src`` that ``dst`` has yet to take."""
+        return self.in_pipe if self.pipe else len(self.pending)
+
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
         sent = 0
-        if self.pending and dst_events & selectors.EVENT_WRITE:
-            sent += self._send()
-        elif not self.pending and src_events & selectors.EVENT_READ:
-            try:
-                data = self.src.recv(RELAY_BUFFER_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError:
-                data = b""  # a reset counts as the end of this direction
-            if data:
-                self.pending = memoryview(data)
-                sent += self._send()
-            else:
-                self.eof = True
-        if self.eof and not self.pending:
+        if self.queued and dst_events & selectors.EVENT_WRITE:
+            sent = self._send()
+        elif not self.queued and src_events & selectors.EVENT_READ:
+            if self._receive():
+                sent = self._send()
+        if self.eof and not self.queued:
             self.done = True
+            self.close()
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         return sent
 
+    def _receive(self) -> bool:
+        """Receive what ``src`` has; return whether anything came."""
+        if self.pipe is None and self.total >= SPLICE_AFTER:
+            self.pipe = _open_pipe()
+        try:
+            if self.pipe:
+                self.in_pipe = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                received = self.in_pipe
+            else:
+                data = self.src.recv(RELAY_BUFFER_SIZE)
+                self.pending = memoryview(data)
+                received = len(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            received = 0  # a reset ends this direction like an EOF
+        if not received:
+            self.eof = True
+        return bool(received)
+
     def _send(self) -> int:
         try:
-            sent = self.dst.send(self.pending)
+            if self.pipe:
+                sent = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
+                self.in_pipe -= sent
+            else:
+                sent = self.dst.send(self.pending)
+                self.pending = self.pending[sent:]
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             # The receiver is gone: what it has not taken can never arrive.
             self.pending = memoryview(b"")
+            self.in_pipe = 0
             self.eof = True
             return 0
-        self.pending = self.pending[sent:]
         self.total += sent
         return sent
+
+    def close(self) -> None:
+        """Release the pipe, if there is one."""
+        if self.pipe:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+def _open_pipe() -> tuple[int, int] | None:
+    """A non-blocking pipe for splice(), or None where there is none to have."""
+    if not _CAN_SPLICE:
+        return None
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # out of descriptors: copying works without them
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size works too
+    return read_end, write_end
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -1068,9 +1188,10 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def setup(self) -> None:
         self.dispatcher = self.server.dispatcher
-        self.timeout = self.dispatcher.handshake_timeout
         super().setup()
-        self.reader = HandshakeReader(self.connection)
+        self.connection.setblocking(False)
+        deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        self.reader = HandshakeReader(self.connection, deadline)
         self.started = time.monotonic()
         self.target = "-"
         self.local: LocalAddress | None = None
@@ -1135,9 +1256,9 @@ class SocksHandler(socketserver.StreamRequestHandler):
     def socks5(self) -> socket.socket | UdpAssociation:
         methods = self.reader.read(self.reader.read_byte())
         if Method.NO_AUTHENTICATION not in methods:
-            self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
+            self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
             raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
-        self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
+        self.send(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
         version, command, _reserved = self.reader.read(3)
         try:
             if version != SOCKS5_VERSION:
@@ -1160,9 +1281,13 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self._socks5_reply(Reply.SUCCEEDED, upstream.getsockname())
         return upstream
 
+    def send(self, data: bytes) -> None:
+        """Send a reply to the client."""
+        _send_all_by(self.connection, data, time.monotonic() + self.dispatcher.handshake_timeout)
+
     def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
         try:
-            self.wfile.write(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
+            self.send(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
         except OSError:
             pass  # the client left; the log line says why the request failed
 
@@ -1191,7 +1316,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def _socks4_reply(self, reply: Socks4Reply, port: int = 0, ip: str = "0.0.0.0") -> None:
         try:
-            self.wfile.write(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
+            self.send(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
         except OSError:
             pass
 
@@ -1438,6 +1563,9 @@ class HttpProxySession:
         self.reader = handler.reader
         self.origin: _Origin | None = None
         self.responded = False
+        # Past the request head, every read and write on the client waits
+        # at most this long, as a blocking call.
+        self.client.settimeout(self.dispatcher.handshake_timeout)
 
     def serve(self) -> None:
         """Serve requests until the client closes or a request ends the connection."""
@@ -1479,7 +1607,8 @@ class HttpProxySession:
             handler.log_line(result)
 
     def _read_request(self) -> tuple[str, str, str, Headers]:
-        self.client.settimeout(self.dispatcher.handshake_timeout)
+        # The whole head must come in time, each request of a kept connection anew.
+        self.reader.deadline = time.monotonic() + self.dispatcher.handshake_timeout
         try:
             lines = _read_head(self.reader)
             method, target, version = parse_request_line(lines[0])
@@ -1492,6 +1621,8 @@ class HttpProxySession:
             raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request did not come in time") from None
         except ValueError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        finally:
+            self.reader.deadline = float("inf")
 
     def _authorize(self, headers: Headers) -> None:
         if not self.dispatcher.requires_credentials:
@@ -1604,7 +1735,7 @@ class HttpProxySession:
         self._drop_origin()
         sock = self.handler.connect_upstream(host, port)
         sock.settimeout(HTTP_RESPONSE_TIMEOUT)
-        reader = HandshakeReader(sock, "the origin closed before the response ended")
+        reader = HandshakeReader(sock, eof_message="the origin closed before the response ended")
         self.origin = _Origin(host, port, sock, reader, self.handler.local)
         return self.origin
 
@@ -1930,6 +2061,28 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     return where
 
 
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open descriptors to the hard limit.
+
+    Each connection holds two sockets (and a pipe each way during a bulk
+    transfer), so the usual soft limit of 1,024 would cap a BitTorrent
+    client's few thousand connections. Returns the new limit, or None where
+    there is no such limit (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # some systems cap it lower than they say (macOS: OPEN_MAX)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
     connections = sum(row["connections"] for row in stats)
@@ -1947,6 +2100,7 @@ def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -
 
 
 def _start(args: argparse.Namespace) -> int:
+    descriptor_limit = raise_descriptor_limit()
     try:
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port, connect_timeout=args.connect_timeout
@@ -1969,6 +2123,11 @@ def _start(args: argparse.Namespace) -> int:
     print(_address_table(dispatcher.addresses))
     print(f"log: {where}", flush=True)
     logger.info("listening on %s", _format_endpoint(host, port))
+    if descriptor_limit is not None:
+        logger.info(
+            "descriptor limit %d: room for about %d connections at once",
+            descriptor_limit, (descriptor_limit - 32) // 2,
+        )
 
     stop = threading.Event()
 

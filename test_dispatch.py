@@ -243,18 +243,52 @@ def test_socks4a_resolves_name_at_proxy(proxy: Dispatcher, echo_server: Server) 
         assert round_trip(client, b"four a") == b"four a"
 
 
-def test_name_tries_each_address_until_one_connects(make_proxy: Callable[..., Dispatcher]) -> None:
-    """localhost may resolve to ::1 first while only 127.0.0.1 listens."""
-    if not _has_ipv6_loopback():
-        pytest.skip("no IPv6 loopback (::1) here")
+@pytest.fixture
+def fake_names(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Names the proxy's resolver answers with the given addresses, in order.
+
+    /etc/hosts differs between machines (``localhost`` may or may not have
+    ::1), so names with a known answer are made up here.
+    """
+    names: dict[str, list[str]] = {}
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list[tuple]:
+        key = host.decode() if isinstance(host, bytes) else host
+        if key not in names:
+            return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        return [
+            (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+            for ip in names[key]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return names
+
+
+@needs_ipv6
+def test_name_tries_each_address_until_one_connects(
+    make_proxy: Callable[..., Dispatcher], fake_names: dict[str, list[str]]
+) -> None:
+    """A name may resolve to ::1 first while only 127.0.0.1 listens."""
+    fake_names["dual.test"] = ["::1", "127.0.0.1"]
     server = Server(echo, host="127.0.0.1")
     proxy = make_proxy(["127.0.0.1", "::1"])
     try:
-        for _ in range(4):  # whichever family the name resolves to first
-            with client_through(proxy, ("localhost", server.port), rdns=True) as client:
-                assert round_trip(client, b"x") == b"x"
+        with client_through(proxy, ("dual.test", server.port), rdns=True) as client:
+            assert round_trip(client, b"second try") == b"second try"
     finally:
         server.close()
+
+
+def test_name_of_a_family_without_local_address_gets_reply_08(
+    proxy: Dispatcher, fake_names: dict[str, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_names["six.test"] = ["::1"]
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        assert _socks5_code_for(proxy, socks5_request("six.test", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
+        proxy.shutdown()
+    assert "six.test has only IPv6 addresses and there is no IPv6 local address" in caplog.text
 
 
 def test_success_reply_carries_the_upstream_local_address(
@@ -511,7 +545,14 @@ def test_server_half_close_is_passed_on(proxy: Dispatcher) -> None:
         server.close()
 
 
-def test_megabytes_each_way_arrive_intact(proxy: Dispatcher, echo_server: Server) -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_megabytes_each_way_arrive_intact(
+    splice: bool, proxy: Dispatcher, echo_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk transfers move to splice() on Linux; both ways of copying are exact."""
+    if splice and not dispatch._CAN_SPLICE:
+        pytest.skip("splice() is Linux only")
+    monkeypatch.setattr(dispatch, "_CAN_SPLICE", splice)
     payload = os.urandom(8 * 1024 * 1024)
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         received = bytearray()
