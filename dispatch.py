@@ -17,6 +17,11 @@ The protocol, as served (RFC 1928 and the SOCKS4/4a papers)::
 SOCKS4 sends ``04 01 DST.PORT DST.IP USERID 00`` (4a: DST.IP 0.0.0.x and the
 host name after the user id) and gets ``00 5A|5B DST.PORT DST.IP``.
 
+The same port serves HTTP proxy clients, told apart by the first byte (a
+letter): ``CONNECT host:port HTTP/1.1`` tunnels and absolute-form requests
+(``GET http://host/path HTTP/1.1``). SOCKS5 UDP ASSOCIATE relays datagrams
+framed as ``00 00 FRAG ATYP DST.ADDR DST.PORT DATA``.
+
 Only the standard library is needed to proxy through IP addresses; the
 ``ifaddr`` package is needed for interface names and ``dispatch list``.
 """
@@ -25,6 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import base64
+import binascii
 import enum
 import errno
 import hmac
@@ -32,6 +39,7 @@ import ipaddress
 import logging
 import math
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -41,6 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 try:
@@ -55,10 +64,12 @@ __all__ = [
     "WeightedRoundRobin",
     "SocksError",
     "AddressError",
+    "HttpError",
     "parse_address",
     "parse_credentials",
-    "check_credentials",
+    "credentials_match",
     "usable_addresses",
+    "format_stats",
     "main",
 ]
 
@@ -223,6 +234,30 @@ PRIVATE_NETWORKS = tuple(
     )
 )
 
+# HTTP proxy. An HTTP request starts with its method, a token of letters;
+# SOCKS starts with 04 or 05.
+HTTP_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+MAX_HEADER_LINE = 8 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+HTTP_COPY_SIZE = 64 * 1024
+# An origin may think for a while before it answers; a dead one must not
+# hold a thread forever.
+HTTP_RESPONSE_TIMEOUT = 120.0
+# Framing of a message body other than a known length (see body_length).
+CHUNKED = -1
+UNTIL_CLOSE = -2
+# Removed from every forwarded message, along with the headers that its
+# Connection header names. Transfer-Encoding stays: bodies are passed on
+# with the framing they came with, never re-framed.
+HOP_BY_HOP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization",
+    "proxy-authenticate", "te", "trailer", "upgrade",
+})
+PROXY_REALM = "dispatch"
+
+# SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
+UDP_BUFFER_SIZE = 65535
+
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -244,6 +279,18 @@ class ProtocolError(SocksError):
         super().__init__(Reply.GENERAL_FAILURE, message)
 
 
+class HttpError(OSError):
+    """A request that gets an HTTP error response; ``status`` is its code."""
+
+    def __init__(self, status: HTTPStatus, message: str | None = None) -> None:
+        super().__init__(message or status.phrase)
+        self.status = status
+
+
+class LineTooLong(ProtocolError):
+    """A line (an HTTP request or header line) past its length cap."""
+
+
 class AddressError(ValueError):
     """A local address given on the command line or to Dispatcher is unusable."""
 
@@ -257,6 +304,15 @@ def _reply_code(error: OSError) -> Reply:
     if isinstance(error, TimeoutError):
         return Reply.TTL_EXPIRED
     return _REPLY_BY_ERRNO.get(error.errno, Reply.GENERAL_FAILURE)
+
+
+def _http_status(error: OSError) -> HTTPStatus:
+    """Map the OS error of a failed upstream connect to an HTTP status."""
+    if isinstance(error, HttpError):
+        return error.status
+    if _reply_code(error) == Reply.TTL_EXPIRED:
+        return HTTPStatus.GATEWAY_TIMEOUT
+    return HTTPStatus.BAD_GATEWAY
 
 
 def _describe(error: OSError) -> str:
@@ -307,30 +363,73 @@ class HandshakeReader:
     """Reads the handshake from a client socket, message by message.
 
     The socket may be non-blocking: a read waits for data until ``deadline``
-    (time.monotonic()), and then raises ProtocolError: the whole handshake
-    must arrive by then, however slowly its bytes drip in.
+    (time.monotonic(); it may be moved) and then raises TimeoutError: the
+    whole handshake must arrive by then, however slowly its bytes drip in.
 
-    It receives what the client has sent so far, but never more than
+    It receives what the peer has sent so far, but never more than
     HANDSHAKE_WINDOW bytes beyond what it has used, so a hostile client
     cannot make it hold more. What it did receive beyond the handshake (a
     client may send its first payload right behind the request) is kept so
     that the relay can pass it on: nothing is stranded.
+    It also reads HTTP heads and bodies (from a client or an origin), and
+    parses SOCKS5 UDP headers from ``data`` with no socket at all.
     """
 
-    def __init__(self, sock: socket.socket, deadline: float = math.inf) -> None:
+    def __init__(
+        self,
+        sock: socket.socket | None,
+        deadline: float = math.inf,
+        *,
+        eof_message: str = "client closed during the handshake",
+        data: bytes = b"",
+    ) -> None:
         self._sock = sock
-        self._deadline = deadline
-        self._buffer = bytearray()
+        self.deadline = deadline
+        self._buffer = bytearray(data)
+        self._eof_message = eof_message
 
-    def _fill(self, needed: int) -> None:
+    def _fill(self, needed: int = 1) -> None:
         wanted = max(needed, HANDSHAKE_WINDOW - len(self._buffer))
-        try:
-            data = _recv_by(self._sock, wanted, self._deadline)
-        except TimeoutError:
-            raise ProtocolError("handshake timed out") from None
+        data = _recv_by(self._sock, wanted, self.deadline) if self._sock else b""
         if not data:
-            raise ProtocolError("client closed during the handshake")
+            raise ProtocolError(self._eof_message)
         self._buffer += data
+
+    def has_more(self) -> bool:
+        """Wait for the next byte; False if the peer closed instead."""
+        if not self._buffer and self._sock:
+            self._buffer += _recv_by(self._sock, HTTP_COPY_SIZE, self.deadline)
+        return bool(self._buffer)
+
+    def peek_byte(self) -> int:
+        """Return the next byte without consuming it."""
+        if not self._buffer:
+            self._fill()
+        return self._buffer[0]
+
+    def read_some(self, limit: int) -> bytes:
+        """Return up to ``limit`` bytes, at least one; b"" at EOF."""
+        if not self._buffer:
+            return _recv_by(self._sock, limit, self.deadline) if self._sock else b""
+        data = bytes(self._buffer[:limit])
+        del self._buffer[:limit]
+        return data
+
+    def read_line(self, limit: int) -> bytes:
+        """Return the next line with its line end.
+
+        Raises LineTooLong if no LF comes within ``limit`` bytes and
+        ProtocolError on EOF.
+        """
+        while True:
+            end = self._buffer.find(b"\n", 0, limit)
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) >= limit:
+                raise LineTooLong(f"a line longer than {limit} bytes")
+            self._fill()
 
     def read(self, size: int) -> bytes:
         """Return exactly ``size`` bytes, or raise ProtocolError on EOF."""
@@ -359,6 +458,11 @@ class HandshakeReader:
             if len(self._buffer) > limit:
                 raise ProtocolError(f"no NUL within {limit} bytes")
             self._fill(limit + 1 - len(self._buffer))
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes were received and not read yet."""
+        return len(self._buffer)
 
     def rest(self) -> bytes:
         """Return and forget what was received beyond the handshake."""
@@ -444,7 +548,7 @@ def read_auth_request(reader: HandshakeReader) -> tuple[bytes, bytes]:
     return user, password
 
 
-def check_credentials(known: Iterable[tuple[bytes, bytes]], user: bytes, password: bytes) -> bool:
+def credentials_match(known: Iterable[tuple[bytes, bytes]], user: bytes, password: bytes) -> bool:
     """Whether (user, password) is one of the ``known`` pairs.
 
     Every pair is compared, name and password alike, in constant time: how
@@ -473,12 +577,16 @@ def parse_credentials(text: str) -> tuple[str, str]:
 
 
 def _encode_credential(user: str, password: str) -> tuple[bytes, bytes]:
-    encoded = user.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape")
+    encoded = _as_bytes(user), _as_bytes(password)
     if not 1 <= len(encoded[0]) <= MAX_AUTH_FIELD:
         raise ValueError(f"a user name must be 1 to {MAX_AUTH_FIELD} bytes")
     if not 1 <= len(encoded[1]) <= MAX_AUTH_FIELD:
         raise ValueError(f"the password of user {user!r} must be 1 to {MAX_AUTH_FIELD} bytes")
     return encoded
+
+
+def _as_bytes(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 def _printable(name: bytes) -> str:
@@ -515,6 +623,206 @@ def _format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def encode_udp_header(host: str, port: int) -> bytes:
+    """The header of a SOCKS5 UDP datagram from or to (host, port), unfragmented."""
+    return b"\0\0\0" + encode_socks5_address(host, port)
+
+
+def parse_udp_datagram(datagram: bytes) -> tuple[int, str, int, bytes]:
+    """Split a SOCKS5 UDP datagram into (FRAG, host, port, data).
+
+    Raises SocksError for a datagram too short or of an unknown address type.
+    """
+    reader = HandshakeReader(None, eof_message="truncated UDP datagram", data=datagram)
+    frag = reader.read(3)[2]
+    host, port = read_socks5_address(reader)
+    return frag, host, port, reader.rest()
+
+
+# ---------------------------------------------------------------------------
+# Protocol helpers: HTTP
+# ---------------------------------------------------------------------------
+
+Headers = list[tuple[str, str]]
+
+
+def parse_request_line(line: str) -> tuple[str, str, str]:
+    """Split ``METHOD TARGET HTTP/1.x`` into its three parts; ValueError if malformed."""
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise ValueError(f"bad request line {line[:80]!r}")
+    method, target, version = parts
+    if not method.isascii() or not method.isalpha() or not target or not target.isprintable():
+        raise ValueError(f"bad request line {line[:80]!r}")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise ValueError(f"unsupported version {version[:20]!r}")
+    return method, target, version
+
+
+def parse_status_line(line: str) -> tuple[str, int, str]:
+    """Split ``HTTP/1.x CODE REASON`` into (version, code, reason); ValueError if malformed."""
+    version, _, rest = line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ValueError(f"bad status line {line[:80]!r}")
+    return version, int(code), reason
+
+
+def parse_header_lines(lines: Sequence[str]) -> Headers:
+    """Turn ``Name: value`` lines into (name, value) pairs; ValueError if malformed.
+
+    Whitespace before the colon and folded lines are refused (RFC 9112, 5):
+    they are how requests are smuggled past other proxies.
+    """
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or not name.isprintable() or " " in name:
+            raise ValueError(f"bad header line {line[:80]!r}")
+        headers.append((name, value.strip(" \t")))
+    return headers
+
+
+def header_tokens(headers: Headers, name: str) -> list[str]:
+    """The comma-separated values of every ``name`` header, lowercased."""
+    name = name.lower()
+    return [
+        token.strip().lower()
+        for key, value in headers
+        if key.lower() == name
+        for token in value.split(",")
+        if token.strip()
+    ]
+
+
+def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int]:
+    """Split ``host[:port]`` (``[v6]:port`` for IPv6); ValueError if malformed."""
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket or not _is_ip(host) or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {authority[:80]!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = authority.partition(":")
+    if not host or not host.isascii() or any(c in host for c in "@/ "):
+        raise ValueError(f"bad host {authority[:80]!r}")
+    if not port_text and default_port is not None:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {authority[:80]!r}")
+    return host, int(port_text)
+
+
+def parse_connect_target(target: str) -> tuple[str, int]:
+    """(host, port) of a CONNECT request's ``host:port``; ValueError if malformed."""
+    return _split_host_port(target, None)
+
+
+def parse_absolute_url(url: str) -> tuple[str, int, str]:
+    """Split ``http://host[:port]/path?query`` into (host, port, origin-form path).
+
+    ValueError for anything else: a proxy gets the absolute form (RFC 9112,
+    3.2.2), and https URLs come by CONNECT.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() != "http":
+        raise ValueError(f"not an absolute http URL: {url[:80]!r}")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    host, port = _split_host_port(rest[:end], 80)
+    path = rest[end:].partition("#")[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    return host, port, path
+
+
+def body_length(headers: Headers, request: bool) -> int:
+    """How a message body is framed: its length, CHUNKED or UNTIL_CLOSE.
+
+    Follows RFC 9112, 6.3. A request without either header has no body.
+    ValueError where the framing is ambiguous or malformed (a request with
+    both Transfer-Encoding and Content-Length, or lengths that disagree).
+    """
+    codings = header_tokens(headers, "transfer-encoding")
+    lengths = {value.strip() for key, value in headers if key.lower() == "content-length"}
+    if codings:
+        if codings[-1] == "chunked":
+            if request and lengths:
+                raise ValueError("both Transfer-Encoding and Content-Length")
+            return CHUNKED
+        if request:
+            raise ValueError(f"unsupported transfer coding {codings[-1]!r}")
+        return UNTIL_CLOSE
+    if lengths:
+        values = {part.strip() for value in lengths for part in value.split(",")}
+        if len(values) != 1 or not next(iter(values)).isdigit():
+            raise ValueError(f"bad Content-Length {sorted(lengths)}")
+        return int(values.pop())
+    return 0 if request else UNTIL_CLOSE
+
+
+def response_has_body(method: str, status: int) -> bool:
+    """Whether a response to ``method`` with ``status`` carries a body at all."""
+    return not (method == "HEAD" or status < 200 or status in (204, 304))
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size on a chunk's size line (extensions ignored); ValueError if malformed."""
+    size = line.split(b";", 1)[0].strip()
+    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError(f"bad chunk size line {line[:40]!r}")
+    return int(size, 16)
+
+
+def forwarded_headers(headers: Headers) -> Headers:
+    """The headers without the hop-by-hop ones, which concern one connection only."""
+    dropped = HOP_BY_HOP_HEADERS | set(header_tokens(headers, "connection"))
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether the connection stays open after this message.
+
+    HTTP/1.0 peers get one message per connection: that avoids their
+    keep-alive dialect and chunked bodies they cannot read.
+    """
+    return version == "HTTP/1.1" and "close" not in header_tokens(headers, "connection")
+
+
+def basic_credentials(headers: Headers) -> tuple[str, str] | None:
+    """(user, password) from a ``Proxy-Authorization: Basic`` header, or None."""
+    for name, value in headers:
+        if name.lower() != "proxy-authorization":
+            continue
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "basic":
+            continue
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, colon, password = decoded.partition(":")
+        return (user, password) if colon else None
+    return None
+
+
+def encode_head(start_line: str, headers: Headers) -> bytes:
+    """The bytes of a message head: start line, headers, empty line."""
+    lines = [start_line, *(f"{name}: {value}" for name, value in headers), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A complete error response with a short text body; the connection closes after it."""
+    body = f"{status.value} {status.phrase}: {detail}\n".encode("utf-8", "replace")
+    head = [
+        *headers,
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    return encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head) + body
+
+
 # ---------------------------------------------------------------------------
 # Local addresses and the balancer
 # ---------------------------------------------------------------------------
@@ -525,12 +833,14 @@ class LocalAddress:
     """One local address that outgoing connections may leave from.
 
     ``interface`` is the name of the interface holding it, where known.
+    ``state`` is "up" while connections are dispatched to it.
     Counters are kept per address for ``Dispatcher.stats()``.
     """
 
     ip: str
     weight: int = 1
     interface: str | None = None
+    state: str = "up"
     connections: int = 0
     open_connections: int = 0
     bytes_up: int = 0
@@ -584,6 +894,9 @@ class Balancer:
             raise AddressError("no local address to dispatch to")
         self.addresses = list(addresses)
         self._lock = threading.Lock()
+        # Byte counts at the previous stats() call, for the current rates.
+        self._sampled_at = time.monotonic()
+        self._samples = {id(address): (0, 0) for address in self.addresses}
         self._rounds: dict[socket.AddressFamily, WeightedRoundRobin] = {}
         for family in (socket.AF_INET, socket.AF_INET6):
             pool = [address for address in self.addresses if address.family == family]
@@ -628,20 +941,32 @@ class Balancer:
             address.bytes_down += down
 
     def stats(self) -> list[dict[str, Any]]:
-        """A snapshot of each address's counters."""
+        """A snapshot of each address's counters.
+
+        ``rate_up`` and ``rate_down`` are in bytes per second since the
+        previous call (since the start for the first one).
+        """
         with self._lock:
-            return [
-                {
+            now = time.monotonic()
+            elapsed = max(now - self._sampled_at, 1e-6)
+            self._sampled_at = now
+            rows = []
+            for address in self.addresses:
+                up_before, down_before = self._samples[id(address)]
+                self._samples[id(address)] = (address.bytes_up, address.bytes_down)
+                rows.append({
                     "ip": address.ip,
                     "interface": address.interface,
                     "weight": address.weight,
+                    "state": address.state,
                     "connections": address.connections,
                     "open": address.open_connections,
                     "bytes_up": address.bytes_up,
                     "bytes_down": address.bytes_down,
-                }
-                for address in self.addresses
-            ]
+                    "rate_up": (address.bytes_up - up_before) / elapsed,
+                    "rate_down": (address.bytes_down - down_before) / elapsed,
+                })
+            return rows
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -810,6 +1135,17 @@ def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> so
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _udp_socket_from(local: LocalAddress) -> socket.socket:
+    """A UDP socket bound to ``local``, for a UDP association's traffic."""
+    sock = socket.socket(local.family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((local.ip, 0))
     except BaseException:
         sock.close()
         raise
@@ -1012,9 +1348,18 @@ class _Server(socketserver.ThreadingTCPServer):
     # refused by a short accept queue.
     request_queue_size = 1024
 
+    # Threads are reused: one that has served a connection waits a moment for
+    # the next. Starting a thread costs more than serving a short connection
+    # (a stack to map, and the accept loop waits until the thread runs).
+    idle_thread_seconds = 2.0
+    max_idle_threads = 64
+
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.dispatcher = dispatcher
+        self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self._idle_threads = 0  # waiting for a request, not yet promised one
+        self._idle_lock = threading.Lock()
         super().__init__(address, SocksHandler)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -1027,6 +1372,34 @@ class _Server(socketserver.ThreadingTCPServer):
         self.dispatcher._release(request)
         super().shutdown_request(request)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to an idle thread, or start a new one."""
+        with self._idle_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._waiting_requests.put((request, client_address))
+                return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve connections in this thread until none comes for a while."""
+        while True:
+            super().process_request_thread(request, client_address)
+            with self._idle_lock:
+                if self._idle_threads >= self.max_idle_threads:
+                    return
+                self._idle_threads += 1
+            try:
+                request, client_address = self._waiting_requests.get(timeout=self.idle_thread_seconds)
+            except queue.Empty:
+                with self._idle_lock:
+                    # A request may have been promised to an idle thread just now.
+                    try:
+                        request, client_address = self._waiting_requests.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Ordinary faults are handled in SocksHandler; what gets here is a bug.
         logger.exception("unexpected error serving %s", _format_endpoint(*_split_host(client_address)))
@@ -1035,8 +1408,9 @@ class _Server(socketserver.ThreadingTCPServer):
 class SocksHandler(socketserver.StreamRequestHandler):
     """Serves one client: the SOCKS handshake, the upstream connect, the relay.
 
-    A subclass may override ``connect_upstream`` to change how the upstream
-    connection is made.
+    A client whose first byte is a letter speaks HTTP and is served by
+    HttpProxySession. A subclass may override ``connect_upstream`` to change
+    how every upstream connection (SOCKS and HTTP alike) is made.
     """
 
     server: _Server
@@ -1056,25 +1430,46 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self.down = 0
 
     def handle(self) -> None:
-        client = _format_endpoint(*_split_host(self.client_address))
+        try:
+            speaks_http = self.reader.peek_byte() in HTTP_FIRST_BYTES
+        except OSError as error:
+            self.log_line(_describe(error))
+            return
+        if speaks_http:
+            HttpProxySession(self).serve()
+        else:
+            self.serve_socks()
+
+    def serve_socks(self) -> None:
+        """Serve one SOCKS request to its end; log one line."""
         result = "ok"
         try:
-            upstream = self.handshake()
-            with upstream:
-                self.relay(upstream)
+            outcome = self.handshake()
+            if isinstance(outcome, UdpAssociation):
+                result = "ok, " + outcome.run()
+            else:
+                with outcome:
+                    self.relay(outcome)
         except OSError as error:
             result = _describe(error)
         finally:
-            via = self.local.describe() if self.local else "-"
-            who = f"{client} user {self.user}" if self.user else client
-            logger.info(
-                "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
-                who, self.target, via, result, self.up, self.down,
-                time.monotonic() - self.started,
-            )
+            self.log_line(result)
 
-    def handshake(self) -> socket.socket:
-        """Read a request, connect upstream and reply; return the upstream socket.
+    def log_line(self, result: str) -> None:
+        """Log the request served: client, target, local address, result,
+        bytes each way and duration."""
+        client = _format_endpoint(*_split_host(self.client_address))
+        who = f"{client} user {self.user}" if self.user else client
+        via = self.local.describe() if self.local else "-"
+        logger.info(
+            "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
+            who, self.target, via, result, self.up, self.down,
+            time.monotonic() - self.started,
+        )
+
+    def handshake(self) -> socket.socket | UdpAssociation:
+        """Read a request, connect upstream and reply; return the upstream
+        socket, or the association of a UDP ASSOCIATE request.
 
         Raises SocksError after a failure reply, ProtocolError (no reply) for
         bytes that are not SOCKS, OSError if the client goes away.
@@ -1086,9 +1481,9 @@ class SocksHandler(socketserver.StreamRequestHandler):
             return self.socks4()
         raise ProtocolError(f"not a SOCKS request (first byte 0x{version:02x})")
 
-    def socks5(self) -> socket.socket:
+    def socks5(self) -> socket.socket | UdpAssociation:
         methods = read_socks5_methods(self.reader)
-        wanted = Method.USERNAME_PASSWORD if self.dispatcher.requires_auth else Method.NO_AUTHENTICATION
+        wanted = Method.USERNAME_PASSWORD if self.dispatcher.requires_credentials else Method.NO_AUTHENTICATION
         if wanted not in methods:
             self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
             raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
@@ -1098,6 +1493,10 @@ class SocksHandler(socketserver.StreamRequestHandler):
         try:
             request = read_socks5_request(self.reader)
             self.target = _format_endpoint(request.host, request.port)
+            if request.command == Command.UDP_ASSOCIATE:
+                association = self.udp_associate(request.host, request.port)
+                self._socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname())
+                return association
             if request.command != Command.CONNECT:
                 raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
             upstream = self.connect_upstream(request.host, request.port)
@@ -1115,7 +1514,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
             self._auth_reply(AuthStatus.FAILURE)
             raise
         self.user = _printable(user)
-        if not check_credentials(self.dispatcher._credentials, user, password):
+        if not self.dispatcher.check_credentials(user, password):
             self._auth_reply(AuthStatus.FAILURE)
             raise SocksError(Reply.NOT_ALLOWED, "wrong user name or password")
         self._auth_reply(AuthStatus.SUCCESS)
@@ -1140,7 +1539,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
         try:
             request = read_socks4_request(self.reader)
             self.target = _format_endpoint(request.host, request.port)
-            if self.dispatcher.requires_auth:
+            if self.dispatcher.requires_credentials:
                 raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
             if request.command != Command.CONNECT:
                 raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
@@ -1182,6 +1581,37 @@ class SocksHandler(socketserver.StreamRequestHandler):
             return upstream
         raise error
 
+    def udp_associate(self, host: str, port: int) -> UdpAssociation:
+        """Open the sockets of a UDP association for this client.
+
+        (host, port) is where the client says it will send from: its family
+        chooses the family of the dispatched local address (IPv4 unless the
+        client names an IPv6 address or only IPv6 is there), and a non-zero
+        port is the only one the client may send from.
+        """
+        balancer = self.dispatcher.balancer
+        family = socket.AF_INET6 if _is_ip(host) and ":" in host else socket.AF_INET
+        if family not in balancer.families:
+            (family,) = balancer.families
+        self.local = balancer.next(family)
+        self.target = "UDP"
+        upstream = _udp_socket_from(self.local)
+        try:
+            client_side = socket.socket(self.connection.family, socket.SOCK_DGRAM)
+        except OSError:
+            upstream.close()
+            raise
+        try:
+            # Datagrams come to the address the client reached the proxy at.
+            client_side.bind((self.connection.getsockname()[0], 0))
+        except OSError:
+            upstream.close()
+            client_side.close()
+            raise
+        balancer.opened(self.local)
+        client_ip = _split_host(self.client_address)[0]
+        return UdpAssociation(self, client_side, upstream, client_ip, port or None)
+
     def relay(self, upstream: socket.socket) -> None:
         """Copy both ways, starting with what the client sent early."""
         local = self.local
@@ -1203,6 +1633,437 @@ class SocksHandler(socketserver.StreamRequestHandler):
             self.dispatcher._track_upstream(upstream, False)
             if local is not None:
                 balancer.closed(local)
+
+
+class UdpAssociation:
+    """One SOCKS5 UDP association: datagrams between one client and any targets.
+
+    The client sends to ``client_side`` with the SOCKS5 UDP header naming the
+    target; the data leaves from ``upstream``, bound to the dispatched local
+    address, and what comes back is wrapped in a header naming its sender.
+    Only the client that asked is heard: its IP address, and its port once
+    known (given in the request, or learned from its first datagram).
+    The association lasts as long as its TCP connection.
+    """
+
+    # Names resolved for one association are remembered, up to this many.
+    max_names = 256
+
+    def __init__(
+        self,
+        handler: SocksHandler,
+        client_side: socket.socket,
+        upstream: socket.socket,
+        client_ip: str,
+        client_port: int | None,
+    ) -> None:
+        self.handler = handler
+        self.local = handler.local
+        self.client_side = client_side
+        self.upstream = upstream
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.datagrams_up = 0
+        self.datagrams_down = 0
+        self.dropped = 0
+        self._names: dict[str, str] = {}
+
+    def run(self) -> str:
+        """Relay until the TCP connection closes; return a summary for the log."""
+        connection = self.handler.connection
+        try:
+            self.client_side.setblocking(False)
+            self.upstream.setblocking(False)
+            with _selector() as selector:
+                for sock in (connection, self.client_side, self.upstream):
+                    selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    for key, _ in selector.select():
+                        if key.fileobj is connection:
+                            if not self._connection_open():
+                                return (
+                                    f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, "
+                                    f"{self.dropped} dropped"
+                                )
+                        elif key.fileobj is self.client_side:
+                            self._from_client()
+                        else:
+                            self._from_target()
+        finally:
+            self.client_side.close()
+            self.upstream.close()
+            if self.local is not None:
+                self.handler.dispatcher.balancer.closed(self.local)
+
+    def _connection_open(self) -> bool:
+        # The client has nothing more to say on the TCP connection; what it
+        # sends anyway is ignored. Its EOF or reset ends the association.
+        try:
+            return bool(self.handler.connection.recv(4096))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
+    def _from_client(self) -> None:
+        try:
+            datagram, source = self.client_side.recvfrom(UDP_BUFFER_SIZE)
+        except OSError:
+            return  # nothing there after all, or an ICMP error: no datagram
+        source_ip, source_port = _split_host(source)
+        if source_ip != self.client_ip or self.client_port not in (None, source_port):
+            self.dropped += 1
+            return
+        try:
+            fragment, host, port, data = parse_udp_datagram(datagram)
+            # RFC 1928 lets a server that does not reassemble drop fragments.
+            if fragment:
+                raise SocksError(Reply.GENERAL_FAILURE, "fragment")
+            self.client_port = source_port
+            self.upstream.sendto(data, (self._resolve(host, port), port))
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_up += 1
+        self._count(len(data), 0)
+
+    def _from_target(self) -> None:
+        try:
+            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE)
+        except OSError:
+            return
+        if self.client_port is None:
+            self.dropped += 1  # the client has not spoken yet: nowhere to send it
+            return
+        try:
+            header = encode_udp_header(*_split_host(source))
+            self.client_side.sendto(header + data, (self.client_ip, self.client_port))
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_down += 1
+        self._count(0, len(data))
+
+    def _resolve(self, host: str, port: int) -> str:
+        """The IP address to send to, of the upstream socket's family."""
+        if _is_ip(host):
+            ip = host
+        elif host in self._names:
+            ip = self._names[host]
+        else:
+            infos = socket.getaddrinfo(host.encode("ascii"), port, self.upstream.family, socket.SOCK_DGRAM)
+            ip = infos[0][4][0]
+            if len(self._names) >= self.max_names:
+                self._names.clear()
+            self._names[host] = ip
+        if (":" in ip) != (self.upstream.family == socket.AF_INET6):
+            raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        return ip
+
+    def _count(self, up: int, down: int) -> None:
+        self.handler.up += up
+        self.handler.down += down
+        if self.local is not None:
+            self.handler.dispatcher.balancer.add_bytes(self.local, up, down)
+
+
+@dataclasses.dataclass
+class _Origin:
+    """A kept-alive connection to an origin server, for the next request there."""
+
+    host: str
+    port: int
+    sock: socket.socket
+    reader: HandshakeReader
+    local: LocalAddress | None
+
+    def reusable(self) -> bool:
+        """Whether the origin is still quietly waiting for a request."""
+        if self.reader.buffered:
+            return False
+        with _selector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            # Readable while idle means it closed (or babbles): not reusable.
+            return not selector.select(0)
+
+
+class HttpProxySession:
+    """Serves one client connection that speaks HTTP proxy.
+
+    CONNECT opens a tunnel, relayed like a SOCKS connection. Any other
+    method must carry an absolute http:// URL: the request goes to the
+    origin in origin form and the response comes back, as many requests as
+    the client sends on its kept-alive connection. The connection to an
+    origin is kept for the next request to the same host. Every upstream
+    connection is made by the handler's ``connect_upstream``, so it is
+    dispatched like any other. One log line per request.
+    """
+
+    def __init__(self, handler: SocksHandler) -> None:
+        self.handler = handler
+        self.dispatcher = handler.dispatcher
+        self.client = handler.connection
+        self.reader = handler.reader
+        self.origin: _Origin | None = None
+        self.responded = False
+        # Past the request head, every read and write on the client waits
+        # at most this long, as a blocking call.
+        self.client.settimeout(self.dispatcher.handshake_timeout)
+
+    def serve(self) -> None:
+        """Serve requests until the client closes or a request ends the connection."""
+        try:
+            while self.serve_request():
+                try:
+                    if not self.reader.has_more():
+                        return
+                except OSError:
+                    return  # an idle client timed out or went away
+        finally:
+            self._drop_origin()
+
+    def serve_request(self) -> bool:
+        """Serve one request; return whether the connection stays open."""
+        handler = self.handler
+        handler.started = time.monotonic()
+        handler.target, handler.local, handler.up, handler.down = "-", None, 0, 0
+        self.responded = False
+        result = "ok"
+        try:
+            method, target, version, headers = self._read_request()
+            handler.target = target if method == "CONNECT" else f"{method} {target}"
+            self._authorize(headers)
+            if method == "CONNECT":
+                self._tunnel(target)
+                return False
+            status, keep_alive = self._forward(method, target, version, headers)
+            result = str(status)
+            return keep_alive
+        except OSError as error:
+            result = _describe(error)
+            if not self.responded:
+                status = _http_status(error)
+                result = f"{status.value} {result}"
+                self._send_error(status, _describe(error))
+            return False
+        finally:
+            handler.log_line(result)
+
+    def _read_request(self) -> tuple[str, str, str, Headers]:
+        # The whole head must come in time, each request of a kept connection anew.
+        self.reader.deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        try:
+            lines = _read_head(self.reader)
+            method, target, version = parse_request_line(lines[0])
+            return method, target, version, parse_header_lines(lines[1:])
+        except LineTooLong as error:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(error)) from None
+        except ProtocolError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        except TimeoutError:
+            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request did not come in time") from None
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        finally:
+            self.reader.deadline = float("inf")
+
+    def _authorize(self, headers: Headers) -> None:
+        if not self.dispatcher.requires_credentials:
+            return
+        credentials = basic_credentials(headers)
+        if credentials is None or not self.dispatcher.check_credentials(*credentials):
+            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+
+    def _send_error(self, status: HTTPStatus, detail: str) -> None:
+        headers = []
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+            headers.append(("Proxy-Authenticate", f'Basic realm="{PROXY_REALM}"'))
+        try:
+            self.client.sendall(error_response(status, detail, headers))
+        except OSError:
+            pass  # the client left; the log line says why the request failed
+
+    def _tunnel(self, target: str) -> None:
+        try:
+            host, port = parse_connect_target(target)
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        self._drop_origin()
+        upstream = self.handler.connect_upstream(host, port)
+        with upstream:
+            self.responded = True
+            try:
+                self.client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            except OSError:
+                pass  # the relay finds the client gone
+            self.handler.relay(upstream)
+
+    def _forward(self, method: str, target: str, version: str, headers: Headers) -> tuple[int, bool]:
+        """Send the request to its origin and the response back; return
+        (status, whether the client connection stays open)."""
+        try:
+            host, port, path = parse_absolute_url(target)
+            length = body_length(headers, request=True)
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        # The client's "100 Continue" comes from here, at once: the origin
+        # would send it only after the client had waited for nothing.
+        expects_continue = "100-continue" in header_tokens(headers, "expect")
+        authority = host if port == 80 else _format_endpoint(host, port)
+        outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
+        outgoing += [
+            (name, value)
+            for name, value in forwarded_headers(headers)
+            if name.lower() != "host" and not (expects_continue and name.lower() == "expect")
+        ]
+        outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
+
+        origin = self._origin_for(host, port)
+
+        def send_up(data: bytes) -> None:
+            origin.sock.sendall(data)
+            self._count(len(data), 0)
+
+        if expects_continue:
+            self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
+        send_up(encode_head(f"{method} {path} HTTP/1.1", outgoing))
+        try:
+            _copy_body(self.reader, length, send_up)
+        except ProtocolError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
+
+        try:
+            while True:
+                lines = _read_head(origin.reader)
+                response_version, status, reason = parse_status_line(lines[0])
+                response_headers = parse_header_lines(lines[1:])
+                if not 100 <= status < 200 or status == HTTPStatus.SWITCHING_PROTOCOLS:
+                    break
+                if not (expects_continue and status == HTTPStatus.CONTINUE):
+                    self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
+            if response_has_body(method, status):
+                response_length = body_length(response_headers, request=False)
+            else:
+                response_length = 0
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        except LineTooLong as error:
+            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+
+        framed = response_length != UNTIL_CLOSE and status != HTTPStatus.SWITCHING_PROTOCOLS
+        client_stays = keeps_alive(version, headers) and framed
+        origin_stays = keeps_alive(response_version, response_headers) and framed
+        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
+        dechunk = version == "HTTP/1.0" and response_length == CHUNKED
+        outgoing = [
+            (name, value)
+            for name, value in forwarded_headers(response_headers)
+            if not (dechunk and name.lower() == "transfer-encoding")
+        ]
+        if not client_stays:
+            outgoing.append(("Connection", "close"))
+        self.responded = True
+        self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
+        _copy_body(origin.reader, response_length, self._send_down, dechunk)
+        if not origin_stays:
+            self._drop_origin()
+        return status, client_stays
+
+    def _origin_for(self, host: str, port: int) -> _Origin:
+        """The kept connection to (host, port) if it is still good, else a new one."""
+        origin = self.origin
+        if origin is not None and (origin.host, origin.port) == (host, port) and origin.reusable():
+            self.handler.local = origin.local
+            return origin
+        self._drop_origin()
+        sock = self.handler.connect_upstream(host, port)
+        sock.settimeout(HTTP_RESPONSE_TIMEOUT)
+        reader = HandshakeReader(sock, eof_message="the origin closed before the response ended")
+        self.origin = _Origin(host, port, sock, reader, self.handler.local)
+        return self.origin
+
+    def _drop_origin(self) -> None:
+        if self.origin is None:
+            return
+        self.origin.sock.close()
+        if self.origin.local is not None:
+            self.dispatcher.balancer.closed(self.origin.local)
+        self.origin = None
+
+    def _send_down(self, data: bytes) -> None:
+        self.client.sendall(data)
+        self._count(0, len(data))
+
+    def _count(self, up: int, down: int) -> None:
+        self.handler.up += up
+        self.handler.down += down
+        if self.handler.local is not None:
+            self.dispatcher.balancer.add_bytes(self.handler.local, up, down)
+
+
+def _read_head(reader: HandshakeReader) -> list[str]:
+    """The lines of a message head (start line first) without line ends.
+
+    Empty lines before the start line are skipped (RFC 9112, 2.2). Raises
+    LineTooLong past MAX_HEADER_LINE a line or MAX_HEADER_BYTES in all.
+    """
+    lines: list[str] = []
+    total = 0
+    while True:
+        line = reader.read_line(MAX_HEADER_LINE)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise LineTooLong(f"a head longer than {MAX_HEADER_BYTES} bytes")
+        text = line.rstrip(b"\r\n").decode("latin-1")
+        if text:
+            lines.append(text)
+        elif lines:
+            return lines
+
+
+def _copy_body(reader: HandshakeReader, length: int, send: Callable[[bytes], None], dechunk: bool = False) -> None:
+    """Pass a message body on as framed by ``length`` (see body_length).
+
+    ``dechunk`` sends a chunked body's data alone, without its framing.
+    Raises ProtocolError for a body cut short or badly framed.
+    """
+    if length == UNTIL_CLOSE:
+        while data := reader.read_some(HTTP_COPY_SIZE):
+            send(data)
+    elif length == CHUNKED:
+        while True:
+            line = reader.read_line(MAX_HEADER_LINE)
+            try:
+                size = parse_chunk_size(line)
+            except ValueError as error:
+                raise ProtocolError(str(error)) from None
+            if not dechunk:
+                send(line)
+            if size == 0:
+                break
+            _copy_exactly(reader, size, send)
+            end = reader.read_line(MAX_HEADER_LINE)
+            if end.strip():
+                raise ProtocolError("a chunk longer than its size")
+            if not dechunk:
+                send(end)
+        while True:  # trailer fields, up to the empty line
+            line = reader.read_line(MAX_HEADER_LINE)
+            if not dechunk:
+                send(line)
+            if not line.strip():
+                break
+    else:
+        _copy_exactly(reader, length, send)
+
+
+def _copy_exactly(reader: HandshakeReader, length: int, send: Callable[[bytes], None]) -> None:
+    while length:
+        data = reader.read_some(min(length, HTTP_COPY_SIZE))
+        if not data:
+            raise ProtocolError("closed in the middle of a body")
+        send(data)
+        length -= len(data)
 
 
 # ---------------------------------------------------------------------------
@@ -1244,8 +2105,9 @@ class Dispatcher:
 
     Keyword options:
 
-    - ``auth``: {user: password}; if given, SOCKS5 clients must log in
-      (RFC 1929) and SOCKS4 clients, which cannot, are refused.
+    - ``credentials``: {user: password}; if given, SOCKS5 clients must log
+      in (RFC 1929), HTTP clients must send Proxy-Authorization, and SOCKS4
+      clients, which cannot, are refused.
     - ``allow``: the networks (``"192.168.1.0/24"``, ``"fd00::/8"``, single
       addresses) clients may connect from; None means PRIVATE_NETWORKS,
       ``["0.0.0.0/0", "::/0"]`` means anyone.
@@ -1257,7 +2119,7 @@ class Dispatcher:
     - ``connect_timeout``: seconds to connect upstream.
 
     Raises AddressError for an unusable address, ValueError for a bad
-    ``auth`` or ``allow`` entry, and OSError if it cannot listen.
+    ``credentials`` or ``allow`` entry, and OSError if it cannot listen.
     """
 
     def __init__(
@@ -1270,7 +2132,7 @@ class Dispatcher:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float | None = None,
         max_connections: int | None = None,
-        auth: Mapping[str, str] | None = None,
+        credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
     ) -> None:
         self.balancer = Balancer(resolve_addresses(addresses))
@@ -1280,7 +2142,9 @@ class Dispatcher:
         self.max_connections = default_max_connections() if max_connections is None else max_connections
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        self._credentials = [_encode_credential(user, password) for user, password in (auth or {}).items()]
+        self._credentials = [
+            _encode_credential(user, password) for user, password in (credentials or {}).items()
+        ]
         self.allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
             list(PRIVATE_NETWORKS) if allow is None else [ipaddress.ip_network(a, strict=False) for a in allow]
         )
@@ -1306,11 +2170,6 @@ class Dispatcher:
     def addresses(self) -> list[LocalAddress]:
         """The local addresses connections are dispatched to."""
         return self.balancer.addresses
-
-    @property
-    def requires_auth(self) -> bool:
-        """Whether clients must log in with a user name and password."""
-        return bool(self._credentials)
 
     def allows(self, host: str) -> bool:
         """Whether a client at IP address ``host`` may connect."""
@@ -1352,14 +2211,26 @@ class Dispatcher:
             # The handlers now see their sockets closed; let them log it.
             self._changed.wait_for(lambda: not self._clients, timeout=CLOSE_TIMEOUT)
 
+    @property
+    def requires_credentials(self) -> bool:
+        """Whether clients must give a user name and password."""
+        return bool(self._credentials)
+
+    def check_credentials(self, user: str | bytes, password: str | bytes) -> bool:
+        """Whether ``user`` and ``password`` are accepted (always, without credentials)."""
+        if not self._credentials:
+            return True
+        return credentials_match(self._credentials, _as_bytes(user), _as_bytes(password))
+
     def open_connections(self) -> int:
         """How many client connections are open now."""
         with self._changed:
             return len(self._clients)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address: ip, interface, weight, connections (total and
-        open) and bytes each way."""
+        """Per local address: ip, interface, weight, state ("up"),
+        connections (total and open), bytes each way, and the rates each way
+        in bytes per second since the previous call."""
         return self.balancer.stats()
 
     def _admit(self, sock: socket.socket, client_address: tuple[Any, ...]) -> bool:
@@ -1473,6 +2344,44 @@ def _address_table(addresses: Sequence[LocalAddress]) -> str:
     )
 
 
+def format_bytes(count: float) -> str:
+    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
+    if count < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        count /= 1000
+        if count < 1000 or unit == "TB":
+            break
+    return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
+
+
+def _format_rate(bytes_per_second: float) -> str:
+    return f"{bytes_per_second / 1000:,.1f} kB/s"
+
+
+def format_stats(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
+    header = ("ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP")
+    table = [header] + [
+        (
+            row["ip"], row["interface"] or "-", str(row["weight"]), row["state"],
+            str(row["open"]), str(row["connections"]),
+            format_bytes(row["bytes_down"]), format_bytes(row["bytes_up"]),
+            _format_rate(row["rate_down"]), _format_rate(row["rate_up"]),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    numeric = range(4, len(header))  # numbers line up on the right
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if column in numeric else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(line, widths))
+        ).rstrip()
+        for line in table
+    )
+
+
 def _setup_logging(debug: bool, log_file: str | None) -> str:
     """Send logs to stdout (debug) or a file; return where they go."""
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -1572,6 +2481,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
+    print(f"{title} {time.monotonic() - started:.0f} s:")
+    print(format_stats(dispatcher.stats()), flush=True)
+
+
 def _start(args: argparse.Namespace) -> int:
     descriptor_limit = raise_descriptor_limit()
     try:
@@ -1582,7 +2496,7 @@ def _start(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
-            auth=users,
+            credentials=users,
             allow=args.allow,
         )
     except (AddressError, ValueError) as error:
@@ -1603,11 +2517,11 @@ def _start(args: argparse.Namespace) -> int:
     idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
     fits = f" (descriptor limit {descriptor_limit})" if descriptor_limit is not None else ""
     lines = [
-        f"dispatch {__version__}: SOCKS4/4a/5 proxy on {_format_endpoint(host, port)}",
+        f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {_format_endpoint(host, port)}",
         "dispatching to:",
         _address_table(dispatcher.addresses),
         f"clients allowed from: {allowed}{default}",
-        f"login: {len(users)} user(s), SOCKS5 only" if users else "login: none",
+        f"login: {len(users)} user(s), SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
         f"limits: {dispatcher.max_connections} connections at once{fits}, "
         f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
     ]
@@ -1633,10 +2547,13 @@ def _start(args: argparse.Namespace) -> int:
         signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     started = time.monotonic()
+    next_stats = started + (args.stats or 0)
     dispatcher.start()
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(min(0.5, args.stats or 0.5)):
+            if args.stats and time.monotonic() >= next_stats:
+                _print_stats(dispatcher, started)
+                next_stats += args.stats
         still_open = dispatcher.open_connections()
         if still_open:
             print(
@@ -1648,6 +2565,8 @@ def _start(args: argparse.Namespace) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if args.stats:
+        _print_stats(dispatcher, started, "at the end, after")
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
     logger.info("stopped")
     return 0
@@ -1680,11 +2599,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--auth", action="append", type=_user_password, metavar="USER:PASS",
-        help="require this SOCKS5 login (repeatable); SOCKS4 is then refused",
+        help="require this login (repeatable): SOCKS5 and HTTP clients log in; SOCKS4 is refused",
     )
     start.add_argument(
         "--auth-file", metavar="PATH",
-        help="require a SOCKS5 login from this file: one USER:PASS a line, # comments",
+        help="require a login from this file: one USER:PASS a line, # comments",
     )
     start.add_argument(
         "--allow", action="append", type=_network, metavar="CIDR",
@@ -1707,6 +2626,10 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--grace", type=_seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
         help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
+    )
+    start.add_argument(
+        "--stats", type=_seconds, metavar="SECONDS",
+        help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
     start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT]")
