@@ -36,7 +36,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 __version__ = "0.1.0"
@@ -142,6 +142,42 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
     socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
 )
 
+# Errors of a connect that are the link's fault, not the target's answer: the
+# connection is tried again through another address. A refusal (ECONNREFUSED)
+# is the target's answer: another link would get the same.
+_LINK_FAILURE_ERRNO_NAMES = (
+    "ENETUNREACH", "ENETDOWN", "EHOSTUNREACH", "EADDRNOTAVAIL", "ENODEV",
+    "WSAENETUNREACH", "WSAENETDOWN", "WSAEHOSTUNREACH", "WSAEADDRNOTAVAIL",
+)
+_LINK_FAILURE_ERRNOS = frozenset(
+    getattr(errno, name) for name in _LINK_FAILURE_ERRNO_NAMES if hasattr(errno, name)
+)
+# Errors that prove a packet went out and the target answered.
+_TARGET_ANSWER_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ECONNREFUSED", "WSAECONNREFUSED") if hasattr(errno, name)
+)
+# Errors of SO_BINDTODEVICE when the process may not use it.
+_NOT_PERMITTED_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EPERM", "EACCES") if hasattr(errno, name)
+)
+
+# Binding a socket to a device makes it leave by that device whatever the
+# routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
+# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
+# source address, so the bound address is enough there.
+_SO_BINDTODEVICE = getattr(
+    socket, "SO_BINDTODEVICE", 25 if sys.platform.startswith("linux") else None
+)
+_IP_BOUND_IF = getattr(socket, "IP_BOUND_IF", 25 if sys.platform == "darwin" else None)
+_IPV6_BOUND_IF = getattr(socket, "IPV6_BOUND_IF", 125 if sys.platform == "darwin" else None)
+_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
+
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
+DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
+# How often interface addresses are read again, at most: DHCP renewals and
+# new networks are seen within this, at the cost of one read per interval.
+INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
+
 RELAY_BUFFER_SIZE = 256 * 1024
 MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
@@ -180,6 +216,23 @@ def _reply_code(error: OSError) -> Reply:
     if isinstance(error, TimeoutError):
         return Reply.TTL_EXPIRED
     return _REPLY_BY_ERRNO.get(error.errno, Reply.GENERAL_FAILURE)
+
+
+def _is_link_failure(error: OSError) -> bool:
+    """Whether a failed upstream connect is the fault of the local link
+    (unreachable, down, address gone, timed out), so that another local
+    address may succeed where this one failed."""
+    if isinstance(error, SocksError):
+        return False
+    if isinstance(error, TimeoutError):
+        return True
+    return error.errno in _LINK_FAILURE_ERRNOS
+
+
+def _is_target_answer(error: OSError) -> bool:
+    """Whether a failed connect got an answer from the target (a refusal):
+    the link that carried it works."""
+    return not isinstance(error, SocksError) and error.errno in _TARGET_ANSWER_ERRNOS
 
 
 def _describe(error: OSError) -> str:
@@ -306,8 +359,10 @@ def _format_endpoint(host: str, port: int) -> str:
 class LocalAddress:
     """One local address that outgoing connections may leave from.
 
-    ``interface`` is the name of the interface holding it, where known.
-    Counters are kept per address for ``Dispatcher.stats()``.
+    ``interface`` is the name of the interface holding it, where known:
+    connections from it are bound to that device. Counters are kept per
+    address for ``Dispatcher.stats()``. ``sitting_out_until`` is set (a
+    ``time.monotonic()`` value) while the address sits out after a link failure.
     """
 
     ip: str
@@ -317,6 +372,7 @@ class LocalAddress:
     open_connections: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    sitting_out_until: float | None = None
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -326,6 +382,56 @@ class LocalAddress:
     def describe(self) -> str:
         """The address and its interface, as logs show them."""
         return f"{self.ip} ({self.interface})" if self.interface else self.ip
+
+    def sitting_out(self, now: float) -> bool:
+        """Whether the address sits out at time ``now``."""
+        return self.sitting_out_until is not None and now < self.sitting_out_until
+
+
+class Link:
+    """A way out as it was named: one IP address, or an interface whose usable
+    addresses are followed as they change (a DHCP renewal, a new network).
+
+    ``current`` are the addresses to use now; ``known`` keeps every address
+    the link has had, by IP, so that counters survive an address going away
+    and coming back.
+    """
+
+    def __init__(
+        self, name: str, weight: int = 1, addresses: Iterable[LocalAddress] = (), *, is_interface: bool = False
+    ) -> None:
+        self.name = name
+        self.weight = weight
+        self.is_interface = is_interface
+        self.current = list(addresses)
+        self.known = {address.ip: address for address in self.current}
+
+    @classmethod
+    def of_address(cls, address: LocalAddress) -> Link:
+        """A link of one fixed address."""
+        return cls(address.ip, address.weight, [address])
+
+    @classmethod
+    def of_interface(cls, name: str, weight: int, ips: Sequence[str]) -> Link:
+        """A link that follows interface ``name``, holding ``ips`` for now."""
+        link = cls(name, weight, is_interface=True)
+        link.follow(ips)
+        return link
+
+    def follow(self, ips: Sequence[str]) -> bool:
+        """Make ``ips`` the current addresses; return whether they changed."""
+        before = [address.ip for address in self.current]
+        self.current = []
+        for ip in ips:
+            if ip not in self.known:
+                self.known[ip] = LocalAddress(ip, self.weight, self.name)
+            self.current.append(self.known[ip])
+        return before != list(ips)
+
+    def describe(self) -> str:
+        """The link's name and its current addresses, as logs show them."""
+        ips = ", ".join(address.ip for address in self.current) or "no usable address"
+        return f"{self.name} ({ips})" if self.is_interface else self.name
 
 
 class WeightedRoundRobin:
@@ -347,6 +453,11 @@ class WeightedRoundRobin:
         self._current = [0] * len(items)
         self._total = sum(weights)
 
+    @property
+    def period(self) -> int:
+        """How many calls make one full turn; after it, the state is as before."""
+        return self._total
+
     def next(self) -> Any:
         """Return the next item."""
         best = 0
@@ -358,24 +469,89 @@ class WeightedRoundRobin:
         return self.items[best]
 
 
-class Balancer:
-    """Chooses the local address of each new connection, per address family."""
+InterfaceReader = Callable[[], dict[str, list[str]]]
 
-    def __init__(self, addresses: Sequence[LocalAddress]) -> None:
-        if not addresses:
+
+class Balancer:
+    """Chooses the local address of each new connection, per address family.
+
+    Addresses sitting out after a link failure are skipped while others are
+    left; the links that follow an interface are read again at most every
+    INTERFACE_REFRESH_INTERVAL seconds, when a connection asks for an address.
+    ``read_interfaces`` returns the usable addresses of each interface by
+    name and ``clock`` tells monotonic seconds; tests may pass their own.
+    """
+
+    def __init__(
+        self,
+        links: Sequence[Link | LocalAddress],
+        *,
+        cooldown: float = DEFAULT_COOLDOWN,
+        read_interfaces: InterfaceReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.links = [link if isinstance(link, Link) else Link.of_address(link) for link in links]
+        if not any(link.current for link in self.links):
             raise AddressError("no local address to dispatch to")
-        self.addresses = list(addresses)
+        self.cooldown = cooldown
+        self._read_interfaces = read_interfaces or usable_interface_addresses
+        self._clock = clock
         self._lock = threading.Lock()
+        self._follows = any(link.is_interface for link in self.links)
+        self._next_refresh = clock() + INTERFACE_REFRESH_INTERVAL
         self._rounds: dict[socket.AddressFamily, WeightedRoundRobin] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._rounds = {}
         for family in (socket.AF_INET, socket.AF_INET6):
             pool = [address for address in self.addresses if address.family == family]
             if pool:
                 self._rounds[family] = WeightedRoundRobin(pool, [a.weight for a in pool])
 
     @property
+    def addresses(self) -> list[LocalAddress]:
+        """The addresses connections are dispatched to now, each once."""
+        seen: dict[str, LocalAddress] = {}
+        for link in self.links:
+            for address in link.current:
+                seen.setdefault(address.ip, address)
+        return list(seen.values())
+
+    @property
     def families(self) -> frozenset[socket.AddressFamily]:
         """The address families there are local addresses for."""
-        return frozenset(self._rounds)
+        with self._lock:
+            self._refresh_if_due()
+            return frozenset(self._rounds)
+
+    def _refresh_if_due(self) -> None:
+        now = self._clock()
+        if not self._follows or now < self._next_refresh:
+            return
+        self._next_refresh = now + INTERFACE_REFRESH_INTERVAL
+        try:
+            found = self._read_interfaces()
+        except (OSError, AddressError) as error:
+            logger.debug("cannot read the interfaces: %s", error)
+            return
+        changed = False
+        for link in self.links:
+            if not link.is_interface:
+                continue
+            had = [address.ip for address in link.current]
+            if not link.follow(found.get(link.name, [])):
+                continue
+            changed = True
+            if not link.current:
+                logger.warning("%s has no usable address for now: skipped", link.name)
+            elif not had:
+                logger.info("%s is back: %s", link.name, ", ".join(a.ip for a in link.current))
+            else:
+                logger.info("%s now has %s (had %s)", link.name,
+                            ", ".join(a.ip for a in link.current), ", ".join(had))
+        if changed:
+            self._rebuild()
 
     def next(self, family: socket.AddressFamily) -> LocalAddress:
         """The local address for a new connection of ``family``.
@@ -383,6 +559,7 @@ class Balancer:
         Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
         """
         with self._lock:
+            self._refresh_if_due()
             rounds = self._rounds.get(family)
             if rounds is None:
                 name = "IPv6" if family == socket.AF_INET6 else "IPv4"
@@ -390,7 +567,49 @@ class Balancer:
                     Reply.ADDRESS_TYPE_NOT_SUPPORTED,
                     f"no {name} local address to dispatch to",
                 )
-            return rounds.next()
+            chosen = self._pick(rounds, ())
+            # With nothing excluded, _pick always finds one.
+            return chosen if chosen is not None else rounds.next()
+
+    def alternative(self, family: socket.AddressFamily, tried: Collection[LocalAddress]) -> LocalAddress | None:
+        """Another address of ``family`` for a connection that failed through
+        the ``tried`` ones, or None when every address has been tried."""
+        with self._lock:
+            rounds = self._rounds.get(family)
+            return None if rounds is None else self._pick(rounds, tried)
+
+    def _pick(self, rounds: WeightedRoundRobin, exclude: Collection[LocalAddress]) -> LocalAddress | None:
+        now = self._clock()
+        # One full period visits every address; skipping some keeps the
+        # others in their weights' proportions.
+        for _ in range(rounds.period):
+            address = rounds.next()
+            if address not in exclude and not address.sitting_out(now):
+                return address
+        # A full period leaves the rotation as it was. Every address left is
+        # sitting out: try them anyway, in turn, rather than fail.
+        for _ in range(rounds.period):
+            address = rounds.next()
+            if address not in exclude:
+                return address
+        return None
+
+    def reached(self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = ()) -> None:
+        """Record that ``address`` reached a target the ``failed`` addresses
+        could not: they sit out for the cooldown, and ``address``, if it was
+        sitting out, is back."""
+        with self._lock:
+            now = self._clock()
+            for down, error in failed:
+                if down is address:
+                    continue
+                down.sitting_out_until = now + self.cooldown
+                logger.warning(
+                    "sitting out for %g s: %s: %s", self.cooldown, down.describe(), _describe(error)
+                )
+            if address.sitting_out_until is not None:
+                address.sitting_out_until = None
+                logger.info("back in use: %s", address.describe())
 
     def opened(self, address: LocalAddress) -> None:
         """Count a connection made through ``address``."""
@@ -410,8 +629,12 @@ class Balancer:
             address.bytes_down += down
 
     def stats(self) -> list[dict[str, Any]]:
-        """A snapshot of each address's counters."""
+        """A snapshot of the counters of every address each link has had."""
         with self._lock:
+            known: dict[str, LocalAddress] = {}
+            for link in self.links:
+                for address in link.known.values():
+                    known.setdefault(address.ip, address)
             return [
                 {
                     "ip": address.ip,
@@ -422,7 +645,7 @@ class Balancer:
                     "bytes_up": address.bytes_up,
                     "bytes_down": address.bytes_down,
                 }
-                for address in self.addresses
+                for address in known.values()
             ]
 
 
@@ -484,16 +707,32 @@ def _is_up(interface: str) -> bool:
         return True
 
 
+def usable_interface_addresses() -> dict[str, list[str]]:
+    """The usable addresses of each interface that is up, by name."""
+    found: dict[str, list[str]] = {}
+    for name, ips in _interfaces().items():
+        if _is_up(name):
+            found[name] = [ip for ip in ips if _is_usable(ipaddress.ip_address(ip))]
+    return found
+
+
 def usable_addresses() -> list[LocalAddress]:
     """Every usable address of every up interface, weight 1 each."""
-    found = []
-    for name, ips in _interfaces().items():
-        if not _is_up(name):
-            continue
-        for ip in ips:
-            if _is_usable(ipaddress.ip_address(ip)):
-                found.append(LocalAddress(ip, 1, name))
-    return found
+    return [
+        LocalAddress(ip, 1, name) for name, ips in usable_interface_addresses().items() for ip in ips
+    ]
+
+
+def _is_ip_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
+
+
+def _has_ifaddr() -> bool:
+    try:
+        import ifaddr  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_bindable(ip: str) -> None:
@@ -506,46 +745,73 @@ def _check_bindable(ip: str) -> None:
             raise AddressError(f"{ip} is not an address of this machine ({_describe(error)})") from None
 
 
-def resolve_addresses(specs: Iterable[str | LocalAddress] | None) -> list[LocalAddress]:
-    """Turn ``ADDRESS[@WEIGHT]`` texts into LocalAddress objects.
+def _interface_of(ip: str, interfaces: dict[str, list[str]]) -> str | None:
+    """The name of the interface holding ``ip``, if any."""
+    wanted = ipaddress.ip_address(ip)
+    for name, ips in interfaces.items():
+        if any(ipaddress.ip_address(other) == wanted for other in ips):
+            return name
+    return None
 
-    An interface name stands for its usable addresses; None or an empty list
-    means every usable address of every up interface. Raises AddressError.
+
+def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
+    """Turn ``ADDRESS[@WEIGHT]`` texts (or LocalAddress objects) into links.
+
+    An interface name becomes a link that follows the interface's usable
+    addresses; it may have none for now. An IP address is looked up among
+    the interfaces (with ifaddr, if installed) so that its connections can be
+    bound to its device. None or an empty list means every interface with a
+    usable address now. Raises AddressError.
     """
     specs = list(specs or [])
     if not specs:
-        found = usable_addresses()
-        if not found:
+        links = [Link.of_interface(name, 1, ips) for name, ips in usable_interface_addresses().items() if ips]
+        if not links:
             raise AddressError("no usable address on any interface; name one")
-        return found
-    addresses: list[LocalAddress] = []
+        return links
+    links: list[Link] = []
     interfaces: dict[str, list[str]] | None = None
+
+    def read_interfaces(required: bool) -> dict[str, list[str]]:
+        nonlocal interfaces
+        if interfaces is None:
+            try:
+                interfaces = _interfaces()
+            except AddressError:
+                if required:
+                    raise
+                return {}  # without ifaddr, IP addresses are bound as sources only
+        return interfaces
+
     for spec in specs:
         if isinstance(spec, LocalAddress):
             _check_bindable(spec.ip)
-            addresses.append(spec)
+            if spec.interface is None:
+                spec.interface = _interface_of(spec.ip, read_interfaces(required=False))
+            links.append(Link.of_address(spec))
             continue
         name, weight = parse_address(spec)
         if _is_ip(name):
             ip = str(ipaddress.ip_address(name))
             _check_bindable(ip)
-            addresses.append(LocalAddress(ip, weight))
+            interface = _interface_of(ip, read_interfaces(required=False))
+            links.append(Link.of_address(LocalAddress(ip, weight, interface)))
             continue
-        if interfaces is None:
-            interfaces = _interfaces()
-        if name not in interfaces:
-            known = ", ".join(sorted(interfaces)) or "none"
-            raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {known})")
-        ips = [ip for ip in interfaces[name] if _is_usable(ipaddress.ip_address(ip))]
-        if not ips:
-            raise AddressError(f"interface {name!r} has no usable address")
-        addresses.extend(LocalAddress(ip, weight, name) for ip in ips)
+        known = read_interfaces(required=True)
+        if name not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {names})")
+        up = _is_up(name)
+        ips = [ip for ip in known[name] if up and _is_usable(ipaddress.ip_address(ip))]
+        links.append(Link.of_interface(name, weight, ips))
     seen = set()
-    for address in addresses:
+    for address in (address for link in links for address in link.current):
         if address.ip in seen:
             raise AddressError(f"{address.ip} is given more than once")
         seen.add(address.ip)
-    return addresses
+    if not seen:
+        raise AddressError("none of the interfaces given has a usable address")
+    return links
 
 
 # ---------------------------------------------------------------------------
@@ -575,10 +841,57 @@ def _resolve_target(
     return targets
 
 
-def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> socket.socket:
-    """A socket bound to ``local`` and connected to (ip, port)."""
+class _DeviceBindingRefused(OSError):
+    """The system does not let this process bind sockets to a device."""
+
+
+def _device_for(local: LocalAddress, ip: str) -> str | None:
+    """The device a connection from ``local`` to ``ip`` is bound to, if any.
+
+    None where devices cannot be bound, where the interface of ``local`` is
+    not known, and for loopback targets: a socket bound to eth0 cannot reach
+    127.0.0.1.
+    """
+    if not _CAN_BIND_TO_DEVICE or _is_ip_loopback(ip):
+        return None
+    return local.interface
+
+
+def _bind_to_device(sock: socket.socket, interface: str) -> None:
+    """Make ``sock`` leave by ``interface`` whatever the routing table says.
+
+    Raises _DeviceBindingRefused if the system does not allow it, and an
+    OSError of the link (ENODEV) if the interface is gone.
+    """
+    try:
+        if _SO_BINDTODEVICE is not None:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
+            return
+        try:
+            index = socket.if_nametoindex(interface)
+        except OSError:
+            raise OSError(errno.ENODEV, f"no interface {interface}") from None
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_BOUND_IF, index)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BOUND_IF, index)
+    except OSError as error:
+        if error.errno in _NOT_PERMITTED_ERRNOS:
+            raise _DeviceBindingRefused(error.errno, error.strerror) from None
+        raise
+
+
+def _connect_from(
+    local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None
+) -> socket.socket:
+    """A socket bound to ``local`` (and to ``device``, if given) and
+    connected to (ip, port)."""
     sock = socket.socket(local.family, socket.SOCK_STREAM)
     try:
+        # Before bind: unprivileged SO_BINDTODEVICE (Linux 5.7+) is only
+        # allowed on a socket that is not bound yet.
+        if device is not None:
+            _bind_to_device(sock, device)
         if _IP_BIND_ADDRESS_NO_PORT is not None and local.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((local.ip, 0))
@@ -839,6 +1152,9 @@ class SocksHandler(socketserver.StreamRequestHandler):
     def connect_upstream(self, host: str, port: int) -> socket.socket:
         """Connect to the target from a dispatched local address.
 
+        When the link of the chosen address fails (unreachable, down, timed
+        out...), the other addresses of the family are tried in turn, and
+        those that failed sit out once another one has reached the target.
         Each address of a name is tried in turn until one connects (a name
         may resolve to ::1 first while only 127.0.0.1 listens); a connection
         takes one local address per family. Raises the last error.
@@ -849,14 +1165,27 @@ class SocksHandler(socketserver.StreamRequestHandler):
         for family, ip in _resolve_target(host, port, balancer.families):
             if family not in chosen:
                 chosen[family] = balancer.next(family)
-            self.local = chosen[family]
-            try:
-                upstream = _connect_from(self.local, ip, port, self.dispatcher.connect_timeout)
-            except OSError as failure:
-                error = failure
-                continue
-            balancer.opened(self.local)
-            return upstream
+            local: LocalAddress | None = chosen[family]
+            failed: list[tuple[LocalAddress, OSError]] = []
+            while local is not None:
+                self.local = local
+                try:
+                    upstream = self.dispatcher.open_upstream(local, ip, port)
+                except OSError as failure:
+                    error = failure
+                    if _is_link_failure(failure):
+                        failed.append((local, failure))
+                        local = balancer.alternative(family, [down for down, _ in failed])
+                        continue
+                    if _is_target_answer(failure):
+                        balancer.reached(local, failed)
+                    chosen[family] = local
+                    break
+                balancer.reached(local, failed)
+                balancer.opened(local)
+                return upstream
+            # No address reached this target: nothing says the links are to
+            # blame (the target may be down), so none is made to sit out.
         raise error
 
     def relay(self, upstream: socket.socket) -> None:
@@ -901,12 +1230,16 @@ class Dispatcher:
         host: str = "127.0.0.1",
         port: int = 1080,
         *,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         handshake_timeout: float = 10.0,
+        cooldown: float = DEFAULT_COOLDOWN,
     ) -> None:
-        self.balancer = Balancer(resolve_addresses(addresses))
+        self.balancer = Balancer(resolve_links(addresses), cooldown=cooldown)
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
+        self._device_binding_refused = False
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -956,6 +1289,43 @@ class Dispatcher:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def open_upstream(self, local: LocalAddress, ip: str, port: int) -> socket.socket:
+        """A socket from ``local`` connected to (ip, port), bound to the
+        device of ``local`` where the system allows it.
+
+        Without the device, Linux routes by destination alone: a connection
+        from the Wi-Fi's address may leave by the cable and be dropped.
+        """
+        device = None if self._device_binding_refused else _device_for(local, ip)
+        if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_ip_loopback(ip):
+            self._warn_once(
+                "no-interface",
+                "no interface is known for %s%s: its connections are bound to the source address only",
+                local.ip,
+                "" if _has_ifaddr() else " (the ifaddr package is not installed)",
+            )
+        try:
+            return _connect_from(local, ip, port, self.connect_timeout, device)
+        except _DeviceBindingRefused as refusal:
+            self._device_binding_refused = True
+            self._warn_once(
+                "device-refused",
+                "binding sockets to their interface is not permitted (%s): binding source "
+                "addresses only, so connections may leave by the wrong link. To fix it, give "
+                "dispatch CAP_NET_RAW (run it as root, or setcap cap_net_raw+ep on the Python "
+                "binary), or route by source address: ip rule add from ADDR table N, with a "
+                "default route by that link in table N",
+                refusal.strerror,
+            )
+            return _connect_from(local, ip, port, self.connect_timeout)
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        with self._warned_lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(message, *args)
 
     def open_connections(self) -> int:
         """How many client connections are open now."""

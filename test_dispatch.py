@@ -10,6 +10,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -607,7 +608,8 @@ def test_one_log_line_per_connection(proxy: Dispatcher, echo_server: Server, cap
         proxy.shutdown()
     lines = [r.message for r in caplog.records if f"127.0.0.1:{client_port} ->" in r.message]
     assert len(lines) == 1
-    assert f"-> 127.0.0.1:{echo_server.port} via 127.0.0.1: ok, 5 B up, 5 B down" in lines[0]
+    via = proxy.addresses[0].describe()  # 127.0.0.1 (lo): literal addresses show their interface
+    assert f"-> 127.0.0.1:{echo_server.port} via {via}: ok, 5 B up, 5 B down" in lines[0]
 
 
 # ---------------------------------------------------------------------------
@@ -851,7 +853,7 @@ def test_cli_start_serves_until_sigterm(
     assert f"log: {log_file}" in out
     assert "stopped after" in out and "1 connections, 11 B up, 11 B down" in out
     with open(log_file) as log:
-        assert "via 127.0.0.1: ok, 11 B up, 11 B down" in log.read()
+        assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
 def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) -> None:
