@@ -43,11 +43,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Dispatcher",
     "LocalAddress",
+    "Link",
     "WeightedRoundRobin",
     "SocksError",
     "AddressError",
     "parse_address",
     "usable_addresses",
+    "usable_interface_addresses",
+    "resolve_links",
     "main",
 ]
 
@@ -1404,9 +1407,14 @@ def _list_interfaces(out: Any) -> int:
     return 0
 
 
-def _address_table(addresses: Sequence[LocalAddress]) -> str:
+def _address_table(links: Sequence[Link]) -> str:
     rows = [("ADDRESS", "INTERFACE", "WEIGHT")]
-    rows += [(a.ip, a.interface or "-", str(a.weight)) for a in addresses]
+    for link in links:
+        interface = link.name if link.is_interface else None
+        for address in link.current:
+            rows.append((address.ip, address.interface or "-", str(link.weight)))
+        if not link.current:
+            rows.append(("(none for now)", interface or "-", str(link.weight)))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     return "\n".join(
         "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
@@ -1444,7 +1452,8 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
 def _start(args: argparse.Namespace) -> int:
     try:
         dispatcher = Dispatcher(
-            args.addresses, args.ip, args.port, connect_timeout=args.connect_timeout
+            args.addresses, args.ip, args.port,
+            connect_timeout=args.connect_timeout, cooldown=args.cooldown,
         )
     except AddressError as error:
         print(f"dispatch: error: {error}", file=sys.stderr)
@@ -1461,7 +1470,7 @@ def _start(args: argparse.Namespace) -> int:
     host, port = dispatcher.address
     print(f"dispatch {__version__}: SOCKS4/4a/5 proxy on {_format_endpoint(host, port)}")
     print("dispatching to:")
-    print(_address_table(dispatcher.addresses))
+    print(_address_table(dispatcher.balancer.links))
     print(f"log: {where}", flush=True)
     logger.info("listening on %s", _format_endpoint(host, port))
 
@@ -1501,7 +1510,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="start the proxy",
         description="Start the proxy. Each ADDRESS is an IP address or an interface "
         "name, with an optional weight: 10.0.0.2@7, wlan0@3 or 10.0.0.2/7. "
-        "With none, every usable address is used with weight 1.",
+        "An interface's addresses are followed as they change. "
+        "With none, every interface with a usable address is used with weight 1.",
     )
     start.add_argument(
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
@@ -1509,8 +1519,12 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     start.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
     start.add_argument(
-        "--connect-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+        "--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
         help="give up connecting upstream after this long (default 5)",
+    )
+    start.add_argument(
+        "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
+        help="after a link failure, leave the address out for this long (default 30)",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
     start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT]")

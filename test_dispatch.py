@@ -768,6 +768,300 @@ def test_socks5_address_round_trip() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Leaving by the chosen link: device binding, followed interfaces, failover
+# ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _failing(ip: str, error: OSError) -> list[tuple[dispatch.LocalAddress, OSError]]:
+    return [(dispatch.LocalAddress(ip), error)]
+
+
+@pytest.mark.parametrize(
+    "error, of_link",
+    [
+        (OSError(errno.ENETUNREACH, "unreachable"), True),
+        (OSError(errno.ENETDOWN, "down"), True),
+        (OSError(errno.EHOSTUNREACH, "no route"), True),
+        (OSError(errno.EADDRNOTAVAIL, "address gone"), True),
+        (OSError(errno.ENODEV, "no device"), True),
+        (TimeoutError("timed out"), True),
+        (OSError(errno.ETIMEDOUT, "timed out"), True),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
+        (OSError(errno.EACCES, "denied"), False),
+        (socket.gaierror(socket.EAI_NONAME, "unknown"), False),
+        (dispatch.SocksError(Reply.HOST_UNREACHABLE), False),
+    ],
+)
+def test_link_failures_are_told_from_the_targets_answer(error: OSError, of_link: bool) -> None:
+    assert dispatch._is_link_failure(error) is of_link
+    assert dispatch._is_target_answer(error) is (error.errno == errno.ECONNREFUSED)
+
+
+def _three_addresses(clock: FakeClock, weights: tuple[int, ...] = (1, 1, 1)) -> dispatch.Balancer:
+    addresses = [dispatch.LocalAddress(f"10.0.0.{n}", w) for n, w in zip((1, 2, 3), weights)]
+    return dispatch.Balancer(addresses, cooldown=30.0, clock=clock)
+
+
+def test_failed_address_sits_out_for_the_cooldown(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    balancer = _three_addresses(clock)
+    dark, live, _ = balancer.addresses
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        balancer.reached(live, [(dark, TimeoutError("timed out"))])
+        assert "sitting out for 30 s: 10.0.0.1: timed out" in caplog.text
+        picks = [balancer.next(socket.AF_INET).ip for _ in range(20)]
+        assert "10.0.0.1" not in picks
+        assert picks.count("10.0.0.2") == picks.count("10.0.0.3") == 10
+        clock.now += 29.9
+        assert "10.0.0.1" not in {balancer.next(socket.AF_INET).ip for _ in range(3)}
+        clock.now += 0.1
+        assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
+        balancer.reached(dark)
+        assert "back in use: 10.0.0.1" in caplog.text
+        assert dark.sitting_out_until is None
+
+
+def test_when_every_address_sits_out_they_are_tried_anyway_in_turn() -> None:
+    clock = FakeClock()
+    balancer = _three_addresses(clock)
+    for address in balancer.addresses:
+        address.sitting_out_until = clock.now + 30
+    picks = [balancer.next(socket.AF_INET).ip for _ in range(6)]
+    assert sorted(picks) == ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.3"]
+
+
+def test_sitting_out_keeps_the_others_in_proportion() -> None:
+    balancer = _three_addresses(FakeClock(), weights=(3, 3, 1))
+    cable, _, phone = balancer.addresses
+    balancer.reached(phone, [(balancer.addresses[1], TimeoutError())])
+    picks = [balancer.next(socket.AF_INET) for _ in range(40)]
+    assert (picks.count(cable), picks.count(phone)) == (30, 10)
+
+
+def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
+    clock = FakeClock()
+    balancer = _three_addresses(clock)
+    first, second, third = balancer.addresses
+    second.sitting_out_until = clock.now + 30
+    assert balancer.alternative(socket.AF_INET, [first]) is third
+    # Sitting out, but the only one left: tried anyway.
+    assert balancer.alternative(socket.AF_INET, [first, third]) is second
+    assert balancer.alternative(socket.AF_INET, [first, second, third]) is None
+    assert balancer.alternative(socket.AF_INET6, []) is None
+
+
+class FakeInterfaces:
+    """Stands in for the interface reader; counts how often it is read."""
+
+    def __init__(self, **interfaces: list[str]) -> None:
+        self.interfaces = interfaces
+        self.reads = 0
+
+    def __call__(self) -> dict[str, list[str]]:
+        self.reads += 1
+        return {name: list(ips) for name, ips in self.interfaces.items()}
+
+
+def test_interface_links_follow_address_changes(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    reader = FakeInterfaces(wlan0=["10.0.0.5"])
+    links = [dispatch.Link.of_interface("wlan0", 1, ["10.0.0.5"]), dispatch.LocalAddress("10.9.0.1")]
+    balancer = dispatch.Balancer(links, read_interfaces=reader, clock=clock)
+    wlan = balancer.next(socket.AF_INET)
+    assert (wlan.ip, wlan.interface) == ("10.0.0.5", "wlan0")
+    balancer.opened(wlan)
+    reader.interfaces["wlan0"] = ["10.0.0.7"]  # DHCP gave another address
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        clock.now += 1.0
+        assert {balancer.next(socket.AF_INET).ip for _ in range(4)} == {"10.0.0.5", "10.9.0.1"}
+        assert reader.reads == 0  # not before the refresh interval
+        clock.now += dispatch.INTERFACE_REFRESH_INTERVAL
+        assert {balancer.next(socket.AF_INET).ip for _ in range(4)} == {"10.0.0.7", "10.9.0.1"}
+        assert reader.reads == 1
+        assert "wlan0 now has 10.0.0.7 (had 10.0.0.5)" in caplog.text
+    rows = {row["ip"]: row for row in balancer.stats()}
+    assert rows["10.0.0.5"]["connections"] == 1  # the old address keeps its counts
+    assert rows["10.0.0.7"]["interface"] == "wlan0"
+    assert [a.ip for a in balancer.addresses] == ["10.0.0.7", "10.9.0.1"]
+
+
+def test_interface_without_address_is_skipped_until_it_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    reader = FakeInterfaces(usb0=["10.0.0.5", "fd00::5"])
+    links = [dispatch.Link.of_interface("usb0", 1, ["10.0.0.5", "fd00::5"]), dispatch.LocalAddress("fd00::9")]
+    balancer = dispatch.Balancer(links, read_interfaces=reader, clock=clock)
+    del reader.interfaces["usb0"]  # unplugged
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for _ in range(3):
+            clock.now += dispatch.INTERFACE_REFRESH_INTERVAL
+            assert balancer.next(socket.AF_INET6).ip == "fd00::9"
+        assert caplog.text.count("usb0 has no usable address for now: skipped") == 1
+        assert balancer.families == {socket.AF_INET6}
+        with pytest.raises(dispatch.SocksError, match="no IPv4 local address"):
+            balancer.next(socket.AF_INET)
+        reader.interfaces["usb0"] = ["10.0.0.6"]
+        clock.now += dispatch.INTERFACE_REFRESH_INTERVAL
+        assert balancer.next(socket.AF_INET).ip == "10.0.0.6"
+        assert "usb0 is back: 10.0.0.6" in caplog.text
+
+
+def test_device_is_bound_except_for_loopback_targets() -> None:
+    local = dispatch.LocalAddress("192.0.2.2", interface="eth0")
+    expected = "eth0" if dispatch._CAN_BIND_TO_DEVICE else None
+    assert dispatch._device_for(local, "203.0.113.80") == expected
+    assert dispatch._device_for(local, "2001:db8::1") == expected
+    assert dispatch._device_for(local, "127.0.0.1") is None
+    assert dispatch._device_for(local, "127.9.9.9") is None
+    assert dispatch._device_for(local, "::1") is None
+    assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
+
+
+def test_literal_address_is_mapped_to_its_interface() -> None:
+    (link,) = dispatch.resolve_links(["127.0.0.1@4"])
+    (address,) = link.current
+    assert (address.ip, address.weight, address.interface) == ("127.0.0.1", 4, "lo")
+
+
+def _non_loopback_address() -> dispatch.LocalAddress | None:
+    for address in dispatch.usable_addresses():
+        if address.family == socket.AF_INET:
+            return address
+    return None
+
+
+def test_loopback_target_is_reached_from_another_interfaces_address(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server
+) -> None:
+    """A socket bound to eth0 cannot reach 127.0.0.1: no device for loopback."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no IPv4 address outside loopback here")
+    proxy = make_proxy([address.ip])
+    assert proxy.addresses[0].interface == address.interface
+    with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+        assert read_all(client).decode() == address.ip
+
+
+def test_refused_device_binding_warns_once_and_binds_the_source(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = []
+
+    def refuse(sock: socket.socket, interface: str) -> None:
+        attempts.append(interface)
+        raise dispatch._DeviceBindingRefused(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(dispatch, "_device_for", lambda local, ip: "lo")
+    monkeypatch.setattr(dispatch, "_bind_to_device", refuse)
+    proxy = make_proxy(["127.0.0.2"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for _ in range(3):
+            with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+                assert read_all(client) == b"127.0.0.2"
+    assert attempts == ["lo"]  # not tried again after the refusal
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not permitted" in warnings[0]
+    assert "CAP_NET_RAW" in warnings[0] and "ip rule add from ADDR table N" in warnings[0]
+
+
+@pytest.fixture
+def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
+    """Interfaces as a test says; loopback addresses count as usable."""
+    reader = FakeInterfaces()
+    monkeypatch.setattr(dispatch, "_interfaces", reader)
+    monkeypatch.setattr(dispatch, "_is_up", lambda name: True)
+    monkeypatch.setattr(dispatch, "_is_usable", lambda ip: True)
+    monkeypatch.setattr(dispatch, "INTERFACE_REFRESH_INTERVAL", 0.05)
+    return reader
+
+
+def _peers_seen(proxy: Dispatcher, server: Server, count: int) -> list[str]:
+    seen = []
+    for _ in range(count):
+        with client_through(proxy, (server.host, server.port)) as client:
+            seen.append(read_all(client).decode())
+    return seen
+
+
+def test_interface_name_follows_its_address_end_to_end(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_interfaces.interfaces["fake0"] = ["127.0.0.2"]
+    proxy = make_proxy(["fake0"])
+    assert _peers_seen(proxy, peer_server, 2) == ["127.0.0.2"] * 2
+    fake_interfaces.interfaces["fake0"] = ["127.0.0.3"]
+    deadline = time.monotonic() + TIMEOUT
+    while _peers_seen(proxy, peer_server, 1) != ["127.0.0.3"] and time.monotonic() < deadline:
+        pass
+    assert _peers_seen(proxy, peer_server, 2) == ["127.0.0.3"] * 2
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert rows["127.0.0.2"]["connections"] >= 2
+    assert rows["127.0.0.2"]["interface"] == rows["127.0.0.3"]["interface"] == "fake0"
+
+
+def test_link_failure_fails_over_and_the_address_sits_out(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 198.51.100.99 is not an address of this machine: binding it fails with
+    # EADDRNOTAVAIL, as when an interface loses its address.
+    fake_interfaces.interfaces.update(gone0=["198.51.100.99"], fake1=["127.0.0.3"])
+    proxy = make_proxy(["gone0", "fake1"], cooldown=0.3)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        assert _peers_seen(proxy, peer_server, 4) == ["127.0.0.3"] * 4
+        assert caplog.text.count("sitting out for 0.3 s: 198.51.100.99 (gone0)") == 1
+        # After the cooldown the address is tried again (and fails again).
+        deadline = time.monotonic() + TIMEOUT
+        while caplog.text.count("sitting out for 0.3 s") < 2 and time.monotonic() < deadline:
+            assert _peers_seen(proxy, peer_server, 1) == ["127.0.0.3"]
+        assert caplog.text.count("sitting out for 0.3 s") == 2
+    rows = {row["ip"]: row["connections"] for row in proxy.stats()}
+    assert rows["198.51.100.99"] == 0
+
+
+def test_failure_through_every_address_makes_none_sit_out(
+    make_proxy: Callable[..., Dispatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target no link can reach says nothing against the links."""
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for _ in range(2):
+            # TCP to a multicast group fails with ENETUNREACH from any address.
+            assert _socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
+    assert "sitting out" not in caplog.text
+    assert all(address.sitting_out_until is None for address in proxy.addresses)
+
+
+def test_refusal_is_the_targets_answer_not_a_failover(
+    make_proxy: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried = []
+    real_connect_from = dispatch._connect_from
+
+    def record(local: dispatch.LocalAddress, *args: Any) -> socket.socket:
+        tried.append(local.ip)
+        return real_connect_from(local, *args)
+
+    monkeypatch.setattr(dispatch, "_connect_from", record)
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    assert _socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+    assert tried == ["127.0.0.2"]
+
+
+# ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
 
