@@ -1177,3 +1177,203 @@ def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) 
     assert process.returncode == 0
     assert "stopped after" in out
     assert err == ""
+
+
+# ---------------------------------------------------------------------------
+# The network lab: three shaped uplinks in namespaces (Linux, root)
+# ---------------------------------------------------------------------------
+#
+# dispatch runs inside the lab's client namespace as a user runs it, and the
+# SOCKS clients are made there too; the servers run in the server namespace.
+
+LAB_PROXY_PORT = 1080  # inside the client namespace, where nothing else listens
+LAB_DOWNLOAD_SIZE = 60_000
+
+
+def _netlab() -> Any:
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    try:
+        import netlab
+    finally:
+        sys.path.pop(0)
+    return netlab
+
+
+def _build_lab(setup: str) -> Iterator[Any]:
+    netlab = _netlab()
+    available, reason = netlab.Lab.available()
+    if not available:
+        pytest.skip(reason)
+    lab = netlab.Lab(name=f"dlab-t{os.getpid() % 100000}{setup[0]}", setup=setup)
+    with lab:
+        lab.start_peer_echo()
+        lab.start_http_server(size=LAB_DOWNLOAD_SIZE)
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def metrics_lab() -> Iterator[Any]:
+    """One default route per uplink with metrics, no rules: the usual desktop."""
+    yield from _build_lab("metrics")
+
+
+@pytest.fixture(scope="module")
+def rules_lab() -> Iterator[Any]:
+    """Source-address policy rules: binding the address alone picks the uplink."""
+    yield from _build_lab("rules")
+
+
+class LabProxy:
+    """``dispatch start`` running in a lab's client namespace."""
+
+    def __init__(self, lab: Any, arguments: list[str], log_file: str) -> None:
+        self.lab = lab
+        self.log_file = log_file
+        self.address = ("127.0.0.1", LAB_PROXY_PORT)
+        self.process = lab.client_popen(
+            [sys.executable, os.path.join(HERE, "dispatch.py"), "start", "--port", str(LAB_PROXY_PORT),
+             "--log-file", log_file, *arguments],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdout is not None
+        self.banner = []
+        for line in iter(self.process.stdout.readline, ""):
+            self.banner.append(line)
+            if line.startswith("log:"):
+                break
+        else:
+            raise AssertionError(f"dispatch did not start: {self.process.communicate(timeout=TIMEOUT)}")
+
+    def client(self, port: int, timeout: float = TIMEOUT) -> socks.socksocket:
+        """A PySocks socket in the client namespace, connected through dispatch."""
+        with _netlab().netns(self.lab.client_ns):
+            client = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+        client.set_proxy(socks.SOCKS5, *self.address)
+        client.settimeout(timeout)
+        try:
+            client.connect((self.lab.service_address, port))
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def peer(self) -> str:
+        """The source address the lab's peer-echo server sees."""
+        with self.client(_netlab().PEER_ECHO_PORT) as client:
+            return read_all(client).decode().strip()
+
+    def download(self, size: int) -> int:
+        """Fetch ``size`` bytes from the lab's HTTP server; return the body length."""
+        with self.client(_netlab().HTTP_PORT) as client:
+            request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
+            response = round_trip(client, request.encode())
+        head, _, body = response.partition(b"\r\n\r\n")
+        return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
+
+    def log(self) -> str:
+        with open(self.log_file) as log:
+            return log.read()
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        out, err = self.process.communicate(timeout=TIMEOUT)
+        assert (self.process.returncode, err) == (0, "")
+        return out
+
+
+@pytest.fixture
+def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
+    started: list[LabProxy] = []
+
+    def start(lab: Any, *arguments: str) -> LabProxy:
+        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"))
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.stop()
+
+
+def test_lab_uplink_counters_show_each_link_carries_its_share(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Without binding to the device, uplinks 2 and 3 do not work at all here."""
+    proxy = lab_proxy(metrics_lab, *(link.client_addr for link in metrics_lab.uplinks))
+    before = metrics_lab.counters()
+    sizes: list[int | str] = []
+
+    def download() -> None:
+        try:
+            sizes.append(proxy.download(LAB_DOWNLOAD_SIZE))
+        except OSError as error:
+            sizes.append(repr(error))
+
+    threads = [threading.Thread(target=download) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    after = metrics_lab.counters()
+    assert sizes == [LAB_DOWNLOAD_SIZE] * 30
+    share = 10 * LAB_DOWNLOAD_SIZE
+    for index in (1, 2, 3):
+        received = after[index].rx_bytes - before[index].rx_bytes
+        # Payload plus TCP/IP and Ethernet headers, a few percent more.
+        assert share <= received <= share * 1.15, f"uplink {index} received {received} B"
+    log = proxy.log()
+    for link in metrics_lab.uplinks:
+        assert log.count(f"via {link.client_addr} ({link.client_ifname}): ok") == 10
+
+
+@pytest.mark.parametrize("lab_name", ["metrics_lab", "rules_lab"])
+def test_lab_interface_names_work(
+    lab_name: str, request: pytest.FixtureRequest, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    lab = request.getfixturevalue(lab_name)
+    proxy = lab_proxy(lab, *(link.client_ifname for link in lab.uplinks))
+    seen = [proxy.peer() for _ in range(6)]
+    addresses = [link.client_addr for link in lab.uplinks]
+    assert seen == addresses * 2
+
+
+def test_lab_start_without_addresses_uses_every_uplink(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    proxy = lab_proxy(metrics_lab)
+    banner = "".join(proxy.banner)
+    for link in metrics_lab.uplinks:
+        assert f"{link.client_addr}  {link.client_ifname}" in banner
+    seen = [proxy.peer() for _ in range(6)]
+    assert sorted(seen) == sorted([link.client_addr for link in metrics_lab.uplinks] * 2)
+
+
+def test_lab_dark_link_fails_over_then_comes_back_after_the_cooldown(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    connect_timeout, cooldown = 1.0, 2.0
+    dark = metrics_lab.uplink(1)
+    proxy = lab_proxy(
+        metrics_lab, "--connect-timeout", str(connect_timeout), "--cooldown", str(cooldown),
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    metrics_lab.darken(1)
+    try:
+        durations, seen = [], []
+        for _ in range(9):
+            started = time.monotonic()
+            seen.append(proxy.peer())
+            durations.append(time.monotonic() - started)
+        waited = [d for d in durations if d >= connect_timeout]
+        assert 1 <= len(waited) <= 2, durations
+        assert durations[-1] < connect_timeout
+        assert dark.client_addr not in seen
+        assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
+        assert f"sitting out for 2 s: {dark.client_addr} ({dark.client_ifname}): timed out" in proxy.log()
+    finally:
+        metrics_lab.restore(1)
+    deadline = time.monotonic() + cooldown + TIMEOUT
+    while proxy.peer() != dark.client_addr:
+        assert time.monotonic() < deadline, "the restored link was not used again"
+    assert f"back in use: {dark.client_addr} ({dark.client_ifname})" in proxy.log()
