@@ -16,18 +16,28 @@ The protocol, as served (RFC 1928 and the SOCKS4/4a papers)::
 SOCKS4 sends ``04 01 DST.PORT DST.IP USERID 00`` (4a: DST.IP 0.0.0.x and the
 host name after the user id) and gets ``00 5A|5B DST.PORT DST.IP``.
 
+The same port serves HTTP proxy clients, told apart by the first byte (a
+letter): ``CONNECT host:port HTTP/1.1`` tunnels and absolute-form requests
+(``GET http://host/path HTTP/1.1``). SOCKS5 UDP ASSOCIATE relays datagrams
+framed as ``00 00 FRAG ATYP DST.ADDR DST.PORT DATA``.
+
 Only the standard library is needed to proxy through IP addresses; the
 ``ifaddr`` package is needed for interface names and ``dispatch list``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import base64
+import binascii
 import enum
 import errno
+import hmac
 import ipaddress
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -37,7 +47,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 __all__ = [
@@ -47,10 +63,12 @@ __all__ = [
     "WeightedRoundRobin",
     "SocksError",
     "AddressError",
+    "HttpError",
     "parse_address",
     "usable_addresses",
     "usable_interface_addresses",
     "resolve_links",
+    "format_stats",
     "main",
 ]
 
@@ -181,9 +199,47 @@ DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
 # new networks are seen within this, at the cost of one read per interval.
 INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
 
-RELAY_BUFFER_SIZE = 256 * 1024
-MAX_NAME_LENGTH = 255  # a SOCKS5 domain name has a one-byte length
+# Created non-blocking in one call where the platform allows it.
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_CONNECT_IN_PROGRESS = {
+    getattr(errno, name) for name in ("EINPROGRESS", "EWOULDBLOCK", "EAGAIN") if hasattr(errno, name)
+}
+
+RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
+# splice() moves bytes between sockets through a pipe without copying them
+# into the process (Linux). A direction switches to it once it has carried
+# SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
+_CAN_SPLICE = fcntl is not None and all(
+    hasattr(module, name) for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"))
+)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_AFTER = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
+
+# HTTP proxy. An HTTP request starts with its method, a token of letters;
+# SOCKS starts with 04 or 05.
+HTTP_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+MAX_HEADER_LINE = 8 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+HTTP_COPY_SIZE = 64 * 1024
+# An origin may think for a while before it answers; a dead one must not
+# hold a thread forever.
+HTTP_RESPONSE_TIMEOUT = 120.0
+# Framing of a message body other than a known length (see body_length).
+CHUNKED = -1
+UNTIL_CLOSE = -2
+# Removed from every forwarded message, along with the headers that its
+# Connection header names. Transfer-Encoding stays: bodies are passed on
+# with the framing they came with, never re-framed.
+HOP_BY_HOP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization",
+    "proxy-authenticate", "te", "trailer", "upgrade",
+})
+PROXY_REALM = "dispatch"
+
+# SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
+UDP_BUFFER_SIZE = 65535
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +260,18 @@ class ProtocolError(SocksError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Reply.GENERAL_FAILURE, message)
+
+
+class HttpError(OSError):
+    """A request that gets an HTTP error response; ``status`` is its code."""
+
+    def __init__(self, status: HTTPStatus, message: str | None = None) -> None:
+        super().__init__(message or status.phrase)
+        self.status = status
+
+
+class LineTooLong(ProtocolError):
+    """A line (an HTTP request or header line) past its length cap."""
 
 
 class AddressError(ValueError):
@@ -236,6 +304,13 @@ def _is_target_answer(error: OSError) -> bool:
     """Whether a failed connect got an answer from the target (a refusal):
     the link that carried it works."""
     return not isinstance(error, SocksError) and error.errno in _TARGET_ANSWER_ERRNOS
+def _http_status(error: OSError) -> HTTPStatus:
+    """Map the OS error of a failed upstream connect to an HTTP status."""
+    if isinstance(error, HttpError):
+        return error.status
+    if _reply_code(error) == Reply.TTL_EXPIRED:
+        return HTTPStatus.GATEWAY_TIMEOUT
+    return HTTPStatus.BAD_GATEWAY
 
 
 def _describe(error: OSError) -> str:
@@ -252,23 +327,103 @@ def _describe(error: OSError) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _wait_until(sock: socket.socket, events: int, deadline: float) -> None:
+    """Wait until ``sock`` is ready for ``events``; TimeoutError past ``deadline``."""
+    with _selector() as selector:
+        selector.register(sock, events)
+        if not selector.select(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("timed out")
+
+
+# The handshake's sockets are non-blocking and these try the call first, then
+# wait: a socket with a timeout would poll before every call, and each call
+# hands the GIL to another thread and back. Fewer calls, more connections.
+def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Receive up to ``size`` bytes from a non-blocking socket, waiting until ``deadline``."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_READ, deadline)
+
+
+def _send_all_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Send all of ``data`` on a non-blocking socket, waiting until ``deadline``."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            _wait_until(sock, selectors.EVENT_WRITE, deadline)
+
+
 class HandshakeReader:
     """Reads the handshake from a client socket, message by message.
+
+    The socket may be non-blocking: a read waits for data until ``deadline``
+    (time.monotonic(); it may be moved) and then raises TimeoutError.
 
     It receives what the client has sent so far in one call and keeps what
     lies beyond the handshake (a client may send its first payload right
     behind the request) so that the relay can pass it on: nothing is stranded.
+    It also reads HTTP heads and bodies (from a client or an origin), and
+    parses SOCKS5 UDP headers from ``data`` with no socket at all.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        sock: socket.socket | None,
+        deadline: float = float("inf"),
+        *,
+        eof_message: str = "client closed during the handshake",
+        data: bytes = b"",
+    ) -> None:
         self._sock = sock
-        self._buffer = bytearray()
+        self.deadline = deadline
+        self._buffer = bytearray(data)
+        self._eof_message = eof_message
 
     def _fill(self) -> None:
-        data = self._sock.recv(4096)
+        data = _recv_by(self._sock, 4096, self.deadline) if self._sock else b""
         if not data:
-            raise ProtocolError("client closed during the handshake")
+            raise ProtocolError(self._eof_message)
         self._buffer += data
+
+    def has_more(self) -> bool:
+        """Wait for the next byte; False if the peer closed instead."""
+        if not self._buffer and self._sock:
+            self._buffer += _recv_by(self._sock, HTTP_COPY_SIZE, self.deadline)
+        return bool(self._buffer)
+
+    def peek_byte(self) -> int:
+        """Return the next byte without consuming it."""
+        if not self._buffer:
+            self._fill()
+        return self._buffer[0]
+
+    def read_some(self, limit: int) -> bytes:
+        """Return up to ``limit`` bytes, at least one; b"" at EOF."""
+        if not self._buffer:
+            return _recv_by(self._sock, limit, self.deadline) if self._sock else b""
+        data = bytes(self._buffer[:limit])
+        del self._buffer[:limit]
+        return data
+
+    def read_line(self, limit: int) -> bytes:
+        """Return the next line with its line end.
+
+        Raises LineTooLong if no LF comes within ``limit`` bytes and
+        ProtocolError on EOF.
+        """
+        while True:
+            end = self._buffer.find(b"\n", 0, limit)
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) >= limit:
+                raise LineTooLong(f"a line longer than {limit} bytes")
+            self._fill()
 
     def read(self, size: int) -> bytes:
         """Return exactly ``size`` bytes, or raise ProtocolError on EOF."""
@@ -297,6 +452,11 @@ class HandshakeReader:
             if len(self._buffer) > limit:
                 raise ProtocolError(f"no NUL within {limit} bytes")
             self._fill()
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes were received and not read yet."""
+        return len(self._buffer)
 
     def rest(self) -> bytes:
         """Return and forget what was received beyond the handshake."""
@@ -353,6 +513,206 @@ def _format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def encode_udp_header(host: str, port: int) -> bytes:
+    """The header of a SOCKS5 UDP datagram from or to (host, port), unfragmented."""
+    return b"\0\0\0" + encode_socks5_address(host, port)
+
+
+def parse_udp_datagram(datagram: bytes) -> tuple[int, str, int, bytes]:
+    """Split a SOCKS5 UDP datagram into (FRAG, host, port, data).
+
+    Raises SocksError for a datagram too short or of an unknown address type.
+    """
+    reader = HandshakeReader(None, eof_message="truncated UDP datagram", data=datagram)
+    frag = reader.read(3)[2]
+    host, port = read_socks5_address(reader)
+    return frag, host, port, reader.rest()
+
+
+# ---------------------------------------------------------------------------
+# Protocol helpers: HTTP
+# ---------------------------------------------------------------------------
+
+Headers = list[tuple[str, str]]
+
+
+def parse_request_line(line: str) -> tuple[str, str, str]:
+    """Split ``METHOD TARGET HTTP/1.x`` into its three parts; ValueError if malformed."""
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise ValueError(f"bad request line {line[:80]!r}")
+    method, target, version = parts
+    if not method.isascii() or not method.isalpha() or not target or not target.isprintable():
+        raise ValueError(f"bad request line {line[:80]!r}")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise ValueError(f"unsupported version {version[:20]!r}")
+    return method, target, version
+
+
+def parse_status_line(line: str) -> tuple[str, int, str]:
+    """Split ``HTTP/1.x CODE REASON`` into (version, code, reason); ValueError if malformed."""
+    version, _, rest = line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ValueError(f"bad status line {line[:80]!r}")
+    return version, int(code), reason
+
+
+def parse_header_lines(lines: Sequence[str]) -> Headers:
+    """Turn ``Name: value`` lines into (name, value) pairs; ValueError if malformed.
+
+    Whitespace before the colon and folded lines are refused (RFC 9112, 5):
+    they are how requests are smuggled past other proxies.
+    """
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or not name.isprintable() or " " in name:
+            raise ValueError(f"bad header line {line[:80]!r}")
+        headers.append((name, value.strip(" \t")))
+    return headers
+
+
+def header_tokens(headers: Headers, name: str) -> list[str]:
+    """The comma-separated values of every ``name`` header, lowercased."""
+    name = name.lower()
+    return [
+        token.strip().lower()
+        for key, value in headers
+        if key.lower() == name
+        for token in value.split(",")
+        if token.strip()
+    ]
+
+
+def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int]:
+    """Split ``host[:port]`` (``[v6]:port`` for IPv6); ValueError if malformed."""
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket or not _is_ip(host) or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {authority[:80]!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = authority.partition(":")
+    if not host or not host.isascii() or any(c in host for c in "@/ "):
+        raise ValueError(f"bad host {authority[:80]!r}")
+    if not port_text and default_port is not None:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {authority[:80]!r}")
+    return host, int(port_text)
+
+
+def parse_connect_target(target: str) -> tuple[str, int]:
+    """(host, port) of a CONNECT request's ``host:port``; ValueError if malformed."""
+    return _split_host_port(target, None)
+
+
+def parse_absolute_url(url: str) -> tuple[str, int, str]:
+    """Split ``http://host[:port]/path?query`` into (host, port, origin-form path).
+
+    ValueError for anything else: a proxy gets the absolute form (RFC 9112,
+    3.2.2), and https URLs come by CONNECT.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() != "http":
+        raise ValueError(f"not an absolute http URL: {url[:80]!r}")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    host, port = _split_host_port(rest[:end], 80)
+    path = rest[end:].partition("#")[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    return host, port, path
+
+
+def body_length(headers: Headers, request: bool) -> int:
+    """How a message body is framed: its length, CHUNKED or UNTIL_CLOSE.
+
+    Follows RFC 9112, 6.3. A request without either header has no body.
+    ValueError where the framing is ambiguous or malformed (a request with
+    both Transfer-Encoding and Content-Length, or lengths that disagree).
+    """
+    codings = header_tokens(headers, "transfer-encoding")
+    lengths = {value.strip() for key, value in headers if key.lower() == "content-length"}
+    if codings:
+        if codings[-1] == "chunked":
+            if request and lengths:
+                raise ValueError("both Transfer-Encoding and Content-Length")
+            return CHUNKED
+        if request:
+            raise ValueError(f"unsupported transfer coding {codings[-1]!r}")
+        return UNTIL_CLOSE
+    if lengths:
+        values = {part.strip() for value in lengths for part in value.split(",")}
+        if len(values) != 1 or not next(iter(values)).isdigit():
+            raise ValueError(f"bad Content-Length {sorted(lengths)}")
+        return int(values.pop())
+    return 0 if request else UNTIL_CLOSE
+
+
+def response_has_body(method: str, status: int) -> bool:
+    """Whether a response to ``method`` with ``status`` carries a body at all."""
+    return not (method == "HEAD" or status < 200 or status in (204, 304))
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size on a chunk's size line (extensions ignored); ValueError if malformed."""
+    size = line.split(b";", 1)[0].strip()
+    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError(f"bad chunk size line {line[:40]!r}")
+    return int(size, 16)
+
+
+def forwarded_headers(headers: Headers) -> Headers:
+    """The headers without the hop-by-hop ones, which concern one connection only."""
+    dropped = HOP_BY_HOP_HEADERS | set(header_tokens(headers, "connection"))
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether the connection stays open after this message.
+
+    HTTP/1.0 peers get one message per connection: that avoids their
+    keep-alive dialect and chunked bodies they cannot read.
+    """
+    return version == "HTTP/1.1" and "close" not in header_tokens(headers, "connection")
+
+
+def basic_credentials(headers: Headers) -> tuple[str, str] | None:
+    """(user, password) from a ``Proxy-Authorization: Basic`` header, or None."""
+    for name, value in headers:
+        if name.lower() != "proxy-authorization":
+            continue
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "basic":
+            continue
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, colon, password = decoded.partition(":")
+        return (user, password) if colon else None
+    return None
+
+
+def encode_head(start_line: str, headers: Headers) -> bytes:
+    """The bytes of a message head: start line, headers, empty line."""
+    lines = [start_line, *(f"{name}: {value}" for name, value in headers), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A complete error response with a short text body; the connection closes after it."""
+    body = f"{status.value} {status.phrase}: {detail}\n".encode("utf-8", "replace")
+    head = [
+        *headers,
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    return encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head) + body
+
+
 # ---------------------------------------------------------------------------
 # Local addresses and the balancer
 # ---------------------------------------------------------------------------
@@ -363,14 +723,17 @@ class LocalAddress:
     """One local address that outgoing connections may leave from.
 
     ``interface`` is the name of the interface holding it, where known:
-    connections from it are bound to that device. Counters are kept per
-    address for ``Dispatcher.stats()``. ``sitting_out_until`` is set (a
-    ``time.monotonic()`` value) while the address sits out after a link failure.
+    connections from it are bound to that device. ``state`` is "up" while
+    connections are dispatched to it, "down" while it sits out after a link
+    failure (until ``sitting_out_until``, a ``time.monotonic()`` value), and
+    "gone" once its interface no longer holds it. Counters are kept per
+    address for ``Dispatcher.stats()``.
     """
 
     ip: str
     weight: int = 1
     interface: str | None = None
+    state: str = "up"
     connections: int = 0
     open_connections: int = 0
     bytes_up: int = 0
@@ -429,6 +792,11 @@ class Link:
             if ip not in self.known:
                 self.known[ip] = LocalAddress(ip, self.weight, self.name)
             self.current.append(self.known[ip])
+        for address in self.known.values():
+            if address not in self.current:
+                address.state = "gone"
+            elif address.state == "gone":
+                address.state = "down" if address.sitting_out_until is not None else "up"
         return before != list(ips)
 
     def describe(self) -> str:
@@ -502,6 +870,9 @@ class Balancer:
         self._lock = threading.Lock()
         self._follows = any(link.is_interface for link in self.links)
         self._next_refresh = clock() + INTERFACE_REFRESH_INTERVAL
+        # Byte counts at the previous stats() call, for the current rates.
+        self._sampled_at = time.monotonic()
+        self._samples = {id(address): (0, 0) for address in self.addresses}
         self._rounds: dict[socket.AddressFamily, WeightedRoundRobin] = {}
         self._rebuild()
 
@@ -607,11 +978,13 @@ class Balancer:
                 if down is address:
                     continue
                 down.sitting_out_until = now + self.cooldown
+                down.state = "down"
                 logger.warning(
                     "sitting out for %g s: %s: %s", self.cooldown, down.describe(), _describe(error)
                 )
             if address.sitting_out_until is not None:
                 address.sitting_out_until = None
+                address.state = "up"
                 logger.info("back in use: %s", address.describe())
 
     def opened(self, address: LocalAddress) -> None:
@@ -632,24 +1005,36 @@ class Balancer:
             address.bytes_down += down
 
     def stats(self) -> list[dict[str, Any]]:
-        """A snapshot of the counters of every address each link has had."""
+        """A snapshot of the counters of every address each link has had.
+
+        ``rate_up`` and ``rate_down`` are in bytes per second since the
+        previous call (since the start for the first one).
+        """
         with self._lock:
+            now = time.monotonic()
+            elapsed = max(now - self._sampled_at, 1e-6)
+            self._sampled_at = now
             known: dict[str, LocalAddress] = {}
             for link in self.links:
                 for address in link.known.values():
                     known.setdefault(address.ip, address)
-            return [
-                {
+            rows = []
+            for address in known.values():
+                up_before, down_before = self._samples.get(id(address), (0, 0))
+                self._samples[id(address)] = (address.bytes_up, address.bytes_down)
+                rows.append({
                     "ip": address.ip,
                     "interface": address.interface,
                     "weight": address.weight,
+                    "state": address.state,
                     "connections": address.connections,
                     "open": address.open_connections,
                     "bytes_up": address.bytes_up,
                     "bytes_down": address.bytes_down,
-                }
-                for address in known.values()
-            ]
+                    "rate_up": (address.bytes_up - up_before) / elapsed,
+                    "rate_down": (address.bytes_down - down_before) / elapsed,
+                })
+            return rows
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -837,9 +1222,10 @@ def _resolve_target(
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
     targets = [(info[0], info[4][0]) for info in infos if info[0] in families]
     if not targets:
+        missing = "IPv6" if infos and infos[0][0] == socket.AF_INET6 else "IPv4"
         raise SocksError(
-            Reply.HOST_UNREACHABLE,
-            f"{host} has no address of a family there is a local address for",
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
         )
     return targets
 
@@ -887,19 +1273,40 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
 def _connect_from(
     local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None
 ) -> socket.socket:
-    """A socket bound to ``local`` (and to ``device``, if given) and
-    connected to (ip, port)."""
-    sock = socket.socket(local.family, socket.SOCK_STREAM)
+    """A non-blocking socket bound to ``local`` (and to ``device``, if
+    given) and connected to (ip, port)."""
+    sock = socket.socket(local.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
     try:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
         # Before bind: unprivileged SO_BINDTODEVICE (Linux 5.7+) is only
         # allowed on a socket that is not bound yet.
         if device is not None:
             _bind_to_device(sock, device)
-        if _IP_BIND_ADDRESS_NO_PORT is not None and local.family == socket.AF_INET:
+        if _IP_BIND_ADDRESS_NO_PORT is not None:
+            # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((local.ip, 0))
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
+        error = sock.connect_ex((ip, port))
+        if error in _CONNECT_IN_PROGRESS:
+            _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _udp_socket_from(local: LocalAddress, device: str | None = None) -> socket.socket:
+    """A UDP socket bound to ``local`` (and to ``device``, if given), for a
+    UDP association's traffic."""
+    sock = socket.socket(local.family, socket.SOCK_DGRAM)
+    try:
+        if device is not None:
+            _bind_to_device(sock, device)
+        sock.bind((local.ip, 0))
     except BaseException:
         sock.close()
         raise
@@ -920,18 +1327,20 @@ def relay(
     never stops the other direction (no deadlock with echoing peers).
     ``count(up, down)`` is called as bytes go through, for live statistics.
     """
-    client.setblocking(False)
-    upstream.setblocking(False)
-    directions = [_Direction(client, upstream), _Direction(upstream, client)]
-    directions[0].pending = memoryview(early)
-    with _selector() as selector:
+    for sock in (client, upstream):
+        if sock.gettimeout() != 0:
+            sock.setblocking(False)
+    directions = [_Direction(client, upstream, early), _Direction(upstream, client)]
+    with contextlib.ExitStack() as cleanup, _selector() as selector:
+        for direction in directions:
+            cleanup.callback(direction.close)
         registered: dict[socket.socket, int] = {}
         while not all(direction.done for direction in directions):
             wanted: dict[socket.socket, int] = {}
             for direction in directions:
                 if direction.done:
                     continue
-                if direction.pending:
+                if direction.queued:
                     wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
                 else:
                     wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
@@ -968,54 +1377,106 @@ def _selector() -> selectors.BaseSelector:
 
 
 class _Direction:
-    """One way of the copy: from ``src`` to ``dst``."""
+    """One way of the copy: from ``src`` to ``dst``.
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    Bytes are received into memory and sent on; on Linux a direction that
+    has carried a lot moves them through a pipe with splice() instead, so
+    bulk transfers skip the copies in and out of the process. Short
+    connections never pay for the pipe's two descriptors.
+    """
+
+    def __init__(self, src: socket.socket, dst: socket.socket, early: bytes = b"") -> None:
         self.src = src
         self.dst = dst
-        self.pending = memoryview(b"")
+        self.pending = memoryview(early)  # received, not yet sent (copy mode)
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0  # received, not yet sent (splice mode)
         self.eof = False
         self.done = False
         self.total = 0
 
+    @property
+    def queued(self) -> int:
+        """Bytes received from ``src`` that ``dst`` has yet to take."""
+        return self.in_pipe if self.pipe else len(self.pending)
+
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
         sent = 0
-        if self.pending and dst_events & selectors.EVENT_WRITE:
-            sent += self._send()
-        elif not self.pending and src_events & selectors.EVENT_READ:
-            try:
-                data = self.src.recv(RELAY_BUFFER_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError:
-                data = b""  # a reset counts as the end of this direction
-            if data:
-                self.pending = memoryview(data)
-                sent += self._send()
-            else:
-                self.eof = True
-        if self.eof and not self.pending:
+        if self.queued and dst_events & selectors.EVENT_WRITE:
+            sent = self._send()
+        elif not self.queued and src_events & selectors.EVENT_READ:
+            if self._receive():
+                sent = self._send()
+        if self.eof and not self.queued:
             self.done = True
+            self.close()
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         return sent
 
+    def _receive(self) -> bool:
+        """Receive what ``src`` has; return whether anything came."""
+        if self.pipe is None and self.total >= SPLICE_AFTER:
+            self.pipe = _open_pipe()
+        try:
+            if self.pipe:
+                self.in_pipe = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                received = self.in_pipe
+            else:
+                data = self.src.recv(RELAY_BUFFER_SIZE)
+                self.pending = memoryview(data)
+                received = len(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            received = 0  # a reset ends this direction like an EOF
+        if not received:
+            self.eof = True
+        return bool(received)
+
     def _send(self) -> int:
         try:
-            sent = self.dst.send(self.pending)
+            if self.pipe:
+                sent = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
+                self.in_pipe -= sent
+            else:
+                sent = self.dst.send(self.pending)
+                self.pending = self.pending[sent:]
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             # The receiver is gone: what it has not taken can never arrive.
             self.pending = memoryview(b"")
+            self.in_pipe = 0
             self.eof = True
             return 0
-        self.pending = self.pending[sent:]
         self.total += sent
         return sent
+
+    def close(self) -> None:
+        """Release the pipe, if there is one."""
+        if self.pipe:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+def _open_pipe() -> tuple[int, int] | None:
+    """A non-blocking pipe for splice(), or None where there is none to have."""
+    if not _CAN_SPLICE:
+        return None
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # out of descriptors: copying works without them
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size works too
+    return read_end, write_end
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -1030,10 +1491,47 @@ class _Server(socketserver.ThreadingTCPServer):
     # refused by a short accept queue.
     request_queue_size = 1024
 
+    # Threads are reused: one that has served a connection waits a moment for
+    # the next. Starting a thread costs more than serving a short connection
+    # (a stack to map, and the accept loop waits until the thread runs).
+    idle_thread_seconds = 2.0
+    max_idle_threads = 64
+
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.dispatcher = dispatcher
+        self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self._idle_threads = 0  # waiting for a request, not yet promised one
+        self._idle_lock = threading.Lock()
         super().__init__(address, SocksHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to an idle thread, or start a new one."""
+        with self._idle_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._waiting_requests.put((request, client_address))
+                return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve connections in this thread until none comes for a while."""
+        while True:
+            super().process_request_thread(request, client_address)
+            with self._idle_lock:
+                if self._idle_threads >= self.max_idle_threads:
+                    return
+                self._idle_threads += 1
+            try:
+                request, client_address = self._waiting_requests.get(timeout=self.idle_thread_seconds)
+            except queue.Empty:
+                with self._idle_lock:
+                    # A request may have been promised to an idle thread just now.
+                    try:
+                        request, client_address = self._waiting_requests.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Ordinary faults are handled in SocksHandler; what gets here is a bug.
@@ -1043,8 +1541,9 @@ class _Server(socketserver.ThreadingTCPServer):
 class SocksHandler(socketserver.StreamRequestHandler):
     """Serves one client: the SOCKS handshake, the upstream connect, the relay.
 
-    A subclass may override ``connect_upstream`` to change how the upstream
-    connection is made.
+    A client whose first byte is a letter speaks HTTP and is served by
+    HttpProxySession. A subclass may override ``connect_upstream`` to change
+    how every upstream connection (SOCKS and HTTP alike) is made.
     """
 
     server: _Server
@@ -1052,9 +1551,10 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def setup(self) -> None:
         self.dispatcher = self.server.dispatcher
-        self.timeout = self.dispatcher.handshake_timeout
         super().setup()
-        self.reader = HandshakeReader(self.connection)
+        self.connection.setblocking(False)
+        deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        self.reader = HandshakeReader(self.connection, deadline)
         self.started = time.monotonic()
         self.target = "-"
         self.local: LocalAddress | None = None
@@ -1062,26 +1562,49 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self.down = 0
 
     def handle(self) -> None:
-        client = _format_endpoint(*_split_host(self.client_address))
-        result = "ok"
         self.dispatcher._track(self.connection, True)
         try:
-            upstream = self.handshake()
-            with upstream:
-                self.relay(upstream)
+            try:
+                speaks_http = self.reader.peek_byte() in HTTP_FIRST_BYTES
+            except OSError as error:
+                self.log_line(_describe(error))
+                return
+            if speaks_http:
+                HttpProxySession(self).serve()
+            else:
+                self.serve_socks()
+        finally:
+            self.dispatcher._track(self.connection, False)
+
+    def serve_socks(self) -> None:
+        """Serve one SOCKS request to its end; log one line."""
+        result = "ok"
+        try:
+            outcome = self.handshake()
+            if isinstance(outcome, UdpAssociation):
+                result = "ok, " + outcome.run()
+            else:
+                with outcome:
+                    self.relay(outcome)
         except OSError as error:
             result = _describe(error)
         finally:
-            self.dispatcher._track(self.connection, False)
-            via = self.local.describe() if self.local else "-"
-            logger.info(
-                "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
-                client, self.target, via, result, self.up, self.down,
-                time.monotonic() - self.started,
-            )
+            self.log_line(result)
 
-    def handshake(self) -> socket.socket:
-        """Read a request, connect upstream and reply; return the upstream socket.
+    def log_line(self, result: str) -> None:
+        """Log the request served: client, target, local address, result,
+        bytes each way and duration."""
+        client = _format_endpoint(*_split_host(self.client_address))
+        via = self.local.describe() if self.local else "-"
+        logger.info(
+            "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
+            client, self.target, via, result, self.up, self.down,
+            time.monotonic() - self.started,
+        )
+
+    def handshake(self) -> socket.socket | UdpAssociation:
+        """Read a request, connect upstream and reply; return the upstream
+        socket, or the association of a UDP ASSOCIATE request.
 
         Raises SocksError after a failure reply, ProtocolError (no reply) for
         bytes that are not SOCKS, OSError if the client goes away.
@@ -1093,18 +1616,22 @@ class SocksHandler(socketserver.StreamRequestHandler):
             return self.socks4()
         raise ProtocolError(f"not a SOCKS request (first byte 0x{version:02x})")
 
-    def socks5(self) -> socket.socket:
+    def socks5(self) -> socket.socket | UdpAssociation:
         methods = self.reader.read(self.reader.read_byte())
         if Method.NO_AUTHENTICATION not in methods:
-            self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
+            self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
             raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
-        self.wfile.write(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
+        self.send(bytes([SOCKS5_VERSION, Method.NO_AUTHENTICATION]))
         version, command, _reserved = self.reader.read(3)
         try:
             if version != SOCKS5_VERSION:
                 raise SocksError(Reply.GENERAL_FAILURE, f"request version {version}, not 5")
             host, port = read_socks5_address(self.reader)
             self.target = _format_endpoint(host, port)
+            if command == Command.UDP_ASSOCIATE:
+                association = self.udp_associate(host, port)
+                self._socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname())
+                return association
             if command != Command.CONNECT:
                 raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {command} not supported")
             upstream = self.connect_upstream(host, port)
@@ -1117,9 +1644,13 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self._socks5_reply(Reply.SUCCEEDED, upstream.getsockname())
         return upstream
 
+    def send(self, data: bytes) -> None:
+        """Send a reply to the client."""
+        _send_all_by(self.connection, data, time.monotonic() + self.dispatcher.handshake_timeout)
+
     def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
         try:
-            self.wfile.write(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
+            self.send(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
         except OSError:
             pass  # the client left; the log line says why the request failed
 
@@ -1148,7 +1679,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
 
     def _socks4_reply(self, reply: Socks4Reply, port: int = 0, ip: str = "0.0.0.0") -> None:
         try:
-            self.wfile.write(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
+            self.send(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
         except OSError:
             pass
 
@@ -1191,6 +1722,38 @@ class SocksHandler(socketserver.StreamRequestHandler):
             # blame (the target may be down), so none is made to sit out.
         raise error
 
+    def udp_associate(self, host: str, port: int) -> UdpAssociation:
+        """Open the sockets of a UDP association for this client.
+
+        (host, port) is where the client says it will send from: its family
+        chooses the family of the dispatched local address (IPv4 unless the
+        client names an IPv6 address or only IPv6 is there), and a non-zero
+        port is the only one the client may send from.
+        """
+        balancer = self.dispatcher.balancer
+        family = socket.AF_INET6 if _is_ip(host) and ":" in host else socket.AF_INET
+        families = balancer.families
+        if family not in families and families:
+            (family,) = families
+        self.local = balancer.next(family)
+        self.target = "UDP"
+        upstream = self.dispatcher.open_udp(self.local)
+        try:
+            client_side = socket.socket(self.connection.family, socket.SOCK_DGRAM)
+        except OSError:
+            upstream.close()
+            raise
+        try:
+            # Datagrams come to the address the client reached the proxy at.
+            client_side.bind((self.connection.getsockname()[0], 0))
+        except OSError:
+            upstream.close()
+            client_side.close()
+            raise
+        balancer.opened(self.local)
+        client_ip = _split_host(self.client_address)[0]
+        return UdpAssociation(self, client_side, upstream, client_ip, port or None)
+
     def relay(self, upstream: socket.socket) -> None:
         """Copy both ways, starting with what the client sent early."""
         local = self.local
@@ -1207,6 +1770,437 @@ class SocksHandler(socketserver.StreamRequestHandler):
         finally:
             if local is not None:
                 balancer.closed(local)
+
+
+class UdpAssociation:
+    """One SOCKS5 UDP association: datagrams between one client and any targets.
+
+    The client sends to ``client_side`` with the SOCKS5 UDP header naming the
+    target; the data leaves from ``upstream``, bound to the dispatched local
+    address, and what comes back is wrapped in a header naming its sender.
+    Only the client that asked is heard: its IP address, and its port once
+    known (given in the request, or learned from its first datagram).
+    The association lasts as long as its TCP connection.
+    """
+
+    # Names resolved for one association are remembered, up to this many.
+    max_names = 256
+
+    def __init__(
+        self,
+        handler: SocksHandler,
+        client_side: socket.socket,
+        upstream: socket.socket,
+        client_ip: str,
+        client_port: int | None,
+    ) -> None:
+        self.handler = handler
+        self.local = handler.local
+        self.client_side = client_side
+        self.upstream = upstream
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.datagrams_up = 0
+        self.datagrams_down = 0
+        self.dropped = 0
+        self._names: dict[str, str] = {}
+
+    def run(self) -> str:
+        """Relay until the TCP connection closes; return a summary for the log."""
+        connection = self.handler.connection
+        try:
+            self.client_side.setblocking(False)
+            self.upstream.setblocking(False)
+            with _selector() as selector:
+                for sock in (connection, self.client_side, self.upstream):
+                    selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    for key, _ in selector.select():
+                        if key.fileobj is connection:
+                            if not self._connection_open():
+                                return (
+                                    f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, "
+                                    f"{self.dropped} dropped"
+                                )
+                        elif key.fileobj is self.client_side:
+                            self._from_client()
+                        else:
+                            self._from_target()
+        finally:
+            self.client_side.close()
+            self.upstream.close()
+            if self.local is not None:
+                self.handler.dispatcher.balancer.closed(self.local)
+
+    def _connection_open(self) -> bool:
+        # The client has nothing more to say on the TCP connection; what it
+        # sends anyway is ignored. Its EOF or reset ends the association.
+        try:
+            return bool(self.handler.connection.recv(4096))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
+    def _from_client(self) -> None:
+        try:
+            datagram, source = self.client_side.recvfrom(UDP_BUFFER_SIZE)
+        except OSError:
+            return  # nothing there after all, or an ICMP error: no datagram
+        source_ip, source_port = _split_host(source)
+        if source_ip != self.client_ip or self.client_port not in (None, source_port):
+            self.dropped += 1
+            return
+        try:
+            fragment, host, port, data = parse_udp_datagram(datagram)
+            # RFC 1928 lets a server that does not reassemble drop fragments.
+            if fragment:
+                raise SocksError(Reply.GENERAL_FAILURE, "fragment")
+            self.client_port = source_port
+            self.upstream.sendto(data, (self._resolve(host, port), port))
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_up += 1
+        self._count(len(data), 0)
+
+    def _from_target(self) -> None:
+        try:
+            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE)
+        except OSError:
+            return
+        if self.client_port is None:
+            self.dropped += 1  # the client has not spoken yet: nowhere to send it
+            return
+        try:
+            header = encode_udp_header(*_split_host(source))
+            self.client_side.sendto(header + data, (self.client_ip, self.client_port))
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_down += 1
+        self._count(0, len(data))
+
+    def _resolve(self, host: str, port: int) -> str:
+        """The IP address to send to, of the upstream socket's family."""
+        if _is_ip(host):
+            ip = host
+        elif host in self._names:
+            ip = self._names[host]
+        else:
+            infos = socket.getaddrinfo(host.encode("ascii"), port, self.upstream.family, socket.SOCK_DGRAM)
+            ip = infos[0][4][0]
+            if len(self._names) >= self.max_names:
+                self._names.clear()
+            self._names[host] = ip
+        if (":" in ip) != (self.upstream.family == socket.AF_INET6):
+            raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        return ip
+
+    def _count(self, up: int, down: int) -> None:
+        self.handler.up += up
+        self.handler.down += down
+        if self.local is not None:
+            self.handler.dispatcher.balancer.add_bytes(self.local, up, down)
+
+
+@dataclasses.dataclass
+class _Origin:
+    """A kept-alive connection to an origin server, for the next request there."""
+
+    host: str
+    port: int
+    sock: socket.socket
+    reader: HandshakeReader
+    local: LocalAddress | None
+
+    def reusable(self) -> bool:
+        """Whether the origin is still quietly waiting for a request."""
+        if self.reader.buffered:
+            return False
+        with _selector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            # Readable while idle means it closed (or babbles): not reusable.
+            return not selector.select(0)
+
+
+class HttpProxySession:
+    """Serves one client connection that speaks HTTP proxy.
+
+    CONNECT opens a tunnel, relayed like a SOCKS connection. Any other
+    method must carry an absolute http:// URL: the request goes to the
+    origin in origin form and the response comes back, as many requests as
+    the client sends on its kept-alive connection. The connection to an
+    origin is kept for the next request to the same host. Every upstream
+    connection is made by the handler's ``connect_upstream``, so it is
+    dispatched like any other. One log line per request.
+    """
+
+    def __init__(self, handler: SocksHandler) -> None:
+        self.handler = handler
+        self.dispatcher = handler.dispatcher
+        self.client = handler.connection
+        self.reader = handler.reader
+        self.origin: _Origin | None = None
+        self.responded = False
+        # Past the request head, every read and write on the client waits
+        # at most this long, as a blocking call.
+        self.client.settimeout(self.dispatcher.handshake_timeout)
+
+    def serve(self) -> None:
+        """Serve requests until the client closes or a request ends the connection."""
+        try:
+            while self.serve_request():
+                try:
+                    if not self.reader.has_more():
+                        return
+                except OSError:
+                    return  # an idle client timed out or went away
+        finally:
+            self._drop_origin()
+
+    def serve_request(self) -> bool:
+        """Serve one request; return whether the connection stays open."""
+        handler = self.handler
+        handler.started = time.monotonic()
+        handler.target, handler.local, handler.up, handler.down = "-", None, 0, 0
+        self.responded = False
+        result = "ok"
+        try:
+            method, target, version, headers = self._read_request()
+            handler.target = target if method == "CONNECT" else f"{method} {target}"
+            self._authorize(headers)
+            if method == "CONNECT":
+                self._tunnel(target)
+                return False
+            status, keep_alive = self._forward(method, target, version, headers)
+            result = str(status)
+            return keep_alive
+        except OSError as error:
+            result = _describe(error)
+            if not self.responded:
+                status = _http_status(error)
+                result = f"{status.value} {result}"
+                self._send_error(status, _describe(error))
+            return False
+        finally:
+            handler.log_line(result)
+
+    def _read_request(self) -> tuple[str, str, str, Headers]:
+        # The whole head must come in time, each request of a kept connection anew.
+        self.reader.deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        try:
+            lines = _read_head(self.reader)
+            method, target, version = parse_request_line(lines[0])
+            return method, target, version, parse_header_lines(lines[1:])
+        except LineTooLong as error:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(error)) from None
+        except ProtocolError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        except TimeoutError:
+            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request did not come in time") from None
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        finally:
+            self.reader.deadline = float("inf")
+
+    def _authorize(self, headers: Headers) -> None:
+        if not self.dispatcher.requires_credentials:
+            return
+        credentials = basic_credentials(headers)
+        if credentials is None or not self.dispatcher.check_credentials(*credentials):
+            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+
+    def _send_error(self, status: HTTPStatus, detail: str) -> None:
+        headers = []
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+            headers.append(("Proxy-Authenticate", f'Basic realm="{PROXY_REALM}"'))
+        try:
+            self.client.sendall(error_response(status, detail, headers))
+        except OSError:
+            pass  # the client left; the log line says why the request failed
+
+    def _tunnel(self, target: str) -> None:
+        try:
+            host, port = parse_connect_target(target)
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        self._drop_origin()
+        upstream = self.handler.connect_upstream(host, port)
+        with upstream:
+            self.responded = True
+            try:
+                self.client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            except OSError:
+                pass  # the relay finds the client gone
+            self.handler.relay(upstream)
+
+    def _forward(self, method: str, target: str, version: str, headers: Headers) -> tuple[int, bool]:
+        """Send the request to its origin and the response back; return
+        (status, whether the client connection stays open)."""
+        try:
+            host, port, path = parse_absolute_url(target)
+            length = body_length(headers, request=True)
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        # The client's "100 Continue" comes from here, at once: the origin
+        # would send it only after the client had waited for nothing.
+        expects_continue = "100-continue" in header_tokens(headers, "expect")
+        authority = host if port == 80 else _format_endpoint(host, port)
+        outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
+        outgoing += [
+            (name, value)
+            for name, value in forwarded_headers(headers)
+            if name.lower() != "host" and not (expects_continue and name.lower() == "expect")
+        ]
+        outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
+
+        origin = self._origin_for(host, port)
+
+        def send_up(data: bytes) -> None:
+            origin.sock.sendall(data)
+            self._count(len(data), 0)
+
+        if expects_continue:
+            self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
+        send_up(encode_head(f"{method} {path} HTTP/1.1", outgoing))
+        try:
+            _copy_body(self.reader, length, send_up)
+        except ProtocolError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
+
+        try:
+            while True:
+                lines = _read_head(origin.reader)
+                response_version, status, reason = parse_status_line(lines[0])
+                response_headers = parse_header_lines(lines[1:])
+                if not 100 <= status < 200 or status == HTTPStatus.SWITCHING_PROTOCOLS:
+                    break
+                if not (expects_continue and status == HTTPStatus.CONTINUE):
+                    self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
+            if response_has_body(method, status):
+                response_length = body_length(response_headers, request=False)
+            else:
+                response_length = 0
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        except LineTooLong as error:
+            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+
+        framed = response_length != UNTIL_CLOSE and status != HTTPStatus.SWITCHING_PROTOCOLS
+        client_stays = keeps_alive(version, headers) and framed
+        origin_stays = keeps_alive(response_version, response_headers) and framed
+        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
+        dechunk = version == "HTTP/1.0" and response_length == CHUNKED
+        outgoing = [
+            (name, value)
+            for name, value in forwarded_headers(response_headers)
+            if not (dechunk and name.lower() == "transfer-encoding")
+        ]
+        if not client_stays:
+            outgoing.append(("Connection", "close"))
+        self.responded = True
+        self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
+        _copy_body(origin.reader, response_length, self._send_down, dechunk)
+        if not origin_stays:
+            self._drop_origin()
+        return status, client_stays
+
+    def _origin_for(self, host: str, port: int) -> _Origin:
+        """The kept connection to (host, port) if it is still good, else a new one."""
+        origin = self.origin
+        if origin is not None and (origin.host, origin.port) == (host, port) and origin.reusable():
+            self.handler.local = origin.local
+            return origin
+        self._drop_origin()
+        sock = self.handler.connect_upstream(host, port)
+        sock.settimeout(HTTP_RESPONSE_TIMEOUT)
+        reader = HandshakeReader(sock, eof_message="the origin closed before the response ended")
+        self.origin = _Origin(host, port, sock, reader, self.handler.local)
+        return self.origin
+
+    def _drop_origin(self) -> None:
+        if self.origin is None:
+            return
+        self.origin.sock.close()
+        if self.origin.local is not None:
+            self.dispatcher.balancer.closed(self.origin.local)
+        self.origin = None
+
+    def _send_down(self, data: bytes) -> None:
+        self.client.sendall(data)
+        self._count(0, len(data))
+
+    def _count(self, up: int, down: int) -> None:
+        self.handler.up += up
+        self.handler.down += down
+        if self.handler.local is not None:
+            self.dispatcher.balancer.add_bytes(self.handler.local, up, down)
+
+
+def _read_head(reader: HandshakeReader) -> list[str]:
+    """The lines of a message head (start line first) without line ends.
+
+    Empty lines before the start line are skipped (RFC 9112, 2.2). Raises
+    LineTooLong past MAX_HEADER_LINE a line or MAX_HEADER_BYTES in all.
+    """
+    lines: list[str] = []
+    total = 0
+    while True:
+        line = reader.read_line(MAX_HEADER_LINE)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise LineTooLong(f"a head longer than {MAX_HEADER_BYTES} bytes")
+        text = line.rstrip(b"\r\n").decode("latin-1")
+        if text:
+            lines.append(text)
+        elif lines:
+            return lines
+
+
+def _copy_body(reader: HandshakeReader, length: int, send: Callable[[bytes], None], dechunk: bool = False) -> None:
+    """Pass a message body on as framed by ``length`` (see body_length).
+
+    ``dechunk`` sends a chunked body's data alone, without its framing.
+    Raises ProtocolError for a body cut short or badly framed.
+    """
+    if length == UNTIL_CLOSE:
+        while data := reader.read_some(HTTP_COPY_SIZE):
+            send(data)
+    elif length == CHUNKED:
+        while True:
+            line = reader.read_line(MAX_HEADER_LINE)
+            try:
+                size = parse_chunk_size(line)
+            except ValueError as error:
+                raise ProtocolError(str(error)) from None
+            if not dechunk:
+                send(line)
+            if size == 0:
+                break
+            _copy_exactly(reader, size, send)
+            end = reader.read_line(MAX_HEADER_LINE)
+            if end.strip():
+                raise ProtocolError("a chunk longer than its size")
+            if not dechunk:
+                send(end)
+        while True:  # trailer fields, up to the empty line
+            line = reader.read_line(MAX_HEADER_LINE)
+            if not dechunk:
+                send(line)
+            if not line.strip():
+                break
+    else:
+        _copy_exactly(reader, length, send)
+
+
+def _copy_exactly(reader: HandshakeReader, length: int, send: Callable[[bytes], None]) -> None:
+    while length:
+        data = reader.read_some(min(length, HTTP_COPY_SIZE))
+        if not data:
+            raise ProtocolError("closed in the middle of a body")
+        send(data)
+        length -= len(data)
 
 
 # ---------------------------------------------------------------------------
@@ -1236,6 +2230,7 @@ class Dispatcher:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         handshake_timeout: float = 10.0,
         cooldown: float = DEFAULT_COOLDOWN,
+        credentials: dict[str, str] | None = None,
     ) -> None:
         self.balancer = Balancer(resolve_links(addresses), cooldown=cooldown)
         self.connect_timeout = connect_timeout
@@ -1243,6 +2238,7 @@ class Dispatcher:
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._warned_lock = threading.Lock()
+        self.credentials = dict(credentials) if credentials else None
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -1300,7 +2296,25 @@ class Dispatcher:
         Without the device, Linux routes by destination alone: a connection
         from the Wi-Fi's address may leave by the cable and be dropped.
         """
-        device = None if self._device_binding_refused else _device_for(local, ip)
+        try:
+            return _connect_from(local, ip, port, self.connect_timeout, self._device(local, ip))
+        except _DeviceBindingRefused as refusal:
+            self._device_refused(refusal)
+            return _connect_from(local, ip, port, self.connect_timeout)
+
+    def open_udp(self, local: LocalAddress) -> socket.socket:
+        """A UDP socket from ``local``, bound to its device where the system
+        allows it, unless ``local`` is a loopback address."""
+        # Datagrams may go to any target. Those from a loopback address go to
+        # loopback ones, which a device-bound socket could not reach; the
+        # address itself stands for them.
+        try:
+            return _udp_socket_from(local, self._device(local, local.ip))
+        except _DeviceBindingRefused as refusal:
+            self._device_refused(refusal)
+            return _udp_socket_from(local)
+
+    def _device(self, local: LocalAddress, ip: str) -> str | None:
         if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_ip_loopback(ip):
             self._warn_once(
                 "no-interface",
@@ -1308,20 +2322,19 @@ class Dispatcher:
                 local.ip,
                 "" if _has_ifaddr() else " (the ifaddr package is not installed)",
             )
-        try:
-            return _connect_from(local, ip, port, self.connect_timeout, device)
-        except _DeviceBindingRefused as refusal:
-            self._device_binding_refused = True
-            self._warn_once(
-                "device-refused",
-                "binding sockets to their interface is not permitted (%s): binding source "
-                "addresses only, so connections may leave by the wrong link. To fix it, give "
-                "dispatch CAP_NET_RAW (run it as root, or setcap cap_net_raw+ep on the Python "
-                "binary), or route by source address: ip rule add from ADDR table N, with a "
-                "default route by that link in table N",
-                refusal.strerror,
-            )
-            return _connect_from(local, ip, port, self.connect_timeout)
+        return None if self._device_binding_refused else _device_for(local, ip)
+
+    def _device_refused(self, refusal: OSError) -> None:
+        self._device_binding_refused = True
+        self._warn_once(
+            "device-refused",
+            "binding sockets to their interface is not permitted (%s): binding source "
+            "addresses only, so connections may leave by the wrong link. To fix it, give "
+            "dispatch CAP_NET_RAW (run it as root, or setcap cap_net_raw+ep on the Python "
+            "binary), or route by source address: ip rule add from ADDR table N, with a "
+            "default route by that link in table N",
+            refusal.strerror,
+        )
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         with self._warned_lock:
@@ -1329,6 +2342,19 @@ class Dispatcher:
                 return
             self._warned.add(key)
         logger.warning(message, *args)
+    @property
+    def requires_credentials(self) -> bool:
+        """Whether clients must give a user name and password."""
+        return self.credentials is not None
+
+    def check_credentials(self, user: str, password: str) -> bool:
+        """Whether ``user`` and ``password`` are accepted (always, without credentials)."""
+        if self.credentials is None:
+            return True
+        expected = self.credentials.get(user)
+        # Compared in constant time, and compared even for an unknown user.
+        matches = hmac.compare_digest((expected or "").encode(), password.encode())
+        return expected is not None and matches
 
     def open_connections(self) -> int:
         """How many client connections are open now."""
@@ -1336,8 +2362,9 @@ class Dispatcher:
             return len(self._connections)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address: ip, interface, weight, connections (total and
-        open) and bytes each way."""
+        """Per local address: ip, interface, weight, state ("up"),
+        connections (total and open), bytes each way, and the rates each way
+        in bytes per second since the previous call."""
         return self.balancer.stats()
 
     def _track(self, sock: socket.socket, open_: bool) -> None:
@@ -1421,6 +2448,44 @@ def _address_table(links: Sequence[Link]) -> str:
     )
 
 
+def format_bytes(count: float) -> str:
+    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
+    if count < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        count /= 1000
+        if count < 1000 or unit == "TB":
+            break
+    return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
+
+
+def _format_rate(bytes_per_second: float) -> str:
+    return f"{bytes_per_second / 1000:,.1f} kB/s"
+
+
+def format_stats(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
+    header = ("ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP")
+    table = [header] + [
+        (
+            row["ip"], row["interface"] or "-", str(row["weight"]), row["state"],
+            str(row["open"]), str(row["connections"]),
+            format_bytes(row["bytes_down"]), format_bytes(row["bytes_up"]),
+            _format_rate(row["rate_down"]), _format_rate(row["rate_up"]),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    numeric = range(4, len(header))  # numbers line up on the right
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if column in numeric else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(line, widths))
+        ).rstrip()
+        for line in table
+    )
+
+
 def _setup_logging(debug: bool, log_file: str | None) -> str:
     """Send logs to stdout (debug) or a file; return where they go."""
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -1438,6 +2503,28 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     return where
 
 
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open descriptors to the hard limit.
+
+    Each connection holds two sockets (and a pipe each way during a bulk
+    transfer), so the usual soft limit of 1,024 would cap a BitTorrent
+    client's few thousand connections. Returns the new limit, or None where
+    there is no such limit (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # some systems cap it lower than they say (macOS: OPEN_MAX)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
     connections = sum(row["connections"] for row in stats)
@@ -1449,7 +2536,13 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     )
 
 
+def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
+    print(f"{title} {time.monotonic() - started:.0f} s:")
+    print(format_stats(dispatcher.stats()), flush=True)
+
+
 def _start(args: argparse.Namespace) -> int:
+    descriptor_limit = raise_descriptor_limit()
     try:
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port,
@@ -1468,11 +2561,16 @@ def _start(args: argparse.Namespace) -> int:
         print(f"dispatch: error: cannot write the log: {_describe(error)}", file=sys.stderr)
         return 2
     host, port = dispatcher.address
-    print(f"dispatch {__version__}: SOCKS4/4a/5 proxy on {_format_endpoint(host, port)}")
+    print(f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {_format_endpoint(host, port)}")
     print("dispatching to:")
     print(_address_table(dispatcher.balancer.links))
     print(f"log: {where}", flush=True)
     logger.info("listening on %s", _format_endpoint(host, port))
+    if descriptor_limit is not None:
+        logger.info(
+            "descriptor limit %d: room for about %d connections at once",
+            descriptor_limit, (descriptor_limit - 32) // 2,
+        )
 
     stop = threading.Event()
 
@@ -1483,14 +2581,19 @@ def _start(args: argparse.Namespace) -> int:
         signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     started = time.monotonic()
+    next_stats = started + (args.stats or 0)
     dispatcher.start()
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(min(0.5, args.stats or 0.5)):
+            if args.stats and time.monotonic() >= next_stats:
+                _print_stats(dispatcher, started)
+                next_stats += args.stats
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         dispatcher.shutdown()
+    if args.stats:
+        _print_stats(dispatcher, started, "at the end, after")
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
     logger.info("stopped")
     return 0
@@ -1525,6 +2628,10 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
         help="after a link failure, leave the address out for this long (default 30)",
+    )
+    start.add_argument(
+        "--stats", type=_seconds, metavar="SECONDS",
+        help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
     start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT]")

@@ -6,8 +6,10 @@ errno mapping, the handshake reader) have unit tests of their own.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import http.server
 import logging
 import os
 import re
@@ -19,7 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -241,18 +244,52 @@ def test_socks4a_resolves_name_at_proxy(proxy: Dispatcher, echo_server: Server) 
         assert round_trip(client, b"four a") == b"four a"
 
 
-def test_name_tries_each_address_until_one_connects(make_proxy: Callable[..., Dispatcher]) -> None:
-    """localhost may resolve to ::1 first while only 127.0.0.1 listens."""
-    if not _has_ipv6_loopback():
-        pytest.skip("no IPv6 loopback (::1) here")
+@pytest.fixture
+def fake_names(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Names the proxy's resolver answers with the given addresses, in order.
+
+    /etc/hosts differs between machines (``localhost`` may or may not have
+    ::1), so names with a known answer are made up here.
+    """
+    names: dict[str, list[str]] = {}
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list[tuple]:
+        key = host.decode() if isinstance(host, bytes) else host
+        if key not in names:
+            return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        return [
+            (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+            for ip in names[key]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return names
+
+
+@needs_ipv6
+def test_name_tries_each_address_until_one_connects(
+    make_proxy: Callable[..., Dispatcher], fake_names: dict[str, list[str]]
+) -> None:
+    """A name may resolve to ::1 first while only 127.0.0.1 listens."""
+    fake_names["dual.test"] = ["::1", "127.0.0.1"]
     server = Server(echo, host="127.0.0.1")
     proxy = make_proxy(["127.0.0.1", "::1"])
     try:
-        for _ in range(4):  # whichever family the name resolves to first
-            with client_through(proxy, ("localhost", server.port), rdns=True) as client:
-                assert round_trip(client, b"x") == b"x"
+        with client_through(proxy, ("dual.test", server.port), rdns=True) as client:
+            assert round_trip(client, b"second try") == b"second try"
     finally:
         server.close()
+
+
+def test_name_of_a_family_without_local_address_gets_reply_08(
+    proxy: Dispatcher, fake_names: dict[str, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_names["six.test"] = ["::1"]
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        assert _socks5_code_for(proxy, socks5_request("six.test", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
+        proxy.shutdown()
+    assert "six.test has only IPv6 addresses and there is no IPv6 local address" in caplog.text
 
 
 def test_success_reply_carries_the_upstream_local_address(
@@ -359,7 +396,7 @@ def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) ->
 
 
 def test_unknown_command_gets_reply_07(proxy: Dispatcher, echo_server: Server) -> None:
-    for command in (2, 3, 9):  # BIND, UDP ASSOCIATE, nonsense
+    for command in (2, 9):  # BIND, nonsense
         request = socks5_request(echo_server.host, echo_server.port, command=command)
         assert _socks5_code_for(proxy, request) == Reply.COMMAND_NOT_SUPPORTED
 
@@ -416,7 +453,7 @@ def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Serv
     for _ in range(3):
         _socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port()))
         with raw_client(proxy) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            sock.sendall(b"\x16\x03\x01")  # a TLS hello: neither SOCKS nor HTTP
             assert sock.recv(1) == b""
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         assert round_trip(client, b"still here") == b"still here"
@@ -509,7 +546,14 @@ def test_server_half_close_is_passed_on(proxy: Dispatcher) -> None:
         server.close()
 
 
-def test_megabytes_each_way_arrive_intact(proxy: Dispatcher, echo_server: Server) -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_megabytes_each_way_arrive_intact(
+    splice: bool, proxy: Dispatcher, echo_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk transfers move to splice() on Linux; both ways of copying are exact."""
+    if splice and not dispatch._CAN_SPLICE:
+        pytest.skip("splice() is Linux only")
+    monkeypatch.setattr(dispatch, "_CAN_SPLICE", splice)
     payload = os.urandom(8 * 1024 * 1024)
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         received = bytearray()
@@ -584,6 +628,25 @@ def test_more_than_1024_connections_open_at_once(proxy: Dispatcher, echo_server:
             client.close()
 
 
+def _serving_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if "process_request_thread" in t.name}
+
+
+def test_threads_are_reused_and_then_released(proxy: Dispatcher, echo_server: Server) -> None:
+    proxy._server.idle_thread_seconds = 1.0
+    earlier = _serving_threads()  # other proxies' idle threads, on their way out
+    seen: set[str] = set()
+    for index in range(20):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"%d" % index) == b"%d" % index
+            seen |= _serving_threads() - earlier
+    assert len(seen) == 1  # one thread served all twenty, one after another
+    deadline = time.monotonic() + TIMEOUT
+    while seen & _serving_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not seen & _serving_threads()
+
+
 def test_reset_client_is_a_log_line_not_a_traceback(
     proxy: Dispatcher, echo_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -613,6 +676,721 @@ def test_one_log_line_per_connection(proxy: Dispatcher, echo_server: Server, cap
 
 
 # ---------------------------------------------------------------------------
+# HTTP proxy on the same port
+# ---------------------------------------------------------------------------
+
+
+class Origin(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 origin server with keep-alive, for the proxy to forward to.
+
+    GET /chunked answers in chunks, GET /close with a body ended by closing,
+    GET /204 and /304 with no body; any other GET tells what it saw; POST
+    echoes the body (Content-Length or chunked).
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"hello ", b"chunked ", b"world"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/close":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until the end")
+            self.close_connection = True
+        elif self.path in ("/204", "/304"):
+            self.send_response(int(self.path[1:]))
+            self.end_headers()
+        else:
+            lines = [f"{self.command} {self.path}", f"peer {self.client_address[0]}:{self.client_address[1]}"]
+            lines += [f"{name.lower()}: {value}" for name, value in self.headers.items()]
+            hop_by_hop = [("Keep-Alive", "timeout=5"), ("Connection", "X-Private"), ("X-Private", "1")]
+            self._answer("\n".join(lines).encode(), hop_by_hop)
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(body)
+
+    def _answer(self, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.send_response(200)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def origin() -> Iterator[str]:
+    """An HTTP origin on loopback; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def proxy_url(proxy: Dispatcher) -> str:
+    return f"http://127.0.0.1:{proxy.address[1]}"
+
+
+def curl(*arguments: str) -> str:
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", str(TIMEOUT), *arguments], capture_output=True, text=True, timeout=TIMEOUT * 2
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response framed by Content-Length (or by the close)."""
+    reader = dispatch.HandshakeReader(sock)
+    lines = dispatch._read_head(reader)
+    status = int(lines[0].split()[1])
+    headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+    if status in (204, 304):
+        body = b""
+    elif "content-length" in headers:
+        body = reader.read(int(headers["content-length"]))
+    else:
+        body = reader.rest() + read_all(sock)
+    assert not reader.buffered
+    return status, headers, body
+
+
+def http_exchange(proxy: Dispatcher, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with raw_client(proxy) as sock:
+        sock.sendall(request)
+        return read_response(sock)
+
+
+def test_curl_gets_through_the_http_proxy(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    body = curl("-x", proxy_url(proxy), origin + "/path?q=1")
+    assert body.startswith("GET /path?q=1\npeer 127.0.0.2:")
+    assert f"host: {origin[len('http://'):]}" in body
+    assert "via: 1.1 dispatch" in body
+
+
+def test_curl_keeps_the_client_connection_for_several_requests(
+    make_proxy: Callable[..., Dispatcher], origin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        out = curl("-x", proxy_url(proxy), origin + "/one", origin + "/two", origin + "/chunked")
+    first, second = out.split("GET /two\n")
+    # The second request reused the upstream connection: same address, same port.
+    assert first.split("\n")[1] == second.split("\n")[0] == first.split("\n")[1]
+    assert out.endswith("hello chunked world")
+    clients = {r.message.split(" -> ")[0] for r in caplog.records if " -> GET " in r.message}
+    assert len(clients) == 1  # one client connection carried all three
+    (row,) = [row for row in proxy.stats() if row["ip"] == "127.0.0.2"]
+    assert row["connections"] == 1
+
+
+def test_requests_to_different_hosts_on_one_connection(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    try:
+        with raw_client(proxy) as sock:
+            for base in (origin, f"http://localhost:{other.server_address[1]}", origin):
+                sock.sendall(f"GET {base}/x HTTP/1.1\r\nHost: ignored\r\n\r\n".encode())
+                status, _, body = read_response(sock)
+                assert status == 200
+                assert body.startswith(b"GET /x\npeer 127.0.0.")
+                assert f"\nhost: {base.split('//')[1]}".encode() in body
+        assert sum(row["connections"] for row in proxy.stats()) == 3
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_curl_tunnels_with_connect(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(["127.0.0.3"])
+    body = curl("-p", "-x", proxy_url(proxy), origin + "/tunnelled")
+    assert body.startswith("GET /tunnelled\npeer 127.0.0.3:")
+    assert "via:" not in body  # a tunnel carries the client's own bytes
+
+
+def test_connect_relays_bytes_sent_right_behind_the_request(proxy: Dispatcher, echo_server: Server) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n\r\nearly bytes".encode())
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        assert recv_exactly(sock, len(established)) == established
+        assert round_trip(sock, b" and late") == b"early bytes and late"
+
+
+def test_urllib_through_proxy_handler(
+    proxy: Dispatcher, origin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # or urllib would skip the proxy for loopback
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy_url(proxy)}))
+    with opener.open(origin + "/chunked", timeout=TIMEOUT) as response:
+        assert response.read() == b"hello chunked world"
+    payload = os.urandom(300_000)
+    with opener.open(urllib.request.Request(origin + "/post", data=payload), timeout=TIMEOUT) as response:
+        assert response.read() == payload
+    with opener.open(origin + "/seen", timeout=TIMEOUT) as response:
+        assert b"via: 1.1 dispatch" in response.read()
+
+
+def test_chunked_request_body_is_passed_on(proxy: Dispatcher, origin: str) -> None:
+    request = (
+        f"POST {origin}/post HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n7;ext=1\r\n chunks\r\n0\r\nX-Trailer: t\r\n\r\n"
+    ).encode()
+    assert http_exchange(proxy, request)[2] == b"hello chunks"
+
+
+def test_204_and_304_responses_have_no_body(proxy: Dispatcher, origin: str) -> None:
+    with raw_client(proxy) as sock:
+        for status in (204, 304):
+            sock.sendall(f"GET {origin}/{status} HTTP/1.1\r\n\r\n".encode())
+            assert read_response(sock)[::2] == (status, b"")
+        sock.sendall(f"GET {origin}/after HTTP/1.1\r\n\r\n".encode())
+        assert read_response(sock)[2].startswith(b"GET /after")
+
+
+def test_head_response_has_no_body(proxy: Dispatcher, origin: str) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(f"HEAD {origin}/ HTTP/1.1\r\n\r\nGET {origin}/next HTTP/1.1\r\n\r\n".encode())
+        reader = dispatch.HandshakeReader(sock)
+        head = dispatch._read_head(reader)
+        assert head[0] == "HTTP/1.1 200 OK" and "Content-Length: 1000" in head
+        assert dispatch._read_head(reader)[0] == "HTTP/1.1 200 OK"  # the next response at once
+
+
+def test_response_ended_by_close_closes_the_client_connection(proxy: Dispatcher, origin: str) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(f"GET {origin}/close HTTP/1.1\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+    assert (status, headers["connection"], body) == (200, "close", b"until the end")
+
+
+def test_hop_by_hop_headers_are_removed(proxy: Dispatcher, origin: str) -> None:
+    request = (
+        f"GET {origin}/headers HTTP/1.1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+        "Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic dTpw\r\n"
+        "TE: trailers\r\nUpgrade: h2c\r\nX-End-To-End: kept\r\n\r\n"
+    ).encode()
+    status, headers, body = http_exchange(proxy, request)
+    seen = body.decode().split("\n")[2:]
+    names = {line.split(":")[0] for line in seen}
+    hop_by_hop = {"connection", "x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"}
+    assert names.isdisjoint(hop_by_hop)
+    assert "x-end-to-end: kept" in seen
+    # The origin's own hop-by-hop headers do not reach the client either.
+    assert "keep-alive" not in headers and "x-private" not in headers
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # origin form: not for a proxy
+        b"GET http://127.0.0.1/ HTTP/1.1 extra\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/2.0\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nNo colon here\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET ftp://127.0.0.1/ HTTP/1.1\r\n\r\n",
+        b"CONNECT 127.0.0.1 HTTP/1.1\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x",  # cut short
+    ],
+)
+def test_malformed_request_gets_400(proxy: Dispatcher, request_bytes: bytes) -> None:
+    with raw_client(proxy) as sock:
+        sock.sendall(request_bytes)
+        sock.shutdown(socket.SHUT_WR)
+        status, headers, body = read_response(sock)
+    assert (status, headers["connection"]) == (400, "close")
+    assert body.startswith(b"400 Bad Request: ")
+
+
+def test_proxy_keeps_serving_after_a_malformed_request(proxy: Dispatcher, origin: str) -> None:
+    for _ in range(3):
+        assert http_exchange(proxy, b"BREW coffee HTTP/1.1\r\n\r\n")[0] == 400
+    assert curl("-x", proxy_url(proxy), origin + "/fine").startswith("GET /fine")
+
+
+def test_oversized_header_gets_431(proxy: Dispatcher) -> None:
+    long_line = b"X-Big: " + b"a" * dispatch.MAX_HEADER_LINE + b"\r\n"
+    assert http_exchange(proxy, b"GET http://127.0.0.1/ HTTP/1.1\r\n" + long_line + b"\r\n")[0] == 431
+    many = b"X-Some: " + b"b" * 4000 + b"\r\n"
+    assert http_exchange(proxy, b"GET http://127.0.0.1/ HTTP/1.1\r\n" + many * 20 + b"\r\n")[0] == 431
+
+
+def test_unreachable_origin_gets_502(proxy: Dispatcher) -> None:
+    for url in (f"http://127.0.0.1:{refused_port()}/", "http://bad..name/"):
+        status, _, body = http_exchange(proxy, f"GET {url} HTTP/1.1\r\n\r\n".encode())
+        assert status == 502
+    status, _, body = http_exchange(proxy, f"CONNECT 127.0.0.1:{refused_port()} HTTP/1.1\r\n\r\n".encode())
+    assert (status, body) == (502, b"502 Bad Gateway: Connection refused\n")
+
+
+def test_origin_connect_timeout_gets_504(make_proxy: Callable[..., Dispatcher]) -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=TIMEOUT)
+        proxy = make_proxy(connect_timeout=0.3)
+        try:
+            host, port = full.getsockname()
+            status = http_exchange(proxy, f"GET http://{host}:{port}/ HTTP/1.1\r\n\r\n".encode())[0]
+        finally:
+            filler.close()
+    assert status == 504
+
+
+def test_credentials_are_required_when_set(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(credentials={"alice": "s3cret"})
+    request = f"GET {origin}/ HTTP/1.1\r\n".encode()
+    status, headers, _ = http_exchange(proxy, request + b"\r\n")
+    assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="dispatch"')
+    wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:guess") + b"\r\n\r\n"
+    assert http_exchange(proxy, request + wrong)[0] == 407
+    assert curl("-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/in").startswith("GET /in")
+    assert curl("-p", "-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/tunnel").startswith("GET /tunnel")
+
+
+def test_one_log_line_per_http_request(
+    make_proxy: Callable[..., Dispatcher], origin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        curl("-x", proxy_url(proxy), origin + "/a", origin + "/b")
+        proxy.shutdown()
+    lines = [r.message for r in caplog.records if "-> GET" in r.message]
+    assert [line.split(" -> ")[1].split(" via ")[0] for line in lines] == [f"GET {origin}/a", f"GET {origin}/b"]
+    assert all(" via 127.0.0.2: 200, " in line for line in lines)
+
+
+# ---------------------------------------------------------------------------
+# SOCKS5 UDP ASSOCIATE
+# ---------------------------------------------------------------------------
+
+
+class UdpServer:
+    """A UDP server on loopback: answers each datagram with ``answer(data, sender)``
+    and keeps what it received."""
+
+    def __init__(self, answer: Callable[[bytes, tuple[str, int]], bytes]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.host, self.port = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, sender = self.sock.recvfrom(65535)
+                self.received.append(data)
+                self.sock.sendto(self.answer(data, sender), sender)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[UdpServer]:
+    server = UdpServer(lambda data, sender: data)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def udp_sender() -> Iterator[UdpServer]:
+    """Answers with the IP address the datagram came from."""
+    server = UdpServer(lambda data, sender: sender[0].encode())
+    yield server
+    server.close()
+
+
+def wait_until_all_closed(proxy: Dispatcher) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while proxy.open_connections() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.open_connections() == 0
+
+
+def udp_client(proxy: Dispatcher) -> socks.socksocket:
+    client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.set_proxy(socks.SOCKS5, *proxy.address)
+    client.settimeout(TIMEOUT)
+    return client
+
+
+def udp_associate(proxy: Dispatcher, client_port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """A raw UDP ASSOCIATE naming ``client_port``; return the TCP socket and the relay address."""
+    sock = raw_client(proxy)
+    sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", client_port, command=3))
+    assert recv_exactly(sock, 2) == b"\x05\x00"
+    code, host, port = socks5_reply(sock)
+    assert code == Reply.SUCCEEDED
+    return sock, (host, port)
+
+
+def udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def test_udp_associate_echoes_many_datagrams(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_client(proxy) as client:
+        for index in range(200):
+            payload = b"datagram %d " % index + os.urandom(index)
+            client.sendto(payload, (udp_echo.host, udp_echo.port))
+            assert client.recvfrom(65535) == (payload, (udp_echo.host, udp_echo.port))
+    wait_until_all_closed(proxy)
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d " % i) + i for i in range(200))
+
+
+def test_udp_leaves_from_the_dispatched_addresses(
+    make_proxy: Callable[..., Dispatcher], udp_sender: UdpServer
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    seen = []
+    for _ in range(6):
+        with udp_client(proxy) as client:
+            answers = set()
+            for _ in range(3):
+                client.sendto(b"who am I", (udp_sender.host, udp_sender.port))
+                answers.add(client.recv(100).decode())
+            (address,) = answers  # one association, one local address
+            seen.append(address)
+    assert seen == ["127.0.0.2", "127.0.0.3", "127.0.0.2"] * 2
+
+
+def test_udp_resolves_names_at_the_proxy(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    tcp, relay_address = udp_associate(proxy, 0)
+    with tcp, udp_socket() as sock:
+        sock.sendto(b"\0\0\0" + dispatch.encode_socks5_address("localhost", udp_echo.port) + b"named", relay_address)
+        data = sock.recv(65535)
+    assert data == dispatch.encode_udp_header("127.0.0.1", udp_echo.port) + b"named"
+
+
+def test_udp_fragments_are_dropped(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_socket() as sock:
+        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
+        with tcp:
+            header = dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+            sock.sendto(b"\0\0\x01" + header + b"fragment", relay_address)
+            sock.sendto(b"\0\0\0" + header + b"whole", relay_address)
+            assert sock.recv(65535).endswith(b"whole")
+    assert udp_echo.received == [b"whole"]
+
+
+def test_udp_from_another_client_is_ignored(
+    proxy: Dispatcher, udp_echo: UdpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        other_ip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other_ip.bind(("127.0.0.5", 0))
+        with udp_socket() as client, udp_socket() as other_port, other_ip:
+            tcp, relay_address = udp_associate(proxy, 0)  # the port is learned from the first datagram
+            with tcp:
+                client.sendto(header + b"first", relay_address)
+                assert client.recv(65535).endswith(b"first")
+                other_port.sendto(header + b"other port", relay_address)
+                other_ip.sendto(header + b"other address", relay_address)
+                client.sendto(header + b"second", relay_address)
+                assert client.recv(65535).endswith(b"second")
+        proxy.shutdown()
+    assert udp_echo.received == [b"first", b"second"]
+    via = proxy.addresses[0].describe()  # 127.0.0.1 (lo)
+    assert any(f"-> UDP via {via}: ok, 2 datagrams up, 2 down, 2 dropped" in r.message for r in caplog.records)
+
+
+def test_udp_association_ends_with_its_tcp_connection(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_socket() as sock:
+        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
+        header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+        sock.sendto(header + b"ping", relay_address)
+        assert sock.recv(65535).endswith(b"ping")
+        assert proxy.stats()[0]["open"] == 1
+        tcp.close()
+        wait_until_all_closed(proxy)
+        assert proxy.stats()[0]["open"] == 0
+        # The relay port is closed: the kernel answers with ICMP port unreachable.
+        sock.connect(relay_address)
+        sock.send(header + b"late")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(65535)
+
+
+# ---------------------------------------------------------------------------
+# Live statistics
+# ---------------------------------------------------------------------------
+
+
+def test_stats_count_bytes_live_during_a_transfer(proxy: Dispatcher, echo_server: Server) -> None:
+    proxy.stats()  # the rates count from here
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        payload = os.urandom(200_000)
+        client.sendall(payload)
+        assert recv_exactly(client, len(payload)) == payload
+        deadline = time.monotonic() + TIMEOUT
+        while proxy.stats()[0]["bytes_down"] < len(payload) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (row,) = proxy.stats()
+        assert (row["open"], row["bytes_up"], row["bytes_down"]) == (1, len(payload), len(payload))
+        (quiet,) = proxy.stats()  # nothing moved since the previous call
+        assert (quiet["rate_up"], quiet["rate_down"]) == (0, 0)
+
+
+def test_stats_rates_are_measured_since_the_previous_call(proxy: Dispatcher, echo_server: Server) -> None:
+    started = time.monotonic()
+    proxy.stats()
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"r" * 100_000) == b"r" * 100_000
+    wait_until_all_closed(proxy)
+    (row,) = proxy.stats()
+    elapsed = time.monotonic() - started  # at least the proxy's interval
+    assert row["rate_up"] >= 100_000 / elapsed
+    assert row["rate_down"] == pytest.approx(row["rate_up"])
+
+
+def test_stats_table_format() -> None:
+    rows = [
+        {"ip": "192.168.1.20", "interface": "wlan0", "weight": 3, "state": "up", "open": 12,
+         "connections": 340, "bytes_down": 1_234_567_890, "bytes_up": 45_600_000,
+         "rate_down": 1_204_500.0, "rate_up": 30_000.0},
+        {"ip": "10.0.0.2", "interface": None, "weight": 1, "state": "sitting out", "open": 0,
+         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0},
+    ]
+    assert dispatch.format_stats(rows).splitlines() == [
+        "ADDRESS       INTERFACE  WEIGHT  STATE        OPEN  TOTAL    DOWN       UP     RATE DOWN    RATE UP",
+        "192.168.1.20  wlan0      3       up             12    340  1.2 GB  45.6 MB  1,204.5 kB/s  30.0 kB/s",
+        "10.0.0.2      -          1       sitting out     0      7   999 B      0 B      0.0 kB/s   0.0 kB/s",
+    ]
+
+
+@pytest.mark.parametrize(
+    "count, text",
+    [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (53_140, "53.1 kB"), (812_000, "812 kB"),
+     (1_200_000, "1.2 MB"), (340_000_000_000, "340 GB"), (5e15, "5000 TB")],
+)
+def test_format_bytes(count: int, text: str) -> None:
+    assert dispatch.format_bytes(count) == text
+
+
+def test_cli_prints_stats_periodically_and_at_the_end(echo_server: Server, tmp_path: object) -> None:
+    port = refused_port()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "dispatch.py"), "start", "--port", str(port), "--stats", "0.2",
+         "--log-file", os.path.join(str(tmp_path), "run.log"), "127.0.0.2@3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("ADDRESS  "):
+                break  # the first table: the proxy is serving
+        running = type("Running", (), {"address": ("127.0.0.1", port)})()
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"x" * 5000) == b"x" * 5000
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("127.0.0.2 ") and line.split()[5] == "1":
+                break  # a table that shows the connection
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert (process.returncode, err) == (0, "")
+    lines = out.splitlines()
+    last = max(index for index, line in enumerate(lines) if line.startswith("ADDRESS  "))
+    final_table = lines[last : last + 2]
+    assert final_table[0].split()[:6] == ["ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL"]
+    assert final_table[1].split()[:10] == ["127.0.0.2", "-", "3", "up", "0", "1", "5.0", "kB", "5.0", "kB"]
+    assert "stopped after" in out
+
+
+# ---------------------------------------------------------------------------
+# Pure parts: HTTP and UDP framing
+# ---------------------------------------------------------------------------
+
+
+def test_parse_request_line() -> None:
+    assert dispatch.parse_request_line("GET http://h/ HTTP/1.1") == ("GET", "http://h/", "HTTP/1.1")
+    for bad in ("GET http://h/", "GET  http://h/ HTTP/1.1", "G3T / HTTP/1.1", "GET / HTTP/2", "GET / HTTP/1.1 x"):
+        with pytest.raises(ValueError):
+            dispatch.parse_request_line(bad)
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("http://example.com/a?b=c", ("example.com", 80, "/a?b=c")),
+        ("http://example.com", ("example.com", 80, "/")),
+        ("HTTP://example.com:8080?q", ("example.com", 8080, "/?q")),
+        ("http://[2001:db8::1]:81/x#frag", ("2001:db8::1", 81, "/x")),
+        ("http://[2001:db8::1]/", ("2001:db8::1", 80, "/")),
+    ],
+)
+def test_parse_absolute_url(url: str, expected: tuple[str, int, str]) -> None:
+    assert dispatch.parse_absolute_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/path", "https://h/", "http://", "http://h:0/", "http://h:99999/", "http://u@h/", "http://[::1/", "http://h:x/"],
+)
+def test_parse_absolute_url_rejects(url: str) -> None:
+    with pytest.raises(ValueError):
+        dispatch.parse_absolute_url(url)
+
+
+def test_parse_connect_target() -> None:
+    assert dispatch.parse_connect_target("example.com:443") == ("example.com", 443)
+    assert dispatch.parse_connect_target("[::1]:8443") == ("::1", 8443)
+    for bad in ("example.com", "example.com:", ":443", "[::1]"):
+        with pytest.raises(ValueError):
+            dispatch.parse_connect_target(bad)
+
+
+def test_parse_header_lines() -> None:
+    assert dispatch.parse_header_lines(["Host: a", "X-Empty:", "X-Sp:  v \t"]) == [
+        ("Host", "a"), ("X-Empty", ""), ("X-Sp", "v"),
+    ]
+    for bad in ("No colon", "Name : v", " folded: v", ": v"):
+        with pytest.raises(ValueError):
+            dispatch.parse_header_lines([bad])
+
+
+@pytest.mark.parametrize(
+    "headers, request_, expected",
+    [
+        ([], True, 0),
+        ([], False, dispatch.UNTIL_CLOSE),
+        ([("Content-Length", "12")], True, 12),
+        ([("Content-Length", "12"), ("content-length", "12")], False, 12),
+        ([("Transfer-Encoding", "gzip, Chunked")], True, dispatch.CHUNKED),
+        ([("Transfer-Encoding", "chunked"), ("Content-Length", "3")], False, dispatch.CHUNKED),
+        ([("Transfer-Encoding", "gzip")], False, dispatch.UNTIL_CLOSE),
+    ],
+)
+def test_body_length(headers: list[tuple[str, str]], request_: bool, expected: int) -> None:
+    assert dispatch.body_length(headers, request_) == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Length", "1"), ("Content-Length", "2")],
+        [("Content-Length", "-1")],
+        [("Content-Length", "1"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "gzip")],
+    ],
+)
+def test_body_length_rejects_ambiguous_requests(headers: list[tuple[str, str]]) -> None:
+    with pytest.raises(ValueError):
+        dispatch.body_length(headers, request=True)
+
+
+def test_response_has_body() -> None:
+    assert dispatch.response_has_body("GET", 200)
+    assert not dispatch.response_has_body("HEAD", 200)
+    assert not any(dispatch.response_has_body("GET", status) for status in (100, 103, 204, 304))
+
+
+def test_parse_chunk_size() -> None:
+    assert dispatch.parse_chunk_size(b"1a\r\n") == 26
+    assert dispatch.parse_chunk_size(b"0;name=value\r\n") == 0
+    for bad in (b"\r\n", b"x1\r\n", b"-1\r\n", b"1" * 17 + b"\r\n"):
+        with pytest.raises(ValueError):
+            dispatch.parse_chunk_size(bad)
+
+
+def test_forwarded_headers_drop_hop_by_hop_ones() -> None:
+    headers = [
+        ("Connection", "close, X-Mine"), ("X-Mine", "1"), ("Keep-Alive", "5"), ("Proxy-Connection", "k"),
+        ("Proxy-Authorization", "Basic x"), ("TE", "trailers"), ("Trailer", "X"), ("Upgrade", "h2c"),
+        ("Transfer-Encoding", "chunked"), ("Accept", "*/*"),
+    ]
+    assert dispatch.forwarded_headers(headers) == [("Transfer-Encoding", "chunked"), ("Accept", "*/*")]
+
+
+def test_keeps_alive() -> None:
+    assert dispatch.keeps_alive("HTTP/1.1", [])
+    assert not dispatch.keeps_alive("HTTP/1.1", [("Connection", "Keep-Alive, Close")])
+    assert not dispatch.keeps_alive("HTTP/1.0", [("Connection", "keep-alive")])
+
+
+def test_basic_credentials() -> None:
+    def header(raw: bytes) -> list[tuple[str, str]]:
+        return [("Proxy-Authorization", "Basic " + base64.b64encode(raw).decode())]
+
+    assert dispatch.basic_credentials(header(b"alice:pa:ss")) == ("alice", "pa:ss")
+    assert dispatch.basic_credentials(header(b"no colon")) is None
+    assert dispatch.basic_credentials([("Proxy-Authorization", "Basic !!!")]) is None
+    assert dispatch.basic_credentials([("Proxy-Authorization", "Bearer abc")]) is None
+    assert dispatch.basic_credentials([]) is None
+
+
+def test_check_credentials() -> None:
+    with Dispatcher(["127.0.0.1"], port=0, credentials={"alice": "s3cret"}) as proxy:
+        assert proxy.requires_credentials
+        assert proxy.check_credentials("alice", "s3cret")
+        assert not proxy.check_credentials("alice", "s3cre")
+        assert not proxy.check_credentials("bob", "s3cret")
+        assert not proxy.check_credentials("bob", "")
+    with Dispatcher(["127.0.0.1"], port=0) as open_proxy:
+        assert not open_proxy.requires_credentials
+
+
+def test_error_response_is_complete() -> None:
+    response = dispatch.error_response(dispatch.HTTPStatus.BAD_GATEWAY, "connection refused")
+    assert response == (
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 36\r\nConnection: close\r\n\r\n502 Bad Gateway: connection refused\n"
+    )
+
+
+def test_udp_datagram_round_trip() -> None:
+    for host in ("192.0.2.1", "2001:db8::1", "example.com"):
+        datagram = dispatch.encode_udp_header(host, 53) + b"payload"
+        assert dispatch.parse_udp_datagram(datagram) == (0, host, 53, b"payload")
+    assert dispatch.parse_udp_datagram(b"\0\0\x02\x01\x7f\0\0\x01\0\x35")[0] == 2
+    with pytest.raises(dispatch.ProtocolError, match="truncated"):
+        dispatch.parse_udp_datagram(b"\0\0\0\x01\x7f\0")
+    with pytest.raises(dispatch.SocksError):
+        dispatch.parse_udp_datagram(b"\0\0\0\x09rest")
+
+
+# ---------------------------------------------------------------------------
 # The library
 # ---------------------------------------------------------------------------
 
@@ -639,9 +1417,10 @@ def test_stats_count_connections_and_bytes_per_address(
     while proxy.open_connections() and time.monotonic() < deadline:
         time.sleep(0.01)
     rows = {row["ip"]: row for row in proxy.stats()}
-    assert rows["127.0.0.2"] | {"bytes_up": 0} == {
-        "ip": "127.0.0.2", "interface": None, "weight": 2, "connections": 2,
-        "open": 0, "bytes_up": 0, "bytes_down": 40,
+    keys = ("ip", "interface", "weight", "state", "connections", "open", "bytes_down")
+    assert {key: rows["127.0.0.2"][key] for key in keys} == {
+        "ip": "127.0.0.2", "interface": None, "weight": 2, "state": "up", "connections": 2,
+        "open": 0, "bytes_down": 40,
     }
     assert rows["127.0.0.2"]["bytes_up"] == 40
     assert (rows["127.0.0.3"]["connections"], rows["127.0.0.3"]["bytes_down"]) == (1, 20)
@@ -819,6 +1598,7 @@ def test_failed_address_sits_out_for_the_cooldown(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.INFO, logger="dispatch"):
         balancer.reached(live, [(dark, TimeoutError("timed out"))])
         assert "sitting out for 30 s: 10.0.0.1: timed out" in caplog.text
+        assert [row["state"] for row in balancer.stats()] == ["down", "up", "up"]
         picks = [balancer.next(socket.AF_INET).ip for _ in range(20)]
         assert "10.0.0.1" not in picks
         assert picks.count("10.0.0.2") == picks.count("10.0.0.3") == 10
@@ -828,7 +1608,7 @@ def test_failed_address_sits_out_for_the_cooldown(caplog: pytest.LogCaptureFixtu
         assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
         balancer.reached(dark)
         assert "back in use: 10.0.0.1" in caplog.text
-        assert dark.sitting_out_until is None
+        assert (dark.sitting_out_until, dark.state) == (None, "up")
 
 
 def test_when_every_address_sits_out_they_are_tried_anyway_in_turn() -> None:
@@ -891,6 +1671,7 @@ def test_interface_links_follow_address_changes(caplog: pytest.LogCaptureFixture
         assert "wlan0 now has 10.0.0.7 (had 10.0.0.5)" in caplog.text
     rows = {row["ip"]: row for row in balancer.stats()}
     assert rows["10.0.0.5"]["connections"] == 1  # the old address keeps its counts
+    assert (rows["10.0.0.5"]["state"], rows["10.0.0.7"]["state"]) == ("gone", "up")
     assert rows["10.0.0.7"]["interface"] == "wlan0"
     assert [a.ip for a in balancer.addresses] == ["10.0.0.7", "10.9.0.1"]
 

@@ -472,11 +472,12 @@ def process_tree(root: int) -> list[int]:
 
 
 def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process tree, including its children that exited and were reaped."""
     total = 0
     for pid in process_tree(root):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            total += sum(map(int, fields[11:15]))  # utime, stime, cutime, cstime
     return total / CLK_TCK
 
 
@@ -1035,10 +1036,17 @@ def describe_settings(s: Settings) -> str:
             f"{s.held} held connections")
 
 
-def report(bench: Bench, burst: dict[str, Any] | None) -> str:
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def report(bench: Bench, burst: dict[str, Any] | None, load_before: str) -> str:
     modes = ", ".join(f"{t.name} {'pipelined' if t.route.pipelined else 'sequential'}"
                       for t in bench.targets if t.pid)
-    parts = [machine_line(), describe_settings(bench.settings),
+    parts = [machine_line(),
+             f"load average (1/5/15 min) before: {load_before}, after: {load_average()} "
+             f"(other work on the machine skews every figure)",
+             describe_settings(bench.settings),
              f"SOCKS5 handshake (greeting+request in one write where the proxy accepts it): {modes}",
              "", figures_table(bench), "", cpu_table(bench)]
     if burst:
@@ -1149,6 +1157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="dispatch-bench-") as tmp:
             wait_for_time_wait()
+            load_before = load_average()
             servers = start_target_servers(children)
             targets = start_targets(args.only, Path(tmp), servers.echo, children)
             bench = Bench(settings, servers, targets)
@@ -1163,10 +1172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     burst = run_burst(bench, dispatch)
                 except WorkerError as error:
                     bench.notes.append(f"burst: {error}")
-            print(report(bench, burst), flush=True)
+            print(report(bench, burst, load_before), flush=True)
             if args.json:
                 args.json.write_text(json.dumps({
-                    "machine": machine_line(), "settings": vars(settings),
+                    "machine": machine_line(), "load_before": load_before, "load_after": load_average(),
+                    "settings": vars(settings),
                     "targets": {t.name: {"pipelined": t.route.pipelined} for t in targets},
                     "figures": bench.figures, "burst": burst, "notes": bench.notes}, indent=1))
     finally:

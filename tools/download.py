@@ -54,7 +54,7 @@ import netlab  # noqa: E402  (sibling module)
 CHUNK = 1_000_000
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 10.0
-MAX_ATTEMPTS = 4  # per chunk, before the download gives up on it
+MAX_ATTEMPTS = 6  # per chunk, before the download gives up on it
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -488,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS),
                    help="comma-separated: rules,metrics")
     b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--seconds", type=float, default=8.0,
+    b.add_argument("--seconds", type=float, default=20.0,
                    help="size files to last about this long at the expected rate")
     b.add_argument("--rates", type=netlab._rates_arg, default=list(netlab.DEFAULT_RATES),
                    help="uplink rates in kB/s, comma-separated")

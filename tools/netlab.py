@@ -531,14 +531,13 @@ class Lab:
                        f"{link.server_ifname} {link.server_addr}  "
                        f"{'DARK' if self.is_dark(link.index) else 'lit'}  "
                        f"tx {count.tx_bytes} rx {count.rx_bytes}  [{qdisc}]")
-        for title, args in (("client rules", ("rule",)),
-                            ("client routes", ("route", "show", "table", "all")),
-                            ("server routes", ("route",))):
-            which = "server" if title.startswith("server") else "client"
+        for which, title, args in (("client", "client rules", ("rule",)),
+                                   ("client", "client routes", ("route", "show", "table", "all")),
+                                   ("server", "server routes", ("route", "show", "table", "all"))):
             out.append(f"  {title}:")
-            out += ["    " + line for line in self._ip(which, *args).stdout.splitlines()
-                    if "local" not in line.split()[:1] and "table local" not in line
-                    and not line.startswith(("fe80", "multicast", "ff00"))]
+            lines = self._ip(which, "-4", *args).stdout.splitlines()
+            # The kernel's local/broadcast routes are noise here.
+            out += ["    " + line for line in lines if "table local" not in line]
         pids = {ns: _namespace_pids(ns) for ns in (self.client_ns, self.server_ns)}
         out.append(f"  processes: {pids}")
         return "\n".join(out)
