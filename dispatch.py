@@ -2362,9 +2362,11 @@ class Dispatcher:
             return len(self._connections)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address: ip, interface, weight, state ("up"),
-        connections (total and open), bytes each way, and the rates each way
-        in bytes per second since the previous call."""
+        """Per local address (every one a link has had): ip, interface,
+        weight, state ("up", "down" while sitting out, "gone" once its
+        interface no longer holds it), connections (total and open), bytes
+        each way, and the rates each way in bytes per second since the
+        previous call."""
         return self.balancer.stats()
 
     def _track(self, sock: socket.socket, open_: bool) -> None:
