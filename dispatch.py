@@ -304,6 +304,8 @@ def _is_target_answer(error: OSError) -> bool:
     """Whether a failed connect got an answer from the target (a refusal):
     the link that carried it works."""
     return not isinstance(error, SocksError) and error.errno in _TARGET_ANSWER_ERRNOS
+
+
 def _http_status(error: OSError) -> HTTPStatus:
     """Map the OS error of a failed upstream connect to an HTTP status."""
     if isinstance(error, HttpError):
