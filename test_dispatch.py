@@ -640,6 +640,10 @@ def test_threads_are_reused_and_then_released(proxy: Dispatcher, echo_server: Se
         with client_through(proxy, (echo_server.host, echo_server.port)) as client:
             assert round_trip(client, b"%d" % index) == b"%d" % index
             seen |= _serving_threads() - earlier
+        # The thread logs the connection before it is idle again.
+        deadline = time.monotonic() + TIMEOUT
+        while not proxy._server._idle_threads and time.monotonic() < deadline:
+            time.sleep(0.001)
     assert len(seen) == 1  # one thread served all twenty, one after another
     deadline = time.monotonic() + TIMEOUT
     while seen & _serving_threads() and time.monotonic() < deadline:
