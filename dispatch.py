@@ -48,7 +48,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -61,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Dispatcher",
     "LocalAddress",
+    "Link",
     "WeightedRoundRobin",
     "SocksError",
     "AddressError",
@@ -69,6 +70,8 @@ __all__ = [
     "parse_credentials",
     "credentials_match",
     "usable_addresses",
+    "usable_interface_addresses",
+    "resolve_links",
     "format_stats",
     "main",
 ]
@@ -173,6 +176,42 @@ _REPLY_BY_ERRNO = {
 _IP_BIND_ADDRESS_NO_PORT = getattr(
     socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
 )
+
+# Errors of a connect that are the link's fault, not the target's answer: the
+# connection is tried again through another address. A refusal (ECONNREFUSED)
+# is the target's answer: another link would get the same.
+_LINK_FAILURE_ERRNO_NAMES = (
+    "ENETUNREACH", "ENETDOWN", "EHOSTUNREACH", "EADDRNOTAVAIL", "ENODEV",
+    "WSAENETUNREACH", "WSAENETDOWN", "WSAEHOSTUNREACH", "WSAEADDRNOTAVAIL",
+)
+_LINK_FAILURE_ERRNOS = frozenset(
+    getattr(errno, name) for name in _LINK_FAILURE_ERRNO_NAMES if hasattr(errno, name)
+)
+# Errors that prove a packet went out and the target answered.
+_TARGET_ANSWER_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ECONNREFUSED", "WSAECONNREFUSED") if hasattr(errno, name)
+)
+# Errors of SO_BINDTODEVICE when the process may not use it.
+_NOT_PERMITTED_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EPERM", "EACCES") if hasattr(errno, name)
+)
+
+# Binding a socket to a device makes it leave by that device whatever the
+# routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
+# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
+# source address, so the bound address is enough there.
+_SO_BINDTODEVICE = getattr(
+    socket, "SO_BINDTODEVICE", 25 if sys.platform.startswith("linux") else None
+)
+_IP_BOUND_IF = getattr(socket, "IP_BOUND_IF", 25 if sys.platform == "darwin" else None)
+_IPV6_BOUND_IF = getattr(socket, "IPV6_BOUND_IF", 125 if sys.platform == "darwin" else None)
+_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
+
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
+DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
+# How often interface addresses are read again, at most: DHCP renewals and
+# new networks are seen within this, at the cost of one read per interval.
+INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
 
 # Created non-blocking in one call where the platform allows it.
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -304,6 +343,23 @@ def _reply_code(error: OSError) -> Reply:
     if isinstance(error, TimeoutError):
         return Reply.TTL_EXPIRED
     return _REPLY_BY_ERRNO.get(error.errno, Reply.GENERAL_FAILURE)
+
+
+def _is_link_failure(error: OSError) -> bool:
+    """Whether a failed upstream connect is the fault of the local link
+    (unreachable, down, address gone, timed out), so that another local
+    address may succeed where this one failed."""
+    if isinstance(error, SocksError):
+        return False
+    if isinstance(error, TimeoutError):
+        return True
+    return error.errno in _LINK_FAILURE_ERRNOS
+
+
+def _is_target_answer(error: OSError) -> bool:
+    """Whether a failed connect got an answer from the target (a refusal):
+    the link that carried it works."""
+    return not isinstance(error, SocksError) and error.errno in _TARGET_ANSWER_ERRNOS
 
 
 def _http_status(error: OSError) -> HTTPStatus:
@@ -832,9 +888,12 @@ def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str,
 class LocalAddress:
     """One local address that outgoing connections may leave from.
 
-    ``interface`` is the name of the interface holding it, where known.
-    ``state`` is "up" while connections are dispatched to it.
-    Counters are kept per address for ``Dispatcher.stats()``.
+    ``interface`` is the name of the interface holding it, where known:
+    connections from it are bound to that device. ``state`` is "up" while
+    connections are dispatched to it, "down" while it sits out after a link
+    failure (until ``sitting_out_until``, a ``time.monotonic()`` value), and
+    "gone" once its interface no longer holds it. Counters are kept per
+    address for ``Dispatcher.stats()``.
     """
 
     ip: str
@@ -845,6 +904,7 @@ class LocalAddress:
     open_connections: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    sitting_out_until: float | None = None
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -854,6 +914,61 @@ class LocalAddress:
     def describe(self) -> str:
         """The address and its interface, as logs show them."""
         return f"{self.ip} ({self.interface})" if self.interface else self.ip
+
+    def sitting_out(self, now: float) -> bool:
+        """Whether the address sits out at time ``now``."""
+        return self.sitting_out_until is not None and now < self.sitting_out_until
+
+
+class Link:
+    """A way out as it was named: one IP address, or an interface whose usable
+    addresses are followed as they change (a DHCP renewal, a new network).
+
+    ``current`` are the addresses to use now; ``known`` keeps every address
+    the link has had, by IP, so that counters survive an address going away
+    and coming back.
+    """
+
+    def __init__(
+        self, name: str, weight: int = 1, addresses: Iterable[LocalAddress] = (), *, is_interface: bool = False
+    ) -> None:
+        self.name = name
+        self.weight = weight
+        self.is_interface = is_interface
+        self.current = list(addresses)
+        self.known = {address.ip: address for address in self.current}
+
+    @classmethod
+    def of_address(cls, address: LocalAddress) -> Link:
+        """A link of one fixed address."""
+        return cls(address.ip, address.weight, [address])
+
+    @classmethod
+    def of_interface(cls, name: str, weight: int, ips: Sequence[str]) -> Link:
+        """A link that follows interface ``name``, holding ``ips`` for now."""
+        link = cls(name, weight, is_interface=True)
+        link.follow(ips)
+        return link
+
+    def follow(self, ips: Sequence[str]) -> bool:
+        """Make ``ips`` the current addresses; return whether they changed."""
+        before = [address.ip for address in self.current]
+        self.current = []
+        for ip in ips:
+            if ip not in self.known:
+                self.known[ip] = LocalAddress(ip, self.weight, self.name)
+            self.current.append(self.known[ip])
+        for address in self.known.values():
+            if address not in self.current:
+                address.state = "gone"
+            elif address.state == "gone":
+                address.state = "down" if address.sitting_out_until is not None else "up"
+        return before != list(ips)
+
+    def describe(self) -> str:
+        """The link's name and its current addresses, as logs show them."""
+        ips = ", ".join(address.ip for address in self.current) or "no usable address"
+        return f"{self.name} ({ips})" if self.is_interface else self.name
 
 
 class WeightedRoundRobin:
@@ -875,6 +990,11 @@ class WeightedRoundRobin:
         self._current = [0] * len(items)
         self._total = sum(weights)
 
+    @property
+    def period(self) -> int:
+        """How many calls make one full turn; after it, the state is as before."""
+        return self._total
+
     def next(self) -> Any:
         """Return the next item."""
         best = 0
@@ -886,27 +1006,92 @@ class WeightedRoundRobin:
         return self.items[best]
 
 
-class Balancer:
-    """Chooses the local address of each new connection, per address family."""
+InterfaceReader = Callable[[], dict[str, list[str]]]
 
-    def __init__(self, addresses: Sequence[LocalAddress]) -> None:
-        if not addresses:
+
+class Balancer:
+    """Chooses the local address of each new connection, per address family.
+
+    Addresses sitting out after a link failure are skipped while others are
+    left; the links that follow an interface are read again at most every
+    INTERFACE_REFRESH_INTERVAL seconds, when a connection asks for an address.
+    ``read_interfaces`` returns the usable addresses of each interface by
+    name and ``clock`` tells monotonic seconds; tests may pass their own.
+    """
+
+    def __init__(
+        self,
+        links: Sequence[Link | LocalAddress],
+        *,
+        cooldown: float = DEFAULT_COOLDOWN,
+        read_interfaces: InterfaceReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.links = [link if isinstance(link, Link) else Link.of_address(link) for link in links]
+        if not any(link.current for link in self.links):
             raise AddressError("no local address to dispatch to")
-        self.addresses = list(addresses)
+        self.cooldown = cooldown
+        self._read_interfaces = read_interfaces or usable_interface_addresses
+        self._clock = clock
         self._lock = threading.Lock()
+        self._follows = any(link.is_interface for link in self.links)
+        self._next_refresh = clock() + INTERFACE_REFRESH_INTERVAL
         # Byte counts at the previous stats() call, for the current rates.
         self._sampled_at = time.monotonic()
         self._samples = {id(address): (0, 0) for address in self.addresses}
         self._rounds: dict[socket.AddressFamily, WeightedRoundRobin] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._rounds = {}
         for family in (socket.AF_INET, socket.AF_INET6):
             pool = [address for address in self.addresses if address.family == family]
             if pool:
                 self._rounds[family] = WeightedRoundRobin(pool, [a.weight for a in pool])
 
     @property
+    def addresses(self) -> list[LocalAddress]:
+        """The addresses connections are dispatched to now, each once."""
+        seen: dict[str, LocalAddress] = {}
+        for link in self.links:
+            for address in link.current:
+                seen.setdefault(address.ip, address)
+        return list(seen.values())
+
+    @property
     def families(self) -> frozenset[socket.AddressFamily]:
         """The address families there are local addresses for."""
-        return frozenset(self._rounds)
+        with self._lock:
+            self._refresh_if_due()
+            return frozenset(self._rounds)
+
+    def _refresh_if_due(self) -> None:
+        now = self._clock()
+        if not self._follows or now < self._next_refresh:
+            return
+        self._next_refresh = now + INTERFACE_REFRESH_INTERVAL
+        try:
+            found = self._read_interfaces()
+        except (OSError, AddressError) as error:
+            logger.debug("cannot read the interfaces: %s", error)
+            return
+        changed = False
+        for link in self.links:
+            if not link.is_interface:
+                continue
+            had = [address.ip for address in link.current]
+            if not link.follow(found.get(link.name, [])):
+                continue
+            changed = True
+            if not link.current:
+                logger.warning("%s has no usable address for now: skipped", link.name)
+            elif not had:
+                logger.info("%s is back: %s", link.name, ", ".join(a.ip for a in link.current))
+            else:
+                logger.info("%s now has %s (had %s)", link.name,
+                            ", ".join(a.ip for a in link.current), ", ".join(had))
+        if changed:
+            self._rebuild()
 
     def next(self, family: socket.AddressFamily) -> LocalAddress:
         """The local address for a new connection of ``family``.
@@ -914,6 +1099,7 @@ class Balancer:
         Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
         """
         with self._lock:
+            self._refresh_if_due()
             rounds = self._rounds.get(family)
             if rounds is None:
                 name = "IPv6" if family == socket.AF_INET6 else "IPv4"
@@ -921,7 +1107,51 @@ class Balancer:
                     Reply.ADDRESS_TYPE_NOT_SUPPORTED,
                     f"no {name} local address to dispatch to",
                 )
-            return rounds.next()
+            chosen = self._pick(rounds, ())
+            # With nothing excluded, _pick always finds one.
+            return chosen if chosen is not None else rounds.next()
+
+    def alternative(self, family: socket.AddressFamily, tried: Collection[LocalAddress]) -> LocalAddress | None:
+        """Another address of ``family`` for a connection that failed through
+        the ``tried`` ones, or None when every address has been tried."""
+        with self._lock:
+            rounds = self._rounds.get(family)
+            return None if rounds is None else self._pick(rounds, tried)
+
+    def _pick(self, rounds: WeightedRoundRobin, exclude: Collection[LocalAddress]) -> LocalAddress | None:
+        now = self._clock()
+        # One full period visits every address; skipping some keeps the
+        # others in their weights' proportions.
+        for _ in range(rounds.period):
+            address = rounds.next()
+            if address not in exclude and not address.sitting_out(now):
+                return address
+        # A full period leaves the rotation as it was. Every address left is
+        # sitting out: try them anyway, in turn, rather than fail.
+        for _ in range(rounds.period):
+            address = rounds.next()
+            if address not in exclude:
+                return address
+        return None
+
+    def reached(self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = ()) -> None:
+        """Record that ``address`` reached a target the ``failed`` addresses
+        could not: they sit out for the cooldown, and ``address``, if it was
+        sitting out, is back."""
+        with self._lock:
+            now = self._clock()
+            for down, error in failed:
+                if down is address:
+                    continue
+                down.sitting_out_until = now + self.cooldown
+                down.state = "down"
+                logger.warning(
+                    "sitting out for %g s: %s: %s", self.cooldown, down.describe(), _describe(error)
+                )
+            if address.sitting_out_until is not None:
+                address.sitting_out_until = None
+                address.state = "up"
+                logger.info("back in use: %s", address.describe())
 
     def opened(self, address: LocalAddress) -> None:
         """Count a connection made through ``address``."""
@@ -941,7 +1171,7 @@ class Balancer:
             address.bytes_down += down
 
     def stats(self) -> list[dict[str, Any]]:
-        """A snapshot of each address's counters.
+        """A snapshot of the counters of every address each link has had.
 
         ``rate_up`` and ``rate_down`` are in bytes per second since the
         previous call (since the start for the first one).
@@ -950,9 +1180,13 @@ class Balancer:
             now = time.monotonic()
             elapsed = max(now - self._sampled_at, 1e-6)
             self._sampled_at = now
+            known: dict[str, LocalAddress] = {}
+            for link in self.links:
+                for address in link.known.values():
+                    known.setdefault(address.ip, address)
             rows = []
-            for address in self.addresses:
-                up_before, down_before = self._samples[id(address)]
+            for address in known.values():
+                up_before, down_before = self._samples.get(id(address), (0, 0))
                 self._samples[id(address)] = (address.bytes_up, address.bytes_down)
                 rows.append({
                     "ip": address.ip,
@@ -1027,16 +1261,32 @@ def _is_up(interface: str) -> bool:
         return True
 
 
+def usable_interface_addresses() -> dict[str, list[str]]:
+    """The usable addresses of each interface that is up, by name."""
+    found: dict[str, list[str]] = {}
+    for name, ips in _interfaces().items():
+        if _is_up(name):
+            found[name] = [ip for ip in ips if _is_usable(ipaddress.ip_address(ip))]
+    return found
+
+
 def usable_addresses() -> list[LocalAddress]:
     """Every usable address of every up interface, weight 1 each."""
-    found = []
-    for name, ips in _interfaces().items():
-        if not _is_up(name):
-            continue
-        for ip in ips:
-            if _is_usable(ipaddress.ip_address(ip)):
-                found.append(LocalAddress(ip, 1, name))
-    return found
+    return [
+        LocalAddress(ip, 1, name) for name, ips in usable_interface_addresses().items() for ip in ips
+    ]
+
+
+def _is_ip_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
+
+
+def _has_ifaddr() -> bool:
+    try:
+        import ifaddr  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_bindable(ip: str) -> None:
@@ -1049,46 +1299,73 @@ def _check_bindable(ip: str) -> None:
             raise AddressError(f"{ip} is not an address of this machine ({_describe(error)})") from None
 
 
-def resolve_addresses(specs: Iterable[str | LocalAddress] | None) -> list[LocalAddress]:
-    """Turn ``ADDRESS[@WEIGHT]`` texts into LocalAddress objects.
+def _interface_of(ip: str, interfaces: dict[str, list[str]]) -> str | None:
+    """The name of the interface holding ``ip``, if any."""
+    wanted = ipaddress.ip_address(ip)
+    for name, ips in interfaces.items():
+        if any(ipaddress.ip_address(other) == wanted for other in ips):
+            return name
+    return None
 
-    An interface name stands for its usable addresses; None or an empty list
-    means every usable address of every up interface. Raises AddressError.
+
+def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
+    """Turn ``ADDRESS[@WEIGHT]`` texts (or LocalAddress objects) into links.
+
+    An interface name becomes a link that follows the interface's usable
+    addresses; it may have none for now. An IP address is looked up among
+    the interfaces (with ifaddr, if installed) so that its connections can be
+    bound to its device. None or an empty list means every interface with a
+    usable address now. Raises AddressError.
     """
     specs = list(specs or [])
     if not specs:
-        found = usable_addresses()
-        if not found:
+        links = [Link.of_interface(name, 1, ips) for name, ips in usable_interface_addresses().items() if ips]
+        if not links:
             raise AddressError("no usable address on any interface; name one")
-        return found
-    addresses: list[LocalAddress] = []
+        return links
+    links: list[Link] = []
     interfaces: dict[str, list[str]] | None = None
+
+    def read_interfaces(required: bool) -> dict[str, list[str]]:
+        nonlocal interfaces
+        if interfaces is None:
+            try:
+                interfaces = _interfaces()
+            except AddressError:
+                if required:
+                    raise
+                return {}  # without ifaddr, IP addresses are bound as sources only
+        return interfaces
+
     for spec in specs:
         if isinstance(spec, LocalAddress):
             _check_bindable(spec.ip)
-            addresses.append(spec)
+            if spec.interface is None:
+                spec.interface = _interface_of(spec.ip, read_interfaces(required=False))
+            links.append(Link.of_address(spec))
             continue
         name, weight = parse_address(spec)
         if _is_ip(name):
             ip = str(ipaddress.ip_address(name))
             _check_bindable(ip)
-            addresses.append(LocalAddress(ip, weight))
+            interface = _interface_of(ip, read_interfaces(required=False))
+            links.append(Link.of_address(LocalAddress(ip, weight, interface)))
             continue
-        if interfaces is None:
-            interfaces = _interfaces()
-        if name not in interfaces:
-            known = ", ".join(sorted(interfaces)) or "none"
-            raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {known})")
-        ips = [ip for ip in interfaces[name] if _is_usable(ipaddress.ip_address(ip))]
-        if not ips:
-            raise AddressError(f"interface {name!r} has no usable address")
-        addresses.extend(LocalAddress(ip, weight, name) for ip in ips)
+        known = read_interfaces(required=True)
+        if name not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {names})")
+        up = _is_up(name)
+        ips = [ip for ip in known[name] if up and _is_usable(ipaddress.ip_address(ip))]
+        links.append(Link.of_interface(name, weight, ips))
     seen = set()
-    for address in addresses:
+    for address in (address for link in links for address in link.current):
         if address.ip in seen:
             raise AddressError(f"{address.ip} is given more than once")
         seen.add(address.ip)
-    return addresses
+    if not seen:
+        raise AddressError("none of the interfaces given has a usable address")
+    return links
 
 
 # ---------------------------------------------------------------------------
@@ -1119,12 +1396,59 @@ def _resolve_target(
     return targets
 
 
-def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> socket.socket:
-    """A non-blocking socket bound to ``local`` and connected to (ip, port)."""
+class _DeviceBindingRefused(OSError):
+    """The system does not let this process bind sockets to a device."""
+
+
+def _device_for(local: LocalAddress, ip: str) -> str | None:
+    """The device a connection from ``local`` to ``ip`` is bound to, if any.
+
+    None where devices cannot be bound, where the interface of ``local`` is
+    not known, and for loopback targets: a socket bound to eth0 cannot reach
+    127.0.0.1.
+    """
+    if not _CAN_BIND_TO_DEVICE or _is_ip_loopback(ip):
+        return None
+    return local.interface
+
+
+def _bind_to_device(sock: socket.socket, interface: str) -> None:
+    """Make ``sock`` leave by ``interface`` whatever the routing table says.
+
+    Raises _DeviceBindingRefused if the system does not allow it, and an
+    OSError of the link (ENODEV) if the interface is gone.
+    """
+    try:
+        if _SO_BINDTODEVICE is not None:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
+            return
+        try:
+            index = socket.if_nametoindex(interface)
+        except OSError:
+            raise OSError(errno.ENODEV, f"no interface {interface}") from None
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_BOUND_IF, index)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BOUND_IF, index)
+    except OSError as error:
+        if error.errno in _NOT_PERMITTED_ERRNOS:
+            raise _DeviceBindingRefused(error.errno, error.strerror) from None
+        raise
+
+
+def _connect_from(
+    local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None
+) -> socket.socket:
+    """A non-blocking socket bound to ``local`` (and to ``device``, if
+    given) and connected to (ip, port)."""
     sock = socket.socket(local.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
     try:
         if not _SOCK_NONBLOCK:
             sock.setblocking(False)
+        # Before bind: unprivileged SO_BINDTODEVICE (Linux 5.7+) is only
+        # allowed on a socket that is not bound yet.
+        if device is not None:
+            _bind_to_device(sock, device)
         if _IP_BIND_ADDRESS_NO_PORT is not None:
             # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
@@ -1141,10 +1465,13 @@ def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float) -> so
     return sock
 
 
-def _udp_socket_from(local: LocalAddress) -> socket.socket:
-    """A UDP socket bound to ``local``, for a UDP association's traffic."""
+def _udp_socket_from(local: LocalAddress, device: str | None = None) -> socket.socket:
+    """A UDP socket bound to ``local`` (and to ``device``, if given), for a
+    UDP association's traffic."""
     sock = socket.socket(local.family, socket.SOCK_DGRAM)
     try:
+        if device is not None:
+            _bind_to_device(sock, device)
         sock.bind((local.ip, 0))
     except BaseException:
         sock.close()
@@ -1561,6 +1888,9 @@ class SocksHandler(socketserver.StreamRequestHandler):
     def connect_upstream(self, host: str, port: int) -> socket.socket:
         """Connect to the target from a dispatched local address.
 
+        When the link of the chosen address fails (unreachable, down, timed
+        out...), the other addresses of the family are tried in turn, and
+        those that failed sit out once another one has reached the target.
         Each address of a name is tried in turn until one connects (a name
         may resolve to ::1 first while only 127.0.0.1 listens); a connection
         takes one local address per family. Raises the last error.
@@ -1571,14 +1901,27 @@ class SocksHandler(socketserver.StreamRequestHandler):
         for family, ip in _resolve_target(host, port, balancer.families):
             if family not in chosen:
                 chosen[family] = balancer.next(family)
-            self.local = chosen[family]
-            try:
-                upstream = _connect_from(self.local, ip, port, self.dispatcher.connect_timeout)
-            except OSError as failure:
-                error = failure
-                continue
-            balancer.opened(self.local)
-            return upstream
+            local: LocalAddress | None = chosen[family]
+            failed: list[tuple[LocalAddress, OSError]] = []
+            while local is not None:
+                self.local = local
+                try:
+                    upstream = self.dispatcher.open_upstream(local, ip, port)
+                except OSError as failure:
+                    error = failure
+                    if _is_link_failure(failure):
+                        failed.append((local, failure))
+                        local = balancer.alternative(family, [down for down, _ in failed])
+                        continue
+                    if _is_target_answer(failure):
+                        balancer.reached(local, failed)
+                    chosen[family] = local
+                    break
+                balancer.reached(local, failed)
+                balancer.opened(local)
+                return upstream
+            # No address reached this target: nothing says the links are to
+            # blame (the target may be down), so none is made to sit out.
         raise error
 
     def udp_associate(self, host: str, port: int) -> UdpAssociation:
@@ -1591,11 +1934,12 @@ class SocksHandler(socketserver.StreamRequestHandler):
         """
         balancer = self.dispatcher.balancer
         family = socket.AF_INET6 if _is_ip(host) and ":" in host else socket.AF_INET
-        if family not in balancer.families:
-            (family,) = balancer.families
+        families = balancer.families
+        if family not in families and families:
+            (family,) = families
         self.local = balancer.next(family)
         self.target = "UDP"
-        upstream = _udp_socket_from(self.local)
+        upstream = self.dispatcher.open_udp(self.local)
         try:
             client_side = socket.socket(self.connection.family, socket.SOCK_DGRAM)
         except OSError:
@@ -2128,16 +2472,20 @@ class Dispatcher:
         host: str = "127.0.0.1",
         port: int = 1080,
         *,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        cooldown: float = DEFAULT_COOLDOWN,
         idle_timeout: float | None = None,
         max_connections: int | None = None,
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
     ) -> None:
-        self.balancer = Balancer(resolve_addresses(addresses))
+        self.balancer = Balancer(resolve_links(addresses), cooldown=cooldown)
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
+        self._device_binding_refused = False
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
         self.idle_timeout = idle_timeout
         self.max_connections = default_max_connections() if max_connections is None else max_connections
         if self.max_connections < 1:
@@ -2211,6 +2559,59 @@ class Dispatcher:
             # The handlers now see their sockets closed; let them log it.
             self._changed.wait_for(lambda: not self._clients, timeout=CLOSE_TIMEOUT)
 
+    def open_upstream(self, local: LocalAddress, ip: str, port: int) -> socket.socket:
+        """A socket from ``local`` connected to (ip, port), bound to the
+        device of ``local`` where the system allows it.
+
+        Without the device, Linux routes by destination alone: a connection
+        from the Wi-Fi's address may leave by the cable and be dropped.
+        """
+        try:
+            return _connect_from(local, ip, port, self.connect_timeout, self._device(local, ip))
+        except _DeviceBindingRefused as refusal:
+            self._device_refused(refusal)
+            return _connect_from(local, ip, port, self.connect_timeout)
+
+    def open_udp(self, local: LocalAddress) -> socket.socket:
+        """A UDP socket from ``local``, bound to its device where the system
+        allows it, unless ``local`` is a loopback address."""
+        # Datagrams may go to any target. Those from a loopback address go to
+        # loopback ones, which a device-bound socket could not reach; the
+        # address itself stands for them.
+        try:
+            return _udp_socket_from(local, self._device(local, local.ip))
+        except _DeviceBindingRefused as refusal:
+            self._device_refused(refusal)
+            return _udp_socket_from(local)
+
+    def _device(self, local: LocalAddress, ip: str) -> str | None:
+        if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_ip_loopback(ip):
+            self._warn_once(
+                "no-interface",
+                "no interface is known for %s%s: its connections are bound to the source address only",
+                local.ip,
+                "" if _has_ifaddr() else " (the ifaddr package is not installed)",
+            )
+        return None if self._device_binding_refused else _device_for(local, ip)
+
+    def _device_refused(self, refusal: OSError) -> None:
+        self._device_binding_refused = True
+        self._warn_once(
+            "device-refused",
+            "binding sockets to their interface is not permitted (%s): binding source "
+            "addresses only, so connections may leave by the wrong link. To fix it, give "
+            "dispatch CAP_NET_RAW (run it as root, or setcap cap_net_raw+ep on the Python "
+            "binary), or route by source address: ip rule add from ADDR table N, with a "
+            "default route by that link in table N",
+            refusal.strerror,
+        )
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        with self._warned_lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(message, *args)
     @property
     def requires_credentials(self) -> bool:
         """Whether clients must give a user name and password."""
@@ -2228,9 +2629,11 @@ class Dispatcher:
             return len(self._clients)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address: ip, interface, weight, state ("up"),
-        connections (total and open), bytes each way, and the rates each way
-        in bytes per second since the previous call."""
+        """Per local address (every one a link has had): ip, interface,
+        weight, state ("up", "down" while sitting out, "gone" once its
+        interface no longer holds it), connections (total and open), bytes
+        each way, and the rates each way in bytes per second since the
+        previous call."""
         return self.balancer.stats()
 
     def _admit(self, sock: socket.socket, client_address: tuple[Any, ...]) -> bool:
@@ -2335,9 +2738,14 @@ def _list_interfaces(out: Any) -> int:
     return 0
 
 
-def _address_table(addresses: Sequence[LocalAddress]) -> str:
+def _address_table(links: Sequence[Link]) -> str:
     rows = [("ADDRESS", "INTERFACE", "WEIGHT")]
-    rows += [(a.ip, a.interface or "-", str(a.weight)) for a in addresses]
+    for link in links:
+        interface = link.name if link.is_interface else None
+        for address in link.current:
+            rows.append((address.ip, address.interface or "-", str(link.weight)))
+        if not link.current:
+            rows.append(("(none for now)", interface or "-", str(link.weight)))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     return "\n".join(
         "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
@@ -2492,7 +2900,7 @@ def _start(args: argparse.Namespace) -> int:
         users = _credentials(args)
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port,
-            connect_timeout=args.connect_timeout,
+            connect_timeout=args.connect_timeout, cooldown=args.cooldown,
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
@@ -2519,7 +2927,7 @@ def _start(args: argparse.Namespace) -> int:
     lines = [
         f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {_format_endpoint(host, port)}",
         "dispatching to:",
-        _address_table(dispatcher.addresses),
+        _address_table(dispatcher.balancer.links),
         f"clients allowed from: {allowed}{default}",
         f"login: {len(users)} user(s), SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
         f"limits: {dispatcher.max_connections} connections at once{fits}, "
@@ -2586,7 +2994,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="start the proxy",
         description="Start the proxy. Each ADDRESS is an IP address or an interface "
         "name, with an optional weight: 10.0.0.2@7, wlan0@3 or 10.0.0.2/7. "
-        "With none, every usable address is used with weight 1.",
+        "An interface's addresses are followed as they change. "
+        "With none, every interface with a usable address is used with weight 1.",
     )
     start.add_argument(
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
@@ -2594,7 +3003,7 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     start.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
     start.add_argument(
-        "--connect-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+        "--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
         help="give up connecting upstream after this long (default 5)",
     )
     start.add_argument(
@@ -2626,6 +3035,10 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--grace", type=_seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
         help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
+    )
+    start.add_argument(
+        "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
+        help="after a link failure, leave the address out for this long (default 30)",
     )
     start.add_argument(
         "--stats", type=_seconds, metavar="SECONDS",

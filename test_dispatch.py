@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import resource
 import signal
 import socket
@@ -665,6 +666,10 @@ def test_threads_are_reused_and_then_released(proxy: Dispatcher, echo_server: Se
         with client_through(proxy, (echo_server.host, echo_server.port)) as client:
             assert round_trip(client, b"%d" % index) == b"%d" % index
             seen |= _serving_threads() - earlier
+        # The thread logs the connection before it is idle again.
+        deadline = time.monotonic() + TIMEOUT
+        while not proxy._server._idle_threads and time.monotonic() < deadline:
+            time.sleep(0.001)
     assert len(seen) == 1  # one thread served all twenty, one after another
     deadline = time.monotonic() + TIMEOUT
     while seen & _serving_threads() and time.monotonic() < deadline:
@@ -696,7 +701,8 @@ def test_one_log_line_per_connection(proxy: Dispatcher, echo_server: Server, cap
         proxy.shutdown()
     lines = [r.message for r in caplog.records if f"127.0.0.1:{client_port} ->" in r.message]
     assert len(lines) == 1
-    assert f"-> 127.0.0.1:{echo_server.port} via 127.0.0.1: ok, 5 B up, 5 B down" in lines[0]
+    via = proxy.addresses[0].describe()  # 127.0.0.1 (lo): literal addresses show their interface
+    assert f"-> 127.0.0.1:{echo_server.port} via {via}: ok, 5 B up, 5 B down" in lines[0]
 
 
 # ---------------------------------------------------------------------------
@@ -1153,7 +1159,8 @@ def test_udp_from_another_client_is_ignored(
                 assert client.recv(65535).endswith(b"second")
         proxy.shutdown()
     assert udp_echo.received == [b"first", b"second"]
-    assert any("-> UDP via 127.0.0.1: ok, 2 datagrams up, 2 down, 2 dropped" in r.message for r in caplog.records)
+    via = proxy.addresses[0].describe()  # 127.0.0.1 (lo)
+    assert any(f"-> UDP via {via}: ok, 2 datagrams up, 2 down, 2 dropped" in r.message for r in caplog.records)
 
 
 def test_udp_association_ends_with_its_tcp_connection(proxy: Dispatcher, udp_echo: UdpServer) -> None:
@@ -1591,6 +1598,302 @@ def test_socks5_address_round_trip() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Leaving by the chosen link: device binding, followed interfaces, failover
+# ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _failing(ip: str, error: OSError) -> list[tuple[dispatch.LocalAddress, OSError]]:
+    return [(dispatch.LocalAddress(ip), error)]
+
+
+@pytest.mark.parametrize(
+    "error, of_link",
+    [
+        (OSError(errno.ENETUNREACH, "unreachable"), True),
+        (OSError(errno.ENETDOWN, "down"), True),
+        (OSError(errno.EHOSTUNREACH, "no route"), True),
+        (OSError(errno.EADDRNOTAVAIL, "address gone"), True),
+        (OSError(errno.ENODEV, "no device"), True),
+        (TimeoutError("timed out"), True),
+        (OSError(errno.ETIMEDOUT, "timed out"), True),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
+        (OSError(errno.EACCES, "denied"), False),
+        (socket.gaierror(socket.EAI_NONAME, "unknown"), False),
+        (dispatch.SocksError(Reply.HOST_UNREACHABLE), False),
+    ],
+)
+def test_link_failures_are_told_from_the_targets_answer(error: OSError, of_link: bool) -> None:
+    assert dispatch._is_link_failure(error) is of_link
+    assert dispatch._is_target_answer(error) is (error.errno == errno.ECONNREFUSED)
+
+
+def _three_addresses(clock: FakeClock, weights: tuple[int, ...] = (1, 1, 1)) -> dispatch.Balancer:
+    addresses = [dispatch.LocalAddress(f"10.0.0.{n}", w) for n, w in zip((1, 2, 3), weights)]
+    return dispatch.Balancer(addresses, cooldown=30.0, clock=clock)
+
+
+def test_failed_address_sits_out_for_the_cooldown(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    balancer = _three_addresses(clock)
+    dark, live, _ = balancer.addresses
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        balancer.reached(live, [(dark, TimeoutError("timed out"))])
+        assert "sitting out for 30 s: 10.0.0.1: timed out" in caplog.text
+        assert [row["state"] for row in balancer.stats()] == ["down", "up", "up"]
+        picks = [balancer.next(socket.AF_INET).ip for _ in range(20)]
+        assert "10.0.0.1" not in picks
+        assert picks.count("10.0.0.2") == picks.count("10.0.0.3") == 10
+        clock.now += 29.9
+        assert "10.0.0.1" not in {balancer.next(socket.AF_INET).ip for _ in range(3)}
+        clock.now += 0.1
+        assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
+        balancer.reached(dark)
+        assert "back in use: 10.0.0.1" in caplog.text
+        assert (dark.sitting_out_until, dark.state) == (None, "up")
+
+
+def test_when_every_address_sits_out_they_are_tried_anyway_in_turn() -> None:
+    clock = FakeClock()
+    balancer = _three_addresses(clock)
+    for address in balancer.addresses:
+        address.sitting_out_until = clock.now + 30
+    picks = [balancer.next(socket.AF_INET).ip for _ in range(6)]
+    assert sorted(picks) == ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.3"]
+
+
+def test_sitting_out_keeps_the_others_in_proportion() -> None:
+    balancer = _three_addresses(FakeClock(), weights=(3, 3, 1))
+    cable, _, phone = balancer.addresses
+    balancer.reached(phone, [(balancer.addresses[1], TimeoutError())])
+    picks = [balancer.next(socket.AF_INET) for _ in range(40)]
+    assert (picks.count(cable), picks.count(phone)) == (30, 10)
+
+
+def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
+    clock = FakeClock()
+    balancer = _three_addresses(clock)
+    first, second, third = balancer.addresses
+    second.sitting_out_until = clock.now + 30
+    assert balancer.alternative(socket.AF_INET, [first]) is third
+    # Sitting out, but the only one left: tried anyway.
+    assert balancer.alternative(socket.AF_INET, [first, third]) is second
+    assert balancer.alternative(socket.AF_INET, [first, second, third]) is None
+    assert balancer.alternative(socket.AF_INET6, []) is None
+
+
+class FakeInterfaces:
+    """Stands in for the interface reader; counts how often it is read."""
+
+    def __init__(self, **interfaces: list[str]) -> None:
+        self.interfaces = interfaces
+        self.reads = 0
+
+    def __call__(self) -> dict[str, list[str]]:
+        self.reads += 1
+        return {name: list(ips) for name, ips in self.interfaces.items()}
+
+
+def test_interface_links_follow_address_changes(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    reader = FakeInterfaces(wlan0=["10.0.0.5"])
+    links = [dispatch.Link.of_interface("wlan0", 1, ["10.0.0.5"]), dispatch.LocalAddress("10.9.0.1")]
+    balancer = dispatch.Balancer(links, read_interfaces=reader, clock=clock)
+    wlan = balancer.next(socket.AF_INET)
+    assert (wlan.ip, wlan.interface) == ("10.0.0.5", "wlan0")
+    balancer.opened(wlan)
+    reader.interfaces["wlan0"] = ["10.0.0.7"]  # DHCP gave another address
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        clock.now += 1.0
+        assert {balancer.next(socket.AF_INET).ip for _ in range(4)} == {"10.0.0.5", "10.9.0.1"}
+        assert reader.reads == 0  # not before the refresh interval
+        clock.now += dispatch.INTERFACE_REFRESH_INTERVAL
+        assert {balancer.next(socket.AF_INET).ip for _ in range(4)} == {"10.0.0.7", "10.9.0.1"}
+        assert reader.reads == 1
+        assert "wlan0 now has 10.0.0.7 (had 10.0.0.5)" in caplog.text
+    rows = {row["ip"]: row for row in balancer.stats()}
+    assert rows["10.0.0.5"]["connections"] == 1  # the old address keeps its counts
+    assert (rows["10.0.0.5"]["state"], rows["10.0.0.7"]["state"]) == ("gone", "up")
+    assert rows["10.0.0.7"]["interface"] == "wlan0"
+    assert [a.ip for a in balancer.addresses] == ["10.0.0.7", "10.9.0.1"]
+
+
+def test_interface_without_address_is_skipped_until_it_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    reader = FakeInterfaces(usb0=["10.0.0.5", "fd00::5"])
+    links = [dispatch.Link.of_interface("usb0", 1, ["10.0.0.5", "fd00::5"]), dispatch.LocalAddress("fd00::9")]
+    balancer = dispatch.Balancer(links, read_interfaces=reader, clock=clock)
+    del reader.interfaces["usb0"]  # unplugged
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for _ in range(3):
+            clock.now += dispatch.INTERFACE_REFRESH_INTERVAL
+            assert balancer.next(socket.AF_INET6).ip == "fd00::9"
+        assert caplog.text.count("usb0 has no usable address for now: skipped") == 1
+        assert balancer.families == {socket.AF_INET6}
+        with pytest.raises(dispatch.SocksError, match="no IPv4 local address"):
+            balancer.next(socket.AF_INET)
+        reader.interfaces["usb0"] = ["10.0.0.6"]
+        clock.now += dispatch.INTERFACE_REFRESH_INTERVAL
+        assert balancer.next(socket.AF_INET).ip == "10.0.0.6"
+        assert "usb0 is back: 10.0.0.6" in caplog.text
+
+
+def test_device_is_bound_except_for_loopback_targets() -> None:
+    local = dispatch.LocalAddress("192.0.2.2", interface="eth0")
+    expected = "eth0" if dispatch._CAN_BIND_TO_DEVICE else None
+    assert dispatch._device_for(local, "203.0.113.80") == expected
+    assert dispatch._device_for(local, "2001:db8::1") == expected
+    assert dispatch._device_for(local, "127.0.0.1") is None
+    assert dispatch._device_for(local, "127.9.9.9") is None
+    assert dispatch._device_for(local, "::1") is None
+    assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
+
+
+def test_literal_address_is_mapped_to_its_interface() -> None:
+    (link,) = dispatch.resolve_links(["127.0.0.1@4"])
+    (address,) = link.current
+    assert (address.ip, address.weight, address.interface) == ("127.0.0.1", 4, "lo")
+
+
+def _non_loopback_address() -> dispatch.LocalAddress | None:
+    for address in dispatch.usable_addresses():
+        if address.family == socket.AF_INET:
+            return address
+    return None
+
+
+def test_loopback_target_is_reached_from_another_interfaces_address(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server
+) -> None:
+    """A socket bound to eth0 cannot reach 127.0.0.1: no device for loopback."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no IPv4 address outside loopback here")
+    proxy = make_proxy([address.ip])
+    assert proxy.addresses[0].interface == address.interface
+    with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+        assert read_all(client).decode() == address.ip
+
+
+def test_refused_device_binding_warns_once_and_binds_the_source(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = []
+
+    def refuse(sock: socket.socket, interface: str) -> None:
+        attempts.append(interface)
+        raise dispatch._DeviceBindingRefused(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(dispatch, "_device_for", lambda local, ip: "lo")
+    monkeypatch.setattr(dispatch, "_bind_to_device", refuse)
+    proxy = make_proxy(["127.0.0.2"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for _ in range(3):
+            with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+                assert read_all(client) == b"127.0.0.2"
+    assert attempts == ["lo"]  # not tried again after the refusal
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not permitted" in warnings[0]
+    assert "CAP_NET_RAW" in warnings[0] and "ip rule add from ADDR table N" in warnings[0]
+
+
+@pytest.fixture
+def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
+    """Interfaces as a test says; loopback addresses count as usable."""
+    reader = FakeInterfaces()
+    monkeypatch.setattr(dispatch, "_interfaces", reader)
+    monkeypatch.setattr(dispatch, "_is_up", lambda name: True)
+    monkeypatch.setattr(dispatch, "_is_usable", lambda ip: True)
+    monkeypatch.setattr(dispatch, "INTERFACE_REFRESH_INTERVAL", 0.05)
+    return reader
+
+
+def _peers_seen(proxy: Dispatcher, server: Server, count: int) -> list[str]:
+    seen = []
+    for _ in range(count):
+        with client_through(proxy, (server.host, server.port)) as client:
+            seen.append(read_all(client).decode())
+    return seen
+
+
+def test_interface_name_follows_its_address_end_to_end(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_interfaces.interfaces["fake0"] = ["127.0.0.2"]
+    proxy = make_proxy(["fake0"])
+    assert _peers_seen(proxy, peer_server, 2) == ["127.0.0.2"] * 2
+    fake_interfaces.interfaces["fake0"] = ["127.0.0.3"]
+    deadline = time.monotonic() + TIMEOUT
+    while _peers_seen(proxy, peer_server, 1) != ["127.0.0.3"] and time.monotonic() < deadline:
+        pass
+    assert _peers_seen(proxy, peer_server, 2) == ["127.0.0.3"] * 2
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert rows["127.0.0.2"]["connections"] >= 2
+    assert rows["127.0.0.2"]["interface"] == rows["127.0.0.3"]["interface"] == "fake0"
+
+
+def test_link_failure_fails_over_and_the_address_sits_out(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 198.51.100.99 is not an address of this machine: binding it fails with
+    # EADDRNOTAVAIL, as when an interface loses its address.
+    fake_interfaces.interfaces.update(gone0=["198.51.100.99"], fake1=["127.0.0.3"])
+    proxy = make_proxy(["gone0", "fake1"], cooldown=0.3)
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        assert _peers_seen(proxy, peer_server, 4) == ["127.0.0.3"] * 4
+        assert caplog.text.count("sitting out for 0.3 s: 198.51.100.99 (gone0)") == 1
+        # After the cooldown the address is tried again (and fails again).
+        deadline = time.monotonic() + TIMEOUT
+        while caplog.text.count("sitting out for 0.3 s") < 2 and time.monotonic() < deadline:
+            assert _peers_seen(proxy, peer_server, 1) == ["127.0.0.3"]
+        assert caplog.text.count("sitting out for 0.3 s") == 2
+    rows = {row["ip"]: row["connections"] for row in proxy.stats()}
+    assert rows["198.51.100.99"] == 0
+
+
+def test_failure_through_every_address_makes_none_sit_out(
+    make_proxy: Callable[..., Dispatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target no link can reach says nothing against the links."""
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        for _ in range(2):
+            # TCP to a multicast group fails with ENETUNREACH from any address.
+            assert _socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
+    assert "sitting out" not in caplog.text
+    assert all(address.sitting_out_until is None for address in proxy.addresses)
+
+
+def test_refusal_is_the_targets_answer_not_a_failover(
+    make_proxy: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried = []
+    real_connect_from = dispatch._connect_from
+
+    def record(local: dispatch.LocalAddress, *args: Any) -> socket.socket:
+        tried.append(local.ip)
+        return real_connect_from(local, *args)
+
+    monkeypatch.setattr(dispatch, "_connect_from", record)
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    assert _socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+    assert tried == ["127.0.0.2"]
+
+
+# ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
 
@@ -1676,7 +1979,7 @@ def test_cli_start_serves_until_sigterm(
     assert f"log: {log_file}" in out
     assert "stopped after" in out and "1 connections, 11 B up, 11 B down" in out
     with open(log_file) as log:
-        assert "via 127.0.0.1: ok, 11 B up, 11 B down" in log.read()
+        assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
 def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) -> None:
@@ -1706,6 +2009,212 @@ def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) 
     assert process.returncode == 0
     assert "stopped after" in out
     assert err == ""
+
+
+# ---------------------------------------------------------------------------
+# The network lab: three shaped uplinks in namespaces (Linux, root)
+# ---------------------------------------------------------------------------
+#
+# dispatch runs inside the lab's client namespace as a user runs it, and the
+# SOCKS clients are made there too; the servers run in the server namespace.
+
+LAB_PROXY_PORT = 1080  # inside the client namespace, where nothing else listens
+LAB_DOWNLOAD_SIZE = 60_000
+
+
+def _netlab() -> Any:
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    try:
+        import netlab
+    finally:
+        sys.path.pop(0)
+    return netlab
+
+
+def _build_lab(setup: str) -> Iterator[Any]:
+    netlab = _netlab()
+    available, reason = netlab.Lab.available()
+    if not available:
+        pytest.skip(reason)
+    lab = netlab.Lab(name=f"dlab-t{os.getpid() % 100000}{setup[0]}", setup=setup)
+    with lab:
+        lab.start_peer_echo()
+        lab.start_http_server(size=LAB_DOWNLOAD_SIZE)
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def metrics_lab() -> Iterator[Any]:
+    """One default route per uplink with metrics, no rules: the usual desktop."""
+    yield from _build_lab("metrics")
+
+
+@pytest.fixture(scope="module")
+def rules_lab() -> Iterator[Any]:
+    """Source-address policy rules: binding the address alone picks the uplink."""
+    yield from _build_lab("rules")
+
+
+class LabProxy:
+    """``dispatch start`` running in a lab's client namespace."""
+
+    def __init__(self, lab: Any, arguments: list[str], log_file: str) -> None:
+        self.lab = lab
+        self.log_file = log_file
+        self.address = ("127.0.0.1", LAB_PROXY_PORT)
+        self.process = lab.client_popen(
+            [sys.executable, os.path.join(HERE, "dispatch.py"), "start", "--port", str(LAB_PROXY_PORT),
+             "--log-file", log_file, *arguments],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdout is not None
+        self.banner = []
+        for line in iter(self.process.stdout.readline, ""):
+            self.banner.append(line)
+            if line.startswith("log:"):
+                break
+        else:
+            raise AssertionError(f"dispatch did not start: {self.process.communicate(timeout=TIMEOUT)}")
+
+    def client(self, port: int, timeout: float = TIMEOUT) -> socks.socksocket:
+        """A PySocks socket in the client namespace, connected through dispatch."""
+        with _netlab().netns(self.lab.client_ns):
+            client = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+        client.set_proxy(socks.SOCKS5, *self.address)
+        client.settimeout(timeout)
+        try:
+            client.connect((self.lab.service_address, port))
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def peer(self) -> str:
+        """The source address the lab's peer-echo server sees."""
+        with self.client(_netlab().PEER_ECHO_PORT) as client:
+            return read_all(client).decode().strip()
+
+    def download(self, size: int) -> int:
+        """Fetch ``size`` bytes from the lab's HTTP server; return the body length."""
+        with self.client(_netlab().HTTP_PORT) as client:
+            request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
+            response = round_trip(client, request.encode())
+        head, _, body = response.partition(b"\r\n\r\n")
+        return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
+
+    def log(self) -> str:
+        with open(self.log_file) as log:
+            return log.read()
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        out, err = self.process.communicate(timeout=TIMEOUT)
+        assert (self.process.returncode, err) == (0, "")
+        return out
+
+
+@pytest.fixture
+def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
+    started: list[LabProxy] = []
+
+    def start(lab: Any, *arguments: str) -> LabProxy:
+        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"))
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.stop()
+
+
+def test_lab_uplink_counters_show_each_link_carries_its_share(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Without binding to the device, uplinks 2 and 3 do not work at all here."""
+    proxy = lab_proxy(metrics_lab, *(link.client_addr for link in metrics_lab.uplinks))
+    before = metrics_lab.counters()
+    sizes: list[int | str] = []
+
+    def download_six() -> None:
+        for _ in range(6):
+            try:
+                sizes.append(proxy.download(LAB_DOWNLOAD_SIZE))
+            except OSError as error:
+                sizes.append(repr(error))
+
+    # Five at a time: the lab's HTTP server has socketserver's accept queue
+    # of 5, and connections beyond it may be closed unanswered.
+    threads = [threading.Thread(target=download_six) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    after = metrics_lab.counters()
+    assert sizes == [LAB_DOWNLOAD_SIZE] * 30
+    share = 10 * LAB_DOWNLOAD_SIZE
+    for index in (1, 2, 3):
+        received = after[index].rx_bytes - before[index].rx_bytes
+        # Payload plus TCP/IP and Ethernet headers, a few percent more.
+        assert share <= received <= share * 1.15, f"uplink {index} received {received} B"
+    # Each connection's log line is written once its relay has ended.
+    deadline = time.monotonic() + TIMEOUT
+    while (log := proxy.log()).count(": ok,") < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for link in metrics_lab.uplinks:
+        assert log.count(f"via {link.client_addr} ({link.client_ifname}): ok") == 10
+
+
+@pytest.mark.parametrize("lab_name", ["metrics_lab", "rules_lab"])
+def test_lab_interface_names_work(
+    lab_name: str, request: pytest.FixtureRequest, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    lab = request.getfixturevalue(lab_name)
+    proxy = lab_proxy(lab, *(link.client_ifname for link in lab.uplinks))
+    seen = [proxy.peer() for _ in range(6)]
+    addresses = [link.client_addr for link in lab.uplinks]
+    assert seen == addresses * 2
+
+
+def test_lab_start_without_addresses_uses_every_uplink(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    proxy = lab_proxy(metrics_lab)
+    banner = "".join(proxy.banner)
+    for link in metrics_lab.uplinks:
+        assert f"{link.client_addr}  {link.client_ifname}" in banner
+    seen = [proxy.peer() for _ in range(6)]
+    assert sorted(seen) == sorted([link.client_addr for link in metrics_lab.uplinks] * 2)
+
+
+def test_lab_dark_link_fails_over_then_comes_back_after_the_cooldown(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    connect_timeout, cooldown = 1.0, 2.0
+    dark = metrics_lab.uplink(1)
+    proxy = lab_proxy(
+        metrics_lab, "--connect-timeout", str(connect_timeout), "--cooldown", str(cooldown),
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    metrics_lab.darken(1)
+    try:
+        durations, seen = [], []
+        for _ in range(9):
+            started = time.monotonic()
+            seen.append(proxy.peer())
+            durations.append(time.monotonic() - started)
+        waited = [d for d in durations if d >= connect_timeout]
+        assert 1 <= len(waited) <= 2, durations
+        assert durations[-1] < connect_timeout
+        assert dark.client_addr not in seen
+        assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
+        assert f"sitting out for 2 s: {dark.client_addr} ({dark.client_ifname}): timed out" in proxy.log()
+    finally:
+        metrics_lab.restore(1)
+    deadline = time.monotonic() + cooldown + TIMEOUT
+    while proxy.peer() != dark.client_addr:
+        assert time.monotonic() < deadline, "the restored link was not used again"
+    assert f"back in use: {dark.client_addr} ({dark.client_ifname})" in proxy.log()
 
 
 # ---------------------------------------------------------------------------
