@@ -404,18 +404,23 @@ def test_unreachable_network_gets_reply_03(proxy: Dispatcher) -> None:
     assert _socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
 
 
-def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) -> None:
-    # A listener whose accept queue is full drops new SYNs: the connect hangs.
+@contextlib.contextmanager
+def unanswered_address() -> Iterator[tuple[str, int]]:
+    """A loopback address where a connect hangs until it times out.
+
+    A listener whose accept queue is full drops new SYNs.
+    """
     with socket.socket() as full:
         full.bind(("127.0.0.1", 0))
         full.listen(0)
-        filler = socket.create_connection(full.getsockname(), timeout=TIMEOUT)
-        proxy = make_proxy(connect_timeout=0.3)
-        try:
-            code = _socks5_code_for(proxy, socks5_request(*full.getsockname()))
-        finally:
-            filler.close()
-    assert code == Reply.TTL_EXPIRED
+        with socket.create_connection(full.getsockname(), timeout=TIMEOUT):
+            yield full.getsockname()
+
+
+def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(connect_timeout=0.3)
+    with unanswered_address() as (host, port):
+        assert _socks5_code_for(proxy, socks5_request(host, port)) == Reply.TTL_EXPIRED
 
 
 def test_unknown_command_gets_reply_07(proxy: Dispatcher, echo_server: Server) -> None:
@@ -983,16 +988,9 @@ def test_unreachable_origin_gets_502(proxy: Dispatcher) -> None:
 
 
 def test_origin_connect_timeout_gets_504(make_proxy: Callable[..., Dispatcher]) -> None:
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        filler = socket.create_connection(full.getsockname(), timeout=TIMEOUT)
-        proxy = make_proxy(connect_timeout=0.3)
-        try:
-            host, port = full.getsockname()
-            status = http_exchange(proxy, f"GET http://{host}:{port}/ HTTP/1.1\r\n\r\n".encode())[0]
-        finally:
-            filler.close()
+    proxy = make_proxy(connect_timeout=0.3)
+    with unanswered_address() as (host, port):
+        status = http_exchange(proxy, f"GET http://{host}:{port}/ HTTP/1.1\r\n\r\n".encode())[0]
     assert status == 504
 
 

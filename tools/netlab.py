@@ -683,6 +683,12 @@ def make_http_handler(file: GeneratedFile) -> type[http.server.BaseHTTPRequestHa
 class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # many connections arrive at once through the proxy
+
+
+class _ThreadingHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # a download manager opens its connections at once
 
 
 class _PeerEchoHandler(socketserver.BaseRequestHandler):
@@ -695,9 +701,8 @@ def serve(kind: str, port: int, host: str = "0.0.0.0", size: int = 50_000_000,
           lifetime: float = 3600.0) -> None:
     """Run a lab server in the current namespace until ``lifetime`` seconds pass."""
     if kind == "http":
-        server: socketserver.TCPServer = http.server.ThreadingHTTPServer(
+        server: socketserver.TCPServer = _ThreadingHTTPServer(
             (host, port), make_http_handler(GeneratedFile(size)))
-        server.daemon_threads = True
     elif kind == "peer-echo":
         server = _ThreadingTCPServer((host, port), _PeerEchoHandler)
     else:
