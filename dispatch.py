@@ -224,10 +224,12 @@ RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
 # into the process (Linux). A direction switches to it once it has carried
 # SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
 _CAN_SPLICE = fcntl is not None and all(
-    hasattr(module, name) for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"))
+    hasattr(module, name)
+    for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"), (fcntl, "F_GETPIPE_SZ"))
 )
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 SPLICE_AFTER = 1024 * 1024
+STEPS_WITHOUT_POLL = 16  # receive-and-send rounds of one direction between polls
 PIPE_SIZE = 1024 * 1024
 MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
 # The most the handshake reader receives ahead of what it has used: a SOCKS4
@@ -1511,16 +1513,12 @@ def relay(
                 wait = last_activity + idle_timeout - time.monotonic()
                 if wait <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, f"idle for {idle_timeout:g} s")
-            wanted: dict[socket.socket, int] = {}
+            wanted = {client: 0, upstream: 0}
             for direction in directions:
-                if direction.done:
-                    continue
-                if direction.queued:
-                    wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
-                else:
-                    wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
-            for sock in (client, upstream):
-                events = wanted.get(sock, 0)
+                read, write = direction.awaits()
+                wanted[direction.src] |= read
+                wanted[direction.dst] |= write
+            for sock, events in wanted.items():
                 if registered.get(sock, 0) == events:
                     continue
                 if not events:
@@ -1558,7 +1556,8 @@ class _Direction:
 
     Bytes are received into memory and sent on; on Linux a direction that
     has carried a lot moves them through a pipe with splice() instead, so
-    bulk transfers skip the copies in and out of the process. Short
+    bulk transfers skip the copies in and out of the process, and the pipe
+    takes in more while ``dst`` is still taking what it holds. Short
     connections never pay for the pipe's two descriptors.
     """
 
@@ -1567,6 +1566,7 @@ class _Direction:
         self.dst = dst
         self.pending = memoryview(early)  # received, not yet sent (copy mode)
         self.pipe: tuple[int, int] | None = None
+        self.pipe_size = 0
         self.in_pipe = 0  # received, not yet sent (splice mode)
         self.eof = False
         self.done = False
@@ -1577,14 +1577,33 @@ class _Direction:
         """Bytes received from ``src`` that ``dst`` has yet to take."""
         return self.in_pipe if self.pipe else len(self.pending)
 
+    def _has_room(self) -> bool:
+        if self.eof:
+            return False
+        return self.in_pipe < self.pipe_size if self.pipe else not self.pending
+
+    def awaits(self) -> tuple[int, int]:
+        """The events this direction waits for on ``src`` and on ``dst``."""
+        if self.done:
+            return 0, 0
+        read = selectors.EVENT_READ if self._has_room() else 0
+        write = selectors.EVENT_WRITE if self.queued else 0
+        return read, write
+
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
+        readable = src_events & selectors.EVENT_READ
+        writable = dst_events & selectors.EVENT_WRITE
         sent = 0
-        if self.queued and dst_events & selectors.EVENT_WRITE:
-            sent = self._send()
-        elif not self.queued and src_events & selectors.EVENT_READ:
-            if self._receive():
-                sent = self._send()
+        # Go on while both sides keep up, rather than polling between every
+        # receive and send: a bulk transfer makes fewer trips through poll.
+        for _ in range(STEPS_WITHOUT_POLL):
+            received = readable and self._has_room() and self._receive()
+            # The receiver usually has room: try at once.
+            moved = self._send() if self.queued and (writable or received) else 0
+            sent += moved
+            if not received or not moved:
+                break
         if self.eof and not self.queued:
             self.done = True
             self.close()
@@ -1596,12 +1615,14 @@ class _Direction:
 
     def _receive(self) -> bool:
         """Receive what ``src`` has; return whether anything came."""
-        if self.pipe is None and self.total >= SPLICE_AFTER:
-            self.pipe = _open_pipe()
+        if self.pipe is None and self.total >= SPLICE_AFTER and not self.pending:
+            self.pipe, self.pipe_size = _open_pipe()
         try:
             if self.pipe:
-                self.in_pipe = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-                received = self.in_pipe
+                received = os.splice(
+                    self.src.fileno(), self.pipe[1], self.pipe_size - self.in_pipe, flags=_SPLICE_FLAGS
+                )
+                self.in_pipe += received
             else:
                 data = self.src.recv(RELAY_BUFFER_SIZE)
                 self.pending = memoryview(data)
@@ -1641,19 +1662,20 @@ class _Direction:
             self.pipe = None
 
 
-def _open_pipe() -> tuple[int, int] | None:
-    """A non-blocking pipe for splice(), or None where there is none to have."""
+def _open_pipe() -> tuple[tuple[int, int] | None, int]:
+    """A non-blocking pipe for splice() and its size; (None, 0) where there
+    is none to have."""
     if not _CAN_SPLICE:
-        return None
+        return None, 0
     try:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None  # out of descriptors: copying works without them
+        return None, 0  # out of descriptors: copying works without them
     try:
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size: the default size works too
-    return read_end, write_end
+    return (read_end, write_end), fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
