@@ -1963,20 +1963,29 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self.local = balancer.next(family)
         self.target = "UDP"
         upstream = self.dispatcher.open_udp(self.local)
+        # Datagrams come to the address the client reached the proxy at. An
+        # IPv4 client of a dual-stack listener reached ::ffff:a.b.c.d, which
+        # it cannot send to: it gets an IPv4 socket (and an IPv4 reply).
+        family = self.connection.family
+        proxy_ip = self.connection.getsockname()[0]
+        client_ip = _split_host(self.client_address)[0]
+        unmapped = _client_ip(proxy_ip)
+        if family == socket.AF_INET6 and isinstance(unmapped, ipaddress.IPv4Address):
+            family = socket.AF_INET
+            proxy_ip = str(unmapped)
+            client_ip = str(_client_ip(client_ip))
         try:
-            client_side = socket.socket(self.connection.family, socket.SOCK_DGRAM)
+            client_side = socket.socket(family, socket.SOCK_DGRAM)
         except OSError:
             upstream.close()
             raise
         try:
-            # Datagrams come to the address the client reached the proxy at.
-            client_side.bind((self.connection.getsockname()[0], 0))
+            client_side.bind((proxy_ip, 0))
         except OSError:
             upstream.close()
             client_side.close()
             raise
         balancer.opened(self.local)
-        client_ip = _split_host(self.client_address)[0]
         return UdpAssociation(self, client_side, upstream, client_ip, port or None)
 
     def relay(self, upstream: socket.socket) -> None:
@@ -2173,8 +2182,9 @@ class HttpProxySession:
         self.reader = handler.reader
         self.origin: _Origin | None = None
         self.responded = False
-        # Past the request head, every read and write on the client waits
-        # at most this long, as a blocking call.
+        # Between request heads, every read and write on the client waits
+        # at most this long, as a blocking call. A head is read with the
+        # socket non-blocking, so that its deadline holds for the whole head.
         self.client.settimeout(self.dispatcher.handshake_timeout)
 
     def serve(self) -> None:
@@ -2217,8 +2227,10 @@ class HttpProxySession:
             handler.log_line(result)
 
     def _read_request(self) -> tuple[str, str, str, Headers]:
-        # The whole head must come in time, each request of a kept connection anew.
+        # The whole head must come in time, each request of a kept connection
+        # anew: a client dripping a byte now and then must not hold a thread.
         self.reader.deadline = time.monotonic() + self.dispatcher.handshake_timeout
+        self.client.setblocking(False)
         try:
             lines = _read_head(self.reader)
             method, target, version = parse_request_line(lines[0])
@@ -2233,6 +2245,7 @@ class HttpProxySession:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
         finally:
             self.reader.deadline = float("inf")
+            self.client.settimeout(self.dispatcher.handshake_timeout)
 
     def _authorize(self, headers: Headers) -> None:
         if not self.dispatcher.requires_credentials:
@@ -2285,26 +2298,25 @@ class HttpProxySession:
         ]
         outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
 
-        origin = self._origin_for(host, port)
-
-        def send_up(data: bytes) -> None:
-            origin.sock.sendall(data)
-            self._count(len(data), 0)
-
         if expects_continue:
             self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
-        send_up(encode_head(f"{method} {path} HTTP/1.1", outgoing))
+        origin = self._send_head(host, port, encode_head(f"{method} {path} HTTP/1.1", outgoing), length == 0)
         try:
-            _copy_body(self.reader, length, send_up)
+            _copy_body(self.reader, length, lambda data: self._send_up(origin, data))
         except ProtocolError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
+        except TimeoutError:
+            # Only the client's reads time out here: _send_up turns the
+            # origin's into a 504.
+            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request body did not come in time") from None
 
         try:
             while True:
                 lines = _read_head(origin.reader)
                 response_version, status, reason = parse_status_line(lines[0])
                 response_headers = parse_header_lines(lines[1:])
-                if not 100 <= status < 200 or status == HTTPStatus.SWITCHING_PROTOCOLS:
+                # Upgrade is not forwarded, so no 101 Switching Protocols comes.
+                if not 100 <= status < 200:
                     break
                 if not (expects_continue and status == HTTPStatus.CONTINUE):
                     self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
@@ -2317,7 +2329,7 @@ class HttpProxySession:
         except LineTooLong as error:
             raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
 
-        framed = response_length != UNTIL_CLOSE and status != HTTPStatus.SWITCHING_PROTOCOLS
+        framed = response_length != UNTIL_CLOSE
         client_stays = keeps_alive(version, headers) and framed
         origin_stays = keeps_alive(response_version, response_headers) and framed
         # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
@@ -2336,6 +2348,30 @@ class HttpProxySession:
             self._drop_origin()
         return status, client_stays
 
+    def _send_head(self, host: str, port: int, head: bytes, retryable: bool) -> _Origin:
+        """Send a request head to (host, port); return the origin connection.
+
+        A kept connection may have been closed by the origin just as the
+        request went out: it then fails before any byte of the response.
+        A ``retryable`` request (one without a body: nothing else is lost)
+        is then sent once more, on a new connection.
+        """
+        kept = self.origin
+        origin = self._origin_for(host, port)
+        if origin is not kept or not retryable:
+            self._send_up(origin, head)
+            return origin
+        try:
+            self._send_up(origin, head)
+            if origin.reader.has_more():
+                return origin
+        except ConnectionError:
+            pass
+        self._drop_origin()
+        origin = self._origin_for(host, port)
+        self._send_up(origin, head)
+        return origin
+
     def _origin_for(self, host: str, port: int) -> _Origin:
         """The kept connection to (host, port) if it is still good, else a new one."""
         origin = self.origin
@@ -2344,6 +2380,8 @@ class HttpProxySession:
             return origin
         self._drop_origin()
         sock = self.handler.connect_upstream(host, port)
+        # Tracked, so that shutdown() wakes a thread waiting for a response.
+        self.dispatcher._track_upstream(sock, True)
         sock.settimeout(HTTP_RESPONSE_TIMEOUT)
         reader = HandshakeReader(sock, eof_message="the origin closed before the response ended")
         self.origin = _Origin(host, port, sock, reader, self.handler.local)
@@ -2352,10 +2390,18 @@ class HttpProxySession:
     def _drop_origin(self) -> None:
         if self.origin is None:
             return
+        self.dispatcher._track_upstream(self.origin.sock, False)
         self.origin.sock.close()
         if self.origin.local is not None:
             self.dispatcher.balancer.closed(self.origin.local)
         self.origin = None
+
+    def _send_up(self, origin: _Origin, data: bytes) -> None:
+        try:
+            origin.sock.sendall(data)
+        except TimeoutError:
+            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
+        self._count(len(data), 0)
 
     def _send_down(self, data: bytes) -> None:
         self.client.sendall(data)
