@@ -2937,3 +2937,130 @@ def test_random_payloads_with_half_closes_arrive_byte_exact(proxy: Dispatcher) -
     (row,) = proxy.stats()
     assert row["bytes_up"] == sum(len(case[0]) for case in cases)
     assert row["bytes_down"] == sum(len(case[2]) for case in cases)
+
+
+# ---------------------------------------------------------------------------
+# HTTP proxy: slow clients, silent origins, kept connections, dual stack UDP
+# ---------------------------------------------------------------------------
+
+
+def read_request_head(conn: socket.socket) -> bytes:
+    """Read a request head from ``conn``; b"" if it closed first."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            return b""
+        head += chunk
+    return head
+
+
+def test_slowly_dripped_request_head_gets_408_in_handshake_time(
+    make_proxy: Callable[..., Dispatcher], origin: str
+) -> None:
+    proxy = make_proxy(handshake_timeout=0.5)
+    head = f"GET {origin}/ HTTP/1.1\r\nX-Slow: {'a' * 1000}\r\n\r\n".encode()
+    answer = b""
+    with raw_client(proxy) as slow:
+        started = time.monotonic()
+        slow.settimeout(0.1)  # one byte each 0.1 s, well within the timeout of a single read
+        for index in range(len(head)):
+            if index == 3:
+                assert http_exchange(proxy, f"GET {origin}/other HTTP/1.1\r\n\r\n".encode())[0] == 200
+            if time.monotonic() - started > 5:
+                break
+            try:
+                slow.send(head[index : index + 1])
+                answer = slow.recv(65536)
+                break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        elapsed = time.monotonic() - started
+        slow.settimeout(TIMEOUT)
+        with contextlib.suppress(OSError):
+            answer += read_all(slow)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert elapsed < 3
+
+
+def test_slow_request_body_gets_408(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+    proxy = make_proxy(handshake_timeout=0.5)
+    request = f"POST {origin}/ HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf".encode()
+    assert http_exchange(proxy, request)[0] == 408
+
+
+@pytest.fixture
+def silent_origin() -> Iterator[tuple[Server, threading.Event]]:
+    """An origin that takes requests and never answers; the event tells that one came."""
+    asked = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            asked.set()
+
+    server = Server(serve)
+    yield server, asked
+    server.close()
+
+
+def test_origin_slow_to_answer_gets_504(
+    proxy: Dispatcher, silent_origin: tuple[Server, threading.Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch, "HTTP_RESPONSE_TIMEOUT", 0.5)
+    server, _ = silent_origin
+    request = f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode()
+    assert http_exchange(proxy, request)[0] == 504
+
+
+def test_shutdown_wakes_a_request_waiting_for_its_origin(
+    proxy: Dispatcher, silent_origin: tuple[Server, threading.Event]
+) -> None:
+    server, asked = silent_origin
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
+        assert asked.wait(TIMEOUT)
+        started = time.monotonic()
+        proxy.shutdown()
+        assert time.monotonic() - started < 5
+        assert proxy.open_connections() == 0  # the serving thread saw the close
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(65536) == b""
+
+
+def answer_once_then_close(conn: socket.socket) -> None:
+    """Answer one request as if keeping the connection, then close on the next."""
+    read_request_head(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    read_request_head(conn)
+
+
+def test_request_on_a_kept_origin_connection_closed_by_the_origin_is_retried(proxy: Dispatcher) -> None:
+    server = Server(answer_once_then_close)
+    try:
+        request = f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode()
+        with raw_client(proxy) as client:
+            for _ in range(3):
+                client.sendall(request)
+                assert read_response(client)[0::2] == (200, b"ok")
+    finally:
+        server.close()
+    assert len(server.connections) == 3
+
+
+@needs_ipv6
+def test_udp_associate_on_a_dual_stack_listener_answers_ipv4_clients_in_ipv4(
+    make_proxy: Callable[..., Dispatcher], udp_echo: UdpServer
+) -> None:
+    proxy = make_proxy(host="::")
+    port = proxy.address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert socks5_reply(sock)[:2] == (Reply.SUCCEEDED, "127.0.0.1")
+    with socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.set_proxy(socks.SOCKS5, "127.0.0.1", port)
+        client.settimeout(TIMEOUT)
+        client.sendto(b"over IPv4", (udp_echo.host, udp_echo.port))
+        assert client.recvfrom(65536)[0] == b"over IPv4"
