@@ -34,6 +34,7 @@ import base64
 import binascii
 import enum
 import errno
+import functools
 import hmac
 import ipaddress
 import logging
@@ -154,20 +155,23 @@ class Socks4Reply(enum.IntEnum):
     REJECTED = 0x5B
 
 
-# The errno names of each reply, looked up by name so that every platform's
-# numbers are right (Windows spells some of them WSAE...).
+def _errnos(*names: str) -> frozenset[int]:
+    """The numbers of the errno names this platform has.
+
+    Errors are named, not numbered, so that every platform's numbers are
+    right (Windows spells some of them WSAE...).
+    """
+    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+
+# The errno names of each reply.
 _ERRNO_REPLIES = {
     Reply.CONNECTION_REFUSED: ("ECONNREFUSED", "WSAECONNREFUSED"),
     Reply.NETWORK_UNREACHABLE: ("ENETUNREACH", "ENETDOWN", "WSAENETUNREACH", "WSAENETDOWN"),
     Reply.HOST_UNREACHABLE: ("EHOSTUNREACH", "EHOSTDOWN", "WSAEHOSTUNREACH", "WSAEHOSTDOWN"),
     Reply.TTL_EXPIRED: ("ETIMEDOUT", "WSAETIMEDOUT"),
 }
-_REPLY_BY_ERRNO = {
-    getattr(errno, name): reply
-    for reply, names in _ERRNO_REPLIES.items()
-    for name in names
-    if hasattr(errno, name)
-}
+_REPLY_BY_ERRNO = {number: reply for reply, names in _ERRNO_REPLIES.items() for number in _errnos(*names)}
 
 # Linux lets a socket bound to an address with port 0 defer choosing the port
 # until connect(), when the destination is known. Without it, the kernel must
@@ -180,21 +184,14 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(
 # Errors of a connect that are the link's fault, not the target's answer: the
 # connection is tried again through another address. A refusal (ECONNREFUSED)
 # is the target's answer: another link would get the same.
-_LINK_FAILURE_ERRNO_NAMES = (
+_LINK_FAILURE_ERRNOS = _errnos(
     "ENETUNREACH", "ENETDOWN", "EHOSTUNREACH", "EADDRNOTAVAIL", "ENODEV",
     "WSAENETUNREACH", "WSAENETDOWN", "WSAEHOSTUNREACH", "WSAEADDRNOTAVAIL",
 )
-_LINK_FAILURE_ERRNOS = frozenset(
-    getattr(errno, name) for name in _LINK_FAILURE_ERRNO_NAMES if hasattr(errno, name)
-)
 # Errors that prove a packet went out and the target answered.
-_TARGET_ANSWER_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ECONNREFUSED", "WSAECONNREFUSED") if hasattr(errno, name)
-)
+_TARGET_ANSWER_ERRNOS = _errnos("ECONNREFUSED", "WSAECONNREFUSED")
 # Errors of SO_BINDTODEVICE when the process may not use it.
-_NOT_PERMITTED_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("EPERM", "EACCES") if hasattr(errno, name)
-)
+_NOT_PERMITTED_ERRNOS = _errnos("EPERM", "EACCES")
 
 # Binding a socket to a device makes it leave by that device whatever the
 # routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
@@ -208,6 +205,9 @@ _IPV6_BOUND_IF = getattr(socket, "IPV6_BOUND_IF", 125 if sys.platform == "darwin
 _CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
+# Weights are proportions: 1,000 is finer than any link needs, and a round of
+# the balancer takes time in proportion to the sum of the weights.
+MAX_WEIGHT = 1000
 DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
 # How often interface addresses are read again, at most: DHCP renewals and
 # new networks are seen within this, at the cost of one read per interval.
@@ -215,9 +215,7 @@ INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
 
 # Created non-blocking in one call where the platform allows it.
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
-_CONNECT_IN_PROGRESS = {
-    getattr(errno, name) for name in ("EINPROGRESS", "EWOULDBLOCK", "EAGAIN") if hasattr(errno, name)
-}
+_CONNECT_IN_PROGRESS = _errnos("EINPROGRESS", "EWOULDBLOCK", "EAGAIN", "WSAEWOULDBLOCK")
 
 RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
 # splice() moves bytes between sockets through a pipe without copying them
@@ -665,17 +663,26 @@ def encode_socks5_address(host: str, port: int) -> bytes:
 
 
 def _decode_name(name: bytes) -> str:
+    """A host name from the wire, or SocksError(HOST_UNREACHABLE).
+
+    Only printable ASCII without spaces is a host name; anything else could
+    forge lines in the log, where the name is written.
+    """
     if not name:
         raise SocksError(Reply.HOST_UNREACHABLE, "empty host name")
-    try:
-        return name.decode("ascii")
-    except UnicodeDecodeError:
-        raise SocksError(Reply.HOST_UNREACHABLE, "host name is not ASCII") from None
+    if not all(0x21 <= byte <= 0x7E for byte in name):
+        raise SocksError(Reply.HOST_UNREACHABLE, "host name is not printable ASCII")
+    return name.decode("ascii")
 
 
 def _split_host(address: tuple[Any, ...]) -> tuple[str, int]:
     """(host, port) of a socket address of any family."""
     return address[0], address[1]
+
+
+def _family_of(ip: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 address, AF_INET for an IPv4 one."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def _format_endpoint(host: str, port: int) -> str:
@@ -912,7 +919,7 @@ class LocalAddress:
     @property
     def family(self) -> socket.AddressFamily:
         """AF_INET or AF_INET6."""
-        return socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+        return _family_of(self.ip)
 
     def describe(self) -> str:
         """The address and its interface, as logs show them."""
@@ -968,10 +975,6 @@ class Link:
                 address.state = "down" if address.sitting_out_until is not None else "up"
         return before != list(ips)
 
-    def describe(self) -> str:
-        """The link's name and its current addresses, as logs show them."""
-        ips = ", ".join(address.ip for address in self.current) or "no usable address"
-        return f"{self.name} ({ips})" if self.is_interface else self.name
 
 
 class WeightedRoundRobin:
@@ -979,7 +982,7 @@ class WeightedRoundRobin:
 
     Over every run of sum(weights) consecutive calls to ``next()``, each item
     is returned exactly its weight times, spread out rather than in runs:
-    weights 7 and 3 give A B A A B A A B A A, then the same again.
+    weights 7 and 3 give A B A A A B A A B A, then the same again.
     Not thread safe: callers hold a lock.
     """
 
@@ -1040,7 +1043,7 @@ class Balancer:
         self._follows = any(link.is_interface for link in self.links)
         self._next_refresh = clock() + INTERFACE_REFRESH_INTERVAL
         # Byte counts at the previous stats() call, for the current rates.
-        self._sampled_at = time.monotonic()
+        self._sampled_at = self._clock()
         self._samples = {id(address): (0, 0) for address in self.addresses}
         self._rounds: dict[socket.AddressFamily, WeightedRoundRobin] = {}
         self._rebuild()
@@ -1111,8 +1114,9 @@ class Balancer:
                     f"no {name} local address to dispatch to",
                 )
             chosen = self._pick(rounds, ())
-            # With nothing excluded, _pick always finds one.
-            return chosen if chosen is not None else rounds.next()
+            if chosen is None:  # with nothing excluded, _pick always finds one
+                raise AssertionError("no address in a non-empty rotation")
+            return chosen
 
     def alternative(self, family: socket.AddressFamily, tried: Collection[LocalAddress]) -> LocalAddress | None:
         """Another address of ``family`` for a connection that failed through
@@ -1180,7 +1184,7 @@ class Balancer:
         previous call (since the start for the first one).
         """
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             elapsed = max(now - self._sampled_at, 1e-6)
             self._sampled_at = now
             known: dict[str, LocalAddress] = {}
@@ -1195,7 +1199,9 @@ class Balancer:
                     "ip": address.ip,
                     "interface": address.interface,
                     "weight": address.weight,
-                    "state": address.state,
+                    # Past its cooldown an address is in use again, though
+                    # no connection may have gone through it yet.
+                    "state": "up" if address.state == "down" and not address.sitting_out(now) else address.state,
                     "connections": address.connections,
                     "open": address.open_connections,
                     "bytes_up": address.bytes_up,
@@ -1210,7 +1216,8 @@ def parse_address(text: str) -> tuple[str, int]:
     """Split ``ADDRESS[@WEIGHT]`` or ``ADDRESS/WEIGHT`` into (address, weight).
 
     ADDRESS is an IPv4 or IPv6 literal or an interface name; it is not checked
-    here. Raises AddressError for a weight that is not a positive integer.
+    here. Raises AddressError for a weight that is not a whole number from 1
+    to MAX_WEIGHT.
     """
     address, weight_text = text, "1"
     if "@" in text:
@@ -1219,8 +1226,8 @@ def parse_address(text: str) -> tuple[str, int]:
         address, _, weight_text = text.rpartition("/")
     if not address:
         raise AddressError(f"{text!r}: no address before the weight")
-    if not weight_text.isdigit() or int(weight_text) < 1:
-        raise AddressError(f"{text!r}: the weight must be a positive whole number")
+    if not weight_text.isdigit() or not 1 <= int(weight_text) <= MAX_WEIGHT:
+        raise AddressError(f"{text!r}: the weight must be a whole number from 1 to {MAX_WEIGHT}")
     return address, int(weight_text)
 
 
@@ -1280,11 +1287,19 @@ def usable_addresses() -> list[LocalAddress]:
     ]
 
 
-def _is_ip_loopback(ip: str) -> bool:
-    return ipaddress.ip_address(ip).is_loopback
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
+@functools.lru_cache(maxsize=None)
 def _has_ifaddr() -> bool:
+    """Whether the ifaddr package can be imported (asked once)."""
     try:
         import ifaddr  # noqa: F401
     except ImportError:
@@ -1294,7 +1309,7 @@ def _has_ifaddr() -> bool:
 
 def _check_bindable(ip: str) -> None:
     """Raise AddressError unless ``ip`` is an address of this machine."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    family = _family_of(ip)
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((ip, 0))
@@ -1385,7 +1400,7 @@ def _resolve_target(
     addresses for. Raises gaierror or SocksError(HOST_UNREACHABLE).
     """
     if _is_ip(host):
-        return [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
+        return [(_family_of(host), host)]
     # The name is ASCII already; as bytes it skips the idna codec, whose
     # errors are not OSErrors.
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
@@ -1410,7 +1425,7 @@ def _device_for(local: LocalAddress, ip: str) -> str | None:
     not known, and for loopback targets: a socket bound to eth0 cannot reach
     127.0.0.1.
     """
-    if not _CAN_BIND_TO_DEVICE or _is_ip_loopback(ip):
+    if not _CAN_BIND_TO_DEVICE or _is_loopback(ip):
         return None
     return local.interface
 
@@ -1448,6 +1463,8 @@ def _connect_from(
     try:
         if not _SOCK_NONBLOCK:
             sock.setblocking(False)
+        # A target that vanishes without a word must not hold a thread forever.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         # Before bind: unprivileged SO_BINDTODEVICE (Linux 5.7+) is only
         # allowed on a socket that is not bound yet.
         if device is not None:
@@ -1676,7 +1693,12 @@ def _open_pipe() -> tuple[tuple[int, int] | None, int]:
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size: the default size works too
-    return (read_end, write_end), fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    try:
+        return (read_end, write_end), fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None, 0
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
@@ -1705,7 +1727,7 @@ class _Server(socketserver.ThreadingTCPServer):
     max_idle_threads = 64
 
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = _family_of(address[0])
         self.dispatcher = dispatcher
         self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         self._idle_threads = 0  # waiting for a request, not yet promised one
@@ -1770,6 +1792,8 @@ class SocksHandler(socketserver.StreamRequestHandler):
         self.dispatcher = self.server.dispatcher
         super().setup()
         self.connection.setblocking(False)
+        # A client that vanishes without a word must not hold a thread forever.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         deadline = time.monotonic() + self.dispatcher.handshake_timeout
         self.reader = HandshakeReader(self.connection, deadline)
         self.started = time.monotonic()
@@ -1873,17 +1897,19 @@ class SocksHandler(socketserver.StreamRequestHandler):
         """Send a reply to the client."""
         _send_all_by(self.connection, data, time.monotonic() + self.dispatcher.handshake_timeout)
 
-    def _auth_reply(self, status: AuthStatus) -> None:
+    def _reply_quietly(self, data: bytes) -> None:
+        """Send a reply to a client that may have left already: the log line
+        says why the request ended, so a failed send is not news."""
         try:
-            self.send(bytes([AUTH_VERSION, status]))
+            self.send(data)
         except OSError:
             pass
 
+    def _auth_reply(self, status: AuthStatus) -> None:
+        self._reply_quietly(bytes([AUTH_VERSION, status]))
+
     def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
-        try:
-            self.send(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
-        except OSError:
-            pass  # the client left; the log line says why the request failed
+        self._reply_quietly(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
 
     def socks4(self) -> socket.socket:
         try:
@@ -1903,10 +1929,7 @@ class SocksHandler(socketserver.StreamRequestHandler):
         return upstream
 
     def _socks4_reply(self, reply: Socks4Reply, port: int = 0, ip: str = "0.0.0.0") -> None:
-        try:
-            self.send(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
-        except OSError:
-            pass
+        self._reply_quietly(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
 
     def connect_upstream(self, host: str, port: int) -> socket.socket:
         """Connect to the target from a dispatched local address.
@@ -2663,7 +2686,7 @@ class Dispatcher:
             return _udp_socket_from(local)
 
     def _device(self, local: LocalAddress, ip: str) -> str | None:
-        if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_ip_loopback(ip):
+        if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_loopback(ip):
             self._warn_once(
                 "no-interface",
                 "no interface is known for %s%s: its connections are bound to the source address only",
@@ -2678,9 +2701,9 @@ class Dispatcher:
             "device-refused",
             "binding sockets to their interface is not permitted (%s): binding source "
             "addresses only, so connections may leave by the wrong link. To fix it, give "
-            "dispatch CAP_NET_RAW (run it as root, or setcap cap_net_raw+ep on the Python "
-            "binary), or route by source address: ip rule add from ADDR table N, with a "
-            "default route by that link in table N",
+            "dispatch CAP_NET_RAW (run it as root, or as a service with "
+            "AmbientCapabilities=CAP_NET_RAW), or route by source address: ip rule add from "
+            "ADDR table N, with a default route by that link in table N",
             refusal.strerror,
         )
 
@@ -2690,6 +2713,7 @@ class Dispatcher:
                 return
             self._warned.add(key)
         logger.warning(message, *args)
+
     @property
     def requires_credentials(self) -> bool:
         """Whether clients must give a user name and password."""
@@ -2787,7 +2811,7 @@ def _default_route_interfaces() -> set[str]:
         with open("/proc/net/route") as routes:
             for line in list(routes)[1:]:
                 fields = line.split()
-                if len(fields) > 2 and fields[1] == "00000000" and fields[7] == "00000000":
+                if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
                     found.add(fields[0])
         with open("/proc/net/ipv6_route") as routes:
             for line in routes:
@@ -2888,9 +2912,9 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
 def raise_descriptor_limit() -> int | None:
     """Raise the soft limit on open descriptors to the hard limit.
 
-    Each connection holds two sockets (and a pipe each way during a bulk
-    transfer), so the usual soft limit of 1,024 would cap a BitTorrent
-    client's few thousand connections. Returns the new limit, or None where
+    Each connection holds two sockets (and a pipe, two descriptors, for each
+    direction in bulk), so the usual soft limit of 1,024 would cap a
+    BitTorrent client's few thousand connections. Returns the new limit, or None where
     there is no such limit (Windows).
     """
     try:
@@ -2979,15 +3003,6 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
     return users
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
     print(f"{title} {time.monotonic() - started:.0f} s:")
     print(format_stats(dispatcher.stats()), flush=True)
@@ -3027,6 +3042,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
         print(f"dispatch: error: cannot write the log: {_describe(error)}", file=sys.stderr)
+        dispatcher.shutdown()
         return 2
     host, port = dispatcher.address
     allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)

@@ -399,6 +399,19 @@ def test_unresolvable_name_gets_reply_04(proxy: Dispatcher) -> None:
     assert _socks5_code_for(proxy, socks5_request("bad..name", 80)) == Reply.HOST_UNREACHABLE
 
 
+def test_host_name_with_control_characters_gets_reply_04(
+    proxy: Dispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name is written to the log: one that could forge log lines is refused."""
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        forged = "x\n2026-01-01 00:00:00 INFO forged"
+        request = bytes([5, 1, 0, 3, len(forged)]) + forged.encode() + b"\x00\x50"
+        assert _socks5_code_for(proxy, request) == Reply.HOST_UNREACHABLE
+        proxy.shutdown()
+    assert "forged" not in caplog.text
+    assert "host name is not printable ASCII" in caplog.text
+
+
 def test_unreachable_network_gets_reply_03(proxy: Dispatcher) -> None:
     # TCP to a multicast group fails with ENETUNREACH before any packet leaves.
     assert _socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
@@ -1488,7 +1501,7 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
     assert dispatch.parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["10.0.0.2@0", "10.0.0.2@-1", "10.0.0.2@x", "10.0.0.2@", "@3", "eth0/1.5"])
+@pytest.mark.parametrize("text", ["10.0.0.2@0", "10.0.0.2@-1", "10.0.0.2@x", "10.0.0.2@", "@3", "eth0/1.5", "eth0@1001"])
 def test_parse_address_rejects_bad_weights(text: str) -> None:
     with pytest.raises(dispatch.AddressError):
         dispatch.parse_address(text)
@@ -1654,6 +1667,7 @@ def test_failed_address_sits_out_for_the_cooldown(caplog: pytest.LogCaptureFixtu
         clock.now += 29.9
         assert "10.0.0.1" not in {balancer.next(socket.AF_INET).ip for _ in range(3)}
         clock.now += 0.1
+        assert [row["state"] for row in balancer.stats()] == ["up", "up", "up"]  # in use again
         assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
         balancer.reached(dark)
         assert "back in use: 10.0.0.1" in caplog.text
@@ -1914,8 +1928,10 @@ def test_cli_list_shows_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
     "arguments, message",
     [
         (["no-such-interface0"], "is neither an IP address nor an interface"),
-        (["127.0.0.1@0"], "the weight must be a positive whole number"),
-        (["127.0.0.1@many"], "the weight must be a positive whole number"),
+        (["127.0.0.1@0"], "the weight must be a whole number from 1 to 1000"),
+        (["127.0.0.1@many"], "the weight must be a whole number from 1 to 1000"),
+        (["127.0.0.1@1001"], "the weight must be a whole number from 1 to 1000"),
+        (["--log-file", "/proc/no/such/dir/x.log", "127.0.0.1"], "cannot write the log"),
         (["203.0.113.9"], "203.0.113.9 is not an address of this machine"),
         (["127.0.0.1", "127.0.0.1@2"], "127.0.0.1 is given more than once"),
         (["--port", "70000", "127.0.0.1"], "is not a port number"),
