@@ -1723,7 +1723,7 @@ class _Server(socketserver.ThreadingTCPServer):
     # Threads are reused: one that has served a connection waits a moment for
     # the next. Starting a thread costs more than serving a short connection
     # (a stack to map, and the accept loop waits until the thread runs).
-    idle_thread_seconds = 2.0
+    idle_thread_seconds = 1.0
     max_idle_threads = 64
 
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher) -> None:
