@@ -343,7 +343,7 @@ def _reply_code(error: OSError) -> Reply:
         return Reply.HOST_UNREACHABLE
     if isinstance(error, TimeoutError):
         return Reply.TTL_EXPIRED
-    return _REPLY_BY_ERRNO.get(error.errno, Reply.GENERAL_FAILURE)
+    return _REPLY_BY_ERRNO.get(error.errno or 0, Reply.GENERAL_FAILURE)
 
 
 def _is_link_failure(error: OSError) -> bool:
@@ -1337,10 +1337,10 @@ def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
     """
     specs = list(specs or [])
     if not specs:
-        links = [Link.of_interface(name, 1, ips) for name, ips in usable_interface_addresses().items() if ips]
-        if not links:
+        every = [Link.of_interface(name, 1, ips) for name, ips in usable_interface_addresses().items() if ips]
+        if not every:
             raise AddressError("no usable address on any interface; name one")
-        return links
+        return every
     links: list[Link] = []
     interfaces: dict[str, list[str]] | None = None
 
@@ -1404,7 +1404,9 @@ def _resolve_target(
     # The name is ASCII already; as bytes it skips the idna codec, whose
     # errors are not OSErrors.
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
-    targets = [(info[0], info[4][0]) for info in infos if info[0] in families]
+    targets: list[tuple[socket.AddressFamily, str]] = [
+        (info[0], str(info[4][0])) for info in infos if info[0] in families
+    ]
     if not targets:
         missing = "IPv6" if infos and infos[0][0] == socket.AF_INET6 else "IPv4"
         raise SocksError(
@@ -1445,9 +1447,12 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
         except OSError:
             raise OSError(errno.ENODEV, f"no interface {interface}") from None
         if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_BOUND_IF, index)
+            level, option = socket.IPPROTO_IPV6, _IPV6_BOUND_IF
         else:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_BOUND_IF, index)
+            level, option = socket.IPPROTO_IP, _IP_BOUND_IF
+        if option is None:
+            raise OSError(errno.ENOPROTOOPT, "binding to a device is not supported here")
+        sock.setsockopt(level, option, index)
     except OSError as error:
         if error.errno in _NOT_PERMITTED_ERRNOS:
             raise _DeviceBindingRefused(error.errno, error.strerror) from None
@@ -2151,7 +2156,7 @@ class UdpAssociation:
             ip = self._names[host]
         else:
             infos = socket.getaddrinfo(host.encode("ascii"), port, self.upstream.family, socket.SOCK_DGRAM)
-            ip = infos[0][4][0]
+            ip = str(infos[0][4][0])
             if len(self._names) >= self.max_names:
                 self._names.clear()
             self._names[host] = ip
