@@ -1956,9 +1956,11 @@ class SocksHandler(socketserver.StreamRequestHandler):
             failed: list[tuple[LocalAddress, OSError]] = []
             while local is not None:
                 self.local = local
+                logger.debug("connecting to %s from %s", _format_endpoint(ip, port), local.describe())
                 try:
                     upstream = self.dispatcher.open_upstream(local, ip, port)
                 except OSError as failure:
+                    logger.debug("connecting from %s failed: %s", local.describe(), _describe(failure))
                     error = failure
                     if _is_link_failure(failure):
                         failed.append((local, failure))

@@ -1998,6 +1998,18 @@ def test_cli_start_serves_until_sigterm(
         assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
+def test_cli_debug_logs_each_connect_attempt(echo_server: Server, tmp_path: object) -> None:
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"debug") == b"debug"
+
+    log_file = os.path.join(str(tmp_path), "debug.log")
+    assert run_cli(["-d", "127.0.0.1"], use, log_file) == 0
+    with open(log_file) as log:
+        text = log.read()
+    assert f"DEBUG connecting to 127.0.0.1:{echo_server.port} from 127.0.0.1" in text
+
+
 def test_script_runs_and_stops_on_ctrl_c(echo_server: Server, tmp_path: object) -> None:
     """``python dispatch.py start`` as a user runs it, stopped by SIGINT."""
     port = refused_port()
