@@ -225,6 +225,16 @@ def socks4_request(ip: str, port: int, command: int = 1, host: str | None = None
     return request + (host.encode() + b"\0" if host else b"")
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes; return it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def refused_port() -> int:
     """A loopback port with nothing listening."""
     with socket.socket() as probe:
@@ -596,9 +606,7 @@ def test_server_half_close_is_passed_on(proxy: Dispatcher) -> None:
             client.sendall(b"after your EOF")
             client.shutdown(socket.SHUT_WR)
             assert client.recv(1) == b""
-        deadline = time.monotonic() + TIMEOUT
-        while not heard and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: bool(heard))
         assert heard == [b"after your EOF"]
     finally:
         server.close()
@@ -648,9 +656,7 @@ def test_different_payloads_each_way(proxy: Dispatcher) -> None:
             sender.start()
             assert read_all(client) == down
             sender.join()
-        deadline = time.monotonic() + TIMEOUT
-        while not heard and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: bool(heard))
         assert heard == [up]
     finally:
         server.close()
@@ -702,14 +708,9 @@ def test_threads_are_reused_and_then_released(proxy: Dispatcher, echo_server: Se
             assert round_trip(client, b"%d" % index) == b"%d" % index
             seen |= _serving_threads() - earlier
         # The thread logs the connection before it is idle again.
-        deadline = time.monotonic() + TIMEOUT
-        while not proxy._server._idle_threads and time.monotonic() < deadline:
-            time.sleep(0.001)
+        assert wait_for(lambda: proxy._server._idle_threads > 0)
     assert len(seen) == 1  # one thread served all twenty, one after another
-    deadline = time.monotonic() + TIMEOUT
-    while seen & _serving_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not seen & _serving_threads()
+    assert wait_for(lambda: not seen & _serving_threads())
 
 
 def test_reset_client_is_a_log_line_not_a_traceback(
@@ -720,10 +721,7 @@ def test_reset_client_is_a_log_line_not_a_traceback(
         client.sendall(b"x" * 1000)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()  # RST
-        deadline = time.monotonic() + TIMEOUT
-        while proxy.open_connections() and time.monotonic() < deadline:
-            time.sleep(0.01)
-    assert proxy.open_connections() == 0
+        assert wait_for(lambda: proxy.open_connections() == 0)
     assert not [record for record in caplog.records if record.exc_info]
     assert any(f"-> 127.0.0.1:{echo_server.port} via 127.0.0.1" in r.message for r in caplog.records)
 
@@ -1095,10 +1093,7 @@ def udp_sender() -> Iterator[UdpServer]:
 
 
 def wait_until_all_closed(proxy: Dispatcher) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while proxy.open_connections() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proxy.open_connections() == 0
+    assert wait_for(lambda: proxy.open_connections() == 0)
 
 
 def udp_client(proxy: Dispatcher) -> socks.socksocket:
@@ -1221,9 +1216,7 @@ def test_stats_count_bytes_live_during_a_transfer(proxy: Dispatcher, echo_server
         payload = os.urandom(200_000)
         client.sendall(payload)
         assert recv_exactly(client, len(payload)) == payload
-        deadline = time.monotonic() + TIMEOUT
-        while proxy.stats()[0]["bytes_down"] < len(payload) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: proxy.stats()[0]["bytes_down"] >= len(payload))
         (row,) = proxy.stats()
         assert (row["open"], row["bytes_up"], row["bytes_down"]) == (1, len(payload), len(payload))
         (quiet,) = proxy.stats()  # nothing moved since the previous call
@@ -1472,9 +1465,7 @@ def test_stats_count_connections_and_bytes_per_address(
     for payload in (b"a" * 10, b"b" * 20, b"c" * 30):
         with client_through(proxy, (echo_server.host, echo_server.port)) as client:
             round_trip(client, payload)
-    deadline = time.monotonic() + TIMEOUT
-    while proxy.open_connections() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until_all_closed(proxy)
     rows = {row["ip"]: row for row in proxy.stats()}
     keys = ("ip", "interface", "weight", "state", "connections", "open", "bytes_down")
     assert {key: rows["127.0.0.2"][key] for key in keys} == {
@@ -2244,16 +2235,6 @@ def test_lab_dark_link_fails_over_then_comes_back_after_the_cooldown(
 # ---------------------------------------------------------------------------
 
 LOGIN = ("alice", "s3cret-pass")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; return it."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def closed_by_proxy(sock: socket.socket) -> bool:
