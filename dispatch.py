@@ -1067,20 +1067,33 @@ class Balancer:
     @property
     def families(self) -> frozenset[socket.AddressFamily]:
         """The address families there are local addresses for."""
+        self._refresh_if_due()
         with self._lock:
-            self._refresh_if_due()
             return frozenset(self._rounds)
 
     def _refresh_if_due(self) -> None:
-        now = self._clock()
-        if not self._follows or now < self._next_refresh:
+        """Read the interfaces' addresses again if it is time to.
+
+        Called without the lock: reading the interfaces takes a while, and
+        every relay counts its bytes under the lock meanwhile.
+        """
+        if not self._follows:
             return
-        self._next_refresh = now + INTERFACE_REFRESH_INTERVAL
+        with self._lock:
+            now = self._clock()
+            if now < self._next_refresh:
+                return
+            self._next_refresh = now + INTERFACE_REFRESH_INTERVAL  # the others need not read
         try:
             found = self._read_interfaces()
         except (OSError, AddressError) as error:
             logger.debug("cannot read the interfaces: %s", error)
             return
+        with self._lock:
+            self._follow(found)
+
+    def _follow(self, found: dict[str, list[str]]) -> None:
+        """Give each interface link the addresses ``found``; the lock is held."""
         changed = False
         for link in self.links:
             if not link.is_interface:
@@ -1104,8 +1117,8 @@ class Balancer:
 
         Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
         """
+        self._refresh_if_due()
         with self._lock:
-            self._refresh_if_due()
             rounds = self._rounds.get(family)
             if rounds is None:
                 name = "IPv6" if family == socket.AF_INET6 else "IPv4"
@@ -2018,21 +2031,21 @@ class SocksHandler(socketserver.StreamRequestHandler):
         balancer.opened(self.local)
         return UdpAssociation(self, client_side, upstream, client_ip, port or None)
 
+    def count(self, up: int, down: int) -> None:
+        """Count bytes relayed for this client, on its line and its local address."""
+        self.up += up
+        self.down += down
+        if self.local is not None:
+            self.dispatcher.balancer.add_bytes(self.local, up, down)
+
     def relay(self, upstream: socket.socket) -> None:
         """Copy both ways, starting with what the client sent early."""
         local = self.local
         balancer = self.dispatcher.balancer
-
-        def count(up: int, down: int) -> None:
-            self.up += up
-            self.down += down
-            if local is not None:
-                balancer.add_bytes(local, up, down)
-
         self.dispatcher._track_upstream(upstream, True)
         try:
             relay(
-                self.connection, upstream, early=self.reader.rest(), count=count,
+                self.connection, upstream, early=self.reader.rest(), count=self.count,
                 idle_timeout=self.dispatcher.idle_timeout,
             )
         finally:
@@ -2131,7 +2144,7 @@ class UdpAssociation:
             self.dropped += 1
             return
         self.datagrams_up += 1
-        self._count(len(data), 0)
+        self.handler.count(len(data), 0)
 
     def _from_target(self) -> None:
         try:
@@ -2148,7 +2161,7 @@ class UdpAssociation:
             self.dropped += 1
             return
         self.datagrams_down += 1
-        self._count(0, len(data))
+        self.handler.count(0, len(data))
 
     def _resolve(self, host: str, port: int) -> str:
         """The IP address to send to, of the upstream socket's family."""
@@ -2165,12 +2178,6 @@ class UdpAssociation:
         if (":" in ip) != (self.upstream.family == socket.AF_INET6):
             raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
         return ip
-
-    def _count(self, up: int, down: int) -> None:
-        self.handler.up += up
-        self.handler.down += down
-        if self.local is not None:
-            self.handler.dispatcher.balancer.add_bytes(self.local, up, down)
 
 
 @dataclasses.dataclass
@@ -2431,17 +2438,11 @@ class HttpProxySession:
             origin.sock.sendall(data)
         except TimeoutError:
             raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
-        self._count(len(data), 0)
+        self.handler.count(len(data), 0)
 
     def _send_down(self, data: bytes) -> None:
         self.client.sendall(data)
-        self._count(0, len(data))
-
-    def _count(self, up: int, down: int) -> None:
-        self.handler.up += up
-        self.handler.down += down
-        if self.handler.local is not None:
-            self.dispatcher.balancer.add_bytes(self.handler.local, up, down)
+        self.handler.count(0, len(data))
 
 
 def _read_head(reader: HandshakeReader) -> list[str]:
