@@ -11,6 +11,11 @@ installed -- dispatch (``dispatch.py`` next to this ``tools`` directory), Dante
 (``danted``), pproxy and microsocks.  A proxy that is not installed is skipped with
 a line saying so.  The only dependency is the Python standard library.
 
+One more column is a reference rather than a peer: ``splice_relay.c`` (built with
+``cc`` where there is one), the least a relay can do: two threads per connection,
+each a blocking splice() loop.  What it reaches is what this machine gives any
+relay; dispatch's ratio to it shows what dispatch's own work costs.
+
 Measures, run in alternating rounds (each round visits every target in turn, so
 noise hits them all alike); the report shows the median over rounds:
 
@@ -60,8 +65,10 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 DISPATCH = REPO / "dispatch.py"
+SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
 PEERS = ("dante", "pproxy", "microsocks")
-PROXY_NAMES = ("dispatch", *PEERS)
+REFERENCES = ("splice-relay",)
+PROXY_NAMES = ("dispatch", *PEERS, *REFERENCES)
 
 IO_TIMEOUT = 10.0  # any single socket operation
 BUFFER_SIZE = 1 << 20  # bulk send/recv buffer: large, so the generator is not syscall-bound
@@ -322,11 +329,11 @@ def start_target_servers(children: Children) -> Servers:
     process = FORK.Process(target=target_server_main, args=tuple(listeners), daemon=True)
     process.start()
     children.processes.append(process)
-    addresses = [listener.getsockname() for listener in listeners]
+    bulk, echo, reply = (listener.getsockname() for listener in listeners)
     for listener in listeners:
         listener.close()  # the child holds its own copies
     assert process.pid is not None
-    return Servers(*addresses, pid=process.pid)
+    return Servers(bulk, echo, reply, pid=process.pid)
 
 
 def free_port() -> int:
@@ -388,11 +395,25 @@ def microsocks_command(port: int, workdir: Path) -> list[str]:
             "-i", LOOPBACK, "-p", str(port), "-b", LOOPBACK]
 
 
+def splice_relay_command(port: int, workdir: Path) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        raise Unavailable("splice() is Linux only")
+    compiler = require("cc", "apt-get install gcc")
+    program = workdir / "splice_relay"
+    build = subprocess.run([compiler, "-O2", "-pthread", "-o", str(program), str(SPLICE_RELAY_SOURCE)],
+                           capture_output=True, text=True)
+    if build.returncode:
+        last_line = (build.stderr.strip().splitlines() or ["no message"])[-1]
+        raise Unavailable(f"{SPLICE_RELAY_SOURCE.name} did not build: {last_line}")
+    return [str(program), LOOPBACK, str(port)]
+
+
 PROXY_COMMANDS: dict[str, Callable[[int, Path], list[str]]] = {
     "dispatch": dispatch_command,
     "dante": dante_command,
     "pproxy": pproxy_command,
     "microsocks": microsocks_command,
+    "splice-relay": splice_relay_command,
 }
 
 
