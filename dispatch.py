@@ -2241,6 +2241,7 @@ class HttpProxySession:
         handler = self.handler
         handler.started = time.monotonic()
         handler.target, handler.local, handler.up, handler.down = "-", None, 0, 0
+        handler.user = None  # each request logs in for itself
         self.responded = False
         result = "ok"
         try:
@@ -2290,6 +2291,7 @@ class HttpProxySession:
         credentials = basic_credentials(headers)
         if credentials is None or not self.dispatcher.check_credentials(*credentials):
             raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+        self.handler.user = _printable(credentials[0].encode())
 
     def _send_error(self, status: HTTPStatus, detail: str) -> None:
         headers = []

@@ -1034,15 +1034,23 @@ def test_origin_connect_timeout_gets_504(make_proxy: Callable[..., Dispatcher]) 
     assert status == 504
 
 
-def test_credentials_are_required_when_set(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
+def test_credentials_are_required_when_set(
+    make_proxy: Callable[..., Dispatcher], origin: str, caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = make_proxy(credentials={"alice": "s3cret"})
     request = f"GET {origin}/ HTTP/1.1\r\n".encode()
     status, headers, _ = http_exchange(proxy, request + b"\r\n")
     assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="dispatch"')
     wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:guess") + b"\r\n\r\n"
     assert http_exchange(proxy, request + wrong)[0] == 407
-    assert curl("-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/in").startswith("GET /in")
-    assert curl("-p", "-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/tunnel").startswith("GET /tunnel")
+    with caplog.at_level(logging.INFO, logger="dispatch"):
+        assert curl("-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/in").startswith("GET /in")
+        assert curl("-p", "-x", proxy_url(proxy), "-U", "alice:s3cret", origin + "/tunnel").startswith("GET /tunnel")
+        proxy.shutdown()
+    # Both the forwarded request and the tunnel name the user; the password never shows.
+    assert f"user 'alice' -> GET {origin}/in" in caplog.text
+    assert "user 'alice' -> 127.0.0.1:" in caplog.text
+    assert "s3cret" not in caplog.text
 
 
 def test_one_log_line_per_http_request(
