@@ -1263,7 +1263,8 @@ def _interfaces() -> dict[str, list[str]]:
         import ifaddr
     except ImportError:
         raise AddressError(
-            "interface names and 'dispatch list' need the ifaddr package (pip install ifaddr)"
+            "interface names, 'start' without addresses and 'list' need the ifaddr package"
+            " (pip install ifaddr); IP addresses work without it"
         ) from None
     interfaces: dict[str, list[str]] = {}
     for adapter in ifaddr.get_adapters():

@@ -1978,6 +1978,46 @@ def test_cli_bad_arguments_exit_2_with_one_line(
     assert "Traceback" not in err
 
 
+# What a script that vendors dispatch.py runs: "python -S" leaves out
+# site-packages, so only the standard library can be imported.
+STANDARD_LIBRARY_ONLY = """
+import io, socket, sys, contextlib
+import dispatch
+assert "ifaddr" not in sys.modules
+with dispatch.Dispatcher(["127.0.0.1"], port=0).start() as proxy:
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(b"\\x05\\x01\\x00\\x05\\x01\\x00\\x01" + socket.inet_aton("127.0.0.1")
+                     + int(sys.argv[1]).to_bytes(2, "big"))
+        reply = b""
+        while len(reply) < 12:
+            reply += sock.recv(12 - len(reply))
+        sock.sendall(b"ping")
+        sock.shutdown(socket.SHUT_WR)
+        echoed = b"".join(iter(lambda: sock.recv(100), b""))
+print("reply", reply[:6].hex(), "echo", echoed.decode())
+for argv in (["start", "lo"], ["start"], ["list"]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = dispatch.main(argv)
+    print(" ".join(argv), status, err.getvalue().strip())
+"""
+
+
+def test_proxies_ip_addresses_with_the_standard_library_only(echo_server: Server) -> None:
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", STANDARD_LIBRARY_ONLY, str(echo_server.port)],
+        cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT * 3,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "reply 050005000001 echo ping"  # no auth; granted, IPv4
+    # Interface names need ifaddr: each of these says so in one line, exit 2.
+    needs = "need the ifaddr package (pip install ifaddr); IP addresses work without it"
+    assert [line.split(" dispatch: error: ")[0] for line in lines[1:]] == ["start lo 2", "start 2", "list 2"]
+    assert all(line.endswith(needs) for line in lines[1:]), lines
+    assert "Traceback" not in done.stderr
+
+
 def test_cli_port_in_use_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
