@@ -1484,8 +1484,8 @@ def _connect_from(
             sock.setblocking(False)
         # A target that vanishes without a word must not hold a thread forever.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        # Before bind: unprivileged SO_BINDTODEVICE (Linux 5.7+) is only
-        # allowed on a socket that is not bound yet.
+        # Unprivileged SO_BINDTODEVICE (Linux 5.7+) is allowed on a socket
+        # not bound to a device yet, as this new one is.
         if device is not None:
             _bind_to_device(sock, device)
         if _IP_BIND_ADDRESS_NO_PORT is not None:
