@@ -1751,7 +1751,49 @@ class _Server(socketserver.ThreadingTCPServer):
         self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         self._idle_threads = 0  # waiting for a request, not yet promised one
         self._idle_lock = threading.Lock()
-        super().__init__(address, SocksHandler)
+        # stop() wakes the accept loop through this socket pair, so the loop
+        # has no timer to wake on, and stopping takes no poll interval.
+        self._wake_up, self._wake_up_sender = socket.socketpair()
+        self._stop_requested = False
+        self._loop_done = threading.Event()
+        self._loop_done.set()
+        try:
+            super().__init__(address, SocksHandler)
+        except BaseException:
+            self._close_wake_up()
+            raise
+
+    def serve_until_stopped(self) -> None:
+        """Accept clients until stop() is called from another thread."""
+        self._loop_done.clear()
+        try:
+            with _selector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_up, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    ready = selector.select()
+                    if not self._stop_requested and any(key.fileobj is self for key, _ in ready):
+                        # socketserver's accept step, the one serve_forever() takes
+                        self._handle_request_noblock()  # type: ignore[attr-defined]
+        finally:
+            self._loop_done.set()
+
+    def stop(self) -> None:
+        """Stop accepting; return once serve_until_stopped() has returned."""
+        self._stop_requested = True
+        try:
+            self._wake_up_sender.send(b"\0")
+        except OSError:
+            pass  # closed already: nothing is waiting
+        self._loop_done.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._close_wake_up()
+
+    def _close_wake_up(self) -> None:
+        self._wake_up.close()
+        self._wake_up_sender.close()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # Called in the accepting thread before a handler thread exists or a
@@ -2643,7 +2685,7 @@ class Dispatcher:
         """Serve until ``shutdown()`` is called from another thread."""
         self._serving.set()
         try:
-            self._server.serve_forever(poll_interval=0.2)
+            self._server.serve_until_stopped()
         finally:
             self._serving.clear()
 
@@ -2658,7 +2700,7 @@ class Dispatcher:
         """Stop accepting, give open connections up to ``grace`` seconds to
         finish, then close them. Safe to call more than once."""
         if self._serving.is_set():
-            self._server.shutdown()
+            self._server.stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
