@@ -1755,6 +1755,8 @@ class _Server(socketserver.ThreadingTCPServer):
         # has no timer to wake on, and stopping takes no poll interval.
         self._wake_up, self._wake_up_sender = socket.socketpair()
         self._stop_requested = False
+        self._loop_lock = threading.Lock()  # orders a stop and a loop starting
+        self._loop_thread: int | None = None
         self._loop_done = threading.Event()
         self._loop_done.set()
         try:
@@ -1764,8 +1766,12 @@ class _Server(socketserver.ThreadingTCPServer):
             raise
 
     def serve_until_stopped(self) -> None:
-        """Accept clients until stop() is called from another thread."""
-        self._loop_done.clear()
+        """Accept clients until stop() is called; return at once if it was."""
+        with self._loop_lock:
+            if self._stop_requested:
+                return
+            self._loop_done.clear()
+            self._loop_thread = threading.get_ident()
         try:
             with _selector() as selector:
                 selector.register(self, selectors.EVENT_READ)
@@ -1779,13 +1785,16 @@ class _Server(socketserver.ThreadingTCPServer):
             self._loop_done.set()
 
     def stop(self) -> None:
-        """Stop accepting; return once serve_until_stopped() has returned."""
-        self._stop_requested = True
+        """Stop accepting: once serve_until_stopped() has returned, or will
+        return as soon as the caller (its own thread) is back in it."""
+        with self._loop_lock:
+            self._stop_requested = True
         try:
             self._wake_up_sender.send(b"\0")
         except OSError:
             pass  # closed already: nothing is waiting
-        self._loop_done.wait()
+        if self._loop_thread != threading.get_ident():
+            self._loop_done.wait()
 
     def server_close(self) -> None:
         super().server_close()
@@ -2699,11 +2708,10 @@ class Dispatcher:
     def shutdown(self, grace: float = 0.0) -> None:
         """Stop accepting, give open connections up to ``grace`` seconds to
         finish, then close them. Safe to call more than once."""
-        if self._serving.is_set():
-            self._server.stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._server.stop()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         self._server.server_close()
         with self._changed:
             self._changed.wait_for(lambda: not self._clients, timeout=grace)

@@ -1476,6 +1476,41 @@ def test_dispatcher_is_a_context_manager_on_a_free_port(echo_server: Server) -> 
         socket.create_connection((host, port), timeout=1).close()
 
 
+def test_shutdown_before_serving_makes_serve_forever_return_at_once() -> None:
+    proxy = Dispatcher(["127.0.0.1"], port=0)
+    proxy.shutdown()
+    proxy.serve_forever()  # returns: a stopped proxy stays stopped
+
+
+def test_shutdown_from_the_accepting_thread_does_not_wait_for_itself() -> None:
+    """A log handler may stop the proxy from the thread that accepts (here on
+    a refusal, which that thread logs): shutdown() must not wait for the loop
+    it is called from."""
+    proxy = Dispatcher(["127.0.0.1"], port=0, allow=["192.0.2.1"])
+    stopped = threading.Event()
+
+    class StopOnRefusal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("refused"):
+                proxy.shutdown()
+                stopped.set()
+
+    handler = StopOnRefusal()
+    dispatch.logger.addHandler(handler)
+    try:
+        serving = threading.Thread(target=proxy.serve_forever, daemon=True)
+        serving.start()
+        socket.create_connection(proxy.address, timeout=TIMEOUT).close()
+        assert stopped.wait(TIMEOUT)
+        serving.join(TIMEOUT)
+        assert not serving.is_alive()
+        with pytest.raises(OSError):
+            socket.create_connection(proxy.address, timeout=1).close()
+    finally:
+        # No shutdown() here: if the one above hung, another would too.
+        dispatch.logger.removeHandler(handler)
+
+
 def test_stats_count_connections_and_bytes_per_address(
     make_proxy: Callable[..., Dispatcher], echo_server: Server
 ) -> None:
