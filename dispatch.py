@@ -2970,8 +2970,12 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     return where
 
 
+OPEN_MAX_FALLBACK = 10_240  # macOS's OPEN_MAX: the most it gives a process
+
+
 def raise_descriptor_limit() -> int | None:
-    """Raise the soft limit on open descriptors to the hard limit.
+    """Raise the soft limit on open descriptors to the hard limit (to
+    OPEN_MAX_FALLBACK where that is unlimited or refused).
 
     Each connection holds two sockets (and a pipe, two descriptors, for each
     direction in bulk), so the usual soft limit of 1,024 would cap a
@@ -2982,14 +2986,22 @@ def raise_descriptor_limit() -> int | None:
         import resource
     except ImportError:
         return None
+    unlimited = resource.RLIM_INFINITY  # -1 on Linux, 2**63 - 1 on macOS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    if soft == unlimited:
+        return None
+    # An unlimited hard limit (macOS) is no number to ask for, and some
+    # systems refuse more than OPEN_MAX whatever the hard limit says.
+    fallback = OPEN_MAX_FALLBACK if hard == unlimited else min(hard, OPEN_MAX_FALLBACK)
+    for wanted in (hard, fallback):
+        if wanted == unlimited or wanted <= soft:
+            continue
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (OSError, ValueError):
-            pass  # some systems cap it lower than they say (macOS: OPEN_MAX)
-    return None if soft == resource.RLIM_INFINITY else soft
+            continue
+        return wanted
+    return soft
 
 
 def run_on_one_cpu() -> set[int] | None:

@@ -2530,6 +2530,52 @@ def test_clients_beyond_max_connections_are_refused_at_once(
         second.close()
 
 
+class FakeLimits:
+    """Stands in for the resource module: one descriptor limit, and a system
+    that may refuse a soft limit above some figure (as macOS above OPEN_MAX)."""
+
+    RLIMIT_NOFILE = 7
+
+    def __init__(self, soft: int, hard: int, unlimited: int, refused_above: int | None) -> None:
+        self.RLIM_INFINITY = unlimited
+        self.limits = (soft, hard)
+        self.refused_above = refused_above
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refused_above is not None and limits[0] > self.refused_above:
+            raise ValueError("not allowed to raise the current limit")
+        self.limits = limits
+
+
+MACOS_UNLIMITED = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "soft, hard, unlimited, refused_above, raised_to, limits_after",
+    [
+        (1024, 20000, -1, None, 20000, (20000, 20000)),  # Linux: up to the hard limit
+        (4096, 4096, -1, None, 4096, (4096, 4096)),  # nothing to raise
+        (-1, -1, -1, None, None, (-1, -1)),  # no limit at all
+        (256, MACOS_UNLIMITED, MACOS_UNLIMITED, 10240, 10240, (10240, MACOS_UNLIMITED)),  # macOS
+        (256, 24576, MACOS_UNLIMITED, 10240, 10240, (10240, 24576)),  # a hard limit above OPEN_MAX
+        (256, 8192, MACOS_UNLIMITED, 4096, 256, (256, 8192)),  # refused all the way: stays
+    ],
+)
+def test_descriptor_limit_is_raised_as_far_as_the_system_allows(
+    monkeypatch: pytest.MonkeyPatch,
+    soft: int, hard: int, unlimited: int, refused_above: int | None,
+    raised_to: int | None, limits_after: tuple[int, int],
+) -> None:
+    limits = FakeLimits(soft, hard, unlimited, refused_above)
+    monkeypatch.setitem(sys.modules, "resource", limits)
+    assert dispatch.raise_descriptor_limit() == raised_to
+    assert limits.limits == limits_after
+
+
 def test_default_max_connections_fits_the_descriptor_limit() -> None:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     expected = min((soft - 64) // 3, dispatch.MAX_CONNECTIONS_CEILING)
