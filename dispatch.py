@@ -2691,7 +2691,8 @@ class Dispatcher:
         return allowed
 
     def serve_forever(self) -> None:
-        """Serve until ``shutdown()`` is called from another thread."""
+        """Serve until ``shutdown()`` is called (from any thread, a signal
+        handler included)."""
         self._serving.set()
         try:
             self._server.serve_until_stopped()
