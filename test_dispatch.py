@@ -1482,6 +1482,20 @@ def test_shutdown_before_serving_makes_serve_forever_return_at_once() -> None:
     proxy.serve_forever()  # returns: a stopped proxy stays stopped
 
 
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (Unix)")
+def test_a_signal_handler_can_stop_serve_forever() -> None:
+    proxy = Dispatcher(["127.0.0.1"], port=0)
+    previous = signal.signal(signal.SIGALRM, lambda *_: proxy.shutdown())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        proxy.serve_forever()  # in this (the main) thread, until the handler runs
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(OSError):
+        socket.create_connection(proxy.address, timeout=1).close()
+
+
 def test_shutdown_from_the_accepting_thread_does_not_wait_for_itself() -> None:
     """A log handler may stop the proxy from the thread that accepts (here on
     a refusal, which that thread logs): shutdown() must not wait for the loop
