@@ -2096,6 +2096,26 @@ def test_cli_start_serves_until_sigterm(
         assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
+def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
+    """What the command line changes for the process while it serves, and
+    gives back when main() returns, for a program that goes on."""
+    interval = sys.getswitchinterval()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    main_thread = threading.get_native_id()  # affinity is per thread on Linux
+    seen: list[Any] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        seen.append(sys.getswitchinterval())
+        seen.append(os.sched_getaffinity(main_thread) if cpus is not None else None)
+
+    assert run_cli(["127.0.0.1"], use, os.path.join(str(tmp_path), "d.log")) == 0
+    assert seen[0] == pytest.approx(dispatch.GIL_SWITCH_INTERVAL)
+    if cpus is not None:
+        assert len(seen[1]) == 1 and seen[1] <= cpus
+        assert os.sched_getaffinity(0) == cpus
+    assert sys.getswitchinterval() == interval
+
+
 def test_cli_debug_logs_each_connect_attempt(echo_server: Server, tmp_path: object) -> None:
     def use(running: Any, stop: Callable[[], None]) -> None:
         with client_through(running, (echo_server.host, echo_server.port)) as client:
