@@ -24,14 +24,34 @@ framed as ``00 00 FRAG ATYP DST.ADDR DST.PORT DATA``.
 
 Only the standard library is needed to proxy through IP addresses; the
 ``ifaddr`` package is needed for interface names and ``dispatch list``.
+
+Map of this module, in order; each section uses only what is above it:
+
+    platform probes   what this OS offers: device binding, splice, selectors
+    errors            reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
+    deadline I/O      DeadlineReader: exact reads with a deadline, nothing stranded
+    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies
+    access            AccessPolicy: the allow-list and logins
+    links             LocalAddress, Link, LinkSet: interfaces and their addresses
+    health            Health: failures, cooldowns, what is up and why not
+    choice            WeightedRoundRobin, Balancer: which address a connection gets
+    meter             Meter: per-address counters, rates and history, own lock
+    upstream          Upstream: resolve, bind to the device, fail over; UpstreamLease
+    relay             relay(): the two-way copy (poll, splice on Linux)
+    sessions          SocksSession, UdpAssociation, HttpProxySession; ExchangeRecord
+    server            the first byte picks the session; Admission; the listener
+    Dispatcher        the library face; owns the listener and background tasks
+    reports and CLI   format_table(); ``dispatch list|start``; main()
 """
+
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import base64
 import binascii
+import collections
+import contextlib
+import dataclasses
 import enum
 import errno
 import functools
@@ -51,64 +71,118 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
+from typing import Any, Generic, TypeVar
 
 __version__ = "0.1.0"
 __all__ = [
-    "Dispatcher",
-    "LocalAddress",
-    "Link",
-    "WeightedRoundRobin",
-    "SocksError",
+    "AccessPolicy",
     "AddressError",
+    "Balancer",
+    "DeadlineReader",
+    "Dispatcher",
+    "ExchangeRecord",
+    "Health",
     "HttpError",
+    "Link",
+    "LinkSet",
+    "LocalAddress",
+    "Meter",
+    "SocksError",
+    "Upstream",
+    "UpstreamLease",
+    "WeightedRoundRobin",
+    "credentials_match",
+    "format_stats",
+    "format_table",
+    "main",
     "parse_address",
     "parse_credentials",
-    "credentials_match",
+    "resolve_links",
     "usable_addresses",
     "usable_interface_addresses",
-    "resolve_links",
-    "format_stats",
-    "main",
 ]
 
 logger = logging.getLogger("dispatch")
 
 # ---------------------------------------------------------------------------
-# Constants
+# Platform probes: what this OS offers
 # ---------------------------------------------------------------------------
 
-SOCKS4_VERSION = 4
-SOCKS5_VERSION = 5
+# DISPATCH_PORTABLE=1 switches off what only Linux has (splice, binding to a
+# device by name, CPU affinity, poll) so that the code paths of macOS and
+# Windows run, and are tested, on Linux too.
+PORTABLE = os.environ.get("DISPATCH_PORTABLE", "") not in ("", "0")
+
+_ON_LINUX = sys.platform.startswith("linux") and not PORTABLE
+
+if sys.platform != "win32":
+    import fcntl as _fcntl
+else:  # pragma: no cover - Windows has no fcntl
+    _fcntl = None
+
+# Linux lets a socket bound to an address with port 0 defer choosing the port
+# until connect(), when the destination is known. Without it, the kernel must
+# pick a port unique for the address alone and runs out after ~28,000
+# connections in TIME_WAIT. Python exposes the name from 3.12 on.
+_IP_BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24) if _ON_LINUX else None
+
+# Binding a socket to a device makes it leave by that device whatever the
+# routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
+# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
+# source address, so the bound address is enough there.
+_SO_BINDTODEVICE: int | None = getattr(socket, "SO_BINDTODEVICE", 25) if _ON_LINUX else None
+_IP_BOUND_IF: int | None = getattr(socket, "IP_BOUND_IF", 25) if sys.platform == "darwin" else None
+_IPV6_BOUND_IF: int | None = getattr(socket, "IPV6_BOUND_IF", 125) if sys.platform == "darwin" else None
+_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
+
+# Created non-blocking in one call where the platform allows it.
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+
+# splice() moves bytes between sockets through a pipe without copying them
+# into the process (Linux only).
+_CAN_SPLICE = _ON_LINUX and _fcntl is not None and hasattr(os, "splice") and hasattr(os, "pipe2")
+_SPLICE_FLAGS: int = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+if sys.platform == "linux":
+    _splice = os.splice
+    _pipe2 = os.pipe2
+else:
+
+    def _splice(src: int, dst: int, count: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "splice() is Linux only")
+
+    def _pipe2(flags: int) -> tuple[int, int]:
+        raise OSError(errno.ENOSYS, "pipe2() is not here")
+
+_F_SETPIPE_SZ: int = getattr(_fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ: int = getattr(_fcntl, "F_GETPIPE_SZ", 1032)
+
+# Windows lets a second program bind a port that has SO_REUSEADDR and steal
+# its connections; SO_EXCLUSIVEADDRUSE forbids that.
+_EXCLUSIVE_PORTS = sys.platform == "win32"
 
 
-class Command(enum.IntEnum):
-    """SOCKS request commands (the same numbers in SOCKS4 and SOCKS5)."""
+def _selector() -> selectors.BaseSelector:
+    """A selector for a few sockets of one thread.
 
-    CONNECT = 1
-    BIND = 2
-    UDP_ASSOCIATE = 3
-
-
-class AddressType(enum.IntEnum):
-    """SOCKS5 ATYP values."""
-
-    IPV4 = 1
-    DOMAIN = 3
-    IPV6 = 4
+    poll needs no descriptor of its own (epoll does) and has no 1024 limit
+    (select does); Windows has neither poll nor epoll.
+    """
+    if sys.platform != "win32" and not PORTABLE:
+        return selectors.PollSelector()
+    return selectors.SelectSelector()
 
 
-class Method(enum.IntEnum):
-    """SOCKS5 authentication methods."""
+def _errnos(*names: str) -> frozenset[int]:
+    """The numbers of the errno names this platform has.
 
-    NO_AUTHENTICATION = 0x00
-    USERNAME_PASSWORD = 0x02
-    NO_ACCEPTABLE = 0xFF
+    Errors are named, not numbered, so that every platform's numbers are
+    right (Windows spells some of them WSAE...).
+    """
+    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+# ---------------------------------------------------------------------------
+# Errors: one table of reply codes for SOCKS5, SOCKS4 and HTTP
+# ---------------------------------------------------------------------------
 
 
 class Reply(enum.IntEnum):
@@ -125,20 +199,11 @@ class Reply(enum.IntEnum):
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
-REPLY_MESSAGES = {
-    Reply.SUCCEEDED: "succeeded",
-    Reply.GENERAL_FAILURE: "general failure",
-    Reply.NOT_ALLOWED: "connection not allowed by ruleset",
-    Reply.NETWORK_UNREACHABLE: "network unreachable",
-    Reply.HOST_UNREACHABLE: "host unreachable",
-    Reply.CONNECTION_REFUSED: "connection refused",
-    Reply.TTL_EXPIRED: "timed out",
-    Reply.COMMAND_NOT_SUPPORTED: "command not supported",
-    Reply.ADDRESS_TYPE_NOT_SUPPORTED: "address type not supported",
-}
+class Socks4Reply(enum.IntEnum):
+    """SOCKS4 reply codes; SOCKS4 has one code for every kind of failure."""
 
-
-AUTH_VERSION = 1  # the version byte of RFC 1929 username/password messages
+    GRANTED = 0x5A
+    REJECTED = 0x5B
 
 
 class AuthStatus(enum.IntEnum):
@@ -148,21 +213,20 @@ class AuthStatus(enum.IntEnum):
     FAILURE = 0x01
 
 
-class Socks4Reply(enum.IntEnum):
-    """SOCKS4 reply codes; SOCKS4 has one code for every kind of failure."""
-
-    GRANTED = 0x5A
-    REJECTED = 0x5B
-
-
-def _errnos(*names: str) -> frozenset[int]:
-    """The numbers of the errno names this platform has.
-
-    Errors are named, not numbered, so that every platform's numbers are
-    right (Windows spells some of them WSAE...).
-    """
-    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
-
+# Each outcome of a request as each protocol says it: the message of the
+# SOCKS5 reply, the SOCKS4 reply, and the HTTP status of an HTTP proxy client.
+REPLY_TABLE: dict[Reply, tuple[str, Socks4Reply, HTTPStatus]] = {
+    Reply.SUCCEEDED: ("succeeded", Socks4Reply.GRANTED, HTTPStatus.OK),
+    Reply.GENERAL_FAILURE: ("general failure", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.NOT_ALLOWED: ("connection not allowed by ruleset", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.NETWORK_UNREACHABLE: ("network unreachable", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.HOST_UNREACHABLE: ("host unreachable", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.CONNECTION_REFUSED: ("connection refused", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.TTL_EXPIRED: ("timed out", Socks4Reply.REJECTED, HTTPStatus.GATEWAY_TIMEOUT),
+    Reply.COMMAND_NOT_SUPPORTED: ("command not supported", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.ADDRESS_TYPE_NOT_SUPPORTED: ("address type not supported", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+}
+REPLY_MESSAGES = {reply: message for reply, (message, _, _) in REPLY_TABLE.items()}
 
 # The errno names of each reply.
 _ERRNO_REPLIES = {
@@ -173,14 +237,6 @@ _ERRNO_REPLIES = {
 }
 _REPLY_BY_ERRNO = {number: reply for reply, names in _ERRNO_REPLIES.items() for number in _errnos(*names)}
 
-# Linux lets a socket bound to an address with port 0 defer choosing the port
-# until connect(), when the destination is known. Without it, the kernel must
-# pick a port unique for the address alone and runs out after ~28,000
-# connections in TIME_WAIT. Python exposes the name from 3.12 on.
-_IP_BIND_ADDRESS_NO_PORT = getattr(
-    socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
-)
-
 # Errors of a connect that are the link's fault, not the target's answer: the
 # connection is tried again through another address. A refusal (ECONNREFUSED)
 # is the target's answer: another link would get the same.
@@ -190,118 +246,10 @@ _LINK_FAILURE_ERRNOS = _errnos(
 )
 # Errors that prove a packet went out and the target answered.
 _TARGET_ANSWER_ERRNOS = _errnos("ECONNREFUSED", "WSAECONNREFUSED")
-# Errors of SO_BINDTODEVICE when the process may not use it.
+# Errors of binding to a device when the process may not.
 _NOT_PERMITTED_ERRNOS = _errnos("EPERM", "EACCES")
-
-# Binding a socket to a device makes it leave by that device whatever the
-# routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
-# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
-# source address, so the bound address is enough there.
-_SO_BINDTODEVICE = getattr(
-    socket, "SO_BINDTODEVICE", 25 if sys.platform.startswith("linux") else None
-)
-_IP_BOUND_IF = getattr(socket, "IP_BOUND_IF", 25 if sys.platform == "darwin" else None)
-_IPV6_BOUND_IF = getattr(socket, "IPV6_BOUND_IF", 125 if sys.platform == "darwin" else None)
-_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
-
-DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
-# Weights are proportions: 1,000 is finer than any link needs, and a round of
-# the balancer takes time in proportion to the sum of the weights.
-MAX_WEIGHT = 1000
-DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
-# How often interface addresses are read again, at most: DHCP renewals and
-# new networks are seen within this, at the cost of one read per interval.
-INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
-
-# Created non-blocking in one call where the platform allows it.
-_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+# A non-blocking connect under way.
 _CONNECT_IN_PROGRESS = _errnos("EINPROGRESS", "EWOULDBLOCK", "EAGAIN", "WSAEWOULDBLOCK")
-
-RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
-# splice() moves bytes between sockets through a pipe without copying them
-# into the process (Linux). A direction switches to it once it has carried
-# SPLICE_AFTER bytes: a bulk transfer, worth the pipe's two descriptors.
-_CAN_SPLICE = fcntl is not None and all(
-    hasattr(module, name)
-    for module, name in ((os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ"), (fcntl, "F_GETPIPE_SZ"))
-)
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-SPLICE_AFTER = 1024 * 1024
-STEPS_WITHOUT_POLL = 16  # receive-and-send rounds of one direction between polls
-PIPE_SIZE = 1024 * 1024
-MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
-# The most the handshake reader receives ahead of what it has used: a SOCKS4
-# field and its NUL. A whole SOCKS5 greeting and request fit in it too, so
-# most handshakes take one receive.
-HANDSHAKE_WINDOW = MAX_SOCKS4_FIELD + 1
-MAX_AUTH_FIELD = 255  # an RFC 1929 user name or password has a one-byte length
-
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-DEFAULT_GRACE = 5.0
-# After the grace period, how long shutdown() waits for the handlers to see
-# their sockets closed and write their log lines.
-CLOSE_TIMEOUT = 2.0
-
-# Descriptors the process needs besides connections (listener, log, resolver),
-# and the descriptors one connection holds (client, upstream, and one spare
-# for the resolver's socket while a name is being looked up). The splice()
-# pipes of bulk transfers are not counted: without descriptors for them,
-# the relay copies instead.
-RESERVED_DESCRIPTORS = 64
-DESCRIPTORS_PER_CONNECTION = 3
-# Each connection is a thread: past some thousands, threads exhaust the
-# machine before descriptors do, whatever the descriptor limit says.
-MAX_CONNECTIONS_CEILING = 10_000
-# Refusals (allow-list, too many connections) are logged at most this often,
-# so that a flood of them cannot flood the log.
-REFUSAL_LOG_INTERVAL = 1.0
-ALLOW_CACHE_SIZE = 4096  # client addresses whose allow-list answer is kept
-
-# The clients allowed when no allow-list is given: this machine and the
-# private networks it may be shared on.
-PRIVATE_NETWORKS = tuple(
-    ipaddress.ip_network(network)
-    for network in (
-        "127.0.0.0/8",  # loopback
-        "10.0.0.0/8",  # RFC 1918
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "100.64.0.0/10",  # carrier-grade NAT (RFC 6598), as phone hotspots use
-        "169.254.0.0/16",  # IPv4 link-local
-        "::1/128",  # loopback
-        "fc00::/7",  # unique local addresses
-        "fe80::/10",  # link-local
-    )
-)
-
-# HTTP proxy. An HTTP request starts with its method, a token of letters;
-# SOCKS starts with 04 or 05.
-HTTP_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-MAX_HEADER_LINE = 8 * 1024
-MAX_HEADER_BYTES = 64 * 1024
-HTTP_COPY_SIZE = 64 * 1024
-# An origin may think for a while before it answers; a dead one must not
-# hold a thread forever.
-HTTP_RESPONSE_TIMEOUT = 120.0
-# Framing of a message body other than a known length (see body_length).
-CHUNKED = -1
-UNTIL_CLOSE = -2
-# Removed from every forwarded message, along with the headers that its
-# Connection header names. Transfer-Encoding stays: bodies are passed on
-# with the framing they came with, never re-framed.
-HOP_BY_HOP_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authorization",
-    "proxy-authenticate", "te", "trailer", "upgrade",
-})
-PROXY_REALM = "dispatch"
-
-# SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
-UDP_BUFFER_SIZE = 65535
-
-
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
 
 
 class SocksError(OSError):
@@ -319,16 +267,16 @@ class ProtocolError(SocksError):
         super().__init__(Reply.GENERAL_FAILURE, message)
 
 
+class LineTooLongError(ProtocolError):
+    """A line (an HTTP request or header line) past its length cap."""
+
+
 class HttpError(OSError):
     """A request that gets an HTTP error response; ``status`` is its code."""
 
     def __init__(self, status: HTTPStatus, message: str | None = None) -> None:
         super().__init__(message or status.phrase)
         self.status = status
-
-
-class LineTooLong(ProtocolError):
-    """A line (an HTTP request or header line) past its length cap."""
 
 
 class AddressError(ValueError):
@@ -344,6 +292,18 @@ def _reply_code(error: OSError) -> Reply:
     if isinstance(error, TimeoutError):
         return Reply.TTL_EXPIRED
     return _REPLY_BY_ERRNO.get(error.errno or 0, Reply.GENERAL_FAILURE)
+
+
+def _socks4_reply_code(error: OSError) -> Socks4Reply:
+    """The SOCKS4 reply for the error of a request."""
+    return REPLY_TABLE[_reply_code(error)][1]
+
+
+def _http_status(error: OSError) -> HTTPStatus:
+    """The HTTP status for the error of a request."""
+    if isinstance(error, HttpError):
+        return error.status
+    return REPLY_TABLE[_reply_code(error)][2]
 
 
 def _is_link_failure(error: OSError) -> bool:
@@ -363,27 +323,24 @@ def _is_target_answer(error: OSError) -> bool:
     return not isinstance(error, SocksError) and error.errno in _TARGET_ANSWER_ERRNOS
 
 
-def _http_status(error: OSError) -> HTTPStatus:
-    """Map the OS error of a failed upstream connect to an HTTP status."""
-    if isinstance(error, HttpError):
-        return error.status
-    if _reply_code(error) == Reply.TTL_EXPIRED:
-        return HTTPStatus.GATEWAY_TIMEOUT
-    return HTTPStatus.BAD_GATEWAY
-
-
 def _describe(error: OSError) -> str:
     """A short, plain description of an OS error for the log."""
     if isinstance(error, SocksError):
         return str(error)
-    if isinstance(error, socket.timeout):
+    if isinstance(error, TimeoutError):
         return error.strerror or "timed out"
     return error.strerror or str(error)
 
+# ---------------------------------------------------------------------------
+# Deadline I/O: one reader with a deadline for handshakes, bodies, datagrams
+# ---------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------
-# Protocol helpers
-# ---------------------------------------------------------------------------
+MAX_SOCKS4_FIELD = 1024  # cap on a SOCKS4 user id or SOCKS4a host name
+# The most the reader receives ahead of what it has used: a SOCKS4 field and
+# its NUL. A whole SOCKS5 greeting and request fit in it too, so most
+# handshakes take one receive.
+HANDSHAKE_WINDOW = MAX_SOCKS4_FIELD + 1
+BULK_READ_SIZE = 64 * 1024  # what one read of a body or an idle client takes
 
 
 def _wait_until(sock: socket.socket, events: int, deadline: float) -> None:
@@ -416,20 +373,19 @@ def _send_all_by(sock: socket.socket, data: bytes, deadline: float) -> None:
             _wait_until(sock, selectors.EVENT_WRITE, deadline)
 
 
-class HandshakeReader:
-    """Reads the handshake from a client socket, message by message.
+class DeadlineReader:
+    """Reads a byte stream message by message, each read bounded by a deadline.
 
     The socket may be non-blocking: a read waits for data until ``deadline``
-    (time.monotonic(); it may be moved) and then raises TimeoutError: the
+    (time.monotonic(); it may be moved) and then raises TimeoutError, so a
     whole handshake must arrive by then, however slowly its bytes drip in.
+    With no socket, it reads ``data`` alone (a datagram).
 
     It receives what the peer has sent so far, but never more than
     HANDSHAKE_WINDOW bytes beyond what it has used, so a hostile client
-    cannot make it hold more. What it did receive beyond the handshake (a
-    client may send its first payload right behind the request) is kept so
-    that the relay can pass it on: nothing is stranded.
-    It also reads HTTP heads and bodies (from a client or an origin), and
-    parses SOCKS5 UDP headers from ``data`` with no socket at all.
+    cannot make it hold more. What it did receive beyond a message (a client
+    may send its first payload right behind the request) is kept, for
+    ``rest()`` to hand on: nothing is stranded.
     """
 
     def __init__(
@@ -445,17 +401,19 @@ class HandshakeReader:
         self._buffer = bytearray(data)
         self._eof_message = eof_message
 
+    def _receive(self, size: int) -> bytes:
+        return _recv_by(self._sock, size, self.deadline) if self._sock else b""
+
     def _fill(self, needed: int = 1) -> None:
-        wanted = max(needed, HANDSHAKE_WINDOW - len(self._buffer))
-        data = _recv_by(self._sock, wanted, self.deadline) if self._sock else b""
+        data = self._receive(max(needed, HANDSHAKE_WINDOW - len(self._buffer)))
         if not data:
             raise ProtocolError(self._eof_message)
         self._buffer += data
 
     def has_more(self) -> bool:
         """Wait for the next byte; False if the peer closed instead."""
-        if not self._buffer and self._sock:
-            self._buffer += _recv_by(self._sock, HTTP_COPY_SIZE, self.deadline)
+        if not self._buffer:
+            self._buffer += self._receive(BULK_READ_SIZE)
         return bool(self._buffer)
 
     def peek_byte(self) -> int:
@@ -467,7 +425,7 @@ class HandshakeReader:
     def read_some(self, limit: int) -> bytes:
         """Return up to ``limit`` bytes, at least one; b"" at EOF."""
         if not self._buffer:
-            return _recv_by(self._sock, limit, self.deadline) if self._sock else b""
+            return self._receive(limit)
         data = bytes(self._buffer[:limit])
         del self._buffer[:limit]
         return data
@@ -475,7 +433,7 @@ class HandshakeReader:
     def read_line(self, limit: int) -> bytes:
         """Return the next line with its line end.
 
-        Raises LineTooLong if no LF comes within ``limit`` bytes and
+        Raises LineTooLongError if no LF comes within ``limit`` bytes and
         ProtocolError on EOF.
         """
         while True:
@@ -485,7 +443,7 @@ class HandshakeReader:
                 del self._buffer[: end + 1]
                 return line
             if len(self._buffer) >= limit:
-                raise LineTooLong(f"a line longer than {limit} bytes")
+                raise LineTooLongError(f"a line longer than {limit} bytes")
             self._fill()
 
     def read(self, size: int) -> bytes:
@@ -522,10 +480,72 @@ class HandshakeReader:
         return len(self._buffer)
 
     def rest(self) -> bytes:
-        """Return and forget what was received beyond the handshake."""
+        """Return and forget what was received beyond the last message read."""
         data = bytes(self._buffer)
         self._buffer.clear()
         return data
+
+# ---------------------------------------------------------------------------
+# Wire formats: socket addresses, SOCKS, HTTP
+# ---------------------------------------------------------------------------
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _family_of(ip: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 address, AF_INET for an IPv4 one."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def _family_name(family: socket.AddressFamily) -> str:
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def _split_host(address: tuple[Any, ...]) -> tuple[str, int]:
+    """(host, port) of a socket address of any family."""
+    return address[0], address[1]
+
+
+def _format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# SOCKS -----------------------------------------------------------------------
+
+SOCKS4_VERSION = 4
+SOCKS5_VERSION = 5
+AUTH_VERSION = 1  # the version byte of RFC 1929 username/password messages
+MAX_AUTH_FIELD = 255  # an RFC 1929 user name or password has a one-byte length
+
+
+class Command(enum.IntEnum):
+    """SOCKS request commands (the same numbers in SOCKS4 and SOCKS5)."""
+
+    CONNECT = 1
+    BIND = 2
+    UDP_ASSOCIATE = 3
+
+
+class AddressType(enum.IntEnum):
+    """SOCKS5 ATYP values."""
+
+    IPV4 = 1
+    DOMAIN = 3
+    IPV6 = 4
+
+
+class Method(enum.IntEnum):
+    """SOCKS5 authentication methods."""
+
+    NO_AUTHENTICATION = 0x00
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE = 0xFF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,12 +557,12 @@ class Request:
     port: int
 
 
-def read_socks5_methods(reader: HandshakeReader) -> bytes:
+def read_socks5_methods(reader: DeadlineReader) -> bytes:
     """Read NMETHODS and METHODS, the rest of a SOCKS5 greeting."""
     return reader.read(reader.read_byte())
 
 
-def read_socks5_request(reader: HandshakeReader) -> Request:
+def read_socks5_request(reader: DeadlineReader) -> Request:
     """Read VER CMD RSV ATYP DST.ADDR DST.PORT.
 
     Raises SocksError with the reply to send for a wrong version or an
@@ -555,7 +575,7 @@ def read_socks5_request(reader: HandshakeReader) -> Request:
     return Request(command, host, port)
 
 
-def read_socks5_address(reader: HandshakeReader) -> tuple[str, int]:
+def read_socks5_address(reader: DeadlineReader) -> tuple[str, int]:
     """Read ATYP, DST.ADDR and DST.PORT; return (host, port).
 
     Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) for an unknown ATYP.
@@ -566,15 +586,14 @@ def read_socks5_address(reader: HandshakeReader) -> tuple[str, int]:
     elif atyp == AddressType.IPV6:
         host = socket.inet_ntop(socket.AF_INET6, reader.read(16))
     elif atyp == AddressType.DOMAIN:
-        name = reader.read(reader.read_byte())
-        host = _decode_name(name)
+        host = _decode_name(reader.read(reader.read_byte()))
     else:
         raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
     (port,) = struct.unpack("!H", reader.read(2))
     return host, port
 
 
-def read_socks4_request(reader: HandshakeReader) -> Request:
+def read_socks4_request(reader: DeadlineReader) -> Request:
     """Read CMD DST.PORT DST.IP USERID 00, and HOST 00 for SOCKS4a.
 
     The version byte has been read. The user id is not used. Raises
@@ -592,7 +611,7 @@ def read_socks4_request(reader: HandshakeReader) -> Request:
     return Request(command, host, port)
 
 
-def read_auth_request(reader: HandshakeReader) -> tuple[bytes, bytes]:
+def read_auth_request(reader: DeadlineReader) -> tuple[bytes, bytes]:
     """Read an RFC 1929 request, VER ULEN UNAME PLEN PASSWD; return (user, password).
 
     Raises ProtocolError for a version other than 1 or on EOF.
@@ -605,52 +624,6 @@ def read_auth_request(reader: HandshakeReader) -> tuple[bytes, bytes]:
     return user, password
 
 
-def credentials_match(known: Iterable[tuple[bytes, bytes]], user: bytes, password: bytes) -> bool:
-    """Whether (user, password) is one of the ``known`` pairs.
-
-    Every pair is compared, name and password alike, in constant time: how
-    long it takes tells nothing about which user exists or how much of a
-    secret was right.
-    """
-    matched = False
-    for known_user, known_password in known:
-        user_matches = hmac.compare_digest(user, known_user)
-        password_matches = hmac.compare_digest(password, known_password)
-        matched |= user_matches & password_matches
-    return matched
-
-
-def parse_credentials(text: str) -> tuple[str, str]:
-    """Split ``USER:PASS`` (the password may hold colons) into (user, password).
-
-    Raises ValueError, with a message that never holds the password, unless
-    both are 1 to 255 bytes of UTF-8 as RFC 1929 requires.
-    """
-    user, colon, password = text.partition(":")
-    if not colon:
-        raise ValueError("expected USER:PASS")
-    _encode_credential(user, password)
-    return user, password
-
-
-def _encode_credential(user: str, password: str) -> tuple[bytes, bytes]:
-    encoded = _as_bytes(user), _as_bytes(password)
-    if not 1 <= len(encoded[0]) <= MAX_AUTH_FIELD:
-        raise ValueError(f"a user name must be 1 to {MAX_AUTH_FIELD} bytes")
-    if not 1 <= len(encoded[1]) <= MAX_AUTH_FIELD:
-        raise ValueError(f"the password of user {user!r} must be 1 to {MAX_AUTH_FIELD} bytes")
-    return encoded
-
-
-def _as_bytes(text: str | bytes) -> bytes:
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
-
-
-def _printable(name: bytes) -> str:
-    """A client-chosen name, quoted and escaped so that it cannot forge log lines."""
-    return repr(name.decode("utf-8", "backslashreplace"))
-
-
 def encode_socks5_address(host: str, port: int) -> bytes:
     """Encode ATYP, ADDR and PORT as they stand in a SOCKS5 request or reply."""
     try:
@@ -660,6 +633,18 @@ def encode_socks5_address(host: str, port: int) -> bytes:
         return bytes([AddressType.DOMAIN, len(name)]) + name + struct.pack("!H", port)
     atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
     return bytes([atyp]) + ip.packed + struct.pack("!H", port)
+
+
+def encode_socks5_reply(reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> bytes:
+    """VER REP RSV ATYP BND.ADDR BND.PORT."""
+    return bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound))
+
+
+def encode_socks4_reply(reply: Socks4Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> bytes:
+    """00 REP DST.PORT DST.IP; an IPv6 bound address is given as 0.0.0.0."""
+    host, port = _split_host(bound)
+    ip = host if _family_of(host) == socket.AF_INET else "0.0.0.0"
+    return struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip))
 
 
 def _decode_name(name: bytes) -> str:
@@ -675,20 +660,6 @@ def _decode_name(name: bytes) -> str:
     return name.decode("ascii")
 
 
-def _split_host(address: tuple[Any, ...]) -> tuple[str, int]:
-    """(host, port) of a socket address of any family."""
-    return address[0], address[1]
-
-
-def _family_of(ip: str) -> socket.AddressFamily:
-    """AF_INET6 for an IPv6 address, AF_INET for an IPv4 one."""
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
-def _format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def encode_udp_header(host: str, port: int) -> bytes:
     """The header of a SOCKS5 UDP datagram from or to (host, port), unfragmented."""
     return b"\0\0\0" + encode_socks5_address(host, port)
@@ -699,17 +670,32 @@ def parse_udp_datagram(datagram: bytes) -> tuple[int, str, int, bytes]:
 
     Raises SocksError for a datagram too short or of an unknown address type.
     """
-    reader = HandshakeReader(None, eof_message="truncated UDP datagram", data=datagram)
+    reader = DeadlineReader(None, eof_message="truncated UDP datagram", data=datagram)
     frag = reader.read(3)[2]
     host, port = read_socks5_address(reader)
     return frag, host, port, reader.rest()
 
 
-# ---------------------------------------------------------------------------
-# Protocol helpers: HTTP
-# ---------------------------------------------------------------------------
+# HTTP ------------------------------------------------------------------------
 
 Headers = list[tuple[str, str]]
+
+MAX_HEADER_LINE = 8 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+# Removed from every forwarded message, along with the headers that its
+# Connection header names. Transfer-Encoding stays: bodies are passed on
+# with the framing they came with, never re-framed.
+HOP_BY_HOP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization",
+    "proxy-authenticate", "te", "trailer", "upgrade",
+})
+
+
+class Framing(enum.IntEnum):
+    """How a body other than one of a known length ends (see body_length)."""
+
+    CHUNKED = -1
+    UNTIL_CLOSE = -2
 
 
 def parse_request_line(line: str) -> tuple[str, str, str]:
@@ -802,7 +788,7 @@ def parse_absolute_url(url: str) -> tuple[str, int, str]:
 
 
 def body_length(headers: Headers, request: bool) -> int:
-    """How a message body is framed: its length, CHUNKED or UNTIL_CLOSE.
+    """How a message body is framed: its length, or a Framing.
 
     Follows RFC 9112, 6.3. A request without either header has no body.
     ValueError where the framing is ambiguous or malformed (a request with
@@ -814,16 +800,16 @@ def body_length(headers: Headers, request: bool) -> int:
         if codings[-1] == "chunked":
             if request and lengths:
                 raise ValueError("both Transfer-Encoding and Content-Length")
-            return CHUNKED
+            return Framing.CHUNKED
         if request:
             raise ValueError(f"unsupported transfer coding {codings[-1]!r}")
-        return UNTIL_CLOSE
+        return Framing.UNTIL_CLOSE
     if lengths:
         values = {part.strip() for value in lengths for part in value.split(",")}
         if len(values) != 1 or not next(iter(values)).isdigit():
             raise ValueError(f"bad Content-Length {sorted(lengths)}")
         return int(values.pop())
-    return 0 if request else UNTIL_CLOSE
+    return 0 if request else Framing.UNTIL_CLOSE
 
 
 def response_has_body(method: str, status: int) -> bool:
@@ -854,10 +840,10 @@ def keeps_alive(version: str, headers: Headers) -> bool:
     return version == "HTTP/1.1" and "close" not in header_tokens(headers, "connection")
 
 
-def basic_credentials(headers: Headers) -> tuple[str, str] | None:
-    """(user, password) from a ``Proxy-Authorization: Basic`` header, or None."""
+def basic_credentials(headers: Headers, header: str = "proxy-authorization") -> tuple[str, str] | None:
+    """(user, password) from a ``Basic`` credentials header, or None."""
     for name, value in headers:
-        if name.lower() != "proxy-authorization":
+        if name.lower() != header:
             continue
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "basic":
@@ -889,9 +875,237 @@ def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str,
     return encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head) + body
 
 
+def read_head(reader: DeadlineReader) -> list[str]:
+    """The lines of a message head (start line first) without line ends.
+
+    Empty lines before the start line are skipped (RFC 9112, 2.2). Raises
+    LineTooLongError past MAX_HEADER_LINE a line or MAX_HEADER_BYTES in all.
+    """
+    lines: list[str] = []
+    total = 0
+    while True:
+        line = reader.read_line(MAX_HEADER_LINE)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise LineTooLongError(f"a head longer than {MAX_HEADER_BYTES} bytes")
+        text = line.rstrip(b"\r\n").decode("latin-1")
+        if text:
+            lines.append(text)
+        elif lines:
+            return lines
+
+
+def copy_body(reader: DeadlineReader, length: int, send: Callable[[bytes], None], *, dechunk: bool = False) -> None:
+    """Pass a message body on as framed by ``length`` (see body_length).
+
+    ``dechunk`` sends a chunked body's data alone, without its framing.
+    Raises ProtocolError for a body cut short or badly framed.
+    """
+    if length == Framing.UNTIL_CLOSE:
+        while data := reader.read_some(BULK_READ_SIZE):
+            send(data)
+    elif length == Framing.CHUNKED:
+        _copy_chunks(reader, send if not dechunk else None, send)
+    else:
+        _copy_exactly(reader, length, send)
+
+
+def _copy_chunks(
+    reader: DeadlineReader, send_framing: Callable[[bytes], None] | None, send_data: Callable[[bytes], None]
+) -> None:
+    """Pass a chunked body on; its framing goes to ``send_framing`` unless None."""
+    framing = send_framing or (lambda _: None)
+    while True:
+        line = reader.read_line(MAX_HEADER_LINE)
+        try:
+            size = parse_chunk_size(line)
+        except ValueError as error:
+            raise ProtocolError(str(error)) from None
+        framing(line)
+        if size == 0:
+            break
+        _copy_exactly(reader, size, send_data)
+        end = reader.read_line(MAX_HEADER_LINE)
+        if end.strip():
+            raise ProtocolError("a chunk longer than its size")
+        framing(end)
+    while True:  # trailer fields, up to the empty line
+        line = reader.read_line(MAX_HEADER_LINE)
+        framing(line)
+        if not line.strip():
+            break
+
+
+def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], None]) -> None:
+    while length:
+        data = reader.read_some(min(length, BULK_READ_SIZE))
+        if not data:
+            raise ProtocolError("closed in the middle of a body")
+        send(data)
+        length -= len(data)
+
 # ---------------------------------------------------------------------------
-# Local addresses and the balancer
+# Access: the allow-list and logins
 # ---------------------------------------------------------------------------
+
+# The clients allowed when no allow-list is given: this machine and the
+# private networks it may be shared on.
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "127.0.0.0/8",  # loopback
+        "10.0.0.0/8",  # RFC 1918
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",  # carrier-grade NAT (RFC 6598), as phone hotspots use
+        "169.254.0.0/16",  # IPv4 link-local
+        "::1/128",  # loopback
+        "fc00::/7",  # unique local addresses
+        "fe80::/10",  # link-local
+    )
+)
+ALLOW_CACHE_SIZE = 4096  # client addresses whose allow-list answer is kept
+
+
+def credentials_match(known: Iterable[tuple[bytes, bytes]], user: bytes, password: bytes) -> bool:
+    """Whether (user, password) is one of the ``known`` pairs.
+
+    Every pair is compared, name and password alike, in constant time: how
+    long it takes tells nothing about which user exists or how much of a
+    secret was right.
+    """
+    matched = False
+    for known_user, known_password in known:
+        user_matches = hmac.compare_digest(user, known_user)
+        password_matches = hmac.compare_digest(password, known_password)
+        matched |= user_matches & password_matches
+    return matched
+
+
+def parse_credentials(text: str) -> tuple[str, str]:
+    """Split ``USER:PASS`` (the password may hold colons) into (user, password).
+
+    Raises ValueError, with a message that never holds the password, unless
+    both are 1 to 255 bytes of UTF-8 as RFC 1929 requires.
+    """
+    user, colon, password = text.partition(":")
+    if not colon:
+        raise ValueError("expected USER:PASS")
+    _encode_credential(user, password)
+    return user, password
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """The (user, password) pairs of a file of ``USER:PASS`` lines.
+
+    Blank lines and lines starting with # are skipped. Raises ValueError
+    naming the file and line, never a password.
+    """
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().splitlines()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {_describe(error)}") from None
+    pairs = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}, line {number}: not UTF-8") from None
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            pairs.append(parse_credentials(line))
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+    return pairs
+
+
+def _encode_credential(user: str, password: str) -> tuple[bytes, bytes]:
+    encoded = _as_bytes(user), _as_bytes(password)
+    if not 1 <= len(encoded[0]) <= MAX_AUTH_FIELD:
+        raise ValueError(f"a user name must be 1 to {MAX_AUTH_FIELD} bytes")
+    if not 1 <= len(encoded[1]) <= MAX_AUTH_FIELD:
+        raise ValueError(f"the password of user {user!r} must be 1 to {MAX_AUTH_FIELD} bytes")
+    return encoded
+
+
+def _as_bytes(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
+def _printable(name: bytes) -> str:
+    """A client-chosen name, quoted and escaped so that it cannot forge log lines."""
+    return repr(name.decode("utf-8", "backslashreplace"))
+
+
+def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A client's address as the allow-list sees it: IPv4 clients of a
+    dual-stack listener arrive as ::ffff:a.b.c.d and are matched as IPv4."""
+    ip = ipaddress.ip_address(host.partition("%")[0])  # no IPv6 zone
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class AccessPolicy:
+    """Who may use the proxy: the networks clients may come from, and the
+    logins they must give (none when ``credentials`` is empty).
+
+    ``allow`` holds networks (``"192.168.1.0/24"``, ``"fd00::/8"``, single
+    addresses); None means PRIVATE_NETWORKS. Raises ValueError for a bad
+    entry or credential.
+    """
+
+    def __init__(self, credentials: Mapping[str, str] | None = None, allow: Iterable[str] | None = None) -> None:
+        self._credentials = [_encode_credential(user, password) for user, password in (credentials or {}).items()]
+        self.allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
+            list(PRIVATE_NETWORKS) if allow is None else [ipaddress.ip_network(a, strict=False) for a in allow]
+        )
+        self._allows_by_host: dict[str, bool] = {}
+
+    @property
+    def requires_credentials(self) -> bool:
+        """Whether clients must give a user name and password."""
+        return bool(self._credentials)
+
+    @property
+    def users(self) -> int:
+        """How many logins there are."""
+        return len(self._credentials)
+
+    def check_credentials(self, user: str | bytes, password: str | bytes) -> bool:
+        """Whether ``user`` and ``password`` are accepted (always, without credentials)."""
+        if not self._credentials:
+            return True
+        return credentials_match(self._credentials, _as_bytes(user), _as_bytes(password))
+
+    def allows(self, host: str) -> bool:
+        """Whether a client at IP address ``host`` may connect."""
+        # Every accept asks, in the one accepting thread; the same few
+        # clients ask again and again.
+        allowed = self._allows_by_host.get(host)
+        if allowed is None:
+            try:
+                ip = _client_ip(host)
+            except ValueError:
+                return False
+            allowed = any(ip in network for network in self.allowed_networks)
+            if len(self._allows_by_host) >= ALLOW_CACHE_SIZE:
+                self._allows_by_host.clear()
+            self._allows_by_host[host] = allowed
+        return allowed
+
+# ---------------------------------------------------------------------------
+# Links: interfaces, their addresses, following them as they change
+# ---------------------------------------------------------------------------
+
+# Weights are proportions: 1,000 is finer than any link needs, and a round of
+# the balancer takes time in proportion to the sum of the weights.
+MAX_WEIGHT = 1000
+# How often interface addresses are read again: DHCP renewals and new
+# networks are seen within this, at the cost of one read per interval.
+INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
 
 
 @dataclasses.dataclass(eq=False)
@@ -899,22 +1113,13 @@ class LocalAddress:
     """One local address that outgoing connections may leave from.
 
     ``interface`` is the name of the interface holding it, where known:
-    connections from it are bound to that device. ``state`` is "up" while
-    connections are dispatched to it, "down" while it sits out after a link
-    failure (until ``sitting_out_until``, a ``time.monotonic()`` value), and
-    "gone" once its interface no longer holds it. Counters are kept per
-    address for ``Dispatcher.stats()``.
+    connections from it are bound to that device. Compared and hashed by
+    identity: each is one place where counters and health are kept.
     """
 
     ip: str
     weight: int = 1
     interface: str | None = None
-    state: str = "up"
-    connections: int = 0
-    open_connections: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    sitting_out_until: float | None = None
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -924,10 +1129,6 @@ class LocalAddress:
     def describe(self) -> str:
         """The address and its interface, as logs show them."""
         return f"{self.ip} ({self.interface})" if self.interface else self.ip
-
-    def sitting_out(self, now: float) -> bool:
-        """Whether the address sits out at time ``now``."""
-        return self.sitting_out_until is not None and now < self.sitting_out_until
 
 
 class Link:
@@ -963,266 +1164,12 @@ class Link:
     def follow(self, ips: Sequence[str]) -> bool:
         """Make ``ips`` the current addresses; return whether they changed."""
         before = [address.ip for address in self.current]
-        self.current = []
         for ip in ips:
             if ip not in self.known:
                 self.known[ip] = LocalAddress(ip, self.weight, self.name)
-            self.current.append(self.known[ip])
-        for address in self.known.values():
-            if address not in self.current:
-                address.state = "gone"
-            elif address.state == "gone":
-                address.state = "down" if address.sitting_out_until is not None else "up"
+        # One assignment: readers in other threads see the old list or the new.
+        self.current = [self.known[ip] for ip in ips]
         return before != list(ips)
-
-
-
-class WeightedRoundRobin:
-    """Smooth weighted round robin (as in nginx) over a fixed list of items.
-
-    Over every run of sum(weights) consecutive calls to ``next()``, each item
-    is returned exactly its weight times, spread out rather than in runs:
-    weights 7 and 3 give A B A A A B A A B A, then the same again.
-    Not thread safe: callers hold a lock.
-    """
-
-    def __init__(self, items: Sequence[Any], weights: Sequence[int]) -> None:
-        if len(items) != len(weights) or not items:
-            raise ValueError("one positive weight per item, at least one item")
-        if any(weight < 1 for weight in weights):
-            raise ValueError("weights must be positive")
-        self.items = list(items)
-        self.weights = list(weights)
-        self._current = [0] * len(items)
-        self._total = sum(weights)
-
-    @property
-    def period(self) -> int:
-        """How many calls make one full turn; after it, the state is as before."""
-        return self._total
-
-    def next(self) -> Any:
-        """Return the next item."""
-        best = 0
-        for index, weight in enumerate(self.weights):
-            self._current[index] += weight
-            if self._current[index] > self._current[best]:
-                best = index
-        self._current[best] -= self._total
-        return self.items[best]
-
-
-InterfaceReader = Callable[[], dict[str, list[str]]]
-
-
-class Balancer:
-    """Chooses the local address of each new connection, per address family.
-
-    Addresses sitting out after a link failure are skipped while others are
-    left; the links that follow an interface are read again at most every
-    INTERFACE_REFRESH_INTERVAL seconds, when a connection asks for an address.
-    ``read_interfaces`` returns the usable addresses of each interface by
-    name and ``clock`` tells monotonic seconds; tests may pass their own.
-    """
-
-    def __init__(
-        self,
-        links: Sequence[Link | LocalAddress],
-        *,
-        cooldown: float = DEFAULT_COOLDOWN,
-        read_interfaces: InterfaceReader | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.links = [link if isinstance(link, Link) else Link.of_address(link) for link in links]
-        if not any(link.current for link in self.links):
-            raise AddressError("no local address to dispatch to")
-        self.cooldown = cooldown
-        self._read_interfaces = read_interfaces or usable_interface_addresses
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._follows = any(link.is_interface for link in self.links)
-        self._next_refresh = clock() + INTERFACE_REFRESH_INTERVAL
-        # Byte counts at the previous stats() call, for the current rates.
-        self._sampled_at = self._clock()
-        self._samples = {id(address): (0, 0) for address in self.addresses}
-        self._rounds: dict[socket.AddressFamily, WeightedRoundRobin] = {}
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        self._rounds = {}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            pool = [address for address in self.addresses if address.family == family]
-            if pool:
-                self._rounds[family] = WeightedRoundRobin(pool, [a.weight for a in pool])
-
-    @property
-    def addresses(self) -> list[LocalAddress]:
-        """The addresses connections are dispatched to now, each once."""
-        seen: dict[str, LocalAddress] = {}
-        for link in self.links:
-            for address in link.current:
-                seen.setdefault(address.ip, address)
-        return list(seen.values())
-
-    @property
-    def families(self) -> frozenset[socket.AddressFamily]:
-        """The address families there are local addresses for."""
-        self._refresh_if_due()
-        with self._lock:
-            return frozenset(self._rounds)
-
-    def _refresh_if_due(self) -> None:
-        """Read the interfaces' addresses again if it is time to.
-
-        Called without the lock: reading the interfaces takes a while, and
-        every relay counts its bytes under the lock meanwhile.
-        """
-        if not self._follows:
-            return
-        with self._lock:
-            now = self._clock()
-            if now < self._next_refresh:
-                return
-            self._next_refresh = now + INTERFACE_REFRESH_INTERVAL  # the others need not read
-        try:
-            found = self._read_interfaces()
-        except (OSError, AddressError) as error:
-            logger.debug("cannot read the interfaces: %s", error)
-            return
-        with self._lock:
-            self._follow(found)
-
-    def _follow(self, found: dict[str, list[str]]) -> None:
-        """Give each interface link the addresses ``found``; the lock is held."""
-        changed = False
-        for link in self.links:
-            if not link.is_interface:
-                continue
-            had = [address.ip for address in link.current]
-            if not link.follow(found.get(link.name, [])):
-                continue
-            changed = True
-            if not link.current:
-                logger.warning("%s has no usable address for now: skipped", link.name)
-            elif not had:
-                logger.info("%s is back: %s", link.name, ", ".join(a.ip for a in link.current))
-            else:
-                logger.info("%s now has %s (had %s)", link.name,
-                            ", ".join(a.ip for a in link.current), ", ".join(had))
-        if changed:
-            self._rebuild()
-
-    def next(self, family: socket.AddressFamily) -> LocalAddress:
-        """The local address for a new connection of ``family``.
-
-        Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
-        """
-        self._refresh_if_due()
-        with self._lock:
-            rounds = self._rounds.get(family)
-            if rounds is None:
-                name = "IPv6" if family == socket.AF_INET6 else "IPv4"
-                raise SocksError(
-                    Reply.ADDRESS_TYPE_NOT_SUPPORTED,
-                    f"no {name} local address to dispatch to",
-                )
-            chosen = self._pick(rounds, ())
-            if chosen is None:  # with nothing excluded, _pick always finds one
-                raise AssertionError("no address in a non-empty rotation")
-            return chosen
-
-    def alternative(self, family: socket.AddressFamily, tried: Collection[LocalAddress]) -> LocalAddress | None:
-        """Another address of ``family`` for a connection that failed through
-        the ``tried`` ones, or None when every address has been tried."""
-        with self._lock:
-            rounds = self._rounds.get(family)
-            return None if rounds is None else self._pick(rounds, tried)
-
-    def _pick(self, rounds: WeightedRoundRobin, exclude: Collection[LocalAddress]) -> LocalAddress | None:
-        now = self._clock()
-        # One full period visits every address; skipping some keeps the
-        # others in their weights' proportions.
-        for _ in range(rounds.period):
-            address = rounds.next()
-            if address not in exclude and not address.sitting_out(now):
-                return address
-        # A full period leaves the rotation as it was. Every address left is
-        # sitting out: try them anyway, in turn, rather than fail.
-        for _ in range(rounds.period):
-            address = rounds.next()
-            if address not in exclude:
-                return address
-        return None
-
-    def reached(self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = ()) -> None:
-        """Record that ``address`` reached a target the ``failed`` addresses
-        could not: they sit out for the cooldown, and ``address``, if it was
-        sitting out, is back."""
-        with self._lock:
-            now = self._clock()
-            for down, error in failed:
-                if down is address:
-                    continue
-                down.sitting_out_until = now + self.cooldown
-                down.state = "down"
-                logger.warning(
-                    "sitting out for %g s: %s: %s", self.cooldown, down.describe(), _describe(error)
-                )
-            if address.sitting_out_until is not None:
-                address.sitting_out_until = None
-                address.state = "up"
-                logger.info("back in use: %s", address.describe())
-
-    def opened(self, address: LocalAddress) -> None:
-        """Count a connection made through ``address``."""
-        with self._lock:
-            address.connections += 1
-            address.open_connections += 1
-
-    def closed(self, address: LocalAddress) -> None:
-        """Count the end of a connection made through ``address``."""
-        with self._lock:
-            address.open_connections -= 1
-
-    def add_bytes(self, address: LocalAddress, up: int, down: int) -> None:
-        """Count bytes relayed through ``address``."""
-        with self._lock:
-            address.bytes_up += up
-            address.bytes_down += down
-
-    def stats(self) -> list[dict[str, Any]]:
-        """A snapshot of the counters of every address each link has had.
-
-        ``rate_up`` and ``rate_down`` are in bytes per second since the
-        previous call (since the start for the first one).
-        """
-        with self._lock:
-            now = self._clock()
-            elapsed = max(now - self._sampled_at, 1e-6)
-            self._sampled_at = now
-            known: dict[str, LocalAddress] = {}
-            for link in self.links:
-                for address in link.known.values():
-                    known.setdefault(address.ip, address)
-            rows = []
-            for address in known.values():
-                up_before, down_before = self._samples.get(id(address), (0, 0))
-                self._samples[id(address)] = (address.bytes_up, address.bytes_down)
-                rows.append({
-                    "ip": address.ip,
-                    "interface": address.interface,
-                    "weight": address.weight,
-                    # Past its cooldown an address is in use again, though
-                    # no connection may have gone through it yet.
-                    "state": "up" if address.state == "down" and not address.sitting_out(now) else address.state,
-                    "connections": address.connections,
-                    "open": address.open_connections,
-                    "bytes_up": address.bytes_up,
-                    "bytes_down": address.bytes_down,
-                    "rate_up": (address.bytes_up - up_before) / elapsed,
-                    "rate_down": (address.bytes_down - down_before) / elapsed,
-                })
-            return rows
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -1244,17 +1191,29 @@ def parse_address(text: str) -> tuple[str, int]:
     return address, int(weight_text)
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether an address can reach other hosts (not loopback or link-local)."""
     return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@functools.cache
+def _has_ifaddr() -> bool:
+    """Whether the ifaddr package can be imported (asked once)."""
+    try:
+        import ifaddr  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _interfaces() -> dict[str, list[str]]:
@@ -1285,13 +1244,16 @@ def _is_up(interface: str) -> bool:
         return True
 
 
+def _usable_ips(name: str, ips: Iterable[str]) -> list[str]:
+    """The addresses of interface ``name`` that can reach other hosts, none while it is down."""
+    if not _is_up(name):
+        return []
+    return [ip for ip in ips if _is_usable(ipaddress.ip_address(ip))]
+
+
 def usable_interface_addresses() -> dict[str, list[str]]:
-    """The usable addresses of each interface that is up, by name."""
-    found: dict[str, list[str]] = {}
-    for name, ips in _interfaces().items():
-        if _is_up(name):
-            found[name] = [ip for ip in ips if _is_usable(ipaddress.ip_address(ip))]
-    return found
+    """The usable addresses of each interface, by name (none for one that is down)."""
+    return {name: _usable_ips(name, ips) for name, ips in _interfaces().items()}
 
 
 def usable_addresses() -> list[LocalAddress]:
@@ -1301,43 +1263,59 @@ def usable_addresses() -> list[LocalAddress]:
     ]
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP address, or ``localhost``) is this machine's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def _has_ifaddr() -> bool:
-    """Whether the ifaddr package can be imported (asked once)."""
-    try:
-        import ifaddr  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _check_bindable(ip: str) -> None:
     """Raise AddressError unless ``ip`` is an address of this machine."""
-    family = _family_of(ip)
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family_of(ip), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((ip, 0))
         except OSError as error:
             raise AddressError(f"{ip} is not an address of this machine ({_describe(error)})") from None
 
 
-def _interface_of(ip: str, interfaces: dict[str, list[str]]) -> str | None:
+def _interface_of(ip: str, interfaces: Mapping[str, list[str]]) -> str | None:
     """The name of the interface holding ``ip``, if any."""
     wanted = ipaddress.ip_address(ip)
     for name, ips in interfaces.items():
         if any(ipaddress.ip_address(other) == wanted for other in ips):
             return name
     return None
+
+
+class _InterfaceTable:
+    """The interfaces, read once when first needed while links are resolved."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, list[str]] | None = None
+
+    def read(self, *, required: bool) -> dict[str, list[str]]:
+        """Each interface's addresses; {} without ifaddr unless ``required``."""
+        if self._found is None:
+            try:
+                self._found = _interfaces()
+            except AddressError:
+                if required:
+                    raise
+                return {}  # without ifaddr, IP addresses are bound as sources only
+        return self._found
+
+
+def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link:
+    """The link of one ``ADDRESS[@WEIGHT]`` text or LocalAddress."""
+    if isinstance(spec, LocalAddress):
+        _check_bindable(spec.ip)
+        if spec.interface is None:
+            spec.interface = _interface_of(spec.ip, interfaces.read(required=False))
+        return Link.of_address(spec)
+    name, weight = parse_address(spec)
+    if _is_ip(name):
+        ip = str(ipaddress.ip_address(name))
+        _check_bindable(ip)
+        return Link.of_address(LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False))))
+    known = interfaces.read(required=True)
+    if name not in known:
+        names = ", ".join(sorted(known)) or "none"
+        raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {names})")
+    return Link.of_interface(name, weight, _usable_ips(name, known[name]))
 
 
 def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
@@ -1355,41 +1333,8 @@ def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
         if not every:
             raise AddressError("no usable address on any interface; name one")
         return every
-    links: list[Link] = []
-    interfaces: dict[str, list[str]] | None = None
-
-    def read_interfaces(required: bool) -> dict[str, list[str]]:
-        nonlocal interfaces
-        if interfaces is None:
-            try:
-                interfaces = _interfaces()
-            except AddressError:
-                if required:
-                    raise
-                return {}  # without ifaddr, IP addresses are bound as sources only
-        return interfaces
-
-    for spec in specs:
-        if isinstance(spec, LocalAddress):
-            _check_bindable(spec.ip)
-            if spec.interface is None:
-                spec.interface = _interface_of(spec.ip, read_interfaces(required=False))
-            links.append(Link.of_address(spec))
-            continue
-        name, weight = parse_address(spec)
-        if _is_ip(name):
-            ip = str(ipaddress.ip_address(name))
-            _check_bindable(ip)
-            interface = _interface_of(ip, read_interfaces(required=False))
-            links.append(Link.of_address(LocalAddress(ip, weight, interface)))
-            continue
-        known = read_interfaces(required=True)
-        if name not in known:
-            names = ", ".join(sorted(known)) or "none"
-            raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {names})")
-        up = _is_up(name)
-        ips = [ip for ip in known[name] if up and _is_usable(ipaddress.ip_address(ip))]
-        links.append(Link.of_interface(name, weight, ips))
+    interfaces = _InterfaceTable()
+    links = [_resolve_link(spec, interfaces) for spec in specs]
     seen = set()
     for address in (address for link in links for address in link.current):
         if address.ip in seen:
@@ -1400,18 +1345,364 @@ def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
     return links
 
 
+InterfaceReader = Callable[[], Mapping[str, Sequence[str]]]
+
+
+class LinkSet:
+    """The links connections are dispatched over, and the addresses they
+    hold now.
+
+    ``refresh()`` reads the interfaces again (``read_interfaces`` returns the
+    usable addresses of each by name; tests may pass their own) and gives
+    each interface link what it holds now.
+    """
+
+    def __init__(self, links: Sequence[Link], read_interfaces: InterfaceReader | None = None) -> None:
+        self.links = list(links)
+        if not any(link.current for link in self.links):
+            raise AddressError("no local address to dispatch to")
+        self._read_interfaces = read_interfaces or usable_interface_addresses
+        self.follows = any(link.is_interface for link in self.links)
+
+    @property
+    def addresses(self) -> list[LocalAddress]:
+        """The addresses connections are dispatched to now, each once."""
+        return self._unique(address for link in self.links for address in link.current)
+
+    def known_addresses(self) -> list[LocalAddress]:
+        """Every address any link has had, each once."""
+        return self._unique(address for link in self.links for address in link.known.values())
+
+    @staticmethod
+    def _unique(addresses: Iterable[LocalAddress]) -> list[LocalAddress]:
+        seen: dict[str, LocalAddress] = {}
+        for address in addresses:
+            seen.setdefault(address.ip, address)
+        return list(seen.values())
+
+    def link_of(self, address: LocalAddress) -> Link | None:
+        """The link that holds or held ``address``."""
+        return next((link for link in self.links if link.known.get(address.ip) is address), None)
+
+    def refresh(self) -> bool:
+        """Read the interfaces and follow them; return whether any address changed."""
+        if not self.follows:
+            return False
+        try:
+            found = self._read_interfaces()
+        except (OSError, AddressError) as error:
+            logger.debug("cannot read the interfaces: %s", error)
+            return False
+        changed = False
+        for link in self.links:
+            if link.is_interface:
+                changed |= self._follow(link, list(found.get(link.name, [])))
+        return changed
+
+    @staticmethod
+    def _follow(link: Link, ips: list[str]) -> bool:
+        had = [address.ip for address in link.current]
+        if not link.follow(ips):
+            return False
+        if not ips:
+            logger.warning("%s has no usable address for now: skipped", link.name)
+        elif not had:
+            logger.info("%s is back: %s", link.name, ", ".join(ips))
+        else:
+            logger.info("%s now has %s (had %s)", link.name, ", ".join(ips), ", ".join(had))
+        return True
+
 # ---------------------------------------------------------------------------
-# Server and handler
+# Health: failures, cooldowns, what is up and why not
 # ---------------------------------------------------------------------------
+
+DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
+
+
+@dataclasses.dataclass
+class _Outage:
+    """Why an address sits out, and until when (time.monotonic())."""
+
+    reason: str
+    until: float
+
+
+class Health:
+    """Which local addresses sit out after a failure of their link, and why.
+
+    An address whose connect failed where another address then got through
+    sits out for ``cooldown`` seconds: new connections avoid it meanwhile.
+    ``clock`` tells monotonic seconds; tests may pass their own.
+    """
+
+    def __init__(self, cooldown: float = DEFAULT_COOLDOWN, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown = cooldown
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._outages: dict[LocalAddress, _Outage] = {}
+
+    def is_out(self, address: LocalAddress, now: float | None = None) -> bool:
+        """Whether ``address`` sits out now (or at ``now``)."""
+        outage = self._outages.get(address)
+        return outage is not None and (self.clock() if now is None else now) < outage.until
+
+    def connected_through(
+        self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = ()
+    ) -> None:
+        """Record that a connect through ``address`` got an answer (the target's
+        or its refusal) where the ``failed`` addresses could not: they sit out
+        for the cooldown, and ``address``, if it was sitting out, is back."""
+        with self._lock:
+            now = self.clock()
+            for down, error in failed:
+                if down is address:
+                    continue
+                self._outages[down] = _Outage(_describe(error), now + self.cooldown)
+                logger.warning("sitting out for %g s: %s: %s", self.cooldown, down.describe(), _describe(error))
+            if self._outages.pop(address, None) is not None:
+                logger.info("back in use: %s", address.describe())
+
+    def state(self, address: LocalAddress) -> tuple[str, str | None]:
+        """("up", None), or ("down", why) while ``address`` sits out."""
+        outage = self._outages.get(address)
+        now = self.clock()
+        if outage is None or now >= outage.until:
+            # Past its cooldown an address is in use again, though no
+            # connection may have gone through it yet.
+            return "up", None
+        return "down", f"{outage.reason}; tried again in {math.ceil(outage.until - now):.0f} s"
+
+# ---------------------------------------------------------------------------
+# Choice: which local address a new connection gets
+# ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class WeightedRoundRobin(Generic[T]):
+    """Smooth weighted round robin (as in nginx) over a fixed list of items.
+
+    Over every run of sum(weights) consecutive calls to ``next()``, each item
+    is returned exactly its weight times, spread out rather than in runs:
+    weights 7 and 3 give A B A A A B A A B A, then the same again.
+    Not thread safe: callers hold a lock.
+    """
+
+    def __init__(self, items: Sequence[T], weights: Sequence[int]) -> None:
+        if len(items) != len(weights) or not items:
+            raise ValueError("one positive weight per item, at least one item")
+        if any(weight < 1 for weight in weights):
+            raise ValueError("weights must be positive")
+        self.items = list(items)
+        self.weights = list(weights)
+        self._current = [0] * len(items)
+        self._total = sum(weights)
+
+    @property
+    def period(self) -> int:
+        """How many calls make one full turn; after it, the state is as before."""
+        return self._total
+
+    def next(self) -> T:
+        """Return the next item."""
+        best = 0
+        for index, weight in enumerate(self.weights):
+            self._current[index] += weight
+            if self._current[index] > self._current[best]:
+                best = index
+        self._current[best] -= self._total
+        return self.items[best]
+
+
+class Balancer:
+    """Chooses the local address of each new connection, per address family,
+    by weighted round robin; addresses that sit out (see Health) are skipped
+    while others are left.
+
+    Holds its lock for the choice alone. ``rebuild()`` takes the addresses
+    to choose from when they change.
+    """
+
+    def __init__(self, addresses: Sequence[LocalAddress], health: Health) -> None:
+        self.health = health
+        self._lock = threading.Lock()
+        self._rounds: dict[socket.AddressFamily, WeightedRoundRobin[LocalAddress]] = {}
+        self.rebuild(addresses)
+
+    def rebuild(self, addresses: Sequence[LocalAddress]) -> None:
+        """Choose from ``addresses`` from now on."""
+        rounds = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            pool = [address for address in addresses if address.family == family]
+            if pool:
+                rounds[family] = WeightedRoundRobin(pool, [address.weight for address in pool])
+        with self._lock:
+            self._rounds = rounds
+
+    @property
+    def families(self) -> frozenset[socket.AddressFamily]:
+        """The address families there are local addresses for."""
+        return frozenset(self._rounds)
+
+    def next(self, family: socket.AddressFamily) -> LocalAddress:
+        """The local address for a new connection of ``family``.
+
+        Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
+        """
+        chosen = self.alternative(family, ())
+        if chosen is None:
+            raise SocksError(
+                Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"no {_family_name(family)} local address to dispatch to"
+            )
+        return chosen
+
+    def alternative(self, family: socket.AddressFamily, tried: Collection[LocalAddress]) -> LocalAddress | None:
+        """Another address of ``family`` for a connection that failed through
+        the ``tried`` ones, or None when every address has been tried."""
+        now = self.health.clock()
+        with self._lock:
+            rounds = self._rounds.get(family)
+            if rounds is None:
+                return None
+            # One full period visits every address; skipping some keeps the
+            # others in their weights' proportions.
+            for _ in range(rounds.period):
+                address = rounds.next()
+                if address not in tried and not self.health.is_out(address, now):
+                    return address
+            # A full period leaves the rotation as it was. Every address left
+            # is sitting out: try them anyway, in turn, rather than fail.
+            for _ in range(rounds.period):
+                address = rounds.next()
+                if address not in tried:
+                    return address
+            return None
+
+# ---------------------------------------------------------------------------
+# Meter: per-address counters, rates and history
+# ---------------------------------------------------------------------------
+
+METER_INTERVAL = 2.0  # seconds between two samples of the counters
+HISTORY_LENGTH = 300  # samples kept: ten minutes
+
+
+@dataclasses.dataclass
+class Counters:
+    """What went through one local address."""
+
+    connections: int = 0  # opened in all
+    failed: int = 0  # connects through it that failed
+    open: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """Counters and the rates each way (bytes per second) at one moment."""
+
+    counters: Counters
+    rate_up: float
+    rate_down: float
+
+
+class Meter:
+    """Counts connections and bytes per local address, under a lock of its
+    own that is held for a few additions at a time.
+
+    ``sample()`` (every METER_INTERVAL, by the Dispatcher's background task)
+    keeps the byte counts of the last HISTORY_LENGTH intervals; rates are
+    measured against them. Reading changes nothing, so any number of readers
+    see the same rates.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._counters: dict[LocalAddress, Counters] = {}
+        self._history: collections.deque[tuple[float, dict[LocalAddress, tuple[int, int]]]] = collections.deque(
+            [(clock(), {})], maxlen=HISTORY_LENGTH + 1
+        )
+
+    def _of(self, address: LocalAddress) -> Counters:
+        counters = self._counters.get(address)
+        if counters is None:
+            counters = self._counters[address] = Counters()
+        return counters
+
+    def opened(self, address: LocalAddress) -> None:
+        """Count a connection opened through ``address``."""
+        with self._lock:
+            counters = self._of(address)
+            counters.connections += 1
+            counters.open += 1
+
+    def closed(self, address: LocalAddress) -> None:
+        """Count the end of a connection opened through ``address``."""
+        with self._lock:
+            self._of(address).open -= 1
+
+    def failed(self, address: LocalAddress) -> None:
+        """Count a connect through ``address`` that failed."""
+        with self._lock:
+            self._of(address).failed += 1
+
+    def add(self, address: LocalAddress, up: int, down: int) -> None:
+        """Count bytes relayed through ``address``."""
+        with self._lock:
+            counters = self._of(address)
+            counters.bytes_up += up
+            counters.bytes_down += down
+
+    def sample(self) -> None:
+        """Keep the byte counts of now, for rates and history."""
+        with self._lock:
+            counts = {address: (c.bytes_up, c.bytes_down) for address, c in self._counters.items()}
+            self._history.append((self.clock(), counts))
+
+    def read(self, address: LocalAddress) -> Reading:
+        """The counters of ``address`` and its rates over the last interval or two."""
+        with self._lock:
+            counters = dataclasses.replace(self._counters.get(address) or Counters())
+            now = self.clock()
+            # The newest sample at least one interval old: rates of a whole
+            # interval, never of a moment.
+            then, counts = next(
+                (sample for sample in reversed(self._history) if now - sample[0] >= METER_INTERVAL / 2),
+                self._history[0],
+            )
+        up_then, down_then = counts.get(address, (0, 0))
+        elapsed = max(now - then, 1e-6)
+        return Reading(counters, (counters.bytes_up - up_then) / elapsed, (counters.bytes_down - down_then) / elapsed)
+
+    def history(self, address: LocalAddress) -> tuple[list[float], list[float]]:
+        """The rates up and down of ``address`` in each sampled interval, oldest first."""
+        with self._lock:
+            samples = list(self._history)
+        up: list[float] = []
+        down: list[float] = []
+        for (before, old), (after, new) in zip(samples, samples[1:]):
+            elapsed = max(after - before, 1e-6)
+            old_up, old_down = old.get(address, (0, 0))
+            new_up, new_down = new.get(address, (0, 0))
+            up.append((new_up - old_up) / elapsed)
+            down.append((new_down - old_down) / elapsed)
+        return up, down
+
+# ---------------------------------------------------------------------------
+# Upstream: resolve, bind to the device, connect with failover, the lease
+# ---------------------------------------------------------------------------
+
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
 
 
 def _resolve_target(
-    host: str, port: int, families: frozenset[socket.AddressFamily]
+    host: str, port: int, families: Collection[socket.AddressFamily]
 ) -> list[tuple[socket.AddressFamily, str]]:
-    """The (family, ip) pairs to try for a target, in order.
+    """The (family, ip) pairs to try for a target, in the resolver's order.
 
-    A name is resolved here, keeping only the families there are local
-    addresses for. Raises gaierror or SocksError(HOST_UNREACHABLE).
+    A name is resolved here, keeping only the ``families`` there are local
+    addresses for. Raises gaierror or SocksError(ADDRESS_TYPE_NOT_SUPPORTED).
     """
     if _is_ip(host):
         return [(_family_of(host), host)]
@@ -1422,7 +1713,7 @@ def _resolve_target(
         (info[0], str(info[4][0])) for info in infos if info[0] in families
     ]
     if not targets:
-        missing = "IPv6" if infos and infos[0][0] == socket.AF_INET6 else "IPv4"
+        missing = _family_name(infos[0][0]) if infos else "IPv4"
         raise SocksError(
             Reply.ADDRESS_TYPE_NOT_SUPPORTED,
             f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
@@ -1430,12 +1721,12 @@ def _resolve_target(
     return targets
 
 
-class _DeviceBindingRefused(OSError):
+class _DeviceBindingRefusedError(OSError):
     """The system does not let this process bind sockets to a device."""
 
 
 def _device_for(local: LocalAddress, ip: str) -> str | None:
-    """The device a connection from ``local`` to ``ip`` is bound to, if any.
+    """The device a socket from ``local`` to ``ip`` is bound to, if any.
 
     None where devices cannot be bound, where the interface of ``local`` is
     not known, and for loopback targets: a socket bound to eth0 cannot reach
@@ -1449,7 +1740,7 @@ def _device_for(local: LocalAddress, ip: str) -> str | None:
 def _bind_to_device(sock: socket.socket, interface: str) -> None:
     """Make ``sock`` leave by ``interface`` whatever the routing table says.
 
-    Raises _DeviceBindingRefused if the system does not allow it, and an
+    Raises _DeviceBindingRefusedError if the system does not allow it, and an
     OSError of the link (ENODEV) if the interface is gone.
     """
     try:
@@ -1469,8 +1760,31 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
         sock.setsockopt(level, option, index)
     except OSError as error:
         if error.errno in _NOT_PERMITTED_ERRNOS:
-            raise _DeviceBindingRefused(error.errno, error.strerror) from None
+            raise _DeviceBindingRefusedError(error.errno, error.strerror) from None
         raise
+
+
+def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | None) -> socket.socket:
+    """A socket of ``kind`` bound to ``local`` (and to ``device``, if given)."""
+    stream = kind == socket.SOCK_STREAM
+    sock = socket.socket(local.family, kind | (_SOCK_NONBLOCK if stream else 0))
+    try:
+        if stream:
+            sock.setblocking(False)
+            # A target that vanishes without a word must not hold a thread forever.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # Unprivileged SO_BINDTODEVICE (Linux 5.7+) is allowed on a socket
+        # not bound to a device yet, as this new one is.
+        if device is not None:
+            _bind_to_device(sock, device)
+        if stream and _IP_BIND_ADDRESS_NO_PORT is not None:
+            # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((local.ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _connect_from(
@@ -1478,20 +1792,8 @@ def _connect_from(
 ) -> socket.socket:
     """A non-blocking socket bound to ``local`` (and to ``device``, if
     given) and connected to (ip, port)."""
-    sock = socket.socket(local.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
+    sock = _socket_from(local, socket.SOCK_STREAM, device)
     try:
-        if not _SOCK_NONBLOCK:
-            sock.setblocking(False)
-        # A target that vanishes without a word must not hold a thread forever.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        # Unprivileged SO_BINDTODEVICE (Linux 5.7+) is allowed on a socket
-        # not bound to a device yet, as this new one is.
-        if device is not None:
-            _bind_to_device(sock, device)
-        if _IP_BIND_ADDRESS_NO_PORT is not None:
-            # An IPPROTO_IP option that Linux applies to IPv6 sockets too.
-            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((local.ip, 0))
         error = sock.connect_ex((ip, port))
         if error in _CONNECT_IN_PROGRESS:
             _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
@@ -1504,18 +1806,197 @@ def _connect_from(
     return sock
 
 
-def _udp_socket_from(local: LocalAddress, device: str | None = None) -> socket.socket:
-    """A UDP socket bound to ``local`` (and to ``device``, if given), for a
-    UDP association's traffic."""
-    sock = socket.socket(local.family, socket.SOCK_DGRAM)
-    try:
-        if device is not None:
-            _bind_to_device(sock, device)
-        sock.bind((local.ip, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def _shutdown_quietly(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class UpstreamLease:
+    """An upstream socket and the local address it leaves from.
+
+    Closing it (or leaving its ``with`` block) closes the socket and counts
+    the connection closed, once.
+    """
+
+    def __init__(self, sock: socket.socket, local: LocalAddress, release: Callable[[UpstreamLease], None]) -> None:
+        self.sock = sock
+        self.local = local
+        self._release: Callable[[UpstreamLease], None] | None = release
+
+    def close(self) -> None:
+        """Close the socket and count the connection closed; again does nothing."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
+            self.sock.close()
+
+    def __enter__(self) -> UpstreamLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Upstream:
+    """Makes the connections to targets: from the address the balancer
+    chooses, bound to its device, failing over to other addresses when a
+    link fails. Every socket it hands out is in an UpstreamLease, and
+    ``close_all()`` shuts down those still open (at shutdown).
+    """
+
+    def __init__(self, balancer: Balancer, meter: Meter, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        self.balancer = balancer
+        self.health = balancer.health
+        self.meter = meter
+        self.connect_timeout = connect_timeout
+        self._device_binding_refused = False
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closing = False
+
+    def connect(self, host: str, port: int, on_attempt: Callable[[LocalAddress], None] | None = None) -> UpstreamLease:
+        """Connect to (host, port) from a dispatched local address.
+
+        When the link of the chosen address fails (unreachable, down, timed
+        out...), the other addresses of the family are tried in turn, and
+        those that failed sit out once another one has got through. Each
+        address of a name is tried in turn until one connects (a name may
+        resolve to ::1 first while only 127.0.0.1 listens); a connection
+        takes one local address per family. ``on_attempt`` hears of each
+        local address tried. Raises the last error.
+        """
+        chosen: dict[socket.AddressFamily, LocalAddress] = {}
+        error: OSError = SocksError(Reply.HOST_UNREACHABLE)
+        for family, ip in _resolve_target(host, port, self.balancer.families):
+            if family not in chosen:
+                chosen[family] = self.balancer.next(family)
+            try:
+                return self._connect_with_failover(chosen, family, ip, port, on_attempt)
+            except OSError as failure:
+                error = failure
+            # No address reached this target: nothing says the links are to
+            # blame (the target may be down), so none is made to sit out.
+        raise error
+
+    def _connect_with_failover(
+        self,
+        chosen: dict[socket.AddressFamily, LocalAddress],
+        family: socket.AddressFamily,
+        ip: str,
+        port: int,
+        on_attempt: Callable[[LocalAddress], None] | None,
+    ) -> UpstreamLease:
+        local: LocalAddress | None = chosen[family]
+        failed: list[tuple[LocalAddress, OSError]] = []
+        while local is not None:
+            if on_attempt is not None:
+                on_attempt(local)
+            logger.debug("connecting to %s from %s", _format_endpoint(ip, port), local.describe())
+            try:
+                sock = self._with_device(
+                    local, ip, functools.partial(_connect_from, local, ip, port, self.connect_timeout)
+                )
+            except OSError as failure:
+                logger.debug("connecting from %s failed: %s", local.describe(), _describe(failure))
+                self.meter.failed(local)
+                if _is_link_failure(failure):
+                    failed.append((local, failure))
+                    local = self.balancer.alternative(family, [down for down, _ in failed])
+                    continue
+                if _is_target_answer(failure):
+                    self.health.connected_through(local, failed)
+                chosen[family] = local
+                raise
+            self.health.connected_through(local, failed)
+            return self._lease(sock, local)
+        raise failed[-1][1]
+
+    def open_udp(self, family: socket.AddressFamily) -> UpstreamLease:
+        """A UDP socket from a dispatched local address of ``family`` (or of
+        the only family there is), bound to its device where the system
+        allows it, unless the address is a loopback one."""
+        families = self.balancer.families
+        if family not in families and families:
+            (family,) = families
+        local = self.balancer.next(family)
+        # Datagrams may go to any target. Those from a loopback address go
+        # to loopback ones, which a device-bound socket could not reach; the
+        # address itself stands for them.
+        sock = self._with_device(local, local.ip, functools.partial(_socket_from, local, socket.SOCK_DGRAM))
+        return self._lease(sock, local)
+
+    def _with_device(
+        self, local: LocalAddress, ip: str, open_socket: Callable[[str | None], socket.socket]
+    ) -> socket.socket:
+        """``open_socket(device)`` with the device of ``local`` for target
+        ``ip``; without one where the system refuses it.
+
+        Without the device, Linux routes by destination alone: a connection
+        from the Wi-Fi's address may leave by the cable and be dropped.
+        """
+        if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_loopback(ip):
+            self._warn_once(
+                "no-interface",
+                "no interface is known for %s%s: its connections are bound to the source address only",
+                local.ip,
+                "" if _has_ifaddr() else " (the ifaddr package is not installed)",
+            )
+        if self._device_binding_refused:
+            return open_socket(None)
+        try:
+            return open_socket(_device_for(local, ip))
+        except _DeviceBindingRefusedError as refusal:
+            self._device_binding_refused = True
+            self._warn_once(
+                "device-refused",
+                "binding sockets to their interface is not permitted (%s): binding source "
+                "addresses only, so connections may leave by the wrong link. To fix it, give "
+                "dispatch CAP_NET_RAW (run it as root, or as a service with "
+                "AmbientCapabilities=CAP_NET_RAW), or route by source address: ip rule add from "
+                "ADDR table N, with a default route by that link in table N",
+                refusal.strerror,
+            )
+            return open_socket(None)
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(message, *args)
+
+    def _lease(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
+        with self._lock:
+            if self._closing:
+                _shutdown_quietly(sock)  # opened just as the proxy stopped
+            else:
+                self._open.add(sock)
+        self.meter.opened(local)
+        return UpstreamLease(sock, local, self._release)
+
+    def _release(self, lease: UpstreamLease) -> None:
+        with self._lock:
+            self._open.discard(lease.sock)
+        self.meter.closed(lease.local)
+
+    def close_all(self) -> None:
+        """Shut down every open upstream socket, and each opened from now on."""
+        with self._lock:
+            self._closing = True
+            for sock in self._open:
+                _shutdown_quietly(sock)
+
+# ---------------------------------------------------------------------------
+# Relay: the two-way copy
+# ---------------------------------------------------------------------------
+
+RELAY_BUFFER_SIZE = 256 * 1024  # the most one recv() of the relay takes
+# A direction switches to splice() once it has carried SPLICE_AFTER bytes: a
+# bulk transfer, worth the pipe's two descriptors.
+SPLICE_AFTER = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
+STEPS_WITHOUT_POLL = 16  # receive-and-send rounds of one direction between polls
 
 
 def relay(
@@ -1538,54 +2019,48 @@ def relay(
     for sock in (client, upstream):
         if sock.gettimeout() != 0:
             sock.setblocking(False)
-    directions = [_Direction(client, upstream, early), _Direction(upstream, client)]
+    up, down = _Direction(client, upstream, early), _Direction(upstream, client)
     last_activity = time.monotonic()
     with contextlib.ExitStack() as cleanup, _selector() as selector:
-        for direction in directions:
-            cleanup.callback(direction.close)
+        cleanup.callback(up.close)
+        cleanup.callback(down.close)
         registered: dict[socket.socket, int] = {}
-        while not all(direction.done for direction in directions):
+        while not (up.done and down.done):
             wait = None
             if idle_timeout is not None:
                 wait = last_activity + idle_timeout - time.monotonic()
                 if wait <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, f"idle for {idle_timeout:g} s")
-            wanted = {client: 0, upstream: 0}
-            for direction in directions:
-                read, write = direction.awaits()
-                wanted[direction.src] |= read
-                wanted[direction.dst] |= write
-            for sock, events in wanted.items():
-                if registered.get(sock, 0) == events:
-                    continue
-                if not events:
-                    selector.unregister(sock)
-                elif sock in registered and registered[sock]:
-                    selector.modify(sock, events)
-                else:
-                    selector.register(sock, events)
-                registered[sock] = events
+            _register_wanted(selector, registered, (up, down))
             ready = {key.fileobj: events for key, events in selector.select(wait)}
             if ready:
                 last_activity = time.monotonic()
-            for index, direction in enumerate(directions):
-                if direction.done:
-                    continue
-                moved = direction.step(ready.get(direction.src, 0), ready.get(direction.dst, 0))
-                if moved and count is not None:
-                    if index == 0:
-                        count(moved, 0)
-                    else:
-                        count(0, moved)
-    return directions[0].total, directions[1].total
+            moved_up = up.step(ready.get(client, 0), ready.get(upstream, 0))
+            moved_down = down.step(ready.get(upstream, 0), ready.get(client, 0))
+            if (moved_up or moved_down) and count is not None:
+                count(moved_up, moved_down)
+    return up.total, down.total
 
 
-def _selector() -> selectors.BaseSelector:
-    # poll needs no descriptor of its own (epoll does) and has no 1024 limit
-    # (select does); Windows has neither poll nor epoll.
-    if hasattr(selectors, "PollSelector"):
-        return selectors.PollSelector()
-    return selectors.DefaultSelector()
+def _register_wanted(
+    selector: selectors.BaseSelector, registered: dict[socket.socket, int], directions: Sequence[_Direction]
+) -> None:
+    """Make the selector wait for what the directions wait for now."""
+    wanted: dict[socket.socket, int] = {}
+    for direction in directions:
+        read, write = direction.awaits()
+        wanted[direction.src] = wanted.get(direction.src, 0) | read
+        wanted[direction.dst] = wanted.get(direction.dst, 0) | write
+    for sock, events in wanted.items():
+        if registered.get(sock, 0) == events:
+            continue
+        if not events:
+            selector.unregister(sock)
+        elif registered.get(sock):
+            selector.modify(sock, events)
+        else:
+            selector.register(sock, events)
+        registered[sock] = events
 
 
 class _Direction:
@@ -1629,6 +2104,8 @@ class _Direction:
 
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
+        if self.done:
+            return 0
         readable = src_events & selectors.EVENT_READ
         writable = dst_events & selectors.EVENT_WRITE
         sent = 0
@@ -1644,10 +2121,8 @@ class _Direction:
         if self.eof and not self.queued:
             self.done = True
             self.close()
-            try:
+            with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
         return sent
 
     def _receive(self) -> bool:
@@ -1656,7 +2131,7 @@ class _Direction:
             self.pipe, self.pipe_size = _open_pipe()
         try:
             if self.pipe:
-                received = os.splice(
+                received = _splice(
                     self.src.fileno(), self.pipe[1], self.pipe_size - self.in_pipe, flags=_SPLICE_FLAGS
                 )
                 self.in_pipe += received
@@ -1675,7 +2150,7 @@ class _Direction:
     def _send(self) -> int:
         try:
             if self.pipe:
-                sent = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
+                sent = _splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
                 self.in_pipe -= sent
             else:
                 sent = self.dst.send(self.pending)
@@ -1702,38 +2177,772 @@ class _Direction:
 def _open_pipe() -> tuple[tuple[int, int] | None, int]:
     """A non-blocking pipe for splice() and its size; (None, 0) where there
     is none to have."""
-    if not _CAN_SPLICE:
+    if not _CAN_SPLICE or _fcntl is None:
         return None, 0
     try:
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        read_end, write_end = _pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None, 0  # out of descriptors: copying works without them
+    with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default size works too
+        _fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
     try:
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size: the default size works too
-    try:
-        return (read_end, write_end), fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        return (read_end, write_end), int(_fcntl.fcntl(write_end, _F_GETPIPE_SZ))
     except OSError:
         os.close(read_end)
         os.close(write_end)
         return None, 0
 
+# ---------------------------------------------------------------------------
+# Sessions: SOCKS, UDP and HTTP proxy; one log record per exchange
+# ---------------------------------------------------------------------------
 
-def _shutdown_quietly(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # closed already
+# An origin may think for a while before it answers; a dead one must not
+# hold a thread forever.
+HTTP_RESPONSE_TIMEOUT = 120.0
+PROXY_REALM = "dispatch"
+# SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
+UDP_BUFFER_SIZE = 65535
+
+
+@dataclasses.dataclass
+class ExchangeRecord:
+    """What one exchange (a SOCKS request, an HTTP request) did, logged as
+    one line when it ends; the log record carries it as ``exchange``."""
+
+    client: str
+    user: str | None = None
+    target: str = "-"
+    via: LocalAddress | None = None
+    result: str = "ok"
+    up: int = 0
+    down: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def duration(self) -> float:
+        """Seconds since the exchange started."""
+        return time.monotonic() - self.started
+
+    def log(self) -> None:
+        """Write the exchange's line: client, target, local address, result,
+        bytes each way and duration."""
+        who = f"{self.client} user {self.user}" if self.user else self.client
+        via = self.via.describe() if self.via else "-"
+        logger.info(
+            "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
+            who, self.target, via, self.result, self.up, self.down, self.duration,
+            extra={"exchange": self},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionContext:
+    """What every session uses: who may do what, the way out, and the time
+    a client has."""
+
+    access: AccessPolicy
+    upstream: Upstream
+    handshake_timeout: float
+    idle_timeout: float | None
+
+
+class Session:
+    """One client connection, served by a subclass's ``serve()``.
+
+    ``connection`` is non-blocking; ``reader`` has its first bytes.
+    """
+
+    def __init__(
+        self, connection: socket.socket, client_address: tuple[Any, ...], reader: DeadlineReader,
+        context: SessionContext,
+    ) -> None:
+        self.connection = connection
+        self.client_address = client_address
+        self.client = _format_endpoint(*_split_host(client_address))
+        self.reader = reader
+        self.context = context
+        self.record = ExchangeRecord(self.client)
+
+    def serve(self) -> None:
+        """Serve the client to its end."""
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:
+        """Send a reply to the client within the handshake time."""
+        _send_all_by(self.connection, data, time.monotonic() + self.context.handshake_timeout)
+
+    def send_quietly(self, data: bytes) -> None:
+        """Send a reply to a client that may have left already: the log line
+        says why the request ended, so a failed send is not news."""
+        with contextlib.suppress(OSError):
+            self.send(data)
+
+    def count(self, up: int, down: int) -> None:
+        """Count bytes relayed for this exchange, on its line and its local address."""
+        self.record.up += up
+        self.record.down += down
+        if self.record.via is not None:
+            self.context.upstream.meter.add(self.record.via, up, down)
+
+    def connect(self, host: str, port: int) -> UpstreamLease:
+        """Connect to the target; the record names each local address tried."""
+        return self.context.upstream.connect(host, port, on_attempt=self._via)
+
+    def _via(self, local: LocalAddress) -> None:
+        self.record.via = local
+
+    def relay(self, lease: UpstreamLease) -> None:
+        """Copy both ways, starting with what the client sent early."""
+        relay(
+            self.connection, lease.sock, early=self.reader.rest(), count=self.count,
+            idle_timeout=self.context.idle_timeout,
+        )
+
+
+class SocksSession(Session):
+    """One SOCKS4, 4a or 5 request: the handshake, the upstream connect or
+    UDP association, the relay; one log line."""
+
+    def serve(self) -> None:
+        """Serve one SOCKS request to its end; log one line."""
+        try:
+            outcome = self.handshake()
+            if isinstance(outcome, UdpAssociation):
+                self.record.result = "ok, " + outcome.run()
+            else:
+                with outcome:
+                    self.relay(outcome)
+        except OSError as error:
+            self.record.result = _describe(error)
+        finally:
+            self.record.log()
+
+    def handshake(self) -> UpstreamLease | UdpAssociation:
+        """Read a request, connect upstream and reply; return the upstream
+        lease, or the association of a UDP ASSOCIATE request.
+
+        Raises SocksError after a failure reply, ProtocolError (no reply) for
+        bytes that are not SOCKS, OSError if the client goes away.
+        """
+        version = self.reader.read_byte()
+        if version == SOCKS5_VERSION:
+            return self.socks5()
+        if version == SOCKS4_VERSION:
+            return self.socks4()
+        raise ProtocolError(f"not a SOCKS request (first byte 0x{version:02x})")
+
+    def socks5(self) -> UpstreamLease | UdpAssociation:
+        """The rest of a SOCKS5 greeting, the login, the request."""
+        methods = read_socks5_methods(self.reader)
+        access = self.context.access
+        wanted = Method.USERNAME_PASSWORD if access.requires_credentials else Method.NO_AUTHENTICATION
+        if wanted not in methods:
+            self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
+            raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
+        self.send(bytes([SOCKS5_VERSION, wanted]))
+        if wanted == Method.USERNAME_PASSWORD:
+            self.authenticate()
+        try:
+            request = read_socks5_request(self.reader)
+            self.record.target = _format_endpoint(request.host, request.port)
+            if request.command == Command.UDP_ASSOCIATE:
+                association = self.udp_associate(request.host, request.port)
+                self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname()))
+                return association
+            if request.command != Command.CONNECT:
+                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
+            lease = self.connect(request.host, request.port)
+        except OSError as error:
+            self.send_quietly(encode_socks5_reply(_reply_code(error)))
+            raise
+        self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, lease.sock.getsockname()))
+        return lease
+
+    def authenticate(self) -> None:
+        """The RFC 1929 sub-negotiation; raises SocksError (closing) on failure."""
+        try:
+            user, password = read_auth_request(self.reader)
+        except OSError:
+            self.send_quietly(bytes([AUTH_VERSION, AuthStatus.FAILURE]))
+            raise
+        self.record.user = _printable(user)
+        if not self.context.access.check_credentials(user, password):
+            self.send_quietly(bytes([AUTH_VERSION, AuthStatus.FAILURE]))
+            raise SocksError(Reply.NOT_ALLOWED, "wrong user name or password")
+        self.send_quietly(bytes([AUTH_VERSION, AuthStatus.SUCCESS]))
+
+    def socks4(self) -> UpstreamLease:
+        """A SOCKS4 or 4a request."""
+        try:
+            request = read_socks4_request(self.reader)
+            self.record.target = _format_endpoint(request.host, request.port)
+            if self.context.access.requires_credentials:
+                raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
+            if request.command != Command.CONNECT:
+                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
+            lease = self.connect(request.host, request.port)
+        except OSError as error:
+            self.send_quietly(encode_socks4_reply(_socks4_reply_code(error)))
+            raise
+        self.send_quietly(encode_socks4_reply(Socks4Reply.GRANTED, lease.sock.getsockname()))
+        return lease
+
+    def udp_associate(self, host: str, port: int) -> UdpAssociation:
+        """Open the sockets of a UDP association for this client.
+
+        (host, port) is where the client says it will send from: its family
+        chooses the family of the dispatched local address (IPv4 unless the
+        client names an IPv6 address or only IPv6 is there), and a non-zero
+        port is the only one the client may send from.
+        """
+        self.record.target = "UDP"
+        family = socket.AF_INET6 if _is_ip(host) and ":" in host else socket.AF_INET
+        lease = self.context.upstream.open_udp(family)
+        self.record.via = lease.local
+        # Datagrams come to the address the client reached the proxy at. An
+        # IPv4 client of a dual-stack listener reached ::ffff:a.b.c.d, which
+        # it cannot send to: it gets an IPv4 socket (and an IPv4 reply).
+        family = self.connection.family
+        proxy_ip = self.connection.getsockname()[0]
+        client_ip = _split_host(self.client_address)[0]
+        unmapped = _client_ip(proxy_ip)
+        if family == socket.AF_INET6 and isinstance(unmapped, ipaddress.IPv4Address):
+            family = socket.AF_INET
+            proxy_ip = str(unmapped)
+            client_ip = str(_client_ip(client_ip))
+        try:
+            client_side = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError:
+            lease.close()
+            raise
+        try:
+            client_side.bind((proxy_ip, 0))
+        except OSError:
+            lease.close()
+            client_side.close()
+            raise
+        return UdpAssociation(self, client_side, lease, client_ip, port or None)
+
+
+class UdpAssociation:
+    """One SOCKS5 UDP association: datagrams between one client and any targets.
+
+    The client sends to ``client_side`` with the SOCKS5 UDP header naming the
+    target; the data leaves from the lease's socket, bound to the dispatched
+    local address, and what comes back is wrapped in a header naming its
+    sender. Only the client that asked is heard: its IP address, and its port
+    once known (given in the request, or learned from its first datagram).
+    The association lasts as long as its TCP connection.
+    """
+
+    # Names resolved for one association are remembered, up to this many.
+    max_names = 256
+
+    def __init__(
+        self,
+        session: SocksSession,
+        client_side: socket.socket,
+        lease: UpstreamLease,
+        client_ip: str,
+        client_port: int | None,
+    ) -> None:
+        self.session = session
+        self.client_side = client_side
+        self.lease = lease
+        self.upstream = lease.sock
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.datagrams_up = 0
+        self.datagrams_down = 0
+        self.dropped = 0
+        self._names: dict[str, str] = {}
+
+    def run(self) -> str:
+        """Relay until the TCP connection closes; return a summary for the log."""
+        connection = self.session.connection
+        try:
+            self.client_side.setblocking(False)
+            self.upstream.setblocking(False)
+            with _selector() as selector:
+                for sock in (connection, self.client_side, self.upstream):
+                    selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    for key, _ in selector.select():
+                        if key.fileobj is connection:
+                            if not self._connection_open():
+                                return (
+                                    f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, "
+                                    f"{self.dropped} dropped"
+                                )
+                        elif key.fileobj is self.client_side:
+                            self._from_client()
+                        else:
+                            self._from_target()
+        finally:
+            self.client_side.close()
+            self.lease.close()
+
+    def _connection_open(self) -> bool:
+        # The client has nothing more to say on the TCP connection; what it
+        # sends anyway is ignored. Its EOF or reset ends the association.
+        try:
+            return bool(self.session.connection.recv(4096))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
+    def _from_client(self) -> None:
+        try:
+            datagram, source = self.client_side.recvfrom(UDP_BUFFER_SIZE)
+        except OSError:
+            return  # nothing there after all, or an ICMP error: no datagram
+        source_ip, source_port = _split_host(source)
+        if source_ip != self.client_ip or self.client_port not in (None, source_port):
+            self.dropped += 1
+            return
+        try:
+            fragment, host, port, data = parse_udp_datagram(datagram)
+            # RFC 1928 lets a server that does not reassemble drop fragments.
+            if fragment:
+                raise SocksError(Reply.GENERAL_FAILURE, "fragment")
+            self.client_port = source_port
+            self.upstream.sendto(data, (self._resolve(host, port), port))
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_up += 1
+        self.session.count(len(data), 0)
+
+    def _from_target(self) -> None:
+        try:
+            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE)
+        except OSError:
+            return
+        if self.client_port is None:
+            self.dropped += 1  # the client has not spoken yet: nowhere to send it
+            return
+        try:
+            header = encode_udp_header(*_split_host(source))
+            self.client_side.sendto(header + data, (self.client_ip, self.client_port))
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_down += 1
+        self.session.count(0, len(data))
+
+    def _resolve(self, host: str, port: int) -> str:
+        """The IP address to send to, of the upstream socket's family."""
+        ip = self._names.get(host)
+        if ip is None:
+            ip = _resolve_target(host, port, {self.upstream.family})[0][1]
+            if not _is_ip(host):
+                if len(self._names) >= self.max_names:
+                    self._names.clear()
+                self._names[host] = ip
+        if _family_of(ip) != self.upstream.family:
+            raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        return ip
+
+
+@dataclasses.dataclass
+class _Origin:
+    """A kept-alive connection to an origin server, for the next request there."""
+
+    host: str
+    port: int
+    lease: UpstreamLease
+    reader: DeadlineReader
+
+    def reusable(self) -> bool:
+        """Whether the origin is still quietly waiting for a request."""
+        if self.reader.buffered:
+            return False
+        with _selector() as selector:
+            selector.register(self.lease.sock, selectors.EVENT_READ)
+            # Readable while idle means it closed (or babbles): not reusable.
+            return not selector.select(0)
+
+
+class HttpProxySession(Session):
+    """Serves one client connection that speaks HTTP proxy.
+
+    CONNECT opens a tunnel, relayed like a SOCKS connection. Any other
+    method must carry an absolute http:// URL: the request goes to the
+    origin in origin form and the response comes back, as many requests as
+    the client sends on its kept-alive connection. The connection to an
+    origin is kept for the next request to the same host. Every upstream
+    connection is dispatched like any other. One log line per request.
+    """
+
+    def __init__(
+        self, connection: socket.socket, client_address: tuple[Any, ...], reader: DeadlineReader,
+        context: SessionContext,
+    ) -> None:
+        super().__init__(connection, client_address, reader, context)
+        self.origin: _Origin | None = None
+        self.responded = False
+        # Between request heads, every read and write on the client waits
+        # at most this long, as a blocking call. A head is read with the
+        # socket non-blocking, so that its deadline holds for the whole head.
+        self.connection.settimeout(context.handshake_timeout)
+
+    def serve(self) -> None:
+        """Serve requests until the client closes or a request ends the connection."""
+        try:
+            while self.serve_request():
+                try:
+                    if not self.reader.has_more():
+                        return
+                except OSError:
+                    return  # an idle client timed out or went away
+        finally:
+            self._drop_origin()
+
+    def serve_request(self) -> bool:
+        """Serve one request; return whether the connection stays open."""
+        self.record = ExchangeRecord(self.client)  # each request logs in for itself
+        self.responded = False
+        try:
+            method, target, version, headers = self._read_request()
+            self.record.target = target if method == "CONNECT" else f"{method} {target}"
+            self._authorize(headers)
+            if method == "CONNECT":
+                self._tunnel(target)
+                return False
+            status, keep_alive = self._forward(method, target, version, headers)
+            self.record.result = str(status)
+            return keep_alive
+        except OSError as error:
+            self.record.result = _describe(error)
+            if not self.responded:
+                status = _http_status(error)
+                self.record.result = f"{status.value} {self.record.result}"
+                self._send_error(status, _describe(error))
+            return False
+        finally:
+            self.record.log()
+
+    def _read_request(self) -> tuple[str, str, str, Headers]:
+        # The whole head must come in time, each request of a kept connection
+        # anew: a client dripping a byte now and then must not hold a thread.
+        self.reader.deadline = time.monotonic() + self.context.handshake_timeout
+        self.connection.setblocking(False)
+        try:
+            lines = read_head(self.reader)
+            method, target, version = parse_request_line(lines[0])
+            return method, target, version, parse_header_lines(lines[1:])
+        except LineTooLongError as error:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(error)) from None
+        except ProtocolError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        except TimeoutError:
+            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request did not come in time") from None
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        finally:
+            self.reader.deadline = math.inf
+            self.connection.settimeout(self.context.handshake_timeout)
+
+    def _authorize(self, headers: Headers) -> None:
+        access = self.context.access
+        if not access.requires_credentials:
+            return
+        credentials = basic_credentials(headers)
+        if credentials is None or not access.check_credentials(*credentials):
+            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+        self.record.user = _printable(credentials[0].encode())
+
+    def _send_error(self, status: HTTPStatus, detail: str) -> None:
+        headers = []
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+            headers.append(("Proxy-Authenticate", f'Basic realm="{PROXY_REALM}"'))
+        with contextlib.suppress(OSError):  # the client left; the log line says why the request failed
+            self.connection.sendall(error_response(status, detail, headers))
+
+    def _tunnel(self, target: str) -> None:
+        try:
+            host, port = parse_connect_target(target)
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        self._drop_origin()
+        with self.connect(host, port) as lease:
+            self.responded = True
+            with contextlib.suppress(OSError):  # the relay finds the client gone
+                self.connection.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.relay(lease)
+
+    def _forward(self, method: str, target: str, version: str, headers: Headers) -> tuple[int, bool]:
+        """Send the request to its origin and the response back; return
+        (status, whether the client connection stays open)."""
+        try:
+            host, port, path = parse_absolute_url(target)
+            length = body_length(headers, request=True)
+        except ValueError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        # The client's "100 Continue" comes from here, at once: the origin
+        # would send it only after the client had waited for nothing.
+        expects_continue = "100-continue" in header_tokens(headers, "expect")
+        if expects_continue:
+            self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
+        head = encode_head(f"{method} {path} HTTP/1.1", _request_headers(host, port, version, headers))
+        origin = self._send_head(host, port, head, retryable=length == 0)
+        try:
+            copy_body(self.reader, length, lambda data: self._send_up(origin, data))
+        except ProtocolError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
+        except TimeoutError:
+            # Only the client's reads time out here: _send_up turns the
+            # origin's into a 504.
+            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request body did not come in time") from None
+        return self._pass_response(origin, method, version, headers, expects_continue)
+
+    def _pass_response(
+        self, origin: _Origin, method: str, version: str, headers: Headers, expects_continue: bool
+    ) -> tuple[int, bool]:
+        """Pass the origin's response on; return (status, whether the client stays)."""
+        try:
+            while True:
+                lines = read_head(origin.reader)
+                response_version, status, reason = parse_status_line(lines[0])
+                response_headers = parse_header_lines(lines[1:])
+                # Upgrade is not forwarded, so no 101 Switching Protocols comes.
+                if not 100 <= status < 200:
+                    break
+                if not (expects_continue and status == HTTPStatus.CONTINUE):
+                    self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
+            response_length = body_length(response_headers, request=False) if response_has_body(method, status) else 0
+        except (ValueError, LineTooLongError) as error:
+            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+
+        framed = response_length != Framing.UNTIL_CLOSE
+        client_stays = keeps_alive(version, headers) and framed
+        origin_stays = keeps_alive(response_version, response_headers) and framed
+        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
+        dechunk = version == "HTTP/1.0" and response_length == Framing.CHUNKED
+        outgoing = [
+            (name, value)
+            for name, value in forwarded_headers(response_headers)
+            if not (dechunk and name.lower() == "transfer-encoding")
+        ]
+        if not client_stays:
+            outgoing.append(("Connection", "close"))
+        self.responded = True
+        self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
+        copy_body(origin.reader, response_length, self._send_down, dechunk=dechunk)
+        if not origin_stays:
+            self._drop_origin()
+        return status, client_stays
+
+    def _send_head(self, host: str, port: int, head: bytes, *, retryable: bool) -> _Origin:
+        """Send a request head to (host, port); return the origin connection.
+
+        A kept connection may have been closed by the origin just as the
+        request went out: it then fails before any byte of the response.
+        A ``retryable`` request (one without a body: nothing else is lost)
+        is then sent once more, on a new connection.
+        """
+        kept = self.origin
+        origin = self._origin_for(host, port)
+        if origin is not kept or not retryable:
+            self._send_up(origin, head)
+            return origin
+        try:
+            self._send_up(origin, head)
+            if origin.reader.has_more():
+                return origin
+        except ConnectionError:
+            pass
+        self._drop_origin()
+        origin = self._origin_for(host, port)
+        self._send_up(origin, head)
+        return origin
+
+    def _origin_for(self, host: str, port: int) -> _Origin:
+        """The kept connection to (host, port) if it is still good, else a new one."""
+        origin = self.origin
+        if origin is not None and (origin.host, origin.port) == (host, port) and origin.reusable():
+            self.record.via = origin.lease.local
+            return origin
+        self._drop_origin()
+        lease = self.connect(host, port)
+        lease.sock.settimeout(HTTP_RESPONSE_TIMEOUT)
+        reader = DeadlineReader(lease.sock, eof_message="the origin closed before the response ended")
+        self.origin = _Origin(host, port, lease, reader)
+        return self.origin
+
+    def _drop_origin(self) -> None:
+        if self.origin is not None:
+            self.origin.lease.close()
+            self.origin = None
+
+    def _send_up(self, origin: _Origin, data: bytes) -> None:
+        try:
+            origin.lease.sock.sendall(data)
+        except TimeoutError:
+            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
+        self.count(len(data), 0)
+
+    def _send_down(self, data: bytes) -> None:
+        self.connection.sendall(data)
+        self.count(0, len(data))
+
+
+def _request_headers(host: str, port: int, version: str, headers: Headers) -> Headers:
+    """The headers of a request as it goes to its origin: Host first, no
+    hop-by-hop ones, no Expect: 100-continue (answered here), and Via."""
+    authority = host if port == 80 else _format_endpoint(host, port)
+    outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
+    answered_here = "100-continue" in header_tokens(headers, "expect")
+    outgoing += [
+        (name, value)
+        for name, value in forwarded_headers(headers)
+        if name.lower() != "host" and not (answered_here and name.lower() == "expect")
+    ]
+    outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
+    return outgoing
+
+# ---------------------------------------------------------------------------
+# Server: admission, the first byte picks the session, the listener
+# ---------------------------------------------------------------------------
+
+# Descriptors the process needs besides connections (listener, log, resolver),
+# and the descriptors one connection holds (client, upstream, and one spare
+# for the resolver's socket while a name is being looked up). The splice()
+# pipes of bulk transfers are not counted: without descriptors for them,
+# the relay copies instead.
+RESERVED_DESCRIPTORS = 64
+DESCRIPTORS_PER_CONNECTION = 3
+# Each connection is a thread: past some thousands, threads exhaust the
+# machine before descriptors do, whatever the descriptor limit says.
+MAX_CONNECTIONS_CEILING = 10_000
+# Refusals (allow-list, too many connections) are logged at most this often,
+# so that a flood of them cannot flood the log.
+REFUSAL_LOG_INTERVAL = 1.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+def default_max_connections() -> int:
+    """How many connections fit the descriptor limit (soft RLIMIT_NOFILE)."""
+    if sys.platform == "win32":  # no such limit to fit
+        return MAX_CONNECTIONS_CEILING
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_CEILING
+    fitting = (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION
+    return max(1, min(fitting, MAX_CONNECTIONS_CEILING))
+
+
+class Admission:
+    """Which clients are let in: those the allow-list admits, while fewer
+    than ``max_connections`` are open. Keeps the open client sockets, so
+    that shutdown can close them, and counts the refused."""
+
+    def __init__(self, access: AccessPolicy, max_connections: int) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.access = access
+        self.max_connections = max_connections
+        self.refused = 0
+        self._clients: set[socket.socket] = set()
+        self._changed = threading.Condition()
+        self._unlogged_refusals = 0
+        self._last_refusal_log = -math.inf
+
+    def admit(self, sock: socket.socket, client_address: tuple[Any, ...]) -> bool:
+        """Keep a new client if the allow-list and the limit let it in."""
+        if not self.access.allows(client_address[0]):
+            self._refuse(client_address, "not in the allow-list")
+            return False
+        with self._changed:
+            full = len(self._clients) >= self.max_connections
+            if not full:
+                self._clients.add(sock)
+        if full:
+            self._refuse(client_address, f"{self.max_connections} connections are open, the most allowed")
+        return not full
+
+    def _refuse(self, client_address: tuple[Any, ...], reason: str) -> None:
+        with self._changed:
+            self.refused += 1
+            self._unlogged_refusals += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log < REFUSAL_LOG_INTERVAL:
+                return
+            others = self._unlogged_refusals - 1
+            self._unlogged_refusals = 0
+            self._last_refusal_log = now
+        more = f" ({others} more refused since the last such line)" if others else ""
+        logger.warning("refused %s: %s%s", _format_endpoint(*_split_host(client_address)), reason, more)
+
+    def release(self, sock: socket.socket) -> None:
+        """Forget a client whose connection has ended."""
+        with self._changed:
+            self._clients.discard(sock)
+            self._changed.notify_all()
+
+    def open_connections(self) -> int:
+        """How many client connections are open now."""
+        with self._changed:
+            return len(self._clients)
+
+    def wait_until_none_open(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every client to be gone."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._clients, timeout=timeout)
+
+    def close_all(self) -> None:
+        """Shut down every client connection still open."""
+        with self._changed:
+            for sock in self._clients:
+                _shutdown_quietly(sock)
+
+
+# An HTTP request starts with its method, a token of letters; SOCKS starts
+# with its version.
+HTTP_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+SESSIONS: dict[int, type[Session]] = {
+    SOCKS4_VERSION: SocksSession,
+    SOCKS5_VERSION: SocksSession,
+    **{letter: HttpProxySession for letter in HTTP_FIRST_BYTES},
+}
+
+
+class ConnectionHandler(socketserver.StreamRequestHandler):
+    """Serves one client connection: its first byte picks the session
+    (SESSIONS; SocksSession, which refuses it, for anything else)."""
+
+    server: _Server
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setblocking(False)
+        # A client that vanishes without a word must not hold a thread forever.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def handle(self) -> None:
+        context = self.server.context
+        reader = DeadlineReader(self.connection, time.monotonic() + context.handshake_timeout)
+        try:
+            first = reader.peek_byte()
+        except OSError as error:
+            record = ExchangeRecord(_format_endpoint(*_split_host(self.client_address)), result=_describe(error))
+            record.log()
+            return
+        session = SESSIONS.get(first, SocksSession)
+        session(self.connection, self.client_address, reader, context).serve()
 
 
 class _Server(socketserver.ThreadingTCPServer):
     """The listening socket; one daemon thread serves each connection."""
 
-    allow_reuse_address = True
+    allow_reuse_address = not _EXCLUSIVE_PORTS
     daemon_threads = True
-    # Connections are tracked by the Dispatcher; the server need not keep a
-    # list of its threads to join.
+    # Connections are kept by Admission; the server need not keep a list of
+    # its threads to join.
     block_on_close = False
     # Bursts of connections (a BitTorrent client starting) must not be
     # refused by a short accept queue.
@@ -1745,9 +2954,10 @@ class _Server(socketserver.ThreadingTCPServer):
     idle_thread_seconds = 1.0
     max_idle_threads = 64
 
-    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher) -> None:
+    def __init__(self, address: tuple[str, int], admission: Admission, context: SessionContext) -> None:
         self.address_family = _family_of(address[0])
-        self.dispatcher = dispatcher
+        self.admission = admission
+        self.context = context
         self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         self._idle_threads = 0  # waiting for a request, not yet promised one
         self._idle_lock = threading.Lock()
@@ -1760,10 +2970,15 @@ class _Server(socketserver.ThreadingTCPServer):
         self._loop_done = threading.Event()
         self._loop_done.set()
         try:
-            super().__init__(address, SocksHandler)
+            super().__init__(address, ConnectionHandler)
         except BaseException:
             self._close_wake_up()
             raise
+
+    def server_bind(self) -> None:
+        if sys.platform == "win32":
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        super().server_bind()
 
     def serve_until_stopped(self) -> None:
         """Accept clients until stop() is called; return at once if it was."""
@@ -1789,10 +3004,8 @@ class _Server(socketserver.ThreadingTCPServer):
         return as soon as the caller (its own thread) is back in it."""
         with self._loop_lock:
             self._stop_requested = True
-        try:
+        with contextlib.suppress(OSError):  # closed already: nothing is waiting
             self._wake_up_sender.send(b"\0")
-        except OSError:
-            pass  # closed already: nothing is waiting
         if self._loop_thread != threading.get_ident():
             self._loop_done.wait()
 
@@ -1807,11 +3020,11 @@ class _Server(socketserver.ThreadingTCPServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # Called in the accepting thread before a handler thread exists or a
         # byte is read: a refused client costs nothing but the accept.
-        return self.dispatcher._admit(request, client_address)
+        return self.admission.admit(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
         # Every accepted socket ends here, served, refused or failed.
-        self.dispatcher._release(request)
+        self.admission.release(request)
         super().shutdown_request(request)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -1843,756 +3056,61 @@ class _Server(socketserver.ThreadingTCPServer):
                         return
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Ordinary faults are handled in SocksHandler; what gets here is a bug.
+        # Ordinary faults are handled by the sessions; what gets here is a bug.
         logger.exception("unexpected error serving %s", _format_endpoint(*_split_host(client_address)))
 
-
-class SocksHandler(socketserver.StreamRequestHandler):
-    """Serves one client: the SOCKS handshake, the upstream connect, the relay.
-
-    A client whose first byte is a letter speaks HTTP and is served by
-    HttpProxySession. A subclass may override ``connect_upstream`` to change
-    how every upstream connection (SOCKS and HTTP alike) is made.
-    """
-
-    server: _Server
-    disable_nagle_algorithm = True
-
-    def setup(self) -> None:
-        self.dispatcher = self.server.dispatcher
-        super().setup()
-        self.connection.setblocking(False)
-        # A client that vanishes without a word must not hold a thread forever.
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        deadline = time.monotonic() + self.dispatcher.handshake_timeout
-        self.reader = HandshakeReader(self.connection, deadline)
-        self.started = time.monotonic()
-        self.target = "-"
-        self.user: str | None = None
-        self.local: LocalAddress | None = None
-        self.up = 0
-        self.down = 0
-
-    def handle(self) -> None:
-        try:
-            speaks_http = self.reader.peek_byte() in HTTP_FIRST_BYTES
-        except OSError as error:
-            self.log_line(_describe(error))
-            return
-        if speaks_http:
-            HttpProxySession(self).serve()
-        else:
-            self.serve_socks()
-
-    def serve_socks(self) -> None:
-        """Serve one SOCKS request to its end; log one line."""
-        result = "ok"
-        try:
-            outcome = self.handshake()
-            if isinstance(outcome, UdpAssociation):
-                result = "ok, " + outcome.run()
-            else:
-                with outcome:
-                    self.relay(outcome)
-        except OSError as error:
-            result = _describe(error)
-        finally:
-            self.log_line(result)
-
-    def log_line(self, result: str) -> None:
-        """Log the request served: client, target, local address, result,
-        bytes each way and duration."""
-        client = _format_endpoint(*_split_host(self.client_address))
-        who = f"{client} user {self.user}" if self.user else client
-        via = self.local.describe() if self.local else "-"
-        logger.info(
-            "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
-            who, self.target, via, result, self.up, self.down,
-            time.monotonic() - self.started,
-        )
-
-    def handshake(self) -> socket.socket | UdpAssociation:
-        """Read a request, connect upstream and reply; return the upstream
-        socket, or the association of a UDP ASSOCIATE request.
-
-        Raises SocksError after a failure reply, ProtocolError (no reply) for
-        bytes that are not SOCKS, OSError if the client goes away.
-        """
-        version = self.reader.read_byte()
-        if version == SOCKS5_VERSION:
-            return self.socks5()
-        if version == SOCKS4_VERSION:
-            return self.socks4()
-        raise ProtocolError(f"not a SOCKS request (first byte 0x{version:02x})")
-
-    def socks5(self) -> socket.socket | UdpAssociation:
-        methods = read_socks5_methods(self.reader)
-        wanted = Method.USERNAME_PASSWORD if self.dispatcher.requires_credentials else Method.NO_AUTHENTICATION
-        if wanted not in methods:
-            self.send(bytes([SOCKS5_VERSION, Method.NO_ACCEPTABLE]))
-            raise SocksError(Reply.NOT_ALLOWED, "no acceptable authentication method")
-        self.send(bytes([SOCKS5_VERSION, wanted]))
-        if wanted == Method.USERNAME_PASSWORD:
-            self.authenticate()
-        try:
-            request = read_socks5_request(self.reader)
-            self.target = _format_endpoint(request.host, request.port)
-            if request.command == Command.UDP_ASSOCIATE:
-                association = self.udp_associate(request.host, request.port)
-                self._socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname())
-                return association
-            if request.command != Command.CONNECT:
-                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
-            upstream = self.connect_upstream(request.host, request.port)
-        except OSError as error:
-            self._socks5_reply(_reply_code(error))
-            raise
-        self._socks5_reply(Reply.SUCCEEDED, upstream.getsockname())
-        return upstream
-
-    def authenticate(self) -> None:
-        """The RFC 1929 sub-negotiation; raises SocksError (closing) on failure."""
-        try:
-            user, password = read_auth_request(self.reader)
-        except OSError:
-            self._auth_reply(AuthStatus.FAILURE)
-            raise
-        self.user = _printable(user)
-        if not self.dispatcher.check_credentials(user, password):
-            self._auth_reply(AuthStatus.FAILURE)
-            raise SocksError(Reply.NOT_ALLOWED, "wrong user name or password")
-        self._auth_reply(AuthStatus.SUCCESS)
-
-    def send(self, data: bytes) -> None:
-        """Send a reply to the client."""
-        _send_all_by(self.connection, data, time.monotonic() + self.dispatcher.handshake_timeout)
-
-    def _reply_quietly(self, data: bytes) -> None:
-        """Send a reply to a client that may have left already: the log line
-        says why the request ended, so a failed send is not news."""
-        try:
-            self.send(data)
-        except OSError:
-            pass
-
-    def _auth_reply(self, status: AuthStatus) -> None:
-        self._reply_quietly(bytes([AUTH_VERSION, status]))
-
-    def _socks5_reply(self, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> None:
-        self._reply_quietly(bytes([SOCKS5_VERSION, reply, 0]) + encode_socks5_address(*_split_host(bound)))
-
-    def socks4(self) -> socket.socket:
-        try:
-            request = read_socks4_request(self.reader)
-            self.target = _format_endpoint(request.host, request.port)
-            if self.dispatcher.requires_credentials:
-                raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
-            if request.command != Command.CONNECT:
-                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
-            upstream = self.connect_upstream(request.host, request.port)
-        except OSError:
-            self._socks4_reply(Socks4Reply.REJECTED)
-            raise
-        bound_host, bound_port = _split_host(upstream.getsockname())
-        bound_ip = bound_host if upstream.family == socket.AF_INET else "0.0.0.0"
-        self._socks4_reply(Socks4Reply.GRANTED, bound_port, bound_ip)
-        return upstream
-
-    def _socks4_reply(self, reply: Socks4Reply, port: int = 0, ip: str = "0.0.0.0") -> None:
-        self._reply_quietly(struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip)))
-
-    def connect_upstream(self, host: str, port: int) -> socket.socket:
-        """Connect to the target from a dispatched local address.
-
-        When the link of the chosen address fails (unreachable, down, timed
-        out...), the other addresses of the family are tried in turn, and
-        those that failed sit out once another one has reached the target.
-        Each address of a name is tried in turn until one connects (a name
-        may resolve to ::1 first while only 127.0.0.1 listens); a connection
-        takes one local address per family. Raises the last error.
-        """
-        balancer = self.dispatcher.balancer
-        chosen: dict[socket.AddressFamily, LocalAddress] = {}
-        error: OSError = SocksError(Reply.HOST_UNREACHABLE)
-        for family, ip in _resolve_target(host, port, balancer.families):
-            if family not in chosen:
-                chosen[family] = balancer.next(family)
-            local: LocalAddress | None = chosen[family]
-            failed: list[tuple[LocalAddress, OSError]] = []
-            while local is not None:
-                self.local = local
-                logger.debug("connecting to %s from %s", _format_endpoint(ip, port), local.describe())
-                try:
-                    upstream = self.dispatcher.open_upstream(local, ip, port)
-                except OSError as failure:
-                    logger.debug("connecting from %s failed: %s", local.describe(), _describe(failure))
-                    error = failure
-                    if _is_link_failure(failure):
-                        failed.append((local, failure))
-                        local = balancer.alternative(family, [down for down, _ in failed])
-                        continue
-                    if _is_target_answer(failure):
-                        balancer.reached(local, failed)
-                    chosen[family] = local
-                    break
-                balancer.reached(local, failed)
-                balancer.opened(local)
-                return upstream
-            # No address reached this target: nothing says the links are to
-            # blame (the target may be down), so none is made to sit out.
-        raise error
-
-    def udp_associate(self, host: str, port: int) -> UdpAssociation:
-        """Open the sockets of a UDP association for this client.
-
-        (host, port) is where the client says it will send from: its family
-        chooses the family of the dispatched local address (IPv4 unless the
-        client names an IPv6 address or only IPv6 is there), and a non-zero
-        port is the only one the client may send from.
-        """
-        balancer = self.dispatcher.balancer
-        family = socket.AF_INET6 if _is_ip(host) and ":" in host else socket.AF_INET
-        families = balancer.families
-        if family not in families and families:
-            (family,) = families
-        self.local = balancer.next(family)
-        self.target = "UDP"
-        upstream = self.dispatcher.open_udp(self.local)
-        # Datagrams come to the address the client reached the proxy at. An
-        # IPv4 client of a dual-stack listener reached ::ffff:a.b.c.d, which
-        # it cannot send to: it gets an IPv4 socket (and an IPv4 reply).
-        family = self.connection.family
-        proxy_ip = self.connection.getsockname()[0]
-        client_ip = _split_host(self.client_address)[0]
-        unmapped = _client_ip(proxy_ip)
-        if family == socket.AF_INET6 and isinstance(unmapped, ipaddress.IPv4Address):
-            family = socket.AF_INET
-            proxy_ip = str(unmapped)
-            client_ip = str(_client_ip(client_ip))
-        try:
-            client_side = socket.socket(family, socket.SOCK_DGRAM)
-        except OSError:
-            upstream.close()
-            raise
-        try:
-            client_side.bind((proxy_ip, 0))
-        except OSError:
-            upstream.close()
-            client_side.close()
-            raise
-        balancer.opened(self.local)
-        return UdpAssociation(self, client_side, upstream, client_ip, port or None)
-
-    def count(self, up: int, down: int) -> None:
-        """Count bytes relayed for this client, on its line and its local address."""
-        self.up += up
-        self.down += down
-        if self.local is not None:
-            self.dispatcher.balancer.add_bytes(self.local, up, down)
-
-    def relay(self, upstream: socket.socket) -> None:
-        """Copy both ways, starting with what the client sent early."""
-        local = self.local
-        balancer = self.dispatcher.balancer
-        self.dispatcher._track_upstream(upstream, True)
-        try:
-            relay(
-                self.connection, upstream, early=self.reader.rest(), count=self.count,
-                idle_timeout=self.dispatcher.idle_timeout,
-            )
-        finally:
-            self.dispatcher._track_upstream(upstream, False)
-            if local is not None:
-                balancer.closed(local)
-
-
-class UdpAssociation:
-    """One SOCKS5 UDP association: datagrams between one client and any targets.
-
-    The client sends to ``client_side`` with the SOCKS5 UDP header naming the
-    target; the data leaves from ``upstream``, bound to the dispatched local
-    address, and what comes back is wrapped in a header naming its sender.
-    Only the client that asked is heard: its IP address, and its port once
-    known (given in the request, or learned from its first datagram).
-    The association lasts as long as its TCP connection.
-    """
-
-    # Names resolved for one association are remembered, up to this many.
-    max_names = 256
-
-    def __init__(
-        self,
-        handler: SocksHandler,
-        client_side: socket.socket,
-        upstream: socket.socket,
-        client_ip: str,
-        client_port: int | None,
-    ) -> None:
-        self.handler = handler
-        self.local = handler.local
-        self.client_side = client_side
-        self.upstream = upstream
-        self.client_ip = client_ip
-        self.client_port = client_port
-        self.datagrams_up = 0
-        self.datagrams_down = 0
-        self.dropped = 0
-        self._names: dict[str, str] = {}
-
-    def run(self) -> str:
-        """Relay until the TCP connection closes; return a summary for the log."""
-        connection = self.handler.connection
-        try:
-            self.client_side.setblocking(False)
-            self.upstream.setblocking(False)
-            with _selector() as selector:
-                for sock in (connection, self.client_side, self.upstream):
-                    selector.register(sock, selectors.EVENT_READ)
-                while True:
-                    for key, _ in selector.select():
-                        if key.fileobj is connection:
-                            if not self._connection_open():
-                                return (
-                                    f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, "
-                                    f"{self.dropped} dropped"
-                                )
-                        elif key.fileobj is self.client_side:
-                            self._from_client()
-                        else:
-                            self._from_target()
-        finally:
-            self.client_side.close()
-            self.upstream.close()
-            if self.local is not None:
-                self.handler.dispatcher.balancer.closed(self.local)
-
-    def _connection_open(self) -> bool:
-        # The client has nothing more to say on the TCP connection; what it
-        # sends anyway is ignored. Its EOF or reset ends the association.
-        try:
-            return bool(self.handler.connection.recv(4096))
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
-
-    def _from_client(self) -> None:
-        try:
-            datagram, source = self.client_side.recvfrom(UDP_BUFFER_SIZE)
-        except OSError:
-            return  # nothing there after all, or an ICMP error: no datagram
-        source_ip, source_port = _split_host(source)
-        if source_ip != self.client_ip or self.client_port not in (None, source_port):
-            self.dropped += 1
-            return
-        try:
-            fragment, host, port, data = parse_udp_datagram(datagram)
-            # RFC 1928 lets a server that does not reassemble drop fragments.
-            if fragment:
-                raise SocksError(Reply.GENERAL_FAILURE, "fragment")
-            self.client_port = source_port
-            self.upstream.sendto(data, (self._resolve(host, port), port))
-        except OSError:
-            self.dropped += 1
-            return
-        self.datagrams_up += 1
-        self.handler.count(len(data), 0)
-
-    def _from_target(self) -> None:
-        try:
-            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE)
-        except OSError:
-            return
-        if self.client_port is None:
-            self.dropped += 1  # the client has not spoken yet: nowhere to send it
-            return
-        try:
-            header = encode_udp_header(*_split_host(source))
-            self.client_side.sendto(header + data, (self.client_ip, self.client_port))
-        except OSError:
-            self.dropped += 1
-            return
-        self.datagrams_down += 1
-        self.handler.count(0, len(data))
-
-    def _resolve(self, host: str, port: int) -> str:
-        """The IP address to send to, of the upstream socket's family."""
-        if _is_ip(host):
-            ip = host
-        elif host in self._names:
-            ip = self._names[host]
-        else:
-            infos = socket.getaddrinfo(host.encode("ascii"), port, self.upstream.family, socket.SOCK_DGRAM)
-            ip = str(infos[0][4][0])
-            if len(self._names) >= self.max_names:
-                self._names.clear()
-            self._names[host] = ip
-        if (":" in ip) != (self.upstream.family == socket.AF_INET6):
-            raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
-        return ip
-
-
-@dataclasses.dataclass
-class _Origin:
-    """A kept-alive connection to an origin server, for the next request there."""
-
-    host: str
-    port: int
-    sock: socket.socket
-    reader: HandshakeReader
-    local: LocalAddress | None
-
-    def reusable(self) -> bool:
-        """Whether the origin is still quietly waiting for a request."""
-        if self.reader.buffered:
-            return False
-        with _selector() as selector:
-            selector.register(self.sock, selectors.EVENT_READ)
-            # Readable while idle means it closed (or babbles): not reusable.
-            return not selector.select(0)
-
-
-class HttpProxySession:
-    """Serves one client connection that speaks HTTP proxy.
-
-    CONNECT opens a tunnel, relayed like a SOCKS connection. Any other
-    method must carry an absolute http:// URL: the request goes to the
-    origin in origin form and the response comes back, as many requests as
-    the client sends on its kept-alive connection. The connection to an
-    origin is kept for the next request to the same host. Every upstream
-    connection is made by the handler's ``connect_upstream``, so it is
-    dispatched like any other. One log line per request.
-    """
-
-    def __init__(self, handler: SocksHandler) -> None:
-        self.handler = handler
-        self.dispatcher = handler.dispatcher
-        self.client = handler.connection
-        self.reader = handler.reader
-        self.origin: _Origin | None = None
-        self.responded = False
-        # Between request heads, every read and write on the client waits
-        # at most this long, as a blocking call. A head is read with the
-        # socket non-blocking, so that its deadline holds for the whole head.
-        self.client.settimeout(self.dispatcher.handshake_timeout)
-
-    def serve(self) -> None:
-        """Serve requests until the client closes or a request ends the connection."""
-        try:
-            while self.serve_request():
-                try:
-                    if not self.reader.has_more():
-                        return
-                except OSError:
-                    return  # an idle client timed out or went away
-        finally:
-            self._drop_origin()
-
-    def serve_request(self) -> bool:
-        """Serve one request; return whether the connection stays open."""
-        handler = self.handler
-        handler.started = time.monotonic()
-        handler.target, handler.local, handler.up, handler.down = "-", None, 0, 0
-        handler.user = None  # each request logs in for itself
-        self.responded = False
-        result = "ok"
-        try:
-            method, target, version, headers = self._read_request()
-            handler.target = target if method == "CONNECT" else f"{method} {target}"
-            self._authorize(headers)
-            if method == "CONNECT":
-                self._tunnel(target)
-                return False
-            status, keep_alive = self._forward(method, target, version, headers)
-            result = str(status)
-            return keep_alive
-        except OSError as error:
-            result = _describe(error)
-            if not self.responded:
-                status = _http_status(error)
-                result = f"{status.value} {result}"
-                self._send_error(status, _describe(error))
-            return False
-        finally:
-            handler.log_line(result)
-
-    def _read_request(self) -> tuple[str, str, str, Headers]:
-        # The whole head must come in time, each request of a kept connection
-        # anew: a client dripping a byte now and then must not hold a thread.
-        self.reader.deadline = time.monotonic() + self.dispatcher.handshake_timeout
-        self.client.setblocking(False)
-        try:
-            lines = _read_head(self.reader)
-            method, target, version = parse_request_line(lines[0])
-            return method, target, version, parse_header_lines(lines[1:])
-        except LineTooLong as error:
-            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(error)) from None
-        except ProtocolError as error:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        except TimeoutError:
-            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request did not come in time") from None
-        except ValueError as error:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        finally:
-            self.reader.deadline = float("inf")
-            self.client.settimeout(self.dispatcher.handshake_timeout)
-
-    def _authorize(self, headers: Headers) -> None:
-        if not self.dispatcher.requires_credentials:
-            return
-        credentials = basic_credentials(headers)
-        if credentials is None or not self.dispatcher.check_credentials(*credentials):
-            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
-        self.handler.user = _printable(credentials[0].encode())
-
-    def _send_error(self, status: HTTPStatus, detail: str) -> None:
-        headers = []
-        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
-            headers.append(("Proxy-Authenticate", f'Basic realm="{PROXY_REALM}"'))
-        try:
-            self.client.sendall(error_response(status, detail, headers))
-        except OSError:
-            pass  # the client left; the log line says why the request failed
-
-    def _tunnel(self, target: str) -> None:
-        try:
-            host, port = parse_connect_target(target)
-        except ValueError as error:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        self._drop_origin()
-        upstream = self.handler.connect_upstream(host, port)
-        with upstream:
-            self.responded = True
-            try:
-                self.client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            except OSError:
-                pass  # the relay finds the client gone
-            self.handler.relay(upstream)
-
-    def _forward(self, method: str, target: str, version: str, headers: Headers) -> tuple[int, bool]:
-        """Send the request to its origin and the response back; return
-        (status, whether the client connection stays open)."""
-        try:
-            host, port, path = parse_absolute_url(target)
-            length = body_length(headers, request=True)
-        except ValueError as error:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        # The client's "100 Continue" comes from here, at once: the origin
-        # would send it only after the client had waited for nothing.
-        expects_continue = "100-continue" in header_tokens(headers, "expect")
-        authority = host if port == 80 else _format_endpoint(host, port)
-        outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
-        outgoing += [
-            (name, value)
-            for name, value in forwarded_headers(headers)
-            if name.lower() != "host" and not (expects_continue and name.lower() == "expect")
-        ]
-        outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
-
-        if expects_continue:
-            self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
-        origin = self._send_head(host, port, encode_head(f"{method} {path} HTTP/1.1", outgoing), length == 0)
-        try:
-            _copy_body(self.reader, length, lambda data: self._send_up(origin, data))
-        except ProtocolError as error:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
-        except TimeoutError:
-            # Only the client's reads time out here: _send_up turns the
-            # origin's into a 504.
-            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request body did not come in time") from None
-
-        try:
-            while True:
-                lines = _read_head(origin.reader)
-                response_version, status, reason = parse_status_line(lines[0])
-                response_headers = parse_header_lines(lines[1:])
-                # Upgrade is not forwarded, so no 101 Switching Protocols comes.
-                if not 100 <= status < 200:
-                    break
-                if not (expects_continue and status == HTTPStatus.CONTINUE):
-                    self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
-            if response_has_body(method, status):
-                response_length = body_length(response_headers, request=False)
-            else:
-                response_length = 0
-        except ValueError as error:
-            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
-        except LineTooLong as error:
-            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
-
-        framed = response_length != UNTIL_CLOSE
-        client_stays = keeps_alive(version, headers) and framed
-        origin_stays = keeps_alive(response_version, response_headers) and framed
-        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
-        dechunk = version == "HTTP/1.0" and response_length == CHUNKED
-        outgoing = [
-            (name, value)
-            for name, value in forwarded_headers(response_headers)
-            if not (dechunk and name.lower() == "transfer-encoding")
-        ]
-        if not client_stays:
-            outgoing.append(("Connection", "close"))
-        self.responded = True
-        self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
-        _copy_body(origin.reader, response_length, self._send_down, dechunk)
-        if not origin_stays:
-            self._drop_origin()
-        return status, client_stays
-
-    def _send_head(self, host: str, port: int, head: bytes, retryable: bool) -> _Origin:
-        """Send a request head to (host, port); return the origin connection.
-
-        A kept connection may have been closed by the origin just as the
-        request went out: it then fails before any byte of the response.
-        A ``retryable`` request (one without a body: nothing else is lost)
-        is then sent once more, on a new connection.
-        """
-        kept = self.origin
-        origin = self._origin_for(host, port)
-        if origin is not kept or not retryable:
-            self._send_up(origin, head)
-            return origin
-        try:
-            self._send_up(origin, head)
-            if origin.reader.has_more():
-                return origin
-        except ConnectionError:
-            pass
-        self._drop_origin()
-        origin = self._origin_for(host, port)
-        self._send_up(origin, head)
-        return origin
-
-    def _origin_for(self, host: str, port: int) -> _Origin:
-        """The kept connection to (host, port) if it is still good, else a new one."""
-        origin = self.origin
-        if origin is not None and (origin.host, origin.port) == (host, port) and origin.reusable():
-            self.handler.local = origin.local
-            return origin
-        self._drop_origin()
-        sock = self.handler.connect_upstream(host, port)
-        # Tracked, so that shutdown() wakes a thread waiting for a response.
-        self.dispatcher._track_upstream(sock, True)
-        sock.settimeout(HTTP_RESPONSE_TIMEOUT)
-        reader = HandshakeReader(sock, eof_message="the origin closed before the response ended")
-        self.origin = _Origin(host, port, sock, reader, self.handler.local)
-        return self.origin
-
-    def _drop_origin(self) -> None:
-        if self.origin is None:
-            return
-        self.dispatcher._track_upstream(self.origin.sock, False)
-        self.origin.sock.close()
-        if self.origin.local is not None:
-            self.dispatcher.balancer.closed(self.origin.local)
-        self.origin = None
-
-    def _send_up(self, origin: _Origin, data: bytes) -> None:
-        try:
-            origin.sock.sendall(data)
-        except TimeoutError:
-            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
-        self.handler.count(len(data), 0)
-
-    def _send_down(self, data: bytes) -> None:
-        self.client.sendall(data)
-        self.handler.count(0, len(data))
-
-
-def _read_head(reader: HandshakeReader) -> list[str]:
-    """The lines of a message head (start line first) without line ends.
-
-    Empty lines before the start line are skipped (RFC 9112, 2.2). Raises
-    LineTooLong past MAX_HEADER_LINE a line or MAX_HEADER_BYTES in all.
-    """
-    lines: list[str] = []
-    total = 0
-    while True:
-        line = reader.read_line(MAX_HEADER_LINE)
-        total += len(line)
-        if total > MAX_HEADER_BYTES:
-            raise LineTooLong(f"a head longer than {MAX_HEADER_BYTES} bytes")
-        text = line.rstrip(b"\r\n").decode("latin-1")
-        if text:
-            lines.append(text)
-        elif lines:
-            return lines
-
-
-def _copy_body(reader: HandshakeReader, length: int, send: Callable[[bytes], None], dechunk: bool = False) -> None:
-    """Pass a message body on as framed by ``length`` (see body_length).
-
-    ``dechunk`` sends a chunked body's data alone, without its framing.
-    Raises ProtocolError for a body cut short or badly framed.
-    """
-    if length == UNTIL_CLOSE:
-        while data := reader.read_some(HTTP_COPY_SIZE):
-            send(data)
-    elif length == CHUNKED:
-        while True:
-            line = reader.read_line(MAX_HEADER_LINE)
-            try:
-                size = parse_chunk_size(line)
-            except ValueError as error:
-                raise ProtocolError(str(error)) from None
-            if not dechunk:
-                send(line)
-            if size == 0:
-                break
-            _copy_exactly(reader, size, send)
-            end = reader.read_line(MAX_HEADER_LINE)
-            if end.strip():
-                raise ProtocolError("a chunk longer than its size")
-            if not dechunk:
-                send(end)
-        while True:  # trailer fields, up to the empty line
-            line = reader.read_line(MAX_HEADER_LINE)
-            if not dechunk:
-                send(line)
-            if not line.strip():
-                break
-    else:
-        _copy_exactly(reader, length, send)
-
-
-def _copy_exactly(reader: HandshakeReader, length: int, send: Callable[[bytes], None]) -> None:
-    while length:
-        data = reader.read_some(min(length, HTTP_COPY_SIZE))
-        if not data:
-            raise ProtocolError("closed in the middle of a body")
-        send(data)
-        length -= len(data)
-
-
 # ---------------------------------------------------------------------------
-# Dispatcher: the public API
+# Dispatcher: the library face
 # ---------------------------------------------------------------------------
 
-
-def default_max_connections() -> int:
-    """How many connections fit the descriptor limit (soft RLIMIT_NOFILE)."""
-    try:
-        import resource
-    except ImportError:  # Windows: no such limit to fit
-        return MAX_CONNECTIONS_CEILING
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS_CEILING
-    fitting = (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION
-    return max(1, min(fitting, MAX_CONNECTIONS_CEILING))
+DEFAULT_GRACE = 5.0
+# After the grace period, how long shutdown() waits for the sessions to see
+# their sockets closed and write their log lines.
+CLOSE_TIMEOUT = 2.0
 
 
-def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """A client's address as the allow-list sees it: IPv4 clients of a
-    dual-stack listener arrive as ::ffff:a.b.c.d and are matched as IPv4."""
-    ip = ipaddress.ip_address(host.partition("%")[0])  # no IPv6 zone
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+class BackgroundTasks:
+    """Functions run every so often in one daemon thread, from ``start()``
+    until ``stop()``. A task that raises is logged and runs again next time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: list[tuple[float, Callable[[], object]]] = []
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, interval: float, task: Callable[[], object]) -> None:
+        """Run ``task`` every ``interval`` seconds once started."""
+        self._tasks.append((interval, task))
+
+    def start(self) -> None:
+        """Start the thread, if there is anything to run and it is not running."""
+        if self._tasks and self._thread is None and not self._stopped.is_set():
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+        self._stopped.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        due = [time.monotonic() + interval for interval, _ in self._tasks]
+        while not self._stopped.wait(max(0.0, min(due) - time.monotonic())):
+            now = time.monotonic()
+            for index, (interval, task) in enumerate(self._tasks):
+                if now >= due[index]:
+                    due[index] = now + interval
+                    try:
+                        task()
+                    except Exception:  # one bad turn must not stop the others
+                        logger.exception("background task %s failed", getattr(task, "__name__", task))
 
 
 class Dispatcher:
-    """A dispatching SOCKS proxy.
+    """A dispatching SOCKS and HTTP proxy.
 
     ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals or interface
     names) or LocalAddress objects; None means every usable address.
@@ -2615,9 +3133,12 @@ class Dispatcher:
     - ``max_connections``: refuse new clients beyond that many open at once;
       None means default_max_connections().
     - ``connect_timeout``: seconds to connect upstream.
+    - ``cooldown``: seconds an address sits out after its link failed.
 
-    Raises AddressError for an unusable address, ValueError for a bad
-    ``credentials`` or ``allow`` entry, and OSError if it cannot listen.
+    While it serves, a background thread follows the interfaces' addresses
+    and samples the meter. Raises AddressError for an unusable address,
+    ValueError for a bad ``credentials`` or ``allow`` entry, and OSError if
+    it cannot listen.
     """
 
     def __init__(
@@ -2634,35 +3155,30 @@ class Dispatcher:
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
     ) -> None:
-        self.balancer = Balancer(resolve_links(addresses), cooldown=cooldown)
-        self.connect_timeout = connect_timeout
-        self.handshake_timeout = handshake_timeout
-        self._device_binding_refused = False
-        self._warned: set[str] = set()
-        self._warned_lock = threading.Lock()
-        self.idle_timeout = idle_timeout
-        self.max_connections = default_max_connections() if max_connections is None else max_connections
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        self._credentials = [
-            _encode_credential(user, password) for user, password in (credentials or {}).items()
-        ]
-        self.allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
-            list(PRIVATE_NETWORKS) if allow is None else [ipaddress.ip_network(a, strict=False) for a in allow]
+        self.links = LinkSet(resolve_links(addresses))
+        self.health = Health(cooldown)
+        self.balancer = Balancer(self.links.addresses, self.health)
+        self.meter = Meter()
+        self.upstream = Upstream(self.balancer, self.meter, connect_timeout)
+        self.access = AccessPolicy(credentials, allow)
+        self.admission = Admission(
+            self.access, default_max_connections() if max_connections is None else max_connections
         )
-        self._allows_by_host: dict[str, bool] = {}
-        # Client sockets from their admission to their closing, and upstream
-        # sockets while they relay: shutdown() closes both.
-        self._clients: set[socket.socket] = set()
-        self._upstreams: set[socket.socket] = set()
-        self._closing = False
-        self._changed = threading.Condition()
-        self.refused = 0
-        self._unlogged_refusals = 0
-        self._last_refusal_log = -math.inf
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        context = SessionContext(self.access, self.upstream, handshake_timeout, idle_timeout)
+        self.tasks = BackgroundTasks("dispatch-tasks")
+        if self.links.follows:
+            self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
+        self.tasks.add(METER_INTERVAL, self.meter.sample)
+        self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
-        self._server = _Server((host, port), self)
+        self._server = _Server((host, port), self.admission, context)
+
+    def _follow_interfaces(self) -> None:
+        if self.links.refresh():
+            self.balancer.rebuild(self.links.addresses)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -2671,28 +3187,45 @@ class Dispatcher:
 
     @property
     def addresses(self) -> list[LocalAddress]:
-        """The local addresses connections are dispatched to."""
-        return self.balancer.addresses
+        """The local addresses connections are dispatched to now."""
+        return self.links.addresses
+
+    @property
+    def max_connections(self) -> int:
+        """The most client connections open at once."""
+        return self.admission.max_connections
+
+    @property
+    def refused(self) -> int:
+        """How many clients were refused (allow-list, limit)."""
+        return self.admission.refused
+
+    @property
+    def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The networks clients may connect from."""
+        return self.access.allowed_networks
+
+    @property
+    def requires_credentials(self) -> bool:
+        """Whether clients must give a user name and password."""
+        return self.access.requires_credentials
 
     def allows(self, host: str) -> bool:
         """Whether a client at IP address ``host`` may connect."""
-        # Every accept asks, in the one accepting thread; the same few
-        # clients ask again and again.
-        allowed = self._allows_by_host.get(host)
-        if allowed is None:
-            try:
-                ip = _client_ip(host)
-            except ValueError:
-                return False
-            allowed = any(ip in network for network in self.allowed_networks)
-            if len(self._allows_by_host) >= ALLOW_CACHE_SIZE:
-                self._allows_by_host.clear()
-            self._allows_by_host[host] = allowed
-        return allowed
+        return self.access.allows(host)
+
+    def check_credentials(self, user: str | bytes, password: str | bytes) -> bool:
+        """Whether ``user`` and ``password`` are accepted (always, without credentials)."""
+        return self.access.check_credentials(user, password)
+
+    def open_connections(self) -> int:
+        """How many client connections are open now."""
+        return self.admission.open_connections()
 
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` is called (from any thread, a signal
         handler included)."""
+        self.tasks.start()
         self._serving.set()
         try:
             self._server.serve_until_stopped()
@@ -2714,133 +3247,67 @@ class Dispatcher:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._server.server_close()
-        with self._changed:
-            self._changed.wait_for(lambda: not self._clients, timeout=grace)
-            self._closing = True
-            for sock in self._clients | self._upstreams:
-                _shutdown_quietly(sock)
-            # The handlers now see their sockets closed; let them log it.
-            self._changed.wait_for(lambda: not self._clients, timeout=CLOSE_TIMEOUT)
-
-    def open_upstream(self, local: LocalAddress, ip: str, port: int) -> socket.socket:
-        """A socket from ``local`` connected to (ip, port), bound to the
-        device of ``local`` where the system allows it.
-
-        Without the device, Linux routes by destination alone: a connection
-        from the Wi-Fi's address may leave by the cable and be dropped.
-        """
-        try:
-            return _connect_from(local, ip, port, self.connect_timeout, self._device(local, ip))
-        except _DeviceBindingRefused as refusal:
-            self._device_refused(refusal)
-            return _connect_from(local, ip, port, self.connect_timeout)
-
-    def open_udp(self, local: LocalAddress) -> socket.socket:
-        """A UDP socket from ``local``, bound to its device where the system
-        allows it, unless ``local`` is a loopback address."""
-        # Datagrams may go to any target. Those from a loopback address go to
-        # loopback ones, which a device-bound socket could not reach; the
-        # address itself stands for them.
-        try:
-            return _udp_socket_from(local, self._device(local, local.ip))
-        except _DeviceBindingRefused as refusal:
-            self._device_refused(refusal)
-            return _udp_socket_from(local)
-
-    def _device(self, local: LocalAddress, ip: str) -> str | None:
-        if local.interface is None and _CAN_BIND_TO_DEVICE and not _is_loopback(ip):
-            self._warn_once(
-                "no-interface",
-                "no interface is known for %s%s: its connections are bound to the source address only",
-                local.ip,
-                "" if _has_ifaddr() else " (the ifaddr package is not installed)",
-            )
-        return None if self._device_binding_refused else _device_for(local, ip)
-
-    def _device_refused(self, refusal: OSError) -> None:
-        self._device_binding_refused = True
-        self._warn_once(
-            "device-refused",
-            "binding sockets to their interface is not permitted (%s): binding source "
-            "addresses only, so connections may leave by the wrong link. To fix it, give "
-            "dispatch CAP_NET_RAW (run it as root, or as a service with "
-            "AmbientCapabilities=CAP_NET_RAW), or route by source address: ip rule add from "
-            "ADDR table N, with a default route by that link in table N",
-            refusal.strerror,
-        )
-
-    def _warn_once(self, key: str, message: str, *args: object) -> None:
-        with self._warned_lock:
-            if key in self._warned:
-                return
-            self._warned.add(key)
-        logger.warning(message, *args)
-
-    @property
-    def requires_credentials(self) -> bool:
-        """Whether clients must give a user name and password."""
-        return bool(self._credentials)
-
-    def check_credentials(self, user: str | bytes, password: str | bytes) -> bool:
-        """Whether ``user`` and ``password`` are accepted (always, without credentials)."""
-        if not self._credentials:
-            return True
-        return credentials_match(self._credentials, _as_bytes(user), _as_bytes(password))
-
-    def open_connections(self) -> int:
-        """How many client connections are open now."""
-        with self._changed:
-            return len(self._clients)
+        self.tasks.stop()
+        self.admission.wait_until_none_open(grace)
+        self.upstream.close_all()
+        self.admission.close_all()
+        # The sessions now see their sockets closed; let them log it.
+        self.admission.wait_until_none_open(CLOSE_TIMEOUT)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address (every one a link has had): ip, interface,
-        weight, state ("up", "down" while sitting out, "gone" once its
-        interface no longer holds it), connections (total and open), bytes
-        each way, and the rates each way in bytes per second since the
-        previous call."""
-        return self.balancer.stats()
+        """Per local address (every one a link has had): ip, interface, link
+        (its name as given), weight, state ("up"; "down" while it sits out
+        after a failure of its link, with the reason; "gone" once its
+        interface no longer holds it), connections (opened in all, failed,
+        open), bytes each way, and the rates each way in bytes per second
+        over the last interval or two (METER_INTERVAL). Reading changes
+        nothing: every reader sees the same."""
+        current = set(self.links.addresses)
+        rows = []
+        for address in self.links.known_addresses():
+            reading = self.meter.read(address)
+            state, reason = self.health.state(address) if address in current else ("gone", "address gone")
+            link = self.links.link_of(address)
+            rows.append({
+                "ip": address.ip,
+                "interface": address.interface,
+                "link": link.name if link else address.ip,
+                "weight": address.weight,
+                "state": state,
+                "reason": reason,
+                "connections": reading.counters.connections,
+                "failed": reading.counters.failed,
+                "open": reading.counters.open,
+                "bytes_up": reading.counters.bytes_up,
+                "bytes_down": reading.counters.bytes_down,
+                "rate_up": reading.rate_up,
+                "rate_down": reading.rate_down,
+            })
+        return rows
 
-    def _admit(self, sock: socket.socket, client_address: tuple[Any, ...]) -> bool:
-        """Track a new client if the allow-list and the limit let it in."""
-        if not self.allows(client_address[0]):
-            self._refuse(client_address, "not in the allow-list")
-            return False
-        with self._changed:
-            full = len(self._clients) >= self.max_connections
-            if not full:
-                self._clients.add(sock)
-        if full:
-            self._refuse(client_address, f"{self.max_connections} connections are open, the most allowed")
-            return False
-        return True
-
-    def _refuse(self, client_address: tuple[Any, ...], reason: str) -> None:
-        client = _format_endpoint(*_split_host(client_address))
-        with self._changed:
-            self.refused += 1
-            self._unlogged_refusals += 1
-            now = time.monotonic()
-            if now - self._last_refusal_log < REFUSAL_LOG_INTERVAL:
-                return
-            others = self._unlogged_refusals - 1
-            self._unlogged_refusals = 0
-            self._last_refusal_log = now
-        more = f" ({others} more refused since the last such line)" if others else ""
-        logger.warning("refused %s: %s%s", client, reason, more)
-
-    def _release(self, sock: socket.socket) -> None:
-        with self._changed:
-            self._clients.discard(sock)
-            self._changed.notify_all()
-
-    def _track_upstream(self, sock: socket.socket, open_: bool) -> None:
-        with self._changed:
-            if not open_:
-                self._upstreams.discard(sock)
-            elif self._closing:
-                _shutdown_quietly(sock)  # connected just as the grace ran out
-            else:
-                self._upstreams.add(sock)
+    def status(self) -> dict[str, Any]:
+        """Everything a status page shows: version, uptime, where it listens,
+        open and refused clients, totals, ``stats()`` as "addresses", and the
+        rates of each address over the last ten minutes as "history"."""
+        rows = self.stats()
+        totals = {
+            key: sum(row[key] for row in rows)
+            for key in ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_down")
+        }
+        history = {}
+        for address in self.links.known_addresses():
+            up, down = self.meter.history(address)
+            history[address.ip] = {"rate_up": up, "rate_down": down}
+        return {
+            "version": __version__,
+            "uptime": time.monotonic() - self._started,
+            "listening": _format_endpoint(*self.address),
+            "open_connections": self.open_connections(),
+            "refused": self.refused,
+            "totals": totals,
+            "addresses": rows,
+            "history": {"interval": METER_INTERVAL, "addresses": history},
+        }
 
     def __enter__(self) -> Dispatcher:
         return self
@@ -2848,10 +3315,22 @@ class Dispatcher:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+# ---------------------------------------------------------------------------
+# Reports and the command line
+# ---------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
+
+def format_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] = (), indent: str = "") -> str:
+    """Rows of cells (the first a header) as aligned columns, two spaces
+    apart; the columns numbered in ``right_aligned`` line up on the right."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        indent + "  ".join(
+            cell.rjust(width) if column in right_aligned else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    )
 
 
 def default_log_path() -> str:
@@ -2896,9 +3375,7 @@ def _list_interfaces(out: Any) -> int:
             reason = "yes" if usable else ("no (down)" if not up else "no")
             route = "yes" if name in defaults else ("?" if not sys.platform.startswith("linux") else "")
             rows.append((name, ip, reason, route))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
+    print(format_table(rows), file=out)
     return 0
 
 
@@ -2910,10 +3387,7 @@ def _address_table(links: Sequence[Link]) -> str:
             rows.append((address.ip, address.interface or "-", str(link.weight)))
         if not link.current:
             rows.append(("(none for now)", interface or "-", str(link.weight)))
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    return "\n".join(
-        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
-    )
+    return format_table(rows, indent="  ")
 
 
 def format_bytes(count: float) -> str:
@@ -2943,15 +3417,7 @@ def format_stats(rows: Sequence[dict[str, Any]]) -> str:
         )
         for row in rows
     ]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    numeric = range(4, len(header))  # numbers line up on the right
-    return "\n".join(
-        "  ".join(
-            cell.rjust(width) if column in numeric else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(line, widths))
-        ).rstrip()
-        for line in table
-    )
+    return format_table(table, right_aligned=range(4, len(header)))
 
 
 def _setup_logging(debug: bool, log_file: str | None) -> str:
@@ -2983,10 +3449,10 @@ def raise_descriptor_limit() -> int | None:
     BitTorrent client's few thousand connections. Returns the new limit, or None where
     there is no such limit (Windows).
     """
-    try:
-        import resource
-    except ImportError:
+    if sys.platform == "win32":
         return None
+    import resource
+
     unlimited = resource.RLIM_INFINITY  # -1 on Linux, 2**63 - 1 on macOS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == unlimited:
@@ -3025,9 +3491,9 @@ def run_on_one_cpu() -> set[int] | None:
     and bulk transfers did not slow down, the kernel's share of them being
     done by the other side's CPU time anyway.
     """
-    if not hasattr(os, "sched_setaffinity"):
+    if sys.platform != "linux" or PORTABLE:
         return None
-    cpus = os.sched_getaffinity(0)
+    cpus = set(os.sched_getaffinity(0))
     try:
         os.sched_setaffinity(0, {min(cpus)})
     except OSError:
@@ -3045,32 +3511,6 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
         f"dispatch: stopped after {seconds:.0f} s: {connections} connections, "
         f"{up} B up, {down} B down{refused}"
     )
-
-
-def read_auth_file(path: str) -> list[tuple[str, str]]:
-    """The (user, password) pairs of a file of ``USER:PASS`` lines.
-
-    Blank lines and lines starting with # are skipped. Raises ValueError
-    naming the file and line, never a password.
-    """
-    try:
-        with open(path, "rb") as file:
-            lines = file.read().splitlines()
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {_describe(error)}") from None
-    pairs = []
-    for number, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}, line {number}: not UTF-8") from None
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            pairs.append(parse_credentials(line))
-        except ValueError as error:
-            raise ValueError(f"{path}, line {number}: {error}") from None
-    return pairs
 
 
 def _credentials(args: argparse.Namespace) -> dict[str, str]:
@@ -3101,7 +3541,7 @@ def _start(args: argparse.Namespace) -> int:
         return _serve(args, descriptor_limit)
     finally:
         sys.setswitchinterval(switch_interval)
-        if cpus is not None:
+        if cpus is not None and sys.platform == "linux":
             os.sched_setaffinity(0, cpus)
 
 
@@ -3139,7 +3579,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     lines = [
         f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {_format_endpoint(host, port)}",
         "dispatching to:",
-        _address_table(dispatcher.balancer.links),
+        _address_table(dispatcher.links.links),
         f"clients allowed from: {allowed}{default}",
         f"login: {len(users)} user(s), SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
         f"limits: {dispatcher.max_connections} connections at once{fits}, "

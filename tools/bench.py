@@ -68,7 +68,7 @@ DISPATCH = REPO / "dispatch.py"
 SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
 PEERS = ("dante", "pproxy", "microsocks")
 REFERENCES = ("splice-relay",)
-PROXY_NAMES = ("dispatch", *PEERS, *REFERENCES)
+PROXY_NAMES = ("dispatch", "dispatch-before", *PEERS, *REFERENCES)
 
 IO_TIMEOUT = 10.0  # any single socket operation
 BUFFER_SIZE = 1 << 20  # bulk send/recv buffer: large, so the generator is not syscall-bound
@@ -342,7 +342,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Unavailable(Exception):
+class Unavailable(Exception):  # noqa: N818 (a reason to skip, not a fault)
     """The proxy is not installed here."""
 
 
@@ -366,11 +366,22 @@ def require(program: str, hint: str) -> str:
     return path
 
 
-def dispatch_command(port: int, workdir: Path) -> list[str]:
-    if not DISPATCH.exists():
-        raise Unavailable(f"{DISPATCH} not found")
-    return [sys.executable, str(DISPATCH), "start", "--ip", LOOPBACK, "--port", str(port),
-            "--log-file", str(workdir / "dispatch.log"), LOOPBACK]
+# Another dispatch.py (an earlier version, say) measured in the same run as
+# the one beside this directory: the "dispatch-before" column (--before PATH).
+BEFORE: list[Path] = []
+
+
+def dispatch_before_command(port: int, workdir: Path) -> list[str]:
+    if not BEFORE:
+        raise Unavailable("no --before PATH given")
+    return dispatch_command(port, workdir, BEFORE[0], "dispatch-before.log")
+
+
+def dispatch_command(port: int, workdir: Path, module: Path = DISPATCH, log: str = "dispatch.log") -> list[str]:
+    if not module.exists():
+        raise Unavailable(f"{module} not found")
+    return [sys.executable, str(module), "start", "--ip", LOOPBACK, "--port", str(port),
+            "--log-file", str(workdir / log), LOOPBACK]
 
 
 def dante_command(port: int, workdir: Path) -> list[str]:
@@ -410,6 +421,7 @@ def splice_relay_command(port: int, workdir: Path) -> list[str]:
 
 PROXY_COMMANDS: dict[str, Callable[[int, Path], list[str]]] = {
     "dispatch": dispatch_command,
+    "dispatch-before": dispatch_before_command,
     "dante": dante_command,
     "pproxy": pproxy_command,
     "microsocks": microsocks_command,
@@ -1090,7 +1102,7 @@ def parse_size(text: str) -> int:
     try:
         return int(float(text[:-1]) * units[suffix]) if suffix in units else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1G, 256M or 1048576")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1G, 256M or 1048576") from None
 
 
 def choice_list(choices: Sequence[str], ignore: Sequence[str] = ()) -> Callable[[str], list[str]]:
@@ -1133,6 +1145,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tests", type=choice_list(FAMILIES), default=list(FAMILIES),
                         help=f"comma-separated tests to run (default {','.join(FAMILIES)})")
     parser.add_argument("--json", type=Path, help="save raw figures to this file")
+    parser.add_argument("--before", type=Path, metavar="PATH",
+                        help="also measure this dispatch.py (an earlier version), as dispatch-before")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -1169,6 +1183,8 @@ def wait_for_time_wait(limit: int = 2000, timeout: float = 65.0) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.before:
+        BEFORE.append(args.before.resolve())
     settings = Settings(args.rounds, args.size, args.duration, args.parallel, args.client_procs,
                         args.latency, args.held, args.burst, args.release_timeout)
     raise_fd_limit()
