@@ -66,12 +66,13 @@ import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TextIO, TypeVar
 
 __version__ = "0.1.0"
 __all__ = [
@@ -99,7 +100,7 @@ __all__ = [
     "parse_credentials",
     "resolve_links",
     "usable_addresses",
-    "usable_interface_addresses",
+    "usable_interfaces",
 ]
 
 logger = logging.getLogger("dispatch")
@@ -156,8 +157,9 @@ else:
 _F_SETPIPE_SZ: int = getattr(_fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ: int = getattr(_fcntl, "F_GETPIPE_SZ", 1032)
 
-# Windows lets a second program bind a port that has SO_REUSEADDR and steal
-# its connections; SO_EXCLUSIVEADDRUSE forbids that.
+# Windows's option that keeps a port to one socket (winsock2.h defines it as
+# ~SO_REUSEADDR); the number elsewhere lets the Windows path run in tests.
+_SO_EXCLUSIVEADDRUSE: int = getattr(socket, "SO_EXCLUSIVEADDRUSE", ~4)
 _EXCLUSIVE_PORTS = sys.platform == "win32"
 
 
@@ -246,6 +248,8 @@ _LINK_FAILURE_ERRNOS = _errnos(
 )
 # Errors that prove a packet went out and the target answered.
 _TARGET_ANSWER_ERRNOS = _errnos("ECONNREFUSED", "WSAECONNREFUSED")
+# A peer that hung up (closed or reset): an ordinary end of a connection.
+_HANG_UP_ERRNOS = _errnos("EPIPE", "ECONNRESET", "ECONNABORTED", "WSAECONNRESET", "WSAECONNABORTED")
 # Errors of binding to a device when the process may not.
 _NOT_PERMITTED_ERRNOS = _errnos("EPERM", "EACCES")
 # A non-blocking connect under way.
@@ -1103,6 +1107,7 @@ class AccessPolicy:
 # Weights are proportions: 1,000 is finer than any link needs, and a round of
 # the balancer takes time in proportion to the sum of the weights.
 MAX_WEIGHT = 1000
+BACKUP = "backup"  # ADDRESS@backup: a link used only while no other is up
 # How often interface addresses are read again: DHCP renewals and new
 # networks are seen within this, at the cost of one read per interval.
 INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
@@ -1137,27 +1142,44 @@ class Link:
 
     ``current`` are the addresses to use now; ``known`` keeps every address
     the link has had, by IP, so that counters survive an address going away
-    and coming back.
+    and coming back. ``weighted`` says whether a weight was given, and
+    ``backup`` whether the link is kept for when no other is up.
     """
 
     def __init__(
-        self, name: str, weight: int = 1, addresses: Iterable[LocalAddress] = (), *, is_interface: bool = False
+        self,
+        name: str,
+        weight: int = 1,
+        addresses: Iterable[LocalAddress] = (),
+        *,
+        is_interface: bool = False,
+        weighted: bool = False,
+        backup: bool = False,
     ) -> None:
         self.name = name
         self.weight = weight
         self.is_interface = is_interface
+        self.weighted = weighted
+        self.backup = backup
         self.current = list(addresses)
         self.known = {address.ip: address for address in self.current}
 
-    @classmethod
-    def of_address(cls, address: LocalAddress) -> Link:
-        """A link of one fixed address."""
-        return cls(address.ip, address.weight, [address])
+    @property
+    def tier(self) -> str:
+        """"backup" or "primary"."""
+        return BACKUP if self.backup else "primary"
 
     @classmethod
-    def of_interface(cls, name: str, weight: int, ips: Sequence[str]) -> Link:
+    def of_address(cls, address: LocalAddress, *, weighted: bool = False, backup: bool = False) -> Link:
+        """A link of one fixed address."""
+        return cls(address.ip, address.weight, [address], weighted=weighted, backup=backup)
+
+    @classmethod
+    def of_interface(
+        cls, name: str, weight: int, ips: Sequence[str], *, weighted: bool = False, backup: bool = False
+    ) -> Link:
         """A link that follows interface ``name``, holding ``ips`` for now."""
-        link = cls(name, weight, is_interface=True)
+        link = cls(name, weight, is_interface=True, weighted=weighted, backup=backup)
         link.follow(ips)
         return link
 
@@ -1172,23 +1194,55 @@ class Link:
         return before != list(ips)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """Split ``ADDRESS[@WEIGHT]`` or ``ADDRESS/WEIGHT`` into (address, weight).
+@dataclasses.dataclass(frozen=True)
+class AddressSpec:
+    """One ADDRESS argument: an IP literal or an interface name, its weight
+    (None where none was given) and whether it is a backup link."""
 
-    ADDRESS is an IPv4 or IPv6 literal or an interface name; it is not checked
-    here. Raises AddressError for a weight that is not a whole number from 1
-    to MAX_WEIGHT.
+    address: str
+    weight: int | None = None
+    backup: bool = False
+
+
+def parse_address(text: str) -> AddressSpec:
+    """Read an ADDRESS argument: ``ADDR``, ``ADDR@WEIGHT`` (1 to MAX_WEIGHT)
+    or ``ADDR@backup``.
+
+    The older ``ADDR/WEIGHT`` still works where it cannot be read as a
+    network prefix: ``eth0/3`` does, ``10.0.0.1/24`` is refused with a hint.
+    ADDR is not checked here. Raises AddressError naming the text.
     """
-    address, weight_text = text, "1"
+    if not text:
+        raise AddressError("an empty ADDRESS: give an IP address or an interface name")
     if "@" in text:
-        address, _, weight_text = text.rpartition("@")
-    elif "/" in text:
-        address, _, weight_text = text.rpartition("/")
-    if not address:
-        raise AddressError(f"{text!r}: no address before the weight")
-    if not weight_text.isdigit() or not 1 <= int(weight_text) <= MAX_WEIGHT:
-        raise AddressError(f"{text!r}: the weight must be a whole number from 1 to {MAX_WEIGHT}")
-    return address, int(weight_text)
+        address, *suffixes = text.split("@")
+        if len(suffixes) > 1:
+            raise AddressError(f"{text!r}: one '@' at most: ADDRESS@WEIGHT or ADDRESS@backup")
+        if not address:
+            raise AddressError(f"{text!r}: no address before '@'")
+        if suffixes[0].lower() == BACKUP:
+            return AddressSpec(address, backup=True)
+        return AddressSpec(address, _weight(text, suffixes[0]))
+    if "/" in text:
+        address, _, suffix = text.rpartition("/")
+        if not address:
+            raise AddressError(f"{text!r}: no address before '/'")
+        ip = address.partition("%")[0]  # an IPv6 zone is no part of the address
+        if _is_ip(ip) and _is_number(suffix) and int(suffix) <= ipaddress.ip_address(ip).max_prefixlen:
+            raise AddressError(f"{text!r} looks like a network prefix; for a weight write {address}@{suffix}")
+        return AddressSpec(address, _weight(text, suffix))
+    return AddressSpec(text)
+
+
+def _is_number(text: str) -> bool:
+    # isdigit() alone admits superscripts ("²") and other scripts' digits.
+    return text.isascii() and text.isdigit()
+
+
+def _weight(text: str, weight: str) -> int:
+    if not _is_number(weight) or not 1 <= int(weight) <= MAX_WEIGHT:
+        raise AddressError(f"{text!r}: the weight must be a whole number from 1 to {MAX_WEIGHT}, or 'backup'")
+    return int(weight)
 
 
 def _is_usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -1206,6 +1260,53 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    """A network interface as dispatch shows it and lets users name it.
+
+    ``name`` is what dispatch shows and follows; ``aliases`` are other names
+    that select it (on Windows its description and its adapter GUID);
+    ``ips`` are its addresses, IPv6 ones without their scope.
+    """
+
+    name: str
+    aliases: frozenset[str] = frozenset()
+    ips: tuple[str, ...] = ()
+
+
+def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> list[Interface]:
+    """Interfaces from ifaddr's adapters, those without an address included.
+
+    On Windows, ifaddr gives an adapter's GUID as ``name``, its hardware
+    description ("Intel(R) Wi-Fi 6 AX201") as ``nice_name``, and the name
+    people know from Settings ("Wi-Fi") as each IP's ``nice_name``: that one
+    is the interface's name, the other two select it too. An adapter without
+    an address has no such name in ifaddr: its description names it until it
+    has one. Elsewhere all of these are "eth0".
+    """
+    platform = platform or sys.platform
+    interfaces = []
+    for adapter in adapters:
+        # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
+        ips = tuple(entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip for entry in adapter.ips)
+        name = adapter.ips[0].nice_name if platform == "win32" and adapter.ips else adapter.nice_name
+        interfaces.append(Interface(name, frozenset({adapter.nice_name, adapter.name} - {name}), ips))
+    return interfaces
+
+
+def find_interface(interfaces: Iterable[Interface], text: str, platform: str | None = None) -> Interface | None:
+    """The interface ``text`` names: by its name first, then by an alias.
+
+    Windows treats interface names without regard to case; others do not.
+    """
+    fold: Callable[[str], str] = str.casefold if (platform or sys.platform) == "win32" else str
+    candidates = list(interfaces)
+    wanted = fold(text)
+    named = (i for i in candidates if fold(i.name) == wanted)
+    aliased = (i for i in candidates if any(fold(alias) == wanted for alias in i.aliases))
+    return next(named, None) or next(aliased, None)
+
+
 @functools.cache
 def _has_ifaddr() -> bool:
     """Whether the ifaddr package can be imported (asked once)."""
@@ -1216,8 +1317,8 @@ def _has_ifaddr() -> bool:
     return True
 
 
-def _interfaces() -> dict[str, list[str]]:
-    """Each interface's addresses, by name, from the ifaddr package."""
+def _interfaces() -> list[Interface]:
+    """Every interface and its addresses, from the ifaddr package."""
     try:
         import ifaddr
     except ImportError:
@@ -1225,14 +1326,7 @@ def _interfaces() -> dict[str, list[str]]:
             "interface names, 'start' without addresses and 'list' need the ifaddr package"
             " (pip install ifaddr); IP addresses work without it"
         ) from None
-    interfaces: dict[str, list[str]] = {}
-    for adapter in ifaddr.get_adapters():
-        ips = interfaces.setdefault(adapter.nice_name, [])
-        for entry in adapter.ips:
-            # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
-            ip = entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip
-            ips.append(ip)
-    return interfaces
+    return read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
 
 
 def _is_up(interface: str) -> bool:
@@ -1244,27 +1338,31 @@ def _is_up(interface: str) -> bool:
         return True
 
 
-def _usable_ips(name: str, ips: Iterable[str]) -> list[str]:
-    """The addresses of interface ``name`` that can reach other hosts, none while it is down."""
-    if not _is_up(name):
-        return []
-    return [ip for ip in ips if _is_usable(ipaddress.ip_address(ip))]
+def _usable(interface: Interface) -> Interface:
+    """The interface with only the addresses that can reach other hosts, none while it is down."""
+    if not _is_up(interface.name):
+        return dataclasses.replace(interface, ips=())
+    return dataclasses.replace(interface, ips=tuple(ip for ip in interface.ips if _is_usable(ipaddress.ip_address(ip))))
 
 
-def usable_interface_addresses() -> dict[str, list[str]]:
-    """The usable addresses of each interface, by name (none for one that is down)."""
-    return {name: _usable_ips(name, ips) for name, ips in _interfaces().items()}
+def usable_interfaces() -> list[Interface]:
+    """Every interface with its usable addresses (none for one that is down)."""
+    return [_usable(interface) for interface in _interfaces()]
 
 
 def usable_addresses() -> list[LocalAddress]:
     """Every usable address of every up interface, weight 1 each."""
-    return [
-        LocalAddress(ip, 1, name) for name, ips in usable_interface_addresses().items() for ip in ips
-    ]
+    return [LocalAddress(ip, 1, i.name) for i in usable_interfaces() for ip in i.ips]
 
 
 def _check_bindable(ip: str) -> None:
-    """Raise AddressError unless ``ip`` is an address of this machine."""
+    """Raise AddressError unless ``ip`` can be a source address here."""
+    if ipaddress.ip_address(ip).is_link_local:
+        raise AddressError(
+            f"{ip} is a link-local address: it reaches only the hosts on its own network segment, never the "
+            "internet (the interface has no address from a router or DHCP yet); give the interface's name to "
+            "use its routable addresses as they come"
+        )
     with socket.socket(_family_of(ip), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((ip, 0))
@@ -1272,12 +1370,12 @@ def _check_bindable(ip: str) -> None:
             raise AddressError(f"{ip} is not an address of this machine ({_describe(error)})") from None
 
 
-def _interface_of(ip: str, interfaces: Mapping[str, list[str]]) -> str | None:
+def _interface_of(ip: str, interfaces: Iterable[Interface]) -> str | None:
     """The name of the interface holding ``ip``, if any."""
     wanted = ipaddress.ip_address(ip)
-    for name, ips in interfaces.items():
-        if any(ipaddress.ip_address(other) == wanted for other in ips):
-            return name
+    for interface in interfaces:
+        if any(ipaddress.ip_address(other) == wanted for other in interface.ips):
+            return interface.name
     return None
 
 
@@ -1285,84 +1383,91 @@ class _InterfaceTable:
     """The interfaces, read once when first needed while links are resolved."""
 
     def __init__(self) -> None:
-        self._found: dict[str, list[str]] | None = None
+        self._found: list[Interface] | None = None
 
-    def read(self, *, required: bool) -> dict[str, list[str]]:
-        """Each interface's addresses; {} without ifaddr unless ``required``."""
+    def read(self, *, required: bool) -> list[Interface]:
+        """Every interface; none without ifaddr unless ``required``."""
         if self._found is None:
             try:
                 self._found = _interfaces()
             except AddressError:
                 if required:
                     raise
-                return {}  # without ifaddr, IP addresses are bound as sources only
+                return []  # without ifaddr, IP addresses are bound as sources only
         return self._found
 
 
 def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link:
-    """The link of one ``ADDRESS[@WEIGHT]`` text or LocalAddress."""
+    """The link of one ADDRESS text or LocalAddress."""
     if isinstance(spec, LocalAddress):
         _check_bindable(spec.ip)
         if spec.interface is None:
             spec.interface = _interface_of(spec.ip, interfaces.read(required=False))
-        return Link.of_address(spec)
-    name, weight = parse_address(spec)
-    if _is_ip(name):
-        ip = str(ipaddress.ip_address(name))
+        return Link.of_address(spec, weighted=spec.weight != 1)
+    parsed = parse_address(spec)
+    weight, weighted = parsed.weight or 1, parsed.weight is not None
+    if _is_ip(parsed.address):
+        ip = str(ipaddress.ip_address(parsed.address))
         _check_bindable(ip)
-        return Link.of_address(LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False))))
+        local = LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False)))
+        return Link.of_address(local, weighted=weighted, backup=parsed.backup)
     known = interfaces.read(required=True)
-    if name not in known:
-        names = ", ".join(sorted(known)) or "none"
-        raise AddressError(f"{name!r} is neither an IP address nor an interface (interfaces: {names})")
-    return Link.of_interface(name, weight, _usable_ips(name, known[name]))
+    interface = find_interface(known, parsed.address)
+    if interface is None:
+        names = ", ".join(sorted(i.name for i in known)) or "none"
+        raise AddressError(f"{parsed.address!r} is neither an IP address nor an interface (interfaces: {names})")
+    ips = _usable(interface).ips
+    return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
 
 def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
-    """Turn ``ADDRESS[@WEIGHT]`` texts (or LocalAddress objects) into links.
+    """Turn ADDRESS texts (or LocalAddress objects) into links.
 
     An interface name becomes a link that follows the interface's usable
-    addresses; it may have none for now. An IP address is looked up among
-    the interfaces (with ifaddr, if installed) so that its connections can be
-    bound to its device. None or an empty list means every interface with a
-    usable address now. Raises AddressError.
+    addresses; it may have none for now (it waits for one). An IP address
+    is looked up among the interfaces (with ifaddr, if installed) so that its
+    connections can be bound to its device. None or an empty list means
+    every interface with a usable address now. Raises AddressError.
     """
     specs = list(specs or [])
     if not specs:
-        every = [Link.of_interface(name, 1, ips) for name, ips in usable_interface_addresses().items() if ips]
+        every = [Link.of_interface(i.name, 1, i.ips) for i in usable_interfaces() if i.ips]
         if not every:
             raise AddressError("no usable address on any interface; name one")
         return every
     interfaces = _InterfaceTable()
     links = [_resolve_link(spec, interfaces) for spec in specs]
-    seen = set()
-    for address in (address for link in links for address in link.current):
-        if address.ip in seen:
-            raise AddressError(f"{address.ip} is given more than once")
-        seen.add(address.ip)
-    if not seen:
-        raise AddressError("none of the interfaces given has a usable address")
+    given: dict[str, str] = {}
+    for spec, link in zip(specs, links):
+        text = spec.ip if isinstance(spec, LocalAddress) else spec
+        for address in link.current:
+            if address.ip in given:
+                raise AddressError(
+                    f"{given[address.ip]!r} and {text!r} both give {address.ip}: name each link once, "
+                    "by its interface or by its address"
+                )
+            given[address.ip] = text
     return links
 
 
-InterfaceReader = Callable[[], Mapping[str, Sequence[str]]]
+InterfaceReader = Callable[[], Iterable[Interface]]
 
 
 class LinkSet:
     """The links connections are dispatched over, and the addresses they
     hold now.
 
-    ``refresh()`` reads the interfaces again (``read_interfaces`` returns the
-    usable addresses of each by name; tests may pass their own) and gives
-    each interface link what it holds now.
+    ``refresh()`` reads the interfaces again (``read_interfaces`` returns
+    each with its usable addresses; tests may pass their own) and gives each
+    interface link what it holds now.
     """
 
     def __init__(self, links: Sequence[Link], read_interfaces: InterfaceReader | None = None) -> None:
         self.links = list(links)
-        if not any(link.current for link in self.links):
-            raise AddressError("no local address to dispatch to")
-        self._read_interfaces = read_interfaces or usable_interface_addresses
+        self._read_interfaces = read_interfaces or usable_interfaces
         self.follows = any(link.is_interface for link in self.links)
+        if not self.follows and not self.addresses:
+            raise AddressError("no local address to dispatch to")
 
     @property
     def addresses(self) -> list[LocalAddress]:
@@ -1389,28 +1494,33 @@ class LinkSet:
         if not self.follows:
             return False
         try:
-            found = self._read_interfaces()
+            found = list(self._read_interfaces())
         except (OSError, AddressError) as error:
             logger.debug("cannot read the interfaces: %s", error)
             return False
         changed = False
         for link in self.links:
             if link.is_interface:
-                changed |= self._follow(link, list(found.get(link.name, [])))
+                interface = find_interface(found, link.name)
+                changed |= self._follow(link, list(interface.ips) if interface else [])
         return changed
 
     @staticmethod
     def _follow(link: Link, ips: list[str]) -> bool:
         had = [address.ip for address in link.current]
+        first = not link.known
         if not link.follow(ips):
             return False
         if not ips:
             logger.warning("%s has no usable address for now: skipped", link.name)
+        elif first:
+            logger.info("%s came up: %s", link.name, ", ".join(ips))
         elif not had:
             logger.info("%s is back: %s", link.name, ", ".join(ips))
         else:
             logger.info("%s now has %s (had %s)", link.name, ", ".join(ips), ", ".join(had))
         return True
+
 
 # ---------------------------------------------------------------------------
 # Health: failures, cooldowns, what is up and why not
@@ -2244,6 +2354,8 @@ class SessionContext:
     upstream: Upstream
     handshake_timeout: float
     idle_timeout: float | None
+    # Set when the proxy stops and closes the connections still open.
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class Session:
@@ -2266,6 +2378,21 @@ class Session:
     def serve(self) -> None:
         """Serve the client to its end."""
         raise NotImplementedError
+
+    def log(self, error: OSError | None = None) -> None:
+        """Log the exchange, with how ``error`` (if any) ended it."""
+        record = self.record
+        if error is not None:
+            record.result = self.describe_end(error)
+        if self.context.stopping.is_set():
+            record.result = "cut by shutdown" if record.result == "ok" else f"{record.result}, cut by shutdown"
+        record.log()
+
+    def describe_end(self, error: OSError) -> str:
+        """How ``error`` ended the exchange, as its log line says it."""
+        if not isinstance(error, SocksError) and error.errno in _HANG_UP_ERRNOS:
+            return "client hung up"  # an ordinary end, not a fault
+        return _describe(error)
 
     def send(self, data: bytes) -> None:
         """Send a reply to the client within the handshake time."""
@@ -2313,9 +2440,9 @@ class SocksSession(Session):
                 with outcome:
                     self.relay(outcome)
         except OSError as error:
-            self.record.result = _describe(error)
-        finally:
-            self.record.log()
+            self.log(error)
+        else:
+            self.log()
 
     def handshake(self) -> UpstreamLease | UdpAssociation:
         """Read a request, connect upstream and reply; return the upstream
@@ -2545,6 +2672,17 @@ class UdpAssociation:
         return ip
 
 
+class _OriginReader(DeadlineReader):
+    """Reads from an origin server, whose reset is the end of its response:
+    the client gets a 502 for it, never a "client hung up"."""
+
+    def _receive(self, size: int) -> bytes:
+        try:
+            return super()._receive(size)
+        except ConnectionError:
+            return b""
+
+
 @dataclasses.dataclass
 class _Origin:
     """A kept-alive connection to an origin server, for the next request there."""
@@ -2609,19 +2747,21 @@ class HttpProxySession(Session):
             self._authorize(headers)
             if method == "CONNECT":
                 self._tunnel(target)
+                self.log()
                 return False
             status, keep_alive = self._forward(method, target, version, headers)
-            self.record.result = str(status)
-            return keep_alive
         except OSError as error:
-            self.record.result = _describe(error)
-            if not self.responded:
+            if not self.responded and error.errno not in _HANG_UP_ERRNOS:
                 status = _http_status(error)
-                self.record.result = f"{status.value} {self.record.result}"
                 self._send_error(status, _describe(error))
+                self.record.result = f"{status.value} {_describe(error)}"
+                self.log()
+            else:
+                self.log(error)
             return False
-        finally:
-            self.record.log()
+        self.record.result = str(status)
+        self.log()
+        return keep_alive
 
     def _read_request(self) -> tuple[str, str, str, Headers]:
         # The whole head must come in time, each request of a kept connection
@@ -2649,9 +2789,15 @@ class HttpProxySession(Session):
         if not access.requires_credentials:
             return
         credentials = basic_credentials(headers)
+        if credentials is not None:
+            self.record.user = _printable(credentials[0].encode())
         if credentials is None or not access.check_credentials(*credentials):
             raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
-        self.record.user = _printable(credentials[0].encode())
+
+    def describe_end(self, error: OSError) -> str:
+        """How ``error`` ended the request: after the response began, with its status."""
+        end = super().describe_end(error)
+        return f"{self.record.result}, {end}" if self.responded else end
 
     def _send_error(self, status: HTTPStatus, detail: str) -> None:
         headers = []
@@ -2703,7 +2849,7 @@ class HttpProxySession(Session):
         """Pass the origin's response on; return (status, whether the client stays)."""
         try:
             while True:
-                lines = read_head(origin.reader)
+                lines = read_head(origin.reader)  # a reset origin reads as closed: see _OriginReader
                 response_version, status, reason = parse_status_line(lines[0])
                 response_headers = parse_header_lines(lines[1:])
                 # Upgrade is not forwarded, so no 101 Switching Protocols comes.
@@ -2725,9 +2871,11 @@ class HttpProxySession(Session):
             for name, value in forwarded_headers(response_headers)
             if not (dechunk and name.lower() == "transfer-encoding")
         ]
+        outgoing.append(("Via", f"{response_version[len('HTTP/'):]} dispatch"))
         if not client_stays:
             outgoing.append(("Connection", "close"))
         self.responded = True
+        self.record.result = str(status)  # what the log says if the client hangs up now
         self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
         copy_body(origin.reader, response_length, self._send_down, dechunk=dechunk)
         if not origin_stays:
@@ -2767,7 +2915,7 @@ class HttpProxySession(Session):
         self._drop_origin()
         lease = self.connect(host, port)
         lease.sock.settimeout(HTTP_RESPONSE_TIMEOUT)
-        reader = DeadlineReader(lease.sock, eof_message="the origin closed before the response ended")
+        reader = _OriginReader(lease.sock, eof_message="the origin closed before the response ended")
         self.origin = _Origin(host, port, lease, reader)
         return self.origin
 
@@ -2939,7 +3087,7 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     """The listening socket; one daemon thread serves each connection."""
 
-    allow_reuse_address = not _EXCLUSIVE_PORTS
+    allow_reuse_address = True  # on POSIX: a restart need not wait for TIME_WAIT
     daemon_threads = True
     # Connections are kept by Admission; the server need not keep a list of
     # its threads to join.
@@ -2969,6 +3117,7 @@ class _Server(socketserver.ThreadingTCPServer):
         self._loop_thread: int | None = None
         self._loop_done = threading.Event()
         self._loop_done.set()
+        self._close_when_done = False
         try:
             super().__init__(address, ConnectionHandler)
         except BaseException:
@@ -2976,8 +3125,11 @@ class _Server(socketserver.ThreadingTCPServer):
             raise
 
     def server_bind(self) -> None:
-        if sys.platform == "win32":
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        # Windows lets another program bind a port that has SO_REUSEADDR and
+        # take its clients; SO_EXCLUSIVEADDRUSE keeps the port this proxy's.
+        if _EXCLUSIVE_PORTS:
+            self.allow_reuse_address = False
+            self.socket.setsockopt(socket.SOL_SOCKET, _SO_EXCLUSIVEADDRUSE, 1)
         super().server_bind()
 
     def serve_until_stopped(self) -> None:
@@ -2998,6 +3150,8 @@ class _Server(socketserver.ThreadingTCPServer):
                         self._handle_request_noblock()  # type: ignore[attr-defined]
         finally:
             self._loop_done.set()
+            if self._close_when_done:
+                self.server_close()
 
     def stop(self) -> None:
         """Stop accepting: once serve_until_stopped() has returned, or will
@@ -3010,6 +3164,13 @@ class _Server(socketserver.ThreadingTCPServer):
             self._loop_done.wait()
 
     def server_close(self) -> None:
+        with self._loop_lock:
+            if not self._loop_done.is_set() and self._loop_thread == threading.get_ident():
+                # Called from inside the loop (a signal handler): the sockets
+                # are closed once it returns, not under a select() that still
+                # waits on them.
+                self._close_when_done = True
+                return
         super().server_close()
         self._close_wake_up()
 
@@ -3109,6 +3270,15 @@ class BackgroundTasks:
                         logger.exception("background task %s failed", getattr(task, "__name__", task))
 
 
+def _waiting_row(link: Link) -> dict[str, Any]:
+    """The stats row of an interface that has had no address yet."""
+    return {
+        "ip": None, "interface": link.name, "link": link.name, "weight": link.weight, "state": "waiting",
+        "reason": "no address yet", "connections": 0, "failed": 0, "open": 0, "bytes_up": 0, "bytes_down": 0,
+        "rate_up": 0.0, "rate_down": 0.0,
+    }
+
+
 class Dispatcher:
     """A dispatching SOCKS and HTTP proxy.
 
@@ -3166,7 +3336,7 @@ class Dispatcher:
         )
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
-        context = SessionContext(self.access, self.upstream, handshake_timeout, idle_timeout)
+        self.context = SessionContext(self.access, self.upstream, handshake_timeout, idle_timeout)
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
@@ -3174,7 +3344,7 @@ class Dispatcher:
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
-        self._server = _Server((host, port), self.admission, context)
+        self._server = _Server((host, port), self.admission, self.context)
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -3249,6 +3419,7 @@ class Dispatcher:
         self._server.server_close()
         self.tasks.stop()
         self.admission.wait_until_none_open(grace)
+        self.context.stopping.set()
         self.upstream.close_all()
         self.admission.close_all()
         # The sessions now see their sockets closed; let them log it.
@@ -3283,6 +3454,9 @@ class Dispatcher:
                 "rate_up": reading.rate_up,
                 "rate_down": reading.rate_down,
             })
+        for link in self.links.links:
+            if not link.known:
+                rows.append(_waiting_row(link))
         return rows
 
     def status(self) -> dict[str, Any]:
@@ -3345,8 +3519,13 @@ def default_log_path() -> str:
     return os.path.join(base, "dispatch", "dispatch.log")
 
 
-def _default_route_interfaces() -> set[str]:
-    """Names of the interfaces holding a default route (Linux only)."""
+def _default_route_interfaces() -> set[str] | None:
+    """Names of the interfaces holding a default route; None where that
+    cannot be told (Windows, or a failure)."""
+    if sys.platform == "darwin":
+        return _macos_default_route_interfaces()
+    if not sys.platform.startswith("linux"):
+        return None
     found = set()
     try:
         with open("/proc/net/route") as routes:
@@ -3360,33 +3539,72 @@ def _default_route_interfaces() -> set[str]:
                 if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
                     found.add(fields[9])
     except OSError:
-        pass
+        return None
     return found
 
 
-def _list_interfaces(out: Any) -> int:
-    interfaces = _interfaces()
+# The absolute path: a launchd job's PATH is short.
+MACOS_ROUTE_COMMAND = ("/sbin/route", "-n", "get", "default")
+
+
+def _macos_default_route_interfaces(
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> set[str] | None:
+    """The interface of macOS's default route, from ``route -n get default``."""
+    try:
+        result = run(list(MACOS_ROUTE_COMMAND), capture_output=True, text=True, timeout=2.0, check=False)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if result.returncode != 0:
+        return None
+    name = parse_route_get_default(result.stdout)
+    # With no default route, route(8) says "not in table" on stderr and
+    # prints no interface: there is none, which is known.
+    return {name} if name else set()
+
+
+def parse_route_get_default(output: str) -> str | None:
+    """The interface named in the output of macOS ``route -n get default``."""
+    for line in output.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "interface":
+            return value.strip() or None
+    return None
+
+
+def _list_interfaces(out: TextIO) -> int:
     defaults = _default_route_interfaces()
     rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE")]
-    for name, ips in interfaces.items():
-        up = _is_up(name)
-        for ip in ips or ["-"]:
-            usable = ip != "-" and up and _is_usable(ipaddress.ip_address(ip))
-            reason = "yes" if usable else ("no (down)" if not up else "no")
-            route = "yes" if name in defaults else ("?" if not sys.platform.startswith("linux") else "")
-            rows.append((name, ip, reason, route))
+    for interface in _interfaces():
+        up = _is_up(interface.name)
+        route = "?" if defaults is None else ("yes" if interface.name in defaults else "")
+        if not interface.ips:
+            rows.append((interface.name, "-", "no address" if up else "no address (down)", route))
+        for ip in interface.ips:
+            usable = up and _is_usable(ipaddress.ip_address(ip))
+            reason = "yes" if usable else ("no (down)" if not up else _why_unusable(ip))
+            rows.append((interface.name, ip, reason, route))
     print(format_table(rows), file=out)
     return 0
 
 
+def _why_unusable(ip: str) -> str:
+    address = ipaddress.ip_address(ip)
+    if address.is_loopback:
+        return "no (loopback)"
+    if address.is_link_local:
+        return "no (link-local)"
+    return "no"
+
+
 def _address_table(links: Sequence[Link]) -> str:
-    rows = [("ADDRESS", "INTERFACE", "WEIGHT")]
+    rows = [("ADDRESS", "INTERFACE", "WEIGHT", "TIER")]
     for link in links:
-        interface = link.name if link.is_interface else None
+        weight = str(link.weight) if not link.backup else "-"
         for address in link.current:
-            rows.append((address.ip, address.interface or "-", str(link.weight)))
+            rows.append((address.ip, address.interface or "-", weight, link.tier))
         if not link.current:
-            rows.append(("(none for now)", interface or "-", str(link.weight)))
+            rows.append(("(waiting for an address)", link.name, weight, link.tier))
     return format_table(rows, indent="  ")
 
 
@@ -3410,7 +3628,7 @@ def format_stats(rows: Sequence[dict[str, Any]]) -> str:
     header = ("ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP")
     table = [header] + [
         (
-            row["ip"], row["interface"] or "-", str(row["weight"]), row["state"],
+            row["ip"] or "-", row["interface"] or "-", str(row["weight"]), row["state"],
             str(row["open"]), str(row["connections"]),
             format_bytes(row["bytes_down"]), format_bytes(row["bytes_up"]),
             _format_rate(row["rate_down"]), _format_rate(row["rate_up"]),
@@ -3421,11 +3639,12 @@ def format_stats(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _setup_logging(debug: bool, log_file: str | None) -> str:
-    """Send logs to stdout (debug) or a file; return where they go."""
+    """Send logs to stdout (with -d and no file, or ``--log-file -``) or a
+    file; return where they go."""
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    if debug and not log_file:
+    if log_file == "-" or (debug and not log_file):
         handler: logging.Handler = logging.StreamHandler(sys.stdout)
         where = "stdout"
     else:
@@ -3501,6 +3720,28 @@ def run_on_one_cpu() -> set[int] | None:
     return cpus
 
 
+def plural(count: int, noun: str) -> str:
+    """The count and the noun, plural unless the count is 1: "1 connection",
+    "0 connections", "2 addresses"."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration in its two largest units: "42 s", "3 min 5 s", "2 h 4 min", "3 d 5 h"."""
+    total = round(max(0.0, seconds))
+    minutes, secs = divmod(total, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
+    for index, (amount, unit) in enumerate(units[:-1]):
+        if amount:
+            smaller, smaller_unit = units[index + 1]
+            return f"{amount} {unit} {smaller} {smaller_unit}" if smaller else f"{amount} {unit}"
+    return f"{secs} s"
+
+
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
     connections = sum(row["connections"] for row in stats)
@@ -3508,8 +3749,8 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     down = sum(row["bytes_down"] for row in stats)
     refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
     return (
-        f"dispatch: stopped after {seconds:.0f} s: {connections} connections, "
-        f"{up} B up, {down} B down{refused}"
+        f"dispatch: stopped after {format_duration(seconds)}: {plural(connections, 'connection')}, "
+        f"{format_bytes(up)} up, {format_bytes(down)} down{refused}"
     )
 
 
@@ -3563,7 +3804,10 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         return 2
     except OSError as error:
         where = _format_endpoint(args.ip, args.port)
-        print(f"dispatch: error: cannot listen on {where}: {_describe(error)}", file=sys.stderr)
+        why = _describe(error)
+        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
+            why = f"port {args.port} is in use (by another dispatch, or another program)"
+        print(f"dispatch: error: cannot listen on {where}: {why}", file=sys.stderr)
         return 2
     try:
         where = _setup_logging(args.debug, args.log_file)
@@ -3581,8 +3825,8 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         "dispatching to:",
         _address_table(dispatcher.links.links),
         f"clients allowed from: {allowed}{default}",
-        f"login: {len(users)} user(s), SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
-        f"limits: {dispatcher.max_connections} connections at once{fits}, "
+        f"login: {plural(len(users), 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
+        f"limits: {plural(dispatcher.max_connections, 'connection')} at once{fits}, "
         f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
     ]
     if not args.allow and not users and not _is_loopback(host):
@@ -3590,41 +3834,31 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             f"warning: anyone on this machine's private networks can use the proxy on "
             f"{_format_endpoint(host, port)}; add --auth or --auth-file, or narrow it with --allow"
         )
-    print("\n".join(lines))
-    print(f"log: {where}", flush=True)
-    logger.info("listening on %s", _format_endpoint(host, port))
-    for line in lines[3:]:
-        (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
-
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: Any) -> None:
-        stop.set()
-
-    # The handlers stay in place during the grace period, so that a second
-    # Ctrl-C does not end it with a KeyboardInterrupt traceback.
-    previous = {
-        signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
     started = time.monotonic()
-    next_stats = started + (args.stats or 0)
-    dispatcher.start()
-    try:
-        while not stop.wait(min(0.5, args.stats or 0.5)):
-            if args.stats and time.monotonic() >= next_stats:
-                _print_stats(dispatcher, started)
-                next_stats += args.stats
-        still_open = dispatcher.open_connections()
-        if still_open:
-            print(
-                f"dispatch: stopping; {still_open} open connection(s) get up to {args.grace:g} s to finish",
-                flush=True,
-            )
-        logger.info("stopping with %d open connection(s)", still_open)
-        dispatcher.shutdown(args.grace)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with _StopSignals() as stop:
+        print("\n".join(lines))
+        print(f"log: {where}", flush=True)
+        # The log tells each start apart: what ran, where, over which links.
+        logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, _format_endpoint(host, port))
+        for line in [*lines[2].splitlines(), *lines[3:]]:
+            (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+        dispatcher.start()
+        try:
+            _serve_until(stop, dispatcher, args.stats, started)
+            still_open = dispatcher.open_connections()
+            if still_open:
+                print(
+                    f"dispatch: stopping; {plural(still_open, 'open connection')} "
+                    f"{'gets' if still_open == 1 else 'get'} up to {args.grace:g} s to finish "
+                    "(Ctrl-C again to close them now)",
+                    flush=True,
+                )
+            logger.info("stopping with %s", plural(still_open, "open connection"))
+            dispatcher.shutdown(args.grace)
+        except _SecondSignal:
+            print("dispatch: closing every connection now", flush=True)
+            logger.info("a second signal: closing every connection now")
+            dispatcher.shutdown()
     if args.stats:
         _print_stats(dispatcher, started, "at the end, after")
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
@@ -3632,22 +3866,331 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     return 0
 
 
+SERVICE_SYSTEMS = ("systemd", "launchd", "windows")
+DESCRIPTION = "dispatch: a SOCKS proxy that balances connections across network links"
+SERVICE_LOG_FILE = "/var/log/dispatch/dispatch.log"
+LAUNCHD_LABEL = "org.dispatch.proxy"
+TASK_NAME = "dispatch"
+
+
+def service_unit(
+    system: str,
+    start_args: Sequence[str],
+    executable: Sequence[str],
+    *,
+    user: str | None = None,
+    home: str | None = None,
+) -> str:
+    """The text of a service definition that runs ``dispatch start ARGS``.
+
+    ``system`` is "systemd" (a unit file), "launchd" (a LaunchAgent plist) or
+    "windows" (Task Scheduler XML, for ``schtasks /Create /XML``).
+    ``executable`` is the command that runs dispatch: ["/usr/local/bin/
+    dispatch"] or [sys.executable, "/path/dispatch.py"]. ``user``: systemd
+    runs as this account (default: a dynamic user); Windows starts at this
+    user's logon (default: any user's). ``home``: where launchd logs go
+    (default: this user's home). Raises ValueError for what the system could
+    not carry.
+    """
+    if system not in SERVICE_SYSTEMS:
+        choices = ", ".join(SERVICE_SYSTEMS)
+        raise ValueError(f"{system!r}: not a service system; choose one of {choices}")
+    if not executable:
+        raise ValueError("no command to run dispatch with")
+    for argument in (*executable, *start_args, user or "", home or ""):
+        if not argument.isprintable():
+            raise ValueError(
+                f"{argument!r}: a control character cannot go into a service definition"
+            )
+    if system == "systemd":
+        return _systemd_unit(start_args, executable, user)
+    if system == "launchd":
+        return _launchd_plist(start_args, executable, home)
+    return _task_xml(start_args, executable, user)
+
+
+# systemd ----------------------------------------------------------------------
+
+# Characters that make systemd split, unquote or unescape a word.
+_SYSTEMD_SPECIAL = frozenset(" \t\"'\\;")
+# systemd refuses an executable path holding these, quoted or not.
+_SYSTEMD_EXECUTABLE_REFUSES = frozenset("\"'\\")
+# Where home directories live; ProtectHome=yes hides them from the service.
+_HOME_ROOTS = ("/home/", "/root/", "/run/user/")
+
+
+def _systemd_word(argument: str, *, executable: bool = False) -> str:
+    """One ExecStart word that systemd reads back as ``argument``.
+
+    Specifiers apply to every word (% is written %%); environment variables
+    are expanded in arguments only ($ is written $$), not in the executable.
+    """
+    text = argument.replace("%", "%%")
+    if not executable:
+        text = text.replace("$", "$$")
+    if text and not _SYSTEMD_SPECIAL.intersection(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _carries_option(arguments: Sequence[str], option: str) -> bool:
+    """Whether argparse would read ``option`` among ``arguments``.
+
+    argparse takes "--option=VALUE" and unambiguous abbreviations ("--log").
+    """
+    for argument in arguments:
+        if argument == "--":
+            return False
+        name = argument.partition("=")[0]
+        if name.startswith("--") and len(name) > len("--") and option.startswith(name):
+            return True
+    return False
+
+
+def _systemd_unit(
+    start_args: Sequence[str], executable: Sequence[str], user: str | None
+) -> str:
+    program = executable[0]
+    if not os.path.isabs(program) or _SYSTEMD_EXECUTABLE_REFUSES.intersection(program):
+        raise ValueError(
+            f"{program!r}: systemd needs an absolute path to the program,"
+            " without quotes or backslashes"
+        )
+    command = [*executable, "start"]
+    if not _carries_option(start_args, "--log-file"):
+        # A dynamic user has no writable home for the default log.
+        command += ["--log-file", SERVICE_LOG_FILE]
+    command += start_args
+    words = [_systemd_word(program, executable=True)]
+    words += [_systemd_word(argument) for argument in command[1:]]
+    account = f"User={user}" if user else "DynamicUser=yes"
+    protect_home = "ProtectHome=yes"
+    if any(path.startswith(_HOME_ROOTS) for path in executable):
+        protect_home = (
+            "# The program lives under a home directory: it is left readable.\n"
+            "ProtectHome=read-only"
+        )
+    return f"""\
+# dispatch as a system service: /etc/systemd/system/dispatch.service
+[Unit]
+Description={DESCRIPTION}
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+ExecStart={" ".join(words)}
+Restart=on-failure
+RestartSec=2
+{account}
+# CAP_NET_RAW: SO_BINDTODEVICE, which makes each connection leave by the link
+# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024.
+AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_RAW CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+ProtectSystem=strict
+{protect_home}
+PrivateTmp=yes
+StateDirectory=dispatch
+LogsDirectory=dispatch
+# AF_NETLINK: ifaddr lists the interfaces with getifaddrs(), which asks the
+# kernel over a netlink socket.
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+# Each relayed connection holds two descriptors.
+LimitNOFILE=65536
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+# launchd ----------------------------------------------------------------------
+
+
+def _launchd_plist(start_args: Sequence[str], executable: Sequence[str], home: str | None) -> str:
+    import plistlib
+
+    # launchd expands no "~": the log paths must be absolute.
+    logs = os.path.join(home or os.path.expanduser("~"), "Library", "Logs", "dispatch")
+    job = {
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": [*executable, "start", *start_args],
+        "RunAtLoad": True,
+        # Started again after a crash, not after a clean stop (launchctl).
+        "KeepAlive": {"SuccessfulExit": False},
+        "StandardOutPath": os.path.join(logs, "stdout.log"),
+        "StandardErrorPath": os.path.join(logs, "stderr.log"),
+    }
+    return plistlib.dumps(job).decode("utf-8")
+
+
+# the Windows Task Scheduler ---------------------------------------------------
+
+_TASK_NAMESPACE = "http://schemas.microsoft.com/windows/2004/02/mit/task"
+_BUILTIN_USERS = "S-1-5-32-545"  # the well-known SID of BUILTIN\Users
+
+# Task Scheduler restarts a task only when it fails to start, not when the
+# program exits (MS-TSCH 2.5.4.2), so the logon trigger also repeats every
+# minute; with MultipleInstancesPolicy IgnoreNew a repeat while dispatch
+# runs does nothing, and one after it ended starts it again.
+_TASK_SETTINGS = (
+    ("MultipleInstancesPolicy", "IgnoreNew"),
+    ("DisallowStartIfOnBatteries", "false"),
+    ("StopIfGoingOnBatteries", "false"),
+    ("Enabled", "true"),
+    ("ExecutionTimeLimit", "PT0S"),  # no limit; the default stops it after 72 h
+    ("Priority", "5"),  # the normal priority class; the default 7 is below normal
+)
+_TASK_REPEAT_EVERY = "PT1M"  # the shortest repetition and restart interval
+_TASK_RESTART_COUNT = "255"  # the most the schema allows
+
+
+def _windows_quote(argument: str, *, force: bool = False) -> str:
+    """``argument`` as the C runtime and CommandLineToArgvW read it back."""
+    if argument and not force and not any(c in argument for c in ' \t"'):
+        return argument
+    quoted, backslashes = ['"'], 0
+    for character in argument:
+        if character == "\\":
+            backslashes += 1
+            continue
+        # Backslashes count only before a quote: double them there.
+        quoted.append("\\" * (backslashes * 2 + 1 if character == '"' else backslashes))
+        quoted.append(character)
+        backslashes = 0
+    quoted.append("\\" * (backslashes * 2) + '"')
+    return "".join(quoted)
+
+
+def _windows_command_line(arguments: Sequence[str]) -> str:
+    return " ".join(_windows_quote(argument) for argument in arguments)
+
+
+def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | None) -> str:
+    from xml.etree import ElementTree
+
+    def _element(parent: ElementTree.Element, tag: str, text: str | None = None) -> ElementTree.Element:
+        child = ElementTree.SubElement(parent, tag)
+        child.text = text
+        return child
+
+    # The namespace is written as a plain attribute so that ElementTree adds
+    # no prefix and no process-wide namespace registration is needed.
+    task = ElementTree.Element("Task", {"version": "1.2", "xmlns": _TASK_NAMESPACE})
+    task.append(
+        ElementTree.Comment(
+            f" Register: schtasks /Create /TN {TASK_NAME} /XML dispatch.xml /F "
+            f" Stop: schtasks /End /TN {TASK_NAME} (it starts again within a minute"
+            f" unless also disabled: schtasks /Change /TN {TASK_NAME} /DISABLE) "
+        )
+    )
+    info = _element(task, "RegistrationInfo")
+    _element(info, "Description", DESCRIPTION)
+    trigger = _element(_element(task, "Triggers"), "LogonTrigger")
+    _element(trigger, "Enabled", "true")
+    repetition = _element(trigger, "Repetition")
+    _element(repetition, "Interval", _TASK_REPEAT_EVERY)
+    _element(repetition, "StopAtDurationEnd", "false")
+    principal = _element(_element(task, "Principals"), "Principal")
+    principal.set("id", "Author")
+    if user:
+        _element(trigger, "UserId", user)
+        _element(principal, "UserId", user)
+        _element(principal, "LogonType", "InteractiveToken")
+    else:
+        # Each user who logs on runs it in their own session.
+        _element(principal, "GroupId", _BUILTIN_USERS)
+    _element(principal, "RunLevel", "LeastPrivilege")
+    settings = _element(task, "Settings")
+    for tag, value in _TASK_SETTINGS:
+        _element(settings, tag, value)
+    restart = _element(settings, "RestartOnFailure")
+    _element(restart, "Interval", _TASK_REPEAT_EVERY)
+    _element(restart, "Count", _TASK_RESTART_COUNT)
+    actions = _element(task, "Actions")
+    actions.set("Context", "Author")
+    run = _element(actions, "Exec")
+    _element(run, "Command", executable[0])
+    arguments = [*executable[1:], "start", *start_args]
+    _element(run, "Arguments", _windows_command_line(arguments))
+    ElementTree.indent(task)
+    text = ElementTree.tostring(task, encoding="unicode")
+    # ASCII only, other characters as references, and no XML declaration:
+    # the file then reads the same whether the shell that redirected the
+    # output wrote it as UTF-8, UTF-16 (PowerShell 5) or the ANSI code page.
+    return text.encode("ascii", "xmlcharrefreplace").decode("ascii") + "\n"
+
+
+class _SecondSignal(Exception):  # noqa: N818 (a request, not a fault)
+    """A second Ctrl-C or SIGTERM: stop at once, without the grace period."""
+
+
+class _StopSignals:
+    """Ctrl-C and SIGTERM while the proxy serves: the first asks it to stop
+    (``is_set()``), the second raises _SecondSignal in the main thread to cut
+    the grace period short; any more are ignored. The handlers before are
+    put back on leaving."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self.request_stop)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """The signal handler: the first asks to stop, the second to stop at once."""
+        self._count += 1
+        self._event.set()
+        if self._count == 2:
+            raise _SecondSignal
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a stop; return whether one came."""
+        return self._event.wait(timeout)
+
+
+def _serve_until(stop: _StopSignals, dispatcher: Dispatcher, every: float | None, started: float) -> None:
+    """Wait for a stop, printing the stats table ``every`` so many seconds."""
+    next_stats = started + (every or 0)
+    while not stop.wait(min(0.5, every or 0.5)):
+        if every and time.monotonic() >= next_stats:
+            _print_stats(dispatcher, started)
+            next_stats += every
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake told in one line and a pointer to --help
+    rather than the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"dispatch: error: {message} (see: {self.prog} --help)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="dispatch",
         description="A SOCKS proxy that balances connections across network interfaces.",
     )
     parser.add_argument("-d", "--debug", action="store_true", help="write debug logs to stdout")
     parser.add_argument("-V", "--version", action="version", version=f"dispatch {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start,service}")
     commands.add_parser("list", help="list the interfaces and their addresses")
     start = commands.add_parser(
         "start",
         help="start the proxy",
         description="Start the proxy. Each ADDRESS is an IP address or an interface "
-        "name, with an optional weight: 10.0.0.2@7, wlan0@3 or 10.0.0.2/7. "
-        "An interface's addresses are followed as they change. "
-        "With none, every interface with a usable address is used with weight 1.",
+        "name, with an optional weight (10.0.0.2@7, wlan0@3; wlan0/3 also works for a name) "
+        "or @backup for a link used only while no other is up (usb0@backup). "
+        "An interface's addresses are followed as they change; one without an address "
+        "yet is waited for. With none, every interface with a usable address is used.",
     )
     start.add_argument(
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
@@ -3697,7 +4240,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
-    start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT]")
+    start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT|@backup]")
+    service = commands.add_parser(
+        "service",
+        help="print a service definition that runs 'dispatch start' at boot or logon",
+        description="Print a systemd unit, a launchd plist or a Windows Task Scheduler task that "
+        "runs 'dispatch start' with the arguments given, restarted if it fails.",
+    )
+    service.add_argument("system", choices=SERVICE_SYSTEMS)
+    service.add_argument("start_arguments", nargs=argparse.REMAINDER, metavar="START ARGUMENTS")
     return parser
 
 
@@ -3749,10 +4300,24 @@ def _network(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP network or address") from None
 
 
+def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # Arguments with a mistake fail now, not at every boot.
+    parser.parse_args(["start", *args.start_arguments])
+    executable = [sys.executable, os.path.abspath(__file__)]
+    try:
+        print(service_unit(args.system, args.start_arguments, executable), end="")
+    except ValueError as error:
+        print(f"dispatch: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: ``dispatch [-d] {list,start} ...``; returns the exit status."""
+    """The command line: ``dispatch [-d] {list,start,service} ...``; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "service":
+        return _print_service(parser, args)
     if args.command == "list":
         try:
             return _list_interfaces(sys.stdout)
