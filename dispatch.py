@@ -55,12 +55,16 @@ import dataclasses
 import enum
 import errno
 import functools
+import hashlib
 import hmac
+import html
 import ipaddress
+import json
 import logging
 import math
 import os
 import queue
+import re
 import selectors
 import signal
 import socket
@@ -2333,12 +2337,13 @@ class ExchangeRecord:
         """Seconds since the exchange started."""
         return time.monotonic() - self.started
 
-    def log(self) -> None:
+    def log(self, level: int = logging.INFO) -> None:
         """Write the exchange's line: client, target, local address, result,
         bytes each way and duration."""
         who = f"{self.client} user {self.user}" if self.user else self.client
         via = self.via.describe() if self.via else "-"
-        logger.info(
+        logger.log(
+            level,
             "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
             who, self.target, via, self.result, self.up, self.down, self.duration,
             extra={"exchange": self},
@@ -2356,6 +2361,8 @@ class SessionContext:
     idle_timeout: float | None
     # Set when the proxy stops and closes the connections still open.
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # What the local pages show (Dispatcher.status); None: no pages.
+    status: Callable[[], dict[str, Any]] | None = None
 
 
 class Session:
@@ -2672,6 +2679,465 @@ class UdpAssociation:
         return ip
 
 
+# Local pages: the status page, metrics, the PAC file -------------------------
+#
+# An HTTP request in origin form (GET /path) is for the proxy itself. Each
+# function here takes plain data (Dispatcher.status(), or a host and port)
+# and returns a response body; HttpProxySession sends it.
+
+def format_bytes(count: float) -> str:
+    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
+    if count < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        count /= 1000
+        if count < 1000 or unit == "TB":
+            break
+    return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration in its two largest units: "42 s", "3 min 5 s", "2 h 4 min", "3 d 5 h"."""
+    total = round(max(0.0, seconds))
+    minutes, secs = divmod(total, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
+    for index, (amount, unit) in enumerate(units[:-1]):
+        if amount:
+            smaller, smaller_unit = units[index + 1]
+            return f"{amount} {unit} {smaller} {smaller_unit}" if smaller else f"{amount} {unit}"
+    return f"{secs} s"
+
+
+LOCAL_PAGES = ("/", "/stats.json", "/metrics", "/proxy.pac")
+PAGE_CONTENT_TYPE = "text/html; charset=utf-8"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PAC_CONTENT_TYPE = "application/x-ns-proxy-autoconfig"
+
+_KILO = 1000.0  # decimal units, as in "kB/s"
+_HISTORY_SECONDS = 600.0  # the charts span the last 10 minutes
+_DEFAULT_INTERVAL = 2.0
+_MIN_TOP_KBS = 10.0  # an idle chart still gets a readable scale
+_NICE_STEPS = (1.0, 2.0, 5.0, 10.0)
+_CHART_W, _PLOT_TOP, _PLOT_BOTTOM, _CHART_H = 400, 18, 140, 160  # SVG user units
+_NOW_X = 396  # the newest sample, inset so that its marker is not cut off
+_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
+_STATES = frozenset({"up", "down", "gone", "standby", "waiting"})
+_PATH_SHOWN = 200  # a 404 echoes at most this much of the path
+
+_STYLE = """
+:root{color-scheme:light dark;--fg:#1b1b1b;--bg:#fff;--mute:#666;--line:#ddd;--ok:#1a7f37;
+--bad:#c62828;--warn:#9a6700}
+@media (prefers-color-scheme:dark){:root{--fg:#e6e6e6;--bg:#15171a;--mute:#9aa0a6;--line:#333;
+--ok:#4ac26b;--bad:#ff6b6b;--warn:#d4a72c}}
+*{box-sizing:border-box}body{margin:0 auto;max-width:72rem;padding:.75rem;
+font:15px/1.4 system-ui,sans-serif;color:var(--fg);background:var(--bg)}
+header{display:flex;justify-content:space-between;align-items:baseline;gap:1rem}
+h1{font-size:1.3rem;margin:0 0 .4rem}#live,small,dt,th,svg text{color:var(--mute);fill:var(--mute)}
+small{display:block;font-size:.8em}dd{margin:0}
+.facts{display:flex;flex-wrap:wrap;gap:.2rem 1.2rem;margin:0 0 1rem}
+.facts div{display:flex;gap:.35rem}
+table{width:100%;border-collapse:collapse;font-variant-numeric:tabular-nums}
+th,td{padding:.35rem .45rem;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{font-size:.8em;font-weight:600}.n{text-align:right}tfoot td{font-weight:600}
+.up{color:var(--ok)}.down,.gone{color:var(--bad)}.standby,.waiting{color:var(--warn)}
+.k{display:inline-block;width:.7em;height:.7em;border-radius:50%;margin-right:.4em}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr));gap:1rem;margin-top:1rem}
+figure{margin:0}figcaption{font-weight:600;margin-bottom:.2rem}
+svg{display:block;width:100%;height:auto;border:1px solid var(--line)}
+svg line{stroke:var(--line)}svg text{font-size:11px}
+.charts polyline{fill:none;stroke-width:1.5;stroke-linejoin:round;stroke-linecap:round}
+.legend{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:.2rem 1rem}
+@media (max-width:52rem){thead{display:none}table,tbody,tfoot,tr,td{display:block}
+tr{display:grid;grid-template-columns:1fr 1fr;column-gap:1.4rem;border:1px solid var(--line);
+border-radius:.4rem;margin-bottom:.6rem;padding:.2rem .5rem}
+td{border:0;padding:.15rem 0;text-align:right}td:empty{display:none}
+td.link,td[data-label=State]{grid-column:1/-1;order:-1}td[data-label=Capacity]{grid-column:1/-1}
+td::before{content:attr(data-label);float:left;margin-right:.5rem;color:var(--mute);font-weight:400}
+td.link{text-align:left;border-bottom:1px solid var(--line);padding-bottom:.3rem}
+td.link::before{content:none}svg text{font-size:15px}}
+""" + "".join(f".s{i}{{stroke:{c};fill:{c};background:{c}}}" for i, c in enumerate(_PALETTE))
+
+# The same drawing as the Python below, redone from /stats.json every 2 s.
+_SCRIPT = """
+(function () {
+  "use strict";
+  var NS = "http://www.w3.org/2000/svg", W = 400, NOW = 396, TOP = 18, BOTTOM = 140, SPAN = 600;
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text, attrs) {
+    var e = attrs ? document.createElementNS(NS, tag) : document.createElement(tag), k;
+    for (k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (cls) e.setAttribute("class", cls);
+    if (text) e.textContent = text;
+    return e;
+  }
+  function bytes(n) {  // as format_bytes
+    var units = ["B", "kB", "MB", "GB", "TB"], i = 0;
+    for (; n >= 1000 && i < units.length - 1; i++) n /= 1000;
+    return (i && n < 100 ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
+  }
+  function kbs(r) { return (r / 1000).toFixed(1); }
+  function duration(s) {  // as format_duration
+    var t = Math.round(Math.max(0, s)), i, u = [[Math.floor(t / 86400), "d"],
+      [Math.floor(t % 86400 / 3600), "h"], [Math.floor(t % 3600 / 60), "min"], [t % 60, "s"]];
+    for (i = 0; i < 3; i++) {
+      if (u[i][0]) return u[i][0] + " " + u[i][1] + (u[i + 1][0] ? " " + u[i + 1][0] + " " + u[i + 1][1] : "");
+    }
+    return t + " s";
+  }
+  function row(a, i) {
+    var tr = el("tr"), st = a.state || "", cells = [
+      ["Link", a.link, [a.ip, a.interface].filter(Boolean).join(" \\u00b7 "), "link"],
+      ["Tier", a.tier], ["State", st, a.reason, st], ["Open", String(a.open), "", "n"],
+      ["Down", bytes(a.bytes_down), "", "n"], ["Up", bytes(a.bytes_up), "", "n"],
+      ["Down kB/s", kbs(a.rate_down), "", "n"], ["Up kB/s", kbs(a.rate_up), "", "n"],
+      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", "", "n"]];
+    cells.forEach(function (c, j) {
+      var td = tr.appendChild(el("td", c[3], c[1]));
+      td.setAttribute("data-label", c[0]);
+      if (!j && i >= 0) td.prepend(el("i", "k s" + i % 8));
+      if (c[2]) td.appendChild(el("small", "", c[2]));
+    });
+    return tr;
+  }
+  function nice(v) {
+    var e = Math.pow(10, Math.floor(Math.log10(v))), steps = [1, 2, 5, 10], i = 0;
+    while (steps[i] * e < v) i++;
+    return v <= 10 ? 10 : steps[i] * e;
+  }
+  function put(box, tag, attrs, text, cls) { return box.appendChild(el(tag, cls, text, attrs)); }
+  function chart(s, key) {
+    var box = $("chart-" + key), hist = s.history || {}, lines = [], peak = 0, top;
+    var iv = hist.interval > 0 ? hist.interval : 2, step = NOW * iv / SPAN;
+    function y(r) { return BOTTOM - Math.min(Math.max(r / 1000 / top, 0), 1) * (BOTTOM - TOP); }
+    s.addresses.forEach(function (a, i) {
+      var v = (((hist.addresses || {})[a.ip] || {})[key] || []).slice(-Math.floor(SPAN / iv) - 1);
+      v.forEach(function (x) { peak = Math.max(peak, x); });
+      if (v.length) lines.push([i, v]);
+    });
+    top = nice(peak / 1000);
+    box.textContent = "";
+    [0, 0.5, 1].forEach(function (f) {
+      var at = y(f * top * 1000);
+      put(box, "line", {x1: 0, x2: W, y1: at.toFixed(1), y2: at.toFixed(1)});
+      put(box, "text", {x: 2, y: (at - 3).toFixed(1)}, (f * top).toFixed(0) + " kB/s");
+    });
+    put(box, "text", {x: 2, y: 156}, "10 min ago");
+    put(box, "text", {x: W - 2, y: 156, "text-anchor": "end"}, "now");
+    if (!lines.length) put(box, "text", {x: 200, y: 80, "text-anchor": "middle"}, "no samples yet");
+    lines.forEach(function (l) {
+      var v = l[1], pts = v.map(function (r, j) {
+        return (NOW - (v.length - 1 - j) * step).toFixed(1) + "," + y(r).toFixed(1);
+      });
+      put(box, "polyline", {points: pts.join(" ")}, "", "s" + l[0] % 8);
+      put(box, "circle", {cx: NOW, cy: y(v[v.length - 1]).toFixed(1), r: 3}, "", "s" + l[0] % 8);
+    });
+  }
+  function render(s) {
+    var t = s.totals, body = el("tbody"), foot = el("tfoot"), legend = $("legend"), open = 0, cap;
+    var facts = {version: s.version, uptime: duration(s.uptime), listening: s.listening,
+      balance: s.balance, clients: s.open_connections, refused: s.refused,
+      connections: t.connections, failed: t.failed};
+    document.querySelectorAll("[data-f]").forEach(function (e) {
+      e.textContent = facts[e.dataset.f];
+    });
+    legend.textContent = "";
+    s.addresses.forEach(function (a, i) {
+      open += a.open;
+      if (a.capacity != null) cap = (cap || 0) + a.capacity;
+      body.appendChild(row(a, i));
+      legend.appendChild(el("li", "", a.link)).prepend(el("i", "k s" + i % 8));
+    });
+    foot.appendChild(row(Object.assign({}, t, {link: "All links", open: open, capacity: cap}), -1));
+    $("rows").replaceWith(body); body.id = "rows";
+    $("total").replaceWith(foot); foot.id = "total";
+    chart(s, "rate_down"); chart(s, "rate_up");
+  }
+  function say(text) { $("live").textContent = text; }
+  function tick() {  // the next fetch waits for this one: no pile-up on a slow link
+    fetch("/stats.json", {cache: "no-store"}).then(function (r) {
+      if (!r.ok) throw new Error(r.status);
+      return r.json();
+    }).then(function (s) { render(s); say("live, every 2 s"); })
+      .catch(function () { say("no answer, retrying"); })
+      .then(function () { setTimeout(tick, 2000); });
+  }
+  setTimeout(tick, 2000);
+})();
+"""
+
+
+def _csp_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Send as Content-Security-Policy with the status page: only its own style and script run.
+STATUS_PAGE_CSP = (
+    f"default-src 'none'; connect-src 'self'; img-src data:; style-src {_csp_source(_STYLE)}; "
+    f"script-src {_csp_source(_SCRIPT)}; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity")
+_FIRST_NUMERIC = 3  # heading index from which columns hold numbers
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _kbs(rate: float) -> str:
+    return f"{rate / _KILO:.1f}"
+
+
+def _facts(status: Mapping[str, Any]) -> dict[str, object]:
+    totals = status["totals"]
+    return {"version": status["version"], "uptime": format_duration(status["uptime"]),
+            "listening": status["listening"], "balance": status["balance"],
+            "clients": status["open_connections"], "refused": status["refused"],
+            "connections": totals["connections"], "failed": totals["failed"]}
+
+
+def _row(row: Mapping[str, Any], colour: int | None) -> str:
+    """One table row; ``row`` is a stats() row, or the totals with a link name (colour None)."""
+    state, capacity = str(row.get("state") or ""), row.get("capacity")
+    where = " \u00b7 ".join(filter(None, (row.get("ip"), row.get("interface"))))
+    cells = [("Link", row["link"], where, "link"), ("Tier", row.get("tier") or "", "", ""),
+             ("State", state, row.get("reason") or "", state if state in _STATES else ""),
+             ("Open", row["open"], "", "n"), ("Down", format_bytes(row["bytes_down"]), "", "n"),
+             ("Up", format_bytes(row["bytes_up"]), "", "n"),
+             ("Down kB/s", _kbs(row["rate_down"]), "", "n"),
+             ("Up kB/s", _kbs(row["rate_up"]), "", "n"),
+             ("Capacity", "not measured" if capacity is None else format_bytes(capacity) + "/s",
+              "", "n")]
+    out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
+    for position, (label, text, small, cls) in enumerate(cells):
+        under = f"<small>{_e(small)}</small>" if small else ""
+        lead = "" if position else dot
+        out.append(f'<td class="{cls}" data-label="{label}">{lead}{_e(text)}{under}</td>')
+    return "<tr>" + "".join(out) + "</tr>"
+
+
+def _totals(status: Mapping[str, Any]) -> dict[str, Any]:
+    rows = status["addresses"]
+    measured = [row["capacity"] for row in rows if row["capacity"] is not None]
+    return {**status["totals"], "link": "All links", "open": sum(row["open"] for row in rows),
+            "capacity": sum(measured) if measured else None}
+
+
+def _nice_top(peak_kbs: float) -> float:
+    """The chart's top in kB/s: the next 1, 2 or 5 times a power of ten."""
+    if peak_kbs <= _MIN_TOP_KBS:
+        return _MIN_TOP_KBS
+    power = 10.0 ** math.floor(math.log10(peak_kbs))
+    return next(step * power for step in _NICE_STEPS if step * power >= peak_kbs)
+
+
+def _y(rate: float, top: float) -> float:
+    return _PLOT_BOTTOM - min(max(rate / _KILO / top, 0.0), 1.0) * (_PLOT_BOTTOM - _PLOT_TOP)
+
+
+def _series(status: Mapping[str, Any], key: str) -> tuple[float, list[tuple[int, list[float]]]]:
+    """The sample interval and, per address with samples, (its colour, its last 10 minutes)."""
+    history = status.get("history") or {}
+    interval = float(history.get("interval") or 0) or _DEFAULT_INTERVAL
+    kept, per_ip = int(_HISTORY_SECONDS / interval) + 1, history.get("addresses") or {}
+    series = [(i, list((per_ip.get(row["ip"]) or {}).get(key) or [])[-kept:])
+              for i, row in enumerate(status["addresses"])]
+    return interval, [(i, values) for i, values in series if values]
+
+
+def _chart(status: Mapping[str, Any], key: str, title: str) -> str:
+    interval, series = _series(status, key)
+    top = _nice_top(max((max(values) for _, values in series), default=0.0) / _KILO)
+    step, parts = _NOW_X * interval / _HISTORY_SECONDS, []
+    for share in (0.0, 0.5, 1.0):
+        at = _y(share * top * _KILO, top)
+        parts.append(f'<line x1="0" x2="{_CHART_W}" y1="{at:.1f}" y2="{at:.1f}"/>'
+                     f'<text x="2" y="{at - 3:.1f}">{share * top:.0f} kB/s</text>')
+    parts.append(f'<text x="2" y="156">10 min ago</text>'
+                 f'<text x="{_CHART_W - 2}" y="156" text-anchor="end">now</text>')
+    if not series:
+        parts.append(f'<text x="{_CHART_W // 2}" y="80" text-anchor="middle">no samples yet</text>')
+    for colour, values in series:
+        last, cls = len(values) - 1, f"s{colour % len(_PALETTE)}"
+        points = " ".join(f"{_NOW_X - (last - j) * step:.1f},{_y(v, top):.1f}"
+                          for j, v in enumerate(values))
+        # the circle marks the newest sample, and alone shows a lone one
+        parts.append(f'<polyline class="{cls}" points="{points}"/>'
+                     f'<circle class="{cls}" cx="{_NOW_X}" cy="{_y(values[-1], top):.1f}" r="3"/>')
+    return (f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" viewBox="0 0 '
+            f'{_CHART_W} {_CHART_H}" role="img" aria-label="{title}">'
+            + "".join(parts) + "</svg></figure>")
+
+
+def render_status_page(status: dict[str, Any]) -> str:
+    """The whole status page for ``Dispatcher.status()``: table and charts drawn here, and a
+    script that redraws both from ``/stats.json`` every 2 s. Send with ``STATUS_PAGE_CSP``."""
+    facts = "".join(f'<div><dt>{name}</dt><dd data-f="{name}">{_e(value)}</dd></div>'
+                    for name, value in _facts(status).items())
+    heads = "".join(f'<th class="{"n" if i >= _FIRST_NUMERIC else ""}">{name}</th>'
+                    for i, name in enumerate(_HEADINGS))
+    rows = "".join(_row(row, i) for i, row in enumerate(status["addresses"]))
+    legend = "".join(f'<li><i class="k s{i % len(_PALETTE)}"></i>{_e(row["link"])}</li>'
+                     for i, row in enumerate(status["addresses"]))
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<title>dispatch status</title><link rel="icon" href="data:,"><style>{_STYLE}</style>'
+            '</head><body><header><h1>dispatch</h1><span id="live">snapshot</span></header>'
+            f'<dl class="facts">{facts}</dl><table><thead><tr>{heads}</tr></thead>'
+            f'<tbody id="rows">{rows}</tbody>'
+            f'<tfoot id="total">{_row(_totals(status), None)}</tfoot></table><div class="charts">'
+            f'{_chart(status, "rate_down", "Download rate, last 10 min")}'
+            f'{_chart(status, "rate_up", "Upload rate, last 10 min")}</div>'
+            f'<ul class="legend" id="legend">{legend}</ul><script>{_SCRIPT}</script>'
+            '</body></html>\n')
+
+
+# Prometheus metrics
+
+# name, type, help, key of the stats() row that holds the value
+_PER_ADDRESS = (
+    ("dispatch_bytes_sent_total", "counter", "Bytes sent upstream via the address.", "bytes_up"),
+    ("dispatch_bytes_received_total", "counter", "Bytes received via the address.", "bytes_down"),
+    ("dispatch_connections_opened_total", "counter", "Connections opened via the address.",
+     "connections"),
+    ("dispatch_connections_failed_total", "counter", "Connects via the address that failed.",
+     "failed"),
+    ("dispatch_open_connections", "gauge", "Upstream connections open via the address.", "open"),
+    ("dispatch_link_up", "gauge", "1 while the address is up, else 0.", "up"),
+    ("dispatch_link_capacity_bytes_per_second", "gauge",
+     "Estimated bytes per second the address carries down; absent until measured.", "capacity"),
+)
+
+
+def _label_value(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value) or math.isinf(value):
+        return "NaN" if math.isnan(value) else "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _metric_family(name: str, kind: str, text: str,
+            samples: Iterable[tuple[Mapping[str, object], float]]) -> list[str]:
+    lines = [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        pairs = ",".join(f'{key}="{_label_value(v)}"' for key, v in labels.items())
+        lines.append(f"{name}{{{pairs}}} {_metric_number(value)}" if pairs else f"{name} {_metric_number(value)}")
+    return lines
+
+
+def render_metrics(status: dict[str, Any]) -> str:
+    """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
+    per-address series carry ``link`` and ``address`` (the local IP) labels."""
+    rows = [{**row, "up": int(row["state"] == "up")} for row in status["addresses"]]
+    lines = _metric_family("dispatch_build_info", "gauge", "Always 1; the version is in the label.",
+                    [({"version": status["version"]}, 1)])
+    lines += _metric_family("dispatch_uptime_seconds", "gauge", "Seconds since the proxy started.",
+                     [({}, status["uptime"])])
+    lines += _metric_family("dispatch_link_info", "gauge", "Always 1; names the interface and tier.",
+                     [({"link": r["link"], "address": r["ip"] or "", "interface": r["interface"] or "",
+                        "tier": r["tier"]}, 1) for r in rows])
+    for name, kind, text, key in _PER_ADDRESS:
+        lines += _metric_family(name, kind, text, [({"link": r["link"], "address": r["ip"] or ""}, r[key])
+                                            for r in rows if r[key] is not None])
+    lines += _metric_family("dispatch_clients_refused_total", "counter", "Client connections refused.",
+                     [({}, status["refused"])])
+    lines += _metric_family("dispatch_client_connections", "gauge", "Client connections open now.",
+                     [({}, status["open_connections"])])
+    return "\n".join(lines) + "\n"
+
+
+# The PAC file
+
+# Decides from the host string alone: dnsResolve, isResolvable or isInNet on a name would
+# resolve every visited name on the client, outside the proxy, and leak it.
+_PAC_SCRIPT = """\
+// dispatch: local and private destinations go DIRECT, all else through the proxy.
+var PROXY = __PROXY__, V4_LOCAL = [["0.0.0.0", 8], ["10.0.0.0", 8], ["100.64.0.0", 10],
+  ["127.0.0.0", 8], ["169.254.0.0", 16], ["172.16.0.0", 12], ["192.168.0.0", 16]];
+function v4(h) {
+  var m = /^(\\d{1,3})\\.(\\d{1,3})\\.(\\d{1,3})\\.(\\d{1,3})$/.exec(h), n = 0, i;
+  for (i = 1; m && i < 5; i++) { if (+m[i] > 255) return null; n = n * 256 + +m[i]; }
+  return m ? n : null;
+}
+function v4Local(n) {
+  for (var i = 0, size; i < V4_LOCAL.length; i++) {
+    size = Math.pow(2, 32 - V4_LOCAL[i][1]);
+    if (Math.floor(n / size) === Math.floor(v4(V4_LOCAL[i][0]) / size)) return true;
+  }
+  return false;
+}
+function v6(h) {  // eight numbers, or null when h is no IPv6 literal
+  var m = /^(.*:)(\\d+\\.\\d+\\.\\d+\\.\\d+)$/.exec(h), n = m && v4(m[2]), halves, head, tail, i;
+  if (m && n === null) return null;
+  if (m) h = m[1] + Math.floor(n / 65536).toString(16) + ":" + (n % 65536).toString(16);
+  halves = h.split("::");
+  head = halves[0] ? halves[0].split(":") : [];
+  tail = halves[1] ? halves[1].split(":") : [];
+  i = 8 - head.length - tail.length;  // groups that "::" stands for
+  if (halves.length > 2 || (halves.length === 1 ? i !== 0 : i < 1)) return null;
+  for (; i > 0; i--) head.push("0");
+  head = head.concat(tail);
+  for (i = 0; i < 8; i++) {
+    if (!/^[0-9a-f]{1,4}$/.test(head[i])) return null;
+    head[i] = parseInt(head[i], 16);
+  }
+  return head;
+}
+function v6Local(g) {  // fe80::/10, fc00::/7, ::, ::1, and IPv4-mapped local addresses
+  if ((g[0] & 0xffc0) === 0xfe80 || (g[0] & 0xfe00) === 0xfc00) return true;
+  if (g[0] || g[1] || g[2] || g[3] || g[4]) return false;
+  return g[5] === 0xffff ? v4Local(g[6] * 65536 + g[7]) : !g[5] && !g[6] && g[7] <= 1;
+}
+function FindProxyForURL(url, host) {
+  var h = String(host).toLowerCase().replace(/^\\[/, "").replace(/\\]$/, ""), n = v4(h), g;
+  if (h.indexOf(":") >= 0) {
+    g = v6(h.replace(/%.*$/, ""));
+    return g && v6Local(g) ? "DIRECT" : PROXY;
+  }
+  if (n !== null) return v4Local(n) ? "DIRECT" : PROXY;
+  return h.indexOf(".") < 0 || /(^|\\.)localhost\\.?$/.test(h) ? "DIRECT" : PROXY;
+}
+"""
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+\Z")
+_MAX_PORT = 65535
+
+
+def render_pac(host: str, port: int) -> str:
+    """A PAC file (``PAC_CONTENT_TYPE``) that sends all but local and private destinations to
+    this proxy at ``host:port``, the address the client reached it on (IPv6 bare or bracketed).
+    Raises ValueError for a host that is no name or IP literal, or a port out of range."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not 0 < port <= _MAX_PORT:
+        raise ValueError(f"port out of range: {port}")
+    if ":" in bare:
+        endpoint = f"[{ipaddress.IPv6Address(bare).compressed}]:{port}"
+    elif _HOST_NAME.match(bare):
+        endpoint = f"{bare}:{port}"
+    else:
+        raise ValueError(f"not a host name or address: {host!r}")
+    proxy = f"SOCKS5 {endpoint}; SOCKS {endpoint}; PROXY {endpoint}"
+    return _PAC_SCRIPT.replace("__PROXY__", json.dumps(proxy))
+
+
+
+def render_not_found(path: str) -> str:
+    """A short 404 page for ``path`` (shown escaped, cut at 200 characters) linking to ``/``."""
+    shown = path if len(path) <= _PATH_SHOWN else path[:_PATH_SHOWN] + "\u2026"
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            '<title>404 Not Found</title></head><body><h1>404 Not Found</h1>'
+            f'<p>Nothing here at <code>{_e(shown)}</code>.</p><p>See the <a href="/">status '
+            'page</a>, <a href="/metrics">/metrics</a> or <a href="/proxy.pac">/proxy.pac</a>.</p>'
+            '</body></html>\n')
+
+
 class _OriginReader(DeadlineReader):
     """Reads from an origin server, whose reset is the end of its response:
     the client gets a 502 for it, never a "client hung up"."""
@@ -2744,6 +3210,8 @@ class HttpProxySession(Session):
         try:
             method, target, version, headers = self._read_request()
             self.record.target = target if method == "CONNECT" else f"{method} {target}"
+            if target.startswith("/"):  # origin form: a request for the proxy itself
+                return self._serve_local(method, target, version, headers)
             self._authorize(headers)
             if method == "CONNECT":
                 self._tunnel(target)
@@ -2783,6 +3251,53 @@ class HttpProxySession(Session):
         finally:
             self.reader.deadline = math.inf
             self.connection.settimeout(self.context.handshake_timeout)
+
+    def _serve_local(self, method: str, target: str, version: str, headers: Headers) -> bool:
+        """Answer a request for one of the local pages; return whether the
+        connection stays open. They log at debug level: a page open in a
+        browser asks every 2 s."""
+        path = target.partition("?")[0]
+        status, content_type, body, extra = self._local_page(method, path, headers)
+        head = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+        keep_alive = keeps_alive(version, headers)
+        head += [*extra, *([] if keep_alive else [("Connection", "close")])]
+        self.responded = True
+        self._send_down(encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head))
+        if method != "HEAD":
+            self._send_down(body)
+        self.record.result = str(status.value)
+        self.record.log(logging.DEBUG if status == HTTPStatus.OK else logging.INFO)
+        return keep_alive
+
+    def _local_page(
+        self, method: str, path: str, headers: Headers
+    ) -> tuple[HTTPStatus, str, bytes, list[tuple[str, str]]]:
+        """(status, content type, body, more headers) of a local page."""
+        status_of = self.context.status
+        if status_of is None:
+            return HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"404 Not Found\n", []
+        if method not in ("GET", "HEAD"):
+            allow = [("Allow", "GET, HEAD")]
+            return HTTPStatus.METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", b"GET or HEAD\n", allow
+        if path not in LOCAL_PAGES:
+            return HTTPStatus.NOT_FOUND, PAGE_CONTENT_TYPE, render_not_found(path).encode(), []
+        if path == "/proxy.pac":  # fetched by systems that ask for no login first
+            host = str(_client_ip(self.connection.getsockname()[0]))
+            return HTTPStatus.OK, PAC_CONTENT_TYPE, render_pac(host, self.connection.getsockname()[1]).encode(), []
+        access = self.context.access
+        credentials = basic_credentials(headers, "authorization")
+        if credentials is not None:
+            self.record.user = _printable(credentials[0].encode())
+        if access.requires_credentials and (credentials is None or not access.check_credentials(*credentials)):
+            challenge = [("WWW-Authenticate", f'Basic realm="{PROXY_REALM}", charset="UTF-8"')]
+            return HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8", b"401 Unauthorized: log in\n", challenge
+        status = status_of()
+        if path == "/stats.json":
+            return HTTPStatus.OK, "application/json", json.dumps(status).encode(), []
+        if path == "/metrics":
+            return HTTPStatus.OK, METRICS_CONTENT_TYPE, render_metrics(status).encode(), []
+        page = render_status_page(status).encode()
+        return HTTPStatus.OK, PAGE_CONTENT_TYPE, page, [("Content-Security-Policy", STATUS_PAGE_CSP)]
 
     def _authorize(self, headers: Headers) -> None:
         access = self.context.access
@@ -3273,9 +3788,9 @@ class BackgroundTasks:
 def _waiting_row(link: Link) -> dict[str, Any]:
     """The stats row of an interface that has had no address yet."""
     return {
-        "ip": None, "interface": link.name, "link": link.name, "weight": link.weight, "state": "waiting",
-        "reason": "no address yet", "connections": 0, "failed": 0, "open": 0, "bytes_up": 0, "bytes_down": 0,
-        "rate_up": 0.0, "rate_down": 0.0,
+        "ip": None, "interface": link.name, "link": link.name, "weight": link.weight, "tier": link.tier,
+        "state": "waiting", "reason": "no address yet", "connections": 0, "failed": 0, "open": 0,
+        "bytes_up": 0, "bytes_down": 0, "rate_up": 0.0, "rate_down": 0.0, "capacity": None,
     }
 
 
@@ -3304,6 +3819,9 @@ class Dispatcher:
       None means default_max_connections().
     - ``connect_timeout``: seconds to connect upstream.
     - ``cooldown``: seconds an address sits out after its link failed.
+    - ``pages``: serve the status page, ``/stats.json``, ``/metrics`` and
+      ``/proxy.pac`` to HTTP requests in origin form (``GET /``) on the
+      proxy's port; False answers them 404.
 
     While it serves, a background thread follows the interfaces' addresses
     and samples the meter. Raises AddressError for an unusable address,
@@ -3324,6 +3842,7 @@ class Dispatcher:
         max_connections: int | None = None,
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
+        pages: bool = True,
     ) -> None:
         self.links = LinkSet(resolve_links(addresses))
         self.health = Health(cooldown)
@@ -3336,7 +3855,9 @@ class Dispatcher:
         )
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
-        self.context = SessionContext(self.access, self.upstream, handshake_timeout, idle_timeout)
+        self.context = SessionContext(
+            self.access, self.upstream, handshake_timeout, idle_timeout, status=self.status if pages else None
+        )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
@@ -3444,6 +3965,7 @@ class Dispatcher:
                 "interface": address.interface,
                 "link": link.name if link else address.ip,
                 "weight": address.weight,
+                "tier": link.tier if link else "primary",
                 "state": state,
                 "reason": reason,
                 "connections": reading.counters.connections,
@@ -3453,6 +3975,7 @@ class Dispatcher:
                 "bytes_down": reading.counters.bytes_down,
                 "rate_up": reading.rate_up,
                 "rate_down": reading.rate_down,
+                "capacity": None,
             })
         for link in self.links.links:
             if not link.known:
@@ -3476,6 +3999,7 @@ class Dispatcher:
             "version": __version__,
             "uptime": time.monotonic() - self._started,
             "listening": _format_endpoint(*self.address),
+            "balance": "weighted",
             "open_connections": self.open_connections(),
             "refused": self.refused,
             "totals": totals,
@@ -3608,17 +4132,6 @@ def _address_table(links: Sequence[Link]) -> str:
     return format_table(rows, indent="  ")
 
 
-def format_bytes(count: float) -> str:
-    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
-    if count < 1000:
-        return f"{count:.0f} B"
-    for unit in ("kB", "MB", "GB", "TB"):
-        count /= 1000
-        if count < 1000 or unit == "TB":
-            break
-    return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
-
-
 def _format_rate(bytes_per_second: float) -> str:
     return f"{bytes_per_second / 1000:,.1f} kB/s"
 
@@ -3728,20 +4241,6 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
 
 
-def format_duration(seconds: float) -> str:
-    """A duration in its two largest units: "42 s", "3 min 5 s", "2 h 4 min", "3 d 5 h"."""
-    total = round(max(0.0, seconds))
-    minutes, secs = divmod(total, 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    units = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
-    for index, (amount, unit) in enumerate(units[:-1]):
-        if amount:
-            smaller, smaller_unit = units[index + 1]
-            return f"{amount} {unit} {smaller} {smaller_unit}" if smaller else f"{amount} {unit}"
-    return f"{secs} s"
-
-
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
     connections = sum(row["connections"] for row in stats)
@@ -3798,6 +4297,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             max_connections=args.max_connections,
             credentials=users,
             allow=args.allow,
+            pages=args.pages,
         )
     except (AddressError, ValueError) as error:
         print(f"dispatch: error: {error}", file=sys.stderr)
@@ -3820,14 +4320,19 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     default = "" if args.allow else " (loopback and private networks)"
     idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
     fits = f" (descriptor limit {descriptor_limit})" if descriptor_limit is not None else ""
+    endpoint = _format_endpoint(host, port)
+    pages = "status page: off"
+    if args.pages:
+        pages = f"status page: http://{endpoint}/ (also /stats.json, /metrics, /proxy.pac)"
     lines = [
-        f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {_format_endpoint(host, port)}",
+        f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {endpoint}",
         "dispatching to:",
         _address_table(dispatcher.links.links),
         f"clients allowed from: {allowed}{default}",
         f"login: {plural(len(users), 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
         f"limits: {plural(dispatcher.max_connections, 'connection')} at once{fits}, "
         f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
+        pages,
     ]
     if not args.allow and not users and not _is_loopback(host):
         lines.append(
@@ -4234,6 +4739,10 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
         help="after a link failure, leave the address out for this long (default 30)",
+    )
+    start.add_argument(
+        "--no-page", dest="pages", action="store_false",
+        help="serve no status page, /stats.json, /metrics or /proxy.pac on the proxy's port",
     )
     start.add_argument(
         "--stats", type=_seconds, metavar="SECONDS",

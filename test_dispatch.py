@@ -15,9 +15,13 @@ import base64
 import contextlib
 import dataclasses
 import errno
+import html.parser
 import http.server
 import ipaddress
+import itertools
+import json
 import logging
+import math
 import os
 import random
 import re
@@ -2299,7 +2303,7 @@ def test_hop_by_hop_headers_are_removed(proxy: Dispatcher, origin: str) -> None:
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # origin form: not for a proxy
+        b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # neither absolute nor origin form
         b"GET http://127.0.0.1/ HTTP/1.1 extra\r\n\r\n",
         b"GET http://127.0.0.1/ HTTP/2.0\r\n\r\n",
         b"GET http://127.0.0.1/ HTTP/1.1\r\nNo colon here\r\n\r\n",
@@ -2594,6 +2598,459 @@ def test_a_client_that_resets_during_the_handshake_hung_up(proxy: Dispatcher, lo
     wait_until_all_closed(proxy)
     (exchange,) = exchanges(log)
     assert exchange.result == "client hung up"
+
+
+# Local pages: the status page, /stats.json, /metrics, /proxy.pac ----------
+
+COUNTED = ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_down")
+
+
+def status_row(ip: str, link: str, **fields: Any) -> dict[str, Any]:
+    """One stats() row: an idle link that is up, unless fields say otherwise."""
+    row: dict[str, Any] = {
+        "ip": ip, "interface": link, "link": link, "weight": 1, "tier": "primary", "state": "up",
+        "reason": None, "connections": 0, "failed": 0, "open": 0, "bytes_up": 0, "bytes_down": 0,
+        "rate_up": 0.0, "rate_down": 0.0, "capacity": None,
+    }
+    return row | fields
+
+
+def wave(count: int, scale: float, phase: float) -> list[float]:
+    return [scale * (1 + math.sin(i / 9 + phase)) for i in range(count)]
+
+
+def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
+    """A status as Dispatcher.status() gives it; a later ``step`` has grown
+    counters, a fourth link (cell0) and an uptime one hour longer per step."""
+    rows = [
+        status_row("192.168.1.20", "wlan0", weight=3, connections=120 + step, failed=2, open=3,
+                   bytes_up=5_300_000, bytes_down=1_234_567_890 + step * 10**9, rate_up=12_345.0,
+                   rate_down=1_523_456.0, capacity=2_500_000.0),
+        status_row("10.42.0.7", "usb0", state="down", reason="timed out; tried again in 4 s",
+                   connections=40, failed=9, bytes_up=812_000, bytes_down=99_000_000),
+        status_row("2001:db8::20", "enp3s0", tier="backup", state="standby", reason="a primary link is up"),
+    ]
+    history = {
+        "192.168.1.20": {"rate_down": wave(points, 800_000, step), "rate_up": wave(points, 9_000, step)},
+        "10.42.0.7": {"rate_down": wave(points // 2, 200_000, 2), "rate_up": wave(points // 2, 3_000, 3)},
+    }
+    if step:
+        rows.append(status_row("172.20.10.2", "cell0", open=2, bytes_down=2_000_000 * step,
+                               rate_down=300_000.0, capacity=900_000.0))
+        history["172.20.10.2"] = {"rate_down": wave(10, 300_000, 4), "rate_up": wave(10, 2000, 5)}
+    return {
+        "version": "0.2.0", "uptime": 3725.0 + 3600 * step, "listening": "127.0.0.1:1080",
+        "balance": "measured", "open_connections": 4, "refused": 1,
+        "totals": {key: sum(row[key] for row in rows) for key in COUNTED},
+        "addresses": rows, "history": {"interval": 2.0, "addresses": history},
+    }
+
+
+def test_page_holds_table_and_chart_without_javascript() -> None:
+    page = dispatch.render_status_page(sample_status())
+    text = re.sub(r"<script>.*?</script>|<style>.*?</style>", "", page, flags=re.S)
+    for expected in ("wlan0", "192.168.1.20", "usb0", "timed out; tried again in 4 s", "enp3s0",
+                     "2001:db8::20", "standby", "backup", "1.2 GB", "5.3 MB", "1523.5", "12.3",
+                     "2.5 MB/s", "not measured", "1 h 2 min", "0.2.0", "All links", "kB/s"):
+        assert expected in text, expected
+    assert text.count("<polyline") == 4  # two links with history, two charts
+    assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")
+
+
+def test_page_loads_nothing_from_elsewhere() -> None:
+    page = dispatch.render_status_page(sample_status())
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert "@import" not in page and "url(" not in page
+
+
+def test_page_escapes_link_names_and_reasons() -> None:
+    evil = status_row("192.168.1.9", '<script>alert("x")</script>&', reason="<b>'why'</b>",
+                      state="down", interface="<i>")
+    status = sample_status() | {"addresses": [evil], "history": {"interval": 2.0, "addresses": {}}}
+    page = dispatch.render_status_page(status)
+    assert "<script>alert" not in page and "<b>'why'" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+    assert page.count("<script>") == 1
+
+
+def test_page_with_no_history_says_so() -> None:
+    page = dispatch.render_status_page(sample_status() | {"history": {"interval": 2.0, "addresses": {}}})
+    assert page.count(">no samples yet<") == 2 and "<polyline" not in page
+    assert "no samples yet" in dispatch.render_status_page(sample_status() | {"history": {}})
+
+
+def test_page_marks_a_lone_sample() -> None:
+    status = sample_status(points=1)
+    status["history"]["addresses"]["10.42.0.7"] = {"rate_down": [], "rate_up": []}
+    page = dispatch.render_status_page(status)
+    points = re.findall(r'<polyline class="s0" points="([^"]*)"', page)
+    marks = re.findall(r'<circle class="s0" cx="396" cy="([^"]*)" r="3"/>', page)
+    assert points == [f"396.0,{y}" for y in marks] and len(marks) == 2  # at "now", both charts
+
+
+def test_page_spans_ten_minutes_of_history_on_a_round_scale() -> None:
+    page = dispatch.render_status_page(sample_status(points=400))  # the oldest are left out
+    points = re.findall(r'<polyline class="s0" points="([^"]*)"', page)
+    xs = [float(p.split(",")[0]) for p in points[0].split()]
+    assert len(xs) == 301 and xs[0] == 0.0 and xs[-1] == 396.0
+    assert ">2000 kB/s<" in page and ">1000 kB/s<" in page  # peak 1600 kB/s down
+    assert ">20 kB/s<" in page  # peak 18 kB/s up
+
+
+def test_page_csp_allows_exactly_its_own_style_and_script() -> None:
+    page = dispatch.render_status_page(sample_status())
+    for tag, directive in (("style", "style-src"), ("script", "script-src")):
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        assert body is not None
+        assert dispatch._csp_source(body.group(1)) in dispatch.STATUS_PAGE_CSP.split(directive)[1]
+
+
+def metric_families(text: str) -> dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric_samples(family: Any) -> dict[tuple[str, str], float]:
+    return {(s.labels["link"], s.labels["address"]): s.value for s in family.samples}
+
+
+def test_metrics_parse_with_the_expected_families_and_values() -> None:
+    families = metric_families(dispatch.render_metrics(sample_status()))
+    # the parser names a counter family without its _total suffix
+    assert {name: f.type for name, f in families.items()} == {
+        "dispatch_build_info": "gauge", "dispatch_uptime_seconds": "gauge",
+        "dispatch_link_info": "gauge", "dispatch_bytes_sent": "counter",
+        "dispatch_bytes_received": "counter", "dispatch_connections_opened": "counter",
+        "dispatch_connections_failed": "counter", "dispatch_open_connections": "gauge",
+        "dispatch_link_up": "gauge", "dispatch_link_capacity_bytes_per_second": "gauge",
+        "dispatch_clients_refused": "counter", "dispatch_client_connections": "gauge"}
+    assert all(f.documentation for f in families.values())
+    wlan, usb, wired = ("wlan0", "192.168.1.20"), ("usb0", "10.42.0.7"), ("enp3s0", "2001:db8::20")
+    assert metric_samples(families["dispatch_bytes_sent"]) == {wlan: 5_300_000, usb: 812_000, wired: 0}
+    assert metric_samples(families["dispatch_bytes_received"])[wlan] == 1_234_567_890
+    assert metric_samples(families["dispatch_connections_failed"])[usb] == 9
+    assert metric_samples(families["dispatch_link_up"]) == {wlan: 1, usb: 0, wired: 0}
+    # capacity is left out where it was never measured
+    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000}
+    assert all(s.name.endswith("_total") for s in families["dispatch_bytes_sent"].samples)
+    (build,) = families["dispatch_build_info"].samples
+    assert (build.labels, build.value) == ({"version": "0.2.0"}, 1)
+
+
+def test_metrics_escape_label_values() -> None:
+    name = 'we"ird\\link\nname'
+    text = dispatch.render_metrics(sample_status() | {"addresses": [status_row("10.0.0.1", name, capacity=1.5)]})
+    assert 'link="we\\"ird\\\\link\\nname"' in text
+    families = metric_families(text)
+    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {(name, "10.0.0.1"): 1.5}
+
+
+PAC_PROXY = "SOCKS5 192.168.1.20:1080; SOCKS 192.168.1.20:1080; PROXY 192.168.1.20:1080"
+
+
+@pytest.fixture
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes every name lookup in this process fail, and records the attempts."""
+    attempts: list[str] = []
+
+    def refuse(name: object, *args: object, **kwargs: object) -> Any:
+        attempts.append(str(name))
+        raise socket.gaierror(socket.EAI_NONAME, "lookups are not allowed in this test")
+
+    for lookup in ("gethostbyname", "gethostbyname_ex", "getaddrinfo", "gethostbyaddr"):
+        monkeypatch.setattr(socket, lookup, refuse)
+    return attempts
+
+
+@pytest.fixture
+def pac(no_dns: list[str]) -> Any:
+    from pypac.parser import PACFile
+
+    return PACFile(dispatch.render_pac("192.168.1.20", 1080))
+
+
+@pytest.mark.parametrize("host", [
+    "www.example.com", "example.com", "a.b.c.d.example", "8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1",
+    "192.169.0.1", "11.0.0.1", "2606:4700::1111", "[2606:4700::1111]", "2001:db8::1", "::ffff:8.8.8.8",
+    "fec0::1", "localhost.example.com", "999.1.1.1",
+])
+def test_pac_sends_public_destinations_to_the_proxy(pac: Any, no_dns: list[str], host: str) -> None:
+    assert pac.find_proxy_for_url(f"https://{host}/path", host) == PAC_PROXY
+    assert no_dns == []
+
+
+@pytest.mark.parametrize("host", [
+    "intranet", "localhost", "LOCALHOST", "app.localhost", "127.0.0.1", "127.255.0.9", "10.0.0.1",
+    "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.0.1", "192.168.255.255", "100.64.0.1",
+    "100.127.255.254", "169.254.1.1", "0.0.0.0", "::1", "[::1]", "0:0:0:0:0:0:0:1", "fe80::1",
+    "fe80::1%eth0", "febf::1", "fd00::1", "fc00::1", "::ffff:192.168.1.1", "::",
+])
+def test_pac_sends_local_and_private_destinations_direct(pac: Any, no_dns: list[str], host: str) -> None:
+    assert pac.find_proxy_for_url(f"http://{host}/", host) == "DIRECT"
+    assert no_dns == []
+
+
+def test_pac_decides_from_the_host_string_alone() -> None:
+    text = dispatch.render_pac("proxy.lan", 1080)
+    for name in ("dnsResolve", "isResolvable", "isInNet", "myIpAddress", "dnsDomainIs"):
+        assert name not in text
+
+
+def test_pac_brackets_an_ipv6_proxy_host(no_dns: list[str]) -> None:
+    from pypac.parser import PACFile
+
+    for host in ("::1", "[::1]", "0:0::1"):
+        pac = PACFile(dispatch.render_pac(host, 1080))
+        expected = "SOCKS5 [::1]:1080; SOCKS [::1]:1080; PROXY [::1]:1080"
+        assert pac.find_proxy_for_url("http://example.com/", "example.com") == expected
+    assert no_dns == []
+
+
+@pytest.mark.parametrize(
+    "host, port", [("a b", 1080), ('x";alert(1);"', 1080), ("host", 0), ("host", 70000), ("[zz::1]", 1080)]
+)
+def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> None:
+    with pytest.raises(ValueError):
+        dispatch.render_pac(host, port)
+
+
+def http_get(address: tuple[str, int], path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the proxy's own port, as a browser visits a web server."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+        return read_response(sock)
+
+
+def test_the_proxys_port_serves_its_pages(proxy: Dispatcher, echo_server: Server) -> None:
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"traffic") == b"traffic"
+    wait_until_all_closed(proxy)
+    proxy.meter.sample()  # a point in the history now, rather than in up to 2 s
+    status, headers, body = http_get(proxy.address, "/")
+    assert (status, headers["content-type"]) == (200, "text/html; charset=utf-8")
+    assert headers["content-security-policy"] == dispatch.STATUS_PAGE_CSP
+    page = body.decode()
+    assert ">127.0.0.1<" in page and "lo" in page and "<polyline" in page
+    status, headers, body = http_get(proxy.address, "/stats.json?fresh")
+    assert (status, headers["content-type"]) == (200, "application/json")
+    served = json.loads(body)
+    assert served.keys() == proxy.status().keys()
+    assert [(row["ip"], row["bytes_up"]) for row in served["addresses"]] == [("127.0.0.1", 7)]
+    status, headers, body = http_get(proxy.address, "/metrics")
+    assert (status, headers["content-type"]) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    assert metric_samples(metric_families(body.decode())["dispatch_bytes_sent"]) == {("127.0.0.1", "127.0.0.1"): 7}
+    status, headers, body = http_get(proxy.address, "/proxy.pac")
+    assert (status, headers["content-type"]) == (200, "application/x-ns-proxy-autoconfig")
+    port = proxy.address[1]
+    assert f'"SOCKS5 127.0.0.1:{port}; SOCKS 127.0.0.1:{port}; PROXY 127.0.0.1:{port}"' in body.decode()
+    status, headers, body = http_get(proxy.address, "/nothing<here>")
+    assert status == 404 and b'<a href="/">' in body and b"&lt;here&gt;" in body
+
+
+def test_pages_ask_for_the_login_but_the_pac_file_does_not(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(credentials={"alice": "s3cret"})
+    for path in ("/", "/stats.json", "/metrics"):
+        status, headers, body = http_get(proxy.address, path)
+        assert (status, headers["www-authenticate"]) == (401, 'Basic realm="dispatch", charset="UTF-8"')
+        assert b"alice" not in body and b"s3cret" not in body
+    wrong = "Authorization: Basic " + base64.b64encode(b"alice:guess").decode() + "\r\n"
+    assert http_get(proxy.address, "/metrics", wrong)[0] == 401
+    login = "Authorization: Basic " + base64.b64encode(b"alice:s3cret").decode() + "\r\n"
+    for path in ("/", "/stats.json", "/metrics"):
+        status, _, body = http_get(proxy.address, path, login)
+        assert status == 200 and b"s3cret" not in body and b"alice" not in body
+    assert http_get(proxy.address, "/proxy.pac")[0] == 200
+
+
+def test_no_page_answers_404(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(pages=False)
+    for path in ("/", "/stats.json", "/metrics", "/proxy.pac"):
+        assert http_get(proxy.address, path)[0] == 404
+
+
+def test_a_client_outside_the_allow_list_gets_no_page(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(allow=["10.0.0.0/8"])
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /stats.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed_by_proxy(sock)
+
+
+def test_the_page_keeps_the_connection_for_the_next_request(proxy: Dispatcher) -> None:
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        for path in ("/stats.json", "/metrics", "/"):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            reader = dispatch.DeadlineReader(sock)
+            lines = dispatch.read_head(reader)
+            headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+            assert lines[0] == "HTTP/1.1 200 OK"
+            assert len(reader.read(int(headers["content-length"]))) == int(headers["content-length"])
+            assert not reader.buffered
+
+
+# In a real browser ------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+    "--disable-default-apps", "--no-default-browser-check", "--hide-scrollbars",
+    # Scripts run 5 s of virtual time: the page's first update (at 2 s) is in the dump.
+    "--virtual-time-budget=5000",
+    # Chromium calls home (update, accounts) despite the flags above: with every
+    # name failing to resolve in the browser, none of that leaves the machine.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+SCREENSHOTS = os.environ.get("DISPATCH_SCREENSHOTS")  # a folder to keep them in (the README's is one)
+
+
+def run_chromium(tmp_path: Any, *arguments: str) -> str:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    profile = tmp_path / f"profile-{time.monotonic_ns()}"
+    command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+class PageServer(http.server.ThreadingHTTPServer):
+    """Serves the status page of sample_status(), then /stats.json as ``steps``
+    says: a later step each time (a negative one is a failure)."""
+
+    daemon_threads = True
+
+    def __init__(self, steps: Iterator[int]) -> None:
+        super().__init__(("127.0.0.1", 0), PageHandler)
+        self.paths: list[str] = []
+        self.steps = steps
+
+
+class PageHandler(http.server.BaseHTTPRequestHandler):
+    server: PageServer
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        code, kind, body = 200, dispatch.PAGE_CONTENT_TYPE, dispatch.render_status_page(sample_status())
+        if self.path == "/stats.json":
+            step = next(self.server.steps)
+            code, kind, body = (503, "text/plain", "busy") if step < 0 else (
+                200, "application/json", json.dumps(sample_status(step)))
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Security-Policy", dispatch.STATUS_PAGE_CSP)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def page_server(request: pytest.FixtureRequest) -> Iterator[PageServer]:
+    steps = {"newer": itertools.count(1), "same": itertools.repeat(0),
+             "failing first": itertools.chain([-1], itertools.count(1))}
+    server = PageServer(steps[getattr(request, "param", "newer")])
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class Markup(html.parser.HTMLParser):
+    """Markup as start tags (attributes sorted, an empty class left out), texts
+    and end tags, so that the page as served and Chromium's DOM compare."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.events: list[tuple[str, ...]] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.events.append(("start", tag, *sorted(f"{k}={v}" for k, v in attrs if v or k != "class")))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.events.append(("end", tag))
+
+    def handle_data(self, data: str) -> None:
+        self.events.append(("text", data))
+
+
+def redrawn_part(page: str) -> list[tuple[str, ...]]:
+    """Facts, table, charts and legend: all that the script redraws."""
+    return Markup(page[page.index('<dl class="facts">') : page.index("<script>")]).events
+
+
+@pytest.mark.parametrize("page_server", ["same"], indirect=True)
+def test_browser_redraws_the_same_status_exactly_as_served(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert '<span id="live">live, every 2 s</span>' in dom
+    assert redrawn_part(dom) == redrawn_part(dispatch.render_status_page(sample_status()))
+
+
+def test_browser_updates_table_and_chart_from_stats_json(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert set(page_server.paths) == {"/", "/stats.json"}  # nothing else is fetched
+    uptime = re.search(r'data-f="uptime">([^<]*)<', dom)
+    assert uptime is not None and re.fullmatch(r"[2-9] h 2 min", uptime.group(1))
+    for link in ("wlan0", "usb0", "enp3s0", "cell0"):  # cell0 comes only with the update
+        assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
+    assert dom.count("<polyline") == 6  # three links with history, two charts
+
+
+@pytest.mark.parametrize("page_server", ["failing first"], indirect=True)
+def test_browser_keeps_polling_after_a_failed_fetch(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert page_server.paths.count("/stats.json") >= 2
+    assert '<span id="live">live, every 2 s</span>' in dom and "cell0" in dom
+
+
+def test_browser_shows_a_running_proxys_links_and_charts(
+    tmp_path: Any, make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    for _ in range(3):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"x" * 50_000) == b"x" * 50_000
+    proxy.meter.sample()  # a sample in the history now, rather than in up to 2 s
+    url = f"http://127.0.0.1:{proxy.address[1]}/"
+    dom = run_chromium(tmp_path, "--dump-dom", url)
+    assert '<span id="live">live, every 2 s</span>' in dom  # the first update came
+    for link in ("127.0.0.2", "127.0.0.3"):
+        assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
+    assert dom.count("<polyline") == 4 and ">no samples yet<" not in dom  # two links, two charts
+    for name, size in (("narrow", "412,900"), ("wide", "1200,900")):
+        shot = os.path.join(SCREENSHOTS or str(tmp_path), f"status-{name}.png")
+        run_chromium(tmp_path, f"--screenshot={shot}", f"--window-size={size}", url)
+        with open(shot, "rb") as png:
+            head = png.read(24)
+        assert head.startswith(b"\x89PNG") and int.from_bytes(head[16:20], "big") == int(size.split(",")[0])
+
+
+def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
+    tmp_path: Any, make_proxy: Callable[..., Dispatcher], origin: str, fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_names["www.example.test"] = ["127.0.0.1"]  # for the proxy's resolver alone
+    answers = socket.getaddrinfo
+
+    def test_names_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # Chromium also calls home through the PAC's proxy: those names must
+        # not be looked up either.
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in fake_names and not dispatch._is_ip(name):
+            raise socket.gaierror(socket.EAI_NONAME, "not a name of this test")
+        return answers(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", test_names_only)
+    proxy = make_proxy()
+    port = origin.rpartition(":")[2]
+    dom = run_chromium(
+        tmp_path, f"--proxy-pac-url=http://127.0.0.1:{proxy.address[1]}/proxy.pac",
+        "--dump-dom", f"http://www.example.test:{port}/page",
+    )
+    assert "GET /page" in dom  # the origin's answer, through the proxy
+    targets = [exchange.target for exchange in exchanges(log)]
+    assert f"www.example.test:{port}" in targets or f"GET http://www.example.test:{port}/page" in targets
 
 
 # ---------------------------------------------------------------------------

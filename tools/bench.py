@@ -68,7 +68,9 @@ DISPATCH = REPO / "dispatch.py"
 SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
 PEERS = ("dante", "pproxy", "microsocks")
 REFERENCES = ("splice-relay",)
-PROXY_NAMES = ("dispatch", "dispatch-before", *PEERS, *REFERENCES)
+PROXY_NAMES = ("dispatch", "dispatch-before", "dispatch-paged", *PEERS, *REFERENCES)
+# dispatch-paged: dispatch while a client polls its status page's JSON this often.
+PAGE_POLL_INTERVAL = 0.1
 
 IO_TIMEOUT = 10.0  # any single socket operation
 BUFFER_SIZE = 1 << 20  # bulk send/recv buffer: large, so the generator is not syscall-bound
@@ -422,6 +424,7 @@ def splice_relay_command(port: int, workdir: Path) -> list[str]:
 PROXY_COMMANDS: dict[str, Callable[[int, Path], list[str]]] = {
     "dispatch": dispatch_command,
     "dispatch-before": dispatch_before_command,
+    "dispatch-paged": lambda port, workdir: dispatch_command(port, workdir, log="dispatch-paged.log"),
     "dante": dante_command,
     "pproxy": pproxy_command,
     "microsocks": microsocks_command,
@@ -1160,12 +1163,39 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def poll_page(proxy: Address, interval: float) -> None:
+    """GET /stats.json from the proxy's port every ``interval`` seconds, as a
+    status page left open in a browser does, but 20 times as often."""
+    request = b"GET /stats.json HTTP/1.1\r\nHost: bench\r\n\r\n"
+    while True:
+        try:
+            with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
+                while True:
+                    sock.sendall(request)
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("closed")
+                        head += chunk
+                    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                    body = head.split(b"\r\n\r\n", 1)[1]
+                    while len(body) < length:
+                        body += sock.recv(65536)
+                    time.sleep(interval)
+        except (OSError, ValueError, IndexError):
+            time.sleep(interval)
+
+
 def start_targets(names: Sequence[str], workdir: Path, echo: Address,
                   children: Children) -> list[Target]:
     targets = [Target("direct", Route())]
     for name in names:
         try:
             targets.append(start_proxy(name, workdir, echo, children))
+            if name == "dispatch-paged":
+                threading.Thread(target=poll_page, args=(targets[-1].route.proxy, PAGE_POLL_INTERVAL),
+                                 daemon=True).start()
         except Unavailable as reason:
             print(f"skipping {name}: {reason}", flush=True)
         except RuntimeError as error:
