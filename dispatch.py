@@ -1122,13 +1122,15 @@ class LocalAddress:
     """One local address that outgoing connections may leave from.
 
     ``interface`` is the name of the interface holding it, where known:
-    connections from it are bound to that device. Compared and hashed by
+    connections from it are bound to that device. A ``backup`` address is
+    used only while no other of its family is up. Compared and hashed by
     identity: each is one place where counters and health are kept.
     """
 
     ip: str
     weight: int = 1
     interface: str | None = None
+    backup: bool = False
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -1166,6 +1168,8 @@ class Link:
         self.weighted = weighted
         self.backup = backup
         self.current = list(addresses)
+        for address in self.current:
+            address.backup = backup
         self.known = {address.ip: address for address in self.current}
 
     @property
@@ -1192,7 +1196,7 @@ class Link:
         before = [address.ip for address in self.current]
         for ip in ips:
             if ip not in self.known:
-                self.known[ip] = LocalAddress(ip, self.weight, self.name)
+                self.known[ip] = LocalAddress(ip, self.weight, self.name, self.backup)
         # One assignment: readers in other threads see the old list or the new.
         self.current = [self.known[ip] for ip in ips]
         return before != list(ips)
@@ -1407,7 +1411,7 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link
         _check_bindable(spec.ip)
         if spec.interface is None:
             spec.interface = _interface_of(spec.ip, interfaces.read(required=False))
-        return Link.of_address(spec, weighted=spec.weight != 1)
+        return Link.of_address(spec, weighted=spec.weight != 1, backup=spec.backup)
     parsed = parse_address(spec)
     weight, weighted = parsed.weight or 1, parsed.weight is not None
     if _is_ip(parsed.address):
@@ -1527,26 +1531,70 @@ class LinkSet:
 
 
 # ---------------------------------------------------------------------------
-# Health: failures, cooldowns, what is up and why not
+# Health: failures, retests, checks; what is up and why not
 # ---------------------------------------------------------------------------
 
-DEFAULT_COOLDOWN = 30.0  # seconds an address sits out after a link failure
+DEFAULT_COOLDOWN = 30.0  # the longest wait between two retests of a link that failed
+RETEST_FIRST = 1.0  # seconds from a failure to its first retest; doubles while it fails
+DEFAULT_CHECK_INTERVAL = 10.0
+CHECK_FAILURES_OUT = 3  # checks failed in a row that put a link out
+CHECK_SUCCESSES_BACK = 2  # and passed in a row that bring it back
+
+RETEST_POLL_INTERVAL = 0.25  # how often due retests are looked for
+
+Target = tuple[str, int]  # (ip, port)
+
+
+def parse_check_target(text: str) -> Target:
+    """Split ``IP:PORT`` (``[IPv6]:PORT``) into (ip, port); ValueError if malformed.
+
+    An IP address, not a name: a name would be looked up by the system's
+    resolver, which does not go by the link being checked.
+    """
+    try:
+        host, port = _split_host_port(text, None)
+    except ValueError:
+        raise ValueError(f"{text!r}: a check target is IP:PORT, as 192.0.2.1:443 or [2001:db8::1]:443") from None
+    if not _is_ip(host):
+        raise ValueError(f"{text!r}: a check target is an IP address and a port (names depend on DNS)")
+    return str(ipaddress.ip_address(host)), port
 
 
 @dataclasses.dataclass
 class _Outage:
-    """Why an address sits out, and until when (time.monotonic())."""
+    """Why an address is out, and how it is tried again.
+
+    An outage from a failed connect is retested against ``target`` (what
+    another link reached) at ``retest_at``; one from failed checks has no
+    target: passing checks end it."""
 
     reason: str
-    until: float
+    target: Target | None
+    retest_at: float = math.inf
+    delay: float = RETEST_FIRST
+
+
+@dataclasses.dataclass
+class _CheckRecord:
+    """The checks of one address: how many failed or passed in a row."""
+
+    failed: int = 0
+    passed: int = 0
 
 
 class Health:
-    """Which local addresses sit out after a failure of their link, and why.
+    """Which local addresses are out after a failure of their link, and why;
+    nobody waits to learn that a link is dark.
 
-    An address whose connect failed where another address then got through
-    sits out for ``cooldown`` seconds: new connections avoid it meanwhile.
-    ``clock`` tells monotonic seconds; tests may pass their own.
+    A link whose connect failed where another link then got through is out:
+    new connections avoid it. It is retested in the background, never by a
+    client's connection: ``due_retests()`` hands out what to try (through
+    that link, the target another link reached) RETEST_FIRST seconds after
+    the failure, then twice as long after each failed retest, at most
+    ``cooldown`` apart; the first retest that gets through brings it back.
+    With checks (``check_round()``), a link that fails CHECK_FAILURES_OUT in a
+    row is out until it passes CHECK_SUCCESSES_BACK in a row. ``clock``
+    tells monotonic seconds; tests may pass their own.
     """
 
     def __init__(self, cooldown: float = DEFAULT_COOLDOWN, clock: Callable[[], float] = time.monotonic) -> None:
@@ -1554,43 +1602,111 @@ class Health:
         self.clock = clock
         self._lock = threading.Lock()
         self._outages: dict[LocalAddress, _Outage] = {}
+        self._checks: dict[LocalAddress, _CheckRecord] = {}
+        self._all_failed_told = False
 
-    def is_out(self, address: LocalAddress, now: float | None = None) -> bool:
-        """Whether ``address`` sits out now (or at ``now``)."""
-        outage = self._outages.get(address)
-        return outage is not None and (self.clock() if now is None else now) < outage.until
+    def is_out(self, address: LocalAddress) -> bool:
+        """Whether ``address`` is out."""
+        return address in self._outages
 
     def connected_through(
-        self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = ()
+        self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = (), target: Target | None = None
     ) -> None:
-        """Record that a connect through ``address`` got an answer (the target's
-        or its refusal) where the ``failed`` addresses could not: they sit out
-        for the cooldown, and ``address``, if it was sitting out, is back."""
+        """Record that a connect through ``address`` got an answer (the
+        target's, or its refusal) at ``target`` where the ``failed``
+        addresses could not: they are out, to be retested against it."""
         with self._lock:
-            now = self.clock()
             for down, error in failed:
-                if down is address:
-                    continue
-                self._outages[down] = _Outage(_describe(error), now + self.cooldown)
-                logger.warning("sitting out for %g s: %s: %s", self.cooldown, down.describe(), _describe(error))
-            if self._outages.pop(address, None) is not None:
-                logger.info("back in use: %s", address.describe())
+                if down is not address:
+                    self._put_out(down, _describe(error), target)
+
+    def _put_out(self, address: LocalAddress, reason: str, target: Target | None) -> None:
+        if address in self._outages:
+            return
+        retest_at = self.clock() + RETEST_FIRST if target else math.inf
+        self._outages[address] = _Outage(reason, target, retest_at)
+        again = f"retested in {RETEST_FIRST:g} s" if target else f"back after {CHECK_SUCCESSES_BACK} checks pass"
+        logger.warning("sitting out: %s: %s; %s", address.describe(), reason, again)
+
+    def due_retests(self) -> list[tuple[LocalAddress, Target]]:
+        """The retests to run now: (address, target) each; each is handed
+        out once, until its result comes back."""
+        now = self.clock()
+        with self._lock:
+            due = [(a, o) for a, o in self._outages.items() if o.target is not None and o.retest_at <= now]
+            for _, outage in due:
+                outage.retest_at = math.inf  # under way
+            return [(address, outage.target) for address, outage in due if outage.target is not None]
+
+    def retest_result(self, address: LocalAddress, error: OSError | None) -> None:
+        """The outcome of a retest of ``address``: None if it got through."""
+        with self._lock:
+            outage = self._outages.get(address)
+            if outage is None or outage.target is None:
+                return
+            if error is None:
+                del self._outages[address]
+                reached = _format_endpoint(*outage.target)
+                logger.info("back in use: %s (a retest reached %s)", address.describe(), reached)
+                return
+            outage.delay = min(outage.delay * 2, max(self.cooldown, RETEST_FIRST))
+            outage.retest_at = self.clock() + outage.delay
+            outage.reason = _describe(error)
+            logger.debug("retest of %s failed: %s; again in %g s", address.describe(), outage.reason, outage.delay)
+
+    def check_round(self, results: Mapping[LocalAddress, OSError | None], target: str) -> None:
+        """Take a round of checks: for each address, None if it reached a
+        check target, else the error.
+
+        When every address failed, the check target is taken to be down
+        rather than every link: they keep their state, and the log says so
+        once."""
+        with self._lock:
+            if results and all(error is not None for error in results.values()):
+                if not self._all_failed_told:
+                    self._all_failed_told = True
+                    logger.warning(
+                        "every link failed its check of %s: the check target seems down; "
+                        "the links keep their last state", target,
+                    )
+                return
+            if self._all_failed_told:
+                self._all_failed_told = False
+                logger.info("a link passed its check of %s again", target)
+            for address, error in results.items():
+                self._take_check(address, error, target)
+
+    def _take_check(self, address: LocalAddress, error: OSError | None, target: str) -> None:
+        record = self._checks.setdefault(address, _CheckRecord())
+        if error is None:
+            record.failed, record.passed = 0, record.passed + 1
+            outage = self._outages.get(address)
+            if outage is not None and record.passed >= CHECK_SUCCESSES_BACK:
+                del self._outages[address]
+                logger.info("back in use: %s (passed %d checks of %s)", address.describe(), record.passed, target)
+            return
+        record.failed, record.passed = record.failed + 1, 0
+        if record.failed >= CHECK_FAILURES_OUT:
+            self._put_out(address, f"failed {record.failed} checks of {target}: {_describe(error)}", None)
 
     def state(self, address: LocalAddress) -> tuple[str, str | None]:
-        """("up", None), or ("down", why) while ``address`` sits out."""
+        """("up", None), or ("down", why) while ``address`` is out."""
         outage = self._outages.get(address)
-        now = self.clock()
-        if outage is None or now >= outage.until:
-            # Past its cooldown an address is in use again, though no
-            # connection may have gone through it yet.
+        if outage is None:
             return "up", None
-        return "down", f"{outage.reason}; tried again in {math.ceil(outage.until - now):.0f} s"
+        if outage.target is None:
+            return "down", outage.reason
+        if outage.retest_at == math.inf:
+            return "down", f"{outage.reason}; retesting now"
+        return "down", f"{outage.reason}; retested in {max(0, math.ceil(outage.retest_at - self.clock()))} s"
+
 
 # ---------------------------------------------------------------------------
 # Choice: which local address a new connection gets
 # ---------------------------------------------------------------------------
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 class WeightedRoundRobin(Generic[T]):
@@ -1628,69 +1744,293 @@ class WeightedRoundRobin(Generic[T]):
         return self.items[best]
 
 
-class Balancer:
-    """Chooses the local address of each new connection, per address family,
-    by weighted round robin; addresses that sit out (see Health) are skipped
-    while others are left.
+class MeasuredChoice(Generic[T]):
+    """Weighted least connections, with measured capacities as the weights.
 
-    Holds its lock for the choice alone. ``rebuild()`` takes the addresses
-    to choose from when they change.
+    ``choose()`` returns the candidate with the smallest (open + 1) / capacity:
+    the one that, given the new connection, has the least work queued per
+    byte per second it can carry. For equal downloads started together this
+    is the greedy rule that ends the last of them soonest (each goes where it
+    would finish first): 24 over 1200/1200/400 kB/s gives 11/10/3.
+
+    A capacity never measured counts as the best measured one (1 when none
+    is): a new link gets a full share at once, and is measured under load.
+    No link counts as less than PROBE_FLOOR of the best, so one whose figure
+    is too low (it carried only light traffic) still gets connections under
+    load, which measure it again. Capacities within SAME_WITHIN of a higher
+    one count as that one, so links alike but measured a few per cent apart
+    take turns. Ties go to the first tied candidate at or after a cursor that
+    moves past each choice: with equal state, N choices over N candidates
+    visit each once. Not thread safe: callers hold a lock.
     """
 
-    def __init__(self, addresses: Sequence[LocalAddress], health: Health) -> None:
-        self.health = health
+    PROBE_FLOOR = 0.1
+    SAME_WITHIN = 0.1
+
+    def __init__(self) -> None:
+        self._cursor = 0
+
+    def choose(
+        self, candidates: Sequence[T], open_count: Callable[[T], int], capacity: Callable[[T], float | None]
+    ) -> T:
+        """The candidate for a new connection; ValueError if there is none."""
+        if not candidates:
+            raise ValueError("no candidate to choose from")
+        capacities = self._assumed([capacity(candidate) for candidate in candidates])
+        # Equal ratios of equal inputs are equal floats: == finds the ties.
+        loads = [(open_count(candidate) + 1) / assumed for candidate, assumed in zip(candidates, capacities)]
+        least = min(loads)
+        start = self._cursor % len(candidates)
+        index = next(i % len(loads) for i in range(start, start + len(loads)) if loads[i % len(loads)] == least)
+        self._cursor = index + 1
+        return candidates[index]
+
+    @classmethod
+    def _assumed(cls, measured: Sequence[float | None]) -> list[float]:
+        """The capacities the choice works with (see the class's docstring)."""
+        known = [capacity for capacity in measured if capacity is not None and capacity > 0]
+        best = max(known, default=1.0)
+        assumed = [
+            best if capacity is None or capacity <= 0 else max(capacity, best * cls.PROBE_FLOOR)
+            for capacity in measured
+        ]
+        heads: list[float] = []
+        for capacity in sorted(set(assumed), reverse=True):
+            if not heads or capacity < heads[-1] * (1 - cls.SAME_WITHIN):
+                heads.append(capacity)
+        # A capacity counts as the lowest head not below it: the group it fell in.
+        return [min(head for head in heads if head >= capacity) for capacity in assumed]
+
+
+# Public suffixes of more than one label that the generic rule below misses:
+# a compact stand-in for the Public Suffix List, with the suffixes that hold
+# most of the sites people open (country second levels, and hosting domains
+# where every customer is a site of its own).
+MULTI_LABEL_SUFFIXES = frozenset({
+    "me.uk", "ltd.uk", "plc.uk", "nhs.uk", "sch.uk", "police.uk", "id.au", "asn.au", "govt.nz",
+    "school.nz", "geek.nz", "kiwi.nz", "ad.jp", "ed.jp", "gr.jp", "lg.jp", "gen.in", "firm.in", "ind.in",
+    "nic.in", "res.in", "re.kr", "pe.kr", "mil.kr", "muni.il", "idf.il", "web.id", "sch.id", "my.id",
+    "in.th", "mi.th", "gv.at",
+    "github.io", "gitlab.io", "githubusercontent.com", "readthedocs.io", "blogspot.com", "appspot.com",
+    "firebaseapp.com", "web.app", "herokuapp.com", "cloudfront.net", "s3.amazonaws.com",
+    "elasticbeanstalk.com", "azurewebsites.net", "cloudapp.net", "azureedge.net", "trafficmanager.net",
+    "netlify.app", "vercel.app", "pages.dev", "workers.dev", "fly.dev", "onrender.com", "glitch.me",
+    "repl.co", "ngrok.io", "duckdns.org", "dyndns.org", "no-ip.org",
+})
+# The generic rule: a two-letter country code under one of these is a public
+# suffix (co.uk, com.au, ne.jp, or.at, go.kr, ac.za, edu.pl, gov.br ...).
+GENERIC_SECOND_LEVELS = frozenset({"co", "com", "net", "org", "gov", "edu", "ac", "or", "ne", "go"})
+_LONGEST_SUFFIX = max(suffix.count(".") + 1 for suffix in MULTI_LABEL_SUFFIXES)
+
+
+def registrable_domain(host: str) -> str:
+    """The site ``host`` belongs to: its registrable domain, lower case.
+
+    www.example.co.uk and api.example.co.uk are both example.co.uk;
+    a.user.github.io is user.github.io. An IP address is its own site; a
+    name that is itself a public suffix, or has one label, stands for itself.
+    """
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if _is_ip(name):
+        return ipaddress.ip_address(name).compressed
+    labels = name.split(".")
+    for size in range(min(_LONGEST_SUFFIX, len(labels) - 1), 1, -1):
+        suffix = labels[-size:]
+        generic = size == 2 and len(suffix[1]) == 2 and suffix[1].isalpha() and suffix[0] in GENERIC_SECOND_LEVELS
+        if generic or ".".join(suffix) in MULTI_LABEL_SUFFIXES:
+            return ".".join(labels[-size - 1 :])
+    return ".".join(labels[-2:])
+
+
+class StickyTable(Generic[K]):
+    """Which link each (client, site) went through, for ``seconds`` after last use.
+
+    A site's servers often tie a login to the address they saw, so its
+    connections keep leaving from one link. At most ``max_entries`` are kept,
+    the least recently used dropped first: memory stays flat under a flood
+    of names. Thread safe.
+    """
+
+    def __init__(self, seconds: float, max_entries: int = 4096) -> None:
+        if seconds <= 0 or max_entries < 1:
+            raise ValueError("seconds and max_entries must be positive")
+        self.seconds = seconds
+        self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._rounds: dict[socket.AddressFamily, WeightedRoundRobin[LocalAddress]] = {}
+        # (client, site) -> (link, last use); least recently used first.
+        self._entries: collections.OrderedDict[tuple[str, str], tuple[K, float]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def get(self, client: str, site: str, now: float) -> K | None:
+        """The link ``client`` last used for ``site``, unless expired; a find is a use."""
+        with self._lock:
+            entry = self._entries.get((client, site))
+            if entry is None:
+                return None
+            if now - entry[1] > self.seconds:
+                del self._entries[client, site]
+                return None
+            self._entries[client, site] = (entry[0], now)
+            self._entries.move_to_end((client, site))
+            return entry[0]
+
+    def put(self, client: str, site: str, key: K, now: float) -> None:
+        """Record that ``client`` reaches ``site`` through link ``key``."""
+        with self._lock:
+            self._entries[client, site] = (key, now)
+            self._entries.move_to_end((client, site))
+            # Least recently used first: the expired ones, then the overflow.
+            while self._entries:
+                oldest_use = next(iter(self._entries.values()))[1]
+                if now - oldest_use <= self.seconds and len(self._entries) <= self.max_entries:
+                    break
+                self._entries.popitem(last=False)
+
+
+class Balance(enum.Enum):
+    """How the balancer chooses."""
+
+    MEASURED = "measured"  # least open work for the measured capacity
+    ROUND_ROBIN = "round-robin"  # weighted round robin, weight 1 where none is given
+
+
+@dataclasses.dataclass(frozen=True)
+class Affinity:
+    """Who asks for a connection to what: a client and the site of its
+    target, for sticky sites."""
+
+    client: str
+    site: str
+
+
+class Balancer:
+    """Chooses the local address of each new connection, per address family.
+
+    Addresses that are out (see Health) are skipped while others are left;
+    backup addresses are used only while no primary one of the family is up.
+    Among the rest, ``Balance.ROUND_ROBIN`` takes turns by weight, and
+    ``Balance.MEASURED`` gives the connection to the address with the least
+    open work for its ``capacity`` (bytes per second, None while unknown).
+    With a ``sticky`` table, a client's connections to one site keep the
+    address the site had while it can take them.
+
+    Each address handed out counts as taken until ``release()``: open work
+    is counted from the moment of the choice, so a burst of connections
+    chosen at once spreads. Holds its lock for the choice alone.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[LocalAddress],
+        health: Health,
+        *,
+        balance: Balance = Balance.ROUND_ROBIN,
+        capacity: Callable[[LocalAddress], float | None] = lambda address: None,
+        sticky: StickyTable[LocalAddress] | None = None,
+    ) -> None:
+        self.health = health
+        self.balance = balance
+        self.capacity = capacity
+        self.sticky = sticky
+        self._lock = threading.Lock()
+        self._taken: collections.Counter[LocalAddress] = collections.Counter()
+        self._rounds: dict[tuple[socket.AddressFamily, bool], WeightedRoundRobin[LocalAddress]] = {}
+        self._measured: dict[socket.AddressFamily, MeasuredChoice[LocalAddress]] = {}
         self.rebuild(addresses)
 
     def rebuild(self, addresses: Sequence[LocalAddress]) -> None:
         """Choose from ``addresses`` from now on."""
         rounds = {}
         for family in (socket.AF_INET, socket.AF_INET6):
-            pool = [address for address in addresses if address.family == family]
-            if pool:
-                rounds[family] = WeightedRoundRobin(pool, [address.weight for address in pool])
+            for backup in (False, True):
+                pool = [a for a in addresses if a.family == family and a.backup == backup]
+                if pool:
+                    rounds[family, backup] = WeightedRoundRobin(pool, [a.weight for a in pool])
         with self._lock:
             self._rounds = rounds
+            self._measured = {family: MeasuredChoice() for family, _ in rounds}
 
     @property
     def families(self) -> frozenset[socket.AddressFamily]:
         """The address families there are local addresses for."""
-        return frozenset(self._rounds)
+        return frozenset(family for family, _ in self._rounds)
 
-    def next(self, family: socket.AddressFamily) -> LocalAddress:
+    def taken(self, address: LocalAddress) -> int:
+        """How many connections hold ``address`` now (connecting or open)."""
+        return self._taken[address]
+
+    def release(self, address: LocalAddress) -> None:
+        """A connection given ``address`` has ended (or failed to connect)."""
+        with self._lock:
+            self._taken[address] -= 1
+            if self._taken[address] <= 0:
+                del self._taken[address]
+
+    def next(self, family: socket.AddressFamily, affinity: Affinity | None = None) -> LocalAddress:
         """The local address for a new connection of ``family``.
 
         Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
         """
-        chosen = self.alternative(family, ())
+        chosen = self.alternative(family, (), affinity)
         if chosen is None:
             raise SocksError(
                 Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"no {_family_name(family)} local address to dispatch to"
             )
         return chosen
 
-    def alternative(self, family: socket.AddressFamily, tried: Collection[LocalAddress]) -> LocalAddress | None:
-        """Another address of ``family`` for a connection that failed through
-        the ``tried`` ones, or None when every address has been tried."""
-        now = self.health.clock()
+    def alternative(
+        self, family: socket.AddressFamily, tried: Collection[LocalAddress], affinity: Affinity | None = None
+    ) -> LocalAddress | None:
+        """Another address of ``family`` for a connection that failed (or is
+        slow) through the ``tried`` ones; None when every address was tried."""
         with self._lock:
-            rounds = self._rounds.get(family)
+            chosen = self._choose(family, tried, affinity)
+            if chosen is not None:
+                self._taken[chosen] += 1
+        if chosen is not None and affinity is not None and self.sticky is not None:
+            self.sticky.put(affinity.client, affinity.site, chosen, self.health.clock())
+        return chosen
+
+    def _choose(
+        self, family: socket.AddressFamily, tried: Collection[LocalAddress], affinity: Affinity | None
+    ) -> LocalAddress | None:
+        # The primaries that are up; else the backups that are; else, rather
+        # than fail, those that are out, primaries first.
+        for backup, up_only in ((False, True), (True, True), (False, False), (True, False)):
+            rounds = self._rounds.get((family, backup))
             if rounds is None:
-                return None
-            # One full period visits every address; skipping some keeps the
-            # others in their weights' proportions.
-            for _ in range(rounds.period):
-                address = rounds.next()
-                if address not in tried and not self.health.is_out(address, now):
-                    return address
-            # A full period leaves the rotation as it was. Every address left
-            # is sitting out: try them anyway, in turn, rather than fail.
-            for _ in range(rounds.period):
-                address = rounds.next()
-                if address not in tried:
-                    return address
-            return None
+                continue
+            candidates = [
+                a for a in rounds.items if a not in tried and not (up_only and self.health.is_out(a))
+            ]
+            if candidates:
+                return self._pick(family, rounds, candidates, affinity)
+        return None
+
+    def _pick(
+        self,
+        family: socket.AddressFamily,
+        rounds: WeightedRoundRobin[LocalAddress],
+        candidates: list[LocalAddress],
+        affinity: Affinity | None,
+    ) -> LocalAddress:
+        if affinity is not None and self.sticky is not None:
+            kept = self.sticky.get(affinity.client, affinity.site, self.health.clock())
+            if kept in candidates:
+                return kept
+        if self.balance == Balance.MEASURED:
+            return self._measured[family].choose(candidates, self._taken.__getitem__, self.capacity)
+        # One full period visits every address; skipping some keeps the
+        # others in their weights' proportions.
+        for _ in range(rounds.period):
+            address = rounds.next()
+            if address in candidates:
+                return address
+        return candidates[0]  # not reached: a full period visits every item
+
 
 # ---------------------------------------------------------------------------
 # Meter: per-address counters, rates and history
@@ -1709,6 +2049,16 @@ class Counters:
     open: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """What one address moved between two samples of the meter, and when."""
+
+    up: int
+    down: int
+    opened: int  # connections
+    at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1737,6 +2087,7 @@ class Meter:
         self._history: collections.deque[tuple[float, dict[LocalAddress, tuple[int, int]]]] = collections.deque(
             [(clock(), {})], maxlen=HISTORY_LENGTH + 1
         )
+        self._connections: dict[LocalAddress, int] = {}  # opened in all, at the last sample
 
     def _of(self, address: LocalAddress) -> Counters:
         counters = self._counters.get(address)
@@ -1768,11 +2119,25 @@ class Meter:
             counters.bytes_up += up
             counters.bytes_down += down
 
-    def sample(self) -> None:
-        """Keep the byte counts of now, for rates and history."""
+    def sample(self) -> dict[LocalAddress, Sample]:
+        """Keep the byte counts of now, for rates and history; return what
+        each address moved since the previous sample."""
         with self._lock:
+            now = self.clock()
             counts = {address: (c.bytes_up, c.bytes_down) for address, c in self._counters.items()}
-            self._history.append((self.clock(), counts))
+            connections = {address: c.connections for address, c in self._counters.items()}
+            then, before = self._history[-1]
+            opened_before, self._connections = self._connections, connections
+            self._history.append((now, counts))
+        return {
+            address: Sample(
+                up - before.get(address, (0, 0))[0],
+                down - before.get(address, (0, 0))[1],
+                connections[address] - opened_before.get(address, 0),
+                now,
+            )
+            for address, (up, down) in counts.items()
+        }
 
     def read(self, address: LocalAddress) -> Reading:
         """The counters of ``address`` and its rates over the last interval or two."""
@@ -1803,11 +2168,80 @@ class Meter:
             down.append((new_down - old_down) / elapsed)
         return up, down
 
+class CapacityEstimator:
+    """Estimates what each link can carry (bytes per second) from what it
+    delivered while it was busy.
+
+    The meter's sampler calls ``add()`` for every address at each sample,
+    with what it moved since the previous one and whether it was busy
+    (connections open or opened meanwhile). The rule:
+
+    - Only busy samples are evidence: an idle link says nothing about what
+      it could carry, so idle time neither raises nor lowers its estimate.
+    - A busy sample's rate is its larger direction over the time since the
+      previous sample, taken with the previous sample when that was busy
+      too: the relay counts bytes in pieces of up to a megabyte, so one
+      interval alone may read high or low.
+    - What a link delivered is a lower bound of what it can carry (it may
+      have been busy part of the time, or its connections wanted less), so
+      the estimate is a peak, never a mean. The peak decays, halving every
+      HALF_LIFE seconds of busy time; a rate above the decayed peak replaces
+      it. A link that got faster shows it at its next saturated interval;
+      one that got slower sheds the old figure within two half-lives of
+      traffic (1,200 to 400 kB/s in about 48 s): within a batch or two.
+    - A busy interval under MIN_RATE is a trickle (an idle keep-alive, a
+      chat), not a measurement: it cannot raise or set the peak, and decays
+      it only at the slow TRICKLE_HALF_LIFE. Short connections on loopback
+      leave every link unmeasured, so the choice keeps taking turns.
+
+    ``estimate()`` is None until a link's first sample at MIN_RATE or more.
+    Thread safe.
+    """
+
+    HALF_LIFE = 30.0
+    MIN_RATE = 32_000.0  # bytes per second: 256 kbit/s
+    TRICKLE_HALF_LIFE = 300.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Per address: the time of its last sample, the previous busy sample
+        # (bytes, seconds), and the decayed peak.
+        self._last: dict[LocalAddress, float] = {}
+        self._previous_busy: dict[LocalAddress, tuple[int, float]] = {}
+        self._peaks: dict[LocalAddress, float] = {}
+
+    def add(self, address: LocalAddress, sample: Sample, busy: bool) -> None:
+        """Take one sample of ``address``."""
+        with self._lock:
+            last, self._last[address] = self._last.get(address), sample.at
+            if last is None or sample.at <= last or not busy:
+                self._previous_busy.pop(address, None)
+                return
+            elapsed, moved = sample.at - last, max(sample.up, sample.down)
+            before_moved, before_elapsed = self._previous_busy.get(address, (0, 0.0))
+            self._previous_busy[address] = (moved, elapsed)
+            rate = (moved + before_moved) / (elapsed + before_elapsed)
+            measured = rate >= self.MIN_RATE
+            peak = self._peaks.get(address)
+            if peak is not None:
+                peak *= 0.5 ** (elapsed / (self.HALF_LIFE if measured else self.TRICKLE_HALF_LIFE))
+                self._peaks[address] = peak
+            if measured and (peak is None or rate > peak):
+                self._peaks[address] = rate
+
+    def estimate(self, address: LocalAddress) -> float | None:
+        """What ``address`` can carry, in bytes per second; None while never measured."""
+        return self._peaks.get(address)
+
+
 # ---------------------------------------------------------------------------
 # Upstream: resolve, bind to the device, connect with failover, the lease
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
+# Seconds a connect may go unanswered before the same connect starts from
+# another link: a link that went dark costs a client this, not the timeout.
+DEFAULT_HEDGE = 1.0
 
 
 def _resolve_target(
@@ -1920,6 +2354,17 @@ def _connect_from(
     return sock
 
 
+def _start_connect(local: LocalAddress, target: Target, device: str | None = None) -> socket.socket:
+    """A non-blocking socket bound to ``local`` (and ``device``) whose
+    connect to ``target`` is under way (or done)."""
+    sock = _socket_from(local, socket.SOCK_STREAM, device)
+    error = sock.connect_ex(target)
+    if error and error not in _CONNECT_IN_PROGRESS:
+        sock.close()
+        raise OSError(error, os.strerror(error))
+    return sock
+
+
 def _shutdown_quietly(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # closed already
         sock.shutdown(socket.SHUT_RDWR)
@@ -1954,77 +2399,59 @@ class UpstreamLease:
 class Upstream:
     """Makes the connections to targets: from the address the balancer
     chooses, bound to its device, failing over to other addresses when a
-    link fails. Every socket it hands out is in an UpstreamLease, and
-    ``close_all()`` shuts down those still open (at shutdown).
+    link fails, and racing another link when one is slow to answer. Every
+    socket it hands out is in an UpstreamLease, and ``close_all()`` shuts
+    down those still open (at shutdown).
+
+    ``hedge``: seconds a connect may go unanswered before the same connect
+    starts from another address, the first to get through winning (0: never).
     """
 
-    def __init__(self, balancer: Balancer, meter: Meter, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        balancer: Balancer,
+        meter: Meter,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        hedge: float = DEFAULT_HEDGE,
+    ) -> None:
         self.balancer = balancer
         self.health = balancer.health
         self.meter = meter
         self.connect_timeout = connect_timeout
+        self.hedge = hedge
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
 
-    def connect(self, host: str, port: int, on_attempt: Callable[[LocalAddress], None] | None = None) -> UpstreamLease:
+    def connect(
+        self,
+        host: str,
+        port: int,
+        on_attempt: Callable[[LocalAddress], None] = lambda local: None,
+        client: str | None = None,
+    ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
         When the link of the chosen address fails (unreachable, down, timed
-        out...), the other addresses of the family are tried in turn, and
-        those that failed sit out once another one has got through. Each
+        out...) or is slow, other addresses of the family are tried, and
+        those that failed are out once another one has got through. Each
         address of a name is tried in turn until one connects (a name may
-        resolve to ::1 first while only 127.0.0.1 listens); a connection
-        takes one local address per family. ``on_attempt`` hears of each
-        local address tried. Raises the last error.
+        resolve to ::1 first while only 127.0.0.1 listens). ``on_attempt``
+        hears of each local address tried; ``client`` (an IP address) is who
+        asks, for sticky sites. Raises the last error.
         """
-        chosen: dict[socket.AddressFamily, LocalAddress] = {}
+        affinity = Affinity(client, registrable_domain(host)) if client and self.balancer.sticky else None
         error: OSError = SocksError(Reply.HOST_UNREACHABLE)
         for family, ip in _resolve_target(host, port, self.balancer.families):
-            if family not in chosen:
-                chosen[family] = self.balancer.next(family)
             try:
-                return self._connect_with_failover(chosen, family, ip, port, on_attempt)
+                return _Race(self, family, (ip, port), affinity, on_attempt).run()
             except OSError as failure:
                 error = failure
             # No address reached this target: nothing says the links are to
-            # blame (the target may be down), so none is made to sit out.
+            # blame (the target may be down), so none is made out.
         raise error
-
-    def _connect_with_failover(
-        self,
-        chosen: dict[socket.AddressFamily, LocalAddress],
-        family: socket.AddressFamily,
-        ip: str,
-        port: int,
-        on_attempt: Callable[[LocalAddress], None] | None,
-    ) -> UpstreamLease:
-        local: LocalAddress | None = chosen[family]
-        failed: list[tuple[LocalAddress, OSError]] = []
-        while local is not None:
-            if on_attempt is not None:
-                on_attempt(local)
-            logger.debug("connecting to %s from %s", _format_endpoint(ip, port), local.describe())
-            try:
-                sock = self._with_device(
-                    local, ip, functools.partial(_connect_from, local, ip, port, self.connect_timeout)
-                )
-            except OSError as failure:
-                logger.debug("connecting from %s failed: %s", local.describe(), _describe(failure))
-                self.meter.failed(local)
-                if _is_link_failure(failure):
-                    failed.append((local, failure))
-                    local = self.balancer.alternative(family, [down for down, _ in failed])
-                    continue
-                if _is_target_answer(failure):
-                    self.health.connected_through(local, failed)
-                chosen[family] = local
-                raise
-            self.health.connected_through(local, failed)
-            return self._lease(sock, local)
-        raise failed[-1][1]
 
     def open_udp(self, family: socket.AddressFamily) -> UpstreamLease:
         """A UDP socket from a dispatched local address of ``family`` (or of
@@ -2037,8 +2464,26 @@ class Upstream:
         # Datagrams may go to any target. Those from a loopback address go
         # to loopback ones, which a device-bound socket could not reach; the
         # address itself stands for them.
-        sock = self._with_device(local, local.ip, functools.partial(_socket_from, local, socket.SOCK_DGRAM))
-        return self._lease(sock, local)
+        try:
+            sock = self._with_device(local, local.ip, functools.partial(_socket_from, local, socket.SOCK_DGRAM))
+        except OSError:
+            self.balancer.release(local)
+            raise
+        return self.lease(sock, local)
+
+    def probe(self, local: LocalAddress, target: Target, timeout: float) -> OSError | None:
+        """Connect from ``local`` to ``target`` and hang up, as a retest or a
+        check does; None if the link got an answer (a refusal is one)."""
+        try:
+            opened = self._with_device(local, target[0], functools.partial(_connect_from, local, *target, timeout))
+        except OSError as error:
+            return None if _is_target_answer(error) else error
+        opened.close()
+        return None
+
+    def open_attempt(self, local: LocalAddress, target: Target) -> socket.socket:
+        """A socket from ``local`` whose connect to ``target`` is under way."""
+        return self._with_device(local, target[0], functools.partial(_start_connect, local, target))
 
     def _with_device(
         self, local: LocalAddress, ip: str, open_socket: Callable[[str | None], socket.socket]
@@ -2080,7 +2525,8 @@ class Upstream:
             self._warned.add(key)
         logger.warning(message, *args)
 
-    def _lease(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
+    def lease(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
+        """Hand out ``sock``, connected from ``local`` (which the balancer gave)."""
         with self._lock:
             if self._closing:
                 _shutdown_quietly(sock)  # opened just as the proxy stopped
@@ -2093,6 +2539,7 @@ class Upstream:
         with self._lock:
             self._open.discard(lease.sock)
         self.meter.closed(lease.local)
+        self.balancer.release(lease.local)
 
     def close_all(self) -> None:
         """Shut down every open upstream socket, and each opened from now on."""
@@ -2100,6 +2547,136 @@ class Upstream:
             self._closing = True
             for sock in self._open:
                 _shutdown_quietly(sock)
+
+class _Race:
+    """One connect to a target, from the address the balancer gives; while
+    it goes unanswered for ``hedge`` seconds, the same connect starts from
+    the next address too, and the first to get through wins.
+
+    A link failure (unreachable, down, timed out) starts the next address
+    at once. An answer from the target other than a connection (a refusal)
+    ends the race: another link would get the same. The addresses that
+    failed, and those still silent after ``hedge`` when another got through,
+    are out (Health), retested in the background.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        family: socket.AddressFamily,
+        target: Target,
+        affinity: Affinity | None,
+        on_attempt: Callable[[LocalAddress], None],
+    ) -> None:
+        self.upstream = upstream
+        self.balancer = upstream.balancer
+        self.family = family
+        self.target = target
+        self.affinity = affinity
+        self.on_attempt = on_attempt
+        self.pending: dict[socket.socket, tuple[LocalAddress, float]] = {}  # socket: (address, started)
+        self.tried: list[LocalAddress] = []
+        self.failed: list[tuple[LocalAddress, OSError]] = []
+        self.answer: OSError | None = None  # the target's, final
+
+    def run(self) -> UpstreamLease:
+        """Race until an address gets through; raise the last error if none does."""
+        hedge = self.upstream.hedge or math.inf
+        with _selector() as self.selector:
+            try:
+                self._start(self.balancer.next(self.family, self.affinity))
+                hedge_at = time.monotonic() + hedge
+                while self.answer is None:
+                    if not self.pending:
+                        if not self._start_next():
+                            break
+                        hedge_at = time.monotonic() + hedge
+                        continue
+                    won = self._wait(min(hedge_at, self._first_deadline()))
+                    if won is not None:
+                        return won
+                    if time.monotonic() >= hedge_at:
+                        hedge_at = time.monotonic() + hedge if self._start_next() else math.inf
+            finally:
+                for sock, (local, _) in list(self.pending.items()):
+                    self._drop(sock, local)
+                    self.balancer.release(local)
+        raise self.answer or self.failed[-1][1]
+
+    def _first_deadline(self) -> float:
+        return min(started for _, started in self.pending.values()) + self.upstream.connect_timeout
+
+    def _start(self, local: LocalAddress) -> None:
+        self.tried.append(local)
+        self.on_attempt(local)
+        logger.debug("connecting to %s from %s", _format_endpoint(*self.target), local.describe())
+        try:
+            sock = self.upstream.open_attempt(local, self.target)
+        except OSError as error:
+            self._fail(local, error)
+            return
+        self.pending[sock] = (local, time.monotonic())
+        self.selector.register(sock, selectors.EVENT_WRITE)
+
+    def _start_next(self) -> bool:
+        """Start from another address; False when none is left."""
+        local = self.balancer.alternative(self.family, self.tried, self.affinity)
+        if local is not None:
+            self._start(local)
+        return local is not None
+
+    def _wait(self, until: float) -> UpstreamLease | None:
+        """Wait until ``until`` for the attempts; the lease of a winner, if one got through."""
+        for key, _ in self.selector.select(max(0.0, until - time.monotonic())):
+            sock = key.fileobj
+            if not isinstance(sock, socket.socket):
+                continue
+            local, _ = self.pending[sock]
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not error:
+                return self._win(sock, local)
+            self._drop(sock, local)
+            self._fail(local, OSError(error, os.strerror(error)))
+        now = time.monotonic()
+        for sock, (local, started) in list(self.pending.items()):
+            if now >= started + self.upstream.connect_timeout:
+                self._drop(sock, local)
+                self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
+        return None
+
+    def _fail(self, local: LocalAddress, error: OSError) -> None:
+        logger.debug("connecting from %s failed: %s", local.describe(), _describe(error))
+        self.upstream.meter.failed(local)
+        self.balancer.release(local)
+        if _is_link_failure(error):
+            self.failed.append((local, error))
+            return
+        if _is_target_answer(error):
+            self.upstream.health.connected_through(local, self.failed, self.target)
+        self.answer = error
+
+    def _drop(self, sock: socket.socket, local: LocalAddress) -> None:
+        """Stop an attempt; its address is given back."""
+        self.selector.unregister(sock)
+        del self.pending[sock]
+        sock.close()
+
+    def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
+        self.selector.unregister(sock)
+        del self.pending[sock]
+        self.on_attempt(local)
+        now = time.monotonic()
+        silent = [
+            (other, TimeoutError(errno.ETIMEDOUT, f"no answer in {now - started:.1f} s; {local.ip} got through"))
+            for other, started in self.pending.values()
+            if now - started >= self.upstream.hedge
+        ]
+        for other_sock, (other, _) in list(self.pending.items()):
+            self._drop(other_sock, other)
+            self.balancer.release(other)
+        self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
+        return self.upstream.lease(sock, local)
+
 
 # ---------------------------------------------------------------------------
 # Relay: the two-way copy
@@ -2419,8 +2996,10 @@ class Session:
             self.context.upstream.meter.add(self.record.via, up, down)
 
     def connect(self, host: str, port: int) -> UpstreamLease:
-        """Connect to the target; the record names each local address tried."""
-        return self.context.upstream.connect(host, port, on_attempt=self._via)
+        """Connect to the target; the record names each local address tried,
+        and at last the one that got through."""
+        client = str(_client_ip(_split_host(self.client_address)[0]))
+        return self.context.upstream.connect(host, port, on_attempt=self._via, client=client)
 
     def _via(self, local: LocalAddress) -> None:
         self.record.via = local
@@ -3843,12 +4422,28 @@ class Dispatcher:
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
         pages: bool = True,
+        balance: str | None = None,
+        sticky: float | None = None,
+        checks: Iterable[str] = (),
+        check_interval: float = DEFAULT_CHECK_INTERVAL,
+        hedge: float = DEFAULT_HEDGE,
     ) -> None:
         self.links = LinkSet(resolve_links(addresses))
+        if balance is None:
+            weighted = any(link.weighted for link in self.links.links)
+            balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
+        self.checks = [parse_check_target(check) for check in checks]
+        if check_interval <= 0 or hedge < 0 or (sticky is not None and sticky < 0):
+            raise ValueError("check_interval must be positive; hedge and sticky 0 or more")
+        self.check_interval = check_interval
         self.health = Health(cooldown)
-        self.balancer = Balancer(self.links.addresses, self.health)
+        self.capacity = CapacityEstimator()
+        self.balancer = Balancer(
+            self.links.addresses, self.health, balance=Balance(balance), capacity=self.capacity.estimate,
+            sticky=StickyTable(sticky) if sticky else None,
+        )
         self.meter = Meter()
-        self.upstream = Upstream(self.balancer, self.meter, connect_timeout)
+        self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge)
         self.access = AccessPolicy(credentials, allow)
         self.admission = Admission(
             self.access, default_max_connections() if max_connections is None else max_connections
@@ -3861,7 +4456,10 @@ class Dispatcher:
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
-        self.tasks.add(METER_INTERVAL, self.meter.sample)
+        self.tasks.add(METER_INTERVAL, self._sample)
+        self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
+        if self.checks:
+            self.tasks.add(check_interval, self._check)
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
@@ -3870,6 +4468,47 @@ class Dispatcher:
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
             self.balancer.rebuild(self.links.addresses)
+
+    def _sample(self) -> None:
+        """Sample the meter, and measure each link's capacity by it."""
+        for address, sample in self.meter.sample().items():
+            busy = self.balancer.taken(address) > 0 or sample.opened > 0 or sample.up + sample.down > 0
+            self.capacity.add(address, sample, busy)
+
+    def _retest(self) -> None:
+        """Start the retests that are due, each in a thread of its own."""
+        for address, target in self.health.due_retests():
+            threading.Thread(
+                target=lambda a=address, t=target: self.health.retest_result(
+                    a, self.upstream.probe(a, t, self.upstream.connect_timeout)
+                ),
+                name=f"dispatch-retest-{address.ip}", daemon=True,
+            ).start()
+
+    def _check(self) -> None:
+        """Check every address against the check targets, in a thread of its own."""
+        threading.Thread(target=self._check_round, name="dispatch-checks", daemon=True).start()
+
+    def _check_round(self) -> None:
+        timeout = min(self.check_interval, self.upstream.connect_timeout)
+        results: dict[LocalAddress, OSError | None] = {}
+
+        def check(address: LocalAddress) -> None:
+            error: OSError | None = None
+            for target in self.checks:
+                if _family_of(target[0]) == address.family:
+                    error = self.upstream.probe(address, target, timeout)
+                    if error is None:
+                        break
+            results[address] = error
+
+        threads = [threading.Thread(target=check, args=(a,), daemon=True) for a in self.links.addresses]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout + 1)
+        named = ", ".join(_format_endpoint(*target) for target in self.checks)
+        self.health.check_round(results, named)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -3954,11 +4593,14 @@ class Dispatcher:
         open), bytes each way, and the rates each way in bytes per second
         over the last interval or two (METER_INTERVAL). Reading changes
         nothing: every reader sees the same."""
-        current = set(self.links.addresses)
+        current = self.links.addresses
+        primaries_up = {a.family for a in current if not a.backup and not self.health.is_out(a)}
         rows = []
         for address in self.links.known_addresses():
             reading = self.meter.read(address)
             state, reason = self.health.state(address) if address in current else ("gone", "address gone")
+            if state == "up" and address.backup and address.family in primaries_up:
+                state, reason = "standby", "a primary link is up"
             link = self.links.link_of(address)
             rows.append({
                 "ip": address.ip,
@@ -3975,7 +4617,7 @@ class Dispatcher:
                 "bytes_down": reading.counters.bytes_down,
                 "rate_up": reading.rate_up,
                 "rate_down": reading.rate_down,
-                "capacity": None,
+                "capacity": self.capacity.estimate(address),
             })
         for link in self.links.links:
             if not link.known:
@@ -3999,7 +4641,7 @@ class Dispatcher:
             "version": __version__,
             "uptime": time.monotonic() - self._started,
             "listening": _format_endpoint(*self.address),
-            "balance": "weighted",
+            "balance": self.balancer.balance.value,
             "open_connections": self.open_connections(),
             "refused": self.refused,
             "totals": totals,
@@ -4138,13 +4780,16 @@ def _format_rate(bytes_per_second: float) -> str:
 
 def format_stats(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
-    header = ("ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP")
+    header = (
+        "ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP", "CAPACITY"
+    )
     table = [header] + [
         (
             row["ip"] or "-", row["interface"] or "-", str(row["weight"]), row["state"],
             str(row["open"]), str(row["connections"]),
             format_bytes(row["bytes_down"]), format_bytes(row["bytes_up"]),
             _format_rate(row["rate_down"]), _format_rate(row["rate_up"]),
+            "-" if row.get("capacity") is None else _format_rate(row["capacity"]),
         )
         for row in rows
     ]
@@ -4247,10 +4892,17 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     up = sum(row["bytes_up"] for row in stats)
     down = sum(row["bytes_down"] for row in stats)
     refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
-    return (
+    lines = [
         f"dispatch: stopped after {format_duration(seconds)}: {plural(connections, 'connection')}, "
         f"{format_bytes(up)} up, {format_bytes(down)} down{refused}"
-    )
+    ]
+    for row in stats:
+        capacity = "not measured" if row["capacity"] is None else f"measured {_format_rate(row['capacity'])}"
+        lines.append(
+            f"  {row['ip'] or row['link']} ({row['interface'] or '-'}): {plural(row['connections'], 'connection')}, "
+            f"{row['open']} open, {format_bytes(row['bytes_down'])} down, {capacity}"
+        )
+    return "\n".join(lines)
 
 
 def _credentials(args: argparse.Namespace) -> dict[str, str]:
@@ -4298,6 +4950,11 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             credentials=users,
             allow=args.allow,
             pages=args.pages,
+            balance=args.balance,
+            sticky=args.sticky or None,
+            checks=args.check,
+            check_interval=args.check_interval,
+            hedge=args.hedge,
         )
     except (AddressError, ValueError) as error:
         print(f"dispatch: error: {error}", file=sys.stderr)
@@ -4738,7 +5395,33 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
-        help="after a link failure, leave the address out for this long (default 30)",
+        help="a link that failed is retested 1 s later, then less and less often, at least every SECONDS "
+        "(default 30); it is back as soon as a retest gets through",
+    )
+    start.add_argument(
+        "--balance", choices=[balance.value for balance in Balance],
+        help="how a connection's link is chosen: measured (the least open work for what each link was "
+        "measured to carry; the default without weights) or round-robin (in turn, by the weights; "
+        "the default when any ADDRESS has one)",
+    )
+    start.add_argument(
+        "--sticky", type=_seconds_or_zero, default=0.0, metavar="SECONDS",
+        help="keep a client's connections to one site (example.co.uk) on one link while the site was "
+        "used within SECONDS (default 0: off, so that one site's downloads spread)",
+    )
+    start.add_argument(
+        "--check", action="append", type=_check_target, default=[], metavar="IP:PORT",
+        help="test every link by connecting to this target through it (repeatable): 3 failures in a "
+        "row take a link out, 2 successes bring it back (default: no checks)",
+    )
+    start.add_argument(
+        "--check-interval", type=_seconds, default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
+        help=f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
+    )
+    start.add_argument(
+        "--hedge", type=_seconds_or_zero, default=DEFAULT_HEDGE, metavar="SECONDS",
+        help=f"when a connect has no answer after this long, race it through another link "
+        f"(default {DEFAULT_HEDGE:g}; 0: never)",
     )
     start.add_argument(
         "--no-page", dest="pages", action="store_false",
@@ -4800,6 +5483,14 @@ def _user_password(text: str) -> tuple[str, str]:
     except ValueError as error:
         # The text is not repeated: it may hold a password.
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _check_target(text: str) -> str:
+    try:
+        parse_check_target(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _network(text: str) -> str:

@@ -1433,30 +1433,76 @@ def three_addresses(
     return dispatch.Balancer(addresses, dispatch.Health(30.0, clock)), addresses
 
 
+RETEST_TARGET = ("203.0.113.80", 443)
+
+
 def sit_out(health: dispatch.Health, *addresses: dispatch.LocalAddress) -> None:
-    health.connected_through(dispatch.LocalAddress("10.9.9.9"), [(a, TimeoutError()) for a in addresses])
+    health.connected_through(dispatch.LocalAddress("10.9.9.9"), [(a, TimeoutError()) for a in addresses], RETEST_TARGET)
 
 
-def test_failed_address_sits_out_for_the_cooldown(log: pytest.LogCaptureFixture) -> None:
+def test_failed_address_sits_out_until_a_retest_gets_through(log: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     balancer, addresses = three_addresses(clock)
     health = balancer.health
     dark, live, _ = addresses
-    health.connected_through(live, [(dark, TimeoutError("timed out"))])
-    assert "sitting out for 30 s: 10.0.0.1: timed out" in log.text
+    health.connected_through(live, [(dark, TimeoutError("timed out"))], RETEST_TARGET)
+    assert "sitting out: 10.0.0.1: timed out; retested in 1 s" in log.text
     assert [health.state(a)[0] for a in addresses] == ["down", "up", "up"]
-    assert health.state(dark)[1] == "timed out; tried again in 30 s"
+    assert health.state(dark)[1] == "timed out; retested in 1 s"
     picks = [balancer.next(socket.AF_INET).ip for _ in range(20)]
     assert "10.0.0.1" not in picks
     assert picks.count("10.0.0.2") == picks.count("10.0.0.3") == 10
-    clock.now += 29.9
-    assert "10.0.0.1" not in {balancer.next(socket.AF_INET).ip for _ in range(3)}
-    clock.now += 0.1
-    assert [health.state(a)[0] for a in addresses] == ["up", "up", "up"]  # in use again
-    assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
-    health.connected_through(dark)
-    assert "back in use: 10.0.0.1" in log.text
+    # Retests, never a client, try it: 1 s after the failure, then twice as
+    # long after each failed retest, at most the cooldown (30 s) apart.
+    waits = []
+    for _ in range(7):
+        waited = 0.0
+        while not (due := health.due_retests()):
+            clock.now += 0.5
+            waited += 0.5
+        assert due == [(dark, RETEST_TARGET)]
+        assert health.due_retests() == []  # handed out once
+        assert str(health.state(dark)[1]).endswith("; retesting now")
+        health.retest_result(dark, OSError(errno.EHOSTUNREACH, "No route to host"))
+        waits.append(waited)
+    assert waits == [1, 2, 4, 8, 16, 30, 30]
+    assert health.state(dark) == ("down", "No route to host; retested in 30 s")
+    assert "10.0.0.1" not in {balancer.next(socket.AF_INET).ip for _ in range(6)}
+    clock.now += 30
+    assert health.due_retests() == [(dark, RETEST_TARGET)]
+    health.retest_result(dark, None)
+    assert "back in use: 10.0.0.1 (a retest reached 203.0.113.80:443)" in log.text
     assert health.state(dark) == ("up", None)
+    assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
+
+
+def test_checks_take_a_link_out_after_three_failures_and_back_after_two(log: pytest.LogCaptureFixture) -> None:
+    balancer, (wifi, cable, phone) = three_addresses(FakeClock())
+    health = balancer.health
+    dark = OSError(errno.ETIMEDOUT, "timed out")
+    for _ in range(2):
+        health.check_round({wifi: dark, cable: None, phone: None}, "192.0.2.9:443")
+    assert health.state(wifi) == ("up", None)  # two failures: not yet
+    health.check_round({wifi: dark, cable: None, phone: None}, "192.0.2.9:443")
+    assert health.state(wifi) == ("down", "failed 3 checks of 192.0.2.9:443: timed out")
+    assert health.due_retests() == []  # checks, not retests, bring it back
+    health.check_round({wifi: None, cable: None, phone: None}, "192.0.2.9:443")
+    assert health.is_out(wifi)
+    health.check_round({wifi: None, cable: None, phone: None}, "192.0.2.9:443")
+    assert not health.is_out(wifi)
+    assert "back in use: 10.0.0.1 (passed 2 checks of 192.0.2.9:443)" in log.text
+
+
+def test_when_every_link_fails_its_check_the_target_is_blamed_once(log: pytest.LogCaptureFixture) -> None:
+    balancer, addresses = three_addresses(FakeClock())
+    health = balancer.health
+    down = OSError(errno.ETIMEDOUT, "timed out")
+    for _ in range(5):
+        health.check_round(dict.fromkeys(addresses, down), "192.0.2.9:443")
+    assert [health.state(a)[0] for a in addresses] == ["up", "up", "up"]  # serving on the last state
+    assert log.text.count("every link failed its check of 192.0.2.9:443") == 1
+    health.check_round({addresses[0]: None, addresses[1]: down, addresses[2]: down}, "192.0.2.9:443")
+    assert "a link passed its check of 192.0.2.9:443 again" in log.text
 
 
 def test_when_every_address_sits_out_they_are_tried_anyway_in_turn() -> None:
@@ -1468,7 +1514,7 @@ def test_when_every_address_sits_out_they_are_tried_anyway_in_turn() -> None:
 
 def test_sitting_out_keeps_the_others_in_proportion() -> None:
     balancer, (cable, wifi, phone) = three_addresses(FakeClock(), weights=(3, 3, 1))
-    balancer.health.connected_through(phone, [(wifi, TimeoutError())])
+    balancer.health.connected_through(phone, [(wifi, TimeoutError())], RETEST_TARGET)
     picks = [balancer.next(socket.AF_INET) for _ in range(40)]
     assert (picks.count(cable), picks.count(phone)) == (30, 10)
 
@@ -1712,7 +1758,7 @@ def test_socks4_without_ipv4_local_address_gets_5b(
 
 # Failover, end to end ------------------------------------------------------
 
-def test_link_failure_fails_over_and_the_address_sits_out(
+def test_link_failure_fails_over_and_the_address_is_retested_not_tried_by_clients(
     make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
     log: pytest.LogCaptureFixture,
 ) -> None:
@@ -1720,15 +1766,17 @@ def test_link_failure_fails_over_and_the_address_sits_out(
     # EADDRNOTAVAIL, as when an interface loses its address.
     fake_interfaces.interfaces.update(gone0=["198.51.100.99"], fake1=["127.0.0.3"])
     proxy = make_proxy(["gone0", "fake1"], cooldown=1.5)
+    log.set_level(logging.DEBUG, logger="dispatch")
     assert peers_seen(proxy, peer_server, 4) == ["127.0.0.3"] * 4
-    assert log.text.count("sitting out for 1.5 s: 198.51.100.99 (gone0)") == 1
-    # After the cooldown the address is tried again (and fails again).
-    deadline = time.monotonic() + TIMEOUT
-    while log.text.count("sitting out for 1.5 s") < 2 and time.monotonic() < deadline:
-        assert peers_seen(proxy, peer_server, 1) == ["127.0.0.3"]
-    assert log.text.count("sitting out for 1.5 s") == 2
-    rows = {row["ip"]: row["connections"] for row in proxy.stats()}
-    assert rows["198.51.100.99"] == 0
+    assert log.text.count("sitting out: 198.51.100.99 (gone0): ") == 1
+    assert "retested in 1 s" in log.text
+    # The background retests try it, 1 s after the failure, then at most
+    # the cooldown apart; clients keep going by the other link.
+    assert wait_for(lambda: log.text.count("retest of 198.51.100.99 (gone0) failed") >= 2)
+    assert peers_seen(proxy, peer_server, 2) == ["127.0.0.3"] * 2
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert (rows["198.51.100.99"]["connections"], rows["198.51.100.99"]["failed"]) == (0, 1)  # one client's try
+    assert rows["198.51.100.99"]["state"] == "down"
 
 
 def test_failure_through_every_address_makes_none_sit_out(
@@ -3524,14 +3572,21 @@ def test_stats_table_format() -> None:
     rows = [
         {"ip": "192.168.1.20", "interface": "wlan0", "weight": 3, "state": "up", "open": 12,
          "connections": 340, "bytes_down": 1_234_567_890, "bytes_up": 45_600_000,
-         "rate_down": 1_204_500.0, "rate_up": 30_000.0},
+         "rate_down": 1_204_500.0, "rate_up": 30_000.0, "capacity": 1_250_000.0},
         {"ip": "10.0.0.2", "interface": None, "weight": 1, "state": "sitting out", "open": 0,
-         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0},
+         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": None},
+        {"ip": None, "interface": "usb0", "weight": 1, "state": "waiting", "open": 0,
+         "connections": 0, "bytes_down": 0, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": None},
     ]
     assert dispatch.format_stats(rows).splitlines() == [
-        "ADDRESS       INTERFACE  WEIGHT  STATE        OPEN  TOTAL    DOWN       UP     RATE DOWN    RATE UP",
-        "192.168.1.20  wlan0      3       up             12    340  1.2 GB  45.6 MB  1,204.5 kB/s  30.0 kB/s",
-        "10.0.0.2      -          1       sitting out     0      7   999 B      0 B      0.0 kB/s   0.0 kB/s",
+        "ADDRESS       INTERFACE  WEIGHT  STATE        OPEN  TOTAL    DOWN       UP     RATE DOWN    RATE UP"
+        "      CAPACITY",
+        "192.168.1.20  wlan0      3       up             12    340  1.2 GB  45.6 MB  1,204.5 kB/s  30.0 kB/s"
+        "  1,250.0 kB/s",
+        "10.0.0.2      -          1       sitting out     0      7   999 B      0 B      0.0 kB/s   0.0 kB/s"
+        "             -",
+        "-             usb0       1       waiting         0      0     0 B      0 B      0.0 kB/s   0.0 kB/s"
+        "             -",
     ]
 
 
@@ -4193,7 +4248,7 @@ def test_lab_uplink_counters_show_each_link_carries_its_share(
     metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
     """Without binding to the device, uplinks 2 and 3 do not work at all here."""
-    proxy = lab_proxy(metrics_lab, *(link.client_addr for link in metrics_lab.uplinks))
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
     before = metrics_lab.counters()
     sizes: list[int | str] = []
 
@@ -4248,14 +4303,14 @@ def test_lab_start_without_addresses_uses_every_uplink(
     assert sorted(seen) == sorted([link.client_addr for link in metrics_lab.uplinks] * 2)
 
 
-def test_lab_dark_link_fails_over_then_comes_back_after_the_cooldown(
+def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
     metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
-    connect_timeout, cooldown = 1.0, 2.0
+    """Without --check: a connection that meets the dark link waits one
+    --hedge (1 s), not the connect timeout; a retest brings the link back."""
     dark = metrics_lab.uplink(1)
     proxy = lab_proxy(
-        metrics_lab, "--connect-timeout", str(connect_timeout), "--cooldown", str(cooldown),
-        *(link.client_addr for link in metrics_lab.uplinks),
+        metrics_lab, "--balance", "round-robin", "--cooldown", "2", *(link.client_addr for link in metrics_lab.uplinks)
     )
     metrics_lab.darken(1)
     try:
@@ -4264,15 +4319,16 @@ def test_lab_dark_link_fails_over_then_comes_back_after_the_cooldown(
             started = time.monotonic()
             seen.append(proxy.peer())
             durations.append(time.monotonic() - started)
-        waited = [d for d in durations if d >= connect_timeout]
-        assert 1 <= len(waited) <= 2, durations
-        assert durations[-1] < connect_timeout
+        assert max(durations) < 1.5, durations
+        assert 1 <= len([d for d in durations if d >= 1.0]) <= 2, durations
         assert dark.client_addr not in seen
         assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
-        assert f"sitting out for 2 s: {dark.client_addr} ({dark.client_ifname}): timed out" in proxy.log()
+        assert re.search(rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 1\.\d s",
+                         proxy.log())
     finally:
         metrics_lab.restore(1)
-    deadline = time.monotonic() + cooldown + TIMEOUT
+    # No client tries it: a retest (at most 2 s apart here) brings it back.
+    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (a retest reached" in proxy.log())
+    deadline = time.monotonic() + TIMEOUT
     while proxy.peer() != dark.client_addr:
         assert time.monotonic() < deadline, "the restored link was not used again"
-    assert f"back in use: {dark.client_addr} ({dark.client_ifname})" in proxy.log()
