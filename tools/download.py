@@ -22,10 +22,19 @@ once per routing setup, and measures per round:
 then prints kB/s (1 kB = 1000 bytes) side by side, the ratio to the sum, and
 medians.  ``fetch`` runs a single download (inside a namespace with --netns).
 
+``batch`` compares dispatch's balancing modes (the BATCH_MODES table: measured,
+weighted with weights matching the rates, round robin) per routing setup: in
+each mode, with dispatch running, one warm-up batch and one measured batch of
+equal downloads started together (24 of 2 MB, one connection each; aggregate =
+bytes / time until the last ends), then two uplinks change rates
+(Lab.set_rate: uplink 1 1200->400, uplink 3 400->1200 kB/s), again one warm-up
+and one measured batch.  A mode whose options dispatch lacks is skipped.
+
 Examples (as root, from the project directory)::
 
     python tools/download.py bench --rounds 3
     python tools/download.py bench --setups metrics --rounds 1
+    python tools/download.py batch --setups rules --modes weighted
     python tools/download.py fetch --netns dlab-client --bind-dev dlab-up2 \\
         http://203.0.113.80:8080/file?size=5000000
 """
@@ -457,6 +466,251 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- #
+# Batch: balancing modes side by side, before and after the links change
+# --------------------------------------------------------------------------- #
+
+# How dispatch is started in each mode, from the lab: the one table of mode
+# arguments.  "measured" and "round-robin" need ``--balance``; a dispatch
+# without it is detected from ``start --help`` and the mode is skipped.
+BATCH_MODES = {
+    "measured": lambda lab: [*(link.client_ifname for link in lab.uplinks),
+                             "--balance", "measured"],
+    "weighted": lambda lab: [f"{link.client_ifname}@{weight}"
+                             for link, weight in zip(lab.uplinks, _weights(lab), strict=True)],
+    "round-robin": lambda lab: [*(link.client_ifname for link in lab.uplinks),
+                                "--balance", "round-robin"],
+}
+# Uplink index -> kB/s once the links change: the fast uplink 1 becomes slow
+# and the slow uplink 3 fast, so that weights set for the old rates are wrong.
+DEFAULT_CHANGE = "1:400,3:1200"
+
+
+def _weights(lab: netlab.Lab) -> list[int]:
+    """Weights in proportion to the rates the lab was built with (3, 3, 1)."""
+    slowest = min(link.rate for link in lab.uplinks)
+    return [max(1, round(link.rate / slowest)) for link in lab.uplinks]
+
+
+def _change_arg(text: str) -> dict[int, int]:
+    """'1:400,3:1200' (uplink:kB/s) -> {1: 400000, 3: 1200000}."""
+    change = {}
+    for item in text.split(","):
+        index, _, kbps = item.partition(":")
+        change[int(index)] = int(float(kbps) * 1000)
+    return change
+
+
+@dataclass
+class BatchResult:
+    """Equal downloads started together, one connection each."""
+    count: int
+    size: int
+    done: int = 0  # downloads complete
+    received: int = 0  # bytes, including those of downloads that failed
+    elapsed: float = 0.0  # seconds until the last download ended
+    errors: list[str] = field(default_factory=list)
+    split: dict[int, int] = field(default_factory=dict)  # rx bytes per uplink
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.count
+
+    def summary(self) -> str:
+        state = "complete" if self.complete else f"INCOMPLETE ({self.done}/{self.count})"
+        errors = f", {len(self.errors)} errors (first: {self.errors[0]})" if self.errors else ""
+        split = " ".join(f"{index}:{value / 1e6:.1f}" for index, value in self.split.items())
+        return (f"{self.received / 1e6:.1f} MB in {self.elapsed:.1f}s = "
+                f"{self.rate / 1000:.0f} kB/s, {state}; MB per uplink {split}{errors}")
+
+
+def batch_download(url: str, route: Route, count: int, size: int, deadline: float
+                   ) -> BatchResult:
+    """``count`` downloads of ``size`` bytes of ``url``, each on its own
+    connection, all released at once; the clock stops when the last ends."""
+    result = BatchResult(count, size)
+    lock = threading.Lock()
+    progress = Progress()
+    ready = threading.Barrier(count + 1)
+    ended: list[float] = []
+    started = [0.0]
+
+    def one() -> None:
+        conn: HttpConnection | None = None
+        try:
+            ready.wait(timeout=CONNECT_TIMEOUT)
+            conn = HttpConnection(route, url)
+            body, _ = conn.get_range(0, size - 1, started[0] + deadline, progress)
+            with lock:
+                result.done += len(body) == size
+        except (OSError, ValueError, KeyError, IndexError, threading.BrokenBarrierError) as exc:
+            with lock:
+                result.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if conn:
+                conn.close()
+            with lock:
+                ended.append(time.monotonic())
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    started[0] = time.monotonic()
+    try:
+        ready.wait(timeout=CONNECT_TIMEOUT)
+    except threading.BrokenBarrierError:
+        result.errors.append("the downloads did not all start")
+    for thread in threads:  # each ends by the deadline plus a read timeout
+        thread.join(timeout=max(0.0, started[0] + deadline + READ_TIMEOUT - time.monotonic()))
+    result.received = progress.received
+    result.elapsed = (max(ended) if len(ended) == count else time.monotonic()) - started[0]
+    return result
+
+
+def _start_dispatch(lab: netlab.Lab, args: argparse.Namespace, mode: str
+                    ) -> tuple[subprocess.Popen | None, str]:
+    argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1",
+            "--port", str(args.proxy_port), *BATCH_MODES[mode](lab)]
+    with open(args.dispatch_log, "a") as log:
+        log.write(f"\n=== {lab.setup} {mode}: {' '.join(argv)}\n")
+        log.flush()
+        proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=PROJECT_DIR)
+    if lab.wait_for_port(args.proxy_port, timeout=10):
+        return proc, ""
+    _stop(proc)
+    return None, f"dispatch not listening (exit {proc.poll()}, see {args.dispatch_log})"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def _one_batch(lab: netlab.Lab, args: argparse.Namespace, label: str) -> BatchResult:
+    route = Route(ns=lab.client_ns, socks=("127.0.0.1", args.proxy_port))
+    before = lab.counters()
+    result = batch_download(lab.http_url(path=f"/batch?size={args.size}"), route,
+                            args.count, args.size, args.deadline)
+    after = lab.counters()
+    result.split = {i: after[i].rx_bytes - before[i].rx_bytes for i in after}
+    print(f"      {label:<18} {result.summary()}", flush=True)
+    return result
+
+
+def batch_mode(lab: netlab.Lab, args: argparse.Namespace, mode: str
+               ) -> tuple[float | None, float | None, str]:
+    """One mode: warm up, measure, change the rates, warm up, measure again.
+
+    Returns the two aggregate rates (None where a batch did not complete) and
+    a note.  The lab's rates are put back before returning.
+    """
+    original = {link.index: link.rate for link in lab.uplinks}
+    proc, note = _start_dispatch(lab, args, mode)
+    if proc is None:
+        return None, None, note
+    rates: list[float | None] = [None, None]
+    try:
+        for n, phase in enumerate(("before", "after")):
+            if phase == "after":
+                for index, rate in args.change.items():
+                    lab.set_rate(index, rate)
+            _one_batch(lab, args, f"{phase}: warm-up")
+            result = _one_batch(lab, args, f"{phase}: measured")
+            rates[n] = result.rate if result.complete else None
+            if proc.poll() is not None:
+                note = f"dispatch exited ({proc.returncode}, see {args.dispatch_log})"
+                break
+    finally:
+        _stop(proc)
+        for index, rate in original.items():
+            if lab.uplink(index).rate != rate:
+                lab.set_rate(index, rate)
+    return rates[0], rates[1], note
+
+
+def _mode_support(dispatch: str) -> dict[str, str]:
+    """Why each mode cannot run with this dispatch ('' if it can)."""
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
+                          capture_output=True, text=True, timeout=20)
+    probe = netlab.Lab()  # plans only, for the mode arguments
+    missing = {}
+    for mode, arguments in BATCH_MODES.items():
+        options = [arg for arg in arguments(probe) if arg.startswith("--")]
+        absent = [option for option in options if option not in proc.stdout]
+        missing[mode] = f"dispatch has no {', '.join(absent)} option" if absent else ""
+    return missing
+
+
+def _cell(rates: list[float], total: float, runs: int) -> str:
+    if not rates:
+        return "n/a"
+    median = statistics.median(rates)
+    failed = f" [{runs - len(rates)} failed]" if len(rates) < runs else ""
+    return f"{median / 1000:.0f} ({median / total:.0%}){failed}"
+
+
+def print_batch_table(setup: str, args: argparse.Namespace, sums: tuple[float, float],
+                      results: dict[str, list[tuple[float | None, float | None, str]]]) -> None:
+    rounds = max((len(runs) for runs in results.values()), default=0)
+    print(f"\n== setup {setup!r}: {args.count} downloads of {args.size / 1000:.0f} kB at once; "
+          f"links' sum {sums[0] / 1000:.0f} kB/s, after change {sums[1] / 1000:.0f} kB/s; "
+          f"median of {rounds} round(s); kB/s (% of the sum) ==")
+    print(f"{'mode':<12} | {'before':>20} | {'after change':>20} | note")
+    for mode, runs in results.items():
+        before = [run[0] for run in runs if run[0] is not None]
+        after = [run[1] for run in runs if run[1] is not None]
+        notes = sorted({run[2] for run in runs if run[2]})
+        print(f"{mode:<12} | {_cell(before, sums[0], len(runs)):>20} | "
+              f"{_cell(after, sums[1], len(runs)):>20} | {'; '.join(notes)}")
+    print("(tbf shapes the wire rate: TCP goodput tops out near 95 % of the sum)")
+
+
+def batch(args: argparse.Namespace) -> int:
+    ok, reason = netlab.Lab.available()
+    if not ok:
+        print(f"cannot build the lab: {reason}")
+        return 2
+    if not os.path.exists(args.dispatch):
+        print(f"{args.dispatch} does not exist")
+        return 2
+    unsupported = _mode_support(args.dispatch)
+    modes = [mode for mode in args.modes if not unsupported[mode]]
+    for mode in args.modes:
+        if unsupported[mode]:
+            print(f"mode {mode} skipped: {unsupported[mode]}")
+    overall_end = time.monotonic() + args.time_limit
+    for setup in args.setups:
+        with netlab.Lab(name=args.name, setup=setup) as lab:
+            lab.start_http_server(port=netlab.HTTP_PORT, lifetime=args.time_limit + 600)
+            before_sum = sum(link.rate for link in lab.uplinks)
+            after_sum = sum(args.change.get(link.index, link.rate) for link in lab.uplinks)
+            print(f"\n-- setup {setup}: rates {[link.rate // 1000 for link in lab.uplinks]} "
+                  f"kB/s, then {args.change}", flush=True)
+            results: dict[str, list[tuple[float | None, float | None, str]]] = {
+                mode: [] for mode in args.modes}
+            for mode in args.modes:
+                if unsupported[mode]:
+                    results[mode].append((None, None, unsupported[mode]))
+            for n in range(args.rounds):
+                if time.monotonic() > overall_end:
+                    print("  time limit reached, stopping")
+                    break
+                for mode in modes:
+                    print(f"  round {n + 1}, {mode}", flush=True)
+                    results[mode].append(batch_mode(lab, args, mode))
+            print_batch_table(setup, args, (before_sum, after_sum), results)
+    return 0
+
+
 def fetch(args: argparse.Namespace) -> int:
     socks = None
     if args.socks:
@@ -499,6 +753,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--time-limit", type=float, default=900.0,
                    help="no new round starts after this many seconds")
 
+    t = sub.add_parser("batch", help="build the lab and compare balancing modes, "
+                                     "before and after two links change rates")
+    t.add_argument("--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS),
+                   help="comma-separated: rules,metrics")
+    t.add_argument("--modes", type=lambda s: s.split(","), default=list(BATCH_MODES),
+                   help=f"comma-separated: {','.join(BATCH_MODES)}")
+    t.add_argument("--rounds", type=int, default=1, help="rounds per mode; the median is shown")
+    t.add_argument("--size", type=int, default=2_000_000, help="bytes per download")
+    t.add_argument("--count", type=int, default=24, help="downloads per batch, started together")
+    t.add_argument("--change", type=_change_arg, default=_change_arg(DEFAULT_CHANGE),
+                   help="uplink:kB/s to set after the first measurement "
+                        f"(default {DEFAULT_CHANGE})")
+    t.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
+    t.add_argument("--name", default="dlab-batch", help="lab name (namespace prefix)")
+    t.add_argument("--dispatch", default=os.path.join(PROJECT_DIR, "dispatch.py"))
+    t.add_argument("--proxy-port", type=int, default=11081)
+    t.add_argument("--dispatch-log", default="/tmp/dlab-batch-dispatch.log")
+    t.add_argument("--time-limit", type=float, default=1800.0,
+                   help="no new round starts after this many seconds")
+
     f = sub.add_parser("fetch", help="download one URL and print the rate")
     common(f)
     f.add_argument("url")
@@ -510,6 +784,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["bench"]))
     if args.command == "fetch":
         return fetch(args)
+    if args.command == "batch":
+        unknown = set(args.modes) - set(BATCH_MODES)
+        if unknown:
+            parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}")
+        return batch(args)
     if args.command in (None, "bench"):
         if args.command is None:
             args = parser.parse_args(["bench"])

@@ -27,6 +27,8 @@ The lab is made of two Linux network namespaces joined by veth pairs::
 
 * A link can be made *dark* (loses every packet) with a blackhole route for
   its client address on the server side: :meth:`Lab.darken` / :meth:`Lab.restore`.
+* A link's rate can be changed while traffic flows (both directions):
+  :meth:`Lab.set_rate`, or ``netlab.py rate INDEX KBPS``.
 
 Namespaces are named ``<name>-client`` and ``<name>-server`` (default name
 ``dlab``); the veth pairs are created directly inside the namespaces, so
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import http.server
 import os
 import random
@@ -351,9 +354,9 @@ class Lab:
         # The server reaches each client address through the connected /28 of
         # its own uplink, so replies go back on the link they came in on.
 
-    def _shape(self, which: str, ifname: str, rate: int) -> None:
+    def _shape(self, which: str, ifname: str, rate: int, verb: str = "replace") -> None:
         burst, limit = tbf_params(rate)
-        _run(["tc", "-n", self._ns(which), "qdisc", "replace", "dev", ifname, "root",
+        _run(["tc", "-n", self._ns(which), "qdisc", verb, "dev", ifname, "root",
               "tbf", "rate", f"{rate * 8}bit", "burst", str(burst), "limit", str(limit)])
 
     def _build_client_routes(self) -> None:
@@ -417,6 +420,22 @@ class Lab:
         """Undo :meth:`darken` (no-op if the link is not dark)."""
         if self.is_dark(index):
             self._ip("server", "route", "del", "blackhole", f"{self.uplink(index).client_addr}/32")
+
+    # -- rates ----------------------------------------------------------------
+
+    def set_rate(self, index: int, rate: int) -> None:
+        """Shape uplink ``index`` to ``rate`` bytes/s both ways, on the live lab.
+
+        Traffic keeps flowing: ``tc qdisc change`` retunes the tbf of both
+        veth ends in place (packets already queued stay queued), with the
+        burst and limit that :func:`tbf_params` gives for the new rate.
+        """
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, not {rate}")
+        link = self.uplink(index)
+        for which, ifname in (("client", link.client_ifname), ("server", link.server_ifname)):
+            self._shape(which, ifname, int(rate), verb="change")
+        self.uplinks[index - 1] = dataclasses.replace(link, rate=int(rate))
 
     def is_dark(self, index: int) -> bool:
         out = self._ip("server", "route", "show", "type", "blackhole").stdout
@@ -767,6 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for verb in ("darken", "restore"):
         p = sub.add_parser(verb, help=f"{verb} uplink INDEX (1-based)")
         p.add_argument("index", type=int)
+    p = sub.add_parser("rate", help="shape uplink INDEX to KBPS kB/s both ways, traffic flowing")
+    p.add_argument("index", type=int)
+    p.add_argument("kbps", type=float, help="kB/s (1 kB = 1000 bytes)")
     p = sub.add_parser("probe", help="which uplink do bind-addr / bind-dev connections use?")
     p.add_argument("--port", type=int, default=PEER_ECHO_PORT)
     p = sub.add_parser("exec", help="run a command in a namespace: exec client -- CMD...")
@@ -805,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lab.darken(args.index)
     elif args.command == "restore":
         lab.restore(args.index)
+    elif args.command == "rate":
+        lab.set_rate(args.index, int(args.kbps * 1000))
     elif args.command == "probe":
         _probe(lab, args.port)
     elif args.command == "exec":
