@@ -2188,7 +2188,7 @@ class CapacityEstimator:
       HALF_LIFE seconds of busy time; a rate above the decayed peak replaces
       it. A link that got faster shows it at its next saturated interval;
       one that got slower sheds the old figure within two half-lives of
-      traffic (1,200 to 400 kB/s in about 48 s): within a batch or two.
+      traffic (1,200 to 400 kB/s in about 24 s): within a batch.
     - A busy interval under MIN_RATE is a trickle (an idle keep-alive, a
       chat), not a measurement: it cannot raise or set the peak, and decays
       it only at the slow TRICKLE_HALF_LIFE. Short connections on loopback
@@ -2198,7 +2198,7 @@ class CapacityEstimator:
     Thread safe.
     """
 
-    HALF_LIFE = 30.0
+    HALF_LIFE = 15.0
     MIN_RATE = 32_000.0  # bytes per second: 256 kbit/s
     TRICKLE_HALF_LIFE = 300.0
 
@@ -2442,7 +2442,8 @@ class Upstream:
         hears of each local address tried; ``client`` (an IP address) is who
         asks, for sticky sites. Raises the last error.
         """
-        affinity = Affinity(client, registrable_domain(host)) if client and self.balancer.sticky else None
+        sticky = client is not None and self.balancer.sticky is not None
+        affinity = Affinity(client, registrable_domain(host)) if sticky and client else None
         error: OSError = SocksError(Reply.HOST_UNREACHABLE)
         for family, ip in _resolve_target(host, port, self.balancer.families):
             try:
@@ -4456,7 +4457,7 @@ class Dispatcher:
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
-        self.tasks.add(METER_INTERVAL, self._sample)
+        self.tasks.add(METER_INTERVAL, self.sample_meter)
         self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
         if self.checks:
             self.tasks.add(check_interval, self._check)
@@ -4469,9 +4470,15 @@ class Dispatcher:
         if self.links.refresh():
             self.balancer.rebuild(self.links.addresses)
 
-    def _sample(self) -> None:
-        """Sample the meter, and measure each link's capacity by it."""
-        for address, sample in self.meter.sample().items():
+    def sample_meter(self) -> None:
+        """Sample the meter, and measure each link's capacity by it (the
+        background task does every METER_INTERVAL)."""
+        samples = self.meter.sample()
+        now = self.meter.clock()
+        # Every address, those that have carried nothing too: the first
+        # sample of an address only starts its clock.
+        for address in self.links.known_addresses():
+            sample = samples.get(address, Sample(0, 0, 0, now))
             busy = self.balancer.taken(address) > 0 or sample.opened > 0 or sample.up + sample.down > 0
             self.capacity.add(address, sample, busy)
 

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -1529,6 +1530,242 @@ def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
     assert balancer.alternative(socket.AF_INET6, []) is None
 
 
+# Measured balancing, sticky sites, tiers ------------------------------------
+
+KB = 1000  # rates in kB/s, as the lab counts them
+
+
+def feed(estimator: dispatch.CapacityEstimator, link: dispatch.LocalAddress, rate: float, seconds: int,
+         start: float, busy: bool = True) -> float:
+    """Feed ``seconds`` one-second samples of ``rate`` bytes per second from
+    ``start``; return the time of the last."""
+    now = start
+    for _ in range(seconds):
+        now += 1.0
+        estimator.add(link, dispatch.Sample(0, int(rate), 0, now), busy)
+    return now
+
+
+def test_capacity_is_unknown_until_a_busy_sample_and_takes_the_larger_direction() -> None:
+    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
+    feed(estimator, link, 1200 * KB, 5, 0.0, busy=False)
+    assert estimator.estimate(link) is None  # idle: no evidence
+    estimator.add(link, dispatch.Sample(900 * KB, 100 * KB, 1, 6.0), True)
+    assert estimator.estimate(link) == pytest.approx(900 * KB)
+
+
+def test_trickles_do_not_measure_a_link() -> None:
+    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
+    feed(estimator, link, estimator.MIN_RATE / 2, 30, 0.0)
+    assert estimator.estimate(link) is None
+
+
+def test_capacity_follows_a_link_that_got_faster_or_slower() -> None:
+    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
+    now = feed(estimator, link, 400 * KB, 20, 0.0)
+    now = feed(estimator, link, 1200 * KB, 2, now)
+    assert estimator.estimate(link) == pytest.approx(1200 * KB)  # within two saturated seconds
+    now = feed(estimator, link, 400 * KB, 15, now)
+    assert estimator.estimate(link) == pytest.approx(600 * KB)  # one half-life of traffic
+    now = feed(estimator, link, 400 * KB, 10, now)
+    assert estimator.estimate(link) == pytest.approx(400 * KB)  # the new figure, in 25 s
+    feed(estimator, link, 0, 3600, now, busy=False)
+    assert estimator.estimate(link) == pytest.approx(400 * KB)  # idle time changes nothing
+
+
+def short_connections(
+    choice: dispatch.MeasuredChoice[str], capacities: dict[str, float | None], count: int
+) -> list[str]:
+    """Connections one after another, each closed before the next."""
+    return [choice.choose(list(capacities), lambda _: 0, capacities.__getitem__) for _ in range(count)]
+
+
+def allocate(
+    choice: dispatch.MeasuredChoice[str], capacities: dict[str, float | None], count: int
+) -> Counter[str]:
+    """Connections opened together, none closed: how many each link got."""
+    opened: Counter[str] = Counter()
+    for _ in range(count):
+        opened[choice.choose(list(capacities), opened.__getitem__, capacities.__getitem__)] += 1
+    return opened
+
+
+@pytest.mark.parametrize(
+    "capacities",
+    [{"a": None, "b": None, "c": None}, {"a": 5e6, "b": 5e6, "c": 5e6}, {"a": 5.0e6, "b": 4.7e6, "c": 5.2e6}],
+)
+def test_measured_choice_takes_turns_over_links_alike(capacities: dict[str, float | None]) -> None:
+    assert short_connections(dispatch.MeasuredChoice(), capacities, 6) == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_measured_choice_gives_equal_downloads_where_they_finish_soonest() -> None:
+    capacities: dict[str, float | None] = {"a": 1200 * KB, "b": 1200 * KB, "c": 400 * KB}
+    opened = allocate(dispatch.MeasuredChoice(), capacities, 24)
+    assert sorted(opened.values()) == [3, 10, 11]
+    finish = max(opened[link] / (capacity or 1) for link, capacity in capacities.items())
+    best = min(
+        max(n / (c or 1) for n, c in zip(split, capacities.values()))
+        for split in itertools.product(range(25), repeat=3) if sum(split) == 24
+    )
+    assert finish == pytest.approx(best)
+
+
+def test_an_unmeasured_link_counts_as_the_best_and_a_low_one_still_gets_some() -> None:
+    opened = allocate(dispatch.MeasuredChoice(), {"a": 1200 * KB, "b": None, "c": 400 * KB}, 24)
+    assert abs(opened["a"] - opened["b"]) <= 1 and opened["c"] == 3
+    # "b" carried only light traffic; the connections it gets measure it again.
+    assert allocate(dispatch.MeasuredChoice(), {"a": 1200 * KB, "b": 40 * KB}, 24)["b"] >= 1
+
+
+@pytest.mark.parametrize(("host", "site"), [
+    ("www.example.co.uk", "example.co.uk"), ("api.example.co.uk", "example.co.uk"), ("co.uk", "co.uk"),
+    ("WWW.Example.COM.", "example.com"), ("a.b.c.example.com", "example.com"), ("localhost", "localhost"),
+    ("cdn.shop.com.au", "shop.com.au"), ("www.yahoo.co.jp", "yahoo.co.jp"), ("m.naver.co.kr", "naver.co.kr"),
+    ("shop.example.com.br", "example.com.br"), ("www.example.me.uk", "example.me.uk"),
+    ("docs.user.github.io", "user.github.io"), ("github.io", "github.io"), ("a.b.cloudfront.net", "b.cloudfront.net"),
+    ("img.bucket.s3.amazonaws.com", "bucket.s3.amazonaws.com"), ("www.example.de", "example.de"),
+    ("93.184.216.34", "93.184.216.34"), ("2001:DB8::0:1", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
+])
+def test_a_site_is_the_registrable_domain(host: str, site: str) -> None:
+    assert dispatch.registrable_domain(host) == site
+
+
+def test_sticky_table_expires_and_stays_bounded() -> None:
+    table: dispatch.StickyTable[str] = dispatch.StickyTable(seconds=60, max_entries=4096)
+    table.put("10.0.0.5", "example.com", "wlan0", now=0.0)
+    assert table.get("10.0.0.5", "example.com", now=50.0) == "wlan0"  # a use: the clock restarts
+    assert table.get("10.0.0.6", "example.com", now=50.0) is None  # per client
+    assert table.get("10.0.0.5", "example.com", now=110.5) is None
+    for number in range(50_000):  # a flood of names
+        table.put("c", f"site{number}.example", "eth0", now=200 + number / 1000)
+    assert len(table) == 4096
+    assert table.get("c", "site49999.example", now=250.0) == "eth0"
+    assert table.get("c", "site0.example", now=250.0) is None
+
+
+def test_backups_carry_nothing_while_a_primary_is_up() -> None:
+    clock = FakeClock()
+    wifi, cable = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
+    phone, phone2 = dispatch.LocalAddress("10.0.0.3", backup=True), dispatch.LocalAddress("10.0.0.4", backup=True)
+    balancer = dispatch.Balancer([wifi, cable, phone, phone2], dispatch.Health(30.0, clock))
+    assert {balancer.next(socket.AF_INET).ip for _ in range(10)} == {"10.0.0.1", "10.0.0.2"}
+    sit_out(balancer.health, wifi)
+    assert {balancer.next(socket.AF_INET).ip for _ in range(10)} == {"10.0.0.2"}
+    sit_out(balancer.health, cable)
+    # No primary up: the backups, balanced among themselves.
+    assert Counter(balancer.next(socket.AF_INET).ip for _ in range(10)) == {"10.0.0.3": 5, "10.0.0.4": 5}
+    # A connection that failed through the only primary up goes to a backup.
+    balancer.health.retest_result(wifi, None)
+    assert balancer.alternative(socket.AF_INET, [wifi]) in (phone, phone2)
+
+
+def test_a_sticky_site_keeps_its_link_while_it_is_up() -> None:
+    links = [dispatch.LocalAddress(f"10.0.0.{n}") for n in (1, 2, 3)]
+    balancer = dispatch.Balancer(links, dispatch.Health(30.0, FakeClock()), sticky=dispatch.StickyTable(600))
+    bank = dispatch.Affinity("192.168.1.5", "bank.example")
+    first = balancer.next(socket.AF_INET, bank)
+    others = [balancer.next(socket.AF_INET, dispatch.Affinity("192.168.1.5", f"s{n}.example")) for n in range(6)]
+    assert len(set(others)) == 3  # different sites still spread
+    assert [balancer.next(socket.AF_INET, bank) for _ in range(5)] == [first] * 5
+    sit_out(balancer.health, first)  # its link failed: the site moves, and sticks there
+    moved = balancer.next(socket.AF_INET, bank)
+    assert moved is not first
+    balancer.health.retest_result(first, None)
+    assert [balancer.next(socket.AF_INET, bank) for _ in range(3)] == [moved] * 3
+
+
+def test_a_connection_counts_from_the_moment_it_is_given_an_address() -> None:
+    """A burst chosen before any connect ends spreads by capacity."""
+    links = {dispatch.LocalAddress(f"10.0.0.{n}"): rate * KB for n, rate in ((1, 1200), (2, 1200), (3, 400))}
+    balancer = dispatch.Balancer(list(links), dispatch.Health(), balance=dispatch.Balance.MEASURED,
+                                 capacity=links.__getitem__)
+    burst = Counter(balancer.next(socket.AF_INET).ip for _ in range(24))
+    assert sorted(burst.values()) == [3, 10, 11]
+    for address in links:
+        for _ in range(burst[address.ip]):
+            balancer.release(address)
+        assert balancer.taken(address) == 0
+
+
+# The evidence that measured balancing is good: a fluid model of three links
+# that share their rate equally among their open downloads, with the meter's
+# samples fed to the estimator as the proxy does.
+
+DOWNLOAD_SIZE = 2_000_000
+DOWNLOADS = 24
+RATES = (1200 * KB, 1200 * KB, 400 * KB)
+SWAPPED = (400 * KB, 1200 * KB, 1200 * KB)  # uplink 1 1200->400, uplink 3 400->1200
+
+
+class FluidLinks:
+    def __init__(self, rates: Sequence[float], estimator: dispatch.CapacityEstimator, noise: float) -> None:
+        self.rates = list(rates)
+        self.estimator = estimator
+        self.links = [dispatch.LocalAddress(f"10.0.0.{n}") for n in range(len(rates))]
+        self.now, self.next_sample = 0.0, dispatch.METER_INTERVAL
+        self.delivered, self.busy = [0.0] * len(rates), [False] * len(rates)
+        self.random, self.noise = random.Random(1), noise
+        self.factors = self.draw()
+        for link in self.links:
+            estimator.add(link, dispatch.Sample(0, 0, 0, 0.0), False)
+
+    def draw(self) -> list[float]:
+        return [1 + self.random.uniform(-self.noise, self.noise) for _ in self.rates]
+
+    def sample(self) -> None:
+        for index, link in enumerate(self.links):
+            self.estimator.add(link, dispatch.Sample(0, round(self.delivered[index]), 0, self.next_sample),
+                               self.busy[index])
+        self.delivered, self.busy = [0.0] * len(self.rates), [False] * len(self.rates)
+        self.factors = self.draw()
+        self.next_sample += dispatch.METER_INTERVAL
+
+    def run(self, placement: Sequence[int]) -> float:
+        """One download per entry of ``placement`` (its link), all at once;
+        the seconds until the last is done."""
+        started, remaining = self.now, dict.fromkeys(range(len(placement)), float(DOWNLOAD_SIZE))
+        while remaining:
+            sharing = Counter(placement[download] for download in remaining)
+            speed = {link: self.rates[link] * self.factors[link] / count for link, count in sharing.items()}
+            step = min(self.next_sample - self.now, *(left / speed[placement[d]] for d, left in remaining.items()))
+            for link, count in sharing.items():
+                self.busy[link] = True
+                self.delivered[link] += speed[link] * step * count
+            for download in list(remaining):
+                remaining[download] -= speed[placement[download]] * step
+                if remaining[download] <= 1e-9 * DOWNLOAD_SIZE:
+                    del remaining[download]
+            self.now += step
+            if self.now >= self.next_sample - 1e-9:
+                self.sample()
+        return self.now - started
+
+
+def batch_share(links: FluidLinks, balancer: dispatch.Balancer) -> float:
+    """One batch placed by ``balancer``; its rate as a share of the links' sum."""
+    chosen = [balancer.next(socket.AF_INET) for _ in range(DOWNLOADS)]
+    seconds = links.run([links.links.index(address) for address in chosen])
+    for address in chosen:
+        balancer.release(address)
+    return DOWNLOADS * DOWNLOAD_SIZE / seconds / sum(links.rates)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_measured_balancing_reaches_85_percent_of_the_sum_before_and_after_a_change(noise: float) -> None:
+    shares = {}
+    for balance in dispatch.Balance:
+        links = FluidLinks(RATES, dispatch.CapacityEstimator(), noise)
+        balancer = dispatch.Balancer(links.links, dispatch.Health(), balance=balance, capacity=links.estimator.estimate)
+        batch_share(links, balancer)  # warm-up
+        before = batch_share(links, balancer)
+        links.rates = list(SWAPPED)
+        batch_share(links, balancer)
+        shares[balance] = (before, batch_share(links, balancer))
+    measured, round_robin = shares[dispatch.Balance.MEASURED], shares[dispatch.Balance.ROUND_ROBIN]
+    assert min(measured) >= 0.85, measured
+    assert max(round_robin) < 0.65, round_robin
+
+
 # Balancing, end to end -----------------------------------------------------
 
 def test_weights_7_3_interleave_end_to_end(make_proxy: Callable[..., Dispatcher], peer_server: Server) -> None:
@@ -1555,6 +1792,78 @@ def test_each_family_has_its_own_rotation(
         with client_through(proxy, (target.host, target.port)) as client:
             seen.append(read_all(client).decode())
     assert seen == ["127.0.0.2", "::1", "127.0.0.3", "::1", "127.0.0.2"]
+
+
+def connect_peer(proxy: Dispatcher, host: str, port: int) -> str:
+    """The source address a peer-reporting server sees through an HTTP CONNECT tunnel."""
+    with raw_client(proxy) as sock:
+        sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        reader = dispatch.DeadlineReader(sock)
+        assert dispatch.read_head(reader)[0] == "HTTP/1.1 200 Connection established"
+        return (reader.rest() + read_all(sock)).decode()
+
+
+def test_a_sticky_site_leaves_by_one_link_whatever_the_protocol(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, origin: str, fake_names: dict[str, list[str]]
+) -> None:
+    for name in ("www.bank.test", "api.bank.test", *(f"s{n}.test" for n in range(6))):
+        fake_names[name] = ["127.0.0.1"]
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3", "127.0.0.4"], sticky=600)
+    target = ("www.bank.test", peer_server.port)
+    with client_through(proxy, target, rdns=True) as client:  # SOCKS5, by name
+        link = read_all(client).decode()
+    for _ in range(3):
+        with client_through(proxy, ("api.bank.test", peer_server.port), rdns=True) as client:
+            assert read_all(client).decode() == link  # www. and api. are one site
+        with client_through(proxy, ("api.bank.test", peer_server.port), socks.SOCKS4, rdns=True) as client:
+            assert read_all(client).decode() == link  # SOCKS4a
+        assert connect_peer(proxy, "api.bank.test", peer_server.port) == link  # HTTP CONNECT
+    status, _, body = http_exchange(
+        proxy, f"GET http://www.bank.test:{origin.rpartition(':')[2]}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    assert status == 200 and f"peer {link}:" in body.decode()  # plain HTTP
+    others = set()
+    for n in range(6):  # other sites still spread
+        with client_through(proxy, (f"s{n}.test", peer_server.port), rdns=True) as client:
+            others.add(read_all(client).decode())
+    assert others == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
+    with client_through(proxy, ("127.0.0.1", peer_server.port)) as client:  # an IP is its own site
+        by_ip = read_all(client).decode()
+    with client_through(proxy, ("127.0.0.1", peer_server.port), socks.SOCKS4) as client:
+        assert read_all(client).decode() == by_ip
+
+
+def test_a_backup_link_carries_connections_only_while_no_primary_is_up(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces
+) -> None:
+    # 198.51.100.99 is not an address here: binding it fails as when a link went away.
+    fake_interfaces.interfaces.update(wan0=["127.0.0.2"], usb0=["127.0.0.3"])
+    proxy = make_proxy(["wan0", "usb0@backup"])
+    assert peers_seen(proxy, peer_server, 4) == ["127.0.0.2"] * 4
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert (rows["127.0.0.3"]["tier"], rows["127.0.0.3"]["state"]) == ("backup", "standby")
+    fake_interfaces.interfaces["wan0"] = ["198.51.100.99"]  # the primary's address is gone
+    assert wait_for(lambda: [a.ip for a in proxy.addresses] == ["198.51.100.99", "127.0.0.3"])
+    assert peers_seen(proxy, peer_server, 4) == ["127.0.0.3"] * 4  # the backup, once the primary failed
+    assert {row["ip"]: row["state"] for row in proxy.stats()}["127.0.0.3"] == "up"
+    fake_interfaces.interfaces["wan0"] = ["127.0.0.2"]  # the primary is back
+    assert wait_for(lambda: peers_seen(proxy, peer_server, 1) == ["127.0.0.2"])
+    assert peers_seen(proxy, peer_server, 3) == ["127.0.0.2"] * 3
+
+
+def test_stats_show_each_links_capacity_and_open_connections(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    assert proxy.status()["balance"] == "measured"  # no weights given
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        proxy.sample_meter()  # the sampler's turns, now rather than every 2 s
+        client.sendall(b"x" * 2_000_000)
+        assert recv_exactly(client, 2_000_000) == b"x" * 2_000_000
+        proxy.sample_meter()
+        row = next(row for row in proxy.stats() if row["open"] == 1)
+    assert row["capacity"] is not None and row["capacity"] > 100_000  # at least what it carried
+    assert make_proxy(["127.0.0.2@2", "127.0.0.3"]).status()["balance"] == "round-robin"
 
 
 # ---------------------------------------------------------------------------
@@ -4126,6 +4435,38 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
     assert "is not a port number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--sticky", "-1"], "argument --sticky: '-1' is not a number of seconds (0 or more)"),
+        (["--check", "nohost"], "a check target is IP:PORT"),
+        (["--check", "10.0.0.1:99999"], "a check target is IP:PORT"),
+        (["--check", "example.com:443"], "a check target is an IP address and a port"),
+        (["--check-interval", "0"], "argument --check-interval: '0' is not a positive number of seconds"),
+        (["--hedge", "soon"], "argument --hedge: 'soon' is not a number of seconds"),
+        (["--balance", "fastest"], "argument --balance: invalid choice: 'fastest'"),
+        (["eth0@backup@2"], "one '@' at most"),
+    ],
+)
+def test_cli_bad_balancing_arguments_exit_2_with_one_line(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) if "argument" in message or "check" in message else contextlib.nullcontext():
+        status = dispatch.main(["start", "--port", "0", *arguments, "127.0.0.1"])
+        assert status == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: ") and message in line
+
+
+def test_cli_start_help_says_which_balance_applies_when(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        dispatch.main(["start", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "measured (the least open work for what each link was measured to carry; the default without weights)" \
+        in text
+    assert "round-robin (in turn, by the weights; the default when any ADDRESS has one)" in text
+
+
 # ---------------------------------------------------------------------------
 # The network lab: three shaped uplinks in namespaces (Linux, root)
 # ---------------------------------------------------------------------------
@@ -4332,3 +4673,99 @@ def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
     deadline = time.monotonic() + TIMEOUT
     while proxy.peer() != dark.client_addr:
         assert time.monotonic() < deadline, "the restored link was not used again"
+
+
+def lab_status(proxy: LabProxy) -> dict[str, Any]:
+    """``/stats.json`` of a dispatch running in the lab."""
+    with import_netlab().netns(proxy.lab.client_ns):
+        sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
+    with sock:
+        sock.sendall(b"GET /stats.json HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        return json.loads(read_response(sock)[2])
+
+
+def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
+    """``count`` downloads of ``size`` bytes started together; their lengths."""
+    sizes: list[int] = []
+    threads = [threading.Thread(target=lambda: sizes.append(proxy.download(size))) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 6)
+    return sizes
+
+
+def test_lab_measured_balancing_learns_each_links_capacity(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Links of 1,200, 1,200 and 400 kB/s, no weights: a batch of downloads
+    measures them, and the next batch gives the slow link fewer."""
+    proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
+    assert lab_downloads(proxy, 5, 3_000_000) == [3_000_000] * 5  # five: the lab server's accept queue
+    rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
+    for link, rate in zip(rules_lab.uplinks, (1200, 1200, 400)):
+        capacity = rows[link.client_ifname]["capacity"]
+        assert capacity is not None and 0.7 * rate * 1000 <= capacity <= 1.1 * rate * 1000, (link, capacity)
+    before = {name: row["connections"] for name, row in rows.items()}
+    assert lab_downloads(proxy, 5, 300_000) == [300_000] * 5
+    after = {row["interface"]: row["connections"] - before[row["interface"]] for row in lab_status(proxy)["addresses"]}
+    assert after[rules_lab.uplink(3).client_ifname] <= 1 < after[rules_lab.uplink(1).client_ifname], after
+
+
+def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    dark = metrics_lab.uplink(1)
+    check = f"{metrics_lab.service_address}:{import_netlab().PEER_ECHO_PORT}"
+    proxy = lab_proxy(
+        metrics_lab, "--check", check, "--check-interval", "1", "--hedge", "0.5", "--balance", "round-robin",
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    back = f"back in use: {dark.client_addr} ({dark.client_ifname}) ("
+    # Dark with no client around: the checks alone take it out.
+    metrics_lab.darken(1)
+    try:
+        assert wait_for(lambda: f"failed 3 checks of {check}" in proxy.log())
+    finally:
+        metrics_lab.restore(1)
+    restored = time.monotonic()
+    assert wait_for(lambda: back + "passed 2 checks" in proxy.log())
+    assert time.monotonic() - restored < 8
+    # Dark for 6 s while clients come: 30 connections, all through, none slow.
+    metrics_lab.darken(1)
+    darkened = time.monotonic()
+    try:
+        durations, seen = [], []
+        while len(durations) < 30:
+            started = time.monotonic()
+            seen.append(proxy.peer())
+            durations.append(time.monotonic() - started)
+            time.sleep(max(0.0, darkened + 6 * len(durations) / 30 - time.monotonic()))  # over the 6 s
+        assert max(durations) < 1.0, durations
+        assert dark.client_addr not in seen
+    finally:
+        metrics_lab.restore(1)
+    restored = time.monotonic()
+    # Within 8 s it carries connections again, and no client tried it first.
+    assert wait_for(lambda: proxy.log().count(back) == 2)
+    assert time.monotonic() - restored < 8
+    assert dark.client_addr in [proxy.peer() for _ in range(3)]
+
+
+def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    one, two, three = (metrics_lab.uplink(n).client_addr for n in (1, 2, 3))
+    proxy = lab_proxy(metrics_lab, "--cooldown", "2", "--connect-timeout", "2", one, two, f"{three}@backup")
+    assert set(proxy.peer() for _ in range(6)) == {one, two}
+    metrics_lab.darken(1)
+    metrics_lab.darken(2)
+    try:
+        assert [proxy.peer() for _ in range(6)] == [three] * 6  # every one succeeds, through the backup
+    finally:
+        metrics_lab.restore(1)
+        metrics_lab.restore(2)
+    assert wait_for(lambda: proxy.log().count("(a retest reached") >= 2)
+    assert set(proxy.peer() for _ in range(6)) == {one, two}  # the backup is idle again
+    rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
+    assert (rows[three]["tier"], rows[three]["state"], rows[three]["connections"]) == ("backup", "standby", 6)
