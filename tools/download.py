@@ -55,7 +55,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netlab  # noqa: E402  (sibling module)
@@ -149,7 +149,7 @@ class HttpConnection:
             self.reader.close()
             self.sock.close()
 
-    def get_range(self, start: int, end: int, deadline: float, sink: "Progress | None" = None
+    def get_range(self, start: int, end: int, deadline: float, sink: Progress | None = None
                   ) -> tuple[bytes, int | None]:
         """GET bytes [start, end]; returns (body, total size from Content-Range)."""
         request = (f"GET {self.target} HTTP/1.1\r\nHost: {self.host}\r\n"
@@ -345,12 +345,10 @@ def dispatch_available(dispatch: str) -> tuple[bool, str]:
 def run_dispatch(lab: netlab.Lab, args: argparse.Namespace, size: int
                  ) -> tuple[float | None, str, dict[int, int]]:
     """Start dispatch in the client namespace, download through it, stop it."""
-    weights = [max(1, round(link.rate / min(l.rate for l in lab.uplinks)))
-               for link in lab.uplinks]
-    spec = [f"{link.client_addr}@{w}" for link, w in zip(lab.uplinks, weights)]
+    spec = [f"{link.client_addr}@{w}" for link, w in zip(lab.uplinks, _weights(lab))]
     argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1",
             "--port", str(args.proxy_port), *spec]
-    log = open(args.dispatch_log, "a")
+    log = open(args.dispatch_log, "a")  # noqa: SIM115 (open while dispatch runs; closed below)
     log.write(f"\n=== {lab.setup}: {' '.join(argv)}\n")
     log.flush()
     proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -366,12 +364,7 @@ def run_dispatch(lab: netlab.Lab, args: argparse.Namespace, size: int
         split = {i: after[i].rx_bytes - before[i].rx_bytes for i in after}
         return res.rate, res.summary(), split
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        _stop(proc)
         log.close()
 
 

@@ -65,7 +65,8 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Iterator, Sequence
 
 DEFAULT_NAME = "dlab"
 SETUPS = ("rules", "metrics")
@@ -311,7 +312,7 @@ class Lab:
         return any(os.path.exists(f"/run/netns/{ns}")
                    for ns in (self.client_ns, self.server_ns))
 
-    def up(self) -> "Lab":
+    def up(self) -> Lab:
         """Build the lab from scratch (leftovers with the same name are removed)."""
         self.down()
         try:
@@ -393,7 +394,7 @@ class Lab:
                 # Deleting the namespace deletes the veths (both ends) with it.
                 _run(["ip", "netns", "del", ns], check=False)
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self.up()
 
     def __exit__(self, *exc_info: object) -> None:
