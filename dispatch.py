@@ -1,9 +1,10 @@
 """dispatch: a SOCKS proxy that balances connections across network links.
 
-Each new connection is given one local address by weighted round robin and all
-of its traffic leaves through that address's interface, so several links (a
-cable, a Wi-Fi, a phone hotspot) add up for clients that open many connections:
-download managers, BitTorrent clients, browsers.
+Each new connection is given one local address (the link with the least open
+work for its measured capacity, or in turn by weights) and all of its traffic
+leaves through that address's interface, so several links (a cable, a Wi-Fi, a
+phone hotspot) add up for clients that open many connections: download
+managers, BitTorrent clients, browsers.
 
 The protocol, as served (RFC 1928 and the SOCKS4/4a papers)::
 
@@ -32,16 +33,20 @@ Map of this module, in order; each section uses only what is above it:
     deadline I/O      DeadlineReader: exact reads with a deadline, nothing stranded
     wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies
     access            AccessPolicy: the allow-list and logins
-    links             LocalAddress, Link, LinkSet: interfaces and their addresses
-    health            Health: failures, cooldowns, what is up and why not
-    choice            WeightedRoundRobin, Balancer: which address a connection gets
-    meter             Meter: per-address counters, rates and history, own lock
-    upstream          Upstream: resolve, bind to the device, fail over; UpstreamLease
+    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses
+    health            Health: failures, background retests, checks; what is up and why not
+    choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
+                      address a connection gets (tiers, sticky sites)
+    meter             Meter: per-address counters, rates, history; CapacityEstimator
+    upstream          Upstream: resolve, bind to the device, the hedged connect (_Race)
+                      with failover; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
-    sessions          SocksSession, UdpAssociation, HttpProxySession; ExchangeRecord
+    sessions          SocksSession, UdpAssociation, HttpProxySession, and the local pages
+                      (status page, /stats.json, /metrics, /proxy.pac); ExchangeRecord
     server            the first byte picks the session; Admission; the listener
-    Dispatcher        the library face; owns the listener and background tasks
-    reports and CLI   format_table(); ``dispatch list|start``; main()
+    Dispatcher        the library face; owns the listener and the background tasks
+                      (interfaces, meter samples, retests, checks)
+    reports and CLI   format_table(); ``dispatch list|start|service``; main()
 """
 
 from __future__ import annotations
@@ -114,8 +119,9 @@ logger = logging.getLogger("dispatch")
 # ---------------------------------------------------------------------------
 
 # DISPATCH_PORTABLE=1 switches off what only Linux has (splice, binding to a
-# device by name, CPU affinity, poll) so that the code paths of macOS and
-# Windows run, and are tested, on Linux too.
+# device by name, CPU affinity, poll) so that the code paths Windows takes
+# (and macOS, but for its own binding to a device) run, and are tested, on
+# Linux too.
 PORTABLE = os.environ.get("DISPATCH_PORTABLE", "") not in ("", "0")
 
 _ON_LINUX = sys.platform.startswith("linux") and not PORTABLE
@@ -1194,11 +1200,14 @@ class Link:
     def follow(self, ips: Sequence[str]) -> bool:
         """Make ``ips`` the current addresses; return whether they changed."""
         before = [address.ip for address in self.current]
+        known = dict(self.known)
         for ip in ips:
-            if ip not in self.known:
-                self.known[ip] = LocalAddress(ip, self.weight, self.name, self.backup)
-        # One assignment: readers in other threads see the old list or the new.
-        self.current = [self.known[ip] for ip in ips]
+            if ip not in known:
+                known[ip] = LocalAddress(ip, self.weight, self.name, self.backup)
+        # Assignments, not changes in place: readers in other threads see
+        # the old dict and list or the new ones.
+        self.known = known
+        self.current = [known[ip] for ip in ips]
         return before != list(ips)
 
 
@@ -1423,7 +1432,12 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link
     interface = find_interface(known, parsed.address)
     if interface is None:
         names = ", ".join(sorted(i.name for i in known)) or "none"
-        raise AddressError(f"{parsed.address!r} is neither an IP address nor an interface (interfaces: {names})")
+        hint = ""
+        if sys.platform == "win32":
+            hint = "; an adapter without an address yet goes by its description until it has one"
+        raise AddressError(
+            f"{parsed.address!r} is neither an IP address nor an interface (interfaces: {names}){hint}"
+        )
     ips = _usable(interface).ips
     return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
@@ -1982,24 +1996,45 @@ class Balancer:
         return chosen
 
     def alternative(
-        self, family: socket.AddressFamily, tried: Collection[LocalAddress], affinity: Affinity | None = None
+        self,
+        family: socket.AddressFamily,
+        tried: Collection[LocalAddress],
+        affinity: Affinity | None = None,
+        *,
+        racing: bool = False,
     ) -> LocalAddress | None:
-        """Another address of ``family`` for a connection that failed (or is
-        slow) through the ``tried`` ones; None when every address was tried."""
+        """Another address of ``family`` for a connection that failed through
+        the ``tried`` ones; None when every address was tried. ``racing``: the
+        tried ones are still connecting, slowly; the other takes their place
+        only if it is up and of the same tier (a slow primary is no reason
+        to spend a backup's traffic)."""
         with self._lock:
-            chosen = self._choose(family, tried, affinity)
+            if racing:
+                tiers = [(tried_address.backup, True) for tried_address in tried][:1]
+                chosen = self._choose(family, tried, affinity, tiers)
+            else:
+                chosen = self._choose(family, tried, affinity)
             if chosen is not None:
                 self._taken[chosen] += 1
-        if chosen is not None and affinity is not None and self.sticky is not None:
-            self.sticky.put(affinity.client, affinity.site, chosen, self.health.clock())
         return chosen
 
+    def stick(self, affinity: Affinity, address: LocalAddress) -> None:
+        """Record that ``affinity``'s connection got through from ``address``."""
+        if self.sticky is not None:
+            self.sticky.put(affinity.client, affinity.site, address, self.health.clock())
+
+    # The primaries that are up; else the backups that are; else, rather
+    # than fail, those that are out, primaries first. (backup, up only)
+    _TIERS = ((False, True), (True, True), (False, False), (True, False))
+
     def _choose(
-        self, family: socket.AddressFamily, tried: Collection[LocalAddress], affinity: Affinity | None
+        self,
+        family: socket.AddressFamily,
+        tried: Collection[LocalAddress],
+        affinity: Affinity | None,
+        tiers: Sequence[tuple[bool, bool]] = _TIERS,
     ) -> LocalAddress | None:
-        # The primaries that are up; else the backups that are; else, rather
-        # than fail, those that are out, primaries first.
-        for backup, up_only in ((False, True), (True, True), (False, False), (True, False)):
+        for backup, up_only in tiers:
             rounds = self._rounds.get((family, backup))
             if rounds is None:
                 continue
@@ -2168,6 +2203,7 @@ class Meter:
             down.append((new_down - old_down) / elapsed)
         return up, down
 
+
 class CapacityEstimator:
     """Estimates what each link can carry (bytes per second) from what it
     delivered while it was busy.
@@ -2335,25 +2371,6 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
     return sock
 
 
-def _connect_from(
-    local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None
-) -> socket.socket:
-    """A non-blocking socket bound to ``local`` (and to ``device``, if
-    given) and connected to (ip, port)."""
-    sock = _socket_from(local, socket.SOCK_STREAM, device)
-    try:
-        error = sock.connect_ex((ip, port))
-        if error in _CONNECT_IN_PROGRESS:
-            _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            raise OSError(error, os.strerror(error))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _start_connect(local: LocalAddress, target: Target, device: str | None = None) -> socket.socket:
     """A non-blocking socket bound to ``local`` (and ``device``) whose
     connect to ``target`` is under way (or done)."""
@@ -2362,6 +2379,23 @@ def _start_connect(local: LocalAddress, target: Target, device: str | None = Non
     if error and error not in _CONNECT_IN_PROGRESS:
         sock.close()
         raise OSError(error, os.strerror(error))
+    return sock
+
+
+def _connect_from(
+    local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None
+) -> socket.socket:
+    """A non-blocking socket bound to ``local`` (and to ``device``, if
+    given) and connected to (ip, port)."""
+    sock = _start_connect(local, (ip, port), device)
+    try:
+        _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -2444,6 +2478,8 @@ class Upstream:
         """
         sticky = client is not None and self.balancer.sticky is not None
         affinity = Affinity(client, registrable_domain(host)) if sticky and client else None
+        if not self.balancer.families:
+            raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError = SocksError(Reply.HOST_UNREACHABLE)
         for family, ip in _resolve_target(host, port, self.balancer.families):
             try:
@@ -2549,16 +2585,19 @@ class Upstream:
             for sock in self._open:
                 _shutdown_quietly(sock)
 
+
 class _Race:
     """One connect to a target, from the address the balancer gives; while
     it goes unanswered for ``hedge`` seconds, the same connect starts from
-    the next address too, and the first to get through wins.
+    another address of its tier that is up, and the first to get through wins.
 
-    A link failure (unreachable, down, timed out) starts the next address
-    at once. An answer from the target other than a connection (a refusal)
-    ends the race: another link would get the same. The addresses that
-    failed, and those still silent after ``hedge`` when another got through,
-    are out (Health), retested in the background.
+    A link failure (unreachable, down, timed out) starts the next address at
+    once when no other attempt is under way (the next one of any tier: a
+    backup takes over from failed primaries), else at the next hedge. An
+    answer from the target other than a connection (a refusal) ends the
+    race: another link would get the same. The addresses that failed, and
+    those still silent after ``hedge`` when another got through, are out
+    (Health), retested in the background.
     """
 
     def __init__(
@@ -2597,7 +2636,7 @@ class _Race:
                     if won is not None:
                         return won
                     if time.monotonic() >= hedge_at:
-                        hedge_at = time.monotonic() + hedge if self._start_next() else math.inf
+                        hedge_at = time.monotonic() + hedge if self._start_next(racing=bool(self.pending)) else math.inf
             finally:
                 for sock, (local, _) in list(self.pending.items()):
                     self._drop(sock, local)
@@ -2619,9 +2658,10 @@ class _Race:
         self.pending[sock] = (local, time.monotonic())
         self.selector.register(sock, selectors.EVENT_WRITE)
 
-    def _start_next(self) -> bool:
-        """Start from another address; False when none is left."""
-        local = self.balancer.alternative(self.family, self.tried, self.affinity)
+    def _start_next(self, *, racing: bool = False) -> bool:
+        """Start from another address; False when none is left. ``racing``:
+        beside the attempts still under way."""
+        local = self.balancer.alternative(self.family, self.tried, self.affinity, racing=racing)
         if local is not None:
             self._start(local)
         return local is not None
@@ -2676,6 +2716,8 @@ class _Race:
             self._drop(other_sock, other)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
+        if self.affinity is not None:
+            self.balancer.stick(self.affinity, local)  # the site sticks to the link that got through
         return self.upstream.lease(sock, local)
 
 
@@ -3069,7 +3111,12 @@ class SocksSession(Session):
         except OSError as error:
             self.send_quietly(encode_socks5_reply(_reply_code(error)))
             raise
-        self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, lease.sock.getsockname()))
+        try:
+            bound = lease.sock.getsockname()
+        except OSError:
+            lease.close()
+            raise
+        self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, bound))
         return lease
 
     def authenticate(self) -> None:
@@ -3098,7 +3145,12 @@ class SocksSession(Session):
         except OSError as error:
             self.send_quietly(encode_socks4_reply(_socks4_reply_code(error)))
             raise
-        self.send_quietly(encode_socks4_reply(Socks4Reply.GRANTED, lease.sock.getsockname()))
+        try:
+            bound = lease.sock.getsockname()
+        except OSError:
+            lease.close()
+            raise
+        self.send_quietly(encode_socks4_reply(Socks4Reply.GRANTED, bound))
         return lease
 
     def udp_associate(self, host: str, port: int) -> UdpAssociation:
@@ -3297,7 +3349,6 @@ PAC_CONTENT_TYPE = "application/x-ns-proxy-autoconfig"
 
 _KILO = 1000.0  # decimal units, as in "kB/s"
 _HISTORY_SECONDS = 600.0  # the charts span the last 10 minutes
-_DEFAULT_INTERVAL = 2.0
 _MIN_TOP_KBS = 10.0  # an idle chart still gets a readable scale
 _NICE_STEPS = (1.0, 2.0, 5.0, 10.0)
 _CHART_W, _PLOT_TOP, _PLOT_BOTTOM, _CHART_H = 400, 18, 140, 160  # SVG user units
@@ -3520,7 +3571,7 @@ def _y(rate: float, top: float) -> float:
 def _series(status: Mapping[str, Any], key: str) -> tuple[float, list[tuple[int, list[float]]]]:
     """The sample interval and, per address with samples, (its colour, its last 10 minutes)."""
     history = status.get("history") or {}
-    interval = float(history.get("interval") or 0) or _DEFAULT_INTERVAL
+    interval = float(history.get("interval") or 0) or METER_INTERVAL
     kept, per_ip = int(_HISTORY_SECONDS / interval) + 1, history.get("addresses") or {}
     series = [(i, list((per_ip.get(row["ip"]) or {}).get(key) or [])[-kept:])
               for i, row in enumerate(status["addresses"])]
@@ -3585,9 +3636,10 @@ _PER_ADDRESS = (
     ("dispatch_connections_failed_total", "counter", "Connects via the address that failed.",
      "failed"),
     ("dispatch_open_connections", "gauge", "Upstream connections open via the address.", "open"),
-    ("dispatch_link_up", "gauge", "1 while the address is up, else 0.", "up"),
+    ("dispatch_link_up", "gauge", "1 while the address is up (or a backup standing by), else 0.", "up"),
     ("dispatch_link_capacity_bytes_per_second", "gauge",
-     "Estimated bytes per second the address carries down; absent until measured.", "capacity"),
+     "Estimated bytes per second the address carries (the busier direction); absent until measured.",
+     "capacity"),
 )
 
 
@@ -3615,7 +3667,7 @@ def _metric_family(name: str, kind: str, text: str,
 def render_metrics(status: dict[str, Any]) -> str:
     """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
     per-address series carry ``link`` and ``address`` (the local IP) labels."""
-    rows = [{**row, "up": int(row["state"] == "up")} for row in status["addresses"]]
+    rows = [{**row, "up": int(row["state"] in ("up", "standby"))} for row in status["addresses"]]
     lines = _metric_family("dispatch_build_info", "gauge", "Always 1; the version is in the label.",
                     [({"version": status["version"]}, 1)])
     lines += _metric_family("dispatch_uptime_seconds", "gauge", "Seconds since the proxy started.",
@@ -3704,7 +3756,6 @@ def render_pac(host: str, port: int) -> str:
         raise ValueError(f"not a host name or address: {host!r}")
     proxy = f"SOCKS5 {endpoint}; SOCKS {endpoint}; PROXY {endpoint}"
     return _PAC_SCRIPT.replace("__PROXY__", json.dumps(proxy))
-
 
 
 def render_not_found(path: str) -> str:
@@ -4398,15 +4449,24 @@ class Dispatcher:
     - ``max_connections``: refuse new clients beyond that many open at once;
       None means default_max_connections().
     - ``connect_timeout``: seconds to connect upstream.
-    - ``cooldown``: seconds an address sits out after its link failed.
+    - ``cooldown``: the longest wait between two retests of a link that
+      failed (the first is a second after the failure).
     - ``pages``: serve the status page, ``/stats.json``, ``/metrics`` and
       ``/proxy.pac`` to HTTP requests in origin form (``GET /``) on the
       proxy's port; False answers them 404.
+    - ``balance``: "measured" or "round-robin"; None means measured unless
+      an address has a weight.
+    - ``sticky``: seconds a client's site keeps its link; None is off.
+    - ``checks``: ``"IP:PORT"`` targets every link is tested against, every
+      ``check_interval`` seconds.
+    - ``hedge``: seconds a connect may go unanswered before it is raced
+      through another link; 0 never.
 
-    While it serves, a background thread follows the interfaces' addresses
-    and samples the meter. Raises AddressError for an unusable address,
-    ValueError for a bad ``credentials`` or ``allow`` entry, and OSError if
-    it cannot listen.
+    While it serves, a background thread follows the interfaces' addresses,
+    samples the meter (and measures capacities by it), and starts retests
+    and checks. Raises AddressError for an unusable address, ValueError for a
+    bad ``credentials``, ``allow`` or ``checks`` entry, and OSError if it
+    cannot listen.
     """
 
     def __init__(
@@ -4437,6 +4497,10 @@ class Dispatcher:
         if check_interval <= 0 or hedge < 0 or (sticky is not None and sticky < 0):
             raise ValueError("check_interval must be positive; hedge and sticky 0 or more")
         self.check_interval = check_interval
+        self._checking = threading.Lock()  # held while a round of checks is under way
+        families = {_family_of(ip) for ip, _ in self.checks}
+        if self.checks and not any(address.family in families for address in self.links.addresses):
+            logger.warning("no link has an address of the checks' family: nothing is checked for now")
         self.health = Health(cooldown)
         self.capacity = CapacityEstimator()
         self.balancer = Balancer(
@@ -4485,37 +4549,51 @@ class Dispatcher:
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""
         for address, target in self.health.due_retests():
-            threading.Thread(
-                target=lambda a=address, t=target: self.health.retest_result(
-                    a, self.upstream.probe(a, t, self.upstream.connect_timeout)
-                ),
-                name=f"dispatch-retest-{address.ip}", daemon=True,
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._run_retest, args=(address, target), name=f"dispatch-retest-{address.ip}",
+                    daemon=True,
+                ).start()
+            except RuntimeError as error:  # no thread to be had now: the retest is due again later
+                self.health.retest_result(address, OSError(errno.EAGAIN, str(error)))
+
+    def _run_retest(self, address: LocalAddress, target: Target) -> None:
+        self.health.retest_result(address, self.upstream.probe(address, target, self.upstream.connect_timeout))
 
     def _check(self) -> None:
-        """Check every address against the check targets, in a thread of its own."""
-        threading.Thread(target=self._check_round, name="dispatch-checks", daemon=True).start()
+        """Check every address against the check targets, in a thread of its
+        own; a round still under way is not doubled."""
+        if self._checking.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._check_round, name="dispatch-checks", daemon=True).start()
+            except RuntimeError:
+                self._checking.release()
 
     def _check_round(self) -> None:
-        timeout = min(self.check_interval, self.upstream.connect_timeout)
-        results: dict[LocalAddress, OSError | None] = {}
+        try:
+            timeout = min(self.check_interval, self.upstream.connect_timeout)
+            pairs = [(a, t) for a in self.links.addresses for t in self.checks if _family_of(t[0]) == a.family]
+            outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
 
-        def check(address: LocalAddress) -> None:
-            error: OSError | None = None
-            for target in self.checks:
-                if _family_of(target[0]) == address.family:
-                    error = self.upstream.probe(address, target, timeout)
-                    if error is None:
-                        break
-            results[address] = error
+            def check(address: LocalAddress, target: Target) -> None:
+                outcomes[address, target] = self.upstream.probe(address, target, timeout)
 
-        threads = [threading.Thread(target=check, args=(a,), daemon=True) for a in self.links.addresses]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout + 1)
-        named = ", ".join(_format_endpoint(*target) for target in self.checks)
-        self.health.check_round(results, named)
+            # Every probe at once: a round takes one timeout, however many targets.
+            threads = [threading.Thread(target=check, args=pair, daemon=True) for pair in pairs]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + timeout + 1
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            results: dict[LocalAddress, OSError | None] = {}
+            for address, target in pairs:
+                error = outcomes.get((address, target), TimeoutError(errno.ETIMEDOUT, "no answer"))
+                if error is None or results.get(address, error) is not None:
+                    results[address] = error  # one target reached is a pass
+            named = ", ".join(_format_endpoint(*target) for target in self.checks)
+            self.health.check_round(results, named)
+        finally:
+            self._checking.release()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -4594,12 +4672,15 @@ class Dispatcher:
 
     def stats(self) -> list[dict[str, Any]]:
         """Per local address (every one a link has had): ip, interface, link
-        (its name as given), weight, state ("up"; "down" while it sits out
-        after a failure of its link, with the reason; "gone" once its
-        interface no longer holds it), connections (opened in all, failed,
-        open), bytes each way, and the rates each way in bytes per second
-        over the last interval or two (METER_INTERVAL). Reading changes
-        nothing: every reader sees the same."""
+        (its name as given), weight, tier ("primary" or "backup"), state
+        ("up"; "down" while it is out after a failure of its link; "standby"
+        for a backup while a primary is up; "gone" once its interface no
+        longer holds it) and the reason, connections (opened in all, failed,
+        open), bytes each way, the rates each way in bytes per second over
+        the last interval or two (METER_INTERVAL), and the capacity measured
+        (None until measured). An interface that has had no address yet has
+        a row with ip None, state "waiting". Reading changes nothing: every
+        reader sees the same."""
         current = self.links.addresses
         primaries_up = {a.family for a in current if not a.backup and not self.health.is_out(a)}
         rows = []
@@ -5005,14 +5086,14 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         )
     started = time.monotonic()
     with _StopSignals() as stop:
-        print("\n".join(lines))
-        print(f"log: {where}", flush=True)
-        # The log tells each start apart: what ran, where, over which links.
-        logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, _format_endpoint(host, port))
-        for line in [*lines[2].splitlines(), *lines[3:]]:
-            (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
-        dispatcher.start()
         try:
+            print("\n".join(lines))
+            print(f"log: {where}", flush=True)
+            # The log tells each start apart: what ran, where, over which links.
+            logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
+            for line in [*lines[2].splitlines(), *lines[3:]]:
+                (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+            dispatcher.start()
             _serve_until(stop, dispatcher, args.stats, started)
             still_open = dispatcher.open_connections()
             if still_open:

@@ -1331,7 +1331,7 @@ def test_an_interface_without_an_address_is_waited_for(
     (row,) = proxy.stats()
     assert (row["ip"], row["link"], row["state"], row["reason"]) == (None, "fake0", "waiting", "no address yet")
     request = socks5_request(peer_server.host, peer_server.port)
-    assert socks5_code_for(proxy, request) == Reply.ADDRESS_TYPE_NOT_SUPPORTED  # no address yet
+    assert socks5_code_for(proxy, request) == Reply.NETWORK_UNREACHABLE  # no address yet
     fake_interfaces.interfaces["fake0"] = ["127.0.0.2"]  # joined
     assert wait_for(lambda: proxy.addresses != [])
     assert peers_seen(proxy, peer_server, 2) == ["127.0.0.2"] * 2
@@ -1663,15 +1663,21 @@ def test_a_sticky_site_keeps_its_link_while_it_is_up() -> None:
     links = [dispatch.LocalAddress(f"10.0.0.{n}") for n in (1, 2, 3)]
     balancer = dispatch.Balancer(links, dispatch.Health(30.0, FakeClock()), sticky=dispatch.StickyTable(600))
     bank = dispatch.Affinity("192.168.1.5", "bank.example")
-    first = balancer.next(socket.AF_INET, bank)
-    others = [balancer.next(socket.AF_INET, dispatch.Affinity("192.168.1.5", f"s{n}.example")) for n in range(6)]
+
+    def connect(affinity: dispatch.Affinity) -> dispatch.LocalAddress:
+        chosen = balancer.next(socket.AF_INET, affinity)
+        balancer.stick(affinity, chosen)  # as a connect that got through from it does
+        return chosen
+
+    first = connect(bank)
+    others = [connect(dispatch.Affinity("192.168.1.5", f"s{n}.example")) for n in range(6)]
     assert len(set(others)) == 3  # different sites still spread
-    assert [balancer.next(socket.AF_INET, bank) for _ in range(5)] == [first] * 5
+    assert [connect(bank) for _ in range(5)] == [first] * 5
     sit_out(balancer.health, first)  # its link failed: the site moves, and sticks there
-    moved = balancer.next(socket.AF_INET, bank)
+    moved = connect(bank)
     assert moved is not first
     balancer.health.retest_result(first, None)
-    assert [balancer.next(socket.AF_INET, bank) for _ in range(3)] == [moved] * 3
+    assert [connect(bank) for _ in range(3)] == [moved] * 3
 
 
 def test_a_connection_counts_from_the_moment_it_is_given_an_address() -> None:
@@ -1764,6 +1770,29 @@ def test_measured_balancing_reaches_85_percent_of_the_sum_before_and_after_a_cha
     measured, round_robin = shares[dispatch.Balance.MEASURED], shares[dispatch.Balance.ROUND_ROBIN]
     assert min(measured) >= 0.85, measured
     assert max(round_robin) < 0.65, round_robin
+
+
+def test_a_race_beside_a_slow_primary_never_spends_a_backup() -> None:
+    primary, other = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
+    backup = dispatch.LocalAddress("10.0.0.3", backup=True)
+    balancer = dispatch.Balancer([primary, other, backup], dispatch.Health(30.0, FakeClock()))
+    assert balancer.alternative(socket.AF_INET, [primary], racing=True) is other
+    assert balancer.alternative(socket.AF_INET, [primary, other], racing=True) is None  # slow, not failed
+    assert balancer.alternative(socket.AF_INET, [primary, other]) is backup  # failed: the backup takes over
+
+
+def test_a_check_round_tests_each_address_against_the_targets_of_its_family(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    addresses = ["127.0.0.2", "127.0.0.3", *(["::1"] if has_ipv6_loopback() else [])]
+    targets = [f"127.0.0.1:{refused_port()}", f"127.0.0.1:{echo_server.port}"]  # a refusal is an answer too
+    proxy = make_proxy(addresses, checks=targets, check_interval=0.2)
+    rounds: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        proxy.health, "check_round", lambda results, named: rounds.append({a.ip: e for a, e in results.items()})
+    )
+    assert wait_for(lambda: len(rounds) >= 2)
+    assert rounds[0] == {"127.0.0.2": None, "127.0.0.3": None}  # ::1 has no IPv6 target: not checked
 
 
 # Balancing, end to end -----------------------------------------------------
@@ -3087,7 +3116,7 @@ def test_metrics_parse_with_the_expected_families_and_values() -> None:
     assert metric_samples(families["dispatch_bytes_sent"]) == {wlan: 5_300_000, usb: 812_000, wired: 0}
     assert metric_samples(families["dispatch_bytes_received"])[wlan] == 1_234_567_890
     assert metric_samples(families["dispatch_connections_failed"])[usb] == 9
-    assert metric_samples(families["dispatch_link_up"]) == {wlan: 1, usb: 0, wired: 0}
+    assert metric_samples(families["dispatch_link_up"]) == {wlan: 1, usb: 0, wired: 1}  # standing by is up
     # capacity is left out where it was never measured
     assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000}
     assert all(s.name.endswith("_total") for s in families["dispatch_bytes_sent"].samples)
