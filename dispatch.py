@@ -504,6 +504,9 @@ class DeadlineReader:
 # ---------------------------------------------------------------------------
 
 
+# Every connection asks of its target, mostly the same few: parsing an
+# address each time cost a tenth of a short connection's time.
+@functools.lru_cache(maxsize=1024)
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -1267,6 +1270,7 @@ def _is_usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_loopback(host: str) -> bool:
     """Whether ``host`` (an IP address, or ``localhost``) is this machine's loopback."""
     if host == "localhost":
@@ -1629,6 +1633,8 @@ class Health:
         """Record that a connect through ``address`` got an answer (the
         target's, or its refusal) at ``target`` where the ``failed``
         addresses could not: they are out, to be retested against it."""
+        if not failed:
+            return  # the usual case: nothing to take the lock for
         with self._lock:
             for down, error in failed:
                 if down is not address:
@@ -1790,6 +1796,8 @@ class MeasuredChoice(Generic[T]):
         """The candidate for a new connection; ValueError if there is none."""
         if not candidates:
             raise ValueError("no candidate to choose from")
+        if len(candidates) == 1:
+            return candidates[0]
         capacities = self._assumed([capacity(candidate) for candidate in candidates])
         # Equal ratios of equal inputs are equal floats: == finds the ties.
         loads = [(open_count(candidate) + 1) / assumed for candidate, assumed in zip(candidates, capacities)]
@@ -1803,7 +1811,9 @@ class MeasuredChoice(Generic[T]):
     def _assumed(cls, measured: Sequence[float | None]) -> list[float]:
         """The capacities the choice works with (see the class's docstring)."""
         known = [capacity for capacity in measured if capacity is not None and capacity > 0]
-        best = max(known, default=1.0)
+        if not known:
+            return [1.0] * len(measured)
+        best = max(known)
         assumed = [
             best if capacity is None or capacity <= 0 else max(capacity, best * cls.PROBE_FLOOR)
             for capacity in measured
@@ -2354,7 +2364,8 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
     sock = socket.socket(local.family, kind | (_SOCK_NONBLOCK if stream else 0))
     try:
         if stream:
-            sock.setblocking(False)
+            if not _SOCK_NONBLOCK:
+                sock.setblocking(False)
             # A target that vanishes without a word must not hold a thread forever.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         # Unprivileged SO_BINDTODEVICE (Linux 5.7+) is allowed on a socket
@@ -2476,19 +2487,21 @@ class Upstream:
         hears of each local address tried; ``client`` (an IP address) is who
         asks, for sticky sites. Raises the last error.
         """
-        sticky = client is not None and self.balancer.sticky is not None
-        affinity = Affinity(client, registrable_domain(host)) if sticky and client else None
-        if not self.balancer.families:
+        affinity = None
+        if client is not None and self.balancer.sticky is not None:
+            affinity = Affinity(client, registrable_domain(host))
+        families = self.balancer.families
+        if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
-        error: OSError = SocksError(Reply.HOST_UNREACHABLE)
-        for family, ip in _resolve_target(host, port, self.balancer.families):
+        error: OSError | None = None
+        for family, ip in _resolve_target(host, port, families):
             try:
                 return _Race(self, family, (ip, port), affinity, on_attempt).run()
             except OSError as failure:
                 error = failure
             # No address reached this target: nothing says the links are to
             # blame (the target may be down), so none is made out.
-        raise error
+        raise error or SocksError(Reply.HOST_UNREACHABLE)
 
     def open_udp(self, family: socket.AddressFamily) -> UpstreamLease:
         """A UDP socket from a dispatched local address of ``family`` (or of
@@ -2649,7 +2662,8 @@ class _Race:
     def _start(self, local: LocalAddress) -> None:
         self.tried.append(local)
         self.on_attempt(local)
-        logger.debug("connecting to %s from %s", _format_endpoint(*self.target), local.describe())
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connecting to %s from %s", _format_endpoint(*self.target), local.describe())
         try:
             sock = self.upstream.open_attempt(local, self.target)
         except OSError as error:
@@ -2686,7 +2700,8 @@ class _Race:
         return None
 
     def _fail(self, local: LocalAddress, error: OSError) -> None:
-        logger.debug("connecting from %s failed: %s", local.describe(), _describe(error))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connecting from %s failed: %s", local.describe(), _describe(error))
         self.upstream.meter.failed(local)
         self.balancer.release(local)
         if _is_link_failure(error):
@@ -3001,6 +3016,7 @@ class Session:
         self.reader = reader
         self.context = context
         self.record = ExchangeRecord(self.client)
+        self.cut = False
 
     def serve(self) -> None:
         """Serve the client to its end."""
@@ -3011,9 +3027,16 @@ class Session:
         record = self.record
         if error is not None:
             record.result = self.describe_end(error)
-        if self.context.stopping.is_set():
+            self.note_end()
+        if self.cut:
             record.result = "cut by shutdown" if record.result == "ok" else f"{record.result}, cut by shutdown"
         record.log()
+
+    def note_end(self) -> None:
+        """Note, as the exchange's work ends, whether the proxy's stopping
+        ended it: one that ended just before is not "cut", even if its line
+        is written after."""
+        self.cut = self.cut or self.context.stopping.is_set()
 
     def describe_end(self, error: OSError) -> str:
         """How ``error`` ended the exchange, as its log line says it."""
@@ -3041,7 +3064,9 @@ class Session:
     def connect(self, host: str, port: int) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through."""
-        client = str(_client_ip(_split_host(self.client_address)[0]))
+        client = None
+        if self.context.upstream.balancer.sticky is not None:
+            client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(host, port, on_attempt=self._via, client=client)
 
     def _via(self, local: LocalAddress) -> None:
@@ -3049,10 +3074,13 @@ class Session:
 
     def relay(self, lease: UpstreamLease) -> None:
         """Copy both ways, starting with what the client sent early."""
-        relay(
-            self.connection, lease.sock, early=self.reader.rest(), count=self.count,
-            idle_timeout=self.context.idle_timeout,
-        )
+        try:
+            relay(
+                self.connection, lease.sock, early=self.reader.rest(), count=self.count,
+                idle_timeout=self.context.idle_timeout,
+            )
+        finally:
+            self.note_end()
 
 
 class SocksSession(Session):
@@ -3065,6 +3093,7 @@ class SocksSession(Session):
             outcome = self.handshake()
             if isinstance(outcome, UdpAssociation):
                 self.record.result = "ok, " + outcome.run()
+                self.note_end()
             else:
                 with outcome:
                     self.relay(outcome)
@@ -3854,6 +3883,7 @@ class HttpProxySession(Session):
                 status = _http_status(error)
                 self._send_error(status, _describe(error))
                 self.record.result = f"{status.value} {_describe(error)}"
+                self.note_end()
                 self.log()
             else:
                 self.log(error)
