@@ -2422,6 +2422,8 @@ class UpstreamLease:
     the connection closed, once.
     """
 
+    __slots__ = ("sock", "local", "_release")
+
     def __init__(self, sock: socket.socket, local: LocalAddress, release: Callable[[UpstreamLease], None]) -> None:
         self.sock = sock
         self.local = local
@@ -2953,7 +2955,7 @@ PROXY_REALM = "dispatch"
 UDP_BUFFER_SIZE = 65535
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ExchangeRecord:
     """What one exchange (a SOCKS request, an HTTP request) did, logged as
     one line when it ends; the log record carries it as ``exchange``."""
