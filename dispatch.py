@@ -83,7 +83,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Generic, NoReturn, TextIO, TypeVar
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AccessPolicy",
     "AddressError",
