@@ -2220,41 +2220,39 @@ class CapacityEstimator:
 
     The meter's sampler calls ``add()`` for every address at each sample,
     with what it moved since the previous one and whether it was busy
-    (connections open or opened meanwhile). The rule:
+    (connections open at both ends of the interval). The rule:
 
-    - Only busy samples are evidence: an idle link says nothing about what
-      it could carry, so idle time neither raises nor lowers its estimate.
-    - A busy sample's rate is its larger direction over the time since the
-      previous sample, taken with the previous sample when that was busy
-      too: the relay counts bytes in pieces of up to a megabyte, so one
-      interval alone may read high or low.
-    - What a link delivered is a lower bound of what it can carry (it may
-      have been busy part of the time, or its connections wanted less), so
-      the estimate is a peak, never a mean. The peak decays, halving every
-      HALF_LIFE seconds of busy time; a rate above the decayed peak replaces
-      it. A link that got faster shows it at its next saturated interval;
-      one that got slower sheds the old figure within two half-lives of
-      traffic (1,200 to 400 kB/s in about 24 s): within a batch.
+    - Only busy intervals are evidence: an idle link says nothing about
+      what it could carry, so idle time changes nothing.
+    - A busy interval's rate is its larger direction over its length, taken
+      with the previous interval when that was busy too: the relay counts
+      bytes in pieces, so one interval alone may read high or low.
+    - What a link delivered is a lower bound of what it can carry (its
+      connections may have wanted less, or ended), so the estimate is the
+      highest rate of the last WINDOW seconds of traffic: a link that got
+      faster shows it at once, one that got slower sheds the old figure
+      after WINDOW seconds of carrying traffic (within a batch of
+      downloads), and the quiet tail of a busy spell lowers nothing.
     - A busy interval under MIN_RATE is a trickle (an idle keep-alive, a
-      chat), not a measurement: it cannot raise or set the peak, and decays
-      it only at the slow TRICKLE_HALF_LIFE. Short connections on loopback
-      leave every link unmeasured, so the choice keeps taking turns.
+      chat), not a measurement: it neither counts nor ages the others.
+      Short connections on loopback leave every link unmeasured, so the
+      choice keeps taking turns.
 
-    ``estimate()`` is None until a link's first sample at MIN_RATE or more.
-    Thread safe.
+    ``estimate()`` is None until a link's first measured interval. Thread safe.
     """
 
-    HALF_LIFE = 15.0
+    WINDOW = 30.0  # seconds of measured traffic the estimate looks back over
     MIN_RATE = 32_000.0  # bytes per second: 256 kbit/s
-    TRICKLE_HALF_LIFE = 300.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # Per address: the time of its last sample, the previous busy sample
-        # (bytes, seconds), and the decayed peak.
+        # Per address: the time of its last sample, the previous busy
+        # interval (bytes, seconds), its seconds of measured traffic so far,
+        # and its measured rates with the traffic time they were seen at.
         self._last: dict[LocalAddress, float] = {}
         self._previous_busy: dict[LocalAddress, tuple[int, float]] = {}
-        self._peaks: dict[LocalAddress, float] = {}
+        self._traffic_time: dict[LocalAddress, float] = {}
+        self._rates: dict[LocalAddress, collections.deque[tuple[float, float]]] = {}
 
     def add(self, address: LocalAddress, sample: Sample, busy: bool) -> None:
         """Take one sample of ``address``."""
@@ -2267,17 +2265,20 @@ class CapacityEstimator:
             before_moved, before_elapsed = self._previous_busy.get(address, (0, 0.0))
             self._previous_busy[address] = (moved, elapsed)
             rate = (moved + before_moved) / (elapsed + before_elapsed)
-            measured = rate >= self.MIN_RATE
-            peak = self._peaks.get(address)
-            if peak is not None:
-                peak *= 0.5 ** (elapsed / (self.HALF_LIFE if measured else self.TRICKLE_HALF_LIFE))
-                self._peaks[address] = peak
-            if measured and (peak is None or rate > peak):
-                self._peaks[address] = rate
+            if rate < self.MIN_RATE:
+                return
+            now = self._traffic_time[address] = self._traffic_time.get(address, 0.0) + elapsed
+            rates = self._rates.setdefault(address, collections.deque())
+            rates.append((now, rate))
+            while now - rates[0][0] > self.WINDOW:
+                rates.popleft()
 
     def estimate(self, address: LocalAddress) -> float | None:
         """What ``address`` can carry, in bytes per second; None while never measured."""
-        return self._peaks.get(address)
+        with self._lock:
+            rates = self._rates.get(address)
+            return max(rate for _, rate in rates) if rates else None
+
 
 
 # ---------------------------------------------------------------------------
@@ -4535,6 +4536,7 @@ class Dispatcher:
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
         self.health = Health(cooldown)
         self.capacity = CapacityEstimator()
+        self._taken_before: dict[LocalAddress, int] = {}  # connections open at the meter's last sample
         self.balancer = Balancer(
             self.links.addresses, self.health, balance=Balance(balance), capacity=self.capacity.estimate,
             sticky=StickyTable(sticky) if sticky else None,
@@ -4571,12 +4573,16 @@ class Dispatcher:
         background task does every METER_INTERVAL)."""
         samples = self.meter.sample()
         now = self.meter.clock()
+        taken = {address: self.balancer.taken(address) for address in self.links.known_addresses()}
         # Every address, those that have carried nothing too: the first
-        # sample of an address only starts its clock.
-        for address in self.links.known_addresses():
-            sample = samples.get(address, Sample(0, 0, 0, now))
-            busy = self.balancer.taken(address) > 0 or sample.opened > 0 or sample.up + sample.down > 0
-            self.capacity.add(address, sample, busy)
+        # sample of an address only starts its clock. An interval is
+        # evidence only if connections were open at both its ends: the first
+        # and last intervals of a busy spell are partly idle, and would read
+        # as a link slower than it is.
+        for address, open_now in taken.items():
+            busy = open_now > 0 and self._taken_before.get(address, 0) > 0
+            self.capacity.add(address, samples.get(address, Sample(0, 0, 0, now)), busy)
+        self._taken_before = taken
 
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""

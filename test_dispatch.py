@@ -1565,12 +1565,22 @@ def test_capacity_follows_a_link_that_got_faster_or_slower() -> None:
     now = feed(estimator, link, 400 * KB, 20, 0.0)
     now = feed(estimator, link, 1200 * KB, 2, now)
     assert estimator.estimate(link) == pytest.approx(1200 * KB)  # within two saturated seconds
-    now = feed(estimator, link, 400 * KB, 15, now)
-    assert estimator.estimate(link) == pytest.approx(600 * KB)  # one half-life of traffic
+    now = feed(estimator, link, 400 * KB, 25, now)
+    assert estimator.estimate(link) == pytest.approx(1200 * KB)  # within the window
     now = feed(estimator, link, 400 * KB, 10, now)
-    assert estimator.estimate(link) == pytest.approx(400 * KB)  # the new figure, in 25 s
+    assert estimator.estimate(link) == pytest.approx(400 * KB)  # the new figure, after 30 s of traffic
     feed(estimator, link, 0, 3600, now, busy=False)
     assert estimator.estimate(link) == pytest.approx(400 * KB)  # idle time changes nothing
+
+
+def test_the_quiet_end_of_a_busy_spell_lowers_nothing() -> None:
+    """A batch's downloads end while their connections stay open (keep-alive):
+    the link is busy but quiet, which says nothing of what it can carry."""
+    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
+    now = feed(estimator, link, 1150 * KB, 10, 0.0)
+    now = feed(estimator, link, 560 * KB, 1, now)  # the last download ended mid-interval
+    feed(estimator, link, 0, 600, now)  # open, idle
+    assert estimator.estimate(link) == pytest.approx(1150 * KB)
 
 
 def short_connections(
@@ -1709,7 +1719,8 @@ class FluidLinks:
         self.estimator = estimator
         self.links = [dispatch.LocalAddress(f"10.0.0.{n}") for n in range(len(rates))]
         self.now, self.next_sample = 0.0, dispatch.METER_INTERVAL
-        self.delivered, self.busy = [0.0] * len(rates), [False] * len(rates)
+        self.delivered = [0.0] * len(rates)
+        self.open_before: set[int] = set()  # links with downloads open at the last sample
         self.random, self.noise = random.Random(1), noise
         self.factors = self.draw()
         for link in self.links:
@@ -1718,11 +1729,12 @@ class FluidLinks:
     def draw(self) -> list[float]:
         return [1 + self.random.uniform(-self.noise, self.noise) for _ in self.rates]
 
-    def sample(self) -> None:
+    def sample(self, open_now: set[int]) -> None:
+        # As the proxy does: evidence only where downloads were open at both ends.
         for index, link in enumerate(self.links):
-            self.estimator.add(link, dispatch.Sample(0, round(self.delivered[index]), 0, self.next_sample),
-                               self.busy[index])
-        self.delivered, self.busy = [0.0] * len(self.rates), [False] * len(self.rates)
+            busy = index in open_now and index in self.open_before
+            self.estimator.add(link, dispatch.Sample(0, round(self.delivered[index]), 0, self.next_sample), busy)
+        self.delivered, self.open_before = [0.0] * len(self.rates), open_now
         self.factors = self.draw()
         self.next_sample += dispatch.METER_INTERVAL
 
@@ -1735,7 +1747,6 @@ class FluidLinks:
             speed = {link: self.rates[link] * self.factors[link] / count for link, count in sharing.items()}
             step = min(self.next_sample - self.now, *(left / speed[placement[d]] for d, left in remaining.items()))
             for link, count in sharing.items():
-                self.busy[link] = True
                 self.delivered[link] += speed[link] * step * count
             for download in list(remaining):
                 remaining[download] -= speed[placement[download]] * step
@@ -1743,7 +1754,7 @@ class FluidLinks:
                     del remaining[download]
             self.now += step
             if self.now >= self.next_sample - 1e-9:
-                self.sample()
+                self.sample({placement[download] for download in remaining})
         return self.now - started
 
 
