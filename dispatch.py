@@ -4407,6 +4407,7 @@ DEFAULT_GRACE = 5.0
 # After the grace period, how long shutdown() waits for the sessions to see
 # their sockets closed and write their log lines.
 CLOSE_TIMEOUT = 2.0
+GRACE_POLL = 0.1  # how often a grace period looks whether it was cut short
 
 
 class BackgroundTasks:
@@ -4692,16 +4693,20 @@ class Dispatcher:
         self._serving.wait()
         return self
 
-    def shutdown(self, grace: float = 0.0) -> None:
+    def shutdown(self, grace: float = 0.0, cut_short: threading.Event | None = None) -> None:
         """Stop accepting, give open connections up to ``grace`` seconds to
-        finish, then close them. Safe to call more than once."""
+        finish (less if ``cut_short`` is set meanwhile), then close them.
+        Safe to call more than once."""
         self._server.stop()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._server.server_close()
         self.tasks.stop()
-        self.admission.wait_until_none_open(grace)
+        deadline = time.monotonic() + grace
+        while not self.admission.wait_until_none_open(min(GRACE_POLL, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or (cut_short is not None and cut_short.is_set()):
+                break
         self.context.stopping.set()
         self.upstream.close_all()
         self.admission.close_all()
@@ -5142,11 +5147,11 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
                     flush=True,
                 )
             logger.info("stopping with %s", plural(still_open, "open connection"))
-            dispatcher.shutdown(args.grace)
-        except _SecondSignal:
-            print("dispatch: closing every connection now", flush=True)
-            logger.info("a second signal: closing every connection now")
-            dispatcher.shutdown()
+        finally:
+            dispatcher.shutdown(args.grace, cut_short=stop.hurry)
+        if stop.hurry.is_set() and still_open:
+            print("dispatch: a second signal: every connection closed at once", flush=True)
+            logger.info("a second signal: every connection closed at once")
     if args.stats:
         _print_stats(dispatcher, started, "at the end, after")
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
@@ -5409,19 +5414,16 @@ def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | 
     return text.encode("ascii", "xmlcharrefreplace").decode("ascii") + "\n"
 
 
-class _SecondSignal(Exception):  # noqa: N818 (a request, not a fault)
-    """A second Ctrl-C or SIGTERM: stop at once, without the grace period."""
-
-
 class _StopSignals:
     """Ctrl-C and SIGTERM while the proxy serves: the first asks it to stop
-    (``is_set()``), the second raises _SecondSignal in the main thread to cut
-    the grace period short; any more are ignored. The handlers before are
-    put back on leaving."""
+    (``stopping``), the second to cut the grace period short (``hurry``);
+    any more change nothing. The handlers only set events: an exception
+    raised from a handler could land anywhere, a logging call included, and
+    be lost. The handlers before are put back on leaving."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._count = 0
+        self.stopping = threading.Event()
+        self.hurry = threading.Event()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -5435,14 +5437,11 @@ class _StopSignals:
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """The signal handler: the first asks to stop, the second to stop at once."""
-        self._count += 1
-        self._event.set()
-        if self._count == 2:
-            raise _SecondSignal
+        (self.hurry if self.stopping.is_set() else self.stopping).set()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a stop; return whether one came."""
-        return self._event.wait(timeout)
+        return self.stopping.wait(timeout)
 
 
 def _serve_until(stop: _StopSignals, dispatcher: Dispatcher, every: float | None, started: float) -> None:

@@ -4379,7 +4379,7 @@ def test_cli_second_ctrl_c_closes_every_connection_at_once(
         assert time.monotonic() - asked < 5  # not the 60 s of grace
         assert closed_by_proxy(client)
     assert (process.returncode, err) == (0, "")
-    assert "dispatch: closing every connection now" in out
+    assert "dispatch: a second signal: every connection closed at once" in out
     with open(log_file) as log:
         assert re.search(r"-> 127\.0\.0\.1:\d+ via 127\.0\.0\.1 \(lo\): cut by shutdown, 4 B up, 4 B down", log.read())
 
