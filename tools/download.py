@@ -718,6 +718,16 @@ def fetch(args: argparse.Namespace) -> int:
     return 0 if result.complete and not result.corrupt_chunks else 1
 
 
+def lab_arguments(parser: argparse.ArgumentParser, name: str, port: int, time_limit: float) -> None:
+    """The options of a command that builds a lab and runs dispatch in it."""
+    parser.add_argument("--name", default=name, help="lab name (namespace prefix)")
+    parser.add_argument("--dispatch", default=os.path.join(PROJECT_DIR, "dispatch.py"))
+    parser.add_argument("--proxy-port", type=int, default=port)
+    parser.add_argument("--dispatch-log", default=f"/tmp/{name}-dispatch.log")
+    parser.add_argument("--time-limit", type=float, default=time_limit,
+                        help="no new round starts after this many seconds")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -739,12 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="size files to last about this long at the expected rate")
     b.add_argument("--rates", type=netlab._rates_arg, default=list(netlab.DEFAULT_RATES),
                    help="uplink rates in kB/s, comma-separated")
-    b.add_argument("--name", default="dlab-bench", help="lab name (namespace prefix)")
-    b.add_argument("--dispatch", default=os.path.join(PROJECT_DIR, "dispatch.py"))
-    b.add_argument("--proxy-port", type=int, default=11080)
-    b.add_argument("--dispatch-log", default="/tmp/dlab-bench-dispatch.log")
-    b.add_argument("--time-limit", type=float, default=900.0,
-                   help="no new round starts after this many seconds")
+    lab_arguments(b, "dlab-bench", 11080, 900.0)
 
     t = sub.add_parser("batch", help="build the lab and compare balancing modes, "
                                      "before and after two links change rates")
@@ -759,12 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="uplink:kB/s to set after the first measurement "
                         f"(default {DEFAULT_CHANGE})")
     t.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
-    t.add_argument("--name", default="dlab-batch", help="lab name (namespace prefix)")
-    t.add_argument("--dispatch", default=os.path.join(PROJECT_DIR, "dispatch.py"))
-    t.add_argument("--proxy-port", type=int, default=11081)
-    t.add_argument("--dispatch-log", default="/tmp/dlab-batch-dispatch.log")
-    t.add_argument("--time-limit", type=float, default=1800.0,
-                   help="no new round starts after this many seconds")
+    lab_arguments(t, "dlab-batch", 11081, 1800.0)
 
     f = sub.add_parser("fetch", help="download one URL and print the rate")
     common(f)
