@@ -1016,8 +1016,11 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
     """The (user, password) pairs of a file of ``USER:PASS`` lines.
 
     Blank lines and lines starting with # are skipped. Raises ValueError
-    naming the file and line, never a password.
+    naming the file and line, never a password, and for a file without a
+    user: a login file that lets everyone in is a mistake, never a wish.
     """
+    if not path:
+        raise ValueError("the login file's path is empty")
     try:
         with open(path, "rb") as file:
             lines = file.read().splitlines()
@@ -1035,6 +1038,8 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
             pairs.append(parse_credentials(line))
         except ValueError as error:
             raise ValueError(f"{path}, line {number}: {error}") from None
+    if not pairs:
+        raise ValueError(f"{path} holds no USER:PASS line: a login file without a user would let everyone in")
     return pairs
 
 
@@ -1376,14 +1381,31 @@ def usable_addresses() -> list[LocalAddress]:
     return [LocalAddress(ip, 1, i.name) for i in usable_interfaces() for ip in i.ips]
 
 
-def _check_bindable(ip: str) -> None:
-    """Raise AddressError unless ``ip`` can be a source address here."""
-    if ipaddress.ip_address(ip).is_link_local:
+def _check_link_address(ip: str) -> None:
+    """Raise AddressError, saying why, if ``ip`` could never be a link's
+    source address, on any machine: unspecified, multicast or link-local."""
+    address = ipaddress.ip_address(ip)
+    if address.is_unspecified:
+        raise AddressError(
+            f"{ip} is the unspecified address: it stands for any address, not for one link (the system "
+            "would pick the way out); give an interface's name or one of its addresses"
+        )
+    if address.is_multicast:
+        raise AddressError(
+            f"{ip} is a multicast address: it names a group of receivers, and no connection can leave "
+            "from it; give an interface's name or one of its addresses"
+        )
+    if address.is_link_local:
         raise AddressError(
             f"{ip} is a link-local address: it reaches only the hosts on its own network segment, never the "
             "internet (the interface has no address from a router or DHCP yet); give the interface's name to "
             "use its routable addresses as they come"
         )
+
+
+def _check_bindable(ip: str) -> None:
+    """Raise AddressError unless ``ip`` can be a source address here."""
+    _check_link_address(ip)
     with socket.socket(_family_of(ip), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((ip, 0))
@@ -4404,6 +4426,9 @@ class _Server(socketserver.ThreadingTCPServer):
 # ---------------------------------------------------------------------------
 
 DEFAULT_GRACE = 5.0
+# The longest duration a Dispatcher takes (a week): longer ones would
+# overflow what poll() and socket timeouts take (about 24 days).
+MAX_DURATION = 7 * 24 * 3600.0
 # After the grace period, how long shutdown() waits for the sessions to see
 # their sockets closed and write their log lines.
 CLOSE_TIMEOUT = 2.0
@@ -4528,8 +4553,16 @@ class Dispatcher:
             weighted = any(link.weighted for link in self.links.links)
             balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
         self.checks = [parse_check_target(check) for check in checks]
-        if check_interval <= 0 or hedge < 0 or (sticky is not None and sticky < 0):
-            raise ValueError("check_interval must be positive; hedge and sticky 0 or more")
+        durations = {
+            "connect_timeout": connect_timeout, "handshake_timeout": handshake_timeout, "cooldown": cooldown,
+            "check_interval": check_interval, "idle_timeout": idle_timeout, "hedge": hedge, "sticky": sticky,
+        }
+        for name, seconds in durations.items():
+            may_be_zero = name in ("hedge", "sticky")
+            if seconds is None or (0 <= seconds <= MAX_DURATION and (seconds > 0 or may_be_zero)):
+                continue
+            raise ValueError(f"{name} must be {'0 or more' if may_be_zero else 'positive'}, "
+                             f"at most {MAX_DURATION:g} seconds; got {seconds!r}")
         self.check_interval = check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
         families = {_family_of(ip) for ip, _ in self.checks}
@@ -4597,7 +4630,12 @@ class Dispatcher:
                 self.health.retest_result(address, OSError(errno.EAGAIN, str(error)))
 
     def _run_retest(self, address: LocalAddress, target: Target) -> None:
-        self.health.retest_result(address, self.upstream.probe(address, target, self.upstream.connect_timeout))
+        try:
+            error = self.upstream.probe(address, target, self.upstream.connect_timeout)
+        except Exception as failure:  # a retest lost would keep the link out for good
+            logger.exception("the retest of %s failed", address.describe())
+            error = OSError(errno.EIO, f"the retest failed: {failure!r}")
+        self.health.retest_result(address, error)
 
     def _check(self) -> None:
         """Check every address against the check targets, in a thread of its
@@ -4615,7 +4653,11 @@ class Dispatcher:
             outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
 
             def check(address: LocalAddress, target: Target) -> None:
-                outcomes[address, target] = self.upstream.probe(address, target, timeout)
+                try:
+                    outcomes[address, target] = self.upstream.probe(address, target, timeout)
+                except Exception as failure:  # told, and counted as a failed check
+                    logger.exception("the check of %s failed", address.describe())
+                    outcomes[address, target] = OSError(errno.EIO, f"the check failed: {failure!r}")
 
             # Every probe at once: a round takes one timeout, however many targets.
             threads = [threading.Thread(target=check, args=pair, daemon=True) for pair in pairs]
@@ -4938,7 +4980,12 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
         where = "stdout"
     else:
         where = log_file or default_log_path()
-        os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(where))
+        if not log_file:
+            os.makedirs(directory, exist_ok=True)
+        elif not os.path.isdir(directory):
+            # A mistyped path makes no directories: it is told, at once.
+            raise FileNotFoundError(errno.ENOENT, f"no directory {directory}")
         handler = logging.FileHandler(where)
     handler.setFormatter(formatter)
     logger.handlers[:] = [handler]
@@ -5036,10 +5083,22 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _shown(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a
+    value echoed in a message cannot break its line or drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _error(message: str) -> int:
+    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return 2, the exit status."""
+    print(f"dispatch: error: {_shown(message)}", file=sys.stderr)
+    return 2
+
+
 def _credentials(args: argparse.Namespace) -> dict[str, str]:
     """The users of --auth and --auth-file; raises ValueError."""
     pairs = list(args.auth or [])
-    if args.auth_file:
+    if args.auth_file is not None:
         pairs += read_auth_file(args.auth_file)
     users: dict[str, str] = {}
     for user, password in pairs:
@@ -5047,6 +5106,18 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
             raise ValueError(f"user {user!r} is given more than once")
         users[user] = password
     return users
+
+
+def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """Check what ``start`` can check of its arguments without this
+    machine's interfaces (``dispatch service`` checks them too): the form
+    of every ADDRESS, IP addresses that no link could use, and the logins.
+    Returns the users; raises AddressError or ValueError."""
+    for text in args.addresses:
+        spec = parse_address(text)
+        if _is_ip(spec.address):
+            _check_link_address(spec.address)
+    return _credentials(args)
 
 
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
@@ -5071,7 +5142,7 @@ def _start(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
     try:
-        users = _credentials(args)
+        users = _check_start_arguments(args)
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port,
             connect_timeout=args.connect_timeout, cooldown=args.cooldown,
@@ -5088,21 +5159,18 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             hedge=args.hedge,
         )
     except (AddressError, ValueError) as error:
-        print(f"dispatch: error: {error}", file=sys.stderr)
-        return 2
+        return _error(str(error))
     except OSError as error:
         where = _format_endpoint(args.ip, args.port)
         why = _describe(error)
         if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
             why = f"port {args.port} is in use (by another dispatch, or another program)"
-        print(f"dispatch: error: cannot listen on {where}: {why}", file=sys.stderr)
-        return 2
+        return _error(f"cannot listen on {where}: {why}")
     try:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
-        print(f"dispatch: error: cannot write the log: {_describe(error)}", file=sys.stderr)
         dispatcher.shutdown()
-        return 2
+        return _error(f"cannot write the log: {_describe(error)}")
     host, port = dispatcher.address
     allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
     default = "" if args.allow else " (loopback and private networks)"
@@ -5195,6 +5263,8 @@ def service_unit(
             raise ValueError(
                 f"{argument!r}: a control character cannot go into a service definition"
             )
+    if system == "windows":
+        _check_task_arguments(start_args, executable)
     if system == "systemd":
         return _systemd_unit(start_args, executable, user)
     if system == "launchd":
@@ -5359,6 +5429,20 @@ def _windows_command_line(arguments: Sequence[str]) -> str:
     return " ".join(_windows_quote(argument) for argument in arguments)
 
 
+def _check_task_arguments(start_args: Sequence[str], executable: Sequence[str]) -> None:
+    """Raise ValueError for a '%' that Task Scheduler would read as part of
+    a variable (%NAME%, expanded when the task starts, with no escape).
+    The argument is not shown: it may hold a password."""
+    if any("%" in part for part in executable):
+        raise ValueError("the program's path holds '%', which Task Scheduler expands; move dispatch elsewhere")
+    for number, argument in enumerate(start_args, 1):
+        if "%" in argument:
+            raise ValueError(
+                f"start argument {number} holds '%', which Task Scheduler expands (%NAME%) when the task "
+                "starts: give a password holding '%' with --auth-file, and paths without '%'"
+            )
+
+
 def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | None) -> str:
     from xml.etree import ElementTree
 
@@ -5458,7 +5542,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     rather than the whole usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"dispatch: error: {message} (see: {self.prog} --help)\n")
+        self.exit(2, f"dispatch: error: {_shown(message)} (see: {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -5482,10 +5566,13 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
     )
-    start.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    start.add_argument(
+        "--ip", type=_listen_address, default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: for every address)",
+    )
     start.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
     start.add_argument(
-        "--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+        "--connect-timeout", type=_duration("--connect-timeout"), default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
         help="give up connecting upstream after this long (default 5)",
     )
     start.add_argument(
@@ -5502,12 +5589,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "default: loopback and private networks)",
     )
     start.add_argument(
-        "--handshake-timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+        "--handshake-timeout", type=_duration("--handshake-timeout"), default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
         help=f"close a client that has not finished its handshake after this long "
         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
     start.add_argument(
-        "--idle-timeout", type=_seconds, metavar="SECONDS",
+        "--idle-timeout", type=_duration("--idle-timeout"), metavar="SECONDS",
         help="close a connection with nothing moving either way for this long (default: never)",
     )
     start.add_argument(
@@ -5515,11 +5603,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="refuse new clients while N connections are open (default: what the descriptor limit fits)",
     )
     start.add_argument(
-        "--grace", type=_seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
+        "--grace", type=_duration("--grace"), default=DEFAULT_GRACE, metavar="SECONDS",
         help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
     )
     start.add_argument(
-        "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
+        "--cooldown", type=_duration("--cooldown"), default=DEFAULT_COOLDOWN, metavar="SECONDS",
         help="a link that failed is retested 1 s later, then less and less often, at least every SECONDS "
         "(default 30); it is back as soon as a retest gets through",
     )
@@ -5530,7 +5618,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "the default when any ADDRESS has one)",
     )
     start.add_argument(
-        "--sticky", type=_seconds_or_zero, default=0.0, metavar="SECONDS",
+        "--sticky", type=_duration("--sticky"), default=0.0, metavar="SECONDS",
         help="keep a client's connections to one site (example.co.uk) on one link while the site was "
         "used within SECONDS (default 0: off, so that one site's downloads spread)",
     )
@@ -5540,11 +5628,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "row take a link out, 2 successes bring it back (default: no checks)",
     )
     start.add_argument(
-        "--check-interval", type=_seconds, default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
+        "--check-interval", type=_duration("--check-interval"), default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
         help=f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
     )
     start.add_argument(
-        "--hedge", type=_seconds_or_zero, default=DEFAULT_HEDGE, metavar="SECONDS",
+        "--hedge", type=_duration("--hedge"), default=DEFAULT_HEDGE, metavar="SECONDS",
         help=f"when a connect has no answer after this long, race it through another link "
         f"(default {DEFAULT_HEDGE:g}; 0: never)",
     )
@@ -5553,7 +5641,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve no status page, /stats.json, /metrics or /proxy.pac on the proxy's port",
     )
     start.add_argument(
-        "--stats", type=_seconds, metavar="SECONDS",
+        "--stats", type=_duration("--stats"), metavar="SECONDS",
         help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
@@ -5575,18 +5663,57 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _seconds(text: str) -> float:
-    value = _number(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
+def _listen_address(text: str) -> str:
+    """An address to listen on, as --ip takes it: an IP address or a name.
+
+    The system reads "" and "0" (and "127.1") as addresses too, the first
+    two as every address: what is meant is written out.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("an empty address: write 0.0.0.0 (or ::) to listen on every address")
+    if not _is_ip(text):
+        try:
+            packed = socket.inet_aton(text)
+        except OSError:
+            return text  # a name, looked up when the proxy listens
+        raise argparse.ArgumentTypeError(f"{text!r} is a short form of {socket.inet_ntoa(packed)}: write it out")
+    return text
 
 
-def _seconds_or_zero(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
-    return value
+DAY = 24 * 3600.0
+# The range of each duration option, in seconds; those starting at 0 take 0
+# for "off". Every wait stays within what poll() and socket timeouts take
+# (milliseconds in a C int: about 24 days), and nothing in the background
+# runs so often that it keeps a CPU busy while the proxy is idle.
+DURATION_RANGES: dict[str, tuple[float, float]] = {
+    "--connect-timeout": (0.1, 600.0),
+    "--handshake-timeout": (0.1, 3600.0),
+    "--idle-timeout": (1.0, 7 * DAY),
+    "--grace": (0.0, 3600.0),
+    "--cooldown": (1.0, DAY),
+    "--sticky": (0.0, 7 * DAY),
+    "--check-interval": (1.0, DAY),
+    "--hedge": (0.0, 600.0),
+    "--stats": (0.1, DAY),
+}
+
+
+def _duration(option: str) -> Callable[[str], float]:
+    """The argument type of a duration option: seconds within DURATION_RANGES[option]."""
+    low, high = DURATION_RANGES[option]
+
+    def seconds(text: str) -> float:
+        value = _number(text)
+        if low == 0 and not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+        if low > 0 and not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        if not low <= value <= high:
+            span = f"from {low:g} to {high:g}" if low else f"up to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {span} seconds")
+        return value
+
+    return seconds
 
 
 def _number(text: str) -> float:
@@ -5626,14 +5753,23 @@ def _network(text: str) -> str:
 
 
 def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    # Arguments with a mistake fail now, not at every boot.
-    parser.parse_args(["start", *args.start_arguments])
+    # Arguments with a mistake fail now, not at every boot, as start would
+    # refuse them. Help goes to stderr: stdout is the unit, often redirected
+    # into its file.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            start_args = parser.parse_args(["start", *args.start_arguments])
+        except SystemExit as exit_:
+            if exit_.code == 0:  # start's --help or --version: no unit to print
+                return _error("'dispatch service' prints no help of start into a unit; see: dispatch start --help")
+            raise
     executable = [sys.executable, os.path.abspath(__file__)]
     try:
-        print(service_unit(args.system, args.start_arguments, executable), end="")
-    except ValueError as error:
-        print(f"dispatch: error: {error}", file=sys.stderr)
-        return 2
+        _check_start_arguments(start_args)
+        unit = service_unit(args.system, args.start_arguments, executable)
+    except (AddressError, ValueError) as error:
+        return _error(str(error))
+    print(unit, end="")
     return 0
 
 
@@ -5647,8 +5783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _list_interfaces(sys.stdout)
         except AddressError as error:
-            print(f"dispatch: error: {error}", file=sys.stderr)
-            return 2
+            return _error(str(error))
     return _start(args)
 
 

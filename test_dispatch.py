@@ -2140,6 +2140,47 @@ def test_failure_through_every_address_makes_none_sit_out(
     assert [row["state"] for row in proxy.stats()] == ["up", "up"]
 
 
+def test_a_retest_that_raises_is_logged_and_runs_again(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    dark, live = proxy.addresses
+    probe = proxy.upstream.probe
+    raised: list[bool] = []
+
+    def probe_failing_once(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
+        if not raised:
+            raised.append(True)
+            raise OverflowError("timeout is too large")
+        return probe(local, target, timeout)
+
+    monkeypatch.setattr(proxy.upstream, "probe", probe_failing_once)
+    proxy.health.connected_through(live, [(dark, TimeoutError())], (echo_server.host, echo_server.port))
+    assert wait_for(lambda: not proxy.health.is_out(dark))
+    assert raised == [True]
+    assert "the retest of 127.0.0.2 (lo) failed" in log.text or "the retest of 127.0.0.2 failed" in log.text
+    assert "back in use: 127.0.0.2" in log.text
+
+
+def test_a_check_that_raises_is_logged_as_a_failed_check(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], start=False, checks=[f"{echo_server.host}:{echo_server.port}"])
+
+    def probe_raising(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
+        raise OverflowError("timeout is too large")
+
+    monkeypatch.setattr(proxy.upstream, "probe", probe_raising)
+    # One round in this thread, as the background task starts it (private: it has no public seam).
+    assert proxy._checking.acquire(blocking=False)
+    proxy._check_round()
+    assert re.search(r"the check of 127\.0\.0\.2( \(lo\))? failed", log.text)
+    assert "Traceback" in log.text  # the exception itself is in the log, once
+    assert not proxy._checking.locked()
+
+
 def test_refusal_is_the_targets_answer_not_a_failover(make_proxy: Callable[..., Dispatcher]) -> None:
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
     assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
@@ -4288,6 +4329,121 @@ def test_cli_bad_limits_exit_2(arguments: list[str], message: str, capsys: pytes
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--idle-timeout", "2592000"], "argument --idle-timeout: '2592000' is out of range: from 1 to 604800 seconds"),
+        (["--handshake-timeout", "2592000"], "argument --handshake-timeout: '2592000' is out of range"),
+        (["--connect-timeout", "1e7"], "argument --connect-timeout: '1e7' is out of range: from 0.1 to 600 seconds"),
+        (["--connect-timeout", "0.001"], "argument --connect-timeout: '0.001' is out of range"),
+        (["--cooldown", "1e300"], "argument --cooldown: '1e300' is out of range"),
+        (["--grace", "1e9"], "argument --grace: '1e9' is out of range: up to 3600 seconds"),
+        (["--sticky", "1e9"], "argument --sticky: '1e9' is out of range"),
+        (["--hedge", "1e9"], "argument --hedge: '1e9' is out of range"),
+        (["--stats", "1e9"], "argument --stats: '1e9' is out of range"),
+        (["--check-interval", "0.001"], "argument --check-interval: '0.001' is out of range: from 1 to 86400 seconds"),
+    ],
+)
+def test_cli_durations_out_of_range_exit_2_with_one_line(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--port", "0", *arguments, "127.0.0.1"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: ") and message in line
+
+
+def test_cli_durations_at_the_ends_of_their_ranges_are_taken() -> None:
+    parser = dispatch._build_parser()
+    for option, (low, high) in dispatch.DURATION_RANGES.items():
+        for seconds in (low, high):
+            args = parser.parse_args(["start", option, f"{seconds:g}"])
+            assert getattr(args, option[2:].replace("-", "_")) == seconds
+
+
+@pytest.mark.parametrize("option", ["idle_timeout", "handshake_timeout", "connect_timeout", "cooldown", "hedge"])
+def test_dispatcher_refuses_a_duration_that_would_overflow(option: str) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be .*at most 604800 seconds"):
+        Dispatcher(["127.0.0.1"], port=0, **{option: 30 * 24 * 3600.0})
+
+
+@pytest.mark.parametrize("content", [None, b"", b"# no users yet\n\n   # none\n"])
+def test_cli_login_file_without_a_user_exits_2(
+    content: bytes | None, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = ""  # --auth-file '': no file at all
+    if content is not None:
+        (tmp_path / "users").write_bytes(content)
+        path = str(tmp_path / "users")
+    assert dispatch.main(["start", "--port", "0", "--auth-file", path, "127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line in (
+        f"dispatch: error: {path} holds no USER:PASS line: a login file without a user would let everyone in",
+        "dispatch: error: the login file's path is empty",
+    )
+
+
+def test_cli_login_file_dev_null_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    if not os.path.exists(os.devnull):
+        pytest.skip(f"no {os.devnull} here")
+    assert dispatch.main(["start", "--port", "0", "--auth-file", os.devnull, "127.0.0.1"]) == 2
+    assert "holds no USER:PASS line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "ip, message",
+    [
+        ("", "argument --ip: an empty address: write 0.0.0.0 (or ::) to listen on every address"),
+        ("0", "argument --ip: '0' is a short form of 0.0.0.0: write it out"),
+        ("127.1", "argument --ip: '127.1' is a short form of 127.0.0.1: write it out"),
+    ],
+)
+def test_cli_listen_address_that_means_every_address_unsaid_exits_2(
+    ip: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--ip", ip, "--port", "0", "127.0.0.1"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("224.0.0.1", "224.0.0.1 is a multicast address"),
+        ("ff02::1", "ff02::1 is a multicast address"),
+        ("0.0.0.0", "0.0.0.0 is the unspecified address"),
+        ("::", ":: is the unspecified address"),
+        ("0.0.0.0@3", "0.0.0.0 is the unspecified address"),
+    ],
+)
+def test_cli_multicast_and_unspecified_addresses_are_no_links(
+    address: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["start", "--port", "0", address]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dispatch: error: {why}")
+
+
+def test_cli_error_shows_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    path = "/no/such\ndispatch: error: forged\x1b[2J"
+    assert dispatch.main(["start", "--port", "0", "--auth-file", path, "127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: cannot read /no/such\\ndispatch: error: forged\\x1b[2J: ")
+
+
+def test_cli_log_file_in_a_missing_directory_exits_2_and_makes_none(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "new" / "dir"
+    assert dispatch.main(["start", "--port", "0", "--log-file", str(missing / "x.log"), "127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"dispatch: error: cannot write the log: no directory {missing}"
+    assert not (tmp_path / "new").exists()
+
+
 def test_cli_list_marks_interfaces_without_an_address(windows: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["list"]) == 0
     rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
@@ -4473,6 +4629,61 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
         dispatch.main(["service", "systemd", "--port", "70000"])
     assert exit_.value.code == 2
     assert "is not a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["eth0@0"], "'eth0@0': the weight must be a whole number from 1 to 1000"),
+        (["10.0.0.1/24"], "'10.0.0.1/24' looks like a network prefix"),
+        (["a@b@c"], "'a@b@c': one '@' at most"),
+        ([""], "an empty ADDRESS"),
+        (["224.0.0.1"], "224.0.0.1 is a multicast address"),
+        (["--auth-file", ""], "the login file's path is empty"),
+        (["--auth-file", os.devnull], "holds no USER:PASS line"),
+        (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
+        (["--idle-timeout", "2592000"], "'2592000' is out of range"),
+    ],
+)
+def test_service_refuses_what_start_refuses(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        status = dispatch.main(["service", "systemd", *arguments])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("dispatch: error: ") and message in line
+
+
+@pytest.mark.parametrize("asked", [["--help"], ["-h"], ["--hel"], ["-dh"]])
+def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "eth0", *asked]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "dispatch: error: 'dispatch service' prints no help of start into a unit; see: dispatch start --help"
+    )
+
+
+def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line == (
+        "dispatch: error: start argument 2 holds '%', which Task Scheduler expands (%NAME%) when the task "
+        "starts: give a password holding '%' with --auth-file, and paths without '%'"
+    )
+    with pytest.raises(ValueError, match="the program's path holds '%'"):
+        dispatch.service_unit("windows", ["Wi-Fi"], [r"C:\100%\python.exe", "dispatch.py"])
+    # systemd and launchd take it as it is.
+    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
 
 
 @pytest.mark.parametrize(
