@@ -1129,6 +1129,12 @@ BACKUP = "backup"  # ADDRESS@backup: a link used only while no other is up
 # How often interface addresses are read again: DHCP renewals and new
 # networks are seen within this, at the cost of one read per interval.
 INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
+# An address its interface no longer holds is kept (its row, its counters)
+# this long after it went, as long as the charts show its last traffic, in
+# case it comes back; and at most GONE_ADDRESSES_KEPT of them a link, the
+# newest: IPv6 temporary addresses come and go every day, for ever.
+GONE_ADDRESS_KEPT = 600.0  # seconds
+GONE_ADDRESSES_KEPT = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -1160,10 +1166,12 @@ class Link:
     """A way out as it was named: one IP address, or an interface whose usable
     addresses are followed as they change (a DHCP renewal, a new network).
 
-    ``current`` are the addresses to use now; ``known`` keeps every address
+    ``current`` are the addresses to use now; ``known`` keeps the addresses
     the link has had, by IP, so that counters survive an address going away
-    and coming back. ``weighted`` says whether a weight was given, and
-    ``backup`` whether the link is kept for when no other is up.
+    and coming back, and ``gone_at`` when each of those no longer current
+    went (monotonic seconds), until ``drop_gone()`` forgets it. ``weighted``
+    says whether a weight was given, and ``backup`` whether the link is kept
+    for when no other is up.
     """
 
     def __init__(
@@ -1185,6 +1193,7 @@ class Link:
         for address in self.current:
             address.backup = backup
         self.known = {address.ip: address for address in self.current}
+        self.gone_at: dict[str, float] = {}
 
     @property
     def tier(self) -> str:
@@ -1205,18 +1214,40 @@ class Link:
         link.follow(ips)
         return link
 
-    def follow(self, ips: Sequence[str]) -> bool:
-        """Make ``ips`` the current addresses; return whether they changed."""
+    def follow(self, ips: Sequence[str], now: float | None = None) -> bool:
+        """Make ``ips`` the current addresses; return whether they changed.
+        ``now`` (monotonic seconds) is when those no longer current went."""
         before = [address.ip for address in self.current]
         known = dict(self.known)
         for ip in ips:
             if ip not in known:
                 known[ip] = LocalAddress(ip, self.weight, self.name, self.backup)
+        went = time.monotonic() if now is None else now
+        gone_at = {ip: at for ip, at in self.gone_at.items() if ip not in ips}
+        gone_at.update({ip: went for ip in before if ip not in ips and ip not in gone_at})
         # Assignments, not changes in place: readers in other threads see
         # the old dict and list or the new ones.
         self.known = known
         self.current = [known[ip] for ip in ips]
+        self.gone_at = gone_at
         return before != list(ips)
+
+    def drop_gone(self, in_use: Callable[[LocalAddress], bool], now: float | None = None) -> list[LocalAddress]:
+        """Forget the gone addresses not ``in_use`` that went GONE_ADDRESS_KEPT
+        seconds ago or more, and the oldest beyond GONE_ADDRESSES_KEPT; return them."""
+        now = time.monotonic() if now is None else now
+        oldest_first = sorted(self.gone_at.items(), key=lambda item: item[1])
+        excess = len(oldest_first) - GONE_ADDRESSES_KEPT
+        dropped = [
+            self.known[ip]
+            for index, (ip, went) in enumerate(oldest_first)
+            if (index < excess or now - went >= GONE_ADDRESS_KEPT) and not in_use(self.known[ip])
+        ]
+        if dropped:
+            gone = {address.ip for address in dropped}
+            self.known = {ip: address for ip, address in self.known.items() if ip not in gone}
+            self.gone_at = {ip: went for ip, went in self.gone_at.items() if ip not in gone}
+        return dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1537,6 +1568,13 @@ class LinkSet:
         """The link that holds or held ``address``."""
         return next((link for link in self.links if link.known.get(address.ip) is address), None)
 
+    def drop_gone(self, in_use: Callable[[LocalAddress], bool]) -> list[LocalAddress]:
+        """Forget the addresses gone long enough (Link.drop_gone); return them."""
+        dropped = [address for link in self.links for address in link.drop_gone(in_use)]
+        for address in dropped:
+            logger.debug("forgetting %s: gone since a while", address.describe())
+        return dropped
+
     def refresh(self) -> bool:
         """Read the interfaces and follow them; return whether any address changed."""
         if not self.follows:
@@ -1648,6 +1686,12 @@ class Health:
     def is_out(self, address: LocalAddress) -> bool:
         """Whether ``address`` is out."""
         return address in self._outages
+
+    def forget(self, address: LocalAddress) -> None:
+        """Forget ``address`` (gone for good): no more retests or checks of it."""
+        with self._lock:
+            self._outages.pop(address, None)
+            self._checks.pop(address, None)
 
     def connected_through(
         self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = (), target: Target | None = None
@@ -2205,6 +2249,12 @@ class Meter:
             )
             for address, (up, down) in counts.items()
         }
+
+    def forget(self, address: LocalAddress) -> Counters:
+        """Stop counting ``address`` (gone for good); return its counters.
+        Its traffic leaves the history as the samples holding it age out."""
+        with self._lock:
+            return self._counters.pop(address, None) or Counters()
 
     def read(self, address: LocalAddress) -> Reading:
         """The counters of ``address`` and its rates over the last interval or two."""
@@ -3023,6 +3073,9 @@ class SessionContext:
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     # What the local pages show (Dispatcher.status); None: no pages.
     status: Callable[[], dict[str, Any]] | None = None
+    # Host names the pages answer to, besides localhost and the proxy's
+    # own addresses (lower case, without a final dot).
+    page_hosts: frozenset[str] = frozenset()
 
 
 class Session:
@@ -3410,6 +3463,9 @@ _NOW_X = 396  # the newest sample, inset so that its marker is not cut off
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
 _STATES = frozenset({"up", "down", "gone", "standby", "waiting"})
 _PATH_SHOWN = 200  # a 404 echoes at most this much of the path
+# A page request's body is read and dropped up to this size; a longer one
+# (or a chunked one) is refused, and the connection closed after the answer.
+LOCAL_PAGE_BODY_LIMIT = 64 * 1024
 
 _STYLE = """
 :root{color-scheme:light dark;--fg:#1b1b1b;--bg:#fff;--mute:#666;--line:#ddd;--ok:#1a7f37;
@@ -3812,6 +3868,19 @@ def render_pac(host: str, port: int) -> str:
     return _PAC_SCRIPT.replace("__PROXY__", json.dumps(proxy))
 
 
+def page_host(text: str) -> str:
+    """A Host name the pages may answer to, as compared: a name in lower
+    case without its final dot, or an IP address (IPv6 without brackets).
+    Raises ValueError for anything else."""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if _is_ip(bare):
+        return str(ipaddress.ip_address(bare))
+    name = bare.lower().rstrip(".")
+    if not name or not _HOST_NAME.match(name):
+        raise ValueError(f"{text!r} is not a host name or IP address")
+    return name
+
+
 def render_not_found(path: str) -> str:
     """A short 404 page for ``path`` (shown escaped, cut at 200 characters) linking to ``/``."""
     shown = path if len(path) <= _PATH_SHOWN else path[:_PATH_SHOWN] + "\u2026"
@@ -3943,9 +4012,16 @@ class HttpProxySession(Session):
         connection stays open. They log at debug level: a page open in a
         browser asks every 2 s."""
         path = target.partition("?")[0]
-        status, content_type, body, extra = self._local_page(method, path, headers)
+        refusal = self._skip_body(headers)
+        if refusal is None:
+            status, content_type, body, extra = self._local_page(method, path, headers)
+            keep_alive = keeps_alive(version, headers)
+        else:
+            status, content_type, extra = refusal, "text/plain; charset=utf-8", []
+            body = f"{status.value} {status.phrase}: a page request carries no body of more than " \
+                f"{LOCAL_PAGE_BODY_LIMIT} bytes, and none in chunks\n".encode()
+            keep_alive = False  # what is left of the body must not be read as a request
         head = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
-        keep_alive = keeps_alive(version, headers)
         head += [*extra, *([] if keep_alive else [("Connection", "close")])]
         self.responded = True
         self._send_down(encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head))
@@ -3954,6 +4030,51 @@ class HttpProxySession(Session):
         self.record.result = str(status.value)
         self.record.log(logging.DEBUG if status == HTTPStatus.OK else logging.INFO)
         return keep_alive
+
+    def _skip_body(self, headers: Headers) -> HTTPStatus | None:
+        """Read and drop the body of a page request (no page takes one), so
+        that it is never read as the next request. Returns None, or the
+        status that refuses a body not read (chunked, too long, malformed)."""
+        try:
+            length = body_length(headers, request=True)
+        except ValueError:
+            return HTTPStatus.BAD_REQUEST
+        if length == 0:
+            return None
+        if not 0 < length <= LOCAL_PAGE_BODY_LIMIT:
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        self.reader.deadline = time.monotonic() + self.context.handshake_timeout
+        self.connection.setblocking(False)
+        try:
+            copy_body(self.reader, length, lambda data: None)
+        except OSError:  # cut short, or too slow
+            return HTTPStatus.BAD_REQUEST
+        finally:
+            self.reader.deadline = math.inf
+            self.connection.settimeout(self.context.handshake_timeout)
+        return None
+
+    def _names_this_proxy(self, headers: Headers) -> bool:
+        """Whether the request's Host names this proxy: localhost, a
+        loopback address, the address the client reached, or a name given
+        (``page_hosts``). A web page cannot make a browser send any of
+        these, as it can for its own name pointed at 127.0.0.1 (DNS
+        rebinding). A request without Host is no browser's."""
+        hosts = [value.strip() for name, value in headers if name.lower() == "host"]
+        if not hosts:
+            return True
+        if len(hosts) > 1:
+            return False
+        try:
+            name = page_host(_split_host_port(hosts[0], 80)[0])
+        except ValueError:
+            return False
+        if name == "localhost" or name in self.context.page_hosts:
+            return True
+        if not _is_ip(name):
+            return False
+        ip = _client_ip(name)
+        return ip.is_loopback or ip == _client_ip(self.connection.getsockname()[0])
 
     def _local_page(
         self, method: str, path: str, headers: Headers
@@ -3970,6 +4091,9 @@ class HttpProxySession(Session):
         if path == "/proxy.pac":  # fetched by systems that ask for no login first
             host = str(_client_ip(self.connection.getsockname()[0]))
             return HTTPStatus.OK, PAC_CONTENT_TYPE, render_pac(host, self.connection.getsockname()[1]).encode(), []
+        if not self._names_this_proxy(headers):
+            body = b"403 Forbidden: the Host header names no address of this proxy (see --page-host)\n"
+            return HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", body, []
         access = self.context.access
         credentials = basic_credentials(headers, "authorization")
         if credentials is not None:
@@ -4512,7 +4636,12 @@ class Dispatcher:
       failed (the first is a second after the failure).
     - ``pages``: serve the status page, ``/stats.json``, ``/metrics`` and
       ``/proxy.pac`` to HTTP requests in origin form (``GET /``) on the
-      proxy's port; False answers them 404.
+      proxy's port; False answers them 404. The status page, ``/stats.json``
+      and ``/metrics`` answer only a Host header that names localhost, a
+      loopback address or the address the client reached (a web page could
+      otherwise point its own name at 127.0.0.1 and read them: DNS
+      rebinding); ``/proxy.pac`` answers any.
+    - ``page_hosts``: more Host names (or addresses) the pages answer to.
     - ``balance``: "measured" or "round-robin"; None means measured unless
       an address has a weight.
     - ``sticky``: seconds a client's site keeps its link; None is off.
@@ -4542,6 +4671,7 @@ class Dispatcher:
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
         pages: bool = True,
+        page_hosts: Iterable[str] = (),
         balance: str | None = None,
         sticky: float | None = None,
         checks: Iterable[str] = (),
@@ -4576,6 +4706,8 @@ class Dispatcher:
             sticky=StickyTable(sticky) if sticky else None,
         )
         self.meter = Meter()
+        # What the addresses forgotten once gone carried: still in the totals.
+        self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
         self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge)
         self.access = AccessPolicy(credentials, allow)
         self.admission = Admission(
@@ -4584,7 +4716,8 @@ class Dispatcher:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.context = SessionContext(
-            self.access, self.upstream, handshake_timeout, idle_timeout, status=self.status if pages else None
+            self.access, self.upstream, handshake_timeout, idle_timeout, status=self.status if pages else None,
+            page_hosts=frozenset(page_host(name) for name in page_hosts),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
@@ -4601,6 +4734,11 @@ class Dispatcher:
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
             self.balancer.rebuild(self.links.addresses)
+        for address in self.links.drop_gone(lambda address: self.meter.read(address).counters.open > 0):
+            self.health.forget(address)
+            counters = self.meter.forget(address)
+            for key in self._forgotten:
+                self._forgotten[key] += getattr(counters, key)
 
     def sample_meter(self) -> None:
         """Sample the meter, and measure each link's capacity by it (the
@@ -4756,7 +4894,8 @@ class Dispatcher:
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address (every one a link has had): ip, interface, link
+        """Per local address (every one a link holds, and those gone lately:
+        see GONE_ADDRESS_KEPT): ip, interface, link
         (its name as given), weight, tier ("primary" or "backup"), state
         ("up"; "down" while it is out after a failure of its link; "standby"
         for a backup while a primary is up; "gone" once its interface no
@@ -4799,11 +4938,12 @@ class Dispatcher:
 
     def status(self) -> dict[str, Any]:
         """Everything a status page shows: version, uptime, where it listens,
-        open and refused clients, totals, ``stats()`` as "addresses", and the
+        open and refused clients, totals (with what addresses forgotten once
+        gone carried), ``stats()`` as "addresses", and the
         rates of each address over the last ten minutes as "history"."""
         rows = self.stats()
         totals = {
-            key: sum(row[key] for row in rows)
+            key: sum(row[key] for row in rows) + self._forgotten.get(key, 0)
             for key in ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_down")
         }
         history = {}
@@ -5066,9 +5206,8 @@ def plural(count: int, noun: str) -> str:
 
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
-    connections = sum(row["connections"] for row in stats)
-    up = sum(row["bytes_up"] for row in stats)
-    down = sum(row["bytes_down"] for row in stats)
+    totals = dispatcher.status()["totals"]  # the addresses forgotten once gone too
+    connections, up, down = totals["connections"], totals["bytes_up"], totals["bytes_down"]
     refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
     lines = [
         f"dispatch: stopped after {format_duration(seconds)}: {plural(connections, 'connection')}, "
@@ -5152,6 +5291,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             credentials=users,
             allow=args.allow,
             pages=args.pages,
+            page_hosts=args.page_host or (),
             balance=args.balance,
             sticky=args.sticky or None,
             checks=args.check,
@@ -5641,6 +5781,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve no status page, /stats.json, /metrics or /proxy.pac on the proxy's port",
     )
     start.add_argument(
+        "--page-host", action="append", type=_page_host, metavar="NAME",
+        help="also show the status page, /stats.json and /metrics to requests for this host name "
+        "(repeatable; always: localhost, loopback and the address the page is asked at)",
+    )
+    start.add_argument(
         "--stats", type=_duration("--stats"), metavar="SECONDS",
         help="print a table of each local address's traffic this often, and at the end",
     )
@@ -5743,6 +5888,13 @@ def _check_target(text: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def _page_host(text: str) -> str:
+    try:
+        return page_host(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _network(text: str) -> str:

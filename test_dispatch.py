@@ -1265,6 +1265,53 @@ def test_interface_name_follows_its_address_end_to_end(
     assert (rows["127.0.0.2"]["state"], rows["127.0.0.3"]["state"]) == ("gone", "up")
 
 
+def test_gone_addresses_are_forgotten_after_a_while_and_a_few_at_most_are_kept() -> None:
+    link = dispatch.Link.of_interface("wlan0", 1, ["fd00::1"])
+    # Addresses that come and go faster than GONE_ADDRESS_KEPT, 120 times.
+    for n in range(2, 122):
+        link.follow([f"fd00::{n:x}"], now=n * 60.0)
+        link.drop_gone(lambda address: False, now=n * 60.0)
+    assert len(link.known) == 1 + dispatch.GONE_ADDRESSES_KEPT
+    assert set(link.known) == {f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT, 122)}
+    # Gone long enough ago, they are all forgotten; the current one stays.
+    later = 121 * 60.0 + dispatch.GONE_ADDRESS_KEPT
+    assert [a.ip for a in link.drop_gone(lambda address: False, now=later)] == [
+        f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT, 121)
+    ]
+    assert list(link.known) == ["fd00::79"] and link.gone_at == {}
+
+
+def test_a_gone_address_in_use_is_kept_and_one_back_is_no_longer_gone() -> None:
+    link = dispatch.Link.of_interface("wlan0", 1, ["10.0.0.5"])
+    held = link.known["10.0.0.5"]
+    link.follow(["10.0.0.6"], now=0.0)
+    assert link.drop_gone(lambda address: address is held, now=1e6) == []
+    assert link.gone_at == {"10.0.0.5": 0.0}
+    link.follow(["10.0.0.5"], now=10.0)  # back, the same address and counters
+    assert link.known["10.0.0.5"] is held and link.gone_at == {"10.0.0.6": 10.0}
+
+
+def test_forgotten_gone_addresses_leave_the_rows_and_keep_their_counts_in_the_totals(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server,
+    fake_interfaces: FakeInterfaces, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dispatch, "GONE_ADDRESS_KEPT", 0.0)
+    fake_interfaces.interfaces["fake0"] = ["127.0.1.1"]
+    proxy = make_proxy(["fake0"])
+    held = client_through(proxy, (echo_server.host, echo_server.port))  # open through 127.0.1.1
+    for n in range(2, 12):
+        fake_interfaces.interfaces["fake0"] = [f"127.0.1.{n}"]
+        assert wait_for(lambda ip=f"127.0.1.{n}": peers_seen(proxy, peer_server, 1) == [ip])
+    assert wait_for(lambda: {row["ip"] for row in proxy.stats()} == {"127.0.1.1", "127.0.1.11"})
+    assert round_trip(held, b"still open") == b"still open"
+    held.close()
+    assert wait_for(lambda: [row["ip"] for row in proxy.stats()] == ["127.0.1.11"])
+    totals = proxy.status()["totals"]
+    assert totals["connections"] >= 11  # the held one, and at least one through each of the others
+    assert totals["bytes_up"] >= len(b"still open")
+    assert sum(row["connections"] for row in proxy.stats()) < totals["connections"]
+
+
 def _windows_adapters() -> list[Any]:
     """Adapters as ifaddr builds them on Windows: the GUID as the name, the
     hardware description as nice_name, the name from Settings on each IP."""
@@ -3253,10 +3300,15 @@ def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> Non
         dispatch.render_pac(host, port)
 
 
-def http_get(address: tuple[str, int], path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
-    """GET ``path`` from the proxy's own port, as a browser visits a web server."""
+def http_get(
+    address: tuple[str, int], path: str, headers: str = "", host: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the proxy's own port, as a browser visits a web
+    server: by default, with the address in the Host header."""
+    if host is None:
+        host = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{headers}\r\n".encode())
         return read_response(sock)
 
 
@@ -3317,13 +3369,118 @@ def test_a_client_outside_the_allow_list_gets_no_page(make_proxy: Callable[..., 
 def test_the_page_keeps_the_connection_for_the_next_request(proxy: Dispatcher) -> None:
     with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
         for path in ("/stats.json", "/metrics", "/"):
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             reader = dispatch.DeadlineReader(sock)
             lines = dispatch.read_head(reader)
             headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
             assert lines[0] == "HTTP/1.1 200 OK"
             assert len(reader.read(int(headers["content-length"]))) == int(headers["content-length"])
             assert not reader.buffered
+
+
+@pytest.mark.parametrize("host", ["rebound.example", "rebound.example:1080", "127.0.0.1.nip.io", "", "[::1"])
+def test_pages_refuse_a_host_that_names_no_address_of_the_proxy(proxy: Dispatcher, host: str) -> None:
+    """A web page that points its own name at 127.0.0.1 (DNS rebinding) must
+    not read the pages: the browser sends that name as Host."""
+    for path in ("/", "/stats.json", "/metrics"):
+        status, _, body = http_get(proxy.address, path, host=host)
+        assert status == 403
+        assert body == b"403 Forbidden: the Host header names no address of this proxy (see --page-host)\n"
+        assert b"127.0.0.1" not in body
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.:1080", "127.0.0.1", "127.0.0.1:9", "127.5.6.7", "[::1]:80"])
+def test_pages_answer_localhost_and_loopback_hosts(proxy: Dispatcher, host: str) -> None:
+    assert http_get(proxy.address, "/stats.json", host=host)[0] == 200
+
+
+def test_pages_answer_a_host_given_as_a_page_host(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(page_hosts=["Router.LAN", "[fd00::7]"])
+    assert http_get(proxy.address, "/metrics", host="router.lan:1080")[0] == 200
+    assert http_get(proxy.address, "/metrics", host="[fd00::7]:1080")[0] == 200
+    assert http_get(proxy.address, "/metrics", host="other.lan")[0] == 403
+
+
+def test_pages_answer_the_address_the_client_reached(
+    make_proxy: Callable[..., Dispatcher], fake_interfaces: FakeInterfaces
+) -> None:
+    """As a phone on the LAN asks http://192.168.1.5:1080/: here 127.0.0.9,
+    which the proxy listens on, stands for the LAN address."""
+    proxy = make_proxy(host="0.0.0.0", allow=["127.0.0.0/8"])
+    port = proxy.address[1]
+    assert http_get(("127.0.0.9", port), "/stats.json", host=f"127.0.0.9:{port}")[0] == 200
+    # Not a loopback address, nor the one reached: refused.
+    assert http_get(("127.0.0.9", port), "/stats.json", host=f"192.0.2.7:{port}")[0] == 403
+
+
+def test_the_pac_file_answers_any_host(proxy: Dispatcher) -> None:
+    """Systems fetch it by whatever name they were given, and it holds only the proxy's address."""
+    status, _, body = http_get(proxy.address, "/proxy.pac", host="wpad.lan")
+    assert status == 200 and b"SOCKS5 127.0.0.1:" in body
+
+
+def test_cli_page_host_reaches_the_pages(tmp_path: Any) -> None:
+    answers: list[int] = []
+
+    def use(running: Listening, stop: Callable[[], None]) -> None:
+        answers.append(http_get(running.address, "/", host="dispatch.home.arpa")[0])
+        answers.append(http_get(running.address, "/", host="elsewhere.example")[0])
+
+    arguments = ["--page-host", "dispatch.home.arpa", "127.0.0.1"]
+    assert run_cli(arguments, use, str(tmp_path / "log")) == 0
+    assert answers == [200, 403]
+
+
+def test_cli_bad_page_host_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--page-host", "a b", "127.0.0.1"])
+    assert exit_.value.code == 2
+    assert "argument --page-host: 'a b' is not a host name or IP address" in capsys.readouterr().err
+
+
+def page_exchange(proxy: Dispatcher, request: bytes) -> list[bytes]:
+    """Send ``request`` on one connection; the status line of each response, until the proxy closes."""
+    statuses = []
+    with raw_client(proxy) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        reader = dispatch.DeadlineReader(sock)
+        with contextlib.suppress(ConnectionResetError, dispatch.ProtocolError):
+            while reader.has_more():
+                lines = dispatch.read_head(reader)
+                headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+                reader.read(int(headers["content-length"]))
+                statuses.append(lines[0].encode())
+    return statuses
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/"), ("POST", "/stats.json"), ("PUT", "/nothing"),
+                                          ("GET", "/metrics")])
+def test_a_page_requests_body_is_never_read_as_the_next_request(
+    proxy: Dispatcher, echo_server: Server, log: pytest.LogCaptureFixture, method: str, path: str
+) -> None:
+    smuggled = f"GET http://{echo_server.host}:{echo_server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+               + smuggled + b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    statuses = page_exchange(proxy, request)
+    assert len(statuses) == 2 and statuses[1] == b"HTTP/1.1 200 OK"  # the body was dropped, the next one served
+    assert [record.target for record in exchanges(log) if "http://" in record.target] == []
+    assert not echo_server.connections
+
+
+@pytest.mark.parametrize(
+    "framing, status",
+    [(b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
+     (b"Content-Length: 1000000\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
+     (b"Content-Length: x\r\n", b"HTTP/1.1 400 Bad Request")],
+)
+def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
+    proxy: Dispatcher, echo_server: Server, framing: bytes, status: bytes
+) -> None:
+    smuggled = f"GET http://{echo_server.host}:{echo_server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = b"POST / HTTP/1.1\r\nHost: localhost\r\n" + framing + b"\r\n" + b"0\r\n\r\n" + smuggled
+    assert page_exchange(proxy, request) == [status]
+    assert not echo_server.connections
 
 
 # In a real browser ------------------------------------------------------------
@@ -4931,7 +5088,8 @@ def lab_status(proxy: LabProxy) -> dict[str, Any]:
     with import_netlab().netns(proxy.lab.client_ns):
         sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
     with sock:
-        sock.sendall(b"GET /stats.json HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        host = f"{proxy.address[0]}:{proxy.address[1]}"  # as a browser names it
+        sock.sendall(f"GET /stats.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         return json.loads(read_response(sock)[2])
 
 
