@@ -1619,6 +1619,9 @@ CHECK_FAILURES_OUT = 3  # checks failed in a row that put a link out
 CHECK_SUCCESSES_BACK = 2  # and passed in a row that bring it back
 
 RETEST_POLL_INTERVAL = 0.25  # how often due retests are looked for
+# Targets reached lately (by any link) that retests may try: one site that
+# never answers through a link must not keep it out while it reaches others.
+RECENT_TARGETS = 8
 
 Target = tuple[str, int]  # (ip, port)
 
@@ -1642,14 +1645,17 @@ def parse_check_target(text: str) -> Target:
 class _Outage:
     """Why an address is out, and how it is tried again.
 
-    An outage from a failed connect is retested against ``target`` (what
-    another link reached) at ``retest_at``; one from failed checks has no
-    target: passing checks end it."""
+    An outage from a failed connect is retested at ``retest_at``, against
+    ``target`` (what another link reached where this one failed) and other
+    targets in turn (``retests`` so far; ``testing``: the one under way);
+    one from failed checks has no target: passing checks end it."""
 
     reason: str
     target: Target | None
     retest_at: float = math.inf
     delay: float = RETEST_FIRST
+    retests: int = 0
+    testing: Target | None = None
 
 
 @dataclasses.dataclass
@@ -1666,20 +1672,34 @@ class Health:
 
     A link whose connect failed where another link then got through is out:
     new connections avoid it. It is retested in the background, never by a
-    client's connection: ``due_retests()`` hands out what to try (through
-    that link, the target another link reached) RETEST_FIRST seconds after
-    the failure, then twice as long after each failed retest, at most
-    ``cooldown`` apart; the first retest that gets through brings it back.
+    client's connection: ``due_retests()`` hands out what to try through
+    that link RETEST_FIRST seconds after the failure, then twice as long
+    after each failed retest, at most ``cooldown`` apart; the first retest
+    that gets through brings it back. The retests take turns between the
+    target another link reached where it failed and other targets: the last
+    one the link itself reached, those any link reached lately, and the
+    ``check_targets``; a site that never answers through one link (it blocks
+    that provider) cannot keep the link out while it reaches the others.
     With checks (``check_round()``), a link that fails CHECK_FAILURES_OUT in a
     row is out until it passes CHECK_SUCCESSES_BACK in a row. ``clock``
     tells monotonic seconds; tests may pass their own.
     """
 
-    def __init__(self, cooldown: float = DEFAULT_COOLDOWN, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cooldown: float = DEFAULT_COOLDOWN,
+        clock: Callable[[], float] = time.monotonic,
+        check_targets: Sequence[Target] = (),
+    ) -> None:
         self.cooldown = cooldown
         self.clock = clock
+        self.check_targets = list(check_targets)
         self._lock = threading.Lock()
         self._outages: dict[LocalAddress, _Outage] = {}
+        # Written without the lock on every connect (one assignment, one
+        # append: atomic), read under it when retests are handed out.
+        self._reached: dict[LocalAddress, Target] = {}  # the last target each address reached
+        self._recent: collections.deque[Target] = collections.deque(maxlen=RECENT_TARGETS)
         self._checks: dict[LocalAddress, _CheckRecord] = {}
         self._all_failed_told = False
 
@@ -1699,6 +1719,10 @@ class Health:
         """Record that a connect through ``address`` got an answer (the
         target's, or its refusal) at ``target`` where the ``failed``
         addresses could not: they are out, to be retested against it."""
+        if target is not None and self._reached.get(address) != target:
+            self._reached[address] = target
+            if target not in self._recent:
+                self._recent.append(target)
         if not failed:
             return  # the usual case: nothing to take the lock for
         with self._lock:
@@ -1719,10 +1743,28 @@ class Health:
         out once, until its result comes back."""
         now = self.clock()
         with self._lock:
-            due = [(a, o) for a, o in self._outages.items() if o.target is not None and o.retest_at <= now]
-            for _, outage in due:
-                outage.retest_at = math.inf  # under way
-            return [(address, outage.target) for address, outage in due if outage.target is not None]
+            due = []
+            for address, outage in self._outages.items():
+                if outage.target is not None and outage.retest_at <= now:
+                    outage.retest_at = math.inf  # under way
+                    outage.testing = self._retest_target(address, outage, outage.target)
+                    due.append((address, outage.testing))
+            return due
+
+    def _retest_target(self, address: LocalAddress, outage: _Outage, failed_at: Target) -> Target:
+        """The target of the next retest: by turns ``failed_at`` and the
+        others it could reach (see the class), of its family."""
+        others = [
+            target
+            for target in dict.fromkeys(
+                [self._reached.get(address), *reversed(self._recent), *self.check_targets]
+            )
+            if target is not None and target != failed_at and _family_of(target[0]) == address.family
+        ]
+        outage.retests += 1
+        if outage.retests % 2 or not others:
+            return failed_at
+        return others[(outage.retests // 2 - 1) % len(others)]
 
     def retest_result(self, address: LocalAddress, error: OSError | None) -> None:
         """The outcome of a retest of ``address``: None if it got through."""
@@ -1732,7 +1774,7 @@ class Health:
                 return
             if error is None:
                 del self._outages[address]
-                reached = _format_endpoint(*outage.target)
+                reached = _format_endpoint(*(outage.testing or outage.target))
                 logger.info("back in use: %s (a retest reached %s)", address.describe(), reached)
                 return
             outage.delay = min(outage.delay * 2, max(self.cooldown, RETEST_FIRST))
@@ -4698,7 +4740,7 @@ class Dispatcher:
         families = {_family_of(ip) for ip, _ in self.checks}
         if self.checks and not any(address.family in families for address in self.links.addresses):
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
-        self.health = Health(cooldown)
+        self.health = Health(cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
         self._taken_before: dict[LocalAddress, int] = {}  # connections open at the meter's last sample
         self.balancer = Balancer(

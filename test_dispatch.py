@@ -1524,6 +1524,66 @@ def test_failed_address_sits_out_until_a_retest_gets_through(log: pytest.LogCapt
     assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
 
 
+def retest_targets(health: dispatch.Health, clock: FakeClock, address: dispatch.LocalAddress, count: int) -> list:
+    """The targets of the next ``count`` retests of ``address``, each failing."""
+    targets = []
+    for _ in range(count):
+        while not (due := health.due_retests()):
+            clock.now += 0.5
+        ((retested, target),) = due
+        assert retested is address
+        targets.append(target)
+        health.retest_result(address, TimeoutError(errno.ETIMEDOUT, "timed out"))
+    return targets
+
+
+def test_retests_take_turns_with_targets_other_links_reached(log: pytest.LogCaptureFixture) -> None:
+    """A site that never answers through one link (it blocks that provider)
+    must not keep the link out while it reaches everything else."""
+    clock = FakeClock()
+    balancer, (blocked, cable, phone) = three_addresses(clock)
+    health = balancer.health
+    other_site, third_site = ("198.51.100.7", 443), ("198.51.100.8", 80)
+    health.connected_through(cable, [], other_site)  # what the other links reach
+    health.connected_through(phone, [], third_site)
+    health.connected_through(cable, [(blocked, TimeoutError())], RETEST_TARGET)
+    # Every other retest is of the site it failed at; in between, the sites
+    # reached lately, the latest first.
+    assert retest_targets(health, clock, blocked, 6) == [
+        RETEST_TARGET, third_site, RETEST_TARGET, other_site, RETEST_TARGET, third_site
+    ]
+    clock.now += 60
+    assert health.due_retests() == [(blocked, RETEST_TARGET)]
+    health.retest_result(blocked, OSError(errno.ETIMEDOUT, "timed out"))
+    clock.now += 60
+    assert health.due_retests() == [(blocked, other_site)]
+    health.retest_result(blocked, None)  # another site answers: back
+    assert not health.is_out(blocked)
+    assert "back in use: 10.0.0.1 (a retest reached 198.51.100.7:443)" in log.text
+
+
+def test_retests_try_what_the_link_itself_reached_and_the_check_targets() -> None:
+    clock = FakeClock()
+    blocked, live = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
+    check = ("192.0.2.53", 53)
+    health = dispatch.Health(30.0, clock, check_targets=[check, ("2001:db8::53", 53)])
+    own_site = ("198.51.100.9", 22)
+    health.connected_through(blocked, [], own_site)  # before: it reached this one
+    health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET)
+    # Its own site first, then the others (the IPv6 check target is no
+    # target for an IPv4 address).
+    assert retest_targets(health, clock, blocked, 6) == [
+        RETEST_TARGET, own_site, RETEST_TARGET, check, RETEST_TARGET, own_site
+    ]
+
+
+def test_with_no_other_target_known_retests_keep_to_the_one_that_failed() -> None:
+    clock = FakeClock()
+    balancer, (blocked, live, _) = three_addresses(clock)
+    balancer.health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET)
+    assert retest_targets(balancer.health, clock, blocked, 4) == [RETEST_TARGET] * 4
+
+
 def test_checks_take_a_link_out_after_three_failures_and_back_after_two(log: pytest.LogCaptureFixture) -> None:
     balancer, (wifi, cable, phone) = three_addresses(FakeClock())
     health = balancer.health
@@ -2185,6 +2245,23 @@ def test_failure_through_every_address_makes_none_sit_out(
         assert socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
     assert "sitting out" not in log.text
     assert [row["state"] for row in proxy.stats()] == ["up", "up"]
+
+
+def test_a_link_out_after_one_silent_site_is_back_by_a_retest_of_a_site_it_reaches(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], connect_timeout=0.3, cooldown=2)
+    blocked, live = proxy.addresses
+    with unanswered_address() as silent:
+        # Silent through 127.0.0.2 where 127.0.0.3 got an answer: out.
+        proxy.health.connected_through(live, [(blocked, TimeoutError())], silent)
+        assert proxy.health.is_out(blocked)
+        # A client reaches another site, by the other link.
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"reached") == b"reached"
+        # The retests of the silent site fail; one of the site reached gets through.
+        assert wait_for(lambda: not proxy.health.is_out(blocked))
+    assert f"back in use: 127.0.0.2 (a retest reached 127.0.0.1:{echo_server.port})" in log.text
 
 
 def test_a_retest_that_raises_is_logged_and_runs_again(
