@@ -1572,7 +1572,7 @@ class LinkSet:
         """Forget the addresses gone long enough (Link.drop_gone); return them."""
         dropped = [address for link in self.links for address in link.drop_gone(in_use)]
         for address in dropped:
-            logger.debug("forgetting %s: gone since a while", address.describe())
+            logger.debug("forgetting %s: gone a while, and nothing open through it", address.describe())
         return dropped
 
     def refresh(self) -> bool:
@@ -1712,6 +1712,7 @@ class Health:
         with self._lock:
             self._outages.pop(address, None)
             self._checks.pop(address, None)
+            self._reached.pop(address, None)
 
     def connected_through(
         self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = (), target: Target | None = None
@@ -1756,8 +1757,9 @@ class Health:
         others it could reach (see the class), of its family."""
         others = [
             target
+            # A copy: connects append to the deque without the lock.
             for target in dict.fromkeys(
-                [self._reached.get(address), *reversed(self._recent), *self.check_targets]
+                [self._reached.get(address), *reversed(self._recent.copy()), *self.check_targets]
             )
             if target is not None and target != failed_at and _family_of(target[0]) == address.family
         ]
@@ -4060,8 +4062,12 @@ class HttpProxySession(Session):
             keep_alive = keeps_alive(version, headers)
         else:
             status, content_type, extra = refusal, "text/plain; charset=utf-8", []
-            body = f"{status.value} {status.phrase}: a page request carries no body of more than " \
-                f"{LOCAL_PAGE_BODY_LIMIT} bytes, and none in chunks\n".encode()
+            why = (
+                f"a page request carries no body of more than {LOCAL_PAGE_BODY_LIMIT} bytes, and none in chunks"
+                if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+                else "the request's body is malformed, or did not come in time"
+            )
+            body = f"{status.value} {status.phrase}: {why}\n".encode()
             keep_alive = False  # what is left of the body must not be read as a request
         head = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
         head += [*extra, *([] if keep_alive else [("Connection", "close")])]
@@ -5952,14 +5958,14 @@ def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     # into its file.
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            start_args = parser.parse_args(["start", *args.start_arguments])
+            parsed = parser.parse_args(["start", *args.start_arguments])
         except SystemExit as exit_:
             if exit_.code == 0:  # start's --help or --version: no unit to print
                 return _error("'dispatch service' prints no help of start into a unit; see: dispatch start --help")
             raise
     executable = [sys.executable, os.path.abspath(__file__)]
     try:
-        _check_start_arguments(start_args)
+        _check_start_arguments(parsed)
         unit = service_unit(args.system, args.start_arguments, executable)
     except (AddressError, ValueError) as error:
         return _error(str(error))

@@ -1166,7 +1166,7 @@ def raise_fd_limit() -> None:
 def poll_page(proxy: Address, interval: float) -> None:
     """GET /stats.json from the proxy's port every ``interval`` seconds, as a
     status page left open in a browser does, but 20 times as often."""
-    request = b"GET /stats.json HTTP/1.1\r\nHost: bench\r\n\r\n"
+    request = b"GET /stats.json HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a name the pages answer
     while True:
         try:
             with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
