@@ -848,19 +848,24 @@ def body_length(headers: Headers, request: bool) -> int:
     or a transfer coding other than ``chunked`` alone, which could not be
     framed here exactly as the next hop frames it.
     """
-    codings = header_tokens(headers, "transfer-encoding")
+    codings = [value.strip(" \t").lower() for key, value in headers if key.lower() == "transfer-encoding"]
     lengths = [value for key, value in headers if key.lower() == "content-length"]
-    if any(key.lower() == "transfer-encoding" for key, _ in headers):
+    length = None
+    if lengths:  # checked even where chunked wins: a bad one shows a broken sender
+        values = {part.strip(" \t") for value in lengths for part in value.split(",")}
+        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+            raise ValueError(f"bad Content-Length {', '.join(lengths)[:80]!r}")
+        length = int(values.pop())
+    if codings:
+        # Exactly one field, exactly "chunked": a list with empty elements
+        # or a coding twice is read one way here and another way elsewhere.
         if codings != ["chunked"]:
             raise ValueError(f"unsupported Transfer-Encoding {', '.join(codings)[:80]!r}")
         if request and lengths:
             raise ValueError("both Transfer-Encoding and Content-Length")
         return Framing.CHUNKED
-    if lengths:
-        values = {part.strip(" \t") for value in lengths for part in value.split(",")}
-        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
-            raise ValueError(f"bad Content-Length {', '.join(lengths)[:80]!r}")
-        return int(values.pop())
+    if length is not None:
+        return length
     return 0 if request else Framing.UNTIL_CLOSE
 
 

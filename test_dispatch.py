@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import h11
 import pytest
 import socks
 from hypothesis import given, settings
@@ -205,7 +206,8 @@ class Origin(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if self.headers.get("Transfer-Encoding") == "chunked":
             body = b""
-            while size := int(self.rfile.readline().split(b";")[0], 16):
+            # A body cut short (the proxy refused the rest) ends like the last chunk.
+            while (line := self.rfile.readline()) and (size := int(line.split(b";")[0], 16)):
                 body += self.rfile.read(size)
                 self.rfile.readline()
             self.rfile.readline()
@@ -917,6 +919,8 @@ def test_body_length(headers: list[tuple[str, str]], request_: bool, expected: i
         [("Transfer-Encoding", "\x0cchunked")],
         [("Transfer-Encoding", "chunked\xa0")],
         [("Transfer-Encoding", "")],
+        [("Transfer-Encoding", "chunked,")],
+        [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
     ],
 )
 def test_body_length_rejects_ambiguous_requests(headers: list[tuple[str, str]]) -> None:
@@ -1092,6 +1096,248 @@ def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], dat
     with contextlib.suppress(dispatch.SocksError):
         parser(dispatch.DeadlineReader(stream))  # type: ignore[arg-type]
     assert stream.given <= PARSER_BOUNDS[parser] + dispatch.HANDSHAKE_WINDOW
+
+
+
+# HTTP framing against h11, the oracle -------------------------------------
+# For every message, valid or mangled, dispatch either refuses it or reads
+# the same message as h11 does: the same head, the same body, the same bytes
+# left for the next message. Valid messages (written by h11) it reads.
+
+NEXT_REQUEST = b"GET http://example.com/next HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+
+@dataclasses.dataclass
+class Framed:
+    """One message as a reader framed it."""
+
+    fields: list[tuple[str, str]]
+    body: bytes
+    trailer: list[tuple[str, str]]
+    rest: bytes
+
+
+def dispatch_reads(data: bytes, request: bool) -> Framed | None:
+    """The message at the start of ``data`` as the HTTP proxy reads it (a
+    request, or the response to a GET); None if it refuses it. ``fields``
+    and ``trailer`` are what it passes on."""
+    reader = dispatch.DeadlineReader(None, data=data)
+    sent: list[bytes] = []
+    try:
+        if request:
+            lines = dispatch.read_head(reader)
+            dispatch.parse_request_line(lines[0])
+        else:
+            lines = dispatch.read_head(reader, dispatch.MAX_RESPONSE_HEADER_LINE, dispatch.MAX_RESPONSE_HEADER_BYTES)
+            status = dispatch.parse_status_line(lines[0])[1]
+        headers = dispatch.parse_header_lines(lines[1:])
+        declared = dispatch.body_length(headers, request)
+        length = declared if request or dispatch.response_has_body("GET", status) else 0
+        dispatch.copy_body(reader, length, sent.append)
+    except (ValueError, dispatch.SocksError):
+        return None
+    fields = dispatch.forwarded_headers(headers) + dispatch.framing_headers(headers, declared)
+    # One framing only (RFC 9112, 6.2): the next hop cannot choose another.
+    assert sum(name.lower() in ("content-length", "transfer-encoding") for name, _ in fields) <= 1
+    # What it sends on is read by h11 in turn: written out cleanly.
+    out = h11_reads(dispatch.encode_head(lines[0], fields) + b"".join(sent), request, eof=length < 0)
+    assert out is not None, "h11 refuses what dispatch sends on"
+    forwarded = Framed(fields, out.body, out.trailer, reader.rest())
+    assert (out.fields, out.rest) == (fields, b"")
+    return forwarded
+
+
+def as_text(fields: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in fields]
+
+
+def h11_reads(data: bytes, request: bool, eof: bool = True) -> Framed | None:
+    """The message at the start of ``data`` as h11 reads it; None if it refuses it."""
+    connection = h11.Connection(h11.SERVER if request else h11.CLIENT)
+    if not request:
+        connection.send(h11.Request(method="GET", target="/", headers=[("Host", "example.com")]))
+        connection.send(h11.EndOfMessage())
+    connection.receive_data(data)
+    if eof:
+        connection.receive_data(b"")
+    fields: list[tuple[str, str]] = []
+    body = b""
+    try:
+        while True:
+            event = connection.next_event()
+            if isinstance(event, (h11.Request, h11.Response)):
+                fields = as_text(event.headers.raw_items())
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailer = as_text(event.headers.raw_items())
+                return Framed(fields, body, trailer, connection.trailing_data[0])
+            else:
+                return None  # wants more, or closed: the message was cut short
+    except h11.RemoteProtocolError:
+        return None
+
+
+def hop_free(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fields as a proxy passes them on, framing aside."""
+    return [(name.lower(), value) for name, value in dispatch.forwarded_headers(fields)]
+
+
+def agree(data: bytes, request: bool) -> Framed | None:
+    """Check dispatch against h11 on ``data``; return what dispatch read."""
+    ours = dispatch_reads(data, request)
+    if ours is None:
+        return None
+    theirs = h11_reads(data, request)
+    assert theirs is not None, "dispatch reads what h11 refuses"
+    assert (ours.body, ours.rest) == (theirs.body, theirs.rest)
+    assert hop_free(ours.fields) == hop_free(theirs.fields)
+    assert hop_free(ours.trailer) == hop_free(theirs.trailer)
+    return ours
+
+
+plain_value = st.text(alphabet=string.ascii_letters + string.digits + " -_.;=/", max_size=12)
+field_name = st.sampled_from(["X-A", "x-b", "Accept", "Trailer", "Expect", "Cache-Control"])
+mangled_value = st.tuples(plain_value, st.sampled_from(["\r", "\x00", "\x0b", "\x0c", "\x7f", "\t", "\xa0", "\xff"]),
+                          plain_value).map("".join)
+content_length = st.integers(0, 30).flatmap(lambda n: st.sampled_from([
+    str(n), f"{n}, {n}", f"{n},{n}", f"0{n}", f"{n}, {n + 1}", f"+{n}", f"{n}\x0b", f"{n} {n}", f"{n}\xb2", "-1", "",
+]))
+transfer_encoding = st.sampled_from([
+    "chunked", "Chunked", "CHUNKED", "chunked\x0b", "\x0cchunked", "chunked\xa0", "gzip, chunked", "chunked, chunked",
+    "identity", "chunked,", ", chunked", "chunk ed", "",
+])
+field = st.one_of(
+    st.tuples(field_name, plain_value),
+    st.tuples(field_name, mangled_value),
+    st.tuples(st.just("Content-Length"), content_length),
+    st.tuples(st.just("Transfer-Encoding"), transfer_encoding),
+    st.tuples(st.sampled_from(["X A", "X-A ", " X-A", "X\x00A", "X(A)"]), plain_value),
+)
+line_end = st.sampled_from([b"\r\n"] * 30 + [b"\n", b"\r", b" \r\n", b"\r\r\n", b""])
+size_line = st.sampled_from([b"%x", b"%X", b"0%x", b"%x;ext=1", b'%x;a="b c"', b"%x ", b" %x", b"%x\t", b"%x;\x00"])
+trailer_line = st.sampled_from([b"X-T: 1", b"x-u:  two ", b"   ", b"\tX-T: 1", b"X-T 1", b"X-T: a\x00b", b""])
+
+
+@st.composite
+def chunked_bodies(draw: st.DrawFn) -> bytes:
+    """A chunked body, its framing sometimes mangled."""
+    body = b""
+    for data in draw(st.lists(st.binary(min_size=1, max_size=20), max_size=4)):
+        size = len(data) + draw(st.sampled_from([0] * 8 + [-1, 1]))
+        body += draw(size_line).replace(b"%x", b"%x" % size).replace(b"%X", b"%X" % size) + draw(line_end)
+        body += data + draw(line_end)
+    body += b"0" + draw(line_end)
+    for line in draw(st.lists(trailer_line, max_size=2)):
+        body += line + draw(line_end)
+    return body + draw(line_end)
+
+
+@st.composite
+def raw_messages(draw: st.DrawFn, request: bool) -> bytes:
+    """A message as anyone may write it: valid or mangled in its head, its
+    framing, its body, with the next request behind it. Most say they are
+    chunked or of a length, for the body to be framed by them."""
+    if request:
+        start = b"POST http://example.com/p HTTP/1.1"
+    else:
+        status = draw(st.sampled_from([200, 200, 200, 204, 304, 404]))
+        reason = draw(st.sampled_from([b"OK", b"", b"Not Found", b"O\rK", b"\x00"]))
+        start = b"HTTP/1.%d %d %s" % (draw(st.integers(0, 1)), status, reason)
+    framing = draw(st.sampled_from(["chunked", "length", "any"]))
+    if framing == "chunked":
+        body = draw(chunked_bodies())
+        framing_fields = [("Transfer-Encoding", draw(st.one_of(st.just("chunked"), transfer_encoding)))]
+    else:
+        body = draw(st.binary(max_size=40))
+        length = len(body) + draw(st.sampled_from([0, 0, 0, -1, 1]))
+        framing_fields = [("Content-Length", str(max(length, 0)))] if framing == "length" else []
+    fields = [*framing_fields, *draw(st.lists(field, max_size=3))]
+    fields = draw(st.permutations(fields))
+    if request:
+        fields = [("Host", "example.com"), *fields]
+    head = start + draw(line_end)
+    for name, value in fields:
+        head += f"{name}: {value}".encode("latin-1") + draw(line_end)
+    return head + b"\r\n" + body + NEXT_REQUEST
+
+
+@st.composite
+def valid_messages(draw: st.DrawFn, request: bool) -> bytes:
+    """A valid message, written by h11: Content-Length or chunked, with trailer fields."""
+    data = draw(st.lists(st.binary(min_size=1, max_size=30), max_size=4))
+    names = draw(st.lists(st.sampled_from(["X-A", "x-b", "Accept", "Trailer"]), max_size=3))
+    fields = [(name, draw(plain_value).strip()) for name in names]
+    chunked = draw(st.booleans())
+    fields.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(sum(map(len, data)))))
+    connection = h11.Connection(h11.CLIENT if request else h11.SERVER)
+    if request:
+        head = connection.send(h11.Request(method="PUT", target="http://example.com/p",
+                                           headers=[("Host", "example.com"), *fields]))
+    else:
+        connection.receive_data(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        connection.next_event()
+        connection.next_event()
+        head = connection.send(h11.Response(status_code=200, headers=fields))
+    trailer = [("X-T", draw(plain_value).strip())] if chunked and draw(st.booleans()) else []
+    parts = [connection.send(h11.Data(data=chunk)) for chunk in data]
+    end = connection.send(h11.EndOfMessage(headers=trailer))
+    return b"".join([head or b"", *[part or b"" for part in parts], end or b""]) + NEXT_REQUEST
+
+
+@pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
+@settings(max_examples=1000, deadline=None)
+@given(data=st.data())
+def test_framing_agrees_with_h11_or_is_refused(request_: bool, data: st.DataObject) -> None:
+    agree(data.draw(raw_messages(request_)), request_)
+
+
+CHUNKED_REQUEST = b"POST http://example.com/p HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_RESPONSE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5\r\nhello\r\n0\r\n   \r\n\r\n",  # a line of spaces in the trailer section
+        b"5\r\nhello\r\n0\r\n \r\nX: 1\r\n\r\n",
+        b"5 \r\nhello\r\n0\r\n\r\n",  # padding around the size
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"5\nhello\r\n0\r\n\r\n",  # a size line ended by LF alone
+        b"5\r\nhello\n0\r\n\r\n",  # chunk data ended by LF alone
+        b"5\r\nhello \r\n0\r\n\r\n",
+        b"5\r\nhello\r\r\n0\r\n\r\n",
+        b"5;a=\x00\r\nhello\r\n0\r\n\r\n",
+        b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("start", [CHUNKED_REQUEST, CHUNKED_RESPONSE], ids=["request", "response"])
+def test_chunked_bodies_that_smuggle_are_refused(start: bytes, body: bytes) -> None:
+    assert agree(start + body + NEXT_REQUEST, start is CHUNKED_REQUEST) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: \x0cchunked", b"Transfer-Encoding: chunked\xa0",
+        b"Transfer-Encoding: chunked,", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5, 6", b"X-A: a\rb", b"X-A: \x00",
+    ],
+)
+@pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
+def test_ambiguous_framing_fields_are_refused(request_: bool, fields: bytes) -> None:
+    start = CHUNKED_REQUEST if request_ else CHUNKED_RESPONSE
+    head = start.replace(b"Transfer-Encoding: chunked\r\n", fields + b"\r\n")
+    assert agree(head + b"5\r\nhello\r\n0\r\n\r\n" + NEXT_REQUEST, request_) is None
+
+
+@pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_valid_messages_are_read_as_h11_reads_them(request_: bool, data: st.DataObject) -> None:
+    message = data.draw(valid_messages(request_))
+    ours = agree(message, request_)
+    assert ours is not None and ours.rest == NEXT_REQUEST
 
 
 # ---------------------------------------------------------------------------
