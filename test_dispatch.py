@@ -44,7 +44,7 @@ from typing import Any
 import h11
 import pytest
 import socks
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dispatch
@@ -3390,6 +3390,106 @@ def test_an_origin_reset_during_the_request_body_is_the_origins_failure(
     wait_until_all_closed(proxy)
     (exchange,) = exchanges(log)
     assert exchange.result.startswith("502 the origin failed") and "hung up" not in exchange.result
+
+
+class H11Origin:
+    """An origin built on h11: it records each request it reads (or the
+    protocol error it met) and answers ``200 ok``."""
+
+    def __init__(self, make_server: Callable[..., Server]) -> None:
+        self.requests: list[tuple[str, Framed]] = []
+        self.errors: list[str] = []
+        self.server = make_server(self.serve)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def serve(self, conn: socket.socket) -> None:
+        connection = h11.Connection(h11.SERVER)
+        fields: list[tuple[str, str]] = []
+        target, body = "", b""
+        try:
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(conn.recv(65536))
+                elif isinstance(event, h11.Request):
+                    target, fields, body = event.target.decode(), as_text(event.headers.raw_items()), b""
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    self.requests.append((target, Framed(fields, body, as_text(event.headers.raw_items()), b"")))
+                    answer = h11.Response(status_code=200, headers=[("Content-Length", "2")])
+                    conn.sendall(connection.send(answer) + connection.send(h11.Data(data=b"ok")))
+                    conn.sendall(connection.send(h11.EndOfMessage()) or b"")
+                    connection.start_next_cycle()
+                else:
+                    return
+        except h11.RemoteProtocolError as error:
+            if connection.their_state is not h11.IDLE:
+                self.errors.append(str(error))
+
+
+def end_to_end(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fields as they should arrive, leaving aside those a proxy writes itself."""
+    own = {"host", "via", "connection", "content-length", "transfer-encoding"}
+    return [(name, value) for name, value in hop_free(fields) if name not in own]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_requests_reach_an_h11_origin_as_h11_reads_them_or_get_400(
+    proxy: Dispatcher, make_server: Callable[..., Server], data: st.DataObject
+) -> None:
+    origin = H11Origin(make_server)
+    message = data.draw(raw_messages(True)).replace(b"http://example.com", origin.url.encode())
+    with raw_client(proxy) as client:
+        answer = round_trip(client, message)
+    statuses = response_statuses(answer)
+    if statuses[0] == 400:
+        assert not origin.requests  # nothing reached the origin whole
+        return
+    expected = h11_reads(message, request=True)
+    assert expected is not None, "forwarded what h11 refuses"
+    assert not origin.errors
+    target, first = origin.requests[0]
+    assert (target, first.body, end_to_end(first.fields)) == ("/p", expected.body, end_to_end(expected.fields))
+    assert hop_free(first.trailer) == hop_free(expected.trailer)
+    if expected.rest == NEXT_REQUEST:  # the next request starts where h11 says it does
+        assert statuses == [200, 200] and origin.requests[1][0] == "/next"
+
+
+def response_statuses(answer: bytes) -> list[int]:
+    """The status of each response in ``answer``, all framed by Content-Length."""
+    reader = dispatch.DeadlineReader(None, data=answer)
+    statuses = []
+    while reader.has_more():
+        lines = dispatch.read_head(reader)
+        fields = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+        reader.read(int(fields["content-length"]))
+        statuses.append(int(lines[0].split()[1]))
+    return statuses
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_responses_reach_the_client_as_h11_reads_them_or_get_502_or_a_reset(
+    proxy: Dispatcher, make_server: Callable[..., Server], data: st.DataObject
+) -> None:
+    message = data.draw(raw_messages(False))
+    server, _ = raw_origin(make_server, message)
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+        try:
+            answer = read_all(client)
+        except ConnectionResetError:
+            return  # an abort passed on: the client knows the response is not whole
+    if answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"\r\n\r\n502 Bad Gateway: " in answer:
+        return
+    expected = h11_reads(message, request=False)
+    assert expected is not None, "passed on what h11 refuses"
+    received = h11_reads(answer, request=False)
+    assert received is not None, "h11 refuses what the client got"
+    assert (received.body, end_to_end(received.fields)) == (expected.body, end_to_end(expected.fields))
+    assert hop_free(received.trailer) == hop_free(expected.trailer)
 
 
 def test_credentials_are_required_when_set(
