@@ -3936,6 +3936,8 @@ class _Origin:
 
 @dataclasses.dataclass(frozen=True)
 class _ResponseHead:
+    """A response's status line and header fields, as read from the origin."""
+
     version: str
     status: int
     reason: str
@@ -4146,8 +4148,10 @@ class HttpProxySession(Session):
         try:
             copy_body(self.reader, length, lambda data: self._send_up(origin, data))
         except OriginError as error:
-            # The origin stopped taking the body: it may have answered already (a 413).
-            self.body_unread = True
+            self.body_unread = True  # the rest of it: the answer must not be lost to a reset
+            if error.status != HTTPStatus.BAD_GATEWAY:
+                raise  # it stopped taking the body for so long that no answer is coming
+            # The origin closed while taking the body: it may have answered already (a 413).
             try:
                 early = self._response_head(origin, version)
             except OSError:

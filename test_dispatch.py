@@ -3174,6 +3174,36 @@ def test_expect_100_continue_comes_from_the_origin(proxy: Dispatcher, make_serve
         assert reader.read(5) == b"hello"
 
 
+def test_curl_uploads_with_expect_100_continue(proxy: Dispatcher, origin: str, tmp_path: Any) -> None:
+    upload = tmp_path / "upload"
+    upload.write_bytes(os.urandom(2_000_000).hex().encode())
+    out = curl("-x", proxy_url(proxy), "-H", "Expect: 100-continue", "--data-binary", f"@{upload}", origin + "/post")
+    assert out.encode() == upload.read_bytes()
+
+
+def test_a_body_sent_without_waiting_for_100_continue_is_forwarded(
+    proxy: Dispatcher, make_server: Callable[..., Server]
+) -> None:
+    head_came = threading.Event()
+
+    def ignore_the_expectation(conn: socket.socket) -> None:
+        """An origin that knows nothing of Expect: it waits for the body."""
+        read_request_head(conn)
+        head_came.set()
+        body = recv_exactly(conn, 5)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+
+    server = make_server(ignore_the_expectation)
+    with raw_client(proxy) as client:
+        client.sendall(
+            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+            .encode()
+        )
+        assert head_came.wait(TIMEOUT)
+        client.sendall(b"hello")  # as curl does after a second without an answer
+        assert read_response(client)[0::2] == (200, b"hello")
+
+
 def test_expect_100_continue_to_an_unreachable_origin_gets_502_first(proxy: Dispatcher) -> None:
     request = (
         f"POST http://127.0.0.1:{refused_port()}/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
