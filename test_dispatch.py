@@ -3257,6 +3257,34 @@ def test_an_origin_reset_mid_body_resets_the_client(
     assert exchange.result.startswith("200, the response was cut short: the origin failed")
 
 
+def test_curl_sees_a_response_cut_by_an_origin_reset_as_an_error(
+    proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + b"p" * 100_000
+
+    def passed_on() -> bool:
+        return sum(row["bytes_down"] for row in proxy.stats()) >= len(response)
+
+    def reset_mid_body(conn: socket.socket) -> None:
+        """Send a body ended by the close, and reset once the proxy passed it on."""
+        read_request_head(conn)
+        conn.sendall(response)
+        wait_for(passed_on)
+        _reset(conn)
+
+    server = make_server(reset_mid_body)
+    done = subprocess.run(
+        ["curl", "-sS", "-o", os.devnull, "-x", proxy_url(proxy), f"http://127.0.0.1:{server.port}/file"],
+        capture_output=True, text=True, timeout=TIMEOUT * 2,
+    )
+    assert done.returncode != 0, "curl took the cut file for a whole one"  # directly, curl fails too
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result.startswith("200, the response was cut short: the origin failed")
+
+
 def test_curl_http10_sees_a_cut_chunked_response_as_an_error(
     proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
 ) -> None:
