@@ -699,13 +699,31 @@ Headers = list[tuple[str, str]]
 
 MAX_HEADER_LINE = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+# Responses carry more than requests: real sites send Content-Security-Policy
+# and Set-Cookie lines of 10 KB and more. Browsers take 256 KiB of head.
+MAX_RESPONSE_HEADER_LINE = 64 * 1024
+MAX_RESPONSE_HEADER_BYTES = 256 * 1024
 # Removed from every forwarded message, along with the headers that its
-# Connection header names. Transfer-Encoding stays: bodies are passed on
-# with the framing they came with, never re-framed.
+# Connection header names. Trailer is not among them (RFC 9110, 6.6.2): it
+# says which trailer fields follow, end to end.
 HOP_BY_HOP_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authorization",
-    "proxy-authenticate", "te", "trailer", "upgrade",
+    "proxy-authenticate", "te", "upgrade",
 })
+# The framing of a body is never passed on as it came: it is read, checked
+# and written out afresh (framing_headers), so that the next hop reads the
+# message exactly as this one did.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+# Requests that may be sent twice with the effect of once (RFC 9110, 9.2.2):
+# only these are sent again when a kept origin connection fails under them.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than HTAB: never in a field value or a reason
+# phrase (RFC 9110, 5.5). A bare CR or a NUL among them would let the next
+# hop read another message than this one did.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
 
 
 class Framing(enum.IntEnum):
@@ -729,38 +747,54 @@ def parse_request_line(line: str) -> tuple[str, str, str]:
 
 
 def parse_status_line(line: str) -> tuple[str, int, str]:
-    """Split ``HTTP/1.x CODE REASON`` into (version, code, reason); ValueError if malformed."""
+    """Split ``HTTP/1.x CODE REASON`` into (version, code, reason); ValueError if malformed.
+
+    The reason may be empty, and so may its space before it (it is written
+    back with its space: RFC 9112, 4).
+    """
     version, _, rest = line.partition(" ")
     code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+    if version not in ("HTTP/1.0", "HTTP/1.1") or not _DIGITS.fullmatch(code) or len(code) != 3:
         raise ValueError(f"bad status line {line[:80]!r}")
+    if _CONTROL.search(reason):
+        raise ValueError(f"a control character in the status line {line[:80]!r}")
     return version, int(code), reason
 
 
 def parse_header_lines(lines: Sequence[str]) -> Headers:
     """Turn ``Name: value`` lines into (name, value) pairs; ValueError if malformed.
 
-    Whitespace before the colon and folded lines are refused (RFC 9112, 5):
-    they are how requests are smuggled past other proxies.
+    A name is a token; whitespace before the colon and folded lines are
+    refused (RFC 9112, 5): they are how requests are smuggled past other
+    proxies. So is a value with a control character other than HTAB (a bare
+    CR, a NUL: RFC 9110, 5.5).
     """
     headers = []
     for line in lines:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or not name.isprintable() or " " in name:
+        if not colon or not _TOKEN.fullmatch(name):
             raise ValueError(f"bad header line {line[:80]!r}")
-        headers.append((name, value.strip(" \t")))
+        value = value.strip(" \t")
+        if _CONTROL.search(value):
+            raise ValueError(f"a control character in the {name[:40]} header")
+        headers.append((name, value))
     return headers
 
 
 def header_tokens(headers: Headers, name: str) -> list[str]:
-    """The comma-separated values of every ``name`` header, lowercased."""
+    """The comma-separated values of every ``name`` header, lowercased.
+
+    Only spaces and tabs around them are removed (RFC 9110, 5.6.1), not
+    what str.strip() takes for whitespace too (a form feed, a non-breaking
+    space): ``chunked\\xa0`` is not ``chunked``.
+    """
     name = name.lower()
     return [
-        token.strip().lower()
+        token.strip(" \t").lower()
         for key, value in headers
         if key.lower() == name
         for token in value.split(",")
-        if token.strip()
+        if token.strip(" \t")
     ]
 
 
@@ -808,25 +842,42 @@ def body_length(headers: Headers, request: bool) -> int:
     """How a message body is framed: its length, or a Framing.
 
     Follows RFC 9112, 6.3. A request without either header has no body.
-    ValueError where the framing is ambiguous or malformed (a request with
-    both Transfer-Encoding and Content-Length, or lengths that disagree).
+    ValueError where the framing is ambiguous or malformed: a request with
+    both Transfer-Encoding and Content-Length (a response with both is
+    chunked), lengths that disagree (``5, 5`` is one length: RFC 9110, 8.6),
+    or a transfer coding other than ``chunked`` alone, which could not be
+    framed here exactly as the next hop frames it.
     """
-    codings = header_tokens(headers, "transfer-encoding")
-    lengths = {value.strip() for key, value in headers if key.lower() == "content-length"}
+    codings = [value.strip(" \t").lower() for key, value in headers if key.lower() == "transfer-encoding"]
+    lengths = [value for key, value in headers if key.lower() == "content-length"]
+    length = None
+    if lengths:  # checked even where chunked wins: a bad one shows a broken sender
+        values = {part.strip(" \t") for value in lengths for part in value.split(",")}
+        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+            raise ValueError(f"bad Content-Length {', '.join(lengths)[:80]!r}")
+        length = int(values.pop())
     if codings:
-        if codings[-1] == "chunked":
-            if request and lengths:
-                raise ValueError("both Transfer-Encoding and Content-Length")
-            return Framing.CHUNKED
-        if request:
-            raise ValueError(f"unsupported transfer coding {codings[-1]!r}")
-        return Framing.UNTIL_CLOSE
-    if lengths:
-        values = {part.strip() for value in lengths for part in value.split(",")}
-        if len(values) != 1 or not next(iter(values)).isdigit():
-            raise ValueError(f"bad Content-Length {sorted(lengths)}")
-        return int(values.pop())
+        # Exactly one field, exactly "chunked": a list with empty elements
+        # or a coding twice is read one way here and another way elsewhere.
+        if codings != ["chunked"]:
+            raise ValueError(f"unsupported Transfer-Encoding {', '.join(codings)[:80]!r}")
+        if request and lengths:
+            raise ValueError("both Transfer-Encoding and Content-Length")
+        return Framing.CHUNKED
+    if length is not None:
+        return length
     return 0 if request else Framing.UNTIL_CLOSE
+
+
+def framing_headers(headers: Headers, length: int) -> Headers:
+    """The framing header of a message as body_length read it, written out
+    afresh: ``Transfer-Encoding: chunked``, one ``Content-Length`` (where the
+    message had one), or none for a body ended by the close."""
+    if length == Framing.CHUNKED:
+        return [("Transfer-Encoding", "chunked")]
+    if length >= 0 and any(key.lower() == "content-length" for key, _ in headers):
+        return [("Content-Length", str(length))]
+    return []
 
 
 def response_has_body(method: str, status: int) -> bool:
@@ -835,16 +886,22 @@ def response_has_body(method: str, status: int) -> bool:
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size on a chunk's size line (extensions ignored); ValueError if malformed."""
-    size = line.split(b";", 1)[0].strip()
-    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+    """The size on a chunk's size line, with its CRLF; ValueError if malformed.
+
+    Extensions are read past (and not passed on); padding around the size
+    and a bare LF are refused: another reader would start the next chunk
+    somewhere else (RFC 9112, 7.1).
+    """
+    match = _CHUNK_SIZE_LINE.fullmatch(line)
+    if match is None:
         raise ValueError(f"bad chunk size line {line[:40]!r}")
-    return int(size, 16)
+    return int(match[1], 16)
 
 
 def forwarded_headers(headers: Headers) -> Headers:
-    """The headers without the hop-by-hop ones, which concern one connection only."""
-    dropped = HOP_BY_HOP_HEADERS | set(header_tokens(headers, "connection"))
+    """The headers without the hop-by-hop ones, which concern one connection
+    only, and without the framing ones (see framing_headers)."""
+    dropped = HOP_BY_HOP_HEADERS | FRAMING_HEADERS | set(header_tokens(headers, "connection"))
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
@@ -892,20 +949,25 @@ def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str,
     return encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head) + body
 
 
-def read_head(reader: DeadlineReader) -> list[str]:
+def read_head(
+    reader: DeadlineReader, max_line: int = MAX_HEADER_LINE, max_head: int = MAX_HEADER_BYTES
+) -> list[str]:
     """The lines of a message head (start line first) without line ends.
 
-    Empty lines before the start line are skipped (RFC 9112, 2.2). Raises
-    LineTooLongError past MAX_HEADER_LINE a line or MAX_HEADER_BYTES in all.
+    Empty lines before the start line are skipped (RFC 9112, 2.2). A line
+    ends at CRLF or LF; any other CR stays in the line, for the parsers to
+    refuse. Raises LineTooLongError past ``max_line`` a line or
+    ``max_head`` in all.
     """
     lines: list[str] = []
     total = 0
     while True:
-        line = reader.read_line(MAX_HEADER_LINE)
+        line = reader.read_line(max_line)
         total += len(line)
-        if total > MAX_HEADER_BYTES:
-            raise LineTooLongError(f"a head longer than {MAX_HEADER_BYTES} bytes")
-        text = line.rstrip(b"\r\n").decode("latin-1")
+        if total > max_head:
+            raise LineTooLongError(f"a head longer than {max_head} bytes")
+        line = line[:-1]
+        text = (line[:-1] if line.endswith(b"\r") else line).decode("latin-1")
         if text:
             lines.append(text)
         elif lines:
@@ -915,42 +977,62 @@ def read_head(reader: DeadlineReader) -> list[str]:
 def copy_body(reader: DeadlineReader, length: int, send: Callable[[bytes], None], *, dechunk: bool = False) -> None:
     """Pass a message body on as framed by ``length`` (see body_length).
 
-    ``dechunk`` sends a chunked body's data alone, without its framing.
-    Raises ProtocolError for a body cut short or badly framed.
+    A chunked body's framing is checked and written out afresh (sizes in
+    plain hex, no extensions, checked trailer fields); ``dechunk`` sends its
+    data alone. Raises ProtocolError for a body cut short or badly framed.
     """
     if length == Framing.UNTIL_CLOSE:
         while data := reader.read_some(BULK_READ_SIZE):
             send(data)
     elif length == Framing.CHUNKED:
-        _copy_chunks(reader, send if not dechunk else None, send)
+        _copy_chunks(reader, send, dechunk=dechunk)
     else:
         _copy_exactly(reader, length, send)
 
 
-def _copy_chunks(
-    reader: DeadlineReader, send_framing: Callable[[bytes], None] | None, send_data: Callable[[bytes], None]
-) -> None:
-    """Pass a chunked body on; its framing goes to ``send_framing`` unless None."""
-    framing = send_framing or (lambda _: None)
+def _copy_chunks(reader: DeadlineReader, send: Callable[[bytes], None], *, dechunk: bool) -> None:
     while True:
-        line = reader.read_line(MAX_HEADER_LINE)
         try:
-            size = parse_chunk_size(line)
+            size = parse_chunk_size(reader.read_line(MAX_HEADER_LINE))
         except ValueError as error:
             raise ProtocolError(str(error)) from None
-        framing(line)
         if size == 0:
             break
-        _copy_exactly(reader, size, send_data)
-        end = reader.read_line(MAX_HEADER_LINE)
-        if end.strip():
+        if not dechunk:
+            send(b"%x\r\n" % size)
+        _copy_exactly(reader, size, send)
+        if reader.read(2) != b"\r\n":
             raise ProtocolError("a chunk longer than its size")
-        framing(end)
-    while True:  # trailer fields, up to the empty line
+        if not dechunk:
+            send(b"\r\n")
+    trailer = read_trailer(reader)
+    if not dechunk:
+        send(b"0\r\n" + encode_head("", trailer)[2:])
+
+
+def read_trailer(reader: DeadlineReader) -> Headers:
+    """The trailer fields after a chunked body, up to the empty line.
+
+    Every line ends at CRLF: only an empty line ends the section, and a
+    line of spaces is refused like any other malformed field. Raises
+    ProtocolError, or LineTooLongError past the limits of a request head.
+    """
+    lines: list[str] = []
+    total = 0
+    while True:
         line = reader.read_line(MAX_HEADER_LINE)
-        framing(line)
-        if not line.strip():
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise LineTooLongError(f"trailer fields longer than {MAX_HEADER_BYTES} bytes")
+        if not line.endswith(b"\r\n"):
+            raise ProtocolError(f"a trailer line without CRLF {line[:40]!r}")
+        if line == b"\r\n":
             break
+        lines.append(line[:-2].decode("latin-1"))
+    try:
+        return parse_header_lines(lines)
+    except ValueError as error:
+        raise ProtocolError(f"trailer: {error}") from None
 
 
 def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], None]) -> None:
@@ -3067,6 +3149,10 @@ def _open_pipe() -> tuple[tuple[int, int] | None, int]:
 # An origin may think for a while before it answers; a dead one must not
 # hold a thread forever.
 HTTP_RESPONSE_TIMEOUT = 120.0
+# After a final response that came before the request body, how long the
+# client may go on sending what nobody reads: closing at once, with its bytes
+# unread, would reset the connection and could destroy the response.
+UNREAD_BODY_LINGER = 2.0
 PROXY_REALM = "dispatch"
 # SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
 UDP_BUFFER_SIZE = 65535
@@ -3936,15 +4022,32 @@ def render_not_found(path: str) -> str:
             '</body></html>\n')
 
 
+class OriginError(HttpError):
+    """The origin failed: it reset the connection, timed out, or sent what
+    cannot be passed on. The client gets ``status`` if nothing was sent to
+    it yet; the log line blames the origin, not the client."""
+
+
+def _reset_connection(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset, not a FIN: the peer sees an abort, not
+    an end (a response cut short must not look complete)."""
+    linger = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    sock.close()
+
+
 class _OriginReader(DeadlineReader):
-    """Reads from an origin server, whose reset is the end of its response:
-    the client gets a 502 for it, never a "client hung up"."""
+    """Reads from an origin server: its reset or silence is an OriginError,
+    never a "client hung up"."""
 
     def _receive(self, size: int) -> bytes:
         try:
             return super()._receive(size)
-        except ConnectionError:
-            return b""
+        except ConnectionError as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"the origin failed: {_describe(error)}") from None
+        except TimeoutError:
+            raise OriginError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not answer in time") from None
 
 
 @dataclasses.dataclass
@@ -3966,6 +4069,16 @@ class _Origin:
             return not selector.select(0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ResponseHead:
+    """A response's status line and header fields, as read from the origin."""
+
+    version: str
+    status: int
+    reason: str
+    headers: Headers
+
+
 class HttpProxySession(Session):
     """Serves one client connection that speaks HTTP proxy.
 
@@ -3984,6 +4097,10 @@ class HttpProxySession(Session):
         super().__init__(connection, client_address, reader, context)
         self.origin: _Origin | None = None
         self.responded = False
+        # Set when a final response came before the request body was read.
+        self.body_unread = False
+        # Set when the client's connection was reset to pass an abort on.
+        self.aborted = False
         # Between request heads, every read and write on the client waits
         # at most this long, as a blocking call. A head is read with the
         # socket non-blocking, so that its deadline holds for the whole head.
@@ -4000,6 +4117,18 @@ class HttpProxySession(Session):
                     return  # an idle client timed out or went away
         finally:
             self._drop_origin()
+            if self.body_unread and not self.aborted:
+                self._discard_unread_body()
+
+    def _discard_unread_body(self) -> None:
+        """Close towards the client, and read what it still sends for a while."""
+        deadline = time.monotonic() + UNREAD_BODY_LINGER
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv(BULK_READ_SIZE):
+                    return
 
     def serve_request(self) -> bool:
         """Serve one request; return whether the connection stays open."""
@@ -4199,58 +4328,124 @@ class HttpProxySession(Session):
             length = body_length(headers, request=True)
         except ValueError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        # The client's "100 Continue" comes from here, at once: the origin
-        # would send it only after the client had waited for nothing.
-        expects_continue = "100-continue" in header_tokens(headers, "expect")
-        if expects_continue:
-            self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
-        head = encode_head(f"{method} {path} HTTP/1.1", _request_headers(host, port, version, headers))
-        origin = self._send_head(host, port, head, retryable=length == 0)
+        head = encode_head(f"{method} {path} HTTP/1.1", _request_headers(host, port, version, headers, length))
+        origin = self._send_head(host, port, head, retryable=length == 0 and method in IDEMPOTENT_METHODS)
+        # The expectation goes to the origin, whose 100 Continue or final
+        # answer comes back (RFC 9110, 10.1.1). An HTTP/1.0 client's is
+        # ignored (and not forwarded): it could not be answered with a 1xx.
+        expects_continue = version == "HTTP/1.1" and "100-continue" in header_tokens(headers, "expect")
+        if expects_continue and length != 0:
+            early = self._await_continue(origin)
+            if early is not None:
+                self.body_unread = True
+                return self._pass_response(origin, method, version, headers, early)
         try:
             copy_body(self.reader, length, lambda data: self._send_up(origin, data))
+        except OriginError as error:
+            self.body_unread = True  # the rest of it: the answer must not be lost to a reset
+            if error.status != HTTPStatus.BAD_GATEWAY:
+                raise  # it stopped taking the body for so long that no answer is coming
+            # The origin closed while taking the body: it may have answered already (a 413).
+            try:
+                early = self._response_head(origin, version)
+            except OSError:
+                raise OriginError(HTTPStatus.BAD_GATEWAY, f"{error} during the request body") from None
+            return self._pass_response(origin, method, version, headers, early)
         except ProtocolError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
         except TimeoutError:
             # Only the client's reads time out here: _send_up turns the
             # origin's into a 504.
             raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request body did not come in time") from None
-        return self._pass_response(origin, method, version, headers, expects_continue)
+        return self._pass_response(origin, method, version, headers)
+
+    def _await_continue(self, origin: _Origin) -> _ResponseHead | None:
+        """Wait for the origin's 100 Continue (passed on) or for the client
+        to send its body anyway; return the origin's final response head if
+        that came first instead."""
+        deadline = time.monotonic() + HTTP_RESPONSE_TIMEOUT
+        with _selector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ, "client")
+            selector.register(origin.lease.sock, selectors.EVENT_READ, "origin")
+            while not self.reader.buffered:
+                if origin.reader.buffered:
+                    ready = {"origin"}
+                else:
+                    events = selector.select(max(0.0, deadline - time.monotonic()))
+                    if not events:
+                        raise OriginError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not answer in time")
+                    ready = {key.data for key, _ in events}
+                if "client" in ready:
+                    return None
+                response = self._next_head(origin, "HTTP/1.1")
+                if response.status == HTTPStatus.CONTINUE:
+                    return None
+                if response.status >= 200:
+                    return response
+        return None
+
+    def _next_head(self, origin: _Origin, version: str) -> _ResponseHead:
+        """Read the origin's next response head; an interim (1xx) one is
+        passed on to an HTTP/1.1 client, never to an HTTP/1.0 one (RFC
+        9110, 15.2)."""
+        try:
+            lines = read_head(origin.reader, MAX_RESPONSE_HEADER_LINE, MAX_RESPONSE_HEADER_BYTES)
+            response_version, status, reason = parse_status_line(lines[0])
+            response_headers = parse_header_lines(lines[1:])
+            # Upgrade is not forwarded: a 101 Switching Protocols answers nothing asked.
+            if status == HTTPStatus.SWITCHING_PROTOCOLS or status < 100:
+                raise ValueError(f"status {status}")
+        except (ValueError, LineTooLongError) as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        if status < 200 and version == "HTTP/1.1":
+            self._send_down(encode_head(f"HTTP/1.1 {status} {reason}", forwarded_headers(response_headers)))
+        return _ResponseHead(response_version, status, reason, response_headers)
+
+    def _response_head(self, origin: _Origin, version: str) -> _ResponseHead:
+        """The origin's final response head, the interim ones passed on."""
+        while (response := self._next_head(origin, version)).status < 200:
+            pass
+        return response
 
     def _pass_response(
-        self, origin: _Origin, method: str, version: str, headers: Headers, expects_continue: bool
+        self, origin: _Origin, method: str, version: str, headers: Headers, early: _ResponseHead | None = None
     ) -> tuple[int, bool]:
-        """Pass the origin's response on; return (status, whether the client stays)."""
+        """Pass the origin's response on (its head read already if ``early``);
+        return (status, whether the client stays)."""
+        response = early or self._response_head(origin, version)
+        status = response.status
         try:
-            while True:
-                lines = read_head(origin.reader)  # a reset origin reads as closed: see _OriginReader
-                response_version, status, reason = parse_status_line(lines[0])
-                response_headers = parse_header_lines(lines[1:])
-                # Upgrade is not forwarded, so no 101 Switching Protocols comes.
-                if not 100 <= status < 200:
-                    break
-                if not (expects_continue and status == HTTPStatus.CONTINUE):
-                    self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
-            response_length = body_length(response_headers, request=False) if response_has_body(method, status) else 0
-        except (ValueError, LineTooLongError) as error:
-            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+            declared = body_length(response.headers, request=False)
+        except ValueError as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        response_length = declared if response_has_body(method, status) else 0
 
         framed = response_length != Framing.UNTIL_CLOSE
-        client_stays = keeps_alive(version, headers) and framed
-        origin_stays = keeps_alive(response_version, response_headers) and framed
-        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
+        client_stays = keeps_alive(version, headers) and framed and not self.body_unread
+        origin_stays = keeps_alive(response.version, response.headers) and framed and not self.body_unread
+        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended
+        # by the close, and no trailer fields.
         dechunk = version == "HTTP/1.0" and response_length == Framing.CHUNKED
-        outgoing = [
-            (name, value)
-            for name, value in forwarded_headers(response_headers)
-            if not (dechunk and name.lower() == "transfer-encoding")
-        ]
-        outgoing.append(("Via", f"{response_version[len('HTTP/'):]} dispatch"))
+        outgoing = forwarded_headers(response.headers)
+        if dechunk:
+            outgoing = [(name, value) for name, value in outgoing if name.lower() != "trailer"]
+        else:
+            outgoing += framing_headers(response.headers, declared)
+        outgoing.append(("Via", f"{response.version[len('HTTP/'):]} dispatch"))
         if not client_stays:
             outgoing.append(("Connection", "close"))
         self.responded = True
         self.record.result = str(status)  # what the log says if the client hangs up now
-        self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
-        copy_body(origin.reader, response_length, self._send_down, dechunk=dechunk)
+        self._send_down(encode_head(f"HTTP/1.1 {status} {response.reason}", outgoing))
+        try:
+            copy_body(origin.reader, response_length, self._send_down, dechunk=dechunk)
+        except (ProtocolError, OriginError) as error:
+            # Only the origin's side raises these: the client must see an
+            # abort, not an end, or a cut body would look complete.
+            self._drop_origin()
+            self.aborted = True
+            _reset_connection(self.connection)
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"the response was cut short: {error}") from None
         if not origin_stays:
             self._drop_origin()
         return status, client_stays
@@ -4260,8 +4455,9 @@ class HttpProxySession(Session):
 
         A kept connection may have been closed by the origin just as the
         request went out: it then fails before any byte of the response.
-        A ``retryable`` request (one without a body: nothing else is lost)
-        is then sent once more, on a new connection.
+        A ``retryable`` request (idempotent, without a body: nothing is lost
+        and nothing is done twice) is then sent once more, on a new
+        connection; any other gets a 502.
         """
         kept = self.origin
         origin = self._origin_for(host, port)
@@ -4272,8 +4468,9 @@ class HttpProxySession(Session):
             self._send_up(origin, head)
             if origin.reader.has_more():
                 return origin
-        except ConnectionError:
-            pass
+        except OriginError as error:
+            if error.status != HTTPStatus.BAD_GATEWAY:
+                raise
         self._drop_origin()
         origin = self._origin_for(host, port)
         self._send_up(origin, head)
@@ -4301,7 +4498,9 @@ class HttpProxySession(Session):
         try:
             origin.lease.sock.sendall(data)
         except TimeoutError:
-            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
+            raise OriginError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
+        except OSError as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"the origin failed: {_describe(error)}") from None
         self.count(len(data), 0)
 
     def _send_down(self, data: bytes) -> None:
@@ -4309,17 +4508,15 @@ class HttpProxySession(Session):
         self.count(0, len(data))
 
 
-def _request_headers(host: str, port: int, version: str, headers: Headers) -> Headers:
+def _request_headers(host: str, port: int, version: str, headers: Headers, length: int) -> Headers:
     """The headers of a request as it goes to its origin: Host first, no
-    hop-by-hop ones, no Expect: 100-continue (answered here), and Via."""
+    hop-by-hop ones, its framing written afresh, no Expect from an HTTP/1.0
+    client (ignored: RFC 9110, 10.1.1), and Via."""
     authority = host if port == 80 else _format_endpoint(host, port)
     outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
-    answered_here = "100-continue" in header_tokens(headers, "expect")
-    outgoing += [
-        (name, value)
-        for name, value in forwarded_headers(headers)
-        if name.lower() != "host" and not (answered_here and name.lower() == "expect")
-    ]
+    dropped = {"host", "expect"} if version == "HTTP/1.0" else {"host"}
+    outgoing += [(name, value) for name, value in forwarded_headers(headers) if name.lower() not in dropped]
+    outgoing += framing_headers(headers, length)
     outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
     return outgoing
 
