@@ -139,12 +139,16 @@ _IP_BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT"
 
 # Binding a socket to a device makes it leave by that device whatever the
 # routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
-# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
-# source address, so the bound address is enough there.
+# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows picks the
+# interface by the source address only where nothing else decides: with two
+# adapters on one subnet, every connection leaves by the first. Its
+# IP_UNICAST_IF / IPV6_UNICAST_IF (ws2ipdef.h; an interface index) decide.
 _SO_BINDTODEVICE: int | None = getattr(socket, "SO_BINDTODEVICE", 25) if _ON_LINUX else None
 _IP_BOUND_IF: int | None = getattr(socket, "IP_BOUND_IF", 25) if sys.platform == "darwin" else None
 _IPV6_BOUND_IF: int | None = getattr(socket, "IPV6_BOUND_IF", 125) if sys.platform == "darwin" else None
-_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
+_IP_UNICAST_IF = 31
+_IPV6_UNICAST_IF = 31
+_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None or sys.platform == "win32"
 
 # Created non-blocking in one call where the platform allows it.
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -1293,6 +1297,7 @@ class Interface:
     name: str
     aliases: frozenset[str] = frozenset()
     ips: tuple[str, ...] = ()
+    index: int | None = None
 
 
 def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> list[Interface]:
@@ -1311,7 +1316,8 @@ def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> lis
         # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
         ips = tuple(entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip for entry in adapter.ips)
         name = adapter.ips[0].nice_name if platform == "win32" and adapter.ips else adapter.nice_name
-        interfaces.append(Interface(name, frozenset({adapter.nice_name, adapter.name} - {name}), ips))
+        aliases = frozenset({adapter.nice_name, adapter.name} - {name})
+        interfaces.append(Interface(name, aliases, ips, getattr(adapter, "index", None)))
     return interfaces
 
 
@@ -1347,7 +1353,25 @@ def _interfaces() -> list[Interface]:
             "interface names, 'start' without addresses and 'list' need the ifaddr package"
             " (pip install ifaddr); IP addresses work without it"
         ) from None
-    return read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    interfaces = read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    _INTERFACE_INDEXES.update((i.name, i.index) for i in interfaces if i.index is not None)
+    return interfaces
+
+
+# The index of each interface by the name dispatch shows, as last read: on
+# Windows the system's own lookup (if_nametoindex) knows none of those names.
+_INTERFACE_INDEXES: dict[str, int] = {}
+
+
+def _interface_index(name: str) -> int:
+    """The index of interface ``name``; OSError(ENODEV) if there is none."""
+    index = _INTERFACE_INDEXES.get(name)
+    if index is not None:
+        return index
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface {name}") from None
 
 
 def _is_up(interface: str) -> bool:
@@ -2342,10 +2366,15 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
         if _SO_BINDTODEVICE is not None:
             sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
             return
-        try:
-            index = socket.if_nametoindex(interface)
-        except OSError:
-            raise OSError(errno.ENODEV, f"no interface {interface}") from None
+        index = _interface_index(interface)
+        if sys.platform == "win32":
+            # The IPv4 option takes the index in network byte order, the IPv6
+            # one in host order (as Chromium sets them).
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_UNICAST_IF, struct.pack("=I", index))
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_UNICAST_IF, struct.pack("!I", index))
+            return
         if sock.family == socket.AF_INET6:
             level, option = socket.IPPROTO_IPV6, _IPV6_BOUND_IF
         else:

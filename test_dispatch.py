@@ -2019,6 +2019,67 @@ def test_device_is_bound_except_for_loopback_targets() -> None:
     assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
 
 
+class WindowsSocket:
+    """A socket that records the options set on it and connects nowhere:
+    what the Windows path does, seen on any system."""
+
+    def __init__(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, *args: object) -> None:
+        self.family = family
+        self.options: list[tuple[int, int, object]] = []
+        self.bound: tuple[Any, ...] | None = None
+
+    def setsockopt(self, level: int, option: int, value: object) -> None:
+        self.options.append((level, option, value))
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def bind(self, address: tuple[Any, ...]) -> None:
+        self.bound = address
+
+    def connect_ex(self, address: tuple[Any, ...]) -> int:
+        return errno.EINPROGRESS
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def windows_sockets(windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets as on Windows: recording ones, bound to devices the Windows way."""
+    monkeypatch.setattr(dispatch, "_INTERFACE_INDEXES", {})
+    monkeypatch.setattr(dispatch, "_SO_BINDTODEVICE", None)
+    monkeypatch.setattr(dispatch, "_CAN_BIND_TO_DEVICE", True)
+    dispatch.resolve_links(["Wi-Fi"])  # reads the adapters, and their indexes
+    monkeypatch.setattr(dispatch.socket, "socket", WindowsSocket)
+
+
+def _unicast_if_options(sock: object) -> list[tuple[int, int, object]]:
+    assert isinstance(sock, WindowsSocket)
+    return [(level, option, value) for level, option, value in sock.options if option == 31]
+
+
+def test_windows_ipv4_connection_leaves_by_its_interface_index_in_network_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    sock = upstream.open_attempt(local, ("203.0.113.80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IP, 31, (12).to_bytes(4, "big"))]  # IP_UNICAST_IF
+    assert sock.bound == ("127.0.0.2", 0)  # type: ignore[attr-defined]
+
+
+def test_windows_ipv6_connection_leaves_by_its_interface_index_in_host_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("fd00::3", interface="Ethernet 2")
+    sock = upstream.open_attempt(local, ("2001:db8::80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IPV6, 31, (7).to_bytes(4, sys.byteorder))]
+
+
+def test_windows_loopback_target_is_not_bound_to_an_interface(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    assert _unicast_if_options(upstream.open_attempt(local, ("127.0.0.1", 443))) == []
+
+
 def non_loopback_address() -> dispatch.LocalAddress | None:
     for address in dispatch.usable_addresses():
         if address.family == socket.AF_INET:
