@@ -5874,6 +5874,16 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
     return users
 
 
+def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
+    """The passwords of --upstream-auth-file, by user; raises ValueError."""
+    passwords: dict[str, str] = {}
+    for user, password in read_auth_file(args.upstream_auth_file) if args.upstream_auth_file else []:
+        if user in passwords:
+            raise ValueError(f"user {user!r} is given more than once in {args.upstream_auth_file}")
+        passwords[user] = password
+    return passwords
+
+
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
     print(f"{title} {time.monotonic() - started:.0f} s:")
     print(format_stats(dispatcher.stats()), flush=True)
@@ -5897,6 +5907,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
     try:
         users = _credentials(args)
+        upstream_passwords = _upstream_passwords(args)
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port,
             connect_timeout=args.connect_timeout, cooldown=args.cooldown,
@@ -5911,6 +5922,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             checks=args.check,
             check_interval=args.check_interval,
             hedge=args.hedge,
+            upstream_passwords=upstream_passwords,
         )
     except (AddressError, ValueError) as error:
         print(f"dispatch: error: {error}", file=sys.stderr)
@@ -6019,6 +6031,11 @@ def service_unit(
         if not argument.isprintable():
             raise ValueError(
                 f"{argument!r}: a control character cannot go into a service definition"
+            )
+        if hide_password(argument) != argument:
+            raise ValueError(
+                f"{hide_password(argument)!r}: a password would be readable in the service definition;"
+                " give the user alone (socks5://USER@HOST:PORT) and its password in --upstream-auth-file"
             )
     if system == "systemd":
         return _systemd_unit(start_args, executable, user)
@@ -6301,6 +6318,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Start the proxy. Each ADDRESS is an IP address or an interface "
         "name, with an optional weight (10.0.0.2@7, wlan0@3; wlan0/3 also works for a name) "
         "or @backup for a link used only while no other is up (usb0@backup). "
+        "An ADDRESS may be an upstream proxy, socks5://[USER:PASS@]HOST:PORT (socks5h, socks4, "
+        "socks4a and http too), reached by a chosen link with +LINK (socks5://vps:1080+wlan0@2). "
         "An interface's addresses are followed as they change; one without an address "
         "yet is waited for. With none, every interface with a usable address is used.",
     )
@@ -6320,6 +6339,11 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--auth-file", metavar="PATH",
         help="require a login from this file: one USER:PASS a line, # comments",
+    )
+    start.add_argument(
+        "--upstream-auth-file", metavar="PATH",
+        help="passwords of upstream proxies whose ADDRESS gives a user alone (socks5://al@vps:1080): "
+        "one USER:PASS a line, # comments; keeps them out of the process list",
     )
     start.add_argument(
         "--allow", action="append", type=_network, metavar="CIDR",

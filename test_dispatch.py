@@ -4598,6 +4598,50 @@ def test_cli_start_serves_until_sigterm(
         assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
+def test_cli_upstream_password_comes_from_a_file_and_never_shows(
+    make_upstream: Callable[..., UpstreamServer], echo_server: Server, tmp_path: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    upstream = make_upstream("microsocks", ("al", "hunter2"))
+    passwords = tmp_path / "upstream-passwords"
+    passwords.write_text("# the upstream proxies' logins\nal:hunter2\n")
+    outcome: list[bytes] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            outcome.append(echoed(client, b"by the file"))
+
+    log_file = str(tmp_path / "dispatch.log")
+    address = upstream.url.replace(":hunter2@", "@")
+    assert run_cli(["--upstream-auth-file", str(passwords), address], use, log_file) == 0
+    assert outcome == [b"by the file"]
+    out = capsys.readouterr().out
+    assert address in out and "hunter2" not in out
+    with open(log_file) as log:
+        written = log.read()
+    assert f"via {address}: ok, 11 B up, 11 B down" in written and "hunter2" not in written
+
+
+def test_cli_upstream_without_its_password_is_refused_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://al@127.0.0.1:1080"]) == 2
+    assert "'socks5://al@127.0.0.1:1080': no password for 'al'" in capsys.readouterr().err
+
+
+def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
+    err = capsys.readouterr().err
+    assert "socks5://al:***@10.0.0.9:1080" in err and "--upstream-auth-file" in err
+    assert "hunter2" not in err
+
+
+def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["--upstream-auth-file", "/etc/dispatch/upstream", "socks5://al@10.0.0.9:1080+eth0@2"]
+    assert dispatch.main(["service", "systemd", *arguments]) == 0
+    assert "--upstream-auth-file /etc/dispatch/upstream socks5://al@10.0.0.9:1080+eth0@2" in capsys.readouterr().out
+
+
 def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
     """What the command line changes for the process while it serves, and
     gives back when main() returns, for a program that goes on."""
@@ -5121,11 +5165,17 @@ class LabProxy:
         with self.client(import_netlab().PEER_ECHO_PORT) as client:
             return read_all(client).decode().strip()
 
-    def download(self, size: int) -> int:
-        """Fetch ``size`` bytes from the lab's HTTP server; return the body length."""
+    def download(self, size: int, *, half_close: bool = True) -> int:
+        """Fetch ``size`` bytes from the lab's HTTP server; return the body
+        length. ``half_close=False`` keeps sending open until the end (some
+        proxies end both directions at the client's EOF)."""
         with self.client(import_netlab().HTTP_PORT) as client:
             request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
-            response = round_trip(client, request.encode())
+            if half_close:
+                response = round_trip(client, request.encode())
+            else:
+                client.sendall(request.encode())
+                response = read_all(client)
         head, _, body = response.partition(b"\r\n\r\n")
         return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
 
@@ -5252,6 +5302,40 @@ def lab_status(proxy: LabProxy) -> dict[str, Any]:
     with sock:
         sock.sendall(b"GET /stats.json HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
         return json.loads(read_response(sock)[2])
+
+
+LAB_UPSTREAM_PORT = 1081  # inside the server namespace, where nothing else listens
+
+
+def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """microsocks on the server, named once per uplink (+IFACE): each
+    connection to it leaves by its own uplink, so the three carry a share
+    each (without binding to the device, uplinks 2 and 3 would carry none)."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        links = [f"{url}+{link.client_ifname}" for link in metrics_lab.uplinks]
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *links)
+        before = metrics_lab.counters()
+        sizes = [proxy.download(LAB_DOWNLOAD_SIZE, half_close=False) for _ in range(6)]
+        assert sizes == [LAB_DOWNLOAD_SIZE] * 6
+        after = metrics_lab.counters()
+        for index in (1, 2, 3):
+            received = after[index].rx_bytes - before[index].rx_bytes
+            assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
+        rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+        assert rows == dict.fromkeys(links, 2)
+    finally:
+        upstream.kill()
+        upstream.wait()
 
 
 def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
