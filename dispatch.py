@@ -31,15 +31,17 @@ Map of this module, in order; each section uses only what is above it:
     platform probes   what this OS offers: device binding, splice, selectors
     errors            reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
     deadline I/O      DeadlineReader: exact reads with a deadline, nothing stranded
-    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies
+    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies; the
+                      client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
     access            AccessPolicy: the allow-list and logins
-    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses
+    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
+                      ProxyURL, ProxyAddress: another proxy as a link
     health            Health: failures, background retests, checks; what is up and why not
     choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                       address a connection gets (tiers, sticky sites)
     meter             Meter: per-address counters, rates, history; CapacityEstimator
     upstream          Upstream: resolve, bind to the device, the hedged connect (_Race)
-                      with failover; UpstreamLease
+                      with failover; the connector to upstream proxies; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
     sessions          SocksSession, UdpAssociation, HttpProxySession, and the local pages
                       (status page, /stats.json, /metrics, /proxy.pac); ExchangeRecord
@@ -2699,7 +2701,8 @@ class CapacityEstimator:
 
 
 # ---------------------------------------------------------------------------
-# Upstream: resolve, bind to the device, connect with failover, the lease
+# Upstream: resolve, bind to the device, connect with failover, upstream
+# proxies, the lease
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds

@@ -546,24 +546,27 @@ def dante_config(port: int, host: str = "127.0.0.1", clients: str = "127.0.0.0/8
 @pytest.fixture
 def make_upstream(tmp_path: Any) -> Iterator[Callable[..., UpstreamServer]]:
     """Start upstream proxies: ``make_upstream(kind, login=None)``, kind one
-    of "pproxy-socks5", "pproxy-http", "microsocks", "dante"; each on a free
-    loopback port, stopped after the test. Dante has no logins of its own
+    of "pproxy-socks5", "pproxy-socks4", "pproxy-http", "microsocks", "dante";
+    each on a free loopback port (of ``host``), stopped after the test. Dante has no logins of its own
     (it checks system accounts); a kind that is not installed is skipped."""
     started: list[UpstreamServer] = []
 
-    def make(kind: str, login: tuple[str, str] | None = None, *, clients: str = "127.0.0.0/8") -> UpstreamServer:
-        port = free_port()
+    def make(
+        kind: str, login: tuple[str, str] | None = None, *, clients: str = "127.0.0.0/8", host: str = "127.0.0.1"
+    ) -> UpstreamServer:
+        port = free_port(host)
         secret = f"{login[0]}:{login[1]}" if login else ""
-        scheme = "http" if kind == "pproxy-http" else "socks5"
-        url = f"{scheme}://{secret + '@' if login else ''}127.0.0.1:{port}"
+        scheme = {"pproxy-http": "http", "pproxy-socks4": "socks4"}.get(kind, "socks5")
+        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        url = f"{scheme}://{secret + '@' if login else ''}{endpoint}"
         if kind.startswith("pproxy"):
-            listen = f"{scheme}://127.0.0.1:{port}" + (f"#{secret}" if login else "")
+            listen = f"{scheme}://{endpoint}" + (f"#{secret}" if login else "")
             # --auth 0: every connection logs in, not only an address's first.
             argv = [sys.executable, "-m", "pproxy", "-l", listen, "--auth", "0"]
         elif kind == "microsocks":
             if not os.path.exists(MICROSOCKS):
                 pytest.skip("microsocks is not installed")
-            argv = [MICROSOCKS, "-i", "127.0.0.1", "-p", str(port)]
+            argv = [MICROSOCKS, "-i", host, "-p", str(port)]
             argv += ["-u", login[0], "-P", login[1]] if login else []
         elif kind == "dante":
             if not os.path.exists(DANTED) or os.geteuid() != 0:
@@ -574,7 +577,7 @@ def make_upstream(tmp_path: Any) -> Iterator[Callable[..., UpstreamServer]]:
         else:
             raise ValueError(kind)
         try:
-            server = UpstreamServer(kind, argv, url, port, str(tmp_path / f"{kind}-{port}.out"))
+            server = UpstreamServer(kind, argv, url, port, str(tmp_path / f"{kind}-{port}.out"), host)
         except RuntimeError as error:
             if kind == "dante":
                 pytest.skip(str(error))
@@ -2394,6 +2397,95 @@ def test_socks_client_reaches_its_target_through_an_upstream_proxy(
     (row,) = proxy.stats()
     assert (row["link"], row["connections"], row["failed"]) == (upstream.url.replace(":pw@", "@"), 3, 0)
     assert {exchange.via.describe() for exchange in exchanges(log) if exchange.via} == {row["link"]}
+
+
+def test_socks4_upstream_is_given_addresses_resolved_here(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url.replace("socks5://", "socks4://")])
+    for host in ("127.0.0.1", "localhost"):
+        with client_through(proxy, (host, echo_server.port), rdns=True) as client:
+            assert echoed(client, b"four") == b"four"
+
+
+def test_socks4a_upstream_is_given_the_name(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    """Neither pproxy nor Dante takes SOCKS4a names: the upstream here is
+    another dispatch, which does; its log line shows what it was asked for."""
+    fake_names["far.test"] = ["127.0.0.1"]
+    upstream = make_proxy(["127.0.0.1"])
+    proxy = make_proxy([f"socks4a://127.0.0.1:{upstream.address[1]}"])
+    with client_through(proxy, ("far.test", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"four a") == b"four a"
+    wait_until_all_closed(upstream)
+    asked = [exchange.target for exchange in exchanges(log) if exchange.via and exchange.via.ip == "127.0.0.1"]
+    assert asked == [f"far.test:{echo_server.port}"]
+
+
+@needs_ipv6
+def test_upstream_proxy_on_an_ipv6_address(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    upstream = make_upstream("microsocks", host="::1")
+    assert upstream.url.startswith("socks5://[::1]:")
+    proxy = make_proxy([upstream.url])
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert echoed(client, b"six") == b"six"
+
+
+def test_stalled_upstream_costs_a_client_one_hedge_not_the_timeout(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_server: Callable[..., Server], echo_server: Server,
+) -> None:
+    """A proxy that takes the connection and never answers its handshake is
+    raced by another link after --hedge, as a dark link is."""
+    released = threading.Event()
+    silent = make_server(lambda conn: released.wait(TIMEOUT))
+    stalled = f"socks5://127.0.0.1:{silent.port}"
+    proxy = make_proxy([stalled, make_upstream("microsocks").url], balance="round-robin", hedge=0.3)
+    started = time.monotonic()
+    try:
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            waited = time.monotonic() - started
+            assert echoed(client, b"raced") == b"raced"
+    finally:
+        released.set()
+    assert proxy.upstream.hedge <= waited < proxy.upstream.connect_timeout
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[stalled]["state"] == "down" and rows[stalled]["reason"].startswith("no answer in 0.")
+
+
+def test_checks_go_through_upstream_proxies(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    working, stopped = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    stopped.stop()
+    proxy = make_proxy([working.url, stopped.url], checks=[f"127.0.0.1:{echo_server.port}"], check_interval=0.1)
+
+    def states() -> dict[str, str]:
+        return {row["link"]: row["state"] for row in proxy.stats()}
+
+    assert wait_for(lambda: states() == {working.url: "up", stopped.url: "down"})
+    assert "failed 3 checks of 127.0.0.1:" in {row["link"]: row for row in proxy.stats()}[stopped.url]["reason"]
+
+
+def test_measured_balancing_and_sticky_sites_treat_upstreams_as_links(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    measured = make_proxy([first.url, second.url], balance="measured")
+    for _ in range(6):
+        with client_through(measured, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"m") == b"m"
+    assert sorted(row["connections"] for row in measured.stats()) == [3, 3]
+    sticky = make_proxy([first.url, second.url], balance="round-robin", sticky=60)
+    for _ in range(4):
+        with client_through(sticky, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"s") == b"s"
+    assert sorted(row["connections"] for row in sticky.stats()) == [0, 4]
 
 
 def test_http_connect_client_reaches_its_target_through_an_upstream_proxy(
