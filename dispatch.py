@@ -987,6 +987,7 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
 # the proxy's reply: what follows is the target's.
 
 SOCKS4_REPLY_VERSION = 0
+SOCKS4A_NAME_FOLLOWS = b"\0\0\0\1"  # DST.IP 0.0.0.x: the host name follows the user id
 MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answer to CONNECT, head only
 
 
@@ -1112,7 +1113,7 @@ def socks4_client(host: str, port: int, user: str | None) -> ClientHandshake:
     if _is_ip(host):
         request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, socket.inet_aton(host)) + userid
     else:
-        request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, b"\0\0\0\1") + userid
+        request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, SOCKS4A_NAME_FOLLOWS) + userid
         request += host.encode("ascii") + b"\0"
     yield SendStep(request)
     version, status, bound_port, bound_ip = struct.unpack("!BBH4s", (yield ReceiveStep(8)))
@@ -2044,6 +2045,13 @@ class Health:
             for down, error in failed:
                 if down is not address:
                     self._put_out(down, _describe(error), target)
+
+    def sit_out(self, address: LocalAddress, error: OSError, target: Target) -> None:
+        """Put ``address`` out after a failure that came after its connect
+        (an upstream proxy refusing a request it was sent), to be retested
+        against ``target``."""
+        with self._lock:
+            self._put_out(address, _describe(error), target)
 
     def _put_out(self, address: LocalAddress, reason: str, target: Target | None) -> None:
         if address in self._outages:
@@ -3533,7 +3541,8 @@ class _Race:
             self._drop(other_sock, other)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
-        self.upstream.proxy_worked(local)
+        if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
+            self.upstream.proxy_worked(local)
         if self.affinity is not None:
             self.balancer.stick(self.affinity, local)  # the site sticks to the link that got through
         return self.upstream.lease(sock, local)
@@ -4850,10 +4859,8 @@ class HttpProxySession(Session):
             while True:
                 lines = read_head(origin.reader)  # a reset origin reads as closed: see _OriginReader
                 response_version, status, reason = parse_status_line(lines[0])
-                if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED and takes_absolute_form(origin.lease.local):
-                    refusal = ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login")
-                    self.context.upstream.proxy_failed(origin.lease.local, refusal)
-                    raise refusal
+                if takes_absolute_form(origin.lease.local):
+                    self._check_proxy_answer(origin, status)
                 response_headers = parse_header_lines(lines[1:])
                 # Upgrade is not forwarded, so no 101 Switching Protocols comes.
                 if not 100 <= status < 200:
@@ -4884,6 +4891,19 @@ class HttpProxySession(Session):
         if not origin_stays:
             self._drop_origin()
         return status, client_stays
+
+    def _check_proxy_answer(self, origin: _Origin, status: int) -> None:
+        """Take the status an HTTP upstream proxy answered a request with:
+        its refusal of the login is the link's failure (a 502 here, never
+        its challenge passed on; the link sits out until a retest gets
+        through), anything else says it works."""
+        proxy, upstream = origin.lease.local, self.context.upstream
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+            refusal = ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login")
+            upstream.proxy_failed(proxy, refusal)
+            upstream.health.sit_out(proxy, refusal, (origin.host, origin.port))
+            raise refusal
+        upstream.proxy_worked(proxy)
 
     def _send_head(self, host: str, port: int, head: bytes, *, retryable: bool) -> _Origin:
         """Send a request head to (host, port); return the origin connection.

@@ -2651,6 +2651,24 @@ def test_plain_http_goes_to_an_http_upstream_in_absolute_form_with_its_login(
     assert row["connections"] == 1  # one kept connection, no CONNECT
 
 
+def test_plain_http_refused_login_at_an_http_upstream_is_a_bad_gateway_logged_once(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("pproxy-http", ("al", "right"))
+    wrong = strict.url.replace(":right@", ":hunter2@")
+    proxy = make_proxy([wrong, "127.0.0.2"], balance="round-robin")
+    request = f"GET {origin}/page HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    status, headers, _ = http_exchange(proxy, request)
+    assert status == HTTPStatus.BAD_GATEWAY
+    assert "proxy-authenticate" not in {name.lower() for name in headers}
+    assert [http_exchange(proxy, request)[0] for _ in range(3)] == [HTTPStatus.OK] * 3  # by the other link
+    name = wrong.replace(":hunter2", "")
+    assert {row["link"]: row["state"] for row in proxy.stats()} == {name: "down", "127.0.0.2": "up"}
+    assert log.text.count("failed: the upstream proxy refused the login") == 1
+    assert "hunter2" not in log.text
+
+
 def test_plain_http_request_line_to_an_http_upstream(
     make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server],
 ) -> None:
