@@ -987,6 +987,7 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
 # the proxy's reply: what follows is the target's.
 
 SOCKS4_REPLY_VERSION = 0
+MAX_SOCKS5_NAME = 255  # a SOCKS5 DOMAIN address has a one-byte length
 SOCKS4A_NAME_FOLLOWS = b"\0\0\0\1"  # DST.IP 0.0.0.x: the host name follows the user id
 MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answer to CONNECT, head only
 
@@ -1066,8 +1067,11 @@ def socks5_client(
     """The client side of a SOCKS5 request (RFC 1928, RFC 1929 for ``login``).
 
     Raises ProxyLinkError where the proxy refuses the login or does not speak
-    SOCKS5, and the error of its failure reply (upstream_reply_error).
+    SOCKS5, the error of its failure reply (upstream_reply_error), and
+    SocksError for a name longer than SOCKS5 carries.
     """
+    if not _is_ip(host) and len(host) > MAX_SOCKS5_NAME:
+        raise SocksError(Reply.HOST_UNREACHABLE, f"a name of more than {MAX_SOCKS5_NAME} bytes cannot go to SOCKS5")
     methods = [Method.NO_AUTHENTICATION] + ([Method.USERNAME_PASSWORD] if login else [])
     yield SendStep(bytes([SOCKS5_VERSION, len(methods), *methods]))
     version, method = yield ReceiveStep(2)
@@ -1089,6 +1093,11 @@ def socks5_client(
         raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy replied with version {version}")
     if reply != Reply.SUCCEEDED:
         raise upstream_reply_error(reply)
+    return (yield from _socks5_bound_address(atyp))
+
+
+def _socks5_bound_address(atyp: int) -> ClientHandshake:
+    """Receive the rest of a SOCKS5 reply after its ATYP: BND.ADDR and BND.PORT."""
     if atyp == AddressType.IPV4:
         rest = yield ReceiveStep(4 + 2)
     elif atyp == AddressType.IPV6:

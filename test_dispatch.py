@@ -2634,6 +2634,19 @@ def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
     assert list(rows.values()) == [1, 1]
 
 
+def test_name_too_long_for_a_socks5_upstream_gets_a_failure_reply(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy([make_upstream("microsocks").url.replace("socks5://", "socks5h://")])
+    name = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".test"  # 261 bytes
+    status, _, body = http_exchange(proxy, f"CONNECT {name}:443 HTTP/1.1\r\n\r\n".encode())
+    assert status == HTTPStatus.BAD_GATEWAY
+    assert b"a name of more than 255 bytes cannot go to SOCKS5" in body
+    wait_until_all_closed(proxy)
+    assert "Traceback" not in log.text
+
+
 def test_plain_http_goes_through_a_socks_upstream_as_a_tunnel(
     make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
 ) -> None:
