@@ -5571,8 +5571,8 @@ class Dispatcher:
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address (every one a link has had): ip, interface, link
-        (its name as given), weight, tier ("primary" or "backup"), state
+        """Per local address (every one a link has had): ip (an upstream
+        proxy's name), interface, link (its name as given), weight, tier ("primary" or "backup"), state
         ("up"; "down" while it is out after a failure of its link; "standby"
         for a backup while a primary is up; "gone" once its interface no
         longer holds it) and the reason, connections (opened in all, failed,
