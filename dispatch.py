@@ -3186,8 +3186,10 @@ class Upstream:
         if isinstance(local, ProxyAddress):
             try:
                 return self._open_udp_through(local)
-            except OSError:
+            except OSError as error:
                 self.balancer.release(local)
+                if isinstance(error, ProxyLinkError):
+                    self.proxy_failed(local, error)
                 raise
         # Datagrams may go to any target. Those from a loopback address go
         # to loopback ones, which a device-bound socket could not reach; the

@@ -2719,6 +2719,21 @@ def test_udp_goes_through_a_socks5_upstreams_own_association(
     assert exchange.via.describe() == upstream.url
 
 
+def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url])
+    upstream.stop()
+    for _ in range(2):
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            assert socks5_reply(sock)[0] == Reply.HOST_UNREACHABLE
+    assert log.text.count(f"upstream proxy {upstream.url} failed: the upstream proxy: Connection refused") == 1
+
+
 def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
     make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
     log: pytest.LogCaptureFixture,
