@@ -2360,6 +2360,37 @@ def test_parse_proxy_address_rejects_without_showing_the_password(text: str, mes
     assert "hunter2" not in str(refused.value)
 
 
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 Connection established\r\nVia: 1.1 upstream\r\n\r\n",
+    b"\x05\x00\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90",  # method, then success bound to 127.0.0.1:8080
+])
+def test_handshake_with_an_upstream_leaves_the_targets_first_bytes_unread(reply: bytes) -> None:
+    """A target that speaks first (SSH, SMTP): its banner may arrive in the
+    same segment as the proxy's reply, and must stay for the relay.
+    Private: the non-blocking handshake driver has no public seam."""
+    steps = dispatch.http_connect_client if reply.startswith(b"HTTP") else dispatch.socks5_client
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(reply + b"SSH-2.0-target\r\n")
+        bound = dispatch._handshake_by(ours, steps("192.0.2.7", 22, None), time.monotonic() + TIMEOUT)
+        assert theirs.recv(4096).startswith(b"CONNECT 192.0.2.7:22 " if reply.startswith(b"HTTP") else b"\x05")
+        ours.setblocking(True)
+        assert ours.recv(4096) == b"SSH-2.0-target\r\n"
+    assert bound == (("0.0.0.0", 0) if reply.startswith(b"HTTP") else ("127.0.0.1", 8080))
+
+
+@pytest.mark.parametrize("kind", ["pproxy-http", "microsocks"])
+def test_target_that_speaks_first_is_heard_through_an_upstream(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], peer_server: Server,
+    kind: str,
+) -> None:
+    proxy = make_proxy([make_upstream(kind).url])
+    for _ in range(3):
+        with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+            assert read_all(client) == b"127.0.0.1"
+
+
 def test_proxy_link_is_named_by_its_url_without_the_password() -> None:
     (link,) = dispatch.resolve_links(["socks5://al:hunter2@127.0.0.1:1080@2"])
     assert (link.name, link.weight, link.weighted) == ("socks5://al@127.0.0.1:1080", 2, True)
