@@ -31,15 +31,17 @@ Map of this module, in order; each section uses only what is above it:
     platform probes   what this OS offers: device binding, splice, selectors
     errors            reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
     deadline I/O      DeadlineReader: exact reads with a deadline, nothing stranded
-    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies
+    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies; the
+                      client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
     access            AccessPolicy: the allow-list and logins
-    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses
+    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
+                      ProxyURL, ProxyAddress: another proxy as a link
     health            Health: failures, background retests, checks; what is up and why not
     choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                       address a connection gets (tiers, sticky sites)
     meter             Meter: per-address counters, rates, history; CapacityEstimator
     upstream          Upstream: resolve, bind to the device, the hedged connect (_Race)
-                      with failover; UpstreamLease
+                      with failover; the connector to upstream proxies; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
     sessions          SocksSession, UdpAssociation, HttpProxySession, and the local pages
                       (status page, /stats.json, /metrics, /proxy.pac); ExchangeRecord
@@ -79,7 +81,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Generic, NoReturn, TextIO, TypeVar
 
@@ -139,12 +142,16 @@ _IP_BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT"
 
 # Binding a socket to a device makes it leave by that device whatever the
 # routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
-# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
-# source address, so the bound address is enough there.
+# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows picks the
+# interface by the source address only where nothing else decides: with two
+# adapters on one subnet, every connection leaves by the first. Its
+# IP_UNICAST_IF / IPV6_UNICAST_IF (ws2ipdef.h; an interface index) decide.
 _SO_BINDTODEVICE: int | None = getattr(socket, "SO_BINDTODEVICE", 25) if _ON_LINUX else None
 _IP_BOUND_IF: int | None = getattr(socket, "IP_BOUND_IF", 25) if sys.platform == "darwin" else None
 _IPV6_BOUND_IF: int | None = getattr(socket, "IPV6_BOUND_IF", 125) if sys.platform == "darwin" else None
-_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
+_IP_UNICAST_IF = 31
+_IPV6_UNICAST_IF = 31
+_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None or sys.platform == "win32"
 
 # Created non-blocking in one call where the platform allows it.
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -297,6 +304,12 @@ class AddressError(ValueError):
     """A local address given on the command line or to Dispatcher is unusable."""
 
 
+class ProxyLinkError(SocksError):
+    """An upstream proxy failed as a link (it is down, refused the login or
+    does not speak its protocol), not the target: another link may succeed,
+    and this one is out until a retest gets through it."""
+
+
 def _reply_code(error: OSError) -> Reply:
     """Map the OS error of a failed upstream connect to a SOCKS5 reply code."""
     if isinstance(error, SocksError):
@@ -324,6 +337,8 @@ def _is_link_failure(error: OSError) -> bool:
     """Whether a failed upstream connect is the fault of the local link
     (unreachable, down, address gone, timed out), so that another local
     address may succeed where this one failed."""
+    if isinstance(error, ProxyLinkError):
+        return True
     if isinstance(error, SocksError):
         return False
     if isinstance(error, TimeoutError):
@@ -1043,6 +1058,196 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
         send(data)
         length -= len(data)
 
+
+# The client side, to upstream proxies ------------------------------------------
+#
+# dispatch speaks to an upstream proxy as a client. Each handshake is a
+# generator of steps (bytes to send, bytes to receive) that is sent what it
+# asked to receive and returns when the proxy has said yes: one description
+# of each protocol serves the non-blocking connects that race, and the
+# blocking ones of retests and UDP associations alike. No step reads past
+# the proxy's reply: what follows is the target's.
+
+SOCKS4_REPLY_VERSION = 0
+MAX_SOCKS5_NAME = 255  # a SOCKS5 DOMAIN address has a one-byte length
+SOCKS4A_NAME_FOLLOWS = b"\0\0\0\1"  # DST.IP 0.0.0.x: the host name follows the user id
+MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answer to CONNECT, head only
+
+
+class Socks4Status(enum.IntEnum):
+    """SOCKS4 reply codes a server may send (Socks4Reply has the two dispatch sends)."""
+
+    GRANTED = 0x5A
+    REJECTED = 0x5B
+    NO_IDENTD = 0x5C
+    IDENTD_MISMATCH = 0x5D
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendStep:
+    """Send all of ``data``."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReceiveStep:
+    """Receive exactly ``size`` bytes."""
+
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReceiveHeadStep:
+    """Receive an HTTP head, up to and with its blank line, at most ``limit`` bytes."""
+
+    limit: int
+
+
+ClientStep = SendStep | ReceiveStep | ReceiveHeadStep
+# Yields steps, is sent what a receive step got (b"" after a send), returns
+# the address the proxy bound for the request, where it says.
+ClientHandshake = Generator[ClientStep, bytes, tuple[str, int]]
+
+
+def upstream_reply_error(reply: int) -> OSError:
+    """The error of a SOCKS5 failure reply from an upstream proxy.
+
+    Its refusal by the target is the target's answer, as a refusal here is
+    (another link would get the same); the target unreachable or silent from
+    there is the link's failure, as it is from a local address; the rest
+    are the proxy's final word on this request.
+    """
+    if reply == Reply.CONNECTION_REFUSED:
+        return ConnectionRefusedError(errno.ECONNREFUSED, "connection refused (the upstream proxy says)")
+    if reply == Reply.NETWORK_UNREACHABLE:
+        return OSError(errno.ENETUNREACH, "network unreachable (the upstream proxy says)")
+    if reply == Reply.HOST_UNREACHABLE:
+        return OSError(errno.EHOSTUNREACH, "host unreachable (the upstream proxy says)")
+    if reply == Reply.TTL_EXPIRED:
+        return TimeoutError(errno.ETIMEDOUT, "timed out (the upstream proxy says)")
+    try:
+        known = Reply(reply)
+    except ValueError:
+        return SocksError(Reply.GENERAL_FAILURE, f"the upstream proxy answered with unknown reply {reply}")
+    return SocksError(known, f"{REPLY_MESSAGES[known]} (the upstream proxy says)")
+
+
+def encode_auth_request(user: str, password: str) -> bytes:
+    """An RFC 1929 request, VER ULEN UNAME PLEN PASSWD; ProxyLinkError if a field is too long."""
+    fields = [user.encode(), password.encode()]
+    if any(len(field) > MAX_AUTH_FIELD for field in fields):
+        raise ProxyLinkError(
+            Reply.GENERAL_FAILURE, f"a SOCKS5 user name or password has {MAX_AUTH_FIELD} bytes at most"
+        )
+    return bytes([AUTH_VERSION]) + b"".join(bytes([len(field)]) + field for field in fields)
+
+
+def socks5_client(
+    host: str, port: int, login: tuple[str, str] | None, command: Command = Command.CONNECT
+) -> ClientHandshake:
+    """The client side of a SOCKS5 request (RFC 1928, RFC 1929 for ``login``).
+
+    Raises ProxyLinkError where the proxy refuses the login or does not speak
+    SOCKS5, the error of its failure reply (upstream_reply_error), and
+    SocksError for a name longer than SOCKS5 carries.
+    """
+    if not _is_ip(host) and len(host) > MAX_SOCKS5_NAME:
+        raise SocksError(Reply.HOST_UNREACHABLE, f"a name of more than {MAX_SOCKS5_NAME} bytes cannot go to SOCKS5")
+    methods = [Method.NO_AUTHENTICATION] + ([Method.USERNAME_PASSWORD] if login else [])
+    yield SendStep(bytes([SOCKS5_VERSION, len(methods), *methods]))
+    version, method = yield ReceiveStep(2)
+    if version != SOCKS5_VERSION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak SOCKS5 (version {version})")
+    if method == Method.USERNAME_PASSWORD and login is not None:
+        yield SendStep(encode_auth_request(*login))
+        _, status = yield ReceiveStep(2)
+        if status != AuthStatus.SUCCESS:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login")
+    elif method == Method.NO_ACCEPTABLE:
+        wanted = "refused the login method" if login else "wants a login"
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy {wanted}")
+    elif method != Method.NO_AUTHENTICATION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy chose an unknown method {method}")
+    yield SendStep(bytes([SOCKS5_VERSION, command, 0]) + encode_socks5_address(host, port))
+    version, reply, _, atyp = yield ReceiveStep(4)
+    if version != SOCKS5_VERSION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy replied with version {version}")
+    if reply != Reply.SUCCEEDED:
+        raise upstream_reply_error(reply)
+    return (yield from _socks5_bound_address(atyp))
+
+
+def _socks5_bound_address(atyp: int) -> ClientHandshake:
+    """Receive the rest of a SOCKS5 reply after its ATYP: BND.ADDR and BND.PORT."""
+    if atyp == AddressType.IPV4:
+        rest = yield ReceiveStep(4 + 2)
+    elif atyp == AddressType.IPV6:
+        rest = yield ReceiveStep(16 + 2)
+    elif atyp == AddressType.DOMAIN:
+        length = yield ReceiveStep(1)
+        rest = length + (yield ReceiveStep(length[0] + 2))
+    else:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy replied with address type {atyp}")
+    try:
+        return read_socks5_address(DeadlineReader(None, eof_message="short reply", data=bytes([atyp]) + rest))
+    except SocksError as error:  # a bound name that is no name: the proxy's fault
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy's reply: {error}") from None
+
+
+def socks4_client(host: str, port: int, user: str | None) -> ClientHandshake:
+    """The client side of a SOCKS4 CONNECT; a name (not an IP address) is
+    sent as SOCKS4a asks. Raises ProxyLinkError where the proxy does not
+    speak SOCKS4 or refuses the user id, SocksError where it refuses the
+    request (SOCKS4 does not say why)."""
+    userid = (user or "").encode() + b"\0"
+    if _is_ip(host):
+        request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, socket.inet_aton(host)) + userid
+    else:
+        request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, SOCKS4A_NAME_FOLLOWS) + userid
+        request += host.encode("ascii") + b"\0"
+    yield SendStep(request)
+    version, status, bound_port, bound_ip = struct.unpack("!BBH4s", (yield ReceiveStep(8)))
+    if version != SOCKS4_REPLY_VERSION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak SOCKS4 (version {version})")
+    if status in (Socks4Status.NO_IDENTD, Socks4Status.IDENTD_MISMATCH):
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the user id")
+    if status != Socks4Status.GRANTED:
+        raise SocksError(Reply.GENERAL_FAILURE, "rejected or failed (the upstream SOCKS4 proxy says)")
+    return socket.inet_ntoa(bound_ip), bound_port
+
+
+def http_connect_client(host: str, port: int, login: tuple[str, str] | None) -> ClientHandshake:
+    """The client side of an HTTP CONNECT, with Basic proxy credentials for
+    ``login``. Raises ProxyLinkError where the proxy refuses the login (407)
+    or does not answer in HTTP; any other refusal is the proxy's word on
+    this request: 504 as a timeout, 403 as not allowed, others as a failure."""
+    authority = _format_endpoint(host, port)
+    head = [("Host", authority)]
+    if login is not None:
+        head.append(("Proxy-Authorization", basic_authorization(*login)))
+    yield SendStep(encode_head(f"CONNECT {authority} HTTP/1.1", head))
+    answer = yield ReceiveHeadStep(MAX_PROXY_REPLY_HEAD)
+    try:
+        _, status, reason = parse_status_line(answer.split(b"\r\n", 1)[0].decode("latin-1"))
+    except ValueError as error:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak HTTP ({error})") from None
+    said = f"{status} {reason}".strip() + " (the upstream proxy says)"
+    if 200 <= status < 300:
+        return "0.0.0.0", 0  # an HTTP proxy does not say where it connected from
+    if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login" if login else said)
+    if status == HTTPStatus.GATEWAY_TIMEOUT:
+        raise TimeoutError(errno.ETIMEDOUT, said)
+    if status == HTTPStatus.FORBIDDEN:
+        raise SocksError(Reply.NOT_ALLOWED, said)
+    raise SocksError(Reply.GENERAL_FAILURE, said)
+
+
+def basic_authorization(user: str, password: str) -> str:
+    """The value of an Authorization or Proxy-Authorization header for a Basic login."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
 # ---------------------------------------------------------------------------
 # Access: the allow-list and logins
 # ---------------------------------------------------------------------------
@@ -1239,6 +1444,11 @@ class LocalAddress:
         """AF_INET or AF_INET6."""
         return _family_of(self.ip)
 
+    @property
+    def serves(self) -> frozenset[socket.AddressFamily]:
+        """The families of targets connections from it reach: its own."""
+        return frozenset({self.family})
+
     def describe(self) -> str:
         """The address and its interface, as logs show them."""
         return f"{self.ip} ({self.interface})" if self.interface else self.ip
@@ -1332,6 +1542,151 @@ class Link:
         return dropped
 
 
+# Upstream proxies as links ---------------------------------------------------
+#
+# An ADDRESS may name a proxy instead of a local address:
+# SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK][@WEIGHT|@backup], where LINK (an
+# interface name or a local IP address) is the way the connection to the
+# proxy leaves by, so that one proxy reached over three links is three links.
+
+PROXY_SCHEMES = ("socks5", "socks5h", "socks4", "socks4a", "http")
+# Schemes whose proxy is given host names as they are (the others get the
+# address dispatch resolved), and those that carry UDP.
+NAME_PASSING_SCHEMES = frozenset({"socks5h", "socks4a", "http"})
+UDP_SCHEMES = frozenset({"socks5", "socks5h"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyURL:
+    """An upstream proxy as an ADDRESS names it. ``via`` is the interface
+    name or local IP address the connection to it leaves by (None: as the
+    routing table says). The password is never shown: ``name`` leaves it out."""
+
+    scheme: str
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    via: str | None = None
+
+    @property
+    def passes_names(self) -> bool:
+        """Whether target names go to the proxy as they are (else resolved here)."""
+        return self.scheme in NAME_PASSING_SCHEMES
+
+    @property
+    def carries_udp(self) -> bool:
+        """Whether the proxy can relay UDP (SOCKS5's UDP ASSOCIATE)."""
+        return self.scheme in UDP_SCHEMES
+
+    @property
+    def carries_ipv6(self) -> bool:
+        """Whether the proxy can be asked for an IPv6 target (SOCKS4 cannot)."""
+        return not self.scheme.startswith("socks4")
+
+    @property
+    def login(self) -> tuple[str, str] | None:
+        """(user, password) for SOCKS5 and HTTP proxies, where a user is given."""
+        return (self.user, self.password or "") if self.user is not None else None
+
+    @property
+    def name(self) -> str:
+        """The link's name: the URL without the password, and the link it leaves by."""
+        user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user is not None else ""
+        via = f"+{self.via}" if self.via else ""
+        return f"{self.scheme}://{user}{_format_endpoint(self.host, self.port)}{via}"
+
+
+def _is_suffix(text: str) -> bool:
+    """Whether ``text`` (after an ADDRESS's last '@') is a weight or 'backup'."""
+    return text.lower() == BACKUP or _is_number(text)
+
+
+def hide_password(text: str) -> str:
+    """An ADDRESS as it may be shown: a proxy URL's password as ``***``."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        return text
+    head, at, tail = rest.rpartition("@")
+    suffix = ""
+    if at and _is_suffix(tail):
+        rest, suffix = head, "@" + tail
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    return f"{scheme}://{userinfo}{at}{host}{suffix}"
+
+
+def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
+    """Read a proxy ADDRESS: SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK], then
+    @WEIGHT or @backup; return the proxy and the text after '@' (None if none).
+
+    USER and PASSWORD may be percent-encoded (an '@' or ':' in them must be).
+    Raises AddressError, whose message never holds the password.
+    """
+    shown = hide_password(text)
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        raise AddressError(f"{shown!r}: a proxy's scheme is one of {', '.join(PROXY_SCHEMES)}")
+    suffix = None
+    head, at, tail = rest.rpartition("@")
+    if at and _is_suffix(tail):
+        rest, suffix = head, tail
+    userinfo, at, endpoint = rest.rpartition("@")
+    endpoint, plus, via = endpoint.partition("+")
+    try:
+        host, port = _split_host_port(endpoint.rstrip("/"), None)
+    except ValueError:
+        raise AddressError(f"{shown!r}: a proxy is SCHEME://HOST:PORT, IPv6 hosts in brackets ([::1]:1080)") from None
+    if plus and not via:
+        raise AddressError(f"{shown!r}: no link after '+': give an interface name or a local IP address")
+    user = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        user = urllib.parse.unquote(user_text)
+        password = urllib.parse.unquote(password_text) if colon else None
+        if scheme.startswith("socks4") and password is not None:
+            raise AddressError(f"{shown!r}: SOCKS4 has a user id but no password")
+        if any(len(field.encode()) > MAX_AUTH_FIELD for field in (user, password or "")):
+            raise AddressError(f"{shown!r}: a user name or password has {MAX_AUTH_FIELD} bytes at most")
+    if _is_ip(host):
+        host = str(ipaddress.ip_address(host))
+    return ProxyURL(scheme, host, port, user, password, via or None), suffix
+
+
+@dataclasses.dataclass(eq=False)
+class ProxyAddress(LocalAddress):
+    """An upstream proxy as a link: connections through it are made by the
+    proxy, asked over a connection to it.
+
+    ``ip`` holds the link's name (``proxy.name``), which keys its counters
+    and rows as an address's IP does; ``source`` is the local address the
+    connection to the proxy is bound to, where the link names one, and
+    ``interface`` the device it leaves by.
+    """
+
+    proxy: ProxyURL = dataclasses.field(kw_only=True)
+    source: LocalAddress | None = dataclasses.field(default=None, kw_only=True)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """AF_UNSPEC: a proxy carries the families of ``serves``."""
+        return socket.AF_UNSPEC
+
+    @property
+    def serves(self) -> frozenset[socket.AddressFamily]:
+        """The families of targets it reaches, and AF_UNSPEC if it takes names."""
+        families = {socket.AF_INET, socket.AF_INET6} if self.proxy.carries_ipv6 else {socket.AF_INET}
+        if self.proxy.passes_names:
+            families.add(socket.AF_UNSPEC)
+        return frozenset(families)
+
+    def describe(self) -> str:
+        """The link's name."""
+        return self.ip
+
+
 @dataclasses.dataclass(frozen=True)
 class AddressSpec:
     """One ADDRESS argument: an IP literal or an interface name, its weight
@@ -1340,11 +1695,12 @@ class AddressSpec:
     address: str
     weight: int | None = None
     backup: bool = False
+    proxy: ProxyURL | None = None  # for an upstream proxy; ``address`` is then its name
 
 
 def parse_address(text: str) -> AddressSpec:
     """Read an ADDRESS argument: ``ADDR``, ``ADDR@WEIGHT`` (1 to MAX_WEIGHT)
-    or ``ADDR@backup``.
+    or ``ADDR@backup``, where ADDR may be a proxy's URL (parse_proxy_url).
 
     The older ``ADDR/WEIGHT`` still works where it cannot be read as a
     network prefix: ``eth0/3`` does, ``10.0.0.1/24`` is refused with a hint.
@@ -1352,6 +1708,12 @@ def parse_address(text: str) -> AddressSpec:
     """
     if not text:
         raise AddressError("an empty ADDRESS: give an IP address or an interface name")
+    if "://" in text:
+        proxy, suffix = parse_proxy_url(text)
+        if suffix is not None and suffix.lower() == BACKUP:
+            return AddressSpec(proxy.name, backup=True, proxy=proxy)
+        weight = _weight(hide_password(text), suffix) if suffix is not None else None
+        return AddressSpec(proxy.name, weight, proxy=proxy)
     if "@" in text:
         address, *suffixes = text.split("@")
         if len(suffixes) > 1:
@@ -1411,6 +1773,7 @@ class Interface:
     name: str
     aliases: frozenset[str] = frozenset()
     ips: tuple[str, ...] = ()
+    index: int | None = None
 
 
 def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> list[Interface]:
@@ -1429,7 +1792,8 @@ def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> lis
         # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
         ips = tuple(entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip for entry in adapter.ips)
         name = adapter.ips[0].nice_name if platform == "win32" and adapter.ips else adapter.nice_name
-        interfaces.append(Interface(name, frozenset({adapter.nice_name, adapter.name} - {name}), ips))
+        aliases = frozenset({adapter.nice_name, adapter.name} - {name})
+        interfaces.append(Interface(name, aliases, ips, getattr(adapter, "index", None)))
     return interfaces
 
 
@@ -1465,7 +1829,25 @@ def _interfaces() -> list[Interface]:
             "interface names, 'start' without addresses and 'list' need the ifaddr package"
             " (pip install ifaddr); IP addresses work without it"
         ) from None
-    return read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    interfaces = read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    _INTERFACE_INDEXES.update((i.name, i.index) for i in interfaces if i.index is not None)
+    return interfaces
+
+
+# The index of each interface by the name dispatch shows, as last read: on
+# Windows the system's own lookup (if_nametoindex) knows none of those names.
+_INTERFACE_INDEXES: dict[str, int] = {}
+
+
+def _interface_index(name: str) -> int:
+    """The index of interface ``name``; OSError(ENODEV) if there is none."""
+    index = _INTERFACE_INDEXES.get(name)
+    if index is not None:
+        return index
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface {name}") from None
 
 
 def _is_up(interface: str) -> bool:
@@ -1553,7 +1935,43 @@ class _InterfaceTable:
         return self._found
 
 
-def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link:
+def _find_interface(text: str, interfaces: _InterfaceTable) -> Interface:
+    """The interface ``text`` names; AddressError naming the others if none."""
+    known = interfaces.read(required=True)
+    interface = find_interface(known, text)
+    if interface is None:
+        names = ", ".join(sorted(i.name for i in known)) or "none"
+        hint = ""
+        if sys.platform == "win32":
+            hint = "; an adapter without an address yet goes by its description until it has one"
+        raise AddressError(f"{text!r} is neither an IP address nor an interface (interfaces: {names}){hint}")
+    return interface
+
+
+def _resolve_proxy(parsed: AddressSpec, proxy: ProxyURL, interfaces: _InterfaceTable,
+                   passwords: Mapping[str, str]) -> Link:
+    """The link of an upstream proxy: its password from ``passwords`` (by
+    user) where the URL gives none, the link it is reached by looked up."""
+    if proxy.user is not None and proxy.password is None and not proxy.scheme.startswith("socks4"):
+        if proxy.user not in passwords:
+            raise AddressError(
+                f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
+            )
+        proxy = dataclasses.replace(proxy, password=passwords[proxy.user])
+    source = None
+    interface = None
+    if proxy.via is not None and _is_ip(proxy.via):
+        ip = str(ipaddress.ip_address(proxy.via))
+        _check_bindable(ip)
+        source = LocalAddress(ip, 1, _interface_of(ip, interfaces.read(required=False)))
+        interface = source.interface
+    elif proxy.via is not None:
+        interface = _find_interface(proxy.via, interfaces).name
+    address = ProxyAddress(parsed.address, parsed.weight or 1, interface, proxy=proxy, source=source)
+    return Link.of_address(address, weighted=parsed.weight is not None, backup=parsed.backup)
+
+
+def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable, passwords: Mapping[str, str]) -> Link:
     """The link of one ADDRESS text or LocalAddress."""
     if isinstance(spec, LocalAddress):
         _check_bindable(spec.ip)
@@ -1561,34 +1979,31 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link
             spec.interface = _interface_of(spec.ip, interfaces.read(required=False))
         return Link.of_address(spec, weighted=spec.weight != 1, backup=spec.backup)
     parsed = parse_address(spec)
+    if parsed.proxy is not None:
+        return _resolve_proxy(parsed, parsed.proxy, interfaces, passwords)
     weight, weighted = parsed.weight or 1, parsed.weight is not None
     if _is_ip(parsed.address):
         ip = str(ipaddress.ip_address(parsed.address))
         _check_bindable(ip)
         local = LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False)))
         return Link.of_address(local, weighted=weighted, backup=parsed.backup)
-    known = interfaces.read(required=True)
-    interface = find_interface(known, parsed.address)
-    if interface is None:
-        names = ", ".join(sorted(i.name for i in known)) or "none"
-        hint = ""
-        if sys.platform == "win32":
-            hint = "; an adapter without an address yet goes by its description until it has one"
-        raise AddressError(
-            f"{parsed.address!r} is neither an IP address nor an interface (interfaces: {names}){hint}"
-        )
+    interface = _find_interface(parsed.address, interfaces)
     ips = _usable(interface).ips
     return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
 
-def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
+def resolve_links(
+    specs: Iterable[str | LocalAddress] | None, passwords: Mapping[str, str] | None = None
+) -> list[Link]:
     """Turn ADDRESS texts (or LocalAddress objects) into links.
 
     An interface name becomes a link that follows the interface's usable
     addresses; it may have none for now (it waits for one). An IP address
     is looked up among the interfaces (with ifaddr, if installed) so that its
-    connections can be bound to its device. None or an empty list means
-    every interface with a usable address now. Raises AddressError.
+    connections can be bound to its device. A proxy's URL becomes a link of
+    its own; ``passwords`` (by user name) are for the URLs that give a user
+    but no password. None or an empty list means every interface with a
+    usable address now. Raises AddressError.
     """
     specs = list(specs or [])
     if not specs:
@@ -1597,10 +2012,10 @@ def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
             raise AddressError("no usable address on any interface; name one")
         return every
     interfaces = _InterfaceTable()
-    links = [_resolve_link(spec, interfaces) for spec in specs]
+    links = [_resolve_link(spec, interfaces, passwords or {}) for spec in specs]
     given: dict[str, str] = {}
     for spec, link in zip(specs, links):
-        text = spec.ip if isinstance(spec, LocalAddress) else spec
+        text = spec.ip if isinstance(spec, LocalAddress) else hide_password(spec)
         for address in link.current:
             if address.ip in given:
                 raise AddressError(
@@ -1812,6 +2227,13 @@ class Health:
             for down, error in failed:
                 if down is not address:
                     self._put_out(down, _describe(error), target)
+
+    def sit_out(self, address: LocalAddress, error: OSError, target: Target) -> None:
+        """Put ``address`` out after a failure that came after its connect
+        (an upstream proxy refusing a request it was sent), to be retested
+        against ``target``."""
+        with self._lock:
+            self._put_out(address, _describe(error), target)
 
     def _put_out(self, address: LocalAddress, reason: str, target: Target | None) -> None:
         if address in self._outages:
@@ -2155,24 +2577,38 @@ class Balancer:
         self._taken: collections.Counter[LocalAddress] = collections.Counter()
         self._rounds: dict[tuple[socket.AddressFamily, bool], WeightedRoundRobin[LocalAddress]] = {}
         self._measured: dict[socket.AddressFamily, MeasuredChoice[LocalAddress]] = {}
+        self._resolving = True
         self.rebuild(addresses)
 
     def rebuild(self, addresses: Sequence[LocalAddress]) -> None:
         """Choose from ``addresses`` from now on."""
         rounds = {}
-        for family in (socket.AF_INET, socket.AF_INET6):
+        # AF_UNSPEC: the links given a target by name (upstream proxies that
+        # take names), for a name that is not resolved here.
+        for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNSPEC):
             for backup in (False, True):
-                pool = [a for a in addresses if a.family == family and a.backup == backup]
+                pool = [a for a in addresses if family in a.serves and a.backup == backup]
                 if pool:
                     rounds[family, backup] = WeightedRoundRobin(pool, [a.weight for a in pool])
         with self._lock:
             self._rounds = rounds
             self._measured = {family: MeasuredChoice() for family, _ in rounds}
+            self._resolving = any(socket.AF_UNSPEC not in a.serves for a in addresses)
 
     @property
     def families(self) -> frozenset[socket.AddressFamily]:
-        """The address families there are local addresses for."""
-        return frozenset(family for family, _ in self._rounds)
+        """The address families there are local addresses (or proxies) for."""
+        return frozenset(family for family, _ in self._rounds if family != socket.AF_UNSPEC)
+
+    @property
+    def passes_names(self) -> bool:
+        """Whether some link is given target names as they are (an upstream proxy)."""
+        return any(family == socket.AF_UNSPEC for family, _ in self._rounds)
+
+    @property
+    def resolves_names(self) -> bool:
+        """Whether some link needs a target's address, resolved here."""
+        return self._resolving
 
     def taken(self, address: LocalAddress) -> int:
         """How many connections hold ``address`` now (connecting or open)."""
@@ -2480,7 +2916,8 @@ class CapacityEstimator:
 
 
 # ---------------------------------------------------------------------------
-# Upstream: resolve, bind to the device, connect with failover, the lease
+# Upstream: resolve, bind to the device, connect with failover, upstream
+# proxies, the lease
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
@@ -2540,10 +2977,15 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
         if _SO_BINDTODEVICE is not None:
             sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
             return
-        try:
-            index = socket.if_nametoindex(interface)
-        except OSError:
-            raise OSError(errno.ENODEV, f"no interface {interface}") from None
+        index = _interface_index(interface)
+        if sys.platform == "win32":
+            # The IPv4 option takes the index in network byte order, the IPv6
+            # one in host order (as Chromium sets them).
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_UNICAST_IF, struct.pack("=I", index))
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_UNICAST_IF, struct.pack("!I", index))
+            return
         if sock.family == socket.AF_INET6:
             level, option = socket.IPPROTO_IPV6, _IPV6_BOUND_IF
         else:
@@ -2614,6 +3056,174 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+# Upstream proxies: the connector ---------------------------------------------
+#
+# A connection through a ProxyAddress connects to the proxy (from the link it
+# is reached by), then runs the client handshake of its protocol (see the
+# client side in the wire formats). The race drives the handshake on its
+# non-blocking socket; retests and UDP associations wait for it.
+
+
+class _ProxyHandshake:
+    """A client handshake with an upstream proxy on a non-blocking socket,
+    taken as far as the socket allows at each ``advance()``. It never reads
+    past the proxy's reply: what follows is the target's."""
+
+    __slots__ = ("steps", "step", "pending", "received", "bound")
+
+    def __init__(self, steps: ClientHandshake) -> None:
+        self.steps = steps
+        self.received = bytearray()
+        self.bound: tuple[str, int] = ("0.0.0.0", 0)
+        self.step = next(steps)
+        self.pending = memoryview(self.step.data if isinstance(self.step, SendStep) else b"")
+
+    @property
+    def events(self) -> int:
+        """What the socket must be ready for to go on."""
+        return selectors.EVENT_WRITE if isinstance(self.step, SendStep) else selectors.EVENT_READ
+
+    def advance(self, sock: socket.socket) -> bool:
+        """Go on as far as ``sock`` allows; True once the proxy has said yes.
+
+        Raises the error of the proxy's refusal, or ProxyLinkError where it
+        hangs up or breaks its protocol.
+        """
+        while True:
+            got = self._io(sock)
+            if got is None:
+                return False
+            try:
+                self.step = self.steps.send(got)
+            except StopIteration as done:
+                self.bound = done.value
+                return True
+            if isinstance(self.step, SendStep):
+                self.pending = memoryview(self.step.data)
+
+    def _io(self, sock: socket.socket) -> bytes | None:
+        """The I/O of the step under way: what it received once done (b""
+        for a send), None while the socket is not ready."""
+        step = self.step
+        try:
+            if isinstance(step, SendStep):
+                while self.pending:
+                    self.pending = self.pending[sock.send(self.pending) :]
+            elif isinstance(step, ReceiveStep):
+                while len(self.received) < step.size:
+                    self.received += self._some(sock.recv(step.size - len(self.received)))
+            else:
+                self._receive_head(sock, step.limit)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ProxyLinkError:
+            raise
+        except OSError as error:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy: {_describe(error)}") from None
+        got, self.received = bytes(self.received), bytearray()
+        return got
+
+    @staticmethod
+    def _some(data: bytes) -> bytes:
+        if not data:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy hung up in its handshake")
+        return data
+
+    def _receive_head(self, sock: socket.socket, limit: int) -> None:
+        """Receive up to the blank line that ends a head: what is there is
+        peeked at, and only the head taken."""
+        while True:
+            peeked = self._some(sock.recv(limit - len(self.received), socket.MSG_PEEK))
+            start = max(0, len(self.received) - 3)
+            end = (bytes(self.received[start:]) + peeked).find(b"\r\n\r\n")
+            if end >= 0:
+                wanted = start + end + 4
+                while len(self.received) < wanted:
+                    self.received += self._some(sock.recv(wanted - len(self.received)))
+                return
+            if len(self.received) + len(peeked) >= limit:
+                raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy's answer has no end")
+            self.received += self._some(sock.recv(len(peeked)))
+
+
+def _handshake_by(sock: socket.socket, steps: ClientHandshake, deadline: float) -> tuple[str, int]:
+    """Run a client handshake on a non-blocking socket until ``deadline``;
+    return the address the proxy bound."""
+    handshake = _ProxyHandshake(steps)
+    while not handshake.advance(sock):
+        _wait_until(sock, handshake.events, deadline)
+    return handshake.bound
+
+
+def _proxy_steps(address: ProxyAddress, host: str, port: int, command: Command = Command.CONNECT) -> ClientHandshake:
+    """The client handshake asking the proxy of ``address`` for (host, port)."""
+    proxy = address.proxy
+    if proxy.scheme.startswith("socks5"):
+        return socks5_client(host, port, proxy.login, command)
+    if proxy.scheme.startswith("socks4"):
+        return socks4_client(host, port, proxy.user)
+    return http_connect_client(host, port, proxy.login)
+
+
+def _proxy_endpoint(address: ProxyAddress) -> Target:
+    """The (ip, port) of the proxy of ``address``; its name is resolved here,
+    to the family of the source address it is reached from, if any."""
+    proxy = address.proxy
+    families = {address.source.family} if address.source else {socket.AF_INET, socket.AF_INET6}
+    try:
+        return _resolve_target(proxy.host, proxy.port, families)[0][1], proxy.port
+    except OSError as error:
+        raise ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy {proxy.host}: {_describe(error)}") from None
+
+
+def _proxy_unreachable(error: OSError) -> OSError:
+    """The error of a connect to an upstream proxy that failed: the link's
+    failure, whatever the OS called it (a refusal by the proxy's host is no
+    answer of the target's)."""
+    if isinstance(error, (ProxyLinkError, TimeoutError)):
+        return error
+    return ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy: {_describe(error)}")
+
+
+def takes_absolute_form(local: LocalAddress) -> bool:
+    """Whether connections for plain HTTP requests from ``local`` go to an
+    HTTP proxy, which takes them in absolute form (no CONNECT)."""
+    return isinstance(local, ProxyAddress) and local.proxy.scheme == "http"
+
+
+def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -> bytes:
+    """``head``, a request head in origin form for (host, port), as it goes
+    out from ``local``: to an HTTP upstream proxy in absolute form
+    (``GET http://host/path``) with the proxy's login; elsewhere as it is."""
+    if not isinstance(local, ProxyAddress) or not takes_absolute_form(local):
+        return head
+    line, _, rest = head.partition(b"\r\n")
+    method, path, version = line.split(b" ", 2)
+    authority = f"[{host}]" if port == 80 and ":" in host else host if port == 80 else _format_endpoint(host, port)
+    login = local.proxy.login
+    if login is not None:
+        rest = f"Proxy-Authorization: {basic_authorization(*login)}\r\n".encode() + rest
+    return b" ".join([method, b"http://" + authority.encode("ascii") + path, version]) + b"\r\n" + rest
+
+
+def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
+    """A non-blocking socket, bound to ``device`` if given (not to an
+    address), whose connect to ``target`` is under way."""
+    sock = socket.socket(_family_of(target[0]), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if device is not None:
+            _bind_to_device(sock, device)
+        error = sock.connect_ex(target)
+        if error and error not in _CONNECT_IN_PROGRESS:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class UpstreamLease:
     """An upstream socket and the local address it leaves from.
 
@@ -2642,6 +3252,42 @@ class UpstreamLease:
         self.close()
 
 
+class ProxiedUdpLease(UpstreamLease):
+    """A UDP socket whose datagrams go through an upstream SOCKS5 proxy: to
+    its ``relay`` with the SOCKS5 UDP header, in the association that its TCP
+    ``control`` connection holds open. ``passes_names``: target names go to
+    the proxy as they are."""
+
+    __slots__ = ("control", "relay", "passes_names")
+
+    def __init__(self, lease: UpstreamLease, control: socket.socket, relay: Target, passes_names: bool) -> None:
+        super().__init__(lease.sock, lease.local, lease._release or (lambda lease: None))
+        self.control = control
+        self.relay = relay
+        self.passes_names = passes_names
+
+    def send_to(self, data: bytes, host: str, port: int) -> None:
+        """Send ``data`` to (host, port) through the proxy."""
+        self.sock.sendto(encode_udp_header(host, port) + data, self.relay)
+
+    def receive(self) -> tuple[bytes, Target]:
+        """The next datagram from the proxy's relay and the target it came
+        from; SocksError for one that is not a whole SOCKS5 UDP datagram."""
+        while True:
+            datagram, sender = self.sock.recvfrom(UDP_BUFFER_SIZE)
+            if _split_host(sender) == self.relay:
+                break
+        fragment, host, port, data = parse_udp_datagram(datagram)
+        if fragment:
+            raise SocksError(Reply.GENERAL_FAILURE, "a fragment")
+        return data, (host, port)
+
+    def close(self) -> None:
+        """Close the socket and the association."""
+        super().close()
+        self.control.close()
+
+
 class Upstream:
     """Makes the connections to targets: from the address the balancer
     chooses, bound to its device, failing over to other addresses when a
@@ -2667,6 +3313,7 @@ class Upstream:
         self.hedge = hedge
         self._device_binding_refused = False
         self._warned: set[str] = set()
+        self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -2677,6 +3324,7 @@ class Upstream:
         port: int,
         on_attempt: Callable[[LocalAddress], None] = lambda local: None,
         client: str | None = None,
+        absolute_form: bool = False,
     ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
@@ -2686,7 +3334,9 @@ class Upstream:
         address of a name is tried in turn until one connects (a name may
         resolve to ::1 first while only 127.0.0.1 listens). ``on_attempt``
         hears of each local address tried; ``client`` (an IP address) is who
-        asks, for sticky sites. Raises the last error.
+        asks, for sticky sites. ``absolute_form``: the connection is for plain
+        HTTP requests, which an HTTP upstream proxy takes as they are (in
+        absolute form) with no CONNECT. Raises the last error.
         """
         affinity = None
         if client is not None and self.balancer.sticky is not None:
@@ -2695,14 +3345,33 @@ class Upstream:
         if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
-        for family, ip in _resolve_target(host, port, families):
+        targets = self._targets(host, port, families)
+        for family, ip in targets:
             try:
-                return _Race(self, family, (ip, port), affinity, on_attempt).run()
+                return _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form).run()
             except OSError as failure:
                 error = failure
             # No address reached this target: nothing says the links are to
             # blame (the target may be down), so none is made out.
+        if not targets:  # a name for the proxies that take names alone
+            return _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form).run()
         raise error or SocksError(Reply.HOST_UNREACHABLE)
+
+    def _targets(
+        self, host: str, port: int, families: Collection[socket.AddressFamily]
+    ) -> list[tuple[socket.AddressFamily, str]]:
+        """The (family, ip) pairs to race for; none for a name that only
+        upstream proxies that take names are given: where every link takes
+        names, or where it cannot be resolved here (a name only the far end
+        knows, as Tor's .onion)."""
+        if _is_ip(host) or not self.balancer.passes_names:
+            return _resolve_target(host, port, families)
+        if not self.balancer.resolves_names:
+            return []
+        try:
+            return _resolve_target(host, port, families)
+        except OSError:
+            return []
 
     def open_udp(self, family: socket.AddressFamily) -> UpstreamLease:
         """A UDP socket from a dispatched local address of ``family`` (or of
@@ -2711,7 +3380,15 @@ class Upstream:
         families = self.balancer.families
         if family not in families and families:
             (family,) = families
-        local = self.balancer.next(family)
+        local = self._udp_link(family)
+        if isinstance(local, ProxyAddress):
+            try:
+                return self._open_udp_through(local)
+            except OSError as error:
+                self.balancer.release(local)
+                if isinstance(error, ProxyLinkError):
+                    self.proxy_failed(local, error)
+                raise
         # Datagrams may go to any target. Those from a loopback address go
         # to loopback ones, which a device-bound socket could not reach; the
         # address itself stands for them.
@@ -2722,19 +3399,111 @@ class Upstream:
             raise
         return self.lease(sock, local)
 
+    def _udp_link(self, family: socket.AddressFamily) -> LocalAddress:
+        """The link of a UDP association: the balancer's choice among those
+        that carry UDP (no upstream proxy but SOCKS5 does). Raises
+        SocksError(COMMAND_NOT_SUPPORTED) naming those that cannot."""
+        unable: list[LocalAddress] = []
+        local: LocalAddress | None = self.balancer.next(family)
+        while isinstance(local, ProxyAddress) and not local.proxy.carries_udp:
+            unable.append(local)
+            self.balancer.release(local)
+            local = self.balancer.alternative(family, unable)
+        if local is None:
+            names = ", ".join(address.describe() for address in unable)
+            raise SocksError(
+                Reply.COMMAND_NOT_SUPPORTED, f"no link carries UDP: {names} cannot (only SOCKS5 proxies relay UDP)"
+            )
+        return local
+
+    def _open_udp_through(self, address: ProxyAddress) -> ProxiedUdpLease:
+        """A UDP association through the SOCKS5 proxy of ``address``: its
+        own UDP ASSOCIATE, and a UDP socket from the address the TCP
+        connection left from (a proxy may take datagrams only from there)."""
+        control, relay = self.connect_through(
+            address, "0.0.0.0", 0, time.monotonic() + self.connect_timeout, Command.UDP_ASSOCIATE
+        )
+        try:
+            proxy_ip = _split_host(control.getpeername())[0]
+            relay_ip = proxy_ip if ipaddress.ip_address(relay[0]).is_unspecified else relay[0]
+            source = LocalAddress(_split_host(control.getsockname())[0], interface=address.interface)
+            sock = (
+                self._with_device(source, relay_ip, functools.partial(_socket_from, source, socket.SOCK_DGRAM))
+                if address.interface is not None
+                else _socket_from(source, socket.SOCK_DGRAM, None)
+            )
+        except BaseException:
+            control.close()
+            raise
+        return ProxiedUdpLease(self.lease(sock, address), control, (relay_ip, relay[1]), address.proxy.passes_names)
+
     def probe(self, local: LocalAddress, target: Target, timeout: float) -> OSError | None:
         """Connect from ``local`` to ``target`` and hang up, as a retest or a
         check does; None if the link got an answer (a refusal is one)."""
         try:
-            opened = self._with_device(local, target[0], functools.partial(_connect_from, local, *target, timeout))
+            if isinstance(local, ProxyAddress):
+                opened, _ = self.connect_through(local, *target, time.monotonic() + timeout)
+            else:
+                opened = self._with_device(local, target[0], functools.partial(_connect_from, local, *target, timeout))
         except OSError as error:
             return None if _is_target_answer(error) else error
         opened.close()
         return None
 
     def open_attempt(self, local: LocalAddress, target: Target) -> socket.socket:
-        """A socket from ``local`` whose connect to ``target`` is under way."""
+        """A socket from ``local`` whose connect to ``target`` is under way
+        (to its proxy, for a ProxyAddress)."""
+        if isinstance(local, ProxyAddress):
+            return self._open_to_proxy(local)
         return self._with_device(local, target[0], functools.partial(_start_connect, local, target))
+
+    def _open_to_proxy(self, address: ProxyAddress) -> socket.socket:
+        """A socket whose connect to the proxy of ``address`` is under way,
+        from its source address and device, where it names them."""
+        target = _proxy_endpoint(address)
+        source = address.source
+        try:
+            if source is not None:
+                return self._with_device(source, target[0], functools.partial(_start_connect, source, target))
+            if address.interface is not None:
+                return self._with_device(address, target[0], functools.partial(_start_connect_by_device, target))
+            return _start_connect_by_device(target, None)
+        except OSError as error:
+            raise _proxy_unreachable(error) from None
+
+    def proxy_handshake(
+        self, local: LocalAddress, host: str, target: Target, *, absolute_form: bool = False
+    ) -> _ProxyHandshake | None:
+        """The handshake that asks the proxy of ``local`` for the target (by
+        ``host`` where it takes names, else by the address of ``target``);
+        None for a local address, and for plain HTTP requests to an HTTP proxy."""
+        if not isinstance(local, ProxyAddress):
+            return None
+        if absolute_form and local.proxy.scheme == "http":
+            return None
+        name = host if local.proxy.passes_names else target[0]
+        return _ProxyHandshake(_proxy_steps(local, name, target[1]))
+
+    def connect_through(
+        self, address: ProxyAddress, host: str, port: int, deadline: float, command: Command = Command.CONNECT
+    ) -> tuple[socket.socket, tuple[str, int]]:
+        """A socket through the proxy of ``address``, its handshake for
+        ``command`` to (host, port) done by ``deadline``, and the address the
+        proxy says it bound."""
+        sock = self._open_to_proxy(address)
+        try:
+            try:
+                _wait_until(sock, selectors.EVENT_WRITE, deadline)
+            except TimeoutError:
+                raise ProxyLinkError(Reply.TTL_EXPIRED, "the upstream proxy: timed out") from None
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise _proxy_unreachable(OSError(error, os.strerror(error)))
+            bound = _handshake_by(sock, _proxy_steps(address, host, port, command), deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, bound
 
     def _with_device(
         self, local: LocalAddress, ip: str, open_socket: Callable[[str | None], socket.socket]
@@ -2768,6 +3537,24 @@ class Upstream:
                 refusal.strerror,
             )
             return open_socket(None)
+
+    def proxy_failed(self, address: LocalAddress, error: OSError) -> None:
+        """Log that an upstream proxy failed as a link (down, refusing the
+        login), once until it fails otherwise or works again."""
+        reason = _describe(error)
+        with self._lock:
+            if self._proxy_faults.get(address) == reason:
+                return
+            self._proxy_faults[address] = reason
+        logger.warning("upstream proxy %s failed: %s", address.describe(), reason)
+
+    def proxy_worked(self, address: LocalAddress) -> None:
+        """A connection got through an upstream proxy: it is news if it had failed."""
+        if address in self._proxy_faults:
+            with self._lock:
+                reason = self._proxy_faults.pop(address, None)
+            if reason is not None:
+                logger.info("upstream proxy %s works again (it had failed: %s)", address.describe(), reason)
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         with self._lock:
@@ -2821,6 +3608,8 @@ class _Race:
         target: Target,
         affinity: Affinity | None,
         on_attempt: Callable[[LocalAddress], None],
+        host: str | None = None,
+        absolute_form: bool = False,
     ) -> None:
         self.upstream = upstream
         self.balancer = upstream.balancer
@@ -2829,6 +3618,10 @@ class _Race:
         self.affinity = affinity
         self.on_attempt = on_attempt
         self.pending: dict[socket.socket, tuple[LocalAddress, float]] = {}  # socket: (address, started)
+        # The target as named (upstream proxies that take names get it so).
+        self.host = host or target[0]
+        self.absolute_form = absolute_form
+        self.handshakes: dict[socket.socket, _ProxyHandshake] = {}  # connected to a proxy, asking it
         self.tried: list[LocalAddress] = []
         self.failed: list[tuple[LocalAddress, OSError]] = []
         self.answer: OSError | None = None  # the target's, final
@@ -2888,11 +3681,14 @@ class _Race:
             if not isinstance(sock, socket.socket):
                 continue
             local, _ = self.pending[sock]
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not error:
+            try:
+                through = self._advance(sock, local)
+            except OSError as failure:
+                self._drop(sock, local)
+                self._fail(local, failure)
+                continue
+            if through:
                 return self._win(sock, local)
-            self._drop(sock, local)
-            self._fail(local, OSError(error, os.strerror(error)))
         now = time.monotonic()
         for sock, (local, started) in list(self.pending.items()):
             if now >= started + self.upstream.connect_timeout:
@@ -2900,11 +3696,31 @@ class _Race:
                 self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
         return None
 
+    def _advance(self, sock: socket.socket, local: LocalAddress) -> bool:
+        """Whether an attempt that is ready got through: connected, and past
+        its proxy's handshake where it goes through one. Raises its error."""
+        handshake = self.handshakes.get(sock)
+        if handshake is None:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                failure = OSError(error, os.strerror(error))
+                raise _proxy_unreachable(failure) if isinstance(local, ProxyAddress) else failure
+            handshake = self.upstream.proxy_handshake(local, self.host, self.target, absolute_form=self.absolute_form)
+            if handshake is None:
+                return True
+            self.handshakes[sock] = handshake
+        if handshake.advance(sock):
+            return True
+        self.selector.modify(sock, handshake.events)
+        return False
+
     def _fail(self, local: LocalAddress, error: OSError) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connecting from %s failed: %s", local.describe(), _describe(error))
         self.upstream.meter.failed(local)
         self.balancer.release(local)
+        if isinstance(error, ProxyLinkError):
+            self.upstream.proxy_failed(local, error)
         if _is_link_failure(error):
             self.failed.append((local, error))
             return
@@ -2916,11 +3732,13 @@ class _Race:
         """Stop an attempt; its address is given back."""
         self.selector.unregister(sock)
         del self.pending[sock]
+        self.handshakes.pop(sock, None)
         sock.close()
 
     def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
         self.selector.unregister(sock)
         del self.pending[sock]
+        self.handshakes.pop(sock, None)
         self.on_attempt(local)
         now = time.monotonic()
         silent = [
@@ -2932,6 +3750,8 @@ class _Race:
             self._drop(other_sock, other)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
+        if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
+            self.upstream.proxy_worked(local)
         if self.affinity is not None:
             self.balancer.stick(self.affinity, local)  # the site sticks to the link that got through
         return self.upstream.lease(sock, local)
@@ -3269,13 +4089,16 @@ class Session:
         if self.record.via is not None:
             self.context.upstream.meter.add(self.record.via, up, down)
 
-    def connect(self, host: str, port: int) -> UpstreamLease:
+    def connect(self, host: str, port: int, *, absolute_form: bool = False) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
-        and at last the one that got through."""
+        and at last the one that got through. ``absolute_form``: for plain
+        HTTP requests (see Upstream.connect)."""
         client = None
         if self.context.upstream.balancer.sticky is not None:
             client = str(_client_ip(_split_host(self.client_address)[0]))
-        return self.context.upstream.connect(host, port, on_attempt=self._via, client=client)
+        return self.context.upstream.connect(
+            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form
+        )
 
     def _via(self, local: LocalAddress) -> None:
         self.record.via = local
@@ -3453,6 +4276,8 @@ class UdpAssociation:
         self.client_side = client_side
         self.lease = lease
         self.upstream = lease.sock
+        # Through an upstream proxy: its association's TCP connection.
+        self.proxied = lease if isinstance(lease, ProxiedUdpLease) else None
         self.client_ip = client_ip
         self.client_port = client_port
         self.datagrams_up = 0
@@ -3469,14 +4294,16 @@ class UdpAssociation:
             with _selector() as selector:
                 for sock in (connection, self.client_side, self.upstream):
                     selector.register(sock, selectors.EVENT_READ)
+                if self.proxied is not None:
+                    selector.register(self.proxied.control, selectors.EVENT_READ)
                 while True:
                     for key, _ in selector.select():
                         if key.fileobj is connection:
                             if not self._connection_open():
-                                return (
-                                    f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, "
-                                    f"{self.dropped} dropped"
-                                )
+                                return self._summary()
+                        elif self.proxied is not None and key.fileobj is self.proxied.control:
+                            if not self._open(self.proxied.control):
+                                return self._summary() + "; the upstream proxy ended the association"
                         elif key.fileobj is self.client_side:
                             self._from_client()
                         else:
@@ -3485,11 +4312,19 @@ class UdpAssociation:
             self.client_side.close()
             self.lease.close()
 
+    def _summary(self) -> str:
+        return f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, {self.dropped} dropped"
+
     def _connection_open(self) -> bool:
         # The client has nothing more to say on the TCP connection; what it
         # sends anyway is ignored. Its EOF or reset ends the association.
+        return self._open(self.session.connection)
+
+    @staticmethod
+    def _open(connection: socket.socket) -> bool:
+        """Whether a TCP connection that holds an association is still open."""
         try:
-            return bool(self.session.connection.recv(4096))
+            return bool(connection.recv(4096))
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -3510,7 +4345,10 @@ class UdpAssociation:
             if fragment:
                 raise SocksError(Reply.GENERAL_FAILURE, "fragment")
             self.client_port = source_port
-            self.upstream.sendto(data, (self._resolve(host, port), port))
+            if self.proxied is not None:
+                self.proxied.send_to(data, host if self.proxied.passes_names else self._resolve(host, port), port)
+            else:
+                self.upstream.sendto(data, (self._resolve(host, port), port))
         except OSError:
             self.dropped += 1
             return
@@ -3519,7 +4357,7 @@ class UdpAssociation:
 
     def _from_target(self) -> None:
         try:
-            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE)
+            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE) if self.proxied is None else self.proxied.receive()
         except OSError:
             return
         if self.client_port is None:
@@ -3535,15 +4373,17 @@ class UdpAssociation:
         self.session.count(0, len(data))
 
     def _resolve(self, host: str, port: int) -> str:
-        """The IP address to send to, of the upstream socket's family."""
+        """The IP address to send to, of the upstream socket's family (of
+        either, through an upstream proxy)."""
         ip = self._names.get(host)
+        families = {self.upstream.family} if self.proxied is None else {socket.AF_INET, socket.AF_INET6}
         if ip is None:
-            ip = _resolve_target(host, port, {self.upstream.family})[0][1]
+            ip = _resolve_target(host, port, families)[0][1]
             if not _is_ip(host):
                 if len(self._names) >= self.max_names:
                     self._names.clear()
                 self._names[host] = ip
-        if _family_of(ip) != self.upstream.family:
+        if _family_of(ip) not in families:
             raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
         return ip
 
@@ -4397,6 +5237,8 @@ class HttpProxySession(Session):
                 raise ValueError(f"status {status}")
         except (ValueError, LineTooLongError) as error:
             raise OriginError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        if takes_absolute_form(origin.lease.local):
+            self._check_proxy_answer(origin, status)
         if status < 200 and version == "HTTP/1.1":
             self._send_down(encode_head(f"HTTP/1.1 {status} {reason}", forwarded_headers(response_headers)))
         return _ResponseHead(response_version, status, reason, response_headers)
@@ -4450,6 +5292,19 @@ class HttpProxySession(Session):
             self._drop_origin()
         return status, client_stays
 
+    def _check_proxy_answer(self, origin: _Origin, status: int) -> None:
+        """Take the status an HTTP upstream proxy answered a request with:
+        its refusal of the login is the link's failure (a 502 here, never
+        its challenge passed on; the link sits out until a retest gets
+        through), anything else says it works."""
+        proxy, upstream = origin.lease.local, self.context.upstream
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+            refusal = ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login")
+            upstream.proxy_failed(proxy, refusal)
+            upstream.health.sit_out(proxy, refusal, (origin.host, origin.port))
+            raise refusal
+        upstream.proxy_worked(proxy)
+
     def _send_head(self, host: str, port: int, head: bytes, *, retryable: bool) -> _Origin:
         """Send a request head to (host, port); return the origin connection.
 
@@ -4462,10 +5317,10 @@ class HttpProxySession(Session):
         kept = self.origin
         origin = self._origin_for(host, port)
         if origin is not kept or not retryable:
-            self._send_up(origin, head)
+            self._send_up(origin, absolute_form_head(origin.lease.local, host, port, head))
             return origin
         try:
-            self._send_up(origin, head)
+            self._send_up(origin, absolute_form_head(origin.lease.local, host, port, head))
             if origin.reader.has_more():
                 return origin
         except OriginError as error:
@@ -4473,7 +5328,7 @@ class HttpProxySession(Session):
                 raise
         self._drop_origin()
         origin = self._origin_for(host, port)
-        self._send_up(origin, head)
+        self._send_up(origin, absolute_form_head(origin.lease.local, host, port, head))
         return origin
 
     def _origin_for(self, host: str, port: int) -> _Origin:
@@ -4483,7 +5338,7 @@ class HttpProxySession(Session):
             self.record.via = origin.lease.local
             return origin
         self._drop_origin()
-        lease = self.connect(host, port)
+        lease = self.connect(host, port, absolute_form=True)
         lease.sock.settimeout(HTTP_RESPONSE_TIMEOUT)
         reader = _OriginReader(lease.sock, eof_message="the origin closed before the response ended")
         self.origin = _Origin(host, port, lease, reader)
@@ -4856,8 +5711,9 @@ def _waiting_row(link: Link) -> dict[str, Any]:
 class Dispatcher:
     """A dispatching SOCKS and HTTP proxy.
 
-    ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals or interface
-    names) or LocalAddress objects; None means every usable address.
+    ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals, interface
+    names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
+    objects; None means every usable address.
     ``port=0`` picks a free port: ``.address`` tells which.
 
         with Dispatcher(["10.0.0.2@7", "10.0.0.3@3"], port=1080) as proxy:
@@ -4894,6 +5750,8 @@ class Dispatcher:
       ``check_interval`` seconds.
     - ``hedge``: seconds a connect may go unanswered before it is raced
       through another link; 0 never.
+    - ``upstream_passwords``: {user: password} for the proxies' URLs that
+      give a user and no password (kept out of the process list).
 
     While it serves, a background thread follows the interfaces' addresses,
     samples the meter (and measures capacities by it), and starts retests
@@ -4922,8 +5780,9 @@ class Dispatcher:
         checks: Iterable[str] = (),
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         hedge: float = DEFAULT_HEDGE,
+        upstream_passwords: Mapping[str, str] | None = None,
     ) -> None:
-        self.links = LinkSet(resolve_links(addresses))
+        self.links = LinkSet(resolve_links(addresses, upstream_passwords))
         if balance is None:
             weighted = any(link.weighted for link in self.links.links)
             balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
@@ -4941,7 +5800,7 @@ class Dispatcher:
         self.check_interval = check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
         families = {_family_of(ip) for ip, _ in self.checks}
-        if self.checks and not any(address.family in families for address in self.links.addresses):
+        if self.checks and not any(families & address.serves for address in self.links.addresses):
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
         self.health = Health(cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
@@ -5032,7 +5891,7 @@ class Dispatcher:
     def _check_round(self) -> None:
         try:
             timeout = min(self.check_interval, self.upstream.connect_timeout)
-            pairs = [(a, t) for a in self.links.addresses for t in self.checks if _family_of(t[0]) == a.family]
+            pairs = [(a, t) for a in self.links.addresses for t in self.checks if _family_of(t[0]) in a.serves]
             outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
 
             def check(address: LocalAddress, target: Target) -> None:
@@ -5140,7 +5999,7 @@ class Dispatcher:
 
     def stats(self) -> list[dict[str, Any]]:
         """Per local address (every one a link holds, and those gone lately:
-        see GONE_ADDRESS_KEPT): ip, interface, link
+        see GONE_ADDRESS_KEPT): ip (an upstream proxy's name), interface, link
         (its name as given), weight, tier ("primary" or "backup"), state
         ("up"; "down" while it is out after a failure of its link; "standby"
         for a backup while a primary is up; "gone" once its interface no
@@ -5151,12 +6010,12 @@ class Dispatcher:
         a row with ip None, state "waiting". Reading changes nothing: every
         reader sees the same."""
         current = self.links.addresses
-        primaries_up = {a.family for a in current if not a.backup and not self.health.is_out(a)}
+        primaries_up = {f for a in current if not a.backup and not self.health.is_out(a) for f in a.serves}
         rows = []
         for address in self.links.known_addresses():
             reading = self.meter.read(address)
             state, reason = self.health.state(address) if address in current else ("gone", "address gone")
-            if state == "up" and address.backup and address.family in primaries_up:
+            if state == "up" and address.backup and address.serves & primaries_up:
                 state, reason = "standby", "a primary link is up"
             link = self.links.link_of(address)
             rows.append({
@@ -5504,6 +6363,16 @@ def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
     return _credentials(args)
 
 
+def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
+    """The passwords of --upstream-auth-file, by user; raises ValueError."""
+    passwords: dict[str, str] = {}
+    for user, password in read_auth_file(args.upstream_auth_file) if args.upstream_auth_file else []:
+        if user in passwords:
+            raise ValueError(f"user {user!r} is given more than once in {args.upstream_auth_file}")
+        passwords[user] = password
+    return passwords
+
+
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
     print(f"{title} {time.monotonic() - started:.0f} s:")
     print(format_stats(dispatcher.stats()), flush=True)
@@ -5527,6 +6396,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
     try:
         users = _check_start_arguments(args)
+        upstream_passwords = _upstream_passwords(args)
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port,
             connect_timeout=args.connect_timeout, cooldown=args.cooldown,
@@ -5542,6 +6412,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             checks=args.check,
             check_interval=args.check_interval,
             hedge=args.hedge,
+            upstream_passwords=upstream_passwords,
         )
     except (AddressError, ValueError) as error:
         return _error(str(error))
@@ -5647,6 +6518,11 @@ def service_unit(
         if not argument.isprintable():
             raise ValueError(
                 f"{argument!r}: a control character cannot go into a service definition"
+            )
+        if hide_password(argument) != argument:
+            raise ValueError(
+                f"{hide_password(argument)!r}: a password would be readable in the service definition;"
+                " give the user alone (socks5://USER@HOST:PORT) and its password in --upstream-auth-file"
             )
     if system == "windows":
         _check_task_arguments(start_args, executable)
@@ -5945,6 +6821,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Start the proxy. Each ADDRESS is an IP address or an interface "
         "name, with an optional weight (10.0.0.2@7, wlan0@3; wlan0/3 also works for a name) "
         "or @backup for a link used only while no other is up (usb0@backup). "
+        "An ADDRESS may be an upstream proxy, socks5://[USER:PASS@]HOST:PORT (socks5h, socks4, "
+        "socks4a and http too), reached by a chosen link with +LINK (socks5://vps:1080+wlan0@2). "
         "An interface's addresses are followed as they change; one without an address "
         "yet is waited for. With none, every interface with a usable address is used.",
     )
@@ -5967,6 +6845,11 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--auth-file", metavar="PATH",
         help="require a login from this file: one USER:PASS a line, # comments",
+    )
+    start.add_argument(
+        "--upstream-auth-file", metavar="PATH",
+        help="passwords of upstream proxies whose ADDRESS gives a user alone (socks5://al@vps:1080): "
+        "one USER:PASS a line, # comments; keeps them out of the process list",
     )
     start.add_argument(
         "--allow", action="append", type=_network, metavar="CIDR",

@@ -481,6 +481,117 @@ def wait_until_all_closed(proxy: Dispatcher) -> None:
     assert wait_for(lambda: proxy.open_connections() == 0)
 
 
+# Upstream proxies nobody here wrote ----------------------------------------
+
+DANTED = "/usr/sbin/danted"
+MICROSOCKS = shutil.which("microsocks") or "/usr/bin/microsocks"
+
+
+class UpstreamServer:
+    """A proxy server of another project, run as a process on a free
+    loopback port: ``url`` names it as an ADDRESS (with its login)."""
+
+    def __init__(self, kind: str, argv: list[str], url: str, port: int, output: str, host: str = "127.0.0.1") -> None:
+        self.kind = kind
+        self.url = url
+        self.host = host
+        self.port = port
+        self.output = output  # what it writes, in a file: a pipe nobody reads could fill and stop it
+        with open(output, "wb") as sink:
+            self.process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not self.accepts():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                with open(output, errors="replace") as written:
+                    raise RuntimeError(f"{kind} did not start: {written.read().strip()[-500:]}")
+            time.sleep(0.02)
+
+    def accepts(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Kill it: connections to its port are refused from now on."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server of another project."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def dante_config(port: int, host: str = "127.0.0.1", clients: str = "127.0.0.0/8") -> str:
+    """A danted.conf: no login, CONNECT and UDP ASSOCIATE for ``clients``."""
+    return "\n".join([
+        "logoutput: stderr",
+        f"internal: {host} port = {port}",
+        f"external: {host}",
+        "socksmethod: none",
+        "clientmethod: none",
+        "user.privileged: root",
+        "user.unprivileged: nobody",
+        f"client pass {{ from: {clients} to: 0.0.0.0/0 }}",
+        "client block { from: 0.0.0.0/0 to: 0.0.0.0/0 }",
+        "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }",
+        "",
+    ])
+
+
+@pytest.fixture
+def make_upstream(tmp_path: Any) -> Iterator[Callable[..., UpstreamServer]]:
+    """Start upstream proxies: ``make_upstream(kind, login=None)``, kind one
+    of "pproxy-socks5", "pproxy-socks4", "pproxy-http", "microsocks", "dante";
+    each on a free loopback port (of ``host``), stopped after the test. Dante has no logins of its own
+    (it checks system accounts); a kind that is not installed is skipped."""
+    started: list[UpstreamServer] = []
+
+    def make(
+        kind: str, login: tuple[str, str] | None = None, *, clients: str = "127.0.0.0/8", host: str = "127.0.0.1"
+    ) -> UpstreamServer:
+        port = free_port(host)
+        secret = f"{login[0]}:{login[1]}" if login else ""
+        scheme = {"pproxy-http": "http", "pproxy-socks4": "socks4"}.get(kind, "socks5")
+        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        url = f"{scheme}://{secret + '@' if login else ''}{endpoint}"
+        if kind.startswith("pproxy"):
+            listen = f"{scheme}://{endpoint}" + (f"#{secret}" if login else "")
+            # --auth 0: every connection logs in, not only an address's first.
+            argv = [sys.executable, "-m", "pproxy", "-l", listen, "--auth", "0"]
+        elif kind == "microsocks":
+            if not os.path.exists(MICROSOCKS):
+                pytest.skip("microsocks is not installed")
+            argv = [MICROSOCKS, "-i", host, "-p", str(port)]
+            argv += ["-u", login[0], "-P", login[1]] if login else []
+        elif kind == "dante":
+            if not os.path.exists(DANTED) or os.geteuid() != 0:
+                pytest.skip("Dante (danted) is not installed, or this is not root")
+            config = tmp_path / f"danted-{port}.conf"
+            config.write_text(dante_config(port, clients=clients))
+            argv = [DANTED, "-f", str(config), "-p", str(tmp_path / f"danted-{port}.pid"), "-N", "1"]
+        else:
+            raise ValueError(kind)
+        try:
+            server = UpstreamServer(kind, argv, url, port, str(tmp_path / f"{kind}-{port}.out"), host)
+        except RuntimeError as error:
+            if kind == "dante":
+                pytest.skip(str(error))
+            raise
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
 # Clients -------------------------------------------------------------------
 
 def client_through(
@@ -2404,6 +2515,67 @@ def test_device_is_bound_except_for_loopback_targets() -> None:
     assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
 
 
+class WindowsSocket:
+    """A socket that records the options set on it and connects nowhere:
+    what the Windows path does, seen on any system."""
+
+    def __init__(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, *args: object) -> None:
+        self.family = family
+        self.options: list[tuple[int, int, object]] = []
+        self.bound: tuple[Any, ...] | None = None
+
+    def setsockopt(self, level: int, option: int, value: object) -> None:
+        self.options.append((level, option, value))
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def bind(self, address: tuple[Any, ...]) -> None:
+        self.bound = address
+
+    def connect_ex(self, address: tuple[Any, ...]) -> int:
+        return errno.EINPROGRESS
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def windows_sockets(windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets as on Windows: recording ones, bound to devices the Windows way."""
+    monkeypatch.setattr(dispatch, "_INTERFACE_INDEXES", {})
+    monkeypatch.setattr(dispatch, "_SO_BINDTODEVICE", None)
+    monkeypatch.setattr(dispatch, "_CAN_BIND_TO_DEVICE", True)
+    dispatch.resolve_links(["Wi-Fi"])  # reads the adapters, and their indexes
+    monkeypatch.setattr(dispatch.socket, "socket", WindowsSocket)
+
+
+def _unicast_if_options(sock: object) -> list[tuple[int, int, object]]:
+    assert isinstance(sock, WindowsSocket)
+    return [(level, option, value) for level, option, value in sock.options if option == 31]
+
+
+def test_windows_ipv4_connection_leaves_by_its_interface_index_in_network_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    sock = upstream.open_attempt(local, ("203.0.113.80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IP, 31, (12).to_bytes(4, "big"))]  # IP_UNICAST_IF
+    assert sock.bound == ("127.0.0.2", 0)  # type: ignore[attr-defined]
+
+
+def test_windows_ipv6_connection_leaves_by_its_interface_index_in_host_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("fd00::3", interface="Ethernet 2")
+    sock = upstream.open_attempt(local, ("2001:db8::80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IPV6, 31, (7).to_bytes(4, sys.byteorder))]
+
+
+def test_windows_loopback_target_is_not_bound_to_an_interface(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    assert _unicast_if_options(upstream.open_attempt(local, ("127.0.0.1", 443))) == []
+
+
 def non_loopback_address() -> dispatch.LocalAddress | None:
     for address in dispatch.usable_addresses():
         if address.family == socket.AF_INET:
@@ -2589,6 +2761,533 @@ def test_refusal_is_the_targets_answer_not_a_failover(make_proxy: Callable[..., 
     # Only the first address was tried: one failed connect, none through the other.
     tried = {row["ip"]: (row["failed"], row["connections"]) for row in proxy.stats()}
     assert tried == {"127.0.0.2": (1, 0), "127.0.0.3": (0, 0)}
+
+
+# Upstream proxies as links -------------------------------------------------
+
+def echoed(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` to an echo server and read as much back, without a
+    half-close (pproxy ends both directions at the first EOF)."""
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("socks5://10.0.0.9:1080", ("socks5", "10.0.0.9", 1080, None, None, None, None, False)),
+    ("socks5h://al:s%40cret@proxy.example:1080@3",
+     ("socks5h", "proxy.example", 1080, "al", "s@cret", None, 3, False)),
+    ("socks4a://me@[2001:db8::1]:1080+eth0", ("socks4a", "2001:db8::1", 1080, "me", None, "eth0", None, False)),
+    ("http://u:p:w@127.0.0.1:3128+192.168.1.20@backup",
+     ("http", "127.0.0.1", 3128, "u", "p:w", "192.168.1.20", None, True)),
+    ("SOCKS5://[::1]:9050+Ethernet 2@7", ("socks5", "::1", 9050, None, None, "Ethernet 2", 7, False)),
+])
+def test_parse_proxy_address(text: str, expected: tuple[Any, ...]) -> None:
+    spec = dispatch.parse_address(text)
+    proxy = spec.proxy
+    assert proxy is not None
+    got = (proxy.scheme, proxy.host, proxy.port, proxy.user, proxy.password, proxy.via, spec.weight, spec.backup)
+    assert got == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("ftp://10.0.0.9:21", "a proxy's scheme is one of socks5, socks5h, socks4, socks4a, http"),
+    ("socks5://10.0.0.9", "a proxy is SCHEME://HOST:PORT"),
+    ("socks5://al:hunter2@10.0.0.9:99999", "a proxy is SCHEME://HOST:PORT"),
+    ("socks4://al:hunter2@10.0.0.9:1080", "SOCKS4 has a user id but no password"),
+    ("socks5://al:hunter2@10.0.0.9:1080+", "no link after '+'"),
+    ("socks5://al:hunter2@10.0.0.9:1080@0", "the weight must be a whole number"),
+])
+def test_parse_proxy_address_rejects_without_showing_the_password(text: str, message: str) -> None:
+    with pytest.raises(dispatch.AddressError, match=re.escape(message)) as refused:
+        dispatch.parse_address(text)
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 Connection established\r\nVia: 1.1 upstream\r\n\r\n",
+    b"\x05\x00\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90",  # method, then success bound to 127.0.0.1:8080
+])
+def test_handshake_with_an_upstream_leaves_the_targets_first_bytes_unread(reply: bytes) -> None:
+    """A target that speaks first (SSH, SMTP): its banner may arrive in the
+    same segment as the proxy's reply, and must stay for the relay.
+    Private: the non-blocking handshake driver has no public seam."""
+    steps = dispatch.http_connect_client if reply.startswith(b"HTTP") else dispatch.socks5_client
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(reply + b"SSH-2.0-target\r\n")
+        bound = dispatch._handshake_by(ours, steps("192.0.2.7", 22, None), time.monotonic() + TIMEOUT)
+        assert theirs.recv(4096).startswith(b"CONNECT 192.0.2.7:22 " if reply.startswith(b"HTTP") else b"\x05")
+        ours.setblocking(True)
+        assert ours.recv(4096) == b"SSH-2.0-target\r\n"
+    assert bound == (("0.0.0.0", 0) if reply.startswith(b"HTTP") else ("127.0.0.1", 8080))
+
+
+@pytest.mark.parametrize("kind", ["pproxy-http", "microsocks"])
+def test_target_that_speaks_first_is_heard_through_an_upstream(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], peer_server: Server,
+    kind: str,
+) -> None:
+    proxy = make_proxy([make_upstream(kind).url])
+    for _ in range(3):
+        with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+            assert read_all(client) == b"127.0.0.1"
+
+
+def test_proxy_link_is_named_by_its_url_without_the_password() -> None:
+    (link,) = dispatch.resolve_links(["socks5://al:hunter2@127.0.0.1:1080@2"])
+    assert (link.name, link.weight, link.weighted) == ("socks5://al@127.0.0.1:1080", 2, True)
+    assert "hunter2" not in repr(link.current[0])
+
+
+def test_proxy_password_comes_from_the_password_file_by_user() -> None:
+    (link,) = dispatch.resolve_links(["socks5://al@127.0.0.1:1080"], {"al": "hunter2"})
+    address = link.current[0]
+    assert isinstance(address, dispatch.ProxyAddress)
+    assert address.proxy.login == ("al", "hunter2")
+    with pytest.raises(dispatch.AddressError, match="no password for 'al'"):
+        dispatch.resolve_links(["socks5://al@127.0.0.1:1080"])
+
+
+def test_proxy_reached_by_an_address_not_of_this_machine_is_refused() -> None:
+    with pytest.raises(dispatch.AddressError, match="not an address of this machine"):
+        dispatch.resolve_links(["socks5://127.0.0.1:1080+198.51.100.99"])
+
+
+@pytest.mark.parametrize("kind", ["pproxy-socks5", "pproxy-http", "microsocks", "dante"])
+@pytest.mark.parametrize("login", [None, ("al", "pw")], ids=["no login", "login"])
+def test_socks_client_reaches_its_target_through_an_upstream_proxy(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    kind: str, login: tuple[str, str] | None, log: pytest.LogCaptureFixture,
+) -> None:
+    if kind == "dante" and login:
+        pytest.skip("Dante logs in system accounts only")
+    upstream = make_upstream(kind, login)
+    proxy = make_proxy([upstream.url])
+    for _ in range(3):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"through " + kind.encode()) == b"through " + kind.encode()
+    proxy.shutdown()
+    (row,) = proxy.stats()
+    assert (row["link"], row["connections"], row["failed"]) == (upstream.url.replace(":pw@", "@"), 3, 0)
+    assert {exchange.via.describe() for exchange in exchanges(log) if exchange.via} == {row["link"]}
+
+
+def test_socks4_upstream_is_given_addresses_resolved_here(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url.replace("socks5://", "socks4://")])
+    for host in ("127.0.0.1", "localhost"):
+        with client_through(proxy, (host, echo_server.port), rdns=True) as client:
+            assert echoed(client, b"four") == b"four"
+
+
+def test_socks4a_upstream_is_given_the_name(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    """Neither pproxy nor Dante takes SOCKS4a names: the upstream here is
+    another dispatch, which does; its log line shows what it was asked for."""
+    fake_names["far.test"] = ["127.0.0.1"]
+    upstream = make_proxy(["127.0.0.1"])
+    proxy = make_proxy([f"socks4a://127.0.0.1:{upstream.address[1]}"])
+    with client_through(proxy, ("far.test", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"four a") == b"four a"
+    wait_until_all_closed(upstream)
+    asked = [exchange.target for exchange in exchanges(log) if exchange.via and exchange.via.ip == "127.0.0.1"]
+    assert asked == [f"far.test:{echo_server.port}"]
+
+
+@needs_ipv6
+def test_upstream_proxy_on_an_ipv6_address(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    upstream = make_upstream("microsocks", host="::1")
+    assert upstream.url.startswith("socks5://[::1]:")
+    proxy = make_proxy([upstream.url])
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert echoed(client, b"six") == b"six"
+
+
+def test_stalled_upstream_costs_a_client_one_hedge_not_the_timeout(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_server: Callable[..., Server], echo_server: Server,
+) -> None:
+    """A proxy that takes the connection and never answers its handshake is
+    raced by another link after --hedge, as a dark link is."""
+    released = threading.Event()
+    silent = make_server(lambda conn: released.wait(TIMEOUT))
+    stalled = f"socks5://127.0.0.1:{silent.port}"
+    proxy = make_proxy([stalled, make_upstream("microsocks").url], balance="round-robin", hedge=0.3)
+    started = time.monotonic()
+    try:
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            waited = time.monotonic() - started
+            assert echoed(client, b"raced") == b"raced"
+    finally:
+        released.set()
+    assert proxy.upstream.hedge <= waited < proxy.upstream.connect_timeout
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[stalled]["state"] == "down" and rows[stalled]["reason"].startswith("no answer in 0.")
+
+
+def test_checks_go_through_upstream_proxies(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    working, stopped = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    stopped.stop()
+    proxy = make_proxy([working.url, stopped.url], checks=[f"127.0.0.1:{echo_server.port}"], check_interval=0.1)
+
+    def states() -> dict[str, str]:
+        return {row["link"]: row["state"] for row in proxy.stats()}
+
+    assert wait_for(lambda: states() == {working.url: "up", stopped.url: "down"})
+    assert "failed 3 checks of 127.0.0.1:" in {row["link"]: row for row in proxy.stats()}[stopped.url]["reason"]
+
+
+def test_measured_balancing_and_sticky_sites_treat_upstreams_as_links(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    measured = make_proxy([first.url, second.url], balance="measured")
+    for _ in range(6):
+        with client_through(measured, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"m") == b"m"
+    assert sorted(row["connections"] for row in measured.stats()) == [3, 3]
+    sticky = make_proxy([first.url, second.url], balance="round-robin", sticky=60)
+    for _ in range(4):
+        with client_through(sticky, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"s") == b"s"
+    assert sorted(row["connections"] for row in sticky.stats()) == [0, 4]
+
+
+def test_http_connect_client_reaches_its_target_through_an_upstream_proxy(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    proxy = make_proxy([make_upstream("pproxy-http").url, make_upstream("microsocks").url])
+    for _ in range(2):
+        with raw_client(proxy) as client:
+            client.sendall(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n\r\n".encode())
+            assert read_request_head(client).startswith(b"HTTP/1.1 200 ")
+            assert echoed(client, b"tunnelled") == b"tunnelled"
+    assert sorted(row["connections"] for row in proxy.stats()) == [1, 1]
+
+
+def test_connections_spread_over_upstreams_and_local_links_by_weight(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    proxy = make_proxy([f"{first.url}@2", second.url, "127.0.0.2"])
+    for _ in range(8):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"spread") == b"spread"
+    counts = {row["link"]: row["connections"] for row in proxy.stats()}
+    assert counts == {first.url: 4, second.url: 2, "127.0.0.2": 2}
+
+
+def test_stopped_upstream_fails_over_within_the_hedge_and_sits_out(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    stopped, running = make_upstream("microsocks"), make_upstream("pproxy-socks5", ("al", "pw"))
+    proxy = make_proxy([stopped.url, running.url], balance="round-robin", hedge=1.0)
+    stopped.stop()
+    waits = []
+    for _ in range(6):
+        started = time.monotonic()
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            waits.append(time.monotonic() - started)
+            assert echoed(client, b"failover") == b"failover"
+    assert max(waits) < proxy.upstream.hedge  # a refused connect to the proxy fails over at once
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[stopped.url]["state"] == "down" and rows[stopped.url]["connections"] == 0
+    assert rows["socks5://al@" + running.url.partition("@")[2]]["connections"] == 6
+    assert log.text.count(f"upstream proxy {stopped.url} failed: the upstream proxy: Connection refused") == 1
+    assert log.text.count(f"sitting out: {stopped.url}: ") == 1
+
+
+def test_refused_login_is_a_link_failure_logged_once_without_the_password(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("microsocks", ("al", "right"))
+    wrong = strict.url.replace(":right@", ":hunter2@")
+    proxy = make_proxy([wrong, "127.0.0.2"], balance="round-robin")
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"by the other link") == b"by the other link"
+    name = wrong.replace(":hunter2", "")
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[name]["state"] == "down" and "refused the login" in rows[name]["reason"]
+    assert rows["127.0.0.2"]["connections"] == 4
+    assert log.text.count(f"upstream proxy {name} failed: the upstream proxy refused the login") == 1
+    assert "hunter2" not in log.text
+
+
+def test_refused_login_of_the_only_link_gets_a_failure_reply(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("pproxy-http", ("al", "right"))
+    proxy = make_proxy([strict.url.replace(":right@", ":hunter2@")])
+    for _ in range(2):
+        assert socks5_code_for(proxy, socks5_request("127.0.0.1", echo_server.port)) == Reply.GENERAL_FAILURE
+        status, _, _ = http_exchange(proxy, f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n\r\n".encode())
+        assert status == HTTPStatus.BAD_GATEWAY
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    assert log.text.count("failed: the upstream proxy refused the login") == 1
+    assert [exchange.result for exchange in exchanges(log)].count("the upstream proxy refused the login") == 2
+    assert "hunter2" not in log.text
+
+
+def test_target_refusal_through_an_upstream_is_the_targets_answer(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("microsocks")
+    proxy = make_proxy([upstream.url, "127.0.0.2"], balance="round-robin")
+    assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert (rows[upstream.url]["failed"], rows["127.0.0.2"]["failed"]) == (1, 0)  # not tried elsewhere
+    assert [row["state"] for row in rows.values()] == ["up", "up"]
+    assert "upstream proxy" not in log.text.replace("(the upstream proxy says)", "")
+
+
+def test_socks5h_upstream_is_given_the_name(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+    resolve = dispatch._resolve_target
+
+    def recording(host: str, port: int, families: Any) -> Any:
+        asked.append(host)
+        return resolve(host, port, families)
+
+    # Private: the one resolver of every upstream connect has no public seam.
+    monkeypatch.setattr(dispatch, "_resolve_target", recording)
+    upstream = make_upstream("microsocks")
+    proxy = make_proxy([upstream.url.replace("socks5://", "socks5h://")])
+    with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"named") == b"named"
+    assert "localhost" not in asked  # microsocks resolved it
+
+
+def test_socks5_upstream_is_given_the_address_resolved_here(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    fake_names: dict[str, list[str]],
+) -> None:
+    fake_names["only-here.test"] = ["127.0.0.1"]  # microsocks cannot resolve it
+    proxy = make_proxy([make_upstream("microsocks").url])
+    with client_through(proxy, ("only-here.test", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"resolved here") == b"resolved here"
+
+
+def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As Tor's .onion names: a local link cannot reach them, a socks5h upstream can."""
+    resolve = dispatch._resolve_target
+
+    def unknown_here(host: str, port: int, families: Any) -> Any:
+        if host == "localhost":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, port, families)
+
+    monkeypatch.setattr(dispatch, "_resolve_target", unknown_here)
+    upstream = make_upstream("pproxy-socks5")
+    proxy = make_proxy(["127.0.0.2", upstream.url.replace("socks5://", "socks5h://") + "@backup"])
+    with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"far name") == b"far name"
+    with client_through(proxy, ("127.0.0.1", echo_server.port)) as client:  # an address: the local link
+        assert echoed(client, b"near") == b"near"
+    rows = {row["link"]: row["connections"] for row in proxy.stats()}
+    assert list(rows.values()) == [1, 1]
+
+
+def test_name_too_long_for_a_socks5_upstream_gets_a_failure_reply(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy([make_upstream("microsocks").url.replace("socks5://", "socks5h://")])
+    name = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".test"  # 261 bytes
+    status, _, body = http_exchange(proxy, f"CONNECT {name}:443 HTTP/1.1\r\n\r\n".encode())
+    assert status == HTTPStatus.BAD_GATEWAY
+    assert b"a name of more than 255 bytes cannot go to SOCKS5" in body
+    wait_until_all_closed(proxy)
+    assert "Traceback" not in log.text
+
+
+def test_plain_http_goes_through_a_socks_upstream_as_a_tunnel(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+) -> None:
+    proxy = make_proxy([make_upstream("microsocks").url])
+    assert curl("-x", proxy_url(proxy), origin + "/hello").startswith("GET /hello")
+
+
+def test_plain_http_goes_to_an_http_upstream_in_absolute_form_with_its_login(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+) -> None:
+    upstream = make_upstream("pproxy-http", ("al", "pw"))
+    proxy = make_proxy([upstream.url])
+    assert curl("-x", proxy_url(proxy), origin + "/a", origin + "/b").count("GET /") == 2
+    (row,) = proxy.stats()
+    assert row["connections"] == 1  # one kept connection, no CONNECT
+
+
+def test_plain_http_refused_login_at_an_http_upstream_is_a_bad_gateway_logged_once(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("pproxy-http", ("al", "right"))
+    wrong = strict.url.replace(":right@", ":hunter2@")
+    proxy = make_proxy([wrong, "127.0.0.2"], balance="round-robin")
+    request = f"GET {origin}/page HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    status, headers, _ = http_exchange(proxy, request)
+    assert status == HTTPStatus.BAD_GATEWAY
+    assert "proxy-authenticate" not in {name.lower() for name in headers}
+    assert [http_exchange(proxy, request)[0] for _ in range(3)] == [HTTPStatus.OK] * 3  # by the other link
+    name = wrong.replace(":hunter2", "")
+    assert {row["link"]: row["state"] for row in proxy.stats()} == {name: "down", "127.0.0.2": "up"}
+    assert log.text.count("failed: the upstream proxy refused the login") == 1
+    assert "hunter2" not in log.text
+
+
+def test_plain_http_request_line_to_an_http_upstream(
+    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server],
+) -> None:
+    """What an HTTP upstream is sent, as it sees it."""
+    heads: list[bytes] = []
+
+    def upstream_proxy(conn: socket.socket) -> None:
+        heads.append(read_request_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = make_server(upstream_proxy)
+    proxy = make_proxy([f"http://al:pw@127.0.0.1:{upstream.port}"])
+    status, _, body = http_exchange(proxy, b"GET http://example.test:8080/x?y HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (status, body) == (200, b"ok")
+    lines = heads[0].decode().split("\r\n")
+    assert lines[0] == "GET http://example.test:8080/x?y HTTP/1.1"
+    assert f"Proxy-Authorization: Basic {base64.b64encode(b'al:pw').decode()}" in lines
+
+
+def test_udp_goes_through_a_socks5_upstreams_own_association(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], udp_echo: UdpServer,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url])
+    with udp_client(proxy) as client:
+        for index in range(20):
+            payload = b"datagram %d" % index
+            client.sendto(payload, (udp_echo.host, udp_echo.port))
+            assert client.recvfrom(65535) == (payload, (udp_echo.host, udp_echo.port))
+    proxy.shutdown()
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d" % i) for i in range(20))
+    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "UDP"]
+    assert exchange.via.describe() == upstream.url
+
+
+def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url])
+    upstream.stop()
+    for _ in range(2):
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            assert socks5_reply(sock)[0] == Reply.HOST_UNREACHABLE
+    assert log.text.count(f"upstream proxy {upstream.url} failed: the upstream proxy: Connection refused") == 1
+
+
+def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("pproxy-http")
+    proxy = make_proxy([upstream.url])
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert socks5_reply(sock)[0] == Reply.COMMAND_NOT_SUPPORTED
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    (exchange,) = exchanges(log)
+    assert exchange.result == f"no link carries UDP: {upstream.url} cannot (only SOCKS5 proxies relay UDP)"
+
+
+def test_udp_takes_the_link_that_carries_it(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], udp_sender: UdpServer,
+) -> None:
+    proxy = make_proxy([make_upstream("pproxy-http").url, "127.0.0.3"])
+    for _ in range(3):
+        with udp_client(proxy) as client:
+            client.sendto(b"who am I", (udp_sender.host, udp_sender.port))
+            assert client.recv(100) == b"127.0.0.3"
+
+
+def test_proxy_reached_by_a_chosen_local_address(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    """Dante here takes clients from 127.0.0.2 alone: the link by 127.0.0.2
+    gets through, the one by 127.0.0.3 is refused."""
+    upstream = make_upstream("dante", clients="127.0.0.2/32")
+    proxy = make_proxy([f"{upstream.url}+127.0.0.2", f"{upstream.url}+127.0.0.3"], balance="round-robin")
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"by .2") == b"by .2"
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[f"{upstream.url}+127.0.0.2"]["connections"] == 4
+    assert rows[f"{upstream.url}+127.0.0.3"]["state"] == "down"
+
+
+def test_proxy_retest_brings_a_restarted_upstream_back(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    flaky = make_upstream("microsocks")
+    proxy = make_proxy([flaky.url, "127.0.0.2"], balance="round-robin")
+    flaky.stop()
+    for _ in range(2):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"x") == b"x"
+    again = UpstreamServer("microsocks", [MICROSOCKS, "-i", "127.0.0.1", "-p", str(flaky.port)], flaky.url,
+                           flaky.port, flaky.output)
+    try:
+        assert wait_for(lambda: f"back in use: {flaky.url} (a retest reached 127.0.0.1:{echo_server.port})" in log.text)
+        for _ in range(2):  # in turns: one of them goes through it
+            with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+                assert echoed(client, b"x") == b"x"
+        assert f"upstream proxy {flaky.url} works again" in log.text
+    finally:
+        again.stop()
+
+
+def test_passwords_of_upstreams_never_show(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("microsocks", ("al", "hunter2"))
+    proxy = make_proxy([upstream.url, upstream.url.replace(":hunter2@", ":hunter3@") + "+127.0.0.2"])
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            echoed(client, b"secret?")
+    shown = [
+        log.text, json.dumps(proxy.stats()), dispatch.format_stats(proxy.stats()),
+        *(http_exchange(proxy, f"GET {page} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())[2].decode()
+          for page in ("/", "/stats.json", "/metrics")),
+    ]
+    for text in shown:
+        assert "hunter" not in text
+    assert "socks5://al@127.0.0.1" in shown[3]
 
 
 # ---------------------------------------------------------------------------
@@ -5074,6 +5773,50 @@ def test_cli_start_serves_until_sigterm(
         assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
+def test_cli_upstream_password_comes_from_a_file_and_never_shows(
+    make_upstream: Callable[..., UpstreamServer], echo_server: Server, tmp_path: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    upstream = make_upstream("microsocks", ("al", "hunter2"))
+    passwords = tmp_path / "upstream-passwords"
+    passwords.write_text("# the upstream proxies' logins\nal:hunter2\n")
+    outcome: list[bytes] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            outcome.append(echoed(client, b"by the file"))
+
+    log_file = str(tmp_path / "dispatch.log")
+    address = upstream.url.replace(":hunter2@", "@")
+    assert run_cli(["--upstream-auth-file", str(passwords), address], use, log_file) == 0
+    assert outcome == [b"by the file"]
+    out = capsys.readouterr().out
+    assert address in out and "hunter2" not in out
+    with open(log_file) as log:
+        written = log.read()
+    assert f"via {address}: ok, 11 B up, 11 B down" in written and "hunter2" not in written
+
+
+def test_cli_upstream_without_its_password_is_refused_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://al@127.0.0.1:1080"]) == 2
+    assert "'socks5://al@127.0.0.1:1080': no password for 'al'" in capsys.readouterr().err
+
+
+def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
+    err = capsys.readouterr().err
+    assert "socks5://al:***@10.0.0.9:1080" in err and "--upstream-auth-file" in err
+    assert "hunter2" not in err
+
+
+def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["--upstream-auth-file", "/etc/dispatch/upstream", "socks5://al@10.0.0.9:1080+eth0@2"]
+    assert dispatch.main(["service", "systemd", *arguments]) == 0
+    assert "--upstream-auth-file /etc/dispatch/upstream socks5://al@10.0.0.9:1080+eth0@2" in capsys.readouterr().out
+
+
 def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
     """What the command line changes for the process while it serves, and
     gives back when main() returns, for a program that goes on."""
@@ -5769,11 +6512,17 @@ class LabProxy:
         with self.client(import_netlab().PEER_ECHO_PORT) as client:
             return read_all(client).decode().strip()
 
-    def download(self, size: int) -> int:
-        """Fetch ``size`` bytes from the lab's HTTP server; return the body length."""
+    def download(self, size: int, *, half_close: bool = True) -> int:
+        """Fetch ``size`` bytes from the lab's HTTP server; return the body
+        length. ``half_close=False`` keeps sending open until the end (some
+        proxies end both directions at the client's EOF)."""
         with self.client(import_netlab().HTTP_PORT) as client:
             request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
-            response = round_trip(client, request.encode())
+            if half_close:
+                response = round_trip(client, request.encode())
+            else:
+                client.sendall(request.encode())
+                response = read_all(client)
         head, _, body = response.partition(b"\r\n\r\n")
         return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
 
@@ -5901,6 +6650,40 @@ def lab_status(proxy: LabProxy) -> dict[str, Any]:
         host = f"{proxy.address[0]}:{proxy.address[1]}"  # as a browser names it
         sock.sendall(f"GET /stats.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         return json.loads(read_response(sock)[2])
+
+
+LAB_UPSTREAM_PORT = 1081  # inside the server namespace, where nothing else listens
+
+
+def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """microsocks on the server, named once per uplink (+IFACE): each
+    connection to it leaves by its own uplink, so the three carry a share
+    each (without binding to the device, uplinks 2 and 3 would carry none)."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        links = [f"{url}+{link.client_ifname}" for link in metrics_lab.uplinks]
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *links)
+        before = metrics_lab.counters()
+        sizes = [proxy.download(LAB_DOWNLOAD_SIZE, half_close=False) for _ in range(6)]
+        assert sizes == [LAB_DOWNLOAD_SIZE] * 6
+        after = metrics_lab.counters()
+        for index in (1, 2, 3):
+            received = after[index].rx_bytes - before[index].rx_bytes
+            assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
+        rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+        assert rows == dict.fromkeys(links, 2)
+    finally:
+        upstream.kill()
+        upstream.wait()
 
 
 def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
