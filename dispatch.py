@@ -37,7 +37,8 @@ Map of this module, in order; each section uses only what is above it:
     health            Health: failures, background retests, checks; what is up and why not
     choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                       address a connection gets (tiers, sticky sites)
-    meter             Meter: per-address counters, rates, history; CapacityEstimator
+    meter             Meter: per-address counters, rates, history; CapacityEstimator;
+                      the state file (read_state, write_state)
     upstream          Upstream: resolve, bind to the device, the hedged connect (_Race)
                       with failover; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
@@ -2237,6 +2238,7 @@ class _LinkFigure:
     def __init__(self) -> None:
         self.last_at: float | None = None  # time of the last sample
         self.run: collections.deque[_Tick] = collections.deque()  # the current run of loaded ticks
+        self.run_moved, self.run_seconds = 0, 0.0  # what the run moved after its first tick, and in how long
         self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
         self.evidence: collections.deque[tuple[float, float]] = collections.deque()  # (evidence time, rate)
         self.figure: float | None = None
@@ -2262,21 +2264,22 @@ class CapacityEstimator:
       at the end of a burst are never evidence; neither is idle time. A tick
       longer than MAX_TICK (the clock jumped, the sampler was held up) ends
       the run too, as does a clock that went back.
-    - A rate is the median of the rates of the ticks it covers, not their
-      sum over their length: when the relay falls behind for a moment (the
-      machine is busy, a client reads slowly), the link's bytes wait in the
-      kernel and pass in the next tick, which alone would read as a link
-      faster than it is.
+    - When the relay falls behind for a moment (the machine is busy, a
+      client reads slowly), the link's bytes wait in the kernel and pass in
+      the next tick, which alone would read as a link faster than it is.
+      So a rate is never one tick's: it is a run's, or the median of ticks.
     - What a link delivers is a lower bound of what it can carry, so a rate
-      above the figure raises it at once: the newest RISE_TICKS ticks of a
-      run (and at least RISE_SPAN) are enough, the run's first among them.
-      The first and last ticks of a run are partly idle and can only read
-      low, which a rise does not mind: a link that got faster shows within
-      about a second of traffic, and a burst of short connections that lasts
-      less than a second still measures a link.
+      above the figure raises it at once. The run's rate so far (what it
+      moved after its first tick, over the time since) may, once it covers
+      RISE_SPAN: bytes the relay caught up on were delivered within the run,
+      so it never reads high. Its first tick (the connections opened during
+      it) is left out, and its last can only read low, which a rise does not
+      mind: a burst of short connections that lasts less than a second
+      measures a link. A measurement (below) above the figure raises it too:
+      a link that got faster in a long run shows within about a second.
     - Lowering needs evidence that the link, not the application, set the
-      pace: a *measurement* is the rate over ticks of at least SPAN (one
-      second) inside a run, with connections open through each of them,
+      pace: a *measurement* is the median rate of the ticks of at least SPAN
+      (one second) inside a run, with connections open through each of them,
       leaving out the run's first and last ticks (they are partly idle).
       A measurement under SMALL_SHARE of the figure through a single
       connection is one application's pace (a stream, a slow server), not
@@ -2298,8 +2301,7 @@ class CapacityEstimator:
 
     MIN_RATE = 32_000.0  # bytes per second (256 kbit/s): less is a trickle
     MAX_TICK = 1.0  # seconds; a longer tick is a gap in the samples, not traffic
-    RISE_SPAN = 0.5  # seconds of a run whose rate may raise a figure
-    RISE_TICKS = 3  # and at least this many ticks of it
+    RISE_SPAN = 0.5  # seconds of a run (after its first tick) whose rate may raise a figure
     SPAN = 1.0  # seconds of a run's inside that make one measurement
     FOLLOW_SPAN = 3.0  # seconds of measured traffic whose highest measurement is the figure
     REPLACE_SPAN = 1.0  # seconds of measurements that replace a remembered figure
@@ -2332,7 +2334,10 @@ class CapacityEstimator:
             )
             if not loaded:
                 link.run.clear()
+                link.run_moved, link.run_seconds = 0, 0.0
                 return
+            if link.run:
+                link.run_moved, link.run_seconds = link.run_moved + moved, link.run_seconds + seconds
             link.run.append(_Tick(moved, seconds, open_through))
             self._rise(link, sample.at)
             self._measure(link, sample.at)
@@ -2347,15 +2352,10 @@ class CapacityEstimator:
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
-        seconds, newest = 0.0, []
-        for tick in reversed(link.run):
-            seconds += tick.seconds
-            newest.append(tick)
-            if seconds >= self.RISE_SPAN - 1e-9 and len(newest) >= self.RISE_TICKS:
-                rate = self._typical(newest)
-                if link.figure is None or rate > link.figure:
-                    link.figure, link.remembered, link.measured_at = rate, False, now
-                return
+        if link.run_seconds >= self.RISE_SPAN - 1e-9:
+            rate = link.run_moved / link.run_seconds
+            if link.figure is None or rate > link.figure:
+                link.figure, link.remembered, link.measured_at = rate, False, now
 
     def _measure(self, link: _LinkFigure, now: float) -> None:
         # The run's inside: neither its first tick nor its newest, which may
