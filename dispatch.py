@@ -2239,6 +2239,7 @@ class _LinkFigure:
         self.last_at: float | None = None  # time of the last sample
         self.run: collections.deque[_Tick] = collections.deque()  # the current run of loaded ticks
         self.run_moved, self.run_seconds = 0, 0.0  # what the run moved after its first tick, and in how long
+        self.run_fresh = False  # the run's connections opened during its first tick: nothing waited before it
         self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
         self.evidence: collections.deque[tuple[float, float]] = collections.deque()  # (evidence time, rate)
         self.figure: float | None = None
@@ -2338,6 +2339,8 @@ class CapacityEstimator:
                 return
             if link.run:
                 link.run_moved, link.run_seconds = link.run_moved + moved, link.run_seconds + seconds
+            else:
+                link.run_fresh = open_before == 0
             link.run.append(_Tick(moved, seconds, open_through))
             self._rise(link, sample.at)
             self._measure(link, sample.at)
@@ -2352,10 +2355,20 @@ class CapacityEstimator:
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
+        rates = []
         if link.run_seconds >= self.RISE_SPAN - 1e-9:
-            rate = link.run_moved / link.run_seconds
-            if link.figure is None or rate > link.figure:
-                link.figure, link.remembered, link.measured_at = rate, False, now
+            rates.append(link.run_moved / link.run_seconds)
+        if link.run_fresh and link.run_seconds > 0:
+            # The whole run, first tick and all: for a run of new connections
+            # (nothing waited before it) it never reads high, and a run too
+            # short for the rate above still raises the figure some way.
+            first = link.run[0]
+            rates.append((first.moved + link.run_moved) / (first.seconds + link.run_seconds))
+        if not rates:
+            return
+        link.measured_at = now
+        if link.figure is None or max(rates) > link.figure:
+            link.figure, link.remembered = max(rates), False
 
     def _measure(self, link: _LinkFigure, now: float) -> None:
         # The run's inside: neither its first tick nor its newest, which may

@@ -1582,10 +1582,10 @@ class Ticks:
         return self.estimator.source(self.link)[1]
 
 
-def test_capacity_is_unknown_until_three_ticks_of_traffic_and_takes_the_larger_direction() -> None:
+def test_capacity_is_unknown_until_two_ticks_of_traffic_and_takes_the_larger_direction() -> None:
     ticks = Ticks()
     assert ticks.run(0, 60, open_count=0) is None  # idle: no evidence
-    assert ticks.run(1200 * KB, 0.5, up=100 * KB) is None  # two ticks are not enough
+    assert ticks.run(1200 * KB, 0.25, up=100 * KB) is None  # one tick is not enough
     assert ticks.run(1200 * KB, 0.25, up=100 * KB) == pytest.approx(1200 * KB)
     ticks = Ticks()
     assert ticks.run(100 * KB, 1, up=900 * KB) == pytest.approx(900 * KB)  # an upload measures too
@@ -1597,6 +1597,27 @@ def test_a_burst_of_a_second_or_more_measures_a_link(seconds: float, rate: float
     ticks = Ticks()
     assert ticks.burst(rate, seconds) == pytest.approx(rate, rel=0.01)
     assert ticks.source == "measured"
+
+
+def test_a_burst_shorter_than_a_second_raises_a_figure_some_way() -> None:
+    ticks = Ticks()
+    ticks.burst(400 * KB, 3)
+    assert 0.6 * 1200 * KB <= (ticks.burst(1200 * KB, 0.25) or 0) <= 1200 * KB
+
+
+def test_bytes_the_relay_caught_up_on_do_not_read_as_a_faster_link() -> None:
+    """The relay stalls for a quarter second now and then; what waited in
+    the kernel passes in the next one."""
+    ticks = Ticks()
+    ticks.burst(1200 * KB, 2)
+    for _ in range(20):
+        ticks.run(1200 * KB, 0.75, 4)
+        ticks.run(200 * KB, 0.25, 4)  # stalled, but still loaded
+        ticks.run(2200 * KB, 0.25, 4)
+    assert ticks.estimator.estimate(ticks.link) == pytest.approx(1200 * KB)
+    ticks.run(0, 0.5, 4)  # stalled long enough to end the run
+    ticks.run(1200 * KB + 600 * KB / TICK, TICK, 4)  # then all of it at once
+    assert ticks.run(1200 * KB, 0.5, 4) == pytest.approx(1200 * KB)
 
 
 def test_a_link_that_got_faster_shows_within_a_second_of_traffic() -> None:
