@@ -2239,7 +2239,8 @@ class _LinkFigure:
         self.last_at: float | None = None  # time of the last sample
         self.run: collections.deque[_Tick] = collections.deque()  # the current run of loaded ticks
         self.run_moved, self.run_seconds = 0, 0.0  # what the run moved after its first tick, and in how long
-        self.run_fresh = False  # the run's connections opened during its first tick: nothing waited before it
+        self.run_fresh = False  # the run's connections opened just before it: nothing waited
+        self.opened_before_run = False  # the last tick that was no run's began with nothing open
         self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
         self.evidence: collections.deque[tuple[float, float]] = collections.deque()  # (evidence time, rate)
         self.figure: float | None = None
@@ -2254,8 +2255,8 @@ class CapacityEstimator:
 
     The Dispatcher's sampler calls ``add()`` for every address every
     ESTIMATE_INTERVAL (a quarter of a second), with what the address moved
-    since the previous call (the relay counts bytes as they pass) and
-    whether connections were open through it at both ends of that tick.
+    since the previous call (the relay counts bytes as they pass) and how
+    many connections were open through it at either end of that tick.
     The rule:
 
     - A tick is *loaded* when the link moved at least MIN_RATE in it (the
@@ -2270,14 +2271,19 @@ class CapacityEstimator:
       the next tick, which alone would read as a link faster than it is.
       So a rate is never one tick's: it is a run's, or the median of ticks.
     - What a link delivers is a lower bound of what it can carry, so a rate
-      above the figure raises it at once. The run's rate so far (what it
-      moved after its first tick, over the time since) may, once it covers
-      RISE_SPAN: bytes the relay caught up on were delivered within the run,
-      so it never reads high. Its first tick (the connections opened during
-      it) is left out, and its last can only read low, which a rise does not
-      mind: a burst of short connections that lasts less than a second
-      measures a link. A measurement (below) above the figure raises it too:
-      a link that got faster in a long run shows within about a second.
+      above the figure raises it at once. In a run that begins with new
+      connections (none open before its first tick, or before the quiet
+      tick in which they opened), nothing waited before it, so bytes the
+      relay or the kernel catch up on were delivered within it: the run's
+      rate so far (after its first tick, over the time since) never reads
+      high, and raises the figure once it covers RISE_SPAN; in its first
+      ticks the whole run's rate, first tick and all, reads low but raises
+      the figure some way, so a burst of downloads shorter than a second
+      still measures a link. A run that begins with connections open (after
+      a stall, when the out-of-order bytes the kernel held pass at once)
+      raises the figure only by measurements (below), which are also what
+      shows a link that got faster in the middle of a long run, within
+      about a second and a half.
     - Lowering needs evidence that the link, not the application, set the
       pace: a *measurement* is the median rate of the ticks of at least SPAN
       (one second) inside a run, with connections open through each of them,
@@ -2336,11 +2342,12 @@ class CapacityEstimator:
             if not loaded:
                 link.run.clear()
                 link.run_moved, link.run_seconds = 0, 0.0
+                link.opened_before_run = open_before == 0
                 return
             if link.run:
                 link.run_moved, link.run_seconds = link.run_moved + moved, link.run_seconds + seconds
             else:
-                link.run_fresh = open_before == 0
+                link.run_fresh = open_before == 0 or link.opened_before_run
             link.run.append(_Tick(moved, seconds, open_through))
             self._rise(link, sample.at)
             self._measure(link, sample.at)
@@ -2355,13 +2362,15 @@ class CapacityEstimator:
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
+        if not link.run_fresh:  # bytes may have waited before it: measurements only
+            return
         rates = []
         if link.run_seconds >= self.RISE_SPAN - 1e-9:
             rates.append(link.run_moved / link.run_seconds)
-        if link.run_fresh and link.run_seconds > 0:
-            # The whole run, first tick and all: for a run of new connections
-            # (nothing waited before it) it never reads high, and a run too
-            # short for the rate above still raises the figure some way.
+        if link.run_seconds > 0 and link.run_seconds < link.run[-1].seconds * 2.5:
+            # The whole short run, first tick and all: nothing waited before
+            # it, so it never reads high, and a run too short for the rate
+            # above still raises the figure some way.
             first = link.run[0]
             rates.append((first.moved + link.run_moved) / (first.seconds + link.run_seconds))
         if not rates:

@@ -1605,6 +1605,13 @@ def test_a_burst_shorter_than_a_second_raises_a_figure_some_way() -> None:
     assert 0.6 * 1200 * KB <= (ticks.burst(1200 * KB, 0.25) or 0) <= 1200 * KB
 
 
+def test_new_connections_that_moved_little_in_their_first_tick_still_measure_a_short_burst() -> None:
+    ticks = Ticks()
+    ticks.burst(500 * KB, 3)
+    ticks.tick(5_000, 4)  # they opened at the very end of a tick
+    assert ticks.run(2000 * KB, 0.5, 4) == pytest.approx(2000 * KB)
+
+
 def test_bytes_the_relay_caught_up_on_do_not_read_as_a_faster_link() -> None:
     """The relay stalls for a quarter second now and then; what waited in
     the kernel passes in the next one."""

@@ -612,7 +612,8 @@ def batch_mode(lab: netlab.Lab, args: argparse.Namespace, mode: str
     a note.  The lab's rates are put back before returning.
     """
     original = {link.index: link.rate for link in lab.uplinks}
-    proc, note = _start_dispatch(lab, args, mode)
+    # Each round starts afresh, not from what the last one left in a state file.
+    proc, note = _start_dispatch(lab, args, mode, ["--no-state"] if args.state_supported else [])
     if proc is None:
         return None, None, note
     rates: list[float | None] = [None, None]
@@ -646,6 +647,13 @@ def _mode_support(dispatch: str) -> dict[str, str]:
         absent = [option for option in options if option not in proc.stdout]
         missing[mode] = f"dispatch has no {', '.join(absent)} option" if absent else ""
     return missing
+
+
+def _has_option(dispatch: str, option: str) -> bool:
+    """Whether ``dispatch start`` has ``option``."""
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
+                          capture_output=True, text=True, timeout=20)
+    return option in proc.stdout
 
 
 def _cell(rates: list[float], total: float, runs: int) -> str:
@@ -685,6 +693,7 @@ def batch(args: argparse.Namespace) -> int:
     for mode in args.modes:
         if unsupported[mode]:
             print(f"mode {mode} skipped: {unsupported[mode]}")
+    args.state_supported = _has_option(args.dispatch, "--no-state")
     overall_end = time.monotonic() + args.time_limit
     for setup in args.setups:
         with netlab.Lab(name=args.name, setup=setup) as lab:
@@ -811,9 +820,7 @@ def scenarios(args: argparse.Namespace) -> int:
         return 2
     unsupported = _mode_support(args.dispatch)
     modes = [mode for mode in args.modes if not unsupported[mode]]
-    help_text = subprocess.run([sys.executable, args.dispatch, "start", "--help"],
-                               capture_output=True, text=True, timeout=20).stdout
-    args.state_supported = "--state-file" in help_text
+    args.state_supported = _has_option(args.dispatch, "--state-file")
     if not args.state_supported:
         print("this dispatch has no --state-file: restarts start without a state")
     overall_end = time.monotonic() + args.time_limit
