@@ -2188,10 +2188,13 @@ class Meter:
             for address, (up, down) in counts.items()
         }
 
-    def totals(self) -> dict[LocalAddress, tuple[int, int]]:
-        """Bytes (up, down) each address has moved so far; changes nothing."""
+    def totals(self) -> tuple[float, dict[LocalAddress, tuple[int, int]]]:
+        """The time, and the bytes (up, down) each address has moved until
+        then; changes nothing. Both are read under the lock: a reader held
+        up between the two would take a long interval's bytes for a short
+        one's."""
         with self._lock:
-            return {address: (c.bytes_up, c.bytes_down) for address, c in self._counters.items()}
+            return self.clock(), {address: (c.bytes_up, c.bytes_down) for address, c in self._counters.items()}
 
     def read(self, address: LocalAddress) -> Reading:
         """The counters of ``address`` and its rates over the last interval or two."""
@@ -4848,8 +4851,7 @@ class Dispatcher:
         """Give the capacity estimator what each link moved since the last
         call, with the connections open through it then and now (the
         background task does every ESTIMATE_INTERVAL)."""
-        totals = self.meter.totals()
-        now = self.meter.clock()
+        now, totals = self.meter.totals()
         taken = {address: self.balancer.taken(address) for address in self.links.known_addresses()}
         # Every address, those that have carried nothing too: the first
         # sample of an address only starts its clock.

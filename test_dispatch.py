@@ -2077,7 +2077,7 @@ def measure_by_hand(proxy: Dispatcher, clock: FakeClock, client: socket.socket, 
     """Move 500 kB each way through an echo server a tick, on ``clock``, and
     take the sampler's turns (its background task stopped)."""
     def moved_down() -> int:
-        return sum(down for _, down in proxy.meter.totals().values())
+        return sum(down for _, down in proxy.meter.totals()[1].values())
 
     for _ in range(rounds):
         expected = moved_down() + 500_000
