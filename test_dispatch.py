@@ -1633,6 +1633,12 @@ def test_a_link_that_got_faster_shows_within_a_second_of_traffic() -> None:
     assert ticks.run(1200 * KB, 0.75) == pytest.approx(1200 * KB, rel=0.01)
 
 
+def test_a_link_that_got_faster_in_the_middle_of_a_run_shows_within_two_seconds() -> None:
+    ticks = Ticks()
+    ticks.run(400 * KB, 5, 4)
+    assert ticks.run(1200 * KB, 1.5, 4) == pytest.approx(1200 * KB, rel=0.01)
+
+
 @pytest.mark.parametrize("open_count", [1, 3, 12])
 def test_a_link_that_got_slower_shows_within_five_seconds_of_traffic(open_count: int) -> None:
     ticks = Ticks()
