@@ -39,7 +39,8 @@ Map of this module, in order; each section uses only what is above it:
     health            Health: failures, background retests, checks; what is up and why not
     choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                       address a connection gets (tiers, sticky sites)
-    meter             Meter: per-address counters, rates, history; CapacityEstimator
+    meter             Meter: per-address counters, rates, history; CapacityEstimator;
+                      the state file (read_state, write_state)
     upstream          Upstream: resolve, bind to the device, the hedged connect (_Race)
                       with failover; the connector to upstream proxies; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
@@ -2710,6 +2711,9 @@ class Balancer:
 # ---------------------------------------------------------------------------
 
 METER_INTERVAL = 2.0  # seconds between two samples of the counters
+# Seconds between two looks of the capacity estimator at the counters: a
+# burst of a second or two is seen as several ticks.
+ESTIMATE_INTERVAL = 0.25
 HISTORY_LENGTH = 300  # samples kept: ten minutes
 
 
@@ -2818,6 +2822,14 @@ class Meter:
         with self._lock:
             return self._counters.pop(address, None) or Counters()
 
+    def totals(self) -> tuple[float, dict[LocalAddress, tuple[int, int]]]:
+        """The time, and the bytes (up, down) each address has moved until
+        then; changes nothing. Both are read under the lock: a reader held
+        up between the two would take a long interval's bytes for a short
+        one's."""
+        with self._lock:
+            return self.clock(), {address: (c.bytes_up, c.bytes_down) for address, c in self._counters.items()}
+
     def read(self, address: LocalAddress) -> Reading:
         """The counters of ``address`` and its rates over the last interval or two."""
         with self._lock:
@@ -2848,71 +2860,291 @@ class Meter:
         return up, down
 
 
+@dataclasses.dataclass
+class _Tick:
+    """What one link moved between two looks of the estimator."""
+
+    moved: int  # bytes, the larger direction
+    seconds: float
+    open_through: int  # connections open at both of its ends
+
+
+class _LinkFigure:
+    """The estimator's state for one link (see CapacityEstimator)."""
+
+    def __init__(self) -> None:
+        self.last_at: float | None = None  # time of the last sample
+        self.run: collections.deque[_Tick] = collections.deque()  # the current run of loaded ticks
+        self.run_moved, self.run_seconds = 0, 0.0  # what the run moved after its first tick, and in how long
+        self.run_fresh = False  # the run's connections opened just before it: nothing waited
+        self.opened_before_run = False  # the last tick that was no run's began with nothing open
+        self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
+        self.evidence: collections.deque[tuple[float, float]] = collections.deque()  # (evidence time, rate)
+        self.figure: float | None = None
+        self.remembered = False  # the figure came from the state file and was not measured since
+        self.measured_at: float | None = None
+        self.logged: float | None = None  # the figure the log told last
+
+
 class CapacityEstimator:
     """Estimates what each link can carry (bytes per second) from what it
-    delivered while it was busy.
+    delivered while it was the bottleneck.
 
-    The meter's sampler calls ``add()`` for every address at each sample,
-    with what it moved since the previous one and whether it was busy
-    (connections open at both ends of the interval). The rule:
+    The Dispatcher's sampler calls ``add()`` for every address every
+    ESTIMATE_INTERVAL (a quarter of a second), with what the address moved
+    since the previous call (the relay counts bytes as they pass) and how
+    many connections were open through it at either end of that tick.
+    The rule:
 
-    - Only busy intervals are evidence: an idle link says nothing about
-      what it could carry, so idle time changes nothing.
-    - A busy interval's rate is its larger direction over its length, taken
-      with the previous interval when that was busy too: the relay counts
-      bytes in pieces, so one interval alone may read high or low.
-    - What a link delivered is a lower bound of what it can carry (its
-      connections may have wanted less, or ended), so the estimate is the
-      highest rate of the last WINDOW seconds of traffic: a link that got
-      faster shows it at once, one that got slower sheds the old figure
-      after WINDOW seconds of carrying traffic (within a batch of
-      downloads), and the quiet tail of a busy spell lowers nothing.
-    - A busy interval under MIN_RATE is a trickle (an idle keep-alive, a
-      chat), not a measurement: it neither counts nor ages the others.
-      Short connections on loopback leave every link unmeasured, so the
-      choice keeps taking turns.
+    - A tick is *loaded* when the link moved at least MIN_RATE in it (the
+      larger direction) with a connection open at one of its ends. A run of
+      loaded ticks is traffic; a tick that is not loaded ends the run. So a
+      trickle under MIN_RATE (a chat, an idle keep-alive) and the quiet time
+      at the end of a burst are never evidence; neither is idle time. A tick
+      longer than MAX_TICK (the clock jumped, the sampler was held up) ends
+      the run too, as does a clock that went back.
+    - When the relay falls behind for a moment (the machine is busy, a
+      client reads slowly), the link's bytes wait in the kernel and pass in
+      the next tick, which alone would read as a link faster than it is.
+      So a rate is never one tick's: it is a run's, or the median of ticks.
+    - What a link delivers is a lower bound of what it can carry, so a rate
+      above the figure raises it at once. In a run that begins with new
+      connections (none open before its first tick, or before the quiet
+      tick in which they opened), nothing waited before it, so bytes the
+      relay or the kernel catch up on were delivered within it: the run's
+      rate so far (after its first tick, over the time since) never reads
+      high, and raises the figure once it covers RISE_SPAN; in its first
+      ticks the whole run's rate, first tick and all, reads low but raises
+      the figure some way, so a burst of downloads shorter than a second
+      still measures a link. A run that begins with connections open (after
+      a stall, when the out-of-order bytes the kernel held pass at once)
+      raises the figure only by measurements (below), which are also what
+      shows a link that got faster in the middle of a long run, within
+      about a second and a half.
+    - Lowering needs evidence that the link, not the application, set the
+      pace: a *measurement* is the median rate of the ticks of at least SPAN
+      (one second) inside a run, with connections open through each of them,
+      leaving out the run's first and last ticks (they are partly idle).
+      A measurement under SMALL_SHARE of the figure through a single
+      connection is one application's pace (a stream, a slow server), not
+      the link's, and counts for nothing; through two or more connections
+      that all get so little, it is the link.
+    - The figure is the highest measurement of the last FOLLOW_SPAN seconds
+      of measured traffic (a windowed maximum, as in BBR, counted in traffic
+      time rather than wall time): a link that got slower shows after about
+      FOLLOW_SPAN plus SPAN seconds of carrying traffic, bursts of a few
+      seconds add up, and noise does not pull the figure down at each dip.
+    - A ``remember()``-ed figure (from the state file) stands until the link
+      is measured: it is replaced by the highest measurement once the
+      measurements cover REPLACE_SPAN, or at once by a higher rate.
 
-    ``estimate()`` is None until a link's first measured interval. Thread safe.
+    ``estimate()`` is None until a link's first figure. Short connections on
+    loopback seldom load a link for half a second, and where they do every
+    link reads alike, so the choice keeps taking turns. Thread safe.
     """
 
-    WINDOW = 30.0  # seconds of measured traffic the estimate looks back over
-    MIN_RATE = 32_000.0  # bytes per second: 256 kbit/s
+    MIN_RATE = 32_000.0  # bytes per second (256 kbit/s): less is a trickle
+    MAX_TICK = 1.0  # seconds; a longer tick is a gap in the samples, not traffic
+    RISE_SPAN = 0.5  # seconds of a run (after its first tick) whose rate may raise a figure
+    SPAN = 1.0  # seconds of a run's inside that make one measurement
+    FOLLOW_SPAN = 3.0  # seconds of measured traffic whose highest measurement is the figure
+    REPLACE_SPAN = 1.0  # seconds of measurements that replace a remembered figure
+    SMALL_SHARE = 0.125  # of the figure: below it, one connection's pace is the application's
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # Per address: the time of its last sample, the previous busy
-        # interval (bytes, seconds), its seconds of measured traffic so far,
-        # and its measured rates with the traffic time they were seen at.
-        self._last: dict[LocalAddress, float] = {}
-        self._previous_busy: dict[LocalAddress, tuple[int, float]] = {}
-        self._traffic_time: dict[LocalAddress, float] = {}
-        self._rates: dict[LocalAddress, collections.deque[tuple[float, float]]] = {}
+        self._links: dict[LocalAddress, _LinkFigure] = {}
 
-    def add(self, address: LocalAddress, sample: Sample, busy: bool) -> None:
-        """Take one sample of ``address``."""
+    def _of(self, address: LocalAddress) -> _LinkFigure:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _LinkFigure()
+        return link
+
+    def add(self, address: LocalAddress, sample: Sample, open_before: int, open_after: int) -> None:
+        """Take one sample of ``address``: what it moved since its previous
+        sample, with ``open_before`` connections open through it at the
+        previous sample and ``open_after`` now."""
+        open_through = min(open_before, open_after)
         with self._lock:
-            last, self._last[address] = self._last.get(address), sample.at
-            if last is None or sample.at <= last or not busy:
-                self._previous_busy.pop(address, None)
+            link = self._of(address)
+            last, link.last_at = link.last_at, sample.at
+            if last is None:
                 return
-            elapsed, moved = sample.at - last, max(sample.up, sample.down)
-            before_moved, before_elapsed = self._previous_busy.get(address, (0, 0.0))
-            self._previous_busy[address] = (moved, elapsed)
-            rate = (moved + before_moved) / (elapsed + before_elapsed)
-            if rate < self.MIN_RATE:
+            seconds, moved = sample.at - last, max(sample.up, sample.down)
+            loaded = (
+                0 < seconds <= self.MAX_TICK and moved >= self.MIN_RATE * seconds
+                and max(open_before, open_after) > 0
+            )
+            if not loaded:
+                link.run.clear()
+                link.run_moved, link.run_seconds = 0, 0.0
+                link.opened_before_run = open_before == 0
                 return
-            now = self._traffic_time[address] = self._traffic_time.get(address, 0.0) + elapsed
-            rates = self._rates.setdefault(address, collections.deque())
-            rates.append((now, rate))
-            while now - rates[0][0] > self.WINDOW:
-                rates.popleft()
+            if link.run:
+                link.run_moved, link.run_seconds = link.run_moved + moved, link.run_seconds + seconds
+            else:
+                link.run_fresh = open_before == 0 or link.opened_before_run
+            link.run.append(_Tick(moved, seconds, open_through))
+            self._rise(link, sample.at)
+            self._measure(link, sample.at)
+            self._log_change(address, link)
+
+    @staticmethod
+    def _typical(ticks: Sequence[_Tick]) -> float:
+        """The median of the ticks' rates: one tick the relay fell behind in,
+        and the next that caught up, count for nothing."""
+        rates = sorted(tick.moved / tick.seconds for tick in ticks)
+        middle = len(rates) // 2
+        return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
+
+    def _rise(self, link: _LinkFigure, now: float) -> None:
+        if not link.run_fresh:  # bytes may have waited before it: measurements only
+            return
+        rates = []
+        if link.run_seconds >= self.RISE_SPAN - 1e-9:
+            rates.append(link.run_moved / link.run_seconds)
+        if link.run_seconds > 0 and link.run_seconds < link.run[-1].seconds * 2.5:
+            # The whole short run, first tick and all: nothing waited before
+            # it, so it never reads high, and a run too short for the rate
+            # above still raises the figure some way.
+            first = link.run[0]
+            rates.append((first.moved + link.run_moved) / (first.seconds + link.run_seconds))
+        if not rates:
+            return
+        link.measured_at = now
+        if link.figure is None or max(rates) > link.figure:
+            link.figure, link.remembered = max(rates), False
+
+    def _measure(self, link: _LinkFigure, now: float) -> None:
+        # The run's inside: neither its first tick nor its newest, which may
+        # turn out to be its last.
+        inside = list(link.run)[1:-1]
+        seconds, fewest, ticks = 0.0, math.inf, []
+        for tick in reversed(inside):
+            if not tick.open_through:
+                break
+            seconds, fewest = seconds + tick.seconds, min(fewest, tick.open_through)
+            ticks.append(tick)
+            if seconds >= self.SPAN - 1e-9:
+                break
+        if seconds < self.SPAN - 1e-9:
+            return
+        # Keep the run short: what one measurement needs, and its first tick.
+        while len(link.run) > 2 and sum(t.seconds for t in list(link.run)[2:-1]) >= self.SPAN:
+            link.run.popleft()
+        rate = self._typical(ticks)
+        if link.figure is not None and rate < link.figure * self.SMALL_SHARE and fewest < 2:
+            return
+        link.evidence_time += link.run[-1].seconds
+        link.evidence.append((link.evidence_time, rate))
+        while link.evidence[0][0] <= link.evidence_time - self.FOLLOW_SPAN:
+            link.evidence.popleft()
+        highest = max(rate for _, rate in link.evidence)
+        link.measured_at = now
+        if link.figure is None or highest > link.figure:
+            link.figure, link.remembered = highest, False
+        elif link.remembered:
+            if link.evidence_time >= self.REPLACE_SPAN - 1e-9:
+                link.figure, link.remembered = highest, False
+        elif link.evidence_time >= self.FOLLOW_SPAN - 1e-9:
+            link.figure = highest
+
+    @staticmethod
+    def _log_change(address: LocalAddress, link: _LinkFigure) -> None:
+        """One debug line when the figure is a quarter off the one told last
+        (or the first): a few steps that add up to a change are told too."""
+        before, after = link.logged, link.figure
+        if after is not None and (before is None or abs(after - before) > before / 4):
+            link.logged = after
+            logger.debug(
+                "capacity of %s: %s -> %.0f kB/s", address.describe(),
+                "not measured" if before is None else f"{before / 1000:.0f} kB/s", after / 1000,
+            )
+
+    def remember(self, address: LocalAddress, capacity: float) -> None:
+        """Start ``address`` from ``capacity`` (bytes per second), kept from
+        an earlier run, unless it has a figure already."""
+        with self._lock:
+            link = self._of(address)
+            if link.figure is None and capacity > 0:
+                link.figure, link.remembered, link.logged = capacity, True, capacity
 
     def estimate(self, address: LocalAddress) -> float | None:
         """What ``address`` can carry, in bytes per second; None while never measured."""
         with self._lock:
-            rates = self._rates.get(address)
-            return max(rate for _, rate in rates) if rates else None
+            link = self._links.get(address)
+            return link.figure if link else None
 
+    def source(self, address: LocalAddress) -> tuple[float | None, str | None, float | None]:
+        """(figure, source, when): the figure, where it comes from
+        ("measured", "remembered", or None without a figure) and the time it
+        was last measured (the samples' clock; None if never)."""
+        with self._lock:
+            link = self._links.get(address)
+            if link is None or link.figure is None:
+                return None, None, None
+            return link.figure, "remembered" if link.remembered else "measured", link.measured_at
+
+
+# The state file: each link's last capacity, kept across runs.
+STATE_FORMAT = "dispatch link capacities"  # what marks a state file as this program's
+STATE_VERSION = 1
+STATE_SAVE_INTERVAL = 60.0  # seconds between two writes of the state file while serving
+
+
+def read_state(path: str) -> dict[str, float]:
+    """The capacities (bytes per second) a state file keeps, by link key.
+
+    A missing, unreadable, corrupt or foreign file is one warning line and
+    an empty result: a fresh start, never a refusal to start."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        logger.warning("no state file at %s yet: every link starts not measured", path)
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        logger.warning("state file %s unreadable (%s): every link starts not measured", path, error)
+        return {}
+    links = data.get("links") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT or not isinstance(links, dict):
+        logger.warning("%s is not a dispatch state file: every link starts not measured", path)
+        return {}
+    if data.get("version") != STATE_VERSION:
+        logger.warning("state file %s is of version %r, not %d: every link starts not measured",
+                       path, data.get("version"), STATE_VERSION)
+        return {}
+    capacities = {}
+    for key, entry in links.items():
+        capacity = entry.get("capacity") if isinstance(entry, dict) else None
+        if isinstance(capacity, (int, float)) and not isinstance(capacity, bool) and 0 < capacity < math.inf:
+            capacities[str(key)] = float(capacity)
+    return capacities
+
+
+def write_state(path: str, capacities: Mapping[str, float]) -> None:
+    """Write ``capacities`` (by link key) to the state file at ``path``,
+    atomically: readers see the old file or the new one, never half of one.
+    Raises OSError."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    data = {
+        "format": STATE_FORMAT, "version": STATE_VERSION, "written": round(time.time(), 1),
+        "links": {key: {"capacity": round(capacity, 1)} for key, capacity in sorted(capacities.items())},
+    }
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=1)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 # ---------------------------------------------------------------------------
@@ -4497,13 +4729,20 @@ _SCRIPT = """
     }
     return t + " s";
   }
+  function source(a) {  // as capacity_source
+    if (a.capacity == null || a.capacity_source == null) return "";
+    if (a.capacity_source === "measured" && a.capacity_age != null) {
+      return "measured " + duration(a.capacity_age) + " ago";
+    }
+    return a.capacity_source;
+  }
   function row(a, i) {
     var tr = el("tr"), st = a.state || "", cells = [
       ["Link", a.link, [a.ip, a.interface].filter(Boolean).join(" \\u00b7 "), "link"],
       ["Tier", a.tier], ["State", st, a.reason, st], ["Open", String(a.open), "", "n"],
       ["Down", bytes(a.bytes_down), "", "n"], ["Up", bytes(a.bytes_up), "", "n"],
       ["Down kB/s", kbs(a.rate_down), "", "n"], ["Up kB/s", kbs(a.rate_up), "", "n"],
-      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", "", "n"]];
+      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", source(a), "n"]];
     cells.forEach(function (c, j) {
       var td = tr.appendChild(el("td", c[3], c[1]));
       td.setAttribute("data-label", c[0]);
@@ -4593,6 +4832,17 @@ _HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/
 _FIRST_NUMERIC = 3  # heading index from which columns hold numbers
 
 
+def capacity_source(row: Mapping[str, Any]) -> str:
+    """Where a stats() row's capacity comes from: "measured 5 s ago",
+    "remembered" (from an earlier run, not measured since) or "not measured"."""
+    source, age = row.get("capacity_source"), row.get("capacity_age")
+    if row.get("capacity") is None or source in (None, "not measured"):
+        return "not measured"
+    if source == "measured" and age is not None:
+        return f"measured {format_duration(age)} ago"
+    return str(source)
+
+
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -4620,7 +4870,7 @@ def _row(row: Mapping[str, Any], colour: int | None) -> str:
              ("Down kB/s", _kbs(row["rate_down"]), "", "n"),
              ("Up kB/s", _kbs(row["rate_up"]), "", "n"),
              ("Capacity", "not measured" if capacity is None else format_bytes(capacity) + "/s",
-              "", "n")]
+              "" if capacity is None or colour is None else capacity_source(row), "n")]
     out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
     for position, (label, text, small, cls) in enumerate(cells):
         under = f"<small>{_e(small)}</small>" if small else ""
@@ -4720,6 +4970,11 @@ _PER_ADDRESS = (
     ("dispatch_link_capacity_bytes_per_second", "gauge",
      "Estimated bytes per second the address carries (the busier direction); absent until measured.",
      "capacity"),
+    ("dispatch_link_capacity_age_seconds", "gauge",
+     "Seconds since the capacity was last measured; absent until measured in this run.", "capacity_age"),
+    ("dispatch_link_capacity_remembered", "gauge",
+     "1 while the capacity is the one remembered from an earlier run, 0 once measured; absent without one.",
+     "capacity_remembered"),
 )
 
 
@@ -4747,7 +5002,10 @@ def _metric_family(name: str, kind: str, text: str,
 def render_metrics(status: dict[str, Any]) -> str:
     """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
     per-address series carry ``link`` and ``address`` (the local IP) labels."""
-    rows = [{**row, "up": int(row["state"] in ("up", "standby"))} for row in status["addresses"]]
+    rows = [{**row, "up": int(row["state"] in ("up", "standby")), "capacity_age": row.get("capacity_age"),
+             "capacity_remembered": None if row.get("capacity") is None
+             else int(row.get("capacity_source") == "remembered")}
+            for row in status["addresses"]]
     lines = _metric_family("dispatch_build_info", "gauge", "Always 1; the version is in the label.",
                     [({"version": status["version"]}, 1)])
     lines += _metric_family("dispatch_uptime_seconds", "gauge", "Seconds since the proxy started.",
@@ -5705,6 +5963,7 @@ def _waiting_row(link: Link) -> dict[str, Any]:
         "ip": None, "interface": link.name, "link": link.name, "weight": link.weight, "tier": link.tier,
         "state": "waiting", "reason": "no address yet", "connections": 0, "failed": 0, "open": 0,
         "bytes_up": 0, "bytes_down": 0, "rate_up": 0.0, "rate_down": 0.0, "capacity": None,
+        "capacity_source": "not measured", "capacity_age": None,
     }
 
 
@@ -5752,10 +6011,13 @@ class Dispatcher:
       through another link; 0 never.
     - ``upstream_passwords``: {user: password} for the proxies' URLs that
       give a user and no password (kept out of the process list).
+    - ``state_file``: where each link's capacity is kept across runs (read
+      at the start, written every STATE_SAVE_INTERVAL and at shutdown);
+      None keeps nothing.
 
     While it serves, a background thread follows the interfaces' addresses,
-    samples the meter (and measures capacities by it), and starts retests
-    and checks. Raises AddressError for an unusable address, ValueError for a
+    samples the meter, measures capacities by it (CapacityEstimator), keeps
+    the state file, and starts retests and checks. Raises AddressError for an unusable address, ValueError for a
     bad ``credentials``, ``allow`` or ``checks`` entry, and OSError if it
     cannot listen.
     """
@@ -5781,6 +6043,7 @@ class Dispatcher:
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         hedge: float = DEFAULT_HEDGE,
         upstream_passwords: Mapping[str, str] | None = None,
+        state_file: str | None = None,
     ) -> None:
         self.links = LinkSet(resolve_links(addresses, upstream_passwords))
         if balance is None:
@@ -5804,7 +6067,14 @@ class Dispatcher:
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
         self.health = Health(cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
-        self._taken_before: dict[LocalAddress, int] = {}  # connections open at the meter's last sample
+        self._taken_before: dict[LocalAddress, int] = {}  # connections open at the estimator's last tick
+        self._totals_before: dict[LocalAddress, tuple[int, int]] = {}  # bytes moved by then
+        self.state_file = state_file
+        # What the state file kept, by link key (read once serving, so that
+        # its warnings reach the log); what this run measures is added.
+        self._kept: dict[str, float] = {}
+        self._written: dict[str, float] | None = None  # None until the state file was read
+        self._state_unwritable = False  # told once
         self.balancer = Balancer(
             self.links.addresses, self.health, balance=Balance(balance), capacity=self.capacity.estimate,
             sticky=StickyTable(sticky) if sticky else None,
@@ -5827,6 +6097,9 @@ class Dispatcher:
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
         self.tasks.add(METER_INTERVAL, self.sample_meter)
+        self.tasks.add(ESTIMATE_INTERVAL, self.measure_capacities)
+        if state_file:
+            self.tasks.add(STATE_SAVE_INTERVAL, self.save_state)
         self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
         if self.checks:
             self.tasks.add(check_interval, self._check)
@@ -5845,20 +6118,65 @@ class Dispatcher:
                 self._forgotten[key] += getattr(counters, key)
 
     def sample_meter(self) -> None:
-        """Sample the meter, and measure each link's capacity by it (the
-        background task does every METER_INTERVAL)."""
-        samples = self.meter.sample()
-        now = self.meter.clock()
+        """Sample the meter for its rates and history (the background task
+        does every METER_INTERVAL)."""
+        self.meter.sample()
+
+    def measure_capacities(self) -> None:
+        """Give the capacity estimator what each link moved since the last
+        call, with the connections open through it then and now (the
+        background task does every ESTIMATE_INTERVAL)."""
+        now, totals = self.meter.totals()
         taken = {address: self.balancer.taken(address) for address in self.links.known_addresses()}
         # Every address, those that have carried nothing too: the first
-        # sample of an address only starts its clock. An interval is
-        # evidence only if connections were open at both its ends: the first
-        # and last intervals of a busy spell are partly idle, and would read
-        # as a link slower than it is.
+        # sample of an address only starts its clock.
         for address, open_now in taken.items():
-            busy = open_now > 0 and self._taken_before.get(address, 0) > 0
-            self.capacity.add(address, samples.get(address, Sample(0, 0, 0, now)), busy)
-        self._taken_before = taken
+            if address not in self._taken_before:  # new: start it from what an earlier run measured
+                kept = self._kept.get(self._state_key(address))
+                if kept is not None:
+                    self.capacity.remember(address, kept)
+            up, down = totals.get(address, (0, 0))
+            up_before, down_before = self._totals_before.get(address, (0, 0))  # counted from 0
+            sample = Sample(up - up_before, down - down_before, 0, now)
+            self.capacity.add(address, sample, self._taken_before.get(address, 0), open_now)
+        self._taken_before, self._totals_before = taken, totals
+
+    def _state_key(self, address: LocalAddress) -> str:
+        """What names ``address``'s link in the state file: the interface
+        name (with " IPv6" for its IPv6 addresses) or the address."""
+        link = self.links.link_of(address)
+        if link is None or not link.is_interface:
+            return address.ip
+        return f"{link.name} IPv6" if address.family == socket.AF_INET6 else link.name
+
+    def save_state(self) -> None:
+        """Write each link's capacity to the state file, if any changed
+        (the background task does every STATE_SAVE_INTERVAL, and shutdown
+        once more). A file that cannot be written is one warning line."""
+        if not self.state_file or self._written is None:
+            return
+        capacities = dict(self._kept)
+        measured_at: dict[str, float] = {}
+        for address in self.links.known_addresses():
+            figure, source, when = self.capacity.source(address)
+            key = self._state_key(address)
+            # Of two addresses a link has had, the one measured last speaks for it.
+            when = -math.inf if when is None else when
+            if figure is not None and when >= measured_at.get(key, -math.inf):
+                capacities[key], measured_at[key] = figure, when
+        if capacities == self._written:
+            return
+        try:
+            write_state(self.state_file, capacities)
+        except OSError as error:
+            if not self._state_unwritable:
+                self._state_unwritable = True
+                logger.warning("cannot write the state file %s: %s", self.state_file, _describe(error))
+            return
+        if self._state_unwritable:
+            self._state_unwritable = False
+            logger.info("state file %s written again", self.state_file)
+        self._written = capacities
 
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""
@@ -5963,6 +6281,10 @@ class Dispatcher:
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` is called (from any thread, a signal
         handler included)."""
+        if self.state_file and self._written is None:
+            self._kept = read_state(self.state_file)
+            self._written = dict(self._kept)
+        self.measure_capacities()  # starts each link's clock, from its remembered figure
         self.tasks.start()
         self._serving.set()
         try:
@@ -5987,6 +6309,7 @@ class Dispatcher:
             thread.join()
         self._server.server_close()
         self.tasks.stop()
+        self.save_state()
         deadline = time.monotonic() + grace
         while not self.admission.wait_until_none_open(min(GRACE_POLL, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or (cut_short is not None and cut_short.is_set()):
@@ -6005,8 +6328,10 @@ class Dispatcher:
         for a backup while a primary is up; "gone" once its interface no
         longer holds it) and the reason, connections (opened in all, failed,
         open), bytes each way, the rates each way in bytes per second over
-        the last interval or two (METER_INTERVAL), and the capacity measured
-        (None until measured). An interface that has had no address yet has
+        the last interval or two (METER_INTERVAL), the capacity (None until
+        known), where it comes from (capacity_source: "measured",
+        "remembered" from an earlier run, or "not measured") and the seconds
+        since it was last measured (capacity_age, None if not in this run). An interface that has had no address yet has
         a row with ip None, state "waiting". Reading changes nothing: every
         reader sees the same."""
         current = self.links.addresses
@@ -6033,12 +6358,20 @@ class Dispatcher:
                 "bytes_down": reading.counters.bytes_down,
                 "rate_up": reading.rate_up,
                 "rate_down": reading.rate_down,
-                "capacity": self.capacity.estimate(address),
+                **self._capacity_fields(address),
             })
         for link in self.links.links:
             if not link.known:
                 rows.append(_waiting_row(link))
         return rows
+
+    def _capacity_fields(self, address: LocalAddress) -> dict[str, Any]:
+        figure, source, when = self.capacity.source(address)
+        return {
+            "capacity": figure,
+            "capacity_source": source or "not measured",
+            "capacity_age": None if when is None else max(0.0, self.meter.clock() - when),
+        }
 
     def status(self) -> dict[str, Any]:
         """Everything a status page shows: version, uptime, where it listens,
@@ -6100,6 +6433,19 @@ def default_log_path() -> str:
         return os.path.join(home, "Library", "Logs", "dispatch", "dispatch.log")
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
     return os.path.join(base, "dispatch", "dispatch.log")
+
+
+def default_state_path() -> str:
+    """Where each link's capacity is kept across restarts without
+    ``--state-file``: the platform's state directory (beside the log on
+    Linux and Windows)."""
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+        return os.path.join(base, "dispatch", "state.json")
+    if sys.platform == "darwin":
+        return os.path.join(home, "Library", "Application Support", "dispatch", "state.json")
+    return os.path.join(os.path.dirname(default_log_path()), "state.json")
 
 
 def _default_route_interfaces() -> set[str] | None:
@@ -6198,7 +6544,8 @@ def _format_rate(bytes_per_second: float) -> str:
 def format_stats(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
     header = (
-        "ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP", "CAPACITY"
+        "ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP", "CAPACITY",
+        "FROM",
     )
     table = [header] + [
         (
@@ -6207,10 +6554,11 @@ def format_stats(rows: Sequence[dict[str, Any]]) -> str:
             format_bytes(row["bytes_down"]), format_bytes(row["bytes_up"]),
             _format_rate(row["rate_down"]), _format_rate(row["rate_up"]),
             "-" if row.get("capacity") is None else _format_rate(row["capacity"]),
+            capacity_source(row),
         )
         for row in rows
     ]
-    return format_table(table, right_aligned=range(4, len(header)))
+    return format_table(table, right_aligned=range(4, len(header) - 1))
 
 
 def _setup_logging(debug: bool, log_file: str | None) -> str:
@@ -6318,7 +6666,9 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
         f"{format_bytes(up)} up, {format_bytes(down)} down{refused}"
     ]
     for row in stats:
-        capacity = "not measured" if row["capacity"] is None else f"measured {_format_rate(row['capacity'])}"
+        capacity = "not measured"
+        if row["capacity"] is not None:
+            capacity = f"capacity {_format_rate(row['capacity'])} ({capacity_source(row)})"
         lines.append(
             f"  {row['ip'] or row['link']} ({row['interface'] or '-'}): {plural(row['connections'], 'connection')}, "
             f"{row['open']} open, {format_bytes(row['bytes_down'])} down, {capacity}"
@@ -6413,6 +6763,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             check_interval=args.check_interval,
             hedge=args.hedge,
             upstream_passwords=upstream_passwords,
+            state_file=None if args.no_state else args.state_file or default_state_path(),
         )
     except (AddressError, ValueError) as error:
         return _error(str(error))
@@ -6889,6 +7240,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--sticky", type=_duration("--sticky"), default=0.0, metavar="SECONDS",
         help="keep a client's connections to one site (example.co.uk) on one link while the site was "
         "used within SECONDS (default 0: off, so that one site's downloads spread)",
+    )
+    start.add_argument(
+        "--state-file", metavar="PATH",
+        help=f"keep each link's measured capacity here across restarts (default {default_state_path()})",
+    )
+    start.add_argument(
+        "--no-state", action="store_true",
+        help="keep no state file: every start measures the links afresh",
     )
     start.add_argument(
         "--check", action="append", type=_check_target, default=[], metavar="IP:PORT",

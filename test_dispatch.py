@@ -337,6 +337,14 @@ def unanswered_address() -> Iterator[tuple[str, int]]:
 # Proxies -------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
+def own_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dispatch start`` keeps its state file (and log) under XDG_STATE_HOME
+    by default: each test has its own, so that no test starts from what
+    another measured, and the user's is never touched."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def restore_logger() -> Iterator[None]:
     """Undo what the command line or a test does to the logger (handlers
     added, no propagation), so that caplog sees the records of later tests."""
@@ -2029,54 +2037,212 @@ def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
 # Measured balancing, sticky sites, tiers ------------------------------------
 
 KB = 1000  # rates in kB/s, as the lab counts them
+TICK = dispatch.ESTIMATE_INTERVAL
 
 
-def feed(estimator: dispatch.CapacityEstimator, link: dispatch.LocalAddress, rate: float, seconds: int,
-         start: float, busy: bool = True) -> float:
-    """Feed ``seconds`` one-second samples of ``rate`` bytes per second from
-    ``start``; return the time of the last."""
-    now = start
-    for _ in range(seconds):
-        now += 1.0
-        estimator.add(link, dispatch.Sample(0, int(rate), 0, now), busy)
-    return now
+class Ticks:
+    """Feeds one link's samples to an estimator as the Dispatcher's sampler
+    does: every TICK, the bytes moved since, the connections open then and now."""
+
+    def __init__(self, estimator: dispatch.CapacityEstimator | None = None) -> None:
+        self.estimator = estimator or dispatch.CapacityEstimator()
+        self.link = dispatch.LocalAddress("10.0.0.1")
+        self.now, self.open = 0.0, 0
+        self.estimator.add(self.link, dispatch.Sample(0, 0, 0, self.now), 0, 0)
+
+    def run(self, rate: float, seconds: float, open_count: int = 1, up: float = 0.0) -> float | None:
+        """``seconds`` of ``rate`` (bytes per second, down; ``up`` the other
+        way) through ``open_count`` connections; returns the estimate."""
+        for _ in range(round(seconds / TICK)):
+            self.tick(rate * TICK, open_count, up * TICK)
+        return self.estimator.estimate(self.link)
+
+    def tick(self, moved: float, open_after: int, up: float = 0.0, seconds: float = TICK) -> None:
+        self.now += seconds
+        self.estimator.add(self.link, dispatch.Sample(int(up), int(moved), 0, self.now), self.open, open_after)
+        self.open = open_after
+
+    def burst(self, rate: float, seconds: float, open_count: int = 3) -> float | None:
+        """A burst as a batch of downloads makes it: connections open partway
+        into a tick, run ``seconds`` at ``rate``, end partway into another,
+        and stay open idle (keep-alive) for a while."""
+        self.tick(rate * TICK * 0.4, open_count)
+        self.run(rate, seconds, open_count)
+        self.tick(rate * TICK * 0.3, open_count)
+        self.run(0, 2.0, open_count)  # open, idle
+        self.tick(0, 0)
+        return self.estimator.estimate(self.link)
+
+    @property
+    def source(self) -> str | None:
+        return self.estimator.source(self.link)[1]
 
 
-def test_capacity_is_unknown_until_a_busy_sample_and_takes_the_larger_direction() -> None:
-    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
-    feed(estimator, link, 1200 * KB, 5, 0.0, busy=False)
-    assert estimator.estimate(link) is None  # idle: no evidence
-    estimator.add(link, dispatch.Sample(900 * KB, 100 * KB, 1, 6.0), True)
-    assert estimator.estimate(link) == pytest.approx(900 * KB)
+def test_capacity_is_unknown_until_two_ticks_of_traffic_and_takes_the_larger_direction() -> None:
+    ticks = Ticks()
+    assert ticks.run(0, 60, open_count=0) is None  # idle: no evidence
+    assert ticks.run(1200 * KB, 0.25, up=100 * KB) is None  # one tick is not enough
+    assert ticks.run(1200 * KB, 0.25, up=100 * KB) == pytest.approx(1200 * KB)
+    ticks = Ticks()
+    assert ticks.run(100 * KB, 1, up=900 * KB) == pytest.approx(900 * KB)  # an upload measures too
 
 
-def test_trickles_do_not_measure_a_link() -> None:
-    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
-    feed(estimator, link, estimator.MIN_RATE / 2, 30, 0.0)
-    assert estimator.estimate(link) is None
+@pytest.mark.parametrize("seconds", [1.0, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("rate", [400 * KB, 1200 * KB, 50_000 * KB])
+def test_a_burst_of_a_second_or_more_measures_a_link(seconds: float, rate: float) -> None:
+    ticks = Ticks()
+    assert ticks.burst(rate, seconds) == pytest.approx(rate, rel=0.01)
+    assert ticks.source == "measured"
 
 
-def test_capacity_follows_a_link_that_got_faster_or_slower() -> None:
-    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
-    now = feed(estimator, link, 400 * KB, 20, 0.0)
-    now = feed(estimator, link, 1200 * KB, 2, now)
-    assert estimator.estimate(link) == pytest.approx(1200 * KB)  # within two saturated seconds
-    now = feed(estimator, link, 400 * KB, 25, now)
-    assert estimator.estimate(link) == pytest.approx(1200 * KB)  # within the window
-    now = feed(estimator, link, 400 * KB, 10, now)
-    assert estimator.estimate(link) == pytest.approx(400 * KB)  # the new figure, after 30 s of traffic
-    feed(estimator, link, 0, 3600, now, busy=False)
-    assert estimator.estimate(link) == pytest.approx(400 * KB)  # idle time changes nothing
+def test_a_burst_shorter_than_a_second_raises_a_figure_some_way() -> None:
+    ticks = Ticks()
+    ticks.burst(400 * KB, 3)
+    assert 0.6 * 1200 * KB <= (ticks.burst(1200 * KB, 0.25) or 0) <= 1200 * KB
 
 
-def test_the_quiet_end_of_a_busy_spell_lowers_nothing() -> None:
-    """A batch's downloads end while their connections stay open (keep-alive):
-    the link is busy but quiet, which says nothing of what it can carry."""
-    estimator, link = dispatch.CapacityEstimator(), dispatch.LocalAddress("10.0.0.1")
-    now = feed(estimator, link, 1150 * KB, 10, 0.0)
-    now = feed(estimator, link, 560 * KB, 1, now)  # the last download ended mid-interval
-    feed(estimator, link, 0, 600, now)  # open, idle
-    assert estimator.estimate(link) == pytest.approx(1150 * KB)
+def test_new_connections_that_moved_little_in_their_first_tick_still_measure_a_short_burst() -> None:
+    ticks = Ticks()
+    ticks.burst(500 * KB, 3)
+    ticks.tick(5_000, 4)  # they opened at the very end of a tick
+    assert ticks.run(2000 * KB, 0.5, 4) == pytest.approx(2000 * KB)
+
+
+def test_bytes_the_relay_caught_up_on_do_not_read_as_a_faster_link() -> None:
+    """The relay stalls for a quarter second now and then; what waited in
+    the kernel passes in the next one."""
+    ticks = Ticks()
+    ticks.burst(1200 * KB, 2)
+    for _ in range(20):
+        ticks.run(1200 * KB, 0.75, 4)
+        ticks.run(200 * KB, 0.25, 4)  # stalled, but still loaded
+        ticks.run(2200 * KB, 0.25, 4)
+    assert ticks.estimator.estimate(ticks.link) == pytest.approx(1200 * KB)
+    ticks.run(0, 0.5, 4)  # stalled long enough to end the run
+    ticks.run(1200 * KB + 600 * KB / TICK, TICK, 4)  # then all of it at once
+    assert ticks.run(1200 * KB, 0.5, 4) == pytest.approx(1200 * KB)
+
+
+def test_a_link_that_got_faster_shows_within_a_second_of_traffic() -> None:
+    ticks = Ticks()
+    ticks.burst(400 * KB, 3)
+    assert ticks.run(1200 * KB, 0.75) == pytest.approx(1200 * KB, rel=0.01)
+
+
+def test_a_link_that_got_faster_in_the_middle_of_a_run_shows_within_two_seconds() -> None:
+    ticks = Ticks()
+    ticks.run(400 * KB, 5, 4)
+    assert ticks.run(1200 * KB, 1.5, 4) == pytest.approx(1200 * KB, rel=0.01)
+
+
+@pytest.mark.parametrize("open_count", [1, 3, 12])
+def test_a_link_that_got_slower_shows_within_five_seconds_of_traffic(open_count: int) -> None:
+    ticks = Ticks()
+    ticks.burst(1200 * KB, 3)
+    assert ticks.run(400 * KB, 2, open_count) == pytest.approx(1200 * KB)  # a dip is not yet a change
+    assert ticks.run(400 * KB, 3, open_count) == pytest.approx(400 * KB, rel=0.01)
+
+
+def test_a_slower_link_shows_over_bursts_of_a_second_or_two() -> None:
+    """The traffic of short bursts adds up: idle time between them neither
+    counts nor resets what they showed."""
+    ticks = Ticks()
+    ticks.burst(1200 * KB, 3)
+    figures = [ticks.burst(400 * KB, 1.5) for _ in range(5)]
+    assert figures[0] == pytest.approx(1200 * KB)
+    assert figures[-1] == pytest.approx(400 * KB, rel=0.01)
+
+
+def test_a_link_that_stays_alike_keeps_its_figure_through_noise() -> None:
+    ticks, noise = Ticks(), random.Random(7)
+    ticks.burst(1200 * KB, 3)
+    for _ in range(400):
+        ticks.run(1200 * KB * noise.uniform(0.85, 1.0), TICK, 4)
+    assert 1100 * KB <= (ticks.estimator.estimate(ticks.link) or 0) <= 1200 * KB
+
+
+def test_the_quiet_end_of_a_burst_lowers_nothing() -> None:
+    """A batch's downloads end at different moments while their connections
+    stay open (keep-alive): the link is quiet, which says nothing of what it
+    can carry."""
+    ticks = Ticks()
+    ticks.run(1150 * KB, 3, 10)
+    ticks.run(700 * KB, 0.25, 10)  # most downloads ended
+    ticks.run(300 * KB, 0.25, 10)
+    ticks.run(80 * KB, 0.25, 10)
+    assert ticks.run(0, 600, 10) == pytest.approx(1150 * KB)
+    ticks.tick(0, 0)
+    assert ticks.run(0, 3600, 0) == pytest.approx(1150 * KB)  # idle time changes nothing
+
+
+@pytest.mark.parametrize("rate", [1 * KB, 20 * KB, 31 * KB])
+def test_a_trickle_neither_measures_nor_lowers_a_link(rate: float) -> None:
+    ticks = Ticks()
+    assert ticks.run(rate, 120, 2) is None  # a chat, a keep-alive
+    ticks.burst(1200 * KB, 2)
+    assert ticks.run(rate, 120, 2) == pytest.approx(1200 * KB)
+
+
+def test_one_slow_stream_is_the_applications_pace_but_many_are_the_links() -> None:
+    ticks = Ticks()
+    ticks.burst(4000 * KB, 2)
+    assert ticks.run(150 * KB, 60, 1) == pytest.approx(4000 * KB)  # a video's pace, far under the figure
+    assert ticks.run(150 * KB, 6, 4) == pytest.approx(150 * KB, rel=0.01)  # four all that slow: the link
+
+
+def test_short_connections_never_open_at_a_tick_measure_nothing() -> None:
+    ticks = Ticks()
+    assert ticks.run(5000 * KB, 30, 0) is None  # each opened and closed between two ticks
+
+
+@pytest.mark.parametrize("jump", [-5.0, -TICK, 0.0, 3.0, 3600.0])
+def test_a_clock_that_jumps_is_no_evidence(jump: float) -> None:
+    ticks = Ticks()
+    ticks.burst(1200 * KB, 2)
+    ticks.run(1200 * KB, 1, 2)
+    ticks.tick(1200 * KB * TICK + max(jump, 0) * 1200 * KB, 2, seconds=jump)  # what moved meanwhile, and more
+    assert ticks.estimator.estimate(ticks.link) == pytest.approx(1200 * KB)
+    assert ticks.run(400 * KB, 6, 2) == pytest.approx(400 * KB, rel=0.01)  # and it measures on
+
+
+def test_a_remembered_figure_stands_until_the_link_is_measured() -> None:
+    ticks = Ticks()
+    ticks.estimator.remember(ticks.link, 1200 * KB)
+    assert (ticks.estimator.estimate(ticks.link), ticks.source) == (1200 * KB, "remembered")
+    ticks.run(0, 600, 0)
+    ticks.run(10 * KB, 60, 1)  # a trickle is no measurement
+    assert (ticks.estimator.estimate(ticks.link), ticks.source) == (1200 * KB, "remembered")
+    figure = ticks.burst(500 * KB, 2.5)
+    assert (figure, ticks.source) == (pytest.approx(500 * KB, rel=0.01), "measured")
+    ticks.estimator.remember(ticks.link, 3000 * KB)  # a figure of this run is not overwritten
+    assert ticks.estimator.estimate(ticks.link) == pytest.approx(500 * KB, rel=0.01)
+
+
+def test_a_higher_rate_replaces_a_remembered_figure_at_once() -> None:
+    ticks = Ticks()
+    ticks.estimator.remember(ticks.link, 400 * KB)
+    assert ticks.run(1200 * KB, 0.75) == pytest.approx(1200 * KB)
+    assert ticks.source == "measured"
+
+
+def test_a_change_of_more_than_a_quarter_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    ticks = Ticks()
+
+    def told() -> list[tuple[str, float]]:
+        found = (re.fullmatch(r"capacity of 10\.0\.0\.1: (.*) -> (\d+) kB/s", record.getMessage())
+                 for record in caplog.records)
+        return [(match[1], float(match[2])) for match in found if match]
+
+    with caplog.at_level(logging.DEBUG, logger="dispatch"):
+        ticks.burst(1200 * KB, 2)
+        assert told()[0][0] == "not measured" and told()[-1][1] == 1200
+        lines = len(told())
+        ticks.run(1250 * KB, 2, 3)  # a few per cent: nothing to tell
+        assert len(told()) == lines
+        ticks.run(400 * KB, 6, 3)
+    assert told()[-1][1] == 400
+    for (before, after), (_, earlier) in zip(told()[1:], told()):
+        assert before == f"{earlier:.0f} kB/s" and abs(after - earlier) > earlier / 4
 
 
 def short_connections(
@@ -2200,10 +2366,9 @@ def test_a_connection_counts_from_the_moment_it_is_given_an_address() -> None:
 
 
 # The evidence that measured balancing is good: a fluid model of three links
-# that share their rate equally among their open downloads, with the meter's
-# samples fed to the estimator as the proxy does.
+# that share their rate equally among their open downloads, with the
+# estimator fed as the Dispatcher's sampler feeds it.
 
-DOWNLOAD_SIZE = 2_000_000
 DOWNLOADS = 24
 RATES = (1200 * KB, 1200 * KB, 400 * KB)
 SWAPPED = (400 * KB, 1200 * KB, 1200 * KB)  # uplink 1 1200->400, uplink 3 400->1200
@@ -2214,30 +2379,34 @@ class FluidLinks:
         self.rates = list(rates)
         self.estimator = estimator
         self.links = [dispatch.LocalAddress(f"10.0.0.{n}") for n in range(len(rates))]
-        self.now, self.next_sample = 0.0, dispatch.METER_INTERVAL
+        self.now, self.next_sample = 0.0, TICK
         self.delivered = [0.0] * len(rates)
-        self.open_before: set[int] = set()  # links with downloads open at the last sample
+        self.open_before = [0] * len(rates)  # downloads open on each link at the last sample
         self.random, self.noise = random.Random(1), noise
         self.factors = self.draw()
         for link in self.links:
-            estimator.add(link, dispatch.Sample(0, 0, 0, 0.0), False)
+            estimator.add(link, dispatch.Sample(0, 0, 0, 0.0), 0, 0)
 
     def draw(self) -> list[float]:
         return [1 + self.random.uniform(-self.noise, self.noise) for _ in self.rates]
 
-    def sample(self, open_now: set[int]) -> None:
-        # As the proxy does: evidence only where downloads were open at both ends.
+    def sample(self, open_now: Sequence[int]) -> None:
         for index, link in enumerate(self.links):
-            busy = index in open_now and index in self.open_before
-            self.estimator.add(link, dispatch.Sample(0, round(self.delivered[index]), 0, self.next_sample), busy)
-        self.delivered, self.open_before = [0.0] * len(self.rates), open_now
+            sample = dispatch.Sample(0, round(self.delivered[index]), 0, self.next_sample)
+            self.estimator.add(link, sample, self.open_before[index], open_now[index])
+        self.delivered, self.open_before = [0.0] * len(self.rates), list(open_now)
         self.factors = self.draw()
-        self.next_sample += dispatch.METER_INTERVAL
+        self.next_sample += TICK
 
-    def run(self, placement: Sequence[int]) -> float:
-        """One download per entry of ``placement`` (its link), all at once;
-        the seconds until the last is done."""
-        started, remaining = self.now, dict.fromkeys(range(len(placement)), float(DOWNLOAD_SIZE))
+    def idle(self, seconds: float) -> None:
+        while self.next_sample <= self.now + seconds:
+            self.sample([0] * len(self.rates))
+        self.now += seconds
+
+    def run(self, placement: Sequence[int], size: float) -> float:
+        """One download of ``size`` bytes per entry of ``placement`` (its
+        link), all at once; the seconds until the last is done."""
+        started, remaining = self.now, dict.fromkeys(range(len(placement)), size)
         while remaining:
             sharing = Counter(placement[download] for download in remaining)
             speed = {link: self.rates[link] * self.factors[link] / count for link, count in sharing.items()}
@@ -2246,37 +2415,56 @@ class FluidLinks:
                 self.delivered[link] += speed[link] * step * count
             for download in list(remaining):
                 remaining[download] -= speed[placement[download]] * step
-                if remaining[download] <= 1e-9 * DOWNLOAD_SIZE:
+                if remaining[download] <= 1e-9 * size:
                     del remaining[download]
             self.now += step
             if self.now >= self.next_sample - 1e-9:
-                self.sample({placement[download] for download in remaining})
+                open_now = Counter(placement[download] for download in remaining)
+                self.sample([open_now[index] for index in range(len(self.rates))])
         return self.now - started
 
 
-def batch_share(links: FluidLinks, balancer: dispatch.Balancer) -> float:
-    """One batch placed by ``balancer``; its rate as a share of the links' sum."""
+def batch_share(links: FluidLinks, balancer: dispatch.Balancer, size: float) -> float:
+    """One batch placed by ``balancer``, then a pause; its rate as a share of the links' sum."""
     chosen = [balancer.next(socket.AF_INET) for _ in range(DOWNLOADS)]
-    seconds = links.run([links.links.index(address) for address in chosen])
+    seconds = links.run([links.links.index(address) for address in chosen], size)
     for address in chosen:
         balancer.release(address)
-    return DOWNLOADS * DOWNLOAD_SIZE / seconds / sum(links.rates)
+    links.idle(1.0)
+    return DOWNLOADS * size / seconds / sum(links.rates)
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.1])
-def test_measured_balancing_reaches_85_percent_of_the_sum_before_and_after_a_change(noise: float) -> None:
+@pytest.mark.parametrize(("warm_up", "size"), [
+    (250_000, 2_000_000), (250_000, 250_000), (500_000, 500_000), (1_000_000, 250_000), (2_000_000, 1_000_000),
+])
+def test_measured_balancing_reaches_85_percent_of_the_sum_after_a_short_batch(
+    noise: float, warm_up: float, size: float
+) -> None:
+    """After one batch (however short) on the links' rates, before and after
+    they change, the next batch gets 85 % of their sum; round robin does not."""
     shares = {}
     for balance in dispatch.Balance:
         links = FluidLinks(RATES, dispatch.CapacityEstimator(), noise)
         balancer = dispatch.Balancer(links.links, dispatch.Health(), balance=balance, capacity=links.estimator.estimate)
-        batch_share(links, balancer)  # warm-up
-        before = batch_share(links, balancer)
+        batch_share(links, balancer, warm_up)
+        before = batch_share(links, balancer, size)
         links.rates = list(SWAPPED)
-        batch_share(links, balancer)
-        shares[balance] = (before, batch_share(links, balancer))
+        batch_share(links, balancer, warm_up)
+        shares[balance] = (before, batch_share(links, balancer, size))
     measured, round_robin = shares[dispatch.Balance.MEASURED], shares[dispatch.Balance.ROUND_ROBIN]
     assert min(measured) >= 0.85, measured
     assert max(round_robin) < 0.65, round_robin
+
+
+def test_measured_balancing_splits_by_a_remembered_figure_from_the_first_batch() -> None:
+    links = FluidLinks(RATES, dispatch.CapacityEstimator(), 0.0)
+    for link, rate in zip(links.links, RATES):
+        links.estimator.remember(link, rate)
+    balancer = dispatch.Balancer(
+        links.links, dispatch.Health(), balance=dispatch.Balance.MEASURED, capacity=links.estimator.estimate
+    )
+    assert batch_share(links, balancer, 500_000) >= 0.85
 
 
 def test_a_race_beside_a_slow_primary_never_spends_a_backup() -> None:
@@ -2387,18 +2575,38 @@ def test_a_backup_link_carries_connections_only_while_no_primary_is_up(
     assert peers_seen(proxy, peer_server, 3) == ["127.0.0.2"] * 3
 
 
+def measure_by_hand(proxy: Dispatcher, clock: FakeClock, client: socket.socket, rounds: int = 4) -> None:
+    """Move 500 kB each way through an echo server a tick, on ``clock``, and
+    take the sampler's turns (its background task stopped)."""
+    def moved_down() -> int:
+        return sum(down for _, down in proxy.meter.totals()[1].values())
+
+    for _ in range(rounds):
+        expected = moved_down() + 500_000
+        client.sendall(b"x" * 500_000)
+        assert recv_exactly(client, 500_000) == b"x" * 500_000
+        # The relay counts what it passed on just after passing it.
+        assert wait_for(lambda: moved_down() >= expected)  # noqa: B023 (called before the loop goes on)
+        clock.now += dispatch.ESTIMATE_INTERVAL
+        proxy.measure_capacities()
+
+
 def test_stats_show_each_links_capacity_and_open_connections(
     make_proxy: Callable[..., Dispatcher], echo_server: Server
 ) -> None:
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
     assert proxy.status()["balance"] == "measured"  # no weights given
+    proxy.tasks.stop()  # the sampler's turns are taken here, on the test's clock
+    proxy.meter.clock = clock = FakeClock()
+    proxy.measure_capacities()
+    assert {row["capacity_source"] for row in proxy.stats()} == {"not measured"}
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
-        proxy.sample_meter()  # the sampler's turns, now rather than every 2 s
-        client.sendall(b"x" * 2_000_000)
-        assert recv_exactly(client, 2_000_000) == b"x" * 2_000_000
-        proxy.sample_meter()
+        measure_by_hand(proxy, clock, client, rounds=3)
+        clock.now += 5
         row = next(row for row in proxy.stats() if row["open"] == 1)
-    assert row["capacity"] is not None and row["capacity"] > 100_000  # at least what it carried
+    assert row["capacity"] == pytest.approx(2_000_000)  # what it carried: 500 kB a quarter second
+    assert (row["capacity_source"], row["capacity_age"]) == ("measured", 5.0)
+    assert dispatch.capacity_source(row) == "measured 5 s ago"
     assert make_proxy(["127.0.0.2@2", "127.0.0.3"]).status()["balance"] == "round-robin"
 
 
@@ -2424,6 +2632,133 @@ def test_meter_readings_change_nothing_and_history_keeps_each_interval() -> None
     meter.sample()
     up, down = meter.history(link)
     assert (up, down) == ([2000, 1000], [4000, 0])
+
+
+# The state file ---------------------------------------------------------------
+
+def warnings_of(log: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in log.records if record.levelno == logging.WARNING]
+
+
+def test_state_file_keeps_each_links_capacity(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "deeper" / "state.json")  # the directory is made
+    dispatch.write_state(path, {"wlan0": 1_200_000.0, "10.0.0.2": 400_000.5, "wlan0 IPv6": 900_000.0})
+    assert dispatch.read_state(path) == {"wlan0": 1_200_000.0, "10.0.0.2": 400_000.5, "wlan0 IPv6": 900_000.0}
+    assert os.listdir(tmp_path / "deeper") == ["state.json"]  # no temporary file left behind
+    assert warnings_of(log) == []
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"{", b"\xff\xfe\x00garbage", b'{"format": "dispatch link capacities", "version": 1, "links": [1, 2]}',
+])
+def test_a_corrupt_state_file_is_one_warning_and_a_fresh_start(
+    tmp_path: Any, log: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    assert dispatch.read_state(str(path)) == {}
+    assert len(warnings_of(log)) == 1 and str(path) in warnings_of(log)[0]
+    assert "\n" not in warnings_of(log)[0]
+
+
+@pytest.mark.parametrize("data", [
+    [1, 2, 3], {"links": {"wlan0": {"capacity": 5}}}, {"format": "something else", "version": 1, "links": {}},
+    {"format": "dispatch link capacities", "version": 99, "links": {"wlan0": {"capacity": 5}}},
+])
+def test_a_foreign_state_file_is_one_warning_and_a_fresh_start(
+    tmp_path: Any, log: pytest.LogCaptureFixture, data: object
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(data))
+    assert dispatch.read_state(str(path)) == {}
+    assert len(warnings_of(log)) == 1
+
+
+def test_unusable_entries_of_a_state_file_are_left_out(tmp_path: Any) -> None:
+    path = tmp_path / "state.json"
+    links = {"a": {"capacity": 5.5}, "b": {"capacity": -1}, "c": {"capacity": "fast"}, "d": 7,
+             "e": {"capacity": True}, "f": {}}
+    path.write_text(json.dumps({"format": "dispatch link capacities", "version": 1, "links": links}))
+    assert dispatch.read_state(str(path)) == {"a": 5.5}
+
+
+def test_a_missing_state_file_is_one_warning(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    assert dispatch.read_state(str(tmp_path / "none.json")) == {}
+    assert len(warnings_of(log)) == 1 and "none.json" in warnings_of(log)[0]
+
+
+def test_a_restart_starts_from_the_capacity_kept_at_stop(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
+    proxy.tasks.stop()
+    proxy.meter.clock = clock = FakeClock()
+    proxy.measure_capacities()
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        measure_by_hand(proxy, clock, client)
+    measured = {row["ip"]: row["capacity"] for row in proxy.stats() if row["capacity"] is not None}
+    assert len(measured) == 1
+    proxy.shutdown()
+    assert dispatch.read_state(state) == pytest.approx(measured)
+    again = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
+    rows = {row["ip"]: row for row in again.stats()}
+    for ip, row in rows.items():
+        if ip in measured:
+            assert (row["capacity"], row["capacity_source"], row["capacity_age"]) == (
+                pytest.approx(measured[ip]), "remembered", None)
+            assert dispatch.capacity_source(row) == "remembered"
+        else:
+            assert (row["capacity"], row["capacity_source"]) == (None, "not measured")
+
+
+def test_a_remembered_capacity_is_replaced_once_the_link_is_measured(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    dispatch.write_state(state, {"127.0.0.2": 1.0, "127.0.0.9": 5.0})  # 127.0.0.9: a link not used this run
+    proxy = make_proxy(["127.0.0.2"], state_file=state)
+    proxy.tasks.stop()
+    proxy.meter.clock = clock = FakeClock()
+    proxy.measure_capacities()
+    assert proxy.stats()[0]["capacity"] == 1.0
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        measure_by_hand(proxy, clock, client)
+    assert proxy.stats()[0]["capacity_source"] == "measured" and proxy.stats()[0]["capacity"] > 1000
+    proxy.save_state()
+    kept = dispatch.read_state(state)
+    assert kept["127.0.0.2"] == pytest.approx(proxy.stats()[0]["capacity"]) and kept["127.0.0.9"] == 5.0
+
+
+def test_an_unwritable_state_file_is_one_warning_and_serving_goes_on(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("a file where a directory should be")
+    state = str(tmp_path / "file" / "state.json")
+    proxy = make_proxy(["127.0.0.2"], state_file=state)
+    proxy.tasks.stop()
+    proxy.meter.clock = clock = FakeClock()
+    proxy.measure_capacities()
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        measure_by_hand(proxy, clock, client, rounds=3)
+        proxy.save_state()
+        clock.now += 1
+        measure_by_hand(proxy, clock, client, rounds=3)
+        proxy.save_state()
+        assert round_trip(client, b"still served") == b"still served"
+    unwritable = [line for line in warnings_of(log) if "cannot write the state file" in line]
+    assert len(unwritable) == 1 and state in unwritable[0]
+
+
+def test_a_dispatcher_without_a_state_file_writes_none(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    proxy = make_proxy(["127.0.0.2"])
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        round_trip(client, b"x" * 100_000)
+    proxy.shutdown()
+    assert os.listdir(tmp_path) == []
 
 
 def test_stats_count_connections_and_bytes_per_address(
@@ -4602,7 +4937,7 @@ def status_row(ip: str, link: str, **fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "ip": ip, "interface": link, "link": link, "weight": 1, "tier": "primary", "state": "up",
         "reason": None, "connections": 0, "failed": 0, "open": 0, "bytes_up": 0, "bytes_down": 0,
-        "rate_up": 0.0, "rate_down": 0.0, "capacity": None,
+        "rate_up": 0.0, "rate_down": 0.0, "capacity": None, "capacity_source": "not measured", "capacity_age": None,
     }
     return row | fields
 
@@ -4617,9 +4952,10 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
     rows = [
         status_row("192.168.1.20", "wlan0", weight=3, connections=120 + step, failed=2, open=3,
                    bytes_up=5_300_000, bytes_down=1_234_567_890 + step * 10**9, rate_up=12_345.0,
-                   rate_down=1_523_456.0, capacity=2_500_000.0),
+                   rate_down=1_523_456.0, capacity=2_500_000.0, capacity_source="measured", capacity_age=64.2),
         status_row("10.42.0.7", "usb0", state="down", reason="timed out; tried again in 4 s",
-                   connections=40, failed=9, bytes_up=812_000, bytes_down=99_000_000),
+                   connections=40, failed=9, bytes_up=812_000, bytes_down=99_000_000, capacity=900_000.0,
+                   capacity_source="remembered"),
         status_row("2001:db8::20", "enp3s0", tier="backup", state="standby", reason="a primary link is up"),
     ]
     history = {
@@ -4643,7 +4979,8 @@ def test_page_holds_table_and_chart_without_javascript() -> None:
     text = re.sub(r"<script>.*?</script>|<style>.*?</style>", "", page, flags=re.S)
     for expected in ("wlan0", "192.168.1.20", "usb0", "timed out; tried again in 4 s", "enp3s0",
                      "2001:db8::20", "standby", "backup", "1.2 GB", "5.3 MB", "1523.5", "12.3",
-                     "2.5 MB/s", "not measured", "1 h 2 min", "0.2.0", "All links", "kB/s"):
+                     "2.5 MB/s", "not measured", "1 h 2 min", "0.2.0", "All links", "kB/s",
+                     "measured 1 min 4 s ago", "900 kB/s", "remembered", "3.4 MB/s"):
         assert expected in text, expected
     assert text.count("<polyline") == 4  # two links with history, two charts
     assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")
@@ -4716,6 +5053,7 @@ def test_metrics_parse_with_the_expected_families_and_values() -> None:
         "dispatch_bytes_received": "counter", "dispatch_connections_opened": "counter",
         "dispatch_connections_failed": "counter", "dispatch_open_connections": "gauge",
         "dispatch_link_up": "gauge", "dispatch_link_capacity_bytes_per_second": "gauge",
+        "dispatch_link_capacity_age_seconds": "gauge", "dispatch_link_capacity_remembered": "gauge",
         "dispatch_clients_refused": "counter", "dispatch_client_connections": "gauge"}
     assert all(f.documentation for f in families.values())
     wlan, usb, wired = ("wlan0", "192.168.1.20"), ("usb0", "10.42.0.7"), ("enp3s0", "2001:db8::20")
@@ -4723,8 +5061,10 @@ def test_metrics_parse_with_the_expected_families_and_values() -> None:
     assert metric_samples(families["dispatch_bytes_received"])[wlan] == 1_234_567_890
     assert metric_samples(families["dispatch_connections_failed"])[usb] == 9
     assert metric_samples(families["dispatch_link_up"]) == {wlan: 1, usb: 0, wired: 1}  # standing by is up
-    # capacity is left out where it was never measured
-    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000}
+    # capacity is left out where there is none; its age where it was not measured in this run
+    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000, usb: 900_000}
+    assert metric_samples(families["dispatch_link_capacity_age_seconds"]) == {wlan: 64.2}
+    assert metric_samples(families["dispatch_link_capacity_remembered"]) == {wlan: 0, usb: 1}
     assert all(s.name.endswith("_total") for s in families["dispatch_bytes_sent"].samples)
     (build,) = families["dispatch_build_info"].samples
     assert (build.labels, build.value) == ({"version": "0.2.0"}, 1)
@@ -5626,21 +5966,24 @@ def test_stats_table_format() -> None:
     rows = [
         {"ip": "192.168.1.20", "interface": "wlan0", "weight": 3, "state": "up", "open": 12,
          "connections": 340, "bytes_down": 1_234_567_890, "bytes_up": 45_600_000,
-         "rate_down": 1_204_500.0, "rate_up": 30_000.0, "capacity": 1_250_000.0},
+         "rate_down": 1_204_500.0, "rate_up": 30_000.0, "capacity": 1_250_000.0,
+         "capacity_source": "measured", "capacity_age": 3.4},
         {"ip": "10.0.0.2", "interface": None, "weight": 1, "state": "sitting out", "open": 0,
-         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": None},
+         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": 400_000.0,
+         "capacity_source": "remembered", "capacity_age": None},
         {"ip": None, "interface": "usb0", "weight": 1, "state": "waiting", "open": 0,
-         "connections": 0, "bytes_down": 0, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": None},
+         "connections": 0, "bytes_down": 0, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": None,
+         "capacity_source": "not measured", "capacity_age": None},
     ]
     assert dispatch.format_stats(rows).splitlines() == [
         "ADDRESS       INTERFACE  WEIGHT  STATE        OPEN  TOTAL    DOWN       UP     RATE DOWN    RATE UP"
-        "      CAPACITY",
+        "      CAPACITY  FROM",
         "192.168.1.20  wlan0      3       up             12    340  1.2 GB  45.6 MB  1,204.5 kB/s  30.0 kB/s"
-        "  1,250.0 kB/s",
+        "  1,250.0 kB/s  measured 3 s ago",
         "10.0.0.2      -          1       sitting out     0      7   999 B      0 B      0.0 kB/s   0.0 kB/s"
-        "             -",
+        "    400.0 kB/s  remembered",
         "-             usb0       1       waiting         0      0     0 B      0 B      0.0 kB/s   0.0 kB/s"
-        "             -",
+        "             -  not measured",
     ]
 
 
@@ -5838,6 +6181,46 @@ def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_
             assert len(seen[1]) == 1 and seen[1] <= cpus
         assert os.sched_getaffinity(0) == cpus
     assert sys.getswitchinterval() == interval
+
+
+@pytest.mark.parametrize(("options", "capacity"), [
+    ([], 777_000.0), (["--state-file", "OTHER"], 555_000.0), (["--no-state"], None),
+])
+def test_cli_starts_from_the_state_file_unless_told_not_to(
+    tmp_path: Any, options: list[str], capacity: float | None
+) -> None:
+    default, other = dispatch.default_state_path(), str(tmp_path / "other.json")
+    assert default.startswith(os.environ["XDG_STATE_HOME"]) or sys.platform != "linux"
+    dispatch.write_state(default, {"127.0.0.1": 777_000.0})
+    dispatch.write_state(other, {"127.0.0.1": 555_000.0})
+    rows: list[dict[str, Any]] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        rows.extend(json.loads(http_get(running.address, "/stats.json")[2])["addresses"])
+
+    log_file = str(tmp_path / "d.log")
+    assert run_cli([*(other if option == "OTHER" else option for option in options), "127.0.0.1"], use, log_file) == 0
+    assert rows[0]["capacity"] == capacity
+    assert rows[0]["capacity_source"] == ("not measured" if capacity is None else "remembered")
+
+
+def test_cli_starts_afresh_with_one_warning_from_a_corrupt_state_file(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state.json"
+    state.write_bytes(b'{"format": "dispatch link capaci')
+    rows: list[dict[str, Any]] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        rows.extend(json.loads(http_get(running.address, "/stats.json")[2])["addresses"])
+
+    log_file = str(tmp_path / "d.log")
+    assert run_cli(["--state-file", str(state), "127.0.0.1"], use, log_file) == 0
+    assert rows[0]["capacity_source"] == "not measured"
+    with open(log_file) as log:
+        warnings = [line for line in log if " WARNING " in line]
+    assert len(warnings) == 1 and f"state file {state} unreadable" in warnings[0]
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_debug_logs_each_connect_attempt(echo_server: Server, tmp_path: object) -> None:
@@ -6712,6 +7095,59 @@ def test_lab_measured_balancing_learns_each_links_capacity(
     assert lab_downloads(proxy, 5, 300_000) == [300_000] * 5
     after = {row["interface"]: row["connections"] - before[row["interface"]] for row in lab_status(proxy)["addresses"]}
     assert after[rules_lab.uplink(3).client_ifname] <= 1 < after[rules_lab.uplink(1).client_ifname], after
+
+
+def connections_per_link(proxy: LabProxy) -> dict[str, int]:
+    return {row["interface"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+
+
+def batch_split(proxy: LabProxy, count: int, size: int) -> list[int]:
+    """``count`` downloads of ``size`` started together: how many each uplink got."""
+    before = connections_per_link(proxy)
+    assert lab_downloads(proxy, count, size) == [size] * count
+    after = connections_per_link(proxy)
+    return [after[link.client_ifname] - before[link.client_ifname] for link in proxy.lab.uplinks]
+
+
+def test_lab_a_short_batch_after_a_short_one_goes_where_it_finishes_soonest(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Links of 1,200, 1,200 and 400 kB/s: one batch of 24 downloads of
+    250 kB (two seconds) measures them, and the next splits 11/10/3 rather
+    than 8/8/8; after the first and third swap rates, again one short
+    batch is enough."""
+    proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
+    batch_split(proxy, 24, 250_000)
+    first, second, slow = batch_split(proxy, 24, 250_000)
+    assert slow <= 4 and min(first, second) >= 9, (first, second, slow)
+    try:
+        rules_lab.set_rate(1, 400_000)
+        rules_lab.set_rate(3, 1_200_000)
+        batch_split(proxy, 24, 250_000)  # on the old figures: uplink 1 takes long
+        slow, second, fast = batch_split(proxy, 24, 250_000)
+        assert slow <= 4 and min(second, fast) >= 9, (slow, second, fast)
+    finally:
+        rules_lab.set_rate(1, 1_200_000)
+        rules_lab.set_rate(3, 400_000)
+    rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
+    assert all(rows[link.client_ifname]["capacity_source"] == "measured" for link in rules_lab.uplinks)
+
+
+def test_lab_a_restart_splits_the_first_batch_by_the_capacities_kept(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    interfaces = [link.client_ifname for link in rules_lab.uplinks]
+    proxy = lab_proxy(rules_lab, "--state-file", state, *interfaces)
+    batch_split(proxy, 24, 250_000)
+    proxy.stop()  # writes the state file
+    kept = dispatch.read_state(state)
+    for name, rate in zip(interfaces, (1200, 1200, 400)):
+        assert 0.7 * rate * 1000 <= kept[name] <= 1.1 * rate * 1000, kept
+    again = lab_proxy(rules_lab, "--state-file", state, *interfaces)
+    assert {row["capacity_source"] for row in lab_status(again)["addresses"]} == {"remembered"}
+    first, second, slow = batch_split(again, 24, 250_000)
+    assert slow <= 4 and min(first, second) >= 9, (first, second, slow)
 
 
 def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(

@@ -51,6 +51,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -477,6 +478,8 @@ BATCH_MODES = {
 # Uplink index -> kB/s once the links change: the fast uplink 1 becomes slow
 # and the slow uplink 3 fast, so that weights set for the old rates are wrong.
 DEFAULT_CHANGE = "1:400,3:1200"
+# Set during a batch after that: uplink 1 gets fast again.
+DEFAULT_MID_CHANGE = "1:1200"
 
 
 def _weights(lab: netlab.Lab) -> list[int]:
@@ -564,10 +567,10 @@ def batch_download(url: str, route: Route, count: int, size: int, deadline: floa
     return result
 
 
-def _start_dispatch(lab: netlab.Lab, args: argparse.Namespace, mode: str
-                    ) -> tuple[subprocess.Popen | None, str]:
+def _start_dispatch(lab: netlab.Lab, args: argparse.Namespace, mode: str,
+                    extra: Sequence[str] = ()) -> tuple[subprocess.Popen | None, str]:
     argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1",
-            "--port", str(args.proxy_port), *BATCH_MODES[mode](lab)]
+            "--port", str(args.proxy_port), *BATCH_MODES[mode](lab), *extra]
     with open(args.dispatch_log, "a") as log:
         log.write(f"\n=== {lab.setup} {mode}: {' '.join(argv)}\n")
         log.flush()
@@ -588,11 +591,13 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def _one_batch(lab: netlab.Lab, args: argparse.Namespace, label: str) -> BatchResult:
+def _one_batch(lab: netlab.Lab, args: argparse.Namespace, label: str, size: int | None = None
+               ) -> BatchResult:
     route = Route(ns=lab.client_ns, socks=("127.0.0.1", args.proxy_port))
+    size = size or args.size
     before = lab.counters()
-    result = batch_download(lab.http_url(path=f"/batch?size={args.size}"), route,
-                            args.count, args.size, args.deadline)
+    result = batch_download(lab.http_url(path=f"/batch?size={size}"), route,
+                            args.count, size, args.deadline)
     after = lab.counters()
     result.split = {i: after[i].rx_bytes - before[i].rx_bytes for i in after}
     print(f"      {label:<18} {result.summary()}", flush=True)
@@ -607,7 +612,8 @@ def batch_mode(lab: netlab.Lab, args: argparse.Namespace, mode: str
     a note.  The lab's rates are put back before returning.
     """
     original = {link.index: link.rate for link in lab.uplinks}
-    proc, note = _start_dispatch(lab, args, mode)
+    # Each round starts afresh, not from what the last one left in a state file.
+    proc, note = _start_dispatch(lab, args, mode, ["--no-state"] if args.state_supported else [])
     if proc is None:
         return None, None, note
     rates: list[float | None] = [None, None]
@@ -641,6 +647,13 @@ def _mode_support(dispatch: str) -> dict[str, str]:
         absent = [option for option in options if option not in proc.stdout]
         missing[mode] = f"dispatch has no {', '.join(absent)} option" if absent else ""
     return missing
+
+
+def _has_option(dispatch: str, option: str) -> bool:
+    """Whether ``dispatch start`` has ``option``."""
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
+                          capture_output=True, text=True, timeout=20)
+    return option in proc.stdout
 
 
 def _cell(rates: list[float], total: float, runs: int) -> str:
@@ -680,6 +693,7 @@ def batch(args: argparse.Namespace) -> int:
     for mode in args.modes:
         if unsupported[mode]:
             print(f"mode {mode} skipped: {unsupported[mode]}")
+    args.state_supported = _has_option(args.dispatch, "--no-state")
     overall_end = time.monotonic() + args.time_limit
     for setup in args.setups:
         with netlab.Lab(name=args.name, setup=setup) as lab:
@@ -701,6 +715,142 @@ def batch(args: argparse.Namespace) -> int:
                     print(f"  round {n + 1}, {mode}", flush=True)
                     results[mode].append(batch_mode(lab, args, mode))
             print_batch_table(setup, args, (before_sum, after_sum), results)
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# Scenarios: batches of several lengths, rate changes, restarts
+# --------------------------------------------------------------------------- #
+
+SHORT = 250_000
+# One run of dispatch per mode and round, the steps in this order.  Each step:
+# (label, download size, what happens first, whether it has a target).
+# "change" sets the --change rates between two batches; "rise-mid" sets the
+# --mid-change rates --mid seconds into the batch (a rise: in this lab,
+# lowering a tbf under load stalls its flows for longer than the read
+# timeout, which measures tc rather than dispatch); "restart" stops dispatch
+# (which writes its state file) and starts it again with the same file;
+# "cold" starts it with a state file that does not exist yet.
+SCENARIO = (
+    ("cold start, no state", 500_000, "", False),
+    ("0.25 MB", 250_000, "", True),
+    ("0.5 MB", 500_000, "", True),
+    ("1 MB", 1_000_000, "", True),
+    ("2 MB", 2_000_000, "", True),
+    ("changed: 1st short", SHORT, "change", False),
+    ("changed: next 0.5 MB", 500_000, "", True),
+    ("changed: next 1 MB", 1_000_000, "", True),
+    ("restart, state: 0.5 MB", 500_000, "restart", True),
+    ("rise mid-batch: 2 MB", 2_000_000, "rise-mid", False),
+    ("after it: 0.5 MB", 500_000, "", True),
+    ("restart, no state: 0.5 MB", 500_000, "cold", False),
+)
+
+
+def _state_args(args: argparse.Namespace, path: str) -> list[str]:
+    """-d (the estimates' changes go to the log) and the state file, where supported."""
+    return ["-d", *(["--state-file", path] if args.state_supported else [])]
+
+
+def _set_rates(lab: netlab.Lab, rates: dict[int, int]) -> None:
+    for index, rate in rates.items():
+        if lab.uplink(index).rate != rate:
+            lab.set_rate(index, rate)
+
+
+def scenario_run(lab: netlab.Lab, args: argparse.Namespace, mode: str, state_dir: str
+                 ) -> tuple[list[float | None], str]:
+    """One mode through SCENARIO; the share of the links' sum of each step
+    (None where a batch did not complete) and a note."""
+    original = {link.index: link.rate for link in lab.uplinks}
+    state = os.path.join(state_dir, f"{mode}-state.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state)
+    proc, note = _start_dispatch(lab, args, mode, _state_args(args, state))
+    shares: list[float | None] = []
+    if proc is None:
+        return [None] * len(SCENARIO), note
+    try:
+        for label, size, before, _ in SCENARIO:
+            timer = None
+            if before == "change":
+                _set_rates(lab, args.change)
+            elif before == "rise-mid":
+                timer = threading.Timer(args.mid, _set_rates, (lab, args.mid_change))
+                timer.start()
+            elif before in ("restart", "cold"):
+                _stop(proc)
+                if before == "cold":
+                    state = os.path.join(state_dir, f"{mode}-fresh-state.json")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(state)
+                proc, note = _start_dispatch(lab, args, mode, _state_args(args, state))
+                if proc is None:
+                    break
+            result = _one_batch(lab, args, label, size)
+            if timer is not None:
+                timer.join()
+            # Of the rates at the end: a batch under way when they rose is
+            # held to the new sum.
+            rates_sum = sum(link.rate for link in lab.uplinks)
+            shares.append(result.rate / rates_sum if result.complete else None)
+            if proc.poll() is not None:
+                note = f"dispatch exited ({proc.returncode}, see {args.dispatch_log})"
+                break
+    finally:
+        if proc is not None:
+            _stop(proc)
+        _set_rates(lab, original)
+    shares += [None] * (len(SCENARIO) - len(shares))
+    return shares, note
+
+
+def _share_cell(values: list[float | None]) -> str:
+    done = [value for value in values if value is not None]
+    if not done:
+        return "n/a"
+    failed = f" [{len(values) - len(done)} failed]" if len(done) < len(values) else ""
+    return f"{statistics.median(done):.0%}{failed}"
+
+
+def scenarios(args: argparse.Namespace) -> int:
+    ok, reason = netlab.Lab.available()
+    if not ok:
+        print(f"cannot build the lab: {reason}")
+        return 2
+    unsupported = _mode_support(args.dispatch)
+    modes = [mode for mode in args.modes if not unsupported[mode]]
+    args.state_supported = _has_option(args.dispatch, "--state-file")
+    if not args.state_supported:
+        print("this dispatch has no --state-file: restarts start without a state")
+    overall_end = time.monotonic() + args.time_limit
+    results: dict[str, list[list[float | None]]] = {mode: [] for mode in modes}
+    notes: dict[str, set[str]] = {mode: set() for mode in modes}
+    with tempfile.TemporaryDirectory(prefix="dispatch-scenarios-") as state_dir, \
+            netlab.Lab(name=args.name, setup=args.setup) as lab:
+        lab.start_http_server(port=netlab.HTTP_PORT, lifetime=args.time_limit + 600)
+        print(f"-- setup {args.setup}: rates {[link.rate // 1000 for link in lab.uplinks]} kB/s; "
+              f"between batches {args.change}; {args.mid:g} s into one {args.mid_change}", flush=True)
+        for n in range(args.rounds):
+            if time.monotonic() > overall_end:
+                print("  time limit reached, stopping")
+                break
+            for mode in modes:
+                print(f"  round {n + 1}, {mode}", flush=True)
+                shares, note = scenario_run(lab, args, mode, state_dir)
+                results[mode].append(shares)
+                if note:
+                    notes[mode].add(note)
+    rounds = max((len(runs) for runs in results.values()), default=0)
+    print(f"\n== {args.count} downloads at once per batch; share of the links' sum (median of "
+          f"{rounds} round(s)); * = a batch with a target ==")
+    print(f"{'batch':<28} | " + " | ".join(f"{mode:>11}" for mode in modes))
+    for step, (label, _, _, target) in enumerate(SCENARIO):
+        cells = [_share_cell([run[step] for run in results[mode]]) for mode in modes]
+        print(f"{label + (' *' if target else ''):<28} | " + " | ".join(f"{cell:>11}" for cell in cells))
+    for mode in modes:
+        for note in sorted(notes[mode]):
+            print(f"{mode}: {note}")
     return 0
 
 
@@ -766,6 +916,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
     lab_arguments(t, "dlab-batch", 11081, 1800.0)
 
+    s = sub.add_parser("scenarios", help="build the lab and compare balancing modes over batches "
+                                         "of several lengths, rate changes and restarts")
+    s.add_argument("--setup", default="rules", choices=list(netlab.SETUPS))
+    s.add_argument("--modes", type=lambda text: text.split(","), default=list(BATCH_MODES),
+                   help=f"comma-separated: {','.join(BATCH_MODES)}")
+    s.add_argument("--rounds", type=int, default=3, help="rounds per mode; the median is shown")
+    s.add_argument("--count", type=int, default=24, help="downloads per batch, started together")
+    s.add_argument("--change", type=_change_arg, default=_change_arg(DEFAULT_CHANGE),
+                   help=f"uplink:kB/s the links change to between two batches (default {DEFAULT_CHANGE})")
+    s.add_argument("--mid-change", type=_change_arg, default=_change_arg(DEFAULT_MID_CHANGE),
+                   help=f"uplink:kB/s set during a batch, later (default {DEFAULT_MID_CHANGE})")
+    s.add_argument("--mid", type=float, default=3.0,
+                   help="seconds into its batch the mid-batch change comes")
+    s.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
+    lab_arguments(s, "dlab-scen", 11082, 3600.0)
+
     f = sub.add_parser("fetch", help="download one URL and print the rate")
     common(f)
     f.add_argument("url")
@@ -777,11 +943,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["bench"]))
     if args.command == "fetch":
         return fetch(args)
-    if args.command == "batch":
+    if args.command in ("batch", "scenarios"):
         unknown = set(args.modes) - set(BATCH_MODES)
         if unknown:
             parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}")
-        return batch(args)
+        return batch(args) if args.command == "batch" else scenarios(args)
     if args.command in (None, "bench"):
         if args.command is None:
             args = parser.parse_args(["bench"])
