@@ -2892,11 +2892,12 @@ class Resolver:
         import dns.exception
         import dns.name
 
-        try:
-            dns.name.from_text(name)
-        except (dns.exception.DNSException, ValueError, UnicodeError):
-            raise SocksError(Reply.HOST_UNREACHABLE, f"{host}: not a host name") from None
         wanted = [rdtype for family, rdtype in _RDTYPES if family in families]
+        if not wanted or self.cache.get(name, wanted[0]) is None:  # a name in the cache was checked already
+            try:
+                dns.name.from_text(name)
+            except (dns.exception.DNSException, ValueError, UnicodeError):
+                raise SocksError(Reply.HOST_UNREACHABLE, f"{host}: not a host name") from None
         resolution = Resolution([])
         answers: dict[int, NameAnswer] = {}
         for candidate in self._candidates(name):
@@ -3051,11 +3052,13 @@ class _HedgedQuery:
         self.pending: dict[socket.socket, _Query] = {}
         self.failed: list[tuple[LocalAddress, NameServer, OSError]] = []
         self.next_at = 0.0  # when the next query of the plan goes out
+        self.deadline = math.inf
+        self.last_error: tuple[NameServer, OSError] | None = None
 
     def run(self, plan: list[tuple[NameServer, LocalAddress | None]]) -> dict[int, NameAnswer]:
         """Ask as ``plan`` says until every type has its answer or the time is up."""
         start = time.monotonic()
-        deadline = start + self.resolver.timeout
+        deadline = self.deadline = start + self.resolver.timeout
         self.next_at = start
         with _selector() as self.selector:
             try:
@@ -3078,12 +3081,15 @@ class _HedgedQuery:
                             self._fail(query, TimeoutError(errno.ETIMEDOUT, "no answer"))
             finally:
                 self._end()
+        silence = NameAnswer(
+            error=f"no answer from the name servers in {time.monotonic() - start:.1f} s", reply=Reply.TTL_EXPIRED
+        )
+        if self.last_error is not None and not isinstance(self.last_error[1], TimeoutError):
+            server, error = self.last_error
+            silence = NameAnswer(error=f"no name server reached: {_describe(error)} ({server.describe()})")
         for rdtype in self.rdtypes:
             if rdtype not in self.answers:
-                self.answers[rdtype] = self.failures.get(rdtype) or NameAnswer(
-                    error=f"no answer from the name servers in {time.monotonic() - start:.1f} s",
-                    reply=Reply.TTL_EXPIRED,
-                )
+                self.answers[rdtype] = self.failures.get(rdtype) or silence
         return self.answers
 
     def _unanswered(self) -> list[int]:
@@ -3160,7 +3166,7 @@ class _HedgedQuery:
         import dns.query
 
         server, local = query.server, query.local
-        timeout = DNS_ATTEMPT_TIMEOUT
+        timeout = max(0.1, min(DNS_ATTEMPT_TIMEOUT, self.deadline - time.monotonic()))
         try:
             if local is None:
                 sock = socket.create_connection((server.ip, server.port), timeout)
@@ -3235,6 +3241,7 @@ class _HedgedQuery:
             logger.debug("asking %s for %s failed: %s", server.describe(), self.name, _describe(error))
         self.resolver._count(local or self.via, "failures")
         self.next_at = 0.0  # a failure is no reason to wait for the hedge
+        self.last_error = (server, error)
         if local is not None:
             self.failed.append((local, server, error))
 

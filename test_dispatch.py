@@ -2457,6 +2457,21 @@ def test_bad_answers_end_in_the_right_reply_and_one_log_line(
     assert not [record for record in log.records if record.exc_info]
 
 
+def test_a_name_server_that_is_not_there_gets_reply_04_at_once(
+    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = dispatch._format_endpoint(*closed.getsockname())
+    proxy = make_proxy(dns=[nowhere])
+    started = time.monotonic()
+    assert socks5_code_for(proxy, socks5_request("anything.test", 80)) == Reply.HOST_UNREACHABLE
+    assert time.monotonic() - started < dispatch.DNS_HEDGE  # the port's refusal (ICMP) is heard at once
+    proxy.shutdown()
+    (exchange,) = [e for e in exchanges(log) if e.target == "anything.test:80"]
+    assert exchange.result == f"anything.test: no name server reached: Connection refused ({nowhere})"
+
+
 def test_a_silent_server_is_hedged_to_the_next_in_well_under_a_second(
     make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server], echo_server: Server
 ) -> None:
@@ -5385,6 +5400,37 @@ def test_lab_a_dark_default_link_costs_a_client_asking_by_name_no_more_than_the_
     assert {source for _, _, _, source in lab_dns.queries} == set(seen)  # the dark link's never arrived
     rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
     assert rows[dark.client_addr]["dns_queries"] >= 1 and rows[dark.client_addr]["state"] == "up"
+
+
+@pytest.fixture
+def lab_resolv_conf(metrics_lab: Any, lab_dns: DnsServer) -> Iterator[str]:
+    """The lab's DNS server as the client's system name server: ``ip netns
+    exec`` mounts /etc/netns/NAMESPACE/resolv.conf over /etc/resolv.conf."""
+    directory = f"/etc/netns/{metrics_lab.client_ns}"
+    os.makedirs(directory, exist_ok=True)
+    with open(f"{directory}/resolv.conf", "w") as conf:
+        conf.write(f"nameserver {metrics_lab.service_address}\noptions timeout:2 attempts:2\n")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_lab_names_asked_of_the_systems_name_server_survive_a_dark_default_link(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, lab_resolv_conf: str
+) -> None:
+    """As a new user runs it: no --dns, the system's server reached by the
+    default route, which is the first link, dark."""
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
+    metrics_lab.darken(1)
+    try:
+        durations = []
+        for _ in range(6):
+            name = fresh_name(lab_dns, metrics_lab)
+            started = time.monotonic()
+            assert proxy.peer(name) != metrics_lab.uplink(1).client_addr
+            durations.append(time.monotonic() - started)
+    finally:
+        metrics_lab.restore(1)
+    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
 
 
 def test_lab_queries_leave_by_the_link_chosen_for_the_connection(
