@@ -5425,8 +5425,8 @@ class Dispatcher:
     - ``balance``: "measured" or "round-robin"; None means measured unless
       an address has a weight.
     - ``sticky``: seconds a client's site keeps its link; None is off.
-    - ``checks``: ``"IP:PORT"`` targets every link is tested against, every
-      ``check_interval`` seconds.
+    - ``checks``: ``"HOST:PORT"`` targets (an IP address or a name) every
+      link is tested against, every ``check_interval`` seconds.
     - ``hedge``: seconds a connect may go unanswered before it is raced
       through another link; 0 never.
     - ``dns``: the name servers to ask, ``"ADDRESS[:PORT]"`` each; None
@@ -6483,7 +6483,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "used within SECONDS (default 0: off, so that one site's downloads spread)",
     )
     start.add_argument(
-        "--check", action="append", type=_check_target, default=[], metavar="IP:PORT",
+        "--check", action="append", type=_check_target, default=[], metavar="HOST:PORT",
         help="test every link by connecting to this target through it (repeatable): 3 failures in a "
         "row take a link out, 2 successes bring it back (default: no checks)",
     )

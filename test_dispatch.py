@@ -321,7 +321,8 @@ class DnsServer:
     one of "nxdomain", "servfail", "refused", "truncated" (over UDP: the
     flag and no records; over TCP: the whole answer), "malformed",
     "wrong-id", "other-question", "other-source" (sent from another port),
-    "silent". ``queries``: (name, type, transport, source address) heard.
+    "silent". Queries from the addresses in ``silent_to`` get no answer.
+    ``queries``: (name, type, transport, source address) heard.
     """
 
     ttl = 60
@@ -343,6 +344,7 @@ class DnsServer:
         self.host, self.port = host, self.udp.getsockname()[1]
         self.names: dict[str, list[str]] = {}
         self.behaviour: dict[str, str] = {}
+        self.silent_to: set[str] = set()
         self.queries: list[tuple[str, str, str, str]] = []
         self._lock = threading.Lock()
         self._stray = socket.socket(family, socket.SOCK_DGRAM)
@@ -375,7 +377,7 @@ class DnsServer:
         with self._lock:
             self.queries.append((name, dns.rdatatype.to_text(question.rdtype), transport, source))
         how = self.behaviour.get(name, "")
-        if how == "silent":
+        if how == "silent" or source in self.silent_to:
             return None
         if how == "malformed":
             return data[:2] + b"\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\xc0"  # five records promised, none there
@@ -2381,6 +2383,21 @@ def test_udp_datagram_to_a_name_is_asked_of_the_name_server(
     assert dns_server.asked("udp.test")
 
 
+@needs_ipv6
+def test_a_name_is_asked_for_each_family_there_are_local_addresses_for(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server6: Server
+) -> None:
+    dns_server.names["dual.test"] = ["127.0.0.1", "::1"]  # only ::1 listens: the IPv4 address is tried first
+    proxy = make_proxy(["127.0.0.1", "::1"], dns=[dns_server.address])
+    with client_through(proxy, ("dual.test", echo_server6.port), rdns=True) as client:
+        assert round_trip(client, b"both") == b"both"
+    assert sorted(q[1] for q in dns_server.asked("dual.test")) == ["A", "AAAA"]
+    only4 = make_proxy(["127.0.0.1"], dns=[dns_server.address])
+    dns_server.names["four-only.test"] = ["127.0.0.1", "::1"]
+    assert socks5_code_for(only4, socks5_request("four-only.test", refused_port())) == Reply.CONNECTION_REFUSED
+    assert [q[1] for q in dns_server.asked("four-only.test")] == ["A"]
+
+
 def test_many_connections_to_one_name_make_one_query(
     make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
 ) -> None:
@@ -2488,6 +2505,46 @@ def test_a_silent_server_is_hedged_to_the_next_in_well_under_a_second(
     finally:
         silent.close()
         answering.close()
+
+
+@pytest.fixture
+def servers_through_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Name servers on loopback are asked through each link (from its
+    address) as remote ones are, not once without a link.
+
+    Private seam: on loopback every server is a local one."""
+    monkeypatch.setattr(dispatch.NameServer, "loopback", property(lambda server: False))
+
+
+def test_a_link_whose_queries_go_unanswered_while_another_links_are_answered_is_put_out(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, peer_server: Server,
+    servers_through_links: None, log: pytest.LogCaptureFixture,
+) -> None:
+    dns_server.silent_to = {"127.0.0.2"}
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin", hedge=0.1, dns=[dns_server.address])
+    seen = []
+    for n in range(4):
+        dns_server.names[f"n{n}.test"] = ["127.0.0.1"]
+        with client_through(proxy, (f"n{n}.test", peer_server.port), rdns=True) as client:
+            seen.append(read_all(client).decode())
+    assert seen == ["127.0.0.3"] * 4  # the silent link's first lookup went through the other
+    assert {q[3] for q in dns_server.asked("n0.test")} == {"127.0.0.2", "127.0.0.3"}
+    assert {q[3] for q in dns_server.queries[2:]} == {"127.0.0.3"}  # once out, it is not asked again
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert rows["127.0.0.2"]["state"] == "down"
+    assert rows["127.0.0.2"]["dns_failures"] >= 1 and rows["127.0.0.3"]["dns_failures"] == 0
+    sat_out = r"sitting out: 127\.0\.0\.2( \([^)]*\))?: no DNS answer in 0\.\d s; 127\.0\.0\.3 got one"
+    assert re.search(sat_out, log.text)
+
+
+def test_a_dead_name_server_is_not_a_dead_link(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, servers_through_links: None
+) -> None:
+    dns_server.behaviour["dead.test"] = "silent"
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], hedge=0.1, connect_timeout=1.0, dns=[dns_server.address])
+    assert socks5_code_for(proxy, socks5_request("dead.test", 80)) == Reply.TTL_EXPIRED
+    assert {q[3] for q in dns_server.asked("dead.test")} == {"127.0.0.2", "127.0.0.3"}
+    assert [row["state"] for row in proxy.stats()] == ["up", "up"]
 
 
 def test_hosts_file_is_read_before_any_server(tmp_path: Any, dns_server: DnsServer) -> None:
