@@ -2387,7 +2387,7 @@ def test_udp_datagram_to_a_name_is_asked_of_the_name_server(
 def test_a_name_is_asked_for_each_family_there_are_local_addresses_for(
     make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server6: Server
 ) -> None:
-    dns_server.names["dual.test"] = ["127.0.0.1", "::1"]  # only ::1 listens: the IPv4 address is tried first
+    dns_server.names["dual.test"] = ["127.77.0.1", "::1"]  # only ::1 listens: the IPv4 address is tried first
     proxy = make_proxy(["127.0.0.1", "::1"], dns=[dns_server.address])
     with client_through(proxy, ("dual.test", echo_server6.port), rdns=True) as client:
         assert round_trip(client, b"both") == b"both"
@@ -2545,6 +2545,20 @@ def test_a_dead_name_server_is_not_a_dead_link(
     assert socks5_code_for(proxy, socks5_request("dead.test", 80)) == Reply.TTL_EXPIRED
     assert {q[3] for q in dns_server.asked("dead.test")} == {"127.0.0.2", "127.0.0.3"}
     assert [row["state"] for row in proxy.stats()] == ["up", "up"]
+
+
+def test_the_systems_servers_and_search_domains_are_used_by_default(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conf = dispatch.ResolvConf((dns_server.address,), ("corp.test",), 1)
+    servers = [dispatch.parse_name_server(dns_server.address)]
+    monkeypatch.setattr(dispatch, "system_name_servers", lambda: (servers, conf))
+    dns_server.names["intranet.corp.test"] = ["127.0.0.1"]
+    proxy = make_proxy()
+    with client_through(proxy, ("intranet", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"searched") == b"searched"
+    assert [q[0] for q in dns_server.queries] == ["intranet.corp.test"]  # fewer dots than ndots: searched first
 
 
 def test_hosts_file_is_read_before_any_server(tmp_path: Any, dns_server: DnsServer) -> None:
