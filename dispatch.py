@@ -1571,7 +1571,7 @@ def parse_check_target(text: str) -> Target:
     """Split ``IP:PORT`` (``[IPv6]:PORT``) or ``NAME:PORT`` into (host,
     port); ValueError if malformed.
 
-    A name is looked up through each link checked, as connections' names are.
+    A name is looked up through each link checked, each time.
     """
     try:
         host, port = _split_host_port(text, None)
@@ -2863,13 +2863,14 @@ class Resolver:
 
     def resolve(
         self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None,
-        open_socket: SocketOpener, *, only_via: bool = False,
+        open_socket: SocketOpener, *, only_via: bool = False, timeout: float | None = None,
     ) -> Resolution:
         """The addresses of ``host`` of the ``families`` wanted.
 
         ``open_socket(local, server_ip, opener)`` opens a socket through
         ``local``'s link (the module's one device-binding path); with
-        ``only_via``, no other link is asked (a check of that link). Raises
+        ``only_via``, no other link is asked (a check of that link).
+        ``timeout``: seconds the lookup may take, if not the resolver's. Raises
         SocksError: HOST_UNREACHABLE for a name with no address,
         ADDRESS_TYPE_NOT_SUPPORTED for one with addresses of other families
         only, TTL_EXPIRED when no server answered.
@@ -2883,11 +2884,11 @@ class Resolver:
             return Resolution(_of_families(host, [(_family_of(ip), ip) for ip in known], families))
         if self.system or (self.given is None and not self._servers):
             return Resolution(_resolve_target(host, 0, families))
-        return self._lookup(host, name, families, via, open_socket, only_via)
+        return self._lookup(host, name, families, via, open_socket, only_via, timeout or self.timeout)
 
     def _lookup(
         self, host: str, name: str, families: Collection[socket.AddressFamily], via: LocalAddress | None,
-        open_socket: SocketOpener, only_via: bool,
+        open_socket: SocketOpener, only_via: bool, timeout: float,
     ) -> Resolution:
         import dns.exception
         import dns.name
@@ -2901,7 +2902,7 @@ class Resolver:
         resolution = Resolution([])
         answers: dict[int, NameAnswer] = {}
         for candidate in self._candidates(name):
-            answers = self._answers(candidate, wanted, via, open_socket, resolution, only_via)
+            answers = self._answers(candidate, wanted, via, open_socket, resolution, only_via, timeout)
             if any(answer.ips for answer in answers.values()) or not all(a.negative for a in answers.values()):
                 break  # found, or a failure that the next search domain would meet too
         found = [(family, ip) for family, rdtype in _RDTYPES if rdtype in answers for ip in answers[rdtype].ips]
@@ -2922,10 +2923,15 @@ class Resolver:
 
     def _answers(
         self, name: str, wanted: list[int], via: LocalAddress | None, open_socket: SocketOpener,
-        resolution: Resolution, only_via: bool,
+        resolution: Resolution, only_via: bool, timeout: float,
     ) -> dict[int, NameAnswer]:
         """The answers for ``name`` of each record type: from the cache, from
-        a lookup of the same under way, or asked now."""
+        a lookup of the same under way, or asked now. ``only_via`` (a check
+        of the link) asks now, through that link: it waits for no other's
+        lookup, which could be stuck on another link."""
+        if only_via:
+            query = _HedgedQuery(self, name, wanted, via, open_socket, resolution)
+            return query.run(self.plan(via, only_via=True), timeout)
         answers: dict[int, NameAnswer] = {}
         asking: dict[int, _Lookup] = {}
         waiting: dict[int, _Lookup] = {}
@@ -2943,7 +2949,7 @@ class Resolver:
         try:
             if asking:
                 query = _HedgedQuery(self, name, list(asking), via, open_socket, resolution)
-                answers.update(query.run(self.plan(via, only_via=only_via)))
+                answers.update(query.run(self.plan(via), timeout))
         finally:
             with self._lock:
                 for rdtype, lookup in asking.items():
@@ -2951,7 +2957,7 @@ class Resolver:
                     del self._lookups[name, rdtype]
                     lookup.done.set()
         for rdtype, lookup in waiting.items():
-            lookup.done.wait(self.timeout)
+            lookup.done.wait(timeout)
             answers[rdtype] = lookup.answer or NameAnswer(
                 error="no answer from the name servers", reply=Reply.TTL_EXPIRED
             )
@@ -3055,10 +3061,10 @@ class _HedgedQuery:
         self.deadline = math.inf
         self.last_error: tuple[NameServer, OSError] | None = None
 
-    def run(self, plan: list[tuple[NameServer, LocalAddress | None]]) -> dict[int, NameAnswer]:
-        """Ask as ``plan`` says until every type has its answer or the time is up."""
+    def run(self, plan: list[tuple[NameServer, LocalAddress | None]], timeout: float) -> dict[int, NameAnswer]:
+        """Ask as ``plan`` says until every type has its answer, or ``timeout`` seconds."""
         start = time.monotonic()
-        deadline = self.deadline = start + self.resolver.timeout
+        deadline = self.deadline = start + timeout
         self.next_at = start
         with _selector() as self.selector:
             try:
@@ -3440,7 +3446,9 @@ class Upstream:
         name is looked up through ``local``'s link alone."""
         try:
             if not _is_ip(target[0]):
-                resolution = self.resolver.resolve(target[0], {local.family}, local, self._with_device, only_via=True)
+                resolution = self.resolver.resolve(
+                    target[0], {local.family}, local, self._with_device, only_via=True, timeout=timeout
+                )
                 target = (resolution.targets[0][1], target[1])
             opened = self._with_device(local, target[0], functools.partial(_connect_from, local, *target, timeout))
         except OSError as error:

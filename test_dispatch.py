@@ -5548,3 +5548,23 @@ def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_on
     assert len(sources) == asked and len(set(sources)) == asked, sources
     assert "Traceback" not in proxy.log()
 
+
+def test_lab_a_check_by_name_looks_it_up_through_each_link_and_finds_the_dark_one(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    dark = metrics_lab.uplink(1)
+    name = fresh_name(lab_dns, metrics_lab, "check")
+    check = f"{name}:{import_netlab().PEER_ECHO_PORT}"
+    proxy = lab_proxy(
+        metrics_lab, "--dns", lab_dns.address, "--check", check, "--check-interval", "1",
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    assert wait_for(lambda: {q[3] for q in lab_dns.asked(name)} == {link.client_addr for link in metrics_lab.uplinks})
+    metrics_lab.darken(1)
+    try:
+        assert wait_for(lambda: f"sitting out: {dark.client_addr} ({dark.client_ifname}): failed 3 checks of {check}"
+                        in proxy.log())
+    finally:
+        metrics_lab.restore(1)
+    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (passed 2 checks" in proxy.log())
+
