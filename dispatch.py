@@ -33,16 +33,19 @@ Map of this module, in order; each section uses only what is above it:
     platform probes   what this OS offers: device binding, splice, selectors
     errors            reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
     deadline I/O      DeadlineReader: exact reads with a deadline, nothing stranded
-    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies
+    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies; the
+                      client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
     access            AccessPolicy: the allow-list and logins
-    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses
+    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
+                      ProxyURL, ProxyAddress: another proxy as a link
     health            Health: failures, background retests, checks; what is up and why not
     choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                       address a connection gets (tiers, sticky sites)
     meter             Meter: per-address counters, rates, history; CapacityEstimator
     upstream          bind to the device; Resolver: names through the links (the
-                      system's servers, DnsCache, the hedged query); Upstream: the
-                      hedged connect (_Race) with failover; UpstreamLease
+                      system's servers, DnsCache, the hedged query); the connector to
+                      upstream proxies; Upstream: the hedged connect (_Race) with
+                      failover; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
     sessions          SocksSession, UdpAssociation, HttpProxySession, and the local pages
                       (status page, /stats.json, /metrics, /proxy.pac); ExchangeRecord
@@ -82,7 +85,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Generic, NoReturn, TextIO, TypeVar
 
@@ -142,12 +146,16 @@ _IP_BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT"
 
 # Binding a socket to a device makes it leave by that device whatever the
 # routing table says: Linux SO_BINDTODEVICE (an interface name), macOS
-# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows routes by the
-# source address, so the bound address is enough there.
+# IP_BOUND_IF / IPV6_BOUND_IF (an interface index). Windows picks the
+# interface by the source address only where nothing else decides: with two
+# adapters on one subnet, every connection leaves by the first. Its
+# IP_UNICAST_IF / IPV6_UNICAST_IF (ws2ipdef.h; an interface index) decide.
 _SO_BINDTODEVICE: int | None = getattr(socket, "SO_BINDTODEVICE", 25) if _ON_LINUX else None
 _IP_BOUND_IF: int | None = getattr(socket, "IP_BOUND_IF", 25) if sys.platform == "darwin" else None
 _IPV6_BOUND_IF: int | None = getattr(socket, "IPV6_BOUND_IF", 125) if sys.platform == "darwin" else None
-_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None
+_IP_UNICAST_IF = 31
+_IPV6_UNICAST_IF = 31
+_CAN_BIND_TO_DEVICE = _SO_BINDTODEVICE is not None or _IP_BOUND_IF is not None or sys.platform == "win32"
 
 # Created non-blocking in one call where the platform allows it.
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -300,6 +308,12 @@ class AddressError(ValueError):
     """A local address given on the command line or to Dispatcher is unusable."""
 
 
+class ProxyLinkError(SocksError):
+    """An upstream proxy failed as a link (it is down, refused the login or
+    does not speak its protocol), not the target: another link may succeed,
+    and this one is out until a retest gets through it."""
+
+
 def _reply_code(error: OSError) -> Reply:
     """Map the OS error of a failed upstream connect to a SOCKS5 reply code."""
     if isinstance(error, SocksError):
@@ -327,6 +341,8 @@ def _is_link_failure(error: OSError) -> bool:
     """Whether a failed upstream connect is the fault of the local link
     (unreachable, down, address gone, timed out), so that another local
     address may succeed where this one failed."""
+    if isinstance(error, ProxyLinkError):
+        return True
     if isinstance(error, SocksError):
         return False
     if isinstance(error, TimeoutError):
@@ -702,13 +718,31 @@ Headers = list[tuple[str, str]]
 
 MAX_HEADER_LINE = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+# Responses carry more than requests: real sites send Content-Security-Policy
+# and Set-Cookie lines of 10 KB and more. Browsers take 256 KiB of head.
+MAX_RESPONSE_HEADER_LINE = 64 * 1024
+MAX_RESPONSE_HEADER_BYTES = 256 * 1024
 # Removed from every forwarded message, along with the headers that its
-# Connection header names. Transfer-Encoding stays: bodies are passed on
-# with the framing they came with, never re-framed.
+# Connection header names. Trailer is not among them (RFC 9110, 6.6.2): it
+# says which trailer fields follow, end to end.
 HOP_BY_HOP_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authorization",
-    "proxy-authenticate", "te", "trailer", "upgrade",
+    "proxy-authenticate", "te", "upgrade",
 })
+# The framing of a body is never passed on as it came: it is read, checked
+# and written out afresh (framing_headers), so that the next hop reads the
+# message exactly as this one did.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+# Requests that may be sent twice with the effect of once (RFC 9110, 9.2.2):
+# only these are sent again when a kept origin connection fails under them.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than HTAB: never in a field value or a reason
+# phrase (RFC 9110, 5.5). A bare CR or a NUL among them would let the next
+# hop read another message than this one did.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
 
 
 class Framing(enum.IntEnum):
@@ -732,38 +766,54 @@ def parse_request_line(line: str) -> tuple[str, str, str]:
 
 
 def parse_status_line(line: str) -> tuple[str, int, str]:
-    """Split ``HTTP/1.x CODE REASON`` into (version, code, reason); ValueError if malformed."""
+    """Split ``HTTP/1.x CODE REASON`` into (version, code, reason); ValueError if malformed.
+
+    The reason may be empty, and so may its space before it (it is written
+    back with its space: RFC 9112, 4).
+    """
     version, _, rest = line.partition(" ")
     code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+    if version not in ("HTTP/1.0", "HTTP/1.1") or not _DIGITS.fullmatch(code) or len(code) != 3:
         raise ValueError(f"bad status line {line[:80]!r}")
+    if _CONTROL.search(reason):
+        raise ValueError(f"a control character in the status line {line[:80]!r}")
     return version, int(code), reason
 
 
 def parse_header_lines(lines: Sequence[str]) -> Headers:
     """Turn ``Name: value`` lines into (name, value) pairs; ValueError if malformed.
 
-    Whitespace before the colon and folded lines are refused (RFC 9112, 5):
-    they are how requests are smuggled past other proxies.
+    A name is a token; whitespace before the colon and folded lines are
+    refused (RFC 9112, 5): they are how requests are smuggled past other
+    proxies. So is a value with a control character other than HTAB (a bare
+    CR, a NUL: RFC 9110, 5.5).
     """
     headers = []
     for line in lines:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or not name.isprintable() or " " in name:
+        if not colon or not _TOKEN.fullmatch(name):
             raise ValueError(f"bad header line {line[:80]!r}")
-        headers.append((name, value.strip(" \t")))
+        value = value.strip(" \t")
+        if _CONTROL.search(value):
+            raise ValueError(f"a control character in the {name[:40]} header")
+        headers.append((name, value))
     return headers
 
 
 def header_tokens(headers: Headers, name: str) -> list[str]:
-    """The comma-separated values of every ``name`` header, lowercased."""
+    """The comma-separated values of every ``name`` header, lowercased.
+
+    Only spaces and tabs around them are removed (RFC 9110, 5.6.1), not
+    what str.strip() takes for whitespace too (a form feed, a non-breaking
+    space): ``chunked\\xa0`` is not ``chunked``.
+    """
     name = name.lower()
     return [
-        token.strip().lower()
+        token.strip(" \t").lower()
         for key, value in headers
         if key.lower() == name
         for token in value.split(",")
-        if token.strip()
+        if token.strip(" \t")
     ]
 
 
@@ -811,25 +861,42 @@ def body_length(headers: Headers, request: bool) -> int:
     """How a message body is framed: its length, or a Framing.
 
     Follows RFC 9112, 6.3. A request without either header has no body.
-    ValueError where the framing is ambiguous or malformed (a request with
-    both Transfer-Encoding and Content-Length, or lengths that disagree).
+    ValueError where the framing is ambiguous or malformed: a request with
+    both Transfer-Encoding and Content-Length (a response with both is
+    chunked), lengths that disagree (``5, 5`` is one length: RFC 9110, 8.6),
+    or a transfer coding other than ``chunked`` alone, which could not be
+    framed here exactly as the next hop frames it.
     """
-    codings = header_tokens(headers, "transfer-encoding")
-    lengths = {value.strip() for key, value in headers if key.lower() == "content-length"}
+    codings = [value.strip(" \t").lower() for key, value in headers if key.lower() == "transfer-encoding"]
+    lengths = [value for key, value in headers if key.lower() == "content-length"]
+    length = None
+    if lengths:  # checked even where chunked wins: a bad one shows a broken sender
+        values = {part.strip(" \t") for value in lengths for part in value.split(",")}
+        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+            raise ValueError(f"bad Content-Length {', '.join(lengths)[:80]!r}")
+        length = int(values.pop())
     if codings:
-        if codings[-1] == "chunked":
-            if request and lengths:
-                raise ValueError("both Transfer-Encoding and Content-Length")
-            return Framing.CHUNKED
-        if request:
-            raise ValueError(f"unsupported transfer coding {codings[-1]!r}")
-        return Framing.UNTIL_CLOSE
-    if lengths:
-        values = {part.strip() for value in lengths for part in value.split(",")}
-        if len(values) != 1 or not next(iter(values)).isdigit():
-            raise ValueError(f"bad Content-Length {sorted(lengths)}")
-        return int(values.pop())
+        # Exactly one field, exactly "chunked": a list with empty elements
+        # or a coding twice is read one way here and another way elsewhere.
+        if codings != ["chunked"]:
+            raise ValueError(f"unsupported Transfer-Encoding {', '.join(codings)[:80]!r}")
+        if request and lengths:
+            raise ValueError("both Transfer-Encoding and Content-Length")
+        return Framing.CHUNKED
+    if length is not None:
+        return length
     return 0 if request else Framing.UNTIL_CLOSE
+
+
+def framing_headers(headers: Headers, length: int) -> Headers:
+    """The framing header of a message as body_length read it, written out
+    afresh: ``Transfer-Encoding: chunked``, one ``Content-Length`` (where the
+    message had one), or none for a body ended by the close."""
+    if length == Framing.CHUNKED:
+        return [("Transfer-Encoding", "chunked")]
+    if length >= 0 and any(key.lower() == "content-length" for key, _ in headers):
+        return [("Content-Length", str(length))]
+    return []
 
 
 def response_has_body(method: str, status: int) -> bool:
@@ -838,16 +905,22 @@ def response_has_body(method: str, status: int) -> bool:
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size on a chunk's size line (extensions ignored); ValueError if malformed."""
-    size = line.split(b";", 1)[0].strip()
-    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+    """The size on a chunk's size line, with its CRLF; ValueError if malformed.
+
+    Extensions are read past (and not passed on); padding around the size
+    and a bare LF are refused: another reader would start the next chunk
+    somewhere else (RFC 9112, 7.1).
+    """
+    match = _CHUNK_SIZE_LINE.fullmatch(line)
+    if match is None:
         raise ValueError(f"bad chunk size line {line[:40]!r}")
-    return int(size, 16)
+    return int(match[1], 16)
 
 
 def forwarded_headers(headers: Headers) -> Headers:
-    """The headers without the hop-by-hop ones, which concern one connection only."""
-    dropped = HOP_BY_HOP_HEADERS | set(header_tokens(headers, "connection"))
+    """The headers without the hop-by-hop ones, which concern one connection
+    only, and without the framing ones (see framing_headers)."""
+    dropped = HOP_BY_HOP_HEADERS | FRAMING_HEADERS | set(header_tokens(headers, "connection"))
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
@@ -895,20 +968,25 @@ def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str,
     return encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head) + body
 
 
-def read_head(reader: DeadlineReader) -> list[str]:
+def read_head(
+    reader: DeadlineReader, max_line: int = MAX_HEADER_LINE, max_head: int = MAX_HEADER_BYTES
+) -> list[str]:
     """The lines of a message head (start line first) without line ends.
 
-    Empty lines before the start line are skipped (RFC 9112, 2.2). Raises
-    LineTooLongError past MAX_HEADER_LINE a line or MAX_HEADER_BYTES in all.
+    Empty lines before the start line are skipped (RFC 9112, 2.2). A line
+    ends at CRLF or LF; any other CR stays in the line, for the parsers to
+    refuse. Raises LineTooLongError past ``max_line`` a line or
+    ``max_head`` in all.
     """
     lines: list[str] = []
     total = 0
     while True:
-        line = reader.read_line(MAX_HEADER_LINE)
+        line = reader.read_line(max_line)
         total += len(line)
-        if total > MAX_HEADER_BYTES:
-            raise LineTooLongError(f"a head longer than {MAX_HEADER_BYTES} bytes")
-        text = line.rstrip(b"\r\n").decode("latin-1")
+        if total > max_head:
+            raise LineTooLongError(f"a head longer than {max_head} bytes")
+        line = line[:-1]
+        text = (line[:-1] if line.endswith(b"\r") else line).decode("latin-1")
         if text:
             lines.append(text)
         elif lines:
@@ -918,42 +996,62 @@ def read_head(reader: DeadlineReader) -> list[str]:
 def copy_body(reader: DeadlineReader, length: int, send: Callable[[bytes], None], *, dechunk: bool = False) -> None:
     """Pass a message body on as framed by ``length`` (see body_length).
 
-    ``dechunk`` sends a chunked body's data alone, without its framing.
-    Raises ProtocolError for a body cut short or badly framed.
+    A chunked body's framing is checked and written out afresh (sizes in
+    plain hex, no extensions, checked trailer fields); ``dechunk`` sends its
+    data alone. Raises ProtocolError for a body cut short or badly framed.
     """
     if length == Framing.UNTIL_CLOSE:
         while data := reader.read_some(BULK_READ_SIZE):
             send(data)
     elif length == Framing.CHUNKED:
-        _copy_chunks(reader, send if not dechunk else None, send)
+        _copy_chunks(reader, send, dechunk=dechunk)
     else:
         _copy_exactly(reader, length, send)
 
 
-def _copy_chunks(
-    reader: DeadlineReader, send_framing: Callable[[bytes], None] | None, send_data: Callable[[bytes], None]
-) -> None:
-    """Pass a chunked body on; its framing goes to ``send_framing`` unless None."""
-    framing = send_framing or (lambda _: None)
+def _copy_chunks(reader: DeadlineReader, send: Callable[[bytes], None], *, dechunk: bool) -> None:
     while True:
-        line = reader.read_line(MAX_HEADER_LINE)
         try:
-            size = parse_chunk_size(line)
+            size = parse_chunk_size(reader.read_line(MAX_HEADER_LINE))
         except ValueError as error:
             raise ProtocolError(str(error)) from None
-        framing(line)
         if size == 0:
             break
-        _copy_exactly(reader, size, send_data)
-        end = reader.read_line(MAX_HEADER_LINE)
-        if end.strip():
+        if not dechunk:
+            send(b"%x\r\n" % size)
+        _copy_exactly(reader, size, send)
+        if reader.read(2) != b"\r\n":
             raise ProtocolError("a chunk longer than its size")
-        framing(end)
-    while True:  # trailer fields, up to the empty line
+        if not dechunk:
+            send(b"\r\n")
+    trailer = read_trailer(reader)
+    if not dechunk:
+        send(b"0\r\n" + encode_head("", trailer)[2:])
+
+
+def read_trailer(reader: DeadlineReader) -> Headers:
+    """The trailer fields after a chunked body, up to the empty line.
+
+    Every line ends at CRLF: only an empty line ends the section, and a
+    line of spaces is refused like any other malformed field. Raises
+    ProtocolError, or LineTooLongError past the limits of a request head.
+    """
+    lines: list[str] = []
+    total = 0
+    while True:
         line = reader.read_line(MAX_HEADER_LINE)
-        framing(line)
-        if not line.strip():
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise LineTooLongError(f"trailer fields longer than {MAX_HEADER_BYTES} bytes")
+        if not line.endswith(b"\r\n"):
+            raise ProtocolError(f"a trailer line without CRLF {line[:40]!r}")
+        if line == b"\r\n":
             break
+        lines.append(line[:-2].decode("latin-1"))
+    try:
+        return parse_header_lines(lines)
+    except ValueError as error:
+        raise ProtocolError(f"trailer: {error}") from None
 
 
 def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], None]) -> None:
@@ -963,6 +1061,196 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
             raise ProtocolError("closed in the middle of a body")
         send(data)
         length -= len(data)
+
+
+# The client side, to upstream proxies ------------------------------------------
+#
+# dispatch speaks to an upstream proxy as a client. Each handshake is a
+# generator of steps (bytes to send, bytes to receive) that is sent what it
+# asked to receive and returns when the proxy has said yes: one description
+# of each protocol serves the non-blocking connects that race, and the
+# blocking ones of retests and UDP associations alike. No step reads past
+# the proxy's reply: what follows is the target's.
+
+SOCKS4_REPLY_VERSION = 0
+MAX_SOCKS5_NAME = 255  # a SOCKS5 DOMAIN address has a one-byte length
+SOCKS4A_NAME_FOLLOWS = b"\0\0\0\1"  # DST.IP 0.0.0.x: the host name follows the user id
+MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answer to CONNECT, head only
+
+
+class Socks4Status(enum.IntEnum):
+    """SOCKS4 reply codes a server may send (Socks4Reply has the two dispatch sends)."""
+
+    GRANTED = 0x5A
+    REJECTED = 0x5B
+    NO_IDENTD = 0x5C
+    IDENTD_MISMATCH = 0x5D
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendStep:
+    """Send all of ``data``."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReceiveStep:
+    """Receive exactly ``size`` bytes."""
+
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReceiveHeadStep:
+    """Receive an HTTP head, up to and with its blank line, at most ``limit`` bytes."""
+
+    limit: int
+
+
+ClientStep = SendStep | ReceiveStep | ReceiveHeadStep
+# Yields steps, is sent what a receive step got (b"" after a send), returns
+# the address the proxy bound for the request, where it says.
+ClientHandshake = Generator[ClientStep, bytes, tuple[str, int]]
+
+
+def upstream_reply_error(reply: int) -> OSError:
+    """The error of a SOCKS5 failure reply from an upstream proxy.
+
+    Its refusal by the target is the target's answer, as a refusal here is
+    (another link would get the same); the target unreachable or silent from
+    there is the link's failure, as it is from a local address; the rest
+    are the proxy's final word on this request.
+    """
+    if reply == Reply.CONNECTION_REFUSED:
+        return ConnectionRefusedError(errno.ECONNREFUSED, "connection refused (the upstream proxy says)")
+    if reply == Reply.NETWORK_UNREACHABLE:
+        return OSError(errno.ENETUNREACH, "network unreachable (the upstream proxy says)")
+    if reply == Reply.HOST_UNREACHABLE:
+        return OSError(errno.EHOSTUNREACH, "host unreachable (the upstream proxy says)")
+    if reply == Reply.TTL_EXPIRED:
+        return TimeoutError(errno.ETIMEDOUT, "timed out (the upstream proxy says)")
+    try:
+        known = Reply(reply)
+    except ValueError:
+        return SocksError(Reply.GENERAL_FAILURE, f"the upstream proxy answered with unknown reply {reply}")
+    return SocksError(known, f"{REPLY_MESSAGES[known]} (the upstream proxy says)")
+
+
+def encode_auth_request(user: str, password: str) -> bytes:
+    """An RFC 1929 request, VER ULEN UNAME PLEN PASSWD; ProxyLinkError if a field is too long."""
+    fields = [user.encode(), password.encode()]
+    if any(len(field) > MAX_AUTH_FIELD for field in fields):
+        raise ProxyLinkError(
+            Reply.GENERAL_FAILURE, f"a SOCKS5 user name or password has {MAX_AUTH_FIELD} bytes at most"
+        )
+    return bytes([AUTH_VERSION]) + b"".join(bytes([len(field)]) + field for field in fields)
+
+
+def socks5_client(
+    host: str, port: int, login: tuple[str, str] | None, command: Command = Command.CONNECT
+) -> ClientHandshake:
+    """The client side of a SOCKS5 request (RFC 1928, RFC 1929 for ``login``).
+
+    Raises ProxyLinkError where the proxy refuses the login or does not speak
+    SOCKS5, the error of its failure reply (upstream_reply_error), and
+    SocksError for a name longer than SOCKS5 carries.
+    """
+    if not _is_ip(host) and len(host) > MAX_SOCKS5_NAME:
+        raise SocksError(Reply.HOST_UNREACHABLE, f"a name of more than {MAX_SOCKS5_NAME} bytes cannot go to SOCKS5")
+    methods = [Method.NO_AUTHENTICATION] + ([Method.USERNAME_PASSWORD] if login else [])
+    yield SendStep(bytes([SOCKS5_VERSION, len(methods), *methods]))
+    version, method = yield ReceiveStep(2)
+    if version != SOCKS5_VERSION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak SOCKS5 (version {version})")
+    if method == Method.USERNAME_PASSWORD and login is not None:
+        yield SendStep(encode_auth_request(*login))
+        _, status = yield ReceiveStep(2)
+        if status != AuthStatus.SUCCESS:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login")
+    elif method == Method.NO_ACCEPTABLE:
+        wanted = "refused the login method" if login else "wants a login"
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy {wanted}")
+    elif method != Method.NO_AUTHENTICATION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy chose an unknown method {method}")
+    yield SendStep(bytes([SOCKS5_VERSION, command, 0]) + encode_socks5_address(host, port))
+    version, reply, _, atyp = yield ReceiveStep(4)
+    if version != SOCKS5_VERSION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy replied with version {version}")
+    if reply != Reply.SUCCEEDED:
+        raise upstream_reply_error(reply)
+    return (yield from _socks5_bound_address(atyp))
+
+
+def _socks5_bound_address(atyp: int) -> ClientHandshake:
+    """Receive the rest of a SOCKS5 reply after its ATYP: BND.ADDR and BND.PORT."""
+    if atyp == AddressType.IPV4:
+        rest = yield ReceiveStep(4 + 2)
+    elif atyp == AddressType.IPV6:
+        rest = yield ReceiveStep(16 + 2)
+    elif atyp == AddressType.DOMAIN:
+        length = yield ReceiveStep(1)
+        rest = length + (yield ReceiveStep(length[0] + 2))
+    else:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy replied with address type {atyp}")
+    try:
+        return read_socks5_address(DeadlineReader(None, eof_message="short reply", data=bytes([atyp]) + rest))
+    except SocksError as error:  # a bound name that is no name: the proxy's fault
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy's reply: {error}") from None
+
+
+def socks4_client(host: str, port: int, user: str | None) -> ClientHandshake:
+    """The client side of a SOCKS4 CONNECT; a name (not an IP address) is
+    sent as SOCKS4a asks. Raises ProxyLinkError where the proxy does not
+    speak SOCKS4 or refuses the user id, SocksError where it refuses the
+    request (SOCKS4 does not say why)."""
+    userid = (user or "").encode() + b"\0"
+    if _is_ip(host):
+        request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, socket.inet_aton(host)) + userid
+    else:
+        request = struct.pack("!BBH4s", SOCKS4_VERSION, Command.CONNECT, port, SOCKS4A_NAME_FOLLOWS) + userid
+        request += host.encode("ascii") + b"\0"
+    yield SendStep(request)
+    version, status, bound_port, bound_ip = struct.unpack("!BBH4s", (yield ReceiveStep(8)))
+    if version != SOCKS4_REPLY_VERSION:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak SOCKS4 (version {version})")
+    if status in (Socks4Status.NO_IDENTD, Socks4Status.IDENTD_MISMATCH):
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the user id")
+    if status != Socks4Status.GRANTED:
+        raise SocksError(Reply.GENERAL_FAILURE, "rejected or failed (the upstream SOCKS4 proxy says)")
+    return socket.inet_ntoa(bound_ip), bound_port
+
+
+def http_connect_client(host: str, port: int, login: tuple[str, str] | None) -> ClientHandshake:
+    """The client side of an HTTP CONNECT, with Basic proxy credentials for
+    ``login``. Raises ProxyLinkError where the proxy refuses the login (407)
+    or does not answer in HTTP; any other refusal is the proxy's word on
+    this request: 504 as a timeout, 403 as not allowed, others as a failure."""
+    authority = _format_endpoint(host, port)
+    head = [("Host", authority)]
+    if login is not None:
+        head.append(("Proxy-Authorization", basic_authorization(*login)))
+    yield SendStep(encode_head(f"CONNECT {authority} HTTP/1.1", head))
+    answer = yield ReceiveHeadStep(MAX_PROXY_REPLY_HEAD)
+    try:
+        _, status, reason = parse_status_line(answer.split(b"\r\n", 1)[0].decode("latin-1"))
+    except ValueError as error:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak HTTP ({error})") from None
+    said = f"{status} {reason}".strip() + " (the upstream proxy says)"
+    if 200 <= status < 300:
+        return "0.0.0.0", 0  # an HTTP proxy does not say where it connected from
+    if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+        raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login" if login else said)
+    if status == HTTPStatus.GATEWAY_TIMEOUT:
+        raise TimeoutError(errno.ETIMEDOUT, said)
+    if status == HTTPStatus.FORBIDDEN:
+        raise SocksError(Reply.NOT_ALLOWED, said)
+    raise SocksError(Reply.GENERAL_FAILURE, said)
+
+
+def basic_authorization(user: str, password: str) -> str:
+    """The value of an Authorization or Proxy-Authorization header for a Basic login."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 # ---------------------------------------------------------------------------
 # Access: the allow-list and logins
@@ -1019,8 +1307,11 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
     """The (user, password) pairs of a file of ``USER:PASS`` lines.
 
     Blank lines and lines starting with # are skipped. Raises ValueError
-    naming the file and line, never a password.
+    naming the file and line, never a password, and for a file without a
+    user: a login file that lets everyone in is a mistake, never a wish.
     """
+    if not path:
+        raise ValueError("the login file's path is empty")
     try:
         with open(path, "rb") as file:
             lines = file.read().splitlines()
@@ -1038,6 +1329,8 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
             pairs.append(parse_credentials(line))
         except ValueError as error:
             raise ValueError(f"{path}, line {number}: {error}") from None
+    if not pairs:
+        raise ValueError(f"{path} holds no USER:PASS line: a login file without a user would let everyone in")
     return pairs
 
 
@@ -1127,6 +1420,12 @@ BACKUP = "backup"  # ADDRESS@backup: a link used only while no other is up
 # How often interface addresses are read again: DHCP renewals and new
 # networks are seen within this, at the cost of one read per interval.
 INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
+# An address its interface no longer holds is kept (its row, its counters)
+# this long after it went, as long as the charts show its last traffic, in
+# case it comes back; and at most GONE_ADDRESSES_KEPT of them a link, the
+# newest: IPv6 temporary addresses come and go every day, for ever.
+GONE_ADDRESS_KEPT = 600.0  # seconds
+GONE_ADDRESSES_KEPT = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -1149,6 +1448,11 @@ class LocalAddress:
         """AF_INET or AF_INET6."""
         return _family_of(self.ip)
 
+    @property
+    def serves(self) -> frozenset[socket.AddressFamily]:
+        """The families of targets connections from it reach: its own."""
+        return frozenset({self.family})
+
     def describe(self) -> str:
         """The address and its interface, as logs show them."""
         return f"{self.ip} ({self.interface})" if self.interface else self.ip
@@ -1158,10 +1462,12 @@ class Link:
     """A way out as it was named: one IP address, or an interface whose usable
     addresses are followed as they change (a DHCP renewal, a new network).
 
-    ``current`` are the addresses to use now; ``known`` keeps every address
+    ``current`` are the addresses to use now; ``known`` keeps the addresses
     the link has had, by IP, so that counters survive an address going away
-    and coming back. ``weighted`` says whether a weight was given, and
-    ``backup`` whether the link is kept for when no other is up.
+    and coming back, and ``gone_at`` when each of those no longer current
+    went (monotonic seconds), until ``drop_gone()`` forgets it. ``weighted``
+    says whether a weight was given, and ``backup`` whether the link is kept
+    for when no other is up.
     """
 
     def __init__(
@@ -1183,6 +1489,7 @@ class Link:
         for address in self.current:
             address.backup = backup
         self.known = {address.ip: address for address in self.current}
+        self.gone_at: dict[str, float] = {}
 
     @property
     def tier(self) -> str:
@@ -1203,18 +1510,185 @@ class Link:
         link.follow(ips)
         return link
 
-    def follow(self, ips: Sequence[str]) -> bool:
-        """Make ``ips`` the current addresses; return whether they changed."""
+    def follow(self, ips: Sequence[str], now: float | None = None) -> bool:
+        """Make ``ips`` the current addresses; return whether they changed.
+        ``now`` (monotonic seconds) is when those no longer current went."""
         before = [address.ip for address in self.current]
         known = dict(self.known)
         for ip in ips:
             if ip not in known:
                 known[ip] = LocalAddress(ip, self.weight, self.name, self.backup)
+        went = time.monotonic() if now is None else now
+        gone_at = {ip: at for ip, at in self.gone_at.items() if ip not in ips}
+        gone_at.update({ip: went for ip in before if ip not in ips and ip not in gone_at})
         # Assignments, not changes in place: readers in other threads see
         # the old dict and list or the new ones.
         self.known = known
         self.current = [known[ip] for ip in ips]
+        self.gone_at = gone_at
         return before != list(ips)
+
+    def drop_gone(self, in_use: Callable[[LocalAddress], bool], now: float | None = None) -> list[LocalAddress]:
+        """Forget the gone addresses not ``in_use`` that went GONE_ADDRESS_KEPT
+        seconds ago or more, and the oldest beyond GONE_ADDRESSES_KEPT; return them."""
+        now = time.monotonic() if now is None else now
+        oldest_first = sorted(self.gone_at.items(), key=lambda item: item[1])
+        excess = len(oldest_first) - GONE_ADDRESSES_KEPT
+        dropped = [
+            self.known[ip]
+            for index, (ip, went) in enumerate(oldest_first)
+            if (index < excess or now - went >= GONE_ADDRESS_KEPT) and not in_use(self.known[ip])
+        ]
+        if dropped:
+            gone = {address.ip for address in dropped}
+            self.known = {ip: address for ip, address in self.known.items() if ip not in gone}
+            self.gone_at = {ip: went for ip, went in self.gone_at.items() if ip not in gone}
+        return dropped
+
+
+# Upstream proxies as links ---------------------------------------------------
+#
+# An ADDRESS may name a proxy instead of a local address:
+# SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK][@WEIGHT|@backup], where LINK (an
+# interface name or a local IP address) is the way the connection to the
+# proxy leaves by, so that one proxy reached over three links is three links.
+
+PROXY_SCHEMES = ("socks5", "socks5h", "socks4", "socks4a", "http")
+# Schemes whose proxy is given host names as they are (the others get the
+# address dispatch resolved), and those that carry UDP.
+NAME_PASSING_SCHEMES = frozenset({"socks5h", "socks4a", "http"})
+UDP_SCHEMES = frozenset({"socks5", "socks5h"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyURL:
+    """An upstream proxy as an ADDRESS names it. ``via`` is the interface
+    name or local IP address the connection to it leaves by (None: as the
+    routing table says). The password is never shown: ``name`` leaves it out."""
+
+    scheme: str
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    via: str | None = None
+
+    @property
+    def passes_names(self) -> bool:
+        """Whether target names go to the proxy as they are (else resolved here)."""
+        return self.scheme in NAME_PASSING_SCHEMES
+
+    @property
+    def carries_udp(self) -> bool:
+        """Whether the proxy can relay UDP (SOCKS5's UDP ASSOCIATE)."""
+        return self.scheme in UDP_SCHEMES
+
+    @property
+    def carries_ipv6(self) -> bool:
+        """Whether the proxy can be asked for an IPv6 target (SOCKS4 cannot)."""
+        return not self.scheme.startswith("socks4")
+
+    @property
+    def login(self) -> tuple[str, str] | None:
+        """(user, password) for SOCKS5 and HTTP proxies, where a user is given."""
+        return (self.user, self.password or "") if self.user is not None else None
+
+    @property
+    def name(self) -> str:
+        """The link's name: the URL without the password, and the link it leaves by."""
+        user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user is not None else ""
+        via = f"+{self.via}" if self.via else ""
+        return f"{self.scheme}://{user}{_format_endpoint(self.host, self.port)}{via}"
+
+
+def _is_suffix(text: str) -> bool:
+    """Whether ``text`` (after an ADDRESS's last '@') is a weight or 'backup'."""
+    return text.lower() == BACKUP or _is_number(text)
+
+
+def hide_password(text: str) -> str:
+    """An ADDRESS as it may be shown: a proxy URL's password as ``***``."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        return text
+    head, at, tail = rest.rpartition("@")
+    suffix = ""
+    if at and _is_suffix(tail):
+        rest, suffix = head, "@" + tail
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    return f"{scheme}://{userinfo}{at}{host}{suffix}"
+
+
+def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
+    """Read a proxy ADDRESS: SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK], then
+    @WEIGHT or @backup; return the proxy and the text after '@' (None if none).
+
+    USER and PASSWORD may be percent-encoded (an '@' or ':' in them must be).
+    Raises AddressError, whose message never holds the password.
+    """
+    shown = hide_password(text)
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        raise AddressError(f"{shown!r}: a proxy's scheme is one of {', '.join(PROXY_SCHEMES)}")
+    suffix = None
+    head, at, tail = rest.rpartition("@")
+    if at and _is_suffix(tail):
+        rest, suffix = head, tail
+    userinfo, at, endpoint = rest.rpartition("@")
+    endpoint, plus, via = endpoint.partition("+")
+    try:
+        host, port = _split_host_port(endpoint.rstrip("/"), None)
+    except ValueError:
+        raise AddressError(f"{shown!r}: a proxy is SCHEME://HOST:PORT, IPv6 hosts in brackets ([::1]:1080)") from None
+    if plus and not via:
+        raise AddressError(f"{shown!r}: no link after '+': give an interface name or a local IP address")
+    user = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        user = urllib.parse.unquote(user_text)
+        password = urllib.parse.unquote(password_text) if colon else None
+        if scheme.startswith("socks4") and password is not None:
+            raise AddressError(f"{shown!r}: SOCKS4 has a user id but no password")
+        if any(len(field.encode()) > MAX_AUTH_FIELD for field in (user, password or "")):
+            raise AddressError(f"{shown!r}: a user name or password has {MAX_AUTH_FIELD} bytes at most")
+    if _is_ip(host):
+        host = str(ipaddress.ip_address(host))
+    return ProxyURL(scheme, host, port, user, password, via or None), suffix
+
+
+@dataclasses.dataclass(eq=False)
+class ProxyAddress(LocalAddress):
+    """An upstream proxy as a link: connections through it are made by the
+    proxy, asked over a connection to it.
+
+    ``ip`` holds the link's name (``proxy.name``), which keys its counters
+    and rows as an address's IP does; ``source`` is the local address the
+    connection to the proxy is bound to, where the link names one, and
+    ``interface`` the device it leaves by.
+    """
+
+    proxy: ProxyURL = dataclasses.field(kw_only=True)
+    source: LocalAddress | None = dataclasses.field(default=None, kw_only=True)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """AF_UNSPEC: a proxy carries the families of ``serves``."""
+        return socket.AF_UNSPEC
+
+    @property
+    def serves(self) -> frozenset[socket.AddressFamily]:
+        """The families of targets it reaches, and AF_UNSPEC if it takes names."""
+        families = {socket.AF_INET, socket.AF_INET6} if self.proxy.carries_ipv6 else {socket.AF_INET}
+        if self.proxy.passes_names:
+            families.add(socket.AF_UNSPEC)
+        return frozenset(families)
+
+    def describe(self) -> str:
+        """The link's name."""
+        return self.ip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1225,11 +1699,12 @@ class AddressSpec:
     address: str
     weight: int | None = None
     backup: bool = False
+    proxy: ProxyURL | None = None  # for an upstream proxy; ``address`` is then its name
 
 
 def parse_address(text: str) -> AddressSpec:
     """Read an ADDRESS argument: ``ADDR``, ``ADDR@WEIGHT`` (1 to MAX_WEIGHT)
-    or ``ADDR@backup``.
+    or ``ADDR@backup``, where ADDR may be a proxy's URL (parse_proxy_url).
 
     The older ``ADDR/WEIGHT`` still works where it cannot be read as a
     network prefix: ``eth0/3`` does, ``10.0.0.1/24`` is refused with a hint.
@@ -1237,6 +1712,12 @@ def parse_address(text: str) -> AddressSpec:
     """
     if not text:
         raise AddressError("an empty ADDRESS: give an IP address or an interface name")
+    if "://" in text:
+        proxy, suffix = parse_proxy_url(text)
+        if suffix is not None and suffix.lower() == BACKUP:
+            return AddressSpec(proxy.name, backup=True, proxy=proxy)
+        weight = _weight(hide_password(text), suffix) if suffix is not None else None
+        return AddressSpec(proxy.name, weight, proxy=proxy)
     if "@" in text:
         address, *suffixes = text.split("@")
         if len(suffixes) > 1:
@@ -1296,6 +1777,7 @@ class Interface:
     name: str
     aliases: frozenset[str] = frozenset()
     ips: tuple[str, ...] = ()
+    index: int | None = None
 
 
 def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> list[Interface]:
@@ -1314,7 +1796,8 @@ def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> lis
         # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
         ips = tuple(entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip for entry in adapter.ips)
         name = adapter.ips[0].nice_name if platform == "win32" and adapter.ips else adapter.nice_name
-        interfaces.append(Interface(name, frozenset({adapter.nice_name, adapter.name} - {name}), ips))
+        aliases = frozenset({adapter.nice_name, adapter.name} - {name})
+        interfaces.append(Interface(name, aliases, ips, getattr(adapter, "index", None)))
     return interfaces
 
 
@@ -1350,7 +1833,25 @@ def _interfaces() -> list[Interface]:
             "interface names, 'start' without addresses and 'list' need the ifaddr package"
             " (pip install ifaddr); IP addresses work without it"
         ) from None
-    return read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    interfaces = read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    _INTERFACE_INDEXES.update((i.name, i.index) for i in interfaces if i.index is not None)
+    return interfaces
+
+
+# The index of each interface by the name dispatch shows, as last read: on
+# Windows the system's own lookup (if_nametoindex) knows none of those names.
+_INTERFACE_INDEXES: dict[str, int] = {}
+
+
+def _interface_index(name: str) -> int:
+    """The index of interface ``name``; OSError(ENODEV) if there is none."""
+    index = _INTERFACE_INDEXES.get(name)
+    if index is not None:
+        return index
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface {name}") from None
 
 
 def _is_up(interface: str) -> bool:
@@ -1379,14 +1880,31 @@ def usable_addresses() -> list[LocalAddress]:
     return [LocalAddress(ip, 1, i.name) for i in usable_interfaces() for ip in i.ips]
 
 
-def _check_bindable(ip: str) -> None:
-    """Raise AddressError unless ``ip`` can be a source address here."""
-    if ipaddress.ip_address(ip).is_link_local:
+def _check_link_address(ip: str) -> None:
+    """Raise AddressError, saying why, if ``ip`` could never be a link's
+    source address, on any machine: unspecified, multicast or link-local."""
+    address = ipaddress.ip_address(ip)
+    if address.is_unspecified:
+        raise AddressError(
+            f"{ip} is the unspecified address: it stands for any address, not for one link (the system "
+            "would pick the way out); give an interface's name or one of its addresses"
+        )
+    if address.is_multicast:
+        raise AddressError(
+            f"{ip} is a multicast address: it names a group of receivers, and no connection can leave "
+            "from it; give an interface's name or one of its addresses"
+        )
+    if address.is_link_local:
         raise AddressError(
             f"{ip} is a link-local address: it reaches only the hosts on its own network segment, never the "
             "internet (the interface has no address from a router or DHCP yet); give the interface's name to "
             "use its routable addresses as they come"
         )
+
+
+def _check_bindable(ip: str) -> None:
+    """Raise AddressError unless ``ip`` can be a source address here."""
+    _check_link_address(ip)
     with socket.socket(_family_of(ip), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((ip, 0))
@@ -1421,7 +1939,43 @@ class _InterfaceTable:
         return self._found
 
 
-def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link:
+def _find_interface(text: str, interfaces: _InterfaceTable) -> Interface:
+    """The interface ``text`` names; AddressError naming the others if none."""
+    known = interfaces.read(required=True)
+    interface = find_interface(known, text)
+    if interface is None:
+        names = ", ".join(sorted(i.name for i in known)) or "none"
+        hint = ""
+        if sys.platform == "win32":
+            hint = "; an adapter without an address yet goes by its description until it has one"
+        raise AddressError(f"{text!r} is neither an IP address nor an interface (interfaces: {names}){hint}")
+    return interface
+
+
+def _resolve_proxy(parsed: AddressSpec, proxy: ProxyURL, interfaces: _InterfaceTable,
+                   passwords: Mapping[str, str]) -> Link:
+    """The link of an upstream proxy: its password from ``passwords`` (by
+    user) where the URL gives none, the link it is reached by looked up."""
+    if proxy.user is not None and proxy.password is None and not proxy.scheme.startswith("socks4"):
+        if proxy.user not in passwords:
+            raise AddressError(
+                f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
+            )
+        proxy = dataclasses.replace(proxy, password=passwords[proxy.user])
+    source = None
+    interface = None
+    if proxy.via is not None and _is_ip(proxy.via):
+        ip = str(ipaddress.ip_address(proxy.via))
+        _check_bindable(ip)
+        source = LocalAddress(ip, 1, _interface_of(ip, interfaces.read(required=False)))
+        interface = source.interface
+    elif proxy.via is not None:
+        interface = _find_interface(proxy.via, interfaces).name
+    address = ProxyAddress(parsed.address, parsed.weight or 1, interface, proxy=proxy, source=source)
+    return Link.of_address(address, weighted=parsed.weight is not None, backup=parsed.backup)
+
+
+def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable, passwords: Mapping[str, str]) -> Link:
     """The link of one ADDRESS text or LocalAddress."""
     if isinstance(spec, LocalAddress):
         _check_bindable(spec.ip)
@@ -1429,34 +1983,31 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable) -> Link
             spec.interface = _interface_of(spec.ip, interfaces.read(required=False))
         return Link.of_address(spec, weighted=spec.weight != 1, backup=spec.backup)
     parsed = parse_address(spec)
+    if parsed.proxy is not None:
+        return _resolve_proxy(parsed, parsed.proxy, interfaces, passwords)
     weight, weighted = parsed.weight or 1, parsed.weight is not None
     if _is_ip(parsed.address):
         ip = str(ipaddress.ip_address(parsed.address))
         _check_bindable(ip)
         local = LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False)))
         return Link.of_address(local, weighted=weighted, backup=parsed.backup)
-    known = interfaces.read(required=True)
-    interface = find_interface(known, parsed.address)
-    if interface is None:
-        names = ", ".join(sorted(i.name for i in known)) or "none"
-        hint = ""
-        if sys.platform == "win32":
-            hint = "; an adapter without an address yet goes by its description until it has one"
-        raise AddressError(
-            f"{parsed.address!r} is neither an IP address nor an interface (interfaces: {names}){hint}"
-        )
+    interface = _find_interface(parsed.address, interfaces)
     ips = _usable(interface).ips
     return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
 
-def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
+def resolve_links(
+    specs: Iterable[str | LocalAddress] | None, passwords: Mapping[str, str] | None = None
+) -> list[Link]:
     """Turn ADDRESS texts (or LocalAddress objects) into links.
 
     An interface name becomes a link that follows the interface's usable
     addresses; it may have none for now (it waits for one). An IP address
     is looked up among the interfaces (with ifaddr, if installed) so that its
-    connections can be bound to its device. None or an empty list means
-    every interface with a usable address now. Raises AddressError.
+    connections can be bound to its device. A proxy's URL becomes a link of
+    its own; ``passwords`` (by user name) are for the URLs that give a user
+    but no password. None or an empty list means every interface with a
+    usable address now. Raises AddressError.
     """
     specs = list(specs or [])
     if not specs:
@@ -1465,10 +2016,10 @@ def resolve_links(specs: Iterable[str | LocalAddress] | None) -> list[Link]:
             raise AddressError("no usable address on any interface; name one")
         return every
     interfaces = _InterfaceTable()
-    links = [_resolve_link(spec, interfaces) for spec in specs]
+    links = [_resolve_link(spec, interfaces, passwords or {}) for spec in specs]
     given: dict[str, str] = {}
     for spec, link in zip(specs, links):
-        text = spec.ip if isinstance(spec, LocalAddress) else spec
+        text = spec.ip if isinstance(spec, LocalAddress) else hide_password(spec)
         for address in link.current:
             if address.ip in given:
                 raise AddressError(
@@ -1518,6 +2069,13 @@ class LinkSet:
         """The link that holds or held ``address``."""
         return next((link for link in self.links if link.known.get(address.ip) is address), None)
 
+    def drop_gone(self, in_use: Callable[[LocalAddress], bool]) -> list[LocalAddress]:
+        """Forget the addresses gone long enough (Link.drop_gone); return them."""
+        dropped = [address for link in self.links for address in link.drop_gone(in_use)]
+        for address in dropped:
+            logger.debug("forgetting %s: gone a while, and nothing open through it", address.describe())
+        return dropped
+
     def refresh(self) -> bool:
         """Read the interfaces and follow them; return whether any address changed."""
         if not self.follows:
@@ -1562,6 +2120,9 @@ CHECK_FAILURES_OUT = 3  # checks failed in a row that put a link out
 CHECK_SUCCESSES_BACK = 2  # and passed in a row that bring it back
 
 RETEST_POLL_INTERVAL = 0.25  # how often due retests are looked for
+# Targets reached lately (by any link) that retests may try: one site that
+# never answers through a link must not keep it out while it reaches others.
+RECENT_TARGETS = 8
 
 Target = tuple[str, int]  # (ip, port); a check's may be (name, port)
 _HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
@@ -1591,14 +2152,17 @@ def parse_check_target(text: str) -> Target:
 class _Outage:
     """Why an address is out, and how it is tried again.
 
-    An outage from a failed connect is retested against ``target`` (what
-    another link reached) at ``retest_at``; one from failed checks has no
-    target: passing checks end it."""
+    An outage from a failed connect is retested at ``retest_at``, against
+    ``target`` (what another link reached where this one failed) and other
+    targets in turn (``retests`` so far; ``testing``: the one under way);
+    one from failed checks has no target: passing checks end it."""
 
     reason: str
     target: Target | None
     retest_at: float = math.inf
     delay: float = RETEST_FIRST
+    retests: int = 0
+    testing: Target | None = None
 
 
 @dataclasses.dataclass
@@ -1615,20 +2179,34 @@ class Health:
 
     A link whose connect failed where another link then got through is out:
     new connections avoid it. It is retested in the background, never by a
-    client's connection: ``due_retests()`` hands out what to try (through
-    that link, the target another link reached) RETEST_FIRST seconds after
-    the failure, then twice as long after each failed retest, at most
-    ``cooldown`` apart; the first retest that gets through brings it back.
+    client's connection: ``due_retests()`` hands out what to try through
+    that link RETEST_FIRST seconds after the failure, then twice as long
+    after each failed retest, at most ``cooldown`` apart; the first retest
+    that gets through brings it back. The retests take turns between the
+    target another link reached where it failed and other targets: the last
+    one the link itself reached, those any link reached lately, and the
+    ``check_targets``; a site that never answers through one link (it blocks
+    that provider) cannot keep the link out while it reaches the others.
     With checks (``check_round()``), a link that fails CHECK_FAILURES_OUT in a
     row is out until it passes CHECK_SUCCESSES_BACK in a row. ``clock``
     tells monotonic seconds; tests may pass their own.
     """
 
-    def __init__(self, cooldown: float = DEFAULT_COOLDOWN, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cooldown: float = DEFAULT_COOLDOWN,
+        clock: Callable[[], float] = time.monotonic,
+        check_targets: Sequence[Target] = (),
+    ) -> None:
         self.cooldown = cooldown
         self.clock = clock
+        self.check_targets = list(check_targets)
         self._lock = threading.Lock()
         self._outages: dict[LocalAddress, _Outage] = {}
+        # Written without the lock on every connect (one assignment, one
+        # append: atomic), read under it when retests are handed out.
+        self._reached: dict[LocalAddress, Target] = {}  # the last target each address reached
+        self._recent: collections.deque[Target] = collections.deque(maxlen=RECENT_TARGETS)
         self._checks: dict[LocalAddress, _CheckRecord] = {}
         self._all_failed_told = False
 
@@ -1636,18 +2214,36 @@ class Health:
         """Whether ``address`` is out."""
         return address in self._outages
 
+    def forget(self, address: LocalAddress) -> None:
+        """Forget ``address`` (gone for good): no more retests or checks of it."""
+        with self._lock:
+            self._outages.pop(address, None)
+            self._checks.pop(address, None)
+            self._reached.pop(address, None)
+
     def connected_through(
         self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = (), target: Target | None = None
     ) -> None:
         """Record that a connect through ``address`` got an answer (the
         target's, or its refusal) at ``target`` where the ``failed``
         addresses could not: they are out, to be retested against it."""
+        if target is not None and self._reached.get(address) != target:
+            self._reached[address] = target
+            if target not in self._recent:
+                self._recent.append(target)
         if not failed:
             return  # the usual case: nothing to take the lock for
         with self._lock:
             for down, error in failed:
                 if down is not address:
                     self._put_out(down, _describe(error), target)
+
+    def sit_out(self, address: LocalAddress, error: OSError, target: Target) -> None:
+        """Put ``address`` out after a failure that came after its connect
+        (an upstream proxy refusing a request it was sent), to be retested
+        against ``target``."""
+        with self._lock:
+            self._put_out(address, _describe(error), target)
 
     def _put_out(self, address: LocalAddress, reason: str, target: Target | None) -> None:
         if address in self._outages:
@@ -1662,10 +2258,29 @@ class Health:
         out once, until its result comes back."""
         now = self.clock()
         with self._lock:
-            due = [(a, o) for a, o in self._outages.items() if o.target is not None and o.retest_at <= now]
-            for _, outage in due:
-                outage.retest_at = math.inf  # under way
-            return [(address, outage.target) for address, outage in due if outage.target is not None]
+            due = []
+            for address, outage in self._outages.items():
+                if outage.target is not None and outage.retest_at <= now:
+                    outage.retest_at = math.inf  # under way
+                    outage.testing = self._retest_target(address, outage, outage.target)
+                    due.append((address, outage.testing))
+            return due
+
+    def _retest_target(self, address: LocalAddress, outage: _Outage, failed_at: Target) -> Target:
+        """The target of the next retest: by turns ``failed_at`` and the
+        others it could reach (see the class), of its family."""
+        others = [
+            target
+            # A copy: connects append to the deque without the lock.
+            for target in dict.fromkeys(
+                [self._reached.get(address), *reversed(self._recent.copy()), *self.check_targets]
+            )
+            if target is not None and target != failed_at and _family_of(target[0]) == address.family
+        ]
+        outage.retests += 1
+        if outage.retests % 2 or not others:
+            return failed_at
+        return others[(outage.retests // 2 - 1) % len(others)]
 
     def retest_result(self, address: LocalAddress, error: OSError | None) -> None:
         """The outcome of a retest of ``address``: None if it got through."""
@@ -1675,7 +2290,7 @@ class Health:
                 return
             if error is None:
                 del self._outages[address]
-                reached = _format_endpoint(*outage.target)
+                reached = _format_endpoint(*(outage.testing or outage.target))
                 logger.info("back in use: %s (a retest reached %s)", address.describe(), reached)
                 return
             outage.delay = min(outage.delay * 2, max(self.cooldown, RETEST_FIRST))
@@ -1972,24 +2587,38 @@ class Balancer:
         self._taken: collections.Counter[LocalAddress] = collections.Counter()
         self._rounds: dict[tuple[socket.AddressFamily, bool], WeightedRoundRobin[LocalAddress]] = {}
         self._measured: dict[socket.AddressFamily, MeasuredChoice[LocalAddress]] = {}
+        self._resolving = True
         self.rebuild(addresses)
 
     def rebuild(self, addresses: Sequence[LocalAddress]) -> None:
         """Choose from ``addresses`` from now on."""
         rounds = {}
-        for family in (socket.AF_INET, socket.AF_INET6):
+        # AF_UNSPEC: the links given a target by name (upstream proxies that
+        # take names), for a name that is not resolved here.
+        for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNSPEC):
             for backup in (False, True):
-                pool = [a for a in addresses if a.family == family and a.backup == backup]
+                pool = [a for a in addresses if family in a.serves and a.backup == backup]
                 if pool:
                     rounds[family, backup] = WeightedRoundRobin(pool, [a.weight for a in pool])
         with self._lock:
             self._rounds = rounds
             self._measured = {family: MeasuredChoice() for family, _ in rounds}
+            self._resolving = any(socket.AF_UNSPEC not in a.serves for a in addresses)
 
     @property
     def families(self) -> frozenset[socket.AddressFamily]:
-        """The address families there are local addresses for."""
-        return frozenset(family for family, _ in self._rounds)
+        """The address families there are local addresses (or proxies) for."""
+        return frozenset(family for family, _ in self._rounds if family != socket.AF_UNSPEC)
+
+    @property
+    def passes_names(self) -> bool:
+        """Whether some link is given target names as they are (an upstream proxy)."""
+        return any(family == socket.AF_UNSPEC for family, _ in self._rounds)
+
+    @property
+    def resolves_names(self) -> bool:
+        """Whether some link needs a target's address, resolved here."""
+        return self._resolving
 
     def taken(self, address: LocalAddress) -> int:
         """How many connections hold ``address`` now (connecting or open)."""
@@ -2193,6 +2822,12 @@ class Meter:
             for address, (up, down) in counts.items()
         }
 
+    def forget(self, address: LocalAddress) -> Counters:
+        """Stop counting ``address`` (gone for good); return its counters.
+        Its traffic leaves the history as the samples holding it age out."""
+        with self._lock:
+            return self._counters.pop(address, None) or Counters()
+
     def read(self, address: LocalAddress) -> Reading:
         """The counters of ``address`` and its rates over the last interval or two."""
         with self._lock:
@@ -2291,7 +2926,8 @@ class CapacityEstimator:
 
 
 # ---------------------------------------------------------------------------
-# Upstream: resolve, bind to the device, connect with failover, the lease
+# Upstream: resolve, bind to the device, connect with failover, upstream
+# proxies, the lease
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
@@ -2351,10 +2987,15 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
         if _SO_BINDTODEVICE is not None:
             sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
             return
-        try:
-            index = socket.if_nametoindex(interface)
-        except OSError:
-            raise OSError(errno.ENODEV, f"no interface {interface}") from None
+        index = _interface_index(interface)
+        if sys.platform == "win32":
+            # The IPv4 option takes the index in network byte order, the IPv6
+            # one in host order (as Chromium sets them).
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_UNICAST_IF, struct.pack("=I", index))
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_UNICAST_IF, struct.pack("!I", index))
+            return
         if sock.family == socket.AF_INET6:
             level, option = socket.IPPROTO_IPV6, _IPV6_BOUND_IF
         else:
@@ -3294,6 +3935,174 @@ def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, flo
     return NameAnswer(error=f"no {family} address", negative=True), ttl
 
 
+# Upstream proxies: the connector ---------------------------------------------
+#
+# A connection through a ProxyAddress connects to the proxy (from the link it
+# is reached by), then runs the client handshake of its protocol (see the
+# client side in the wire formats). The race drives the handshake on its
+# non-blocking socket; retests and UDP associations wait for it.
+
+
+class _ProxyHandshake:
+    """A client handshake with an upstream proxy on a non-blocking socket,
+    taken as far as the socket allows at each ``advance()``. It never reads
+    past the proxy's reply: what follows is the target's."""
+
+    __slots__ = ("steps", "step", "pending", "received", "bound")
+
+    def __init__(self, steps: ClientHandshake) -> None:
+        self.steps = steps
+        self.received = bytearray()
+        self.bound: tuple[str, int] = ("0.0.0.0", 0)
+        self.step = next(steps)
+        self.pending = memoryview(self.step.data if isinstance(self.step, SendStep) else b"")
+
+    @property
+    def events(self) -> int:
+        """What the socket must be ready for to go on."""
+        return selectors.EVENT_WRITE if isinstance(self.step, SendStep) else selectors.EVENT_READ
+
+    def advance(self, sock: socket.socket) -> bool:
+        """Go on as far as ``sock`` allows; True once the proxy has said yes.
+
+        Raises the error of the proxy's refusal, or ProxyLinkError where it
+        hangs up or breaks its protocol.
+        """
+        while True:
+            got = self._io(sock)
+            if got is None:
+                return False
+            try:
+                self.step = self.steps.send(got)
+            except StopIteration as done:
+                self.bound = done.value
+                return True
+            if isinstance(self.step, SendStep):
+                self.pending = memoryview(self.step.data)
+
+    def _io(self, sock: socket.socket) -> bytes | None:
+        """The I/O of the step under way: what it received once done (b""
+        for a send), None while the socket is not ready."""
+        step = self.step
+        try:
+            if isinstance(step, SendStep):
+                while self.pending:
+                    self.pending = self.pending[sock.send(self.pending) :]
+            elif isinstance(step, ReceiveStep):
+                while len(self.received) < step.size:
+                    self.received += self._some(sock.recv(step.size - len(self.received)))
+            else:
+                self._receive_head(sock, step.limit)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ProxyLinkError:
+            raise
+        except OSError as error:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy: {_describe(error)}") from None
+        got, self.received = bytes(self.received), bytearray()
+        return got
+
+    @staticmethod
+    def _some(data: bytes) -> bytes:
+        if not data:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy hung up in its handshake")
+        return data
+
+    def _receive_head(self, sock: socket.socket, limit: int) -> None:
+        """Receive up to the blank line that ends a head: what is there is
+        peeked at, and only the head taken."""
+        while True:
+            peeked = self._some(sock.recv(limit - len(self.received), socket.MSG_PEEK))
+            start = max(0, len(self.received) - 3)
+            end = (bytes(self.received[start:]) + peeked).find(b"\r\n\r\n")
+            if end >= 0:
+                wanted = start + end + 4
+                while len(self.received) < wanted:
+                    self.received += self._some(sock.recv(wanted - len(self.received)))
+                return
+            if len(self.received) + len(peeked) >= limit:
+                raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy's answer has no end")
+            self.received += self._some(sock.recv(len(peeked)))
+
+
+def _handshake_by(sock: socket.socket, steps: ClientHandshake, deadline: float) -> tuple[str, int]:
+    """Run a client handshake on a non-blocking socket until ``deadline``;
+    return the address the proxy bound."""
+    handshake = _ProxyHandshake(steps)
+    while not handshake.advance(sock):
+        _wait_until(sock, handshake.events, deadline)
+    return handshake.bound
+
+
+def _proxy_steps(address: ProxyAddress, host: str, port: int, command: Command = Command.CONNECT) -> ClientHandshake:
+    """The client handshake asking the proxy of ``address`` for (host, port)."""
+    proxy = address.proxy
+    if proxy.scheme.startswith("socks5"):
+        return socks5_client(host, port, proxy.login, command)
+    if proxy.scheme.startswith("socks4"):
+        return socks4_client(host, port, proxy.user)
+    return http_connect_client(host, port, proxy.login)
+
+
+def _proxy_endpoint(address: ProxyAddress) -> Target:
+    """The (ip, port) of the proxy of ``address``; its name is resolved here,
+    to the family of the source address it is reached from, if any."""
+    proxy = address.proxy
+    families = {address.source.family} if address.source else {socket.AF_INET, socket.AF_INET6}
+    try:
+        return _resolve_target(proxy.host, proxy.port, families)[0][1], proxy.port
+    except OSError as error:
+        raise ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy {proxy.host}: {_describe(error)}") from None
+
+
+def _proxy_unreachable(error: OSError) -> OSError:
+    """The error of a connect to an upstream proxy that failed: the link's
+    failure, whatever the OS called it (a refusal by the proxy's host is no
+    answer of the target's)."""
+    if isinstance(error, (ProxyLinkError, TimeoutError)):
+        return error
+    return ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy: {_describe(error)}")
+
+
+def takes_absolute_form(local: LocalAddress) -> bool:
+    """Whether connections for plain HTTP requests from ``local`` go to an
+    HTTP proxy, which takes them in absolute form (no CONNECT)."""
+    return isinstance(local, ProxyAddress) and local.proxy.scheme == "http"
+
+
+def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -> bytes:
+    """``head``, a request head in origin form for (host, port), as it goes
+    out from ``local``: to an HTTP upstream proxy in absolute form
+    (``GET http://host/path``) with the proxy's login; elsewhere as it is."""
+    if not isinstance(local, ProxyAddress) or not takes_absolute_form(local):
+        return head
+    line, _, rest = head.partition(b"\r\n")
+    method, path, version = line.split(b" ", 2)
+    authority = f"[{host}]" if port == 80 and ":" in host else host if port == 80 else _format_endpoint(host, port)
+    login = local.proxy.login
+    if login is not None:
+        rest = f"Proxy-Authorization: {basic_authorization(*login)}\r\n".encode() + rest
+    return b" ".join([method, b"http://" + authority.encode("ascii") + path, version]) + b"\r\n" + rest
+
+
+def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
+    """A non-blocking socket, bound to ``device`` if given (not to an
+    address), whose connect to ``target`` is under way."""
+    sock = socket.socket(_family_of(target[0]), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if device is not None:
+            _bind_to_device(sock, device)
+        error = sock.connect_ex(target)
+        if error and error not in _CONNECT_IN_PROGRESS:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class UpstreamLease:
     """An upstream socket and the local address it leaves from.
 
@@ -3320,6 +4129,42 @@ class UpstreamLease:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ProxiedUdpLease(UpstreamLease):
+    """A UDP socket whose datagrams go through an upstream SOCKS5 proxy: to
+    its ``relay`` with the SOCKS5 UDP header, in the association that its TCP
+    ``control`` connection holds open. ``passes_names``: target names go to
+    the proxy as they are."""
+
+    __slots__ = ("control", "relay", "passes_names")
+
+    def __init__(self, lease: UpstreamLease, control: socket.socket, relay: Target, passes_names: bool) -> None:
+        super().__init__(lease.sock, lease.local, lease._release or (lambda lease: None))
+        self.control = control
+        self.relay = relay
+        self.passes_names = passes_names
+
+    def send_to(self, data: bytes, host: str, port: int) -> None:
+        """Send ``data`` to (host, port) through the proxy."""
+        self.sock.sendto(encode_udp_header(host, port) + data, self.relay)
+
+    def receive(self) -> tuple[bytes, Target]:
+        """The next datagram from the proxy's relay and the target it came
+        from; SocksError for one that is not a whole SOCKS5 UDP datagram."""
+        while True:
+            datagram, sender = self.sock.recvfrom(UDP_BUFFER_SIZE)
+            if _split_host(sender) == self.relay:
+                break
+        fragment, host, port, data = parse_udp_datagram(datagram)
+        if fragment:
+            raise SocksError(Reply.GENERAL_FAILURE, "a fragment")
+        return data, (host, port)
+
+    def close(self) -> None:
+        """Close the socket and the association."""
+        super().close()
+        self.control.close()
 
 
 class Upstream:
@@ -3351,6 +4196,7 @@ class Upstream:
         self.resolver = resolver or Resolver(system=True)
         self._device_binding_refused = False
         self._warned: set[str] = set()
+        self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -3361,6 +4207,7 @@ class Upstream:
         port: int,
         on_attempt: Callable[[LocalAddress], None] = lambda local: None,
         client: str | None = None,
+        absolute_form: bool = False,
     ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
@@ -3370,7 +4217,9 @@ class Upstream:
         address of a name is tried in turn until one connects (a name may
         resolve to ::1 first while only 127.0.0.1 listens). ``on_attempt``
         hears of each local address tried; ``client`` (an IP address) is who
-        asks, for sticky sites. Raises the last error.
+        asks, for sticky sites. ``absolute_form``: the connection is for plain
+        HTTP requests, which an HTTP upstream proxy takes as they are (in
+        absolute form) with no CONNECT. Raises the last error.
         """
         affinity = None
         if client is not None and self.balancer.sticky is not None:
@@ -3379,12 +4228,12 @@ class Upstream:
         if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
-        targets, first = self._resolve_for_connect(host, families, affinity)
+        targets, first = self._targets(host, families, affinity)
         try:
             for family, ip in targets:
-                lead, first = (first, None) if first is not None and first.family == family else (None, first)
+                lead, first = (first, None) if first is not None and family in first.serves else (None, first)
                 try:
-                    return _Race(self, family, (ip, port), affinity, on_attempt, lead).run()
+                    return _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead).run()
                 except OSError as failure:
                     error = failure
                 # No address reached this target: nothing says the links are to
@@ -3392,7 +4241,26 @@ class Upstream:
         finally:
             if first is not None:
                 self.balancer.release(first)
+        if not targets:  # a name for the proxies that take names alone
+            return _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form).run()
         raise error or SocksError(Reply.HOST_UNREACHABLE)
+
+    def _targets(
+        self, host: str, families: Collection[socket.AddressFamily], affinity: Affinity | None
+    ) -> tuple[list[tuple[socket.AddressFamily, str]], LocalAddress | None]:
+        """The (family, ip) pairs to race for, and the link whose query
+        found them (see _resolve_for_connect); none for a name that only
+        upstream proxies that take names are given: where every link takes
+        names, or where it cannot be resolved here (a name only the far end
+        knows, as Tor's .onion)."""
+        if _is_ip(host) or not self.balancer.passes_names:
+            return self._resolve_for_connect(host, families, affinity)
+        if not self.balancer.resolves_names:
+            return [], None
+        try:
+            return self._resolve_for_connect(host, families, affinity)
+        except OSError:
+            return [], None
 
     def _resolve_for_connect(
         self, host: str, families: Collection[socket.AddressFamily], affinity: Affinity | None
@@ -3414,7 +4282,7 @@ class Upstream:
         if chosen not in resolution.silent:
             return resolution.targets, chosen
         self.balancer.release(chosen)
-        return resolution.targets, self.balancer.alternative(chosen.family, resolution.silent, affinity, racing=True)
+        return resolution.targets, self.balancer.alternative(family, resolution.silent, affinity, racing=True)
 
     def resolve(
         self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None
@@ -3429,7 +4297,15 @@ class Upstream:
         families = self.balancer.families
         if family not in families and families:
             (family,) = families
-        local = self.balancer.next(family)
+        local = self._udp_link(family)
+        if isinstance(local, ProxyAddress):
+            try:
+                return self._open_udp_through(local)
+            except OSError as error:
+                self.balancer.release(local)
+                if isinstance(error, ProxyLinkError):
+                    self.proxy_failed(local, error)
+                raise
         # Datagrams may go to any target. Those from a loopback address go
         # to loopback ones, which a device-bound socket could not reach; the
         # address itself stands for them.
@@ -3440,25 +4316,120 @@ class Upstream:
             raise
         return self.lease(sock, local)
 
+    def _udp_link(self, family: socket.AddressFamily) -> LocalAddress:
+        """The link of a UDP association: the balancer's choice among those
+        that carry UDP (no upstream proxy but SOCKS5 does). Raises
+        SocksError(COMMAND_NOT_SUPPORTED) naming those that cannot."""
+        unable: list[LocalAddress] = []
+        local: LocalAddress | None = self.balancer.next(family)
+        while isinstance(local, ProxyAddress) and not local.proxy.carries_udp:
+            unable.append(local)
+            self.balancer.release(local)
+            local = self.balancer.alternative(family, unable)
+        if local is None:
+            names = ", ".join(address.describe() for address in unable)
+            raise SocksError(
+                Reply.COMMAND_NOT_SUPPORTED, f"no link carries UDP: {names} cannot (only SOCKS5 proxies relay UDP)"
+            )
+        return local
+
+    def _open_udp_through(self, address: ProxyAddress) -> ProxiedUdpLease:
+        """A UDP association through the SOCKS5 proxy of ``address``: its
+        own UDP ASSOCIATE, and a UDP socket from the address the TCP
+        connection left from (a proxy may take datagrams only from there)."""
+        control, relay = self.connect_through(
+            address, "0.0.0.0", 0, time.monotonic() + self.connect_timeout, Command.UDP_ASSOCIATE
+        )
+        try:
+            proxy_ip = _split_host(control.getpeername())[0]
+            relay_ip = proxy_ip if ipaddress.ip_address(relay[0]).is_unspecified else relay[0]
+            source = LocalAddress(_split_host(control.getsockname())[0], interface=address.interface)
+            sock = (
+                self._with_device(source, relay_ip, functools.partial(_socket_from, source, socket.SOCK_DGRAM))
+                if address.interface is not None
+                else _socket_from(source, socket.SOCK_DGRAM, None)
+            )
+        except BaseException:
+            control.close()
+            raise
+        return ProxiedUdpLease(self.lease(sock, address), control, (relay_ip, relay[1]), address.proxy.passes_names)
+
     def probe(self, local: LocalAddress, target: Target, timeout: float) -> OSError | None:
         """Connect from ``local`` to ``target`` and hang up, as a retest or a
         check does; None if the link got an answer (a refusal is one). A
         name is looked up through ``local``'s link alone."""
         try:
-            if not _is_ip(target[0]):
+            deadline = time.monotonic() + timeout
+            if not _is_ip(target[0]) and not (isinstance(local, ProxyAddress) and local.proxy.passes_names):
                 resolution = self.resolver.resolve(
-                    target[0], {local.family}, local, self._with_device, only_via=True, timeout=timeout
+                    target[0], local.serves - {socket.AF_UNSPEC}, local, self._with_device, only_via=True,
+                    timeout=timeout,
                 )
                 target = (resolution.targets[0][1], target[1])
-            opened = self._with_device(local, target[0], functools.partial(_connect_from, local, *target, timeout))
+            if isinstance(local, ProxyAddress):
+                opened, _ = self.connect_through(local, *target, deadline)
+            else:
+                connect = functools.partial(_connect_from, local, *target, max(0.0, deadline - time.monotonic()))
+                opened = self._with_device(local, target[0], connect)
         except OSError as error:
             return None if _is_target_answer(error) else error
         opened.close()
         return None
 
     def open_attempt(self, local: LocalAddress, target: Target) -> socket.socket:
-        """A socket from ``local`` whose connect to ``target`` is under way."""
+        """A socket from ``local`` whose connect to ``target`` is under way
+        (to its proxy, for a ProxyAddress)."""
+        if isinstance(local, ProxyAddress):
+            return self._open_to_proxy(local)
         return self._with_device(local, target[0], functools.partial(_start_connect, local, target))
+
+    def _open_to_proxy(self, address: ProxyAddress) -> socket.socket:
+        """A socket whose connect to the proxy of ``address`` is under way,
+        from its source address and device, where it names them."""
+        target = _proxy_endpoint(address)
+        source = address.source
+        try:
+            if source is not None:
+                return self._with_device(source, target[0], functools.partial(_start_connect, source, target))
+            if address.interface is not None:
+                return self._with_device(address, target[0], functools.partial(_start_connect_by_device, target))
+            return _start_connect_by_device(target, None)
+        except OSError as error:
+            raise _proxy_unreachable(error) from None
+
+    def proxy_handshake(
+        self, local: LocalAddress, host: str, target: Target, *, absolute_form: bool = False
+    ) -> _ProxyHandshake | None:
+        """The handshake that asks the proxy of ``local`` for the target (by
+        ``host`` where it takes names, else by the address of ``target``);
+        None for a local address, and for plain HTTP requests to an HTTP proxy."""
+        if not isinstance(local, ProxyAddress):
+            return None
+        if absolute_form and local.proxy.scheme == "http":
+            return None
+        name = host if local.proxy.passes_names else target[0]
+        return _ProxyHandshake(_proxy_steps(local, name, target[1]))
+
+    def connect_through(
+        self, address: ProxyAddress, host: str, port: int, deadline: float, command: Command = Command.CONNECT
+    ) -> tuple[socket.socket, tuple[str, int]]:
+        """A socket through the proxy of ``address``, its handshake for
+        ``command`` to (host, port) done by ``deadline``, and the address the
+        proxy says it bound."""
+        sock = self._open_to_proxy(address)
+        try:
+            try:
+                _wait_until(sock, selectors.EVENT_WRITE, deadline)
+            except TimeoutError:
+                raise ProxyLinkError(Reply.TTL_EXPIRED, "the upstream proxy: timed out") from None
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise _proxy_unreachable(OSError(error, os.strerror(error)))
+            bound = _handshake_by(sock, _proxy_steps(address, host, port, command), deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, bound
 
     def _with_device(
         self, local: LocalAddress, ip: str, open_socket: Callable[[str | None], socket.socket]
@@ -3492,6 +4463,24 @@ class Upstream:
                 refusal.strerror,
             )
             return open_socket(None)
+
+    def proxy_failed(self, address: LocalAddress, error: OSError) -> None:
+        """Log that an upstream proxy failed as a link (down, refusing the
+        login), once until it fails otherwise or works again."""
+        reason = _describe(error)
+        with self._lock:
+            if self._proxy_faults.get(address) == reason:
+                return
+            self._proxy_faults[address] = reason
+        logger.warning("upstream proxy %s failed: %s", address.describe(), reason)
+
+    def proxy_worked(self, address: LocalAddress) -> None:
+        """A connection got through an upstream proxy: it is news if it had failed."""
+        if address in self._proxy_faults:
+            with self._lock:
+                reason = self._proxy_faults.pop(address, None)
+            if reason is not None:
+                logger.info("upstream proxy %s works again (it had failed: %s)", address.describe(), reason)
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         with self._lock:
@@ -3545,6 +4534,9 @@ class _Race:
         target: Target,
         affinity: Affinity | None,
         on_attempt: Callable[[LocalAddress], None],
+        host: str | None = None,
+        absolute_form: bool = False,
+        *,
         first: LocalAddress | None = None,
     ) -> None:
         self.upstream = upstream
@@ -3555,6 +4547,10 @@ class _Race:
         self.affinity = affinity
         self.on_attempt = on_attempt
         self.pending: dict[socket.socket, tuple[LocalAddress, float]] = {}  # socket: (address, started)
+        # The target as named (upstream proxies that take names get it so).
+        self.host = host or target[0]
+        self.absolute_form = absolute_form
+        self.handshakes: dict[socket.socket, _ProxyHandshake] = {}  # connected to a proxy, asking it
         self.tried: list[LocalAddress] = []
         self.failed: list[tuple[LocalAddress, OSError]] = []
         self.answer: OSError | None = None  # the target's, final
@@ -3614,11 +4610,14 @@ class _Race:
             if not isinstance(sock, socket.socket):
                 continue
             local, _ = self.pending[sock]
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not error:
+            try:
+                through = self._advance(sock, local)
+            except OSError as failure:
+                self._drop(sock, local)
+                self._fail(local, failure)
+                continue
+            if through:
                 return self._win(sock, local)
-            self._drop(sock, local)
-            self._fail(local, OSError(error, os.strerror(error)))
         now = time.monotonic()
         for sock, (local, started) in list(self.pending.items()):
             if now >= started + self.upstream.connect_timeout:
@@ -3626,11 +4625,31 @@ class _Race:
                 self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
         return None
 
+    def _advance(self, sock: socket.socket, local: LocalAddress) -> bool:
+        """Whether an attempt that is ready got through: connected, and past
+        its proxy's handshake where it goes through one. Raises its error."""
+        handshake = self.handshakes.get(sock)
+        if handshake is None:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                failure = OSError(error, os.strerror(error))
+                raise _proxy_unreachable(failure) if isinstance(local, ProxyAddress) else failure
+            handshake = self.upstream.proxy_handshake(local, self.host, self.target, absolute_form=self.absolute_form)
+            if handshake is None:
+                return True
+            self.handshakes[sock] = handshake
+        if handshake.advance(sock):
+            return True
+        self.selector.modify(sock, handshake.events)
+        return False
+
     def _fail(self, local: LocalAddress, error: OSError) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connecting from %s failed: %s", local.describe(), _describe(error))
         self.upstream.meter.failed(local)
         self.balancer.release(local)
+        if isinstance(error, ProxyLinkError):
+            self.upstream.proxy_failed(local, error)
         if _is_link_failure(error):
             self.failed.append((local, error))
             return
@@ -3642,11 +4661,13 @@ class _Race:
         """Stop an attempt; its address is given back."""
         self.selector.unregister(sock)
         del self.pending[sock]
+        self.handshakes.pop(sock, None)
         sock.close()
 
     def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
         self.selector.unregister(sock)
         del self.pending[sock]
+        self.handshakes.pop(sock, None)
         self.on_attempt(local)
         now = time.monotonic()
         silent = [
@@ -3658,6 +4679,8 @@ class _Race:
             self._drop(other_sock, other)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
+        if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
+            self.upstream.proxy_worked(local)
         if self.affinity is not None:
             self.balancer.stick(self.affinity, local)  # the site sticks to the link that got through
         return self.upstream.lease(sock, local)
@@ -3875,6 +4898,10 @@ def _open_pipe() -> tuple[tuple[int, int] | None, int]:
 # An origin may think for a while before it answers; a dead one must not
 # hold a thread forever.
 HTTP_RESPONSE_TIMEOUT = 120.0
+# After a final response that came before the request body, how long the
+# client may go on sending what nobody reads: closing at once, with its bytes
+# unread, would reset the connection and could destroy the response.
+UNREAD_BODY_LINGER = 2.0
 PROXY_REALM = "dispatch"
 # SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
 UDP_BUFFER_SIZE = 65535
@@ -3925,6 +4952,9 @@ class SessionContext:
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     # What the local pages show (Dispatcher.status); None: no pages.
     status: Callable[[], dict[str, Any]] | None = None
+    # Host names the pages answer to, besides localhost and the proxy's
+    # own addresses (lower case, without a final dot).
+    page_hosts: frozenset[str] = frozenset()
 
 
 class Session:
@@ -3988,13 +5018,16 @@ class Session:
         if self.record.via is not None:
             self.context.upstream.meter.add(self.record.via, up, down)
 
-    def connect(self, host: str, port: int) -> UpstreamLease:
+    def connect(self, host: str, port: int, *, absolute_form: bool = False) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
-        and at last the one that got through."""
+        and at last the one that got through. ``absolute_form``: for plain
+        HTTP requests (see Upstream.connect)."""
         client = None
         if self.context.upstream.balancer.sticky is not None:
             client = str(_client_ip(_split_host(self.client_address)[0]))
-        return self.context.upstream.connect(host, port, on_attempt=self._via, client=client)
+        return self.context.upstream.connect(
+            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form
+        )
 
     def _via(self, local: LocalAddress) -> None:
         self.record.via = local
@@ -4172,6 +5205,8 @@ class UdpAssociation:
         self.client_side = client_side
         self.lease = lease
         self.upstream = lease.sock
+        # Through an upstream proxy: its association's TCP connection.
+        self.proxied = lease if isinstance(lease, ProxiedUdpLease) else None
         self.client_ip = client_ip
         self.client_port = client_port
         self.datagrams_up = 0
@@ -4188,14 +5223,16 @@ class UdpAssociation:
             with _selector() as selector:
                 for sock in (connection, self.client_side, self.upstream):
                     selector.register(sock, selectors.EVENT_READ)
+                if self.proxied is not None:
+                    selector.register(self.proxied.control, selectors.EVENT_READ)
                 while True:
                     for key, _ in selector.select():
                         if key.fileobj is connection:
                             if not self._connection_open():
-                                return (
-                                    f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, "
-                                    f"{self.dropped} dropped"
-                                )
+                                return self._summary()
+                        elif self.proxied is not None and key.fileobj is self.proxied.control:
+                            if not self._open(self.proxied.control):
+                                return self._summary() + "; the upstream proxy ended the association"
                         elif key.fileobj is self.client_side:
                             self._from_client()
                         else:
@@ -4204,11 +5241,19 @@ class UdpAssociation:
             self.client_side.close()
             self.lease.close()
 
+    def _summary(self) -> str:
+        return f"{self.datagrams_up} datagrams up, {self.datagrams_down} down, {self.dropped} dropped"
+
     def _connection_open(self) -> bool:
         # The client has nothing more to say on the TCP connection; what it
         # sends anyway is ignored. Its EOF or reset ends the association.
+        return self._open(self.session.connection)
+
+    @staticmethod
+    def _open(connection: socket.socket) -> bool:
+        """Whether a TCP connection that holds an association is still open."""
         try:
-            return bool(self.session.connection.recv(4096))
+            return bool(connection.recv(4096))
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -4229,7 +5274,10 @@ class UdpAssociation:
             if fragment:
                 raise SocksError(Reply.GENERAL_FAILURE, "fragment")
             self.client_port = source_port
-            self.upstream.sendto(data, (self._resolve(host, port), port))
+            if self.proxied is not None:
+                self.proxied.send_to(data, host if self.proxied.passes_names else self._resolve(host, port), port)
+            else:
+                self.upstream.sendto(data, (self._resolve(host, port), port))
         except OSError:
             self.dropped += 1
             return
@@ -4238,7 +5286,7 @@ class UdpAssociation:
 
     def _from_target(self) -> None:
         try:
-            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE)
+            data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE) if self.proxied is None else self.proxied.receive()
         except OSError:
             return
         if self.client_port is None:
@@ -4254,15 +5302,17 @@ class UdpAssociation:
         self.session.count(0, len(data))
 
     def _resolve(self, host: str, port: int) -> str:
-        """The IP address to send to, of the upstream socket's family."""
+        """The IP address to send to, of the upstream socket's family (of
+        either, through an upstream proxy)."""
         ip = self._names.get(host)
+        families = {self.upstream.family} if self.proxied is None else {socket.AF_INET, socket.AF_INET6}
         if ip is None:
-            ip = self.session.context.upstream.resolve(host, {self.upstream.family}, self.lease.local)[0][1]
+            ip = self.session.context.upstream.resolve(host, families, self.lease.local)[0][1]
             if not _is_ip(host):
                 if len(self._names) >= self.max_names:
                     self._names.clear()
                 self._names[host] = ip
-        if _family_of(ip) != self.upstream.family:
+        if _family_of(ip) not in families:
             raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
         return ip
 
@@ -4312,6 +5362,9 @@ _NOW_X = 396  # the newest sample, inset so that its marker is not cut off
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
 _STATES = frozenset({"up", "down", "gone", "standby", "waiting"})
 _PATH_SHOWN = 200  # a 404 echoes at most this much of the path
+# A page request's body is read and dropped up to this size; a longer one
+# (or a chunked one) is refused, and the connection closed after the answer.
+LOCAL_PAGE_BODY_LIMIT = 64 * 1024
 
 _STYLE = """
 :root{color-scheme:light dark;--fg:#1b1b1b;--bg:#fff;--mute:#666;--line:#ddd;--ok:#1a7f37;
@@ -4726,6 +5779,19 @@ def render_pac(host: str, port: int) -> str:
     return _PAC_SCRIPT.replace("__PROXY__", json.dumps(proxy))
 
 
+def page_host(text: str) -> str:
+    """A Host name the pages may answer to, as compared: a name in lower
+    case without its final dot, or an IP address (IPv6 without brackets).
+    Raises ValueError for anything else."""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if _is_ip(bare):
+        return str(ipaddress.ip_address(bare))
+    name = bare.lower().rstrip(".")
+    if not name or not _HOST_NAME.match(name):
+        raise ValueError(f"{text!r} is not a host name or IP address")
+    return name
+
+
 def render_not_found(path: str) -> str:
     """A short 404 page for ``path`` (shown escaped, cut at 200 characters) linking to ``/``."""
     shown = path if len(path) <= _PATH_SHOWN else path[:_PATH_SHOWN] + "\u2026"
@@ -4737,15 +5803,32 @@ def render_not_found(path: str) -> str:
             '</body></html>\n')
 
 
+class OriginError(HttpError):
+    """The origin failed: it reset the connection, timed out, or sent what
+    cannot be passed on. The client gets ``status`` if nothing was sent to
+    it yet; the log line blames the origin, not the client."""
+
+
+def _reset_connection(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset, not a FIN: the peer sees an abort, not
+    an end (a response cut short must not look complete)."""
+    linger = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    sock.close()
+
+
 class _OriginReader(DeadlineReader):
-    """Reads from an origin server, whose reset is the end of its response:
-    the client gets a 502 for it, never a "client hung up"."""
+    """Reads from an origin server: its reset or silence is an OriginError,
+    never a "client hung up"."""
 
     def _receive(self, size: int) -> bytes:
         try:
             return super()._receive(size)
-        except ConnectionError:
-            return b""
+        except ConnectionError as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"the origin failed: {_describe(error)}") from None
+        except TimeoutError:
+            raise OriginError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not answer in time") from None
 
 
 @dataclasses.dataclass
@@ -4767,6 +5850,16 @@ class _Origin:
             return not selector.select(0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ResponseHead:
+    """A response's status line and header fields, as read from the origin."""
+
+    version: str
+    status: int
+    reason: str
+    headers: Headers
+
+
 class HttpProxySession(Session):
     """Serves one client connection that speaks HTTP proxy.
 
@@ -4785,6 +5878,10 @@ class HttpProxySession(Session):
         super().__init__(connection, client_address, reader, context)
         self.origin: _Origin | None = None
         self.responded = False
+        # Set when a final response came before the request body was read.
+        self.body_unread = False
+        # Set when the client's connection was reset to pass an abort on.
+        self.aborted = False
         # Between request heads, every read and write on the client waits
         # at most this long, as a blocking call. A head is read with the
         # socket non-blocking, so that its deadline holds for the whole head.
@@ -4801,6 +5898,18 @@ class HttpProxySession(Session):
                     return  # an idle client timed out or went away
         finally:
             self._drop_origin()
+            if self.body_unread and not self.aborted:
+                self._discard_unread_body()
+
+    def _discard_unread_body(self) -> None:
+        """Close towards the client, and read what it still sends for a while."""
+        deadline = time.monotonic() + UNREAD_BODY_LINGER
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv(BULK_READ_SIZE):
+                    return
 
     def serve_request(self) -> bool:
         """Serve one request; return whether the connection stays open."""
@@ -4857,9 +5966,20 @@ class HttpProxySession(Session):
         connection stays open. They log at debug level: a page open in a
         browser asks every 2 s."""
         path = target.partition("?")[0]
-        status, content_type, body, extra = self._local_page(method, path, headers)
+        refusal = self._skip_body(headers)
+        if refusal is None:
+            status, content_type, body, extra = self._local_page(method, path, headers)
+            keep_alive = keeps_alive(version, headers)
+        else:
+            status, content_type, extra = refusal, "text/plain; charset=utf-8", []
+            why = (
+                f"a page request carries no body of more than {LOCAL_PAGE_BODY_LIMIT} bytes, and none in chunks"
+                if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+                else "the request's body is malformed, or did not come in time"
+            )
+            body = f"{status.value} {status.phrase}: {why}\n".encode()
+            keep_alive = False  # what is left of the body must not be read as a request
         head = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
-        keep_alive = keeps_alive(version, headers)
         head += [*extra, *([] if keep_alive else [("Connection", "close")])]
         self.responded = True
         self._send_down(encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head))
@@ -4868,6 +5988,51 @@ class HttpProxySession(Session):
         self.record.result = str(status.value)
         self.record.log(logging.DEBUG if status == HTTPStatus.OK else logging.INFO)
         return keep_alive
+
+    def _skip_body(self, headers: Headers) -> HTTPStatus | None:
+        """Read and drop the body of a page request (no page takes one), so
+        that it is never read as the next request. Returns None, or the
+        status that refuses a body not read (chunked, too long, malformed)."""
+        try:
+            length = body_length(headers, request=True)
+        except ValueError:
+            return HTTPStatus.BAD_REQUEST
+        if length == 0:
+            return None
+        if not 0 < length <= LOCAL_PAGE_BODY_LIMIT:
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        self.reader.deadline = time.monotonic() + self.context.handshake_timeout
+        self.connection.setblocking(False)
+        try:
+            copy_body(self.reader, length, lambda data: None)
+        except OSError:  # cut short, or too slow
+            return HTTPStatus.BAD_REQUEST
+        finally:
+            self.reader.deadline = math.inf
+            self.connection.settimeout(self.context.handshake_timeout)
+        return None
+
+    def _names_this_proxy(self, headers: Headers) -> bool:
+        """Whether the request's Host names this proxy: localhost, a
+        loopback address, the address the client reached, or a name given
+        (``page_hosts``). A web page cannot make a browser send any of
+        these, as it can for its own name pointed at 127.0.0.1 (DNS
+        rebinding). A request without Host is no browser's."""
+        hosts = [value.strip() for name, value in headers if name.lower() == "host"]
+        if not hosts:
+            return True
+        if len(hosts) > 1:
+            return False
+        try:
+            name = page_host(_split_host_port(hosts[0], 80)[0])
+        except ValueError:
+            return False
+        if name == "localhost" or name in self.context.page_hosts:
+            return True
+        if not _is_ip(name):
+            return False
+        ip = _client_ip(name)
+        return ip.is_loopback or ip == _client_ip(self.connection.getsockname()[0])
 
     def _local_page(
         self, method: str, path: str, headers: Headers
@@ -4884,6 +6049,9 @@ class HttpProxySession(Session):
         if path == "/proxy.pac":  # fetched by systems that ask for no login first
             host = str(_client_ip(self.connection.getsockname()[0]))
             return HTTPStatus.OK, PAC_CONTENT_TYPE, render_pac(host, self.connection.getsockname()[1]).encode(), []
+        if not self._names_this_proxy(headers):
+            body = b"403 Forbidden: the Host header names no address of this proxy (see --page-host)\n"
+            return HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", body, []
         access = self.context.access
         credentials = basic_credentials(headers, "authorization")
         if credentials is not None:
@@ -4941,84 +6109,167 @@ class HttpProxySession(Session):
             length = body_length(headers, request=True)
         except ValueError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        # The client's "100 Continue" comes from here, at once: the origin
-        # would send it only after the client had waited for nothing.
-        expects_continue = "100-continue" in header_tokens(headers, "expect")
-        if expects_continue:
-            self._send_down(b"HTTP/1.1 100 Continue\r\n\r\n")
-        head = encode_head(f"{method} {path} HTTP/1.1", _request_headers(host, port, version, headers))
-        origin = self._send_head(host, port, head, retryable=length == 0)
+        head = encode_head(f"{method} {path} HTTP/1.1", _request_headers(host, port, version, headers, length))
+        origin = self._send_head(host, port, head, retryable=length == 0 and method in IDEMPOTENT_METHODS)
+        # The expectation goes to the origin, whose 100 Continue or final
+        # answer comes back (RFC 9110, 10.1.1). An HTTP/1.0 client's is
+        # ignored (and not forwarded): it could not be answered with a 1xx.
+        expects_continue = version == "HTTP/1.1" and "100-continue" in header_tokens(headers, "expect")
+        if expects_continue and length != 0:
+            early = self._await_continue(origin)
+            if early is not None:
+                self.body_unread = True
+                return self._pass_response(origin, method, version, headers, early)
         try:
             copy_body(self.reader, length, lambda data: self._send_up(origin, data))
+        except OriginError as error:
+            self.body_unread = True  # the rest of it: the answer must not be lost to a reset
+            if error.status != HTTPStatus.BAD_GATEWAY:
+                raise  # it stopped taking the body for so long that no answer is coming
+            # The origin closed while taking the body: it may have answered already (a 413).
+            try:
+                early = self._response_head(origin, version)
+            except OSError:
+                raise OriginError(HTTPStatus.BAD_GATEWAY, f"{error} during the request body") from None
+            return self._pass_response(origin, method, version, headers, early)
         except ProtocolError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"request body: {error}") from None
         except TimeoutError:
             # Only the client's reads time out here: _send_up turns the
             # origin's into a 504.
             raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "the request body did not come in time") from None
-        return self._pass_response(origin, method, version, headers, expects_continue)
+        return self._pass_response(origin, method, version, headers)
+
+    def _await_continue(self, origin: _Origin) -> _ResponseHead | None:
+        """Wait for the origin's 100 Continue (passed on) or for the client
+        to send its body anyway; return the origin's final response head if
+        that came first instead."""
+        deadline = time.monotonic() + HTTP_RESPONSE_TIMEOUT
+        with _selector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ, "client")
+            selector.register(origin.lease.sock, selectors.EVENT_READ, "origin")
+            while not self.reader.buffered:
+                if origin.reader.buffered:
+                    ready = {"origin"}
+                else:
+                    events = selector.select(max(0.0, deadline - time.monotonic()))
+                    if not events:
+                        raise OriginError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not answer in time")
+                    ready = {key.data for key, _ in events}
+                if "client" in ready:
+                    return None
+                response = self._next_head(origin, "HTTP/1.1")
+                if response.status == HTTPStatus.CONTINUE:
+                    return None
+                if response.status >= 200:
+                    return response
+        return None
+
+    def _next_head(self, origin: _Origin, version: str) -> _ResponseHead:
+        """Read the origin's next response head; an interim (1xx) one is
+        passed on to an HTTP/1.1 client, never to an HTTP/1.0 one (RFC
+        9110, 15.2)."""
+        try:
+            lines = read_head(origin.reader, MAX_RESPONSE_HEADER_LINE, MAX_RESPONSE_HEADER_BYTES)
+            response_version, status, reason = parse_status_line(lines[0])
+            response_headers = parse_header_lines(lines[1:])
+            # Upgrade is not forwarded: a 101 Switching Protocols answers nothing asked.
+            if status == HTTPStatus.SWITCHING_PROTOCOLS or status < 100:
+                raise ValueError(f"status {status}")
+        except (ValueError, LineTooLongError) as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        if takes_absolute_form(origin.lease.local):
+            self._check_proxy_answer(origin, status)
+        if status < 200 and version == "HTTP/1.1":
+            self._send_down(encode_head(f"HTTP/1.1 {status} {reason}", forwarded_headers(response_headers)))
+        return _ResponseHead(response_version, status, reason, response_headers)
+
+    def _response_head(self, origin: _Origin, version: str) -> _ResponseHead:
+        """The origin's final response head, the interim ones passed on."""
+        while (response := self._next_head(origin, version)).status < 200:
+            pass
+        return response
 
     def _pass_response(
-        self, origin: _Origin, method: str, version: str, headers: Headers, expects_continue: bool
+        self, origin: _Origin, method: str, version: str, headers: Headers, early: _ResponseHead | None = None
     ) -> tuple[int, bool]:
-        """Pass the origin's response on; return (status, whether the client stays)."""
+        """Pass the origin's response on (its head read already if ``early``);
+        return (status, whether the client stays)."""
+        response = early or self._response_head(origin, version)
+        status = response.status
         try:
-            while True:
-                lines = read_head(origin.reader)  # a reset origin reads as closed: see _OriginReader
-                response_version, status, reason = parse_status_line(lines[0])
-                response_headers = parse_header_lines(lines[1:])
-                # Upgrade is not forwarded, so no 101 Switching Protocols comes.
-                if not 100 <= status < 200:
-                    break
-                if not (expects_continue and status == HTTPStatus.CONTINUE):
-                    self._send_down(encode_head(lines[0], forwarded_headers(response_headers)))
-            response_length = body_length(response_headers, request=False) if response_has_body(method, status) else 0
-        except (ValueError, LineTooLongError) as error:
-            raise HttpError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+            declared = body_length(response.headers, request=False)
+        except ValueError as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
+        response_length = declared if response_has_body(method, status) else 0
 
         framed = response_length != Framing.UNTIL_CLOSE
-        client_stays = keeps_alive(version, headers) and framed
-        origin_stays = keeps_alive(response_version, response_headers) and framed
-        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
+        client_stays = keeps_alive(version, headers) and framed and not self.body_unread
+        origin_stays = keeps_alive(response.version, response.headers) and framed and not self.body_unread
+        # An HTTP/1.0 client cannot read chunks: it gets the bare data, ended
+        # by the close, and no trailer fields.
         dechunk = version == "HTTP/1.0" and response_length == Framing.CHUNKED
-        outgoing = [
-            (name, value)
-            for name, value in forwarded_headers(response_headers)
-            if not (dechunk and name.lower() == "transfer-encoding")
-        ]
-        outgoing.append(("Via", f"{response_version[len('HTTP/'):]} dispatch"))
+        outgoing = forwarded_headers(response.headers)
+        if dechunk:
+            outgoing = [(name, value) for name, value in outgoing if name.lower() != "trailer"]
+        else:
+            outgoing += framing_headers(response.headers, declared)
+        outgoing.append(("Via", f"{response.version[len('HTTP/'):]} dispatch"))
         if not client_stays:
             outgoing.append(("Connection", "close"))
         self.responded = True
         self.record.result = str(status)  # what the log says if the client hangs up now
-        self._send_down(encode_head(f"HTTP/1.1 {status} {reason}".rstrip(), outgoing))
-        copy_body(origin.reader, response_length, self._send_down, dechunk=dechunk)
+        self._send_down(encode_head(f"HTTP/1.1 {status} {response.reason}", outgoing))
+        try:
+            copy_body(origin.reader, response_length, self._send_down, dechunk=dechunk)
+        except (ProtocolError, OriginError) as error:
+            # Only the origin's side raises these: the client must see an
+            # abort, not an end, or a cut body would look complete.
+            self._drop_origin()
+            self.aborted = True
+            _reset_connection(self.connection)
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"the response was cut short: {error}") from None
         if not origin_stays:
             self._drop_origin()
         return status, client_stays
+
+    def _check_proxy_answer(self, origin: _Origin, status: int) -> None:
+        """Take the status an HTTP upstream proxy answered a request with:
+        its refusal of the login is the link's failure (a 502 here, never
+        its challenge passed on; the link sits out until a retest gets
+        through), anything else says it works."""
+        proxy, upstream = origin.lease.local, self.context.upstream
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+            refusal = ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the login")
+            upstream.proxy_failed(proxy, refusal)
+            upstream.health.sit_out(proxy, refusal, (origin.host, origin.port))
+            raise refusal
+        upstream.proxy_worked(proxy)
 
     def _send_head(self, host: str, port: int, head: bytes, *, retryable: bool) -> _Origin:
         """Send a request head to (host, port); return the origin connection.
 
         A kept connection may have been closed by the origin just as the
         request went out: it then fails before any byte of the response.
-        A ``retryable`` request (one without a body: nothing else is lost)
-        is then sent once more, on a new connection.
+        A ``retryable`` request (idempotent, without a body: nothing is lost
+        and nothing is done twice) is then sent once more, on a new
+        connection; any other gets a 502.
         """
         kept = self.origin
         origin = self._origin_for(host, port)
         if origin is not kept or not retryable:
-            self._send_up(origin, head)
+            self._send_up(origin, absolute_form_head(origin.lease.local, host, port, head))
             return origin
         try:
-            self._send_up(origin, head)
+            self._send_up(origin, absolute_form_head(origin.lease.local, host, port, head))
             if origin.reader.has_more():
                 return origin
-        except ConnectionError:
-            pass
+        except OriginError as error:
+            if error.status != HTTPStatus.BAD_GATEWAY:
+                raise
         self._drop_origin()
         origin = self._origin_for(host, port)
-        self._send_up(origin, head)
+        self._send_up(origin, absolute_form_head(origin.lease.local, host, port, head))
         return origin
 
     def _origin_for(self, host: str, port: int) -> _Origin:
@@ -5028,7 +6279,7 @@ class HttpProxySession(Session):
             self.record.via = origin.lease.local
             return origin
         self._drop_origin()
-        lease = self.connect(host, port)
+        lease = self.connect(host, port, absolute_form=True)
         lease.sock.settimeout(HTTP_RESPONSE_TIMEOUT)
         reader = _OriginReader(lease.sock, eof_message="the origin closed before the response ended")
         self.origin = _Origin(host, port, lease, reader)
@@ -5043,7 +6294,9 @@ class HttpProxySession(Session):
         try:
             origin.lease.sock.sendall(data)
         except TimeoutError:
-            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
+            raise OriginError(HTTPStatus.GATEWAY_TIMEOUT, "the origin did not take the request in time") from None
+        except OSError as error:
+            raise OriginError(HTTPStatus.BAD_GATEWAY, f"the origin failed: {_describe(error)}") from None
         self.count(len(data), 0)
 
     def _send_down(self, data: bytes) -> None:
@@ -5051,17 +6304,15 @@ class HttpProxySession(Session):
         self.count(0, len(data))
 
 
-def _request_headers(host: str, port: int, version: str, headers: Headers) -> Headers:
+def _request_headers(host: str, port: int, version: str, headers: Headers, length: int) -> Headers:
     """The headers of a request as it goes to its origin: Host first, no
-    hop-by-hop ones, no Expect: 100-continue (answered here), and Via."""
+    hop-by-hop ones, its framing written afresh, no Expect from an HTTP/1.0
+    client (ignored: RFC 9110, 10.1.1), and Via."""
     authority = host if port == 80 else _format_endpoint(host, port)
     outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
-    answered_here = "100-continue" in header_tokens(headers, "expect")
-    outgoing += [
-        (name, value)
-        for name, value in forwarded_headers(headers)
-        if name.lower() != "host" and not (answered_here and name.lower() == "expect")
-    ]
+    dropped = {"host", "expect"} if version == "HTTP/1.0" else {"host"}
+    outgoing += [(name, value) for name, value in forwarded_headers(headers) if name.lower() not in dropped]
+    outgoing += framing_headers(headers, length)
     outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
     return outgoing
 
@@ -5340,6 +6591,9 @@ class _Server(socketserver.ThreadingTCPServer):
 # ---------------------------------------------------------------------------
 
 DEFAULT_GRACE = 5.0
+# The longest duration a Dispatcher takes (a week): longer ones would
+# overflow what poll() and socket timeouts take (about 24 days).
+MAX_DURATION = 7 * 24 * 3600.0
 # After the grace period, how long shutdown() waits for the sessions to see
 # their sockets closed and write their log lines.
 CLOSE_TIMEOUT = 2.0
@@ -5404,8 +6658,9 @@ def _dns_fields(counts: DnsCounts) -> dict[str, int]:
 class Dispatcher:
     """A dispatching SOCKS and HTTP proxy.
 
-    ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals or interface
-    names) or LocalAddress objects; None means every usable address.
+    ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals, interface
+    names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
+    objects; None means every usable address.
     ``port=0`` picks a free port: ``.address`` tells which.
 
         with Dispatcher(["10.0.0.2@7", "10.0.0.3@3"], port=1080) as proxy:
@@ -5429,7 +6684,12 @@ class Dispatcher:
       failed (the first is a second after the failure).
     - ``pages``: serve the status page, ``/stats.json``, ``/metrics`` and
       ``/proxy.pac`` to HTTP requests in origin form (``GET /``) on the
-      proxy's port; False answers them 404.
+      proxy's port; False answers them 404. The status page, ``/stats.json``
+      and ``/metrics`` answer only a Host header that names localhost, a
+      loopback address or the address the client reached (a web page could
+      otherwise point its own name at 127.0.0.1 and read them: DNS
+      rebinding); ``/proxy.pac`` answers any.
+    - ``page_hosts``: more Host names (or addresses) the pages answer to.
     - ``balance``: "measured" or "round-robin"; None means measured unless
       an address has a weight.
     - ``sticky``: seconds a client's site keeps its link; None is off.
@@ -5440,6 +6700,8 @@ class Dispatcher:
     - ``dns``: the name servers to ask, ``"ADDRESS[:PORT]"`` each; None
       asks the system's, through the links; ``["system"]`` leaves names to
       the system's resolver.
+    - ``upstream_passwords``: {user: password} for the proxies' URLs that
+      give a user and no password (kept out of the process list).
 
     While it serves, a background thread follows the interfaces' addresses,
     samples the meter (and measures capacities by it), and starts retests
@@ -5462,27 +6724,37 @@ class Dispatcher:
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
         pages: bool = True,
+        page_hosts: Iterable[str] = (),
         balance: str | None = None,
         sticky: float | None = None,
         checks: Iterable[str] = (),
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         hedge: float = DEFAULT_HEDGE,
         dns: Sequence[str] | None = None,
+        upstream_passwords: Mapping[str, str] | None = None,
     ) -> None:
-        self.links = LinkSet(resolve_links(addresses))
+        self.links = LinkSet(resolve_links(addresses, upstream_passwords))
         if balance is None:
             weighted = any(link.weighted for link in self.links.links)
             balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
         self.checks = [parse_check_target(check) for check in checks]
-        if check_interval <= 0 or hedge < 0 or (sticky is not None and sticky < 0):
-            raise ValueError("check_interval must be positive; hedge and sticky 0 or more")
+        durations = {
+            "connect_timeout": connect_timeout, "handshake_timeout": handshake_timeout, "cooldown": cooldown,
+            "check_interval": check_interval, "idle_timeout": idle_timeout, "hedge": hedge, "sticky": sticky,
+        }
+        for name, seconds in durations.items():
+            may_be_zero = name in ("hedge", "sticky")
+            if seconds is None or (0 <= seconds <= MAX_DURATION and (seconds > 0 or may_be_zero)):
+                continue
+            raise ValueError(f"{name} must be {'0 or more' if may_be_zero else 'positive'}, "
+                             f"at most {MAX_DURATION:g} seconds; got {seconds!r}")
         self.check_interval = check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
         families = {_family_of(ip) for ip, _ in self.checks if _is_ip(ip)}
         named = any(not _is_ip(host) for host, _ in self.checks)  # a name may have either family
-        if self.checks and not named and not any(address.family in families for address in self.links.addresses):
+        if self.checks and not named and not any(families & address.serves for address in self.links.addresses):
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
-        self.health = Health(cooldown)
+        self.health = Health(cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
         self._taken_before: dict[LocalAddress, int] = {}  # connections open at the meter's last sample
         self.balancer = Balancer(
@@ -5490,6 +6762,8 @@ class Dispatcher:
             sticky=StickyTable(sticky) if sticky else None,
         )
         self.meter = Meter()
+        # What the addresses forgotten once gone carried: still in the totals.
+        self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
         self.resolver = Resolver(
             *parse_dns_option(dns), addresses=lambda: self.links.addresses, health=self.health,
             hedge=min(DNS_HEDGE, hedge), timeout=connect_timeout, evidence_after=hedge or DEFAULT_HEDGE,
@@ -5502,7 +6776,8 @@ class Dispatcher:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.context = SessionContext(
-            self.access, self.upstream, handshake_timeout, idle_timeout, status=self.status if pages else None
+            self.access, self.upstream, handshake_timeout, idle_timeout, status=self.status if pages else None,
+            page_hosts=frozenset(page_host(name) for name in page_hosts),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
@@ -5519,6 +6794,11 @@ class Dispatcher:
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
             self.balancer.rebuild(self.links.addresses)
+        for address in self.links.drop_gone(lambda address: self.meter.read(address).counters.open > 0):
+            self.health.forget(address)
+            counters = self.meter.forget(address)
+            for key in self._forgotten:
+                self._forgotten[key] += getattr(counters, key)
 
     def sample_meter(self) -> None:
         """Sample the meter, and measure each link's capacity by it (the
@@ -5548,7 +6828,12 @@ class Dispatcher:
                 self.health.retest_result(address, OSError(errno.EAGAIN, str(error)))
 
     def _run_retest(self, address: LocalAddress, target: Target) -> None:
-        self.health.retest_result(address, self.upstream.probe(address, target, self.upstream.connect_timeout))
+        try:
+            error = self.upstream.probe(address, target, self.upstream.connect_timeout)
+        except Exception as failure:  # a retest lost would keep the link out for good
+            logger.exception("the retest of %s failed", address.describe())
+            error = OSError(errno.EIO, f"the retest failed: {failure!r}")
+        self.health.retest_result(address, error)
 
     def _check(self) -> None:
         """Check every address against the check targets, in a thread of its
@@ -5564,12 +6849,16 @@ class Dispatcher:
             timeout = min(self.check_interval, self.upstream.connect_timeout)
             pairs = [
                 (a, t) for a in self.links.addresses for t in self.checks
-                if not _is_ip(t[0]) or _family_of(t[0]) == a.family
+                if not _is_ip(t[0]) or _family_of(t[0]) in a.serves
             ]
             outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
 
             def check(address: LocalAddress, target: Target) -> None:
-                outcomes[address, target] = self.upstream.probe(address, target, timeout)
+                try:
+                    outcomes[address, target] = self.upstream.probe(address, target, timeout)
+                except Exception as failure:  # told, and counted as a failed check
+                    logger.exception("the check of %s failed", address.describe())
+                    outcomes[address, target] = OSError(errno.EIO, f"the check failed: {failure!r}")
 
             # Every probe at once: a round takes one timeout, however many targets.
             threads = [threading.Thread(target=check, args=pair, daemon=True) for pair in pairs]
@@ -5668,23 +6957,25 @@ class Dispatcher:
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per local address (every one a link has had): ip, interface, link
+        """Per local address (every one a link holds, and those gone lately:
+        see GONE_ADDRESS_KEPT): ip (an upstream proxy's name), interface, link
         (its name as given), weight, tier ("primary" or "backup"), state
         ("up"; "down" while it is out after a failure of its link; "standby"
         for a backup while a primary is up; "gone" once its interface no
         longer holds it) and the reason, connections (opened in all, failed,
         open), bytes each way, the rates each way in bytes per second over
-        the last interval or two (METER_INTERVAL), and the capacity measured
-        (None until measured). An interface that has had no address yet has
-        a row with ip None, state "waiting". Reading changes nothing: every
-        reader sees the same."""
+        the last interval or two (METER_INTERVAL), the capacity measured
+        (None until measured), and the DNS work of its link (dns_queries,
+        dns_cache_hits, dns_failures). An interface that has had no address
+        yet has a row with ip None, state "waiting". Reading changes
+        nothing: every reader sees the same."""
         current = self.links.addresses
-        primaries_up = {a.family for a in current if not a.backup and not self.health.is_out(a)}
+        primaries_up = {f for a in current if not a.backup and not self.health.is_out(a) for f in a.serves}
         rows = []
         for address in self.links.known_addresses():
             reading = self.meter.read(address)
             state, reason = self.health.state(address) if address in current else ("gone", "address gone")
-            if state == "up" and address.backup and address.family in primaries_up:
+            if state == "up" and address.backup and address.serves & primaries_up:
                 state, reason = "standby", "a primary link is up"
             link = self.links.link_of(address)
             rows.append({
@@ -5712,11 +7003,12 @@ class Dispatcher:
 
     def status(self) -> dict[str, Any]:
         """Everything a status page shows: version, uptime, where it listens,
-        open and refused clients, totals, ``stats()`` as "addresses", and the
+        open and refused clients, totals (with what addresses forgotten once
+        gone carried), ``stats()`` as "addresses", and the
         rates of each address over the last ten minutes as "history"."""
         rows = self.stats()
         totals = {
-            key: sum(row[key] for row in rows)
+            key: sum(row[key] for row in rows) + self._forgotten.get(key, 0)
             for key in ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_down")
         }
         history = {}
@@ -5893,7 +7185,12 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
         where = "stdout"
     else:
         where = log_file or default_log_path()
-        os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(where))
+        if not log_file:
+            os.makedirs(directory, exist_ok=True)
+        elif not os.path.isdir(directory):
+            # A mistyped path makes no directories: it is told, at once.
+            raise FileNotFoundError(errno.ENOENT, f"no directory {directory}")
         handler = logging.FileHandler(where)
     handler.setFormatter(formatter)
     logger.handlers[:] = [handler]
@@ -5974,9 +7271,8 @@ def plural(count: int, noun: str) -> str:
 
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     stats = dispatcher.stats()
-    connections = sum(row["connections"] for row in stats)
-    up = sum(row["bytes_up"] for row in stats)
-    down = sum(row["bytes_down"] for row in stats)
+    totals = dispatcher.status()["totals"]  # the addresses forgotten once gone too
+    connections, up, down = totals["connections"], totals["bytes_up"], totals["bytes_down"]
     refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
     lines = [
         f"dispatch: stopped after {format_duration(seconds)}: {plural(connections, 'connection')}, "
@@ -5991,10 +7287,22 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _shown(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a
+    value echoed in a message cannot break its line or drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _error(message: str) -> int:
+    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return 2, the exit status."""
+    print(f"dispatch: error: {_shown(message)}", file=sys.stderr)
+    return 2
+
+
 def _credentials(args: argparse.Namespace) -> dict[str, str]:
     """The users of --auth and --auth-file; raises ValueError."""
     pairs = list(args.auth or [])
-    if args.auth_file:
+    if args.auth_file is not None:
         pairs += read_auth_file(args.auth_file)
     users: dict[str, str] = {}
     for user, password in pairs:
@@ -6002,6 +7310,28 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
             raise ValueError(f"user {user!r} is given more than once")
         users[user] = password
     return users
+
+
+def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """Check what ``start`` can check of its arguments without this
+    machine's interfaces (``dispatch service`` checks them too): the form
+    of every ADDRESS, IP addresses that no link could use, and the logins.
+    Returns the users; raises AddressError or ValueError."""
+    for text in args.addresses:
+        spec = parse_address(text)
+        if _is_ip(spec.address):
+            _check_link_address(spec.address)
+    return _credentials(args)
+
+
+def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
+    """The passwords of --upstream-auth-file, by user; raises ValueError."""
+    passwords: dict[str, str] = {}
+    for user, password in read_auth_file(args.upstream_auth_file) if args.upstream_auth_file else []:
+        if user in passwords:
+            raise ValueError(f"user {user!r} is given more than once in {args.upstream_auth_file}")
+        passwords[user] = password
+    return passwords
 
 
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
@@ -6026,7 +7356,8 @@ def _start(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
     try:
-        users = _credentials(args)
+        users = _check_start_arguments(args)
+        upstream_passwords = _upstream_passwords(args)
         dispatcher = Dispatcher(
             args.addresses, args.ip, args.port,
             connect_timeout=args.connect_timeout, cooldown=args.cooldown,
@@ -6036,29 +7367,28 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             credentials=users,
             allow=args.allow,
             pages=args.pages,
+            page_hosts=args.page_host or (),
             balance=args.balance,
             sticky=args.sticky or None,
             checks=args.check,
             check_interval=args.check_interval,
             hedge=args.hedge,
             dns=args.dns,
+            upstream_passwords=upstream_passwords,
         )
     except (AddressError, ValueError) as error:
-        print(f"dispatch: error: {error}", file=sys.stderr)
-        return 2
+        return _error(str(error))
     except OSError as error:
         where = _format_endpoint(args.ip, args.port)
         why = _describe(error)
         if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
             why = f"port {args.port} is in use (by another dispatch, or another program)"
-        print(f"dispatch: error: cannot listen on {where}: {why}", file=sys.stderr)
-        return 2
+        return _error(f"cannot listen on {where}: {why}")
     try:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
-        print(f"dispatch: error: cannot write the log: {_describe(error)}", file=sys.stderr)
         dispatcher.shutdown()
-        return 2
+        return _error(f"cannot write the log: {_describe(error)}")
     host, port = dispatcher.address
     allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
     default = "" if args.allow else " (loopback and private networks)"
@@ -6151,6 +7481,13 @@ def service_unit(
             raise ValueError(
                 f"{argument!r}: a control character cannot go into a service definition"
             )
+        if hide_password(argument) != argument:
+            raise ValueError(
+                f"{hide_password(argument)!r}: a password would be readable in the service definition;"
+                " give the user alone (socks5://USER@HOST:PORT) and its password in --upstream-auth-file"
+            )
+    if system == "windows":
+        _check_task_arguments(start_args, executable)
     if system == "systemd":
         return _systemd_unit(start_args, executable, user)
     if system == "launchd":
@@ -6315,6 +7652,20 @@ def _windows_command_line(arguments: Sequence[str]) -> str:
     return " ".join(_windows_quote(argument) for argument in arguments)
 
 
+def _check_task_arguments(start_args: Sequence[str], executable: Sequence[str]) -> None:
+    """Raise ValueError for a '%' that Task Scheduler would read as part of
+    a variable (%NAME%, expanded when the task starts, with no escape).
+    The argument is not shown: it may hold a password."""
+    if any("%" in part for part in executable):
+        raise ValueError("the program's path holds '%', which Task Scheduler expands; move dispatch elsewhere")
+    for number, argument in enumerate(start_args, 1):
+        if "%" in argument:
+            raise ValueError(
+                f"start argument {number} holds '%', which Task Scheduler expands (%NAME%) when the task "
+                "starts: give a password holding '%' with --auth-file, and paths without '%'"
+            )
+
+
 def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | None) -> str:
     from xml.etree import ElementTree
 
@@ -6414,7 +7765,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     rather than the whole usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"dispatch: error: {message} (see: {self.prog} --help)\n")
+        self.exit(2, f"dispatch: error: {_shown(message)} (see: {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -6432,16 +7783,21 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Start the proxy. Each ADDRESS is an IP address or an interface "
         "name, with an optional weight (10.0.0.2@7, wlan0@3; wlan0/3 also works for a name) "
         "or @backup for a link used only while no other is up (usb0@backup). "
+        "An ADDRESS may be an upstream proxy, socks5://[USER:PASS@]HOST:PORT (socks5h, socks4, "
+        "socks4a and http too), reached by a chosen link with +LINK (socks5://vps:1080+wlan0@2). "
         "An interface's addresses are followed as they change; one without an address "
         "yet is waited for. With none, every interface with a usable address is used.",
     )
     start.add_argument(
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
     )
-    start.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    start.add_argument(
+        "--ip", type=_listen_address, default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: for every address)",
+    )
     start.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
     start.add_argument(
-        "--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+        "--connect-timeout", type=_duration("--connect-timeout"), default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
         help="give up connecting upstream after this long (default 5)",
     )
     start.add_argument(
@@ -6453,17 +7809,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help="require a login from this file: one USER:PASS a line, # comments",
     )
     start.add_argument(
+        "--upstream-auth-file", metavar="PATH",
+        help="passwords of upstream proxies whose ADDRESS gives a user alone (socks5://al@vps:1080): "
+        "one USER:PASS a line, # comments; keeps them out of the process list",
+    )
+    start.add_argument(
         "--allow", action="append", type=_network, metavar="CIDR",
         help="admit clients from this network or address only (repeatable; "
         "default: loopback and private networks)",
     )
     start.add_argument(
-        "--handshake-timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+        "--handshake-timeout", type=_duration("--handshake-timeout"), default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
         help=f"close a client that has not finished its handshake after this long "
         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
     start.add_argument(
-        "--idle-timeout", type=_seconds, metavar="SECONDS",
+        "--idle-timeout", type=_duration("--idle-timeout"), metavar="SECONDS",
         help="close a connection with nothing moving either way for this long (default: never)",
     )
     start.add_argument(
@@ -6471,11 +7833,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="refuse new clients while N connections are open (default: what the descriptor limit fits)",
     )
     start.add_argument(
-        "--grace", type=_seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
+        "--grace", type=_duration("--grace"), default=DEFAULT_GRACE, metavar="SECONDS",
         help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
     )
     start.add_argument(
-        "--cooldown", type=_seconds, default=DEFAULT_COOLDOWN, metavar="SECONDS",
+        "--cooldown", type=_duration("--cooldown"), default=DEFAULT_COOLDOWN, metavar="SECONDS",
         help="a link that failed is retested 1 s later, then less and less often, at least every SECONDS "
         "(default 30); it is back as soon as a retest gets through",
     )
@@ -6486,7 +7848,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "the default when any ADDRESS has one)",
     )
     start.add_argument(
-        "--sticky", type=_seconds_or_zero, default=0.0, metavar="SECONDS",
+        "--sticky", type=_duration("--sticky"), default=0.0, metavar="SECONDS",
         help="keep a client's connections to one site (example.co.uk) on one link while the site was "
         "used within SECONDS (default 0: off, so that one site's downloads spread)",
     )
@@ -6496,11 +7858,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "row take a link out, 2 successes bring it back (default: no checks)",
     )
     start.add_argument(
-        "--check-interval", type=_seconds, default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
+        "--check-interval", type=_duration("--check-interval"), default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
         help=f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
     )
     start.add_argument(
-        "--hedge", type=_seconds_or_zero, default=DEFAULT_HEDGE, metavar="SECONDS",
+        "--hedge", type=_duration("--hedge"), default=DEFAULT_HEDGE, metavar="SECONDS",
         help=f"when a connect has no answer after this long, race it through another link "
         f"(default {DEFAULT_HEDGE:g}; 0: never)",
     )
@@ -6514,7 +7876,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve no status page, /stats.json, /metrics or /proxy.pac on the proxy's port",
     )
     start.add_argument(
-        "--stats", type=_seconds, metavar="SECONDS",
+        "--page-host", action="append", type=_page_host, metavar="NAME",
+        help="also show the status page, /stats.json and /metrics to requests for this host name "
+        "(repeatable; always: localhost, loopback and the address the page is asked at)",
+    )
+    start.add_argument(
+        "--stats", type=_duration("--stats"), metavar="SECONDS",
         help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
@@ -6536,18 +7903,57 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _seconds(text: str) -> float:
-    value = _number(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
+def _listen_address(text: str) -> str:
+    """An address to listen on, as --ip takes it: an IP address or a name.
+
+    The system reads "" and "0" (and "127.1") as addresses too, the first
+    two as every address: what is meant is written out.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("an empty address: write 0.0.0.0 (or ::) to listen on every address")
+    if not _is_ip(text):
+        try:
+            packed = socket.inet_aton(text)
+        except OSError:
+            return text  # a name, looked up when the proxy listens
+        raise argparse.ArgumentTypeError(f"{text!r} is a short form of {socket.inet_ntoa(packed)}: write it out")
+    return text
 
 
-def _seconds_or_zero(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
-    return value
+DAY = 24 * 3600.0
+# The range of each duration option, in seconds; those starting at 0 take 0
+# for "off". Every wait stays within what poll() and socket timeouts take
+# (milliseconds in a C int: about 24 days), and nothing in the background
+# runs so often that it keeps a CPU busy while the proxy is idle.
+DURATION_RANGES: dict[str, tuple[float, float]] = {
+    "--connect-timeout": (0.1, 600.0),
+    "--handshake-timeout": (0.1, 3600.0),
+    "--idle-timeout": (1.0, 7 * DAY),
+    "--grace": (0.0, 3600.0),
+    "--cooldown": (1.0, DAY),
+    "--sticky": (0.0, 7 * DAY),
+    "--check-interval": (1.0, DAY),
+    "--hedge": (0.0, 600.0),
+    "--stats": (0.1, DAY),
+}
+
+
+def _duration(option: str) -> Callable[[str], float]:
+    """The argument type of a duration option: seconds within DURATION_RANGES[option]."""
+    low, high = DURATION_RANGES[option]
+
+    def seconds(text: str) -> float:
+        value = _number(text)
+        if low == 0 and not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+        if low > 0 and not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        if not low <= value <= high:
+            span = f"from {low:g} to {high:g}" if low else f"up to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {span} seconds")
+        return value
+
+    return seconds
 
 
 def _number(text: str) -> float:
@@ -6587,6 +7993,13 @@ def _check_target(text: str) -> str:
     return text
 
 
+def _page_host(text: str) -> str:
+    try:
+        return page_host(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _network(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text, strict=False))
@@ -6595,14 +8008,23 @@ def _network(text: str) -> str:
 
 
 def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    # Arguments with a mistake fail now, not at every boot.
-    parser.parse_args(["start", *args.start_arguments])
+    # Arguments with a mistake fail now, not at every boot, as start would
+    # refuse them. Help goes to stderr: stdout is the unit, often redirected
+    # into its file.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            parsed = parser.parse_args(["start", *args.start_arguments])
+        except SystemExit as exit_:
+            if exit_.code == 0:  # start's --help or --version: no unit to print
+                return _error("'dispatch service' prints no help of start into a unit; see: dispatch start --help")
+            raise
     executable = [sys.executable, os.path.abspath(__file__)]
     try:
-        print(service_unit(args.system, args.start_arguments, executable), end="")
-    except ValueError as error:
-        print(f"dispatch: error: {error}", file=sys.stderr)
-        return 2
+        _check_start_arguments(parsed)
+        unit = service_unit(args.system, args.start_arguments, executable)
+    except (AddressError, ValueError) as error:
+        return _error(str(error))
+    print(unit, end="")
     return 0
 
 
@@ -6616,8 +8038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _list_interfaces(sys.stdout)
         except AddressError as error:
-            print(f"dispatch: error: {error}", file=sys.stderr)
-            return 2
+            return _error(str(error))
     return _start(args)
 
 

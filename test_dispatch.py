@@ -41,9 +41,10 @@ from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import h11
 import pytest
 import socks
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dispatch
@@ -205,7 +206,8 @@ class Origin(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if self.headers.get("Transfer-Encoding") == "chunked":
             body = b""
-            while size := int(self.rfile.readline().split(b";")[0], 16):
+            # A body cut short (the proxy refused the rest) ends like the last chunk.
+            while (line := self.rfile.readline()) and (size := int(line.split(b";")[0], 16)):
                 body += self.rfile.read(size)
                 self.rfile.readline()
             self.rfile.readline()
@@ -622,6 +624,117 @@ def wait_until_all_closed(proxy: Dispatcher) -> None:
     assert wait_for(lambda: proxy.open_connections() == 0)
 
 
+# Upstream proxies nobody here wrote ----------------------------------------
+
+DANTED = "/usr/sbin/danted"
+MICROSOCKS = shutil.which("microsocks") or "/usr/bin/microsocks"
+
+
+class UpstreamServer:
+    """A proxy server of another project, run as a process on a free
+    loopback port: ``url`` names it as an ADDRESS (with its login)."""
+
+    def __init__(self, kind: str, argv: list[str], url: str, port: int, output: str, host: str = "127.0.0.1") -> None:
+        self.kind = kind
+        self.url = url
+        self.host = host
+        self.port = port
+        self.output = output  # what it writes, in a file: a pipe nobody reads could fill and stop it
+        with open(output, "wb") as sink:
+            self.process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not self.accepts():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                with open(output, errors="replace") as written:
+                    raise RuntimeError(f"{kind} did not start: {written.read().strip()[-500:]}")
+            time.sleep(0.02)
+
+    def accepts(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Kill it: connections to its port are refused from now on."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server of another project."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def dante_config(port: int, host: str = "127.0.0.1", clients: str = "127.0.0.0/8") -> str:
+    """A danted.conf: no login, CONNECT and UDP ASSOCIATE for ``clients``."""
+    return "\n".join([
+        "logoutput: stderr",
+        f"internal: {host} port = {port}",
+        f"external: {host}",
+        "socksmethod: none",
+        "clientmethod: none",
+        "user.privileged: root",
+        "user.unprivileged: nobody",
+        f"client pass {{ from: {clients} to: 0.0.0.0/0 }}",
+        "client block { from: 0.0.0.0/0 to: 0.0.0.0/0 }",
+        "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }",
+        "",
+    ])
+
+
+@pytest.fixture
+def make_upstream(tmp_path: Any) -> Iterator[Callable[..., UpstreamServer]]:
+    """Start upstream proxies: ``make_upstream(kind, login=None)``, kind one
+    of "pproxy-socks5", "pproxy-socks4", "pproxy-http", "microsocks", "dante";
+    each on a free loopback port (of ``host``), stopped after the test. Dante has no logins of its own
+    (it checks system accounts); a kind that is not installed is skipped."""
+    started: list[UpstreamServer] = []
+
+    def make(
+        kind: str, login: tuple[str, str] | None = None, *, clients: str = "127.0.0.0/8", host: str = "127.0.0.1"
+    ) -> UpstreamServer:
+        port = free_port(host)
+        secret = f"{login[0]}:{login[1]}" if login else ""
+        scheme = {"pproxy-http": "http", "pproxy-socks4": "socks4"}.get(kind, "socks5")
+        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        url = f"{scheme}://{secret + '@' if login else ''}{endpoint}"
+        if kind.startswith("pproxy"):
+            listen = f"{scheme}://{endpoint}" + (f"#{secret}" if login else "")
+            # --auth 0: every connection logs in, not only an address's first.
+            argv = [sys.executable, "-m", "pproxy", "-l", listen, "--auth", "0"]
+        elif kind == "microsocks":
+            if not os.path.exists(MICROSOCKS):
+                pytest.skip("microsocks is not installed")
+            argv = [MICROSOCKS, "-i", host, "-p", str(port)]
+            argv += ["-u", login[0], "-P", login[1]] if login else []
+        elif kind == "dante":
+            if not os.path.exists(DANTED) or os.geteuid() != 0:
+                pytest.skip("Dante (danted) is not installed, or this is not root")
+            config = tmp_path / f"danted-{port}.conf"
+            config.write_text(dante_config(port, clients=clients))
+            argv = [DANTED, "-f", str(config), "-p", str(tmp_path / f"danted-{port}.pid"), "-N", "1"]
+        else:
+            raise ValueError(kind)
+        try:
+            server = UpstreamServer(kind, argv, url, port, str(tmp_path / f"{kind}-{port}.out"), host)
+        except RuntimeError as error:
+            if kind == "dante":
+                pytest.skip(str(error))
+            raise
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
 # Clients -------------------------------------------------------------------
 
 def client_through(
@@ -739,7 +852,7 @@ def curl(*arguments: str) -> str:
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """Read one response framed by Content-Length (or by the close)."""
     reader = dispatch.DeadlineReader(sock)
-    lines = dispatch.read_head(reader)
+    lines = dispatch.read_head(reader, dispatch.MAX_RESPONSE_HEADER_LINE, dispatch.MAX_RESPONSE_HEADER_BYTES)
     status = int(lines[0].split()[1])
     headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
     if status in (204, 304):
@@ -1026,9 +1139,17 @@ def test_parse_header_lines() -> None:
     assert dispatch.parse_header_lines(["Host: a", "X-Empty:", "X-Sp:  v \t"]) == [
         ("Host", "a"), ("X-Empty", ""), ("X-Sp", "v"),
     ]
-    for bad in ("No colon", "Name : v", " folded: v", ": v"):
+    for bad in ("No colon", "Name : v", " folded: v", ": v", "X: a\rb", "X: a\x00b", "X: a\r", "X(y): v"):
         with pytest.raises(ValueError):
             dispatch.parse_header_lines([bad])
+
+
+def test_parse_status_line_keeps_an_empty_reason() -> None:
+    assert dispatch.parse_status_line("HTTP/1.1 200 ") == ("HTTP/1.1", 200, "")
+    assert dispatch.parse_status_line("HTTP/1.1 404 Not Found") == ("HTTP/1.1", 404, "Not Found")
+    for bad in ("HTTP/1.x 200 OK", "HTTP/1.1 2000 OK", "HTTP/1.1 200 O\rK", "HTTP/1.1 200 \x00"):
+        with pytest.raises(ValueError):
+            dispatch.parse_status_line(bad)
 
 
 @pytest.mark.parametrize(
@@ -1038,9 +1159,9 @@ def test_parse_header_lines() -> None:
         ([], False, dispatch.Framing.UNTIL_CLOSE),
         ([("Content-Length", "12")], True, 12),
         ([("Content-Length", "12"), ("content-length", "12")], False, 12),
-        ([("Transfer-Encoding", "gzip, Chunked")], True, dispatch.Framing.CHUNKED),
+        ([("Content-Length", "5, 5")], True, 5),
+        ([("Transfer-Encoding", " Chunked\t")], True, dispatch.Framing.CHUNKED),
         ([("Transfer-Encoding", "chunked"), ("Content-Length", "3")], False, dispatch.Framing.CHUNKED),
-        ([("Transfer-Encoding", "gzip")], False, dispatch.Framing.UNTIL_CLOSE),
     ],
 )
 def test_body_length(headers: list[tuple[str, str]], request_: bool, expected: int) -> None:
@@ -1054,11 +1175,36 @@ def test_body_length(headers: list[tuple[str, str]], request_: bool, expected: i
         [("Content-Length", "-1")],
         [("Content-Length", "1"), ("Transfer-Encoding", "chunked")],
         [("Transfer-Encoding", "gzip")],
+        [("Content-Length", "5, 6")],
+        [("Content-Length", "+5")],
+        [("Content-Length", "\xb2")],  # a digit to str.isdigit(), not to HTTP
+        [("Transfer-Encoding", "gzip, chunked")],
+        [("Transfer-Encoding", "chunked\x0b")],
+        [("Transfer-Encoding", "\x0cchunked")],
+        [("Transfer-Encoding", "chunked\xa0")],
+        [("Transfer-Encoding", "")],
+        [("Transfer-Encoding", "chunked,")],
+        [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
     ],
 )
 def test_body_length_rejects_ambiguous_requests(headers: list[tuple[str, str]]) -> None:
     with pytest.raises(ValueError):
         dispatch.body_length(headers, request=True)
+
+
+@pytest.mark.parametrize(
+    "headers, length, framing",
+    [
+        ([("Content-Length", "5, 5")], 5, [("Content-Length", "5")]),
+        ([("Content-Length", "3"), ("Transfer-Encoding", "chunked")], dispatch.Framing.CHUNKED,
+         [("Transfer-Encoding", "chunked")]),
+        ([("Content-Length", "0")], 0, [("Content-Length", "0")]),
+        ([], dispatch.Framing.UNTIL_CLOSE, []),
+    ],
+)
+def test_framing_is_written_out_afresh(headers: list[tuple[str, str]], length: int, framing: list[Any]) -> None:
+    assert dispatch.body_length(headers, request=False) == length
+    assert dispatch.framing_headers(headers, length) == framing
 
 
 def test_response_has_body() -> None:
@@ -1070,7 +1216,7 @@ def test_response_has_body() -> None:
 def test_parse_chunk_size() -> None:
     assert dispatch.parse_chunk_size(b"1a\r\n") == 26
     assert dispatch.parse_chunk_size(b"0;name=value\r\n") == 0
-    for bad in (b"\r\n", b"x1\r\n", b"-1\r\n", b"1" * 17 + b"\r\n"):
+    for bad in (b"\r\n", b"x1\r\n", b"-1\r\n", b"1" * 17 + b"\r\n", b"5\n", b" 5\r\n", b"5 \r\n", b"5\r\r\n"):
         with pytest.raises(ValueError):
             dispatch.parse_chunk_size(bad)
 
@@ -1081,7 +1227,8 @@ def test_forwarded_headers_drop_hop_by_hop_ones() -> None:
         ("Proxy-Authorization", "Basic x"), ("TE", "trailers"), ("Trailer", "X"), ("Upgrade", "h2c"),
         ("Transfer-Encoding", "chunked"), ("Accept", "*/*"),
     ]
-    assert dispatch.forwarded_headers(headers) == [("Transfer-Encoding", "chunked"), ("Accept", "*/*")]
+    # Trailer is end to end (RFC 9110, 6.6.2); the framing is written afresh.
+    assert dispatch.forwarded_headers(headers) == [("Trailer", "X"), ("Accept", "*/*")]
 
 
 def test_keeps_alive() -> None:
@@ -1213,6 +1360,248 @@ def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], dat
     with contextlib.suppress(dispatch.SocksError):
         parser(dispatch.DeadlineReader(stream))  # type: ignore[arg-type]
     assert stream.given <= PARSER_BOUNDS[parser] + dispatch.HANDSHAKE_WINDOW
+
+
+
+# HTTP framing against h11, the oracle -------------------------------------
+# For every message, valid or mangled, dispatch either refuses it or reads
+# the same message as h11 does: the same head, the same body, the same bytes
+# left for the next message. Valid messages (written by h11) it reads.
+
+NEXT_REQUEST = b"GET http://example.com/next HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+
+@dataclasses.dataclass
+class Framed:
+    """One message as a reader framed it."""
+
+    fields: list[tuple[str, str]]
+    body: bytes
+    trailer: list[tuple[str, str]]
+    rest: bytes
+
+
+def dispatch_reads(data: bytes, request: bool) -> Framed | None:
+    """The message at the start of ``data`` as the HTTP proxy reads it (a
+    request, or the response to a GET); None if it refuses it. ``fields``
+    and ``trailer`` are what it passes on."""
+    reader = dispatch.DeadlineReader(None, data=data)
+    sent: list[bytes] = []
+    try:
+        if request:
+            lines = dispatch.read_head(reader)
+            dispatch.parse_request_line(lines[0])
+        else:
+            lines = dispatch.read_head(reader, dispatch.MAX_RESPONSE_HEADER_LINE, dispatch.MAX_RESPONSE_HEADER_BYTES)
+            status = dispatch.parse_status_line(lines[0])[1]
+        headers = dispatch.parse_header_lines(lines[1:])
+        declared = dispatch.body_length(headers, request)
+        length = declared if request or dispatch.response_has_body("GET", status) else 0
+        dispatch.copy_body(reader, length, sent.append)
+    except (ValueError, dispatch.SocksError):
+        return None
+    fields = dispatch.forwarded_headers(headers) + dispatch.framing_headers(headers, declared)
+    # One framing only (RFC 9112, 6.2): the next hop cannot choose another.
+    assert sum(name.lower() in ("content-length", "transfer-encoding") for name, _ in fields) <= 1
+    # What it sends on is read by h11 in turn: written out cleanly.
+    out = h11_reads(dispatch.encode_head(lines[0], fields) + b"".join(sent), request, eof=length < 0)
+    assert out is not None, "h11 refuses what dispatch sends on"
+    forwarded = Framed(fields, out.body, out.trailer, reader.rest())
+    assert (out.fields, out.rest) == (fields, b"")
+    return forwarded
+
+
+def as_text(fields: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in fields]
+
+
+def h11_reads(data: bytes, request: bool, eof: bool = True) -> Framed | None:
+    """The message at the start of ``data`` as h11 reads it; None if it refuses it."""
+    connection = h11.Connection(h11.SERVER if request else h11.CLIENT)
+    if not request:
+        connection.send(h11.Request(method="GET", target="/", headers=[("Host", "example.com")]))
+        connection.send(h11.EndOfMessage())
+    connection.receive_data(data)
+    if eof:
+        connection.receive_data(b"")
+    fields: list[tuple[str, str]] = []
+    body = b""
+    try:
+        while True:
+            event = connection.next_event()
+            if isinstance(event, (h11.Request, h11.Response)):
+                fields = as_text(event.headers.raw_items())
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailer = as_text(event.headers.raw_items())
+                return Framed(fields, body, trailer, connection.trailing_data[0])
+            else:
+                return None  # wants more, or closed: the message was cut short
+    except h11.RemoteProtocolError:
+        return None
+
+
+def hop_free(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fields as a proxy passes them on, framing aside."""
+    return [(name.lower(), value) for name, value in dispatch.forwarded_headers(fields)]
+
+
+def agree(data: bytes, request: bool) -> Framed | None:
+    """Check dispatch against h11 on ``data``; return what dispatch read."""
+    ours = dispatch_reads(data, request)
+    if ours is None:
+        return None
+    theirs = h11_reads(data, request)
+    assert theirs is not None, "dispatch reads what h11 refuses"
+    assert (ours.body, ours.rest) == (theirs.body, theirs.rest)
+    assert hop_free(ours.fields) == hop_free(theirs.fields)
+    assert hop_free(ours.trailer) == hop_free(theirs.trailer)
+    return ours
+
+
+plain_value = st.text(alphabet=string.ascii_letters + string.digits + " -_.;=/", max_size=12)
+field_name = st.sampled_from(["X-A", "x-b", "Accept", "Trailer", "Expect", "Cache-Control"])
+mangled_value = st.tuples(plain_value, st.sampled_from(["\r", "\x00", "\x0b", "\x0c", "\x7f", "\t", "\xa0", "\xff"]),
+                          plain_value).map("".join)
+content_length = st.integers(0, 30).flatmap(lambda n: st.sampled_from([
+    str(n), f"{n}, {n}", f"{n},{n}", f"0{n}", f"{n}, {n + 1}", f"+{n}", f"{n}\x0b", f"{n} {n}", f"{n}\xb2", "-1", "",
+]))
+transfer_encoding = st.sampled_from([
+    "chunked", "Chunked", "CHUNKED", "chunked\x0b", "\x0cchunked", "chunked\xa0", "gzip, chunked", "chunked, chunked",
+    "identity", "chunked,", ", chunked", "chunk ed", "",
+])
+field = st.one_of(
+    st.tuples(field_name, plain_value),
+    st.tuples(field_name, mangled_value),
+    st.tuples(st.just("Content-Length"), content_length),
+    st.tuples(st.just("Transfer-Encoding"), transfer_encoding),
+    st.tuples(st.sampled_from(["X A", "X-A ", " X-A", "X\x00A", "X(A)"]), plain_value),
+)
+line_end = st.sampled_from([b"\r\n"] * 30 + [b"\n", b"\r", b" \r\n", b"\r\r\n", b""])
+size_line = st.sampled_from([b"%x", b"%X", b"0%x", b"%x;ext=1", b'%x;a="b c"', b"%x ", b" %x", b"%x\t", b"%x;\x00"])
+trailer_line = st.sampled_from([b"X-T: 1", b"x-u:  two ", b"   ", b"\tX-T: 1", b"X-T 1", b"X-T: a\x00b", b""])
+
+
+@st.composite
+def chunked_bodies(draw: st.DrawFn) -> bytes:
+    """A chunked body, its framing sometimes mangled."""
+    body = b""
+    for data in draw(st.lists(st.binary(min_size=1, max_size=20), max_size=4)):
+        size = len(data) + draw(st.sampled_from([0] * 8 + [-1, 1]))
+        body += draw(size_line).replace(b"%x", b"%x" % size).replace(b"%X", b"%X" % size) + draw(line_end)
+        body += data + draw(line_end)
+    body += b"0" + draw(line_end)
+    for line in draw(st.lists(trailer_line, max_size=2)):
+        body += line + draw(line_end)
+    return body + draw(line_end)
+
+
+@st.composite
+def raw_messages(draw: st.DrawFn, request: bool) -> bytes:
+    """A message as anyone may write it: valid or mangled in its head, its
+    framing, its body, with the next request behind it. Most say they are
+    chunked or of a length, for the body to be framed by them."""
+    if request:
+        start = b"POST http://example.com/p HTTP/1.1"
+    else:
+        status = draw(st.sampled_from([200, 200, 200, 204, 304, 404]))
+        reason = draw(st.sampled_from([b"OK", b"", b"Not Found", b"O\rK", b"\x00"]))
+        start = b"HTTP/1.%d %d %s" % (draw(st.integers(0, 1)), status, reason)
+    framing = draw(st.sampled_from(["chunked", "length", "any"]))
+    if framing == "chunked":
+        body = draw(chunked_bodies())
+        framing_fields = [("Transfer-Encoding", draw(st.one_of(st.just("chunked"), transfer_encoding)))]
+    else:
+        body = draw(st.binary(max_size=40))
+        length = len(body) + draw(st.sampled_from([0, 0, 0, -1, 1]))
+        framing_fields = [("Content-Length", str(max(length, 0)))] if framing == "length" else []
+    fields = [*framing_fields, *draw(st.lists(field, max_size=3))]
+    fields = draw(st.permutations(fields))
+    if request:
+        fields = [("Host", "example.com"), *fields]
+    head = start + draw(line_end)
+    for name, value in fields:
+        head += f"{name}: {value}".encode("latin-1") + draw(line_end)
+    return head + b"\r\n" + body + NEXT_REQUEST
+
+
+@st.composite
+def valid_messages(draw: st.DrawFn, request: bool) -> bytes:
+    """A valid message, written by h11: Content-Length or chunked, with trailer fields."""
+    data = draw(st.lists(st.binary(min_size=1, max_size=30), max_size=4))
+    names = draw(st.lists(st.sampled_from(["X-A", "x-b", "Accept", "Trailer"]), max_size=3))
+    fields = [(name, draw(plain_value).strip()) for name in names]
+    chunked = draw(st.booleans())
+    fields.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(sum(map(len, data)))))
+    connection = h11.Connection(h11.CLIENT if request else h11.SERVER)
+    if request:
+        head = connection.send(h11.Request(method="PUT", target="http://example.com/p",
+                                           headers=[("Host", "example.com"), *fields]))
+    else:
+        connection.receive_data(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        connection.next_event()
+        connection.next_event()
+        head = connection.send(h11.Response(status_code=200, headers=fields))
+    trailer = [("X-T", draw(plain_value).strip())] if chunked and draw(st.booleans()) else []
+    parts = [connection.send(h11.Data(data=chunk)) for chunk in data]
+    end = connection.send(h11.EndOfMessage(headers=trailer))
+    return b"".join([head or b"", *[part or b"" for part in parts], end or b""]) + NEXT_REQUEST
+
+
+@pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
+@settings(max_examples=1000, deadline=None)
+@given(data=st.data())
+def test_framing_agrees_with_h11_or_is_refused(request_: bool, data: st.DataObject) -> None:
+    agree(data.draw(raw_messages(request_)), request_)
+
+
+CHUNKED_REQUEST = b"POST http://example.com/p HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_RESPONSE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5\r\nhello\r\n0\r\n   \r\n\r\n",  # a line of spaces in the trailer section
+        b"5\r\nhello\r\n0\r\n \r\nX: 1\r\n\r\n",
+        b"5 \r\nhello\r\n0\r\n\r\n",  # padding around the size
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"5\nhello\r\n0\r\n\r\n",  # a size line ended by LF alone
+        b"5\r\nhello\n0\r\n\r\n",  # chunk data ended by LF alone
+        b"5\r\nhello \r\n0\r\n\r\n",
+        b"5\r\nhello\r\r\n0\r\n\r\n",
+        b"5;a=\x00\r\nhello\r\n0\r\n\r\n",
+        b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("start", [CHUNKED_REQUEST, CHUNKED_RESPONSE], ids=["request", "response"])
+def test_chunked_bodies_that_smuggle_are_refused(start: bytes, body: bytes) -> None:
+    assert agree(start + body + NEXT_REQUEST, start is CHUNKED_REQUEST) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: \x0cchunked", b"Transfer-Encoding: chunked\xa0",
+        b"Transfer-Encoding: chunked,", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5, 6", b"X-A: a\rb", b"X-A: \x00",
+    ],
+)
+@pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
+def test_ambiguous_framing_fields_are_refused(request_: bool, fields: bytes) -> None:
+    start = CHUNKED_REQUEST if request_ else CHUNKED_RESPONSE
+    head = start.replace(b"Transfer-Encoding: chunked\r\n", fields + b"\r\n")
+    assert agree(head + b"5\r\nhello\r\n0\r\n\r\n" + NEXT_REQUEST, request_) is None
+
+
+@pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_valid_messages_are_read_as_h11_reads_them(request_: bool, data: st.DataObject) -> None:
+    message = data.draw(valid_messages(request_))
+    ours = agree(message, request_)
+    assert ours is not None and ours.rest == NEXT_REQUEST
 
 
 # ---------------------------------------------------------------------------
@@ -1416,6 +1805,53 @@ def test_interface_name_follows_its_address_end_to_end(
     assert rows["127.0.0.2"]["connections"] >= 2
     assert rows["127.0.0.2"]["interface"] == rows["127.0.0.3"]["interface"] == "fake0"
     assert (rows["127.0.0.2"]["state"], rows["127.0.0.3"]["state"]) == ("gone", "up")
+
+
+def test_gone_addresses_are_forgotten_after_a_while_and_a_few_at_most_are_kept() -> None:
+    link = dispatch.Link.of_interface("wlan0", 1, ["fd00::1"])
+    # Addresses that come and go faster than GONE_ADDRESS_KEPT, 120 times.
+    for n in range(2, 122):
+        link.follow([f"fd00::{n:x}"], now=n * 60.0)
+        link.drop_gone(lambda address: False, now=n * 60.0)
+    assert len(link.known) == 1 + dispatch.GONE_ADDRESSES_KEPT
+    assert set(link.known) == {f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT, 122)}
+    # Gone long enough ago, they are all forgotten; the current one stays.
+    later = 121 * 60.0 + dispatch.GONE_ADDRESS_KEPT
+    assert [a.ip for a in link.drop_gone(lambda address: False, now=later)] == [
+        f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT, 121)
+    ]
+    assert list(link.known) == ["fd00::79"] and link.gone_at == {}
+
+
+def test_a_gone_address_in_use_is_kept_and_one_back_is_no_longer_gone() -> None:
+    link = dispatch.Link.of_interface("wlan0", 1, ["10.0.0.5"])
+    held = link.known["10.0.0.5"]
+    link.follow(["10.0.0.6"], now=0.0)
+    assert link.drop_gone(lambda address: address is held, now=1e6) == []
+    assert link.gone_at == {"10.0.0.5": 0.0}
+    link.follow(["10.0.0.5"], now=10.0)  # back, the same address and counters
+    assert link.known["10.0.0.5"] is held and link.gone_at == {"10.0.0.6": 10.0}
+
+
+def test_forgotten_gone_addresses_leave_the_rows_and_keep_their_counts_in_the_totals(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server,
+    fake_interfaces: FakeInterfaces, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dispatch, "GONE_ADDRESS_KEPT", 0.0)
+    fake_interfaces.interfaces["fake0"] = ["127.0.1.1"]
+    proxy = make_proxy(["fake0"])
+    held = client_through(proxy, (echo_server.host, echo_server.port))  # open through 127.0.1.1
+    for n in range(2, 12):
+        fake_interfaces.interfaces["fake0"] = [f"127.0.1.{n}"]
+        assert wait_for(lambda ip=f"127.0.1.{n}": peers_seen(proxy, peer_server, 1) == [ip])
+    assert wait_for(lambda: {row["ip"] for row in proxy.stats()} == {"127.0.1.1", "127.0.1.11"})
+    assert round_trip(held, b"still open") == b"still open"
+    held.close()
+    assert wait_for(lambda: [row["ip"] for row in proxy.stats()] == ["127.0.1.11"])
+    totals = proxy.status()["totals"]
+    assert totals["connections"] >= 11  # the held one, and at least one through each of the others
+    assert totals["bytes_up"] >= len(b"still open")
+    assert sum(row["connections"] for row in proxy.stats()) < totals["connections"]
 
 
 def _windows_adapters() -> list[Any]:
@@ -1628,6 +2064,66 @@ def test_failed_address_sits_out_until_a_retest_gets_through(log: pytest.LogCapt
     assert "back in use: 10.0.0.1 (a retest reached 203.0.113.80:443)" in log.text
     assert health.state(dark) == ("up", None)
     assert "10.0.0.1" in {balancer.next(socket.AF_INET).ip for _ in range(3)}
+
+
+def retest_targets(health: dispatch.Health, clock: FakeClock, address: dispatch.LocalAddress, count: int) -> list:
+    """The targets of the next ``count`` retests of ``address``, each failing."""
+    targets = []
+    for _ in range(count):
+        while not (due := health.due_retests()):
+            clock.now += 0.5
+        ((retested, target),) = due
+        assert retested is address
+        targets.append(target)
+        health.retest_result(address, TimeoutError(errno.ETIMEDOUT, "timed out"))
+    return targets
+
+
+def test_retests_take_turns_with_targets_other_links_reached(log: pytest.LogCaptureFixture) -> None:
+    """A site that never answers through one link (it blocks that provider)
+    must not keep the link out while it reaches everything else."""
+    clock = FakeClock()
+    balancer, (blocked, cable, phone) = three_addresses(clock)
+    health = balancer.health
+    other_site, third_site = ("198.51.100.7", 443), ("198.51.100.8", 80)
+    health.connected_through(cable, [], other_site)  # what the other links reach
+    health.connected_through(phone, [], third_site)
+    health.connected_through(cable, [(blocked, TimeoutError())], RETEST_TARGET)
+    # Every other retest is of the site it failed at; in between, the sites
+    # reached lately, the latest first.
+    assert retest_targets(health, clock, blocked, 6) == [
+        RETEST_TARGET, third_site, RETEST_TARGET, other_site, RETEST_TARGET, third_site
+    ]
+    clock.now += 60
+    assert health.due_retests() == [(blocked, RETEST_TARGET)]
+    health.retest_result(blocked, OSError(errno.ETIMEDOUT, "timed out"))
+    clock.now += 60
+    assert health.due_retests() == [(blocked, other_site)]
+    health.retest_result(blocked, None)  # another site answers: back
+    assert not health.is_out(blocked)
+    assert "back in use: 10.0.0.1 (a retest reached 198.51.100.7:443)" in log.text
+
+
+def test_retests_try_what_the_link_itself_reached_and_the_check_targets() -> None:
+    clock = FakeClock()
+    blocked, live = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
+    check = ("192.0.2.53", 53)
+    health = dispatch.Health(30.0, clock, check_targets=[check, ("2001:db8::53", 53)])
+    own_site = ("198.51.100.9", 22)
+    health.connected_through(blocked, [], own_site)  # before: it reached this one
+    health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET)
+    # Its own site first, then the others (the IPv6 check target is no
+    # target for an IPv4 address).
+    assert retest_targets(health, clock, blocked, 6) == [
+        RETEST_TARGET, own_site, RETEST_TARGET, check, RETEST_TARGET, own_site
+    ]
+
+
+def test_with_no_other_target_known_retests_keep_to_the_one_that_failed() -> None:
+    clock = FakeClock()
+    balancer, (blocked, live, _) = three_addresses(clock)
+    balancer.health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET)
+    assert retest_targets(balancer.health, clock, blocked, 4) == [RETEST_TARGET] * 4
 
 
 def test_checks_take_a_link_out_after_three_failures_and_back_after_two(log: pytest.LogCaptureFixture) -> None:
@@ -2628,6 +3124,67 @@ def test_device_is_bound_except_for_loopback_targets() -> None:
     assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
 
 
+class WindowsSocket:
+    """A socket that records the options set on it and connects nowhere:
+    what the Windows path does, seen on any system."""
+
+    def __init__(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, *args: object) -> None:
+        self.family = family
+        self.options: list[tuple[int, int, object]] = []
+        self.bound: tuple[Any, ...] | None = None
+
+    def setsockopt(self, level: int, option: int, value: object) -> None:
+        self.options.append((level, option, value))
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def bind(self, address: tuple[Any, ...]) -> None:
+        self.bound = address
+
+    def connect_ex(self, address: tuple[Any, ...]) -> int:
+        return errno.EINPROGRESS
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def windows_sockets(windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets as on Windows: recording ones, bound to devices the Windows way."""
+    monkeypatch.setattr(dispatch, "_INTERFACE_INDEXES", {})
+    monkeypatch.setattr(dispatch, "_SO_BINDTODEVICE", None)
+    monkeypatch.setattr(dispatch, "_CAN_BIND_TO_DEVICE", True)
+    dispatch.resolve_links(["Wi-Fi"])  # reads the adapters, and their indexes
+    monkeypatch.setattr(dispatch.socket, "socket", WindowsSocket)
+
+
+def _unicast_if_options(sock: object) -> list[tuple[int, int, object]]:
+    assert isinstance(sock, WindowsSocket)
+    return [(level, option, value) for level, option, value in sock.options if option == 31]
+
+
+def test_windows_ipv4_connection_leaves_by_its_interface_index_in_network_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    sock = upstream.open_attempt(local, ("203.0.113.80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IP, 31, (12).to_bytes(4, "big"))]  # IP_UNICAST_IF
+    assert sock.bound == ("127.0.0.2", 0)  # type: ignore[attr-defined]
+
+
+def test_windows_ipv6_connection_leaves_by_its_interface_index_in_host_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("fd00::3", interface="Ethernet 2")
+    sock = upstream.open_attempt(local, ("2001:db8::80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IPV6, 31, (7).to_bytes(4, sys.byteorder))]
+
+
+def test_windows_loopback_target_is_not_bound_to_an_interface(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    assert _unicast_if_options(upstream.open_attempt(local, ("127.0.0.1", 443))) == []
+
+
 def non_loopback_address() -> dispatch.LocalAddress | None:
     for address in dispatch.usable_addresses():
         if address.family == socket.AF_INET:
@@ -2749,12 +3306,598 @@ def test_failure_through_every_address_makes_none_sit_out(
     assert [row["state"] for row in proxy.stats()] == ["up", "up"]
 
 
+def test_a_link_out_after_one_silent_site_is_back_by_a_retest_of_a_site_it_reaches(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], connect_timeout=0.3, cooldown=2)
+    blocked, live = proxy.addresses
+    with unanswered_address() as silent:
+        # Silent through 127.0.0.2 where 127.0.0.3 got an answer: out.
+        proxy.health.connected_through(live, [(blocked, TimeoutError())], silent)
+        assert proxy.health.is_out(blocked)
+        # A client reaches another site, by the other link.
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"reached") == b"reached"
+        # The retests of the silent site fail; one of the site reached gets through.
+        assert wait_for(lambda: not proxy.health.is_out(blocked))
+    assert f"back in use: 127.0.0.2 (a retest reached 127.0.0.1:{echo_server.port})" in log.text
+
+
+def test_a_retest_that_raises_is_logged_and_runs_again(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    dark, live = proxy.addresses
+    probe = proxy.upstream.probe
+    raised: list[bool] = []
+
+    def probe_failing_once(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
+        if not raised:
+            raised.append(True)
+            raise OverflowError("timeout is too large")
+        return probe(local, target, timeout)
+
+    monkeypatch.setattr(proxy.upstream, "probe", probe_failing_once)
+    proxy.health.connected_through(live, [(dark, TimeoutError())], (echo_server.host, echo_server.port))
+    assert wait_for(lambda: not proxy.health.is_out(dark))
+    assert raised == [True]
+    assert re.search(r"the retest of 127\.0\.0\.2( \(lo\))? failed", log.text)
+    assert "back in use: 127.0.0.2" in log.text
+
+
+def test_a_check_that_raises_is_logged_as_a_failed_check(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], start=False, checks=[f"{echo_server.host}:{echo_server.port}"])
+
+    def probe_raising(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
+        raise OverflowError("timeout is too large")
+
+    monkeypatch.setattr(proxy.upstream, "probe", probe_raising)
+    # One round in this thread, as the background task starts it (private: it has no public seam).
+    assert proxy._checking.acquire(blocking=False)
+    proxy._check_round()
+    assert re.search(r"the check of 127\.0\.0\.2( \(lo\))? failed", log.text)
+    assert "Traceback" in log.text  # the exception itself is in the log, once
+    assert not proxy._checking.locked()
+
+
 def test_refusal_is_the_targets_answer_not_a_failover(make_proxy: Callable[..., Dispatcher]) -> None:
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
     assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
     # Only the first address was tried: one failed connect, none through the other.
     tried = {row["ip"]: (row["failed"], row["connections"]) for row in proxy.stats()}
     assert tried == {"127.0.0.2": (1, 0), "127.0.0.3": (0, 0)}
+
+
+# Upstream proxies as links -------------------------------------------------
+
+def echoed(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` to an echo server and read as much back, without a
+    half-close (pproxy ends both directions at the first EOF)."""
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("socks5://10.0.0.9:1080", ("socks5", "10.0.0.9", 1080, None, None, None, None, False)),
+    ("socks5h://al:s%40cret@proxy.example:1080@3",
+     ("socks5h", "proxy.example", 1080, "al", "s@cret", None, 3, False)),
+    ("socks4a://me@[2001:db8::1]:1080+eth0", ("socks4a", "2001:db8::1", 1080, "me", None, "eth0", None, False)),
+    ("http://u:p:w@127.0.0.1:3128+192.168.1.20@backup",
+     ("http", "127.0.0.1", 3128, "u", "p:w", "192.168.1.20", None, True)),
+    ("SOCKS5://[::1]:9050+Ethernet 2@7", ("socks5", "::1", 9050, None, None, "Ethernet 2", 7, False)),
+])
+def test_parse_proxy_address(text: str, expected: tuple[Any, ...]) -> None:
+    spec = dispatch.parse_address(text)
+    proxy = spec.proxy
+    assert proxy is not None
+    got = (proxy.scheme, proxy.host, proxy.port, proxy.user, proxy.password, proxy.via, spec.weight, spec.backup)
+    assert got == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("ftp://10.0.0.9:21", "a proxy's scheme is one of socks5, socks5h, socks4, socks4a, http"),
+    ("socks5://10.0.0.9", "a proxy is SCHEME://HOST:PORT"),
+    ("socks5://al:hunter2@10.0.0.9:99999", "a proxy is SCHEME://HOST:PORT"),
+    ("socks4://al:hunter2@10.0.0.9:1080", "SOCKS4 has a user id but no password"),
+    ("socks5://al:hunter2@10.0.0.9:1080+", "no link after '+'"),
+    ("socks5://al:hunter2@10.0.0.9:1080@0", "the weight must be a whole number"),
+])
+def test_parse_proxy_address_rejects_without_showing_the_password(text: str, message: str) -> None:
+    with pytest.raises(dispatch.AddressError, match=re.escape(message)) as refused:
+        dispatch.parse_address(text)
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 Connection established\r\nVia: 1.1 upstream\r\n\r\n",
+    b"\x05\x00\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90",  # method, then success bound to 127.0.0.1:8080
+])
+def test_handshake_with_an_upstream_leaves_the_targets_first_bytes_unread(reply: bytes) -> None:
+    """A target that speaks first (SSH, SMTP): its banner may arrive in the
+    same segment as the proxy's reply, and must stay for the relay.
+    Private: the non-blocking handshake driver has no public seam."""
+    steps = dispatch.http_connect_client if reply.startswith(b"HTTP") else dispatch.socks5_client
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(reply + b"SSH-2.0-target\r\n")
+        bound = dispatch._handshake_by(ours, steps("192.0.2.7", 22, None), time.monotonic() + TIMEOUT)
+        assert theirs.recv(4096).startswith(b"CONNECT 192.0.2.7:22 " if reply.startswith(b"HTTP") else b"\x05")
+        ours.setblocking(True)
+        assert ours.recv(4096) == b"SSH-2.0-target\r\n"
+    assert bound == (("0.0.0.0", 0) if reply.startswith(b"HTTP") else ("127.0.0.1", 8080))
+
+
+@pytest.mark.parametrize("kind", ["pproxy-http", "microsocks"])
+def test_target_that_speaks_first_is_heard_through_an_upstream(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], peer_server: Server,
+    kind: str,
+) -> None:
+    proxy = make_proxy([make_upstream(kind).url])
+    for _ in range(3):
+        with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+            assert read_all(client) == b"127.0.0.1"
+
+
+def test_proxy_link_is_named_by_its_url_without_the_password() -> None:
+    (link,) = dispatch.resolve_links(["socks5://al:hunter2@127.0.0.1:1080@2"])
+    assert (link.name, link.weight, link.weighted) == ("socks5://al@127.0.0.1:1080", 2, True)
+    assert "hunter2" not in repr(link.current[0])
+
+
+def test_proxy_password_comes_from_the_password_file_by_user() -> None:
+    (link,) = dispatch.resolve_links(["socks5://al@127.0.0.1:1080"], {"al": "hunter2"})
+    address = link.current[0]
+    assert isinstance(address, dispatch.ProxyAddress)
+    assert address.proxy.login == ("al", "hunter2")
+    with pytest.raises(dispatch.AddressError, match="no password for 'al'"):
+        dispatch.resolve_links(["socks5://al@127.0.0.1:1080"])
+
+
+def test_proxy_reached_by_an_address_not_of_this_machine_is_refused() -> None:
+    with pytest.raises(dispatch.AddressError, match="not an address of this machine"):
+        dispatch.resolve_links(["socks5://127.0.0.1:1080+198.51.100.99"])
+
+
+@pytest.mark.parametrize("kind", ["pproxy-socks5", "pproxy-http", "microsocks", "dante"])
+@pytest.mark.parametrize("login", [None, ("al", "pw")], ids=["no login", "login"])
+def test_socks_client_reaches_its_target_through_an_upstream_proxy(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    kind: str, login: tuple[str, str] | None, log: pytest.LogCaptureFixture,
+) -> None:
+    if kind == "dante" and login:
+        pytest.skip("Dante logs in system accounts only")
+    upstream = make_upstream(kind, login)
+    proxy = make_proxy([upstream.url])
+    for _ in range(3):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"through " + kind.encode()) == b"through " + kind.encode()
+    proxy.shutdown()
+    (row,) = proxy.stats()
+    assert (row["link"], row["connections"], row["failed"]) == (upstream.url.replace(":pw@", "@"), 3, 0)
+    assert {exchange.via.describe() for exchange in exchanges(log) if exchange.via} == {row["link"]}
+
+
+def test_socks4_upstream_is_given_addresses_resolved_here(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url.replace("socks5://", "socks4://")])
+    for host in ("127.0.0.1", "localhost"):
+        with client_through(proxy, (host, echo_server.port), rdns=True) as client:
+            assert echoed(client, b"four") == b"four"
+
+
+def test_socks4a_upstream_is_given_the_name(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    """Neither pproxy nor Dante takes SOCKS4a names: the upstream here is
+    another dispatch, which does; its log line shows what it was asked for."""
+    fake_names["far.test"] = ["127.0.0.1"]
+    upstream = make_proxy(["127.0.0.1"])
+    proxy = make_proxy([f"socks4a://127.0.0.1:{upstream.address[1]}"])
+    with client_through(proxy, ("far.test", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"four a") == b"four a"
+    wait_until_all_closed(upstream)
+    asked = [exchange.target for exchange in exchanges(log) if exchange.via and exchange.via.ip == "127.0.0.1"]
+    assert asked == [f"far.test:{echo_server.port}"]
+
+
+@needs_ipv6
+def test_upstream_proxy_on_an_ipv6_address(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    upstream = make_upstream("microsocks", host="::1")
+    assert upstream.url.startswith("socks5://[::1]:")
+    proxy = make_proxy([upstream.url])
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert echoed(client, b"six") == b"six"
+
+
+def test_stalled_upstream_costs_a_client_one_hedge_not_the_timeout(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_server: Callable[..., Server], echo_server: Server,
+) -> None:
+    """A proxy that takes the connection and never answers its handshake is
+    raced by another link after --hedge, as a dark link is."""
+    released = threading.Event()
+    silent = make_server(lambda conn: released.wait(TIMEOUT))
+    stalled = f"socks5://127.0.0.1:{silent.port}"
+    proxy = make_proxy([stalled, make_upstream("microsocks").url], balance="round-robin", hedge=0.3)
+    started = time.monotonic()
+    try:
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            waited = time.monotonic() - started
+            assert echoed(client, b"raced") == b"raced"
+    finally:
+        released.set()
+    assert proxy.upstream.hedge <= waited < proxy.upstream.connect_timeout
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[stalled]["state"] == "down" and rows[stalled]["reason"].startswith("no answer in 0.")
+
+
+def test_checks_go_through_upstream_proxies(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    working, stopped = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    stopped.stop()
+    proxy = make_proxy([working.url, stopped.url], checks=[f"127.0.0.1:{echo_server.port}"], check_interval=0.1)
+
+    def states() -> dict[str, str]:
+        return {row["link"]: row["state"] for row in proxy.stats()}
+
+    assert wait_for(lambda: states() == {working.url: "up", stopped.url: "down"})
+    assert "failed 3 checks of 127.0.0.1:" in {row["link"]: row for row in proxy.stats()}[stopped.url]["reason"]
+
+
+def test_measured_balancing_and_sticky_sites_treat_upstreams_as_links(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    measured = make_proxy([first.url, second.url], balance="measured")
+    for _ in range(6):
+        with client_through(measured, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"m") == b"m"
+    assert sorted(row["connections"] for row in measured.stats()) == [3, 3]
+    sticky = make_proxy([first.url, second.url], balance="round-robin", sticky=60)
+    for _ in range(4):
+        with client_through(sticky, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"s") == b"s"
+    assert sorted(row["connections"] for row in sticky.stats()) == [0, 4]
+
+
+def test_http_connect_client_reaches_its_target_through_an_upstream_proxy(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    proxy = make_proxy([make_upstream("pproxy-http").url, make_upstream("microsocks").url])
+    for _ in range(2):
+        with raw_client(proxy) as client:
+            client.sendall(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n\r\n".encode())
+            assert read_request_head(client).startswith(b"HTTP/1.1 200 ")
+            assert echoed(client, b"tunnelled") == b"tunnelled"
+    assert sorted(row["connections"] for row in proxy.stats()) == [1, 1]
+
+
+def test_connections_spread_over_upstreams_and_local_links_by_weight(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
+    proxy = make_proxy([f"{first.url}@2", second.url, "127.0.0.2"])
+    for _ in range(8):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"spread") == b"spread"
+    counts = {row["link"]: row["connections"] for row in proxy.stats()}
+    assert counts == {first.url: 4, second.url: 2, "127.0.0.2": 2}
+
+
+def test_stopped_upstream_fails_over_within_the_hedge_and_sits_out(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    stopped, running = make_upstream("microsocks"), make_upstream("pproxy-socks5", ("al", "pw"))
+    proxy = make_proxy([stopped.url, running.url], balance="round-robin", hedge=1.0)
+    stopped.stop()
+    waits = []
+    for _ in range(6):
+        started = time.monotonic()
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            waits.append(time.monotonic() - started)
+            assert echoed(client, b"failover") == b"failover"
+    assert max(waits) < proxy.upstream.hedge  # a refused connect to the proxy fails over at once
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[stopped.url]["state"] == "down" and rows[stopped.url]["connections"] == 0
+    assert rows["socks5://al@" + running.url.partition("@")[2]]["connections"] == 6
+    assert log.text.count(f"upstream proxy {stopped.url} failed: the upstream proxy: Connection refused") == 1
+    assert log.text.count(f"sitting out: {stopped.url}: ") == 1
+
+
+def test_refused_login_is_a_link_failure_logged_once_without_the_password(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("microsocks", ("al", "right"))
+    wrong = strict.url.replace(":right@", ":hunter2@")
+    proxy = make_proxy([wrong, "127.0.0.2"], balance="round-robin")
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"by the other link") == b"by the other link"
+    name = wrong.replace(":hunter2", "")
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[name]["state"] == "down" and "refused the login" in rows[name]["reason"]
+    assert rows["127.0.0.2"]["connections"] == 4
+    assert log.text.count(f"upstream proxy {name} failed: the upstream proxy refused the login") == 1
+    assert "hunter2" not in log.text
+
+
+def test_refused_login_of_the_only_link_gets_a_failure_reply(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("pproxy-http", ("al", "right"))
+    proxy = make_proxy([strict.url.replace(":right@", ":hunter2@")])
+    for _ in range(2):
+        assert socks5_code_for(proxy, socks5_request("127.0.0.1", echo_server.port)) == Reply.GENERAL_FAILURE
+        status, _, _ = http_exchange(proxy, f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n\r\n".encode())
+        assert status == HTTPStatus.BAD_GATEWAY
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    assert log.text.count("failed: the upstream proxy refused the login") == 1
+    assert [exchange.result for exchange in exchanges(log)].count("the upstream proxy refused the login") == 2
+    assert "hunter2" not in log.text
+
+
+def test_target_refusal_through_an_upstream_is_the_targets_answer(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("microsocks")
+    proxy = make_proxy([upstream.url, "127.0.0.2"], balance="round-robin")
+    assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert (rows[upstream.url]["failed"], rows["127.0.0.2"]["failed"]) == (1, 0)  # not tried elsewhere
+    assert [row["state"] for row in rows.values()] == ["up", "up"]
+    assert "upstream proxy" not in log.text.replace("(the upstream proxy says)", "")
+
+
+def test_socks5h_upstream_is_given_the_name(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+    resolve = dispatch.Resolver.resolve
+
+    def recording(self: dispatch.Resolver, host: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return resolve(self, host, *args, **kwargs)
+
+    # The one resolver of every upstream connect, seen from outside.
+    monkeypatch.setattr(dispatch.Resolver, "resolve", recording)
+    upstream = make_upstream("microsocks")
+    proxy = make_proxy([upstream.url.replace("socks5://", "socks5h://")])
+    with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"named") == b"named"
+    assert "localhost" not in asked  # microsocks resolved it
+
+
+def test_socks5_upstream_is_given_the_address_resolved_here(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    fake_names: dict[str, list[str]],
+) -> None:
+    fake_names["only-here.test"] = ["127.0.0.1"]  # microsocks cannot resolve it
+    proxy = make_proxy([make_upstream("microsocks").url])
+    with client_through(proxy, ("only-here.test", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"resolved here") == b"resolved here"
+
+
+def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As Tor's .onion names: a local link cannot reach them, a socks5h upstream can."""
+    resolve = dispatch.Resolver.resolve
+
+    def unknown_here(self: dispatch.Resolver, host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            raise dispatch.SocksError(dispatch.Reply.HOST_UNREACHABLE, "localhost: no such name")
+        return resolve(self, host, *args, **kwargs)
+
+    # The one resolver of every upstream connect (whose localhost is loopback).
+    monkeypatch.setattr(dispatch.Resolver, "resolve", unknown_here)
+    upstream = make_upstream("pproxy-socks5")
+    proxy = make_proxy(["127.0.0.2", upstream.url.replace("socks5://", "socks5h://") + "@backup"])
+    with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
+        assert echoed(client, b"far name") == b"far name"
+    with client_through(proxy, ("127.0.0.1", echo_server.port)) as client:  # an address: the local link
+        assert echoed(client, b"near") == b"near"
+    rows = {row["link"]: row["connections"] for row in proxy.stats()}
+    assert list(rows.values()) == [1, 1]
+
+
+def test_name_too_long_for_a_socks5_upstream_gets_a_failure_reply(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy([make_upstream("microsocks").url.replace("socks5://", "socks5h://")])
+    name = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".test"  # 261 bytes
+    status, _, body = http_exchange(proxy, f"CONNECT {name}:443 HTTP/1.1\r\n\r\n".encode())
+    assert status == HTTPStatus.BAD_GATEWAY
+    assert b"a name of more than 255 bytes cannot go to SOCKS5" in body
+    wait_until_all_closed(proxy)
+    assert "Traceback" not in log.text
+
+
+def test_plain_http_goes_through_a_socks_upstream_as_a_tunnel(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+) -> None:
+    proxy = make_proxy([make_upstream("microsocks").url])
+    assert curl("-x", proxy_url(proxy), origin + "/hello").startswith("GET /hello")
+
+
+def test_plain_http_goes_to_an_http_upstream_in_absolute_form_with_its_login(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+) -> None:
+    upstream = make_upstream("pproxy-http", ("al", "pw"))
+    proxy = make_proxy([upstream.url])
+    assert curl("-x", proxy_url(proxy), origin + "/a", origin + "/b").count("GET /") == 2
+    (row,) = proxy.stats()
+    assert row["connections"] == 1  # one kept connection, no CONNECT
+
+
+def test_plain_http_refused_login_at_an_http_upstream_is_a_bad_gateway_logged_once(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    strict = make_upstream("pproxy-http", ("al", "right"))
+    wrong = strict.url.replace(":right@", ":hunter2@")
+    proxy = make_proxy([wrong, "127.0.0.2"], balance="round-robin")
+    request = f"GET {origin}/page HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    status, headers, _ = http_exchange(proxy, request)
+    assert status == HTTPStatus.BAD_GATEWAY
+    assert "proxy-authenticate" not in {name.lower() for name in headers}
+    assert [http_exchange(proxy, request)[0] for _ in range(3)] == [HTTPStatus.OK] * 3  # by the other link
+    name = wrong.replace(":hunter2", "")
+    assert {row["link"]: row["state"] for row in proxy.stats()} == {name: "down", "127.0.0.2": "up"}
+    assert log.text.count("failed: the upstream proxy refused the login") == 1
+    assert "hunter2" not in log.text
+
+
+def test_plain_http_request_line_to_an_http_upstream(
+    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server],
+) -> None:
+    """What an HTTP upstream is sent, as it sees it."""
+    heads: list[bytes] = []
+
+    def upstream_proxy(conn: socket.socket) -> None:
+        heads.append(read_request_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = make_server(upstream_proxy)
+    proxy = make_proxy([f"http://al:pw@127.0.0.1:{upstream.port}"])
+    status, _, body = http_exchange(proxy, b"GET http://example.test:8080/x?y HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (status, body) == (200, b"ok")
+    lines = heads[0].decode().split("\r\n")
+    assert lines[0] == "GET http://example.test:8080/x?y HTTP/1.1"
+    assert f"Proxy-Authorization: Basic {base64.b64encode(b'al:pw').decode()}" in lines
+
+
+def test_udp_goes_through_a_socks5_upstreams_own_association(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], udp_echo: UdpServer,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url])
+    with udp_client(proxy) as client:
+        for index in range(20):
+            payload = b"datagram %d" % index
+            client.sendto(payload, (udp_echo.host, udp_echo.port))
+            assert client.recvfrom(65535) == (payload, (udp_echo.host, udp_echo.port))
+    proxy.shutdown()
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d" % i) for i in range(20))
+    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "UDP"]
+    assert exchange.via.describe() == upstream.url
+
+
+def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url])
+    upstream.stop()
+    for _ in range(2):
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            assert socks5_reply(sock)[0] == Reply.HOST_UNREACHABLE
+    assert log.text.count(f"upstream proxy {upstream.url} failed: the upstream proxy: Connection refused") == 1
+
+
+def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("pproxy-http")
+    proxy = make_proxy([upstream.url])
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert socks5_reply(sock)[0] == Reply.COMMAND_NOT_SUPPORTED
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    (exchange,) = exchanges(log)
+    assert exchange.result == f"no link carries UDP: {upstream.url} cannot (only SOCKS5 proxies relay UDP)"
+
+
+def test_udp_takes_the_link_that_carries_it(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], udp_sender: UdpServer,
+) -> None:
+    proxy = make_proxy([make_upstream("pproxy-http").url, "127.0.0.3"])
+    for _ in range(3):
+        with udp_client(proxy) as client:
+            client.sendto(b"who am I", (udp_sender.host, udp_sender.port))
+            assert client.recv(100) == b"127.0.0.3"
+
+
+def test_proxy_reached_by_a_chosen_local_address(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+) -> None:
+    """Dante here takes clients from 127.0.0.2 alone: the link by 127.0.0.2
+    gets through, the one by 127.0.0.3 is refused."""
+    upstream = make_upstream("dante", clients="127.0.0.2/32")
+    proxy = make_proxy([f"{upstream.url}+127.0.0.2", f"{upstream.url}+127.0.0.3"], balance="round-robin")
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"by .2") == b"by .2"
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[f"{upstream.url}+127.0.0.2"]["connections"] == 4
+    assert rows[f"{upstream.url}+127.0.0.3"]["state"] == "down"
+
+
+def test_proxy_retest_brings_a_restarted_upstream_back(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    flaky = make_upstream("microsocks")
+    proxy = make_proxy([flaky.url, "127.0.0.2"], balance="round-robin")
+    flaky.stop()
+    for _ in range(2):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"x") == b"x"
+    again = UpstreamServer("microsocks", [MICROSOCKS, "-i", "127.0.0.1", "-p", str(flaky.port)], flaky.url,
+                           flaky.port, flaky.output)
+    try:
+        assert wait_for(lambda: f"back in use: {flaky.url} (a retest reached 127.0.0.1:{echo_server.port})" in log.text)
+        for _ in range(2):  # in turns: one of them goes through it
+            with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+                assert echoed(client, b"x") == b"x"
+        assert f"upstream proxy {flaky.url} works again" in log.text
+    finally:
+        again.stop()
+
+
+def test_passwords_of_upstreams_never_show(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("microsocks", ("al", "hunter2"))
+    proxy = make_proxy([upstream.url, upstream.url.replace(":hunter2@", ":hunter3@") + "+127.0.0.2"])
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            echoed(client, b"secret?")
+    shown = [
+        log.text, json.dumps(proxy.stats()), dispatch.format_stats(proxy.stats()),
+        *(http_exchange(proxy, f"GET {page} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())[2].decode()
+          for page in ("/", "/stats.json", "/metrics")),
+    ]
+    for text in shown:
+        assert "hunter" not in text
+    assert "socks5://al@127.0.0.1" in shown[3]
 
 
 # ---------------------------------------------------------------------------
@@ -3428,6 +4571,459 @@ def test_request_on_a_kept_origin_connection_closed_by_the_origin_is_retried(
     assert heads_per_connection[:2] == [2, 2]
 
 
+def raw_origin(make_server: Callable[..., Server], response: bytes) -> tuple[Server, list[bytes]]:
+    """An origin that reads one request head, answers ``response`` as given
+    and closes; the list gets each head it read."""
+    heads: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        heads.append(read_request_head(conn))
+        conn.sendall(response)
+        conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            read_all(conn)  # whatever else the proxy sends, until it closes
+
+    return make_server(serve), heads
+
+
+def test_a_post_is_never_sent_twice(proxy: Dispatcher, make_server: Callable[..., Server]) -> None:
+    heads: list[bytes] = []
+
+    def answer_once_then_close(conn: socket.socket) -> None:
+        """Answer one request as if keeping the connection, then read the next and close."""
+        heads.append(read_request_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        heads.append(read_request_head(conn))
+
+    server = make_server(answer_once_then_close)
+    url = f"http://127.0.0.1:{server.port}"
+    with raw_client(proxy) as client:
+        client.sendall(f"GET {url}/ HTTP/1.1\r\n\r\n".encode())
+        assert read_response(client)[0] == 200
+        client.sendall(f"POST {url}/charge-card HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
+        status, _, body = read_response(client)
+    # The origin may have charged the card before it closed: the client
+    # learns that the request failed, and the origin saw it once.
+    assert status == 502 and body.startswith(b"502 Bad Gateway: ")
+    assert sum(head.startswith(b"POST /charge-card ") for head in heads) == 1
+
+
+def test_curl_gets_the_origins_early_refusal_of_an_expected_body(
+    proxy: Dispatcher, make_server: Callable[..., Server], tmp_path: Any
+) -> None:
+    heads: list[bytes] = []
+
+    def refuse_at_once(conn: socket.socket) -> None:
+        """Answer the head with 413 and close, as a server with an upload limit does."""
+        heads.append(read_request_head(conn))
+        conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")
+
+    server = make_server(refuse_at_once)
+    upload = tmp_path / "upload"
+    upload.write_bytes(os.urandom(4_000_000))
+    out = curl("-x", proxy_url(proxy), "-H", "Expect: 100-continue", "--data-binary", f"@{upload}",
+               "-w", " %{http_code}", f"http://127.0.0.1:{server.port}/upload")
+    assert out == "too large 413"
+    assert b"\r\nExpect: 100-continue\r\n" in heads[0]  # the expectation went to the origin
+
+
+def test_expect_100_continue_comes_from_the_origin(proxy: Dispatcher, make_server: Callable[..., Server]) -> None:
+    def continue_then_echo(conn: socket.socket) -> None:
+        head = read_request_head(conn)
+        assert b"\r\nExpect: 100-continue\r\n" in head
+        conn.sendall(b"HTTP/1.1 100 Continue\r\nX-From: origin\r\n\r\n")
+        body = recv_exactly(conn, 5)
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\n" + body)
+
+    server = make_server(continue_then_echo)
+    with raw_client(proxy) as client:
+        client.sendall(
+            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+            .encode()
+        )
+        reader = dispatch.DeadlineReader(client)
+        assert dispatch.read_head(reader) == ["HTTP/1.1 100 Continue", "X-From: origin"]
+        client.sendall(b"hello")
+        assert dispatch.read_head(reader)[0] == "HTTP/1.1 201 Created"
+        assert reader.read(5) == b"hello"
+
+
+def test_curl_uploads_with_expect_100_continue(proxy: Dispatcher, origin: str, tmp_path: Any) -> None:
+    upload = tmp_path / "upload"
+    upload.write_bytes(os.urandom(2_000_000).hex().encode())
+    out = curl("-x", proxy_url(proxy), "-H", "Expect: 100-continue", "--data-binary", f"@{upload}", origin + "/post")
+    assert out.encode() == upload.read_bytes()
+
+
+def test_a_body_sent_without_waiting_for_100_continue_is_forwarded(
+    proxy: Dispatcher, make_server: Callable[..., Server]
+) -> None:
+    head_came = threading.Event()
+
+    def ignore_the_expectation(conn: socket.socket) -> None:
+        """An origin that knows nothing of Expect: it waits for the body."""
+        read_request_head(conn)
+        head_came.set()
+        body = recv_exactly(conn, 5)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+
+    server = make_server(ignore_the_expectation)
+    with raw_client(proxy) as client:
+        client.sendall(
+            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+            .encode()
+        )
+        assert head_came.wait(TIMEOUT)
+        client.sendall(b"hello")  # as curl does after a second without an answer
+        assert read_response(client)[0::2] == (200, b"hello")
+
+
+def test_expect_100_continue_to_an_unreachable_origin_gets_502_first(proxy: Dispatcher) -> None:
+    request = (
+        f"POST http://127.0.0.1:{refused_port()}/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    )
+    with raw_client(proxy) as client:
+        client.sendall(request.encode())
+        status, headers, _ = read_response(client)
+    assert (status, headers["connection"]) == (502, "close")
+
+
+def test_an_http10_client_gets_no_interim_response_and_its_expect_is_ignored(
+    proxy: Dispatcher, make_server: Callable[..., Server]
+) -> None:
+    server, heads = raw_origin(
+        make_server,
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )
+    request = (
+        f"POST http://127.0.0.1:{server.port}/ HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    with raw_client(proxy) as client:
+        client.sendall(request.encode())
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok")
+    assert b"Expect" not in heads[0]
+
+
+def test_an_origin_reset_mid_body_resets_the_client(
+    proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    client_has_part = threading.Event()
+
+    def reset_mid_body(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\npart")  # a body ended by the close
+        client_has_part.wait(TIMEOUT)
+        _reset(conn)
+
+    server = make_server(reset_mid_body)
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
+        received = b""
+        while not received.endswith(b"part"):
+            received += client.recv(65536)
+        client_has_part.set()
+        with pytest.raises(ConnectionResetError):
+            read_all(client)
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result.startswith("200, the response was cut short: the origin failed")
+
+
+def test_curl_sees_a_response_cut_by_an_origin_reset_as_an_error(
+    proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + b"p" * 100_000
+
+    def passed_on() -> bool:
+        return sum(row["bytes_down"] for row in proxy.stats()) >= len(response)
+
+    def reset_mid_body(conn: socket.socket) -> None:
+        """Send a body ended by the close, and reset once the proxy passed it on."""
+        read_request_head(conn)
+        conn.sendall(response)
+        wait_for(passed_on)
+        _reset(conn)
+
+    server = make_server(reset_mid_body)
+    done = subprocess.run(
+        ["curl", "-sS", "-o", os.devnull, "-x", proxy_url(proxy), f"http://127.0.0.1:{server.port}/file"],
+        capture_output=True, text=True, timeout=TIMEOUT * 2,
+    )
+    assert done.returncode != 0, "curl took the cut file for a whole one"  # directly, curl fails too
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result.startswith("200, the response was cut short: the origin failed")
+
+
+def test_curl_http10_sees_a_cut_chunked_response_as_an_error(
+    proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    server, _ = raw_origin(make_server, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    done = subprocess.run(
+        ["curl", "-sS", "--http1.0", "-x", proxy_url(proxy), f"http://127.0.0.1:{server.port}/"],
+        capture_output=True, timeout=TIMEOUT * 2,
+    )
+    assert done.returncode != 0  # directly, curl fails on the cut chunks too
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result == (
+        "200, the response was cut short: the origin closed before the response ended"
+    )
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"X-A: a\rb", b"X-A: a\x00b", b"X-A: a\r", b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: \x0cchunked",
+     b"Transfer-Encoding: chunked\xa0", b"Content-Length: 1, 2"],
+)
+def test_request_with_a_mangled_field_gets_400(proxy: Dispatcher, origin: str, field: bytes) -> None:
+    request = f"POST {origin}/ HTTP/1.1\r\n".encode() + field + b"\r\n\r\n0\r\n\r\n"
+    with raw_client(proxy) as client:
+        client.sendall(request)
+        status, headers, _ = read_response(client)
+        assert (status, headers["connection"]) == (400, "close")
+        assert closed_by_proxy(client)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"X-A: a\rb", b"X-A: a\x00b", b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: chunked\xa0",
+     b"Content-Length: 1, 2"],
+)
+def test_response_with_a_mangled_field_gets_502(
+    proxy: Dispatcher, make_server: Callable[..., Server], field: bytes
+) -> None:
+    server, _ = raw_origin(make_server, b"HTTP/1.1 200 OK\r\n" + field + b"\r\nContent-Length: 2\r\n\r\nok")
+    status, _, body = http_exchange(proxy, f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
+    assert status == 502 and body.startswith(b"502 Bad Gateway: bad response: ")
+
+
+@pytest.mark.parametrize("size_line", [b"5\n", b"5 \r\n", b" 5\r\n", b"5\t;x=1\r\n"])
+def test_chunk_size_line_without_crlf_or_with_padding_gets_400(
+    proxy: Dispatcher, origin: str, size_line: bytes
+) -> None:
+    request = f"POST {origin}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    status, _, body = http_exchange(proxy, request + size_line + b"hello\r\n0\r\n\r\n")
+    assert status == 400 and body.startswith(b"400 Bad Request: request body: bad chunk size line")
+
+
+def test_a_line_of_spaces_does_not_end_the_trailer_section(proxy: Dispatcher, origin: str) -> None:
+    smuggled = f"GET {origin}/smuggled HTTP/1.1\r\n\r\n"
+    request = (
+        f"POST {origin}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n   \r\n{smuggled}\r\n"
+    )
+    with raw_client(proxy) as client:
+        client.sendall(request.encode())
+        status, _, body = read_response(client)
+        assert status == 400 and b"trailer" in body
+        assert closed_by_proxy(client)  # and the bytes after it were never a request
+
+
+def test_chunked_body_is_written_out_cleanly(proxy: Dispatcher, make_server: Callable[..., Server]) -> None:
+    received: list[bytes] = []
+
+    def take_body(conn: socket.socket) -> None:
+        head = read_request_head(conn)
+        body = b""
+        while not body.endswith(b"\r\n\r\n"):
+            body += conn.recv(65536)
+        received.append(head + body)
+        conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    server = make_server(take_body)
+    request = (
+        f"POST http://127.0.0.1:{server.port}/ HTTP/1.1\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "00005;ext=\"a b\"\r\nhello\r\n0\r\nX-Sum:  5 \r\n\r\n"
+    )
+    assert http_exchange(proxy, request.encode())[0] == 204
+    head, _, body = received[0].partition(b"\r\n\r\n")
+    assert b"\r\nTrailer: X-Sum\r\n" in head + b"\r\n"  # end to end (RFC 9110, 6.6.2)
+    assert body == b"5\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"
+
+
+def test_response_with_length_and_chunked_loses_the_length(
+    proxy: Dispatcher, make_server: Callable[..., Server]
+) -> None:
+    server, _ = raw_origin(
+        make_server,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+    )
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
+        reader = dispatch.DeadlineReader(client)
+        headers = dispatch.parse_header_lines(dispatch.read_head(reader)[1:])
+        names = [name.lower() for name, _ in headers]
+        assert "content-length" not in names and ("Transfer-Encoding", "chunked") in headers
+        assert ("Trailer", "X-T") in headers
+        assert reader.read(len(b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n")) == b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+
+
+def test_repeated_content_length_is_passed_on_as_one(proxy: Dispatcher, make_server: Callable[..., Server]) -> None:
+    server, heads = raw_origin(make_server, b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\ncontent-length: 2\r\n\r\nok")
+    request = f"PUT http://127.0.0.1:{server.port}/ HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello".encode()
+    with raw_client(proxy) as client:
+        client.sendall(request)
+        reader = dispatch.DeadlineReader(client)
+        lines = dispatch.read_head(reader)
+    assert [line for line in lines if line.lower().startswith("content-length")] == ["Content-Length: 2"]
+    assert heads[0].count(b"Content-Length") == 1 and b"\r\nContent-Length: 5\r\n" in heads[0]
+
+
+def test_an_empty_reason_phrase_keeps_its_space(proxy: Dispatcher, make_server: Callable[..., Server]) -> None:
+    server, _ = raw_origin(make_server, b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok")
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
+        assert recv_exactly(client, len(b"HTTP/1.1 200 \r\n")) == b"HTTP/1.1 200 \r\n"
+
+
+def test_a_response_head_as_big_as_real_sites_send_gets_through(
+    proxy: Dispatcher, make_server: Callable[..., Server]
+) -> None:
+    policy = "default-src 'self'; " + "script-src https://cdn.example " * 400  # over 12 KB on one line
+    cookies = "".join(f"Set-Cookie: c{index}={'v' * 3000}\r\n" for index in range(20))  # 60 KB of head
+    server, _ = raw_origin(
+        make_server,
+        f"HTTP/1.1 200 OK\r\nContent-Security-Policy: {policy}\r\n{cookies}Content-Length: 2\r\n\r\nok".encode(),
+    )
+    status, headers, body = http_exchange(proxy, f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
+    assert (status, headers["content-security-policy"], body) == (200, policy.strip(), b"ok")
+
+
+def test_a_response_head_past_its_limit_gets_502(proxy: Dispatcher, make_server: Callable[..., Server]) -> None:
+    line = "X-Big: " + "a" * dispatch.MAX_RESPONSE_HEADER_LINE
+    server, _ = raw_origin(make_server, f"HTTP/1.1 200 OK\r\n{line}\r\nContent-Length: 2\r\n\r\nok".encode())
+    status = http_exchange(proxy, f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())[0]
+    assert status == 502
+
+
+def test_an_origin_reset_during_the_request_body_is_the_origins_failure(
+    proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    def reset_after_the_head(conn: socket.socket) -> None:
+        read_request_head(conn)
+        _reset(conn)
+
+    server = make_server(reset_after_the_head)
+    body = b"b" * 8_000_000
+    request = f"POST http://127.0.0.1:{server.port}/ HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with raw_client(proxy) as client:
+        client.sendall(request)
+        with contextlib.suppress(OSError):  # the proxy may stop reading before the end
+            client.sendall(body)
+        status, _, answer = read_response(client)
+    assert status == 502 and b"during the request body" in answer
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result.startswith("502 the origin failed") and "hung up" not in exchange.result
+
+
+class H11Origin:
+    """An origin built on h11: it records each request it reads (or the
+    protocol error it met) and answers ``200 ok``."""
+
+    def __init__(self, make_server: Callable[..., Server]) -> None:
+        self.requests: list[tuple[str, Framed]] = []
+        self.errors: list[str] = []
+        self.server = make_server(self.serve)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def serve(self, conn: socket.socket) -> None:
+        connection = h11.Connection(h11.SERVER)
+        fields: list[tuple[str, str]] = []
+        target, body = "", b""
+        try:
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(conn.recv(65536))
+                elif isinstance(event, h11.Request):
+                    target, fields, body = event.target.decode(), as_text(event.headers.raw_items()), b""
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    self.requests.append((target, Framed(fields, body, as_text(event.headers.raw_items()), b"")))
+                    answer = h11.Response(status_code=200, headers=[("Content-Length", "2")])
+                    conn.sendall(connection.send(answer) + connection.send(h11.Data(data=b"ok")))
+                    conn.sendall(connection.send(h11.EndOfMessage()) or b"")
+                    connection.start_next_cycle()
+                else:
+                    return
+        except h11.RemoteProtocolError as error:
+            if connection.their_state is not h11.IDLE:
+                self.errors.append(str(error))
+
+
+def end_to_end(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fields as they should arrive, leaving aside those a proxy writes itself."""
+    own = {"host", "via", "connection", "content-length", "transfer-encoding"}
+    return [(name, value) for name, value in hop_free(fields) if name not in own]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_requests_reach_an_h11_origin_as_h11_reads_them_or_get_400(
+    proxy: Dispatcher, make_server: Callable[..., Server], data: st.DataObject
+) -> None:
+    origin = H11Origin(make_server)
+    message = data.draw(raw_messages(True)).replace(b"http://example.com", origin.url.encode())
+    with raw_client(proxy) as client:
+        answer = round_trip(client, message)
+    statuses = response_statuses(answer)
+    if statuses[0] == 400:
+        assert not origin.requests  # nothing reached the origin whole
+        return
+    expected = h11_reads(message, request=True)
+    assert expected is not None, "forwarded what h11 refuses"
+    assert not origin.errors
+    target, first = origin.requests[0]
+    assert (target, first.body, end_to_end(first.fields)) == ("/p", expected.body, end_to_end(expected.fields))
+    assert hop_free(first.trailer) == hop_free(expected.trailer)
+    if expected.rest == NEXT_REQUEST:  # the next request starts where h11 says it does
+        assert statuses == [200, 200] and origin.requests[1][0] == "/next"
+
+
+def response_statuses(answer: bytes) -> list[int]:
+    """The status of each response in ``answer``, all framed by Content-Length."""
+    reader = dispatch.DeadlineReader(None, data=answer)
+    statuses = []
+    while reader.has_more():
+        lines = dispatch.read_head(reader)
+        fields = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+        reader.read(int(fields["content-length"]))
+        statuses.append(int(lines[0].split()[1]))
+    return statuses
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_responses_reach_the_client_as_h11_reads_them_or_get_502_or_a_reset(
+    proxy: Dispatcher, make_server: Callable[..., Server], data: st.DataObject
+) -> None:
+    message = data.draw(raw_messages(False))
+    server, _ = raw_origin(make_server, message)
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+        try:
+            answer = read_all(client)
+        except ConnectionResetError:
+            return  # an abort passed on: the client knows the response is not whole
+    if answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"\r\n\r\n502 Bad Gateway: " in answer:
+        return
+    expected = h11_reads(message, request=False)
+    assert expected is not None, "passed on what h11 refuses"
+    received = h11_reads(answer, request=False)
+    assert received is not None, "h11 refuses what the client got"
+    assert (received.body, end_to_end(received.fields)) == (expected.body, end_to_end(expected.fields))
+    assert hop_free(received.trailer) == hop_free(expected.trailer)
+
+
 def test_credentials_are_required_when_set(
     make_proxy: Callable[..., Dispatcher], origin: str, log: pytest.LogCaptureFixture
 ) -> None:
@@ -3826,10 +5422,15 @@ def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> Non
         dispatch.render_pac(host, port)
 
 
-def http_get(address: tuple[str, int], path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
-    """GET ``path`` from the proxy's own port, as a browser visits a web server."""
+def http_get(
+    address: tuple[str, int], path: str, headers: str = "", host: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the proxy's own port, as a browser visits a web
+    server: by default, with the address in the Host header."""
+    if host is None:
+        host = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{headers}\r\n".encode())
         return read_response(sock)
 
 
@@ -3890,13 +5491,118 @@ def test_a_client_outside_the_allow_list_gets_no_page(make_proxy: Callable[..., 
 def test_the_page_keeps_the_connection_for_the_next_request(proxy: Dispatcher) -> None:
     with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
         for path in ("/stats.json", "/metrics", "/"):
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             reader = dispatch.DeadlineReader(sock)
             lines = dispatch.read_head(reader)
             headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
             assert lines[0] == "HTTP/1.1 200 OK"
             assert len(reader.read(int(headers["content-length"]))) == int(headers["content-length"])
             assert not reader.buffered
+
+
+@pytest.mark.parametrize("host", ["rebound.example", "rebound.example:1080", "127.0.0.1.nip.io", "", "[::1"])
+def test_pages_refuse_a_host_that_names_no_address_of_the_proxy(proxy: Dispatcher, host: str) -> None:
+    """A web page that points its own name at 127.0.0.1 (DNS rebinding) must
+    not read the pages: the browser sends that name as Host."""
+    for path in ("/", "/stats.json", "/metrics"):
+        status, _, body = http_get(proxy.address, path, host=host)
+        assert status == 403
+        assert body == b"403 Forbidden: the Host header names no address of this proxy (see --page-host)\n"
+        assert b"127.0.0.1" not in body
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.:1080", "127.0.0.1", "127.0.0.1:9", "127.5.6.7", "[::1]:80"])
+def test_pages_answer_localhost_and_loopback_hosts(proxy: Dispatcher, host: str) -> None:
+    assert http_get(proxy.address, "/stats.json", host=host)[0] == 200
+
+
+def test_pages_answer_a_host_given_as_a_page_host(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(page_hosts=["Router.LAN", "[fd00::7]"])
+    assert http_get(proxy.address, "/metrics", host="router.lan:1080")[0] == 200
+    assert http_get(proxy.address, "/metrics", host="[fd00::7]:1080")[0] == 200
+    assert http_get(proxy.address, "/metrics", host="other.lan")[0] == 403
+
+
+def test_pages_answer_the_address_the_client_reached(
+    make_proxy: Callable[..., Dispatcher], fake_interfaces: FakeInterfaces
+) -> None:
+    """As a phone on the LAN asks http://192.168.1.5:1080/: here 127.0.0.9,
+    which the proxy listens on, stands for the LAN address."""
+    proxy = make_proxy(host="0.0.0.0", allow=["127.0.0.0/8"])
+    port = proxy.address[1]
+    assert http_get(("127.0.0.9", port), "/stats.json", host=f"127.0.0.9:{port}")[0] == 200
+    # Not a loopback address, nor the one reached: refused.
+    assert http_get(("127.0.0.9", port), "/stats.json", host=f"192.0.2.7:{port}")[0] == 403
+
+
+def test_the_pac_file_answers_any_host(proxy: Dispatcher) -> None:
+    """Systems fetch it by whatever name they were given, and it holds only the proxy's address."""
+    status, _, body = http_get(proxy.address, "/proxy.pac", host="wpad.lan")
+    assert status == 200 and b"SOCKS5 127.0.0.1:" in body
+
+
+def test_cli_page_host_reaches_the_pages(tmp_path: Any) -> None:
+    answers: list[int] = []
+
+    def use(running: Listening, stop: Callable[[], None]) -> None:
+        answers.append(http_get(running.address, "/", host="dispatch.home.arpa")[0])
+        answers.append(http_get(running.address, "/", host="elsewhere.example")[0])
+
+    arguments = ["--page-host", "dispatch.home.arpa", "127.0.0.1"]
+    assert run_cli(arguments, use, str(tmp_path / "log")) == 0
+    assert answers == [200, 403]
+
+
+def test_cli_bad_page_host_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--page-host", "a b", "127.0.0.1"])
+    assert exit_.value.code == 2
+    assert "argument --page-host: 'a b' is not a host name or IP address" in capsys.readouterr().err
+
+
+def page_exchange(proxy: Dispatcher, request: bytes) -> list[bytes]:
+    """Send ``request`` on one connection; the status line of each response, until the proxy closes."""
+    statuses = []
+    with raw_client(proxy) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        reader = dispatch.DeadlineReader(sock)
+        with contextlib.suppress(ConnectionResetError, dispatch.ProtocolError):
+            while reader.has_more():
+                lines = dispatch.read_head(reader)
+                headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
+                reader.read(int(headers["content-length"]))
+                statuses.append(lines[0].encode())
+    return statuses
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/"), ("POST", "/stats.json"), ("PUT", "/nothing"),
+                                          ("GET", "/metrics")])
+def test_a_page_requests_body_is_never_read_as_the_next_request(
+    proxy: Dispatcher, echo_server: Server, log: pytest.LogCaptureFixture, method: str, path: str
+) -> None:
+    smuggled = f"GET http://{echo_server.host}:{echo_server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+               + smuggled + b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    statuses = page_exchange(proxy, request)
+    assert len(statuses) == 2 and statuses[1] == b"HTTP/1.1 200 OK"  # the body was dropped, the next one served
+    assert [record.target for record in exchanges(log) if "http://" in record.target] == []
+    assert not echo_server.connections
+
+
+@pytest.mark.parametrize(
+    "framing, status",
+    [(b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
+     (b"Content-Length: 1000000\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
+     (b"Content-Length: x\r\n", b"HTTP/1.1 400 Bad Request")],
+)
+def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
+    proxy: Dispatcher, echo_server: Server, framing: bytes, status: bytes
+) -> None:
+    smuggled = f"GET http://{echo_server.host}:{echo_server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = b"POST / HTTP/1.1\r\nHost: localhost\r\n" + framing + b"\r\n" + b"0\r\n\r\n" + smuggled
+    assert page_exchange(proxy, request) == [status]
+    assert not echo_server.connections
 
 
 # In a real browser ------------------------------------------------------------
@@ -4682,6 +6388,50 @@ def test_cli_start_serves_until_sigterm(
         assert re.search(r"via 127\.0\.0\.1 \(\w+\): ok, 11 B up, 11 B down", log.read())
 
 
+def test_cli_upstream_password_comes_from_a_file_and_never_shows(
+    make_upstream: Callable[..., UpstreamServer], echo_server: Server, tmp_path: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    upstream = make_upstream("microsocks", ("al", "hunter2"))
+    passwords = tmp_path / "upstream-passwords"
+    passwords.write_text("# the upstream proxies' logins\nal:hunter2\n")
+    outcome: list[bytes] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        with client_through(running, (echo_server.host, echo_server.port)) as client:
+            outcome.append(echoed(client, b"by the file"))
+
+    log_file = str(tmp_path / "dispatch.log")
+    address = upstream.url.replace(":hunter2@", "@")
+    assert run_cli(["--upstream-auth-file", str(passwords), address], use, log_file) == 0
+    assert outcome == [b"by the file"]
+    out = capsys.readouterr().out
+    assert address in out and "hunter2" not in out
+    with open(log_file) as log:
+        written = log.read()
+    assert f"via {address}: ok, 11 B up, 11 B down" in written and "hunter2" not in written
+
+
+def test_cli_upstream_without_its_password_is_refused_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://al@127.0.0.1:1080"]) == 2
+    assert "'socks5://al@127.0.0.1:1080': no password for 'al'" in capsys.readouterr().err
+
+
+def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
+    err = capsys.readouterr().err
+    assert "socks5://al:***@10.0.0.9:1080" in err and "--upstream-auth-file" in err
+    assert "hunter2" not in err
+
+
+def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["--upstream-auth-file", "/etc/dispatch/upstream", "socks5://al@10.0.0.9:1080+eth0@2"]
+    assert dispatch.main(["service", "systemd", *arguments]) == 0
+    assert "--upstream-auth-file /etc/dispatch/upstream socks5://al@10.0.0.9:1080+eth0@2" in capsys.readouterr().out
+
+
 def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
     """What the command line changes for the process while it serves, and
     gives back when main() returns, for a program that goes on."""
@@ -4902,6 +6652,123 @@ def test_cli_bad_limits_exit_2(arguments: list[str], message: str, capsys: pytes
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--idle-timeout", "2592000"], "argument --idle-timeout: '2592000' is out of range: from 1 to 604800 seconds"),
+        (["--handshake-timeout", "2592000"], "argument --handshake-timeout: '2592000' is out of range"),
+        (["--connect-timeout", "1e7"], "argument --connect-timeout: '1e7' is out of range: from 0.1 to 600 seconds"),
+        (["--connect-timeout", "0.001"], "argument --connect-timeout: '0.001' is out of range"),
+        (["--cooldown", "1e300"], "argument --cooldown: '1e300' is out of range"),
+        (["--grace", "1e9"], "argument --grace: '1e9' is out of range: up to 3600 seconds"),
+        (["--sticky", "1e9"], "argument --sticky: '1e9' is out of range"),
+        (["--hedge", "1e9"], "argument --hedge: '1e9' is out of range"),
+        (["--stats", "1e9"], "argument --stats: '1e9' is out of range"),
+        (["--check-interval", "0.001"], "argument --check-interval: '0.001' is out of range: from 1 to 86400 seconds"),
+    ],
+)
+def test_cli_durations_out_of_range_exit_2_with_one_line(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--port", "0", *arguments, "127.0.0.1"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: ") and message in line
+
+
+def test_cli_durations_at_the_ends_of_their_ranges_are_taken() -> None:
+    parser = dispatch._build_parser()
+    for option, (low, high) in dispatch.DURATION_RANGES.items():
+        for seconds in (low, high):
+            args = parser.parse_args(["start", option, f"{seconds:g}"])
+            assert getattr(args, option[2:].replace("-", "_")) == seconds
+
+
+@pytest.mark.parametrize("option", ["idle_timeout", "handshake_timeout", "connect_timeout", "cooldown", "hedge"])
+def test_dispatcher_refuses_a_duration_that_would_overflow(option: str) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be .*at most 604800 seconds"):
+        Dispatcher(["127.0.0.1"], port=0, **{option: 30 * 24 * 3600.0})
+
+
+@pytest.mark.parametrize("content", [b"", b"# no users yet\n\n   # none\n"])
+def test_cli_login_file_without_a_user_exits_2(
+    content: bytes, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "users"
+    path.write_bytes(content)
+    assert dispatch.main(["start", "--port", "0", "--auth-file", str(path), "127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"dispatch: error: {path} holds no USER:PASS line: a login file without a user would let everyone in"
+    )
+
+
+def test_cli_login_file_with_an_empty_path_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["start", "--port", "0", "--auth-file", "", "127.0.0.1"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["dispatch: error: the login file's path is empty"]
+
+
+def test_cli_login_file_dev_null_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    if not os.path.exists(os.devnull):
+        pytest.skip(f"no {os.devnull} here")
+    assert dispatch.main(["start", "--port", "0", "--auth-file", os.devnull, "127.0.0.1"]) == 2
+    assert "holds no USER:PASS line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "ip, message",
+    [
+        ("", "argument --ip: an empty address: write 0.0.0.0 (or ::) to listen on every address"),
+        ("0", "argument --ip: '0' is a short form of 0.0.0.0: write it out"),
+        ("127.1", "argument --ip: '127.1' is a short form of 127.0.0.1: write it out"),
+    ],
+)
+def test_cli_listen_address_that_means_every_address_unsaid_exits_2(
+    ip: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--ip", ip, "--port", "0", "127.0.0.1"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("224.0.0.1", "224.0.0.1 is a multicast address"),
+        ("ff02::1", "ff02::1 is a multicast address"),
+        ("0.0.0.0", "0.0.0.0 is the unspecified address"),
+        ("::", ":: is the unspecified address"),
+        ("0.0.0.0@3", "0.0.0.0 is the unspecified address"),
+    ],
+)
+def test_cli_multicast_and_unspecified_addresses_are_no_links(
+    address: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["start", "--port", "0", address]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dispatch: error: {why}")
+
+
+def test_cli_error_shows_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    path = "/no/such\ndispatch: error: forged\x1b[2J"
+    assert dispatch.main(["start", "--port", "0", "--auth-file", path, "127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: cannot read /no/such\\ndispatch: error: forged\\x1b[2J: ")
+
+
+def test_cli_log_file_in_a_missing_directory_exits_2_and_makes_none(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "new" / "dir"
+    assert dispatch.main(["start", "--port", "0", "--log-file", str(missing / "x.log"), "127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"dispatch: error: cannot write the log: no directory {missing}"
+    assert not (tmp_path / "new").exists()
+
+
 def test_cli_list_marks_interfaces_without_an_address(windows: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["list"]) == 0
     rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
@@ -5092,6 +6959,61 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
 @pytest.mark.parametrize(
     "arguments, message",
     [
+        (["eth0@0"], "'eth0@0': the weight must be a whole number from 1 to 1000"),
+        (["10.0.0.1/24"], "'10.0.0.1/24' looks like a network prefix"),
+        (["a@b@c"], "'a@b@c': one '@' at most"),
+        ([""], "an empty ADDRESS"),
+        (["224.0.0.1"], "224.0.0.1 is a multicast address"),
+        (["--auth-file", ""], "the login file's path is empty"),
+        (["--auth-file", os.devnull], "holds no USER:PASS line"),
+        (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
+        (["--idle-timeout", "2592000"], "'2592000' is out of range"),
+    ],
+)
+def test_service_refuses_what_start_refuses(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        status = dispatch.main(["service", "systemd", *arguments])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("dispatch: error: ") and message in line
+
+
+@pytest.mark.parametrize("asked", [["--help"], ["-h"], ["--hel"], ["-dh"]])
+def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "eth0", *asked]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "dispatch: error: 'dispatch service' prints no help of start into a unit; see: dispatch start --help"
+    )
+
+
+def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line == (
+        "dispatch: error: start argument 2 holds '%', which Task Scheduler expands (%NAME%) when the task "
+        "starts: give a password holding '%' with --auth-file, and paths without '%'"
+    )
+    with pytest.raises(ValueError, match="the program's path holds '%'"):
+        dispatch.service_unit("windows", ["Wi-Fi"], [r"C:\100%\python.exe", "dispatch.py"])
+    # systemd and launchd take it as it is.
+    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
         (["--sticky", "-1"], "argument --sticky: '-1' is not a number of seconds (0 or more)"),
         (["--check", "nohost"], "a check target is IP:PORT"),
         (["--check", "10.0.0.1:99999"], "a check target is IP:PORT"),
@@ -5206,11 +7128,17 @@ class LabProxy:
         with self.client(import_netlab().PEER_ECHO_PORT, host=host) as client:
             return read_all(client).decode().strip()
 
-    def download(self, size: int) -> int:
-        """Fetch ``size`` bytes from the lab's HTTP server; return the body length."""
+    def download(self, size: int, *, half_close: bool = True) -> int:
+        """Fetch ``size`` bytes from the lab's HTTP server; return the body
+        length. ``half_close=False`` keeps sending open until the end (some
+        proxies end both directions at the client's EOF)."""
         with self.client(import_netlab().HTTP_PORT) as client:
             request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
-            response = round_trip(client, request.encode())
+            if half_close:
+                response = round_trip(client, request.encode())
+            else:
+                client.sendall(request.encode())
+                response = read_all(client)
         head, _, body = response.partition(b"\r\n\r\n")
         return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
 
@@ -5335,8 +7263,43 @@ def lab_status(proxy: LabProxy) -> dict[str, Any]:
     with import_netlab().netns(proxy.lab.client_ns):
         sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
     with sock:
-        sock.sendall(b"GET /stats.json HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        host = f"{proxy.address[0]}:{proxy.address[1]}"  # as a browser names it
+        sock.sendall(f"GET /stats.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         return json.loads(read_response(sock)[2])
+
+
+LAB_UPSTREAM_PORT = 1081  # inside the server namespace, where nothing else listens
+
+
+def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """microsocks on the server, named once per uplink (+IFACE): each
+    connection to it leaves by its own uplink, so the three carry a share
+    each (without binding to the device, uplinks 2 and 3 would carry none)."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        links = [f"{url}+{link.client_ifname}" for link in metrics_lab.uplinks]
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *links)
+        before = metrics_lab.counters()
+        sizes = [proxy.download(LAB_DOWNLOAD_SIZE, half_close=False) for _ in range(6)]
+        assert sizes == [LAB_DOWNLOAD_SIZE] * 6
+        after = metrics_lab.counters()
+        for index in (1, 2, 3):
+            received = after[index].rx_bytes - before[index].rx_bytes
+            assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
+        rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+        assert rows == dict.fromkeys(links, 2)
+    finally:
+        upstream.kill()
+        upstream.wait()
 
 
 def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
@@ -5405,6 +7368,35 @@ def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(
     assert wait_for(lambda: proxy.log().count(back) == 2)
     assert time.monotonic() - restored < 8
     assert dark.client_addr in [proxy.peer() for _ in range(3)]
+
+
+def test_lab_a_site_silent_through_one_link_keeps_it_out_only_until_a_retest_reaches_another_site(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """As a site that blocks one provider: the lab's web server never
+    answers through uplink 1, which reaches the peer-echo server as ever."""
+    netlab = import_netlab()
+    blocked = metrics_lab.uplink(1)
+    # The server's answers from the web port to uplink 1's address go nowhere.
+    rule = ["to", f"{blocked.client_addr}/32", "ipproto", "tcp", "sport", str(netlab.HTTP_PORT), "blackhole"]
+    if metrics_lab.run_in_server(["ip", "rule", "add", *rule]).returncode != 0:
+        pytest.skip("ip rule cannot match a port here (Linux 4.17 or later can)")
+    try:
+        proxy = lab_proxy(metrics_lab, "--cooldown", "2", "--connect-timeout", "2", "--hedge", "0.5",
+                          "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
+        sat_out = f"sitting out: {blocked.client_addr} ({blocked.client_ifname}): "
+        while sat_out not in proxy.log():
+            assert proxy.download(1000) == 1000  # through another link when uplink 1 is silent
+        out = time.monotonic()
+        # Another site, reached by the other links meanwhile.
+        assert blocked.client_addr not in {proxy.peer() for _ in range(2)}
+        back = (f"back in use: {blocked.client_addr} ({blocked.client_ifname}) (a retest reached "
+                f"{metrics_lab.service_address}:{netlab.PEER_ECHO_PORT})")
+        assert wait_for(lambda: back in proxy.log())
+        assert time.monotonic() - out < 8  # the second retest, 3 s after the failure
+        assert blocked.client_addr in {proxy.peer() for _ in range(6)}
+    finally:
+        metrics_lab.run_in_server(["ip", "rule", "del", *rule])
 
 
 def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(

@@ -68,7 +68,7 @@ DISPATCH = REPO / "dispatch.py"
 SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
 PEERS = ("dante", "pproxy", "microsocks")
 REFERENCES = ("splice-relay",)
-PROXY_NAMES = ("dispatch", "dispatch-before", "dispatch-paged", *PEERS, *REFERENCES)
+PROXY_NAMES = ("dispatch", "dispatch-before", "dispatch-paged", "dispatch-upstream", *PEERS, *REFERENCES)
 # dispatch-paged: dispatch while a client polls its status page's JSON this often.
 PAGE_POLL_INTERVAL = 0.1
 
@@ -408,6 +408,26 @@ def microsocks_command(port: int, workdir: Path) -> list[str]:
             "-i", LOOPBACK, "-p", str(port), "-b", LOOPBACK]
 
 
+def dispatch_upstream_command(port: int, workdir: Path) -> list[str]:
+    """dispatch whose one link is a microsocks of its own: what an upstream
+    proxy as a link costs, beside "microsocks" (clients straight to it)."""
+    upstream_port = free_port()
+    upstream = subprocess.Popen(microsocks_command(upstream_port, workdir), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    atexit.register(upstream.kill)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((LOOPBACK, upstream_port), timeout=1).close()
+            break
+        except OSError:
+            if upstream.poll() is not None or time.monotonic() > deadline:
+                raise Unavailable("microsocks did not start") from None
+            time.sleep(0.05)
+    command = dispatch_command(port, workdir, log="dispatch-upstream.log")
+    return [*command[:-1], f"socks5://{LOOPBACK}:{upstream_port}"]
+
+
 def splice_relay_command(port: int, workdir: Path) -> list[str]:
     if not sys.platform.startswith("linux"):
         raise Unavailable("splice() is Linux only")
@@ -425,6 +445,7 @@ PROXY_COMMANDS: dict[str, Callable[[int, Path], list[str]]] = {
     "dispatch": dispatch_command,
     "dispatch-before": dispatch_before_command,
     "dispatch-paged": lambda port, workdir: dispatch_command(port, workdir, log="dispatch-paged.log"),
+    "dispatch-upstream": dispatch_upstream_command,
     "dante": dante_command,
     "pproxy": pproxy_command,
     "microsocks": microsocks_command,
@@ -1292,7 +1313,7 @@ def raise_fd_limit() -> None:
 def poll_page(proxy: Address, interval: float) -> None:
     """GET /stats.json from the proxy's port every ``interval`` seconds, as a
     status page left open in a browser does, but 20 times as often."""
-    request = b"GET /stats.json HTTP/1.1\r\nHost: bench\r\n\r\n"
+    request = b"GET /stats.json HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a name the pages answer
     while True:
         try:
             with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
