@@ -3033,10 +3033,37 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
     return sock
 
 
+def _socket_by_device(family: socket.AddressFamily, kind: socket.SocketKind, device: str | None) -> socket.socket:
+    """A non-blocking socket of ``kind``, bound to ``device`` if given but
+    to no address: it leaves where the routing table says (on that device)."""
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if device is not None:
+            _bind_to_device(sock, device)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _start_connect(local: LocalAddress, target: Target, device: str | None = None) -> socket.socket:
     """A non-blocking socket bound to ``local`` (and ``device``) whose
     connect to ``target`` is under way (or done)."""
     sock = _socket_from(local, socket.SOCK_STREAM, device)
+    error = sock.connect_ex(target)
+    if error and error not in _CONNECT_IN_PROGRESS:
+        sock.close()
+        raise OSError(error, os.strerror(error))
+    return sock
+
+
+def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
+    """A non-blocking socket, bound to ``device`` if given (not to an
+    address), whose connect to ``target`` is under way."""
+    sock = _socket_by_device(_family_of(target[0]), socket.SOCK_STREAM, device)
     error = sock.connect_ex(target)
     if error and error not in _CONNECT_IN_PROGRESS:
         sock.close()
@@ -3614,7 +3641,9 @@ class Resolver:
         The link of ``via`` first, then the others that are up, then those
         that are out; each link asks its own servers first, then those of any
         link; rank by rank: the first server through every link, then the
-        second... A server of another link is not asked.
+        second... A server of another link is not asked. Upstream proxies
+        ask through the link their connections to the proxy leave by (see
+        _query_socket).
         """
         addresses = [] if only_via and via is not None else list(self.addresses())
         links: dict[str, list[LocalAddress]] = {}
@@ -3622,7 +3651,7 @@ class Resolver:
             addresses, key=lambda a: self.health is not None and self.health.is_out(a)
         )
         for address in ordered:
-            links.setdefault(address.interface or address.ip, []).append(address)
+            links.setdefault(_query_link(address), []).append(address)
         servers = self.servers()
         queues = [_link_queries(members, servers) for members in links.values()]
         if not queues:  # no link yet: loopback servers alone
@@ -3635,6 +3664,48 @@ class Resolver:
         return plan
 
 
+def _query_link(address: LocalAddress) -> str:
+    """The link a query through ``address`` leaves by, as plan() groups
+    them: its interface (or its address); an upstream proxy's +LINK, or ""
+    (where the routing table says) for one without."""
+    if isinstance(address, ProxyAddress):
+        return address.interface or (address.source.ip if address.source is not None else "")
+    return address.interface or address.ip
+
+
+def _query_families(address: LocalAddress) -> frozenset[socket.AddressFamily]:
+    """The families of the servers a query through ``address`` can reach:
+    its own; an upstream proxy's +LINK address's, or either where the
+    query is bound to no address."""
+    if not isinstance(address, ProxyAddress):
+        return frozenset({address.family})
+    if address.source is not None:
+        return frozenset({address.source.family})
+    return frozenset({socket.AF_INET, socket.AF_INET6})
+
+
+def _query_socket(
+    open_socket: SocketOpener, local: LocalAddress | None, server: NameServer, kind: socket.SocketKind
+) -> socket.socket:
+    """A non-blocking socket for a query to ``server`` through the link of
+    ``local`` (None: on loopback, through no link), not connected yet.
+
+    An upstream proxy as a link has no device of its own: the queries of
+    its connections (for names it is not given as they are) leave as the
+    connection to the proxy does, from its +LINK (its address, or its
+    device), and without one where the routing table says, as the system
+    would send them.
+    """
+    family = _family_of(server.ip)
+    if isinstance(local, ProxyAddress):
+        if local.source is None and local.interface is not None:
+            return open_socket(local, server.ip, functools.partial(_socket_by_device, family, kind))
+        local = local.source
+    if local is None:
+        return _socket_by_device(family, kind, None)
+    return open_socket(local, server.ip, functools.partial(_socket_from, local, kind))
+
+
 def _link_queries(
     members: Sequence[LocalAddress], servers: Sequence[NameServer]
 ) -> list[tuple[NameServer, LocalAddress | None]]:
@@ -3644,7 +3715,7 @@ def _link_queries(
     anyones = [server for server in servers if server.link is None]
     queries: list[tuple[NameServer, LocalAddress | None]] = []
     for server in [*own, *anyones]:
-        local = next((a for a in members if a.family == _family_of(server.ip)), None)
+        local = next((a for a in members if _family_of(server.ip) in _query_families(a)), None)
         if server.loopback:
             queries.append((server, None))
         elif local is not None:
@@ -3746,12 +3817,8 @@ class _HedgedQuery:
         import dns.message
         import dns.rdatatype
 
-        family = _family_of(server.ip)
         try:
-            if local is None:
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-            else:
-                sock = self.open_socket(local, server.ip, functools.partial(_socket_from, local, socket.SOCK_DGRAM))
+            sock = _query_socket(self.open_socket, local, server, socket.SOCK_DGRAM)
         except OSError as error:
             self._note_failure(server, local, error)
             return
@@ -3815,13 +3882,14 @@ class _HedgedQuery:
         server, local = query.server, query.local
         timeout = max(0.1, min(DNS_ATTEMPT_TIMEOUT, self.deadline - time.monotonic()))
         try:
-            if local is None:
-                sock = socket.create_connection((server.ip, server.port), timeout)
-                sock.setblocking(False)
-            else:
-                connect = functools.partial(_connect_from, local, server.ip, server.port, timeout)
-                sock = self.open_socket(local, server.ip, connect)
-            with sock:
+            with _query_socket(self.open_socket, local, server, socket.SOCK_STREAM) as sock:
+                error = sock.connect_ex((server.ip, server.port))
+                if error and error not in _CONNECT_IN_PROGRESS:
+                    raise OSError(error, os.strerror(error))
+                _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
                 return dns.query.tcp(sent, server.ip, timeout=timeout, sock=sock)
         except (OSError, dns.exception.DNSException) as error:
             self._passed_over(query, f"a truncated answer, and by TCP: {error or error.__class__.__name__}")
@@ -4083,24 +4151,6 @@ def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -
     if login is not None:
         rest = f"Proxy-Authorization: {basic_authorization(*login)}\r\n".encode() + rest
     return b" ".join([method, b"http://" + authority.encode("ascii") + path, version]) + b"\r\n" + rest
-
-
-def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
-    """A non-blocking socket, bound to ``device`` if given (not to an
-    address), whose connect to ``target`` is under way."""
-    sock = socket.socket(_family_of(target[0]), socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if device is not None:
-            _bind_to_device(sock, device)
-        error = sock.connect_ex(target)
-        if error and error not in _CONNECT_IN_PROGRESS:
-            raise OSError(error, os.strerror(error))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class UpstreamLease:

@@ -2841,6 +2841,22 @@ def test_socks5_name_is_asked_of_the_name_server_by_the_proxy(
     assert [(q[0], q[1], q[2]) for q in dns_server.asked("echo.test")] == [("echo.test", "A", "udp")]
 
 
+def test_query_plan_sends_an_upstream_proxys_queries_by_its_link_or_by_the_routing_table() -> None:
+    proxy = dispatch.parse_proxy_url("socks5://203.0.113.7:1080")[0]
+    over_cable = dispatch.ProxyAddress(
+        "socks5://203.0.113.7:1080+eth0", interface="eth0", proxy=dataclasses.replace(proxy, via="eth0")
+    )
+    routed, other = (dispatch.ProxyAddress(f"socks5://203.0.113.{n}:1080", proxy=proxy) for n in (7, 8))
+    cable = local("10.0.0.5", "eth0")
+    servers = [dispatch.NameServer("9.9.9.9"), dispatch.NameServer("2001:db8::53")]
+    resolver = dispatch.Resolver(servers, addresses=lambda: [cable, over_cable, routed, other])
+    assert resolver.plan(routed) == [
+        (servers[0], routed), (servers[0], cable),  # the proxies without a link share the routing table's way
+        (servers[1], routed), (servers[1], over_cable),  # bound to no address: either family
+    ]
+    assert resolver.plan(over_cable, only_via=True) == [(servers[0], over_cable), (servers[1], over_cable)]
+
+
 def test_socks4a_name_is_asked_of_the_name_server(
     make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
 ) -> None:
@@ -3692,6 +3708,24 @@ def test_socks5_upstream_is_given_the_address_resolved_here(
     proxy = make_proxy([make_upstream("microsocks").url])
     with client_through(proxy, ("only-here.test", echo_server.port), rdns=True) as client:
         assert echoed(client, b"resolved here") == b"resolved here"
+
+
+def test_socks5_upstreams_names_are_asked_of_the_name_server_and_counted_on_its_row(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], dns_server: DnsServer,
+    echo_server: Server,
+) -> None:
+    dns_server.names["upstream.test"] = ["127.0.0.1", "::1"]  # microsocks cannot resolve it
+    upstream = make_upstream("microsocks")
+    proxy = make_proxy([upstream.url], dns=[dns_server.address])
+    for _ in range(2):
+        with client_through(proxy, ("upstream.test", echo_server.port), rdns=True) as client:
+            assert echoed(client, b"asked here") == b"asked here"
+    asked = dns_server.asked("upstream.test")
+    assert sorted((kind, transport) for _, kind, transport, _ in asked) == [("A", "udp"), ("AAAA", "udp")]
+    (row,) = proxy.stats()
+    assert (row["link"], row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]) == (
+        upstream.url, len(asked), 1, 0
+    )
 
 
 def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
@@ -7560,3 +7594,37 @@ def test_lab_a_check_by_name_looks_it_up_through_each_link_and_finds_the_dark_on
         metrics_lab.restore(1)
     assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (passed 2 checks" in proxy.log())
 
+
+def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default_route(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    """microsocks on the server takes addresses (socks5://): dispatch looks
+    names up for it, each query leaving as the connection to the proxy
+    does: by the uplink its +LINK names, by the default route (the first
+    uplink) without one."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        source = {f"{url}+{link.client_ifname}": link.client_addr for link in metrics_lab.uplinks[1:]}
+        source[url] = metrics_lab.uplink(1).client_addr
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address, *source)
+        names = [fresh_name(lab_dns, metrics_lab) for _ in range(6)]
+        for name in names:
+            assert proxy.peer(name) == metrics_lab.service_address  # microsocks's own connection
+        assert wait_for(lambda: all(f" -> {name}:" in proxy.log() for name in names))  # logged as they end
+        log = proxy.log()
+        links = [re.findall(rf" -> {re.escape(name)}:\d+ via (\S+):", log) for name in names]
+        assert sorted(link for (link,) in links) == sorted([*source] * 2)
+        for name, (link,) in zip(names, links):
+            assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
+        rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
+        assert all(rows[link] >= 2 for link in source), rows
+    finally:
+        upstream.kill()
+        upstream.wait()
