@@ -7365,12 +7365,14 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
 def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
     """Check what ``start`` can check of its arguments without this
     machine's interfaces (``dispatch service`` checks them too): the form
-    of every ADDRESS, IP addresses that no link could use, and the logins.
-    Returns the users; raises AddressError or ValueError."""
+    of every ADDRESS, IP addresses that no link could use, the --dns
+    servers together, and the logins. Returns the users; raises
+    AddressError or ValueError."""
     for text in args.addresses:
         spec = parse_address(text)
         if _is_ip(spec.address):
             _check_link_address(spec.address)
+    parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
     return _credentials(args)
 
 

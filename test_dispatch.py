@@ -7002,6 +7002,9 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
         (["--auth-file", os.devnull], "holds no USER:PASS line"),
         (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
         (["--idle-timeout", "2592000"], "'2592000' is out of range"),
+        (["--dns", "system", "--dns", "192.0.2.53"], "--dns system leaves names to the system's resolver"),
+        (["--dns", "ns.example"], "a name server is an IP address"),
+        (["--check", "check.example"], "a check target is IP:PORT or NAME:PORT"),
     ],
 )
 def test_service_refuses_what_start_refuses(
