@@ -24,7 +24,9 @@ letter): ``CONNECT host:port HTTP/1.1`` tunnels and absolute-form requests
 framed as ``00 00 FRAG ATYP DST.ADDR DST.PORT DATA``.
 
 Only the standard library is needed to proxy through IP addresses; the
-``ifaddr`` package is needed for interface names and ``dispatch list``.
+``ifaddr`` package is needed for interface names and ``dispatch list``, and
+``dnspython`` to look names up through the links (without it, the system's
+resolver looks them up).
 
 Map of this module, in order; each section uses only what is above it:
 
@@ -41,8 +43,10 @@ Map of this module, in order; each section uses only what is above it:
                       address a connection gets (tiers, sticky sites)
     meter             Meter: per-address counters, rates, history; CapacityEstimator;
                       the state file (read_state, write_state)
-    upstream          Upstream: resolve, bind to the device, the hedged connect (_Race)
-                      with failover; the connector to upstream proxies; UpstreamLease
+    upstream          bind to the device; Resolver: names through the links (the
+                      system's servers, DnsCache, the hedged query); the connector to
+                      upstream proxies; Upstream: the hedged connect (_Race) with
+                      failover; UpstreamLease
     relay             relay(): the two-way copy (poll, splice on Linux)
     sessions          SocksSession, UdpAssociation, HttpProxySession, and the local pages
                       (status page, /stats.json, /metrics, /proxy.pac); ExchangeRecord
@@ -2121,21 +2125,27 @@ RETEST_POLL_INTERVAL = 0.25  # how often due retests are looked for
 # never answers through a link must not keep it out while it reaches others.
 RECENT_TARGETS = 8
 
-Target = tuple[str, int]  # (ip, port)
+Target = tuple[str, int]  # (ip, port); a check's may be (name, port)
+_HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 def parse_check_target(text: str) -> Target:
-    """Split ``IP:PORT`` (``[IPv6]:PORT``) into (ip, port); ValueError if malformed.
+    """Split ``IP:PORT`` (``[IPv6]:PORT``) or ``NAME:PORT`` into (host,
+    port); ValueError if malformed.
 
-    An IP address, not a name: a name would be looked up by the system's
-    resolver, which does not go by the link being checked.
+    A name is looked up through each link checked, each time.
     """
     try:
         host, port = _split_host_port(text, None)
     except ValueError:
-        raise ValueError(f"{text!r}: a check target is IP:PORT, as 192.0.2.1:443 or [2001:db8::1]:443") from None
+        raise ValueError(
+            f"{text!r}: a check target is IP:PORT or NAME:PORT, as 192.0.2.1:443 or [2001:db8::1]:443"
+        ) from None
     if not _is_ip(host):
-        raise ValueError(f"{text!r}: a check target is an IP address and a port (names depend on DNS)")
+        labels = host.lower().removesuffix(".").split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"{text!r}: a check target is an IP address or a host name, and a port")
+        return host.lower().rstrip("."), port
     return str(ipaddress.ip_address(host)), port
 
 
@@ -3255,10 +3265,37 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
     return sock
 
 
+def _socket_by_device(family: socket.AddressFamily, kind: socket.SocketKind, device: str | None) -> socket.socket:
+    """A non-blocking socket of ``kind``, bound to ``device`` if given but
+    to no address: it leaves where the routing table says (on that device)."""
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if device is not None:
+            _bind_to_device(sock, device)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _start_connect(local: LocalAddress, target: Target, device: str | None = None) -> socket.socket:
     """A non-blocking socket bound to ``local`` (and ``device``) whose
     connect to ``target`` is under way (or done)."""
     sock = _socket_from(local, socket.SOCK_STREAM, device)
+    error = sock.connect_ex(target)
+    if error and error not in _CONNECT_IN_PROGRESS:
+        sock.close()
+        raise OSError(error, os.strerror(error))
+    return sock
+
+
+def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
+    """A non-blocking socket, bound to ``device`` if given (not to an
+    address), whose connect to ``target`` is under way."""
+    sock = _socket_by_device(_family_of(target[0]), socket.SOCK_STREAM, device)
     error = sock.connect_ex(target)
     if error and error not in _CONNECT_IN_PROGRESS:
         sock.close()
@@ -3286,6 +3323,916 @@ def _connect_from(
 def _shutdown_quietly(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # closed already
         sock.shutdown(socket.SHUT_RDWR)
+
+
+# Names through the links: the system's servers, a cache, the hedged query ---
+#
+# A name is looked up by dispatch itself, with queries that leave through a
+# link as connections do: by default the link chosen for the connection, so
+# that the name and the traffic leave together (a CDN answers with the
+# server nearest to where the query came from). A query left unanswered for
+# DNS_HEDGE is sent through another link as well: a dark default route does
+# not take names down with it.
+
+DNS_PORT = 53
+DNS_HEDGE = 0.25  # seconds a query goes unanswered before another link asks too (at most the hedge)
+DNS_ATTEMPT_TIMEOUT = 2.0  # seconds one query (one server, one link) is waited for
+DNS_CACHE_SIZE = 4096  # names and types kept; the least recently used go first
+DNS_MAX_TTL = 86400  # seconds an answer is kept at most, whatever its TTL
+# Seconds "no such name" or "no address" is kept at most: RFC 2308 takes the
+# SOA's minimum, which may be hours; a name being set up must not stay
+# missing that long.
+DNS_NEGATIVE_TTL = 30
+UDP_DNS_SIZE = 65535  # the most one DNS datagram carries
+DNS_REFRESH = 30.0  # seconds between two readings of the system's servers and hosts file
+SYSTEMD_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})  # systemd-resolved's local stub listeners
+RESOLV_CONF = "etc/resolv.conf"
+SYSTEMD_RESOLV_CONF = "run/systemd/resolve/resolv.conf"  # the stub's own upstream servers
+# Per-link state of systemd-resolved (SERVERS=, set over D-Bus, by
+# NetworkManager too) and of systemd-networkd (DNS=), one file per ifindex.
+SYSTEMD_LINK_DIRS = ("run/systemd/resolve/netif", "run/systemd/netif/links")
+WINDOWS_INTERFACES_KEY = r"SYSTEM\CurrentControlSet\Services\Tcpip\Parameters\Interfaces"
+
+
+@dataclasses.dataclass(frozen=True)
+class NameServer:
+    """A DNS server: its address, port, and the link it belongs to (an
+    interface name, or on Windows a local IP address of the adapter), whose
+    queries go through that link only; None: any link."""
+
+    ip: str
+    port: int = DNS_PORT
+    link: str | None = None
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server is on this machine: asked without binding to a link."""
+        return _is_loopback(self.ip)
+
+    def describe(self) -> str:
+        """The server as the log names it."""
+        where = _format_endpoint(self.ip, self.port)
+        return f"{where} (of {self.link})" if self.link else where
+
+    def belongs_to(self, local: LocalAddress) -> bool:
+        """Whether the server is of ``local``'s link."""
+        return self.link is not None and self.link in (local.interface, local.ip)
+
+
+def parse_name_server(text: str, link: str | None = None) -> NameServer:
+    """``ADDRESS[:PORT]`` (``[IPv6]:PORT``, or a bare IPv6 address) as a
+    NameServer; ValueError if malformed."""
+    host, port = (text, DNS_PORT) if _is_ip(text) else _split_host_port(text, DNS_PORT)
+    if not _is_ip(host):
+        raise ValueError(f"{text!r}: a name server is an IP address, with a port if not 53")
+    return NameServer(str(ipaddress.ip_address(host)), port, link)
+
+
+def parse_dns_option(texts: Sequence[str] | None) -> tuple[list[NameServer] | None, bool]:
+    """(servers, system) of the ``dns`` option: None asks the system's
+    servers, ``["system"]`` the system's resolver, else ``ADDRESS[:PORT]``
+    each; ValueError if malformed."""
+    if texts is None:
+        return None, False
+    if "system" in texts:
+        if len(texts) > 1:
+            raise ValueError("--dns system leaves names to the system's resolver: it takes no server beside it")
+        return None, True
+    if not texts:
+        raise ValueError("no name server given")
+    return [parse_name_server(text) for text in texts], False
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvConf:
+    """What resolv.conf says: name servers (addresses), search domains, ndots."""
+
+    servers: tuple[str, ...] = ()
+    search: tuple[str, ...] = ()
+    ndots: int = 1
+
+
+def parse_resolv_conf(text: str) -> ResolvConf:
+    """The nameserver, search (or domain) and ndots lines of resolv.conf;
+    the rest, and what is malformed, is skipped as the system's resolver does."""
+    servers: list[str] = []
+    search: tuple[str, ...] = ()
+    ndots = 1
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) < 2:
+            continue
+        keyword, values = words[0], words[1:]
+        if keyword == "nameserver" and _is_ip(values[0].partition("%")[0]):
+            servers.append(values[0])
+        elif keyword in ("search", "domain"):
+            search = tuple(value.rstrip(".").lower() for value in values if value != ".")
+        elif keyword == "options":
+            for option in values:
+                name, _, value = option.partition(":")
+                if name == "ndots" and value.isdigit():
+                    ndots = min(int(value), 15)
+    return ResolvConf(tuple(servers), search, ndots)
+
+
+def parse_systemd_link_servers(text: str) -> list[tuple[str, int]]:
+    """(address, port) of each server in a systemd link state file: its
+    ``SERVERS=`` (resolved) or ``DNS=`` (networkd) line, entries such as
+    ``192.0.2.1``, ``[2001:db8::1]:5353``, ``192.0.2.1:53#dns.example``."""
+    found: list[tuple[str, int]] = []
+    for line in text.splitlines():
+        key, equals, value = line.strip().partition("=")
+        if not equals or key not in ("SERVERS", "DNS"):
+            continue
+        for entry in value.split():
+            entry = entry.partition("#")[0]
+            try:
+                server = parse_name_server(entry)
+            except ValueError:
+                continue
+            found.append((server.ip, server.port))
+    return found
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read(1 << 20)
+    except OSError:
+        return None
+
+
+def discover_name_servers(
+    root: str = "/", interface_name: Callable[[int], str] = socket.if_indextoname
+) -> tuple[list[NameServer], ResolvConf]:
+    """The system's name servers, as Linux and macOS configure them, and
+    its resolv.conf.
+
+    resolv.conf names them; where it names only systemd-resolved's local
+    stub, the stub's upstream servers are asked instead (through the links,
+    which the stub would not do), each server systemd-resolved knows to be
+    of one link marked as that link's. ``root`` and ``interface_name``
+    (ifindex to name) are seams for tests.
+    """
+    conf = parse_resolv_conf(_read_text(os.path.join(root, RESOLV_CONF)) or "")
+    if not conf.servers or not all(ip in SYSTEMD_STUBS for ip in conf.servers):
+        return [parse_name_server(ip) for ip in conf.servers], conf
+    upstream = parse_resolv_conf(_read_text(os.path.join(root, SYSTEMD_RESOLV_CONF)) or "")
+    servers: list[NameServer] = []
+    for directory in SYSTEMD_LINK_DIRS:
+        with contextlib.suppress(OSError):
+            for index in sorted(os.listdir(os.path.join(root, directory))):
+                text = _read_text(os.path.join(root, directory, index))
+                if not index.isdigit() or text is None:
+                    continue
+                try:
+                    name = interface_name(int(index))
+                except OSError:
+                    continue  # the interface is gone
+                servers += [NameServer(ip, port, name) for ip, port in parse_systemd_link_servers(text)]
+    linked = {(server.ip, server.port) for server in servers}
+    servers += [server for server in map(parse_name_server, upstream.servers) if (server.ip, server.port) not in linked]
+    if not servers:  # nothing known of the stub's servers: ask the stub
+        servers = [parse_name_server(ip) for ip in conf.servers]
+    return _unique_servers(servers), dataclasses.replace(conf, search=conf.search or upstream.search)
+
+
+def _unique_servers(servers: Iterable[NameServer]) -> list[NameServer]:
+    return list(dict.fromkeys(servers))
+
+
+def windows_name_servers(adapters: Iterable[Mapping[str, Any]], global_servers: str = "") -> list[NameServer]:
+    """The name servers of Windows adapters, from their registry values
+    (``NameServer`` set by hand, else ``DhcpNameServer``; their addresses
+    ``IPAddress`` and ``DhcpIPAddress``), each marked as the link of the
+    adapter's addresses; ``global_servers`` (the Tcpip parameters' own
+    ``NameServer``) are of any link."""
+    servers: list[NameServer] = []
+    for adapter in adapters:
+        listed = str(adapter.get("NameServer") or "") or str(adapter.get("DhcpNameServer") or "")
+        ips = adapter.get("IPAddress") or []
+        ips = [ips] if isinstance(ips, str) else list(ips)
+        ips.append(str(adapter.get("DhcpIPAddress") or ""))
+        locals_ = [ip for ip in ips if _is_ip(ip) and ip != "0.0.0.0"]
+        for entry in listed.replace(",", " ").split():
+            if _is_ip(entry):
+                servers += [NameServer(entry, DNS_PORT, local) for local in locals_] or [NameServer(entry)]
+    servers += [NameServer(entry) for entry in global_servers.replace(",", " ").split() if _is_ip(entry)]
+    return _unique_servers(servers)
+
+
+def _windows_adapters() -> tuple[list[dict[str, Any]], str]:  # pragma: no cover - Windows only
+    """The Tcpip interfaces' values from the registry, and the global NameServer."""
+    if sys.platform != "win32":
+        return [], ""
+    import winreg
+
+    adapters: list[dict[str, Any]] = []
+    parameters = WINDOWS_INTERFACES_KEY.rsplit("\\", 1)[0]
+    with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, parameters) as key:
+        try:
+            global_servers = str(winreg.QueryValueEx(key, "NameServer")[0])
+        except OSError:
+            global_servers = ""
+    with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, WINDOWS_INTERFACES_KEY) as interfaces:
+        for index in range(winreg.QueryInfoKey(interfaces)[0]):
+            with winreg.OpenKey(interfaces, winreg.EnumKey(interfaces, index)) as key:
+                values: dict[str, Any] = {}
+                for name in ("NameServer", "DhcpNameServer", "IPAddress", "DhcpIPAddress"):
+                    with contextlib.suppress(OSError):
+                        values[name] = winreg.QueryValueEx(key, name)[0]
+                adapters.append(values)
+    return adapters, global_servers
+
+
+def system_name_servers() -> tuple[list[NameServer], ResolvConf]:
+    """The name servers this system uses, and its resolv.conf (search domains)."""
+    if sys.platform == "win32":  # pragma: no cover - Windows only
+        try:
+            return windows_name_servers(*_windows_adapters()), ResolvConf()
+        except OSError:
+            return [], ResolvConf()
+    return discover_name_servers()
+
+
+def hosts_path() -> str:
+    """Where this system's hosts file is."""
+    if sys.platform == "win32":  # pragma: no cover - Windows only
+        return os.path.join(os.environ.get("SYSTEMROOT", r"C:\Windows"), "System32", "drivers", "etc", "hosts")
+    return "/etc/hosts"
+
+
+def parse_hosts(text: str) -> dict[str, list[str]]:
+    """The addresses of each name of a hosts file, in the file's order."""
+    names: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.partition("#")[0].split()
+        if len(words) < 2 or not _is_ip(words[0].partition("%")[0]):
+            continue
+        for name in words[1:]:
+            addresses = names.setdefault(name.rstrip(".").lower(), [])
+            if words[0] not in addresses:
+                addresses.append(words[0])
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class NameAnswer:
+    """What a name has of one record type: its addresses, or (none) why not.
+
+    ``reply`` is the SOCKS reply a connection to it gets when it has none.
+    """
+
+    ips: tuple[str, ...] = ()
+    error: str | None = None
+    reply: Reply = Reply.HOST_UNREACHABLE
+    # The name's servers said so (no such name, no address of the type):
+    # the next search domain may have it. Otherwise a failure.
+    negative: bool = False
+
+
+@dataclasses.dataclass
+class DnsCounts:
+    """The DNS work of one link: queries sent, lookups the cache answered,
+    queries that got no good answer."""
+
+    queries: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+
+
+class DnsCache:
+    """Answers kept for their TTL, at most ``max_entries``, the least
+    recently used dropped first. ``clock`` tells monotonic seconds."""
+
+    def __init__(self, max_entries: int = DNS_CACHE_SIZE, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: collections.OrderedDict[tuple[str, int], tuple[float, NameAnswer]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str, rdtype: int) -> NameAnswer | None:
+        """The answer kept for (name, rdtype), if it has not expired."""
+        key = (name, rdtype)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, name: str, rdtype: int, answer: NameAnswer, ttl: float) -> None:
+        """Keep ``answer`` for ``ttl`` seconds (none if 0)."""
+        if ttl <= 0:
+            return
+        self._entries[name, rdtype] = (self.clock() + ttl, answer)
+        self._entries.move_to_end((name, rdtype))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+@dataclasses.dataclass
+class Resolution:
+    """The addresses of a name, in the order to try them, and how the
+    lookup went: the link whose query got the answer (None from the cache,
+    the hosts file, a loopback server or the system's resolver), and the
+    links whose queries went unanswered meanwhile."""
+
+    targets: list[tuple[socket.AddressFamily, str]]
+    answered_by: LocalAddress | None = None
+    silent: list[LocalAddress] = dataclasses.field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_dnspython() -> bool:
+    try:
+        import dns.message  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The record types of each family, in the order a name's addresses are tried.
+_RDTYPES = ((socket.AF_INET, 1), (socket.AF_INET6, 28))  # A, AAAA
+_RCODE_REPLIES = {2: "the name server failed (SERVFAIL)", 5: "the name server refused (REFUSED)",
+                  4: "the name server does not do that (NOTIMP)", 1: "the name server found the query malformed"}
+
+SocketOpener = Callable[[LocalAddress, str, Callable[[str | None], socket.socket]], socket.socket]
+
+
+class _Lookup:
+    """A lookup under way, which others asking the same wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: NameAnswer | None = None
+
+
+class Resolver:
+    """Looks names up for connections, through the links.
+
+    ``servers``: the name servers to ask; None asks the system's (read
+    again every DNS_REFRESH seconds), ``system=True`` leaves names to the
+    system's resolver as the standard library does (so does a missing
+    dnspython, with one log line). The hosts file is read first.
+
+    A lookup asks through the link the connection got (``via``); an
+    unanswered query is sent through the next link (and the next server)
+    every ``hedge`` seconds, the first good answer winning, until
+    ``timeout``. A server of one link is asked through that link only, a
+    loopback one without any. Answers are kept for their TTL (DnsCache);
+    lookups of a name already under way wait for it instead of asking again.
+    A link whose query went unanswered for ``evidence_after`` seconds while
+    another got the same server's answer is out (``health``).
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[NameServer] | None = None,
+        system: bool = False,
+        *,
+        addresses: Callable[[], Sequence[LocalAddress]] = tuple,
+        health: Health | None = None,
+        hedge: float = DNS_HEDGE,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        evidence_after: float = DEFAULT_HEDGE,
+        hosts_file: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.system = system
+        self.given = list(servers) if servers is not None else None
+        self.addresses = addresses
+        self.health = health
+        self.hedge = hedge if hedge > 0 else math.inf
+        self.timeout = timeout
+        self.evidence_after = evidence_after
+        self.hosts_file = hosts_file or hosts_path()
+        self.clock = clock
+        self.cache = DnsCache(clock=clock)
+        self._lock = threading.Lock()
+        self._lookups: dict[tuple[str, int], _Lookup] = {}
+        self._counts: dict[LocalAddress, DnsCounts] = {}
+        self._servers: list[NameServer] = []
+        self._conf = ResolvConf()
+        self._hosts: dict[str, list[str]] = {}
+        self._read_at = -math.inf
+        self._told_system = False
+        if not system and not _has_dnspython():
+            self.system = True
+            logger.warning("the dnspython package is not installed: names are looked up by the system's "
+                           "resolver, whose queries leave by the default route only")
+
+    @property
+    def through_links(self) -> bool:
+        """Whether names are looked up through the links (else by the system)."""
+        return not self.system
+
+    def counts(self, address: LocalAddress) -> DnsCounts:
+        """The DNS work of ``address``'s link so far (a copy)."""
+        with self._lock:
+            return dataclasses.replace(self._counts.get(address) or DnsCounts())
+
+    def _count(self, address: LocalAddress | None, field: str) -> None:
+        if address is None:
+            return
+        with self._lock:
+            counts = self._counts.setdefault(address, DnsCounts())
+            setattr(counts, field, getattr(counts, field) + 1)
+
+    def servers(self) -> list[NameServer]:
+        """The servers asked now."""
+        self._read_system()
+        return list(self.given if self.given is not None else self._servers)
+
+    def _read_system(self) -> None:
+        """Read the hosts file and the system's servers, at most every DNS_REFRESH seconds."""
+        now = self.clock()
+        if now - self._read_at < DNS_REFRESH:
+            return
+        self._read_at = now
+        self._hosts = parse_hosts(_read_text(self.hosts_file) or "")
+        if self.given is None and not self.system:
+            self._servers, self._conf = system_name_servers()
+            if not self._servers and not self._told_system:
+                self._told_system = True
+                logger.warning("no name server is configured: names are looked up by the system's resolver")
+
+    def resolve(
+        self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None,
+        open_socket: SocketOpener, *, only_via: bool = False, timeout: float | None = None,
+    ) -> Resolution:
+        """The addresses of ``host`` of the ``families`` wanted.
+
+        ``open_socket(local, server_ip, opener)`` opens a socket through
+        ``local``'s link (the module's one device-binding path); with
+        ``only_via``, no other link is asked (a check of that link).
+        ``timeout``: seconds the lookup may take, if not the resolver's. Raises
+        SocksError: HOST_UNREACHABLE for a name with no address,
+        ADDRESS_TYPE_NOT_SUPPORTED for one with addresses of other families
+        only, TTL_EXPIRED when no server answered.
+        """
+        if _is_ip(host):
+            return Resolution([(_family_of(host), host)])
+        self._read_system()
+        name = host.rstrip(".").lower()
+        known = self._hosts.get(name) or (["127.0.0.1", "::1"] if name == "localhost" else None)
+        if known is not None:
+            return Resolution(_of_families(host, [(_family_of(ip), ip) for ip in known], families))
+        if self.system or (self.given is None and not self._servers):
+            return Resolution(_resolve_target(host, 0, families))
+        return self._lookup(host, name, families, via, open_socket, only_via, timeout or self.timeout)
+
+    def _lookup(
+        self, host: str, name: str, families: Collection[socket.AddressFamily], via: LocalAddress | None,
+        open_socket: SocketOpener, only_via: bool, timeout: float,
+    ) -> Resolution:
+        import dns.exception
+        import dns.name
+
+        wanted = [rdtype for family, rdtype in _RDTYPES if family in families]
+        if not wanted or self.cache.get(name, wanted[0]) is None:  # a name in the cache was checked already
+            try:
+                dns.name.from_text(name)
+            except (dns.exception.DNSException, ValueError, UnicodeError):
+                raise SocksError(Reply.HOST_UNREACHABLE, f"{host}: not a host name") from None
+        resolution = Resolution([])
+        answers: dict[int, NameAnswer] = {}
+        for candidate in self._candidates(name):
+            answers = self._answers(candidate, wanted, via, open_socket, resolution, only_via, timeout)
+            if any(answer.ips for answer in answers.values()) or not all(a.negative for a in answers.values()):
+                break  # found, or a failure that the next search domain would meet too
+        found = [(family, ip) for family, rdtype in _RDTYPES if rdtype in answers for ip in answers[rdtype].ips]
+        if not found:
+            # A failure says more than "no address of this type" beside it.
+            answer = min(answers.values(), key=lambda a: a.negative)
+            raise SocksError(answer.reply, f"{host}: {answer.error}")
+        resolution.targets = found
+        return resolution
+
+    def _candidates(self, name: str) -> list[str]:
+        """The names to ask, search domains appended as resolv.conf says."""
+        conf = self._conf
+        if not conf.search or self.given is not None:
+            return [name]
+        searched = [f"{name}.{domain}" for domain in conf.search]
+        return [name, *searched] if name.count(".") >= conf.ndots else [*searched, name]
+
+    def _answers(
+        self, name: str, wanted: list[int], via: LocalAddress | None, open_socket: SocketOpener,
+        resolution: Resolution, only_via: bool, timeout: float,
+    ) -> dict[int, NameAnswer]:
+        """The answers for ``name`` of each record type: from the cache, from
+        a lookup of the same under way, or asked now. ``only_via`` (a check
+        of the link) asks now, through that link: it waits for no other's
+        lookup, which could be stuck on another link."""
+        if only_via:
+            query = _HedgedQuery(self, name, wanted, via, open_socket, resolution)
+            return query.run(self.plan(via, only_via=True), timeout)
+        answers: dict[int, NameAnswer] = {}
+        asking: dict[int, _Lookup] = {}
+        waiting: dict[int, _Lookup] = {}
+        with self._lock:
+            for rdtype in wanted:
+                cached = self.cache.get(name, rdtype)
+                if cached is not None:
+                    answers[rdtype] = cached
+                elif (name, rdtype) in self._lookups:
+                    waiting[rdtype] = self._lookups[name, rdtype]
+                else:
+                    asking[rdtype] = self._lookups[name, rdtype] = _Lookup()
+        if not asking:
+            self._count(via, "cache_hits")
+        try:
+            if asking:
+                query = _HedgedQuery(self, name, list(asking), via, open_socket, resolution)
+                answers.update(query.run(self.plan(via), timeout))
+        finally:
+            with self._lock:
+                for rdtype, lookup in asking.items():
+                    lookup.answer = answers.get(rdtype)
+                    del self._lookups[name, rdtype]
+                    lookup.done.set()
+        for rdtype, lookup in waiting.items():
+            lookup.done.wait(timeout)
+            answers[rdtype] = lookup.answer or NameAnswer(
+                error="no answer from the name servers", reply=Reply.TTL_EXPIRED
+            )
+        return answers
+
+    def plan(
+        self, via: LocalAddress | None, *, only_via: bool = False
+    ) -> list[tuple[NameServer, LocalAddress | None]]:
+        """The queries of a lookup in the order they are sent: (server, the
+        local address it is asked through, None for a loopback server).
+        ``only_via``: through the link of ``via`` alone.
+
+        The link of ``via`` first, then the others that are up, then those
+        that are out; each link asks its own servers first, then those of any
+        link; rank by rank: the first server through every link, then the
+        second... A server of another link is not asked. Upstream proxies
+        ask through the link their connections to the proxy leave by (see
+        _query_socket).
+        """
+        addresses = [] if only_via and via is not None else list(self.addresses())
+        links: dict[str, list[LocalAddress]] = {}
+        ordered = ([via] if via is not None else []) + sorted(
+            addresses, key=lambda a: self.health is not None and self.health.is_out(a)
+        )
+        for address in ordered:
+            links.setdefault(_query_link(address), []).append(address)
+        servers = self.servers()
+        queues = [_link_queries(members, servers) for members in links.values()]
+        if not queues:  # no link yet: loopback servers alone
+            queues.append([(server, None) for server in servers if server.loopback])
+        plan: list[tuple[NameServer, LocalAddress | None]] = []
+        for rank in range(max(map(len, queues), default=0)):
+            for queue_ in queues:
+                if rank < len(queue_) and queue_[rank] not in plan:
+                    plan.append(queue_[rank])
+        return plan
+
+
+def _query_link(address: LocalAddress) -> str:
+    """The link a query through ``address`` leaves by, as plan() groups
+    them: its interface (or its address); an upstream proxy's +LINK, or ""
+    (where the routing table says) for one without."""
+    if isinstance(address, ProxyAddress):
+        return address.interface or (address.source.ip if address.source is not None else "")
+    return address.interface or address.ip
+
+
+def _query_families(address: LocalAddress) -> frozenset[socket.AddressFamily]:
+    """The families of the servers a query through ``address`` can reach:
+    its own; an upstream proxy's +LINK address's, or either where the
+    query is bound to no address."""
+    if not isinstance(address, ProxyAddress):
+        return frozenset({address.family})
+    if address.source is not None:
+        return frozenset({address.source.family})
+    return frozenset({socket.AF_INET, socket.AF_INET6})
+
+
+def _query_socket(
+    open_socket: SocketOpener, local: LocalAddress | None, server: NameServer, kind: socket.SocketKind
+) -> socket.socket:
+    """A non-blocking socket for a query to ``server`` through the link of
+    ``local`` (None: on loopback, through no link), not connected yet.
+
+    An upstream proxy as a link has no device of its own: the queries of
+    its connections (for names it is not given as they are) leave as the
+    connection to the proxy does, from its +LINK (its address, or its
+    device), and without one where the routing table says, as the system
+    would send them.
+    """
+    family = _family_of(server.ip)
+    if isinstance(local, ProxyAddress):
+        if local.source is None and local.interface is not None:
+            return open_socket(local, server.ip, functools.partial(_socket_by_device, family, kind))
+        local = local.source
+    if local is None:
+        return _socket_by_device(family, kind, None)
+    return open_socket(local, server.ip, functools.partial(_socket_from, local, kind))
+
+
+def _link_queries(
+    members: Sequence[LocalAddress], servers: Sequence[NameServer]
+) -> list[tuple[NameServer, LocalAddress | None]]:
+    """The queries of one link (its local addresses ``members``): its own
+    servers, then those of any link; a loopback one without the link."""
+    own = [server for server in servers if any(server.belongs_to(a) for a in members)]
+    anyones = [server for server in servers if server.link is None]
+    queries: list[tuple[NameServer, LocalAddress | None]] = []
+    for server in [*own, *anyones]:
+        local = next((a for a in members if _family_of(server.ip) in _query_families(a)), None)
+        if server.loopback:
+            queries.append((server, None))
+        elif local is not None:
+            queries.append((server, local))
+    return queries
+
+
+def _of_families(
+    host: str, found: list[tuple[socket.AddressFamily, str]], families: Collection[socket.AddressFamily]
+) -> list[tuple[socket.AddressFamily, str]]:
+    """The addresses of the families wanted; SocksError if there is none."""
+    targets = [(family, ip) for family, ip in found if family in families]
+    if not targets:
+        missing = _family_name(found[0][0]) if found else "IPv4"
+        raise SocksError(
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
+        )
+    return targets
+
+
+@dataclasses.dataclass
+class _Query:
+    """One server asked through one link: its socket, and the ids asked."""
+
+    server: NameServer
+    local: LocalAddress | None
+    sock: socket.socket
+    started: float
+    asked: dict[int, Any]  # query id: the dns.message.Message sent
+
+
+class _HedgedQuery:
+    """One lookup of a name's record types: the queries of Resolver.plan(),
+    one more each hedge (at once after a failure), the first good answer of
+    each type winning. Every answer that is not one (from another id, not
+    a response to the question, malformed) is passed over; a truncated one
+    is asked again by TCP through the same link."""
+
+    def __init__(
+        self, resolver: Resolver, name: str, rdtypes: list[int], via: LocalAddress | None,
+        open_socket: SocketOpener, resolution: Resolution,
+    ) -> None:
+        self.resolver = resolver
+        self.name = name
+        self.rdtypes = rdtypes
+        self.via = via
+        self.open_socket = open_socket
+        self.resolution = resolution
+        self.answers: dict[int, NameAnswer] = {}
+        self.failures: dict[int, NameAnswer] = {}
+        self.pending: dict[socket.socket, _Query] = {}
+        self.failed: list[tuple[LocalAddress, NameServer, OSError]] = []
+        self.next_at = 0.0  # when the next query of the plan goes out
+        self.deadline = math.inf
+        self.last_error: tuple[NameServer, OSError] | None = None
+
+    def run(self, plan: list[tuple[NameServer, LocalAddress | None]], timeout: float) -> dict[int, NameAnswer]:
+        """Ask as ``plan`` says until every type has its answer, or ``timeout`` seconds."""
+        start = time.monotonic()
+        deadline = self.deadline = start + timeout
+        self.next_at = start
+        with _selector() as self.selector:
+            try:
+                while self._unanswered() and time.monotonic() < deadline:
+                    now = time.monotonic()
+                    if plan and (now >= self.next_at or not self.pending):
+                        self.next_at = now + self.resolver.hedge
+                        self._ask(*plan.pop(0))
+                        continue
+                    if not self.pending:
+                        break
+                    oldest = min(query.started for query in self.pending.values()) + DNS_ATTEMPT_TIMEOUT
+                    until = min(deadline, oldest, self.next_at if plan else math.inf)
+                    for key, _ in self.selector.select(max(0.0, until - time.monotonic())):
+                        if isinstance(key.fileobj, socket.socket) and key.fileobj in self.pending:
+                            self._receive(self.pending[key.fileobj])
+                    now = time.monotonic()
+                    for query in list(self.pending.values()):
+                        if now >= query.started + DNS_ATTEMPT_TIMEOUT:
+                            self._fail(query, TimeoutError(errno.ETIMEDOUT, "no answer"))
+            finally:
+                self._end()
+        silence = NameAnswer(
+            error=f"no answer from the name servers in {time.monotonic() - start:.1f} s", reply=Reply.TTL_EXPIRED
+        )
+        if self.last_error is not None and not isinstance(self.last_error[1], TimeoutError):
+            server, error = self.last_error
+            silence = NameAnswer(error=f"no name server reached: {_describe(error)} ({server.describe()})")
+        for rdtype in self.rdtypes:
+            if rdtype not in self.answers:
+                self.answers[rdtype] = self.failures.get(rdtype) or silence
+        return self.answers
+
+    def _unanswered(self) -> list[int]:
+        return [rdtype for rdtype in self.rdtypes if rdtype not in self.answers]
+
+    def _ask(self, server: NameServer, local: LocalAddress | None) -> None:
+        import dns.message
+        import dns.rdatatype
+
+        try:
+            sock = _query_socket(self.open_socket, local, server, socket.SOCK_DGRAM)
+        except OSError as error:
+            self._note_failure(server, local, error)
+            return
+        query = _Query(server, local, sock, time.monotonic(), {})
+        try:
+            sock.setblocking(False)
+            # Connected, the socket hears its server only: an answer from an
+            # address that was not asked never reaches it.
+            sock.connect((server.ip, server.port))
+            for rdtype in self._unanswered():
+                message = dns.message.make_query(self.name, dns.rdatatype.RdataType(rdtype))  # a random id
+                query.asked[message.id] = message
+                sock.send(message.to_wire())
+                self.resolver._count(local or self.via, "queries")
+        except OSError as error:
+            sock.close()
+            self._note_failure(server, local, error)
+            return
+        if logger.isEnabledFor(logging.DEBUG):
+            through = local.describe() if local else "loopback"
+            logger.debug("asking %s for %s through %s", server.describe(), self.name, through)
+        self.pending[sock] = query
+        self.selector.register(sock, selectors.EVENT_READ)
+
+    def _receive(self, query: _Query) -> None:
+        import dns.exception
+        import dns.flags
+        import dns.message
+
+        while query.sock in self.pending:
+            try:
+                data = query.sock.recv(UDP_DNS_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # the server's port is closed (ICMP), the link went
+                self._fail(query, error)
+                return
+            try:
+                message = dns.message.from_wire(data)
+            except dns.exception.DNSException as error:
+                self._passed_over(query, f"a malformed answer ({error.__class__.__name__})")
+                continue
+            sent = query.asked.get(message.id)
+            if sent is None or not sent.is_response(message):
+                self._passed_over(query, "an answer to another query")
+                continue
+            del query.asked[message.id]
+            if message.flags & dns.flags.TC:
+                message = self._by_tcp(query, sent)
+                if message is None:
+                    continue
+            self._take(query, sent, message)
+            if not query.asked:
+                self._close(query)
+
+    def _by_tcp(self, query: _Query, sent: Any) -> Any:
+        """Ask ``sent`` again by TCP through the same link: the UDP answer was truncated."""
+        import dns.exception
+        import dns.query
+
+        server, local = query.server, query.local
+        timeout = max(0.1, min(DNS_ATTEMPT_TIMEOUT, self.deadline - time.monotonic()))
+        try:
+            with _query_socket(self.open_socket, local, server, socket.SOCK_STREAM) as sock:
+                error = sock.connect_ex((server.ip, server.port))
+                if error and error not in _CONNECT_IN_PROGRESS:
+                    raise OSError(error, os.strerror(error))
+                _wait_until(sock, selectors.EVENT_WRITE, time.monotonic() + timeout)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
+                return dns.query.tcp(sent, server.ip, timeout=timeout, sock=sock)
+        except (OSError, dns.exception.DNSException) as error:
+            self._passed_over(query, f"a truncated answer, and by TCP: {error or error.__class__.__name__}")
+            return None
+
+    def _take(self, query: _Query, sent: Any, message: Any) -> None:
+        """Take a server's response to ``sent``: an answer, or the server's failure."""
+        import dns.rcode
+
+        rdtype = sent.question[0].rdtype
+        rcode = message.rcode()
+        if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            answer, ttl = _read_answer(message, rdtype, sent.question[0].name)
+            if rcode == dns.rcode.NXDOMAIN:
+                answer = NameAnswer(error=f"no such name (NXDOMAIN from {query.server.describe()})", negative=True)
+            self.resolver.cache.put(self.name, rdtype, answer, ttl)
+            if rcode == dns.rcode.NXDOMAIN:  # no type has it: the other types are answered too
+                for other in self._unanswered():
+                    self.answers[other] = answer
+                    self.resolver.cache.put(self.name, other, answer, ttl)
+            self.answers[rdtype] = answer
+            self._won(query)
+            return
+        reason = _RCODE_REPLIES.get(rcode, f"the name server answered {dns.rcode.to_text(rcode)}")
+        self.failures[rdtype] = NameAnswer(error=f"{reason}: {query.server.describe()}")
+        self._fail(query, OSError(errno.EPROTO, reason))
+
+    def _won(self, query: _Query) -> None:
+        """A good answer came: the queries of other links to the same server
+        that went unanswered are the resolution's silent links; those silent
+        for ``evidence_after``, and those that failed, are evidence against
+        their links."""
+        local = query.local
+        if local is None:
+            return
+        self.resolution.answered_by = self.resolution.answered_by or local
+        now = time.monotonic()
+        against: list[tuple[LocalAddress, OSError]] = []
+        for other in self.pending.values():
+            if other.local is not None and other.local != local and other.server == query.server:
+                if other.local not in self.resolution.silent:
+                    self.resolution.silent.append(other.local)
+                if now - other.started >= self.resolver.evidence_after:
+                    against.append((other.local, TimeoutError(
+                        errno.ETIMEDOUT, f"no DNS answer in {now - other.started:.1f} s; {local.ip} got one")))
+        for failed_local, server, error in self.failed:
+            if failed_local != local and server == query.server and _is_link_failure(error):
+                against.append((failed_local, error))
+                if failed_local not in self.resolution.silent:
+                    self.resolution.silent.append(failed_local)
+        if against and self.resolver.health is not None:
+            self.resolver.health.connected_through(local, against, (query.server.ip, query.server.port))
+
+    def _passed_over(self, query: _Query, what: str) -> None:
+        logger.info("passed over %s from %s for %s", what, query.server.describe(), self.name)
+        self.resolver._count(query.local or self.via, "failures")
+
+    def _fail(self, query: _Query, error: OSError) -> None:
+        self._close(query)
+        self._note_failure(query.server, query.local, error)
+
+    def _note_failure(self, server: NameServer, local: LocalAddress | None, error: OSError) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("asking %s for %s failed: %s", server.describe(), self.name, _describe(error))
+        self.resolver._count(local or self.via, "failures")
+        self.next_at = 0.0  # a failure is no reason to wait for the hedge
+        self.last_error = (server, error)
+        if local is not None:
+            self.failed.append((local, server, error))
+
+    def _close(self, query: _Query) -> None:
+        if self.pending.pop(query.sock, None) is not None:
+            self.selector.unregister(query.sock)
+        query.sock.close()
+
+    def _end(self) -> None:
+        """Close the queries still waiting; those silent past the hedge count as failed."""
+        now = time.monotonic()
+        for query in list(self.pending.values()):
+            if now - query.started >= self.resolver.hedge:
+                self.resolver._count(query.local or self.via, "failures")
+                if query.local is not None and query.local not in self.resolution.silent:
+                    self.resolution.silent.append(query.local)
+            self._close(query)
+
+
+
+def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, float]:
+    """The addresses of ``rdtype`` a response gives for ``qname`` (its
+    CNAMEs followed), and the seconds they may be kept: the least TTL of
+    the chain, or for none the negative TTL (RFC 2308: the SOA's own TTL or
+    its minimum, whichever is less), at most DNS_NEGATIVE_TTL."""
+    import dns.rdatatype
+
+    name = qname
+    ttls: list[float] = []
+    for _ in range(16):  # a CNAME chain longer than this is a loop
+        chained = next((rrset for rrset in message.answer
+                        if rrset.name == name and rrset.rdtype == dns.rdatatype.CNAME), None)
+        if chained is None:
+            break
+        ttls.append(chained.ttl)
+        name = chained[0].target
+    found = next((rrset for rrset in message.answer if rrset.name == name and rrset.rdtype == rdtype), None)
+    if found is not None and len(found):
+        ttl = min([*ttls, found.ttl, DNS_MAX_TTL])
+        return NameAnswer(tuple(rdata.address for rdata in found)), ttl
+    soa = next((rrset for rrset in message.authority if rrset.rdtype == dns.rdatatype.SOA), None)
+    ttl = min(soa.ttl, soa[0].minimum, DNS_NEGATIVE_TTL) if soa is not None and len(soa) else 0
+    family = "IPv6" if rdtype == 28 else "IPv4"
+    return NameAnswer(error=f"no {family} address", negative=True), ttl
 
 
 # Upstream proxies: the connector ---------------------------------------------
@@ -3438,24 +4385,6 @@ def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -
     return b" ".join([method, b"http://" + authority.encode("ascii") + path, version]) + b"\r\n" + rest
 
 
-def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
-    """A non-blocking socket, bound to ``device`` if given (not to an
-    address), whose connect to ``target`` is under way."""
-    sock = socket.socket(_family_of(target[0]), socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if device is not None:
-            _bind_to_device(sock, device)
-        error = sock.connect_ex(target)
-        if error and error not in _CONNECT_IN_PROGRESS:
-            raise OSError(error, os.strerror(error))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class UpstreamLease:
     """An upstream socket and the local address it leaves from.
 
@@ -3529,6 +4458,8 @@ class Upstream:
 
     ``hedge``: seconds a connect may go unanswered before the same connect
     starts from another address, the first to get through winning (0: never).
+    ``resolver`` looks names up (through the links); None leaves them to the
+    system's resolver.
     """
 
     def __init__(
@@ -3537,12 +4468,14 @@ class Upstream:
         meter: Meter,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         hedge: float = DEFAULT_HEDGE,
+        resolver: Resolver | None = None,
     ) -> None:
         self.balancer = balancer
         self.health = balancer.health
         self.meter = meter
         self.connect_timeout = connect_timeout
         self.hedge = hedge
+        self.resolver = resolver or Resolver(system=True)
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
@@ -3577,33 +4510,67 @@ class Upstream:
         if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
-        targets = self._targets(host, port, families)
-        for family, ip in targets:
-            try:
-                return _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form).run()
-            except OSError as failure:
-                error = failure
-            # No address reached this target: nothing says the links are to
-            # blame (the target may be down), so none is made out.
+        targets, first = self._targets(host, families, affinity)
+        try:
+            for family, ip in targets:
+                lead, first = (first, None) if first is not None and family in first.serves else (None, first)
+                try:
+                    return _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead).run()
+                except OSError as failure:
+                    error = failure
+                # No address reached this target: nothing says the links are to
+                # blame (the target may be down), so none is made out.
+        finally:
+            if first is not None:
+                self.balancer.release(first)
         if not targets:  # a name for the proxies that take names alone
             return _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form).run()
         raise error or SocksError(Reply.HOST_UNREACHABLE)
 
     def _targets(
-        self, host: str, port: int, families: Collection[socket.AddressFamily]
-    ) -> list[tuple[socket.AddressFamily, str]]:
-        """The (family, ip) pairs to race for; none for a name that only
+        self, host: str, families: Collection[socket.AddressFamily], affinity: Affinity | None
+    ) -> tuple[list[tuple[socket.AddressFamily, str]], LocalAddress | None]:
+        """The (family, ip) pairs to race for, and the link whose query
+        found them (see _resolve_for_connect); none for a name that only
         upstream proxies that take names are given: where every link takes
         names, or where it cannot be resolved here (a name only the far end
         knows, as Tor's .onion)."""
         if _is_ip(host) or not self.balancer.passes_names:
-            return _resolve_target(host, port, families)
+            return self._resolve_for_connect(host, families, affinity)
         if not self.balancer.resolves_names:
-            return []
+            return [], None
         try:
-            return _resolve_target(host, port, families)
+            return self._resolve_for_connect(host, families, affinity)
         except OSError:
-            return []
+            return [], None
+
+    def _resolve_for_connect(
+        self, host: str, families: Collection[socket.AddressFamily], affinity: Affinity | None
+    ) -> tuple[list[tuple[socket.AddressFamily, str]], LocalAddress | None]:
+        """The addresses of ``host``, and the local address (taken from the
+        balancer) whose link asked for them, for the connection to start
+        from; None for an IP address or where names are not asked through
+        the links. When that link's query went unanswered while another
+        link's got through, the connection starts from another link."""
+        if _is_ip(host) or not self.resolver.through_links:
+            return self.resolver.resolve(host, families, None, self._with_device).targets, None
+        family = socket.AF_INET if socket.AF_INET in families else socket.AF_INET6
+        chosen = self.balancer.next(family, affinity)
+        try:
+            resolution = self.resolver.resolve(host, families, chosen, self._with_device)
+        except BaseException:
+            self.balancer.release(chosen)
+            raise
+        if chosen not in resolution.silent:
+            return resolution.targets, chosen
+        self.balancer.release(chosen)
+        return resolution.targets, self.balancer.alternative(family, resolution.silent, affinity, racing=True)
+
+    def resolve(
+        self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None
+    ) -> list[tuple[socket.AddressFamily, str]]:
+        """The addresses of ``host`` of ``families``, asked through ``via``'s link first."""
+        return self.resolver.resolve(host, families, via, self._with_device).targets
 
     def open_udp(self, family: socket.AddressFamily) -> UpstreamLease:
         """A UDP socket from a dispatched local address of ``family`` (or of
@@ -3671,12 +4638,21 @@ class Upstream:
 
     def probe(self, local: LocalAddress, target: Target, timeout: float) -> OSError | None:
         """Connect from ``local`` to ``target`` and hang up, as a retest or a
-        check does; None if the link got an answer (a refusal is one)."""
+        check does; None if the link got an answer (a refusal is one). A
+        name is looked up through ``local``'s link alone."""
         try:
+            deadline = time.monotonic() + timeout
+            if not _is_ip(target[0]) and not (isinstance(local, ProxyAddress) and local.proxy.passes_names):
+                resolution = self.resolver.resolve(
+                    target[0], local.serves - {socket.AF_UNSPEC}, local, self._with_device, only_via=True,
+                    timeout=timeout,
+                )
+                target = (resolution.targets[0][1], target[1])
             if isinstance(local, ProxyAddress):
-                opened, _ = self.connect_through(local, *target, time.monotonic() + timeout)
+                opened, _ = self.connect_through(local, *target, deadline)
             else:
-                opened = self._with_device(local, target[0], functools.partial(_connect_from, local, *target, timeout))
+                connect = functools.partial(_connect_from, local, *target, max(0.0, deadline - time.monotonic()))
+                opened = self._with_device(local, target[0], connect)
         except OSError as error:
             return None if _is_target_answer(error) else error
         opened.close()
@@ -3842,8 +4818,11 @@ class _Race:
         on_attempt: Callable[[LocalAddress], None],
         host: str | None = None,
         absolute_form: bool = False,
+        *,
+        first: LocalAddress | None = None,
     ) -> None:
         self.upstream = upstream
+        self.first = first  # taken from the balancer already: the link that asked for the name
         self.balancer = upstream.balancer
         self.family = family
         self.target = target
@@ -3863,7 +4842,7 @@ class _Race:
         hedge = self.upstream.hedge or math.inf
         with _selector() as self.selector:
             try:
-                self._start(self.balancer.next(self.family, self.affinity))
+                self._start(self.first or self.balancer.next(self.family, self.affinity))
                 hedge_at = time.monotonic() + hedge
                 while self.answer is None:
                     if not self.pending:
@@ -4610,7 +5589,7 @@ class UdpAssociation:
         ip = self._names.get(host)
         families = {self.upstream.family} if self.proxied is None else {socket.AF_INET, socket.AF_INET6}
         if ip is None:
-            ip = _resolve_target(host, port, families)[0][1]
+            ip = self.session.context.upstream.resolve(host, families, self.lease.local)[0][1]
             if not _is_ip(host):
                 if len(self._names) >= self.max_names:
                     self._names.clear()
@@ -4721,6 +5700,7 @@ _SCRIPT = """
     return (i && n < 100 ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
   }
   function kbs(r) { return (r / 1000).toFixed(1); }
+  var DNS_NOTE = "queries / cached / failed";
   function duration(s) {  // as format_duration
     var t = Math.round(Math.max(0, s)), i, u = [[Math.floor(t / 86400), "d"],
       [Math.floor(t % 86400 / 3600), "h"], [Math.floor(t % 3600 / 60), "min"], [t % 60, "s"]];
@@ -4742,7 +5722,8 @@ _SCRIPT = """
       ["Tier", a.tier], ["State", st, a.reason, st], ["Open", String(a.open), "", "n"],
       ["Down", bytes(a.bytes_down), "", "n"], ["Up", bytes(a.bytes_up), "", "n"],
       ["Down kB/s", kbs(a.rate_down), "", "n"], ["Up kB/s", kbs(a.rate_up), "", "n"],
-      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", source(a), "n"]];
+      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", source(a), "n"],
+      ["DNS", [a.dns_queries, a.dns_cache_hits, a.dns_failures].join(" / "), DNS_NOTE, "n"]];
     cells.forEach(function (c, j) {
       var td = tr.appendChild(el("td", c[3], c[1]));
       td.setAttribute("data-label", c[0]);
@@ -4785,7 +5766,8 @@ _SCRIPT = """
     });
   }
   function render(s) {
-    var t = s.totals, body = el("tbody"), foot = el("tfoot"), legend = $("legend"), open = 0, cap;
+    var t = s.totals, body = el("tbody"), foot = el("tfoot"), legend = $("legend"), open = 0, cap,
+      dns = {dns_queries: 0, dns_cache_hits: 0, dns_failures: 0};
     var facts = {version: s.version, uptime: duration(s.uptime), listening: s.listening,
       balance: s.balance, clients: s.open_connections, refused: s.refused,
       connections: t.connections, failed: t.failed};
@@ -4796,10 +5778,11 @@ _SCRIPT = """
     s.addresses.forEach(function (a, i) {
       open += a.open;
       if (a.capacity != null) cap = (cap || 0) + a.capacity;
+      Object.keys(dns).forEach(function (k) { dns[k] += a[k] || 0; });
       body.appendChild(row(a, i));
       legend.appendChild(el("li", "", a.link)).prepend(el("i", "k s" + i % 8));
     });
-    foot.appendChild(row(Object.assign({}, t, {link: "All links", open: open, capacity: cap}), -1));
+    foot.appendChild(row(Object.assign({}, t, dns, {link: "All links", open: open, capacity: cap}), -1));
     $("rows").replaceWith(body); body.id = "rows";
     $("total").replaceWith(foot); foot.id = "total";
     chart(s, "rate_down"); chart(s, "rate_up");
@@ -4828,7 +5811,8 @@ STATUS_PAGE_CSP = (
     f"script-src {_csp_source(_SCRIPT)}; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
-_HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity")
+_HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity", "DNS")
+_DNS_KEYS = ("dns_queries", "dns_cache_hits", "dns_failures")
 _FIRST_NUMERIC = 3  # heading index from which columns hold numbers
 
 
@@ -4870,7 +5854,8 @@ def _row(row: Mapping[str, Any], colour: int | None) -> str:
              ("Down kB/s", _kbs(row["rate_down"]), "", "n"),
              ("Up kB/s", _kbs(row["rate_up"]), "", "n"),
              ("Capacity", "not measured" if capacity is None else format_bytes(capacity) + "/s",
-              "" if capacity is None or colour is None else capacity_source(row), "n")]
+              "" if capacity is None or colour is None else capacity_source(row), "n"),
+             ("DNS", " / ".join(str(row.get(key, 0)) for key in _DNS_KEYS), "queries / cached / failed", "n")]
     out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
     for position, (label, text, small, cls) in enumerate(cells):
         under = f"<small>{_e(small)}</small>" if small else ""
@@ -4883,7 +5868,8 @@ def _totals(status: Mapping[str, Any]) -> dict[str, Any]:
     rows = status["addresses"]
     measured = [row["capacity"] for row in rows if row["capacity"] is not None]
     return {**status["totals"], "link": "All links", "open": sum(row["open"] for row in rows),
-            "capacity": sum(measured) if measured else None}
+            "capacity": sum(measured) if measured else None,
+            **{key: sum(row.get(key, 0) for row in rows) for key in _DNS_KEYS}}
 
 
 def _nice_top(peak_kbs: float) -> float:
@@ -4975,6 +5961,11 @@ _PER_ADDRESS = (
     ("dispatch_link_capacity_remembered", "gauge",
      "1 while the capacity is the one remembered from an earlier run, 0 once measured; absent without one.",
      "capacity_remembered"),
+    ("dispatch_dns_queries_total", "counter", "DNS queries sent through the address's link.", "dns_queries"),
+    ("dispatch_dns_cache_hits_total", "counter",
+     "Name lookups for connections of the address that the cache answered.", "dns_cache_hits"),
+    ("dispatch_dns_failures_total", "counter",
+     "DNS queries through the address's link that got no good answer.", "dns_failures"),
 )
 
 
@@ -5964,7 +6955,13 @@ def _waiting_row(link: Link) -> dict[str, Any]:
         "state": "waiting", "reason": "no address yet", "connections": 0, "failed": 0, "open": 0,
         "bytes_up": 0, "bytes_down": 0, "rate_up": 0.0, "rate_down": 0.0, "capacity": None,
         "capacity_source": "not measured", "capacity_age": None,
+        **_dns_fields(DnsCounts()),
     }
+
+
+def _dns_fields(counts: DnsCounts) -> dict[str, int]:
+    """The DNS counts of a stats row."""
+    return {"dns_queries": counts.queries, "dns_cache_hits": counts.cache_hits, "dns_failures": counts.failures}
 
 
 class Dispatcher:
@@ -6005,10 +7002,13 @@ class Dispatcher:
     - ``balance``: "measured" or "round-robin"; None means measured unless
       an address has a weight.
     - ``sticky``: seconds a client's site keeps its link; None is off.
-    - ``checks``: ``"IP:PORT"`` targets every link is tested against, every
-      ``check_interval`` seconds.
+    - ``checks``: ``"HOST:PORT"`` targets (an IP address or a name) every
+      link is tested against, every ``check_interval`` seconds.
     - ``hedge``: seconds a connect may go unanswered before it is raced
       through another link; 0 never.
+    - ``dns``: the name servers to ask, ``"ADDRESS[:PORT]"`` each; None
+      asks the system's, through the links; ``["system"]`` leaves names to
+      the system's resolver.
     - ``upstream_passwords``: {user: password} for the proxies' URLs that
       give a user and no password (kept out of the process list).
     - ``state_file``: where each link's capacity is kept across runs (read
@@ -6042,6 +7042,7 @@ class Dispatcher:
         checks: Iterable[str] = (),
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         hedge: float = DEFAULT_HEDGE,
+        dns: Sequence[str] | None = None,
         upstream_passwords: Mapping[str, str] | None = None,
         state_file: str | None = None,
     ) -> None:
@@ -6062,8 +7063,9 @@ class Dispatcher:
                              f"at most {MAX_DURATION:g} seconds; got {seconds!r}")
         self.check_interval = check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
-        families = {_family_of(ip) for ip, _ in self.checks}
-        if self.checks and not any(families & address.serves for address in self.links.addresses):
+        families = {_family_of(ip) for ip, _ in self.checks if _is_ip(ip)}
+        named = any(not _is_ip(host) for host, _ in self.checks)  # a name may have either family
+        if self.checks and not named and not any(families & address.serves for address in self.links.addresses):
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
         self.health = Health(cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
@@ -6082,7 +7084,11 @@ class Dispatcher:
         self.meter = Meter()
         # What the addresses forgotten once gone carried: still in the totals.
         self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
-        self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge)
+        self.resolver = Resolver(
+            *parse_dns_option(dns), addresses=lambda: self.links.addresses, health=self.health,
+            hedge=min(DNS_HEDGE, hedge), timeout=connect_timeout, evidence_after=hedge or DEFAULT_HEDGE,
+        )
+        self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge, self.resolver)
         self.access = AccessPolicy(credentials, allow)
         self.admission = Admission(
             self.access, default_max_connections() if max_connections is None else max_connections
@@ -6209,7 +7215,10 @@ class Dispatcher:
     def _check_round(self) -> None:
         try:
             timeout = min(self.check_interval, self.upstream.connect_timeout)
-            pairs = [(a, t) for a in self.links.addresses for t in self.checks if _family_of(t[0]) in a.serves]
+            pairs = [
+                (a, t) for a in self.links.addresses for t in self.checks
+                if not _is_ip(t[0]) or _family_of(t[0]) in a.serves
+            ]
             outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
 
             def check(address: LocalAddress, target: Target) -> None:
@@ -6331,7 +7340,8 @@ class Dispatcher:
         the last interval or two (METER_INTERVAL), the capacity (None until
         known), where it comes from (capacity_source: "measured",
         "remembered" from an earlier run, or "not measured") and the seconds
-        since it was last measured (capacity_age, None if not in this run). An interface that has had no address yet has
+        since it was last measured (capacity_age, None if not in this run). The DNS work of its link
+        (dns_queries, dns_cache_hits, dns_failures). An interface that has had no address yet has
         a row with ip None, state "waiting". Reading changes nothing: every
         reader sees the same."""
         current = self.links.addresses
@@ -6359,6 +7369,7 @@ class Dispatcher:
                 "rate_up": reading.rate_up,
                 "rate_down": reading.rate_down,
                 **self._capacity_fields(address),
+                **_dns_fields(self.resolver.counts(address)),
             })
         for link in self.links.links:
             if not link.known:
@@ -6704,12 +7715,14 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
 def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
     """Check what ``start`` can check of its arguments without this
     machine's interfaces (``dispatch service`` checks them too): the form
-    of every ADDRESS, IP addresses that no link could use, and the logins.
-    Returns the users; raises AddressError or ValueError."""
+    of every ADDRESS, IP addresses that no link could use, the --dns
+    servers together, and the logins. Returns the users; raises
+    AddressError or ValueError."""
     for text in args.addresses:
         spec = parse_address(text)
         if _is_ip(spec.address):
             _check_link_address(spec.address)
+    parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
     return _credentials(args)
 
 
@@ -6762,6 +7775,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
             checks=args.check,
             check_interval=args.check_interval,
             hedge=args.hedge,
+            dns=args.dns,
             upstream_passwords=upstream_passwords,
             state_file=None if args.no_state else args.state_file or default_state_path(),
         )
@@ -7250,7 +8264,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep no state file: every start measures the links afresh",
     )
     start.add_argument(
-        "--check", action="append", type=_check_target, default=[], metavar="IP:PORT",
+        "--check", action="append", type=_check_target, default=[], metavar="HOST:PORT",
         help="test every link by connecting to this target through it (repeatable): 3 failures in a "
         "row take a link out, 2 successes bring it back (default: no checks)",
     )
@@ -7262,6 +8276,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--hedge", type=_duration("--hedge"), default=DEFAULT_HEDGE, metavar="SECONDS",
         help=f"when a connect has no answer after this long, race it through another link "
         f"(default {DEFAULT_HEDGE:g}; 0: never)",
+    )
+    start.add_argument(
+        "--dns", action="append", type=_dns_server, metavar="ADDRESS[:PORT]",
+        help="a name server to ask through the links (repeatable; default: the system's); "
+        "'system': leave names to the system's resolver",
     )
     start.add_argument(
         "--no-page", dest="pages", action="store_false",
@@ -7367,6 +8386,14 @@ def _user_password(text: str) -> tuple[str, str]:
     except ValueError as error:
         # The text is not repeated: it may hold a password.
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _dns_server(text: str) -> str:
+    try:
+        parse_dns_option([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _check_target(text: str) -> str:

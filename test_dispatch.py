@@ -314,6 +314,149 @@ def udp_sender() -> Iterator[UdpServer]:
     server.close()
 
 
+class DnsServer:
+    """A DNS server on UDP and TCP (one port), answering from a table with
+    dnspython's message API, and misbehaving on demand.
+
+    ``names``: {name: [address, ...]}, A and AAAA records by the addresses'
+    family; a name not there is NXDOMAIN. ``behaviour``: {name: how}, how
+    one of "nxdomain", "servfail", "refused", "truncated" (over UDP: the
+    flag and no records; over TCP: the whole answer), "malformed",
+    "wrong-id", "other-question", "other-source" (sent from another port),
+    "silent". Queries from the addresses in ``silent_to`` get no answer.
+    ``queries``: (name, type, transport, source address) heard.
+    """
+
+    ttl = 60
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(50):  # a UDP port whose TCP twin is free too
+            self.udp = socket.socket(family, socket.SOCK_DGRAM)
+            self.udp.bind((host, port))
+            self.tcp = socket.socket(family, socket.SOCK_STREAM)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.tcp.bind((host, self.udp.getsockname()[1]))
+                break
+            except OSError:
+                self.udp.close()
+                self.tcp.close()
+        self.tcp.listen(16)
+        self.host, self.port = host, self.udp.getsockname()[1]
+        self.names: dict[str, list[str]] = {}
+        self.behaviour: dict[str, str] = {}
+        self.silent_to: set[str] = set()
+        self.queries: list[tuple[str, str, str, str]] = []
+        self._lock = threading.Lock()
+        self._stray = socket.socket(family, socket.SOCK_DGRAM)
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=serve, daemon=True) for serve in (self._serve_udp, self._serve_tcp)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def address(self) -> str:
+        """The server as --dns names it."""
+        return dispatch._format_endpoint(self.host, self.port)
+
+    def asked(self, name: str, transport: str | None = None) -> list[tuple[str, str, str, str]]:
+        """The queries heard for ``name`` (over ``transport``, if given)."""
+        with self._lock:
+            return [q for q in self.queries if q[0] == name and transport in (None, q[2])]
+
+    def answer(self, data: bytes, transport: str, source: str) -> bytes | None:
+        """The bytes to send back for the query ``data``; None for no answer."""
+        import dns.flags
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name = question.name.to_text().rstrip(".").lower()
+        with self._lock:
+            self.queries.append((name, dns.rdatatype.to_text(question.rdtype), transport, source))
+        how = self.behaviour.get(name, "")
+        if how == "silent" or source in self.silent_to:
+            return None
+        if how == "malformed":
+            return data[:2] + b"\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\xc0"  # five records promised, none there
+        response = dns.message.make_response(query)
+        if how == "other-question":
+            response = dns.message.make_response(dns.message.make_query("other.test", question.rdtype))
+            response.id = query.id
+        if how == "wrong-id":
+            response.id = (query.id + 1) % 65536
+        rcodes = {"nxdomain": dns.rcode.NXDOMAIN, "servfail": dns.rcode.SERVFAIL, "refused": dns.rcode.REFUSED}
+        if how in rcodes:
+            response.set_rcode(rcodes[how])
+        elif how == "truncated" and transport == "udp":
+            response.flags |= dns.flags.TC
+        elif name not in self.names:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            soa = dns.rrset.from_text("test.", 300, "IN", "SOA", "ns.test. admin.test. 1 60 60 60 5")
+            response.authority.append(soa)
+        else:
+            family = "AAAA" if question.rdtype == dns.rdatatype.AAAA else "A"
+            ips = [ip for ip in self.names[name] if (":" in ip) == (family == "AAAA")]
+            if ips:
+                response.answer.append(dns.rrset.from_text(question.name, self.ttl, "IN", family, *ips))
+        return response.to_wire()
+
+    def _serve_udp(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, sender = self.udp.recvfrom(65535)
+            except OSError:
+                return
+            try:
+                reply = self.answer(data, "udp", sender[0])
+                if reply is not None:
+                    how = self.behaviour.get(self.queries[-1][0], "")
+                    (self._stray if how == "other-source" else self.udp).sendto(reply, sender)
+            except Exception:  # a query this server cannot read: no answer, as a real one
+                continue
+
+    def _serve_tcp(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, sender = self.tcp.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_connection, args=(conn, sender[0]), daemon=True).start()
+
+    def _serve_connection(self, conn: socket.socket, source: str) -> None:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            try:
+                (size,) = struct.unpack("!H", recv_exactly(conn, 2))
+                reply = self.answer(recv_exactly(conn, size), "tcp", source)
+                if reply is not None:
+                    conn.sendall(struct.pack("!H", len(reply)) + reply)
+            except (OSError, AssertionError):
+                return
+
+    def close(self) -> None:
+        """Stop serving and free the port (a fixed one too, for the next server)."""
+        self._closed.set()
+        for sock in (self.udp, self.tcp):
+            with contextlib.suppress(OSError):  # an unconnected socket says ENOTCONN, and wakes its reader
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(TIMEOUT)
+        for sock in (self.udp, self.tcp, self._stray):
+            sock.close()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer()
+    yield server
+    server.close()
+
+
 def refused_port() -> int:
     """A loopback port with nothing listening."""
     with socket.socket() as probe:
@@ -832,6 +975,16 @@ def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
     monkeypatch.setattr(dispatch, "_is_usable", lambda ip: True)
     monkeypatch.setattr(dispatch, "INTERFACE_REFRESH_INTERVAL", 0.05)
     return reader
+
+
+@pytest.fixture(autouse=True)
+def no_system_name_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test asks this machine's name servers: a proxy left to find them
+    finds none and leaves names to the system's resolver (which fake_names
+    answers); tests of the resolver name their own server on loopback.
+
+    Private seam: discovery itself is tested with recorded files."""
+    monkeypatch.setattr(dispatch, "system_name_servers", lambda: ([], dispatch.ResolvConf()))
 
 
 @pytest.fixture
@@ -2490,6 +2643,25 @@ def test_a_check_round_tests_each_address_against_the_targets_of_its_family(
     assert rounds[0] == {"127.0.0.2": None, "127.0.0.3": None}  # ::1 has no IPv6 target: not checked
 
 
+def test_a_check_by_name_looks_the_name_up_through_each_link_checked(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, dns_server: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dns_server.names["check.test"] = ["127.0.0.1"]
+    proxy = make_proxy(
+        ["127.0.0.2", "127.0.0.3"], checks=[f"check.test:{echo_server.port}", f"gone.test:{echo_server.port}"],
+        check_interval=0.2, dns=[dns_server.address],
+    )
+    rounds: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        proxy.health, "check_round", lambda results, named: rounds.append({a.ip: e for a, e in results.items()})
+    )
+    assert wait_for(lambda: len(rounds) >= 1)
+    assert rounds[0] == {"127.0.0.2": None, "127.0.0.3": None}  # one target reached is a pass
+    assert dns_server.asked("check.test") and dns_server.asked("gone.test")
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert rows["127.0.0.2"]["dns_queries"] + rows["127.0.0.3"]["dns_queries"] >= 1
+
+
 # Balancing, end to end -----------------------------------------------------
 
 def test_weights_7_3_interleave_end_to_end(make_proxy: Callable[..., Dispatcher], peer_server: Server) -> None:
@@ -2834,6 +3006,459 @@ def test_name_of_a_family_without_local_address_gets_reply_08(
     proxy.shutdown()
     (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "six.test:80"]
     assert exchange.result == "six.test has only IPv6 addresses and there is no IPv6 local address to dispatch to"
+
+
+# Names through the links: server discovery, the cache, the query plan -------
+
+STUB_RESOLV_CONF = """\
+# This is /run/systemd/resolve/stub-resolv.conf managed by man:systemd-resolved(8).
+nameserver 127.0.0.53
+options edns0 trust-ad
+search home.arpa
+"""
+SYSTEMD_UPSTREAMS = """\
+# This is /run/systemd/resolve/resolv.conf managed by man:systemd-resolved(8).
+nameserver 192.168.1.1
+nameserver 10.8.0.1
+nameserver 9.9.9.9
+search home.arpa corp.example
+"""
+
+
+def write_files(root: Any, files: dict[str, str]) -> str:
+    for path, text in files.items():
+        os.makedirs(os.path.join(str(root), os.path.dirname(path)), exist_ok=True)
+        with open(os.path.join(str(root), path), "w") as file:
+            file.write(text)
+    return str(root)
+
+
+def test_resolv_conf_gives_servers_search_domains_and_ndots() -> None:
+    conf = dispatch.parse_resolv_conf(
+        "# a comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0 ; scoped\nnameserver not-an-ip\n"
+        "domain old.example\nsearch a.example b.example.\noptions timeout:1 ndots:2\n"
+    )
+    assert conf == dispatch.ResolvConf(("192.0.2.53", "fe80::1%eth0"), ("a.example", "b.example"), 2)
+
+
+def test_discovery_takes_the_servers_of_resolv_conf_for_any_link(tmp_path: Any) -> None:
+    root = write_files(tmp_path, {"etc/resolv.conf": "nameserver 192.0.2.53\nnameserver 2001:db8::53\n"})
+    servers, conf = dispatch.discover_name_servers(root)
+    assert servers == [dispatch.NameServer("192.0.2.53"), dispatch.NameServer("2001:db8::53")]
+    assert conf.search == ()
+
+
+def test_discovery_behind_the_systemd_stub_asks_its_upstreams_each_through_its_link(tmp_path: Any) -> None:
+    root = write_files(tmp_path, {
+        "etc/resolv.conf": STUB_RESOLV_CONF,
+        "run/systemd/resolve/resolv.conf": SYSTEMD_UPSTREAMS,
+        # Set over D-Bus (NetworkManager), and by systemd-networkd.
+        "run/systemd/resolve/netif/3": "# This is private data. Do not parse.\nLLMNR=yes\nSERVERS=192.168.1.1\n",
+        "run/systemd/netif/links/7": "# This is private data. Do not parse.\nADMIN_STATE=configured\n"
+                                     "DNS=10.8.0.1 [2001:db8::35]:5353#dns.corp.example\n",
+        "run/systemd/netif/links/9": "DNS=192.0.2.9\n",  # an interface gone since
+    })
+    names = {3: "wlan0", 7: "tun0"}
+
+    def interface_name(index: int) -> str:
+        if index not in names:
+            raise OSError(errno.ENXIO, "no such device")
+        return names[index]
+
+    servers, conf = dispatch.discover_name_servers(root, interface_name)
+    assert servers == [
+        dispatch.NameServer("192.168.1.1", 53, "wlan0"),
+        dispatch.NameServer("10.8.0.1", 53, "tun0"),
+        dispatch.NameServer("2001:db8::35", 5353, "tun0"),
+        dispatch.NameServer("9.9.9.9"),
+    ]
+    assert conf.search == ("home.arpa",)
+
+
+def test_discovery_asks_the_stub_itself_when_its_upstreams_are_unknown(tmp_path: Any) -> None:
+    root = write_files(tmp_path, {"etc/resolv.conf": STUB_RESOLV_CONF})
+    servers, _ = dispatch.discover_name_servers(root)
+    assert servers == [dispatch.NameServer("127.0.0.53")]
+    assert servers[0].loopback
+
+
+def test_windows_adapters_give_each_adapters_servers_to_its_link() -> None:
+    adapters = [  # the values of HKLM\\...\\Tcpip\\Parameters\\Interfaces\\{GUID}, as winreg reads them
+        {"EnableDHCP": 1, "DhcpIPAddress": "192.168.1.23", "DhcpNameServer": "192.168.1.1 192.168.1.2"},
+        {"EnableDHCP": 0, "IPAddress": ["10.0.0.5"], "NameServer": "10.0.0.1,10.0.0.2",
+         "DhcpNameServer": "10.9.9.9"},  # set by hand: the DHCP server's is not used
+        {"EnableDHCP": 1, "DhcpIPAddress": "0.0.0.0", "DhcpNameServer": ""},  # unplugged
+    ]
+    assert dispatch.windows_name_servers(adapters, global_servers="9.9.9.9") == [
+        dispatch.NameServer("192.168.1.1", 53, "192.168.1.23"),
+        dispatch.NameServer("192.168.1.2", 53, "192.168.1.23"),
+        dispatch.NameServer("10.0.0.1", 53, "10.0.0.5"),
+        dispatch.NameServer("10.0.0.2", 53, "10.0.0.5"),
+        dispatch.NameServer("9.9.9.9"),
+    ]
+
+
+def test_hosts_file_gives_each_names_addresses_in_order() -> None:
+    hosts = dispatch.parse_hosts(
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost\n192.0.2.7 Pinned.Example pinned # kept\n#10.0.0.1 gone\n"
+    )
+    assert hosts == {
+        "localhost": ["127.0.0.1", "::1"], "ip6-localhost": ["::1"],
+        "pinned.example": ["192.0.2.7"], "pinned": ["192.0.2.7"],
+    }
+
+
+@pytest.mark.parametrize(("texts", "expected"), [
+    (None, (None, False)),
+    (["system"], (None, True)),
+    (["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"], ([
+        dispatch.NameServer("192.0.2.53"), dispatch.NameServer("192.0.2.54", 5353),
+        dispatch.NameServer("2001:db8::53"), dispatch.NameServer("2001:db8::54"),
+    ], False)),
+])
+def test_dns_option_names_servers_or_the_system(texts: list[str] | None, expected: Any) -> None:
+    assert dispatch.parse_dns_option(texts) == expected
+
+
+@pytest.mark.parametrize("text", ["dns.example", "192.0.2.1:0", "192.0.2.1:99999", "[::1", "system,1.1.1.1"])
+def test_bad_dns_option_is_one_line_and_exit_2(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["start", "--dns", text])
+    assert exit_.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) <= 2  # usage, and the error
+
+
+def test_dns_system_takes_no_server_beside_it() -> None:
+    with pytest.raises(ValueError, match="system"):
+        dispatch.parse_dns_option(["system", "192.0.2.53"])
+
+
+def test_dns_cache_keeps_answers_for_their_ttl_and_drops_the_least_recently_used() -> None:
+    clock = FakeClock()
+    cache = dispatch.DnsCache(max_entries=2, clock=clock)
+    one, two, three = (dispatch.NameAnswer((f"192.0.2.{n}",)) for n in (1, 2, 3))
+    cache.put("one.test", 1, one, 60)
+    cache.put("two.test", 1, two, 10)
+    cache.put("zero.test", 1, three, 0)  # a TTL of 0 is not kept
+    assert cache.get("one.test", 1) == one  # now the most recently used
+    cache.put("three.test", 1, three, 60)
+    assert (cache.get("two.test", 1), cache.get("one.test", 1), len(cache)) == (None, one, 2)
+    clock.now += 60
+    assert cache.get("one.test", 1) is None and cache.get("three.test", 1) is None
+
+
+def local(ip: str, interface: str | None = None) -> dispatch.LocalAddress:
+    return dispatch.LocalAddress(ip, interface=interface)
+
+
+def test_query_plan_asks_through_the_chosen_link_first_each_link_its_own_servers_first() -> None:
+    wlan, cable, cable6 = local("192.168.1.23", "wlan0"), local("10.0.0.5", "eth0"), local("2001:db8::5", "eth0")
+    servers = [
+        dispatch.NameServer("192.168.1.1", 53, "wlan0"), dispatch.NameServer("9.9.9.9"),
+        dispatch.NameServer("2001:db8::53"), dispatch.NameServer("127.0.0.53"),
+    ]
+    resolver = dispatch.Resolver(servers, addresses=lambda: [wlan, cable, cable6])
+    assert resolver.plan(cable) == [
+        (servers[1], cable), (servers[0], wlan),  # each link's first: eth0 chosen, wlan0 its own
+        (servers[2], cable6), (servers[1], wlan),
+        (servers[3], None),  # loopback: no link
+    ]
+
+# Names through the links, end to end against a DNS server on loopback -------
+
+def test_socks5_name_is_asked_of_the_name_server_by_the_proxy(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    dns_server.names["echo.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    with client_through(proxy, ("echo.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"by name") == b"by name"
+    assert [(q[0], q[1], q[2]) for q in dns_server.asked("echo.test")] == [("echo.test", "A", "udp")]
+
+
+def test_query_plan_sends_an_upstream_proxys_queries_by_its_link_or_by_the_routing_table() -> None:
+    proxy = dispatch.parse_proxy_url("socks5://203.0.113.7:1080")[0]
+    over_cable = dispatch.ProxyAddress(
+        "socks5://203.0.113.7:1080+eth0", interface="eth0", proxy=dataclasses.replace(proxy, via="eth0")
+    )
+    routed, other = (dispatch.ProxyAddress(f"socks5://203.0.113.{n}:1080", proxy=proxy) for n in (7, 8))
+    cable = local("10.0.0.5", "eth0")
+    servers = [dispatch.NameServer("9.9.9.9"), dispatch.NameServer("2001:db8::53")]
+    resolver = dispatch.Resolver(servers, addresses=lambda: [cable, over_cable, routed, other])
+    assert resolver.plan(routed) == [
+        (servers[0], routed), (servers[0], cable),  # the proxies without a link share the routing table's way
+        (servers[1], routed), (servers[1], over_cable),  # bound to no address: either family
+    ]
+    assert resolver.plan(over_cable, only_via=True) == [(servers[0], over_cable), (servers[1], over_cable)]
+
+
+def test_socks4a_name_is_asked_of_the_name_server(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    dns_server.names["four.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    with client_through(proxy, ("four.test", echo_server.port), socks.SOCKS4, rdns=True) as client:
+        assert round_trip(client, b"4a") == b"4a"
+    assert dns_server.asked("four.test")
+
+
+def test_http_connect_and_absolute_form_names_are_asked_of_the_name_server(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, origin: str
+) -> None:
+    dns_server.names["tunnel.test"] = dns_server.names["origin.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    port = int(origin.rpartition(":")[2])
+    status, _, body = http_exchange(
+        proxy, f"GET http://origin.test:{port}/page HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert (status, b"GET /page" in body) == (200, True)
+    with raw_client(proxy) as sock:
+        sock.sendall(f"CONNECT tunnel.test:{port} HTTP/1.1\r\nHost: tunnel.test:{port}\r\n\r\n".encode())
+        assert recv_exactly(sock, 39) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert dns_server.asked("origin.test") and dns_server.asked("tunnel.test")
+
+
+def test_udp_datagram_to_a_name_is_asked_of_the_name_server(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, udp_echo: UdpServer
+) -> None:
+    dns_server.names["udp.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    tcp, relay_address = udp_associate(proxy, 0)
+    with tcp, udp_socket() as sock:
+        sock.sendto(b"\0\0\0" + dispatch.encode_socks5_address("udp.test", udp_echo.port) + b"named", relay_address)
+        assert sock.recv(65535) == dispatch.encode_udp_header("127.0.0.1", udp_echo.port) + b"named"
+    assert dns_server.asked("udp.test")
+
+
+@needs_ipv6
+def test_a_name_is_asked_for_each_family_there_are_local_addresses_for(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server6: Server
+) -> None:
+    dns_server.names["dual.test"] = ["127.77.0.1", "::1"]  # only ::1 listens: the IPv4 address is tried first
+    proxy = make_proxy(["127.0.0.1", "::1"], dns=[dns_server.address])
+    with client_through(proxy, ("dual.test", echo_server6.port), rdns=True) as client:
+        assert round_trip(client, b"both") == b"both"
+    assert sorted(q[1] for q in dns_server.asked("dual.test")) == ["A", "AAAA"]
+    only4 = make_proxy(["127.0.0.1"], dns=[dns_server.address])
+    dns_server.names["four-only.test"] = ["127.0.0.1", "::1"]
+    assert socks5_code_for(only4, socks5_request("four-only.test", refused_port())) == Reply.CONNECTION_REFUSED
+    assert [q[1] for q in dns_server.asked("four-only.test")] == ["A"]
+
+
+def test_many_connections_to_one_name_make_one_query(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    """24 connections of a download manager at once: one query, the rest
+    wait for it or take it from the cache."""
+    dns_server.names["mirror.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    results: list[bytes] = []
+
+    def fetch() -> None:
+        with client_through(proxy, ("mirror.test", echo_server.port), rdns=True) as client:
+            results.append(round_trip(client, b"part"))
+
+    threads = [threading.Thread(target=fetch) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert results == [b"part"] * 24
+    assert len(dns_server.asked("mirror.test")) == 1
+    (row,) = proxy.stats()
+    assert (row["dns_queries"], row["dns_failures"]) == (1, 0)
+    assert 1 <= row["dns_cache_hits"] <= 23
+
+
+def test_no_such_name_is_kept_briefly_and_gets_reply_04(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, log: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(dns=[dns_server.address])
+    for _ in range(2):
+        assert socks5_code_for(proxy, socks5_request("missing.test", 80)) == Reply.HOST_UNREACHABLE
+    assert len(dns_server.asked("missing.test")) == 1  # the negative answer was kept (RFC 2308)
+    proxy.shutdown()
+    results = [e.result for e in exchanges(log) if e.target == "missing.test:80"]
+    assert results == ["missing.test: no such name (NXDOMAIN from " + dns_server.address + ")"] * 2
+
+
+def test_truncated_answer_is_asked_again_by_tcp(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    dns_server.names["big.test"] = ["127.0.0.1"]
+    dns_server.behaviour["big.test"] = "truncated"
+    proxy = make_proxy(dns=[dns_server.address])
+    with client_through(proxy, ("big.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"tcp") == b"tcp"
+    assert [q[2] for q in dns_server.asked("big.test")] == ["udp", "tcp"]
+
+
+@pytest.mark.parametrize(("how", "reply", "status", "result"), [
+    ("nxdomain", Reply.HOST_UNREACHABLE, 502, "no such name"),
+    ("servfail", Reply.HOST_UNREACHABLE, 502, "the name server failed (SERVFAIL)"),
+    ("refused", Reply.HOST_UNREACHABLE, 502, "the name server refused (REFUSED)"),
+    ("malformed", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+    ("wrong-id", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+    ("other-question", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+    ("other-source", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+    ("silent", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+])
+def test_bad_answers_end_in_the_right_reply_and_one_log_line(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, log: pytest.LogCaptureFixture,
+    how: str, reply: Reply, status: int, result: str,
+) -> None:
+    dns_server.names["hostile.test"] = dns_server.names["hostile-http.test"] = ["127.0.0.1"]
+    dns_server.behaviour["hostile.test"] = dns_server.behaviour["hostile-http.test"] = how
+    proxy = make_proxy(dns=[dns_server.address], connect_timeout=1.0)
+    threads = threading.active_count()
+    assert socks5_code_for(proxy, socks5_request("hostile.test", 80)) == reply
+    answer = http_exchange(proxy, b"GET http://hostile-http.test/ HTTP/1.1\r\nHost: hostile-http.test\r\n\r\n")
+    assert answer[0] == status
+    assert wait_for(lambda: threading.active_count() <= threads)
+    proxy.shutdown()
+    (socks_line,) = [e for e in exchanges(log) if e.target == "hostile.test:80"]
+    assert socks_line.result.startswith(f"hostile.test: {result}")
+    assert not [record for record in log.records if record.exc_info]
+
+
+def test_a_name_server_that_is_not_there_gets_reply_04_at_once(
+    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = dispatch._format_endpoint(*closed.getsockname())
+    proxy = make_proxy(dns=[nowhere])
+    started = time.monotonic()
+    assert socks5_code_for(proxy, socks5_request("anything.test", 80)) == Reply.HOST_UNREACHABLE
+    assert time.monotonic() - started < dispatch.DNS_HEDGE  # the port's refusal (ICMP) is heard at once
+    proxy.shutdown()
+    (exchange,) = [e for e in exchanges(log) if e.target == "anything.test:80"]
+    assert exchange.result == f"anything.test: no name server reached: Connection refused ({nowhere})"
+
+
+def test_a_silent_server_is_hedged_to_the_next_in_well_under_a_second(
+    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server], echo_server: Server
+) -> None:
+    silent, answering = DnsServer(), DnsServer()
+    try:
+        silent.behaviour["hedged.test"] = "silent"
+        answering.names["hedged.test"] = ["127.0.0.1"]
+        proxy = make_proxy(dns=[silent.address, answering.address])
+        started = time.monotonic()
+        with client_through(proxy, ("hedged.test", echo_server.port), rdns=True) as client:
+            assert round_trip(client, b"hedged") == b"hedged"
+        assert time.monotonic() - started < dispatch.DEFAULT_HEDGE
+        assert silent.asked("hedged.test") and answering.asked("hedged.test")
+    finally:
+        silent.close()
+        answering.close()
+
+
+@pytest.fixture
+def servers_through_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Name servers on loopback are asked through each link (from its
+    address) as remote ones are, not once without a link.
+
+    Private seam: on loopback every server is a local one."""
+    monkeypatch.setattr(dispatch.NameServer, "loopback", property(lambda server: False))
+
+
+def test_a_link_whose_queries_go_unanswered_while_another_links_are_answered_is_put_out(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, peer_server: Server,
+    servers_through_links: None, log: pytest.LogCaptureFixture,
+) -> None:
+    dns_server.silent_to = {"127.0.0.2"}
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin", hedge=0.1, dns=[dns_server.address])
+    seen = []
+    for n in range(4):
+        dns_server.names[f"n{n}.test"] = ["127.0.0.1"]
+        with client_through(proxy, (f"n{n}.test", peer_server.port), rdns=True) as client:
+            seen.append(read_all(client).decode())
+    assert seen == ["127.0.0.3"] * 4  # the silent link's first lookup went through the other
+    assert {q[3] for q in dns_server.asked("n0.test")} == {"127.0.0.2", "127.0.0.3"}
+    assert {q[3] for q in dns_server.queries[2:]} == {"127.0.0.3"}  # once out, it is not asked again
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert rows["127.0.0.2"]["state"] == "down"
+    assert rows["127.0.0.2"]["dns_failures"] >= 1 and rows["127.0.0.3"]["dns_failures"] == 0
+    sat_out = r"sitting out: 127\.0\.0\.2( \([^)]*\))?: no DNS answer in 0\.\d s; 127\.0\.0\.3 got one"
+    assert re.search(sat_out, log.text)
+
+
+def test_a_dead_name_server_is_not_a_dead_link(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, servers_through_links: None
+) -> None:
+    dns_server.behaviour["dead.test"] = "silent"
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], hedge=0.1, connect_timeout=1.0, dns=[dns_server.address])
+    assert socks5_code_for(proxy, socks5_request("dead.test", 80)) == Reply.TTL_EXPIRED
+    assert {q[3] for q in dns_server.asked("dead.test")} == {"127.0.0.2", "127.0.0.3"}
+    assert [row["state"] for row in proxy.stats()] == ["up", "up"]
+
+
+def test_the_systems_servers_and_search_domains_are_used_by_default(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conf = dispatch.ResolvConf((dns_server.address,), ("corp.test",), 1)
+    servers = [dispatch.parse_name_server(dns_server.address)]
+    monkeypatch.setattr(dispatch, "system_name_servers", lambda: (servers, conf))
+    dns_server.names["intranet.corp.test"] = ["127.0.0.1"]
+    proxy = make_proxy()
+    with client_through(proxy, ("intranet", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"searched") == b"searched"
+    assert [q[0] for q in dns_server.queries] == ["intranet.corp.test"]  # fewer dots than ndots: searched first
+
+
+def test_hosts_file_is_read_before_any_server(tmp_path: Any, dns_server: DnsServer) -> None:
+    hosts = write_files(tmp_path, {"hosts": "192.0.2.7 pinned.test\n"})
+    resolver = dispatch.Resolver([dispatch.parse_name_server(dns_server.address)],
+                                 hosts_file=os.path.join(hosts, "hosts"))
+    resolution = resolver.resolve("Pinned.Test", {socket.AF_INET}, None, lambda local, ip, opener: opener(None))
+    assert resolution.targets == [(socket.AF_INET, "192.0.2.7")]
+    assert dns_server.queries == []
+
+
+def test_dns_system_leaves_names_to_the_system_resolver(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, fake_names: dict[str, list[str]],
+    echo_server: Server,
+) -> None:
+    fake_names["system.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=["system"])
+    with client_through(proxy, ("system.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"as today") == b"as today"
+    assert proxy.stats()[0]["dns_queries"] == 0
+
+
+def test_without_dnspython_names_go_to_the_system_resolver_and_the_log_says_so_once(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, fake_names: dict[str, list[str]],
+    echo_server: Server, monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(dispatch, "_has_dnspython", lambda: False)
+    fake_names["plain.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    for _ in range(2):
+        with client_through(proxy, ("plain.test", echo_server.port), rdns=True) as client:
+            assert round_trip(client, b"stdlib") == b"stdlib"
+    assert dns_server.queries == []
+    assert len([r for r in log.records if "dnspython package is not installed" in r.message]) == 1
+
+
+def test_dns_counts_are_on_the_page_in_stats_json_and_in_metrics(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    dns_server.names["counted.test"] = ["127.0.0.1"]
+    proxy = make_proxy(dns=[dns_server.address])
+    for _ in range(2):
+        with client_through(proxy, ("counted.test", echo_server.port), rdns=True) as client:
+            round_trip(client, b"x")
+    assert socks5_code_for(proxy, socks5_request("nothing.test", 80)) == Reply.HOST_UNREACHABLE
+    (row,) = json.loads(http_exchange(proxy, b"GET /stats.json HTTP/1.0\r\n\r\n")[2])["addresses"]
+    assert (row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]) == (2, 1, 0)
+    metrics = http_exchange(proxy, b"GET /metrics HTTP/1.0\r\n\r\n")[2].decode()
+    assert re.search(r'^dispatch_dns_queries_total\{[^}]*address="127\.0\.0\.1"[^}]*\} 2$', metrics, re.M)
+    assert re.search(r'^dispatch_dns_cache_hits_total\{[^}]*\} 1$', metrics, re.M)
+    assert re.search(r'^dispatch_dns_failures_total\{[^}]*\} 0$', metrics, re.M)
+    page = http_exchange(proxy, b"GET / HTTP/1.0\r\n\r\n")[2].decode()
+    assert "DNS" in page and ">2 / 1 / 0<" in page
 
 
 # Device binding ------------------------------------------------------------
@@ -3395,14 +4020,14 @@ def test_socks5h_upstream_is_given_the_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     asked: list[str] = []
-    resolve = dispatch._resolve_target
+    resolve = dispatch.Resolver.resolve
 
-    def recording(host: str, port: int, families: Any) -> Any:
+    def recording(self: dispatch.Resolver, host: str, *args: Any, **kwargs: Any) -> Any:
         asked.append(host)
-        return resolve(host, port, families)
+        return resolve(self, host, *args, **kwargs)
 
-    # Private: the one resolver of every upstream connect has no public seam.
-    monkeypatch.setattr(dispatch, "_resolve_target", recording)
+    # The one resolver of every upstream connect, seen from outside.
+    monkeypatch.setattr(dispatch.Resolver, "resolve", recording)
     upstream = make_upstream("microsocks")
     proxy = make_proxy([upstream.url.replace("socks5://", "socks5h://")])
     with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
@@ -3420,19 +4045,38 @@ def test_socks5_upstream_is_given_the_address_resolved_here(
         assert echoed(client, b"resolved here") == b"resolved here"
 
 
+def test_socks5_upstreams_names_are_asked_of_the_name_server_and_counted_on_its_row(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], dns_server: DnsServer,
+    echo_server: Server,
+) -> None:
+    dns_server.names["upstream.test"] = ["127.0.0.1", "::1"]  # microsocks cannot resolve it
+    upstream = make_upstream("microsocks")
+    proxy = make_proxy([upstream.url], dns=[dns_server.address])
+    for _ in range(2):
+        with client_through(proxy, ("upstream.test", echo_server.port), rdns=True) as client:
+            assert echoed(client, b"asked here") == b"asked here"
+    asked = dns_server.asked("upstream.test")
+    assert sorted((kind, transport) for _, kind, transport, _ in asked) == [("A", "udp"), ("AAAA", "udp")]
+    (row,) = proxy.stats()
+    assert (row["link"], row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]) == (
+        upstream.url, len(asked), 1, 0
+    )
+
+
 def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
     make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As Tor's .onion names: a local link cannot reach them, a socks5h upstream can."""
-    resolve = dispatch._resolve_target
+    resolve = dispatch.Resolver.resolve
 
-    def unknown_here(host: str, port: int, families: Any) -> Any:
+    def unknown_here(self: dispatch.Resolver, host: str, *args: Any, **kwargs: Any) -> Any:
         if host == "localhost":
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return resolve(host, port, families)
+            raise dispatch.SocksError(dispatch.Reply.HOST_UNREACHABLE, "localhost: no such name")
+        return resolve(self, host, *args, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_resolve_target", unknown_here)
+    # The one resolver of every upstream connect (whose localhost is loopback).
+    monkeypatch.setattr(dispatch.Resolver, "resolve", unknown_here)
     upstream = make_upstream("pproxy-socks5")
     proxy = make_proxy(["127.0.0.2", upstream.url.replace("socks5://", "socks5h://") + "@backup"])
     with client_through(proxy, ("localhost", echo_server.port), rdns=True) as client:
@@ -4938,6 +5582,7 @@ def status_row(ip: str, link: str, **fields: Any) -> dict[str, Any]:
         "ip": ip, "interface": link, "link": link, "weight": 1, "tier": "primary", "state": "up",
         "reason": None, "connections": 0, "failed": 0, "open": 0, "bytes_up": 0, "bytes_down": 0,
         "rate_up": 0.0, "rate_down": 0.0, "capacity": None, "capacity_source": "not measured", "capacity_age": None,
+        "dns_queries": 0, "dns_cache_hits": 0, "dns_failures": 0,
     }
     return row | fields
 
@@ -4952,7 +5597,8 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
     rows = [
         status_row("192.168.1.20", "wlan0", weight=3, connections=120 + step, failed=2, open=3,
                    bytes_up=5_300_000, bytes_down=1_234_567_890 + step * 10**9, rate_up=12_345.0,
-                   rate_down=1_523_456.0, capacity=2_500_000.0, capacity_source="measured", capacity_age=64.2),
+                   rate_down=1_523_456.0, capacity=2_500_000.0, capacity_source="measured", capacity_age=64.2,
+                   dns_queries=31, dns_cache_hits=89, dns_failures=1),
         status_row("10.42.0.7", "usb0", state="down", reason="timed out; tried again in 4 s",
                    connections=40, failed=9, bytes_up=812_000, bytes_down=99_000_000, capacity=900_000.0,
                    capacity_source="remembered"),
@@ -5054,6 +5700,7 @@ def test_metrics_parse_with_the_expected_families_and_values() -> None:
         "dispatch_connections_failed": "counter", "dispatch_open_connections": "gauge",
         "dispatch_link_up": "gauge", "dispatch_link_capacity_bytes_per_second": "gauge",
         "dispatch_link_capacity_age_seconds": "gauge", "dispatch_link_capacity_remembered": "gauge",
+        "dispatch_dns_queries": "counter", "dispatch_dns_cache_hits": "counter", "dispatch_dns_failures": "counter",
         "dispatch_clients_refused": "counter", "dispatch_client_connections": "gauge"}
     assert all(f.documentation for f in families.values())
     wlan, usb, wired = ("wlan0", "192.168.1.20"), ("usb0", "10.42.0.7"), ("enp3s0", "2001:db8::20")
@@ -5065,6 +5712,8 @@ def test_metrics_parse_with_the_expected_families_and_values() -> None:
     assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000, usb: 900_000}
     assert metric_samples(families["dispatch_link_capacity_age_seconds"]) == {wlan: 64.2}
     assert metric_samples(families["dispatch_link_capacity_remembered"]) == {wlan: 0, usb: 1}
+    assert metric_samples(families["dispatch_dns_queries"]) == {wlan: 31, usb: 0, wired: 0}
+    assert metric_samples(families["dispatch_dns_cache_hits"])[wlan] == 89
     assert all(s.name.endswith("_total") for s in families["dispatch_bytes_sent"].samples)
     (build,) = families["dispatch_build_info"].samples
     assert (build.labels, build.value) == ({"version": "0.2.0"}, 1)
@@ -6736,6 +7385,9 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
         (["--auth-file", os.devnull], "holds no USER:PASS line"),
         (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
         (["--idle-timeout", "2592000"], "'2592000' is out of range"),
+        (["--dns", "system", "--dns", "192.0.2.53"], "--dns system leaves names to the system's resolver"),
+        (["--dns", "ns.example"], "a name server is an IP address"),
+        (["--check", "check.example"], "a check target is IP:PORT or NAME:PORT"),
     ],
 )
 def test_service_refuses_what_start_refuses(
@@ -6785,7 +7437,7 @@ def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argu
         (["--sticky", "-1"], "argument --sticky: '-1' is not a number of seconds (0 or more)"),
         (["--check", "nohost"], "a check target is IP:PORT"),
         (["--check", "10.0.0.1:99999"], "a check target is IP:PORT"),
-        (["--check", "example.com:443"], "a check target is an IP address and a port"),
+        (["--check", "bad..name:443"], "a check target is an IP address or a host name, and a port"),
         (["--check-interval", "0"], "argument --check-interval: '0' is not a positive number of seconds"),
         (["--hedge", "soon"], "argument --hedge: 'soon' is not a number of seconds"),
         (["--balance", "fastest"], "argument --balance: invalid choice: 'fastest'"),
@@ -6877,22 +7529,23 @@ class LabProxy:
         else:
             raise AssertionError(f"dispatch did not start: {self.process.communicate(timeout=TIMEOUT)}")
 
-    def client(self, port: int, timeout: float = TIMEOUT) -> socks.socksocket:
-        """A PySocks socket in the client namespace, connected through dispatch."""
+    def client(self, port: int, timeout: float = TIMEOUT, host: str | None = None) -> socks.socksocket:
+        """A PySocks socket in the client namespace, connected through dispatch
+        to the lab's server (or to ``host``, a name dispatch looks up)."""
         with import_netlab().netns(self.lab.client_ns):
             client = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
-        client.set_proxy(socks.SOCKS5, *self.address)
+        client.set_proxy(socks.SOCKS5, *self.address, rdns=host is not None)
         client.settimeout(timeout)
         try:
-            client.connect((self.lab.service_address, port))
+            client.connect((host or self.lab.service_address, port))
         except BaseException:
             client.close()
             raise
         return client
 
-    def peer(self) -> str:
-        """The source address the lab's peer-echo server sees."""
-        with self.client(import_netlab().PEER_ECHO_PORT) as client:
+    def peer(self, host: str | None = None) -> str:
+        """The source address the lab's peer-echo server sees (reached by ``host``, if given)."""
+        with self.client(import_netlab().PEER_ECHO_PORT, host=host) as client:
             return read_all(client).decode().strip()
 
     def download(self, size: int, *, half_close: bool = True) -> int:
@@ -7236,3 +7889,181 @@ def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(
     assert set(proxy.peer() for _ in range(6)) == {one, two}  # the backup is idle again
     rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
     assert (rows[three]["tier"], rows[three]["state"], rows[three]["connections"]) == ("backup", "standby", 6)
+
+
+# Names through the links, in the lab ----------------------------------------
+
+@pytest.fixture
+def lab_dns(metrics_lab: Any) -> Iterator[DnsServer]:
+    """A DNS server for the lab's names on the server side (the lab's
+    service address, port 53), as an ISP's would be."""
+    with import_netlab().netns(metrics_lab.server_ns):
+        server = DnsServer(metrics_lab.service_address, 53)
+    yield server
+    server.close()
+
+
+def fresh_name(server: DnsServer, lab: Any, prefix: str = "n") -> str:
+    """A name no lookup has asked yet (the cache cannot answer it), of the lab's server."""
+    name = f"{prefix}{random.randrange(10**9)}.lab.test"
+    server.names[name] = [lab.service_address]
+    return name
+
+
+def test_lab_a_dark_default_link_costs_a_client_asking_by_name_no_more_than_the_hedge(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    """The client's default route is the first link: the system's resolver
+    would wait out its timeouts there. dispatch's queries go through the
+    links and, unanswered, through another one after DNS_HEDGE."""
+    dark = metrics_lab.uplink(1)
+    proxy = lab_proxy(
+        metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address,
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    metrics_lab.darken(1)
+    try:
+        durations, seen = [], []
+        for _ in range(9):  # three rounds of the round robin: the dark link is chosen three times
+            name = fresh_name(lab_dns, metrics_lab)
+            started = time.monotonic()
+            seen.append(proxy.peer(name))
+            durations.append(time.monotonic() - started)
+    finally:
+        metrics_lab.restore(1)
+    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
+    assert dark.client_addr not in seen
+    assert {source for _, _, _, source in lab_dns.queries} == set(seen)  # the dark link's never arrived
+    rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
+    assert rows[dark.client_addr]["dns_queries"] >= 1 and rows[dark.client_addr]["state"] == "up"
+
+
+@pytest.fixture
+def lab_resolv_conf(metrics_lab: Any, lab_dns: DnsServer) -> Iterator[str]:
+    """The lab's DNS server as the client's system name server: ``ip netns
+    exec`` mounts /etc/netns/NAMESPACE/resolv.conf over /etc/resolv.conf."""
+    directory = f"/etc/netns/{metrics_lab.client_ns}"
+    os.makedirs(directory, exist_ok=True)
+    with open(f"{directory}/resolv.conf", "w") as conf:
+        conf.write(f"nameserver {metrics_lab.service_address}\noptions timeout:2 attempts:2\n")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_lab_names_asked_of_the_systems_name_server_survive_a_dark_default_link(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, lab_resolv_conf: str
+) -> None:
+    """As a new user runs it: no --dns, the system's server reached by the
+    default route, which is the first link, dark."""
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
+    metrics_lab.darken(1)
+    try:
+        durations = []
+        for _ in range(6):
+            name = fresh_name(lab_dns, metrics_lab)
+            started = time.monotonic()
+            assert proxy.peer(name) != metrics_lab.uplink(1).client_addr
+            durations.append(time.monotonic() - started)
+    finally:
+        metrics_lab.restore(1)
+    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
+
+
+def test_lab_queries_leave_by_the_link_chosen_for_the_connection(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    proxy = lab_proxy(
+        metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address,
+        *(link.client_ifname for link in metrics_lab.uplinks),
+    )
+    pairs = []
+    for _ in range(6):
+        name = fresh_name(lab_dns, metrics_lab)
+        peer = proxy.peer(name)
+        pairs.append(({source for _, _, _, source in lab_dns.asked(name)}, peer))
+    assert all(sources == {peer} for sources, peer in pairs), pairs
+    assert {peer for _, peer in pairs} == {link.client_addr for link in metrics_lab.uplinks}
+
+
+def test_lab_truncated_answer_is_asked_again_by_tcp_through_the_same_link(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
+    name = fresh_name(lab_dns, metrics_lab)
+    lab_dns.behaviour[name] = "truncated"
+    peer = proxy.peer(name)
+    assert [(transport, source) for _, _, transport, source in lab_dns.asked(name)] == [("udp", peer), ("tcp", peer)]
+
+
+@pytest.mark.parametrize(("how", "reply", "asked"), [
+    ("nxdomain", Reply.HOST_UNREACHABLE, 1),  # the name's servers have spoken: no other link asks
+    ("servfail", Reply.HOST_UNREACHABLE, 3),  # the server failed: asked through each link
+    ("silent", Reply.TTL_EXPIRED, 3),
+])
+def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_once(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, how: str, reply: Reply, asked: int
+) -> None:
+    proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
+    name = fresh_name(lab_dns, metrics_lab, how)
+    lab_dns.behaviour[name] = how
+    with pytest.raises(socks.GeneralProxyError) as failure:
+        proxy.peer(name)
+    assert f"0x{reply:02x}" in str(failure.value)
+    sources = [source for _, _, _, source in lab_dns.asked(name)]
+    assert len(sources) == asked and len(set(sources)) == asked, sources
+    assert "Traceback" not in proxy.log()
+
+
+def test_lab_a_check_by_name_looks_it_up_through_each_link_and_finds_the_dark_one(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    dark = metrics_lab.uplink(1)
+    name = fresh_name(lab_dns, metrics_lab, "check")
+    check = f"{name}:{import_netlab().PEER_ECHO_PORT}"
+    proxy = lab_proxy(
+        metrics_lab, "--dns", lab_dns.address, "--check", check, "--check-interval", "1",
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    assert wait_for(lambda: {q[3] for q in lab_dns.asked(name)} == {link.client_addr for link in metrics_lab.uplinks})
+    metrics_lab.darken(1)
+    try:
+        assert wait_for(lambda: f"sitting out: {dark.client_addr} ({dark.client_ifname}): failed 3 checks of {check}"
+                        in proxy.log())
+    finally:
+        metrics_lab.restore(1)
+    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (passed 2 checks" in proxy.log())
+
+
+def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default_route(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    """microsocks on the server takes addresses (socks5://): dispatch looks
+    names up for it, each query leaving as the connection to the proxy
+    does: by the uplink its +LINK names, by the default route (the first
+    uplink) without one."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        source = {f"{url}+{link.client_ifname}": link.client_addr for link in metrics_lab.uplinks[1:]}
+        source[url] = metrics_lab.uplink(1).client_addr
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address, *source)
+        names = [fresh_name(lab_dns, metrics_lab) for _ in range(6)]
+        for name in names:
+            assert proxy.peer(name) == metrics_lab.service_address  # microsocks's own connection
+        assert wait_for(lambda: all(f" -> {name}:" in proxy.log() for name in names))  # logged as they end
+        log = proxy.log()
+        links = [re.findall(rf" -> {re.escape(name)}:\d+ via (\S+):", log) for name in names]
+        assert sorted(link for (link,) in links) == sorted([*source] * 2)
+        for name, (link,) in zip(names, links):
+            assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
+        rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
+        assert all(rows[link] >= 2 for link in source), rows
+    finally:
+        upstream.kill()
+        upstream.wait()

@@ -1014,6 +1014,130 @@ def run_burst(bench: Bench, target: Target) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+# Names: connections by name against by address (--names)
+# --------------------------------------------------------------------------------------
+#
+# dispatch looks names up itself, through its links, and keeps the answers for their
+# TTL. This measures what that costs a client: short connections per second by IP
+# address, by one name (the cache answers), and by a new name each time (one query
+# each), against a DNS server on loopback that answers every name of bench.test.
+
+NAMES_DOMAIN = "bench.test"
+
+
+def dns_server_main(sock: socket.socket) -> None:
+    """Answer every A query under NAMES_DOMAIN with 127.0.0.1 (TTL 300), others NXDOMAIN."""
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+    import dns.rrset
+
+    while True:
+        data, sender = sock.recvfrom(65535)
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:
+            continue
+        response = dns.message.make_response(query)
+        question = query.question[0]
+        if not question.name.to_text().rstrip(".").endswith(NAMES_DOMAIN):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            response.answer.append(dns.rrset.from_text(question.name, 300, "IN", "A", LOOPBACK))
+        sock.sendto(response.to_wire(), sender)
+
+
+def socks5_by_name(sock: socket.socket, host: str, port: int) -> None:
+    """Negotiate "no authentication" and CONNECT to (host, port), host a name."""
+    name = host.encode()
+    sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big"))
+    head = recv_exact(sock, 6)
+    if head[:2] != b"\x05\x00" or head[2:4] != b"\x05\x00":
+        raise SocksError(f"reply {head!r}")
+    size = {1: 4, 4: 16}.get(head[5])
+    recv_exact(sock, (recv_exact(sock, 1)[0] if size is None else size) + 2)  # the bound address: unused
+
+
+def names_rate(proxy: Address, echo: Address, host: Callable[[], str], threads: int, duration: float
+               ) -> tuple[float, int]:
+    """Short connections per second (and failures) to ``host()`` through ``proxy``."""
+    done, failed = [0], [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def loop() -> None:
+        ok = bad = 0
+        while time.monotonic() < stop_at:
+            try:
+                with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    socks5_by_name(sock, host(), echo[1])
+                    sock.sendall(PING)
+                    if recv_exact(sock, len(PING)) != PING:
+                        raise SocksError("echo mismatch")
+                ok += 1
+            except (OSError, SocksError):
+                bad += 1
+        with lock:
+            done[0] += ok
+            failed[0] += bad
+
+    began = time.monotonic()
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return done[0] / (time.monotonic() - began), failed[0]
+
+
+def names_benchmark(rounds: int, duration: float, threads: int) -> str:
+    """Connections per second by address, by a cached name and by new names; medians of rounds."""
+    children = Children()
+    try:
+        with tempfile.TemporaryDirectory(prefix="dispatch-names-") as tmp:
+            servers = start_target_servers(children)
+            dns_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            dns_sock.bind((LOOPBACK, 0))
+            process = FORK.Process(target=dns_server_main, args=(dns_sock,), daemon=True)
+            process.start()
+            children.processes.append(process)
+            dns_port = dns_sock.getsockname()[1]
+            dns_sock.close()
+            port = free_port()
+            command = [*dispatch_command(port, Path(tmp)), "--dns", f"{LOOPBACK}:{dns_port}"]
+            with (Path(tmp) / "dispatch.out").open("wb") as out:
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            children.popens.append(proc)
+            target = Target("dispatch", Route((LOOPBACK, port)), proc.pid, None)
+            wait_until_serving(target, proc, servers.echo)
+            fresh = itertools.count()
+            cases: dict[str, Callable[[], str]] = {
+                "by address": lambda: LOOPBACK,
+                "by name, cached": lambda: f"cached.{NAMES_DOMAIN}",
+                "by name, a new one each": lambda: f"n{next(fresh)}.{NAMES_DOMAIN}",
+            }
+            figures: dict[str, list[float]] = {case: [] for case in cases}
+            failures = Counter[str]()
+            for number in range(rounds):
+                print(f"names: round {number + 1} of {rounds}", file=sys.stderr)
+                order = list(cases.items())
+                for case, host in order[number % len(order):] + order[:number % len(order)]:  # each goes first in turn
+                    rate, failed = names_rate((LOOPBACK, port), servers.echo, host, threads, duration)
+                    figures[case].append(rate)
+                    failures[case] += failed
+    finally:
+        children.stop_all()
+    lines = [f"connections per second through dispatch, {threads} in parallel, "
+             f"median of {rounds} rounds of {duration:g} s ({machine_line()})"]
+    for case, rates in figures.items():
+        lines.append(f"  {case:<26}{statistics.median(rates):>9.0f}/s"
+                     + (f"  ({failures[case]} failed)" if failures[case] else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
@@ -1169,6 +1293,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tests", type=choice_list(FAMILIES), default=list(FAMILIES),
                         help=f"comma-separated tests to run (default {','.join(FAMILIES)})")
     parser.add_argument("--json", type=Path, help="save raw figures to this file")
+    parser.add_argument("--names", action="store_true",
+                        help="only compare dispatch's connections by name and by address (the DNS cache)")
     parser.add_argument("--before", type=Path, metavar="PATH",
                         help="also measure this dispatch.py (an earlier version), as dispatch-before")
     args = parser.parse_args(argv)
@@ -1234,6 +1360,9 @@ def wait_for_time_wait(limit: int = 2000, timeout: float = 65.0) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.names:
+        print(names_benchmark(args.rounds, args.duration, args.parallel), flush=True)
+        return 0
     if args.before:
         BEFORE.append(args.before.resolve())
     settings = Settings(args.rounds, args.size, args.duration, args.parallel, args.client_procs,
