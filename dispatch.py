@@ -1617,6 +1617,27 @@ def hide_password(text: str) -> str:
     return f"{scheme}://{userinfo}{at}{host}{suffix}"
 
 
+def _refuse_bad_suffix(text: str) -> None:
+    """Raise the weight's AddressError where ``text`` is a proxy's URL with
+    a suffix that is neither a weight nor 'backup' (``@-1``, ``@nan``).
+
+    Where the URL before that '@' has no login, the text may as well be a
+    login and a host without a port (``u:1234@h``): the message then shows
+    it as a login, hidden, and names both readings.
+    """
+    head, at, tail = text.rpartition("@")
+    if not at or ":" in tail or "/" in tail:
+        return
+    try:
+        proxy, _ = parse_proxy_url(head)
+    except AddressError:
+        return
+    weight = f"the weight must be a whole number from 1 to {MAX_WEIGHT}, or 'backup'"
+    if proxy.user is not None:
+        raise AddressError(f"{hide_password(head) + at + tail!r}: {weight}")
+    raise AddressError(f"{hide_password(text)!r}: a proxy is SCHEME://HOST:PORT, and after it {weight}")
+
+
 def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     """Read a proxy ADDRESS: SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK], then
     @WEIGHT or @backup; return the proxy and the text after '@' (None if none).
@@ -1638,6 +1659,7 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     try:
         host, port = _split_host_port(endpoint.rstrip("/"), None)
     except ValueError:
+        _refuse_bad_suffix(text)
         raise AddressError(f"{shown!r}: a proxy is SCHEME://HOST:PORT, IPv6 hosts in brackets ([::1]:1080)") from None
     if plus and not via:
         raise AddressError(f"{shown!r}: no link after '+': give an interface name or a local IP address")
@@ -6360,7 +6382,28 @@ def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
         spec = parse_address(text)
         if _is_ip(spec.address):
             _check_link_address(spec.address)
+        if spec.proxy is not None:
+            _check_proxy_link(spec.proxy, args.upstream_auth_file)
     return _credentials(args)
+
+
+def _check_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
+    """Check what can be checked of an upstream proxy's ADDRESS anywhere:
+    the link it is reached by (as any link's address), that link's family
+    against the proxy's address, and that a user without a password has a
+    file to find it in. Raises AddressError."""
+    if proxy.via is not None and _is_ip(proxy.via):
+        _check_link_address(proxy.via)
+        if _is_ip(proxy.host) and _family_of(proxy.via) != _family_of(proxy.host):
+            raise AddressError(
+                f"{proxy.name!r}: {proxy.host} cannot be reached from {proxy.via}, an address of the other "
+                "IP version; give a link of its version, or an interface name"
+            )
+    needs_password = proxy.user is not None and proxy.password is None and not proxy.scheme.startswith("socks4")
+    if needs_password and not password_file:
+        raise AddressError(
+            f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
+        )
 
 
 def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:

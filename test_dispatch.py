@@ -5804,6 +5804,29 @@ def test_cli_upstream_without_its_password_is_refused_without_a_traceback(
     assert "'socks5://al@127.0.0.1:1080': no password for 'al'" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_upstream_reached_from_an_address_of_the_other_ip_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://[::1]:1080+127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "::1 cannot be reached from 127.0.0.1, an address of the other IP version" in line
+
+
+@pytest.mark.parametrize("suffix", ["-1", "nan", "inf", "1e400"])
+def test_cli_names_a_bad_weight_of_an_upstream_without_showing_its_port_as_a_password(
+    suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["start", "--port", "0", f"socks5://al:hunter2@127.0.0.1:1080@{suffix}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"'socks5://al:***@127.0.0.1:1080@{suffix}': the weight must be a whole number" in line
+
+
+def test_cli_hides_a_numeric_password_of_an_upstream_without_a_port(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://al:1234@vps"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "'socks5://al:***@vps'" in line and "1234" not in line
+
+
 def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
     err = capsys.readouterr().err
@@ -6353,6 +6376,11 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
         (["--auth-file", os.devnull], "holds no USER:PASS line"),
         (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
         (["--idle-timeout", "2592000"], "'2592000' is out of range"),
+        (["socks5://10.0.0.9:1080+224.0.0.1"], "224.0.0.1 is a multicast address"),
+        (["socks5://10.0.0.9:1080+::"], ":: is the unspecified address"),
+        (["socks5://[2001:db8::9]:1080+10.0.0.1"], "2001:db8::9 cannot be reached from 10.0.0.1"),
+        (["socks5://al@10.0.0.9:1080"], "'socks5://al@10.0.0.9:1080': no password for 'al'"),
+        (["socks5://al:pw@10.0.0.9:1080@nan"], "'socks5://al:***@10.0.0.9:1080@nan': the weight must be"),
     ],
 )
 def test_service_refuses_what_start_refuses(
