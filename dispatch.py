@@ -6846,6 +6846,8 @@ class _ArgumentParser(argparse.ArgumentParser):
     rather than the whole usage block."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes arguments it could not place, an upstream's URL too.
+        message = " ".join(hide_password(word) for word in message.split(" "))
         self.exit(2, f"dispatch: error: {_shown(message)} (see: {self.prog} --help)\n")
 
 

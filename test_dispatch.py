@@ -5827,6 +5827,14 @@ def test_cli_hides_a_numeric_password_of_an_upstream_without_a_port(capsys: pyte
     assert "'socks5://al:***@vps'" in line and "1234" not in line
 
 
+def test_cli_hides_an_upstream_password_in_an_argument_it_does_not_take(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["list", "socks5://al:hunter2@10.0.0.9:1080"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "unrecognized arguments: socks5://al:***@10.0.0.9:1080" in line and "hunter2" not in line
+
+
 def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
     err = capsys.readouterr().err
