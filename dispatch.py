@@ -2185,6 +2185,12 @@ class _CheckRecord:
     passed: int = 0
 
 
+def _can_ask_for(address: LocalAddress, host: str) -> bool:
+    """Whether a connection from ``address`` can be asked for ``host``: an
+    IP address of a family it serves, or a name where it takes names."""
+    return (_family_of(host) if _is_ip(host) else socket.AF_UNSPEC) in address.serves
+
+
 class Health:
     """Which local addresses are out after a failure of their link, and why;
     nobody waits to learn that a link is dark.
@@ -2287,7 +2293,7 @@ class Health:
             for target in dict.fromkeys(
                 [self._reached.get(address), *reversed(self._recent.copy()), *self.check_targets]
             )
-            if target is not None and target != failed_at and _family_of(target[0]) == address.family
+            if target is not None and target != failed_at and _can_ask_for(address, target[0])
         ]
         outage.retests += 1
         if outage.retests % 2 or not others:

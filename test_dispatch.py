@@ -1966,6 +1966,22 @@ def test_retests_try_what_the_link_itself_reached_and_the_check_targets() -> Non
     ]
 
 
+def test_retests_of_an_upstream_proxy_take_turns_with_targets_it_can_be_asked_for() -> None:
+    """An upstream proxy is a link like any other: a site that never answers
+    through it does not keep it out. A SOCKS4 proxy is asked for no IPv6
+    target, and no name where it resolves none."""
+    clock = FakeClock()
+    live = dispatch.LocalAddress("10.0.0.2")
+    proxy, _ = dispatch.parse_proxy_url("socks4://192.0.2.80:1080")
+    upstream = dispatch.ProxyAddress(proxy.name, proxy=proxy)
+    health = dispatch.Health(30.0, clock, check_targets=[("2001:db8::53", 53)])
+    other_site, named_site = ("198.51.100.7", 443), ("example.net", 443)
+    health.connected_through(live, [], other_site)
+    health.connected_through(live, [], named_site)
+    health.connected_through(live, [(upstream, TimeoutError())], RETEST_TARGET)
+    assert retest_targets(health, clock, upstream, 4) == [RETEST_TARGET, other_site, RETEST_TARGET, other_site]
+
+
 def test_with_no_other_target_known_retests_keep_to_the_one_that_failed() -> None:
     clock = FakeClock()
     balancer, (blocked, live, _) = three_addresses(clock)
