@@ -3715,7 +3715,8 @@ def test_one_log_record_per_connection_tells_what_it_did(
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         client_port = client.getsockname()[1]
         assert round_trip(client, b"12345") == b"12345"
-    proxy.shutdown()  # the relay had ended: the record says "ok", not "cut by shutdown"
+    wait_until_all_closed(proxy)  # the relay has ended: the record says "ok", not "cut by shutdown"
+    proxy.shutdown()
     (exchange,) = [exchange for exchange in exchanges(log) if exchange.client == f"127.0.0.1:{client_port}"]
     assert (exchange.user, exchange.target) == (None, f"127.0.0.1:{echo_server.port}")
     assert exchange.via is proxy.addresses[0]  # 127.0.0.1 (lo): literal addresses have their interface
