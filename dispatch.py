@@ -1590,6 +1590,12 @@ class ProxyURL:
         return (self.user, self.password or "") if self.user is not None else None
 
     @property
+    def wants_password(self) -> bool:
+        """Whether a user is given without the password its scheme sends
+        (SOCKS4 sends a user id alone)."""
+        return self.user is not None and self.password is None and not self.scheme.startswith("socks4")
+
+    @property
     def name(self) -> str:
         """The link's name: the URL without the password, and the link it leaves by."""
         user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user is not None else ""
@@ -1970,16 +1976,21 @@ def _find_interface(text: str, interfaces: _InterfaceTable) -> Interface:
     return interface
 
 
+def _no_password(proxy: ProxyURL) -> AddressError:
+    return AddressError(
+        f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
+    )
+
+
 def _resolve_proxy(parsed: AddressSpec, proxy: ProxyURL, interfaces: _InterfaceTable,
                    passwords: Mapping[str, str]) -> Link:
     """The link of an upstream proxy: its password from ``passwords`` (by
     user) where the URL gives none, the link it is reached by looked up."""
-    if proxy.user is not None and proxy.password is None and not proxy.scheme.startswith("socks4"):
-        if proxy.user not in passwords:
-            raise AddressError(
-                f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
-            )
-        proxy = dataclasses.replace(proxy, password=passwords[proxy.user])
+    if proxy.wants_password:
+        password = passwords.get(proxy.user or "")
+        if password is None:
+            raise _no_password(proxy)
+        proxy = dataclasses.replace(proxy, password=password)
     source = None
     interface = None
     if proxy.via is not None and _is_ip(proxy.via):
@@ -3507,7 +3518,7 @@ class Upstream:
         None for a local address, and for plain HTTP requests to an HTTP proxy."""
         if not isinstance(local, ProxyAddress):
             return None
-        if absolute_form and local.proxy.scheme == "http":
+        if absolute_form and takes_absolute_form(local):
             return None
         name = host if local.proxy.passes_names else target[0]
         return _ProxyHandshake(_proxy_steps(local, name, target[1]))
@@ -6405,11 +6416,8 @@ def _check_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
                 f"{proxy.name!r}: {proxy.host} cannot be reached from {proxy.via}, an address of the other "
                 "IP version; give a link of its version, or an interface name"
             )
-    needs_password = proxy.user is not None and proxy.password is None and not proxy.scheme.startswith("socks4")
-    if needs_password and not password_file:
-        raise AddressError(
-            f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
-        )
+    if proxy.wants_password and not password_file:
+        raise _no_password(proxy)
 
 
 def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
