@@ -519,6 +519,9 @@ class UpstreamServer:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        # Dante's child processes hold the listening socket a moment longer,
+        # accepting and resetting connections in the meantime.
+        wait_for(lambda: not self.accepts())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
