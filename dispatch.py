@@ -1595,6 +1595,12 @@ class ProxyURL:
         return (self.user, self.password or "") if self.user is not None else None
 
     @property
+    def wants_password(self) -> bool:
+        """Whether a user is given without the password its scheme sends
+        (SOCKS4 sends a user id alone)."""
+        return self.user is not None and self.password is None and not self.scheme.startswith("socks4")
+
+    @property
     def name(self) -> str:
         """The link's name: the URL without the password, and the link it leaves by."""
         user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user is not None else ""
@@ -1622,6 +1628,27 @@ def hide_password(text: str) -> str:
     return f"{scheme}://{userinfo}{at}{host}{suffix}"
 
 
+def _refuse_bad_suffix(text: str) -> None:
+    """Raise the weight's AddressError where ``text`` is a proxy's URL with
+    a suffix that is neither a weight nor 'backup' (``@-1``, ``@nan``).
+
+    Where the URL before that '@' has no login, the text may as well be a
+    login and a host without a port (``u:1234@h``): the message then shows
+    it as a login, hidden, and names both readings.
+    """
+    head, at, tail = text.rpartition("@")
+    if not at or ":" in tail or "/" in tail:
+        return
+    try:
+        proxy, _ = parse_proxy_url(head)
+    except AddressError:
+        return
+    weight = f"the weight must be a whole number from 1 to {MAX_WEIGHT}, or 'backup'"
+    if proxy.user is not None:
+        raise AddressError(f"{hide_password(head) + at + tail!r}: {weight}")
+    raise AddressError(f"{hide_password(text)!r}: a proxy is SCHEME://HOST:PORT, and after it {weight}")
+
+
 def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     """Read a proxy ADDRESS: SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK], then
     @WEIGHT or @backup; return the proxy and the text after '@' (None if none).
@@ -1643,6 +1670,7 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     try:
         host, port = _split_host_port(endpoint.rstrip("/"), None)
     except ValueError:
+        _refuse_bad_suffix(text)
         raise AddressError(f"{shown!r}: a proxy is SCHEME://HOST:PORT, IPv6 hosts in brackets ([::1]:1080)") from None
     if plus and not via:
         raise AddressError(f"{shown!r}: no link after '+': give an interface name or a local IP address")
@@ -1953,16 +1981,21 @@ def _find_interface(text: str, interfaces: _InterfaceTable) -> Interface:
     return interface
 
 
+def _no_password(proxy: ProxyURL) -> AddressError:
+    return AddressError(
+        f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
+    )
+
+
 def _resolve_proxy(parsed: AddressSpec, proxy: ProxyURL, interfaces: _InterfaceTable,
                    passwords: Mapping[str, str]) -> Link:
     """The link of an upstream proxy: its password from ``passwords`` (by
     user) where the URL gives none, the link it is reached by looked up."""
-    if proxy.user is not None and proxy.password is None and not proxy.scheme.startswith("socks4"):
-        if proxy.user not in passwords:
-            raise AddressError(
-                f"{proxy.name!r}: no password for {proxy.user!r}: give it in the URL or in --upstream-auth-file"
-            )
-        proxy = dataclasses.replace(proxy, password=passwords[proxy.user])
+    if proxy.wants_password:
+        password = passwords.get(proxy.user or "")
+        if password is None:
+            raise _no_password(proxy)
+        proxy = dataclasses.replace(proxy, password=password)
     source = None
     interface = None
     if proxy.via is not None and _is_ip(proxy.via):
@@ -2174,6 +2207,12 @@ class _CheckRecord:
     passed: int = 0
 
 
+def _can_ask_for(address: LocalAddress, host: str) -> bool:
+    """Whether a connection from ``address`` can be asked for ``host``: an
+    IP address of a family it serves, or a name where it takes names."""
+    return (_family_of(host) if _is_ip(host) else socket.AF_UNSPEC) in address.serves
+
+
 class Health:
     """Which local addresses are out after a failure of their link, and why;
     nobody waits to learn that a link is dark.
@@ -2276,7 +2315,7 @@ class Health:
             for target in dict.fromkeys(
                 [self._reached.get(address), *reversed(self._recent.copy()), *self.check_targets]
             )
-            if target is not None and target != failed_at and _family_of(target[0]) == address.family
+            if target is not None and target != failed_at and _can_ask_for(address, target[0])
         ]
         outage.retests += 1
         if outage.retests % 2 or not others:
@@ -4687,7 +4726,7 @@ class Upstream:
         None for a local address, and for plain HTTP requests to an HTTP proxy."""
         if not isinstance(local, ProxyAddress):
             return None
-        if absolute_form and local.proxy.scheme == "http":
+        if absolute_form and takes_absolute_form(local):
             return None
         name = host if local.proxy.passes_names else target[0]
         return _ProxyHandshake(_proxy_steps(local, name, target[1]))
@@ -7722,8 +7761,26 @@ def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
         spec = parse_address(text)
         if _is_ip(spec.address):
             _check_link_address(spec.address)
+        if spec.proxy is not None:
+            _check_proxy_link(spec.proxy, args.upstream_auth_file)
     parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
     return _credentials(args)
+
+
+def _check_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
+    """Check what can be checked of an upstream proxy's ADDRESS anywhere:
+    the link it is reached by (as any link's address), that link's family
+    against the proxy's address, and that a user without a password has a
+    file to find it in. Raises AddressError."""
+    if proxy.via is not None and _is_ip(proxy.via):
+        _check_link_address(proxy.via)
+        if _is_ip(proxy.host) and _family_of(proxy.via) != _family_of(proxy.host):
+            raise AddressError(
+                f"{proxy.name!r}: {proxy.host} cannot be reached from {proxy.via}, an address of the other "
+                "IP version; give a link of its version, or an interface name"
+            )
+    if proxy.wants_password and not password_file:
+        raise _no_password(proxy)
 
 
 def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
@@ -8168,6 +8225,8 @@ class _ArgumentParser(argparse.ArgumentParser):
     rather than the whole usage block."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes arguments it could not place, an upstream's URL too.
+        message = " ".join(hide_password(word) for word in message.split(" "))
         self.exit(2, f"dispatch: error: {_shown(message)} (see: {self.prog} --help)\n")
 
 

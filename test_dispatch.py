@@ -670,6 +670,9 @@ class UpstreamServer:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        # Dante's child processes hold the listening socket a moment longer,
+        # accepting and resetting connections in the meantime.
+        wait_for(lambda: not self.accepts())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -2125,6 +2128,22 @@ def test_retests_try_what_the_link_itself_reached_and_the_check_targets() -> Non
     assert retest_targets(health, clock, blocked, 6) == [
         RETEST_TARGET, own_site, RETEST_TARGET, check, RETEST_TARGET, own_site
     ]
+
+
+def test_retests_of_an_upstream_proxy_take_turns_with_targets_it_can_be_asked_for() -> None:
+    """An upstream proxy is a link like any other: a site that never answers
+    through it does not keep it out. A SOCKS4 proxy is asked for no IPv6
+    target, and no name where it resolves none."""
+    clock = FakeClock()
+    live = dispatch.LocalAddress("10.0.0.2")
+    proxy, _ = dispatch.parse_proxy_url("socks4://192.0.2.80:1080")
+    upstream = dispatch.ProxyAddress(proxy.name, proxy=proxy)
+    health = dispatch.Health(30.0, clock, check_targets=[("2001:db8::53", 53)])
+    other_site, named_site = ("198.51.100.7", 443), ("example.net", 443)
+    health.connected_through(live, [], other_site)
+    health.connected_through(live, [], named_site)
+    health.connected_through(live, [(upstream, TimeoutError())], RETEST_TARGET)
+    assert retest_targets(health, clock, upstream, 4) == [RETEST_TARGET, other_site, RETEST_TARGET, other_site]
 
 
 def test_with_no_other_target_known_retests_keep_to_the_one_that_failed() -> None:
@@ -4678,7 +4697,8 @@ def test_one_log_record_per_connection_tells_what_it_did(
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         client_port = client.getsockname()[1]
         assert round_trip(client, b"12345") == b"12345"
-    proxy.shutdown()  # the relay had ended: the record says "ok", not "cut by shutdown"
+    wait_until_all_closed(proxy)  # the relay has ended: the record says "ok", not "cut by shutdown"
+    proxy.shutdown()
     (exchange,) = [exchange for exchange in exchanges(log) if exchange.client == f"127.0.0.1:{client_port}"]
     assert (exchange.user, exchange.target) == (None, f"127.0.0.1:{echo_server.port}")
     assert exchange.via is proxy.addresses[0]  # 127.0.0.1 (lo): literal addresses have their interface
@@ -5342,7 +5362,7 @@ def test_requests_reach_an_h11_origin_as_h11_reads_them_or_get_400(
 ) -> None:
     origin = H11Origin(make_server)
     message = data.draw(raw_messages(True)).replace(b"http://example.com", origin.url.encode())
-    with raw_client(proxy) as client:
+    with contextlib.closing(origin.server), raw_client(proxy) as client:  # see the responses' test
         answer = round_trip(client, message)
     statuses = response_statuses(answer)
     if statuses[0] == 400:
@@ -5377,7 +5397,9 @@ def test_responses_reach_the_client_as_h11_reads_them_or_get_502_or_a_reset(
 ) -> None:
     message = data.draw(raw_messages(False))
     server, _ = raw_origin(make_server, message)
-    with raw_client(proxy) as client:
+    # Each example's origin goes with it: 300 of them open at once would
+    # take descriptors past what select() takes (DISPATCH_PORTABLE=1).
+    with contextlib.closing(server), raw_client(proxy) as client:
         client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
         try:
             answer = read_all(client)
@@ -6796,6 +6818,37 @@ def test_cli_upstream_without_its_password_is_refused_without_a_traceback(
     assert "'socks5://al@127.0.0.1:1080': no password for 'al'" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_upstream_reached_from_an_address_of_the_other_ip_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://[::1]:1080+127.0.0.1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "::1 cannot be reached from 127.0.0.1, an address of the other IP version" in line
+
+
+@pytest.mark.parametrize("suffix", ["-1", "nan", "inf", "1e400"])
+def test_cli_names_a_bad_weight_of_an_upstream_without_showing_its_port_as_a_password(
+    suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["start", "--port", "0", f"socks5://al:hunter2@127.0.0.1:1080@{suffix}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"'socks5://al:***@127.0.0.1:1080@{suffix}': the weight must be a whole number" in line
+
+
+def test_cli_hides_a_numeric_password_of_an_upstream_without_a_port(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["start", "--port", "0", "socks5://al:1234@vps"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "'socks5://al:***@vps'" in line and "1234" not in line
+
+
+def test_cli_hides_an_upstream_password_in_an_argument_it_does_not_take(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["list", "socks5://al:hunter2@10.0.0.9:1080"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "unrecognized arguments: socks5://al:***@10.0.0.9:1080" in line and "hunter2" not in line
+
+
 def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
     err = capsys.readouterr().err
@@ -7388,6 +7441,11 @@ def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: p
         (["--dns", "system", "--dns", "192.0.2.53"], "--dns system leaves names to the system's resolver"),
         (["--dns", "ns.example"], "a name server is an IP address"),
         (["--check", "check.example"], "a check target is IP:PORT or NAME:PORT"),
+        (["socks5://10.0.0.9:1080+224.0.0.1"], "224.0.0.1 is a multicast address"),
+        (["socks5://10.0.0.9:1080+::"], ":: is the unspecified address"),
+        (["socks5://[2001:db8::9]:1080+10.0.0.1"], "2001:db8::9 cannot be reached from 10.0.0.1"),
+        (["socks5://al@10.0.0.9:1080"], "'socks5://al@10.0.0.9:1080': no password for 'al'"),
+        (["socks5://al:pw@10.0.0.9:1080@nan"], "'socks5://al:***@10.0.0.9:1080@nan': the weight must be"),
     ],
 )
 def test_service_refuses_what_start_refuses(
