@@ -3207,6 +3207,20 @@ DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
 DEFAULT_HEDGE = 1.0
 
 
+def _of_families(
+    host: str, found: list[tuple[socket.AddressFamily, str]], families: Collection[socket.AddressFamily]
+) -> list[tuple[socket.AddressFamily, str]]:
+    """The addresses of the families wanted; SocksError if there is none."""
+    targets = [(family, ip) for family, ip in found if family in families]
+    if not targets:
+        missing = _family_name(found[0][0]) if found else "IPv4"
+        raise SocksError(
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
+        )
+    return targets
+
+
 def _resolve_target(
     host: str, port: int, families: Collection[socket.AddressFamily]
 ) -> list[tuple[socket.AddressFamily, str]]:
@@ -3220,16 +3234,7 @@ def _resolve_target(
     # The name is ASCII already; as bytes it skips the idna codec, whose
     # errors are not OSErrors.
     infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
-    targets: list[tuple[socket.AddressFamily, str]] = [
-        (info[0], str(info[4][0])) for info in infos if info[0] in families
-    ]
-    if not targets:
-        missing = _family_name(infos[0][0]) if infos else "IPv4"
-        raise SocksError(
-            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
-            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
-        )
-    return targets
+    return _of_families(host, [(info[0], str(info[4][0])) for info in infos], families)
 
 
 class _DeviceBindingRefusedError(OSError):
@@ -3994,20 +3999,6 @@ def _link_queries(
     return queries
 
 
-def _of_families(
-    host: str, found: list[tuple[socket.AddressFamily, str]], families: Collection[socket.AddressFamily]
-) -> list[tuple[socket.AddressFamily, str]]:
-    """The addresses of the families wanted; SocksError if there is none."""
-    targets = [(family, ip) for family, ip in found if family in families]
-    if not targets:
-        missing = _family_name(found[0][0]) if found else "IPv4"
-        raise SocksError(
-            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
-            f"{host} has only {missing} addresses and there is no {missing} local address to dispatch to",
-        )
-    return targets
-
-
 @dataclasses.dataclass
 class _Query:
     """One server asked through one link: its socket, and the ids asked."""
@@ -4245,7 +4236,6 @@ class _HedgedQuery:
                 if query.local is not None and query.local not in self.resolution.silent:
                     self.resolution.silent.append(query.local)
             self._close(query)
-
 
 
 def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, float]:
