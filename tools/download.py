@@ -30,11 +30,18 @@ bytes / time until the last ends), then two uplinks change rates
 (Lab.set_rate: uplink 1 1200->400, uplink 3 400->1200 kB/s), again one warm-up
 and one measured batch.  A mode whose options dispatch lacks is skipped.
 
+``scenarios`` runs one dispatch per mode and round through batches of several
+lengths, rate changes and restarts (the SCENARIO table) and prints each
+batch's share of the links' sum, and at a restart what the state file kept;
+``--steps`` runs only the steps whose label contains one of its parts, with
+the batches each starts from.
+
 Examples (as root, from the project directory)::
 
     python tools/download.py bench --rounds 3
     python tools/download.py bench --setups metrics --rounds 1
     python tools/download.py batch --setups rules --modes weighted
+    python tools/download.py scenarios --modes measured --steps restart
     python tools/download.py fetch --netns dlab-client --bind-dev dlab-up2 \\
         http://203.0.113.80:8080/file?size=5000000
 """
