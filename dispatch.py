@@ -81,6 +81,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import statistics
 import struct
 import subprocess
 import sys
@@ -2928,7 +2929,8 @@ class _LinkFigure:
         self.run_fresh = False  # the run's connections opened just before it: nothing waited
         self.opened_before_run = False  # the last tick that was no run's began with nothing open
         self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
-        self.evidence: collections.deque[tuple[float, float]] = collections.deque()  # (evidence time, rate)
+        # (evidence time, rate), of the last KEEP_SPAN of evidence time
+        self.evidence: collections.deque[tuple[float, float]] = collections.deque()
         self.figure: float | None = None
         self.remembered = False  # the figure came from the state file and was not measured since
         self.measured_at: float | None = None
@@ -2986,6 +2988,16 @@ class CapacityEstimator:
     - A ``remember()``-ed figure (from the state file) stands until the link
       is measured: it is replaced by the highest measurement once the
       measurements cover REPLACE_SPAN, or at once by a higher rate.
+    - The figure kept for the next run (``to_keep()``) is the median
+      measurement of the last KEEP_SPAN seconds of measured traffic, never
+      above the figure. The highest of many noisy measurements reads high
+      (by some ten per cent on a slow link); the live choice can afford
+      that, as new measurements follow, but the first batch after a restart
+      is split by the kept figures alone, and a slow link that reads ten
+      per cent high takes a connection too many (4 of 24 rather than 3
+      beside two links three times as fast), which then ends the batch
+      late. A link that got faster keeps its lower figure until about half
+      of KEEP_SPAN of traffic at its new rate.
 
     ``estimate()`` is None until a link's first figure. Short connections on
     loopback seldom load a link for half a second, and where they do every
@@ -2997,6 +3009,7 @@ class CapacityEstimator:
     RISE_SPAN = 0.5  # seconds of a run (after its first tick) whose rate may raise a figure
     SPAN = 1.0  # seconds of a run's inside that make one measurement
     FOLLOW_SPAN = 3.0  # seconds of measured traffic whose highest measurement is the figure
+    KEEP_SPAN = 10.0  # seconds of measured traffic whose median measurement is kept for the next run
     REPLACE_SPAN = 1.0  # seconds of measurements that replace a remembered figure
     SMALL_SHARE = 0.125  # of the figure: below it, one connection's pace is the application's
 
@@ -3087,9 +3100,9 @@ class CapacityEstimator:
             return
         link.evidence_time += link.run[-1].seconds
         link.evidence.append((link.evidence_time, rate))
-        while link.evidence[0][0] <= link.evidence_time - self.FOLLOW_SPAN:
+        while link.evidence[0][0] <= link.evidence_time - self.KEEP_SPAN:
             link.evidence.popleft()
-        highest = max(rate for _, rate in link.evidence)
+        highest = max(rate for at, rate in link.evidence if at > link.evidence_time - self.FOLLOW_SPAN)
         link.measured_at = now
         if link.figure is None or highest > link.figure:
             link.figure, link.remembered = highest, False
@@ -3124,6 +3137,18 @@ class CapacityEstimator:
         with self._lock:
             link = self._links.get(address)
             return link.figure if link else None
+
+    def to_keep(self, address: LocalAddress) -> float | None:
+        """What to keep of ``address``'s capacity for the next run (bytes per
+        second): the median of its recent measurements, or its figure while
+        it has none (or its figure is still the remembered one)."""
+        with self._lock:
+            link = self._links.get(address)
+            if link is None or link.figure is None:
+                return None
+            if link.remembered or not link.evidence:
+                return link.figure
+            return min(link.figure, statistics.median(rate for _, rate in link.evidence))
 
     def source(self, address: LocalAddress) -> tuple[float | None, str | None, float | None]:
         """(figure, source, when): the figure, where it comes from
@@ -7193,7 +7218,8 @@ class Dispatcher:
         capacities = dict(self._kept)
         measured_at: dict[str, float] = {}
         for address in self.links.known_addresses():
-            figure, source, when = self.capacity.source(address)
+            _, _, when = self.capacity.source(address)
+            figure = self.capacity.to_keep(address)
             key = self._state_key(address)
             # Of two addresses a link has had, the one measured last speaks for it.
             when = -math.inf if when is None else when

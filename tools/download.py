@@ -30,11 +30,18 @@ bytes / time until the last ends), then two uplinks change rates
 (Lab.set_rate: uplink 1 1200->400, uplink 3 400->1200 kB/s), again one warm-up
 and one measured batch.  A mode whose options dispatch lacks is skipped.
 
+``scenarios`` runs one dispatch per mode and round through batches of several
+lengths, rate changes and restarts (the SCENARIO table) and prints each
+batch's share of the links' sum, and at a restart what the state file kept;
+``--steps`` runs only the steps whose label contains one of its parts, with
+the batches each starts from.
+
 Examples (as root, from the project directory)::
 
     python tools/download.py bench --rounds 3
     python tools/download.py bench --setups metrics --rounds 1
     python tools/download.py batch --setups rules --modes weighted
+    python tools/download.py scenarios --modes measured --steps restart
     python tools/download.py fetch --netns dlab-client --bind-dev dlab-up2 \\
         http://203.0.113.80:8080/file?size=5000000
 """
@@ -44,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import json
 import os
 import queue
 import socket
@@ -747,6 +755,34 @@ SCENARIO = (
 )
 
 
+def _needed_steps(selected: Sequence[str]) -> list[bool]:
+    """Which SCENARIO steps run when only the steps whose label contains
+    one of ``selected`` are wanted (all when none is given): those, and
+    the batches before each back to the rate change, restart or cold
+    start it follows, which measure what it starts from."""
+    if not selected:
+        return [True] * len(SCENARIO)
+    needed = [False] * len(SCENARIO)
+    for step, (label, _, _, _) in enumerate(SCENARIO):
+        if any(text in label for text in selected):
+            needed[step] = True
+            back = step
+            while back > 0 and SCENARIO[back][2] not in ("change", "cold"):
+                back -= 1
+                needed[back] = True
+    return needed
+
+
+def _saved_capacities(path: str) -> str:
+    """What a state file keeps, in kB/s, for the output."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            links = json.load(file).get("links", {})
+        return ", ".join(f"{key} {entry['capacity'] / 1000:.0f}" for key, entry in sorted(links.items()))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
+        return f"unreadable ({error})"
+
+
 def _state_args(args: argparse.Namespace, path: str) -> list[str]:
     """-d (the estimates' changes go to the log) and the state file, where supported."""
     return ["-d", *(["--state-file", path] if args.state_supported else [])]
@@ -771,8 +807,15 @@ def scenario_run(lab: netlab.Lab, args: argparse.Namespace, mode: str, state_dir
     if proc is None:
         return [None] * len(SCENARIO), note
     try:
-        for label, size, before, _ in SCENARIO:
+        for (label, size, before, _), needed in zip(SCENARIO, _needed_steps(args.steps)):
             timer = None
+            if not needed:  # its rate changes still apply: the later steps expect them
+                if before == "change":
+                    _set_rates(lab, args.change)
+                elif before == "rise-mid":
+                    _set_rates(lab, args.mid_change)
+                shares.append(None)
+                continue
             if before == "change":
                 _set_rates(lab, args.change)
             elif before == "rise-mid":
@@ -780,6 +823,8 @@ def scenario_run(lab: netlab.Lab, args: argparse.Namespace, mode: str, state_dir
                 timer.start()
             elif before in ("restart", "cold"):
                 _stop(proc)
+                if before == "restart" and args.state_supported:
+                    print(f"    saved at the restart (kB/s): {_saved_capacities(state)}", flush=True)
                 if before == "cold":
                     state = os.path.join(state_dir, f"{mode}-fresh-state.json")
                     with contextlib.suppress(FileNotFoundError):
@@ -845,7 +890,9 @@ def scenarios(args: argparse.Namespace) -> int:
     print(f"\n== {args.count} downloads at once per batch; share of the links' sum (median of "
           f"{rounds} round(s)); * = a batch with a target ==")
     print(f"{'batch':<28} | " + " | ".join(f"{mode:>11}" for mode in modes))
-    for step, (label, _, _, target) in enumerate(SCENARIO):
+    for step, ((label, _, _, target), needed) in enumerate(zip(SCENARIO, _needed_steps(args.steps))):
+        if not needed:
+            continue
         cells = [_share_cell([run[step] for run in results[mode]]) for mode in modes]
         print(f"{label + (' *' if target else ''):<28} | " + " | ".join(f"{cell:>11}" for cell in cells))
     for mode in modes:
@@ -930,6 +977,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--mid", type=float, default=3.0,
                    help="seconds into its batch the mid-batch change comes")
     s.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
+    s.add_argument("--steps", type=lambda text: [part for part in text.split(",") if part], default=[],
+                   help="comma-separated parts of step labels (e.g. restart): only those steps, and the "
+                        "batches each starts from, run")
     lab_arguments(s, "dlab-scen", 11082, 3600.0)
 
     f = sub.add_parser("fetch", help="download one URL and print the rate")
