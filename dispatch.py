@@ -177,6 +177,7 @@ else:
     def _pipe2(flags: int) -> tuple[int, int]:
         raise OSError(errno.ENOSYS, "pipe2() is not here")
 
+
 _F_SETPIPE_SZ: int = getattr(_fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ: int = getattr(_fcntl, "F_GETPIPE_SZ", 1032)
 
@@ -204,6 +205,7 @@ def _errnos(*names: str) -> frozenset[int]:
     right (Windows spells some of them WSAE...).
     """
     return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
 
 # ---------------------------------------------------------------------------
 # Errors: one table of reply codes for SOCKS5, SOCKS4 and HTTP
@@ -266,8 +268,15 @@ _REPLY_BY_ERRNO = {number: reply for reply, names in _ERRNO_REPLIES.items() for 
 # connection is tried again through another address. A refusal (ECONNREFUSED)
 # is the target's answer: another link would get the same.
 _LINK_FAILURE_ERRNOS = _errnos(
-    "ENETUNREACH", "ENETDOWN", "EHOSTUNREACH", "EADDRNOTAVAIL", "ENODEV",
-    "WSAENETUNREACH", "WSAENETDOWN", "WSAEHOSTUNREACH", "WSAEADDRNOTAVAIL",
+    "ENETUNREACH",
+    "ENETDOWN",
+    "EHOSTUNREACH",
+    "EADDRNOTAVAIL",
+    "ENODEV",
+    "WSAENETUNREACH",
+    "WSAENETDOWN",
+    "WSAEHOSTUNREACH",
+    "WSAEADDRNOTAVAIL",
 )
 # Errors that prove a packet went out and the target answered.
 _TARGET_ANSWER_ERRNOS = _errnos("ECONNREFUSED", "WSAECONNREFUSED")
@@ -365,6 +374,7 @@ def _describe(error: OSError) -> str:
     if isinstance(error, TimeoutError):
         return error.strerror or "timed out"
     return error.strerror or str(error)
+
 
 # ---------------------------------------------------------------------------
 # Deadline I/O: one reader with a deadline for handshakes, bodies, datagrams
@@ -519,6 +529,7 @@ class DeadlineReader:
         data = bytes(self._buffer)
         self._buffer.clear()
         return data
+
 
 # ---------------------------------------------------------------------------
 # Wire formats: socket addresses, SOCKS, HTTP
@@ -727,10 +738,17 @@ MAX_RESPONSE_HEADER_BYTES = 256 * 1024
 # Removed from every forwarded message, along with the headers that its
 # Connection header names. Trailer is not among them (RFC 9110, 6.6.2): it
 # says which trailer fields follow, end to end.
-HOP_BY_HOP_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authorization",
-    "proxy-authenticate", "te", "upgrade",
-})
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "upgrade",
+    }
+)
 # The framing of a body is never passed on as it came: it is read, checked
 # and written out afresh (framing_headers), so that the next hop reads the
 # message exactly as this one did.
@@ -970,9 +988,7 @@ def error_response(status: HTTPStatus, detail: str, headers: Sequence[tuple[str,
     return encode_head(f"HTTP/1.1 {status.value} {status.phrase}", head) + body
 
 
-def read_head(
-    reader: DeadlineReader, max_line: int = MAX_HEADER_LINE, max_head: int = MAX_HEADER_BYTES
-) -> list[str]:
+def read_head(reader: DeadlineReader, max_line: int = MAX_HEADER_LINE, max_head: int = MAX_HEADER_BYTES) -> list[str]:
     """The lines of a message head (start line first) without line ends.
 
     Empty lines before the start line are skipped (RFC 9112, 2.2). A line
@@ -1254,6 +1270,7 @@ def basic_authorization(user: str, password: str) -> str:
     """The value of an Authorization or Proxy-Authorization header for a Basic login."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
+
 # ---------------------------------------------------------------------------
 # Access: the allow-list and logins
 # ---------------------------------------------------------------------------
@@ -1411,6 +1428,7 @@ class AccessPolicy:
             self._allows_by_host[host] = allowed
         return allowed
 
+
 # ---------------------------------------------------------------------------
 # Links: interfaces, their addresses, following them as they change
 # ---------------------------------------------------------------------------
@@ -1495,7 +1513,7 @@ class Link:
 
     @property
     def tier(self) -> str:
-        """"backup" or "primary"."""
+        """ "backup" or "primary"."""
         return BACKUP if self.backup else "primary"
 
     @classmethod
@@ -1988,8 +2006,9 @@ def _no_password(proxy: ProxyURL) -> AddressError:
     )
 
 
-def _resolve_proxy(parsed: AddressSpec, proxy: ProxyURL, interfaces: _InterfaceTable,
-                   passwords: Mapping[str, str]) -> Link:
+def _resolve_proxy(
+    parsed: AddressSpec, proxy: ProxyURL, interfaces: _InterfaceTable, passwords: Mapping[str, str]
+) -> Link:
     """The link of an upstream proxy: its password from ``passwords`` (by
     user) where the URL gives none, the link it is reached by looked up."""
     if proxy.wants_password:
@@ -2031,9 +2050,7 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable, passwor
     return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
 
-def resolve_links(
-    specs: Iterable[str | LocalAddress] | None, passwords: Mapping[str, str] | None = None
-) -> list[Link]:
+def resolve_links(specs: Iterable[str | LocalAddress] | None, passwords: Mapping[str, str] | None = None) -> list[Link]:
     """Turn ADDRESS texts (or LocalAddress objects) into links.
 
     An interface name becomes a link that follows the interface's usable
@@ -2352,7 +2369,8 @@ class Health:
                     self._all_failed_told = True
                     logger.warning(
                         "every link failed its check of %s: the check target seems down; "
-                        "the links keep their last state", target,
+                        "the links keep their last state",
+                        target,
                     )
                 return
             if self._all_failed_told:
@@ -2495,17 +2513,70 @@ class MeasuredChoice(Generic[T]):
 # a compact stand-in for the Public Suffix List, with the suffixes that hold
 # most of the sites people open (country second levels, and hosting domains
 # where every customer is a site of its own).
-MULTI_LABEL_SUFFIXES = frozenset({
-    "me.uk", "ltd.uk", "plc.uk", "nhs.uk", "sch.uk", "police.uk", "id.au", "asn.au", "govt.nz",
-    "school.nz", "geek.nz", "kiwi.nz", "ad.jp", "ed.jp", "gr.jp", "lg.jp", "gen.in", "firm.in", "ind.in",
-    "nic.in", "res.in", "re.kr", "pe.kr", "mil.kr", "muni.il", "idf.il", "web.id", "sch.id", "my.id",
-    "in.th", "mi.th", "gv.at",
-    "github.io", "gitlab.io", "githubusercontent.com", "readthedocs.io", "blogspot.com", "appspot.com",
-    "firebaseapp.com", "web.app", "herokuapp.com", "cloudfront.net", "s3.amazonaws.com",
-    "elasticbeanstalk.com", "azurewebsites.net", "cloudapp.net", "azureedge.net", "trafficmanager.net",
-    "netlify.app", "vercel.app", "pages.dev", "workers.dev", "fly.dev", "onrender.com", "glitch.me",
-    "repl.co", "ngrok.io", "duckdns.org", "dyndns.org", "no-ip.org",
-})
+MULTI_LABEL_SUFFIXES = frozenset(
+    {
+        "me.uk",
+        "ltd.uk",
+        "plc.uk",
+        "nhs.uk",
+        "sch.uk",
+        "police.uk",
+        "id.au",
+        "asn.au",
+        "govt.nz",
+        "school.nz",
+        "geek.nz",
+        "kiwi.nz",
+        "ad.jp",
+        "ed.jp",
+        "gr.jp",
+        "lg.jp",
+        "gen.in",
+        "firm.in",
+        "ind.in",
+        "nic.in",
+        "res.in",
+        "re.kr",
+        "pe.kr",
+        "mil.kr",
+        "muni.il",
+        "idf.il",
+        "web.id",
+        "sch.id",
+        "my.id",
+        "in.th",
+        "mi.th",
+        "gv.at",
+        "github.io",
+        "gitlab.io",
+        "githubusercontent.com",
+        "readthedocs.io",
+        "blogspot.com",
+        "appspot.com",
+        "firebaseapp.com",
+        "web.app",
+        "herokuapp.com",
+        "cloudfront.net",
+        "s3.amazonaws.com",
+        "elasticbeanstalk.com",
+        "azurewebsites.net",
+        "cloudapp.net",
+        "azureedge.net",
+        "trafficmanager.net",
+        "netlify.app",
+        "vercel.app",
+        "pages.dev",
+        "workers.dev",
+        "fly.dev",
+        "onrender.com",
+        "glitch.me",
+        "repl.co",
+        "ngrok.io",
+        "duckdns.org",
+        "dyndns.org",
+        "no-ip.org",
+    }
+)
 # The generic rule: a two-letter country code under one of these is a public
 # suffix (co.uk, com.au, ne.jp, or.at, go.kr, ac.za, edu.pl, gov.br ...).
 GENERIC_SECOND_LEVELS = frozenset({"co", "com", "net", "org", "gov", "edu", "ac", "or", "ne", "go"})
@@ -2727,9 +2798,7 @@ class Balancer:
             rounds = self._rounds.get((family, backup))
             if rounds is None:
                 continue
-            candidates = [
-                a for a in rounds.items if a not in tried and not (up_only and self.health.is_out(a))
-            ]
+            candidates = [a for a in rounds.items if a not in tried and not (up_only and self.health.is_out(a))]
             if candidates:
                 return self._pick(family, rounds, candidates, affinity)
         return None
@@ -3035,8 +3104,7 @@ class CapacityEstimator:
                 return
             seconds, moved = sample.at - last, max(sample.up, sample.down)
             loaded = (
-                0 < seconds <= self.MAX_TICK and moved >= self.MIN_RATE * seconds
-                and max(open_before, open_after) > 0
+                0 < seconds <= self.MAX_TICK and moved >= self.MIN_RATE * seconds and max(open_before, open_after) > 0
             )
             if not loaded:
                 link.run.clear()
@@ -3120,8 +3188,10 @@ class CapacityEstimator:
         if after is not None and (before is None or abs(after - before) > before / 4):
             link.logged = after
             logger.debug(
-                "capacity of %s: %s -> %.0f kB/s", address.describe(),
-                "not measured" if before is None else f"{before / 1000:.0f} kB/s", after / 1000,
+                "capacity of %s: %s -> %.0f kB/s",
+                address.describe(),
+                "not measured" if before is None else f"{before / 1000:.0f} kB/s",
+                after / 1000,
             )
 
     def remember(self, address: LocalAddress, capacity: float) -> None:
@@ -3186,8 +3256,12 @@ def read_state(path: str) -> dict[str, float]:
         logger.warning("%s is not a dispatch state file: every link starts not measured", path)
         return {}
     if data.get("version") != STATE_VERSION:
-        logger.warning("state file %s is of version %r, not %d: every link starts not measured",
-                       path, data.get("version"), STATE_VERSION)
+        logger.warning(
+            "state file %s is of version %r, not %d: every link starts not measured",
+            path,
+            data.get("version"),
+            STATE_VERSION,
+        )
         return {}
     capacities = {}
     for key, entry in links.items():
@@ -3204,7 +3278,9 @@ def write_state(path: str, capacities: Mapping[str, float]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     data = {
-        "format": STATE_FORMAT, "version": STATE_VERSION, "written": round(time.time(), 1),
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "written": round(time.time(), 1),
         "links": {key: {"capacity": round(capacity, 1)} for key, capacity in sorted(capacities.items())},
     }
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -3372,9 +3448,7 @@ def _start_connect_by_device(target: Target, device: str | None) -> socket.socke
     return sock
 
 
-def _connect_from(
-    local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None
-) -> socket.socket:
+def _connect_from(local: LocalAddress, ip: str, port: int, timeout: float, device: str | None = None) -> socket.socket:
     """A non-blocking socket bound to ``local`` (and to ``device``, if
     given) and connected to (ip, port)."""
     sock = _start_connect(local, (ip, port), device)
@@ -3727,8 +3801,12 @@ def _has_dnspython() -> bool:
 
 # The record types of each family, in the order a name's addresses are tried.
 _RDTYPES = ((socket.AF_INET, 1), (socket.AF_INET6, 28))  # A, AAAA
-_RCODE_REPLIES = {2: "the name server failed (SERVFAIL)", 5: "the name server refused (REFUSED)",
-                  4: "the name server does not do that (NOTIMP)", 1: "the name server found the query malformed"}
+_RCODE_REPLIES = {
+    2: "the name server failed (SERVFAIL)",
+    5: "the name server refused (REFUSED)",
+    4: "the name server does not do that (NOTIMP)",
+    1: "the name server found the query malformed",
+}
 
 SocketOpener = Callable[[LocalAddress, str, Callable[[str | None], socket.socket]], socket.socket]
 
@@ -3792,8 +3870,10 @@ class Resolver:
         self._told_system = False
         if not system and not _has_dnspython():
             self.system = True
-            logger.warning("the dnspython package is not installed: names are looked up by the system's "
-                           "resolver, whose queries leave by the default route only")
+            logger.warning(
+                "the dnspython package is not installed: names are looked up by the system's "
+                "resolver, whose queries leave by the default route only"
+            )
 
     @property
     def through_links(self) -> bool:
@@ -3831,8 +3911,14 @@ class Resolver:
                 logger.warning("no name server is configured: names are looked up by the system's resolver")
 
     def resolve(
-        self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None,
-        open_socket: SocketOpener, *, only_via: bool = False, timeout: float | None = None,
+        self,
+        host: str,
+        families: Collection[socket.AddressFamily],
+        via: LocalAddress | None,
+        open_socket: SocketOpener,
+        *,
+        only_via: bool = False,
+        timeout: float | None = None,
     ) -> Resolution:
         """The addresses of ``host`` of the ``families`` wanted.
 
@@ -3856,8 +3942,14 @@ class Resolver:
         return self._lookup(host, name, families, via, open_socket, only_via, timeout or self.timeout)
 
     def _lookup(
-        self, host: str, name: str, families: Collection[socket.AddressFamily], via: LocalAddress | None,
-        open_socket: SocketOpener, only_via: bool, timeout: float,
+        self,
+        host: str,
+        name: str,
+        families: Collection[socket.AddressFamily],
+        via: LocalAddress | None,
+        open_socket: SocketOpener,
+        only_via: bool,
+        timeout: float,
     ) -> Resolution:
         import dns.exception
         import dns.name
@@ -3891,8 +3983,14 @@ class Resolver:
         return [name, *searched] if name.count(".") >= conf.ndots else [*searched, name]
 
     def _answers(
-        self, name: str, wanted: list[int], via: LocalAddress | None, open_socket: SocketOpener,
-        resolution: Resolution, only_via: bool, timeout: float,
+        self,
+        name: str,
+        wanted: list[int],
+        via: LocalAddress | None,
+        open_socket: SocketOpener,
+        resolution: Resolution,
+        only_via: bool,
+        timeout: float,
     ) -> dict[int, NameAnswer]:
         """The answers for ``name`` of each record type: from the cache, from
         a lookup of the same under way, or asked now. ``only_via`` (a check
@@ -3932,9 +4030,7 @@ class Resolver:
             )
         return answers
 
-    def plan(
-        self, via: LocalAddress | None, *, only_via: bool = False
-    ) -> list[tuple[NameServer, LocalAddress | None]]:
+    def plan(self, via: LocalAddress | None, *, only_via: bool = False) -> list[tuple[NameServer, LocalAddress | None]]:
         """The queries of a lookup in the order they are sent: (server, the
         local address it is asked through, None for a loopback server).
         ``only_via``: through the link of ``via`` alone.
@@ -4043,8 +4139,13 @@ class _HedgedQuery:
     is asked again by TCP through the same link."""
 
     def __init__(
-        self, resolver: Resolver, name: str, rdtypes: list[int], via: LocalAddress | None,
-        open_socket: SocketOpener, resolution: Resolution,
+        self,
+        resolver: Resolver,
+        name: str,
+        rdtypes: list[int],
+        via: LocalAddress | None,
+        open_socket: SocketOpener,
+        resolution: Resolution,
     ) -> None:
         self.resolver = resolver
         self.name = name
@@ -4220,8 +4321,14 @@ class _HedgedQuery:
                 if other.local not in self.resolution.silent:
                     self.resolution.silent.append(other.local)
                 if now - other.started >= self.resolver.evidence_after:
-                    against.append((other.local, TimeoutError(
-                        errno.ETIMEDOUT, f"no DNS answer in {now - other.started:.1f} s; {local.ip} got one")))
+                    against.append(
+                        (
+                            other.local,
+                            TimeoutError(
+                                errno.ETIMEDOUT, f"no DNS answer in {now - other.started:.1f} s; {local.ip} got one"
+                            ),
+                        )
+                    )
         for failed_local, server, error in self.failed:
             if failed_local != local and server == query.server and _is_link_failure(error):
                 against.append((failed_local, error))
@@ -4273,8 +4380,9 @@ def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, flo
     name = qname
     ttls: list[float] = []
     for _ in range(16):  # a CNAME chain longer than this is a loop
-        chained = next((rrset for rrset in message.answer
-                        if rrset.name == name and rrset.rdtype == dns.rdatatype.CNAME), None)
+        chained = next(
+            (rrset for rrset in message.answer if rrset.name == name and rrset.rdtype == dns.rdatatype.CNAME), None
+        )
         if chained is None:
             break
         ttls.append(chained.ttl)
@@ -4698,7 +4806,11 @@ class Upstream:
             deadline = time.monotonic() + timeout
             if not _is_ip(target[0]) and not (isinstance(local, ProxyAddress) and local.proxy.passes_names):
                 resolution = self.resolver.resolve(
-                    target[0], local.serves - {socket.AF_UNSPEC}, local, self._with_device, only_via=True,
+                    target[0],
+                    local.serves - {socket.AF_UNSPEC},
+                    local,
+                    self._with_device,
+                    only_via=True,
                     timeout=timeout,
                 )
                 target = (resolution.targets[0][1], target[1])
@@ -5166,9 +5278,7 @@ class _Direction:
             self.pipe, self.pipe_size = _open_pipe()
         try:
             if self.pipe:
-                received = _splice(
-                    self.src.fileno(), self.pipe[1], self.pipe_size - self.in_pipe, flags=_SPLICE_FLAGS
-                )
+                received = _splice(self.src.fileno(), self.pipe[1], self.pipe_size - self.in_pipe, flags=_SPLICE_FLAGS)
                 self.in_pipe += received
             else:
                 data = self.src.recv(RELAY_BUFFER_SIZE)
@@ -5227,6 +5337,7 @@ def _open_pipe() -> tuple[tuple[int, int] | None, int]:
         os.close(write_end)
         return None, 0
 
+
 # ---------------------------------------------------------------------------
 # Sessions: SOCKS, UDP and HTTP proxy; one log record per exchange
 # ---------------------------------------------------------------------------
@@ -5270,7 +5381,13 @@ class ExchangeRecord:
         logger.log(
             level,
             "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
-            who, self.target, via, self.result, self.up, self.down, self.duration,
+            who,
+            self.target,
+            via,
+            self.result,
+            self.up,
+            self.down,
+            self.duration,
             extra={"exchange": self},
         )
 
@@ -5300,7 +5417,10 @@ class Session:
     """
 
     def __init__(
-        self, connection: socket.socket, client_address: tuple[Any, ...], reader: DeadlineReader,
+        self,
+        connection: socket.socket,
+        client_address: tuple[Any, ...],
+        reader: DeadlineReader,
         context: SessionContext,
     ) -> None:
         self.connection = connection
@@ -5372,7 +5492,10 @@ class Session:
         """Copy both ways, starting with what the client sent early."""
         try:
             relay(
-                self.connection, lease.sock, early=self.reader.rest(), count=self.count,
+                self.connection,
+                lease.sock,
+                early=self.reader.rest(),
+                count=self.count,
                 idle_timeout=self.context.idle_timeout,
             )
         finally:
@@ -5659,6 +5782,7 @@ class UdpAssociation:
 # function here takes plain data (Dispatcher.status(), or a host and port)
 # and returns a response body; HttpProxySession sends it.
 
+
 def format_bytes(count: float) -> str:
     """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
     if count < 1000:
@@ -5891,25 +6015,39 @@ def _kbs(rate: float) -> str:
 
 def _facts(status: Mapping[str, Any]) -> dict[str, object]:
     totals = status["totals"]
-    return {"version": status["version"], "uptime": format_duration(status["uptime"]),
-            "listening": status["listening"], "balance": status["balance"],
-            "clients": status["open_connections"], "refused": status["refused"],
-            "connections": totals["connections"], "failed": totals["failed"]}
+    return {
+        "version": status["version"],
+        "uptime": format_duration(status["uptime"]),
+        "listening": status["listening"],
+        "balance": status["balance"],
+        "clients": status["open_connections"],
+        "refused": status["refused"],
+        "connections": totals["connections"],
+        "failed": totals["failed"],
+    }
 
 
 def _row(row: Mapping[str, Any], colour: int | None) -> str:
     """One table row; ``row`` is a stats() row, or the totals with a link name (colour None)."""
     state, capacity = str(row.get("state") or ""), row.get("capacity")
     where = " \u00b7 ".join(filter(None, (row.get("ip"), row.get("interface"))))
-    cells = [("Link", row["link"], where, "link"), ("Tier", row.get("tier") or "", "", ""),
-             ("State", state, row.get("reason") or "", state if state in _STATES else ""),
-             ("Open", row["open"], "", "n"), ("Down", format_bytes(row["bytes_down"]), "", "n"),
-             ("Up", format_bytes(row["bytes_up"]), "", "n"),
-             ("Down kB/s", _kbs(row["rate_down"]), "", "n"),
-             ("Up kB/s", _kbs(row["rate_up"]), "", "n"),
-             ("Capacity", "not measured" if capacity is None else format_bytes(capacity) + "/s",
-              "" if capacity is None or colour is None else capacity_source(row), "n"),
-             ("DNS", " / ".join(str(row.get(key, 0)) for key in _DNS_KEYS), "queries / cached / failed", "n")]
+    cells = [
+        ("Link", row["link"], where, "link"),
+        ("Tier", row.get("tier") or "", "", ""),
+        ("State", state, row.get("reason") or "", state if state in _STATES else ""),
+        ("Open", row["open"], "", "n"),
+        ("Down", format_bytes(row["bytes_down"]), "", "n"),
+        ("Up", format_bytes(row["bytes_up"]), "", "n"),
+        ("Down kB/s", _kbs(row["rate_down"]), "", "n"),
+        ("Up kB/s", _kbs(row["rate_up"]), "", "n"),
+        (
+            "Capacity",
+            "not measured" if capacity is None else format_bytes(capacity) + "/s",
+            "" if capacity is None or colour is None else capacity_source(row),
+            "n",
+        ),
+        ("DNS", " / ".join(str(row.get(key, 0)) for key in _DNS_KEYS), "queries / cached / failed", "n"),
+    ]
     out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
     for position, (label, text, small, cls) in enumerate(cells):
         under = f"<small>{_e(small)}</small>" if small else ""
@@ -5921,9 +6059,13 @@ def _row(row: Mapping[str, Any], colour: int | None) -> str:
 def _totals(status: Mapping[str, Any]) -> dict[str, Any]:
     rows = status["addresses"]
     measured = [row["capacity"] for row in rows if row["capacity"] is not None]
-    return {**status["totals"], "link": "All links", "open": sum(row["open"] for row in rows),
-            "capacity": sum(measured) if measured else None,
-            **{key: sum(row.get(key, 0) for row in rows) for key in _DNS_KEYS}}
+    return {
+        **status["totals"],
+        "link": "All links",
+        "open": sum(row["open"] for row in rows),
+        "capacity": sum(measured) if measured else None,
+        **{key: sum(row.get(key, 0) for row in rows) for key in _DNS_KEYS},
+    }
 
 
 def _nice_top(peak_kbs: float) -> float:
@@ -5943,8 +6085,9 @@ def _series(status: Mapping[str, Any], key: str) -> tuple[float, list[tuple[int,
     history = status.get("history") or {}
     interval = float(history.get("interval") or 0) or METER_INTERVAL
     kept, per_ip = int(_HISTORY_SECONDS / interval) + 1, history.get("addresses") or {}
-    series = [(i, list((per_ip.get(row["ip"]) or {}).get(key) or [])[-kept:])
-              for i, row in enumerate(status["addresses"])]
+    series = [
+        (i, list((per_ip.get(row["ip"]) or {}).get(key) or [])[-kept:]) for i, row in enumerate(status["addresses"])
+    ]
     return interval, [(i, values) for i, values in series if values]
 
 
@@ -5954,45 +6097,51 @@ def _chart(status: Mapping[str, Any], key: str, title: str) -> str:
     step, parts = _NOW_X * interval / _HISTORY_SECONDS, []
     for share in (0.0, 0.5, 1.0):
         at = _y(share * top * _KILO, top)
-        parts.append(f'<line x1="0" x2="{_CHART_W}" y1="{at:.1f}" y2="{at:.1f}"/>'
-                     f'<text x="2" y="{at - 3:.1f}">{share * top:.0f} kB/s</text>')
-    parts.append(f'<text x="2" y="156">10 min ago</text>'
-                 f'<text x="{_CHART_W - 2}" y="156" text-anchor="end">now</text>')
+        parts.append(
+            f'<line x1="0" x2="{_CHART_W}" y1="{at:.1f}" y2="{at:.1f}"/>'
+            f'<text x="2" y="{at - 3:.1f}">{share * top:.0f} kB/s</text>'
+        )
+    parts.append(f'<text x="2" y="156">10 min ago</text><text x="{_CHART_W - 2}" y="156" text-anchor="end">now</text>')
     if not series:
         parts.append(f'<text x="{_CHART_W // 2}" y="80" text-anchor="middle">no samples yet</text>')
     for colour, values in series:
         last, cls = len(values) - 1, f"s{colour % len(_PALETTE)}"
-        points = " ".join(f"{_NOW_X - (last - j) * step:.1f},{_y(v, top):.1f}"
-                          for j, v in enumerate(values))
+        points = " ".join(f"{_NOW_X - (last - j) * step:.1f},{_y(v, top):.1f}" for j, v in enumerate(values))
         # the circle marks the newest sample, and alone shows a lone one
-        parts.append(f'<polyline class="{cls}" points="{points}"/>'
-                     f'<circle class="{cls}" cx="{_NOW_X}" cy="{_y(values[-1], top):.1f}" r="3"/>')
-    return (f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" viewBox="0 0 '
-            f'{_CHART_W} {_CHART_H}" role="img" aria-label="{title}">'
-            + "".join(parts) + "</svg></figure>")
+        parts.append(
+            f'<polyline class="{cls}" points="{points}"/>'
+            f'<circle class="{cls}" cx="{_NOW_X}" cy="{_y(values[-1], top):.1f}" r="3"/>'
+        )
+    return (
+        f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" viewBox="0 0 '
+        f'{_CHART_W} {_CHART_H}" role="img" aria-label="{title}">' + "".join(parts) + "</svg></figure>"
+    )
 
 
 def render_status_page(status: dict[str, Any]) -> str:
     """The whole status page for ``Dispatcher.status()``: table and charts drawn here, and a
     script that redraws both from ``/stats.json`` every 2 s. Send with ``STATUS_PAGE_CSP``."""
-    facts = "".join(f'<div><dt>{name}</dt><dd data-f="{name}">{_e(value)}</dd></div>'
-                    for name, value in _facts(status).items())
-    heads = "".join(f'<th class="{"n" if i >= _FIRST_NUMERIC else ""}">{name}</th>'
-                    for i, name in enumerate(_HEADINGS))
+    facts = "".join(
+        f'<div><dt>{name}</dt><dd data-f="{name}">{_e(value)}</dd></div>' for name, value in _facts(status).items()
+    )
+    heads = "".join(f'<th class="{"n" if i >= _FIRST_NUMERIC else ""}">{name}</th>' for i, name in enumerate(_HEADINGS))
     rows = "".join(_row(row, i) for i, row in enumerate(status["addresses"]))
-    legend = "".join(f'<li><i class="k s{i % len(_PALETTE)}"></i>{_e(row["link"])}</li>'
-                     for i, row in enumerate(status["addresses"]))
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f'<title>dispatch status</title><link rel="icon" href="data:,"><style>{_STYLE}</style>'
-            '</head><body><header><h1>dispatch</h1><span id="live">snapshot</span></header>'
-            f'<dl class="facts">{facts}</dl><table><thead><tr>{heads}</tr></thead>'
-            f'<tbody id="rows">{rows}</tbody>'
-            f'<tfoot id="total">{_row(_totals(status), None)}</tfoot></table><div class="charts">'
-            f'{_chart(status, "rate_down", "Download rate, last 10 min")}'
-            f'{_chart(status, "rate_up", "Upload rate, last 10 min")}</div>'
-            f'<ul class="legend" id="legend">{legend}</ul><script>{_SCRIPT}</script>'
-            '</body></html>\n')
+    legend = "".join(
+        f'<li><i class="k s{i % len(_PALETTE)}"></i>{_e(row["link"])}</li>' for i, row in enumerate(status["addresses"])
+    )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<title>dispatch status</title><link rel="icon" href="data:,"><style>{_STYLE}</style>'
+        '</head><body><header><h1>dispatch</h1><span id="live">snapshot</span></header>'
+        f'<dl class="facts">{facts}</dl><table><thead><tr>{heads}</tr></thead>'
+        f'<tbody id="rows">{rows}</tbody>'
+        f'<tfoot id="total">{_row(_totals(status), None)}</tfoot></table><div class="charts">'
+        f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
+        f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
+        f'<ul class="legend" id="legend">{legend}</ul><script>{_SCRIPT}</script>'
+        "</body></html>\n"
+    )
 
 
 # Prometheus metrics
@@ -6001,25 +6150,41 @@ def render_status_page(status: dict[str, Any]) -> str:
 _PER_ADDRESS = (
     ("dispatch_bytes_sent_total", "counter", "Bytes sent upstream via the address.", "bytes_up"),
     ("dispatch_bytes_received_total", "counter", "Bytes received via the address.", "bytes_down"),
-    ("dispatch_connections_opened_total", "counter", "Connections opened via the address.",
-     "connections"),
-    ("dispatch_connections_failed_total", "counter", "Connects via the address that failed.",
-     "failed"),
+    ("dispatch_connections_opened_total", "counter", "Connections opened via the address.", "connections"),
+    ("dispatch_connections_failed_total", "counter", "Connects via the address that failed.", "failed"),
     ("dispatch_open_connections", "gauge", "Upstream connections open via the address.", "open"),
     ("dispatch_link_up", "gauge", "1 while the address is up (or a backup standing by), else 0.", "up"),
-    ("dispatch_link_capacity_bytes_per_second", "gauge",
-     "Estimated bytes per second the address carries (the busier direction); absent until measured.",
-     "capacity"),
-    ("dispatch_link_capacity_age_seconds", "gauge",
-     "Seconds since the capacity was last measured; absent until measured in this run.", "capacity_age"),
-    ("dispatch_link_capacity_remembered", "gauge",
-     "1 while the capacity is the one remembered from an earlier run, 0 once measured; absent without one.",
-     "capacity_remembered"),
+    (
+        "dispatch_link_capacity_bytes_per_second",
+        "gauge",
+        "Estimated bytes per second the address carries (the busier direction); absent until measured.",
+        "capacity",
+    ),
+    (
+        "dispatch_link_capacity_age_seconds",
+        "gauge",
+        "Seconds since the capacity was last measured; absent until measured in this run.",
+        "capacity_age",
+    ),
+    (
+        "dispatch_link_capacity_remembered",
+        "gauge",
+        "1 while the capacity is the one remembered from an earlier run, 0 once measured; absent without one.",
+        "capacity_remembered",
+    ),
     ("dispatch_dns_queries_total", "counter", "DNS queries sent through the address's link.", "dns_queries"),
-    ("dispatch_dns_cache_hits_total", "counter",
-     "Name lookups for connections of the address that the cache answered.", "dns_cache_hits"),
-    ("dispatch_dns_failures_total", "counter",
-     "DNS queries through the address's link that got no good answer.", "dns_failures"),
+    (
+        "dispatch_dns_cache_hits_total",
+        "counter",
+        "Name lookups for connections of the address that the cache answered.",
+        "dns_cache_hits",
+    ),
+    (
+        "dispatch_dns_failures_total",
+        "counter",
+        "DNS queries through the address's link that got no good answer.",
+        "dns_failures",
+    ),
 )
 
 
@@ -6035,8 +6200,7 @@ def _metric_number(value: float) -> str:
     return repr(float(value))
 
 
-def _metric_family(name: str, kind: str, text: str,
-            samples: Iterable[tuple[Mapping[str, object], float]]) -> list[str]:
+def _metric_family(name: str, kind: str, text: str, samples: Iterable[tuple[Mapping[str, object], float]]) -> list[str]:
     lines = [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
         pairs = ",".join(f'{key}="{_label_value(v)}"' for key, v in labels.items())
@@ -6047,24 +6211,45 @@ def _metric_family(name: str, kind: str, text: str,
 def render_metrics(status: dict[str, Any]) -> str:
     """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
     per-address series carry ``link`` and ``address`` (the local IP) labels."""
-    rows = [{**row, "up": int(row["state"] in ("up", "standby")), "capacity_age": row.get("capacity_age"),
-             "capacity_remembered": None if row.get("capacity") is None
-             else int(row.get("capacity_source") == "remembered")}
-            for row in status["addresses"]]
-    lines = _metric_family("dispatch_build_info", "gauge", "Always 1; the version is in the label.",
-                    [({"version": status["version"]}, 1)])
-    lines += _metric_family("dispatch_uptime_seconds", "gauge", "Seconds since the proxy started.",
-                     [({}, status["uptime"])])
-    lines += _metric_family("dispatch_link_info", "gauge", "Always 1; names the interface and tier.",
-                     [({"link": r["link"], "address": r["ip"] or "", "interface": r["interface"] or "",
-                        "tier": r["tier"]}, 1) for r in rows])
+    rows = [
+        {
+            **row,
+            "up": int(row["state"] in ("up", "standby")),
+            "capacity_age": row.get("capacity_age"),
+            "capacity_remembered": None
+            if row.get("capacity") is None
+            else int(row.get("capacity_source") == "remembered"),
+        }
+        for row in status["addresses"]
+    ]
+    lines = _metric_family(
+        "dispatch_build_info", "gauge", "Always 1; the version is in the label.", [({"version": status["version"]}, 1)]
+    )
+    lines += _metric_family(
+        "dispatch_uptime_seconds", "gauge", "Seconds since the proxy started.", [({}, status["uptime"])]
+    )
+    lines += _metric_family(
+        "dispatch_link_info",
+        "gauge",
+        "Always 1; names the interface and tier.",
+        [
+            ({"link": r["link"], "address": r["ip"] or "", "interface": r["interface"] or "", "tier": r["tier"]}, 1)
+            for r in rows
+        ],
+    )
     for name, kind, text, key in _PER_ADDRESS:
-        lines += _metric_family(name, kind, text, [({"link": r["link"], "address": r["ip"] or ""}, r[key])
-                                            for r in rows if r[key] is not None])
-    lines += _metric_family("dispatch_clients_refused_total", "counter", "Client connections refused.",
-                     [({}, status["refused"])])
-    lines += _metric_family("dispatch_client_connections", "gauge", "Client connections open now.",
-                     [({}, status["open_connections"])])
+        lines += _metric_family(
+            name,
+            kind,
+            text,
+            [({"link": r["link"], "address": r["ip"] or ""}, r[key]) for r in rows if r[key] is not None],
+        )
+    lines += _metric_family(
+        "dispatch_clients_refused_total", "counter", "Client connections refused.", [({}, status["refused"])]
+    )
+    lines += _metric_family(
+        "dispatch_client_connections", "gauge", "Client connections open now.", [({}, status["open_connections"])]
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -6157,12 +6342,14 @@ def page_host(text: str) -> str:
 def render_not_found(path: str) -> str:
     """A short 404 page for ``path`` (shown escaped, cut at 200 characters) linking to ``/``."""
     shown = path if len(path) <= _PATH_SHOWN else path[:_PATH_SHOWN] + "\u2026"
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            '<title>404 Not Found</title></head><body><h1>404 Not Found</h1>'
-            f'<p>Nothing here at <code>{_e(shown)}</code>.</p><p>See the <a href="/">status '
-            'page</a>, <a href="/metrics">/metrics</a> or <a href="/proxy.pac">/proxy.pac</a>.</p>'
-            '</body></html>\n')
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        "<title>404 Not Found</title></head><body><h1>404 Not Found</h1>"
+        f'<p>Nothing here at <code>{_e(shown)}</code>.</p><p>See the <a href="/">status '
+        'page</a>, <a href="/metrics">/metrics</a> or <a href="/proxy.pac">/proxy.pac</a>.</p>'
+        "</body></html>\n"
+    )
 
 
 class OriginError(HttpError):
@@ -6234,7 +6421,10 @@ class HttpProxySession(Session):
     """
 
     def __init__(
-        self, connection: socket.socket, client_address: tuple[Any, ...], reader: DeadlineReader,
+        self,
+        connection: socket.socket,
+        client_address: tuple[Any, ...],
+        reader: DeadlineReader,
         context: SessionContext,
     ) -> None:
         super().__init__(connection, client_address, reader, context)
@@ -6576,7 +6766,7 @@ class HttpProxySession(Session):
             outgoing = [(name, value) for name, value in outgoing if name.lower() != "trailer"]
         else:
             outgoing += framing_headers(response.headers, declared)
-        outgoing.append(("Via", f"{response.version[len('HTTP/'):]} dispatch"))
+        outgoing.append(("Via", f"{response.version[len('HTTP/') :]} dispatch"))
         if not client_stays:
             outgoing.append(("Connection", "close"))
         self.responded = True
@@ -6675,8 +6865,9 @@ def _request_headers(host: str, port: int, version: str, headers: Headers, lengt
     dropped = {"host", "expect"} if version == "HTTP/1.0" else {"host"}
     outgoing += [(name, value) for name, value in forwarded_headers(headers) if name.lower() not in dropped]
     outgoing += framing_headers(headers, length)
-    outgoing.append(("Via", f"{version[len('HTTP/'):]} dispatch"))
+    outgoing.append(("Via", f"{version[len('HTTP/') :]} dispatch"))
     return outgoing
+
 
 # ---------------------------------------------------------------------------
 # Server: admission, the first byte picks the session, the listener
@@ -6948,6 +7139,7 @@ class _Server(socketserver.ThreadingTCPServer):
         # Ordinary faults are handled by the sessions; what gets here is a bug.
         logger.exception("unexpected error serving %s", _format_endpoint(*_split_host(client_address)))
 
+
 # ---------------------------------------------------------------------------
 # Dispatcher: the library face
 # ---------------------------------------------------------------------------
@@ -7005,10 +7197,23 @@ class BackgroundTasks:
 def _waiting_row(link: Link) -> dict[str, Any]:
     """The stats row of an interface that has had no address yet."""
     return {
-        "ip": None, "interface": link.name, "link": link.name, "weight": link.weight, "tier": link.tier,
-        "state": "waiting", "reason": "no address yet", "connections": 0, "failed": 0, "open": 0,
-        "bytes_up": 0, "bytes_down": 0, "rate_up": 0.0, "rate_down": 0.0, "capacity": None,
-        "capacity_source": "not measured", "capacity_age": None,
+        "ip": None,
+        "interface": link.name,
+        "link": link.name,
+        "weight": link.weight,
+        "tier": link.tier,
+        "state": "waiting",
+        "reason": "no address yet",
+        "connections": 0,
+        "failed": 0,
+        "open": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "rate_up": 0.0,
+        "rate_down": 0.0,
+        "capacity": None,
+        "capacity_source": "not measured",
+        "capacity_age": None,
         **_dns_fields(DnsCounts()),
     }
 
@@ -7106,15 +7311,22 @@ class Dispatcher:
             balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
         self.checks = [parse_check_target(check) for check in checks]
         durations = {
-            "connect_timeout": connect_timeout, "handshake_timeout": handshake_timeout, "cooldown": cooldown,
-            "check_interval": check_interval, "idle_timeout": idle_timeout, "hedge": hedge, "sticky": sticky,
+            "connect_timeout": connect_timeout,
+            "handshake_timeout": handshake_timeout,
+            "cooldown": cooldown,
+            "check_interval": check_interval,
+            "idle_timeout": idle_timeout,
+            "hedge": hedge,
+            "sticky": sticky,
         }
         for name, seconds in durations.items():
             may_be_zero = name in ("hedge", "sticky")
             if seconds is None or (0 <= seconds <= MAX_DURATION and (seconds > 0 or may_be_zero)):
                 continue
-            raise ValueError(f"{name} must be {'0 or more' if may_be_zero else 'positive'}, "
-                             f"at most {MAX_DURATION:g} seconds; got {seconds!r}")
+            raise ValueError(
+                f"{name} must be {'0 or more' if may_be_zero else 'positive'}, "
+                f"at most {MAX_DURATION:g} seconds; got {seconds!r}"
+            )
         self.check_interval = check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
         families = {_family_of(ip) for ip, _ in self.checks if _is_ip(ip)}
@@ -7132,15 +7344,22 @@ class Dispatcher:
         self._written: dict[str, float] | None = None  # None until the state file was read
         self._state_unwritable = False  # told once
         self.balancer = Balancer(
-            self.links.addresses, self.health, balance=Balance(balance), capacity=self.capacity.estimate,
+            self.links.addresses,
+            self.health,
+            balance=Balance(balance),
+            capacity=self.capacity.estimate,
             sticky=StickyTable(sticky) if sticky else None,
         )
         self.meter = Meter()
         # What the addresses forgotten once gone carried: still in the totals.
         self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
         self.resolver = Resolver(
-            *parse_dns_option(dns), addresses=lambda: self.links.addresses, health=self.health,
-            hedge=min(DNS_HEDGE, hedge), timeout=connect_timeout, evidence_after=hedge or DEFAULT_HEDGE,
+            *parse_dns_option(dns),
+            addresses=lambda: self.links.addresses,
+            health=self.health,
+            hedge=min(DNS_HEDGE, hedge),
+            timeout=connect_timeout,
+            evidence_after=hedge or DEFAULT_HEDGE,
         )
         self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge, self.resolver)
         self.access = AccessPolicy(credentials, allow)
@@ -7150,7 +7369,11 @@ class Dispatcher:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.context = SessionContext(
-            self.access, self.upstream, handshake_timeout, idle_timeout, status=self.status if pages else None,
+            self.access,
+            self.upstream,
+            handshake_timeout,
+            idle_timeout,
+            status=self.status if pages else None,
             page_hosts=frozenset(page_host(name) for name in page_hosts),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
@@ -7244,7 +7467,9 @@ class Dispatcher:
         for address, target in self.health.due_retests():
             try:
                 threading.Thread(
-                    target=self._run_retest, args=(address, target), name=f"dispatch-retest-{address.ip}",
+                    target=self._run_retest,
+                    args=(address, target),
+                    name=f"dispatch-retest-{address.ip}",
                     daemon=True,
                 ).start()
             except RuntimeError as error:  # no thread to be had now: the retest is due again later
@@ -7271,7 +7496,9 @@ class Dispatcher:
         try:
             timeout = min(self.check_interval, self.upstream.connect_timeout)
             pairs = [
-                (a, t) for a in self.links.addresses for t in self.checks
+                (a, t)
+                for a in self.links.addresses
+                for t in self.checks
                 if not _is_ip(t[0]) or _family_of(t[0]) in a.serves
             ]
             outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
@@ -7408,24 +7635,26 @@ class Dispatcher:
             if state == "up" and address.backup and address.serves & primaries_up:
                 state, reason = "standby", "a primary link is up"
             link = self.links.link_of(address)
-            rows.append({
-                "ip": address.ip,
-                "interface": address.interface,
-                "link": link.name if link else address.ip,
-                "weight": address.weight,
-                "tier": link.tier if link else "primary",
-                "state": state,
-                "reason": reason,
-                "connections": reading.counters.connections,
-                "failed": reading.counters.failed,
-                "open": reading.counters.open,
-                "bytes_up": reading.counters.bytes_up,
-                "bytes_down": reading.counters.bytes_down,
-                "rate_up": reading.rate_up,
-                "rate_down": reading.rate_down,
-                **self._capacity_fields(address),
-                **_dns_fields(self.resolver.counts(address)),
-            })
+            rows.append(
+                {
+                    "ip": address.ip,
+                    "interface": address.interface,
+                    "link": link.name if link else address.ip,
+                    "weight": address.weight,
+                    "tier": link.tier if link else "primary",
+                    "state": state,
+                    "reason": reason,
+                    "connections": reading.counters.connections,
+                    "failed": reading.counters.failed,
+                    "open": reading.counters.open,
+                    "bytes_up": reading.counters.bytes_up,
+                    "bytes_down": reading.counters.bytes_down,
+                    "rate_up": reading.rate_up,
+                    "rate_down": reading.rate_down,
+                    **self._capacity_fields(address),
+                    **_dns_fields(self.resolver.counts(address)),
+                }
+            )
         for link in self.links.links:
             if not link.known:
                 rows.append(_waiting_row(link))
@@ -7471,6 +7700,7 @@ class Dispatcher:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+
 # ---------------------------------------------------------------------------
 # Reports and the command line
 # ---------------------------------------------------------------------------
@@ -7481,7 +7711,8 @@ def format_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] =
     apart; the columns numbered in ``right_aligned`` line up on the right."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return "\n".join(
-        indent + "  ".join(
+        indent
+        + "  ".join(
             cell.rjust(width) if column in right_aligned else cell.ljust(width)
             for column, (cell, width) in enumerate(zip(row, widths))
         ).rstrip()
@@ -7610,15 +7841,31 @@ def _format_rate(bytes_per_second: float) -> str:
 def format_stats(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
     header = (
-        "ADDRESS", "INTERFACE", "WEIGHT", "STATE", "OPEN", "TOTAL", "DOWN", "UP", "RATE DOWN", "RATE UP", "CAPACITY",
+        "ADDRESS",
+        "INTERFACE",
+        "WEIGHT",
+        "STATE",
+        "OPEN",
+        "TOTAL",
+        "DOWN",
+        "UP",
+        "RATE DOWN",
+        "RATE UP",
+        "CAPACITY",
         "FROM",
     )
     table = [header] + [
         (
-            row["ip"] or "-", row["interface"] or "-", str(row["weight"]), row["state"],
-            str(row["open"]), str(row["connections"]),
-            format_bytes(row["bytes_down"]), format_bytes(row["bytes_up"]),
-            _format_rate(row["rate_down"]), _format_rate(row["rate_up"]),
+            row["ip"] or "-",
+            row["interface"] or "-",
+            str(row["weight"]),
+            row["state"],
+            str(row["open"]),
+            str(row["connections"]),
+            format_bytes(row["bytes_down"]),
+            format_bytes(row["bytes_up"]),
+            _format_rate(row["rate_down"]),
+            _format_rate(row["rate_up"]),
             "-" if row.get("capacity") is None else _format_rate(row["capacity"]),
             capacity_source(row),
         )
@@ -7834,8 +8081,11 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         users = _check_start_arguments(args)
         upstream_passwords = _upstream_passwords(args)
         dispatcher = Dispatcher(
-            args.addresses, args.ip, args.port,
-            connect_timeout=args.connect_timeout, cooldown=args.cooldown,
+            args.addresses,
+            args.ip,
+            args.port,
+            connect_timeout=args.connect_timeout,
+            cooldown=args.cooldown,
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
@@ -7954,9 +8204,7 @@ def service_unit(
         raise ValueError("no command to run dispatch with")
     for argument in (*executable, *start_args, user or "", home or ""):
         if not argument.isprintable():
-            raise ValueError(
-                f"{argument!r}: a control character cannot go into a service definition"
-            )
+            raise ValueError(f"{argument!r}: a control character cannot go into a service definition")
         if hide_password(argument) != argument:
             raise ValueError(
                 f"{hide_password(argument)!r}: a password would be readable in the service definition;"
@@ -8009,15 +8257,10 @@ def _carries_option(arguments: Sequence[str], option: str) -> bool:
     return False
 
 
-def _systemd_unit(
-    start_args: Sequence[str], executable: Sequence[str], user: str | None
-) -> str:
+def _systemd_unit(start_args: Sequence[str], executable: Sequence[str], user: str | None) -> str:
     program = executable[0]
     if not os.path.isabs(program) or _SYSTEMD_EXECUTABLE_REFUSES.intersection(program):
-        raise ValueError(
-            f"{program!r}: systemd needs an absolute path to the program,"
-            " without quotes or backslashes"
-        )
+        raise ValueError(f"{program!r}: systemd needs an absolute path to the program, without quotes or backslashes")
     command = [*executable, "start"]
     if not _carries_option(start_args, "--log-file"):
         # A dynamic user has no writable home for the default log.
@@ -8028,10 +8271,7 @@ def _systemd_unit(
     account = f"User={user}" if user else "DynamicUser=yes"
     protect_home = "ProtectHome=yes"
     if any(path.startswith(_HOME_ROOTS) for path in executable):
-        protect_home = (
-            "# The program lives under a home directory: it is left readable.\n"
-            "ProtectHome=read-only"
-        )
+        protect_home = "# The program lives under a home directory: it is left readable.\nProtectHome=read-only"
     return f"""\
 # dispatch as a system service: /etc/systemd/system/dispatch.service
 [Unit]
@@ -8270,104 +8510,154 @@ def _build_parser() -> argparse.ArgumentParser:
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
     )
     start.add_argument(
-        "--ip", type=_listen_address, default="127.0.0.1",
+        "--ip",
+        type=_listen_address,
+        default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: for every address)",
     )
     start.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
     start.add_argument(
-        "--connect-timeout", type=_duration("--connect-timeout"), default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+        "--connect-timeout",
+        type=_duration("--connect-timeout"),
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
         help="give up connecting upstream after this long (default 5)",
     )
     start.add_argument(
-        "--auth", action="append", type=_user_password, metavar="USER:PASS",
+        "--auth",
+        action="append",
+        type=_user_password,
+        metavar="USER:PASS",
         help="require this login (repeatable): SOCKS5 and HTTP clients log in; SOCKS4 is refused",
     )
     start.add_argument(
-        "--auth-file", metavar="PATH",
+        "--auth-file",
+        metavar="PATH",
         help="require a login from this file: one USER:PASS a line, # comments",
     )
     start.add_argument(
-        "--upstream-auth-file", metavar="PATH",
+        "--upstream-auth-file",
+        metavar="PATH",
         help="passwords of upstream proxies whose ADDRESS gives a user alone (socks5://al@vps:1080): "
         "one USER:PASS a line, # comments; keeps them out of the process list",
     )
     start.add_argument(
-        "--allow", action="append", type=_network, metavar="CIDR",
-        help="admit clients from this network or address only (repeatable; "
-        "default: loopback and private networks)",
+        "--allow",
+        action="append",
+        type=_network,
+        metavar="CIDR",
+        help="admit clients from this network or address only (repeatable; default: loopback and private networks)",
     )
     start.add_argument(
-        "--handshake-timeout", type=_duration("--handshake-timeout"), default=DEFAULT_HANDSHAKE_TIMEOUT,
+        "--handshake-timeout",
+        type=_duration("--handshake-timeout"),
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
         help=f"close a client that has not finished its handshake after this long "
         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
     start.add_argument(
-        "--idle-timeout", type=_duration("--idle-timeout"), metavar="SECONDS",
+        "--idle-timeout",
+        type=_duration("--idle-timeout"),
+        metavar="SECONDS",
         help="close a connection with nothing moving either way for this long (default: never)",
     )
     start.add_argument(
-        "--max-connections", type=_positive, metavar="N",
+        "--max-connections",
+        type=_positive,
+        metavar="N",
         help="refuse new clients while N connections are open (default: what the descriptor limit fits)",
     )
     start.add_argument(
-        "--grace", type=_duration("--grace"), default=DEFAULT_GRACE, metavar="SECONDS",
+        "--grace",
+        type=_duration("--grace"),
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
         help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
     )
     start.add_argument(
-        "--cooldown", type=_duration("--cooldown"), default=DEFAULT_COOLDOWN, metavar="SECONDS",
+        "--cooldown",
+        type=_duration("--cooldown"),
+        default=DEFAULT_COOLDOWN,
+        metavar="SECONDS",
         help="a link that failed is retested 1 s later, then less and less often, at least every SECONDS "
         "(default 30); it is back as soon as a retest gets through",
     )
     start.add_argument(
-        "--balance", choices=[balance.value for balance in Balance],
+        "--balance",
+        choices=[balance.value for balance in Balance],
         help="how a connection's link is chosen: measured (the least open work for what each link was "
         "measured to carry; the default without weights) or round-robin (in turn, by the weights; "
         "the default when any ADDRESS has one)",
     )
     start.add_argument(
-        "--sticky", type=_duration("--sticky"), default=0.0, metavar="SECONDS",
+        "--sticky",
+        type=_duration("--sticky"),
+        default=0.0,
+        metavar="SECONDS",
         help="keep a client's connections to one site (example.co.uk) on one link while the site was "
         "used within SECONDS (default 0: off, so that one site's downloads spread)",
     )
     start.add_argument(
-        "--state-file", metavar="PATH",
+        "--state-file",
+        metavar="PATH",
         help=f"keep each link's measured capacity here across restarts (default {default_state_path()})",
     )
     start.add_argument(
-        "--no-state", action="store_true",
+        "--no-state",
+        action="store_true",
         help="keep no state file: every start measures the links afresh",
     )
     start.add_argument(
-        "--check", action="append", type=_check_target, default=[], metavar="HOST:PORT",
+        "--check",
+        action="append",
+        type=_check_target,
+        default=[],
+        metavar="HOST:PORT",
         help="test every link by connecting to this target through it (repeatable): 3 failures in a "
         "row take a link out, 2 successes bring it back (default: no checks)",
     )
     start.add_argument(
-        "--check-interval", type=_duration("--check-interval"), default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
+        "--check-interval",
+        type=_duration("--check-interval"),
+        default=DEFAULT_CHECK_INTERVAL,
+        metavar="SECONDS",
         help=f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
     )
     start.add_argument(
-        "--hedge", type=_duration("--hedge"), default=DEFAULT_HEDGE, metavar="SECONDS",
+        "--hedge",
+        type=_duration("--hedge"),
+        default=DEFAULT_HEDGE,
+        metavar="SECONDS",
         help=f"when a connect has no answer after this long, race it through another link "
         f"(default {DEFAULT_HEDGE:g}; 0: never)",
     )
     start.add_argument(
-        "--dns", action="append", type=_dns_server, metavar="ADDRESS[:PORT]",
+        "--dns",
+        action="append",
+        type=_dns_server,
+        metavar="ADDRESS[:PORT]",
         help="a name server to ask through the links (repeatable; default: the system's); "
         "'system': leave names to the system's resolver",
     )
     start.add_argument(
-        "--no-page", dest="pages", action="store_false",
+        "--no-page",
+        dest="pages",
+        action="store_false",
         help="serve no status page, /stats.json, /metrics or /proxy.pac on the proxy's port",
     )
     start.add_argument(
-        "--page-host", action="append", type=_page_host, metavar="NAME",
+        "--page-host",
+        action="append",
+        type=_page_host,
+        metavar="NAME",
         help="also show the status page, /stats.json and /metrics to requests for this host name "
         "(repeatable; always: localhost, loopback and the address the page is asked at)",
     )
     start.add_argument(
-        "--stats", type=_duration("--stats"), metavar="SECONDS",
+        "--stats",
+        type=_duration("--stats"),
+        metavar="SECONDS",
         help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")

@@ -9,6 +9,7 @@ module's sections: wire formats, access, links, health and choice, meter,
 upstream, relay, sessions, server and limits, Dispatcher, the command line.
 The network lab, which needs root, comes last.
 """
+
 from __future__ import annotations
 
 import base64
@@ -60,6 +61,7 @@ TIMEOUT = 10.0
 # ---------------------------------------------------------------------------
 
 # Servers the proxy connects to ---------------------------------------------
+
 
 def has_ipv6_loopback() -> bool:
     try:
@@ -479,6 +481,7 @@ def unanswered_address() -> Iterator[tuple[str, int]]:
 
 # Proxies -------------------------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def own_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """``dispatch start`` keeps its state file (and log) under XDG_STATE_HOME
@@ -547,7 +550,9 @@ def run_script(arguments: list[str], popen: Callable[..., subprocess.Popen] = su
     """
     process = popen(
         [sys.executable, os.path.join(HERE, "dispatch.py"), *arguments],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     watchdog = threading.Timer(TIMEOUT * 6, process.kill)
     watchdog.daemon = True
@@ -576,9 +581,7 @@ def script() -> Iterator[Callable[[list[str]], subprocess.Popen]]:
                 pipe.close()
 
 
-def run_cli(
-    arguments: list[str], use: Callable[[Listening, Callable[[], None]], None], log_file: str
-) -> int:
+def run_cli(arguments: list[str], use: Callable[[Listening, Callable[[], None]], None], log_file: str) -> int:
     """Run ``dispatch start`` in this process on a free port; once it handles
     SIGTERM, call ``use(running, stop)`` from another thread (``running.address`` is
     where it listens, ``stop()`` sends SIGTERM, also sent after ``use``);
@@ -684,19 +687,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def dante_config(port: int, host: str = "127.0.0.1", clients: str = "127.0.0.0/8") -> str:
     """A danted.conf: no login, CONNECT and UDP ASSOCIATE for ``clients``."""
-    return "\n".join([
-        "logoutput: stderr",
-        f"internal: {host} port = {port}",
-        f"external: {host}",
-        "socksmethod: none",
-        "clientmethod: none",
-        "user.privileged: root",
-        "user.unprivileged: nobody",
-        f"client pass {{ from: {clients} to: 0.0.0.0/0 }}",
-        "client block { from: 0.0.0.0/0 to: 0.0.0.0/0 }",
-        "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }",
-        "",
-    ])
+    return "\n".join(
+        [
+            "logoutput: stderr",
+            f"internal: {host} port = {port}",
+            f"external: {host}",
+            "socksmethod: none",
+            "clientmethod: none",
+            "user.privileged: root",
+            "user.unprivileged: nobody",
+            f"client pass {{ from: {clients} to: 0.0.0.0/0 }}",
+            "client block { from: 0.0.0.0/0 to: 0.0.0.0/0 }",
+            "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }",
+            "",
+        ]
+    )
 
 
 @pytest.fixture
@@ -747,6 +752,7 @@ def make_upstream(tmp_path: Any) -> Iterator[Callable[..., UpstreamServer]]:
 
 
 # Clients -------------------------------------------------------------------
+
 
 def client_through(
     proxy: Dispatcher | Listening,
@@ -919,6 +925,7 @@ def udp_socket() -> socket.socket:
 
 # Logs ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """What dispatch logs from INFO up, for the whole test.
@@ -941,6 +948,7 @@ def refusal_lines(log: pytest.LogCaptureFixture) -> list[str]:
 
 
 # Fakes ---------------------------------------------------------------------
+
 
 class FakeClock:
     """A monotonic clock that moves only when told to."""
@@ -1036,6 +1044,7 @@ def loopback_guard(monkeypatch: pytest.MonkeyPatch, echo_server: Server) -> None
 
 # Deadline reader -----------------------------------------------------------
 
+
 class Chunks:
     """A stand-in socket that hands out prepared chunks, as much of each as
     asked for, and counts what it gave."""
@@ -1088,6 +1097,7 @@ def test_deadline_reader_raises_on_eof() -> None:
 
 # SOCKS and SOCKS5 UDP ------------------------------------------------------
 
+
 def test_socks5_address_round_trip() -> None:
     for host in ("192.0.2.1", "2001:db8::1", "example.com"):
         encoded = dispatch.encode_socks5_address(host, 443)
@@ -1107,6 +1117,7 @@ def test_udp_datagram_round_trip() -> None:
 
 
 # HTTP ----------------------------------------------------------------------
+
 
 def test_parse_request_line() -> None:
     assert dispatch.parse_request_line("GET http://h/ HTTP/1.1") == ("GET", "http://h/", "HTTP/1.1")
@@ -1148,7 +1159,9 @@ def test_parse_connect_target() -> None:
 
 def test_parse_header_lines() -> None:
     assert dispatch.parse_header_lines(["Host: a", "X-Empty:", "X-Sp:  v \t"]) == [
-        ("Host", "a"), ("X-Empty", ""), ("X-Sp", "v"),
+        ("Host", "a"),
+        ("X-Empty", ""),
+        ("X-Sp", "v"),
     ]
     for bad in ("No colon", "Name : v", " folded: v", ": v", "X: a\rb", "X: a\x00b", "X: a\r", "X(y): v"):
         with pytest.raises(ValueError):
@@ -1207,8 +1220,11 @@ def test_body_length_rejects_ambiguous_requests(headers: list[tuple[str, str]]) 
     "headers, length, framing",
     [
         ([("Content-Length", "5, 5")], 5, [("Content-Length", "5")]),
-        ([("Content-Length", "3"), ("Transfer-Encoding", "chunked")], dispatch.Framing.CHUNKED,
-         [("Transfer-Encoding", "chunked")]),
+        (
+            [("Content-Length", "3"), ("Transfer-Encoding", "chunked")],
+            dispatch.Framing.CHUNKED,
+            [("Transfer-Encoding", "chunked")],
+        ),
         ([("Content-Length", "0")], 0, [("Content-Length", "0")]),
         ([], dispatch.Framing.UNTIL_CLOSE, []),
     ],
@@ -1234,9 +1250,16 @@ def test_parse_chunk_size() -> None:
 
 def test_forwarded_headers_drop_hop_by_hop_ones() -> None:
     headers = [
-        ("Connection", "close, X-Mine"), ("X-Mine", "1"), ("Keep-Alive", "5"), ("Proxy-Connection", "k"),
-        ("Proxy-Authorization", "Basic x"), ("TE", "trailers"), ("Trailer", "X"), ("Upgrade", "h2c"),
-        ("Transfer-Encoding", "chunked"), ("Accept", "*/*"),
+        ("Connection", "close, X-Mine"),
+        ("X-Mine", "1"),
+        ("Keep-Alive", "5"),
+        ("Proxy-Connection", "k"),
+        ("Proxy-Authorization", "Basic x"),
+        ("TE", "trailers"),
+        ("Trailer", "X"),
+        ("Upgrade", "h2c"),
+        ("Transfer-Encoding", "chunked"),
+        ("Accept", "*/*"),
     ]
     # Trailer is end to end (RFC 9110, 6.6.2); the framing is written afresh.
     assert dispatch.forwarded_headers(headers) == [("Trailer", "X"), ("Accept", "*/*")]
@@ -1373,7 +1396,6 @@ def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], dat
     assert stream.given <= PARSER_BOUNDS[parser] + dispatch.HANDSHAKE_WINDOW
 
 
-
 # HTTP framing against h11, the oracle -------------------------------------
 # For every message, valid or mangled, dispatch either refuses it or reads
 # the same message as h11 does: the same head, the same body, the same bytes
@@ -1473,15 +1495,43 @@ def agree(data: bytes, request: bool) -> Framed | None:
 
 plain_value = st.text(alphabet=string.ascii_letters + string.digits + " -_.;=/", max_size=12)
 field_name = st.sampled_from(["X-A", "x-b", "Accept", "Trailer", "Expect", "Cache-Control"])
-mangled_value = st.tuples(plain_value, st.sampled_from(["\r", "\x00", "\x0b", "\x0c", "\x7f", "\t", "\xa0", "\xff"]),
-                          plain_value).map("".join)
-content_length = st.integers(0, 30).flatmap(lambda n: st.sampled_from([
-    str(n), f"{n}, {n}", f"{n},{n}", f"0{n}", f"{n}, {n + 1}", f"+{n}", f"{n}\x0b", f"{n} {n}", f"{n}\xb2", "-1", "",
-]))
-transfer_encoding = st.sampled_from([
-    "chunked", "Chunked", "CHUNKED", "chunked\x0b", "\x0cchunked", "chunked\xa0", "gzip, chunked", "chunked, chunked",
-    "identity", "chunked,", ", chunked", "chunk ed", "",
-])
+mangled_value = st.tuples(
+    plain_value, st.sampled_from(["\r", "\x00", "\x0b", "\x0c", "\x7f", "\t", "\xa0", "\xff"]), plain_value
+).map("".join)
+content_length = st.integers(0, 30).flatmap(
+    lambda n: st.sampled_from(
+        [
+            str(n),
+            f"{n}, {n}",
+            f"{n},{n}",
+            f"0{n}",
+            f"{n}, {n + 1}",
+            f"+{n}",
+            f"{n}\x0b",
+            f"{n} {n}",
+            f"{n}\xb2",
+            "-1",
+            "",
+        ]
+    )
+)
+transfer_encoding = st.sampled_from(
+    [
+        "chunked",
+        "Chunked",
+        "CHUNKED",
+        "chunked\x0b",
+        "\x0cchunked",
+        "chunked\xa0",
+        "gzip, chunked",
+        "chunked, chunked",
+        "identity",
+        "chunked,",
+        ", chunked",
+        "chunk ed",
+        "",
+    ]
+)
 field = st.one_of(
     st.tuples(field_name, plain_value),
     st.tuples(field_name, mangled_value),
@@ -1547,8 +1597,9 @@ def valid_messages(draw: st.DrawFn, request: bool) -> bytes:
     fields.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(sum(map(len, data)))))
     connection = h11.Connection(h11.CLIENT if request else h11.SERVER)
     if request:
-        head = connection.send(h11.Request(method="PUT", target="http://example.com/p",
-                                           headers=[("Host", "example.com"), *fields]))
+        head = connection.send(
+            h11.Request(method="PUT", target="http://example.com/p", headers=[("Host", "example.com"), *fields])
+        )
     else:
         connection.receive_data(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
         connection.next_event()
@@ -1594,9 +1645,14 @@ def test_chunked_bodies_that_smuggle_are_refused(start: bytes, body: bytes) -> N
 @pytest.mark.parametrize(
     "fields",
     [
-        b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: \x0cchunked", b"Transfer-Encoding: chunked\xa0",
-        b"Transfer-Encoding: chunked,", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
-        b"Transfer-Encoding: chunked\r\nContent-Length: 5, 6", b"X-A: a\rb", b"X-A: \x00",
+        b"Transfer-Encoding: chunked\x0b",
+        b"Transfer-Encoding: \x0cchunked",
+        b"Transfer-Encoding: chunked\xa0",
+        b"Transfer-Encoding: chunked,",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5, 6",
+        b"X-A: a\rb",
+        b"X-A: \x00",
     ],
 )
 @pytest.mark.parametrize("request_", [True, False], ids=["request", "response"])
@@ -1663,8 +1719,20 @@ def test_dispatcher_checks_credentials_only_when_it_has_some() -> None:
 
 def test_default_allow_list_is_loopback_and_private_networks() -> None:
     with Dispatcher(["127.0.0.1"], port=0) as proxy:
-        for ip in ("127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.5.4", "172.31.255.255", "192.168.1.20",
-                   "100.64.0.7", "169.254.1.1", "::1", "fd12:3456::1", "fe80::1%eth0", "::ffff:192.168.1.5"):
+        for ip in (
+            "127.0.0.1",
+            "127.9.9.9",
+            "10.1.2.3",
+            "172.16.5.4",
+            "172.31.255.255",
+            "192.168.1.20",
+            "100.64.0.7",
+            "169.254.1.1",
+            "::1",
+            "fd12:3456::1",
+            "fe80::1%eth0",
+            "::ffff:192.168.1.5",
+        ):
             assert proxy.allows(ip), ip
         for ip in ("8.8.8.8", "172.32.0.1", "192.169.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8", "junk"):
             assert not proxy.allows(ip), ip
@@ -1845,8 +1913,11 @@ def test_a_gone_address_in_use_is_kept_and_one_back_is_no_longer_gone() -> None:
 
 
 def test_forgotten_gone_addresses_leave_the_rows_and_keep_their_counts_in_the_totals(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server,
-    fake_interfaces: FakeInterfaces, monkeypatch: pytest.MonkeyPatch,
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    peer_server: Server,
+    fake_interfaces: FakeInterfaces,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(dispatch, "GONE_ADDRESS_KEPT", 0.0)
     fake_interfaces.interfaces["fake0"] = ["127.0.1.1"]
@@ -1871,10 +1942,18 @@ def _windows_adapters() -> list[Any]:
     from ifaddr._shared import IP, Adapter
 
     return [
-        Adapter("{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11}", "Intel(R) Wi-Fi 6 AX201 160MHz",
-                [IP("127.0.0.2", 8, "Wi-Fi")], index=12),
-        Adapter("{9C1D7B20-5E3F-4A8C-B6D2-7F0E1A2B3C44}", "Realtek USB GbE Family Controller",
-                [IP("127.0.0.3", 8, "Ethernet 2"), IP(("fd00::3", 0, 0), 64, "Ethernet 2")], index=7),
+        Adapter(
+            "{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11}",
+            "Intel(R) Wi-Fi 6 AX201 160MHz",
+            [IP("127.0.0.2", 8, "Wi-Fi")],
+            index=12,
+        ),
+        Adapter(
+            "{9C1D7B20-5E3F-4A8C-B6D2-7F0E1A2B3C44}",
+            "Realtek USB GbE Family Controller",
+            [IP("127.0.0.3", 8, "Ethernet 2"), IP(("fd00::3", 0, 0), 64, "Ethernet 2")],
+            index=7,
+        ),
         Adapter("{11AA22BB-33CC-44DD-55EE-66FF77008899}", "Bluetooth Device (Personal Area Network)", [], index=5),
     ]
 
@@ -1923,7 +2002,9 @@ def test_windows_friendly_names_start_the_proxy(
 
 
 def test_an_interface_without_an_address_is_waited_for(
-    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
+    make_proxy: Callable[..., Dispatcher],
+    peer_server: Server,
+    fake_interfaces: FakeInterfaces,
     log: pytest.LogCaptureFixture,
 ) -> None:
     fake_interfaces.interfaces["fake0"] = []  # Wi-Fi not joined yet
@@ -1957,6 +2038,7 @@ def test_a_link_local_address_is_refused_with_the_reason(ip: str) -> None:
 
 # The errno mapping ---------------------------------------------------------
 # Private pure helpers, unit-tested: every errno they name is mapped.
+
 
 @pytest.mark.parametrize(
     "error, reply",
@@ -2000,6 +2082,7 @@ def test_link_failures_are_told_from_the_targets_answer(error: OSError, of_link:
 
 # Weighted round robin ------------------------------------------------------
 
+
 def test_weighted_round_robin_is_smooth_and_exact() -> None:
     rounds = WeightedRoundRobin(["A", "B"], [7, 3])
     picks = [rounds.next() for _ in range(100)]
@@ -2026,6 +2109,7 @@ def test_weighted_round_robin_rejects_bad_weights() -> None:
 
 
 # Cooldowns and the balancer ------------------------------------------------
+
 
 def three_addresses(
     clock: FakeClock, weights: tuple[int, ...] = (1, 1, 1)
@@ -2103,7 +2187,12 @@ def test_retests_take_turns_with_targets_other_links_reached(log: pytest.LogCapt
     # Every other retest is of the site it failed at; in between, the sites
     # reached lately, the latest first.
     assert retest_targets(health, clock, blocked, 6) == [
-        RETEST_TARGET, third_site, RETEST_TARGET, other_site, RETEST_TARGET, third_site
+        RETEST_TARGET,
+        third_site,
+        RETEST_TARGET,
+        other_site,
+        RETEST_TARGET,
+        third_site,
     ]
     clock.now += 60
     assert health.due_retests() == [(blocked, RETEST_TARGET)]
@@ -2126,7 +2215,12 @@ def test_retests_try_what_the_link_itself_reached_and_the_check_targets() -> Non
     # Its own site first, then the others (the IPv6 check target is no
     # target for an IPv4 address).
     assert retest_targets(health, clock, blocked, 6) == [
-        RETEST_TARGET, own_site, RETEST_TARGET, check, RETEST_TARGET, own_site
+        RETEST_TARGET,
+        own_site,
+        RETEST_TARGET,
+        check,
+        RETEST_TARGET,
+        own_site,
     ]
 
 
@@ -2403,8 +2497,10 @@ def test_a_change_of_more_than_a_quarter_is_logged(caplog: pytest.LogCaptureFixt
     ticks = Ticks()
 
     def told() -> list[tuple[str, float]]:
-        found = (re.fullmatch(r"capacity of 10\.0\.0\.1: (.*) -> (\d+) kB/s", record.getMessage())
-                 for record in caplog.records)
+        found = (
+            re.fullmatch(r"capacity of 10\.0\.0\.1: (.*) -> (\d+) kB/s", record.getMessage())
+            for record in caplog.records
+        )
         return [(match[1], float(match[2])) for match in found if match]
 
     with caplog.at_level(logging.DEBUG, logger="dispatch"):
@@ -2426,9 +2522,7 @@ def short_connections(
     return [choice.choose(list(capacities), lambda _: 0, capacities.__getitem__) for _ in range(count)]
 
 
-def allocate(
-    choice: dispatch.MeasuredChoice[str], capacities: dict[str, float | None], count: int
-) -> Counter[str]:
+def allocate(choice: dispatch.MeasuredChoice[str], capacities: dict[str, float | None], count: int) -> Counter[str]:
     """Connections opened together, none closed: how many each link got."""
     opened: Counter[str] = Counter()
     for _ in range(count):
@@ -2451,7 +2545,8 @@ def test_measured_choice_gives_equal_downloads_where_they_finish_soonest() -> No
     finish = max(opened[link] / (capacity or 1) for link, capacity in capacities.items())
     best = min(
         max(n / (c or 1) for n, c in zip(split, capacities.values()))
-        for split in itertools.product(range(25), repeat=3) if sum(split) == 24
+        for split in itertools.product(range(25), repeat=3)
+        if sum(split) == 24
     )
     assert finish == pytest.approx(best)
 
@@ -2463,15 +2558,30 @@ def test_an_unmeasured_link_counts_as_the_best_and_a_low_one_still_gets_some() -
     assert allocate(dispatch.MeasuredChoice(), {"a": 1200 * KB, "b": 40 * KB}, 24)["b"] >= 1
 
 
-@pytest.mark.parametrize(("host", "site"), [
-    ("www.example.co.uk", "example.co.uk"), ("api.example.co.uk", "example.co.uk"), ("co.uk", "co.uk"),
-    ("WWW.Example.COM.", "example.com"), ("a.b.c.example.com", "example.com"), ("localhost", "localhost"),
-    ("cdn.shop.com.au", "shop.com.au"), ("www.yahoo.co.jp", "yahoo.co.jp"), ("m.naver.co.kr", "naver.co.kr"),
-    ("shop.example.com.br", "example.com.br"), ("www.example.me.uk", "example.me.uk"),
-    ("docs.user.github.io", "user.github.io"), ("github.io", "github.io"), ("a.b.cloudfront.net", "b.cloudfront.net"),
-    ("img.bucket.s3.amazonaws.com", "bucket.s3.amazonaws.com"), ("www.example.de", "example.de"),
-    ("93.184.216.34", "93.184.216.34"), ("2001:DB8::0:1", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
-])
+@pytest.mark.parametrize(
+    ("host", "site"),
+    [
+        ("www.example.co.uk", "example.co.uk"),
+        ("api.example.co.uk", "example.co.uk"),
+        ("co.uk", "co.uk"),
+        ("WWW.Example.COM.", "example.com"),
+        ("a.b.c.example.com", "example.com"),
+        ("localhost", "localhost"),
+        ("cdn.shop.com.au", "shop.com.au"),
+        ("www.yahoo.co.jp", "yahoo.co.jp"),
+        ("m.naver.co.kr", "naver.co.kr"),
+        ("shop.example.com.br", "example.com.br"),
+        ("www.example.me.uk", "example.me.uk"),
+        ("docs.user.github.io", "user.github.io"),
+        ("github.io", "github.io"),
+        ("a.b.cloudfront.net", "b.cloudfront.net"),
+        ("img.bucket.s3.amazonaws.com", "bucket.s3.amazonaws.com"),
+        ("www.example.de", "example.de"),
+        ("93.184.216.34", "93.184.216.34"),
+        ("2001:DB8::0:1", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+    ],
+)
 def test_a_site_is_the_registrable_domain(host: str, site: str) -> None:
     assert dispatch.registrable_domain(host) == site
 
@@ -2529,8 +2639,9 @@ def test_a_sticky_site_keeps_its_link_while_it_is_up() -> None:
 def test_a_connection_counts_from_the_moment_it_is_given_an_address() -> None:
     """A burst chosen before any connect ends spreads by capacity."""
     links = {dispatch.LocalAddress(f"10.0.0.{n}"): rate * KB for n, rate in ((1, 1200), (2, 1200), (3, 400))}
-    balancer = dispatch.Balancer(list(links), dispatch.Health(), balance=dispatch.Balance.MEASURED,
-                                 capacity=links.__getitem__)
+    balancer = dispatch.Balancer(
+        list(links), dispatch.Health(), balance=dispatch.Balance.MEASURED, capacity=links.__getitem__
+    )
     burst = Counter(balancer.next(socket.AF_INET).ip for _ in range(24))
     assert sorted(burst.values()) == [3, 10, 11]
     for address in links:
@@ -2609,9 +2720,16 @@ def batch_share(links: FluidLinks, balancer: dispatch.Balancer, size: float) -> 
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.1])
-@pytest.mark.parametrize(("warm_up", "size"), [
-    (250_000, 2_000_000), (250_000, 250_000), (500_000, 500_000), (1_000_000, 250_000), (2_000_000, 1_000_000),
-])
+@pytest.mark.parametrize(
+    ("warm_up", "size"),
+    [
+        (250_000, 2_000_000),
+        (250_000, 250_000),
+        (500_000, 500_000),
+        (1_000_000, 250_000),
+        (2_000_000, 1_000_000),
+    ],
+)
 def test_measured_balancing_reaches_85_percent_of_the_sum_after_a_short_batch(
     noise: float, warm_up: float, size: float
 ) -> None:
@@ -2669,8 +2787,10 @@ def test_a_check_by_name_looks_the_name_up_through_each_link_checked(
 ) -> None:
     dns_server.names["check.test"] = ["127.0.0.1"]
     proxy = make_proxy(
-        ["127.0.0.2", "127.0.0.3"], checks=[f"check.test:{echo_server.port}", f"gone.test:{echo_server.port}"],
-        check_interval=0.2, dns=[dns_server.address],
+        ["127.0.0.2", "127.0.0.3"],
+        checks=[f"check.test:{echo_server.port}", f"gone.test:{echo_server.port}"],
+        check_interval=0.2,
+        dns=[dns_server.address],
     )
     rounds: list[dict[str, Any]] = []
     monkeypatch.setattr(
@@ -2684,6 +2804,7 @@ def test_a_check_by_name_looks_the_name_up_through_each_link_checked(
 
 
 # Balancing, end to end -----------------------------------------------------
+
 
 def test_weights_7_3_interleave_end_to_end(make_proxy: Callable[..., Dispatcher], peer_server: Server) -> None:
     proxy = make_proxy(["127.0.0.2@7", "127.0.0.3@3"])
@@ -2771,6 +2892,7 @@ def test_a_backup_link_carries_connections_only_while_no_primary_is_up(
 def measure_by_hand(proxy: Dispatcher, clock: FakeClock, client: socket.socket, rounds: int = 4) -> None:
     """Move 500 kB each way through an echo server a tick, on ``clock``, and
     take the sampler's turns (its background task stopped)."""
+
     def moved_down() -> int:
         return sum(down for _, down in proxy.meter.totals()[1].values())
 
@@ -2829,6 +2951,7 @@ def test_meter_readings_change_nothing_and_history_keeps_each_interval() -> None
 
 # The state file ---------------------------------------------------------------
 
+
 def warnings_of(log: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in log.records if record.levelno == logging.WARNING]
 
@@ -2841,9 +2964,15 @@ def test_state_file_keeps_each_links_capacity(tmp_path: Any, log: pytest.LogCapt
     assert warnings_of(log) == []
 
 
-@pytest.mark.parametrize("content", [
-    b"", b"{", b"\xff\xfe\x00garbage", b'{"format": "dispatch link capacities", "version": 1, "links": [1, 2]}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b"\xff\xfe\x00garbage",
+        b'{"format": "dispatch link capacities", "version": 1, "links": [1, 2]}',
+    ],
+)
 def test_a_corrupt_state_file_is_one_warning_and_a_fresh_start(
     tmp_path: Any, log: pytest.LogCaptureFixture, content: bytes
 ) -> None:
@@ -2854,10 +2983,15 @@ def test_a_corrupt_state_file_is_one_warning_and_a_fresh_start(
     assert "\n" not in warnings_of(log)[0]
 
 
-@pytest.mark.parametrize("data", [
-    [1, 2, 3], {"links": {"wlan0": {"capacity": 5}}}, {"format": "something else", "version": 1, "links": {}},
-    {"format": "dispatch link capacities", "version": 99, "links": {"wlan0": {"capacity": 5}}},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        [1, 2, 3],
+        {"links": {"wlan0": {"capacity": 5}}},
+        {"format": "something else", "version": 1, "links": {}},
+        {"format": "dispatch link capacities", "version": 99, "links": {"wlan0": {"capacity": 5}}},
+    ],
+)
 def test_a_foreign_state_file_is_one_warning_and_a_fresh_start(
     tmp_path: Any, log: pytest.LogCaptureFixture, data: object
 ) -> None:
@@ -2869,8 +3003,14 @@ def test_a_foreign_state_file_is_one_warning_and_a_fresh_start(
 
 def test_unusable_entries_of_a_state_file_are_left_out(tmp_path: Any) -> None:
     path = tmp_path / "state.json"
-    links = {"a": {"capacity": 5.5}, "b": {"capacity": -1}, "c": {"capacity": "fast"}, "d": 7,
-             "e": {"capacity": True}, "f": {}}
+    links = {
+        "a": {"capacity": 5.5},
+        "b": {"capacity": -1},
+        "c": {"capacity": "fast"},
+        "d": 7,
+        "e": {"capacity": True},
+        "f": {},
+    }
     path.write_text(json.dumps({"format": "dispatch link capacities", "version": 1, "links": links}))
     assert dispatch.read_state(str(path)) == {"a": 5.5}
 
@@ -2899,7 +3039,10 @@ def test_a_restart_starts_from_the_capacity_kept_at_stop(
     for ip, row in rows.items():
         if ip in measured:
             assert (row["capacity"], row["capacity_source"], row["capacity_age"]) == (
-                pytest.approx(measured[ip]), "remembered", None)
+                pytest.approx(measured[ip]),
+                "remembered",
+                None,
+            )
             assert dispatch.capacity_source(row) == "remembered"
         else:
             assert (row["capacity"], row["capacity_source"]) == (None, "not measured")
@@ -2986,8 +3129,13 @@ def test_stats_count_connections_and_bytes_per_address(
     rows = {row["ip"]: row for row in proxy.stats()}
     keys = ("ip", "interface", "weight", "state", "connections", "open", "bytes_down")
     assert {key: rows["127.0.0.2"][key] for key in keys} == {
-        "ip": "127.0.0.2", "interface": None, "weight": 2, "state": "up", "connections": 2,
-        "open": 0, "bytes_down": 40,
+        "ip": "127.0.0.2",
+        "interface": None,
+        "weight": 2,
+        "state": "up",
+        "connections": 2,
+        "open": 0,
+        "bytes_down": 40,
     }
     assert rows["127.0.0.2"]["bytes_up"] == 40
     assert (rows["127.0.0.3"]["connections"], rows["127.0.0.3"]["bytes_down"]) == (1, 20)
@@ -3003,9 +3151,7 @@ def test_stats_count_bytes_live_during_a_transfer(proxy: Dispatcher, echo_server
         assert (row["open"], row["bytes_up"], row["bytes_down"]) == (1, len(payload), len(payload))
 
 
-def test_stats_rates_cover_the_last_interval_and_readers_share_them(
-    proxy: Dispatcher, echo_server: Server
-) -> None:
+def test_stats_rates_cover_the_last_interval_and_readers_share_them(proxy: Dispatcher, echo_server: Server) -> None:
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         assert round_trip(client, b"r" * 100_000) == b"r" * 100_000
     wait_until_all_closed(proxy)
@@ -3023,6 +3169,7 @@ def test_stats_rates_cover_the_last_interval_and_readers_share_them(
 # ---------------------------------------------------------------------------
 
 # The resolver --------------------------------------------------------------
+
 
 def test_unresolvable_name_gets_reply_04(proxy: Dispatcher) -> None:
     # An empty label fails in the resolver itself: no DNS query leaves.
@@ -3091,15 +3238,18 @@ def test_discovery_takes_the_servers_of_resolv_conf_for_any_link(tmp_path: Any) 
 
 
 def test_discovery_behind_the_systemd_stub_asks_its_upstreams_each_through_its_link(tmp_path: Any) -> None:
-    root = write_files(tmp_path, {
-        "etc/resolv.conf": STUB_RESOLV_CONF,
-        "run/systemd/resolve/resolv.conf": SYSTEMD_UPSTREAMS,
-        # Set over D-Bus (NetworkManager), and by systemd-networkd.
-        "run/systemd/resolve/netif/3": "# This is private data. Do not parse.\nLLMNR=yes\nSERVERS=192.168.1.1\n",
-        "run/systemd/netif/links/7": "# This is private data. Do not parse.\nADMIN_STATE=configured\n"
-                                     "DNS=10.8.0.1 [2001:db8::35]:5353#dns.corp.example\n",
-        "run/systemd/netif/links/9": "DNS=192.0.2.9\n",  # an interface gone since
-    })
+    root = write_files(
+        tmp_path,
+        {
+            "etc/resolv.conf": STUB_RESOLV_CONF,
+            "run/systemd/resolve/resolv.conf": SYSTEMD_UPSTREAMS,
+            # Set over D-Bus (NetworkManager), and by systemd-networkd.
+            "run/systemd/resolve/netif/3": "# This is private data. Do not parse.\nLLMNR=yes\nSERVERS=192.168.1.1\n",
+            "run/systemd/netif/links/7": "# This is private data. Do not parse.\nADMIN_STATE=configured\n"
+            "DNS=10.8.0.1 [2001:db8::35]:5353#dns.corp.example\n",
+            "run/systemd/netif/links/9": "DNS=192.0.2.9\n",  # an interface gone since
+        },
+    )
     names = {3: "wlan0", 7: "tun0"}
 
     def interface_name(index: int) -> str:
@@ -3127,8 +3277,12 @@ def test_discovery_asks_the_stub_itself_when_its_upstreams_are_unknown(tmp_path:
 def test_windows_adapters_give_each_adapters_servers_to_its_link() -> None:
     adapters = [  # the values of HKLM\\...\\Tcpip\\Parameters\\Interfaces\\{GUID}, as winreg reads them
         {"EnableDHCP": 1, "DhcpIPAddress": "192.168.1.23", "DhcpNameServer": "192.168.1.1 192.168.1.2"},
-        {"EnableDHCP": 0, "IPAddress": ["10.0.0.5"], "NameServer": "10.0.0.1,10.0.0.2",
-         "DhcpNameServer": "10.9.9.9"},  # set by hand: the DHCP server's is not used
+        {
+            "EnableDHCP": 0,
+            "IPAddress": ["10.0.0.5"],
+            "NameServer": "10.0.0.1,10.0.0.2",
+            "DhcpNameServer": "10.9.9.9",
+        },  # set by hand: the DHCP server's is not used
         {"EnableDHCP": 1, "DhcpIPAddress": "0.0.0.0", "DhcpNameServer": ""},  # unplugged
     ]
     assert dispatch.windows_name_servers(adapters, global_servers="9.9.9.9") == [
@@ -3145,19 +3299,32 @@ def test_hosts_file_gives_each_names_addresses_in_order() -> None:
         "127.0.0.1 localhost\n::1 localhost ip6-localhost\n192.0.2.7 Pinned.Example pinned # kept\n#10.0.0.1 gone\n"
     )
     assert hosts == {
-        "localhost": ["127.0.0.1", "::1"], "ip6-localhost": ["::1"],
-        "pinned.example": ["192.0.2.7"], "pinned": ["192.0.2.7"],
+        "localhost": ["127.0.0.1", "::1"],
+        "ip6-localhost": ["::1"],
+        "pinned.example": ["192.0.2.7"],
+        "pinned": ["192.0.2.7"],
     }
 
 
-@pytest.mark.parametrize(("texts", "expected"), [
-    (None, (None, False)),
-    (["system"], (None, True)),
-    (["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"], ([
-        dispatch.NameServer("192.0.2.53"), dispatch.NameServer("192.0.2.54", 5353),
-        dispatch.NameServer("2001:db8::53"), dispatch.NameServer("2001:db8::54"),
-    ], False)),
-])
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (None, (None, False)),
+        (["system"], (None, True)),
+        (
+            ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"],
+            (
+                [
+                    dispatch.NameServer("192.0.2.53"),
+                    dispatch.NameServer("192.0.2.54", 5353),
+                    dispatch.NameServer("2001:db8::53"),
+                    dispatch.NameServer("2001:db8::54"),
+                ],
+                False,
+            ),
+        ),
+    ],
+)
 def test_dns_option_names_servers_or_the_system(texts: list[str] | None, expected: Any) -> None:
     assert dispatch.parse_dns_option(texts) == expected
 
@@ -3196,17 +3363,23 @@ def local(ip: str, interface: str | None = None) -> dispatch.LocalAddress:
 def test_query_plan_asks_through_the_chosen_link_first_each_link_its_own_servers_first() -> None:
     wlan, cable, cable6 = local("192.168.1.23", "wlan0"), local("10.0.0.5", "eth0"), local("2001:db8::5", "eth0")
     servers = [
-        dispatch.NameServer("192.168.1.1", 53, "wlan0"), dispatch.NameServer("9.9.9.9"),
-        dispatch.NameServer("2001:db8::53"), dispatch.NameServer("127.0.0.53"),
+        dispatch.NameServer("192.168.1.1", 53, "wlan0"),
+        dispatch.NameServer("9.9.9.9"),
+        dispatch.NameServer("2001:db8::53"),
+        dispatch.NameServer("127.0.0.53"),
     ]
     resolver = dispatch.Resolver(servers, addresses=lambda: [wlan, cable, cable6])
     assert resolver.plan(cable) == [
-        (servers[1], cable), (servers[0], wlan),  # each link's first: eth0 chosen, wlan0 its own
-        (servers[2], cable6), (servers[1], wlan),
+        (servers[1], cable),
+        (servers[0], wlan),  # each link's first: eth0 chosen, wlan0 its own
+        (servers[2], cable6),
+        (servers[1], wlan),
         (servers[3], None),  # loopback: no link
     ]
 
+
 # Names through the links, end to end against a DNS server on loopback -------
+
 
 def test_socks5_name_is_asked_of_the_name_server_by_the_proxy(
     make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
@@ -3228,8 +3401,10 @@ def test_query_plan_sends_an_upstream_proxys_queries_by_its_link_or_by_the_routi
     servers = [dispatch.NameServer("9.9.9.9"), dispatch.NameServer("2001:db8::53")]
     resolver = dispatch.Resolver(servers, addresses=lambda: [cable, over_cable, routed, other])
     assert resolver.plan(routed) == [
-        (servers[0], routed), (servers[0], cable),  # the proxies without a link share the routing table's way
-        (servers[1], routed), (servers[1], over_cable),  # bound to no address: either family
+        (servers[0], routed),
+        (servers[0], cable),  # the proxies without a link share the routing table's way
+        (servers[1], routed),
+        (servers[1], over_cable),  # bound to no address: either family
     ]
     assert resolver.plan(over_cable, only_via=True) == [(servers[0], over_cable), (servers[1], over_cable)]
 
@@ -3335,19 +3510,27 @@ def test_truncated_answer_is_asked_again_by_tcp(
     assert [q[2] for q in dns_server.asked("big.test")] == ["udp", "tcp"]
 
 
-@pytest.mark.parametrize(("how", "reply", "status", "result"), [
-    ("nxdomain", Reply.HOST_UNREACHABLE, 502, "no such name"),
-    ("servfail", Reply.HOST_UNREACHABLE, 502, "the name server failed (SERVFAIL)"),
-    ("refused", Reply.HOST_UNREACHABLE, 502, "the name server refused (REFUSED)"),
-    ("malformed", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
-    ("wrong-id", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
-    ("other-question", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
-    ("other-source", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
-    ("silent", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
-])
+@pytest.mark.parametrize(
+    ("how", "reply", "status", "result"),
+    [
+        ("nxdomain", Reply.HOST_UNREACHABLE, 502, "no such name"),
+        ("servfail", Reply.HOST_UNREACHABLE, 502, "the name server failed (SERVFAIL)"),
+        ("refused", Reply.HOST_UNREACHABLE, 502, "the name server refused (REFUSED)"),
+        ("malformed", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+        ("wrong-id", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+        ("other-question", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+        ("other-source", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+        ("silent", Reply.TTL_EXPIRED, 504, "no answer from the name servers"),
+    ],
+)
 def test_bad_answers_end_in_the_right_reply_and_one_log_line(
-    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, log: pytest.LogCaptureFixture,
-    how: str, reply: Reply, status: int, result: str,
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    log: pytest.LogCaptureFixture,
+    how: str,
+    reply: Reply,
+    status: int,
+    result: str,
 ) -> None:
     dns_server.names["hostile.test"] = dns_server.names["hostile-http.test"] = ["127.0.0.1"]
     dns_server.behaviour["hostile.test"] = dns_server.behaviour["hostile-http.test"] = how
@@ -3406,8 +3589,11 @@ def servers_through_links(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_link_whose_queries_go_unanswered_while_another_links_are_answered_is_put_out(
-    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, peer_server: Server,
-    servers_through_links: None, log: pytest.LogCaptureFixture,
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    peer_server: Server,
+    servers_through_links: None,
+    log: pytest.LogCaptureFixture,
 ) -> None:
     dns_server.silent_to = {"127.0.0.2"}
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin", hedge=0.1, dns=[dns_server.address])
@@ -3437,7 +3623,9 @@ def test_a_dead_name_server_is_not_a_dead_link(
 
 
 def test_the_systems_servers_and_search_domains_are_used_by_default(
-    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    echo_server: Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     conf = dispatch.ResolvConf((dns_server.address,), ("corp.test",), 1)
@@ -3452,15 +3640,18 @@ def test_the_systems_servers_and_search_domains_are_used_by_default(
 
 def test_hosts_file_is_read_before_any_server(tmp_path: Any, dns_server: DnsServer) -> None:
     hosts = write_files(tmp_path, {"hosts": "192.0.2.7 pinned.test\n"})
-    resolver = dispatch.Resolver([dispatch.parse_name_server(dns_server.address)],
-                                 hosts_file=os.path.join(hosts, "hosts"))
+    resolver = dispatch.Resolver(
+        [dispatch.parse_name_server(dns_server.address)], hosts_file=os.path.join(hosts, "hosts")
+    )
     resolution = resolver.resolve("Pinned.Test", {socket.AF_INET}, None, lambda local, ip, opener: opener(None))
     assert resolution.targets == [(socket.AF_INET, "192.0.2.7")]
     assert dns_server.queries == []
 
 
 def test_dns_system_leaves_names_to_the_system_resolver(
-    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, fake_names: dict[str, list[str]],
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    fake_names: dict[str, list[str]],
     echo_server: Server,
 ) -> None:
     fake_names["system.test"] = ["127.0.0.1"]
@@ -3471,8 +3662,12 @@ def test_dns_system_leaves_names_to_the_system_resolver(
 
 
 def test_without_dnspython_names_go_to_the_system_resolver_and_the_log_says_so_once(
-    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, fake_names: dict[str, list[str]],
-    echo_server: Server, monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture,
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    fake_names: dict[str, list[str]],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(dispatch, "_has_dnspython", lambda: False)
     fake_names["plain.test"] = ["127.0.0.1"]
@@ -3497,13 +3692,14 @@ def test_dns_counts_are_on_the_page_in_stats_json_and_in_metrics(
     assert (row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]) == (2, 1, 0)
     metrics = http_exchange(proxy, b"GET /metrics HTTP/1.0\r\n\r\n")[2].decode()
     assert re.search(r'^dispatch_dns_queries_total\{[^}]*address="127\.0\.0\.1"[^}]*\} 2$', metrics, re.M)
-    assert re.search(r'^dispatch_dns_cache_hits_total\{[^}]*\} 1$', metrics, re.M)
-    assert re.search(r'^dispatch_dns_failures_total\{[^}]*\} 0$', metrics, re.M)
+    assert re.search(r"^dispatch_dns_cache_hits_total\{[^}]*\} 1$", metrics, re.M)
+    assert re.search(r"^dispatch_dns_failures_total\{[^}]*\} 0$", metrics, re.M)
     page = http_exchange(proxy, b"GET / HTTP/1.0\r\n\r\n")[2].decode()
     assert "DNS" in page and ">2 / 1 / 0<" in page
 
 
 # Device binding ------------------------------------------------------------
+
 
 def test_device_is_bound_except_for_loopback_targets() -> None:
     # A private pure helper, unit-tested: the one place that picks the device.
@@ -3599,8 +3795,10 @@ def test_loopback_target_is_reached_from_another_interfaces_address(
 
 
 def test_refused_device_binding_warns_once_and_binds_the_source(
-    make_proxy: Callable[..., Dispatcher], peer_server: Server,
-    monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture,
+    make_proxy: Callable[..., Dispatcher],
+    peer_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
 ) -> None:
     attempts = []
 
@@ -3625,6 +3823,7 @@ def test_refused_device_binding_warns_once_and_binds_the_source(
 
 # Reply codes of connect errors ---------------------------------------------
 
+
 def test_refused_target_gets_reply_05(proxy: Dispatcher) -> None:
     assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
 
@@ -3641,9 +3840,7 @@ def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) ->
 
 
 @needs_ipv6
-def test_ipv6_target_without_ipv6_local_address_gets_reply_08(
-    proxy: Dispatcher, log: pytest.LogCaptureFixture
-) -> None:
+def test_ipv6_target_without_ipv6_local_address_gets_reply_08(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
     assert socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
     proxy.shutdown()
     (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "[::1]:80"]
@@ -3666,8 +3863,11 @@ def test_socks4_without_ipv4_local_address_gets_5b(
 
 # Failover, end to end ------------------------------------------------------
 
+
 def test_link_failure_fails_over_and_the_address_is_retested_not_tried_by_clients(
-    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_interfaces: FakeInterfaces,
+    make_proxy: Callable[..., Dispatcher],
+    peer_server: Server,
+    fake_interfaces: FakeInterfaces,
     log: pytest.LogCaptureFixture,
 ) -> None:
     # 198.51.100.99 is not an address of this machine: binding it fails with
@@ -3717,7 +3917,9 @@ def test_a_link_out_after_one_silent_site_is_back_by_a_retest_of_a_site_it_reach
 
 
 def test_a_retest_that_raises_is_logged_and_runs_again(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch,
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
     log: pytest.LogCaptureFixture,
 ) -> None:
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
@@ -3740,7 +3942,9 @@ def test_a_retest_that_raises_is_logged_and_runs_again(
 
 
 def test_a_check_that_raises_is_logged_as_a_failed_check(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server, monkeypatch: pytest.MonkeyPatch,
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
     log: pytest.LogCaptureFixture,
 ) -> None:
     proxy = make_proxy(["127.0.0.2"], start=False, checks=[f"{echo_server.host}:{echo_server.port}"])
@@ -3767,6 +3971,7 @@ def test_refusal_is_the_targets_answer_not_a_failover(make_proxy: Callable[..., 
 
 # Upstream proxies as links -------------------------------------------------
 
+
 def echoed(sock: socket.socket, payload: bytes) -> bytes:
     """Send ``payload`` to an echo server and read as much back, without a
     half-close (pproxy ends both directions at the first EOF)."""
@@ -3774,15 +3979,22 @@ def echoed(sock: socket.socket, payload: bytes) -> bytes:
     return recv_exactly(sock, len(payload))
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("socks5://10.0.0.9:1080", ("socks5", "10.0.0.9", 1080, None, None, None, None, False)),
-    ("socks5h://al:s%40cret@proxy.example:1080@3",
-     ("socks5h", "proxy.example", 1080, "al", "s@cret", None, 3, False)),
-    ("socks4a://me@[2001:db8::1]:1080+eth0", ("socks4a", "2001:db8::1", 1080, "me", None, "eth0", None, False)),
-    ("http://u:p:w@127.0.0.1:3128+192.168.1.20@backup",
-     ("http", "127.0.0.1", 3128, "u", "p:w", "192.168.1.20", None, True)),
-    ("SOCKS5://[::1]:9050+Ethernet 2@7", ("socks5", "::1", 9050, None, None, "Ethernet 2", 7, False)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("socks5://10.0.0.9:1080", ("socks5", "10.0.0.9", 1080, None, None, None, None, False)),
+        (
+            "socks5h://al:s%40cret@proxy.example:1080@3",
+            ("socks5h", "proxy.example", 1080, "al", "s@cret", None, 3, False),
+        ),
+        ("socks4a://me@[2001:db8::1]:1080+eth0", ("socks4a", "2001:db8::1", 1080, "me", None, "eth0", None, False)),
+        (
+            "http://u:p:w@127.0.0.1:3128+192.168.1.20@backup",
+            ("http", "127.0.0.1", 3128, "u", "p:w", "192.168.1.20", None, True),
+        ),
+        ("SOCKS5://[::1]:9050+Ethernet 2@7", ("socks5", "::1", 9050, None, None, "Ethernet 2", 7, False)),
+    ],
+)
 def test_parse_proxy_address(text: str, expected: tuple[Any, ...]) -> None:
     spec = dispatch.parse_address(text)
     proxy = spec.proxy
@@ -3791,24 +4003,30 @@ def test_parse_proxy_address(text: str, expected: tuple[Any, ...]) -> None:
     assert got == expected
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("ftp://10.0.0.9:21", "a proxy's scheme is one of socks5, socks5h, socks4, socks4a, http"),
-    ("socks5://10.0.0.9", "a proxy is SCHEME://HOST:PORT"),
-    ("socks5://al:hunter2@10.0.0.9:99999", "a proxy is SCHEME://HOST:PORT"),
-    ("socks4://al:hunter2@10.0.0.9:1080", "SOCKS4 has a user id but no password"),
-    ("socks5://al:hunter2@10.0.0.9:1080+", "no link after '+'"),
-    ("socks5://al:hunter2@10.0.0.9:1080@0", "the weight must be a whole number"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ftp://10.0.0.9:21", "a proxy's scheme is one of socks5, socks5h, socks4, socks4a, http"),
+        ("socks5://10.0.0.9", "a proxy is SCHEME://HOST:PORT"),
+        ("socks5://al:hunter2@10.0.0.9:99999", "a proxy is SCHEME://HOST:PORT"),
+        ("socks4://al:hunter2@10.0.0.9:1080", "SOCKS4 has a user id but no password"),
+        ("socks5://al:hunter2@10.0.0.9:1080+", "no link after '+'"),
+        ("socks5://al:hunter2@10.0.0.9:1080@0", "the weight must be a whole number"),
+    ],
+)
 def test_parse_proxy_address_rejects_without_showing_the_password(text: str, message: str) -> None:
     with pytest.raises(dispatch.AddressError, match=re.escape(message)) as refused:
         dispatch.parse_address(text)
     assert "hunter2" not in str(refused.value)
 
 
-@pytest.mark.parametrize("reply", [
-    b"HTTP/1.1 200 Connection established\r\nVia: 1.1 upstream\r\n\r\n",
-    b"\x05\x00\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90",  # method, then success bound to 127.0.0.1:8080
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 Connection established\r\nVia: 1.1 upstream\r\n\r\n",
+        b"\x05\x00\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90",  # method, then success bound to 127.0.0.1:8080
+    ],
+)
 def test_handshake_with_an_upstream_leaves_the_targets_first_bytes_unread(reply: bytes) -> None:
     """A target that speaks first (SSH, SMTP): its banner may arrive in the
     same segment as the proxy's reply, and must stay for the relay.
@@ -3827,7 +4045,9 @@ def test_handshake_with_an_upstream_leaves_the_targets_first_bytes_unread(reply:
 
 @pytest.mark.parametrize("kind", ["pproxy-http", "microsocks"])
 def test_target_that_speaks_first_is_heard_through_an_upstream(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], peer_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    peer_server: Server,
     kind: str,
 ) -> None:
     proxy = make_proxy([make_upstream(kind).url])
@@ -3859,8 +4079,12 @@ def test_proxy_reached_by_an_address_not_of_this_machine_is_refused() -> None:
 @pytest.mark.parametrize("kind", ["pproxy-socks5", "pproxy-http", "microsocks", "dante"])
 @pytest.mark.parametrize("login", [None, ("al", "pw")], ids=["no login", "login"])
 def test_socks_client_reaches_its_target_through_an_upstream_proxy(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
-    kind: str, login: tuple[str, str] | None, log: pytest.LogCaptureFixture,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
+    kind: str,
+    login: tuple[str, str] | None,
+    log: pytest.LogCaptureFixture,
 ) -> None:
     if kind == "dante" and login:
         pytest.skip("Dante logs in system accounts only")
@@ -3876,7 +4100,9 @@ def test_socks_client_reaches_its_target_through_an_upstream_proxy(
 
 
 def test_socks4_upstream_is_given_addresses_resolved_here(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     upstream = make_upstream("dante")
     proxy = make_proxy([upstream.url.replace("socks5://", "socks4://")])
@@ -3886,7 +4112,9 @@ def test_socks4_upstream_is_given_addresses_resolved_here(
 
 
 def test_socks4a_upstream_is_given_the_name(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server, fake_names: dict[str, list[str]],
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    fake_names: dict[str, list[str]],
     log: pytest.LogCaptureFixture,
 ) -> None:
     """Neither pproxy nor Dante takes SOCKS4a names: the upstream here is
@@ -3903,7 +4131,9 @@ def test_socks4a_upstream_is_given_the_name(
 
 @needs_ipv6
 def test_upstream_proxy_on_an_ipv6_address(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     upstream = make_upstream("microsocks", host="::1")
     assert upstream.url.startswith("socks5://[::1]:")
@@ -3913,8 +4143,10 @@ def test_upstream_proxy_on_an_ipv6_address(
 
 
 def test_stalled_upstream_costs_a_client_one_hedge_not_the_timeout(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
-    make_server: Callable[..., Server], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    make_server: Callable[..., Server],
+    echo_server: Server,
 ) -> None:
     """A proxy that takes the connection and never answers its handshake is
     raced by another link after --hedge, as a dark link is."""
@@ -3935,7 +4167,9 @@ def test_stalled_upstream_costs_a_client_one_hedge_not_the_timeout(
 
 
 def test_checks_go_through_upstream_proxies(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     working, stopped = make_upstream("microsocks"), make_upstream("pproxy-socks5")
     stopped.stop()
@@ -3949,7 +4183,9 @@ def test_checks_go_through_upstream_proxies(
 
 
 def test_measured_balancing_and_sticky_sites_treat_upstreams_as_links(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
     measured = make_proxy([first.url, second.url], balance="measured")
@@ -3965,7 +4201,9 @@ def test_measured_balancing_and_sticky_sites_treat_upstreams_as_links(
 
 
 def test_http_connect_client_reaches_its_target_through_an_upstream_proxy(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     proxy = make_proxy([make_upstream("pproxy-http").url, make_upstream("microsocks").url])
     for _ in range(2):
@@ -3977,7 +4215,9 @@ def test_http_connect_client_reaches_its_target_through_an_upstream_proxy(
 
 
 def test_connections_spread_over_upstreams_and_local_links_by_weight(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     first, second = make_upstream("microsocks"), make_upstream("pproxy-socks5")
     proxy = make_proxy([f"{first.url}@2", second.url, "127.0.0.2"])
@@ -3989,7 +4229,9 @@ def test_connections_spread_over_upstreams_and_local_links_by_weight(
 
 
 def test_stopped_upstream_fails_over_within_the_hedge_and_sits_out(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     log: pytest.LogCaptureFixture,
 ) -> None:
     stopped, running = make_upstream("microsocks"), make_upstream("pproxy-socks5", ("al", "pw"))
@@ -4010,7 +4252,9 @@ def test_stopped_upstream_fails_over_within_the_hedge_and_sits_out(
 
 
 def test_refused_login_is_a_link_failure_logged_once_without_the_password(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     log: pytest.LogCaptureFixture,
 ) -> None:
     strict = make_upstream("microsocks", ("al", "right"))
@@ -4028,7 +4272,9 @@ def test_refused_login_is_a_link_failure_logged_once_without_the_password(
 
 
 def test_refused_login_of_the_only_link_gets_a_failure_reply(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     log: pytest.LogCaptureFixture,
 ) -> None:
     strict = make_upstream("pproxy-http", ("al", "right"))
@@ -4045,7 +4291,8 @@ def test_refused_login_of_the_only_link_gets_a_failure_reply(
 
 
 def test_target_refusal_through_an_upstream_is_the_targets_answer(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
     log: pytest.LogCaptureFixture,
 ) -> None:
     upstream = make_upstream("microsocks")
@@ -4058,7 +4305,9 @@ def test_target_refusal_through_an_upstream_is_the_targets_answer(
 
 
 def test_socks5h_upstream_is_given_the_name(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     asked: list[str] = []
@@ -4078,7 +4327,9 @@ def test_socks5h_upstream_is_given_the_name(
 
 
 def test_socks5_upstream_is_given_the_address_resolved_here(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     fake_names: dict[str, list[str]],
 ) -> None:
     fake_names["only-here.test"] = ["127.0.0.1"]  # microsocks cannot resolve it
@@ -4088,7 +4339,9 @@ def test_socks5_upstream_is_given_the_address_resolved_here(
 
 
 def test_socks5_upstreams_names_are_asked_of_the_name_server_and_counted_on_its_row(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], dns_server: DnsServer,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    dns_server: DnsServer,
     echo_server: Server,
 ) -> None:
     dns_server.names["upstream.test"] = ["127.0.0.1", "::1"]  # microsocks cannot resolve it
@@ -4101,12 +4354,17 @@ def test_socks5_upstreams_names_are_asked_of_the_name_server_and_counted_on_its_
     assert sorted((kind, transport) for _, kind, transport, _ in asked) == [("A", "udp"), ("AAAA", "udp")]
     (row,) = proxy.stats()
     assert (row["link"], row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]) == (
-        upstream.url, len(asked), 1, 0
+        upstream.url,
+        len(asked),
+        1,
+        0,
     )
 
 
 def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As Tor's .onion names: a local link cannot reach them, a socks5h upstream can."""
@@ -4130,7 +4388,8 @@ def test_name_not_resolvable_here_goes_to_the_upstream_that_takes_names(
 
 
 def test_name_too_long_for_a_socks5_upstream_gets_a_failure_reply(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
     log: pytest.LogCaptureFixture,
 ) -> None:
     proxy = make_proxy([make_upstream("microsocks").url.replace("socks5://", "socks5h://")])
@@ -4143,14 +4402,18 @@ def test_name_too_long_for_a_socks5_upstream_gets_a_failure_reply(
 
 
 def test_plain_http_goes_through_a_socks_upstream_as_a_tunnel(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    origin: str,
 ) -> None:
     proxy = make_proxy([make_upstream("microsocks").url])
     assert curl("-x", proxy_url(proxy), origin + "/hello").startswith("GET /hello")
 
 
 def test_plain_http_goes_to_an_http_upstream_in_absolute_form_with_its_login(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    origin: str,
 ) -> None:
     upstream = make_upstream("pproxy-http", ("al", "pw"))
     proxy = make_proxy([upstream.url])
@@ -4160,7 +4423,9 @@ def test_plain_http_goes_to_an_http_upstream_in_absolute_form_with_its_login(
 
 
 def test_plain_http_refused_login_at_an_http_upstream_is_a_bad_gateway_logged_once(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], origin: str,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    origin: str,
     log: pytest.LogCaptureFixture,
 ) -> None:
     strict = make_upstream("pproxy-http", ("al", "right"))
@@ -4178,7 +4443,8 @@ def test_plain_http_refused_login_at_an_http_upstream_is_a_bad_gateway_logged_on
 
 
 def test_plain_http_request_line_to_an_http_upstream(
-    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server],
+    make_proxy: Callable[..., Dispatcher],
+    make_server: Callable[..., Server],
 ) -> None:
     """What an HTTP upstream is sent, as it sees it."""
     heads: list[bytes] = []
@@ -4197,7 +4463,9 @@ def test_plain_http_request_line_to_an_http_upstream(
 
 
 def test_udp_goes_through_a_socks5_upstreams_own_association(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], udp_echo: UdpServer,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    udp_echo: UdpServer,
     log: pytest.LogCaptureFixture,
 ) -> None:
     upstream = make_upstream("dante")
@@ -4215,7 +4483,8 @@ def test_udp_goes_through_a_socks5_upstreams_own_association(
 
 
 def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
     log: pytest.LogCaptureFixture,
 ) -> None:
     upstream = make_upstream("dante")
@@ -4230,7 +4499,8 @@ def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
 
 
 def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer],
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
     log: pytest.LogCaptureFixture,
 ) -> None:
     upstream = make_upstream("pproxy-http")
@@ -4246,7 +4516,9 @@ def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
 
 
 def test_udp_takes_the_link_that_carries_it(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], udp_sender: UdpServer,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    udp_sender: UdpServer,
 ) -> None:
     proxy = make_proxy([make_upstream("pproxy-http").url, "127.0.0.3"])
     for _ in range(3):
@@ -4256,7 +4528,9 @@ def test_udp_takes_the_link_that_carries_it(
 
 
 def test_proxy_reached_by_a_chosen_local_address(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
 ) -> None:
     """Dante here takes clients from 127.0.0.2 alone: the link by 127.0.0.2
     gets through, the one by 127.0.0.3 is refused."""
@@ -4271,7 +4545,9 @@ def test_proxy_reached_by_a_chosen_local_address(
 
 
 def test_proxy_retest_brings_a_restarted_upstream_back(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     log: pytest.LogCaptureFixture,
 ) -> None:
     flaky = make_upstream("microsocks")
@@ -4280,8 +4556,9 @@ def test_proxy_retest_brings_a_restarted_upstream_back(
     for _ in range(2):
         with client_through(proxy, (echo_server.host, echo_server.port)) as client:
             assert echoed(client, b"x") == b"x"
-    again = UpstreamServer("microsocks", [MICROSOCKS, "-i", "127.0.0.1", "-p", str(flaky.port)], flaky.url,
-                           flaky.port, flaky.output)
+    again = UpstreamServer(
+        "microsocks", [MICROSOCKS, "-i", "127.0.0.1", "-p", str(flaky.port)], flaky.url, flaky.port, flaky.output
+    )
     try:
         assert wait_for(lambda: f"back in use: {flaky.url} (a retest reached 127.0.0.1:{echo_server.port})" in log.text)
         for _ in range(2):  # in turns: one of them goes through it
@@ -4293,7 +4570,9 @@ def test_proxy_retest_brings_a_restarted_upstream_back(
 
 
 def test_passwords_of_upstreams_never_show(
-    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], echo_server: Server,
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
     log: pytest.LogCaptureFixture,
 ) -> None:
     upstream = make_upstream("microsocks", ("al", "hunter2"))
@@ -4302,9 +4581,13 @@ def test_passwords_of_upstreams_never_show(
         with client_through(proxy, (echo_server.host, echo_server.port)) as client:
             echoed(client, b"secret?")
     shown = [
-        log.text, json.dumps(proxy.stats()), dispatch.format_stats(proxy.stats()),
-        *(http_exchange(proxy, f"GET {page} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())[2].decode()
-          for page in ("/", "/stats.json", "/metrics")),
+        log.text,
+        json.dumps(proxy.stats()),
+        dispatch.format_stats(proxy.stats()),
+        *(
+            http_exchange(proxy, f"GET {page} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())[2].decode()
+            for page in ("/", "/stats.json", "/metrics")
+        ),
     ]
     for text in shown:
         assert "hunter" not in text
@@ -4470,6 +4753,7 @@ def test_random_payloads_with_half_closes_arrive_byte_exact(
 
 # SOCKS5, SOCKS4 and 4a -----------------------------------------------------
 
+
 def test_socks5_connects_to_an_ipv4_target(proxy: Dispatcher, echo_server: Server) -> None:
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         assert round_trip(client, b"hello") == b"hello"
@@ -4601,9 +4885,7 @@ def test_socks4a_request_merged_with_first_payload(proxy: Dispatcher, echo_serve
 
 
 @pytest.mark.parametrize("socks4a", [False, True])
-def test_socks4_field_without_nul_is_refused_at_the_cap(
-    proxy: Dispatcher, echo_server: Server, socks4a: bool
-) -> None:
+def test_socks4_field_without_nul_is_refused_at_the_cap(proxy: Dispatcher, echo_server: Server, socks4a: bool) -> None:
     cap = dispatch.MAX_SOCKS4_FIELD
     with raw_client(proxy) as sock:
         if socks4a:
@@ -4662,9 +4944,7 @@ def test_wrong_login_gets_status_1_and_close(
     assert password not in log.text
 
 
-def test_socks4_is_refused_when_a_login_is_required(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server
-) -> None:
+def test_socks4_is_refused_when_a_login_is_required(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
     proxy = make_proxy(credentials=dict([LOGIN]))
     for request in (
         socks4_request(echo_server.host, echo_server.port),
@@ -4678,20 +4958,29 @@ def test_socks4_is_refused_when_a_login_is_required(
 
 # The record of an exchange -------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "record, line",
     [
         (
             dispatch.ExchangeRecord(
-                "127.0.0.1:50000", target="127.0.0.1:7", via=dispatch.LocalAddress("127.0.0.1", interface="lo"),
-                up=5, down=5,
+                "127.0.0.1:50000",
+                target="127.0.0.1:7",
+                via=dispatch.LocalAddress("127.0.0.1", interface="lo"),
+                up=5,
+                down=5,
             ),
             "127.0.0.1:50000 -> 127.0.0.1:7 via 127.0.0.1 (lo): ok, 5 B up, 5 B down, ",
         ),
         (
             dispatch.ExchangeRecord(
-                "[::1]:50000", user="'alice'", target="GET http://h/a", via=dispatch.LocalAddress("127.0.0.2"),
-                result="200", up=70, down=120,
+                "[::1]:50000",
+                user="'alice'",
+                target="GET http://h/a",
+                via=dispatch.LocalAddress("127.0.0.2"),
+                result="200",
+                up=70,
+                down=120,
             ),
             "[::1]:50000 user 'alice' -> GET http://h/a via 127.0.0.2: 200, 70 B up, 120 B down, ",
         ),
@@ -4744,11 +5033,12 @@ def test_reset_client_is_a_log_line_not_a_traceback(
 
 # HTTP proxy ----------------------------------------------------------------
 
+
 def test_curl_gets_through_the_http_proxy(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
     proxy = make_proxy(["127.0.0.2"])
     body = curl("-x", proxy_url(proxy), origin + "/path?q=1")
     assert body.startswith("GET /path?q=1\npeer 127.0.0.2:")
-    assert f"host: {origin[len('http://'):]}" in body
+    assert f"host: {origin[len('http://') :]}" in body
     assert "via: 1.1 dispatch" in body
 
 
@@ -4797,9 +5087,7 @@ def test_connect_relays_bytes_sent_right_behind_the_request(proxy: Dispatcher, e
         assert round_trip(sock, b" and late") == b"early bytes and late"
 
 
-def test_urllib_through_proxy_handler(
-    proxy: Dispatcher, origin: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_urllib_through_proxy_handler(proxy: Dispatcher, origin: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)  # or urllib would skip the proxy for loopback
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy_url(proxy)}))
@@ -5033,8 +5321,17 @@ def test_curl_gets_the_origins_early_refusal_of_an_expected_body(
     server = make_server(refuse_at_once)
     upload = tmp_path / "upload"
     upload.write_bytes(os.urandom(4_000_000))
-    out = curl("-x", proxy_url(proxy), "-H", "Expect: 100-continue", "--data-binary", f"@{upload}",
-               "-w", " %{http_code}", f"http://127.0.0.1:{server.port}/upload")
+    out = curl(
+        "-x",
+        proxy_url(proxy),
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        f"@{upload}",
+        "-w",
+        " %{http_code}",
+        f"http://127.0.0.1:{server.port}/upload",
+    )
     assert out == "too large 413"
     assert b"\r\nExpect: 100-continue\r\n" in heads[0]  # the expectation went to the origin
 
@@ -5050,8 +5347,8 @@ def test_expect_100_continue_comes_from_the_origin(proxy: Dispatcher, make_serve
     server = make_server(continue_then_echo)
     with raw_client(proxy) as client:
         client.sendall(
-            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
-            .encode()
+            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\n".encode()
+            + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
         )
         reader = dispatch.DeadlineReader(client)
         assert dispatch.read_head(reader) == ["HTTP/1.1 100 Continue", "X-From: origin"]
@@ -5082,8 +5379,8 @@ def test_a_body_sent_without_waiting_for_100_continue_is_forwarded(
     server = make_server(ignore_the_expectation)
     with raw_client(proxy) as client:
         client.sendall(
-            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
-            .encode()
+            f"PUT http://127.0.0.1:{server.port}/f HTTP/1.1\r\n".encode()
+            + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
         )
         assert head_came.wait(TIMEOUT)
         client.sendall(b"hello")  # as curl does after a second without an answer
@@ -5091,9 +5388,7 @@ def test_a_body_sent_without_waiting_for_100_continue_is_forwarded(
 
 
 def test_expect_100_continue_to_an_unreachable_origin_gets_502_first(proxy: Dispatcher) -> None:
-    request = (
-        f"POST http://127.0.0.1:{refused_port()}/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
-    )
+    request = f"POST http://127.0.0.1:{refused_port()}/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
     with raw_client(proxy) as client:
         client.sendall(request.encode())
         status, headers, _ = read_response(client)
@@ -5108,9 +5403,7 @@ def test_an_http10_client_gets_no_interim_response_and_its_expect_is_ignored(
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     )
-    request = (
-        f"POST http://127.0.0.1:{server.port}/ HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"
-    )
+    request = f"POST http://127.0.0.1:{server.port}/ HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"
     with raw_client(proxy) as client:
         client.sendall(request.encode())
         answer = read_all(client)
@@ -5163,7 +5456,9 @@ def test_curl_sees_a_response_cut_by_an_origin_reset_as_an_error(
     server = make_server(reset_mid_body)
     done = subprocess.run(
         ["curl", "-sS", "-o", os.devnull, "-x", proxy_url(proxy), f"http://127.0.0.1:{server.port}/file"],
-        capture_output=True, text=True, timeout=TIMEOUT * 2,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
     )
     assert done.returncode != 0, "curl took the cut file for a whole one"  # directly, curl fails too
     wait_until_all_closed(proxy)
@@ -5179,20 +5474,26 @@ def test_curl_http10_sees_a_cut_chunked_response_as_an_error(
     server, _ = raw_origin(make_server, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     done = subprocess.run(
         ["curl", "-sS", "--http1.0", "-x", proxy_url(proxy), f"http://127.0.0.1:{server.port}/"],
-        capture_output=True, timeout=TIMEOUT * 2,
+        capture_output=True,
+        timeout=TIMEOUT * 2,
     )
     assert done.returncode != 0  # directly, curl fails on the cut chunks too
     wait_until_all_closed(proxy)
     (exchange,) = exchanges(log)
-    assert exchange.result == (
-        "200, the response was cut short: the origin closed before the response ended"
-    )
+    assert exchange.result == ("200, the response was cut short: the origin closed before the response ended")
 
 
 @pytest.mark.parametrize(
     "field",
-    [b"X-A: a\rb", b"X-A: a\x00b", b"X-A: a\r", b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: \x0cchunked",
-     b"Transfer-Encoding: chunked\xa0", b"Content-Length: 1, 2"],
+    [
+        b"X-A: a\rb",
+        b"X-A: a\x00b",
+        b"X-A: a\r",
+        b"Transfer-Encoding: chunked\x0b",
+        b"Transfer-Encoding: \x0cchunked",
+        b"Transfer-Encoding: chunked\xa0",
+        b"Content-Length: 1, 2",
+    ],
 )
 def test_request_with_a_mangled_field_gets_400(proxy: Dispatcher, origin: str, field: bytes) -> None:
     request = f"POST {origin}/ HTTP/1.1\r\n".encode() + field + b"\r\n\r\n0\r\n\r\n"
@@ -5205,8 +5506,13 @@ def test_request_with_a_mangled_field_gets_400(proxy: Dispatcher, origin: str, f
 
 @pytest.mark.parametrize(
     "field",
-    [b"X-A: a\rb", b"X-A: a\x00b", b"Transfer-Encoding: chunked\x0b", b"Transfer-Encoding: chunked\xa0",
-     b"Content-Length: 1, 2"],
+    [
+        b"X-A: a\rb",
+        b"X-A: a\x00b",
+        b"Transfer-Encoding: chunked\x0b",
+        b"Transfer-Encoding: chunked\xa0",
+        b"Content-Length: 1, 2",
+    ],
 )
 def test_response_with_a_mangled_field_gets_502(
     proxy: Dispatcher, make_server: Callable[..., Server], field: bytes
@@ -5227,9 +5533,7 @@ def test_chunk_size_line_without_crlf_or_with_padding_gets_400(
 
 def test_a_line_of_spaces_does_not_end_the_trailer_section(proxy: Dispatcher, origin: str) -> None:
     smuggled = f"GET {origin}/smuggled HTTP/1.1\r\n\r\n"
-    request = (
-        f"POST {origin}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n   \r\n{smuggled}\r\n"
-    )
+    request = f"POST {origin}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n   \r\n{smuggled}\r\n"
     with raw_client(proxy) as client:
         client.sendall(request.encode())
         status, _, body = read_response(client)
@@ -5251,7 +5555,7 @@ def test_chunked_body_is_written_out_cleanly(proxy: Dispatcher, make_server: Cal
     server = make_server(take_body)
     request = (
         f"POST http://127.0.0.1:{server.port}/ HTTP/1.1\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"
-        "00005;ext=\"a b\"\r\nhello\r\n0\r\nX-Sum:  5 \r\n\r\n"
+        '00005;ext="a b"\r\nhello\r\n0\r\nX-Sum:  5 \r\n\r\n'
     )
     assert http_exchange(proxy, request.encode())[0] == 204
     head, _, body = received[0].partition(b"\r\n\r\n")
@@ -5452,7 +5756,7 @@ def test_credentials_are_required_when_set(
     proxy.shutdown()
     # Both the forwarded request and the tunnel name the user; the password never shows.
     users = {exchange.target: exchange.user for exchange in exchanges(log)}
-    assert users[f"GET {origin}/in"] == users[origin[len("http://"):]] == "'alice'"
+    assert users[f"GET {origin}/in"] == users[origin[len("http://") :]] == "'alice'"
     assert "s3cret" not in log.text
 
 
@@ -5469,6 +5773,7 @@ def test_one_log_record_per_http_request(
 
 # SOCKS5 UDP ASSOCIATE ------------------------------------------------------
 
+
 def test_udp_associate_echoes_many_datagrams(proxy: Dispatcher, udp_echo: UdpServer) -> None:
     with udp_client(proxy) as client:
         for index in range(200):
@@ -5480,9 +5785,7 @@ def test_udp_associate_echoes_many_datagrams(proxy: Dispatcher, udp_echo: UdpSer
     assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d " % i) + i for i in range(200))
 
 
-def test_udp_leaves_from_the_dispatched_addresses(
-    make_proxy: Callable[..., Dispatcher], udp_sender: UdpServer
-) -> None:
+def test_udp_leaves_from_the_dispatched_addresses(make_proxy: Callable[..., Dispatcher], udp_sender: UdpServer) -> None:
     proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
     seen = []
     for _ in range(6):
@@ -5624,10 +5927,26 @@ COUNTED = ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_d
 def status_row(ip: str, link: str, **fields: Any) -> dict[str, Any]:
     """One stats() row: an idle link that is up, unless fields say otherwise."""
     row: dict[str, Any] = {
-        "ip": ip, "interface": link, "link": link, "weight": 1, "tier": "primary", "state": "up",
-        "reason": None, "connections": 0, "failed": 0, "open": 0, "bytes_up": 0, "bytes_down": 0,
-        "rate_up": 0.0, "rate_down": 0.0, "capacity": None, "capacity_source": "not measured", "capacity_age": None,
-        "dns_queries": 0, "dns_cache_hits": 0, "dns_failures": 0,
+        "ip": ip,
+        "interface": link,
+        "link": link,
+        "weight": 1,
+        "tier": "primary",
+        "state": "up",
+        "reason": None,
+        "connections": 0,
+        "failed": 0,
+        "open": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "rate_up": 0.0,
+        "rate_down": 0.0,
+        "capacity": None,
+        "capacity_source": "not measured",
+        "capacity_age": None,
+        "dns_queries": 0,
+        "dns_cache_hits": 0,
+        "dns_failures": 0,
     }
     return row | fields
 
@@ -5640,13 +5959,36 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
     """A status as Dispatcher.status() gives it; a later ``step`` has grown
     counters, a fourth link (cell0) and an uptime one hour longer per step."""
     rows = [
-        status_row("192.168.1.20", "wlan0", weight=3, connections=120 + step, failed=2, open=3,
-                   bytes_up=5_300_000, bytes_down=1_234_567_890 + step * 10**9, rate_up=12_345.0,
-                   rate_down=1_523_456.0, capacity=2_500_000.0, capacity_source="measured", capacity_age=64.2,
-                   dns_queries=31, dns_cache_hits=89, dns_failures=1),
-        status_row("10.42.0.7", "usb0", state="down", reason="timed out; tried again in 4 s",
-                   connections=40, failed=9, bytes_up=812_000, bytes_down=99_000_000, capacity=900_000.0,
-                   capacity_source="remembered"),
+        status_row(
+            "192.168.1.20",
+            "wlan0",
+            weight=3,
+            connections=120 + step,
+            failed=2,
+            open=3,
+            bytes_up=5_300_000,
+            bytes_down=1_234_567_890 + step * 10**9,
+            rate_up=12_345.0,
+            rate_down=1_523_456.0,
+            capacity=2_500_000.0,
+            capacity_source="measured",
+            capacity_age=64.2,
+            dns_queries=31,
+            dns_cache_hits=89,
+            dns_failures=1,
+        ),
+        status_row(
+            "10.42.0.7",
+            "usb0",
+            state="down",
+            reason="timed out; tried again in 4 s",
+            connections=40,
+            failed=9,
+            bytes_up=812_000,
+            bytes_down=99_000_000,
+            capacity=900_000.0,
+            capacity_source="remembered",
+        ),
         status_row("2001:db8::20", "enp3s0", tier="backup", state="standby", reason="a primary link is up"),
     ]
     history = {
@@ -5654,24 +5996,52 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
         "10.42.0.7": {"rate_down": wave(points // 2, 200_000, 2), "rate_up": wave(points // 2, 3_000, 3)},
     }
     if step:
-        rows.append(status_row("172.20.10.2", "cell0", open=2, bytes_down=2_000_000 * step,
-                               rate_down=300_000.0, capacity=900_000.0))
+        rows.append(
+            status_row(
+                "172.20.10.2", "cell0", open=2, bytes_down=2_000_000 * step, rate_down=300_000.0, capacity=900_000.0
+            )
+        )
         history["172.20.10.2"] = {"rate_down": wave(10, 300_000, 4), "rate_up": wave(10, 2000, 5)}
     return {
-        "version": "0.2.0", "uptime": 3725.0 + 3600 * step, "listening": "127.0.0.1:1080",
-        "balance": "measured", "open_connections": 4, "refused": 1,
+        "version": "0.2.0",
+        "uptime": 3725.0 + 3600 * step,
+        "listening": "127.0.0.1:1080",
+        "balance": "measured",
+        "open_connections": 4,
+        "refused": 1,
         "totals": {key: sum(row[key] for row in rows) for key in COUNTED},
-        "addresses": rows, "history": {"interval": 2.0, "addresses": history},
+        "addresses": rows,
+        "history": {"interval": 2.0, "addresses": history},
     }
 
 
 def test_page_holds_table_and_chart_without_javascript() -> None:
     page = dispatch.render_status_page(sample_status())
     text = re.sub(r"<script>.*?</script>|<style>.*?</style>", "", page, flags=re.S)
-    for expected in ("wlan0", "192.168.1.20", "usb0", "timed out; tried again in 4 s", "enp3s0",
-                     "2001:db8::20", "standby", "backup", "1.2 GB", "5.3 MB", "1523.5", "12.3",
-                     "2.5 MB/s", "not measured", "1 h 2 min", "0.2.0", "All links", "kB/s",
-                     "measured 1 min 4 s ago", "900 kB/s", "remembered", "3.4 MB/s"):
+    for expected in (
+        "wlan0",
+        "192.168.1.20",
+        "usb0",
+        "timed out; tried again in 4 s",
+        "enp3s0",
+        "2001:db8::20",
+        "standby",
+        "backup",
+        "1.2 GB",
+        "5.3 MB",
+        "1523.5",
+        "12.3",
+        "2.5 MB/s",
+        "not measured",
+        "1 h 2 min",
+        "0.2.0",
+        "All links",
+        "kB/s",
+        "measured 1 min 4 s ago",
+        "900 kB/s",
+        "remembered",
+        "3.4 MB/s",
+    ):
         assert expected in text, expected
     assert text.count("<polyline") == 4  # two links with history, two charts
     assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")
@@ -5684,8 +6054,9 @@ def test_page_loads_nothing_from_elsewhere() -> None:
 
 
 def test_page_escapes_link_names_and_reasons() -> None:
-    evil = status_row("192.168.1.9", '<script>alert("x")</script>&', reason="<b>'why'</b>",
-                      state="down", interface="<i>")
+    evil = status_row(
+        "192.168.1.9", '<script>alert("x")</script>&', reason="<b>'why'</b>", state="down", interface="<i>"
+    )
     status = sample_status() | {"addresses": [evil], "history": {"interval": 2.0, "addresses": {}}}
     page = dispatch.render_status_page(status)
     assert "<script>alert" not in page and "<b>'why'" not in page and "<i>" not in page
@@ -5739,14 +6110,24 @@ def test_metrics_parse_with_the_expected_families_and_values() -> None:
     families = metric_families(dispatch.render_metrics(sample_status()))
     # the parser names a counter family without its _total suffix
     assert {name: f.type for name, f in families.items()} == {
-        "dispatch_build_info": "gauge", "dispatch_uptime_seconds": "gauge",
-        "dispatch_link_info": "gauge", "dispatch_bytes_sent": "counter",
-        "dispatch_bytes_received": "counter", "dispatch_connections_opened": "counter",
-        "dispatch_connections_failed": "counter", "dispatch_open_connections": "gauge",
-        "dispatch_link_up": "gauge", "dispatch_link_capacity_bytes_per_second": "gauge",
-        "dispatch_link_capacity_age_seconds": "gauge", "dispatch_link_capacity_remembered": "gauge",
-        "dispatch_dns_queries": "counter", "dispatch_dns_cache_hits": "counter", "dispatch_dns_failures": "counter",
-        "dispatch_clients_refused": "counter", "dispatch_client_connections": "gauge"}
+        "dispatch_build_info": "gauge",
+        "dispatch_uptime_seconds": "gauge",
+        "dispatch_link_info": "gauge",
+        "dispatch_bytes_sent": "counter",
+        "dispatch_bytes_received": "counter",
+        "dispatch_connections_opened": "counter",
+        "dispatch_connections_failed": "counter",
+        "dispatch_open_connections": "gauge",
+        "dispatch_link_up": "gauge",
+        "dispatch_link_capacity_bytes_per_second": "gauge",
+        "dispatch_link_capacity_age_seconds": "gauge",
+        "dispatch_link_capacity_remembered": "gauge",
+        "dispatch_dns_queries": "counter",
+        "dispatch_dns_cache_hits": "counter",
+        "dispatch_dns_failures": "counter",
+        "dispatch_clients_refused": "counter",
+        "dispatch_client_connections": "gauge",
+    }
     assert all(f.documentation for f in families.values())
     wlan, usb, wired = ("wlan0", "192.168.1.20"), ("usb0", "10.42.0.7"), ("enp3s0", "2001:db8::20")
     assert metric_samples(families["dispatch_bytes_sent"]) == {wlan: 5_300_000, usb: 812_000, wired: 0}
@@ -5796,22 +6177,63 @@ def pac(no_dns: list[str]) -> Any:
     return PACFile(dispatch.render_pac("192.168.1.20", 1080))
 
 
-@pytest.mark.parametrize("host", [
-    "www.example.com", "example.com", "a.b.c.d.example", "8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1",
-    "192.169.0.1", "11.0.0.1", "2606:4700::1111", "[2606:4700::1111]", "2001:db8::1", "::ffff:8.8.8.8",
-    "fec0::1", "localhost.example.com", "999.1.1.1",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "www.example.com",
+        "example.com",
+        "a.b.c.d.example",
+        "8.8.8.8",
+        "1.1.1.1",
+        "172.32.0.1",
+        "100.128.0.1",
+        "192.169.0.1",
+        "11.0.0.1",
+        "2606:4700::1111",
+        "[2606:4700::1111]",
+        "2001:db8::1",
+        "::ffff:8.8.8.8",
+        "fec0::1",
+        "localhost.example.com",
+        "999.1.1.1",
+    ],
+)
 def test_pac_sends_public_destinations_to_the_proxy(pac: Any, no_dns: list[str], host: str) -> None:
     assert pac.find_proxy_for_url(f"https://{host}/path", host) == PAC_PROXY
     assert no_dns == []
 
 
-@pytest.mark.parametrize("host", [
-    "intranet", "localhost", "LOCALHOST", "app.localhost", "127.0.0.1", "127.255.0.9", "10.0.0.1",
-    "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.0.1", "192.168.255.255", "100.64.0.1",
-    "100.127.255.254", "169.254.1.1", "0.0.0.0", "::1", "[::1]", "0:0:0:0:0:0:0:1", "fe80::1",
-    "fe80::1%eth0", "febf::1", "fd00::1", "fc00::1", "::ffff:192.168.1.1", "::",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "intranet",
+        "localhost",
+        "LOCALHOST",
+        "app.localhost",
+        "127.0.0.1",
+        "127.255.0.9",
+        "10.0.0.1",
+        "10.255.255.255",
+        "172.16.0.1",
+        "172.31.255.254",
+        "192.168.0.1",
+        "192.168.255.255",
+        "100.64.0.1",
+        "100.127.255.254",
+        "169.254.1.1",
+        "0.0.0.0",
+        "::1",
+        "[::1]",
+        "0:0:0:0:0:0:0:1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "febf::1",
+        "fd00::1",
+        "fc00::1",
+        "::ffff:192.168.1.1",
+        "::",
+    ],
+)
 def test_pac_sends_local_and_private_destinations_direct(pac: Any, no_dns: list[str], host: str) -> None:
     assert pac.find_proxy_for_url(f"http://{host}/", host) == "DIRECT"
     assert no_dns == []
@@ -5995,14 +6417,18 @@ def page_exchange(proxy: Dispatcher, request: bytes) -> list[bytes]:
     return statuses
 
 
-@pytest.mark.parametrize("method, path", [("POST", "/"), ("POST", "/stats.json"), ("PUT", "/nothing"),
-                                          ("GET", "/metrics")])
+@pytest.mark.parametrize(
+    "method, path", [("POST", "/"), ("POST", "/stats.json"), ("PUT", "/nothing"), ("GET", "/metrics")]
+)
 def test_a_page_requests_body_is_never_read_as_the_next_request(
     proxy: Dispatcher, echo_server: Server, log: pytest.LogCaptureFixture, method: str, path: str
 ) -> None:
     smuggled = f"GET http://{echo_server.host}:{echo_server.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-    request = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
-               + smuggled + b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+        + smuggled
+        + b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
     statuses = page_exchange(proxy, request)
     assert len(statuses) == 2 and statuses[1] == b"HTTP/1.1 200 OK"  # the body was dropped, the next one served
     assert [record.target for record in exchanges(log) if "http://" in record.target] == []
@@ -6011,9 +6437,11 @@ def test_a_page_requests_body_is_never_read_as_the_next_request(
 
 @pytest.mark.parametrize(
     "framing, status",
-    [(b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
-     (b"Content-Length: 1000000\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
-     (b"Content-Length: x\r\n", b"HTTP/1.1 400 Bad Request")],
+    [
+        (b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
+        (b"Content-Length: 1000000\r\n", b"HTTP/1.1 413 Request Entity Too Large"),
+        (b"Content-Length: x\r\n", b"HTTP/1.1 400 Bad Request"),
+    ],
 )
 def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
     proxy: Dispatcher, echo_server: Server, framing: bytes, status: bytes
@@ -6028,9 +6456,17 @@ def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-    "--disable-default-apps", "--no-default-browser-check", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--no-default-browser-check",
+    "--hide-scrollbars",
     # Scripts run 5 s of virtual time: the page's first update (at 2 s) is in the dump.
     "--virtual-time-budget=5000",
     # Chromium calls home (update, accounts) despite the flags above: with every
@@ -6068,8 +6504,9 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         code, kind, body = 200, dispatch.PAGE_CONTENT_TYPE, dispatch.render_status_page(sample_status())
         if self.path == "/stats.json":
             step = next(self.server.steps)
-            code, kind, body = (503, "text/plain", "busy") if step < 0 else (
-                200, "application/json", json.dumps(sample_status(step)))
+            code, kind, body = (
+                (503, "text/plain", "busy") if step < 0 else (200, "application/json", json.dumps(sample_status(step)))
+            )
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Security-Policy", dispatch.STATUS_PAGE_CSP)
@@ -6082,8 +6519,11 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def page_server(request: pytest.FixtureRequest) -> Iterator[PageServer]:
-    steps = {"newer": itertools.count(1), "same": itertools.repeat(0),
-             "failing first": itertools.chain([-1], itertools.count(1))}
+    steps = {
+        "newer": itertools.count(1),
+        "same": itertools.repeat(0),
+        "failing first": itertools.chain([-1], itertools.count(1)),
+    }
     server = PageServer(steps[getattr(request, "param", "newer")])
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
@@ -6163,8 +6603,12 @@ def test_browser_shows_a_running_proxys_links_and_charts(
 
 
 def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
-    tmp_path: Any, make_proxy: Callable[..., Dispatcher], origin: str, fake_names: dict[str, list[str]],
-    log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    make_proxy: Callable[..., Dispatcher],
+    origin: str,
+    fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake_names["www.example.test"] = ["127.0.0.1"]  # for the proxy's resolver alone
     answers = socket.getaddrinfo
@@ -6181,8 +6625,10 @@ def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
     proxy = make_proxy()
     port = origin.rpartition(":")[2]
     dom = run_chromium(
-        tmp_path, f"--proxy-pac-url=http://127.0.0.1:{proxy.address[1]}/proxy.pac",
-        "--dump-dom", f"http://www.example.test:{port}/page",
+        tmp_path,
+        f"--proxy-pac-url=http://127.0.0.1:{proxy.address[1]}/proxy.pac",
+        "--dump-dom",
+        f"http://www.example.test:{port}/page",
     )
     assert "GET /page" in dom  # the origin's answer, through the proxy
     targets = [exchange.target for exchange in exchanges(log)]
@@ -6194,6 +6640,7 @@ def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
 # ---------------------------------------------------------------------------
 
 # The first byte picks the session ------------------------------------------
+
 
 def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Server) -> None:
     for _ in range(3):
@@ -6207,6 +6654,7 @@ def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Serv
 
 # Admission: the allow-list and the most connections ------------------------
 
+
 def test_client_outside_the_allow_list_is_refused_before_the_handshake(
     make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
 ) -> None:
@@ -6219,9 +6667,7 @@ def test_client_outside_the_allow_list_is_refused_before_the_handshake(
     assert proxy.refused == 1
 
 
-def test_allow_list_admits_a_listed_address(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server
-) -> None:
+def test_allow_list_admits_a_listed_address(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
     proxy = make_proxy(allow=["127.0.0.2"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.2", 0))
@@ -6258,6 +6704,7 @@ def test_clients_beyond_max_connections_are_refused_at_once(
 
 
 # Timeouts ------------------------------------------------------------------
+
 
 def test_stalled_handshake_is_cut_off_while_others_are_served(
     make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
@@ -6312,6 +6759,7 @@ def test_idle_relay_is_closed_after_the_idle_timeout(
 
 # Threads and descriptors ---------------------------------------------------
 
+
 def serving_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if "process_request_thread" in t.name}
 
@@ -6344,9 +6792,7 @@ def need_descriptors(wanted: int) -> None:
         pytest.skip(f"the descriptor limit is below the {wanted} this test needs")
 
 
-def test_more_than_1024_connections_open_at_once(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server
-) -> None:
+def test_more_than_1024_connections_open_at_once(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
     if dispatch.PORTABLE:
         pytest.skip("select(), the portable path, cannot watch a descriptor numbered past 1024 on Linux")
     count = 1100
@@ -6404,8 +6850,12 @@ MACOS_UNLIMITED = 2**63 - 1
 )
 def test_descriptor_limit_is_raised_as_far_as_the_system_allows(
     monkeypatch: pytest.MonkeyPatch,
-    soft: int, hard: int, unlimited: int, refused_above: int | None,
-    raised_to: int | None, limits_after: tuple[int, int],
+    soft: int,
+    hard: int,
+    unlimited: int,
+    refused_above: int | None,
+    raised_to: int | None,
+    limits_after: tuple[int, int],
 ) -> None:
     limits = FakeLimits(soft, hard, unlimited, refused_above)
     monkeypatch.setitem(sys.modules, "resource", limits)
@@ -6423,6 +6873,7 @@ def test_default_max_connections_fits_the_descriptor_limit() -> None:
 
 # Hostile clients -----------------------------------------------------------
 
+
 def open_descriptors() -> int:
     """Descriptors open in this process; 0 where /proc cannot tell (not Linux)."""
     return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
@@ -6434,8 +6885,12 @@ def hostile_cases(rng: random.Random, target: tuple[str, int]) -> list[bytes]:
     request5 = socks5_request(host, port)
     valid = [
         b"\x05\x01\x00" + request5,
-        b"\x05\x01\x02\x01" + bytes([len(LOGIN[0])]) + LOGIN[0].encode()
-        + bytes([len(LOGIN[1])]) + LOGIN[1].encode() + request5,
+        b"\x05\x01\x02\x01"
+        + bytes([len(LOGIN[0])])
+        + LOGIN[0].encode()
+        + bytes([len(LOGIN[1])])
+        + LOGIN[1].encode()
+        + request5,
         socks4_request(host, port),
         socks4_request("", port, host=host),
     ]
@@ -6508,9 +6963,7 @@ def test_hostile_clients_get_a_reply_or_a_close(
     rng = random.Random(1928 + login)
     for payload in hostile_cases(rng, (echo_server.host, echo_server.port)):
         play(proxy, payload, rng.choice(["half-close", "half-close", "close", "reset"]))
-    with client_through(
-        proxy, (echo_server.host, echo_server.port), login=LOGIN if login else None
-    ) as client:
+    with client_through(proxy, (echo_server.host, echo_server.port), login=LOGIN if login else None) as client:
         assert round_trip(client, b"still serving") == b"still serving"
     assert wait_for(lambda: proxy.open_connections() == 0)
     assert wait_for(lambda: threading.active_count() <= threads), threading.enumerate()
@@ -6656,18 +7109,54 @@ def test_shutdown_wakes_a_request_waiting_for_its_origin(
 
 # Reports -------------------------------------------------------------------
 
+
 def test_stats_table_format() -> None:
     rows = [
-        {"ip": "192.168.1.20", "interface": "wlan0", "weight": 3, "state": "up", "open": 12,
-         "connections": 340, "bytes_down": 1_234_567_890, "bytes_up": 45_600_000,
-         "rate_down": 1_204_500.0, "rate_up": 30_000.0, "capacity": 1_250_000.0,
-         "capacity_source": "measured", "capacity_age": 3.4},
-        {"ip": "10.0.0.2", "interface": None, "weight": 1, "state": "sitting out", "open": 0,
-         "connections": 7, "bytes_down": 999, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": 400_000.0,
-         "capacity_source": "remembered", "capacity_age": None},
-        {"ip": None, "interface": "usb0", "weight": 1, "state": "waiting", "open": 0,
-         "connections": 0, "bytes_down": 0, "bytes_up": 0, "rate_down": 0.0, "rate_up": 0.0, "capacity": None,
-         "capacity_source": "not measured", "capacity_age": None},
+        {
+            "ip": "192.168.1.20",
+            "interface": "wlan0",
+            "weight": 3,
+            "state": "up",
+            "open": 12,
+            "connections": 340,
+            "bytes_down": 1_234_567_890,
+            "bytes_up": 45_600_000,
+            "rate_down": 1_204_500.0,
+            "rate_up": 30_000.0,
+            "capacity": 1_250_000.0,
+            "capacity_source": "measured",
+            "capacity_age": 3.4,
+        },
+        {
+            "ip": "10.0.0.2",
+            "interface": None,
+            "weight": 1,
+            "state": "sitting out",
+            "open": 0,
+            "connections": 7,
+            "bytes_down": 999,
+            "bytes_up": 0,
+            "rate_down": 0.0,
+            "rate_up": 0.0,
+            "capacity": 400_000.0,
+            "capacity_source": "remembered",
+            "capacity_age": None,
+        },
+        {
+            "ip": None,
+            "interface": "usb0",
+            "weight": 1,
+            "state": "waiting",
+            "open": 0,
+            "connections": 0,
+            "bytes_down": 0,
+            "bytes_up": 0,
+            "rate_down": 0.0,
+            "rate_up": 0.0,
+            "capacity": None,
+            "capacity_source": "not measured",
+            "capacity_age": None,
+        },
     ]
     assert dispatch.format_stats(rows).splitlines() == [
         "ADDRESS       INTERFACE  WEIGHT  STATE        OPEN  TOTAL    DOWN       UP     RATE DOWN    RATE UP"
@@ -6683,14 +7172,23 @@ def test_stats_table_format() -> None:
 
 @pytest.mark.parametrize(
     "count, text",
-    [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (53_140, "53.1 kB"), (812_000, "812 kB"),
-     (1_200_000, "1.2 MB"), (340_000_000_000, "340 GB"), (5e15, "5000 TB")],
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1.0 kB"),
+        (53_140, "53.1 kB"),
+        (812_000, "812 kB"),
+        (1_200_000, "1.2 MB"),
+        (340_000_000_000, "340 GB"),
+        (5e15, "5000 TB"),
+    ],
 )
 def test_format_bytes(count: int, text: str) -> None:
     assert dispatch.format_bytes(count) == text
 
 
 # The command line ----------------------------------------------------------
+
 
 def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -6769,7 +7267,10 @@ for argv in (["start", "lo"], ["start"], ["list"]):
 def test_proxies_ip_addresses_with_the_standard_library_only(echo_server: Server) -> None:
     done = subprocess.run(
         [sys.executable, "-S", "-c", STANDARD_LIBRARY_ONLY, str(echo_server.port)],
-        cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT * 3,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -6811,7 +7312,9 @@ def test_cli_start_serves_until_sigterm(
 
 
 def test_cli_upstream_password_comes_from_a_file_and_never_shows(
-    make_upstream: Callable[..., UpstreamServer], echo_server: Server, tmp_path: Any,
+    make_upstream: Callable[..., UpstreamServer],
+    echo_server: Server,
+    tmp_path: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     upstream = make_upstream("microsocks", ("al", "hunter2"))
@@ -6908,9 +7411,14 @@ def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_
     assert sys.getswitchinterval() == interval
 
 
-@pytest.mark.parametrize(("options", "capacity"), [
-    ([], 777_000.0), (["--state-file", "OTHER"], 555_000.0), (["--no-state"], None),
-])
+@pytest.mark.parametrize(
+    ("options", "capacity"),
+    [
+        ([], 777_000.0),
+        (["--state-file", "OTHER"], 555_000.0),
+        (["--no-state"], None),
+    ],
+)
 def test_cli_starts_from_the_state_file_unless_told_not_to(
     tmp_path: Any, options: list[str], capacity: float | None
 ) -> None:
@@ -6987,8 +7495,16 @@ def test_cli_prints_stats_periodically_and_at_the_end(
 ) -> None:
     port = refused_port()
     process = script(
-        ["start", "--port", str(port), "--stats", "0.2", "--log-file", os.path.join(str(tmp_path), "run.log"),
-         "127.0.0.2@3"]
+        [
+            "start",
+            "--port",
+            str(port),
+            "--stats",
+            "0.2",
+            "--log-file",
+            os.path.join(str(tmp_path), "run.log"),
+            "127.0.0.2@3",
+        ]
     )
     assert process.stdout is not None
     for line in iter(process.stdout.readline, ""):
@@ -7380,7 +7896,9 @@ def test_service_systemd_unit_runs_dispatch_start_and_verifies(
         "--port 1081 wlan0@3 usb0@backup"
     )
     expected = {
-        "Restart=on-failure", "After=network-online.target", "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE"
+        "Restart=on-failure",
+        "After=network-online.target",
+        "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE",
     }
     assert expected <= set(unit.splitlines())
     analyze = shutil.which("systemd-analyze")
@@ -7507,7 +8025,7 @@ def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.Captu
 
 
 def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
-    capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
     out, err = capsys.readouterr()
@@ -7546,8 +8064,9 @@ def test_cli_start_help_says_which_balance_applies_when(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         dispatch.main(["start", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "measured (the least open work for what each link was measured to carry; the default without weights)" \
-        in text
+    assert (
+        "measured (the least open work for what each link was measured to carry; the default without weights)" in text
+    )
     assert "round-robin (in turn, by the weights; the default when any ADDRESS has one)" in text
 
 
@@ -7724,9 +8243,7 @@ def test_lab_interface_names_work(
     assert seen == addresses * 2
 
 
-def test_lab_start_without_addresses_uses_every_uplink(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
+def test_lab_start_without_addresses_uses_every_uplink(metrics_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
     proxy = lab_proxy(metrics_lab)
     banner = "".join(proxy.banner)
     for link in metrics_lab.uplinks:
@@ -7755,8 +8272,9 @@ def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
         assert 1 <= len([d for d in durations if d >= 1.0]) <= 2, durations
         assert dark.client_addr not in seen
         assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
-        assert re.search(rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 1\.\d s",
-                         proxy.log())
+        assert re.search(
+            rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 1\.\d s", proxy.log()
+        )
     finally:
         metrics_lab.restore(1)
     # No client tries it: a retest (at most 2 s apart here) brings it back.
@@ -7789,7 +8307,8 @@ def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
         pytest.skip("microsocks is not installed")
     upstream = metrics_lab.server_popen(
         [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
@@ -7821,9 +8340,7 @@ def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
     return sizes
 
 
-def test_lab_measured_balancing_learns_each_links_capacity(
-    rules_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
+def test_lab_measured_balancing_learns_each_links_capacity(rules_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
     """Links of 1,200, 1,200 and 400 kB/s, no weights: a batch of downloads
     measures them, and the next batch gives the slow link fewer."""
     proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
@@ -7897,7 +8414,15 @@ def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(
     dark = metrics_lab.uplink(1)
     check = f"{metrics_lab.service_address}:{import_netlab().PEER_ECHO_PORT}"
     proxy = lab_proxy(
-        metrics_lab, "--check", check, "--check-interval", "1", "--hedge", "0.5", "--balance", "round-robin",
+        metrics_lab,
+        "--check",
+        check,
+        "--check-interval",
+        "1",
+        "--hedge",
+        "0.5",
+        "--balance",
+        "round-robin",
         *(link.client_addr for link in metrics_lab.uplinks),
     )
     back = f"back in use: {dark.client_addr} ({dark.client_ifname}) ("
@@ -7943,16 +8468,28 @@ def test_lab_a_site_silent_through_one_link_keeps_it_out_only_until_a_retest_rea
     if metrics_lab.run_in_server(["ip", "rule", "add", *rule]).returncode != 0:
         pytest.skip("ip rule cannot match a port here (Linux 4.17 or later can)")
     try:
-        proxy = lab_proxy(metrics_lab, "--cooldown", "2", "--connect-timeout", "2", "--hedge", "0.5",
-                          "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
+        proxy = lab_proxy(
+            metrics_lab,
+            "--cooldown",
+            "2",
+            "--connect-timeout",
+            "2",
+            "--hedge",
+            "0.5",
+            "--balance",
+            "round-robin",
+            *(link.client_addr for link in metrics_lab.uplinks),
+        )
         sat_out = f"sitting out: {blocked.client_addr} ({blocked.client_ifname}): "
         while sat_out not in proxy.log():
             assert proxy.download(1000) == 1000  # through another link when uplink 1 is silent
         out = time.monotonic()
         # Another site, reached by the other links meanwhile.
         assert blocked.client_addr not in {proxy.peer() for _ in range(2)}
-        back = (f"back in use: {blocked.client_addr} ({blocked.client_ifname}) (a retest reached "
-                f"{metrics_lab.service_address}:{netlab.PEER_ECHO_PORT})")
+        back = (
+            f"back in use: {blocked.client_addr} ({blocked.client_ifname}) (a retest reached "
+            f"{metrics_lab.service_address}:{netlab.PEER_ECHO_PORT})"
+        )
         assert wait_for(lambda: back in proxy.log())
         assert time.monotonic() - out < 8  # the second retest, 3 s after the failure
         assert blocked.client_addr in {proxy.peer() for _ in range(6)}
@@ -7981,6 +8518,7 @@ def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(
 
 # Names through the links, in the lab ----------------------------------------
 
+
 @pytest.fixture
 def lab_dns(metrics_lab: Any) -> Iterator[DnsServer]:
     """A DNS server for the lab's names on the server side (the lab's
@@ -8006,7 +8544,11 @@ def test_lab_a_dark_default_link_costs_a_client_asking_by_name_no_more_than_the_
     links and, unanswered, through another one after DNS_HEDGE."""
     dark = metrics_lab.uplink(1)
     proxy = lab_proxy(
-        metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address,
+        metrics_lab,
+        "--balance",
+        "round-robin",
+        "--dns",
+        lab_dns.address,
         *(link.client_addr for link in metrics_lab.uplinks),
     )
     metrics_lab.darken(1)
@@ -8061,7 +8603,11 @@ def test_lab_queries_leave_by_the_link_chosen_for_the_connection(
     metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
 ) -> None:
     proxy = lab_proxy(
-        metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address,
+        metrics_lab,
+        "--balance",
+        "round-robin",
+        "--dns",
+        lab_dns.address,
         *(link.client_ifname for link in metrics_lab.uplinks),
     )
     pairs = []
@@ -8083,11 +8629,14 @@ def test_lab_truncated_answer_is_asked_again_by_tcp_through_the_same_link(
     assert [(transport, source) for _, _, transport, source in lab_dns.asked(name)] == [("udp", peer), ("tcp", peer)]
 
 
-@pytest.mark.parametrize(("how", "reply", "asked"), [
-    ("nxdomain", Reply.HOST_UNREACHABLE, 1),  # the name's servers have spoken: no other link asks
-    ("servfail", Reply.HOST_UNREACHABLE, 3),  # the server failed: asked through each link
-    ("silent", Reply.TTL_EXPIRED, 3),
-])
+@pytest.mark.parametrize(
+    ("how", "reply", "asked"),
+    [
+        ("nxdomain", Reply.HOST_UNREACHABLE, 1),  # the name's servers have spoken: no other link asks
+        ("servfail", Reply.HOST_UNREACHABLE, 3),  # the server failed: asked through each link
+        ("silent", Reply.TTL_EXPIRED, 3),
+    ],
+)
 def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_once(
     metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, how: str, reply: Reply, asked: int
 ) -> None:
@@ -8109,14 +8658,21 @@ def test_lab_a_check_by_name_looks_it_up_through_each_link_and_finds_the_dark_on
     name = fresh_name(lab_dns, metrics_lab, "check")
     check = f"{name}:{import_netlab().PEER_ECHO_PORT}"
     proxy = lab_proxy(
-        metrics_lab, "--dns", lab_dns.address, "--check", check, "--check-interval", "1",
+        metrics_lab,
+        "--dns",
+        lab_dns.address,
+        "--check",
+        check,
+        "--check-interval",
+        "1",
         *(link.client_addr for link in metrics_lab.uplinks),
     )
     assert wait_for(lambda: {q[3] for q in lab_dns.asked(name)} == {link.client_addr for link in metrics_lab.uplinks})
     metrics_lab.darken(1)
     try:
-        assert wait_for(lambda: f"sitting out: {dark.client_addr} ({dark.client_ifname}): failed 3 checks of {check}"
-                        in proxy.log())
+        assert wait_for(
+            lambda: f"sitting out: {dark.client_addr} ({dark.client_ifname}): failed 3 checks of {check}" in proxy.log()
+        )
     finally:
         metrics_lab.restore(1)
     assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (passed 2 checks" in proxy.log())
@@ -8133,7 +8689,8 @@ def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default
         pytest.skip("microsocks is not installed")
     upstream = metrics_lab.server_popen(
         [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")

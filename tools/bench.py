@@ -268,8 +268,7 @@ class ReplyProtocol(asyncio.Protocol):
 
 async def serve_small(echo: socket.socket, reply: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(EchoProtocol, sock=echo),
-               await loop.create_server(ReplyProtocol, sock=reply)]
+    servers = [await loop.create_server(EchoProtocol, sock=echo), await loop.create_server(ReplyProtocol, sock=reply)]
     await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
@@ -382,8 +381,18 @@ def dispatch_before_command(port: int, workdir: Path) -> list[str]:
 def dispatch_command(port: int, workdir: Path, module: Path = DISPATCH, log: str = "dispatch.log") -> list[str]:
     if not module.exists():
         raise Unavailable(f"{module} not found")
-    return [sys.executable, str(module), "start", "--ip", LOOPBACK, "--port", str(port),
-            "--log-file", str(workdir / log), LOOPBACK]
+    return [
+        sys.executable,
+        str(module),
+        "start",
+        "--ip",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--log-file",
+        str(workdir / log),
+        LOOPBACK,
+    ]
 
 
 def dante_command(port: int, workdir: Path) -> list[str]:
@@ -404,16 +413,20 @@ def pproxy_command(port: int, workdir: Path) -> list[str]:
 
 def microsocks_command(port: int, workdir: Path) -> list[str]:
     # -b: bind outgoing sockets to loopback, as dispatch and Dante are told to.
-    return [require("microsocks", "apt-get install microsocks"),
-            "-i", LOOPBACK, "-p", str(port), "-b", LOOPBACK]
+    return [require("microsocks", "apt-get install microsocks"), "-i", LOOPBACK, "-p", str(port), "-b", LOOPBACK]
 
 
 def dispatch_upstream_command(port: int, workdir: Path) -> list[str]:
     """dispatch whose one link is a microsocks of its own: what an upstream
     proxy as a link costs, beside "microsocks" (clients straight to it)."""
     upstream_port = free_port()
-    upstream = subprocess.Popen(microsocks_command(upstream_port, workdir), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    upstream = subprocess.Popen(
+        microsocks_command(upstream_port, workdir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     atexit.register(upstream.kill)
     deadline = time.monotonic() + 10
     while True:
@@ -433,8 +446,9 @@ def splice_relay_command(port: int, workdir: Path) -> list[str]:
         raise Unavailable("splice() is Linux only")
     compiler = require("cc", "apt-get install gcc")
     program = workdir / "splice_relay"
-    build = subprocess.run([compiler, "-O2", "-pthread", "-o", str(program), str(SPLICE_RELAY_SOURCE)],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [compiler, "-O2", "-pthread", "-o", str(program), str(SPLICE_RELAY_SOURCE)], capture_output=True, text=True
+    )
     if build.returncode:
         last_line = (build.stderr.strip().splitlines() or ["no message"])[-1]
         raise Unavailable(f"{SPLICE_RELAY_SOURCE.name} did not build: {last_line}")
@@ -463,8 +477,7 @@ class Target:
     log: Path | None = None
 
 
-def wait_until_serving(target: Target, proc: subprocess.Popen[bytes], echo: Address,
-                       timeout: float = 15.0) -> None:
+def wait_until_serving(target: Target, proc: subprocess.Popen[bytes], echo: Address, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -499,8 +512,9 @@ def start_proxy(name: str, workdir: Path, echo: Address, children: Children) -> 
     command = PROXY_COMMANDS[name](port, workdir)
     log = workdir / f"{name}.out"
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     children.popens.append(proc)
     target = Target(name, Route((LOOPBACK, port)), proc.pid, log)
     wait_until_serving(target, proc, echo)
@@ -602,8 +616,9 @@ class WorkerError(Exception):
     """A worker process failed or missed the deadline."""
 
 
-def _worker_entry(index: int, function: Callable[..., dict[str, Any]], args: tuple[Any, ...],
-                  messages: Any, go: Any, timeout: float) -> None:
+def _worker_entry(
+    index: int, function: Callable[..., dict[str, Any]], args: tuple[Any, ...], messages: Any, go: Any, timeout: float
+) -> None:
     def wait_for_go() -> None:
         messages.put(("ready", index, None))
         if not go.wait(timeout):
@@ -644,8 +659,11 @@ class WorkerRun:
         return {role: 100.0 * seconds / self.wall for role, seconds in usage.items()}
 
 
-def run_workers(jobs: Sequence[tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]],
-                watch: Mapping[str, int | None], timeout: float) -> WorkerRun:
+def run_workers(
+    jobs: Sequence[tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]],
+    watch: Mapping[str, int | None],
+    timeout: float,
+) -> WorkerRun:
     """Fork one process per job; start them together once all are set up.
 
     Each job function receives ``wait_for_go`` as its last argument and calls it
@@ -653,9 +671,10 @@ def run_workers(jobs: Sequence[tuple[Callable[..., dict[str, Any]], tuple[Any, .
     times) and "cpu" (its own CPU seconds over the timed part).
     """
     messages, go = FORK.Queue(), FORK.Event()
-    processes = [FORK.Process(target=_worker_entry, daemon=True,
-                              args=(i, fn, args, messages, go, timeout))
-                 for i, (fn, args) in enumerate(jobs)]
+    processes = [
+        FORK.Process(target=_worker_entry, daemon=True, args=(i, fn, args, messages, go, timeout))
+        for i, (fn, args) in enumerate(jobs)
+    ]
     deadline = time.monotonic() + timeout
     try:
         for process in processes:
@@ -689,8 +708,9 @@ def transfer(sock: socket.socket, op: bytes, size: int, chunk: memoryview) -> No
         raise WorkerError(f"transferred {received} of {size} bytes")
 
 
-def bulk_worker(route: Route, dst: Address, op: bytes, size: int, streams: int,
-                wait_for_go: WaitForGo) -> dict[str, Any]:
+def bulk_worker(
+    route: Route, dst: Address, op: bytes, size: int, streams: int, wait_for_go: WaitForGo
+) -> dict[str, Any]:
     """``streams`` parallel bulk transfers of ``size`` bytes each, one thread each."""
     sockets = [open_stream(route, dst) for _ in range(streams)]
     start = threading.Event()
@@ -718,15 +738,15 @@ def bulk_worker(route: Route, dst: Address, op: bytes, size: int, streams: int,
         thread.join()  # bounded: every socket operation has a timeout
     if errors:
         raise errors[0]
-    return {"start": min(s[0] for s in spans), "end": max(s[1] for s in spans),
-            "cpu": time.process_time() - cpu}
+    return {"start": min(s[0] for s in spans), "end": max(s[1] for s in spans), "cpu": time.process_time() - cpu}
 
 
 Exchange = Callable[[Route, Address], int]
 
 
-def churn_worker(exchange: Exchange, route: Route, dst: Address, threads: int, duration: float,
-                 count: int, wait_for_go: WaitForGo) -> dict[str, Any]:
+def churn_worker(
+    exchange: Exchange, route: Route, dst: Address, threads: int, duration: float, count: int, wait_for_go: WaitForGo
+) -> dict[str, Any]:
     """Short connections from ``threads`` threads, for ``duration`` s or ``count`` total."""
     tickets = itertools.count()  # next() on it is atomic under the GIL
     ok = Counter[str]()
@@ -756,12 +776,10 @@ def churn_worker(exchange: Exchange, route: Route, dst: Address, threads: int, d
     start.set()
     for worker in workers:
         worker.join()
-    return {"start": began, "end": time.monotonic(), "cpu": time.process_time() - cpu,
-            "counts": dict(ok)}
+    return {"start": began, "end": time.monotonic(), "cpu": time.process_time() - cpu, "counts": dict(ok)}
 
 
-def latency_worker(route: Route, dst: Address, samples: int,
-                   wait_for_go: WaitForGo) -> dict[str, Any]:
+def latency_worker(route: Route, dst: Address, samples: int, wait_for_go: WaitForGo) -> dict[str, Any]:
     """Sequential short connections; microseconds from connect() to the reply."""
     reply_exchange(route, dst)  # warm up (first connection may pay for lazy setup)
     wait_for_go()
@@ -770,8 +788,7 @@ def latency_worker(route: Route, dst: Address, samples: int,
     for _ in range(samples):
         began_ns = time.perf_counter_ns()
         durations.append((reply_exchange(route, dst) - began_ns) / 1000)
-    return {"start": began, "end": time.monotonic(), "cpu": time.process_time() - cpu,
-            "durations": durations}
+    return {"start": began, "end": time.monotonic(), "cpu": time.process_time() - cpu, "durations": durations}
 
 
 # --------------------------------------------------------------------------------------
@@ -846,8 +863,9 @@ def measure_bulk(bench: Bench, target: Target, key: str) -> Figures:
     per_stream = bench.settings.size // streams
     # Generous deadline: 50 MB/s would be far below anything sensible here.
     timeout = 30 + bench.settings.size / 50e6
-    run = run_workers([(bulk_worker, (target.route, bench.servers.bulk, op, per_stream, streams))],
-                      bench.watch(target), timeout)
+    run = run_workers(
+        [(bulk_worker, (target.route, bench.servers.bulk, op, per_stream, streams))], bench.watch(target), timeout
+    )
     return {key: per_stream * streams / run.span() / 1e6, **with_cpu(key, run)}
 
 
@@ -855,14 +873,14 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def churn(bench: Bench, target: Target, exchange: Exchange, dst: Address, duration: float,
-          count: int) -> tuple[WorkerRun, Counter[str]]:
+def churn(
+    bench: Bench, target: Target, exchange: Exchange, dst: Address, duration: float, count: int
+) -> tuple[WorkerRun, Counter[str]]:
     """``parallel`` short-connection loops spread over ``client_procs`` processes."""
     s = bench.settings
     threads = split(s.parallel, s.client_procs)
     counts = split(count, s.client_procs) if count else [0] * s.client_procs
-    jobs = [(churn_worker, (exchange, target.route, dst, n, duration, c))
-            for n, c in zip(threads, counts) if n]
+    jobs = [(churn_worker, (exchange, target.route, dst, n, duration, c)) for n, c in zip(threads, counts) if n]
     run = run_workers(jobs, bench.watch(target), timeout=duration + 60)
     totals = Counter[str]()
     for result in run.results:
@@ -877,19 +895,24 @@ def note_errors(bench: Bench, target: Target, what: str, counts: Counter[str]) -
 
 
 def measure_conns(bench: Bench, target: Target, key: str) -> Figures:
-    run, counts = churn(bench, target, reply_exchange, bench.servers.reply,
-                        bench.settings.duration, count=0)
+    run, counts = churn(bench, target, reply_exchange, bench.servers.reply, bench.settings.duration, count=0)
     note_errors(bench, target, "short conns", counts)
     return {key: counts["ok"] / run.span(), **with_cpu(key, run)}
 
 
 def measure_latency(bench: Bench, target: Target, key: str) -> Figures:
     samples = bench.settings.latency_samples
-    run = run_workers([(latency_worker, (target.route, bench.servers.reply, samples))],
-                      bench.watch(target), timeout=60 + samples * 0.05)
+    run = run_workers(
+        [(latency_worker, (target.route, bench.servers.reply, samples))],
+        bench.watch(target),
+        timeout=60 + samples * 0.05,
+    )
     durations = run.results[0]["durations"]
-    return {"lat50": statistics.median(durations),
-            "lat99": statistics.quantiles(durations, n=100)[98], **with_cpu(key, run)}
+    return {
+        "lat50": statistics.median(durations),
+        "lat99": statistics.quantiles(durations, n=100)[98],
+        **with_cpu(key, run),
+    }
 
 
 def open_held(target: Target, echo: Address, count: int, deadline: float) -> list[socket.socket]:
@@ -945,15 +968,22 @@ def measure_held(bench: Bench, target: Target, key: str) -> Figures:
     released = wait_for_release(target.pid, idle, idle_tcp, bench.settings.release_timeout)
     now = tree_usage(target.pid)
     if released is None:
-        bench.notes.append(f"{target.name} not back to idle after {bench.settings.release_timeout} s: "
-                           f"threads {idle.threads}->{now.threads}, fds {idle.fds}->{now.fds}, "
-                           f"TCP sockets {idle_tcp}->{tcp_connections(target.pid)}")
+        bench.notes.append(
+            f"{target.name} not back to idle after {bench.settings.release_timeout} s: "
+            f"threads {idle.threads}->{now.threads}, fds {idle.fds}->{now.fds}, "
+            f"TCP sockets {idle_tcp}->{tcp_connections(target.pid)}"
+        )
     elif now.processes > idle.processes:
-        bench.notes.append(f"{target.name} kept {now.processes - idle.processes} more processes "
-                           f"after the held test; its release time counts TCP sockets only")
-    return {"rss_idle": idle.rss_kb / 1024, "held_kb": (loaded.rss_kb - idle.rss_kb) / count,
-            "held_pss_kb": (loaded.pss_kb - idle.pss_kb) / count,
-            "release_s": released if released is not None else float("nan")}
+        bench.notes.append(
+            f"{target.name} kept {now.processes - idle.processes} more processes "
+            f"after the held test; its release time counts TCP sockets only"
+        )
+    return {
+        "rss_idle": idle.rss_kb / 1024,
+        "held_kb": (loaded.rss_kb - idle.rss_kb) / count,
+        "held_pss_kb": (loaded.pss_kb - idle.pss_kb) / count,
+        "release_s": released if released is not None else float("nan"),
+    }
 
 
 # A round: each test visits every target in turn, so drifting noise hits all alike.
@@ -1009,8 +1039,14 @@ def run_burst(bench: Bench, target: Target) -> dict[str, Any]:
     # dispatch's outgoing ports, which it must reuse to get them all through.
     run, counts = churn(bench, target, echo_exchange, bench.servers.echo, duration=3600.0, count=count)
     note_errors(bench, target, "burst", counts)
-    return {"target": target.name, "attempted": count, "ok": counts["ok"],
-            "seconds": run.span(), "time_wait_before": time_wait, "counts": dict(counts)}
+    return {
+        "target": target.name,
+        "attempted": count,
+        "ok": counts["ok"],
+        "seconds": run.span(),
+        "time_wait_before": time_wait,
+        "counts": dict(counts),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -1058,8 +1094,9 @@ def socks5_by_name(sock: socket.socket, host: str, port: int) -> None:
     recv_exact(sock, (recv_exact(sock, 1)[0] if size is None else size) + 2)  # the bound address: unused
 
 
-def names_rate(proxy: Address, echo: Address, host: Callable[[], str], threads: int, duration: float
-               ) -> tuple[float, int]:
+def names_rate(
+    proxy: Address, echo: Address, host: Callable[[], str], threads: int, duration: float
+) -> tuple[float, int]:
     """Short connections per second (and failures) to ``host()`` through ``proxy``."""
     done, failed = [0], [0]
     lock = threading.Lock()
@@ -1107,8 +1144,9 @@ def names_benchmark(rounds: int, duration: float, threads: int) -> str:
             port = free_port()
             command = [*dispatch_command(port, Path(tmp)), "--dns", f"{LOOPBACK}:{dns_port}"]
             with (Path(tmp) / "dispatch.out").open("wb") as out:
-                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
             children.popens.append(proc)
             target = Target("dispatch", Route((LOOPBACK, port)), proc.pid, None)
             wait_until_serving(target, proc, servers.echo)
@@ -1123,17 +1161,23 @@ def names_benchmark(rounds: int, duration: float, threads: int) -> str:
             for number in range(rounds):
                 print(f"names: round {number + 1} of {rounds}", file=sys.stderr)
                 order = list(cases.items())
-                for case, host in order[number % len(order):] + order[:number % len(order)]:  # each goes first in turn
+                for case, host in (
+                    order[number % len(order) :] + order[: number % len(order)]
+                ):  # each goes first in turn
                     rate, failed = names_rate((LOOPBACK, port), servers.echo, host, threads, duration)
                     figures[case].append(rate)
                     failures[case] += failed
     finally:
         children.stop_all()
-    lines = [f"connections per second through dispatch, {threads} in parallel, "
-             f"median of {rounds} rounds of {duration:g} s ({machine_line()})"]
+    lines = [
+        f"connections per second through dispatch, {threads} in parallel, "
+        f"median of {rounds} rounds of {duration:g} s ({machine_line()})"
+    ]
     for case, rates in figures.items():
-        lines.append(f"  {case:<26}{statistics.median(rates):>9.0f}/s"
-                     + (f"  ({failures[case]} failed)" if failures[case] else ""))
+        lines.append(
+            f"  {case:<26}{statistics.median(rates):>9.0f}/s"
+            + (f"  ({failures[case]} failed)" if failures[case] else "")
+        )
     return "\n".join(lines)
 
 
@@ -1161,9 +1205,10 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
@@ -1192,8 +1237,7 @@ def cpu_table(bench: Bench) -> str:
         label = next(m.label for m in MEASURES if m.key == key)
         cells = []
         for name in names:
-            parts = [median(bench.figures.get(f"{key}@{role}", {}).get(name))
-                     for role in ("proxy", "client", "server")]
+            parts = [median(bench.figures.get(f"{key}@{role}", {}).get(name)) for role in ("proxy", "client", "server")]
             cells.append("/".join("-" if p is None else f"{p:.0f}" for p in parts))
         rows.append([label, *cells])
     return table(["CPU % of one core: proxy/load generator/target server", *names], rows)
@@ -1206,15 +1250,16 @@ def machine_line() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return (f"machine: {model}, {os.cpu_count()} cores, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return f"machine: {model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def describe_settings(s: Settings) -> str:
-    return (f"{s.rounds} alternating rounds (medians shown); bulk {s.size / 2**20:.0f} MiB per "
-            f"transfer (4 streams share it); short conns {s.parallel} parallel in {s.client_procs} "
-            f"processes for {s.duration:g} s; latency {s.latency_samples} sequential; "
-            f"{s.held} held connections")
+    return (
+        f"{s.rounds} alternating rounds (medians shown); bulk {s.size / 2**20:.0f} MiB per "
+        f"transfer (4 streams share it); short conns {s.parallel} parallel in {s.client_procs} "
+        f"processes for {s.duration:g} s; latency {s.latency_samples} sequential; "
+        f"{s.held} held connections"
+    )
 
 
 def load_average() -> str:
@@ -1222,18 +1267,25 @@ def load_average() -> str:
 
 
 def report(bench: Bench, burst: dict[str, Any] | None, load_before: str) -> str:
-    modes = ", ".join(f"{t.name} {'pipelined' if t.route.pipelined else 'sequential'}"
-                      for t in bench.targets if t.pid)
-    parts = [machine_line(),
-             f"load average (1/5/15 min) before: {load_before}, after: {load_average()} "
-             f"(other work on the machine skews every figure)",
-             describe_settings(bench.settings),
-             f"SOCKS5 handshake (greeting+request in one write where the proxy accepts it): {modes}",
-             "", figures_table(bench), "", cpu_table(bench)]
+    modes = ", ".join(f"{t.name} {'pipelined' if t.route.pipelined else 'sequential'}" for t in bench.targets if t.pid)
+    parts = [
+        machine_line(),
+        f"load average (1/5/15 min) before: {load_before}, after: {load_average()} "
+        f"(other work on the machine skews every figure)",
+        describe_settings(bench.settings),
+        f"SOCKS5 handshake (greeting+request in one write where the proxy accepts it): {modes}",
+        "",
+        figures_table(bench),
+        "",
+        cpu_table(bench),
+    ]
     if burst:
-        parts += ["", f"burst through {burst['target']}: {burst['ok']}/{burst['attempted']} "
-                  f"succeeded in {burst['seconds']:.1f} s ({burst['ok'] / burst['seconds']:.0f}/s; "
-                  f"{burst['time_wait_before']} local ports held in TIME_WAIT before)"]
+        parts += [
+            "",
+            f"burst through {burst['target']}: {burst['ok']}/{burst['attempted']} "
+            f"succeeded in {burst['seconds']:.1f} s ({burst['ok'] / burst['seconds']:.0f}/s; "
+            f"{burst['time_wait_before']} local ports held in TIME_WAIT before)",
+        ]
     if bench.notes:
         parts += ["", "notes:", *(f"  {n}" for n in bench.notes)]
     return "\n".join(parts)
@@ -1271,32 +1323,55 @@ FULL = {"rounds": 3, "size": 2**30, "duration": 5.0, "latency": 2000, "held": 30
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
+    )
     parser.add_argument("--rounds", type=int, help=f"alternating rounds (default {FULL['rounds']})")
     parser.add_argument("--size", type=parse_size, help="bytes per bulk transfer (default 1G)")
     parser.add_argument("--duration", type=float, help="seconds per short-connection run (default 5)")
     parser.add_argument("--latency", type=int, help="sequential connections for latency (default 2000)")
     parser.add_argument("--held", type=int, help="connections held open at once (default 3000)")
-    parser.add_argument("--burst", type=int, help="short connections in the dispatch burst, 0 to skip "
-                                                  "(default 30000)")
+    parser.add_argument("--burst", type=int, help="short connections in the dispatch burst, 0 to skip (default 30000)")
     parser.add_argument("--parallel", type=int, default=8, help="parallel short connections (default 8)")
-    parser.add_argument("--client-procs", type=int, default=2,
-                        help="processes the parallel short connections are spread over (default 2)")
-    parser.add_argument("--release-timeout", type=float, default=30.0,
-                        help="give up waiting for a proxy to release held resources (default 30 s)")
-    parser.add_argument("--only", type=choice_list(PROXY_NAMES, ignore=["direct"]),
-                        default=list(PROXY_NAMES),
-                        help="comma-separated proxies to measure (direct is always measured)")
-    parser.add_argument("--tests", type=choice_list(FAMILIES), default=list(FAMILIES),
-                        help=f"comma-separated tests to run (default {','.join(FAMILIES)})")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=2,
+        help="processes the parallel short connections are spread over (default 2)",
+    )
+    parser.add_argument(
+        "--release-timeout",
+        type=float,
+        default=30.0,
+        help="give up waiting for a proxy to release held resources (default 30 s)",
+    )
+    parser.add_argument(
+        "--only",
+        type=choice_list(PROXY_NAMES, ignore=["direct"]),
+        default=list(PROXY_NAMES),
+        help="comma-separated proxies to measure (direct is always measured)",
+    )
+    parser.add_argument(
+        "--tests",
+        type=choice_list(FAMILIES),
+        default=list(FAMILIES),
+        help=f"comma-separated tests to run (default {','.join(FAMILIES)})",
+    )
     parser.add_argument("--json", type=Path, help="save raw figures to this file")
-    parser.add_argument("--names", action="store_true",
-                        help="only compare dispatch's connections by name and by address (the DNS cache)")
-    parser.add_argument("--before", type=Path, metavar="PATH",
-                        help="also measure this dispatch.py (an earlier version), as dispatch-before")
+    parser.add_argument(
+        "--names",
+        action="store_true",
+        help="only compare dispatch's connections by name and by address (the DNS cache)",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="PATH",
+        help="also measure this dispatch.py (an earlier version), as dispatch-before",
+    )
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -1334,15 +1409,15 @@ def poll_page(proxy: Address, interval: float) -> None:
             time.sleep(interval)
 
 
-def start_targets(names: Sequence[str], workdir: Path, echo: Address,
-                  children: Children) -> list[Target]:
+def start_targets(names: Sequence[str], workdir: Path, echo: Address, children: Children) -> list[Target]:
     targets = [Target("direct", Route())]
     for name in names:
         try:
             targets.append(start_proxy(name, workdir, echo, children))
             if name == "dispatch-paged":
-                threading.Thread(target=poll_page, args=(targets[-1].route.proxy, PAGE_POLL_INTERVAL),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=poll_page, args=(targets[-1].route.proxy, PAGE_POLL_INTERVAL), daemon=True
+                ).start()
         except Unavailable as reason:
             print(f"skipping {name}: {reason}", flush=True)
         except RuntimeError as error:
@@ -1365,8 +1440,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.before:
         BEFORE.append(args.before.resolve())
-    settings = Settings(args.rounds, args.size, args.duration, args.parallel, args.client_procs,
-                        args.latency, args.held, args.burst, args.release_timeout)
+    settings = Settings(
+        args.rounds,
+        args.size,
+        args.duration,
+        args.parallel,
+        args.client_procs,
+        args.latency,
+        args.held,
+        args.burst,
+        args.release_timeout,
+    )
     raise_fd_limit()
     # SIGTERM should unwind like Ctrl-C, so that the finally below kills the children.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1391,11 +1475,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bench.notes.append(f"burst: {error}")
             print(report(bench, burst, load_before), flush=True)
             if args.json:
-                args.json.write_text(json.dumps({
-                    "machine": machine_line(), "load_before": load_before, "load_after": load_average(),
-                    "settings": vars(settings),
-                    "targets": {t.name: {"pipelined": t.route.pipelined} for t in targets},
-                    "figures": bench.figures, "burst": burst, "notes": bench.notes}, indent=1))
+                args.json.write_text(
+                    json.dumps(
+                        {
+                            "machine": machine_line(),
+                            "load_before": load_before,
+                            "load_after": load_average(),
+                            "settings": vars(settings),
+                            "targets": {t.name: {"pipelined": t.route.pipelined} for t in targets},
+                            "figures": bench.figures,
+                            "burst": burst,
+                            "notes": bench.notes,
+                        },
+                        indent=1,
+                    )
+                )
     finally:
         children.stop_all()
     return 0

@@ -80,9 +80,11 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Connections: direct or through SOCKS5
 # --------------------------------------------------------------------------- #
 
+
 @dataclass(frozen=True)
 class Route:
     """How connections are made: namespace, binding, optional SOCKS5 proxy."""
+
     ns: str | None = None
     bind_addr: str | None = None
     bind_dev: str | None = None
@@ -123,16 +125,18 @@ def socks5_connect(sock: socket.socket, host: str, port: int) -> None:
 def connect(route: Route, host: str, port: int) -> socket.socket:
     """Open a TCP connection to host:port following ``route``."""
     if route.socks:
-        sock = netlab.open_connection(*route.socks, ns=route.ns, bind_addr=route.bind_addr,
-                                      bind_dev=route.bind_dev, timeout=route.connect_timeout)
+        sock = netlab.open_connection(
+            *route.socks, ns=route.ns, bind_addr=route.bind_addr, bind_dev=route.bind_dev, timeout=route.connect_timeout
+        )
         try:
             socks5_connect(sock, host, port)  # still under the connect timeout
         except BaseException:
             sock.close()
             raise
     else:
-        sock = netlab.open_connection(host, port, ns=route.ns, bind_addr=route.bind_addr,
-                                      bind_dev=route.bind_dev, timeout=route.connect_timeout)
+        sock = netlab.open_connection(
+            host, port, ns=route.ns, bind_addr=route.bind_addr, bind_dev=route.bind_dev, timeout=route.connect_timeout
+        )
     sock.settimeout(route.read_timeout)
     return sock
 
@@ -140,6 +144,7 @@ def connect(route: Route, host: str, port: int) -> socket.socket:
 # --------------------------------------------------------------------------- #
 # HTTP range requests
 # --------------------------------------------------------------------------- #
+
 
 class HttpConnection:
     """A keep-alive HTTP/1.1 connection doing Range GETs of one URL."""
@@ -158,11 +163,14 @@ class HttpConnection:
             self.reader.close()
             self.sock.close()
 
-    def get_range(self, start: int, end: int, deadline: float, sink: Progress | None = None
-                  ) -> tuple[bytes, int | None]:
+    def get_range(
+        self, start: int, end: int, deadline: float, sink: Progress | None = None
+    ) -> tuple[bytes, int | None]:
         """GET bytes [start, end]; returns (body, total size from Content-Range)."""
-        request = (f"GET {self.target} HTTP/1.1\r\nHost: {self.host}\r\n"
-                   f"Range: bytes={start}-{end}\r\nUser-Agent: dispatch-bench\r\n\r\n")
+        request = (
+            f"GET {self.target} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Range: bytes={start}-{end}\r\nUser-Agent: dispatch-bench\r\n\r\n"
+        )
         self.sock.sendall(request.encode())
         status, headers = self._read_head()
         if status != 206:
@@ -200,6 +208,7 @@ class HttpConnection:
 # The download manager
 # --------------------------------------------------------------------------- #
 
+
 class Progress:
     """Bytes received on the wire (including chunks later retried)."""
 
@@ -229,8 +238,9 @@ class Result:
     def summary(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         errors = f", {len(self.errors)} errors (first: {self.errors[0]})" if self.errors else ""
-        return (f"{self.done_bytes}/{self.size} bytes in {self.elapsed:.2f}s = "
-                f"{self.rate / 1000:.0f} kB/s, {state}{errors}")
+        return (
+            f"{self.done_bytes}/{self.size} bytes in {self.elapsed:.2f}s = {self.rate / 1000:.0f} kB/s, {state}{errors}"
+        )
 
 
 def probe_size(route: Route, url: str) -> int:
@@ -245,9 +255,15 @@ def probe_size(route: Route, url: str) -> int:
     return total
 
 
-def download(url: str, route: Route, connections: int = 12, chunk: int = CHUNK,
-             deadline: float = 60.0, size: int | None = None, verify: bool = False
-             ) -> Result:
+def download(
+    url: str,
+    route: Route,
+    connections: int = 12,
+    chunk: int = CHUNK,
+    deadline: float = 60.0,
+    size: int | None = None,
+    verify: bool = False,
+) -> Result:
     """Fetch ``url`` with ``connections`` parallel range-request workers.
 
     The clock starts before the size probe and stops when the last chunk is
@@ -323,6 +339,7 @@ def download(url: str, route: Route, connections: int = 12, chunk: int = CHUNK,
 # Benchmark
 # --------------------------------------------------------------------------- #
 
+
 @dataclass
 class Round:
     single: float
@@ -344,31 +361,34 @@ def _size_for(rate: float, seconds: float, chunk: int) -> int:
 def dispatch_available(dispatch: str) -> tuple[bool, str]:
     if not os.path.exists(dispatch):
         return False, f"{dispatch} does not exist"
-    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
-                          capture_output=True, text=True, timeout=20)
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"], capture_output=True, text=True, timeout=20)
     if proc.returncode != 0:
         return False, f"'dispatch.py start --help' failed: {proc.stderr.strip()[-300:]}"
     return True, ""
 
 
-def run_dispatch(lab: netlab.Lab, args: argparse.Namespace, size: int
-                 ) -> tuple[float | None, str, dict[int, int]]:
+def run_dispatch(lab: netlab.Lab, args: argparse.Namespace, size: int) -> tuple[float | None, str, dict[int, int]]:
     """Start dispatch in the client namespace, download through it, stop it."""
     spec = [f"{link.client_addr}@{w}" for link, w in zip(lab.uplinks, _weights(lab))]
-    argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1",
-            "--port", str(args.proxy_port), *spec]
+    argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1", "--port", str(args.proxy_port), *spec]
     log = open(args.dispatch_log, "a")  # noqa: SIM115 (open while dispatch runs; closed below)
     log.write(f"\n=== {lab.setup}: {' '.join(argv)}\n")
     log.flush()
-    proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=PROJECT_DIR)
+    proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT_DIR)
     try:
         if not lab.wait_for_port(args.proxy_port, timeout=10):
             return None, f"dispatch not listening (exit {proc.poll()}, see {args.dispatch_log})", {}
         route = Route(ns=lab.client_ns, socks=("127.0.0.1", args.proxy_port))
         before = lab.counters()
-        res = download(lab.http_url(path=f"/d?size={size}"), route, args.connections,
-                       args.chunk, args.deadline, size=size, verify=args.verify)
+        res = download(
+            lab.http_url(path=f"/d?size={size}"),
+            route,
+            args.connections,
+            args.chunk,
+            args.deadline,
+            size=size,
+            verify=args.verify,
+        )
         after = lab.counters()
         split = {i: after[i].rx_bytes - before[i].rx_bytes for i in after}
         return res.rate, res.summary(), split
@@ -377,14 +397,20 @@ def run_dispatch(lab: netlab.Lab, args: argparse.Namespace, size: int
         log.close()
 
 
-def bench_round(lab: netlab.Lab, args: argparse.Namespace, use_dispatch: bool,
-                why_not: str) -> Round:
+def bench_round(lab: netlab.Lab, args: argparse.Namespace, use_dispatch: bool, why_not: str) -> Round:
     rates = [link.rate for link in lab.uplinks]
     first = lab.uplinks[0]
     single_size = _size_for(first.rate, args.seconds, args.chunk)
     route = Route(ns=lab.client_ns, bind_addr=first.client_addr, bind_dev=first.client_ifname)
-    single = download(lab.http_url(path=f"/s?size={single_size}"), route, args.connections,
-                      args.chunk, args.deadline, size=single_size, verify=args.verify)
+    single = download(
+        lab.http_url(path=f"/s?size={single_size}"),
+        route,
+        args.connections,
+        args.chunk,
+        args.deadline,
+        size=single_size,
+        verify=args.verify,
+    )
     print(f"    single (uplink 1): {single.summary()}", flush=True)
 
     # Three managers in parallel, each pinned (device + address) to one uplink.
@@ -395,8 +421,15 @@ def bench_round(lab: netlab.Lab, args: argparse.Namespace, use_dispatch: bool,
         size = _size_for(link.rate, args.seconds, args.chunk)
         r = Route(ns=lab.client_ns, bind_addr=link.client_addr, bind_dev=link.client_ifname)
         per_link = max(1, args.connections // len(lab.uplinks))
-        results[i] = download(lab.http_url(path=f"/l{i}?size={size}"), r, per_link,
-                              args.chunk, args.deadline, size=size, verify=args.verify)
+        results[i] = download(
+            lab.http_url(path=f"/l{i}?size={size}"),
+            r,
+            per_link,
+            args.chunk,
+            args.deadline,
+            size=size,
+            verify=args.verify,
+        )
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(lab.uplinks))]
     for t in threads:
@@ -405,8 +438,7 @@ def bench_round(lab: netlab.Lab, args: argparse.Namespace, use_dispatch: bool,
         t.join(timeout=args.deadline + 30)
     links = [r.rate if r else 0.0 for r in results]
     for link, r in zip(lab.uplinks, results):
-        print(f"    uplink {link.index} alone-in-parallel: {r.summary() if r else 'hung'}",
-              flush=True)
+        print(f"    uplink {link.index} alone-in-parallel: {r.summary() if r else 'hung'}", flush=True)
 
     dispatch_rate, note, split = None, why_not, {}
     if use_dispatch:
@@ -422,24 +454,34 @@ def _kb(value: float | None) -> str:
 
 def print_table(setup: str, rounds: list[Round]) -> None:
     print(f"\n== setup {setup!r} (kB/s, 1 kB = 1000 B) ==")
-    header = f"{'round':>6} {'single':>8} " + " ".join(
-        f"{'link' + str(i + 1):>7}" for i in range(len(rounds[0].links))) + \
-        f" {'sum':>7} {'dispatch':>9} {'disp/sum':>9} {'single/sum':>10}"
+    header = (
+        f"{'round':>6} {'single':>8} "
+        + " ".join(f"{'link' + str(i + 1):>7}" for i in range(len(rounds[0].links)))
+        + f" {'sum':>7} {'dispatch':>9} {'disp/sum':>9} {'single/sum':>10}"
+    )
     print(header)
 
     def row(label: str, single: float, links: list[float], dispatch: float | None) -> str:
         total = sum(links)
         ratio = "n/a" if dispatch is None or not total else f"{dispatch / total:.2f}"
-        return (f"{label:>6} {_kb(single):>8} " + " ".join(f"{_kb(v):>7}" for v in links)
-                + f" {_kb(total):>7} {_kb(dispatch):>9} {ratio:>9} "
-                f"{single / total if total else 0:>10.2f}")
+        return (
+            f"{label:>6} {_kb(single):>8} "
+            + " ".join(f"{_kb(v):>7}" for v in links)
+            + f" {_kb(total):>7} {_kb(dispatch):>9} {ratio:>9} "
+            f"{single / total if total else 0:>10.2f}"
+        )
 
     for n, r in enumerate(rounds, 1):
         print(row(str(n), r.single, r.links, r.dispatch))
     dispatch = [r.dispatch for r in rounds if r.dispatch is not None]
-    print(row("median", statistics.median(r.single for r in rounds),
-              [statistics.median(r.links[i] for r in rounds) for i in range(len(rounds[0].links))],
-              statistics.median(dispatch) if dispatch else None))
+    print(
+        row(
+            "median",
+            statistics.median(r.single for r in rounds),
+            [statistics.median(r.links[i] for r in rounds) for i in range(len(rounds[0].links))],
+            statistics.median(dispatch) if dispatch else None,
+        )
+    )
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -454,8 +496,7 @@ def bench(args: argparse.Namespace) -> int:
     for setup in args.setups:
         with netlab.Lab(name=args.name, setup=setup, rates=args.rates) as lab:
             lab.start_http_server(port=netlab.HTTP_PORT, lifetime=args.time_limit + 60)
-            print(f"\n-- setup {setup}: lab up, rates "
-                  f"{[link.rate // 1000 for link in lab.uplinks]} kB/s", flush=True)
+            print(f"\n-- setup {setup}: lab up, rates {[link.rate // 1000 for link in lab.uplinks]} kB/s", flush=True)
             rounds = []
             for n in range(args.rounds):
                 if time.monotonic() > overall_end:
@@ -476,12 +517,11 @@ def bench(args: argparse.Namespace) -> int:
 # arguments.  "measured" and "round-robin" need ``--balance``; a dispatch
 # without it is detected from ``start --help`` and the mode is skipped.
 BATCH_MODES = {
-    "measured": lambda lab: [*(link.client_ifname for link in lab.uplinks),
-                             "--balance", "measured"],
-    "weighted": lambda lab: [f"{link.client_ifname}@{weight}"
-                             for link, weight in zip(lab.uplinks, _weights(lab), strict=True)],
-    "round-robin": lambda lab: [*(link.client_ifname for link in lab.uplinks),
-                                "--balance", "round-robin"],
+    "measured": lambda lab: [*(link.client_ifname for link in lab.uplinks), "--balance", "measured"],
+    "weighted": lambda lab: [
+        f"{link.client_ifname}@{weight}" for link, weight in zip(lab.uplinks, _weights(lab), strict=True)
+    ],
+    "round-robin": lambda lab: [*(link.client_ifname for link in lab.uplinks), "--balance", "round-robin"],
 }
 # Uplink index -> kB/s once the links change: the fast uplink 1 becomes slow
 # and the slow uplink 3 fast, so that weights set for the old rates are wrong.
@@ -508,6 +548,7 @@ def _change_arg(text: str) -> dict[int, int]:
 @dataclass
 class BatchResult:
     """Equal downloads started together, one connection each."""
+
     count: int
     size: int
     done: int = 0  # downloads complete
@@ -528,12 +569,13 @@ class BatchResult:
         state = "complete" if self.complete else f"INCOMPLETE ({self.done}/{self.count})"
         errors = f", {len(self.errors)} errors (first: {self.errors[0]})" if self.errors else ""
         split = " ".join(f"{index}:{value / 1e6:.1f}" for index, value in self.split.items())
-        return (f"{self.received / 1e6:.1f} MB in {self.elapsed:.1f}s = "
-                f"{self.rate / 1000:.0f} kB/s, {state}; MB per uplink {split}{errors}")
+        return (
+            f"{self.received / 1e6:.1f} MB in {self.elapsed:.1f}s = "
+            f"{self.rate / 1000:.0f} kB/s, {state}; MB per uplink {split}{errors}"
+        )
 
 
-def batch_download(url: str, route: Route, count: int, size: int, deadline: float
-                   ) -> BatchResult:
+def batch_download(url: str, route: Route, count: int, size: int, deadline: float) -> BatchResult:
     """``count`` downloads of ``size`` bytes of ``url``, each on its own
     connection, all released at once; the clock stops when the last ends."""
     result = BatchResult(count, size)
@@ -575,15 +617,24 @@ def batch_download(url: str, route: Route, count: int, size: int, deadline: floa
     return result
 
 
-def _start_dispatch(lab: netlab.Lab, args: argparse.Namespace, mode: str,
-                    extra: Sequence[str] = ()) -> tuple[subprocess.Popen | None, str]:
-    argv = [sys.executable, args.dispatch, "start", "--ip", "127.0.0.1",
-            "--port", str(args.proxy_port), *BATCH_MODES[mode](lab), *extra]
+def _start_dispatch(
+    lab: netlab.Lab, args: argparse.Namespace, mode: str, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen | None, str]:
+    argv = [
+        sys.executable,
+        args.dispatch,
+        "start",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(args.proxy_port),
+        *BATCH_MODES[mode](lab),
+        *extra,
+    ]
     with open(args.dispatch_log, "a") as log:
         log.write(f"\n=== {lab.setup} {mode}: {' '.join(argv)}\n")
         log.flush()
-        proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=PROJECT_DIR)
+        proc = lab.client_popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT_DIR)
     if lab.wait_for_port(args.proxy_port, timeout=10):
         return proc, ""
     _stop(proc)
@@ -599,21 +650,18 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def _one_batch(lab: netlab.Lab, args: argparse.Namespace, label: str, size: int | None = None
-               ) -> BatchResult:
+def _one_batch(lab: netlab.Lab, args: argparse.Namespace, label: str, size: int | None = None) -> BatchResult:
     route = Route(ns=lab.client_ns, socks=("127.0.0.1", args.proxy_port))
     size = size or args.size
     before = lab.counters()
-    result = batch_download(lab.http_url(path=f"/batch?size={size}"), route,
-                            args.count, size, args.deadline)
+    result = batch_download(lab.http_url(path=f"/batch?size={size}"), route, args.count, size, args.deadline)
     after = lab.counters()
     result.split = {i: after[i].rx_bytes - before[i].rx_bytes for i in after}
     print(f"      {label:<18} {result.summary()}", flush=True)
     return result
 
 
-def batch_mode(lab: netlab.Lab, args: argparse.Namespace, mode: str
-               ) -> tuple[float | None, float | None, str]:
+def batch_mode(lab: netlab.Lab, args: argparse.Namespace, mode: str) -> tuple[float | None, float | None, str]:
     """One mode: warm up, measure, change the rates, warm up, measure again.
 
     Returns the two aggregate rates (None where a batch did not complete) and
@@ -646,8 +694,7 @@ def batch_mode(lab: netlab.Lab, args: argparse.Namespace, mode: str
 
 def _mode_support(dispatch: str) -> dict[str, str]:
     """Why each mode cannot run with this dispatch ('' if it can)."""
-    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
-                          capture_output=True, text=True, timeout=20)
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"], capture_output=True, text=True, timeout=20)
     probe = netlab.Lab()  # plans only, for the mode arguments
     missing = {}
     for mode, arguments in BATCH_MODES.items():
@@ -659,8 +706,7 @@ def _mode_support(dispatch: str) -> dict[str, str]:
 
 def _has_option(dispatch: str, option: str) -> bool:
     """Whether ``dispatch start`` has ``option``."""
-    proc = subprocess.run([sys.executable, dispatch, "start", "--help"],
-                          capture_output=True, text=True, timeout=20)
+    proc = subprocess.run([sys.executable, dispatch, "start", "--help"], capture_output=True, text=True, timeout=20)
     return option in proc.stdout
 
 
@@ -672,19 +718,27 @@ def _cell(rates: list[float], total: float, runs: int) -> str:
     return f"{median / 1000:.0f} ({median / total:.0%}){failed}"
 
 
-def print_batch_table(setup: str, args: argparse.Namespace, sums: tuple[float, float],
-                      results: dict[str, list[tuple[float | None, float | None, str]]]) -> None:
+def print_batch_table(
+    setup: str,
+    args: argparse.Namespace,
+    sums: tuple[float, float],
+    results: dict[str, list[tuple[float | None, float | None, str]]],
+) -> None:
     rounds = max((len(runs) for runs in results.values()), default=0)
-    print(f"\n== setup {setup!r}: {args.count} downloads of {args.size / 1000:.0f} kB at once; "
-          f"links' sum {sums[0] / 1000:.0f} kB/s, after change {sums[1] / 1000:.0f} kB/s; "
-          f"median of {rounds} round(s); kB/s (% of the sum) ==")
+    print(
+        f"\n== setup {setup!r}: {args.count} downloads of {args.size / 1000:.0f} kB at once; "
+        f"links' sum {sums[0] / 1000:.0f} kB/s, after change {sums[1] / 1000:.0f} kB/s; "
+        f"median of {rounds} round(s); kB/s (% of the sum) =="
+    )
     print(f"{'mode':<12} | {'before':>20} | {'after change':>20} | note")
     for mode, runs in results.items():
         before = [run[0] for run in runs if run[0] is not None]
         after = [run[1] for run in runs if run[1] is not None]
         notes = sorted({run[2] for run in runs if run[2]})
-        print(f"{mode:<12} | {_cell(before, sums[0], len(runs)):>20} | "
-              f"{_cell(after, sums[1], len(runs)):>20} | {'; '.join(notes)}")
+        print(
+            f"{mode:<12} | {_cell(before, sums[0], len(runs)):>20} | "
+            f"{_cell(after, sums[1], len(runs)):>20} | {'; '.join(notes)}"
+        )
     print("(tbf shapes the wire rate: TCP goodput tops out near 95 % of the sum)")
 
 
@@ -708,10 +762,11 @@ def batch(args: argparse.Namespace) -> int:
             lab.start_http_server(port=netlab.HTTP_PORT, lifetime=args.time_limit + 600)
             before_sum = sum(link.rate for link in lab.uplinks)
             after_sum = sum(args.change.get(link.index, link.rate) for link in lab.uplinks)
-            print(f"\n-- setup {setup}: rates {[link.rate // 1000 for link in lab.uplinks]} "
-                  f"kB/s, then {args.change}", flush=True)
-            results: dict[str, list[tuple[float | None, float | None, str]]] = {
-                mode: [] for mode in args.modes}
+            print(
+                f"\n-- setup {setup}: rates {[link.rate // 1000 for link in lab.uplinks]} kB/s, then {args.change}",
+                flush=True,
+            )
+            results: dict[str, list[tuple[float | None, float | None, str]]] = {mode: [] for mode in args.modes}
             for mode in args.modes:
                 if unsupported[mode]:
                     results[mode].append((None, None, unsupported[mode]))
@@ -794,8 +849,9 @@ def _set_rates(lab: netlab.Lab, rates: dict[int, int]) -> None:
             lab.set_rate(index, rate)
 
 
-def scenario_run(lab: netlab.Lab, args: argparse.Namespace, mode: str, state_dir: str
-                 ) -> tuple[list[float | None], str]:
+def scenario_run(
+    lab: netlab.Lab, args: argparse.Namespace, mode: str, state_dir: str
+) -> tuple[list[float | None], str]:
     """One mode through SCENARIO; the share of the links' sum of each step
     (None where a batch did not complete) and a note."""
     original = {link.index: link.rate for link in lab.uplinks}
@@ -871,11 +927,16 @@ def scenarios(args: argparse.Namespace) -> int:
     overall_end = time.monotonic() + args.time_limit
     results: dict[str, list[list[float | None]]] = {mode: [] for mode in modes}
     notes: dict[str, set[str]] = {mode: set() for mode in modes}
-    with tempfile.TemporaryDirectory(prefix="dispatch-scenarios-") as state_dir, \
-            netlab.Lab(name=args.name, setup=args.setup) as lab:
+    with (
+        tempfile.TemporaryDirectory(prefix="dispatch-scenarios-") as state_dir,
+        netlab.Lab(name=args.name, setup=args.setup) as lab,
+    ):
         lab.start_http_server(port=netlab.HTTP_PORT, lifetime=args.time_limit + 600)
-        print(f"-- setup {args.setup}: rates {[link.rate // 1000 for link in lab.uplinks]} kB/s; "
-              f"between batches {args.change}; {args.mid:g} s into one {args.mid_change}", flush=True)
+        print(
+            f"-- setup {args.setup}: rates {[link.rate // 1000 for link in lab.uplinks]} kB/s; "
+            f"between batches {args.change}; {args.mid:g} s into one {args.mid_change}",
+            flush=True,
+        )
         for n in range(args.rounds):
             if time.monotonic() > overall_end:
                 print("  time limit reached, stopping")
@@ -887,8 +948,10 @@ def scenarios(args: argparse.Namespace) -> int:
                 if note:
                     notes[mode].add(note)
     rounds = max((len(runs) for runs in results.values()), default=0)
-    print(f"\n== {args.count} downloads at once per batch; share of the links' sum (median of "
-          f"{rounds} round(s)); * = a batch with a target ==")
+    print(
+        f"\n== {args.count} downloads at once per batch; share of the links' sum (median of "
+        f"{rounds} round(s)); * = a batch with a target =="
+    )
     print(f"{'batch':<28} | " + " | ".join(f"{mode:>11}" for mode in modes))
     for step, ((label, _, _, target), needed) in enumerate(zip(SCENARIO, _needed_steps(args.steps))):
         if not needed:
@@ -907,8 +970,7 @@ def fetch(args: argparse.Namespace) -> int:
         host, _, port = args.socks.rpartition(":")
         socks = (host.strip("[]"), int(port))
     route = Route(ns=args.netns, bind_addr=args.bind_addr, bind_dev=args.bind_dev, socks=socks)
-    result = download(args.url, route, args.connections, args.chunk, args.deadline,
-                      verify=args.verify)
+    result = download(args.url, route, args.connections, args.chunk, args.deadline, verify=args.verify)
     print(result.summary())
     if result.corrupt_chunks:
         print(f"{result.corrupt_chunks} chunks did not match the generated content")
@@ -921,8 +983,9 @@ def lab_arguments(parser: argparse.ArgumentParser, name: str, port: int, time_li
     parser.add_argument("--dispatch", default=os.path.join(PROJECT_DIR, "dispatch.py"))
     parser.add_argument("--proxy-port", type=int, default=port)
     parser.add_argument("--dispatch-log", default=f"/tmp/{name}-dispatch.log")
-    parser.add_argument("--time-limit", type=float, default=time_limit,
-                        help="no new round starts after this many seconds")
+    parser.add_argument(
+        "--time-limit", type=float, default=time_limit, help="no new round starts after this many seconds"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -932,54 +995,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--connections", "-k", type=int, default=12)
         p.add_argument("--chunk", type=int, default=CHUNK, help="bytes per range request")
-        p.add_argument("--deadline", type=float, default=60.0,
-                       help="seconds allowed per download")
-        p.add_argument("--verify", action="store_true",
-                       help="check the bytes against the lab's generated content")
+        p.add_argument("--deadline", type=float, default=60.0, help="seconds allowed per download")
+        p.add_argument("--verify", action="store_true", help="check the bytes against the lab's generated content")
 
     b = sub.add_parser("bench", help="build the lab and compare single/sum/dispatch (default)")
     common(b)
-    b.add_argument("--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS),
-                   help="comma-separated: rules,metrics")
+    b.add_argument(
+        "--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS), help="comma-separated: rules,metrics"
+    )
     b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--seconds", type=float, default=20.0,
-                   help="size files to last about this long at the expected rate")
-    b.add_argument("--rates", type=netlab._rates_arg, default=list(netlab.DEFAULT_RATES),
-                   help="uplink rates in kB/s, comma-separated")
+    b.add_argument(
+        "--seconds", type=float, default=20.0, help="size files to last about this long at the expected rate"
+    )
+    b.add_argument(
+        "--rates",
+        type=netlab._rates_arg,
+        default=list(netlab.DEFAULT_RATES),
+        help="uplink rates in kB/s, comma-separated",
+    )
     lab_arguments(b, "dlab-bench", 11080, 900.0)
 
-    t = sub.add_parser("batch", help="build the lab and compare balancing modes, "
-                                     "before and after two links change rates")
-    t.add_argument("--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS),
-                   help="comma-separated: rules,metrics")
-    t.add_argument("--modes", type=lambda s: s.split(","), default=list(BATCH_MODES),
-                   help=f"comma-separated: {','.join(BATCH_MODES)}")
+    t = sub.add_parser(
+        "batch", help="build the lab and compare balancing modes, before and after two links change rates"
+    )
+    t.add_argument(
+        "--setups", type=lambda s: s.split(","), default=list(netlab.SETUPS), help="comma-separated: rules,metrics"
+    )
+    t.add_argument(
+        "--modes",
+        type=lambda s: s.split(","),
+        default=list(BATCH_MODES),
+        help=f"comma-separated: {','.join(BATCH_MODES)}",
+    )
     t.add_argument("--rounds", type=int, default=1, help="rounds per mode; the median is shown")
     t.add_argument("--size", type=int, default=2_000_000, help="bytes per download")
     t.add_argument("--count", type=int, default=24, help="downloads per batch, started together")
-    t.add_argument("--change", type=_change_arg, default=_change_arg(DEFAULT_CHANGE),
-                   help="uplink:kB/s to set after the first measurement "
-                        f"(default {DEFAULT_CHANGE})")
+    t.add_argument(
+        "--change",
+        type=_change_arg,
+        default=_change_arg(DEFAULT_CHANGE),
+        help=f"uplink:kB/s to set after the first measurement (default {DEFAULT_CHANGE})",
+    )
     t.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
     lab_arguments(t, "dlab-batch", 11081, 1800.0)
 
-    s = sub.add_parser("scenarios", help="build the lab and compare balancing modes over batches "
-                                         "of several lengths, rate changes and restarts")
+    s = sub.add_parser(
+        "scenarios",
+        help="build the lab and compare balancing modes over batches of several lengths, rate changes and restarts",
+    )
     s.add_argument("--setup", default="rules", choices=list(netlab.SETUPS))
-    s.add_argument("--modes", type=lambda text: text.split(","), default=list(BATCH_MODES),
-                   help=f"comma-separated: {','.join(BATCH_MODES)}")
+    s.add_argument(
+        "--modes",
+        type=lambda text: text.split(","),
+        default=list(BATCH_MODES),
+        help=f"comma-separated: {','.join(BATCH_MODES)}",
+    )
     s.add_argument("--rounds", type=int, default=3, help="rounds per mode; the median is shown")
     s.add_argument("--count", type=int, default=24, help="downloads per batch, started together")
-    s.add_argument("--change", type=_change_arg, default=_change_arg(DEFAULT_CHANGE),
-                   help=f"uplink:kB/s the links change to between two batches (default {DEFAULT_CHANGE})")
-    s.add_argument("--mid-change", type=_change_arg, default=_change_arg(DEFAULT_MID_CHANGE),
-                   help=f"uplink:kB/s set during a batch, later (default {DEFAULT_MID_CHANGE})")
-    s.add_argument("--mid", type=float, default=3.0,
-                   help="seconds into its batch the mid-batch change comes")
+    s.add_argument(
+        "--change",
+        type=_change_arg,
+        default=_change_arg(DEFAULT_CHANGE),
+        help=f"uplink:kB/s the links change to between two batches (default {DEFAULT_CHANGE})",
+    )
+    s.add_argument(
+        "--mid-change",
+        type=_change_arg,
+        default=_change_arg(DEFAULT_MID_CHANGE),
+        help=f"uplink:kB/s set during a batch, later (default {DEFAULT_MID_CHANGE})",
+    )
+    s.add_argument("--mid", type=float, default=3.0, help="seconds into its batch the mid-batch change comes")
     s.add_argument("--deadline", type=float, default=150.0, help="seconds allowed per batch")
-    s.add_argument("--steps", type=lambda text: [part for part in text.split(",") if part], default=[],
-                   help="comma-separated parts of step labels (e.g. restart): only those steps, and the "
-                        "batches each starts from, run")
+    s.add_argument(
+        "--steps",
+        type=lambda text: [part for part in text.split(",") if part],
+        default=[],
+        help="comma-separated parts of step labels (e.g. restart): only those steps, and the "
+        "batches each starts from, run",
+    )
     lab_arguments(s, "dlab-scen", 11082, 3600.0)
 
     f = sub.add_parser("fetch", help="download one URL and print the rate")

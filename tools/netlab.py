@@ -86,13 +86,12 @@ _RULE_PREF_BASE = 1000
 # Small helpers
 # --------------------------------------------------------------------------- #
 
-def _run(argv: Sequence[str], check: bool = True, timeout: float = CMD_TIMEOUT
-         ) -> subprocess.CompletedProcess[str]:
+
+def _run(argv: Sequence[str], check: bool = True, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run a command, capture its output, raise with stderr on failure."""
     proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(argv)}\n"
-                           f"{proc.stderr.strip()}")
+        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(argv)}\n{proc.stderr.strip()}")
     return proc
 
 
@@ -114,6 +113,7 @@ def tbf_params(rate: int) -> tuple[int, int]:
 
 class Counters(NamedTuple):
     """Byte counters of the client end of an uplink."""
+
     tx_bytes: int
     rx_bytes: int
 
@@ -121,6 +121,7 @@ class Counters(NamedTuple):
 @dataclass(frozen=True)
 class Uplink:
     """One client<->server link; ``index`` is 1-based."""
+
     index: int
     client_ifname: str
     client_addr: str
@@ -144,18 +145,23 @@ def make_uplinks(rates: Sequence[int]) -> list[Uplink]:
     """Plan the uplinks: uplink i gets 198.51.100.(16 i)/28 (server .1, client .2)."""
     if not 1 <= len(rates) <= 14:
         raise ValueError("between 1 and 14 uplinks")
-    return [Uplink(index=i,
-                   client_ifname=f"dlab-up{i}",
-                   client_addr=f"{UPLINK_NET}.{16 * i + 2}",
-                   server_ifname=f"dlab-srv{i}",
-                   server_addr=f"{UPLINK_NET}.{16 * i + 1}",
-                   rate=int(rate))
-            for i, rate in enumerate(rates, start=1)]
+    return [
+        Uplink(
+            index=i,
+            client_ifname=f"dlab-up{i}",
+            client_addr=f"{UPLINK_NET}.{16 * i + 2}",
+            server_ifname=f"dlab-srv{i}",
+            server_addr=f"{UPLINK_NET}.{16 * i + 1}",
+            rate=int(rate),
+        )
+        for i, rate in enumerate(rates, start=1)
+    ]
 
 
 # --------------------------------------------------------------------------- #
 # Entering a namespace from Python (for sockets)
 # --------------------------------------------------------------------------- #
+
 
 def _setns(fd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
@@ -189,9 +195,15 @@ def netns(name: str | None) -> Iterator[None]:
         os.close(original)
 
 
-def open_connection(host: str, port: int, *, ns: str | None = None,
-                    bind_addr: str | None = None, bind_dev: str | None = None,
-                    timeout: float = 5.0) -> socket.socket:
+def open_connection(
+    host: str,
+    port: int,
+    *,
+    ns: str | None = None,
+    bind_addr: str | None = None,
+    bind_dev: str | None = None,
+    timeout: float = 5.0,
+) -> socket.socket:
     """Connect a TCP socket created in namespace ``ns``.
 
     ``bind_addr`` binds the source address, ``bind_dev`` binds to a device
@@ -217,6 +229,7 @@ def open_connection(host: str, port: int, *, ns: str | None = None,
 # The lab
 # --------------------------------------------------------------------------- #
 
+
 class Lab:
     """A client namespace with shaped uplinks to a server namespace.
 
@@ -225,9 +238,13 @@ class Lab:
     context manager: ``with Lab() as lab: ...`` builds and always tears down.
     """
 
-    def __init__(self, name: str = DEFAULT_NAME, setup: str = "rules",
-                 rates: Sequence[int] = DEFAULT_RATES,
-                 service_address: str = SERVICE_ADDRESS) -> None:
+    def __init__(
+        self,
+        name: str = DEFAULT_NAME,
+        setup: str = "rules",
+        rates: Sequence[int] = DEFAULT_RATES,
+        service_address: str = SERVICE_ADDRESS,
+    ) -> None:
         if setup not in SETUPS:
             raise ValueError(f"setup must be one of {SETUPS}, not {setup!r}")
         self.name = name
@@ -259,8 +276,7 @@ class Lab:
         except (OSError, subprocess.SubprocessError) as exc:
             return False, f"'ip netns' unusable: {exc}"
         finally:
-            subprocess.run(["ip", "netns", "del", probe], capture_output=True,
-                           timeout=CMD_TIMEOUT)
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=CMD_TIMEOUT)
 
     # -- commands in namespaces --------------------------------------------
 
@@ -283,13 +299,13 @@ class Lab:
     def server_popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
         return self.popen("server", argv, **kwargs)
 
-    def run_in(self, which: str, argv: Sequence[str], timeout: float = 60.0,
-               check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    def run_in(
+        self, which: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False, **kwargs
+    ) -> subprocess.CompletedProcess:
         """Run to completion in a namespace (text, captured output by default)."""
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
-        return subprocess.run(self.ns_command(which, argv), timeout=timeout,
-                              check=check, **kwargs)
+        return subprocess.run(self.ns_command(which, argv), timeout=timeout, check=check, **kwargs)
 
     def run_in_client(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         return self.run_in("client", argv, **kwargs)
@@ -309,8 +325,7 @@ class Lab:
 
     def exists(self) -> bool:
         """Do this lab's namespaces exist (possibly leftovers)?"""
-        return any(os.path.exists(f"/run/netns/{ns}")
-                   for ns in (self.client_ns, self.server_ns))
+        return any(os.path.exists(f"/run/netns/{ns}") for ns in (self.client_ns, self.server_ns))
 
     def up(self) -> Lab:
         """Build the lab from scratch (leftovers with the same name are removed)."""
@@ -344,10 +359,27 @@ class Lab:
 
     def _build_uplink(self, link: Uplink) -> None:
         # Create the pair directly inside the namespaces: no host-side names.
-        _run(["ip", "link", "add", link.client_ifname, "netns", self.client_ns,
-              "type", "veth", "peer", "name", link.server_ifname, "netns", self.server_ns])
-        for which, ifname, addr in (("client", link.client_ifname, link.client_addr),
-                                    ("server", link.server_ifname, link.server_addr)):
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                link.client_ifname,
+                "netns",
+                self.client_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                link.server_ifname,
+                "netns",
+                self.server_ns,
+            ]
+        )
+        for which, ifname, addr in (
+            ("client", link.client_ifname, link.client_addr),
+            ("server", link.server_ifname, link.server_addr),
+        ):
             self._ip(which, "addr", "add", f"{addr}/{link.prefixlen}", "dev", ifname)
             self._ip(which, "link", "set", ifname, "up")
             self._shape(which, ifname, link.rate)
@@ -357,27 +389,82 @@ class Lab:
 
     def _shape(self, which: str, ifname: str, rate: int, verb: str = "replace") -> None:
         burst, limit = tbf_params(rate)
-        _run(["tc", "-n", self._ns(which), "qdisc", verb, "dev", ifname, "root",
-              "tbf", "rate", f"{rate * 8}bit", "burst", str(burst), "limit", str(limit)])
+        _run(
+            [
+                "tc",
+                "-n",
+                self._ns(which),
+                "qdisc",
+                verb,
+                "dev",
+                ifname,
+                "root",
+                "tbf",
+                "rate",
+                f"{rate * 8}bit",
+                "burst",
+                str(burst),
+                "limit",
+                str(limit),
+            ]
+        )
 
     def _build_client_routes(self) -> None:
         first = self.uplinks[0]
         if self.setup == "rules":
             # Unbound sockets use the main table: default via uplink 1.
-            self._ip("client", "route", "add", "default", "via", first.server_addr,
-                     "dev", first.client_ifname)
+            self._ip("client", "route", "add", "default", "via", first.server_addr, "dev", first.client_ifname)
             for link in self.uplinks:
                 table = str(link.table)
-                self._ip("client", "route", "add", f"{link.server_addr}/32", "dev",
-                         link.client_ifname, "src", link.client_addr, "table", table)
-                self._ip("client", "route", "add", "default", "via", link.server_addr,
-                         "dev", link.client_ifname, "table", table)
-                self._ip("client", "rule", "add", "from", link.client_addr, "table",
-                         table, "pref", str(_RULE_PREF_BASE + link.index))
+                self._ip(
+                    "client",
+                    "route",
+                    "add",
+                    f"{link.server_addr}/32",
+                    "dev",
+                    link.client_ifname,
+                    "src",
+                    link.client_addr,
+                    "table",
+                    table,
+                )
+                self._ip(
+                    "client",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    link.server_addr,
+                    "dev",
+                    link.client_ifname,
+                    "table",
+                    table,
+                )
+                self._ip(
+                    "client",
+                    "rule",
+                    "add",
+                    "from",
+                    link.client_addr,
+                    "table",
+                    table,
+                    "pref",
+                    str(_RULE_PREF_BASE + link.index),
+                )
         else:
             for link in self.uplinks:
-                self._ip("client", "route", "add", "default", "via", link.server_addr,
-                         "dev", link.client_ifname, "metric", str(link.metric))
+                self._ip(
+                    "client",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    link.server_addr,
+                    "dev",
+                    link.client_ifname,
+                    "metric",
+                    str(link.metric),
+                )
 
     def down(self) -> None:
         """Tear everything down; safe to call any number of times."""
@@ -440,8 +527,7 @@ class Lab:
 
     def is_dark(self, index: int) -> bool:
         out = self._ip("server", "route", "show", "type", "blackhole").stdout
-        return any(line.split()[1:2] == [self.uplink(index).client_addr]
-                   for line in out.splitlines())
+        return any(line.split()[1:2] == [self.uplink(index).client_addr] for line in out.splitlines())
 
     # -- counters -----------------------------------------------------------
 
@@ -451,18 +537,20 @@ class Lab:
         Read through ``ip netns exec`` because only that remounts /sys for the
         namespace; a plain read of /sys/class/net would show the host's view.
         """
-        paths = [f"/sys/class/net/{link.client_ifname}/statistics/{what}"
-                 for link in self.uplinks for what in ("tx_bytes", "rx_bytes")]
-        values = [int(v) for v in self.run_in("client", ["cat", *paths], check=True,
-                                              timeout=CMD_TIMEOUT).stdout.split()]
-        return {link.index: Counters(values[2 * n], values[2 * n + 1])
-                for n, link in enumerate(self.uplinks)}
+        paths = [
+            f"/sys/class/net/{link.client_ifname}/statistics/{what}"
+            for link in self.uplinks
+            for what in ("tx_bytes", "rx_bytes")
+        ]
+        values = [
+            int(v) for v in self.run_in("client", ["cat", *paths], check=True, timeout=CMD_TIMEOUT).stdout.split()
+        ]
+        return {link.index: Counters(values[2 * n], values[2 * n + 1]) for n, link in enumerate(self.uplinks)}
 
     def rp_filter_drops(self) -> int:
         """Packets the server dropped for failing the reverse-path check
         (TcpExt IPReversePathFilter of the server namespace)."""
-        lines = self.run_in("server", ["cat", "/proc/net/netstat"], check=True,
-                            timeout=CMD_TIMEOUT).stdout.splitlines()
+        lines = self.run_in("server", ["cat", "/proc/net/netstat"], check=True, timeout=CMD_TIMEOUT).stdout.splitlines()
         for names, values in zip(lines[::2], lines[1::2]):
             if names.startswith("TcpExt:"):
                 stats = dict(zip(names.split()[1:], values.split()[1:]))
@@ -471,14 +559,24 @@ class Lab:
 
     # -- servers --------------------------------------------------------------
 
-    def start_server(self, kind: str, port: int, *extra: str,
-                     lifetime: float = 3600.0, ready_timeout: float = 10.0
-                     ) -> subprocess.Popen:
+    def start_server(
+        self, kind: str, port: int, *extra: str, lifetime: float = 3600.0, ready_timeout: float = 10.0
+    ) -> subprocess.Popen:
         """Start ``netlab.py serve KIND`` in the server namespace; wait until ready."""
-        argv = [sys.executable, os.path.abspath(__file__), "serve", kind,
-                "--port", str(port), "--lifetime", str(lifetime), *extra]
-        proc = self.server_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 stdin=subprocess.DEVNULL, text=True)
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "serve",
+            kind,
+            "--port",
+            str(port),
+            "--lifetime",
+            str(lifetime),
+            *extra,
+        ]
+        proc = self.server_popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True
+        )
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], ready_timeout)
         line = proc.stdout.readline() if ready else ""
@@ -487,8 +585,7 @@ class Lab:
             raise RuntimeError(f"server {kind} on port {port} did not start")
         return proc
 
-    def start_http_server(self, port: int = HTTP_PORT, size: int = 50_000_000,
-                          **kwargs) -> subprocess.Popen:
+    def start_http_server(self, port: int = HTTP_PORT, size: int = 50_000_000, **kwargs) -> subprocess.Popen:
         """HTTP/1.1 server of one generated file of ``size`` bytes (any path), Range-aware."""
         return self.start_server("http", port, "--size", str(size), **kwargs)
 
@@ -505,12 +602,17 @@ class Lab:
         """TCP connection made from the client namespace (see :func:`open_connection`)."""
         return open_connection(host or self.service_address, port, ns=self.client_ns, **kwargs)
 
-    def peer_address(self, port: int = PEER_ECHO_PORT, *, bind_addr: str | None = None,
-                     bind_dev: str | None = None, timeout: float = 3.0) -> str | None:
+    def peer_address(
+        self,
+        port: int = PEER_ECHO_PORT,
+        *,
+        bind_addr: str | None = None,
+        bind_dev: str | None = None,
+        timeout: float = 3.0,
+    ) -> str | None:
         """Ask the peer-echo server which source address it saw; None on failure/timeout."""
         try:
-            with self.connect(port, bind_addr=bind_addr, bind_dev=bind_dev,
-                              timeout=timeout) as sock:
+            with self.connect(port, bind_addr=bind_addr, bind_dev=bind_dev, timeout=timeout) as sock:
                 data = _recv_line(sock)
         except OSError:
             return None
@@ -523,8 +625,7 @@ class Lab:
                 return link.index
         return None
 
-    def wait_for_port(self, port: int, host: str = "127.0.0.1", which: str = "client",
-                      timeout: float = 10.0) -> bool:
+    def wait_for_port(self, port: int, host: str = "127.0.0.1", which: str = "client", timeout: float = 10.0) -> bool:
         """Poll until something listens on host:port inside a namespace."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -541,19 +642,25 @@ class Lab:
         """Human-readable description of the live lab."""
         if not self.exists():
             return f"lab {self.name!r}: not running"
-        out = [f"lab {self.name!r}: namespaces {self.client_ns}, {self.server_ns}; "
-               f"service {self.service_address}; setup {self.detect_setup()}"]
+        out = [
+            f"lab {self.name!r}: namespaces {self.client_ns}, {self.server_ns}; "
+            f"service {self.service_address}; setup {self.detect_setup()}"
+        ]
         counters = self.counters()
         for link in self.uplinks:
             qdisc = self._ip_tc("client", link.client_ifname)
             count = counters[link.index]
-            out.append(f"  uplink {link.index}: {link.client_ifname} {link.client_addr} <-> "
-                       f"{link.server_ifname} {link.server_addr}  "
-                       f"{'DARK' if self.is_dark(link.index) else 'lit'}  "
-                       f"tx {count.tx_bytes} rx {count.rx_bytes}  [{qdisc}]")
-        for which, title, args in (("client", "client rules", ("rule",)),
-                                   ("client", "client routes", ("route", "show", "table", "all")),
-                                   ("server", "server routes", ("route", "show", "table", "all"))):
+            out.append(
+                f"  uplink {link.index}: {link.client_ifname} {link.client_addr} <-> "
+                f"{link.server_ifname} {link.server_addr}  "
+                f"{'DARK' if self.is_dark(link.index) else 'lit'}  "
+                f"tx {count.tx_bytes} rx {count.rx_bytes}  [{qdisc}]"
+            )
+        for which, title, args in (
+            ("client", "client rules", ("rule",)),
+            ("client", "client routes", ("route", "show", "table", "all")),
+            ("server", "server routes", ("route", "show", "table", "all")),
+        ):
             out.append(f"  {title}:")
             lines = self._ip(which, "-4", *args).stdout.splitlines()
             # The kernel's local/broadcast routes are noise here.
@@ -605,12 +712,14 @@ def _recv_line(sock: socket.socket, limit: int = 256) -> str:
 # Servers (run inside the server namespace with the ``serve`` subcommand)
 # --------------------------------------------------------------------------- #
 
+
 class GeneratedFile:
     """A virtual file of ``size`` bytes: a fixed pseudo-random block repeated.
 
     The block length is prime so chunk boundaries do not line up with it,
     which lets a client verify any byte range with :meth:`read`.
     """
+
     BLOCK = random.Random(20240601).randbytes(65_521)
 
     def __init__(self, size: int) -> None:
@@ -620,7 +729,7 @@ class GeneratedFile:
         block = self.BLOCK
         offset = start % len(block)
         reps = (offset + length) // len(block) + 1
-        return (block * reps)[offset:offset + length] if reps > 1 else block[offset:offset + length]
+        return (block * reps)[offset : offset + length] if reps > 1 else block[offset : offset + length]
 
     def iter_range(self, start: int, end: int, piece: int = 65_536) -> Iterator[bytes]:
         """Yield the bytes [start, end] (inclusive) in pieces."""
@@ -717,18 +826,15 @@ class _PeerEchoHandler(socketserver.BaseRequestHandler):
         self.request.sendall(f"{self.client_address[0]}\n".encode())
 
 
-def serve(kind: str, port: int, host: str = "0.0.0.0", size: int = 50_000_000,
-          lifetime: float = 3600.0) -> None:
+def serve(kind: str, port: int, host: str = "0.0.0.0", size: int = 50_000_000, lifetime: float = 3600.0) -> None:
     """Run a lab server in the current namespace until ``lifetime`` seconds pass."""
     if kind == "http":
-        server: socketserver.TCPServer = _ThreadingHTTPServer(
-            (host, port), make_http_handler(GeneratedFile(size)))
+        server: socketserver.TCPServer = _ThreadingHTTPServer((host, port), make_http_handler(GeneratedFile(size)))
     elif kind == "peer-echo":
         server = _ThreadingTCPServer((host, port), _PeerEchoHandler)
     else:
         raise ValueError(f"unknown server kind {kind!r}")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     print(f"ready {kind} {host}:{port}", flush=True)
     try:
@@ -744,6 +850,7 @@ def serve(kind: str, port: int, host: str = "0.0.0.0", size: int = 50_000_000,
 # Command line
 # --------------------------------------------------------------------------- #
 
+
 def _rates_arg(text: str) -> list[int]:
     """'1200,1200,400' (kB/s) -> bytes/s."""
     return [int(float(v) * 1000) for v in text.split(",")]
@@ -753,33 +860,41 @@ def _probe(lab: Lab, port: int) -> None:
     """Show which uplink a connection uses with each kind of binding."""
     print(f"setup {lab.detect_setup()}; peer-echo at {lab.service_address}:{port}")
     for link in lab.uplinks:
-        for label, kwargs in (("bind addr", {"bind_addr": link.client_addr}),
-                              ("bind dev ", {"bind_dev": link.client_ifname}),
-                              ("bind both", {"bind_addr": link.client_addr,
-                                             "bind_dev": link.client_ifname})):
+        for label, kwargs in (
+            ("bind addr", {"bind_addr": link.client_addr}),
+            ("bind dev ", {"bind_dev": link.client_ifname}),
+            ("bind both", {"bind_addr": link.client_addr, "bind_dev": link.client_ifname}),
+        ):
             before, drops = lab.counters(), lab.rp_filter_drops()
             seen = lab.peer_address(port, **kwargs)
             after = lab.counters()
             used = [i for i in after if after[i].tx_bytes > before[i].tx_bytes]
-            print(f"  uplink {link.index} {label}: "
-                  f"{'TIMEOUT' if seen is None else 'server saw ' + seen:<28}"
-                  f" sent via uplink(s) {used}, server rp_filter drops "
-                  f"+{lab.rp_filter_drops() - drops}")
+            print(
+                f"  uplink {link.index} {label}: "
+                f"{'TIMEOUT' if seen is None else 'server saw ' + seen:<28}"
+                f" sent via uplink(s) {used}, server rp_filter drops "
+                f"+{lab.rp_filter_drops() - drops}"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", default=DEFAULT_NAME,
-                        help="lab name, prefix of the namespaces (default %(default)s)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="lab name, prefix of the namespaces (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="build the lab (removes leftovers first)")
     p.add_argument("--setup", choices=SETUPS, default="rules")
-    p.add_argument("--rates", type=_rates_arg, default=list(DEFAULT_RATES),
-                   help="uplink rates in kB/s, comma-separated (default 1200,1200,400)")
-    p.add_argument("--serve", action="store_true",
-                   help=f"also start the HTTP ({HTTP_PORT}) and peer-echo "
-                        f"({PEER_ECHO_PORT}) servers; 'down' stops them")
+    p.add_argument(
+        "--rates",
+        type=_rates_arg,
+        default=list(DEFAULT_RATES),
+        help="uplink rates in kB/s, comma-separated (default 1200,1200,400)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help=f"also start the HTTP ({HTTP_PORT}) and peer-echo ({PEER_ECHO_PORT}) servers; 'down' stops them",
+    )
     p.add_argument("--size", type=int, default=50_000_000, help="HTTP file size in bytes")
     sub.add_parser("down", help="tear the lab down (idempotent)")
     sub.add_parser("status", help="show namespaces, links, routes, counters")
