@@ -3555,13 +3555,14 @@ def test_a_name_server_that_is_not_there_gets_reply_04_at_once(
     proxy = make_proxy(dns=[nowhere])
     started = time.monotonic()
     assert socks5_code_for(proxy, socks5_request("anything.test", 80)) == Reply.HOST_UNREACHABLE
-    assert time.monotonic() - started < dispatch.DNS_HEDGE  # the port's refusal (ICMP) is heard at once
+    # The port's refusal (ICMP) is heard: the attempt is not waited out.
+    assert time.monotonic() - started < dispatch.DNS_ATTEMPT_TIMEOUT
     proxy.shutdown()
     (exchange,) = [e for e in exchanges(log) if e.target == "anything.test:80"]
     assert exchange.result == f"anything.test: no name server reached: Connection refused ({nowhere})"
 
 
-def test_a_silent_server_is_hedged_to_the_next_in_well_under_a_second(
+def test_a_silent_server_is_hedged_to_the_next_before_its_attempt_times_out(
     make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server], echo_server: Server
 ) -> None:
     silent, answering = DnsServer(), DnsServer()
@@ -3572,7 +3573,7 @@ def test_a_silent_server_is_hedged_to_the_next_in_well_under_a_second(
         started = time.monotonic()
         with client_through(proxy, ("hedged.test", echo_server.port), rdns=True) as client:
             assert round_trip(client, b"hedged") == b"hedged"
-        assert time.monotonic() - started < dispatch.DEFAULT_HEDGE
+        assert time.monotonic() - started < dispatch.DNS_ATTEMPT_TIMEOUT  # after DNS_HEDGE, not the timeout
         assert silent.asked("hedged.test") and answering.asked("hedged.test")
     finally:
         silent.close()
@@ -4235,7 +4236,8 @@ def test_stopped_upstream_fails_over_within_the_hedge_and_sits_out(
     log: pytest.LogCaptureFixture,
 ) -> None:
     stopped, running = make_upstream("microsocks"), make_upstream("pproxy-socks5", ("al", "pw"))
-    proxy = make_proxy([stopped.url, running.url], balance="round-robin", hedge=1.0)
+    # A hedge far above a connect on a busy machine: a wait for it would show.
+    proxy = make_proxy([stopped.url, running.url], balance="round-robin", hedge=4.0)
     stopped.stop()
     waits = []
     for _ in range(6):
@@ -6691,7 +6693,7 @@ def test_clients_beyond_max_connections_are_refused_at_once(
         with raw_client(proxy) as extra:
             started = time.monotonic()
             assert closed_by_proxy(extra)
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 3.0  # not after the handshake time (10 s)
     assert wait_for(lambda: proxy.refused == 5)
     lines = refusal_lines(log)
     assert 1 <= len(lines) <= 2  # at most one a second
@@ -6735,7 +6737,7 @@ def test_dripping_handshake_is_cut_off_at_the_deadline(make_proxy: Callable[...,
         except OSError:
             pass
         assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < TIMEOUT / 2  # at the deadline, not when the dripping stops
 
 
 def test_idle_relay_is_closed_after_the_idle_timeout(
@@ -7531,15 +7533,23 @@ def test_cli_grace_keeps_relays_flowing_then_closes_them(
 ) -> None:
     auth_file = tmp_path / "users"
     auth_file.write_text("# who may use it\n\n{}:{}\n".format(*LOGIN))
-    grace = 1.0
+    grace = 2.0  # room for the exchange below on a busy machine
     closed_after: list[float] = []
+    log_file = str(tmp_path / "dispatch.log")
+
+    def stopping_logged() -> bool:
+        with open(log_file) as log:
+            return "stopping with" in log.read()
 
     def use(running: Any, stop: Callable[[], None]) -> None:
         with client_through(running, (echo_server.host, echo_server.port), login=LOGIN) as client:
             client.sendall(b"before")
             assert recv_exactly(client, 6) == b"before"
+            stopped_at = time.monotonic()  # before the signal: the grace period cannot start earlier
             stop()
-            stopped_at = time.monotonic()
+            # The open connections are counted once the stop is seen; a probe
+            # below made before that would be counted as one of them.
+            assert wait_for(stopping_logged)
 
             def refuses_new_clients() -> bool:
                 try:
@@ -7554,13 +7564,12 @@ def test_cli_grace_keeps_relays_flowing_then_closes_them(
             assert closed_by_proxy(client)
             closed_after.append(time.monotonic() - stopped_at)
 
-    log_file = str(tmp_path / "dispatch.log")
     status = run_cli(["--grace", str(grace), "--auth-file", str(auth_file), "127.0.0.1"], use, log_file)
     assert status == 0
     assert grace <= closed_after[0] < TIMEOUT
     out = capsys.readouterr().out
     assert "login: 1 user, SOCKS5 and HTTP (SOCKS4 refused)" in out
-    assert "1 open connection gets up to 1 s to finish" in out
+    assert "1 open connection gets up to 2 s to finish" in out
     assert "stopped after" in out and "1 connection, 12 B up, 12 B down" in out
     with open(log_file) as log:
         text = log.read()
@@ -8256,11 +8265,12 @@ def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
     metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
     """Without --check: a connection that meets the dark link waits one
-    --hedge (1 s), not the connect timeout; a retest brings the link back."""
+    --hedge (2 s here), not the connect timeout (5 s); a retest brings the
+    link back."""
     dark = metrics_lab.uplink(1)
-    proxy = lab_proxy(
-        metrics_lab, "--balance", "round-robin", "--cooldown", "2", *(link.client_addr for link in metrics_lab.uplinks)
-    )
+    hedge = 2.0  # far above a connection's own time on a busy machine, and below the connect timeout
+    links = (link.client_addr for link in metrics_lab.uplinks)
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--cooldown", "2", "--hedge", f"{hedge:g}", *links)
     metrics_lab.darken(1)
     try:
         durations, seen = [], []
@@ -8268,12 +8278,12 @@ def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
             started = time.monotonic()
             seen.append(proxy.peer())
             durations.append(time.monotonic() - started)
-        assert max(durations) < 1.5, durations
-        assert 1 <= len([d for d in durations if d >= 1.0]) <= 2, durations
+        assert max(durations) < hedge + 1.0 < dispatch.DEFAULT_CONNECT_TIMEOUT, durations
+        assert 1 <= len([d for d in durations if d >= hedge]) <= 2, durations
         assert dark.client_addr not in seen
         assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
         assert re.search(
-            rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 1\.\d s", proxy.log()
+            rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 2\.\d s", proxy.log()
         )
     finally:
         metrics_lab.restore(1)
@@ -8346,9 +8356,12 @@ def test_lab_measured_balancing_learns_each_links_capacity(rules_lab: Any, lab_p
     proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
     assert lab_downloads(proxy, 5, 3_000_000) == [3_000_000] * 5  # five: the lab server's accept queue
     rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
-    for link, rate in zip(rules_lab.uplinks, (1200, 1200, 400)):
-        capacity = rows[link.client_ifname]["capacity"]
-        assert capacity is not None and 0.7 * rate * 1000 <= capacity <= 1.1 * rate * 1000, (link, capacity)
+    capacities = [rows[link.client_ifname]["capacity"] for link in rules_lab.uplinks]
+    # Near each link's rate (a busy machine reads some of it late), and the
+    # slow link well below the two fast ones: what the next batch goes by.
+    for capacity, rate in zip(capacities, (1200, 1200, 400)):
+        assert capacity is not None and 0.5 * rate * 1000 <= capacity <= 1.2 * rate * 1000, capacities
+    assert capacities[2] < 0.6 * min(capacities[:2]), capacities
     before = {name: row["connections"] for name, row in rows.items()}
     assert lab_downloads(proxy, 5, 300_000) == [300_000] * 5
     after = {row["interface"]: row["connections"] - before[row["interface"]] for row in lab_status(proxy)["addresses"]}
@@ -8445,7 +8458,9 @@ def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(
             seen.append(proxy.peer())
             durations.append(time.monotonic() - started)
             time.sleep(max(0.0, darkened + 6 * len(durations) / 30 - time.monotonic()))  # over the 6 s
-        assert max(durations) < 1.0, durations
+        # At most one hedge (0.5 s) each, with room for a busy machine: none
+        # waits the connect timeout (5 s).
+        assert max(durations) < 2.0, durations
         assert dark.client_addr not in seen
     finally:
         metrics_lab.restore(1)
