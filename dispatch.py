@@ -30,30 +30,34 @@ resolver looks them up).
 
 Map of this module, in order; each section uses only what is above it:
 
-    platform probes   what this OS offers: device binding, splice, selectors
-    errors            reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
-    deadline I/O      DeadlineReader: exact reads with a deadline, nothing stranded
-    wire formats      SOCKS requests and replies, UDP headers; HTTP heads and bodies; the
-                      client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
-    access            AccessPolicy: the allow-list and logins
-    links             LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
-                      ProxyURL, ProxyAddress: another proxy as a link
-    health            Health: failures, background retests, checks; what is up and why not
-    choice            WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
-                      address a connection gets (tiers, sticky sites)
-    meter             Meter: per-address counters, rates, history; CapacityEstimator;
-                      the state file (read_state, write_state)
-    upstream          bind to the device; Resolver: names through the links (the
-                      system's servers, DnsCache, the hedged query); the connector to
-                      upstream proxies; Upstream: the hedged connect (_Race) with
-                      failover; UpstreamLease
-    relay             relay(): the two-way copy (poll, splice on Linux)
-    sessions          SocksSession, UdpAssociation, HttpProxySession, and the local pages
-                      (status page, /stats.json, /metrics, /proxy.pac); ExchangeRecord
-    server            the first byte picks the session; Admission; the listener
-    Dispatcher        the library face; owns the listener and the background tasks
-                      (interfaces, meter samples, retests, checks)
-    reports and CLI   format_table(); ``dispatch list|start|service``; main()
+    platform probes    what this OS offers: device binding, splice, selectors
+    platform start-up  where the log and state go; descriptor limit, one CPU, stop signals
+    errors             reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
+    deadline I/O       DeadlineReader: exact reads with a deadline, nothing stranded
+    wire formats       SOCKS requests and replies, UDP headers; HTTP heads and bodies; the
+                       client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
+    access             AccessPolicy: the allow-list and logins
+    links              LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
+                       ProxyURL, ProxyAddress: another proxy as a link
+    health             Health: failures, background retests, checks; what is up and why not
+    choice             WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
+                       address a connection gets (tiers, sticky sites)
+    meter              Meter: per-address counters, rates, history; CapacityEstimator;
+                       the state file (read_state, write_state)
+    device binding     a socket that leaves by the chosen link; the system's lookup
+    name servers       the system's DNS servers (per link where it says) and hosts file
+    resolver           Resolver: names through the links; DnsCache, the hedged query
+    upstream proxies   the connector: a client handshake with another proxy, as a link
+    upstream           Upstream: the hedged connect (_Race) with failover; UpstreamLease
+    relay              relay(): the two-way copy (poll, splice on Linux)
+    sessions           Session, SocksSession, UdpAssociation; ExchangeRecord
+    local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
+    HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
+    server             the first byte picks the session; Admission; the listener
+    Dispatcher         the library face; owns the listener and the background tasks
+                       (interfaces, meter samples, retests, checks)
+    service units      systemd, launchd and Task Scheduler files for ``dispatch service``
+    reports and CLI    format_table(); ``dispatch list|start|service``; main()
 """
 
 from __future__ import annotations
@@ -205,6 +209,186 @@ def _errnos(*names: str) -> frozenset[int]:
     right (Windows spells some of them WSAE...).
     """
     return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+
+# ---------------------------------------------------------------------------
+# Platform start-up: where files go, descriptors, one CPU, signals
+# ---------------------------------------------------------------------------
+
+# What a process started from the command line or as a service sets up
+# before it serves, and the platform's places for its log and state.
+
+
+def default_log_path() -> str:
+    """Where logs go without ``-d``: the platform's usual place for them."""
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+        return os.path.join(base, "dispatch", "Logs", "dispatch.log")
+    if sys.platform == "darwin":
+        return os.path.join(home, "Library", "Logs", "dispatch", "dispatch.log")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "dispatch", "dispatch.log")
+
+
+def default_state_path() -> str:
+    """Where each link's capacity is kept across restarts without
+    ``--state-file``: the platform's state directory (beside the log on
+    Linux and Windows)."""
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+        return os.path.join(base, "dispatch", "state.json")
+    if sys.platform == "darwin":
+        return os.path.join(home, "Library", "Application Support", "dispatch", "state.json")
+    return os.path.join(os.path.dirname(default_log_path()), "state.json")
+
+
+def _default_route_interfaces() -> set[str] | None:
+    """Names of the interfaces holding a default route; None where that
+    cannot be told (Windows, or a failure)."""
+    if sys.platform == "darwin":
+        return _macos_default_route_interfaces()
+    if not sys.platform.startswith("linux"):
+        return None
+    found = set()
+    try:
+        with open("/proc/net/route") as routes:
+            for line in list(routes)[1:]:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+                    found.add(fields[0])
+        with open("/proc/net/ipv6_route") as routes:
+            for line in routes:
+                fields = line.split()
+                if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
+                    found.add(fields[9])
+    except OSError:
+        return None
+    return found
+
+
+# The absolute path: a launchd job's PATH is short.
+MACOS_ROUTE_COMMAND = ("/sbin/route", "-n", "get", "default")
+
+
+def _macos_default_route_interfaces(
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> set[str] | None:
+    """The interface of macOS's default route, from ``route -n get default``."""
+    try:
+        result = run(list(MACOS_ROUTE_COMMAND), capture_output=True, text=True, timeout=2.0, check=False)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if result.returncode != 0:
+        return None
+    name = parse_route_get_default(result.stdout)
+    # With no default route, route(8) says "not in table" on stderr and
+    # prints no interface: there is none, which is known.
+    return {name} if name else set()
+
+
+def parse_route_get_default(output: str) -> str | None:
+    """The interface named in the output of macOS ``route -n get default``."""
+    for line in output.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "interface":
+            return value.strip() or None
+    return None
+
+
+OPEN_MAX_FALLBACK = 10_240  # macOS's OPEN_MAX: the most it gives a process
+
+
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft limit on open descriptors to the hard limit (to
+    OPEN_MAX_FALLBACK where that is unlimited or refused).
+
+    Each connection holds two sockets (and a pipe, two descriptors, for each
+    direction in bulk), so the usual soft limit of 1,024 would cap a
+    BitTorrent client's few thousand connections. Returns the new limit, or None where
+    there is no such limit (Windows).
+    """
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    unlimited = resource.RLIM_INFINITY  # -1 on Linux, 2**63 - 1 on macOS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == unlimited:
+        return None
+    # An unlimited hard limit (macOS) is no number to ask for, and some
+    # systems refuse more than OPEN_MAX whatever the hard limit says.
+    fallback = OPEN_MAX_FALLBACK if hard == unlimited else min(hard, OPEN_MAX_FALLBACK)
+    for wanted in (hard, fallback):
+        if wanted == unlimited or wanted <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError):
+            continue
+        return wanted
+    return soft
+
+
+# When thousands of connections end at once, thousands of threads wait for
+# the GIL, and each of them wakes every switch interval to ask for it. At the
+# default 5 ms that alone kept the CPU busy for seconds: 3,000 held
+# connections closed at once took 6 to 10 s to be released, and 2.1 s at
+# 50 ms (tools/bench.py). The relay's threads give the GIL up at each system
+# call anyway, so a longer interval delays nothing else.
+GIL_SWITCH_INTERVAL = 0.05
+
+
+def run_on_one_cpu() -> set[int] | None:
+    """Keep the process on one CPU, where the system allows it (Linux);
+    return the CPUs it had, to give back with os.sched_setaffinity.
+
+    Only one thread at a time runs Python (the GIL), and every system call
+    hands it to another thread and back. Between threads on different CPUs
+    each hand-over is a cross-CPU wake-up, costlier than the work handed
+    over: on one CPU, short connections went 1.7x faster (tools/bench.py),
+    and bulk transfers did not slow down, the kernel's share of them being
+    done by the other side's CPU time anyway.
+    """
+    if sys.platform != "linux" or PORTABLE:
+        return None
+    cpus = set(os.sched_getaffinity(0))
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+    except OSError:
+        return None  # not allowed here: slower, not wrong
+    return cpus
+
+
+class _StopSignals:
+    """Ctrl-C and SIGTERM while the proxy serves: the first asks it to stop
+    (``stopping``), the second to cut the grace period short (``hurry``);
+    any more change nothing. The handlers only set events: an exception
+    raised from a handler could land anywhere, a logging call included, and
+    be lost. The handlers before are put back on leaving."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.hurry = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self.request_stop)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """The signal handler: the first asks to stop, the second to stop at once."""
+        (self.hurry if self.stopping.is_set() else self.stopping).set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a stop; return whether one came."""
+        return self.stopping.wait(timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -707,6 +891,10 @@ def _decode_name(name: bytes) -> str:
     if not all(0x21 <= byte <= 0x7E for byte in name):
         raise SocksError(Reply.HOST_UNREACHABLE, "host name is not printable ASCII")
     return name.decode("ascii")
+
+
+# SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
+UDP_BUFFER_SIZE = 65535
 
 
 def encode_udp_header(host: str, port: int) -> bytes:
@@ -3298,8 +3486,7 @@ def write_state(path: str, capacities: Mapping[str, float]) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Upstream: resolve, bind to the device, connect with failover, upstream
-# proxies, the lease
+# Device binding: sockets that leave by the chosen link; the system's lookup
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
@@ -3468,26 +3655,15 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-# Names through the links: the system's servers, a cache, the hedged query ---
-#
-# A name is looked up by dispatch itself, with queries that leave through a
-# link as connections do: by default the link chosen for the connection, so
-# that the name and the traffic leave together (a CDN answers with the
-# server nearest to where the query came from). A query left unanswered for
-# DNS_HEDGE is sent through another link as well: a dark default route does
-# not take names down with it.
+# ---------------------------------------------------------------------------
+# Name servers: the system's DNS servers, per link, and its hosts file
+# ---------------------------------------------------------------------------
+
+# Where the system's resolver would send a query, read from the files and
+# registry keys the platform keeps them in, so that dispatch can ask the
+# same servers through each link itself (see the resolver below).
 
 DNS_PORT = 53
-DNS_HEDGE = 0.25  # seconds a query goes unanswered before another link asks too (at most the hedge)
-DNS_ATTEMPT_TIMEOUT = 2.0  # seconds one query (one server, one link) is waited for
-DNS_CACHE_SIZE = 4096  # names and types kept; the least recently used go first
-DNS_MAX_TTL = 86400  # seconds an answer is kept at most, whatever its TTL
-# Seconds "no such name" or "no address" is kept at most: RFC 2308 takes the
-# SOA's minimum, which may be hours; a name being set up must not stay
-# missing that long.
-DNS_NEGATIVE_TTL = 30
-UDP_DNS_SIZE = 65535  # the most one DNS datagram carries
-DNS_REFRESH = 30.0  # seconds between two readings of the system's servers and hosts file
 SYSTEMD_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})  # systemd-resolved's local stub listeners
 RESOLV_CONF = "etc/resolv.conf"
 SYSTEMD_RESOLV_CONF = "run/systemd/resolve/resolv.conf"  # the stub's own upstream servers
@@ -3717,6 +3893,29 @@ def parse_hosts(text: str) -> dict[str, list[str]]:
             if words[0] not in addresses:
                 addresses.append(words[0])
     return names
+
+
+# ---------------------------------------------------------------------------
+# Resolver: names through the links (a cache, the hedged query)
+# ---------------------------------------------------------------------------
+
+# A name is looked up by dispatch itself, with queries that leave through a
+# link as connections do: by default the link chosen for the connection, so
+# that the name and the traffic leave together (a CDN answers with the
+# server nearest to where the query came from). A query left unanswered for
+# DNS_HEDGE is sent through another link as well: a dark default route does
+# not take names down with it.
+
+DNS_HEDGE = 0.25  # seconds a query goes unanswered before another link asks too (at most the hedge)
+DNS_ATTEMPT_TIMEOUT = 2.0  # seconds one query (one server, one link) is waited for
+DNS_CACHE_SIZE = 4096  # names and types kept; the least recently used go first
+DNS_MAX_TTL = 86400  # seconds an answer is kept at most, whatever its TTL
+# Seconds "no such name" or "no address" is kept at most: RFC 2308 takes the
+# SOA's minimum, which may be hours; a name being set up must not stay
+# missing that long.
+DNS_NEGATIVE_TTL = 30
+UDP_DNS_SIZE = 65535  # the most one DNS datagram carries
+DNS_REFRESH = 30.0  # seconds between two readings of the system's servers and hosts file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4397,8 +4596,10 @@ def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, flo
     return NameAnswer(error=f"no {family} address", negative=True), ttl
 
 
-# Upstream proxies: the connector ---------------------------------------------
-#
+# ---------------------------------------------------------------------------
+# Upstream proxies: connecting through another proxy
+# ---------------------------------------------------------------------------
+
 # A connection through a ProxyAddress connects to the proxy (from the link it
 # is reached by), then runs the client handshake of its protocol (see the
 # client side in the wire formats). The race drives the handshake on its
@@ -4547,6 +4748,11 @@ def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -
     return b" ".join([method, b"http://" + authority.encode("ascii") + path, version]) + b"\r\n" + rest
 
 
+# ---------------------------------------------------------------------------
+# Upstream: the hedged connect with failover, and the lease
+# ---------------------------------------------------------------------------
+
+
 class UpstreamLease:
     """An upstream socket and the local address it leaves from.
 
@@ -4583,10 +4789,10 @@ class ProxiedUdpLease(UpstreamLease):
 
     __slots__ = ("control", "relay", "passes_names")
 
-    def __init__(self, lease: UpstreamLease, control: socket.socket, relay: Target, passes_names: bool) -> None:
+    def __init__(self, lease: UpstreamLease, control: socket.socket, relay_address: Target, passes_names: bool) -> None:
         super().__init__(lease.sock, lease.local, lease._release or (lambda lease: None))
         self.control = control
-        self.relay = relay
+        self.relay = relay_address
         self.passes_names = passes_names
 
     def send_to(self, data: bytes, host: str, port: int) -> None:
@@ -4781,12 +4987,12 @@ class Upstream:
         """A UDP association through the SOCKS5 proxy of ``address``: its
         own UDP ASSOCIATE, and a UDP socket from the address the TCP
         connection left from (a proxy may take datagrams only from there)."""
-        control, relay = self.connect_through(
+        control, relay_address = self.connect_through(
             address, "0.0.0.0", 0, time.monotonic() + self.connect_timeout, Command.UDP_ASSOCIATE
         )
         try:
             proxy_ip = _split_host(control.getpeername())[0]
-            relay_ip = proxy_ip if ipaddress.ip_address(relay[0]).is_unspecified else relay[0]
+            relay_ip = proxy_ip if ipaddress.ip_address(relay_address[0]).is_unspecified else relay_address[0]
             source = LocalAddress(_split_host(control.getsockname())[0], interface=address.interface)
             sock = (
                 self._with_device(source, relay_ip, functools.partial(_socket_from, source, socket.SOCK_DGRAM))
@@ -4796,7 +5002,9 @@ class Upstream:
         except BaseException:
             control.close()
             raise
-        return ProxiedUdpLease(self.lease(sock, address), control, (relay_ip, relay[1]), address.proxy.passes_names)
+        return ProxiedUdpLease(
+            self.lease(sock, address), control, (relay_ip, relay_address[1]), address.proxy.passes_names
+        )
 
     def probe(self, local: LocalAddress, target: Target, timeout: float) -> OSError | None:
         """Connect from ``local`` to ``target`` and hang up, as a retest or a
@@ -5339,19 +5547,8 @@ def _open_pipe() -> tuple[tuple[int, int] | None, int]:
 
 
 # ---------------------------------------------------------------------------
-# Sessions: SOCKS, UDP and HTTP proxy; one log record per exchange
+# Sessions: the session base, SOCKS and UDP; one log record per exchange
 # ---------------------------------------------------------------------------
-
-# An origin may think for a while before it answers; a dead one must not
-# hold a thread forever.
-HTTP_RESPONSE_TIMEOUT = 120.0
-# After a final response that came before the request body, how long the
-# client may go on sending what nobody reads: closing at once, with its bytes
-# unread, would reset the connection and could destroy the response.
-UNREAD_BODY_LINGER = 2.0
-PROXY_REALM = "dispatch"
-# SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
-UDP_BUFFER_SIZE = 65535
 
 
 @dataclasses.dataclass(slots=True)
@@ -5776,8 +5973,10 @@ class UdpAssociation:
         return ip
 
 
-# Local pages: the status page, metrics, the PAC file -------------------------
-#
+# ---------------------------------------------------------------------------
+# Local pages: the status page, /stats.json, /metrics, /proxy.pac
+# ---------------------------------------------------------------------------
+
 # An HTTP request in origin form (GET /path) is for the proxy itself. Each
 # function here takes plain data (Dispatcher.status(), or a host and port)
 # and returns a response body; HttpProxySession sends it.
@@ -6350,6 +6549,20 @@ def render_not_found(path: str) -> str:
         'page</a>, <a href="/metrics">/metrics</a> or <a href="/proxy.pac">/proxy.pac</a>.</p>'
         "</body></html>\n"
     )
+
+
+# ---------------------------------------------------------------------------
+# HTTP proxy: forwarding, tunnels, and answering the local pages
+# ---------------------------------------------------------------------------
+
+# An origin may think for a while before it answers; a dead one must not
+# hold a thread forever.
+HTTP_RESPONSE_TIMEOUT = 120.0
+# After a final response that came before the request body, how long the
+# client may go on sending what nobody reads: closing at once, with its bytes
+# unread, would reset the connection and could destroy the response.
+UNREAD_BODY_LINGER = 2.0
+PROXY_REALM = "dispatch"
 
 
 class OriginError(HttpError):
@@ -7702,474 +7915,8 @@ class Dispatcher:
 
 
 # ---------------------------------------------------------------------------
-# Reports and the command line
+# Service units: systemd, launchd, Task Scheduler
 # ---------------------------------------------------------------------------
-
-
-def format_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] = (), indent: str = "") -> str:
-    """Rows of cells (the first a header) as aligned columns, two spaces
-    apart; the columns numbered in ``right_aligned`` line up on the right."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join(
-        indent
-        + "  ".join(
-            cell.rjust(width) if column in right_aligned else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(row, widths))
-        ).rstrip()
-        for row in rows
-    )
-
-
-def default_log_path() -> str:
-    """Where logs go without ``-d``: the platform's usual place for them."""
-    home = os.path.expanduser("~")
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
-        return os.path.join(base, "dispatch", "Logs", "dispatch.log")
-    if sys.platform == "darwin":
-        return os.path.join(home, "Library", "Logs", "dispatch", "dispatch.log")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
-    return os.path.join(base, "dispatch", "dispatch.log")
-
-
-def default_state_path() -> str:
-    """Where each link's capacity is kept across restarts without
-    ``--state-file``: the platform's state directory (beside the log on
-    Linux and Windows)."""
-    home = os.path.expanduser("~")
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
-        return os.path.join(base, "dispatch", "state.json")
-    if sys.platform == "darwin":
-        return os.path.join(home, "Library", "Application Support", "dispatch", "state.json")
-    return os.path.join(os.path.dirname(default_log_path()), "state.json")
-
-
-def _default_route_interfaces() -> set[str] | None:
-    """Names of the interfaces holding a default route; None where that
-    cannot be told (Windows, or a failure)."""
-    if sys.platform == "darwin":
-        return _macos_default_route_interfaces()
-    if not sys.platform.startswith("linux"):
-        return None
-    found = set()
-    try:
-        with open("/proc/net/route") as routes:
-            for line in list(routes)[1:]:
-                fields = line.split()
-                if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
-                    found.add(fields[0])
-        with open("/proc/net/ipv6_route") as routes:
-            for line in routes:
-                fields = line.split()
-                if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
-                    found.add(fields[9])
-    except OSError:
-        return None
-    return found
-
-
-# The absolute path: a launchd job's PATH is short.
-MACOS_ROUTE_COMMAND = ("/sbin/route", "-n", "get", "default")
-
-
-def _macos_default_route_interfaces(
-    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
-) -> set[str] | None:
-    """The interface of macOS's default route, from ``route -n get default``."""
-    try:
-        result = run(list(MACOS_ROUTE_COMMAND), capture_output=True, text=True, timeout=2.0, check=False)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    if result.returncode != 0:
-        return None
-    name = parse_route_get_default(result.stdout)
-    # With no default route, route(8) says "not in table" on stderr and
-    # prints no interface: there is none, which is known.
-    return {name} if name else set()
-
-
-def parse_route_get_default(output: str) -> str | None:
-    """The interface named in the output of macOS ``route -n get default``."""
-    for line in output.splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip() == "interface":
-            return value.strip() or None
-    return None
-
-
-def _list_interfaces(out: TextIO) -> int:
-    defaults = _default_route_interfaces()
-    rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE")]
-    for interface in _interfaces():
-        up = _is_up(interface.name)
-        route = "?" if defaults is None else ("yes" if interface.name in defaults else "")
-        if not interface.ips:
-            rows.append((interface.name, "-", "no address" if up else "no address (down)", route))
-        for ip in interface.ips:
-            usable = up and _is_usable(ipaddress.ip_address(ip))
-            reason = "yes" if usable else ("no (down)" if not up else _why_unusable(ip))
-            rows.append((interface.name, ip, reason, route))
-    print(format_table(rows), file=out)
-    return 0
-
-
-def _why_unusable(ip: str) -> str:
-    address = ipaddress.ip_address(ip)
-    if address.is_loopback:
-        return "no (loopback)"
-    if address.is_link_local:
-        return "no (link-local)"
-    return "no"
-
-
-def _address_table(links: Sequence[Link]) -> str:
-    rows = [("ADDRESS", "INTERFACE", "WEIGHT", "TIER")]
-    for link in links:
-        weight = str(link.weight) if not link.backup else "-"
-        for address in link.current:
-            rows.append((address.ip, address.interface or "-", weight, link.tier))
-        if not link.current:
-            rows.append(("(waiting for an address)", link.name, weight, link.tier))
-    return format_table(rows, indent="  ")
-
-
-def _format_rate(bytes_per_second: float) -> str:
-    return f"{bytes_per_second / 1000:,.1f} kB/s"
-
-
-def format_stats(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
-    header = (
-        "ADDRESS",
-        "INTERFACE",
-        "WEIGHT",
-        "STATE",
-        "OPEN",
-        "TOTAL",
-        "DOWN",
-        "UP",
-        "RATE DOWN",
-        "RATE UP",
-        "CAPACITY",
-        "FROM",
-    )
-    table = [header] + [
-        (
-            row["ip"] or "-",
-            row["interface"] or "-",
-            str(row["weight"]),
-            row["state"],
-            str(row["open"]),
-            str(row["connections"]),
-            format_bytes(row["bytes_down"]),
-            format_bytes(row["bytes_up"]),
-            _format_rate(row["rate_down"]),
-            _format_rate(row["rate_up"]),
-            "-" if row.get("capacity") is None else _format_rate(row["capacity"]),
-            capacity_source(row),
-        )
-        for row in rows
-    ]
-    return format_table(table, right_aligned=range(4, len(header) - 1))
-
-
-def _setup_logging(debug: bool, log_file: str | None) -> str:
-    """Send logs to stdout (with -d and no file, or ``--log-file -``) or a
-    file; return where they go."""
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    if log_file == "-" or (debug and not log_file):
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
-        where = "stdout"
-    else:
-        where = log_file or default_log_path()
-        directory = os.path.dirname(os.path.abspath(where))
-        if not log_file:
-            os.makedirs(directory, exist_ok=True)
-        elif not os.path.isdir(directory):
-            # A mistyped path makes no directories: it is told, at once.
-            raise FileNotFoundError(errno.ENOENT, f"no directory {directory}")
-        handler = logging.FileHandler(where)
-    handler.setFormatter(formatter)
-    logger.handlers[:] = [handler]
-    return where
-
-
-OPEN_MAX_FALLBACK = 10_240  # macOS's OPEN_MAX: the most it gives a process
-
-
-def raise_descriptor_limit() -> int | None:
-    """Raise the soft limit on open descriptors to the hard limit (to
-    OPEN_MAX_FALLBACK where that is unlimited or refused).
-
-    Each connection holds two sockets (and a pipe, two descriptors, for each
-    direction in bulk), so the usual soft limit of 1,024 would cap a
-    BitTorrent client's few thousand connections. Returns the new limit, or None where
-    there is no such limit (Windows).
-    """
-    if sys.platform == "win32":
-        return None
-    import resource
-
-    unlimited = resource.RLIM_INFINITY  # -1 on Linux, 2**63 - 1 on macOS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == unlimited:
-        return None
-    # An unlimited hard limit (macOS) is no number to ask for, and some
-    # systems refuse more than OPEN_MAX whatever the hard limit says.
-    fallback = OPEN_MAX_FALLBACK if hard == unlimited else min(hard, OPEN_MAX_FALLBACK)
-    for wanted in (hard, fallback):
-        if wanted == unlimited or wanted <= soft:
-            continue
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (OSError, ValueError):
-            continue
-        return wanted
-    return soft
-
-
-# When thousands of connections end at once, thousands of threads wait for
-# the GIL, and each of them wakes every switch interval to ask for it. At the
-# default 5 ms that alone kept the CPU busy for seconds: 3,000 held
-# connections closed at once took 6 to 10 s to be released, and 2.1 s at
-# 50 ms (tools/bench.py). The relay's threads give the GIL up at each system
-# call anyway, so a longer interval delays nothing else.
-GIL_SWITCH_INTERVAL = 0.05
-
-
-def run_on_one_cpu() -> set[int] | None:
-    """Keep the process on one CPU, where the system allows it (Linux);
-    return the CPUs it had, to give back with os.sched_setaffinity.
-
-    Only one thread at a time runs Python (the GIL), and every system call
-    hands it to another thread and back. Between threads on different CPUs
-    each hand-over is a cross-CPU wake-up, costlier than the work handed
-    over: on one CPU, short connections went 1.7x faster (tools/bench.py),
-    and bulk transfers did not slow down, the kernel's share of them being
-    done by the other side's CPU time anyway.
-    """
-    if sys.platform != "linux" or PORTABLE:
-        return None
-    cpus = set(os.sched_getaffinity(0))
-    try:
-        os.sched_setaffinity(0, {min(cpus)})
-    except OSError:
-        return None  # not allowed here: slower, not wrong
-    return cpus
-
-
-def plural(count: int, noun: str) -> str:
-    """The count and the noun, plural unless the count is 1: "1 connection",
-    "0 connections", "2 addresses"."""
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
-
-
-def _summary(dispatcher: Dispatcher, seconds: float) -> str:
-    stats = dispatcher.stats()
-    totals = dispatcher.status()["totals"]  # the addresses forgotten once gone too
-    connections, up, down = totals["connections"], totals["bytes_up"], totals["bytes_down"]
-    refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
-    lines = [
-        f"dispatch: stopped after {format_duration(seconds)}: {plural(connections, 'connection')}, "
-        f"{format_bytes(up)} up, {format_bytes(down)} down{refused}"
-    ]
-    for row in stats:
-        capacity = "not measured"
-        if row["capacity"] is not None:
-            capacity = f"capacity {_format_rate(row['capacity'])} ({capacity_source(row)})"
-        lines.append(
-            f"  {row['ip'] or row['link']} ({row['interface'] or '-'}): {plural(row['connections'], 'connection')}, "
-            f"{row['open']} open, {format_bytes(row['bytes_down'])} down, {capacity}"
-        )
-    return "\n".join(lines)
-
-
-def _shown(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a
-    value echoed in a message cannot break its line or drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _error(message: str) -> int:
-    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return 2, the exit status."""
-    print(f"dispatch: error: {_shown(message)}", file=sys.stderr)
-    return 2
-
-
-def _credentials(args: argparse.Namespace) -> dict[str, str]:
-    """The users of --auth and --auth-file; raises ValueError."""
-    pairs = list(args.auth or [])
-    if args.auth_file is not None:
-        pairs += read_auth_file(args.auth_file)
-    users: dict[str, str] = {}
-    for user, password in pairs:
-        if user in users:
-            raise ValueError(f"user {user!r} is given more than once")
-        users[user] = password
-    return users
-
-
-def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
-    """Check what ``start`` can check of its arguments without this
-    machine's interfaces (``dispatch service`` checks them too): the form
-    of every ADDRESS, IP addresses that no link could use, the --dns
-    servers together, and the logins. Returns the users; raises
-    AddressError or ValueError."""
-    for text in args.addresses:
-        spec = parse_address(text)
-        if _is_ip(spec.address):
-            _check_link_address(spec.address)
-        if spec.proxy is not None:
-            _check_proxy_link(spec.proxy, args.upstream_auth_file)
-    parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
-    return _credentials(args)
-
-
-def _check_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
-    """Check what can be checked of an upstream proxy's ADDRESS anywhere:
-    the link it is reached by (as any link's address), that link's family
-    against the proxy's address, and that a user without a password has a
-    file to find it in. Raises AddressError."""
-    if proxy.via is not None and _is_ip(proxy.via):
-        _check_link_address(proxy.via)
-        if _is_ip(proxy.host) and _family_of(proxy.via) != _family_of(proxy.host):
-            raise AddressError(
-                f"{proxy.name!r}: {proxy.host} cannot be reached from {proxy.via}, an address of the other "
-                "IP version; give a link of its version, or an interface name"
-            )
-    if proxy.wants_password and not password_file:
-        raise _no_password(proxy)
-
-
-def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
-    """The passwords of --upstream-auth-file, by user; raises ValueError."""
-    passwords: dict[str, str] = {}
-    for user, password in read_auth_file(args.upstream_auth_file) if args.upstream_auth_file else []:
-        if user in passwords:
-            raise ValueError(f"user {user!r} is given more than once in {args.upstream_auth_file}")
-        passwords[user] = password
-    return passwords
-
-
-def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
-    print(f"{title} {time.monotonic() - started:.0f} s:")
-    print(format_stats(dispatcher.stats()), flush=True)
-
-
-def _start(args: argparse.Namespace) -> int:
-    descriptor_limit = raise_descriptor_limit()
-    cpus = run_on_one_cpu()
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    # main() may be called by a program that goes on: it gets both back.
-    try:
-        return _serve(args, descriptor_limit)
-    finally:
-        sys.setswitchinterval(switch_interval)
-        if cpus is not None and sys.platform == "linux":
-            os.sched_setaffinity(0, cpus)
-
-
-def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
-    """Start the proxy as the command line says, serve until a signal, stop."""
-    try:
-        users = _check_start_arguments(args)
-        upstream_passwords = _upstream_passwords(args)
-        dispatcher = Dispatcher(
-            args.addresses,
-            args.ip,
-            args.port,
-            connect_timeout=args.connect_timeout,
-            cooldown=args.cooldown,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=args.idle_timeout,
-            max_connections=args.max_connections,
-            credentials=users,
-            allow=args.allow,
-            pages=args.pages,
-            page_hosts=args.page_host or (),
-            balance=args.balance,
-            sticky=args.sticky or None,
-            checks=args.check,
-            check_interval=args.check_interval,
-            hedge=args.hedge,
-            dns=args.dns,
-            upstream_passwords=upstream_passwords,
-            state_file=None if args.no_state else args.state_file or default_state_path(),
-        )
-    except (AddressError, ValueError) as error:
-        return _error(str(error))
-    except OSError as error:
-        where = _format_endpoint(args.ip, args.port)
-        why = _describe(error)
-        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
-            why = f"port {args.port} is in use (by another dispatch, or another program)"
-        return _error(f"cannot listen on {where}: {why}")
-    try:
-        where = _setup_logging(args.debug, args.log_file)
-    except OSError as error:
-        dispatcher.shutdown()
-        return _error(f"cannot write the log: {_describe(error)}")
-    host, port = dispatcher.address
-    allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
-    default = "" if args.allow else " (loopback and private networks)"
-    idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
-    fits = f" (descriptor limit {descriptor_limit})" if descriptor_limit is not None else ""
-    endpoint = _format_endpoint(host, port)
-    pages = "status page: off"
-    if args.pages:
-        pages = f"status page: http://{endpoint}/ (also /stats.json, /metrics, /proxy.pac)"
-    lines = [
-        f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {endpoint}",
-        "dispatching to:",
-        _address_table(dispatcher.links.links),
-        f"clients allowed from: {allowed}{default}",
-        f"login: {plural(len(users), 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
-        f"limits: {plural(dispatcher.max_connections, 'connection')} at once{fits}, "
-        f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
-        pages,
-    ]
-    if not args.allow and not users and not _is_loopback(host):
-        lines.append(
-            f"warning: anyone on this machine's private networks can use the proxy on "
-            f"{_format_endpoint(host, port)}; add --auth or --auth-file, or narrow it with --allow"
-        )
-    started = time.monotonic()
-    with _StopSignals() as stop:
-        try:
-            print("\n".join(lines))
-            print(f"log: {where}", flush=True)
-            # The log tells each start apart: what ran, where, over which links.
-            logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
-            for line in [*lines[2].splitlines(), *lines[3:]]:
-                (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
-            dispatcher.start()
-            _serve_until(stop, dispatcher, args.stats, started)
-            still_open = dispatcher.open_connections()
-            if still_open:
-                print(
-                    f"dispatch: stopping; {plural(still_open, 'open connection')} "
-                    f"{'gets' if still_open == 1 else 'get'} up to {args.grace:g} s to finish "
-                    "(Ctrl-C again to close them now)",
-                    flush=True,
-                )
-            logger.info("stopping with %s", plural(still_open, "open connection"))
-        finally:
-            dispatcher.shutdown(args.grace, cut_short=stop.hurry)
-        if stop.hurry.is_set() and still_open:
-            print("dispatch: a second signal: every connection closed at once", flush=True)
-            logger.info("a second signal: every connection closed at once")
-    if args.stats:
-        _print_stats(dispatcher, started, "at the end, after")
-    print(_summary(dispatcher, time.monotonic() - started), flush=True)
-    logger.info("stopped")
-    return 0
-
 
 SERVICE_SYSTEMS = ("systemd", "launchd", "windows")
 DESCRIPTION = "dispatch: a SOCKS proxy that balances connections across network links"
@@ -8437,34 +8184,332 @@ def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | 
     return text.encode("ascii", "xmlcharrefreplace").decode("ascii") + "\n"
 
 
-class _StopSignals:
-    """Ctrl-C and SIGTERM while the proxy serves: the first asks it to stop
-    (``stopping``), the second to cut the grace period short (``hurry``);
-    any more change nothing. The handlers only set events: an exception
-    raised from a handler could land anywhere, a logging call included, and
-    be lost. The handlers before are put back on leaving."""
+# ---------------------------------------------------------------------------
+# Reports and the command line
+# ---------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.stopping = threading.Event()
-        self.hurry = threading.Event()
-        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopSignals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self.request_stop)
-        return self
+def format_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] = (), indent: str = "") -> str:
+    """Rows of cells (the first a header) as aligned columns, two spaces
+    apart; the columns numbered in ``right_aligned`` line up on the right."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        indent
+        + "  ".join(
+            cell.rjust(width) if column in right_aligned else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    )
 
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
-    def request_stop(self, signum: int, frame: Any) -> None:
-        """The signal handler: the first asks to stop, the second to stop at once."""
-        (self.hurry if self.stopping.is_set() else self.stopping).set()
+def _list_interfaces(out: TextIO) -> int:
+    defaults = _default_route_interfaces()
+    rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE")]
+    for interface in _interfaces():
+        up = _is_up(interface.name)
+        route = "?" if defaults is None else ("yes" if interface.name in defaults else "")
+        if not interface.ips:
+            rows.append((interface.name, "-", "no address" if up else "no address (down)", route))
+        for ip in interface.ips:
+            usable = up and _is_usable(ipaddress.ip_address(ip))
+            reason = "yes" if usable else ("no (down)" if not up else _why_unusable(ip))
+            rows.append((interface.name, ip, reason, route))
+    print(format_table(rows), file=out)
+    return 0
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a stop; return whether one came."""
-        return self.stopping.wait(timeout)
+
+def _why_unusable(ip: str) -> str:
+    address = ipaddress.ip_address(ip)
+    if address.is_loopback:
+        return "no (loopback)"
+    if address.is_link_local:
+        return "no (link-local)"
+    return "no"
+
+
+def _address_table(links: Sequence[Link]) -> str:
+    rows = [("ADDRESS", "INTERFACE", "WEIGHT", "TIER")]
+    for link in links:
+        weight = str(link.weight) if not link.backup else "-"
+        for address in link.current:
+            rows.append((address.ip, address.interface or "-", weight, link.tier))
+        if not link.current:
+            rows.append(("(waiting for an address)", link.name, weight, link.tier))
+    return format_table(rows, indent="  ")
+
+
+def _format_rate(bytes_per_second: float) -> str:
+    return f"{bytes_per_second / 1000:,.1f} kB/s"
+
+
+def format_stats(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
+    header = (
+        "ADDRESS",
+        "INTERFACE",
+        "WEIGHT",
+        "STATE",
+        "OPEN",
+        "TOTAL",
+        "DOWN",
+        "UP",
+        "RATE DOWN",
+        "RATE UP",
+        "CAPACITY",
+        "FROM",
+    )
+    table = [header] + [
+        (
+            row["ip"] or "-",
+            row["interface"] or "-",
+            str(row["weight"]),
+            row["state"],
+            str(row["open"]),
+            str(row["connections"]),
+            format_bytes(row["bytes_down"]),
+            format_bytes(row["bytes_up"]),
+            _format_rate(row["rate_down"]),
+            _format_rate(row["rate_up"]),
+            "-" if row.get("capacity") is None else _format_rate(row["capacity"]),
+            capacity_source(row),
+        )
+        for row in rows
+    ]
+    return format_table(table, right_aligned=range(4, len(header) - 1))
+
+
+def _setup_logging(debug: bool, log_file: str | None) -> str:
+    """Send logs to stdout (with -d and no file, or ``--log-file -``) or a
+    file; return where they go."""
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    if log_file == "-" or (debug and not log_file):
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        where = "stdout"
+    else:
+        where = log_file or default_log_path()
+        directory = os.path.dirname(os.path.abspath(where))
+        if not log_file:
+            os.makedirs(directory, exist_ok=True)
+        elif not os.path.isdir(directory):
+            # A mistyped path makes no directories: it is told, at once.
+            raise FileNotFoundError(errno.ENOENT, f"no directory {directory}")
+        handler = logging.FileHandler(where)
+    handler.setFormatter(formatter)
+    logger.handlers[:] = [handler]
+    return where
+
+
+def plural(count: int, noun: str) -> str:
+    """The count and the noun, plural unless the count is 1: "1 connection",
+    "0 connections", "2 addresses"."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
+
+
+def _summary(dispatcher: Dispatcher, seconds: float) -> str:
+    stats = dispatcher.stats()
+    totals = dispatcher.status()["totals"]  # the addresses forgotten once gone too
+    connections, up, down = totals["connections"], totals["bytes_up"], totals["bytes_down"]
+    refused = f", {dispatcher.refused} refused" if dispatcher.refused else ""
+    lines = [
+        f"dispatch: stopped after {format_duration(seconds)}: {plural(connections, 'connection')}, "
+        f"{format_bytes(up)} up, {format_bytes(down)} down{refused}"
+    ]
+    for row in stats:
+        capacity = "not measured"
+        if row["capacity"] is not None:
+            capacity = f"capacity {_format_rate(row['capacity'])} ({capacity_source(row)})"
+        lines.append(
+            f"  {row['ip'] or row['link']} ({row['interface'] or '-'}): {plural(row['connections'], 'connection')}, "
+            f"{row['open']} open, {format_bytes(row['bytes_down'])} down, {capacity}"
+        )
+    return "\n".join(lines)
+
+
+def _shown(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a
+    value echoed in a message cannot break its line or drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _error(message: str) -> int:
+    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return 2, the exit status."""
+    print(f"dispatch: error: {_shown(message)}", file=sys.stderr)
+    return 2
+
+
+def _credentials(args: argparse.Namespace) -> dict[str, str]:
+    """The users of --auth and --auth-file; raises ValueError."""
+    pairs = list(args.auth or [])
+    if args.auth_file is not None:
+        pairs += read_auth_file(args.auth_file)
+    users: dict[str, str] = {}
+    for user, password in pairs:
+        if user in users:
+            raise ValueError(f"user {user!r} is given more than once")
+        users[user] = password
+    return users
+
+
+def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """Check what ``start`` can check of its arguments without this
+    machine's interfaces (``dispatch service`` checks them too): the form
+    of every ADDRESS, IP addresses that no link could use, the --dns
+    servers together, and the logins. Returns the users; raises
+    AddressError or ValueError."""
+    for text in args.addresses:
+        spec = parse_address(text)
+        if _is_ip(spec.address):
+            _check_link_address(spec.address)
+        if spec.proxy is not None:
+            _check_proxy_link(spec.proxy, args.upstream_auth_file)
+    parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
+    return _credentials(args)
+
+
+def _check_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
+    """Check what can be checked of an upstream proxy's ADDRESS anywhere:
+    the link it is reached by (as any link's address), that link's family
+    against the proxy's address, and that a user without a password has a
+    file to find it in. Raises AddressError."""
+    if proxy.via is not None and _is_ip(proxy.via):
+        _check_link_address(proxy.via)
+        if _is_ip(proxy.host) and _family_of(proxy.via) != _family_of(proxy.host):
+            raise AddressError(
+                f"{proxy.name!r}: {proxy.host} cannot be reached from {proxy.via}, an address of the other "
+                "IP version; give a link of its version, or an interface name"
+            )
+    if proxy.wants_password and not password_file:
+        raise _no_password(proxy)
+
+
+def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
+    """The passwords of --upstream-auth-file, by user; raises ValueError."""
+    passwords: dict[str, str] = {}
+    for user, password in read_auth_file(args.upstream_auth_file) if args.upstream_auth_file else []:
+        if user in passwords:
+            raise ValueError(f"user {user!r} is given more than once in {args.upstream_auth_file}")
+        passwords[user] = password
+    return passwords
+
+
+def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
+    print(f"{title} {time.monotonic() - started:.0f} s:")
+    print(format_stats(dispatcher.stats()), flush=True)
+
+
+def _start(args: argparse.Namespace) -> int:
+    descriptor_limit = raise_descriptor_limit()
+    cpus = run_on_one_cpu()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # main() may be called by a program that goes on: it gets both back.
+    try:
+        return _serve(args, descriptor_limit)
+    finally:
+        sys.setswitchinterval(switch_interval)
+        if cpus is not None and sys.platform == "linux":
+            os.sched_setaffinity(0, cpus)
+
+
+def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
+    """Start the proxy as the command line says, serve until a signal, stop."""
+    try:
+        users = _check_start_arguments(args)
+        upstream_passwords = _upstream_passwords(args)
+        dispatcher = Dispatcher(
+            args.addresses,
+            args.ip,
+            args.port,
+            connect_timeout=args.connect_timeout,
+            cooldown=args.cooldown,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+            credentials=users,
+            allow=args.allow,
+            pages=args.pages,
+            page_hosts=args.page_host or (),
+            balance=args.balance,
+            sticky=args.sticky or None,
+            checks=args.check,
+            check_interval=args.check_interval,
+            hedge=args.hedge,
+            dns=args.dns,
+            upstream_passwords=upstream_passwords,
+            state_file=None if args.no_state else args.state_file or default_state_path(),
+        )
+    except (AddressError, ValueError) as error:
+        return _error(str(error))
+    except OSError as error:
+        where = _format_endpoint(args.ip, args.port)
+        why = _describe(error)
+        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
+            why = f"port {args.port} is in use (by another dispatch, or another program)"
+        return _error(f"cannot listen on {where}: {why}")
+    try:
+        where = _setup_logging(args.debug, args.log_file)
+    except OSError as error:
+        dispatcher.shutdown()
+        return _error(f"cannot write the log: {_describe(error)}")
+    host, port = dispatcher.address
+    allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
+    default = "" if args.allow else " (loopback and private networks)"
+    idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
+    fits = f" (descriptor limit {descriptor_limit})" if descriptor_limit is not None else ""
+    endpoint = _format_endpoint(host, port)
+    pages = "status page: off"
+    if args.pages:
+        pages = f"status page: http://{endpoint}/ (also /stats.json, /metrics, /proxy.pac)"
+    lines = [
+        f"dispatch {__version__}: SOCKS4/4a/5 and HTTP proxy on {endpoint}",
+        "dispatching to:",
+        _address_table(dispatcher.links.links),
+        f"clients allowed from: {allowed}{default}",
+        f"login: {plural(len(users), 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
+        f"limits: {plural(dispatcher.max_connections, 'connection')} at once{fits}, "
+        f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
+        pages,
+    ]
+    if not args.allow and not users and not _is_loopback(host):
+        lines.append(
+            f"warning: anyone on this machine's private networks can use the proxy on "
+            f"{_format_endpoint(host, port)}; add --auth or --auth-file, or narrow it with --allow"
+        )
+    started = time.monotonic()
+    with _StopSignals() as stop:
+        try:
+            print("\n".join(lines))
+            print(f"log: {where}", flush=True)
+            # The log tells each start apart: what ran, where, over which links.
+            logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
+            for line in [*lines[2].splitlines(), *lines[3:]]:
+                (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+            dispatcher.start()
+            _serve_until(stop, dispatcher, args.stats, started)
+            still_open = dispatcher.open_connections()
+            if still_open:
+                print(
+                    f"dispatch: stopping; {plural(still_open, 'open connection')} "
+                    f"{'gets' if still_open == 1 else 'get'} up to {args.grace:g} s to finish "
+                    "(Ctrl-C again to close them now)",
+                    flush=True,
+                )
+            logger.info("stopping with %s", plural(still_open, "open connection"))
+        finally:
+            dispatcher.shutdown(args.grace, cut_short=stop.hurry)
+        if stop.hurry.is_set() and still_open:
+            print("dispatch: a second signal: every connection closed at once", flush=True)
+            logger.info("a second signal: every connection closed at once")
+    if args.stats:
+        _print_stats(dispatcher, started, "at the end, after")
+    print(_summary(dispatcher, time.monotonic() - started), flush=True)
+    logger.info("stopped")
+    return 0
 
 
 def _serve_until(stop: _StopSignals, dispatcher: Dispatcher, every: float | None, started: float) -> None:
