@@ -4,10 +4,14 @@ A real PySocks client talks to a real Dispatcher, which connects to real
 servers on 127.0.0.x and ::1. Pure parts (address parsing, the balancer, the
 errno mapping, the handshake reader) have unit tests of their own.
 
-Helpers and fixtures come first; then the tests, grouped in the order of the
-module's sections: wire formats, access, links, health and choice, meter,
-upstream, relay, sessions, server and limits, Dispatcher, the command line.
-The network lab, which needs root, comes last.
+The tests are grouped in the order of the module's sections, each under a
+banner as there: platform start-up, errors, deadline I/O, wire formats,
+access, links, health, choice, meter, device binding, name servers, resolver,
+upstream proxies, upstream, relay, sessions, local pages, HTTP proxy, server,
+Dispatcher, service units, reports and the command line. Their helpers and
+fixtures are in conftest.py. Beside this file: test_lab.py (the network lab,
+which needs root), test_browser.py (the status page in Chromium) and
+test_layout.py (the module's sections keep their order).
 """
 
 from __future__ import annotations
@@ -16,13 +20,10 @@ import base64
 import contextlib
 import dataclasses
 import errno
-import html.parser
-import http.server
 import ipaddress
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -38,7 +39,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -49,1000 +50,210 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dispatch
+from conftest import (
+    HERE,
+    LOGIN,
+    MICROSOCKS,
+    TIMEOUT,
+    DnsServer,
+    FakeClock,
+    FakeInterfaces,
+    Listening,
+    Server,
+    UdpServer,
+    UpstreamServer,
+    client_through,
+    closed_by_proxy,
+    curl,
+    exchanges,
+    has_ipv6_loopback,
+    http_exchange,
+    needs_ipv6,
+    peers_seen,
+    proxy_url,
+    raw_client,
+    read_all,
+    read_request_head,
+    read_response,
+    recv_exactly,
+    refusal_lines,
+    refused_port,
+    round_trip,
+    run_cli,
+    sample_status,
+    socks4_request,
+    socks5_code_for,
+    socks5_reply,
+    socks5_request,
+    status_row,
+    udp_associate,
+    udp_client,
+    udp_socket,
+    unanswered_address,
+    wait_for,
+    wait_until_all_closed,
+)
 from dispatch import Dispatcher, Reply, WeightedRoundRobin
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TIMEOUT = 10.0
+# ---------------------------------------------------------------------------
+# Platform start-up: descriptors, one CPU, the default route
+# ---------------------------------------------------------------------------
+
+
+class FakeLimits:
+    """Stands in for the resource module: one descriptor limit, and a system
+    that may refuse a soft limit above some figure (as macOS above OPEN_MAX)."""
+
+    RLIMIT_NOFILE = 7
+
+    def __init__(self, soft: int, hard: int, unlimited: int, refused_above: int | None) -> None:
+        self.RLIM_INFINITY = unlimited
+        self.limits = (soft, hard)
+        self.refused_above = refused_above
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refused_above is not None and limits[0] > self.refused_above:
+            raise ValueError("not allowed to raise the current limit")
+        self.limits = limits
+
+
+MACOS_UNLIMITED = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "soft, hard, unlimited, refused_above, raised_to, limits_after",
+    [
+        (1024, 20000, -1, None, 20000, (20000, 20000)),  # Linux: up to the hard limit
+        (4096, 4096, -1, None, 4096, (4096, 4096)),  # nothing to raise
+        (-1, -1, -1, None, None, (-1, -1)),  # no limit at all
+        (256, MACOS_UNLIMITED, MACOS_UNLIMITED, 10240, 10240, (10240, MACOS_UNLIMITED)),  # macOS
+        (256, 24576, MACOS_UNLIMITED, 10240, 10240, (10240, 24576)),  # a hard limit above OPEN_MAX
+        (256, 8192, MACOS_UNLIMITED, 4096, 256, (256, 8192)),  # refused all the way: stays
+    ],
+)
+def test_descriptor_limit_is_raised_as_far_as_the_system_allows(
+    monkeypatch: pytest.MonkeyPatch,
+    soft: int,
+    hard: int,
+    unlimited: int,
+    refused_above: int | None,
+    raised_to: int | None,
+    limits_after: tuple[int, int],
+) -> None:
+    limits = FakeLimits(soft, hard, unlimited, refused_above)
+    monkeypatch.setitem(sys.modules, "resource", limits)
+    assert dispatch.raise_descriptor_limit() == raised_to
+    assert limits.limits == limits_after
+
+
+MACOS_ROUTE_OUTPUT = """\
+   route to: default
+destination: default
+       mask: default
+    gateway: 192.168.1.1
+  interface: en0
+      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING>
+"""
+
+
+@pytest.mark.parametrize(
+    "stdout, returncode, expected",
+    [(MACOS_ROUTE_OUTPUT, 0, {"en0"}), ("", 0, set()), ("", 1, None), ("  interface: \n", 0, set())],
+)
+def test_macos_default_route_is_read_from_route(stdout: str, returncode: int, expected: set[str] | None) -> None:
+    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+        assert command == ["/sbin/route", "-n", "get", "default"] and options["timeout"] > 0
+        return subprocess.CompletedProcess(command, returncode, stdout, "")
+
+    assert dispatch._macos_default_route_interfaces(run) == expected
+
+
+def test_macos_default_route_is_unknown_when_route_fails() -> None:
+    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(command, 2.0)
+
+    assert dispatch._macos_default_route_interfaces(run) is None
+
+
+def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
+    """What the command line changes for the process while it serves, and
+    gives back when main() returns, for a program that goes on."""
+    interval = sys.getswitchinterval()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    main_thread = threading.get_native_id()  # affinity is per thread on Linux
+    seen: list[Any] = []
+
+    def use(running: Any, stop: Callable[[], None]) -> None:
+        seen.append(sys.getswitchinterval())
+        seen.append(os.sched_getaffinity(main_thread) if cpus is not None else None)
+
+    assert run_cli(["127.0.0.1"], use, os.path.join(str(tmp_path), "d.log")) == 0
+    assert seen[0] == pytest.approx(dispatch.GIL_SWITCH_INTERVAL)
+    if cpus is not None:
+        if dispatch.PORTABLE:  # one CPU is a Linux-only speed-up, switched off with the others
+            assert seen[1] == cpus
+        else:
+            assert len(seen[1]) == 1 and seen[1] <= cpus
+        assert os.sched_getaffinity(0) == cpus
+    assert sys.getswitchinterval() == interval
 
 
 # ---------------------------------------------------------------------------
-# Helpers and fixtures: servers, proxies, clients, logs, fakes
+# Errors: reply codes, and the errno mapping
 # ---------------------------------------------------------------------------
 
-# Servers the proxy connects to ---------------------------------------------
 
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
-
-
-class Server:
-    """A TCP server on loopback running ``serve(conn)`` per connection in a thread."""
-
-    def __init__(self, serve: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, 0))
-        self.listener.listen(2048)
-        self.host, self.port = self.listener.getsockname()[:2]
-        self.serve = serve
-        self.connections: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
-
-    def _serve_one(self, conn: socket.socket) -> None:
-        conn.settimeout(TIMEOUT)
-        with conn, contextlib.suppress(OSError):
-            self.serve(conn)
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self.connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-def echo(conn: socket.socket) -> None:
-    """Echo everything, then half-close when the client has."""
-    while data := conn.recv(65536):
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
-
-
-def tell_peer(conn: socket.socket) -> None:
-    """Write the connection's source address, then close."""
-    conn.sendall(conn.getpeername()[0].encode())
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., Server]]:
-    """Start TCP servers on a free loopback port: ``make_server(serve, host)``;
-    close them all after the test."""
-    started: list[Server] = []
-
-    def make(serve: Callable[[socket.socket], None], host: str = "127.0.0.1") -> Server:
-        server = Server(serve, host)
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.close()
-
-
-@pytest.fixture
-def echo_server(make_server: Callable[..., Server]) -> Server:
-    return make_server(echo)
-
-
-@pytest.fixture
-def peer_server(make_server: Callable[..., Server]) -> Server:
-    return make_server(tell_peer)
-
-
-@pytest.fixture
-def echo_server6(make_server: Callable[..., Server]) -> Server:
-    """The echo server on ::1; the test is skipped where there is no IPv6 loopback."""
-    if not has_ipv6_loopback():
-        pytest.skip("no IPv6 loopback (::1) here")
-    return make_server(echo, host="::1")
-
-
-@pytest.fixture
-def peer_server6(make_server: Callable[..., Server]) -> Server:
-    """The peer server on ::1; the test is skipped where there is no IPv6 loopback."""
-    if not has_ipv6_loopback():
-        pytest.skip("no IPv6 loopback (::1) here")
-    return make_server(tell_peer, host="::1")
-
-
-class Origin(http.server.BaseHTTPRequestHandler):
-    """An HTTP/1.1 origin server with keep-alive, for the proxy to forward to.
-
-    GET /chunked answers in chunks, GET /close with a body ended by closing,
-    GET /big with 8 MB, GET /204 and /304 with no body; any other GET tells what it saw; POST
-    echoes the body (Content-Length or chunked).
-    """
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        if self.path == "/chunked":
-            self.send_response(200)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for part in (b"hello ", b"chunked ", b"world"):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-            self.wfile.write(b"0\r\n\r\n")
-        elif self.path == "/close":
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(b"until the end")
-            self.close_connection = True
-        elif self.path == "/big":
-            self._answer(b"b" * 8_000_000)
-        elif self.path in ("/204", "/304"):
-            self.send_response(int(self.path[1:]))
-            self.end_headers()
-        else:
-            lines = [f"{self.command} {self.path}", f"peer {self.client_address[0]}:{self.client_address[1]}"]
-            lines += [f"{name.lower()}: {value}" for name, value in self.headers.items()]
-            hop_by_hop = [("Keep-Alive", "timeout=5"), ("Connection", "X-Private"), ("X-Private", "1")]
-            self._answer("\n".join(lines).encode(), hop_by_hop)
-
-    def do_HEAD(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
-
-    def do_POST(self) -> None:
-        if self.headers.get("Transfer-Encoding") == "chunked":
-            body = b""
-            # A body cut short (the proxy refused the rest) ends like the last chunk.
-            while (line := self.rfile.readline()) and (size := int(line.split(b";")[0], 16)):
-                body += self.rfile.read(size)
-                self.rfile.readline()
-            self.rfile.readline()
-        else:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self._answer(body)
-
-    def _answer(self, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
-        self.send_response(200)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class OriginServer(http.server.ThreadingHTTPServer):
-    """Serves Origin; a client that hangs up early (as some tests make the
-    proxy do) is not an error worth a traceback in the test output."""
-
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-@pytest.fixture
-def make_origin() -> Iterator[Callable[[], str]]:
-    """Start HTTP origins (Origin) on a free loopback port; each call returns
-    a base URL. They are all stopped after the test."""
-    started: list[OriginServer] = []
-
-    def make() -> str:
-        server = OriginServer(("127.0.0.1", 0), Origin)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        started.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield make
-    for server in started:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def origin(make_origin: Callable[[], str]) -> str:
-    """An HTTP origin on loopback; its base URL."""
-    return make_origin()
-
-
-@pytest.fixture
-def silent_origin(make_server: Callable[..., Server]) -> tuple[Server, threading.Event]:
-    """An origin that takes requests and never answers; the event tells that one came."""
-    asked = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        while conn.recv(65536):
-            asked.set()
-
-    return make_server(serve), asked
-
-
-class UdpServer:
-    """A UDP server on loopback: answers each datagram with ``answer(data, sender)``
-    and keeps what it received."""
-
-    def __init__(self, answer: Callable[[bytes, tuple[str, int]], bytes]) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.host, self.port = self.sock.getsockname()
-        self.received: list[bytes] = []
-        self.answer = answer
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, sender = self.sock.recvfrom(65535)
-                self.received.append(data)
-                self.sock.sendto(self.answer(data, sender), sender)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def udp_echo() -> Iterator[UdpServer]:
-    server = UdpServer(lambda data, sender: data)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def udp_sender() -> Iterator[UdpServer]:
-    """Answers with the IP address the datagram came from."""
-    server = UdpServer(lambda data, sender: sender[0].encode())
-    yield server
-    server.close()
-
-
-class DnsServer:
-    """A DNS server on UDP and TCP (one port), answering from a table with
-    dnspython's message API, and misbehaving on demand.
-
-    ``names``: {name: [address, ...]}, A and AAAA records by the addresses'
-    family; a name not there is NXDOMAIN. ``behaviour``: {name: how}, how
-    one of "nxdomain", "servfail", "refused", "truncated" (over UDP: the
-    flag and no records; over TCP: the whole answer), "malformed",
-    "wrong-id", "other-question", "other-source" (sent from another port),
-    "silent". Queries from the addresses in ``silent_to`` get no answer.
-    ``queries``: (name, type, transport, source address) heard.
-    """
-
-    ttl = 60
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        for _ in range(50):  # a UDP port whose TCP twin is free too
-            self.udp = socket.socket(family, socket.SOCK_DGRAM)
-            self.udp.bind((host, port))
-            self.tcp = socket.socket(family, socket.SOCK_STREAM)
-            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                self.tcp.bind((host, self.udp.getsockname()[1]))
-                break
-            except OSError:
-                self.udp.close()
-                self.tcp.close()
-        self.tcp.listen(16)
-        self.host, self.port = host, self.udp.getsockname()[1]
-        self.names: dict[str, list[str]] = {}
-        self.behaviour: dict[str, str] = {}
-        self.silent_to: set[str] = set()
-        self.queries: list[tuple[str, str, str, str]] = []
-        self._lock = threading.Lock()
-        self._stray = socket.socket(family, socket.SOCK_DGRAM)
-        self._closed = threading.Event()
-        self._threads = [threading.Thread(target=serve, daemon=True) for serve in (self._serve_udp, self._serve_tcp)]
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def address(self) -> str:
-        """The server as --dns names it."""
-        return dispatch._format_endpoint(self.host, self.port)
-
-    def asked(self, name: str, transport: str | None = None) -> list[tuple[str, str, str, str]]:
-        """The queries heard for ``name`` (over ``transport``, if given)."""
-        with self._lock:
-            return [q for q in self.queries if q[0] == name and transport in (None, q[2])]
-
-    def answer(self, data: bytes, transport: str, source: str) -> bytes | None:
-        """The bytes to send back for the query ``data``; None for no answer."""
-        import dns.flags
-        import dns.message
-        import dns.rcode
-        import dns.rdatatype
-        import dns.rrset
-
-        query = dns.message.from_wire(data)
-        question = query.question[0]
-        name = question.name.to_text().rstrip(".").lower()
-        with self._lock:
-            self.queries.append((name, dns.rdatatype.to_text(question.rdtype), transport, source))
-        how = self.behaviour.get(name, "")
-        if how == "silent" or source in self.silent_to:
-            return None
-        if how == "malformed":
-            return data[:2] + b"\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\xc0"  # five records promised, none there
-        response = dns.message.make_response(query)
-        if how == "other-question":
-            response = dns.message.make_response(dns.message.make_query("other.test", question.rdtype))
-            response.id = query.id
-        if how == "wrong-id":
-            response.id = (query.id + 1) % 65536
-        rcodes = {"nxdomain": dns.rcode.NXDOMAIN, "servfail": dns.rcode.SERVFAIL, "refused": dns.rcode.REFUSED}
-        if how in rcodes:
-            response.set_rcode(rcodes[how])
-        elif how == "truncated" and transport == "udp":
-            response.flags |= dns.flags.TC
-        elif name not in self.names:
-            response.set_rcode(dns.rcode.NXDOMAIN)
-            soa = dns.rrset.from_text("test.", 300, "IN", "SOA", "ns.test. admin.test. 1 60 60 60 5")
-            response.authority.append(soa)
-        else:
-            family = "AAAA" if question.rdtype == dns.rdatatype.AAAA else "A"
-            ips = [ip for ip in self.names[name] if (":" in ip) == (family == "AAAA")]
-            if ips:
-                response.answer.append(dns.rrset.from_text(question.name, self.ttl, "IN", family, *ips))
-        return response.to_wire()
-
-    def _serve_udp(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data, sender = self.udp.recvfrom(65535)
-            except OSError:
-                return
-            try:
-                reply = self.answer(data, "udp", sender[0])
-                if reply is not None:
-                    how = self.behaviour.get(self.queries[-1][0], "")
-                    (self._stray if how == "other-source" else self.udp).sendto(reply, sender)
-            except Exception:  # a query this server cannot read: no answer, as a real one
-                continue
-
-    def _serve_tcp(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, sender = self.tcp.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve_connection, args=(conn, sender[0]), daemon=True).start()
-
-    def _serve_connection(self, conn: socket.socket, source: str) -> None:
-        with conn:
-            conn.settimeout(TIMEOUT)
-            try:
-                (size,) = struct.unpack("!H", recv_exactly(conn, 2))
-                reply = self.answer(recv_exactly(conn, size), "tcp", source)
-                if reply is not None:
-                    conn.sendall(struct.pack("!H", len(reply)) + reply)
-            except (OSError, AssertionError):
-                return
-
-    def close(self) -> None:
-        """Stop serving and free the port (a fixed one too, for the next server)."""
-        self._closed.set()
-        for sock in (self.udp, self.tcp):
-            with contextlib.suppress(OSError):  # an unconnected socket says ENOTCONN, and wakes its reader
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(TIMEOUT)
-        for sock in (self.udp, self.tcp, self._stray):
-            sock.close()
-
-
-@pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    server = DnsServer()
-    yield server
-    server.close()
-
-
-def refused_port() -> int:
-    """A loopback port with nothing listening."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def unanswered_address() -> Iterator[tuple[str, int]]:
-    """A loopback address where a connect hangs until it times out.
-
-    A listener whose accept queue is full drops new SYNs.
-    """
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        with socket.create_connection(full.getsockname(), timeout=TIMEOUT):
-            yield full.getsockname()
-
-
-# Proxies -------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def own_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``dispatch start`` keeps its state file (and log) under XDG_STATE_HOME
-    by default: each test has its own, so that no test starts from what
-    another measured, and the user's is never touched."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
-
-
-@pytest.fixture(autouse=True)
-def restore_logger() -> Iterator[None]:
-    """Undo what the command line or a test does to the logger (handlers
-    added, no propagation), so that caplog sees the records of later tests."""
-    logger = dispatch.logger
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:], logger.propagate, logger.level = saved
-
-
-@pytest.fixture
-def make_proxy() -> Iterator[Callable[..., Dispatcher]]:
-    """Make Dispatchers on a free loopback port, serving in the background
-    unless ``start=False``; shut them all down after the test.
-
-    A shutdown that hangs fails the test rather than hanging the run.
-    """
-    made: list[Dispatcher] = []
-
-    def make(addresses: list[str] | None = None, *, start: bool = True, **options: object) -> Dispatcher:
-        options.setdefault("port", 0)
-        proxy = Dispatcher(["127.0.0.1"] if addresses is None else addresses, **options)
-        made.append(proxy)
-        return proxy.start() if start else proxy
-
-    yield make
-    hung = []
-    for proxy in made:
-        stopping = threading.Thread(target=proxy.shutdown, daemon=True)
-        stopping.start()
-        stopping.join(TIMEOUT)
-        if stopping.is_alive():
-            hung.append(proxy.address)
-    assert not hung, f"shutdown() hung for the proxies on {hung}"
-
-
-@pytest.fixture
-def proxy(make_proxy: Callable[..., Dispatcher]) -> Dispatcher:
-    return make_proxy()
-
-
-@dataclasses.dataclass(frozen=True)
-class Listening:
-    """Where a proxy that runs elsewhere (main() in this process, a script)
-    listens: all that client_through needs of it."""
-
-    address: tuple[str, int]
-
-
-def run_script(arguments: list[str], popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> subprocess.Popen:
-    """``python dispatch.py ARGUMENTS`` as a user runs it, output in pipes.
-
-    The process is killed after a deadline, which also ends its output: a test
-    reading it line by line can never wait forever.
-    """
-    process = popen(
-        [sys.executable, os.path.join(HERE, "dispatch.py"), *arguments],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watchdog = threading.Timer(TIMEOUT * 6, process.kill)
-    watchdog.daemon = True
-    watchdog.start()
-    return process
-
-
-@pytest.fixture
-def script() -> Iterator[Callable[[list[str]], subprocess.Popen]]:
-    """Run ``python dispatch.py ARGUMENTS`` (run_script); what still runs
-    after the test is killed, and its pipes are closed."""
-    started: list[subprocess.Popen] = []
-
-    def run(arguments: list[str]) -> subprocess.Popen:
-        process = run_script(arguments)
-        started.append(process)
-        return process
-
-    yield run
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def run_cli(arguments: list[str], use: Callable[[Listening, Callable[[], None]], None], log_file: str) -> int:
-    """Run ``dispatch start`` in this process on a free port; once it handles
-    SIGTERM, call ``use(running, stop)`` from another thread (``running.address`` is
-    where it listens, ``stop()`` sends SIGTERM, also sent after ``use``);
-    return the exit status."""
-    port = refused_port()
-    running = Listening(("127.0.0.1", port))
-    failures: list[BaseException] = []
-    stopped: list[bool] = []
-
-    def stop() -> None:
-        if not stopped:
-            stopped.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def stoppable() -> bool:
-        # The proxy listens before it handles SIGTERM, which must not reach
-        # the default handler: that would end the test run.
-        return getattr(signal.getsignal(signal.SIGTERM), "__name__", "") == "request_stop"
-
-    def drive() -> None:
-        if not wait_for(stoppable):
-            failures.append(AssertionError("the proxy never got ready to stop"))
-            return
-        try:
-            use(running, stop)
-        except BaseException as failure:
-            failures.append(failure)
-        finally:
-            stop()
-
-    helper = threading.Thread(target=drive)
-    helper.start()
-    status = dispatch.main(["start", "--port", str(port), "--log-file", log_file, *arguments])
-    helper.join(TIMEOUT)
-    if failures:
-        raise failures[0]
-    return status
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; return it."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def wait_until_all_closed(proxy: Dispatcher) -> None:
-    assert wait_for(lambda: proxy.open_connections() == 0)
-
-
-# Upstream proxies nobody here wrote ----------------------------------------
-
-DANTED = "/usr/sbin/danted"
-MICROSOCKS = shutil.which("microsocks") or "/usr/bin/microsocks"
-
-
-class UpstreamServer:
-    """A proxy server of another project, run as a process on a free
-    loopback port: ``url`` names it as an ADDRESS (with its login)."""
-
-    def __init__(self, kind: str, argv: list[str], url: str, port: int, output: str, host: str = "127.0.0.1") -> None:
-        self.kind = kind
-        self.url = url
-        self.host = host
-        self.port = port
-        self.output = output  # what it writes, in a file: a pipe nobody reads could fill and stop it
-        with open(output, "wb") as sink:
-            self.process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while not self.accepts():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                with open(output, errors="replace") as written:
-                    raise RuntimeError(f"{kind} did not start: {written.read().strip()[-500:]}")
-            time.sleep(0.02)
-
-    def accepts(self) -> bool:
-        try:
-            socket.create_connection((self.host, self.port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        """Kill it: connections to its port are refused from now on."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        # Dante's child processes hold the listening socket a moment longer,
-        # accepting and resetting connections in the meantime.
-        wait_for(lambda: not self.accepts())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, for a server of another project."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def dante_config(port: int, host: str = "127.0.0.1", clients: str = "127.0.0.0/8") -> str:
-    """A danted.conf: no login, CONNECT and UDP ASSOCIATE for ``clients``."""
-    return "\n".join(
-        [
-            "logoutput: stderr",
-            f"internal: {host} port = {port}",
-            f"external: {host}",
-            "socksmethod: none",
-            "clientmethod: none",
-            "user.privileged: root",
-            "user.unprivileged: nobody",
-            f"client pass {{ from: {clients} to: 0.0.0.0/0 }}",
-            "client block { from: 0.0.0.0/0 to: 0.0.0.0/0 }",
-            "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }",
-            "",
-        ]
-    )
-
-
-@pytest.fixture
-def make_upstream(tmp_path: Any) -> Iterator[Callable[..., UpstreamServer]]:
-    """Start upstream proxies: ``make_upstream(kind, login=None)``, kind one
-    of "pproxy-socks5", "pproxy-socks4", "pproxy-http", "microsocks", "dante";
-    each on a free loopback port (of ``host``), stopped after the test. Dante has no logins of its own
-    (it checks system accounts); a kind that is not installed is skipped."""
-    started: list[UpstreamServer] = []
-
-    def make(
-        kind: str, login: tuple[str, str] | None = None, *, clients: str = "127.0.0.0/8", host: str = "127.0.0.1"
-    ) -> UpstreamServer:
-        port = free_port(host)
-        secret = f"{login[0]}:{login[1]}" if login else ""
-        scheme = {"pproxy-http": "http", "pproxy-socks4": "socks4"}.get(kind, "socks5")
-        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        url = f"{scheme}://{secret + '@' if login else ''}{endpoint}"
-        if kind.startswith("pproxy"):
-            listen = f"{scheme}://{endpoint}" + (f"#{secret}" if login else "")
-            # --auth 0: every connection logs in, not only an address's first.
-            argv = [sys.executable, "-m", "pproxy", "-l", listen, "--auth", "0"]
-        elif kind == "microsocks":
-            if not os.path.exists(MICROSOCKS):
-                pytest.skip("microsocks is not installed")
-            argv = [MICROSOCKS, "-i", host, "-p", str(port)]
-            argv += ["-u", login[0], "-P", login[1]] if login else []
-        elif kind == "dante":
-            if not os.path.exists(DANTED) or os.geteuid() != 0:
-                pytest.skip("Dante (danted) is not installed, or this is not root")
-            config = tmp_path / f"danted-{port}.conf"
-            config.write_text(dante_config(port, clients=clients))
-            argv = [DANTED, "-f", str(config), "-p", str(tmp_path / f"danted-{port}.pid"), "-N", "1"]
-        else:
-            raise ValueError(kind)
-        try:
-            server = UpstreamServer(kind, argv, url, port, str(tmp_path / f"{kind}-{port}.out"), host)
-        except RuntimeError as error:
-            if kind == "dante":
-                pytest.skip(str(error))
-            raise
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
-
-
-# Clients -------------------------------------------------------------------
-
-
-def client_through(
-    proxy: Dispatcher | Listening,
-    target: tuple[str, int],
-    kind: int = socks.SOCKS5,
-    rdns: bool = False,
-    login: tuple[str, str] | None = None,
-) -> socks.socksocket:
-    """A PySocks socket connected to ``target`` through ``proxy``."""
-    family = socket.AF_INET6 if ":" in proxy.address[0] else socket.AF_INET
-    client = socks.socksocket(family, socket.SOCK_STREAM)
-    username, password = login or (None, None)
-    client.set_proxy(kind, *proxy.address, rdns=rdns, username=username, password=password)
-    client.settimeout(TIMEOUT)
-    client.connect(target)
-    return client
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def round_trip(sock: socket.socket, payload: bytes) -> bytes:
-    """Send ``payload``, half-close, and return all that comes back."""
-    sock.sendall(payload)
-    sock.shutdown(socket.SHUT_WR)
-    return read_all(sock)
-
-
-def raw_client(proxy: Dispatcher) -> socket.socket:
-    """A plain socket connected to the proxy, for hand-written handshakes."""
-    sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"got {len(data)} of {size} bytes")
-        data += chunk
-    return data
-
-
-def closed_by_proxy(sock: socket.socket) -> bool:
-    """Whether the proxy closes ``sock`` (EOF or reset) with nothing more to say."""
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
-def peers_seen(proxy: Dispatcher, server: Server, count: int) -> list[str]:
-    """What ``server`` (tell_peer) sees as the source of ``count`` connections in turn."""
-    seen = []
-    for _ in range(count):
-        with client_through(proxy, (server.host, server.port)) as client:
-            seen.append(read_all(client).decode())
-    return seen
-
-
-def socks5_request(host: str, port: int, command: int = 1) -> bytes:
-    return bytes([5, command, 0]) + dispatch.encode_socks5_address(host, port)
-
-
-def socks5_reply(sock: socket.socket) -> tuple[int, str, int]:
-    """Read a SOCKS5 reply; return (code, bound host, bound port)."""
-    version, code, _, atyp = recv_exactly(sock, 4)
-    assert version == 5
-    size = {1: 4, 4: 16}[atyp]
-    host = socket.inet_ntop(socket.AF_INET if atyp == 1 else socket.AF_INET6, recv_exactly(sock, size))
-    (port,) = struct.unpack("!H", recv_exactly(sock, 2))
-    return code, host, port
-
-
-def socks4_request(ip: str, port: int, command: int = 1, host: str | None = None) -> bytes:
-    packed = socket.inet_aton("0.0.0.1" if host else ip)
-    request = struct.pack("!BBH4s", 4, command, port, packed) + b"user\0"
-    return request + (host.encode() + b"\0" if host else b"")
-
-
-def socks5_code_for(proxy: Dispatcher, request: bytes) -> int:
-    with raw_client(proxy) as sock:
-        sock.sendall(b"\x05\x01\x00")
-        assert recv_exactly(sock, 2) == b"\x05\x00"
-        sock.sendall(request)
-        code, _, _ = socks5_reply(sock)
-        assert sock.recv(1) == b""  # the proxy closes after a failure
-        return code
-
-
-LOGIN = ("alice", "s3cret-pass")
-
-
-def proxy_url(proxy: Dispatcher) -> str:
-    return f"http://127.0.0.1:{proxy.address[1]}"
-
-
-def curl(*arguments: str) -> str:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
-    done = subprocess.run(
-        ["curl", "-sS", "--max-time", str(TIMEOUT), *arguments], capture_output=True, text=True, timeout=TIMEOUT * 2
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Read one response framed by Content-Length (or by the close)."""
-    reader = dispatch.DeadlineReader(sock)
-    lines = dispatch.read_head(reader, dispatch.MAX_RESPONSE_HEADER_LINE, dispatch.MAX_RESPONSE_HEADER_BYTES)
-    status = int(lines[0].split()[1])
-    headers = {name.lower(): value for name, value in dispatch.parse_header_lines(lines[1:])}
-    if status in (204, 304):
-        body = b""
-    elif "content-length" in headers:
-        body = reader.read(int(headers["content-length"]))
-    else:
-        body = reader.rest() + read_all(sock)
-    assert not reader.buffered
-    return status, headers, body
-
-
-def http_exchange(proxy: Dispatcher, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    with raw_client(proxy) as sock:
-        sock.sendall(request)
-        return read_response(sock)
-
-
-def read_request_head(conn: socket.socket) -> bytes:
-    """Read a request head from ``conn``; b"" if it closed first."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        chunk = conn.recv(1)
-        if not chunk:
-            return b""
-        head += chunk
-    return head
-
-
-def udp_client(proxy: Dispatcher) -> socks.socksocket:
-    client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.set_proxy(socks.SOCKS5, *proxy.address)
-    client.settimeout(TIMEOUT)
-    return client
-
-
-def udp_associate(proxy: Dispatcher, client_port: int) -> tuple[socket.socket, tuple[str, int]]:
-    """A raw UDP ASSOCIATE naming ``client_port``; return the TCP socket and the relay address."""
-    sock = raw_client(proxy)
-    sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", client_port, command=3))
-    assert recv_exactly(sock, 2) == b"\x05\x00"
-    code, host, port = socks5_reply(sock)
-    assert code == Reply.SUCCEEDED
-    return sock, (host, port)
-
-
-def udp_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(TIMEOUT)
-    return sock
-
-
-# Logs ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """What dispatch logs from INFO up, for the whole test.
-
-    ``exchanges(log)`` gives the record of each exchange; ``log.text`` is for
-    the lines whose words are the behaviour (warnings, refusals, secrets
-    that must not show).
-    """
-    caplog.set_level(logging.INFO, logger="dispatch")
-    return caplog
-
-
-def exchanges(log: pytest.LogCaptureFixture) -> list[dispatch.ExchangeRecord]:
-    """The ExchangeRecord of each exchange logged so far, in order."""
-    return [record.exchange for record in log.records if hasattr(record, "exchange")]
-
-
-def refusal_lines(log: pytest.LogCaptureFixture) -> list[str]:
-    return [record.message for record in log.records if record.message.startswith("refused ")]
-
-
-# Fakes ---------------------------------------------------------------------
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeInterfaces:
-    """Stands in for the interface reader; counts how often it is read."""
-
-    def __init__(self, **interfaces: list[str]) -> None:
-        self.interfaces = interfaces
-        self.reads = 0
-
-    def __call__(self) -> list[dispatch.Interface]:
-        self.reads += 1
-        return [dispatch.Interface(name, ips=tuple(ips)) for name, ips in self.interfaces.items()]
-
-
-@pytest.fixture
-def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
-    """Interfaces as a test says; loopback addresses count as usable.
-
-    Private names: a Dispatcher resolves and follows interfaces through the
-    module's own reader (it has no seam like LinkSet's ``read_interfaces``),
-    so that reader and its filters are replaced.
-    """
-    reader = FakeInterfaces()
-    monkeypatch.setattr(dispatch, "_interfaces", reader)
-    monkeypatch.setattr(dispatch, "_is_up", lambda name: True)
-    monkeypatch.setattr(dispatch, "_is_usable", lambda ip: True)
-    monkeypatch.setattr(dispatch, "INTERFACE_REFRESH_INTERVAL", 0.05)
-    return reader
-
-
-@pytest.fixture(autouse=True)
-def no_system_name_servers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test asks this machine's name servers: a proxy left to find them
-    finds none and leaves names to the system's resolver (which fake_names
-    answers); tests of the resolver name their own server on loopback.
-
-    Private seam: discovery itself is tested with recorded files."""
-    monkeypatch.setattr(dispatch, "system_name_servers", lambda: ([], dispatch.ResolvConf()))
-
-
-@pytest.fixture
-def fake_names(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """Names the proxy's resolver answers with the given addresses, in order.
-
-    /etc/hosts differs between machines (``localhost`` may or may not have
-    ::1), so names with a known answer are made up here.
-    """
-    names: dict[str, list[str]] = {}
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list[tuple]:
-        key = host.decode() if isinstance(host, bytes) else host
-        if key not in names:
-            return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
-        return [
-            (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
-            for ip in names[key]
-        ]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return names
-
-
-@pytest.fixture
-def loopback_guard(monkeypatch: pytest.MonkeyPatch, echo_server: Server) -> None:
-    """Fuzzed requests name any target: let the proxy connect to the echo
-    server only, refusing the rest before any lookup or packet.
-
-    Private: the one resolver of every upstream connect has no public seam.
-    """
-    resolve = dispatch._resolve_target
-
-    def guarded(host: str, port: int, families: Any) -> Any:
-        if (host, port) != (echo_server.host, echo_server.port):
-            raise dispatch.SocksError(Reply.NOT_ALLOWED, "not a target of this test")
-        return resolve(host, port, families)
-
-    monkeypatch.setattr(dispatch, "_resolve_target", guarded)
+# Private pure helpers, unit-tested: every errno they name is mapped.
+
+
+@pytest.mark.parametrize(
+    "error, reply",
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), Reply.CONNECTION_REFUSED),
+        (OSError(errno.ENETUNREACH, "unreachable"), Reply.NETWORK_UNREACHABLE),
+        (OSError(errno.ENETDOWN, "down"), Reply.NETWORK_UNREACHABLE),
+        (OSError(errno.EHOSTUNREACH, "no route"), Reply.HOST_UNREACHABLE),
+        (OSError(errno.EHOSTDOWN, "host down"), Reply.HOST_UNREACHABLE),
+        (socket.gaierror(socket.EAI_NONAME, "unknown"), Reply.HOST_UNREACHABLE),
+        (TimeoutError("timed out"), Reply.TTL_EXPIRED),
+        (OSError(errno.ETIMEDOUT, "timed out"), Reply.TTL_EXPIRED),
+        (OSError(errno.EACCES, "denied"), Reply.GENERAL_FAILURE),
+        (OSError("no errno"), Reply.GENERAL_FAILURE),
+    ],
+)
+def test_reply_code_maps_os_errors(error: OSError, reply: Reply) -> None:
+    assert dispatch._reply_code(error) == reply
+
+
+@pytest.mark.parametrize(
+    "error, of_link",
+    [
+        (OSError(errno.ENETUNREACH, "unreachable"), True),
+        (OSError(errno.ENETDOWN, "down"), True),
+        (OSError(errno.EHOSTUNREACH, "no route"), True),
+        (OSError(errno.EADDRNOTAVAIL, "address gone"), True),
+        (OSError(errno.ENODEV, "no device"), True),
+        (TimeoutError("timed out"), True),
+        (OSError(errno.ETIMEDOUT, "timed out"), True),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
+        (OSError(errno.EACCES, "denied"), False),
+        (socket.gaierror(socket.EAI_NONAME, "unknown"), False),
+        (dispatch.SocksError(Reply.HOST_UNREACHABLE), False),
+    ],
+)
+def test_link_failures_are_told_from_the_targets_answer(error: OSError, of_link: bool) -> None:
+    assert dispatch._is_link_failure(error) is of_link
+    assert dispatch._is_target_answer(error) is (error.errno == errno.ECONNREFUSED)
 
 
 # ---------------------------------------------------------------------------
-# Wire formats: the deadline reader, SOCKS, UDP, HTTP
+# Deadline I/O: the reader with a deadline
 # ---------------------------------------------------------------------------
-
-# Deadline reader -----------------------------------------------------------
 
 
 class Chunks:
@@ -1093,6 +304,11 @@ def test_deadline_reader_raises_on_eof() -> None:
     reader = dispatch.DeadlineReader(Chunks(b"\x05"))  # type: ignore[arg-type]
     with pytest.raises(dispatch.ProtocolError, match="client closed"):
         reader.read(2)
+
+
+# ---------------------------------------------------------------------------
+# Wire formats: SOCKS, UDP, HTTP
+# ---------------------------------------------------------------------------
 
 
 # SOCKS and SOCKS5 UDP ------------------------------------------------------
@@ -1396,7 +612,7 @@ def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], dat
     assert stream.given <= PARSER_BOUNDS[parser] + dispatch.HANDSHAKE_WINDOW
 
 
-# HTTP framing against h11, the oracle -------------------------------------
+# HTTP framing against h11, the oracle --------------------------------------
 # For every message, valid or mangled, dispatch either refuses it or reads
 # the same message as h11 does: the same head, the same body, the same bytes
 # left for the next message. Valid messages (written by h11) it reads.
@@ -2033,82 +1249,8 @@ def test_a_link_local_address_is_refused_with_the_reason(ip: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Health and choice: errno mapping, cooldowns, weighted round robin
+# Health: failures, retests, checks
 # ---------------------------------------------------------------------------
-
-# The errno mapping ---------------------------------------------------------
-# Private pure helpers, unit-tested: every errno they name is mapped.
-
-
-@pytest.mark.parametrize(
-    "error, reply",
-    [
-        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), Reply.CONNECTION_REFUSED),
-        (OSError(errno.ENETUNREACH, "unreachable"), Reply.NETWORK_UNREACHABLE),
-        (OSError(errno.ENETDOWN, "down"), Reply.NETWORK_UNREACHABLE),
-        (OSError(errno.EHOSTUNREACH, "no route"), Reply.HOST_UNREACHABLE),
-        (OSError(errno.EHOSTDOWN, "host down"), Reply.HOST_UNREACHABLE),
-        (socket.gaierror(socket.EAI_NONAME, "unknown"), Reply.HOST_UNREACHABLE),
-        (TimeoutError("timed out"), Reply.TTL_EXPIRED),
-        (OSError(errno.ETIMEDOUT, "timed out"), Reply.TTL_EXPIRED),
-        (OSError(errno.EACCES, "denied"), Reply.GENERAL_FAILURE),
-        (OSError("no errno"), Reply.GENERAL_FAILURE),
-    ],
-)
-def test_reply_code_maps_os_errors(error: OSError, reply: Reply) -> None:
-    assert dispatch._reply_code(error) == reply
-
-
-@pytest.mark.parametrize(
-    "error, of_link",
-    [
-        (OSError(errno.ENETUNREACH, "unreachable"), True),
-        (OSError(errno.ENETDOWN, "down"), True),
-        (OSError(errno.EHOSTUNREACH, "no route"), True),
-        (OSError(errno.EADDRNOTAVAIL, "address gone"), True),
-        (OSError(errno.ENODEV, "no device"), True),
-        (TimeoutError("timed out"), True),
-        (OSError(errno.ETIMEDOUT, "timed out"), True),
-        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
-        (OSError(errno.EACCES, "denied"), False),
-        (socket.gaierror(socket.EAI_NONAME, "unknown"), False),
-        (dispatch.SocksError(Reply.HOST_UNREACHABLE), False),
-    ],
-)
-def test_link_failures_are_told_from_the_targets_answer(error: OSError, of_link: bool) -> None:
-    assert dispatch._is_link_failure(error) is of_link
-    assert dispatch._is_target_answer(error) is (error.errno == errno.ECONNREFUSED)
-
-
-# Weighted round robin ------------------------------------------------------
-
-
-def test_weighted_round_robin_is_smooth_and_exact() -> None:
-    rounds = WeightedRoundRobin(["A", "B"], [7, 3])
-    picks = [rounds.next() for _ in range(100)]
-    assert "".join(picks[:10]) == "ABAAABAABA"
-    for start in range(len(picks) - 9):
-        assert picks[start : start + 10].count("A") == 7
-
-
-def test_weighted_round_robin_three_links() -> None:
-    rounds = WeightedRoundRobin(["cable", "wifi", "phone"], [3, 3, 1])
-    picks = [rounds.next() for _ in range(70)]
-    for start in range(len(picks) - 6):
-        window = picks[start : start + 7]
-        assert (window.count("cable"), window.count("wifi"), window.count("phone")) == (3, 3, 1)
-    # Smooth: never more than two picks of one link in a row here.
-    assert all(len({picks[i], picks[i + 1], picks[i + 2]}) > 1 for i in range(len(picks) - 2))
-
-
-def test_weighted_round_robin_rejects_bad_weights() -> None:
-    with pytest.raises(ValueError):
-        WeightedRoundRobin(["A"], [0])
-    with pytest.raises(ValueError):
-        WeightedRoundRobin([], [])
-
-
-# Cooldowns and the balancer ------------------------------------------------
 
 
 def three_addresses(
@@ -2276,6 +1418,42 @@ def test_when_every_link_fails_its_check_the_target_is_blamed_once(log: pytest.L
     assert "a link passed its check of 192.0.2.9:443 again" in log.text
 
 
+# ---------------------------------------------------------------------------
+# Choice: weighted round robin, measured balancing, sticky sites, tiers
+# ---------------------------------------------------------------------------
+
+
+# Weighted round robin ------------------------------------------------------
+
+
+def test_weighted_round_robin_is_smooth_and_exact() -> None:
+    rounds = WeightedRoundRobin(["A", "B"], [7, 3])
+    picks = [rounds.next() for _ in range(100)]
+    assert "".join(picks[:10]) == "ABAAABAABA"
+    for start in range(len(picks) - 9):
+        assert picks[start : start + 10].count("A") == 7
+
+
+def test_weighted_round_robin_three_links() -> None:
+    rounds = WeightedRoundRobin(["cable", "wifi", "phone"], [3, 3, 1])
+    picks = [rounds.next() for _ in range(70)]
+    for start in range(len(picks) - 6):
+        window = picks[start : start + 7]
+        assert (window.count("cable"), window.count("wifi"), window.count("phone")) == (3, 3, 1)
+    # Smooth: never more than two picks of one link in a row here.
+    assert all(len({picks[i], picks[i + 1], picks[i + 2]}) > 1 for i in range(len(picks) - 2))
+
+
+def test_weighted_round_robin_rejects_bad_weights() -> None:
+    with pytest.raises(ValueError):
+        WeightedRoundRobin(["A"], [0])
+    with pytest.raises(ValueError):
+        WeightedRoundRobin([], [])
+
+
+# Links sitting out ---------------------------------------------------------
+
+
 def test_when_every_address_sits_out_they_are_tried_anyway_in_turn() -> None:
     balancer, addresses = three_addresses(FakeClock())
     sit_out(balancer.health, *addresses)
@@ -2300,7 +1478,7 @@ def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
     assert balancer.alternative(socket.AF_INET6, []) is None
 
 
-# Measured balancing, sticky sites, tiers ------------------------------------
+# Measured balancing, sticky sites, tiers -----------------------------------
 
 KB = 1000  # rates in kB/s, as the lab counts them
 TICK = dispatch.ESTIMATE_INTERVAL
@@ -2926,7 +2104,7 @@ def test_stats_show_each_links_capacity_and_open_connections(
 
 
 # ---------------------------------------------------------------------------
-# Meter and stats
+# Meter: counters, rates, history, the state file
 # ---------------------------------------------------------------------------
 
 
@@ -2949,7 +2127,7 @@ def test_meter_readings_change_nothing_and_history_keeps_each_interval() -> None
     assert (up, down) == ([2000, 1000], [4000, 0])
 
 
-# The state file ---------------------------------------------------------------
+# The state file ------------------------------------------------------------
 
 
 def warnings_of(log: pytest.LogCaptureFixture) -> list[str]:
@@ -3165,39 +2343,134 @@ def test_stats_rates_cover_the_last_interval_and_readers_share_them(proxy: Dispa
 
 
 # ---------------------------------------------------------------------------
-# Upstream: the resolver, device binding, reply codes of connect errors, failover
+# Device binding: sockets that leave by the chosen link
 # ---------------------------------------------------------------------------
 
-# The resolver --------------------------------------------------------------
+
+def test_device_is_bound_except_for_loopback_targets() -> None:
+    # A private pure helper, unit-tested: the one place that picks the device.
+    local = dispatch.LocalAddress("192.0.2.2", interface="eth0")
+    expected = "eth0" if dispatch._CAN_BIND_TO_DEVICE else None
+    assert dispatch._device_for(local, "203.0.113.80") == expected
+    assert dispatch._device_for(local, "2001:db8::1") == expected
+    assert dispatch._device_for(local, "127.0.0.1") is None
+    assert dispatch._device_for(local, "127.9.9.9") is None
+    assert dispatch._device_for(local, "::1") is None
+    assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
 
 
-def test_unresolvable_name_gets_reply_04(proxy: Dispatcher) -> None:
-    # An empty label fails in the resolver itself: no DNS query leaves.
-    assert socks5_code_for(proxy, socks5_request("bad..name", 80)) == Reply.HOST_UNREACHABLE
+class WindowsSocket:
+    """A socket that records the options set on it and connects nowhere:
+    what the Windows path does, seen on any system."""
+
+    def __init__(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, *args: object) -> None:
+        self.family = family
+        self.options: list[tuple[int, int, object]] = []
+        self.bound: tuple[Any, ...] | None = None
+
+    def setsockopt(self, level: int, option: int, value: object) -> None:
+        self.options.append((level, option, value))
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def bind(self, address: tuple[Any, ...]) -> None:
+        self.bound = address
+
+    def connect_ex(self, address: tuple[Any, ...]) -> int:
+        return errno.EINPROGRESS
+
+    def close(self) -> None:
+        pass
 
 
-@needs_ipv6
-def test_name_tries_each_address_until_one_connects(
-    make_proxy: Callable[..., Dispatcher], fake_names: dict[str, list[str]], echo_server: Server
+@pytest.fixture
+def windows_sockets(windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets as on Windows: recording ones, bound to devices the Windows way."""
+    monkeypatch.setattr(dispatch, "_INTERFACE_INDEXES", {})
+    monkeypatch.setattr(dispatch, "_SO_BINDTODEVICE", None)
+    monkeypatch.setattr(dispatch, "_CAN_BIND_TO_DEVICE", True)
+    dispatch.resolve_links(["Wi-Fi"])  # reads the adapters, and their indexes
+    monkeypatch.setattr(dispatch.socket, "socket", WindowsSocket)
+
+
+def _unicast_if_options(sock: object) -> list[tuple[int, int, object]]:
+    assert isinstance(sock, WindowsSocket)
+    return [(level, option, value) for level, option, value in sock.options if option == 31]
+
+
+def test_windows_ipv4_connection_leaves_by_its_interface_index_in_network_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    sock = upstream.open_attempt(local, ("203.0.113.80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IP, 31, (12).to_bytes(4, "big"))]  # IP_UNICAST_IF
+    assert sock.bound == ("127.0.0.2", 0)  # type: ignore[attr-defined]
+
+
+def test_windows_ipv6_connection_leaves_by_its_interface_index_in_host_order(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("fd00::3", interface="Ethernet 2")
+    sock = upstream.open_attempt(local, ("2001:db8::80", 443))
+    assert _unicast_if_options(sock) == [(socket.IPPROTO_IPV6, 31, (7).to_bytes(4, sys.byteorder))]
+
+
+def test_windows_loopback_target_is_not_bound_to_an_interface(windows_sockets: None) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
+    assert _unicast_if_options(upstream.open_attempt(local, ("127.0.0.1", 443))) == []
+
+
+def non_loopback_address() -> dispatch.LocalAddress | None:
+    for address in dispatch.usable_addresses():
+        if address.family == socket.AF_INET:
+            return address
+    return None
+
+
+def test_loopback_target_is_reached_from_another_interfaces_address(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server
 ) -> None:
-    """A name may resolve to ::1 first while only 127.0.0.1 listens."""
-    fake_names["dual.test"] = ["::1", "127.0.0.1"]
-    proxy = make_proxy(["127.0.0.1", "::1"])
-    with client_through(proxy, ("dual.test", echo_server.port), rdns=True) as client:
-        assert round_trip(client, b"second try") == b"second try"
+    """A socket bound to eth0 cannot reach 127.0.0.1: no device for loopback."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("no IPv4 address outside loopback here")
+    proxy = make_proxy([address.ip])
+    assert proxy.addresses[0].interface == address.interface
+    with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+        assert read_all(client).decode() == address.ip
 
 
-def test_name_of_a_family_without_local_address_gets_reply_08(
-    proxy: Dispatcher, fake_names: dict[str, list[str]], log: pytest.LogCaptureFixture
+def test_refused_device_binding_warns_once_and_binds_the_source(
+    make_proxy: Callable[..., Dispatcher],
+    peer_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
 ) -> None:
-    fake_names["six.test"] = ["::1"]
-    assert socks5_code_for(proxy, socks5_request("six.test", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
-    proxy.shutdown()
-    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "six.test:80"]
-    assert exchange.result == "six.test has only IPv6 addresses and there is no IPv6 local address to dispatch to"
+    attempts = []
+
+    def refuse(sock: socket.socket, interface: str) -> None:
+        attempts.append(interface)
+        raise dispatch._DeviceBindingRefusedError(errno.EPERM, "Operation not permitted")
+
+    # Private: the one device-binding path has no public seam, and root
+    # (which runs these tests) is never refused.
+    monkeypatch.setattr(dispatch, "_device_for", lambda local, ip: "lo")
+    monkeypatch.setattr(dispatch, "_bind_to_device", refuse)
+    proxy = make_proxy(["127.0.0.2"])
+    for _ in range(3):
+        with client_through(proxy, (peer_server.host, peer_server.port)) as client:
+            assert read_all(client) == b"127.0.0.2"
+    assert attempts == ["lo"]  # not tried again after the refusal
+    warnings = [r.message for r in log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not permitted" in warnings[0]
+    assert "CAP_NET_RAW" in warnings[0] and "ip rule add from ADDR table N" in warnings[0]
 
 
-# Names through the links: server discovery, the cache, the query plan -------
+# ---------------------------------------------------------------------------
+# Name servers: resolv.conf, systemd-resolved, Windows adapters, the hosts file
+# ---------------------------------------------------------------------------
+
 
 STUB_RESOLV_CONF = """\
 # This is /run/systemd/resolve/stub-resolv.conf managed by man:systemd-resolved(8).
@@ -3306,6 +2579,40 @@ def test_hosts_file_gives_each_names_addresses_in_order() -> None:
     }
 
 
+# ---------------------------------------------------------------------------
+# Resolver: names through the links, the cache, the query plan
+# ---------------------------------------------------------------------------
+
+
+def test_unresolvable_name_gets_reply_04(proxy: Dispatcher) -> None:
+    # An empty label fails in the resolver itself: no DNS query leaves.
+    assert socks5_code_for(proxy, socks5_request("bad..name", 80)) == Reply.HOST_UNREACHABLE
+
+
+@needs_ipv6
+def test_name_tries_each_address_until_one_connects(
+    make_proxy: Callable[..., Dispatcher], fake_names: dict[str, list[str]], echo_server: Server
+) -> None:
+    """A name may resolve to ::1 first while only 127.0.0.1 listens."""
+    fake_names["dual.test"] = ["::1", "127.0.0.1"]
+    proxy = make_proxy(["127.0.0.1", "::1"])
+    with client_through(proxy, ("dual.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"second try") == b"second try"
+
+
+def test_name_of_a_family_without_local_address_gets_reply_08(
+    proxy: Dispatcher, fake_names: dict[str, list[str]], log: pytest.LogCaptureFixture
+) -> None:
+    fake_names["six.test"] = ["::1"]
+    assert socks5_code_for(proxy, socks5_request("six.test", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
+    proxy.shutdown()
+    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "six.test:80"]
+    assert exchange.result == "six.test has only IPv6 addresses and there is no IPv6 local address to dispatch to"
+
+
+# The --dns option, the cache, the query plan -------------------------------
+
+
 @pytest.mark.parametrize(
     ("texts", "expected"),
     [
@@ -3378,7 +2685,7 @@ def test_query_plan_asks_through_the_chosen_link_first_each_link_its_own_servers
     ]
 
 
-# Names through the links, end to end against a DNS server on loopback -------
+# Names through the links, end to end against a DNS server on loopback ------
 
 
 def test_socks5_name_is_asked_of_the_name_server_by_the_proxy(
@@ -3699,278 +3006,9 @@ def test_dns_counts_are_on_the_page_in_stats_json_and_in_metrics(
     assert "DNS" in page and ">2 / 1 / 0<" in page
 
 
-# Device binding ------------------------------------------------------------
-
-
-def test_device_is_bound_except_for_loopback_targets() -> None:
-    # A private pure helper, unit-tested: the one place that picks the device.
-    local = dispatch.LocalAddress("192.0.2.2", interface="eth0")
-    expected = "eth0" if dispatch._CAN_BIND_TO_DEVICE else None
-    assert dispatch._device_for(local, "203.0.113.80") == expected
-    assert dispatch._device_for(local, "2001:db8::1") == expected
-    assert dispatch._device_for(local, "127.0.0.1") is None
-    assert dispatch._device_for(local, "127.9.9.9") is None
-    assert dispatch._device_for(local, "::1") is None
-    assert dispatch._device_for(dispatch.LocalAddress("192.0.2.2"), "203.0.113.80") is None
-
-
-class WindowsSocket:
-    """A socket that records the options set on it and connects nowhere:
-    what the Windows path does, seen on any system."""
-
-    def __init__(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, *args: object) -> None:
-        self.family = family
-        self.options: list[tuple[int, int, object]] = []
-        self.bound: tuple[Any, ...] | None = None
-
-    def setsockopt(self, level: int, option: int, value: object) -> None:
-        self.options.append((level, option, value))
-
-    def setblocking(self, flag: bool) -> None:
-        pass
-
-    def bind(self, address: tuple[Any, ...]) -> None:
-        self.bound = address
-
-    def connect_ex(self, address: tuple[Any, ...]) -> int:
-        return errno.EINPROGRESS
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-def windows_sockets(windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sockets as on Windows: recording ones, bound to devices the Windows way."""
-    monkeypatch.setattr(dispatch, "_INTERFACE_INDEXES", {})
-    monkeypatch.setattr(dispatch, "_SO_BINDTODEVICE", None)
-    monkeypatch.setattr(dispatch, "_CAN_BIND_TO_DEVICE", True)
-    dispatch.resolve_links(["Wi-Fi"])  # reads the adapters, and their indexes
-    monkeypatch.setattr(dispatch.socket, "socket", WindowsSocket)
-
-
-def _unicast_if_options(sock: object) -> list[tuple[int, int, object]]:
-    assert isinstance(sock, WindowsSocket)
-    return [(level, option, value) for level, option, value in sock.options if option == 31]
-
-
-def test_windows_ipv4_connection_leaves_by_its_interface_index_in_network_order(windows_sockets: None) -> None:
-    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
-    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
-    sock = upstream.open_attempt(local, ("203.0.113.80", 443))
-    assert _unicast_if_options(sock) == [(socket.IPPROTO_IP, 31, (12).to_bytes(4, "big"))]  # IP_UNICAST_IF
-    assert sock.bound == ("127.0.0.2", 0)  # type: ignore[attr-defined]
-
-
-def test_windows_ipv6_connection_leaves_by_its_interface_index_in_host_order(windows_sockets: None) -> None:
-    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
-    local = dispatch.LocalAddress("fd00::3", interface="Ethernet 2")
-    sock = upstream.open_attempt(local, ("2001:db8::80", 443))
-    assert _unicast_if_options(sock) == [(socket.IPPROTO_IPV6, 31, (7).to_bytes(4, sys.byteorder))]
-
-
-def test_windows_loopback_target_is_not_bound_to_an_interface(windows_sockets: None) -> None:
-    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
-    local = dispatch.LocalAddress("127.0.0.2", interface="Wi-Fi")
-    assert _unicast_if_options(upstream.open_attempt(local, ("127.0.0.1", 443))) == []
-
-
-def non_loopback_address() -> dispatch.LocalAddress | None:
-    for address in dispatch.usable_addresses():
-        if address.family == socket.AF_INET:
-            return address
-    return None
-
-
-def test_loopback_target_is_reached_from_another_interfaces_address(
-    make_proxy: Callable[..., Dispatcher], peer_server: Server
-) -> None:
-    """A socket bound to eth0 cannot reach 127.0.0.1: no device for loopback."""
-    address = non_loopback_address()
-    if address is None:
-        pytest.skip("no IPv4 address outside loopback here")
-    proxy = make_proxy([address.ip])
-    assert proxy.addresses[0].interface == address.interface
-    with client_through(proxy, (peer_server.host, peer_server.port)) as client:
-        assert read_all(client).decode() == address.ip
-
-
-def test_refused_device_binding_warns_once_and_binds_the_source(
-    make_proxy: Callable[..., Dispatcher],
-    peer_server: Server,
-    monkeypatch: pytest.MonkeyPatch,
-    log: pytest.LogCaptureFixture,
-) -> None:
-    attempts = []
-
-    def refuse(sock: socket.socket, interface: str) -> None:
-        attempts.append(interface)
-        raise dispatch._DeviceBindingRefusedError(errno.EPERM, "Operation not permitted")
-
-    # Private: the one device-binding path has no public seam, and root
-    # (which runs these tests) is never refused.
-    monkeypatch.setattr(dispatch, "_device_for", lambda local, ip: "lo")
-    monkeypatch.setattr(dispatch, "_bind_to_device", refuse)
-    proxy = make_proxy(["127.0.0.2"])
-    for _ in range(3):
-        with client_through(proxy, (peer_server.host, peer_server.port)) as client:
-            assert read_all(client) == b"127.0.0.2"
-    assert attempts == ["lo"]  # not tried again after the refusal
-    warnings = [r.message for r in log.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "not permitted" in warnings[0]
-    assert "CAP_NET_RAW" in warnings[0] and "ip rule add from ADDR table N" in warnings[0]
-
-
-# Reply codes of connect errors ---------------------------------------------
-
-
-def test_refused_target_gets_reply_05(proxy: Dispatcher) -> None:
-    assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
-
-
-def test_unreachable_network_gets_reply_03(proxy: Dispatcher) -> None:
-    # TCP to a multicast group fails with ENETUNREACH before any packet leaves.
-    assert socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
-
-
-def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) -> None:
-    proxy = make_proxy(connect_timeout=0.3)
-    with unanswered_address() as (host, port):
-        assert socks5_code_for(proxy, socks5_request(host, port)) == Reply.TTL_EXPIRED
-
-
-@needs_ipv6
-def test_ipv6_target_without_ipv6_local_address_gets_reply_08(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
-    assert socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
-    proxy.shutdown()
-    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "[::1]:80"]
-    assert exchange.result == "no IPv6 local address to dispatch to"
-
-
-@needs_ipv6
-def test_socks4_without_ipv4_local_address_gets_5b(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
-) -> None:
-    proxy = make_proxy(["::1"])
-    with raw_client(proxy) as sock:
-        sock.sendall(socks4_request(echo_server.host, echo_server.port))
-        assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
-    proxy.shutdown()
-    target = f"{echo_server.host}:{echo_server.port}"
-    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == target]
-    assert exchange.result == "no IPv4 local address to dispatch to"
-
-
-# Failover, end to end ------------------------------------------------------
-
-
-def test_link_failure_fails_over_and_the_address_is_retested_not_tried_by_clients(
-    make_proxy: Callable[..., Dispatcher],
-    peer_server: Server,
-    fake_interfaces: FakeInterfaces,
-    log: pytest.LogCaptureFixture,
-) -> None:
-    # 198.51.100.99 is not an address of this machine: binding it fails with
-    # EADDRNOTAVAIL, as when an interface loses its address.
-    fake_interfaces.interfaces.update(gone0=["198.51.100.99"], fake1=["127.0.0.3"])
-    proxy = make_proxy(["gone0", "fake1"], cooldown=1.5)
-    log.set_level(logging.DEBUG, logger="dispatch")
-    assert peers_seen(proxy, peer_server, 4) == ["127.0.0.3"] * 4
-    assert log.text.count("sitting out: 198.51.100.99 (gone0): ") == 1
-    assert "retested in 1 s" in log.text
-    # The background retests try it, 1 s after the failure, then at most
-    # the cooldown apart; clients keep going by the other link.
-    assert wait_for(lambda: log.text.count("retest of 198.51.100.99 (gone0) failed") >= 2)
-    assert peers_seen(proxy, peer_server, 2) == ["127.0.0.3"] * 2
-    rows = {row["ip"]: row for row in proxy.stats()}
-    assert (rows["198.51.100.99"]["connections"], rows["198.51.100.99"]["failed"]) == (0, 1)  # one client's try
-    assert rows["198.51.100.99"]["state"] == "down"
-
-
-def test_failure_through_every_address_makes_none_sit_out(
-    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
-) -> None:
-    """A target no link can reach says nothing against the links."""
-    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
-    for _ in range(2):
-        # TCP to a multicast group fails with ENETUNREACH from any address.
-        assert socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
-    assert "sitting out" not in log.text
-    assert [row["state"] for row in proxy.stats()] == ["up", "up"]
-
-
-def test_a_link_out_after_one_silent_site_is_back_by_a_retest_of_a_site_it_reaches(
-    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
-) -> None:
-    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], connect_timeout=0.3, cooldown=2)
-    blocked, live = proxy.addresses
-    with unanswered_address() as silent:
-        # Silent through 127.0.0.2 where 127.0.0.3 got an answer: out.
-        proxy.health.connected_through(live, [(blocked, TimeoutError())], silent)
-        assert proxy.health.is_out(blocked)
-        # A client reaches another site, by the other link.
-        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
-            assert round_trip(client, b"reached") == b"reached"
-        # The retests of the silent site fail; one of the site reached gets through.
-        assert wait_for(lambda: not proxy.health.is_out(blocked))
-    assert f"back in use: 127.0.0.2 (a retest reached 127.0.0.1:{echo_server.port})" in log.text
-
-
-def test_a_retest_that_raises_is_logged_and_runs_again(
-    make_proxy: Callable[..., Dispatcher],
-    echo_server: Server,
-    monkeypatch: pytest.MonkeyPatch,
-    log: pytest.LogCaptureFixture,
-) -> None:
-    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
-    dark, live = proxy.addresses
-    probe = proxy.upstream.probe
-    raised: list[bool] = []
-
-    def probe_failing_once(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
-        if not raised:
-            raised.append(True)
-            raise OverflowError("timeout is too large")
-        return probe(local, target, timeout)
-
-    monkeypatch.setattr(proxy.upstream, "probe", probe_failing_once)
-    proxy.health.connected_through(live, [(dark, TimeoutError())], (echo_server.host, echo_server.port))
-    assert wait_for(lambda: not proxy.health.is_out(dark))
-    assert raised == [True]
-    assert re.search(r"the retest of 127\.0\.0\.2( \(lo\))? failed", log.text)
-    assert "back in use: 127.0.0.2" in log.text
-
-
-def test_a_check_that_raises_is_logged_as_a_failed_check(
-    make_proxy: Callable[..., Dispatcher],
-    echo_server: Server,
-    monkeypatch: pytest.MonkeyPatch,
-    log: pytest.LogCaptureFixture,
-) -> None:
-    proxy = make_proxy(["127.0.0.2"], start=False, checks=[f"{echo_server.host}:{echo_server.port}"])
-
-    def probe_raising(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
-        raise OverflowError("timeout is too large")
-
-    monkeypatch.setattr(proxy.upstream, "probe", probe_raising)
-    # One round in this thread, as the background task starts it (private: it has no public seam).
-    assert proxy._checking.acquire(blocking=False)
-    proxy._check_round()
-    assert re.search(r"the check of 127\.0\.0\.2( \(lo\))? failed", log.text)
-    assert "Traceback" in log.text  # the exception itself is in the log, once
-    assert not proxy._checking.locked()
-
-
-def test_refusal_is_the_targets_answer_not_a_failover(make_proxy: Callable[..., Dispatcher]) -> None:
-    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
-    assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
-    # Only the first address was tried: one failed connect, none through the other.
-    tried = {row["ip"]: (row["failed"], row["connections"]) for row in proxy.stats()}
-    assert tried == {"127.0.0.2": (1, 0), "127.0.0.3": (0, 0)}
-
-
-# Upstream proxies as links -------------------------------------------------
+# ---------------------------------------------------------------------------
+# Upstream proxies: other proxies as links
+# ---------------------------------------------------------------------------
 
 
 def echoed(sock: socket.socket, payload: bytes) -> bytes:
@@ -4597,6 +3635,159 @@ def test_passwords_of_upstreams_never_show(
 
 
 # ---------------------------------------------------------------------------
+# Upstream: reply codes of connect errors, failover
+# ---------------------------------------------------------------------------
+
+
+# Reply codes of connect errors ---------------------------------------------
+
+
+def test_refused_target_gets_reply_05(proxy: Dispatcher) -> None:
+    assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+
+
+def test_unreachable_network_gets_reply_03(proxy: Dispatcher) -> None:
+    # TCP to a multicast group fails with ENETUNREACH before any packet leaves.
+    assert socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
+
+
+def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(connect_timeout=0.3)
+    with unanswered_address() as (host, port):
+        assert socks5_code_for(proxy, socks5_request(host, port)) == Reply.TTL_EXPIRED
+
+
+@needs_ipv6
+def test_ipv6_target_without_ipv6_local_address_gets_reply_08(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
+    assert socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
+    proxy.shutdown()
+    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "[::1]:80"]
+    assert exchange.result == "no IPv6 local address to dispatch to"
+
+
+@needs_ipv6
+def test_socks4_without_ipv4_local_address_gets_5b(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["::1"])
+    with raw_client(proxy) as sock:
+        sock.sendall(socks4_request(echo_server.host, echo_server.port))
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+    proxy.shutdown()
+    target = f"{echo_server.host}:{echo_server.port}"
+    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == target]
+    assert exchange.result == "no IPv4 local address to dispatch to"
+
+
+# Failover, end to end ------------------------------------------------------
+
+
+def test_link_failure_fails_over_and_the_address_is_retested_not_tried_by_clients(
+    make_proxy: Callable[..., Dispatcher],
+    peer_server: Server,
+    fake_interfaces: FakeInterfaces,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    # 198.51.100.99 is not an address of this machine: binding it fails with
+    # EADDRNOTAVAIL, as when an interface loses its address.
+    fake_interfaces.interfaces.update(gone0=["198.51.100.99"], fake1=["127.0.0.3"])
+    proxy = make_proxy(["gone0", "fake1"], cooldown=1.5)
+    log.set_level(logging.DEBUG, logger="dispatch")
+    assert peers_seen(proxy, peer_server, 4) == ["127.0.0.3"] * 4
+    assert log.text.count("sitting out: 198.51.100.99 (gone0): ") == 1
+    assert "retested in 1 s" in log.text
+    # The background retests try it, 1 s after the failure, then at most
+    # the cooldown apart; clients keep going by the other link.
+    assert wait_for(lambda: log.text.count("retest of 198.51.100.99 (gone0) failed") >= 2)
+    assert peers_seen(proxy, peer_server, 2) == ["127.0.0.3"] * 2
+    rows = {row["ip"]: row for row in proxy.stats()}
+    assert (rows["198.51.100.99"]["connections"], rows["198.51.100.99"]["failed"]) == (0, 1)  # one client's try
+    assert rows["198.51.100.99"]["state"] == "down"
+
+
+def test_failure_through_every_address_makes_none_sit_out(
+    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    """A target no link can reach says nothing against the links."""
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    for _ in range(2):
+        # TCP to a multicast group fails with ENETUNREACH from any address.
+        assert socks5_code_for(proxy, socks5_request("224.0.0.1", 80)) == Reply.NETWORK_UNREACHABLE
+    assert "sitting out" not in log.text
+    assert [row["state"] for row in proxy.stats()] == ["up", "up"]
+
+
+def test_a_link_out_after_one_silent_site_is_back_by_a_retest_of_a_site_it_reaches(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], connect_timeout=0.3, cooldown=2)
+    blocked, live = proxy.addresses
+    with unanswered_address() as silent:
+        # Silent through 127.0.0.2 where 127.0.0.3 got an answer: out.
+        proxy.health.connected_through(live, [(blocked, TimeoutError())], silent)
+        assert proxy.health.is_out(blocked)
+        # A client reaches another site, by the other link.
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"reached") == b"reached"
+        # The retests of the silent site fail; one of the site reached gets through.
+        assert wait_for(lambda: not proxy.health.is_out(blocked))
+    assert f"back in use: 127.0.0.2 (a retest reached 127.0.0.1:{echo_server.port})" in log.text
+
+
+def test_a_retest_that_raises_is_logged_and_runs_again(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    dark, live = proxy.addresses
+    probe = proxy.upstream.probe
+    raised: list[bool] = []
+
+    def probe_failing_once(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
+        if not raised:
+            raised.append(True)
+            raise OverflowError("timeout is too large")
+        return probe(local, target, timeout)
+
+    monkeypatch.setattr(proxy.upstream, "probe", probe_failing_once)
+    proxy.health.connected_through(live, [(dark, TimeoutError())], (echo_server.host, echo_server.port))
+    assert wait_for(lambda: not proxy.health.is_out(dark))
+    assert raised == [True]
+    assert re.search(r"the retest of 127\.0\.0\.2( \(lo\))? failed", log.text)
+    assert "back in use: 127.0.0.2" in log.text
+
+
+def test_a_check_that_raises_is_logged_as_a_failed_check(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], start=False, checks=[f"{echo_server.host}:{echo_server.port}"])
+
+    def probe_raising(local: dispatch.LocalAddress, target: tuple[str, int], timeout: float) -> OSError | None:
+        raise OverflowError("timeout is too large")
+
+    monkeypatch.setattr(proxy.upstream, "probe", probe_raising)
+    # One round in this thread, as the background task starts it (private: it has no public seam).
+    assert proxy._checking.acquire(blocking=False)
+    proxy._check_round()
+    assert re.search(r"the check of 127\.0\.0\.2( \(lo\))? failed", log.text)
+    assert "Traceback" in log.text  # the exception itself is in the log, once
+    assert not proxy._checking.locked()
+
+
+def test_refusal_is_the_targets_answer_not_a_failover(make_proxy: Callable[..., Dispatcher]) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    assert socks5_code_for(proxy, socks5_request("127.0.0.1", refused_port())) == Reply.CONNECTION_REFUSED
+    # Only the first address was tried: one failed connect, none through the other.
+    tried = {row["ip"]: (row["failed"], row["connections"]) for row in proxy.stats()}
+    assert tried == {"127.0.0.2": (1, 0), "127.0.0.3": (0, 0)}
+
+
+# ---------------------------------------------------------------------------
 # Relay: half-closes, bulk, byte-exact copies
 # ---------------------------------------------------------------------------
 
@@ -4750,8 +3941,9 @@ def test_random_payloads_with_half_closes_arrive_byte_exact(
 
 
 # ---------------------------------------------------------------------------
-# Sessions: SOCKS, HTTP proxy, UDP; one record per exchange
+# Sessions: SOCKS and UDP; one record per exchange
 # ---------------------------------------------------------------------------
+
 
 # SOCKS5, SOCKS4 and 4a -----------------------------------------------------
 
@@ -5033,7 +4225,411 @@ def test_reset_client_is_a_log_line_not_a_traceback(
     assert exchange.via is proxy.addresses[0]
 
 
-# HTTP proxy ----------------------------------------------------------------
+def _reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset, as a client killed mid-transfer does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_client_that_hangs_up_mid_response_is_an_ordinary_end(
+    proxy: Dispatcher, origin: str, log: pytest.LogCaptureFixture
+) -> None:
+    sock = raw_client(proxy)
+    sock.sendall(f"GET {origin}/big HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+    _reset(sock)
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result == "200, client hung up"
+
+
+def test_a_client_that_resets_during_the_handshake_hung_up(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
+    sock = raw_client(proxy)
+    sock.sendall(b"\x05\x01\x00")
+    assert sock.recv(2) == b"\x05\x00"
+    _reset(sock)
+    wait_until_all_closed(proxy)
+    (exchange,) = exchanges(log)
+    assert exchange.result == "client hung up"
+
+
+# SOCKS5 UDP ASSOCIATE ------------------------------------------------------
+
+
+def test_udp_associate_echoes_many_datagrams(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_client(proxy) as client:
+        for index in range(200):
+            payload = b"datagram %d " % index + os.urandom(index)
+            client.sendto(payload, (udp_echo.host, udp_echo.port))
+            assert client.recvfrom(65535) == (payload, (udp_echo.host, udp_echo.port))
+    wait_until_all_closed(proxy)
+    (row,) = proxy.stats()
+    assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d " % i) + i for i in range(200))
+
+
+def test_udp_leaves_from_the_dispatched_addresses(make_proxy: Callable[..., Dispatcher], udp_sender: UdpServer) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    seen = []
+    for _ in range(6):
+        with udp_client(proxy) as client:
+            answers = set()
+            for _ in range(3):
+                client.sendto(b"who am I", (udp_sender.host, udp_sender.port))
+                answers.add(client.recv(100).decode())
+            (address,) = answers  # one association, one local address
+            seen.append(address)
+    assert seen == ["127.0.0.2", "127.0.0.3", "127.0.0.2"] * 2
+
+
+def test_udp_resolves_names_at_the_proxy(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    tcp, relay_address = udp_associate(proxy, 0)
+    with tcp, udp_socket() as sock:
+        sock.sendto(b"\0\0\0" + dispatch.encode_socks5_address("localhost", udp_echo.port) + b"named", relay_address)
+        data = sock.recv(65535)
+    assert data == dispatch.encode_udp_header("127.0.0.1", udp_echo.port) + b"named"
+
+
+def test_udp_fragments_are_dropped(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_socket() as sock:
+        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
+        with tcp:
+            header = dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+            sock.sendto(b"\0\0\x01" + header + b"fragment", relay_address)
+            sock.sendto(b"\0\0\0" + header + b"whole", relay_address)
+            assert sock.recv(65535).endswith(b"whole")
+    assert udp_echo.received == [b"whole"]
+
+
+def test_udp_from_another_client_is_ignored(
+    proxy: Dispatcher, udp_echo: UdpServer, log: pytest.LogCaptureFixture
+) -> None:
+    header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+    other_ip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other_ip.bind(("127.0.0.5", 0))
+    with udp_socket() as client, udp_socket() as other_port, other_ip:
+        tcp, relay_address = udp_associate(proxy, 0)  # the port is learned from the first datagram
+        with tcp:
+            client.sendto(header + b"first", relay_address)
+            assert client.recv(65535).endswith(b"first")
+            other_port.sendto(header + b"other port", relay_address)
+            other_ip.sendto(header + b"other address", relay_address)
+            client.sendto(header + b"second", relay_address)
+            assert client.recv(65535).endswith(b"second")
+    wait_until_all_closed(proxy)  # ended by its client, not cut by the shutdown below
+    proxy.shutdown()
+    assert udp_echo.received == [b"first", b"second"]
+    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "UDP"]
+    assert exchange.via is proxy.addresses[0]  # 127.0.0.1 (lo)
+    assert exchange.result == "ok, 2 datagrams up, 2 down, 2 dropped"
+
+
+def test_udp_association_ends_with_its_tcp_connection(proxy: Dispatcher, udp_echo: UdpServer) -> None:
+    with udp_socket() as sock:
+        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
+        header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
+        sock.sendto(header + b"ping", relay_address)
+        assert sock.recv(65535).endswith(b"ping")
+        assert proxy.stats()[0]["open"] == 1
+        tcp.close()
+        wait_until_all_closed(proxy)
+        assert proxy.stats()[0]["open"] == 0
+        # The relay port is closed: the kernel answers with ICMP port unreachable.
+        sock.connect(relay_address)
+        sock.send(header + b"late")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(65535)
+
+
+@needs_ipv6
+def test_udp_associate_on_a_dual_stack_listener_answers_ipv4_clients_in_ipv4(
+    make_proxy: Callable[..., Dispatcher], udp_echo: UdpServer
+) -> None:
+    proxy = make_proxy(host="::")
+    port = proxy.address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert socks5_reply(sock)[:2] == (Reply.SUCCEEDED, "127.0.0.1")
+    with socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.set_proxy(socks.SOCKS5, "127.0.0.1", port)
+        client.settimeout(TIMEOUT)
+        client.sendto(b"over IPv4", (udp_echo.host, udp_echo.port))
+        assert client.recvfrom(65536)[0] == b"over IPv4"
+
+
+# ---------------------------------------------------------------------------
+# Local pages: the status page, /stats.json, /metrics, /proxy.pac
+# ---------------------------------------------------------------------------
+
+
+def test_page_holds_table_and_chart_without_javascript() -> None:
+    page = dispatch.render_status_page(sample_status())
+    text = re.sub(r"<script>.*?</script>|<style>.*?</style>", "", page, flags=re.S)
+    for expected in (
+        "wlan0",
+        "192.168.1.20",
+        "usb0",
+        "timed out; tried again in 4 s",
+        "enp3s0",
+        "2001:db8::20",
+        "standby",
+        "backup",
+        "1.2 GB",
+        "5.3 MB",
+        "1523.5",
+        "12.3",
+        "2.5 MB/s",
+        "not measured",
+        "1 h 2 min",
+        "0.2.0",
+        "All links",
+        "kB/s",
+        "measured 1 min 4 s ago",
+        "900 kB/s",
+        "remembered",
+        "3.4 MB/s",
+    ):
+        assert expected in text, expected
+    assert text.count("<polyline") == 4  # two links with history, two charts
+    assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")
+
+
+def test_page_loads_nothing_from_elsewhere() -> None:
+    page = dispatch.render_status_page(sample_status())
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert "@import" not in page and "url(" not in page
+
+
+def test_page_escapes_link_names_and_reasons() -> None:
+    evil = status_row(
+        "192.168.1.9", '<script>alert("x")</script>&', reason="<b>'why'</b>", state="down", interface="<i>"
+    )
+    status = sample_status() | {"addresses": [evil], "history": {"interval": 2.0, "addresses": {}}}
+    page = dispatch.render_status_page(status)
+    assert "<script>alert" not in page and "<b>'why'" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+    assert page.count("<script>") == 1
+
+
+def test_page_with_no_history_says_so() -> None:
+    page = dispatch.render_status_page(sample_status() | {"history": {"interval": 2.0, "addresses": {}}})
+    assert page.count(">no samples yet<") == 2 and "<polyline" not in page
+    assert "no samples yet" in dispatch.render_status_page(sample_status() | {"history": {}})
+
+
+def test_page_marks_a_lone_sample() -> None:
+    status = sample_status(points=1)
+    status["history"]["addresses"]["10.42.0.7"] = {"rate_down": [], "rate_up": []}
+    page = dispatch.render_status_page(status)
+    points = re.findall(r'<polyline class="s0" points="([^"]*)"', page)
+    marks = re.findall(r'<circle class="s0" cx="396" cy="([^"]*)" r="3"/>', page)
+    assert points == [f"396.0,{y}" for y in marks] and len(marks) == 2  # at "now", both charts
+
+
+def test_page_spans_ten_minutes_of_history_on_a_round_scale() -> None:
+    page = dispatch.render_status_page(sample_status(points=400))  # the oldest are left out
+    points = re.findall(r'<polyline class="s0" points="([^"]*)"', page)
+    xs = [float(p.split(",")[0]) for p in points[0].split()]
+    assert len(xs) == 301 and xs[0] == 0.0 and xs[-1] == 396.0
+    assert ">2000 kB/s<" in page and ">1000 kB/s<" in page  # peak 1600 kB/s down
+    assert ">20 kB/s<" in page  # peak 18 kB/s up
+
+
+def test_page_csp_allows_exactly_its_own_style_and_script() -> None:
+    page = dispatch.render_status_page(sample_status())
+    for tag, directive in (("style", "style-src"), ("script", "script-src")):
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        assert body is not None
+        assert dispatch._csp_source(body.group(1)) in dispatch.STATUS_PAGE_CSP.split(directive)[1]
+
+
+def metric_families(text: str) -> dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric_samples(family: Any) -> dict[tuple[str, str], float]:
+    return {(s.labels["link"], s.labels["address"]): s.value for s in family.samples}
+
+
+def test_metrics_parse_with_the_expected_families_and_values() -> None:
+    families = metric_families(dispatch.render_metrics(sample_status()))
+    # the parser names a counter family without its _total suffix
+    assert {name: f.type for name, f in families.items()} == {
+        "dispatch_build_info": "gauge",
+        "dispatch_uptime_seconds": "gauge",
+        "dispatch_link_info": "gauge",
+        "dispatch_bytes_sent": "counter",
+        "dispatch_bytes_received": "counter",
+        "dispatch_connections_opened": "counter",
+        "dispatch_connections_failed": "counter",
+        "dispatch_open_connections": "gauge",
+        "dispatch_link_up": "gauge",
+        "dispatch_link_capacity_bytes_per_second": "gauge",
+        "dispatch_link_capacity_age_seconds": "gauge",
+        "dispatch_link_capacity_remembered": "gauge",
+        "dispatch_dns_queries": "counter",
+        "dispatch_dns_cache_hits": "counter",
+        "dispatch_dns_failures": "counter",
+        "dispatch_clients_refused": "counter",
+        "dispatch_client_connections": "gauge",
+    }
+    assert all(f.documentation for f in families.values())
+    wlan, usb, wired = ("wlan0", "192.168.1.20"), ("usb0", "10.42.0.7"), ("enp3s0", "2001:db8::20")
+    assert metric_samples(families["dispatch_bytes_sent"]) == {wlan: 5_300_000, usb: 812_000, wired: 0}
+    assert metric_samples(families["dispatch_bytes_received"])[wlan] == 1_234_567_890
+    assert metric_samples(families["dispatch_connections_failed"])[usb] == 9
+    assert metric_samples(families["dispatch_link_up"]) == {wlan: 1, usb: 0, wired: 1}  # standing by is up
+    # capacity is left out where there is none; its age where it was not measured in this run
+    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000, usb: 900_000}
+    assert metric_samples(families["dispatch_link_capacity_age_seconds"]) == {wlan: 64.2}
+    assert metric_samples(families["dispatch_link_capacity_remembered"]) == {wlan: 0, usb: 1}
+    assert metric_samples(families["dispatch_dns_queries"]) == {wlan: 31, usb: 0, wired: 0}
+    assert metric_samples(families["dispatch_dns_cache_hits"])[wlan] == 89
+    assert all(s.name.endswith("_total") for s in families["dispatch_bytes_sent"].samples)
+    (build,) = families["dispatch_build_info"].samples
+    assert (build.labels, build.value) == ({"version": "0.2.0"}, 1)
+
+
+def test_metrics_escape_label_values() -> None:
+    name = 'we"ird\\link\nname'
+    text = dispatch.render_metrics(sample_status() | {"addresses": [status_row("10.0.0.1", name, capacity=1.5)]})
+    assert 'link="we\\"ird\\\\link\\nname"' in text
+    families = metric_families(text)
+    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {(name, "10.0.0.1"): 1.5}
+
+
+PAC_PROXY = "SOCKS5 192.168.1.20:1080; SOCKS 192.168.1.20:1080; PROXY 192.168.1.20:1080"
+
+
+@pytest.fixture
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes every name lookup in this process fail, and records the attempts."""
+    attempts: list[str] = []
+
+    def refuse(name: object, *args: object, **kwargs: object) -> Any:
+        attempts.append(str(name))
+        raise socket.gaierror(socket.EAI_NONAME, "lookups are not allowed in this test")
+
+    for lookup in ("gethostbyname", "gethostbyname_ex", "getaddrinfo", "gethostbyaddr"):
+        monkeypatch.setattr(socket, lookup, refuse)
+    return attempts
+
+
+@pytest.fixture
+def pac(no_dns: list[str]) -> Any:
+    from pypac.parser import PACFile
+
+    return PACFile(dispatch.render_pac("192.168.1.20", 1080))
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "www.example.com",
+        "example.com",
+        "a.b.c.d.example",
+        "8.8.8.8",
+        "1.1.1.1",
+        "172.32.0.1",
+        "100.128.0.1",
+        "192.169.0.1",
+        "11.0.0.1",
+        "2606:4700::1111",
+        "[2606:4700::1111]",
+        "2001:db8::1",
+        "::ffff:8.8.8.8",
+        "fec0::1",
+        "localhost.example.com",
+        "999.1.1.1",
+    ],
+)
+def test_pac_sends_public_destinations_to_the_proxy(pac: Any, no_dns: list[str], host: str) -> None:
+    assert pac.find_proxy_for_url(f"https://{host}/path", host) == PAC_PROXY
+    assert no_dns == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "intranet",
+        "localhost",
+        "LOCALHOST",
+        "app.localhost",
+        "127.0.0.1",
+        "127.255.0.9",
+        "10.0.0.1",
+        "10.255.255.255",
+        "172.16.0.1",
+        "172.31.255.254",
+        "192.168.0.1",
+        "192.168.255.255",
+        "100.64.0.1",
+        "100.127.255.254",
+        "169.254.1.1",
+        "0.0.0.0",
+        "::1",
+        "[::1]",
+        "0:0:0:0:0:0:0:1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "febf::1",
+        "fd00::1",
+        "fc00::1",
+        "::ffff:192.168.1.1",
+        "::",
+    ],
+)
+def test_pac_sends_local_and_private_destinations_direct(pac: Any, no_dns: list[str], host: str) -> None:
+    assert pac.find_proxy_for_url(f"http://{host}/", host) == "DIRECT"
+    assert no_dns == []
+
+
+def test_pac_decides_from_the_host_string_alone() -> None:
+    text = dispatch.render_pac("proxy.lan", 1080)
+    for name in ("dnsResolve", "isResolvable", "isInNet", "myIpAddress", "dnsDomainIs"):
+        assert name not in text
+
+
+def test_pac_brackets_an_ipv6_proxy_host(no_dns: list[str]) -> None:
+    from pypac.parser import PACFile
+
+    for host in ("::1", "[::1]", "0:0::1"):
+        pac = PACFile(dispatch.render_pac(host, 1080))
+        expected = "SOCKS5 [::1]:1080; SOCKS [::1]:1080; PROXY [::1]:1080"
+        assert pac.find_proxy_for_url("http://example.com/", "example.com") == expected
+    assert no_dns == []
+
+
+@pytest.mark.parametrize(
+    "host, port", [("a b", 1080), ('x";alert(1);"', 1080), ("host", 0), ("host", 70000), ("[zz::1]", 1080)]
+)
+def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> None:
+    with pytest.raises(ValueError):
+        dispatch.render_pac(host, port)
+
+
+@pytest.mark.parametrize(
+    "count, text",
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1.0 kB"),
+        (53_140, "53.1 kB"),
+        (812_000, "812 kB"),
+        (1_200_000, "1.2 MB"),
+        (340_000_000_000, "340 GB"),
+        (5e15, "5000 TB"),
+    ],
+)
+def test_format_bytes(count: int, text: str) -> None:
+    assert dispatch.format_bytes(count) == text
+
+
+# ---------------------------------------------------------------------------
+# HTTP proxy: forwarding, tunnels, and answering the local pages
+# ---------------------------------------------------------------------------
 
 
 def test_curl_gets_through_the_http_proxy(make_proxy: Callable[..., Dispatcher], origin: str) -> None:
@@ -5773,110 +5369,6 @@ def test_one_log_record_per_http_request(
     assert [(exchange.via.describe(), exchange.result) for exchange in requests] == [("127.0.0.2", "200")] * 2
 
 
-# SOCKS5 UDP ASSOCIATE ------------------------------------------------------
-
-
-def test_udp_associate_echoes_many_datagrams(proxy: Dispatcher, udp_echo: UdpServer) -> None:
-    with udp_client(proxy) as client:
-        for index in range(200):
-            payload = b"datagram %d " % index + os.urandom(index)
-            client.sendto(payload, (udp_echo.host, udp_echo.port))
-            assert client.recvfrom(65535) == (payload, (udp_echo.host, udp_echo.port))
-    wait_until_all_closed(proxy)
-    (row,) = proxy.stats()
-    assert row["bytes_up"] == row["bytes_down"] == sum(len(b"datagram %d " % i) + i for i in range(200))
-
-
-def test_udp_leaves_from_the_dispatched_addresses(make_proxy: Callable[..., Dispatcher], udp_sender: UdpServer) -> None:
-    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
-    seen = []
-    for _ in range(6):
-        with udp_client(proxy) as client:
-            answers = set()
-            for _ in range(3):
-                client.sendto(b"who am I", (udp_sender.host, udp_sender.port))
-                answers.add(client.recv(100).decode())
-            (address,) = answers  # one association, one local address
-            seen.append(address)
-    assert seen == ["127.0.0.2", "127.0.0.3", "127.0.0.2"] * 2
-
-
-def test_udp_resolves_names_at_the_proxy(proxy: Dispatcher, udp_echo: UdpServer) -> None:
-    tcp, relay_address = udp_associate(proxy, 0)
-    with tcp, udp_socket() as sock:
-        sock.sendto(b"\0\0\0" + dispatch.encode_socks5_address("localhost", udp_echo.port) + b"named", relay_address)
-        data = sock.recv(65535)
-    assert data == dispatch.encode_udp_header("127.0.0.1", udp_echo.port) + b"named"
-
-
-def test_udp_fragments_are_dropped(proxy: Dispatcher, udp_echo: UdpServer) -> None:
-    with udp_socket() as sock:
-        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
-        with tcp:
-            header = dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
-            sock.sendto(b"\0\0\x01" + header + b"fragment", relay_address)
-            sock.sendto(b"\0\0\0" + header + b"whole", relay_address)
-            assert sock.recv(65535).endswith(b"whole")
-    assert udp_echo.received == [b"whole"]
-
-
-def test_udp_from_another_client_is_ignored(
-    proxy: Dispatcher, udp_echo: UdpServer, log: pytest.LogCaptureFixture
-) -> None:
-    header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
-    other_ip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    other_ip.bind(("127.0.0.5", 0))
-    with udp_socket() as client, udp_socket() as other_port, other_ip:
-        tcp, relay_address = udp_associate(proxy, 0)  # the port is learned from the first datagram
-        with tcp:
-            client.sendto(header + b"first", relay_address)
-            assert client.recv(65535).endswith(b"first")
-            other_port.sendto(header + b"other port", relay_address)
-            other_ip.sendto(header + b"other address", relay_address)
-            client.sendto(header + b"second", relay_address)
-            assert client.recv(65535).endswith(b"second")
-    wait_until_all_closed(proxy)  # ended by its client, not cut by the shutdown below
-    proxy.shutdown()
-    assert udp_echo.received == [b"first", b"second"]
-    (exchange,) = [exchange for exchange in exchanges(log) if exchange.target == "UDP"]
-    assert exchange.via is proxy.addresses[0]  # 127.0.0.1 (lo)
-    assert exchange.result == "ok, 2 datagrams up, 2 down, 2 dropped"
-
-
-def test_udp_association_ends_with_its_tcp_connection(proxy: Dispatcher, udp_echo: UdpServer) -> None:
-    with udp_socket() as sock:
-        tcp, relay_address = udp_associate(proxy, sock.getsockname()[1])
-        header = b"\0\0\0" + dispatch.encode_socks5_address(udp_echo.host, udp_echo.port)
-        sock.sendto(header + b"ping", relay_address)
-        assert sock.recv(65535).endswith(b"ping")
-        assert proxy.stats()[0]["open"] == 1
-        tcp.close()
-        wait_until_all_closed(proxy)
-        assert proxy.stats()[0]["open"] == 0
-        # The relay port is closed: the kernel answers with ICMP port unreachable.
-        sock.connect(relay_address)
-        sock.send(header + b"late")
-        with pytest.raises(ConnectionRefusedError):
-            sock.recv(65535)
-
-
-@needs_ipv6
-def test_udp_associate_on_a_dual_stack_listener_answers_ipv4_clients_in_ipv4(
-    make_proxy: Callable[..., Dispatcher], udp_echo: UdpServer
-) -> None:
-    proxy = make_proxy(host="::")
-    port = proxy.address[1]
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
-        assert recv_exactly(sock, 2) == b"\x05\x00"
-        assert socks5_reply(sock)[:2] == (Reply.SUCCEEDED, "127.0.0.1")
-    with socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-        client.set_proxy(socks.SOCKS5, "127.0.0.1", port)
-        client.settimeout(TIMEOUT)
-        client.sendto(b"over IPv4", (udp_echo.host, udp_echo.port))
-        assert client.recvfrom(65536)[0] == b"over IPv4"
-
-
 def test_responses_carry_via_and_a_refused_login_names_its_user(
     make_proxy: Callable[..., Dispatcher], origin: str, log: pytest.LogCaptureFixture
 ) -> None:
@@ -5893,376 +5385,7 @@ def test_responses_carry_via_and_a_refused_login_names_its_user(
     assert "guess" not in log.text
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close ``sock`` with a reset, as a client killed mid-transfer does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def test_a_client_that_hangs_up_mid_response_is_an_ordinary_end(
-    proxy: Dispatcher, origin: str, log: pytest.LogCaptureFixture
-) -> None:
-    sock = raw_client(proxy)
-    sock.sendall(f"GET {origin}/big HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
-    _reset(sock)
-    wait_until_all_closed(proxy)
-    (exchange,) = exchanges(log)
-    assert exchange.result == "200, client hung up"
-
-
-def test_a_client_that_resets_during_the_handshake_hung_up(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
-    sock = raw_client(proxy)
-    sock.sendall(b"\x05\x01\x00")
-    assert sock.recv(2) == b"\x05\x00"
-    _reset(sock)
-    wait_until_all_closed(proxy)
-    (exchange,) = exchanges(log)
-    assert exchange.result == "client hung up"
-
-
-# Local pages: the status page, /stats.json, /metrics, /proxy.pac ----------
-
-COUNTED = ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_down")
-
-
-def status_row(ip: str, link: str, **fields: Any) -> dict[str, Any]:
-    """One stats() row: an idle link that is up, unless fields say otherwise."""
-    row: dict[str, Any] = {
-        "ip": ip,
-        "interface": link,
-        "link": link,
-        "weight": 1,
-        "tier": "primary",
-        "state": "up",
-        "reason": None,
-        "connections": 0,
-        "failed": 0,
-        "open": 0,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "rate_up": 0.0,
-        "rate_down": 0.0,
-        "capacity": None,
-        "capacity_source": "not measured",
-        "capacity_age": None,
-        "dns_queries": 0,
-        "dns_cache_hits": 0,
-        "dns_failures": 0,
-    }
-    return row | fields
-
-
-def wave(count: int, scale: float, phase: float) -> list[float]:
-    return [scale * (1 + math.sin(i / 9 + phase)) for i in range(count)]
-
-
-def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
-    """A status as Dispatcher.status() gives it; a later ``step`` has grown
-    counters, a fourth link (cell0) and an uptime one hour longer per step."""
-    rows = [
-        status_row(
-            "192.168.1.20",
-            "wlan0",
-            weight=3,
-            connections=120 + step,
-            failed=2,
-            open=3,
-            bytes_up=5_300_000,
-            bytes_down=1_234_567_890 + step * 10**9,
-            rate_up=12_345.0,
-            rate_down=1_523_456.0,
-            capacity=2_500_000.0,
-            capacity_source="measured",
-            capacity_age=64.2,
-            dns_queries=31,
-            dns_cache_hits=89,
-            dns_failures=1,
-        ),
-        status_row(
-            "10.42.0.7",
-            "usb0",
-            state="down",
-            reason="timed out; tried again in 4 s",
-            connections=40,
-            failed=9,
-            bytes_up=812_000,
-            bytes_down=99_000_000,
-            capacity=900_000.0,
-            capacity_source="remembered",
-        ),
-        status_row("2001:db8::20", "enp3s0", tier="backup", state="standby", reason="a primary link is up"),
-    ]
-    history = {
-        "192.168.1.20": {"rate_down": wave(points, 800_000, step), "rate_up": wave(points, 9_000, step)},
-        "10.42.0.7": {"rate_down": wave(points // 2, 200_000, 2), "rate_up": wave(points // 2, 3_000, 3)},
-    }
-    if step:
-        rows.append(
-            status_row(
-                "172.20.10.2", "cell0", open=2, bytes_down=2_000_000 * step, rate_down=300_000.0, capacity=900_000.0
-            )
-        )
-        history["172.20.10.2"] = {"rate_down": wave(10, 300_000, 4), "rate_up": wave(10, 2000, 5)}
-    return {
-        "version": "0.2.0",
-        "uptime": 3725.0 + 3600 * step,
-        "listening": "127.0.0.1:1080",
-        "balance": "measured",
-        "open_connections": 4,
-        "refused": 1,
-        "totals": {key: sum(row[key] for row in rows) for key in COUNTED},
-        "addresses": rows,
-        "history": {"interval": 2.0, "addresses": history},
-    }
-
-
-def test_page_holds_table_and_chart_without_javascript() -> None:
-    page = dispatch.render_status_page(sample_status())
-    text = re.sub(r"<script>.*?</script>|<style>.*?</style>", "", page, flags=re.S)
-    for expected in (
-        "wlan0",
-        "192.168.1.20",
-        "usb0",
-        "timed out; tried again in 4 s",
-        "enp3s0",
-        "2001:db8::20",
-        "standby",
-        "backup",
-        "1.2 GB",
-        "5.3 MB",
-        "1523.5",
-        "12.3",
-        "2.5 MB/s",
-        "not measured",
-        "1 h 2 min",
-        "0.2.0",
-        "All links",
-        "kB/s",
-        "measured 1 min 4 s ago",
-        "900 kB/s",
-        "remembered",
-        "3.4 MB/s",
-    ):
-        assert expected in text, expected
-    assert text.count("<polyline") == 4  # two links with history, two charts
-    assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")
-
-
-def test_page_loads_nothing_from_elsewhere() -> None:
-    page = dispatch.render_status_page(sample_status())
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
-    assert "@import" not in page and "url(" not in page
-
-
-def test_page_escapes_link_names_and_reasons() -> None:
-    evil = status_row(
-        "192.168.1.9", '<script>alert("x")</script>&', reason="<b>'why'</b>", state="down", interface="<i>"
-    )
-    status = sample_status() | {"addresses": [evil], "history": {"interval": 2.0, "addresses": {}}}
-    page = dispatch.render_status_page(status)
-    assert "<script>alert" not in page and "<b>'why'" not in page and "<i>" not in page
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
-    assert page.count("<script>") == 1
-
-
-def test_page_with_no_history_says_so() -> None:
-    page = dispatch.render_status_page(sample_status() | {"history": {"interval": 2.0, "addresses": {}}})
-    assert page.count(">no samples yet<") == 2 and "<polyline" not in page
-    assert "no samples yet" in dispatch.render_status_page(sample_status() | {"history": {}})
-
-
-def test_page_marks_a_lone_sample() -> None:
-    status = sample_status(points=1)
-    status["history"]["addresses"]["10.42.0.7"] = {"rate_down": [], "rate_up": []}
-    page = dispatch.render_status_page(status)
-    points = re.findall(r'<polyline class="s0" points="([^"]*)"', page)
-    marks = re.findall(r'<circle class="s0" cx="396" cy="([^"]*)" r="3"/>', page)
-    assert points == [f"396.0,{y}" for y in marks] and len(marks) == 2  # at "now", both charts
-
-
-def test_page_spans_ten_minutes_of_history_on_a_round_scale() -> None:
-    page = dispatch.render_status_page(sample_status(points=400))  # the oldest are left out
-    points = re.findall(r'<polyline class="s0" points="([^"]*)"', page)
-    xs = [float(p.split(",")[0]) for p in points[0].split()]
-    assert len(xs) == 301 and xs[0] == 0.0 and xs[-1] == 396.0
-    assert ">2000 kB/s<" in page and ">1000 kB/s<" in page  # peak 1600 kB/s down
-    assert ">20 kB/s<" in page  # peak 18 kB/s up
-
-
-def test_page_csp_allows_exactly_its_own_style_and_script() -> None:
-    page = dispatch.render_status_page(sample_status())
-    for tag, directive in (("style", "style-src"), ("script", "script-src")):
-        body = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S)
-        assert body is not None
-        assert dispatch._csp_source(body.group(1)) in dispatch.STATUS_PAGE_CSP.split(directive)[1]
-
-
-def metric_families(text: str) -> dict[str, Any]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def metric_samples(family: Any) -> dict[tuple[str, str], float]:
-    return {(s.labels["link"], s.labels["address"]): s.value for s in family.samples}
-
-
-def test_metrics_parse_with_the_expected_families_and_values() -> None:
-    families = metric_families(dispatch.render_metrics(sample_status()))
-    # the parser names a counter family without its _total suffix
-    assert {name: f.type for name, f in families.items()} == {
-        "dispatch_build_info": "gauge",
-        "dispatch_uptime_seconds": "gauge",
-        "dispatch_link_info": "gauge",
-        "dispatch_bytes_sent": "counter",
-        "dispatch_bytes_received": "counter",
-        "dispatch_connections_opened": "counter",
-        "dispatch_connections_failed": "counter",
-        "dispatch_open_connections": "gauge",
-        "dispatch_link_up": "gauge",
-        "dispatch_link_capacity_bytes_per_second": "gauge",
-        "dispatch_link_capacity_age_seconds": "gauge",
-        "dispatch_link_capacity_remembered": "gauge",
-        "dispatch_dns_queries": "counter",
-        "dispatch_dns_cache_hits": "counter",
-        "dispatch_dns_failures": "counter",
-        "dispatch_clients_refused": "counter",
-        "dispatch_client_connections": "gauge",
-    }
-    assert all(f.documentation for f in families.values())
-    wlan, usb, wired = ("wlan0", "192.168.1.20"), ("usb0", "10.42.0.7"), ("enp3s0", "2001:db8::20")
-    assert metric_samples(families["dispatch_bytes_sent"]) == {wlan: 5_300_000, usb: 812_000, wired: 0}
-    assert metric_samples(families["dispatch_bytes_received"])[wlan] == 1_234_567_890
-    assert metric_samples(families["dispatch_connections_failed"])[usb] == 9
-    assert metric_samples(families["dispatch_link_up"]) == {wlan: 1, usb: 0, wired: 1}  # standing by is up
-    # capacity is left out where there is none; its age where it was not measured in this run
-    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {wlan: 2_500_000, usb: 900_000}
-    assert metric_samples(families["dispatch_link_capacity_age_seconds"]) == {wlan: 64.2}
-    assert metric_samples(families["dispatch_link_capacity_remembered"]) == {wlan: 0, usb: 1}
-    assert metric_samples(families["dispatch_dns_queries"]) == {wlan: 31, usb: 0, wired: 0}
-    assert metric_samples(families["dispatch_dns_cache_hits"])[wlan] == 89
-    assert all(s.name.endswith("_total") for s in families["dispatch_bytes_sent"].samples)
-    (build,) = families["dispatch_build_info"].samples
-    assert (build.labels, build.value) == ({"version": "0.2.0"}, 1)
-
-
-def test_metrics_escape_label_values() -> None:
-    name = 'we"ird\\link\nname'
-    text = dispatch.render_metrics(sample_status() | {"addresses": [status_row("10.0.0.1", name, capacity=1.5)]})
-    assert 'link="we\\"ird\\\\link\\nname"' in text
-    families = metric_families(text)
-    assert metric_samples(families["dispatch_link_capacity_bytes_per_second"]) == {(name, "10.0.0.1"): 1.5}
-
-
-PAC_PROXY = "SOCKS5 192.168.1.20:1080; SOCKS 192.168.1.20:1080; PROXY 192.168.1.20:1080"
-
-
-@pytest.fixture
-def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Makes every name lookup in this process fail, and records the attempts."""
-    attempts: list[str] = []
-
-    def refuse(name: object, *args: object, **kwargs: object) -> Any:
-        attempts.append(str(name))
-        raise socket.gaierror(socket.EAI_NONAME, "lookups are not allowed in this test")
-
-    for lookup in ("gethostbyname", "gethostbyname_ex", "getaddrinfo", "gethostbyaddr"):
-        monkeypatch.setattr(socket, lookup, refuse)
-    return attempts
-
-
-@pytest.fixture
-def pac(no_dns: list[str]) -> Any:
-    from pypac.parser import PACFile
-
-    return PACFile(dispatch.render_pac("192.168.1.20", 1080))
-
-
-@pytest.mark.parametrize(
-    "host",
-    [
-        "www.example.com",
-        "example.com",
-        "a.b.c.d.example",
-        "8.8.8.8",
-        "1.1.1.1",
-        "172.32.0.1",
-        "100.128.0.1",
-        "192.169.0.1",
-        "11.0.0.1",
-        "2606:4700::1111",
-        "[2606:4700::1111]",
-        "2001:db8::1",
-        "::ffff:8.8.8.8",
-        "fec0::1",
-        "localhost.example.com",
-        "999.1.1.1",
-    ],
-)
-def test_pac_sends_public_destinations_to_the_proxy(pac: Any, no_dns: list[str], host: str) -> None:
-    assert pac.find_proxy_for_url(f"https://{host}/path", host) == PAC_PROXY
-    assert no_dns == []
-
-
-@pytest.mark.parametrize(
-    "host",
-    [
-        "intranet",
-        "localhost",
-        "LOCALHOST",
-        "app.localhost",
-        "127.0.0.1",
-        "127.255.0.9",
-        "10.0.0.1",
-        "10.255.255.255",
-        "172.16.0.1",
-        "172.31.255.254",
-        "192.168.0.1",
-        "192.168.255.255",
-        "100.64.0.1",
-        "100.127.255.254",
-        "169.254.1.1",
-        "0.0.0.0",
-        "::1",
-        "[::1]",
-        "0:0:0:0:0:0:0:1",
-        "fe80::1",
-        "fe80::1%eth0",
-        "febf::1",
-        "fd00::1",
-        "fc00::1",
-        "::ffff:192.168.1.1",
-        "::",
-    ],
-)
-def test_pac_sends_local_and_private_destinations_direct(pac: Any, no_dns: list[str], host: str) -> None:
-    assert pac.find_proxy_for_url(f"http://{host}/", host) == "DIRECT"
-    assert no_dns == []
-
-
-def test_pac_decides_from_the_host_string_alone() -> None:
-    text = dispatch.render_pac("proxy.lan", 1080)
-    for name in ("dnsResolve", "isResolvable", "isInNet", "myIpAddress", "dnsDomainIs"):
-        assert name not in text
-
-
-def test_pac_brackets_an_ipv6_proxy_host(no_dns: list[str]) -> None:
-    from pypac.parser import PACFile
-
-    for host in ("::1", "[::1]", "0:0::1"):
-        pac = PACFile(dispatch.render_pac(host, 1080))
-        expected = "SOCKS5 [::1]:1080; SOCKS [::1]:1080; PROXY [::1]:1080"
-        assert pac.find_proxy_for_url("http://example.com/", "example.com") == expected
-    assert no_dns == []
-
-
-@pytest.mark.parametrize(
-    "host, port", [("a b", 1080), ('x";alert(1);"', 1080), ("host", 0), ("host", 70000), ("[zz::1]", 1080)]
-)
-def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> None:
-    with pytest.raises(ValueError):
-        dispatch.render_pac(host, port)
+# Answering the local pages -------------------------------------------------
 
 
 def http_get(
@@ -6454,192 +5577,10 @@ def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
     assert not echo_server.connections
 
 
-# In a real browser ------------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-extensions",
-    "--disable-default-apps",
-    "--no-default-browser-check",
-    "--hide-scrollbars",
-    # Scripts run 5 s of virtual time: the page's first update (at 2 s) is in the dump.
-    "--virtual-time-budget=5000",
-    # Chromium calls home (update, accounts) despite the flags above: with every
-    # name failing to resolve in the browser, none of that leaves the machine.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
-SCREENSHOTS = os.environ.get("DISPATCH_SCREENSHOTS")  # a folder to keep them in (the README's is one)
-
-
-def run_chromium(tmp_path: Any, *arguments: str) -> str:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    profile = tmp_path / f"profile-{time.monotonic_ns()}"
-    command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-
-
-class PageServer(http.server.ThreadingHTTPServer):
-    """Serves the status page of sample_status(), then /stats.json as ``steps``
-    says: a later step each time (a negative one is a failure)."""
-
-    daemon_threads = True
-
-    def __init__(self, steps: Iterator[int]) -> None:
-        super().__init__(("127.0.0.1", 0), PageHandler)
-        self.paths: list[str] = []
-        self.steps = steps
-
-
-class PageHandler(http.server.BaseHTTPRequestHandler):
-    server: PageServer
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        code, kind, body = 200, dispatch.PAGE_CONTENT_TYPE, dispatch.render_status_page(sample_status())
-        if self.path == "/stats.json":
-            step = next(self.server.steps)
-            code, kind, body = (
-                (503, "text/plain", "busy") if step < 0 else (200, "application/json", json.dumps(sample_status(step)))
-            )
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Security-Policy", dispatch.STATUS_PAGE_CSP)
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def page_server(request: pytest.FixtureRequest) -> Iterator[PageServer]:
-    steps = {
-        "newer": itertools.count(1),
-        "same": itertools.repeat(0),
-        "failing first": itertools.chain([-1], itertools.count(1)),
-    }
-    server = PageServer(steps[getattr(request, "param", "newer")])
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-class Markup(html.parser.HTMLParser):
-    """Markup as start tags (attributes sorted, an empty class left out), texts
-    and end tags, so that the page as served and Chromium's DOM compare."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.events: list[tuple[str, ...]] = []
-        self.feed(text)
-        self.close()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.events.append(("start", tag, *sorted(f"{k}={v}" for k, v in attrs if v or k != "class")))
-
-    def handle_endtag(self, tag: str) -> None:
-        self.events.append(("end", tag))
-
-    def handle_data(self, data: str) -> None:
-        self.events.append(("text", data))
-
-
-def redrawn_part(page: str) -> list[tuple[str, ...]]:
-    """Facts, table, charts and legend: all that the script redraws."""
-    return Markup(page[page.index('<dl class="facts">') : page.index("<script>")]).events
-
-
-@pytest.mark.parametrize("page_server", ["same"], indirect=True)
-def test_browser_redraws_the_same_status_exactly_as_served(tmp_path: Any, page_server: PageServer) -> None:
-    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
-    assert '<span id="live">live, every 2 s</span>' in dom
-    assert redrawn_part(dom) == redrawn_part(dispatch.render_status_page(sample_status()))
-
-
-def test_browser_updates_table_and_chart_from_stats_json(tmp_path: Any, page_server: PageServer) -> None:
-    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
-    assert set(page_server.paths) == {"/", "/stats.json"}  # nothing else is fetched
-    uptime = re.search(r'data-f="uptime">([^<]*)<', dom)
-    assert uptime is not None and re.fullmatch(r"[2-9] h 2 min", uptime.group(1))
-    for link in ("wlan0", "usb0", "enp3s0", "cell0"):  # cell0 comes only with the update
-        assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
-    assert dom.count("<polyline") == 6  # three links with history, two charts
-
-
-@pytest.mark.parametrize("page_server", ["failing first"], indirect=True)
-def test_browser_keeps_polling_after_a_failed_fetch(tmp_path: Any, page_server: PageServer) -> None:
-    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
-    assert page_server.paths.count("/stats.json") >= 2
-    assert '<span id="live">live, every 2 s</span>' in dom and "cell0" in dom
-
-
-def test_browser_shows_a_running_proxys_links_and_charts(
-    tmp_path: Any, make_proxy: Callable[..., Dispatcher], echo_server: Server
-) -> None:
-    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
-    for _ in range(3):
-        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
-            assert round_trip(client, b"x" * 50_000) == b"x" * 50_000
-    proxy.meter.sample()  # a sample in the history now, rather than in up to 2 s
-    url = f"http://127.0.0.1:{proxy.address[1]}/"
-    dom = run_chromium(tmp_path, "--dump-dom", url)
-    assert '<span id="live">live, every 2 s</span>' in dom  # the first update came
-    for link in ("127.0.0.2", "127.0.0.3"):
-        assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
-    assert dom.count("<polyline") == 4 and ">no samples yet<" not in dom  # two links, two charts
-    for name, size in (("narrow", "412,900"), ("wide", "1200,900")):
-        shot = os.path.join(SCREENSHOTS or str(tmp_path), f"status-{name}.png")
-        run_chromium(tmp_path, f"--screenshot={shot}", f"--window-size={size}", url)
-        with open(shot, "rb") as png:
-            head = png.read(24)
-        assert head.startswith(b"\x89PNG") and int.from_bytes(head[16:20], "big") == int(size.split(",")[0])
-
-
-def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
-    tmp_path: Any,
-    make_proxy: Callable[..., Dispatcher],
-    origin: str,
-    fake_names: dict[str, list[str]],
-    log: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    fake_names["www.example.test"] = ["127.0.0.1"]  # for the proxy's resolver alone
-    answers = socket.getaddrinfo
-
-    def test_names_only(host: Any, *args: Any, **kwargs: Any) -> Any:
-        # Chromium also calls home through the PAC's proxy: those names must
-        # not be looked up either.
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        if name not in fake_names and not dispatch._is_ip(name):
-            raise socket.gaierror(socket.EAI_NONAME, "not a name of this test")
-        return answers(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", test_names_only)
-    proxy = make_proxy()
-    port = origin.rpartition(":")[2]
-    dom = run_chromium(
-        tmp_path,
-        f"--proxy-pac-url=http://127.0.0.1:{proxy.address[1]}/proxy.pac",
-        "--dump-dom",
-        f"http://www.example.test:{port}/page",
-    )
-    assert "GET /page" in dom  # the origin's answer, through the proxy
-    targets = [exchange.target for exchange in exchanges(log)]
-    assert f"www.example.test:{port}" in targets or f"GET http://www.example.test:{port}/page" in targets
-
-
 # ---------------------------------------------------------------------------
 # Server and limits: admission, timeouts, threads, descriptors, hostile clients
 # ---------------------------------------------------------------------------
+
 
 # The first byte picks the session ------------------------------------------
 
@@ -6813,56 +5754,6 @@ def test_more_than_1024_connections_open_at_once(make_proxy: Callable[..., Dispa
         for index, client in enumerate(clients):
             expected = b"%d;" % index
             assert recv_exactly(client, len(expected)) == expected
-
-
-class FakeLimits:
-    """Stands in for the resource module: one descriptor limit, and a system
-    that may refuse a soft limit above some figure (as macOS above OPEN_MAX)."""
-
-    RLIMIT_NOFILE = 7
-
-    def __init__(self, soft: int, hard: int, unlimited: int, refused_above: int | None) -> None:
-        self.RLIM_INFINITY = unlimited
-        self.limits = (soft, hard)
-        self.refused_above = refused_above
-
-    def getrlimit(self, which: int) -> tuple[int, int]:
-        assert which == self.RLIMIT_NOFILE
-        return self.limits
-
-    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
-        if self.refused_above is not None and limits[0] > self.refused_above:
-            raise ValueError("not allowed to raise the current limit")
-        self.limits = limits
-
-
-MACOS_UNLIMITED = 2**63 - 1
-
-
-@pytest.mark.parametrize(
-    "soft, hard, unlimited, refused_above, raised_to, limits_after",
-    [
-        (1024, 20000, -1, None, 20000, (20000, 20000)),  # Linux: up to the hard limit
-        (4096, 4096, -1, None, 4096, (4096, 4096)),  # nothing to raise
-        (-1, -1, -1, None, None, (-1, -1)),  # no limit at all
-        (256, MACOS_UNLIMITED, MACOS_UNLIMITED, 10240, 10240, (10240, MACOS_UNLIMITED)),  # macOS
-        (256, 24576, MACOS_UNLIMITED, 10240, 10240, (10240, 24576)),  # a hard limit above OPEN_MAX
-        (256, 8192, MACOS_UNLIMITED, 4096, 256, (256, 8192)),  # refused all the way: stays
-    ],
-)
-def test_descriptor_limit_is_raised_as_far_as_the_system_allows(
-    monkeypatch: pytest.MonkeyPatch,
-    soft: int,
-    hard: int,
-    unlimited: int,
-    refused_above: int | None,
-    raised_to: int | None,
-    limits_after: tuple[int, int],
-) -> None:
-    limits = FakeLimits(soft, hard, unlimited, refused_above)
-    monkeypatch.setitem(sys.modules, "resource", limits)
-    assert dispatch.raise_descriptor_limit() == raised_to
-    assert limits.limits == limits_after
 
 
 def test_default_max_connections_fits_the_descriptor_limit() -> None:
@@ -7106,10 +5997,182 @@ def test_shutdown_wakes_a_request_waiting_for_its_origin(
 
 
 # ---------------------------------------------------------------------------
-# Reports and the command line
+# Service units: systemd, launchd, Task Scheduler
 # ---------------------------------------------------------------------------
 
-# Reports -------------------------------------------------------------------
+
+def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
+    err = capsys.readouterr().err
+    assert "socks5://al:***@10.0.0.9:1080" in err and "--upstream-auth-file" in err
+    assert "hunter2" not in err
+
+
+def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["--upstream-auth-file", "/etc/dispatch/upstream", "socks5://al@10.0.0.9:1080+eth0@2"]
+    assert dispatch.main(["service", "systemd", *arguments]) == 0
+    assert "--upstream-auth-file /etc/dispatch/upstream socks5://al@10.0.0.9:1080+eth0@2" in capsys.readouterr().out
+
+
+def test_service_systemd_unit_runs_dispatch_start_and_verifies(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", "systemd", "--port", "1081", "wlan0@3", "usb0@backup"]) == 0
+    unit = capsys.readouterr().out
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert exec_start == (
+        f"ExecStart={sys.executable} {dispatch.__file__} start --log-file /var/log/dispatch/dispatch.log "
+        "--port 1081 wlan0@3 usb0@backup"
+    )
+    expected = {
+        "Restart=on-failure",
+        "After=network-online.target",
+        "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE",
+    }
+    assert expected <= set(unit.splitlines())
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    path = tmp_path / "dispatch.service"
+    path.write_text(unit)
+    checked = subprocess.run([analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "dispatch.service" not in checked.stderr
+
+
+def test_service_systemd_quotes_what_systemd_would_split(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "--log-file", "/var/log/my logs/d.log", "Ethernet 2", "wlan0@3"]) == 0
+    (exec_start,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ExecStart=")]
+    assert exec_start.endswith('start --log-file "/var/log/my logs/d.log" "Ethernet 2" wlan0@3')
+
+
+def test_service_launchd_plist_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    import plistlib
+
+    assert dispatch.main(["service", "launchd", "en0", "en1@backup"]) == 0
+    job = plistlib.loads(capsys.readouterr().out.encode())
+    assert job["ProgramArguments"] == [sys.executable, dispatch.__file__, "start", "en0", "en1@backup"]
+    assert (job["RunAtLoad"], job["KeepAlive"]) == (True, {"SuccessfulExit": False})
+    assert job["StandardErrorPath"].endswith("/Library/Logs/dispatch/stderr.log")
+
+
+def _windows_argv(line: str) -> list[str]:
+    """Split a command line as CommandLineToArgvW does (2n backslashes and a
+    quote: n backslashes, the quote toggles; 2n+1: n backslashes and a quote)."""
+    arguments, current, quoted, backslashes, started = [], "", False, 0, False
+    for character in line + " ":
+        if character == "\\":
+            backslashes += 1
+            continue
+        if character == '"':
+            current += "\\" * (backslashes // 2)
+            if backslashes % 2:
+                current += '"'
+            else:
+                quoted = not quoted
+            started, backslashes = True, 0
+            continue
+        current += "\\" * backslashes
+        backslashes = 0
+        if character in " \t" and not quoted:
+            if started or current:
+                arguments.append(current)
+            current, started = "", False
+        else:
+            current += character
+            started = True
+    return arguments
+
+
+def test_service_windows_task_quotes_paths_with_spaces() -> None:
+    from xml.etree import ElementTree
+
+    python = r"C:\Program Files\Python311\python.exe"
+    module = r"C:\Users\Ann Lee\dispatch\dispatch.py"
+    task = dispatch.service_unit("windows", ["Wi-Fi@3", "Ethernet 2", "--log-file", "C:\\logs dir\\"], [python, module])
+    namespace = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    root = ElementTree.fromstring(task)
+    assert root.findtext("t:Actions/t:Exec/t:Command", namespaces=namespace) == python
+    arguments = root.findtext("t:Actions/t:Exec/t:Arguments", namespaces=namespace)
+    assert arguments is not None and arguments.startswith('"C:\\Users\\Ann Lee\\dispatch\\dispatch.py" start')
+    assert _windows_argv(arguments) == [module, "start", "Wi-Fi@3", "Ethernet 2", "--log-file", "C:\\logs dir\\"]
+    assert root.find("t:Triggers/t:LogonTrigger", namespace) is not None
+    assert root.findtext("t:Settings/t:RestartOnFailure/t:Count", namespaces=namespace) == "255"
+
+
+def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        dispatch.main(["service", "systemd", "--port", "70000"])
+    assert exit_.value.code == 2
+    assert "is not a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["eth0@0"], "'eth0@0': the weight must be a whole number from 1 to 1000"),
+        (["10.0.0.1/24"], "'10.0.0.1/24' looks like a network prefix"),
+        (["a@b@c"], "'a@b@c': one '@' at most"),
+        ([""], "an empty ADDRESS"),
+        (["224.0.0.1"], "224.0.0.1 is a multicast address"),
+        (["--auth-file", ""], "the login file's path is empty"),
+        (["--auth-file", os.devnull], "holds no USER:PASS line"),
+        (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
+        (["--idle-timeout", "2592000"], "'2592000' is out of range"),
+        (["--dns", "system", "--dns", "192.0.2.53"], "--dns system leaves names to the system's resolver"),
+        (["--dns", "ns.example"], "a name server is an IP address"),
+        (["--check", "check.example"], "a check target is IP:PORT or NAME:PORT"),
+        (["socks5://10.0.0.9:1080+224.0.0.1"], "224.0.0.1 is a multicast address"),
+        (["socks5://10.0.0.9:1080+::"], ":: is the unspecified address"),
+        (["socks5://[2001:db8::9]:1080+10.0.0.1"], "2001:db8::9 cannot be reached from 10.0.0.1"),
+        (["socks5://al@10.0.0.9:1080"], "'socks5://al@10.0.0.9:1080': no password for 'al'"),
+        (["socks5://al:pw@10.0.0.9:1080@nan"], "'socks5://al:***@10.0.0.9:1080@nan': the weight must be"),
+    ],
+)
+def test_service_refuses_what_start_refuses(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        status = dispatch.main(["service", "systemd", *arguments])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("dispatch: error: ") and message in line
+
+
+@pytest.mark.parametrize("asked", [["--help"], ["-h"], ["--hel"], ["-dh"]])
+def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", "systemd", "eth0", *asked]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "dispatch: error: 'dispatch service' prints no help of start into a unit; see: dispatch start --help"
+    )
+
+
+def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line == (
+        "dispatch: error: start argument 2 holds '%', which Task Scheduler expands (%NAME%) when the task "
+        "starts: give a password holding '%' with --auth-file, and paths without '%'"
+    )
+    with pytest.raises(ValueError, match="the program's path holds '%'"):
+        dispatch.service_unit("windows", ["Wi-Fi"], [r"C:\100%\python.exe", "dispatch.py"])
+    # systemd and launchd take it as it is.
+    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
+
+
+# ---------------------------------------------------------------------------
+# Reports and the command line
+# ---------------------------------------------------------------------------
 
 
 def test_stats_table_format() -> None:
@@ -7170,26 +6233,6 @@ def test_stats_table_format() -> None:
         "-             usb0       1       waiting         0      0     0 B      0 B      0.0 kB/s   0.0 kB/s"
         "             -  not measured",
     ]
-
-
-@pytest.mark.parametrize(
-    "count, text",
-    [
-        (0, "0 B"),
-        (999, "999 B"),
-        (1000, "1.0 kB"),
-        (53_140, "53.1 kB"),
-        (812_000, "812 kB"),
-        (1_200_000, "1.2 MB"),
-        (340_000_000_000, "340 GB"),
-        (5e15, "5000 TB"),
-    ],
-)
-def test_format_bytes(count: int, text: str) -> None:
-    assert dispatch.format_bytes(count) == text
-
-
-# The command line ----------------------------------------------------------
 
 
 def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -7375,42 +6418,6 @@ def test_cli_hides_an_upstream_password_in_an_argument_it_does_not_take(capsys: 
     assert exit_.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "unrecognized arguments: socks5://al:***@10.0.0.9:1080" in line and "hunter2" not in line
-
-
-def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixture[str]) -> None:
-    assert dispatch.main(["service", "systemd", "socks5://al:hunter2@10.0.0.9:1080"]) == 2
-    err = capsys.readouterr().err
-    assert "socks5://al:***@10.0.0.9:1080" in err and "--upstream-auth-file" in err
-    assert "hunter2" not in err
-
-
-def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
-    arguments = ["--upstream-auth-file", "/etc/dispatch/upstream", "socks5://al@10.0.0.9:1080+eth0@2"]
-    assert dispatch.main(["service", "systemd", *arguments]) == 0
-    assert "--upstream-auth-file /etc/dispatch/upstream socks5://al@10.0.0.9:1080+eth0@2" in capsys.readouterr().out
-
-
-def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
-    """What the command line changes for the process while it serves, and
-    gives back when main() returns, for a program that goes on."""
-    interval = sys.getswitchinterval()
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    main_thread = threading.get_native_id()  # affinity is per thread on Linux
-    seen: list[Any] = []
-
-    def use(running: Any, stop: Callable[[], None]) -> None:
-        seen.append(sys.getswitchinterval())
-        seen.append(os.sched_getaffinity(main_thread) if cpus is not None else None)
-
-    assert run_cli(["127.0.0.1"], use, os.path.join(str(tmp_path), "d.log")) == 0
-    assert seen[0] == pytest.approx(dispatch.GIL_SWITCH_INTERVAL)
-    if cpus is not None:
-        if dispatch.PORTABLE:  # one CPU is a Linux-only speed-up, switched off with the others
-            assert seen[1] == cpus
-        else:
-            assert len(seen[1]) == 1 and seen[1] <= cpus
-        assert os.sched_getaffinity(0) == cpus
-    assert sys.getswitchinterval() == interval
 
 
 @pytest.mark.parametrize(
@@ -7821,35 +6828,6 @@ def test_cli_starts_with_windows_names(windows: None, echo_server: Server, tmp_p
     assert outcome == [b"through Wi-Fi"]
 
 
-MACOS_ROUTE_OUTPUT = """\
-   route to: default
-destination: default
-       mask: default
-    gateway: 192.168.1.1
-  interface: en0
-      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING>
-"""
-
-
-@pytest.mark.parametrize(
-    "stdout, returncode, expected",
-    [(MACOS_ROUTE_OUTPUT, 0, {"en0"}), ("", 0, set()), ("", 1, None), ("  interface: \n", 0, set())],
-)
-def test_macos_default_route_is_read_from_route(stdout: str, returncode: int, expected: set[str] | None) -> None:
-    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
-        assert command == ["/sbin/route", "-n", "get", "default"] and options["timeout"] > 0
-        return subprocess.CompletedProcess(command, returncode, stdout, "")
-
-    assert dispatch._macos_default_route_interfaces(run) == expected
-
-
-def test_macos_default_route_is_unknown_when_route_fails() -> None:
-    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
-        raise subprocess.TimeoutExpired(command, 2.0)
-
-    assert dispatch._macos_default_route_interfaces(run) is None
-
-
 def test_cli_logs_to_stdout_with_a_dash(script: Callable[[list[str]], subprocess.Popen]) -> None:
     port = refused_port()
     process = script(["start", "--port", str(port), "--log-file", "-", "127.0.0.1"])
@@ -7894,162 +6872,6 @@ def test_cli_second_ctrl_c_closes_every_connection_at_once(
         assert re.search(r"-> 127\.0\.0\.1:\d+ via 127\.0\.0\.1 \(lo\): cut by shutdown, 4 B up, 4 B down", log.read())
 
 
-def test_service_systemd_unit_runs_dispatch_start_and_verifies(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert dispatch.main(["service", "systemd", "--port", "1081", "wlan0@3", "usb0@backup"]) == 0
-    unit = capsys.readouterr().out
-    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
-    assert exec_start == (
-        f"ExecStart={sys.executable} {dispatch.__file__} start --log-file /var/log/dispatch/dispatch.log "
-        "--port 1081 wlan0@3 usb0@backup"
-    )
-    expected = {
-        "Restart=on-failure",
-        "After=network-online.target",
-        "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE",
-    }
-    assert expected <= set(unit.splitlines())
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed here")
-    path = tmp_path / "dispatch.service"
-    path.write_text(unit)
-    checked = subprocess.run([analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stderr
-    assert "dispatch.service" not in checked.stderr
-
-
-def test_service_systemd_quotes_what_systemd_would_split(capsys: pytest.CaptureFixture[str]) -> None:
-    assert dispatch.main(["service", "systemd", "--log-file", "/var/log/my logs/d.log", "Ethernet 2", "wlan0@3"]) == 0
-    (exec_start,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ExecStart=")]
-    assert exec_start.endswith('start --log-file "/var/log/my logs/d.log" "Ethernet 2" wlan0@3')
-
-
-def test_service_launchd_plist_parses(capsys: pytest.CaptureFixture[str]) -> None:
-    import plistlib
-
-    assert dispatch.main(["service", "launchd", "en0", "en1@backup"]) == 0
-    job = plistlib.loads(capsys.readouterr().out.encode())
-    assert job["ProgramArguments"] == [sys.executable, dispatch.__file__, "start", "en0", "en1@backup"]
-    assert (job["RunAtLoad"], job["KeepAlive"]) == (True, {"SuccessfulExit": False})
-    assert job["StandardErrorPath"].endswith("/Library/Logs/dispatch/stderr.log")
-
-
-def _windows_argv(line: str) -> list[str]:
-    """Split a command line as CommandLineToArgvW does (2n backslashes and a
-    quote: n backslashes, the quote toggles; 2n+1: n backslashes and a quote)."""
-    arguments, current, quoted, backslashes, started = [], "", False, 0, False
-    for character in line + " ":
-        if character == "\\":
-            backslashes += 1
-            continue
-        if character == '"':
-            current += "\\" * (backslashes // 2)
-            if backslashes % 2:
-                current += '"'
-            else:
-                quoted = not quoted
-            started, backslashes = True, 0
-            continue
-        current += "\\" * backslashes
-        backslashes = 0
-        if character in " \t" and not quoted:
-            if started or current:
-                arguments.append(current)
-            current, started = "", False
-        else:
-            current += character
-            started = True
-    return arguments
-
-
-def test_service_windows_task_quotes_paths_with_spaces() -> None:
-    from xml.etree import ElementTree
-
-    python = r"C:\Program Files\Python311\python.exe"
-    module = r"C:\Users\Ann Lee\dispatch\dispatch.py"
-    task = dispatch.service_unit("windows", ["Wi-Fi@3", "Ethernet 2", "--log-file", "C:\\logs dir\\"], [python, module])
-    namespace = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
-    root = ElementTree.fromstring(task)
-    assert root.findtext("t:Actions/t:Exec/t:Command", namespaces=namespace) == python
-    arguments = root.findtext("t:Actions/t:Exec/t:Arguments", namespaces=namespace)
-    assert arguments is not None and arguments.startswith('"C:\\Users\\Ann Lee\\dispatch\\dispatch.py" start')
-    assert _windows_argv(arguments) == [module, "start", "Wi-Fi@3", "Ethernet 2", "--log-file", "C:\\logs dir\\"]
-    assert root.find("t:Triggers/t:LogonTrigger", namespace) is not None
-    assert root.findtext("t:Settings/t:RestartOnFailure/t:Count", namespaces=namespace) == "255"
-
-
-def test_service_refuses_start_arguments_that_would_fail_at_every_boot(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        dispatch.main(["service", "systemd", "--port", "70000"])
-    assert exit_.value.code == 2
-    assert "is not a port number" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["eth0@0"], "'eth0@0': the weight must be a whole number from 1 to 1000"),
-        (["10.0.0.1/24"], "'10.0.0.1/24' looks like a network prefix"),
-        (["a@b@c"], "'a@b@c': one '@' at most"),
-        ([""], "an empty ADDRESS"),
-        (["224.0.0.1"], "224.0.0.1 is a multicast address"),
-        (["--auth-file", ""], "the login file's path is empty"),
-        (["--auth-file", os.devnull], "holds no USER:PASS line"),
-        (["--ip", "0"], "'0' is a short form of 0.0.0.0"),
-        (["--idle-timeout", "2592000"], "'2592000' is out of range"),
-        (["--dns", "system", "--dns", "192.0.2.53"], "--dns system leaves names to the system's resolver"),
-        (["--dns", "ns.example"], "a name server is an IP address"),
-        (["--check", "check.example"], "a check target is IP:PORT or NAME:PORT"),
-        (["socks5://10.0.0.9:1080+224.0.0.1"], "224.0.0.1 is a multicast address"),
-        (["socks5://10.0.0.9:1080+::"], ":: is the unspecified address"),
-        (["socks5://[2001:db8::9]:1080+10.0.0.1"], "2001:db8::9 cannot be reached from 10.0.0.1"),
-        (["socks5://al@10.0.0.9:1080"], "'socks5://al@10.0.0.9:1080': no password for 'al'"),
-        (["socks5://al:pw@10.0.0.9:1080@nan"], "'socks5://al:***@10.0.0.9:1080@nan': the weight must be"),
-    ],
-)
-def test_service_refuses_what_start_refuses(
-    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    try:
-        status = dispatch.main(["service", "systemd", *arguments])
-    except SystemExit as exit_:  # argparse's own errors
-        status = exit_.code
-    assert status == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    (line,) = err.splitlines()
-    assert line.startswith("dispatch: error: ") and message in line
-
-
-@pytest.mark.parametrize("asked", [["--help"], ["-h"], ["--hel"], ["-dh"]])
-def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert dispatch.main(["service", "systemd", "eth0", *asked]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert err.splitlines()[-1] == (
-        "dispatch: error: 'dispatch service' prints no help of start into a unit; see: dispatch start --help"
-    )
-
-
-def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    (line,) = err.splitlines()
-    assert line == (
-        "dispatch: error: start argument 2 holds '%', which Task Scheduler expands (%NAME%) when the task "
-        "starts: give a password holding '%' with --auth-file, and paths without '%'"
-    )
-    with pytest.raises(ValueError, match="the program's path holds '%'"):
-        dispatch.service_unit("windows", ["Wi-Fi"], [r"C:\100%\python.exe", "dispatch.py"])
-    # systemd and launchd take it as it is.
-    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
-
-
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -8077,653 +6899,3 @@ def test_cli_start_help_says_which_balance_applies_when(capsys: pytest.CaptureFi
         "measured (the least open work for what each link was measured to carry; the default without weights)" in text
     )
     assert "round-robin (in turn, by the weights; the default when any ADDRESS has one)" in text
-
-
-# ---------------------------------------------------------------------------
-# The network lab: three shaped uplinks in namespaces (Linux, root)
-# ---------------------------------------------------------------------------
-#
-# dispatch runs inside the lab's client namespace as a user runs it, and the
-# SOCKS clients are made there too; the servers run in the server namespace.
-
-
-LAB_PROXY_PORT = 1080  # inside the client namespace, where nothing else listens
-LAB_DOWNLOAD_SIZE = 60_000
-
-
-def import_netlab() -> Any:
-    sys.path.insert(0, os.path.join(HERE, "tools"))
-    try:
-        import netlab
-    finally:
-        sys.path.pop(0)
-    return netlab
-
-
-def build_lab(setup: str) -> Iterator[Any]:
-    netlab = import_netlab()
-    available, reason = netlab.Lab.available()
-    if not available:
-        pytest.skip(reason)
-    lab = netlab.Lab(name=f"dlab-t{os.getpid() % 100000}{setup[0]}", setup=setup)
-    with lab:
-        lab.start_peer_echo()
-        lab.start_http_server(size=LAB_DOWNLOAD_SIZE)
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def metrics_lab() -> Iterator[Any]:
-    """One default route per uplink with metrics, no rules: the usual desktop."""
-    if dispatch.PORTABLE:
-        pytest.skip("routes by metric need binding to the device, which DISPATCH_PORTABLE switches off")
-    yield from build_lab("metrics")
-
-
-@pytest.fixture(scope="module")
-def rules_lab() -> Iterator[Any]:
-    """Source-address policy rules: binding the address alone picks the uplink."""
-    yield from build_lab("rules")
-
-
-class LabProxy:
-    """``dispatch start`` running in a lab's client namespace."""
-
-    def __init__(self, lab: Any, arguments: list[str], log_file: str) -> None:
-        self.lab = lab
-        self.log_file = log_file
-        self.address = ("127.0.0.1", LAB_PROXY_PORT)
-        self.process = run_script(
-            ["start", "--port", str(LAB_PROXY_PORT), "--log-file", log_file, *arguments], lab.client_popen
-        )
-        assert self.process.stdout is not None
-        self.banner = []
-        for line in iter(self.process.stdout.readline, ""):
-            self.banner.append(line)
-            if line.startswith("log:"):
-                break
-        else:
-            raise AssertionError(f"dispatch did not start: {self.process.communicate(timeout=TIMEOUT)}")
-
-    def client(self, port: int, timeout: float = TIMEOUT, host: str | None = None) -> socks.socksocket:
-        """A PySocks socket in the client namespace, connected through dispatch
-        to the lab's server (or to ``host``, a name dispatch looks up)."""
-        with import_netlab().netns(self.lab.client_ns):
-            client = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
-        client.set_proxy(socks.SOCKS5, *self.address, rdns=host is not None)
-        client.settimeout(timeout)
-        try:
-            client.connect((host or self.lab.service_address, port))
-        except BaseException:
-            client.close()
-            raise
-        return client
-
-    def peer(self, host: str | None = None) -> str:
-        """The source address the lab's peer-echo server sees (reached by ``host``, if given)."""
-        with self.client(import_netlab().PEER_ECHO_PORT, host=host) as client:
-            return read_all(client).decode().strip()
-
-    def download(self, size: int, *, half_close: bool = True) -> int:
-        """Fetch ``size`` bytes from the lab's HTTP server; return the body
-        length. ``half_close=False`` keeps sending open until the end (some
-        proxies end both directions at the client's EOF)."""
-        with self.client(import_netlab().HTTP_PORT) as client:
-            request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
-            if half_close:
-                response = round_trip(client, request.encode())
-            else:
-                client.sendall(request.encode())
-                response = read_all(client)
-        head, _, body = response.partition(b"\r\n\r\n")
-        return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
-
-    def log(self) -> str:
-        with open(self.log_file) as log:
-            return log.read()
-
-    def stop(self) -> str:
-        self.process.send_signal(signal.SIGINT)
-        out, err = self.process.communicate(timeout=TIMEOUT)
-        assert (self.process.returncode, err) == (0, "")
-        return out
-
-
-@pytest.fixture
-def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
-    started: list[LabProxy] = []
-
-    def start(lab: Any, *arguments: str) -> LabProxy:
-        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"))
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.stop()
-
-
-def test_lab_uplink_counters_show_each_link_carries_its_share(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    """Without binding to the device, uplinks 2 and 3 do not work at all here."""
-    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
-    before = metrics_lab.counters()
-    sizes: list[int | str] = []
-
-    def download_six() -> None:
-        for _ in range(6):
-            try:
-                sizes.append(proxy.download(LAB_DOWNLOAD_SIZE))
-            except OSError as error:
-                sizes.append(repr(error))
-
-    # Five at a time: the lab's HTTP server has socketserver's accept queue
-    # of 5, and connections beyond it may be closed unanswered.
-    threads = [threading.Thread(target=download_six) for _ in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT * 3)
-    after = metrics_lab.counters()
-    assert sizes == [LAB_DOWNLOAD_SIZE] * 30
-    share = 10 * LAB_DOWNLOAD_SIZE
-    for index in (1, 2, 3):
-        received = after[index].rx_bytes - before[index].rx_bytes
-        # Payload plus TCP/IP and Ethernet headers, a few percent more.
-        assert share <= received <= share * 1.15, f"uplink {index} received {received} B"
-    # Each connection's log line is written once its relay has ended.
-    deadline = time.monotonic() + TIMEOUT
-    while (log := proxy.log()).count(": ok,") < 30 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for link in metrics_lab.uplinks:
-        assert log.count(f"via {link.client_addr} ({link.client_ifname}): ok") == 10
-
-
-@pytest.mark.parametrize("lab_name", ["metrics_lab", "rules_lab"])
-def test_lab_interface_names_work(
-    lab_name: str, request: pytest.FixtureRequest, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    lab = request.getfixturevalue(lab_name)
-    proxy = lab_proxy(lab, *(link.client_ifname for link in lab.uplinks))
-    seen = [proxy.peer() for _ in range(6)]
-    addresses = [link.client_addr for link in lab.uplinks]
-    assert seen == addresses * 2
-
-
-def test_lab_start_without_addresses_uses_every_uplink(metrics_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
-    proxy = lab_proxy(metrics_lab)
-    banner = "".join(proxy.banner)
-    for link in metrics_lab.uplinks:
-        assert f"{link.client_addr}  {link.client_ifname}" in banner
-    seen = [proxy.peer() for _ in range(6)]
-    assert sorted(seen) == sorted([link.client_addr for link in metrics_lab.uplinks] * 2)
-
-
-def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    """Without --check: a connection that meets the dark link waits one
-    --hedge (2 s here), not the connect timeout (5 s); a retest brings the
-    link back."""
-    dark = metrics_lab.uplink(1)
-    hedge = 2.0  # far above a connection's own time on a busy machine, and below the connect timeout
-    links = (link.client_addr for link in metrics_lab.uplinks)
-    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--cooldown", "2", "--hedge", f"{hedge:g}", *links)
-    metrics_lab.darken(1)
-    try:
-        durations, seen = [], []
-        for _ in range(9):
-            started = time.monotonic()
-            seen.append(proxy.peer())
-            durations.append(time.monotonic() - started)
-        assert max(durations) < hedge + 1.0 < dispatch.DEFAULT_CONNECT_TIMEOUT, durations
-        assert 1 <= len([d for d in durations if d >= hedge]) <= 2, durations
-        assert dark.client_addr not in seen
-        assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
-        assert re.search(
-            rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 2\.\d s", proxy.log()
-        )
-    finally:
-        metrics_lab.restore(1)
-    # No client tries it: a retest (at most 2 s apart here) brings it back.
-    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (a retest reached" in proxy.log())
-    deadline = time.monotonic() + TIMEOUT
-    while proxy.peer() != dark.client_addr:
-        assert time.monotonic() < deadline, "the restored link was not used again"
-
-
-def lab_status(proxy: LabProxy) -> dict[str, Any]:
-    """``/stats.json`` of a dispatch running in the lab."""
-    with import_netlab().netns(proxy.lab.client_ns):
-        sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
-    with sock:
-        host = f"{proxy.address[0]}:{proxy.address[1]}"  # as a browser names it
-        sock.sendall(f"GET /stats.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        return json.loads(read_response(sock)[2])
-
-
-LAB_UPSTREAM_PORT = 1081  # inside the server namespace, where nothing else listens
-
-
-def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    """microsocks on the server, named once per uplink (+IFACE): each
-    connection to it leaves by its own uplink, so the three carry a share
-    each (without binding to the device, uplinks 2 and 3 would carry none)."""
-    if not os.path.exists(MICROSOCKS):
-        pytest.skip("microsocks is not installed")
-    upstream = metrics_lab.server_popen(
-        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
-        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
-        links = [f"{url}+{link.client_ifname}" for link in metrics_lab.uplinks]
-        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *links)
-        before = metrics_lab.counters()
-        sizes = [proxy.download(LAB_DOWNLOAD_SIZE, half_close=False) for _ in range(6)]
-        assert sizes == [LAB_DOWNLOAD_SIZE] * 6
-        after = metrics_lab.counters()
-        for index in (1, 2, 3):
-            received = after[index].rx_bytes - before[index].rx_bytes
-            assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
-        rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
-        assert rows == dict.fromkeys(links, 2)
-    finally:
-        upstream.kill()
-        upstream.wait()
-
-
-def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
-    """``count`` downloads of ``size`` bytes started together; their lengths."""
-    sizes: list[int] = []
-    threads = [threading.Thread(target=lambda: sizes.append(proxy.download(size))) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT * 6)
-    return sizes
-
-
-def test_lab_measured_balancing_learns_each_links_capacity(rules_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
-    """Links of 1,200, 1,200 and 400 kB/s, no weights: a batch of downloads
-    measures them, and the next batch gives the slow link fewer."""
-    proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
-    assert lab_downloads(proxy, 5, 3_000_000) == [3_000_000] * 5  # five: the lab server's accept queue
-    rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
-    capacities = [rows[link.client_ifname]["capacity"] for link in rules_lab.uplinks]
-    # Near each link's rate (a busy machine reads some of it late), and the
-    # slow link well below the two fast ones: what the next batch goes by.
-    for capacity, rate in zip(capacities, (1200, 1200, 400)):
-        assert capacity is not None and 0.5 * rate * 1000 <= capacity <= 1.2 * rate * 1000, capacities
-    assert capacities[2] < 0.6 * min(capacities[:2]), capacities
-    before = {name: row["connections"] for name, row in rows.items()}
-    assert lab_downloads(proxy, 5, 300_000) == [300_000] * 5
-    after = {row["interface"]: row["connections"] - before[row["interface"]] for row in lab_status(proxy)["addresses"]}
-    assert after[rules_lab.uplink(3).client_ifname] <= 1 < after[rules_lab.uplink(1).client_ifname], after
-
-
-def connections_per_link(proxy: LabProxy) -> dict[str, int]:
-    return {row["interface"]: row["connections"] for row in lab_status(proxy)["addresses"]}
-
-
-def batch_split(proxy: LabProxy, count: int, size: int) -> list[int]:
-    """``count`` downloads of ``size`` started together: how many each uplink got."""
-    before = connections_per_link(proxy)
-    assert lab_downloads(proxy, count, size) == [size] * count
-    after = connections_per_link(proxy)
-    return [after[link.client_ifname] - before[link.client_ifname] for link in proxy.lab.uplinks]
-
-
-def test_lab_a_short_batch_after_a_short_one_goes_where_it_finishes_soonest(
-    rules_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    """Links of 1,200, 1,200 and 400 kB/s: one batch of 24 downloads of
-    250 kB (two seconds) measures them, and the next splits 11/10/3 rather
-    than 8/8/8; after the first and third swap rates, again one short
-    batch is enough."""
-    proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
-    batch_split(proxy, 24, 250_000)
-    first, second, slow = batch_split(proxy, 24, 250_000)
-    assert slow <= 4 and min(first, second) >= 9, (first, second, slow)
-    try:
-        rules_lab.set_rate(1, 400_000)
-        rules_lab.set_rate(3, 1_200_000)
-        batch_split(proxy, 24, 250_000)  # on the old figures: uplink 1 takes long
-        slow, second, fast = batch_split(proxy, 24, 250_000)
-        assert slow <= 4 and min(second, fast) >= 9, (slow, second, fast)
-    finally:
-        rules_lab.set_rate(1, 1_200_000)
-        rules_lab.set_rate(3, 400_000)
-    rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
-    assert all(rows[link.client_ifname]["capacity_source"] == "measured" for link in rules_lab.uplinks)
-
-
-def test_lab_a_restart_splits_the_first_batch_by_the_capacities_kept(
-    rules_lab: Any, lab_proxy: Callable[..., LabProxy], tmp_path: Any
-) -> None:
-    state = str(tmp_path / "state.json")
-    interfaces = [link.client_ifname for link in rules_lab.uplinks]
-    proxy = lab_proxy(rules_lab, "--state-file", state, *interfaces)
-    batch_split(proxy, 24, 250_000)
-    proxy.stop()  # writes the state file
-    kept = dispatch.read_state(state)
-    for name, rate in zip(interfaces, (1200, 1200, 400)):
-        assert 0.7 * rate * 1000 <= kept[name] <= 1.1 * rate * 1000, kept
-    again = lab_proxy(rules_lab, "--state-file", state, *interfaces)
-    assert {row["capacity_source"] for row in lab_status(again)["addresses"]} == {"remembered"}
-    first, second, slow = batch_split(again, 24, 250_000)
-    assert slow <= 4 and min(first, second) >= 9, (first, second, slow)
-
-
-def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    dark = metrics_lab.uplink(1)
-    check = f"{metrics_lab.service_address}:{import_netlab().PEER_ECHO_PORT}"
-    proxy = lab_proxy(
-        metrics_lab,
-        "--check",
-        check,
-        "--check-interval",
-        "1",
-        "--hedge",
-        "0.5",
-        "--balance",
-        "round-robin",
-        *(link.client_addr for link in metrics_lab.uplinks),
-    )
-    back = f"back in use: {dark.client_addr} ({dark.client_ifname}) ("
-    # Dark with no client around: the checks alone take it out.
-    metrics_lab.darken(1)
-    try:
-        assert wait_for(lambda: f"failed 3 checks of {check}" in proxy.log())
-    finally:
-        metrics_lab.restore(1)
-    restored = time.monotonic()
-    assert wait_for(lambda: back + "passed 2 checks" in proxy.log())
-    assert time.monotonic() - restored < 8
-    # Dark for 6 s while clients come: 30 connections, all through, none slow.
-    metrics_lab.darken(1)
-    darkened = time.monotonic()
-    try:
-        durations, seen = [], []
-        while len(durations) < 30:
-            started = time.monotonic()
-            seen.append(proxy.peer())
-            durations.append(time.monotonic() - started)
-            time.sleep(max(0.0, darkened + 6 * len(durations) / 30 - time.monotonic()))  # over the 6 s
-        # At most one hedge (0.5 s) each, with room for a busy machine: none
-        # waits the connect timeout (5 s).
-        assert max(durations) < 2.0, durations
-        assert dark.client_addr not in seen
-    finally:
-        metrics_lab.restore(1)
-    restored = time.monotonic()
-    # Within 8 s it carries connections again, and no client tried it first.
-    assert wait_for(lambda: proxy.log().count(back) == 2)
-    assert time.monotonic() - restored < 8
-    assert dark.client_addr in [proxy.peer() for _ in range(3)]
-
-
-def test_lab_a_site_silent_through_one_link_keeps_it_out_only_until_a_retest_reaches_another_site(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    """As a site that blocks one provider: the lab's web server never
-    answers through uplink 1, which reaches the peer-echo server as ever."""
-    netlab = import_netlab()
-    blocked = metrics_lab.uplink(1)
-    # The server's answers from the web port to uplink 1's address go nowhere.
-    rule = ["to", f"{blocked.client_addr}/32", "ipproto", "tcp", "sport", str(netlab.HTTP_PORT), "blackhole"]
-    if metrics_lab.run_in_server(["ip", "rule", "add", *rule]).returncode != 0:
-        pytest.skip("ip rule cannot match a port here (Linux 4.17 or later can)")
-    try:
-        proxy = lab_proxy(
-            metrics_lab,
-            "--cooldown",
-            "2",
-            "--connect-timeout",
-            "2",
-            "--hedge",
-            "0.5",
-            "--balance",
-            "round-robin",
-            *(link.client_addr for link in metrics_lab.uplinks),
-        )
-        sat_out = f"sitting out: {blocked.client_addr} ({blocked.client_ifname}): "
-        while sat_out not in proxy.log():
-            assert proxy.download(1000) == 1000  # through another link when uplink 1 is silent
-        out = time.monotonic()
-        # Another site, reached by the other links meanwhile.
-        assert blocked.client_addr not in {proxy.peer() for _ in range(2)}
-        back = (
-            f"back in use: {blocked.client_addr} ({blocked.client_ifname}) (a retest reached "
-            f"{metrics_lab.service_address}:{netlab.PEER_ECHO_PORT})"
-        )
-        assert wait_for(lambda: back in proxy.log())
-        assert time.monotonic() - out < 8  # the second retest, 3 s after the failure
-        assert blocked.client_addr in {proxy.peer() for _ in range(6)}
-    finally:
-        metrics_lab.run_in_server(["ip", "rule", "del", *rule])
-
-
-def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
-) -> None:
-    one, two, three = (metrics_lab.uplink(n).client_addr for n in (1, 2, 3))
-    proxy = lab_proxy(metrics_lab, "--cooldown", "2", "--connect-timeout", "2", one, two, f"{three}@backup")
-    assert set(proxy.peer() for _ in range(6)) == {one, two}
-    metrics_lab.darken(1)
-    metrics_lab.darken(2)
-    try:
-        assert [proxy.peer() for _ in range(6)] == [three] * 6  # every one succeeds, through the backup
-    finally:
-        metrics_lab.restore(1)
-        metrics_lab.restore(2)
-    assert wait_for(lambda: proxy.log().count("(a retest reached") >= 2)
-    assert set(proxy.peer() for _ in range(6)) == {one, two}  # the backup is idle again
-    rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
-    assert (rows[three]["tier"], rows[three]["state"], rows[three]["connections"]) == ("backup", "standby", 6)
-
-
-# Names through the links, in the lab ----------------------------------------
-
-
-@pytest.fixture
-def lab_dns(metrics_lab: Any) -> Iterator[DnsServer]:
-    """A DNS server for the lab's names on the server side (the lab's
-    service address, port 53), as an ISP's would be."""
-    with import_netlab().netns(metrics_lab.server_ns):
-        server = DnsServer(metrics_lab.service_address, 53)
-    yield server
-    server.close()
-
-
-def fresh_name(server: DnsServer, lab: Any, prefix: str = "n") -> str:
-    """A name no lookup has asked yet (the cache cannot answer it), of the lab's server."""
-    name = f"{prefix}{random.randrange(10**9)}.lab.test"
-    server.names[name] = [lab.service_address]
-    return name
-
-
-def test_lab_a_dark_default_link_costs_a_client_asking_by_name_no_more_than_the_hedge(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
-) -> None:
-    """The client's default route is the first link: the system's resolver
-    would wait out its timeouts there. dispatch's queries go through the
-    links and, unanswered, through another one after DNS_HEDGE."""
-    dark = metrics_lab.uplink(1)
-    proxy = lab_proxy(
-        metrics_lab,
-        "--balance",
-        "round-robin",
-        "--dns",
-        lab_dns.address,
-        *(link.client_addr for link in metrics_lab.uplinks),
-    )
-    metrics_lab.darken(1)
-    try:
-        durations, seen = [], []
-        for _ in range(9):  # three rounds of the round robin: the dark link is chosen three times
-            name = fresh_name(lab_dns, metrics_lab)
-            started = time.monotonic()
-            seen.append(proxy.peer(name))
-            durations.append(time.monotonic() - started)
-    finally:
-        metrics_lab.restore(1)
-    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
-    assert dark.client_addr not in seen
-    assert {source for _, _, _, source in lab_dns.queries} == set(seen)  # the dark link's never arrived
-    rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
-    assert rows[dark.client_addr]["dns_queries"] >= 1 and rows[dark.client_addr]["state"] == "up"
-
-
-@pytest.fixture
-def lab_resolv_conf(metrics_lab: Any, lab_dns: DnsServer) -> Iterator[str]:
-    """The lab's DNS server as the client's system name server: ``ip netns
-    exec`` mounts /etc/netns/NAMESPACE/resolv.conf over /etc/resolv.conf."""
-    directory = f"/etc/netns/{metrics_lab.client_ns}"
-    os.makedirs(directory, exist_ok=True)
-    with open(f"{directory}/resolv.conf", "w") as conf:
-        conf.write(f"nameserver {metrics_lab.service_address}\noptions timeout:2 attempts:2\n")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def test_lab_names_asked_of_the_systems_name_server_survive_a_dark_default_link(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, lab_resolv_conf: str
-) -> None:
-    """As a new user runs it: no --dns, the system's server reached by the
-    default route, which is the first link, dark."""
-    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
-    metrics_lab.darken(1)
-    try:
-        durations = []
-        for _ in range(6):
-            name = fresh_name(lab_dns, metrics_lab)
-            started = time.monotonic()
-            assert proxy.peer(name) != metrics_lab.uplink(1).client_addr
-            durations.append(time.monotonic() - started)
-    finally:
-        metrics_lab.restore(1)
-    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
-
-
-def test_lab_queries_leave_by_the_link_chosen_for_the_connection(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
-) -> None:
-    proxy = lab_proxy(
-        metrics_lab,
-        "--balance",
-        "round-robin",
-        "--dns",
-        lab_dns.address,
-        *(link.client_ifname for link in metrics_lab.uplinks),
-    )
-    pairs = []
-    for _ in range(6):
-        name = fresh_name(lab_dns, metrics_lab)
-        peer = proxy.peer(name)
-        pairs.append(({source for _, _, _, source in lab_dns.asked(name)}, peer))
-    assert all(sources == {peer} for sources, peer in pairs), pairs
-    assert {peer for _, peer in pairs} == {link.client_addr for link in metrics_lab.uplinks}
-
-
-def test_lab_truncated_answer_is_asked_again_by_tcp_through_the_same_link(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
-) -> None:
-    proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
-    name = fresh_name(lab_dns, metrics_lab)
-    lab_dns.behaviour[name] = "truncated"
-    peer = proxy.peer(name)
-    assert [(transport, source) for _, _, transport, source in lab_dns.asked(name)] == [("udp", peer), ("tcp", peer)]
-
-
-@pytest.mark.parametrize(
-    ("how", "reply", "asked"),
-    [
-        ("nxdomain", Reply.HOST_UNREACHABLE, 1),  # the name's servers have spoken: no other link asks
-        ("servfail", Reply.HOST_UNREACHABLE, 3),  # the server failed: asked through each link
-        ("silent", Reply.TTL_EXPIRED, 3),
-    ],
-)
-def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_once(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, how: str, reply: Reply, asked: int
-) -> None:
-    proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
-    name = fresh_name(lab_dns, metrics_lab, how)
-    lab_dns.behaviour[name] = how
-    with pytest.raises(socks.GeneralProxyError) as failure:
-        proxy.peer(name)
-    assert f"0x{reply:02x}" in str(failure.value)
-    sources = [source for _, _, _, source in lab_dns.asked(name)]
-    assert len(sources) == asked and len(set(sources)) == asked, sources
-    assert "Traceback" not in proxy.log()
-
-
-def test_lab_a_check_by_name_looks_it_up_through_each_link_and_finds_the_dark_one(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
-) -> None:
-    dark = metrics_lab.uplink(1)
-    name = fresh_name(lab_dns, metrics_lab, "check")
-    check = f"{name}:{import_netlab().PEER_ECHO_PORT}"
-    proxy = lab_proxy(
-        metrics_lab,
-        "--dns",
-        lab_dns.address,
-        "--check",
-        check,
-        "--check-interval",
-        "1",
-        *(link.client_addr for link in metrics_lab.uplinks),
-    )
-    assert wait_for(lambda: {q[3] for q in lab_dns.asked(name)} == {link.client_addr for link in metrics_lab.uplinks})
-    metrics_lab.darken(1)
-    try:
-        assert wait_for(
-            lambda: f"sitting out: {dark.client_addr} ({dark.client_ifname}): failed 3 checks of {check}" in proxy.log()
-        )
-    finally:
-        metrics_lab.restore(1)
-    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (passed 2 checks" in proxy.log())
-
-
-def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default_route(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
-) -> None:
-    """microsocks on the server takes addresses (socks5://): dispatch looks
-    names up for it, each query leaving as the connection to the proxy
-    does: by the uplink its +LINK names, by the default route (the first
-    uplink) without one."""
-    if not os.path.exists(MICROSOCKS):
-        pytest.skip("microsocks is not installed")
-    upstream = metrics_lab.server_popen(
-        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
-        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
-        source = {f"{url}+{link.client_ifname}": link.client_addr for link in metrics_lab.uplinks[1:]}
-        source[url] = metrics_lab.uplink(1).client_addr
-        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address, *source)
-        names = [fresh_name(lab_dns, metrics_lab) for _ in range(6)]
-        for name in names:
-            assert proxy.peer(name) == metrics_lab.service_address  # microsocks's own connection
-        assert wait_for(lambda: all(f" -> {name}:" in proxy.log() for name in names))  # logged as they end
-        log = proxy.log()
-        links = [re.findall(rf" -> {re.escape(name)}:\d+ via (\S+):", log) for name in names]
-        assert sorted(link for (link,) in links) == sorted([*source] * 2)
-        for name, (link,) in zip(names, links):
-            assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
-        rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
-        assert all(rows[link] >= 2 for link in source), rows
-    finally:
-        upstream.kill()
-        upstream.wait()

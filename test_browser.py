@@ -1,0 +1,212 @@
+"""The status page and the PAC file in a real browser: headless Chromium.
+
+Skipped where Chromium is not installed (apt-get install chromium).
+"""
+
+from __future__ import annotations
+
+import html.parser
+import http.server
+import itertools
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import dispatch
+from conftest import (
+    CHROMIUM,
+    Server,
+    client_through,
+    exchanges,
+    needs_chromium,
+    round_trip,
+    sample_status,
+)
+from dispatch import Dispatcher
+
+pytestmark = needs_chromium
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--no-default-browser-check",
+    "--hide-scrollbars",
+    # Scripts run 5 s of virtual time: the page's first update (at 2 s) is in the dump.
+    "--virtual-time-budget=5000",
+    # Chromium calls home (update, accounts) despite the flags above: with every
+    # name failing to resolve in the browser, none of that leaves the machine.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+SCREENSHOTS = os.environ.get("DISPATCH_SCREENSHOTS")  # a folder to keep them in (the README's is one)
+
+
+def run_chromium(tmp_path: Any, *arguments: str) -> str:
+    profile = tmp_path / f"profile-{time.monotonic_ns()}"
+    command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+class PageServer(http.server.ThreadingHTTPServer):
+    """Serves the status page of sample_status(), then /stats.json as ``steps``
+    says: a later step each time (a negative one is a failure)."""
+
+    daemon_threads = True
+
+    def __init__(self, steps: Iterator[int]) -> None:
+        super().__init__(("127.0.0.1", 0), PageHandler)
+        self.paths: list[str] = []
+        self.steps = steps
+
+
+class PageHandler(http.server.BaseHTTPRequestHandler):
+    server: PageServer
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        code, kind, body = 200, dispatch.PAGE_CONTENT_TYPE, dispatch.render_status_page(sample_status())
+        if self.path == "/stats.json":
+            step = next(self.server.steps)
+            code, kind, body = (
+                (503, "text/plain", "busy") if step < 0 else (200, "application/json", json.dumps(sample_status(step)))
+            )
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Security-Policy", dispatch.STATUS_PAGE_CSP)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def page_server(request: pytest.FixtureRequest) -> Iterator[PageServer]:
+    steps = {
+        "newer": itertools.count(1),
+        "same": itertools.repeat(0),
+        "failing first": itertools.chain([-1], itertools.count(1)),
+    }
+    server = PageServer(steps[getattr(request, "param", "newer")])
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class Markup(html.parser.HTMLParser):
+    """Markup as start tags (attributes sorted, an empty class left out), texts
+    and end tags, so that the page as served and Chromium's DOM compare."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.events: list[tuple[str, ...]] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.events.append(("start", tag, *sorted(f"{k}={v}" for k, v in attrs if v or k != "class")))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.events.append(("end", tag))
+
+    def handle_data(self, data: str) -> None:
+        self.events.append(("text", data))
+
+
+def redrawn_part(page: str) -> list[tuple[str, ...]]:
+    """Facts, table, charts and legend: all that the script redraws."""
+    return Markup(page[page.index('<dl class="facts">') : page.index("<script>")]).events
+
+
+@pytest.mark.parametrize("page_server", ["same"], indirect=True)
+def test_browser_redraws_the_same_status_exactly_as_served(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert '<span id="live">live, every 2 s</span>' in dom
+    assert redrawn_part(dom) == redrawn_part(dispatch.render_status_page(sample_status()))
+
+
+def test_browser_updates_table_and_chart_from_stats_json(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert set(page_server.paths) == {"/", "/stats.json"}  # nothing else is fetched
+    uptime = re.search(r'data-f="uptime">([^<]*)<', dom)
+    assert uptime is not None and re.fullmatch(r"[2-9] h 2 min", uptime.group(1))
+    for link in ("wlan0", "usb0", "enp3s0", "cell0"):  # cell0 comes only with the update
+        assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
+    assert dom.count("<polyline") == 6  # three links with history, two charts
+
+
+@pytest.mark.parametrize("page_server", ["failing first"], indirect=True)
+def test_browser_keeps_polling_after_a_failed_fetch(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert page_server.paths.count("/stats.json") >= 2
+    assert '<span id="live">live, every 2 s</span>' in dom and "cell0" in dom
+
+
+def test_browser_shows_a_running_proxys_links_and_charts(
+    tmp_path: Any, make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2@2", "127.0.0.3"])
+    for _ in range(3):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"x" * 50_000) == b"x" * 50_000
+    proxy.meter.sample()  # a sample in the history now, rather than in up to 2 s
+    url = f"http://127.0.0.1:{proxy.address[1]}/"
+    dom = run_chromium(tmp_path, "--dump-dom", url)
+    assert '<span id="live">live, every 2 s</span>' in dom  # the first update came
+    for link in ("127.0.0.2", "127.0.0.3"):
+        assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
+    assert dom.count("<polyline") == 4 and ">no samples yet<" not in dom  # two links, two charts
+    for name, size in (("narrow", "412,900"), ("wide", "1200,900")):
+        shot = os.path.join(SCREENSHOTS or str(tmp_path), f"status-{name}.png")
+        run_chromium(tmp_path, f"--screenshot={shot}", f"--window-size={size}", url)
+        with open(shot, "rb") as png:
+            head = png.read(24)
+        assert head.startswith(b"\x89PNG") and int.from_bytes(head[16:20], "big") == int(size.split(",")[0])
+
+
+def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
+    tmp_path: Any,
+    make_proxy: Callable[..., Dispatcher],
+    origin: str,
+    fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_names["www.example.test"] = ["127.0.0.1"]  # for the proxy's resolver alone
+    answers = socket.getaddrinfo
+
+    def test_names_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # Chromium also calls home through the PAC's proxy: those names must
+        # not be looked up either.
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in fake_names and not dispatch._is_ip(name):
+            raise socket.gaierror(socket.EAI_NONAME, "not a name of this test")
+        return answers(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", test_names_only)
+    proxy = make_proxy()
+    port = origin.rpartition(":")[2]
+    dom = run_chromium(
+        tmp_path,
+        f"--proxy-pac-url=http://127.0.0.1:{proxy.address[1]}/proxy.pac",
+        "--dump-dom",
+        f"http://www.example.test:{port}/page",
+    )
+    assert "GET /page" in dom  # the origin's answer, through the proxy
+    targets = [exchange.target for exchange in exchanges(log)]
+    assert f"www.example.test:{port}" in targets or f"GET http://www.example.test:{port}/page" in targets

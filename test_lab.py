@@ -1,0 +1,670 @@
+"""dispatch over real links: three shaped uplinks in network namespaces.
+
+tools/netlab.py builds the lab (Linux, root, iproute2); elsewhere these
+tests skip, saying why. dispatch runs inside the lab's client namespace as a
+user runs it, and the SOCKS clients are made there too; the servers run in
+the server namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import socks
+
+import dispatch
+from conftest import (
+    MICROSOCKS,
+    TIMEOUT,
+    DnsServer,
+    import_netlab,
+    netlab_or_skip,
+    read_all,
+    read_response,
+    round_trip,
+    run_script,
+    wait_for,
+)
+from dispatch import Reply
+
+
+LAB_PROXY_PORT = 1080  # inside the client namespace, where nothing else listens
+LAB_DOWNLOAD_SIZE = 60_000
+
+
+def build_lab(setup: str) -> Iterator[Any]:
+    netlab = netlab_or_skip()
+    lab = netlab.Lab(name=f"dlab-t{os.getpid() % 100000}{setup[0]}", setup=setup)
+    with lab:
+        lab.start_peer_echo()
+        lab.start_http_server(size=LAB_DOWNLOAD_SIZE)
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def metrics_lab() -> Iterator[Any]:
+    """One default route per uplink with metrics, no rules: the usual desktop."""
+    if dispatch.PORTABLE:
+        pytest.skip("routes by metric need binding to the device, which DISPATCH_PORTABLE switches off")
+    yield from build_lab("metrics")
+
+
+@pytest.fixture(scope="module")
+def rules_lab() -> Iterator[Any]:
+    """Source-address policy rules: binding the address alone picks the uplink."""
+    yield from build_lab("rules")
+
+
+class LabProxy:
+    """``dispatch start`` running in a lab's client namespace."""
+
+    def __init__(self, lab: Any, arguments: list[str], log_file: str) -> None:
+        self.lab = lab
+        self.log_file = log_file
+        self.address = ("127.0.0.1", LAB_PROXY_PORT)
+        self.process = run_script(
+            ["start", "--port", str(LAB_PROXY_PORT), "--log-file", log_file, *arguments], lab.client_popen
+        )
+        assert self.process.stdout is not None
+        self.banner = []
+        for line in iter(self.process.stdout.readline, ""):
+            self.banner.append(line)
+            if line.startswith("log:"):
+                break
+        else:
+            raise AssertionError(f"dispatch did not start: {self.process.communicate(timeout=TIMEOUT)}")
+
+    def client(self, port: int, timeout: float = TIMEOUT, host: str | None = None) -> socks.socksocket:
+        """A PySocks socket in the client namespace, connected through dispatch
+        to the lab's server (or to ``host``, a name dispatch looks up)."""
+        with import_netlab().netns(self.lab.client_ns):
+            client = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+        client.set_proxy(socks.SOCKS5, *self.address, rdns=host is not None)
+        client.settimeout(timeout)
+        try:
+            client.connect((host or self.lab.service_address, port))
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def peer(self, host: str | None = None) -> str:
+        """The source address the lab's peer-echo server sees (reached by ``host``, if given)."""
+        with self.client(import_netlab().PEER_ECHO_PORT, host=host) as client:
+            return read_all(client).decode().strip()
+
+    def download(self, size: int, *, half_close: bool = True) -> int:
+        """Fetch ``size`` bytes from the lab's HTTP server; return the body
+        length. ``half_close=False`` keeps sending open until the end (some
+        proxies end both directions at the client's EOF)."""
+        with self.client(import_netlab().HTTP_PORT) as client:
+            request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n"
+            if half_close:
+                response = round_trip(client, request.encode())
+            else:
+                client.sendall(request.encode())
+                response = read_all(client)
+        head, _, body = response.partition(b"\r\n\r\n")
+        return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
+
+    def log(self) -> str:
+        with open(self.log_file) as log:
+            return log.read()
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        out, err = self.process.communicate(timeout=TIMEOUT)
+        assert (self.process.returncode, err) == (0, "")
+        return out
+
+
+@pytest.fixture
+def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
+    started: list[LabProxy] = []
+
+    def start(lab: Any, *arguments: str) -> LabProxy:
+        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"))
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.stop()
+
+
+def test_lab_uplink_counters_show_each_link_carries_its_share(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Without binding to the device, uplinks 2 and 3 do not work at all here."""
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
+    before = metrics_lab.counters()
+    sizes: list[int | str] = []
+
+    def download_six() -> None:
+        for _ in range(6):
+            try:
+                sizes.append(proxy.download(LAB_DOWNLOAD_SIZE))
+            except OSError as error:
+                sizes.append(repr(error))
+
+    # Five at a time: the lab's HTTP server has socketserver's accept queue
+    # of 5, and connections beyond it may be closed unanswered.
+    threads = [threading.Thread(target=download_six) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    after = metrics_lab.counters()
+    assert sizes == [LAB_DOWNLOAD_SIZE] * 30
+    share = 10 * LAB_DOWNLOAD_SIZE
+    for index in (1, 2, 3):
+        received = after[index].rx_bytes - before[index].rx_bytes
+        # Payload plus TCP/IP and Ethernet headers, a few percent more.
+        assert share <= received <= share * 1.15, f"uplink {index} received {received} B"
+    # Each connection's log line is written once its relay has ended.
+    deadline = time.monotonic() + TIMEOUT
+    while (log := proxy.log()).count(": ok,") < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for link in metrics_lab.uplinks:
+        assert log.count(f"via {link.client_addr} ({link.client_ifname}): ok") == 10
+
+
+@pytest.mark.parametrize("lab_name", ["metrics_lab", "rules_lab"])
+def test_lab_interface_names_work(
+    lab_name: str, request: pytest.FixtureRequest, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    lab = request.getfixturevalue(lab_name)
+    proxy = lab_proxy(lab, *(link.client_ifname for link in lab.uplinks))
+    seen = [proxy.peer() for _ in range(6)]
+    addresses = [link.client_addr for link in lab.uplinks]
+    assert seen == addresses * 2
+
+
+def test_lab_start_without_addresses_uses_every_uplink(metrics_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
+    proxy = lab_proxy(metrics_lab)
+    banner = "".join(proxy.banner)
+    for link in metrics_lab.uplinks:
+        assert f"{link.client_addr}  {link.client_ifname}" in banner
+    seen = [proxy.peer() for _ in range(6)]
+    assert sorted(seen) == sorted([link.client_addr for link in metrics_lab.uplinks] * 2)
+
+
+def test_lab_dark_link_costs_a_client_one_hedge_and_comes_back_by_a_retest(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Without --check: a connection that meets the dark link waits one
+    --hedge (2 s here), not the connect timeout (5 s); a retest brings the
+    link back."""
+    dark = metrics_lab.uplink(1)
+    hedge = 2.0  # far above a connection's own time on a busy machine, and below the connect timeout
+    links = (link.client_addr for link in metrics_lab.uplinks)
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--cooldown", "2", "--hedge", f"{hedge:g}", *links)
+    metrics_lab.darken(1)
+    try:
+        durations, seen = [], []
+        for _ in range(9):
+            started = time.monotonic()
+            seen.append(proxy.peer())
+            durations.append(time.monotonic() - started)
+        assert max(durations) < hedge + 1.0 < dispatch.DEFAULT_CONNECT_TIMEOUT, durations
+        assert 1 <= len([d for d in durations if d >= hedge]) <= 2, durations
+        assert dark.client_addr not in seen
+        assert set(seen) == {metrics_lab.uplink(2).client_addr, metrics_lab.uplink(3).client_addr}
+        assert re.search(
+            rf"sitting out: {re.escape(dark.client_addr)} \({dark.client_ifname}\): no answer in 2\.\d s", proxy.log()
+        )
+    finally:
+        metrics_lab.restore(1)
+    # No client tries it: a retest (at most 2 s apart here) brings it back.
+    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (a retest reached" in proxy.log())
+    deadline = time.monotonic() + TIMEOUT
+    while proxy.peer() != dark.client_addr:
+        assert time.monotonic() < deadline, "the restored link was not used again"
+
+
+def lab_status(proxy: LabProxy) -> dict[str, Any]:
+    """``/stats.json`` of a dispatch running in the lab."""
+    with import_netlab().netns(proxy.lab.client_ns):
+        sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
+    with sock:
+        host = f"{proxy.address[0]}:{proxy.address[1]}"  # as a browser names it
+        sock.sendall(f"GET /stats.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return json.loads(read_response(sock)[2])
+
+
+LAB_UPSTREAM_PORT = 1081  # inside the server namespace, where nothing else listens
+
+
+def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """microsocks on the server, named once per uplink (+IFACE): each
+    connection to it leaves by its own uplink, so the three carry a share
+    each (without binding to the device, uplinks 2 and 3 would carry none)."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        links = [f"{url}+{link.client_ifname}" for link in metrics_lab.uplinks]
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *links)
+        before = metrics_lab.counters()
+        sizes = [proxy.download(LAB_DOWNLOAD_SIZE, half_close=False) for _ in range(6)]
+        assert sizes == [LAB_DOWNLOAD_SIZE] * 6
+        after = metrics_lab.counters()
+        for index in (1, 2, 3):
+            received = after[index].rx_bytes - before[index].rx_bytes
+            assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
+        rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+        assert rows == dict.fromkeys(links, 2)
+    finally:
+        upstream.kill()
+        upstream.wait()
+
+
+def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
+    """``count`` downloads of ``size`` bytes started together; their lengths."""
+    sizes: list[int] = []
+    threads = [threading.Thread(target=lambda: sizes.append(proxy.download(size))) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 6)
+    return sizes
+
+
+def test_lab_measured_balancing_learns_each_links_capacity(rules_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
+    """Links of 1,200, 1,200 and 400 kB/s, no weights: a batch of downloads
+    measures them, and the next batch gives the slow link fewer."""
+    proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
+    assert lab_downloads(proxy, 5, 3_000_000) == [3_000_000] * 5  # five: the lab server's accept queue
+    rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
+    capacities = [rows[link.client_ifname]["capacity"] for link in rules_lab.uplinks]
+    # Near each link's rate (a busy machine reads some of it late), and the
+    # slow link well below the two fast ones: what the next batch goes by.
+    for capacity, rate in zip(capacities, (1200, 1200, 400)):
+        assert capacity is not None and 0.5 * rate * 1000 <= capacity <= 1.2 * rate * 1000, capacities
+    assert capacities[2] < 0.6 * min(capacities[:2]), capacities
+    before = {name: row["connections"] for name, row in rows.items()}
+    assert lab_downloads(proxy, 5, 300_000) == [300_000] * 5
+    after = {row["interface"]: row["connections"] - before[row["interface"]] for row in lab_status(proxy)["addresses"]}
+    assert after[rules_lab.uplink(3).client_ifname] <= 1 < after[rules_lab.uplink(1).client_ifname], after
+
+
+def connections_per_link(proxy: LabProxy) -> dict[str, int]:
+    return {row["interface"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+
+
+def batch_split(proxy: LabProxy, count: int, size: int) -> list[int]:
+    """``count`` downloads of ``size`` started together: how many each uplink got."""
+    before = connections_per_link(proxy)
+    assert lab_downloads(proxy, count, size) == [size] * count
+    after = connections_per_link(proxy)
+    return [after[link.client_ifname] - before[link.client_ifname] for link in proxy.lab.uplinks]
+
+
+def test_lab_a_short_batch_after_a_short_one_goes_where_it_finishes_soonest(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Links of 1,200, 1,200 and 400 kB/s: one batch of 24 downloads of
+    250 kB (two seconds) measures them, and the next splits 11/10/3 rather
+    than 8/8/8; after the first and third swap rates, again one short
+    batch is enough."""
+    proxy = lab_proxy(rules_lab, *(link.client_ifname for link in rules_lab.uplinks))
+    batch_split(proxy, 24, 250_000)
+    first, second, slow = batch_split(proxy, 24, 250_000)
+    assert slow <= 4 and min(first, second) >= 9, (first, second, slow)
+    try:
+        rules_lab.set_rate(1, 400_000)
+        rules_lab.set_rate(3, 1_200_000)
+        batch_split(proxy, 24, 250_000)  # on the old figures: uplink 1 takes long
+        slow, second, fast = batch_split(proxy, 24, 250_000)
+        assert slow <= 4 and min(second, fast) >= 9, (slow, second, fast)
+    finally:
+        rules_lab.set_rate(1, 1_200_000)
+        rules_lab.set_rate(3, 400_000)
+    rows = {row["interface"]: row for row in lab_status(proxy)["addresses"]}
+    assert all(rows[link.client_ifname]["capacity_source"] == "measured" for link in rules_lab.uplinks)
+
+
+def test_lab_a_restart_splits_the_first_batch_by_the_capacities_kept(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    interfaces = [link.client_ifname for link in rules_lab.uplinks]
+    proxy = lab_proxy(rules_lab, "--state-file", state, *interfaces)
+    batch_split(proxy, 24, 250_000)
+    proxy.stop()  # writes the state file
+    kept = dispatch.read_state(state)
+    for name, rate in zip(interfaces, (1200, 1200, 400)):
+        assert 0.7 * rate * 1000 <= kept[name] <= 1.1 * rate * 1000, kept
+    again = lab_proxy(rules_lab, "--state-file", state, *interfaces)
+    assert {row["capacity_source"] for row in lab_status(again)["addresses"]} == {"remembered"}
+    first, second, slow = batch_split(again, 24, 250_000)
+    assert slow <= 4 and min(first, second) >= 9, (first, second, slow)
+
+
+def test_lab_checks_find_a_dark_link_and_bring_it_back_without_clients(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    dark = metrics_lab.uplink(1)
+    check = f"{metrics_lab.service_address}:{import_netlab().PEER_ECHO_PORT}"
+    proxy = lab_proxy(
+        metrics_lab,
+        "--check",
+        check,
+        "--check-interval",
+        "1",
+        "--hedge",
+        "0.5",
+        "--balance",
+        "round-robin",
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    back = f"back in use: {dark.client_addr} ({dark.client_ifname}) ("
+    # Dark with no client around: the checks alone take it out.
+    metrics_lab.darken(1)
+    try:
+        assert wait_for(lambda: f"failed 3 checks of {check}" in proxy.log())
+    finally:
+        metrics_lab.restore(1)
+    restored = time.monotonic()
+    assert wait_for(lambda: back + "passed 2 checks" in proxy.log())
+    assert time.monotonic() - restored < 8
+    # Dark for 6 s while clients come: 30 connections, all through, none slow.
+    metrics_lab.darken(1)
+    darkened = time.monotonic()
+    try:
+        durations, seen = [], []
+        while len(durations) < 30:
+            started = time.monotonic()
+            seen.append(proxy.peer())
+            durations.append(time.monotonic() - started)
+            time.sleep(max(0.0, darkened + 6 * len(durations) / 30 - time.monotonic()))  # over the 6 s
+        # At most one hedge (0.5 s) each, with room for a busy machine: none
+        # waits the connect timeout (5 s).
+        assert max(durations) < 2.0, durations
+        assert dark.client_addr not in seen
+    finally:
+        metrics_lab.restore(1)
+    restored = time.monotonic()
+    # Within 8 s it carries connections again, and no client tried it first.
+    assert wait_for(lambda: proxy.log().count(back) == 2)
+    assert time.monotonic() - restored < 8
+    assert dark.client_addr in [proxy.peer() for _ in range(3)]
+
+
+def test_lab_a_site_silent_through_one_link_keeps_it_out_only_until_a_retest_reaches_another_site(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """As a site that blocks one provider: the lab's web server never
+    answers through uplink 1, which reaches the peer-echo server as ever."""
+    netlab = import_netlab()
+    blocked = metrics_lab.uplink(1)
+    # The server's answers from the web port to uplink 1's address go nowhere.
+    rule = ["to", f"{blocked.client_addr}/32", "ipproto", "tcp", "sport", str(netlab.HTTP_PORT), "blackhole"]
+    if metrics_lab.run_in_server(["ip", "rule", "add", *rule]).returncode != 0:
+        pytest.skip("ip rule cannot match a port here (Linux 4.17 or later can)")
+    try:
+        proxy = lab_proxy(
+            metrics_lab,
+            "--cooldown",
+            "2",
+            "--connect-timeout",
+            "2",
+            "--hedge",
+            "0.5",
+            "--balance",
+            "round-robin",
+            *(link.client_addr for link in metrics_lab.uplinks),
+        )
+        sat_out = f"sitting out: {blocked.client_addr} ({blocked.client_ifname}): "
+        while sat_out not in proxy.log():
+            assert proxy.download(1000) == 1000  # through another link when uplink 1 is silent
+        out = time.monotonic()
+        # Another site, reached by the other links meanwhile.
+        assert blocked.client_addr not in {proxy.peer() for _ in range(2)}
+        back = (
+            f"back in use: {blocked.client_addr} ({blocked.client_ifname}) (a retest reached "
+            f"{metrics_lab.service_address}:{netlab.PEER_ECHO_PORT})"
+        )
+        assert wait_for(lambda: back in proxy.log())
+        assert time.monotonic() - out < 8  # the second retest, 3 s after the failure
+        assert blocked.client_addr in {proxy.peer() for _ in range(6)}
+    finally:
+        metrics_lab.run_in_server(["ip", "rule", "del", *rule])
+
+
+def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    one, two, three = (metrics_lab.uplink(n).client_addr for n in (1, 2, 3))
+    proxy = lab_proxy(metrics_lab, "--cooldown", "2", "--connect-timeout", "2", one, two, f"{three}@backup")
+    assert set(proxy.peer() for _ in range(6)) == {one, two}
+    metrics_lab.darken(1)
+    metrics_lab.darken(2)
+    try:
+        assert [proxy.peer() for _ in range(6)] == [three] * 6  # every one succeeds, through the backup
+    finally:
+        metrics_lab.restore(1)
+        metrics_lab.restore(2)
+    assert wait_for(lambda: proxy.log().count("(a retest reached") >= 2)
+    assert set(proxy.peer() for _ in range(6)) == {one, two}  # the backup is idle again
+    rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
+    assert (rows[three]["tier"], rows[three]["state"], rows[three]["connections"]) == ("backup", "standby", 6)
+
+
+# Names through the links, in the lab ---------------------------------------
+
+
+@pytest.fixture
+def lab_dns(metrics_lab: Any) -> Iterator[DnsServer]:
+    """A DNS server for the lab's names on the server side (the lab's
+    service address, port 53), as an ISP's would be."""
+    with import_netlab().netns(metrics_lab.server_ns):
+        server = DnsServer(metrics_lab.service_address, 53)
+    yield server
+    server.close()
+
+
+def fresh_name(server: DnsServer, lab: Any, prefix: str = "n") -> str:
+    """A name no lookup has asked yet (the cache cannot answer it), of the lab's server."""
+    name = f"{prefix}{random.randrange(10**9)}.lab.test"
+    server.names[name] = [lab.service_address]
+    return name
+
+
+def test_lab_a_dark_default_link_costs_a_client_asking_by_name_no_more_than_the_hedge(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    """The client's default route is the first link: the system's resolver
+    would wait out its timeouts there. dispatch's queries go through the
+    links and, unanswered, through another one after DNS_HEDGE."""
+    dark = metrics_lab.uplink(1)
+    proxy = lab_proxy(
+        metrics_lab,
+        "--balance",
+        "round-robin",
+        "--dns",
+        lab_dns.address,
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    metrics_lab.darken(1)
+    try:
+        durations, seen = [], []
+        for _ in range(9):  # three rounds of the round robin: the dark link is chosen three times
+            name = fresh_name(lab_dns, metrics_lab)
+            started = time.monotonic()
+            seen.append(proxy.peer(name))
+            durations.append(time.monotonic() - started)
+    finally:
+        metrics_lab.restore(1)
+    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
+    assert dark.client_addr not in seen
+    assert {source for _, _, _, source in lab_dns.queries} == set(seen)  # the dark link's never arrived
+    rows = {row["ip"]: row for row in lab_status(proxy)["addresses"]}
+    assert rows[dark.client_addr]["dns_queries"] >= 1 and rows[dark.client_addr]["state"] == "up"
+
+
+@pytest.fixture
+def lab_resolv_conf(metrics_lab: Any, lab_dns: DnsServer) -> Iterator[str]:
+    """The lab's DNS server as the client's system name server: ``ip netns
+    exec`` mounts /etc/netns/NAMESPACE/resolv.conf over /etc/resolv.conf."""
+    directory = f"/etc/netns/{metrics_lab.client_ns}"
+    os.makedirs(directory, exist_ok=True)
+    with open(f"{directory}/resolv.conf", "w") as conf:
+        conf.write(f"nameserver {metrics_lab.service_address}\noptions timeout:2 attempts:2\n")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_lab_names_asked_of_the_systems_name_server_survive_a_dark_default_link(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, lab_resolv_conf: str
+) -> None:
+    """As a new user runs it: no --dns, the system's server reached by the
+    default route, which is the first link, dark."""
+    proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *(link.client_addr for link in metrics_lab.uplinks))
+    metrics_lab.darken(1)
+    try:
+        durations = []
+        for _ in range(6):
+            name = fresh_name(lab_dns, metrics_lab)
+            started = time.monotonic()
+            assert proxy.peer(name) != metrics_lab.uplink(1).client_addr
+            durations.append(time.monotonic() - started)
+    finally:
+        metrics_lab.restore(1)
+    assert max(durations) < dispatch.DEFAULT_HEDGE + 0.5, durations
+
+
+def test_lab_queries_leave_by_the_link_chosen_for_the_connection(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    proxy = lab_proxy(
+        metrics_lab,
+        "--balance",
+        "round-robin",
+        "--dns",
+        lab_dns.address,
+        *(link.client_ifname for link in metrics_lab.uplinks),
+    )
+    pairs = []
+    for _ in range(6):
+        name = fresh_name(lab_dns, metrics_lab)
+        peer = proxy.peer(name)
+        pairs.append(({source for _, _, _, source in lab_dns.asked(name)}, peer))
+    assert all(sources == {peer} for sources, peer in pairs), pairs
+    assert {peer for _, peer in pairs} == {link.client_addr for link in metrics_lab.uplinks}
+
+
+def test_lab_truncated_answer_is_asked_again_by_tcp_through_the_same_link(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
+    name = fresh_name(lab_dns, metrics_lab)
+    lab_dns.behaviour[name] = "truncated"
+    peer = proxy.peer(name)
+    assert [(transport, source) for _, _, transport, source in lab_dns.asked(name)] == [("udp", peer), ("tcp", peer)]
+
+
+@pytest.mark.parametrize(
+    ("how", "reply", "asked"),
+    [
+        ("nxdomain", Reply.HOST_UNREACHABLE, 1),  # the name's servers have spoken: no other link asks
+        ("servfail", Reply.HOST_UNREACHABLE, 3),  # the server failed: asked through each link
+        ("silent", Reply.TTL_EXPIRED, 3),
+    ],
+)
+def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_once(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, how: str, reply: Reply, asked: int
+) -> None:
+    proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
+    name = fresh_name(lab_dns, metrics_lab, how)
+    lab_dns.behaviour[name] = how
+    with pytest.raises(socks.GeneralProxyError) as failure:
+        proxy.peer(name)
+    assert f"0x{reply:02x}" in str(failure.value)
+    sources = [source for _, _, _, source in lab_dns.asked(name)]
+    assert len(sources) == asked and len(set(sources)) == asked, sources
+    assert "Traceback" not in proxy.log()
+
+
+def test_lab_a_check_by_name_looks_it_up_through_each_link_and_finds_the_dark_one(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    dark = metrics_lab.uplink(1)
+    name = fresh_name(lab_dns, metrics_lab, "check")
+    check = f"{name}:{import_netlab().PEER_ECHO_PORT}"
+    proxy = lab_proxy(
+        metrics_lab,
+        "--dns",
+        lab_dns.address,
+        "--check",
+        check,
+        "--check-interval",
+        "1",
+        *(link.client_addr for link in metrics_lab.uplinks),
+    )
+    assert wait_for(lambda: {q[3] for q in lab_dns.asked(name)} == {link.client_addr for link in metrics_lab.uplinks})
+    metrics_lab.darken(1)
+    try:
+        assert wait_for(
+            lambda: f"sitting out: {dark.client_addr} ({dark.client_ifname}): failed 3 checks of {check}" in proxy.log()
+        )
+    finally:
+        metrics_lab.restore(1)
+    assert wait_for(lambda: f"back in use: {dark.client_addr} ({dark.client_ifname}) (passed 2 checks" in proxy.log())
+
+
+def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default_route(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer
+) -> None:
+    """microsocks on the server takes addresses (socks5://): dispatch looks
+    names up for it, each query leaving as the connection to the proxy
+    does: by the uplink its +LINK names, by the default route (the first
+    uplink) without one."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = metrics_lab.server_popen(
+        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
+        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+        source = {f"{url}+{link.client_ifname}": link.client_addr for link in metrics_lab.uplinks[1:]}
+        source[url] = metrics_lab.uplink(1).client_addr
+        proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address, *source)
+        names = [fresh_name(lab_dns, metrics_lab) for _ in range(6)]
+        for name in names:
+            assert proxy.peer(name) == metrics_lab.service_address  # microsocks's own connection
+        assert wait_for(lambda: all(f" -> {name}:" in proxy.log() for name in names))  # logged as they end
+        log = proxy.log()
+        links = [re.findall(rf" -> {re.escape(name)}:\d+ via (\S+):", log) for name in names]
+        assert sorted(link for (link,) in links) == sorted([*source] * 2)
+        for name, (link,) in zip(names, links):
+            assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
+        rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
+        assert all(rows[link] >= 2 for link in source), rows
+    finally:
+        upstream.kill()
+        upstream.wait()
