@@ -1003,18 +1003,19 @@ def fake_names(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
 @pytest.fixture
 def loopback_guard(monkeypatch: pytest.MonkeyPatch, echo_server: Server) -> None:
     """Fuzzed requests name any target: let the proxy connect to the echo
-    server only, refusing the rest before any lookup or packet.
+    server's address only, refusing the rest before any lookup or packet.
 
-    Private: the one resolver of every upstream connect has no public seam.
+    Every target of a connect, a name or an address, goes through
+    Resolver.resolve, so nothing leaves for an address the fuzzing made up.
     """
-    resolve = dispatch._resolve_target
+    resolve = dispatch.Resolver.resolve
 
-    def guarded(host: str, port: int, families: Any) -> Any:
-        if (host, port) != (echo_server.host, echo_server.port):
+    def guarded(resolver: dispatch.Resolver, host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != echo_server.host:
             raise dispatch.SocksError(Reply.NOT_ALLOWED, "not a target of this test")
-        return resolve(host, port, families)
+        return resolve(resolver, host, *args, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_resolve_target", guarded)
+    monkeypatch.setattr(dispatch.Resolver, "resolve", guarded)
 
 
 # A status as Dispatcher.status() gives it, for the pages -------------------
