@@ -6112,6 +6112,7 @@ _CHART_W, _PLOT_TOP, _PLOT_BOTTOM, _CHART_H = 400, 18, 140, 160  # SVG user unit
 _NOW_X = 396  # the newest sample, inset so that its marker is not cut off
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
 _PATH_SHOWN = 200  # a 404 echoes at most this much of the path
+PAGE_REFRESH = 2.0  # seconds between two updates of an open status page
 # A page request's body is read and dropped up to this size; a longer one
 # (or a chunked one) is refused, and the connection closed after the answer.
 LOCAL_PAGE_BODY_LIMIT = 64 * 1024
@@ -6149,122 +6150,35 @@ td.link{text-align:left;border-bottom:1px solid var(--line);padding-bottom:.3rem
 td.link::before{content:none}svg text{font-size:15px}}
 """ + "".join(f".s{i}{{stroke:{c};fill:{c};background:{c}}}" for i, c in enumerate(_PALETTE))
 
-# The same drawing as the Python below, redone from /stats.json every 2 s.
+# The page is drawn here alone. Every PAGE_REFRESH seconds the script asks
+# for the page again and puts each part marked data-part (facts, rows,
+# totals, charts, legend) that changed in place of the old one: it holds no
+# formatting, colour or scale of its own. The indicator (#live) tells in the
+# words the page gives it whether the last update came.
 _SCRIPT = """
 (function () {
   "use strict";
-  var NS = "http://www.w3.org/2000/svg", W = 400, NOW = 396, TOP = 18, BOTTOM = 140, SPAN = 600;
-  function $(id) { return document.getElementById(id); }
-  function el(tag, cls, text, attrs) {
-    var e = attrs ? document.createElementNS(NS, tag) : document.createElement(tag), k;
-    for (k in attrs || {}) e.setAttribute(k, attrs[k]);
-    if (cls) e.setAttribute("class", cls);
-    if (text) e.textContent = text;
-    return e;
-  }
-  function bytes(n) {  // as format_bytes
-    var units = ["B", "kB", "MB", "GB", "TB"], i = 0;
-    for (; n >= 1000 && i < units.length - 1; i++) n /= 1000;
-    return (i && n < 100 ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
-  }
-  function kbs(r) { return (r / 1000).toFixed(1); }
-  var DNS_NOTE = "queries / cached / failed";
-  function duration(s) {  // as format_duration
-    var t = Math.round(Math.max(0, s)), i, u = [[Math.floor(t / 86400), "d"],
-      [Math.floor(t % 86400 / 3600), "h"], [Math.floor(t % 3600 / 60), "min"], [t % 60, "s"]];
-    for (i = 0; i < 3; i++) {
-      if (u[i][0]) return u[i][0] + " " + u[i][1] + (u[i + 1][0] ? " " + u[i + 1][0] + " " + u[i + 1][1] : "");
-    }
-    return t + " s";
-  }
-  function source(a) {  // as capacity_source
-    if (a.capacity == null || a.capacity_source == null) return "";
-    if (a.capacity_source === "measured" && a.capacity_age != null) {
-      return "measured " + duration(a.capacity_age) + " ago";
-    }
-    return a.capacity_source;
-  }
-  function row(a, i) {
-    var tr = el("tr"), st = a.state || "", cells = [
-      ["Link", a.link, [a.ip, a.interface].filter(Boolean).join(" \\u00b7 "), "link"],
-      ["Tier", a.tier], ["State", st, a.reason, st], ["Open", String(a.open), "", "n"],
-      ["Down", bytes(a.bytes_down), "", "n"], ["Up", bytes(a.bytes_up), "", "n"],
-      ["Down kB/s", kbs(a.rate_down), "", "n"], ["Up kB/s", kbs(a.rate_up), "", "n"],
-      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", source(a), "n"],
-      ["DNS", [a.dns_queries, a.dns_cache_hits, a.dns_failures].join(" / "), DNS_NOTE, "n"]];
-    cells.forEach(function (c, j) {
-      var td = tr.appendChild(el("td", c[3], c[1]));
-      td.setAttribute("data-label", c[0]);
-      if (!j && i >= 0) td.prepend(el("i", "k s" + i % 8));
-      if (c[2]) td.appendChild(el("small", "", c[2]));
+  var live = document.getElementById("live");
+  function swap(text) {  // every part found first: another page changes nothing
+    var fresh = new DOMParser().parseFromString(text, "text/html");
+    var parts = Array.prototype.map.call(document.querySelectorAll("[data-part]"), function (part) {
+      var drawn = fresh.getElementById(part.id);
+      if (!drawn) throw new Error("not the status page");
+      return {part: part, drawn: drawn};
     });
-    return tr;
-  }
-  function nice(v) {
-    var e = Math.pow(10, Math.floor(Math.log10(v))), steps = [1, 2, 5, 10], i = 0;
-    while (steps[i] * e < v) i++;
-    return v <= 10 ? 10 : steps[i] * e;
-  }
-  function put(box, tag, attrs, text, cls) { return box.appendChild(el(tag, cls, text, attrs)); }
-  function chart(s, key) {
-    var box = $("chart-" + key), hist = s.history || {}, lines = [], peak = 0, top;
-    var iv = hist.interval > 0 ? hist.interval : 2, step = NOW * iv / SPAN;
-    function y(r) { return BOTTOM - Math.min(Math.max(r / 1000 / top, 0), 1) * (BOTTOM - TOP); }
-    s.addresses.forEach(function (a, i) {
-      var v = (((hist.addresses || {})[a.ip] || {})[key] || []).slice(-Math.floor(SPAN / iv) - 1);
-      v.forEach(function (x) { peak = Math.max(peak, x); });
-      if (v.length) lines.push([i, v]);
-    });
-    top = nice(peak / 1000);
-    box.textContent = "";
-    [0, 0.5, 1].forEach(function (f) {
-      var at = y(f * top * 1000);
-      put(box, "line", {x1: 0, x2: W, y1: at.toFixed(1), y2: at.toFixed(1)});
-      put(box, "text", {x: 2, y: (at - 3).toFixed(1)}, (f * top).toFixed(0) + " kB/s");
-    });
-    put(box, "text", {x: 2, y: 156}, "10 min ago");
-    put(box, "text", {x: W - 2, y: 156, "text-anchor": "end"}, "now");
-    if (!lines.length) put(box, "text", {x: 200, y: 80, "text-anchor": "middle"}, "no samples yet");
-    lines.forEach(function (l) {
-      var v = l[1], pts = v.map(function (r, j) {
-        return (NOW - (v.length - 1 - j) * step).toFixed(1) + "," + y(r).toFixed(1);
-      });
-      put(box, "polyline", {points: pts.join(" ")}, "", "s" + l[0] % 8);
-      put(box, "circle", {cx: NOW, cy: y(v[v.length - 1]).toFixed(1), r: 3}, "", "s" + l[0] % 8);
+    parts.forEach(function (each) {
+      if (!each.drawn.isEqualNode(each.part)) each.part.replaceWith(document.importNode(each.drawn, true));
     });
   }
-  function render(s) {
-    var t = s.totals, body = el("tbody"), foot = el("tfoot"), legend = $("legend"), open = 0, cap,
-      dns = {dns_queries: 0, dns_cache_hits: 0, dns_failures: 0};
-    var facts = {version: s.version, uptime: duration(s.uptime), listening: s.listening,
-      balance: s.balance, clients: s.open_connections, refused: s.refused,
-      connections: t.connections, failed: t.failed};
-    document.querySelectorAll("[data-f]").forEach(function (e) {
-      e.textContent = facts[e.dataset.f];
-    });
-    legend.textContent = "";
-    s.addresses.forEach(function (a, i) {
-      open += a.open;
-      if (a.capacity != null) cap = (cap || 0) + a.capacity;
-      Object.keys(dns).forEach(function (k) { dns[k] += a[k] || 0; });
-      body.appendChild(row(a, i));
-      legend.appendChild(el("li", "", a.link)).prepend(el("i", "k s" + i % 8));
-    });
-    foot.appendChild(row(Object.assign({}, t, dns, {link: "All links", open: open, capacity: cap}), -1));
-    $("rows").replaceWith(body); body.id = "rows";
-    $("total").replaceWith(foot); foot.id = "total";
-    chart(s, "rate_down"); chart(s, "rate_up");
-  }
-  function say(text) { $("live").textContent = text; }
   function tick() {  // the next fetch waits for this one: no pile-up on a slow link
-    fetch("/stats.json", {cache: "no-store"}).then(function (r) {
-      if (!r.ok) throw new Error(r.status);
-      return r.json();
-    }).then(function (s) { render(s); say("live, every 2 s"); })
-      .catch(function () { say("no answer, retrying"); })
-      .then(function () { setTimeout(tick, 2000); });
+    fetch(location.href, {cache: "no-store"}).then(function (answer) {
+      if (!answer.ok) throw new Error(answer.status);
+      return answer.text();
+    }).then(function (text) { swap(text); live.textContent = live.dataset.live; })
+      .catch(function () { live.textContent = live.dataset.failed; })
+      .then(function () { setTimeout(tick, live.dataset.every); });
   }
-  setTimeout(tick, 2000);
+  setTimeout(tick, live.dataset.every);
 })();
 """
 
@@ -6278,6 +6192,11 @@ STATUS_PAGE_CSP = (
     f"default-src 'none'; connect-src 'self'; img-src data:; style-src {_csp_source(_STYLE)}; "
     f"script-src {_csp_source(_SCRIPT)}; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
+)
+# "snapshot" until the script's first update, then what the last one did
+_LIVE = (
+    f'<span id="live" data-every="{round(PAGE_REFRESH * 1000)}" data-live="live, every {PAGE_REFRESH:.0f} s" '
+    'data-failed="no answer, retrying">snapshot</span>'
 )
 _HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity", "DNS")
 _FIRST_NUMERIC = 3  # heading index from which columns hold numbers
@@ -6451,17 +6370,16 @@ def _chart(status: Status, key: Literal["rate_up", "rate_down"], title: str) -> 
             f'<circle class="{cls}" cx="{_NOW_X}" cy="{_y(values[-1], top):.1f}" r="3"/>'
         )
     return (
-        f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" viewBox="0 0 '
+        f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" data-part viewBox="0 0 '
         f'{_CHART_W} {_CHART_H}" role="img" aria-label="{title}">' + "".join(parts) + "</svg></figure>"
     )
 
 
 def render_status_page(status: Status) -> str:
-    """The whole status page for ``Dispatcher.status()``: table and charts drawn here, and a
-    script that redraws both from ``/stats.json`` every 2 s. Send with ``STATUS_PAGE_CSP``."""
-    facts = "".join(
-        f'<div><dt>{name}</dt><dd data-f="{name}">{_e(value)}</dd></div>' for name, value in _facts(status).items()
-    )
+    """The whole status page for ``Dispatcher.status()``, table and charts drawn, and a script
+    that fetches the page again every ``PAGE_REFRESH`` seconds and puts the parts that changed
+    in place. Send with ``STATUS_PAGE_CSP``."""
+    facts = "".join(f"<div><dt>{name}</dt><dd>{_e(value)}</dd></div>" for name, value in _facts(status).items())
     heads = "".join(f'<th class="{"n" if i >= _FIRST_NUMERIC else ""}">{name}</th>' for i, name in enumerate(_HEADINGS))
     rows = "".join(_row(_address_row(row), i) for i, row in enumerate(status["addresses"]))
     legend = "".join(
@@ -6471,13 +6389,13 @@ def render_status_page(status: Status) -> str:
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f'<title>dispatch status</title><link rel="icon" href="data:,"><style>{_STYLE}</style>'
-        '</head><body><header><h1>dispatch</h1><span id="live">snapshot</span></header>'
-        f'<dl class="facts">{facts}</dl><table><thead><tr>{heads}</tr></thead>'
-        f'<tbody id="rows">{rows}</tbody>'
-        f'<tfoot id="total">{_row(_totals_row(status), None)}</tfoot></table><div class="charts">'
+        f"</head><body><header><h1>dispatch</h1>{_LIVE}</header>"
+        f'<dl class="facts" id="facts" data-part>{facts}</dl><table><thead><tr>{heads}</tr></thead>'
+        f'<tbody id="rows" data-part>{rows}</tbody>'
+        f'<tfoot id="total" data-part>{_row(_totals_row(status), None)}</tfoot></table><div class="charts">'
         f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
         f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
-        f'<ul class="legend" id="legend">{legend}</ul><script>{_SCRIPT}</script>'
+        f'<ul class="legend" id="legend" data-part>{legend}</ul><script>{_SCRIPT}</script>'
         "</body></html>\n"
     )
 
