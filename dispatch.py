@@ -50,7 +50,8 @@ Map of this module, in order; each section uses only what is above it:
     upstream proxies   the connector: a client handshake with another proxy, as a link
     upstream           Upstream: the hedged connect (_Race) with failover; UpstreamLease
     relay              relay(): the two-way copy (poll, splice on Linux)
-    sessions           Session, SocksSession, UdpAssociation; ExchangeRecord
+    sessions           Session, SocksSession, UdpAssociation; ExchangeRecord; what the
+                       pages show (Status, StatsRow: TypedDicts)
     local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
     HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
     server             the first byte picks the session; Admission; the listener
@@ -94,23 +95,31 @@ import time
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Generic, NoReturn, TextIO, TypeVar
+from typing import Any, Generic, Literal, NoReturn, TextIO, TypedDict, TypeVar
 
 __version__ = "0.2.0"
 __all__ = [
     "AccessPolicy",
     "AddressError",
+    "AddressHistory",
     "Balancer",
+    "CapacitySource",
     "DeadlineReader",
     "Dispatcher",
     "ExchangeRecord",
     "Health",
+    "History",
     "HttpError",
     "Link",
     "LinkSet",
+    "LinkState",
     "LocalAddress",
     "Meter",
     "SocksError",
+    "StatsRow",
+    "Status",
+    "Tier",
+    "Totals",
     "Upstream",
     "UpstreamLease",
     "WeightedRoundRobin",
@@ -1625,6 +1634,8 @@ class AccessPolicy:
 # the balancer takes time in proportion to the sum of the weights.
 MAX_WEIGHT = 1000
 BACKUP = "backup"  # ADDRESS@backup: a link used only while no other is up
+# A link's tier: a backup link is used only while no primary one is up.
+Tier = Literal["primary", "backup"]
 # How often interface addresses are read again: DHCP renewals and new
 # networks are seen within this, at the cost of one read per interval.
 INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
@@ -1700,9 +1711,9 @@ class Link:
         self.gone_at: dict[str, float] = {}
 
     @property
-    def tier(self) -> str:
+    def tier(self) -> Tier:
         """ "backup" or "primary"."""
-        return BACKUP if self.backup else "primary"
+        return "backup" if self.backup else "primary"
 
     @classmethod
     def of_address(cls, address: LocalAddress, *, weighted: bool = False, backup: bool = False) -> Link:
@@ -2365,6 +2376,11 @@ RETEST_POLL_INTERVAL = 0.25  # how often due retests are looked for
 RECENT_TARGETS = 8
 
 Target = tuple[str, int]  # (ip, port); a check's may be (name, port)
+# What an address is, as stats() tells it: "up"; "down" while it is out after
+# a failure of its link; "standby" for a backup while a primary is up; "gone"
+# once its interface no longer holds it; "waiting" for an interface that has
+# had no address yet. Health itself says "up" or "down".
+LinkState = Literal["up", "down", "gone", "standby", "waiting"]
 _HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
@@ -2580,7 +2596,7 @@ class Health:
         if record.failed >= CHECK_FAILURES_OUT:
             self._put_out(address, f"failed {record.failed} checks of {target}: {_describe(error)}", None)
 
-    def state(self, address: LocalAddress) -> tuple[str, str | None]:
+    def state(self, address: LocalAddress) -> tuple[LinkState, str | None]:
         """("up", None), or ("down", why) while ``address`` is out."""
         outage = self._outages.get(address)
         if outage is None:
@@ -3176,6 +3192,11 @@ class _Tick:
     open_through: int  # connections open at both of its ends
 
 
+# Where a capacity comes from: measured in this run, remembered from an
+# earlier one (the state file), or not measured at all.
+CapacitySource = Literal["measured", "remembered", "not measured"]
+
+
 class _LinkFigure:
     """The estimator's state for one link (see CapacityEstimator)."""
 
@@ -3408,7 +3429,7 @@ class CapacityEstimator:
                 return link.figure
             return min(link.figure, statistics.median(rate for _, rate in link.evidence))
 
-    def source(self, address: LocalAddress) -> tuple[float | None, str | None, float | None]:
+    def source(self, address: LocalAddress) -> tuple[float | None, CapacitySource | None, float | None]:
         """(figure, source, when): the figure, where it comes from
         ("measured", "remembered", or None without a figure) and the time it
         was last measured (the samples' clock; None if never)."""
@@ -3820,6 +3841,8 @@ def _unique_servers(servers: Iterable[NameServer]) -> list[NameServer]:
     return list(dict.fromkeys(servers))
 
 
+# An adapter is its registry values by name, as winreg reads them: a string
+# or a list of strings, as the adapter was set up; read loosely, checked here.
 def windows_name_servers(adapters: Iterable[Mapping[str, Any]], global_servers: str = "") -> list[NameServer]:
     """The name servers of Windows adapters, from their registry values
     (``NameServer`` set by hand, else ``DhcpNameServer``; their addresses
@@ -5589,6 +5612,75 @@ class ExchangeRecord:
         )
 
 
+# What the local pages show, as Dispatcher.stats() and status() give it
+# (and /stats.json serves it): the meter's counts and rates, health's state,
+# the capacity and its source, the DNS work of the link.
+
+
+class StatsRow(TypedDict):
+    """One local address as ``Dispatcher.stats()`` tells it (see there)."""
+
+    ip: str | None  # an upstream proxy's name; None for an interface waiting for an address
+    interface: str | None
+    link: str
+    weight: int
+    tier: Tier
+    state: LinkState
+    reason: str | None
+    connections: int
+    failed: int
+    open: int
+    bytes_up: int
+    bytes_down: int
+    rate_up: float  # bytes per second
+    rate_down: float
+    capacity: float | None  # bytes per second, None until known
+    capacity_source: CapacitySource
+    capacity_age: float | None  # seconds since last measured, None if not in this run
+    dns_queries: int
+    dns_cache_hits: int
+    dns_failures: int
+
+
+class Totals(TypedDict):
+    """The counts and rates of all addresses, those forgotten once gone too."""
+
+    connections: int
+    failed: int
+    bytes_up: int
+    bytes_down: int
+    rate_up: float
+    rate_down: float
+
+
+class AddressHistory(TypedDict):
+    """An address's rates (bytes per second) in each sampled interval, oldest first."""
+
+    rate_up: list[float]
+    rate_down: list[float]
+
+
+class History(TypedDict):
+    """The rates of each address (by its ``ip``) over the last ten minutes."""
+
+    interval: float  # seconds between two samples
+    addresses: dict[str, AddressHistory]
+
+
+class Status(TypedDict):
+    """Everything the status page shows, as ``Dispatcher.status()`` gives it."""
+
+    version: str
+    uptime: float  # seconds
+    listening: str  # HOST:PORT
+    balance: str  # "measured" or "round-robin"
+    open_connections: int  # clients
+    refused: int
+    totals: Totals
+    addresses: list[StatsRow]
+    history: History
+
+
 @dataclasses.dataclass(frozen=True)
 class SessionContext:
     """What every session uses: who may do what, the way out, and the time
@@ -5601,7 +5693,7 @@ class SessionContext:
     # Set when the proxy stops and closes the connections still open.
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     # What the local pages show (Dispatcher.status); None: no pages.
-    status: Callable[[], dict[str, Any]] | None = None
+    status: Callable[[], Status] | None = None
     # Host names the pages answer to, besides localhost and the proxy's
     # own addresses (lower case, without a final dot).
     page_hosts: frozenset[str] = frozenset()
@@ -6019,8 +6111,8 @@ _NICE_STEPS = (1.0, 2.0, 5.0, 10.0)
 _CHART_W, _PLOT_TOP, _PLOT_BOTTOM, _CHART_H = 400, 18, 140, 160  # SVG user units
 _NOW_X = 396  # the newest sample, inset so that its marker is not cut off
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
-_STATES = frozenset({"up", "down", "gone", "standby", "waiting"})
 _PATH_SHOWN = 200  # a 404 echoes at most this much of the path
+PAGE_REFRESH = 2.0  # seconds between two updates of an open status page
 # A page request's body is read and dropped up to this size; a longer one
 # (or a chunked one) is refused, and the connection closed after the answer.
 LOCAL_PAGE_BODY_LIMIT = 64 * 1024
@@ -6058,122 +6150,35 @@ td.link{text-align:left;border-bottom:1px solid var(--line);padding-bottom:.3rem
 td.link::before{content:none}svg text{font-size:15px}}
 """ + "".join(f".s{i}{{stroke:{c};fill:{c};background:{c}}}" for i, c in enumerate(_PALETTE))
 
-# The same drawing as the Python below, redone from /stats.json every 2 s.
+# The page is drawn here alone. Every PAGE_REFRESH seconds the script asks
+# for the page again and puts each part marked data-part (facts, rows,
+# totals, charts, legend) that changed in place of the old one: it holds no
+# formatting, colour or scale of its own. The indicator (#live) tells in the
+# words the page gives it whether the last update came.
 _SCRIPT = """
 (function () {
   "use strict";
-  var NS = "http://www.w3.org/2000/svg", W = 400, NOW = 396, TOP = 18, BOTTOM = 140, SPAN = 600;
-  function $(id) { return document.getElementById(id); }
-  function el(tag, cls, text, attrs) {
-    var e = attrs ? document.createElementNS(NS, tag) : document.createElement(tag), k;
-    for (k in attrs || {}) e.setAttribute(k, attrs[k]);
-    if (cls) e.setAttribute("class", cls);
-    if (text) e.textContent = text;
-    return e;
-  }
-  function bytes(n) {  // as format_bytes
-    var units = ["B", "kB", "MB", "GB", "TB"], i = 0;
-    for (; n >= 1000 && i < units.length - 1; i++) n /= 1000;
-    return (i && n < 100 ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
-  }
-  function kbs(r) { return (r / 1000).toFixed(1); }
-  var DNS_NOTE = "queries / cached / failed";
-  function duration(s) {  // as format_duration
-    var t = Math.round(Math.max(0, s)), i, u = [[Math.floor(t / 86400), "d"],
-      [Math.floor(t % 86400 / 3600), "h"], [Math.floor(t % 3600 / 60), "min"], [t % 60, "s"]];
-    for (i = 0; i < 3; i++) {
-      if (u[i][0]) return u[i][0] + " " + u[i][1] + (u[i + 1][0] ? " " + u[i + 1][0] + " " + u[i + 1][1] : "");
-    }
-    return t + " s";
-  }
-  function source(a) {  // as capacity_source
-    if (a.capacity == null || a.capacity_source == null) return "";
-    if (a.capacity_source === "measured" && a.capacity_age != null) {
-      return "measured " + duration(a.capacity_age) + " ago";
-    }
-    return a.capacity_source;
-  }
-  function row(a, i) {
-    var tr = el("tr"), st = a.state || "", cells = [
-      ["Link", a.link, [a.ip, a.interface].filter(Boolean).join(" \\u00b7 "), "link"],
-      ["Tier", a.tier], ["State", st, a.reason, st], ["Open", String(a.open), "", "n"],
-      ["Down", bytes(a.bytes_down), "", "n"], ["Up", bytes(a.bytes_up), "", "n"],
-      ["Down kB/s", kbs(a.rate_down), "", "n"], ["Up kB/s", kbs(a.rate_up), "", "n"],
-      ["Capacity", a.capacity == null ? "not measured" : bytes(a.capacity) + "/s", source(a), "n"],
-      ["DNS", [a.dns_queries, a.dns_cache_hits, a.dns_failures].join(" / "), DNS_NOTE, "n"]];
-    cells.forEach(function (c, j) {
-      var td = tr.appendChild(el("td", c[3], c[1]));
-      td.setAttribute("data-label", c[0]);
-      if (!j && i >= 0) td.prepend(el("i", "k s" + i % 8));
-      if (c[2]) td.appendChild(el("small", "", c[2]));
+  var live = document.getElementById("live");
+  function swap(text) {  // every part found first: another page changes nothing
+    var fresh = new DOMParser().parseFromString(text, "text/html");
+    var parts = Array.prototype.map.call(document.querySelectorAll("[data-part]"), function (part) {
+      var drawn = fresh.getElementById(part.id);
+      if (!drawn) throw new Error("not the status page");
+      return {part: part, drawn: drawn};
     });
-    return tr;
-  }
-  function nice(v) {
-    var e = Math.pow(10, Math.floor(Math.log10(v))), steps = [1, 2, 5, 10], i = 0;
-    while (steps[i] * e < v) i++;
-    return v <= 10 ? 10 : steps[i] * e;
-  }
-  function put(box, tag, attrs, text, cls) { return box.appendChild(el(tag, cls, text, attrs)); }
-  function chart(s, key) {
-    var box = $("chart-" + key), hist = s.history || {}, lines = [], peak = 0, top;
-    var iv = hist.interval > 0 ? hist.interval : 2, step = NOW * iv / SPAN;
-    function y(r) { return BOTTOM - Math.min(Math.max(r / 1000 / top, 0), 1) * (BOTTOM - TOP); }
-    s.addresses.forEach(function (a, i) {
-      var v = (((hist.addresses || {})[a.ip] || {})[key] || []).slice(-Math.floor(SPAN / iv) - 1);
-      v.forEach(function (x) { peak = Math.max(peak, x); });
-      if (v.length) lines.push([i, v]);
-    });
-    top = nice(peak / 1000);
-    box.textContent = "";
-    [0, 0.5, 1].forEach(function (f) {
-      var at = y(f * top * 1000);
-      put(box, "line", {x1: 0, x2: W, y1: at.toFixed(1), y2: at.toFixed(1)});
-      put(box, "text", {x: 2, y: (at - 3).toFixed(1)}, (f * top).toFixed(0) + " kB/s");
-    });
-    put(box, "text", {x: 2, y: 156}, "10 min ago");
-    put(box, "text", {x: W - 2, y: 156, "text-anchor": "end"}, "now");
-    if (!lines.length) put(box, "text", {x: 200, y: 80, "text-anchor": "middle"}, "no samples yet");
-    lines.forEach(function (l) {
-      var v = l[1], pts = v.map(function (r, j) {
-        return (NOW - (v.length - 1 - j) * step).toFixed(1) + "," + y(r).toFixed(1);
-      });
-      put(box, "polyline", {points: pts.join(" ")}, "", "s" + l[0] % 8);
-      put(box, "circle", {cx: NOW, cy: y(v[v.length - 1]).toFixed(1), r: 3}, "", "s" + l[0] % 8);
+    parts.forEach(function (each) {
+      if (!each.drawn.isEqualNode(each.part)) each.part.replaceWith(document.importNode(each.drawn, true));
     });
   }
-  function render(s) {
-    var t = s.totals, body = el("tbody"), foot = el("tfoot"), legend = $("legend"), open = 0, cap,
-      dns = {dns_queries: 0, dns_cache_hits: 0, dns_failures: 0};
-    var facts = {version: s.version, uptime: duration(s.uptime), listening: s.listening,
-      balance: s.balance, clients: s.open_connections, refused: s.refused,
-      connections: t.connections, failed: t.failed};
-    document.querySelectorAll("[data-f]").forEach(function (e) {
-      e.textContent = facts[e.dataset.f];
-    });
-    legend.textContent = "";
-    s.addresses.forEach(function (a, i) {
-      open += a.open;
-      if (a.capacity != null) cap = (cap || 0) + a.capacity;
-      Object.keys(dns).forEach(function (k) { dns[k] += a[k] || 0; });
-      body.appendChild(row(a, i));
-      legend.appendChild(el("li", "", a.link)).prepend(el("i", "k s" + i % 8));
-    });
-    foot.appendChild(row(Object.assign({}, t, dns, {link: "All links", open: open, capacity: cap}), -1));
-    $("rows").replaceWith(body); body.id = "rows";
-    $("total").replaceWith(foot); foot.id = "total";
-    chart(s, "rate_down"); chart(s, "rate_up");
-  }
-  function say(text) { $("live").textContent = text; }
   function tick() {  // the next fetch waits for this one: no pile-up on a slow link
-    fetch("/stats.json", {cache: "no-store"}).then(function (r) {
-      if (!r.ok) throw new Error(r.status);
-      return r.json();
-    }).then(function (s) { render(s); say("live, every 2 s"); })
-      .catch(function () { say("no answer, retrying"); })
-      .then(function () { setTimeout(tick, 2000); });
+    fetch(location.href, {cache: "no-store"}).then(function (answer) {
+      if (!answer.ok) throw new Error(answer.status);
+      return answer.text();
+    }).then(function (text) { swap(text); live.textContent = live.dataset.live; })
+      .catch(function () { live.textContent = live.dataset.failed; })
+      .then(function () { setTimeout(tick, live.dataset.every); });
   }
-  setTimeout(tick, 2000);
+  setTimeout(tick, live.dataset.every);
 })();
 """
 
@@ -6188,20 +6193,24 @@ STATUS_PAGE_CSP = (
     f"script-src {_csp_source(_SCRIPT)}; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+# "snapshot" until the script's first update, then what the last one did
+_LIVE = (
+    f'<span id="live" data-every="{round(PAGE_REFRESH * 1000)}" data-live="live, every {PAGE_REFRESH:.0f} s" '
+    'data-failed="no answer, retrying">snapshot</span>'
+)
 _HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity", "DNS")
-_DNS_KEYS = ("dns_queries", "dns_cache_hits", "dns_failures")
 _FIRST_NUMERIC = 3  # heading index from which columns hold numbers
 
 
-def capacity_source(row: Mapping[str, Any]) -> str:
+def capacity_source(row: StatsRow) -> str:
     """Where a stats() row's capacity comes from: "measured 5 s ago",
     "remembered" (from an earlier run, not measured since) or "not measured"."""
-    source, age = row.get("capacity_source"), row.get("capacity_age")
-    if row.get("capacity") is None or source in (None, "not measured"):
+    source, age = row["capacity_source"], row["capacity_age"]
+    if row["capacity"] is None or source == "not measured":
         return "not measured"
     if source == "measured" and age is not None:
         return f"measured {format_duration(age)} ago"
-    return str(source)
+    return source
 
 
 def _e(value: object) -> str:
@@ -6212,7 +6221,7 @@ def _kbs(rate: float) -> str:
     return f"{rate / _KILO:.1f}"
 
 
-def _facts(status: Mapping[str, Any]) -> dict[str, object]:
+def _facts(status: Status) -> dict[str, object]:
     totals = status["totals"]
     return {
         "version": status["version"],
@@ -6226,26 +6235,85 @@ def _facts(status: Mapping[str, Any]) -> dict[str, object]:
     }
 
 
-def _row(row: Mapping[str, Any], colour: int | None) -> str:
-    """One table row; ``row`` is a stats() row, or the totals with a link name (colour None)."""
-    state, capacity = str(row.get("state") or ""), row.get("capacity")
-    where = " \u00b7 ".join(filter(None, (row.get("ip"), row.get("interface"))))
+@dataclasses.dataclass(frozen=True)
+class _TableRow:
+    """What one row of the table shows: an address's, or the totals'."""
+
+    link: str
+    where: str  # the address and its interface
+    tier: str
+    state: str
+    reason: str
+    open: int
+    bytes_down: int
+    bytes_up: int
+    rate_down: float
+    rate_up: float
+    capacity: float | None
+    capacity_note: str  # where the capacity comes from
+    dns: tuple[int, int, int]  # queries, cache hits, failures
+
+
+def _address_row(row: StatsRow) -> _TableRow:
+    return _TableRow(
+        row["link"],
+        " \u00b7 ".join(filter(None, (row["ip"], row["interface"]))),
+        row["tier"],
+        row["state"],
+        row["reason"] or "",
+        row["open"],
+        row["bytes_down"],
+        row["bytes_up"],
+        row["rate_down"],
+        row["rate_up"],
+        row["capacity"],
+        "" if row["capacity"] is None else capacity_source(row),
+        (row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]),
+    )
+
+
+def _totals_row(status: Status) -> _TableRow:
+    rows, totals = status["addresses"], status["totals"]
+    measured = [row["capacity"] for row in rows if row["capacity"] is not None]
+    return _TableRow(
+        "All links",
+        "",
+        "",
+        "",
+        "",
+        sum(row["open"] for row in rows),
+        totals["bytes_down"],
+        totals["bytes_up"],
+        totals["rate_down"],
+        totals["rate_up"],
+        sum(measured) if measured else None,
+        "",
+        (
+            sum(row["dns_queries"] for row in rows),
+            sum(row["dns_cache_hits"] for row in rows),
+            sum(row["dns_failures"] for row in rows),
+        ),
+    )
+
+
+def _row(row: _TableRow, colour: int | None) -> str:
+    """One table row; ``colour`` marks an address's (the totals' has none)."""
     cells = [
-        ("Link", row["link"], where, "link"),
-        ("Tier", row.get("tier") or "", "", ""),
-        ("State", state, row.get("reason") or "", state if state in _STATES else ""),
-        ("Open", row["open"], "", "n"),
-        ("Down", format_bytes(row["bytes_down"]), "", "n"),
-        ("Up", format_bytes(row["bytes_up"]), "", "n"),
-        ("Down kB/s", _kbs(row["rate_down"]), "", "n"),
-        ("Up kB/s", _kbs(row["rate_up"]), "", "n"),
+        ("Link", row.link, row.where, "link"),
+        ("Tier", row.tier, "", ""),
+        ("State", row.state, row.reason, row.state),
+        ("Open", row.open, "", "n"),
+        ("Down", format_bytes(row.bytes_down), "", "n"),
+        ("Up", format_bytes(row.bytes_up), "", "n"),
+        ("Down kB/s", _kbs(row.rate_down), "", "n"),
+        ("Up kB/s", _kbs(row.rate_up), "", "n"),
         (
             "Capacity",
-            "not measured" if capacity is None else format_bytes(capacity) + "/s",
-            "" if capacity is None or colour is None else capacity_source(row),
+            "not measured" if row.capacity is None else format_bytes(row.capacity) + "/s",
+            row.capacity_note,
             "n",
         ),
-        ("DNS", " / ".join(str(row.get(key, 0)) for key in _DNS_KEYS), "queries / cached / failed", "n"),
+        ("DNS", " / ".join(str(count) for count in row.dns), "queries / cached / failed", "n"),
     ]
     out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
     for position, (label, text, small, cls) in enumerate(cells):
@@ -6253,18 +6321,6 @@ def _row(row: Mapping[str, Any], colour: int | None) -> str:
         lead = "" if position else dot
         out.append(f'<td class="{cls}" data-label="{label}">{lead}{_e(text)}{under}</td>')
     return "<tr>" + "".join(out) + "</tr>"
-
-
-def _totals(status: Mapping[str, Any]) -> dict[str, Any]:
-    rows = status["addresses"]
-    measured = [row["capacity"] for row in rows if row["capacity"] is not None]
-    return {
-        **status["totals"],
-        "link": "All links",
-        "open": sum(row["open"] for row in rows),
-        "capacity": sum(measured) if measured else None,
-        **{key: sum(row.get(key, 0) for row in rows) for key in _DNS_KEYS},
-    }
 
 
 def _nice_top(peak_kbs: float) -> float:
@@ -6279,18 +6335,20 @@ def _y(rate: float, top: float) -> float:
     return _PLOT_BOTTOM - min(max(rate / _KILO / top, 0.0), 1.0) * (_PLOT_BOTTOM - _PLOT_TOP)
 
 
-def _series(status: Mapping[str, Any], key: str) -> tuple[float, list[tuple[int, list[float]]]]:
+def _series(status: Status, key: Literal["rate_up", "rate_down"]) -> tuple[float, list[tuple[int, list[float]]]]:
     """The sample interval and, per address with samples, (its colour, its last 10 minutes)."""
-    history = status.get("history") or {}
-    interval = float(history.get("interval") or 0) or METER_INTERVAL
-    kept, per_ip = int(_HISTORY_SECONDS / interval) + 1, history.get("addresses") or {}
-    series = [
-        (i, list((per_ip.get(row["ip"]) or {}).get(key) or [])[-kept:]) for i, row in enumerate(status["addresses"])
-    ]
-    return interval, [(i, values) for i, values in series if values]
+    history = status["history"]
+    interval = history["interval"]
+    kept, per_ip = int(_HISTORY_SECONDS / interval) + 1, history["addresses"]
+    series = []
+    for colour, row in enumerate(status["addresses"]):
+        rates = per_ip[row["ip"]][key][-kept:] if row["ip"] is not None and row["ip"] in per_ip else []
+        if rates:
+            series.append((colour, rates))
+    return interval, series
 
 
-def _chart(status: Mapping[str, Any], key: str, title: str) -> str:
+def _chart(status: Status, key: Literal["rate_up", "rate_down"], title: str) -> str:
     interval, series = _series(status, key)
     top = _nice_top(max((max(values) for _, values in series), default=0.0) / _KILO)
     step, parts = _NOW_X * interval / _HISTORY_SECONDS, []
@@ -6312,19 +6370,18 @@ def _chart(status: Mapping[str, Any], key: str, title: str) -> str:
             f'<circle class="{cls}" cx="{_NOW_X}" cy="{_y(values[-1], top):.1f}" r="3"/>'
         )
     return (
-        f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" viewBox="0 0 '
+        f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" data-part viewBox="0 0 '
         f'{_CHART_W} {_CHART_H}" role="img" aria-label="{title}">' + "".join(parts) + "</svg></figure>"
     )
 
 
-def render_status_page(status: dict[str, Any]) -> str:
-    """The whole status page for ``Dispatcher.status()``: table and charts drawn here, and a
-    script that redraws both from ``/stats.json`` every 2 s. Send with ``STATUS_PAGE_CSP``."""
-    facts = "".join(
-        f'<div><dt>{name}</dt><dd data-f="{name}">{_e(value)}</dd></div>' for name, value in _facts(status).items()
-    )
+def render_status_page(status: Status) -> str:
+    """The whole status page for ``Dispatcher.status()``, table and charts drawn, and a script
+    that fetches the page again every ``PAGE_REFRESH`` seconds and puts the parts that changed
+    in place. Send with ``STATUS_PAGE_CSP``."""
+    facts = "".join(f"<div><dt>{name}</dt><dd>{_e(value)}</dd></div>" for name, value in _facts(status).items())
     heads = "".join(f'<th class="{"n" if i >= _FIRST_NUMERIC else ""}">{name}</th>' for i, name in enumerate(_HEADINGS))
-    rows = "".join(_row(row, i) for i, row in enumerate(status["addresses"]))
+    rows = "".join(_row(_address_row(row), i) for i, row in enumerate(status["addresses"]))
     legend = "".join(
         f'<li><i class="k s{i % len(_PALETTE)}"></i>{_e(row["link"])}</li>' for i, row in enumerate(status["addresses"])
     )
@@ -6332,57 +6389,81 @@ def render_status_page(status: dict[str, Any]) -> str:
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f'<title>dispatch status</title><link rel="icon" href="data:,"><style>{_STYLE}</style>'
-        '</head><body><header><h1>dispatch</h1><span id="live">snapshot</span></header>'
-        f'<dl class="facts">{facts}</dl><table><thead><tr>{heads}</tr></thead>'
-        f'<tbody id="rows">{rows}</tbody>'
-        f'<tfoot id="total">{_row(_totals(status), None)}</tfoot></table><div class="charts">'
+        f"</head><body><header><h1>dispatch</h1>{_LIVE}</header>"
+        f'<dl class="facts" id="facts" data-part>{facts}</dl><table><thead><tr>{heads}</tr></thead>'
+        f'<tbody id="rows" data-part>{rows}</tbody>'
+        f'<tfoot id="total" data-part>{_row(_totals_row(status), None)}</tfoot></table><div class="charts">'
         f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
         f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
-        f'<ul class="legend" id="legend">{legend}</ul><script>{_SCRIPT}</script>'
+        f'<ul class="legend" id="legend" data-part>{legend}</ul><script>{_SCRIPT}</script>'
         "</body></html>\n"
     )
 
 
 # Prometheus metrics
 
-# name, type, help, key of the stats() row that holds the value
-_PER_ADDRESS = (
-    ("dispatch_bytes_sent_total", "counter", "Bytes sent upstream via the address.", "bytes_up"),
-    ("dispatch_bytes_received_total", "counter", "Bytes received via the address.", "bytes_down"),
-    ("dispatch_connections_opened_total", "counter", "Connections opened via the address.", "connections"),
-    ("dispatch_connections_failed_total", "counter", "Connects via the address that failed.", "failed"),
-    ("dispatch_open_connections", "gauge", "Upstream connections open via the address.", "open"),
-    ("dispatch_link_up", "gauge", "1 while the address is up (or a backup standing by), else 0.", "up"),
+
+def _link_up(row: StatsRow) -> int:
+    return int(row["state"] in ("up", "standby"))
+
+
+def _capacity_remembered(row: StatsRow) -> int | None:
+    return None if row["capacity"] is None else int(row["capacity_source"] == "remembered")
+
+
+# name, type, help, the value of a stats() row (None: no sample)
+_PER_ADDRESS: tuple[tuple[str, str, str, Callable[[StatsRow], float | None]], ...] = (
+    ("dispatch_bytes_sent_total", "counter", "Bytes sent upstream via the address.", lambda row: row["bytes_up"]),
+    ("dispatch_bytes_received_total", "counter", "Bytes received via the address.", lambda row: row["bytes_down"]),
+    (
+        "dispatch_connections_opened_total",
+        "counter",
+        "Connections opened via the address.",
+        lambda row: row["connections"],
+    ),
+    (
+        "dispatch_connections_failed_total",
+        "counter",
+        "Connects via the address that failed.",
+        lambda row: row["failed"],
+    ),
+    ("dispatch_open_connections", "gauge", "Upstream connections open via the address.", lambda row: row["open"]),
+    ("dispatch_link_up", "gauge", "1 while the address is up (or a backup standing by), else 0.", _link_up),
     (
         "dispatch_link_capacity_bytes_per_second",
         "gauge",
         "Estimated bytes per second the address carries (the busier direction); absent until measured.",
-        "capacity",
+        lambda row: row["capacity"],
     ),
     (
         "dispatch_link_capacity_age_seconds",
         "gauge",
         "Seconds since the capacity was last measured; absent until measured in this run.",
-        "capacity_age",
+        lambda row: row["capacity_age"],
     ),
     (
         "dispatch_link_capacity_remembered",
         "gauge",
         "1 while the capacity is the one remembered from an earlier run, 0 once measured; absent without one.",
-        "capacity_remembered",
+        _capacity_remembered,
     ),
-    ("dispatch_dns_queries_total", "counter", "DNS queries sent through the address's link.", "dns_queries"),
+    (
+        "dispatch_dns_queries_total",
+        "counter",
+        "DNS queries sent through the address's link.",
+        lambda row: row["dns_queries"],
+    ),
     (
         "dispatch_dns_cache_hits_total",
         "counter",
         "Name lookups for connections of the address that the cache answered.",
-        "dns_cache_hits",
+        lambda row: row["dns_cache_hits"],
     ),
     (
         "dispatch_dns_failures_total",
         "counter",
         "DNS queries through the address's link that got no good answer.",
-        "dns_failures",
+        lambda row: row["dns_failures"],
     ),
 )
 
@@ -6407,20 +6488,10 @@ def _metric_family(name: str, kind: str, text: str, samples: Iterable[tuple[Mapp
     return lines
 
 
-def render_metrics(status: dict[str, Any]) -> str:
+def render_metrics(status: Status) -> str:
     """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
     per-address series carry ``link`` and ``address`` (the local IP) labels."""
-    rows = [
-        {
-            **row,
-            "up": int(row["state"] in ("up", "standby")),
-            "capacity_age": row.get("capacity_age"),
-            "capacity_remembered": None
-            if row.get("capacity") is None
-            else int(row.get("capacity_source") == "remembered"),
-        }
-        for row in status["addresses"]
-    ]
+    rows = status["addresses"]
     lines = _metric_family(
         "dispatch_build_info", "gauge", "Always 1; the version is in the label.", [({"version": status["version"]}, 1)]
     )
@@ -6436,13 +6507,9 @@ def render_metrics(status: dict[str, Any]) -> str:
             for r in rows
         ],
     )
-    for name, kind, text, key in _PER_ADDRESS:
-        lines += _metric_family(
-            name,
-            kind,
-            text,
-            [({"link": r["link"], "address": r["ip"] or ""}, r[key]) for r in rows if r[key] is not None],
-        )
+    for name, kind, text, value_of in _PER_ADDRESS:
+        samples = [({"link": r["link"], "address": r["ip"] or ""}, value_of(r)) for r in rows]
+        lines += _metric_family(name, kind, text, [(labels, value) for labels, value in samples if value is not None])
     lines += _metric_family(
         "dispatch_clients_refused_total", "counter", "Client connections refused.", [({}, status["refused"])]
     )
@@ -7407,7 +7474,7 @@ class BackgroundTasks:
                         logger.exception("background task %s failed", getattr(task, "__name__", task))
 
 
-def _waiting_row(link: Link) -> dict[str, Any]:
+def _waiting_row(link: Link) -> StatsRow:
     """The stats row of an interface that has had no address yet."""
     return {
         "ip": None,
@@ -7427,13 +7494,10 @@ def _waiting_row(link: Link) -> dict[str, Any]:
         "capacity": None,
         "capacity_source": "not measured",
         "capacity_age": None,
-        **_dns_fields(DnsCounts()),
+        "dns_queries": 0,
+        "dns_cache_hits": 0,
+        "dns_failures": 0,
     }
-
-
-def _dns_fields(counts: DnsCounts) -> dict[str, int]:
-    """The DNS counts of a stats row."""
-    return {"dns_queries": counts.queries, "dns_cache_hits": counts.cache_hits, "dns_failures": counts.failures}
 
 
 class Dispatcher:
@@ -7824,7 +7888,7 @@ class Dispatcher:
         # The sessions now see their sockets closed; let them log it.
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
 
-    def stats(self) -> list[dict[str, Any]]:
+    def stats(self) -> list[StatsRow]:
         """Per local address (every one a link holds, and those gone lately:
         see GONE_ADDRESS_KEPT): ip (an upstream proxy's name), interface, link
         (its name as given), weight, tier ("primary" or "backup"), state
@@ -7841,13 +7905,15 @@ class Dispatcher:
         reader sees the same."""
         current = self.links.addresses
         primaries_up = {f for a in current if not a.backup and not self.health.is_out(a) for f in a.serves}
-        rows = []
+        rows: list[StatsRow] = []
         for address in self.links.known_addresses():
             reading = self.meter.read(address)
             state, reason = self.health.state(address) if address in current else ("gone", "address gone")
             if state == "up" and address.backup and address.serves & primaries_up:
                 state, reason = "standby", "a primary link is up"
             link = self.links.link_of(address)
+            capacity, source, measured_at = self.capacity.source(address)
+            dns = self.resolver.counts(address)
             rows.append(
                 {
                     "ip": address.ip,
@@ -7864,8 +7930,12 @@ class Dispatcher:
                     "bytes_down": reading.counters.bytes_down,
                     "rate_up": reading.rate_up,
                     "rate_down": reading.rate_down,
-                    **self._capacity_fields(address),
-                    **_dns_fields(self.resolver.counts(address)),
+                    "capacity": capacity,
+                    "capacity_source": source or "not measured",
+                    "capacity_age": None if measured_at is None else max(0.0, self.meter.clock() - measured_at),
+                    "dns_queries": dns.queries,
+                    "dns_cache_hits": dns.cache_hits,
+                    "dns_failures": dns.failures,
                 }
             )
         for link in self.links.links:
@@ -7873,25 +7943,21 @@ class Dispatcher:
                 rows.append(_waiting_row(link))
         return rows
 
-    def _capacity_fields(self, address: LocalAddress) -> dict[str, Any]:
-        figure, source, when = self.capacity.source(address)
-        return {
-            "capacity": figure,
-            "capacity_source": source or "not measured",
-            "capacity_age": None if when is None else max(0.0, self.meter.clock() - when),
-        }
-
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         """Everything a status page shows: version, uptime, where it listens,
         open and refused clients, totals (with what addresses forgotten once
         gone carried), ``stats()`` as "addresses", and the
         rates of each address over the last ten minutes as "history"."""
-        rows = self.stats()
-        totals = {
-            key: sum(row[key] for row in rows) + self._forgotten.get(key, 0)
-            for key in ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_down")
+        rows, forgotten = self.stats(), self._forgotten
+        totals: Totals = {
+            "connections": sum(row["connections"] for row in rows) + forgotten["connections"],
+            "failed": sum(row["failed"] for row in rows) + forgotten["failed"],
+            "bytes_up": sum(row["bytes_up"] for row in rows) + forgotten["bytes_up"],
+            "bytes_down": sum(row["bytes_down"] for row in rows) + forgotten["bytes_down"],
+            "rate_up": sum((row["rate_up"] for row in rows), 0.0),
+            "rate_down": sum((row["rate_down"] for row in rows), 0.0),
         }
-        history = {}
+        history: dict[str, AddressHistory] = {}
         for address in self.links.known_addresses():
             up, down = self.meter.history(address)
             history[address.ip] = {"rate_up": up, "rate_down": down}
@@ -8243,7 +8309,7 @@ def _format_rate(bytes_per_second: float) -> str:
     return f"{bytes_per_second / 1000:,.1f} kB/s"
 
 
-def format_stats(rows: Sequence[dict[str, Any]]) -> str:
+def format_stats(rows: Sequence[StatsRow]) -> str:
     """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
     header = (
         "ADDRESS",
@@ -8271,7 +8337,7 @@ def format_stats(rows: Sequence[dict[str, Any]]) -> str:
             format_bytes(row["bytes_up"]),
             _format_rate(row["rate_down"]),
             _format_rate(row["rate_up"]),
-            "-" if row.get("capacity") is None else _format_rate(row["capacity"]),
+            "-" if row["capacity"] is None else _format_rate(row["capacity"]),
             capacity_source(row),
         )
         for row in rows

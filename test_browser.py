@@ -8,7 +8,6 @@ from __future__ import annotations
 import html.parser
 import http.server
 import itertools
-import json
 import os
 import re
 import socket
@@ -29,6 +28,7 @@ from conftest import (
     needs_chromium,
     round_trip,
     sample_status,
+    wait_until_all_closed,
 )
 from dispatch import Dispatcher
 
@@ -62,14 +62,15 @@ def run_chromium(tmp_path: Any, *arguments: str) -> str:
 
 
 class PageServer(http.server.ThreadingHTTPServer):
-    """Serves the status page of sample_status(), then /stats.json as ``steps``
-    says: a later step each time (a negative one is a failure)."""
+    """Serves the status page of sample_status(step), a step of ``steps`` for
+    each request (a negative one is a failure); records each request's path
+    and Sec-Fetch-Mode (navigate: the browser loaded the page)."""
 
     daemon_threads = True
 
     def __init__(self, steps: Iterator[int]) -> None:
         super().__init__(("127.0.0.1", 0), PageHandler)
-        self.paths: list[str] = []
+        self.requests: list[tuple[str, str]] = []
         self.steps = steps
 
 
@@ -77,13 +78,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     server: PageServer
 
     def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        code, kind, body = 200, dispatch.PAGE_CONTENT_TYPE, dispatch.render_status_page(sample_status())
-        if self.path == "/stats.json":
-            step = next(self.server.steps)
-            code, kind, body = (
-                (503, "text/plain", "busy") if step < 0 else (200, "application/json", json.dumps(sample_status(step)))
-            )
+        self.server.requests.append((self.path, self.headers.get("Sec-Fetch-Mode", "")))
+        step = next(self.server.steps)
+        code, kind, body = (
+            (503, "text/plain", "busy")
+            if step < 0
+            else (200, dispatch.PAGE_CONTENT_TYPE, dispatch.render_status_page(sample_status(step)))
+        )
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Security-Policy", dispatch.STATUS_PAGE_CSP)
@@ -97,9 +98,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def page_server(request: pytest.FixtureRequest) -> Iterator[PageServer]:
     steps = {
-        "newer": itertools.count(1),
+        "newer": itertools.count(0),
         "same": itertools.repeat(0),
-        "failing first": itertools.chain([-1], itertools.count(1)),
+        "failing first": itertools.chain([0, -1], itertools.count(1)),
+        "failing": itertools.chain([0], itertools.repeat(-1)),
     }
     server = PageServer(steps[getattr(request, "param", "newer")])
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -119,7 +121,7 @@ class Markup(html.parser.HTMLParser):
         self.close()
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.events.append(("start", tag, *sorted(f"{k}={v}" for k, v in attrs if v or k != "class")))
+        self.events.append(("start", tag, *sorted(f"{k}={v or ''}" for k, v in attrs if v or k != "class")))
 
     def handle_endtag(self, tag: str) -> None:
         self.events.append(("end", tag))
@@ -129,23 +131,36 @@ class Markup(html.parser.HTMLParser):
 
 
 def redrawn_part(page: str) -> list[tuple[str, ...]]:
-    """Facts, table, charts and legend: all that the script redraws."""
-    return Markup(page[page.index('<dl class="facts">') : page.index("<script>")]).events
+    """Facts, table, charts and legend: all that updates put in place."""
+    return Markup(page[page.index('<dl class="facts"') : page.index("<script>")]).events
+
+
+def live_says(dom: str) -> str:
+    """What the page's live indicator says."""
+    said = re.search(r'<span id="live"[^>]*>([^<]*)</span>', dom)
+    assert said is not None
+    return said.group(1)
 
 
 @pytest.mark.parametrize("page_server", ["same"], indirect=True)
-def test_browser_redraws_the_same_status_exactly_as_served(tmp_path: Any, page_server: PageServer) -> None:
+def test_browser_keeps_the_page_exactly_as_served_while_nothing_changes(tmp_path: Any, page_server: PageServer) -> None:
     dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
-    assert '<span id="live">live, every 2 s</span>' in dom
+    assert live_says(dom) == "live, every 2 s" and len(page_server.requests) >= 2
     assert redrawn_part(dom) == redrawn_part(dispatch.render_status_page(sample_status()))
 
 
-def test_browser_updates_table_and_chart_from_stats_json(tmp_path: Any, page_server: PageServer) -> None:
+def test_browser_updates_the_page_in_place_with_the_parts_drawn_anew(tmp_path: Any, page_server: PageServer) -> None:
     dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
-    assert set(page_server.paths) == {"/", "/stats.json"}  # nothing else is fetched
-    uptime = re.search(r'data-f="uptime">([^<]*)<', dom)
+    paths, modes = zip(*page_server.requests)
+    assert set(paths) == {"/"} and len(paths) >= 2  # the page alone: nothing else is fetched
+    assert modes[0] == "navigate" and "navigate" not in modes[1:]  # loaded once, never again
+    assert live_says(dom) == "live, every 2 s"
+    # Exactly as drawn for a later status: grown counters, a new link (cell0), its colour, its lines.
+    drawn = [redrawn_part(dispatch.render_status_page(sample_status(step))) for step in range(1, len(paths))]
+    assert redrawn_part(dom) in drawn
+    uptime = re.search(r"<dt>uptime</dt><dd>([^<]*)<", dom)
     assert uptime is not None and re.fullmatch(r"[2-9] h 2 min", uptime.group(1))
-    for link in ("wlan0", "usb0", "enp3s0", "cell0"):  # cell0 comes only with the update
+    for link in ("wlan0", "usb0", "enp3s0", "cell0"):  # cell0 comes only with an update
         assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
     assert dom.count("<polyline") == 6  # three links with history, two charts
 
@@ -153,8 +168,48 @@ def test_browser_updates_table_and_chart_from_stats_json(tmp_path: Any, page_ser
 @pytest.mark.parametrize("page_server", ["failing first"], indirect=True)
 def test_browser_keeps_polling_after_a_failed_fetch(tmp_path: Any, page_server: PageServer) -> None:
     dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
-    assert page_server.paths.count("/stats.json") >= 2
-    assert '<span id="live">live, every 2 s</span>' in dom and "cell0" in dom
+    assert len(page_server.requests) >= 3
+    assert live_says(dom) == "live, every 2 s" and "cell0" in dom
+
+
+@pytest.mark.parametrize("page_server", ["failing"], indirect=True)
+def test_browser_says_when_updates_fail_and_keeps_the_last_page(tmp_path: Any, page_server: PageServer) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{page_server.server_port}/")
+    assert len(page_server.requests) >= 2
+    assert live_says(dom) == "no answer, retrying"
+    assert redrawn_part(dom) == redrawn_part(dispatch.render_status_page(sample_status()))
+
+
+def test_browser_shows_a_running_proxys_traffic_without_a_reload(
+    tmp_path: Any,
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    drawn_first: list[str] = []
+    status = Dispatcher.status
+
+    def traffic_after_the_first_page(proxy: Dispatcher) -> dispatch.Status:
+        # The first page is drawn before the traffic, the first update after it.
+        seen = status(proxy)
+        if not drawn_first:
+            drawn_first.append(dispatch.render_status_page(seen))
+            for _ in range(3):
+                with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+                    assert round_trip(client, b"x" * 50_000) == b"x" * 50_000
+            wait_until_all_closed(proxy)
+            proxy.meter.sample()
+        return seen
+
+    monkeypatch.setattr(Dispatcher, "status", traffic_after_the_first_page)
+    proxy = make_proxy(["127.0.0.2"])
+    dom = run_chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{proxy.address[1]}/")
+    (first,) = drawn_first
+    assert "<dt>connections</dt><dd>0</dd>" in first and "150 kB" not in first
+    assert live_says(dom) == "live, every 2 s"
+    assert "<dt>connections</dt><dd>3</dd>" in dom  # a fact,
+    assert re.search(r'<td class="n" data-label="Down">150 kB</td>', dom)  # a row,
+    assert re.search(r'<polyline class="s0" points="[^"]*,(?!140\.0)[^"]*"', dom)  # a line off the floor
 
 
 def test_browser_shows_a_running_proxys_links_and_charts(
@@ -167,7 +222,7 @@ def test_browser_shows_a_running_proxys_links_and_charts(
     proxy.meter.sample()  # a sample in the history now, rather than in up to 2 s
     url = f"http://127.0.0.1:{proxy.address[1]}/"
     dom = run_chromium(tmp_path, "--dump-dom", url)
-    assert '<span id="live">live, every 2 s</span>' in dom  # the first update came
+    assert live_says(dom) == "live, every 2 s"  # the first update came
     for link in ("127.0.0.2", "127.0.0.3"):
         assert dom.count(f"></i>{link}<") == 2, link  # its row and the legend
     assert dom.count("<polyline") == 4 and ">no samples yet<" not in dom  # two links, two charts

@@ -37,6 +37,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import typing
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -4414,7 +4416,6 @@ def test_page_escapes_link_names_and_reasons() -> None:
 def test_page_with_no_history_says_so() -> None:
     page = dispatch.render_status_page(sample_status() | {"history": {"interval": 2.0, "addresses": {}}})
     assert page.count(">no samples yet<") == 2 and "<polyline" not in page
-    assert "no samples yet" in dispatch.render_status_page(sample_status() | {"history": {}})
 
 
 def test_page_marks_a_lone_sample() -> None:
@@ -4625,6 +4626,11 @@ def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> Non
 )
 def test_format_bytes(count: int, text: str) -> None:
     assert dispatch.format_bytes(count) == text
+
+
+def test_page_script_holds_no_figure_colour_or_unit_of_its_own() -> None:
+    # Every number, colour, scale and unit on the page comes drawn from here.
+    assert not re.search(r"\d|kB|#[0-9a-f]|\bs\b", dispatch._SCRIPT), dispatch._SCRIPT
 
 
 # ---------------------------------------------------------------------------
@@ -5398,6 +5404,97 @@ def http_get(
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{headers}\r\n".encode())
         return read_response(sock)
+
+
+STATUS_TYPES = (dispatch.Status, dispatch.Totals, dispatch.History, dispatch.AddressHistory, dispatch.StatsRow)
+
+
+def json_faults(value: Any, hint: Any, where: str = "status") -> list[str]:
+    """Where parsed JSON ``value`` differs from the type ``hint`` (a TypedDict,
+    nested): a key missing or not of the type, a value of another type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if typing.is_typeddict(hint):
+        if not isinstance(value, dict):
+            return [f"{where}: {value!r} is no object"]
+        hints = typing.get_type_hints(hint)
+        assert hints.keys() == hint.__required_keys__ | hint.__optional_keys__
+        faults = [f"{where}: no {key}" for key in sorted(hint.__required_keys__ - value.keys())]
+        faults += [f"{where}: {key} is not in {hint.__name__}" for key in sorted(value.keys() - hints.keys())]
+        for key in sorted(value.keys() & hints.keys()):
+            faults += json_faults(value[key], hints[key], f"{where}.{key}")
+        return faults
+    if origin in (typing.Union, types.UnionType):
+        branches = [json_faults(value, branch, where) for branch in args]
+        return [] if any(not faults for faults in branches) else [f"{where}: {value!r} is not {hint}"]
+    if origin is typing.Literal:
+        return [] if any(type(value) is type(arg) and value == arg for arg in args) else [f"{where}: {value!r}"]
+    if origin is list:
+        if not isinstance(value, list):
+            return [f"{where}: {value!r} is no list"]
+        return [fault for i, item in enumerate(value) for fault in json_faults(item, args[0], f"{where}[{i}]")]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return [f"{where}: {value!r} is no object"]
+        return [fault for key, item in value.items() for fault in json_faults(item, args[1], f"{where}[{key!r}]")]
+    if hint in (int, float, str, type(None)):  # exactly: JSON tells 1 from 1.0, and a bool is no int
+        return [] if type(value) is hint else [f"{where}: {value!r} is not {hint.__name__}"]
+    raise TypeError(f"{where}: no check for {hint}")
+
+
+def test_the_json_check_finds_missing_extra_and_mistyped_fields() -> None:
+    status = json.loads(json.dumps(sample_status()))
+    assert json_faults(status, dispatch.Status) == []
+    status["addresses"][0]["colour"] = "red"
+    del status["totals"]["failed"]
+    status["history"]["addresses"]["10.42.0.7"]["rate_up"][0] = "fast"
+    status["addresses"][1]["state"] = "asleep"
+    status["addresses"][2]["connections"] = 1.0
+    status["uptime"] = None
+    assert json_faults(status, dispatch.Status) == [
+        "status.addresses[0]: colour is not in StatsRow",
+        "status.addresses[1].state: 'asleep'",
+        "status.addresses[2].connections: 1.0 is not int",
+        "status.history.addresses['10.42.0.7'].rate_up[0]: 'fast' is not float",
+        "status.totals: no failed",
+        "status.uptime: None is not float",
+    ]
+
+
+def test_stats_json_of_a_running_proxy_is_exactly_the_typed_status(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, fake_interfaces: FakeInterfaces, tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    dispatch.write_state(state, {"127.0.0.2": 2_000_000.0})
+    fake_interfaces.interfaces["fake0"] = []  # a row waiting for an address
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3@backup", "fake0"], state_file=state)
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"traffic") == b"traffic"
+    wait_until_all_closed(proxy)
+    proxy.meter.sample()  # rates in the history now, rather than in up to 2 s
+    code, _, body = http_get(proxy.address, "/stats.json")
+    served = json.loads(body)
+    assert code == 200 and json_faults(served, dispatch.Status) == []
+    rows = served["addresses"]
+    # Every kind of row and value is in it: None and a number, each state here.
+    assert {(row["ip"], row["state"]) for row in rows} == {
+        ("127.0.0.2", "up"),
+        ("127.0.0.3", "standby"),
+        (None, "waiting"),
+    }
+    assert {row["capacity_source"] for row in rows} == {"remembered", "not measured"}
+    assert served["history"]["addresses"]["127.0.0.2"]["rate_up"]
+
+
+def test_readme_names_every_field_of_stats_json() -> None:
+    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    described = re.search(r"^- `/stats\.json`:.*?(?=^- |^$)", readme, re.M | re.S)
+    assert described is not None
+    named = set(re.findall(r"`(?:dispatch\.)?(\w+)`", described.group(0)))
+    for typed in STATUS_TYPES:
+        assert typed.__name__ in named
+        missing = set(typing.get_type_hints(typed)) - named
+        assert not missing, f"{typed.__name__}: {sorted(missing)}"
 
 
 def test_the_proxys_port_serves_its_pages(proxy: Dispatcher, echo_server: Server) -> None:

@@ -69,7 +69,7 @@ SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
 PEERS = ("dante", "pproxy", "microsocks")
 REFERENCES = ("splice-relay",)
 PROXY_NAMES = ("dispatch", "dispatch-before", "dispatch-paged", "dispatch-upstream", *PEERS, *REFERENCES)
-# dispatch-paged: dispatch while a client polls its status page's JSON this often.
+# dispatch-paged: dispatch while a client polls its status page this often.
 PAGE_POLL_INTERVAL = 0.1
 
 IO_TIMEOUT = 10.0  # any single socket operation
@@ -1386,9 +1386,10 @@ def raise_fd_limit() -> None:
 
 
 def poll_page(proxy: Address, interval: float) -> None:
-    """GET /stats.json from the proxy's port every ``interval`` seconds, as a
-    status page left open in a browser does, but 20 times as often."""
-    request = b"GET /stats.json HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a name the pages answer
+    """GET the status page from the proxy's port every ``interval`` seconds, as
+    the page left open in a browser does (its script asks for the page again),
+    but 20 times as often."""
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a name the pages answer
     while True:
         try:
             with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
