@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import io
 import os
 import re
@@ -50,7 +51,14 @@ class Section:
         return self.last - self.first + 1
 
 
-def sections(source: str) -> list[Section]:
+@functools.lru_cache(maxsize=4)
+def parsed(source: str) -> ast.Module:
+    """``source`` parsed once, however many checks read it."""
+    return ast.parse(source)
+
+
+@functools.lru_cache(maxsize=4)
+def sections(source: str) -> tuple[Section, ...]:
     """The sections of ``source``, in order, the lines above the first banner
     as TOP. A banner is a rule, title lines, a rule, all comments at column 0."""
     comments = {
@@ -66,7 +74,7 @@ def sections(source: str) -> list[Section]:
             starts.append((opening, " ".join(title[2:].strip() for title in titles)))
     count = len(source.splitlines())
     ends = [start - 1 for start, _ in starts[1:]] + [count]
-    return [Section(title, first, last) for (first, title), last in zip(starts, ends)]
+    return tuple(Section(title, first, last) for (first, title), last in zip(starts, ends))
 
 
 # Names bound by a statement in the scope it runs in (not in the functions,
@@ -218,7 +226,7 @@ def _is_annotation(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
 def later_section_uses(source: str) -> list[str]:
     """Each use, by a section, of a name a later section binds at the top
     level of the module: "SECTION uses NAME of LATER SECTION (line N)"."""
-    tree = ast.parse(source)
+    tree = parsed(source)
     parts = sections(source)
 
     def section_of(line: int) -> int:
@@ -240,7 +248,7 @@ def later_section_uses(source: str) -> list[str]:
 
 def map_names(source: str) -> list[str]:
     """The section names the module docstring's map lists, in its order."""
-    docstring = ast.get_docstring(ast.parse(source), clean=False) or ""
+    docstring = ast.get_docstring(parsed(source), clean=False) or ""
     _, _, after = docstring.partition("\nMap of this module")
     lines = after.splitlines()[1:]
     return [entry.group(1) for line in lines if (entry := MAP_ENTRY.match(line))]
