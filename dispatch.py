@@ -2996,6 +2996,7 @@ class _LinkFigure:
         self.run: collections.deque[_Tick] = collections.deque()  # the current run of loaded ticks
         self.run_moved, self.run_seconds = 0, 0.0  # what the run moved after its first tick, and in how long
         self.run_fresh = False  # the run's connections opened just before it: nothing waited
+        self.run_measured = False  # the run has made a measurement
         self.opened_before_run = False  # the last tick that was no run's began with nothing open
         self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
         # (evidence time, rate), of the last KEEP_SPAN of evidence time
@@ -3033,14 +3034,16 @@ class CapacityEstimator:
       tick in which they opened), nothing waited before it, so bytes the
       relay or the kernel catch up on were delivered within it: the run's
       rate so far (after its first tick, over the time since) never reads
-      high, and raises the figure once it covers RISE_SPAN; in its first
-      ticks the whole run's rate, first tick and all, reads low but raises
-      the figure some way, so a burst of downloads shorter than a second
-      still measures a link. A fresh run more than FASTER_BY above the
-      figure shows a link that got faster: the measurements before it are
-      of the old link and are dropped. A run that begins with connections
-      open (after a stall, when the out-of-order bytes the kernel held pass
-      at once) raises the figure only by measurements (below).
+      high, and raises the figure once it covers RISE_SPAN, until the
+      run's first measurement (below; after it, the rate so far may be of
+      a link that got slower in the run); in its first ticks the whole
+      run's rate, first tick and all, reads low but raises the figure some
+      way, so a burst of downloads shorter than a second still measures a
+      link. A fresh run more than FASTER_BY above the figure shows a link
+      that got faster: the measurements before it are of the old link and
+      are dropped. A run that begins with connections open (after a stall,
+      when the out-of-order bytes the kernel held pass at once) raises the
+      figure only by measurements (below).
     - Lowering needs evidence that the link, not the application, set the
       pace: a *measurement* is the median rate of the ticks of at least SPAN
       (one second) inside a run, with connections open through each of them,
@@ -3054,14 +3057,14 @@ class CapacityEstimator:
       time, so bursts of a few seconds add up), or the lowest measurement
       of the last SPAN where every one of those is above that median: a
       link that got faster in the middle of a run shows within about two
-      seconds, one that got slower after about half of FOLLOW_SPAN plus
-      SPAN of carrying traffic, and a dip or a peak is outvoted. Not their
-      highest, as in BBR's windowed maximum: the ticks of a slow link read
-      a quarter off its rate either way, so the highest of a few seconds of
-      measurements reads some ten per cent high, and a slow link read so
-      high takes a connection too many (4 of 24 rather than 3 beside two
-      links three times as fast), which then ends a batch late. Until the
-      measurements cover FOLLOW_SPAN the figure only rises.
+      seconds, one that got slower after about three seconds of carrying
+      traffic (half of FOLLOW_SPAN, and SPAN), and a dip or a peak is
+      outvoted. Not their highest, as in BBR's windowed maximum: the ticks
+      of a slow link read a quarter off its rate either way, so the highest
+      of a few seconds of measurements reads some ten per cent high, and a
+      slow link read so high takes a connection too many (4 of 24 rather
+      than 3 beside two links three times as fast), which then ends a batch
+      late. Until the measurements cover FOLLOW_SPAN the figure only rises.
     - A ``remember()``-ed figure (from the state file) stands until the link
       is measured: it is replaced by the measurements' figure once they
       cover REPLACE_SPAN, or at once by a higher rate.
@@ -3121,6 +3124,7 @@ class CapacityEstimator:
                 link.run_moved, link.run_seconds = link.run_moved + moved, link.run_seconds + seconds
             else:
                 link.run_fresh = open_before == 0 or link.opened_before_run
+                link.run_measured = False
             link.run.append(_Tick(moved, seconds, open_through))
             self._rise(link, sample.at)
             self._measure(link, sample.at)
@@ -3135,7 +3139,10 @@ class CapacityEstimator:
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
-        if not link.run_fresh:  # bytes may have waited before it: measurements only
+        # Bytes may have waited before a run that is not fresh; and once a
+        # run is measured, its rate so far may be of a link that got slower
+        # in it: measurements only.
+        if not link.run_fresh or link.run_measured:
             return
         rates = []
         if link.run_seconds >= self.RISE_SPAN - 1e-9:
@@ -3175,6 +3182,7 @@ class CapacityEstimator:
         if link.figure is not None and rate < link.figure * self.SMALL_SHARE and fewest < 2:
             return
         link.evidence_time += link.run[-1].seconds
+        link.run_measured = True
         link.evidence.append((link.evidence_time, rate))
         while link.evidence[0][0] <= link.evidence_time - self.KEEP_SPAN:
             link.evidence.popleft()

@@ -2443,6 +2443,22 @@ def test_a_link_that_got_slower_shows_within_five_seconds_of_traffic(open_count:
     assert ticks.run(400 * KB, 3, open_count) == pytest.approx(400 * KB, rel=0.01)
 
 
+def test_a_link_that_got_slower_in_the_middle_of_a_long_run_is_followed_steadily() -> None:
+    """Downloads that began when the link was fast go on after it slowed:
+    the run's rate so far is still above the figure, which is no sign of a
+    faster link, so the figure stays the median of the slower link's
+    measurements, each a quarter off its rate at times."""
+    for seed in range(10):
+        ticks, noise, late, figures = Ticks(), random.Random(seed), 0.0, []
+        for rate, seconds in ((1200 * KB, 20), (400 * KB, 8)):
+            for _ in range(round(seconds / TICK)):
+                missed = noise.uniform(0, 0.25)
+                ticks.tick(rate * TICK * (1 - missed + late), 6)
+                late = missed
+                figures.append(ticks.estimator.estimate(ticks.link))
+        assert figures[-16:] == [pytest.approx(400 * KB, rel=0.05)] * 16, seed
+
+
 def test_a_slower_link_shows_over_bursts_of_a_second_or_two() -> None:
     """The traffic of short bursts adds up: idle time between them neither
     counts nor resets what they showed."""
