@@ -3073,8 +3073,9 @@ class CapacityEstimator:
       noisy still, as the first batch after a restart is split by the kept
       figures alone), never above the highest of the last FOLLOW_SPAN, so
       a link that got slower is not kept at its old rate. A link that got
-      faster keeps its lower figure until about half of KEEP_SPAN of
-      traffic at its new rate.
+      faster (without a fresh run that dropped the measurements before)
+      keeps its lower figure until about half of KEEP_SPAN of traffic at
+      its new rate.
 
     ``estimate()`` is None until a link's first figure. Short connections on
     loopback seldom load a link for half a second, and where they do every
