@@ -3205,6 +3205,7 @@ class _LinkFigure:
         self.run: collections.deque[_Tick] = collections.deque()  # the current run of loaded ticks
         self.run_moved, self.run_seconds = 0, 0.0  # what the run moved after its first tick, and in how long
         self.run_fresh = False  # the run's connections opened just before it: nothing waited
+        self.run_measured = False  # the run has made a measurement
         self.opened_before_run = False  # the last tick that was no run's began with nothing open
         self.evidence_time = 0.0  # seconds of traffic the evidence so far covers
         # (evidence time, rate), of the last KEEP_SPAN of evidence time
@@ -3236,20 +3237,22 @@ class CapacityEstimator:
       client reads slowly), the link's bytes wait in the kernel and pass in
       the next tick, which alone would read as a link faster than it is.
       So a rate is never one tick's: it is a run's, or the median of ticks.
-    - What a link delivers is a lower bound of what it can carry, so a rate
-      above the figure raises it at once. In a run that begins with new
+    - What a link delivers is a lower bound of what it can carry, so a
+      fresh run raises the figure at once. In a run that begins with new
       connections (none open before its first tick, or before the quiet
       tick in which they opened), nothing waited before it, so bytes the
       relay or the kernel catch up on were delivered within it: the run's
       rate so far (after its first tick, over the time since) never reads
-      high, and raises the figure once it covers RISE_SPAN; in its first
-      ticks the whole run's rate, first tick and all, reads low but raises
-      the figure some way, so a burst of downloads shorter than a second
-      still measures a link. A run that begins with connections open (after
-      a stall, when the out-of-order bytes the kernel held pass at once)
-      raises the figure only by measurements (below), which are also what
-      shows a link that got faster in the middle of a long run, within
-      about a second and a half.
+      high, and raises the figure once it covers RISE_SPAN, until the
+      run's first measurement (below; after it, the rate so far may be of
+      a link that got slower in the run); in its first ticks the whole
+      run's rate, first tick and all, reads low but raises the figure some
+      way, so a burst of downloads shorter than a second still measures a
+      link. A fresh run more than FASTER_BY above the figure shows a link
+      that got faster: the measurements before it are of the old link and
+      are dropped. A run that begins with connections open (after a stall,
+      when the out-of-order bytes the kernel held pass at once) raises the
+      figure only by measurements (below).
     - Lowering needs evidence that the link, not the application, set the
       pace: a *measurement* is the median rate of the ticks of at least SPAN
       (one second) inside a run, with connections open through each of them,
@@ -3258,24 +3261,30 @@ class CapacityEstimator:
       connection is one application's pace (a stream, a slow server), not
       the link's, and counts for nothing; through two or more connections
       that all get so little, it is the link.
-    - The figure is the highest measurement of the last FOLLOW_SPAN seconds
-      of measured traffic (a windowed maximum, as in BBR, counted in traffic
-      time rather than wall time): a link that got slower shows after about
-      FOLLOW_SPAN plus SPAN seconds of carrying traffic, bursts of a few
-      seconds add up, and noise does not pull the figure down at each dip.
+    - The figure follows the median measurement of the last FOLLOW_SPAN
+      seconds of measured traffic (counted in traffic time rather than wall
+      time, so bursts of a few seconds add up), or the lowest measurement
+      of the last SPAN where every one of those is above that median: a
+      link that got faster in the middle of a run shows within about two
+      seconds, one that got slower after about three seconds of carrying
+      traffic (half of FOLLOW_SPAN, and SPAN), and a dip or a peak is
+      outvoted. Not their highest, as in BBR's windowed maximum: the ticks
+      of a slow link read a quarter off its rate either way, so the highest
+      of a few seconds of measurements reads some ten per cent high, and a
+      slow link read so high takes a connection too many (4 of 24 rather
+      than 3 beside two links three times as fast), which then ends a batch
+      late. Until the measurements cover FOLLOW_SPAN the figure only rises.
     - A ``remember()``-ed figure (from the state file) stands until the link
-      is measured: it is replaced by the highest measurement once the
-      measurements cover REPLACE_SPAN, or at once by a higher rate.
+      is measured: it is replaced by the measurements' figure once they
+      cover REPLACE_SPAN, or at once by a higher rate.
     - The figure kept for the next run (``to_keep()``) is the median
-      measurement of the last KEEP_SPAN seconds of measured traffic, never
-      above the figure. The highest of many noisy measurements reads high
-      (by some ten per cent on a slow link); the live choice can afford
-      that, as new measurements follow, but the first batch after a restart
-      is split by the kept figures alone, and a slow link that reads ten
-      per cent high takes a connection too many (4 of 24 rather than 3
-      beside two links three times as fast), which then ends the batch
-      late. A link that got faster keeps its lower figure until about half
-      of KEEP_SPAN of traffic at its new rate.
+      measurement of the last KEEP_SPAN seconds of measured traffic (less
+      noisy still, as the first batch after a restart is split by the kept
+      figures alone), never above the highest of the last FOLLOW_SPAN, so
+      a link that got slower is not kept at its old rate. A link that got
+      faster (without a fresh run that dropped the measurements before)
+      keeps its lower figure until about half of KEEP_SPAN of traffic at
+      its new rate.
 
     ``estimate()`` is None until a link's first figure. Short connections on
     loopback seldom load a link for half a second, and where they do every
@@ -3286,9 +3295,10 @@ class CapacityEstimator:
     MAX_TICK = 1.0  # seconds; a longer tick is a gap in the samples, not traffic
     RISE_SPAN = 0.5  # seconds of a run (after its first tick) whose rate may raise a figure
     SPAN = 1.0  # seconds of a run's inside that make one measurement
-    FOLLOW_SPAN = 3.0  # seconds of measured traffic whose highest measurement is the figure
+    FOLLOW_SPAN = 3.0  # seconds of measured traffic whose median measurement is the figure
     KEEP_SPAN = 10.0  # seconds of measured traffic whose median measurement is kept for the next run
     REPLACE_SPAN = 1.0  # seconds of measurements that replace a remembered figure
+    FASTER_BY = 0.25  # of the figure: a fresh run this much faster shows a link that got faster
     SMALL_SHARE = 0.125  # of the figure: below it, one connection's pace is the application's
 
     def __init__(self) -> None:
@@ -3324,6 +3334,7 @@ class CapacityEstimator:
                 link.run_moved, link.run_seconds = link.run_moved + moved, link.run_seconds + seconds
             else:
                 link.run_fresh = open_before == 0 or link.opened_before_run
+                link.run_measured = False
             link.run.append(_Tick(moved, seconds, open_through))
             self._rise(link, sample.at)
             self._measure(link, sample.at)
@@ -3338,7 +3349,10 @@ class CapacityEstimator:
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
-        if not link.run_fresh:  # bytes may have waited before it: measurements only
+        # Bytes may have waited before a run that is not fresh; and once a
+        # run is measured, its rate so far may be of a link that got slower
+        # in it: measurements only.
+        if not link.run_fresh or link.run_measured:
             return
         rates = []
         if link.run_seconds >= self.RISE_SPAN - 1e-9:
@@ -3353,6 +3367,8 @@ class CapacityEstimator:
             return
         link.measured_at = now
         if link.figure is None or max(rates) > link.figure:
+            if link.figure is not None and max(rates) > link.figure * (1 + self.FASTER_BY):
+                link.evidence.clear()  # of the link before it got faster
             link.figure, link.remembered = max(rates), False
 
     def _measure(self, link: _LinkFigure, now: float) -> None:
@@ -3376,18 +3392,28 @@ class CapacityEstimator:
         if link.figure is not None and rate < link.figure * self.SMALL_SHARE and fewest < 2:
             return
         link.evidence_time += link.run[-1].seconds
+        link.run_measured = True
         link.evidence.append((link.evidence_time, rate))
         while link.evidence[0][0] <= link.evidence_time - self.KEEP_SPAN:
             link.evidence.popleft()
-        highest = max(rate for at, rate in link.evidence if at > link.evidence_time - self.FOLLOW_SPAN)
+        followed = self._followed(link.evidence, link.evidence_time)
         link.measured_at = now
-        if link.figure is None or highest > link.figure:
-            link.figure, link.remembered = highest, False
+        if link.figure is None or followed > link.figure:
+            link.figure, link.remembered = followed, False
         elif link.remembered:
             if link.evidence_time >= self.REPLACE_SPAN - 1e-9:
-                link.figure, link.remembered = highest, False
+                link.figure, link.remembered = followed, False
         elif link.evidence_time >= self.FOLLOW_SPAN - 1e-9:
-            link.figure = highest
+            link.figure = followed
+
+    @classmethod
+    def _followed(cls, evidence: Sequence[tuple[float, float]], now: float) -> float:
+        """The figure the measurements show (``evidence``, by evidence
+        time, up to ``now``): the median of the last FOLLOW_SPAN, or the
+        lowest of the last SPAN where all of those are above it."""
+        window = [rate for at, rate in evidence if at > now - cls.FOLLOW_SPAN + 1e-9]
+        latest = [rate for at, rate in evidence if at > now - cls.SPAN + 1e-9]
+        return max(statistics.median(window), min(latest))
 
     @staticmethod
     def _log_change(address: LocalAddress, link: _LinkFigure) -> None:
@@ -3427,7 +3453,10 @@ class CapacityEstimator:
                 return None
             if link.remembered or not link.evidence:
                 return link.figure
-            return min(link.figure, statistics.median(rate for _, rate in link.evidence))
+            # Never above every recent measurement: a link that got slower
+            # is not kept at its old rate.
+            highest = max(rate for at, rate in link.evidence if at > link.evidence_time - self.FOLLOW_SPAN + 1e-9)
+            return min(highest, statistics.median(rate for _, rate in link.evidence))
 
     def source(self, address: LocalAddress) -> tuple[float | None, CapacitySource | None, float | None]:
         """(figure, source, when): the figure, where it comes from
