@@ -520,9 +520,9 @@ def _reply_code(error: OSError) -> Reply:
     return _REPLY_BY_ERRNO.get(error.errno or 0, Reply.GENERAL_FAILURE)
 
 
-def _socks4_reply_code(error: OSError) -> Socks4Reply:
-    """The SOCKS4 reply for the error of a request."""
-    return REPLY_TABLE[_reply_code(error)][1]
+def _socks4_reply(reply: Reply) -> Socks4Reply:
+    """The SOCKS4 reply that says what the SOCKS5 ``reply`` says."""
+    return REPLY_TABLE[reply][1]
 
 
 def _http_status(error: OSError) -> HTTPStatus:
@@ -2277,14 +2277,14 @@ class LinkSet:
     """The links connections are dispatched over, and the addresses they
     hold now.
 
-    ``refresh()`` reads the interfaces again (``read_interfaces`` returns
-    each with its usable addresses; tests may pass their own) and gives each
-    interface link what it holds now.
+    ``refresh()`` reads the interfaces again (``interface_reader`` returns
+    each with its usable addresses: usable_interfaces unless a test passes
+    its own) and gives each interface link what it holds now.
     """
 
-    def __init__(self, links: Sequence[Link], read_interfaces: InterfaceReader | None = None) -> None:
+    def __init__(self, links: Sequence[Link], interface_reader: InterfaceReader | None = None) -> None:
         self.links = list(links)
-        self._read_interfaces = read_interfaces or usable_interfaces
+        self._interface_reader = interface_reader or usable_interfaces
         self.follows = any(link.is_interface for link in self.links)
         if not self.follows and not self.addresses:
             raise AddressError("no local address to dispatch to")
@@ -2321,7 +2321,7 @@ class LinkSet:
         if not self.follows:
             return False
         try:
-            found = list(self._read_interfaces())
+            found = list(self._interface_reader())
         except (OSError, AddressError) as error:
             logger.debug("cannot read the interfaces: %s", error)
             return False
@@ -2936,32 +2936,33 @@ class Balancer:
 
         Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
         """
-        chosen = self.alternative(family, (), affinity)
+        chosen = self.choose(family, (), affinity)
         if chosen is None:
             raise SocksError(
                 Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"no {_family_name(family)} local address to dispatch to"
             )
         return chosen
 
-    def alternative(
+    def choose(
         self,
         family: socket.AddressFamily,
-        tried: Collection[LocalAddress],
+        tried: Collection[LocalAddress] = (),
         affinity: Affinity | None = None,
         *,
         racing: bool = False,
     ) -> LocalAddress | None:
-        """Another address of ``family`` for a connection that failed through
-        the ``tried`` ones; None when every address was tried. ``racing``: the
-        tried ones are still connecting, slowly; the other takes their place
-        only if it is up and of the same tier (a slow primary is no reason
-        to spend a backup's traffic)."""
+        """The address of ``family`` for a connection, other than the
+        ``tried`` ones (it failed through them, or they are still
+        connecting); None when no other is left. The address counts as taken
+        until ``release()``. ``racing``: the tried ones are still connecting,
+        slowly; another takes their place only if it is up and of the same
+        tier (a slow primary is no reason to spend a backup's traffic)."""
         with self._lock:
             if racing:
                 tiers = [(tried_address.backup, True) for tried_address in tried][:1]
-                chosen = self._choose(family, tried, affinity, tiers)
+                chosen = self._choose_by_tier(family, tried, affinity, tiers)
             else:
-                chosen = self._choose(family, tried, affinity)
+                chosen = self._choose_by_tier(family, tried, affinity)
             if chosen is not None:
                 self._taken[chosen] += 1
         return chosen
@@ -2975,7 +2976,7 @@ class Balancer:
     # than fail, those that are out, primaries first. (backup, up only)
     _TIERS = ((False, True), (True, True), (False, False), (True, False))
 
-    def _choose(
+    def _choose_by_tier(
         self,
         family: socket.AddressFamily,
         tried: Collection[LocalAddress],
@@ -4932,7 +4933,7 @@ class Upstream:
         if chosen not in resolution.silent:
             return resolution.targets, chosen
         self.balancer.release(chosen)
-        return resolution.targets, self.balancer.alternative(family, resolution.silent, affinity, racing=True)
+        return resolution.targets, self.balancer.choose(family, resolution.silent, affinity, racing=True)
 
     def resolve(
         self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None
@@ -4975,7 +4976,7 @@ class Upstream:
         while isinstance(local, ProxyAddress) and not local.proxy.carries_udp:
             unable.append(local)
             self.balancer.release(local)
-            local = self.balancer.alternative(family, unable)
+            local = self.balancer.choose(family, unable)
         if local is None:
             names = ", ".join(address.describe() for address in unable)
             raise SocksError(
@@ -5231,7 +5232,7 @@ class _Race:
                         hedge_at = time.monotonic() + hedge if self._start_next(racing=bool(self.pending)) else math.inf
             finally:
                 for sock, (local, _) in list(self.pending.items()):
-                    self._drop(sock, local)
+                    self._drop(sock)
                     self.balancer.release(local)
         raise self.answer or self.failed[-1][1]
 
@@ -5254,7 +5255,7 @@ class _Race:
     def _start_next(self, *, racing: bool = False) -> bool:
         """Start from another address; False when none is left. ``racing``:
         beside the attempts still under way."""
-        local = self.balancer.alternative(self.family, self.tried, self.affinity, racing=racing)
+        local = self.balancer.choose(self.family, self.tried, self.affinity, racing=racing)
         if local is not None:
             self._start(local)
         return local is not None
@@ -5269,7 +5270,7 @@ class _Race:
             try:
                 through = self._advance(sock, local)
             except OSError as failure:
-                self._drop(sock, local)
+                self._drop(sock)
                 self._fail(local, failure)
                 continue
             if through:
@@ -5277,7 +5278,7 @@ class _Race:
         now = time.monotonic()
         for sock, (local, started) in list(self.pending.items()):
             if now >= started + self.upstream.connect_timeout:
-                self._drop(sock, local)
+                self._drop(sock)
                 self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
         return None
 
@@ -5313,17 +5314,20 @@ class _Race:
             self.upstream.health.connected_through(local, self.failed, self.target)
         self.answer = error
 
-    def _drop(self, sock: socket.socket, local: LocalAddress) -> None:
-        """Stop an attempt; its address is given back."""
+    def _forget(self, sock: socket.socket) -> None:
+        """Stop watching an attempt's socket: it has won, or is dropped."""
         self.selector.unregister(sock)
         del self.pending[sock]
         self.handshakes.pop(sock, None)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Stop an attempt and close its socket. Its address stays taken:
+        the caller gives it back (``balancer.release()``, or ``_fail()``)."""
+        self._forget(sock)
         sock.close()
 
     def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
-        self.selector.unregister(sock)
-        del self.pending[sock]
-        self.handshakes.pop(sock, None)
+        self._forget(sock)
         self.on_attempt(local)
         now = time.monotonic()
         silent = [
@@ -5332,7 +5336,7 @@ class _Race:
             if now - started >= self.upstream.hedge
         ]
         for other_sock, (other, _) in list(self.pending.items()):
-            self._drop(other_sock, other)
+            self._drop(other_sock)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
         if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
@@ -5685,8 +5689,9 @@ class Session:
     def _via(self, local: LocalAddress) -> None:
         self.record.via = local
 
-    def relay(self, lease: UpstreamLease) -> None:
-        """Copy both ways, starting with what the client sent early."""
+    def relay_through(self, lease: UpstreamLease) -> None:
+        """Copy both ways between the client and ``lease``'s upstream
+        socket, starting with what the client sent early."""
         try:
             relay(
                 self.connection,
@@ -5712,7 +5717,7 @@ class SocksSession(Session):
                 self.note_end()
             else:
                 with outcome:
-                    self.relay(outcome)
+                    self.relay_through(outcome)
         except OSError as error:
             self.log(error)
         else:
@@ -5743,26 +5748,14 @@ class SocksSession(Session):
         self.send(bytes([SOCKS5_VERSION, wanted]))
         if wanted == Method.USERNAME_PASSWORD:
             self.authenticate()
-        try:
+        with self._failure_replied(SOCKS5_VERSION):
             request = read_socks5_request(self.reader)
             self.record.target = _format_endpoint(request.host, request.port)
             if request.command == Command.UDP_ASSOCIATE:
                 association = self.udp_associate(request.host, request.port)
                 self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname()))
                 return association
-            if request.command != Command.CONNECT:
-                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
-            lease = self.connect(request.host, request.port)
-        except OSError as error:
-            self.send_quietly(encode_socks5_reply(_reply_code(error)))
-            raise
-        try:
-            bound = lease.sock.getsockname()
-        except OSError:
-            lease.close()
-            raise
-        self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, bound))
-        return lease
+        return self.connect_and_reply(SOCKS5_VERSION, request)
 
     def authenticate(self) -> None:
         """The RFC 1929 sub-negotiation; raises SocksError (closing) on failure."""
@@ -5779,24 +5772,45 @@ class SocksSession(Session):
 
     def socks4(self) -> UpstreamLease:
         """A SOCKS4 or 4a request."""
-        try:
+        with self._failure_replied(SOCKS4_VERSION):
             request = read_socks4_request(self.reader)
             self.record.target = _format_endpoint(request.host, request.port)
             if self.context.access.requires_credentials:
                 raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
+        return self.connect_and_reply(SOCKS4_VERSION, request)
+
+    def connect_and_reply(self, version: int, request: Request) -> UpstreamLease:
+        """Connect to the target of a CONNECT request, then reply as
+        ``version`` replies: succeeded, with BND the upstream socket's own
+        address, or the failure's code (and raise it)."""
+        with self._failure_replied(version):
             if request.command != Command.CONNECT:
                 raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
             lease = self.connect(request.host, request.port)
-        except OSError as error:
-            self.send_quietly(encode_socks4_reply(_socks4_reply_code(error)))
-            raise
         try:
             bound = lease.sock.getsockname()
         except OSError:
             lease.close()
             raise
-        self.send_quietly(encode_socks4_reply(Socks4Reply.GRANTED, bound))
+        self.send_quietly(self._encode_reply(version, Reply.SUCCEEDED, bound))
         return lease
+
+    @contextlib.contextmanager
+    def _failure_replied(self, version: int) -> Generator[None, None, None]:
+        """Reply to an OSError raised within with its code, as ``version``
+        replies, and let it go on."""
+        try:
+            yield
+        except OSError as error:
+            self.send_quietly(self._encode_reply(version, _reply_code(error)))
+            raise
+
+    @staticmethod
+    def _encode_reply(version: int, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> bytes:
+        """``reply`` as ``version`` sends it (SOCKS4 has one code for every failure)."""
+        if version == SOCKS4_VERSION:
+            return encode_socks4_reply(_socks4_reply(reply), bound)
+        return encode_socks5_reply(reply, bound)
 
     def udp_associate(self, host: str, port: int) -> UdpAssociation:
         """Open the sockets of a UDP association for this client.
@@ -6817,11 +6831,7 @@ class HttpProxySession(Session):
         if not self._names_this_proxy(headers):
             body = b"403 Forbidden: the Host header names no address of this proxy (see --page-host)\n"
             return HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", body, []
-        access = self.context.access
-        credentials = basic_credentials(headers, "authorization")
-        if credentials is not None:
-            self.record.user = _printable(credentials[0].encode())
-        if access.requires_credentials and (credentials is None or not access.check_credentials(*credentials)):
+        if not self._logged_in(headers, "authorization"):
             challenge = [("WWW-Authenticate", f'Basic realm="{PROXY_REALM}", charset="UTF-8"')]
             return HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8", b"401 Unauthorized: log in\n", challenge
         status = status_of()
@@ -6833,14 +6843,21 @@ class HttpProxySession(Session):
         return HTTPStatus.OK, PAGE_CONTENT_TYPE, page, [("Content-Security-Policy", STATUS_PAGE_CSP)]
 
     def _authorize(self, headers: Headers) -> None:
+        """Raise HttpError(407) unless the request logs in to the proxy."""
+        if not self._logged_in(headers, "proxy-authorization"):
+            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+
+    def _logged_in(self, headers: Headers, header: str) -> bool:
+        """Whether the Basic login in ``header`` (Proxy-Authorization for the
+        proxy, Authorization for its pages) is accepted; always, where no
+        login is required. The user it names goes on the log line."""
         access = self.context.access
         if not access.requires_credentials:
-            return
-        credentials = basic_credentials(headers)
+            return True
+        credentials = basic_credentials(headers, header)
         if credentials is not None:
             self.record.user = _printable(credentials[0].encode())
-        if credentials is None or not access.check_credentials(*credentials):
-            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+        return credentials is not None and access.check_credentials(*credentials)
 
     def describe_end(self, error: OSError) -> str:
         """How ``error`` ended the request: after the response began, with its status."""
@@ -6864,7 +6881,7 @@ class HttpProxySession(Session):
             self.responded = True
             with contextlib.suppress(OSError):  # the relay finds the client gone
                 self.connection.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            self.relay(lease)
+            self.relay_through(lease)
 
     def _forward(self, method: str, target: str, version: str, headers: Headers) -> tuple[int, bool]:
         """Send the request to its origin and the response back; return

@@ -977,7 +977,7 @@ def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
     """Interfaces as a test says; loopback addresses count as usable.
 
     Private names: a Dispatcher resolves and follows interfaces through the
-    module's own reader (it has no seam like LinkSet's ``read_interfaces``),
+    module's own reader (it has no seam like LinkSet's ``interface_reader``),
     so that reader and its filters are replaced.
     """
     reader = FakeInterfaces()
@@ -1813,7 +1813,7 @@ def test_interface_links_follow_address_changes(log: pytest.LogCaptureFixture) -
             dispatch.Link.of_interface("wlan0", 1, ["10.0.0.5"]),
             dispatch.Link.of_address(dispatch.LocalAddress("10.9.0.1")),
         ],
-        read_interfaces=reader,
+        interface_reader=reader,
     )
     balancer = dispatch.Balancer(links.addresses, dispatch.Health())
     wlan = balancer.next(socket.AF_INET)
@@ -1840,7 +1840,7 @@ def test_interface_without_address_is_skipped_until_it_comes_back(log: pytest.Lo
             dispatch.Link.of_interface("usb0", 1, ["10.0.0.5", "fd00::5"]),
             dispatch.Link.of_address(dispatch.LocalAddress("fd00::9")),
         ],
-        read_interfaces=reader,
+        interface_reader=reader,
     )
     balancer = dispatch.Balancer(links.addresses, dispatch.Health())
     del reader.interfaces["usb0"]  # unplugged
@@ -1861,7 +1861,7 @@ def test_interface_without_address_is_skipped_until_it_comes_back(log: pytest.Lo
 
 def test_an_interface_seen_with_an_address_for_the_first_time_came_up(log: pytest.LogCaptureFixture) -> None:
     reader = FakeInterfaces(wlan0=[])
-    links = dispatch.LinkSet([dispatch.Link.of_interface("wlan0", 1, [])], read_interfaces=reader)
+    links = dispatch.LinkSet([dispatch.Link.of_interface("wlan0", 1, [])], interface_reader=reader)
     assert links.addresses == []
     reader.interfaces["wlan0"] = ["10.0.0.6"]
     assert links.refresh()
@@ -2290,14 +2290,14 @@ def test_sitting_out_keeps_the_others_in_proportion() -> None:
     assert (picks.count(cable), picks.count(phone)) == (30, 10)
 
 
-def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
+def test_choose_skips_tried_and_sitting_out_addresses() -> None:
     balancer, (first, second, third) = three_addresses(FakeClock())
     sit_out(balancer.health, second)
-    assert balancer.alternative(socket.AF_INET, [first]) is third
+    assert balancer.choose(socket.AF_INET, [first]) is third
     # Sitting out, but the only one left: tried anyway.
-    assert balancer.alternative(socket.AF_INET, [first, third]) is second
-    assert balancer.alternative(socket.AF_INET, [first, second, third]) is None
-    assert balancer.alternative(socket.AF_INET6, []) is None
+    assert balancer.choose(socket.AF_INET, [first, third]) is second
+    assert balancer.choose(socket.AF_INET, [first, second, third]) is None
+    assert balancer.choose(socket.AF_INET6, []) is None
 
 
 # Measured balancing, sticky sites, tiers ------------------------------------
@@ -2612,7 +2612,7 @@ def test_backups_carry_nothing_while_a_primary_is_up() -> None:
     assert Counter(balancer.next(socket.AF_INET).ip for _ in range(10)) == {"10.0.0.3": 5, "10.0.0.4": 5}
     # A connection that failed through the only primary up goes to a backup.
     balancer.health.retest_result(wifi, None)
-    assert balancer.alternative(socket.AF_INET, [wifi]) in (phone, phone2)
+    assert balancer.choose(socket.AF_INET, [wifi]) in (phone, phone2)
 
 
 def test_a_sticky_site_keeps_its_link_while_it_is_up() -> None:
@@ -2763,9 +2763,9 @@ def test_a_race_beside_a_slow_primary_never_spends_a_backup() -> None:
     primary, other = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
     backup = dispatch.LocalAddress("10.0.0.3", backup=True)
     balancer = dispatch.Balancer([primary, other, backup], dispatch.Health(30.0, FakeClock()))
-    assert balancer.alternative(socket.AF_INET, [primary], racing=True) is other
-    assert balancer.alternative(socket.AF_INET, [primary, other], racing=True) is None  # slow, not failed
-    assert balancer.alternative(socket.AF_INET, [primary, other]) is backup  # failed: the backup takes over
+    assert balancer.choose(socket.AF_INET, [primary], racing=True) is other
+    assert balancer.choose(socket.AF_INET, [primary, other], racing=True) is None  # slow, not failed
+    assert balancer.choose(socket.AF_INET, [primary, other]) is backup  # failed: the backup takes over
 
 
 def test_a_check_round_tests_each_address_against_the_targets_of_its_family(
