@@ -91,6 +91,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
@@ -103,6 +104,7 @@ __all__ = [
     "Balancer",
     "DeadlineReader",
     "Dispatcher",
+    "DispatcherOptions",
     "ExchangeRecord",
     "Health",
     "HttpError",
@@ -7138,8 +7140,6 @@ class Admission:
     that shutdown can close them, and counts the refused."""
 
     def __init__(self, access: AccessPolicy, max_connections: int) -> None:
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
         self.access = access
         self.max_connections = max_connections
         self.refused = 0
@@ -7384,6 +7384,102 @@ CLOSE_TIMEOUT = 2.0
 GRACE_POLL = 0.1  # how often a grace period looks whether it was cut short
 
 
+def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
+    """A DispatcherOptions field of seconds: positive (or 0, which turns it
+    off, where ``zero_is_off``) and at most MAX_DURATION."""
+    return dataclasses.field(default=default, metadata={"seconds": "0 or more" if zero_is_off else "positive"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatcherOptions:
+    """Everything a Dispatcher is told, checked as a whole when made: what
+    is wrong raises ValueError (AddressError for an ADDRESS's form) naming
+    the option. The fields are Dispatcher's arguments (see there); the
+    collections are kept as tuples and read-only mappings, so that the
+    options stay as checked. What depends on this machine (which interfaces
+    exist, whether the port is free) is found out when the Dispatcher is made.
+    """
+
+    addresses: Sequence[str | LocalAddress] | None = None
+    host: str = "127.0.0.1"
+    port: int = 1080
+    connect_timeout: float = _seconds(DEFAULT_CONNECT_TIMEOUT)
+    handshake_timeout: float = _seconds(DEFAULT_HANDSHAKE_TIMEOUT)
+    cooldown: float = _seconds(DEFAULT_COOLDOWN)
+    idle_timeout: float | None = _seconds(None)
+    max_connections: int | None = None
+    # Passwords stay out of the options' repr, and so out of logs and tracebacks.
+    credentials: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+    allow: Sequence[str] | None = None
+    pages: bool = True
+    page_hosts: Sequence[str] = ()
+    balance: str | None = None
+    sticky: float | None = _seconds(None, zero_is_off=True)
+    checks: Sequence[str] = ()
+    check_interval: float = _seconds(DEFAULT_CHECK_INTERVAL)
+    hedge: float = _seconds(DEFAULT_HEDGE, zero_is_off=True)
+    dns: Sequence[str] | None = None
+    upstream_passwords: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+    state_file: str | None = None
+
+    def __post_init__(self) -> None:
+        self._check_settings()
+        self._keep_collections()
+
+    def _check_settings(self) -> None:
+        """The durations against their range, the port, the limit, the strategy."""
+        for field in dataclasses.fields(self):
+            seconds = getattr(self, field.name)
+            if "seconds" not in field.metadata or (seconds is None and field.default is None):  # None: off
+                continue
+            kind = field.metadata["seconds"]
+            number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            if not (number and 0 <= seconds <= MAX_DURATION and (seconds > 0 or kind == "0 or more")):
+                raise ValueError(f"{field.name} must be {kind}, at most {MAX_DURATION:g} seconds; got {seconds!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be a port number, 0 to 65535 (0: any free one); got {self.port!r}")
+        if self.max_connections is not None and not self.max_connections >= 1:
+            raise ValueError(f"max_connections must be at least 1; got {self.max_connections!r}")
+        balances = [balance.value for balance in Balance]
+        if self.balance is not None and self.balance not in balances:
+            raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
+
+    def _keep_collections(self) -> None:
+        """Keep each collection as a tuple or a read-only mapping (a
+        generator is read once), each entry checked; page hosts as compared."""
+        if self.addresses is not None:
+            self._keep("addresses", tuple(self.addresses))
+            self._each("addresses", lambda address: isinstance(address, str) and parse_address(address), self.addresses)
+        self._keep("checks", tuple(self.checks))
+        self._each("checks", parse_check_target, self.checks)
+        self._keep("page_hosts", tuple(self._each("page_hosts", page_host, self.page_hosts)))
+        if self.allow is not None:
+            self._keep("allow", tuple(self.allow))
+            self._each("allow", lambda network: ipaddress.ip_network(network, strict=False), self.allow)
+        if self.dns is not None:
+            self._keep("dns", tuple(self.dns))
+        self._each("dns", parse_dns_option, [self.dns])
+        for name in ("credentials", "upstream_passwords"):
+            logins = getattr(self, name)
+            if logins is not None:
+                self._keep(name, types.MappingProxyType(dict(logins)))
+        self._each("credentials", lambda login: _encode_credential(*login), (self.credentials or {}).items())
+
+    def _keep(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # frozen: what is kept is set once, here
+
+    @staticmethod
+    def _each(name: str, check: Callable[[T], K], values: Iterable[T]) -> list[K]:
+        """``check`` of each value; its ValueError is raised again naming the
+        option (an AddressError as it is: it names the ADDRESS)."""
+        try:
+            return [check(value) for value in values]
+        except AddressError:
+            raise
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+
+
 class BackgroundTasks:
     """Functions run every so often in one daemon thread, from ``start()``
     until ``stop()``. A task that raises is logged and runs again next time."""
@@ -7456,8 +7552,8 @@ def _dns_fields(counts: DnsCounts) -> dict[str, int]:
 class Dispatcher:
     """A dispatching SOCKS and HTTP proxy.
 
-    ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals, interface
-    names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
+    ``addresses`` are ``ADDRESS[@WEIGHT|@backup]`` texts (IP literals,
+    interface names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
     objects; None means every usable address.
     ``port=0`` picks a free port: ``.address`` tells which.
 
@@ -7504,70 +7600,88 @@ class Dispatcher:
       at the start, written every STATE_SAVE_INTERVAL and at shutdown);
       None keeps nothing.
 
+    The same can be given as one DispatcherOptions, ``options=`` (then
+    nothing else: TypeError); ``.options`` is what it runs with, either way.
+
     While it serves, a background thread follows the interfaces' addresses,
     samples the meter, measures capacities by it (CapacityEstimator), keeps
-    the state file, and starts retests and checks. Raises AddressError for an unusable address, ValueError for a
-    bad ``credentials``, ``allow`` or ``checks`` entry, and OSError if it
-    cannot listen.
+    the state file, and starts retests and checks. Raises ValueError for an
+    option out of its range or malformed (DispatcherOptions checks them all),
+    AddressError (a ValueError) for an address this machine cannot use, and
+    OSError if it cannot listen.
     """
 
+    # The defaults are the options' own, so that both ways of giving them agree.
     def __init__(
         self,
         addresses: Iterable[str | LocalAddress] | None = None,
-        host: str = "127.0.0.1",
-        port: int = 1080,
+        host: str = DispatcherOptions.host,
+        port: int = DispatcherOptions.port,
         *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        cooldown: float = DEFAULT_COOLDOWN,
-        idle_timeout: float | None = None,
-        max_connections: int | None = None,
+        options: DispatcherOptions | None = None,
+        connect_timeout: float = DispatcherOptions.connect_timeout,
+        handshake_timeout: float = DispatcherOptions.handshake_timeout,
+        cooldown: float = DispatcherOptions.cooldown,
+        idle_timeout: float | None = DispatcherOptions.idle_timeout,
+        max_connections: int | None = DispatcherOptions.max_connections,
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
-        pages: bool = True,
+        pages: bool = DispatcherOptions.pages,
         page_hosts: Iterable[str] = (),
-        balance: str | None = None,
-        sticky: float | None = None,
+        balance: str | None = DispatcherOptions.balance,
+        sticky: float | None = DispatcherOptions.sticky,
         checks: Iterable[str] = (),
-        check_interval: float = DEFAULT_CHECK_INTERVAL,
-        hedge: float = DEFAULT_HEDGE,
+        check_interval: float = DispatcherOptions.check_interval,
+        hedge: float = DispatcherOptions.hedge,
         dns: Sequence[str] | None = None,
         upstream_passwords: Mapping[str, str] | None = None,
-        state_file: str | None = None,
+        state_file: str | None = DispatcherOptions.state_file,
     ) -> None:
-        self.links = LinkSet(resolve_links(addresses, upstream_passwords))
+        given = DispatcherOptions(
+            None if addresses is None else tuple(addresses),
+            host,
+            port,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+            cooldown=cooldown,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            credentials=credentials,
+            allow=None if allow is None else tuple(allow),
+            pages=pages,
+            page_hosts=tuple(page_hosts),
+            balance=balance,
+            sticky=sticky,
+            checks=tuple(checks),
+            check_interval=check_interval,
+            hedge=hedge,
+            dns=dns,
+            upstream_passwords=upstream_passwords,
+            state_file=state_file,
+        )
+        if options is not None and given != DispatcherOptions():
+            raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
+        self._set_up(options or given)
+
+    def _set_up(self, options: DispatcherOptions) -> None:
+        self.options = options
+        self.links = LinkSet(resolve_links(options.addresses, options.upstream_passwords))
+        balance = options.balance
         if balance is None:
             weighted = any(link.weighted for link in self.links.links)
             balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
-        self.checks = [parse_check_target(check) for check in checks]
-        durations = {
-            "connect_timeout": connect_timeout,
-            "handshake_timeout": handshake_timeout,
-            "cooldown": cooldown,
-            "check_interval": check_interval,
-            "idle_timeout": idle_timeout,
-            "hedge": hedge,
-            "sticky": sticky,
-        }
-        for name, seconds in durations.items():
-            may_be_zero = name in ("hedge", "sticky")
-            if seconds is None or (0 <= seconds <= MAX_DURATION and (seconds > 0 or may_be_zero)):
-                continue
-            raise ValueError(
-                f"{name} must be {'0 or more' if may_be_zero else 'positive'}, "
-                f"at most {MAX_DURATION:g} seconds; got {seconds!r}"
-            )
-        self.check_interval = check_interval
+        self.checks = [parse_check_target(check) for check in options.checks]
+        self.check_interval = options.check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
         families = {_family_of(ip) for ip, _ in self.checks if _is_ip(ip)}
         named = any(not _is_ip(host) for host, _ in self.checks)  # a name may have either family
         if self.checks and not named and not any(families & address.serves for address in self.links.addresses):
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
-        self.health = Health(cooldown, check_targets=self.checks)
+        self.health = Health(options.cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
         self._taken_before: dict[LocalAddress, int] = {}  # connections open at the estimator's last tick
         self._totals_before: dict[LocalAddress, tuple[int, int]] = {}  # bytes moved by then
-        self.state_file = state_file
+        self.state_file = options.state_file
         # What the state file kept, by link key (read once serving, so that
         # its warnings reach the log); what this run measures is added.
         self._kept: dict[str, float] = {}
@@ -7578,48 +7692,47 @@ class Dispatcher:
             self.health,
             balance=Balance(balance),
             capacity=self.capacity.estimate,
-            sticky=StickyTable(sticky) if sticky else None,
+            sticky=StickyTable(options.sticky) if options.sticky else None,
         )
         self.meter = Meter()
         # What the addresses forgotten once gone carried: still in the totals.
         self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
         self.resolver = Resolver(
-            *parse_dns_option(dns),
+            *parse_dns_option(options.dns),
             addresses=lambda: self.links.addresses,
             health=self.health,
-            hedge=min(DNS_HEDGE, hedge),
-            timeout=connect_timeout,
-            evidence_after=hedge or DEFAULT_HEDGE,
+            hedge=min(DNS_HEDGE, options.hedge),
+            timeout=options.connect_timeout,
+            evidence_after=options.hedge or DEFAULT_HEDGE,
         )
-        self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge, self.resolver)
-        self.access = AccessPolicy(credentials, allow)
-        self.admission = Admission(
-            self.access, default_max_connections() if max_connections is None else max_connections
-        )
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
+        self.upstream = Upstream(self.balancer, self.meter, options.connect_timeout, options.hedge, self.resolver)
+        self.access = AccessPolicy(options.credentials, options.allow)
+        limit = default_max_connections() if options.max_connections is None else options.max_connections
+        self.admission = Admission(self.access, limit)
+        self.handshake_timeout = options.handshake_timeout
+        self.idle_timeout = options.idle_timeout
         self.context = SessionContext(
             self.access,
             self.upstream,
-            handshake_timeout,
-            idle_timeout,
-            status=self.status if pages else None,
-            page_hosts=frozenset(page_host(name) for name in page_hosts),
+            options.handshake_timeout,
+            options.idle_timeout,
+            status=self.status if options.pages else None,
+            page_hosts=frozenset(options.page_hosts),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
         self.tasks.add(METER_INTERVAL, self.sample_meter)
         self.tasks.add(ESTIMATE_INTERVAL, self.measure_capacities)
-        if state_file:
+        if options.state_file:
             self.tasks.add(STATE_SAVE_INTERVAL, self.save_state)
         self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
         if self.checks:
-            self.tasks.add(check_interval, self._check)
+            self.tasks.add(options.check_interval, self._check)
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
-        self._server = _Server((host, port), self.admission, self.context)
+        self._server = _Server((options.host, options.port), self.admission, self.context)
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():

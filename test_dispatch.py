@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import html.parser
 import http.server
+import inspect
 import ipaddress
 import itertools
 import json
@@ -7101,6 +7102,138 @@ def test_shutdown_wakes_a_request_waiting_for_its_origin(
         with contextlib.suppress(ConnectionResetError):
             answer = read_all(client)
             assert answer == b"" or answer.startswith(b"HTTP/1.1 502 ")
+
+
+# Options: as keyword arguments or one DispatcherOptions, checked in one place
+
+
+def test_dispatcher_takes_its_options_as_keyword_arguments(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(
+        connect_timeout=2.0,
+        handshake_timeout=3.0,
+        cooldown=4.0,
+        idle_timeout=5.0,
+        max_connections=6,
+        credentials={"alice": "s3cret"},
+        allow=["127.0.0.0/8"],
+        pages=False,
+        page_hosts=["Dispatch.Home.Arpa."],
+        balance="round-robin",
+        sticky=60.0,
+        checks=["192.0.2.1:443"],
+        check_interval=20.0,
+        hedge=0.5,
+        dns=["system"],
+    )
+    assert proxy.options == dispatch.DispatcherOptions(
+        ["127.0.0.1"],
+        port=0,
+        connect_timeout=2.0,
+        handshake_timeout=3.0,
+        cooldown=4.0,
+        idle_timeout=5.0,
+        max_connections=6,
+        credentials={"alice": "s3cret"},
+        allow=["127.0.0.0/8"],
+        pages=False,
+        page_hosts=["dispatch.home.arpa"],
+        balance="round-robin",
+        sticky=60.0,
+        checks=["192.0.2.1:443"],
+        check_interval=20.0,
+        hedge=0.5,
+        dns=["system"],
+    )
+    assert (proxy.max_connections, proxy.upstream.connect_timeout, proxy.upstream.hedge) == (6, 2.0, 0.5)
+    assert proxy.context.page_hosts == {"dispatch.home.arpa"} and proxy.context.status is None
+    assert proxy.balancer.balance == dispatch.Balance.ROUND_ROBIN
+    with client_through(proxy, (echo_server.host, echo_server.port), login=("alice", "s3cret")) as client:
+        assert round_trip(client, b"keywords") == b"keywords"
+
+
+def test_dispatcher_takes_one_options_object(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
+    options = dispatch.DispatcherOptions(["127.0.0.1"], port=0, credentials={"alice": "s3cret"}, max_connections=3)
+    proxy = Dispatcher(options=options).start()
+    try:
+        assert proxy.options is options
+        assert (proxy.max_connections, proxy.requires_credentials) == (3, True)
+        with client_through(proxy, (echo_server.host, echo_server.port), login=("alice", "s3cret")) as client:
+            assert round_trip(client, b"options") == b"options"
+    finally:
+        proxy.shutdown()
+
+
+def test_dispatcher_refuses_options_and_arguments_together() -> None:
+    options = dispatch.DispatcherOptions(["127.0.0.1"], port=0)
+    with pytest.raises(TypeError, match="either as options= or as arguments"):
+        Dispatcher(["127.0.0.1"], options=options)
+    with pytest.raises(TypeError, match="either as options= or as arguments"):
+        Dispatcher(options=options, hedge=0.0)
+
+
+def test_dispatcher_arguments_are_the_options_with_the_same_defaults() -> None:
+    parameters = inspect.signature(Dispatcher).parameters
+    fields = {field.name: field for field in dataclasses.fields(dispatch.DispatcherOptions)}
+    assert set(parameters) - {"options"} == set(fields)
+    for name, field in fields.items():
+        assert parameters[name].default == field.default, name
+
+
+def test_options_keep_what_they_were_given_as_checked() -> None:
+    checks = ["192.0.2.1:443"]
+    users = {"alice": "s3cret"}
+    options = dispatch.DispatcherOptions(checks=checks, page_hosts=iter(["A.example."]), credentials=users)
+    checks.append("not a target")
+    users["mallory"] = "x"
+    assert options.checks == ("192.0.2.1:443",)
+    assert options.page_hosts == ("a.example",)  # a generator, read once, as the pages compare it
+    assert dict(options.credentials or {}) == {"alice": "s3cret"}
+    with pytest.raises(TypeError):
+        options.credentials["mallory"] = "x"  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.port = 1  # type: ignore[misc]
+    assert "s3cret" not in repr(dispatch.DispatcherOptions(credentials=users, upstream_passwords={"al": "s3cret"}))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("connect_timeout", 0, "connect_timeout must be positive, at most 604800 seconds; got 0"),
+        ("handshake_timeout", -1.0, "handshake_timeout must be positive, at most 604800 seconds; got -1.0"),
+        ("cooldown", math.nan, "cooldown must be positive, at most 604800 seconds; got nan"),
+        ("check_interval", math.inf, "check_interval must be positive, at most 604800 seconds; got inf"),
+        ("idle_timeout", 0.0, "idle_timeout must be positive, at most 604800 seconds; got 0.0"),
+        ("hedge", -0.5, "hedge must be 0 or more, at most 604800 seconds; got -0.5"),
+        ("sticky", 8 * 24 * 3600.0, "sticky must be 0 or more, at most 604800 seconds; got 691200.0"),
+        ("connect_timeout", "5", "connect_timeout must be positive, at most 604800 seconds; got '5'"),
+        ("hedge", None, "hedge must be 0 or more, at most 604800 seconds; got None"),
+        ("port", 65536, "port must be a port number, 0 to 65535 (0: any free one); got 65536"),
+        ("port", -1, "port must be a port number, 0 to 65535 (0: any free one); got -1"),
+        ("max_connections", 0, "max_connections must be at least 1; got 0"),
+        ("balance", "fastest", "balance must be 'measured' or 'round-robin'; got 'fastest'"),
+        ("checks", ["192.0.2.1"], "checks: '192.0.2.1': a check target is IP:PORT or NAME:PORT"),
+        ("page_hosts", ["no spaces"], "page_hosts: 'no spaces' is not a host name or IP address"),
+        ("allow", ["10.0.0.0/33"], "allow: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
+        ("dns", [], "dns: no name server given"),
+        ("dns", ["system", "192.0.2.53"], "dns: --dns system leaves names to the system's resolver"),
+        ("credentials", {"": "s3cret"}, "credentials: a user name must be 1 to 255 bytes"),
+        ("credentials", {"alice": ""}, "credentials: the password of user 'alice' must be 1 to 255 bytes"),
+    ],
+)
+def test_each_bad_option_is_a_value_error_naming_it(option: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError) as from_options:
+        dispatch.DispatcherOptions(["127.0.0.1"], **{option: value})
+    assert str(from_options.value).startswith(message)
+    with pytest.raises(ValueError) as from_arguments:
+        Dispatcher(["127.0.0.1"], **{"port": 0, option: value})
+    assert str(from_arguments.value) == str(from_options.value)  # told by the same check
+
+
+def test_a_malformed_address_is_an_address_error_of_the_options() -> None:
+    with pytest.raises(dispatch.AddressError, match="weight"):
+        dispatch.DispatcherOptions(["10.0.0.2@0"])
 
 
 # ---------------------------------------------------------------------------
