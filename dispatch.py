@@ -8549,44 +8549,70 @@ def _start(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
     try:
-        users = _check_start_arguments(args)
-        upstream_passwords = _upstream_passwords(args)
-        dispatcher = Dispatcher(
-            args.addresses,
-            args.ip,
-            args.port,
-            connect_timeout=args.connect_timeout,
-            cooldown=args.cooldown,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=args.idle_timeout,
-            max_connections=args.max_connections,
-            credentials=users,
-            allow=args.allow,
-            pages=args.pages,
-            page_hosts=args.page_host or (),
-            balance=args.balance,
-            sticky=args.sticky or None,
-            checks=args.check,
-            check_interval=args.check_interval,
-            hedge=args.hedge,
-            dns=args.dns,
-            upstream_passwords=upstream_passwords,
-            state_file=None if args.no_state else args.state_file or default_state_path(),
-        )
-    except (AddressError, ValueError) as error:
-        return _error(str(error))
-    except OSError as error:
-        where = _format_endpoint(args.ip, args.port)
-        why = _describe(error)
-        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
-            why = f"port {args.port} is in use (by another dispatch, or another program)"
-        return _error(f"cannot listen on {where}: {why}")
+        dispatcher = _build_dispatcher(args)
+    except _StartError as refusal:
+        return _error(str(refusal))
     try:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
         dispatcher.shutdown()
         return _error(f"cannot write the log: {_describe(error)}")
+    return _serve_until_signalled(dispatcher, args, _banner(dispatcher, args, descriptor_limit), where)
+
+
+class _StartError(Exception):
+    """What keeps ``start`` from starting, as the one line it prints."""
+
+
+def _start_options(args: argparse.Namespace) -> DispatcherOptions:
+    """The Dispatcher's options as ``start``'s arguments give them; raises
+    AddressError or ValueError."""
+    users = _check_start_arguments(args)
+    return DispatcherOptions(
+        args.addresses,
+        args.ip,
+        args.port,
+        connect_timeout=args.connect_timeout,
+        cooldown=args.cooldown,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        credentials=users,
+        allow=args.allow,
+        pages=args.pages,
+        page_hosts=args.page_host or (),
+        balance=args.balance,
+        sticky=args.sticky or None,
+        checks=args.check,
+        check_interval=args.check_interval,
+        hedge=args.hedge,
+        dns=args.dns,
+        upstream_passwords=_upstream_passwords(args),
+        state_file=None if args.no_state else args.state_file or default_state_path(),
+    )
+
+
+def _build_dispatcher(args: argparse.Namespace) -> Dispatcher:
+    """The Dispatcher ``start``'s arguments ask for, listening; raises
+    _StartError saying why there is none."""
+    try:
+        return Dispatcher(options=_start_options(args))
+    except (AddressError, ValueError) as error:
+        raise _StartError(str(error)) from None
+    except OSError as error:
+        where = _format_endpoint(args.ip, args.port)
+        why = _describe(error)
+        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
+            why = f"port {args.port} is in use (by another dispatch, or another program)"
+        raise _StartError(f"cannot listen on {where}: {why}") from None
+
+
+def _banner(dispatcher: Dispatcher, args: argparse.Namespace, descriptor_limit: int | None) -> list[str]:
+    """What ``start`` prints, and logs, as it starts: where it listens, the
+    links, who may connect, the limits, the pages; a warning where anyone on
+    the private networks may use the proxy."""
     host, port = dispatcher.address
+    users = dispatcher.access.users
     allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
     default = "" if args.allow else " (loopback and private networks)"
     idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
@@ -8600,7 +8626,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         "dispatching to:",
         _address_table(dispatcher.links.links),
         f"clients allowed from: {allowed}{default}",
-        f"login: {plural(len(users), 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
+        f"login: {plural(users, 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
         f"limits: {plural(dispatcher.max_connections, 'connection')} at once{fits}, "
         f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
         pages,
@@ -8608,17 +8634,30 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     if not args.allow and not users and not _is_loopback(host):
         lines.append(
             f"warning: anyone on this machine's private networks can use the proxy on "
-            f"{_format_endpoint(host, port)}; add --auth or --auth-file, or narrow it with --allow"
+            f"{endpoint}; add --auth or --auth-file, or narrow it with --allow"
         )
+    return lines
+
+
+def _print_banner(dispatcher: Dispatcher, banner: list[str], log_where: str) -> None:
+    """Print the banner and where the log goes; log the banner too."""
+    print("\n".join(banner))
+    print(f"log: {log_where}", flush=True)
+    # The log tells each start apart: what ran, where, over which links.
+    endpoint = _format_endpoint(*dispatcher.address)
+    logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
+    for line in [*banner[2].splitlines(), *banner[3:]]:
+        (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+
+
+def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, banner: list[str], log_where: str) -> int:
+    """Print the banner, serve until Ctrl-C or SIGTERM, give the open
+    connections the grace period (cut short by a second signal), and print
+    the summary; returns the exit status."""
     started = time.monotonic()
     with _StopSignals() as stop:
         try:
-            print("\n".join(lines))
-            print(f"log: {where}", flush=True)
-            # The log tells each start apart: what ran, where, over which links.
-            logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
-            for line in [*lines[2].splitlines(), *lines[3:]]:
-                (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+            _print_banner(dispatcher, banner, log_where)
             dispatcher.start()
             _serve_until(stop, dispatcher, args.stats, started)
             still_open = dispatcher.open_connections()

@@ -7337,6 +7337,39 @@ def test_cli_list_shows_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
     assert any(line.split()[:3] == ["lo", "127.0.0.1", "no"] for line in out.splitlines()[1:])
 
 
+def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: Any) -> None:
+    arguments = ["start", "--ip", "::1", "--port", "0", "--connect-timeout", "2", "--cooldown", "4"]
+    arguments += ["--handshake-timeout", "3", "--idle-timeout", "5", "--max-connections", "6"]
+    arguments += ["--auth", "alice:s3cret", "--allow", "10.0.0.0/8", "--no-page", "--page-host", "Dispatch.Home.Arpa"]
+    arguments += ["--balance", "round-robin", "--check", "192.0.2.1:443", "--check-interval", "20", "--hedge", "0"]
+    arguments += ["--dns", "192.0.2.53", "--state-file", str(tmp_path / "state.json"), "127.0.0.1@2"]
+    options = dispatch._start_options(dispatch._build_parser().parse_args(arguments))
+    assert options == dispatch.DispatcherOptions(
+        ["127.0.0.1@2"],
+        "::1",
+        0,
+        connect_timeout=2.0,
+        handshake_timeout=3.0,
+        cooldown=4.0,
+        idle_timeout=5.0,
+        max_connections=6,
+        credentials={"alice": "s3cret"},
+        allow=["10.0.0.0/8"],
+        pages=False,
+        page_hosts=["dispatch.home.arpa"],
+        balance="round-robin",
+        sticky=None,  # --sticky 0, the default: off
+        checks=["192.0.2.1:443"],
+        check_interval=20.0,
+        hedge=0.0,
+        dns=["192.0.2.53"],
+        upstream_passwords={},
+        state_file=str(tmp_path / "state.json"),
+    )
+    no_state = dispatch._start_options(dispatch._build_parser().parse_args(["start", "--no-state"]))
+    assert no_state.state_file is None and no_state.addresses == () and no_state.credentials == {}
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
