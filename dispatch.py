@@ -7245,6 +7245,13 @@ class _Server(socketserver.ThreadingTCPServer):
     # refused by a short accept queue.
     request_queue_size = 1024
 
+    # serve_until_stopped() hands each client that waits to handle_request(),
+    # which with a timeout of 0 takes it and waits for no other. The loop is
+    # its own, not serve_forever(): that one looks for a stop only every poll
+    # interval (a stop waits for it, an idle proxy wakes up for it) and
+    # deadlocks on a shutdown() from its own thread (a signal or log handler).
+    timeout = 0.0
+
     # Threads are reused: one that has served a connection waits a moment for
     # the next. Starting a thread costs more than serving a short connection
     # (a stack to map, and the accept loop waits until the thread runs).
@@ -7295,8 +7302,7 @@ class _Server(socketserver.ThreadingTCPServer):
                 while not self._stop_requested:
                     ready = selector.select()
                     if not self._stop_requested and any(key.fileobj is self for key, _ in ready):
-                        # socketserver's accept step, the one serve_forever() takes
-                        self._handle_request_noblock()  # type: ignore[attr-defined]
+                        self.handle_request()  # a client waits: accept it (timeout 0: never wait)
         finally:
             self._loop_done.set()
             if self._close_when_done:

@@ -6653,6 +6653,18 @@ def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Serv
         assert round_trip(client, b"still here") == b"still here"
 
 
+def test_the_accept_step_returns_when_no_client_waits(make_proxy: Callable[..., Dispatcher]) -> None:
+    """The accept loop hands a client to handle_request() once select() says
+    one waits. A client gone by then (reset while queued) must not leave the
+    loop blocked in accept(), where stop() could not wake it."""
+    proxy = make_proxy(start=False)
+    returned = threading.Event()
+    accepting = threading.Thread(target=lambda: (proxy._server.handle_request(), returned.set()), daemon=True)
+    accepting.start()
+    assert returned.wait(TIMEOUT)
+    assert proxy.open_connections() == 0
+
+
 # Admission: the allow-list and the most connections ------------------------
 
 
