@@ -502,7 +502,7 @@ class HttpError(OSError):
 
 
 class AddressError(ValueError):
-    """A local address given on the command line or to Dispatcher is unusable."""
+    """An ADDRESS given on the command line or to Dispatcher is malformed, or unusable here."""
 
 
 class ProxyLinkError(SocksError):
@@ -1644,7 +1644,7 @@ class LocalAddress:
 
     ``interface`` is the name of the interface holding it, where known:
     connections from it are bound to that device. A ``backup`` address is
-    used only while no other of its family is up. Compared and hashed by
+    used only while no primary one of its family is up. Compared and hashed by
     identity: each is one place where counters and health are kept.
     """
 
@@ -1677,7 +1677,7 @@ class Link:
     and coming back, and ``gone_at`` when each of those no longer current
     went (monotonic seconds), until ``drop_gone()`` forgets it. ``weighted``
     says whether a weight was given, and ``backup`` whether the link is kept
-    for when no other is up.
+    for when no primary link (of the family) is up.
     """
 
     def __init__(
@@ -6744,8 +6744,8 @@ class HttpProxySession(Session):
 
     def _serve_local(self, method: str, target: str, version: str, headers: Headers) -> bool:
         """Answer a request for one of the local pages; return whether the
-        connection stays open. They log at debug level: a page open in a
-        browser asks every 2 s."""
+        connection stays open. A page served logs at debug level (a page
+        open in a browser asks every 2 s), a refusal at info."""
         path = target.partition("?")[0]
         refusal = self._skip_body(headers)
         if refusal is None:
@@ -7234,7 +7234,8 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 
 
 class _Server(socketserver.ThreadingTCPServer):
-    """The listening socket; one daemon thread serves each connection."""
+    """The listening socket; each connection is served by a daemon thread,
+    one started for it or one idle after serving another."""
 
     allow_reuse_address = True  # on POSIX: a restart need not wait for TIME_WAIT
     daemon_threads = True
