@@ -7246,13 +7246,6 @@ class _Server(socketserver.ThreadingTCPServer):
     # refused by a short accept queue.
     request_queue_size = 1024
 
-    # serve_until_stopped() hands each client that waits to handle_request(),
-    # which with a timeout of 0 takes it and waits for no other. The loop is
-    # its own, not serve_forever(): that one looks for a stop only every poll
-    # interval (a stop waits for it, an idle proxy wakes up for it) and
-    # deadlocks on a shutdown() from its own thread (a signal or log handler).
-    timeout = 0.0
-
     # Threads are reused: one that has served a connection waits a moment for
     # the next. Starting a thread costs more than serving a short connection
     # (a stack to map, and the accept loop waits until the thread runs).
@@ -7290,7 +7283,12 @@ class _Server(socketserver.ThreadingTCPServer):
         super().server_bind()
 
     def serve_until_stopped(self) -> None:
-        """Accept clients until stop() is called; return at once if it was."""
+        """Accept clients until stop() is called; return at once if it was.
+
+        A loop of its own rather than serve_forever(), which looks for a stop
+        only every poll interval (a stop waits for it, an idle proxy wakes up
+        for it) and deadlocks on a shutdown() from its own thread (a signal
+        or log handler)."""
         with self._loop_lock:
             if self._stop_requested:
                 return
@@ -7303,11 +7301,33 @@ class _Server(socketserver.ThreadingTCPServer):
                 while not self._stop_requested:
                     ready = selector.select()
                     if not self._stop_requested and any(key.fileobj is self for key, _ in ready):
-                        self.handle_request()  # a client waits: accept it (timeout 0: never wait)
+                        self._accept()
         finally:
             self._loop_done.set()
             if self._close_when_done:
                 self.server_close()
+
+    def _accept(self) -> None:
+        """Take the client that waits as handle_request() does, by the steps
+        socketserver documents for it: get_request(), verify_request(),
+        process_request(), and handle_error() for what that raises; without
+        the selector handle_request() makes for each call, as the loop's own
+        select() has just said that a client waits."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:  # gone before it was taken
+            return
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
 
     def stop(self) -> None:
         """Stop accepting: once serve_until_stopped() has returned, or will

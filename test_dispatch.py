@@ -6653,16 +6653,29 @@ def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Serv
         assert round_trip(client, b"still here") == b"still here"
 
 
-def test_the_accept_step_returns_when_no_client_waits(make_proxy: Callable[..., Dispatcher]) -> None:
-    """The accept loop hands a client to handle_request() once select() says
-    one waits. A client gone by then (reset while queued) must not leave the
-    loop blocked in accept(), where stop() could not wake it."""
-    proxy = make_proxy(start=False)
-    returned = threading.Event()
-    accepting = threading.Thread(target=lambda: (proxy._server.handle_request(), returned.set()), daemon=True)
-    accepting.start()
-    assert returned.wait(TIMEOUT)
-    assert proxy.open_connections() == 0
+def test_a_client_that_cannot_be_handed_to_a_thread_is_closed_and_the_next_served(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy()
+    serve = proxy._server.process_request
+    failures = []
+
+    def no_thread_once(request: Any, client_address: Any) -> None:
+        if not failures:
+            failures.append(client_address)
+            raise RuntimeError("can't start new thread")
+        serve(request, client_address)
+
+    monkeypatch.setattr(proxy._server, "process_request", no_thread_once)
+    with raw_client(proxy) as refused, contextlib.suppress(ConnectionResetError):
+        assert refused.recv(1) == b""
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"next") == b"next"
+    assert len(failures) == 1 and "unexpected error serving" in log.text
+    wait_until_all_closed(proxy)  # the one never served was let go too
 
 
 # Admission: the allow-list and the most connections ------------------------
