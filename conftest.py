@@ -956,7 +956,7 @@ def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
     """Interfaces as a test says; loopback addresses count as usable.
 
     Private names: a Dispatcher resolves and follows interfaces through the
-    module's own reader (it has no seam like LinkSet's ``read_interfaces``),
+    module's own reader (it has no seam like LinkSet's ``interface_reader``),
     so that reader and its filters are replaced.
     """
     reader = FakeInterfaces()

@@ -92,6 +92,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
@@ -106,6 +107,7 @@ __all__ = [
     "CapacitySource",
     "DeadlineReader",
     "Dispatcher",
+    "DispatcherOptions",
     "ExchangeRecord",
     "Health",
     "History",
@@ -509,7 +511,7 @@ class HttpError(OSError):
 
 
 class AddressError(ValueError):
-    """A local address given on the command line or to Dispatcher is unusable."""
+    """An ADDRESS given on the command line or to Dispatcher is malformed, or unusable here."""
 
 
 class ProxyLinkError(SocksError):
@@ -529,9 +531,9 @@ def _reply_code(error: OSError) -> Reply:
     return _REPLY_BY_ERRNO.get(error.errno or 0, Reply.GENERAL_FAILURE)
 
 
-def _socks4_reply_code(error: OSError) -> Socks4Reply:
-    """The SOCKS4 reply for the error of a request."""
-    return REPLY_TABLE[_reply_code(error)][1]
+def _socks4_reply(reply: Reply) -> Socks4Reply:
+    """The SOCKS4 reply that says what the SOCKS5 ``reply`` says."""
+    return REPLY_TABLE[reply][1]
 
 
 def _http_status(error: OSError) -> HTTPStatus:
@@ -1653,7 +1655,7 @@ class LocalAddress:
 
     ``interface`` is the name of the interface holding it, where known:
     connections from it are bound to that device. A ``backup`` address is
-    used only while no other of its family is up. Compared and hashed by
+    used only while no primary one of its family is up. Compared and hashed by
     identity: each is one place where counters and health are kept.
     """
 
@@ -1686,7 +1688,7 @@ class Link:
     and coming back, and ``gone_at`` when each of those no longer current
     went (monotonic seconds), until ``drop_gone()`` forgets it. ``weighted``
     says whether a weight was given, and ``backup`` whether the link is kept
-    for when no other is up.
+    for when no primary link (of the family) is up.
     """
 
     def __init__(
@@ -2288,14 +2290,14 @@ class LinkSet:
     """The links connections are dispatched over, and the addresses they
     hold now.
 
-    ``refresh()`` reads the interfaces again (``read_interfaces`` returns
-    each with its usable addresses; tests may pass their own) and gives each
-    interface link what it holds now.
+    ``refresh()`` reads the interfaces again (``interface_reader`` returns
+    each with its usable addresses: usable_interfaces unless a test passes
+    its own) and gives each interface link what it holds now.
     """
 
-    def __init__(self, links: Sequence[Link], read_interfaces: InterfaceReader | None = None) -> None:
+    def __init__(self, links: Sequence[Link], interface_reader: InterfaceReader | None = None) -> None:
         self.links = list(links)
-        self._read_interfaces = read_interfaces or usable_interfaces
+        self._interface_reader = interface_reader or usable_interfaces
         self.follows = any(link.is_interface for link in self.links)
         if not self.follows and not self.addresses:
             raise AddressError("no local address to dispatch to")
@@ -2332,7 +2334,7 @@ class LinkSet:
         if not self.follows:
             return False
         try:
-            found = list(self._read_interfaces())
+            found = list(self._interface_reader())
         except (OSError, AddressError) as error:
             logger.debug("cannot read the interfaces: %s", error)
             return False
@@ -2952,32 +2954,33 @@ class Balancer:
 
         Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
         """
-        chosen = self.alternative(family, (), affinity)
+        chosen = self.choose(family, (), affinity)
         if chosen is None:
             raise SocksError(
                 Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"no {_family_name(family)} local address to dispatch to"
             )
         return chosen
 
-    def alternative(
+    def choose(
         self,
         family: socket.AddressFamily,
-        tried: Collection[LocalAddress],
+        tried: Collection[LocalAddress] = (),
         affinity: Affinity | None = None,
         *,
         racing: bool = False,
     ) -> LocalAddress | None:
-        """Another address of ``family`` for a connection that failed through
-        the ``tried`` ones; None when every address was tried. ``racing``: the
-        tried ones are still connecting, slowly; the other takes their place
-        only if it is up and of the same tier (a slow primary is no reason
-        to spend a backup's traffic)."""
+        """The address of ``family`` for a connection, other than the
+        ``tried`` ones (it failed through them, or they are still
+        connecting); None when no other is left. The address counts as taken
+        until ``release()``. ``racing``: the tried ones are still connecting,
+        slowly; another takes their place only if it is up and of the same
+        tier (a slow primary is no reason to spend a backup's traffic)."""
         with self._lock:
             if racing:
                 tiers = [(tried_address.backup, True) for tried_address in tried][:1]
-                chosen = self._choose(family, tried, affinity, tiers)
+                chosen = self._choose_by_tier(family, tried, affinity, tiers)
             else:
-                chosen = self._choose(family, tried, affinity)
+                chosen = self._choose_by_tier(family, tried, affinity)
             if chosen is not None:
                 self._taken[chosen] += 1
         return chosen
@@ -2991,7 +2994,7 @@ class Balancer:
     # than fail, those that are out, primaries first. (backup, up only)
     _TIERS = ((False, True), (True, True), (False, False), (True, False))
 
-    def _choose(
+    def _choose_by_tier(
         self,
         family: socket.AddressFamily,
         tried: Collection[LocalAddress],
@@ -4984,7 +4987,7 @@ class Upstream:
         if chosen not in resolution.silent:
             return resolution.targets, chosen
         self.balancer.release(chosen)
-        return resolution.targets, self.balancer.alternative(family, resolution.silent, affinity, racing=True)
+        return resolution.targets, self.balancer.choose(family, resolution.silent, affinity, racing=True)
 
     def resolve(
         self, host: str, families: Collection[socket.AddressFamily], via: LocalAddress | None
@@ -5027,7 +5030,7 @@ class Upstream:
         while isinstance(local, ProxyAddress) and not local.proxy.carries_udp:
             unable.append(local)
             self.balancer.release(local)
-            local = self.balancer.alternative(family, unable)
+            local = self.balancer.choose(family, unable)
         if local is None:
             names = ", ".join(address.describe() for address in unable)
             raise SocksError(
@@ -5283,7 +5286,7 @@ class _Race:
                         hedge_at = time.monotonic() + hedge if self._start_next(racing=bool(self.pending)) else math.inf
             finally:
                 for sock, (local, _) in list(self.pending.items()):
-                    self._drop(sock, local)
+                    self._drop(sock)
                     self.balancer.release(local)
         raise self.answer or self.failed[-1][1]
 
@@ -5306,7 +5309,7 @@ class _Race:
     def _start_next(self, *, racing: bool = False) -> bool:
         """Start from another address; False when none is left. ``racing``:
         beside the attempts still under way."""
-        local = self.balancer.alternative(self.family, self.tried, self.affinity, racing=racing)
+        local = self.balancer.choose(self.family, self.tried, self.affinity, racing=racing)
         if local is not None:
             self._start(local)
         return local is not None
@@ -5321,7 +5324,7 @@ class _Race:
             try:
                 through = self._advance(sock, local)
             except OSError as failure:
-                self._drop(sock, local)
+                self._drop(sock)
                 self._fail(local, failure)
                 continue
             if through:
@@ -5329,7 +5332,7 @@ class _Race:
         now = time.monotonic()
         for sock, (local, started) in list(self.pending.items()):
             if now >= started + self.upstream.connect_timeout:
-                self._drop(sock, local)
+                self._drop(sock)
                 self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
         return None
 
@@ -5365,17 +5368,20 @@ class _Race:
             self.upstream.health.connected_through(local, self.failed, self.target)
         self.answer = error
 
-    def _drop(self, sock: socket.socket, local: LocalAddress) -> None:
-        """Stop an attempt; its address is given back."""
+    def _forget(self, sock: socket.socket) -> None:
+        """Stop watching an attempt's socket: it has won, or is dropped."""
         self.selector.unregister(sock)
         del self.pending[sock]
         self.handshakes.pop(sock, None)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Stop an attempt and close its socket. Its address stays taken:
+        the caller gives it back (``balancer.release()``, or ``_fail()``)."""
+        self._forget(sock)
         sock.close()
 
     def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
-        self.selector.unregister(sock)
-        del self.pending[sock]
-        self.handshakes.pop(sock, None)
+        self._forget(sock)
         self.on_attempt(local)
         now = time.monotonic()
         silent = [
@@ -5384,7 +5390,7 @@ class _Race:
             if now - started >= self.upstream.hedge
         ]
         for other_sock, (other, _) in list(self.pending.items()):
-            self._drop(other_sock, other)
+            self._drop(other_sock)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
         if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
@@ -5806,8 +5812,9 @@ class Session:
     def _via(self, local: LocalAddress) -> None:
         self.record.via = local
 
-    def relay(self, lease: UpstreamLease) -> None:
-        """Copy both ways, starting with what the client sent early."""
+    def relay_through(self, lease: UpstreamLease) -> None:
+        """Copy both ways between the client and ``lease``'s upstream
+        socket, starting with what the client sent early."""
         try:
             relay(
                 self.connection,
@@ -5833,7 +5840,7 @@ class SocksSession(Session):
                 self.note_end()
             else:
                 with outcome:
-                    self.relay(outcome)
+                    self.relay_through(outcome)
         except OSError as error:
             self.log(error)
         else:
@@ -5864,26 +5871,14 @@ class SocksSession(Session):
         self.send(bytes([SOCKS5_VERSION, wanted]))
         if wanted == Method.USERNAME_PASSWORD:
             self.authenticate()
-        try:
+        with self._failure_replied(SOCKS5_VERSION):
             request = read_socks5_request(self.reader)
             self.record.target = _format_endpoint(request.host, request.port)
             if request.command == Command.UDP_ASSOCIATE:
                 association = self.udp_associate(request.host, request.port)
                 self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname()))
                 return association
-            if request.command != Command.CONNECT:
-                raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
-            lease = self.connect(request.host, request.port)
-        except OSError as error:
-            self.send_quietly(encode_socks5_reply(_reply_code(error)))
-            raise
-        try:
-            bound = lease.sock.getsockname()
-        except OSError:
-            lease.close()
-            raise
-        self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, bound))
-        return lease
+        return self.connect_and_reply(SOCKS5_VERSION, request)
 
     def authenticate(self) -> None:
         """The RFC 1929 sub-negotiation; raises SocksError (closing) on failure."""
@@ -5900,24 +5895,45 @@ class SocksSession(Session):
 
     def socks4(self) -> UpstreamLease:
         """A SOCKS4 or 4a request."""
-        try:
+        with self._failure_replied(SOCKS4_VERSION):
             request = read_socks4_request(self.reader)
             self.record.target = _format_endpoint(request.host, request.port)
             if self.context.access.requires_credentials:
                 raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
+        return self.connect_and_reply(SOCKS4_VERSION, request)
+
+    def connect_and_reply(self, version: int, request: Request) -> UpstreamLease:
+        """Connect to the target of a CONNECT request, then reply as
+        ``version`` replies: succeeded, with BND the upstream socket's own
+        address, or the failure's code (and raise it)."""
+        with self._failure_replied(version):
             if request.command != Command.CONNECT:
                 raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
             lease = self.connect(request.host, request.port)
-        except OSError as error:
-            self.send_quietly(encode_socks4_reply(_socks4_reply_code(error)))
-            raise
         try:
             bound = lease.sock.getsockname()
         except OSError:
             lease.close()
             raise
-        self.send_quietly(encode_socks4_reply(Socks4Reply.GRANTED, bound))
+        self.send_quietly(self._encode_reply(version, Reply.SUCCEEDED, bound))
         return lease
+
+    @contextlib.contextmanager
+    def _failure_replied(self, version: int) -> Generator[None, None, None]:
+        """Reply to an OSError raised within with its code, as ``version``
+        replies, and let it go on."""
+        try:
+            yield
+        except OSError as error:
+            self.send_quietly(self._encode_reply(version, _reply_code(error)))
+            raise
+
+    @staticmethod
+    def _encode_reply(version: int, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> bytes:
+        """``reply`` as ``version`` sends it (SOCKS4 has one code for every failure)."""
+        if version == SOCKS4_VERSION:
+            return encode_socks4_reply(_socks4_reply(reply), bound)
+        return encode_socks5_reply(reply, bound)
 
     def udp_associate(self, host: str, port: int) -> UdpAssociation:
         """Open the sockets of a UDP association for this client.
@@ -6824,8 +6840,8 @@ class HttpProxySession(Session):
 
     def _serve_local(self, method: str, target: str, version: str, headers: Headers) -> bool:
         """Answer a request for one of the local pages; return whether the
-        connection stays open. They log at debug level: a page open in a
-        browser asks every 2 s."""
+        connection stays open. A page served logs at debug level (a page
+        open in a browser asks every 2 s), a refusal at info."""
         path = target.partition("?")[0]
         refusal = self._skip_body(headers)
         if refusal is None:
@@ -6913,11 +6929,7 @@ class HttpProxySession(Session):
         if not self._names_this_proxy(headers):
             body = b"403 Forbidden: the Host header names no address of this proxy (see --page-host)\n"
             return HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", body, []
-        access = self.context.access
-        credentials = basic_credentials(headers, "authorization")
-        if credentials is not None:
-            self.record.user = _printable(credentials[0].encode())
-        if access.requires_credentials and (credentials is None or not access.check_credentials(*credentials)):
+        if not self._logged_in(headers, "authorization"):
             challenge = [("WWW-Authenticate", f'Basic realm="{PROXY_REALM}", charset="UTF-8"')]
             return HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8", b"401 Unauthorized: log in\n", challenge
         status = status_of()
@@ -6929,14 +6941,21 @@ class HttpProxySession(Session):
         return HTTPStatus.OK, PAGE_CONTENT_TYPE, page, [("Content-Security-Policy", STATUS_PAGE_CSP)]
 
     def _authorize(self, headers: Headers) -> None:
+        """Raise HttpError(407) unless the request logs in to the proxy."""
+        if not self._logged_in(headers, "proxy-authorization"):
+            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+
+    def _logged_in(self, headers: Headers, header: str) -> bool:
+        """Whether the Basic login in ``header`` (Proxy-Authorization for the
+        proxy, Authorization for its pages) is accepted; always, where no
+        login is required. The user it names goes on the log line."""
         access = self.context.access
         if not access.requires_credentials:
-            return
-        credentials = basic_credentials(headers)
+            return True
+        credentials = basic_credentials(headers, header)
         if credentials is not None:
             self.record.user = _printable(credentials[0].encode())
-        if credentials is None or not access.check_credentials(*credentials):
-            raise HttpError(HTTPStatus.PROXY_AUTHENTICATION_REQUIRED, "proxy credentials wanted")
+        return credentials is not None and access.check_credentials(*credentials)
 
     def describe_end(self, error: OSError) -> str:
         """How ``error`` ended the request: after the response began, with its status."""
@@ -6960,7 +6979,7 @@ class HttpProxySession(Session):
             self.responded = True
             with contextlib.suppress(OSError):  # the relay finds the client gone
                 self.connection.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            self.relay(lease)
+            self.relay_through(lease)
 
     def _forward(self, method: str, target: str, version: str, headers: Headers) -> tuple[int, bool]:
         """Send the request to its origin and the response back; return
@@ -7217,8 +7236,6 @@ class Admission:
     that shutdown can close them, and counts the refused."""
 
     def __init__(self, access: AccessPolicy, max_connections: int) -> None:
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
         self.access = access
         self.max_connections = max_connections
         self.refused = 0
@@ -7313,7 +7330,8 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 
 
 class _Server(socketserver.ThreadingTCPServer):
-    """The listening socket; one daemon thread serves each connection."""
+    """The listening socket; each connection is served by a daemon thread,
+    one started for it or one idle after serving another."""
 
     allow_reuse_address = True  # on POSIX: a restart need not wait for TIME_WAIT
     daemon_threads = True
@@ -7361,7 +7379,12 @@ class _Server(socketserver.ThreadingTCPServer):
         super().server_bind()
 
     def serve_until_stopped(self) -> None:
-        """Accept clients until stop() is called; return at once if it was."""
+        """Accept clients until stop() is called; return at once if it was.
+
+        A loop of its own rather than serve_forever(), which looks for a stop
+        only every poll interval (a stop waits for it, an idle proxy wakes up
+        for it) and deadlocks on a shutdown() from its own thread (a signal
+        or log handler)."""
         with self._loop_lock:
             if self._stop_requested:
                 return
@@ -7374,12 +7397,33 @@ class _Server(socketserver.ThreadingTCPServer):
                 while not self._stop_requested:
                     ready = selector.select()
                     if not self._stop_requested and any(key.fileobj is self for key, _ in ready):
-                        # socketserver's accept step, the one serve_forever() takes
-                        self._handle_request_noblock()  # type: ignore[attr-defined]
+                        self._accept()
         finally:
             self._loop_done.set()
             if self._close_when_done:
                 self.server_close()
+
+    def _accept(self) -> None:
+        """Take the client that waits as handle_request() does, by the steps
+        socketserver documents for it: get_request(), verify_request(),
+        process_request(), and handle_error() for what that raises; without
+        the selector handle_request() makes for each call, as the loop's own
+        select() has just said that a client waits."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:  # gone before it was taken
+            return
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
 
     def stop(self) -> None:
         """Stop accepting: once serve_until_stopped() has returned, or will
@@ -7463,6 +7507,102 @@ CLOSE_TIMEOUT = 2.0
 GRACE_POLL = 0.1  # how often a grace period looks whether it was cut short
 
 
+def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
+    """A DispatcherOptions field of seconds: positive (or 0, which turns it
+    off, where ``zero_is_off``) and at most MAX_DURATION."""
+    return dataclasses.field(default=default, metadata={"seconds": "0 or more" if zero_is_off else "positive"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatcherOptions:
+    """Everything a Dispatcher is told, checked as a whole when made: what
+    is wrong raises ValueError (AddressError for an ADDRESS's form) naming
+    the option. The fields are Dispatcher's arguments (see there); the
+    collections are kept as tuples and read-only mappings, so that the
+    options stay as checked. What depends on this machine (which interfaces
+    exist, whether the port is free) is found out when the Dispatcher is made.
+    """
+
+    addresses: Sequence[str | LocalAddress] | None = None
+    host: str = "127.0.0.1"
+    port: int = 1080
+    connect_timeout: float = _seconds(DEFAULT_CONNECT_TIMEOUT)
+    handshake_timeout: float = _seconds(DEFAULT_HANDSHAKE_TIMEOUT)
+    cooldown: float = _seconds(DEFAULT_COOLDOWN)
+    idle_timeout: float | None = _seconds(None)
+    max_connections: int | None = None
+    # Passwords stay out of the options' repr, and so out of logs and tracebacks.
+    credentials: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+    allow: Sequence[str] | None = None
+    pages: bool = True
+    page_hosts: Sequence[str] = ()
+    balance: str | None = None
+    sticky: float | None = _seconds(None, zero_is_off=True)
+    checks: Sequence[str] = ()
+    check_interval: float = _seconds(DEFAULT_CHECK_INTERVAL)
+    hedge: float = _seconds(DEFAULT_HEDGE, zero_is_off=True)
+    dns: Sequence[str] | None = None
+    upstream_passwords: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+    state_file: str | None = None
+
+    def __post_init__(self) -> None:
+        self._check_settings()
+        self._keep_collections()
+
+    def _check_settings(self) -> None:
+        """The durations against their range, the port, the limit, the strategy."""
+        for field in dataclasses.fields(self):
+            seconds = getattr(self, field.name)
+            if "seconds" not in field.metadata or (seconds is None and field.default is None):  # None: off
+                continue
+            kind = field.metadata["seconds"]
+            number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            if not (number and 0 <= seconds <= MAX_DURATION and (seconds > 0 or kind == "0 or more")):
+                raise ValueError(f"{field.name} must be {kind}, at most {MAX_DURATION:g} seconds; got {seconds!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be a port number, 0 to 65535 (0: any free one); got {self.port!r}")
+        if self.max_connections is not None and not self.max_connections >= 1:
+            raise ValueError(f"max_connections must be at least 1; got {self.max_connections!r}")
+        balances = [balance.value for balance in Balance]
+        if self.balance is not None and self.balance not in balances:
+            raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
+
+    def _keep_collections(self) -> None:
+        """Keep each collection as a tuple or a read-only mapping (a
+        generator is read once), each entry checked; page hosts as compared."""
+        if self.addresses is not None:
+            self._keep("addresses", tuple(self.addresses))
+            self._each("addresses", lambda address: isinstance(address, str) and parse_address(address), self.addresses)
+        self._keep("checks", tuple(self.checks))
+        self._each("checks", parse_check_target, self.checks)
+        self._keep("page_hosts", tuple(self._each("page_hosts", page_host, self.page_hosts)))
+        if self.allow is not None:
+            self._keep("allow", tuple(self.allow))
+            self._each("allow", lambda network: ipaddress.ip_network(network, strict=False), self.allow)
+        if self.dns is not None:
+            self._keep("dns", tuple(self.dns))
+        self._each("dns", parse_dns_option, [self.dns])
+        for name in ("credentials", "upstream_passwords"):
+            logins = getattr(self, name)
+            if logins is not None:
+                self._keep(name, types.MappingProxyType(dict(logins)))
+        self._each("credentials", lambda login: _encode_credential(*login), (self.credentials or {}).items())
+
+    def _keep(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # frozen: what is kept is set once, here
+
+    @staticmethod
+    def _each(name: str, check: Callable[[T], K], values: Iterable[T]) -> list[K]:
+        """``check`` of each value; its ValueError is raised again naming the
+        option (an AddressError as it is: it names the ADDRESS)."""
+        try:
+            return [check(value) for value in values]
+        except AddressError:
+            raise
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+
+
 class BackgroundTasks:
     """Functions run every so often in one daemon thread, from ``start()``
     until ``stop()``. A task that raises is logged and runs again next time."""
@@ -7532,8 +7672,8 @@ def _waiting_row(link: Link) -> StatsRow:
 class Dispatcher:
     """A dispatching SOCKS and HTTP proxy.
 
-    ``addresses`` are ``ADDRESS[@WEIGHT]`` texts (IP literals, interface
-    names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
+    ``addresses`` are ``ADDRESS[@WEIGHT|@backup]`` texts (IP literals,
+    interface names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
     objects; None means every usable address.
     ``port=0`` picks a free port: ``.address`` tells which.
 
@@ -7580,70 +7720,88 @@ class Dispatcher:
       at the start, written every STATE_SAVE_INTERVAL and at shutdown);
       None keeps nothing.
 
+    The same can be given as one DispatcherOptions, ``options=`` (then
+    nothing else: TypeError); ``.options`` is what it runs with, either way.
+
     While it serves, a background thread follows the interfaces' addresses,
     samples the meter, measures capacities by it (CapacityEstimator), keeps
-    the state file, and starts retests and checks. Raises AddressError for an unusable address, ValueError for a
-    bad ``credentials``, ``allow`` or ``checks`` entry, and OSError if it
-    cannot listen.
+    the state file, and starts retests and checks. Raises ValueError for an
+    option out of its range or malformed (DispatcherOptions checks them all),
+    AddressError (a ValueError) for an address this machine cannot use, and
+    OSError if it cannot listen.
     """
 
+    # The defaults are the options' own, so that both ways of giving them agree.
     def __init__(
         self,
         addresses: Iterable[str | LocalAddress] | None = None,
-        host: str = "127.0.0.1",
-        port: int = 1080,
+        host: str = DispatcherOptions.host,
+        port: int = DispatcherOptions.port,
         *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        cooldown: float = DEFAULT_COOLDOWN,
-        idle_timeout: float | None = None,
-        max_connections: int | None = None,
+        options: DispatcherOptions | None = None,
+        connect_timeout: float = DispatcherOptions.connect_timeout,
+        handshake_timeout: float = DispatcherOptions.handshake_timeout,
+        cooldown: float = DispatcherOptions.cooldown,
+        idle_timeout: float | None = DispatcherOptions.idle_timeout,
+        max_connections: int | None = DispatcherOptions.max_connections,
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
-        pages: bool = True,
+        pages: bool = DispatcherOptions.pages,
         page_hosts: Iterable[str] = (),
-        balance: str | None = None,
-        sticky: float | None = None,
+        balance: str | None = DispatcherOptions.balance,
+        sticky: float | None = DispatcherOptions.sticky,
         checks: Iterable[str] = (),
-        check_interval: float = DEFAULT_CHECK_INTERVAL,
-        hedge: float = DEFAULT_HEDGE,
+        check_interval: float = DispatcherOptions.check_interval,
+        hedge: float = DispatcherOptions.hedge,
         dns: Sequence[str] | None = None,
         upstream_passwords: Mapping[str, str] | None = None,
-        state_file: str | None = None,
+        state_file: str | None = DispatcherOptions.state_file,
     ) -> None:
-        self.links = LinkSet(resolve_links(addresses, upstream_passwords))
+        given = DispatcherOptions(
+            None if addresses is None else tuple(addresses),
+            host,
+            port,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+            cooldown=cooldown,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            credentials=credentials,
+            allow=None if allow is None else tuple(allow),
+            pages=pages,
+            page_hosts=tuple(page_hosts),
+            balance=balance,
+            sticky=sticky,
+            checks=tuple(checks),
+            check_interval=check_interval,
+            hedge=hedge,
+            dns=dns,
+            upstream_passwords=upstream_passwords,
+            state_file=state_file,
+        )
+        if options is not None and given != DispatcherOptions():
+            raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
+        self._set_up(options or given)
+
+    def _set_up(self, options: DispatcherOptions) -> None:
+        self.options = options
+        self.links = LinkSet(resolve_links(options.addresses, options.upstream_passwords))
+        balance = options.balance
         if balance is None:
             weighted = any(link.weighted for link in self.links.links)
             balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
-        self.checks = [parse_check_target(check) for check in checks]
-        durations = {
-            "connect_timeout": connect_timeout,
-            "handshake_timeout": handshake_timeout,
-            "cooldown": cooldown,
-            "check_interval": check_interval,
-            "idle_timeout": idle_timeout,
-            "hedge": hedge,
-            "sticky": sticky,
-        }
-        for name, seconds in durations.items():
-            may_be_zero = name in ("hedge", "sticky")
-            if seconds is None or (0 <= seconds <= MAX_DURATION and (seconds > 0 or may_be_zero)):
-                continue
-            raise ValueError(
-                f"{name} must be {'0 or more' if may_be_zero else 'positive'}, "
-                f"at most {MAX_DURATION:g} seconds; got {seconds!r}"
-            )
-        self.check_interval = check_interval
+        self.checks = [parse_check_target(check) for check in options.checks]
+        self.check_interval = options.check_interval
         self._checking = threading.Lock()  # held while a round of checks is under way
         families = {_family_of(ip) for ip, _ in self.checks if _is_ip(ip)}
         named = any(not _is_ip(host) for host, _ in self.checks)  # a name may have either family
         if self.checks and not named and not any(families & address.serves for address in self.links.addresses):
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
-        self.health = Health(cooldown, check_targets=self.checks)
+        self.health = Health(options.cooldown, check_targets=self.checks)
         self.capacity = CapacityEstimator()
         self._taken_before: dict[LocalAddress, int] = {}  # connections open at the estimator's last tick
         self._totals_before: dict[LocalAddress, tuple[int, int]] = {}  # bytes moved by then
-        self.state_file = state_file
+        self.state_file = options.state_file
         # What the state file kept, by link key (read once serving, so that
         # its warnings reach the log); what this run measures is added.
         self._kept: dict[str, float] = {}
@@ -7654,48 +7812,47 @@ class Dispatcher:
             self.health,
             balance=Balance(balance),
             capacity=self.capacity.estimate,
-            sticky=StickyTable(sticky) if sticky else None,
+            sticky=StickyTable(options.sticky) if options.sticky else None,
         )
         self.meter = Meter()
         # What the addresses forgotten once gone carried: still in the totals.
         self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
         self.resolver = Resolver(
-            *parse_dns_option(dns),
+            *parse_dns_option(options.dns),
             addresses=lambda: self.links.addresses,
             health=self.health,
-            hedge=min(DNS_HEDGE, hedge),
-            timeout=connect_timeout,
-            evidence_after=hedge or DEFAULT_HEDGE,
+            hedge=min(DNS_HEDGE, options.hedge),
+            timeout=options.connect_timeout,
+            evidence_after=options.hedge or DEFAULT_HEDGE,
         )
-        self.upstream = Upstream(self.balancer, self.meter, connect_timeout, hedge, self.resolver)
-        self.access = AccessPolicy(credentials, allow)
-        self.admission = Admission(
-            self.access, default_max_connections() if max_connections is None else max_connections
-        )
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
+        self.upstream = Upstream(self.balancer, self.meter, options.connect_timeout, options.hedge, self.resolver)
+        self.access = AccessPolicy(options.credentials, options.allow)
+        limit = default_max_connections() if options.max_connections is None else options.max_connections
+        self.admission = Admission(self.access, limit)
+        self.handshake_timeout = options.handshake_timeout
+        self.idle_timeout = options.idle_timeout
         self.context = SessionContext(
             self.access,
             self.upstream,
-            handshake_timeout,
-            idle_timeout,
-            status=self.status if pages else None,
-            page_hosts=frozenset(page_host(name) for name in page_hosts),
+            options.handshake_timeout,
+            options.idle_timeout,
+            status=self.status if options.pages else None,
+            page_hosts=frozenset(options.page_hosts),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
         self.tasks.add(METER_INTERVAL, self.sample_meter)
         self.tasks.add(ESTIMATE_INTERVAL, self.measure_capacities)
-        if state_file:
+        if options.state_file:
             self.tasks.add(STATE_SAVE_INTERVAL, self.save_state)
         self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
         if self.checks:
-            self.tasks.add(check_interval, self._check)
+            self.tasks.add(options.check_interval, self._check)
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
-        self._server = _Server((host, port), self.admission, self.context)
+        self._server = _Server((options.host, options.port), self.admission, self.context)
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -8514,44 +8671,70 @@ def _start(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
     try:
-        users = _check_start_arguments(args)
-        upstream_passwords = _upstream_passwords(args)
-        dispatcher = Dispatcher(
-            args.addresses,
-            args.ip,
-            args.port,
-            connect_timeout=args.connect_timeout,
-            cooldown=args.cooldown,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=args.idle_timeout,
-            max_connections=args.max_connections,
-            credentials=users,
-            allow=args.allow,
-            pages=args.pages,
-            page_hosts=args.page_host or (),
-            balance=args.balance,
-            sticky=args.sticky or None,
-            checks=args.check,
-            check_interval=args.check_interval,
-            hedge=args.hedge,
-            dns=args.dns,
-            upstream_passwords=upstream_passwords,
-            state_file=None if args.no_state else args.state_file or default_state_path(),
-        )
-    except (AddressError, ValueError) as error:
-        return _error(str(error))
-    except OSError as error:
-        where = _format_endpoint(args.ip, args.port)
-        why = _describe(error)
-        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
-            why = f"port {args.port} is in use (by another dispatch, or another program)"
-        return _error(f"cannot listen on {where}: {why}")
+        dispatcher = _build_dispatcher(args)
+    except _StartError as refusal:
+        return _error(str(refusal))
     try:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
         dispatcher.shutdown()
         return _error(f"cannot write the log: {_describe(error)}")
+    return _serve_until_signalled(dispatcher, args, _banner(dispatcher, args, descriptor_limit), where)
+
+
+class _StartError(Exception):
+    """What keeps ``start`` from starting, as the one line it prints."""
+
+
+def _start_options(args: argparse.Namespace) -> DispatcherOptions:
+    """The Dispatcher's options as ``start``'s arguments give them; raises
+    AddressError or ValueError."""
+    users = _check_start_arguments(args)
+    return DispatcherOptions(
+        args.addresses,
+        args.ip,
+        args.port,
+        connect_timeout=args.connect_timeout,
+        cooldown=args.cooldown,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        credentials=users,
+        allow=args.allow,
+        pages=args.pages,
+        page_hosts=args.page_host or (),
+        balance=args.balance,
+        sticky=args.sticky or None,
+        checks=args.check,
+        check_interval=args.check_interval,
+        hedge=args.hedge,
+        dns=args.dns,
+        upstream_passwords=_upstream_passwords(args),
+        state_file=None if args.no_state else args.state_file or default_state_path(),
+    )
+
+
+def _build_dispatcher(args: argparse.Namespace) -> Dispatcher:
+    """The Dispatcher ``start``'s arguments ask for, listening; raises
+    _StartError saying why there is none."""
+    try:
+        return Dispatcher(options=_start_options(args))
+    except (AddressError, ValueError) as error:
+        raise _StartError(str(error)) from None
+    except OSError as error:
+        where = _format_endpoint(args.ip, args.port)
+        why = _describe(error)
+        if error.errno in _errnos("EADDRINUSE", "WSAEADDRINUSE"):
+            why = f"port {args.port} is in use (by another dispatch, or another program)"
+        raise _StartError(f"cannot listen on {where}: {why}") from None
+
+
+def _banner(dispatcher: Dispatcher, args: argparse.Namespace, descriptor_limit: int | None) -> list[str]:
+    """What ``start`` prints, and logs, as it starts: where it listens, the
+    links, who may connect, the limits, the pages; a warning where anyone on
+    the private networks may use the proxy."""
     host, port = dispatcher.address
+    users = dispatcher.access.users
     allowed = ", ".join(str(network) for network in dispatcher.allowed_networks)
     default = "" if args.allow else " (loopback and private networks)"
     idle = f"{args.idle_timeout:g} s" if args.idle_timeout else "off"
@@ -8565,7 +8748,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         "dispatching to:",
         _address_table(dispatcher.links.links),
         f"clients allowed from: {allowed}{default}",
-        f"login: {plural(len(users), 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
+        f"login: {plural(users, 'user')}, SOCKS5 and HTTP (SOCKS4 refused)" if users else "login: none",
         f"limits: {plural(dispatcher.max_connections, 'connection')} at once{fits}, "
         f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
         pages,
@@ -8573,17 +8756,30 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     if not args.allow and not users and not _is_loopback(host):
         lines.append(
             f"warning: anyone on this machine's private networks can use the proxy on "
-            f"{_format_endpoint(host, port)}; add --auth or --auth-file, or narrow it with --allow"
+            f"{endpoint}; add --auth or --auth-file, or narrow it with --allow"
         )
+    return lines
+
+
+def _print_banner(dispatcher: Dispatcher, banner: list[str], log_where: str) -> None:
+    """Print the banner and where the log goes; log the banner too."""
+    print("\n".join(banner))
+    print(f"log: {log_where}", flush=True)
+    # The log tells each start apart: what ran, where, over which links.
+    endpoint = _format_endpoint(*dispatcher.address)
+    logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
+    for line in [*banner[2].splitlines(), *banner[3:]]:
+        (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+
+
+def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, banner: list[str], log_where: str) -> int:
+    """Print the banner, serve until Ctrl-C or SIGTERM, give the open
+    connections the grace period (cut short by a second signal), and print
+    the summary; returns the exit status."""
     started = time.monotonic()
     with _StopSignals() as stop:
         try:
-            print("\n".join(lines))
-            print(f"log: {where}", flush=True)
-            # The log tells each start apart: what ran, where, over which links.
-            logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
-            for line in [*lines[2].splitlines(), *lines[3:]]:
-                (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+            _print_banner(dispatcher, banner, log_where)
             dispatcher.start()
             _serve_until(stop, dispatcher, args.stats, started)
             still_open = dispatcher.open_connections()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import dataclasses
 import errno
 import ipaddress
@@ -1031,7 +1032,7 @@ def test_interface_links_follow_address_changes(log: pytest.LogCaptureFixture) -
             dispatch.Link.of_interface("wlan0", 1, ["10.0.0.5"]),
             dispatch.Link.of_address(dispatch.LocalAddress("10.9.0.1")),
         ],
-        read_interfaces=reader,
+        interface_reader=reader,
     )
     balancer = dispatch.Balancer(links.addresses, dispatch.Health())
     wlan = balancer.next(socket.AF_INET)
@@ -1058,7 +1059,7 @@ def test_interface_without_address_is_skipped_until_it_comes_back(log: pytest.Lo
             dispatch.Link.of_interface("usb0", 1, ["10.0.0.5", "fd00::5"]),
             dispatch.Link.of_address(dispatch.LocalAddress("fd00::9")),
         ],
-        read_interfaces=reader,
+        interface_reader=reader,
     )
     balancer = dispatch.Balancer(links.addresses, dispatch.Health())
     del reader.interfaces["usb0"]  # unplugged
@@ -1079,7 +1080,7 @@ def test_interface_without_address_is_skipped_until_it_comes_back(log: pytest.Lo
 
 def test_an_interface_seen_with_an_address_for_the_first_time_came_up(log: pytest.LogCaptureFixture) -> None:
     reader = FakeInterfaces(wlan0=[])
-    links = dispatch.LinkSet([dispatch.Link.of_interface("wlan0", 1, [])], read_interfaces=reader)
+    links = dispatch.LinkSet([dispatch.Link.of_interface("wlan0", 1, [])], interface_reader=reader)
     assert links.addresses == []
     reader.interfaces["wlan0"] = ["10.0.0.6"]
     assert links.refresh()
@@ -1470,14 +1471,14 @@ def test_sitting_out_keeps_the_others_in_proportion() -> None:
     assert (picks.count(cable), picks.count(phone)) == (30, 10)
 
 
-def test_alternative_skips_tried_and_sitting_out_addresses() -> None:
+def test_choose_skips_tried_and_sitting_out_addresses() -> None:
     balancer, (first, second, third) = three_addresses(FakeClock())
     sit_out(balancer.health, second)
-    assert balancer.alternative(socket.AF_INET, [first]) is third
+    assert balancer.choose(socket.AF_INET, [first]) is third
     # Sitting out, but the only one left: tried anyway.
-    assert balancer.alternative(socket.AF_INET, [first, third]) is second
-    assert balancer.alternative(socket.AF_INET, [first, second, third]) is None
-    assert balancer.alternative(socket.AF_INET6, []) is None
+    assert balancer.choose(socket.AF_INET, [first, third]) is second
+    assert balancer.choose(socket.AF_INET, [first, second, third]) is None
+    assert balancer.choose(socket.AF_INET6, []) is None
 
 
 # Measured balancing, sticky sites, tiers -----------------------------------
@@ -1840,7 +1841,7 @@ def test_backups_carry_nothing_while_a_primary_is_up() -> None:
     assert Counter(balancer.next(socket.AF_INET).ip for _ in range(10)) == {"10.0.0.3": 5, "10.0.0.4": 5}
     # A connection that failed through the only primary up goes to a backup.
     balancer.health.retest_result(wifi, None)
-    assert balancer.alternative(socket.AF_INET, [wifi]) in (phone, phone2)
+    assert balancer.choose(socket.AF_INET, [wifi]) in (phone, phone2)
 
 
 def test_a_sticky_site_keeps_its_link_while_it_is_up() -> None:
@@ -1991,9 +1992,9 @@ def test_a_race_beside_a_slow_primary_never_spends_a_backup() -> None:
     primary, other = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
     backup = dispatch.LocalAddress("10.0.0.3", backup=True)
     balancer = dispatch.Balancer([primary, other, backup], dispatch.Health(30.0, FakeClock()))
-    assert balancer.alternative(socket.AF_INET, [primary], racing=True) is other
-    assert balancer.alternative(socket.AF_INET, [primary, other], racing=True) is None  # slow, not failed
-    assert balancer.alternative(socket.AF_INET, [primary, other]) is backup  # failed: the backup takes over
+    assert balancer.choose(socket.AF_INET, [primary], racing=True) is other
+    assert balancer.choose(socket.AF_INET, [primary, other], racing=True) is None  # slow, not failed
+    assert balancer.choose(socket.AF_INET, [primary, other]) is backup  # failed: the backup takes over
 
 
 def test_a_check_round_tests_each_address_against_the_targets_of_its_family(
@@ -5740,6 +5741,31 @@ def test_proxy_keeps_serving_after_failures(proxy: Dispatcher, echo_server: Serv
         assert round_trip(client, b"still here") == b"still here"
 
 
+def test_a_client_that_cannot_be_handed_to_a_thread_is_closed_and_the_next_served(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy()
+    serve = proxy._server.process_request
+    failures = []
+
+    def no_thread_once(request: Any, client_address: Any) -> None:
+        if not failures:
+            failures.append(client_address)
+            raise RuntimeError("can't start new thread")
+        serve(request, client_address)
+
+    monkeypatch.setattr(proxy._server, "process_request", no_thread_once)
+    with raw_client(proxy) as refused, contextlib.suppress(ConnectionResetError):
+        assert refused.recv(1) == b""
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"next") == b"next"
+    assert len(failures) == 1 and "unexpected error serving" in log.text
+    wait_until_all_closed(proxy)  # the one never served was let go too
+
+
 # Admission: the allow-list and the most connections ------------------------
 
 
@@ -6315,6 +6341,138 @@ def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argu
     assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
 
 
+# Options: as keyword arguments or one DispatcherOptions, checked in one place
+
+
+def test_dispatcher_takes_its_options_as_keyword_arguments(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(
+        connect_timeout=2.0,
+        handshake_timeout=3.0,
+        cooldown=4.0,
+        idle_timeout=5.0,
+        max_connections=6,
+        credentials={"alice": "s3cret"},
+        allow=["127.0.0.0/8"],
+        pages=False,
+        page_hosts=["Dispatch.Home.Arpa."],
+        balance="round-robin",
+        sticky=60.0,
+        checks=["192.0.2.1:443"],
+        check_interval=20.0,
+        hedge=0.5,
+        dns=["system"],
+    )
+    assert proxy.options == dispatch.DispatcherOptions(
+        ["127.0.0.1"],
+        port=0,
+        connect_timeout=2.0,
+        handshake_timeout=3.0,
+        cooldown=4.0,
+        idle_timeout=5.0,
+        max_connections=6,
+        credentials={"alice": "s3cret"},
+        allow=["127.0.0.0/8"],
+        pages=False,
+        page_hosts=["dispatch.home.arpa"],
+        balance="round-robin",
+        sticky=60.0,
+        checks=["192.0.2.1:443"],
+        check_interval=20.0,
+        hedge=0.5,
+        dns=["system"],
+    )
+    assert (proxy.max_connections, proxy.upstream.connect_timeout, proxy.upstream.hedge) == (6, 2.0, 0.5)
+    assert proxy.context.page_hosts == {"dispatch.home.arpa"} and proxy.context.status is None
+    assert proxy.balancer.balance == dispatch.Balance.ROUND_ROBIN
+    with client_through(proxy, (echo_server.host, echo_server.port), login=("alice", "s3cret")) as client:
+        assert round_trip(client, b"keywords") == b"keywords"
+
+
+def test_dispatcher_takes_one_options_object(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
+    options = dispatch.DispatcherOptions(["127.0.0.1"], port=0, credentials={"alice": "s3cret"}, max_connections=3)
+    proxy = Dispatcher(options=options).start()
+    try:
+        assert proxy.options is options
+        assert (proxy.max_connections, proxy.requires_credentials) == (3, True)
+        with client_through(proxy, (echo_server.host, echo_server.port), login=("alice", "s3cret")) as client:
+            assert round_trip(client, b"options") == b"options"
+    finally:
+        proxy.shutdown()
+
+
+def test_dispatcher_refuses_options_and_arguments_together() -> None:
+    options = dispatch.DispatcherOptions(["127.0.0.1"], port=0)
+    with pytest.raises(TypeError, match="either as options= or as arguments"):
+        Dispatcher(["127.0.0.1"], options=options)
+    with pytest.raises(TypeError, match="either as options= or as arguments"):
+        Dispatcher(options=options, hedge=0.0)
+
+
+def test_dispatcher_arguments_are_the_options_with_the_same_defaults() -> None:
+    parameters = inspect.signature(Dispatcher).parameters
+    fields = {field.name: field for field in dataclasses.fields(dispatch.DispatcherOptions)}
+    assert set(parameters) - {"options"} == set(fields)
+    for name, field in fields.items():
+        assert parameters[name].default == field.default, name
+
+
+def test_options_keep_what_they_were_given_as_checked() -> None:
+    checks = ["192.0.2.1:443"]
+    users = {"alice": "s3cret"}
+    options = dispatch.DispatcherOptions(checks=checks, page_hosts=iter(["A.example."]), credentials=users)
+    checks.append("not a target")
+    users["mallory"] = "x"
+    assert options.checks == ("192.0.2.1:443",)
+    assert options.page_hosts == ("a.example",)  # a generator, read once, as the pages compare it
+    assert dict(options.credentials or {}) == {"alice": "s3cret"}
+    with pytest.raises(TypeError):
+        options.credentials["mallory"] = "x"  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.port = 1  # type: ignore[misc]
+    assert "s3cret" not in repr(dispatch.DispatcherOptions(credentials=users, upstream_passwords={"al": "s3cret"}))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("connect_timeout", 0, "connect_timeout must be positive, at most 604800 seconds; got 0"),
+        ("handshake_timeout", -1.0, "handshake_timeout must be positive, at most 604800 seconds; got -1.0"),
+        ("cooldown", math.nan, "cooldown must be positive, at most 604800 seconds; got nan"),
+        ("check_interval", math.inf, "check_interval must be positive, at most 604800 seconds; got inf"),
+        ("idle_timeout", 0.0, "idle_timeout must be positive, at most 604800 seconds; got 0.0"),
+        ("hedge", -0.5, "hedge must be 0 or more, at most 604800 seconds; got -0.5"),
+        ("sticky", 8 * 24 * 3600.0, "sticky must be 0 or more, at most 604800 seconds; got 691200.0"),
+        ("connect_timeout", "5", "connect_timeout must be positive, at most 604800 seconds; got '5'"),
+        ("hedge", None, "hedge must be 0 or more, at most 604800 seconds; got None"),
+        ("port", 65536, "port must be a port number, 0 to 65535 (0: any free one); got 65536"),
+        ("port", -1, "port must be a port number, 0 to 65535 (0: any free one); got -1"),
+        ("max_connections", 0, "max_connections must be at least 1; got 0"),
+        ("balance", "fastest", "balance must be 'measured' or 'round-robin'; got 'fastest'"),
+        ("checks", ["192.0.2.1"], "checks: '192.0.2.1': a check target is IP:PORT or NAME:PORT"),
+        ("page_hosts", ["no spaces"], "page_hosts: 'no spaces' is not a host name or IP address"),
+        ("allow", ["10.0.0.0/33"], "allow: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
+        ("dns", [], "dns: no name server given"),
+        ("dns", ["system", "192.0.2.53"], "dns: --dns system leaves names to the system's resolver"),
+        ("credentials", {"": "s3cret"}, "credentials: a user name must be 1 to 255 bytes"),
+        ("credentials", {"alice": ""}, "credentials: the password of user 'alice' must be 1 to 255 bytes"),
+    ],
+)
+def test_each_bad_option_is_a_value_error_naming_it(option: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError) as from_options:
+        dispatch.DispatcherOptions(["127.0.0.1"], **{option: value})
+    assert str(from_options.value).startswith(message)
+    with pytest.raises(ValueError) as from_arguments:
+        Dispatcher(["127.0.0.1"], **{"port": 0, option: value})
+    assert str(from_arguments.value) == str(from_options.value)  # told by the same check
+
+
+def test_a_malformed_address_is_an_address_error_of_the_options() -> None:
+    with pytest.raises(dispatch.AddressError, match="weight"):
+        dispatch.DispatcherOptions(["10.0.0.2@0"])
+
+
 # ---------------------------------------------------------------------------
 # Reports and the command line
 # ---------------------------------------------------------------------------
@@ -6392,6 +6550,39 @@ def test_cli_list_shows_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith("INTERFACE")
     assert any(line.split()[:3] == ["lo", "127.0.0.1", "no"] for line in out.splitlines()[1:])
+
+
+def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: Any) -> None:
+    arguments = ["start", "--ip", "::1", "--port", "0", "--connect-timeout", "2", "--cooldown", "4"]
+    arguments += ["--handshake-timeout", "3", "--idle-timeout", "5", "--max-connections", "6"]
+    arguments += ["--auth", "alice:s3cret", "--allow", "10.0.0.0/8", "--no-page", "--page-host", "Dispatch.Home.Arpa"]
+    arguments += ["--balance", "round-robin", "--check", "192.0.2.1:443", "--check-interval", "20", "--hedge", "0"]
+    arguments += ["--dns", "192.0.2.53", "--state-file", str(tmp_path / "state.json"), "127.0.0.1@2"]
+    options = dispatch._start_options(dispatch._build_parser().parse_args(arguments))
+    assert options == dispatch.DispatcherOptions(
+        ["127.0.0.1@2"],
+        "::1",
+        0,
+        connect_timeout=2.0,
+        handshake_timeout=3.0,
+        cooldown=4.0,
+        idle_timeout=5.0,
+        max_connections=6,
+        credentials={"alice": "s3cret"},
+        allow=["10.0.0.0/8"],
+        pages=False,
+        page_hosts=["dispatch.home.arpa"],
+        balance="round-robin",
+        sticky=None,  # --sticky 0, the default: off
+        checks=["192.0.2.1:443"],
+        check_interval=20.0,
+        hedge=0.0,
+        dns=["192.0.2.53"],
+        upstream_passwords={},
+        state_file=str(tmp_path / "state.json"),
+    )
+    no_state = dispatch._start_options(dispatch._build_parser().parse_args(["start", "--no-state"]))
+    assert no_state.state_file is None and no_state.addresses == () and no_state.credentials == {}
 
 
 @pytest.mark.parametrize(
