@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import inspect
 import dataclasses
 import errno
+import inspect
 import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
