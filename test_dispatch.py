@@ -6348,42 +6348,27 @@ def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argu
 def test_dispatcher_takes_its_options_as_keyword_arguments(
     make_proxy: Callable[..., Dispatcher], echo_server: Server
 ) -> None:
-    proxy = make_proxy(
-        connect_timeout=2.0,
-        handshake_timeout=3.0,
-        cooldown=4.0,
-        idle_timeout=5.0,
-        max_connections=6,
-        credentials={"alice": "s3cret"},
-        allow=["127.0.0.0/8"],
-        pages=False,
-        page_hosts=["Dispatch.Home.Arpa."],
-        balance="round-robin",
-        sticky=60.0,
-        checks=["192.0.2.1:443"],
-        check_interval=20.0,
-        hedge=0.5,
-        dns=["system"],
-    )
-    assert proxy.options == dispatch.DispatcherOptions(
-        ["127.0.0.1"],
-        port=0,
-        connect_timeout=2.0,
-        handshake_timeout=3.0,
-        cooldown=4.0,
-        idle_timeout=5.0,
-        max_connections=6,
-        credentials={"alice": "s3cret"},
-        allow=["127.0.0.0/8"],
-        pages=False,
-        page_hosts=["dispatch.home.arpa"],
-        balance="round-robin",
-        sticky=60.0,
-        checks=["192.0.2.1:443"],
-        check_interval=20.0,
-        hedge=0.5,
-        dns=["system"],
-    )
+    given: dict[str, Any] = {
+        "connect_timeout": 2.0,
+        "handshake_timeout": 3.0,
+        "cooldown": 4.0,
+        "idle_timeout": 5.0,
+        "max_connections": 6,
+        "credentials": {"alice": "s3cret"},
+        "allow": ["127.0.0.0/8"],
+        "pages": False,
+        "page_hosts": ["Dispatch.Home.Arpa."],
+        "balance": "round-robin",
+        "sticky": 60.0,
+        "checks": ["192.0.2.1:443"],
+        "check_interval": 20.0,
+        "hedge": 0.5,
+        "dns": ["system"],
+    }
+    proxy = make_proxy(**given)
+    # Page host names are kept as the pages compare them.
+    kept = given | {"page_hosts": ["dispatch.home.arpa"]}
+    assert proxy.options == dispatch.DispatcherOptions(["127.0.0.1"], port=0, **kept)
     assert (proxy.max_connections, proxy.upstream.connect_timeout, proxy.upstream.hedge) == (6, 2.0, 0.5)
     assert proxy.context.page_hosts == {"dispatch.home.arpa"} and proxy.context.status is None
     assert proxy.balancer.balance == dispatch.Balance.ROUND_ROBIN
