@@ -103,6 +103,7 @@ __all__ = [
     "AccessPolicy",
     "AddressError",
     "AddressHistory",
+    "BalanceName",
     "Balancer",
     "CapacitySource",
     "DeadlineReader",
@@ -2861,6 +2862,10 @@ class Balance(enum.Enum):
 
     MEASURED = "measured"  # least open work for the measured capacity
     ROUND_ROBIN = "round-robin"  # weighted round robin, weight 1 where none is given
+
+
+# A Balance by its value, as the status tells it.
+BalanceName = Literal["measured", "round-robin"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5708,7 +5713,7 @@ class Status(TypedDict):
     version: str
     uptime: float  # seconds
     listening: str  # HOST:PORT
-    balance: str  # "measured" or "round-robin"
+    balance: BalanceName
     open_connections: int  # clients
     refused: int
     totals: Totals
@@ -8151,7 +8156,7 @@ class Dispatcher:
             "version": __version__,
             "uptime": time.monotonic() - self._started,
             "listening": _format_endpoint(*self.address),
-            "balance": self.balancer.balance.value,
+            "balance": "measured" if self.balancer.balance is Balance.MEASURED else "round-robin",
             "open_connections": self.open_connections(),
             "refused": self.refused,
             "totals": totals,
