@@ -8,6 +8,7 @@ the server namespace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -248,22 +249,32 @@ def lab_status(proxy: LabProxy) -> dict[str, Any]:
 LAB_UPSTREAM_PORT = 1081  # inside the server namespace, where nothing else listens
 
 
+@contextlib.contextmanager
+def microsocks_on_server(lab: Any) -> Generator[str, None, None]:
+    """microsocks serving on the lab's server address, as long as the block
+    runs; its URL (socks5://). Skips where microsocks is not installed."""
+    if not os.path.exists(MICROSOCKS):
+        pytest.skip("microsocks is not installed")
+    upstream = lab.server_popen(
+        [MICROSOCKS, "-i", lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert lab.wait_for_port(LAB_UPSTREAM_PORT, host=lab.service_address, which="server")
+        yield f"socks5://{lab.service_address}:{LAB_UPSTREAM_PORT}"
+    finally:
+        upstream.kill()
+        upstream.wait()
+
+
 def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
     metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
     """microsocks on the server, named once per uplink (+IFACE): each
     connection to it leaves by its own uplink, so the three carry a share
     each (without binding to the device, uplinks 2 and 3 would carry none)."""
-    if not os.path.exists(MICROSOCKS):
-        pytest.skip("microsocks is not installed")
-    upstream = metrics_lab.server_popen(
-        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
-        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+    with microsocks_on_server(metrics_lab) as url:
         links = [f"{url}+{link.client_ifname}" for link in metrics_lab.uplinks]
         proxy = lab_proxy(metrics_lab, "--balance", "round-robin", *links)
         before = metrics_lab.counters()
@@ -275,9 +286,6 @@ def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
             assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
         rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
         assert rows == dict.fromkeys(links, 2)
-    finally:
-        upstream.kill()
-        upstream.wait()
 
 
 def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
@@ -649,16 +657,7 @@ def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default
     names up for it, each query leaving as the connection to the proxy
     does: by the uplink its +LINK names, by the default route (the first
     uplink) without one."""
-    if not os.path.exists(MICROSOCKS):
-        pytest.skip("microsocks is not installed")
-    upstream = metrics_lab.server_popen(
-        [MICROSOCKS, "-i", metrics_lab.service_address, "-p", str(LAB_UPSTREAM_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert metrics_lab.wait_for_port(LAB_UPSTREAM_PORT, host=metrics_lab.service_address, which="server")
-        url = f"socks5://{metrics_lab.service_address}:{LAB_UPSTREAM_PORT}"
+    with microsocks_on_server(metrics_lab) as url:
         source = {f"{url}+{link.client_ifname}": link.client_addr for link in metrics_lab.uplinks[1:]}
         source[url] = metrics_lab.uplink(1).client_addr
         proxy = lab_proxy(metrics_lab, "--balance", "round-robin", "--dns", lab_dns.address, *source)
@@ -673,6 +672,3 @@ def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default
             assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
         rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
         assert all(rows[link] >= 2 for link in source), rows
-    finally:
-        upstream.kill()
-        upstream.wait()
