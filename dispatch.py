@@ -1293,7 +1293,10 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
 SOCKS4_REPLY_VERSION = 0
 MAX_SOCKS5_NAME = 255  # a SOCKS5 DOMAIN address has a one-byte length
 SOCKS4A_NAME_FOLLOWS = b"\0\0\0\1"  # DST.IP 0.0.0.x: the host name follows the user id
-MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answer to CONNECT, head only
+MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answers to CONNECT, heads only, 1xx ones too
+# Interim (1xx) answers an HTTP proxy may send before its final one to
+# CONNECT: a proxy that sends them without end must not hold the link.
+MAX_INTERIM_ANSWERS = 8
 
 
 class Socks4Status(enum.IntEnum):
@@ -1439,21 +1442,53 @@ def socks4_client(host: str, port: int, user: str | None) -> ClientHandshake:
     return socket.inet_ntoa(bound_ip), bound_port
 
 
-def http_connect_client(host: str, port: int, login: tuple[str, str] | None) -> ClientHandshake:
+def _final_answer() -> Generator[ClientStep, bytes, tuple[int, str]]:
+    """Receive an HTTP proxy's answer to CONNECT: (status, reason) of its
+    final one. Interim (1xx) answers before it, 100 Continue or 103 Early
+    Hints with their fields, are read and passed over (RFC 9110, 15.2), at
+    most MAX_INTERIM_ANSWERS of them in MAX_PROXY_REPLY_HEAD bytes in all. A
+    101 Switching Protocols answers nothing CONNECT asks: the proxy breaks
+    HTTP, as it does with an answer that is no HTTP."""
+    received = 0
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
+        if received >= MAX_PROXY_REPLY_HEAD:
+            break
+        answer = yield ReceiveHeadStep(MAX_PROXY_REPLY_HEAD - received)
+        received += len(answer)
+        try:
+            _, status, reason = parse_status_line(answer.split(b"\r\n", 1)[0].decode("latin-1"))
+        except ValueError as error:
+            raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak HTTP ({error})") from None
+        if status == HTTPStatus.SWITCHING_PROTOCOLS:
+            raise ProxyLinkError(
+                Reply.GENERAL_FAILURE, "the upstream proxy answered CONNECT with 101 Switching Protocols"
+            )
+        if not 100 <= status < 200:
+            return status, reason
+    raise ProxyLinkError(
+        Reply.GENERAL_FAILURE,
+        f"the upstream proxy's interim (1xx) answers to CONNECT go on past {MAX_INTERIM_ANSWERS} "
+        f"answers or {MAX_PROXY_REPLY_HEAD} bytes",
+    )
+
+
+def http_connect_client(
+    host: str, port: int, login: tuple[str, str] | None, via: Sequence[str] = ()
+) -> ClientHandshake:
     """The client side of an HTTP CONNECT, with Basic proxy credentials for
-    ``login``. Raises ProxyLinkError where the proxy refuses the login (407)
-    or does not answer in HTTP; any other refusal is the proxy's word on
-    this request: 504 as a timeout, 403 as not allowed, others as a failure."""
+    ``login``, and a Via field of each of ``via`` (the proxies the request
+    came through, in order, this one last). Raises ProxyLinkError where the
+    proxy refuses the login (407) or does not answer in HTTP (see
+    _final_answer for its interim answers); any other refusal is the
+    proxy's word on this request: 504 as a timeout, 403 as not allowed,
+    others as a failure."""
     authority = _format_endpoint(host, port)
     head = [("Host", authority)]
     if login is not None:
         head.append(("Proxy-Authorization", basic_authorization(*login)))
+    head += [("Via", value) for value in via]
     yield SendStep(encode_head(f"CONNECT {authority} HTTP/1.1", head))
-    answer = yield ReceiveHeadStep(MAX_PROXY_REPLY_HEAD)
-    try:
-        _, status, reason = parse_status_line(answer.split(b"\r\n", 1)[0].decode("latin-1"))
-    except ValueError as error:
-        raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak HTTP ({error})") from None
+    status, reason = yield from _final_answer()
     said = f"{status} {reason}".strip() + " (the upstream proxy says)"
     if 200 <= status < 300:
         return "0.0.0.0", 0  # an HTTP proxy does not say where it connected from
@@ -4757,14 +4792,17 @@ def _handshake_by(sock: socket.socket, steps: ClientHandshake, deadline: float) 
     return handshake.bound
 
 
-def _proxy_steps(address: ProxyAddress, host: str, port: int, command: Command = Command.CONNECT) -> ClientHandshake:
-    """The client handshake asking the proxy of ``address`` for (host, port)."""
+def _proxy_steps(
+    address: ProxyAddress, host: str, port: int, via: Sequence[str], command: Command = Command.CONNECT
+) -> ClientHandshake:
+    """The client handshake asking the proxy of ``address`` for (host, port);
+    an HTTP proxy is told ``via`` (see http_connect_client)."""
     proxy = address.proxy
     if proxy.scheme.startswith("socks5"):
         return socks5_client(host, port, proxy.login, command)
     if proxy.scheme.startswith("socks4"):
         return socks4_client(host, port, proxy.user)
-    return http_connect_client(host, port, proxy.login)
+    return http_connect_client(host, port, proxy.login, via)
 
 
 def _proxy_endpoint(address: ProxyAddress) -> Target:
@@ -4785,6 +4823,37 @@ def _proxy_unreachable(error: OSError) -> OSError:
     if isinstance(error, (ProxyLinkError, TimeoutError)):
         return error
     return ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy: {_describe(error)}")
+
+
+def upstream_relay_address(proxy_ip: str, named: tuple[str, int]) -> Target:
+    """Where datagrams go through a SOCKS5 proxy at ``proxy_ip`` whose UDP
+    ASSOCIATE reply ``named`` its relay (RFC 1928, 7): that address, or the
+    proxy's own where it names the unspecified one (0.0.0.0 or ::, as many
+    proxies do). Raises ProxyLinkError, saying why, for a relay named by a
+    name, at port 0, at a multicast or broadcast address, or on loopback by
+    a proxy that is not on loopback itself: that would be this machine's
+    own services, sent the clients' datagrams."""
+    host, port = named
+    try:
+        relay = _client_ip(host)  # as an address of a client is read: ::ffff:127.0.0.1 is 127.0.0.1
+    except ValueError:
+        raise ProxyLinkError(
+            Reply.GENERAL_FAILURE, f"the upstream proxy named its UDP relay by a name ({host!r}), not an address"
+        ) from None
+    why = ""
+    if port == 0:
+        why = "at port 0"
+    elif relay.is_unspecified:
+        return proxy_ip, port
+    elif relay.is_multicast or relay == ipaddress.IPv4Address("255.255.255.255"):
+        why = "at a multicast or broadcast address"
+    elif relay.is_loopback and not _client_ip(proxy_ip).is_loopback:
+        why = "on this machine's loopback, while the proxy is not on loopback"
+    if why:
+        raise ProxyLinkError(
+            Reply.GENERAL_FAILURE, f"the upstream proxy named its UDP relay {_format_endpoint(host, port)} {why}"
+        )
+    return host, port
 
 
 def takes_absolute_form(local: LocalAddress) -> bool:
@@ -4888,6 +4957,11 @@ class Upstream:
     starts from another address, the first to get through winning (0: never).
     ``resolver`` looks names up (through the links); None leaves them to the
     system's resolver.
+
+    ``pseudonym`` is the name this proxy gives itself in the Via field of
+    what it sends on (RFC 9110, 7.6.3): one of its own, made up for each
+    Upstream, so that a request that comes back to it is known for a loop
+    and nobody else's Via is taken for its own.
     """
 
     def __init__(
@@ -4904,6 +4978,7 @@ class Upstream:
         self.connect_timeout = connect_timeout
         self.hedge = hedge
         self.resolver = resolver or Resolver(system=True)
+        self.pseudonym = f"dispatch-{os.urandom(4).hex()}"
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
@@ -4918,6 +4993,7 @@ class Upstream:
         on_attempt: Callable[[LocalAddress], None] = lambda local: None,
         client: str | None = None,
         absolute_form: bool = False,
+        hops: Sequence[str] = (),
     ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
@@ -4929,7 +5005,9 @@ class Upstream:
         hears of each local address tried; ``client`` (an IP address) is who
         asks, for sticky sites. ``absolute_form``: the connection is for plain
         HTTP requests, which an HTTP upstream proxy takes as they are (in
-        absolute form) with no CONNECT. Raises the last error.
+        absolute form) with no CONNECT. ``hops``: the Via of the request
+        the connection is for, which an HTTP proxy's CONNECT carries on.
+        Raises the last error.
         """
         affinity = None
         if client is not None and self.balancer.sticky is not None:
@@ -4943,7 +5021,10 @@ class Upstream:
             for family, ip in targets:
                 lead, first = (first, None) if first is not None and family in first.serves else (None, first)
                 try:
-                    return _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead).run()
+                    race = _Race(
+                        self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead, hops=hops
+                    )
+                    return race.run()
                 except OSError as failure:
                     error = failure
                 # No address reached this target: nothing says the links are to
@@ -4952,7 +5033,9 @@ class Upstream:
             if first is not None:
                 self.balancer.release(first)
         if not targets:  # a name for the proxies that take names alone
-            return _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form).run()
+            return _Race(
+                self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form, hops=hops
+            ).run()
         raise error or SocksError(Reply.HOST_UNREACHABLE)
 
     def _targets(
@@ -5051,8 +5134,7 @@ class Upstream:
             address, "0.0.0.0", 0, time.monotonic() + self.connect_timeout, Command.UDP_ASSOCIATE
         )
         try:
-            proxy_ip = _split_host(control.getpeername())[0]
-            relay_ip = proxy_ip if ipaddress.ip_address(relay_address[0]).is_unspecified else relay_address[0]
+            relay_ip, relay_port = upstream_relay_address(_split_host(control.getpeername())[0], relay_address)
             source = LocalAddress(_split_host(control.getsockname())[0], interface=address.interface)
             sock = (
                 self._with_device(source, relay_ip, functools.partial(_socket_from, source, socket.SOCK_DGRAM))
@@ -5062,9 +5144,7 @@ class Upstream:
         except BaseException:
             control.close()
             raise
-        return ProxiedUdpLease(
-            self.lease(sock, address), control, (relay_ip, relay_address[1]), address.proxy.passes_names
-        )
+        return ProxiedUdpLease(self.lease(sock, address), control, (relay_ip, relay_port), address.proxy.passes_names)
 
     def probe(self, local: LocalAddress, target: Target, timeout: float) -> OSError | None:
         """Connect from ``local`` to ``target`` and hang up, as a retest or a
@@ -5114,17 +5194,30 @@ class Upstream:
             raise _proxy_unreachable(error) from None
 
     def proxy_handshake(
-        self, local: LocalAddress, host: str, target: Target, *, absolute_form: bool = False
+        self,
+        local: LocalAddress,
+        host: str,
+        target: Target,
+        *,
+        absolute_form: bool = False,
+        hops: Sequence[str] = (),
     ) -> _ProxyHandshake | None:
         """The handshake that asks the proxy of ``local`` for the target (by
         ``host`` where it takes names, else by the address of ``target``);
-        None for a local address, and for plain HTTP requests to an HTTP proxy."""
+        None for a local address, and for plain HTTP requests to an HTTP
+        proxy. An HTTP proxy is told ``hops`` (the Via of the request the
+        connection is for) and this proxy's pseudonym in Via."""
         if not isinstance(local, ProxyAddress):
             return None
         if absolute_form and takes_absolute_form(local):
             return None
         name = host if local.proxy.passes_names else target[0]
-        return _ProxyHandshake(_proxy_steps(local, name, target[1]))
+        return _ProxyHandshake(_proxy_steps(local, name, target[1], self.via_fields(hops)))
+
+    def via_fields(self, hops: Sequence[str] = ()) -> list[str]:
+        """The Via fields of a request sent on: ``hops``, the Via of the
+        request as it came, and this proxy's own (RFC 9110, 7.6.3)."""
+        return [*hops, f"1.1 {self.pseudonym}"]
 
     def connect_through(
         self, address: ProxyAddress, host: str, port: int, deadline: float, command: Command = Command.CONNECT
@@ -5141,7 +5234,7 @@ class Upstream:
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise _proxy_unreachable(OSError(error, os.strerror(error)))
-            bound = _handshake_by(sock, _proxy_steps(address, host, port, command), deadline)
+            bound = _handshake_by(sock, _proxy_steps(address, host, port, self.via_fields(), command), deadline)
         except BaseException:
             sock.close()
             raise
@@ -5254,8 +5347,10 @@ class _Race:
         absolute_form: bool = False,
         *,
         first: LocalAddress | None = None,
+        hops: Sequence[str] = (),
     ) -> None:
         self.upstream = upstream
+        self.hops = hops  # the Via of the request the connection is for
         self.first = first  # taken from the balancer already: the link that asked for the name
         self.balancer = upstream.balancer
         self.family = family
@@ -5350,7 +5445,9 @@ class _Race:
             if error:
                 failure = OSError(error, os.strerror(error))
                 raise _proxy_unreachable(failure) if isinstance(local, ProxyAddress) else failure
-            handshake = self.upstream.proxy_handshake(local, self.host, self.target, absolute_form=self.absolute_form)
+            handshake = self.upstream.proxy_handshake(
+                local, self.host, self.target, absolute_form=self.absolute_form, hops=self.hops
+            )
             if handshake is None:
                 return True
             self.handshakes[sock] = handshake
@@ -5803,15 +5900,15 @@ class Session:
         if self.record.via is not None:
             self.context.upstream.meter.add(self.record.via, up, down)
 
-    def connect(self, host: str, port: int, *, absolute_form: bool = False) -> UpstreamLease:
+    def connect(self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = ()) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through. ``absolute_form``: for plain
-        HTTP requests (see Upstream.connect)."""
+        HTTP requests; ``hops``: the Via of an HTTP request (see Upstream.connect)."""
         client = None
         if self.context.upstream.balancer.sticky is not None:
             client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(
-            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form
+            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form, hops=hops
         )
 
     def _via(self, local: LocalAddress) -> None:
@@ -6802,9 +6899,10 @@ class HttpProxySession(Session):
             self.record.target = target if method == "CONNECT" else f"{method} {target}"
             if target.startswith("/"):  # origin form: a request for the proxy itself
                 return self._serve_local(method, target, version, headers)
+            self._refuse_a_loop(headers)
             self._authorize(headers)
             if method == "CONNECT":
-                self._tunnel(target)
+                self._tunnel(target, [value for name, value in headers if name.lower() == "via"])
                 self.log()
                 return False
             status, keep_alive = self._forward(method, target, version, headers)
@@ -6945,6 +7043,16 @@ class HttpProxySession(Session):
         page = render_status_page(status).encode()
         return HTTPStatus.OK, PAGE_CONTENT_TYPE, page, [("Content-Security-Policy", STATUS_PAGE_CSP)]
 
+    def _refuse_a_loop(self, headers: Headers) -> None:
+        """Raise HttpError(508) for a request that has been through this
+        proxy already: its Via names this proxy, so it came back by a chain
+        of proxies that loops (as it would without end, each pass one more
+        connection and thread, until the head grew past its limit)."""
+        if self.context.upstream.pseudonym in _via_recipients(headers):
+            raise HttpError(
+                HTTPStatus.LOOP_DETECTED, "a forwarding loop: the request came back (its Via names this proxy)"
+            )
+
     def _authorize(self, headers: Headers) -> None:
         """Raise HttpError(407) unless the request logs in to the proxy."""
         if not self._logged_in(headers, "proxy-authorization"):
@@ -6974,13 +7082,13 @@ class HttpProxySession(Session):
         with contextlib.suppress(OSError):  # the client left; the log line says why the request failed
             self.connection.sendall(error_response(status, detail, headers))
 
-    def _tunnel(self, target: str) -> None:
+    def _tunnel(self, target: str, hops: Sequence[str]) -> None:
         try:
             host, port = parse_connect_target(target)
         except ValueError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
         self._drop_origin()
-        with self.connect(host, port) as lease:
+        with self.connect(host, port, hops=hops) as lease:
             self.responded = True
             with contextlib.suppress(OSError):  # the relay finds the client gone
                 self.connection.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -6994,7 +7102,8 @@ class HttpProxySession(Session):
             length = body_length(headers, request=True)
         except ValueError as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        head = encode_head(f"{method} {path} HTTP/1.1", _request_headers(host, port, version, headers, length))
+        fields = _request_headers(host, port, version, headers, length, self.context.upstream.pseudonym)
+        head = encode_head(f"{method} {path} HTTP/1.1", fields)
         origin = self._send_head(host, port, head, retryable=length == 0 and method in IDEMPOTENT_METHODS)
         # The expectation goes to the origin, whose 100 Continue or final
         # answer comes back (RFC 9110, 10.1.1). An HTTP/1.0 client's is
@@ -7099,7 +7208,7 @@ class HttpProxySession(Session):
             outgoing = [(name, value) for name, value in outgoing if name.lower() != "trailer"]
         else:
             outgoing += framing_headers(response.headers, declared)
-        outgoing.append(("Via", f"{response.version[len('HTTP/') :]} dispatch"))
+        outgoing.append(("Via", f"{response.version[len('HTTP/') :]} {self.context.upstream.pseudonym}"))
         if not client_stays:
             outgoing.append(("Connection", "close"))
         self.responded = True
@@ -7189,16 +7298,22 @@ class HttpProxySession(Session):
         self.count(0, len(data))
 
 
-def _request_headers(host: str, port: int, version: str, headers: Headers, length: int) -> Headers:
+def _via_recipients(headers: Headers) -> list[str]:
+    """The received-by of each hop a message's Via fields name (RFC 9110,
+    7.6.3: ``protocol received-by [comment]`` each), lowercased."""
+    return [parts[1] for token in header_tokens(headers, "via") if len(parts := token.split()) > 1]
+
+
+def _request_headers(host: str, port: int, version: str, headers: Headers, length: int, pseudonym: str) -> Headers:
     """The headers of a request as it goes to its origin: Host first, no
     hop-by-hop ones, its framing written afresh, no Expect from an HTTP/1.0
-    client (ignored: RFC 9110, 10.1.1), and Via."""
+    client (ignored: RFC 9110, 10.1.1), and Via naming this proxy by ``pseudonym``."""
     authority = host if port == 80 else _format_endpoint(host, port)
     outgoing = [("Host", f"[{host}]" if port == 80 and ":" in host else authority)]
     dropped = {"host", "expect"} if version == "HTTP/1.0" else {"host"}
     outgoing += [(name, value) for name, value in forwarded_headers(headers) if name.lower() not in dropped]
     outgoing += framing_headers(headers, length)
-    outgoing.append(("Via", f"{version[len('HTTP/') :]} dispatch"))
+    outgoing.append(("Via", f"{version[len('HTTP/') :]} {pseudonym}"))
     return outgoing
 
 
@@ -7674,6 +7789,56 @@ def _waiting_row(link: Link) -> StatsRow:
     }
 
 
+def _loopback_or_own(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is this machine's: loopback, or bound here (a socket
+    can take it as its source address)."""
+    if ip.is_loopback:
+        return True
+    try:
+        with socket.socket(_family_of(str(ip)), socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def _addresses_named(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of ``host``, an IP address or localhost (or a name
+    under .localhost, RFC 6761); none for any other name, which is not
+    looked up: a lookup could hold up the start."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
+    try:
+        ip = _client_ip(name)
+    except ValueError:
+        return []
+    if ip.is_unspecified:  # a connection to 0.0.0.0 or :: reaches this machine's loopback
+        return [ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")]
+    return [ip]
+
+
+def reaches_listener(proxy: ProxyURL, host: str, port: int) -> bool:
+    """Whether a connection to the upstream ``proxy`` would come back to a
+    proxy of this machine listening on (host, port): the same port, and the
+    same address, or any address of this machine where (host, port) is every
+    address's (0.0.0.0 for IPv4 ones, :: for both). Port 0 is never one: the
+    system picks a free port at the start, which nobody could name before."""
+    if port == 0 or proxy.port != port:
+        return False
+    try:
+        listening = [_client_ip(host)]
+    except ValueError:
+        listening = _addresses_named(host)
+    for ip in _addresses_named(proxy.host):
+        for own in listening:
+            if own.is_unspecified and (own.version == 6 or ip.version == 4) and _loopback_or_own(ip):
+                return True
+            if ip == own:
+                return True
+    return False
+
+
 class Dispatcher:
     """A dispatching SOCKS and HTTP proxy.
 
@@ -7732,7 +7897,8 @@ class Dispatcher:
     samples the meter, measures capacities by it (CapacityEstimator), keeps
     the state file, and starts retests and checks. Raises ValueError for an
     option out of its range or malformed (DispatcherOptions checks them all),
-    AddressError (a ValueError) for an address this machine cannot use, and
+    AddressError (a ValueError) for an address this machine cannot use or
+    an upstream proxy that is this proxy itself (see reaches_listener), and
     OSError if it cannot listen.
     """
 
@@ -7791,6 +7957,13 @@ class Dispatcher:
     def _set_up(self, options: DispatcherOptions) -> None:
         self.options = options
         self.links = LinkSet(resolve_links(options.addresses, options.upstream_passwords))
+        for address in self.links.addresses:
+            if isinstance(address, ProxyAddress) and reaches_listener(address.proxy, options.host, options.port):
+                where = _format_endpoint(options.host, options.port)
+                raise AddressError(
+                    f"{address.describe()} is this proxy's own address ({where}): every connection "
+                    "through it would come back here, without end"
+                )
         balance = options.balance
         if balance is None:
             weighted = any(link.weighted for link in self.links.links)

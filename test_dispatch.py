@@ -69,7 +69,9 @@ from conftest import (
     client_through,
     closed_by_proxy,
     curl,
+    echo,
     exchanges,
+    free_port,
     has_ipv6_loopback,
     http_exchange,
     needs_ipv6,
@@ -3134,6 +3136,64 @@ def test_handshake_with_an_upstream_leaves_the_targets_first_bytes_unread(reply:
     assert bound == (("0.0.0.0", 0) if reply.startswith(b"HTTP") else ("127.0.0.1", 8080))
 
 
+def test_http_upstreams_interim_answers_to_connect_are_passed_over(
+    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server]
+) -> None:
+    """RFC 9110, 15.2: 1xx answers, with fields or none, before the 200."""
+
+    def upstream_proxy(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        echo(conn)  # the tunnel's far end: the upstream itself echoes
+
+    upstream = make_server(upstream_proxy)
+    proxy = make_proxy([f"http://127.0.0.1:{upstream.port}"])
+    for _ in range(2):
+        with client_through(proxy, ("127.0.0.1", refused_port())) as client:
+            assert echoed(client, b"after the interim answers") == b"after the interim answers"
+    with raw_client(proxy) as sock:
+        sock.sendall(b"CONNECT 127.0.0.1:7 HTTP/1.1\r\n\r\n")
+        assert recv_exactly(sock, 39) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        assert echoed(sock, b"by CONNECT too") == b"by CONNECT too"
+
+
+@pytest.mark.parametrize(
+    ("answer", "line"),
+    [
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 100_000, "the upstream proxy's interim (1xx) answers to CONNECT go on"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "the upstream proxy answered CONNECT with 101"),
+    ],
+    ids=["endless-1xx", "101"],
+)
+def test_http_upstream_that_answers_connect_with_1xx_alone_is_put_out_in_one_line(
+    make_proxy: Callable[..., Dispatcher],
+    make_server: Callable[..., Server],
+    echo_server: Server,
+    log: pytest.LogCaptureFixture,
+    answer: bytes,
+    line: str,
+) -> None:
+    def upstream_proxy(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(answer)  # until dispatch hangs up, for the endless ones
+
+    upstream = make_server(upstream_proxy)
+    url = f"http://127.0.0.1:{upstream.port}"
+    proxy = make_proxy([url, "127.0.0.2"], balance="round-robin")
+    for _ in range(4):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"by the other link") == b"by the other link"
+    rows = {row["link"]: row for row in proxy.stats()}
+    assert rows[url]["state"] == "down" and line in rows[url]["reason"]
+    assert rows["127.0.0.2"]["connections"] == 4
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    assert log.text.count(f"upstream proxy {url} failed: {line}") == 1
+    assert "Traceback" not in log.text
+
+
 @pytest.mark.parametrize("kind", ["pproxy-http", "microsocks"])
 def test_target_that_speaks_first_is_heard_through_an_upstream(
     make_proxy: Callable[..., Dispatcher],
@@ -3588,6 +3648,65 @@ def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
             assert recv_exactly(sock, 2) == b"\x05\x00"
             assert socks5_reply(sock)[0] == Reply.HOST_UNREACHABLE
     assert log.text.count(f"upstream proxy {upstream.url} failed: the upstream proxy: Connection refused") == 1
+
+
+@pytest.mark.parametrize(
+    ("proxy_ip", "named", "relay"),
+    [
+        ("203.0.113.5", ("0.0.0.0", 5000), ("203.0.113.5", 5000)),  # the proxy's own address
+        ("203.0.113.5", ("::", 5000), ("203.0.113.5", 5000)),
+        ("203.0.113.5", ("198.51.100.7", 5001), ("198.51.100.7", 5001)),  # a relay host of its own
+        ("127.0.0.1", ("127.0.0.1", 5002), ("127.0.0.1", 5002)),  # a proxy on loopback, its relay there too
+        ("::1", ("127.0.0.1", 5003), ("127.0.0.1", 5003)),
+    ],
+)
+def test_upstream_relay_address_is_the_one_named_or_the_proxys_own(
+    proxy_ip: str, named: tuple[str, int], relay: tuple[str, int]
+) -> None:
+    assert dispatch.upstream_relay_address(proxy_ip, named) == relay
+
+
+@pytest.mark.parametrize(
+    ("named", "why"),
+    [
+        (("127.0.0.1", 5000), "127.0.0.1:5000 on this machine's loopback, while the proxy is not on loopback"),
+        (("127.9.9.9", 5000), "127.9.9.9:5000 on this machine's loopback"),
+        (("::1", 5000), "[::1]:5000 on this machine's loopback"),
+        (("::ffff:127.0.0.1", 5000), "[::ffff:127.0.0.1]:5000 on this machine's loopback"),
+        (("198.51.100.7", 0), "198.51.100.7:0 at port 0"),
+        (("0.0.0.0", 0), "0.0.0.0:0 at port 0"),
+        (("224.0.0.1", 5000), "224.0.0.1:5000 at a multicast or broadcast address"),
+        (("255.255.255.255", 5000), "255.255.255.255:5000 at a multicast or broadcast address"),
+        (("relay.example", 5000), "by a name ('relay.example'), not an address"),
+    ],
+)
+def test_upstream_relay_address_refuses_loopback_from_a_proxy_elsewhere(named: tuple[str, int], why: str) -> None:
+    with pytest.raises(dispatch.ProxyLinkError, match=re.escape(f"the upstream proxy named its UDP relay {why}")):
+        dispatch.upstream_relay_address("203.0.113.5", named)
+
+
+def test_udp_through_an_upstream_that_names_no_usable_relay_is_refused_in_one_line(
+    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    def upstream_proxy(conn: socket.socket) -> None:
+        assert recv_exactly(conn, 3) == b"\x05\x01\x00"
+        conn.sendall(b"\x05\x00")
+        recv_exactly(conn, 10)  # UDP ASSOCIATE 0.0.0.0:0
+        conn.sendall(b"\x05\x00\x00" + dispatch.encode_socks5_address("relay.example", 5000))
+        conn.recv(1)  # held open until dispatch hangs up
+
+    upstream = make_server(upstream_proxy)
+    url = f"socks5://127.0.0.1:{upstream.port}"
+    proxy = make_proxy([url])
+    for _ in range(2):
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            assert socks5_reply(sock)[0] == Reply.GENERAL_FAILURE
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    assert log.text.count(f"upstream proxy {url} failed: the upstream proxy named its UDP relay by a name") == 1
+    assert "Traceback" not in log.text
 
 
 def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
@@ -5432,13 +5551,52 @@ def test_responses_carry_via_and_a_refused_login_names_its_user(
     request = f"GET {origin}/ HTTP/1.1\r\n".encode()
     login = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:s3cret") + b"\r\n\r\n"
     status, headers, _ = http_exchange(proxy, request + login)
-    assert (status, headers["via"]) == (200, "1.1 dispatch")  # RFC 9110, 7.6.3
+    assert (status, headers["via"]) == (200, f"1.1 {proxy.upstream.pseudonym}")  # RFC 9110, 7.6.3
     wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"mallory:guess") + b"\r\n\r\n"
     assert http_exchange(proxy, request + wrong)[0] == 407
     proxy.shutdown()
     refused = [exchange for exchange in exchanges(log) if exchange.result.startswith("407")]
     assert [exchange.user for exchange in refused] == ["'mallory'"]
     assert "guess" not in log.text
+
+
+def test_request_that_names_this_proxy_in_its_via_is_refused_as_a_loop(
+    proxy: Dispatcher, origin: str, log: pytest.LogCaptureFixture
+) -> None:
+    own = f"Via: 1.0 upstream.example, 1.1 {proxy.upstream.pseudonym}\r\n"
+    for request in (f"GET {origin}/x HTTP/1.1\r\n{own}\r\n", f"CONNECT 127.0.0.1:7 HTTP/1.1\r\n{own}\r\n"):
+        status, _, body = http_exchange(proxy, request.encode())
+        assert (status, body) == (
+            508,
+            b"508 Loop Detected: a forwarding loop: the request came back (its Via names this proxy)\n",
+        )
+    another_dispatch = f"GET {origin}/x HTTP/1.1\r\nVia: 1.1 dispatch-00000000\r\n\r\n"
+    assert http_exchange(proxy, another_dispatch.encode())[0] == 200
+    wait_until_all_closed(proxy)
+    proxy.shutdown()
+    assert [exchange.result[:3] for exchange in exchanges(log)] == ["508", "508", "200"]
+
+
+def test_two_proxies_each_others_upstream_end_a_request_after_one_round(
+    make_proxy: Callable[..., Dispatcher], origin: str, log: pytest.LogCaptureFixture
+) -> None:
+    """Each proxy names itself in Via, on requests and on CONNECT, and
+    passes on the Via a CONNECT came with: the request that comes back is
+    refused. Connections are capped, so that a loop not found would end."""
+    port = free_port()
+    second = make_proxy([f"http://127.0.0.1:{port}"], max_connections=50)
+    first = make_proxy([f"http://127.0.0.1:{second.address[1]}"], port=port, max_connections=50)
+    assert http_exchange(first, f"GET {origin}/x HTTP/1.1\r\n\r\n".encode())[0] == 508
+    assert http_exchange(first, b"CONNECT 127.0.0.1:7 HTTP/1.1\r\n\r\n")[0] == 502
+    for proxy in (first, second):
+        wait_until_all_closed(proxy)
+        proxy.shutdown()
+    results = [exchange.result for exchange in exchanges(log)]
+    # Through the first, the second, and back to the first, which refuses it.
+    assert (
+        len(results) == 6
+        and results.count("508 a forwarding loop: the request came back (its Via names this proxy)") == 2
+    )
 
 
 # Answering the local pages -------------------------------------------------
@@ -6168,6 +6326,45 @@ def test_shutdown_wakes_a_request_waiting_for_its_origin(
             assert answer == b"" or answer.startswith(b"HTTP/1.1 502 ")
 
 
+@pytest.mark.parametrize(
+    ("upstream", "listening", "loops"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("localhost", "127.0.0.1", True),
+        ("LOCALHOST.", "::1", True),
+        ("proxy.localhost", "127.0.0.1", True),
+        ("0.0.0.0", "127.0.0.1", True),  # a connection to 0.0.0.0 reaches this machine
+        ("127.0.0.2", "0.0.0.0", True),  # every address of this machine listens
+        ("::1", "::", True),
+        ("127.0.0.1", "::", True),  # :: takes IPv4 clients too
+        ("::1", "0.0.0.0", False),  # 0.0.0.0 takes IPv4 clients only
+        ("127.0.0.2", "127.0.0.1", False),
+        ("192.0.2.1", "0.0.0.0", False),  # not an address of this machine
+        ("proxy.example", "127.0.0.1", False),  # names are not looked up at the start
+    ],
+)
+def test_an_upstream_proxy_that_reaches_this_proxys_own_listener_is_known(
+    upstream: str, listening: str, loops: bool
+) -> None:
+    proxy = dispatch.ProxyURL("http", upstream, 3128)
+    assert dispatch.reaches_listener(proxy, listening, 3128) is loops
+    assert not dispatch.reaches_listener(proxy, listening, 3129)
+
+
+def test_a_proxy_named_as_its_own_upstream_is_refused_before_it_listens(
+    make_proxy: Callable[..., Dispatcher],
+) -> None:
+    with socket.socket() as taken:  # held: a proxy that went on to listen would fail otherwise
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        for scheme in ("http", "socks5"):
+            with pytest.raises(
+                dispatch.AddressError,
+                match=re.escape(f"{scheme}://localhost:{port} is this proxy's own address (127.0.0.1:{port})"),
+            ):
+                make_proxy([f"{scheme}://localhost:{port}"], port=port, start=False)
+
+
 # ---------------------------------------------------------------------------
 # Service units: systemd, launchd, Task Scheduler
 # ---------------------------------------------------------------------------
@@ -6604,6 +6801,18 @@ def test_cli_bad_arguments_exit_2_with_one_line(
     assert line.startswith("dispatch: error: ")
     if "argument" in message:  # argparse's own: it points to --help
         assert line.endswith("--help)")
+
+
+def test_cli_start_refuses_its_own_address_as_an_upstream_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert dispatch.main(["start", "--no-state", "--port", str(port), f"http://127.0.0.1:{port}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"dispatch: error: http://127.0.0.1:{port} is this proxy's own address (127.0.0.1:{port}): "
+        "every connection through it would come back here, without end"
+    )
 
 
 # What a script that vendors dispatch.py runs: "python -S" leaves out

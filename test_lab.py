@@ -34,8 +34,11 @@ from conftest import (
     netlab_or_skip,
     read_all,
     read_response,
+    recv_exactly,
     round_trip,
     run_script,
+    socks5_reply,
+    socks5_request,
     wait_for,
 )
 from dispatch import Reply
@@ -286,6 +289,57 @@ def test_lab_one_upstream_proxy_reached_over_each_link_is_three_links(
             assert 2 * LAB_DOWNLOAD_SIZE <= received <= 2 * LAB_DOWNLOAD_SIZE * 1.2, f"uplink {index}: {received} B"
         rows = {row["link"]: row["connections"] for row in lab_status(proxy)["addresses"]}
         assert rows == dict.fromkeys(links, 2)
+
+
+def test_lab_an_upstream_elsewhere_that_names_a_loopback_udp_relay_is_refused(
+    metrics_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """A SOCKS5 upstream on the server whose UDP ASSOCIATE reply names
+    127.0.0.1: the clients' datagrams would go to a service on the proxy's
+    own machine. The association is refused, and the log says why once."""
+    netlab = import_netlab()
+    with netlab.netns(metrics_lab.client_ns):
+        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # what such datagrams would reach
+    with netlab.netns(metrics_lab.server_ns):
+        listener = socket.create_server((metrics_lab.service_address, 0))
+    service.bind(("127.0.0.1", 0))
+    relay = socket.inet_aton("127.0.0.1") + service.getsockname()[1].to_bytes(2, "big")
+
+    def upstream_proxy() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(TIMEOUT)
+                recv_exactly(conn, 3)  # 05 01 00
+                conn.sendall(b"\x05\x00")
+                recv_exactly(conn, 10)  # UDP ASSOCIATE 0.0.0.0:0
+                conn.sendall(b"\x05\x00\x00\x01" + relay)
+                conn.recv(1)  # until dispatch hangs up
+
+    serving = threading.Thread(target=upstream_proxy, daemon=True)
+    serving.start()
+    url = f"socks5://{metrics_lab.service_address}:{listener.getsockname()[1]}"
+    try:
+        proxy = lab_proxy(metrics_lab, url)
+        for _ in range(2):
+            with netlab.netns(metrics_lab.client_ns):
+                sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
+            with sock:
+                sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+                assert recv_exactly(sock, 2) == b"\x05\x00"
+                assert socks5_reply(sock)[0] == Reply.GENERAL_FAILURE
+        line = f"upstream proxy {url} failed: the upstream proxy named its UDP relay 127.0.0.1:"
+        assert wait_for(lambda: line in proxy.log())
+        assert proxy.log().count(line) == 1
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
+        serving.join(TIMEOUT)
+        service.close()
 
 
 def lab_downloads(proxy: LabProxy, count: int, size: int) -> list[int]:
