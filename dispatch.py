@@ -118,6 +118,7 @@ __all__ = [
     "LinkState",
     "LocalAddress",
     "Meter",
+    "Retest",
     "SocksError",
     "StatsRow",
     "Status",
@@ -2412,6 +2413,13 @@ RETEST_POLL_INTERVAL = 0.25  # how often due retests are looked for
 # Targets reached lately (by any link) that retests may try: one site that
 # never answers through a link must not keep it out while it reaches others.
 RECENT_TARGETS = 8
+# A retest waits a few times what the connect that reached its target took
+# through another link, at least RETEST_TIME_FLOOR seconds, and twice as long
+# after each failed retest (up to the connect timeout): a site silent through
+# one link costs its retest about what the site costs the other links, while
+# a link that is only slower still gets the time it needs.
+RETEST_TIME_FACTOR = 4
+RETEST_TIME_FLOOR = 1.0
 
 Target = tuple[str, int]  # (ip, port); a check's may be (name, port)
 # What an address is, as stats() tells it: "up"; "down" while it is out after
@@ -2442,21 +2450,36 @@ def parse_check_target(text: str) -> Target:
     return str(ipaddress.ip_address(host)), port
 
 
+@dataclasses.dataclass(frozen=True)
+class Retest:
+    """A retest to run: a connect from ``address`` to ``target``, given up
+    after ``timeout`` seconds (inf: no sooner than the connect timeout)."""
+
+    address: LocalAddress
+    target: Target
+    timeout: float
+
+
 @dataclasses.dataclass
 class _Outage:
     """Why an address is out, and how it is tried again.
 
     An outage from a failed connect is retested at ``retest_at``, against
-    ``target`` (what another link reached where this one failed) and other
-    targets in turn (``retests`` so far; ``testing``: the one under way);
-    one from failed checks has no target: passing checks end it."""
+    ``target`` (what another link reached where this one failed, in
+    ``took`` seconds if known) and the other targets known, each once a
+    round (``tried``; ``testing``: the one under way); ``fresh``: a target
+    was reached by another link since the last retest was handed out. One
+    from failed checks has no target: passing checks end it."""
 
     reason: str
     target: Target | None
     retest_at: float = math.inf
+    took: float | None = None
     delay: float = RETEST_FIRST
-    retests: int = 0
+    failed_retests: int = 0
+    tried: set[Target] = dataclasses.field(default_factory=set)
     testing: Target | None = None
+    fresh: bool = False
 
 
 @dataclasses.dataclass
@@ -2482,11 +2505,14 @@ class Health:
     client's connection: ``due_retests()`` hands out what to try through
     that link RETEST_FIRST seconds after the failure, then twice as long
     after each failed retest, at most ``cooldown`` apart; the first retest
-    that gets through brings it back. The retests take turns between the
-    target another link reached where it failed and other targets: the last
-    one the link itself reached, those any link reached lately, and the
-    ``check_targets``; a site that never answers through one link (it blocks
-    that provider) cannot keep the link out while it reaches the others.
+    that gets through brings it back. Each round of retests tries the
+    targets any link reached lately (the latest first), the last one the
+    link itself reached, the ``check_targets``, and last the target another
+    link reached where it failed; a site that never answers through one link
+    (it blocks that provider) cannot keep the link out while it reaches the
+    others. A target newly reached by another link is tried within
+    RETEST_FIRST seconds, whatever the wait has grown to, and a retest gives
+    up in about the time that target took the other links (RETEST_TIME_FACTOR).
     With checks (``check_round()``), a link that fails CHECK_FAILURES_OUT in a
     row is out until it passes CHECK_SUCCESSES_BACK in a row. ``clock``
     tells monotonic seconds; tests may pass their own.
@@ -2503,10 +2529,12 @@ class Health:
         self.check_targets = list(check_targets)
         self._lock = threading.Lock()
         self._outages: dict[LocalAddress, _Outage] = {}
-        # Written without the lock on every connect (one assignment, one
-        # append: atomic), read under it when retests are handed out.
+        # Written without the lock on every connect (one assignment: atomic),
+        # read under it when retests are handed out.
         self._reached: dict[LocalAddress, Target] = {}  # the last target each address reached
-        self._recent: collections.deque[Target] = collections.deque(maxlen=RECENT_TARGETS)
+        # The targets reached lately, the oldest first, with the seconds the
+        # connect that reached each took (None: not known); under the lock.
+        self._recent: dict[Target, float | None] = {}
         self._checks: dict[LocalAddress, _CheckRecord] = {}
         self._all_failed_told = False
 
@@ -2522,21 +2550,45 @@ class Health:
             self._reached.pop(address, None)
 
     def connected_through(
-        self, address: LocalAddress, failed: Sequence[tuple[LocalAddress, OSError]] = (), target: Target | None = None
+        self,
+        address: LocalAddress,
+        failed: Sequence[tuple[LocalAddress, OSError]] = (),
+        target: Target | None = None,
+        took: float | None = None,
     ) -> None:
         """Record that a connect through ``address`` got an answer (the
-        target's, or its refusal) at ``target`` where the ``failed``
-        addresses could not: they are out, to be retested against it."""
+        target's, or its refusal) at ``target``, in ``took`` seconds if
+        known, where the ``failed`` addresses could not: they are out, to be
+        retested against it."""
         if target is not None and self._reached.get(address) != target:
             self._reached[address] = target
-            if target not in self._recent:
-                self._recent.append(target)
+        # The usual case, a target known and no failure, takes no lock (a
+        # look-up in a dict is atomic).
+        if target is not None and target not in self._recent:
+            self._note_reached(target, took)
         if not failed:
-            return  # the usual case: nothing to take the lock for
+            return
         with self._lock:
             for down, error in failed:
                 if down is not address:
-                    self._put_out(down, _describe(error), target)
+                    self._put_out(down, _describe(error), target, took)
+
+    def _note_reached(self, target: Target, took: float | None) -> None:
+        """Keep ``target`` among the recent ones, and bring forward the
+        retests of the outages that may try it: it is news about them."""
+        with self._lock:
+            if target in self._recent:
+                return
+            if len(self._recent) >= RECENT_TARGETS:
+                del self._recent[next(iter(self._recent))]
+            self._recent[target] = took
+            soon = self.clock() + RETEST_FIRST
+            for address, outage in self._outages.items():
+                if outage.target is None or target in outage.tried or not _can_ask_for(address, target[0]):
+                    continue
+                outage.fresh = True
+                if outage.retest_at != math.inf:  # else under way: the result brings the next one forward
+                    outage.retest_at = min(outage.retest_at, soon)
 
     def sit_out(self, address: LocalAddress, error: OSError, target: Target) -> None:
         """Put ``address`` out after a failure that came after its connect
@@ -2545,42 +2597,51 @@ class Health:
         with self._lock:
             self._put_out(address, _describe(error), target)
 
-    def _put_out(self, address: LocalAddress, reason: str, target: Target | None) -> None:
+    def _put_out(self, address: LocalAddress, reason: str, target: Target | None, took: float | None = None) -> None:
         if address in self._outages:
             return
         retest_at = self.clock() + RETEST_FIRST if target else math.inf
-        self._outages[address] = _Outage(reason, target, retest_at)
+        self._outages[address] = _Outage(reason, target, retest_at, took)
         again = f"retested in {RETEST_FIRST:g} s" if target else f"back after {CHECK_SUCCESSES_BACK} checks pass"
         logger.warning("sitting out: %s: %s; %s", address.describe(), reason, again)
 
-    def due_retests(self) -> list[tuple[LocalAddress, Target]]:
-        """The retests to run now: (address, target) each; each is handed
-        out once, until its result comes back."""
+    def due_retests(self) -> list[Retest]:
+        """The retests to run now; each is handed out once, until its
+        result comes back."""
         now = self.clock()
         with self._lock:
             due = []
             for address, outage in self._outages.items():
                 if outage.target is not None and outage.retest_at <= now:
                     outage.retest_at = math.inf  # under way
-                    outage.testing = self._retest_target(address, outage, outage.target)
-                    due.append((address, outage.testing))
+                    outage.fresh = False
+                    target = self._retest_target(address, outage, outage.target)
+                    outage.testing = target
+                    due.append(Retest(address, target, self._retest_timeout(outage, target)))
             return due
 
     def _retest_target(self, address: LocalAddress, outage: _Outage, failed_at: Target) -> Target:
-        """The target of the next retest: by turns ``failed_at`` and the
-        others it could reach (see the class), of its family."""
-        others = [
-            target
-            # A copy: connects append to the deque without the lock.
-            for target in dict.fromkeys(
-                [self._reached.get(address), *reversed(self._recent.copy()), *self.check_targets]
-            )
-            if target is not None and target != failed_at and _can_ask_for(address, target[0])
+        """The target of the next retest: the first of those it could reach
+        (in the class's order, of its family) not tried yet this round."""
+        others = dict.fromkeys([*reversed(self._recent), self._reached.get(address), *self.check_targets])
+        targets = [
+            *(t for t in others if t is not None and t != failed_at and _can_ask_for(address, t[0])),
+            failed_at,
         ]
-        outage.retests += 1
-        if outage.retests % 2 or not others:
-            return failed_at
-        return others[(outage.retests // 2 - 1) % len(others)]
+        untried = [target for target in targets if target not in outage.tried]
+        if not untried:  # a new round
+            outage.tried.clear()
+            untried = targets
+        outage.tried.add(untried[0])
+        return untried[0]
+
+    def _retest_timeout(self, outage: _Outage, target: Target) -> float:
+        """Seconds the retest of ``target`` may take: a few times what the
+        connect that reached it took, longer after each failed retest."""
+        took = self._recent.get(target, outage.took if target == outage.target else None)
+        if took is None:
+            return math.inf
+        return max(RETEST_TIME_FLOOR, RETEST_TIME_FACTOR * took) * 2.0 ** min(outage.failed_retests, 16)
 
     def retest_result(self, address: LocalAddress, error: OSError | None) -> None:
         """The outcome of a retest of ``address``: None if it got through."""
@@ -2593,10 +2654,12 @@ class Health:
                 reached = _format_endpoint(*(outage.testing or outage.target))
                 logger.info("back in use: %s (a retest reached %s)", address.describe(), reached)
                 return
+            outage.failed_retests += 1
             outage.delay = min(outage.delay * 2, max(self.cooldown, RETEST_FIRST))
-            outage.retest_at = self.clock() + outage.delay
+            wait = RETEST_FIRST if outage.fresh else outage.delay
+            outage.retest_at = self.clock() + wait
             outage.reason = _describe(error)
-            logger.debug("retest of %s failed: %s; again in %g s", address.describe(), outage.reason, outage.delay)
+            logger.debug("retest of %s failed: %s; again in %g s", address.describe(), outage.reason, wait)
 
     def check_round(self, results: Mapping[LocalAddress, OSError | None], target: str) -> None:
         """Take a round of checks: for each address, None if it reached a
@@ -5483,6 +5546,7 @@ class _Race:
         sock.close()
 
     def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
+        took = time.monotonic() - self.pending[sock][1]
         self._forget(sock)
         self.on_attempt(local)
         now = time.monotonic()
@@ -5494,7 +5558,7 @@ class _Race:
         for other_sock, (other, _) in list(self.pending.items()):
             self._drop(other_sock)
             self.balancer.release(other)
-        self.upstream.health.connected_through(local, [*self.failed, *silent], self.target)
+        self.upstream.health.connected_through(local, [*self.failed, *silent], self.target, took)
         if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
             self.upstream.proxy_worked(local)
         if self.affinity is not None:
@@ -8105,20 +8169,21 @@ class Dispatcher:
 
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""
-        for address, target in self.health.due_retests():
+        for retest in self.health.due_retests():
             try:
                 threading.Thread(
                     target=self._run_retest,
-                    args=(address, target),
-                    name=f"dispatch-retest-{address.ip}",
+                    args=(retest,),
+                    name=f"dispatch-retest-{retest.address.ip}",
                     daemon=True,
                 ).start()
             except RuntimeError as error:  # no thread to be had now: the retest is due again later
-                self.health.retest_result(address, OSError(errno.EAGAIN, str(error)))
+                self.health.retest_result(retest.address, OSError(errno.EAGAIN, str(error)))
 
-    def _run_retest(self, address: LocalAddress, target: Target) -> None:
+    def _run_retest(self, retest: Retest) -> None:
+        address = retest.address
         try:
-            error = self.upstream.probe(address, target, self.upstream.connect_timeout)
+            error = self.upstream.probe(address, retest.target, min(retest.timeout, self.upstream.connect_timeout))
         except Exception as failure:  # a retest lost would keep the link out for good
             logger.exception("the retest of %s failed", address.describe())
             error = OSError(errno.EIO, f"the retest failed: {failure!r}")

@@ -1293,7 +1293,7 @@ def test_failed_address_sits_out_until_a_retest_gets_through(log: pytest.LogCapt
         while not (due := health.due_retests()):
             clock.now += 0.5
             waited += 0.5
-        assert due == [(dark, RETEST_TARGET)]
+        assert due == [dispatch.Retest(dark, RETEST_TARGET, math.inf)]  # how long it took: not known
         assert health.due_retests() == []  # handed out once
         assert str(health.state(dark)[1]).endswith("; retesting now")
         health.retest_result(dark, OSError(errno.EHOSTUNREACH, "No route to host"))
@@ -1302,7 +1302,7 @@ def test_failed_address_sits_out_until_a_retest_gets_through(log: pytest.LogCapt
     assert health.state(dark) == ("down", "No route to host; retested in 30 s")
     assert "10.0.0.1" not in {balancer.next(socket.AF_INET).ip for _ in range(6)}
     clock.now += 30
-    assert health.due_retests() == [(dark, RETEST_TARGET)]
+    assert [retest.target for retest in health.due_retests()] == [RETEST_TARGET]
     health.retest_result(dark, None)
     assert "back in use: 10.0.0.1 (a retest reached 203.0.113.80:443)" in log.text
     assert health.state(dark) == ("up", None)
@@ -1315,14 +1315,14 @@ def retest_targets(health: dispatch.Health, clock: FakeClock, address: dispatch.
     for _ in range(count):
         while not (due := health.due_retests()):
             clock.now += 0.5
-        ((retested, target),) = due
-        assert retested is address
-        targets.append(target)
+        (retest,) = due
+        assert retest.address is address
+        targets.append(retest.target)
         health.retest_result(address, TimeoutError(errno.ETIMEDOUT, "timed out"))
     return targets
 
 
-def test_retests_take_turns_with_targets_other_links_reached(log: pytest.LogCaptureFixture) -> None:
+def test_retests_try_the_sites_other_links_reached_before_the_one_that_failed(log: pytest.LogCaptureFixture) -> None:
     """A site that never answers through one link (it blocks that provider)
     must not keep the link out while it reaches everything else."""
     clock = FakeClock()
@@ -1332,21 +1332,21 @@ def test_retests_take_turns_with_targets_other_links_reached(log: pytest.LogCapt
     health.connected_through(cable, [], other_site)  # what the other links reach
     health.connected_through(phone, [], third_site)
     health.connected_through(cable, [(blocked, TimeoutError())], RETEST_TARGET)
-    # Every other retest is of the site it failed at; in between, the sites
-    # reached lately, the latest first.
+    # Each round: the sites reached lately, the latest first, then the one
+    # it failed at.
     assert retest_targets(health, clock, blocked, 6) == [
-        RETEST_TARGET,
         third_site,
-        RETEST_TARGET,
         other_site,
         RETEST_TARGET,
         third_site,
+        other_site,
+        RETEST_TARGET,
     ]
     clock.now += 60
-    assert health.due_retests() == [(blocked, RETEST_TARGET)]
+    assert [retest.target for retest in health.due_retests()] == [third_site]
     health.retest_result(blocked, OSError(errno.ETIMEDOUT, "timed out"))
     clock.now += 60
-    assert health.due_retests() == [(blocked, other_site)]
+    assert [retest.target for retest in health.due_retests()] == [other_site]
     health.retest_result(blocked, None)  # another site answers: back
     assert not health.is_out(blocked)
     assert "back in use: 10.0.0.1 (a retest reached 198.51.100.7:443)" in log.text
@@ -1360,16 +1360,9 @@ def test_retests_try_what_the_link_itself_reached_and_the_check_targets() -> Non
     own_site = ("198.51.100.9", 22)
     health.connected_through(blocked, [], own_site)  # before: it reached this one
     health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET)
-    # Its own site first, then the others (the IPv6 check target is no
-    # target for an IPv4 address).
-    assert retest_targets(health, clock, blocked, 6) == [
-        RETEST_TARGET,
-        own_site,
-        RETEST_TARGET,
-        check,
-        RETEST_TARGET,
-        own_site,
-    ]
+    # Its own site, the check target, then the site it failed at (the IPv6
+    # check target is no target for an IPv4 address).
+    assert retest_targets(health, clock, blocked, 6) == [own_site, check, RETEST_TARGET] * 2
 
 
 def test_retests_of_an_upstream_proxy_take_turns_with_targets_it_can_be_asked_for() -> None:
@@ -1385,7 +1378,7 @@ def test_retests_of_an_upstream_proxy_take_turns_with_targets_it_can_be_asked_fo
     health.connected_through(live, [], other_site)
     health.connected_through(live, [], named_site)
     health.connected_through(live, [(upstream, TimeoutError())], RETEST_TARGET)
-    assert retest_targets(health, clock, upstream, 4) == [RETEST_TARGET, other_site, RETEST_TARGET, other_site]
+    assert retest_targets(health, clock, upstream, 4) == [other_site, RETEST_TARGET] * 2
 
 
 def test_with_no_other_target_known_retests_keep_to_the_one_that_failed() -> None:
@@ -1393,6 +1386,63 @@ def test_with_no_other_target_known_retests_keep_to_the_one_that_failed() -> Non
     balancer, (blocked, live, _) = three_addresses(clock)
     balancer.health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET)
     assert retest_targets(balancer.health, clock, blocked, 4) == [RETEST_TARGET] * 4
+
+
+def test_a_retest_waits_a_few_times_what_the_other_link_took_and_longer_after_each_failure() -> None:
+    """Not the whole connect timeout: a site silent through one link costs
+    its retest about what it costs the others, and a slower link still gets
+    more time each round."""
+    clock = FakeClock()
+    blocked, live = dispatch.LocalAddress("10.0.0.1"), dispatch.LocalAddress("10.0.0.2")
+    health = dispatch.Health(30.0, clock)
+    far_site = ("198.51.100.7", 443)
+    health.connected_through(live, [], far_site, took=0.4)
+    health.connected_through(live, [(blocked, TimeoutError())], RETEST_TARGET, took=0.01)
+    timeouts = []
+    for _ in range(6):
+        while not (due := health.due_retests()):
+            clock.now += 0.5
+        (retest,) = due
+        timeouts.append((retest.target, retest.timeout))
+        health.retest_result(blocked, TimeoutError(errno.ETIMEDOUT, "timed out"))
+    # Four times what the connect took, at least 1 s; twice as long after
+    # each failed retest (the Dispatcher stops at the connect timeout).
+    assert timeouts == [
+        (far_site, 1.6),
+        (RETEST_TARGET, 2.0),
+        (far_site, 6.4),
+        (RETEST_TARGET, 8.0),
+        (far_site, 25.6),
+        (RETEST_TARGET, 32.0),
+    ]
+
+
+def test_a_site_another_link_reaches_brings_the_retest_of_a_link_out_forward() -> None:
+    clock = FakeClock()
+    balancer, (blocked, cable, _) = three_addresses(clock)
+    health = balancer.health
+    health.connected_through(cable, [(blocked, TimeoutError())], RETEST_TARGET, took=0.05)
+    # Only the site it failed at is known: the retests back off (1, 2, 4, 8 s).
+    assert retest_targets(health, clock, blocked, 4) == [RETEST_TARGET] * 4
+    assert health.state(blocked) == ("down", "timed out; retested in 16 s")
+    # Another link reaches a new site: it is tried within 1 s, not 16.
+    new_site = ("198.51.100.7", 443)
+    health.connected_through(cable, [], new_site, took=0.05)
+    assert health.state(blocked) == ("down", "timed out; retested in 1 s")
+    clock.now += 1
+    assert health.due_retests() == [dispatch.Retest(blocked, new_site, 16.0)]
+    # One reached while a retest is under way makes the next one due in 1 s too.
+    newer_site = ("198.51.100.8", 443)
+    health.connected_through(cable, [], newer_site, took=0.05)
+    health.retest_result(blocked, TimeoutError(errno.ETIMEDOUT, "timed out"))
+    assert health.state(blocked) == ("down", "timed out; retested in 1 s")
+    clock.now += 1
+    assert [retest.target for retest in health.due_retests()] == [newer_site]
+    # A site reached again, or one of a family it cannot be asked for, is no news.
+    health.retest_result(blocked, TimeoutError(errno.ETIMEDOUT, "timed out"))
+    health.connected_through(cable, [], new_site, took=0.05)
+    health.connected_through(cable, [], ("2001:db8::7", 443), took=0.05)
+    assert health.state(blocked) == ("down", "timed out; retested in 30 s")
 
 
 def test_checks_take_a_link_out_after_three_failures_and_back_after_two(log: pytest.LogCaptureFixture) -> None:
@@ -3902,6 +3952,43 @@ def test_a_link_out_after_one_silent_site_is_back_by_a_retest_of_a_site_it_reach
             assert round_trip(client, b"reached") == b"reached"
         # The retests of the silent site fail; one of the site reached gets through.
         assert wait_for(lambda: not proxy.health.is_out(blocked))
+    assert f"back in use: 127.0.0.2 (a retest reached 127.0.0.1:{echo_server.port})" in log.text
+
+
+def test_a_link_out_after_a_silent_site_is_retested_first_at_a_site_another_link_reached(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    """The first retest, 1 s after the failure, goes to the site reached
+    since, not to the silent one for the whole connect timeout (5 s)."""
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    blocked, live = proxy.addresses
+    with unanswered_address() as silent:
+        proxy.health.connected_through(live, [(blocked, TimeoutError())], silent)
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"reached") == b"reached"
+        reached = time.monotonic()
+        assert wait_for(lambda: not proxy.health.is_out(blocked))
+        assert time.monotonic() - reached < 4
+
+
+def test_a_site_reached_while_a_link_is_out_brings_its_next_retest_forward(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    """Retests of the only site known fail further and further apart (1,
+    2, 4, then 8 s); a site reached by another link is tried within about
+    a second, not after the 8 s."""
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], connect_timeout=0.5)
+    log.set_level(logging.DEBUG, logger="dispatch")
+    blocked, live = proxy.addresses
+    with unanswered_address() as silent:
+        proxy.health.connected_through(live, [(blocked, TimeoutError())], silent)
+        failed = re.compile(r"retest of 127\.0\.0\.2( \(lo\))? failed")
+        assert wait_for(lambda: len(failed.findall(log.text)) >= 3, TIMEOUT * 2)
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"reached") == b"reached"
+        reached = time.monotonic()
+        assert wait_for(lambda: not proxy.health.is_out(blocked))
+        assert time.monotonic() - reached < 4
     assert f"back in use: 127.0.0.2 (a retest reached 127.0.0.1:{echo_server.port})" in log.text
 
 
