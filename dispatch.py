@@ -442,7 +442,7 @@ class AuthStatus(enum.IntEnum):
 REPLY_TABLE: dict[Reply, tuple[str, Socks4Reply, HTTPStatus]] = {
     Reply.SUCCEEDED: ("succeeded", Socks4Reply.GRANTED, HTTPStatus.OK),
     Reply.GENERAL_FAILURE: ("general failure", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
-    Reply.NOT_ALLOWED: ("connection not allowed by ruleset", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
+    Reply.NOT_ALLOWED: ("connection not allowed by ruleset", Socks4Reply.REJECTED, HTTPStatus.FORBIDDEN),
     Reply.NETWORK_UNREACHABLE: ("network unreachable", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
     Reply.HOST_UNREACHABLE: ("host unreachable", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
     Reply.CONNECTION_REFUSED: ("connection refused", Socks4Reply.REJECTED, HTTPStatus.BAD_GATEWAY),
@@ -1529,6 +1529,21 @@ PRIVATE_NETWORKS = tuple(
 )
 ALLOW_CACHE_SIZE = 4096  # client addresses whose allow-list answer is kept
 
+# Targets that only this machine's own programs may reach through the proxy,
+# unless --allow-target opens them: its loopback, the unspecified addresses
+# (a connect to 0.0.0.0 reaches this machine), and the link-local networks,
+# where a cloud's metadata service answers (169.254.169.254). A service bound
+# there trusts its callers to be on this machine; a client from the LAN must
+# not borrow the proxy's place (Squid refuses these too: to_localhost,
+# link-local). This machine's other own addresses are refused alike.
+HOST_ONLY_TARGETS = tuple(
+    ipaddress.ip_network(network)
+    for network in ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1/128", "::/128", "fe80::/10")
+)
+# Refused targets are logged at most this often: a client asking again and
+# again cannot flood the log.
+TARGET_REFUSAL_LOG_INTERVAL = 1.0
+
 
 def credentials_match(known: Iterable[tuple[bytes, bytes]], user: bytes, password: bytes) -> bool:
     """Whether (user, password) is one of the ``known`` pairs.
@@ -1621,15 +1636,23 @@ class AccessPolicy:
     logins they must give (none when ``credentials`` is empty).
 
     ``allow`` holds networks (``"192.168.1.0/24"``, ``"fd00::/8"``, single
-    addresses); None means PRIVATE_NETWORKS. Raises ValueError for a bad
-    entry or credential.
+    addresses); None means PRIVATE_NETWORKS. ``allow_targets`` holds the
+    networks of HOST_ONLY_TARGETS and of this machine's own addresses that
+    every client may reach all the same (see refuses_target). Raises
+    ValueError for a bad entry or credential.
     """
 
-    def __init__(self, credentials: Mapping[str, str] | None = None, allow: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        credentials: Mapping[str, str] | None = None,
+        allow: Iterable[str] | None = None,
+        allow_targets: Iterable[str] = (),
+    ) -> None:
         self._credentials = [_encode_credential(user, password) for user, password in (credentials or {}).items()]
         self.allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
             list(PRIVATE_NETWORKS) if allow is None else [ipaddress.ip_network(a, strict=False) for a in allow]
         )
+        self.allowed_targets = [ipaddress.ip_network(a, strict=False) for a in allow_targets]
         self._allows_by_host: dict[str, bool] = {}
 
     @property
@@ -1663,6 +1686,28 @@ class AccessPolicy:
                 self._allows_by_host.clear()
             self._allows_by_host[host] = allowed
         return allowed
+
+    def refuses_target(
+        self,
+        client: str,
+        target: str,
+        is_own: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool] = lambda ip: False,
+    ) -> bool:
+        """Whether a client at IP address ``client`` is refused the target
+        IP address ``target``: one of HOST_ONLY_TARGETS or of this machine's
+        own addresses (``is_own`` tells those), asked for by a client that is
+        not on this machine itself (neither loopback nor an own address),
+        unless ``allowed_targets`` holds it. IPv4 addresses in IPv6 form
+        (``::ffff:127.0.0.1``) are judged as the IPv4 ones they carry."""
+        asker = _client_ip(client)
+        if asker.is_loopback:
+            return False
+        ip = _client_ip(target)
+        if any(ip in network for network in self.allowed_targets):
+            return False
+        if not (any(ip in network for network in HOST_ONLY_TARGETS) or is_own(ip)):
+            return False
+        return not is_own(asker)
 
 
 # ---------------------------------------------------------------------------
@@ -2196,6 +2241,61 @@ def _check_bindable(ip: str) -> None:
             probe.bind((ip, 0))
         except OSError as error:
             raise AddressError(f"{ip} is not an address of this machine ({_describe(error)})") from None
+
+
+# Addresses no machine holds (RFC 5737, RFC 3849): one that can be bound
+# says that this system binds any address (Linux's ip_nonlocal_bind).
+_NOBODYS_ADDRESSES = {socket.AF_INET: "203.0.113.254", socket.AF_INET6: "2001:db8:ffff::fe"}
+OWN_ANSWERS_KEPT = 4096  # addresses whose is_own_address answer is kept
+# Each answer, kept as long as the interfaces go unread (every datagram of a
+# UDP association asks): {address: (own, until)}.
+_own_answers: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, tuple[bool, float]] = {}
+
+
+def is_own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is an address of this machine, on any of its
+    interfaces, a link or not, as they are (within INTERFACE_REFRESH_INTERVAL).
+
+    The system's own answer: a socket can be bound to its addresses alone.
+    Where it binds any address, the interfaces are read instead (with the
+    ifaddr package; without it, no address counts as own there).
+    """
+    now = time.monotonic()
+    known = _own_answers.get(ip)
+    if known is not None and now < known[1]:
+        return known[0]
+    own = _is_own_address(ip)
+    if len(_own_answers) >= OWN_ANSWERS_KEPT:
+        _own_answers.clear()
+    _own_answers[ip] = own, now + INTERFACE_REFRESH_INTERVAL
+    return own
+
+
+def _is_own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if ip.is_multicast:  # bound by those who listen to the group; nobody's own
+        return False
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    if not _binds_any_address(family):
+        return _can_bind(family, str(ip))
+    try:
+        return any(ipaddress.ip_address(own.partition("%")[0]) == ip for i in _interfaces() for own in i.ips)
+    except (OSError, AddressError, ValueError):
+        return False
+
+
+@functools.cache
+def _binds_any_address(family: socket.AddressFamily) -> bool:
+    """Whether a socket of ``family`` can be bound to an address this machine does not have."""
+    return _can_bind(family, _NOBODYS_ADDRESSES[family])
+
+
+def _can_bind(family: socket.AddressFamily, ip: str) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _interface_of(ip: str, interfaces: Iterable[Interface]) -> str | None:
@@ -5019,7 +5119,9 @@ class Upstream:
     ``hedge``: seconds a connect may go unanswered before the same connect
     starts from another address, the first to get through winning (0: never).
     ``resolver`` looks names up (through the links); None leaves them to the
-    system's resolver.
+    system's resolver. ``access`` says which targets a client from another
+    machine is refused (AccessPolicy.refuses_target); None refuses those of
+    AccessPolicy().
 
     ``pseudonym`` is the name this proxy gives itself in the Via field of
     what it sends on (RFC 9110, 7.6.3): one of its own, made up for each
@@ -5034,6 +5136,7 @@ class Upstream:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         hedge: float = DEFAULT_HEDGE,
         resolver: Resolver | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.balancer = balancer
         self.health = balancer.health
@@ -5042,6 +5145,12 @@ class Upstream:
         self.hedge = hedge
         self.resolver = resolver or Resolver(system=True)
         self.pseudonym = f"dispatch-{os.urandom(4).hex()}"
+        self.access = access or AccessPolicy()
+        # Where the proxy listens, once it does: a client may ask for the
+        # proxy itself (a page, in absolute form), which it reaches anyway.
+        self.listening: Target | None = None
+        self._unlogged_refusals = 0
+        self._last_refusal_log = -math.inf
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
@@ -5066,11 +5175,12 @@ class Upstream:
         address of a name is tried in turn until one connects (a name may
         resolve to ::1 first while only 127.0.0.1 listens). ``on_attempt``
         hears of each local address tried; ``client`` (an IP address) is who
-        asks, for sticky sites. ``absolute_form``: the connection is for plain
-        HTTP requests, which an HTTP upstream proxy takes as they are (in
-        absolute form) with no CONNECT. ``hops``: the Via of the request
-        the connection is for, which an HTTP proxy's CONNECT carries on.
-        Raises the last error.
+        asks, for sticky sites and for the targets only this machine may
+        reach (check_target; None: this machine asks). ``absolute_form``: the
+        connection is for plain HTTP requests, which an HTTP upstream proxy
+        takes as they are (in absolute form) with no CONNECT. ``hops``: the
+        Via of the request the connection is for, which an HTTP proxy's
+        CONNECT carries on. Raises the last error.
         """
         affinity = None
         if client is not None and self.balancer.sticky is not None:
@@ -5079,7 +5189,7 @@ class Upstream:
         if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
-        targets, first = self._targets(host, families, affinity)
+        targets, first = self._allowed(client, (host, port), *self._targets(host, families, affinity))
         try:
             for family, ip in targets:
                 lead, first = (first, None) if first is not None and family in first.serves else (None, first)
@@ -5117,6 +5227,67 @@ class Upstream:
             return self._resolve_for_connect(host, families, affinity)
         except OSError:
             return [], None
+
+    def _allowed(
+        self,
+        client: str | None,
+        target: Target,
+        targets: list[tuple[socket.AddressFamily, str]],
+        first: LocalAddress | None,
+    ) -> tuple[list[tuple[socket.AddressFamily, str]], LocalAddress | None]:
+        """``targets``, the addresses of ``target`` (host, port), without
+        those ``client`` is refused, and ``first``; where that leaves none,
+        ``first`` is given back and the refusal raised (check_target). A
+        name that only an upstream proxy looks up (no targets) is its
+        host's to judge."""
+        host, port = target
+        allowed = [(family, ip) for family, ip in targets if not self.refuses(client, ip, port)]
+        if targets and not allowed:
+            if first is not None:
+                self.balancer.release(first)
+            raise self._refusal(client, host, targets[0][1])
+        return allowed, first
+
+    def refuses(self, client: str | None, ip: str, port: int) -> bool:
+        """Whether ``client`` (an IP address; None: this machine) is refused
+        the target (``ip``, ``port``): see AccessPolicy.refuses_target. The
+        proxy itself (``listening``) is not refused."""
+        if client is None or not self.access.refuses_target(client, ip, is_own_address):
+            return False
+        return not self._is_this_proxy(ip, port)
+
+    def _is_this_proxy(self, ip: str, port: int) -> bool:
+        if self.listening is None or port != self.listening[1]:
+            return False
+        listening, target = _client_ip(self.listening[0]), _client_ip(ip)
+        if listening.is_unspecified:  # on every address of this machine
+            return target.is_loopback or is_own_address(target)
+        return target == listening
+
+    def check_target(self, client: str | None, host: str, ip: str, port: int) -> None:
+        """Raise SocksError(NOT_ALLOWED) if ``client`` is refused (``ip``,
+        ``port``), ``ip`` the address of ``host`` as the client named it
+        (see refuses); logged at most once every TARGET_REFUSAL_LOG_INTERVAL,
+        with a count of the refusals passed over. Every way to a target asks
+        here, or refuses(): a CONNECT, a forwarded request, a UDP datagram."""
+        if self.refuses(client, ip, port):
+            raise self._refusal(client, host, ip)
+
+    def _refusal(self, client: str | None, host: str, ip: str) -> SocksError:
+        """The error that refuses ``client`` the target ``ip`` (``host``), logged as check_target says."""
+        named = host if host == ip else f"{host} ({ip})"
+        why = "only this machine may reach it (loopback, link-local or an address of its own)"
+        with self._lock:
+            self._unlogged_refusals += 1
+            now = time.monotonic()
+            told = now - self._last_refusal_log >= TARGET_REFUSAL_LOG_INTERVAL
+            if told:
+                others, self._unlogged_refusals = self._unlogged_refusals - 1, 0
+                self._last_refusal_log = now
+        if told:
+            more = f" ({others} more refused since the last such line)" if others else ""
+            logger.warning("refused %s the target %s: %s; --allow-target opens it%s", client, named, why, more)
+        return SocksError(Reply.NOT_ALLOWED, f"{named}: {why}")
 
     def _resolve_for_connect(
         self, host: str, families: Collection[socket.AddressFamily], affinity: Affinity | None
@@ -5968,9 +6139,7 @@ class Session:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through. ``absolute_form``: for plain
         HTTP requests; ``hops``: the Via of an HTTP request (see Upstream.connect)."""
-        client = None
-        if self.context.upstream.balancer.sticky is not None:
-            client = str(_client_ip(_split_host(self.client_address)[0]))
+        client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(
             host, port, on_attempt=self._via, client=client, absolute_form=absolute_form, hops=hops
         )
@@ -6233,10 +6402,15 @@ class UdpAssociation:
             if fragment:
                 raise SocksError(Reply.GENERAL_FAILURE, "fragment")
             self.client_port = source_port
-            if self.proxied is not None:
-                self.proxied.send_to(data, host if self.proxied.passes_names else self._resolve(host, port), port)
+            if self.proxied is not None and self.proxied.passes_names and not _is_ip(host):
+                self.proxied.send_to(data, host, port)  # a name the proxy looks up: its host's to judge
             else:
-                self.upstream.sendto(data, (self._resolve(host, port), port))
+                ip = self._resolve(host, port)
+                self.session.context.upstream.check_target(self.client_ip, host, ip, port)
+                if self.proxied is not None:
+                    self.proxied.send_to(data, ip, port)
+                else:
+                    self.upstream.sendto(data, (ip, port))
         except OSError:
             self.dropped += 1
             return
@@ -7718,6 +7892,7 @@ class DispatcherOptions:
     # Passwords stay out of the options' repr, and so out of logs and tracebacks.
     credentials: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
     allow: Sequence[str] | None = None
+    allow_targets: Sequence[str] = ()
     pages: bool = True
     page_hosts: Sequence[str] = ()
     balance: str | None = None
@@ -7763,6 +7938,8 @@ class DispatcherOptions:
         if self.allow is not None:
             self._keep("allow", tuple(self.allow))
             self._each("allow", lambda network: ipaddress.ip_network(network, strict=False), self.allow)
+        self._keep("allow_targets", tuple(self.allow_targets))
+        self._each("allow_targets", lambda network: ipaddress.ip_network(network, strict=False), self.allow_targets)
         if self.dns is not None:
             self._keep("dns", tuple(self.dns))
         self._each("dns", parse_dns_option, [self.dns])
@@ -7922,6 +8099,10 @@ class Dispatcher:
     - ``allow``: the networks (``"192.168.1.0/24"``, ``"fd00::/8"``, single
       addresses) clients may connect from; None means PRIVATE_NETWORKS,
       ``["0.0.0.0/0", "::/0"]`` means anyone.
+    - ``allow_targets``: networks a client from another machine may reach
+      although they are this machine's own (loopback, link-local, its
+      addresses: refused to such clients otherwise, see
+      AccessPolicy.refuses_target), ``["127.0.0.0/8"]`` for one.
     - ``handshake_timeout``: seconds a client has for its whole handshake.
     - ``idle_timeout``: close a relay after that many seconds with nothing
       moving either way; None (the default) never does.
@@ -7981,6 +8162,7 @@ class Dispatcher:
         max_connections: int | None = DispatcherOptions.max_connections,
         credentials: Mapping[str, str] | None = None,
         allow: Iterable[str] | None = None,
+        allow_targets: Iterable[str] = (),
         pages: bool = DispatcherOptions.pages,
         page_hosts: Iterable[str] = (),
         balance: str | None = DispatcherOptions.balance,
@@ -8003,6 +8185,7 @@ class Dispatcher:
             max_connections=max_connections,
             credentials=credentials,
             allow=None if allow is None else tuple(allow),
+            allow_targets=tuple(allow_targets),
             pages=pages,
             page_hosts=tuple(page_hosts),
             balance=balance,
@@ -8067,8 +8250,10 @@ class Dispatcher:
             timeout=options.connect_timeout,
             evidence_after=options.hedge or DEFAULT_HEDGE,
         )
-        self.upstream = Upstream(self.balancer, self.meter, options.connect_timeout, options.hedge, self.resolver)
-        self.access = AccessPolicy(options.credentials, options.allow)
+        self.access = AccessPolicy(options.credentials, options.allow, options.allow_targets)
+        self.upstream = Upstream(
+            self.balancer, self.meter, options.connect_timeout, options.hedge, self.resolver, self.access
+        )
         limit = default_max_connections() if options.max_connections is None else options.max_connections
         self.admission = Admission(self.access, limit)
         self.handshake_timeout = options.handshake_timeout
@@ -8095,6 +8280,7 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
         self._server = _Server((options.host, options.port), self.admission, self.context)
+        self.upstream.listening = self.address
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -8944,6 +9130,7 @@ def _start_options(args: argparse.Namespace) -> DispatcherOptions:
         max_connections=args.max_connections,
         credentials=users,
         allow=args.allow,
+        allow_targets=args.allow_target,
         pages=args.pages,
         page_hosts=args.page_host or (),
         balance=args.balance,
@@ -9126,6 +9313,15 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_network,
         metavar="CIDR",
         help="admit clients from this network or address only (repeatable; default: loopback and private networks)",
+    )
+    start.add_argument(
+        "--allow-target",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="let clients from other machines reach this network although it is this machine's own "
+        "(repeatable; refused by default: loopback, link-local and this machine's addresses)",
     )
     start.add_argument(
         "--handshake-timeout",

@@ -969,9 +969,71 @@ def test_ipv4_mapped_clients_match_ipv4_entries() -> None:
         assert proxy.allows("203.0.113.1") and proxy.allows("2001:db8::1")
 
 
+# Targets only this machine may reach: its own addresses, as a test says.
+OWN_ADDRESSES = {ipaddress.ip_address("192.168.1.20"), ipaddress.ip_address("2001:db8::20")}
+
+
+def own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip in OWN_ADDRESSES
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1",
+        "127.0.0.2",
+        "::1",
+        "0.0.0.0",
+        "::",
+        "169.254.169.254",  # a cloud's metadata service
+        "169.254.1.1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "192.168.1.20",
+        "2001:db8::20",
+        "::ffff:192.168.1.20",
+    ],
+)
+def test_targets_only_this_machine_may_reach_are_refused_to_other_machines(target: str) -> None:
+    policy = dispatch.AccessPolicy()
+    for client in ("192.168.1.5", "::ffff:192.168.1.5", "fd00::5", "203.0.113.9"):
+        assert policy.refuses_target(client, target, own_address), client
+
+
+def test_other_targets_are_not_refused() -> None:
+    policy = dispatch.AccessPolicy()
+    for target in ("192.168.1.7", "10.0.0.1", "8.8.8.8", "2001:db8::21", "224.0.0.251", "::ffff:8.8.8.8"):
+        assert not policy.refuses_target("192.168.1.5", target, own_address), target
+
+
+def test_clients_on_this_machine_may_reach_its_own_targets() -> None:
+    policy = dispatch.AccessPolicy()
+    for client in ("127.0.0.1", "127.0.0.9", "::1", "::ffff:127.0.0.1", "192.168.1.20", "2001:db8::20"):
+        for target in ("127.0.0.1", "::1", "169.254.169.254", "192.168.1.20"):
+            assert not policy.refuses_target(client, target, own_address), (client, target)
+
+
+def test_allow_target_opens_its_networks_to_every_client_and_no_more() -> None:
+    policy = dispatch.AccessPolicy(allow_targets=["127.0.0.0/8", "192.168.1.20"])
+    for target in ("127.0.0.1", "127.1.2.3", "::ffff:127.0.0.1", "192.168.1.20"):
+        assert not policy.refuses_target("192.168.1.5", target, own_address), target
+    for target in ("::1", "169.254.169.254", "2001:db8::20"):
+        assert policy.refuses_target("192.168.1.5", target, own_address), target
+
+
 # ---------------------------------------------------------------------------
 # Links: addresses, interfaces, following them as they change
 # ---------------------------------------------------------------------------
+
+
+def test_own_addresses_are_every_address_of_this_machine_and_no_other() -> None:
+    own = [ipaddress.ip_address(address.ip) for address in dispatch.usable_addresses()]
+    assert all(map(dispatch.is_own_address, own))
+    assert dispatch.is_own_address(ipaddress.ip_address("127.0.0.1"))
+    for other in ("198.51.100.77", "224.0.0.1", "2001:db8:ffff::77"):
+        assert not dispatch.is_own_address(ipaddress.ip_address(other)), other
 
 
 @pytest.mark.parametrize(
@@ -3900,6 +3962,65 @@ def test_socks4_without_ipv4_local_address_gets_5b(
     assert exchange.result == "no IPv4 local address to dispatch to"
 
 
+# Targets only this machine may reach ---------------------------------------
+
+
+def test_a_client_of_another_machine_is_refused_this_machines_own_targets_by_address_and_by_name(
+    proxy: Dispatcher, echo_server: Server, fake_names: dict[str, list[str]], log: pytest.LogCaptureFixture
+) -> None:
+    """Clients of another machine come only in the lab (test_lab.py); here,
+    as Session.connect asks for one."""
+    fake_names["rebound.example"] = ["127.0.0.1"]
+    for host, named in (("127.0.0.1", "127.0.0.1"), ("rebound.example", "rebound.example (127.0.0.1)")):
+        with pytest.raises(dispatch.SocksError) as refusal:
+            proxy.upstream.connect(host, echo_server.port, client="192.0.2.50")
+        assert refusal.value.reply == Reply.NOT_ALLOWED
+        assert str(refusal.value).startswith(f"{named}: only this machine may reach it")
+    assert "refused 192.0.2.50 the target 127.0.0.1: only this machine may reach it" in log.text
+    assert proxy.balancer.taken(proxy.links.addresses[0]) == 0  # nothing held
+    with proxy.upstream.connect("rebound.example", echo_server.port, client="127.0.0.1") as lease:
+        assert lease.sock.getpeername()[:2] == (echo_server.host, echo_server.port)
+
+
+def test_a_client_of_another_machine_may_ask_for_the_proxy_itself(make_proxy: Callable[..., Dispatcher]) -> None:
+    """A browser set to use the proxy asks it for its own pages in absolute form."""
+    for host in ("127.0.0.1", "0.0.0.0"):
+        proxy = make_proxy(host=host, allow=["127.0.0.0/8"])
+        with proxy.upstream.connect("127.0.0.1", proxy.address[1], client="192.0.2.50") as lease:
+            lease.sock.settimeout(TIMEOUT)
+            lease.sock.sendall(b"GET /proxy.pac HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_response(lease.sock)[0] == 200
+        with pytest.raises(dispatch.SocksError):
+            proxy.upstream.connect("127.0.0.1", refused_port(), client="192.0.2.50")
+
+
+def test_a_name_with_an_address_of_this_machine_among_others_is_given_the_others() -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    targets = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "192.0.2.7"), (socket.AF_INET6, "::1")]
+    target = ("rebound.example", 80)
+    assert upstream._allowed("192.168.1.5", target, targets, None) == ([targets[1]], None)
+    assert upstream._allowed("127.0.0.1", target, targets, None) == (targets, None)
+
+
+def test_refused_targets_are_logged_at_most_once_a_second_with_a_count(
+    monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture
+) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    for _ in range(5):
+        with pytest.raises(dispatch.SocksError):
+            upstream.check_target("192.168.1.5", "localhost", "127.0.0.1", 80)
+    monkeypatch.setattr(dispatch, "TARGET_REFUSAL_LOG_INTERVAL", 0.0)
+    with pytest.raises(dispatch.SocksError):
+        upstream.check_target("192.168.1.5", "169.254.169.254", "169.254.169.254", 80)
+    lines = [record.message for record in log.records if record.message.startswith("refused ")]
+    assert lines == [
+        "refused 192.168.1.5 the target localhost (127.0.0.1): only this machine may reach it (loopback, "
+        "link-local or an address of its own); --allow-target opens it",
+        "refused 192.168.1.5 the target 169.254.169.254: only this machine may reach it (loopback, "
+        "link-local or an address of its own); --allow-target opens it (4 more refused since the last such line)",
+    ]
+
+
 # Failover, end to end ------------------------------------------------------
 
 
@@ -6640,6 +6761,7 @@ def test_dispatcher_takes_its_options_as_keyword_arguments(
         "max_connections": 6,
         "credentials": {"alice": "s3cret"},
         "allow": ["127.0.0.0/8"],
+        "allow_targets": ["169.254.169.254"],
         "pages": False,
         "page_hosts": ["Dispatch.Home.Arpa."],
         "balance": "round-robin",
@@ -6723,6 +6845,7 @@ def test_options_keep_what_they_were_given_as_checked() -> None:
         ("checks", ["192.0.2.1"], "checks: '192.0.2.1': a check target is IP:PORT or NAME:PORT"),
         ("page_hosts", ["no spaces"], "page_hosts: 'no spaces' is not a host name or IP address"),
         ("allow", ["10.0.0.0/33"], "allow: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
+        ("allow_targets", ["localhost"], "allow_targets: 'localhost' does not appear to be an IPv4 or IPv6 network"),
         ("dns", [], "dns: no name server given"),
         ("dns", ["system", "192.0.2.53"], "dns: --dns system leaves names to the system's resolver"),
         ("credentials", {"": "s3cret"}, "credentials: a user name must be 1 to 255 bytes"),
@@ -6826,6 +6949,7 @@ def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: 
     arguments = ["start", "--ip", "::1", "--port", "0", "--connect-timeout", "2", "--cooldown", "4"]
     arguments += ["--handshake-timeout", "3", "--idle-timeout", "5", "--max-connections", "6"]
     arguments += ["--auth", "alice:s3cret", "--allow", "10.0.0.0/8", "--no-page", "--page-host", "Dispatch.Home.Arpa"]
+    arguments += ["--allow-target", "127.0.0.0/8", "--allow-target", "fe80::1"]
     arguments += ["--balance", "round-robin", "--check", "192.0.2.1:443", "--check-interval", "20", "--hedge", "0"]
     arguments += ["--dns", "192.0.2.53", "--state-file", str(tmp_path / "state.json"), "127.0.0.1@2"]
     options = dispatch._start_options(dispatch._build_parser().parse_args(arguments))
@@ -6840,6 +6964,7 @@ def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: 
         max_connections=6,
         credentials={"alice": "s3cret"},
         allow=["10.0.0.0/8"],
+        allow_targets=["127.0.0.0/8", "fe80::1/128"],
         pages=False,
         page_hosts=["dispatch.home.arpa"],
         balance="round-robin",
@@ -7282,6 +7407,7 @@ def test_cli_bad_auth_option_does_not_echo_it(capsys: pytest.CaptureFixture[str]
     "arguments, message",
     [
         (["--allow", "10.0.0.0/33"], "is not an IP network or address"),
+        (["--allow-target", "localhost"], "is not an IP network or address"),
         (["--max-connections", "0"], "is not a positive whole number"),
         (["--idle-timeout", "-1"], "is not a positive number of seconds"),
         (["--handshake-timeout", "nan"], "is not a positive number of seconds"),

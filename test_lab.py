@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,6 +31,10 @@ from conftest import (
     MICROSOCKS,
     TIMEOUT,
     DnsServer,
+    Server,
+    UdpServer,
+    echo,
+    free_port,
     import_netlab,
     netlab_or_skip,
     read_all,
@@ -37,6 +42,7 @@ from conftest import (
     recv_exactly,
     round_trip,
     run_script,
+    socks4_request,
     socks5_reply,
     socks5_request,
     wait_for,
@@ -74,13 +80,11 @@ def rules_lab() -> Iterator[Any]:
 class LabProxy:
     """``dispatch start`` running in a lab's client namespace."""
 
-    def __init__(self, lab: Any, arguments: list[str], log_file: str) -> None:
+    def __init__(self, lab: Any, arguments: list[str], log_file: str, port: int = LAB_PROXY_PORT) -> None:
         self.lab = lab
         self.log_file = log_file
-        self.address = ("127.0.0.1", LAB_PROXY_PORT)
-        self.process = run_script(
-            ["start", "--port", str(LAB_PROXY_PORT), "--log-file", log_file, *arguments], lab.client_popen
-        )
+        self.address = ("127.0.0.1", port)
+        self.process = run_script(["start", "--port", str(port), "--log-file", log_file, *arguments], lab.client_popen)
         assert self.process.stdout is not None
         self.banner = []
         for line in iter(self.process.stdout.readline, ""):
@@ -147,6 +151,146 @@ def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
     for proxy in started:
         if proxy.process.poll() is None:
             proxy.stop()
+
+
+# Targets only the proxy's own machine may reach -----------------------------
+
+
+@pytest.fixture(scope="class")
+def shared(rules_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """dispatch in the client namespace, shared (``--ip 0.0.0.0``) with a
+    client in the server namespace: another machine. On the proxy's
+    machine, a TCP and a UDP echo server (``echo``, ``udp``) listen on
+    every address; on the other machine, a UDP echo server (``far_udp``)
+    and a name server naming ``rebound.test`` 127.0.0.1. Two proxies
+    share uplink 1's address: ``proxy`` as it comes, ``opened`` with
+    ``--allow-target`` for loopback and uplink 2's address."""
+    netlab = import_netlab()
+    with netlab.netns(rules_lab.client_ns):
+        echo_server = Server(echo, "0.0.0.0")
+        udp_server = UdpServer(lambda data, sender: data, "0.0.0.0")
+        ports = [free_port("0.0.0.0") for _ in range(2)]
+    with netlab.netns(rules_lab.server_ns):
+        far_udp = UdpServer(lambda data, sender: data, rules_lab.service_address)
+        names = DnsServer(rules_lab.service_address)
+    names.names["rebound.test"] = ["127.0.0.1"]
+    uplink_1 = f"{rules_lab.uplink(1).server_addr}/{rules_lab.uplink(1).prefixlen}"  # both ends
+    arguments = ["--ip", "0.0.0.0", "--allow", uplink_1, "--dns", f"{names.host}:{names.port}", "--no-state"]
+    arguments.append(rules_lab.uplink(1).client_addr)
+    opening = ["--allow-target", "127.0.0.0/8", "--allow-target", rules_lab.uplink(2).client_addr]
+    logs = tmp_path_factory.mktemp("targets")
+    proxies = [
+        LabProxy(rules_lab, [*arguments, *more], str(logs / f"{port}.log"), port)
+        for port, more in zip(ports, [[], opening])
+    ]
+    try:
+        yield SimpleNamespace(
+            lab=rules_lab, echo=echo_server, udp=udp_server, far_udp=far_udp, proxy=proxies[0], opened=proxies[1]
+        )
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        for server in (echo_server, udp_server, far_udp, names):
+            server.close()
+
+
+class TestLabTargetsOfThisMachine:
+    """A client on another machine asks a shared dispatch for services of
+    the proxy's own machine (see the ``shared`` fixture)."""
+
+    @staticmethod
+    def client(shared: SimpleNamespace, proxy: LabProxy) -> socket.socket:
+        """A TCP connection from the other machine to ``proxy``."""
+        with import_netlab().netns(shared.lab.server_ns):
+            return socket.create_connection((shared.lab.uplink(1).client_addr, proxy.address[1]), timeout=TIMEOUT)
+
+    def own_targets(self, shared: SimpleNamespace) -> list[str]:
+        """Addresses of the proxy's machine: loopback, the address the
+        client reached, one of a link not in use, and the cloud's metadata
+        service (link-local)."""
+        lab = shared.lab
+        return ["127.0.0.1", "127.0.0.2", lab.uplink(1).client_addr, lab.uplink(2).client_addr, "169.254.169.254"]
+
+    def socks5_code(self, shared: SimpleNamespace, proxy: LabProxy, host: str, port: int) -> int:
+        with self.client(shared, proxy) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            sock.sendall(socks5_request(host, port))
+            return socks5_reply(sock)[0]
+
+    def test_socks5_is_refused_them_by_address_and_by_name(self, shared: SimpleNamespace) -> None:
+        port = shared.echo.port
+        for host in [*self.own_targets(shared), "localhost", "rebound.test"]:
+            assert self.socks5_code(shared, shared.proxy, host, port) == Reply.NOT_ALLOWED, host
+        line = f"refused {shared.lab.uplink(1).server_addr} the target "
+        assert wait_for(lambda: line in shared.proxy.log())
+        assert "only this machine may reach it" in shared.proxy.log()
+
+    def test_socks4_and_4a_are_refused_them(self, shared: SimpleNamespace) -> None:
+        port = shared.echo.port
+        requests = [socks4_request(ip, port) for ip in self.own_targets(shared)]
+        requests.append(socks4_request("", port, host="localhost"))
+        for request in requests:
+            with self.client(shared, shared.proxy) as sock:
+                sock.sendall(request)
+                assert recv_exactly(sock, 8)[:2] == b"\x00\x5b", request
+
+    def test_http_get_and_connect_are_refused_them_with_403(self, shared: SimpleNamespace) -> None:
+        port = shared.echo.port
+        for host in ["127.0.0.1", "localhost", shared.lab.uplink(2).client_addr]:
+            for request in (
+                f"GET http://{host}:{port}/ HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n",
+                f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n",
+            ):
+                with self.client(shared, shared.proxy) as sock:
+                    sock.sendall(request.encode())
+                    assert read_response(sock)[0] == 403, request
+
+    def test_a_udp_datagram_to_them_is_dropped_and_allow_target_lets_it_through(self, shared: SimpleNamespace) -> None:
+        own = (shared.lab.uplink(2).client_addr, shared.udp.port)
+        far = (shared.lab.service_address, shared.far_udp.port)
+        for proxy, dropped in ((shared.proxy, 1), (shared.opened, 0)):
+            with import_netlab().netns(shared.lab.server_ns):
+                client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+                client.set_proxy(socks.SOCKS5, shared.lab.uplink(1).client_addr, proxy.address[1])
+                client.settimeout(TIMEOUT)
+                with client:
+                    client.sendto(b"to its own", own)
+                    # Relayed in order: once this one is back, the first was dealt with.
+                    client.sendto(b"far", far)
+                    assert client.recvfrom(65535)[0] == b"far"
+            # Opened, it is sent (from the link's device, which no answer of
+            # this machine's own comes back to).
+            line = f"{2 - dropped} datagrams up, 1 down, {dropped} dropped"
+            assert wait_for(lambda: line in proxy.log())  # noqa: B023 (waited for here, in this turn)
+        assert shared.udp.received == []
+
+    def test_allow_target_opens_what_it_names_to_other_machines_and_no_more(self, shared: SimpleNamespace) -> None:
+        with self.client(shared, shared.opened) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            sock.sendall(socks5_request("127.0.0.1", shared.echo.port))
+            assert socks5_reply(sock)[0] == Reply.SUCCEEDED
+            assert round_trip(sock, b"opened") == b"opened"
+        own = shared.lab.uplink(3).client_addr
+        assert self.socks5_code(shared, shared.opened, own, shared.echo.port) == Reply.NOT_ALLOWED
+
+    def test_the_proxy_itself_is_not_refused(self, shared: SimpleNamespace) -> None:
+        """A browser set to use the proxy asks it for its pages in absolute form."""
+        reached = f"{shared.lab.uplink(1).client_addr}:{shared.proxy.address[1]}"
+        with self.client(shared, shared.proxy) as sock:
+            sock.sendall(f"GET http://{reached}/stats.json HTTP/1.1\r\nHost: {reached}\r\n\r\n".encode())
+            status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["listening"] == f"0.0.0.0:{shared.proxy.address[1]}"
+
+    def test_other_targets_are_reached_as_ever(self, shared: SimpleNamespace) -> None:
+        lab = shared.lab
+        with self.client(shared, shared.proxy) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            sock.sendall(socks5_request(lab.service_address, import_netlab().PEER_ECHO_PORT))
+            assert socks5_reply(sock)[0] == Reply.SUCCEEDED
+            assert read_all(sock).decode().strip() == lab.uplink(1).client_addr
 
 
 def test_lab_uplink_counters_show_each_link_carries_its_share(
