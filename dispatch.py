@@ -3967,7 +3967,16 @@ def parse_hosts(text: str) -> dict[str, list[str]]:
 # not take names down with it.
 
 DNS_HEDGE = 0.25  # seconds a query goes unanswered before another link asks too (at most the hedge)
-DNS_ATTEMPT_TIMEOUT = 2.0  # seconds one query (one server, one link) is waited for
+# A query unanswered for DNS_RESEND seconds is sent again (one lost datagram
+# must not lose the name), then after twice as long each time, until the
+# lookup's time is up; an answer to any of the sends is taken.
+DNS_RESEND = 1.0
+DNS_ATTEMPT_TIMEOUT = 2.0  # seconds a query asked again by TCP (a truncated answer) is waited for
+# Datagrams that answer nothing asked (another id, another question,
+# malformed) one query takes before it is given up: a server, or anyone who
+# can send from its address, flooding them cannot hold a lookup.
+DNS_MAX_WRONG_ANSWERS = 64
+DNS_LOG_INTERVAL = 1.0  # seconds between two "passed over" lines at least
 DNS_CACHE_SIZE = 4096  # names and types kept; the least recently used go first
 DNS_MAX_TTL = 86400  # seconds an answer is kept at most, whatever its TTL
 # Seconds "no such name" or "no address" is kept at most: RFC 2308 takes the
@@ -3995,8 +4004,9 @@ class NameAnswer:
 
 @dataclasses.dataclass
 class DnsCounts:
-    """The DNS work of one link: queries sent, lookups the cache answered,
-    queries that got no good answer."""
+    """The DNS work of one link: queries sent (one sent again counts
+    once), lookups the cache answered, queries that got no good answer
+    (each once, however many datagrams it passed over)."""
 
     queries: int = 0
     cache_hits: int = 0
@@ -4089,9 +4099,10 @@ class Resolver:
     A lookup asks through the link the connection got (``via``); an
     unanswered query is sent through the next link (and the next server)
     every ``hedge`` seconds, the first good answer winning, until
-    ``timeout``. A server of one link is asked through that link only, a
-    loopback one without any. Answers are kept for their TTL (DnsCache);
-    lookups of a name already under way wait for it instead of asking again.
+    ``timeout``; each query is sent again while unanswered (DNS_RESEND). A
+    server of one link is asked through that link only, a loopback one
+    without any. Answers are kept for their TTL (DnsCache); lookups of a
+    name already under way wait for it instead of asking again.
     A link whose query went unanswered for ``evidence_after`` seconds while
     another got the same server's answer is out (``health``).
     """
@@ -4127,6 +4138,8 @@ class Resolver:
         self._hosts: dict[str, list[str]] = {}
         self._read_at = -math.inf
         self._told_system = False
+        self._unlogged_passed_over = 0
+        self._passed_over_logged_at = -math.inf
         if not system and not _has_dnspython():
             self.system = True
             logger.warning(
@@ -4150,6 +4163,20 @@ class Resolver:
         with self._lock:
             counts = self._counts.setdefault(address, DnsCounts())
             setattr(counts, field, getattr(counts, field) + 1)
+
+    def _log_passed_over(self, what: str, server: NameServer, name: str) -> None:
+        """Log a datagram passed over, at most every DNS_LOG_INTERVAL
+        seconds, with how many were passed over since the last such line."""
+        with self._lock:
+            self._unlogged_passed_over += 1
+            now = time.monotonic()
+            if now - self._passed_over_logged_at < DNS_LOG_INTERVAL:
+                return
+            others = self._unlogged_passed_over - 1
+            self._unlogged_passed_over = 0
+            self._passed_over_logged_at = now
+        more = f" ({others} more passed over since the last such line)" if others else ""
+        logger.info("passed over %s from %s for %s%s", what, server.describe(), name, more)
 
     def servers(self) -> list[NameServer]:
         """The servers asked now."""
@@ -4381,21 +4408,28 @@ def _link_queries(
 
 @dataclasses.dataclass
 class _Query:
-    """One server asked through one link: its socket, and the ids asked."""
+    """One server asked through one link: its socket, the ids asked, when
+    it is sent again, and how many datagrams it passed over."""
 
     server: NameServer
     local: LocalAddress | None
     sock: socket.socket
     started: float
     asked: dict[int, Any]  # query id: the dns.message.Message sent
+    resend_at: float = math.inf
+    sends: int = 1
+    wrong: int = 0
 
 
 class _HedgedQuery:
     """One lookup of a name's record types: the queries of Resolver.plan(),
     one more each hedge (at once after a failure), the first good answer of
-    each type winning. Every answer that is not one (from another id, not
-    a response to the question, malformed) is passed over; a truncated one
-    is asked again by TCP through the same link."""
+    each type winning. A query unanswered is sent again after DNS_RESEND
+    seconds, then twice as long each time, with the same ids: an answer to
+    any of its sends is taken. Every answer that is not one (from another
+    id, not a response to the question, malformed) is passed over, at most
+    DNS_MAX_WRONG_ANSWERS of them a query; a truncated one is asked again
+    by TCP through the same link. Nothing holds the lookup past its time."""
 
     def __init__(
         self,
@@ -4421,7 +4455,8 @@ class _HedgedQuery:
         self.last_error: tuple[NameServer, OSError] | None = None
 
     def run(self, plan: list[tuple[NameServer, LocalAddress | None]], timeout: float) -> dict[int, NameAnswer]:
-        """Ask as ``plan`` says until every type has its answer, or ``timeout`` seconds."""
+        """Ask as ``plan`` says until every type has its answer, or ``timeout`` seconds
+        (the queries sent again meanwhile)."""
         start = time.monotonic()
         deadline = self.deadline = start + timeout
         self.next_at = start
@@ -4435,15 +4470,15 @@ class _HedgedQuery:
                         continue
                     if not self.pending:
                         break
-                    oldest = min(query.started for query in self.pending.values()) + DNS_ATTEMPT_TIMEOUT
-                    until = min(deadline, oldest, self.next_at if plan else math.inf)
+                    resend_at = min(query.resend_at for query in self.pending.values())
+                    until = min(deadline, resend_at, self.next_at if plan else math.inf)
                     for key, _ in self.selector.select(max(0.0, until - time.monotonic())):
                         if isinstance(key.fileobj, socket.socket) and key.fileobj in self.pending:
                             self._receive(self.pending[key.fileobj])
                     now = time.monotonic()
                     for query in list(self.pending.values()):
-                        if now >= query.started + DNS_ATTEMPT_TIMEOUT:
-                            self._fail(query, TimeoutError(errno.ETIMEDOUT, "no answer"))
+                        if query.resend_at <= now < deadline and self._unanswered():
+                            self._resend(query)
             finally:
                 self._end()
         silence = NameAnswer(
@@ -4470,6 +4505,7 @@ class _HedgedQuery:
             self._note_failure(server, local, error)
             return
         query = _Query(server, local, sock, time.monotonic(), {})
+        query.resend_at = query.started + DNS_RESEND
         try:
             sock.setblocking(False)
             # Connected, the socket hears its server only: an answer from an
@@ -4490,12 +4526,29 @@ class _HedgedQuery:
         self.pending[sock] = query
         self.selector.register(sock, selectors.EVENT_READ)
 
+    def _resend(self, query: _Query) -> None:
+        """Send the questions of ``query`` still unanswered again, as they
+        were (an answer to the first send is as good), and wait twice as
+        long for the next time. Counted as queries once, when first sent."""
+        query.sends += 1
+        query.resend_at = time.monotonic() + DNS_RESEND * 2 ** (query.sends - 1)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("asking %s for %s again (send %d)", query.server.describe(), self.name, query.sends)
+        try:
+            for sent in query.asked.values():
+                if sent.question[0].rdtype not in self.answers:
+                    query.sock.send(sent.to_wire())
+        except OSError as error:
+            self._fail(query, error)
+
     def _receive(self, query: _Query) -> None:
         import dns.exception
         import dns.flags
         import dns.message
 
         while query.sock in self.pending:
+            if time.monotonic() >= self.deadline:
+                return  # datagrams that keep coming must not hold the lookup past its time
             try:
                 data = query.sock.recv(UDP_DNS_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -4597,8 +4650,13 @@ class _HedgedQuery:
             self.resolver.health.connected_through(local, against, (query.server.ip, query.server.port))
 
     def _passed_over(self, query: _Query, what: str) -> None:
-        logger.info("passed over %s from %s for %s", what, query.server.describe(), self.name)
-        self.resolver._count(query.local or self.via, "failures")
+        """A datagram that answers nothing asked: logged (at most every
+        DNS_LOG_INTERVAL), and past DNS_MAX_WRONG_ANSWERS the query is
+        given up. The query counts as failed once, when it ends unanswered."""
+        query.wrong += 1
+        self.resolver._log_passed_over(what, query.server, self.name)
+        if query.wrong >= DNS_MAX_WRONG_ANSWERS:
+            self._fail(query, TimeoutError(errno.ETIMEDOUT, f"{query.wrong} datagrams, none an answer"))
 
     def _fail(self, query: _Query, error: OSError) -> None:
         self._close(query)
@@ -4619,10 +4677,11 @@ class _HedgedQuery:
         query.sock.close()
 
     def _end(self) -> None:
-        """Close the queries still waiting; those silent past the hedge count as failed."""
+        """Close the queries still waiting; those silent past the hedge, and
+        those that got only datagrams passed over, count as failed (once)."""
         now = time.monotonic()
         for query in list(self.pending.values()):
-            if now - query.started >= self.resolver.hedge:
+            if now - query.started >= self.resolver.hedge or query.wrong:
                 self.resolver._count(query.local or self.via, "failures")
                 if query.local is not None and query.local not in self.resolution.silent:
                     self.resolution.silent.append(query.local)

@@ -2905,6 +2905,59 @@ def test_bad_answers_end_in_the_right_reply_and_one_log_line(
     assert not [record for record in log.records if record.exc_info]
 
 
+@pytest.mark.parametrize("cap", ["reached", "never reached"])
+def test_a_flood_of_wrong_answers_holds_no_lookup_past_its_time_and_is_one_failure(
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+    cap: str,
+) -> None:
+    """The server floods answers with a wrong id for TIMEOUT seconds: the
+    query gives up after DNS_MAX_WRONG_ANSWERS of them, and without that
+    cap the lookup still ends at its time."""
+    if cap == "never reached":
+        monkeypatch.setattr(dispatch, "DNS_MAX_WRONG_ANSWERS", math.inf)
+    dns_server.behaviour["flooded.test"] = "flood"
+    proxy = make_proxy(dns=[dns_server.address], connect_timeout=1.0)
+    started = time.monotonic()
+    assert socks5_code_for(proxy, socks5_request("flooded.test", 80)) == Reply.TTL_EXPIRED
+    assert time.monotonic() - started < 1.0 + TIMEOUT / 2  # the flood goes on for TIMEOUT
+    (row,) = proxy.stats()
+    assert (row["dns_queries"], row["dns_failures"]) == (1, 1)
+    passed_over = [record.message for record in log.records if record.message.startswith("passed over")]
+    assert 1 <= len(passed_over) <= 2  # at most one a second
+    assert passed_over[0].startswith(f"passed over an answer to another query from {dns_server.address}")
+
+
+def test_a_name_server_that_answers_late_is_waited_for_while_the_connect_timeout_lasts(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    """The server answers the first query only, 2.5 s late: the query is
+    sent again meanwhile, and the first send's answer is taken."""
+    dns_server.names["late.test"] = ["127.0.0.1"]
+    dns_server.behaviour["late.test"] = "late"
+    proxy = make_proxy(dns=[dns_server.address], connect_timeout=20.0)
+    with client_through(proxy, ("late.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"late") == b"late"
+    assert len(dns_server.asked("late.test")) >= 2
+    (row,) = proxy.stats()
+    assert (row["dns_queries"], row["dns_failures"]) == (1, 0)
+
+
+def test_a_lost_query_is_sent_again(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    dns_server.names["lossy.test"] = ["127.0.0.1"]
+    dns_server.behaviour["lossy.test"] = "drop-first"
+    proxy = make_proxy(dns=[dns_server.address])
+    started = time.monotonic()
+    with client_through(proxy, ("lossy.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"again") == b"again"
+    assert time.monotonic() - started >= dispatch.DNS_RESEND
+    assert len(dns_server.asked("lossy.test")) == 2
+
+
 def test_a_name_server_that_is_not_there_gets_reply_04_at_once(
     make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
 ) -> None:
