@@ -488,15 +488,27 @@ def refused_port() -> int:
 
 @contextlib.contextmanager
 def unanswered_address() -> Iterator[tuple[str, int]]:
-    """A loopback address where a connect hangs until it times out.
+    """A loopback address where a connect hangs until it times out."""
+    with unanswered_addresses(["127.0.0.1"]) as port:
+        yield "127.0.0.1", port
+
+
+@contextlib.contextmanager
+def unanswered_addresses(ips: Sequence[str]) -> Iterator[int]:
+    """A port where a connect to any of the loopback addresses ``ips``
+    hangs until it times out.
 
     A listener whose accept queue is full drops new SYNs.
     """
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        with socket.create_connection(full.getsockname(), timeout=TIMEOUT):
-            yield full.getsockname()
+    port = 0
+    with contextlib.ExitStack() as stack:
+        for ip in ips:
+            full = stack.enter_context(socket.socket())
+            full.bind((ip, port))
+            full.listen(0)
+            port = full.getsockname()[1]
+            stack.enter_context(socket.create_connection((ip, port), timeout=TIMEOUT))
+        yield port
 
 
 # Proxies -------------------------------------------------------------------

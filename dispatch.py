@@ -4871,6 +4871,20 @@ def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -
 # Upstream: the hedged connect with failover, and the lease
 # ---------------------------------------------------------------------------
 
+# A name's owner chooses how many addresses it has, and where: a connection
+# tries the first MAX_CONNECT_ADDRESSES of them (as Squid's forward_max_tries),
+# each for up to the connect timeout, and all of them, the lookup included,
+# for CONNECT_TIMEOUTS_IN_ALL connect timeouts at most.
+MAX_CONNECT_ADDRESSES = 25
+CONNECT_TIMEOUTS_IN_ALL = 3
+
+
+class _ClientHungUpError(ConnectionResetError):
+    """The client left while its connection was being made: nothing more is tried."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ECONNRESET, "the client hung up while connecting")
+
 
 class UpstreamLease:
     """An upstream socket and the local address it leaves from.
@@ -4977,6 +4991,7 @@ class Upstream:
         on_attempt: Callable[[LocalAddress], None] = lambda local: None,
         client: str | None = None,
         absolute_form: bool = False,
+        client_socket: socket.socket | None = None,
     ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
@@ -4984,12 +4999,17 @@ class Upstream:
         out...) or is slow, other addresses of the family are tried, and
         those that failed are out once another one has got through. Each
         address of a name is tried in turn until one connects (a name may
-        resolve to ::1 first while only 127.0.0.1 listens). ``on_attempt``
-        hears of each local address tried; ``client`` (an IP address) is who
-        asks, for sticky sites. ``absolute_form``: the connection is for plain
-        HTTP requests, which an HTTP upstream proxy takes as they are (in
-        absolute form) with no CONNECT. Raises the last error.
+        resolve to ::1 first while only 127.0.0.1 listens): the first
+        MAX_CONNECT_ADDRESSES, each for up to the connect timeout, within
+        CONNECT_TIMEOUTS_IN_ALL connect timeouts in all, the lookup
+        included. ``on_attempt`` hears of each local address tried;
+        ``client`` (an IP address) is who asks, for sticky sites.
+        ``absolute_form``: the connection is for plain HTTP requests, which
+        an HTTP upstream proxy takes as they are (in absolute form) with no
+        CONNECT. ``client_socket``: the client's connection; when it hangs
+        up, nothing more is tried (ConnectionResetError). Raises the last error.
         """
+        deadline = time.monotonic() + CONNECT_TIMEOUTS_IN_ALL * self.connect_timeout
         affinity = None
         if client is not None and self.balancer.sticky is not None:
             affinity = Affinity(client, registrable_domain(host))
@@ -4998,11 +5018,18 @@ class Upstream:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
         targets, first = self._targets(host, families, affinity)
+        tried = 0
         try:
-            for family, ip in targets:
+            for family, ip in targets[:MAX_CONNECT_ADDRESSES]:
+                if time.monotonic() >= deadline:
+                    break
+                tried += 1
                 lead, first = (first, None) if first is not None and family in first.serves else (None, first)
+                race = _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead)
                 try:
-                    return _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead).run()
+                    return race.run(deadline, client_socket)
+                except _ClientHungUpError:
+                    raise
                 except OSError as failure:
                     error = failure
                 # No address reached this target: nothing says the links are to
@@ -5011,7 +5038,13 @@ class Upstream:
             if first is not None:
                 self.balancer.release(first)
         if not targets:  # a name for the proxies that take names alone
-            return _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form).run()
+            race = _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form)
+            return race.run(deadline, client_socket)
+        if time.monotonic() >= deadline:
+            seconds = CONNECT_TIMEOUTS_IN_ALL * self.connect_timeout
+            error = TimeoutError(
+                errno.ETIMEDOUT, f"timed out: {tried} of {len(targets)} addresses tried in {seconds:g} s"
+            )
         raise error or SocksError(Reply.HOST_UNREACHABLE)
 
     def _targets(
@@ -5299,7 +5332,8 @@ class _Race:
     answer from the target other than a connection (a refusal) ends the
     race: another link would get the same. The addresses that failed, and
     those still silent after ``hedge`` when another got through, are out
-    (Health), retested in the background.
+    (Health), retested in the background. The race ends at its deadline,
+    and when the client hangs up.
     """
 
     def __init__(
@@ -5329,21 +5363,29 @@ class _Race:
         self.tried: list[LocalAddress] = []
         self.failed: list[tuple[LocalAddress, OSError]] = []
         self.answer: OSError | None = None  # the target's, final
+        self.client_socket: socket.socket | None = None  # watched for a hang-up while racing
 
-    def run(self) -> UpstreamLease:
-        """Race until an address gets through; raise the last error if none does."""
+    def run(self, deadline: float = math.inf, client_socket: socket.socket | None = None) -> UpstreamLease:
+        """Race until an address gets through; raise the last error if none
+        does, TimeoutError at ``deadline``, and _ClientHungUpError when
+        ``client_socket`` hangs up (or fails) meanwhile."""
         hedge = self.upstream.hedge or math.inf
+        self.client_socket = client_socket
         with _selector() as self.selector:
             try:
+                if client_socket is not None:
+                    self.selector.register(client_socket, selectors.EVENT_READ)
                 self._start(self.first or self.balancer.next(self.family, self.affinity))
                 hedge_at = time.monotonic() + hedge
                 while self.answer is None:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(errno.ETIMEDOUT, "timed out")
                     if not self.pending:
                         if not self._start_next():
                             break
                         hedge_at = time.monotonic() + hedge
                         continue
-                    won = self._wait(min(hedge_at, self._first_deadline()))
+                    won = self._wait(min(hedge_at, self._first_deadline(), deadline))
                     if won is not None:
                         return won
                     if time.monotonic() >= hedge_at:
@@ -5379,9 +5421,14 @@ class _Race:
         return local is not None
 
     def _wait(self, until: float) -> UpstreamLease | None:
-        """Wait until ``until`` for the attempts; the lease of a winner, if one got through."""
+        """Wait until ``until`` for the attempts; the lease of a winner, if
+        one got through (even as the client hangs up: that is the relay's to see)."""
+        client_ready = False
         for key, _ in self.selector.select(max(0.0, until - time.monotonic())):
             sock = key.fileobj
+            if self.client_socket is not None and sock is self.client_socket:
+                client_ready = True
+                continue
             if not isinstance(sock, socket.socket):
                 continue
             local, _ = self.pending[sock]
@@ -5393,12 +5440,29 @@ class _Race:
                 continue
             if through:
                 return self._win(sock, local)
+        if client_ready and self.client_socket is not None:
+            self._hear_client(self.client_socket)
         now = time.monotonic()
         for sock, (local, started) in list(self.pending.items()):
             if now >= started + self.upstream.connect_timeout:
                 self._drop(sock)
                 self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
         return None
+
+    def _hear_client(self, client_socket: socket.socket) -> None:
+        """The client's socket is ready: raise _ClientHungUpError if it has
+        hung up. Bytes it sent early stay where they are (for the relay),
+        and from then on its end cannot be told apart: it is not watched."""
+        try:
+            early = client_socket.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            raise _ClientHungUpError() from None
+        if not early:
+            raise _ClientHungUpError()
+        self.selector.unregister(client_socket)
+        self.client_socket = None
 
     def _advance(self, sock: socket.socket, local: LocalAddress) -> bool:
         """Whether an attempt that is ready got through: connected, and past
@@ -5865,12 +5929,14 @@ class Session:
     def connect(self, host: str, port: int, *, absolute_form: bool = False) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through. ``absolute_form``: for plain
-        HTTP requests (see Upstream.connect)."""
+        HTTP requests (see Upstream.connect). A client that hangs up
+        meanwhile ends the attempts (as Squid's half_closed_clients off: a
+        client that closes its sending side is taken to have left)."""
         client = None
         if self.context.upstream.balancer.sticky is not None:
             client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(
-            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form
+            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form, client_socket=self.connection
         )
 
     def _via(self, local: LocalAddress) -> None:
