@@ -295,6 +295,18 @@ def udp_sender() -> Iterator[UdpServer]:
     server.close()
 
 
+FLOOD = """
+import socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+reply, to, end = bytes.fromhex(sys.argv[2]), (sys.argv[3], int(sys.argv[4])), time.monotonic() + float(sys.argv[5])
+while time.monotonic() < end:
+    try:
+        sock.sendto(reply, to)
+    except OSError:
+        pass
+"""
+
+
 class DnsServer:
     """A DNS server on UDP and TCP (one port), answering from a table with
     dnspython's message API, and misbehaving on demand.
@@ -304,11 +316,15 @@ class DnsServer:
     one of "nxdomain", "servfail", "refused", "truncated" (over UDP: the
     flag and no records; over TCP: the whole answer), "malformed",
     "wrong-id", "other-question", "other-source" (sent from another port),
-    "silent". Queries from the addresses in ``silent_to`` get no answer.
+    "silent", "flood" (wrong-id answers from another process, as fast as it
+    can send them, until the server closes or for TIMEOUT), "drop-first" (no answer to the first query of a name
+    and type), "late" (the first query's answer after ``late_by`` seconds,
+    none to the others). Queries from the addresses in ``silent_to`` get no answer.
     ``queries``: (name, type, transport, source address) heard.
     """
 
     ttl = 60
+    late_by = 2.5
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -331,6 +347,7 @@ class DnsServer:
         self.queries: list[tuple[str, str, str, str]] = []
         self._lock = threading.Lock()
         self._stray = socket.socket(family, socket.SOCK_DGRAM)
+        self._floods: list[subprocess.Popen] = []
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=serve, daemon=True) for serve in (self._serve_udp, self._serve_tcp)]
         for thread in self._threads:
@@ -359,8 +376,9 @@ class DnsServer:
         name = question.name.to_text().rstrip(".").lower()
         with self._lock:
             self.queries.append((name, dns.rdatatype.to_text(question.rdtype), transport, source))
+            first = [q[:2] for q in self.queries].count(self.queries[-1][:2]) == 1
         how = self.behaviour.get(name, "")
-        if how == "silent" or source in self.silent_to:
+        if how == "silent" or source in self.silent_to or (how, first) in {("drop-first", True), ("late", False)}:
             return None
         if how == "malformed":
             return data[:2] + b"\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\xc0"  # five records promised, none there
@@ -368,7 +386,7 @@ class DnsServer:
         if how == "other-question":
             response = dns.message.make_response(dns.message.make_query("other.test", question.rdtype))
             response.id = query.id
-        if how == "wrong-id":
+        if how in ("wrong-id", "flood"):
             response.id = (query.id + 1) % 65536
         rcodes = {"nxdomain": dns.rcode.NXDOMAIN, "servfail": dns.rcode.SERVFAIL, "refused": dns.rcode.REFUSED}
         if how in rcodes:
@@ -396,9 +414,28 @@ class DnsServer:
                 reply = self.answer(data, "udp", sender[0])
                 if reply is not None:
                     how = self.behaviour.get(self.queries[-1][0], "")
+                    if how == "flood":
+                        self._flood(reply, sender)
+                        continue
+                    if how == "late":
+                        threading.Thread(target=self._send_late, args=(reply, sender), daemon=True).start()
+                        continue
                     (self._stray if how == "other-source" else self.udp).sendto(reply, sender)
             except Exception:  # a query this server cannot read: no answer, as a real one
                 continue
+
+    def _flood(self, reply: bytes, sender: tuple[str, int]) -> None:
+        # Another process, from this server's socket: a thread of this one
+        # would share the interpreter with the proxy and flood no faster than it reads.
+        arguments = [str(self.udp.fileno()), reply.hex(), sender[0], str(sender[1]), str(TIMEOUT)]
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, *arguments], pass_fds=[self.udp.fileno()])
+        with self._lock:
+            self._floods.append(flood)
+
+    def _send_late(self, reply: bytes, sender: tuple[str, int]) -> None:
+        if not self._closed.wait(self.late_by):
+            with contextlib.suppress(OSError):
+                self.udp.sendto(reply, sender)
 
     def _serve_tcp(self) -> None:
         while not self._closed.is_set():
@@ -422,6 +459,10 @@ class DnsServer:
     def close(self) -> None:
         """Stop serving and free the port (a fixed one too, for the next server)."""
         self._closed.set()
+        with self._lock:
+            for flood in self._floods:
+                flood.kill()
+                flood.wait()
         for sock in (self.udp, self.tcp):
             with contextlib.suppress(OSError):  # an unconnected socket says ENOTCONN, and wakes its reader
                 sock.shutdown(socket.SHUT_RDWR)
@@ -447,15 +488,27 @@ def refused_port() -> int:
 
 @contextlib.contextmanager
 def unanswered_address() -> Iterator[tuple[str, int]]:
-    """A loopback address where a connect hangs until it times out.
+    """A loopback address where a connect hangs until it times out."""
+    with unanswered_addresses(["127.0.0.1"]) as port:
+        yield "127.0.0.1", port
+
+
+@contextlib.contextmanager
+def unanswered_addresses(ips: Sequence[str]) -> Iterator[int]:
+    """A port where a connect to any of the loopback addresses ``ips``
+    hangs until it times out.
 
     A listener whose accept queue is full drops new SYNs.
     """
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        with socket.create_connection(full.getsockname(), timeout=TIMEOUT):
-            yield full.getsockname()
+    port = 0
+    with contextlib.ExitStack() as stack:
+        for ip in ips:
+            full = stack.enter_context(socket.socket())
+            full.bind((ip, port))
+            full.listen(0)
+            port = full.getsockname()[1]
+            stack.enter_context(socket.create_connection((ip, port), timeout=TIMEOUT))
+        yield port
 
 
 # Proxies -------------------------------------------------------------------

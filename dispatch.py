@@ -4165,7 +4165,16 @@ def parse_hosts(text: str) -> dict[str, list[str]]:
 # not take names down with it.
 
 DNS_HEDGE = 0.25  # seconds a query goes unanswered before another link asks too (at most the hedge)
-DNS_ATTEMPT_TIMEOUT = 2.0  # seconds one query (one server, one link) is waited for
+# A query unanswered for DNS_RESEND seconds is sent again (one lost datagram
+# must not lose the name), then after twice as long each time, until the
+# lookup's time is up; an answer to any of the sends is taken.
+DNS_RESEND = 1.0
+DNS_ATTEMPT_TIMEOUT = 2.0  # seconds a query asked again by TCP (a truncated answer) is waited for
+# Datagrams that answer nothing asked (another id, another question,
+# malformed) one query takes before it is given up: a server, or anyone who
+# can send from its address, flooding them cannot hold a lookup.
+DNS_MAX_WRONG_ANSWERS = 64
+DNS_LOG_INTERVAL = 1.0  # seconds between two "passed over" lines at least
 DNS_CACHE_SIZE = 4096  # names and types kept; the least recently used go first
 DNS_MAX_TTL = 86400  # seconds an answer is kept at most, whatever its TTL
 # Seconds "no such name" or "no address" is kept at most: RFC 2308 takes the
@@ -4193,8 +4202,9 @@ class NameAnswer:
 
 @dataclasses.dataclass
 class DnsCounts:
-    """The DNS work of one link: queries sent, lookups the cache answered,
-    queries that got no good answer."""
+    """The DNS work of one link: queries sent (one sent again counts
+    once), lookups the cache answered, queries that got no good answer
+    (each once, however many datagrams it passed over)."""
 
     queries: int = 0
     cache_hits: int = 0
@@ -4287,9 +4297,10 @@ class Resolver:
     A lookup asks through the link the connection got (``via``); an
     unanswered query is sent through the next link (and the next server)
     every ``hedge`` seconds, the first good answer winning, until
-    ``timeout``. A server of one link is asked through that link only, a
-    loopback one without any. Answers are kept for their TTL (DnsCache);
-    lookups of a name already under way wait for it instead of asking again.
+    ``timeout``; each query is sent again while unanswered (DNS_RESEND). A
+    server of one link is asked through that link only, a loopback one
+    without any. Answers are kept for their TTL (DnsCache); lookups of a
+    name already under way wait for it instead of asking again.
     A link whose query went unanswered for ``evidence_after`` seconds while
     another got the same server's answer is out (``health``).
     """
@@ -4325,6 +4336,8 @@ class Resolver:
         self._hosts: dict[str, list[str]] = {}
         self._read_at = -math.inf
         self._told_system = False
+        self._unlogged_passed_over = 0
+        self._passed_over_logged_at = -math.inf
         if not system and not _has_dnspython():
             self.system = True
             logger.warning(
@@ -4348,6 +4361,20 @@ class Resolver:
         with self._lock:
             counts = self._counts.setdefault(address, DnsCounts())
             setattr(counts, field, getattr(counts, field) + 1)
+
+    def _log_passed_over(self, what: str, server: NameServer, name: str) -> None:
+        """Log a datagram passed over, at most every DNS_LOG_INTERVAL
+        seconds, with how many were passed over since the last such line."""
+        with self._lock:
+            self._unlogged_passed_over += 1
+            now = time.monotonic()
+            if now - self._passed_over_logged_at < DNS_LOG_INTERVAL:
+                return
+            others = self._unlogged_passed_over - 1
+            self._unlogged_passed_over = 0
+            self._passed_over_logged_at = now
+        more = f" ({others} more passed over since the last such line)" if others else ""
+        logger.info("passed over %s from %s for %s%s", what, server.describe(), name, more)
 
     def servers(self) -> list[NameServer]:
         """The servers asked now."""
@@ -4579,21 +4606,28 @@ def _link_queries(
 
 @dataclasses.dataclass
 class _Query:
-    """One server asked through one link: its socket, and the ids asked."""
+    """One server asked through one link: its socket, the ids asked, when
+    it is sent again, and how many datagrams it passed over."""
 
     server: NameServer
     local: LocalAddress | None
     sock: socket.socket
     started: float
     asked: dict[int, Any]  # query id: the dns.message.Message sent
+    resend_at: float = math.inf
+    sends: int = 1
+    wrong: int = 0
 
 
 class _HedgedQuery:
     """One lookup of a name's record types: the queries of Resolver.plan(),
     one more each hedge (at once after a failure), the first good answer of
-    each type winning. Every answer that is not one (from another id, not
-    a response to the question, malformed) is passed over; a truncated one
-    is asked again by TCP through the same link."""
+    each type winning. A query unanswered is sent again after DNS_RESEND
+    seconds, then twice as long each time, with the same ids: an answer to
+    any of its sends is taken. Every answer that is not one (from another
+    id, not a response to the question, malformed) is passed over, at most
+    DNS_MAX_WRONG_ANSWERS of them a query; a truncated one is asked again
+    by TCP through the same link. Nothing holds the lookup past its time."""
 
     def __init__(
         self,
@@ -4619,7 +4653,8 @@ class _HedgedQuery:
         self.last_error: tuple[NameServer, OSError] | None = None
 
     def run(self, plan: list[tuple[NameServer, LocalAddress | None]], timeout: float) -> dict[int, NameAnswer]:
-        """Ask as ``plan`` says until every type has its answer, or ``timeout`` seconds."""
+        """Ask as ``plan`` says until every type has its answer, or ``timeout`` seconds
+        (the queries sent again meanwhile)."""
         start = time.monotonic()
         deadline = self.deadline = start + timeout
         self.next_at = start
@@ -4633,15 +4668,15 @@ class _HedgedQuery:
                         continue
                     if not self.pending:
                         break
-                    oldest = min(query.started for query in self.pending.values()) + DNS_ATTEMPT_TIMEOUT
-                    until = min(deadline, oldest, self.next_at if plan else math.inf)
+                    resend_at = min(query.resend_at for query in self.pending.values())
+                    until = min(deadline, resend_at, self.next_at if plan else math.inf)
                     for key, _ in self.selector.select(max(0.0, until - time.monotonic())):
                         if isinstance(key.fileobj, socket.socket) and key.fileobj in self.pending:
                             self._receive(self.pending[key.fileobj])
                     now = time.monotonic()
                     for query in list(self.pending.values()):
-                        if now >= query.started + DNS_ATTEMPT_TIMEOUT:
-                            self._fail(query, TimeoutError(errno.ETIMEDOUT, "no answer"))
+                        if query.resend_at <= now < deadline and self._unanswered():
+                            self._resend(query)
             finally:
                 self._end()
         silence = NameAnswer(
@@ -4668,6 +4703,7 @@ class _HedgedQuery:
             self._note_failure(server, local, error)
             return
         query = _Query(server, local, sock, time.monotonic(), {})
+        query.resend_at = query.started + DNS_RESEND
         try:
             sock.setblocking(False)
             # Connected, the socket hears its server only: an answer from an
@@ -4688,12 +4724,29 @@ class _HedgedQuery:
         self.pending[sock] = query
         self.selector.register(sock, selectors.EVENT_READ)
 
+    def _resend(self, query: _Query) -> None:
+        """Send the questions of ``query`` still unanswered again, as they
+        were (an answer to the first send is as good), and wait twice as
+        long for the next time. Counted as queries once, when first sent."""
+        query.sends += 1
+        query.resend_at = time.monotonic() + DNS_RESEND * 2 ** (query.sends - 1)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("asking %s for %s again (send %d)", query.server.describe(), self.name, query.sends)
+        try:
+            for sent in query.asked.values():
+                if sent.question[0].rdtype not in self.answers:
+                    query.sock.send(sent.to_wire())
+        except OSError as error:
+            self._fail(query, error)
+
     def _receive(self, query: _Query) -> None:
         import dns.exception
         import dns.flags
         import dns.message
 
         while query.sock in self.pending:
+            if time.monotonic() >= self.deadline:
+                return  # datagrams that keep coming must not hold the lookup past its time
             try:
                 data = query.sock.recv(UDP_DNS_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -4795,8 +4848,13 @@ class _HedgedQuery:
             self.resolver.health.connected_through(local, against, (query.server.ip, query.server.port))
 
     def _passed_over(self, query: _Query, what: str) -> None:
-        logger.info("passed over %s from %s for %s", what, query.server.describe(), self.name)
-        self.resolver._count(query.local or self.via, "failures")
+        """A datagram that answers nothing asked: logged (at most every
+        DNS_LOG_INTERVAL), and past DNS_MAX_WRONG_ANSWERS the query is
+        given up. The query counts as failed once, when it ends unanswered."""
+        query.wrong += 1
+        self.resolver._log_passed_over(what, query.server, self.name)
+        if query.wrong >= DNS_MAX_WRONG_ANSWERS:
+            self._fail(query, TimeoutError(errno.ETIMEDOUT, f"{query.wrong} datagrams, none an answer"))
 
     def _fail(self, query: _Query, error: OSError) -> None:
         self._close(query)
@@ -4817,10 +4875,11 @@ class _HedgedQuery:
         query.sock.close()
 
     def _end(self) -> None:
-        """Close the queries still waiting; those silent past the hedge count as failed."""
+        """Close the queries still waiting; those silent past the hedge, and
+        those that got only datagrams passed over, count as failed (once)."""
         now = time.monotonic()
         for query in list(self.pending.values()):
-            if now - query.started >= self.resolver.hedge:
+            if now - query.started >= self.resolver.hedge or query.wrong:
                 self.resolver._count(query.local or self.via, "failures")
                 if query.local is not None and query.local not in self.resolution.silent:
                     self.resolution.silent.append(query.local)
@@ -5044,6 +5103,20 @@ def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -
 # Upstream: the hedged connect with failover, and the lease
 # ---------------------------------------------------------------------------
 
+# A name's owner chooses how many addresses it has, and where: a connection
+# tries the first MAX_CONNECT_ADDRESSES of them (as Squid's forward_max_tries),
+# each for up to the connect timeout, and all of them, the lookup included,
+# for CONNECT_TIMEOUTS_IN_ALL connect timeouts at most.
+MAX_CONNECT_ADDRESSES = 25
+CONNECT_TIMEOUTS_IN_ALL = 3
+
+
+class _ClientHungUpError(ConnectionResetError):
+    """The client left while its connection was being made: nothing more is tried."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ECONNRESET, "the client hung up while connecting")
+
 
 class UpstreamLease:
     """An upstream socket and the local address it leaves from.
@@ -5166,6 +5239,7 @@ class Upstream:
         client: str | None = None,
         absolute_form: bool = False,
         hops: Sequence[str] = (),
+        client_socket: socket.socket | None = None,
     ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
@@ -5173,15 +5247,20 @@ class Upstream:
         out...) or is slow, other addresses of the family are tried, and
         those that failed are out once another one has got through. Each
         address of a name is tried in turn until one connects (a name may
-        resolve to ::1 first while only 127.0.0.1 listens). ``on_attempt``
-        hears of each local address tried; ``client`` (an IP address) is who
-        asks, for sticky sites and for the targets only this machine may
-        reach (check_target; None: this machine asks). ``absolute_form``: the
-        connection is for plain HTTP requests, which an HTTP upstream proxy
-        takes as they are (in absolute form) with no CONNECT. ``hops``: the
-        Via of the request the connection is for, which an HTTP proxy's
-        CONNECT carries on. Raises the last error.
+        resolve to ::1 first while only 127.0.0.1 listens): the first
+        MAX_CONNECT_ADDRESSES, each for up to the connect timeout, within
+        CONNECT_TIMEOUTS_IN_ALL connect timeouts in all, the lookup
+        included. ``on_attempt`` hears of each local address tried;
+        ``client`` (an IP address) is who asks, for sticky sites and for the
+        targets only this machine may reach (check_target; None: this
+        machine asks). ``absolute_form``: the connection is for plain HTTP
+        requests, which an HTTP upstream proxy takes as they are (in
+        absolute form) with no CONNECT. ``hops``: the Via of the request the
+        connection is for, which an HTTP proxy's CONNECT carries on.
+        ``client_socket``: the client's connection; when it hangs up,
+        nothing more is tried (ConnectionResetError). Raises the last error.
         """
+        deadline = time.monotonic() + CONNECT_TIMEOUTS_IN_ALL * self.connect_timeout
         affinity = None
         if client is not None and self.balancer.sticky is not None:
             affinity = Affinity(client, registrable_domain(host))
@@ -5190,14 +5269,18 @@ class Upstream:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
         targets, first = self._allowed(client, (host, port), *self._targets(host, families, affinity))
+        tried = 0
         try:
-            for family, ip in targets:
+            for family, ip in targets[:MAX_CONNECT_ADDRESSES]:
+                if time.monotonic() >= deadline:
+                    break
+                tried += 1
                 lead, first = (first, None) if first is not None and family in first.serves else (None, first)
+                race = _Race(self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead, hops=hops)
                 try:
-                    race = _Race(
-                        self, family, (ip, port), affinity, on_attempt, host, absolute_form, first=lead, hops=hops
-                    )
-                    return race.run()
+                    return race.run(deadline, client_socket)
+                except _ClientHungUpError:
+                    raise
                 except OSError as failure:
                     error = failure
                 # No address reached this target: nothing says the links are to
@@ -5206,9 +5289,13 @@ class Upstream:
             if first is not None:
                 self.balancer.release(first)
         if not targets:  # a name for the proxies that take names alone
-            return _Race(
-                self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form, hops=hops
-            ).run()
+            race = _Race(self, socket.AF_UNSPEC, (host, port), affinity, on_attempt, host, absolute_form, hops=hops)
+            return race.run(deadline, client_socket)
+        if time.monotonic() >= deadline:
+            seconds = CONNECT_TIMEOUTS_IN_ALL * self.connect_timeout
+            error = TimeoutError(
+                errno.ETIMEDOUT, f"timed out: {tried} of {len(targets)} addresses tried in {seconds:g} s"
+            )
         raise error or SocksError(Reply.HOST_UNREACHABLE)
 
     def _targets(
@@ -5567,7 +5654,8 @@ class _Race:
     answer from the target other than a connection (a refusal) ends the
     race: another link would get the same. The addresses that failed, and
     those still silent after ``hedge`` when another got through, are out
-    (Health), retested in the background.
+    (Health), retested in the background. The race ends at its deadline,
+    and when the client hangs up.
     """
 
     def __init__(
@@ -5599,21 +5687,29 @@ class _Race:
         self.tried: list[LocalAddress] = []
         self.failed: list[tuple[LocalAddress, OSError]] = []
         self.answer: OSError | None = None  # the target's, final
+        self.client_socket: socket.socket | None = None  # watched for a hang-up while racing
 
-    def run(self) -> UpstreamLease:
-        """Race until an address gets through; raise the last error if none does."""
+    def run(self, deadline: float = math.inf, client_socket: socket.socket | None = None) -> UpstreamLease:
+        """Race until an address gets through; raise the last error if none
+        does, TimeoutError at ``deadline``, and _ClientHungUpError when
+        ``client_socket`` hangs up (or fails) meanwhile."""
         hedge = self.upstream.hedge or math.inf
+        self.client_socket = client_socket
         with _selector() as self.selector:
             try:
+                if client_socket is not None:
+                    self.selector.register(client_socket, selectors.EVENT_READ)
                 self._start(self.first or self.balancer.next(self.family, self.affinity))
                 hedge_at = time.monotonic() + hedge
                 while self.answer is None:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(errno.ETIMEDOUT, "timed out")
                     if not self.pending:
                         if not self._start_next():
                             break
                         hedge_at = time.monotonic() + hedge
                         continue
-                    won = self._wait(min(hedge_at, self._first_deadline()))
+                    won = self._wait(min(hedge_at, self._first_deadline(), deadline))
                     if won is not None:
                         return won
                     if time.monotonic() >= hedge_at:
@@ -5649,9 +5745,14 @@ class _Race:
         return local is not None
 
     def _wait(self, until: float) -> UpstreamLease | None:
-        """Wait until ``until`` for the attempts; the lease of a winner, if one got through."""
+        """Wait until ``until`` for the attempts; the lease of a winner, if
+        one got through (even as the client hangs up: that is the relay's to see)."""
+        client_ready = False
         for key, _ in self.selector.select(max(0.0, until - time.monotonic())):
             sock = key.fileobj
+            if self.client_socket is not None and sock is self.client_socket:
+                client_ready = True
+                continue
             if not isinstance(sock, socket.socket):
                 continue
             local, _ = self.pending[sock]
@@ -5663,12 +5764,29 @@ class _Race:
                 continue
             if through:
                 return self._win(sock, local)
+        if client_ready and self.client_socket is not None:
+            self._hear_client(self.client_socket)
         now = time.monotonic()
         for sock, (local, started) in list(self.pending.items()):
             if now >= started + self.upstream.connect_timeout:
                 self._drop(sock)
                 self._fail(local, TimeoutError(errno.ETIMEDOUT, "timed out"))
         return None
+
+    def _hear_client(self, client_socket: socket.socket) -> None:
+        """The client's socket is ready: raise _ClientHungUpError if it has
+        hung up. Bytes it sent early stay where they are (for the relay),
+        and from then on its end cannot be told apart: it is not watched."""
+        try:
+            early = client_socket.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            raise _ClientHungUpError() from None
+        if not early:
+            raise _ClientHungUpError()
+        self.selector.unregister(client_socket)
+        self.client_socket = None
 
     def _advance(self, sock: socket.socket, local: LocalAddress) -> bool:
         """Whether an attempt that is ready got through: connected, and past
@@ -6138,10 +6256,19 @@ class Session:
     def connect(self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = ()) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through. ``absolute_form``: for plain
-        HTTP requests; ``hops``: the Via of an HTTP request (see Upstream.connect)."""
+        HTTP requests; ``hops``: the Via of an HTTP request (see
+        Upstream.connect). A client that hangs up meanwhile ends the
+        attempts (as Squid's half_closed_clients off: a client that closes
+        its sending side is taken to have left)."""
         client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(
-            host, port, on_attempt=self._via, client=client, absolute_form=absolute_form, hops=hops
+            host,
+            port,
+            on_attempt=self._via,
+            client=client,
+            absolute_form=absolute_form,
+            hops=hops,
+            client_socket=self.connection,
         )
 
     def _via(self, local: LocalAddress) -> None:

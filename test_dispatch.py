@@ -96,6 +96,7 @@ from conftest import (
     udp_client,
     udp_socket,
     unanswered_address,
+    unanswered_addresses,
     wait_for,
     wait_until_all_closed,
 )
@@ -3019,6 +3020,59 @@ def test_bad_answers_end_in_the_right_reply_and_one_log_line(
     assert not [record for record in log.records if record.exc_info]
 
 
+@pytest.mark.parametrize("cap", ["reached", "never reached"])
+def test_a_flood_of_wrong_answers_holds_no_lookup_past_its_time_and_is_one_failure(
+    make_proxy: Callable[..., Dispatcher],
+    dns_server: DnsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    log: pytest.LogCaptureFixture,
+    cap: str,
+) -> None:
+    """The server floods answers with a wrong id for TIMEOUT seconds: the
+    query gives up after DNS_MAX_WRONG_ANSWERS of them, and without that
+    cap the lookup still ends at its time."""
+    if cap == "never reached":
+        monkeypatch.setattr(dispatch, "DNS_MAX_WRONG_ANSWERS", math.inf)
+    dns_server.behaviour["flooded.test"] = "flood"
+    proxy = make_proxy(dns=[dns_server.address], connect_timeout=1.0)
+    started = time.monotonic()
+    assert socks5_code_for(proxy, socks5_request("flooded.test", 80)) == Reply.TTL_EXPIRED
+    assert time.monotonic() - started < 1.0 + TIMEOUT / 2  # the flood goes on for TIMEOUT
+    (row,) = proxy.stats()
+    assert (row["dns_queries"], row["dns_failures"]) == (1, 1)
+    passed_over = [record.message for record in log.records if record.message.startswith("passed over")]
+    assert 1 <= len(passed_over) <= 2  # at most one a second
+    assert passed_over[0].startswith(f"passed over an answer to another query from {dns_server.address}")
+
+
+def test_a_name_server_that_answers_late_is_waited_for_while_the_connect_timeout_lasts(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    """The server answers the first query only, 2.5 s late: the query is
+    sent again meanwhile, and the first send's answer is taken."""
+    dns_server.names["late.test"] = ["127.0.0.1"]
+    dns_server.behaviour["late.test"] = "late"
+    proxy = make_proxy(dns=[dns_server.address], connect_timeout=20.0)
+    with client_through(proxy, ("late.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"late") == b"late"
+    assert len(dns_server.asked("late.test")) >= 2
+    (row,) = proxy.stats()
+    assert (row["dns_queries"], row["dns_failures"]) == (1, 0)
+
+
+def test_a_lost_query_is_sent_again(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    dns_server.names["lossy.test"] = ["127.0.0.1"]
+    dns_server.behaviour["lossy.test"] = "drop-first"
+    proxy = make_proxy(dns=[dns_server.address])
+    started = time.monotonic()
+    with client_through(proxy, ("lossy.test", echo_server.port), rdns=True) as client:
+        assert round_trip(client, b"again") == b"again"
+    assert time.monotonic() - started >= dispatch.DNS_RESEND
+    assert len(dns_server.asked("lossy.test")) == 2
+
+
 def test_a_name_server_that_is_not_there_gets_reply_04_at_once(
     make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
 ) -> None:
@@ -3938,6 +3992,73 @@ def test_connect_timeout_gets_reply_06(make_proxy: Callable[..., Dispatcher]) ->
     proxy = make_proxy(connect_timeout=0.3)
     with unanswered_address() as (host, port):
         assert socks5_code_for(proxy, socks5_request(host, port)) == Reply.TTL_EXPIRED
+
+
+# A name with many addresses -----------------------------------------------
+
+
+def targets_tried(log: pytest.LogCaptureFixture) -> list[str]:
+    """The targets of the connects started so far, as the debug log names them."""
+    return [match[1] for r in log.records if (match := re.match(r"connecting to (\S+) from ", r.getMessage()))]
+
+
+def test_a_name_with_many_addresses_has_the_first_25_tried(
+    make_proxy: Callable[..., Dispatcher], fake_names: dict[str, list[str]], log: pytest.LogCaptureFixture
+) -> None:
+    port = refused_port()
+    fake_names["many.test"] = [f"127.67.0.{n}" for n in range(1, 41)]
+    proxy = make_proxy()
+    log.set_level(logging.DEBUG, logger="dispatch")
+    assert socks5_code_for(proxy, socks5_request("many.test", port)) == Reply.CONNECTION_REFUSED
+    assert targets_tried(log) == [f"127.67.0.{n}:{port}" for n in range(1, dispatch.MAX_CONNECT_ADDRESSES + 1)]
+
+
+def test_a_name_with_many_silent_addresses_is_given_up_after_three_connect_timeouts(
+    make_proxy: Callable[..., Dispatcher], fake_names: dict[str, list[str]], log: pytest.LogCaptureFixture
+) -> None:
+    """Each address waits out the connect timeout (1 s): 12 would take 12 s."""
+    ips = [f"127.66.0.{n}" for n in range(1, 13)]
+    fake_names["silent.test"] = ips
+    proxy = make_proxy(connect_timeout=1.0)
+    with unanswered_addresses(ips) as port:
+        started = time.monotonic()
+        assert socks5_code_for(proxy, socks5_request("silent.test", port)) == Reply.TTL_EXPIRED
+        assert time.monotonic() - started < dispatch.CONNECT_TIMEOUTS_IN_ALL * 1.0 + TIMEOUT / 2
+    proxy.shutdown()
+    (exchange,) = [e for e in exchanges(log) if e.target == f"silent.test:{port}"]
+    assert re.fullmatch(r"timed out: [1-4] of 12 addresses tried in 3 s", exchange.result)
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+@pytest.mark.parametrize("protocol", ["socks5", "http"])
+def test_a_client_that_hangs_up_while_connecting_stops_the_attempts(
+    make_proxy: Callable[..., Dispatcher],
+    fake_names: dict[str, list[str]],
+    log: pytest.LogCaptureFixture,
+    protocol: str,
+    ending: str,
+) -> None:
+    """A connect timeout of 20 s, and 5 silent addresses: the proxy learns
+    at once that nobody waits any more, and tries nothing further."""
+    ips = [f"127.66.0.{n}" for n in range(1, 6)]
+    fake_names["silent.test"] = ips
+    proxy = make_proxy(connect_timeout=20.0)
+    log.set_level(logging.DEBUG, logger="dispatch")
+    with unanswered_addresses(ips) as port:
+        request = {
+            "socks5": b"\x05\x01\x00" + socks5_request("silent.test", port),
+            "http": f"CONNECT silent.test:{port} HTTP/1.1\r\nHost: silent.test:{port}\r\n\r\n".encode(),
+        }[protocol]
+        with raw_client(proxy) as sock:
+            sock.sendall(request)
+            assert wait_for(lambda: targets_tried(log) == [f"127.66.0.1:{port}"])
+            if ending == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert wait_for(lambda: proxy.open_connections() == 0)
+        assert targets_tried(log) == [f"127.66.0.1:{port}"]
+    proxy.shutdown()
+    (exchange,) = [e for e in exchanges(log) if e.target == f"silent.test:{port}"]
+    assert exchange.result == "client hung up"
 
 
 @needs_ipv6

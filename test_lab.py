@@ -831,15 +831,21 @@ def test_lab_truncated_answer_is_asked_again_by_tcp_through_the_same_link(
 
 
 @pytest.mark.parametrize(
-    ("how", "reply", "asked"),
+    ("how", "reply", "asked", "sends"),
     [
-        ("nxdomain", Reply.HOST_UNREACHABLE, 1),  # the name's servers have spoken: no other link asks
-        ("servfail", Reply.HOST_UNREACHABLE, 3),  # the server failed: asked through each link
-        ("silent", Reply.TTL_EXPIRED, 3),
+        ("nxdomain", Reply.HOST_UNREACHABLE, 1, 1),  # the name's servers have spoken: no other link asks
+        ("servfail", Reply.HOST_UNREACHABLE, 3, 1),  # the server failed: asked through each link
+        ("silent", Reply.TTL_EXPIRED, 3, 3),  # sent again after 1 s and 3 s of the connect timeout's 5
     ],
 )
-def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_once(
-    metrics_lab: Any, lab_proxy: Callable[..., LabProxy], lab_dns: DnsServer, how: str, reply: Reply, asked: int
+def test_lab_bad_answers_end_in_the_right_reply_each_link_asked_again_only_while_unanswered(
+    metrics_lab: Any,
+    lab_proxy: Callable[..., LabProxy],
+    lab_dns: DnsServer,
+    how: str,
+    reply: Reply,
+    asked: int,
+    sends: int,
 ) -> None:
     proxy = lab_proxy(metrics_lab, "--dns", lab_dns.address, *(link.client_ifname for link in metrics_lab.uplinks))
     name = fresh_name(lab_dns, metrics_lab, how)
@@ -848,7 +854,7 @@ def test_lab_bad_answers_end_in_the_right_reply_after_each_link_asked_at_most_on
         proxy.peer(name)
     assert f"0x{reply:02x}" in str(failure.value)
     sources = [source for _, _, _, source in lab_dns.asked(name)]
-    assert len(sources) == asked and len(set(sources)) == asked, sources
+    assert len(set(sources)) == asked and max(map(sources.count, sources)) <= sends, sources
     assert "Traceback" not in proxy.log()
 
 
