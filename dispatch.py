@@ -86,6 +86,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import stat
 import statistics
 import struct
 import subprocess
@@ -3481,21 +3482,62 @@ class CapacityEstimator:
 STATE_FORMAT = "dispatch link capacities"  # what marks a state file as this program's
 STATE_VERSION = 1
 STATE_SAVE_INTERVAL = 60.0  # seconds between two writes of the state file while serving
+# A state file for a few links is a few kB: a larger one is not read at all,
+# so that no file can hold the start up or fill the memory.
+STATE_FILE_LIMIT = 1024 * 1024
+# Bytes per second: a figure above a terabyte a second is no link's, and
+# one near the largest float would be a 300-digit figure in the tables.
+STATE_CAPACITY_LIMIT = 1e12
+
+
+def _read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` (or at the end of a
+    symbolic link); raises OSError for any other kind of file, or one of
+    more than ``limit`` bytes.
+
+    A FIFO is opened without waiting for a writer (O_NONBLOCK), and a
+    device (/dev/zero) is refused unread: either would hold the reader up."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(path, flags)
+    with open(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
+    return data
+
+
+def _kept_capacity(entry: object) -> float | None:
+    """The capacity of one link's entry in the state file; None unless it
+    is a number above 0 and within STATE_CAPACITY_LIMIT."""
+    capacity = entry.get("capacity") if isinstance(entry, dict) else None
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+        return None
+    # A comparison, not float(): an integer of 400 digits overflows a float.
+    return float(capacity) if 0 < capacity <= STATE_CAPACITY_LIMIT else None
 
 
 def read_state(path: str) -> dict[str, float]:
     """The capacities (bytes per second) a state file keeps, by link key.
 
-    A missing, unreadable, corrupt or foreign file is one warning line and
-    an empty result: a fresh start, never a refusal to start."""
+    A missing, unreadable (not a regular file, over STATE_FILE_LIMIT),
+    corrupt or foreign file is one warning line and an empty result: a
+    fresh start, never a refusal to start. Entries that are not a capacity
+    are left out, with one warning line for them all."""
     try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         logger.warning("no state file at %s yet: every link starts not measured", path)
         return {}
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        logger.warning("state file %s unreadable (%s): every link starts not measured", path, error)
+    except (OSError, ValueError, RecursionError, MemoryError) as error:
+        # ValueError: not UTF-8, not JSON, or an integer of too many
+        # digits; RecursionError: brackets nested deeper than the parser goes.
+        if isinstance(error, OSError):
+            why = _describe(error)
+        else:
+            why = {RecursionError: "nested too deeply", MemoryError: "too large"}.get(type(error), str(error))
+        logger.warning("state file %s unreadable (%s): every link starts not measured", path, why)
         return {}
     links = data.get("links") if isinstance(data, dict) else None
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT or not isinstance(links, dict):
@@ -3503,7 +3545,7 @@ def read_state(path: str) -> dict[str, float]:
         return {}
     if data.get("version") != STATE_VERSION:
         logger.warning(
-            "state file %s is of version %r, not %d: every link starts not measured",
+            "state file %s is of version %.40r, not %d: every link starts not measured",
             path,
             data.get("version"),
             STATE_VERSION,
@@ -3511,9 +3553,17 @@ def read_state(path: str) -> dict[str, float]:
         return {}
     capacities = {}
     for key, entry in links.items():
-        capacity = entry.get("capacity") if isinstance(entry, dict) else None
-        if isinstance(capacity, (int, float)) and not isinstance(capacity, bool) and 0 < capacity < math.inf:
-            capacities[str(key)] = float(capacity)
+        capacity = _kept_capacity(entry)
+        if capacity is not None:
+            capacities[key] = capacity
+    if len(capacities) < len(links):
+        left_out = len(links) - len(capacities)
+        logger.warning(
+            "state file %s: %d %s no capacity, left out",
+            path,
+            left_out,
+            "entry holds" if left_out == 1 else "entries hold",
+        )
     return capacities
 
 
@@ -7510,6 +7560,7 @@ MAX_DURATION = 7 * 24 * 3600.0
 # their sockets closed and write their log lines.
 CLOSE_TIMEOUT = 2.0
 GRACE_POLL = 0.1  # how often a grace period looks whether it was cut short
+START_POLL = 0.1  # how often start() looks whether the server thread ended before serving
 
 
 def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
@@ -7892,6 +7943,14 @@ class Dispatcher:
             self.capacity.add(address, sample, self._taken_before.get(address, 0), open_now)
         self._taken_before, self._totals_before = taken, totals
 
+    def _state_keys(self) -> set[str]:
+        """Every key of the state file that names one of this run's links
+        (see _state_key)."""
+        keys: set[str] = set()
+        for link in self.links.links:
+            keys.update((link.name, f"{link.name} IPv6") if link.is_interface else link.known)
+        return keys
+
     def _state_key(self, address: LocalAddress) -> str:
         """What names ``address``'s link in the state file: the interface
         name (with " IPv6" for its IPv6 addresses) or the address."""
@@ -8041,7 +8100,10 @@ class Dispatcher:
         """Serve until ``shutdown()`` is called (from any thread, a signal
         handler included)."""
         if self.state_file and self._written is None:
-            self._kept = read_state(self.state_file)
+            # Only this run's links: a figure for any other is dropped, not
+            # carried from file to file.
+            keys = self._state_keys()
+            self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
             self._written = dict(self._kept)
         self.measure_capacities()  # starts each link's clock, from its remembered figure
         self.tasks.start()
@@ -8052,10 +8114,25 @@ class Dispatcher:
             self._serving.clear()
 
     def start(self) -> Dispatcher:
-        """Serve in a background thread; return self."""
-        self._thread = threading.Thread(target=self.serve_forever, name="dispatch-server", daemon=True)
-        self._thread.start()
-        self._serving.wait()
+        """Serve in a background thread; return self once it serves.
+
+        Raises what ended that thread if it ended before serving."""
+        failures: list[Exception] = []
+
+        def serve() -> None:
+            try:
+                self.serve_forever()
+            except Exception as failure:  # raised by start(), in the caller's thread
+                failures.append(failure)
+
+        thread = self._thread = threading.Thread(target=serve, name="dispatch-server", daemon=True)
+        thread.start()
+        while not self._serving.wait(START_POLL):
+            if not thread.is_alive():
+                thread.join()
+                if failures:
+                    raise failures[0]
+                raise RuntimeError("the server thread ended before serving")
         return self
 
     def shutdown(self, grace: float = 0.0, cut_short: threading.Event | None = None) -> None:
@@ -8593,10 +8670,11 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _error(message: str) -> int:
-    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return 2, the exit status."""
+def _error(message: str, status: int = 2) -> int:
+    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return
+    ``status``, the exit status (2, a usage error, unless told)."""
     print(f"dispatch: error: {_shown(message)}", file=sys.stderr)
-    return 2
+    return status
 
 
 def _credentials(args: argparse.Namespace) -> dict[str, str]:
@@ -8785,7 +8863,12 @@ def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, ban
     with _StopSignals() as stop:
         try:
             _print_banner(dispatcher, banner, log_where)
-            dispatcher.start()
+            try:
+                dispatcher.start()
+            except Exception as failure:  # one line, exit status 1: a service manager restarts it
+                why = _describe(failure) if isinstance(failure, OSError) else str(failure) or type(failure).__name__
+                logger.error("cannot serve: %s", why)
+                return _error(f"cannot serve: {why}", 1)
             _serve_until(stop, dispatcher, args.stats, started)
             still_open = dispatcher.open_connections()
             if still_open:

@@ -2231,7 +2231,9 @@ def test_a_foreign_state_file_is_one_warning_and_a_fresh_start(
     assert len(warnings_of(log)) == 1
 
 
-def test_unusable_entries_of_a_state_file_are_left_out(tmp_path: Any) -> None:
+def test_unusable_entries_of_a_state_file_are_left_out_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "state.json"
     links = {
         "a": {"capacity": 5.5},
@@ -2240,9 +2242,96 @@ def test_unusable_entries_of_a_state_file_are_left_out(tmp_path: Any) -> None:
         "d": 7,
         "e": {"capacity": True},
         "f": {},
+        "g": {"capacity": 1e308},  # no link's: a 300-digit figure in the tables
+        "h": {"capacity": 10**400},  # overflows a float
+        "i": {"capacity": dispatch.STATE_CAPACITY_LIMIT},
     }
     path.write_text(json.dumps({"format": "dispatch link capacities", "version": 1, "links": links}))
-    assert dispatch.read_state(str(path)) == {"a": 5.5}
+    assert dispatch.read_state(str(path)) == {"a": 5.5, "i": dispatch.STATE_CAPACITY_LIMIT}
+    (warning,) = warnings_of(log)
+    assert warning == f"state file {path}: 7 entries hold no capacity, left out"
+
+
+def hostile_state_file(kind: str, path: Any) -> None:
+    """Make ``path`` a state file that a hostile user could leave there."""
+    if kind == "a 401-digit capacity":
+        link = '"127.0.0.1": {"capacity": ' + "9" * 401 + "}"
+        path.write_text('{"format": "dispatch link capacities", "version": 1, "links": {' + link + "}}")
+    elif kind == "200 KB of [":
+        path.write_text("[" * 200_000)
+    elif kind == "over the size limit":
+        links = {f"10.{n >> 16}.{n >> 8 & 255}.{n & 255}": {"capacity": 1e6} for n in range(30_000)}
+        path.write_text(json.dumps({"format": "dispatch link capacities", "version": 1, "links": links}))
+        assert path.stat().st_size > dispatch.STATE_FILE_LIMIT
+    elif kind == "a symbolic link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a directory":
+        path.mkdir()
+
+
+def start_in_time(proxy: Dispatcher) -> list[BaseException]:
+    """Call ``proxy.start()`` in a thread; fail unless it returns or raises
+    within TIMEOUT; return what it raised."""
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            proxy.start()
+        except BaseException as error:
+            raised.append(error)
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    starting.join(TIMEOUT)
+    assert not starting.is_alive(), "start() neither served nor raised"
+    return raised
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no FIFO, no /dev/zero")
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "a 401-digit capacity",
+        "200 KB of [",
+        "over the size limit",
+        "a symbolic link to /dev/zero",
+        "a FIFO",
+        "a directory",
+    ],
+)
+def test_a_hostile_state_file_is_one_warning_and_the_proxy_serves(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any, log: pytest.LogCaptureFixture, kind: str
+) -> None:
+    path = tmp_path / "state.json"
+    hostile_state_file(kind, path)
+    proxy = make_proxy(["127.0.0.1"], state_file=str(path), start=False)
+    assert start_in_time(proxy) == []
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"served") == b"served"
+    assert proxy.stats()[0]["capacity_source"] == "not measured"
+    (warning,) = warnings_of(log)
+    assert str(path) in warning
+
+
+def test_a_state_file_keeps_only_the_links_of_this_run(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    """Figures for links this run does not have are dropped, not written
+    back: a file of foreign keys does not follow the proxy from run to run."""
+    state = str(tmp_path / "state.json")
+    foreign = {f"10.9.{n >> 8}.{n & 255}": 5.0 for n in range(5000)}
+    dispatch.write_state(state, {"127.0.0.2": 1.0, "wlan9": 3.0, **foreign})
+    proxy = make_proxy(["127.0.0.2"], state_file=state)
+    proxy.tasks.stop()
+    proxy.meter.clock = clock = FakeClock()
+    proxy.measure_capacities()
+    assert proxy.stats()[0]["capacity"] == 1.0
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        measure_by_hand(proxy, clock, client)
+    proxy.save_state()
+    assert list(dispatch.read_state(state)) == ["127.0.0.2"]
 
 
 def test_a_missing_state_file_is_one_warning(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
@@ -2282,7 +2371,7 @@ def test_a_remembered_capacity_is_replaced_once_the_link_is_measured(
     make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
 ) -> None:
     state = str(tmp_path / "state.json")
-    dispatch.write_state(state, {"127.0.0.2": 1.0, "127.0.0.9": 5.0})  # 127.0.0.9: a link not used this run
+    dispatch.write_state(state, {"127.0.0.2": 1.0})
     proxy = make_proxy(["127.0.0.2"], state_file=state)
     proxy.tasks.stop()
     proxy.meter.clock = clock = FakeClock()
@@ -2292,8 +2381,7 @@ def test_a_remembered_capacity_is_replaced_once_the_link_is_measured(
         measure_by_hand(proxy, clock, client)
     assert proxy.stats()[0]["capacity_source"] == "measured" and proxy.stats()[0]["capacity"] > 1000
     proxy.save_state()
-    kept = dispatch.read_state(state)
-    assert kept["127.0.0.2"] == pytest.approx(proxy.stats()[0]["capacity"]) and kept["127.0.0.9"] == 5.0
+    assert dispatch.read_state(state)["127.0.0.2"] == pytest.approx(proxy.stats()[0]["capacity"])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -6096,6 +6184,19 @@ def test_dispatcher_is_a_context_manager_on_a_free_port(echo_server: Server) -> 
         socket.create_connection((host, port), timeout=1).close()
 
 
+def test_start_raises_what_ended_the_server_thread_before_it_served(
+    make_proxy: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = make_proxy(start=False)
+
+    def no_thread() -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(proxy, "measure_capacities", no_thread)
+    (raised,) = start_in_time(proxy)
+    assert isinstance(raised, RuntimeError) and str(raised) == "can't start new thread"
+
+
 def test_shutdown_before_serving_makes_serve_forever_return_at_once(make_proxy: Callable[..., Dispatcher]) -> None:
     proxy = make_proxy(start=False)
     proxy.shutdown()
@@ -6819,6 +6920,42 @@ def test_script_runs_and_stops_on_ctrl_c(
     assert process.returncode == 0
     assert "stopped after" in out
     assert err == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no FIFO")
+def test_script_with_a_fifo_as_its_state_file_serves_and_stops_on_sigterm(
+    echo_server: Server, script: Callable[[list[str]], subprocess.Popen], tmp_path: Any
+) -> None:
+    """A FIFO would block the reader until something writes to it: it is
+    passed over with one warning, and the proxy serves and stops."""
+    port, state, log_file = refused_port(), tmp_path / "state.json", tmp_path / "run.log"
+    os.mkfifo(state)
+    process = script(
+        ["start", "--port", str(port), "--state-file", str(state), "--log-file", str(log_file), "127.0.0.1"]
+    )
+    assert process.stdout is not None
+    for line in iter(process.stdout.readline, ""):
+        if line.startswith("log:"):
+            break
+    with client_through(Listening(("127.0.0.1", port)), (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"fifo") == b"fifo"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert (process.returncode, err) == (0, "")
+    warnings = [line for line in log_file.read_text().splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and f"state file {state} unreadable (not a regular file)" in warnings[0]
+
+
+def test_cli_ends_with_one_line_and_status_1_when_serving_fails_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    def no_thread(self: Dispatcher) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Dispatcher, "measure_capacities", no_thread)
+    log_file = str(tmp_path / "d.log")
+    assert dispatch.main(["start", "--port", str(refused_port()), "--log-file", log_file, "127.0.0.1"]) == 1
+    assert capsys.readouterr().err == "dispatch: error: cannot serve: can't start new thread\n"
 
 
 def test_cli_prints_stats_periodically_and_at_the_end(
