@@ -8291,6 +8291,11 @@ def service_unit(
                 f"{hide_password(argument)!r}: a password would be readable in the service definition;"
                 " give the user alone (socks5://USER@HOST:PORT) and its password in --upstream-auth-file"
             )
+    if _carries_option(start_args, "--auth"):
+        raise ValueError(
+            "--auth: a password would be readable in the service definition; give the users and their"
+            " passwords in --auth-file"
+        )
     if system == "windows":
         _check_task_arguments(start_args, executable)
     if system == "systemd":

@@ -6281,6 +6281,19 @@ def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixt
     assert "hunter2" not in err
 
 
+@pytest.mark.parametrize("system", dispatch.SERVICE_SYSTEMS)
+@pytest.mark.parametrize("login", [["--auth", "bob:SEKRETPW"], ["--auth=bob:SEKRETPW"]])
+def test_service_refuses_a_login_password_in_its_definition(
+    system: str, login: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", system, *login, "eth0"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "dispatch: error: --auth: a password would be readable in the service definition; give the users and "
+        "their passwords in --auth-file\n",
+    )
+
+
 def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
     arguments = ["--upstream-auth-file", "/etc/dispatch/upstream", "socks5://al@10.0.0.9:1080+eth0@2"]
     assert dispatch.main(["service", "systemd", *arguments]) == 0
@@ -6429,7 +6442,7 @@ def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.Captu
 def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
+    assert dispatch.main(["service", "windows", "--log-file", "C:\\logs\\50%OFF%x.log", "Wi-Fi"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     (line,) = err.splitlines()
@@ -6440,7 +6453,7 @@ def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argu
     with pytest.raises(ValueError, match="the program's path holds '%'"):
         dispatch.service_unit("windows", ["Wi-Fi"], [r"C:\100%\python.exe", "dispatch.py"])
     # systemd and launchd take it as it is.
-    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
+    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--log-file", "/var/log/50%OFF%x"], ["/usr/bin/dispatch"])
 
 
 # Options: as keyword arguments or one DispatcherOptions, checked in one place
