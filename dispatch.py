@@ -762,6 +762,20 @@ def _format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A host name: labels of letters, digits, "-" and "_" (as in _dmarc.example),
+# 1 to 63 characters each, joined by dots, with one dot at the end at most.
+# Anything else names no host: "@" and "." would be looked up as the DNS
+# root, and "\\" starts an escape for a DNS library. (How long a whole name
+# may be is the protocols' to say: 255 bytes in SOCKS5.)
+_NAME_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
+
+
+def _is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name to look up (not an IP address)."""
+    name = text[:-1] if text.endswith(".") else text
+    return all(_NAME_LABEL.match(label) for label in name.split("."))
+
+
 # SOCKS -----------------------------------------------------------------------
 
 SOCKS4_VERSION = 4
@@ -903,7 +917,10 @@ def _decode_name(name: bytes) -> str:
         raise SocksError(Reply.HOST_UNREACHABLE, "empty host name")
     if not all(0x21 <= byte <= 0x7E for byte in name):
         raise SocksError(Reply.HOST_UNREACHABLE, "host name is not printable ASCII")
-    return name.decode("ascii")
+    host = name.decode("ascii")
+    if not _is_ip(host) and not _is_host_name(host):
+        raise SocksError(Reply.HOST_UNREACHABLE, f"{host[:80]!r} is not a host name")
+    return host
 
 
 # SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
@@ -1056,9 +1073,18 @@ def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int
     return host, int(port_text)
 
 
+def _check_target_host(host: str, authority: str) -> None:
+    """Raise ValueError unless ``host`` (of ``authority``) is an IP address
+    or a host name to look up (see _is_host_name)."""
+    if not _is_ip(host) and not _is_host_name(host):
+        raise ValueError(f"bad host {authority[:80]!r}")
+
+
 def parse_connect_target(target: str) -> tuple[str, int]:
     """(host, port) of a CONNECT request's ``host:port``; ValueError if malformed."""
-    return _split_host_port(target, None)
+    host, port = _split_host_port(target, None)
+    _check_target_host(host, target)
+    return host, port
 
 
 def parse_absolute_url(url: str) -> tuple[str, int, str]:
@@ -1072,6 +1098,7 @@ def parse_absolute_url(url: str) -> tuple[str, int, str]:
         raise ValueError(f"not an absolute http URL: {url[:80]!r}")
     end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     host, port = _split_host_port(rest[:end], 80)
+    _check_target_host(host, rest[:end])
     path = rest[end:].partition("#")[0]
     if not path.startswith("/"):
         path = "/" + path
@@ -6175,13 +6202,16 @@ class UdpAssociation:
 
 
 def format_bytes(count: float) -> str:
-    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
+    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB; past
+    a million TB in three figures (1.23e+09 TB), never a line's worth."""
     if count < 1000:
         return f"{count:.0f} B"
     for unit in ("kB", "MB", "GB", "TB"):
         count /= 1000
         if count < 1000 or unit == "TB":
             break
+    if count >= 1e6:
+        return f"{count:.3g} {unit}"
     return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
 
 
@@ -8579,7 +8609,9 @@ def _address_table(links: Sequence[Link]) -> str:
 
 
 def _format_rate(bytes_per_second: float) -> str:
-    return f"{bytes_per_second / 1000:,.1f} kB/s"
+    kilobytes = bytes_per_second / 1000
+    # Past a terabyte a second in three figures (1.23e+09 kB/s), not hundreds.
+    return f"{kilobytes:,.1f} kB/s" if kilobytes < 1e9 else f"{kilobytes:.3g} kB/s"
 
 
 def format_stats(rows: Sequence[StatsRow]) -> str:

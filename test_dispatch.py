@@ -325,6 +325,30 @@ def test_socks5_address_round_trip() -> None:
         assert dispatch.read_socks5_address(reader) == (host, 443)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["@", ".", "..", "a..b", ".a", "a.test..", "*.test", "back\\slash.test", "a" * 64 + ".test"],
+)
+def test_a_socks_name_that_names_no_host_is_refused_with_reply_04(name: str) -> None:
+    """ "@" and "." would be looked up as the DNS root, and "\\" read as an escape."""
+    encoded = bytes([dispatch.AddressType.DOMAIN, len(name)]) + name.encode() + b"\0\x50"
+    with pytest.raises(dispatch.SocksError, match="is not a host name") as refusal:
+        dispatch.read_socks5_address(dispatch.DeadlineReader(Chunks(encoded)))  # type: ignore[arg-type]
+    assert refusal.value.reply == Reply.HOST_UNREACHABLE
+    with pytest.raises(ValueError, match="bad host"):
+        dispatch.parse_connect_target(f"{name}:443")
+    with pytest.raises(ValueError, match="bad host"):
+        dispatch.parse_absolute_url(f"http://{name}/")
+
+
+@pytest.mark.parametrize(
+    "name", ["localhost", "example.com.", "_dmarc.example", "xn--bcher-kva.example", "a" * 63 + ".test", "::1"]
+)
+def test_a_socks_name_may_be_any_host_name(name: str) -> None:
+    encoded = bytes([dispatch.AddressType.DOMAIN, len(name)]) + name.encode() + b"\0\x50"
+    assert dispatch.read_socks5_address(dispatch.DeadlineReader(Chunks(encoded))) == (name, 80)  # type: ignore[arg-type]
+
+
 def test_udp_datagram_round_trip() -> None:
     for host in ("192.0.2.1", "2001:db8::1", "example.com"):
         datagram = dispatch.encode_udp_header(host, 53) + b"payload"
@@ -513,7 +537,9 @@ def test_error_response_is_complete() -> None:
 # Properties: round trips, and any bytes at all -----------------------------
 
 chunks_strategy = st.lists(st.binary(min_size=1, max_size=64), max_size=12)
-name_strategy = st.text(alphabet=string.ascii_letters + string.digits + ".-", min_size=1, max_size=255)
+# Host names: labels of 1 to 63 letters, digits, "-" and "_", as many as SOCKS carries.
+label_strategy = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=63)
+name_strategy = st.lists(label_strategy, min_size=1, max_size=8).map(".".join).filter(lambda name: len(name) <= 255)
 host_strategy = st.one_of(st.ip_addresses().map(str), name_strategy)
 port_strategy = st.integers(0, 65535)
 
@@ -2856,6 +2882,20 @@ def test_query_plan_sends_an_upstream_proxys_queries_by_its_link_or_by_the_routi
     assert resolver.plan(over_cable, only_via=True) == [(servers[0], over_cable), (servers[1], over_cable)]
 
 
+def test_socks5_names_of_no_host_get_reply_04_and_no_query(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    proxy = make_proxy(dns=[dns_server.address])
+    with pytest.raises(socks.GeneralProxyError, match="0x04: Host unreachable"):
+        client_through(proxy, ("@", echo_server.port), rdns=True)
+    for name in (b".", b"a..test"):  # PySocks sends no such name
+        request = bytes([5, 1, 0, 3, len(name)]) + name + struct.pack("!H", echo_server.port)
+        assert socks5_code_for(proxy, request) == Reply.HOST_UNREACHABLE
+    for request in (f"CONNECT .:{echo_server.port} HTTP/1.1\r\n\r\n", "GET http://bad..name/ HTTP/1.1\r\n\r\n"):
+        assert http_exchange(proxy, request.encode())[0] == HTTPStatus.BAD_REQUEST
+    assert dns_server.queries == []
+
+
 def test_socks4a_name_is_asked_of_the_name_server(
     make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
 ) -> None:
@@ -4760,6 +4800,7 @@ def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> Non
         (1_200_000, "1.2 MB"),
         (340_000_000_000, "340 GB"),
         (5e15, "5000 TB"),
+        (1e308, "1e+296 TB"),  # three figures, not three hundred
     ],
 )
 def test_format_bytes(count: int, text: str) -> None:
@@ -4964,9 +5005,8 @@ def test_slow_request_body_gets_408(make_proxy: Callable[..., Dispatcher], origi
 
 
 def test_unreachable_origin_gets_502(proxy: Dispatcher) -> None:
-    for url in (f"http://127.0.0.1:{refused_port()}/", "http://bad..name/"):
-        status, _, body = http_exchange(proxy, f"GET {url} HTTP/1.1\r\n\r\n".encode())
-        assert status == 502
+    status, _, body = http_exchange(proxy, f"GET http://127.0.0.1:{refused_port()}/ HTTP/1.1\r\n\r\n".encode())
+    assert status == 502
     status, _, body = http_exchange(proxy, f"CONNECT 127.0.0.1:{refused_port()} HTTP/1.1\r\n\r\n".encode())
     assert (status, body) == (502, b"502 Bad Gateway: Connection refused\n")
 
@@ -6576,6 +6616,13 @@ def test_a_malformed_address_is_an_address_error_of_the_options() -> None:
 # ---------------------------------------------------------------------------
 # Reports and the command line
 # ---------------------------------------------------------------------------
+
+
+def test_stats_table_shows_a_huge_figure_in_three_figures() -> None:
+    row = status_row("10.0.0.2", "eth0", capacity=1e308, capacity_source="remembered", rate_down=2.5e15)
+    table = dispatch.format_stats([row])  # type: ignore[list-item]
+    assert "1e+305 kB/s" in table and "2.5e+12 kB/s" in table
+    assert max(len(line) for line in table.splitlines()) < 150
 
 
 def test_stats_table_format() -> None:
