@@ -86,6 +86,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import stat
 import statistics
 import struct
 import subprocess
@@ -762,6 +763,20 @@ def _format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A host name: labels of letters, digits, "-" and "_" (as in _dmarc.example),
+# 1 to 63 characters each, joined by dots, with one dot at the end at most.
+# Anything else names no host: "@" and "." would be looked up as the DNS
+# root, and "\\" starts an escape for a DNS library. (How long a whole name
+# may be is the protocols' to say: 255 bytes in SOCKS5.)
+_NAME_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
+
+
+def _is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name to look up (not an IP address)."""
+    name = text[:-1] if text.endswith(".") else text
+    return all(_NAME_LABEL.match(label) for label in name.split("."))
+
+
 # SOCKS -----------------------------------------------------------------------
 
 SOCKS4_VERSION = 4
@@ -903,7 +918,10 @@ def _decode_name(name: bytes) -> str:
         raise SocksError(Reply.HOST_UNREACHABLE, "empty host name")
     if not all(0x21 <= byte <= 0x7E for byte in name):
         raise SocksError(Reply.HOST_UNREACHABLE, "host name is not printable ASCII")
-    return name.decode("ascii")
+    host = name.decode("ascii")
+    if not _is_ip(host) and not _is_host_name(host):
+        raise SocksError(Reply.HOST_UNREACHABLE, f"{host[:80]!r} is not a host name")
+    return host
 
 
 # SOCKS5 UDP: the largest datagram IPv4 or IPv6 carries without jumbograms.
@@ -1056,9 +1074,18 @@ def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int
     return host, int(port_text)
 
 
+def _check_target_host(host: str, authority: str) -> None:
+    """Raise ValueError unless ``host`` (of ``authority``) is an IP address
+    or a host name to look up (see _is_host_name)."""
+    if not _is_ip(host) and not _is_host_name(host):
+        raise ValueError(f"bad host {authority[:80]!r}")
+
+
 def parse_connect_target(target: str) -> tuple[str, int]:
     """(host, port) of a CONNECT request's ``host:port``; ValueError if malformed."""
-    return _split_host_port(target, None)
+    host, port = _split_host_port(target, None)
+    _check_target_host(host, target)
+    return host, port
 
 
 def parse_absolute_url(url: str) -> tuple[str, int, str]:
@@ -1072,6 +1099,7 @@ def parse_absolute_url(url: str) -> tuple[str, int, str]:
         raise ValueError(f"not an absolute http URL: {url[:80]!r}")
     end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     host, port = _split_host_port(rest[:end], 80)
+    _check_target_host(host, rest[:end])
     path = rest[end:].partition("#")[0]
     if not path.startswith("/"):
         path = "/" + path
@@ -3679,21 +3707,62 @@ class CapacityEstimator:
 STATE_FORMAT = "dispatch link capacities"  # what marks a state file as this program's
 STATE_VERSION = 1
 STATE_SAVE_INTERVAL = 60.0  # seconds between two writes of the state file while serving
+# A state file for a few links is a few kB: a larger one is not read at all,
+# so that no file can hold the start up or fill the memory.
+STATE_FILE_LIMIT = 1024 * 1024
+# Bytes per second: a figure above a terabyte a second is no link's, and
+# one near the largest float would be a 300-digit figure in the tables.
+STATE_CAPACITY_LIMIT = 1e12
+
+
+def _read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` (or at the end of a
+    symbolic link); raises OSError for any other kind of file, or one of
+    more than ``limit`` bytes.
+
+    A FIFO is opened without waiting for a writer (O_NONBLOCK), and a
+    device (/dev/zero) is refused unread: either would hold the reader up."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(path, flags)
+    with open(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
+    return data
+
+
+def _kept_capacity(entry: object) -> float | None:
+    """The capacity of one link's entry in the state file; None unless it
+    is a number above 0 and within STATE_CAPACITY_LIMIT."""
+    capacity = entry.get("capacity") if isinstance(entry, dict) else None
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+        return None
+    # A comparison, not float(): an integer of 400 digits overflows a float.
+    return float(capacity) if 0 < capacity <= STATE_CAPACITY_LIMIT else None
 
 
 def read_state(path: str) -> dict[str, float]:
     """The capacities (bytes per second) a state file keeps, by link key.
 
-    A missing, unreadable, corrupt or foreign file is one warning line and
-    an empty result: a fresh start, never a refusal to start."""
+    A missing, unreadable (not a regular file, over STATE_FILE_LIMIT),
+    corrupt or foreign file is one warning line and an empty result: a
+    fresh start, never a refusal to start. Entries that are not a capacity
+    are left out, with one warning line for them all."""
     try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         logger.warning("no state file at %s yet: every link starts not measured", path)
         return {}
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        logger.warning("state file %s unreadable (%s): every link starts not measured", path, error)
+    except (OSError, ValueError, RecursionError, MemoryError) as error:
+        # ValueError: not UTF-8, not JSON, or an integer of too many
+        # digits; RecursionError: brackets nested deeper than the parser goes.
+        if isinstance(error, OSError):
+            why = _describe(error)
+        else:
+            why = {RecursionError: "nested too deeply", MemoryError: "too large"}.get(type(error), str(error))
+        logger.warning("state file %s unreadable (%s): every link starts not measured", path, why)
         return {}
     links = data.get("links") if isinstance(data, dict) else None
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT or not isinstance(links, dict):
@@ -3701,7 +3770,7 @@ def read_state(path: str) -> dict[str, float]:
         return {}
     if data.get("version") != STATE_VERSION:
         logger.warning(
-            "state file %s is of version %r, not %d: every link starts not measured",
+            "state file %s is of version %.40r, not %d: every link starts not measured",
             path,
             data.get("version"),
             STATE_VERSION,
@@ -3709,9 +3778,17 @@ def read_state(path: str) -> dict[str, float]:
         return {}
     capacities = {}
     for key, entry in links.items():
-        capacity = entry.get("capacity") if isinstance(entry, dict) else None
-        if isinstance(capacity, (int, float)) and not isinstance(capacity, bool) and 0 < capacity < math.inf:
-            capacities[str(key)] = float(capacity)
+        capacity = _kept_capacity(entry)
+        if capacity is not None:
+            capacities[key] = capacity
+    if len(capacities) < len(links):
+        left_out = len(links) - len(capacities)
+        logger.warning(
+            "state file %s: %d %s no capacity, left out",
+            path,
+            left_out,
+            "entry holds" if left_out == 1 else "entries hold",
+        )
     return capacities
 
 
@@ -6587,13 +6664,16 @@ class UdpAssociation:
 
 
 def format_bytes(count: float) -> str:
-    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB."""
+    """A byte count in decimal units: 812 B, 53.1 kB, 1.2 MB, 340 GB; past
+    a million TB in three figures (1.23e+09 TB), never a line's worth."""
     if count < 1000:
         return f"{count:.0f} B"
     for unit in ("kB", "MB", "GB", "TB"):
         count /= 1000
         if count < 1000 or unit == "TB":
             break
+    if count >= 1e6:
+        return f"{count:.3g} {unit}"
     return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
 
 
@@ -7990,6 +8070,7 @@ MAX_DURATION = 7 * 24 * 3600.0
 # their sockets closed and write their log lines.
 CLOSE_TIMEOUT = 2.0
 GRACE_POLL = 0.1  # how often a grace period looks whether it was cut short
+START_POLL = 0.1  # how often start() looks whether the server thread ended before serving
 
 
 def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
@@ -8442,6 +8523,14 @@ class Dispatcher:
             self.capacity.add(address, sample, self._taken_before.get(address, 0), open_now)
         self._taken_before, self._totals_before = taken, totals
 
+    def _state_keys(self) -> set[str]:
+        """Every key of the state file that names one of this run's links
+        (see _state_key)."""
+        keys: set[str] = set()
+        for link in self.links.links:
+            keys.update((link.name, f"{link.name} IPv6") if link.is_interface else link.known)
+        return keys
+
     def _state_key(self, address: LocalAddress) -> str:
         """What names ``address``'s link in the state file: the interface
         name (with " IPv6" for its IPv6 addresses) or the address."""
@@ -8592,7 +8681,10 @@ class Dispatcher:
         """Serve until ``shutdown()`` is called (from any thread, a signal
         handler included)."""
         if self.state_file and self._written is None:
-            self._kept = read_state(self.state_file)
+            # Only this run's links: a figure for any other is dropped, not
+            # carried from file to file.
+            keys = self._state_keys()
+            self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
             self._written = dict(self._kept)
         self.measure_capacities()  # starts each link's clock, from its remembered figure
         self.tasks.start()
@@ -8603,10 +8695,25 @@ class Dispatcher:
             self._serving.clear()
 
     def start(self) -> Dispatcher:
-        """Serve in a background thread; return self."""
-        self._thread = threading.Thread(target=self.serve_forever, name="dispatch-server", daemon=True)
-        self._thread.start()
-        self._serving.wait()
+        """Serve in a background thread; return self once it serves.
+
+        Raises what ended that thread if it ended before serving."""
+        failures: list[Exception] = []
+
+        def serve() -> None:
+            try:
+                self.serve_forever()
+            except Exception as failure:  # raised by start(), in the caller's thread
+                failures.append(failure)
+
+        thread = self._thread = threading.Thread(target=serve, name="dispatch-server", daemon=True)
+        thread.start()
+        while not self._serving.wait(START_POLL):
+            if not thread.is_alive():
+                thread.join()
+                if failures:
+                    raise failures[0]
+                raise RuntimeError("the server thread ended before serving")
         return self
 
     def shutdown(self, grace: float = 0.0, cut_short: threading.Event | None = None) -> None:
@@ -8765,6 +8872,11 @@ def service_unit(
                 f"{hide_password(argument)!r}: a password would be readable in the service definition;"
                 " give the user alone (socks5://USER@HOST:PORT) and its password in --upstream-auth-file"
             )
+    if _carries_option(start_args, "--auth"):
+        raise ValueError(
+            "--auth: a password would be readable in the service definition; give the users and their"
+            " passwords in --auth-file"
+        )
     if system == "windows":
         _check_task_arguments(start_args, executable)
     if system == "systemd":
@@ -9048,7 +9160,9 @@ def _address_table(links: Sequence[Link]) -> str:
 
 
 def _format_rate(bytes_per_second: float) -> str:
-    return f"{bytes_per_second / 1000:,.1f} kB/s"
+    kilobytes = bytes_per_second / 1000
+    # Past a terabyte a second in three figures (1.23e+09 kB/s), not hundreds.
+    return f"{kilobytes:,.1f} kB/s" if kilobytes < 1e9 else f"{kilobytes:.3g} kB/s"
 
 
 def format_stats(rows: Sequence[StatsRow]) -> str:
@@ -9144,10 +9258,11 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _error(message: str) -> int:
-    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return 2, the exit status."""
+def _error(message: str, status: int = 2) -> int:
+    """Print ``dispatch: error: MESSAGE`` as one line on stderr; return
+    ``status``, the exit status (2, a usage error, unless told)."""
     print(f"dispatch: error: {_shown(message)}", file=sys.stderr)
-    return 2
+    return status
 
 
 def _credentials(args: argparse.Namespace) -> dict[str, str]:
@@ -9337,7 +9452,12 @@ def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, ban
     with _StopSignals() as stop:
         try:
             _print_banner(dispatcher, banner, log_where)
-            dispatcher.start()
+            try:
+                dispatcher.start()
+            except Exception as failure:  # one line, exit status 1: a service manager restarts it
+                why = _describe(failure) if isinstance(failure, OSError) else str(failure) or type(failure).__name__
+                logger.error("cannot serve: %s", why)
+                return _error(f"cannot serve: {why}", 1)
             _serve_until(stop, dispatcher, args.stats, started)
             still_open = dispatcher.open_connections()
             if still_open:

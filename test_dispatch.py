@@ -328,6 +328,30 @@ def test_socks5_address_round_trip() -> None:
         assert dispatch.read_socks5_address(reader) == (host, 443)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["@", ".", "..", "a..b", ".a", "a.test..", "*.test", "back\\slash.test", "a" * 64 + ".test"],
+)
+def test_a_socks_name_that_names_no_host_is_refused_with_reply_04(name: str) -> None:
+    """ "@" and "." would be looked up as the DNS root, and "\\" read as an escape."""
+    encoded = bytes([dispatch.AddressType.DOMAIN, len(name)]) + name.encode() + b"\0\x50"
+    with pytest.raises(dispatch.SocksError, match="is not a host name") as refusal:
+        dispatch.read_socks5_address(dispatch.DeadlineReader(Chunks(encoded)))  # type: ignore[arg-type]
+    assert refusal.value.reply == Reply.HOST_UNREACHABLE
+    with pytest.raises(ValueError, match="bad host"):
+        dispatch.parse_connect_target(f"{name}:443")
+    with pytest.raises(ValueError, match="bad host"):
+        dispatch.parse_absolute_url(f"http://{name}/")
+
+
+@pytest.mark.parametrize(
+    "name", ["localhost", "example.com.", "_dmarc.example", "xn--bcher-kva.example", "a" * 63 + ".test", "::1"]
+)
+def test_a_socks_name_may_be_any_host_name(name: str) -> None:
+    encoded = bytes([dispatch.AddressType.DOMAIN, len(name)]) + name.encode() + b"\0\x50"
+    assert dispatch.read_socks5_address(dispatch.DeadlineReader(Chunks(encoded))) == (name, 80)  # type: ignore[arg-type]
+
+
 def test_udp_datagram_round_trip() -> None:
     for host in ("192.0.2.1", "2001:db8::1", "example.com"):
         datagram = dispatch.encode_udp_header(host, 53) + b"payload"
@@ -516,7 +540,9 @@ def test_error_response_is_complete() -> None:
 # Properties: round trips, and any bytes at all -----------------------------
 
 chunks_strategy = st.lists(st.binary(min_size=1, max_size=64), max_size=12)
-name_strategy = st.text(alphabet=string.ascii_letters + string.digits + ".-", min_size=1, max_size=255)
+# Host names: labels of 1 to 63 letters, digits, "-" and "_", as many as SOCKS carries.
+label_strategy = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=63)
+name_strategy = st.lists(label_strategy, min_size=1, max_size=8).map(".".join).filter(lambda name: len(name) <= 255)
 host_strategy = st.one_of(st.ip_addresses().map(str), name_strategy)
 port_strategy = st.integers(0, 65535)
 
@@ -2346,7 +2372,9 @@ def test_a_foreign_state_file_is_one_warning_and_a_fresh_start(
     assert len(warnings_of(log)) == 1
 
 
-def test_unusable_entries_of_a_state_file_are_left_out(tmp_path: Any) -> None:
+def test_unusable_entries_of_a_state_file_are_left_out_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "state.json"
     links = {
         "a": {"capacity": 5.5},
@@ -2355,9 +2383,96 @@ def test_unusable_entries_of_a_state_file_are_left_out(tmp_path: Any) -> None:
         "d": 7,
         "e": {"capacity": True},
         "f": {},
+        "g": {"capacity": 1e308},  # no link's: a 300-digit figure in the tables
+        "h": {"capacity": 10**400},  # overflows a float
+        "i": {"capacity": dispatch.STATE_CAPACITY_LIMIT},
     }
     path.write_text(json.dumps({"format": "dispatch link capacities", "version": 1, "links": links}))
-    assert dispatch.read_state(str(path)) == {"a": 5.5}
+    assert dispatch.read_state(str(path)) == {"a": 5.5, "i": dispatch.STATE_CAPACITY_LIMIT}
+    (warning,) = warnings_of(log)
+    assert warning == f"state file {path}: 7 entries hold no capacity, left out"
+
+
+def hostile_state_file(kind: str, path: Any) -> None:
+    """Make ``path`` a state file that a hostile user could leave there."""
+    if kind == "a 401-digit capacity":
+        link = '"127.0.0.1": {"capacity": ' + "9" * 401 + "}"
+        path.write_text('{"format": "dispatch link capacities", "version": 1, "links": {' + link + "}}")
+    elif kind == "200 KB of [":
+        path.write_text("[" * 200_000)
+    elif kind == "over the size limit":
+        links = {f"10.{n >> 16}.{n >> 8 & 255}.{n & 255}": {"capacity": 1e6} for n in range(30_000)}
+        path.write_text(json.dumps({"format": "dispatch link capacities", "version": 1, "links": links}))
+        assert path.stat().st_size > dispatch.STATE_FILE_LIMIT
+    elif kind == "a symbolic link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a directory":
+        path.mkdir()
+
+
+def start_in_time(proxy: Dispatcher) -> list[BaseException]:
+    """Call ``proxy.start()`` in a thread; fail unless it returns or raises
+    within TIMEOUT; return what it raised."""
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            proxy.start()
+        except BaseException as error:
+            raised.append(error)
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    starting.join(TIMEOUT)
+    assert not starting.is_alive(), "start() neither served nor raised"
+    return raised
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no FIFO, no /dev/zero")
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "a 401-digit capacity",
+        "200 KB of [",
+        "over the size limit",
+        "a symbolic link to /dev/zero",
+        "a FIFO",
+        "a directory",
+    ],
+)
+def test_a_hostile_state_file_is_one_warning_and_the_proxy_serves(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any, log: pytest.LogCaptureFixture, kind: str
+) -> None:
+    path = tmp_path / "state.json"
+    hostile_state_file(kind, path)
+    proxy = make_proxy(["127.0.0.1"], state_file=str(path), start=False)
+    assert start_in_time(proxy) == []
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"served") == b"served"
+    assert proxy.stats()[0]["capacity_source"] == "not measured"
+    (warning,) = warnings_of(log)
+    assert str(path) in warning
+
+
+def test_a_state_file_keeps_only_the_links_of_this_run(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    """Figures for links this run does not have are dropped, not written
+    back: a file of foreign keys does not follow the proxy from run to run."""
+    state = str(tmp_path / "state.json")
+    foreign = {f"10.9.{n >> 8}.{n & 255}": 5.0 for n in range(5000)}
+    dispatch.write_state(state, {"127.0.0.2": 1.0, "wlan9": 3.0, **foreign})
+    proxy = make_proxy(["127.0.0.2"], state_file=state)
+    proxy.tasks.stop()
+    proxy.meter.clock = clock = FakeClock()
+    proxy.measure_capacities()
+    assert proxy.stats()[0]["capacity"] == 1.0
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        measure_by_hand(proxy, clock, client)
+    proxy.save_state()
+    assert list(dispatch.read_state(state)) == ["127.0.0.2"]
 
 
 def test_a_missing_state_file_is_one_warning(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
@@ -2397,7 +2512,7 @@ def test_a_remembered_capacity_is_replaced_once_the_link_is_measured(
     make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
 ) -> None:
     state = str(tmp_path / "state.json")
-    dispatch.write_state(state, {"127.0.0.2": 1.0, "127.0.0.9": 5.0})  # 127.0.0.9: a link not used this run
+    dispatch.write_state(state, {"127.0.0.2": 1.0})
     proxy = make_proxy(["127.0.0.2"], state_file=state)
     proxy.tasks.stop()
     proxy.meter.clock = clock = FakeClock()
@@ -2407,8 +2522,7 @@ def test_a_remembered_capacity_is_replaced_once_the_link_is_measured(
         measure_by_hand(proxy, clock, client)
     assert proxy.stats()[0]["capacity_source"] == "measured" and proxy.stats()[0]["capacity"] > 1000
     proxy.save_state()
-    kept = dispatch.read_state(state)
-    assert kept["127.0.0.2"] == pytest.approx(proxy.stats()[0]["capacity"]) and kept["127.0.0.9"] == 5.0
+    assert dispatch.read_state(state)["127.0.0.2"] == pytest.approx(proxy.stats()[0]["capacity"])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -2881,6 +2995,20 @@ def test_query_plan_sends_an_upstream_proxys_queries_by_its_link_or_by_the_routi
         (servers[1], over_cable),  # bound to no address: either family
     ]
     assert resolver.plan(over_cable, only_via=True) == [(servers[0], over_cable), (servers[1], over_cable)]
+
+
+def test_socks5_names_of_no_host_get_reply_04_and_no_query(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer, echo_server: Server
+) -> None:
+    proxy = make_proxy(dns=[dns_server.address])
+    with pytest.raises(socks.GeneralProxyError, match="0x04: Host unreachable"):
+        client_through(proxy, ("@", echo_server.port), rdns=True)
+    for name in (b".", b"a..test"):  # PySocks sends no such name
+        request = bytes([5, 1, 0, 3, len(name)]) + name + struct.pack("!H", echo_server.port)
+        assert socks5_code_for(proxy, request) == Reply.HOST_UNREACHABLE
+    for request in (f"CONNECT .:{echo_server.port} HTTP/1.1\r\n\r\n", "GET http://bad..name/ HTTP/1.1\r\n\r\n"):
+        assert http_exchange(proxy, request.encode())[0] == HTTPStatus.BAD_REQUEST
+    assert dns_server.queries == []
 
 
 def test_socks4a_name_is_asked_of_the_name_server(
@@ -5120,6 +5248,7 @@ def test_pac_refuses_a_host_or_port_it_cannot_write(host: str, port: int) -> Non
         (1_200_000, "1.2 MB"),
         (340_000_000_000, "340 GB"),
         (5e15, "5000 TB"),
+        (1e308, "1e+296 TB"),  # three figures, not three hundred
     ],
 )
 def test_format_bytes(count: int, text: str) -> None:
@@ -5324,9 +5453,8 @@ def test_slow_request_body_gets_408(make_proxy: Callable[..., Dispatcher], origi
 
 
 def test_unreachable_origin_gets_502(proxy: Dispatcher) -> None:
-    for url in (f"http://127.0.0.1:{refused_port()}/", "http://bad..name/"):
-        status, _, body = http_exchange(proxy, f"GET {url} HTTP/1.1\r\n\r\n".encode())
-        assert status == 502
+    status, _, body = http_exchange(proxy, f"GET http://127.0.0.1:{refused_port()}/ HTTP/1.1\r\n\r\n".encode())
+    assert status == 502
     status, _, body = http_exchange(proxy, f"CONNECT 127.0.0.1:{refused_port()} HTTP/1.1\r\n\r\n".encode())
     assert (status, body) == (502, b"502 Bad Gateway: Connection refused\n")
 
@@ -6583,6 +6711,19 @@ def test_dispatcher_is_a_context_manager_on_a_free_port(echo_server: Server) -> 
         socket.create_connection((host, port), timeout=1).close()
 
 
+def test_start_raises_what_ended_the_server_thread_before_it_served(
+    make_proxy: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = make_proxy(start=False)
+
+    def no_thread() -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(proxy, "measure_capacities", no_thread)
+    (raised,) = start_in_time(proxy)
+    assert isinstance(raised, RuntimeError) and str(raised) == "can't start new thread"
+
+
 def test_shutdown_before_serving_makes_serve_forever_return_at_once(make_proxy: Callable[..., Dispatcher]) -> None:
     proxy = make_proxy(start=False)
     proxy.shutdown()
@@ -6704,6 +6845,19 @@ def test_service_refuses_a_password_in_its_definition(capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "socks5://al:***@10.0.0.9:1080" in err and "--upstream-auth-file" in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize("system", dispatch.SERVICE_SYSTEMS)
+@pytest.mark.parametrize("login", [["--auth", "bob:SEKRETPW"], ["--auth=bob:SEKRETPW"]])
+def test_service_refuses_a_login_password_in_its_definition(
+    system: str, login: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", system, *login, "eth0"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "dispatch: error: --auth: a password would be readable in the service definition; give the users and "
+        "their passwords in --auth-file\n",
+    )
 
 
 def test_service_carries_an_upstream_with_its_password_file(capsys: pytest.CaptureFixture[str]) -> None:
@@ -6854,7 +7008,7 @@ def test_service_puts_no_help_into_a_unit(asked: list[str], capsys: pytest.Captu
 def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argument(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert dispatch.main(["service", "windows", "--auth", "alice:50%OFF%x", "Wi-Fi"]) == 2
+    assert dispatch.main(["service", "windows", "--log-file", "C:\\logs\\50%OFF%x.log", "Wi-Fi"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     (line,) = err.splitlines()
@@ -6865,7 +7019,7 @@ def test_service_windows_refuses_a_percent_sign_with_a_hint_and_without_the_argu
     with pytest.raises(ValueError, match="the program's path holds '%'"):
         dispatch.service_unit("windows", ["Wi-Fi"], [r"C:\100%\python.exe", "dispatch.py"])
     # systemd and launchd take it as it is.
-    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--auth", "alice:50%OFF%x"], ["/usr/bin/dispatch"])
+    assert "50%%OFF%%x" in dispatch.service_unit("systemd", ["--log-file", "/var/log/50%OFF%x"], ["/usr/bin/dispatch"])
 
 
 # Options: as keyword arguments or one DispatcherOptions, checked in one place
@@ -6990,6 +7144,13 @@ def test_a_malformed_address_is_an_address_error_of_the_options() -> None:
 # ---------------------------------------------------------------------------
 # Reports and the command line
 # ---------------------------------------------------------------------------
+
+
+def test_stats_table_shows_a_huge_figure_in_three_figures() -> None:
+    row = status_row("10.0.0.2", "eth0", capacity=1e308, capacity_source="remembered", rate_down=2.5e15)
+    table = dispatch.format_stats([row])  # type: ignore[list-item]
+    assert "1e+305 kB/s" in table and "2.5e+12 kB/s" in table
+    assert max(len(line) for line in table.splitlines()) < 150
 
 
 def test_stats_table_format() -> None:
@@ -7361,6 +7522,42 @@ def test_script_runs_and_stops_on_ctrl_c(
     assert process.returncode == 0
     assert "stopped after" in out
     assert err == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no FIFO")
+def test_script_with_a_fifo_as_its_state_file_serves_and_stops_on_sigterm(
+    echo_server: Server, script: Callable[[list[str]], subprocess.Popen], tmp_path: Any
+) -> None:
+    """A FIFO would block the reader until something writes to it: it is
+    passed over with one warning, and the proxy serves and stops."""
+    port, state, log_file = refused_port(), tmp_path / "state.json", tmp_path / "run.log"
+    os.mkfifo(state)
+    process = script(
+        ["start", "--port", str(port), "--state-file", str(state), "--log-file", str(log_file), "127.0.0.1"]
+    )
+    assert process.stdout is not None
+    for line in iter(process.stdout.readline, ""):
+        if line.startswith("log:"):
+            break
+    with client_through(Listening(("127.0.0.1", port)), (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"fifo") == b"fifo"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert (process.returncode, err) == (0, "")
+    warnings = [line for line in log_file.read_text().splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and f"state file {state} unreadable (not a regular file)" in warnings[0]
+
+
+def test_cli_ends_with_one_line_and_status_1_when_serving_fails_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    def no_thread(self: Dispatcher) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Dispatcher, "measure_capacities", no_thread)
+    log_file = str(tmp_path / "d.log")
+    assert dispatch.main(["start", "--port", str(refused_port()), "--log-file", log_file, "127.0.0.1"]) == 1
+    assert capsys.readouterr().err == "dispatch: error: cannot serve: can't start new thread\n"
 
 
 def test_cli_prints_stats_periodically_and_at_the_end(
