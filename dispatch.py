@@ -34,8 +34,8 @@ Map of this module, in order; each section uses only what is above it:
     platform start-up  where the log and state go; descriptor limit, one CPU, stop signals
     errors             reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
     deadline I/O       DeadlineReader: exact reads with a deadline, nothing stranded
-    wire formats       SOCKS requests and replies, UDP headers; HTTP heads and bodies; the
-                       client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
+    wire formats       SOCKS requests and replies, UDP headers; HTTP heads and bodies
+    proxy clients      the client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
     access             AccessPolicy: the allow-list and logins
     links              LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
                        ProxyURL, ProxyAddress: another proxy as a link
@@ -1310,8 +1310,10 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
         length -= len(data)
 
 
-# The client side, to upstream proxies ------------------------------------------
-#
+# ---------------------------------------------------------------------------
+# Proxy clients: the client side of SOCKS5, SOCKS4 and HTTP CONNECT
+# ---------------------------------------------------------------------------
+
 # dispatch speaks to an upstream proxy as a client. Each handshake is a
 # generator of steps (bytes to send, bytes to receive) that is sent what it
 # asked to receive and returns when the proxy has said yes: one description
