@@ -8240,19 +8240,6 @@ def _waiting_row(link: Link) -> StatsRow:
     }
 
 
-def _loopback_or_own(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether ``ip`` is this machine's: loopback, or bound here (a socket
-    can take it as its source address)."""
-    if ip.is_loopback:
-        return True
-    try:
-        with socket.socket(_family_of(str(ip)), socket.SOCK_STREAM) as probe:
-            probe.bind((str(ip), 0))
-    except OSError:
-        return False
-    return True
-
-
 def _addresses_named(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The addresses of ``host``, an IP address or localhost (or a name
     under .localhost, RFC 6761); none for any other name, which is not
@@ -8283,7 +8270,7 @@ def reaches_listener(proxy: ProxyURL, host: str, port: int) -> bool:
         listening = _addresses_named(host)
     for ip in _addresses_named(proxy.host):
         for own in listening:
-            if own.is_unspecified and (own.version == 6 or ip.version == 4) and _loopback_or_own(ip):
+            if own.is_unspecified and (own.version == 6 or ip.version == 4) and (ip.is_loopback or is_own_address(ip)):
                 return True
             if ip == own:
                 return True
