@@ -54,11 +54,14 @@ Map of this module, in order; each section uses only what is above it:
                        pages show (Status, StatsRow: TypedDicts)
     local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
     HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
+    firewall rules     TransparentRules: transparent mode's nftables table and its undo
     server             the first byte picks the session; Admission; the listener
-    Dispatcher         the library face; owns the listener and the background tasks
-                       (interfaces, meter samples, retests, checks)
+    options            DispatcherOptions: every option of a Dispatcher, checked as a whole
+    Dispatcher         the library face; owns the listeners and the background tasks
+                       (interfaces, meter samples, retests, checks), the firewall rules
     service units      systemd, launchd and Task Scheduler files for ``dispatch service``
-    reports and CLI    format_table(); ``dispatch list|start|service``; main()
+    reports            format_table(), format_stats(): tables of the links and their traffic
+    command line       ``dispatch list|start|rules|service``; main()
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ import os
 import queue
 import re
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -198,6 +202,15 @@ else:
 
 _F_SETPIPE_SZ: int = getattr(_fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ: int = getattr(_fcntl, "F_GETPIPE_SZ", 1032)
+
+# Transparent mode (Linux): where a connection the firewall redirected was
+# going. Neither has a name in the socket module: SO_ORIGINAL_DST is defined
+# in linux/netfilter_ipv4.h, IP6T_SO_ORIGINAL_DST in
+# linux/netfilter_ipv6/ip6_tables.h. SO_MARK (asm-generic/socket.h) sets the
+# firewall mark of what a socket sends.
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+_SO_MARK: int = getattr(socket, "SO_MARK", 36)
 
 # Windows's option that keeps a port to one socket (winsock2.h defines it as
 # ~SO_REUSEADDR); the number elsewhere lets the Windows path run in tests.
@@ -3908,6 +3921,24 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
         raise
 
 
+# The firewall mark every socket that leaves by a link carries, once set
+# (mark_sockets): the rules of transparent mode let marked traffic pass
+# first, so that dispatch's own connections are never sent back to it.
+_socket_mark: int | None = None
+
+
+def mark_sockets(mark: int | None) -> None:
+    """Give every socket opened for a link from now on the firewall mark
+    ``mark`` (SO_MARK, which needs CAP_NET_ADMIN); None: no mark."""
+    global _socket_mark
+    _socket_mark = mark
+
+
+def _marked(sock: socket.socket) -> None:
+    if _socket_mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, _socket_mark)
+
+
 def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | None) -> socket.socket:
     """A socket of ``kind`` bound to ``local`` (and to ``device``, if given)."""
     stream = kind == socket.SOCK_STREAM
@@ -3918,6 +3949,7 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
                 sock.setblocking(False)
             # A target that vanishes without a word must not hold a thread forever.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _marked(sock)
         # Unprivileged SO_BINDTODEVICE (Linux 5.7+) is allowed on a socket
         # not bound to a device yet, as this new one is.
         if device is not None:
@@ -3940,6 +3972,7 @@ def _socket_by_device(family: socket.AddressFamily, kind: socket.SocketKind, dev
         sock.setblocking(False)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _marked(sock)
         if device is not None:
             _bind_to_device(sock, device)
     except BaseException:
@@ -6156,6 +6189,7 @@ class ExchangeRecord:
     up: int = 0
     down: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
+    transparent: bool = False  # redirected by the firewall, not asked of the proxy
 
     @property
     def duration(self) -> float:
@@ -6167,6 +6201,8 @@ class ExchangeRecord:
         bytes each way and duration."""
         who = f"{self.client} user {self.user}" if self.user else self.client
         via = self.via.describe() if self.via else "-"
+        if self.transparent:
+            via += " (transparent)"
         logger.log(
             level,
             "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
@@ -6511,6 +6547,59 @@ class SocksSession(Session):
             client_side.close()
             raise
         return UdpAssociation(self, client_side, lease, client_ip, port or None)
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a connection the firewall redirected here (nftables
+    ``redirect``) was going: (ip, port), as the kernel's connection tracking
+    kept it. Raises OSError where there is none to tell (ENOENT)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
+            port, packed = struct.unpack_from("!2xH4x16s", raw)
+            return socket.inet_ntop(socket.AF_INET6, packed), port
+        raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
+    except OSError as error:
+        if error.errno != errno.ENOENT:
+            raise
+        raise SocksError(Reply.GENERAL_FAILURE, "no destination to go to: the connection was not redirected") from None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntop(socket.AF_INET, packed), port
+
+
+class TransparentSession(Session):
+    """A connection the firewall sent here (transparent mode): no handshake
+    and nothing to reply; its target is where the client sent it
+    (original_destination). From there it is any connection: dispatched,
+    counted on its link, relayed, one log line marked "(transparent)"."""
+
+    def serve(self) -> None:
+        """Connect to the original destination and relay to the end; log one line."""
+        self.record.transparent = True
+        try:
+            ip, port = original_destination(self.connection)
+            self.record.target = _format_endpoint(ip, port)
+            self.refuse_the_listener(ip, port)
+            with self.connect(ip, port) as lease:
+                self.relay_through(lease)
+        except OSError as error:
+            self.log(error)
+        else:
+            self.log()
+
+    def refuse_the_listener(self, ip: str, port: int) -> None:
+        """Raise SocksError (and log a warning) if the destination is the
+        listener itself: a connection that came to it without being
+        redirected, or rules that redirect dispatch's own traffic, would
+        otherwise connect to it again and again."""
+        listener_ip, listener_port = _split_host(self.connection.getsockname())
+        target = _client_ip(ip)
+        if port != listener_port or not (
+            target == _client_ip(listener_ip) or target.is_loopback or is_own_address(target)
+        ):
+            return
+        logger.warning("refused %s: its target %s is the transparent listener itself", self.client, self.record.target)
+        raise SocksError(Reply.NOT_ALLOWED, "the target is the transparent listener itself")
 
 
 class UdpAssociation:
@@ -7765,6 +7854,189 @@ def _request_headers(host: str, port: int, version: str, headers: Headers, lengt
 
 
 # ---------------------------------------------------------------------------
+# Firewall rules: transparent mode's nftables table, applied and undone
+# ---------------------------------------------------------------------------
+
+# The firewall mark of dispatch's own sockets in transparent mode: "disp" in
+# ASCII, a number no distribution, VPN client or container runtime is known
+# to use (they use small numbers and 0xca6c, 0x4000-style bits).
+DEFAULT_MARK = 0x64697370
+# One table holds every rule, so that one command replaces or removes them all.
+NFT_FAMILY, NFT_TABLE = "inet", "dispatch"
+NFT_TIMEOUT = 20.0  # seconds nft may take to apply or remove the table
+CAP_NET_ADMIN = 12  # linux/capability.h: firewall rules, SO_MARK
+# Destinations never redirected, besides this machine's own (fib: local),
+# broadcast and multicast, and the LAN's own networks: loopback, link-local,
+# multicast, the broadcast address.
+NEVER_REDIRECTED = {
+    "ip": ("127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255"),
+    "ip6": ("::1", "fe80::/10", "ff00::/8"),
+}
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+class FirewallError(ValueError):
+    """Transparent mode cannot be had here, or its rules were not applied:
+    the message says why in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransparentRules:
+    """The nftables table of transparent mode: TCP forwarded from the ``lan``
+    interfaces (``{name: its networks}``) and, if ``local``, TCP of this
+    machine's own programs is redirected to ``port``; dispatch's own
+    connections (``mark``) pass first, and so do destinations that are this
+    machine, the LAN's own networks, loopback, link-local, multicast and
+    broadcast. ``script()`` is what ``dispatch rules`` prints; ``apply()``
+    puts it in place, replacing a table a killed dispatch left, and
+    ``remove()`` is its undo."""
+
+    port: int
+    lan: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    local: bool = False
+    mark: int = DEFAULT_MARK
+
+    def script(self) -> str:
+        """The whole script, for ``nft -f``: one transaction."""
+        table = f"{NFT_FAMILY} {NFT_TABLE}"
+        lines = [
+            "#!/usr/sbin/nft -f",
+            f"# dispatch transparent mode: TCP to port {self.port}; dispatch's own traffic carries mark {self.mark:#x}",
+            # Creating the table first makes the delete succeed when there is
+            # none: a table left behind is replaced, never doubled.
+            f"table {table}",
+            f"delete table {table}",
+            f"table {table} {{",
+        ]
+        lan_networks = [network for networks in self.lan.values() for network in networks]
+        if self.lan:
+            names = ", ".join(json.dumps(name) for name in self.lan)
+            lines += self._chain("prerouting", "type nat hook prerouting priority dstnat", lan_networks)
+            lines.insert(-1, f"\t\tiifname {{ {names} }} meta l4proto tcp redirect to :{self.port}")
+        if self.local:
+            lines += self._chain("output", "type nat hook output priority -100", lan_networks)
+            lines.insert(-1, f"\t\tmeta l4proto tcp redirect to :{self.port}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def _chain(self, name: str, hook: str, lan_networks: Sequence[str]) -> list[str]:
+        """A chain's head and its rules that let traffic pass unredirected; it ends with "}"."""
+        lines = [
+            f"\tchain {name} {{",
+            f"\t\t{hook}; policy accept;",
+            f"\t\tmeta mark {self.mark:#x} return",
+            "\t\tfib daddr type { local, broadcast, multicast } return",
+        ]
+        for family, version in (("ip", 4), ("ip6", 6)):
+            never = [*NEVER_REDIRECTED[family]]
+            never += [n for n in lan_networks if ipaddress.ip_network(n).version == version]
+            lines.append(f"\t\t{family} daddr {{ {', '.join(never)} }} return")
+        return [*lines, "\t}"]
+
+    def apply(self) -> None:
+        """Put the table in place in one transaction (``nft -f``); on any
+        failure nothing is applied, and FirewallError says nft's own words."""
+        _run_nft(["-f", "-"], self.script())
+
+    @staticmethod
+    def remove() -> None:
+        """Remove the table, if there is one."""
+        with contextlib.suppress(FirewallError):
+            _run_nft(["delete", "table", NFT_FAMILY, NFT_TABLE])
+
+
+def _run_nft(arguments: Sequence[str], script: str | None = None) -> None:
+    """Run nft; FirewallError with its message if it fails or is missing."""
+    try:
+        done = subprocess.run(
+            ["nft", *arguments], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
+        )
+    except FileNotFoundError:
+        raise FirewallError(_NFT_MISSING) from None
+    except (OSError, subprocess.SubprocessError) as error:
+        raise FirewallError(f"cannot run nft: {error}") from None
+    if done.returncode:
+        said = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+        raise FirewallError(f"nft refused the rules: {said or f'exit status {done.returncode}'}")
+
+
+_NFT_MISSING = (
+    "transparent mode applies its rules with nft, which is not installed: install the package nftables "
+    "(its name on Debian, Fedora and Arch)"
+)
+
+
+def transparent_refusal(apply_rules: bool, platform: str | None = None) -> str | None:
+    """Why transparent mode cannot run here (``platform``: sys.platform's
+    kind of name), in one line; None if it can: Linux only, with
+    CAP_NET_ADMIN, and nft to apply the rules."""
+    if (platform or sys.platform) != "linux":
+        return (
+            "--transparent works on Linux only; on macOS and Windows, set the system's proxy "
+            "settings to dispatch, or its PAC file (http://HOST:PORT/proxy.pac)"
+        )
+    if not _has_capability(CAP_NET_ADMIN):
+        return (
+            "--transparent needs the capability CAP_NET_ADMIN (root has it; a systemd unit can give it: "
+            "dispatch service systemd ... --transparent PORT); 'dispatch rules' prints the firewall "
+            "script for an administrator to apply"
+        )
+    if apply_rules and shutil.which("nft") is None:
+        return _NFT_MISSING
+    return None
+
+
+def _has_capability(number: int) -> bool:
+    """Whether this process has the Linux capability ``number`` in effect."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> number & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def lan_networks(names: Iterable[str]) -> dict[str, list[str]]:
+    """The networks of each LAN interface named, as its addresses give
+    them; FirewallError for a name that is no interface here."""
+    try:
+        import ifaddr
+    except ImportError:
+        raise FirewallError("--lan needs the ifaddr package (pip install ifaddr)") from None
+    adapters = {adapter.nice_name: adapter for adapter in ifaddr.get_adapters()}
+    networks: dict[str, list[str]] = {}
+    for name in names:
+        adapter = adapters.get(name)
+        if adapter is None:
+            known = ", ".join(sorted(adapters)) or "none"
+            raise FirewallError(f"--lan {name}: no such interface here (there are: {known})")
+        found = []
+        for entry in adapter.ips:
+            ip = entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip
+            network = ipaddress.ip_network(f"{ip.partition('%')[0]}/{entry.network_prefix}", strict=False)
+            if not network.is_link_local:
+                found.append(str(network))
+        networks[name] = list(dict.fromkeys(found))
+    return networks
+
+
+def check_forwarding() -> None:
+    """FirewallError unless this machine forwards IPv4 (a gateway must)."""
+    try:
+        with open(IP_FORWARD, encoding="ascii") as setting:
+            forwarding = setting.read().strip() == "1"
+    except OSError:
+        forwarding = False
+    if not forwarding:
+        raise FirewallError(
+            "--lan makes this machine a gateway, which must forward: net.ipv4.ip_forward is off "
+            "(sysctl -w net.ipv4.ip_forward=1)"
+        )
+
+
+# ---------------------------------------------------------------------------
 # Server: admission, the first byte picks the session, the listener
 # ---------------------------------------------------------------------------
 
@@ -7811,9 +8083,12 @@ class Admission:
         self._unlogged_refusals = 0
         self._last_refusal_log = -math.inf
 
-    def admit(self, sock: socket.socket, client_address: tuple[Any, ...]) -> bool:
-        """Keep a new client if the allow-list and the limit let it in."""
-        if not self.access.allows(client_address[0]):
+    def admit(self, sock: socket.socket, client_address: tuple[Any, ...], own_too: bool = False) -> bool:
+        """Keep a new client if the allow-list and the limit let it in;
+        ``own_too``: a client at one of this machine's addresses is let in
+        whatever the allow-list says."""
+        own = own_too and is_own_address(_client_ip(client_address[0]))
+        if not own and not self.access.allows(client_address[0]):
             self._refuse(client_address, "not in the allow-list")
             return False
         with self._changed:
@@ -7896,6 +8171,16 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         session(self.connection, self.client_address, reader, context).serve()
 
 
+class TransparentHandler(ConnectionHandler):
+    """Serves one connection the firewall redirected: a TransparentSession,
+    with no first byte waited for (in some protocols the server speaks first)."""
+
+    def handle(self) -> None:
+        context = self.server.context
+        reader = DeadlineReader(self.connection, time.monotonic() + context.handshake_timeout)
+        TransparentSession(self.connection, self.client_address, reader, context).serve()
+
+
 class _Server(socketserver.ThreadingTCPServer):
     """The listening socket; each connection is served by a daemon thread,
     one started for it or one idle after serving another."""
@@ -7915,6 +8200,8 @@ class _Server(socketserver.ThreadingTCPServer):
     idle_thread_seconds = 1.0
     max_idle_threads = 64
 
+    handler: type[ConnectionHandler] = ConnectionHandler
+
     def __init__(self, address: tuple[str, int], admission: Admission, context: SessionContext) -> None:
         self.address_family = _family_of(address[0])
         self.admission = admission
@@ -7932,7 +8219,7 @@ class _Server(socketserver.ThreadingTCPServer):
         self._loop_done.set()
         self._close_when_done = False
         try:
-            super().__init__(address, ConnectionHandler)
+            super().__init__(address, self.handler)
         except BaseException:
             self._close_wake_up()
             raise
@@ -8060,8 +8347,28 @@ class _Server(socketserver.ThreadingTCPServer):
         logger.exception("unexpected error serving %s", _format_endpoint(*_split_host(client_address)))
 
 
+class _TransparentServer(_Server):
+    """The listener of transparent mode, for one address family on every
+    address: what the firewall redirects comes to the address of the
+    interface it came in by (loopback, for this machine's own programs).
+    The allow-list admits as ever; this machine's own addresses too, for
+    its own programs' connections, which come from the address of a link."""
+
+    handler = TransparentHandler
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # The IPv4 listener has the IPv4 port: the original destination
+            # is read by each family's own option.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.admission.admit(request, client_address, own_too=True)
+
+
 # ---------------------------------------------------------------------------
-# Dispatcher: the library face
+# Options: every option of a Dispatcher, checked as a whole
 # ---------------------------------------------------------------------------
 
 DEFAULT_GRACE = 5.0
@@ -8113,6 +8420,11 @@ class DispatcherOptions:
     dns: Sequence[str] | None = None
     upstream_passwords: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
     state_file: str | None = None
+    transparent: int | None = None
+    lan: Sequence[str] = ()
+    local: bool = False
+    apply_rules: bool = False
+    mark: int = DEFAULT_MARK
 
     def __post_init__(self) -> None:
         self._check_settings()
@@ -8135,6 +8447,14 @@ class DispatcherOptions:
         balances = [balance.value for balance in Balance]
         if self.balance is not None and self.balance not in balances:
             raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
+        if self.transparent is not None and not 0 <= self.transparent <= 65535:
+            raise ValueError(f"transparent must be a port number, 0 to 65535; got {self.transparent!r}")
+        if self.transparent is None and (self.lan or self.local or self.apply_rules):
+            raise ValueError("lan, local and apply_rules are for transparent mode: give transparent a port")
+        if self.apply_rules and not (self.lan or self.local):
+            raise ValueError("apply_rules needs something to redirect: lan interfaces, or local")
+        if not 0 < self.mark < 2**32:
+            raise ValueError(f"mark must be 1 to {2**32 - 1}; got {self.mark!r}")
 
     def _keep_collections(self) -> None:
         """Keep each collection as a tuple or a read-only mapping (a
@@ -8150,6 +8470,7 @@ class DispatcherOptions:
             self._each("allow", lambda network: ipaddress.ip_network(network, strict=False), self.allow)
         self._keep("allow_targets", tuple(self.allow_targets))
         self._each("allow_targets", lambda network: ipaddress.ip_network(network, strict=False), self.allow_targets)
+        self._keep("lan", tuple(self.lan))
         if self.dns is not None:
             self._keep("dns", tuple(self.dns))
         self._each("dns", parse_dns_option, [self.dns])
@@ -8172,6 +8493,11 @@ class DispatcherOptions:
             raise
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
+
+
+# ---------------------------------------------------------------------------
+# Dispatcher: the library face
+# ---------------------------------------------------------------------------
 
 
 class BackgroundTasks:
@@ -8331,6 +8657,14 @@ class Dispatcher:
     - ``state_file``: where each link's capacity is kept across runs (read
       at the start, written every STATE_SAVE_INTERVAL and at shutdown);
       None keeps nothing.
+    - ``transparent``: a port (Linux) where connections the firewall
+      redirects are served (TransparentSession), on every address of both
+      families; every socket that leaves by a link then carries the
+      firewall mark ``mark``. Needs CAP_NET_ADMIN (FirewallError).
+    - ``apply_rules``: put TransparentRules in place at the start (for the
+      ``lan`` interfaces' forwarded traffic and, if ``local``, this
+      machine's own) and remove them at shutdown; FirewallError if nft
+      refuses them (then none are applied), or ``lan`` is no interface.
 
     The same can be given as one DispatcherOptions, ``options=`` (then
     nothing else: TypeError); ``.options`` is what it runs with, either way.
@@ -8370,6 +8704,11 @@ class Dispatcher:
         dns: Sequence[str] | None = None,
         upstream_passwords: Mapping[str, str] | None = None,
         state_file: str | None = DispatcherOptions.state_file,
+        transparent: int | None = DispatcherOptions.transparent,
+        lan: Iterable[str] = (),
+        local: bool = DispatcherOptions.local,
+        apply_rules: bool = DispatcherOptions.apply_rules,
+        mark: int = DispatcherOptions.mark,
     ) -> None:
         given = DispatcherOptions(
             None if addresses is None else tuple(addresses),
@@ -8393,6 +8732,11 @@ class Dispatcher:
             dns=dns,
             upstream_passwords=upstream_passwords,
             state_file=state_file,
+            transparent=transparent,
+            lan=tuple(lan),
+            local=local,
+            apply_rules=apply_rules,
+            mark=mark,
         )
         if options is not None and given != DispatcherOptions():
             raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
@@ -8400,7 +8744,8 @@ class Dispatcher:
 
     def _set_up(self, options: DispatcherOptions) -> None:
         self.options = options
-        self.links = LinkSet(resolve_links(options.addresses, options.upstream_passwords))
+        rules = self._transparent_rules(options)
+        self.links = LinkSet(resolve_links(self._link_specs(options), options.upstream_passwords))
         for address in self.links.addresses:
             if isinstance(address, ProxyAddress) and reaches_listener(address.proxy, options.host, options.port):
                 where = _format_endpoint(options.host, options.port)
@@ -8478,6 +8823,69 @@ class Dispatcher:
         self._serving = threading.Event()
         self._server = _Server((options.host, options.port), self.admission, self.context)
         self.upstream.listening = self.address
+        self._transparent_servers: list[_Server] = []
+        self._rules: TransparentRules | None = None
+        if options.transparent is not None:
+            self._set_up_transparent(options.transparent, options.mark, rules)
+
+    @staticmethod
+    def _link_specs(options: DispatcherOptions) -> Sequence[str | LocalAddress] | None:
+        """The ADDRESSes to resolve: those given, or without any, every
+        interface but the LAN's (where connections come from, not a way out)."""
+        if options.addresses or not options.lan:
+            return options.addresses
+        return [i.name for i in usable_interfaces() if i.ips and i.name not in options.lan] or None
+
+    def _set_up_transparent(self, port: int, mark: int, rules: TransparentRules | None) -> None:
+        """Listen for redirected connections, apply the ``rules`` (if any) for
+        the port listened on, and mark the sockets out; on a failure, close
+        every listener and raise."""
+        try:
+            self._listen_transparent(port)
+            if rules is not None:
+                self._rules = dataclasses.replace(rules, port=self.transparent_port or 0)
+                self._rules.apply()
+        except BaseException:
+            for server in [self._server, *self._transparent_servers]:
+                server.server_close()
+            raise
+        mark_sockets(mark)
+
+    @staticmethod
+    def _transparent_rules(options: DispatcherOptions) -> TransparentRules | None:
+        """The rules to apply, once all that keeps them from working here
+        was looked for (FirewallError); None where none are to be applied."""
+        if options.transparent is None:
+            return None
+        refusal = transparent_refusal(options.apply_rules)
+        if refusal is not None:
+            raise FirewallError(refusal)
+        networks = lan_networks(options.lan)
+        if options.lan:
+            check_forwarding()
+        if not options.apply_rules:
+            return None
+        return TransparentRules(options.transparent, networks, options.local, options.mark)
+
+    def _listen_transparent(self, port: int) -> None:
+        """Listen for redirected connections on every IPv4 address and, where
+        there is IPv6, every IPv6 one, on one port (``port`` 0: a free one)."""
+        first = _TransparentServer(("0.0.0.0", port), self.admission, self.context)
+        self._transparent_servers.append(first)
+        try:
+            self._transparent_servers.append(
+                _TransparentServer(("::", first.server_address[1]), self.admission, self.context)
+            )
+        except OSError as error:
+            if error.errno not in _errnos("EAFNOSUPPORT", "EADDRNOTAVAIL"):
+                raise
+
+    @property
+    def transparent_port(self) -> int | None:
+        """The port of the transparent listener; None without one."""
+        if not self._transparent_servers:
+            return None
+        return int(self._transparent_servers[0].server_address[1])
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -8677,6 +9085,8 @@ class Dispatcher:
             self._written = dict(self._kept)
         self.measure_capacities()  # starts each link's clock, from its remembered figure
         self.tasks.start()
+        for server in self._transparent_servers:
+            threading.Thread(target=server.serve_until_stopped, name="dispatch-transparent", daemon=True).start()
         self._serving.set()
         try:
             self._server.serve_until_stopped()
@@ -8714,6 +9124,12 @@ class Dispatcher:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._server.server_close()
+        for server in self._transparent_servers:
+            server.stop()
+            server.server_close()
+        rules, self._rules = self._rules, None
+        if rules is not None:
+            rules.remove()
         self.tasks.stop()
         self.save_state()
         deadline = time.monotonic() + grace
@@ -8725,6 +9141,8 @@ class Dispatcher:
         self.admission.close_all()
         # The sessions now see their sockets closed; let them log it.
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
+        if self._transparent_servers:
+            mark_sockets(None)
 
     def stats(self) -> list[StatsRow]:
         """Per local address (every one a link holds, and those gone lately:
@@ -9094,7 +9512,7 @@ def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | 
 
 
 # ---------------------------------------------------------------------------
-# Reports and the command line
+# Reports: tables of the links and their traffic
 # ---------------------------------------------------------------------------
 
 
@@ -9190,6 +9608,11 @@ def format_stats(rows: Sequence[StatsRow]) -> str:
     return format_table(table, right_aligned=range(4, len(header) - 1))
 
 
+# ---------------------------------------------------------------------------
+# Command line: dispatch list, start, rules, service; main()
+# ---------------------------------------------------------------------------
+
+
 def _setup_logging(debug: bool, log_file: str | None) -> str:
     """Send logs to stdout (with -d and no file, or ``--log-file -``) or a
     file; return where they go."""
@@ -9280,6 +9703,10 @@ def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
         if spec.proxy is not None:
             _check_proxy_link(spec.proxy, args.upstream_auth_file)
     parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
+    if args.transparent is None and (args.lan or args.local or args.apply_rules):
+        raise ValueError("--lan, --local and --apply-rules are for transparent mode: give --transparent PORT")
+    if args.apply_rules and not (args.lan or args.local):
+        raise ValueError("--apply-rules needs something to redirect: --lan IFACE (repeatable), --local, or both")
     return _credentials(args)
 
 
@@ -9372,6 +9799,11 @@ def _start_options(args: argparse.Namespace) -> DispatcherOptions:
         dns=args.dns,
         upstream_passwords=_upstream_passwords(args),
         state_file=None if args.no_state else args.state_file or default_state_path(),
+        transparent=args.transparent,
+        lan=args.lan,
+        local=args.local,
+        apply_rules=args.apply_rules,
+        mark=args.mark,
     )
 
 
@@ -9414,6 +9846,15 @@ def _banner(dispatcher: Dispatcher, args: argparse.Namespace, descriptor_limit: 
         f"handshake {args.handshake_timeout:g} s, idle timeout {idle}, grace {args.grace:g} s",
         pages,
     ]
+    if dispatcher.transparent_port is not None:
+        applied = "off (see: dispatch rules)"
+        if args.apply_rules:
+            redirected = [f"forwarded from {', '.join(args.lan)}"] if args.lan else []
+            redirected += ["this machine's own"] if args.local else []
+            applied = f"table {NFT_FAMILY} {NFT_TABLE} applied: TCP {' and '.join(redirected)}"
+        lines.append(
+            f"transparent: port {dispatcher.transparent_port} (TCP), mark {args.mark:#x}; firewall rules {applied}"
+        )
     if not args.allow and not users and not _is_loopback(host):
         lines.append(
             f"warning: anyone on this machine's private networks can use the proxy on "
@@ -9495,7 +9936,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-d", "--debug", action="store_true", help="write debug logs to stdout")
     parser.add_argument("-V", "--version", action="version", version=f"dispatch {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start,service}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start,rules,service}")
     commands.add_parser("list", help="list the interfaces and their addresses")
     start = commands.add_parser(
         "start",
@@ -9672,7 +10113,22 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
+    _add_transparent_arguments(start)
+    start.add_argument(
+        "--apply-rules",
+        action="store_true",
+        help="with --transparent: apply the firewall rules of 'dispatch rules' at the start "
+        f"(nftables table {NFT_FAMILY} {NFT_TABLE}) and remove them at the stop",
+    )
     start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT|@backup]")
+    rules = commands.add_parser(
+        "rules",
+        help="print the firewall rules of transparent mode (nftables)",
+        description="Print the nftables script that sends TCP to dispatch's transparent port: "
+        "what --apply-rules applies. Apply it with: nft -f FILE; remove it with: "
+        f"nft delete table {NFT_FAMILY} {NFT_TABLE}",
+    )
+    _add_transparent_arguments(rules, required=True)
     service = commands.add_parser(
         "service",
         help="print a service definition that runs 'dispatch start' at boot or logon",
@@ -9682,6 +10138,53 @@ def _build_parser() -> argparse.ArgumentParser:
     service.add_argument("system", choices=SERVICE_SYSTEMS)
     service.add_argument("start_arguments", nargs=argparse.REMAINDER, metavar="START ARGUMENTS")
     return parser
+
+
+def _add_transparent_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """The options of transparent mode, which ``start`` and ``rules`` share."""
+    parser.add_argument(
+        "--transparent",
+        type=_port,
+        required=required,
+        metavar="PORT",
+        help="serve connections the firewall redirects to PORT, on every address (Linux, CAP_NET_ADMIN)",
+    )
+    parser.add_argument(
+        "--lan",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="redirect TCP forwarded from this interface: this machine as the LAN's gateway (repeatable)",
+    )
+    parser.add_argument("--local", action="store_true", help="redirect TCP of this machine's own programs")
+    parser.add_argument(
+        "--mark",
+        type=_mark,
+        default=DEFAULT_MARK,
+        help=f"the firewall mark of dispatch's own connections, which the rules let pass (default {DEFAULT_MARK:#x})",
+    )
+
+
+def _mark(text: str) -> int:
+    try:
+        mark = int(text, 0)
+    except ValueError:
+        mark = 0
+    if not 0 < mark < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a firewall mark (1 to 0xffffffff)")
+    return mark
+
+
+def _print_rules(args: argparse.Namespace) -> int:
+    """``dispatch rules``: the script of TransparentRules, on stdout."""
+    if not (args.lan or args.local):
+        return _error("say what to redirect: --lan IFACE (repeatable), --local, or both")
+    try:
+        rules = TransparentRules(args.transparent, lan_networks(args.lan), args.local, args.mark)
+    except FirewallError as error:
+        return _error(str(error))
+    print(rules.script(), end="")
+    return 0
 
 
 def _port(text: str) -> int:
@@ -9816,11 +10319,13 @@ def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: ``dispatch [-d] {list,start,service} ...``; returns the exit status."""
+    """The command line: ``dispatch [-d] {list,start,rules,service} ...``; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "service":
         return _print_service(parser, args)
+    if args.command == "rules":
+        return _print_rules(args)
     if args.command == "list":
         try:
             return _list_interfaces(sys.stdout)

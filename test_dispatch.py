@@ -6340,6 +6340,90 @@ def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
 
 
 # ---------------------------------------------------------------------------
+# Firewall rules: transparent mode's nftables table
+# ---------------------------------------------------------------------------
+
+
+def rules_script(**fields: Any) -> str:
+    options: dict[str, Any] = {"port": 1082, "lan": {"lan0": ["10.99.0.0/24", "fd00:99::/64"]}, "local": True}
+    return dispatch.TransparentRules(**{**options, **fields}).script()
+
+
+def chain_lines(script: str, name: str) -> list[str]:
+    """The rules of chain ``name`` in ``script``, one a line, without the chain's head."""
+    lines = [line.strip() for line in script.splitlines()]
+    start = lines.index(f"chain {name} {{")
+    return lines[start + 2 : lines.index("}", start)]
+
+
+def test_rules_replace_a_table_left_behind_in_one_transaction() -> None:
+    lines = rules_script().splitlines()
+    body = [line for line in lines if not line.startswith("#")]
+    assert body[:3] == ["table inet dispatch", "delete table inet dispatch", "table inet dispatch {"]
+    assert sum(line.startswith("table ") for line in lines) == 2  # the one to replace, and the new one
+
+
+@pytest.mark.parametrize("chain", ["prerouting", "output"])
+def test_rules_let_dispatchs_own_mark_pass_before_anything_else(chain: str) -> None:
+    rules = chain_lines(rules_script(mark=0x10), chain)
+    assert rules[0] == "meta mark 0x10 return"
+    assert rules[-1].endswith("meta l4proto tcp redirect to :1082")
+    assert all(rule.endswith(" return") for rule in rules[:-1])
+
+
+@pytest.mark.parametrize("chain", ["prerouting", "output"])
+def test_rules_never_redirect_this_machine_loopback_link_local_multicast_broadcast_or_the_lans_networks(
+    chain: str,
+) -> None:
+    rules = chain_lines(rules_script(), chain)
+    assert "fib daddr type { local, broadcast, multicast } return" in rules
+    v4 = "ip daddr { 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4, 255.255.255.255, 10.99.0.0/24 } return"
+    assert v4 in rules
+    assert "ip6 daddr { ::1, fe80::/10, ff00::/8, fd00:99::/64 } return" in rules
+
+
+def test_rules_redirect_the_lans_forwarded_tcp_and_this_machines_only_as_asked() -> None:
+    lan_only = rules_script(local=False)
+    assert 'iifname { "lan0" } meta l4proto tcp redirect to :1082' in chain_lines(lan_only, "prerouting")
+    assert "chain output" not in lan_only
+    local_only = rules_script(lan={})
+    assert "chain prerouting" not in local_only and "chain output" in local_only
+
+
+def test_dispatch_rules_prints_the_script_of_local(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["rules", "--transparent", "1082", "--local", "--mark", "0x10"]) == 0
+    assert capsys.readouterr().out == dispatch.TransparentRules(1082, {}, True, 0x10).script()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["rules", "--transparent", "1082"], "say what to redirect: --lan IFACE (repeatable), --local, or both"),
+        (["rules", "--transparent", "1082", "--lan", "no-such-lan0"], "--lan no-such-lan0: no such interface here"),
+        (["rules", "--transparent", "1082", "--local", "--mark", "0"], "'0' is not a firewall mark"),
+        (["start", "--lan", "eth0"], "--lan, --local and --apply-rules are for transparent mode"),
+        (["start", "--transparent", "0", "--apply-rules"], "--apply-rules needs something to redirect"),
+    ],
+)
+def test_transparent_mode_options_out_of_place_are_one_line_and_exit_2(
+    arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with contextlib.suppress(SystemExit):
+        assert dispatch.main(arguments) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_transparent_mode_is_refused_on_macos_and_windows_pointing_to_the_system_proxy_and_pac_file(
+    platform: str,
+) -> None:
+    said = dispatch.transparent_refusal(apply_rules=False, platform=platform)
+    assert said is not None and said.startswith("--transparent works on Linux only")
+    assert "proxy settings" in said and "proxy.pac" in said
+
+
+# ---------------------------------------------------------------------------
 # Server and limits: admission, timeouts, threads, descriptors, hostile clients
 # ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -907,3 +908,215 @@ def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default
             assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
         rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
         assert all(rows[link] >= 2 for link in source), rows
+
+
+# Transparent mode: a phone on the LAN, this machine's own programs ---------
+
+LAB_TRANSPARENT_PORT = 1082  # inside the client namespace, where nothing else listens
+TRANSPARENT = ("--transparent", str(LAB_TRANSPARENT_PORT), "--apply-rules")
+
+
+@pytest.fixture(scope="module")
+def phone_lab() -> Iterator[Any]:
+    """The rules lab with a phone on the client's LAN (dlab-lan), its
+    default route through the client, which forwards."""
+    netlab = netlab_or_skip()
+    if shutil.which("nft") is None:
+        pytest.skip("transparent mode needs nft (apt-get install nftables)")
+    lab = netlab.Lab(name=f"dlab-t{os.getpid() % 100000}p", phone=True)
+    with lab:
+        lab.start_peer_echo()
+        lab.start_http_server(size=LAB_DOWNLOAD_SIZE)
+        yield lab
+
+
+def phone_connection(lab: Any, port: int, ns: str | None = None) -> socket.socket:
+    """A plain TCP connection (no proxy) from the phone (or namespace
+    ``ns``) to the lab's server."""
+    return import_netlab().open_connection(lab.service_address, port, ns=ns or lab.phone_ns, timeout=TIMEOUT)
+
+
+def phone_peer(lab: Any, ns: str | None = None) -> str:
+    """The source address the lab's peer-echo server sees for a plain
+    connection from the phone (or from namespace ``ns``)."""
+    with phone_connection(lab, import_netlab().PEER_ECHO_PORT, ns) as sock:
+        return read_all(sock).decode().strip()
+
+
+def phone_download(lab: Any, size: int) -> int:
+    """A plain HTTP download of ``size`` bytes from the phone; the body's length."""
+    with phone_connection(lab, import_netlab().HTTP_PORT) as sock:
+        response = round_trip(sock, f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n".encode())
+    head, _, body = response.partition(b"\r\n\r\n")
+    return len(body) if head.split(b" ")[1:2] == [b"200"] else -1
+
+
+def tables(lab: Any) -> list[str]:
+    """The nftables tables of the lab's client."""
+    listed = lab.run_in_client(["nft", "list", "tables"], check=True).stdout
+    return [line.strip() for line in listed.splitlines() if line.strip()]
+
+
+def log_lines_of(proxy: LabProxy, count: int, text: str) -> list[str]:
+    """The log's lines holding ``text``, once there are ``count`` (each is written as its connection ends)."""
+    assert wait_for(lambda: proxy.log().count(text) >= count), proxy.log()
+    return [line for line in proxy.log().splitlines() if text in line]
+
+
+def test_lab_a_phone_without_a_proxy_is_spread_over_the_uplinks_and_each_connection_logged(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--balance", "round-robin", "--no-state")
+    assert tables(phone_lab) == ["table inet dispatch"]
+    seen = [phone_peer(phone_lab) for _ in range(6)]
+    assert sorted(seen) == sorted(link.client_addr for link in phone_lab.uplinks for _ in range(2))
+    netlab = import_netlab()
+    lines = log_lines_of(proxy, 6, "(transparent): ok")
+    for link in phone_lab.uplinks:
+        where = f" -> {phone_lab.service_address}:{netlab.PEER_ECHO_PORT} via {link.client_addr} ({link.client_ifname})"
+        assert len([line for line in lines if f"{netlab.PHONE_ADDRESS}:" in line and where in line]) == 2, lines
+    rows = {row["interface"]: row["connections"] for row in lab_status(proxy)["addresses"]}
+    assert rows == {link.client_ifname: 2 for link in phone_lab.uplinks}
+
+
+def phone_batch(proxy: LabProxy, count: int, size: int) -> tuple[list[int], float]:
+    """``count`` plain downloads of ``size`` from the phone started together:
+    how many each uplink got, and the bytes per second of the whole batch."""
+    before = connections_per_link(proxy)
+    sizes: list[int] = []
+    threads = [threading.Thread(target=lambda: sizes.append(phone_download(proxy.lab, size))) for _ in range(count)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 6)
+    seconds = time.monotonic() - started
+    assert sizes == [size] * count
+    after = connections_per_link(proxy)
+    return [after[link.client_ifname] - before[link.client_ifname] for link in proxy.lab.uplinks], sum(sizes) / seconds
+
+
+def test_lab_a_batch_of_phone_downloads_is_split_by_measured_capacity(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Links of 1,200, 1,200 and 400 kB/s: a batch of 24 plain downloads
+    from the phone measures them, and the next is split near the soonest
+    split, as a SOCKS client's batch is (see the short batch test)."""
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--no-state")
+    phone_batch(proxy, 24, 250_000)
+    split, rate = phone_batch(proxy, 24, 250_000)
+    print(f"transparent batch: split {split}, {rate / 1000:.0f} kB/s")
+    assert over_soonest(split, (1200, 1200, 400)) < 1.5, split
+
+
+def test_lab_this_machines_own_programs_are_balanced_and_dispatchs_connections_are_not_sent_back_to_it(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """--local redirects every TCP connection the client's programs open,
+    dispatch's own too but for their firewall mark: without it each
+    connection out would come back to dispatch, without end."""
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--local", "--balance", "round-robin", "--no-state")
+    seen = [phone_peer(phone_lab, phone_lab.client_ns) for _ in range(6)]
+    assert sorted(seen) == sorted(link.client_addr for link in phone_lab.uplinks for _ in range(2))
+    lines = log_lines_of(proxy, 6, "(transparent): ok")
+    assert len(lines) == 6, lines  # one line for each, none for a connection of dispatch's own
+    assert proxy.peer() in seen  # a SOCKS client of the same dispatch, as ever
+
+
+def test_lab_a_dark_uplink_costs_a_phone_connection_no_more_than_the_hedge(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    hedge = 2.0  # far above a connection's own time on a busy machine, and below the connect timeout
+    arguments = ["--lan", "dlab-lan", "--balance", "round-robin", "--hedge", f"{hedge:g}", "--no-state"]
+    lab_proxy(phone_lab, *TRANSPARENT, *arguments)
+    phone_lab.darken(1)
+    try:
+        durations, seen = [], []
+        for _ in range(6):
+            started = time.monotonic()
+            seen.append(phone_peer(phone_lab))
+            durations.append(time.monotonic() - started)
+    finally:
+        phone_lab.restore(1)
+    assert max(durations) < hedge + 1.0 < dispatch.DEFAULT_CONNECT_TIMEOUT, durations
+    assert phone_lab.uplink(1).client_addr not in seen
+
+
+def test_lab_a_connection_to_the_transparent_port_itself_is_refused_with_a_log_line(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    netlab = import_netlab()
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--no-state")
+    sock = netlab.open_connection(netlab.LAN_ADDRESS, LAB_TRANSPARENT_PORT, ns=phone_lab.phone_ns, timeout=TIMEOUT)
+    with sock:
+        assert read_all(sock) == b""
+    itself = f"{netlab.LAN_ADDRESS}:{LAB_TRANSPARENT_PORT}"
+    assert wait_for(lambda: f"-> {itself} via - (transparent): the target is the transparent listener" in proxy.log())
+    assert f"WARNING refused {netlab.PHONE_ADDRESS}:" in proxy.log()
+
+
+def test_lab_sigterm_leaves_no_table_and_after_sigkill_the_next_start_leaves_one_and_its_stop_none(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--local", "--no-state")
+    assert tables(phone_lab) == ["table inet dispatch"]
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(TIMEOUT) == 0
+    assert tables(phone_lab) == []
+    killed = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--no-state")
+    killed.process.kill()
+    killed.process.wait(TIMEOUT)
+    assert tables(phone_lab) == ["table inet dispatch"]  # left behind
+    again = lab_proxy(phone_lab, *TRANSPARENT, "--local", "--no-state")
+    assert tables(phone_lab) == ["table inet dispatch"]
+    ruleset = phone_lab.run_in_client(["nft", "list", "ruleset"], check=True).stdout
+    assert "chain output" in ruleset and "chain prerouting" not in ruleset  # this start's rules alone
+    assert phone_peer(phone_lab, phone_lab.client_ns) in {link.client_addr for link in phone_lab.uplinks}
+    again.stop()
+    assert tables(phone_lab) == []
+
+
+def refusal(lab: Any, *arguments: str, wrapper: Sequence[str] = ()) -> tuple[int, str]:
+    """``dispatch start ARGUMENTS`` in the lab's client, run under
+    ``wrapper``: its exit status and its stderr, which it must end at once."""
+    command = [*wrapper, sys.executable, os.path.join(os.path.dirname(__file__), "dispatch.py")]
+    done = lab.run_in_client([*command, "start", "--no-state", *arguments], timeout=TIMEOUT * 3)
+    assert done.stdout == ""
+    return done.returncode, done.stderr
+
+
+def test_lab_transparent_mode_without_cap_net_admin_says_so_in_one_line(phone_lab: Any) -> None:
+    wrapper = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+    status, said = refusal(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", wrapper=wrapper)
+    assert status == 2
+    assert said.count("\n") == 1 and said.startswith(
+        "dispatch: error: --transparent needs the capability CAP_NET_ADMIN"
+    )
+    assert "'dispatch rules' prints the firewall script" in said
+    assert tables(phone_lab) == []
+
+
+def test_lab_apply_rules_without_nft_names_the_package_in_one_line(phone_lab: Any, tmp_path: Any) -> None:
+    wrapper = ["env", f"PATH={tmp_path}"]  # a PATH with no nft on it
+    status, said = refusal(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", wrapper=wrapper)
+    assert status == 2
+    assert said.count("\n") == 1 and "nft, which is not installed: install the package nftables" in said
+    assert tables(phone_lab) == []
+
+
+def test_lab_a_lan_that_is_no_interface_is_refused_in_one_line(phone_lab: Any) -> None:
+    status, said = refusal(phone_lab, *TRANSPARENT, "--lan", "dlab-nope")
+    assert status == 2
+    assert said.count("\n") == 1 and said.startswith("dispatch: error: --lan dlab-nope: no such interface here")
+    assert tables(phone_lab) == []
+
+
+def test_lab_a_lan_without_forwarding_is_refused_in_one_line(phone_lab: Any) -> None:
+    phone_lab.set_forwarding(False)
+    try:
+        status, said = refusal(phone_lab, *TRANSPARENT, "--lan", "dlab-lan")
+    finally:
+        phone_lab.set_forwarding(True)
+    assert status == 2
+    assert said.count("\n") == 1 and "net.ipv4.ip_forward is off" in said
+    assert tables(phone_lab) == []

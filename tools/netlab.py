@@ -29,6 +29,11 @@ The lab is made of two Linux network namespaces joined by veth pairs::
   its client address on the server side: :meth:`Lab.darken` / :meth:`Lab.restore`.
 * A link's rate can be changed while traffic flows (both directions):
   :meth:`Lab.set_rate`, or ``netlab.py rate INDEX KBPS``.
+* ``Lab(phone=True)`` adds a PHONE namespace (``<name>-phone``), a device
+  on the client's LAN that knows nothing of proxies: ``dlab-phone``
+  10.99.0.2/24, its default route through the client's ``dlab-lan``
+  10.99.0.1/24, and the client forwards.  The server has no route back to
+  the LAN: what the client forwards as it came gets no answer.
 
 Namespaces are named ``<name>-client`` and ``<name>-server`` (default name
 ``dlab``); the veth pairs are created directly inside the namespaces, so
@@ -75,6 +80,11 @@ SERVICE_ADDRESS = "203.0.113.80"  # TEST-NET-3; the eth0 of this host uses 192.0
 UPLINK_NET = "198.51.100"  # TEST-NET-2, one /28 per uplink
 HTTP_PORT = 8080
 PEER_ECHO_PORT = 7007
+LAN_IFNAME = "dlab-lan"  # the client's end of the phone's LAN
+LAN_ADDRESS = "10.99.0.1"
+PHONE_IFNAME = "dlab-phone"
+PHONE_ADDRESS = "10.99.0.2"
+LAN_PREFIXLEN = 24
 CMD_TIMEOUT = 20.0  # seconds, for every ip/tc command we run
 
 _CLONE_NEWNET = 0x40000000
@@ -244,6 +254,7 @@ class Lab:
         setup: str = "rules",
         rates: Sequence[int] = DEFAULT_RATES,
         service_address: str = SERVICE_ADDRESS,
+        phone: bool = False,
     ) -> None:
         if setup not in SETUPS:
             raise ValueError(f"setup must be one of {SETUPS}, not {setup!r}")
@@ -251,6 +262,7 @@ class Lab:
         self.setup = setup
         self.client_ns = f"{name}-client"
         self.server_ns = f"{name}-server"
+        self.phone_ns = f"{name}-phone" if phone else None
         self.uplinks: list[Uplink] = make_uplinks(rates)
         self.service_address = service_address
         self._procs: list[subprocess.Popen] = []
@@ -281,7 +293,13 @@ class Lab:
     # -- commands in namespaces --------------------------------------------
 
     def _ns(self, which: str) -> str:
-        return {"client": self.client_ns, "server": self.server_ns}[which]
+        namespaces = {"client": self.client_ns, "server": self.server_ns}
+        if self.phone_ns is not None:
+            namespaces["phone"] = self.phone_ns
+        return namespaces[which]
+
+    def _namespaces(self) -> list[str]:
+        return [self.client_ns, self.server_ns, *([self.phone_ns] if self.phone_ns else [])]
 
     def ns_command(self, which: str, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed to run in the 'client' or 'server' namespace."""
@@ -298,6 +316,9 @@ class Lab:
 
     def server_popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
         return self.popen("server", argv, **kwargs)
+
+    def phone_popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        return self.popen("phone", argv, **kwargs)
 
     def run_in(
         self, which: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False, **kwargs
@@ -325,7 +346,7 @@ class Lab:
 
     def exists(self) -> bool:
         """Do this lab's namespaces exist (possibly leftovers)?"""
-        return any(os.path.exists(f"/run/netns/{ns}") for ns in (self.client_ns, self.server_ns))
+        return any(os.path.exists(f"/run/netns/{ns}") for ns in self._namespaces())
 
     def up(self) -> Lab:
         """Build the lab from scratch (leftovers with the same name are removed)."""
@@ -338,7 +359,7 @@ class Lab:
         return self
 
     def _build(self) -> None:
-        for ns in (self.client_ns, self.server_ns):
+        for ns in self._namespaces():
             _run(["ip", "netns", "add", ns])
         for which in ("client", "server"):
             self._ip(which, "link", "set", "lo", "up")
@@ -356,6 +377,39 @@ class Lab:
         for link in self.uplinks:
             self._build_uplink(link)
         self._build_client_routes()
+        if self.phone_ns is not None:
+            self._build_phone()
+
+    def _build_phone(self) -> None:
+        """The phone's LAN: a veth pair, the phone's default route through
+        the client, and the client forwarding (a gateway)."""
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                LAN_IFNAME,
+                "netns",
+                self.client_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                PHONE_IFNAME,
+                "netns",
+                self._ns("phone"),
+            ]
+        )
+        self._ip("phone", "link", "set", "lo", "up")
+        for which, ifname, addr in (("client", LAN_IFNAME, LAN_ADDRESS), ("phone", PHONE_IFNAME, PHONE_ADDRESS)):
+            self._ip(which, "addr", "add", f"{addr}/{LAN_PREFIXLEN}", "dev", ifname)
+            self._ip(which, "link", "set", ifname, "up")
+        self._ip("phone", "route", "add", "default", "via", LAN_ADDRESS, "dev", PHONE_IFNAME)
+        self._sysctl("client", "net.ipv4.ip_forward", 1)
+
+    def set_forwarding(self, on: bool) -> None:
+        """Turn the client's IPv4 forwarding on or off."""
+        self._sysctl("client", "net.ipv4.ip_forward", int(on))
 
     def _build_uplink(self, link: Uplink) -> None:
         # Create the pair directly inside the namespaces: no host-side names.
@@ -475,7 +529,7 @@ class Lab:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self._procs.clear()
-        for ns in (self.client_ns, self.server_ns):
+        for ns in self._namespaces():
             _kill_namespace_processes(ns)
             if os.path.exists(f"/run/netns/{ns}"):
                 # Deleting the namespace deletes the veths (both ends) with it.
