@@ -54,6 +54,7 @@ Map of this module, in order; each section uses only what is above it:
                        pages show (Status, StatsRow: TypedDicts)
     local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
     HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
+    transparent sessions  TransparentSession, UdpFlow: what the firewall sends here (Linux)
     firewall rules     TransparentRules: transparent mode's nftables table and its undo
     server             the first byte picks the session; Admission; the listener
     options            DispatcherOptions: every option of a Dispatcher, checked as a whole
@@ -6549,59 +6550,6 @@ class SocksSession(Session):
         return UdpAssociation(self, client_side, lease, client_ip, port or None)
 
 
-def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """Where a connection the firewall redirected here (nftables
-    ``redirect``) was going: (ip, port), as the kernel's connection tracking
-    kept it. Raises OSError where there is none to tell (ENOENT)."""
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
-            port, packed = struct.unpack_from("!2xH4x16s", raw)
-            return socket.inet_ntop(socket.AF_INET6, packed), port
-        raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
-    except OSError as error:
-        if error.errno != errno.ENOENT:
-            raise
-        raise SocksError(Reply.GENERAL_FAILURE, "no destination to go to: the connection was not redirected") from None
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntop(socket.AF_INET, packed), port
-
-
-class TransparentSession(Session):
-    """A connection the firewall sent here (transparent mode): no handshake
-    and nothing to reply; its target is where the client sent it
-    (original_destination). From there it is any connection: dispatched,
-    counted on its link, relayed, one log line marked "(transparent)"."""
-
-    def serve(self) -> None:
-        """Connect to the original destination and relay to the end; log one line."""
-        self.record.transparent = True
-        try:
-            ip, port = original_destination(self.connection)
-            self.record.target = _format_endpoint(ip, port)
-            self.refuse_the_listener(ip, port)
-            with self.connect(ip, port) as lease:
-                self.relay_through(lease)
-        except OSError as error:
-            self.log(error)
-        else:
-            self.log()
-
-    def refuse_the_listener(self, ip: str, port: int) -> None:
-        """Raise SocksError (and log a warning) if the destination is the
-        listener itself: a connection that came to it without being
-        redirected, or rules that redirect dispatch's own traffic, would
-        otherwise connect to it again and again."""
-        listener_ip, listener_port = _split_host(self.connection.getsockname())
-        target = _client_ip(ip)
-        if port != listener_port or not (
-            target == _client_ip(listener_ip) or target.is_loopback or is_own_address(target)
-        ):
-            return
-        logger.warning("refused %s: its target %s is the transparent listener itself", self.client, self.record.target)
-        raise SocksError(Reply.NOT_ALLOWED, "the target is the transparent listener itself")
-
-
 class UdpAssociation:
     """One SOCKS5 UDP association: datagrams between one client and any targets.
 
@@ -7854,6 +7802,292 @@ def _request_headers(host: str, port: int, version: str, headers: Headers, lengt
 
 
 # ---------------------------------------------------------------------------
+# Transparent sessions: redirected TCP connections, tproxy UDP flows
+# ---------------------------------------------------------------------------
+
+# Transparent mode's socket options that the socket module has no name for
+# (linux/in.h, linux/in6.h): a socket that may be bound to an address of
+# another machine and receive what TPROXY hands it, and the ancillary data
+# that tells a datagram's original destination.
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+IPV6_TRANSPARENT = 75
+# Seconds a UDP flow is kept with nothing moving either way (when there is
+# no --idle-timeout): a game's or a call's flow goes on past pauses, and a
+# DNS query's is forgotten soon enough.
+UDP_FLOW_IDLE_TIMEOUT = 60.0
+# The most UDP flows open at once: each holds two sockets and a thread.
+MAX_UDP_FLOWS = 1024
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a connection the firewall redirected here (nftables
+    ``redirect``) was going: (ip, port), as the kernel's connection tracking
+    kept it. Raises OSError where there is none to tell (ENOENT)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
+            port, packed = struct.unpack_from("!2xH4x16s", raw)
+            return socket.inet_ntop(socket.AF_INET6, packed), port
+        raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
+    except OSError as error:
+        if error.errno != errno.ENOENT:
+            raise
+        raise SocksError(Reply.GENERAL_FAILURE, "no destination to go to: the connection was not redirected") from None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntop(socket.AF_INET, packed), port
+
+
+class TransparentSession(Session):
+    """A connection the firewall sent here (transparent mode): no handshake
+    and nothing to reply; its target is where the client sent it
+    (original_destination). From there it is any connection: dispatched,
+    counted on its link, relayed, one log line marked "(transparent)"."""
+
+    def serve(self) -> None:
+        """Connect to the original destination and relay to the end; log one line."""
+        self.record.transparent = True
+        try:
+            ip, port = original_destination(self.connection)
+            self.record.target = _format_endpoint(ip, port)
+            self.refuse_the_listener(ip, port)
+            with self.connect(ip, port) as lease:
+                self.relay_through(lease)
+        except OSError as error:
+            self.log(error)
+        else:
+            self.log()
+
+    def refuse_the_listener(self, ip: str, port: int) -> None:
+        """Raise SocksError (and log a warning) if the destination is the
+        listener itself: a connection that came to it without being
+        redirected, or rules that redirect dispatch's own traffic, would
+        otherwise connect to it again and again."""
+        listener_ip, listener_port = _split_host(self.connection.getsockname())
+        target = _client_ip(ip)
+        if port != listener_port or not (
+            target == _client_ip(listener_ip) or target.is_loopback or is_own_address(target)
+        ):
+            return
+        logger.warning("refused %s: its target %s is the transparent listener itself", self.client, self.record.target)
+        raise SocksError(Reply.NOT_ALLOWED, "the target is the transparent listener itself")
+
+
+def _transparent_udp_socket(family: socket.AddressFamily, address: Target) -> socket.socket:
+    """A UDP socket bound to ``address``, which may be another machine's
+    (IP_TRANSPARENT), that is told each datagram's original destination."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def datagram_destination(ancillary: Iterable[tuple[int, int, bytes]]) -> Target | None:
+    """The original destination of a datagram TPROXY handed over, from
+    ``recvmsg``'s ancillary data (IP_ORIGDSTADDR, IPV6_ORIGDSTADDR); None
+    if it does not say."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            port, packed = struct.unpack_from("!2xH4s", data)
+            return socket.inet_ntop(socket.AF_INET, packed), port
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            port, packed = struct.unpack_from("!2xH4x16s", data)
+            return socket.inet_ntop(socket.AF_INET6, packed), port
+    return None
+
+
+class UdpFlow:
+    """The datagrams between one client and one destination that TPROXY
+    sent here: they leave from a dispatched local address (its link chosen
+    as for a connection), and the answers go back to the client from the
+    destination's own address and port (a transparent socket bound to it),
+    so that the client's socket takes them. Ends after ``idle`` seconds with
+    nothing moving, or at the proxy's stop; one log line."""
+
+    def __init__(self, context: SessionContext, client: Target, destination: Target, idle: float) -> None:
+        self.context = context
+        self.client = client
+        self.destination = destination
+        self.idle = idle
+        self.record = ExchangeRecord(_format_endpoint(*client), target=_format_endpoint(*destination), transparent=True)
+        self.datagrams_up = self.datagrams_down = 0
+        family = _family_of(destination[0])
+        context.upstream.check_target(str(_client_ip(client[0])), destination[0], destination[0], destination[1])
+        self.lease = context.upstream.open_udp(family)
+        self.record.via = self.lease.local
+        try:
+            self.answers = _transparent_udp_socket(family, destination)
+        except BaseException:
+            self.lease.close()
+            raise
+        self.last = time.monotonic()
+
+    def send(self, data: bytes) -> None:
+        """Send a datagram of the client's on to the destination."""
+        host, port = self.destination
+        try:
+            if isinstance(self.lease, ProxiedUdpLease):
+                self.lease.send_to(data, host, port)
+            else:
+                self.lease.sock.sendto(data, self.destination)
+        except OSError:
+            return  # a datagram lost, as UDP's are
+        self.last = time.monotonic()
+        self.datagrams_up += 1
+        self.count(len(data), 0)
+
+    def count(self, up: int, down: int) -> None:
+        self.record.up += up
+        self.record.down += down
+        self.context.upstream.meter.add(self.lease.local, up, down)
+
+    def run(self, ended: Callable[[UdpFlow], None]) -> None:
+        """Pass the answers back until the flow is idle or the proxy stops;
+        then close, call ``ended`` and log."""
+        try:
+            sock = self.lease.sock
+            while not self.context.stopping.is_set():
+                left = self.last + self.idle - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(min(left, 1.0))
+                try:
+                    if isinstance(self.lease, ProxiedUdpLease):
+                        data, source = self.lease.receive()
+                    else:
+                        data, source = sock.recvfrom(UDP_BUFFER_SIZE)
+                except TimeoutError:
+                    continue
+                if _split_host(source) != self.destination:
+                    continue  # the flow is this destination's alone
+                with contextlib.suppress(OSError):
+                    self.answers.sendto(data, self.client)
+                    self.last = time.monotonic()
+                    self.datagrams_down += 1
+                    self.count(0, len(data))
+        except OSError as error:
+            if not self.context.stopping.is_set():
+                self.record.result = _describe(error)
+        finally:
+            self.answers.close()
+            self.lease.close()
+            ended(self)
+        if self.context.stopping.is_set():
+            self.record.result += ", cut by shutdown"
+        self.record.result += f", {self.datagrams_up} datagrams up, {self.datagrams_down} down"
+        self.record.log()
+
+
+class TransparentUdp:
+    """The tproxy UDP listener of one family on one port: each datagram's
+    original destination (datagram_destination) and client pick its UdpFlow,
+    opened for the first. The allow-list admits as for connections, and
+    this machine's own addresses too; refusals are dropped datagrams."""
+
+    def __init__(self, family: socket.AddressFamily, port: int, context: SessionContext, access: AccessPolicy) -> None:
+        self.context = context
+        self.access = access
+        self.idle = context.idle_timeout or UDP_FLOW_IDLE_TIMEOUT
+        self.socket = _transparent_udp_socket(family, ("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        self._flows: dict[tuple[Target, Target], UdpFlow] = {}
+        self._lock = threading.Lock()
+        self._wake_up, self._wake_up_sender = socket.socketpair()
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+        self._done.set()
+
+    def serve_until_stopped(self) -> None:
+        """Receive datagrams until stop()."""
+        self._done.clear()
+        try:
+            with _selector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                selector.register(self._wake_up, selectors.EVENT_READ)
+                while not self._stopped.is_set():
+                    if any(key.fileobj is self.socket for key, _ in selector.select()):
+                        self._receive()
+        finally:
+            self._done.set()
+
+    def _receive(self) -> None:
+        if sys.platform == "win32":  # no recvmsg; transparent mode is refused there anyway
+            return
+        try:
+            data, ancillary, _flags, source = self.socket.recvmsg(UDP_BUFFER_SIZE, socket.CMSG_SPACE(28))
+        except OSError:
+            return
+        destination = datagram_destination(ancillary)
+        client = _split_host(source)
+        if destination is None or not self._admits(client[0]):
+            return
+        key = (client, destination)
+        with self._lock:
+            flow = self._flows.get(key)
+        if flow is None:
+            flow = self._open(key)
+            if flow is None:
+                return
+        flow.send(data)
+
+    def _admits(self, ip: str) -> bool:
+        return self.access.allows(ip) or is_own_address(_client_ip(ip))
+
+    def _open(self, key: tuple[Target, Target]) -> UdpFlow | None:
+        """A new flow for (client, destination) with its thread; None where
+        it cannot be had (refused, no link, too many), logged as a flow."""
+        client, destination = key
+        with self._lock:
+            if len(self._flows) >= MAX_UDP_FLOWS:
+                return None
+        try:
+            flow = UdpFlow(self.context, client, destination, self.idle)
+        except OSError as error:
+            record = ExchangeRecord(_format_endpoint(*client), target=_format_endpoint(*destination), transparent=True)
+            record.result = _describe(error)
+            record.log()
+            return None
+        with self._lock:
+            self._flows[key] = flow
+        threading.Thread(target=flow.run, args=(self._ended,), name="dispatch-udp-flow", daemon=True).start()
+        return flow
+
+    def _ended(self, flow: UdpFlow) -> None:
+        with self._lock:
+            if self._flows.get((flow.client, flow.destination)) is flow:
+                del self._flows[(flow.client, flow.destination)]
+
+    def flows(self) -> int:
+        """How many flows are open now."""
+        with self._lock:
+            return len(self._flows)
+
+    def stop(self) -> None:
+        """Stop receiving; the flows end as the proxy's stopping is set."""
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._wake_up_sender.send(b"\0")
+        self._done.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket."""
+        self.socket.close()
+        self._wake_up.close()
+        self._wake_up_sender.close()
+
+
+# ---------------------------------------------------------------------------
 # Firewall rules: transparent mode's nftables table, applied and undone
 # ---------------------------------------------------------------------------
 
@@ -7873,6 +8107,9 @@ NEVER_REDIRECTED = {
     "ip6": ("::1", "fe80::/10", "ff00::/8"),
 }
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+# UDP that TPROXY hands over is routed to this machine by a table of its
+# own: the first free one from here ("di" in ASCII).
+TPROXY_TABLE_FIRST = 0x6469
 
 
 class FirewallError(ValueError):
@@ -7882,94 +8119,164 @@ class FirewallError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TransparentRules:
-    """The nftables table of transparent mode: TCP forwarded from the ``lan``
-    interfaces (``{name: its networks}``) and, if ``local``, TCP of this
-    machine's own programs is redirected to ``port``; dispatch's own
-    connections (``mark``) pass first, and so do destinations that are this
-    machine, the LAN's own networks, loopback, link-local, multicast and
-    broadcast. ``script()`` is what ``dispatch rules`` prints; ``apply()``
-    puts it in place, replacing a table a killed dispatch left, and
-    ``remove()`` is its undo."""
+    """The firewall rules of transparent mode, for the ``lan`` interfaces'
+    forwarded traffic (``{name: its networks}``) and, if ``local``, this
+    machine's own programs': TCP is redirected to ``port`` (nftables
+    ``redirect``), UDP handed to it by TPROXY, which needs its datagrams
+    routed to this machine: they are marked ``mark`` + 1, and an ``ip rule``
+    sends that mark to routing ``table``, whose one route is "local". dispatch's
+    own traffic (``mark``) passes first, and so do destinations that are
+    this machine, the LAN's own networks, loopback, link-local, multicast
+    and broadcast. ``script()`` is the nftables table that ``dispatch rules``
+    prints; ``apply()`` puts it and the route in place, replacing what a
+    killed dispatch left, and ``remove()`` is its undo."""
 
     port: int
     lan: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     local: bool = False
     mark: int = DEFAULT_MARK
+    table: int = TPROXY_TABLE_FIRST
+
+    @property
+    def route_mark(self) -> int:
+        """The mark of datagrams TPROXY hands over, routed to this machine."""
+        return self.mark + 1
 
     def script(self) -> str:
-        """The whole script, for ``nft -f``: one transaction."""
+        """The nftables script, for ``nft -f``: one transaction."""
         table = f"{NFT_FAMILY} {NFT_TABLE}"
+        port, routed = self.port, f"{self.route_mark:#x}"
         lines = [
             "#!/usr/sbin/nft -f",
-            f"# dispatch transparent mode: TCP to port {self.port}; dispatch's own traffic carries mark {self.mark:#x}",
+            f"# dispatch transparent mode: TCP and UDP to port {port}; dispatch's own traffic carries mark "
+            f"{self.mark:#x}; UDP handed over carries {routed}, which 'ip rule add fwmark {routed} lookup "
+            f"{self.table}' and 'ip route add local default dev lo table {self.table}' (and ip -6) route here",
             # Creating the table first makes the delete succeed when there is
             # none: a table left behind is replaced, never doubled.
             f"table {table}",
             f"delete table {table}",
             f"table {table} {{",
         ]
-        lan_networks = [network for networks in self.lan.values() for network in networks]
+        tproxy = f"tproxy ip to :{port}", f"tproxy ip6 to :{port}"
         if self.lan:
-            names = ", ".join(json.dumps(name) for name in self.lan)
-            lines += self._chain("prerouting", "type nat hook prerouting priority dstnat", lan_networks)
-            lines.insert(-1, f"\t\tiifname {{ {names} }} meta l4proto tcp redirect to :{self.port}")
+            names = "{ " + ", ".join(json.dumps(name) for name in self.lan) + " }"
+            lines += self._chain("prerouting", "type nat hook prerouting priority dstnat")
+            lines.insert(-1, f"\t\tiifname {names} meta l4proto tcp redirect to :{port}")
         if self.local:
-            lines += self._chain("output", "type nat hook output priority -100", lan_networks)
-            lines.insert(-1, f"\t\tmeta l4proto tcp redirect to :{self.port}")
+            lines += self._chain("output", "type nat hook output priority -100")
+            lines.insert(-1, f"\t\tmeta l4proto tcp redirect to :{port}")
+        lines += self._chain("divert", "type filter hook prerouting priority mangle")
+        for version, proxy in zip(("ipv4", "ipv6"), tproxy):
+            udp = f"meta l4proto udp meta nfproto {version}"
+            if self.lan:
+                lines.insert(-1, f"\t\tiifname {names} {udp} {proxy} meta mark set {routed} accept")
+            if self.local:  # this machine's own, routed back in by the output chain's mark
+                lines.insert(-1, f'\t\tiifname "lo" meta mark {routed} {udp} {proxy} accept')
+        if self.local:
+            lines += self._chain("reroute", "type route hook output priority mangle")
+            lines.insert(-1, f"\t\tmeta l4proto udp meta mark set {routed}")
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def _chain(self, name: str, hook: str, lan_networks: Sequence[str]) -> list[str]:
-        """A chain's head and its rules that let traffic pass unredirected; it ends with "}"."""
+    def _chain(self, name: str, hook: str) -> list[str]:
+        """A chain's head and the rules that let traffic pass as it is; it ends with "}"."""
         lines = [
             f"\tchain {name} {{",
             f"\t\t{hook}; policy accept;",
             f"\t\tmeta mark {self.mark:#x} return",
             "\t\tfib daddr type { local, broadcast, multicast } return",
         ]
+        lan_networks = [network for networks in self.lan.values() for network in networks]
         for family, version in (("ip", 4), ("ip6", 6)):
             never = [*NEVER_REDIRECTED[family]]
             never += [n for n in lan_networks if ipaddress.ip_network(n).version == version]
             lines.append(f"\t\t{family} daddr {{ {', '.join(never)} }} return")
         return [*lines, "\t}"]
 
-    def apply(self) -> None:
-        """Put the table in place in one transaction (``nft -f``); on any
-        failure nothing is applied, and FirewallError says nft's own words."""
-        _run_nft(["-f", "-"], self.script())
+    def apply(self) -> TransparentRules:
+        """Put the table in place in one transaction (``nft -f``), then the
+        route of UDP in the first free routing table from ``table``; return
+        the rules as applied. On any failure nothing is left applied, and
+        FirewallError says the tool's own words."""
+        self._remove_routes()  # a killed dispatch's
+        applied = dataclasses.replace(self, table=_free_routing_table(self.table))
+        _run_tool("nft", ["-f", "-"], applied.script())
+        for version in ("-4", "-6"):
+            try:
+                _run_tool("ip", [version, "rule", "add", "fwmark", hex(self.route_mark), "lookup", str(applied.table)])
+                _run_tool("ip", [version, "route", "add", "local", "default", "dev", "lo", "table", str(applied.table)])
+            except FirewallError as error:
+                if version == "-4":
+                    applied.remove()
+                    raise
+                # A machine without IPv6 has no IPv6 datagrams to hand over.
+                logger.warning("IPv6 UDP is not handed over: %s", error)
+        return applied
 
-    @staticmethod
-    def remove() -> None:
-        """Remove the table, if there is one."""
+    def remove(self) -> None:
+        """Remove the table and the route of UDP, what there is of them."""
         with contextlib.suppress(FirewallError):
-            _run_nft(["delete", "table", NFT_FAMILY, NFT_TABLE])
+            _run_tool("nft", ["delete", "table", NFT_FAMILY, NFT_TABLE])
+        self._remove_routes()
+
+    def _remove_routes(self) -> None:
+        """Remove every ip rule of the route mark, and the tables they route to."""
+        for version in ("-4", "-6"):
+            for table in _rule_tables(version, self.route_mark):
+                with contextlib.suppress(FirewallError):
+                    _run_tool("ip", [version, "rule", "del", "fwmark", hex(self.route_mark), "lookup", table])
+                with contextlib.suppress(FirewallError):
+                    _run_tool("ip", [version, "route", "flush", "table", table])
 
 
-def _run_nft(arguments: Sequence[str], script: str | None = None) -> None:
-    """Run nft; FirewallError with its message if it fails or is missing."""
+def _rule_tables(version: str, mark: int) -> list[str]:
+    """The routing tables the ip rules of fwmark ``mark`` send to, one per rule."""
+    try:
+        listed = _run_tool("ip", [version, "rule", "show", "fwmark", hex(mark)])
+    except FirewallError:
+        return []
+    return re.findall(r"lookup (\S+)", listed)
+
+
+def _free_routing_table(first: int) -> int:
+    """The first routing table from ``first`` that no route and no rule uses."""
+    used: set[str] = set()
+    for version in ("-4", "-6"):
+        used.update(re.findall(r"\btable (\S+)", _run_tool("ip", [version, "route", "show", "table", "all"])))
+        used.update(re.findall(r"\blookup (\S+)", _run_tool("ip", [version, "rule", "show"])))
+    table = first
+    while str(table) in used:
+        table += 1
+    return table
+
+
+def _run_tool(tool: str, arguments: Sequence[str], script: str | None = None) -> str:
+    """Run nft or ip; its output, or FirewallError with its message if it fails or is missing."""
     try:
         done = subprocess.run(
-            ["nft", *arguments], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
+            [tool, *arguments], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
         )
     except FileNotFoundError:
-        raise FirewallError(_NFT_MISSING) from None
+        raise FirewallError(_TOOL_MISSING[tool]) from None
     except (OSError, subprocess.SubprocessError) as error:
-        raise FirewallError(f"cannot run nft: {error}") from None
+        raise FirewallError(f"cannot run {tool}: {error}") from None
     if done.returncode:
         said = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
-        raise FirewallError(f"nft refused the rules: {said or f'exit status {done.returncode}'}")
+        raise FirewallError(f"{tool} refused the rules: {said or f'exit status {done.returncode}'}")
+    return done.stdout
 
 
-_NFT_MISSING = (
-    "transparent mode applies its rules with nft, which is not installed: install the package nftables "
-    "(its name on Debian, Fedora and Arch)"
-)
+_TOOL_MISSING = {
+    tool: f"transparent mode applies its rules with {tool}, which is not installed: install the package "
+    f"{package} (its name on Debian, Fedora and Arch)"
+    for tool, package in (("nft", "nftables"), ("ip", "iproute2"))
+}
 
 
 def transparent_refusal(apply_rules: bool, platform: str | None = None) -> str | None:
     """Why transparent mode cannot run here (``platform``: sys.platform's
     kind of name), in one line; None if it can: Linux only, with
-    CAP_NET_ADMIN, and nft to apply the rules."""
+    CAP_NET_ADMIN, and nft and ip to apply the rules."""
     if (platform or sys.platform) != "linux":
         return (
             "--transparent works on Linux only; on macOS and Windows, set the system's proxy "
@@ -7981,8 +8288,9 @@ def transparent_refusal(apply_rules: bool, platform: str | None = None) -> str |
             "dispatch service systemd ... --transparent PORT); 'dispatch rules' prints the firewall "
             "script for an administrator to apply"
         )
-    if apply_rules and shutil.which("nft") is None:
-        return _NFT_MISSING
+    for tool in ("nft", "ip") if apply_rules else ():
+        if shutil.which(tool) is None:
+            return _TOOL_MISSING[tool]
     return None
 
 
@@ -8453,8 +8761,8 @@ class DispatcherOptions:
             raise ValueError("lan, local and apply_rules are for transparent mode: give transparent a port")
         if self.apply_rules and not (self.lan or self.local):
             raise ValueError("apply_rules needs something to redirect: lan interfaces, or local")
-        if not 0 < self.mark < 2**32:
-            raise ValueError(f"mark must be 1 to {2**32 - 1}; got {self.mark!r}")
+        if not 0 < self.mark < 2**32 - 1:  # the next number marks UDP handed over
+            raise ValueError(f"mark must be 1 to {2**32 - 2}; got {self.mark!r}")
 
     def _keep_collections(self) -> None:
         """Keep each collection as a tuple or a read-only mapping (a
@@ -8823,7 +9131,7 @@ class Dispatcher:
         self._serving = threading.Event()
         self._server = _Server((options.host, options.port), self.admission, self.context)
         self.upstream.listening = self.address
-        self._transparent_servers: list[_Server] = []
+        self._transparent_servers: list[_Server | TransparentUdp] = []
         self._rules: TransparentRules | None = None
         if options.transparent is not None:
             self._set_up_transparent(options.transparent, options.mark, rules)
@@ -8868,14 +9176,16 @@ class Dispatcher:
         return TransparentRules(options.transparent, networks, options.local, options.mark)
 
     def _listen_transparent(self, port: int) -> None:
-        """Listen for redirected connections on every IPv4 address and, where
-        there is IPv6, every IPv6 one, on one port (``port`` 0: a free one)."""
+        """Listen for redirected connections and datagrams on every IPv4
+        address and, where there is IPv6, every IPv6 one, on one port
+        (``port`` 0: a free one)."""
         first = _TransparentServer(("0.0.0.0", port), self.admission, self.context)
         self._transparent_servers.append(first)
+        port = first.server_address[1]
+        self._transparent_servers.append(TransparentUdp(socket.AF_INET, port, self.context, self.access))
         try:
-            self._transparent_servers.append(
-                _TransparentServer(("::", first.server_address[1]), self.admission, self.context)
-            )
+            self._transparent_servers.append(_TransparentServer(("::", port), self.admission, self.context))
+            self._transparent_servers.append(TransparentUdp(socket.AF_INET6, port, self.context, self.access))
         except OSError as error:
             if error.errno not in _errnos("EAFNOSUPPORT", "EADDRNOTAVAIL"):
                 raise
@@ -8885,7 +9195,7 @@ class Dispatcher:
         """The port of the transparent listener; None without one."""
         if not self._transparent_servers:
             return None
-        return int(self._transparent_servers[0].server_address[1])
+        return int(self._transparent_servers[0].socket.getsockname()[1])
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -9851,9 +10161,10 @@ def _banner(dispatcher: Dispatcher, args: argparse.Namespace, descriptor_limit: 
         if args.apply_rules:
             redirected = [f"forwarded from {', '.join(args.lan)}"] if args.lan else []
             redirected += ["this machine's own"] if args.local else []
-            applied = f"table {NFT_FAMILY} {NFT_TABLE} applied: TCP {' and '.join(redirected)}"
+            applied = f"table {NFT_FAMILY} {NFT_TABLE} applied: TCP and UDP {' and '.join(redirected)}"
         lines.append(
-            f"transparent: port {dispatcher.transparent_port} (TCP), mark {args.mark:#x}; firewall rules {applied}"
+            f"transparent: port {dispatcher.transparent_port} (TCP and UDP), mark {args.mark:#x}; "
+            f"firewall rules {applied}"
         )
     if not args.allow and not users and not _is_loopback(host):
         lines.append(
@@ -10170,8 +10481,8 @@ def _mark(text: str) -> int:
         mark = int(text, 0)
     except ValueError:
         mark = 0
-    if not 0 < mark < 2**32:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a firewall mark (1 to 0xffffffff)")
+    if not 0 < mark < 2**32 - 1:  # the next number marks UDP handed over
+        raise argparse.ArgumentTypeError(f"{text!r} is not a firewall mark (1 to 0xfffffffe)")
     return mark
 
 

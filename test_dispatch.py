@@ -6390,6 +6390,17 @@ def test_rules_redirect_the_lans_forwarded_tcp_and_this_machines_only_as_asked()
     assert "chain prerouting" not in local_only and "chain output" in local_only
 
 
+def test_rules_hand_udp_to_tproxy_marked_for_the_route_to_this_machine() -> None:
+    script = rules_script(mark=0x10, table=300)
+    divert = chain_lines(script, "divert")
+    assert divert[0] == "meta mark 0x10 return"  # dispatch's own datagrams pass first
+    udp = "meta l4proto udp meta nfproto ipv4 tproxy ip to :1082"
+    assert f'iifname {{ "lan0" }} {udp} meta mark set 0x11 accept' in divert
+    assert f'iifname "lo" meta mark 0x11 {udp} accept' in divert  # this machine's own, routed back in
+    assert chain_lines(script, "reroute")[-1] == "meta l4proto udp meta mark set 0x11"
+    assert "'ip rule add fwmark 0x11 lookup 300'" in script.splitlines()[1]
+
+
 def test_dispatch_rules_prints_the_script_of_local(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["rules", "--transparent", "1082", "--local", "--mark", "0x10"]) == 0
     assert capsys.readouterr().out == dispatch.TransparentRules(1082, {}, True, 0x10).script()

@@ -952,9 +952,14 @@ def phone_download(lab: Any, size: int) -> int:
 
 
 def tables(lab: Any) -> list[str]:
-    """The nftables tables of the lab's client."""
-    listed = lab.run_in_client(["nft", "list", "tables"], check=True).stdout
-    return [line.strip() for line in listed.splitlines() if line.strip()]
+    """The nftables tables of the lab's client, and its ip rules of a firewall mark (IPv4 and IPv6)."""
+    listed = lab.run_in_client(["nft", "list", "tables"], check=True).stdout.splitlines()
+    for version in ("-4", "-6"):
+        listed += [rule for rule in lab.run_in_client(["ip", version, "rule"], check=True).stdout.splitlines()]
+    return [line.split(":", 1)[-1].strip() for line in listed if line.startswith("table") or "fwmark" in line]
+
+
+APPLIED = ["table inet dispatch", *["from all fwmark 0x64697371 lookup 25705"] * 2]  # the ip rule: IPv4, IPv6
 
 
 def log_lines_of(proxy: LabProxy, count: int, text: str) -> list[str]:
@@ -967,7 +972,7 @@ def test_lab_a_phone_without_a_proxy_is_spread_over_the_uplinks_and_each_connect
     phone_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
     proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--balance", "round-robin", "--no-state")
-    assert tables(phone_lab) == ["table inet dispatch"]
+    assert tables(phone_lab) == APPLIED
     seen = [phone_peer(phone_lab) for _ in range(6)]
     assert sorted(seen) == sorted(link.client_addr for link in phone_lab.uplinks for _ in range(2))
     netlab = import_netlab()
@@ -1007,6 +1012,33 @@ def test_lab_a_batch_of_phone_downloads_is_split_by_measured_capacity(
     split, rate = phone_batch(proxy, 24, 250_000)
     print(f"transparent batch: split {split}, {rate / 1000:.0f} kB/s")
     assert over_soonest(split, (1200, 1200, 400)) < 1.5, split
+
+
+def test_lab_a_phones_udp_is_answered_from_the_address_it_sent_to_and_leaves_by_the_uplinks(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    netlab = import_netlab()
+    with netlab.netns(phone_lab.server_ns):
+        echo = UdpServer(lambda data, sender: data + b" from " + sender[0].encode(), phone_lab.service_address)
+    arguments = ["--lan", "dlab-lan", "--local", "--balance", "round-robin", "--idle-timeout", "1", "--no-state"]
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, *arguments)
+    try:
+        answers = []
+        for ns in [phone_lab.phone_ns] * 3 + [phone_lab.client_ns] * 3:
+            with netlab.netns(ns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                sock.settimeout(TIMEOUT)
+                sock.sendto(b"ping", (echo.host, echo.port))
+                data, sender = sock.recvfrom(100)
+                assert sender == (echo.host, echo.port)
+                answers.append(data.decode())
+    finally:
+        echo.close()
+    uplinks = [link.client_addr for link in phone_lab.uplinks]
+    assert sorted(answers) == sorted(f"ping from {ip}" for ip in uplinks * 2)
+    lines = log_lines_of(proxy, 6, "(transparent): ok, 1 datagrams up, 1 down")
+    assert len([line for line in lines if line.split()[3].startswith(f"{netlab.PHONE_ADDRESS}:")]) == 3, lines
 
 
 def test_lab_this_machines_own_programs_are_balanced_and_dispatchs_connections_are_not_sent_back_to_it(
@@ -1059,16 +1091,16 @@ def test_lab_sigterm_leaves_no_table_and_after_sigkill_the_next_start_leaves_one
     phone_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
     proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--local", "--no-state")
-    assert tables(phone_lab) == ["table inet dispatch"]
+    assert tables(phone_lab) == APPLIED
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(TIMEOUT) == 0
     assert tables(phone_lab) == []
     killed = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--no-state")
     killed.process.kill()
     killed.process.wait(TIMEOUT)
-    assert tables(phone_lab) == ["table inet dispatch"]  # left behind
+    assert tables(phone_lab) == APPLIED  # left behind
     again = lab_proxy(phone_lab, *TRANSPARENT, "--local", "--no-state")
-    assert tables(phone_lab) == ["table inet dispatch"]
+    assert tables(phone_lab) == APPLIED
     ruleset = phone_lab.run_in_client(["nft", "list", "ruleset"], check=True).stdout
     assert "chain output" in ruleset and "chain prerouting" not in ruleset  # this start's rules alone
     assert phone_peer(phone_lab, phone_lab.client_ns) in {link.client_addr for link in phone_lab.uplinks}
