@@ -55,13 +55,14 @@ needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopbac
 
 
 class Server:
-    """A TCP server on loopback running ``serve(conn)`` per connection in a thread."""
+    """A TCP server on loopback running ``serve(conn)`` per connection in a
+    thread; on a free port, or on ``port`` (in a lab's namespace)."""
 
-    def __init__(self, serve: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+    def __init__(self, serve: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, 0))
+        self.listener.bind((host, port))
         self.listener.listen(2048)
         self.host, self.port = self.listener.getsockname()[:2]
         self.serve = serve

@@ -5353,6 +5353,7 @@ class Upstream:
         absolute_form: bool = False,
         hops: Sequence[str] = (),
         client_socket: socket.socket | None = None,
+        site: str | None = None,
     ) -> UpstreamLease:
         """Connect to (host, port) from a dispatched local address.
 
@@ -5371,12 +5372,14 @@ class Upstream:
         absolute form) with no CONNECT. ``hops``: the Via of the request the
         connection is for, which an HTTP proxy's CONNECT carries on.
         ``client_socket``: the client's connection; when it hangs up,
-        nothing more is tried (ConnectionResetError). Raises the last error.
+        nothing more is tried (ConnectionResetError). ``site``: the name a
+        connection to an address is for, where it is known (transparent
+        mode), for sticky sites. Raises the last error.
         """
         deadline = time.monotonic() + CONNECT_TIMEOUTS_IN_ALL * self.connect_timeout
         affinity = None
         if client is not None and self.balancer.sticky is not None:
-            affinity = Affinity(client, registrable_domain(host))
+            affinity = Affinity(client, registrable_domain(site or host))
         families = self.balancer.families
         if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
@@ -6287,6 +6290,41 @@ class Status(TypedDict):
     history: History
 
 
+# Transparent connections go to addresses: the names devices looked up
+# through dispatch's DNS answers (SiteNames) name them, for sticky sites
+# and the log. At most this many addresses are kept.
+SITE_NAMES_KEPT = 4096
+
+
+class SiteNames:
+    """Which name each address was given for, as DNS answers said, each
+    kept for its answer's TTL: the last name given for an address wins."""
+
+    def __init__(self, max_entries: int = SITE_NAMES_KEPT, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._names: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, ips: Iterable[str], name: str, ttl: float) -> None:
+        """Name each of ``ips`` ``name`` for ``ttl`` seconds."""
+        until = self.clock() + ttl
+        with self._lock:
+            for ip in ips:
+                self._names[ip] = (name, until)
+                self._names.move_to_end(ip)
+            while len(self._names) > self.max_entries:
+                self._names.popitem(last=False)
+
+    def name_of(self, ip: str) -> str | None:
+        """The name ``ip`` was last given for, while its TTL lasts."""
+        with self._lock:
+            entry = self._names.get(ip)
+            if entry is None or entry[1] <= self.clock():
+                return None
+            return entry[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class SessionContext:
     """What every session uses: who may do what, the way out, and the time
@@ -6303,6 +6341,8 @@ class SessionContext:
     # Host names the pages answer to, besides localhost and the proxy's
     # own addresses (lower case, without a final dot).
     page_hosts: frozenset[str] = frozenset()
+    # The names addresses were looked up by (transparent mode); None: none kept.
+    names: SiteNames | None = None
 
 
 class Session:
@@ -6325,6 +6365,9 @@ class Session:
         self.context = context
         self.record = ExchangeRecord(self.client)
         self.cut = False
+        # Whether the client's EOF while the connect is under way means it
+        # left: a proxy's client waits for the reply before it sends more.
+        self.eof_is_hang_up = True
 
     def serve(self) -> None:
         """Serve the client to its end."""
@@ -6369,11 +6412,13 @@ class Session:
         if self.record.via is not None:
             self.context.upstream.meter.add(self.record.via, up, down)
 
-    def connect(self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = ()) -> UpstreamLease:
+    def connect(
+        self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = (), site: str | None = None
+    ) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through. ``absolute_form``: for plain
-        HTTP requests; ``hops``: the Via of an HTTP request (see
-        Upstream.connect). A client that hangs up meanwhile ends the
+        HTTP requests; ``hops``: the Via of an HTTP request; ``site``: the
+        name of the site an address is for (see Upstream.connect). A client that hangs up meanwhile ends the
         attempts (as Squid's half_closed_clients off: a client that closes
         its sending side is taken to have left)."""
         client = str(_client_ip(_split_host(self.client_address)[0]))
@@ -6384,7 +6429,8 @@ class Session:
             client=client,
             absolute_form=absolute_form,
             hops=hops,
-            client_socket=self.connection,
+            client_socket=self.connection if self.eof_is_hang_up else None,
+            site=site,
         )
 
     def _via(self, local: LocalAddress) -> None:
@@ -7821,6 +7867,120 @@ UDP_FLOW_IDLE_TIMEOUT = 60.0
 MAX_UDP_FLOWS = 1024
 
 
+# DNS (RFC 1035) as transparent mode answers it: devices ask some server on
+# port 53, and A and AAAA queries are answered by dispatch's own resolver
+# (through the links, cached) with this TTL; any other query goes on to the
+# server asked, as any datagram does.
+DNS_PORT = 53
+DNS_ANSWER_TTL = 60
+DNS_TYPES = {1: socket.AF_INET, 28: socket.AF_INET6}  # A, AAAA
+DNS_CLASS_IN = 1
+DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN = 0, 2, 3
+# Ports whose protocols have the client speak first (HTTP, TLS): there the
+# first bytes are waited for, up to this many seconds, for a site's name.
+CLIENT_FIRST_PORTS = frozenset({80, 443, 8080, 8443})
+SITE_PEEK_TIMEOUT = 1.0
+SITE_PEEK_SIZE = 16384  # a TLS record at most
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsQuery:
+    """The one question of a DNS query: its id, name (lower case, no final
+    dot), type and class, the question as sent, and its RD flag."""
+
+    id: int
+    name: str
+    rdtype: int
+    rdclass: int
+    question: bytes
+    recursion_desired: bool
+
+
+def parse_dns_query(message: bytes) -> DnsQuery:
+    """The question of a standard query of one question; ValueError otherwise."""
+    if len(message) < 12:
+        raise ValueError("shorter than a DNS header")
+    ident, flags, questions = struct.unpack_from("!HHH", message)
+    if flags & 0xF800 or questions != 1:  # QR 0 and OPCODE 0: a standard query
+        raise ValueError("not a standard query of one question")
+    labels, at = [], 12
+    while True:
+        if at >= len(message):
+            raise ValueError("the name runs past the message")
+        size = message[at]
+        if size == 0:
+            break
+        if size > 63:
+            raise ValueError("a compressed or too long label")
+        labels.append(message[at + 1 : at + 1 + size])
+        at += 1 + size
+    if at + 5 > len(message):
+        raise ValueError("no type and class")
+    rdtype, rdclass = struct.unpack_from("!HH", message, at + 1)
+    try:
+        name = b".".join(labels).decode("ascii").lower()
+    except UnicodeDecodeError:
+        raise ValueError("a name that is not ASCII") from None
+    return DnsQuery(ident, name, rdtype, rdclass, message[12 : at + 5], bool(flags & 0x0100))
+
+
+def dns_answer(query: DnsQuery, ips: Sequence[str], rcode: int = DNS_NOERROR, ttl: int = DNS_ANSWER_TTL) -> bytes:
+    """The response to ``query``: its ``ips`` as records of its type, or ``rcode``."""
+    flags = 0x8000 | 0x0080 | (0x0100 if query.recursion_desired else 0) | rcode  # QR, RA, RD as asked
+    records = b""
+    for ip in ips:
+        data = socket.inet_pton(_family_of(ip), ip)
+        records += struct.pack("!HHHIH", 0xC00C, query.rdtype, DNS_CLASS_IN, ttl, len(data)) + data
+    return struct.pack("!HHHHHH", query.id, flags, 1, len(ips), 0, 0) + query.question + records
+
+
+def tls_server_name(data: bytes) -> str | None:
+    """The server name (SNI) of a TLS ClientHello that starts ``data``; None
+    if it has none or ``data`` is not one (or not all of it)."""
+    try:
+        if data[0] != 22 or data[5] != 1:  # a handshake record, a ClientHello
+            return None
+        at = 5 + 4 + 2 + 32  # record and handshake headers, version, random
+        at += 1 + data[at]  # session id
+        at += 2 + struct.unpack_from("!H", data, at)[0]  # cipher suites
+        at += 1 + data[at]  # compression methods
+        end = at + 2 + struct.unpack_from("!H", data, at)[0]
+        at += 2
+        while at + 4 <= end:
+            kind, size = struct.unpack_from("!HH", data, at)
+            if kind == 0:  # server_name: a list of (type, name); 0 is a host name
+                if data[at + 6] == 0:
+                    length = struct.unpack_from("!H", data, at + 7)[0]
+                    return data[at + 9 : at + 9 + length].decode("ascii").lower() or None
+                return None
+            at += 4 + size
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
+def http_host(data: bytes) -> str | None:
+    """The host of an HTTP/1 request head's Host field, without its port; None if there is none."""
+    head = data.partition(b"\r\n\r\n")[0]
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"host":
+            try:
+                host = value.strip().decode("ascii").lower()
+            except UnicodeDecodeError:
+                return None
+            host = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+            return host or None
+    return None
+
+
+def _needs_more(data: bytes) -> bool:
+    """Whether ``data`` is the start of a TLS record or HTTP head that has more to come."""
+    if data[:1] == b"\x16" and len(data) >= 5:
+        return len(data) < 5 + int(struct.unpack_from("!H", data, 3)[0])
+    return data[:1].isalpha() and b"\r\n\r\n" not in data
+
+
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """Where a connection the firewall redirected here (nftables
     ``redirect``) was going: (ip, port), as the kernel's connection tracking
@@ -7848,16 +8008,46 @@ class TransparentSession(Session):
     def serve(self) -> None:
         """Connect to the original destination and relay to the end; log one line."""
         self.record.transparent = True
+        # Its client thinks itself connected, and may send its request and
+        # close its sending side at once.
+        self.eof_is_hang_up = False
         try:
             ip, port = original_destination(self.connection)
             self.record.target = _format_endpoint(ip, port)
             self.refuse_the_listener(ip, port)
-            with self.connect(ip, port) as lease:
+            site = self.site_name(ip, port)
+            if site is not None:
+                self.record.target = f"{_format_endpoint(site, port)} ({ip})"
+            with self.connect(ip, port, site=site) as lease:
                 self.relay_through(lease)
         except OSError as error:
             self.log(error)
         else:
             self.log()
+
+    def site_name(self, ip: str, port: int) -> str | None:
+        """The name of the site at ``ip``: the one a DNS answer of dispatch's
+        gave it for, or else (where the client speaks first) the one its
+        first bytes name, a TLS ClientHello's SNI or an HTTP Host field."""
+        known = self.context.names.name_of(ip) if self.context.names is not None else None
+        if known is not None or port not in CLIENT_FIRST_PORTS:
+            return known
+        first = self.first_bytes()
+        return tls_server_name(first) or http_host(first)
+
+    def first_bytes(self) -> bytes:
+        """What the client sends first, up to a whole TLS record or HTTP head
+        (within SITE_PEEK_TIMEOUT), kept for the relay to send on as it came."""
+        deadline = min(self.reader.deadline, time.monotonic() + SITE_PEEK_TIMEOUT)
+        data = b""
+        with contextlib.suppress(TimeoutError):
+            while len(data) < SITE_PEEK_SIZE and (not data or _needs_more(data)):
+                chunk = _recv_by(self.connection, SITE_PEEK_SIZE - len(data), deadline)
+                if not chunk:
+                    break
+                data += chunk
+        self.reader = DeadlineReader(self.connection, self.reader.deadline, data=data)
+        return data
 
     def refuse_the_listener(self, ip: str, port: int) -> None:
         """Raise SocksError (and log a warning) if the destination is the
@@ -8032,6 +8222,8 @@ class TransparentUdp:
         client = _split_host(source)
         if destination is None or not self._admits(client[0]):
             return
+        if destination[1] == DNS_PORT and self._answers(data, client, destination):
+            return
         key = (client, destination)
         with self._lock:
             flow = self._flows.get(key)
@@ -8040,6 +8232,52 @@ class TransparentUdp:
             if flow is None:
                 return
         flow.send(data)
+
+    def _answers(self, data: bytes, client: Target, destination: Target) -> bool:
+        """Answer a DNS query for an address (A, AAAA) by dispatch's own
+        resolver, in a thread of its own; False for any other datagram, and
+        where names are left to the system's resolver, whose queries carry no
+        mark: with --local they would come back here, without end."""
+        if not self.context.upstream.resolver.through_links:
+            return False
+        try:
+            query = parse_dns_query(data)
+        except ValueError:
+            return False
+        if query.rdtype not in DNS_TYPES or query.rdclass != DNS_CLASS_IN:
+            return False
+        answering = threading.Thread(
+            target=self._answer, args=(query, client, destination), name="dispatch-dns-answer", daemon=True
+        )
+        answering.start()
+        return True
+
+    def _answer(self, query: DnsQuery, client: Target, destination: Target) -> None:
+        """Look ``query``'s name up through the links and answer the client
+        from ``destination``, the server it asked; keep the name of each
+        address given; log one line."""
+        kind = "A" if query.rdtype == 1 else "AAAA"
+        asked = _format_endpoint(*destination)
+        record = ExchangeRecord(_format_endpoint(*client), target=f"{query.name} ({kind}, asked of {asked})")
+        record.transparent = True
+        rcode, ips = DNS_NOERROR, []
+        try:
+            # Both families: a name with addresses of the other one only exists.
+            found = self.context.upstream.resolve(query.name, (socket.AF_INET, socket.AF_INET6), None)
+            ips = [ip for family, ip in found if family == DNS_TYPES[query.rdtype]]
+        except OSError as error:
+            unknown = isinstance(error, SocksError) and error.reply == Reply.HOST_UNREACHABLE
+            rcode = DNS_NXDOMAIN if unknown else DNS_SERVFAIL
+            record.result = _describe(error)
+        if ips and self.context.names is not None:
+            self.context.names.remember(ips, query.name, DNS_ANSWER_TTL)
+        try:
+            with _transparent_udp_socket(_family_of(destination[0]), destination) as answers:
+                answers.sendto(dns_answer(query, ips, rcode), client)
+        except OSError as error:
+            record.result = _describe(error)
+        record.result += f", {len(ips)} {'address' if len(ips) == 1 else 'addresses'}"
+        record.log()
 
     def _admits(self, ip: str) -> bool:
         return self.access.allows(ip) or is_own_address(_client_ip(ip))
@@ -9115,6 +9353,7 @@ class Dispatcher:
             options.idle_timeout,
             status=self.status if options.pages else None,
             page_hosts=frozenset(options.page_hosts),
+            names=SiteNames() if options.transparent is not None else None,
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:

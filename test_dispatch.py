@@ -6340,6 +6340,81 @@ def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
 
 
 # ---------------------------------------------------------------------------
+# Transparent sessions: DNS answers, site names
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rdtype", "ips"), [("A", ["192.0.2.7", "192.0.2.8"]), ("AAAA", ["2001:db8::7"])])
+def test_a_dns_query_is_answered_with_its_addresses_as_dnspython_reads_them(rdtype: str, ips: list[str]) -> None:
+    import dns.message
+
+    asked = dns.message.make_query("WWW.Example.test", rdtype)
+    query = dispatch.parse_dns_query(asked.to_wire())
+    assert (query.name, query.rdtype, query.recursion_desired) == ("www.example.test", asked.question[0].rdtype, True)
+    answer = dns.message.from_wire(dispatch.dns_answer(query, ips))
+    assert answer.id == asked.id and answer.rcode() == 0 and answer.question == asked.question
+    assert [str(item) for rrset in answer.answer for item in rrset] == ips
+    assert {rrset.ttl for rrset in answer.answer} == {dispatch.DNS_ANSWER_TTL}
+    nothing = dns.message.from_wire(dispatch.dns_answer(query, [], dispatch.DNS_NXDOMAIN))
+    assert (nothing.rcode(), nothing.answer) == (3, [])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"", b"\x00" * 11, bytes.fromhex("1234 8180 0001 0000 0000 0000") + b"\x00\x00\x01\x00\x01", b"\x12\x34" * 6],
+)
+def test_what_is_no_standard_query_of_one_question_is_not_parsed_as_one(message: bytes) -> None:
+    with pytest.raises(ValueError):
+        dispatch.parse_dns_query(message)
+
+
+def client_hello(server_hostname: str | None) -> bytes:
+    """The first bytes a TLS client sends, as Python's ssl module writes them."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = server_hostname is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        context.wrap_bio(incoming, outgoing, server_hostname=server_hostname).do_handshake()
+    return outgoing.read()
+
+
+def test_a_tls_client_hello_names_its_server_and_a_part_of_one_names_none() -> None:
+    hello = client_hello("Video.Example.test")
+    assert dispatch.tls_server_name(hello) == "video.example.test"
+    assert dispatch.tls_server_name(client_hello(None)) is None
+    assert dispatch.tls_server_name(hello[:40]) is None
+    assert dispatch.tls_server_name(b"GET / HTTP/1.1\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(
+    ("head", "host"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: Example.test\r\n\r\n", "example.test"),
+        (b"GET / HTTP/1.1\r\nUser-Agent: x\r\nhost: example.test:8080\r\n\r\n", "example.test"),
+        (b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n", "2001:db8::1"),
+        (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\nHost: body.test", None),
+    ],
+)
+def test_an_http_request_head_names_its_host(head: bytes, host: str | None) -> None:
+    assert dispatch.http_host(head) == host
+
+
+def test_site_names_are_kept_for_their_ttl_the_last_one_given_winning() -> None:
+    clock = FakeClock()
+    names = dispatch.SiteNames(max_entries=2, clock=clock)
+    names.remember(["192.0.2.7"], "a.test", 60)
+    names.remember(["192.0.2.7", "192.0.2.8"], "b.test", 30)
+    assert names.name_of("192.0.2.7") == "b.test"
+    clock.now += 31
+    assert names.name_of("192.0.2.7") is None
+    names.remember(["192.0.2.9"], "c.test", 60)
+    names.remember(["192.0.2.10"], "d.test", 60)
+    assert names.name_of("192.0.2.9") == "c.test" and names.name_of("192.0.2.8") is None  # two kept at most
+
+
+# ---------------------------------------------------------------------------
 # Firewall rules: transparent mode's nftables table
 # ---------------------------------------------------------------------------
 

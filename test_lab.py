@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1039,6 +1040,71 @@ def test_lab_a_phones_udp_is_answered_from_the_address_it_sent_to_and_leaves_by_
     assert sorted(answers) == sorted(f"ping from {ip}" for ip in uplinks * 2)
     lines = log_lines_of(proxy, 6, "(transparent): ok, 1 datagrams up, 1 down")
     assert len([line for line in lines if line.split()[3].startswith(f"{netlab.PHONE_ADDRESS}:")]) == 3, lines
+
+
+@pytest.fixture
+def phone_dns(phone_lab: Any) -> Iterator[DnsServer]:
+    """A DNS server for the lab's names on the server side (the lab's
+    service address, port 53), as an ISP's would be."""
+    with import_netlab().netns(phone_lab.server_ns):
+        server = DnsServer(phone_lab.service_address, 53)
+    yield server
+    server.close()
+
+
+def phone_dns_query(lab: Any, server: str, name: str, rdtype: str = "A") -> Any:
+    """The answer to a DNS query for ``name`` the phone sends by UDP to ``server`` port 53."""
+    import dns.message
+
+    with import_netlab().netns(lab.phone_ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(TIMEOUT)
+        sock.sendto(dns.message.make_query(name, rdtype).to_wire(), (server, 53))
+        data, sender = sock.recvfrom(65535)
+    assert sender == (server, 53)  # from the server asked
+    return dns.message.from_wire(data)
+
+
+def test_lab_a_phones_dns_query_to_any_server_is_answered_through_the_links_and_names_its_connections(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy], phone_dns: DnsServer
+) -> None:
+    """The phone asks a server that is not there (192.0.2.53): dispatch
+    answers, having asked its own --dns server through an uplink; the
+    phone's next connection to the address is logged by the name."""
+    name = fresh_name(phone_dns, phone_lab)
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--dns", phone_dns.address, "--no-state")
+    answer = phone_dns_query(phone_lab, "192.0.2.53", name)
+    assert [str(item) for rrset in answer.answer for item in rrset] == [phone_lab.service_address]
+    assert {source for *_, source in phone_dns.asked(name)} <= {link.client_addr for link in phone_lab.uplinks}
+    assert phone_dns_query(phone_lab, "192.0.2.53", f"nx{name}").rcode() == 3  # NXDOMAIN
+    assert phone_peer(phone_lab) in {link.client_addr for link in phone_lab.uplinks}
+    netlab = import_netlab()
+    where = f"-> {name}:{netlab.PEER_ECHO_PORT} ({phone_lab.service_address}) via "
+    assert log_lines_of(proxy, 1, where)
+    assert log_lines_of(proxy, 1, f"-> {name} (A, asked of 192.0.2.53:53) via - (transparent): ok, 1 address")
+
+
+def test_lab_a_phones_https_connection_to_an_address_is_named_by_its_tls_server_name(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """No DNS answer named the address: the ClientHello's SNI names it,
+    and what the phone sent reaches the server as it was."""
+    netlab = import_netlab()
+    with netlab.netns(phone_lab.server_ns):
+        server = Server(echo, phone_lab.service_address, 443)
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--no-state")
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        context.wrap_bio(incoming, outgoing, server_hostname="www.site.test").do_handshake()
+    hello = outgoing.read()
+    try:
+        with phone_connection(phone_lab, 443) as sock:
+            assert round_trip(sock, hello) == hello
+    finally:
+        server.close()
+    assert log_lines_of(proxy, 1, f"-> www.site.test:443 ({phone_lab.service_address}) via ")
 
 
 def test_lab_this_machines_own_programs_are_balanced_and_dispatchs_connections_are_not_sent_back_to_it(
