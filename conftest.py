@@ -257,13 +257,13 @@ def silent_origin(make_server: Callable[..., Server]) -> tuple[Server, threading
 
 
 class UdpServer:
-    """A UDP server on loopback (or IPv4 ``host``): answers each datagram with
+    """A UDP server on loopback (or ``host``): answers each datagram with
     ``answer(data, sender)`` and keeps what it received."""
 
     def __init__(self, answer: Callable[[bytes, tuple[str, int]], bytes], host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
-        self.host, self.port = self.sock.getsockname()
+        self.host, self.port = self.sock.getsockname()[:2]
         self.received: list[bytes] = []
         self.answer = answer
         threading.Thread(target=self._serve, daemon=True).start()

@@ -47,6 +47,7 @@ from conftest import (
     socks4_request,
     socks5_reply,
     socks5_request,
+    tell_peer,
     wait_for,
 )
 from dispatch import Reply
@@ -1138,6 +1139,51 @@ def test_lab_a_dark_uplink_costs_a_phone_connection_no_more_than_the_hedge(
         phone_lab.restore(1)
     assert max(durations) < hedge + 1.0 < dispatch.DEFAULT_CONNECT_TIMEOUT, durations
     assert phone_lab.uplink(1).client_addr not in seen
+
+
+@pytest.fixture(scope="module")
+def phone6_lab() -> Iterator[Any]:
+    """The phone lab with IPv6 beside IPv4 on every link, and a TCP server
+    telling each client its address (``peer``) and a UDP echo server on the
+    IPv6 service address."""
+    netlab = netlab_or_skip()
+    if shutil.which("nft") is None:
+        pytest.skip("transparent mode needs nft (apt-get install nftables)")
+    with netlab.Lab(name=f"dlab-t{os.getpid() % 100000}6", phone=True, ipv6=True) as lab:
+        with netlab.netns(lab.server_ns):
+            lab.peer = Server(tell_peer, lab.service_address6)
+            lab.udp = UdpServer(lambda data, sender: data + b" from " + sender[0].encode(), lab.service_address6)
+        try:
+            yield lab
+        finally:
+            lab.peer.close()
+            lab.udp.close()
+
+
+def test_lab_a_phones_and_this_machines_ipv6_tcp_and_udp_are_spread_over_the_uplinks(
+    phone6_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    lab = phone6_lab
+    arguments = ["--lan", "dlab-lan", "--local", "--balance", "round-robin", "--idle-timeout", "1", "--no-state"]
+    proxy = lab_proxy(lab, *TRANSPARENT, *arguments)
+    netlab = import_netlab()
+    uplinks = [lab.client_addr6(link.index) for link in lab.uplinks]
+    seen, answers = [], []
+    for ns in [lab.phone_ns] * 3 + [lab.client_ns] * 3:
+        with netlab.open_connection(lab.peer.host, lab.peer.port, ns=ns, timeout=TIMEOUT) as sock:
+            seen.append(read_all(sock).decode().strip())
+        with netlab.netns(ns):
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        with sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"ping", (lab.udp.host, lab.udp.port))
+            data, sender = sock.recvfrom(100)
+            assert sender[:2] == (lab.udp.host, lab.udp.port)
+            answers.append(data.decode().removeprefix("ping from "))
+    assert sorted(seen) == sorted(uplinks * 2)
+    assert sorted(answers) == sorted(uplinks * 2)
+    lines = log_lines_of(proxy, 12, "(transparent): ok")
+    assert len([line for line in lines if line.split()[3].startswith(f"[{netlab.PHONE_ADDRESS6}]:")]) == 6, lines
 
 
 def test_lab_a_connection_to_the_transparent_port_itself_is_refused_with_a_log_line(

@@ -29,6 +29,10 @@ The lab is made of two Linux network namespaces joined by veth pairs::
   its client address on the server side: :meth:`Lab.darken` / :meth:`Lab.restore`.
 * A link's rate can be changed while traffic flows (both directions):
   :meth:`Lab.set_rate`, or ``netlab.py rate INDEX KBPS``.
+* ``Lab(ipv6=True)`` (the ``rules`` setup) gives every uplink an IPv6 /64
+  too (client ``2001:db8:100:I::2``, server ``::1``), the server the service
+  address ``2001:db8:80::80``, with the same rules by source address, and
+  the phone (if any) ``fd99::2/64`` on the client's ``fd99::1``.
 * ``Lab(phone=True)`` adds a PHONE namespace (``<name>-phone``), a device
   on the client's LAN that knows nothing of proxies: ``dlab-phone``
   10.99.0.2/24, its default route through the client's ``dlab-lan``
@@ -85,6 +89,10 @@ LAN_ADDRESS = "10.99.0.1"
 PHONE_IFNAME = "dlab-phone"
 PHONE_ADDRESS = "10.99.0.2"
 LAN_PREFIXLEN = 24
+SERVICE_ADDRESS6 = "2001:db8:80::80"
+UPLINK_NET6 = "2001:db8:100"  # uplink i: 2001:db8:100:i::/64
+LAN_ADDRESS6 = "fd99::1"
+PHONE_ADDRESS6 = "fd99::2"
 CMD_TIMEOUT = 20.0  # seconds, for every ip/tc command we run
 
 _CLONE_NEWNET = 0x40000000
@@ -255,9 +263,14 @@ class Lab:
         rates: Sequence[int] = DEFAULT_RATES,
         service_address: str = SERVICE_ADDRESS,
         phone: bool = False,
+        ipv6: bool = False,
     ) -> None:
         if setup not in SETUPS:
             raise ValueError(f"setup must be one of {SETUPS}, not {setup!r}")
+        if ipv6 and setup != "rules":
+            raise ValueError("an IPv6 lab has the rules setup")
+        self.ipv6 = ipv6
+        self.service_address6 = SERVICE_ADDRESS6 if ipv6 else None
         self.name = name
         self.setup = setup
         self.client_ns = f"{name}-client"
@@ -377,8 +390,62 @@ class Lab:
         for link in self.uplinks:
             self._build_uplink(link)
         self._build_client_routes()
+        if self.ipv6:
+            self._build_ipv6()
         if self.phone_ns is not None:
             self._build_phone()
+
+    def client_addr6(self, index: int) -> str:
+        """The IPv6 address of the client's end of uplink ``index``."""
+        return f"{UPLINK_NET6}:{index}::2"
+
+    def _build_ipv6(self) -> None:
+        """IPv6 beside IPv4: an address on each uplink's ends (no DAD: usable
+        at once), the service address, one table and rule per uplink."""
+        self._ip("server", "-6", "addr", "add", f"{SERVICE_ADDRESS6}/128", "dev", "lo")
+        for link in self.uplinks:
+            server = f"{UPLINK_NET6}:{link.index}::1"
+            self._ip(
+                "client", "-6", "addr", "add", f"{self.client_addr6(link.index)}/64", "dev", link.client_ifname, "nodad"
+            )
+            self._ip("server", "-6", "addr", "add", f"{server}/64", "dev", link.server_ifname, "nodad")
+            self._ip(
+                "client",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                server,
+                "dev",
+                link.client_ifname,
+                "table",
+                str(link.table),
+            )
+            self._ip(
+                "client",
+                "-6",
+                "rule",
+                "add",
+                "from",
+                self.client_addr6(link.index),
+                "table",
+                str(link.table),
+                "pref",
+                str(_RULE_PREF_BASE + link.index),
+            )
+        first = self.uplinks[0]
+        self._ip(
+            "client",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            f"{UPLINK_NET6}:{first.index}::1",
+            "dev",
+            first.client_ifname,
+        )
 
     def _build_phone(self) -> None:
         """The phone's LAN: a veth pair, the phone's default route through
@@ -406,6 +473,11 @@ class Lab:
             self._ip(which, "link", "set", ifname, "up")
         self._ip("phone", "route", "add", "default", "via", LAN_ADDRESS, "dev", PHONE_IFNAME)
         self._sysctl("client", "net.ipv4.ip_forward", 1)
+        if self.ipv6:
+            self._ip("client", "-6", "addr", "add", f"{LAN_ADDRESS6}/64", "dev", LAN_IFNAME, "nodad")
+            self._ip("phone", "-6", "addr", "add", f"{PHONE_ADDRESS6}/64", "dev", PHONE_IFNAME, "nodad")
+            self._ip("phone", "-6", "route", "add", "default", "via", LAN_ADDRESS6, "dev", PHONE_IFNAME)
+            self._sysctl("client", "net.ipv6.conf.all.forwarding", 1)
 
     def set_forwarding(self, on: bool) -> None:
         """Turn the client's IPv4 forwarding on or off."""
