@@ -9820,6 +9820,8 @@ def service_unit(
         raise ValueError(f"{system!r}: not a service system; choose one of {choices}")
     if not executable:
         raise ValueError("no command to run dispatch with")
+    if system != "systemd" and _carries_option(start_args, "--transparent"):
+        raise ValueError(transparent_refusal(False, "darwin" if system == "launchd" else "win32") or "")
     for argument in (*executable, *start_args, user or "", home or ""):
         if not argument.isprintable():
             raise ValueError(f"{argument!r}: a control character cannot go into a service definition")
@@ -9892,6 +9894,9 @@ def _systemd_unit(start_args: Sequence[str], executable: Sequence[str], user: st
     words = [_systemd_word(program, executable=True)]
     words += [_systemd_word(argument) for argument in command[1:]]
     account = f"User={user}" if user else "DynamicUser=yes"
+    capabilities = "CAP_NET_RAW CAP_NET_BIND_SERVICE"
+    if _carries_option(start_args, "--transparent"):
+        capabilities += " CAP_NET_ADMIN"
     protect_home = "ProtectHome=yes"
     if any(path.startswith(_HOME_ROOTS) for path in executable):
         protect_home = "# The program lives under a home directory: it is left readable.\nProtectHome=read-only"
@@ -9909,9 +9914,10 @@ Restart=on-failure
 RestartSec=2
 {account}
 # CAP_NET_RAW: SO_BINDTODEVICE, which makes each connection leave by the link
-# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024.
-AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE
-CapabilityBoundingSet=CAP_NET_RAW CAP_NET_BIND_SERVICE
+# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024;
+# CAP_NET_ADMIN (--transparent): the firewall rules, marks, TPROXY sockets.
+AmbientCapabilities={capabilities}
+CapabilityBoundingSet={capabilities}
 NoNewPrivileges=yes
 ProtectSystem=strict
 {protect_home}

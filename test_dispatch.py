@@ -7062,6 +7062,22 @@ def test_service_systemd_unit_runs_dispatch_start_and_verifies(
     assert "dispatch.service" not in checked.stderr
 
 
+def test_service_systemd_with_transparent_gives_cap_net_admin_not_root(capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["service", "systemd", "--transparent", "1082", "--lan", "eth1", "--apply-rules", "wlan0"]
+    assert dispatch.main(arguments) == 0
+    unit = capsys.readouterr().out.splitlines()
+    assert "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE CAP_NET_ADMIN" in unit
+    assert "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_BIND_SERVICE CAP_NET_ADMIN" in unit
+    assert "DynamicUser=yes" in unit and not any(line.startswith("User=") for line in unit)
+
+
+@pytest.mark.parametrize("system", ["launchd", "windows"])
+def test_service_elsewhere_refuses_transparent_in_one_line(system: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["service", system, "--transparent", "1082", "--local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dispatch: error: --transparent works on Linux only") and err.count("\n") == 1
+
+
 def test_service_systemd_quotes_what_systemd_would_split(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["service", "systemd", "--log-file", "/var/log/my logs/d.log", "Ethernet 2", "wlan0@3"]) == 0
     (exec_start,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ExecStart=")]
