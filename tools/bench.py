@@ -40,9 +40,11 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import functools
 import importlib.util
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -1182,6 +1184,154 @@ def names_benchmark(rounds: int, duration: float, threads: int) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Transparent mode: a phone on the lab's LAN beside a SOCKS client (Linux, root, nft)
+# --------------------------------------------------------------------------------------
+
+TRANSPARENT_PORT = 1082  # inside the lab's client namespace
+LAB_SOCKS_PORT = 1080
+
+
+def lab_stream(ns: str, dst: Address, socks: bool) -> socket.socket:
+    """A TCP connection to ``dst`` made in namespace ``ns``: through dispatch's
+    SOCKS port there (``socks``), or plain, for the firewall to redirect."""
+    import netlab
+
+    with netlab.netns(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(IO_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if socks:
+            sock.connect((LOOPBACK, LAB_SOCKS_PORT))
+            socks5_handshake(sock, dst, pipelined=False)
+        else:
+            sock.connect(dst)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def lab_rate(open_one: Callable[[], socket.socket], threads: int, duration: float) -> tuple[float, int]:
+    """Short connections per second (and failures), each reading the lab's
+    peer-echo answer to its end."""
+    done, failed = [0], [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def loop() -> None:
+        ok = bad = 0
+        while time.monotonic() < stop_at:
+            try:
+                with open_one() as sock:
+                    drain(sock, memoryview(bytearray(256)))
+                ok += 1
+            except OSError:
+                bad += 1
+        with lock:
+            done[0] += ok
+            failed[0] += bad
+
+    began = time.monotonic()
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return done[0] / (time.monotonic() - began), failed[0]
+
+
+def lab_batch(open_one: Callable[[], socket.socket], count: int, size: int) -> float:
+    """``count`` HTTP downloads of ``size`` bytes started together: bytes per
+    second of payload for the whole batch (NaN if any failed)."""
+    got: list[int] = []
+    request = f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n".encode()
+
+    def download() -> None:
+        try:
+            with open_one() as sock:
+                sock.sendall(request)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("closed in the head")
+                    head += chunk
+                body = len(head.partition(b"\r\n\r\n")[2])
+                got.append(body + drain(sock, memoryview(bytearray(BUFFER_SIZE))))
+        except OSError:
+            got.append(-1)
+
+    began = time.monotonic()
+    workers = [threading.Thread(target=download) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if got != [size] * count:
+        return math.nan
+    return count * size / (time.monotonic() - began)
+
+
+def transparent_benchmark(rounds: int, duration: float, threads: int, count: int, size: int) -> str:
+    """A phone's short connections per second and a batch of its downloads
+    through dispatch's transparent mode, beside a SOCKS client's on the
+    gateway itself, in the same rounds (medians)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import netlab
+
+    available, reason = netlab.Lab.available()
+    if not available or shutil.which("nft") is None:
+        return f"transparent: skipped: {reason or 'nft is not installed (apt-get install nftables)'}"
+    lab = netlab.Lab(name="dbench-t", phone=True)
+    with lab, tempfile.TemporaryDirectory(prefix="dispatch-transparent-") as tmp:
+        lab.start_peer_echo()
+        lab.start_http_server(size=size)
+        log = Path(tmp) / "dispatch.log"
+        uplinks = [link.client_ifname for link in lab.uplinks]
+        command = [sys.executable, str(DISPATCH), "start", "--no-state", "--port", str(LAB_SOCKS_PORT)]
+        command += ["--log-file", str(log), "--transparent", str(TRANSPARENT_PORT), "--lan", netlab.LAN_IFNAME]
+        command += ["--apply-rules", *uplinks]
+        proc = lab.client_popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not lab.wait_for_port(LAB_SOCKS_PORT):
+            return f"transparent: dispatch did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
+        echo = (lab.service_address, netlab.PEER_ECHO_PORT)
+        http = (lab.service_address, netlab.HTTP_PORT)
+        clients: dict[str, Callable[[Address], socket.socket]] = {
+            "SOCKS5 client on the gateway": lambda dst: lab_stream(lab.client_ns, dst, socks=True),
+            "phone, transparent": lambda dst: lab_stream(lab.phone_ns, dst, socks=False),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in clients}
+        batches: dict[str, list[float]] = {name: [] for name in clients}
+        failures = Counter[str]()
+        lab_batch(lambda: clients["phone, transparent"](http), count, size)  # measures the links
+        for each in range(rounds):
+            print(f"transparent: round {each + 1} of {rounds}", file=sys.stderr)
+            order = list(clients.items())
+            for name, open_to in order[each % 2 :] + order[: each % 2]:
+                rate, failed = lab_rate(functools.partial(open_to, echo), threads, duration)
+                rates[name].append(rate)
+                failures[name] += failed
+                batches[name].append(lab_batch(functools.partial(open_to, http), count, size))
+        proc.terminate()
+        proc.wait(IO_TIMEOUT)
+    links = sum(link.rate for link in lab.uplinks)
+    lines = [
+        f"through dispatch in the network lab (links of {', '.join(f'{link.rate // 1000:,}' for link in lab.uplinks)}"
+        f" kB/s), median of {rounds} rounds ({machine_line()})",
+        f"  {'client':<30}{'connections/s':>15}{f'{count} x {size // 1000:,} kB, kB/s':>24}{'of the links':>14}",
+    ]
+    for name in clients:
+        batch = median(batches[name])
+        share = f"{batch / links:.0%}" if batch is not None else "-"
+        lines.append(
+            f"  {name:<30}{statistics.median(rates[name]):>15.0f}{number(None if batch is None else batch / 1000):>24}"
+            f"{share:>14}" + (f"  ({failures[name]} failed)" if failures[name] else "")
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
@@ -1367,6 +1517,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="only compare dispatch's connections by name and by address (the DNS cache)",
     )
     parser.add_argument(
+        "--transparent",
+        action="store_true",
+        help="only compare a phone through transparent mode with a SOCKS client, in the network lab "
+        "(Linux, root, nft): short connections per second and a batch of downloads",
+    )
+    parser.add_argument(
         "--before",
         type=Path,
         metavar="PATH",
@@ -1438,6 +1594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.names:
         print(names_benchmark(args.rounds, args.duration, args.parallel), flush=True)
+        return 0
+    if args.transparent:
+        print(transparent_benchmark(args.rounds, args.duration, args.parallel, 12, 2_000_000), flush=True)
         return 0
     if args.before:
         BEFORE.append(args.before.resolve())
