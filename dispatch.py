@@ -6466,6 +6466,7 @@ class SocksSession(Session):
         try:
             yield
         except OSError as error:
+            self.note_end()  # before the reply, which the client may follow with a stop
             self.send_quietly(self._encode_reply(version, _reply_code(error)))
             raise
 
@@ -7356,9 +7357,9 @@ class HttpProxySession(Session):
         except OSError as error:
             if not self.responded and error.errno not in _HANG_UP_ERRNOS:
                 status = _http_status(error)
+                self.note_end()  # before the answer, which the client may follow with a stop
                 self._send_error(status, _describe(error))
                 self.record.result = f"{status.value} {_describe(error)}"
-                self.note_end()
                 self.log()
             else:
                 self.log(error)
