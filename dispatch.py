@@ -6338,7 +6338,9 @@ class Session:
         HTTP requests; ``hops``: the Via of an HTTP request (see
         Upstream.connect). A client that hangs up meanwhile ends the
         attempts (as Squid's half_closed_clients off: a client that closes
-        its sending side is taken to have left)."""
+        its sending side before its reply is taken to have left), except a
+        plain HTTP request's client: it may close its side once its request
+        is sent (HTTP/1.0 clients do), and the request is served all the same."""
         client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(
             host,
@@ -6347,7 +6349,7 @@ class Session:
             client=client,
             absolute_form=absolute_form,
             hops=hops,
-            client_socket=self.connection,
+            client_socket=None if absolute_form else self.connection,
         )
 
     def _via(self, local: LocalAddress) -> None:

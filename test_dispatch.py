@@ -4189,6 +4189,24 @@ def test_a_client_that_hangs_up_while_connecting_stops_the_attempts(
     assert exchange.result == "client hung up"
 
 
+def test_a_plain_http_request_whose_client_closes_its_side_after_it_is_served_after_a_slow_connect(
+    make_proxy: Callable[..., Dispatcher], origin: str, fake_names: dict[str, list[str]]
+) -> None:
+    """An HTTP/1.0 client may close its sending side once its request is
+    sent: while the first address of the name is silent, that is no hang-up."""
+    port = int(origin.rsplit(":", 1)[1])
+    fake_names["slow.test"] = ["127.66.0.9", "127.0.0.1"]
+    proxy = make_proxy(connect_timeout=1.0)
+    with socket.socket() as full:
+        full.bind(("127.66.0.9", port))
+        full.listen(0)
+        with socket.create_connection(("127.66.0.9", port), timeout=TIMEOUT), raw_client(proxy) as sock:
+            sock.sendall(f"GET http://slow.test:{port}/seen HTTP/1.0\r\nHost: slow.test:{port}\r\n\r\n".encode())
+            sock.shutdown(socket.SHUT_WR)
+            status, _, _ = read_response(sock)
+    assert status == 200
+
+
 @needs_ipv6
 def test_ipv6_target_without_ipv6_local_address_gets_reply_08(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
     assert socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
