@@ -6830,7 +6830,7 @@ def _facts(status: Status) -> dict[str, object]:
         "refused": status["refused"],
         "connections": totals["connections"],
         "failed": totals["failed"],
-        "system proxy": status.get("system_proxy", "not set"),
+        "system proxy": status["system_proxy"],
     }
 
 
@@ -8157,6 +8157,11 @@ def desktop_proxy_settings(
     return settings, settings.description
 
 
+def settings_kinds_here(platform: str = sys.platform) -> tuple[str, ...]:
+    """The kinds of ProxySettings this system may have."""
+    return {"win32": ("windows",), "darwin": ("macos",)}.get(platform, ("gnome", "kde"))
+
+
 def proxy_settings_of(
     kind: str, platform: str = sys.platform, environ: Mapping[str, str] = os.environ
 ) -> ProxySettings:
@@ -8168,8 +8173,7 @@ def proxy_settings_of(
         "macos": MacProxySettings,
         "windows": WindowsProxySettings,
     }
-    here = {"win32": ("windows",), "darwin": ("macos",)}.get(platform, ("gnome", "kde"))
-    if kind not in here:
+    if kind not in settings_kinds_here(platform):
         raise SystemProxyError(f"settings of {kind!r}, which this system does not have")
     return kinds[kind]()
 
@@ -8257,8 +8261,9 @@ def _write_saved(path: str, saved: dict[str, Any]) -> None:
 
 def _read_saved(path: str) -> dict[str, Any] | None:
     """The settings a file saved, checked; None where there is no file. A
-    file that is not one dispatch wrote (corrupt, foreign, too large) is
-    moved aside with one warning, and nothing is taken from it."""
+    file that is not one dispatch wrote here (corrupt, too large, or of
+    another system's settings) is moved aside with one warning, and nothing
+    is taken from it."""
     try:
         with open(path, "rb") as file:
             data = file.read(SYSTEM_PROXY_FILE_LIMIT + 1)
@@ -8273,7 +8278,7 @@ def _read_saved(path: str) -> dict[str, Any] | None:
     valid = (
         isinstance(saved, dict)
         and saved.get("format") == SYSTEM_PROXY_FORMAT
-        and isinstance(saved.get("kind"), str)
+        and saved.get("kind") in settings_kinds_here()
         and isinstance(saved.get("before"), dict)
     )
     if not valid or not isinstance(saved, dict):

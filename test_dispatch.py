@@ -6583,11 +6583,16 @@ def test_corrupt_saved_proxy_settings_are_kept_aside_with_one_warning(
     assert not (tmp_path / dispatch.SYSTEM_PROXY_FILE).exists()
 
 
-def test_saved_settings_of_another_system_are_not_restored(tmp_path: Any) -> None:
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows' settings are this system's own")
+def test_saved_settings_of_another_system_are_kept_aside_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
     saved = {"format": dispatch.SYSTEM_PROXY_FORMAT, "kind": "windows", "set": {}, "before": {"ProxyEnable": None}}
     (tmp_path / dispatch.SYSTEM_PROXY_FILE).write_text(json.dumps(saved))
-    with pytest.raises(dispatch.SystemProxyError, match="'windows', which this system does not have"):
-        dispatch.restore_saved_proxy(str(tmp_path))
+    assert dispatch.restore_saved_proxy(str(tmp_path)) is None
+    assert [record.levelno for record in log.records] == [logging.WARNING]
+    (aside,) = tmp_path.glob(f"{dispatch.SYSTEM_PROXY_FILE}.unreadable-*")
+    assert json.loads(aside.read_text()) == saved
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="sudo's user is looked for only as root")
