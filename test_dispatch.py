@@ -6440,6 +6440,43 @@ def test_system_proxy_points_gnome_settings_here_and_puts_every_key_back(
     assert (gnome.every_key(), gnome.keyfile()) == (every_key, keyfile)
 
 
+# What a GIO program (GTK, GNOME's own) is told to use for a URI: its proxies.
+GIO_LOOKUP = """
+import sys
+from gi.repository import Gio
+print(" ".join(Gio.ProxyResolver.get_default().lookup(sys.argv[1], None)))
+"""
+
+
+def gio_python() -> str | None:
+    """A Python with GIO's bindings (python3-gi), and GIO's GNOME proxy
+    resolver (glib-networking), if this machine has them."""
+    for python in {"/usr/bin/python3", shutil.which("python3") or ""} - {""}:
+        probe = "from gi.repository import Gio; assert 'Gnome' in type(Gio.ProxyResolver.get_default()).__name__"
+        if os.path.exists(python) and subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def test_gio_programs_follow_the_system_proxy_while_it_runs(
+    gnome: GSettings, script: Callable[[list[str]], subprocess.Popen]
+) -> None:
+    python = gio_python()
+    if python is None:
+        pytest.skip("no GIO proxy resolver to ask (apt-get install python3-gi glib-networking)")
+
+    def proxies(uri: str) -> str:
+        return subprocess.run([python, "-c", GIO_LOOKUP, uri], capture_output=True, text=True, check=True).stdout
+
+    assert proxies("http://example.com/") == "http://proxy.example:3128\n"
+    process, port, _ = start_script(script, "--system-proxy")
+    assert proxies("http://example.com/") == f"http://127.0.0.1:{port}\n"
+    assert proxies("https://example.com/") == f"http://127.0.0.1:{port}\n"
+    assert proxies("http://192.168.1.1/") == "direct://\n"
+    stop_script(process)
+    assert proxies("http://example.com/") == "http://proxy.example:3128\n"
+
+
 def test_system_proxy_killed_is_put_back_by_the_next_start(
     gnome: GSettings, script: Callable[[list[str]], subprocess.Popen]
 ) -> None:
@@ -6503,6 +6540,30 @@ def test_system_proxy_without_a_desktop_sets_nothing_and_prints_shell_lines(
     assert f"export http_proxy=http://127.0.0.1:{port} https_proxy=http://127.0.0.1:{port}" in banner
     assert "export no_proxy=localhost,127.0.0.0/8," in banner
     stop_script(process)
+
+
+def test_system_proxy_write_failing_halfway_is_undone_and_start_exits_2(
+    gnome: GSettings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gsettings refuses the last key (the mode, locked down as dconf can):
+    the keys already set are put back, nothing saved is left, and start
+    says why in one line."""
+    every_key, keyfile = gnome.every_key(), gnome.keyfile()
+    (tmp_path / "bin").mkdir()
+    refusing = tmp_path / "bin" / "gsettings"
+    refusing.write_text(
+        '#!/bin/sh\nif [ "$1 $3" != "get mode" ] && [ "$3" = mode ]; then\n'
+        '  echo "The key is not writable" >&2; exit 1\nfi\n'
+        f'exec {shutil.which("gsettings")} "$@"\n'
+    )
+    refusing.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    refused = run_dispatch("start", "--port", str(refused_port()), "--system-proxy", "127.0.0.1")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    why = "gsettings could not reset org.gnome.system.proxy mode: The key is not writable"
+    assert refused.stderr == f"dispatch: error: system proxy: {why}\n"
+    assert (gnome.every_key(), gnome.keyfile()) == (every_key, keyfile)
+    assert not os.path.exists(os.path.join(os.environ["XDG_STATE_HOME"], "dispatch", dispatch.SYSTEM_PROXY_FILE))
 
 
 class RecordedSettings(dispatch.ProxySettings):
@@ -6626,9 +6687,19 @@ def test_system_proxy_chooses_the_settings_by_the_desktop() -> None:
 
 
 @pytest.mark.skipif(shutil.which("kwriteconfig5") is None, reason="kwriteconfig5 is not installed (kde-cli-tools)")
-def test_system_proxy_sets_kde_settings_with_kwriteconfig_and_puts_them_back(tmp_path: Any) -> None:
+def test_system_proxy_sets_kde_settings_with_kwriteconfig_and_puts_them_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """kioslaverc as KDE's settings page leaves it, another proxy set; a
-    key that was not there is not there again after."""
+    key that was not there is not there again after. Running programs are
+    told each time by the signal KDE's settings page sends (a dbus-send
+    stand-in records it)."""
+    (tmp_path / "bin").mkdir()
+    signals = tmp_path / "signals"
+    (tmp_path / "bin" / "dbus-send").write_text(f'#!/bin/sh\necho "$*" >> {signals}\n')
+    (tmp_path / "bin" / "dbus-send").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path / 'no-bus'}")
     kioslaverc = os.path.join(os.environ["XDG_CONFIG_HOME"], "kioslaverc")
     before = "[Proxy Settings]\nProxyType=1\nhttpProxy=http://proxy.example 3128\n\n[Other]\nkept=yes\n"
     with open(kioslaverc, "w") as file:
@@ -6637,7 +6708,7 @@ def test_system_proxy_sets_kde_settings_with_kwriteconfig_and_puts_them_back(tmp
         "linux", {**os.environ, "XDG_CURRENT_DESKTOP": "KDE", "KDE_SESSION_VERSION": "5"}
     )
     assert isinstance(settings, dispatch.KdeProxySettings)
-    proxy = dispatch.point_system_proxy(settings, str(tmp_path), "127.0.0.1", 1080)
+    proxy = dispatch.point_system_proxy(settings, str(tmp_path / "state"), "127.0.0.1", 1080)
     assert settings.read("httpProxy") == "http://127.0.0.1 1080"
     assert settings.read("socksProxy") == "socks://127.0.0.1 1080"
     assert settings.read("NoProxyFor").startswith("localhost,127.0.0.0/8,")
@@ -6649,6 +6720,8 @@ def test_system_proxy_sets_kde_settings_with_kwriteconfig_and_puts_them_back(tmp
         "Proxy Settings": {"ProxyType": "1", "httpProxy": "http://proxy.example 3128"},
         "Other": {"kept": "yes"},
     }
+    told = "--session --type=signal /KIO/Scheduler org.kde.KIO.Scheduler.reparseSlaveConfiguration string:\n"
+    assert signals.read_text() == told * 2
 
 
 class FakeRegistry:
