@@ -7875,10 +7875,13 @@ MAX_UDP_FLOWS = 1024
 
 
 # DNS (RFC 1035) as transparent mode answers it: devices ask some server on
-# port 53, and A and AAAA queries are answered by dispatch's own resolver
-# (through the links, cached) with this TTL; any other query goes on to the
-# server asked, as any datagram does.
+# port 53, by UDP or TCP, and A and AAAA queries are answered by dispatch's
+# own resolver (through the links, cached) with this TTL; any other query
+# goes on to the server asked, as any datagram or connection does.
 DNS_PORT = 53
+# Seconds a DNS connection (RFC 7766) is kept waiting for its next query
+# (when there is no --idle-timeout): long enough for a burst of lookups.
+DNS_TCP_IDLE_TIMEOUT = 10.0
 DNS_ANSWER_TTL = 60
 DNS_TYPES = {1: socket.AF_INET, 28: socket.AF_INET6}  # A, AAAA
 DNS_CLASS_IN = 1
@@ -7939,6 +7942,42 @@ def dns_answer(query: DnsQuery, ips: Sequence[str], rcode: int = DNS_NOERROR, tt
         data = socket.inet_pton(_family_of(ip), ip)
         records += struct.pack("!HHHIH", 0xC00C, query.rdtype, DNS_CLASS_IN, ttl, len(data)) + data
     return struct.pack("!HHHHHH", query.id, flags, 1, len(ips), 0, 0) + query.question + records
+
+
+def address_query(message: bytes) -> DnsQuery | None:
+    """The question of ``message`` if it asks for the addresses of a name
+    (A or AAAA, class IN): what dispatch answers itself; None otherwise."""
+    try:
+        query = parse_dns_query(message)
+    except ValueError:
+        return None
+    return query if query.rdtype in DNS_TYPES and query.rdclass == DNS_CLASS_IN else None
+
+
+def answer_address_query(context: SessionContext, query: DnsQuery, record: ExchangeRecord) -> bytes:
+    """The answer to an address query by dispatch's own resolver (through
+    the links, cached); each address given is known by the name for the
+    answer's TTL. ``record`` (the query's log line) is told the result."""
+    rcode, ips = DNS_NOERROR, []
+    try:
+        # Both families: a name with addresses of the other one only exists.
+        found = context.upstream.resolve(query.name, (socket.AF_INET, socket.AF_INET6), None)
+        ips = [ip for family, ip in found if family == DNS_TYPES[query.rdtype]]
+    except OSError as error:
+        unknown = isinstance(error, SocksError) and error.reply == Reply.HOST_UNREACHABLE
+        rcode = DNS_NXDOMAIN if unknown else DNS_SERVFAIL
+        record.result = _describe(error)
+    if ips and context.names is not None:
+        context.names.remember(ips, query.name, DNS_ANSWER_TTL)
+    record.result += f", {len(ips)} {'address' if len(ips) == 1 else 'addresses'}"
+    return dns_answer(query, ips, rcode)
+
+
+def dns_query_record(client: str, query: DnsQuery, server: Target) -> ExchangeRecord:
+    """The log line of an address query dispatch answers for ``server``."""
+    kind = "A" if query.rdtype == 1 else "AAAA"
+    asked = _format_endpoint(*server)
+    return ExchangeRecord(client, target=f"{query.name} ({kind}, asked of {asked})", transparent=True)
 
 
 def tls_server_name(data: bytes) -> str | None:
@@ -8022,15 +8061,77 @@ class TransparentSession(Session):
             ip, port = original_destination(self.connection)
             self.record.target = _format_endpoint(ip, port)
             self.refuse_the_listener(ip, port)
-            site = self.site_name(ip, port)
-            if site is not None:
-                self.record.target = f"{_format_endpoint(site, port)} ({ip})"
-            with self.connect(ip, port, site=site) as lease:
-                self.relay_through(lease)
+            if port == DNS_PORT and self.context.upstream.resolver.through_links:
+                self.serve_names(ip, port)
+            else:
+                site = self.site_name(ip, port)
+                if site is not None:
+                    self.record.target = f"{_format_endpoint(site, port)} ({ip})"
+                with self.connect(ip, port, site=site) as lease:
+                    self.relay_through(lease)
         except OSError as error:
             self.log(error)
         else:
             self.log()
+
+    def serve_names(self, ip: str, port: int) -> None:
+        """DNS over TCP (RFC 7766) to the server at ``ip``: each address
+        query is answered by dispatch's own resolver (answer_address_query,
+        one log line each), any other goes on to the server through a link,
+        one at a time; a connection whose first message is no address query
+        is relayed as it is. Ends when the client closes or waits too long."""
+        idle = self.context.idle_timeout or DNS_TCP_IDLE_TIMEOUT
+        server: tuple[UpstreamLease, DeadlineReader] | None = None
+        answered = 0
+        try:
+            while (message := self.next_dns_message(idle)) is not None:
+                query = address_query(message)
+                if query is None and server is None and not answered:
+                    framed = struct.pack("!H", len(message)) + message
+                    self.reader = DeadlineReader(
+                        self.connection, self.reader.deadline, data=framed + self.reader.rest()
+                    )
+                    with self.connect(ip, port) as lease:
+                        self.relay_through(lease)
+                    return
+                if query is None:
+                    if server is None:
+                        lease = self.connect(ip, port)
+                        server = lease, DeadlineReader(lease.sock, eof_message="the DNS server closed")
+                    self.send_dns_message(self.ask_server(*server, message, idle), idle)
+                    continue
+                record = dns_query_record(self.client, query, (ip, port))
+                self.send_dns_message(answer_address_query(self.context, query, record), idle)
+                answered += 1
+                record.log()
+        finally:
+            if server is not None:
+                server[0].close()
+            self.note_end()
+        self.record.result = f"ok, {answered} answered here"
+
+    def next_dns_message(self, idle: float) -> bytes | None:
+        """The client's next DNS message (its two-byte length taken off);
+        None once it closes, or sends nothing for ``idle`` seconds."""
+        self.reader.deadline = time.monotonic() + idle
+        try:
+            if not self.reader.has_more():
+                return None
+            return self.reader.read(struct.unpack("!H", self.reader.read(2))[0])
+        except TimeoutError:
+            return None
+
+    def send_dns_message(self, message: bytes, idle: float) -> None:
+        """Send a DNS message to the client, framed by its length."""
+        _send_all_by(self.connection, struct.pack("!H", len(message)) + message, time.monotonic() + idle)
+
+    def ask_server(self, lease: UpstreamLease, server: DeadlineReader, message: bytes, idle: float) -> bytes:
+        """Send ``message`` to the DNS server on ``lease`` and return its answer, counted on the link."""
+        _send_all_by(lease.sock, struct.pack("!H", len(message)) + message, time.monotonic() + idle)
+        server.deadline = time.monotonic() + self.context.upstream.connect_timeout
+        answer = server.read(struct.unpack("!H", server.read(2))[0])
+        self.count(len(message) + 2, len(answer) + 2)
+        return answer
 
     def site_name(self, ip: str, port: int) -> str | None:
         """The name of the site at ``ip``: the one a DNS answer of dispatch's
@@ -8247,11 +8348,8 @@ class TransparentUdp:
         mark: with --local they would come back here, without end."""
         if not self.context.upstream.resolver.through_links:
             return False
-        try:
-            query = parse_dns_query(data)
-        except ValueError:
-            return False
-        if query.rdtype not in DNS_TYPES or query.rdclass != DNS_CLASS_IN:
+        query = address_query(data)
+        if query is None:
             return False
         answering = threading.Thread(
             target=self._answer, args=(query, client, destination), name="dispatch-dns-answer", daemon=True
@@ -8260,30 +8358,15 @@ class TransparentUdp:
         return True
 
     def _answer(self, query: DnsQuery, client: Target, destination: Target) -> None:
-        """Look ``query``'s name up through the links and answer the client
-        from ``destination``, the server it asked; keep the name of each
-        address given; log one line."""
-        kind = "A" if query.rdtype == 1 else "AAAA"
-        asked = _format_endpoint(*destination)
-        record = ExchangeRecord(_format_endpoint(*client), target=f"{query.name} ({kind}, asked of {asked})")
-        record.transparent = True
-        rcode, ips = DNS_NOERROR, []
-        try:
-            # Both families: a name with addresses of the other one only exists.
-            found = self.context.upstream.resolve(query.name, (socket.AF_INET, socket.AF_INET6), None)
-            ips = [ip for family, ip in found if family == DNS_TYPES[query.rdtype]]
-        except OSError as error:
-            unknown = isinstance(error, SocksError) and error.reply == Reply.HOST_UNREACHABLE
-            rcode = DNS_NXDOMAIN if unknown else DNS_SERVFAIL
-            record.result = _describe(error)
-        if ips and self.context.names is not None:
-            self.context.names.remember(ips, query.name, DNS_ANSWER_TTL)
+        """Answer ``query`` (answer_address_query) to the client from
+        ``destination``, the server it asked; log one line."""
+        record = dns_query_record(_format_endpoint(*client), query, destination)
+        answer = answer_address_query(self.context, query, record)
         try:
             with _transparent_udp_socket(_family_of(destination[0]), destination) as answers:
-                answers.sendto(dns_answer(query, ips, rcode), client)
+                answers.sendto(answer, client)
         except OSError as error:
             record.result = _describe(error)
-        record.result += f", {len(ips)} {'address' if len(ips) == 1 else 'addresses'}"
         record.log()
 
     def _admits(self, ip: str) -> bool:

@@ -1090,6 +1090,46 @@ def test_lab_a_phones_dns_query_to_any_server_is_answered_through_the_links_and_
     assert log_lines_of(proxy, 1, f"-> {name} (A, asked of 192.0.2.53:53) via - (transparent): ok, 1 address")
 
 
+def dns_over_tcp(sock: socket.socket, name: str, rdtype: str) -> Any:
+    """The answer to a DNS query for ``name`` sent on the TCP connection ``sock`` (RFC 7766 framing)."""
+    import dns.message
+
+    wire = dns.message.make_query(name, rdtype).to_wire()
+    sock.sendall(len(wire).to_bytes(2, "big") + wire)
+    return dns.message.from_wire(recv_exactly(sock, int.from_bytes(recv_exactly(sock, 2), "big")))
+
+
+def test_lab_a_phones_dns_queries_over_tcp_are_answered_through_the_links_and_others_go_on_to_the_server(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy], phone_dns: DnsServer
+) -> None:
+    """Over TCP as over UDP: address queries to a server that is not there
+    (192.0.2.53) are answered, several on one connection; on a connection
+    to the lab's server, an address query is answered here and a TXT query
+    goes on to the server through an uplink, as does a connection whose
+    first query is not for addresses."""
+    netlab = import_netlab()
+    name, other = fresh_name(phone_dns, phone_lab), fresh_name(phone_dns, phone_lab)
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--dns", phone_dns.address, "--no-state")
+    uplinks = {link.client_addr for link in phone_lab.uplinks}
+    with netlab.open_connection("192.0.2.53", 53, ns=phone_lab.phone_ns, timeout=TIMEOUT) as sock:
+        answer = dns_over_tcp(sock, name, "A")
+        assert [str(item) for rrset in answer.answer for item in rrset] == [phone_lab.service_address]
+        answer = dns_over_tcp(sock, name, "AAAA")
+        assert answer.rcode() == 0 and answer.answer == []
+    with netlab.open_connection(phone_lab.service_address, 53, ns=phone_lab.phone_ns, timeout=TIMEOUT) as sock:
+        answer = dns_over_tcp(sock, other, "A")
+        assert [str(item) for rrset in answer.answer for item in rrset] == [phone_lab.service_address]
+        assert dns_over_tcp(sock, other, "TXT").rcode() == 0
+    with netlab.open_connection(phone_lab.service_address, 53, ns=phone_lab.phone_ns, timeout=TIMEOUT) as sock:
+        assert dns_over_tcp(sock, name, "MX").rcode() == 0
+    asked = phone_dns.asked(name, "tcp") + phone_dns.asked(other, "tcp")
+    assert sorted(rdtype for _, rdtype, _, _ in asked) == ["MX", "TXT"], phone_dns.queries
+    assert {source for *_, source in asked} <= uplinks
+    assert {source for *_, source in phone_dns.asked(name, "udp")} <= uplinks  # the resolver's own queries
+    assert log_lines_of(proxy, 1, f"-> {name} (A, asked of 192.0.2.53:53) via - (transparent): ok, 1 address")
+    assert log_lines_of(proxy, 1, "-> 192.0.2.53:53 via - (transparent): ok, 2 answered here")
+
+
 def test_lab_a_phones_https_connection_to_an_address_is_named_by_its_tls_server_name(
     phone_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
