@@ -8589,7 +8589,8 @@ def _run_tool(tool: str, arguments: Sequence[str], script: str | None = None) ->
     except (OSError, subprocess.SubprocessError) as error:
         raise FirewallError(f"cannot run {tool}: {error}") from None
     if done.returncode:
-        said = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+        # nft marks where in a line it failed with a line of carets: the line itself says it.
+        said = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip().strip("^~"))
         raise FirewallError(f"{tool} refused the rules: {said or f'exit status {done.returncode}'}")
     return done.stdout
 
@@ -8607,8 +8608,8 @@ def transparent_refusal(apply_rules: bool, platform: str | None = None) -> str |
     CAP_NET_ADMIN, and nft and ip to apply the rules."""
     if (platform or sys.platform) != "linux":
         return (
-            "--transparent works on Linux only; on macOS and Windows, set the system's proxy "
-            "settings to dispatch, or its PAC file (http://HOST:PORT/proxy.pac)"
+            "--transparent works on Linux only; on macOS and Windows, --system-proxy points the "
+            "system's proxy settings at dispatch, or give programs its PAC file (http://HOST:PORT/proxy.pac)"
         )
     if not _has_capability(CAP_NET_ADMIN):
         return (

@@ -6525,7 +6525,7 @@ def test_transparent_mode_is_refused_on_macos_and_windows_pointing_to_the_system
 ) -> None:
     said = dispatch.transparent_refusal(apply_rules=False, platform=platform)
     assert said is not None and said.startswith("--transparent works on Linux only")
-    assert "proxy settings" in said and "proxy.pac" in said
+    assert "--system-proxy points the system's proxy settings at dispatch" in said and "proxy.pac" in said
 
 
 # ---------------------------------------------------------------------------
