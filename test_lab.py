@@ -1073,12 +1073,12 @@ def phone_dns_query(lab: Any, server: str, name: str, rdtype: str = "A") -> Any:
     import dns.message
 
     with import_netlab().netns(lab.phone_ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.settimeout(TIMEOUT)
         sock.sendto(dns.message.make_query(name, rdtype).to_wire(), (server, 53))
         data, sender = sock.recvfrom(65535)
-    assert sender == (server, 53)  # from the server asked
+    assert sender[:2] == (server, 53)  # from the server asked
     return dns.message.from_wire(data)
 
 
@@ -1239,6 +1239,30 @@ def test_lab_a_phones_and_this_machines_ipv6_tcp_and_udp_are_spread_over_the_upl
     assert sorted(answers) == sorted(uplinks * 2)
     lines = log_lines_of(proxy, 12, "(transparent): ok")
     assert len([line for line in lines if line.split()[3].startswith(f"[{netlab.PHONE_ADDRESS6}]:")]) == 6, lines
+
+
+def test_lab_a_phones_dns_query_over_ipv6_is_answered_through_the_links_and_names_its_connections(
+    phone6_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """An AAAA query to an IPv6 server that is not there (2001:db8:53::53)
+    is answered from that address; the phone's next IPv6 connection to the
+    address given is logged by the name."""
+    lab, netlab = phone6_lab, import_netlab()
+    with netlab.netns(lab.server_ns):
+        server = DnsServer(lab.service_address6, 53)
+    try:
+        name = f"v6{random.randrange(10**9)}.lab.test"
+        server.names[name] = [lab.service_address6]
+        proxy = lab_proxy(lab, *TRANSPARENT, "--lan", "dlab-lan", "--dns", server.address, "--no-state")
+        answer = phone_dns_query(lab, "2001:db8:53::53", name, "AAAA")
+        assert [str(item) for rrset in answer.answer for item in rrset] == [lab.service_address6]
+        assert {source for *_, source in server.asked(name)} <= {lab.client_addr6(link.index) for link in lab.uplinks}
+        with netlab.open_connection(lab.peer.host, lab.peer.port, ns=lab.phone_ns, timeout=TIMEOUT) as sock:
+            assert read_all(sock).decode().strip() in {lab.client_addr6(link.index) for link in lab.uplinks}
+    finally:
+        server.close()
+    assert log_lines_of(proxy, 1, f"-> {name}:{lab.peer.port} ({lab.service_address6}) via ")
+    assert log_lines_of(proxy, 1, f"-> {name} (AAAA, asked of [2001:db8:53::53]:53) via - (transparent): ok, 1 address")
 
 
 def test_lab_a_connection_to_the_transparent_port_itself_is_refused_with_a_log_line(
