@@ -989,6 +989,14 @@ def test_lab_a_phone_without_a_proxy_is_spread_over_the_uplinks_and_each_connect
         assert len([line for line in lines if f"{netlab.PHONE_ADDRESS}:" in line and where in line]) == 2, lines
     rows = {row["interface"]: row["connections"] for row in lab_status(proxy)["addresses"]}
     assert rows == {link.client_ifname: 2 for link in phone_lab.uplinks}
+    with netlab.netns(phone_lab.client_ns):
+        sock = socket.create_connection(proxy.address, timeout=TIMEOUT)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        metrics = read_response(sock)[2].decode()
+    for link in phone_lab.uplinks:
+        opened = rf'^dispatch_connections_opened_total\{{[^}}]*address="{re.escape(link.client_addr)}"[^}}]*\}} 2$'
+        assert re.search(opened, metrics, re.M), metrics
 
 
 def phone_batch(proxy: LabProxy, count: int, size: int) -> tuple[list[int], float]:
@@ -1141,6 +1149,14 @@ def test_lab_a_phones_dns_queries_over_tcp_are_answered_through_the_links_and_ot
     assert log_lines_of(proxy, 1, "-> 192.0.2.53:53 via - (transparent): ok, 2 answered here")
 
 
+def client_hello(server_name: str) -> bytes:
+    """The first bytes a TLS client sends to ``server_name``: its ClientHello."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name).do_handshake()
+    return bytes(outgoing.read())
+
+
 def test_lab_a_phones_https_connection_to_an_address_is_named_by_its_tls_server_name(
     phone_lab: Any, lab_proxy: Callable[..., LabProxy]
 ) -> None:
@@ -1150,17 +1166,38 @@ def test_lab_a_phones_https_connection_to_an_address_is_named_by_its_tls_server_
     with netlab.netns(phone_lab.server_ns):
         server = Server(echo, phone_lab.service_address, 443)
     proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--no-state")
-    context = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    with contextlib.suppress(ssl.SSLWantReadError):
-        context.wrap_bio(incoming, outgoing, server_hostname="www.site.test").do_handshake()
-    hello = outgoing.read()
+    hello = client_hello("www.site.test")
     try:
         with phone_connection(phone_lab, 443) as sock:
             assert round_trip(sock, hello) == hello
     finally:
         server.close()
     assert log_lines_of(proxy, 1, f"-> www.site.test:443 ({phone_lab.service_address}) via ")
+
+
+def test_lab_a_phones_connections_stick_to_a_link_by_site_name_not_by_address(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Six sites behind one address (as a CDN's), named by their TLS
+    server names (on port 8443, where clients speak first too), each asked
+    twice in turns: each site keeps one link (--sticky), and the sites are
+    spread over the links as sites, not kept on one link as one address
+    would be."""
+    netlab = import_netlab()
+    with netlab.netns(phone_lab.server_ns):
+        server = Server(tell_peer, phone_lab.service_address, 8443)
+    lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--balance", "round-robin", "--sticky", "600", "--no-state")
+    sites = [f"www.site{n}.test" for n in range(6)]
+    seen: dict[str, list[str]] = {site: [] for site in sites}
+    try:
+        for site in sites * 2:
+            with phone_connection(phone_lab, 8443) as sock:
+                sock.sendall(client_hello(site))
+                seen[site].append(read_all(sock).decode())
+    finally:
+        server.close()
+    assert all(len(set(links)) == 1 for links in seen.values()), seen
+    assert len({links[0] for links in seen.values()}) == len(phone_lab.uplinks), seen
 
 
 def test_lab_this_machines_own_programs_are_balanced_and_dispatchs_connections_are_not_sent_back_to_it(
