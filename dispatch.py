@@ -8457,7 +8457,8 @@ class TransparentRules:
     this machine, the LAN's own networks, loopback, link-local, multicast
     and broadcast. ``script()`` is the nftables table that ``dispatch rules``
     prints; ``apply()`` puts it and the route in place, replacing what a
-    killed dispatch left, and ``remove()`` is its undo."""
+    killed dispatch left, ``drain()`` stops redirecting for the grace period
+    and ``remove()`` is the undo."""
 
     port: int
     lan: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
@@ -8540,6 +8541,23 @@ class TransparentRules:
                 # A machine without IPv6 has no IPv6 datagrams to hand over.
                 logger.warning("IPv6 UDP is not handed over: %s", error)
         return applied
+
+    def drain(self) -> None:
+        """Redirect nothing more, in one transaction, and keep the way of the
+        connections redirected already: the kernel goes on translating their
+        packets only while a NAT chain is hooked and a rule needs connection
+        tracking, so until remove() the table keeps its NAT chains, each with
+        a rule on established connections that changes nothing."""
+        table = f"{NFT_FAMILY} {NFT_TABLE}"
+        lines = [f"table {table}", f"delete table {table}", f"table {table} {{"]
+        for name, hook, wanted in (
+            ("prerouting", "type nat hook prerouting priority dstnat", bool(self.lan)),
+            ("output", "type nat hook output priority -100", self.local),
+        ):
+            if wanted:
+                lines.append(f"\tchain {name} {{ {hook}; policy accept; ct state established accept; }}")
+        with contextlib.suppress(FirewallError):
+            _run_tool("nft", ["-f", "-"], "\n".join([*lines, "}"]) + "\n")
 
     def remove(self) -> None:
         """Remove the table and the route of UDP, what there is of them."""
@@ -10506,7 +10524,7 @@ class Dispatcher:
             server.server_close()
         rules, self._rules = self._rules, None
         if rules is not None:
-            rules.remove()
+            rules.drain()
         self.tasks.stop()
         self.save_state()
         deadline = time.monotonic() + grace
@@ -10518,6 +10536,8 @@ class Dispatcher:
         self.admission.close_all()
         # The sessions now see their sockets closed; let them log it.
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
+        if rules is not None:
+            rules.remove()
         if self._transparent_servers:
             mark_sockets(None)
 

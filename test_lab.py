@@ -1336,6 +1336,29 @@ def test_lab_sigterm_leaves_no_table_and_after_sigkill_the_next_start_leaves_one
     assert tables(phone_lab) == []
 
 
+def test_lab_a_phones_download_under_way_at_sigterm_ends_within_the_grace_period(
+    phone_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    """Stopping redirects nothing more at once, and a phone's download
+    already flowing goes on to its end within --grace, logged as any ended
+    connection; then the table goes."""
+    netlab = import_netlab()
+    size = 1_000_000  # 2.5 s on the slowest link
+    proxy = lab_proxy(phone_lab, *TRANSPARENT, "--lan", "dlab-lan", "--grace", "60", "--no-state")
+    with phone_connection(phone_lab, netlab.HTTP_PORT) as sock:
+        sock.sendall(f"GET /file?size={size} HTTP/1.0\r\nHost: lab\r\n\r\n".encode())
+        first = sock.recv(65536)
+        assert first.split(b" ")[1] == b"200"
+        proxy.process.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "redirect" not in phone_lab.run_in_client(["nft", "list", "ruleset"]).stdout)
+        body = (first + read_all(sock)).partition(b"\r\n\r\n")[2]
+    assert len(body) == size
+    assert proxy.process.wait(TIMEOUT) == 0
+    assert tables(phone_lab) == []
+    line = log_lines_of(proxy, 1, f" -> lab:{netlab.HTTP_PORT} ({phone_lab.service_address}) via ")[0]  # its Host
+    assert "(transparent): ok," in line and "cut by shutdown" not in line, line
+
+
 def refusal(lab: Any, *arguments: str, wrapper: Sequence[str] = ()) -> tuple[int, str]:
     """``dispatch start ARGUMENTS`` in the lab's client, run under
     ``wrapper``: its exit status and its stderr, which it must end at once."""
