@@ -6387,6 +6387,15 @@ def test_what_is_no_standard_query_of_one_question_is_not_parsed_as_one(message:
         dispatch.parse_dns_query(message)
 
 
+@pytest.mark.parametrize(("rdtype", "answered"), [("A", True), ("AAAA", True), ("MX", False), ("TXT", False)])
+def test_only_address_queries_are_answered_by_dispatch(rdtype: str, answered: bool) -> None:
+    import dns.message
+
+    query = dispatch.address_query(dns.message.make_query("example.test", rdtype).to_wire())
+    assert (query is not None) == answered
+    assert dispatch.address_query(b"\x12\x34" * 6) is None  # no query at all: relayed as it came
+
+
 def client_hello(server_hostname: str | None) -> bytes:
     """The first bytes a TLS client sends, as Python's ssl module writes them."""
     import ssl
