@@ -4,6 +4,7 @@
     python tools/bench.py                       # full run, every installed proxy
     python tools/bench.py --quick               # small sizes, a minute or so
     python tools/bench.py --only dispatch,dante --rounds 5 --json out.json
+    python tools/bench.py --transparent --rounds 3  # a phone through transparent mode, in the network lab
 
 Everything runs on 127.0.0.1: the benchmark starts its own target servers (a bulk
 source/sink and an echo server, in a separate process) and every proxy that is
@@ -28,6 +29,11 @@ noise hits them all alike); the report shows the median over rounds:
   and the seconds until the proxy's threads and descriptors are back to idle
   after the client closes them all;
 * a burst of short connections through dispatch only, counting successes.
+
+``--transparent`` measures instead, in the network lab (Linux, root, nft), a
+phone on the gateway's LAN with no proxy setting beside a SOCKS5 client on
+the gateway, taking turns: short connections per second and a batch of
+downloads over the lab's three shaped links.
 
 The load generators run in forked worker processes, so they do not share a GIL
 with the target servers; CPU use of proxy, load generator and target server is
