@@ -54,6 +54,8 @@ Map of this module, in order; each section uses only what is above it:
                        pages show (Status, StatsRow: TypedDicts)
     local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
     HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
+    MPTCP endpoints    MptcpEndpoints: the kernel's subflow addresses for bonds, added,
+                       followed and removed (at stop, and after a crash); choose_bond()
     server             the first byte picks the session; Admission; the listener
     Dispatcher         the library face; owns the listener and the background tasks
                        (interfaces, meter samples, retests, checks)
@@ -106,6 +108,8 @@ __all__ = [
     "AddressHistory",
     "BalanceName",
     "Balancer",
+    "BondMember",
+    "BondStatus",
     "CapacitySource",
     "DeadlineReader",
     "Dispatcher",
@@ -203,6 +207,29 @@ _F_GETPIPE_SZ: int = getattr(_fcntl, "F_GETPIPE_SZ", 1032)
 # ~SO_REUSEADDR); the number elsewhere lets the Windows path run in tests.
 _SO_EXCLUSIVEADDRUSE: int = getattr(socket, "SO_EXCLUSIVEADDRUSE", ~4)
 _EXCLUSIVE_PORTS = sys.platform == "win32"
+
+# Multipath TCP (Linux 5.6+): one connection whose subflows leave by several
+# links. Python names the protocol from 3.10 on, the socket options not yet
+# (linux/mptcp.h, linux/tcp.h).
+_IPPROTO_MPTCP: int = getattr(socket, "IPPROTO_MPTCP", 262)
+_SOL_MPTCP = 284
+_MPTCP_TCPINFO = 2
+_MPTCP_SUBFLOW_ADDRS = 3
+_TCP_IS_MPTCP = 43
+_MPTCP_SYSCTL = "/proc/sys/net/mptcp/enabled"
+
+
+def mptcp_unavailable(platform: str | None = None) -> str | None:
+    """Why MPTCP sockets cannot be made here, in one line; None where they can."""
+    if not (platform or sys.platform).startswith("linux"):
+        return "MPTCP (mptcp+ links, --mptcp) needs Linux: this system has no Multipath TCP dispatch can use"
+    try:
+        with open(_MPTCP_SYSCTL) as enabled:
+            if enabled.read().strip() == "0":
+                return "MPTCP is switched off: net.mptcp.enabled is 0 (sysctl -w net.mptcp.enabled=1)"
+    except OSError:
+        return "this kernel has no MPTCP: the sysctl net.mptcp.enabled is missing (CONFIG_MPTCP, Linux 5.6+)"
+    return None
 
 
 def _selector() -> selectors.BaseSelector:
@@ -1885,8 +1912,11 @@ class Link:
 # SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK][@WEIGHT|@backup], where LINK (an
 # interface name or a local IP address) is the way the connection to the
 # proxy leaves by, so that one proxy reached over three links is three links.
+# "mptcp+": a bond to a dispatch --mptcp, subflows by every interface or +LINK+LINK.
 
 PROXY_SCHEMES = ("socks5", "socks5h", "socks4", "socks4a", "http")
+BOND_PREFIX = "mptcp+"
+BONDED_SCHEMES = ("socks5", "socks5h", "http")
 # Schemes whose proxy is given host names as they are (the others get the
 # address dispatch resolved), and those that carry UDP.
 NAME_PASSING_SCHEMES = frozenset({"socks5h", "socks4a", "http"})
@@ -1897,7 +1927,8 @@ UDP_SCHEMES = frozenset({"socks5", "socks5h"})
 class ProxyURL:
     """An upstream proxy as an ADDRESS names it. ``via`` is the interface
     name or local IP address the connection to it leaves by (None: as the
-    routing table says). The password is never shown: ``name`` leaves it out."""
+    routing table says); a bond's (``mptcp+``) are its ``bond``. The
+    password is never shown: ``name`` leaves it out."""
 
     scheme: str
     host: str
@@ -1905,6 +1936,8 @@ class ProxyURL:
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     via: str | None = None
+    bonded: bool = False
+    bond: tuple[str, ...] = ()
 
     @property
     def passes_names(self) -> bool:
@@ -1936,8 +1969,8 @@ class ProxyURL:
     def name(self) -> str:
         """The link's name: the URL without the password, and the link it leaves by."""
         user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user is not None else ""
-        via = f"+{self.via}" if self.via else ""
-        return f"{self.scheme}://{user}{_format_endpoint(self.host, self.port)}{via}"
+        via = "".join(f"+{link}" for link in (self.bond if self.bonded else [self.via] if self.via else []))
+        return f"{BOND_PREFIX * self.bonded}{self.scheme}://{user}{_format_endpoint(self.host, self.port)}{via}"
 
 
 def _is_suffix(text: str) -> bool:
@@ -1990,9 +2023,10 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     """
     shown = hide_password(text)
     scheme, _, rest = text.partition("://")
-    scheme = scheme.lower()
-    if scheme not in PROXY_SCHEMES:
-        raise AddressError(f"{shown!r}: a proxy's scheme is one of {', '.join(PROXY_SCHEMES)}")
+    bonded, scheme = scheme.lower().startswith(BOND_PREFIX), scheme.lower().removeprefix(BOND_PREFIX)
+    schemes = [BOND_PREFIX + name for name in BONDED_SCHEMES] if bonded else PROXY_SCHEMES
+    if scheme not in (BONDED_SCHEMES if bonded else PROXY_SCHEMES):
+        raise AddressError(f"{shown!r}: a proxy's scheme is one of {', '.join(schemes)}")
     suffix = None
     head, at, tail = rest.rpartition("@")
     if at and _is_suffix(tail):
@@ -2004,7 +2038,8 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     except ValueError:
         _refuse_bad_suffix(text)
         raise AddressError(f"{shown!r}: a proxy is SCHEME://HOST:PORT, IPv6 hosts in brackets ([::1]:1080)") from None
-    if plus and not via:
+    bond = tuple(via.split("+")) if bonded and plus else ()
+    if plus and not all(bond or [via]):
         raise AddressError(f"{shown!r}: no link after '+': give an interface name or a local IP address")
     user = password = None
     if at:
@@ -2017,7 +2052,7 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
             raise AddressError(f"{shown!r}: a user name or password has {MAX_AUTH_FIELD} bytes at most")
     if _is_ip(host):
         host = str(ipaddress.ip_address(host))
-    return ProxyURL(scheme, host, port, user, password, via or None), suffix
+    return ProxyURL(scheme, host, port, user, password, None if bonded else via or None, bonded, bond), suffix
 
 
 @dataclasses.dataclass(eq=False)
@@ -2386,7 +2421,9 @@ def _resolve_proxy(
         proxy = dataclasses.replace(proxy, password=password)
     source = None
     interface = None
-    if proxy.via is not None and _is_ip(proxy.via):
+    if proxy.bonded:
+        proxy = dataclasses.replace(proxy, bond=tuple(_find_interface(name, interfaces).name for name in proxy.bond))
+    elif proxy.via is not None and _is_ip(proxy.via):
         ip = str(ipaddress.ip_address(proxy.via))
         _check_bindable(ip)
         source = LocalAddress(ip, 1, _interface_of(ip, interfaces.read(required=False)))
@@ -3932,10 +3969,13 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
     return sock
 
 
-def _socket_by_device(family: socket.AddressFamily, kind: socket.SocketKind, device: str | None) -> socket.socket:
-    """A non-blocking socket of ``kind``, bound to ``device`` if given but
-    to no address: it leaves where the routing table says (on that device)."""
-    sock = socket.socket(family, kind)
+def _socket_by_device(
+    family: socket.AddressFamily, kind: socket.SocketKind, device: str | None, protocol: int = 0
+) -> socket.socket:
+    """A non-blocking socket of ``kind`` (and ``protocol``: MPTCP for a
+    bond), bound to ``device`` if given but to no address: it leaves where
+    the routing table says (on that device)."""
+    sock = socket.socket(family, kind, protocol)
     try:
         sock.setblocking(False)
         if kind == socket.SOCK_STREAM:
@@ -3959,10 +3999,10 @@ def _start_connect(local: LocalAddress, target: Target, device: str | None = Non
     return sock
 
 
-def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
+def _start_connect_by_device(target: Target, device: str | None, protocol: int = 0) -> socket.socket:
     """A non-blocking socket, bound to ``device`` if given (not to an
     address), whose connect to ``target`` is under way."""
-    sock = _socket_by_device(_family_of(target[0]), socket.SOCK_STREAM, device)
+    sock = _socket_by_device(_family_of(target[0]), socket.SOCK_STREAM, device, protocol)
     error = sock.connect_ex(target)
     if error and error not in _CONNECT_IN_PROGRESS:
         sock.close()
@@ -5306,6 +5346,8 @@ class Upstream:
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
+        # Whether each bonded link's last connection fell back to plain TCP.
+        self.bond_fallback: dict[LocalAddress, bool] = {}
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -5585,6 +5627,8 @@ class Upstream:
         target = _proxy_endpoint(address)
         source = address.source
         try:
+            if address.proxy.bonded:
+                return _start_connect_by_device(target, None, _IPPROTO_MPTCP)
             if source is not None:
                 return self._with_device(source, target[0], functools.partial(_start_connect, source, target))
             if address.interface is not None:
@@ -5690,6 +5734,28 @@ class Upstream:
                 reason = self._proxy_faults.pop(address, None)
             if reason is not None:
                 logger.info("upstream proxy %s works again (it had failed: %s)", address.describe(), reason)
+
+    def bond_connected(self, address: LocalAddress, sock: socket.socket) -> None:
+        """Note whether a connection through a bonded link is Multipath TCP
+        or fell back to one TCP subflow (the proxy's side does not speak it,
+        or a middlebox stripped the option): logged when that changes."""
+        if not (isinstance(address, ProxyAddress) and address.proxy.bonded):
+            return
+        try:
+            fallback = not sock.getsockopt(socket.IPPROTO_TCP, _TCP_IS_MPTCP)
+        except OSError:
+            fallback = True
+        with self._lock:
+            before = self.bond_fallback.get(address)
+            self.bond_fallback[address] = fallback
+        if fallback and before is not True:
+            logger.warning(
+                "bond %s: fallback to one TCP subflow (the proxy or the path does not speak MPTCP); "
+                "it carries on as one link",
+                address.describe(),
+            )
+        elif not fallback and before:
+            logger.info("bond %s: Multipath TCP again", address.describe())
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         with self._lock:
@@ -5927,6 +5993,7 @@ class _Race:
             self._drop(other_sock)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target, took)
+        self.upstream.bond_connected(local, sock)
         if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
             self.upstream.proxy_worked(local)
         if self.affinity is not None:
@@ -6236,6 +6303,23 @@ class History(TypedDict):
     addresses: dict[str, AddressHistory]
 
 
+class BondMember(TypedDict):
+    """An interface in the bonds: carries subflows, or is a backup, and why."""
+
+    interface: str
+    role: Literal["subflows", "backup"]
+    why: str
+
+
+class BondStatus(TypedDict):
+    """A bonded link (``mptcp+``): whether its last connection was Multipath
+    TCP or fell back to one TCP subflow ("unknown" before the first)."""
+
+    link: str
+    mptcp: Literal["multipath", "fallback", "unknown"]
+    members: list[BondMember]
+
+
 class Status(TypedDict):
     """Everything the status page shows, as ``Dispatcher.status()`` gives it."""
 
@@ -6248,6 +6332,7 @@ class Status(TypedDict):
     totals: Totals
     addresses: list[StatsRow]
     history: History
+    bonds: list[BondStatus]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6826,7 +6911,12 @@ def _facts(status: Status) -> dict[str, object]:
         "refused": status["refused"],
         "connections": totals["connections"],
         "failed": totals["failed"],
-    }
+    } | {f"bond {bond['link']}": _bond_fact(bond) for bond in status["bonds"]}
+
+
+def _bond_fact(bond: BondStatus) -> str:
+    members = "; ".join(f"{member['interface']}: {member['why']}" for member in bond["members"])
+    return f"{bond['mptcp']} ({members or 'no interface yet'})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7082,6 +7172,22 @@ def _metric_family(name: str, kind: str, text: str, samples: Iterable[tuple[Mapp
     return lines
 
 
+def _bond_metrics(bonds: list[BondStatus]) -> list[str]:
+    """The bonds' families: the fallback of each bonded link, the role of each interface."""
+    lines = _metric_family(
+        "dispatch_bond_fallback",
+        "gauge",
+        "1 while a bonded link's last connection fell back to one TCP subflow, 0 while multipath.",
+        [({"link": b["link"]}, int(b["mptcp"] == "fallback")) for b in bonds if b["mptcp"] != "unknown"],
+    )
+    return lines + _metric_family(
+        "dispatch_bond_member",
+        "gauge",
+        "Always 1; names an interface of the bonds and its role (subflows or backup).",
+        [({"link": b["link"], "interface": m["interface"], "role": m["role"]}, 1) for b in bonds for m in b["members"]],
+    )
+
+
 def render_metrics(status: Status) -> str:
     """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
     per-address series carry ``link`` and ``address`` (the local IP) labels."""
@@ -7104,6 +7210,7 @@ def render_metrics(status: Status) -> str:
     for name, kind, text, value_of in _PER_ADDRESS:
         samples = [({"link": r["link"], "address": r["ip"] or ""}, value_of(r)) for r in rows]
         lines += _metric_family(name, kind, text, [(labels, value) for labels, value in samples if value is not None])
+    lines += _bond_metrics(status["bonds"]) if status["bonds"] else []
     lines += _metric_family(
         "dispatch_clients_refused_total", "counter", "Client connections refused.", [({}, status["refused"])]
     )
@@ -7765,6 +7872,329 @@ def _request_headers(host: str, port: int, version: str, headers: Headers, lengt
 
 
 # ---------------------------------------------------------------------------
+# MPTCP endpoints: the kernel's subflow addresses for bonds, and their undo
+# ---------------------------------------------------------------------------
+
+# A bond's subflows leave by the addresses the kernel's path manager has as
+# "subflow" endpoints. dispatch adds one per address of the bond's links,
+# bound to its device (so that a subflow leaves by its link whatever the
+# routing table says), through iproute2's ``ip mptcp``: it is there wherever
+# MPTCP is, and speaks the generic netlink family that would otherwise take a
+# netlink client of its own here. What is added is recorded first, in a file
+# per network namespace, so that a run that was killed has its endpoints
+# removed at the next start; an endpoint dispatch did not add is left alone.
+
+# A link carries a bond's subflows while what it can carry is at least this
+# share of what the links faster than it carry together; a slower one is a
+# backup subflow only. The kernel's default scheduler sends on every subflow
+# with room, and a slow link's queue then holds the bond back: measured with
+# links of 1,200, 1,200 and 400 kB/s, one download over all three got 1,745
+# kB/s, over the two fast ones 2,183 kB/s.
+BOND_SHARE = 1 / 3
+# The kernel takes at most 8 subflows per connection (MPTCP_PM_MAX_SUBFLOWS).
+MPTCP_MAX_SUBFLOWS = 8
+IP_COMMAND = "ip"
+IP_COMMAND_TIMEOUT = 10.0  # seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class BondRole:
+    """What a link does in the bonds: carries subflows, or is a backup; and why."""
+
+    interface: str
+    backup: bool
+    why: str
+
+
+def choose_bond(capacities: Mapping[str, float | None]) -> list[BondRole]:
+    """The role of each link (by interface name) from what it was measured
+    to carry (None: not yet): a backup where it carries less than
+    BOND_SHARE of what the faster links carry together, else a member."""
+    measured = [figure for figure in capacities.values() if figure is not None]
+    roles = []
+    for name, capacity in capacities.items():
+        if capacity is None:
+            roles.append(BondRole(name, False, "not measured yet"))
+            continue
+        faster = sum(other for other in measured if other > capacity)
+        carries = f"{format_bytes(capacity)}/s"
+        if faster and capacity < BOND_SHARE * faster:
+            why = f"backup: {carries} is under a third of the {format_bytes(faster)}/s of the faster links"
+            roles.append(BondRole(name, True, why))
+        else:
+            roles.append(BondRole(name, False, f"subflows: carries {carries}"))
+    return roles
+
+
+def endpoint_record_path(port: int, state_file: str | None = None) -> str:
+    """Where a dispatch listening on ``port`` records the endpoints it adds
+    in this network namespace: beside its state file (the default one if
+    none), one file per namespace (the endpoints are its own) and port."""
+    try:
+        namespace = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        namespace = 0
+    directory = os.path.dirname(os.path.abspath(state_file or default_state_path()))
+    return os.path.join(directory, f"mptcp-endpoints-{namespace}-{port}.json")
+
+
+class MptcpEndpoints:
+    """The MPTCP endpoints dispatch adds for its bonds, recorded in
+    ``record`` before each change and removed by ``remove_all()`` (at stop)
+    or ``clear_leftovers()`` (at the start after a run that was killed).
+
+    ``follow(wanted)`` makes the endpoints dispatch added be those of
+    ``wanted`` (address: (device, backup)) and raises the subflow limit to
+    their number where it is lower. Without the right to (CAP_NET_ADMIN), it
+    says once what to run instead, and bonds use what is configured.
+    ``run`` runs a command as subprocess.run does (tests give their own).
+    """
+
+    def __init__(self, record: str, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> None:
+        self.record = record
+        self._run = run
+        self._lock = threading.Lock()
+        self.added: dict[str, tuple[int, str, bool]] = {}  # address: (id, device, backup)
+        self._limit: tuple[int, int] | None = None  # the subflow limit (before, as set), where raised
+        self._refused: str | None = None  # why it may not change them, once told
+
+    def _ip(self, *arguments: str) -> str:
+        """``ip mptcp ARGUMENTS``' output; OSError with its message if it fails."""
+        try:
+            done = self._run(
+                [IP_COMMAND, *arguments], capture_output=True, text=True, timeout=IP_COMMAND_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            raise OSError(errno.ENOENT, f"{IP_COMMAND}: {error}") from None
+        if done.returncode != 0:
+            message = done.stderr.strip() or f"exit status {done.returncode}"
+            refused = "not permitted" in message.lower() or "permission denied" in message.lower()
+            raise OSError(errno.EPERM if refused else errno.EINVAL, message)
+        return done.stdout
+
+    def endpoints(self) -> dict[int, dict[str, Any]]:
+        """The kernel's endpoints now, by id."""
+        listed = json.loads(self._ip("-j", "mptcp", "endpoint", "show") or "[]")
+        return {int(entry["id"]): entry for entry in listed if isinstance(entry, dict) and "id" in entry}
+
+    def subflow_limit(self) -> int:
+        """The most subflows a connection may add, as the kernel has it."""
+        words = self._ip("mptcp", "limits", "show").split()
+        return int(words[words.index("subflows") + 1])
+
+    def _write_record(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.record)), exist_ok=True)
+        endpoints = [
+            {"id": ident, "address": address, "dev": device} for address, (ident, device, _) in self.added.items()
+        ]
+        if not endpoints and self._limit is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.record)
+            return
+        with open(self.record, "w", encoding="utf-8") as file:
+            json.dump({"endpoints": endpoints, "subflows": self._limit}, file)
+            file.write("\n")
+
+    def clear_leftovers(self) -> None:
+        """Remove what the record says a run before added and did not
+        remove (it was killed): each endpoint that still has the recorded
+        address, and the subflow limit it raised if nobody changed it since."""
+        try:
+            with open(self.record, encoding="utf-8") as file:
+                recorded = json.load(file)
+            endpoints = {int(entry["id"]): str(entry["address"]) for entry in recorded.get("endpoints", [])}
+            limit = recorded.get("subflows")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            logger.warning("the record of MPTCP endpoints %s is unreadable (%s): removed", self.record, error)
+            with contextlib.suppress(OSError):
+                os.unlink(self.record)
+            return
+        try:
+            present = self.endpoints()
+            for ident, address in endpoints.items():
+                if present.get(ident, {}).get("address") == address:
+                    self._ip("mptcp", "endpoint", "delete", "id", str(ident))
+                    logger.info("removed the MPTCP endpoint %s (id %d) a run before left", address, ident)
+            if isinstance(limit, list) and len(limit) == 2 and self.subflow_limit() == int(limit[1]):
+                self._ip("mptcp", "limits", "set", "subflows", str(int(limit[0])))
+        except OSError as error:
+            logger.warning("cannot remove the MPTCP endpoints a run before left: %s", error.strerror or error)
+            return
+        os.unlink(self.record)
+
+    def follow(self, wanted: Mapping[str, tuple[str, bool]]) -> None:
+        """Make the endpoints dispatch added those of ``wanted`` (address:
+        (device, backup)): add what is missing (unless the kernel has that
+        address already: not dispatch's), change a role, delete what is no
+        longer wanted; raise the subflow limit to their number."""
+        with self._lock:
+            try:
+                self._follow(wanted)
+            except OSError as error:
+                self._refuse(wanted, error)
+
+    def _follow(self, wanted: Mapping[str, tuple[str, bool]]) -> None:
+        present = self.endpoints()
+        for address in [address for address in self.added if address not in wanted]:
+            self._delete(address, present)
+        taken = {entry.get("address") for entry in present.values()}
+        for address, (device, backup) in wanted.items():
+            had = self.added.get(address)
+            if had is not None and had[1:] == (device, backup):
+                continue
+            if had is not None and had[1] == device:
+                self._ip("mptcp", "endpoint", "change", "id", str(had[0]), "backup" if backup else "nobackup")
+                self.added[address] = (had[0], device, backup)
+                self._write_record()
+                continue
+            if had is not None:
+                self._delete(address, present)
+            elif address in taken:
+                continue  # the system's own: left as it is
+            ident = min(set(range(1, 256)) - set(present) - {entry[0] for entry in self.added.values()})
+            self.added[address] = (ident, device, backup)
+            self._write_record()  # recorded before it is made
+            flags = ["subflow", "backup"] if backup else ["subflow"]
+            try:
+                self._ip("mptcp", "endpoint", "add", address, "id", str(ident), "dev", device, *flags)
+            except OSError:
+                del self.added[address]
+                self._write_record()
+                raise
+            present[ident] = {"id": ident, "address": address}
+            logger.info("MPTCP endpoint %s on %s added (%s)", address, device, "backup" if backup else "subflow")
+        self._raise_limit(len(self.added))
+        self._refused = None
+
+    def _delete(self, address: str, present: Mapping[int, Mapping[str, Any]]) -> None:
+        ident = self.added[address][0]
+        if present.get(ident, {}).get("address") == address:
+            self._ip("mptcp", "endpoint", "delete", "id", str(ident))
+            logger.info("MPTCP endpoint %s removed", address)
+        del self.added[address]
+        self._write_record()
+
+    def _raise_limit(self, wanted: int) -> None:
+        wanted = min(wanted, MPTCP_MAX_SUBFLOWS)
+        current = self.subflow_limit()
+        if current >= wanted:
+            return
+        before = self._limit[0] if self._limit is not None else current
+        self._limit = (before, wanted)
+        self._write_record()
+        self._ip("mptcp", "limits", "set", "subflows", str(wanted))
+        logger.info("MPTCP subflow limit raised from %d to %d", current, wanted)
+
+    def _refuse(self, wanted: Mapping[str, tuple[str, bool]], error: OSError) -> None:
+        """Say once why the endpoints cannot be changed, and what to run."""
+        why = error.strerror or str(error)
+        if self._refused == why:
+            return
+        self._refused = why
+        commands = [
+            f"ip mptcp endpoint add {address} dev {device} subflow{' backup' if backup else ''}"
+            for address, (device, backup) in wanted.items()
+        ]
+        commands.append(f"ip mptcp limits set subflows {min(len(wanted), MPTCP_MAX_SUBFLOWS)}")
+        logger.warning(
+            "cannot set the MPTCP endpoints (%s; it needs CAP_NET_ADMIN): bonds use those configured; as root, run: %s",
+            why,
+            "; ".join(commands),
+        )
+
+    def remove_all(self) -> None:
+        """Remove every endpoint dispatch added, put the subflow limit back
+        where it raised it, and remove the record."""
+        with self._lock:
+            try:
+                present = self.endpoints()
+                for address in list(self.added):
+                    self._delete(address, present)
+                if self._limit is not None and self.subflow_limit() == self._limit[1]:
+                    self._ip("mptcp", "limits", "set", "subflows", str(self._limit[0]))
+                self._limit = None
+                self._write_record()
+            except OSError as error:
+                logger.warning("cannot remove the MPTCP endpoints: %s", error.strerror or error)
+
+
+class Bonds:
+    """The bonded links (``mptcp+``) among ``addresses``, and the endpoints
+    their subflows leave by (Linux; recorded in ``record``).
+
+    ``start(capacity)`` removes what a run that was killed left, and gives
+    each address of the bonds' interfaces its endpoint, by the role
+    choose_bond() gives the interface for what ``capacity(name)`` says it
+    carries; ``follow(capacity)`` does so again as links come and go,
+    ``stop()`` removes them. Raises AddressError where MPTCP is unavailable.
+    """
+
+    def __init__(self, addresses: Iterable[LocalAddress], record: str) -> None:
+        self.links = [a for a in addresses if isinstance(a, ProxyAddress) and a.proxy.bonded]
+        unavailable = mptcp_unavailable() if self.links else None
+        if unavailable is not None:
+            raise AddressError(f"{self.links[0].describe()!r}: {unavailable}")
+        self.roles: list[BondRole] = []
+        self.endpoints = MptcpEndpoints(record) if sys.platform.startswith("linux") else None
+
+    def interfaces(self) -> dict[str, Interface]:
+        """The interfaces the bonds' subflows may leave by, with their
+        usable addresses: those the bonds name, or else every one."""
+        if not self.links:
+            return {}
+        try:
+            found = {interface.name: interface for interface in usable_interfaces()}
+        except (OSError, AddressError) as error:
+            logger.debug("cannot read the interfaces: %s", error)
+            return {}
+        named = {name for bond in self.links for name in bond.proxy.bond}
+        return {name: interface for name, interface in found.items() if interface.ips and (name in named or not named)}
+
+    def start(self, capacity: Callable[[str], float | None]) -> None:
+        """Remove what a run before left; set up the endpoints."""
+        if self.endpoints is not None:
+            self.endpoints.clear_leftovers()
+        if self.links:
+            self.follow(capacity)
+
+    def follow(self, capacity: Callable[[str], float | None]) -> None:
+        """Give each address of the bonds' interfaces its endpoint, as a
+        subflow or a backup by what its interface carries."""
+        interfaces = self.interfaces()
+        roles = choose_bond({name: capacity(name) for name in interfaces})
+        if [(r.interface, r.backup) for r in roles] != [(r.interface, r.backup) for r in self.roles]:
+            for role in roles:
+                logger.info("bond: %s: %s", role.interface, role.why)
+        self.roles = roles
+        if self.endpoints is not None:
+            wanted = {ip: (role.interface, role.backup) for role in roles for ip in interfaces[role.interface].ips}
+            self.endpoints.follow(wanted)
+
+    def stop(self) -> None:
+        """Remove the endpoints added."""
+        if self.endpoints is not None:
+            self.endpoints.remove_all()
+
+    def status(self, fallback: Mapping[LocalAddress, bool]) -> list[BondStatus]:
+        """Each bonded link, whether its last connection fell back (by
+        ``fallback``), and the roles of the interfaces."""
+        members: list[BondMember] = [
+            {"interface": role.interface, "role": "backup" if role.backup else "subflows", "why": role.why}
+            for role in self.roles
+        ]
+        states: dict[bool | None, Literal["multipath", "fallback", "unknown"]] = {
+            None: "unknown",
+            False: "multipath",
+            True: "fallback",
+        }
+        return [
+            {"link": bond.describe(), "mptcp": states[fallback.get(bond)], "members": members} for bond in self.links
+        ]
+
+
+# ---------------------------------------------------------------------------
 # Server: admission, the first byte picks the session, the listener
 # ---------------------------------------------------------------------------
 
@@ -7915,7 +8345,9 @@ class _Server(socketserver.ThreadingTCPServer):
     idle_thread_seconds = 1.0
     max_idle_threads = 64
 
-    def __init__(self, address: tuple[str, int], admission: Admission, context: SessionContext) -> None:
+    def __init__(
+        self, address: tuple[str, int], admission: Admission, context: SessionContext, mptcp: bool = False
+    ) -> None:
         self.address_family = _family_of(address[0])
         self.admission = admission
         self.context = context
@@ -7932,10 +8364,22 @@ class _Server(socketserver.ThreadingTCPServer):
         self._loop_done.set()
         self._close_when_done = False
         try:
-            super().__init__(address, ConnectionHandler)
+            super().__init__(address, ConnectionHandler, bind_and_activate=not mptcp)
         except BaseException:
             self._close_wake_up()
             raise
+        if mptcp:
+            # The far end of bonds: clients' subflows join here, and a plain
+            # TCP client is served as ever (the kernel falls back).
+            self.socket.close()
+            try:
+                self.socket = socket.socket(self.address_family, self.socket_type, _IPPROTO_MPTCP)
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                self._close_wake_up()
+                raise
 
     def server_bind(self) -> None:
         # Windows lets another program bind a port that has SO_REUSEADDR and
@@ -8113,6 +8557,7 @@ class DispatcherOptions:
     dns: Sequence[str] | None = None
     upstream_passwords: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
     state_file: str | None = None
+    mptcp: bool = False
 
     def __post_init__(self) -> None:
         self._check_settings()
@@ -8135,6 +8580,9 @@ class DispatcherOptions:
         balances = [balance.value for balance in Balance]
         if self.balance is not None and self.balance not in balances:
             raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
+        unavailable = mptcp_unavailable() if self.mptcp else None
+        if unavailable is not None:
+            raise ValueError(f"mptcp: {unavailable}")
 
     def _keep_collections(self) -> None:
         """Keep each collection as a tuple or a read-only mapping (a
@@ -8331,6 +8779,8 @@ class Dispatcher:
     - ``state_file``: where each link's capacity is kept across runs (read
       at the start, written every STATE_SAVE_INTERVAL and at shutdown);
       None keeps nothing.
+    - ``mptcp``: listen with Multipath TCP, as the far end of clients'
+      bonds (``mptcp+`` links); plain TCP clients are served as ever.
 
     The same can be given as one DispatcherOptions, ``options=`` (then
     nothing else: TypeError); ``.options`` is what it runs with, either way.
@@ -8370,6 +8820,7 @@ class Dispatcher:
         dns: Sequence[str] | None = None,
         upstream_passwords: Mapping[str, str] | None = None,
         state_file: str | None = DispatcherOptions.state_file,
+        mptcp: bool = DispatcherOptions.mptcp,
     ) -> None:
         given = DispatcherOptions(
             None if addresses is None else tuple(addresses),
@@ -8393,6 +8844,7 @@ class Dispatcher:
             dns=dns,
             upstream_passwords=upstream_passwords,
             state_file=state_file,
+            mptcp=mptcp,
         )
         if options is not None and given != DispatcherOptions():
             raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
@@ -8476,8 +8928,22 @@ class Dispatcher:
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
-        self._server = _Server((options.host, options.port), self.admission, self.context)
+        self._server = _Server((options.host, options.port), self.admission, self.context, options.mptcp)
         self.upstream.listening = self.address
+        self.bonds = Bonds(self.links.addresses, endpoint_record_path(self.address[1], self.state_file))
+        if self.bonds.links:
+            self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_bonds)
+
+    def _follow_bonds(self) -> None:
+        self.bonds.follow(self._interface_capacity)
+
+    def _interface_capacity(self, name: str) -> float | None:
+        """What the interface ``name`` was measured to carry: as a link of
+        this run, else as the state file kept it."""
+        known = self.links.known_addresses()
+        figures = [self.capacity.estimate(a) for a in known if a.interface == name and not isinstance(a, ProxyAddress)]
+        measured = [figure for figure in figures if figure is not None]
+        return max(measured) if measured else self._kept.get(name)
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -8518,6 +8984,7 @@ class Dispatcher:
         keys: set[str] = set()
         for link in self.links.links:
             keys.update((link.name, f"{link.name} IPv6") if link.is_interface else link.known)
+        keys.update(self.bonds.interfaces())
         return keys
 
     def _state_key(self, address: LocalAddress) -> str:
@@ -8676,6 +9143,7 @@ class Dispatcher:
             self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
             self._written = dict(self._kept)
         self.measure_capacities()  # starts each link's clock, from its remembered figure
+        self.bonds.start(self._interface_capacity)
         self.tasks.start()
         self._serving.set()
         try:
@@ -8725,6 +9193,7 @@ class Dispatcher:
         self.admission.close_all()
         # The sessions now see their sockets closed; let them log it.
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
+        self.bonds.stop()
 
     def stats(self) -> list[StatsRow]:
         """Per local address (every one a link holds, and those gone lately:
@@ -8809,6 +9278,7 @@ class Dispatcher:
             "totals": totals,
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
+            "bonds": self.bonds.status(self.upstream.bond_fallback),
         }
 
     def __enter__(self) -> Dispatcher:
@@ -9372,6 +9842,7 @@ def _start_options(args: argparse.Namespace) -> DispatcherOptions:
         dns=args.dns,
         upstream_passwords=_upstream_passwords(args),
         state_file=None if args.no_state else args.state_file or default_state_path(),
+        mptcp=args.mptcp,
     )
 
 
@@ -9618,6 +10089,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-state",
         action="store_true",
         help="keep no state file: every start measures the links afresh",
+    )
+    start.add_argument(
+        "--mptcp",
+        action="store_true",
+        help="listen with Multipath TCP (Linux): the far end of the bonds of dispatches that name this one "
+        "as mptcp+socks5h://HOST:PORT; plain TCP clients are served as ever",
     )
     start.add_argument(
         "--check",

@@ -103,6 +103,30 @@ from conftest import (
 from dispatch import Dispatcher, Reply, WeightedRoundRobin
 
 
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_mptcp_is_refused_off_linux_in_one_line(platform: str) -> None:
+    assert dispatch.mptcp_unavailable(platform) == (
+        "MPTCP (mptcp+ links, --mptcp) needs Linux: this system has no Multipath TCP dispatch can use"
+    )
+
+
+@pytest.mark.parametrize(
+    ("enabled", "named"),
+    [("0\n", "net.mptcp.enabled is 0 (sysctl -w net.mptcp.enabled=1)"), (None, "net.mptcp.enabled is missing")],
+)
+def test_mptcp_is_refused_where_the_kernel_has_it_off_naming_the_sysctl(
+    enabled: str | None, named: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sysctl = tmp_path / "enabled"
+    if enabled is not None:
+        sysctl.write_text(enabled)
+    monkeypatch.setattr(dispatch, "_MPTCP_SYSCTL", str(sysctl))
+    why = dispatch.mptcp_unavailable("linux")
+    assert why is not None and named in why
+    sysctl.write_text("1\n")
+    assert dispatch.mptcp_unavailable("linux") is None
+
+
 # ---------------------------------------------------------------------------
 # Platform start-up: descriptors, one CPU, the default route
 # ---------------------------------------------------------------------------
@@ -3407,6 +3431,88 @@ def test_parse_proxy_address_rejects_without_showing_the_password(text: str, mes
     assert "hunter2" not in str(refused.value)
 
 
+def test_a_bonded_proxys_address_names_its_links_and_hides_its_password() -> None:
+    spec = dispatch.parse_address("mptcp+socks5h://al:hunter2@vps.example:1080+eth0+wlan0@backup")
+    proxy = spec.proxy
+    assert proxy is not None and spec.backup
+    assert (proxy.scheme, proxy.host, proxy.port, proxy.bonded, proxy.bond, proxy.via, proxy.password) == (
+        "socks5h",
+        "vps.example",
+        1080,
+        True,
+        ("eth0", "wlan0"),
+        None,
+        "hunter2",
+    )
+    assert spec.address == proxy.name == "mptcp+socks5h://al@vps.example:1080+eth0+wlan0"
+    every = dispatch.parse_address("mptcp+http://vps.example:3128").proxy
+    assert every is not None and (every.bonded, every.bond, every.name) == (True, (), "mptcp+http://vps.example:3128")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mptcp+socks4://al@10.0.0.9:1080", "a proxy's scheme is one of mptcp+socks5, mptcp+socks5h, mptcp+http"),
+        ("mptcp+socks5h://al:hunter2@10.0.0.9:1080+eth0+", "no link after '+'"),
+    ],
+)
+def test_a_bonded_proxys_address_is_refused_without_showing_the_password(text: str, message: str) -> None:
+    with pytest.raises(dispatch.AddressError, match=re.escape(message)) as refused:
+        dispatch.parse_address(text)
+    assert "hunter2" not in str(refused.value)
+
+
+def mptcp_or_skip() -> None:
+    why = dispatch.mptcp_unavailable()
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("multipath", [True, False])
+def test_a_bond_to_a_dispatch_is_multipath_or_a_logged_and_shown_fallback(
+    multipath: bool, make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    """A bond over loopback alone (+lo: no endpoint to add) to a dispatch
+    with a login: with --mptcp the connection is Multipath TCP; without it,
+    it falls back to TCP and still works, said once and shown."""
+    mptcp_or_skip()
+    far = make_proxy(credentials={"al": "hunter2"}, mptcp=multipath)
+    bond = f"mptcp+socks5h://al:hunter2@127.0.0.1:{far.address[1]}+lo"
+    near = make_proxy([bond])
+    for _ in range(2):
+        with client_through(near, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"bonded") == b"bonded"
+    (shown,) = near.status()["bonds"]
+    assert (shown["link"], shown["mptcp"], shown["members"]) == (
+        "mptcp+socks5h://al@127.0.0.1:" + str(far.address[1]) + "+lo",
+        "multipath" if multipath else "fallback",
+        [],
+    )
+    fallbacks = [r for r in log.records if "fallback to one TCP subflow" in r.getMessage()]
+    assert len(fallbacks) == (0 if multipath else 1)
+    metrics = dispatch.render_metrics(near.status())
+    assert f'dispatch_bond_fallback{{link="{shown["link"]}"}} {0 if multipath else 1}' in metrics
+    assert "hunter2" not in json.dumps(near.status()) + metrics + log.text
+
+
+def test_a_dispatch_with_mptcp_serves_multipath_and_plain_tcp_clients(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    mptcp_or_skip()
+    proxy = make_proxy(mptcp=True)
+    assert proxy._server.socket.proto == dispatch._IPPROTO_MPTCP
+    with client_through(proxy, (echo_server.host, echo_server.port)) as plain:
+        assert round_trip(plain, b"plain") == b"plain"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, dispatch._IPPROTO_MPTCP) as multipath:
+        multipath.settimeout(TIMEOUT)
+        multipath.connect(proxy.address)
+        multipath.sendall(b"\x05\x01\x00" + socks5_request(echo_server.host, echo_server.port))
+        assert recv_exactly(multipath, 2) == b"\x05\x00"
+        assert socks5_reply(multipath)[0] == Reply.SUCCEEDED
+        assert multipath.getsockopt(socket.IPPROTO_TCP, dispatch._TCP_IS_MPTCP) == 1
+        assert round_trip(multipath, b"multipath") == b"multipath"
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -6071,7 +6177,15 @@ def http_get(
         return read_response(sock)
 
 
-STATUS_TYPES = (dispatch.Status, dispatch.Totals, dispatch.History, dispatch.AddressHistory, dispatch.StatsRow)
+STATUS_TYPES = (
+    dispatch.Status,
+    dispatch.Totals,
+    dispatch.History,
+    dispatch.AddressHistory,
+    dispatch.StatsRow,
+    dispatch.BondStatus,
+    dispatch.BondMember,
+)
 
 
 def json_faults(value: Any, hint: Any, where: str = "status") -> list[str]:

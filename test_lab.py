@@ -80,11 +80,14 @@ def rules_lab() -> Iterator[Any]:
 class LabProxy:
     """``dispatch start`` running in a lab's client namespace."""
 
-    def __init__(self, lab: Any, arguments: list[str], log_file: str, port: int = LAB_PROXY_PORT) -> None:
+    def __init__(
+        self, lab: Any, arguments: list[str], log_file: str, port: int = LAB_PROXY_PORT, where: str = "client"
+    ) -> None:
         self.lab = lab
         self.log_file = log_file
         self.address = ("127.0.0.1", port)
-        self.process = run_script(["start", "--port", str(port), "--log-file", log_file, *arguments], lab.client_popen)
+        popen = lab.server_popen if where == "server" else lab.client_popen
+        self.process = run_script(["start", "--port", str(port), "--log-file", log_file, *arguments], popen)
         assert self.process.stdout is not None
         self.banner = []
         for line in iter(self.process.stdout.readline, ""):
@@ -907,3 +910,113 @@ def test_lab_names_for_a_socks5_upstream_are_asked_by_its_link_or_by_the_default
             assert {q[3] for q in lab_dns.asked(name)} == {source[link]}, (name, link)
         rows = {row["link"]: row["dns_queries"] for row in lab_status(proxy)["addresses"]}
         assert all(rows[link] >= 2 for link in source), rows
+
+
+# Bonds: one connection over every link, MPTCP to a dispatch on the server ----
+
+
+def mptcp_or_skip(lab: Any) -> None:
+    """Skip where this kernel cannot bond, saying what is missing."""
+    why = dispatch.mptcp_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    if shutil.which("ip") is None or lab.run_in_client(["ip", "mptcp", "limits"]).returncode != 0:
+        pytest.skip("iproute2's 'ip mptcp' is missing or the kernel has no MPTCP path manager")
+
+
+BOND_SERVER_PORT = 1090  # inside the server namespace, where nothing else listens
+BOND_LOGIN = ("bond", "s3cret")
+
+
+@pytest.fixture
+def bond_server(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Callable[..., str]]:
+    """dispatch on the lab's server (a VPS), with a login, reached by the
+    client's uplinks; ``--mptcp`` unless told otherwise. Gives its URL with
+    the password, as the client names it (scheme ``mptcp+socks5h``)."""
+    started: list[LabProxy] = []
+
+    def start(lab: Any, *, mptcp: bool = True) -> str:
+        mptcp_or_skip(lab)
+        # The kernel's default on a server: 2 more subflows per connection; a recipe raises it.
+        lab.run_in_server(["ip", "mptcp", "limits", "set", "subflows", "8"], check=True)
+        arguments = [
+            "--ip",
+            lab.service_address,
+            "--allow",
+            "198.51.100.0/24",
+            "--allow-target",
+            f"{lab.service_address}/32",
+            "--auth",
+            ":".join(BOND_LOGIN),
+            "--no-state",
+        ]
+        log_file = os.path.join(str(tmp_path), f"server{len(started)}.log")
+        server = LabProxy(lab, [*arguments, *(["--mptcp"] if mptcp else [])], log_file, BOND_SERVER_PORT, "server")
+        started.append(server)
+        user, password = BOND_LOGIN
+        return f"mptcp+socks5h://{user}:{password}@{lab.service_address}:{BOND_SERVER_PORT}"
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def mptcp_endpoints(lab: Any) -> dict[str, dict[str, Any]]:
+    """The kernel's MPTCP endpoints in the lab's client namespace, by address."""
+    listed = json.loads(lab.run_in_client(["ip", "-j", "mptcp", "endpoint", "show"], check=True).stdout or "[]")
+    return {entry["address"]: entry for entry in listed}
+
+
+def timed_download(proxy: LabProxy, size: int) -> float:
+    """One download of ``size`` bytes through ``proxy``; its rate in bytes per second."""
+    started = time.monotonic()
+    assert proxy.download(size) == size
+    return size / (time.monotonic() - started)
+
+
+LAB_BOND_SIZE = 24_000_000
+# What TCP carries of a link's wire rate (tbf counts Ethernet headers; see netlab).
+LAB_PAYLOAD_SHARE = 0.956
+
+
+@pytest.mark.parametrize("lab_name", ["rules_lab", "metrics_lab"])
+def test_lab_one_download_through_a_bond_gets_three_quarters_of_the_links_sum(
+    request: pytest.FixtureRequest,
+    lab_name: str,
+    lab_proxy: Callable[..., LabProxy],
+    bond_server: Callable[..., str],
+    tmp_path: Any,
+) -> None:
+    """A batch of downloads through the three uplinks measures them (the
+    state file keeps it); then one connection through the bond to the
+    server's dispatch gets three quarters of the three links' sum, where
+    one TCP connection gets one link: the slow link is a backup subflow,
+    the two fast ones carry it. The endpoints go at the stop."""
+    lab = request.getfixturevalue(lab_name)
+    url = bond_server(lab)
+    state = str(tmp_path / "state.json")
+    uplinks = [link.client_ifname for link in lab.uplinks]
+    direct = lab_proxy(lab, "--state-file", state, *uplinks)
+    assert lab_downloads(direct, 6, 2_000_000) == [2_000_000] * 6  # measures the links
+    started = time.monotonic()
+    assert lab_downloads(direct, 24, LAB_BOND_SIZE // 24) == [LAB_BOND_SIZE // 24] * 24
+    batch = LAB_BOND_SIZE / (time.monotonic() - started)
+    single = timed_download(direct, LAB_BOND_SIZE // 4)
+    direct.stop()
+    bonded = lab_proxy(lab, "--state-file", state, url)
+    roles = {link.client_addr: (link.client_ifname, link.index == 3) for link in lab.uplinks}
+    assert wait_for(lambda: len(mptcp_endpoints(lab)) == 3), bonded.log()
+    endpoints = mptcp_endpoints(lab)
+    assert {address: (entry["dev"], entry.get("backup", False)) for address, entry in endpoints.items()} == roles
+    rate = timed_download(bonded, LAB_BOND_SIZE)
+    links_sum = sum(link.rate for link in lab.uplinks) * LAB_PAYLOAD_SHARE
+    print(
+        f"{lab_name}: one download through the bond {rate / 1000:,.0f} kB/s, one TCP download "
+        f"{single / 1000:,.0f} kB/s, a batch of 24 by measured balancing {batch / 1000:,.0f} kB/s; "
+        f"the links' sum {links_sum / 1000:,.0f} kB/s"
+    )
+    assert rate >= 0.75 * links_sum
+    assert "fallback" not in bonded.log()
+    bonded.stop()
+    assert mptcp_endpoints(lab) == {}
