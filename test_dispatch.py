@@ -6454,6 +6454,53 @@ def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
 
 
 # ---------------------------------------------------------------------------
+# MPTCP endpoints: which interfaces carry a bond's subflows, and the right to add them
+# ---------------------------------------------------------------------------
+
+
+def test_a_link_under_a_third_of_the_faster_ones_is_a_backup_of_the_bond() -> None:
+    roles = dispatch.choose_bond({"eth0": 1_200_000, "wlan0": 1_200_000, "usb0": 400_000, "wwan0": None})
+    assert [(role.interface, role.backup) for role in roles] == [
+        ("eth0", False),
+        ("wlan0", False),
+        ("usb0", True),
+        ("wwan0", False),
+    ]
+    assert roles[2].why == "backup: 400 kB/s is under a third of the 2.4 MB/s of the faster links"
+    assert roles[3].why == "not measured yet"
+    # Faster again: it joins.
+    assert not any(role.backup for role in dispatch.choose_bond({"eth0": 1_200_000, "usb0": 900_000}))
+
+
+def test_without_the_right_to_add_endpoints_the_commands_to_run_are_said_once(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    asked: list[list[str]] = []
+
+    def ip(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        asked.append(argv)
+        if "add" in argv:
+            return subprocess.CompletedProcess(argv, 2, "", "Error: Operation not permitted.\n")
+        out = "[]" if "endpoint" in argv else "add_addr_accepted 0 subflows 2 \n"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    record = str(tmp_path / "endpoints.json")
+    endpoints = dispatch.MptcpEndpoints(record, run=ip)
+    wanted = {"192.0.2.2": ("eth0", False), "198.51.100.2": ("wlan0", False), "203.0.113.2": ("usb0", True)}
+    for _ in range(2):
+        endpoints.follow(wanted)
+    (warning,) = [r.getMessage() for r in log.records if "MPTCP endpoints" in r.getMessage()]
+    assert "CAP_NET_ADMIN" in warning and "Operation not permitted" in warning
+    assert warning.endswith(
+        "as root, run: ip mptcp endpoint add 192.0.2.2 dev eth0 subflow; "
+        "ip mptcp endpoint add 198.51.100.2 dev wlan0 subflow; "
+        "ip mptcp endpoint add 203.0.113.2 dev usb0 subflow backup; ip mptcp limits set subflows 3"
+    )
+    assert endpoints.added == {} and not os.path.exists(record)
+    assert ["ip", "mptcp", "endpoint", "add", "192.0.2.2", "id", "1", "dev", "eth0", "subflow"] in asked
+
+
+# ---------------------------------------------------------------------------
 # Server and limits: admission, timeouts, threads, descriptors, hostile clients
 # ---------------------------------------------------------------------------
 

@@ -1020,3 +1020,88 @@ def test_lab_one_download_through_a_bond_gets_three_quarters_of_the_links_sum(
     assert "fallback" not in bonded.log()
     bonded.stop()
     assert mptcp_endpoints(lab) == {}
+
+
+def test_lab_a_bonds_endpoints_follow_its_links_leave_others_alone_and_go_after_a_kill(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+) -> None:
+    """The bond's endpoints: one per address of the interfaces it names,
+    added at the start; an interface that gets its address later gets one
+    then; the system's own endpoint (for uplink 3) is left as it is. A
+    dispatch killed with SIGKILL leaves its endpoints, and the next start
+    removes them, and only them."""
+    lab = rules_lab
+    url = bond_server(lab)
+    late = "dlab-late"  # an interface with no address yet
+    lab.run_in_client(["ip", "link", "add", late, "type", "veth", "peer", "name", f"{late}-p"], check=True)
+    own = lab.uplink(3).client_addr
+    lab.run_in_client(["ip", "mptcp", "endpoint", "add", own, "id", "200", "signal"], check=True)
+    try:
+        names = "+".join(link.client_ifname for link in lab.uplinks)
+        killed = lab_proxy(lab, "--no-state", f"{url}+{names}+{late}")
+        first, second = lab.uplink(1).client_addr, lab.uplink(2).client_addr
+        assert wait_for(lambda: set(mptcp_endpoints(lab)) == {first, second, own}), killed.log()
+        for end in (late, f"{late}-p"):
+            lab.run_in_client(["ip", "link", "set", end, "up"], check=True)
+        lab.run_in_client(["ip", "addr", "add", "10.77.0.2/24", "dev", late], check=True)
+        assert wait_for(lambda: "10.77.0.2" in mptcp_endpoints(lab)), killed.log()
+        assert mptcp_endpoints(lab)["10.77.0.2"]["dev"] == late
+        assert mptcp_endpoints(lab)[own] == {"address": own, "id": 200, "signal": True}
+        killed.process.kill()
+        killed.process.wait(TIMEOUT)
+        assert set(mptcp_endpoints(lab)) == {first, second, own, "10.77.0.2"}
+        after = lab_proxy(lab, "--no-state", lab.uplink(1).client_ifname)
+        assert wait_for(lambda: set(mptcp_endpoints(lab)) == {own}), after.log()
+        assert "a run before left" in after.log()
+        after.stop()
+        assert set(mptcp_endpoints(lab)) == {own}
+    finally:
+        lab.run_in_client(["ip", "link", "del", late])
+        lab.run_in_client(["ip", "mptcp", "endpoint", "flush"])
+
+
+def test_lab_a_bond_to_a_server_without_mptcp_falls_back_to_one_tcp_subflow_said_once(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+) -> None:
+    url = bond_server(rules_lab, mptcp=False)
+    proxy = lab_proxy(rules_lab, "--no-state", url)
+    assert [proxy.download(LAB_DOWNLOAD_SIZE) for _ in range(2)] == [LAB_DOWNLOAD_SIZE] * 2
+    (bond,) = lab_status(proxy)["bonds"]
+    assert bond["mptcp"] == "fallback"
+    assert proxy.log().count("fallback to one TCP subflow") == 1
+    assert "s3cret" not in proxy.log() + json.dumps(lab_status(proxy))
+
+
+def test_lab_a_link_going_dark_mid_download_costs_the_bond_a_short_stall_and_is_used_again(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+) -> None:
+    """One 24 MB download through a bond of uplinks 1 and 2: uplink 2 goes
+    dark a quarter of the way, and comes back at half way. The download goes
+    on over uplink 1 after a short stall, and uplink 2 carries again once
+    it is back."""
+    lab = rules_lab
+    url = bond_server(lab)
+    proxy = lab_proxy(lab, "--no-state", f"{url}+{lab.uplink(1).client_ifname}+{lab.uplink(2).client_ifname}")
+    assert wait_for(lambda: len(mptcp_endpoints(lab)) == 2), proxy.log()
+    received, longest_gap, healed_at = 0, 0.0, None
+    try:
+        with proxy.client(import_netlab().HTTP_PORT) as client:
+            client.sendall(f"GET /file?size={LAB_BOND_SIZE} HTTP/1.0\r\nHost: lab\r\n\r\n".encode())
+            last = time.monotonic()
+            while chunk := client.recv(1 << 16):
+                now = time.monotonic()
+                longest_gap, last = max(longest_gap, now - last), now
+                received += len(chunk)
+                if received > LAB_BOND_SIZE // 4 and not lab.is_dark(2) and healed_at is None:
+                    lab.darken(2)
+                elif received > LAB_BOND_SIZE // 2 and lab.is_dark(2):
+                    lab.restore(2)
+                    healed_at = lab.counters()[2].rx_bytes
+    finally:
+        lab.restore(2)
+    assert received > LAB_BOND_SIZE
+    assert healed_at is not None
+    carried_after = lab.counters()[2].rx_bytes - healed_at
+    print(f"dark link: longest stall {longest_gap:.2f} s; uplink 2 carried {carried_after:,} B once back")
+    assert longest_gap < 5.0
+    assert carried_after > 1_000_000
