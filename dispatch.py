@@ -108,6 +108,8 @@ __all__ = [
     "AddressHistory",
     "BalanceName",
     "Balancer",
+    "BondCarried",
+    "BondCounters",
     "BondMember",
     "BondStatus",
     "CapacitySource",
@@ -5166,6 +5168,135 @@ def _proxy_unreachable(error: OSError) -> OSError:
     return ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy: {_describe(error)}")
 
 
+# What each subflow of a bonded connection carried: the kernel fills an array
+# of its own structs after a header (struct mptcp_subflow_data) the caller
+# fills in first, which Python's getsockopt() cannot pass; libc's can. The
+# counters are read while the connection is open: a closed subflow's are 0.
+_SUBFLOW_DATA = struct.Struct("=IIII")  # size_subflow_data, num_subflows, size_kernel, size_user
+_TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked (sent), tcpi_bytes_received
+_TCP_INFO_BYTES_AT = 120
+_SUBFLOW_ADDRS_SIZE = 256  # struct mptcp_subflow_addrs: two sockaddr_storage
+_MOST_SUBFLOWS_READ = 16
+
+
+def _subflow_array(sock: socket.socket, option: int, element: int) -> list[bytes]:
+    """The array ``option`` (MPTCP_TCPINFO, MPTCP_SUBFLOW_ADDRS) of ``sock``, an element a subflow."""
+    import ctypes
+
+    size = _SUBFLOW_DATA.size + element * _MOST_SUBFLOWS_READ
+    buffer = ctypes.create_string_buffer(_SUBFLOW_DATA.pack(_SUBFLOW_DATA.size, 0, 0, element), size)
+    length = ctypes.c_uint32(size)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.getsockopt(sock.fileno(), _SOL_MPTCP, option, buffer, ctypes.byref(length)) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+    _, count, _, stride = _SUBFLOW_DATA.unpack_from(buffer.raw)
+    start = _SUBFLOW_DATA.size
+    return [buffer.raw[start + i * stride : start + (i + 1) * stride] for i in range(min(count, _MOST_SUBFLOWS_READ))]
+
+
+def subflow_counters(sock: socket.socket) -> dict[str, tuple[int, int]]:
+    """Bytes each subflow of a Multipath TCP connection sent and received,
+    by its local address; {} where the kernel does not tell (or off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        infos = _subflow_array(sock, _MPTCP_TCPINFO, _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size)
+        addresses = _subflow_array(sock, _MPTCP_SUBFLOW_ADDRS, _SUBFLOW_ADDRS_SIZE)
+    except OSError:
+        return {}
+    counters: dict[str, tuple[int, int]] = {}
+    for info, address in zip(infos, addresses):
+        if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size or len(address) < 24:
+            continue
+        family = struct.unpack_from("=H", address)[0]
+        if family == socket.AF_INET:
+            ip = socket.inet_ntop(socket.AF_INET, address[4:8])
+        elif family == socket.AF_INET6:
+            ip = socket.inet_ntop(socket.AF_INET6, address[8:24])
+        else:
+            continue
+        if ipaddress.ip_address(ip).is_unspecified:  # a subflow closed already
+            continue
+        sent, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+        before = counters.get(ip, (0, 0))
+        counters[ip] = (before[0] + sent, before[1] + received)
+    return counters
+
+
+class BondCounters:
+    """What the connections through bonded links (``mptcp+``) were: whether
+    each link's last one was Multipath TCP or fell back to TCP
+    (``fallback``), and what each interface carried of them (``carried``:
+    (up, down) bytes by interface name, by link)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fallback: dict[LocalAddress, bool] = {}
+        self.carried: dict[LocalAddress, dict[str, tuple[int, int]]] = {}
+        self._interface_names: dict[str, str] = {}  # by local IP address, as last read
+
+    def connected(self, address: LocalAddress, sock: socket.socket) -> None:
+        """Note whether a connection through a bonded link is Multipath TCP
+        or fell back to one TCP subflow (the proxy's side does not speak it,
+        or a middlebox stripped the option): logged when that changes."""
+        if not (isinstance(address, ProxyAddress) and address.proxy.bonded):
+            return
+        try:
+            fallback = not sock.getsockopt(socket.IPPROTO_TCP, _TCP_IS_MPTCP)
+        except OSError:
+            fallback = True
+        with self._lock:
+            before = self.fallback.get(address)
+            self.fallback[address] = fallback
+        if fallback and before is not True:
+            logger.warning(
+                "bond %s: fallback to one TCP subflow (the proxy or the path does not speak MPTCP); "
+                "it carries on as one link",
+                address.describe(),
+            )
+        elif not fallback and before:
+            logger.info("bond %s: Multipath TCP again", address.describe())
+
+    def carried_by(self, address: LocalAddress, counters: Mapping[str, tuple[int, int]], up: int, down: int) -> str:
+        """Add what one connection carried, ``up`` and ``down`` bytes, to its
+        bonded link's, by interface, in the shares its subflows' ``counters``
+        (by local IP address, read last while it was open) give them; return
+        the shares as its log line says them ("eth0 61%, wlan0 39%")."""
+        seen_up, seen_down = sum(c[0] for c in counters.values()), sum(c[1] for c in counters.values())
+        carried: dict[str, tuple[int, int]] = {}
+        for ip, (sent, received) in counters.items():
+            name = self._interface_name(ip)
+            before = carried.get(name, (0, 0))
+            share_up = round(up * sent / seen_up) if seen_up else 0
+            share_down = round(down * received / seen_down) if seen_down else 0
+            carried[name] = (before[0] + share_up, before[1] + share_down)
+        with self._lock:
+            totals = self.carried.setdefault(address, {})
+            for name, (up, down) in carried.items():
+                before = totals.get(name, (0, 0))
+                totals[name] = (before[0] + up, before[1] + down)
+        whole = sum(up + down for up, down in carried.values())
+        shares = sorted(((up + down) / whole, name) for name, (up, down) in carried.items()) if whole else []
+        return ", ".join(f"{name} {share:.0%}" for share, name in reversed(shares))
+
+    def snapshot(self) -> tuple[dict[LocalAddress, bool], dict[LocalAddress, dict[str, tuple[int, int]]]]:
+        """Copies of ``fallback`` and ``carried``, as they are now."""
+        with self._lock:
+            return dict(self.fallback), {address: dict(by_name) for address, by_name in self.carried.items()}
+
+    def _interface_name(self, ip: str) -> str:
+        """The interface holding ``ip`` (the address itself where none is known)."""
+        name = self._interface_names.get(ip)
+        if name is None:
+            try:
+                name = _interface_of(ip, _interfaces()) or ip
+            except (OSError, AddressError):
+                name = ip
+            self._interface_names[ip] = name
+        return name
+
+
 def upstream_relay_address(proxy_ip: str, named: tuple[str, int]) -> Target:
     """Where datagrams go through a SOCKS5 proxy at ``proxy_ip`` whose UDP
     ASSOCIATE reply ``named`` its relay (RFC 1928, 7): that address, or the
@@ -5346,8 +5477,7 @@ class Upstream:
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
-        # Whether each bonded link's last connection fell back to plain TCP.
-        self.bond_fallback: dict[LocalAddress, bool] = {}
+        self.bond_counters = BondCounters()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -5735,28 +5865,6 @@ class Upstream:
             if reason is not None:
                 logger.info("upstream proxy %s works again (it had failed: %s)", address.describe(), reason)
 
-    def bond_connected(self, address: LocalAddress, sock: socket.socket) -> None:
-        """Note whether a connection through a bonded link is Multipath TCP
-        or fell back to one TCP subflow (the proxy's side does not speak it,
-        or a middlebox stripped the option): logged when that changes."""
-        if not (isinstance(address, ProxyAddress) and address.proxy.bonded):
-            return
-        try:
-            fallback = not sock.getsockopt(socket.IPPROTO_TCP, _TCP_IS_MPTCP)
-        except OSError:
-            fallback = True
-        with self._lock:
-            before = self.bond_fallback.get(address)
-            self.bond_fallback[address] = fallback
-        if fallback and before is not True:
-            logger.warning(
-                "bond %s: fallback to one TCP subflow (the proxy or the path does not speak MPTCP); "
-                "it carries on as one link",
-                address.describe(),
-            )
-        elif not fallback and before:
-            logger.info("bond %s: Multipath TCP again", address.describe())
-
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         with self._lock:
             if key in self._warned:
@@ -5993,7 +6101,7 @@ class _Race:
             self._drop(other_sock)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target, took)
-        self.upstream.bond_connected(local, sock)
+        self.upstream.bond_counters.connected(local, sock)
         if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
             self.upstream.proxy_worked(local)
         if self.affinity is not None:
@@ -6223,6 +6331,7 @@ class ExchangeRecord:
     up: int = 0
     down: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
+    shares: str = ""  # of a bonded connection: what each interface carried ("eth0 61%, wlan0 39%")
 
     @property
     def duration(self) -> float:
@@ -6234,6 +6343,7 @@ class ExchangeRecord:
         bytes each way and duration."""
         who = f"{self.client} user {self.user}" if self.user else self.client
         via = self.via.describe() if self.via else "-"
+        via = f"{via} ({self.shares})" if self.shares else via
         logger.log(
             level,
             "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
@@ -6311,13 +6421,23 @@ class BondMember(TypedDict):
     why: str
 
 
+class BondCarried(TypedDict):
+    """What a bond's subflows carried through one interface, in bytes."""
+
+    interface: str
+    bytes_up: int
+    bytes_down: int
+
+
 class BondStatus(TypedDict):
     """A bonded link (``mptcp+``): whether its last connection was Multipath
-    TCP or fell back to one TCP subflow ("unknown" before the first)."""
+    TCP or fell back to one TCP subflow ("unknown" before the first), and
+    what its subflows carried through each interface."""
 
     link: str
     mptcp: Literal["multipath", "fallback", "unknown"]
     members: list[BondMember]
+    carried: list[BondCarried]
 
 
 class Status(TypedDict):
@@ -6353,6 +6473,10 @@ class SessionContext:
     page_hosts: frozenset[str] = frozenset()
 
 
+# Seconds between two reads of a bonded connection's subflow counters.
+SUBFLOW_READ_INTERVAL = 0.5
+
+
 class Session:
     """One client connection, served by a subclass's ``serve()``.
 
@@ -6373,6 +6497,11 @@ class Session:
         self.context = context
         self.record = ExchangeRecord(self.client)
         self.cut = False
+        # A bonded connection's socket, and what its subflows carried by
+        # local address, read every SUBFLOW_READ_INTERVAL while it relays.
+        self._bond: socket.socket | None = None
+        self._subflows: dict[str, tuple[int, int]] = {}
+        self._subflows_due = 0.0
 
     def serve(self) -> None:
         """Serve the client to its end."""
@@ -6416,6 +6545,15 @@ class Session:
         self.record.down += down
         if self.record.via is not None:
             self.context.upstream.meter.add(self.record.via, up, down)
+        if self._bond is not None and time.monotonic() >= self._subflows_due:
+            self._read_subflows(self._bond)
+
+    def _read_subflows(self, sock: socket.socket) -> None:
+        """Keep the most each subflow was seen to carry: a closed one reads 0."""
+        for ip, (up, down) in subflow_counters(sock).items():
+            before = self._subflows.get(ip, (0, 0))
+            self._subflows[ip] = (max(before[0], up), max(before[1], down))
+        self._subflows_due = time.monotonic() + SUBFLOW_READ_INTERVAL
 
     def connect(self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = ()) -> UpstreamLease:
         """Connect to the target; the record names each local address tried,
@@ -6440,7 +6578,10 @@ class Session:
 
     def relay_through(self, lease: UpstreamLease) -> None:
         """Copy both ways between the client and ``lease``'s upstream
-        socket, starting with what the client sent early."""
+        socket, starting with what the client sent early. A bonded one's
+        line says what each interface carried of it."""
+        bonded = isinstance(lease.local, ProxyAddress) and lease.local.proxy.bonded
+        self._bond = lease.sock if bonded else None
         try:
             relay(
                 self.connection,
@@ -6451,6 +6592,11 @@ class Session:
             )
         finally:
             self.note_end()
+            if bonded:
+                self._read_subflows(lease.sock)
+                self.record.shares = self.context.upstream.bond_counters.carried_by(
+                    lease.local, self._subflows, self.record.up, self.record.down
+                )
 
 
 class SocksSession(Session):
@@ -6916,7 +7062,8 @@ def _facts(status: Status) -> dict[str, object]:
 
 def _bond_fact(bond: BondStatus) -> str:
     members = "; ".join(f"{member['interface']}: {member['why']}" for member in bond["members"])
-    return f"{bond['mptcp']} ({members or 'no interface yet'})"
+    carried = ", ".join(f"{c['interface']} {format_bytes(c['bytes_up'] + c['bytes_down'])}" for c in bond["carried"])
+    return f"{bond['mptcp']} ({members or 'no interface yet'})" + (f"; carried: {carried}" if carried else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7180,11 +7327,24 @@ def _bond_metrics(bonds: list[BondStatus]) -> list[str]:
         "1 while a bonded link's last connection fell back to one TCP subflow, 0 while multipath.",
         [({"link": b["link"]}, int(b["mptcp"] == "fallback")) for b in bonds if b["mptcp"] != "unknown"],
     )
-    return lines + _metric_family(
+    lines += _metric_family(
         "dispatch_bond_member",
         "gauge",
         "Always 1; names an interface of the bonds and its role (subflows or backup).",
         [({"link": b["link"], "interface": m["interface"], "role": m["role"]}, 1) for b in bonds for m in b["members"]],
+    )
+    carried = [(b["link"], c) for b in bonds for c in b["carried"]]
+    lines += _metric_family(
+        "dispatch_bond_bytes_sent_total",
+        "counter",
+        "Bytes a bond's subflows sent through the interface.",
+        [({"link": link, "interface": c["interface"]}, c["bytes_up"]) for link, c in carried],
+    )
+    return lines + _metric_family(
+        "dispatch_bond_bytes_received_total",
+        "counter",
+        "Bytes a bond's subflows received through the interface.",
+        [({"link": link, "interface": c["interface"]}, c["bytes_down"]) for link, c in carried],
     )
 
 
@@ -8177,9 +8337,12 @@ class Bonds:
         if self.endpoints is not None:
             self.endpoints.remove_all()
 
-    def status(self, fallback: Mapping[LocalAddress, bool]) -> list[BondStatus]:
+    def status(
+        self, fallback: Mapping[LocalAddress, bool], carried: Mapping[LocalAddress, Mapping[str, tuple[int, int]]]
+    ) -> list[BondStatus]:
         """Each bonded link, whether its last connection fell back (by
-        ``fallback``), and the roles of the interfaces."""
+        ``fallback``), the roles of the interfaces, and what its subflows
+        carried through each (``carried``: (up, down) bytes by interface)."""
         members: list[BondMember] = [
             {"interface": role.interface, "role": "backup" if role.backup else "subflows", "why": role.why}
             for role in self.roles
@@ -8190,7 +8353,16 @@ class Bonds:
             True: "fallback",
         }
         return [
-            {"link": bond.describe(), "mptcp": states[fallback.get(bond)], "members": members} for bond in self.links
+            {
+                "link": bond.describe(),
+                "mptcp": states[fallback.get(bond)],
+                "members": members,
+                "carried": [
+                    {"interface": name, "bytes_up": up, "bytes_down": down}
+                    for name, (up, down) in sorted(carried.get(bond, {}).items())
+                ],
+            }
+            for bond in self.links
         ]
 
 
@@ -9278,7 +9450,7 @@ class Dispatcher:
             "totals": totals,
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
-            "bonds": self.bonds.status(self.upstream.bond_fallback),
+            "bonds": self.bonds.status(*self.upstream.bond_counters.snapshot()),
         }
 
     def __enter__(self) -> Dispatcher:

@@ -3495,6 +3495,31 @@ def test_a_bond_to_a_dispatch_is_multipath_or_a_logged_and_shown_fallback(
     assert "hunter2" not in json.dumps(near.status()) + metrics + log.text
 
 
+def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carried(
+    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    mptcp_or_skip()
+    size = 3_000_000
+    target = Server(lambda conn: conn.sendall(b"x" * size))
+    try:
+        far = make_proxy(mptcp=True)
+        near = make_proxy([f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"])
+        with client_through(near, (target.host, target.port)) as client:
+            assert len(read_all(client)) == size
+        wait_until_all_closed(near)
+    finally:
+        target.close()
+    (line,) = [r.getMessage() for r in log.records if " via mptcp+" in r.getMessage()]
+    assert f"via mptcp+socks5://127.0.0.1:{far.address[1]}+lo (lo 100%): ok, " in line
+    (carried,) = near.status()["bonds"][0]["carried"]
+    assert (carried["interface"], carried["bytes_down"]) == ("lo", size)
+    metrics = dispatch.render_metrics(near.status())
+    assert (
+        f'dispatch_bond_bytes_received_total{{link="mptcp+socks5://127.0.0.1:{far.address[1]}+lo",interface="lo"}}'
+        in metrics
+    )
+
+
 def test_a_dispatch_with_mptcp_serves_multipath_and_plain_tcp_clients(
     make_proxy: Callable[..., Dispatcher], echo_server: Server
 ) -> None:
@@ -6185,6 +6210,7 @@ STATUS_TYPES = (
     dispatch.StatsRow,
     dispatch.BondStatus,
     dispatch.BondMember,
+    dispatch.BondCarried,
 )
 
 

@@ -1016,8 +1016,19 @@ def test_lab_one_download_through_a_bond_gets_three_quarters_of_the_links_sum(
         f"{single / 1000:,.0f} kB/s, a batch of 24 by measured balancing {batch / 1000:,.0f} kB/s; "
         f"the links' sum {links_sum / 1000:,.0f} kB/s"
     )
+    (bond,) = lab_status(bonded)["bonds"]
+    carried = {c["interface"]: c["bytes_down"] for c in bond["carried"]}
+    (line,) = [
+        line
+        for line in bonded.log().splitlines()
+        if f"{lab.service_address}:{import_netlab().HTTP_PORT} via mptcp+" in line
+    ]
+    print(f"{lab_name}: carried by interface {carried}; {line.partition(' via ')[2]}")
     assert rate >= 0.75 * links_sum
     assert "fallback" not in bonded.log()
+    assert LAB_BOND_SIZE < sum(carried.values()) < LAB_BOND_SIZE + 1000  # and the response's head
+    assert min(carried[uplinks[0]], carried[uplinks[1]]) > 0.3 * LAB_BOND_SIZE
+    assert re.search(r"\(dlab-up[12] \d+%, dlab-up[12] \d+%(, dlab-up3 \d+%)?\): ok", line), line
     bonded.stop()
     assert mptcp_endpoints(lab) == {}
 
