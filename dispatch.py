@@ -5235,6 +5235,21 @@ class BondCounters:
         self.fallback: dict[LocalAddress, bool] = {}
         self.carried: dict[LocalAddress, dict[str, tuple[int, int]]] = {}
         self._interface_names: dict[str, str] = {}  # by local IP address, as last read
+        self._moved: dict[str, tuple[int, int]] = {}  # by local IP address, since taken
+
+    def moved(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        """Note what subflows moved lately (``counts``: (up, down) bytes by
+        local IP address), for the rows of those addresses' links."""
+        with self._lock:
+            for ip, (up, down) in counts.items():
+                before = self._moved.get(ip, (0, 0))
+                self._moved[ip] = (before[0] + up, before[1] + down)
+
+    def take_moved(self) -> dict[str, tuple[int, int]]:
+        """What subflows moved since the last call, by local IP address."""
+        with self._lock:
+            moved, self._moved = self._moved, {}
+        return moved
 
     def connected(self, address: LocalAddress, sock: socket.socket) -> None:
         """Note whether a connection through a bonded link is Multipath TCP
@@ -5258,19 +5273,15 @@ class BondCounters:
         elif not fallback and before:
             logger.info("bond %s: Multipath TCP again", address.describe())
 
-    def carried_by(self, address: LocalAddress, counters: Mapping[str, tuple[int, int]], up: int, down: int) -> str:
-        """Add what one connection carried, ``up`` and ``down`` bytes, to its
-        bonded link's, by interface, in the shares its subflows' ``counters``
-        (by local IP address, read last while it was open) give them; return
-        the shares as its log line says them ("eth0 61%, wlan0 39%")."""
-        seen_up, seen_down = sum(c[0] for c in counters.values()), sum(c[1] for c in counters.values())
+    def carried_by(self, address: LocalAddress, counters: Mapping[str, tuple[int, int]]) -> str:
+        """Add what one connection's subflows carried (``counters``: (up,
+        down) bytes by local IP address) to its bonded link's, by interface;
+        return the shares as its log line says them ("eth0 61%, wlan0 39%")."""
         carried: dict[str, tuple[int, int]] = {}
-        for ip, (sent, received) in counters.items():
+        for ip, (up, down) in counters.items():
             name = self._interface_name(ip)
             before = carried.get(name, (0, 0))
-            share_up = round(up * sent / seen_up) if seen_up else 0
-            share_down = round(down * received / seen_down) if seen_down else 0
-            carried[name] = (before[0] + share_up, before[1] + share_down)
+            carried[name] = (before[0] + up, before[1] + down)
         with self._lock:
             totals = self.carried.setdefault(address, {})
             for name, (up, down) in carried.items():
@@ -5295,6 +5306,16 @@ class BondCounters:
                 name = ip
             self._interface_names[ip] = name
         return name
+
+
+def in_shares(counters: Mapping[str, tuple[int, int]], up: int, down: int) -> dict[str, tuple[int, int]]:
+    """``up`` and ``down`` bytes shared out as ``counters`` (by local IP
+    address, read last while the connection was open) share theirs."""
+    seen_up, seen_down = sum(c[0] for c in counters.values()), sum(c[1] for c in counters.values())
+    return {
+        ip: (round(up * sent / seen_up) if seen_up else 0, round(down * received / seen_down) if seen_down else 0)
+        for ip, (sent, received) in counters.items()
+    }
 
 
 def upstream_relay_address(proxy_ip: str, named: tuple[str, int]) -> Target:
@@ -6549,10 +6570,14 @@ class Session:
             self._read_subflows(self._bond)
 
     def _read_subflows(self, sock: socket.socket) -> None:
-        """Keep the most each subflow was seen to carry: a closed one reads 0."""
+        """Keep the most each subflow was seen to carry (a closed one reads
+        0), and tell what each moved since the last read."""
+        moved: dict[str, tuple[int, int]] = {}
         for ip, (up, down) in subflow_counters(sock).items():
             before = self._subflows.get(ip, (0, 0))
             self._subflows[ip] = (max(before[0], up), max(before[1], down))
+            moved[ip] = (self._subflows[ip][0] - before[0], self._subflows[ip][1] - before[1])
+        self.context.upstream.bond_counters.moved(moved)
         self._subflows_due = time.monotonic() + SUBFLOW_READ_INTERVAL
 
     def connect(self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = ()) -> UpstreamLease:
@@ -6593,10 +6618,20 @@ class Session:
         finally:
             self.note_end()
             if bonded:
-                self._read_subflows(lease.sock)
-                self.record.shares = self.context.upstream.bond_counters.carried_by(
-                    lease.local, self._subflows, self.record.up, self.record.down
-                )
+                self._bond_ended(lease)
+
+    def _bond_ended(self, lease: UpstreamLease) -> None:
+        """Share the bonded connection's bytes out by its subflows' counters
+        (read last while it was open): on its line, its link's counters, and
+        the rows of the addresses' links for what was not told yet."""
+        self._read_subflows(lease.sock)
+        counters = self.context.upstream.bond_counters
+        shares = in_shares(self._subflows, self.record.up, self.record.down)
+        told = self._subflows
+        counters.moved(
+            {ip: (max(0, up - told[ip][0]), max(0, down - told[ip][1])) for ip, (up, down) in shares.items()}
+        )
+        self.record.shares = counters.carried_by(lease.local, shares)
 
 
 class SocksSession(Session):
@@ -9063,6 +9098,10 @@ class Dispatcher:
         self.meter = Meter()
         # What the addresses forgotten once gone carried: still in the totals.
         self._forgotten = dict.fromkeys(("connections", "failed", "bytes_up", "bytes_down"), 0)
+        # Bytes of bonds counted on the rows of their links as well (and their
+        # rates over the last interval): once in the totals.
+        self._counted_twice = (0, 0)
+        self._twice_rates = (0.0, 0.0)
         self.resolver = Resolver(
             *parse_dns_option(options.dns),
             addresses=lambda: self.links.addresses,
@@ -9128,7 +9167,18 @@ class Dispatcher:
 
     def sample_meter(self) -> None:
         """Sample the meter for its rates and history (the background task
-        does every METER_INTERVAL)."""
+        does every METER_INTERVAL). What bonds' subflows moved through an
+        address that is a link too counts on its row, so that its rates and
+        capacity are true (and once in the totals)."""
+        moved = self.upstream.bond_counters.take_moved()
+        twice = (0, 0)
+        for address in self.links.addresses if moved else []:
+            up, down = moved.get(address.ip, (0, 0))
+            if (up or down) and not isinstance(address, ProxyAddress):
+                self.meter.add(address, up, down)
+                twice = (twice[0] + up, twice[1] + down)
+        self._counted_twice = (self._counted_twice[0] + twice[0], self._counted_twice[1] + twice[1])
+        self._twice_rates = (twice[0] / METER_INTERVAL, twice[1] / METER_INTERVAL)
         self.meter.sample()
 
     def measure_capacities(self) -> None:
@@ -9431,10 +9481,10 @@ class Dispatcher:
         totals: Totals = {
             "connections": sum(row["connections"] for row in rows) + forgotten["connections"],
             "failed": sum(row["failed"] for row in rows) + forgotten["failed"],
-            "bytes_up": sum(row["bytes_up"] for row in rows) + forgotten["bytes_up"],
-            "bytes_down": sum(row["bytes_down"] for row in rows) + forgotten["bytes_down"],
-            "rate_up": sum((row["rate_up"] for row in rows), 0.0),
-            "rate_down": sum((row["rate_down"] for row in rows), 0.0),
+            "bytes_up": sum(row["bytes_up"] for row in rows) + forgotten["bytes_up"] - self._counted_twice[0],
+            "bytes_down": sum(row["bytes_down"] for row in rows) + forgotten["bytes_down"] - self._counted_twice[1],
+            "rate_up": max(0.0, sum((row["rate_up"] for row in rows), 0.0) - self._twice_rates[0]),
+            "rate_down": max(0.0, sum((row["rate_down"] for row in rows), 0.0) - self._twice_rates[1]),
         }
         history: dict[str, AddressHistory] = {}
         for address in self.links.known_addresses():

@@ -3520,6 +3520,29 @@ def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carrie
     )
 
 
+def test_what_a_bond_carried_through_an_address_that_is_a_link_too_counts_on_its_row_and_once_in_the_totals(
+    make_proxy: Callable[..., Dispatcher],
+) -> None:
+    mptcp_or_skip()
+    size = 3_000_000
+    target = Server(lambda conn: conn.sendall(b"x" * size))
+    try:
+        far = make_proxy(mptcp=True)
+        bond = f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"
+        near = make_proxy(["127.0.0.1@backup", bond])
+        with client_through(near, (target.host, target.port)) as client:
+            assert len(read_all(client)) == size
+        wait_until_all_closed(near)
+    finally:
+        target.close()
+    near.sample_meter()
+    status = near.status()
+    rows = {row["link"]: row for row in status["addresses"]}
+    assert rows[bond]["bytes_down"] == size
+    assert size <= rows["127.0.0.1"]["bytes_down"] <= size * 1.02  # the subflow's own count
+    assert status["totals"]["bytes_down"] == size
+
+
 def test_a_dispatch_with_mptcp_serves_multipath_and_plain_tcp_clients(
     make_proxy: Callable[..., Dispatcher], echo_server: Server
 ) -> None:
