@@ -8169,13 +8169,21 @@ class MptcpEndpoints:
 
     def endpoints(self) -> dict[int, dict[str, Any]]:
         """The kernel's endpoints now, by id."""
-        listed = json.loads(self._ip("-j", "mptcp", "endpoint", "show") or "[]")
-        return {int(entry["id"]): entry for entry in listed if isinstance(entry, dict) and "id" in entry}
+        try:
+            listed = json.loads(self._ip("-j", "mptcp", "endpoint", "show") or "[]")
+            if not isinstance(listed, list):
+                raise TypeError(f"a list was expected, not {type(listed).__name__}")
+            return {int(entry["id"]): entry for entry in listed if isinstance(entry, dict) and "id" in entry}
+        except (ValueError, TypeError) as error:
+            raise OSError(errno.EINVAL, f"ip mptcp endpoint show: {error}") from None
 
     def subflow_limit(self) -> int:
         """The most subflows a connection may add, as the kernel has it."""
         words = self._ip("mptcp", "limits", "show").split()
-        return int(words[words.index("subflows") + 1])
+        try:
+            return int(words[words.index("subflows") + 1])
+        except (ValueError, IndexError):
+            raise OSError(errno.EINVAL, f"ip mptcp limits: no subflow limit in {' '.join(words)!r}") from None
 
     def _write_record(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.record)), exist_ok=True)
@@ -8293,8 +8301,10 @@ class MptcpEndpoints:
             for address, (device, backup) in wanted.items()
         ]
         commands.append(f"ip mptcp limits set subflows {min(len(wanted), MPTCP_MAX_SUBFLOWS)}")
+        if error.errno == errno.EPERM:
+            why += "; it needs CAP_NET_ADMIN"
         logger.warning(
-            "cannot set the MPTCP endpoints (%s; it needs CAP_NET_ADMIN): bonds use those configured; as root, run: %s",
+            "cannot set the MPTCP endpoints (%s): bonds use those configured; as root, run: %s",
             why,
             "; ".join(commands),
         )

@@ -6549,6 +6549,21 @@ def test_without_the_right_to_add_endpoints_the_commands_to_run_are_said_once(
     assert ["ip", "mptcp", "endpoint", "add", "192.0.2.2", "id", "1", "dev", "eth0", "subflow"] in asked
 
 
+@pytest.mark.parametrize("shown", ["not json", '[{"id": "x"}]', "{}"])
+def test_an_ip_command_that_answers_nonsense_is_one_warning_not_a_traceback(
+    shown: str, tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    def ip(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        out = shown if "endpoint" in argv else "add_addr_accepted 0 subflows \n"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    endpoints = dispatch.MptcpEndpoints(str(tmp_path / "endpoints.json"), run=ip)
+    endpoints.follow({"192.0.2.2": ("eth0", False)})
+    endpoints.remove_all()
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("ip mptcp" in warning for warning in warnings)
+
+
 # ---------------------------------------------------------------------------
 # Server and limits: admission, timeouts, threads, descriptors, hostile clients
 # ---------------------------------------------------------------------------
@@ -7517,6 +7532,19 @@ def test_cli_start_refuses_its_own_address_as_an_upstream_with_one_line(capsys: 
         f"dispatch: error: http://127.0.0.1:{port} is this proxy's own address (127.0.0.1:{port}): "
         "every connection through it would come back here, without end"
     )
+
+
+@pytest.mark.parametrize("bonding", [["mptcp+socks5h://127.0.0.1:9+lo"], ["--mptcp", "127.0.0.1"]])
+def test_cli_start_refuses_a_bond_or_mptcp_where_the_kernel_has_it_off_in_one_line(
+    bonding: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sysctl = tmp_path / "enabled"
+    sysctl.write_text("0\n")
+    monkeypatch.setattr(dispatch, "_MPTCP_SYSCTL", str(sysctl))
+    assert dispatch.main(["start", "--no-state", "--port", "0", *bonding]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: ")
+    assert line.endswith("MPTCP is switched off: net.mptcp.enabled is 0 (sysctl -w net.mptcp.enabled=1)")
 
 
 # What a script that vendors dispatch.py runs: "python -S" leaves out
