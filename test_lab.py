@@ -261,12 +261,16 @@ class TestLabTargetsOfThisMachine:
                     client.sendto(b"to its own", own)
                     # Relayed in order: once this one is back, the first was dealt with.
                     client.sendto(b"far", far)
-                    assert client.recvfrom(65535)[0] == b"far"
-            # Opened, it is sent (from the link's device, which no answer of
-            # this machine's own comes back to).
-            line = f"{2 - dropped} datagrams up, 1 down, {dropped} dropped"
-            assert wait_for(lambda: line in proxy.log())  # noqa: B023 (waited for here, in this turn)
-        assert shared.udp.received == []
+                    answers = [client.recvfrom(65535)[0]]
+                    while answers[-1] != b"far":
+                        answers.append(client.recvfrom(65535)[0])
+            if dropped:
+                assert answers == [b"far"] and shared.udp.received == []
+            # Opened, it is sent: from the link's device, no answer of this
+            # machine's own comes back to it; where the device is not bound
+            # (DISPATCH_PORTABLE), the answer comes back as any other.
+            line = re.compile(rf"{2 - dropped} datagrams up, \d+ down, {dropped} dropped")
+            assert wait_for(lambda: line.search(proxy.log()) is not None)  # noqa: B023 (waited for here, in this turn)
 
     def test_allow_target_opens_what_it_names_to_other_machines_and_no_more(self, shared: SimpleNamespace) -> None:
         with self.client(shared, shared.opened) as sock:
