@@ -8875,6 +8875,39 @@ def endpoint_record_path(port: int, state_file: str | None = None) -> str:
     return os.path.join(directory, f"mptcp-endpoints-{namespace}-{port}.json")
 
 
+def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` is there (Linux; another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def abandoned_records(record: str) -> list[str]:
+    """The records of endpoints beside ``record``, of this network namespace
+    and another port, whose dispatch is no longer running: a run killed on
+    one port leaves them to the next start on any port."""
+    directory, name = os.path.split(os.path.abspath(record))
+    prefix = name.rpartition("-")[0] + "-"
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".json") and n != name)
+    except OSError:
+        return []
+    abandoned = []
+    for other in names:
+        try:
+            with open(os.path.join(directory, other), encoding="utf-8") as file:
+                pid = json.load(file).get("pid")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(pid, int) and pid != os.getpid() and not _is_running(pid):
+            abandoned.append(os.path.join(directory, other))
+    return abandoned
+
+
 class MptcpEndpoints:
     """The MPTCP endpoints dispatch adds for its bonds, recorded in
     ``record`` before each change and removed by ``remove_all()`` (at stop)
@@ -8937,24 +8970,30 @@ class MptcpEndpoints:
                 os.unlink(self.record)
             return
         with open(self.record, "w", encoding="utf-8") as file:
-            json.dump({"endpoints": endpoints, "subflows": self._limit}, file)
+            json.dump({"endpoints": endpoints, "subflows": self._limit, "pid": os.getpid()}, file)
             file.write("\n")
 
     def clear_leftovers(self) -> None:
         """Remove what the record says a run before added and did not
         remove (it was killed): each endpoint that still has the recorded
-        address, and the subflow limit it raised if nobody changed it since."""
+        address, and the subflow limit it raised if nobody changed it since;
+        the same for the records of runs on other ports that are gone."""
+        with self._lock:
+            for record in [self.record, *abandoned_records(self.record)]:
+                self._clear_record(record)
+
+    def _clear_record(self, record: str) -> None:
         try:
-            with open(self.record, encoding="utf-8") as file:
+            with open(record, encoding="utf-8") as file:
                 recorded = json.load(file)
             endpoints = {int(entry["id"]): str(entry["address"]) for entry in recorded.get("endpoints", [])}
             limit = recorded.get("subflows")
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-            logger.warning("the record of MPTCP endpoints %s is unreadable (%s): removed", self.record, error)
+            logger.warning("the record of MPTCP endpoints %s is unreadable (%s): removed", record, error)
             with contextlib.suppress(OSError):
-                os.unlink(self.record)
+                os.unlink(record)
             return
         try:
             present = self.endpoints()
@@ -8967,7 +9006,8 @@ class MptcpEndpoints:
         except OSError as error:
             logger.warning("cannot remove the MPTCP endpoints a run before left: %s", error.strerror or error)
             return
-        os.unlink(self.record)
+        with contextlib.suppress(FileNotFoundError):  # another start took it first
+            os.unlink(record)
 
     def follow(self, wanted: Mapping[str, tuple[str, bool]]) -> None:
         """Make the endpoints dispatch added those of ``wanted`` (address:

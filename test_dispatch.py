@@ -3496,6 +3496,25 @@ def test_a_bond_to_a_dispatch_is_multipath_or_a_logged_and_shown_fallback(
     assert "hunter2" not in json.dumps(near.status()) + metrics + log.text
 
 
+def test_bonds_of_each_scheme_are_links_beside_a_direct_one_and_keep_sticky_sites(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    mptcp_or_skip()
+    far = make_proxy(mptcp=True)
+    links = ["127.0.0.2", *(f"mptcp+{scheme}://127.0.0.1:{far.address[1]}+lo" for scheme in dispatch.BONDED_SCHEMES)]
+    spread = make_proxy(links, balance="round-robin")
+    for _ in range(len(links)):
+        with client_through(spread, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"spread") == b"spread"
+    assert {row["link"]: row["connections"] for row in spread.stats()} == dict.fromkeys(links, 1)
+    assert [bond["mptcp"] for bond in spread.status()["bonds"]] == ["multipath"] * 3
+    sticky = make_proxy(links, balance="round-robin", sticky=60)
+    for _ in range(4):
+        with client_through(sticky, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"sticky") == b"sticky"
+    assert sorted(row["connections"] for row in sticky.stats()) == [0, 0, 0, 4]
+
+
 def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carried(
     make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
 ) -> None:
@@ -7137,6 +7156,81 @@ def test_without_the_right_to_add_endpoints_the_commands_to_run_are_said_once(
     )
     assert endpoints.added == {} and not os.path.exists(record)
     assert ["ip", "mptcp", "endpoint", "add", "192.0.2.2", "id", "1", "dev", "eth0", "subflow"] in asked
+
+
+class KernelEndpoints:
+    """``ip mptcp`` as the kernel answers it, kept in a dict: endpoints by
+    id and the subflow limit; what it was asked, in order."""
+
+    def __init__(self, subflows: int = 2) -> None:
+        self.endpoints: dict[int, dict[str, Any]] = {}
+        self.subflows = subflows
+        self.asked: list[list[str]] = []
+
+    def __call__(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        self.asked.append(argv)
+        words, out = argv[argv.index("mptcp") + 1 :], ""
+        if words[:2] == ["endpoint", "show"]:
+            out = json.dumps(list(self.endpoints.values()))
+        elif words[:2] == ["endpoint", "add"]:
+            entry = {"address": words[2], "id": int(words[4]), "dev": words[6], "subflow": True}
+            self.endpoints[entry["id"]] = entry | ({"backup": True} if "backup" in words else {})
+        elif words[:2] == ["endpoint", "change"]:
+            entry = self.endpoints[int(words[3])]
+            entry.pop("backup", None)
+            entry.update({"backup": True} if words[4] == "backup" else {})
+        elif words[:2] == ["endpoint", "delete"]:
+            del self.endpoints[int(words[3])]
+        elif words[:2] == ["limits", "show"]:
+            out = f"add_addr_accepted 0 subflows {self.subflows} \n"
+        elif words[:2] == ["limits", "set"]:
+            self.subflows = int(words[3])
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+def test_a_backup_of_the_bond_carries_subflows_again_once_its_figures_say_it_would_help(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interfaces = [dispatch.Interface("eth0", ips=("192.0.2.2",)), dispatch.Interface("usb0", ips=("203.0.113.2",))]
+    monkeypatch.setattr(dispatch, "usable_interfaces", lambda: interfaces)
+    bond = dispatch.parse_address("mptcp+socks5h://127.0.0.1:9+eth0+usb0").proxy
+    assert bond is not None
+    kernel = KernelEndpoints()
+    bonds = dispatch.Bonds([dispatch.ProxyAddress(bond.name, proxy=bond)], str(tmp_path / "endpoints.json"))
+    bonds.endpoints = dispatch.MptcpEndpoints(str(tmp_path / "endpoints.json"), run=kernel)
+    measured = {"eth0": 1_200_000.0, "usb0": 300_000.0}
+    bonds.start(measured.get)
+    roles = {entry["dev"]: entry.get("backup", False) for entry in kernel.endpoints.values()}
+    assert roles == {"eth0": False, "usb0": True}
+    measured["usb0"] = 900_000.0  # a better signal: it would add to the bond now
+    bonds.follow(measured.get)
+    assert {entry["dev"]: entry.get("backup", False) for entry in kernel.endpoints.values()} == {
+        "eth0": False,
+        "usb0": False,
+    }
+    assert ["ip", "mptcp", "endpoint", "change", "id", "2", "nobackup"] in kernel.asked
+    assert [role.why for role in bonds.roles] == ["subflows: carries 1.2 MB/s", "subflows: carries 900 kB/s"]
+    bonds.stop()
+    assert kernel.endpoints == {} and kernel.subflows == 2
+
+
+def test_the_endpoints_of_a_run_killed_on_another_port_go_at_the_next_start_and_only_theirs(tmp_path: Any) -> None:
+    kernel = KernelEndpoints()
+    kernel.endpoints[200] = {"address": "10.0.0.1", "id": 200, "signal": True}  # the system's own
+    killed = dispatch.MptcpEndpoints(str(tmp_path / "mptcp-endpoints-7-1080.json"), run=kernel)
+    killed.follow({"192.0.2.2": ("eth0", False), "198.51.100.2": ("wlan0", False), "203.0.113.2": ("usb0", True)})
+    assert (len(kernel.endpoints), kernel.subflows) == (4, 3)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    records = {name: tmp_path / f"mptcp-endpoints-{name}.json" for name in ("7-1080", "7-1081", "8-1080")}
+    recorded = json.loads(records["7-1080"].read_text())
+    records["7-1080"].write_text(json.dumps(recorded | {"pid": int(ended.stdout)}))  # the run was killed
+    running = {"endpoints": [{"id": 9, "address": "10.9.9.9", "dev": "eth9"}], "subflows": None, "pid": os.getppid()}
+    records["7-1081"].write_text(json.dumps(running))  # a dispatch still running on another port
+    records["8-1080"].write_text(json.dumps(recorded | {"pid": int(ended.stdout)}))  # another namespace's
+    kernel.endpoints[9] = {"address": "10.9.9.9", "id": 9, "dev": "eth9", "subflow": True}
+    dispatch.MptcpEndpoints(str(tmp_path / "mptcp-endpoints-7-1090.json"), run=kernel).clear_leftovers()
+    assert set(kernel.endpoints) == {9, 200} and kernel.subflows == 2
+    assert [name for name, path in records.items() if path.exists()] == ["7-1081", "8-1080"]
 
 
 @pytest.mark.parametrize("shown", ["not json", '[{"id": "x"}]', "{}"])

@@ -145,8 +145,8 @@ class LabProxy:
 def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
     started: list[LabProxy] = []
 
-    def start(lab: Any, *arguments: str) -> LabProxy:
-        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"))
+    def start(lab: Any, *arguments: str, port: int = LAB_PROXY_PORT) -> LabProxy:
+        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"), port)
         started.append(proxy)
         return proxy
 
@@ -1044,7 +1044,7 @@ def test_lab_a_bonds_endpoints_follow_its_links_leave_others_alone_and_go_after_
     added at the start; an interface that gets its address later gets one
     then; the system's own endpoint (for uplink 3) is left as it is. A
     dispatch killed with SIGKILL leaves its endpoints, and the next start
-    removes them, and only them."""
+    (on any port) removes them, and only them."""
     lab = rules_lab
     url = bond_server(lab)
     late = "dlab-late"  # an interface with no address yet
@@ -1065,7 +1065,8 @@ def test_lab_a_bonds_endpoints_follow_its_links_leave_others_alone_and_go_after_
         killed.process.kill()
         killed.process.wait(TIMEOUT)
         assert set(mptcp_endpoints(lab)) == {first, second, own, "10.77.0.2"}
-        after = lab_proxy(lab, "--no-state", lab.uplink(1).client_ifname)
+        # The next start, on another port: it removes them all the same.
+        after = lab_proxy(lab, "--no-state", lab.uplink(1).client_ifname, port=LAB_PROXY_PORT + 1)
         assert wait_for(lambda: set(mptcp_endpoints(lab)) == {own}), after.log()
         assert "a run before left" in after.log()
         after.stop()
