@@ -10426,6 +10426,17 @@ def _systemd_unit(start_args: Sequence[str], executable: Sequence[str], user: st
     words = [_systemd_word(program, executable=True)]
     words += [_systemd_word(argument) for argument in command[1:]]
     account = f"User={user}" if user else "DynamicUser=yes"
+    capabilities = "CAP_NET_RAW CAP_NET_BIND_SERVICE"
+    why = "# CAP_NET_RAW: SO_BINDTODEVICE, which makes each connection leave by the link\n"
+    why += "# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024."
+    if any(argument.lower().startswith(BOND_PREFIX) for argument in start_args):
+        capabilities += " CAP_NET_ADMIN"
+        why += "\n# CAP_NET_ADMIN: the MPTCP endpoints the bonds' subflows leave by (ip mptcp)."
+    before = ""
+    if _carries_option(start_args, "--mptcp"):
+        before = "# The far end of bonds: the kernel takes 2 more subflows per connection\n"
+        before += '# unless told more (ip mptcp limits); "+" runs it as root, before the drop.\n'
+        before += f"ExecStartPre=+ip mptcp limits set subflows {MPTCP_MAX_SUBFLOWS}\n"
     protect_home = "ProtectHome=yes"
     if any(path.startswith(_HOME_ROOTS) for path in executable):
         protect_home = "# The program lives under a home directory: it is left readable.\nProtectHome=read-only"
@@ -10439,13 +10450,12 @@ After=network-online.target
 [Service]
 Type=simple
 ExecStart={" ".join(words)}
-Restart=on-failure
+{before}Restart=on-failure
 RestartSec=2
 {account}
-# CAP_NET_RAW: SO_BINDTODEVICE, which makes each connection leave by the link
-# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024.
-AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE
-CapabilityBoundingSet=CAP_NET_RAW CAP_NET_BIND_SERVICE
+{why}
+AmbientCapabilities={capabilities}
+CapabilityBoundingSet={capabilities}
 NoNewPrivileges=yes
 ProtectSystem=strict
 {protect_home}

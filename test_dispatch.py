@@ -7801,6 +7801,27 @@ def test_service_systemd_unit_runs_dispatch_start_and_verifies(
     assert "dispatch.service" not in checked.stderr
 
 
+def test_service_systemd_lets_a_bond_set_its_endpoints_and_raises_an_mptcp_servers_subflow_limit(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", "systemd", "--mptcp", "eth0", "mptcp+socks5h://vps.example:1080@backup"]) == 0
+    unit = capsys.readouterr().out.splitlines()
+    assert "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE CAP_NET_ADMIN" in unit
+    assert "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_BIND_SERVICE CAP_NET_ADMIN" in unit
+    assert unit[unit.index("ExecStartPre=+ip mptcp limits set subflows 8") - 3].startswith("ExecStart=")
+    assert dispatch.main(["service", "systemd", "eth0"]) == 0
+    plain = capsys.readouterr().out
+    assert "CAP_NET_ADMIN" not in plain and "ExecStartPre" not in plain
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    path = tmp_path / "dispatch.service"
+    path.write_text("\n".join(unit) + "\n")
+    checked = subprocess.run([analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "dispatch.service" not in checked.stderr
+
+
 def test_service_systemd_quotes_what_systemd_would_split(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["service", "systemd", "--log-file", "/var/log/my logs/d.log", "Ethernet 2", "wlan0@3"]) == 0
     (exec_start,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ExecStart=")]

@@ -13,7 +13,8 @@ Each round, in the client namespace:
 * one download of 24 MB through the server's dispatch as a plain upstream
   link (``socks5h://...+dlab-up1``): one TCP connection over one link;
 * one download of 24 MB through the bond (``mptcp+socks5h://...``), which takes
-  its choice of links from that state file.
+  its choice of links from that state file (the slow link a backup);
+* the same with ``--no-state``: no figures, every link carries subflows.
 
 It prints kB/s of payload for each (the median over rounds, and every round)
 and the client dispatch's CPU time per MB for the plain link and the bond.
@@ -123,10 +124,11 @@ def one_round(lab: netlab.Lab, scratch: str, number: int) -> dict[str, float]:
     for name, address, state_option in (
         ("tcp", f"socks5h://{server}+{uplinks[0]}", ["--no-state"]),
         ("bond", f"mptcp+socks5h://{server}", ["--state-file", state]),
+        ("every", f"mptcp+socks5h://{server}", ["--no-state"]),
     ):
         client = start(lab, "client", [*state_option, address], CLIENT_PORT, log)
         deadline = time.monotonic() + 10
-        while name == "bond" and time.monotonic() < deadline and len(endpoints(lab)) < len(uplinks):
+        while name != "tcp" and time.monotonic() < deadline and len(endpoints(lab)) < len(uplinks):
             time.sleep(0.1)  # the endpoints are added as the bond starts
         before = cpu_seconds(client.pid)
         seconds = download(lab, SIZE)
@@ -153,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"setup {args.setup}, {args.rounds} rounds; the links' sum of payload {links / 1000:,.0f} kB/s")
     for key, label in (
         ("bond", "one download through the bond"),
+        ("every", "one download through the bond, every link a subflow"),
         ("tcp", "one TCP download (a plain upstream link)"),
         ("batch", f"a batch of {BATCH} downloads, measured balancing"),
     ):
