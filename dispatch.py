@@ -8825,8 +8825,8 @@ def show_system_proxy(directory: str) -> list[str]:
 # share of what the links faster than it carry together; a slower one is a
 # backup subflow only. The kernel's default scheduler sends on every subflow
 # with room, and a slow link's queue then holds the bond back: measured with
-# links of 1,200, 1,200 and 400 kB/s, one download over all three got 1,745
-# kB/s, over the two fast ones 2,183 kB/s.
+# links of 1,200, 1,200 and 400 kB/s, one download over all three got 1,774
+# kB/s, over the two fast ones 2,105 kB/s (tools/bond.py, medians of 5).
 BOND_SHARE = 1 / 3
 # The kernel takes at most 8 subflows per connection (MPTCP_PM_MAX_SUBFLOWS).
 MPTCP_MAX_SUBFLOWS = 8
