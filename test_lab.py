@@ -1076,12 +1076,31 @@ def test_lab_a_bonds_endpoints_follow_its_links_leave_others_alone_and_go_after_
         lab.run_in_client(["ip", "mptcp", "endpoint", "flush"])
 
 
-def test_lab_a_bond_to_a_server_without_mptcp_falls_back_to_one_tcp_subflow_said_once(
-    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+@contextlib.contextmanager
+def mptcp_stripped(lab: Any) -> Iterator[None]:
+    """A middlebox on the way to the lab's server: the MPTCP option is taken
+    out of the SYNs that reach it (nftables writes NOPs over it)."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft (nftables) is not installed here: no middlebox to strip MPTCP")
+    lab.run_in_server(["nft", "add", "table", "inet", "dlab_strip"], check=True)
+    try:
+        chain = "{ type filter hook input priority -300 ; }"
+        lab.run_in_server(["nft", "add", "chain", "inet", "dlab_strip", "input", chain], check=True)
+        rule = ["tcp", "dport", str(BOND_SERVER_PORT), "tcp", "flags", "syn", "reset", "tcp", "option", "mptcp"]
+        lab.run_in_server(["nft", "add", "rule", "inet", "dlab_strip", "input", *rule], check=True)
+        yield
+    finally:
+        lab.run_in_server(["nft", "delete", "table", "inet", "dlab_strip"])
+
+
+@pytest.mark.parametrize("stripped_by", ["a server without --mptcp", "a middlebox"])
+def test_lab_a_bond_where_the_server_or_the_path_has_no_mptcp_falls_back_to_one_tcp_subflow_said_once(
+    stripped_by: str, rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
 ) -> None:
-    url = bond_server(rules_lab, mptcp=False)
-    proxy = lab_proxy(rules_lab, "--no-state", url)
-    assert [proxy.download(LAB_DOWNLOAD_SIZE) for _ in range(2)] == [LAB_DOWNLOAD_SIZE] * 2
+    url = bond_server(rules_lab, mptcp=stripped_by == "a middlebox")
+    with mptcp_stripped(rules_lab) if stripped_by == "a middlebox" else contextlib.nullcontext():
+        proxy = lab_proxy(rules_lab, "--no-state", url)
+        assert [proxy.download(LAB_DOWNLOAD_SIZE) for _ in range(2)] == [LAB_DOWNLOAD_SIZE] * 2
     (bond,) = lab_status(proxy)["bonds"]
     assert bond["mptcp"] == "fallback"
     assert proxy.log().count("fallback to one TCP subflow") == 1
