@@ -9095,6 +9095,8 @@ class MptcpEndpoints:
         """Remove every endpoint dispatch added, put the subflow limit back
         where it raised it, and remove the record."""
         with self._lock:
+            if not self.added and self._limit is None:
+                return  # nothing to undo: no need to ask the kernel
             try:
                 present = self.endpoints()
                 for address in list(self.added):

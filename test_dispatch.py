@@ -7233,6 +7233,16 @@ def test_the_endpoints_of_a_run_killed_on_another_port_go_at_the_next_start_and_
     assert [name for name, path in records.items() if path.exists()] == ["7-1081", "8-1080"]
 
 
+def test_a_dispatch_without_bonds_asks_nothing_of_ip_mptcp(
+    make_proxy: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture
+) -> None:
+    """Where iproute2 is missing or has no ``mptcp`` (busybox), a dispatch
+    that bonds nothing says nothing of it, at start or stop."""
+    monkeypatch.setattr(dispatch, "IP_COMMAND", "/nonexistent/ip")
+    make_proxy(["127.0.0.1"]).shutdown()
+    assert [r.getMessage() for r in log.records if "MPTCP" in r.getMessage()] == []
+
+
 @pytest.mark.parametrize("shown", ["not json", '[{"id": "x"}]', "{}"])
 def test_an_ip_command_that_answers_nonsense_is_one_warning_not_a_traceback(
     shown: str, tmp_path: Any, log: pytest.LogCaptureFixture
@@ -7245,7 +7255,8 @@ def test_an_ip_command_that_answers_nonsense_is_one_warning_not_a_traceback(
     endpoints.follow({"192.0.2.2": ("eth0", False)})
     endpoints.remove_all()
     warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2 and all("ip mptcp" in warning for warning in warnings)
+    assert warnings[0].startswith("cannot set the MPTCP endpoints (ip mptcp ")
+    assert len(warnings) <= 2 and all("ip mptcp" in warning for warning in warnings)
 
 
 # ---------------------------------------------------------------------------
