@@ -3493,7 +3493,10 @@ def test_a_bond_to_a_dispatch_is_multipath_or_a_logged_and_shown_fallback(
     assert len(fallbacks) == (0 if multipath else 1)
     metrics = dispatch.render_metrics(near.status())
     assert f'dispatch_bond_fallback{{link="{shown["link"]}"}} {0 if multipath else 1}' in metrics
-    assert "hunter2" not in json.dumps(near.status()) + metrics + log.text
+    page = dispatch.render_status_page(near.status())
+    shown_state = "multipath" if multipath else "fallback"
+    assert f"<dt>bond {shown['link']}</dt><dd>{shown_state} (no interface yet)" in page
+    assert "hunter2" not in json.dumps(near.status()) + metrics + page + log.text
 
 
 def test_bonds_of_each_scheme_are_links_beside_a_direct_one_and_keep_sticky_sites(
