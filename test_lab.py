@@ -1076,6 +1076,41 @@ def test_lab_a_bonds_endpoints_follow_its_links_leave_others_alone_and_go_after_
         lab.run_in_client(["ip", "mptcp", "endpoint", "flush"])
 
 
+def test_lab_a_bond_without_cap_net_admin_says_once_what_to_run_and_uses_the_endpoints_there_are(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dispatch run without CAP_NET_ADMIN (setpriv takes it away): it cannot
+    add the bond's endpoints, says so once with the commands to run, and the
+    bond uses the endpoint an administrator configured (uplink 2's)."""
+    lab = rules_lab
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed here")
+    url = bond_server(lab)
+    configured = lab.uplink(2)
+    lab.run_in_client(
+        ["ip", "mptcp", "endpoint", "add", configured.client_addr, "dev", configured.client_ifname, "subflow"],
+        check=True,
+    )
+    bare = lab.client_popen
+    without = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    monkeypatch.setattr(lab, "client_popen", lambda argv, **kwargs: bare([*without, *argv], **kwargs))
+    try:
+        names = "+".join(link.client_ifname for link in lab.uplinks)
+        proxy = lab_proxy(lab, "--no-state", f"{url}+{names}")
+        for _ in range(2):
+            assert proxy.download(3_000_000) == 3_000_000
+        (warning,) = [line for line in proxy.log().splitlines() if "cannot set the MPTCP endpoints" in line]
+        assert "Operation not permitted; it needs CAP_NET_ADMIN" in warning
+        for link in (lab.uplink(1), lab.uplink(3)):
+            assert f"ip mptcp endpoint add {link.client_addr} dev {link.client_ifname} subflow" in warning
+        (bond,) = lab_status(proxy)["bonds"]
+        assert {c["interface"]: c["bytes_down"] > 1_000_000 for c in bond["carried"]}.get(configured.client_ifname)
+        proxy.stop()
+        assert set(mptcp_endpoints(lab)) == {configured.client_addr}  # the administrator's, left alone
+    finally:
+        lab.run_in_client(["ip", "mptcp", "endpoint", "flush"])
+
+
 @contextlib.contextmanager
 def mptcp_stripped(lab: Any) -> Iterator[None]:
     """A middlebox on the way to the lab's server: the MPTCP option is taken
