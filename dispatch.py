@@ -58,6 +58,8 @@ Map of this module, in order; each section uses only what is above it:
     firewall rules     TransparentRules: transparent mode's nftables table and its undo
     desktop proxy      ProxySettings (GNOME, KDE, macOS, Windows), SystemProxy: the user's
                        proxy settings pointed here, saved first, put back at stop and after a crash
+    MPTCP endpoints    MptcpEndpoints: the kernel's subflow addresses for bonds, added,
+                       followed and removed (at stop, and after a crash); choose_bond()
     server             the first byte picks the session; Admission; the listener
     options            DispatcherOptions: every option of a Dispatcher, checked as a whole
     Dispatcher         the library face; owns the listeners and the background tasks
@@ -113,6 +115,10 @@ __all__ = [
     "AddressHistory",
     "BalanceName",
     "Balancer",
+    "BondCarried",
+    "BondCounters",
+    "BondMember",
+    "BondStatus",
     "CapacitySource",
     "DeadlineReader",
     "Dispatcher",
@@ -219,6 +225,29 @@ _SO_MARK: int = getattr(socket, "SO_MARK", 36)
 # ~SO_REUSEADDR); the number elsewhere lets the Windows path run in tests.
 _SO_EXCLUSIVEADDRUSE: int = getattr(socket, "SO_EXCLUSIVEADDRUSE", ~4)
 _EXCLUSIVE_PORTS = sys.platform == "win32"
+
+# Multipath TCP (Linux 5.6+): one connection whose subflows leave by several
+# links. Python names the protocol from 3.10 on, the socket options not yet
+# (linux/mptcp.h, linux/tcp.h).
+_IPPROTO_MPTCP: int = getattr(socket, "IPPROTO_MPTCP", 262)
+_SOL_MPTCP = 284
+_MPTCP_TCPINFO = 2
+_MPTCP_SUBFLOW_ADDRS = 3
+_TCP_IS_MPTCP = 43
+_MPTCP_SYSCTL = "/proc/sys/net/mptcp/enabled"
+
+
+def mptcp_unavailable(platform: str | None = None) -> str | None:
+    """Why MPTCP sockets cannot be made here, in one line; None where they can."""
+    if not (platform or sys.platform).startswith("linux"):
+        return "MPTCP (mptcp+ links, --mptcp) needs Linux: this system has no Multipath TCP dispatch can use"
+    try:
+        with open(_MPTCP_SYSCTL) as enabled:
+            if enabled.read().strip() == "0":
+                return "MPTCP is switched off: net.mptcp.enabled is 0 (sysctl -w net.mptcp.enabled=1)"
+    except OSError:
+        return "this kernel has no MPTCP: the sysctl net.mptcp.enabled is missing (CONFIG_MPTCP, Linux 5.6+)"
+    return None
 
 
 def _selector() -> selectors.BaseSelector:
@@ -1901,8 +1930,11 @@ class Link:
 # SCHEME://[USER[:PASSWORD]@]HOST:PORT[+LINK][@WEIGHT|@backup], where LINK (an
 # interface name or a local IP address) is the way the connection to the
 # proxy leaves by, so that one proxy reached over three links is three links.
+# "mptcp+": a bond to a dispatch --mptcp, subflows by every interface or +LINK+LINK.
 
 PROXY_SCHEMES = ("socks5", "socks5h", "socks4", "socks4a", "http")
+BOND_PREFIX = "mptcp+"
+BONDED_SCHEMES = ("socks5", "socks5h", "http")
 # Schemes whose proxy is given host names as they are (the others get the
 # address dispatch resolved), and those that carry UDP.
 NAME_PASSING_SCHEMES = frozenset({"socks5h", "socks4a", "http"})
@@ -1913,7 +1945,8 @@ UDP_SCHEMES = frozenset({"socks5", "socks5h"})
 class ProxyURL:
     """An upstream proxy as an ADDRESS names it. ``via`` is the interface
     name or local IP address the connection to it leaves by (None: as the
-    routing table says). The password is never shown: ``name`` leaves it out."""
+    routing table says); a bond's (``mptcp+``) are its ``bond``. The
+    password is never shown: ``name`` leaves it out."""
 
     scheme: str
     host: str
@@ -1921,6 +1954,8 @@ class ProxyURL:
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     via: str | None = None
+    bonded: bool = False
+    bond: tuple[str, ...] = ()
 
     @property
     def passes_names(self) -> bool:
@@ -1952,8 +1987,8 @@ class ProxyURL:
     def name(self) -> str:
         """The link's name: the URL without the password, and the link it leaves by."""
         user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user is not None else ""
-        via = f"+{self.via}" if self.via else ""
-        return f"{self.scheme}://{user}{_format_endpoint(self.host, self.port)}{via}"
+        via = "".join(f"+{link}" for link in (self.bond if self.bonded else [self.via] if self.via else []))
+        return f"{BOND_PREFIX * self.bonded}{self.scheme}://{user}{_format_endpoint(self.host, self.port)}{via}"
 
 
 def _is_suffix(text: str) -> bool:
@@ -2006,9 +2041,10 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     """
     shown = hide_password(text)
     scheme, _, rest = text.partition("://")
-    scheme = scheme.lower()
-    if scheme not in PROXY_SCHEMES:
-        raise AddressError(f"{shown!r}: a proxy's scheme is one of {', '.join(PROXY_SCHEMES)}")
+    bonded, scheme = scheme.lower().startswith(BOND_PREFIX), scheme.lower().removeprefix(BOND_PREFIX)
+    schemes = [BOND_PREFIX + name for name in BONDED_SCHEMES] if bonded else PROXY_SCHEMES
+    if scheme not in (BONDED_SCHEMES if bonded else PROXY_SCHEMES):
+        raise AddressError(f"{shown!r}: a proxy's scheme is one of {', '.join(schemes)}")
     suffix = None
     head, at, tail = rest.rpartition("@")
     if at and _is_suffix(tail):
@@ -2020,7 +2056,8 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
     except ValueError:
         _refuse_bad_suffix(text)
         raise AddressError(f"{shown!r}: a proxy is SCHEME://HOST:PORT, IPv6 hosts in brackets ([::1]:1080)") from None
-    if plus and not via:
+    bond = tuple(via.split("+")) if bonded and plus else ()
+    if plus and not all(bond or [via]):
         raise AddressError(f"{shown!r}: no link after '+': give an interface name or a local IP address")
     user = password = None
     if at:
@@ -2033,7 +2070,7 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
             raise AddressError(f"{shown!r}: a user name or password has {MAX_AUTH_FIELD} bytes at most")
     if _is_ip(host):
         host = str(ipaddress.ip_address(host))
-    return ProxyURL(scheme, host, port, user, password, via or None), suffix
+    return ProxyURL(scheme, host, port, user, password, None if bonded else via or None, bonded, bond), suffix
 
 
 @dataclasses.dataclass(eq=False)
@@ -2402,7 +2439,9 @@ def _resolve_proxy(
         proxy = dataclasses.replace(proxy, password=password)
     source = None
     interface = None
-    if proxy.via is not None and _is_ip(proxy.via):
+    if proxy.bonded:
+        proxy = dataclasses.replace(proxy, bond=tuple(_find_interface(name, interfaces).name for name in proxy.bond))
+    elif proxy.via is not None and _is_ip(proxy.via):
         ip = str(ipaddress.ip_address(proxy.via))
         _check_bindable(ip)
         source = LocalAddress(ip, 1, _interface_of(ip, interfaces.read(required=False)))
@@ -3967,10 +4006,13 @@ def _socket_from(local: LocalAddress, kind: socket.SocketKind, device: str | Non
     return sock
 
 
-def _socket_by_device(family: socket.AddressFamily, kind: socket.SocketKind, device: str | None) -> socket.socket:
-    """A non-blocking socket of ``kind``, bound to ``device`` if given but
-    to no address: it leaves where the routing table says (on that device)."""
-    sock = socket.socket(family, kind)
+def _socket_by_device(
+    family: socket.AddressFamily, kind: socket.SocketKind, device: str | None, protocol: int = 0
+) -> socket.socket:
+    """A non-blocking socket of ``kind`` (and ``protocol``: MPTCP for a
+    bond), bound to ``device`` if given but to no address: it leaves where
+    the routing table says (on that device)."""
+    sock = socket.socket(family, kind, protocol)
     try:
         sock.setblocking(False)
         if kind == socket.SOCK_STREAM:
@@ -3995,10 +4037,10 @@ def _start_connect(local: LocalAddress, target: Target, device: str | None = Non
     return sock
 
 
-def _start_connect_by_device(target: Target, device: str | None) -> socket.socket:
+def _start_connect_by_device(target: Target, device: str | None, protocol: int = 0) -> socket.socket:
     """A non-blocking socket, bound to ``device`` if given (not to an
     address), whose connect to ``target`` is under way."""
-    sock = _socket_by_device(_family_of(target[0]), socket.SOCK_STREAM, device)
+    sock = _socket_by_device(_family_of(target[0]), socket.SOCK_STREAM, device, protocol)
     error = sock.connect_ex(target)
     if error and error not in _CONNECT_IN_PROGRESS:
         sock.close()
@@ -5162,6 +5204,156 @@ def _proxy_unreachable(error: OSError) -> OSError:
     return ProxyLinkError(Reply.HOST_UNREACHABLE, f"the upstream proxy: {_describe(error)}")
 
 
+# What each subflow of a bonded connection carried: the kernel fills an array
+# of its own structs after a header (struct mptcp_subflow_data) the caller
+# fills in first, which Python's getsockopt() cannot pass; libc's can. The
+# counters are read while the connection is open: a closed subflow's are 0.
+_SUBFLOW_DATA = struct.Struct("=IIII")  # size_subflow_data, num_subflows, size_kernel, size_user
+_TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked (sent), tcpi_bytes_received
+_TCP_INFO_BYTES_AT = 120
+_SUBFLOW_ADDRS_SIZE = 256  # struct mptcp_subflow_addrs: two sockaddr_storage
+_MOST_SUBFLOWS_READ = 16
+
+
+def _subflow_array(sock: socket.socket, option: int, element: int) -> list[bytes]:
+    """The array ``option`` (MPTCP_TCPINFO, MPTCP_SUBFLOW_ADDRS) of ``sock``, an element a subflow."""
+    import ctypes
+
+    size = _SUBFLOW_DATA.size + element * _MOST_SUBFLOWS_READ
+    buffer = ctypes.create_string_buffer(_SUBFLOW_DATA.pack(_SUBFLOW_DATA.size, 0, 0, element), size)
+    length = ctypes.c_uint32(size)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.getsockopt(sock.fileno(), _SOL_MPTCP, option, buffer, ctypes.byref(length)) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+    _, count, _, stride = _SUBFLOW_DATA.unpack_from(buffer.raw)
+    start = _SUBFLOW_DATA.size
+    return [buffer.raw[start + i * stride : start + (i + 1) * stride] for i in range(min(count, _MOST_SUBFLOWS_READ))]
+
+
+def subflow_counters(sock: socket.socket) -> dict[str, tuple[int, int]]:
+    """Bytes each subflow of a Multipath TCP connection sent and received,
+    by its local address; {} where the kernel does not tell (or off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        infos = _subflow_array(sock, _MPTCP_TCPINFO, _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size)
+        addresses = _subflow_array(sock, _MPTCP_SUBFLOW_ADDRS, _SUBFLOW_ADDRS_SIZE)
+    except OSError:
+        return {}
+    counters: dict[str, tuple[int, int]] = {}
+    for info, address in zip(infos, addresses):
+        if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size or len(address) < 24:
+            continue
+        family = struct.unpack_from("=H", address)[0]
+        if family == socket.AF_INET:
+            ip = socket.inet_ntop(socket.AF_INET, address[4:8])
+        elif family == socket.AF_INET6:
+            ip = socket.inet_ntop(socket.AF_INET6, address[8:24])
+        else:
+            continue
+        if ipaddress.ip_address(ip).is_unspecified:  # a subflow closed already
+            continue
+        sent, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+        before = counters.get(ip, (0, 0))
+        counters[ip] = (before[0] + sent, before[1] + received)
+    return counters
+
+
+class BondCounters:
+    """What the connections through bonded links (``mptcp+``) were: whether
+    each link's last one was Multipath TCP or fell back to TCP
+    (``fallback``), and what each interface carried of them (``carried``:
+    (up, down) bytes by interface name, by link)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fallback: dict[LocalAddress, bool] = {}
+        self.carried: dict[LocalAddress, dict[str, tuple[int, int]]] = {}
+        self._interface_names: dict[str, str] = {}  # by local IP address, as last read
+        self._moved: dict[str, tuple[int, int]] = {}  # by local IP address, since taken
+
+    def moved(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        """Note what subflows moved lately (``counts``: (up, down) bytes by
+        local IP address), for the rows of those addresses' links."""
+        with self._lock:
+            for ip, (up, down) in counts.items():
+                before = self._moved.get(ip, (0, 0))
+                self._moved[ip] = (before[0] + up, before[1] + down)
+
+    def take_moved(self) -> dict[str, tuple[int, int]]:
+        """What subflows moved since the last call, by local IP address."""
+        with self._lock:
+            moved, self._moved = self._moved, {}
+        return moved
+
+    def connected(self, address: LocalAddress, sock: socket.socket) -> None:
+        """Note whether a connection through a bonded link is Multipath TCP
+        or fell back to one TCP subflow (the proxy's side does not speak it,
+        or a middlebox stripped the option): logged when that changes."""
+        if not (isinstance(address, ProxyAddress) and address.proxy.bonded):
+            return
+        try:
+            fallback = not sock.getsockopt(socket.IPPROTO_TCP, _TCP_IS_MPTCP)
+        except OSError:
+            fallback = True
+        with self._lock:
+            before = self.fallback.get(address)
+            self.fallback[address] = fallback
+        if fallback and before is not True:
+            logger.warning(
+                "bond %s: fallback to one TCP subflow (the proxy or the path does not speak MPTCP); "
+                "it carries on as one link",
+                address.describe(),
+            )
+        elif not fallback and before:
+            logger.info("bond %s: Multipath TCP again", address.describe())
+
+    def carried_by(self, address: LocalAddress, counters: Mapping[str, tuple[int, int]]) -> str:
+        """Add what one connection's subflows carried (``counters``: (up,
+        down) bytes by local IP address) to its bonded link's, by interface;
+        return the shares as its log line says them ("eth0 61%, wlan0 39%")."""
+        carried: dict[str, tuple[int, int]] = {}
+        for ip, (up, down) in counters.items():
+            name = self._interface_name(ip)
+            before = carried.get(name, (0, 0))
+            carried[name] = (before[0] + up, before[1] + down)
+        with self._lock:
+            totals = self.carried.setdefault(address, {})
+            for name, (up, down) in carried.items():
+                before = totals.get(name, (0, 0))
+                totals[name] = (before[0] + up, before[1] + down)
+        whole = sum(up + down for up, down in carried.values())
+        shares = sorted(((up + down) / whole, name) for name, (up, down) in carried.items()) if whole else []
+        return ", ".join(f"{name} {share:.0%}" for share, name in reversed(shares))
+
+    def snapshot(self) -> tuple[dict[LocalAddress, bool], dict[LocalAddress, dict[str, tuple[int, int]]]]:
+        """Copies of ``fallback`` and ``carried``, as they are now."""
+        with self._lock:
+            return dict(self.fallback), {address: dict(by_name) for address, by_name in self.carried.items()}
+
+    def _interface_name(self, ip: str) -> str:
+        """The interface holding ``ip`` (the address itself where none is known)."""
+        name = self._interface_names.get(ip)
+        if name is None:
+            try:
+                name = _interface_of(ip, _interfaces()) or ip
+            except (OSError, AddressError):
+                name = ip
+            self._interface_names[ip] = name
+        return name
+
+
+def in_shares(counters: Mapping[str, tuple[int, int]], up: int, down: int) -> dict[str, tuple[int, int]]:
+    """``up`` and ``down`` bytes shared out as ``counters`` (by local IP
+    address, read last while the connection was open) share theirs."""
+    seen_up, seen_down = sum(c[0] for c in counters.values()), sum(c[1] for c in counters.values())
+    return {
+        ip: (round(up * sent / seen_up) if seen_up else 0, round(down * received / seen_down) if seen_down else 0)
+        for ip, (sent, received) in counters.items()
+    }
+
+
 def upstream_relay_address(proxy_ip: str, named: tuple[str, int]) -> Target:
     """Where datagrams go through a SOCKS5 proxy at ``proxy_ip`` whose UDP
     ASSOCIATE reply ``named`` its relay (RFC 1928, 7): that address, or the
@@ -5342,6 +5534,7 @@ class Upstream:
         self._device_binding_refused = False
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
+        self.bond_counters = BondCounters()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -5624,6 +5817,8 @@ class Upstream:
         target = _proxy_endpoint(address)
         source = address.source
         try:
+            if address.proxy.bonded:
+                return _start_connect_by_device(target, None, _IPPROTO_MPTCP)
             if source is not None:
                 return self._with_device(source, target[0], functools.partial(_start_connect, source, target))
             if address.interface is not None:
@@ -5966,6 +6161,7 @@ class _Race:
             self._drop(other_sock)
             self.balancer.release(other)
         self.upstream.health.connected_through(local, [*self.failed, *silent], self.target, took)
+        self.upstream.bond_counters.connected(local, sock)
         if not (self.absolute_form and takes_absolute_form(local)):  # else the proxy has said nothing yet
             self.upstream.proxy_worked(local)
         if self.affinity is not None:
@@ -6196,6 +6392,7 @@ class ExchangeRecord:
     down: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
     transparent: bool = False  # redirected by the firewall, not asked of the proxy
+    shares: str = ""  # of a bonded connection: what each interface carried ("eth0 61%, wlan0 39%")
 
     @property
     def duration(self) -> float:
@@ -6209,6 +6406,7 @@ class ExchangeRecord:
         via = self.via.describe() if self.via else "-"
         if self.transparent:
             via += " (transparent)"
+        via = f"{via} ({self.shares})" if self.shares else via
         logger.log(
             level,
             "%s -> %s via %s: %s, %d B up, %d B down, %.2f s",
@@ -6278,6 +6476,33 @@ class History(TypedDict):
     addresses: dict[str, AddressHistory]
 
 
+class BondMember(TypedDict):
+    """An interface in the bonds: carries subflows, or is a backup, and why."""
+
+    interface: str
+    role: Literal["subflows", "backup"]
+    why: str
+
+
+class BondCarried(TypedDict):
+    """What a bond's subflows carried through one interface, in bytes."""
+
+    interface: str
+    bytes_up: int
+    bytes_down: int
+
+
+class BondStatus(TypedDict):
+    """A bonded link (``mptcp+``): whether its last connection was Multipath
+    TCP or fell back to one TCP subflow ("unknown" before the first), and
+    what its subflows carried through each interface."""
+
+    link: str
+    mptcp: Literal["multipath", "fallback", "unknown"]
+    members: list[BondMember]
+    carried: list[BondCarried]
+
+
 class Status(TypedDict):
     """Everything the status page shows, as ``Dispatcher.status()`` gives it."""
 
@@ -6290,6 +6515,7 @@ class Status(TypedDict):
     totals: Totals
     addresses: list[StatsRow]
     history: History
+    bonds: list[BondStatus]
     system_proxy: str  # whether this dispatch has set the user's proxy settings, and which
 
 
@@ -6348,6 +6574,10 @@ class SessionContext:
     names: SiteNames | None = None
 
 
+# Seconds between two reads of a bonded connection's subflow counters.
+SUBFLOW_READ_INTERVAL = 0.5
+
+
 class Session:
     """One client connection, served by a subclass's ``serve()``.
 
@@ -6371,6 +6601,11 @@ class Session:
         # Whether the client's EOF while the connect is under way means it
         # left: a proxy's client waits for the reply before it sends more.
         self.eof_is_hang_up = True
+        # A bonded connection's socket, and what its subflows carried by
+        # local address, read every SUBFLOW_READ_INTERVAL while it relays.
+        self._bond: socket.socket | None = None
+        self._subflows: dict[str, tuple[int, int]] = {}
+        self._subflows_due = 0.0
 
     def serve(self) -> None:
         """Serve the client to its end."""
@@ -6414,6 +6649,19 @@ class Session:
         self.record.down += down
         if self.record.via is not None:
             self.context.upstream.meter.add(self.record.via, up, down)
+        if self._bond is not None and time.monotonic() >= self._subflows_due:
+            self._read_subflows(self._bond)
+
+    def _read_subflows(self, sock: socket.socket) -> None:
+        """Keep the most each subflow was seen to carry (a closed one reads
+        0), and tell what each moved since the last read."""
+        moved: dict[str, tuple[int, int]] = {}
+        for ip, (up, down) in subflow_counters(sock).items():
+            before = self._subflows.get(ip, (0, 0))
+            self._subflows[ip] = (max(before[0], up), max(before[1], down))
+            moved[ip] = (self._subflows[ip][0] - before[0], self._subflows[ip][1] - before[1])
+        self.context.upstream.bond_counters.moved(moved)
+        self._subflows_due = time.monotonic() + SUBFLOW_READ_INTERVAL
 
     def connect(
         self, host: str, port: int, *, absolute_form: bool = False, hops: Sequence[str] = (), site: str | None = None
@@ -6443,7 +6691,10 @@ class Session:
 
     def relay_through(self, lease: UpstreamLease) -> None:
         """Copy both ways between the client and ``lease``'s upstream
-        socket, starting with what the client sent early."""
+        socket, starting with what the client sent early. A bonded one's
+        line says what each interface carried of it."""
+        bonded = isinstance(lease.local, ProxyAddress) and lease.local.proxy.bonded
+        self._bond = lease.sock if bonded else None
         try:
             relay(
                 self.connection,
@@ -6454,6 +6705,21 @@ class Session:
             )
         finally:
             self.note_end()
+            if bonded:
+                self._bond_ended(lease)
+
+    def _bond_ended(self, lease: UpstreamLease) -> None:
+        """Share the bonded connection's bytes out by its subflows' counters
+        (read last while it was open): on its line, its link's counters, and
+        the rows of the addresses' links for what was not told yet."""
+        self._read_subflows(lease.sock)
+        counters = self.context.upstream.bond_counters
+        shares = in_shares(self._subflows, self.record.up, self.record.down)
+        told = self._subflows
+        counters.moved(
+            {ip: (max(0, up - told[ip][0]), max(0, down - told[ip][1])) for ip, (up, down) in shares.items()}
+        )
+        self.record.shares = counters.carried_by(lease.local, shares)
 
 
 class SocksSession(Session):
@@ -6916,7 +7182,13 @@ def _facts(status: Status) -> dict[str, object]:
         "connections": totals["connections"],
         "failed": totals["failed"],
         "system proxy": status["system_proxy"],
-    }
+    } | {f"bond {bond['link']}": _bond_fact(bond) for bond in status["bonds"]}
+
+
+def _bond_fact(bond: BondStatus) -> str:
+    members = "; ".join(f"{member['interface']}: {member['why']}" for member in bond["members"])
+    carried = ", ".join(f"{c['interface']} {format_bytes(c['bytes_up'] + c['bytes_down'])}" for c in bond["carried"])
+    return f"{bond['mptcp']} ({members or 'no interface yet'})" + (f"; carried: {carried}" if carried else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7172,6 +7444,35 @@ def _metric_family(name: str, kind: str, text: str, samples: Iterable[tuple[Mapp
     return lines
 
 
+def _bond_metrics(bonds: list[BondStatus]) -> list[str]:
+    """The bonds' families: the fallback of each bonded link, the role of each interface."""
+    lines = _metric_family(
+        "dispatch_bond_fallback",
+        "gauge",
+        "1 while a bonded link's last connection fell back to one TCP subflow, 0 while multipath.",
+        [({"link": b["link"]}, int(b["mptcp"] == "fallback")) for b in bonds if b["mptcp"] != "unknown"],
+    )
+    lines += _metric_family(
+        "dispatch_bond_member",
+        "gauge",
+        "Always 1; names an interface of the bonds and its role (subflows or backup).",
+        [({"link": b["link"], "interface": m["interface"], "role": m["role"]}, 1) for b in bonds for m in b["members"]],
+    )
+    carried = [(b["link"], c) for b in bonds for c in b["carried"]]
+    lines += _metric_family(
+        "dispatch_bond_bytes_sent_total",
+        "counter",
+        "Bytes a bond's subflows sent through the interface.",
+        [({"link": link, "interface": c["interface"]}, c["bytes_up"]) for link, c in carried],
+    )
+    return lines + _metric_family(
+        "dispatch_bond_bytes_received_total",
+        "counter",
+        "Bytes a bond's subflows received through the interface.",
+        [({"link": link, "interface": c["interface"]}, c["bytes_down"]) for link, c in carried],
+    )
+
+
 def render_metrics(status: Status) -> str:
     """``Dispatcher.status()`` in the Prometheus text format 0.0.4 (``METRICS_CONTENT_TYPE``);
     per-address series carry ``link`` and ``address`` (the local IP) labels."""
@@ -7194,6 +7495,7 @@ def render_metrics(status: Status) -> str:
     for name, kind, text, value_of in _PER_ADDRESS:
         samples = [({"link": r["link"], "address": r["ip"] or ""}, value_of(r)) for r in rows]
         lines += _metric_family(name, kind, text, [(labels, value) for labels, value in samples if value is not None])
+    lines += _bond_metrics(status["bonds"]) if status["bonds"] else []
     lines += _metric_family(
         "dispatch_clients_refused_total", "counter", "Client connections refused.", [({}, status["refused"])]
     )
@@ -9426,6 +9728,412 @@ def show_system_proxy(directory: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# MPTCP endpoints: the kernel's subflow addresses for bonds, and their undo
+# ---------------------------------------------------------------------------
+
+# A bond's subflows leave by the addresses the kernel's path manager has as
+# "subflow" endpoints. dispatch adds one per address of the bond's links,
+# bound to its device (so that a subflow leaves by its link whatever the
+# routing table says), through iproute2's ``ip mptcp``: it is there wherever
+# MPTCP is, and speaks the generic netlink family that would otherwise take a
+# netlink client of its own here. What is added is recorded first, in a file
+# per network namespace, so that a run that was killed has its endpoints
+# removed at the next start; an endpoint dispatch did not add is left alone.
+
+# A link carries a bond's subflows while what it can carry is at least this
+# share of what the links faster than it carry together; a slower one is a
+# backup subflow only. The kernel's default scheduler sends on every subflow
+# with room, and a slow link's queue then holds the bond back: measured with
+# links of 1,200, 1,200 and 400 kB/s, one download over all three got 1,774
+# kB/s, over the two fast ones 2,105 kB/s (tools/bond.py, medians of 5).
+BOND_SHARE = 1 / 3
+# The kernel takes at most 8 subflows per connection (MPTCP_PM_MAX_SUBFLOWS).
+MPTCP_MAX_SUBFLOWS = 8
+IP_COMMAND = "ip"
+IP_COMMAND_TIMEOUT = 10.0  # seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class BondRole:
+    """What a link does in the bonds: carries subflows, or is a backup; and why."""
+
+    interface: str
+    backup: bool
+    why: str
+
+
+def choose_bond(capacities: Mapping[str, float | None]) -> list[BondRole]:
+    """The role of each link (by interface name) from what it was measured
+    to carry (None: not yet): a backup where it carries less than
+    BOND_SHARE of what the faster links carry together, else a member."""
+    measured = [figure for figure in capacities.values() if figure is not None]
+    roles = []
+    for name, capacity in capacities.items():
+        if capacity is None:
+            roles.append(BondRole(name, False, "not measured yet"))
+            continue
+        faster = sum(other for other in measured if other > capacity)
+        carries = f"{format_bytes(capacity)}/s"
+        if faster and capacity < BOND_SHARE * faster:
+            why = f"backup: {carries} is under a third of the {format_bytes(faster)}/s of the faster links"
+            roles.append(BondRole(name, True, why))
+        else:
+            roles.append(BondRole(name, False, f"subflows: carries {carries}"))
+    return roles
+
+
+def endpoint_record_path(port: int, state_file: str | None = None) -> str:
+    """Where a dispatch listening on ``port`` records the endpoints it adds
+    in this network namespace: beside its state file (the default one if
+    none), one file per namespace (the endpoints are its own) and port."""
+    try:
+        namespace = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        namespace = 0
+    directory = os.path.dirname(os.path.abspath(state_file or default_state_path()))
+    return os.path.join(directory, f"mptcp-endpoints-{namespace}-{port}.json")
+
+
+def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` is there (Linux; another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def abandoned_records(record: str) -> list[str]:
+    """The records of endpoints beside ``record``, of this network namespace
+    and another port, whose dispatch is no longer running: a run killed on
+    one port leaves them to the next start on any port."""
+    directory, name = os.path.split(os.path.abspath(record))
+    prefix = name.rpartition("-")[0] + "-"
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".json") and n != name)
+    except OSError:
+        return []
+    abandoned = []
+    for other in names:
+        try:
+            with open(os.path.join(directory, other), encoding="utf-8") as file:
+                pid = json.load(file).get("pid")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(pid, int) and pid != os.getpid() and not _is_running(pid):
+            abandoned.append(os.path.join(directory, other))
+    return abandoned
+
+
+class MptcpEndpoints:
+    """The MPTCP endpoints dispatch adds for its bonds, recorded in
+    ``record`` before each change and removed by ``remove_all()`` (at stop)
+    or ``clear_leftovers()`` (at the start after a run that was killed).
+
+    ``follow(wanted)`` makes the endpoints dispatch added be those of
+    ``wanted`` (address: (device, backup)) and raises the subflow limit to
+    their number where it is lower. Without the right to (CAP_NET_ADMIN), it
+    says once what to run instead, and bonds use what is configured.
+    ``run`` runs a command as subprocess.run does (tests give their own).
+    """
+
+    def __init__(self, record: str, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> None:
+        self.record = record
+        self._run = run
+        self._lock = threading.Lock()
+        self.added: dict[str, tuple[int, str, bool]] = {}  # address: (id, device, backup)
+        self._limit: tuple[int, int] | None = None  # the subflow limit (before, as set), where raised
+        self._refused: str | None = None  # why it may not change them, once told
+
+    def _ip(self, *arguments: str) -> str:
+        """``ip mptcp ARGUMENTS``' output; OSError with its message if it fails."""
+        try:
+            done = self._run(
+                [IP_COMMAND, *arguments], capture_output=True, text=True, timeout=IP_COMMAND_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            raise OSError(errno.ENOENT, f"{IP_COMMAND}: {error}") from None
+        if done.returncode != 0:
+            message = done.stderr.strip() or f"exit status {done.returncode}"
+            refused = "not permitted" in message.lower() or "permission denied" in message.lower()
+            raise OSError(errno.EPERM if refused else errno.EINVAL, message)
+        return done.stdout
+
+    def endpoints(self) -> dict[int, dict[str, Any]]:
+        """The kernel's endpoints now, by id."""
+        try:
+            listed = json.loads(self._ip("-j", "mptcp", "endpoint", "show") or "[]")
+            if not isinstance(listed, list):
+                raise TypeError(f"a list was expected, not {type(listed).__name__}")
+            return {int(entry["id"]): entry for entry in listed if isinstance(entry, dict) and "id" in entry}
+        except (ValueError, TypeError) as error:
+            raise OSError(errno.EINVAL, f"ip mptcp endpoint show: {error}") from None
+
+    def subflow_limit(self) -> int:
+        """The most subflows a connection may add, as the kernel has it."""
+        words = self._ip("mptcp", "limits", "show").split()
+        try:
+            return int(words[words.index("subflows") + 1])
+        except (ValueError, IndexError):
+            raise OSError(errno.EINVAL, f"ip mptcp limits: no subflow limit in {' '.join(words)!r}") from None
+
+    def _write_record(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.record)), exist_ok=True)
+        endpoints = [
+            {"id": ident, "address": address, "dev": device} for address, (ident, device, _) in self.added.items()
+        ]
+        if not endpoints and self._limit is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.record)
+            return
+        with open(self.record, "w", encoding="utf-8") as file:
+            json.dump({"endpoints": endpoints, "subflows": self._limit, "pid": os.getpid()}, file)
+            file.write("\n")
+
+    def clear_leftovers(self) -> None:
+        """Remove what the record says a run before added and did not
+        remove (it was killed): each endpoint that still has the recorded
+        address, and the subflow limit it raised if nobody changed it since;
+        the same for the records of runs on other ports that are gone."""
+        with self._lock:
+            for record in [self.record, *abandoned_records(self.record)]:
+                self._clear_record(record)
+
+    def _clear_record(self, record: str) -> None:
+        try:
+            with open(record, encoding="utf-8") as file:
+                recorded = json.load(file)
+            endpoints = {int(entry["id"]): str(entry["address"]) for entry in recorded.get("endpoints", [])}
+            limit = recorded.get("subflows")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            logger.warning("the record of MPTCP endpoints %s is unreadable (%s): removed", record, error)
+            with contextlib.suppress(OSError):
+                os.unlink(record)
+            return
+        try:
+            present = self.endpoints()
+            for ident, address in endpoints.items():
+                if present.get(ident, {}).get("address") == address:
+                    self._ip("mptcp", "endpoint", "delete", "id", str(ident))
+                    logger.info("removed the MPTCP endpoint %s (id %d) a run before left", address, ident)
+            if isinstance(limit, list) and len(limit) == 2 and self.subflow_limit() == int(limit[1]):
+                self._ip("mptcp", "limits", "set", "subflows", str(int(limit[0])))
+        except OSError as error:
+            logger.warning("cannot remove the MPTCP endpoints a run before left: %s", error.strerror or error)
+            return
+        with contextlib.suppress(FileNotFoundError):  # another start took it first
+            os.unlink(record)
+
+    def follow(self, wanted: Mapping[str, tuple[str, bool]]) -> None:
+        """Make the endpoints dispatch added those of ``wanted`` (address:
+        (device, backup)): add what is missing (unless the kernel has that
+        address already: not dispatch's), change a role, delete what is no
+        longer wanted; raise the subflow limit to their number."""
+        with self._lock:
+            try:
+                self._follow(wanted)
+            except OSError as error:
+                self._refuse(wanted, error)
+
+    def _follow(self, wanted: Mapping[str, tuple[str, bool]]) -> None:
+        present = self.endpoints()
+        for address in [address for address in self.added if address not in wanted]:
+            self._delete(address, present)
+        taken = {entry.get("address") for entry in present.values()}
+        for address, (device, backup) in wanted.items():
+            had = self.added.get(address)
+            if had is not None and had[1:] == (device, backup):
+                continue
+            if had is not None and had[1] == device:
+                self._ip("mptcp", "endpoint", "change", "id", str(had[0]), "backup" if backup else "nobackup")
+                self.added[address] = (had[0], device, backup)
+                self._write_record()
+                continue
+            if had is not None:
+                self._delete(address, present)
+            elif address in taken:
+                continue  # the system's own: left as it is
+            ident = min(set(range(1, 256)) - set(present) - {entry[0] for entry in self.added.values()})
+            self.added[address] = (ident, device, backup)
+            self._write_record()  # recorded before it is made
+            flags = ["subflow", "backup"] if backup else ["subflow"]
+            try:
+                self._ip("mptcp", "endpoint", "add", address, "id", str(ident), "dev", device, *flags)
+            except OSError:
+                del self.added[address]
+                self._write_record()
+                raise
+            present[ident] = {"id": ident, "address": address}
+            logger.info("MPTCP endpoint %s on %s added (%s)", address, device, "backup" if backup else "subflow")
+        self._raise_limit(len(self.added))
+        self._refused = None
+
+    def _delete(self, address: str, present: Mapping[int, Mapping[str, Any]]) -> None:
+        ident = self.added[address][0]
+        if present.get(ident, {}).get("address") == address:
+            self._ip("mptcp", "endpoint", "delete", "id", str(ident))
+            logger.info("MPTCP endpoint %s removed", address)
+        del self.added[address]
+        self._write_record()
+
+    def _raise_limit(self, wanted: int) -> None:
+        wanted = min(wanted, MPTCP_MAX_SUBFLOWS)
+        current = self.subflow_limit()
+        if current >= wanted:
+            return
+        before = self._limit[0] if self._limit is not None else current
+        self._limit = (before, wanted)
+        self._write_record()
+        self._ip("mptcp", "limits", "set", "subflows", str(wanted))
+        logger.info("MPTCP subflow limit raised from %d to %d", current, wanted)
+
+    def _refuse(self, wanted: Mapping[str, tuple[str, bool]], error: OSError) -> None:
+        """Say once why the endpoints cannot be changed, and what to run."""
+        why = error.strerror or str(error)
+        if self._refused == why:
+            return
+        self._refused = why
+        commands = [
+            f"ip mptcp endpoint add {address} dev {device} subflow{' backup' if backup else ''}"
+            for address, (device, backup) in wanted.items()
+        ]
+        commands.append(f"ip mptcp limits set subflows {min(len(wanted), MPTCP_MAX_SUBFLOWS)}")
+        if error.errno == errno.EPERM:
+            why += "; it needs CAP_NET_ADMIN"
+        logger.warning(
+            "cannot set the MPTCP endpoints (%s): bonds use those configured; as root, run: %s",
+            why,
+            "; ".join(commands),
+        )
+
+    def remove_all(self) -> None:
+        """Remove every endpoint dispatch added, put the subflow limit back
+        where it raised it, and remove the record."""
+        with self._lock:
+            if not self.added and self._limit is None:
+                return  # nothing to undo: no need to ask the kernel
+            try:
+                present = self.endpoints()
+                for address in list(self.added):
+                    self._delete(address, present)
+                if self._limit is not None and self.subflow_limit() == self._limit[1]:
+                    self._ip("mptcp", "limits", "set", "subflows", str(self._limit[0]))
+                self._limit = None
+                self._write_record()
+            except OSError as error:
+                logger.warning("cannot remove the MPTCP endpoints: %s", error.strerror or error)
+
+
+class Bonds:
+    """The bonded links (``mptcp+``) among ``addresses``, and the endpoints
+    their subflows leave by (Linux; recorded in ``record``).
+
+    ``start(capacity)`` removes what a run that was killed left, and gives
+    each address of the bonds' interfaces its endpoint, by the role
+    choose_bond() gives the interface for what ``capacity(name)`` says it
+    carries; ``follow(capacity)`` does so again as links come and go,
+    ``stop()`` removes them. Raises AddressError where MPTCP is unavailable.
+    """
+
+    def __init__(self, addresses: Iterable[LocalAddress], record: str) -> None:
+        self.links = [a for a in addresses if isinstance(a, ProxyAddress) and a.proxy.bonded]
+        unavailable = mptcp_unavailable() if self.links else None
+        if unavailable is not None:
+            raise AddressError(f"{self.links[0].describe()!r}: {unavailable}")
+        self.roles: list[BondRole] = []
+        self.endpoints = MptcpEndpoints(record) if sys.platform.startswith("linux") else None
+        # Bytes of bonds counted on the rows of their links as well (and their
+        # rates over the last interval): the totals count them once.
+        self.counted_twice = (0, 0)
+        self.twice_rates = (0.0, 0.0)
+
+    def interfaces(self) -> dict[str, Interface]:
+        """The interfaces the bonds' subflows may leave by, with their
+        usable addresses: those the bonds name, or else every one."""
+        if not self.links:
+            return {}
+        try:
+            found = {interface.name: interface for interface in usable_interfaces()}
+        except (OSError, AddressError) as error:
+            logger.debug("cannot read the interfaces: %s", error)
+            return {}
+        named = {name for bond in self.links for name in bond.proxy.bond}
+        return {name: interface for name, interface in found.items() if interface.ips and (name in named or not named)}
+
+    def start(self, capacity: Callable[[str], float | None]) -> None:
+        """Remove what a run before left; set up the endpoints."""
+        if self.endpoints is not None:
+            self.endpoints.clear_leftovers()
+        if self.links:
+            self.follow(capacity)
+
+    def follow(self, capacity: Callable[[str], float | None]) -> None:
+        """Give each address of the bonds' interfaces its endpoint, as a
+        subflow or a backup by what its interface carries."""
+        interfaces = self.interfaces()
+        roles = choose_bond({name: capacity(name) for name in interfaces})
+        if [(r.interface, r.backup) for r in roles] != [(r.interface, r.backup) for r in self.roles]:
+            for role in roles:
+                logger.info("bond: %s: %s", role.interface, role.why)
+        self.roles = roles
+        if self.endpoints is not None:
+            wanted = {ip: (role.interface, role.backup) for role in roles for ip in interfaces[role.interface].ips}
+            self.endpoints.follow(wanted)
+
+    def count_on_rows(
+        self, moved: Mapping[str, tuple[int, int]], addresses: Iterable[LocalAddress], meter: Meter
+    ) -> None:
+        """Count what the subflows ``moved`` (up, down by local IP) through
+        an address that is a link too on its row of ``meter``, so that its
+        rates and capacity are true; ``counted_twice`` keeps the sum."""
+        twice = (0, 0)
+        for address in addresses if moved else []:
+            up, down = moved.get(address.ip, (0, 0))
+            if (up or down) and not isinstance(address, ProxyAddress):
+                meter.add(address, up, down)
+                twice = (twice[0] + up, twice[1] + down)
+        self.counted_twice = (self.counted_twice[0] + twice[0], self.counted_twice[1] + twice[1])
+        self.twice_rates = (twice[0] / METER_INTERVAL, twice[1] / METER_INTERVAL)
+
+    def stop(self) -> None:
+        """Remove the endpoints added."""
+        if self.endpoints is not None:
+            self.endpoints.remove_all()
+
+    def status(
+        self, fallback: Mapping[LocalAddress, bool], carried: Mapping[LocalAddress, Mapping[str, tuple[int, int]]]
+    ) -> list[BondStatus]:
+        """Each bonded link, whether its last connection fell back (by
+        ``fallback``), the roles of the interfaces, and what its subflows
+        carried through each (``carried``: (up, down) bytes by interface)."""
+        members: list[BondMember] = [
+            {"interface": role.interface, "role": "backup" if role.backup else "subflows", "why": role.why}
+            for role in self.roles
+        ]
+        states: dict[bool | None, Literal["multipath", "fallback", "unknown"]] = {
+            None: "unknown",
+            False: "multipath",
+            True: "fallback",
+        }
+        return [
+            {
+                "link": bond.describe(),
+                "mptcp": states[fallback.get(bond)],
+                "members": members,
+                "carried": [
+                    {"interface": name, "bytes_up": up, "bytes_down": down}
+                    for name, (up, down) in sorted(carried.get(bond, {}).items())
+                ],
+            }
+            for bond in self.links
+        ]
+
+
+# ---------------------------------------------------------------------------
 # Server: admission, the first byte picks the session, the listener
 # ---------------------------------------------------------------------------
 
@@ -9591,7 +10299,9 @@ class _Server(socketserver.ThreadingTCPServer):
 
     handler: type[ConnectionHandler] = ConnectionHandler
 
-    def __init__(self, address: tuple[str, int], admission: Admission, context: SessionContext) -> None:
+    def __init__(
+        self, address: tuple[str, int], admission: Admission, context: SessionContext, mptcp: bool = False
+    ) -> None:
         self.address_family = _family_of(address[0])
         self.admission = admission
         self.context = context
@@ -9608,10 +10318,22 @@ class _Server(socketserver.ThreadingTCPServer):
         self._loop_done.set()
         self._close_when_done = False
         try:
-            super().__init__(address, self.handler)
+            super().__init__(address, self.handler, bind_and_activate=not mptcp)
         except BaseException:
             self._close_wake_up()
             raise
+        if mptcp:
+            # The far end of bonds: clients' subflows join here, and a plain
+            # TCP client is served as ever (the kernel falls back).
+            self.socket.close()
+            try:
+                self.socket = socket.socket(self.address_family, self.socket_type, _IPPROTO_MPTCP)
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                self._close_wake_up()
+                raise
 
     def server_bind(self) -> None:
         # Windows lets another program bind a port that has SO_REUSEADDR and
@@ -9814,6 +10536,7 @@ class DispatcherOptions:
     local: bool = False
     apply_rules: bool = False
     mark: int = DEFAULT_MARK
+    mptcp: bool = False
 
     def __post_init__(self) -> None:
         self._check_settings()
@@ -9844,6 +10567,9 @@ class DispatcherOptions:
             raise ValueError("apply_rules needs something to redirect: lan interfaces, or local")
         if not 0 < self.mark < 2**32 - 1:  # the next number marks UDP handed over
             raise ValueError(f"mark must be 1 to {2**32 - 2}; got {self.mark!r}")
+        unavailable = mptcp_unavailable() if self.mptcp else None
+        if unavailable is not None:
+            raise ValueError(f"mptcp: {unavailable}")
 
     def _keep_collections(self) -> None:
         """Keep each collection as a tuple or a read-only mapping (a
@@ -10054,6 +10780,8 @@ class Dispatcher:
       ``lan`` interfaces' forwarded traffic and, if ``local``, this
       machine's own) and remove them at shutdown; FirewallError if nft
       refuses them (then none are applied), or ``lan`` is no interface.
+    - ``mptcp``: listen with Multipath TCP, as the far end of clients'
+      bonds (``mptcp+`` links); plain TCP clients are served as ever.
 
     The same can be given as one DispatcherOptions, ``options=`` (then
     nothing else: TypeError); ``.options`` is what it runs with, either way.
@@ -10098,6 +10826,7 @@ class Dispatcher:
         local: bool = DispatcherOptions.local,
         apply_rules: bool = DispatcherOptions.apply_rules,
         mark: int = DispatcherOptions.mark,
+        mptcp: bool = DispatcherOptions.mptcp,
     ) -> None:
         given = DispatcherOptions(
             None if addresses is None else tuple(addresses),
@@ -10126,6 +10855,7 @@ class Dispatcher:
             local=local,
             apply_rules=apply_rules,
             mark=mark,
+            mptcp=mptcp,
         )
         if options is not None and given != DispatcherOptions():
             raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
@@ -10211,13 +10941,16 @@ class Dispatcher:
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
-        self._server = _Server((options.host, options.port), self.admission, self.context)
+        self._server = _Server((options.host, options.port), self.admission, self.context, options.mptcp)
         self.upstream.listening = self.address
         self._transparent_servers: list[_Server | TransparentUdp] = []
         self._rules: TransparentRules | None = None
         # The user's proxy settings while this dispatch has them pointed at
         # itself (``dispatch start --system-proxy``); the pages say so.
         self.system_proxy: SystemProxy | None = None
+        self.bonds = Bonds(self.links.addresses, endpoint_record_path(self.address[1], self.state_file))
+        if self.bonds.links:
+            self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_bonds)
         if options.transparent is not None:
             self._set_up_transparent(options.transparent, options.mark, rules)
 
@@ -10282,6 +11015,17 @@ class Dispatcher:
             return None
         return int(self._transparent_servers[0].socket.getsockname()[1])
 
+    def _follow_bonds(self) -> None:
+        self.bonds.follow(self._interface_capacity)
+
+    def _interface_capacity(self, name: str) -> float | None:
+        """What the interface ``name`` was measured to carry: as a link of
+        this run, else as the state file kept it."""
+        known = self.links.known_addresses()
+        figures = [self.capacity.estimate(a) for a in known if a.interface == name and not isinstance(a, ProxyAddress)]
+        measured = [figure for figure in figures if figure is not None]
+        return max(measured) if measured else self._kept.get(name)
+
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
             self.balancer.rebuild(self.links.addresses)
@@ -10293,7 +11037,10 @@ class Dispatcher:
 
     def sample_meter(self) -> None:
         """Sample the meter for its rates and history (the background task
-        does every METER_INTERVAL)."""
+        does every METER_INTERVAL). What bonds' subflows moved through an
+        address that is a link too counts on its row, so that its rates and
+        capacity are true (and once in the totals)."""
+        self.bonds.count_on_rows(self.upstream.bond_counters.take_moved(), self.links.addresses, self.meter)
         self.meter.sample()
 
     def measure_capacities(self) -> None:
@@ -10321,6 +11068,7 @@ class Dispatcher:
         keys: set[str] = set()
         for link in self.links.links:
             keys.update((link.name, f"{link.name} IPv6") if link.is_interface else link.known)
+        keys.update(self.bonds.interfaces())
         return keys
 
     def _state_key(self, address: LocalAddress) -> str:
@@ -10479,6 +11227,7 @@ class Dispatcher:
             self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
             self._written = dict(self._kept)
         self.measure_capacities()  # starts each link's clock, from its remembered figure
+        self.bonds.start(self._interface_capacity)
         self.tasks.start()
         for server in self._transparent_servers:
             threading.Thread(target=server.serve_until_stopped, name="dispatch-transparent", daemon=True).start()
@@ -10540,6 +11289,7 @@ class Dispatcher:
             rules.remove()
         if self._transparent_servers:
             mark_sockets(None)
+        self.bonds.stop()
 
     def stats(self) -> list[StatsRow]:
         """Per local address (every one a link holds, and those gone lately:
@@ -10602,13 +11352,14 @@ class Dispatcher:
         gone carried), ``stats()`` as "addresses", and the
         rates of each address over the last ten minutes as "history"."""
         rows, forgotten = self.stats(), self._forgotten
+        twice, twice_rates = self.bonds.counted_twice, self.bonds.twice_rates
         totals: Totals = {
             "connections": sum(row["connections"] for row in rows) + forgotten["connections"],
             "failed": sum(row["failed"] for row in rows) + forgotten["failed"],
-            "bytes_up": sum(row["bytes_up"] for row in rows) + forgotten["bytes_up"],
-            "bytes_down": sum(row["bytes_down"] for row in rows) + forgotten["bytes_down"],
-            "rate_up": sum((row["rate_up"] for row in rows), 0.0),
-            "rate_down": sum((row["rate_down"] for row in rows), 0.0),
+            "bytes_up": sum(row["bytes_up"] for row in rows) + forgotten["bytes_up"] - twice[0],
+            "bytes_down": sum(row["bytes_down"] for row in rows) + forgotten["bytes_down"] - twice[1],
+            "rate_up": max(0.0, sum((row["rate_up"] for row in rows), 0.0) - twice_rates[0]),
+            "rate_down": max(0.0, sum((row["rate_down"] for row in rows), 0.0) - twice_rates[1]),
         }
         history: dict[str, AddressHistory] = {}
         for address in self.links.known_addresses():
@@ -10624,6 +11375,7 @@ class Dispatcher:
             "totals": totals,
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
+            "bonds": self.bonds.status(*self.upstream.bond_counters.snapshot()),
             "system_proxy": self.system_proxy.describe if self.system_proxy else "not set",
         }
 
@@ -10749,8 +11501,20 @@ def _systemd_unit(start_args: Sequence[str], executable: Sequence[str], user: st
     words += [_systemd_word(argument) for argument in command[1:]]
     account = f"User={user}" if user else "DynamicUser=yes"
     capabilities = "CAP_NET_RAW CAP_NET_BIND_SERVICE"
-    if _carries_option(start_args, "--transparent"):
+    why = "# CAP_NET_RAW: SO_BINDTODEVICE, which makes each connection leave by the link\n"
+    why += "# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024."
+    if any(argument.lower().startswith(BOND_PREFIX) for argument in start_args):
         capabilities += " CAP_NET_ADMIN"
+        why += "\n# CAP_NET_ADMIN: the MPTCP endpoints the bonds' subflows leave by (ip mptcp)."
+    if _carries_option(start_args, "--transparent"):
+        if "CAP_NET_ADMIN" not in capabilities:
+            capabilities += " CAP_NET_ADMIN"
+        why += "\n# CAP_NET_ADMIN (--transparent): the firewall rules, marks, TPROXY sockets."
+    before = ""
+    if _carries_option(start_args, "--mptcp"):
+        before = "# The far end of bonds: the kernel takes 2 more subflows per connection\n"
+        before += '# unless told more (ip mptcp limits); "+" runs it as root, before the drop.\n'
+        before += f"ExecStartPre=+ip mptcp limits set subflows {MPTCP_MAX_SUBFLOWS}\n"
     protect_home = "ProtectHome=yes"
     if any(path.startswith(_HOME_ROOTS) for path in executable):
         protect_home = "# The program lives under a home directory: it is left readable.\nProtectHome=read-only"
@@ -10764,12 +11528,10 @@ After=network-online.target
 [Service]
 Type=simple
 ExecStart={" ".join(words)}
-Restart=on-failure
+{before}Restart=on-failure
 RestartSec=2
 {account}
-# CAP_NET_RAW: SO_BINDTODEVICE, which makes each connection leave by the link
-# it was given; CAP_NET_BIND_SERVICE: listening on a port below 1024;
-# CAP_NET_ADMIN (--transparent): the firewall rules, marks, TPROXY sockets.
+{why}
 AmbientCapabilities={capabilities}
 CapabilityBoundingSet={capabilities}
 NoNewPrivileges=yes
@@ -11237,6 +11999,7 @@ def _start_options(args: argparse.Namespace) -> DispatcherOptions:
         local=args.local,
         apply_rules=args.apply_rules,
         mark=args.mark,
+        mptcp=args.mptcp,
     )
 
 
@@ -11493,6 +12256,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-state",
         action="store_true",
         help="keep no state file: every start measures the links afresh",
+    )
+    start.add_argument(
+        "--mptcp",
+        action="store_true",
+        help="listen with Multipath TCP (Linux): the far end of the bonds of dispatches that name this one "
+        "as mptcp+socks5h://HOST:PORT; plain TCP clients are served as ever",
     )
     start.add_argument(
         "--check",

@@ -104,6 +104,30 @@ from conftest import (
 from dispatch import Dispatcher, Reply, WeightedRoundRobin
 
 
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_mptcp_is_refused_off_linux_in_one_line(platform: str) -> None:
+    assert dispatch.mptcp_unavailable(platform) == (
+        "MPTCP (mptcp+ links, --mptcp) needs Linux: this system has no Multipath TCP dispatch can use"
+    )
+
+
+@pytest.mark.parametrize(
+    ("enabled", "named"),
+    [("0\n", "net.mptcp.enabled is 0 (sysctl -w net.mptcp.enabled=1)"), (None, "net.mptcp.enabled is missing")],
+)
+def test_mptcp_is_refused_where_the_kernel_has_it_off_naming_the_sysctl(
+    enabled: str | None, named: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sysctl = tmp_path / "enabled"
+    if enabled is not None:
+        sysctl.write_text(enabled)
+    monkeypatch.setattr(dispatch, "_MPTCP_SYSCTL", str(sysctl))
+    why = dispatch.mptcp_unavailable("linux")
+    assert why is not None and named in why
+    sysctl.write_text("1\n")
+    assert dispatch.mptcp_unavailable("linux") is None
+
+
 # ---------------------------------------------------------------------------
 # Platform start-up: descriptors, one CPU, the default route
 # ---------------------------------------------------------------------------
@@ -3408,6 +3432,158 @@ def test_parse_proxy_address_rejects_without_showing_the_password(text: str, mes
     assert "hunter2" not in str(refused.value)
 
 
+def test_a_bonded_proxys_address_names_its_links_and_hides_its_password() -> None:
+    spec = dispatch.parse_address("mptcp+socks5h://al:hunter2@vps.example:1080+eth0+wlan0@backup")
+    proxy = spec.proxy
+    assert proxy is not None and spec.backup
+    assert (proxy.scheme, proxy.host, proxy.port, proxy.bonded, proxy.bond, proxy.via, proxy.password) == (
+        "socks5h",
+        "vps.example",
+        1080,
+        True,
+        ("eth0", "wlan0"),
+        None,
+        "hunter2",
+    )
+    assert spec.address == proxy.name == "mptcp+socks5h://al@vps.example:1080+eth0+wlan0"
+    every = dispatch.parse_address("mptcp+http://vps.example:3128").proxy
+    assert every is not None and (every.bonded, every.bond, every.name) == (True, (), "mptcp+http://vps.example:3128")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mptcp+socks4://al@10.0.0.9:1080", "a proxy's scheme is one of mptcp+socks5, mptcp+socks5h, mptcp+http"),
+        ("mptcp+socks5h://al:hunter2@10.0.0.9:1080+eth0+", "no link after '+'"),
+    ],
+)
+def test_a_bonded_proxys_address_is_refused_without_showing_the_password(text: str, message: str) -> None:
+    with pytest.raises(dispatch.AddressError, match=re.escape(message)) as refused:
+        dispatch.parse_address(text)
+    assert "hunter2" not in str(refused.value)
+
+
+def mptcp_or_skip() -> None:
+    why = dispatch.mptcp_unavailable()
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("multipath", [True, False])
+def test_a_bond_to_a_dispatch_is_multipath_or_a_logged_and_shown_fallback(
+    multipath: bool, make_proxy: Callable[..., Dispatcher], echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    """A bond over loopback alone (+lo: no endpoint to add) to a dispatch
+    with a login: with --mptcp the connection is Multipath TCP; without it,
+    it falls back to TCP and still works, said once and shown."""
+    mptcp_or_skip()
+    far = make_proxy(credentials={"al": "hunter2"}, mptcp=multipath)
+    bond = f"mptcp+socks5h://al:hunter2@127.0.0.1:{far.address[1]}+lo"
+    near = make_proxy([bond])
+    for _ in range(2):
+        with client_through(near, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"bonded") == b"bonded"
+    (shown,) = near.status()["bonds"]
+    assert (shown["link"], shown["mptcp"], shown["members"]) == (
+        "mptcp+socks5h://al@127.0.0.1:" + str(far.address[1]) + "+lo",
+        "multipath" if multipath else "fallback",
+        [],
+    )
+    fallbacks = [r for r in log.records if "fallback to one TCP subflow" in r.getMessage()]
+    assert len(fallbacks) == (0 if multipath else 1)
+    metrics = dispatch.render_metrics(near.status())
+    assert f'dispatch_bond_fallback{{link="{shown["link"]}"}} {0 if multipath else 1}' in metrics
+    page = dispatch.render_status_page(near.status())
+    shown_state = "multipath" if multipath else "fallback"
+    assert f"<dt>bond {shown['link']}</dt><dd>{shown_state} (no interface yet)" in page
+    assert "hunter2" not in json.dumps(near.status()) + metrics + page + log.text
+
+
+def test_bonds_of_each_scheme_are_links_beside_a_direct_one_and_keep_sticky_sites(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    mptcp_or_skip()
+    far = make_proxy(mptcp=True)
+    links = ["127.0.0.2", *(f"mptcp+{scheme}://127.0.0.1:{far.address[1]}+lo" for scheme in dispatch.BONDED_SCHEMES)]
+    spread = make_proxy(links, balance="round-robin")
+    for _ in range(len(links)):
+        with client_through(spread, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"spread") == b"spread"
+    assert {row["link"]: row["connections"] for row in spread.stats()} == dict.fromkeys(links, 1)
+    assert [bond["mptcp"] for bond in spread.status()["bonds"]] == ["multipath"] * 3
+    sticky = make_proxy(links, balance="round-robin", sticky=60)
+    for _ in range(4):
+        with client_through(sticky, (echo_server.host, echo_server.port)) as client:
+            assert echoed(client, b"sticky") == b"sticky"
+    assert sorted(row["connections"] for row in sticky.stats()) == [0, 0, 0, 4]
+
+
+def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carried(
+    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    mptcp_or_skip()
+    size = 3_000_000
+    target = Server(lambda conn: conn.sendall(b"x" * size))
+    try:
+        far = make_proxy(mptcp=True)
+        near = make_proxy([f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"])
+        with client_through(near, (target.host, target.port)) as client:
+            assert len(read_all(client)) == size
+        wait_until_all_closed(near)
+    finally:
+        target.close()
+    (line,) = [r.getMessage() for r in log.records if " via mptcp+" in r.getMessage()]
+    assert f"via mptcp+socks5://127.0.0.1:{far.address[1]}+lo (lo 100%): ok, " in line
+    (carried,) = near.status()["bonds"][0]["carried"]
+    assert (carried["interface"], carried["bytes_down"]) == ("lo", size)
+    metrics = dispatch.render_metrics(near.status())
+    assert (
+        f'dispatch_bond_bytes_received_total{{link="mptcp+socks5://127.0.0.1:{far.address[1]}+lo",interface="lo"}}'
+        in metrics
+    )
+
+
+def test_what_a_bond_carried_through_an_address_that_is_a_link_too_counts_on_its_row_and_once_in_the_totals(
+    make_proxy: Callable[..., Dispatcher],
+) -> None:
+    mptcp_or_skip()
+    size = 3_000_000
+    target = Server(lambda conn: conn.sendall(b"x" * size))
+    try:
+        far = make_proxy(mptcp=True)
+        bond = f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"
+        near = make_proxy(["127.0.0.1@backup", bond])
+        with client_through(near, (target.host, target.port)) as client:
+            assert len(read_all(client)) == size
+        wait_until_all_closed(near)
+    finally:
+        target.close()
+    near.sample_meter()
+    status = near.status()
+    rows = {row["link"]: row for row in status["addresses"]}
+    assert rows[bond]["bytes_down"] == size
+    assert size <= rows["127.0.0.1"]["bytes_down"] <= size * 1.02  # the subflow's own count
+    assert status["totals"]["bytes_down"] == size
+
+
+def test_a_dispatch_with_mptcp_serves_multipath_and_plain_tcp_clients(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    mptcp_or_skip()
+    proxy = make_proxy(mptcp=True)
+    assert proxy._server.socket.proto == dispatch._IPPROTO_MPTCP
+    with client_through(proxy, (echo_server.host, echo_server.port)) as plain:
+        assert round_trip(plain, b"plain") == b"plain"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, dispatch._IPPROTO_MPTCP) as multipath:
+        multipath.settimeout(TIMEOUT)
+        multipath.connect(proxy.address)
+        multipath.sendall(b"\x05\x01\x00" + socks5_request(echo_server.host, echo_server.port))
+        assert recv_exactly(multipath, 2) == b"\x05\x00"
+        assert socks5_reply(multipath)[0] == Reply.SUCCEEDED
+        assert multipath.getsockopt(socket.IPPROTO_TCP, dispatch._TCP_IS_MPTCP) == 1
+        assert round_trip(multipath, b"multipath") == b"multipath"
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -6090,7 +6266,16 @@ def http_get(
         return read_response(sock)
 
 
-STATUS_TYPES = (dispatch.Status, dispatch.Totals, dispatch.History, dispatch.AddressHistory, dispatch.StatsRow)
+STATUS_TYPES = (
+    dispatch.Status,
+    dispatch.Totals,
+    dispatch.History,
+    dispatch.AddressHistory,
+    dispatch.StatsRow,
+    dispatch.BondStatus,
+    dispatch.BondMember,
+    dispatch.BondCarried,
+)
 
 
 def json_faults(value: Any, hint: Any, where: str = "status") -> list[str]:
@@ -7109,6 +7294,154 @@ def test_system_proxy_goes_into_launchd_and_windows_units_not_systemd() -> None:
 
 
 # ---------------------------------------------------------------------------
+# MPTCP endpoints: which interfaces carry a bond's subflows, and the right to add them
+# ---------------------------------------------------------------------------
+
+
+def test_a_link_under_a_third_of_the_faster_ones_is_a_backup_of_the_bond() -> None:
+    roles = dispatch.choose_bond({"eth0": 1_200_000, "wlan0": 1_200_000, "usb0": 400_000, "wwan0": None})
+    assert [(role.interface, role.backup) for role in roles] == [
+        ("eth0", False),
+        ("wlan0", False),
+        ("usb0", True),
+        ("wwan0", False),
+    ]
+    assert roles[2].why == "backup: 400 kB/s is under a third of the 2.4 MB/s of the faster links"
+    assert roles[3].why == "not measured yet"
+    # Faster again: it joins.
+    assert not any(role.backup for role in dispatch.choose_bond({"eth0": 1_200_000, "usb0": 900_000}))
+
+
+def test_without_the_right_to_add_endpoints_the_commands_to_run_are_said_once(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    asked: list[list[str]] = []
+
+    def ip(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        asked.append(argv)
+        if "add" in argv:
+            return subprocess.CompletedProcess(argv, 2, "", "Error: Operation not permitted.\n")
+        out = "[]" if "endpoint" in argv else "add_addr_accepted 0 subflows 2 \n"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    record = str(tmp_path / "endpoints.json")
+    endpoints = dispatch.MptcpEndpoints(record, run=ip)
+    wanted = {"192.0.2.2": ("eth0", False), "198.51.100.2": ("wlan0", False), "203.0.113.2": ("usb0", True)}
+    for _ in range(2):
+        endpoints.follow(wanted)
+    (warning,) = [r.getMessage() for r in log.records if "MPTCP endpoints" in r.getMessage()]
+    assert "CAP_NET_ADMIN" in warning and "Operation not permitted" in warning
+    assert warning.endswith(
+        "as root, run: ip mptcp endpoint add 192.0.2.2 dev eth0 subflow; "
+        "ip mptcp endpoint add 198.51.100.2 dev wlan0 subflow; "
+        "ip mptcp endpoint add 203.0.113.2 dev usb0 subflow backup; ip mptcp limits set subflows 3"
+    )
+    assert endpoints.added == {} and not os.path.exists(record)
+    assert ["ip", "mptcp", "endpoint", "add", "192.0.2.2", "id", "1", "dev", "eth0", "subflow"] in asked
+
+
+class KernelEndpoints:
+    """``ip mptcp`` as the kernel answers it, kept in a dict: endpoints by
+    id and the subflow limit; what it was asked, in order."""
+
+    def __init__(self, subflows: int = 2) -> None:
+        self.endpoints: dict[int, dict[str, Any]] = {}
+        self.subflows = subflows
+        self.asked: list[list[str]] = []
+
+    def __call__(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        self.asked.append(argv)
+        words, out = argv[argv.index("mptcp") + 1 :], ""
+        if words[:2] == ["endpoint", "show"]:
+            out = json.dumps(list(self.endpoints.values()))
+        elif words[:2] == ["endpoint", "add"]:
+            entry = {"address": words[2], "id": int(words[4]), "dev": words[6], "subflow": True}
+            self.endpoints[entry["id"]] = entry | ({"backup": True} if "backup" in words else {})
+        elif words[:2] == ["endpoint", "change"]:
+            entry = self.endpoints[int(words[3])]
+            entry.pop("backup", None)
+            entry.update({"backup": True} if words[4] == "backup" else {})
+        elif words[:2] == ["endpoint", "delete"]:
+            del self.endpoints[int(words[3])]
+        elif words[:2] == ["limits", "show"]:
+            out = f"add_addr_accepted 0 subflows {self.subflows} \n"
+        elif words[:2] == ["limits", "set"]:
+            self.subflows = int(words[3])
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+def test_a_backup_of_the_bond_carries_subflows_again_once_its_figures_say_it_would_help(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interfaces = [dispatch.Interface("eth0", ips=("192.0.2.2",)), dispatch.Interface("usb0", ips=("203.0.113.2",))]
+    monkeypatch.setattr(dispatch, "usable_interfaces", lambda: interfaces)
+    bond = dispatch.parse_address("mptcp+socks5h://127.0.0.1:9+eth0+usb0").proxy
+    assert bond is not None
+    kernel = KernelEndpoints()
+    bonds = dispatch.Bonds([dispatch.ProxyAddress(bond.name, proxy=bond)], str(tmp_path / "endpoints.json"))
+    bonds.endpoints = dispatch.MptcpEndpoints(str(tmp_path / "endpoints.json"), run=kernel)
+    measured = {"eth0": 1_200_000.0, "usb0": 300_000.0}
+    bonds.start(measured.get)
+    roles = {entry["dev"]: entry.get("backup", False) for entry in kernel.endpoints.values()}
+    assert roles == {"eth0": False, "usb0": True}
+    measured["usb0"] = 900_000.0  # a better signal: it would add to the bond now
+    bonds.follow(measured.get)
+    assert {entry["dev"]: entry.get("backup", False) for entry in kernel.endpoints.values()} == {
+        "eth0": False,
+        "usb0": False,
+    }
+    assert ["ip", "mptcp", "endpoint", "change", "id", "2", "nobackup"] in kernel.asked
+    assert [role.why for role in bonds.roles] == ["subflows: carries 1.2 MB/s", "subflows: carries 900 kB/s"]
+    bonds.stop()
+    assert kernel.endpoints == {} and kernel.subflows == 2
+
+
+def test_the_endpoints_of_a_run_killed_on_another_port_go_at_the_next_start_and_only_theirs(tmp_path: Any) -> None:
+    kernel = KernelEndpoints()
+    kernel.endpoints[200] = {"address": "10.0.0.1", "id": 200, "signal": True}  # the system's own
+    killed = dispatch.MptcpEndpoints(str(tmp_path / "mptcp-endpoints-7-1080.json"), run=kernel)
+    killed.follow({"192.0.2.2": ("eth0", False), "198.51.100.2": ("wlan0", False), "203.0.113.2": ("usb0", True)})
+    assert (len(kernel.endpoints), kernel.subflows) == (4, 3)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    records = {name: tmp_path / f"mptcp-endpoints-{name}.json" for name in ("7-1080", "7-1081", "8-1080")}
+    recorded = json.loads(records["7-1080"].read_text())
+    records["7-1080"].write_text(json.dumps(recorded | {"pid": int(ended.stdout)}))  # the run was killed
+    running = {"endpoints": [{"id": 9, "address": "10.9.9.9", "dev": "eth9"}], "subflows": None, "pid": os.getppid()}
+    records["7-1081"].write_text(json.dumps(running))  # a dispatch still running on another port
+    records["8-1080"].write_text(json.dumps(recorded | {"pid": int(ended.stdout)}))  # another namespace's
+    kernel.endpoints[9] = {"address": "10.9.9.9", "id": 9, "dev": "eth9", "subflow": True}
+    dispatch.MptcpEndpoints(str(tmp_path / "mptcp-endpoints-7-1090.json"), run=kernel).clear_leftovers()
+    assert set(kernel.endpoints) == {9, 200} and kernel.subflows == 2
+    assert [name for name, path in records.items() if path.exists()] == ["7-1081", "8-1080"]
+
+
+def test_a_dispatch_without_bonds_asks_nothing_of_ip_mptcp(
+    make_proxy: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch, log: pytest.LogCaptureFixture
+) -> None:
+    """Where iproute2 is missing or has no ``mptcp`` (busybox), a dispatch
+    that bonds nothing says nothing of it, at start or stop."""
+    monkeypatch.setattr(dispatch, "IP_COMMAND", "/nonexistent/ip")
+    make_proxy(["127.0.0.1"]).shutdown()
+    assert [r.getMessage() for r in log.records if "MPTCP" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize("shown", ["not json", '[{"id": "x"}]', "{}"])
+def test_an_ip_command_that_answers_nonsense_is_one_warning_not_a_traceback(
+    shown: str, tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    def ip(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        out = shown if "endpoint" in argv else "add_addr_accepted 0 subflows \n"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    endpoints = dispatch.MptcpEndpoints(str(tmp_path / "endpoints.json"), run=ip)
+    endpoints.follow({"192.0.2.2": ("eth0", False)})
+    endpoints.remove_all()
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert warnings[0].startswith("cannot set the MPTCP endpoints (ip mptcp ")
+    assert len(warnings) <= 2 and all("ip mptcp" in warning for warning in warnings)
+
+
+# ---------------------------------------------------------------------------
 # Server and limits: admission, timeouts, threads, descriptors, hostile clients
 # ---------------------------------------------------------------------------
 
@@ -7677,6 +8010,27 @@ def test_service_elsewhere_refuses_transparent_in_one_line(system: str, capsys: 
     assert err.startswith("dispatch: error: --transparent works on Linux only") and err.count("\n") == 1
 
 
+def test_service_systemd_lets_a_bond_set_its_endpoints_and_raises_an_mptcp_servers_subflow_limit(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert dispatch.main(["service", "systemd", "--mptcp", "eth0", "mptcp+socks5h://vps.example:1080@backup"]) == 0
+    unit = capsys.readouterr().out.splitlines()
+    assert "AmbientCapabilities=CAP_NET_RAW CAP_NET_BIND_SERVICE CAP_NET_ADMIN" in unit
+    assert "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_BIND_SERVICE CAP_NET_ADMIN" in unit
+    assert unit[unit.index("ExecStartPre=+ip mptcp limits set subflows 8") - 3].startswith("ExecStart=")
+    assert dispatch.main(["service", "systemd", "eth0"]) == 0
+    plain = capsys.readouterr().out
+    assert "CAP_NET_ADMIN" not in plain and "ExecStartPre" not in plain
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    path = tmp_path / "dispatch.service"
+    path.write_text("\n".join(unit) + "\n")
+    checked = subprocess.run([analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "dispatch.service" not in checked.stderr
+
+
 def test_service_systemd_quotes_what_systemd_would_split(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["service", "systemd", "--log-file", "/var/log/my logs/d.log", "Ethernet 2", "wlan0@3"]) == 0
     (exec_start,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ExecStart=")]
@@ -8092,6 +8446,19 @@ def test_cli_start_refuses_its_own_address_as_an_upstream_with_one_line(capsys: 
         f"dispatch: error: http://127.0.0.1:{port} is this proxy's own address (127.0.0.1:{port}): "
         "every connection through it would come back here, without end"
     )
+
+
+@pytest.mark.parametrize("bonding", [["mptcp+socks5h://127.0.0.1:9+lo"], ["--mptcp", "127.0.0.1"]])
+def test_cli_start_refuses_a_bond_or_mptcp_where_the_kernel_has_it_off_in_one_line(
+    bonding: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sysctl = tmp_path / "enabled"
+    sysctl.write_text("0\n")
+    monkeypatch.setattr(dispatch, "_MPTCP_SYSCTL", str(sysctl))
+    assert dispatch.main(["start", "--no-state", "--port", "0", *bonding]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dispatch: error: ")
+    assert line.endswith("MPTCP is switched off: net.mptcp.enabled is 0 (sysctl -w net.mptcp.enabled=1)")
 
 
 # What a script that vendors dispatch.py runs: "python -S" leaves out

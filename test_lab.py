@@ -84,11 +84,14 @@ def rules_lab() -> Iterator[Any]:
 class LabProxy:
     """``dispatch start`` running in a lab's client namespace."""
 
-    def __init__(self, lab: Any, arguments: list[str], log_file: str, port: int = LAB_PROXY_PORT) -> None:
+    def __init__(
+        self, lab: Any, arguments: list[str], log_file: str, port: int = LAB_PROXY_PORT, where: str = "client"
+    ) -> None:
         self.lab = lab
         self.log_file = log_file
         self.address = ("127.0.0.1", port)
-        self.process = run_script(["start", "--port", str(port), "--log-file", log_file, *arguments], lab.client_popen)
+        popen = lab.server_popen if where == "server" else lab.client_popen
+        self.process = run_script(["start", "--port", str(port), "--log-file", log_file, *arguments], popen)
         assert self.process.stdout is not None
         self.banner = []
         for line in iter(self.process.stdout.readline, ""):
@@ -146,8 +149,8 @@ class LabProxy:
 def lab_proxy(tmp_path: Any) -> Iterator[Callable[..., LabProxy]]:
     started: list[LabProxy] = []
 
-    def start(lab: Any, *arguments: str) -> LabProxy:
-        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"))
+    def start(lab: Any, *arguments: str, port: int = LAB_PROXY_PORT) -> LabProxy:
+        proxy = LabProxy(lab, list(arguments), os.path.join(str(tmp_path), f"lab{len(started)}.log"), port)
         started.append(proxy)
         return proxy
 
@@ -1429,3 +1432,264 @@ def test_lab_a_lan_without_forwarding_is_refused_in_one_line(phone_lab: Any) -> 
     assert status == 2
     assert said.count("\n") == 1 and "net.ipv4.ip_forward is off" in said
     assert tables(phone_lab) == []
+
+
+# Bonds: one connection over every link, MPTCP to a dispatch on the server ----
+
+
+def mptcp_or_skip(lab: Any) -> None:
+    """Skip where this kernel cannot bond, saying what is missing."""
+    why = dispatch.mptcp_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    if shutil.which("ip") is None or lab.run_in_client(["ip", "mptcp", "limits"]).returncode != 0:
+        pytest.skip("iproute2's 'ip mptcp' is missing or the kernel has no MPTCP path manager")
+
+
+BOND_SERVER_PORT = 1090  # inside the server namespace, where nothing else listens
+BOND_LOGIN = ("bond", "s3cret")
+
+
+@pytest.fixture
+def bond_server(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Callable[..., str]]:
+    """dispatch on the lab's server (a VPS), with a login, reached by the
+    client's uplinks; ``--mptcp`` unless told otherwise. Gives its URL with
+    the password, as the client names it (scheme ``mptcp+socks5h``)."""
+    started: list[LabProxy] = []
+
+    def start(lab: Any, *, mptcp: bool = True) -> str:
+        mptcp_or_skip(lab)
+        # The kernel's default on a server: 2 more subflows per connection; a recipe raises it.
+        lab.run_in_server(["ip", "mptcp", "limits", "set", "subflows", "8"], check=True)
+        arguments = [
+            "--ip",
+            lab.service_address,
+            "--allow",
+            "198.51.100.0/24",
+            "--allow-target",
+            f"{lab.service_address}/32",
+            "--auth",
+            ":".join(BOND_LOGIN),
+            "--no-state",
+        ]
+        log_file = os.path.join(str(tmp_path), f"server{len(started)}.log")
+        server = LabProxy(lab, [*arguments, *(["--mptcp"] if mptcp else [])], log_file, BOND_SERVER_PORT, "server")
+        started.append(server)
+        user, password = BOND_LOGIN
+        return f"mptcp+socks5h://{user}:{password}@{lab.service_address}:{BOND_SERVER_PORT}"
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def mptcp_endpoints(lab: Any) -> dict[str, dict[str, Any]]:
+    """The kernel's MPTCP endpoints in the lab's client namespace, by address."""
+    listed = json.loads(lab.run_in_client(["ip", "-j", "mptcp", "endpoint", "show"], check=True).stdout or "[]")
+    return {entry["address"]: entry for entry in listed}
+
+
+def timed_download(proxy: LabProxy, size: int) -> float:
+    """One download of ``size`` bytes through ``proxy``; its rate in bytes per second."""
+    started = time.monotonic()
+    assert proxy.download(size) == size
+    return size / (time.monotonic() - started)
+
+
+LAB_BOND_SIZE = 24_000_000
+# What TCP carries of a link's wire rate (tbf counts Ethernet headers; see netlab).
+LAB_PAYLOAD_SHARE = 0.956
+
+
+@pytest.mark.parametrize("lab_name", ["rules_lab", "metrics_lab"])
+def test_lab_one_download_through_a_bond_gets_three_quarters_of_the_links_sum(
+    request: pytest.FixtureRequest,
+    lab_name: str,
+    lab_proxy: Callable[..., LabProxy],
+    bond_server: Callable[..., str],
+    tmp_path: Any,
+) -> None:
+    """A batch of downloads through the three uplinks measures them (the
+    state file keeps it); then one connection through the bond to the
+    server's dispatch gets three quarters of the three links' sum, where
+    one TCP connection gets one link: the slow link is a backup subflow,
+    the two fast ones carry it. The endpoints go at the stop."""
+    lab = request.getfixturevalue(lab_name)
+    url = bond_server(lab)
+    state = str(tmp_path / "state.json")
+    uplinks = [link.client_ifname for link in lab.uplinks]
+    direct = lab_proxy(lab, "--state-file", state, *uplinks)
+    assert lab_downloads(direct, 6, 2_000_000) == [2_000_000] * 6  # measures the links
+    started = time.monotonic()
+    assert lab_downloads(direct, 24, LAB_BOND_SIZE // 24) == [LAB_BOND_SIZE // 24] * 24
+    batch = LAB_BOND_SIZE / (time.monotonic() - started)
+    single = timed_download(direct, LAB_BOND_SIZE // 4)
+    direct.stop()
+    bonded = lab_proxy(lab, "--state-file", state, url)
+    roles = {link.client_addr: (link.client_ifname, link.index == 3) for link in lab.uplinks}
+    assert wait_for(lambda: len(mptcp_endpoints(lab)) == 3), bonded.log()
+    endpoints = mptcp_endpoints(lab)
+    assert {address: (entry["dev"], entry.get("backup", False)) for address, entry in endpoints.items()} == roles
+    rate = timed_download(bonded, LAB_BOND_SIZE)
+    links_sum = sum(link.rate for link in lab.uplinks) * LAB_PAYLOAD_SHARE
+    print(
+        f"{lab_name}: one download through the bond {rate / 1000:,.0f} kB/s, one TCP download "
+        f"{single / 1000:,.0f} kB/s, a batch of 24 by measured balancing {batch / 1000:,.0f} kB/s; "
+        f"the links' sum {links_sum / 1000:,.0f} kB/s"
+    )
+    (bond,) = lab_status(bonded)["bonds"]
+    carried = {c["interface"]: c["bytes_down"] for c in bond["carried"]}
+    (line,) = [
+        line
+        for line in bonded.log().splitlines()
+        if f"{lab.service_address}:{import_netlab().HTTP_PORT} via mptcp+" in line
+    ]
+    print(f"{lab_name}: carried by interface {carried}; {line.partition(' via ')[2]}")
+    assert rate >= 0.75 * links_sum
+    assert "fallback" not in bonded.log()
+    assert LAB_BOND_SIZE < sum(carried.values()) < LAB_BOND_SIZE + 1000  # and the response's head
+    assert min(carried[uplinks[0]], carried[uplinks[1]]) > 0.3 * LAB_BOND_SIZE
+    assert re.search(r"\(dlab-up[12] \d+%, dlab-up[12] \d+%(, dlab-up3 \d+%)?\): ok", line), line
+    bonded.stop()
+    assert mptcp_endpoints(lab) == {}
+
+
+def test_lab_a_bonds_endpoints_follow_its_links_leave_others_alone_and_go_after_a_kill(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+) -> None:
+    """The bond's endpoints: one per address of the interfaces it names,
+    added at the start; an interface that gets its address later gets one
+    then; the system's own endpoint (for uplink 3) is left as it is. A
+    dispatch killed with SIGKILL leaves its endpoints, and the next start
+    (on any port) removes them, and only them."""
+    lab = rules_lab
+    url = bond_server(lab)
+    late = "dlab-late"  # an interface with no address yet
+    lab.run_in_client(["ip", "link", "add", late, "type", "veth", "peer", "name", f"{late}-p"], check=True)
+    own = lab.uplink(3).client_addr
+    lab.run_in_client(["ip", "mptcp", "endpoint", "add", own, "id", "200", "signal"], check=True)
+    try:
+        names = "+".join(link.client_ifname for link in lab.uplinks)
+        killed = lab_proxy(lab, "--no-state", f"{url}+{names}+{late}")
+        first, second = lab.uplink(1).client_addr, lab.uplink(2).client_addr
+        assert wait_for(lambda: set(mptcp_endpoints(lab)) == {first, second, own}), killed.log()
+        for end in (late, f"{late}-p"):
+            lab.run_in_client(["ip", "link", "set", end, "up"], check=True)
+        lab.run_in_client(["ip", "addr", "add", "10.77.0.2/24", "dev", late], check=True)
+        assert wait_for(lambda: "10.77.0.2" in mptcp_endpoints(lab)), killed.log()
+        assert mptcp_endpoints(lab)["10.77.0.2"]["dev"] == late
+        assert mptcp_endpoints(lab)[own] == {"address": own, "id": 200, "signal": True}
+        killed.process.kill()
+        killed.process.wait(TIMEOUT)
+        assert set(mptcp_endpoints(lab)) == {first, second, own, "10.77.0.2"}
+        # The next start, on another port: it removes them all the same.
+        after = lab_proxy(lab, "--no-state", lab.uplink(1).client_ifname, port=LAB_PROXY_PORT + 1)
+        assert wait_for(lambda: set(mptcp_endpoints(lab)) == {own}), after.log()
+        assert "a run before left" in after.log()
+        after.stop()
+        assert set(mptcp_endpoints(lab)) == {own}
+    finally:
+        lab.run_in_client(["ip", "link", "del", late])
+        lab.run_in_client(["ip", "mptcp", "endpoint", "flush"])
+
+
+def test_lab_a_bond_without_cap_net_admin_says_once_what_to_run_and_uses_the_endpoints_there_are(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dispatch run without CAP_NET_ADMIN (setpriv takes it away): it cannot
+    add the bond's endpoints, says so once with the commands to run, and the
+    bond uses the endpoint an administrator configured (uplink 2's)."""
+    lab = rules_lab
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed here")
+    url = bond_server(lab)
+    configured = lab.uplink(2)
+    lab.run_in_client(
+        ["ip", "mptcp", "endpoint", "add", configured.client_addr, "dev", configured.client_ifname, "subflow"],
+        check=True,
+    )
+    bare = lab.client_popen
+    without = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    monkeypatch.setattr(lab, "client_popen", lambda argv, **kwargs: bare([*without, *argv], **kwargs))
+    try:
+        names = "+".join(link.client_ifname for link in lab.uplinks)
+        proxy = lab_proxy(lab, "--no-state", f"{url}+{names}")
+        for _ in range(2):
+            assert proxy.download(3_000_000) == 3_000_000
+        (warning,) = [line for line in proxy.log().splitlines() if "cannot set the MPTCP endpoints" in line]
+        assert "Operation not permitted; it needs CAP_NET_ADMIN" in warning
+        for link in (lab.uplink(1), lab.uplink(3)):
+            assert f"ip mptcp endpoint add {link.client_addr} dev {link.client_ifname} subflow" in warning
+        (bond,) = lab_status(proxy)["bonds"]
+        assert {c["interface"]: c["bytes_down"] > 1_000_000 for c in bond["carried"]}.get(configured.client_ifname)
+        proxy.stop()
+        assert set(mptcp_endpoints(lab)) == {configured.client_addr}  # the administrator's, left alone
+    finally:
+        lab.run_in_client(["ip", "mptcp", "endpoint", "flush"])
+
+
+@contextlib.contextmanager
+def mptcp_stripped(lab: Any) -> Iterator[None]:
+    """A middlebox on the way to the lab's server: the MPTCP option is taken
+    out of the SYNs that reach it (nftables writes NOPs over it)."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft (nftables) is not installed here: no middlebox to strip MPTCP")
+    lab.run_in_server(["nft", "add", "table", "inet", "dlab_strip"], check=True)
+    try:
+        chain = "{ type filter hook input priority -300 ; }"
+        lab.run_in_server(["nft", "add", "chain", "inet", "dlab_strip", "input", chain], check=True)
+        rule = ["tcp", "dport", str(BOND_SERVER_PORT), "tcp", "flags", "syn", "reset", "tcp", "option", "mptcp"]
+        lab.run_in_server(["nft", "add", "rule", "inet", "dlab_strip", "input", *rule], check=True)
+        yield
+    finally:
+        lab.run_in_server(["nft", "delete", "table", "inet", "dlab_strip"])
+
+
+@pytest.mark.parametrize("stripped_by", ["a server without --mptcp", "a middlebox"])
+def test_lab_a_bond_where_the_server_or_the_path_has_no_mptcp_falls_back_to_one_tcp_subflow_said_once(
+    stripped_by: str, rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+) -> None:
+    url = bond_server(rules_lab, mptcp=stripped_by == "a middlebox")
+    with mptcp_stripped(rules_lab) if stripped_by == "a middlebox" else contextlib.nullcontext():
+        proxy = lab_proxy(rules_lab, "--no-state", url)
+        assert [proxy.download(LAB_DOWNLOAD_SIZE) for _ in range(2)] == [LAB_DOWNLOAD_SIZE] * 2
+    (bond,) = lab_status(proxy)["bonds"]
+    assert bond["mptcp"] == "fallback"
+    assert proxy.log().count("fallback to one TCP subflow") == 1
+    assert "s3cret" not in proxy.log() + json.dumps(lab_status(proxy))
+
+
+def test_lab_a_link_going_dark_mid_download_costs_the_bond_a_short_stall_and_is_used_again(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
+) -> None:
+    """One 24 MB download through a bond of uplinks 1 and 2: uplink 2 goes
+    dark a quarter of the way, and comes back at half way. The download goes
+    on over uplink 1 after a short stall, and uplink 2 carries again once
+    it is back."""
+    lab = rules_lab
+    url = bond_server(lab)
+    proxy = lab_proxy(lab, "--no-state", f"{url}+{lab.uplink(1).client_ifname}+{lab.uplink(2).client_ifname}")
+    assert wait_for(lambda: len(mptcp_endpoints(lab)) == 2), proxy.log()
+    received, longest_gap, healed_at = 0, 0.0, None
+    try:
+        with proxy.client(import_netlab().HTTP_PORT) as client:
+            client.sendall(f"GET /file?size={LAB_BOND_SIZE} HTTP/1.0\r\nHost: lab\r\n\r\n".encode())
+            last = time.monotonic()
+            while chunk := client.recv(1 << 16):
+                now = time.monotonic()
+                longest_gap, last = max(longest_gap, now - last), now
+                received += len(chunk)
+                if received > LAB_BOND_SIZE // 4 and not lab.is_dark(2) and healed_at is None:
+                    lab.darken(2)
+                elif received > LAB_BOND_SIZE // 2 and lab.is_dark(2):
+                    lab.restore(2)
+                    healed_at = lab.counters()[2].rx_bytes
+    finally:
+        lab.restore(2)
+    assert received > LAB_BOND_SIZE
+    assert healed_at is not None
+    carried_after = lab.counters()[2].rx_bytes - healed_at
+    print(f"dark link: longest stall {longest_gap:.2f} s; uplink 2 carried {carried_after:,} B once back")
+    assert longest_gap < 5.0
+    assert carried_after > 1_000_000
