@@ -1165,6 +1165,7 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
         "totals": {key: sum(row[key] for row in rows) for key in COUNTED},
         "addresses": rows,
         "history": {"interval": 2.0, "addresses": history},
+        "caps": [],
     }
 
 

@@ -44,6 +44,8 @@ Map of this module, in order; each section uses only what is above it:
                        address a connection gets (tiers, sticky sites)
     meter              Meter: per-address counters, rates, history; CapacityEstimator;
                        the state file (read_state, write_state)
+    data caps          DataCap, DataBudget: what a link that costs money may carry per
+                       day, month or rolling window; its usage kept (read_usage)
     device binding     a socket that leaves by the chosen link; the system's lookup
     name servers       the system's DNS servers (per link where it says) and hosts file
     resolver           Resolver: names through the links; DnsCache, the hedged query
@@ -55,6 +57,7 @@ Map of this module, in order; each section uses only what is above it:
     local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
     HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
     server             the first byte picks the session; Admission; the listener
+    steering           LinkSteering: links held back while it runs (data caps reached)
     Dispatcher         the library face; owns the listener and the background tasks
                        (interfaces, meter samples, retests, checks)
     service units      systemd, launchd and Task Scheduler files for ``dispatch service``
@@ -69,6 +72,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import errno
 import functools
@@ -3105,11 +3109,21 @@ class Affinity:
     site: str
 
 
+# Why a link takes fewer new connections than its health allows: "spent"
+# (its data cap is reached: it serves only while no other link is up) or
+# "barred" (it takes none: paused, closed, or its cap reached with
+# --cap-action stop). None: it is held back by nothing.
+Hold = Literal["spent", "barred"]
+
+
 class Balancer:
     """Chooses the local address of each new connection, per address family.
 
     Addresses that are out (see Health) are skipped while others are left;
     backup addresses are used only while no primary one of the family is up.
+    ``held`` tells the addresses held back apart from their health (see
+    Hold): a "spent" one is used only while no other of the family is up, a
+    "barred" one never.
     Among the rest, ``Balance.ROUND_ROBIN`` takes turns by weight, and
     ``Balance.MEASURED`` gives the connection to the address with the least
     open work for its ``capacity`` (bytes per second, None while unknown).
@@ -3129,9 +3143,11 @@ class Balancer:
         balance: Balance = Balance.ROUND_ROBIN,
         capacity: Callable[[LocalAddress], float | None] = lambda address: None,
         sticky: StickyTable[LocalAddress] | None = None,
+        held: Callable[[LocalAddress], Hold | None] = lambda address: None,
     ) -> None:
         self.health = health
         self.balance = balance
+        self.held = held
         self.capacity = capacity
         self.sticky = sticky
         self._lock = threading.Lock()
@@ -3185,9 +3201,14 @@ class Balancer:
     def next(self, family: socket.AddressFamily, affinity: Affinity | None = None) -> LocalAddress:
         """The local address for a new connection of ``family``.
 
-        Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
+        Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none,
+        SocksError(NETWORK_UNREACHABLE) if every one is barred (see Hold).
         """
         chosen = self.choose(family, (), affinity)
+        if chosen is None and any(f == family for f, _ in self._rounds):
+            raise SocksError(
+                Reply.NETWORK_UNREACHABLE, f"every {_family_name(family)} link is paused, closed or past its data cap"
+            )
         if chosen is None:
             raise SocksError(
                 Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"no {_family_name(family)} local address to dispatch to"
@@ -3210,7 +3231,7 @@ class Balancer:
         tier (a slow primary is no reason to spend a backup's traffic)."""
         with self._lock:
             if racing:
-                tiers = [(tried_address.backup, True) for tried_address in tried][:1]
+                tiers = [(tried_address.backup, False, True) for tried_address in tried][:1]
                 chosen = self._choose_by_tier(family, tried, affinity, tiers)
             else:
                 chosen = self._choose_by_tier(family, tried, affinity)
@@ -3223,22 +3244,38 @@ class Balancer:
         if self.sticky is not None:
             self.sticky.put(affinity.client, affinity.site, address, self.health.clock())
 
-    # The primaries that are up; else the backups that are; else, rather
-    # than fail, those that are out, primaries first. (backup, up only)
-    _TIERS = ((False, True), (True, True), (False, False), (True, False))
+    # The primaries that are up; else the backups that are; else the spent
+    # ones that are; else, rather than fail, those that are out, in the same
+    # order. (backup, spent, up only)
+    _TIERS = (
+        (False, False, True),
+        (True, False, True),
+        (False, True, True),
+        (True, True, True),
+        (False, False, False),
+        (True, False, False),
+        (False, True, False),
+        (True, True, False),
+    )
 
     def _choose_by_tier(
         self,
         family: socket.AddressFamily,
         tried: Collection[LocalAddress],
         affinity: Affinity | None,
-        tiers: Sequence[tuple[bool, bool]] = _TIERS,
+        tiers: Sequence[tuple[bool, bool, bool]] = _TIERS,
     ) -> LocalAddress | None:
-        for backup, up_only in tiers:
+        holds = {a: self.held(a) for rounds in self._rounds.values() for a in rounds.items}
+        for backup, spent, up_only in tiers:
             rounds = self._rounds.get((family, backup))
             if rounds is None:
                 continue
-            candidates = [a for a in rounds.items if a not in tried and not (up_only and self.health.is_out(a))]
+            hold = "spent" if spent else None
+            candidates = [
+                a
+                for a in rounds.items
+                if a not in tried and holds[a] == hold and not (up_only and self.health.is_out(a))
+            ]
             if candidates:
                 return self._pick(family, rounds, candidates, affinity)
         return None
@@ -3794,9 +3831,11 @@ def read_state(path: str) -> dict[str, float]:
     return capacities
 
 
-def write_state(path: str, capacities: Mapping[str, float]) -> None:
+def write_state(path: str, capacities: Mapping[str, float], more: Mapping[str, object] | None = None) -> None:
     """Write ``capacities`` (by link key) to the state file at ``path``,
-    atomically: readers see the old file or the new one, never half of one.
+    atomically: readers see the old file or the new one, never half of one;
+    ``more`` are further entries of the file (the usage of capped links,
+    the links' states), which readers of the capacities pass over.
     Raises OSError."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -3805,6 +3844,7 @@ def write_state(path: str, capacities: Mapping[str, float]) -> None:
         "version": STATE_VERSION,
         "written": round(time.time(), 1),
         "links": {key: {"capacity": round(capacity, 1)} for key, capacity in sorted(capacities.items())},
+        **(more or {}),
     }
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -3818,6 +3858,290 @@ def write_state(path: str, capacities: Mapping[str, float]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+# ---------------------------------------------------------------------------
+# Data caps: what a link that costs money may carry, by period, kept across runs
+# ---------------------------------------------------------------------------
+
+# Sizes as phone plans and routers write them: kB, MB, GB, TB in powers of
+# 1000, KiB, MiB, GiB, TiB in powers of 1024.
+SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+CAP_WARNINGS = (75, 95)  # per cent of a cap: one log line each, per period
+MAX_ROLLING_DAYS = 366
+# Seconds between two writes of the state file while a capped link's usage
+# changes: a crash loses at most this much of what it carried.
+USAGE_SAVE_INTERVAL = 15.0
+# What a link does once a cap is reached: join the backup tier, take no new
+# connection, or take none and end those open too.
+CapAction = Literal["backup", "stop", "stop-now"]
+CAP_ACTIONS: tuple[CapAction, ...] = ("backup", "stop", "stop-now")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as ``--cap`` takes it (2GB, 200MB, 1.5GiB, 5000B);
+    ValueError for anything else."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", text.strip().lower())
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is no size: a number and B, kB, MB, GB, TB (or KiB, MiB, GiB, TiB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCap:
+    """At most ``size`` bytes through ``link`` (both ways together) per period:
+    a local day, a month from its ``first_day``, or a rolling window of
+    ``days`` days (today and the days before it)."""
+
+    link: str
+    size: int
+    period: Literal["day", "month", "rolling"]
+    days: int = 1  # of a rolling window
+    first_day: int = 1  # of the month's period; a shorter month starts on its last day
+
+    def describe(self) -> str:
+        """The cap as --cap writes it."""
+        period = {"day": "day", "month": "month", "rolling": f"{self.days}d"}[self.period]
+        first = f"@{self.first_day}" if self.period == "month" and self.first_day != 1 else ""
+        return f"{self.link}={format_size(self.size)}/{period}{first}"
+
+    def bounds(self, today: datetime.date) -> tuple[datetime.date, datetime.date]:
+        """The first day of the period holding ``today``, and the first day after it."""
+        if self.period == "day":
+            return today, today + datetime.timedelta(days=1)
+        if self.period == "rolling":
+            return today - datetime.timedelta(days=self.days - 1), today + datetime.timedelta(days=1)
+        start = self._month_start(today.year, today.month)
+        if start > today:
+            start = self._month_start(*_month_before(today.year, today.month))
+        return start, self._month_start(*_month_after(start.year, start.month))
+
+    def _month_start(self, year: int, month: int) -> datetime.date:
+        last = (datetime.date(*_month_after(year, month), 1) - datetime.timedelta(days=1)).day
+        return datetime.date(year, month, min(self.first_day, last))
+
+
+def _month_before(year: int, month: int) -> tuple[int, int]:
+    return (year - 1, 12) if month == 1 else (year, month - 1)
+
+
+def _month_after(year: int, month: int) -> tuple[int, int]:
+    return (year + 1, 1) if month == 12 else (year, month + 1)
+
+
+def format_size(count: int) -> str:
+    """A size as --cap takes it, in the largest unit it is a whole number
+    of (powers of 1000 first), or in bytes."""
+    for unit in ("TB", "GB", "MB", "kB", "TiB", "GiB", "MiB", "KiB"):
+        if count and count % SIZE_UNITS[unit.lower()] == 0:
+            return f"{count // SIZE_UNITS[unit.lower()]}{unit}"
+    return f"{count}B"
+
+
+def parse_cap(text: str) -> DataCap:
+    """A ``--cap`` value: LINK=SIZE/PERIOD, PERIOD day, month (month@DAY: it
+    starts on that day) or Nd (a rolling window of N days); ValueError
+    saying what is wrong."""
+    link, equals, rest = text.partition("=")
+    size_text, slash, period_text = rest.partition("/")
+    if not (link.strip() and equals and slash):
+        raise ValueError(f"{text!r} is no cap: LINK=SIZE/PERIOD, as usb0=2GB/month, usb0=200MB/day, usb0=5GB/30d")
+    size = parse_size(size_text)
+    if size <= 0:
+        raise ValueError(f"{text!r}: a cap of 0 lets nothing through; leave the link out instead")
+    period, at, first = period_text.strip().lower().partition("@")
+    if at and not (period == "month" and first.isdigit() and 1 <= int(first) <= 31):
+        raise ValueError(f"{text!r}: only a month starts on a day, month@1 to month@31")
+    if period in ("day", "month"):
+        return DataCap(link.strip(), size, "month" if period == "month" else "day", first_day=int(first or 1))
+    days = period[:-1]
+    if not (period.endswith("d") and days.isdigit() and 1 <= int(days) <= MAX_ROLLING_DAYS):
+        raise ValueError(f"{text!r}: the period is day, month, month@DAY or Nd (1 to {MAX_ROLLING_DAYS} days)")
+    return DataCap(link.strip(), size, "rolling", days=int(days))
+
+
+class CapReport(TypedDict):
+    """Where one link stands against one cap, as the pages show it."""
+
+    link: str
+    cap: str  # as --cap wrote it
+    cap_bytes: int
+    used_bytes: int
+    period_end: float  # the time it starts afresh (seconds since the epoch)
+    reached: bool
+    seconds_left: float | None  # until reached, at the link's rate now; None while it carries nothing
+
+
+def _local_midnight(day: datetime.date) -> float:
+    """The time (seconds since the epoch) the local ``day`` begins."""
+    return time.mktime((day.year, day.month, day.day, 0, 0, 0, 0, 0, -1))
+
+
+class DataBudget:
+    """The bytes each capped link carried, by local day, and where it stands
+    against its caps.
+
+    Days are local, and only go forward: a clock set back (or a restart with
+    a clock behind) counts on in the newest day seen, so no period starts
+    afresh early. ``check()`` (every METER_INTERVAL, by the Dispatcher)
+    logs the CAP_WARNINGS lines and the caps reached, and updates
+    ``spent``: the links with a cap reached now. Thread safe.
+    """
+
+    def __init__(self, caps: Sequence[DataCap], clock: Callable[[], float] = time.time) -> None:
+        self.caps = list(caps)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._days: dict[str, dict[datetime.date, int]] = {cap.link: {} for cap in self.caps}
+        self._newest = datetime.date.fromtimestamp(clock())
+        self._told: dict[tuple[DataCap, datetime.date], int] = {}  # the highest level logged per period
+        self.spent: frozenset[str] = frozenset()
+        # The most days any cap looks back: older ones are forgotten.
+        self._kept_days = max([31 if cap.period == "month" else cap.days for cap in self.caps] or [1])
+
+    @property
+    def links(self) -> frozenset[str]:
+        """The names of the capped links."""
+        return frozenset(self._days)
+
+    def _today(self) -> datetime.date:
+        self._newest = max(self._newest, datetime.date.fromtimestamp(self.clock()))
+        return self._newest
+
+    def add(self, link: str, count: int) -> None:
+        """Count ``count`` bytes carried by ``link`` (either way) today."""
+        days = self._days.get(link)
+        if days is None or count <= 0:
+            return
+        with self._lock:
+            today = self._today()
+            days[today] = days.get(today, 0) + count
+
+    def used(self, cap: DataCap) -> tuple[int, datetime.date, datetime.date]:
+        """The bytes counted against ``cap`` in its period, and the period's bounds."""
+        with self._lock:
+            start, end = cap.bounds(self._today())
+            return sum(n for day, n in self._days[cap.link].items() if start <= day < end), start, end
+
+    def check(self) -> set[str]:
+        """Log each of a cap's CAP_WARNINGS and its reaching once a period,
+        each level passed (in order, however many at once); update
+        ``spent``; return the links newly spent."""
+        spent: set[str] = set()
+        for cap in self.caps:
+            used, start, _ = self.used(cap)
+            told = self._told.get((cap, start), 0)
+            for level in (*CAP_WARNINGS, 100):
+                if told < level and used * 100 >= cap.size * level:
+                    self._told[cap, start] = level
+                    if level < 100:
+                        logger.warning("link %s used %d%% of its cap %s", cap.link, level, cap.describe())
+                    else:
+                        logger.warning(
+                            "link %s reached its cap %s (%s used)", cap.link, cap.describe(), format_size(used)
+                        )
+            if used >= cap.size:
+                spent.add(cap.link)
+        newly, self.spent = spent - self.spent, frozenset(spent)
+        return newly
+
+    def reports(self) -> list[CapReport]:
+        """Where each capped link stands against each of its caps."""
+        reports: list[CapReport] = []
+        for cap in self.caps:
+            used, start, end = self.used(cap)
+            if cap.period == "rolling":
+                # A window frees the oldest day it holds as it moves on.
+                with self._lock:
+                    first = min((d for d, n in self._days[cap.link].items() if start <= d < end and n), default=start)
+                end = first + datetime.timedelta(days=cap.days)
+            reports.append(
+                {
+                    "link": cap.link,
+                    "cap": cap.describe(),
+                    "cap_bytes": cap.size,
+                    "used_bytes": used,
+                    "period_end": _local_midnight(end),
+                    "reached": used >= cap.size,
+                    "seconds_left": None,
+                }
+            )
+        return reports
+
+    def reset(self, link: str) -> bool:
+        """Count ``link`` from zero; whether it is capped."""
+        with self._lock:
+            if link not in self._days:
+                return False
+            self._days[link] = {}
+        self._told = {key: level for key, level in self._told.items() if key[0].link != link}
+        return True
+
+    def to_keep(self) -> dict[str, dict[str, int]]:
+        """The days to keep in the state file: {link: {"YYYY-MM-DD": bytes}}."""
+        with self._lock:
+            oldest = self._today() - datetime.timedelta(days=self._kept_days)
+            return {
+                link: {day.isoformat(): n for day, n in sorted(days.items()) if day >= oldest and n}
+                for link, days in self._days.items()
+                if days
+            }
+
+    def restore(self, kept: Mapping[str, Mapping[datetime.date, int]]) -> None:
+        """Count on from the days a state file kept (see read_usage)."""
+        with self._lock:
+            for link, days in kept.items():
+                if link in self._days:
+                    self._days[link] = dict(days)
+
+
+def read_usage(path: str, today: datetime.date) -> dict[str, dict[datetime.date, int]]:
+    """The bytes by link and day a state file keeps, if it was written on
+    this machine; nothing, with one warning, for another machine's usage
+    or days after ``today`` (a future period). A file read_state finds
+    unusable gives nothing, quietly: it has said so."""
+    try:
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return {}
+    usage = data.get("usage") if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
+    if not isinstance(usage, dict):
+        return {}
+    if data.get("host") != socket.gethostname():
+        logger.warning(
+            "state file %s: the usage it keeps is of another machine (%.60r), ignored", path, data.get("host")
+        )
+        return {}
+    kept: dict[str, dict[datetime.date, int]] = {}
+    future = False
+    for link, days in usage.items():
+        if not isinstance(days, dict):
+            continue
+        for day_text, count in days.items():
+            try:
+                day = datetime.date.fromisoformat(day_text)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                continue
+            if day > today:
+                future = True
+                continue
+            kept.setdefault(link, {})[day] = count
+    if future:
+        logger.warning("state file %s: usage of days after today (%s), ignored", path, today.isoformat())
+        return {}
+    return kept
 
 
 # ---------------------------------------------------------------------------
@@ -5307,7 +5631,7 @@ class Upstream:
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
         self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
+        self._open: dict[socket.socket, LocalAddress] = {}  # by the address each leaves from
         self._closing = False
 
     def connect(
@@ -5704,13 +6028,13 @@ class Upstream:
             if self._closing:
                 _shutdown_quietly(sock)  # opened just as the proxy stopped
             else:
-                self._open.add(sock)
+                self._open[sock] = local
         self.meter.opened(local)
         return UpstreamLease(sock, local, self._release)
 
     def _release(self, lease: UpstreamLease) -> None:
         with self._lock:
-            self._open.discard(lease.sock)
+            self._open.pop(lease.sock, None)
         self.meter.closed(lease.local)
         self.balancer.release(lease.local)
 
@@ -5720,6 +6044,14 @@ class Upstream:
             self._closing = True
             for sock in self._open:
                 _shutdown_quietly(sock)
+
+    def close_through(self, addresses: Collection[LocalAddress]) -> int:
+        """Shut down the open upstream sockets leaving from ``addresses``; return how many."""
+        with self._lock:
+            ending = [sock for sock, local in self._open.items() if local in addresses]
+            for sock in ending:
+                _shutdown_quietly(sock)
+        return len(ending)
 
 
 class _Race:
@@ -6248,6 +6580,7 @@ class Status(TypedDict):
     totals: Totals
     addresses: list[StatsRow]
     history: History
+    caps: list[CapReport]  # one per cap of each capped link
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6989,9 +7322,29 @@ def render_status_page(status: Status) -> str:
         f'<tfoot id="total" data-part>{_row(_totals_row(status), None)}</tfoot></table><div class="charts">'
         f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
         f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
-        f'<ul class="legend" id="legend" data-part>{legend}</ul><script>{_SCRIPT}</script>'
+        f'<ul class="legend" id="legend" data-part>{legend}</ul>'
+        f'<div id="caps" data-part>{_caps_part(status)}</div><script>{_SCRIPT}</script>'
         "</body></html>\n"
     )
+
+
+def _caps_part(status: Status) -> str:
+    """One line per data cap: used of the cap, when it starts afresh, the time left at this rate."""
+    lines = []
+    for cap in status["caps"]:
+        share = cap["used_bytes"] * 100 // cap["cap_bytes"]
+        ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(cap["period_end"]))
+        if cap["reached"]:
+            left = "cap reached"
+        elif cap["seconds_left"] is None:
+            left = "idle"
+        else:
+            left = f"{format_duration(cap['seconds_left'])} left at this rate"
+        lines.append(
+            f"<li>{_e(cap['cap'])}: {format_bytes(cap['used_bytes'])} used ({share} %), {left}; "
+            f"starts afresh {ends}</li>"
+        )
+    return f"<h2>Data caps</h2><ul>{''.join(lines)}</ul>" if lines else ""
 
 
 # Prometheus metrics
@@ -7104,6 +7457,20 @@ def render_metrics(status: Status) -> str:
     for name, kind, text, value_of in _PER_ADDRESS:
         samples = [({"link": r["link"], "address": r["ip"] or ""}, value_of(r)) for r in rows]
         lines += _metric_family(name, kind, text, [(labels, value) for labels, value in samples if value is not None])
+    caps = status["caps"]
+    per_cap: tuple[tuple[str, str, Callable[[CapReport], float]], ...] = (
+        ("dispatch_link_cap_bytes", "Bytes the link may carry in its cap's period.", lambda c: c["cap_bytes"]),
+        ("dispatch_link_used_bytes", "Bytes the link carried in its cap's period so far.", lambda c: c["used_bytes"]),
+        (
+            "dispatch_link_cap_reset_timestamp_seconds",
+            "When the cap's period starts afresh.",
+            lambda c: c["period_end"],
+        ),
+    )
+    for name, text, cap_value in per_cap if caps else ():  # no families without a cap, as without a link
+        lines += _metric_family(
+            name, "gauge", text, [({"link": c["link"], "cap": c["cap"]}, cap_value(c)) for c in caps]
+        )
     lines += _metric_family(
         "dispatch_clients_refused_total", "counter", "Client connections refused.", [({}, status["refused"])]
     )
@@ -8061,6 +8428,73 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 # ---------------------------------------------------------------------------
+# Steering: links held back while dispatch runs (data caps)
+# ---------------------------------------------------------------------------
+
+
+class LinkSteering:
+    """What holds the running links back apart from their health: the data
+    caps, counted against what each link carries (a DataBudget), and what a
+    link does once one is reached (``cap_action``, see CapAction). Its
+    ``held`` is the Balancer's (see Hold). Raises ValueError for a cap of a
+    link that is not among ``links``."""
+
+    def __init__(self, links: LinkSet, upstream: Upstream, budget: DataBudget, cap_action: str) -> None:
+        names = [link.name for link in links.links]
+        unknown = sorted(budget.links - set(names))
+        if unknown:
+            raise ValueError(f"caps: no link is named {unknown[0]} (the links: {', '.join(names)})")
+        self.links = links
+        self.upstream = upstream
+        self.budget = budget
+        self.cap_action = cap_action
+
+    def link_name(self, address: LocalAddress) -> str:
+        """The name of ``address``'s link, as stats() and --cap say it."""
+        link = self.links.link_of(address)
+        return link.name if link else address.ip
+
+    def held(self, address: LocalAddress) -> Hold | None:
+        """Why ``address`` takes fewer new connections than its health allows."""
+        if not self.budget.spent or self.link_name(address) not in self.budget.spent:
+            return None
+        return "spent" if self.cap_action == "backup" else "barred"
+
+    def count(self, samples: Mapping[LocalAddress, Sample]) -> None:
+        """Count what each link carried (the meter's ``samples``) against
+        its caps; under "stop-now", end the connections open through a link
+        that has just reached one."""
+        if not self.budget.caps:
+            return
+        for address, sample in samples.items():
+            self.budget.add(self.link_name(address), sample.up + sample.down)
+        newly = self.budget.check()
+        if newly and self.cap_action == "stop-now":
+            self.upstream.close_through(
+                [a for link in self.links.links if link.name in newly for a in link.known.values()]
+            )
+
+    def cap_reports(self, rows: Sequence[StatsRow]) -> list[CapReport]:
+        """Where each capped link stands, with the time left at its rate in ``rows`` (stats())."""
+        reports = self.budget.reports()
+        for report in reports:
+            rate = sum(row["rate_up"] + row["rate_down"] for row in rows if row["link"] == report["link"])
+            left = max(0, report["cap_bytes"] - report["used_bytes"])
+            report["seconds_left"] = left / rate if rate > 0 else None
+        return reports
+
+    def to_keep(self) -> dict[str, object]:
+        """The state file's entries for the steering: the usage of the capped links, and the machine's name."""
+        return {"host": socket.gethostname(), "usage": self.budget.to_keep()} if self.budget.caps else {}
+
+    def restore(self, state_file: str) -> None:
+        """Go on from what the state file at ``state_file`` kept (see read_usage)."""
+        if self.budget.caps:
+            self.budget.restore(read_usage(state_file, datetime.date.fromtimestamp(time.time())))
+            self.budget.check()
+
+
+# ---------------------------------------------------------------------------
 # Dispatcher: the library face
 # ---------------------------------------------------------------------------
 
@@ -8113,6 +8547,8 @@ class DispatcherOptions:
     dns: Sequence[str] | None = None
     upstream_passwords: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
     state_file: str | None = None
+    caps: Sequence[str] = ()
+    cap_action: str = "backup"
 
     def __post_init__(self) -> None:
         self._check_settings()
@@ -8135,6 +8571,8 @@ class DispatcherOptions:
         balances = [balance.value for balance in Balance]
         if self.balance is not None and self.balance not in balances:
             raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
+        if self.cap_action not in CAP_ACTIONS:
+            raise ValueError(f"cap_action must be {' or '.join(map(repr, CAP_ACTIONS))}; got {self.cap_action!r}")
 
     def _keep_collections(self) -> None:
         """Keep each collection as a tuple or a read-only mapping (a
@@ -8158,6 +8596,13 @@ class DispatcherOptions:
             if logins is not None:
                 self._keep(name, types.MappingProxyType(dict(logins)))
         self._each("credentials", lambda login: _encode_credential(*login), (self.credentials or {}).items())
+        self._keep("caps", tuple(self.caps))
+        periods = [(cap.link, cap.period) for cap in self._each("caps", parse_cap, self.caps)]
+        for link, period in periods:
+            if periods.count((link, period)) > 1:
+                raise ValueError(
+                    f"caps: link {link} has two caps per {'rolling window' if period == 'rolling' else period}"
+                )
 
     def _keep(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # frozen: what is kept is set once, here
@@ -8330,7 +8775,12 @@ class Dispatcher:
       give a user and no password (kept out of the process list).
     - ``state_file``: where each link's capacity is kept across runs (read
       at the start, written every STATE_SAVE_INTERVAL and at shutdown);
-      None keeps nothing.
+      None keeps nothing. The usage of capped links is kept there too.
+    - ``caps``: ``"LINK=SIZE/PERIOD"`` data caps (see parse_cap), LINK as
+      stats() names it; ``cap_action``: what a link does once one is
+      reached: "backup" (it serves only while no other link is up), "stop"
+      (no new connection), "stop-now" (and those open are ended). It takes
+      connections again when the period starts afresh.
 
     The same can be given as one DispatcherOptions, ``options=`` (then
     nothing else: TypeError); ``.options`` is what it runs with, either way.
@@ -8370,6 +8820,8 @@ class Dispatcher:
         dns: Sequence[str] | None = None,
         upstream_passwords: Mapping[str, str] | None = None,
         state_file: str | None = DispatcherOptions.state_file,
+        caps: Iterable[str] = (),
+        cap_action: str = DispatcherOptions.cap_action,
     ) -> None:
         given = DispatcherOptions(
             None if addresses is None else tuple(addresses),
@@ -8393,6 +8845,8 @@ class Dispatcher:
             dns=dns,
             upstream_passwords=upstream_passwords,
             state_file=state_file,
+            caps=tuple(caps),
+            cap_action=cap_action,
         )
         if options is not None and given != DispatcherOptions():
             raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
@@ -8429,6 +8883,7 @@ class Dispatcher:
         self._kept: dict[str, float] = {}
         self._written: dict[str, float] | None = None  # None until the state file was read
         self._state_unwritable = False  # told once
+        self._more_written: dict[str, object] = {}  # what the steering kept, as last written
         self.balancer = Balancer(
             self.links.addresses,
             self.health,
@@ -8451,6 +8906,9 @@ class Dispatcher:
         self.upstream = Upstream(
             self.balancer, self.meter, options.connect_timeout, options.hedge, self.resolver, self.access
         )
+        budget = DataBudget([parse_cap(cap) for cap in options.caps])
+        self.steering = LinkSteering(self.links, self.upstream, budget, options.cap_action)
+        self.balancer.held = self.steering.held
         limit = default_max_connections() if options.max_connections is None else options.max_connections
         self.admission = Admission(self.access, limit)
         self.handshake_timeout = options.handshake_timeout
@@ -8469,7 +8927,7 @@ class Dispatcher:
         self.tasks.add(METER_INTERVAL, self.sample_meter)
         self.tasks.add(ESTIMATE_INTERVAL, self.measure_capacities)
         if options.state_file:
-            self.tasks.add(STATE_SAVE_INTERVAL, self.save_state)
+            self.tasks.add(USAGE_SAVE_INTERVAL if options.caps else STATE_SAVE_INTERVAL, self.save_state)
         self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
         if self.checks:
             self.tasks.add(options.check_interval, self._check)
@@ -8489,9 +8947,10 @@ class Dispatcher:
                 self._forgotten[key] += getattr(counters, key)
 
     def sample_meter(self) -> None:
-        """Sample the meter for its rates and history (the background task
-        does every METER_INTERVAL)."""
-        self.meter.sample()
+        """Sample the meter for its rates and history, and count what each
+        capped link carried against its caps (the background task does
+        every METER_INTERVAL)."""
+        self.steering.count(self.meter.sample())
 
     def measure_capacities(self) -> None:
         """Give the capacity estimator what each link moved since the last
@@ -8544,10 +9003,11 @@ class Dispatcher:
             when = -math.inf if when is None else when
             if figure is not None and when >= measured_at.get(key, -math.inf):
                 capacities[key], measured_at[key] = figure, when
-        if capacities == self._written:
+        more = self.steering.to_keep()
+        if capacities == self._written and more == self._more_written:
             return
         try:
-            write_state(self.state_file, capacities)
+            write_state(self.state_file, capacities, more)
         except OSError as error:
             if not self._state_unwritable:
                 self._state_unwritable = True
@@ -8556,7 +9016,7 @@ class Dispatcher:
         if self._state_unwritable:
             self._state_unwritable = False
             logger.info("state file %s written again", self.state_file)
-        self._written = capacities
+        self._written, self._more_written = capacities, more
 
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""
@@ -8675,6 +9135,8 @@ class Dispatcher:
             keys = self._state_keys()
             self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
             self._written = dict(self._kept)
+            self.steering.restore(self.state_file)
+            self._more_written = self.steering.to_keep()
         self.measure_capacities()  # starts each link's clock, from its remembered figure
         self.tasks.start()
         self._serving.set()
@@ -8809,6 +9271,7 @@ class Dispatcher:
             "totals": totals,
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
+            "caps": self.steering.cap_reports(rows),
         }
 
     def __enter__(self) -> Dispatcher:
@@ -9312,6 +9775,10 @@ def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
     print(f"{title} {time.monotonic() - started:.0f} s:")
     print(format_stats(dispatcher.stats()), flush=True)
+    for cap in dispatcher.status()["caps"]:
+        share = cap["used_bytes"] * 100 // cap["cap_bytes"]
+        reached = ", reached" if cap["reached"] else ""
+        print(f"cap {cap['cap']}: {format_bytes(cap['used_bytes'])} used ({share} %{reached})", flush=True)
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -9372,6 +9839,8 @@ def _start_options(args: argparse.Namespace) -> DispatcherOptions:
         dns=args.dns,
         upstream_passwords=_upstream_passwords(args),
         state_file=None if args.no_state else args.state_file or default_state_path(),
+        caps=args.cap,
+        cap_action=args.cap_action,
     )
 
 
@@ -9620,6 +10089,24 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep no state file: every start measures the links afresh",
     )
     start.add_argument(
+        "--cap",
+        action="append",
+        type=_cap,
+        default=[],
+        metavar="LINK=SIZE/PERIOD",
+        help="a data cap (repeatable): usb0=2GB/month, usb0=2GB/month@15 (from the 15th), usb0=200MB/day, "
+        "usb0=5GB/30d (a rolling window); sizes in B, kB, MB, GB, TB (KiB, MiB, GiB: powers of 1024); "
+        "the usage is kept in the state file",
+    )
+    start.add_argument(
+        "--cap-action",
+        choices=CAP_ACTIONS,
+        default="backup",
+        help="what a link does once its cap is reached, until its period starts afresh: backup (the "
+        "default: it serves only while no other link is up), stop (no new connection), stop-now (and "
+        "its open connections are ended)",
+    )
+    start.add_argument(
         "--check",
         action="append",
         type=_check_target,
@@ -9767,6 +10254,14 @@ def _user_password(text: str) -> tuple[str, str]:
 def _dns_server(text: str) -> str:
     try:
         parse_dns_option([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _cap(text: str) -> str:
+    try:
+        parse_cap(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text

@@ -6,7 +6,7 @@ errno mapping, the handshake reader) have unit tests of their own.
 
 The tests are grouped in the order of the module's sections, each under a
 banner as there: platform start-up, errors, deadline I/O, wire formats,
-access, links, health, choice, meter, device binding, name servers, resolver,
+access, links, health, choice, meter, data caps, device binding, name servers, resolver,
 upstream proxies, upstream, relay, sessions, local pages, HTTP proxy, server,
 Dispatcher, service units, reports and the command line. Their helpers and
 fixtures are in conftest.py. Beside this file: test_lab.py (the network lab,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime
 import errno
 import inspect
 import ipaddress
@@ -2621,6 +2622,179 @@ def test_stats_rates_cover_the_last_interval_and_readers_share_them(proxy: Dispa
     assert first["rate_down"] == pytest.approx(first["rate_up"])
     # Once a whole interval has passed with nothing moving, the rates are 0.
     assert wait_for(lambda: proxy.stats()[0]["rate_up"] == 0, timeout=4 * dispatch.METER_INTERVAL)
+
+
+# ---------------------------------------------------------------------------
+# Data caps: sizes, periods, usage kept, links past their cap
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("200MB", 200_000_000),
+        ("2GB", 2_000_000_000),
+        ("1.5kB", 1500),
+        ("5000B", 5000),
+        ("1KiB", 1024),
+        ("2GiB", 2 << 30),
+    ],
+)
+def test_cap_sizes_are_powers_of_1000_and_of_1024_for_kib_mib_gib(text: str, size: int) -> None:
+    assert dispatch.parse_size(text) == size
+
+
+def test_cap_periods_are_local_days_months_from_their_first_day_and_rolling_windows() -> None:
+    day = datetime.date(2026, 3, 10)
+    bounds = {text: dispatch.parse_cap(f"usb0=2GB/{text}").bounds(day) for text in ("day", "month", "month@15", "30d")}
+    assert bounds["day"] == (day, datetime.date(2026, 3, 11))
+    assert bounds["month"] == (datetime.date(2026, 3, 1), datetime.date(2026, 4, 1))
+    assert bounds["month@15"] == (datetime.date(2026, 2, 15), datetime.date(2026, 3, 15))
+    assert bounds["30d"] == (datetime.date(2026, 2, 9), datetime.date(2026, 3, 11))
+    # A month too short for its first day starts on its last.
+    assert dispatch.parse_cap("usb0=1GB/month@31").bounds(datetime.date(2026, 3, 5)) == (
+        datetime.date(2026, 2, 28),
+        datetime.date(2026, 3, 31),
+    )
+
+
+def at_local(day: datetime.date, hour: int = 12) -> float:
+    return time.mktime((day.year, day.month, day.day, hour, 0, 0, 0, 0, -1))
+
+
+def test_a_cap_is_told_at_75_and_95_per_cent_once_and_spends_the_link_at_100(log: pytest.LogCaptureFixture) -> None:
+    budget = dispatch.DataBudget(
+        [dispatch.parse_cap("usb0=1000B/day")], clock=lambda: at_local(datetime.date(2026, 3, 10))
+    )
+    for count in (700, 60, 10, 200, 5, 100):
+        budget.add("usb0", count)
+        budget.check()
+    assert warnings_of(log) == [
+        "link usb0 used 75% of its cap usb0=1kB/day",
+        "link usb0 used 95% of its cap usb0=1kB/day",
+        "link usb0 reached its cap usb0=1kB/day (1075B used)",
+    ]
+    assert budget.spent == {"usb0"}
+    (report,) = budget.reports()
+    assert (report["used_bytes"], report["reached"]) == (1075, True)
+    assert report["period_end"] == at_local(datetime.date(2026, 3, 11), 0)
+
+
+def test_a_period_starts_afresh_at_its_end_and_never_early_when_the_clock_goes_back() -> None:
+    now = [at_local(datetime.date(2026, 3, 14), 23)]
+    budget = dispatch.DataBudget([dispatch.parse_cap("usb0=1000B/month@15")], clock=lambda: now[0])
+    budget.add("usb0", 1000)
+    assert budget.check() == {"usb0"}
+    now[0] = at_local(datetime.date(2026, 3, 15), 1)  # the new period
+    budget.check()
+    assert budget.spent == frozenset()
+    budget.add("usb0", 600)
+    now[0] = at_local(datetime.date(2026, 3, 14), 23)  # the clock set back: still the new period
+    budget.add("usb0", 500)
+    assert budget.check() == {"usb0"} and budget.reports()[0]["used_bytes"] == 1100
+
+
+def test_usage_is_kept_in_the_state_file_beside_the_capacities(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "state.json")
+    today = datetime.date.today()
+    usage = {"usb0": {today.isoformat(): 1234}}
+    dispatch.write_state(path, {"usb0": 1e6}, {"host": socket.gethostname(), "usage": usage})
+    assert dispatch.read_state(path) == {"usb0": 1e6}  # an older reader's view: the capacities
+    assert dispatch.read_usage(path, today) == {"usb0": {today: 1234}}
+    assert warnings_of(log) == []
+
+
+@pytest.mark.parametrize(
+    ("host", "days_ahead", "warned"),
+    [("elsewhere.example", 0, "of another machine"), (None, 1, "usage of days after today")],
+)
+def test_usage_of_another_machine_or_a_future_period_is_ignored_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture, host: str | None, days_ahead: int, warned: str
+) -> None:
+    path = str(tmp_path / "state.json")
+    today = datetime.date.today()
+    day = today + datetime.timedelta(days=days_ahead)
+    dispatch.write_state(path, {}, {"host": host or socket.gethostname(), "usage": {"usb0": {day.isoformat(): 9}}})
+    assert dispatch.read_usage(path, today) == {}
+    assert len(warnings_of(log)) == 1 and warned in warnings_of(log)[0]
+
+
+def fill_links(proxy: Dispatcher, echo_server: Server, count: int, size: int) -> None:
+    """``count`` connections in turn, each echoing ``size`` bytes."""
+    for _ in range(count):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"c" * size) == b"c" * size
+
+
+def cap_reached(proxy: Dispatcher) -> bool:
+    return all(report["reached"] for report in proxy.status()["caps"])
+
+
+@pytest.mark.parametrize("action", ["backup", "stop"])
+def test_a_link_past_its_cap_takes_no_new_connection_while_another_link_is_up(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server, action: str
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], caps=["127.0.0.3=10kB/day"], cap_action=action)
+    fill_links(proxy, echo_server, 4, 6000)  # 24 kB through each
+    assert wait_for(lambda: cap_reached(proxy))
+    assert peers_seen(proxy, peer_server, 6) == ["127.0.0.2"] * 6
+    assert proxy.status()["caps"][0]["used_bytes"] >= 20_000
+
+
+@pytest.mark.parametrize(("action", "served"), [("backup", True), ("stop", False)])
+def test_a_link_past_its_cap_serves_when_no_other_is_up_only_as_a_backup(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, action: str, served: bool
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action=action)
+    fill_links(proxy, echo_server, 1, 6000)
+    assert wait_for(lambda: cap_reached(proxy))
+    if served:
+        fill_links(proxy, echo_server, 1, 100)
+    else:
+        request = socks5_request(echo_server.host, echo_server.port)
+        assert socks5_code_for(proxy, request) == dispatch.Reply.NETWORK_UNREACHABLE
+
+
+def test_cap_action_stop_now_ends_the_links_open_connections(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop-now")
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"n" * 6000) == b"n" * 6000
+        assert wait_for(lambda: cap_reached(proxy))
+        assert closed_by_proxy(client)
+
+
+def test_usage_survives_a_restart_through_the_state_file(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    first = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
+    fill_links(first, echo_server, 1, 30_000)
+    assert wait_for(lambda: first.status()["caps"][0]["used_bytes"] >= 60_000)
+    first.shutdown()  # writes the state file
+    again = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
+    assert again.status()["caps"][0]["used_bytes"] >= 60_000
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["--cap", "usb0=0GB/day"], "a cap of 0"),
+        (["--cap", "usb0=2XB/month"], "is no size"),
+        (["--cap", "usb0=2GB/week"], "the period is"),
+        (["--cap", "usb0=2GB/day", "--cap", "usb0=3GB/day"], "two caps per day"),
+        (["--cap", "nosuch0=2GB/day"], "no link is named nosuch0"),
+    ],
+)
+def test_a_bad_cap_is_one_line_and_exit_2(arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        status = dispatch.main(["start", "--port", "0", "--no-state", *arguments, "127.0.0.1"])
+    except SystemExit as exit_:
+        status = exit_.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert status == 2 and said in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # usage, and the error
 
 
 # ---------------------------------------------------------------------------
