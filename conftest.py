@@ -523,6 +523,18 @@ def own_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 
 @pytest.fixture(autouse=True)
+def own_desktop_settings(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the user's proxy settings: no desktop is named (a
+    test that wants one names it), gsettings keeps its keys in the test's
+    own file (the keyfile backend under its own XDG_CONFIG_HOME, where
+    kwriteconfig writes too), and no session bus or sudo user is known."""
+    for name in ("XDG_CURRENT_DESKTOP", "KDE_SESSION_VERSION", "SUDO_USER", "DBUS_SESSION_BUS_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GSETTINGS_BACKEND", "keyfile")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+
+
+@pytest.fixture(autouse=True)
 def restore_logger() -> Iterator[None]:
     """Undo what the command line or a test does to the logger (handlers
     added, no propagation), so that caplog sees the records of later tests."""
@@ -1166,6 +1178,7 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
         "addresses": rows,
         "history": {"interval": 2.0, "addresses": history},
         "caps": [],
+        "system_proxy": "not set",
     }
 
 

@@ -56,12 +56,15 @@ Map of this module, in order; each section uses only what is above it:
                        pages show (Status, StatsRow: TypedDicts)
     local pages        the status page, /stats.json, /metrics, /proxy.pac, as text
     HTTP proxy         HttpProxySession: forwarding, CONNECT, answering the local pages
+    desktop proxy      ProxySettings (GNOME, KDE, macOS, Windows), SystemProxy: the user's
+                       proxy settings pointed here, saved first, put back at stop and after a crash
     server             the first byte picks the session; Admission; the listener
     steering           LinkSteering: links held back while it runs (data caps reached)
     Dispatcher         the library face; owns the listener and the background tasks
                        (interfaces, meter samples, retests, checks)
     service units      systemd, launchd and Task Scheduler files for ``dispatch service``
-    reports and CLI    format_table(); ``dispatch list|start|service``; main()
+    reports            format_table(), format_stats(): the tables ``dispatch`` prints
+    command line       ``dispatch list|start|service|system-proxy``; main()
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ import os
 import queue
 import re
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -110,6 +114,7 @@ __all__ = [
     "AddressHistory",
     "BalanceName",
     "Balancer",
+    "CapReport",
     "CapacitySource",
     "DeadlineReader",
     "Dispatcher",
@@ -6581,6 +6586,7 @@ class Status(TypedDict):
     addresses: list[StatsRow]
     history: History
     caps: list[CapReport]  # one per cap of each capped link
+    system_proxy: str  # whether this dispatch has set the user's proxy settings, and which
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6671,7 +6677,9 @@ class Session:
         HTTP requests; ``hops``: the Via of an HTTP request (see
         Upstream.connect). A client that hangs up meanwhile ends the
         attempts (as Squid's half_closed_clients off: a client that closes
-        its sending side is taken to have left)."""
+        its sending side before its reply is taken to have left), except a
+        plain HTTP request's client: it may close its side once its request
+        is sent (HTTP/1.0 clients do), and the request is served all the same."""
         client = str(_client_ip(_split_host(self.client_address)[0]))
         return self.context.upstream.connect(
             host,
@@ -6680,7 +6688,7 @@ class Session:
             client=client,
             absolute_form=absolute_form,
             hops=hops,
-            client_socket=self.connection,
+            client_socket=None if absolute_form else self.connection,
         )
 
     def _via(self, local: LocalAddress) -> None:
@@ -6799,6 +6807,7 @@ class SocksSession(Session):
         try:
             yield
         except OSError as error:
+            self.note_end()  # before the reply, which the client may follow with a stop
             self.send_quietly(self._encode_reply(version, _reply_code(error)))
             raise
 
@@ -7159,6 +7168,7 @@ def _facts(status: Status) -> dict[str, object]:
         "refused": status["refused"],
         "connections": totals["connections"],
         "failed": totals["failed"],
+        "system proxy": status["system_proxy"],
     }
 
 
@@ -7723,9 +7733,9 @@ class HttpProxySession(Session):
         except OSError as error:
             if not self.responded and error.errno not in _HANG_UP_ERRNOS:
                 status = _http_status(error)
+                self.note_end()  # before the answer, which the client may follow with a stop
                 self._send_error(status, _describe(error))
                 self.record.result = f"{status.value} {_describe(error)}"
-                self.note_end()
                 self.log()
             else:
                 self.log(error)
@@ -8129,6 +8139,740 @@ def _request_headers(host: str, port: int, version: str, headers: Headers, lengt
     outgoing += framing_headers(headers, length)
     outgoing.append(("Via", f"{version[len('HTTP/') :]} {pseudonym}"))
     return outgoing
+
+
+# ---------------------------------------------------------------------------
+# Desktop proxy settings: the user's proxy pointed here, saved first, put back
+# ---------------------------------------------------------------------------
+
+# ``dispatch start --system-proxy`` points the proxy settings of the user who
+# runs it at this proxy, and puts back at stop what was there, every key. What
+# was there is written to a file beside the state file before anything
+# changes: a dispatch killed without stopping leaves the settings pointing at
+# a dead port, and the next start puts the saved ones back first.
+
+SYSTEM_PROXY_FILE = "system-proxy.json"  # the settings before, beside the state file
+SYSTEM_PROXY_LOCK = "system-proxy.lock"  # held by the dispatch whose settings are set
+SYSTEM_PROXY_FORMAT = "dispatch system proxy settings 1"
+SYSTEM_PROXY_FILE_LIMIT = 1024 * 1024  # a file larger is no file dispatch wrote
+# Destinations that go direct, as the PAC file sends them: this machine and
+# the private networks (a printer, a router's page, a NAS).
+PROXY_BYPASS = (
+    "localhost",
+    "127.0.0.0/8",
+    "::1",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+    "fe80::/10",
+)
+SETTINGS_COMMAND_TIMEOUT = 10.0  # seconds for one gsettings, kwriteconfig or networksetup
+
+
+class SystemProxyError(Exception):
+    """What keeps the proxy settings from being set or put back, as one line."""
+
+
+class ProxySettings:
+    """The proxy settings of one kind of desktop, as named keys whose values
+    are JSON values (None: the key is not set at all).
+
+    A subclass says which keys it sets to what (``wanted``), reads and
+    writes one key at a time, and tells running programs of a change. A
+    write that fails raises SystemProxyError."""
+
+    kind = ""  # what the saved file names it by
+    description = ""  # what the banner and the pages call it
+
+    def wanted(self, host: str, port: int) -> dict[str, Any]:
+        """The keys to set, in the order to set them (the switch that turns
+        the proxy on last), for a proxy at ``host:port``."""
+        raise NotImplementedError
+
+    def read(self, key: str) -> Any:
+        """The value of ``key`` now; None where it is not set."""
+        raise NotImplementedError
+
+    def write(self, key: str, value: Any) -> None:
+        """Make ``key`` read ``value`` (None: not set)."""
+        raise NotImplementedError
+
+    def notify(self) -> None:
+        """Tell running programs that the settings changed, where the
+        desktop has a way; a failure is no error."""
+
+
+def _run_settings_command(command: Sequence[str], what: str) -> str:
+    """Run one settings command; its output, or SystemProxyError saying what failed."""
+    try:
+        result = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=SETTINGS_COMMAND_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        raise SystemProxyError(f"cannot run {command[0]} to {what}: {error}") from None
+    if result.returncode != 0:
+        said = (result.stderr or result.stdout).strip().splitlines()
+        raise SystemProxyError(f"{os.path.basename(command[0])} could not {what}: {said[0] if said else 'failed'}")
+    return result.stdout
+
+
+def _desktop_user(environ: Mapping[str, str]) -> list[str]:
+    """The words that run a settings command as the desktop's user: none
+    for the user who runs dispatch; under sudo, the user who ran sudo, on
+    their session bus. Raises SystemProxyError where that user has no
+    session to reach."""
+    user = environ.get("SUDO_USER")
+    if sys.platform == "win32" or os.geteuid() != 0 or not user or user == "root":
+        return []
+    import pwd
+
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise SystemProxyError(f"run under sudo by {user!r}, a user this system does not know") from None
+    runtime = f"/run/user/{account.pw_uid}"
+    bus = os.path.join(runtime, "bus")
+    if not os.path.exists(bus):
+        raise SystemProxyError(
+            f"run under sudo, the proxy settings to set are {user}'s, whose desktop session has no bus "
+            f"({bus}): run 'dispatch start --system-proxy' as {user} in the desktop session"
+        )
+    return [
+        "runuser",
+        "-u",
+        user,
+        "--",
+        "env",
+        f"HOME={account.pw_dir}",
+        f"XDG_RUNTIME_DIR={runtime}",
+        f"DBUS_SESSION_BUS_ADDRESS=unix:path={bus}",
+    ]
+
+
+class GnomeProxySettings(ProxySettings):
+    """GNOME, Cinnamon, MATE and Budgie: the gsettings schema
+    org.gnome.system.proxy and its http, https and socks children. A value
+    is the key's GVariant text, as ``gsettings get`` prints it."""
+
+    kind = "gnome"
+    description = "the desktop's proxy settings (gsettings org.gnome.system.proxy)"
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self._as_user = _desktop_user(environ)
+
+    def wanted(self, host: str, port: int) -> dict[str, Any]:
+        wanted: dict[str, Any] = {}
+        for child in ("http", "https", "socks"):
+            wanted[f"org.gnome.system.proxy.{child} host"] = _gvariant_string(host)
+            wanted[f"org.gnome.system.proxy.{child} port"] = str(port)
+        wanted["org.gnome.system.proxy ignore-hosts"] = "[" + ", ".join(map(_gvariant_string, PROXY_BYPASS)) + "]"
+        wanted["org.gnome.system.proxy mode"] = "'manual'"
+        return wanted
+
+    def _gsettings(self, *arguments: str) -> str:
+        what = f"{arguments[0]} {' '.join(arguments[1:3])}"
+        return _run_settings_command([*self._as_user, "gsettings", *arguments], what).strip()
+
+    def read(self, key: str) -> Any:
+        return self._gsettings("get", *key.split(" "))
+
+    def write(self, key: str, value: Any) -> None:
+        # Reset first: a key that was at its default is left at its default,
+        # not written down with the default's value.
+        self._gsettings("reset", *key.split(" "))
+        if value is not None and self.read(key) != value:
+            self._gsettings("set", *key.split(" "), value)
+
+
+def _gvariant_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class KdeProxySettings(ProxySettings):
+    """KDE Plasma 5 and 6: the [Proxy Settings] group of kioslaverc,
+    written with kwriteconfig5 or kwriteconfig6 and read from the file
+    (which tells a key not set from an empty one)."""
+
+    kind = "kde"
+    description = "KDE's proxy settings (kioslaverc)"
+    group = "Proxy Settings"
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self._as_user = _desktop_user(environ)
+        version = environ.get("KDE_SESSION_VERSION", "")
+        names = ["kwriteconfig6", "kwriteconfig5"] if version != "5" else ["kwriteconfig5", "kwriteconfig6"]
+        found = [name for name in names if shutil.which(name)]
+        if not found:
+            raise SystemProxyError("KDE's kwriteconfig5 or kwriteconfig6 is not installed (kde-cli-tools)")
+        self._write_command = found[0]
+        # Under sudo, the user's own file: words like "HOME=/home/al" among _as_user.
+        home = next((word[5:] for word in self._as_user if word.startswith("HOME=")), os.path.expanduser("~"))
+        config = None if self._as_user else environ.get("XDG_CONFIG_HOME")
+        self.path = os.path.join(config or os.path.join(home, ".config"), "kioslaverc")
+        self._bus = environ.get("DBUS_SESSION_BUS_ADDRESS")
+
+    def wanted(self, host: str, port: int) -> dict[str, Any]:
+        shown = f"[{host}]" if ":" in host else host
+        return {
+            "httpProxy": f"http://{shown} {port}",
+            "httpsProxy": f"http://{shown} {port}",
+            "socksProxy": f"socks://{shown} {port}",
+            "NoProxyFor": ",".join(PROXY_BYPASS),
+            "ProxyType": "1",  # manual
+        }
+
+    def read(self, key: str) -> Any:
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as error:
+            raise SystemProxyError(f"cannot read {self.path}: {error}") from None
+        group = None
+        for line in lines:
+            if line.startswith("["):
+                group = line.strip()[1:-1]
+            elif group == self.group and line.partition("=")[0].strip() == key:
+                return line.partition("=")[2]
+        return None
+
+    def write(self, key: str, value: Any) -> None:
+        command = [*self._as_user, self._write_command, "--file", "kioslaverc", "--group", self.group, "--key", key]
+        _run_settings_command([*command, "--delete"] if value is None else [*command, str(value)], f"set {key}")
+
+    def notify(self) -> None:
+        # What KDE's own settings page sends: running programs read kioslaverc again.
+        if self._bus and shutil.which("dbus-send"):
+            with contextlib.suppress(SystemProxyError):
+                _run_settings_command(
+                    [
+                        *self._as_user,
+                        "dbus-send",
+                        "--session",
+                        "--type=signal",
+                        "/KIO/Scheduler",
+                        "org.kde.KIO.Scheduler.reparseSlaveConfiguration",
+                        "string:",
+                    ],
+                    "tell running programs",
+                )
+
+
+# networksetup's proxies of each network service: the name its -get and
+# -set commands carry, and what dispatch points it at.
+_MACOS_PROXIES = (("webproxy", "http"), ("securewebproxy", "http"), ("socksfirewallproxy", "socks"))
+
+
+class MacProxySettings(ProxySettings):
+    """macOS: the web, secure web and SOCKS proxies and the bypass domains
+    of every enabled network service, through ``networksetup``. A proxy's
+    value is {"enabled", "server", "port"}; the bypass domains a list."""
+
+    kind = "macos"
+    description = "the network services' proxies (networksetup)"
+
+    def __init__(self) -> None:
+        self.command = shutil.which("networksetup") or "/usr/sbin/networksetup"
+        self._services: list[str] | None = None
+
+    def _run(self, *arguments: str) -> str:
+        output = _run_settings_command([self.command, *arguments], arguments[0].lstrip("-"))
+        # networksetup says its errors on stdout, with status 0.
+        if output.lstrip().startswith("**") or "Error" in output.split("\n", 1)[0]:
+            if "admin" in output.lower():
+                raise SystemProxyError(
+                    "changing macOS's proxy settings needs an administrator: run 'sudo dispatch start "
+                    "--system-proxy ...', or as a user of the admin group"
+                )
+            raise SystemProxyError(f"networksetup {arguments[0]} failed: {output.strip().splitlines()[0]}")
+        return output
+
+    def services(self) -> list[str]:
+        """The enabled network services (a disabled one is starred)."""
+        if self._services is None:
+            lines = self._run("-listallnetworkservices").splitlines()
+            self._services = [line for line in lines[1:] if line.strip() and not line.startswith("*")]
+        return self._services
+
+    def wanted(self, host: str, port: int) -> dict[str, Any]:
+        wanted: dict[str, Any] = {}
+        for service in self.services():
+            wanted[f"{service}\tproxybypassdomains"] = ["*.local", *PROXY_BYPASS]
+            for name, _ in _MACOS_PROXIES:
+                wanted[f"{service}\t{name}"] = {"enabled": True, "server": host, "port": port}
+        return wanted
+
+    def read(self, key: str) -> Any:
+        service, name = key.split("\t")
+        output = self._run(f"-get{name}", service)
+        if name == "proxybypassdomains":
+            if output.startswith("There aren't any"):
+                return []
+            return [line.strip() for line in output.splitlines() if line.strip()]
+        fields = dict(line.partition(": ")[::2] for line in output.splitlines())
+        port = fields.get("Port", "0").strip()
+        return {
+            "enabled": fields.get("Enabled", "No").strip() == "Yes",
+            "server": fields.get("Server", "").strip(),
+            "port": int(port) if port.isdigit() else 0,
+        }
+
+    def write(self, key: str, value: Any) -> None:
+        service, name = key.split("\t")
+        if name == "proxybypassdomains":
+            self._run(f"-set{name}", service, *(value or ["Empty"]))
+            return
+        if value["server"]:
+            self._run(f"-set{name}", service, value["server"], str(value["port"]))
+        self._run(f"-set{name}state", service, "on" if value["enabled"] else "off")
+
+
+WINDOWS_PROXY_KEY = r"Software\Microsoft\Windows\CurrentVersion\Internet Settings"
+# InternetSetOptionW's options: the settings changed, and running programs should read them again.
+INTERNET_OPTION_SETTINGS_CHANGED = 39
+INTERNET_OPTION_REFRESH = 37
+
+
+class WindowsProxySettings(ProxySettings):
+    """Windows: the per-user WinINET values under HKEY_CURRENT_USER's
+    Internet Settings, which Edge, Chrome and most programs follow. A
+    value is [registry type, data]."""
+
+    kind = "windows"
+    description = "the user's Internet Settings (WinINET)"
+
+    def __init__(self, registry: Any = None, internet_set_option: Callable[..., object] | None = None) -> None:
+        self.registry = __import__("winreg") if registry is None else registry
+        self._set_option = internet_set_option
+
+    def wanted(self, host: str, port: int) -> dict[str, Any]:
+        shown = f"[{host}]" if ":" in host else host
+        servers = ";".join(f"{scheme}={shown}:{port}" for scheme in ("http", "https", "socks"))
+        # WinINET matches the bypass list by wildcards, not networks.
+        bypass = "localhost;127.*;10.*;172.16.*;172.17.*;172.18.*;172.19.*;172.2*;172.30.*;172.31.*;192.168.*;"
+        bypass += "169.254.*;[::1];<local>"
+        string, number = self.registry.REG_SZ, self.registry.REG_DWORD
+        return {
+            "ProxyServer": [string, servers],
+            "ProxyOverride": [string, bypass],
+            "AutoConfigURL": None,
+            "ProxyEnable": [number, 1],
+        }
+
+    def read(self, key: str) -> Any:
+        try:
+            with self.registry.OpenKey(self.registry.HKEY_CURRENT_USER, WINDOWS_PROXY_KEY) as opened:
+                data, kind = self.registry.QueryValueEx(opened, key)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise SystemProxyError(f"cannot read {key} of the Internet Settings: {_describe(error)}") from None
+        return [kind, data]
+
+    def write(self, key: str, value: Any) -> None:
+        try:
+            with self.registry.OpenKey(
+                self.registry.HKEY_CURRENT_USER, WINDOWS_PROXY_KEY, 0, self.registry.KEY_SET_VALUE
+            ) as opened:
+                if value is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.registry.DeleteValue(opened, key)
+                else:
+                    self.registry.SetValueEx(opened, key, 0, value[0], value[1])
+        except OSError as error:
+            raise SystemProxyError(f"cannot set {key} of the Internet Settings: {_describe(error)}") from None
+
+    def notify(self) -> None:
+        set_option = self._set_option
+        if set_option is None:
+            if sys.platform != "win32":
+                return
+            import ctypes
+
+            set_option = ctypes.windll.wininet.InternetSetOptionW
+        for option in (INTERNET_OPTION_SETTINGS_CHANGED, INTERNET_OPTION_REFRESH):
+            with contextlib.suppress(OSError):
+                set_option(None, option, None, 0)
+
+
+# The desktops whose proxy settings live in gsettings' org.gnome.system.proxy,
+# as XDG_CURRENT_DESKTOP names them (a colon-separated list).
+GNOME_DESKTOPS = frozenset({"gnome", "unity", "cinnamon", "x-cinnamon", "mate", "budgie", "budgie-desktop", "pantheon"})
+
+
+def desktop_proxy_settings(
+    platform: str = sys.platform, environ: Mapping[str, str] = os.environ
+) -> tuple[ProxySettings | None, str]:
+    """The proxy settings of this machine's desktop and their description;
+    (None, why not) where there are none dispatch knows how to set."""
+    try:
+        if platform == "win32":
+            settings: ProxySettings = WindowsProxySettings()
+        elif platform == "darwin":
+            settings = MacProxySettings()
+        else:
+            named = {name.lower() for name in environ.get("XDG_CURRENT_DESKTOP", "").split(":") if name}
+            if named & GNOME_DESKTOPS:
+                settings = GnomeProxySettings(environ)
+            elif "kde" in named:
+                settings = KdeProxySettings(environ)
+            elif named:
+                return None, f"the desktop {environ['XDG_CURRENT_DESKTOP']} has no proxy settings dispatch knows"
+            else:
+                return None, "no desktop here (XDG_CURRENT_DESKTOP is not set)"
+    except SystemProxyError as error:
+        return None, str(error)
+    return settings, settings.description
+
+
+def settings_kinds_here(platform: str = sys.platform) -> tuple[str, ...]:
+    """The kinds of ProxySettings this system may have."""
+    return {"win32": ("windows",), "darwin": ("macos",)}.get(platform, ("gnome", "kde"))
+
+
+def proxy_settings_of(
+    kind: str, platform: str = sys.platform, environ: Mapping[str, str] = os.environ
+) -> ProxySettings:
+    """The settings a saved file names (``kind``), if this machine has them;
+    raises SystemProxyError."""
+    kinds: dict[str, Callable[[], ProxySettings]] = {
+        "gnome": lambda: GnomeProxySettings(environ),
+        "kde": lambda: KdeProxySettings(environ),
+        "macos": MacProxySettings,
+        "windows": WindowsProxySettings,
+    }
+    if kind not in settings_kinds_here(platform):
+        raise SystemProxyError(f"settings of {kind!r}, which this system does not have")
+    return kinds[kind]()
+
+
+def shell_proxy_lines(host: str, port: int) -> list[str]:
+    """The ``export`` lines that point a shell's programs at this proxy."""
+    endpoint = f"{_format_endpoint(host, port)}"
+    return [
+        f"export http_proxy=http://{endpoint} https_proxy=http://{endpoint} all_proxy=socks5h://{endpoint}",
+        f"export no_proxy={','.join(PROXY_BYPASS)}",
+    ]
+
+
+def proxy_host_for(listening: str) -> str:
+    """The address the settings name for a proxy listening on ``listening``:
+    loopback for every address (0.0.0.0, ::), the address itself otherwise."""
+    if listening in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if listening == "::":
+        return "::1"
+    return listening
+
+
+class _OwnerLock:
+    """An exclusive lock on a file, held while the settings are this
+    process's; the system releases it when the process ends, killed too."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False if another process holds it."""
+        file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                file.seek(0)
+                msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.close()
+            return False
+        self._file = file
+        return True
+
+    def owner(self) -> str:
+        """The process id the lock file names, or "?"."""
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                return file.read(32).strip() or "?"
+        except OSError:
+            return "?"
+
+    def write_owner(self) -> None:
+        """Name this process in the lock file (who owns the settings)."""
+        if self._file is not None and sys.platform != "win32":
+            self._file.truncate(0)
+            self._file.write(str(os.getpid()))
+            self._file.flush()
+
+    def release(self) -> None:
+        """Let the lock go."""
+        file, self._file = self._file, None
+        if file is not None:
+            if sys.platform != "win32":
+                file.truncate(0)
+            file.close()
+
+
+def _write_saved(path: str, saved: dict[str, Any]) -> None:
+    """Write the saved settings whole or not at all (a new file renamed
+    over the old), on the disk before anything changes."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(saved, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _read_saved(path: str) -> dict[str, Any] | None:
+    """The settings a file saved, checked; None where there is no file. A
+    file that is not one dispatch wrote here (corrupt, too large, or of
+    another system's settings) is moved aside with one warning, and nothing
+    is taken from it."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(SYSTEM_PROXY_FILE_LIMIT + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise SystemProxyError(f"cannot read the saved proxy settings {path}: {_describe(error)}") from None
+    try:
+        saved = json.loads(data) if len(data) <= SYSTEM_PROXY_FILE_LIMIT else None
+    except (ValueError, UnicodeDecodeError):
+        saved = None
+    valid = (
+        isinstance(saved, dict)
+        and saved.get("format") == SYSTEM_PROXY_FORMAT
+        and saved.get("kind") in settings_kinds_here()
+        and isinstance(saved.get("before"), dict)
+    )
+    if not valid or not isinstance(saved, dict):
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        logger.warning(
+            "the saved proxy settings %s are not a file dispatch wrote: nothing is put back from them; "
+            "they are kept as %s",
+            path,
+            aside,
+        )
+        return None
+    return saved
+
+
+class SystemProxy:
+    """The proxy settings while this dispatch has them pointed at itself:
+    what they were (``before``), saved in ``path``, and ``restore()``."""
+
+    def __init__(self, settings: ProxySettings, path: str, lock: _OwnerLock, before: dict[str, Any]) -> None:
+        self.settings = settings
+        self.path = path
+        self.before = before
+        self._lock = lock
+        self.set = True
+
+    @property
+    def describe(self) -> str:
+        """What the pages and the banner say: set by this dispatch, and where."""
+        return f"set by this dispatch: {self.settings.description}" if self.set else "not set (put back)"
+
+    def restore(self) -> None:
+        """Put every key back as it was; remove the saved file; let the lock go."""
+        if not self.set:
+            return
+        try:
+            _write_back(self.settings, self.before)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.set = False
+        finally:
+            self._lock.release()
+
+
+def _write_back(settings: ProxySettings, before: Mapping[str, Any]) -> None:
+    """Write ``before`` back, the switch first (keys in the reverse of the
+    order they were set); each key is tried, and the first failure raised."""
+    failures: list[SystemProxyError] = []
+    for key in reversed(list(before)):
+        try:
+            settings.write(key, before[key])
+        except SystemProxyError as error:
+            failures.append(error)
+    settings.notify()
+    if failures:
+        raise failures[0]
+
+
+def _changed(settings: ProxySettings, key: str, value: Any) -> bool:
+    """Whether ``key`` no longer reads ``value`` (or cannot be read):
+    a write refused (no right to change it) changed nothing to undo."""
+    try:
+        return bool(settings.read(key) != value)
+    except SystemProxyError:
+        return True
+
+
+def point_system_proxy(settings: ProxySettings, directory: str, host: str, port: int) -> SystemProxy:
+    """Point ``settings`` at the proxy on ``host:port``, having saved what
+    they were in ``directory`` (SYSTEM_PROXY_FILE); return the handle that
+    puts them back. Another dispatch holding them, or a write that fails
+    (what was written is put back first), raises SystemProxyError."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, SYSTEM_PROXY_FILE)
+    lock = _OwnerLock(os.path.join(directory, SYSTEM_PROXY_LOCK))
+    if not lock.acquire():
+        raise SystemProxyError(
+            f"another dispatch (process {lock.owner()}) has set the system proxy and owns it: stop it first, "
+            "or start this one without --system-proxy"
+        )
+    try:
+        if os.path.exists(path):
+            raise SystemProxyError(f"saved proxy settings are still in {path}: 'dispatch system-proxy --restore'")
+        lock.write_owner()
+        wanted = settings.wanted(host, port)
+        before = {key: settings.read(key) for key in wanted}
+        saved = {"format": SYSTEM_PROXY_FORMAT, "kind": settings.kind, "set": wanted, "before": before}
+        try:
+            _write_saved(path, saved)
+        except OSError as error:
+            raise SystemProxyError(f"cannot save the proxy settings to {path}: {_describe(error)}") from None
+        written: dict[str, Any] = {}
+        try:
+            for key, value in wanted.items():
+                written[key] = before[key]
+                settings.write(key, value)
+        except SystemProxyError as error:
+            try:
+                _write_back(settings, {key: value for key, value in written.items() if _changed(settings, key, value)})
+            except SystemProxyError as undo:
+                # The file stays: the next start, or --restore, tries again.
+                raise SystemProxyError(f"{error}; putting back what was set failed too ({undo}): {path}") from None
+            os.remove(path)
+            raise
+        settings.notify()
+    except BaseException:
+        lock.release()
+        raise
+    return SystemProxy(settings, path, lock, before)
+
+
+def restore_saved_proxy(directory: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Put back the settings a dispatch saved in ``directory`` and left
+    behind (it was killed, or the power went); return what was done, or
+    None where nothing was saved. Nothing is done while the dispatch that
+    saved them still runs. Raises SystemProxyError."""
+    path = os.path.join(directory, SYSTEM_PROXY_FILE)
+    if not os.path.exists(path):
+        return None
+    lock = _OwnerLock(os.path.join(directory, SYSTEM_PROXY_LOCK))
+    if not os.path.isdir(directory) or not lock.acquire():
+        return None
+    try:
+        saved = _read_saved(path)
+        if saved is None:
+            return None
+        settings = proxy_settings_of(saved["kind"], environ=environ)
+        _write_back(settings, saved["before"])
+        os.remove(path)
+    finally:
+        lock.release()
+    return f"put back the proxy settings saved by a dispatch that did not stop ({settings.description})"
+
+
+def system_proxy_owner(directory: str) -> str | None:
+    """The process id of the dispatch whose system proxy is set, if one is."""
+    lock = _OwnerLock(os.path.join(directory, SYSTEM_PROXY_LOCK))
+    if not os.path.isdir(directory):
+        return None
+    if lock.acquire():
+        lock.release()
+        return None
+    return lock.owner()
+
+
+def take_system_proxy(directory: str, wanted: bool, host: str, port: int) -> tuple[SystemProxy | None, list[str]]:
+    """What ``dispatch start`` does with the proxy settings: put back what a
+    dispatch that did not stop left set (every start does, saying so); if
+    ``wanted``, point this user's settings at the proxy listening on
+    ``host:port``. Returns the handle and the banner's lines; raises
+    SystemProxyError where the wanted settings cannot be had."""
+    try:
+        left = restore_saved_proxy(directory)
+    except SystemProxyError as error:
+        if wanted:  # saving now would save the leftovers as the settings before
+            raise SystemProxyError(f"cannot put back the settings a dispatch left: {error}") from None
+        print(f"dispatch: warning: cannot put back the proxy settings a dispatch left: {error}", flush=True)
+        logger.warning("cannot put back the proxy settings a dispatch left: %s", error)
+        left = None
+    if left:
+        print(f"dispatch: {left}", flush=True)
+        logger.info("%s", left)
+    if not wanted:
+        return None, []
+    host = proxy_host_for(host)
+    settings, why = desktop_proxy_settings()
+    if settings is None:
+        logger.warning("system proxy: nothing set: %s", why)
+        shell = [f"  {line}" for line in shell_proxy_lines(host, port)]
+        return None, [f"system proxy: nothing set: {why}; for a shell:", *shell]
+    proxy = point_system_proxy(settings, directory, host, port)
+    endpoint = _format_endpoint(host, port)
+    return proxy, [f"system proxy: {proxy.describe}, pointed at {endpoint} (put back at stop)"]
+
+
+def put_back_at_stop(system_proxy: SystemProxy) -> None:
+    """What ``dispatch start`` does at its stop: put the settings back,
+    saying so (a failure in one line on stderr: the file stays, for the
+    next start or ``dispatch system-proxy --restore``)."""
+    try:
+        system_proxy.restore()
+    except SystemProxyError as error:
+        logger.error("could not put the proxy settings back: %s", error)
+        tries = "'dispatch system-proxy --restore' tries again"
+        print(f"dispatch: error: could not put the proxy settings back: {error}; {tries}", file=sys.stderr, flush=True)
+        return
+    print("dispatch: the proxy settings are put back as they were", flush=True)
+    logger.info("the proxy settings are put back as they were")
+
+
+def restore_by_hand(directory: str) -> list[str]:
+    """``dispatch system-proxy --restore``: put back the settings saved in
+    ``directory``; what was done. Raises SystemProxyError while a running
+    dispatch owns them."""
+    owner = system_proxy_owner(directory)
+    if owner is not None:
+        raise SystemProxyError(
+            f"the dispatch of process {owner} has set the proxy settings, and puts them back at its stop"
+        )
+    done = restore_saved_proxy(directory)
+    return [f"dispatch: {done or f'no saved proxy settings in {directory}: nothing to put back'}"]
+
+
+def show_system_proxy(directory: str) -> list[str]:
+    """``dispatch system-proxy --show``: the proxy settings now, and whether
+    a dispatch set them. Raises SystemProxyError."""
+    settings, why = desktop_proxy_settings()
+    if settings is None:
+        return [f"proxy settings: none that dispatch knows: {why}"]
+    lines = [f"proxy settings: {settings.description}"]
+    for key in settings.wanted("127.0.0.1", 1080):
+        value = settings.read(key)
+        lines.append(f"  {key.replace(chr(9), ': ')} = {value if isinstance(value, str) else json.dumps(value)}")
+    saved, owner = os.path.join(directory, SYSTEM_PROXY_FILE), system_proxy_owner(directory)
+    if owner is not None:
+        lines.append(f"set by the dispatch of process {owner}; the settings before are saved in {saved}")
+    elif os.path.exists(saved):
+        lines.append(f"saved settings in {saved}, from a dispatch that did not stop: 'dispatch system-proxy --restore'")
+    else:
+        lines.append("set by no dispatch")
+    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -8936,6 +9680,9 @@ class Dispatcher:
         self._serving = threading.Event()
         self._server = _Server((options.host, options.port), self.admission, self.context)
         self.upstream.listening = self.address
+        # The user's proxy settings while this dispatch has them pointed at
+        # itself (``dispatch start --system-proxy``); the pages say so.
+        self.system_proxy: SystemProxy | None = None
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -9272,6 +10019,7 @@ class Dispatcher:
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
             "caps": self.steering.cap_reports(rows),
+            "system_proxy": self.system_proxy.describe if self.system_proxy else "not set",
         }
 
     def __enter__(self) -> Dispatcher:
@@ -9328,6 +10076,11 @@ def service_unit(
         raise ValueError(
             "--auth: a password would be readable in the service definition; give the users and their"
             " passwords in --auth-file"
+        )
+    if system == "systemd" and _carries_option(start_args, "--system-proxy"):
+        raise ValueError(
+            "--system-proxy: a system service runs in no user's desktop session, whose proxy settings it "
+            "would set; run 'dispatch start --system-proxy' in the session (launchd and windows units may carry it)"
         )
     if system == "windows":
         _check_task_arguments(start_args, executable)
@@ -9557,7 +10310,7 @@ def _task_xml(start_args: Sequence[str], executable: Sequence[str], user: str | 
 
 
 # ---------------------------------------------------------------------------
-# Reports and the command line
+# Reports: the tables of links and of traffic that the command line prints
 # ---------------------------------------------------------------------------
 
 
@@ -9651,6 +10404,11 @@ def format_stats(rows: Sequence[StatsRow]) -> str:
         for row in rows
     ]
     return format_table(table, right_aligned=range(4, len(header) - 1))
+
+
+# ---------------------------------------------------------------------------
+# Command line: dispatch list|start|service|system-proxy; main()
+# ---------------------------------------------------------------------------
 
 
 def _setup_logging(debug: bool, log_file: str | None) -> str:
@@ -9779,6 +10537,8 @@ def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -
         share = cap["used_bytes"] * 100 // cap["cap_bytes"]
         reached = ", reached" if cap["reached"] else ""
         print(f"cap {cap['cap']}: {format_bytes(cap['used_bytes'])} used ({share} %{reached})", flush=True)
+    if dispatcher.system_proxy is not None:
+        print(f"system proxy: {dispatcher.system_proxy.describe}", flush=True)
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -9806,7 +10566,29 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     except OSError as error:
         dispatcher.shutdown()
         return _error(f"cannot write the log: {_describe(error)}")
-    return _serve_until_signalled(dispatcher, args, _banner(dispatcher, args, descriptor_limit), where)
+    directory = os.path.dirname(os.path.abspath(args.state_file or default_state_path()))
+    try:
+        system_proxy, told = take_system_proxy(directory, args.system_proxy, *dispatcher.address)
+    except SystemProxyError as error:
+        dispatcher.shutdown()
+        logger.error("system proxy: %s", error)
+        return _error(f"system proxy: {error}")
+    dispatcher.system_proxy = system_proxy
+    try:
+        return _serve_until_signalled(dispatcher, args, _banner(dispatcher, args, descriptor_limit) + told, where)
+    finally:
+        if system_proxy is not None:
+            put_back_at_stop(system_proxy)
+
+
+def _system_proxy_command(args: argparse.Namespace) -> int:
+    """``dispatch system-proxy --show|--restore``."""
+    directory = os.path.dirname(os.path.abspath(args.state_file or default_state_path()))
+    try:
+        print("\n".join(restore_by_hand(directory) if args.restore else show_system_proxy(directory)))
+    except SystemProxyError as error:
+        return _error(str(error))
+    return 0
 
 
 class _StartError(Exception):
@@ -9964,7 +10746,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-d", "--debug", action="store_true", help="write debug logs to stdout")
     parser.add_argument("-V", "--version", action="version", version=f"dispatch {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start,service}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start,service,system-proxy}")
     commands.add_parser("list", help="list the interfaces and their addresses")
     start = commands.add_parser(
         "start",
@@ -10159,6 +10941,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print a table of each local address's traffic this often, and at the end",
     )
     start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
+    start.add_argument(
+        "--system-proxy",
+        action="store_true",
+        help="point this user's proxy settings (the desktop's, macOS's, Windows') at dispatch while it runs; "
+        "saved beside the state file first, put back at stop, and at the next start after a crash",
+    )
     start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT|@backup]")
     service = commands.add_parser(
         "service",
@@ -10168,6 +10956,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     service.add_argument("system", choices=SERVICE_SYSTEMS)
     service.add_argument("start_arguments", nargs=argparse.REMAINDER, metavar="START ARGUMENTS")
+    system_proxy = commands.add_parser(
+        "system-proxy",
+        help="show this user's proxy settings, or put back those a dispatch saved",
+        description="Show this user's proxy settings, or put back the ones 'dispatch start --system-proxy' "
+        "saved before it changed them (it does at stop, and the next start does after a crash).",
+    )
+    what = system_proxy.add_mutually_exclusive_group(required=True)
+    what.add_argument("--show", action="store_true", help="print the proxy settings as they are now")
+    what.add_argument("--restore", action="store_true", help="put back the saved proxy settings")
+    system_proxy.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help=f"the state file 'start' was given; the settings are saved beside it (default {default_state_path()})",
+    )
     return parser
 
 
@@ -10321,6 +11123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list_interfaces(sys.stdout)
         except AddressError as error:
             return _error(str(error))
+    if args.command == "system-proxy":
+        return _system_proxy_command(args)
     return _start(args)
 
 

@@ -17,6 +17,7 @@ test_layout.py (the module's sections keep their order).
 from __future__ import annotations
 
 import base64
+import configparser
 import contextlib
 import dataclasses
 import datetime
@@ -4363,6 +4364,24 @@ def test_a_client_that_hangs_up_while_connecting_stops_the_attempts(
     assert exchange.result == "client hung up"
 
 
+def test_a_plain_http_request_whose_client_closes_its_side_after_it_is_served_after_a_slow_connect(
+    make_proxy: Callable[..., Dispatcher], origin: str, fake_names: dict[str, list[str]]
+) -> None:
+    """An HTTP/1.0 client may close its sending side once its request is
+    sent: while the first address of the name is silent, that is no hang-up."""
+    port = int(origin.rsplit(":", 1)[1])
+    fake_names["slow.test"] = ["127.66.0.9", "127.0.0.1"]
+    proxy = make_proxy(connect_timeout=1.0)
+    with socket.socket() as full:
+        full.bind(("127.66.0.9", port))
+        full.listen(0)
+        with socket.create_connection(("127.66.0.9", port), timeout=TIMEOUT), raw_client(proxy) as sock:
+            sock.sendall(f"GET http://slow.test:{port}/seen HTTP/1.0\r\nHost: slow.test:{port}\r\n\r\n".encode())
+            sock.shutdown(socket.SHUT_WR)
+            status, _, _ = read_response(sock)
+    assert status == 200
+
+
 @needs_ipv6
 def test_ipv6_target_without_ipv6_local_address_gets_reply_08(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
     assert socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
@@ -6245,7 +6264,14 @@ def http_get(
         return read_response(sock)
 
 
-STATUS_TYPES = (dispatch.Status, dispatch.Totals, dispatch.History, dispatch.AddressHistory, dispatch.StatsRow)
+STATUS_TYPES = (
+    dispatch.Status,
+    dispatch.Totals,
+    dispatch.History,
+    dispatch.AddressHistory,
+    dispatch.StatsRow,
+    dispatch.CapReport,
+)
 
 
 def json_faults(value: Any, hint: Any, where: str = "status") -> list[str]:
@@ -6511,6 +6537,577 @@ def test_a_page_request_with_a_body_it_does_not_read_is_refused_and_closed(
     request = b"POST / HTTP/1.1\r\nHost: localhost\r\n" + framing + b"\r\n" + b"0\r\n\r\n" + smuggled
     assert page_exchange(proxy, request) == [status]
     assert not echo_server.connections
+
+
+# ---------------------------------------------------------------------------
+# Desktop proxy settings: pointed here, saved first, put back
+# ---------------------------------------------------------------------------
+
+
+class GSettings:
+    """The real gsettings, on the test's own keyfile (see own_desktop_settings)."""
+
+    schema = "org.gnome.system.proxy"
+
+    def __call__(self, *arguments: str) -> str:
+        return subprocess.run(["gsettings", *arguments], capture_output=True, text=True, check=True).stdout.strip()
+
+    def every_key(self) -> str:
+        """Every key of the proxy schemas and its value, as gsettings lists them."""
+        return self("list-recursively", self.schema)
+
+    def keyfile(self) -> dict[str, dict[str, str]]:
+        """The keys written down (those not at their default), by group."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.read(os.path.join(os.environ["XDG_CONFIG_HOME"], "glib-2.0", "settings", "keyfile"))
+        return {group: dict(parser[group]) for group in parser.sections() if parser[group]}
+
+    def proxy(self) -> tuple[str, str]:
+        """The HTTP proxy the settings name."""
+        return self("get", f"{self.schema}.http", "host").strip("'"), self("get", f"{self.schema}.http", "port")
+
+
+@pytest.fixture
+def gnome(monkeypatch: pytest.MonkeyPatch) -> GSettings:
+    """A GNOME desktop whose proxy settings point at another proxy, with a
+    bypass list of its own: what --system-proxy must put back exactly."""
+    if shutil.which("gsettings") is None:
+        pytest.skip("gsettings is not installed (apt-get install libglib2.0-bin gsettings-desktop-schemas)")
+    if subprocess.run(["gsettings", "list-keys", GSettings.schema], capture_output=True).returncode != 0:
+        pytest.skip("the schema org.gnome.system.proxy is not installed (apt-get install gsettings-desktop-schemas)")
+    monkeypatch.setenv("XDG_CURRENT_DESKTOP", "ubuntu:GNOME")
+    gsettings = GSettings()
+    gsettings("set", GSettings.schema, "mode", "manual")
+    gsettings("set", f"{GSettings.schema}.http", "host", "proxy.example")
+    gsettings("set", f"{GSettings.schema}.http", "port", "3128")
+    gsettings("set", GSettings.schema, "ignore-hosts", "['intranet.example', '10.0.0.0/8']")
+    return gsettings
+
+
+def start_script(script: Callable[[list[str]], subprocess.Popen], *arguments: str) -> tuple[subprocess.Popen, int, str]:
+    """``dispatch start ARGUMENTS 127.0.0.1`` on a free port, as a user runs
+    it; returns the process, its port and what it printed up to its log line."""
+    port = refused_port()
+    process = script(["start", "--port", str(port), *arguments, "127.0.0.1"])
+    assert process.stdout is not None
+    lines = []
+    for line in iter(process.stdout.readline, ""):
+        lines.append(line)
+        if line.startswith("log:"):
+            break
+    return process, port, "".join(lines)
+
+
+def stop_script(process: subprocess.Popen) -> str:
+    """SIGTERM; what it printed until it ended, with status 0 and nothing on stderr."""
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert (process.returncode, err) == (0, "")
+    return out
+
+
+def run_dispatch(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """``python dispatch.py ARGUMENTS`` to its end."""
+    command = [sys.executable, os.path.join(HERE, "dispatch.py"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT * 3, check=False)
+
+
+def test_system_proxy_points_gnome_settings_here_and_puts_every_key_back(
+    gnome: GSettings, script: Callable[[list[str]], subprocess.Popen], origin: str
+) -> None:
+    """While it runs, a program that reads the settings reaches the origin
+    through them, and /stats.json and --stats say they are set; at stop every key is
+    as it was (the other proxy, its bypass list), and a key that was at its
+    default is at its default again, not written down."""
+    every_key, keyfile = gnome.every_key(), gnome.keyfile()
+    process, port, banner = start_script(script, "--system-proxy", "--stats", "3600")
+    assert "system proxy: set by this dispatch" in banner
+    assert gnome.proxy() == ("127.0.0.1", str(port))
+    assert gnome("get", f"{GSettings.schema}.socks", "port") == str(port)
+    assert gnome("get", GSettings.schema, "mode") == "'manual'"
+    assert "'192.168.0.0/16'" in gnome("get", GSettings.schema, "ignore-hosts")
+    host, named_port = gnome.proxy()
+    request = f"GET {origin}/through-the-settings HTTP/1.1\r\nHost: {origin[7:]}\r\n\r\n".encode()
+    status, _, body = http_exchange(Listening((host, int(named_port))), request)
+    assert (status, body.split(b"\n")[0]) == (200, b"GET /through-the-settings")
+    _, _, stats = http_get(("127.0.0.1", port), "/stats.json")
+    assert json.loads(stats)["system_proxy"].startswith("set by this dispatch")
+    out = stop_script(process)
+    assert "system proxy: set by this dispatch" in out  # the last --stats table's line
+    assert out.rstrip().endswith("dispatch: the proxy settings are put back as they were")
+    assert (gnome.every_key(), gnome.keyfile()) == (every_key, keyfile)
+
+
+# What a GIO program (GTK, GNOME's own) is told to use for a URI: its proxies.
+GIO_LOOKUP = """
+import sys
+from gi.repository import Gio
+print(" ".join(Gio.ProxyResolver.get_default().lookup(sys.argv[1], None)))
+"""
+
+
+def gio_python() -> str | None:
+    """A Python with GIO's bindings (python3-gi), and GIO's GNOME proxy
+    resolver (glib-networking), if this machine has them."""
+    for python in {"/usr/bin/python3", shutil.which("python3") or ""} - {""}:
+        probe = "from gi.repository import Gio; assert 'Gnome' in type(Gio.ProxyResolver.get_default()).__name__"
+        if os.path.exists(python) and subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def test_gio_programs_follow_the_system_proxy_while_it_runs(
+    gnome: GSettings, script: Callable[[list[str]], subprocess.Popen]
+) -> None:
+    python = gio_python()
+    if python is None:
+        pytest.skip("no GIO proxy resolver to ask (apt-get install python3-gi glib-networking)")
+
+    def proxies(uri: str) -> str:
+        return subprocess.run([python, "-c", GIO_LOOKUP, uri], capture_output=True, text=True, check=True).stdout
+
+    assert proxies("http://example.com/") == "http://proxy.example:3128\n"
+    process, port, _ = start_script(script, "--system-proxy")
+    assert proxies("http://example.com/") == f"http://127.0.0.1:{port}\n"
+    assert proxies("https://example.com/") == f"http://127.0.0.1:{port}\n"
+    assert proxies("http://192.168.1.1/") == "direct://\n"
+    stop_script(process)
+    assert proxies("http://example.com/") == "http://proxy.example:3128\n"
+
+
+def test_system_proxy_killed_is_put_back_by_the_next_start(
+    gnome: GSettings, script: Callable[[list[str]], subprocess.Popen]
+) -> None:
+    """A dispatch killed (SIGKILL) leaves the settings on its dead port; the
+    next start puts the first settings back, says so, and does not save the
+    leftovers as the settings before: after its own stop the first ones are back."""
+    every_key = gnome.every_key()
+    killed, port, _ = start_script(script, "--system-proxy")
+    killed.kill()
+    killed.wait()
+    assert gnome.proxy() == ("127.0.0.1", str(port))
+    process, second_port, banner = start_script(script, "--system-proxy")
+    assert "put back the proxy settings saved by a dispatch that did not stop" in banner
+    assert gnome.proxy() == ("127.0.0.1", str(second_port))
+    stop_script(process)
+    assert gnome.every_key() == every_key
+
+
+def test_system_proxy_restore_by_hand_and_show(
+    gnome: GSettings, script: Callable[[list[str]], subprocess.Popen]
+) -> None:
+    every_key = gnome.every_key()
+    killed, port, _ = start_script(script, "--system-proxy")
+    killed.kill()
+    killed.wait()
+    shown = run_dispatch("system-proxy", "--show")
+    assert shown.returncode == 0
+    assert f"org.gnome.system.proxy.http port = {port}" in shown.stdout
+    assert "from a dispatch that did not stop: 'dispatch system-proxy --restore'" in shown.stdout
+    restored = run_dispatch("system-proxy", "--restore")
+    assert (restored.returncode, restored.stderr) == (0, "")
+    assert "put back the proxy settings" in restored.stdout
+    assert gnome.every_key() == every_key
+    again = run_dispatch("system-proxy", "--restore")
+    assert "nothing to put back" in again.stdout
+    assert "set by no dispatch" in run_dispatch("system-proxy", "--show").stdout
+
+
+def test_second_dispatch_with_system_proxy_refuses_in_one_line(
+    gnome: GSettings, script: Callable[[list[str]], subprocess.Popen]
+) -> None:
+    """The first one owns the settings: the second exits 2, a --restore by
+    hand refuses too, and the first still puts them back at its stop."""
+    every_key = gnome.every_key()
+    first, port, _ = start_script(script, "--system-proxy")
+    second = run_dispatch("start", "--port", str(refused_port()), "--system-proxy", "127.0.0.1")
+    assert second.returncode == 2
+    assert second.stderr.count("\n") == 1
+    assert f"another dispatch (process {first.pid}) has set the system proxy" in second.stderr
+    assert run_dispatch("system-proxy", "--restore").returncode == 2
+    assert gnome.proxy() == ("127.0.0.1", str(port))
+    stop_script(first)
+    assert gnome.every_key() == every_key
+
+
+def test_system_proxy_without_a_desktop_sets_nothing_and_prints_shell_lines(
+    script: Callable[[list[str]], subprocess.Popen],
+) -> None:
+    process, port, banner = start_script(script, "--system-proxy")
+    assert "system proxy: nothing set: no desktop here (XDG_CURRENT_DESKTOP is not set); for a shell:" in banner
+    assert f"export http_proxy=http://127.0.0.1:{port} https_proxy=http://127.0.0.1:{port}" in banner
+    assert "export no_proxy=localhost,127.0.0.0/8," in banner
+    stop_script(process)
+
+
+def test_system_proxy_write_failing_halfway_is_undone_and_start_exits_2(
+    gnome: GSettings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gsettings refuses the last key (the mode, locked down as dconf can):
+    the keys already set are put back, nothing saved is left, and start
+    says why in one line."""
+    every_key, keyfile = gnome.every_key(), gnome.keyfile()
+    (tmp_path / "bin").mkdir()
+    refusing = tmp_path / "bin" / "gsettings"
+    refusing.write_text(
+        '#!/bin/sh\nif [ "$1 $3" != "get mode" ] && [ "$3" = mode ]; then\n'
+        '  echo "The key is not writable" >&2; exit 1\nfi\n'
+        f'exec {shutil.which("gsettings")} "$@"\n'
+    )
+    refusing.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    refused = run_dispatch("start", "--port", str(refused_port()), "--system-proxy", "127.0.0.1")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    why = "gsettings could not reset org.gnome.system.proxy mode: The key is not writable"
+    assert refused.stderr == f"dispatch: error: system proxy: {why}\n"
+    assert (gnome.every_key(), gnome.keyfile()) == (every_key, keyfile)
+    assert not os.path.exists(os.path.join(os.environ["XDG_STATE_HOME"], "dispatch", dispatch.SYSTEM_PROXY_FILE))
+
+
+class RecordedSettings(dispatch.ProxySettings):
+    """Proxy settings kept in a dict, each write recorded; the first write
+    of a key in ``failing`` fails, as a settings program that gives up would."""
+
+    kind = "gnome"
+    description = "recorded settings"
+
+    def __init__(self, values: dict[str, Any], failing: Sequence[str] = ()) -> None:
+        self.values = values
+        self.failing = set(failing)
+        self.writes: list[tuple[str, Any]] = []
+        self.notified = 0
+
+    def wanted(self, host: str, port: int) -> dict[str, Any]:
+        return {"server": f"{host}:{port}", "bypass": "localhost", "enabled": 1}
+
+    def read(self, key: str) -> Any:
+        return self.values.get(key)
+
+    def write(self, key: str, value: Any) -> None:
+        self.writes.append((key, value))
+        if key in self.failing:
+            self.failing.remove(key)
+            raise dispatch.SystemProxyError(f"cannot set {key}")
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
+
+    def notify(self) -> None:
+        self.notified += 1
+
+
+def test_system_proxy_write_failing_halfway_is_undone(tmp_path: Any) -> None:
+    settings = RecordedSettings({"server": "other:3128"}, failing=["enabled"])
+    with pytest.raises(dispatch.SystemProxyError, match="cannot set enabled"):
+        dispatch.point_system_proxy(settings, str(tmp_path), "127.0.0.1", 1080)
+    assert settings.values == {"server": "other:3128"}
+    assert settings.writes[-2:] == [("bypass", None), ("server", "other:3128")]
+    assert not os.path.exists(tmp_path / dispatch.SYSTEM_PROXY_FILE)
+
+
+def test_system_proxy_saves_before_it_changes_anything(tmp_path: Any) -> None:
+    """The file holds every key's value before (None: not set) by the time
+    the first key is written, and is gone once they are put back."""
+    seen: list[Any] = []
+
+    class Watched(RecordedSettings):
+        def write(self, key: str, value: Any) -> None:
+            with open(tmp_path / dispatch.SYSTEM_PROXY_FILE) as saved:
+                seen.append(json.load(saved)["before"])
+            super().write(key, value)
+
+    settings = Watched({"server": "other:3128", "enabled": 0})
+    proxy = dispatch.point_system_proxy(settings, str(tmp_path), "127.0.0.1", 1080)
+    assert settings.values == {"server": "127.0.0.1:1080", "bypass": "localhost", "enabled": 1}
+    assert seen[0] == {"server": "other:3128", "bypass": None, "enabled": 0}
+    proxy.restore()
+    assert settings.values == {"server": "other:3128", "enabled": 0}
+    assert settings.notified == 2
+    assert not os.path.exists(tmp_path / dispatch.SYSTEM_PROXY_FILE)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": "something else", "before": {}}', b"\xff" * 10])
+def test_corrupt_saved_proxy_settings_are_kept_aside_with_one_warning(
+    gnome: GSettings, tmp_path: Any, log: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    every_key = gnome.every_key()
+    (tmp_path / dispatch.SYSTEM_PROXY_FILE).write_bytes(content)
+    assert dispatch.restore_saved_proxy(str(tmp_path)) is None
+    assert gnome.every_key() == every_key
+    warnings = [record.message for record in log.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not a file dispatch wrote: nothing is put back" in warnings[0]
+    (aside,) = tmp_path.glob(f"{dispatch.SYSTEM_PROXY_FILE}.unreadable-*")
+    assert aside.read_bytes() == content
+    assert not (tmp_path / dispatch.SYSTEM_PROXY_FILE).exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows' settings are this system's own")
+def test_saved_settings_of_another_system_are_kept_aside_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    saved = {"format": dispatch.SYSTEM_PROXY_FORMAT, "kind": "windows", "set": {}, "before": {"ProxyEnable": None}}
+    (tmp_path / dispatch.SYSTEM_PROXY_FILE).write_text(json.dumps(saved))
+    assert dispatch.restore_saved_proxy(str(tmp_path)) is None
+    assert [record.levelno for record in log.records] == [logging.WARNING]
+    (aside,) = tmp_path.glob(f"{dispatch.SYSTEM_PROXY_FILE}.unreadable-*")
+    assert json.loads(aside.read_text()) == saved
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="sudo's user is looked for only as root")
+def test_system_proxy_under_sudo_without_the_users_session_refuses_with_the_reason() -> None:
+    settings, why = dispatch.desktop_proxy_settings("linux", {"XDG_CURRENT_DESKTOP": "GNOME", "SUDO_USER": "nobody"})
+    assert settings is None
+    assert "run under sudo, the proxy settings to set are nobody's" in why
+
+
+def test_system_proxy_names_loopback_for_every_address() -> None:
+    assert [dispatch.proxy_host_for(host) for host in ("0.0.0.0", "::", "192.168.1.2")] == [
+        "127.0.0.1",
+        "::1",
+        "192.168.1.2",
+    ]
+
+
+def test_system_proxy_chooses_the_settings_by_the_desktop() -> None:
+    def kind(desktop: str) -> str | None:
+        settings, _ = dispatch.desktop_proxy_settings("linux", {"XDG_CURRENT_DESKTOP": desktop})
+        return settings.kind if settings else None
+
+    assert [kind(name) for name in ("GNOME", "X-Cinnamon", "MATE", "Budgie:GNOME", "sway", "")] == [
+        "gnome",
+        "gnome",
+        "gnome",
+        "gnome",
+        None,
+        None,
+    ]
+
+
+@pytest.mark.skipif(shutil.which("kwriteconfig5") is None, reason="kwriteconfig5 is not installed (kde-cli-tools)")
+def test_system_proxy_sets_kde_settings_with_kwriteconfig_and_puts_them_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kioslaverc as KDE's settings page leaves it, another proxy set; a
+    key that was not there is not there again after. Running programs are
+    told each time by the signal KDE's settings page sends (a dbus-send
+    stand-in records it)."""
+    (tmp_path / "bin").mkdir()
+    signals = tmp_path / "signals"
+    (tmp_path / "bin" / "dbus-send").write_text(f'#!/bin/sh\necho "$*" >> {signals}\n')
+    (tmp_path / "bin" / "dbus-send").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path / 'no-bus'}")
+    kioslaverc = os.path.join(os.environ["XDG_CONFIG_HOME"], "kioslaverc")
+    before = "[Proxy Settings]\nProxyType=1\nhttpProxy=http://proxy.example 3128\n\n[Other]\nkept=yes\n"
+    with open(kioslaverc, "w") as file:
+        file.write(before)
+    settings, _ = dispatch.desktop_proxy_settings(
+        "linux", {**os.environ, "XDG_CURRENT_DESKTOP": "KDE", "KDE_SESSION_VERSION": "5"}
+    )
+    assert isinstance(settings, dispatch.KdeProxySettings)
+    proxy = dispatch.point_system_proxy(settings, str(tmp_path / "state"), "127.0.0.1", 1080)
+    assert settings.read("httpProxy") == "http://127.0.0.1 1080"
+    assert settings.read("socksProxy") == "socks://127.0.0.1 1080"
+    assert settings.read("NoProxyFor").startswith("localhost,127.0.0.0/8,")
+    proxy.restore()
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(kioslaverc)
+    assert {group: dict(parser[group]) for group in parser.sections()} == {
+        "Proxy Settings": {"ProxyType": "1", "httpProxy": "http://proxy.example 3128"},
+        "Other": {"kept": "yes"},
+    }
+    told = "--session --type=signal /KIO/Scheduler org.kde.KIO.Scheduler.reparseSlaveConfiguration string:\n"
+    assert signals.read_text() == told * 2
+
+
+class FakeRegistry:
+    """winreg as the Windows settings use it, on a dict of HKCU's Internet
+    Settings values: {name: (data, type)}."""
+
+    HKEY_CURRENT_USER = "HKCU"
+    KEY_SET_VALUE = 2
+    REG_SZ = 1
+    REG_DWORD = 4
+
+    def __init__(self, values: dict[str, tuple[Any, int]]) -> None:
+        self.values = values
+
+    @contextlib.contextmanager
+    def OpenKey(self, root: str, path: str, reserved: int = 0, access: int = 0) -> Any:  # noqa: N802 - winreg's name
+        assert (root, path) == ("HKCU", dispatch.WINDOWS_PROXY_KEY)
+        yield self
+
+    def QueryValueEx(self, key: Any, name: str) -> tuple[Any, int]:  # noqa: N802
+        if name not in self.values:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        return self.values[name]
+
+    def SetValueEx(self, key: Any, name: str, reserved: int, kind: int, data: Any) -> None:  # noqa: N802
+        self.values[name] = (data, kind)
+
+    def DeleteValue(self, key: Any, name: str) -> None:  # noqa: N802
+        if name not in self.values:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        del self.values[name]
+
+
+def test_system_proxy_on_windows_sets_wininet_values_tells_programs_and_puts_them_back(tmp_path: Any) -> None:
+    """Another proxy and a PAC URL before; dispatch's servers while it runs
+    (the PAC URL removed), running programs told by InternetSetOptionW
+    (settings changed, then refresh); every value and its type back after."""
+    before = {
+        "ProxyEnable": (1, FakeRegistry.REG_DWORD),
+        "ProxyServer": ("other.example:8080", FakeRegistry.REG_SZ),
+        "AutoConfigURL": ("http://wpad.example/proxy.pac", FakeRegistry.REG_SZ),
+        "MigrateProxy": (1, FakeRegistry.REG_DWORD),
+    }
+    registry, told = FakeRegistry(dict(before)), []
+    settings = dispatch.WindowsProxySettings(registry, lambda *arguments: told.append(arguments))
+    proxy = dispatch.point_system_proxy(settings, str(tmp_path), "127.0.0.1", 1080)
+    assert registry.values["ProxyServer"] == (
+        "http=127.0.0.1:1080;https=127.0.0.1:1080;socks=127.0.0.1:1080",
+        FakeRegistry.REG_SZ,
+    )
+    assert registry.values["ProxyEnable"] == (1, FakeRegistry.REG_DWORD)
+    assert "192.168.*" in registry.values["ProxyOverride"][0] and "<local>" in registry.values["ProxyOverride"][0]
+    assert "AutoConfigURL" not in registry.values
+    assert told == [(None, 39, None, 0), (None, 37, None, 0)]
+    proxy.restore()
+    assert registry.values == before
+    assert told[2:] == [(None, 39, None, 0), (None, 37, None, 0)]
+
+
+def test_windows_is_chosen_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "winreg", FakeRegistry({}))
+    settings, description = dispatch.desktop_proxy_settings("win32", {})
+    assert isinstance(settings, dispatch.WindowsProxySettings)
+    assert description == "the user's Internet Settings (WinINET)"
+
+
+# A stand-in for macOS's networksetup: its state in a JSON file, its answers
+# in the real tool's output format (networksetup(8)).
+FAKE_NETWORKSETUP = r"""#!/usr/bin/env python3
+import json, os, sys
+path = os.environ["FAKE_NETWORKSETUP_STATE"]
+state = json.load(open(path))
+command, args = sys.argv[1], sys.argv[2:]
+with open(path + ".log", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\n")
+if command == "-listallnetworkservices":
+    print("An asterisk (*) denotes that a network service is disabled.")
+    for name in state["services"]:
+        print(("*" if name in state["disabled"] else "") + name)
+    sys.exit(0)
+if command.startswith("-set") and os.environ.get("FAKE_NETWORKSETUP_NO_ADMIN"):
+    print("** Error: Command requires admin privileges.")
+    sys.exit(0)
+service = args[0]
+if service not in state["services"]:
+    print(f"** Error: The parameters were not valid.")
+    sys.exit(4)
+settings = state["services"][service]
+kinds = ("webproxy", "securewebproxy", "socksfirewallproxy")
+for kind in kinds:
+    proxy = settings[kind]
+    if command == f"-get{kind}":
+        print(f"Enabled: {'Yes' if proxy['enabled'] else 'No'}")
+        print(f"Server: {proxy['server']}")
+        print(f"Port: {proxy['port']}")
+        print("Authenticated Proxy Enabled: 0")
+    elif command == f"-set{kind}":
+        proxy.update(server=args[1], port=int(args[2]), enabled=True)
+    elif command == f"-set{kind}state":
+        proxy["enabled"] = args[1] == "on"
+if command == "-getproxybypassdomains":
+    domains = settings["bypass"]
+    print("\n".join(domains) if domains else f"There aren't any bypass domains set on {service}.")
+elif command == "-setproxybypassdomains":
+    settings["bypass"] = [] if args[1:] == ["Empty"] else args[1:]
+json.dump(state, open(path, "w"))
+"""
+
+
+@pytest.fixture
+def networksetup(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The fake networksetup first on PATH; its state file (JSON) as a Path:
+    Wi-Fi with a web proxy of its own and bypass domains, Ethernet without,
+    and a disabled service that must not be touched."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "networksetup").write_text(FAKE_NETWORKSETUP)
+    (tools / "networksetup").chmod(0o755)
+    off = {"enabled": False, "server": "", "port": 0}
+    state = {
+        "services": {
+            "Wi-Fi": {
+                "webproxy": {"enabled": True, "server": "proxy.example", "port": 3128},
+                "securewebproxy": {"enabled": False, "server": "proxy.example", "port": 3129},
+                "socksfirewallproxy": off,
+                "bypass": ["*.local", "169.254/16"],
+            },
+            "Ethernet": {"webproxy": off, "securewebproxy": off, "socksfirewallproxy": off, "bypass": []},
+            "Bluetooth PAN": {"webproxy": off, "securewebproxy": off, "socksfirewallproxy": off, "bypass": []},
+        },
+        "disabled": ["Bluetooth PAN"],
+    }
+    path = tmp_path / "networksetup.json"
+    path.write_text(json.dumps(state))
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_NETWORKSETUP_STATE", str(path))
+    return path
+
+
+def test_system_proxy_on_macos_sets_every_enabled_service_and_puts_each_back(networksetup: Any, tmp_path: Any) -> None:
+    before = json.loads(networksetup.read_text())
+    settings, _ = dispatch.desktop_proxy_settings("darwin", {})
+    assert isinstance(settings, dispatch.MacProxySettings)
+    proxy = dispatch.point_system_proxy(settings, str(tmp_path / "state"), "127.0.0.1", 1080)
+    during = json.loads(networksetup.read_text())["services"]
+    for service in ("Wi-Fi", "Ethernet"):
+        for kind in ("webproxy", "securewebproxy", "socksfirewallproxy"):
+            assert during[service][kind] == {"enabled": True, "server": "127.0.0.1", "port": 1080}
+        assert "192.168.0.0/16" in during[service]["bypass"]
+    assert during["Bluetooth PAN"] == before["services"]["Bluetooth PAN"]
+    proxy.restore()
+    # networksetup cannot empty a proxy's server: one that had none is off again, naming dispatch.
+    expected = json.loads(json.dumps(before))
+    for service in ("Wi-Fi", "Ethernet"):
+        for kind, proxy_before in before["services"][service].items():
+            if kind != "bypass" and not proxy_before["server"]:
+                expected["services"][service][kind] = {"enabled": False, "server": "127.0.0.1", "port": 1080}
+    assert json.loads(networksetup.read_text()) == expected
+
+
+def test_system_proxy_on_macos_without_an_administrator_says_what_to_run(
+    networksetup: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = networksetup.read_text()
+    monkeypatch.setenv("FAKE_NETWORKSETUP_NO_ADMIN", "1")
+    settings, _ = dispatch.desktop_proxy_settings("darwin", {})
+    assert settings is not None
+    with pytest.raises(dispatch.SystemProxyError, match="needs an administrator: run 'sudo dispatch start"):
+        dispatch.point_system_proxy(settings, str(tmp_path), "127.0.0.1", 1080)
+    assert networksetup.read_text() == before
+    assert not os.path.exists(tmp_path / dispatch.SYSTEM_PROXY_FILE)
+
+
+def test_status_page_and_stats_json_say_whether_the_system_proxy_is_set(proxy: Dispatcher, tmp_path: Any) -> None:
+    assert json.loads(http_get(proxy.address, "/stats.json")[2])["system_proxy"] == "not set"
+    proxy.system_proxy = dispatch.point_system_proxy(RecordedSettings({}), str(tmp_path), *proxy.address)
+    page = http_get(proxy.address, "/")[2].decode()
+    assert "<dt>system proxy</dt><dd>set by this dispatch: recorded settings</dd>" in page
+    proxy.system_proxy.restore()
+
+
+def test_system_proxy_goes_into_launchd_and_windows_units_not_systemd() -> None:
+    executable = ["/usr/local/bin/dispatch"]
+    for system in ("launchd", "windows"):
+        assert "--system-proxy" in dispatch.service_unit(system, ["--system-proxy"], executable)
+    with pytest.raises(ValueError, match="--system-proxy: a system service runs in no user's desktop session"):
+        dispatch.service_unit("systemd", ["--system-proxy"], executable)
 
 
 # ---------------------------------------------------------------------------
