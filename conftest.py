@@ -1178,6 +1178,7 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
         "addresses": rows,
         "history": {"interval": 2.0, "addresses": history},
         "caps": [],
+        "links": [],
         "system_proxy": "not set",
     }
 

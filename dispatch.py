@@ -59,12 +59,14 @@ Map of this module, in order; each section uses only what is above it:
     desktop proxy      ProxySettings (GNOME, KDE, macOS, Windows), SystemProxy: the user's
                        proxy settings pointed here, saved first, put back at stop and after a crash
     server             the first byte picks the session; Admission; the listener
-    steering           LinkSteering: links held back while it runs (data caps reached)
+    steering           LinkSteering: links held back while it runs (data caps reached,
+                       paused, closed), their weights; the control API's changes
     Dispatcher         the library face; owns the listener and the background tasks
                        (interfaces, meter samples, retests, checks)
     service units      systemd, launchd and Task Scheduler files for ``dispatch service``
     reports            format_table(), format_stats(): the tables ``dispatch`` prints
-    command line       ``dispatch list|start|service|system-proxy``; main()
+    control client     steer_link(): ``dispatch link``, a change asked of a running dispatch
+    command line       ``dispatch list|start|service|system-proxy|link``; main()
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ import types
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Generic, Literal, NoReturn, TextIO, TypedDict, TypeVar
+from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar
 
 __version__ = "0.2.0"
 __all__ = [
@@ -125,6 +127,7 @@ __all__ = [
     "HttpError",
     "Link",
     "LinkSet",
+    "LinkReport",
     "LinkState",
     "LocalAddress",
     "Meter",
@@ -3128,7 +3131,8 @@ class Balancer:
     backup addresses are used only while no primary one of the family is up.
     ``held`` tells the addresses held back apart from their health (see
     Hold): a "spent" one is used only while no other of the family is up, a
-    "barred" one never.
+    "barred" one never; ``weight`` is each address's weight in turns (its
+    own, unless changed while running: then ``rebuild()``).
     Among the rest, ``Balance.ROUND_ROBIN`` takes turns by weight, and
     ``Balance.MEASURED`` gives the connection to the address with the least
     open work for its ``capacity`` (bytes per second, None while unknown).
@@ -3149,10 +3153,12 @@ class Balancer:
         capacity: Callable[[LocalAddress], float | None] = lambda address: None,
         sticky: StickyTable[LocalAddress] | None = None,
         held: Callable[[LocalAddress], Hold | None] = lambda address: None,
+        weight: Callable[[LocalAddress], int] = lambda address: address.weight,
     ) -> None:
         self.health = health
         self.balance = balance
         self.held = held
+        self.weight = weight
         self.capacity = capacity
         self.sticky = sticky
         self._lock = threading.Lock()
@@ -3171,7 +3177,7 @@ class Balancer:
             for backup in (False, True):
                 pool = [a for a in addresses if family in a.serves and a.backup == backup]
                 if pool:
-                    rounds[family, backup] = WeightedRoundRobin(pool, [a.weight for a in pool])
+                    rounds[family, backup] = WeightedRoundRobin(pool, [self.weight(a) for a in pool])
         with self._lock:
             self._rounds = rounds
             self._measured = {family: MeasuredChoice() for family, _ in rounds}
@@ -5636,7 +5642,8 @@ class Upstream:
         self._warned: set[str] = set()
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
         self._lock = threading.Lock()
-        self._open: dict[socket.socket, LocalAddress] = {}  # by the address each leaves from
+        # Each open socket: the address it leaves from, and the target's host as named.
+        self._open: dict[socket.socket, tuple[LocalAddress, str]] = {}
         self._closing = False
 
     def connect(
@@ -6027,13 +6034,14 @@ class Upstream:
             self._warned.add(key)
         logger.warning(message, *args)
 
-    def lease(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
-        """Hand out ``sock``, connected from ``local`` (which the balancer gave)."""
+    def lease(self, sock: socket.socket, local: LocalAddress, host: str = "") -> UpstreamLease:
+        """Hand out ``sock``, connected from ``local`` (which the balancer
+        gave) to ``host`` (as the client named it; "" for datagrams)."""
         with self._lock:
             if self._closing:
                 _shutdown_quietly(sock)  # opened just as the proxy stopped
             else:
-                self._open[sock] = local
+                self._open[sock] = local, host
         self.meter.opened(local)
         return UpstreamLease(sock, local, self._release)
 
@@ -6050,10 +6058,18 @@ class Upstream:
             for sock in self._open:
                 _shutdown_quietly(sock)
 
-    def close_through(self, addresses: Collection[LocalAddress]) -> int:
-        """Shut down the open upstream sockets leaving from ``addresses``; return how many."""
+    def close_through(self, addresses: Collection[LocalAddress], site: str | None = None) -> int:
+        """Shut down the open upstream sockets leaving from ``addresses`` (to
+        ``site`` alone, if given: a host name and the names under it, or an
+        address); return how many."""
+        site = None if site is None else site.lower().rstrip(".")
+
+        def ends(host: str) -> bool:
+            host = host.lower().rstrip(".")
+            return site is None or host == site or host.endswith("." + site)
+
         with self._lock:
-            ending = [sock for sock, local in self._open.items() if local in addresses]
+            ending = [sock for sock, (local, host) in self._open.items() if local in addresses and ends(host)]
             for sock in ending:
                 _shutdown_quietly(sock)
         return len(ending)
@@ -6268,7 +6284,7 @@ class _Race:
             self.upstream.proxy_worked(local)
         if self.affinity is not None:
             self.balancer.stick(self.affinity, local)  # the site sticks to the link that got through
-        return self.upstream.lease(sock, local)
+        return self.upstream.lease(sock, local, self.host)
 
 
 # ---------------------------------------------------------------------------
@@ -6573,6 +6589,41 @@ class History(TypedDict):
     addresses: dict[str, AddressHistory]
 
 
+# A link's state as steered while dispatch runs: it takes new connections
+# ("ready"), takes none while its open ones go on ("paused"), or takes none
+# and its open ones were ended ("closed").
+SteeredState = Literal["ready", "paused", "closed"]
+
+
+class LinkReport(TypedDict):
+    """How a link is steered now: its state and weight."""
+
+    name: str  # as stats() names it
+    state: SteeredState
+    weight: int  # in turns (--balance round-robin)
+
+
+class ControlError(Exception):
+    """A change asked of the control API that is not made: ``status``
+    (an HTTP status) and why, for the asker."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LinkControl(Protocol):
+    """What the control API (``/api/links``) steers: the links of a running dispatch."""
+
+    def reports(self) -> list[LinkReport]:
+        """Each link's state and weight."""
+
+    def steer(self, name: str, request: object, who: str) -> str:
+        """Make the change ``request`` (a JSON body: {"action": ...}) asks of
+        the link ``name``, for ``who`` (the asker's address, for the log);
+        return what changed, in a line. Raises ControlError."""
+
+
 class Status(TypedDict):
     """Everything the status page shows, as ``Dispatcher.status()`` gives it."""
 
@@ -6586,6 +6637,7 @@ class Status(TypedDict):
     addresses: list[StatsRow]
     history: History
     caps: list[CapReport]  # one per cap of each capped link
+    links: list[LinkReport]  # one per link, as steered
     system_proxy: str  # whether this dispatch has set the user's proxy settings, and which
 
 
@@ -6605,6 +6657,11 @@ class SessionContext:
     # Host names the pages answer to, besides localhost and the proxy's
     # own addresses (lower case, without a final dot).
     page_hosts: frozenset[str] = frozenset()
+    # The links the control API steers (/api/links); None: no API.
+    control: LinkControl | None = None
+    # Whether the API takes changes only with a login: a proxy that listens
+    # beyond loopback is reached by other machines, and their web pages.
+    control_needs_login: bool = False
 
 
 class Session:
@@ -7036,6 +7093,8 @@ def format_duration(seconds: float) -> str:
 
 
 LOCAL_PAGES = ("/", "/stats.json", "/metrics", "/proxy.pac")
+# The control API: GET it for the links as steered, POST to CONTROL_PATH/NAME to change one.
+CONTROL_PATH = "/api/links"
 PAGE_CONTENT_TYPE = "text/html; charset=utf-8"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PAC_CONTENT_TYPE = "application/x-ns-proxy-autoconfig"
@@ -7115,6 +7174,19 @@ _SCRIPT = """
       .then(function () { setTimeout(tick, live.dataset.every); });
   }
   setTimeout(tick, live.dataset.every);
+  // The buttons ask the control API as any script must: a JSON POST.
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("button[data-link]");
+    if (!button) return;
+    button.disabled = true;
+    fetch("/api/links/" + encodeURIComponent(button.dataset.link), {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({action: button.dataset.action})
+    }).then(function (answer) { return answer.json(); })
+      .then(function (said) { live.textContent = said.changed || said.error; })
+      .catch(function () { live.textContent = live.dataset.failed; })
+      .then(function () { button.disabled = false; });
+  });
 })();
 """
 
@@ -7136,6 +7208,24 @@ _LIVE = (
 )
 _HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity", "DNS")
 _FIRST_NUMERIC = 3  # heading index from which columns hold numbers
+
+
+def plural(count: int, noun: str) -> str:
+    """The count and the noun, plural unless the count is 1: "1 connection",
+    "0 connections", "2 addresses"."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a listener on ``host`` is reached from this machine alone."""
+    return host.lower() == "localhost" or (_is_ip(host) and _client_ip(host).is_loopback)
+
+
+def _json_line(value: object) -> bytes:
+    """``value`` as one line of JSON, as the control API answers."""
+    return json.dumps(value).encode() + b"\n"
 
 
 def capacity_source(row: StatsRow) -> str:
@@ -7333,9 +7423,23 @@ def render_status_page(status: Status) -> str:
         f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
         f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
         f'<ul class="legend" id="legend" data-part>{legend}</ul>'
+        f'<div id="steer" data-part>{_steering_part(status)}</div>'
         f'<div id="caps" data-part>{_caps_part(status)}</div><script>{_SCRIPT}</script>'
         "</body></html>\n"
     )
+
+
+def _steering_part(status: Status) -> str:
+    """Each link's state and weight, with a button that pauses or resumes it."""
+    lines = []
+    for link in status["links"]:
+        action = "pause" if link["state"] == "ready" else "resume"
+        lines.append(
+            f"<li>{_e(link['name'])}: {link['state']}, weight {link['weight']} "
+            f'<button type="button" data-link="{_e(link["name"])}" data-action="{action}">'
+            f"{action.title()}</button></li>"
+        )
+    return f"<h2>Steering</h2><ul>{''.join(lines)}</ul>" if lines else ""
 
 
 def _caps_part(status: Status) -> str:
@@ -7770,9 +7874,12 @@ class HttpProxySession(Session):
         connection stays open. A page served logs at debug level (a page
         open in a browser asks every 2 s), a refusal at info."""
         path = target.partition("?")[0]
-        refusal = self._skip_body(headers)
+        refusal, sent = self._read_body(headers)
         if refusal is None:
-            status, content_type, body, extra = self._local_page(method, path, headers)
+            if path == CONTROL_PATH or path.startswith(CONTROL_PATH + "/"):
+                status, content_type, body, extra = self._control_api(method, path, headers, sent)
+            else:
+                status, content_type, body, extra = self._local_page(method, path, headers)
             keep_alive = keeps_alive(version, headers)
         else:
             status, content_type, extra = refusal, "text/plain; charset=utf-8", []
@@ -7793,28 +7900,97 @@ class HttpProxySession(Session):
         self.record.log(logging.DEBUG if status == HTTPStatus.OK else logging.INFO)
         return keep_alive
 
-    def _skip_body(self, headers: Headers) -> HTTPStatus | None:
-        """Read and drop the body of a page request (no page takes one), so
-        that it is never read as the next request. Returns None, or the
-        status that refuses a body not read (chunked, too long, malformed)."""
+    def _read_body(self, headers: Headers) -> tuple[HTTPStatus | None, bytes]:
+        """Read the body of a page request (the control API's changes take
+        one, no page does), so that it is never read as the next request.
+        Returns (None, the body), or the status that refuses a body not read
+        (chunked, too long, malformed)."""
         try:
             length = body_length(headers, request=True)
         except ValueError:
-            return HTTPStatus.BAD_REQUEST
+            return HTTPStatus.BAD_REQUEST, b""
         if length == 0:
-            return None
+            return None, b""
         if not 0 < length <= LOCAL_PAGE_BODY_LIMIT:
-            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b""
         self.reader.deadline = time.monotonic() + self.context.handshake_timeout
         self.connection.setblocking(False)
+        parts: list[bytes] = []
         try:
-            copy_body(self.reader, length, lambda data: None)
+            copy_body(self.reader, length, parts.append)
         except OSError:  # cut short, or too slow
-            return HTTPStatus.BAD_REQUEST
+            return HTTPStatus.BAD_REQUEST, b""
         finally:
             self.reader.deadline = math.inf
             self.connection.settimeout(self.context.handshake_timeout)
-        return None
+        return None, b"".join(parts)
+
+    def _control_api(
+        self, method: str, path: str, headers: Headers, body: bytes
+    ) -> tuple[HTTPStatus, str, bytes, list[tuple[str, str]]]:
+        """Answer the control API: ``GET /api/links`` (the links as steered
+        and their traffic), ``POST /api/links/NAME`` with a JSON body (a
+        change, see LinkControl). A change is never made by GET, nor by a
+        request a web page could send unasked: it must be a POST of
+        ``application/json`` (no form is), from no Origin but dispatch's own,
+        for a Host the pages answer, and logged in where dispatch listens
+        beyond loopback."""
+        try:
+            return self._control_answer(method, path, headers, body)
+        except ControlError as error:
+            extra = [("Allow", "GET, HEAD" if path == CONTROL_PATH else "POST")]
+            if error.status == HTTPStatus.UNAUTHORIZED:
+                extra = [("WWW-Authenticate", f'Basic realm="{PROXY_REALM}", charset="UTF-8"')]
+            elif error.status != HTTPStatus.METHOD_NOT_ALLOWED:
+                extra = []
+            return error.status, "application/json", _json_line({"error": str(error)}), extra
+
+    def _control_answer(
+        self, method: str, path: str, headers: Headers, body: bytes
+    ) -> tuple[HTTPStatus, str, bytes, list[tuple[str, str]]]:
+        control, status_of = self.context.control, self.context.status
+        if control is None or status_of is None:
+            raise ControlError(HTTPStatus.NOT_FOUND, "no control API here (--no-pages)")
+        if not self._names_this_proxy(headers):
+            raise ControlError(HTTPStatus.FORBIDDEN, "the Host header names no address of this proxy (see --page-host)")
+        name = urllib.parse.unquote(path[len(CONTROL_PATH) + 1 :])
+        if path != CONTROL_PATH and (not name or "/" in name):
+            raise ControlError(HTTPStatus.NOT_FOUND, f"no such API path: {path[:100]!r}")
+        if path == CONTROL_PATH:
+            if method not in ("GET", "HEAD"):
+                raise ControlError(
+                    HTTPStatus.METHOD_NOT_ALLOWED, "GET /api/links; a change is a POST to /api/links/NAME"
+                )
+            self._control_login(headers)
+            status = status_of()
+            shown = {"links": status["links"], "addresses": status["addresses"], "caps": status["caps"]}
+            return HTTPStatus.OK, "application/json", _json_line(shown), []
+        if method != "POST":
+            raise ControlError(HTTPStatus.METHOD_NOT_ALLOWED, "a change is a POST, never a GET")
+        types = [value.partition(";")[0].strip().lower() for key, value in headers if key.lower() == "content-type"]
+        if types != ["application/json"]:
+            raise ControlError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "a change is sent as Content-Type: application/json")
+        origins = [value.strip() for key, value in headers if key.lower() == "origin"]
+        hosts = [value.strip() for key, value in headers if key.lower() == "host"]
+        own = [f"http://{host}".lower() for host in hosts]
+        if origins and [origin.lower() for origin in origins] != own:
+            raise ControlError(HTTPStatus.FORBIDDEN, f"a change from another origin ({origins[0][:100]!r}) is refused")
+        if self.context.control_needs_login and not self.context.access.requires_credentials:
+            raise ControlError(
+                HTTPStatus.FORBIDDEN,
+                "dispatch listens beyond loopback: changes need a login (--auth or --auth-file)",
+            )
+        self._control_login(headers)
+        try:
+            request = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ControlError(HTTPStatus.BAD_REQUEST, "the body is no JSON") from None
+        who = _split_host(self.client_address)[0]
+        return HTTPStatus.OK, "application/json", _json_line({"changed": control.steer(name, request, who)}), []
+
+    def _control_login(self, headers: Headers) -> None:
+        if not self._logged_in(headers, "authorization"):
+            raise ControlError(HTTPStatus.UNAUTHORIZED, "log in")
 
     def _names_this_proxy(self, headers: Headers) -> bool:
         """Whether the request's Host names this proxy: localhost, a
@@ -9172,16 +9348,50 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 # ---------------------------------------------------------------------------
-# Steering: links held back while dispatch runs (data caps)
+# Steering: links held back while dispatch runs (data caps, paused, closed)
 # ---------------------------------------------------------------------------
+
+# What the control API (and ``dispatch link``) may ask of a link.
+LINK_ACTIONS = ("pause", "resume", "close", "weight", "reset-usage")
+
+
+def read_link_states(path: str) -> dict[str, tuple[SteeredState, int | None]]:
+    """The links' states and weights a state file keeps (``"steered"``: by
+    link name, ``{"state": "paused", "weight": 3}``), those steered away
+    from "ready" and their weight alone; an unusable entry is left out,
+    with one warning for them all. A file read_state finds unusable gives
+    nothing, quietly: it has said so."""
+    try:
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return {}
+    steered = data.get("steered") if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
+    if not isinstance(steered, dict):
+        return {}
+    kept: dict[str, tuple[SteeredState, int | None]] = {}
+    for name, entry in steered.items():
+        state = entry.get("state", "ready") if isinstance(entry, dict) else None
+        weight = entry.get("weight") if isinstance(entry, dict) else None
+        weight_usable = weight is None or (type(weight) is int and 1 <= weight <= MAX_WEIGHT)
+        if state in ("ready", "paused", "closed") and weight_usable:
+            kept[name] = state, weight
+    if len(kept) < len(steered):
+        logger.warning("state file %s: %d unusable link states left out", path, len(steered) - len(kept))
+    return kept
 
 
 class LinkSteering:
-    """What holds the running links back apart from their health: the data
-    caps, counted against what each link carries (a DataBudget), and what a
-    link does once one is reached (``cap_action``, see CapAction). Its
-    ``held`` is the Balancer's (see Hold). Raises ValueError for a cap of a
-    link that is not among ``links``."""
+    """What holds the running links back apart from their health, and the
+    control API's changes (a LinkControl).
+
+    The data caps are counted against what each link carries (a
+    DataBudget); once one is reached, ``cap_action`` (see CapAction) holds
+    the link back. A link may be paused (no new connection; those open go
+    on), closed (and those open are ended), resumed, given another weight;
+    its usage counted anew. ``held`` and ``weight_of`` are the Balancer's
+    (see Hold). The states and weights are kept in the state file; each
+    change calls ``changed`` (which writes it). Raises ValueError for a cap
+    of a link that is not among ``links``."""
 
     def __init__(self, links: LinkSet, upstream: Upstream, budget: DataBudget, cap_action: str) -> None:
         names = [link.name for link in links.links]
@@ -9192,6 +9402,10 @@ class LinkSteering:
         self.upstream = upstream
         self.budget = budget
         self.cap_action = cap_action
+        self.changed: Callable[[], None] = lambda: None
+        self._lock = threading.Lock()
+        self._states: dict[str, SteeredState] = {}  # those not "ready"
+        self._weights: dict[str, int] = {}  # those changed while running
 
     def link_name(self, address: LocalAddress) -> str:
         """The name of ``address``'s link, as stats() and --cap say it."""
@@ -9200,9 +9414,106 @@ class LinkSteering:
 
     def held(self, address: LocalAddress) -> Hold | None:
         """Why ``address`` takes fewer new connections than its health allows."""
-        if not self.budget.spent or self.link_name(address) not in self.budget.spent:
+        name = self.link_name(address)
+        if name in self._states:
+            return "barred"
+        if not self.budget.spent or name not in self.budget.spent:
             return None
         return "spent" if self.cap_action == "backup" else "barred"
+
+    def weight_of(self, address: LocalAddress) -> int:
+        """``address``'s weight in turns: its link's, as changed while running."""
+        return self._weights.get(self.link_name(address), address.weight)
+
+    def reports(self) -> list[LinkReport]:
+        """Each link's state and weight."""
+        return [
+            {
+                "name": link.name,
+                "state": self._states.get(link.name, "ready"),
+                "weight": self._weights.get(link.name, link.weight),
+            }
+            for link in self.links.links
+        ]
+
+    def steer(self, name: str, request: object, who: str) -> str:
+        """Make the change ``request`` asks (see LinkControl); log it with
+        ``who`` asked. Raises ControlError, with nothing changed, for a
+        link not named so, an action not known, a weight not from 1 to
+        MAX_WEIGHT, a body that is not one of these."""
+        link = next((link for link in self.links.links if link.name == name), None)
+        if link is None:
+            raise ControlError(HTTPStatus.NOT_FOUND, f"no link is named {name[:100]!r}")
+        action, weight, site = self._parse(request)
+        with self._lock:
+            before = self._states.get(name, "ready")
+            if action == "pause" or (action == "close" and site is None):
+                self._states[name] = "paused" if action == "pause" else "closed"
+            elif action == "resume":
+                self._states.pop(name, None)
+            elif action == "weight" and weight is not None:
+                self._weights[name] = weight
+            elif action == "reset-usage" and not self.budget.reset(name):
+                raise ControlError(HTTPStatus.CONFLICT, f"link {name} has no data cap")
+        if action == "close":
+            ended = self.upstream.close_through(list(link.known.values()), site)
+            ended_text = plural(ended, "connection")
+            if site is None:
+                line = f"link {name} closed ({ended_text} ended)"
+            else:
+                line = f"link {name}: {ended_text} to {site} ended"
+        elif action == "weight":
+            self.upstream.balancer.rebuild(self.links.addresses)
+            line = f"link {name} has weight {weight}"
+            if self.upstream.balancer.balance is Balance.MEASURED:
+                line += " (weights count with --balance round-robin)"
+        elif action == "reset-usage":
+            self.budget.check()
+            line = f"link {name} counts its usage from zero"
+        else:
+            after = self._states.get(name, "ready")
+            line = f"link {name} {'resumed' if after == 'ready' else after}"
+            if after == before:
+                line = f"link {name} was {'ready' if after == 'ready' else after} already"
+        logger.info("%s from %s", line, who)
+        self.changed()
+        return line
+
+    @staticmethod
+    def _parse(request: object) -> tuple[str, int | None, str | None]:
+        """(action, weight, site) of a control API body; raises ControlError."""
+        if not isinstance(request, dict) or not isinstance(request.get("action"), str):
+            raise ControlError(HTTPStatus.BAD_REQUEST, 'the body is one JSON object: {"action": ...}')
+        action = request["action"]
+        if action not in LINK_ACTIONS:
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"no action {action[:40]!r}: {', '.join(LINK_ACTIONS)}")
+        allowed = {"action", *({"weight": ["weight"], "close": ["site"]}.get(action, []))}
+        extra = sorted(set(request) - allowed)
+        if extra:
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"{action} takes no {str(extra[0])[:40]!r}")
+        weight, site = request.get("weight"), request.get("site")
+        if action == "weight" and not (type(weight) is int and 1 <= weight <= MAX_WEIGHT):
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"the weight is a whole number from 1 to {MAX_WEIGHT}")
+        if site is not None and not (isinstance(site, str) and site and (_is_host_name(site) or _is_ip(site))):
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"{str(site)[:100]!r} is no host name or address")
+        return action, weight, site
+
+    def restore_states(self, state_file: str) -> None:
+        """Steer the links as the state file at ``state_file`` kept them
+        (see read_link_states); say so for each link held back."""
+        names = {link.name for link in self.links.links}
+        for name, (state, weight) in read_link_states(state_file).items():
+            if name not in names:
+                continue
+            with self._lock:
+                if state != "ready":
+                    self._states[name] = state
+                if weight is not None:
+                    self._weights[name] = weight
+            if state != "ready":
+                logger.warning("link %s is %s, as it was left (dispatch link %s resume)", name, state, name)
+        if self._weights:
+            self.upstream.balancer.rebuild(self.links.addresses)
 
     def count(self, samples: Mapping[LocalAddress, Sample]) -> None:
         """Count what each link carried (the meter's ``samples``) against
@@ -9228,14 +9539,26 @@ class LinkSteering:
         return reports
 
     def to_keep(self) -> dict[str, object]:
-        """The state file's entries for the steering: the usage of the capped links, and the machine's name."""
-        return {"host": socket.gethostname(), "usage": self.budget.to_keep()} if self.budget.caps else {}
+        """The state file's entries for the steering: the usage of the
+        capped links and the machine's name; the links steered."""
+        kept: dict[str, object] = {}
+        if self.budget.caps:
+            kept.update(host=socket.gethostname(), usage=self.budget.to_keep())
+        with self._lock:
+            steered: dict[str, dict[str, object]] = {name: {"state": state} for name, state in self._states.items()}
+            for name, weight in self._weights.items():
+                steered.setdefault(name, {})["weight"] = weight
+        if steered:
+            kept["steered"] = steered
+        return kept
 
     def restore(self, state_file: str) -> None:
-        """Go on from what the state file at ``state_file`` kept (see read_usage)."""
+        """Go on from what the state file at ``state_file`` kept: the usage
+        (see read_usage), the links' states and weights."""
         if self.budget.caps:
             self.budget.restore(read_usage(state_file, datetime.date.fromtimestamp(time.time())))
             self.budget.check()
+        self.restore_states(state_file)
 
 
 # ---------------------------------------------------------------------------
@@ -9652,7 +9975,9 @@ class Dispatcher:
         )
         budget = DataBudget([parse_cap(cap) for cap in options.caps])
         self.steering = LinkSteering(self.links, self.upstream, budget, options.cap_action)
-        self.balancer.held = self.steering.held
+        self.balancer.held, self.balancer.weight = self.steering.held, self.steering.weight_of
+        if options.state_file:
+            self.steering.changed = self.save_state
         limit = default_max_connections() if options.max_connections is None else options.max_connections
         self.admission = Admission(self.access, limit)
         self.handshake_timeout = options.handshake_timeout
@@ -9664,6 +9989,8 @@ class Dispatcher:
             options.idle_timeout,
             status=self.status if options.pages else None,
             page_hosts=frozenset(options.page_hosts),
+            control=self.steering if options.pages else None,
+            control_needs_login=not _is_loopback_host(options.host),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
@@ -9966,7 +10293,7 @@ class Dispatcher:
                     "ip": address.ip,
                     "interface": address.interface,
                     "link": link.name if link else address.ip,
-                    "weight": address.weight,
+                    "weight": self.steering.weight_of(address),
                     "tier": link.tier if link else "primary",
                     "state": state,
                     "reason": reason,
@@ -10019,6 +10346,7 @@ class Dispatcher:
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
             "caps": self.steering.cap_reports(rows),
+            "links": self.steering.reports(),
             "system_proxy": self.system_proxy.describe if self.system_proxy else "not set",
         }
 
@@ -10407,7 +10735,60 @@ def format_stats(rows: Sequence[StatsRow]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Command line: dispatch list|start|service|system-proxy; main()
+# Control client: dispatch link, a change asked of a running dispatch
+# ---------------------------------------------------------------------------
+
+
+class ControlClientError(Exception):
+    """A change a running dispatch did not make, or could not be asked: why, in a line."""
+
+
+def steer_link(
+    address: tuple[str, int],
+    name: str,
+    request: Mapping[str, object],
+    login: tuple[str, str] | None = None,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> str:
+    """Ask the dispatch listening at ``address`` to make the change
+    ``request`` (the control API's body, {"action": ...}) of its link
+    ``name``, logged in as ``login`` (user, password); return what it says
+    changed. Raises ControlClientError: nothing listens there, the link
+    or the change is refused."""
+    host, port = address
+    body = json.dumps(dict(request)).encode()
+    head = [("Host", _format_endpoint(host, port)), ("Content-Type", "application/json")]
+    head += [("Content-Length", str(len(body))), ("Connection", "close")]
+    if login is not None:
+        token = base64.b64encode(b":".join(_encode_credential(*login))).decode()
+        head.append(("Authorization", f"Basic {token}"))
+    path = f"{CONTROL_PATH}/{urllib.parse.quote(name, safe='')}"
+    where = _format_endpoint(host, port)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(encode_head(f"POST {path} HTTP/1.1", head) + body)
+            answer = b""
+            while len(answer) <= LOCAL_PAGE_BODY_LIMIT and (data := sock.recv(65536)):
+                answer += data
+    except OSError as error:
+        raise ControlClientError(f"no dispatch answers at {where}: {_describe(error)}") from None
+    status_line, _, rest = answer.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    try:
+        code = int(status_line.split()[1])
+        said = json.loads(payload.decode("utf-8"))
+    except (IndexError, ValueError):
+        raise ControlClientError(f"what answers at {where} is no dispatch ({status_line[:60]!r})") from None
+    text = said.get("changed" if code == HTTPStatus.OK else "error") if isinstance(said, dict) else None
+    if not isinstance(text, str):
+        raise ControlClientError(f"what answers at {where} is no dispatch (HTTP {code})")
+    if code != HTTPStatus.OK:
+        raise ControlClientError(f"refused ({code}): {text}")
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Command line: dispatch list|start|service|system-proxy|link; main()
 # ---------------------------------------------------------------------------
 
 
@@ -10432,14 +10813,6 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     handler.setFormatter(formatter)
     logger.handlers[:] = [handler]
     return where
-
-
-def plural(count: int, noun: str) -> str:
-    """The count and the noun, plural unless the count is 1: "1 connection",
-    "0 connections", "2 addresses"."""
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
 
 
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
@@ -10588,6 +10961,29 @@ def _system_proxy_command(args: argparse.Namespace) -> int:
         print("\n".join(restore_by_hand(directory) if args.restore else show_system_proxy(directory)))
     except SystemProxyError as error:
         return _error(str(error))
+    return 0
+
+
+def _link_command(args: argparse.Namespace) -> int:
+    """``dispatch link NAME ACTION``: 0 and what changed, or 1 and why not."""
+    request: dict[str, object] = {"action": args.action}
+    if (args.action == "weight") != (args.value is not None) or (args.site is not None and args.action != "close"):
+        return _error("weight takes a number (dispatch link usb0 weight 3), and only close takes --site")
+    if args.value is not None:
+        request["weight"] = args.value
+    if args.site is not None:
+        request["site"] = args.site
+    try:
+        login = read_auth_file(args.auth_file)[0] if args.auth_file else None
+        if login is None and os.environ.get("DISPATCH_AUTH"):
+            login = parse_credentials(os.environ["DISPATCH_AUTH"])
+    except ValueError as error:
+        return _error(f"the login: {error}")
+    try:
+        print(steer_link((args.ip, args.port), args.name, request, login))
+    except ControlClientError as error:
+        print(f"dispatch link: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -10970,6 +11366,22 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"the state file 'start' was given; the settings are saved beside it (default {default_state_path()})",
     )
+    link = commands.add_parser(
+        "link",
+        help="pause, resume, close or weigh a link of a running dispatch, or count its usage from zero",
+        description="Ask the dispatch running at --ip and --port (through its control API) to change one "
+        "of its links: pause (no new connection; open ones go on), resume, close (and its open "
+        "connections are ended; with --site, only those to that site, the link kept as it was), "
+        "weight N, reset-usage (of its data caps). The login, if it asks one: --auth-file or "
+        "DISPATCH_AUTH=USER:PASS.",
+    )
+    link.add_argument("--ip", default="127.0.0.1", help="where dispatch listens (default 127.0.0.1)")
+    link.add_argument("--port", type=_port, default=1080, help="its port (default 1080)")
+    link.add_argument("--auth-file", metavar="PATH", help="the login to send: the file's first USER:PASS line")
+    link.add_argument("--site", metavar="NAME", help="with close: end only the connections to this site")
+    link.add_argument("name", metavar="NAME", help="the link, as the status page and --stats name it")
+    link.add_argument("action", choices=LINK_ACTIONS)
+    link.add_argument("value", nargs="?", type=_positive, metavar="N", help="the weight, for weight")
     return parser
 
 
@@ -11113,7 +11525,7 @@ def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: ``dispatch [-d] {list,start,service} ...``; returns the exit status."""
+    """The command line: ``dispatch [-d] {list,start,service,system-proxy,link} ...``; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "service":
@@ -11125,6 +11537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(str(error))
     if args.command == "system-proxy":
         return _system_proxy_command(args)
+    if args.command == "link":
+        return _link_command(args)
     return _start(args)
 
 

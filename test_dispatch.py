@@ -2761,7 +2761,8 @@ def test_cap_action_stop_now_ends_the_links_open_connections(
 ) -> None:
     proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop-now")
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
-        assert round_trip(client, b"n" * 6000) == b"n" * 6000
+        client.sendall(b"n" * 6000)
+        assert recv_exactly(client, 6000) == b"n" * 6000  # open still
         assert wait_for(lambda: cap_reached(proxy))
         assert closed_by_proxy(client)
 
@@ -6271,6 +6272,7 @@ STATUS_TYPES = (
     dispatch.AddressHistory,
     dispatch.StatsRow,
     dispatch.CapReport,
+    dispatch.LinkReport,
 )
 
 
@@ -7464,6 +7466,275 @@ def test_a_second_proxy_on_the_same_port_is_refused(make_proxy: Callable[..., Di
     with pytest.raises(OSError) as refused:
         Dispatcher(["127.0.0.1"], port=first.address[1])
     assert refused.value.errno == errno.EADDRINUSE
+
+
+# ---------------------------------------------------------------------------
+# Steering: links paused, closed, weighed while dispatch runs; the control API
+# ---------------------------------------------------------------------------
+
+
+def api_post(
+    proxy: Dispatcher,
+    path: str,
+    body: object,
+    content_type: str = "application/json",
+    more_headers: str = "",
+    host: str | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """POST ``body`` (JSON unless bytes) to the proxy's own port, as a script would."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    host = host or f"127.0.0.1:{proxy.address[1]}"
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+    head += f"Content-Length: {len(data)}\r\nConnection: close\r\n{more_headers}\r\n"
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode() + data)
+        code, headers, answer = read_response(sock)
+    assert headers["content-type"] == "application/json"
+    return code, headers, json.loads(answer)
+
+
+def link_states(proxy: Dispatcher) -> dict[str, tuple[str, int]]:
+    return {link["name"]: (link["state"], link["weight"]) for link in proxy.status()["links"]}
+
+
+def run_link(port: int, *arguments: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``dispatch link`` (as a user types it) against the dispatch on ``port``: (status, stdout, stderr)."""
+    status = dispatch.main(["link", "--port", str(port), *arguments])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_dispatch_link_pause_takes_new_connections_off_the_link_and_lets_open_ones_go_on(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    peer_server: Server,
+    capsys: pytest.CaptureFixture[str],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin")
+    with contextlib.ExitStack() as stack:
+        open_ones = [stack.enter_context(client_through(proxy, (echo_server.host, echo_server.port))) for _ in range(2)]
+        status, out, err = run_link(proxy.address[1], "127.0.0.3", "pause", capsys=capsys)
+        assert (status, out, err) == (0, "link 127.0.0.3 paused\n", "")
+        assert peers_seen(proxy, peer_server, 4) == ["127.0.0.2"] * 4
+        assert [round_trip(client, b"still") for client in open_ones] == [b"still"] * 2
+    assert "link 127.0.0.3 paused from 127.0.0.1" in log.messages
+    assert link_states(proxy)["127.0.0.3"] == ("paused", 1)
+    status, out, _ = run_link(proxy.address[1], "127.0.0.3", "resume", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.3 resumed\n")
+    assert sorted(peers_seen(proxy, peer_server, 4)) == ["127.0.0.2"] * 2 + ["127.0.0.3"] * 2
+
+
+def test_dispatch_link_close_ends_the_links_open_connections_and_takes_no_new_one(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        client.sendall(b"before")
+        assert recv_exactly(client, 6) == b"before"  # open still
+        status, out, _ = run_link(proxy.address[1], "127.0.0.2", "close", capsys=capsys)
+        assert (status, out) == (0, "link 127.0.0.2 closed (1 connection ended)\n")
+        assert closed_by_proxy(client)
+    request = socks5_request(peer_server.host, peer_server.port)
+    assert socks5_code_for(proxy, request) == dispatch.Reply.NETWORK_UNREACHABLE
+
+
+def test_dispatch_link_close_with_a_site_ends_only_that_sites_connections(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    fake_names: dict[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake_names.update({"download.stuck.test": [echo_server.host], "fine.test": [echo_server.host]})
+    proxy = make_proxy(["127.0.0.2"])
+    stuck = client_through(proxy, ("download.stuck.test", echo_server.port), rdns=True)
+    with stuck, client_through(proxy, ("fine.test", echo_server.port), rdns=True) as fine:
+        stuck.sendall(b"open")
+        assert recv_exactly(stuck, 4) == b"open"
+        status, out, _ = run_link(proxy.address[1], "--site", "stuck.test", "127.0.0.2", "close", capsys=capsys)
+        assert (status, out) == (0, "link 127.0.0.2: 1 connection to stuck.test ended\n")
+        assert closed_by_proxy(stuck)
+        assert round_trip(fine, b"on") == b"on"
+    assert link_states(proxy)["127.0.0.2"] == ("ready", 1)
+
+
+def test_dispatch_link_weight_changes_the_links_share_of_turns(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin")
+    status, out, _ = run_link(proxy.address[1], "127.0.0.3", "weight", "3", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.3 has weight 3\n")
+    assert Counter(peers_seen(proxy, peer_server, 8)) == {"127.0.0.2": 2, "127.0.0.3": 6}
+    assert {row["ip"]: row["weight"] for row in proxy.stats()} == {"127.0.0.2": 1, "127.0.0.3": 3}
+
+
+def test_dispatch_link_reset_usage_counts_a_capped_link_from_zero(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop")
+    fill_links(proxy, echo_server, 1, 6000)
+    assert wait_for(lambda: cap_reached(proxy))
+    status, out, _ = run_link(proxy.address[1], "127.0.0.2", "reset-usage", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.2 counts its usage from zero\n")
+    assert proxy.status()["caps"][0]["used_bytes"] == 0
+    fill_links(proxy, echo_server, 1, 100)  # it serves again
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["nosuch0", "pause"], "refused (404): no link is named 'nosuch0'"),
+        (["127.0.0.1", "reset-usage"], "refused (409): link 127.0.0.1 has no data cap"),
+    ],
+)
+def test_dispatch_link_says_in_one_line_why_nothing_changed(
+    proxy: Dispatcher, arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_link(proxy.address[1], *arguments, capsys=capsys)
+    assert (status, out, err) == (1, "", f"dispatch link: {said}\n")
+    assert link_states(proxy) == {"127.0.0.1": ("ready", 1)}
+
+
+def test_dispatch_link_with_no_dispatch_there_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    port = refused_port()
+    status, out, err = run_link(port, "usb0", "pause", capsys=capsys)
+    assert status == 1 and out == "" and err.startswith(f"dispatch link: no dispatch answers at 127.0.0.1:{port}")
+    assert len(err.splitlines()) == 1
+
+
+def test_dispatch_link_logs_in_with_dispatch_auth_or_an_auth_file(
+    make_proxy: Callable[..., Dispatcher],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = make_proxy(credentials=dict([LOGIN]))
+    status, _, err = run_link(proxy.address[1], "127.0.0.1", "pause", capsys=capsys)
+    assert (status, err) == (1, "dispatch link: refused (401): log in\n")
+    login_file = tmp_path / "login"
+    login_file.write_text(":".join(LOGIN) + "\n")
+    status, out, _ = run_link(proxy.address[1], "--auth-file", str(login_file), "127.0.0.1", "pause", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.1 paused\n")
+    monkeypatch.setenv("DISPATCH_AUTH", ":".join(LOGIN))
+    status, out, _ = run_link(proxy.address[1], "127.0.0.1", "resume", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.1 resumed\n")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [(["usb0", "weight"], "weight takes a number"), (["--site", "x.example", "usb0", "pause"], "only close takes")],
+)
+def test_a_bad_dispatch_link_is_one_line_and_exit_2(
+    arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_link(1080, *arguments, capsys=capsys)
+    assert status == 2 and out == "" and said in err and len(err.splitlines()) == 1
+
+
+def test_the_control_api_lists_the_links_as_the_page_shows_them(proxy: Dispatcher) -> None:
+    code, headers, body = http_get(proxy.address, "/api/links")
+    answer = json.loads(body)
+    assert code == 200 and headers["content-type"] == "application/json"
+    assert answer["links"] == [{"name": "127.0.0.1", "state": "ready", "weight": 1}]
+    assert [row["ip"] for row in answer["addresses"]] == ["127.0.0.1"] and answer["caps"] == []
+
+
+@pytest.mark.parametrize(
+    ("send", "code"),
+    [
+        ("GET", 405),  # no change by GET, ever
+        ({"content_type": "application/x-www-form-urlencoded"}, 415),  # a form a web page posts
+        ({"content_type": "text/plain"}, 415),
+        ({"more_headers": "Origin: http://evil.example\r\n"}, 403),
+        ({"more_headers": "Origin: null\r\n"}, 403),
+        ({"host": "evil.example"}, 403),  # a name pointed at 127.0.0.1 (DNS rebinding)
+    ],
+)
+def test_the_control_api_refuses_a_change_a_web_page_could_send(
+    proxy: Dispatcher, send: Any, code: int, log: pytest.LogCaptureFixture
+) -> None:
+    if send == "GET":
+        got, _, body = http_get(proxy.address, "/api/links/127.0.0.1?action=pause")
+        assert json.loads(body)["error"]
+    else:
+        got, _, answer = api_post(proxy, "/api/links/127.0.0.1", {"action": "pause"}, **send)
+        assert answer["error"]
+    assert got == code
+    assert link_states(proxy) == {"127.0.0.1": ("ready", 1)}
+
+
+def test_the_control_api_takes_a_change_from_dispatchs_own_page(proxy: Dispatcher) -> None:
+    origin = f"Origin: http://127.0.0.1:{proxy.address[1]}\r\n"
+    code, _, answer = api_post(proxy, "/api/links/127.0.0.1", {"action": "pause"}, more_headers=origin)
+    assert (code, answer) == (200, {"changed": "link 127.0.0.1 paused"})
+
+
+def test_the_control_api_of_a_dispatch_listening_beyond_loopback_takes_changes_only_with_a_login(
+    make_proxy: Callable[..., Dispatcher],
+) -> None:
+    open_proxy = make_proxy(host="0.0.0.0")
+    code, _, answer = api_post(open_proxy, "/api/links/127.0.0.1", {"action": "pause"})
+    assert code == 403 and "changes need a login" in answer["error"]
+    assert link_states(open_proxy) == {"127.0.0.1": ("ready", 1)}
+    guarded = make_proxy(host="0.0.0.0", credentials=dict([LOGIN]))
+    assert api_post(guarded, "/api/links/127.0.0.1", {"action": "pause"})[0] == 401
+    token = base64.b64encode(":".join(LOGIN).encode()).decode()
+    login = f"Authorization: Basic {token}\r\n"
+    assert api_post(guarded, "/api/links/127.0.0.1", {"action": "pause"}, more_headers=login)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "said"),
+    [
+        ("/api/links/nosuch0", {"action": "pause"}, 404, "no link is named"),
+        ("/api/links/127.0.0.1", {"action": "explode"}, 400, "no action 'explode'"),
+        ("/api/links/127.0.0.1", {"action": "weight"}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": 0}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": "3"}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": True}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": 1001}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "pause", "weight": 2}, 400, "pause takes no 'weight'"),
+        ("/api/links/127.0.0.1", {"action": "close", "site": "a b"}, 400, "is no host name"),
+        ("/api/links/127.0.0.1", ["pause"], 400, "one JSON object"),
+        ("/api/links/127.0.0.1", b"{pause", 400, "the body is no JSON"),
+        ("/api/links/127.0.0.1", b"\xff\xfe", 400, "the body is no JSON"),
+        ("/api/links", {"action": "pause"}, 405, "a change is a POST to /api/links/NAME"),
+        ("/api/links/127.0.0.1/more", {"action": "pause"}, 404, "no such API path"),
+    ],
+)
+def test_a_bad_control_api_call_is_a_4xx_with_a_json_error_and_changes_nothing(
+    proxy: Dispatcher, path: str, body: object, code: int, said: str
+) -> None:
+    got, _, answer = api_post(proxy, path, body)
+    assert got == code and said in answer["error"]
+    assert link_states(proxy) == {"127.0.0.1": ("ready", 1)}
+
+
+def test_links_stay_paused_and_weighed_across_a_restart_and_the_start_says_so(
+    make_proxy: Callable[..., Dispatcher], tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    state = str(tmp_path / "state.json")
+    first = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
+    assert api_post(first, "/api/links/127.0.0.2", {"action": "pause"})[0] == 200
+    assert api_post(first, "/api/links/127.0.0.3", {"action": "weight", "weight": 4})[0] == 200
+    assert json.loads((tmp_path / "state.json").read_text())["steered"] == {
+        "127.0.0.2": {"state": "paused"},
+        "127.0.0.3": {"weight": 4},
+    }
+    first.shutdown()
+    again = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
+    assert link_states(again) == {"127.0.0.2": ("paused", 1), "127.0.0.3": ("ready", 4)}
+    assert "link 127.0.0.2 is paused, as it was left (dispatch link 127.0.0.2 resume)" in warnings_of(log)
+
+
+def test_link_states_in_a_state_file_that_are_unusable_are_left_out_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "state.json")
+    steered = {"a": {"state": "paused"}, "b": {"state": "melted"}, "c": {"weight": -1}, "d": "paused"}
+    dispatch.write_state(path, {}, {"steered": steered})
+    assert dispatch.read_link_states(path) == {"a": ("paused", None)}
+    assert warnings_of(log) == [f"state file {path}: 3 unusable link states left out"]
 
 
 # ---------------------------------------------------------------------------
