@@ -4731,8 +4731,10 @@ class Resolver:
         evidence_after: float = DEFAULT_HEDGE,
         hosts_file: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        carried: Callable[[LocalAddress, int, int], None] = lambda address, up, down: None,
     ) -> None:
         self.system = system
+        self.carried = carried  # hears the bytes of each query and answer, by link (the meter counts them)
         self.given = list(servers) if servers is not None else None
         self.addresses = addresses
         self.health = health
@@ -4768,6 +4770,10 @@ class Resolver:
         """The DNS work of ``address``'s link so far (a copy)."""
         with self._lock:
             return dataclasses.replace(self._counts.get(address) or DnsCounts())
+
+    def _carry(self, address: LocalAddress | None, up: int, down: int) -> None:
+        if address is not None:
+            self.carried(address, up, down)
 
     def _count(self, address: LocalAddress | None, field: str) -> None:
         if address is None:
@@ -5126,7 +5132,7 @@ class _HedgedQuery:
             for rdtype in self._unanswered():
                 message = dns.message.make_query(self.name, dns.rdatatype.RdataType(rdtype))  # a random id
                 query.asked[message.id] = message
-                sock.send(message.to_wire())
+                self.resolver._carry(local or self.via, sock.send(message.to_wire()), 0)
                 self.resolver._count(local or self.via, "queries")
         except OSError as error:
             sock.close()
@@ -5149,7 +5155,7 @@ class _HedgedQuery:
         try:
             for sent in query.asked.values():
                 if sent.question[0].rdtype not in self.answers:
-                    query.sock.send(sent.to_wire())
+                    self.resolver._carry(query.local or self.via, query.sock.send(sent.to_wire()), 0)
         except OSError as error:
             self._fail(query, error)
 
@@ -5168,6 +5174,7 @@ class _HedgedQuery:
             except OSError as error:  # the server's port is closed (ICMP), the link went
                 self._fail(query, error)
                 return
+            self.resolver._carry(query.local or self.via, 0, len(data))
             try:
                 message = dns.message.from_wire(data)
             except dns.exception.DNSException as error:
@@ -9968,6 +9975,7 @@ class Dispatcher:
             hedge=min(DNS_HEDGE, options.hedge),
             timeout=options.connect_timeout,
             evidence_after=options.hedge or DEFAULT_HEDGE,
+            carried=self.meter.add,  # the data caps count DNS too
         )
         self.access = AccessPolicy(options.credentials, options.allow, options.allow_targets)
         self.upstream = Upstream(

@@ -2779,6 +2779,17 @@ def test_usage_survives_a_restart_through_the_state_file(
     assert again.status()["caps"][0]["used_bytes"] >= 60_000
 
 
+def test_a_cap_counts_the_links_dns_queries_and_answers_too(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer
+) -> None:
+    proxy = make_proxy(["127.0.0.1"], dns=[dns_server.address], caps=["127.0.0.1=1MB/day"])
+    assert socks5_code_for(proxy, socks5_request("nosuch.test", 80)) == dispatch.Reply.HOST_UNREACHABLE
+    assert dns_server.asked("nosuch.test")
+    proxy.sample_meter()  # now, rather than in up to 2 s
+    used = proxy.status()["caps"][0]["used_bytes"]
+    assert used >= 2 * len("nosuch.test") + 2 * 12  # a query and its answer: each a header and the name at least
+
+
 @pytest.mark.parametrize(
     ("arguments", "said"),
     [
