@@ -10664,18 +10664,61 @@ def format_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] =
     )
 
 
+# NetworkManager's GENERAL.METERED (in the C locale), as ``dispatch list`` says it.
+_METERED = {
+    "yes": "yes",
+    "no": "no",
+    "yes (guessed)": "guessed yes",
+    "no (guessed)": "guessed no",
+    "unknown": "unknown",
+}
+METERED_TIMEOUT = 5.0  # seconds nmcli may take to answer
+
+
+def metered(interface: str) -> str:
+    """Whether the network of ``interface`` costs by the byte, as the system
+    says: on Linux, NetworkManager's "yes", "no", "guessed yes", "guessed no"
+    or "unknown"; "?" where it cannot be told (no NetworkManager, or
+    another system)."""
+    if not sys.platform.startswith("linux") or shutil.which("nmcli") is None:
+        return "?"
+    command = ["nmcli", "-g", "GENERAL.METERED", "device", "show", interface]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=METERED_TIMEOUT, env={**os.environ, "LC_ALL": "C"}
+        )
+    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
+        return "?"
+    return _METERED.get(done.stdout.strip(), "?") if done.returncode == 0 else "?"
+
+
+def metered_without_cap(links: Sequence[Link], capped: Collection[str]) -> list[str]:
+    """A line for each metered interface among the primary ``links`` with
+    no data cap (none of the links named in ``capped``), suggesting one."""
+    return [
+        f"link {link.name} is metered (NetworkManager says {said}): a data cap (--cap {link.name}=SIZE/month) "
+        f"or {link.name}@backup keeps it from carrying more than it should"
+        for link in links
+        if link.is_interface
+        and not link.backup
+        and link.name not in capped
+        and (said := metered(link.name)) in ("yes", "guessed yes")
+    ]
+
+
 def _list_interfaces(out: TextIO) -> int:
     defaults = _default_route_interfaces()
-    rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE")]
+    rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE", "METERED")]
     for interface in _interfaces():
         up = _is_up(interface.name)
         route = "?" if defaults is None else ("yes" if interface.name in defaults else "")
+        costs = metered(interface.name)
         if not interface.ips:
-            rows.append((interface.name, "-", "no address" if up else "no address (down)", route))
+            rows.append((interface.name, "-", "no address" if up else "no address (down)", route, costs))
         for ip in interface.ips:
             usable = up and _is_usable(ipaddress.ip_address(ip))
             reason = "yes" if usable else ("no (down)" if not up else _why_unusable(ip))
-            rows.append((interface.name, ip, reason, route))
+            rows.append((interface.name, ip, reason, route, costs))
     print(format_table(rows), file=out)
     return 0
 
@@ -11096,6 +11139,8 @@ def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, ban
     with _StopSignals() as stop:
         try:
             _print_banner(dispatcher, banner, log_where)
+            for line in metered_without_cap(dispatcher.links.links, dispatcher.steering.budget.links):
+                logger.warning("%s", line)
             try:
                 dispatcher.start()
             except Exception as failure:  # one line, exit status 1: a service manager restarts it

@@ -8280,6 +8280,62 @@ def test_cli_list_shows_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
     assert any(line.split()[:3] == ["lo", "127.0.0.1", "no"] for line in out.splitlines()[1:])
 
 
+@pytest.fixture
+def network_manager(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An nmcli first on PATH, as NetworkManager's answers GENERAL.METERED:
+    what the file named as the device in the folder returned holds ("yes
+    (guessed)"), in the C locale only (in another, its words are translated);
+    no file: no such device."""
+    said = tmp_path / "metered"
+    said.mkdir()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "nmcli"
+    script.write_text(
+        "#!/bin/sh\n"
+        '[ "$LC_ALL" = C ] || { echo ja; exit 0; }\n'
+        '[ "$1 $2 $3 $4" = "-g GENERAL.METERED device show" ] || exit 2\n'
+        f'cat "{said}/$5" 2>/dev/null || {{ echo "Error: Device \'$5\' not found." >&2; exit 10; }}\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    return said
+
+
+def test_cli_list_shows_whether_each_interface_is_metered_as_network_manager_says(
+    fake_interfaces: FakeInterfaces, network_manager: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_interfaces.interfaces.update(usb0=["127.0.0.2"], wlan0=["127.0.0.3"], eth0=["127.0.0.4"], tun0=["127.0.0.5"])
+    for name, said in (("usb0", "yes"), ("wlan0", "no (guessed)"), ("eth0", "unknown")):
+        (network_manager / name).write_text(said + "\n")
+    assert dispatch.main(["list"]) == 0
+    rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][-1] == "METERED"
+    assert {row[0]: row[-1] for row in rows[1:]} == {
+        "usb0": "yes",
+        "wlan0": "guessed no",
+        "eth0": "unknown",
+        "tun0": "?",
+    }
+
+
+def test_cli_start_suggests_a_cap_for_a_metered_link_that_has_none(
+    fake_interfaces: FakeInterfaces, network_manager: Any, tmp_path: Any
+) -> None:
+    fake_interfaces.interfaces.update(usb0=["127.0.0.2"], wwan0=["127.0.0.3"], wlan0=["127.0.0.4"], eth0=["127.0.0.5"])
+    for name in ("usb0", "wwan0", "wlan0"):
+        (network_manager / name).write_text("yes (guessed)\n")
+    log_file = tmp_path / "d.log"
+    links = ["usb0", "wwan0@backup", "wlan0", "eth0", "--cap", "wlan0=1GB/month", "--no-state"]
+    assert run_cli(links, lambda running, stop: None, str(log_file)) == 0
+    told = [line.partition("WARNING ")[2] for line in log_file.read_text().splitlines() if "metered" in line]
+    assert told == [
+        "link usb0 is metered (NetworkManager says guessed yes): a data cap (--cap usb0=SIZE/month) "
+        "or usb0@backup keeps it from carrying more than it should"
+    ]
+
+
 def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: Any) -> None:
     arguments = ["start", "--ip", "::1", "--port", "0", "--connect-timeout", "2", "--cooldown", "4"]
     arguments += ["--handshake-timeout", "3", "--idle-timeout", "5", "--max-connections", "6"]
@@ -8924,11 +8980,11 @@ def test_cli_list_marks_interfaces_without_an_address(windows: None, capsys: pyt
     assert dispatch.main(["list"]) == 0
     rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
     assert rows == [
-        ["INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE"],
-        ["Wi-Fi", "127.0.0.2", "yes", "?"],  # Windows: the default route is not read
-        ["Ethernet 2", "127.0.0.3", "yes", "?"],
-        ["Ethernet 2", "fd00::3", "yes", "?"],
-        ["Bluetooth Device (Personal Area Network)", "-", "no address", "?"],
+        ["INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE", "METERED"],
+        ["Wi-Fi", "127.0.0.2", "yes", "?", "?"],  # Windows: the default route and the cost are not read
+        ["Ethernet 2", "127.0.0.3", "yes", "?", "?"],
+        ["Ethernet 2", "fd00::3", "yes", "?", "?"],
+        ["Bluetooth Device (Personal Area Network)", "-", "no address", "?", "?"],
     ]
 
 
