@@ -2779,6 +2779,63 @@ def test_usage_survives_a_restart_through_the_state_file(
     assert again.status()["caps"][0]["used_bytes"] >= 60_000
 
 
+def test_a_capped_link_serves_again_when_its_period_rolls_over(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop")
+    budget = proxy.steering.budget
+    today = datetime.date.fromtimestamp(budget.clock())
+    fill_links(proxy, echo_server, 1, 6000)
+    assert wait_for(lambda: cap_reached(proxy))
+    request = socks5_request(peer_server.host, peer_server.port)
+    assert socks5_code_for(proxy, request) == dispatch.Reply.NETWORK_UNREACHABLE
+    budget.clock = lambda: at_local(today + datetime.timedelta(days=1), 0) + 1  # just past midnight
+    proxy.sample_meter()  # the next sample finds the new period
+    assert peers_seen(proxy, peer_server, 1) == ["127.0.0.2"]
+    (report,) = proxy.status()["caps"]
+    assert not report["reached"] and report["period_end"] == at_local(today + datetime.timedelta(days=2), 0)
+
+
+def test_a_sticky_site_on_a_link_held_back_moves_to_another(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_names: dict[str, list[str]]
+) -> None:
+    fake_names["www.shop.test"] = ["127.0.0.1"]
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], sticky=600)
+    target = ("www.shop.test", peer_server.port)
+    with client_through(proxy, target, rdns=True) as client:
+        stuck = read_all(client).decode()
+    other = ({"127.0.0.2", "127.0.0.3"} - {stuck}).pop()
+    proxy.steering.steer(stuck, {"action": "pause"}, "a test")
+    for _ in range(3):
+        with client_through(proxy, target, rdns=True) as client:
+            assert read_all(client).decode() == other
+
+
+def test_each_cap_is_on_the_page_in_stats_json_in_metrics_and_in_the_stats_lines(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=100kB/day", "127.0.0.2=1MB/month"])
+    fill_links(proxy, echo_server, 1, 40_000)  # 80 kB both ways
+    assert wait_for(lambda: proxy.status()["caps"][0]["used_bytes"] >= 80_000)
+    day, month = proxy.status()["caps"]
+    assert (day["cap"], day["cap_bytes"], day["reached"]) == ("127.0.0.2=100kB/day", 100_000, False)
+    assert (month["cap"], month["used_bytes"]) == ("127.0.0.2=1MB/month", day["used_bytes"])
+    _, _, body = http_get(proxy.address, "/stats.json")
+    assert json.loads(body)["caps"][1]["cap_bytes"] == 1_000_000
+    _, _, page = http_get(proxy.address, "/")
+    assert "<h2>Data caps</h2>" in page.decode() and "127.0.0.2=100kB/day: 80.0 kB used (80 %)" in page.decode()
+    _, _, metrics = http_get(proxy.address, "/metrics")
+    lines = metrics.decode().splitlines()
+    assert 'dispatch_link_cap_bytes{link="127.0.0.2",cap="127.0.0.2=1MB/month"} 1000000' in lines
+    assert f'dispatch_link_used_bytes{{link="127.0.0.2",cap="127.0.0.2=100kB/day"}} {day["used_bytes"]}' in lines
+    assert any(line.startswith("dispatch_link_cap_reset_timestamp_seconds{") for line in lines)
+    dispatch._print_stats(proxy, time.monotonic())
+    out = capsys.readouterr().out
+    assert (
+        "cap 127.0.0.2=100kB/day: 80.0 kB used (80 %)" in out and "cap 127.0.0.2=1MB/month: 80.0 kB used (8 %)" in out
+    )
+
+
 def test_a_cap_counts_the_links_dns_queries_and_answers_too(
     make_proxy: Callable[..., Dispatcher], dns_server: DnsServer
 ) -> None:
