@@ -9397,8 +9397,9 @@ class LinkSteering:
     on), closed (and those open are ended), resumed, given another weight;
     its usage counted anew. ``held`` and ``weight_of`` are the Balancer's
     (see Hold). The states and weights are kept in the state file; each
-    change calls ``changed`` (which writes it). Raises ValueError for a cap
-    of a link that is not among ``links``."""
+    change calls ``changed`` (which writes it). It becomes the ``held`` and
+    ``weight`` of ``upstream``'s balancer. Raises ValueError for a cap of a
+    link that is not among ``links``."""
 
     def __init__(self, links: LinkSet, upstream: Upstream, budget: DataBudget, cap_action: str) -> None:
         names = [link.name for link in links.links]
@@ -9409,6 +9410,7 @@ class LinkSteering:
         self.upstream = upstream
         self.budget = budget
         self.cap_action = cap_action
+        upstream.balancer.held, upstream.balancer.weight = self.held, self.weight_of  # it steers that balancer
         self.changed: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         self._states: dict[str, SteeredState] = {}  # those not "ready"
@@ -9833,7 +9835,8 @@ class Dispatcher:
       and ``/metrics`` answer only a Host header that names localhost, a
       loopback address or the address the client reached (a web page could
       otherwise point its own name at 127.0.0.1 and read them: DNS
-      rebinding); ``/proxy.pac`` answers any.
+      rebinding); ``/proxy.pac`` answers any. The control API
+      (``/api/links``: see LinkSteering and LinkControl) goes with them.
     - ``page_hosts``: more Host names (or addresses) the pages answer to.
     - ``balance``: "measured" or "round-robin"; None means measured unless
       an address has a weight.
@@ -9983,7 +9986,6 @@ class Dispatcher:
         )
         budget = DataBudget([parse_cap(cap) for cap in options.caps])
         self.steering = LinkSteering(self.links, self.upstream, budget, options.cap_action)
-        self.balancer.held, self.balancer.weight = self.steering.held, self.steering.weight_of
         if options.state_file:
             self.steering.changed = self.save_state
         limit = default_max_connections() if options.max_connections is None else options.max_connections
