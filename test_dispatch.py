@@ -6,8 +6,9 @@ errno mapping, the handshake reader) have unit tests of their own.
 
 The tests are grouped in the order of the module's sections, each under a
 banner as there: platform start-up, errors, deadline I/O, wire formats,
-access, links, health, choice, meter, data caps, device binding, name servers, resolver,
-upstream proxies, upstream, relay, sessions, local pages, HTTP proxy, server,
+access, links, health, choice, meter, data caps, device binding, name
+servers, resolver, upstream proxies, upstream, relay, sessions, local pages,
+HTTP proxy, server, steering (with the control API and dispatch link),
 Dispatcher, service units, reports and the command line. Their helpers and
 fixtures are in conftest.py. Beside this file: test_lab.py (the network lab,
 which needs root), test_browser.py (the status page in Chromium) and
