@@ -10674,47 +10674,74 @@ _METERED = {
     "no (guessed)": "guessed no",
     "unknown": "unknown",
 }
-METERED_TIMEOUT = 5.0  # seconds nmcli may take to answer
+# Windows' cost of a connection (NetworkCostType, from its network list manager), said so.
+_WINDOWS_COSTS = {"Unrestricted": "no", "Fixed": "yes", "Variable": "yes", "Unknown": "unknown"}
+# Each connection profile's adapter GUID and cost, asked of Windows PowerShell
+# (its WinRT types give the network list manager's costs without a COM binding).
+WINDOWS_COSTS_SCRIPT = (
+    "[void][Windows.Networking.Connectivity.NetworkInformation,Windows.Networking.Connectivity,"
+    "ContentType=WindowsRuntime]; foreach ($p in [Windows.Networking.Connectivity.NetworkInformation]"
+    "::GetConnectionProfiles()) { if ($p.NetworkAdapter) { '{0} {1}' -f "
+    "$p.NetworkAdapter.NetworkAdapterId, $p.GetConnectionCost().NetworkCostType } }"
+)
+METERED_TIMEOUT = 10.0  # seconds nmcli or PowerShell may take to answer
 
 
-def metered(interface: str) -> str:
-    """Whether the network of ``interface`` costs by the byte, as the system
-    says: on Linux, NetworkManager's "yes", "no", "guessed yes", "guessed no"
-    or "unknown"; "?" where it cannot be told (no NetworkManager, or
-    another system)."""
-    if not sys.platform.startswith("linux") or shutil.which("nmcli") is None:
-        return "?"
-    command = ["nmcli", "-g", "GENERAL.METERED", "device", "show", interface]
+def _run_for_output(command: Sequence[str]) -> str | None:
+    """What ``command`` prints, in the C locale; None if it fails (or is not there)."""
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=METERED_TIMEOUT, env={**os.environ, "LC_ALL": "C"}
         )
     except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
-        return "?"
-    return _METERED.get(done.stdout.strip(), "?") if done.returncode == 0 else "?"
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def metered(interfaces: Sequence[Interface]) -> dict[str, str]:
+    """Whether the network of each of ``interfaces`` (by name) costs by the
+    byte, as the system says: on Linux, NetworkManager's "yes", "no",
+    "guessed yes", "guessed no" or "unknown"; on Windows, the connection's
+    cost ("yes" for a fixed or variable one, "no", "unknown"); "?" where it
+    cannot be told (no NetworkManager, no connection profile, another system)."""
+    said = dict.fromkeys((interface.name for interface in interfaces), "?")
+    if sys.platform.startswith("linux"):
+        for name in said:
+            output = _run_for_output(["nmcli", "-g", "GENERAL.METERED", "device", "show", name])
+            said[name] = "?" if output is None else _METERED.get(output.strip(), "?")
+    elif sys.platform == "win32":
+        output = _run_for_output(["powershell", "-NoProfile", "-NonInteractive", "-Command", WINDOWS_COSTS_SCRIPT])
+        costs = dict(line.split(None, 1) for line in (output or "").splitlines() if len(line.split()) == 2)
+        costs = {guid.upper(): cost.strip() for guid, cost in costs.items()}
+        for interface in interfaces:
+            for alias in interface.aliases:
+                if alias.upper() in costs:
+                    said[interface.name] = _WINDOWS_COSTS.get(costs[alias.upper()], "?")
+    return said
 
 
 def metered_without_cap(links: Sequence[Link], capped: Collection[str]) -> list[str]:
     """A line for each metered interface among the primary ``links`` with
     no data cap (none of the links named in ``capped``), suggesting one."""
+    asked = {link.name for link in links if link.is_interface and not link.backup and link.name not in capped}
+    said = metered([interface for interface in _interfaces() if interface.name in asked]) if asked else {}
     return [
-        f"link {link.name} is metered (NetworkManager says {said}): a data cap (--cap {link.name}=SIZE/month) "
-        f"or {link.name}@backup keeps it from carrying more than it should"
-        for link in links
-        if link.is_interface
-        and not link.backup
-        and link.name not in capped
-        and (said := metered(link.name)) in ("yes", "guessed yes")
+        f"link {name} is metered (the system says {costs}): a data cap (--cap {name}=SIZE/month) "
+        f"or {name}@backup keeps it from carrying more than it should"
+        for name, costs in said.items()
+        if costs in ("yes", "guessed yes")
     ]
 
 
 def _list_interfaces(out: TextIO) -> int:
     defaults = _default_route_interfaces()
     rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE", "METERED")]
-    for interface in _interfaces():
+    interfaces = _interfaces()
+    said = metered(interfaces)
+    for interface in interfaces:
         up = _is_up(interface.name)
         route = "?" if defaults is None else ("yes" if interface.name in defaults else "")
-        costs = metered(interface.name)
+        costs = said[interface.name]
         if not interface.ips:
             rows.append((interface.name, "-", "no address" if up else "no address (down)", route, costs))
         for ip in interface.ips:

@@ -8389,7 +8389,7 @@ def test_cli_start_suggests_a_cap_for_a_metered_link_that_has_none(
     assert run_cli(links, lambda running, stop: None, str(log_file)) == 0
     told = [line.partition("WARNING ")[2] for line in log_file.read_text().splitlines() if "metered" in line]
     assert told == [
-        "link usb0 is metered (NetworkManager says guessed yes): a data cap (--cap usb0=SIZE/month) "
+        "link usb0 is metered (the system says guessed yes): a data cap (--cap usb0=SIZE/month) "
         "or usb0@backup keeps it from carrying more than it should"
     ]
 
@@ -9044,6 +9044,29 @@ def test_cli_list_marks_interfaces_without_an_address(windows: None, capsys: pyt
         ["Ethernet 2", "fd00::3", "yes", "?", "?"],
         ["Bluetooth Device (Personal Area Network)", "-", "no address", "?", "?"],
     ]
+
+
+def test_cli_list_shows_the_cost_windows_gives_each_connection(
+    windows: None, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "powershell"  # Windows PowerShell, as it answers dispatch's question
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *GetConnectionProfiles*) ;; *) exit 2;; esac\n'
+        "echo '{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11} Variable'\n"
+        "echo '{9c1d7b20-5e3f-4a8c-b6d2-7f0e1a2b3c44} Unrestricted'\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert dispatch.main(["list"]) == 0
+    rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
+    assert {row[0]: row[-1] for row in rows[1:]} == {
+        "Wi-Fi": "yes",
+        "Ethernet 2": "no",
+        "Bluetooth Device (Personal Area Network)": "?",  # no connection profile
+    }
 
 
 def test_cli_starts_with_windows_names(windows: None, echo_server: Server, tmp_path: Any) -> None:
