@@ -1179,6 +1179,8 @@ def sample_status(step: int = 0, points: int = 150) -> dict[str, Any]:
         "addresses": rows,
         "history": {"interval": 2.0, "addresses": history},
         "bonds": [],
+        "caps": [],
+        "links": [],
         "system_proxy": "not set",
     }
 

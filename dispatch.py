@@ -44,6 +44,8 @@ Map of this module, in order; each section uses only what is above it:
                        address a connection gets (tiers, sticky sites)
     meter              Meter: per-address counters, rates, history; CapacityEstimator;
                        the state file (read_state, write_state)
+    data caps          DataCap, DataBudget: what a link that costs money may carry per
+                       day, month or rolling window; its usage kept (read_usage)
     device binding     a socket that leaves by the chosen link; the system's lookup
     name servers       the system's DNS servers (per link where it says) and hosts file
     resolver           Resolver: names through the links; DnsCache, the hedged query
@@ -61,12 +63,16 @@ Map of this module, in order; each section uses only what is above it:
     MPTCP endpoints    MptcpEndpoints: the kernel's subflow addresses for bonds, added,
                        followed and removed (at stop, and after a crash); choose_bond()
     server             the first byte picks the session; Admission; the listener
+    steering           LinkSteering: links held back while it runs (data caps reached,
+                       paused, closed), their weights; the control API's changes
     options            DispatcherOptions: every option of a Dispatcher, checked as a whole
     Dispatcher         the library face; owns the listeners and the background tasks
                        (interfaces, meter samples, retests, checks), the firewall rules
     service units      systemd, launchd and Task Scheduler files for ``dispatch service``
     reports            format_table(), format_stats(): tables of the links and their traffic
-    command line       ``dispatch list|start|rules|service``; main()
+    control client     steer_link(): ``dispatch link``, a change asked of a running dispatch
+    arguments          the command line's values parsed and checked: ports, durations, caps...
+    command line       ``dispatch list|start|rules|service|system-proxy|link``; main()
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import errno
 import functools
@@ -106,7 +113,7 @@ import types
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Generic, Literal, NoReturn, TextIO, TypedDict, TypeVar
+from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar
 
 __version__ = "0.2.0"
 __all__ = [
@@ -119,6 +126,7 @@ __all__ = [
     "BondCounters",
     "BondMember",
     "BondStatus",
+    "CapReport",
     "CapacitySource",
     "DeadlineReader",
     "Dispatcher",
@@ -129,6 +137,7 @@ __all__ = [
     "HttpError",
     "Link",
     "LinkSet",
+    "LinkReport",
     "LinkState",
     "LocalAddress",
     "Meter",
@@ -3160,11 +3169,22 @@ class Affinity:
     site: str
 
 
+# Why a link takes fewer new connections than its health allows: "spent"
+# (its data cap is reached: it serves only while no other link is up) or
+# "barred" (it takes none: paused, closed, or its cap reached with
+# --cap-action stop). None: it is held back by nothing.
+Hold = Literal["spent", "barred"]
+
+
 class Balancer:
     """Chooses the local address of each new connection, per address family.
 
     Addresses that are out (see Health) are skipped while others are left;
     backup addresses are used only while no primary one of the family is up.
+    ``held`` tells the addresses held back apart from their health (see
+    Hold): a "spent" one is used only while no other of the family is up, a
+    "barred" one never; ``weight`` is each address's weight in turns (its
+    own, unless changed while running: then ``rebuild()``).
     Among the rest, ``Balance.ROUND_ROBIN`` takes turns by weight, and
     ``Balance.MEASURED`` gives the connection to the address with the least
     open work for its ``capacity`` (bytes per second, None while unknown).
@@ -3184,9 +3204,13 @@ class Balancer:
         balance: Balance = Balance.ROUND_ROBIN,
         capacity: Callable[[LocalAddress], float | None] = lambda address: None,
         sticky: StickyTable[LocalAddress] | None = None,
+        held: Callable[[LocalAddress], Hold | None] = lambda address: None,
+        weight: Callable[[LocalAddress], int] = lambda address: address.weight,
     ) -> None:
         self.health = health
         self.balance = balance
+        self.held = held
+        self.weight = weight
         self.capacity = capacity
         self.sticky = sticky
         self._lock = threading.Lock()
@@ -3205,7 +3229,7 @@ class Balancer:
             for backup in (False, True):
                 pool = [a for a in addresses if family in a.serves and a.backup == backup]
                 if pool:
-                    rounds[family, backup] = WeightedRoundRobin(pool, [a.weight for a in pool])
+                    rounds[family, backup] = WeightedRoundRobin(pool, [self.weight(a) for a in pool])
         with self._lock:
             self._rounds = rounds
             self._measured = {family: MeasuredChoice() for family, _ in rounds}
@@ -3240,9 +3264,14 @@ class Balancer:
     def next(self, family: socket.AddressFamily, affinity: Affinity | None = None) -> LocalAddress:
         """The local address for a new connection of ``family``.
 
-        Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none.
+        Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) if the family has none,
+        SocksError(NETWORK_UNREACHABLE) if every one is barred (see Hold).
         """
         chosen = self.choose(family, (), affinity)
+        if chosen is None and any(f == family for f, _ in self._rounds):
+            raise SocksError(
+                Reply.NETWORK_UNREACHABLE, f"every {_family_name(family)} link is paused, closed or past its data cap"
+            )
         if chosen is None:
             raise SocksError(
                 Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"no {_family_name(family)} local address to dispatch to"
@@ -3265,7 +3294,7 @@ class Balancer:
         tier (a slow primary is no reason to spend a backup's traffic)."""
         with self._lock:
             if racing:
-                tiers = [(tried_address.backup, True) for tried_address in tried][:1]
+                tiers = [(tried_address.backup, False, True) for tried_address in tried][:1]
                 chosen = self._choose_by_tier(family, tried, affinity, tiers)
             else:
                 chosen = self._choose_by_tier(family, tried, affinity)
@@ -3278,22 +3307,38 @@ class Balancer:
         if self.sticky is not None:
             self.sticky.put(affinity.client, affinity.site, address, self.health.clock())
 
-    # The primaries that are up; else the backups that are; else, rather
-    # than fail, those that are out, primaries first. (backup, up only)
-    _TIERS = ((False, True), (True, True), (False, False), (True, False))
+    # The primaries that are up; else the backups that are; else the spent
+    # ones that are; else, rather than fail, those that are out, in the same
+    # order. (backup, spent, up only)
+    _TIERS = (
+        (False, False, True),
+        (True, False, True),
+        (False, True, True),
+        (True, True, True),
+        (False, False, False),
+        (True, False, False),
+        (False, True, False),
+        (True, True, False),
+    )
 
     def _choose_by_tier(
         self,
         family: socket.AddressFamily,
         tried: Collection[LocalAddress],
         affinity: Affinity | None,
-        tiers: Sequence[tuple[bool, bool]] = _TIERS,
+        tiers: Sequence[tuple[bool, bool, bool]] = _TIERS,
     ) -> LocalAddress | None:
-        for backup, up_only in tiers:
+        holds = {a: self.held(a) for rounds in self._rounds.values() for a in rounds.items}
+        for backup, spent, up_only in tiers:
             rounds = self._rounds.get((family, backup))
             if rounds is None:
                 continue
-            candidates = [a for a in rounds.items if a not in tried and not (up_only and self.health.is_out(a))]
+            hold = "spent" if spent else None
+            candidates = [
+                a
+                for a in rounds.items
+                if a not in tried and holds[a] == hold and not (up_only and self.health.is_out(a))
+            ]
             if candidates:
                 return self._pick(family, rounds, candidates, affinity)
         return None
@@ -3849,9 +3894,11 @@ def read_state(path: str) -> dict[str, float]:
     return capacities
 
 
-def write_state(path: str, capacities: Mapping[str, float]) -> None:
+def write_state(path: str, capacities: Mapping[str, float], more: Mapping[str, object] | None = None) -> None:
     """Write ``capacities`` (by link key) to the state file at ``path``,
-    atomically: readers see the old file or the new one, never half of one.
+    atomically: readers see the old file or the new one, never half of one;
+    ``more`` are further entries of the file (the usage of capped links,
+    the links' states), which readers of the capacities pass over.
     Raises OSError."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -3860,6 +3907,7 @@ def write_state(path: str, capacities: Mapping[str, float]) -> None:
         "version": STATE_VERSION,
         "written": round(time.time(), 1),
         "links": {key: {"capacity": round(capacity, 1)} for key, capacity in sorted(capacities.items())},
+        **(more or {}),
     }
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -3873,6 +3921,290 @@ def write_state(path: str, capacities: Mapping[str, float]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+# ---------------------------------------------------------------------------
+# Data caps: what a link that costs money may carry, by period, kept across runs
+# ---------------------------------------------------------------------------
+
+# Sizes as phone plans and routers write them: kB, MB, GB, TB in powers of
+# 1000, KiB, MiB, GiB, TiB in powers of 1024.
+SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+CAP_WARNINGS = (75, 95)  # per cent of a cap: one log line each, per period
+MAX_ROLLING_DAYS = 366
+# Seconds between two writes of the state file while a capped link's usage
+# changes: a crash loses at most this much of what it carried.
+USAGE_SAVE_INTERVAL = 15.0
+# What a link does once a cap is reached: join the backup tier, take no new
+# connection, or take none and end those open too.
+CapAction = Literal["backup", "stop", "stop-now"]
+CAP_ACTIONS: tuple[CapAction, ...] = ("backup", "stop", "stop-now")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as ``--cap`` takes it (2GB, 200MB, 1.5GiB, 5000B);
+    ValueError for anything else."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", text.strip().lower())
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is no size: a number and B, kB, MB, GB, TB (or KiB, MiB, GiB, TiB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCap:
+    """At most ``size`` bytes through ``link`` (both ways together) per period:
+    a local day, a month from its ``first_day``, or a rolling window of
+    ``days`` days (today and the days before it)."""
+
+    link: str
+    size: int
+    period: Literal["day", "month", "rolling"]
+    days: int = 1  # of a rolling window
+    first_day: int = 1  # of the month's period; a shorter month starts on its last day
+
+    def describe(self) -> str:
+        """The cap as --cap writes it."""
+        period = {"day": "day", "month": "month", "rolling": f"{self.days}d"}[self.period]
+        first = f"@{self.first_day}" if self.period == "month" and self.first_day != 1 else ""
+        return f"{self.link}={format_size(self.size)}/{period}{first}"
+
+    def bounds(self, today: datetime.date) -> tuple[datetime.date, datetime.date]:
+        """The first day of the period holding ``today``, and the first day after it."""
+        if self.period == "day":
+            return today, today + datetime.timedelta(days=1)
+        if self.period == "rolling":
+            return today - datetime.timedelta(days=self.days - 1), today + datetime.timedelta(days=1)
+        start = self._month_start(today.year, today.month)
+        if start > today:
+            start = self._month_start(*_month_before(today.year, today.month))
+        return start, self._month_start(*_month_after(start.year, start.month))
+
+    def _month_start(self, year: int, month: int) -> datetime.date:
+        last = (datetime.date(*_month_after(year, month), 1) - datetime.timedelta(days=1)).day
+        return datetime.date(year, month, min(self.first_day, last))
+
+
+def _month_before(year: int, month: int) -> tuple[int, int]:
+    return (year - 1, 12) if month == 1 else (year, month - 1)
+
+
+def _month_after(year: int, month: int) -> tuple[int, int]:
+    return (year + 1, 1) if month == 12 else (year, month + 1)
+
+
+def format_size(count: int) -> str:
+    """A size as --cap takes it, in the largest unit it is a whole number
+    of (powers of 1000 first), or in bytes."""
+    for unit in ("TB", "GB", "MB", "kB", "TiB", "GiB", "MiB", "KiB"):
+        if count and count % SIZE_UNITS[unit.lower()] == 0:
+            return f"{count // SIZE_UNITS[unit.lower()]}{unit}"
+    return f"{count}B"
+
+
+def parse_cap(text: str) -> DataCap:
+    """A ``--cap`` value: LINK=SIZE/PERIOD, PERIOD day, month (month@DAY: it
+    starts on that day) or Nd (a rolling window of N days); ValueError
+    saying what is wrong."""
+    link, equals, rest = text.partition("=")
+    size_text, slash, period_text = rest.partition("/")
+    if not (link.strip() and equals and slash):
+        raise ValueError(f"{text!r} is no cap: LINK=SIZE/PERIOD, as usb0=2GB/month, usb0=200MB/day, usb0=5GB/30d")
+    size = parse_size(size_text)
+    if size <= 0:
+        raise ValueError(f"{text!r}: a cap of 0 lets nothing through; leave the link out instead")
+    period, at, first = period_text.strip().lower().partition("@")
+    if at and not (period == "month" and first.isdigit() and 1 <= int(first) <= 31):
+        raise ValueError(f"{text!r}: only a month starts on a day, month@1 to month@31")
+    if period in ("day", "month"):
+        return DataCap(link.strip(), size, "month" if period == "month" else "day", first_day=int(first or 1))
+    days = period[:-1]
+    if not (period.endswith("d") and days.isdigit() and 1 <= int(days) <= MAX_ROLLING_DAYS):
+        raise ValueError(f"{text!r}: the period is day, month, month@DAY or Nd (1 to {MAX_ROLLING_DAYS} days)")
+    return DataCap(link.strip(), size, "rolling", days=int(days))
+
+
+class CapReport(TypedDict):
+    """Where one link stands against one cap, as the pages show it."""
+
+    link: str
+    cap: str  # as --cap wrote it
+    cap_bytes: int
+    used_bytes: int
+    period_end: float  # the time it starts afresh (seconds since the epoch)
+    reached: bool
+    seconds_left: float | None  # until reached, at the link's rate now; None while it carries nothing
+
+
+def _local_midnight(day: datetime.date) -> float:
+    """The time (seconds since the epoch) the local ``day`` begins."""
+    return time.mktime((day.year, day.month, day.day, 0, 0, 0, 0, 0, -1))
+
+
+class DataBudget:
+    """The bytes each capped link carried, by local day, and where it stands
+    against its caps.
+
+    Days are local, and only go forward: a clock set back (or a restart with
+    a clock behind) counts on in the newest day seen, so no period starts
+    afresh early. ``check()`` (every METER_INTERVAL, by the Dispatcher)
+    logs the CAP_WARNINGS lines and the caps reached, and updates
+    ``spent``: the links with a cap reached now. Thread safe.
+    """
+
+    def __init__(self, caps: Sequence[DataCap], clock: Callable[[], float] = time.time) -> None:
+        self.caps = list(caps)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._days: dict[str, dict[datetime.date, int]] = {cap.link: {} for cap in self.caps}
+        self._newest = datetime.date.fromtimestamp(clock())
+        self._told: dict[tuple[DataCap, datetime.date], int] = {}  # the highest level logged per period
+        self.spent: frozenset[str] = frozenset()
+        # The most days any cap looks back: older ones are forgotten.
+        self._kept_days = max([31 if cap.period == "month" else cap.days for cap in self.caps] or [1])
+
+    @property
+    def links(self) -> frozenset[str]:
+        """The names of the capped links."""
+        return frozenset(self._days)
+
+    def _today(self) -> datetime.date:
+        self._newest = max(self._newest, datetime.date.fromtimestamp(self.clock()))
+        return self._newest
+
+    def add(self, link: str, count: int) -> None:
+        """Count ``count`` bytes carried by ``link`` (either way) today."""
+        days = self._days.get(link)
+        if days is None or count <= 0:
+            return
+        with self._lock:
+            today = self._today()
+            days[today] = days.get(today, 0) + count
+
+    def used(self, cap: DataCap) -> tuple[int, datetime.date, datetime.date]:
+        """The bytes counted against ``cap`` in its period, and the period's bounds."""
+        with self._lock:
+            start, end = cap.bounds(self._today())
+            return sum(n for day, n in self._days[cap.link].items() if start <= day < end), start, end
+
+    def check(self) -> set[str]:
+        """Log each of a cap's CAP_WARNINGS and its reaching once a period,
+        each level passed (in order, however many at once); update
+        ``spent``; return the links newly spent."""
+        spent: set[str] = set()
+        for cap in self.caps:
+            used, start, _ = self.used(cap)
+            told = self._told.get((cap, start), 0)
+            for level in (*CAP_WARNINGS, 100):
+                if told < level and used * 100 >= cap.size * level:
+                    self._told[cap, start] = level
+                    if level < 100:
+                        logger.warning("link %s used %d%% of its cap %s", cap.link, level, cap.describe())
+                    else:
+                        logger.warning(
+                            "link %s reached its cap %s (%s used)", cap.link, cap.describe(), format_size(used)
+                        )
+            if used >= cap.size:
+                spent.add(cap.link)
+        newly, self.spent = spent - self.spent, frozenset(spent)
+        return newly
+
+    def reports(self) -> list[CapReport]:
+        """Where each capped link stands against each of its caps."""
+        reports: list[CapReport] = []
+        for cap in self.caps:
+            used, start, end = self.used(cap)
+            if cap.period == "rolling":
+                # A window frees the oldest day it holds as it moves on.
+                with self._lock:
+                    first = min((d for d, n in self._days[cap.link].items() if start <= d < end and n), default=start)
+                end = first + datetime.timedelta(days=cap.days)
+            reports.append(
+                {
+                    "link": cap.link,
+                    "cap": cap.describe(),
+                    "cap_bytes": cap.size,
+                    "used_bytes": used,
+                    "period_end": _local_midnight(end),
+                    "reached": used >= cap.size,
+                    "seconds_left": None,
+                }
+            )
+        return reports
+
+    def reset(self, link: str) -> bool:
+        """Count ``link`` from zero; whether it is capped."""
+        with self._lock:
+            if link not in self._days:
+                return False
+            self._days[link] = {}
+        self._told = {key: level for key, level in self._told.items() if key[0].link != link}
+        return True
+
+    def to_keep(self) -> dict[str, dict[str, int]]:
+        """The days to keep in the state file: {link: {"YYYY-MM-DD": bytes}}."""
+        with self._lock:
+            oldest = self._today() - datetime.timedelta(days=self._kept_days)
+            return {
+                link: {day.isoformat(): n for day, n in sorted(days.items()) if day >= oldest and n}
+                for link, days in self._days.items()
+                if days
+            }
+
+    def restore(self, kept: Mapping[str, Mapping[datetime.date, int]]) -> None:
+        """Count on from the days a state file kept (see read_usage)."""
+        with self._lock:
+            for link, days in kept.items():
+                if link in self._days:
+                    self._days[link] = dict(days)
+
+
+def read_usage(path: str, today: datetime.date) -> dict[str, dict[datetime.date, int]]:
+    """The bytes by link and day a state file keeps, if it was written on
+    this machine; nothing, with one warning, for another machine's usage
+    or days after ``today`` (a future period). A file read_state finds
+    unusable gives nothing, quietly: it has said so."""
+    try:
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return {}
+    usage = data.get("usage") if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
+    if not isinstance(usage, dict):
+        return {}
+    if data.get("host") != socket.gethostname():
+        logger.warning(
+            "state file %s: the usage it keeps is of another machine (%.60r), ignored", path, data.get("host")
+        )
+        return {}
+    kept: dict[str, dict[datetime.date, int]] = {}
+    future = False
+    for link, days in usage.items():
+        if not isinstance(days, dict):
+            continue
+        for day_text, count in days.items():
+            try:
+                day = datetime.date.fromisoformat(day_text)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                continue
+            if day > today:
+                future = True
+                continue
+            kept.setdefault(link, {})[day] = count
+    if future:
+        logger.warning("state file %s: usage of days after today (%s), ignored", path, today.isoformat())
+        return {}
+    return kept
 
 
 # ---------------------------------------------------------------------------
@@ -4474,8 +4806,10 @@ class Resolver:
         evidence_after: float = DEFAULT_HEDGE,
         hosts_file: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        carried: Callable[[LocalAddress, int, int], None] = lambda address, up, down: None,
     ) -> None:
         self.system = system
+        self.carried = carried  # hears the bytes of each query and answer, by link (the meter counts them)
         self.given = list(servers) if servers is not None else None
         self.addresses = addresses
         self.health = health
@@ -4511,6 +4845,10 @@ class Resolver:
         """The DNS work of ``address``'s link so far (a copy)."""
         with self._lock:
             return dataclasses.replace(self._counts.get(address) or DnsCounts())
+
+    def _carry(self, address: LocalAddress | None, up: int, down: int) -> None:
+        if address is not None:
+            self.carried(address, up, down)
 
     def _count(self, address: LocalAddress | None, field: str) -> None:
         if address is None:
@@ -4869,7 +5207,7 @@ class _HedgedQuery:
             for rdtype in self._unanswered():
                 message = dns.message.make_query(self.name, dns.rdatatype.RdataType(rdtype))  # a random id
                 query.asked[message.id] = message
-                sock.send(message.to_wire())
+                self.resolver._carry(local or self.via, sock.send(message.to_wire()), 0)
                 self.resolver._count(local or self.via, "queries")
         except OSError as error:
             sock.close()
@@ -4892,7 +5230,7 @@ class _HedgedQuery:
         try:
             for sent in query.asked.values():
                 if sent.question[0].rdtype not in self.answers:
-                    query.sock.send(sent.to_wire())
+                    self.resolver._carry(query.local or self.via, query.sock.send(sent.to_wire()), 0)
         except OSError as error:
             self._fail(query, error)
 
@@ -4911,6 +5249,7 @@ class _HedgedQuery:
             except OSError as error:  # the server's port is closed (ICMP), the link went
                 self._fail(query, error)
                 return
+            self.resolver._carry(query.local or self.via, 0, len(data))
             try:
                 message = dns.message.from_wire(data)
             except dns.exception.DNSException as error:
@@ -5536,7 +5875,8 @@ class Upstream:
         self._proxy_faults: dict[LocalAddress, str] = {}  # the last failure of each proxy link, told once
         self.bond_counters = BondCounters()
         self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
+        # Each open socket: the address it leaves from, and the target's host as named.
+        self._open: dict[socket.socket, tuple[LocalAddress, str]] = {}
         self._closing = False
 
     def connect(
@@ -5932,19 +6272,20 @@ class Upstream:
             self._warned.add(key)
         logger.warning(message, *args)
 
-    def lease(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
-        """Hand out ``sock``, connected from ``local`` (which the balancer gave)."""
+    def lease(self, sock: socket.socket, local: LocalAddress, host: str = "") -> UpstreamLease:
+        """Hand out ``sock``, connected from ``local`` (which the balancer
+        gave) to ``host`` (as the client named it; "" for datagrams)."""
         with self._lock:
             if self._closing:
                 _shutdown_quietly(sock)  # opened just as the proxy stopped
             else:
-                self._open.add(sock)
+                self._open[sock] = local, host
         self.meter.opened(local)
         return UpstreamLease(sock, local, self._release)
 
     def _release(self, lease: UpstreamLease) -> None:
         with self._lock:
-            self._open.discard(lease.sock)
+            self._open.pop(lease.sock, None)
         self.meter.closed(lease.local)
         self.balancer.release(lease.local)
 
@@ -5954,6 +6295,22 @@ class Upstream:
             self._closing = True
             for sock in self._open:
                 _shutdown_quietly(sock)
+
+    def close_through(self, addresses: Collection[LocalAddress], site: str | None = None) -> int:
+        """Shut down the open upstream sockets leaving from ``addresses`` (to
+        ``site`` alone, if given: a host name and the names under it, or an
+        address); return how many."""
+        site = None if site is None else site.lower().rstrip(".")
+
+        def ends(host: str) -> bool:
+            host = host.lower().rstrip(".")
+            return site is None or host == site or host.endswith("." + site)
+
+        with self._lock:
+            ending = [sock for sock, (local, host) in self._open.items() if local in addresses and ends(host)]
+            for sock in ending:
+                _shutdown_quietly(sock)
+        return len(ending)
 
 
 class _Race:
@@ -6166,7 +6523,7 @@ class _Race:
             self.upstream.proxy_worked(local)
         if self.affinity is not None:
             self.balancer.stick(self.affinity, local)  # the site sticks to the link that got through
-        return self.upstream.lease(sock, local)
+        return self.upstream.lease(sock, local, self.host)
 
 
 # ---------------------------------------------------------------------------
@@ -6503,6 +6860,41 @@ class BondStatus(TypedDict):
     carried: list[BondCarried]
 
 
+# A link's state as steered while dispatch runs: it takes new connections
+# ("ready"), takes none while its open ones go on ("paused"), or takes none
+# and its open ones were ended ("closed").
+SteeredState = Literal["ready", "paused", "closed"]
+
+
+class LinkReport(TypedDict):
+    """How a link is steered now: its state and weight."""
+
+    name: str  # as stats() names it
+    state: SteeredState
+    weight: int  # in turns (--balance round-robin)
+
+
+class ControlError(Exception):
+    """A change asked of the control API that is not made: ``status``
+    (an HTTP status) and why, for the asker."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LinkControl(Protocol):
+    """What the control API (``/api/links``) steers: the links of a running dispatch."""
+
+    def reports(self) -> list[LinkReport]:
+        """Each link's state and weight."""
+
+    def steer(self, name: str, request: object, who: str) -> str:
+        """Make the change ``request`` (a JSON body: {"action": ...}) asks of
+        the link ``name``, for ``who`` (the asker's address, for the log);
+        return what changed, in a line. Raises ControlError."""
+
+
 class Status(TypedDict):
     """Everything the status page shows, as ``Dispatcher.status()`` gives it."""
 
@@ -6516,6 +6908,8 @@ class Status(TypedDict):
     addresses: list[StatsRow]
     history: History
     bonds: list[BondStatus]
+    caps: list[CapReport]  # one per cap of each capped link
+    links: list[LinkReport]  # one per link, as steered
     system_proxy: str  # whether this dispatch has set the user's proxy settings, and which
 
 
@@ -6572,6 +6966,11 @@ class SessionContext:
     page_hosts: frozenset[str] = frozenset()
     # The names addresses were looked up by (transparent mode); None: none kept.
     names: SiteNames | None = None
+    # The links the control API steers (/api/links); None: no API.
+    control: LinkControl | None = None
+    # Whether the API takes changes only with a login: a proxy that listens
+    # beyond loopback is reached by other machines, and their web pages.
+    control_needs_login: bool = False
 
 
 # Seconds between two reads of a bonded connection's subflow counters.
@@ -7049,6 +7448,8 @@ def format_duration(seconds: float) -> str:
 
 
 LOCAL_PAGES = ("/", "/stats.json", "/metrics", "/proxy.pac")
+# The control API: GET it for the links as steered, POST to CONTROL_PATH/NAME to change one.
+CONTROL_PATH = "/api/links"
 PAGE_CONTENT_TYPE = "text/html; charset=utf-8"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PAC_CONTENT_TYPE = "application/x-ns-proxy-autoconfig"
@@ -7128,6 +7529,19 @@ _SCRIPT = """
       .then(function () { setTimeout(tick, live.dataset.every); });
   }
   setTimeout(tick, live.dataset.every);
+  // The buttons ask the control API as any script must: a JSON POST.
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("button[data-link]");
+    if (!button) return;
+    button.disabled = true;
+    fetch("/api/links/" + encodeURIComponent(button.dataset.link), {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({action: button.dataset.action})
+    }).then(function (answer) { return answer.json(); })
+      .then(function (said) { live.textContent = said.changed || said.error; })
+      .catch(function () { live.textContent = live.dataset.failed; })
+      .then(function () { button.disabled = false; });
+  });
 })();
 """
 
@@ -7149,6 +7563,24 @@ _LIVE = (
 )
 _HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity", "DNS")
 _FIRST_NUMERIC = 3  # heading index from which columns hold numbers
+
+
+def plural(count: int, noun: str) -> str:
+    """The count and the noun, plural unless the count is 1: "1 connection",
+    "0 connections", "2 addresses"."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a listener on ``host`` is reached from this machine alone."""
+    return host.lower() == "localhost" or (_is_ip(host) and _client_ip(host).is_loopback)
+
+
+def _json_line(value: object) -> bytes:
+    """``value`` as one line of JSON, as the control API answers."""
+    return json.dumps(value).encode() + b"\n"
 
 
 def capacity_source(row: StatsRow) -> str:
@@ -7351,9 +7783,43 @@ def render_status_page(status: Status) -> str:
         f'<tfoot id="total" data-part>{_row(_totals_row(status), None)}</tfoot></table><div class="charts">'
         f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
         f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
-        f'<ul class="legend" id="legend" data-part>{legend}</ul><script>{_SCRIPT}</script>'
+        f'<ul class="legend" id="legend" data-part>{legend}</ul>'
+        f'<div id="steer" data-part>{_steering_part(status)}</div>'
+        f'<div id="caps" data-part>{_caps_part(status)}</div><script>{_SCRIPT}</script>'
         "</body></html>\n"
     )
+
+
+def _steering_part(status: Status) -> str:
+    """Each link's state and weight, with a button that pauses or resumes it."""
+    lines = []
+    for link in status["links"]:
+        action = "pause" if link["state"] == "ready" else "resume"
+        lines.append(
+            f"<li>{_e(link['name'])}: {link['state']}, weight {link['weight']} "
+            f'<button type="button" data-link="{_e(link["name"])}" data-action="{action}">'
+            f"{action.title()}</button></li>"
+        )
+    return f"<h2>Steering</h2><ul>{''.join(lines)}</ul>" if lines else ""
+
+
+def _caps_part(status: Status) -> str:
+    """One line per data cap: used of the cap, when it starts afresh, the time left at this rate."""
+    lines = []
+    for cap in status["caps"]:
+        share = cap["used_bytes"] * 100 // cap["cap_bytes"]
+        ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(cap["period_end"]))
+        if cap["reached"]:
+            left = "cap reached"
+        elif cap["seconds_left"] is None:
+            left = "idle"
+        else:
+            left = f"{format_duration(cap['seconds_left'])} left at this rate"
+        lines.append(
+            f"<li>{_e(cap['cap'])}: {format_bytes(cap['used_bytes'])} used ({share} %), {left}; "
+            f"starts afresh {ends}</li>"
+        )
+    return f"<h2>Data caps</h2><ul>{''.join(lines)}</ul>" if lines else ""
 
 
 # Prometheus metrics
@@ -7496,6 +7962,20 @@ def render_metrics(status: Status) -> str:
         samples = [({"link": r["link"], "address": r["ip"] or ""}, value_of(r)) for r in rows]
         lines += _metric_family(name, kind, text, [(labels, value) for labels, value in samples if value is not None])
     lines += _bond_metrics(status["bonds"]) if status["bonds"] else []
+    caps = status["caps"]
+    per_cap: tuple[tuple[str, str, Callable[[CapReport], float]], ...] = (
+        ("dispatch_link_cap_bytes", "Bytes the link may carry in its cap's period.", lambda c: c["cap_bytes"]),
+        ("dispatch_link_used_bytes", "Bytes the link carried in its cap's period so far.", lambda c: c["used_bytes"]),
+        (
+            "dispatch_link_cap_reset_timestamp_seconds",
+            "When the cap's period starts afresh.",
+            lambda c: c["period_end"],
+        ),
+    )
+    for name, text, cap_value in per_cap if caps else ():  # no families without a cap, as without a link
+        lines += _metric_family(
+            name, "gauge", text, [({"link": c["link"], "cap": c["cap"]}, cap_value(c)) for c in caps]
+        )
     lines += _metric_family(
         "dispatch_clients_refused_total", "counter", "Client connections refused.", [({}, status["refused"])]
     )
@@ -7785,9 +8265,12 @@ class HttpProxySession(Session):
         connection stays open. A page served logs at debug level (a page
         open in a browser asks every 2 s), a refusal at info."""
         path = target.partition("?")[0]
-        refusal = self._skip_body(headers)
+        refusal, sent = self._read_body(headers)
         if refusal is None:
-            status, content_type, body, extra = self._local_page(method, path, headers)
+            if path == CONTROL_PATH or path.startswith(CONTROL_PATH + "/"):
+                status, content_type, body, extra = self._control_api(method, path, headers, sent)
+            else:
+                status, content_type, body, extra = self._local_page(method, path, headers)
             keep_alive = keeps_alive(version, headers)
         else:
             status, content_type, extra = refusal, "text/plain; charset=utf-8", []
@@ -7808,28 +8291,97 @@ class HttpProxySession(Session):
         self.record.log(logging.DEBUG if status == HTTPStatus.OK else logging.INFO)
         return keep_alive
 
-    def _skip_body(self, headers: Headers) -> HTTPStatus | None:
-        """Read and drop the body of a page request (no page takes one), so
-        that it is never read as the next request. Returns None, or the
-        status that refuses a body not read (chunked, too long, malformed)."""
+    def _read_body(self, headers: Headers) -> tuple[HTTPStatus | None, bytes]:
+        """Read the body of a page request (the control API's changes take
+        one, no page does), so that it is never read as the next request.
+        Returns (None, the body), or the status that refuses a body not read
+        (chunked, too long, malformed)."""
         try:
             length = body_length(headers, request=True)
         except ValueError:
-            return HTTPStatus.BAD_REQUEST
+            return HTTPStatus.BAD_REQUEST, b""
         if length == 0:
-            return None
+            return None, b""
         if not 0 < length <= LOCAL_PAGE_BODY_LIMIT:
-            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b""
         self.reader.deadline = time.monotonic() + self.context.handshake_timeout
         self.connection.setblocking(False)
+        parts: list[bytes] = []
         try:
-            copy_body(self.reader, length, lambda data: None)
+            copy_body(self.reader, length, parts.append)
         except OSError:  # cut short, or too slow
-            return HTTPStatus.BAD_REQUEST
+            return HTTPStatus.BAD_REQUEST, b""
         finally:
             self.reader.deadline = math.inf
             self.connection.settimeout(self.context.handshake_timeout)
-        return None
+        return None, b"".join(parts)
+
+    def _control_api(
+        self, method: str, path: str, headers: Headers, body: bytes
+    ) -> tuple[HTTPStatus, str, bytes, list[tuple[str, str]]]:
+        """Answer the control API: ``GET /api/links`` (the links as steered
+        and their traffic), ``POST /api/links/NAME`` with a JSON body (a
+        change, see LinkControl). A change is never made by GET, nor by a
+        request a web page could send unasked: it must be a POST of
+        ``application/json`` (no form is), from no Origin but dispatch's own,
+        for a Host the pages answer, and logged in where dispatch listens
+        beyond loopback."""
+        try:
+            return self._control_answer(method, path, headers, body)
+        except ControlError as error:
+            extra = [("Allow", "GET, HEAD" if path == CONTROL_PATH else "POST")]
+            if error.status == HTTPStatus.UNAUTHORIZED:
+                extra = [("WWW-Authenticate", f'Basic realm="{PROXY_REALM}", charset="UTF-8"')]
+            elif error.status != HTTPStatus.METHOD_NOT_ALLOWED:
+                extra = []
+            return error.status, "application/json", _json_line({"error": str(error)}), extra
+
+    def _control_answer(
+        self, method: str, path: str, headers: Headers, body: bytes
+    ) -> tuple[HTTPStatus, str, bytes, list[tuple[str, str]]]:
+        control, status_of = self.context.control, self.context.status
+        if control is None or status_of is None:
+            raise ControlError(HTTPStatus.NOT_FOUND, "no control API here (--no-pages)")
+        if not self._names_this_proxy(headers):
+            raise ControlError(HTTPStatus.FORBIDDEN, "the Host header names no address of this proxy (see --page-host)")
+        name = urllib.parse.unquote(path[len(CONTROL_PATH) + 1 :])
+        if path != CONTROL_PATH and (not name or "/" in name):
+            raise ControlError(HTTPStatus.NOT_FOUND, f"no such API path: {path[:100]!r}")
+        if path == CONTROL_PATH:
+            if method not in ("GET", "HEAD"):
+                raise ControlError(
+                    HTTPStatus.METHOD_NOT_ALLOWED, "GET /api/links; a change is a POST to /api/links/NAME"
+                )
+            self._control_login(headers)
+            status = status_of()
+            shown = {"links": status["links"], "addresses": status["addresses"], "caps": status["caps"]}
+            return HTTPStatus.OK, "application/json", _json_line(shown), []
+        if method != "POST":
+            raise ControlError(HTTPStatus.METHOD_NOT_ALLOWED, "a change is a POST, never a GET")
+        types = [value.partition(";")[0].strip().lower() for key, value in headers if key.lower() == "content-type"]
+        if types != ["application/json"]:
+            raise ControlError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "a change is sent as Content-Type: application/json")
+        origins = [value.strip() for key, value in headers if key.lower() == "origin"]
+        hosts = [value.strip() for key, value in headers if key.lower() == "host"]
+        own = [f"http://{host}".lower() for host in hosts]
+        if origins and [origin.lower() for origin in origins] != own:
+            raise ControlError(HTTPStatus.FORBIDDEN, f"a change from another origin ({origins[0][:100]!r}) is refused")
+        if self.context.control_needs_login and not self.context.access.requires_credentials:
+            raise ControlError(
+                HTTPStatus.FORBIDDEN,
+                "dispatch listens beyond loopback: changes need a login (--auth or --auth-file)",
+            )
+        self._control_login(headers)
+        try:
+            request = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ControlError(HTTPStatus.BAD_REQUEST, "the body is no JSON") from None
+        who = _split_host(self.client_address)[0]
+        return HTTPStatus.OK, "application/json", _json_line({"changed": control.steer(name, request, who)}), []
+
+    def _control_login(self, headers: Headers) -> None:
+        if not self._logged_in(headers, "authorization"):
+            raise ControlError(HTTPStatus.UNAUTHORIZED, "log in")
 
     def _names_this_proxy(self, headers: Headers) -> bool:
         """Whether the request's Host names this proxy: localhost, a
@@ -10479,6 +11031,222 @@ class _TransparentServer(_Server):
 
 
 # ---------------------------------------------------------------------------
+# Steering: links held back while dispatch runs (data caps, paused, closed)
+# ---------------------------------------------------------------------------
+
+# What the control API (and ``dispatch link``) may ask of a link.
+LINK_ACTIONS = ("pause", "resume", "close", "weight", "reset-usage")
+
+
+def read_link_states(path: str) -> dict[str, tuple[SteeredState, int | None]]:
+    """The links' states and weights a state file keeps (``"steered"``: by
+    link name, ``{"state": "paused", "weight": 3}``), those steered away
+    from "ready" and their weight alone; an unusable entry is left out,
+    with one warning for them all. A file read_state finds unusable gives
+    nothing, quietly: it has said so."""
+    try:
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return {}
+    steered = data.get("steered") if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
+    if not isinstance(steered, dict):
+        return {}
+    kept: dict[str, tuple[SteeredState, int | None]] = {}
+    for name, entry in steered.items():
+        state = entry.get("state", "ready") if isinstance(entry, dict) else None
+        weight = entry.get("weight") if isinstance(entry, dict) else None
+        weight_usable = weight is None or (type(weight) is int and 1 <= weight <= MAX_WEIGHT)
+        if state in ("ready", "paused", "closed") and weight_usable:
+            kept[name] = state, weight
+    if len(kept) < len(steered):
+        logger.warning("state file %s: %d unusable link states left out", path, len(steered) - len(kept))
+    return kept
+
+
+class LinkSteering:
+    """What holds the running links back apart from their health, and the
+    control API's changes (a LinkControl).
+
+    The data caps are counted against what each link carries (a
+    DataBudget); once one is reached, ``cap_action`` (see CapAction) holds
+    the link back. A link may be paused (no new connection; those open go
+    on), closed (and those open are ended), resumed, given another weight;
+    its usage counted anew. ``held`` and ``weight_of`` are the Balancer's
+    (see Hold). The states and weights are kept in the state file; each
+    change calls ``changed`` (which writes it). It becomes the ``held`` and
+    ``weight`` of ``upstream``'s balancer. Raises ValueError for a cap of a
+    link that is not among ``links``."""
+
+    def __init__(self, links: LinkSet, upstream: Upstream, budget: DataBudget, cap_action: str) -> None:
+        names = [link.name for link in links.links]
+        unknown = sorted(budget.links - set(names))
+        if unknown:
+            raise ValueError(f"caps: no link is named {unknown[0]} (the links: {', '.join(names)})")
+        self.links = links
+        self.upstream = upstream
+        self.budget = budget
+        self.cap_action = cap_action
+        upstream.balancer.held, upstream.balancer.weight = self.held, self.weight_of  # it steers that balancer
+        self.changed: Callable[[], None] = lambda: None
+        self._lock = threading.Lock()
+        self._states: dict[str, SteeredState] = {}  # those not "ready"
+        self._weights: dict[str, int] = {}  # those changed while running
+
+    def link_name(self, address: LocalAddress) -> str:
+        """The name of ``address``'s link, as stats() and --cap say it."""
+        link = self.links.link_of(address)
+        return link.name if link else address.ip
+
+    def held(self, address: LocalAddress) -> Hold | None:
+        """Why ``address`` takes fewer new connections than its health allows."""
+        name = self.link_name(address)
+        if name in self._states:
+            return "barred"
+        if not self.budget.spent or name not in self.budget.spent:
+            return None
+        return "spent" if self.cap_action == "backup" else "barred"
+
+    def weight_of(self, address: LocalAddress) -> int:
+        """``address``'s weight in turns: its link's, as changed while running."""
+        return self._weights.get(self.link_name(address), address.weight)
+
+    def reports(self) -> list[LinkReport]:
+        """Each link's state and weight."""
+        return [
+            {
+                "name": link.name,
+                "state": self._states.get(link.name, "ready"),
+                "weight": self._weights.get(link.name, link.weight),
+            }
+            for link in self.links.links
+        ]
+
+    def steer(self, name: str, request: object, who: str) -> str:
+        """Make the change ``request`` asks (see LinkControl); log it with
+        ``who`` asked. Raises ControlError, with nothing changed, for a
+        link not named so, an action not known, a weight not from 1 to
+        MAX_WEIGHT, a body that is not one of these."""
+        link = next((link for link in self.links.links if link.name == name), None)
+        if link is None:
+            raise ControlError(HTTPStatus.NOT_FOUND, f"no link is named {name[:100]!r}")
+        action, weight, site = self._parse(request)
+        with self._lock:
+            before = self._states.get(name, "ready")
+            if action == "pause" or (action == "close" and site is None):
+                self._states[name] = "paused" if action == "pause" else "closed"
+            elif action == "resume":
+                self._states.pop(name, None)
+            elif action == "weight" and weight is not None:
+                self._weights[name] = weight
+            elif action == "reset-usage" and not self.budget.reset(name):
+                raise ControlError(HTTPStatus.CONFLICT, f"link {name} has no data cap")
+        if action == "close":
+            ended = self.upstream.close_through(list(link.known.values()), site)
+            ended_text = plural(ended, "connection")
+            if site is None:
+                line = f"link {name} closed ({ended_text} ended)"
+            else:
+                line = f"link {name}: {ended_text} to {site} ended"
+        elif action == "weight":
+            self.upstream.balancer.rebuild(self.links.addresses)
+            line = f"link {name} has weight {weight}"
+            if self.upstream.balancer.balance is Balance.MEASURED:
+                line += " (weights count with --balance round-robin)"
+        elif action == "reset-usage":
+            self.budget.check()
+            line = f"link {name} counts its usage from zero"
+        else:
+            after = self._states.get(name, "ready")
+            line = f"link {name} {'resumed' if after == 'ready' else after}"
+            if after == before:
+                line = f"link {name} was {'ready' if after == 'ready' else after} already"
+        logger.info("%s from %s", line, who)
+        self.changed()
+        return line
+
+    @staticmethod
+    def _parse(request: object) -> tuple[str, int | None, str | None]:
+        """(action, weight, site) of a control API body; raises ControlError."""
+        if not isinstance(request, dict) or not isinstance(request.get("action"), str):
+            raise ControlError(HTTPStatus.BAD_REQUEST, 'the body is one JSON object: {"action": ...}')
+        action = request["action"]
+        if action not in LINK_ACTIONS:
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"no action {action[:40]!r}: {', '.join(LINK_ACTIONS)}")
+        allowed = {"action", *({"weight": ["weight"], "close": ["site"]}.get(action, []))}
+        extra = sorted(set(request) - allowed)
+        if extra:
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"{action} takes no {str(extra[0])[:40]!r}")
+        weight, site = request.get("weight"), request.get("site")
+        if action == "weight" and not (type(weight) is int and 1 <= weight <= MAX_WEIGHT):
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"the weight is a whole number from 1 to {MAX_WEIGHT}")
+        if site is not None and not (isinstance(site, str) and site and (_is_host_name(site) or _is_ip(site))):
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"{str(site)[:100]!r} is no host name or address")
+        return action, weight, site
+
+    def restore_states(self, state_file: str) -> None:
+        """Steer the links as the state file at ``state_file`` kept them
+        (see read_link_states); say so for each link held back."""
+        names = {link.name for link in self.links.links}
+        for name, (state, weight) in read_link_states(state_file).items():
+            if name not in names:
+                continue
+            with self._lock:
+                if state != "ready":
+                    self._states[name] = state
+                if weight is not None:
+                    self._weights[name] = weight
+            if state != "ready":
+                logger.warning("link %s is %s, as it was left (dispatch link %s resume)", name, state, name)
+        if self._weights:
+            self.upstream.balancer.rebuild(self.links.addresses)
+
+    def count(self, samples: Mapping[LocalAddress, Sample]) -> None:
+        """Count what each link carried (the meter's ``samples``) against
+        its caps; under "stop-now", end the connections open through a link
+        that has just reached one."""
+        if not self.budget.caps:
+            return
+        for address, sample in samples.items():
+            self.budget.add(self.link_name(address), sample.up + sample.down)
+        newly = self.budget.check()
+        if newly and self.cap_action == "stop-now":
+            self.upstream.close_through(
+                [a for link in self.links.links if link.name in newly for a in link.known.values()]
+            )
+
+    def cap_reports(self, rows: Sequence[StatsRow]) -> list[CapReport]:
+        """Where each capped link stands, with the time left at its rate in ``rows`` (stats())."""
+        reports = self.budget.reports()
+        for report in reports:
+            rate = sum(row["rate_up"] + row["rate_down"] for row in rows if row["link"] == report["link"])
+            left = max(0, report["cap_bytes"] - report["used_bytes"])
+            report["seconds_left"] = left / rate if rate > 0 else None
+        return reports
+
+    def to_keep(self) -> dict[str, object]:
+        """The state file's entries for the steering: the usage of the
+        capped links and the machine's name; the links steered."""
+        kept: dict[str, object] = {}
+        if self.budget.caps:
+            kept.update(host=socket.gethostname(), usage=self.budget.to_keep())
+        with self._lock:
+            steered: dict[str, dict[str, object]] = {name: {"state": state} for name, state in self._states.items()}
+            for name, weight in self._weights.items():
+                steered.setdefault(name, {})["weight"] = weight
+        if steered:
+            kept["steered"] = steered
+        return kept
+
+    def restore(self, state_file: str) -> None:
+        """Go on from what the state file at ``state_file`` kept: the usage
+        (see read_usage), the links' states and weights."""
+        if self.budget.caps:
+            self.budget.restore(read_usage(state_file, datetime.date.fromtimestamp(time.time())))
+            self.budget.check()
+        self.restore_states(state_file)
+
+
+# ---------------------------------------------------------------------------
 # Options: every option of a Dispatcher, checked as a whole
 # ---------------------------------------------------------------------------
 
@@ -10537,6 +11305,8 @@ class DispatcherOptions:
     apply_rules: bool = False
     mark: int = DEFAULT_MARK
     mptcp: bool = False
+    caps: Sequence[str] = ()
+    cap_action: str = "backup"
 
     def __post_init__(self) -> None:
         self._check_settings()
@@ -10559,6 +11329,12 @@ class DispatcherOptions:
         balances = [balance.value for balance in Balance]
         if self.balance is not None and self.balance not in balances:
             raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
+        if self.cap_action not in CAP_ACTIONS:
+            raise ValueError(f"cap_action must be {' or '.join(map(repr, CAP_ACTIONS))}; got {self.cap_action!r}")
+        self._check_modes()
+
+    def _check_modes(self) -> None:
+        """Transparent mode's options together, the mark, MPTCP where it is had."""
         if self.transparent is not None and not 0 <= self.transparent <= 65535:
             raise ValueError(f"transparent must be a port number, 0 to 65535; got {self.transparent!r}")
         if self.transparent is None and (self.lan or self.local or self.apply_rules):
@@ -10594,6 +11370,13 @@ class DispatcherOptions:
             if logins is not None:
                 self._keep(name, types.MappingProxyType(dict(logins)))
         self._each("credentials", lambda login: _encode_credential(*login), (self.credentials or {}).items())
+        self._keep("caps", tuple(self.caps))
+        periods = [(cap.link, cap.period) for cap in self._each("caps", parse_cap, self.caps)]
+        for link, period in periods:
+            if periods.count((link, period)) > 1:
+                raise ValueError(
+                    f"caps: link {link} has two caps per {'rolling window' if period == 'rolling' else period}"
+                )
 
     def _keep(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # frozen: what is kept is set once, here
@@ -10755,7 +11538,8 @@ class Dispatcher:
       and ``/metrics`` answer only a Host header that names localhost, a
       loopback address or the address the client reached (a web page could
       otherwise point its own name at 127.0.0.1 and read them: DNS
-      rebinding); ``/proxy.pac`` answers any.
+      rebinding); ``/proxy.pac`` answers any. The control API
+      (``/api/links``: see LinkSteering and LinkControl) goes with them.
     - ``page_hosts``: more Host names (or addresses) the pages answer to.
     - ``balance``: "measured" or "round-robin"; None means measured unless
       an address has a weight.
@@ -10771,7 +11555,7 @@ class Dispatcher:
       give a user and no password (kept out of the process list).
     - ``state_file``: where each link's capacity is kept across runs (read
       at the start, written every STATE_SAVE_INTERVAL and at shutdown);
-      None keeps nothing.
+      None keeps nothing. The usage of capped links is kept there too.
     - ``transparent``: a port (Linux) where connections the firewall
       redirects are served (TransparentSession), on every address of both
       families; every socket that leaves by a link then carries the
@@ -10782,6 +11566,11 @@ class Dispatcher:
       refuses them (then none are applied), or ``lan`` is no interface.
     - ``mptcp``: listen with Multipath TCP, as the far end of clients'
       bonds (``mptcp+`` links); plain TCP clients are served as ever.
+    - ``caps``: ``"LINK=SIZE/PERIOD"`` data caps (see parse_cap), LINK as
+      stats() names it; ``cap_action``: what a link does once one is
+      reached: "backup" (it serves only while no other link is up), "stop"
+      (no new connection), "stop-now" (and those open are ended). It takes
+      connections again when the period starts afresh.
 
     The same can be given as one DispatcherOptions, ``options=`` (then
     nothing else: TypeError); ``.options`` is what it runs with, either way.
@@ -10827,6 +11616,8 @@ class Dispatcher:
         apply_rules: bool = DispatcherOptions.apply_rules,
         mark: int = DispatcherOptions.mark,
         mptcp: bool = DispatcherOptions.mptcp,
+        caps: Iterable[str] = (),
+        cap_action: str = DispatcherOptions.cap_action,
     ) -> None:
         given = DispatcherOptions(
             None if addresses is None else tuple(addresses),
@@ -10856,6 +11647,8 @@ class Dispatcher:
             apply_rules=apply_rules,
             mark=mark,
             mptcp=mptcp,
+            caps=tuple(caps),
+            cap_action=cap_action,
         )
         if options is not None and given != DispatcherOptions():
             raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
@@ -10893,6 +11686,7 @@ class Dispatcher:
         self._kept: dict[str, float] = {}
         self._written: dict[str, float] | None = None  # None until the state file was read
         self._state_unwritable = False  # told once
+        self._more_written: dict[str, object] = {}  # what the steering kept, as last written
         self.balancer = Balancer(
             self.links.addresses,
             self.health,
@@ -10910,11 +11704,16 @@ class Dispatcher:
             hedge=min(DNS_HEDGE, options.hedge),
             timeout=options.connect_timeout,
             evidence_after=options.hedge or DEFAULT_HEDGE,
+            carried=self.meter.add,  # the data caps count DNS too
         )
         self.access = AccessPolicy(options.credentials, options.allow, options.allow_targets)
         self.upstream = Upstream(
             self.balancer, self.meter, options.connect_timeout, options.hedge, self.resolver, self.access
         )
+        budget = DataBudget([parse_cap(cap) for cap in options.caps])
+        self.steering = LinkSteering(self.links, self.upstream, budget, options.cap_action)
+        if options.state_file:
+            self.steering.changed = self.save_state
         limit = default_max_connections() if options.max_connections is None else options.max_connections
         self.admission = Admission(self.access, limit)
         self.handshake_timeout = options.handshake_timeout
@@ -10927,6 +11726,8 @@ class Dispatcher:
             status=self.status if options.pages else None,
             page_hosts=frozenset(options.page_hosts),
             names=SiteNames() if options.transparent is not None else None,
+            control=self.steering if options.pages else None,
+            control_needs_login=not _is_loopback_host(options.host),
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
         if self.links.follows:
@@ -10934,7 +11735,7 @@ class Dispatcher:
         self.tasks.add(METER_INTERVAL, self.sample_meter)
         self.tasks.add(ESTIMATE_INTERVAL, self.measure_capacities)
         if options.state_file:
-            self.tasks.add(STATE_SAVE_INTERVAL, self.save_state)
+            self.tasks.add(USAGE_SAVE_INTERVAL if options.caps else STATE_SAVE_INTERVAL, self.save_state)
         self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
         if self.checks:
             self.tasks.add(options.check_interval, self._check)
@@ -11036,12 +11837,13 @@ class Dispatcher:
                 self._forgotten[key] += getattr(counters, key)
 
     def sample_meter(self) -> None:
-        """Sample the meter for its rates and history (the background task
-        does every METER_INTERVAL). What bonds' subflows moved through an
-        address that is a link too counts on its row, so that its rates and
-        capacity are true (and once in the totals)."""
+        """Sample the meter for its rates and history, and count what each
+        capped link carried against its caps (the background task does
+        every METER_INTERVAL). What bonds' subflows moved through an address
+        that is a link too counts on its row, so that its rates and capacity
+        are true (and once in the totals)."""
         self.bonds.count_on_rows(self.upstream.bond_counters.take_moved(), self.links.addresses, self.meter)
-        self.meter.sample()
+        self.steering.count(self.meter.sample())
 
     def measure_capacities(self) -> None:
         """Give the capacity estimator what each link moved since the last
@@ -11095,10 +11897,11 @@ class Dispatcher:
             when = -math.inf if when is None else when
             if figure is not None and when >= measured_at.get(key, -math.inf):
                 capacities[key], measured_at[key] = figure, when
-        if capacities == self._written:
+        more = self.steering.to_keep()
+        if capacities == self._written and more == self._more_written:
             return
         try:
-            write_state(self.state_file, capacities)
+            write_state(self.state_file, capacities, more)
         except OSError as error:
             if not self._state_unwritable:
                 self._state_unwritable = True
@@ -11107,7 +11910,7 @@ class Dispatcher:
         if self._state_unwritable:
             self._state_unwritable = False
             logger.info("state file %s written again", self.state_file)
-        self._written = capacities
+        self._written, self._more_written = capacities, more
 
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""
@@ -11226,6 +12029,8 @@ class Dispatcher:
             keys = self._state_keys()
             self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
             self._written = dict(self._kept)
+            self.steering.restore(self.state_file)
+            self._more_written = self.steering.to_keep()
         self.measure_capacities()  # starts each link's clock, from its remembered figure
         self.bonds.start(self._interface_capacity)
         self.tasks.start()
@@ -11322,7 +12127,7 @@ class Dispatcher:
                     "ip": address.ip,
                     "interface": address.interface,
                     "link": link.name if link else address.ip,
-                    "weight": address.weight,
+                    "weight": self.steering.weight_of(address),
                     "tier": link.tier if link else "primary",
                     "state": state,
                     "reason": reason,
@@ -11376,6 +12181,8 @@ class Dispatcher:
             "addresses": rows,
             "history": {"interval": METER_INTERVAL, "addresses": history},
             "bonds": self.bonds.status(*self.upstream.bond_counters.snapshot()),
+            "caps": self.steering.cap_reports(rows),
+            "links": self.steering.reports(),
             "system_proxy": self.system_proxy.describe if self.system_proxy else "not set",
         }
 
@@ -11701,18 +12508,88 @@ def format_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] =
     )
 
 
+# NetworkManager's GENERAL.METERED (in the C locale), as ``dispatch list`` says it.
+_METERED = {
+    "yes": "yes",
+    "no": "no",
+    "yes (guessed)": "guessed yes",
+    "no (guessed)": "guessed no",
+    "unknown": "unknown",
+}
+# Windows' cost of a connection (NetworkCostType, from its network list manager), said so.
+_WINDOWS_COSTS = {"Unrestricted": "no", "Fixed": "yes", "Variable": "yes", "Unknown": "unknown"}
+# Each connection profile's adapter GUID and cost, asked of Windows PowerShell
+# (its WinRT types give the network list manager's costs without a COM binding).
+WINDOWS_COSTS_SCRIPT = (
+    "[void][Windows.Networking.Connectivity.NetworkInformation,Windows.Networking.Connectivity,"
+    "ContentType=WindowsRuntime]; foreach ($p in [Windows.Networking.Connectivity.NetworkInformation]"
+    "::GetConnectionProfiles()) { if ($p.NetworkAdapter) { '{0} {1}' -f "
+    "$p.NetworkAdapter.NetworkAdapterId, $p.GetConnectionCost().NetworkCostType } }"
+)
+METERED_TIMEOUT = 10.0  # seconds nmcli or PowerShell may take to answer
+
+
+def _run_for_output(command: Sequence[str]) -> str | None:
+    """What ``command`` prints, in the C locale; None if it fails (or is not there)."""
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=METERED_TIMEOUT, env={**os.environ, "LC_ALL": "C"}
+        )
+    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def metered(interfaces: Sequence[Interface]) -> dict[str, str]:
+    """Whether the network of each of ``interfaces`` (by name) costs by the
+    byte, as the system says: on Linux, NetworkManager's "yes", "no",
+    "guessed yes", "guessed no" or "unknown"; on Windows, the connection's
+    cost ("yes" for a fixed or variable one, "no", "unknown"); "?" where it
+    cannot be told (no NetworkManager, no connection profile, another system)."""
+    said = dict.fromkeys((interface.name for interface in interfaces), "?")
+    if sys.platform.startswith("linux"):
+        for name in said:
+            output = _run_for_output(["nmcli", "-g", "GENERAL.METERED", "device", "show", name])
+            said[name] = "?" if output is None else _METERED.get(output.strip(), "?")
+    elif sys.platform == "win32":
+        output = _run_for_output(["powershell", "-NoProfile", "-NonInteractive", "-Command", WINDOWS_COSTS_SCRIPT])
+        costs = dict(line.split(None, 1) for line in (output or "").splitlines() if len(line.split()) == 2)
+        costs = {guid.upper(): cost.strip() for guid, cost in costs.items()}
+        for interface in interfaces:
+            for alias in interface.aliases:
+                if alias.upper() in costs:
+                    said[interface.name] = _WINDOWS_COSTS.get(costs[alias.upper()], "?")
+    return said
+
+
+def metered_without_cap(links: Sequence[Link], capped: Collection[str]) -> list[str]:
+    """A line for each metered interface among the primary ``links`` with
+    no data cap (none of the links named in ``capped``), suggesting one."""
+    asked = {link.name for link in links if link.is_interface and not link.backup and link.name not in capped}
+    said = metered([interface for interface in _interfaces() if interface.name in asked]) if asked else {}
+    return [
+        f"link {name} is metered (the system says {costs}): a data cap (--cap {name}=SIZE/month) "
+        f"or {name}@backup keeps it from carrying more than it should"
+        for name, costs in said.items()
+        if costs in ("yes", "guessed yes")
+    ]
+
+
 def _list_interfaces(out: TextIO) -> int:
     defaults = _default_route_interfaces()
-    rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE")]
-    for interface in _interfaces():
+    rows = [("INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE", "METERED")]
+    interfaces = _interfaces()
+    said = metered(interfaces)
+    for interface in interfaces:
         up = _is_up(interface.name)
         route = "?" if defaults is None else ("yes" if interface.name in defaults else "")
+        costs = said[interface.name]
         if not interface.ips:
-            rows.append((interface.name, "-", "no address" if up else "no address (down)", route))
+            rows.append((interface.name, "-", "no address" if up else "no address (down)", route, costs))
         for ip in interface.ips:
             usable = up and _is_usable(ipaddress.ip_address(ip))
             reason = "yes" if usable else ("no (down)" if not up else _why_unusable(ip))
-            rows.append((interface.name, ip, reason, route))
+            rows.append((interface.name, ip, reason, route, costs))
     print(format_table(rows), file=out)
     return 0
 
@@ -11780,7 +12657,193 @@ def format_stats(rows: Sequence[StatsRow]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Command line: dispatch list, start, rules, service; main()
+# Control client: dispatch link, a change asked of a running dispatch
+# ---------------------------------------------------------------------------
+
+
+class ControlClientError(Exception):
+    """A change a running dispatch did not make, or could not be asked: why, in a line."""
+
+
+def steer_link(
+    address: tuple[str, int],
+    name: str,
+    request: Mapping[str, object],
+    login: tuple[str, str] | None = None,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> str:
+    """Ask the dispatch listening at ``address`` to make the change
+    ``request`` (the control API's body, {"action": ...}) of its link
+    ``name``, logged in as ``login`` (user, password); return what it says
+    changed. Raises ControlClientError: nothing listens there, the link
+    or the change is refused."""
+    host, port = address
+    body = json.dumps(dict(request)).encode()
+    head = [("Host", _format_endpoint(host, port)), ("Content-Type", "application/json")]
+    head += [("Content-Length", str(len(body))), ("Connection", "close")]
+    if login is not None:
+        token = base64.b64encode(b":".join(_encode_credential(*login))).decode()
+        head.append(("Authorization", f"Basic {token}"))
+    path = f"{CONTROL_PATH}/{urllib.parse.quote(name, safe='')}"
+    where = _format_endpoint(host, port)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(encode_head(f"POST {path} HTTP/1.1", head) + body)
+            answer = b""
+            while len(answer) <= LOCAL_PAGE_BODY_LIMIT and (data := sock.recv(65536)):
+                answer += data
+    except OSError as error:
+        raise ControlClientError(f"no dispatch answers at {where}: {_describe(error)}") from None
+    status_line, _, rest = answer.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    try:
+        code = int(status_line.split()[1])
+        said = json.loads(payload.decode("utf-8"))
+    except (IndexError, ValueError):
+        raise ControlClientError(f"what answers at {where} is no dispatch ({status_line[:60]!r})") from None
+    text = said.get("changed" if code == HTTPStatus.OK else "error") if isinstance(said, dict) else None
+    if not isinstance(text, str):
+        raise ControlClientError(f"what answers at {where} is no dispatch (HTTP {code})")
+    if code != HTTPStatus.OK:
+        raise ControlClientError(f"refused ({code}): {text}")
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Arguments: the command line's values, each parsed and checked
+# ---------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return int(text)
+
+
+def _listen_address(text: str) -> str:
+    """An address to listen on, as --ip takes it: an IP address or a name.
+
+    The system reads "" and "0" (and "127.1") as addresses too, the first
+    two as every address: what is meant is written out.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("an empty address: write 0.0.0.0 (or ::) to listen on every address")
+    if not _is_ip(text):
+        try:
+            packed = socket.inet_aton(text)
+        except OSError:
+            return text  # a name, looked up when the proxy listens
+        raise argparse.ArgumentTypeError(f"{text!r} is a short form of {socket.inet_ntoa(packed)}: write it out")
+    return text
+
+
+DAY = 24 * 3600.0
+# The range of each duration option, in seconds; those starting at 0 take 0
+# for "off". Every wait stays within what poll() and socket timeouts take
+# (milliseconds in a C int: about 24 days), and nothing in the background
+# runs so often that it keeps a CPU busy while the proxy is idle.
+DURATION_RANGES: dict[str, tuple[float, float]] = {
+    "--connect-timeout": (0.1, 600.0),
+    "--handshake-timeout": (0.1, 3600.0),
+    "--idle-timeout": (1.0, 7 * DAY),
+    "--grace": (0.0, 3600.0),
+    "--cooldown": (1.0, DAY),
+    "--sticky": (0.0, 7 * DAY),
+    "--check-interval": (1.0, DAY),
+    "--hedge": (0.0, 600.0),
+    "--stats": (0.1, DAY),
+}
+
+
+def _duration(option: str) -> Callable[[str], float]:
+    """The argument type of a duration option: seconds within DURATION_RANGES[option]."""
+    low, high = DURATION_RANGES[option]
+
+    def seconds(text: str) -> float:
+        value = _number(text)
+        if low == 0 and not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+        if low > 0 and not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        if not low <= value <= high:
+            span = f"from {low:g} to {high:g}" if low else f"up to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {span} seconds")
+        return value
+
+    return seconds
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _user_password(text: str) -> tuple[str, str]:
+    try:
+        return parse_credentials(text)
+    except ValueError as error:
+        # The text is not repeated: it may hold a password.
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _dns_server(text: str) -> str:
+    try:
+        parse_dns_option([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _cap(text: str) -> str:
+    try:
+        parse_cap(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _check_target(text: str) -> str:
+    try:
+        parse_check_target(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _page_host(text: str) -> str:
+    try:
+        return page_host(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP network or address") from None
+
+
+def _mark(text: str) -> int:
+    try:
+        mark = int(text, 0)
+    except ValueError:
+        mark = 0
+    if not 0 < mark < 2**32 - 1:  # the next number marks UDP handed over
+        raise argparse.ArgumentTypeError(f"{text!r} is not a firewall mark (1 to 0xfffffffe)")
+    return mark
+
+
+# ---------------------------------------------------------------------------
+# Command line: dispatch list|start|rules|service|system-proxy|link; main()
 # ---------------------------------------------------------------------------
 
 
@@ -11805,14 +12868,6 @@ def _setup_logging(debug: bool, log_file: str | None) -> str:
     handler.setFormatter(formatter)
     logger.handlers[:] = [handler]
     return where
-
-
-def plural(count: int, noun: str) -> str:
-    """The count and the noun, plural unless the count is 1: "1 connection",
-    "0 connections", "2 addresses"."""
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
 
 
 def _summary(dispatcher: Dispatcher, seconds: float) -> str:
@@ -11910,6 +12965,10 @@ def _upstream_passwords(args: argparse.Namespace) -> dict[str, str]:
 def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -> None:
     print(f"{title} {time.monotonic() - started:.0f} s:")
     print(format_stats(dispatcher.stats()), flush=True)
+    for cap in dispatcher.status()["caps"]:
+        share = cap["used_bytes"] * 100 // cap["cap_bytes"]
+        reached = ", reached" if cap["reached"] else ""
+        print(f"cap {cap['cap']}: {format_bytes(cap['used_bytes'])} used ({share} %{reached})", flush=True)
     if dispatcher.system_proxy is not None:
         print(f"system proxy: {dispatcher.system_proxy.describe}", flush=True)
 
@@ -11964,6 +13023,29 @@ def _system_proxy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _link_command(args: argparse.Namespace) -> int:
+    """``dispatch link NAME ACTION``: 0 and what changed, or 1 and why not."""
+    request: dict[str, object] = {"action": args.action}
+    if (args.action == "weight") != (args.value is not None) or (args.site is not None and args.action != "close"):
+        return _error("weight takes a number (dispatch link usb0 weight 3), and only close takes --site")
+    if args.value is not None:
+        request["weight"] = args.value
+    if args.site is not None:
+        request["site"] = args.site
+    try:
+        login = read_auth_file(args.auth_file)[0] if args.auth_file else None
+        if login is None and os.environ.get("DISPATCH_AUTH"):
+            login = parse_credentials(os.environ["DISPATCH_AUTH"])
+    except ValueError as error:
+        return _error(f"the login: {error}")
+    try:
+        print(steer_link((args.ip, args.port), args.name, request, login))
+    except ControlClientError as error:
+        print(f"dispatch link: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 class _StartError(Exception):
     """What keeps ``start`` from starting, as the one line it prints."""
 
@@ -12000,6 +13082,8 @@ def _start_options(args: argparse.Namespace) -> DispatcherOptions:
         apply_rules=args.apply_rules,
         mark=args.mark,
         mptcp=args.mptcp,
+        caps=args.cap,
+        cap_action=args.cap_action,
     )
 
 
@@ -12079,6 +13163,8 @@ def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, ban
     with _StopSignals() as stop:
         try:
             _print_banner(dispatcher, banner, log_where)
+            for line in metered_without_cap(dispatcher.links.links, dispatcher.steering.budget.links):
+                logger.warning("%s", line)
             try:
                 dispatcher.start()
             except Exception as failure:  # one line, exit status 1: a service manager restarts it
@@ -12264,6 +13350,24 @@ def _build_parser() -> argparse.ArgumentParser:
         "as mptcp+socks5h://HOST:PORT; plain TCP clients are served as ever",
     )
     start.add_argument(
+        "--cap",
+        action="append",
+        type=_cap,
+        default=[],
+        metavar="LINK=SIZE/PERIOD",
+        help="a data cap (repeatable): usb0=2GB/month, usb0=2GB/month@15 (from the 15th), usb0=200MB/day, "
+        "usb0=5GB/30d (a rolling window); sizes in B, kB, MB, GB, TB (KiB, MiB, GiB: powers of 1024); "
+        "the usage is kept in the state file",
+    )
+    start.add_argument(
+        "--cap-action",
+        choices=CAP_ACTIONS,
+        default="backup",
+        help="what a link does once its cap is reached, until its period starts afresh: backup (the "
+        "default: it serves only while no other link is up), stop (no new connection), stop-now (and "
+        "its open connections are ended)",
+    )
+    start.add_argument(
         "--check",
         action="append",
         type=_check_target,
@@ -12360,6 +13464,22 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"the state file 'start' was given; the settings are saved beside it (default {default_state_path()})",
     )
+    link = commands.add_parser(
+        "link",
+        help="pause, resume, close or weigh a link of a running dispatch, or count its usage from zero",
+        description="Ask the dispatch running at --ip and --port (through its control API) to change one "
+        "of its links: pause (no new connection; open ones go on), resume, close (and its open "
+        "connections are ended; with --site, only those to that site, the link kept as it was), "
+        "weight N, reset-usage (of its data caps). The login, if it asks one: --auth-file or "
+        "DISPATCH_AUTH=USER:PASS.",
+    )
+    link.add_argument("--ip", default="127.0.0.1", help="where dispatch listens (default 127.0.0.1)")
+    link.add_argument("--port", type=_port, default=1080, help="its port (default 1080)")
+    link.add_argument("--auth-file", metavar="PATH", help="the login to send: the file's first USER:PASS line")
+    link.add_argument("--site", metavar="NAME", help="with close: end only the connections to this site")
+    link.add_argument("name", metavar="NAME", help="the link, as the status page and --stats name it")
+    link.add_argument("action", choices=LINK_ACTIONS)
+    link.add_argument("value", nargs="?", type=_positive, metavar="N", help="the weight, for weight")
     return parser
 
 
@@ -12388,16 +13508,6 @@ def _add_transparent_arguments(parser: argparse.ArgumentParser, required: bool =
     )
 
 
-def _mark(text: str) -> int:
-    try:
-        mark = int(text, 0)
-    except ValueError:
-        mark = 0
-    if not 0 < mark < 2**32 - 1:  # the next number marks UDP handed over
-        raise argparse.ArgumentTypeError(f"{text!r} is not a firewall mark (1 to 0xfffffffe)")
-    return mark
-
-
 def _print_rules(args: argparse.Namespace) -> int:
     """``dispatch rules``: the script of TransparentRules, on stdout."""
     if not (args.lan or args.local):
@@ -12408,116 +13518,6 @@ def _print_rules(args: argparse.Namespace) -> int:
         return _error(str(error))
     print(rules.script(), end="")
     return 0
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
-    return int(text)
-
-
-def _listen_address(text: str) -> str:
-    """An address to listen on, as --ip takes it: an IP address or a name.
-
-    The system reads "" and "0" (and "127.1") as addresses too, the first
-    two as every address: what is meant is written out.
-    """
-    if not text:
-        raise argparse.ArgumentTypeError("an empty address: write 0.0.0.0 (or ::) to listen on every address")
-    if not _is_ip(text):
-        try:
-            packed = socket.inet_aton(text)
-        except OSError:
-            return text  # a name, looked up when the proxy listens
-        raise argparse.ArgumentTypeError(f"{text!r} is a short form of {socket.inet_ntoa(packed)}: write it out")
-    return text
-
-
-DAY = 24 * 3600.0
-# The range of each duration option, in seconds; those starting at 0 take 0
-# for "off". Every wait stays within what poll() and socket timeouts take
-# (milliseconds in a C int: about 24 days), and nothing in the background
-# runs so often that it keeps a CPU busy while the proxy is idle.
-DURATION_RANGES: dict[str, tuple[float, float]] = {
-    "--connect-timeout": (0.1, 600.0),
-    "--handshake-timeout": (0.1, 3600.0),
-    "--idle-timeout": (1.0, 7 * DAY),
-    "--grace": (0.0, 3600.0),
-    "--cooldown": (1.0, DAY),
-    "--sticky": (0.0, 7 * DAY),
-    "--check-interval": (1.0, DAY),
-    "--hedge": (0.0, 600.0),
-    "--stats": (0.1, DAY),
-}
-
-
-def _duration(option: str) -> Callable[[str], float]:
-    """The argument type of a duration option: seconds within DURATION_RANGES[option]."""
-    low, high = DURATION_RANGES[option]
-
-    def seconds(text: str) -> float:
-        value = _number(text)
-        if low == 0 and not 0 <= value < math.inf:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
-        if low > 0 and not 0 < value < math.inf:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-        if not low <= value <= high:
-            span = f"from {low:g} to {high:g}" if low else f"up to {high:g}"
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {span} seconds")
-        return value
-
-    return seconds
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
-
-
-def _user_password(text: str) -> tuple[str, str]:
-    try:
-        return parse_credentials(text)
-    except ValueError as error:
-        # The text is not repeated: it may hold a password.
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _dns_server(text: str) -> str:
-    try:
-        parse_dns_option([text])
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _check_target(text: str) -> str:
-    try:
-        parse_check_target(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _page_host(text: str) -> str:
-    try:
-        return page_host(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _network(text: str) -> str:
-    try:
-        return str(ipaddress.ip_network(text, strict=False))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP network or address") from None
 
 
 def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -12542,7 +13542,7 @@ def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: ``dispatch [-d] {list,start,rules,service,system-proxy} ...``; returns the exit status."""
+    """The command line: ``dispatch [-d] {list,start,rules,service,system-proxy,link} ...``; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "service":
@@ -12556,6 +13556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(str(error))
     if args.command == "system-proxy":
         return _system_proxy_command(args)
+    if args.command == "link":
+        return _link_command(args)
     return _start(args)
 
 

@@ -5,9 +5,11 @@ Skipped where Chromium is not installed (apt-get install chromium).
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
 import http.server
 import itertools
+import json
 import os
 import re
 import socket
@@ -28,6 +30,7 @@ from conftest import (
     needs_chromium,
     round_trip,
     sample_status,
+    wait_for,
     wait_until_all_closed,
 )
 from dispatch import Dispatcher
@@ -265,3 +268,108 @@ def test_browser_takes_the_pac_file_and_leaves_names_to_the_proxy(
     assert "GET /page" in dom  # the origin's answer, through the proxy
     targets = [exchange.target for exchange in exchanges(log)]
     assert f"www.example.test:{port}" in targets or f"GET http://www.example.test:{port}/page" in targets
+
+
+class DevTools:
+    """Headless Chromium driven over its DevTools pipe (--remote-debugging-pipe:
+    it reads commands on descriptor 3 and answers on 4, each a JSON message
+    ended by a NUL byte), with one page open at ``url``."""
+
+    def __init__(self, tmp_path: Any, url: str) -> None:
+        to_browser, self._commands = os.pipe()
+        self._answers, from_browser = os.pipe()
+
+        def onto_3_and_4() -> None:
+            os.dup2(to_browser, 3)
+            os.dup2(from_browser, 4)
+
+        flags = [flag for flag in CHROMIUM_FLAGS if not flag.startswith("--virtual-time-budget")]
+        profile = tmp_path / f"profile-{time.monotonic_ns()}"
+        command = [CHROMIUM, *flags, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(3, 4), preexec_fn=onto_3_and_4
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        self._next = itertools.count(1)
+        self._unread = b""
+        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.send("Page.navigate", self.session, url=url)
+        loaded = f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+        assert wait_for(lambda: self.evaluate(loaded) is True), f"{url} did not load"
+
+    def send(self, method: str, session: str | None = None, **params: Any) -> Any:
+        """Send one command; return its result (events on the way are passed
+        over), None for an error of a page that was changing."""
+        number = next(self._next)
+        message = {"id": number, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            while b"\0" not in self._unread:
+                chunk = os.read(self._answers, 65536)
+                assert chunk, "Chromium closed its DevTools pipe"
+                self._unread += chunk
+            line, _, self._unread = self._unread.partition(b"\0")
+            answer = json.loads(line)
+            if answer.get("id") == number:
+                if "context was destroyed" in answer.get("error", {}).get("message", ""):
+                    return None
+                assert "error" not in answer, answer
+                return answer["result"]
+        raise AssertionError(f"no answer to {method}")
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` in the page (awaited if a promise)."""
+        result = self.send("Runtime.evaluate", self.session, expression=expression, awaitPromise=True)
+        assert result is None or "exceptionDetails" not in result, result
+        return None if result is None else result["result"].get("value")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, AssertionError):
+            self.send("Browser.close")
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._commands)
+        os.close(self._answers)
+
+
+# Click the button of a link that asks for ACTION, once the page shows it;
+# then wait until the page, updated, shows that link in its new state.
+CLICK_THE_LINKS_BUTTON = """
+new Promise(function (done, fail) {
+  var link = LINK, action = ACTION, clicked = false, started = Date.now();
+  (function look() {
+    var button = document.querySelector('button[data-link="' + link + '"]');
+    if (button && !clicked && button.dataset.action === action) { button.click(); clicked = true; }
+    else if (button && clicked && button.dataset.action !== action) return done(button.parentNode.textContent);
+    if (Date.now() - started > 60000) return fail(new Error("the page never showed it"));
+    setTimeout(look, 50);
+  })();
+})
+"""
+
+
+def click_the_links_button(link: str, action: str) -> str:
+    return CLICK_THE_LINKS_BUTTON.replace("LINK", json.dumps(link)).replace("ACTION", json.dumps(action))
+
+
+def test_browser_pauses_and_resumes_a_link_by_its_button(
+    tmp_path: Any, make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"])
+    browser = DevTools(tmp_path, f"http://127.0.0.1:{proxy.address[1]}/")
+    try:
+        shown = browser.evaluate(click_the_links_button("127.0.0.3", "pause"))
+        assert shown == "127.0.0.3: paused, weight 1 Resume"
+        assert [link["state"] for link in proxy.status()["links"]] == ["ready", "paused"]
+        shown = browser.evaluate(click_the_links_button("127.0.0.3", "resume"))
+        assert shown == "127.0.0.3: ready, weight 1 Pause"
+        assert [link["state"] for link in proxy.status()["links"]] == ["ready", "ready"]
+    finally:
+        browser.close()
+    assert "link 127.0.0.3 paused from 127.0.0.1" in log.messages

@@ -6,8 +6,9 @@ errno mapping, the handshake reader) have unit tests of their own.
 
 The tests are grouped in the order of the module's sections, each under a
 banner as there: platform start-up, errors, deadline I/O, wire formats,
-access, links, health, choice, meter, device binding, name servers, resolver,
-upstream proxies, upstream, relay, sessions, local pages, HTTP proxy, server,
+access, links, health, choice, meter, data caps, device binding, name
+servers, resolver, upstream proxies, upstream, relay, sessions, local pages,
+HTTP proxy, server, steering (with the control API and dispatch link),
 Dispatcher, service units, reports and the command line. Their helpers and
 fixtures are in conftest.py. Beside this file: test_lab.py (the network lab,
 which needs root), test_browser.py (the status page in Chromium) and
@@ -20,6 +21,7 @@ import base64
 import configparser
 import contextlib
 import dataclasses
+import datetime
 import errno
 import inspect
 import ipaddress
@@ -2646,6 +2648,248 @@ def test_stats_rates_cover_the_last_interval_and_readers_share_them(proxy: Dispa
     assert first["rate_down"] == pytest.approx(first["rate_up"])
     # Once a whole interval has passed with nothing moving, the rates are 0.
     assert wait_for(lambda: proxy.stats()[0]["rate_up"] == 0, timeout=4 * dispatch.METER_INTERVAL)
+
+
+# ---------------------------------------------------------------------------
+# Data caps: sizes, periods, usage kept, links past their cap
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("200MB", 200_000_000),
+        ("2GB", 2_000_000_000),
+        ("1.5kB", 1500),
+        ("5000B", 5000),
+        ("1KiB", 1024),
+        ("2GiB", 2 << 30),
+    ],
+)
+def test_cap_sizes_are_powers_of_1000_and_of_1024_for_kib_mib_gib(text: str, size: int) -> None:
+    assert dispatch.parse_size(text) == size
+
+
+def test_cap_periods_are_local_days_months_from_their_first_day_and_rolling_windows() -> None:
+    day = datetime.date(2026, 3, 10)
+    bounds = {text: dispatch.parse_cap(f"usb0=2GB/{text}").bounds(day) for text in ("day", "month", "month@15", "30d")}
+    assert bounds["day"] == (day, datetime.date(2026, 3, 11))
+    assert bounds["month"] == (datetime.date(2026, 3, 1), datetime.date(2026, 4, 1))
+    assert bounds["month@15"] == (datetime.date(2026, 2, 15), datetime.date(2026, 3, 15))
+    assert bounds["30d"] == (datetime.date(2026, 2, 9), datetime.date(2026, 3, 11))
+    # A month too short for its first day starts on its last.
+    assert dispatch.parse_cap("usb0=1GB/month@31").bounds(datetime.date(2026, 3, 5)) == (
+        datetime.date(2026, 2, 28),
+        datetime.date(2026, 3, 31),
+    )
+
+
+def at_local(day: datetime.date, hour: int = 12) -> float:
+    return time.mktime((day.year, day.month, day.day, hour, 0, 0, 0, 0, -1))
+
+
+def test_a_cap_is_told_at_75_and_95_per_cent_once_and_spends_the_link_at_100(log: pytest.LogCaptureFixture) -> None:
+    budget = dispatch.DataBudget(
+        [dispatch.parse_cap("usb0=1000B/day")], clock=lambda: at_local(datetime.date(2026, 3, 10))
+    )
+    for count in (700, 60, 10, 200, 5, 100):
+        budget.add("usb0", count)
+        budget.check()
+    assert warnings_of(log) == [
+        "link usb0 used 75% of its cap usb0=1kB/day",
+        "link usb0 used 95% of its cap usb0=1kB/day",
+        "link usb0 reached its cap usb0=1kB/day (1075B used)",
+    ]
+    assert budget.spent == {"usb0"}
+    (report,) = budget.reports()
+    assert (report["used_bytes"], report["reached"]) == (1075, True)
+    assert report["period_end"] == at_local(datetime.date(2026, 3, 11), 0)
+
+
+def test_a_period_starts_afresh_at_its_end_and_never_early_when_the_clock_goes_back() -> None:
+    now = [at_local(datetime.date(2026, 3, 14), 23)]
+    budget = dispatch.DataBudget([dispatch.parse_cap("usb0=1000B/month@15")], clock=lambda: now[0])
+    budget.add("usb0", 1000)
+    assert budget.check() == {"usb0"}
+    now[0] = at_local(datetime.date(2026, 3, 15), 1)  # the new period
+    budget.check()
+    assert budget.spent == frozenset()
+    budget.add("usb0", 600)
+    now[0] = at_local(datetime.date(2026, 3, 14), 23)  # the clock set back: still the new period
+    budget.add("usb0", 500)
+    assert budget.check() == {"usb0"} and budget.reports()[0]["used_bytes"] == 1100
+
+
+def test_usage_is_kept_in_the_state_file_beside_the_capacities(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "state.json")
+    today = datetime.date.today()
+    usage = {"usb0": {today.isoformat(): 1234}}
+    dispatch.write_state(path, {"usb0": 1e6}, {"host": socket.gethostname(), "usage": usage})
+    assert dispatch.read_state(path) == {"usb0": 1e6}  # an older reader's view: the capacities
+    assert dispatch.read_usage(path, today) == {"usb0": {today: 1234}}
+    assert warnings_of(log) == []
+
+
+@pytest.mark.parametrize(
+    ("host", "days_ahead", "warned"),
+    [("elsewhere.example", 0, "of another machine"), (None, 1, "usage of days after today")],
+)
+def test_usage_of_another_machine_or_a_future_period_is_ignored_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture, host: str | None, days_ahead: int, warned: str
+) -> None:
+    path = str(tmp_path / "state.json")
+    today = datetime.date.today()
+    day = today + datetime.timedelta(days=days_ahead)
+    dispatch.write_state(path, {}, {"host": host or socket.gethostname(), "usage": {"usb0": {day.isoformat(): 9}}})
+    assert dispatch.read_usage(path, today) == {}
+    assert len(warnings_of(log)) == 1 and warned in warnings_of(log)[0]
+
+
+def fill_links(proxy: Dispatcher, echo_server: Server, count: int, size: int) -> None:
+    """``count`` connections in turn, each echoing ``size`` bytes."""
+    for _ in range(count):
+        with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+            assert round_trip(client, b"c" * size) == b"c" * size
+
+
+def cap_reached(proxy: Dispatcher) -> bool:
+    return all(report["reached"] for report in proxy.status()["caps"])
+
+
+@pytest.mark.parametrize("action", ["backup", "stop"])
+def test_a_link_past_its_cap_takes_no_new_connection_while_another_link_is_up(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server, action: str
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], caps=["127.0.0.3=10kB/day"], cap_action=action)
+    fill_links(proxy, echo_server, 4, 6000)  # 24 kB through each
+    assert wait_for(lambda: cap_reached(proxy))
+    assert peers_seen(proxy, peer_server, 6) == ["127.0.0.2"] * 6
+    assert proxy.status()["caps"][0]["used_bytes"] >= 20_000
+
+
+@pytest.mark.parametrize(("action", "served"), [("backup", True), ("stop", False)])
+def test_a_link_past_its_cap_serves_when_no_other_is_up_only_as_a_backup(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, action: str, served: bool
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action=action)
+    fill_links(proxy, echo_server, 1, 6000)
+    assert wait_for(lambda: cap_reached(proxy))
+    if served:
+        fill_links(proxy, echo_server, 1, 100)
+    else:
+        request = socks5_request(echo_server.host, echo_server.port)
+        assert socks5_code_for(proxy, request) == dispatch.Reply.NETWORK_UNREACHABLE
+
+
+def test_cap_action_stop_now_ends_the_links_open_connections(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop-now")
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        client.sendall(b"n" * 6000)
+        assert recv_exactly(client, 6000) == b"n" * 6000  # open still
+        assert wait_for(lambda: cap_reached(proxy))
+        assert closed_by_proxy(client)
+
+
+def test_usage_survives_a_restart_through_the_state_file(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    state = str(tmp_path / "state.json")
+    first = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
+    fill_links(first, echo_server, 1, 30_000)
+    assert wait_for(lambda: first.status()["caps"][0]["used_bytes"] >= 60_000)
+    first.shutdown()  # writes the state file
+    again = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
+    assert again.status()["caps"][0]["used_bytes"] >= 60_000
+
+
+def test_a_capped_link_serves_again_when_its_period_rolls_over(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop")
+    budget = proxy.steering.budget
+    today = datetime.date.fromtimestamp(budget.clock())
+    fill_links(proxy, echo_server, 1, 6000)
+    assert wait_for(lambda: cap_reached(proxy))
+    request = socks5_request(peer_server.host, peer_server.port)
+    assert socks5_code_for(proxy, request) == dispatch.Reply.NETWORK_UNREACHABLE
+    budget.clock = lambda: at_local(today + datetime.timedelta(days=1), 0) + 1  # just past midnight
+    proxy.sample_meter()  # the next sample finds the new period
+    assert peers_seen(proxy, peer_server, 1) == ["127.0.0.2"]
+    (report,) = proxy.status()["caps"]
+    assert not report["reached"] and report["period_end"] == at_local(today + datetime.timedelta(days=2), 0)
+
+
+def test_a_sticky_site_on_a_link_held_back_moves_to_another(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, fake_names: dict[str, list[str]]
+) -> None:
+    fake_names["www.shop.test"] = ["127.0.0.1"]
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], sticky=600)
+    target = ("www.shop.test", peer_server.port)
+    with client_through(proxy, target, rdns=True) as client:
+        stuck = read_all(client).decode()
+    other = ({"127.0.0.2", "127.0.0.3"} - {stuck}).pop()
+    proxy.steering.steer(stuck, {"action": "pause"}, "a test")
+    for _ in range(3):
+        with client_through(proxy, target, rdns=True) as client:
+            assert read_all(client).decode() == other
+
+
+def test_each_cap_is_on_the_page_in_stats_json_in_metrics_and_in_the_stats_lines(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=100kB/day", "127.0.0.2=1MB/month"])
+    fill_links(proxy, echo_server, 1, 40_000)  # 80 kB both ways
+    assert wait_for(lambda: proxy.status()["caps"][0]["used_bytes"] >= 80_000)
+    day, month = proxy.status()["caps"]
+    assert (day["cap"], day["cap_bytes"], day["reached"]) == ("127.0.0.2=100kB/day", 100_000, False)
+    assert (month["cap"], month["used_bytes"]) == ("127.0.0.2=1MB/month", day["used_bytes"])
+    _, _, body = http_get(proxy.address, "/stats.json")
+    assert json.loads(body)["caps"][1]["cap_bytes"] == 1_000_000
+    _, _, page = http_get(proxy.address, "/")
+    assert "<h2>Data caps</h2>" in page.decode() and "127.0.0.2=100kB/day: 80.0 kB used (80 %)" in page.decode()
+    _, _, metrics = http_get(proxy.address, "/metrics")
+    lines = metrics.decode().splitlines()
+    assert 'dispatch_link_cap_bytes{link="127.0.0.2",cap="127.0.0.2=1MB/month"} 1000000' in lines
+    assert f'dispatch_link_used_bytes{{link="127.0.0.2",cap="127.0.0.2=100kB/day"}} {day["used_bytes"]}' in lines
+    assert any(line.startswith("dispatch_link_cap_reset_timestamp_seconds{") for line in lines)
+    dispatch._print_stats(proxy, time.monotonic())
+    out = capsys.readouterr().out
+    assert (
+        "cap 127.0.0.2=100kB/day: 80.0 kB used (80 %)" in out and "cap 127.0.0.2=1MB/month: 80.0 kB used (8 %)" in out
+    )
+
+
+def test_a_cap_counts_the_links_dns_queries_and_answers_too(
+    make_proxy: Callable[..., Dispatcher], dns_server: DnsServer
+) -> None:
+    proxy = make_proxy(["127.0.0.1"], dns=[dns_server.address], caps=["127.0.0.1=1MB/day"])
+    assert socks5_code_for(proxy, socks5_request("nosuch.test", 80)) == dispatch.Reply.HOST_UNREACHABLE
+    assert dns_server.asked("nosuch.test")
+    proxy.sample_meter()  # now, rather than in up to 2 s
+    used = proxy.status()["caps"][0]["used_bytes"]
+    assert used >= 2 * len("nosuch.test") + 2 * 12  # a query and its answer: each a header and the name at least
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["--cap", "usb0=0GB/day"], "a cap of 0"),
+        (["--cap", "usb0=2XB/month"], "is no size"),
+        (["--cap", "usb0=2GB/week"], "the period is"),
+        (["--cap", "usb0=2GB/day", "--cap", "usb0=3GB/day"], "two caps per day"),
+        (["--cap", "nosuch0=2GB/day"], "no link is named nosuch0"),
+    ],
+)
+def test_a_bad_cap_is_one_line_and_exit_2(arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        status = dispatch.main(["start", "--port", "0", "--no-state", *arguments, "127.0.0.1"])
+    except SystemExit as exit_:
+        status = exit_.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert status == 2 and said in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # usage, and the error
 
 
 # ---------------------------------------------------------------------------
@@ -6275,6 +6519,8 @@ STATUS_TYPES = (
     dispatch.BondStatus,
     dispatch.BondMember,
     dispatch.BondCarried,
+    dispatch.CapReport,
+    dispatch.LinkReport,
 )
 
 
@@ -7798,6 +8044,275 @@ def test_a_second_proxy_on_the_same_port_is_refused(make_proxy: Callable[..., Di
 
 
 # ---------------------------------------------------------------------------
+# Steering: links paused, closed, weighed while dispatch runs; the control API
+# ---------------------------------------------------------------------------
+
+
+def api_post(
+    proxy: Dispatcher,
+    path: str,
+    body: object,
+    content_type: str = "application/json",
+    more_headers: str = "",
+    host: str | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """POST ``body`` (JSON unless bytes) to the proxy's own port, as a script would."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    host = host or f"127.0.0.1:{proxy.address[1]}"
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+    head += f"Content-Length: {len(data)}\r\nConnection: close\r\n{more_headers}\r\n"
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode() + data)
+        code, headers, answer = read_response(sock)
+    assert headers["content-type"] == "application/json"
+    return code, headers, json.loads(answer)
+
+
+def link_states(proxy: Dispatcher) -> dict[str, tuple[str, int]]:
+    return {link["name"]: (link["state"], link["weight"]) for link in proxy.status()["links"]}
+
+
+def run_link(port: int, *arguments: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``dispatch link`` (as a user types it) against the dispatch on ``port``: (status, stdout, stderr)."""
+    status = dispatch.main(["link", "--port", str(port), *arguments])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_dispatch_link_pause_takes_new_connections_off_the_link_and_lets_open_ones_go_on(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    peer_server: Server,
+    capsys: pytest.CaptureFixture[str],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin")
+    with contextlib.ExitStack() as stack:
+        open_ones = [stack.enter_context(client_through(proxy, (echo_server.host, echo_server.port))) for _ in range(2)]
+        status, out, err = run_link(proxy.address[1], "127.0.0.3", "pause", capsys=capsys)
+        assert (status, out, err) == (0, "link 127.0.0.3 paused\n", "")
+        assert peers_seen(proxy, peer_server, 4) == ["127.0.0.2"] * 4
+        assert [round_trip(client, b"still") for client in open_ones] == [b"still"] * 2
+    assert "link 127.0.0.3 paused from 127.0.0.1" in log.messages
+    assert link_states(proxy)["127.0.0.3"] == ("paused", 1)
+    status, out, _ = run_link(proxy.address[1], "127.0.0.3", "resume", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.3 resumed\n")
+    assert sorted(peers_seen(proxy, peer_server, 4)) == ["127.0.0.2"] * 2 + ["127.0.0.3"] * 2
+
+
+def test_dispatch_link_close_ends_the_links_open_connections_and_takes_no_new_one(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, peer_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2"])
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        client.sendall(b"before")
+        assert recv_exactly(client, 6) == b"before"  # open still
+        status, out, _ = run_link(proxy.address[1], "127.0.0.2", "close", capsys=capsys)
+        assert (status, out) == (0, "link 127.0.0.2 closed (1 connection ended)\n")
+        assert closed_by_proxy(client)
+    request = socks5_request(peer_server.host, peer_server.port)
+    assert socks5_code_for(proxy, request) == dispatch.Reply.NETWORK_UNREACHABLE
+
+
+def test_dispatch_link_close_with_a_site_ends_only_that_sites_connections(
+    make_proxy: Callable[..., Dispatcher],
+    echo_server: Server,
+    fake_names: dict[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake_names.update({"download.stuck.test": [echo_server.host], "fine.test": [echo_server.host]})
+    proxy = make_proxy(["127.0.0.2"])
+    stuck = client_through(proxy, ("download.stuck.test", echo_server.port), rdns=True)
+    with stuck, client_through(proxy, ("fine.test", echo_server.port), rdns=True) as fine:
+        stuck.sendall(b"open")
+        assert recv_exactly(stuck, 4) == b"open"
+        status, out, _ = run_link(proxy.address[1], "--site", "stuck.test", "127.0.0.2", "close", capsys=capsys)
+        assert (status, out) == (0, "link 127.0.0.2: 1 connection to stuck.test ended\n")
+        assert closed_by_proxy(stuck)
+        assert round_trip(fine, b"on") == b"on"
+    assert link_states(proxy)["127.0.0.2"] == ("ready", 1)
+
+
+def test_dispatch_link_weight_changes_the_links_share_of_turns(
+    make_proxy: Callable[..., Dispatcher], peer_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2", "127.0.0.3"], balance="round-robin")
+    status, out, _ = run_link(proxy.address[1], "127.0.0.3", "weight", "3", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.3 has weight 3\n")
+    assert Counter(peers_seen(proxy, peer_server, 8)) == {"127.0.0.2": 2, "127.0.0.3": 6}
+    assert {row["ip"]: row["weight"] for row in proxy.stats()} == {"127.0.0.2": 1, "127.0.0.3": 3}
+
+
+def test_dispatch_link_reset_usage_counts_a_capped_link_from_zero(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=5kB/day"], cap_action="stop")
+    fill_links(proxy, echo_server, 1, 6000)
+    assert wait_for(lambda: cap_reached(proxy))
+    status, out, _ = run_link(proxy.address[1], "127.0.0.2", "reset-usage", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.2 counts its usage from zero\n")
+    assert proxy.status()["caps"][0]["used_bytes"] == 0
+    fill_links(proxy, echo_server, 1, 100)  # it serves again
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["nosuch0", "pause"], "refused (404): no link is named 'nosuch0'"),
+        (["127.0.0.1", "reset-usage"], "refused (409): link 127.0.0.1 has no data cap"),
+    ],
+)
+def test_dispatch_link_says_in_one_line_why_nothing_changed(
+    proxy: Dispatcher, arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_link(proxy.address[1], *arguments, capsys=capsys)
+    assert (status, out, err) == (1, "", f"dispatch link: {said}\n")
+    assert link_states(proxy) == {"127.0.0.1": ("ready", 1)}
+
+
+def test_dispatch_link_with_no_dispatch_there_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    port = refused_port()
+    status, out, err = run_link(port, "usb0", "pause", capsys=capsys)
+    assert status == 1 and out == "" and err.startswith(f"dispatch link: no dispatch answers at 127.0.0.1:{port}")
+    assert len(err.splitlines()) == 1
+
+
+def test_dispatch_link_logs_in_with_dispatch_auth_or_an_auth_file(
+    make_proxy: Callable[..., Dispatcher],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = make_proxy(credentials=dict([LOGIN]))
+    status, _, err = run_link(proxy.address[1], "127.0.0.1", "pause", capsys=capsys)
+    assert (status, err) == (1, "dispatch link: refused (401): log in\n")
+    login_file = tmp_path / "login"
+    login_file.write_text(":".join(LOGIN) + "\n")
+    status, out, _ = run_link(proxy.address[1], "--auth-file", str(login_file), "127.0.0.1", "pause", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.1 paused\n")
+    monkeypatch.setenv("DISPATCH_AUTH", ":".join(LOGIN))
+    status, out, _ = run_link(proxy.address[1], "127.0.0.1", "resume", capsys=capsys)
+    assert (status, out) == (0, "link 127.0.0.1 resumed\n")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [(["usb0", "weight"], "weight takes a number"), (["--site", "x.example", "usb0", "pause"], "only close takes")],
+)
+def test_a_bad_dispatch_link_is_one_line_and_exit_2(
+    arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_link(1080, *arguments, capsys=capsys)
+    assert status == 2 and out == "" and said in err and len(err.splitlines()) == 1
+
+
+def test_the_control_api_lists_the_links_as_the_page_shows_them(proxy: Dispatcher) -> None:
+    code, headers, body = http_get(proxy.address, "/api/links")
+    answer = json.loads(body)
+    assert code == 200 and headers["content-type"] == "application/json"
+    assert answer["links"] == [{"name": "127.0.0.1", "state": "ready", "weight": 1}]
+    assert [row["ip"] for row in answer["addresses"]] == ["127.0.0.1"] and answer["caps"] == []
+
+
+@pytest.mark.parametrize(
+    ("send", "code"),
+    [
+        ("GET", 405),  # no change by GET, ever
+        ({"content_type": "application/x-www-form-urlencoded"}, 415),  # a form a web page posts
+        ({"content_type": "text/plain"}, 415),
+        ({"more_headers": "Origin: http://evil.example\r\n"}, 403),
+        ({"more_headers": "Origin: null\r\n"}, 403),
+        ({"host": "evil.example"}, 403),  # a name pointed at 127.0.0.1 (DNS rebinding)
+    ],
+)
+def test_the_control_api_refuses_a_change_a_web_page_could_send(
+    proxy: Dispatcher, send: Any, code: int, log: pytest.LogCaptureFixture
+) -> None:
+    if send == "GET":
+        got, _, body = http_get(proxy.address, "/api/links/127.0.0.1?action=pause")
+        assert json.loads(body)["error"]
+    else:
+        got, _, answer = api_post(proxy, "/api/links/127.0.0.1", {"action": "pause"}, **send)
+        assert answer["error"]
+    assert got == code
+    assert link_states(proxy) == {"127.0.0.1": ("ready", 1)}
+
+
+def test_the_control_api_takes_a_change_from_dispatchs_own_page(proxy: Dispatcher) -> None:
+    origin = f"Origin: http://127.0.0.1:{proxy.address[1]}\r\n"
+    code, _, answer = api_post(proxy, "/api/links/127.0.0.1", {"action": "pause"}, more_headers=origin)
+    assert (code, answer) == (200, {"changed": "link 127.0.0.1 paused"})
+
+
+def test_the_control_api_of_a_dispatch_listening_beyond_loopback_takes_changes_only_with_a_login(
+    make_proxy: Callable[..., Dispatcher],
+) -> None:
+    open_proxy = make_proxy(host="0.0.0.0")
+    code, _, answer = api_post(open_proxy, "/api/links/127.0.0.1", {"action": "pause"})
+    assert code == 403 and "changes need a login" in answer["error"]
+    assert link_states(open_proxy) == {"127.0.0.1": ("ready", 1)}
+    guarded = make_proxy(host="0.0.0.0", credentials=dict([LOGIN]))
+    assert api_post(guarded, "/api/links/127.0.0.1", {"action": "pause"})[0] == 401
+    token = base64.b64encode(":".join(LOGIN).encode()).decode()
+    login = f"Authorization: Basic {token}\r\n"
+    assert api_post(guarded, "/api/links/127.0.0.1", {"action": "pause"}, more_headers=login)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "said"),
+    [
+        ("/api/links/nosuch0", {"action": "pause"}, 404, "no link is named"),
+        ("/api/links/127.0.0.1", {"action": "explode"}, 400, "no action 'explode'"),
+        ("/api/links/127.0.0.1", {"action": "weight"}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": 0}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": "3"}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": True}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "weight", "weight": 1001}, 400, "the weight is a whole number"),
+        ("/api/links/127.0.0.1", {"action": "pause", "weight": 2}, 400, "pause takes no 'weight'"),
+        ("/api/links/127.0.0.1", {"action": "close", "site": "a b"}, 400, "is no host name"),
+        ("/api/links/127.0.0.1", ["pause"], 400, "one JSON object"),
+        ("/api/links/127.0.0.1", b"{pause", 400, "the body is no JSON"),
+        ("/api/links/127.0.0.1", b"\xff\xfe", 400, "the body is no JSON"),
+        ("/api/links", {"action": "pause"}, 405, "a change is a POST to /api/links/NAME"),
+        ("/api/links/127.0.0.1/more", {"action": "pause"}, 404, "no such API path"),
+    ],
+)
+def test_a_bad_control_api_call_is_a_4xx_with_a_json_error_and_changes_nothing(
+    proxy: Dispatcher, path: str, body: object, code: int, said: str
+) -> None:
+    got, _, answer = api_post(proxy, path, body)
+    assert got == code and said in answer["error"]
+    assert link_states(proxy) == {"127.0.0.1": ("ready", 1)}
+
+
+def test_links_stay_paused_and_weighed_across_a_restart_and_the_start_says_so(
+    make_proxy: Callable[..., Dispatcher], tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    state = str(tmp_path / "state.json")
+    first = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
+    assert api_post(first, "/api/links/127.0.0.2", {"action": "pause"})[0] == 200
+    assert api_post(first, "/api/links/127.0.0.3", {"action": "weight", "weight": 4})[0] == 200
+    assert json.loads((tmp_path / "state.json").read_text())["steered"] == {
+        "127.0.0.2": {"state": "paused"},
+        "127.0.0.3": {"weight": 4},
+    }
+    first.shutdown()
+    again = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
+    assert link_states(again) == {"127.0.0.2": ("paused", 1), "127.0.0.3": ("ready", 4)}
+    assert "link 127.0.0.2 is paused, as it was left (dispatch link 127.0.0.2 resume)" in warnings_of(log)
+
+
+def test_link_states_in_a_state_file_that_are_unusable_are_left_out_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "state.json")
+    steered = {"a": {"state": "paused"}, "b": {"state": "melted"}, "c": {"weight": -1}, "d": "paused"}
+    dispatch.write_state(path, {}, {"steered": steered})
+    assert dispatch.read_link_states(path) == {"a": ("paused", None)}
+    assert warnings_of(log) == [f"state file {path}: 3 unusable link states left out"]
+
+
+# ---------------------------------------------------------------------------
 # Dispatcher: the library face, shutdown
 # ---------------------------------------------------------------------------
 
@@ -8364,6 +8879,62 @@ def test_cli_list_shows_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith("INTERFACE")
     assert any(line.split()[:3] == ["lo", "127.0.0.1", "no"] for line in out.splitlines()[1:])
+
+
+@pytest.fixture
+def network_manager(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An nmcli first on PATH, as NetworkManager's answers GENERAL.METERED:
+    what the file named as the device in the folder returned holds ("yes
+    (guessed)"), in the C locale only (in another, its words are translated);
+    no file: no such device."""
+    said = tmp_path / "metered"
+    said.mkdir()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "nmcli"
+    script.write_text(
+        "#!/bin/sh\n"
+        '[ "$LC_ALL" = C ] || { echo ja; exit 0; }\n'
+        '[ "$1 $2 $3 $4" = "-g GENERAL.METERED device show" ] || exit 2\n'
+        f'cat "{said}/$5" 2>/dev/null || {{ echo "Error: Device \'$5\' not found." >&2; exit 10; }}\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    return said
+
+
+def test_cli_list_shows_whether_each_interface_is_metered_as_network_manager_says(
+    fake_interfaces: FakeInterfaces, network_manager: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_interfaces.interfaces.update(usb0=["127.0.0.2"], wlan0=["127.0.0.3"], eth0=["127.0.0.4"], tun0=["127.0.0.5"])
+    for name, said in (("usb0", "yes"), ("wlan0", "no (guessed)"), ("eth0", "unknown")):
+        (network_manager / name).write_text(said + "\n")
+    assert dispatch.main(["list"]) == 0
+    rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][-1] == "METERED"
+    assert {row[0]: row[-1] for row in rows[1:]} == {
+        "usb0": "yes",
+        "wlan0": "guessed no",
+        "eth0": "unknown",
+        "tun0": "?",
+    }
+
+
+def test_cli_start_suggests_a_cap_for_a_metered_link_that_has_none(
+    fake_interfaces: FakeInterfaces, network_manager: Any, tmp_path: Any
+) -> None:
+    fake_interfaces.interfaces.update(usb0=["127.0.0.2"], wwan0=["127.0.0.3"], wlan0=["127.0.0.4"], eth0=["127.0.0.5"])
+    for name in ("usb0", "wwan0", "wlan0"):
+        (network_manager / name).write_text("yes (guessed)\n")
+    log_file = tmp_path / "d.log"
+    links = ["usb0", "wwan0@backup", "wlan0", "eth0", "--cap", "wlan0=1GB/month", "--no-state"]
+    assert run_cli(links, lambda running, stop: None, str(log_file)) == 0
+    told = [line.partition("WARNING ")[2] for line in log_file.read_text().splitlines() if "metered" in line]
+    assert told == [
+        "link usb0 is metered (the system says guessed yes): a data cap (--cap usb0=SIZE/month) "
+        "or usb0@backup keeps it from carrying more than it should"
+    ]
 
 
 def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: Any) -> None:
@@ -9023,12 +9594,35 @@ def test_cli_list_marks_interfaces_without_an_address(windows: None, capsys: pyt
     assert dispatch.main(["list"]) == 0
     rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
     assert rows == [
-        ["INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE"],
-        ["Wi-Fi", "127.0.0.2", "yes", "?"],  # Windows: the default route is not read
-        ["Ethernet 2", "127.0.0.3", "yes", "?"],
-        ["Ethernet 2", "fd00::3", "yes", "?"],
-        ["Bluetooth Device (Personal Area Network)", "-", "no address", "?"],
+        ["INTERFACE", "ADDRESS", "USABLE", "DEFAULT ROUTE", "METERED"],
+        ["Wi-Fi", "127.0.0.2", "yes", "?", "?"],  # Windows: the default route and the cost are not read
+        ["Ethernet 2", "127.0.0.3", "yes", "?", "?"],
+        ["Ethernet 2", "fd00::3", "yes", "?", "?"],
+        ["Bluetooth Device (Personal Area Network)", "-", "no address", "?", "?"],
     ]
+
+
+def test_cli_list_shows_the_cost_windows_gives_each_connection(
+    windows: None, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "powershell"  # Windows PowerShell, as it answers dispatch's question
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *GetConnectionProfiles*) ;; *) exit 2;; esac\n'
+        "echo '{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11} Variable'\n"
+        "echo '{9c1d7b20-5e3f-4a8c-b6d2-7f0e1a2b3c44} Unrestricted'\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert dispatch.main(["list"]) == 0
+    rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
+    assert {row[0]: row[-1] for row in rows[1:]} == {
+        "Wi-Fi": "yes",
+        "Ethernet 2": "no",
+        "Bluetooth Device (Personal Area Network)": "?",  # no connection profile
+    }
 
 
 def test_cli_starts_with_windows_names(windows: None, echo_server: Server, tmp_path: Any) -> None:

@@ -728,6 +728,116 @@ def test_lab_a_backup_link_carries_traffic_only_while_both_primaries_are_dark(
     assert (rows[three]["tier"], rows[three]["state"], rows[three]["connections"]) == ("backup", "standby", 6)
 
 
+# Data caps, in the lab -----------------------------------------------------
+
+
+def batches_until(proxy: LabProxy, done: Callable[[], bool], most: int = 20) -> int:
+    """Batches of 12 downloads started together, one after another until
+    ``done()``, at most ``most``; return how many."""
+    for count in range(1, most + 1):
+        assert lab_downloads(proxy, 12, LAB_DOWNLOAD_SIZE) == [LAB_DOWNLOAD_SIZE] * 12
+        if done():
+            return count
+    raise AssertionError(f"not done after {most} batches")
+
+
+@pytest.mark.parametrize("action", ["backup", "stop"])
+def test_lab_a_cap_reached_in_a_batch_of_downloads_moves_new_connections_off_the_link(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], action: str
+) -> None:
+    names = [link.client_ifname for link in rules_lab.uplinks]
+    capped = names[2]
+    proxy = lab_proxy(rules_lab, "--no-state", "--cap", f"{capped}=300kB/day", "--cap-action", action, *names)
+    batches_until(proxy, lambda: lab_status(proxy)["caps"][0]["reached"])
+    before = connections_per_link(proxy)
+    assert lab_downloads(proxy, 12, LAB_DOWNLOAD_SIZE) == [LAB_DOWNLOAD_SIZE] * 12
+    after = connections_per_link(proxy)
+    moved = {name: after[name] - before[name] for name in names}
+    assert moved[capped] == 0 and sum(moved.values()) == 12, moved
+    (cap,) = lab_status(proxy)["caps"]
+    assert cap["used_bytes"] >= 300_000 and cap["cap"] == f"{capped}=300kB/day"
+    log = proxy.log()
+    told = [
+        f"link {capped} used 75% of its cap",
+        f"link {capped} used 95% of its cap",
+        f"link {capped} reached its cap",
+    ]
+    assert [log.count(line) for line in told] == [1, 1, 1]
+    assert log.index(told[0]) < log.index(told[1]) < log.index(told[2])
+
+
+def test_lab_usage_of_a_capped_link_survives_sigkill_losing_at_most_a_few_seconds(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy], tmp_path: Any
+) -> None:
+    """The state file is written within USAGE_SAVE_INTERVAL of the usage
+    changing: a dispatch killed then starts again from what it wrote."""
+    state = tmp_path / "state.json"
+    link = rules_lab.uplink(1).client_ifname
+    arguments = ["--state-file", str(state), "--cap", f"{link}=1GB/month", link]
+    proxy = lab_proxy(rules_lab, *arguments)
+    for _ in range(10):
+        assert proxy.download(LAB_DOWNLOAD_SIZE) == LAB_DOWNLOAD_SIZE
+    assert wait_for(lambda: lab_status(proxy)["caps"][0]["used_bytes"] >= 10 * LAB_DOWNLOAD_SIZE)
+    used = lab_status(proxy)["caps"][0]["used_bytes"]
+
+    def kept() -> int:
+        usage = json.loads(state.read_text()).get("usage", {}) if state.exists() else {}
+        return sum(usage.get(link, {}).values())
+
+    assert wait_for(lambda: kept() >= used, timeout=dispatch.USAGE_SAVE_INTERVAL + TIMEOUT)
+    proxy.process.send_signal(signal.SIGKILL)
+    proxy.process.communicate(timeout=TIMEOUT)
+    again = lab_proxy(rules_lab, *arguments)
+    assert lab_status(again)["caps"][0]["used_bytes"] >= used
+
+
+# Steering a running dispatch, in the lab ----------------------------------
+
+
+def dispatch_link(proxy: LabProxy, *arguments: str) -> tuple[int, str, str]:
+    """``dispatch link ARGUMENTS`` run by a user beside the lab's dispatch: (status, stdout, stderr)."""
+    process = run_script(["link", "--port", str(proxy.address[1]), *arguments], proxy.lab.client_popen)
+    out, err = process.communicate(timeout=TIMEOUT)
+    return process.returncode, out, err
+
+
+def test_lab_dispatch_link_pauses_resumes_weighs_and_closes_a_link_of_a_running_dispatch(
+    rules_lab: Any, lab_proxy: Callable[..., LabProxy]
+) -> None:
+    names = [link.client_ifname for link in rules_lab.uplinks]
+    proxy = lab_proxy(rules_lab, "--no-state", "--balance", "round-robin", *names)
+    assert dispatch_link(proxy, names[2], "pause") == (0, f"link {names[2]} paused\n", "")
+    paused = batch_split(proxy, 6, LAB_DOWNLOAD_SIZE)
+    assert paused[2] == 0 and sum(paused) == 6, paused
+    assert dispatch_link(proxy, names[2], "resume") == (0, f"link {names[2]} resumed\n", "")
+    assert dispatch_link(proxy, names[0], "weight", "4") == (0, f"link {names[0]} has weight 4\n", "")
+    assert batch_split(proxy, 12, LAB_DOWNLOAD_SIZE) == [8, 2, 2]
+    # A long download through the slow link, ended by its close.
+    assert dispatch_link(proxy, names[0], "pause")[0] == dispatch_link(proxy, names[1], "pause")[0] == 0
+    got: list[int] = []
+    downloading = threading.Thread(target=lambda: got.append(proxy.download(50 * LAB_DOWNLOAD_SIZE)))
+    downloading.start()
+    assert wait_for(lambda: {row["interface"]: row["open"] for row in lab_status(proxy)["addresses"]}[names[2]] == 1)
+    status, out, _ = dispatch_link(proxy, names[2], "close")
+    assert (status, out) == (0, f"link {names[2]} closed (1 connection ended)\n")
+    downloading.join(TIMEOUT)
+    assert got and got[0] < 50 * LAB_DOWNLOAD_SIZE, got  # cut short
+    assert [link["state"] for link in lab_status(proxy)["links"]] == ["paused", "paused", "closed"]
+    assert f"link {names[2]} closed (1 connection ended) from 127.0.0.1" in proxy.log()
+
+
+def test_lab_dispatch_link_refuses_in_one_line_and_exit_1(rules_lab: Any, lab_proxy: Callable[..., LabProxy]) -> None:
+    link = rules_lab.uplink(1).client_ifname
+    proxy = lab_proxy(rules_lab, "--no-state", link)
+    assert dispatch_link(proxy, "nosuch0", "pause") == (
+        1,
+        "",
+        "dispatch link: refused (404): no link is named 'nosuch0'\n",
+    )
+    status, out, err = dispatch_link(proxy, "--port", str(LAB_PROXY_PORT + 1), link, "pause")
+    assert (status, out) == (1, "") and err.startswith("dispatch link: no dispatch answers at 127.0.0.1:")
+
+
 # Names through the links, in the lab ---------------------------------------
 
 
