@@ -4045,6 +4045,16 @@ class CapReport(TypedDict):
     seconds_left: float | None  # until reached, at the link's rate now; None while it carries nothing
 
 
+def cap_standing(cap: CapReport) -> str:
+    """How far a cap is spent, as the log told it: "reached", "past 95 %",
+    "past 75 %" (CAP_WARNINGS), or "" below them."""
+    if cap["reached"]:
+        return "reached"
+    share = cap["used_bytes"] * 100 / cap["cap_bytes"]
+    passed = [level for level in CAP_WARNINGS if share >= level]
+    return f"past {passed[-1]} %" if passed else ""
+
+
 def _local_midnight(day: datetime.date) -> float:
     """The time (seconds since the epoch) the local ``day`` begins."""
     return time.mktime((day.year, day.month, day.day, 0, 0, 0, 0, 0, -1))
@@ -7808,6 +7818,7 @@ def _caps_part(status: Status) -> str:
     lines = []
     for cap in status["caps"]:
         share = cap["used_bytes"] * 100 // cap["cap_bytes"]
+        standing = f", {cap_standing(cap)}" if cap_standing(cap) and not cap["reached"] else ""
         ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(cap["period_end"]))
         if cap["reached"]:
             left = "cap reached"
@@ -7816,7 +7827,7 @@ def _caps_part(status: Status) -> str:
         else:
             left = f"{format_duration(cap['seconds_left'])} left at this rate"
         lines.append(
-            f"<li>{_e(cap['cap'])}: {format_bytes(cap['used_bytes'])} used ({share} %), {left}; "
+            f"<li>{_e(cap['cap'])}: {format_bytes(cap['used_bytes'])} used ({share} %{standing}), {left}; "
             f"starts afresh {ends}</li>"
         )
     return f"<h2>Data caps</h2><ul>{''.join(lines)}</ul>" if lines else ""
@@ -12967,8 +12978,8 @@ def _print_stats(dispatcher: Dispatcher, started: float, title: str = "after") -
     print(format_stats(dispatcher.stats()), flush=True)
     for cap in dispatcher.status()["caps"]:
         share = cap["used_bytes"] * 100 // cap["cap_bytes"]
-        reached = ", reached" if cap["reached"] else ""
-        print(f"cap {cap['cap']}: {format_bytes(cap['used_bytes'])} used ({share} %{reached})", flush=True)
+        standing = f", {cap_standing(cap)}" if cap_standing(cap) else ""
+        print(f"cap {cap['cap']}: {format_bytes(cap['used_bytes'])} used ({share} %{standing})", flush=True)
     if dispatcher.system_proxy is not None:
         print(f"system proxy: {dispatcher.system_proxy.describe}", flush=True)
 

@@ -1102,10 +1102,10 @@ def socks5_by_name(sock: socket.socket, host: str, port: int) -> None:
     recv_exact(sock, (recv_exact(sock, 1)[0] if size is None else size) + 2)  # the bound address: unused
 
 
-def names_rate(
-    proxy: Address, echo: Address, host: Callable[[], str], threads: int, duration: float
-) -> tuple[float, int]:
-    """Short connections per second (and failures) to ``host()`` through ``proxy``."""
+def parallel_rate(exchange: Callable[[], None], threads: int, duration: float) -> tuple[float, int]:
+    """``exchange()`` run over and over in ``threads`` threads for ``duration``
+    seconds: those that got through per second, and how many failed
+    (OSError, SocksError)."""
     done, failed = [0], [0]
     lock = threading.Lock()
     stop_at = time.monotonic() + duration
@@ -1114,12 +1114,7 @@ def names_rate(
         ok = bad = 0
         while time.monotonic() < stop_at:
             try:
-                with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    socks5_by_name(sock, host(), echo[1])
-                    sock.sendall(PING)
-                    if recv_exact(sock, len(PING)) != PING:
-                        raise SocksError("echo mismatch")
+                exchange()
                 ok += 1
             except (OSError, SocksError):
                 bad += 1
@@ -1134,6 +1129,22 @@ def names_rate(
     for worker in workers:
         worker.join()
     return done[0] / (time.monotonic() - began), failed[0]
+
+
+def names_rate(
+    proxy: Address, echo: Address, host: Callable[[], str], threads: int, duration: float
+) -> tuple[float, int]:
+    """Short connections per second (and failures) to ``host()`` through ``proxy``."""
+
+    def exchange() -> None:
+        with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks5_by_name(sock, host(), echo[1])
+            sock.sendall(PING)
+            if recv_exact(sock, len(PING)) != PING:
+                raise SocksError("echo mismatch")
+
+    return parallel_rate(exchange, threads, duration)
 
 
 def names_benchmark(rounds: int, duration: float, threads: int) -> str:
@@ -1221,30 +1232,12 @@ def lab_stream(ns: str, dst: Address, socks: bool) -> socket.socket:
 def lab_rate(open_one: Callable[[], socket.socket], threads: int, duration: float) -> tuple[float, int]:
     """Short connections per second (and failures), each reading the lab's
     peer-echo answer to its end."""
-    done, failed = [0], [0]
-    lock = threading.Lock()
-    stop_at = time.monotonic() + duration
 
-    def loop() -> None:
-        ok = bad = 0
-        while time.monotonic() < stop_at:
-            try:
-                with open_one() as sock:
-                    drain(sock, memoryview(bytearray(256)))
-                ok += 1
-            except OSError:
-                bad += 1
-        with lock:
-            done[0] += ok
-            failed[0] += bad
+    def exchange() -> None:
+        with open_one() as sock:
+            drain(sock, memoryview(bytearray(256)))
 
-    began = time.monotonic()
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return done[0] / (time.monotonic() - began), failed[0]
+    return parallel_rate(exchange, threads, duration)
 
 
 def lab_batch(open_one: Callable[[], socket.socket], count: int, size: int) -> float:
