@@ -237,6 +237,79 @@ def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_
     assert sys.getswitchinterval() == interval
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_socket_waiters_say_which_socket_is_ready_for_what(portable: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SocketWaiter and the relay's pair waiter, by poll() and (portable, as on
+    Windows) by select(): ready sockets with the events asked of them, none
+    past the timeout, a socket set to 0 no longer waited on even once its
+    peer has hung up. Private names: the waiters' choice of poll()."""
+    if portable:
+        monkeypatch.setattr(dispatch, "_new_poll", None)
+    read, write = dispatch.selectors.EVENT_READ, dispatch.selectors.EVENT_WRITE
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        waiter = dispatch.SocketWaiter()
+        waiter.set(a, read)
+        waiter.set(c, read | write)
+        assert waiter.wait(0.01) == [(c, write)]
+        b.sendall(b"x")
+        assert sorted(waiter.wait(1.0), key=lambda ready: ready[0] is c) == [(a, read), (c, write)]
+        waiter.set(c, 0)
+        d.close()
+        assert waiter.wait(0.01) == [(a, read)]
+        waiter.set(a, 0)
+        began = time.monotonic()
+        assert waiter.wait(0.05) == [] and time.monotonic() - began >= 0.04
+        e, f = socket.socketpair()
+        with e, f:
+            pair = dispatch._PairWaiter(a, e)
+            assert pair.wait(read, read, 0.01) == (read, 0)
+            f.sendall(b"y")
+            assert pair.wait(0, read | write, 1.0) == (0, read | write)
+            assert pair.wait(0, 0, 0.01) == (0, 0)
+
+
+def test_log_lines_read_as_the_standard_formatters_and_reach_the_file_whole(tmp_path: Any) -> None:
+    """LogLineFormatter writes what Formatter("%(asctime)s %(levelname)s
+    %(message)s") writes, exceptions too; AppendingFileHandler's lines from
+    many threads at once each arrive whole, and none is lost."""
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    ours = dispatch.LogLineFormatter()
+    for created in (0.0, 1_700_000_000.123, 1_700_000_000.999, 1_700_000_001.5):
+        record = logging.LogRecord("dispatch", logging.INFO, __file__, 1, "a -> %s: %d B", ("b", 3), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        failed = logging.LogRecord("dispatch", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert ours.format(failed) == standard.format(failed) and "ValueError: broken" in ours.format(failed)
+    path = tmp_path / "dispatch.log"
+    handler = dispatch.AppendingFileHandler(str(path))
+    handler.setFormatter(ours)
+    log = logging.getLogger("dispatch.test-appending")
+    log.addHandler(handler)
+    log.propagate = False
+
+    def write(thread: int) -> None:
+        for number in range(500):
+            log.warning("thread %d line %d %s", thread, number, "x" * 200)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.removeHandler(handler)
+    handler.close()
+    handler.emit(logging.LogRecord("dispatch", logging.INFO, __file__, 1, "after close", (), None))  # no error
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4000
+    assert all(re.fullmatch(r"\S+ \S+ WARNING thread \d line \d+ x{200}", line) for line in lines)
+    assert {tuple(line.split()[4:7:2]) for line in lines} == {(str(t), str(n)) for t in range(8) for n in range(500)}
+
+
 # ---------------------------------------------------------------------------
 # Errors: reply codes, and the errno mapping
 # ---------------------------------------------------------------------------

@@ -74,6 +74,7 @@ LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 DISPATCH = REPO / "dispatch.py"
 SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
+LOADGEN_SOURCE = REPO / "tools" / "loadgen.c"
 PEERS = ("dante", "pproxy", "microsocks")
 REFERENCES = ("splice-relay",)
 PROXY_NAMES = ("dispatch", "dispatch-before", "dispatch-paged", "dispatch-upstream", *PEERS, *REFERENCES)
@@ -449,18 +450,23 @@ def dispatch_upstream_command(port: int, workdir: Path) -> list[str]:
     return [*command[:-1], f"socks5://{LOOPBACK}:{upstream_port}"]
 
 
-def splice_relay_command(port: int, workdir: Path) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        raise Unavailable("splice() is Linux only")
+def build_c(source: Path, workdir: Path) -> Path:
+    """``source`` compiled into ``workdir``; Unavailable without a compiler."""
     compiler = require("cc", "apt-get install gcc")
-    program = workdir / "splice_relay"
+    program = workdir / source.stem
     build = subprocess.run(
-        [compiler, "-O2", "-pthread", "-o", str(program), str(SPLICE_RELAY_SOURCE)], capture_output=True, text=True
+        [compiler, "-O2", "-pthread", "-o", str(program), str(source)], capture_output=True, text=True
     )
     if build.returncode:
         last_line = (build.stderr.strip().splitlines() or ["no message"])[-1]
-        raise Unavailable(f"{SPLICE_RELAY_SOURCE.name} did not build: {last_line}")
-    return [str(program), LOOPBACK, str(port)]
+        raise Unavailable(f"{source.name} did not build: {last_line}")
+    return program
+
+
+def splice_relay_command(port: int, workdir: Path) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        raise Unavailable("splice() is Linux only")
+    return [str(build_c(SPLICE_RELAY_SOURCE, workdir)), LOOPBACK, str(port)]
 
 
 PROXY_COMMANDS: dict[str, Callable[[int, Path], list[str]]] = {
@@ -818,6 +824,11 @@ MEASURES = [
     Measure("up1", "upload 1 stream", "MB/s"),
     Measure("up4", "upload 4 streams", "MB/s"),
     Measure("conns", "short conns/s, 8 parallel", "conn/s"),
+    Measure("cconns", "short conns/s, C client", "conn/s", vs_direct=False),
+    Measure("cconns_us", "CPU per short conn", "us", vs_direct=False),
+    Measure("cconns_user_us", "  of it user", "us", vs_direct=False),
+    Measure("cconns_sys_us", "  of it system", "us", vs_direct=False),
+    Measure("cconns_syscalls", "system calls per short conn", "", vs_direct=False),
     Measure("lat50", "connect+echo p50", "us"),
     Measure("lat99", "connect+echo p99", "us"),
     Measure("added50", "added latency p50", "us", vs_direct=False),
@@ -841,6 +852,7 @@ class Settings:
     held: int
     burst: int
     release_timeout: float
+    c_count: int = 4000  # short connections per round of the C client
 
 
 @dataclass
@@ -852,6 +864,8 @@ class Bench:
     targets: list[Target]
     figures: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    loadgen: Path | None = None  # the C client, built where there is a compiler
+    c_echo: Address | None = None  # its echo server
 
     def watch(self, target: Target) -> dict[str, int | None]:
         return {"proxy": target.pid, "server": self.servers.pid}
@@ -994,6 +1008,77 @@ def measure_held(bench: Bench, target: Target, key: str) -> Figures:
     }
 
 
+def tree_times(root: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process tree, reaped children included."""
+    user = system = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11]) + int(fields[13])
+            system += int(fields[12]) + int(fields[14])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def count_syscalls(pids: Sequence[int]) -> subprocess.Popen[str] | None:
+    """perf counting the system calls of ``pids`` until it gets SIGINT; None without perf."""
+    perf = shutil.which("perf")
+    if perf is None or not sys.platform.startswith("linux"):
+        return None
+    command = [perf, "stat", "-x,", "-e", "syscalls:sys_enter_*", "-p", ",".join(map(str, pids))]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # perf attaches
+    return proc if proc.poll() is None else None
+
+
+def syscalls_counted(proc: subprocess.Popen[str]) -> int | None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, report = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+    counts = [int(line.split(",")[0]) for line in report.splitlines() if line.split(",")[0].isdigit()]
+    return sum(counts) if counts else None
+
+
+def run_loadgen(bench: Bench, target: Target, count: int) -> tuple[int, int, float]:
+    """``count`` short connections of the C client through ``target``: (succeeded, failed, seconds)."""
+    proxy, echo = target.route.proxy, bench.c_echo
+    assert proxy is not None and bench.loadgen is not None and echo is not None
+    mode = "pipelined" if target.route.pipelined else "sequential"
+    command = [str(bench.loadgen), "socks5", *map(str, proxy), *map(str, echo), str(count)]
+    run = subprocess.run(
+        [*command, str(bench.settings.parallel), mode], capture_output=True, text=True, timeout=60 + count * 0.01
+    )
+    words = run.stdout.split()
+    if run.returncode or len(words) < 6:
+        raise WorkerError(f"loadgen: {run.stderr.strip() or run.stdout.strip()}")
+    return int(words[1]), int(words[3]), float(words[5])
+
+
+def measure_c_conns(bench: Bench, target: Target, key: str) -> Figures:
+    """Short connections by the C client: connect, SOCKS5, a 4-byte echo, the
+    server's close; connections per second and the proxy's CPU per connection.
+    System calls are counted in a run of their own: perf's counters on every
+    new thread or process (microsocks, Dante) would cost far more than the calls."""
+    assert target.pid is not None
+    user_before, system_before = tree_times(target.pid)
+    ok, failed, seconds = run_loadgen(bench, target, bench.settings.c_count)
+    user_after, system_after = tree_times(target.pid)
+    if failed:
+        bench.notes.append(f"{target.name} C short conns: {failed} of {ok + failed} failed")
+    per = 1e6 / ok if ok else float("nan")
+    user, system = (user_after - user_before) * per, (system_after - system_before) * per
+    figures = {key: ok / seconds, "cconns_us": user + system, "cconns_user_us": user, "cconns_sys_us": system}
+    perf = count_syscalls(process_tree(target.pid))
+    if perf is not None:
+        counted, _, _ = run_loadgen(bench, target, max(100, bench.settings.c_count // 4))
+        syscalls = syscalls_counted(perf)
+        if syscalls is not None and counted:
+            figures["cconns_syscalls"] = syscalls / counted
+    return figures
+
+
 # A round: each test visits every target in turn, so drifting noise hits all alike.
 @dataclass(frozen=True)
 class Test:
@@ -1009,6 +1094,7 @@ TESTS = [
     Test("bulk", "up1", measure_bulk),
     Test("bulk", "up4", measure_bulk),
     Test("conns", "conns", measure_conns),
+    Test("cconns", "cconns", measure_c_conns, proxies_only=True),
     Test("latency", "lat50", measure_latency),
     Test("held", "held", measure_held, proxies_only=True),
 ]
@@ -1467,8 +1553,8 @@ def choice_list(choices: Sequence[str], ignore: Sequence[str] = ()) -> Callable[
     return parse
 
 
-QUICK = {"rounds": 2, "size": 64 * 2**20, "duration": 1.0, "latency": 300, "held": 300, "burst": 3000}
-FULL = {"rounds": 3, "size": 2**30, "duration": 5.0, "latency": 2000, "held": 3000, "burst": 30000}
+QUICK = {"rounds": 2, "size": 64 * 2**20, "duration": 1.0, "latency": 300, "held": 300, "burst": 3000, "c_count": 1000}
+FULL = {"rounds": 3, "size": 2**30, "duration": 5.0, "latency": 2000, "held": 3000, "burst": 30000, "c_count": 4000}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1485,6 +1571,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--held", type=int, help="connections held open at once (default 3000)")
     parser.add_argument("--burst", type=int, help="short connections in the dispatch burst, 0 to skip (default 30000)")
     parser.add_argument("--parallel", type=int, default=8, help="parallel short connections (default 8)")
+    parser.add_argument("--c-count", type=int, help="short connections a round of the C client makes (default 4000)")
     parser.add_argument(
         "--client-procs",
         type=int,
@@ -1589,6 +1676,21 @@ def wait_for_time_wait(limit: int = 2000, timeout: float = 65.0) -> None:
         time.sleep(5)
 
 
+def start_c_load(bench: Bench, workdir: Path, children: Children, args: argparse.Namespace) -> None:
+    """Build the C client and start its echo server; without a compiler the
+    C test is left out with a line (the Python client's "conns" remains)."""
+    try:
+        bench.loadgen = build_c(LOADGEN_SOURCE, workdir)
+    except Unavailable as reason:
+        print(f"skipping the C short-connection test: {reason}", flush=True)
+        args.tests.remove("cconns")
+        return
+    echo = subprocess.Popen([str(bench.loadgen), "echo", LOOPBACK], stdout=subprocess.PIPE, start_new_session=True)
+    children.popens.append(echo)
+    assert echo.stdout is not None
+    bench.c_echo = (LOOPBACK, int(echo.stdout.readline()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.names:
@@ -1609,6 +1711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.held,
         args.burst,
         args.release_timeout,
+        args.c_count,
     )
     raise_fd_limit()
     # SIGTERM should unwind like Ctrl-C, so that the finally below kills the children.
@@ -1621,6 +1724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             servers = start_target_servers(children)
             targets = start_targets(args.only, Path(tmp), servers.echo, children)
             bench = Bench(settings, servers, targets)
+            if "cconns" in args.tests:
+                start_c_load(bench, Path(tmp), children, args)
             for number in range(1, settings.rounds + 1):
                 run_round(bench, number, args.tests)
             dispatch = next((t for t in targets if t.name == "dispatch"), None)
