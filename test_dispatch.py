@@ -3827,20 +3827,27 @@ def test_bonds_of_each_scheme_are_links_beside_a_direct_one_and_keep_sticky_site
     assert sorted(row["connections"] for row in sticky.stats()) == [0, 0, 0, 4]
 
 
-def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carried(
-    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
-) -> None:
+def bonded_download(make_proxy: Callable[..., Dispatcher], size: int, *links: str) -> tuple[Dispatcher, Dispatcher]:
+    """A download of ``size`` bytes through a dispatch whose links are
+    ``links`` and a bond over loopback to a dispatch with --mptcp: (far, near)."""
     mptcp_or_skip()
-    size = 3_000_000
     target = Server(lambda conn: conn.sendall(b"x" * size))
     try:
         far = make_proxy(mptcp=True)
-        near = make_proxy([f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"])
+        near = make_proxy([*links, f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"])
         with client_through(near, (target.host, target.port)) as client:
             assert len(read_all(client)) == size
         wait_until_all_closed(near)
     finally:
         target.close()
+    return far, near
+
+
+def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carried(
+    make_proxy: Callable[..., Dispatcher], log: pytest.LogCaptureFixture
+) -> None:
+    size = 3_000_000
+    far, near = bonded_download(make_proxy, size)
     (line,) = [r.getMessage() for r in log.records if " via mptcp+" in r.getMessage()]
     assert f"via mptcp+socks5://127.0.0.1:{far.address[1]}+lo (lo 100%): ok, " in line
     (carried,) = near.status()["bonds"][0]["carried"]
@@ -3855,18 +3862,9 @@ def test_a_bonded_connections_line_and_the_status_say_what_each_interface_carrie
 def test_what_a_bond_carried_through_an_address_that_is_a_link_too_counts_on_its_row_and_once_in_the_totals(
     make_proxy: Callable[..., Dispatcher],
 ) -> None:
-    mptcp_or_skip()
     size = 3_000_000
-    target = Server(lambda conn: conn.sendall(b"x" * size))
-    try:
-        far = make_proxy(mptcp=True)
-        bond = f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"
-        near = make_proxy(["127.0.0.1@backup", bond])
-        with client_through(near, (target.host, target.port)) as client:
-            assert len(read_all(client)) == size
-        wait_until_all_closed(near)
-    finally:
-        target.close()
+    far, near = bonded_download(make_proxy, size, "127.0.0.1@backup")
+    bond = f"mptcp+socks5://127.0.0.1:{far.address[1]}+lo"
     near.sample_meter()
     status = near.status()
     rows = {row["link"]: row for row in status["addresses"]}

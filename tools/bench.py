@@ -218,6 +218,17 @@ def send_count(sock: socket.socket, size: int, chunk: memoryview) -> None:
         sock.sendall(chunk[:rest])
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """An HTTP response's head, and what came behind it."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the head")
+        head += chunk
+    return head
+
+
 def drain(sock: socket.socket, chunk: memoryview, limit: int | None = None) -> int:
     """recv_into until EOF or ``limit`` bytes; return the byte count."""
     total = 0
@@ -1336,12 +1347,7 @@ def lab_batch(open_one: Callable[[], socket.socket], count: int, size: int) -> f
         try:
             with open_one() as sock:
                 sock.sendall(request)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("closed in the head")
-                    head += chunk
+                head = read_head(sock)
                 body = len(head.partition(b"\r\n\r\n")[2])
                 got.append(body + drain(sock, memoryview(bytearray(BUFFER_SIZE))))
         except OSError:
@@ -1637,12 +1643,7 @@ def poll_page(proxy: Address, interval: float) -> None:
             with socket.create_connection(proxy, timeout=IO_TIMEOUT) as sock:
                 while True:
                     sock.sendall(request)
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            raise ConnectionError("closed")
-                        head += chunk
+                    head = read_head(sock)
                     length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
                     body = head.split(b"\r\n\r\n", 1)[1]
                     while len(body) < length:
