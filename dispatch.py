@@ -295,6 +295,12 @@ def _milliseconds(timeout: float | None) -> int | None:
     return None if timeout is None else max(0, math.ceil(timeout * 1000))
 
 
+def _connect_failures(writers: list[socket.socket]) -> list[socket.socket]:
+    """select()'s exceptional list: Windows tells a failed connect there;
+    elsewhere it means urgent data, which would wake every wait."""
+    return writers if sys.platform == "win32" else []
+
+
 def _wait_for(sock: socket.socket, events: int, timeout: float | None) -> int:
     """Wait up to ``timeout`` seconds (None: for ever) until ``sock`` is
     ready for some of ``events`` (selectors' EVENT_READ, EVENT_WRITE); return
@@ -307,7 +313,7 @@ def _wait_for(sock: socket.socket, events: int, timeout: float | None) -> int:
         return _poll_events(ready[0][1]) if ready else 0
     read = [sock] if events & selectors.EVENT_READ else []
     write = [sock] if events & selectors.EVENT_WRITE else []
-    readable, writable, failed = select.select(read, write, write, timeout)
+    readable, writable, failed = select.select(read, write, _connect_failures(write), timeout)
     return (selectors.EVENT_READ if readable else 0) | (selectors.EVENT_WRITE if writable or failed else 0)
 
 
@@ -345,9 +351,10 @@ class _PairWaiter:
         return first_ready, second_ready
 
     def _select(self, first_events: int, second_events: int, timeout: float | None) -> tuple[int, int]:
-        read = [sock for sock, events in ((self._first, first_events), (self._second, second_events)) if events & 1]
-        write = [sock for sock, events in ((self._first, first_events), (self._second, second_events)) if events & 2]
-        readable, writable, failed = select.select(read, write, write, timeout)
+        asked = ((self._first, first_events), (self._second, second_events))
+        read = [sock for sock, events in asked if events & selectors.EVENT_READ]
+        write = [sock for sock, events in asked if events & selectors.EVENT_WRITE]
+        readable, writable, failed = select.select(read, write, _connect_failures(write), timeout)
         ready = [0, 0]
         for index, sock in enumerate((self._first, self._second)):
             ready[index] = (selectors.EVENT_READ if sock in readable else 0) | (
@@ -389,7 +396,7 @@ class SocketWaiter:
             return ready
         read = [sock for sock, events in self._events.items() if events & selectors.EVENT_READ]
         write = [sock for sock, events in self._events.items() if events & selectors.EVENT_WRITE]
-        readable, writable, failed = select.select(read, write, write, timeout)
+        readable, writable, failed = select.select(read, write, _connect_failures(write), timeout)
         found: dict[socket.socket, int] = {}
         for sock in readable:
             found[sock] = selectors.EVENT_READ
@@ -500,7 +507,12 @@ class AppendingFileHandler(logging.Handler):
         with self.lock or contextlib.nullcontext():
             fd, self._fd = self._fd, None
             if fd is not None:
-                os.close(fd)
+                # The number stays open, on the null device: a thread past
+                # its look at _fd may still write, and must not reach what
+                # would be given the number next (a client's socket).
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
         super().close()
 
 
@@ -1138,7 +1150,7 @@ def encode_socks5_address(host: str, port: int) -> bytes:
             address = bytes([AddressType.IPV6]) + socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
         else:
             address = bytes([AddressType.IPV4]) + socket.inet_pton(socket.AF_INET, host)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in it
         name = host.encode("ascii")
         address = bytes([AddressType.DOMAIN, len(name)]) + name
     return address + port.to_bytes(2, "big")
@@ -6788,8 +6800,10 @@ def relay(
             if (moved_up or moved_down) and count is not None:
                 count(moved_up, moved_down)
     finally:
-        up.close()
-        down.close()
+        try:
+            up.close()
+        finally:
+            down.close()
     return up.total, down.total
 
 
@@ -10999,7 +11013,7 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         # are made if ever asked for (rfile, wfile).
         self.connection = self.request
         self.connection.setblocking(False)
-        if not _ACCEPTED_SOCKETS_INHERIT_OPTIONS:
+        if not self.server.options_inherited:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # A client that vanishes without a word must not hold a thread forever.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -11048,6 +11062,9 @@ class _Server(socketserver.ThreadingTCPServer):
     one started for it or one idle after serving another."""
 
     allow_reuse_address = True  # on POSIX: a restart need not wait for TIME_WAIT
+    # Whether accepted sockets have TCP_NODELAY and keep-alive from the
+    # listener (server_activate), or need them set one by one.
+    options_inherited = False
     daemon_threads = True
     # Connections are kept by Admission; the server need not keep a list of
     # its threads to join.
@@ -11109,10 +11126,16 @@ class _Server(socketserver.ThreadingTCPServer):
         super().server_bind()
 
     def server_activate(self) -> None:
-        if _ACCEPTED_SOCKETS_INHERIT_OPTIONS:
-            # Set once here, for every connection accepted: see ConnectionHandler.setup.
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # Set once here, for every connection accepted (see
+        # ConnectionHandler.setup); a listener that refuses them (MPTCP on
+        # kernels before 5.17) has them set on each connection instead.
+        self.options_inherited = _ACCEPTED_SOCKETS_INHERIT_OPTIONS
+        if self.options_inherited:
+            try:
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                self.options_inherited = False
         super().server_activate()
 
     def serve_until_stopped(self) -> None:

@@ -8080,6 +8080,29 @@ class RecordingSocket:
         return ("127.0.0.1", 1080)
 
 
+class RefusingSocket(RecordingSocket):
+    """A listening socket that takes no TCP option (MPTCP before Linux 5.17)."""
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    def listen(self, backlog: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_listener_that_refuses_tcp_options_has_them_set_on_each_connection(
+    refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Private names: the listener's activation step, on a stand-in socket."""
+    monkeypatch.setattr(dispatch, "_ACCEPTED_SOCKETS_INHERIT_OPTIONS", True)
+    server = object.__new__(dispatch._Server)
+    server.socket = RefusingSocket() if refused else RecordingSocket()  # type: ignore[assignment]
+    server.socket.listen = lambda backlog: None  # type: ignore[method-assign]
+    server.server_activate()
+    assert server.options_inherited is not refused
+
+
 @pytest.mark.parametrize("windows_ports", [True, False])
 def test_the_listening_port_is_shared_with_nobody_on_windows(
     windows_ports: bool, monkeypatch: pytest.MonkeyPatch
