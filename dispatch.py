@@ -13038,28 +13038,23 @@ def _user_password(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _dns_server(text: str) -> str:
-    try:
-        parse_dns_option([text])
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the text as given once ``parse`` takes
+    it, and says ``parse``'s ValueError as the argument's error."""
+
+    def checked(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return checked
 
 
-def _cap(text: str) -> str:
-    try:
-        parse_cap(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _check_target(text: str) -> str:
-    try:
-        parse_check_target(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+_dns_server = _checked_by(lambda text: parse_dns_option([text]))
+_cap = _checked_by(parse_cap)
+_check_target = _checked_by(parse_check_target)
 
 
 def _page_host(text: str) -> str:
