@@ -43,7 +43,7 @@ Map of this module, in order; each section uses only what is above it:
     choice             WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                        address a connection gets (tiers, sticky sites)
     meter              Meter: per-address counters, rates, history; CapacityEstimator;
-                       the state file (read_state, write_state)
+                       the state file (read_state, write_state); LinkCapacities: the two joined
     data caps          DataCap, DataBudget: what a link that costs money may carry per
                        day, month or rolling window; its usage kept (read_usage)
     device binding     a socket that leaves by the chosen link; the system's lookup
@@ -137,6 +137,7 @@ __all__ = [
     "History",
     "HttpError",
     "Link",
+    "LinkCapacities",
     "LinkSet",
     "LinkReport",
     "LinkState",
@@ -4129,6 +4130,133 @@ def write_state(path: str, capacities: Mapping[str, float], more: Mapping[str, o
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+class LinkCapacities:
+    """Each link's capacity measured from the meter, and the state file that
+    keeps the figures across runs.
+
+    ``measure()`` (every ESTIMATE_INTERVAL, by the Dispatcher's background
+    task) gives ``estimator`` what each address moved since the last call,
+    with the connections open through it then and now (``taken``).
+    ``load()`` reads the state file once, as serving starts; ``save()``
+    writes it where anything changed, each link's figure under its
+    ``key()``, beside what ``more()`` gives (the usage of capped links, the
+    links' states: read back by ``restore``). Keys for links besides
+    ``links`` (a bond's interfaces) come from ``more_keys``.
+    """
+
+    def __init__(
+        self,
+        links: LinkSet,
+        meter: Meter,
+        estimator: CapacityEstimator,
+        taken: Callable[[LocalAddress], int],
+        state_file: str | None,
+        *,
+        more: Callable[[], dict[str, object]] = dict,
+        restore: Callable[[str], None] = lambda state_file: None,
+        more_keys: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
+        self.links = links
+        self.meter = meter
+        self.estimator = estimator
+        self.taken = taken
+        self.state_file = state_file
+        self.more, self.restore, self.more_keys = more, restore, more_keys
+        self._taken_before: dict[LocalAddress, int] = {}  # connections open at the estimator's last tick
+        self._totals_before: dict[LocalAddress, tuple[int, int]] = {}  # bytes moved by then
+        # What the state file kept, by key (read once serving, so that its
+        # warnings reach the log); what this run measures is added.
+        self._kept: dict[str, float] = {}
+        self._written: dict[str, float] | None = None  # None until the state file was read
+        self._more_written: dict[str, object] = {}  # what more() gave, as last written
+        self._state_unwritable = False  # told once
+
+    def key(self, address: LocalAddress) -> str:
+        """What names ``address``'s link in the state file: the interface
+        name (with " IPv6" for its IPv6 addresses) or the address."""
+        link = self.links.link_of(address)
+        if link is None or not link.is_interface:
+            return address.ip
+        return f"{link.name} IPv6" if address.family == socket.AF_INET6 else link.name
+
+    def _keys(self) -> set[str]:
+        """Every key that names one of this run's links."""
+        keys: set[str] = set()
+        for link in self.links.links:
+            keys.update((link.name, f"{link.name} IPv6") if link.is_interface else link.known)
+        keys.update(self.more_keys())
+        return keys
+
+    def load(self) -> None:
+        """Read the state file, once: the figures of this run's links (any
+        other's is dropped, not carried from file to file), and what
+        ``restore`` reads of it."""
+        if not self.state_file or self._written is not None:
+            return
+        keys = self._keys()
+        self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
+        self._written = dict(self._kept)
+        self.restore(self.state_file)
+        self._more_written = self.more()
+
+    def of_interface(self, name: str) -> float | None:
+        """What the interface ``name`` was measured to carry: as a link of
+        this run, else as the state file kept it."""
+        known = self.links.known_addresses()
+        figures = [self.estimator.estimate(a) for a in known if a.interface == name and not isinstance(a, ProxyAddress)]
+        measured = [figure for figure in figures if figure is not None]
+        return max(measured) if measured else self._kept.get(name)
+
+    def measure(self) -> None:
+        """Give the estimator what each link moved since the last call, with
+        the connections open through it then and now."""
+        now, totals = self.meter.totals()
+        taken = {address: self.taken(address) for address in self.links.known_addresses()}
+        # Every address, those that have carried nothing too: the first
+        # sample of an address only starts its clock.
+        for address, open_now in taken.items():
+            if address not in self._taken_before:  # new: start it from what an earlier run measured
+                kept = self._kept.get(self.key(address))
+                if kept is not None:
+                    self.estimator.remember(address, kept)
+            up, down = totals.get(address, (0, 0))
+            up_before, down_before = self._totals_before.get(address, (0, 0))  # counted from 0
+            sample = Sample(up - up_before, down - down_before, 0, now)
+            self.estimator.add(address, sample, self._taken_before.get(address, 0), open_now)
+        self._taken_before, self._totals_before = taken, totals
+
+    def save(self) -> None:
+        """Write each link's capacity, and ``more()``, to the state file if
+        anything changed since it was read or last written. A file that
+        cannot be written is one warning line."""
+        if not self.state_file or self._written is None:
+            return
+        capacities = dict(self._kept)
+        measured_at: dict[str, float] = {}
+        for address in self.links.known_addresses():
+            _, _, when = self.estimator.source(address)
+            figure = self.estimator.to_keep(address)
+            key = self.key(address)
+            # Of two addresses a link has had, the one measured last speaks for it.
+            when = -math.inf if when is None else when
+            if figure is not None and when >= measured_at.get(key, -math.inf):
+                capacities[key], measured_at[key] = figure, when
+        more = self.more()
+        if capacities == self._written and more == self._more_written:
+            return
+        try:
+            write_state(self.state_file, capacities, more)
+        except OSError as error:
+            if not self._state_unwritable:
+                self._state_unwritable = True
+                logger.warning("cannot write the state file %s: %s", self.state_file, _describe(error))
+            return
+        if self._state_unwritable:
+            self._state_unwritable = False
+            logger.info("state file %s written again", self.state_file)
+        self._written, self._more_written = capacities, more
 
 
 # ---------------------------------------------------------------------------
@@ -11513,48 +11641,104 @@ def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class DispatcherOptions:
-    """Everything a Dispatcher is told, checked as a whole when made: what
-    is wrong raises ValueError (AddressError for an ADDRESS's form) naming
-    the option. The fields are Dispatcher's arguments (see there); the
-    collections are kept as tuples and read-only mappings, so that the
-    options stay as checked. What depends on this machine (which interfaces
-    exist, whether the port is free) is found out when the Dispatcher is made.
+    """Everything a Dispatcher is told, each option documented here once,
+    checked as a whole when made: what is wrong raises ValueError
+    (AddressError for an ADDRESS's form) naming the option. Collections are
+    kept as tuples and read-only mappings, so that the options stay as
+    checked. What depends on this machine (which interfaces exist, whether
+    the port is free) is found out when the Dispatcher is made.
     """
 
+    # ``ADDRESS[@WEIGHT|@backup]`` texts (IP literals, interface names or
+    # upstream proxies' URLs, see parse_proxy_url) or LocalAddress objects;
+    # None means every usable address.
     addresses: Sequence[str | LocalAddress] | None = None
-    host: str = "127.0.0.1"
-    port: int = 1080
-    connect_timeout: float = _seconds(DEFAULT_CONNECT_TIMEOUT)
-    handshake_timeout: float = _seconds(DEFAULT_HANDSHAKE_TIMEOUT)
+    host: str = "127.0.0.1"  # where the proxy listens
+    port: int = 1080  # 0 picks a free one: Dispatcher.address tells which
+    connect_timeout: float = _seconds(DEFAULT_CONNECT_TIMEOUT)  # to connect upstream
+    handshake_timeout: float = _seconds(DEFAULT_HANDSHAKE_TIMEOUT)  # a client's whole handshake
+    # The longest wait between two retests of a link that failed (the first
+    # is a second after the failure).
     cooldown: float = _seconds(DEFAULT_COOLDOWN)
-    idle_timeout: float | None = _seconds(None)
-    max_connections: int | None = None
-    # Passwords stay out of the options' repr, and so out of logs and tracebacks.
+    idle_timeout: float | None = _seconds(None)  # a relay with nothing moving either way is closed; None never
+    max_connections: int | None = None  # clients open at once, more are refused; None: default_max_connections()
+    # {user: password}: SOCKS5 clients must log in (RFC 1929), HTTP clients
+    # send Proxy-Authorization, and SOCKS4 clients, which cannot, are
+    # refused. Passwords stay out of the options' repr, and so out of logs
+    # and tracebacks.
     credentials: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+    # The networks ("192.168.1.0/24", "fd00::/8", single addresses) clients
+    # may connect from; None means PRIVATE_NETWORKS, ["0.0.0.0/0", "::/0"] anyone.
     allow: Sequence[str] | None = None
+    # Networks a client from another machine may reach although they are
+    # this machine's own (see AccessPolicy.refuses_target): ["127.0.0.0/8"].
     allow_targets: Sequence[str] = ()
+    # Serve the local pages (the status page, /stats.json, /metrics,
+    # /proxy.pac) and the control API to requests in origin form (GET /) on
+    # the proxy's port; False answers them 404. All but /proxy.pac answer
+    # only a Host that names localhost, a loopback address, the address the
+    # client reached or one of ``page_hosts`` (DNS rebinding).
     pages: bool = True
     page_hosts: Sequence[str] = ()
+    # "measured" or "round-robin"; None: measured unless an address has a
+    # weight (balance_for).
     balance: str | None = None
-    sticky: float | None = _seconds(None, zero_is_off=True)
+    sticky: float | None = _seconds(None, zero_is_off=True)  # seconds a client's site keeps its link; None off
+    # "HOST:PORT" targets every link is tested against every ``check_interval`` seconds.
     checks: Sequence[str] = ()
     check_interval: float = _seconds(DEFAULT_CHECK_INTERVAL)
-    hedge: float = _seconds(DEFAULT_HEDGE, zero_is_off=True)
+    hedge: float = _seconds(DEFAULT_HEDGE, zero_is_off=True)  # a connect unanswered this long is raced; 0 never
+    # The name servers to ask, "ADDRESS[:PORT]" each; None asks the
+    # system's, through the links; ["system"] leaves names to the system's resolver.
     dns: Sequence[str] | None = None
+    # {user: password} for the proxies' URLs that give a user and no
+    # password (kept out of the process list, and out of the repr).
     upstream_passwords: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+    # Where each link's capacity, the usage of capped links and the links'
+    # states are kept across runs (read at the start, written every so
+    # often and at shutdown); None keeps nothing.
     state_file: str | None = None
+    # A port (Linux) where connections and datagrams the firewall redirects
+    # are served, on every address of both families; every socket that
+    # leaves by a link then carries the firewall mark ``mark``. With
+    # ``apply_rules``, TransparentRules are put in place at the start for
+    # the ``lan`` interfaces' forwarded traffic and, if ``local``, this
+    # machine's own, and removed at shutdown (FirewallError if refused).
     transparent: int | None = None
     lan: Sequence[str] = ()
     local: bool = False
     apply_rules: bool = False
     mark: int = DEFAULT_MARK
+    # Listen with Multipath TCP, as the far end of clients' bonds (mptcp+
+    # links); plain TCP clients are served as ever.
     mptcp: bool = False
+    # "LINK=SIZE/PERIOD" data caps (see parse_cap), LINK as stats() names
+    # it, and what a link does once one is reached: "backup", "stop" (no new
+    # connection) or "stop-now" (and those open are ended), until the period
+    # starts afresh.
     caps: Sequence[str] = ()
     cap_action: str = "backup"
 
     def __post_init__(self) -> None:
         self._check_settings()
         self._keep_collections()
+
+    def balance_for(self, links: Iterable[Link]) -> Balance:
+        """The balance asked for; without one, round robin where a link was
+        given a weight (the weights then say the shares), else measured."""
+        if self.balance is not None:
+            return Balance(self.balance)
+        return Balance.ROUND_ROBIN if any(link.weighted for link in links) else Balance.MEASURED
+
+    def check_targets(self, addresses: Iterable[LocalAddress]) -> list[Target]:
+        """The check targets, as (host, port); one warning line where no
+        address has the family of any of them (a name may have either)."""
+        targets = [parse_check_target(check) for check in self.checks]
+        families = {_family_of(host) for host, _ in targets if _is_ip(host)}
+        named = any(not _is_ip(host) for host, _ in targets)
+        if targets and not named and not any(families & address.serves for address in addresses):
+            logger.warning("no link has an address of the checks' family: nothing is checked for now")
+        return targets
 
     def _check_settings(self) -> None:
         """The durations against their range, the port, the limit, the strategy."""
@@ -11746,157 +11930,29 @@ def reaches_listener(proxy: ProxyURL, host: str, port: int) -> bool:
 
 
 class Dispatcher:
-    """A dispatching SOCKS and HTTP proxy.
+    """A dispatching SOCKS and HTTP proxy: it listens, gives each new
+    connection a link, and keeps the links followed, measured and tested.
 
-    ``addresses`` are ``ADDRESS[@WEIGHT|@backup]`` texts (IP literals,
-    interface names or upstream proxies' URLs, see parse_proxy_url) or LocalAddress
-    objects; None means every usable address.
-    ``port=0`` picks a free port: ``.address`` tells which.
+    It takes what DispatcherOptions takes (``addresses``, ``host`` and
+    ``port`` by position, every option by name), or one DispatcherOptions
+    as ``options=`` (then nothing else: TypeError); ``.options`` is what it
+    runs with. While it serves, a background thread follows the interfaces'
+    addresses, samples the meter, measures capacities and keeps the state
+    file (LinkCapacities), and starts retests and checks. Raises ValueError
+    for an option out of its range or malformed, AddressError for an address
+    this machine cannot use or an upstream proxy that is this proxy itself
+    (see reaches_listener), and OSError if it cannot listen::
 
         with Dispatcher(["10.0.0.2@7", "10.0.0.3@3"], port=1080) as proxy:
             proxy.serve_forever()
-
-    Keyword options:
-
-    - ``credentials``: {user: password}; if given, SOCKS5 clients must log
-      in (RFC 1929), HTTP clients must send Proxy-Authorization, and SOCKS4
-      clients, which cannot, are refused.
-    - ``allow``: the networks (``"192.168.1.0/24"``, ``"fd00::/8"``, single
-      addresses) clients may connect from; None means PRIVATE_NETWORKS,
-      ``["0.0.0.0/0", "::/0"]`` means anyone.
-    - ``allow_targets``: networks a client from another machine may reach
-      although they are this machine's own (loopback, link-local, its
-      addresses: refused to such clients otherwise, see
-      AccessPolicy.refuses_target), ``["127.0.0.0/8"]`` for one.
-    - ``handshake_timeout``: seconds a client has for its whole handshake.
-    - ``idle_timeout``: close a relay after that many seconds with nothing
-      moving either way; None (the default) never does.
-    - ``max_connections``: refuse new clients beyond that many open at once;
-      None means default_max_connections().
-    - ``connect_timeout``: seconds to connect upstream.
-    - ``cooldown``: the longest wait between two retests of a link that
-      failed (the first is a second after the failure).
-    - ``pages``: serve the status page, ``/stats.json``, ``/metrics`` and
-      ``/proxy.pac`` to HTTP requests in origin form (``GET /``) on the
-      proxy's port; False answers them 404. The status page, ``/stats.json``
-      and ``/metrics`` answer only a Host header that names localhost, a
-      loopback address or the address the client reached (a web page could
-      otherwise point its own name at 127.0.0.1 and read them: DNS
-      rebinding); ``/proxy.pac`` answers any. The control API
-      (``/api/links``: see LinkSteering and LinkControl) goes with them.
-    - ``page_hosts``: more Host names (or addresses) the pages answer to.
-    - ``balance``: "measured" or "round-robin"; None means measured unless
-      an address has a weight.
-    - ``sticky``: seconds a client's site keeps its link; None is off.
-    - ``checks``: ``"HOST:PORT"`` targets (an IP address or a name) every
-      link is tested against, every ``check_interval`` seconds.
-    - ``hedge``: seconds a connect may go unanswered before it is raced
-      through another link; 0 never.
-    - ``dns``: the name servers to ask, ``"ADDRESS[:PORT]"`` each; None
-      asks the system's, through the links; ``["system"]`` leaves names to
-      the system's resolver.
-    - ``upstream_passwords``: {user: password} for the proxies' URLs that
-      give a user and no password (kept out of the process list).
-    - ``state_file``: where each link's capacity is kept across runs (read
-      at the start, written every STATE_SAVE_INTERVAL and at shutdown);
-      None keeps nothing. The usage of capped links is kept there too.
-    - ``transparent``: a port (Linux) where connections the firewall
-      redirects are served (TransparentSession), on every address of both
-      families; every socket that leaves by a link then carries the
-      firewall mark ``mark``. Needs CAP_NET_ADMIN (FirewallError).
-    - ``apply_rules``: put TransparentRules in place at the start (for the
-      ``lan`` interfaces' forwarded traffic and, if ``local``, this
-      machine's own) and remove them at shutdown; FirewallError if nft
-      refuses them (then none are applied), or ``lan`` is no interface.
-    - ``mptcp``: listen with Multipath TCP, as the far end of clients'
-      bonds (``mptcp+`` links); plain TCP clients are served as ever.
-    - ``caps``: ``"LINK=SIZE/PERIOD"`` data caps (see parse_cap), LINK as
-      stats() names it; ``cap_action``: what a link does once one is
-      reached: "backup" (it serves only while no other link is up), "stop"
-      (no new connection), "stop-now" (and those open are ended). It takes
-      connections again when the period starts afresh.
-
-    The same can be given as one DispatcherOptions, ``options=`` (then
-    nothing else: TypeError); ``.options`` is what it runs with, either way.
-
-    While it serves, a background thread follows the interfaces' addresses,
-    samples the meter, measures capacities by it (CapacityEstimator), keeps
-    the state file, and starts retests and checks. Raises ValueError for an
-    option out of its range or malformed (DispatcherOptions checks them all),
-    AddressError (a ValueError) for an address this machine cannot use or
-    an upstream proxy that is this proxy itself (see reaches_listener), and
-    OSError if it cannot listen.
     """
 
-    # The defaults are the options' own, so that both ways of giving them agree.
-    def __init__(
-        self,
-        addresses: Iterable[str | LocalAddress] | None = None,
-        host: str = DispatcherOptions.host,
-        port: int = DispatcherOptions.port,
-        *,
-        options: DispatcherOptions | None = None,
-        connect_timeout: float = DispatcherOptions.connect_timeout,
-        handshake_timeout: float = DispatcherOptions.handshake_timeout,
-        cooldown: float = DispatcherOptions.cooldown,
-        idle_timeout: float | None = DispatcherOptions.idle_timeout,
-        max_connections: int | None = DispatcherOptions.max_connections,
-        credentials: Mapping[str, str] | None = None,
-        allow: Iterable[str] | None = None,
-        allow_targets: Iterable[str] = (),
-        pages: bool = DispatcherOptions.pages,
-        page_hosts: Iterable[str] = (),
-        balance: str | None = DispatcherOptions.balance,
-        sticky: float | None = DispatcherOptions.sticky,
-        checks: Iterable[str] = (),
-        check_interval: float = DispatcherOptions.check_interval,
-        hedge: float = DispatcherOptions.hedge,
-        dns: Sequence[str] | None = None,
-        upstream_passwords: Mapping[str, str] | None = None,
-        state_file: str | None = DispatcherOptions.state_file,
-        transparent: int | None = DispatcherOptions.transparent,
-        lan: Iterable[str] = (),
-        local: bool = DispatcherOptions.local,
-        apply_rules: bool = DispatcherOptions.apply_rules,
-        mark: int = DispatcherOptions.mark,
-        mptcp: bool = DispatcherOptions.mptcp,
-        caps: Iterable[str] = (),
-        cap_action: str = DispatcherOptions.cap_action,
-    ) -> None:
-        given = DispatcherOptions(
-            None if addresses is None else tuple(addresses),
-            host,
-            port,
-            connect_timeout=connect_timeout,
-            handshake_timeout=handshake_timeout,
-            cooldown=cooldown,
-            idle_timeout=idle_timeout,
-            max_connections=max_connections,
-            credentials=credentials,
-            allow=None if allow is None else tuple(allow),
-            allow_targets=tuple(allow_targets),
-            pages=pages,
-            page_hosts=tuple(page_hosts),
-            balance=balance,
-            sticky=sticky,
-            checks=tuple(checks),
-            check_interval=check_interval,
-            hedge=hedge,
-            dns=dns,
-            upstream_passwords=upstream_passwords,
-            state_file=state_file,
-            transparent=transparent,
-            lan=tuple(lan),
-            local=local,
-            apply_rules=apply_rules,
-            mark=mark,
-            mptcp=mptcp,
-            caps=tuple(caps),
-            cap_action=cap_action,
-        )
-        if options is not None and given != DispatcherOptions():
+    def __init__(self, *arguments: Any, options: DispatcherOptions | None = None, **keywords: Any) -> None:
+        if options is None:
+            options = DispatcherOptions(*arguments, **keywords)
+        elif arguments or keywords:
             raise TypeError("Dispatcher takes its options either as options= or as arguments, not both")
-        self._set_up(options or given)
+        self._set_up(options)
 
     def _set_up(self, options: DispatcherOptions) -> None:
         self.options = options
@@ -11909,32 +11965,14 @@ class Dispatcher:
                     f"{address.describe()} is this proxy's own address ({where}): every connection "
                     "through it would come back here, without end"
                 )
-        balance = options.balance
-        if balance is None:
-            weighted = any(link.weighted for link in self.links.links)
-            balance = (Balance.ROUND_ROBIN if weighted else Balance.MEASURED).value
-        self.checks = [parse_check_target(check) for check in options.checks]
-        self.check_interval = options.check_interval
+        self._check_targets = options.check_targets(self.links.addresses)
         self._checking = threading.Lock()  # held while a round of checks is under way
-        families = {_family_of(ip) for ip, _ in self.checks if _is_ip(ip)}
-        named = any(not _is_ip(host) for host, _ in self.checks)  # a name may have either family
-        if self.checks and not named and not any(families & address.serves for address in self.links.addresses):
-            logger.warning("no link has an address of the checks' family: nothing is checked for now")
-        self.health = Health(options.cooldown, check_targets=self.checks)
+        self.health = Health(options.cooldown, check_targets=self._check_targets)
         self.capacity = CapacityEstimator()
-        self._taken_before: dict[LocalAddress, int] = {}  # connections open at the estimator's last tick
-        self._totals_before: dict[LocalAddress, tuple[int, int]] = {}  # bytes moved by then
-        self.state_file = options.state_file
-        # What the state file kept, by link key (read once serving, so that
-        # its warnings reach the log); what this run measures is added.
-        self._kept: dict[str, float] = {}
-        self._written: dict[str, float] | None = None  # None until the state file was read
-        self._state_unwritable = False  # told once
-        self._more_written: dict[str, object] = {}  # what the steering kept, as last written
         self.balancer = Balancer(
             self.links.addresses,
             self.health,
-            balance=Balance(balance),
+            balance=options.balance_for(self.links.links),
             capacity=self.capacity.estimate,
             sticky=StickyTable(options.sticky) if options.sticky else None,
         )
@@ -11956,12 +11994,8 @@ class Dispatcher:
         )
         budget = DataBudget([parse_cap(cap) for cap in options.caps])
         self.steering = LinkSteering(self.links, self.upstream, budget, options.cap_action)
-        if options.state_file:
-            self.steering.changed = self.save_state
         limit = default_max_connections() if options.max_connections is None else options.max_connections
         self.admission = Admission(self.access, limit)
-        self.handshake_timeout = options.handshake_timeout
-        self.idle_timeout = options.idle_timeout
         self.context = SessionContext(
             self.access,
             self.upstream,
@@ -11973,16 +12007,6 @@ class Dispatcher:
             control=self.steering if options.pages else None,
             control_needs_login=not _is_loopback_host(options.host),
         )
-        self.tasks = BackgroundTasks("dispatch-tasks")
-        if self.links.follows:
-            self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
-        self.tasks.add(METER_INTERVAL, self.sample_meter)
-        self.tasks.add(ESTIMATE_INTERVAL, self.measure_capacities)
-        if options.state_file:
-            self.tasks.add(USAGE_SAVE_INTERVAL if options.caps else STATE_SAVE_INTERVAL, self.save_state)
-        self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
-        if self.checks:
-            self.tasks.add(options.check_interval, self._check)
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
@@ -11993,7 +12017,28 @@ class Dispatcher:
         # The user's proxy settings while this dispatch has them pointed at
         # itself (``dispatch start --system-proxy``); the pages say so.
         self.system_proxy: SystemProxy | None = None
-        self.bonds = Bonds(self.links.addresses, endpoint_record_path(self.address[1], self.state_file))
+        self.bonds = Bonds(self.links.addresses, endpoint_record_path(self.address[1], options.state_file))
+        self.capacities = LinkCapacities(
+            self.links,
+            self.meter,
+            self.capacity,
+            self.balancer.taken,
+            options.state_file,
+            more=self.steering.to_keep,
+            restore=self.steering.restore,
+            more_keys=self.bonds.interfaces,
+        )
+        self.tasks = BackgroundTasks("dispatch-tasks")
+        if self.links.follows:
+            self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
+        self.tasks.add(METER_INTERVAL, self.sample_meter)
+        self.tasks.add(ESTIMATE_INTERVAL, self.capacities.measure)
+        if options.state_file:
+            self.steering.changed = self.capacities.save
+            self.tasks.add(USAGE_SAVE_INTERVAL if options.caps else STATE_SAVE_INTERVAL, self.capacities.save)
+        self.tasks.add(RETEST_POLL_INTERVAL, self._retest)
+        if self._check_targets:
+            self.tasks.add(options.check_interval, self._check)
         if self.bonds.links:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_bonds)
         if options.transparent is not None:
@@ -12061,15 +12106,7 @@ class Dispatcher:
         return int(self._transparent_servers[0].socket.getsockname()[1])
 
     def _follow_bonds(self) -> None:
-        self.bonds.follow(self._interface_capacity)
-
-    def _interface_capacity(self, name: str) -> float | None:
-        """What the interface ``name`` was measured to carry: as a link of
-        this run, else as the state file kept it."""
-        known = self.links.known_addresses()
-        figures = [self.capacity.estimate(a) for a in known if a.interface == name and not isinstance(a, ProxyAddress)]
-        measured = [figure for figure in figures if figure is not None]
-        return max(measured) if measured else self._kept.get(name)
+        self.bonds.follow(self.capacities.of_interface)
 
     def _follow_interfaces(self) -> None:
         if self.links.refresh():
@@ -12088,73 +12125,6 @@ class Dispatcher:
         are true (and once in the totals)."""
         self.bonds.count_on_rows(self.upstream.bond_counters.take_moved(), self.links.addresses, self.meter)
         self.steering.count(self.meter.sample())
-
-    def measure_capacities(self) -> None:
-        """Give the capacity estimator what each link moved since the last
-        call, with the connections open through it then and now (the
-        background task does every ESTIMATE_INTERVAL)."""
-        now, totals = self.meter.totals()
-        taken = {address: self.balancer.taken(address) for address in self.links.known_addresses()}
-        # Every address, those that have carried nothing too: the first
-        # sample of an address only starts its clock.
-        for address, open_now in taken.items():
-            if address not in self._taken_before:  # new: start it from what an earlier run measured
-                kept = self._kept.get(self._state_key(address))
-                if kept is not None:
-                    self.capacity.remember(address, kept)
-            up, down = totals.get(address, (0, 0))
-            up_before, down_before = self._totals_before.get(address, (0, 0))  # counted from 0
-            sample = Sample(up - up_before, down - down_before, 0, now)
-            self.capacity.add(address, sample, self._taken_before.get(address, 0), open_now)
-        self._taken_before, self._totals_before = taken, totals
-
-    def _state_keys(self) -> set[str]:
-        """Every key of the state file that names one of this run's links
-        (see _state_key)."""
-        keys: set[str] = set()
-        for link in self.links.links:
-            keys.update((link.name, f"{link.name} IPv6") if link.is_interface else link.known)
-        keys.update(self.bonds.interfaces())
-        return keys
-
-    def _state_key(self, address: LocalAddress) -> str:
-        """What names ``address``'s link in the state file: the interface
-        name (with " IPv6" for its IPv6 addresses) or the address."""
-        link = self.links.link_of(address)
-        if link is None or not link.is_interface:
-            return address.ip
-        return f"{link.name} IPv6" if address.family == socket.AF_INET6 else link.name
-
-    def save_state(self) -> None:
-        """Write each link's capacity to the state file, if any changed
-        (the background task does every STATE_SAVE_INTERVAL, and shutdown
-        once more). A file that cannot be written is one warning line."""
-        if not self.state_file or self._written is None:
-            return
-        capacities = dict(self._kept)
-        measured_at: dict[str, float] = {}
-        for address in self.links.known_addresses():
-            _, _, when = self.capacity.source(address)
-            figure = self.capacity.to_keep(address)
-            key = self._state_key(address)
-            # Of two addresses a link has had, the one measured last speaks for it.
-            when = -math.inf if when is None else when
-            if figure is not None and when >= measured_at.get(key, -math.inf):
-                capacities[key], measured_at[key] = figure, when
-        more = self.steering.to_keep()
-        if capacities == self._written and more == self._more_written:
-            return
-        try:
-            write_state(self.state_file, capacities, more)
-        except OSError as error:
-            if not self._state_unwritable:
-                self._state_unwritable = True
-                logger.warning("cannot write the state file %s: %s", self.state_file, _describe(error))
-            return
-        if self._state_unwritable:
-            self._state_unwritable = False
-            logger.info("state file %s written again", self.state_file)
-        self._written, self._more_written = capacities, more
 
     def _retest(self) -> None:
         """Start the retests that are due, each in a thread of its own."""
@@ -12189,11 +12159,11 @@ class Dispatcher:
 
     def _check_round(self) -> None:
         try:
-            timeout = min(self.check_interval, self.upstream.connect_timeout)
+            timeout = min(self.options.check_interval, self.upstream.connect_timeout)
             pairs = [
                 (a, t)
                 for a in self.links.addresses
-                for t in self.checks
+                for t in self._check_targets
                 if not _is_ip(t[0]) or _family_of(t[0]) in a.serves
             ]
             outcomes: dict[tuple[LocalAddress, Target], OSError | None] = {}
@@ -12217,7 +12187,7 @@ class Dispatcher:
                 error = outcomes.get((address, target), TimeoutError(errno.ETIMEDOUT, "no answer"))
                 if error is None or results.get(address, error) is not None:
                     results[address] = error  # one target reached is a pass
-            named = ", ".join(_format_endpoint(*target) for target in self.checks)
+            named = ", ".join(_format_endpoint(*target) for target in self._check_targets)
             self.health.check_round(results, named)
         finally:
             self._checking.release()
@@ -12267,16 +12237,9 @@ class Dispatcher:
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` is called (from any thread, a signal
         handler included)."""
-        if self.state_file and self._written is None:
-            # Only this run's links: a figure for any other is dropped, not
-            # carried from file to file.
-            keys = self._state_keys()
-            self._kept = {key: figure for key, figure in read_state(self.state_file).items() if key in keys}
-            self._written = dict(self._kept)
-            self.steering.restore(self.state_file)
-            self._more_written = self.steering.to_keep()
-        self.measure_capacities()  # starts each link's clock, from its remembered figure
-        self.bonds.start(self._interface_capacity)
+        self.capacities.load()
+        self.capacities.measure()  # starts each link's clock, from its remembered figure
+        self.bonds.start(self.capacities.of_interface)
         self.tasks.start()
         for server in self._transparent_servers:
             threading.Thread(target=server.serve_until_stopped, name="dispatch-transparent", daemon=True).start()
@@ -12324,7 +12287,7 @@ class Dispatcher:
         if rules is not None:
             rules.drain()
         self.tasks.stop()
-        self.save_state()
+        self.capacities.save()
         deadline = time.monotonic() + grace
         while not self.admission.wait_until_none_open(min(GRACE_POLL, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or (cut_short is not None and cut_short.is_set()):
@@ -13293,41 +13256,50 @@ class _StartError(Exception):
     """What keeps ``start`` from starting, as the one line it prints."""
 
 
+# ``start``'s arguments are the Dispatcher's options (DispatcherOptions), by
+# the same name but for these;
+_OPTION_OF_ARGUMENT = {
+    "ip": "host",
+    "allow_target": "allow_targets",
+    "page_host": "page_hosts",
+    "check": "checks",
+    "cap": "caps",
+}
+# these are read into an option: logins from their files, --no-state;
+_READ_INTO_OPTIONS = {
+    "auth": "credentials",
+    "auth_file": "credentials",
+    "upstream_auth_file": "upstream_passwords",
+    "no_state": "state_file",
+}
+# and these are the command line's own, with why.
+_COMMAND_LINE_ONLY = {
+    "command": "which command runs",
+    "debug": "a library's caller sets up logging (the dispatch logger)",
+    "log_file": "a library's caller sets up logging (the dispatch logger)",
+    "stats": "printed by the command line: format_stats(Dispatcher.stats())",
+    "grace": "the argument of Dispatcher.shutdown()",
+    "system_proxy": "the desktop's settings are the command line's to change (take_system_proxy)",
+}
+
+
 def _start_options(args: argparse.Namespace) -> DispatcherOptions:
     """The Dispatcher's options as ``start``'s arguments give them; raises
     AddressError or ValueError."""
     users = _check_start_arguments(args)
-    return DispatcherOptions(
-        args.addresses,
-        args.ip,
-        args.port,
-        connect_timeout=args.connect_timeout,
-        cooldown=args.cooldown,
-        handshake_timeout=args.handshake_timeout,
-        idle_timeout=args.idle_timeout,
-        max_connections=args.max_connections,
-        credentials=users,
-        allow=args.allow,
-        allow_targets=args.allow_target,
-        pages=args.pages,
+    given = {
+        _OPTION_OF_ARGUMENT.get(dest, dest): value
+        for dest, value in vars(args).items()
+        if dest not in _COMMAND_LINE_ONLY and dest not in _READ_INTO_OPTIONS
+    }
+    given.update(
         page_hosts=args.page_host or (),
-        balance=args.balance,
-        sticky=args.sticky or None,
-        checks=args.check,
-        check_interval=args.check_interval,
-        hedge=args.hedge,
-        dns=args.dns,
+        sticky=args.sticky or None,  # 0: off
+        credentials=users,
         upstream_passwords=_upstream_passwords(args),
         state_file=None if args.no_state else args.state_file or default_state_path(),
-        transparent=args.transparent,
-        lan=args.lan,
-        local=args.local,
-        apply_rules=args.apply_rules,
-        mark=args.mark,
-        mptcp=args.mptcp,
-        caps=args.cap,
-        cap_action=args.cap_action,
     )
+    return DispatcherOptions(**given)
 
 
 def _build_dispatcher(args: argparse.Namespace) -> Dispatcher:

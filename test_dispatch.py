@@ -17,13 +17,13 @@ test_layout.py (the module's sections keep their order).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import configparser
 import contextlib
 import dataclasses
 import datetime
 import errno
-import inspect
 import ipaddress
 import itertools
 import json
@@ -2374,7 +2374,7 @@ def measure_by_hand(proxy: Dispatcher, clock: FakeClock, client: socket.socket, 
         # The relay counts what it passed on just after passing it.
         assert wait_for(lambda: moved_down() >= expected)  # noqa: B023 (called before the loop goes on)
         clock.now += dispatch.ESTIMATE_INTERVAL
-        proxy.measure_capacities()
+        proxy.capacities.measure()
 
 
 def test_stats_show_each_links_capacity_and_open_connections(
@@ -2384,7 +2384,7 @@ def test_stats_show_each_links_capacity_and_open_connections(
     assert proxy.status()["balance"] == "measured"  # no weights given
     proxy.tasks.stop()  # the sampler's turns are taken here, on the test's clock
     proxy.meter.clock = clock = FakeClock()
-    proxy.measure_capacities()
+    proxy.capacities.measure()
     assert {row["capacity_source"] for row in proxy.stats()} == {"not measured"}
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         measure_by_hand(proxy, clock, client, rounds=3)
@@ -2567,12 +2567,49 @@ def test_a_state_file_keeps_only_the_links_of_this_run(
     proxy = make_proxy(["127.0.0.2"], state_file=state)
     proxy.tasks.stop()
     proxy.meter.clock = clock = FakeClock()
-    proxy.measure_capacities()
+    proxy.capacities.measure()
     assert proxy.stats()[0]["capacity"] == 1.0
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         measure_by_hand(proxy, clock, client)
-    proxy.save_state()
+    proxy.capacities.save()
     assert list(dispatch.read_state(state)) == ["127.0.0.2"]
+
+
+def test_link_capacities_measure_from_the_meter_and_keep_the_figures_beside_more(tmp_path: Any) -> None:
+    """Each link's figure is measured from the meter's totals and kept
+    under its key, beside what ``more`` gives; a key of no link of this
+    run is dropped; what ``restore`` reads is read once, at the load."""
+    state = str(tmp_path / "state.json")
+    dispatch.write_state(state, {"wan0": 2_000_000.0, "wlan9": 3.0, "bond0": 5.0}, {"steered": {"wan0": {}}})
+    link = dispatch.Link.of_interface("wan0", 1, ["10.0.0.2", "fd00::2"])
+    clock, restored = FakeClock(), []
+    meter = dispatch.Meter(clock)
+    capacities = dispatch.LinkCapacities(
+        dispatch.LinkSet([link]),
+        meter,
+        dispatch.CapacityEstimator(),
+        lambda address: 1,  # a connection open through each
+        state,
+        more=lambda: {"usage": {"wan0": 1}},
+        restore=restored.append,
+        more_keys=lambda: ["bond0"],
+    )
+    ipv4, ipv6 = link.current
+    assert (capacities.key(ipv4), capacities.key(ipv6)) == ("wan0", "wan0 IPv6")
+    capacities.load()
+    capacities.load()
+    assert restored == [state]
+    capacities.measure()  # starts the clocks, from the kept figure
+    assert capacities.of_interface("wan0") == 2_000_000.0 and capacities.of_interface("bond0") == 5.0
+    for _ in range(12):  # three seconds at 4 MB/s down through the IPv6 address
+        meter.add(ipv6, 0, int(4_000_000 * dispatch.ESTIMATE_INTERVAL))
+        clock.now += dispatch.ESTIMATE_INTERVAL
+        capacities.measure()
+    assert capacities.of_interface("wan0") == pytest.approx(4_000_000)
+    capacities.save()
+    assert dispatch.read_state(state) == {"wan0": 2_000_000.0, "wan0 IPv6": pytest.approx(4_000_000), "bond0": 5.0}
+    with open(state, encoding="utf-8") as file:
+        assert json.load(file)["usage"] == {"wan0": 1}
 
 
 def test_a_missing_state_file_is_one_warning(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
@@ -2587,7 +2624,7 @@ def test_a_restart_starts_from_the_capacity_kept_at_stop(
     proxy = make_proxy(["127.0.0.2", "127.0.0.3"], state_file=state)
     proxy.tasks.stop()
     proxy.meter.clock = clock = FakeClock()
-    proxy.measure_capacities()
+    proxy.capacities.measure()
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         measure_by_hand(proxy, clock, client)
     measured = {row["ip"]: row["capacity"] for row in proxy.stats() if row["capacity"] is not None}
@@ -2616,12 +2653,12 @@ def test_a_remembered_capacity_is_replaced_once_the_link_is_measured(
     proxy = make_proxy(["127.0.0.2"], state_file=state)
     proxy.tasks.stop()
     proxy.meter.clock = clock = FakeClock()
-    proxy.measure_capacities()
+    proxy.capacities.measure()
     assert proxy.stats()[0]["capacity"] == 1.0
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         measure_by_hand(proxy, clock, client)
     assert proxy.stats()[0]["capacity_source"] == "measured" and proxy.stats()[0]["capacity"] > 1000
-    proxy.save_state()
+    proxy.capacities.save()
     assert dispatch.read_state(state)["127.0.0.2"] == pytest.approx(proxy.stats()[0]["capacity"])
 
 
@@ -2642,7 +2679,7 @@ def test_the_capacity_kept_for_a_restart_is_not_the_highest_of_noisy_measurement
     for _ in range(40):  # ten seconds through three downloads
         ticks.tick(400 * KB * TICK * noise.uniform(0.8, 1.2), 3)
     ticks.tick(0, 0)
-    proxy.save_state()
+    proxy.capacities.save()
     assert dispatch.read_state(state)["127.0.0.2"] == pytest.approx(400 * KB, rel=0.05)
 
 
@@ -2654,13 +2691,13 @@ def test_an_unwritable_state_file_is_one_warning_and_serving_goes_on(
     proxy = make_proxy(["127.0.0.2"], state_file=state)
     proxy.tasks.stop()
     proxy.meter.clock = clock = FakeClock()
-    proxy.measure_capacities()
+    proxy.capacities.measure()
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         measure_by_hand(proxy, clock, client, rounds=3)
-        proxy.save_state()
+        proxy.capacities.save()
         clock.now += 1
         measure_by_hand(proxy, clock, client, rounds=3)
-        proxy.save_state()
+        proxy.capacities.save()
         assert round_trip(client, b"still served") == b"still served"
     unwritable = [line for line in warnings_of(log) if "cannot write the state file" in line]
     assert len(unwritable) == 1 and state in unwritable[0]
@@ -8422,7 +8459,7 @@ def test_start_raises_what_ended_the_server_thread_before_it_served(
     def no_thread() -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(proxy, "measure_capacities", no_thread)
+    monkeypatch.setattr(proxy.capacities, "measure", no_thread)
     (raised,) = start_in_time(proxy)
     assert isinstance(raised, RuntimeError) and str(raised) == "can't start new thread"
 
@@ -8817,12 +8854,52 @@ def test_dispatcher_refuses_options_and_arguments_together() -> None:
         Dispatcher(options=options, hedge=0.0)
 
 
-def test_dispatcher_arguments_are_the_options_with_the_same_defaults() -> None:
-    parameters = inspect.signature(Dispatcher).parameters
-    fields = {field.name: field for field in dataclasses.fields(dispatch.DispatcherOptions)}
-    assert set(parameters) - {"options"} == set(fields)
-    for name, field in fields.items():
-        assert parameters[name].default == field.default, name
+def test_dispatcher_takes_what_the_options_take_by_position_and_name() -> None:
+    with Dispatcher(["127.0.0.1"], "127.0.0.1", 0, hedge=0.5) as proxy:
+        assert proxy.options == dispatch.DispatcherOptions(["127.0.0.1"], "127.0.0.1", 0, hedge=0.5)
+    with pytest.raises(TypeError, match="no_such_option"):
+        Dispatcher(["127.0.0.1"], port=0, no_such_option=1)
+
+
+# Options the command line does not give, with why (none yet: each is an argument of ``start``).
+LIBRARY_ONLY: dict[str, str] = {}
+
+
+def test_start_arguments_and_the_options_are_in_step() -> None:
+    """Every argument of ``start`` gives an option or is the command line's
+    own; every option is given by an argument or is the library's alone."""
+    parser = dispatch._build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    start = commands.choices["start"]
+    dests = {action.dest for action in start._actions if not isinstance(action, argparse._HelpAction)}
+    fields = {field.name for field in dataclasses.fields(dispatch.DispatcherOptions)}
+    own, read_into, renamed = dispatch._COMMAND_LINE_ONLY, dispatch._READ_INTO_OPTIONS, dispatch._OPTION_OF_ARGUMENT
+    given = {read_into.get(dest) or renamed.get(dest, dest) for dest in dests - own.keys()}
+    assert given <= fields, "arguments that give no option"
+    assert fields - given == LIBRARY_ONLY.keys(), "options no argument gives"
+    assert (own.keys() - {"command"}) | read_into.keys() | renamed.keys() <= dests, "arguments that are no more"
+    assert all(own.values()) and all(LIBRARY_ONLY.values()), "each with why"
+
+
+def test_the_default_balance_is_round_robin_where_a_link_has_a_weight() -> None:
+    weighted = dispatch.Link.of_address(dispatch.LocalAddress("10.0.0.2"), weighted=True)
+    plain = dispatch.Link.of_address(dispatch.LocalAddress("10.0.0.3"))
+    options = dispatch.DispatcherOptions()
+    assert options.balance_for([plain, weighted]) is dispatch.Balance.ROUND_ROBIN
+    assert options.balance_for([plain]) is dispatch.Balance.MEASURED
+    chosen = dispatch.DispatcherOptions(balance="measured")
+    assert chosen.balance_for([weighted]) is dispatch.Balance.MEASURED
+
+
+def test_checks_no_link_can_make_are_one_warning(log: pytest.LogCaptureFixture) -> None:
+    options = dispatch.DispatcherOptions(checks=["192.0.2.1:443"])
+    assert options.check_targets([dispatch.LocalAddress("::1")]) == [("192.0.2.1", 443)]
+    (warning,) = warnings_of(log)
+    assert warning == "no link has an address of the checks' family: nothing is checked for now"
+    log.clear()
+    options.check_targets([dispatch.LocalAddress("127.0.0.1")])
+    dispatch.DispatcherOptions(checks=["example.com:443"]).check_targets([dispatch.LocalAddress("::1")])
+    assert warnings_of(log) == []
 
 
 def test_options_keep_what_they_were_given_as_checked() -> None:
@@ -9360,10 +9437,10 @@ def test_script_with_a_fifo_as_its_state_file_serves_and_stops_on_sigterm(
 def test_cli_ends_with_one_line_and_status_1_when_serving_fails_at_start(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
 ) -> None:
-    def no_thread(self: Dispatcher) -> None:
+    def no_thread(self: dispatch.LinkCapacities) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(Dispatcher, "measure_capacities", no_thread)
+    monkeypatch.setattr(dispatch.LinkCapacities, "measure", no_thread)
     log_file = str(tmp_path / "d.log")
     assert dispatch.main(["start", "--port", str(refused_port()), "--log-file", log_file, "127.0.0.1"]) == 1
     assert capsys.readouterr().err == "dispatch: error: cannot serve: can't start new thread\n"
