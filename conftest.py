@@ -1092,29 +1092,7 @@ COUNTED = ("connections", "failed", "bytes_up", "bytes_down", "rate_up", "rate_d
 
 def status_row(ip: str, link: str, **fields: Any) -> dict[str, Any]:
     """One stats() row: an idle link that is up, unless fields say otherwise."""
-    row: dict[str, Any] = {
-        "ip": ip,
-        "interface": link,
-        "link": link,
-        "weight": 1,
-        "tier": "primary",
-        "state": "up",
-        "reason": None,
-        "connections": 0,
-        "failed": 0,
-        "open": 0,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "rate_up": 0.0,
-        "rate_down": 0.0,
-        "capacity": None,
-        "capacity_source": "not measured",
-        "capacity_age": None,
-        "dns_queries": 0,
-        "dns_cache_hits": 0,
-        "dns_failures": 0,
-    }
-    return row | fields
+    return dict(dispatch.stats_row(link, ip=ip, **fields))
 
 
 def wave(count: int, scale: float, phase: float) -> list[float]:

@@ -114,7 +114,7 @@ import types
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar
+from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar, cast
 
 __version__ = "0.2.0"
 __all__ = [
@@ -153,12 +153,14 @@ __all__ = [
     "UpstreamLease",
     "WeightedRoundRobin",
     "credentials_match",
+    "format_rate",
     "format_stats",
     "format_table",
     "main",
     "parse_address",
     "parse_credentials",
     "resolve_links",
+    "stats_row",
     "usable_addresses",
     "usable_interfaces",
 ]
@@ -7117,28 +7119,68 @@ class ExchangeRecord:
 
 
 class StatsRow(TypedDict):
-    """One local address as ``Dispatcher.stats()`` tells it (see there)."""
+    """One local address as ``Dispatcher.stats()`` tells it: its link, how
+    it stands, what went through it, its capacity and its link's DNS work.
+    stats_row() makes one."""
 
-    ip: str | None  # an upstream proxy's name; None for an interface waiting for an address
+    ip: str | None  # an upstream proxy's name; None for an interface that has had no address yet
     interface: str | None
-    link: str
+    link: str  # the link's name, as it was given
     weight: int
     tier: Tier
+    # "up"; "down" while it is out after a failure of its link; "standby" for
+    # a backup while a primary is up; "gone" once its interface no longer
+    # holds it (its row kept a while); "waiting" for an interface with no address yet.
     state: LinkState
-    reason: str | None
-    connections: int
-    failed: int
+    reason: str | None  # why it is not up
+    connections: int  # opened in all
+    failed: int  # connects through it that failed
     open: int
     bytes_up: int
     bytes_down: int
-    rate_up: float  # bytes per second
+    rate_up: float  # bytes per second, over the last interval or two (METER_INTERVAL)
     rate_down: float
     capacity: float | None  # bytes per second, None until known
     capacity_source: CapacitySource
     capacity_age: float | None  # seconds since last measured, None if not in this run
-    dns_queries: int
+    dns_queries: int  # of its link
     dns_cache_hits: int
     dns_failures: int
+
+
+# A row's values where nothing says otherwise: an idle link that is up, not measured.
+_IDLE_ROW: StatsRow = {
+    "ip": None,
+    "interface": None,
+    "link": "",
+    "weight": 1,
+    "tier": "primary",
+    "state": "up",
+    "reason": None,
+    "connections": 0,
+    "failed": 0,
+    "open": 0,
+    "bytes_up": 0,
+    "bytes_down": 0,
+    "rate_up": 0.0,
+    "rate_down": 0.0,
+    "capacity": None,
+    "capacity_source": "not measured",
+    "capacity_age": None,
+    "dns_queries": 0,
+    "dns_cache_hits": 0,
+    "dns_failures": 0,
+}
+
+
+def stats_row(link: str, **fields: Any) -> StatsRow:
+    """The StatsRow of an address of ``link`` (named its interface too,
+    unless ``fields`` say): an idle link that is up and not measured, but
+    for ``fields``. Raises TypeError for a name StatsRow has not."""
+    unknown = sorted(fields.keys() - _IDLE_ROW.keys())
+    if unknown:
+        raise TypeError(f"StatsRow has no field {unknown[0]!r}")
+    return cast(StatsRow, {**_IDLE_ROW, "link": link, "interface": link, **fields})
 
 
 class Totals(TypedDict):
@@ -7766,6 +7808,14 @@ def format_bytes(count: float) -> str:
     return f"{count:.1f} {unit}" if count < 100 else f"{count:.0f} {unit}"
 
 
+def format_rate(bytes_per_second: float) -> str:
+    """A rate in kB/s, as the status page and the tables show every rate
+    and capacity: 1,204.5 kB/s; past a terabyte a second in three figures
+    (1.23e+09 kB/s), not hundreds."""
+    kilobytes = bytes_per_second / 1000
+    return f"{kilobytes:,.1f} kB/s" if kilobytes < 1e9 else f"{kilobytes:.3g} kB/s"
+
+
 def format_duration(seconds: float) -> str:
     """A duration in its two largest units: "42 s", "3 min 5 s", "2 h 4 min", "3 d 5 h"."""
     total = round(max(0.0, seconds))
@@ -7894,8 +7944,6 @@ _LIVE = (
     f'<span id="live" data-every="{round(PAGE_REFRESH * 1000)}" data-live="live, every {PAGE_REFRESH:.0f} s" '
     'data-failed="no answer, retrying">snapshot</span>'
 )
-_HEADINGS = ("Link", "Tier", "State", "Open", "Down", "Up", "Down kB/s", "Up kB/s", "Capacity", "DNS")
-_FIRST_NUMERIC = 3  # heading index from which columns hold numbers
 
 
 def plural(count: int, noun: str) -> str:
@@ -7929,10 +7977,6 @@ def capacity_source(row: StatsRow) -> str:
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _kbs(rate: float) -> str:
-    return f"{rate / _KILO:.1f}"
 
 
 def _facts(status: Status) -> dict[str, object]:
@@ -8017,30 +8061,45 @@ def _totals_row(status: Status) -> _TableRow:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Cell:
+    """One cell of the table, under its heading."""
+
+    heading: str
+    text: str
+    note: str  # small, under the text
+    css: str  # its class: "n" for a number (right-aligned, and its heading too)
+
+
+def _cells(row: _TableRow) -> list[_Cell]:
+    return [
+        _Cell("Link", row.link, row.where, "link"),
+        _Cell("Tier", row.tier, "", ""),
+        _Cell("State", row.state, row.reason, row.state),
+        _Cell("Open", str(row.open), "", "n"),
+        _Cell("Down", format_bytes(row.bytes_down), "", "n"),
+        _Cell("Up", format_bytes(row.bytes_up), "", "n"),
+        _Cell("Down rate", format_rate(row.rate_down), "", "n"),
+        _Cell("Up rate", format_rate(row.rate_up), "", "n"),
+        _Cell(
+            "Capacity", "not measured" if row.capacity is None else format_rate(row.capacity), row.capacity_note, "n"
+        ),
+        _Cell("DNS", " / ".join(str(count) for count in row.dns), "queries / cached / failed", "n"),
+    ]
+
+
+def _headings(cells: Sequence[_Cell]) -> str:
+    """The table's head, from the cells of any of its rows."""
+    return "".join(f'<th class="{"n" if cell.css == "n" else ""}">{cell.heading}</th>' for cell in cells)
+
+
 def _row(row: _TableRow, colour: int | None) -> str:
     """One table row; ``colour`` marks an address's (the totals' has none)."""
-    cells = [
-        ("Link", row.link, row.where, "link"),
-        ("Tier", row.tier, "", ""),
-        ("State", row.state, row.reason, row.state),
-        ("Open", row.open, "", "n"),
-        ("Down", format_bytes(row.bytes_down), "", "n"),
-        ("Up", format_bytes(row.bytes_up), "", "n"),
-        ("Down kB/s", _kbs(row.rate_down), "", "n"),
-        ("Up kB/s", _kbs(row.rate_up), "", "n"),
-        (
-            "Capacity",
-            "not measured" if row.capacity is None else format_bytes(row.capacity) + "/s",
-            row.capacity_note,
-            "n",
-        ),
-        ("DNS", " / ".join(str(count) for count in row.dns), "queries / cached / failed", "n"),
-    ]
     out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
-    for position, (label, text, small, cls) in enumerate(cells):
-        under = f"<small>{_e(small)}</small>" if small else ""
+    for position, cell in enumerate(_cells(row)):
+        under = f"<small>{_e(cell.note)}</small>" if cell.note else ""
         lead = "" if position else dot
-        out.append(f'<td class="{cls}" data-label="{label}">{lead}{_e(text)}{under}</td>')
+        out.append(f'<td class="{cell.css}" data-label="{cell.heading}">{lead}{_e(cell.text)}{under}</td>')
     return "<tr>" + "".join(out) + "</tr>"
 
 
@@ -8101,7 +8160,7 @@ def render_status_page(status: Status) -> str:
     that fetches the page again every ``PAGE_REFRESH`` seconds and puts the parts that changed
     in place. Send with ``STATUS_PAGE_CSP``."""
     facts = "".join(f"<div><dt>{name}</dt><dd>{_e(value)}</dd></div>" for name, value in _facts(status).items())
-    heads = "".join(f'<th class="{"n" if i >= _FIRST_NUMERIC else ""}">{name}</th>' for i, name in enumerate(_HEADINGS))
+    totals = _totals_row(status)
     rows = "".join(_row(_address_row(row), i) for i, row in enumerate(status["addresses"]))
     legend = "".join(
         f'<li><i class="k s{i % len(_PALETTE)}"></i>{_e(row["link"])}</li>' for i, row in enumerate(status["addresses"])
@@ -8111,9 +8170,9 @@ def render_status_page(status: Status) -> str:
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f'<title>dispatch status</title><link rel="icon" href="data:,"><style>{_STYLE}</style>'
         f"</head><body><header><h1>dispatch</h1>{_LIVE}</header>"
-        f'<dl class="facts" id="facts" data-part>{facts}</dl><table><thead><tr>{heads}</tr></thead>'
+        f'<dl class="facts" id="facts" data-part>{facts}</dl><table><thead><tr>{_headings(_cells(totals))}</tr></thead>'
         f'<tbody id="rows" data-part>{rows}</tbody>'
-        f'<tfoot id="total" data-part>{_row(_totals_row(status), None)}</tfoot></table><div class="charts">'
+        f'<tfoot id="total" data-part>{_row(totals, None)}</tfoot></table><div class="charts">'
         f"{_chart(status, 'rate_down', 'Download rate, last 10 min')}"
         f"{_chart(status, 'rate_up', 'Upload rate, last 10 min')}</div>"
         f'<ul class="legend" id="legend" data-part>{legend}</ul>'
@@ -11866,32 +11925,6 @@ class BackgroundTasks:
                         logger.exception("background task %s failed", getattr(task, "__name__", task))
 
 
-def _waiting_row(link: Link) -> StatsRow:
-    """The stats row of an interface that has had no address yet."""
-    return {
-        "ip": None,
-        "interface": link.name,
-        "link": link.name,
-        "weight": link.weight,
-        "tier": link.tier,
-        "state": "waiting",
-        "reason": "no address yet",
-        "connections": 0,
-        "failed": 0,
-        "open": 0,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "rate_up": 0.0,
-        "rate_down": 0.0,
-        "capacity": None,
-        "capacity_source": "not measured",
-        "capacity_age": None,
-        "dns_queries": 0,
-        "dns_cache_hits": 0,
-        "dns_failures": 0,
-    }
-
-
 def _addresses_named(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The addresses of ``host``, an IP address or localhost (or a name
     under .localhost, RFC 6761); none for any other name, which is not
@@ -12304,20 +12337,9 @@ class Dispatcher:
         self.bonds.stop()
 
     def stats(self) -> list[StatsRow]:
-        """Per local address (every one a link holds, and those gone lately:
-        see GONE_ADDRESS_KEPT): ip (an upstream proxy's name), interface, link
-        (its name as given), weight, tier ("primary" or "backup"), state
-        ("up"; "down" while it is out after a failure of its link; "standby"
-        for a backup while a primary is up; "gone" once its interface no
-        longer holds it) and the reason, connections (opened in all, failed,
-        open), bytes each way, the rates each way in bytes per second over
-        the last interval or two (METER_INTERVAL), the capacity (None until
-        known), where it comes from (capacity_source: "measured",
-        "remembered" from an earlier run, or "not measured") and the seconds
-        since it was last measured (capacity_age, None if not in this run). The DNS work of its link
-        (dns_queries, dns_cache_hits, dns_failures). An interface that has had no address yet has
-        a row with ip None, state "waiting". Reading changes nothing: every
-        reader sees the same."""
+        """A StatsRow for each local address a link holds or held lately,
+        and for each interface that has had no address yet. Reading changes
+        nothing: every reader sees the same."""
         current = self.links.addresses
         primaries_up = {f for a in current if not a.backup and not self.health.is_out(a) for f in a.serves}
         rows: list[StatsRow] = []
@@ -12329,33 +12351,30 @@ class Dispatcher:
             link = self.links.link_of(address)
             capacity, source, measured_at = self.capacity.source(address)
             dns = self.resolver.counts(address)
-            rows.append(
-                {
-                    "ip": address.ip,
-                    "interface": address.interface,
-                    "link": link.name if link else address.ip,
-                    "weight": self.steering.weight_of(address),
-                    "tier": link.tier if link else "primary",
-                    "state": state,
-                    "reason": reason,
-                    "connections": reading.counters.connections,
-                    "failed": reading.counters.failed,
-                    "open": reading.counters.open,
-                    "bytes_up": reading.counters.bytes_up,
-                    "bytes_down": reading.counters.bytes_down,
-                    "rate_up": reading.rate_up,
-                    "rate_down": reading.rate_down,
-                    "capacity": capacity,
-                    "capacity_source": source or "not measured",
-                    "capacity_age": None if measured_at is None else max(0.0, self.meter.clock() - measured_at),
-                    "dns_queries": dns.queries,
-                    "dns_cache_hits": dns.cache_hits,
-                    "dns_failures": dns.failures,
-                }
+            row = stats_row(
+                link.name if link else address.ip,
+                ip=address.ip,
+                interface=address.interface,
+                weight=self.steering.weight_of(address),
+                tier=link.tier if link else "primary",
+                state=state,
+                reason=reason,
+                **dataclasses.asdict(reading.counters),
+                rate_up=reading.rate_up,
+                rate_down=reading.rate_down,
+                capacity=capacity,
+                capacity_source=source or "not measured",
+                capacity_age=None if measured_at is None else max(0.0, self.meter.clock() - measured_at),
+                dns_queries=dns.queries,
+                dns_cache_hits=dns.cache_hits,
+                dns_failures=dns.failures,
             )
+            rows.append(row)
         for link in self.links.links:
             if not link.known:
-                rows.append(_waiting_row(link))
+                rows.append(
+                    stats_row(link.name, weight=link.weight, tier=link.tier, state="waiting", reason="no address yet")
+                )
         return rows
 
     def status(self) -> Status:
@@ -12821,12 +12840,6 @@ def _address_table(links: Sequence[Link]) -> str:
     return format_table(rows, indent="  ")
 
 
-def _format_rate(bytes_per_second: float) -> str:
-    kilobytes = bytes_per_second / 1000
-    # Past a terabyte a second in three figures (1.23e+09 kB/s), not hundreds.
-    return f"{kilobytes:,.1f} kB/s" if kilobytes < 1e9 else f"{kilobytes:.3g} kB/s"
-
-
 def format_stats(rows: Sequence[StatsRow]) -> str:
     """The rows of ``Dispatcher.stats()`` as a table, one line per local address."""
     header = (
@@ -12853,9 +12866,9 @@ def format_stats(rows: Sequence[StatsRow]) -> str:
             str(row["connections"]),
             format_bytes(row["bytes_down"]),
             format_bytes(row["bytes_up"]),
-            _format_rate(row["rate_down"]),
-            _format_rate(row["rate_up"]),
-            "-" if row["capacity"] is None else _format_rate(row["capacity"]),
+            format_rate(row["rate_down"]),
+            format_rate(row["rate_up"]),
+            "-" if row["capacity"] is None else format_rate(row["capacity"]),
             capacity_source(row),
         )
         for row in rows
@@ -13088,7 +13101,7 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     for row in stats:
         capacity = "not measured"
         if row["capacity"] is not None:
-            capacity = f"capacity {_format_rate(row['capacity'])} ({capacity_source(row)})"
+            capacity = f"capacity {format_rate(row['capacity'])} ({capacity_source(row)})"
         lines.append(
             f"  {row['ip'] or row['link']} ({row['interface'] or '-'}): {plural(row['connections'], 'connection')}, "
             f"{row['open']} open, {format_bytes(row['bytes_down'])} down, {capacity}"

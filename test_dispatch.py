@@ -2737,6 +2737,17 @@ def test_stats_count_connections_and_bytes_per_address(
     assert (rows["127.0.0.3"]["connections"], rows["127.0.0.3"]["bytes_down"]) == (1, 20)
 
 
+def test_a_stats_row_is_an_idle_link_that_is_up_but_for_what_is_given() -> None:
+    row = dispatch.stats_row("wlan0", ip="10.0.0.2", open=2)
+    assert set(row) == set(typing.get_type_hints(dispatch.StatsRow))
+    assert (row["link"], row["interface"], row["ip"], row["open"]) == ("wlan0", "wlan0", "10.0.0.2", 2)
+    assert (row["state"], row["tier"], row["weight"], row["connections"]) == ("up", "primary", 1, 0)
+    assert (row["capacity"], row["capacity_source"]) == (None, "not measured")
+    assert dispatch.stats_row("wlan0")["ip"] is None
+    with pytest.raises(TypeError, match="StatsRow has no field 'colour'"):
+        dispatch.stats_row("wlan0", colour=1)
+
+
 def test_stats_count_bytes_live_during_a_transfer(proxy: Dispatcher, echo_server: Server) -> None:
     with client_through(proxy, (echo_server.host, echo_server.port)) as client:
         payload = os.urandom(200_000)
@@ -5543,22 +5554,33 @@ def test_page_holds_table_and_chart_without_javascript() -> None:
         "backup",
         "1.2 GB",
         "5.3 MB",
-        "1523.5",
-        "12.3",
-        "2.5 MB/s",
+        "1,523.5 kB/s",
+        "12.3 kB/s",
+        "2,500.0 kB/s",
         "not measured",
         "1 h 2 min",
         "0.2.0",
         "All links",
         "kB/s",
         "measured 1 min 4 s ago",
-        "900 kB/s",
+        "900.0 kB/s",
         "remembered",
-        "3.4 MB/s",
+        "3,400.0 kB/s",
     ):
         assert expected in text, expected
     assert text.count("<polyline") == 4  # two links with history, two charts
     assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")
+
+
+def test_page_headings_are_its_cells_and_its_rates_the_tables() -> None:
+    status = sample_status()
+    page = dispatch.render_status_page(status)
+    headings = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+    for row in re.findall(r"<tr>(<td.*?)</tr>", page):
+        assert re.findall(r'data-label="([^"]*)"', row) == headings
+    table = dispatch.format_stats(status["addresses"])
+    for rate in ("1,523.5 kB/s", "12.3 kB/s", "2,500.0 kB/s"):
+        assert f">{rate}<" in page and rate in table
 
 
 def test_page_loads_nothing_from_elsewhere() -> None:
