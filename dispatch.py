@@ -116,7 +116,7 @@ from collections.abc import Callable, Collection, Generator, Iterable, Mapping, 
 from http import HTTPStatus
 from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "AccessPolicy",
     "AddressError",

@@ -6663,10 +6663,10 @@ def test_stats_json_of_a_running_proxy_is_exactly_the_typed_status(
     assert served["history"]["addresses"]["127.0.0.2"]["rate_up"]
 
 
-def test_readme_names_every_field_of_stats_json() -> None:
-    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as file:
-        readme = file.read()
-    described = re.search(r"^- `/stats\.json`:.*?(?=^- |^$)", readme, re.M | re.S)
+def test_the_pages_page_names_every_field_of_stats_json() -> None:
+    with open(os.path.join(os.path.dirname(__file__), "docs", "pages.md"), encoding="utf-8") as file:
+        page = file.read()
+    described = re.search(r"^- `/stats\.json`:.*?(?=^- |^$)", page, re.M | re.S)
     assert described is not None
     named = set(re.findall(r"`(?:dispatch\.)?(\w+)`", described.group(0)))
     for typed in STATUS_TYPES:
