@@ -116,7 +116,7 @@ from collections.abc import Callable, Collection, Generator, Iterable, Mapping, 
 from http import HTTPStatus
 from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar, cast
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "AccessPolicy",
     "AddressError",
@@ -13452,216 +13452,199 @@ def _build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser(
         "start",
         help="start the proxy",
-        description="Start the proxy. Each ADDRESS is an IP address or an interface "
-        "name, with an optional weight (10.0.0.2@7, wlan0@3; wlan0/3 also works for a name) "
-        "or @backup for a link used only while no other is up (usb0@backup). "
-        "An ADDRESS may be an upstream proxy, socks5://[USER:PASS@]HOST:PORT (socks5h, socks4, "
-        "socks4a and http too), reached by a chosen link with +LINK (socks5://vps:1080+wlan0@2). "
-        "An interface's addresses are followed as they change; one without an address "
-        "yet is waited for. With none, every interface with a usable address is used.",
+        description="Start the proxy over the links given. An ADDRESS is an IP address or an interface name "
+        "(followed as its addresses change, waited for while it has none), or another proxy's URL, "
+        "socks5://[USER[:PASS]@]HOST:PORT[+LINK] (socks5h, socks4, socks4a, http; mptcp+ for a bond); "
+        "then @WEIGHT (10.0.0.2@7) or @backup (usb0@backup). Without one, every usable address is used.",
+        epilog="Each option's long story is in the docs/ pages that README.md lists.",
     )
     start.add_argument(
-        "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
+        "addresses", nargs="*", metavar="ADDRESS[@WEIGHT|@backup]", help="a link: an address, an interface, a proxy"
     )
-    start.add_argument(
+    listening = start.add_argument_group("listening and access")
+    listening.add_argument(
         "--ip",
         type=_listen_address,
         default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: for every address)",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: for all)",
     )
-    start.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
-    start.add_argument(
-        "--connect-timeout",
-        type=_duration("--connect-timeout"),
-        default=DEFAULT_CONNECT_TIMEOUT,
-        metavar="SECONDS",
-        help="give up connecting upstream after this long (default 5)",
-    )
-    start.add_argument(
+    listening.add_argument("--port", type=_port, default=1080, help="port to listen on (default 1080)")
+    listening.add_argument(
         "--auth",
         action="append",
         type=_user_password,
         metavar="USER:PASS",
-        help="require this login (repeatable): SOCKS5 and HTTP clients log in; SOCKS4 is refused",
+        help="require this login (repeatable; SOCKS4 is then refused)",
     )
-    start.add_argument(
-        "--auth-file",
-        metavar="PATH",
-        help="require a login from this file: one USER:PASS a line, # comments",
-    )
-    start.add_argument(
-        "--upstream-auth-file",
-        metavar="PATH",
-        help="passwords of upstream proxies whose ADDRESS gives a user alone (socks5://al@vps:1080): "
-        "one USER:PASS a line, # comments; keeps them out of the process list",
-    )
-    start.add_argument(
+    listening.add_argument("--auth-file", metavar="PATH", help="require a login from this file: one USER:PASS a line")
+    listening.add_argument(
         "--allow",
         action="append",
         type=_network,
         metavar="CIDR",
-        help="admit clients from this network or address only (repeatable; default: loopback and private networks)",
+        help="serve clients of this network only (repeatable; default: private ones)",
     )
-    start.add_argument(
+    listening.add_argument(
         "--allow-target",
         action="append",
         type=_network,
         default=[],
         metavar="CIDR",
-        help="let clients from other machines reach this network although it is this machine's own "
-        "(repeatable; refused by default: loopback, link-local and this machine's addresses)",
+        help="let the LAN's clients reach this network of this machine (repeatable)",
     )
-    start.add_argument(
-        "--handshake-timeout",
-        type=_duration("--handshake-timeout"),
-        default=DEFAULT_HANDSHAKE_TIMEOUT,
-        metavar="SECONDS",
-        help=f"close a client that has not finished its handshake after this long "
-        f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
-    )
-    start.add_argument(
-        "--idle-timeout",
-        type=_duration("--idle-timeout"),
-        metavar="SECONDS",
-        help="close a connection with nothing moving either way for this long (default: never)",
-    )
-    start.add_argument(
-        "--max-connections",
-        type=_positive,
-        metavar="N",
-        help="refuse new clients while N connections are open (default: what the descriptor limit fits)",
-    )
-    start.add_argument(
-        "--grace",
-        type=_duration("--grace"),
-        default=DEFAULT_GRACE,
-        metavar="SECONDS",
-        help=f"on Ctrl-C or SIGTERM, give open connections this long to finish (default {DEFAULT_GRACE:g})",
-    )
-    start.add_argument(
-        "--cooldown",
-        type=_duration("--cooldown"),
-        default=DEFAULT_COOLDOWN,
-        metavar="SECONDS",
-        help="a link that failed is retested 1 s later, then less and less often, at least every SECONDS "
-        "(default 30); it is back as soon as a retest gets through",
-    )
-    start.add_argument(
+    links = start.add_argument_group("links and balancing")
+    links.add_argument(
         "--balance",
         choices=[balance.value for balance in Balance],
         help="how a connection's link is chosen: measured (the least open work for what each link was "
         "measured to carry; the default without weights) or round-robin (in turn, by the weights; "
         "the default when any ADDRESS has one)",
     )
-    start.add_argument(
+    links.add_argument(
         "--sticky",
         type=_duration("--sticky"),
         default=0.0,
         metavar="SECONDS",
-        help="keep a client's connections to one site (example.co.uk) on one link while the site was "
-        "used within SECONDS (default 0: off, so that one site's downloads spread)",
+        help="keep a site's connections on one link while used within SECONDS (default off)",
     )
-    start.add_argument(
+    links.add_argument(
         "--state-file",
         metavar="PATH",
-        help=f"keep each link's measured capacity here across restarts (default {default_state_path()})",
+        help=f"keep each link's capacity and usage here across restarts (default {default_state_path()})",
     )
-    start.add_argument(
-        "--no-state",
-        action="store_true",
-        help="keep no state file: every start measures the links afresh",
+    links.add_argument("--no-state", action="store_true", help="keep no state file: every start measures afresh")
+    links.add_argument(
+        "--upstream-auth-file",
+        metavar="PATH",
+        help="the passwords of upstream proxies' users: one USER:PASS a line",
     )
-    start.add_argument(
-        "--mptcp",
-        action="store_true",
-        help="listen with Multipath TCP (Linux): the far end of the bonds of dispatches that name this one "
-        "as mptcp+socks5h://HOST:PORT; plain TCP clients are served as ever",
-    )
-    start.add_argument(
+    links.add_argument(
         "--cap",
         action="append",
         type=_cap,
         default=[],
         metavar="LINK=SIZE/PERIOD",
-        help="a data cap (repeatable): usb0=2GB/month, usb0=2GB/month@15 (from the 15th), usb0=200MB/day, "
-        "usb0=5GB/30d (a rolling window); sizes in B, kB, MB, GB, TB (KiB, MiB, GiB: powers of 1024); "
-        "the usage is kept in the state file",
+        help="a data cap (repeatable): usb0=2GB/month, usb0=200MB/day, usb0=5GB/30d",
     )
-    start.add_argument(
+    links.add_argument(
         "--cap-action",
         choices=CAP_ACTIONS,
         default="backup",
-        help="what a link does once its cap is reached, until its period starts afresh: backup (the "
-        "default: it serves only while no other link is up), stop (no new connection), stop-now (and "
-        "its open connections are ended)",
+        help="what a link past its cap does (default backup)",
     )
-    start.add_argument(
+    health = start.add_argument_group("health and failover")
+    health.add_argument(
+        "--connect-timeout",
+        type=_duration("--connect-timeout"),
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up a connect through a link after this long (default {DEFAULT_CONNECT_TIMEOUT:g})",
+    )
+    health.add_argument(
+        "--hedge",
+        type=_duration("--hedge"),
+        default=DEFAULT_HEDGE,
+        metavar="SECONDS",
+        help=f"race a connect unanswered this long through another link (default {DEFAULT_HEDGE:g})",
+    )
+    health.add_argument(
+        "--cooldown",
+        type=_duration("--cooldown"),
+        default=DEFAULT_COOLDOWN,
+        metavar="SECONDS",
+        help=f"the longest wait between a failed link's retests (default {DEFAULT_COOLDOWN:g})",
+    )
+    health.add_argument(
         "--check",
         action="append",
         type=_check_target,
         default=[],
         metavar="HOST:PORT",
-        help="test every link by connecting to this target through it (repeatable): 3 failures in a "
-        "row take a link out, 2 successes bring it back (default: no checks)",
+        help="test every link by a connect to this target (repeatable)",
     )
-    start.add_argument(
+    health.add_argument(
         "--check-interval",
         type=_duration("--check-interval"),
         default=DEFAULT_CHECK_INTERVAL,
         metavar="SECONDS",
         help=f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
     )
-    start.add_argument(
-        "--hedge",
-        type=_duration("--hedge"),
-        default=DEFAULT_HEDGE,
-        metavar="SECONDS",
-        help=f"when a connect has no answer after this long, race it through another link "
-        f"(default {DEFAULT_HEDGE:g}; 0: never)",
-    )
-    start.add_argument(
+    names = start.add_argument_group("names")
+    names.add_argument(
         "--dns",
         action="append",
         type=_dns_server,
         metavar="ADDRESS[:PORT]",
-        help="a name server to ask through the links (repeatable; default: the system's); "
-        "'system': leave names to the system's resolver",
+        help="a name server to ask through the links (repeatable), or 'system'",
     )
-    start.add_argument(
+    system = start.add_argument_group("the system around it: transparent mode, desktop switch, bond")
+    _add_transparent_arguments(system)
+    system.add_argument(
+        "--apply-rules",
+        action="store_true",
+        help="with --transparent: set the firewall rules while it runs",
+    )
+    system.add_argument(
+        "--system-proxy",
+        action="store_true",
+        help="point this user's proxy settings here while it runs",
+    )
+    system.add_argument(
+        "--mptcp",
+        action="store_true",
+        help="listen with Multipath TCP: the server end of bonds (Linux)",
+    )
+    pages = start.add_argument_group("pages, statistics and logs")
+    pages.add_argument(
         "--no-page",
         dest="pages",
         action="store_false",
-        help="serve no status page, /stats.json, /metrics or /proxy.pac on the proxy's port",
+        help="serve no status page, /stats.json, /metrics, PAC or API",
     )
-    start.add_argument(
+    pages.add_argument(
         "--page-host",
         action="append",
         type=_page_host,
         metavar="NAME",
-        help="also show the status page, /stats.json and /metrics to requests for this host name "
-        "(repeatable; always: localhost, loopback and the address the page is asked at)",
+        help="also show the pages to this host name (repeatable)",
     )
-    start.add_argument(
+    pages.add_argument(
         "--stats",
         type=_duration("--stats"),
         metavar="SECONDS",
-        help="print a table of each local address's traffic this often, and at the end",
+        help="print each link's traffic this often, and at the end",
     )
-    start.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()})")
-    _add_transparent_arguments(start)
-    start.add_argument(
-        "--apply-rules",
-        action="store_true",
-        help="with --transparent: apply the firewall rules of 'dispatch rules' at the start "
-        f"(nftables table {NFT_FAMILY} {NFT_TABLE}) and remove them at the stop",
+    pages.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()}; -: stdout)")
+    pages.add_argument(
+        "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
     )
-    start.add_argument(
-        "--system-proxy",
-        action="store_true",
-        help="point this user's proxy settings (the desktop's, macOS's, Windows') at dispatch while it runs; "
-        "saved beside the state file first, put back at stop, and at the next start after a crash",
+    limits = start.add_argument_group("limits")
+    limits.add_argument(
+        "--handshake-timeout",
+        type=_duration("--handshake-timeout"),
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"close a client whose handshake takes longer (default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
-    start.add_argument("addresses", nargs="*", metavar="ADDRESS[@WEIGHT|@backup]")
+    limits.add_argument(
+        "--idle-timeout",
+        type=_duration("--idle-timeout"),
+        metavar="SECONDS",
+        help="close a connection idle this long (default: never)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_positive,
+        metavar="N",
+        help="refuse new clients while N are open (default: what fits)",
+    )
+    limits.add_argument(
+        "--grace",
+        type=_duration("--grace"),
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help=f"at a stop, how long open connections may go on (default {DEFAULT_GRACE:g})",
+    )
     rules = commands.add_parser(
         "rules",
         help="print the firewall rules of transparent mode (nftables)",
@@ -13711,28 +13694,28 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_transparent_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_transparent_arguments(options: argparse._ActionsContainer, required: bool = False) -> None:
     """The options of transparent mode, which ``start`` and ``rules`` share."""
-    parser.add_argument(
+    options.add_argument(
         "--transparent",
         type=_port,
         required=required,
         metavar="PORT",
-        help="serve connections the firewall redirects to PORT, on every address (Linux, CAP_NET_ADMIN)",
+        help="serve what the firewall redirects to PORT (Linux)",
     )
-    parser.add_argument(
+    options.add_argument(
         "--lan",
         action="append",
         default=[],
         metavar="IFACE",
-        help="redirect TCP forwarded from this interface: this machine as the LAN's gateway (repeatable)",
+        help="redirect what this LAN interface forwards (repeatable)",
     )
-    parser.add_argument("--local", action="store_true", help="redirect TCP of this machine's own programs")
-    parser.add_argument(
+    options.add_argument("--local", action="store_true", help="redirect this machine's own programs")
+    options.add_argument(
         "--mark",
         type=_mark,
         default=DEFAULT_MARK,
-        help=f"the firewall mark of dispatch's own connections, which the rules let pass (default {DEFAULT_MARK:#x})",
+        help=f"the firewall mark of dispatch's own traffic (default {DEFAULT_MARK:#x})",
     )
 
 

@@ -54,7 +54,7 @@ CHROMIUM_FLAGS = [
     # name failing to resolve in the browser, none of that leaves the machine.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
-SCREENSHOTS = os.environ.get("DISPATCH_SCREENSHOTS")  # a folder to keep them in (the README's is one)
+SCREENSHOTS = os.environ.get("DISPATCH_SCREENSHOTS")  # a folder to keep them in (docs/status-page.png is one)
 
 
 def run_chromium(tmp_path: Any, *arguments: str) -> str:

@@ -6722,10 +6722,10 @@ def test_stats_json_of_a_running_proxy_is_exactly_the_typed_status(
     assert served["history"]["addresses"]["127.0.0.2"]["rate_up"]
 
 
-def test_readme_names_every_field_of_stats_json() -> None:
-    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as file:
-        readme = file.read()
-    described = re.search(r"^- `/stats\.json`:.*?(?=^- |^$)", readme, re.M | re.S)
+def test_the_pages_page_names_every_field_of_stats_json() -> None:
+    with open(os.path.join(os.path.dirname(__file__), "docs", "pages.md"), encoding="utf-8") as file:
+        page = file.read()
+    described = re.search(r"^- `/stats\.json`:.*?(?=^- |^$)", page, re.M | re.S)
     assert described is not None
     named = set(re.findall(r"`(?:dispatch\.)?(\w+)`", described.group(0)))
     for typed in STATUS_TYPES:
@@ -9892,3 +9892,34 @@ def test_cli_start_help_says_which_balance_applies_when(capsys: pytest.CaptureFi
         "measured (the least open work for what each link was measured to carry; the default without weights)" in text
     )
     assert "round-robin (in turn, by the weights; the default when any ADDRESS has one)" in text
+
+
+def test_cli_start_help_puts_every_option_in_a_group_a_user_scans(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        dispatch.main(["start", "--help"])
+    text = capsys.readouterr().out
+    usage, _, body = text.partition("\n\n")
+    grouped: dict[str, list[str]] = {}
+    for heading, lines in re.findall(r"^(\S[^\n]*):\n((?: [^\n]*\n?)*)", body, re.M):
+        grouped[heading] = re.findall(r"^ {2}(-[-\w]+)", lines, re.M)
+    assert list(grouped)[2:] == [
+        "listening and access",
+        "links and balancing",
+        "health and failover",
+        "names",
+        "the system around it: transparent mode, desktop switch, bond",
+        "pages, statistics and logs",
+        "limits",
+    ]
+    assert list(grouped.values())[1] == ["-h"]  # nothing left in argparse's own list
+    listed = [option for options in list(grouped.values())[2:] for option in options]
+    assert sorted(listed) == sorted(set(re.findall(r"\[(-[-\w]+)", usage)) - {"-h"})
+
+
+def test_cli_start_banner_says_the_version_dispatch_V_says(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        dispatch.main(["-V"])
+    version = capsys.readouterr().out.strip()
+    assert run_cli(["127.0.0.1"], lambda running, stop: None, str(tmp_path / "dispatch.log")) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.fullmatch(rf"{re.escape(version)}: SOCKS4/4a/5 and HTTP proxy on 127\.0\.0\.1:\d+", first)
