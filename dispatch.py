@@ -2295,7 +2295,7 @@ class Link:
 
     @property
     def tier(self) -> Tier:
-        """ "backup" or "primary"."""
+        """Whether the link is kept for when no primary link is up."""
         return "backup" if self.backup else "primary"
 
     @classmethod
@@ -3164,7 +3164,8 @@ class WeightedRoundRobin(Generic[T]):
         return self._total
 
     def next(self) -> T:
-        """Return the next item."""
+        """The item whose turn it is: each comes up as often as its weight
+        says, the turns spread out (nginx's smooth weighted round robin)."""
         best = 0
         for index, weight in enumerate(self.weights):
             self._current[index] += weight
@@ -3785,74 +3786,14 @@ class CapacityEstimator:
     delivered while it was the bottleneck.
 
     The Dispatcher's sampler calls ``add()`` for every address every
-    ESTIMATE_INTERVAL (a quarter of a second), with what the address moved
-    since the previous call (the relay counts bytes as they pass) and how
-    many connections were open through it at either end of that tick.
-    The rule:
-
-    - A tick is *loaded* when the link moved at least MIN_RATE in it (the
-      larger direction) with a connection open at one of its ends. A run of
-      loaded ticks is traffic; a tick that is not loaded ends the run. So a
-      trickle under MIN_RATE (a chat, an idle keep-alive) and the quiet time
-      at the end of a burst are never evidence; neither is idle time. A tick
-      longer than MAX_TICK (the clock jumped, the sampler was held up) ends
-      the run too, as does a clock that went back.
-    - When the relay falls behind for a moment (the machine is busy, a
-      client reads slowly), the link's bytes wait in the kernel and pass in
-      the next tick, which alone would read as a link faster than it is.
-      So a rate is never one tick's: it is a run's, or the median of ticks.
-    - What a link delivers is a lower bound of what it can carry, so a
-      fresh run raises the figure at once. In a run that begins with new
-      connections (none open before its first tick, or before the quiet
-      tick in which they opened), nothing waited before it, so bytes the
-      relay or the kernel catch up on were delivered within it: the run's
-      rate so far (after its first tick, over the time since) never reads
-      high, and raises the figure once it covers RISE_SPAN, until the
-      run's first measurement (below; after it, the rate so far may be of
-      a link that got slower in the run); in its first ticks the whole
-      run's rate, first tick and all, reads low but raises the figure some
-      way, so a burst of downloads shorter than a second still measures a
-      link. A fresh run more than FASTER_BY above the figure shows a link
-      that got faster: the measurements before it are of the old link and
-      are dropped. A run that begins with connections open (after a stall,
-      when the out-of-order bytes the kernel held pass at once) raises the
-      figure only by measurements (below).
-    - Lowering needs evidence that the link, not the application, set the
-      pace: a *measurement* is the median rate of the ticks of at least SPAN
-      (one second) inside a run, with connections open through each of them,
-      leaving out the run's first and last ticks (they are partly idle).
-      A measurement under SMALL_SHARE of the figure through a single
-      connection is one application's pace (a stream, a slow server), not
-      the link's, and counts for nothing; through two or more connections
-      that all get so little, it is the link.
-    - The figure follows the median measurement of the last FOLLOW_SPAN
-      seconds of measured traffic (counted in traffic time rather than wall
-      time, so bursts of a few seconds add up), or the lowest measurement
-      of the last SPAN where every one of those is above that median: a
-      link that got faster in the middle of a run shows within about two
-      seconds, one that got slower after about three seconds of carrying
-      traffic (half of FOLLOW_SPAN, and SPAN), and a dip or a peak is
-      outvoted. Not their highest, as in BBR's windowed maximum: the ticks
-      of a slow link read a quarter off its rate either way, so the highest
-      of a few seconds of measurements reads some ten per cent high, and a
-      slow link read so high takes a connection too many (4 of 24 rather
-      than 3 beside two links three times as fast), which then ends a batch
-      late. Until the measurements cover FOLLOW_SPAN the figure only rises.
-    - A ``remember()``-ed figure (from the state file) stands until the link
-      is measured: it is replaced by the measurements' figure once they
-      cover REPLACE_SPAN, or at once by a higher rate.
-    - The figure kept for the next run (``to_keep()``) is the median
-      measurement of the last KEEP_SPAN seconds of measured traffic (less
-      noisy still, as the first batch after a restart is split by the kept
-      figures alone), never above the highest of the last FOLLOW_SPAN, so
-      a link that got slower is not kept at its old rate. A link that got
-      faster (without a fresh run that dropped the measurements before)
-      keeps its lower figure until about half of KEEP_SPAN of traffic at
-      its new rate.
-
-    ``estimate()`` is None until a link's first figure. Short connections on
-    loopback seldom load a link for half a second, and where they do every
-    link reads alike, so the choice keeps taking turns. Thread safe.
+    ESTIMATE_INTERVAL with what it moved since and the connections open
+    through it. Ticks of traffic make runs. A run that began with new
+    connections raises a link's figure at once (what a link delivered, it
+    can carry); lowering it takes *measurements*, median rates over a second
+    of a run with connections open, followed over a few seconds of traffic.
+    A figure remembered from the state file stands until the link is
+    measured, and ``to_keep()`` is the steadier figure to remember.
+    ``estimate()`` is None until a link's first figure. Thread safe.
     """
 
     MIN_RATE = 32_000.0  # bytes per second (256 kbit/s): less is a trickle
@@ -3880,6 +3821,12 @@ class CapacityEstimator:
         sample, with ``open_before`` connections open through it at the
         previous sample and ``open_after`` now."""
         open_through = min(open_before, open_after)
+        # A tick is loaded when the link moved at least MIN_RATE in it (the
+        # larger direction) with a connection open at one of its ends; a run
+        # of loaded ticks is traffic, and any other tick ends the run. So a
+        # trickle (a chat, a keep-alive), the quiet end of a burst and idle
+        # time are never evidence; nor is a tick longer than MAX_TICK (the
+        # clock jumped, the sampler was held up) or a clock that went back.
         with self._lock:
             link = self._of(address)
             last, link.last_at = link.last_at, sample.at
@@ -3908,14 +3855,23 @@ class CapacityEstimator:
     def _typical(ticks: Sequence[_Tick]) -> float:
         """The median of the ticks' rates: one tick the relay fell behind in,
         and the next that caught up, count for nothing."""
+        # When the relay falls behind (a busy machine, a client that reads
+        # slowly), the link's bytes wait in the kernel and pass in the next
+        # tick, which alone reads as a faster link: a rate is never one tick's.
         rates = sorted(tick.moved / tick.seconds for tick in ticks)
         middle = len(rates) // 2
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
-        # Bytes may have waited before a run that is not fresh; and once a
-        # run is measured, its rate so far may be of a link that got slower
-        # in it: measurements only.
+        # What a link delivers, it can carry: a fresh run raises the figure
+        # at once. A run is fresh when its connections opened just before it
+        # (none open before its first tick, or before the quiet tick they
+        # opened in): nothing waited before it, so bytes the relay or the
+        # kernel catch up on were delivered within it, and its rate so far
+        # never reads high. A run that began with connections open (after a
+        # stall, when the bytes the kernel held pass at once) may read high,
+        # and once a run is measured its rate so far may be of a link that
+        # got slower in it: those raise the figure by measurements only.
         if not link.run_fresh or link.run_measured:
             return
         rates = []
@@ -3924,7 +3880,8 @@ class CapacityEstimator:
         if link.run_seconds > 0 and link.run_seconds < link.run[-1].seconds * 2.5:
             # The whole short run, first tick and all: nothing waited before
             # it, so it never reads high, and a run too short for the rate
-            # above still raises the figure some way.
+            # above still raises the figure some way: a burst of downloads
+            # shorter than a second measures a link.
             first = link.run[0]
             rates.append((first.moved + link.run_moved) / (first.seconds + link.run_seconds))
         if not rates:
@@ -3936,8 +3893,11 @@ class CapacityEstimator:
             link.figure, link.remembered = max(rates), False
 
     def _measure(self, link: _LinkFigure, now: float) -> None:
-        # The run's inside: neither its first tick nor its newest, which may
-        # turn out to be its last.
+        # Lowering a figure needs evidence that the link, not the
+        # application, set the pace: a measurement is the median rate of the
+        # ticks of at least SPAN inside a run, with connections open through
+        # each. The run's inside: neither its first tick nor its newest,
+        # which may turn out to be its last (they are partly idle).
         inside = list(link.run)[1:-1]
         seconds, fewest, ticks = 0.0, math.inf, []
         for tick in reversed(inside):
@@ -3953,6 +3913,9 @@ class CapacityEstimator:
         while len(link.run) > 2 and sum(t.seconds for t in list(link.run)[2:-1]) >= self.SPAN:
             link.run.popleft()
         rate = self._typical(ticks)
+        # Under SMALL_SHARE of the figure through one connection is that
+        # application's pace (a stream, a slow server); through two or more
+        # that all get so little, it is the link's.
         if link.figure is not None and rate < link.figure * self.SMALL_SHARE and fewest < 2:
             return
         link.evidence_time += link.run[-1].seconds
@@ -3962,6 +3925,9 @@ class CapacityEstimator:
             link.evidence.popleft()
         followed = self._followed(link.evidence, link.evidence_time)
         link.measured_at = now
+        # Evidence time counts traffic, not the clock, so that bursts of a few
+        # seconds add up. Until it covers FOLLOW_SPAN the figure only rises;
+        # a remembered figure is replaced once it covers REPLACE_SPAN.
         if link.figure is None or followed > link.figure:
             link.figure, link.remembered = followed, False
         elif link.remembered:
@@ -3975,6 +3941,12 @@ class CapacityEstimator:
         """The figure the measurements show (``evidence``, by evidence
         time, up to ``now``): the median of the last FOLLOW_SPAN, or the
         lowest of the last SPAN where all of those are above it."""
+        # A link that got faster in a run shows within about two seconds, one
+        # that got slower after about three of traffic, and a dip or a peak is
+        # outvoted. Not their highest, as BBR's windowed maximum: a slow
+        # link's ticks read a quarter off either way, so the highest of a few
+        # seconds reads some ten per cent high, which takes a connection too
+        # many (4 of 24, not 3, beside two links three times as fast).
         window = [rate for at, rate in evidence if at > now - cls.FOLLOW_SPAN + 1e-9]
         latest = [rate for at, rate in evidence if at > now - cls.SPAN + 1e-9]
         return max(statistics.median(window), min(latest))
@@ -4017,8 +3989,11 @@ class CapacityEstimator:
                 return None
             if link.remembered or not link.evidence:
                 return link.figure
-            # Never above every recent measurement: a link that got slower
-            # is not kept at its old rate.
+            # The median of KEEP_SPAN is steadier than the figure (the first
+            # batch after a restart is split by kept figures alone), yet never
+            # above every recent measurement: a link that got slower is not
+            # kept at its old rate. One that got faster keeps its lower figure
+            # until about half of KEEP_SPAN of traffic at its new rate.
             highest = max(rate for at, rate in link.evidence if at > link.evidence_time - self.FOLLOW_SPAN + 1e-9)
             return min(highest, statistics.median(rate for _, rate in link.evidence))
 
