@@ -5628,7 +5628,7 @@ def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, flo
 
 # A connection through a ProxyAddress connects to the proxy (from the link it
 # is reached by), then runs the client handshake of its protocol (see the
-# client side in the wire formats). The race drives the handshake on its
+# proxy clients, above). The race drives the handshake on its
 # non-blocking socket; retests and UDP associations wait for it.
 
 
