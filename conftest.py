@@ -1028,7 +1028,7 @@ def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> FakeInterfaces:
     reader = FakeInterfaces()
     monkeypatch.setattr(dispatch, "_interfaces", reader)
     monkeypatch.setattr(dispatch, "_is_up", lambda name: True)
-    monkeypatch.setattr(dispatch, "_is_usable", lambda ip: True)
+    monkeypatch.setattr(dispatch, "_is_usable_address", lambda ip: True)
     monkeypatch.setattr(dispatch, "INTERFACE_REFRESH_INTERVAL", 0.05)
     return reader
 

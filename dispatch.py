@@ -34,11 +34,14 @@ Map of this module, in order; each section uses only what is above it:
     platform start-up  where the log and state go; descriptor limit, one CPU, stop signals
     errors             reply codes of SOCKS5, SOCKS4 and HTTP in one table; errno mapping
     deadline I/O       DeadlineReader: exact reads with a deadline, nothing stranded
-    wire formats       SOCKS requests and replies, UDP headers; HTTP heads and bodies
+    wire formats       socket addresses; SOCKS requests and replies, UDP headers
+    HTTP framing       HTTP request and status lines, header fields, bodies (lengths, chunks)
     proxy clients      the client side of SOCKS5, SOCKS4 and HTTP CONNECT, to upstream proxies
     access             AccessPolicy: the allow-list and logins
-    links              LocalAddress, Link, LinkSet: interfaces (Windows names too), addresses;
-                       ProxyURL, ProxyAddress: another proxy as a link
+    interfaces         Interface: this machine's interfaces (Windows names too), their usable
+                       addresses, default routes; whether an address is this machine's
+    links              LocalAddress, Link, LinkSet: the links named, an interface's addresses
+                       followed; ProxyURL, ProxyAddress: another proxy as a link
     health             Health: failures, background retests, checks; what is up and why not
     choice             WeightedRoundRobin, MeasuredChoice, StickyTable, Balancer: which
                        address a connection gets (tiers, sticky sites)
@@ -49,8 +52,9 @@ Map of this module, in order; each section uses only what is above it:
     device binding     a socket that leaves by the chosen link; the system's lookup
     name servers       the system's DNS servers (per link where it says) and hosts file
     resolver           Resolver: names through the links; DnsCache, the hedged query
-    upstream proxies   the connector: a client handshake with another proxy, as a link
-    upstream           Upstream: the hedged connect (_Race) with failover; UpstreamLease
+    proxy links        a client handshake with another proxy, on a socket that races or
+                       waits; a bond's subflow counters
+    connect            Upstream: the hedged connect (_Race) with failover; UpstreamLease
     relay              relay(): the two-way copy (poll, splice on Linux)
     sessions           Session, SocksSession, UdpAssociation; ExchangeRecord; what the
                        pages show (Status, StatsRow: TypedDicts)
@@ -65,14 +69,18 @@ Map of this module, in order; each section uses only what is above it:
     server             the first byte picks the session; Admission; the listener
     steering           LinkSteering: links held back while it runs (data caps reached,
                        paused, closed), their weights; the control API's changes
-    options            DispatcherOptions: every option of a Dispatcher, checked as a whole
+    options            DispatcherOptions: every option of a Dispatcher, validated as a whole
     Dispatcher         the library face; owns the listeners and the background tasks
                        (interfaces, meter samples, retests, checks), the firewall rules
     service units      systemd, launchd and Task Scheduler files for ``dispatch service``
     reports            format_table(), format_stats(): tables of the links and their traffic
     control client     steer_link(): ``dispatch link``, a change asked of a running dispatch
-    arguments          the command line's values parsed and checked: ports, durations, caps...
+    arguments          the command line's values parsed and validated: ports, durations, caps...
     command line       ``dispatch list|start|rules|service|system-proxy|link``; main()
+
+A SOCKS connection's way through them: ConnectionHandler.handle ->
+SocksSession.serve -> SocksSession.handshake -> Session.connect ->
+Upstream.connect -> _Race.run -> Session.relay_through -> relay.
 """
 
 from __future__ import annotations
@@ -519,59 +527,6 @@ class AppendingFileHandler(logging.Handler):
         super().close()
 
 
-def _default_route_interfaces() -> set[str] | None:
-    """Names of the interfaces holding a default route; None where that
-    cannot be told (Windows, or a failure)."""
-    if sys.platform == "darwin":
-        return _macos_default_route_interfaces()
-    if not sys.platform.startswith("linux"):
-        return None
-    found = set()
-    try:
-        with open("/proc/net/route") as routes:
-            for line in list(routes)[1:]:
-                fields = line.split()
-                if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
-                    found.add(fields[0])
-        with open("/proc/net/ipv6_route") as routes:
-            for line in routes:
-                fields = line.split()
-                if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
-                    found.add(fields[9])
-    except OSError:
-        return None
-    return found
-
-
-# The absolute path: a launchd job's PATH is short.
-MACOS_ROUTE_COMMAND = ("/sbin/route", "-n", "get", "default")
-
-
-def _macos_default_route_interfaces(
-    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
-) -> set[str] | None:
-    """The interface of macOS's default route, from ``route -n get default``."""
-    try:
-        result = run(list(MACOS_ROUTE_COMMAND), capture_output=True, text=True, timeout=2.0, check=False)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    if result.returncode != 0:
-        return None
-    name = parse_route_get_default(result.stdout)
-    # With no default route, route(8) says "not in table" on stderr and
-    # prints no interface: there is none, which is known.
-    return {name} if name else set()
-
-
-def parse_route_get_default(output: str) -> str | None:
-    """The interface named in the output of macOS ``route -n get default``."""
-    for line in output.splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip() == "interface":
-            return value.strip() or None
-    return None
-
-
 OPEN_MAX_FALLBACK = 10_240  # macOS's OPEN_MAX: the most it gives a process
 
 
@@ -686,10 +641,13 @@ class Reply(enum.IntEnum):
 
 
 class Socks4Reply(enum.IntEnum):
-    """SOCKS4 reply codes; SOCKS4 has one code for every kind of failure."""
+    """SOCKS4 reply codes. dispatch sends the first two (SOCKS4 has one code
+    for every kind of failure); an upstream SOCKS4 proxy may send any."""
 
     GRANTED = 0x5A
     REJECTED = 0x5B
+    NO_IDENTD = 0x5C
+    IDENTD_MISMATCH = 0x5D
 
 
 class AuthStatus(enum.IntEnum):
@@ -989,7 +947,7 @@ class DeadlineReader:
 
 
 # ---------------------------------------------------------------------------
-# Wire formats: socket addresses, SOCKS, HTTP
+# Wire formats: socket addresses, SOCKS requests and replies, UDP headers
 # ---------------------------------------------------------------------------
 
 
@@ -1039,6 +997,7 @@ def _is_host_name(text: str) -> bool:
 # SOCKS -----------------------------------------------------------------------
 
 SOCKS4_VERSION = 4
+SOCKS4_REPLY_VERSION = 0  # a SOCKS4 reply's first byte
 SOCKS5_VERSION = 5
 AUTH_VERSION = 1  # the version byte of RFC 1929 username/password messages
 MAX_AUTH_FIELD = 255  # an RFC 1929 user name or password has a one-byte length
@@ -1168,7 +1127,7 @@ def encode_socks4_reply(reply: Socks4Reply, bound: tuple[Any, ...] = ("0.0.0.0",
     """00 REP DST.PORT DST.IP; an IPv6 bound address is given as 0.0.0.0."""
     host, port = _split_host(bound)
     ip = host if _family_of(host) == socket.AF_INET else "0.0.0.0"
-    return struct.pack("!BBH4s", 0, reply, port, socket.inet_aton(ip))
+    return struct.pack("!BBH4s", SOCKS4_REPLY_VERSION, reply, port, socket.inet_aton(ip))
 
 
 def _decode_name(name: bytes) -> str:
@@ -1207,7 +1166,9 @@ def parse_udp_datagram(datagram: bytes) -> tuple[int, str, int, bytes]:
     return frag, host, port, reader.rest()
 
 
-# HTTP ------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# HTTP framing: request and status lines, header fields, bodies and chunks
+# ---------------------------------------------------------------------------
 
 Headers = list[tuple[str, str]]
 
@@ -1337,7 +1298,7 @@ def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int
     return host, int(port_text)
 
 
-def _check_target_host(host: str, authority: str) -> None:
+def _validate_target_host(host: str, authority: str) -> None:
     """Raise ValueError unless ``host`` (of ``authority``) is an IP address
     or a host name to look up (see _is_host_name)."""
     if not _is_ip(host) and not _is_host_name(host):
@@ -1347,7 +1308,7 @@ def _check_target_host(host: str, authority: str) -> None:
 def parse_connect_target(target: str) -> tuple[str, int]:
     """(host, port) of a CONNECT request's ``host:port``; ValueError if malformed."""
     host, port = _split_host_port(target, None)
-    _check_target_host(host, target)
+    _validate_target_host(host, target)
     return host, port
 
 
@@ -1362,7 +1323,7 @@ def parse_absolute_url(url: str) -> tuple[str, int, str]:
         raise ValueError(f"not an absolute http URL: {url[:80]!r}")
     end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     host, port = _split_host_port(rest[:end], 80)
-    _check_target_host(host, rest[:end])
+    _validate_target_host(host, rest[:end])
     path = rest[end:].partition("#")[0]
     if not path.startswith("/"):
         path = "/" + path
@@ -1584,22 +1545,12 @@ def _copy_exactly(reader: DeadlineReader, length: int, send: Callable[[bytes], N
 # blocking ones of retests and UDP associations alike. No step reads past
 # the proxy's reply: what follows is the target's.
 
-SOCKS4_REPLY_VERSION = 0
 MAX_SOCKS5_NAME = 255  # a SOCKS5 DOMAIN address has a one-byte length
 SOCKS4A_NAME_FOLLOWS = b"\0\0\0\1"  # DST.IP 0.0.0.x: the host name follows the user id
 MAX_PROXY_REPLY_HEAD = 16 * 1024  # an HTTP proxy's answers to CONNECT, heads only, 1xx ones too
 # Interim (1xx) answers an HTTP proxy may send before its final one to
 # CONNECT: a proxy that sends them without end must not hold the link.
 MAX_INTERIM_ANSWERS = 8
-
-
-class Socks4Status(enum.IntEnum):
-    """SOCKS4 reply codes a server may send (Socks4Reply has the two dispatch sends)."""
-
-    GRANTED = 0x5A
-    REJECTED = 0x5B
-    NO_IDENTD = 0x5C
-    IDENTD_MISMATCH = 0x5D
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1729,9 +1680,9 @@ def socks4_client(host: str, port: int, user: str | None) -> ClientHandshake:
     version, status, bound_port, bound_ip = struct.unpack("!BBH4s", (yield ReceiveStep(8)))
     if version != SOCKS4_REPLY_VERSION:
         raise ProxyLinkError(Reply.GENERAL_FAILURE, f"the upstream proxy does not speak SOCKS4 (version {version})")
-    if status in (Socks4Status.NO_IDENTD, Socks4Status.IDENTD_MISMATCH):
+    if status in (Socks4Reply.NO_IDENTD, Socks4Reply.IDENTD_MISMATCH):
         raise ProxyLinkError(Reply.GENERAL_FAILURE, "the upstream proxy refused the user id")
-    if status != Socks4Status.GRANTED:
+    if status != Socks4Reply.GRANTED:
         raise SocksError(Reply.GENERAL_FAILURE, "rejected or failed (the upstream SOCKS4 proxy says)")
     return socket.inet_ntoa(bound_ip), bound_port
 
@@ -2006,7 +1957,266 @@ class AccessPolicy:
 
 
 # ---------------------------------------------------------------------------
-# Links: interfaces, their addresses, following them as they change
+# Interfaces: this machine's interfaces, their usable addresses, default routes
+# ---------------------------------------------------------------------------
+
+# How often interface addresses are read again: DHCP renewals and new
+# networks are seen within this, at the cost of one read per interval.
+INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    """A network interface as dispatch shows it and lets users name it.
+
+    ``name`` is what dispatch shows and follows; ``aliases`` are other names
+    that select it (on Windows its description and its adapter GUID);
+    ``ips`` are its addresses, IPv6 ones without their scope.
+    """
+
+    name: str
+    aliases: frozenset[str] = frozenset()
+    ips: tuple[str, ...] = ()
+    index: int | None = None
+
+
+def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> list[Interface]:
+    """Interfaces from ifaddr's adapters, those without an address included.
+
+    On Windows, ifaddr gives an adapter's GUID as ``name``, its hardware
+    description ("Intel(R) Wi-Fi 6 AX201") as ``nice_name``, and the name
+    people know from Settings ("Wi-Fi") as each IP's ``nice_name``: that one
+    is the interface's name, the other two select it too. An adapter without
+    an address has no such name in ifaddr: its description names it until it
+    has one. Elsewhere all of these are "eth0".
+    """
+    platform = platform or sys.platform
+    interfaces = []
+    for adapter in adapters:
+        # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
+        ips = tuple(entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip for entry in adapter.ips)
+        name = adapter.ips[0].nice_name if platform == "win32" and adapter.ips else adapter.nice_name
+        aliases = frozenset({adapter.nice_name, adapter.name} - {name})
+        interfaces.append(Interface(name, aliases, ips, getattr(adapter, "index", None)))
+    return interfaces
+
+
+def find_interface(interfaces: Iterable[Interface], text: str, platform: str | None = None) -> Interface | None:
+    """The interface ``text`` names: by its name first, then by an alias.
+
+    Windows treats interface names without regard to case; others do not.
+    """
+    fold: Callable[[str], str] = str.casefold if (platform or sys.platform) == "win32" else str
+    candidates = list(interfaces)
+    wanted = fold(text)
+    named = (i for i in candidates if fold(i.name) == wanted)
+    aliased = (i for i in candidates if any(fold(alias) == wanted for alias in i.aliases))
+    return next(named, None) or next(aliased, None)
+
+
+@functools.cache
+def _has_ifaddr() -> bool:
+    """Whether the ifaddr package can be imported (asked once)."""
+    try:
+        import ifaddr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interfaces() -> list[Interface]:
+    """Every interface and its addresses, from the ifaddr package."""
+    try:
+        import ifaddr
+    except ImportError:
+        raise AddressError(
+            "interface names, 'start' without addresses and 'list' need the ifaddr package"
+            " (pip install ifaddr); IP addresses work without it"
+        ) from None
+    interfaces = read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
+    _INTERFACE_INDEXES.update((i.name, i.index) for i in interfaces if i.index is not None)
+    return interfaces
+
+
+# The index of each interface by the name dispatch shows, as last read: on
+# Windows the system's own lookup (if_nametoindex) knows none of those names.
+_INTERFACE_INDEXES: dict[str, int] = {}
+
+
+def _interface_index(name: str) -> int:
+    """The index of interface ``name``; OSError(ENODEV) if there is none."""
+    index = _INTERFACE_INDEXES.get(name)
+    if index is not None:
+        return index
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface {name}") from None
+
+
+def _is_up(interface: str) -> bool:
+    """Whether an interface is up; true where that cannot be told."""
+    try:
+        with open(f"/sys/class/net/{interface}/operstate") as state:
+            return state.read().strip() != "down"
+    except OSError:
+        return True
+
+
+def _is_usable_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address can reach other hosts (not loopback or link-local)."""
+    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
+
+
+def _with_usable_addresses(interface: Interface) -> Interface:
+    """The interface with only the addresses that can reach other hosts, none while it is down."""
+    if not _is_up(interface.name):
+        return dataclasses.replace(interface, ips=())
+    return dataclasses.replace(
+        interface, ips=tuple(ip for ip in interface.ips if _is_usable_address(ipaddress.ip_address(ip)))
+    )
+
+
+def usable_interfaces() -> list[Interface]:
+    """Every interface with its usable addresses (none for one that is down)."""
+    return [_with_usable_addresses(interface) for interface in _interfaces()]
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# Default routes: which interfaces hold one, as ``dispatch list`` shows.
+
+
+def _default_route_interfaces() -> set[str] | None:
+    """Names of the interfaces holding a default route; None where that
+    cannot be told (Windows, or a failure)."""
+    if sys.platform == "darwin":
+        return _macos_default_route_interfaces()
+    if not sys.platform.startswith("linux"):
+        return None
+    found = set()
+    try:
+        with open("/proc/net/route") as routes:
+            for line in list(routes)[1:]:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+                    found.add(fields[0])
+        with open("/proc/net/ipv6_route") as routes:
+            for line in routes:
+                fields = line.split()
+                if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
+                    found.add(fields[9])
+    except OSError:
+        return None
+    return found
+
+
+# The absolute path: a launchd job's PATH is short.
+MACOS_ROUTE_COMMAND = ("/sbin/route", "-n", "get", "default")
+
+
+def _macos_default_route_interfaces(
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> set[str] | None:
+    """The interface of macOS's default route, from ``route -n get default``."""
+    try:
+        result = run(list(MACOS_ROUTE_COMMAND), capture_output=True, text=True, timeout=2.0, check=False)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if result.returncode != 0:
+        return None
+    name = parse_route_get_default(result.stdout)
+    # With no default route, route(8) says "not in table" on stderr and
+    # prints no interface: there is none, which is known.
+    return {name} if name else set()
+
+
+def parse_route_get_default(output: str) -> str | None:
+    """The interface named in the output of macOS ``route -n get default``."""
+    for line in output.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "interface":
+            return value.strip() or None
+    return None
+
+
+# Addresses no machine holds (RFC 5737, RFC 3849): one that can be bound
+# says that this system binds any address (Linux's ip_nonlocal_bind).
+_NOBODYS_ADDRESSES = {socket.AF_INET: "203.0.113.254", socket.AF_INET6: "2001:db8:ffff::fe"}
+
+OWN_ANSWERS_KEPT = 4096  # addresses whose is_own_address answer is kept
+
+# Each answer, kept as long as the interfaces go unread (every datagram of a
+# UDP association asks): {address: (own, until)}.
+_own_answers: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, tuple[bool, float]] = {}
+
+
+def is_own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is an address of this machine, on any of its
+    interfaces, a link or not, as they are (within INTERFACE_REFRESH_INTERVAL).
+
+    The system's own answer: a socket can be bound to its addresses alone.
+    Where it binds any address, the interfaces are read instead (with the
+    ifaddr package; without it, no address counts as own there).
+    """
+    now = time.monotonic()
+    known = _own_answers.get(ip)
+    if known is not None and now < known[1]:
+        return known[0]
+    own = _is_own_address(ip)
+    if len(_own_answers) >= OWN_ANSWERS_KEPT:
+        _own_answers.clear()
+    _own_answers[ip] = own, now + INTERFACE_REFRESH_INTERVAL
+    return own
+
+
+def _is_own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if ip.is_multicast:  # bound by those who listen to the group; nobody's own
+        return False
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    if not _binds_any_address(family):
+        return _can_bind(family, str(ip))
+    try:
+        return any(ipaddress.ip_address(own.partition("%")[0]) == ip for i in _interfaces() for own in i.ips)
+    except (OSError, AddressError, ValueError):
+        return False
+
+
+@functools.cache
+def _binds_any_address(family: socket.AddressFamily) -> bool:
+    """Whether a socket of ``family`` can be bound to an address this machine does not have."""
+    return _can_bind(family, _NOBODYS_ADDRESSES[family])
+
+
+def _can_bind(family: socket.AddressFamily, ip: str) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _interface_of(ip: str, interfaces: Iterable[Interface]) -> str | None:
+    """The name of the interface holding ``ip``, if any."""
+    wanted = ipaddress.ip_address(ip)
+    for interface in interfaces:
+        if any(ipaddress.ip_address(other) == wanted for other in interface.ips):
+            return interface.name
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Links: local addresses and other proxies as links; interfaces followed as they change
 # ---------------------------------------------------------------------------
 
 # Weights are proportions: 1,000 is finer than any link needs, and a round of
@@ -2015,15 +2225,12 @@ MAX_WEIGHT = 1000
 BACKUP = "backup"  # ADDRESS@backup: a link used only while no other is up
 # A link's tier: a backup link is used only while no primary one is up.
 Tier = Literal["primary", "backup"]
-# How often interface addresses are read again: DHCP renewals and new
-# networks are seen within this, at the cost of one read per interval.
-INTERFACE_REFRESH_INTERVAL = 2.0  # seconds
 # An address its interface no longer holds is kept (its row, its counters)
 # this long after it went, as long as the charts show its last traffic, in
-# case it comes back; and at most GONE_ADDRESSES_KEPT of them a link, the
+# case it comes back; and at most GONE_ADDRESSES_KEPT_PER_LINK of them a link, the
 # newest: IPv6 temporary addresses come and go every day, for ever.
-GONE_ADDRESS_KEPT = 600.0  # seconds
-GONE_ADDRESSES_KEPT = 4
+GONE_ADDRESS_KEPT_SECONDS = 600.0  # seconds
+GONE_ADDRESSES_KEPT_PER_LINK = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -2091,7 +2298,7 @@ class Link:
 
     @property
     def tier(self) -> Tier:
-        """ "backup" or "primary"."""
+        """Whether the link is kept for when no primary link is up."""
         return "backup" if self.backup else "primary"
 
     @classmethod
@@ -2127,15 +2334,15 @@ class Link:
         return before != list(ips)
 
     def drop_gone(self, in_use: Callable[[LocalAddress], bool], now: float | None = None) -> list[LocalAddress]:
-        """Forget the gone addresses not ``in_use`` that went GONE_ADDRESS_KEPT
-        seconds ago or more, and the oldest beyond GONE_ADDRESSES_KEPT; return them."""
+        """Forget the gone addresses not ``in_use`` that went GONE_ADDRESS_KEPT_SECONDS
+        seconds ago or more, and the oldest beyond GONE_ADDRESSES_KEPT_PER_LINK; return them."""
         now = time.monotonic() if now is None else now
         oldest_first = sorted(self.gone_at.items(), key=lambda item: item[1])
-        excess = len(oldest_first) - GONE_ADDRESSES_KEPT
+        excess = len(oldest_first) - GONE_ADDRESSES_KEPT_PER_LINK
         dropped = [
             self.known[ip]
             for index, (ip, went) in enumerate(oldest_first)
-            if (index < excess or now - went >= GONE_ADDRESS_KEPT) and not in_use(self.known[ip])
+            if (index < excess or now - went >= GONE_ADDRESS_KEPT_SECONDS) and not in_use(self.known[ip])
         ]
         if dropped:
             gone = {address.ip for address in dropped}
@@ -2296,16 +2503,19 @@ def parse_proxy_url(text: str) -> tuple[ProxyURL, str | None]:
 @dataclasses.dataclass(eq=False)
 class ProxyAddress(LocalAddress):
     """An upstream proxy as a link: connections through it are made by the
-    proxy, asked over a connection to it.
-
-    ``ip`` holds the link's name (``proxy.name``), which keys its counters
-    and rows as an address's IP does; ``source`` is the local address the
-    connection to the proxy is bound to, where the link names one, and
+    proxy, asked over a connection to it. ``source`` is the local address
+    the connection to the proxy is bound to, where the link names one, and
     ``interface`` the device it leaves by.
     """
 
+    # No IP address: the link's name (proxy.name), made from ``proxy``, keys
+    # its counters, health and rows where an address's IP does.
+    ip: str = dataclasses.field(init=False, default="")
     proxy: ProxyURL = dataclasses.field(kw_only=True)
     source: LocalAddress | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.ip = self.proxy.name
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -2322,7 +2532,7 @@ class ProxyAddress(LocalAddress):
 
     def describe(self) -> str:
         """The link's name."""
-        return self.ip
+        return self.proxy.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2383,138 +2593,12 @@ def _weight(text: str, weight: str) -> int:
     return int(weight)
 
 
-def _is_usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether an address can reach other hosts (not loopback or link-local)."""
-    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
-
-
-@functools.lru_cache(maxsize=1024)
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP address, or ``localhost``) is this machine's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class Interface:
-    """A network interface as dispatch shows it and lets users name it.
-
-    ``name`` is what dispatch shows and follows; ``aliases`` are other names
-    that select it (on Windows its description and its adapter GUID);
-    ``ips`` are its addresses, IPv6 ones without their scope.
-    """
-
-    name: str
-    aliases: frozenset[str] = frozenset()
-    ips: tuple[str, ...] = ()
-    index: int | None = None
-
-
-def read_interfaces(adapters: Iterable[Any], platform: str | None = None) -> list[Interface]:
-    """Interfaces from ifaddr's adapters, those without an address included.
-
-    On Windows, ifaddr gives an adapter's GUID as ``name``, its hardware
-    description ("Intel(R) Wi-Fi 6 AX201") as ``nice_name``, and the name
-    people know from Settings ("Wi-Fi") as each IP's ``nice_name``: that one
-    is the interface's name, the other two select it too. An adapter without
-    an address has no such name in ifaddr: its description names it until it
-    has one. Elsewhere all of these are "eth0".
-    """
-    platform = platform or sys.platform
-    interfaces = []
-    for adapter in adapters:
-        # ifaddr gives IPv6 addresses as (address, flowinfo, scope_id).
-        ips = tuple(entry.ip[0] if isinstance(entry.ip, tuple) else entry.ip for entry in adapter.ips)
-        name = adapter.ips[0].nice_name if platform == "win32" and adapter.ips else adapter.nice_name
-        aliases = frozenset({adapter.nice_name, adapter.name} - {name})
-        interfaces.append(Interface(name, aliases, ips, getattr(adapter, "index", None)))
-    return interfaces
-
-
-def find_interface(interfaces: Iterable[Interface], text: str, platform: str | None = None) -> Interface | None:
-    """The interface ``text`` names: by its name first, then by an alias.
-
-    Windows treats interface names without regard to case; others do not.
-    """
-    fold: Callable[[str], str] = str.casefold if (platform or sys.platform) == "win32" else str
-    candidates = list(interfaces)
-    wanted = fold(text)
-    named = (i for i in candidates if fold(i.name) == wanted)
-    aliased = (i for i in candidates if any(fold(alias) == wanted for alias in i.aliases))
-    return next(named, None) or next(aliased, None)
-
-
-@functools.cache
-def _has_ifaddr() -> bool:
-    """Whether the ifaddr package can be imported (asked once)."""
-    try:
-        import ifaddr  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interfaces() -> list[Interface]:
-    """Every interface and its addresses, from the ifaddr package."""
-    try:
-        import ifaddr
-    except ImportError:
-        raise AddressError(
-            "interface names, 'start' without addresses and 'list' need the ifaddr package"
-            " (pip install ifaddr); IP addresses work without it"
-        ) from None
-    interfaces = read_interfaces(ifaddr.get_adapters(include_unconfigured=True))
-    _INTERFACE_INDEXES.update((i.name, i.index) for i in interfaces if i.index is not None)
-    return interfaces
-
-
-# The index of each interface by the name dispatch shows, as last read: on
-# Windows the system's own lookup (if_nametoindex) knows none of those names.
-_INTERFACE_INDEXES: dict[str, int] = {}
-
-
-def _interface_index(name: str) -> int:
-    """The index of interface ``name``; OSError(ENODEV) if there is none."""
-    index = _INTERFACE_INDEXES.get(name)
-    if index is not None:
-        return index
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        raise OSError(errno.ENODEV, f"no interface {name}") from None
-
-
-def _is_up(interface: str) -> bool:
-    """Whether an interface is up; true where that cannot be told."""
-    try:
-        with open(f"/sys/class/net/{interface}/operstate") as state:
-            return state.read().strip() != "down"
-    except OSError:
-        return True
-
-
-def _usable(interface: Interface) -> Interface:
-    """The interface with only the addresses that can reach other hosts, none while it is down."""
-    if not _is_up(interface.name):
-        return dataclasses.replace(interface, ips=())
-    return dataclasses.replace(interface, ips=tuple(ip for ip in interface.ips if _is_usable(ipaddress.ip_address(ip))))
-
-
-def usable_interfaces() -> list[Interface]:
-    """Every interface with its usable addresses (none for one that is down)."""
-    return [_usable(interface) for interface in _interfaces()]
-
-
 def usable_addresses() -> list[LocalAddress]:
     """Every usable address of every up interface, weight 1 each."""
     return [LocalAddress(ip, 1, i.name) for i in usable_interfaces() for ip in i.ips]
 
 
-def _check_link_address(ip: str) -> None:
+def _validate_link_address(ip: str) -> None:
     """Raise AddressError, saying why, if ``ip`` could never be a link's
     source address, on any machine: unspecified, multicast or link-local."""
     address = ipaddress.ip_address(ip)
@@ -2536,78 +2620,14 @@ def _check_link_address(ip: str) -> None:
         )
 
 
-def _check_bindable(ip: str) -> None:
+def _validate_bindable(ip: str) -> None:
     """Raise AddressError unless ``ip`` can be a source address here."""
-    _check_link_address(ip)
+    _validate_link_address(ip)
     with socket.socket(_family_of(ip), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((ip, 0))
         except OSError as error:
             raise AddressError(f"{ip} is not an address of this machine ({_describe(error)})") from None
-
-
-# Addresses no machine holds (RFC 5737, RFC 3849): one that can be bound
-# says that this system binds any address (Linux's ip_nonlocal_bind).
-_NOBODYS_ADDRESSES = {socket.AF_INET: "203.0.113.254", socket.AF_INET6: "2001:db8:ffff::fe"}
-OWN_ANSWERS_KEPT = 4096  # addresses whose is_own_address answer is kept
-# Each answer, kept as long as the interfaces go unread (every datagram of a
-# UDP association asks): {address: (own, until)}.
-_own_answers: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, tuple[bool, float]] = {}
-
-
-def is_own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether ``ip`` is an address of this machine, on any of its
-    interfaces, a link or not, as they are (within INTERFACE_REFRESH_INTERVAL).
-
-    The system's own answer: a socket can be bound to its addresses alone.
-    Where it binds any address, the interfaces are read instead (with the
-    ifaddr package; without it, no address counts as own there).
-    """
-    now = time.monotonic()
-    known = _own_answers.get(ip)
-    if known is not None and now < known[1]:
-        return known[0]
-    own = _is_own_address(ip)
-    if len(_own_answers) >= OWN_ANSWERS_KEPT:
-        _own_answers.clear()
-    _own_answers[ip] = own, now + INTERFACE_REFRESH_INTERVAL
-    return own
-
-
-def _is_own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if ip.is_multicast:  # bound by those who listen to the group; nobody's own
-        return False
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    if not _binds_any_address(family):
-        return _can_bind(family, str(ip))
-    try:
-        return any(ipaddress.ip_address(own.partition("%")[0]) == ip for i in _interfaces() for own in i.ips)
-    except (OSError, AddressError, ValueError):
-        return False
-
-
-@functools.cache
-def _binds_any_address(family: socket.AddressFamily) -> bool:
-    """Whether a socket of ``family`` can be bound to an address this machine does not have."""
-    return _can_bind(family, _NOBODYS_ADDRESSES[family])
-
-
-def _can_bind(family: socket.AddressFamily, ip: str) -> bool:
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((ip, 0))
-    except OSError:
-        return False
-    return True
-
-
-def _interface_of(ip: str, interfaces: Iterable[Interface]) -> str | None:
-    """The name of the interface holding ``ip``, if any."""
-    wanted = ipaddress.ip_address(ip)
-    for interface in interfaces:
-        if any(ipaddress.ip_address(other) == wanted for other in interface.ips):
-            return interface.name
-    return None
 
 
 class _InterfaceTable:
@@ -2628,7 +2648,7 @@ class _InterfaceTable:
         return self._found
 
 
-def _find_interface(text: str, interfaces: _InterfaceTable) -> Interface:
+def _require_interface(text: str, interfaces: _InterfaceTable) -> Interface:
     """The interface ``text`` names; AddressError naming the others if none."""
     known = interfaces.read(required=True)
     interface = find_interface(known, text)
@@ -2660,22 +2680,22 @@ def _resolve_proxy(
     source = None
     interface = None
     if proxy.bonded:
-        proxy = dataclasses.replace(proxy, bond=tuple(_find_interface(name, interfaces).name for name in proxy.bond))
+        proxy = dataclasses.replace(proxy, bond=tuple(_require_interface(name, interfaces).name for name in proxy.bond))
     elif proxy.via is not None and _is_ip(proxy.via):
         ip = str(ipaddress.ip_address(proxy.via))
-        _check_bindable(ip)
+        _validate_bindable(ip)
         source = LocalAddress(ip, 1, _interface_of(ip, interfaces.read(required=False)))
         interface = source.interface
     elif proxy.via is not None:
-        interface = _find_interface(proxy.via, interfaces).name
-    address = ProxyAddress(parsed.address, parsed.weight or 1, interface, proxy=proxy, source=source)
+        interface = _require_interface(proxy.via, interfaces).name
+    address = ProxyAddress(parsed.weight or 1, interface, proxy=proxy, source=source)
     return Link.of_address(address, weighted=parsed.weight is not None, backup=parsed.backup)
 
 
 def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable, passwords: Mapping[str, str]) -> Link:
     """The link of one ADDRESS text or LocalAddress."""
     if isinstance(spec, LocalAddress):
-        _check_bindable(spec.ip)
+        _validate_bindable(spec.ip)
         if spec.interface is None:
             spec.interface = _interface_of(spec.ip, interfaces.read(required=False))
         return Link.of_address(spec, weighted=spec.weight != 1, backup=spec.backup)
@@ -2685,11 +2705,11 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable, passwor
     weight, weighted = parsed.weight or 1, parsed.weight is not None
     if _is_ip(parsed.address):
         ip = str(ipaddress.ip_address(parsed.address))
-        _check_bindable(ip)
+        _validate_bindable(ip)
         local = LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False)))
         return Link.of_address(local, weighted=weighted, backup=parsed.backup)
-    interface = _find_interface(parsed.address, interfaces)
-    ips = _usable(interface).ips
+    interface = _require_interface(parsed.address, interfaces)
+    ips = _with_usable_addresses(interface).ips
     return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
 
@@ -2740,8 +2760,8 @@ class LinkSet:
     def __init__(self, links: Sequence[Link], interface_reader: InterfaceReader | None = None) -> None:
         self.links = list(links)
         self._interface_reader = interface_reader or usable_interfaces
-        self.follows = any(link.is_interface for link in self.links)
-        if not self.follows and not self.addresses:
+        self.follows_interfaces = any(link.is_interface for link in self.links)
+        if not self.follows_interfaces and not self.addresses:
             raise AddressError("no local address to dispatch to")
 
     @property
@@ -2773,7 +2793,7 @@ class LinkSet:
 
     def refresh(self) -> bool:
         """Read the interfaces and follow them; return whether any address changed."""
-        if not self.follows:
+        if not self.follows_interfaces:
             return False
         try:
             found = list(self._interface_reader())
@@ -3147,7 +3167,8 @@ class WeightedRoundRobin(Generic[T]):
         return self._total
 
     def next(self) -> T:
-        """Return the next item."""
+        """The item whose turn it is: each comes up as often as its weight
+        says, the turns spread out (nginx's smooth weighted round robin)."""
         best = 0
         for index, weight in enumerate(self.weights):
             self._current[index] += weight
@@ -3768,74 +3789,14 @@ class CapacityEstimator:
     delivered while it was the bottleneck.
 
     The Dispatcher's sampler calls ``add()`` for every address every
-    ESTIMATE_INTERVAL (a quarter of a second), with what the address moved
-    since the previous call (the relay counts bytes as they pass) and how
-    many connections were open through it at either end of that tick.
-    The rule:
-
-    - A tick is *loaded* when the link moved at least MIN_RATE in it (the
-      larger direction) with a connection open at one of its ends. A run of
-      loaded ticks is traffic; a tick that is not loaded ends the run. So a
-      trickle under MIN_RATE (a chat, an idle keep-alive) and the quiet time
-      at the end of a burst are never evidence; neither is idle time. A tick
-      longer than MAX_TICK (the clock jumped, the sampler was held up) ends
-      the run too, as does a clock that went back.
-    - When the relay falls behind for a moment (the machine is busy, a
-      client reads slowly), the link's bytes wait in the kernel and pass in
-      the next tick, which alone would read as a link faster than it is.
-      So a rate is never one tick's: it is a run's, or the median of ticks.
-    - What a link delivers is a lower bound of what it can carry, so a
-      fresh run raises the figure at once. In a run that begins with new
-      connections (none open before its first tick, or before the quiet
-      tick in which they opened), nothing waited before it, so bytes the
-      relay or the kernel catch up on were delivered within it: the run's
-      rate so far (after its first tick, over the time since) never reads
-      high, and raises the figure once it covers RISE_SPAN, until the
-      run's first measurement (below; after it, the rate so far may be of
-      a link that got slower in the run); in its first ticks the whole
-      run's rate, first tick and all, reads low but raises the figure some
-      way, so a burst of downloads shorter than a second still measures a
-      link. A fresh run more than FASTER_BY above the figure shows a link
-      that got faster: the measurements before it are of the old link and
-      are dropped. A run that begins with connections open (after a stall,
-      when the out-of-order bytes the kernel held pass at once) raises the
-      figure only by measurements (below).
-    - Lowering needs evidence that the link, not the application, set the
-      pace: a *measurement* is the median rate of the ticks of at least SPAN
-      (one second) inside a run, with connections open through each of them,
-      leaving out the run's first and last ticks (they are partly idle).
-      A measurement under SMALL_SHARE of the figure through a single
-      connection is one application's pace (a stream, a slow server), not
-      the link's, and counts for nothing; through two or more connections
-      that all get so little, it is the link.
-    - The figure follows the median measurement of the last FOLLOW_SPAN
-      seconds of measured traffic (counted in traffic time rather than wall
-      time, so bursts of a few seconds add up), or the lowest measurement
-      of the last SPAN where every one of those is above that median: a
-      link that got faster in the middle of a run shows within about two
-      seconds, one that got slower after about three seconds of carrying
-      traffic (half of FOLLOW_SPAN, and SPAN), and a dip or a peak is
-      outvoted. Not their highest, as in BBR's windowed maximum: the ticks
-      of a slow link read a quarter off its rate either way, so the highest
-      of a few seconds of measurements reads some ten per cent high, and a
-      slow link read so high takes a connection too many (4 of 24 rather
-      than 3 beside two links three times as fast), which then ends a batch
-      late. Until the measurements cover FOLLOW_SPAN the figure only rises.
-    - A ``remember()``-ed figure (from the state file) stands until the link
-      is measured: it is replaced by the measurements' figure once they
-      cover REPLACE_SPAN, or at once by a higher rate.
-    - The figure kept for the next run (``to_keep()``) is the median
-      measurement of the last KEEP_SPAN seconds of measured traffic (less
-      noisy still, as the first batch after a restart is split by the kept
-      figures alone), never above the highest of the last FOLLOW_SPAN, so
-      a link that got slower is not kept at its old rate. A link that got
-      faster (without a fresh run that dropped the measurements before)
-      keeps its lower figure until about half of KEEP_SPAN of traffic at
-      its new rate.
-
-    ``estimate()`` is None until a link's first figure. Short connections on
-    loopback seldom load a link for half a second, and where they do every
-    link reads alike, so the choice keeps taking turns. Thread safe.
+    ESTIMATE_INTERVAL with what it moved since and the connections open
+    through it. Ticks of traffic make runs. A run that began with new
+    connections raises a link's figure at once (what a link delivered, it
+    can carry); lowering it takes *measurements*, median rates over a second
+    of a run with connections open, followed over a few seconds of traffic.
+    A figure remembered from the state file stands until the link is
+    measured, and ``to_keep()`` is the steadier figure to remember.
+    ``estimate()`` is None until a link's first figure. Thread safe.
     """
 
     MIN_RATE = 32_000.0  # bytes per second (256 kbit/s): less is a trickle
@@ -3863,6 +3824,12 @@ class CapacityEstimator:
         sample, with ``open_before`` connections open through it at the
         previous sample and ``open_after`` now."""
         open_through = min(open_before, open_after)
+        # A tick is loaded when the link moved at least MIN_RATE in it (the
+        # larger direction) with a connection open at one of its ends; a run
+        # of loaded ticks is traffic, and any other tick ends the run. So a
+        # trickle (a chat, a keep-alive), the quiet end of a burst and idle
+        # time are never evidence; nor is a tick longer than MAX_TICK (the
+        # clock jumped, the sampler was held up) or a clock that went back.
         with self._lock:
             link = self._of(address)
             last, link.last_at = link.last_at, sample.at
@@ -3891,14 +3858,23 @@ class CapacityEstimator:
     def _typical(ticks: Sequence[_Tick]) -> float:
         """The median of the ticks' rates: one tick the relay fell behind in,
         and the next that caught up, count for nothing."""
+        # When the relay falls behind (a busy machine, a client that reads
+        # slowly), the link's bytes wait in the kernel and pass in the next
+        # tick, which alone reads as a faster link: a rate is never one tick's.
         rates = sorted(tick.moved / tick.seconds for tick in ticks)
         middle = len(rates) // 2
         return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
 
     def _rise(self, link: _LinkFigure, now: float) -> None:
-        # Bytes may have waited before a run that is not fresh; and once a
-        # run is measured, its rate so far may be of a link that got slower
-        # in it: measurements only.
+        # What a link delivers, it can carry: a fresh run raises the figure
+        # at once. A run is fresh when its connections opened just before it
+        # (none open before its first tick, or before the quiet tick they
+        # opened in): nothing waited before it, so bytes the relay or the
+        # kernel catch up on were delivered within it, and its rate so far
+        # never reads high. A run that began with connections open (after a
+        # stall, when the bytes the kernel held pass at once) may read high,
+        # and once a run is measured its rate so far may be of a link that
+        # got slower in it: those raise the figure by measurements only.
         if not link.run_fresh or link.run_measured:
             return
         rates = []
@@ -3907,7 +3883,8 @@ class CapacityEstimator:
         if link.run_seconds > 0 and link.run_seconds < link.run[-1].seconds * 2.5:
             # The whole short run, first tick and all: nothing waited before
             # it, so it never reads high, and a run too short for the rate
-            # above still raises the figure some way.
+            # above still raises the figure some way: a burst of downloads
+            # shorter than a second measures a link.
             first = link.run[0]
             rates.append((first.moved + link.run_moved) / (first.seconds + link.run_seconds))
         if not rates:
@@ -3919,8 +3896,11 @@ class CapacityEstimator:
             link.figure, link.remembered = max(rates), False
 
     def _measure(self, link: _LinkFigure, now: float) -> None:
-        # The run's inside: neither its first tick nor its newest, which may
-        # turn out to be its last.
+        # Lowering a figure needs evidence that the link, not the
+        # application, set the pace: a measurement is the median rate of the
+        # ticks of at least SPAN inside a run, with connections open through
+        # each. The run's inside: neither its first tick nor its newest,
+        # which may turn out to be its last (they are partly idle).
         inside = list(link.run)[1:-1]
         seconds, fewest, ticks = 0.0, math.inf, []
         for tick in reversed(inside):
@@ -3936,6 +3916,9 @@ class CapacityEstimator:
         while len(link.run) > 2 and sum(t.seconds for t in list(link.run)[2:-1]) >= self.SPAN:
             link.run.popleft()
         rate = self._typical(ticks)
+        # Under SMALL_SHARE of the figure through one connection is that
+        # application's pace (a stream, a slow server); through two or more
+        # that all get so little, it is the link's.
         if link.figure is not None and rate < link.figure * self.SMALL_SHARE and fewest < 2:
             return
         link.evidence_time += link.run[-1].seconds
@@ -3945,6 +3928,9 @@ class CapacityEstimator:
             link.evidence.popleft()
         followed = self._followed(link.evidence, link.evidence_time)
         link.measured_at = now
+        # Evidence time counts traffic, not the clock, so that bursts of a few
+        # seconds add up. Until it covers FOLLOW_SPAN the figure only rises;
+        # a remembered figure is replaced once it covers REPLACE_SPAN.
         if link.figure is None or followed > link.figure:
             link.figure, link.remembered = followed, False
         elif link.remembered:
@@ -3958,6 +3944,12 @@ class CapacityEstimator:
         """The figure the measurements show (``evidence``, by evidence
         time, up to ``now``): the median of the last FOLLOW_SPAN, or the
         lowest of the last SPAN where all of those are above it."""
+        # A link that got faster in a run shows within about two seconds, one
+        # that got slower after about three of traffic, and a dip or a peak is
+        # outvoted. Not their highest, as BBR's windowed maximum: a slow
+        # link's ticks read a quarter off either way, so the highest of a few
+        # seconds reads some ten per cent high, which takes a connection too
+        # many (4 of 24, not 3, beside two links three times as fast).
         window = [rate for at, rate in evidence if at > now - cls.FOLLOW_SPAN + 1e-9]
         latest = [rate for at, rate in evidence if at > now - cls.SPAN + 1e-9]
         return max(statistics.median(window), min(latest))
@@ -4000,8 +3992,11 @@ class CapacityEstimator:
                 return None
             if link.remembered or not link.evidence:
                 return link.figure
-            # Never above every recent measurement: a link that got slower
-            # is not kept at its old rate.
+            # The median of KEEP_SPAN is steadier than the figure (the first
+            # batch after a restart is split by kept figures alone), yet never
+            # above every recent measurement: a link that got slower is not
+            # kept at its old rate. One that got faster keeps its lower figure
+            # until about half of KEEP_SPAN of traffic at its new rate.
             highest = max(rate for at, rate in link.evidence if at > link.evidence_time - self.FOLLOW_SPAN + 1e-9)
             return min(highest, statistics.median(rate for _, rate in link.evidence))
 
@@ -4444,7 +4439,7 @@ class DataBudget:
             start, end = cap.bounds(self._today())
             return sum(n for day, n in self._days[cap.link].items() if start <= day < end), start, end
 
-    def check(self) -> set[str]:
+    def update_spent(self) -> set[str]:
         """Log each of a cap's CAP_WARNINGS and its reaching once a period,
         each level passed (in order, however many at once); update
         ``spent``; return the links newly spent."""
@@ -5758,12 +5753,12 @@ def _read_answer(message: Any, rdtype: int, qname: Any) -> tuple[NameAnswer, flo
 
 
 # ---------------------------------------------------------------------------
-# Upstream proxies: connecting through another proxy
+# Proxy links: connecting through another proxy, bonds' subflow counters
 # ---------------------------------------------------------------------------
 
 # A connection through a ProxyAddress connects to the proxy (from the link it
 # is reached by), then runs the client handshake of its protocol (see the
-# client side in the wire formats). The race drives the handshake on its
+# proxy clients, above). The race drives the handshake on its
 # non-blocking socket; retests and UDP associations wait for it.
 
 
@@ -6094,7 +6089,7 @@ def absolute_form_head(local: LocalAddress, host: str, port: int, head: bytes) -
 
 
 # ---------------------------------------------------------------------------
-# Upstream: the hedged connect with failover, and the lease
+# Connect: the hedged connect with failover, and the lease
 # ---------------------------------------------------------------------------
 
 # A name's owner chooses how many addresses it has, and where: a connection
@@ -6249,7 +6244,7 @@ class Upstream:
         CONNECT_TIMEOUTS_IN_ALL connect timeouts in all, the lookup
         included. ``on_attempt`` hears of each local address tried;
         ``client`` (an IP address) is who asks, for sticky sites and for the
-        targets only this machine may reach (check_target; None: this
+        targets only this machine may reach (admit_target; None: this
         machine asks). ``absolute_form``: the connection is for plain HTTP
         requests, which an HTTP upstream proxy takes as they are (in
         absolute form) with no CONNECT. ``hops``: the Via of the request the
@@ -6323,7 +6318,7 @@ class Upstream:
     ) -> tuple[list[tuple[socket.AddressFamily, str]], LocalAddress | None]:
         """``targets``, the addresses of ``target`` (host, port), without
         those ``client`` is refused, and ``first``; where that leaves none,
-        ``first`` is given back and the refusal raised (check_target). A
+        ``first`` is given back and the refusal raised (admit_target). A
         name that only an upstream proxy looks up (no targets) is its
         host's to judge."""
         host, port = target
@@ -6350,7 +6345,7 @@ class Upstream:
             return target.is_loopback or is_own_address(target)
         return target == listening
 
-    def check_target(self, client: str | None, host: str, ip: str, port: int) -> None:
+    def admit_target(self, client: str | None, host: str, ip: str, port: int) -> None:
         """Raise SocksError(NOT_ALLOWED) if ``client`` is refused (``ip``,
         ``port``), ``ip`` the address of ``host`` as the client named it
         (see refuses); logged at most once every TARGET_REFUSAL_LOG_INTERVAL,
@@ -6360,7 +6355,7 @@ class Upstream:
             raise self._refusal(client, host, ip)
 
     def _refusal(self, client: str | None, host: str, ip: str) -> SocksError:
-        """The error that refuses ``client`` the target ``ip`` (``host``), logged as check_target says."""
+        """The error that refuses ``client`` the target ``ip`` (``host``), logged as admit_target says."""
         named = host if host == ip else f"{host} ({ip})"
         why = "only this machine may reach it (loopback, link-local or an address of its own)"
         with self._lock:
@@ -7741,7 +7736,7 @@ class UdpAssociation:
                 self.proxied.send_to(data, host, port)  # a name the proxy looks up: its host's to judge
             else:
                 ip = self._resolve(host, port)
-                self.session.context.upstream.check_target(self.client_ip, host, ip, port)
+                self.session.context.upstream.admit_target(self.client_ip, host, ip, port)
                 if self.proxied is not None:
                     self.proxied.send_to(data, ip, port)
                 else:
@@ -7964,7 +7959,7 @@ def _json_line(value: object) -> bytes:
     return json.dumps(value).encode() + b"\n"
 
 
-def capacity_source(row: StatsRow) -> str:
+def describe_capacity_source(row: StatsRow) -> str:
     """Where a stats() row's capacity comes from: "measured 5 s ago",
     "remembered" (from an earlier run, not measured since) or "not measured"."""
     source, age = row["capacity_source"], row["capacity_age"]
@@ -7975,7 +7970,7 @@ def capacity_source(row: StatsRow) -> str:
     return source
 
 
-def _e(value: object) -> str:
+def _html_text(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
@@ -8032,7 +8027,7 @@ def _address_row(row: StatsRow) -> _TableRow:
         row["rate_down"],
         row["rate_up"],
         row["capacity"],
-        "" if row["capacity"] is None else capacity_source(row),
+        "" if row["capacity"] is None else describe_capacity_source(row),
         (row["dns_queries"], row["dns_cache_hits"], row["dns_failures"]),
     )
 
@@ -8097,9 +8092,9 @@ def _row(row: _TableRow, colour: int | None) -> str:
     """One table row; ``colour`` marks an address's (the totals' has none)."""
     out, dot = [], "" if colour is None else f'<i class="k s{colour % len(_PALETTE)}"></i>'
     for position, cell in enumerate(_cells(row)):
-        under = f"<small>{_e(cell.note)}</small>" if cell.note else ""
+        under = f"<small>{_html_text(cell.note)}</small>" if cell.note else ""
         lead = "" if position else dot
-        out.append(f'<td class="{cell.css}" data-label="{cell.heading}">{lead}{_e(cell.text)}{under}</td>')
+        out.append(f'<td class="{cell.css}" data-label="{cell.heading}">{lead}{_html_text(cell.text)}{under}</td>')
     return "<tr>" + "".join(out) + "</tr>"
 
 
@@ -8111,7 +8106,7 @@ def _nice_top(peak_kbs: float) -> float:
     return next(step * power for step in _NICE_STEPS if step * power >= peak_kbs)
 
 
-def _y(rate: float, top: float) -> float:
+def _chart_y(rate: float, top: float) -> float:
     return _PLOT_BOTTOM - min(max(rate / _KILO / top, 0.0), 1.0) * (_PLOT_BOTTOM - _PLOT_TOP)
 
 
@@ -8133,7 +8128,7 @@ def _chart(status: Status, key: Literal["rate_up", "rate_down"], title: str) -> 
     top = _nice_top(max((max(values) for _, values in series), default=0.0) / _KILO)
     step, parts = _NOW_X * interval / _HISTORY_SECONDS, []
     for share in (0.0, 0.5, 1.0):
-        at = _y(share * top * _KILO, top)
+        at = _chart_y(share * top * _KILO, top)
         parts.append(
             f'<line x1="0" x2="{_CHART_W}" y1="{at:.1f}" y2="{at:.1f}"/>'
             f'<text x="2" y="{at - 3:.1f}">{share * top:.0f} kB/s</text>'
@@ -8143,11 +8138,11 @@ def _chart(status: Status, key: Literal["rate_up", "rate_down"], title: str) -> 
         parts.append(f'<text x="{_CHART_W // 2}" y="80" text-anchor="middle">no samples yet</text>')
     for colour, values in series:
         last, cls = len(values) - 1, f"s{colour % len(_PALETTE)}"
-        points = " ".join(f"{_NOW_X - (last - j) * step:.1f},{_y(v, top):.1f}" for j, v in enumerate(values))
+        points = " ".join(f"{_NOW_X - (last - j) * step:.1f},{_chart_y(v, top):.1f}" for j, v in enumerate(values))
         # the circle marks the newest sample, and alone shows a lone one
         parts.append(
             f'<polyline class="{cls}" points="{points}"/>'
-            f'<circle class="{cls}" cx="{_NOW_X}" cy="{_y(values[-1], top):.1f}" r="3"/>'
+            f'<circle class="{cls}" cx="{_NOW_X}" cy="{_chart_y(values[-1], top):.1f}" r="3"/>'
         )
     return (
         f'<figure><figcaption>{title}</figcaption><svg id="chart-{key}" data-part viewBox="0 0 '
@@ -8159,11 +8154,12 @@ def render_status_page(status: Status) -> str:
     """The whole status page for ``Dispatcher.status()``, table and charts drawn, and a script
     that fetches the page again every ``PAGE_REFRESH`` seconds and puts the parts that changed
     in place. Send with ``STATUS_PAGE_CSP``."""
-    facts = "".join(f"<div><dt>{name}</dt><dd>{_e(value)}</dd></div>" for name, value in _facts(status).items())
+    facts = "".join(f"<div><dt>{name}</dt><dd>{_html_text(value)}</dd></div>" for name, value in _facts(status).items())
     totals = _totals_row(status)
     rows = "".join(_row(_address_row(row), i) for i, row in enumerate(status["addresses"]))
     legend = "".join(
-        f'<li><i class="k s{i % len(_PALETTE)}"></i>{_e(row["link"])}</li>' for i, row in enumerate(status["addresses"])
+        f'<li><i class="k s{i % len(_PALETTE)}"></i>{_html_text(row["link"])}</li>'
+        for i, row in enumerate(status["addresses"])
     )
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -8188,8 +8184,8 @@ def _steering_part(status: Status) -> str:
     for link in status["links"]:
         action = "pause" if link["state"] == "ready" else "resume"
         lines.append(
-            f"<li>{_e(link['name'])}: {link['state']}, weight {link['weight']} "
-            f'<button type="button" data-link="{_e(link["name"])}" data-action="{action}">'
+            f"<li>{_html_text(link['name'])}: {link['state']}, weight {link['weight']} "
+            f'<button type="button" data-link="{_html_text(link["name"])}" data-action="{action}">'
             f"{action.title()}</button></li>"
         )
     return f"<h2>Steering</h2><ul>{''.join(lines)}</ul>" if lines else ""
@@ -8209,7 +8205,7 @@ def _caps_part(status: Status) -> str:
         else:
             left = f"{format_duration(cap['seconds_left'])} left at this rate"
         lines.append(
-            f"<li>{_e(cap['cap'])}: {format_bytes(cap['used_bytes'])} used ({share} %{standing}), {left}; "
+            f"<li>{_html_text(cap['cap'])}: {format_bytes(cap['used_bytes'])} used ({share} %{standing}), {left}; "
             f"starts afresh {ends}</li>"
         )
     return f"<h2>Data caps</h2><ul>{''.join(lines)}</ul>" if lines else ""
@@ -8471,7 +8467,7 @@ def render_not_found(path: str) -> str:
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         "<title>404 Not Found</title></head><body><h1>404 Not Found</h1>"
-        f'<p>Nothing here at <code>{_e(shown)}</code>.</p><p>See the <a href="/">status '
+        f'<p>Nothing here at <code>{_html_text(shown)}</code>.</p><p>See the <a href="/">status '
         'page</a>, <a href="/metrics">/metrics</a> or <a href="/proxy.pac">/proxy.pac</a>.</p>'
         "</body></html>\n"
     )
@@ -8957,7 +8953,7 @@ class HttpProxySession(Session):
         except (ValueError, LineTooLongError) as error:
             raise OriginError(HTTPStatus.BAD_GATEWAY, f"bad response: {error}") from None
         if takes_absolute_form(origin.lease.local):
-            self._check_proxy_answer(origin, status)
+            self._take_proxy_answer(origin, status)
         if status < 200 and version == "HTTP/1.1":
             self._send_down(encode_head(f"HTTP/1.1 {status} {reason}", forwarded_headers(response_headers)))
         return _ResponseHead(response_version, status, reason, response_headers)
@@ -9011,7 +9007,7 @@ class HttpProxySession(Session):
             self._drop_origin()
         return status, client_stays
 
-    def _check_proxy_answer(self, origin: _Origin, status: int) -> None:
+    def _take_proxy_answer(self, origin: _Origin, status: int) -> None:
         """Take the status an HTTP upstream proxy answered a request with:
         its refusal of the login is the link's failure (a 502 here, never
         its challenge passed on; the link sits out until a retest gets
@@ -9469,7 +9465,7 @@ class UdpFlow:
         self.record = ExchangeRecord(_format_endpoint(*client), target=_format_endpoint(*destination), transparent=True)
         self.datagrams_up = self.datagrams_down = 0
         family = _family_of(destination[0])
-        context.upstream.check_target(str(_client_ip(client[0])), destination[0], destination[0], destination[1])
+        context.upstream.admit_target(str(_client_ip(client[0])), destination[0], destination[0], destination[1])
         self.lease = context.upstream.open_udp(family)
         self.record.via = self.lease.local
         try:
@@ -9924,7 +9920,7 @@ def lan_networks(names: Iterable[str]) -> dict[str, list[str]]:
     return networks
 
 
-def check_forwarding() -> None:
+def require_forwarding() -> None:
     """FirewallError unless this machine forwards IPv4 (a gateway must)."""
     try:
         with open(IP_FORWARD, encoding="ascii") as setting:
@@ -11584,7 +11580,7 @@ class LinkSteering:
             if self.upstream.balancer.balance is Balance.MEASURED:
                 line += " (weights count with --balance round-robin)"
         elif action == "reset-usage":
-            self.budget.check()
+            self.budget.update_spent()
             line = f"link {name} counts its usage from zero"
         else:
             after = self._states.get(name, "ready")
@@ -11639,7 +11635,7 @@ class LinkSteering:
             return
         for address, sample in samples.items():
             self.budget.add(self.link_name(address), sample.up + sample.down)
-        newly = self.budget.check()
+        newly = self.budget.update_spent()
         if newly and self.cap_action == "stop-now":
             self.upstream.close_through(
                 [a for link in self.links.links if link.name in newly for a in link.known.values()]
@@ -11673,12 +11669,12 @@ class LinkSteering:
         (see read_usage), the links' states and weights."""
         if self.budget.caps:
             self.budget.restore(read_usage(state_file, datetime.date.fromtimestamp(time.time())))
-            self.budget.check()
+            self.budget.update_spent()
         self.restore_states(state_file)
 
 
 # ---------------------------------------------------------------------------
-# Options: every option of a Dispatcher, checked as a whole
+# Options: every option of a Dispatcher, validated as a whole
 # ---------------------------------------------------------------------------
 
 DEFAULT_GRACE = 5.0
@@ -11701,7 +11697,7 @@ def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
 @dataclasses.dataclass(frozen=True)
 class DispatcherOptions:
     """Everything a Dispatcher is told, each option documented here once,
-    checked as a whole when made: what is wrong raises ValueError
+    validated as a whole when made: what is wrong raises ValueError
     (AddressError for an ADDRESS's form) naming the option. Collections are
     kept as tuples and read-only mappings, so that the options stay as
     checked. What depends on this machine (which interfaces exist, whether
@@ -11779,7 +11775,7 @@ class DispatcherOptions:
     cap_action: str = "backup"
 
     def __post_init__(self) -> None:
-        self._check_settings()
+        self._validate_settings()
         self._keep_collections()
 
     def balance_for(self, links: Iterable[Link]) -> Balance:
@@ -11799,7 +11795,7 @@ class DispatcherOptions:
             logger.warning("no link has an address of the checks' family: nothing is checked for now")
         return targets
 
-    def _check_settings(self) -> None:
+    def _validate_settings(self) -> None:
         """The durations against their range, the port, the limit, the strategy."""
         for field in dataclasses.fields(self):
             seconds = getattr(self, field.name)
@@ -11818,9 +11814,9 @@ class DispatcherOptions:
             raise ValueError(f"balance must be {' or '.join(map(repr, balances))}; got {self.balance!r}")
         if self.cap_action not in CAP_ACTIONS:
             raise ValueError(f"cap_action must be {' or '.join(map(repr, CAP_ACTIONS))}; got {self.cap_action!r}")
-        self._check_modes()
+        self._validate_modes()
 
-    def _check_modes(self) -> None:
+    def _validate_modes(self) -> None:
         """Transparent mode's options together, the mark, MPTCP where it is had."""
         if self.transparent is not None and not 0 <= self.transparent <= 65535:
             raise ValueError(f"transparent must be a port number, 0 to 65535; got {self.transparent!r}")
@@ -11869,11 +11865,11 @@ class DispatcherOptions:
         object.__setattr__(self, name, value)  # frozen: what is kept is set once, here
 
     @staticmethod
-    def _each(name: str, check: Callable[[T], K], values: Iterable[T]) -> list[K]:
-        """``check`` of each value; its ValueError is raised again naming the
+    def _each(name: str, validate: Callable[[T], K], values: Iterable[T]) -> list[K]:
+        """``validate`` of each value; its ValueError is raised again naming the
         option (an AddressError as it is: it names the ADDRESS)."""
         try:
-            return [check(value) for value in values]
+            return [validate(value) for value in values]
         except AddressError:
             raise
         except ValueError as error:
@@ -12062,7 +12058,7 @@ class Dispatcher:
             more_keys=self.bonds.interfaces,
         )
         self.tasks = BackgroundTasks("dispatch-tasks")
-        if self.links.follows:
+        if self.links.follows_interfaces:
             self.tasks.add(INTERFACE_REFRESH_INTERVAL, self._follow_interfaces)
         self.tasks.add(METER_INTERVAL, self.sample_meter)
         self.tasks.add(ESTIMATE_INTERVAL, self.capacities.measure)
@@ -12111,7 +12107,7 @@ class Dispatcher:
             raise FirewallError(refusal)
         networks = lan_networks(options.lan)
         if options.lan:
-            check_forwarding()
+            require_forwarding()
         if not options.apply_rules:
             return None
         return TransparentRules(options.transparent, networks, options.local, options.mark)
@@ -12475,7 +12471,7 @@ def service_unit(
             "would set; run 'dispatch start --system-proxy' in the session (launchd and windows units may carry it)"
         )
     if system == "windows":
-        _check_task_arguments(start_args, executable)
+        _validate_task_arguments(start_args, executable)
     if system == "systemd":
         return _systemd_unit(start_args, executable, user)
     if system == "launchd":
@@ -12646,7 +12642,7 @@ def _windows_command_line(arguments: Sequence[str]) -> str:
     return " ".join(_windows_quote(argument) for argument in arguments)
 
 
-def _check_task_arguments(start_args: Sequence[str], executable: Sequence[str]) -> None:
+def _validate_task_arguments(start_args: Sequence[str], executable: Sequence[str]) -> None:
     """Raise ValueError for a '%' that Task Scheduler would read as part of
     a variable (%NAME%, expanded when the task starts, with no escape).
     The argument is not shown: it may hold a password."""
@@ -12813,7 +12809,7 @@ def _list_interfaces(out: TextIO) -> int:
         if not interface.ips:
             rows.append((interface.name, "-", "no address" if up else "no address (down)", route, costs))
         for ip in interface.ips:
-            usable = up and _is_usable(ipaddress.ip_address(ip))
+            usable = up and _is_usable_address(ipaddress.ip_address(ip))
             reason = "yes" if usable else ("no (down)" if not up else _why_unusable(ip))
             rows.append((interface.name, ip, reason, route, costs))
     print(format_table(rows), file=out)
@@ -12869,7 +12865,7 @@ def format_stats(rows: Sequence[StatsRow]) -> str:
             format_rate(row["rate_down"]),
             format_rate(row["rate_up"]),
             "-" if row["capacity"] is None else format_rate(row["capacity"]),
-            capacity_source(row),
+            describe_capacity_source(row),
         )
         for row in rows
     ]
@@ -12930,7 +12926,7 @@ def steer_link(
 
 
 # ---------------------------------------------------------------------------
-# Arguments: the command line's values, each parsed and checked
+# Arguments: the command line's values, each parsed and validated
 # ---------------------------------------------------------------------------
 
 
@@ -13014,23 +13010,23 @@ def _user_password(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+def _validated_by(parse: Callable[[str], object]) -> Callable[[str], str]:
     """An argparse type that keeps the text as given once ``parse`` takes
     it, and says ``parse``'s ValueError as the argument's error."""
 
-    def checked(text: str) -> str:
+    def validated(text: str) -> str:
         try:
             parse(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
         return text
 
-    return checked
+    return validated
 
 
-_dns_server = _checked_by(lambda text: parse_dns_option([text]))
-_cap = _checked_by(parse_cap)
-_check_target = _checked_by(parse_check_target)
+_dns_server = _validated_by(lambda text: parse_dns_option([text]))
+_cap = _validated_by(parse_cap)
+_health_check_target = _validated_by(parse_check_target)
 
 
 def _page_host(text: str) -> str:
@@ -13101,7 +13097,7 @@ def _summary(dispatcher: Dispatcher, seconds: float) -> str:
     for row in stats:
         capacity = "not measured"
         if row["capacity"] is not None:
-            capacity = f"capacity {format_rate(row['capacity'])} ({capacity_source(row)})"
+            capacity = f"capacity {format_rate(row['capacity'])} ({describe_capacity_source(row)})"
         lines.append(
             f"  {row['ip'] or row['link']} ({row['interface'] or '-'}): {plural(row['connections'], 'connection')}, "
             f"{row['open']} open, {format_bytes(row['bytes_down'])} down, {capacity}"
@@ -13135,18 +13131,18 @@ def _credentials(args: argparse.Namespace) -> dict[str, str]:
     return users
 
 
-def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
-    """Check what ``start`` can check of its arguments without this
-    machine's interfaces (``dispatch service`` checks them too): the form
+def _validate_start_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """Validate what ``start`` can of its arguments without this
+    machine's interfaces (``dispatch service`` validates them too): the form
     of every ADDRESS, IP addresses that no link could use, the --dns
     servers together, and the logins. Returns the users; raises
     AddressError or ValueError."""
     for text in args.addresses:
         spec = parse_address(text)
         if _is_ip(spec.address):
-            _check_link_address(spec.address)
+            _validate_link_address(spec.address)
         if spec.proxy is not None:
-            _check_proxy_link(spec.proxy, args.upstream_auth_file)
+            _validate_proxy_link(spec.proxy, args.upstream_auth_file)
     parse_dns_option(args.dns)  # each --dns alone was read already: "system" beside a server is not
     if args.transparent is None and (args.lan or args.local or args.apply_rules):
         raise ValueError("--lan, --local and --apply-rules are for transparent mode: give --transparent PORT")
@@ -13155,13 +13151,13 @@ def _check_start_arguments(args: argparse.Namespace) -> dict[str, str]:
     return _credentials(args)
 
 
-def _check_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
-    """Check what can be checked of an upstream proxy's ADDRESS anywhere:
+def _validate_proxy_link(proxy: ProxyURL, password_file: str | None) -> None:
+    """Validate what can be validated of an upstream proxy's ADDRESS anywhere:
     the link it is reached by (as any link's address), that link's family
     against the proxy's address, and that a user without a password has a
     file to find it in. Raises AddressError."""
     if proxy.via is not None and _is_ip(proxy.via):
-        _check_link_address(proxy.via)
+        _validate_link_address(proxy.via)
         if _is_ip(proxy.host) and _family_of(proxy.via) != _family_of(proxy.host):
             raise AddressError(
                 f"{proxy.name!r}: {proxy.host} cannot be reached from {proxy.via}, an address of the other "
@@ -13299,7 +13295,7 @@ _COMMAND_LINE_ONLY = {
 def _start_options(args: argparse.Namespace) -> DispatcherOptions:
     """The Dispatcher's options as ``start``'s arguments give them; raises
     AddressError or ValueError."""
-    users = _check_start_arguments(args)
+    users = _validate_start_arguments(args)
     given = {
         _OPTION_OF_ARGUMENT.get(dest, dest): value
         for dest, value in vars(args).items()
@@ -13557,7 +13553,7 @@ def _build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--check",
         action="append",
-        type=_check_target,
+        type=_health_check_target,
         default=[],
         metavar="HOST:PORT",
         help="test every link by a connect to this target (repeatable)",
@@ -13744,7 +13740,7 @@ def _print_service(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             raise
     executable = [sys.executable, os.path.abspath(__file__)]
     try:
-        _check_start_arguments(parsed)
+        _validate_start_arguments(parsed)
         unit = service_unit(args.system, args.start_arguments, executable)
     except (AddressError, ValueError) as error:
         return _error(str(error))

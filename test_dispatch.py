@@ -4,13 +4,9 @@ A real PySocks client talks to a real Dispatcher, which connects to real
 servers on 127.0.0.x and ::1. Pure parts (address parsing, the balancer, the
 errno mapping, the handshake reader) have unit tests of their own.
 
-The tests are grouped in the order of the module's sections, each under a
-banner as there: platform start-up, errors, deadline I/O, wire formats,
-access, links, health, choice, meter, data caps, device binding, name
-servers, resolver, upstream proxies, upstream, relay, sessions, local pages,
-HTTP proxy, server, steering (with the control API and dispatch link),
-Dispatcher, service units, reports and the command line. Their helpers and
-fixtures are in conftest.py. Beside this file: test_lab.py (the network lab,
+The tests are grouped in the order of the module's sections, each group
+under a banner named as its section (test_layout.py holds them to that).
+Their helpers and fixtures are in conftest.py. Beside this file: test_lab.py (the network lab,
 which needs root), test_browser.py (the status page in Chromium) and
 test_layout.py (the module's sections keep their order).
 """
@@ -131,7 +127,7 @@ def test_mptcp_is_refused_where_the_kernel_has_it_off_naming_the_sysctl(
 
 
 # ---------------------------------------------------------------------------
-# Platform start-up: descriptors, one CPU, the default route
+# Platform start-up: descriptors, one CPU, signals, the log
 # ---------------------------------------------------------------------------
 
 
@@ -183,35 +179,6 @@ def test_descriptor_limit_is_raised_as_far_as_the_system_allows(
     monkeypatch.setitem(sys.modules, "resource", limits)
     assert dispatch.raise_descriptor_limit() == raised_to
     assert limits.limits == limits_after
-
-
-MACOS_ROUTE_OUTPUT = """\
-   route to: default
-destination: default
-       mask: default
-    gateway: 192.168.1.1
-  interface: en0
-      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING>
-"""
-
-
-@pytest.mark.parametrize(
-    "stdout, returncode, expected",
-    [(MACOS_ROUTE_OUTPUT, 0, {"en0"}), ("", 0, set()), ("", 1, None), ("  interface: \n", 0, set())],
-)
-def test_macos_default_route_is_read_from_route(stdout: str, returncode: int, expected: set[str] | None) -> None:
-    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
-        assert command == ["/sbin/route", "-n", "get", "default"] and options["timeout"] > 0
-        return subprocess.CompletedProcess(command, returncode, stdout, "")
-
-    assert dispatch._macos_default_route_interfaces(run) == expected
-
-
-def test_macos_default_route_is_unknown_when_route_fails() -> None:
-    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
-        raise subprocess.TimeoutExpired(command, 2.0)
-
-    assert dispatch._macos_default_route_interfaces(run) is None
 
 
 def test_cli_serves_on_one_cpu_with_a_long_gil_interval_and_gives_both_back(tmp_path: object) -> None:
@@ -414,7 +381,7 @@ def test_deadline_reader_raises_on_eof() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Wire formats: SOCKS, UDP, HTTP
+# Wire formats: SOCKS, UDP; the parsers' properties, any bytes at all
 # ---------------------------------------------------------------------------
 
 
@@ -463,7 +430,117 @@ def test_udp_datagram_round_trip() -> None:
         dispatch.parse_udp_datagram(b"\0\0\0\x09rest")
 
 
-# HTTP ----------------------------------------------------------------------
+# Properties: round trips, and any bytes at all -----------------------------
+
+chunks_strategy = st.lists(st.binary(min_size=1, max_size=64), max_size=12)
+# Host names: labels of 1 to 63 letters, digits, "-" and "_", as many as SOCKS carries.
+label_strategy = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=63)
+name_strategy = st.lists(label_strategy, min_size=1, max_size=8).map(".".join).filter(lambda name: len(name) <= 255)
+host_strategy = st.one_of(st.ip_addresses().map(str), name_strategy)
+port_strategy = st.integers(0, 65535)
+
+
+def same_host(parsed: str, sent: str) -> bool:
+    """IP addresses compare as addresses (inet_ntop and ipaddress may spell
+    an IPv4-mapped one differently), names as text; the encoder tells which
+    was sent."""
+    if dispatch.encode_socks5_address(sent, 0)[0] != dispatch.AddressType.DOMAIN:
+        return ipaddress.ip_address(parsed) == ipaddress.ip_address(sent)
+    return parsed == sent
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    return [data[start:end] for start, end in zip(points, points[1:])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=chunks_strategy, sizes=st.lists(st.integers(0, 40), max_size=12))
+def test_deadline_reader_reads_the_stream_as_sent(chunks: list[bytes], sizes: list[int]) -> None:
+    stream = b"".join(chunks)
+    source = Chunks(*chunks)
+    reader = dispatch.DeadlineReader(source)  # type: ignore[arg-type]
+    offset = 0
+    for size in sizes:
+        if offset + size > len(stream):
+            with pytest.raises(dispatch.ProtocolError):
+                reader.read(size)
+            return
+        assert reader.read(size) == stream[offset : offset + size]
+        offset += size
+    # What the reader kept, then what it never took, is the rest of the stream.
+    assert reader.rest() + b"".join(source.chunks) == stream[offset:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(command=st.integers(0, 255), host=host_strategy, port=port_strategy, cuts=st.lists(st.integers(0, 300)))
+def test_socks5_request_round_trips(command: int, host: str, port: int, cuts: list[int]) -> None:
+    data = bytes([5, command, 0]) + dispatch.encode_socks5_address(host, port)
+    reader = dispatch.DeadlineReader(Chunks(*split_at(data + b"payload", cuts)))  # type: ignore[arg-type]
+    request = dispatch.read_socks5_request(reader)
+    assert (request.command, request.port) == (command, port)
+    assert same_host(request.host, host)
+    assert reader.read(7) == b"payload"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    command=st.integers(0, 255),
+    ip=st.ip_addresses(v=4).filter(lambda ip: not (ip.packed[:3] == b"\0\0\0" and ip.packed[3])),
+    port=port_strategy,
+    user_id=st.binary(max_size=dispatch.MAX_SOCKS4_FIELD).filter(lambda b: b"\0" not in b),
+    name=st.one_of(st.none(), name_strategy),
+    cuts=st.lists(st.integers(0, 2100)),
+)
+def test_socks4_request_round_trips(
+    command: int, ip: Any, port: int, user_id: bytes, name: str | None, cuts: list[int]
+) -> None:
+    packed = b"\0\0\0\x07" if name else ip.packed
+    data = struct.pack("!BH4s", command, port, packed) + user_id + b"\0"
+    data += name.encode() + b"\0" if name else b""
+    source = Chunks(*split_at(data + b"early", cuts))
+    reader = dispatch.DeadlineReader(source)  # type: ignore[arg-type]
+    request = dispatch.read_socks4_request(reader)
+    assert request == dispatch.Request(command, name or str(ip), port)
+    # What came with the request is kept, in order: kept and not yet taken
+    # make "early" again.
+    assert reader.rest() + b"".join(source.chunks) == b"early"
+
+
+@settings(max_examples=200, deadline=None)
+@given(user=st.binary(max_size=255), password=st.binary(max_size=255), cuts=st.lists(st.integers(0, 520)))
+def test_auth_request_round_trips(user: bytes, password: bytes, cuts: list[int]) -> None:
+    data = bytes([1, len(user)]) + user + bytes([len(password)]) + password
+    reader = dispatch.DeadlineReader(Chunks(*split_at(data, cuts)))  # type: ignore[arg-type]
+    assert dispatch.read_auth_request(reader) == (user, password)
+
+
+# The longest message each parser reads, whatever the client sends; it
+# receives no more than that and one HANDSHAKE_WINDOW ahead.
+PARSER_BOUNDS = {
+    dispatch.read_socks5_methods: 1 + 255,
+    dispatch.read_socks5_address: 1 + 1 + 255 + 2,
+    dispatch.read_socks5_request: 3 + 1 + 1 + 255 + 2,
+    dispatch.read_socks4_request: 7 + 2 * (dispatch.MAX_SOCKS4_FIELD + 1),
+    dispatch.read_auth_request: 1 + 1 + 255 + 1 + 255,
+}
+
+
+@pytest.mark.parametrize("parser", list(PARSER_BOUNDS), ids=lambda parser: parser.__name__)
+@settings(max_examples=200, deadline=None)
+@given(data=st.one_of(st.binary(max_size=600), st.binary(min_size=1000, max_size=3000)), cuts=st.lists(st.integers()))
+def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], data: bytes, cuts: list[int]) -> None:
+    """Any bytes give a value or a SocksError (the reply to send), never
+    another exception, and are read no further than the protocol allows."""
+    stream = Chunks(*split_at(data, cuts))
+    with contextlib.suppress(dispatch.SocksError):
+        parser(dispatch.DeadlineReader(stream))  # type: ignore[arg-type]
+    assert stream.given <= PARSER_BOUNDS[parser] + dispatch.HANDSHAKE_WINDOW
+
+
+# ---------------------------------------------------------------------------
+# HTTP framing: request and status lines, fields, bodies; against h11
+# ---------------------------------------------------------------------------
 
 
 def test_parse_request_line() -> None:
@@ -635,114 +712,6 @@ def test_error_response_is_complete() -> None:
         b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: 36\r\nConnection: close\r\n\r\n502 Bad Gateway: connection refused\n"
     )
-
-
-# Properties: round trips, and any bytes at all -----------------------------
-
-chunks_strategy = st.lists(st.binary(min_size=1, max_size=64), max_size=12)
-# Host names: labels of 1 to 63 letters, digits, "-" and "_", as many as SOCKS carries.
-label_strategy = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=63)
-name_strategy = st.lists(label_strategy, min_size=1, max_size=8).map(".".join).filter(lambda name: len(name) <= 255)
-host_strategy = st.one_of(st.ip_addresses().map(str), name_strategy)
-port_strategy = st.integers(0, 65535)
-
-
-def same_host(parsed: str, sent: str) -> bool:
-    """IP addresses compare as addresses (inet_ntop and ipaddress may spell
-    an IPv4-mapped one differently), names as text; the encoder tells which
-    was sent."""
-    if dispatch.encode_socks5_address(sent, 0)[0] != dispatch.AddressType.DOMAIN:
-        return ipaddress.ip_address(parsed) == ipaddress.ip_address(sent)
-    return parsed == sent
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
-    return [data[start:end] for start, end in zip(points, points[1:])]
-
-
-@settings(max_examples=200, deadline=None)
-@given(chunks=chunks_strategy, sizes=st.lists(st.integers(0, 40), max_size=12))
-def test_deadline_reader_reads_the_stream_as_sent(chunks: list[bytes], sizes: list[int]) -> None:
-    stream = b"".join(chunks)
-    source = Chunks(*chunks)
-    reader = dispatch.DeadlineReader(source)  # type: ignore[arg-type]
-    offset = 0
-    for size in sizes:
-        if offset + size > len(stream):
-            with pytest.raises(dispatch.ProtocolError):
-                reader.read(size)
-            return
-        assert reader.read(size) == stream[offset : offset + size]
-        offset += size
-    # What the reader kept, then what it never took, is the rest of the stream.
-    assert reader.rest() + b"".join(source.chunks) == stream[offset:]
-
-
-@settings(max_examples=200, deadline=None)
-@given(command=st.integers(0, 255), host=host_strategy, port=port_strategy, cuts=st.lists(st.integers(0, 300)))
-def test_socks5_request_round_trips(command: int, host: str, port: int, cuts: list[int]) -> None:
-    data = bytes([5, command, 0]) + dispatch.encode_socks5_address(host, port)
-    reader = dispatch.DeadlineReader(Chunks(*split_at(data + b"payload", cuts)))  # type: ignore[arg-type]
-    request = dispatch.read_socks5_request(reader)
-    assert (request.command, request.port) == (command, port)
-    assert same_host(request.host, host)
-    assert reader.read(7) == b"payload"
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    command=st.integers(0, 255),
-    ip=st.ip_addresses(v=4).filter(lambda ip: not (ip.packed[:3] == b"\0\0\0" and ip.packed[3])),
-    port=port_strategy,
-    user_id=st.binary(max_size=dispatch.MAX_SOCKS4_FIELD).filter(lambda b: b"\0" not in b),
-    name=st.one_of(st.none(), name_strategy),
-    cuts=st.lists(st.integers(0, 2100)),
-)
-def test_socks4_request_round_trips(
-    command: int, ip: Any, port: int, user_id: bytes, name: str | None, cuts: list[int]
-) -> None:
-    packed = b"\0\0\0\x07" if name else ip.packed
-    data = struct.pack("!BH4s", command, port, packed) + user_id + b"\0"
-    data += name.encode() + b"\0" if name else b""
-    source = Chunks(*split_at(data + b"early", cuts))
-    reader = dispatch.DeadlineReader(source)  # type: ignore[arg-type]
-    request = dispatch.read_socks4_request(reader)
-    assert request == dispatch.Request(command, name or str(ip), port)
-    # What came with the request is kept, in order: kept and not yet taken
-    # make "early" again.
-    assert reader.rest() + b"".join(source.chunks) == b"early"
-
-
-@settings(max_examples=200, deadline=None)
-@given(user=st.binary(max_size=255), password=st.binary(max_size=255), cuts=st.lists(st.integers(0, 520)))
-def test_auth_request_round_trips(user: bytes, password: bytes, cuts: list[int]) -> None:
-    data = bytes([1, len(user)]) + user + bytes([len(password)]) + password
-    reader = dispatch.DeadlineReader(Chunks(*split_at(data, cuts)))  # type: ignore[arg-type]
-    assert dispatch.read_auth_request(reader) == (user, password)
-
-
-# The longest message each parser reads, whatever the client sends; it
-# receives no more than that and one HANDSHAKE_WINDOW ahead.
-PARSER_BOUNDS = {
-    dispatch.read_socks5_methods: 1 + 255,
-    dispatch.read_socks5_address: 1 + 1 + 255 + 2,
-    dispatch.read_socks5_request: 3 + 1 + 1 + 255 + 2,
-    dispatch.read_socks4_request: 7 + 2 * (dispatch.MAX_SOCKS4_FIELD + 1),
-    dispatch.read_auth_request: 1 + 1 + 255 + 1 + 255,
-}
-
-
-@pytest.mark.parametrize("parser", list(PARSER_BOUNDS), ids=lambda parser: parser.__name__)
-@settings(max_examples=200, deadline=None)
-@given(data=st.one_of(st.binary(max_size=600), st.binary(min_size=1000, max_size=3000)), cuts=st.lists(st.integers()))
-def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], data: bytes, cuts: list[int]) -> None:
-    """Any bytes give a value or a SocksError (the reply to send), never
-    another exception, and are read no further than the protocol allows."""
-    stream = Chunks(*split_at(data, cuts))
-    with contextlib.suppress(dispatch.SocksError):
-        parser(dispatch.DeadlineReader(stream))  # type: ignore[arg-type]
-    assert stream.given <= PARSER_BOUNDS[parser] + dispatch.HANDSHAKE_WINDOW
 
 
 # HTTP framing against h11, the oracle --------------------------------------
@@ -1151,8 +1120,37 @@ def test_allow_target_opens_its_networks_to_every_client_and_no_more() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Links: addresses, interfaces, following them as they change
+# Interfaces: this machine's addresses, default routes, Windows names
 # ---------------------------------------------------------------------------
+
+
+MACOS_ROUTE_OUTPUT = """\
+   route to: default
+destination: default
+       mask: default
+    gateway: 192.168.1.1
+  interface: en0
+      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING>
+"""
+
+
+@pytest.mark.parametrize(
+    "stdout, returncode, expected",
+    [(MACOS_ROUTE_OUTPUT, 0, {"en0"}), ("", 0, set()), ("", 1, None), ("  interface: \n", 0, set())],
+)
+def test_macos_default_route_is_read_from_route(stdout: str, returncode: int, expected: set[str] | None) -> None:
+    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+        assert command == ["/sbin/route", "-n", "get", "default"] and options["timeout"] > 0
+        return subprocess.CompletedProcess(command, returncode, stdout, "")
+
+    assert dispatch._macos_default_route_interfaces(run) == expected
+
+
+def test_macos_default_route_is_unknown_when_route_fails() -> None:
+    def run(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(command, 2.0)
+
+    assert dispatch._macos_default_route_interfaces(run) is None
 
 
 def test_own_addresses_are_every_address_of_this_machine_and_no_other() -> None:
@@ -1161,6 +1159,65 @@ def test_own_addresses_are_every_address_of_this_machine_and_no_other() -> None:
     assert dispatch.is_own_address(ipaddress.ip_address("127.0.0.1"))
     for other in ("198.51.100.77", "224.0.0.1", "2001:db8:ffff::77"):
         assert not dispatch.is_own_address(ipaddress.ip_address(other)), other
+
+
+def _windows_adapters() -> list[Any]:
+    """Adapters as ifaddr builds them on Windows: the GUID as the name, the
+    hardware description as nice_name, the name from Settings on each IP."""
+    from ifaddr._shared import IP, Adapter
+
+    return [
+        Adapter(
+            "{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11}",
+            "Intel(R) Wi-Fi 6 AX201 160MHz",
+            [IP("127.0.0.2", 8, "Wi-Fi")],
+            index=12,
+        ),
+        Adapter(
+            "{9C1D7B20-5E3F-4A8C-B6D2-7F0E1A2B3C44}",
+            "Realtek USB GbE Family Controller",
+            [IP("127.0.0.3", 8, "Ethernet 2"), IP(("fd00::3", 0, 0), 64, "Ethernet 2")],
+            index=7,
+        ),
+        Adapter("{11AA22BB-33CC-44DD-55EE-66FF77008899}", "Bluetooth Device (Personal Area Network)", [], index=5),
+    ]
+
+
+@pytest.fixture
+def windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as Windows shows it: its platform name and its adapters
+    (with loopback addresses, usable here)."""
+    import ifaddr
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(ifaddr, "get_adapters", lambda include_unconfigured=False: _windows_adapters())
+    # Private name: the filter that leaves loopback addresses out (they are
+    # what this test machine can bind).
+    monkeypatch.setattr(dispatch, "_is_usable_address", lambda ip: True)
+
+
+def test_windows_interfaces_are_named_as_in_settings_and_found_by_any_name(windows: None) -> None:
+    interfaces = dispatch.read_interfaces(_windows_adapters())
+    assert [(i.name, i.ips) for i in interfaces] == [
+        ("Wi-Fi", ("127.0.0.2",)),
+        ("Ethernet 2", ("127.0.0.3", "fd00::3")),
+        ("Bluetooth Device (Personal Area Network)", ()),  # no address: no friendly name yet
+    ]
+    wifi = interfaces[0]
+    for text in ("Wi-Fi", "wi-fi", "Intel(R) Wi-Fi 6 AX201 160MHz", "{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11}"):
+        assert dispatch.find_interface(interfaces, text) is wifi
+    assert dispatch.find_interface(interfaces, "Wi-Fi 2") is None
+
+
+def test_interface_names_are_matched_exactly_outside_windows() -> None:
+    interfaces = [dispatch.Interface("eth0", ips=("192.0.2.2",))]
+    assert dispatch.find_interface(interfaces, "eth0", platform="linux") is interfaces[0]
+    assert dispatch.find_interface(interfaces, "ETH0", platform="linux") is None
+
+
+# ---------------------------------------------------------------------------
+# Links: addresses, interface links following them as they change, proxies as links
+# ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -1299,16 +1356,16 @@ def test_interface_name_follows_its_address_end_to_end(
 
 def test_gone_addresses_are_forgotten_after_a_while_and_a_few_at_most_are_kept() -> None:
     link = dispatch.Link.of_interface("wlan0", 1, ["fd00::1"])
-    # Addresses that come and go faster than GONE_ADDRESS_KEPT, 120 times.
+    # Addresses that come and go faster than GONE_ADDRESS_KEPT_SECONDS, 120 times.
     for n in range(2, 122):
         link.follow([f"fd00::{n:x}"], now=n * 60.0)
         link.drop_gone(lambda address: False, now=n * 60.0)
-    assert len(link.known) == 1 + dispatch.GONE_ADDRESSES_KEPT
-    assert set(link.known) == {f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT, 122)}
+    assert len(link.known) == 1 + dispatch.GONE_ADDRESSES_KEPT_PER_LINK
+    assert set(link.known) == {f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT_PER_LINK, 122)}
     # Gone long enough ago, they are all forgotten; the current one stays.
-    later = 121 * 60.0 + dispatch.GONE_ADDRESS_KEPT
+    later = 121 * 60.0 + dispatch.GONE_ADDRESS_KEPT_SECONDS
     assert [a.ip for a in link.drop_gone(lambda address: False, now=later)] == [
-        f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT, 121)
+        f"fd00::{n:x}" for n in range(121 - dispatch.GONE_ADDRESSES_KEPT_PER_LINK, 121)
     ]
     assert list(link.known) == ["fd00::79"] and link.gone_at == {}
 
@@ -1330,7 +1387,7 @@ def test_forgotten_gone_addresses_leave_the_rows_and_keep_their_counts_in_the_to
     fake_interfaces: FakeInterfaces,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(dispatch, "GONE_ADDRESS_KEPT", 0.0)
+    monkeypatch.setattr(dispatch, "GONE_ADDRESS_KEPT_SECONDS", 0.0)
     fake_interfaces.interfaces["fake0"] = ["127.0.1.1"]
     proxy = make_proxy(["fake0"])
     held = client_through(proxy, (echo_server.host, echo_server.port))  # open through 127.0.1.1
@@ -1345,60 +1402,6 @@ def test_forgotten_gone_addresses_leave_the_rows_and_keep_their_counts_in_the_to
     assert totals["connections"] >= 11  # the held one, and at least one through each of the others
     assert totals["bytes_up"] >= len(b"still open")
     assert sum(row["connections"] for row in proxy.stats()) < totals["connections"]
-
-
-def _windows_adapters() -> list[Any]:
-    """Adapters as ifaddr builds them on Windows: the GUID as the name, the
-    hardware description as nice_name, the name from Settings on each IP."""
-    from ifaddr._shared import IP, Adapter
-
-    return [
-        Adapter(
-            "{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11}",
-            "Intel(R) Wi-Fi 6 AX201 160MHz",
-            [IP("127.0.0.2", 8, "Wi-Fi")],
-            index=12,
-        ),
-        Adapter(
-            "{9C1D7B20-5E3F-4A8C-B6D2-7F0E1A2B3C44}",
-            "Realtek USB GbE Family Controller",
-            [IP("127.0.0.3", 8, "Ethernet 2"), IP(("fd00::3", 0, 0), 64, "Ethernet 2")],
-            index=7,
-        ),
-        Adapter("{11AA22BB-33CC-44DD-55EE-66FF77008899}", "Bluetooth Device (Personal Area Network)", [], index=5),
-    ]
-
-
-@pytest.fixture
-def windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process as Windows shows it: its platform name and its adapters
-    (with loopback addresses, usable here)."""
-    import ifaddr
-
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setattr(ifaddr, "get_adapters", lambda include_unconfigured=False: _windows_adapters())
-    # Private name: the filter that leaves loopback addresses out (they are
-    # what this test machine can bind).
-    monkeypatch.setattr(dispatch, "_is_usable", lambda ip: True)
-
-
-def test_windows_interfaces_are_named_as_in_settings_and_found_by_any_name(windows: None) -> None:
-    interfaces = dispatch.read_interfaces(_windows_adapters())
-    assert [(i.name, i.ips) for i in interfaces] == [
-        ("Wi-Fi", ("127.0.0.2",)),
-        ("Ethernet 2", ("127.0.0.3", "fd00::3")),
-        ("Bluetooth Device (Personal Area Network)", ()),  # no address: no friendly name yet
-    ]
-    wifi = interfaces[0]
-    for text in ("Wi-Fi", "wi-fi", "Intel(R) Wi-Fi 6 AX201 160MHz", "{4F3A1C2E-0B7D-4E59-9A51-2C6E8D0F1A11}"):
-        assert dispatch.find_interface(interfaces, text) is wifi
-    assert dispatch.find_interface(interfaces, "Wi-Fi 2") is None
-
-
-def test_interface_names_are_matched_exactly_outside_windows() -> None:
-    interfaces = [dispatch.Interface("eth0", ips=("192.0.2.2",))]
-    assert dispatch.find_interface(interfaces, "eth0", platform="linux") is interfaces[0]
-    assert dispatch.find_interface(interfaces, "ETH0", platform="linux") is None
 
 
 def test_windows_friendly_names_start_the_proxy(
@@ -1561,7 +1564,7 @@ def test_retests_of_an_upstream_proxy_take_turns_with_targets_it_can_be_asked_fo
     clock = FakeClock()
     live = dispatch.LocalAddress("10.0.0.2")
     proxy, _ = dispatch.parse_proxy_url("socks4://192.0.2.80:1080")
-    upstream = dispatch.ProxyAddress(proxy.name, proxy=proxy)
+    upstream = dispatch.ProxyAddress(proxy=proxy)
     health = dispatch.Health(30.0, clock, check_targets=[("2001:db8::53", 53)])
     other_site, named_site = ("198.51.100.7", 443), ("example.net", 443)
     health.connected_through(live, [], other_site)
@@ -2392,7 +2395,7 @@ def test_stats_show_each_links_capacity_and_open_connections(
         row = next(row for row in proxy.stats() if row["open"] == 1)
     assert row["capacity"] == pytest.approx(2_000_000)  # what it carried: 500 kB a quarter second
     assert (row["capacity_source"], row["capacity_age"]) == ("measured", 5.0)
-    assert dispatch.capacity_source(row) == "measured 5 s ago"
+    assert dispatch.describe_capacity_source(row) == "measured 5 s ago"
     assert make_proxy(["127.0.0.2@2", "127.0.0.3"]).status()["balance"] == "round-robin"
 
 
@@ -2640,7 +2643,7 @@ def test_a_restart_starts_from_the_capacity_kept_at_stop(
                 "remembered",
                 None,
             )
-            assert dispatch.capacity_source(row) == "remembered"
+            assert dispatch.describe_capacity_source(row) == "remembered"
         else:
             assert (row["capacity"], row["capacity_source"]) == (None, "not measured")
 
@@ -2815,7 +2818,7 @@ def test_a_cap_is_told_at_75_and_95_per_cent_once_and_spends_the_link_at_100(log
     )
     for count in (700, 60, 10, 200, 5, 100):
         budget.add("usb0", count)
-        budget.check()
+        budget.update_spent()
     assert warnings_of(log) == [
         "link usb0 used 75% of its cap usb0=1kB/day",
         "link usb0 used 95% of its cap usb0=1kB/day",
@@ -2831,14 +2834,14 @@ def test_a_period_starts_afresh_at_its_end_and_never_early_when_the_clock_goes_b
     now = [at_local(datetime.date(2026, 3, 14), 23)]
     budget = dispatch.DataBudget([dispatch.parse_cap("usb0=1000B/month@15")], clock=lambda: now[0])
     budget.add("usb0", 1000)
-    assert budget.check() == {"usb0"}
+    assert budget.update_spent() == {"usb0"}
     now[0] = at_local(datetime.date(2026, 3, 15), 1)  # the new period
-    budget.check()
+    budget.update_spent()
     assert budget.spent == frozenset()
     budget.add("usb0", 600)
     now[0] = at_local(datetime.date(2026, 3, 14), 23)  # the clock set back: still the new period
     budget.add("usb0", 500)
-    assert budget.check() == {"usb0"} and budget.reports()[0]["used_bytes"] == 1100
+    assert budget.update_spent() == {"usb0"} and budget.reports()[0]["used_bytes"] == 1100
 
 
 def test_usage_is_kept_in_the_state_file_beside_the_capacities(tmp_path: Any, log: pytest.LogCaptureFixture) -> None:
@@ -3374,10 +3377,8 @@ def test_socks5_name_is_asked_of_the_name_server_by_the_proxy(
 
 def test_query_plan_sends_an_upstream_proxys_queries_by_its_link_or_by_the_routing_table() -> None:
     proxy = dispatch.parse_proxy_url("socks5://203.0.113.7:1080")[0]
-    over_cable = dispatch.ProxyAddress(
-        "socks5://203.0.113.7:1080+eth0", interface="eth0", proxy=dataclasses.replace(proxy, via="eth0")
-    )
-    routed, other = (dispatch.ProxyAddress(f"socks5://203.0.113.{n}:1080", proxy=proxy) for n in (7, 8))
+    over_cable = dispatch.ProxyAddress(interface="eth0", proxy=dataclasses.replace(proxy, via="eth0"))
+    routed, other = (dispatch.ProxyAddress(proxy=dataclasses.replace(proxy, host=f"203.0.113.{n}")) for n in (7, 8))
     cable = local("10.0.0.5", "eth0")
     servers = [dispatch.NameServer("9.9.9.9"), dispatch.NameServer("2001:db8::53")]
     resolver = dispatch.Resolver(servers, addresses=lambda: [cable, over_cable, routed, other])
@@ -3748,7 +3749,7 @@ def test_dns_counts_are_on_the_page_in_stats_json_and_in_metrics(
 
 
 # ---------------------------------------------------------------------------
-# Upstream proxies: other proxies as links
+# Proxy links: other proxies as links
 # ---------------------------------------------------------------------------
 
 
@@ -4632,7 +4633,7 @@ def test_passwords_of_upstreams_never_show(
 
 
 # ---------------------------------------------------------------------------
-# Upstream: reply codes of connect errors, failover
+# Connect: reply codes of connect errors, failover
 # ---------------------------------------------------------------------------
 
 
@@ -4807,10 +4808,10 @@ def test_refused_targets_are_logged_at_most_once_a_second_with_a_count(
     upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
     for _ in range(5):
         with pytest.raises(dispatch.SocksError):
-            upstream.check_target("192.168.1.5", "localhost", "127.0.0.1", 80)
+            upstream.admit_target("192.168.1.5", "localhost", "127.0.0.1", 80)
     monkeypatch.setattr(dispatch, "TARGET_REFUSAL_LOG_INTERVAL", 0.0)
     with pytest.raises(dispatch.SocksError):
-        upstream.check_target("192.168.1.5", "169.254.169.254", "169.254.169.254", 80)
+        upstream.admit_target("192.168.1.5", "169.254.169.254", "169.254.169.254", 80)
     lines = [record.message for record in log.records if record.message.startswith("refused ")]
     assert lines == [
         "refused 192.168.1.5 the target localhost (127.0.0.1): only this machine may reach it (loopback, "
@@ -7746,7 +7747,7 @@ def test_a_backup_of_the_bond_carries_subflows_again_once_its_figures_say_it_wou
     bond = dispatch.parse_address("mptcp+socks5h://127.0.0.1:9+eth0+usb0").proxy
     assert bond is not None
     kernel = KernelEndpoints()
-    bonds = dispatch.Bonds([dispatch.ProxyAddress(bond.name, proxy=bond)], str(tmp_path / "endpoints.json"))
+    bonds = dispatch.Bonds([dispatch.ProxyAddress(proxy=bond)], str(tmp_path / "endpoints.json"))
     bonds.endpoints = dispatch.MptcpEndpoints(str(tmp_path / "endpoints.json"), run=kernel)
     measured = {"eth0": 1_200_000.0, "usb0": 300_000.0}
     bonds.start(measured.get)
@@ -7810,7 +7811,7 @@ def test_an_ip_command_that_answers_nonsense_is_one_warning_not_a_traceback(
 
 
 # ---------------------------------------------------------------------------
-# Server and limits: admission, timeouts, threads, descriptors, hostile clients
+# Server: admission, limits, timeouts, threads, descriptors, hostile clients
 # ---------------------------------------------------------------------------
 
 
@@ -8981,7 +8982,7 @@ def test_a_malformed_address_is_an_address_error_of_the_options() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Reports and the command line
+# Reports: the stats table
 # ---------------------------------------------------------------------------
 
 
@@ -9050,6 +9051,11 @@ def test_stats_table_format() -> None:
         "-             usb0       1       waiting         0      0     0 B      0 B      0.0 kB/s   0.0 kB/s"
         "             -  not measured",
     ]
+
+
+# ---------------------------------------------------------------------------
+# Command line: dispatch list and start, their arguments, logs, signals
+# ---------------------------------------------------------------------------
 
 
 def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "dispatch.py")
+TESTS = os.path.join(HERE, "test_dispatch.py")  # its banners follow the module's sections
 # A section longer than this holds two ideas: split it where they part.
 MOST_SECTION_LINES = 800
 TOP = "the top of the module"  # imports, __version__, __all__: above every section
@@ -271,6 +272,51 @@ def map_disagreements(source: str) -> list[str]:
     return [f"the map lists {listed}", f"the banners say {banners}"]
 
 
+def banners_out_of_order(tests: str, source: str) -> list[str]:
+    """Each banner of the ``tests`` that names no section of ``source`` (as
+    loosely as the map does), or names one above a section the banners
+    before it named: the tests follow the module's order."""
+    order = {loosely(part.name): index for index, part in enumerate(sections(source)) if part.title != TOP}
+    found, reached = [], -1
+    for part in sections(tests):
+        if part.title == TOP:
+            continue
+        index = order.get(loosely(part.name))
+        if index is None:
+            found.append(f"{part.name!r} names no section of the module")
+        elif index < reached:
+            found.append(f"{part.name!r} comes after the tests of a later section")
+        else:
+            reached = index
+    return found
+
+
+WAY_OPENING = "connection's way through them:"
+
+
+def connection_way(source: str) -> list[str]:
+    """The steps of the module docstring's way of a connection, in order:
+    "ConnectionHandler.handle -> ... -> relay"."""
+    docstring = ast.get_docstring(parsed(source), clean=False) or ""
+    _, found, after = docstring.partition(WAY_OPENING)
+    paragraph = " ".join(after.split("\n\n")[0].split())
+    return [step.strip().rstrip(".") for step in paragraph.split("->")] if found else []
+
+
+def unknown_steps(source: str) -> list[str]:
+    """The steps of the way that name no function, or no method of the
+    class they name, at the top of the module."""
+    defined = {node.name: node for node in parsed(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    unknown = []
+    for step in connection_way(source):
+        name, _, method = step.partition(".")
+        node = defined.get(name)
+        methods = {part.name for part in node.body if isinstance(part, ast.FunctionDef)} if node else set()
+        if node is None or (method and (not isinstance(node, ast.ClassDef) or method not in methods)):
+            unknown.append(step)
+    return unknown
+
+
 def oversized_sections(source: str, most: int = MOST_SECTION_LINES) -> list[str]:
     """Each section longer than ``most`` lines, with its length."""
     return [f"{part.name}: {len(part)} lines" for part in sections(source) if len(part) > most]
@@ -279,6 +325,11 @@ def oversized_sections(source: str, most: int = MOST_SECTION_LINES) -> list[str]
 def dispatch_source() -> str:
     with open(MODULE, encoding="utf-8") as module:
         return module.read()
+
+
+def dispatch_tests_source() -> str:
+    with open(TESTS, encoding="utf-8") as tests:
+        return tests.read()
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +358,18 @@ def test_the_map_in_dispatchs_docstring_lists_the_sections_in_the_banners_order(
 
 def test_no_section_of_dispatch_is_longer_than_800_lines() -> None:
     assert oversized_sections(dispatch_source()) == []
+
+
+def test_the_banners_of_dispatchs_tests_name_its_sections_in_their_order() -> None:
+    assert len(sections(dispatch_tests_source())) >= 10  # the banners were found
+    assert banners_out_of_order(dispatch_tests_source(), dispatch_source()) == []
+
+
+def test_the_way_of_a_connection_in_dispatchs_docstring_names_its_functions() -> None:
+    source = dispatch_source()
+    way = connection_way(source)
+    assert way[:1] == ["ConnectionHandler.handle"] and way[-1:] == ["relay"] and len(way) >= 5
+    assert unknown_steps(source) == []
 
 
 # ---------------------------------------------------------------------------
@@ -449,6 +512,34 @@ def test_a_map_out_of_the_banners_order_is_told() -> None:
         "the banners say ['First', 'Second']",
     ]
     assert map_disagreements(module("x = 1")) == []
+
+
+TESTS_OF_TWO_SECTIONS = """\
+# ---------------------------------------------------------------------------
+# First: its tests
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# {second}: its tests
+# ---------------------------------------------------------------------------
+"""
+
+
+def test_tests_whose_banners_leave_the_modules_order_or_name_no_section_are_told() -> None:
+    source = module("x = 1")
+    assert banners_out_of_order(TESTS_OF_TWO_SECTIONS.format(second="Second"), source) == []
+    assert banners_out_of_order(TESTS_OF_TWO_SECTIONS.format(second="Third"), source) == [
+        "'Third' names no section of the module"
+    ]
+    backwards = TESTS_OF_TWO_SECTIONS.replace("First", "Second", 1).format(second="First")
+    assert banners_out_of_order(backwards, source) == ["'First' comes after the tests of a later section"]
+
+
+def test_a_step_of_the_way_that_names_nothing_in_the_module_is_told() -> None:
+    source = module("x = 1").replace("Map of this module", f"A {WAY_OPENING} later -> Later.size\n\nMap")
+    assert connection_way(source) == ["later", "Later.size"]
+    assert unknown_steps(source) == ["Later.size"]  # an attribute, not a method
+    assert unknown_steps(source.replace("-> Later.size", "-> Later.gone -> Gone.run")) == ["Later.gone", "Gone.run"]
 
 
 def test_a_section_over_the_limit_is_told_by_name() -> None:
