@@ -6,6 +6,7 @@
     python tools/bench.py --only dispatch,dante --rounds 5 --json out.json
     python tools/bench.py --transparent --rounds 3  # a phone through transparent mode, in the network lab
     python tools/bench.py --veth --tests cconns,bulk  # across a veth pair between two namespaces (root)
+    python tools/bench.py --loopback-netns --tests cconns  # loopback in a namespace, go-dispatch-proxy too
 
 By default everything runs on 127.0.0.1: the benchmark starts its own target
 servers (a bulk source/sink and an echo server, in a separate process) and every
@@ -14,13 +15,15 @@ directory), Dante (``danted``), pproxy, microsocks and go-dispatch-proxy.  A
 proxy that is not installed is skipped with a line saying so.  The only
 dependency is the Python standard library.
 
-go-dispatch-proxy (``--go-dispatch-proxy PATH``: a binary, or a source checkout
-or bare git repository that ``go build`` builds into the work directory) takes
-as its link only an address of an interface other than lo, so it is measured
-with ``--veth`` alone: there the proxies, the direct client and the load
-generators run in one network namespace, the target servers in another, joined
-by one unshaped veth pair (``tools/netlab.py``), and every proxy's one link is
-the address of its near end.
+``--veth`` runs the proxies, the direct client and the load generators in one
+network namespace, the target servers in another, joined by one unshaped veth
+pair (``tools/netlab.py``); every proxy's one link is the address of its near
+end.  go-dispatch-proxy (``--go-dispatch-proxy PATH``: a binary, or a source
+checkout or bare git repository that ``go build`` builds into the work
+directory) takes as its link only an address of an interface other than lo, so
+on plain loopback it is skipped; ``--loopback-netns`` measures loopback with it:
+everything in the first namespace of that pair, the targets and every proxy's
+link on the veth end's address, the traffic through lo.
 
 One more column is a reference rather than a peer: ``splice_relay.c`` (built with
 ``cc`` where there is one), the least a relay can do: two threads per connection,
@@ -58,6 +61,7 @@ import atexit
 import contextlib
 import functools
 import importlib.util
+import ipaddress
 import itertools
 import json
 import math
@@ -126,6 +130,11 @@ class Site:
         """One line for the report: where the figures were measured."""
         if self.target_ns is None:
             return f"on loopback: proxies and targets on {self.target_host}"
+        if self.target_ns == self.proxy_ns:
+            return (
+                f"on loopback in namespace {self.proxy_ns}: proxies' link and targets on {self.target_host}, "
+                f"a veth end's address"
+            )
         return (
             f"across a veth pair: proxies and load generators in namespace {self.proxy_ns} (link {self.link}), "
             f"target servers in {self.target_ns} ({self.target_host})"
@@ -577,10 +586,10 @@ def build_go(source: Path, workdir: Path) -> Path:
 def go_dispatch_proxy_command(port: int, workdir: Path, site: Site) -> list[str]:
     """go-dispatch-proxy listening on the site's address, its one link the
     site's; -quiet, as the other peers log only errors."""
-    if site.target_ns is None:
+    if ipaddress.ip_address(site.link).is_loopback:
         # It finds the link's interface among those that are up and not
         # loopback, and exits when there is none.
-        raise Unavailable("it takes no loopback address as its link; it is measured with --veth")
+        raise Unavailable("it takes no loopback address as its link; measure it with --veth or --loopback-netns")
     given = Path(GO_DISPATCH_PROXY[0])
     if given.is_dir():
         program = str(build_go(given, workdir))
@@ -1757,9 +1766,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure across a veth pair between two network namespaces (Linux, root, iproute2): "
         "proxies and clients in one, the target servers in the other",
     )
+    parser.add_argument(
+        "--loopback-netns",
+        action="store_true",
+        help="measure on loopback inside a network namespace of its own, with a veth end's address as "
+        "the link and the targets' address, which go-dispatch-proxy takes where it refuses 127.0.0.1",
+    )
     args = parser.parse_args(argv)
-    if args.veth and (args.names or args.transparent):
-        parser.error("--veth goes with the side-by-side tests, not with --names or --transparent")
+    if args.veth and args.loopback_netns:
+        parser.error("choose one of --veth and --loopback-netns")
+    if (args.veth or args.loopback_netns) and (args.names or args.transparent):
+        parser.error("--veth and --loopback-netns go with the side-by-side tests, not with --names or --transparent")
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1878,17 +1895,21 @@ def side_by_side(args: argparse.Namespace, settings: Settings, site: Site, child
 
 
 @contextlib.contextmanager
-def veth_site() -> Iterator[Site]:
+def lab_site(across: bool) -> Iterator[Site]:
     """Two network namespaces joined by one unshaped veth pair, for as long as
     the context lasts: the calling thread (and every process and thread it
-    starts) is in the proxies' namespace, the targets' is torn down at the end,
-    on an error or Ctrl-C too."""
+    starts) is in the proxies' namespace; the targets in the other
+    (``across``) or beside the proxies on the veth end's address. Both
+    namespaces are torn down at the end, on an error or Ctrl-C too."""
     import netlab
 
     lab = netlab.Lab(name=f"dbench{os.getpid()}", rates=[0])
     with lab, netlab.netns(lab.client_ns):
         link = lab.uplinks[0]
-        yield Site(LOOPBACK, link.client_addr, link.server_addr, lab.client_ns, lab.server_ns)
+        if across:
+            yield Site(LOOPBACK, link.client_addr, link.server_addr, lab.client_ns, lab.server_ns)
+        else:
+            yield Site(LOOPBACK, link.client_addr, link.client_addr, lab.client_ns, lab.client_ns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1902,13 +1923,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before:
         BEFORE.append(args.before.resolve())
     GO_DISPATCH_PROXY[0] = args.go_dispatch_proxy
-    if args.veth:
+    in_lab = args.veth or args.loopback_netns
+    if in_lab:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import netlab
 
         available, reason = netlab.Lab.available()
         if not available:
-            print(f"--veth: skipped: {reason}", flush=True)
+            print(f"{'--veth' if args.veth else '--loopback-netns'}: skipped: {reason}", flush=True)
             return 0
     settings = Settings(
         args.rounds,
@@ -1927,7 +1949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # children and remove the namespaces.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        with veth_site() if args.veth else contextlib.nullcontext(ON_LOOPBACK) as site:
+        with lab_site(across=args.veth) if in_lab else contextlib.nullcontext(ON_LOOPBACK) as site:
             children = Children()
             try:
                 side_by_side(args, settings, site, children)
