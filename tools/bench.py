@@ -5,12 +5,25 @@
     python tools/bench.py --quick               # small sizes, a minute or so
     python tools/bench.py --only dispatch,dante --rounds 5 --json out.json
     python tools/bench.py --transparent --rounds 3  # a phone through transparent mode, in the network lab
+    python tools/bench.py --veth --tests cconns,bulk  # across a veth pair between two namespaces (root)
+    python tools/bench.py --loopback-netns --tests cconns  # loopback in a namespace, go-dispatch-proxy too
 
-Everything runs on 127.0.0.1: the benchmark starts its own target servers (a bulk
-source/sink and an echo server, in a separate process) and every proxy that is
-installed -- dispatch (``dispatch.py`` next to this ``tools`` directory), Dante
-(``danted``), pproxy and microsocks.  A proxy that is not installed is skipped with
-a line saying so.  The only dependency is the Python standard library.
+By default everything runs on 127.0.0.1: the benchmark starts its own target
+servers (a bulk source/sink and an echo server, in a separate process) and every
+proxy that is installed -- dispatch (``dispatch.py`` next to this ``tools``
+directory), Dante (``danted``), pproxy, microsocks and go-dispatch-proxy.  A
+proxy that is not installed is skipped with a line saying so.  The only
+dependency is the Python standard library.
+
+``--veth`` runs the proxies, the direct client and the load generators in one
+network namespace, the target servers in another, joined by one unshaped veth
+pair (``tools/netlab.py``); every proxy's one link is the address of its near
+end.  go-dispatch-proxy (``--go-dispatch-proxy PATH``: a binary, or a source
+checkout or bare git repository that ``go build`` builds into the work
+directory) takes as its link only an address of an interface other than lo, so
+on plain loopback it is skipped; ``--loopback-netns`` measures loopback with it:
+everything in the first namespace of that pair, the targets and every proxy's
+link on the veth end's address, the traffic through lo.
 
 One more column is a reference rather than a peer: ``splice_relay.c`` (built with
 ``cc`` where there is one), the least a relay can do: two threads per connection,
@@ -26,8 +39,8 @@ noise hits them all alike); the report shows the median over rounds:
 * handshake latency: p50/p99 of connect + SOCKS5 + one echo round trip, over
   sequential connections, and the same minus the direct figure ("added");
 * connections held: proxy RSS per held connection (N connections, 1 KB each way),
-  and the seconds until the proxy's threads and descriptors are back to idle
-  after the client closes them all;
+  and the seconds until the proxy's threads and descriptors (but pipes kept for
+  reuse) are back to idle after the client closes them all;
 * a burst of short connections through dispatch only, counting successes.
 
 ``--transparent`` measures instead, in the network lab (Linux, root, nft), a
@@ -48,6 +61,7 @@ import atexit
 import contextlib
 import functools
 import importlib.util
+import ipaddress
 import itertools
 import json
 import math
@@ -65,7 +79,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +89,7 @@ REPO = Path(__file__).resolve().parent.parent
 DISPATCH = REPO / "dispatch.py"
 SPLICE_RELAY_SOURCE = REPO / "tools" / "splice_relay.c"
 LOADGEN_SOURCE = REPO / "tools" / "loadgen.c"
-PEERS = ("dante", "pproxy", "microsocks")
+PEERS = ("dante", "pproxy", "microsocks", "go-dispatch-proxy")
 REFERENCES = ("splice-relay",)
 PROXY_NAMES = ("dispatch", "dispatch-before", "dispatch-paged", "dispatch-upstream", *PEERS, *REFERENCES)
 # dispatch-paged: dispatch while a client polls its status page this often.
@@ -90,6 +104,53 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 Address = tuple[str, int]
 Figures = dict[str, float]
 WaitForGo = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a run happens: the address the proxies listen on, the one link
+    they send from, and the address of the target servers; the network
+    namespaces of proxies and targets (None: this process's own)."""
+
+    listen: str = LOOPBACK
+    link: str = LOOPBACK
+    target_host: str = LOOPBACK
+    proxy_ns: str | None = None
+    target_ns: str | None = None
+
+    def in_proxy_ns(self, command: list[str]) -> list[str]:
+        """``command`` run in the proxies' namespace, with its view of /sys."""
+        return ["ip", "netns", "exec", self.proxy_ns, *command] if self.proxy_ns else command
+
+    def in_target_ns(self, command: list[str]) -> list[str]:
+        """``command`` run in the target servers' namespace."""
+        return ["ip", "netns", "exec", self.target_ns, *command] if self.target_ns else command
+
+    def describe(self) -> str:
+        """One line for the report: where the figures were measured."""
+        if self.target_ns is None:
+            return f"on loopback: proxies and targets on {self.target_host}"
+        if self.target_ns == self.proxy_ns:
+            return (
+                f"on loopback in namespace {self.proxy_ns}: proxies' link and targets on {self.target_host}, "
+                f"a veth end's address"
+            )
+        return (
+            f"across a veth pair: proxies and load generators in namespace {self.proxy_ns} (link {self.link}), "
+            f"target servers in {self.target_ns} ({self.target_host})"
+        )
+
+
+ON_LOOPBACK = Site()
+
+
+def entered(ns: str | None) -> contextlib.AbstractContextManager[None]:
+    """The calling thread in network namespace ``ns`` for a while (None: where it is)."""
+    if ns is None:
+        return contextlib.nullcontext()
+    import netlab
+
+    return netlab.netns(ns)
 
 
 # --------------------------------------------------------------------------------------
@@ -201,10 +262,10 @@ def reply_exchange(route: Route, dst: Address) -> int:
 # proxies close both directions when the client shuts down its sending side.)
 
 
-def listening_socket(backlog: int = 4096) -> socket.socket:
+def listening_socket(host: str = LOOPBACK, backlog: int = 4096) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((LOOPBACK, 0))
+    sock.bind((host, 0))
     sock.listen(backlog)
     return sock
 
@@ -344,9 +405,11 @@ class Servers:
     pid: int
 
 
-def start_target_servers(children: Children) -> Servers:
-    """Start the bulk, echo and reply servers in a process of their own."""
-    listeners = [listening_socket() for _ in range(3)]
+def start_target_servers(children: Children, site: Site = ON_LOOPBACK) -> Servers:
+    """Start the bulk, echo and reply servers in a process of their own, on
+    the site's target address (a socket stays in the namespace it was made in)."""
+    with entered(site.target_ns):
+        listeners = [listening_socket(site.target_host) for _ in range(3)]
     process = FORK.Process(target=target_server_main, args=tuple(listeners), daemon=True)
     process.start()
     children.processes.append(process)
@@ -370,7 +433,7 @@ class Unavailable(Exception):  # noqa: N818 (a reason to skip, not a fault)
 DANTE_CONFIG = """\
 logoutput: stderr
 internal: {ip} port = {port}
-external: {ip}
+external: {link}
 socksmethod: none
 clientmethod: none
 user.privileged: root
@@ -392,13 +455,15 @@ def require(program: str, hint: str) -> str:
 BEFORE: list[Path] = []
 
 
-def dispatch_before_command(port: int, workdir: Path) -> list[str]:
+def dispatch_before_command(port: int, workdir: Path, site: Site) -> list[str]:
     if not BEFORE:
         raise Unavailable("no --before PATH given")
-    return dispatch_command(port, workdir, BEFORE[0], "dispatch-before.log")
+    return dispatch_command(port, workdir, site, BEFORE[0], "dispatch-before.log")
 
 
-def dispatch_command(port: int, workdir: Path, module: Path = DISPATCH, log: str = "dispatch.log") -> list[str]:
+def dispatch_command(
+    port: int, workdir: Path, site: Site = ON_LOOPBACK, module: Path = DISPATCH, log: str = "dispatch.log"
+) -> list[str]:
     if not module.exists():
         raise Unavailable(f"{module} not found")
     return [
@@ -406,24 +471,25 @@ def dispatch_command(port: int, workdir: Path, module: Path = DISPATCH, log: str
         str(module),
         "start",
         "--ip",
-        LOOPBACK,
+        site.listen,
         "--port",
         str(port),
         "--log-file",
         str(workdir / log),
-        LOOPBACK,
+        site.link,
     ]
 
 
-def dante_command(port: int, workdir: Path) -> list[str]:
+def dante_command(port: int, workdir: Path, site: Site) -> list[str]:
     danted = require("danted", "apt-get install dante-server")
     config = workdir / "danted.conf"
-    config.write_text(DANTE_CONFIG.format(ip=LOOPBACK, port=port))
+    config.write_text(DANTE_CONFIG.format(ip=site.listen, port=port, link=site.link))
     return [danted, "-f", str(config), "-p", str(workdir / "danted.pid")]
 
 
-def pproxy_command(port: int, workdir: Path) -> list[str]:
-    listen = ["-l", f"socks5://{LOOPBACK}:{port}"]
+def pproxy_command(port: int, workdir: Path, site: Site) -> list[str]:
+    # pproxy has no outgoing address: it leaves by the route to the target.
+    listen = ["-l", f"socks5://{site.listen}:{port}"]
     # Run the module with our interpreter when possible: a pyenv shim would add a
     # shell process between us and the proxy, and we read the proxy's /proc entries.
     if importlib.util.find_spec("pproxy"):
@@ -431,17 +497,18 @@ def pproxy_command(port: int, workdir: Path) -> list[str]:
     return [require("pproxy", "pip install pproxy"), *listen]
 
 
-def microsocks_command(port: int, workdir: Path) -> list[str]:
-    # -b: bind outgoing sockets to loopback, as dispatch and Dante are told to.
-    return [require("microsocks", "apt-get install microsocks"), "-i", LOOPBACK, "-p", str(port), "-b", LOOPBACK]
+def microsocks_command(port: int, workdir: Path, site: Site) -> list[str]:
+    # -b: bind outgoing sockets to the link, as dispatch and Dante are told to.
+    microsocks = require("microsocks", "apt-get install microsocks")
+    return [microsocks, "-i", site.listen, "-p", str(port), "-b", site.link]
 
 
-def dispatch_upstream_command(port: int, workdir: Path) -> list[str]:
+def dispatch_upstream_command(port: int, workdir: Path, site: Site) -> list[str]:
     """dispatch whose one link is a microsocks of its own: what an upstream
     proxy as a link costs, beside "microsocks" (clients straight to it)."""
     upstream_port = free_port()
     upstream = subprocess.Popen(
-        microsocks_command(upstream_port, workdir),
+        site.in_proxy_ns(microsocks_command(upstream_port, workdir, site)),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -451,14 +518,14 @@ def dispatch_upstream_command(port: int, workdir: Path) -> list[str]:
     deadline = time.monotonic() + 10
     while True:
         try:
-            socket.create_connection((LOOPBACK, upstream_port), timeout=1).close()
+            socket.create_connection((site.listen, upstream_port), timeout=1).close()
             break
         except OSError:
             if upstream.poll() is not None or time.monotonic() > deadline:
                 raise Unavailable("microsocks did not start") from None
             time.sleep(0.05)
-    command = dispatch_command(port, workdir, log="dispatch-upstream.log")
-    return [*command[:-1], f"socks5://{LOOPBACK}:{upstream_port}"]
+    command = dispatch_command(port, workdir, site, log="dispatch-upstream.log")
+    return [*command[:-1], f"socks5://{site.listen}:{upstream_port}"]
 
 
 def build_c(source: Path, workdir: Path) -> Path:
@@ -474,20 +541,72 @@ def build_c(source: Path, workdir: Path) -> Path:
     return program
 
 
-def splice_relay_command(port: int, workdir: Path) -> list[str]:
+def splice_relay_command(port: int, workdir: Path, site: Site) -> list[str]:
     if not sys.platform.startswith("linux"):
         raise Unavailable("splice() is Linux only")
-    return [str(build_c(SPLICE_RELAY_SOURCE, workdir)), LOOPBACK, str(port)]
+    return [str(build_c(SPLICE_RELAY_SOURCE, workdir)), site.listen, str(port)]
 
 
-PROXY_COMMANDS: dict[str, Callable[[int, Path], list[str]]] = {
+# The go-dispatch-proxy to measure (--go-dispatch-proxy PATH): a program, a
+# program's name on PATH, a source checkout or a bare git repository.
+GO_DISPATCH_PROXY = ["go-dispatch-proxy"]
+
+
+def build_go(source: Path, workdir: Path) -> Path:
+    """go-dispatch-proxy built from ``source`` (a checkout, or a bare git
+    repository whose HEAD is taken) into ``workdir``, offline."""
+    go = require("go", "apt-get install golang-go")
+    if (source / "HEAD").is_file() and (source / "objects").is_dir():
+        tree, archive = workdir / "go-dispatch-proxy-source", workdir / "go-dispatch-proxy.tar"
+        tree.mkdir(exist_ok=True)
+        for step in (
+            [require("git", "apt-get install git"), "--git-dir", str(source), "archive", "-o", str(archive), "HEAD"],
+            [require("tar", "apt-get install tar"), "-x", "-f", str(archive), "-C", str(tree)],
+        ):
+            run = subprocess.run(step, capture_output=True, text=True)
+            if run.returncode:
+                raise Unavailable(f"{source}: {step[0]} failed: {run.stderr.strip()}")
+        source = tree
+    if not (source / "go.mod").is_file():
+        raise Unavailable(f"{source} has no go.mod: not a go-dispatch-proxy source")
+    program = workdir / "go-dispatch-proxy"
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off"}
+    if not any(env.get(name) for name in ("GOCACHE", "XDG_CACHE_HOME", "HOME")):
+        env["GOCACHE"] = str(workdir / "go-cache")
+    print(f"building go-dispatch-proxy from {source}", file=sys.stderr, flush=True)
+    build = subprocess.run(
+        [go, "build", "-o", str(program), "."], cwd=source, env=env, capture_output=True, text=True, timeout=900
+    )
+    if build.returncode:
+        last_line = (build.stderr.strip().splitlines() or ["no message"])[-1]
+        raise Unavailable(f"go build in {source} failed: {last_line}")
+    return program
+
+
+def go_dispatch_proxy_command(port: int, workdir: Path, site: Site) -> list[str]:
+    """go-dispatch-proxy listening on the site's address, its one link the
+    site's; -quiet, as the other peers log only errors."""
+    if ipaddress.ip_address(site.link).is_loopback:
+        # It finds the link's interface among those that are up and not
+        # loopback, and exits when there is none.
+        raise Unavailable("it takes no loopback address as its link; measure it with --veth or --loopback-netns")
+    given = Path(GO_DISPATCH_PROXY[0])
+    if given.is_dir():
+        program = str(build_go(given, workdir))
+    else:
+        program = require(GO_DISPATCH_PROXY[0], "--go-dispatch-proxy PATH: a program or a source checkout")
+    return [program, "-lhost", site.listen, "-lport", str(port), "-quiet", site.link]
+
+
+PROXY_COMMANDS: dict[str, Callable[[int, Path, Site], list[str]]] = {
     "dispatch": dispatch_command,
     "dispatch-before": dispatch_before_command,
-    "dispatch-paged": lambda port, workdir: dispatch_command(port, workdir, log="dispatch-paged.log"),
+    "dispatch-paged": lambda port, workdir, site: dispatch_command(port, workdir, site, log="dispatch-paged.log"),
     "dispatch-upstream": dispatch_upstream_command,
     "dante": dante_command,
     "pproxy": pproxy_command,
     "microsocks": microsocks_command,
+    "go-dispatch-proxy": go_dispatch_proxy_command,
     "splice-relay": splice_relay_command,
 }
 
@@ -532,18 +651,18 @@ def log_tail(path: Path | None, lines: int = 5) -> str:
     return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_proxy(name: str, workdir: Path, echo: Address, children: Children) -> Target:
+def start_proxy(name: str, workdir: Path, echo: Address, children: Children, site: Site) -> Target:
     port = free_port()
-    command = PROXY_COMMANDS[name](port, workdir)
+    command = site.in_proxy_ns(PROXY_COMMANDS[name](port, workdir, site))
     log = workdir / f"{name}.out"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     children.popens.append(proc)
-    target = Target(name, Route((LOOPBACK, port)), proc.pid, log)
+    target = Target(name, Route((site.listen, port)), proc.pid, log)
     wait_until_serving(target, proc, echo)
-    target.route = Route((LOOPBACK, port), pipelined=accepts_pipelining(target, echo))
+    target.route = Route((site.listen, port), pipelined=accepts_pipelining(target, echo))
     return target
 
 
@@ -586,19 +705,24 @@ class Usage:
     pss_kb: int  # proportional: shared pages split between processes (fair for danted)
     threads: int
     fds: int
+    pipes: int  # of the descriptors
 
 
 def tree_usage(root: int) -> Usage:
-    processes = rss = pss = threads = fds = 0
+    processes = rss = pss = threads = fds = pipes = 0
     for pid in process_tree(root):
         with contextlib.suppress(OSError):
             status = read_kv(f"/proc/{pid}/status")
             rss += int(status["VmRSS"].split()[0])
             threads += int(status["Threads"])
             pss += int(read_kv(f"/proc/{pid}/smaps_rollup")["Pss"].split()[0])
-            fds += len(os.listdir(f"/proc/{pid}/fd"))
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+            fds += len(descriptors)
+            for fd in descriptors:
+                with contextlib.suppress(OSError):
+                    pipes += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
             processes += 1
-    return Usage(processes, rss, pss, threads, fds)
+    return Usage(processes, rss, pss, threads, fds, pipes)
 
 
 def read_kv(path: str) -> dict[str, str]:
@@ -877,6 +1001,7 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     loadgen: Path | None = None  # the C client, built where there is a compiler
     c_echo: Address | None = None  # its echo server
+    site: Site = ON_LOOPBACK
 
     def watch(self, target: Target) -> dict[str, int | None]:
         return {"proxy": target.pid, "server": self.servers.pid}
@@ -972,7 +1097,9 @@ def close_all(sockets: Iterable[socket.socket]) -> None:
 def is_released(pid: int, idle: Usage, idle_tcp: int) -> bool:
     now = tree_usage(pid)
     if now.processes <= idle.processes:
-        return now.threads <= idle.threads and now.fds <= idle.fds
+        # Pipes kept for reuse are left out: Go's splice keeps a pool of them
+        # that its garbage collector empties, whenever it runs.
+        return now.threads <= idle.threads and now.fds - now.pipes <= idle.fds - idle.pipes
     # A pre-forking proxy (danted) keeps the helper processes it spawned, each with
     # its own thread and descriptors: count only the connections then.
     return tcp_connections(pid) <= idle_tcp
@@ -1003,13 +1130,18 @@ def measure_held(bench: Bench, target: Target, key: str) -> Figures:
     if released is None:
         bench.notes.append(
             f"{target.name} not back to idle after {bench.settings.release_timeout} s: "
-            f"threads {idle.threads}->{now.threads}, fds {idle.fds}->{now.fds}, "
+            f"threads {idle.threads}->{now.threads}, fds {idle.fds}->{now.fds} (pipes {idle.pipes}->{now.pipes}), "
             f"TCP sockets {idle_tcp}->{tcp_connections(target.pid)}"
         )
     elif now.processes > idle.processes:
         bench.notes.append(
             f"{target.name} kept {now.processes - idle.processes} more processes "
             f"after the held test; its release time counts TCP sockets only"
+        )
+    elif now.pipes > idle.pipes:
+        bench.notes.append(
+            f"{target.name} kept {now.pipes - idle.pipes} more pipes after the held test; "
+            f"its release time leaves them out"
         )
     return {
         "rss_idle": idle.rss_kb / 1024,
@@ -1511,6 +1643,7 @@ def report(bench: Bench, burst: dict[str, Any] | None, load_before: str) -> str:
     modes = ", ".join(f"{t.name} {'pipelined' if t.route.pipelined else 'sequential'}" for t in bench.targets if t.pid)
     parts = [
         machine_line(),
+        bench.site.describe(),
         f"load average (1/5/15 min) before: {load_before}, after: {load_average()} "
         f"(other work on the machine skews every figure)",
         describe_settings(bench.settings),
@@ -1620,7 +1753,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="also measure this dispatch.py (an earlier version), as dispatch-before",
     )
+    parser.add_argument(
+        "--go-dispatch-proxy",
+        default=GO_DISPATCH_PROXY[0],
+        metavar="PATH",
+        help="the go-dispatch-proxy to measure: a program, or a source checkout or bare git repository "
+        "to build with go (default: go-dispatch-proxy on PATH)",
+    )
+    parser.add_argument(
+        "--veth",
+        action="store_true",
+        help="measure across a veth pair between two network namespaces (Linux, root, iproute2): "
+        "proxies and clients in one, the target servers in the other",
+    )
+    parser.add_argument(
+        "--loopback-netns",
+        action="store_true",
+        help="measure on loopback inside a network namespace of its own, with a veth end's address as "
+        "the link and the targets' address, which go-dispatch-proxy takes where it refuses 127.0.0.1",
+    )
     args = parser.parse_args(argv)
+    if args.veth and args.loopback_netns:
+        parser.error("choose one of --veth and --loopback-netns")
+    if (args.veth or args.loopback_netns) and (args.names or args.transparent):
+        parser.error("--veth and --loopback-netns go with the side-by-side tests, not with --names or --transparent")
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1653,11 +1809,11 @@ def poll_page(proxy: Address, interval: float) -> None:
             time.sleep(interval)
 
 
-def start_targets(names: Sequence[str], workdir: Path, echo: Address, children: Children) -> list[Target]:
+def start_targets(names: Sequence[str], workdir: Path, echo: Address, children: Children, site: Site) -> list[Target]:
     targets = [Target("direct", Route())]
     for name in names:
         try:
-            targets.append(start_proxy(name, workdir, echo, children))
+            targets.append(start_proxy(name, workdir, echo, children, site))
             if name == "dispatch-paged":
                 threading.Thread(
                     target=poll_page, args=(targets[-1].route.proxy, PAGE_POLL_INTERVAL), daemon=True
@@ -1686,10 +1842,74 @@ def start_c_load(bench: Bench, workdir: Path, children: Children, args: argparse
         print(f"skipping the C short-connection test: {reason}", flush=True)
         args.tests.remove("cconns")
         return
-    echo = subprocess.Popen([str(bench.loadgen), "echo", LOOPBACK], stdout=subprocess.PIPE, start_new_session=True)
+    site = bench.site
+    echo = subprocess.Popen(
+        site.in_target_ns([str(bench.loadgen), "echo", site.target_host]),
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     children.popens.append(echo)
     assert echo.stdout is not None
-    bench.c_echo = (LOOPBACK, int(echo.stdout.readline()))
+    bench.c_echo = (site.target_host, int(echo.stdout.readline()))
+
+
+def side_by_side(args: argparse.Namespace, settings: Settings, site: Site, children: Children) -> None:
+    """Every proxy and test asked for, in alternating rounds; the report printed."""
+    with tempfile.TemporaryDirectory(prefix="dispatch-bench-") as tmp:
+        wait_for_time_wait()
+        load_before = load_average()
+        servers = start_target_servers(children, site)
+        targets = start_targets(args.only, Path(tmp), servers.echo, children, site)
+        bench = Bench(settings, servers, targets, site=site)
+        if "cconns" in args.tests:
+            start_c_load(bench, Path(tmp), children, args)
+        for number in range(1, settings.rounds + 1):
+            run_round(bench, number, args.tests)
+        dispatch = next((t for t in targets if t.name == "dispatch"), None)
+        burst = None
+        if dispatch and settings.burst:
+            # Last: its TIME_WAIT sockets would make the peers' bind() fail.
+            print(f"burst: {settings.burst} short connections through dispatch", file=sys.stderr)
+            try:
+                burst = run_burst(bench, dispatch)
+            except WorkerError as error:
+                bench.notes.append(f"burst: {error}")
+        print(report(bench, burst, load_before), flush=True)
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "machine": machine_line(),
+                        "site": site.describe(),
+                        "load_before": load_before,
+                        "load_after": load_average(),
+                        "settings": vars(settings),
+                        "targets": {t.name: {"pipelined": t.route.pipelined} for t in targets},
+                        "figures": bench.figures,
+                        "burst": burst,
+                        "notes": bench.notes,
+                    },
+                    indent=1,
+                )
+            )
+
+
+@contextlib.contextmanager
+def lab_site(across: bool) -> Iterator[Site]:
+    """Two network namespaces joined by one unshaped veth pair, for as long as
+    the context lasts: the calling thread (and every process and thread it
+    starts) is in the proxies' namespace; the targets in the other
+    (``across``) or beside the proxies on the veth end's address. Both
+    namespaces are torn down at the end, on an error or Ctrl-C too."""
+    import netlab
+
+    lab = netlab.Lab(name=f"dbench{os.getpid()}", rates=[0])
+    with lab, netlab.netns(lab.client_ns):
+        link = lab.uplinks[0]
+        if across:
+            yield Site(LOOPBACK, link.client_addr, link.server_addr, lab.client_ns, lab.server_ns)
+        else:
+            yield Site(LOOPBACK, link.client_addr, link.client_addr, lab.client_ns, lab.client_ns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1702,6 +1922,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.before:
         BEFORE.append(args.before.resolve())
+    GO_DISPATCH_PROXY[0] = args.go_dispatch_proxy
+    in_lab = args.veth or args.loopback_netns
+    if in_lab:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import netlab
+
+        available, reason = netlab.Lab.available()
+        if not available:
+            print(f"{'--veth' if args.veth else '--loopback-netns'}: skipped: {reason}", flush=True)
+            return 0
     settings = Settings(
         args.rounds,
         args.size,
@@ -1715,48 +1945,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.c_count,
     )
     raise_fd_limit()
-    # SIGTERM should unwind like Ctrl-C, so that the finally below kills the children.
+    # SIGTERM should unwind like Ctrl-C, so that the finallys kill the
+    # children and remove the namespaces.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    children = Children()
     try:
-        with tempfile.TemporaryDirectory(prefix="dispatch-bench-") as tmp:
-            wait_for_time_wait()
-            load_before = load_average()
-            servers = start_target_servers(children)
-            targets = start_targets(args.only, Path(tmp), servers.echo, children)
-            bench = Bench(settings, servers, targets)
-            if "cconns" in args.tests:
-                start_c_load(bench, Path(tmp), children, args)
-            for number in range(1, settings.rounds + 1):
-                run_round(bench, number, args.tests)
-            dispatch = next((t for t in targets if t.name == "dispatch"), None)
-            burst = None
-            if dispatch and settings.burst:
-                # Last: its TIME_WAIT sockets would make the peers' bind() fail.
-                print(f"burst: {settings.burst} short connections through dispatch", file=sys.stderr)
-                try:
-                    burst = run_burst(bench, dispatch)
-                except WorkerError as error:
-                    bench.notes.append(f"burst: {error}")
-            print(report(bench, burst, load_before), flush=True)
-            if args.json:
-                args.json.write_text(
-                    json.dumps(
-                        {
-                            "machine": machine_line(),
-                            "load_before": load_before,
-                            "load_after": load_average(),
-                            "settings": vars(settings),
-                            "targets": {t.name: {"pipelined": t.route.pipelined} for t in targets},
-                            "figures": bench.figures,
-                            "burst": burst,
-                            "notes": bench.notes,
-                        },
-                        indent=1,
-                    )
-                )
-    finally:
-        children.stop_all()
+        with lab_site(across=args.veth) if in_lab else contextlib.nullcontext(ON_LOOPBACK) as site:
+            children = Children()
+            try:
+                side_by_side(args, settings, site, children)
+            finally:
+                children.stop_all()
+    except KeyboardInterrupt:
+        print("interrupted; every process and namespace it started is gone", file=sys.stderr)
+        return 130
     return 0
 
 

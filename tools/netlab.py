@@ -12,7 +12,8 @@ The lab is made of two Linux network namespaces joined by veth pairs::
 * Every veth end is shaped on egress with ``tc tbf`` (default 1200, 1200 and
   400 kB/s, kB = 1000 bytes), so both download and upload are limited.  The
   rate is a *wire* rate: tbf counts Ethernet headers, so TCP goodput tops out
-  at about 95.6 % of it with a 1500-byte MTU.
+  at about 95.6 % of it with a 1500-byte MTU.  A rate of 0 leaves the link
+  unshaped: as fast as the veth pair goes (benchmarks).
 * The server runs strict reverse-path filtering (rp_filter=1): a packet that
   arrives on uplink 1 with uplink 2's source address is dropped, which is the
   real-world failure mode dispatch must avoid.
@@ -145,7 +146,7 @@ class Uplink:
     client_addr: str
     server_ifname: str
     server_addr: str
-    rate: int  # bytes per second, applied in both directions
+    rate: int  # bytes per second, applied in both directions; 0: unshaped
     prefixlen: int = 28
 
     @property
@@ -508,7 +509,8 @@ class Lab:
         ):
             self._ip(which, "addr", "add", f"{addr}/{link.prefixlen}", "dev", ifname)
             self._ip(which, "link", "set", ifname, "up")
-            self._shape(which, ifname, link.rate)
+            if link.rate:
+                self._shape(which, ifname, link.rate)
         self._sysctl("server", f"net.ipv4.conf.{link.server_ifname}.rp_filter", 1)
         # The server reaches each client address through the connected /28 of
         # its own uplink, so replies go back on the link they came in on.
