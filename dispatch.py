@@ -122,7 +122,7 @@ import types
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Generic, Literal, NoReturn, Protocol, TextIO, TypedDict, TypeVar, cast
+from typing import Any, Generic, Literal, NamedTuple, NoReturn, Protocol, TextIO, TypedDict, TypeVar, cast
 
 __version__ = "0.3.0"
 __all__ = [
@@ -335,8 +335,9 @@ class _PairWaiter:
 
     def __init__(self, first: socket.socket, second: socket.socket) -> None:
         self._first, self._second = first, second
+        self._first_fd = first.fileno()
         self._poller = _new_poll() if _new_poll is not None else None
-        self._registered = [0, 0]
+        self._first_registered = self._second_registered = 0
 
     def wait(self, first_events: int, second_events: int, timeout: float | None) -> tuple[int, int]:
         """The events each socket is ready for, of those asked; (0, 0) once
@@ -344,18 +345,22 @@ class _PairWaiter:
         poller = self._poller
         if poller is None:
             return self._select(first_events, second_events, timeout)
-        registered = self._registered
-        for index, sock, events in ((0, self._first, first_events), (1, self._second, second_events)):
-            if registered[index] != events:
-                if not events:
-                    poller.unregister(sock)  # else its hang-up would wake every wait
-                else:
-                    poller.register(sock, _POLL_MASKS[events])  # registers, or modifies
-                registered[index] = events
+        # Unwatched, a socket's hang-up would wake every wait.
+        if first_events != self._first_registered:
+            self._first_registered = first_events
+            if first_events:
+                poller.register(self._first, _POLL_MASKS[first_events])  # registers, or modifies
+            else:
+                poller.unregister(self._first)
+        if second_events != self._second_registered:
+            self._second_registered = second_events
+            if second_events:
+                poller.register(self._second, _POLL_MASKS[second_events])
+            else:
+                poller.unregister(self._second)
         first_ready = second_ready = 0
-        first_fd = self._first.fileno()
-        for fd, revents in poller.poll(_milliseconds(timeout)):
-            if fd == first_fd:
+        for fd, revents in poller.poll(None if timeout is None else _milliseconds(timeout)):
+            if fd == self._first_fd:
                 first_ready = _poll_events(revents) & first_events
             else:
                 second_ready = _poll_events(revents) & second_events
@@ -394,7 +399,11 @@ class SocketWaiter:
         elif self._events.pop(sock, 0):
             if self._poller is not None:
                 self._poller.unregister(sock)
-            self._by_fd = {fd: other for fd, other in self._by_fd.items() if other is not sock}
+            fd = sock.fileno()
+            if self._by_fd.get(fd) is sock:
+                del self._by_fd[fd]
+            else:  # closed already: its number is gone
+                self._by_fd = {fd: other for fd, other in self._by_fd.items() if other is not sock}
 
     def wait(self, timeout: float | None) -> list[tuple[socket.socket, int]]:
         """The sockets that are ready, with the events of theirs they are
@@ -916,7 +925,11 @@ class DeadlineReader:
 
     def read_byte(self) -> int:
         """Return one byte as an integer."""
-        return self.read(1)[0]
+        if not self._buffer:
+            self._fill()
+        byte = self._buffer[0]
+        del self._buffer[0]
+        return byte
 
     def read_until_nul(self, limit: int) -> bytes:
         """Return the bytes before the next NUL, which is consumed.
@@ -1027,9 +1040,9 @@ class Method(enum.IntEnum):
     NO_ACCEPTABLE = 0xFF
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What a client asks for: a command and the target's host and port."""
+class Request(NamedTuple):
+    """What a client asks for: a command and the target's host and port.
+    (A tuple: every request makes one, and a frozen dataclass is slower to make.)"""
 
     command: int
     host: str
@@ -1060,16 +1073,17 @@ def read_socks5_address(reader: DeadlineReader) -> tuple[str, int]:
     Raises SocksError(ADDRESS_TYPE_NOT_SUPPORTED) for an unknown ATYP.
     """
     atyp = reader.read_byte()
+    # An address and its port in one read: every request has them.
     if atyp == AddressType.IPV4:
-        host = socket.inet_ntop(socket.AF_INET, reader.read(4))
-    elif atyp == AddressType.IPV6:
-        host = socket.inet_ntop(socket.AF_INET6, reader.read(16))
-    elif atyp == AddressType.DOMAIN:
-        host = _decode_name(reader.read(reader.read_byte()))
-    else:
-        raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
-    (port,) = struct.unpack("!H", reader.read(2))
-    return host, port
+        address = reader.read(6)
+        return socket.inet_ntop(socket.AF_INET, address[:4]), int.from_bytes(address[4:], "big")
+    if atyp == AddressType.IPV6:
+        address = reader.read(18)
+        return socket.inet_ntop(socket.AF_INET6, address[:16]), int.from_bytes(address[16:], "big")
+    if atyp == AddressType.DOMAIN:
+        host = _decode_name(reader.read(reader.read_byte()))  # judged before the port is waited for
+        return host, int.from_bytes(reader.read(2), "big")
+    raise SocksError(Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
 
 
 def read_socks4_request(reader: DeadlineReader) -> Request:
@@ -1877,6 +1891,25 @@ def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+@functools.lru_cache(maxsize=1024)
+def _client_ip_text(host: str) -> str:
+    """_client_ip(host) as text."""
+    return str(_client_ip(host))
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback_client(host: str) -> bool:
+    """Whether the client at ``host`` is on this machine's loopback."""
+    return _client_ip(host).is_loopback
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_host_only_target(host: str) -> bool:
+    """Whether ``host`` is among HOST_ONLY_TARGETS."""
+    ip = _client_ip(host)
+    return any(ip in network for network in HOST_ONLY_TARGETS)
+
+
 class AccessPolicy:
     """Who may use the proxy: the networks clients may come from, and the
     logins they must give (none when ``credentials`` is empty).
@@ -1945,15 +1978,14 @@ class AccessPolicy:
         not on this machine itself (neither loopback nor an own address),
         unless ``allowed_targets`` holds it. IPv4 addresses in IPv6 form
         (``::ffff:127.0.0.1``) are judged as the IPv4 ones they carry."""
-        asker = _client_ip(client)
-        if asker.is_loopback:
+        if _is_loopback_client(client):
             return False
         ip = _client_ip(target)
-        if any(ip in network for network in self.allowed_targets):
+        if self.allowed_targets and any(ip in network for network in self.allowed_targets):
             return False
-        if not (any(ip in network for network in HOST_ONLY_TARGETS) or is_own(ip)):
+        if not (_is_host_only_target(target) or is_own(ip)):
             return False
-        return not is_own(asker)
+        return not is_own(_client_ip(client))
 
 
 # ---------------------------------------------------------------------------
@@ -3462,20 +3494,24 @@ class Balancer:
                 pool = [a for a in addresses if family in a.serves and a.backup == backup]
                 if pool:
                     rounds[family, backup] = WeightedRoundRobin(pool, [self.weight(a) for a in pool])
+        # Every connection asks for these: they are worked out here, once.
+        families = frozenset(family for family, _ in rounds if family != socket.AF_UNSPEC)
+        passes_names = any(family == socket.AF_UNSPEC for family, _ in rounds)
         with self._lock:
             self._rounds = rounds
             self._measured = {family: MeasuredChoice() for family, _ in rounds}
             self._resolving = any(socket.AF_UNSPEC not in a.serves for a in addresses)
+            self._families, self._passes_names = families, passes_names
 
     @property
     def families(self) -> frozenset[socket.AddressFamily]:
         """The address families there are local addresses (or proxies) for."""
-        return frozenset(family for family, _ in self._rounds if family != socket.AF_UNSPEC)
+        return self._families
 
     @property
     def passes_names(self) -> bool:
         """Whether some link is given target names as they are (an upstream proxy)."""
-        return any(family == socket.AF_UNSPEC for family, _ in self._rounds)
+        return self._passes_names
 
     @property
     def resolves_names(self) -> bool:
@@ -3560,17 +3596,20 @@ class Balancer:
         affinity: Affinity | None,
         tiers: Sequence[tuple[bool, bool, bool]] = _TIERS,
     ) -> LocalAddress | None:
-        holds = {a: self.held(a) for rounds in self._rounds.values() for a in rounds.items}
+        holds: dict[LocalAddress, Hold | None] = {}  # asked once for each address, as a tier needs it
         for backup, spent, up_only in tiers:
             rounds = self._rounds.get((family, backup))
             if rounds is None:
                 continue
             hold = "spent" if spent else None
-            candidates = [
-                a
-                for a in rounds.items
-                if a not in tried and holds[a] == hold and not (up_only and self.health.is_out(a))
-            ]
+            candidates = []
+            for address in rounds.items:
+                if address in tried or (up_only and self.health.is_out(address)):
+                    continue
+                if address not in holds:
+                    holds[address] = self.held(address)
+                if holds[address] == hold:
+                    candidates.append(address)
             if candidates:
                 return self._pick(family, rounds, candidates, affinity)
         return None
@@ -3666,14 +3705,14 @@ class Meter:
     def opened(self, address: LocalAddress) -> None:
         """Count a connection opened through ``address``."""
         with self._lock:
-            counters = self._of(address)
+            counters = self._counters.get(address) or self._of(address)
             counters.connections += 1
             counters.open += 1
 
     def closed(self, address: LocalAddress) -> None:
         """Count the end of a connection opened through ``address``."""
         with self._lock:
-            self._of(address).open -= 1
+            (self._counters.get(address) or self._of(address)).open -= 1
 
     def failed(self, address: LocalAddress) -> None:
         """Count a connect through ``address`` that failed."""
@@ -3683,7 +3722,7 @@ class Meter:
     def add(self, address: LocalAddress, up: int, down: int) -> None:
         """Count bytes relayed through ``address``."""
         with self._lock:
-            counters = self._of(address)
+            counters = self._counters.get(address) or self._of(address)
             counters.bytes_up += up
             counters.bytes_down += down
 
@@ -6845,10 +6884,10 @@ class _Race:
         sock.close()
 
     def _win(self, sock: socket.socket, local: LocalAddress) -> UpstreamLease:
-        took = time.monotonic() - self.pending[sock][1]
+        now = time.monotonic()
+        took = now - self.pending[sock][1]
         self._forget(sock)
         self.on_attempt(local)
-        now = time.monotonic()
         silent = [
             (other, TimeoutError(errno.ETIMEDOUT, f"no answer in {now - started:.1f} s; {local.ip} got through"))
             for other, started in self.pending.values()
@@ -6908,18 +6947,16 @@ def relay(
                 wait = last_activity + idle_timeout - time.monotonic()
                 if wait <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, f"idle for {idle_timeout:g} s")
-            up_read, up_write = up.awaits()
-            down_read, down_write = down.awaits()
-            client_ready, upstream_ready = waiter.wait(up_read | down_write, down_read | up_write, wait)
+            client_ready, upstream_ready = waiter.wait(up.reads | down.writes, down.reads | up.writes, wait)
             if idle_timeout is not None and (client_ready or upstream_ready):
                 last_activity = time.monotonic()
             # A direction with nothing ready has nothing to do.
             moved_up = (
-                up.step(client_ready, upstream_ready) if up_read & client_ready or up_write & upstream_ready else 0
+                up.step(client_ready, upstream_ready) if up.reads & client_ready or up.writes & upstream_ready else 0
             )
             moved_down = (
                 down.step(upstream_ready, client_ready)
-                if down_read & upstream_ready or down_write & client_ready
+                if down.reads & upstream_ready or down.writes & client_ready
                 else 0
             )
             if (moved_up or moved_down) and count is not None:
@@ -6942,6 +6979,8 @@ class _Direction:
     connections never pay for the pipe's two descriptors.
     """
 
+    __slots__ = ("src", "dst", "pending", "pipe", "pipe_size", "in_pipe", "eof", "done", "total", "reads", "writes")
+
     def __init__(self, src: socket.socket, dst: socket.socket, early: bytes = b"") -> None:
         self.src = src
         self.dst = dst
@@ -6952,24 +6991,25 @@ class _Direction:
         self.eof = False
         self.done = False
         self.total = 0
-
-    @property
-    def queued(self) -> int:
-        """Bytes received from ``src`` that ``dst`` has yet to take."""
-        return self.in_pipe if self.pipe else len(self.pending)
+        # The events waited for on ``src`` and on ``dst``, kept up to date by
+        # step(): the loop reads them at every turn.
+        self.reads = 0
+        self.writes = 0
+        self._await()
 
     def _has_room(self) -> bool:
         if self.eof:
             return False
         return self.in_pipe < self.pipe_size if self.pipe else not self.pending
 
-    def awaits(self) -> tuple[int, int]:
-        """The events this direction waits for on ``src`` and on ``dst``."""
+    def _await(self) -> None:
+        """Set the events this direction waits for: to receive while it has
+        room, to send while it holds bytes; none once it is done."""
         if self.done:
-            return 0, 0
-        read = selectors.EVENT_READ if self._has_room() else 0
-        write = selectors.EVENT_WRITE if self.queued else 0
-        return read, write
+            self.reads = self.writes = 0
+            return
+        self.reads = selectors.EVENT_READ if self._has_room() else 0
+        self.writes = selectors.EVENT_WRITE if (self.in_pipe if self.pipe else self.pending) else 0
 
     def step(self, src_events: int, dst_events: int) -> int:
         """Move what the ready events allow; return the bytes sent on."""
@@ -6990,8 +7030,11 @@ class _Direction:
         if self.eof and not (self.in_pipe or self.pending):
             self.done = True
             self.close()
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (contextlib.suppress costs every connection three calls)
                 self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._await()
         return sent
 
     def _receive(self) -> bool:
@@ -7409,8 +7452,10 @@ class Session:
     def send_quietly(self, data: bytes) -> None:
         """Send a reply to a client that may have left already: the log line
         says why the request ended, so a failed send is not news."""
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (contextlib.suppress costs every request three calls)
             self.send(data)
+        except OSError:
+            pass
 
     def count(self, up: int, down: int) -> None:
         """Count bytes relayed for this exchange, on its line and its local address."""
@@ -7443,7 +7488,7 @@ class Session:
         its sending side before its reply is taken to have left), except a
         plain HTTP request's client: it may close its side once its request
         is sent (HTTP/1.0 clients do), and the request is served all the same."""
-        client = str(_client_ip(_split_host(self.client_address)[0]))
+        client = _client_ip_text(self.client_address[0])
         return self.context.upstream.connect(
             host,
             port,
@@ -7535,13 +7580,16 @@ class SocksSession(Session):
         self.send(bytes([SOCKS5_VERSION, wanted]))
         if wanted == Method.USERNAME_PASSWORD:
             self.authenticate()
-        with self._failure_replied(SOCKS5_VERSION):
+        try:
             request = read_socks5_request(self.reader)
             self.record.target = _format_endpoint(request.host, request.port)
             if request.command == Command.UDP_ASSOCIATE:
                 association = self.udp_associate(request.host, request.port)
                 self.send_quietly(encode_socks5_reply(Reply.SUCCEEDED, association.client_side.getsockname()))
                 return association
+        except OSError as error:
+            self._reply_failure(SOCKS5_VERSION, error)
+            raise
         return self.connect_and_reply(SOCKS5_VERSION, request)
 
     def authenticate(self) -> None:
@@ -7559,21 +7607,27 @@ class SocksSession(Session):
 
     def socks4(self) -> UpstreamLease:
         """A SOCKS4 or 4a request."""
-        with self._failure_replied(SOCKS4_VERSION):
+        try:
             request = read_socks4_request(self.reader)
             self.record.target = _format_endpoint(request.host, request.port)
             if self.context.access.requires_credentials:
                 raise SocksError(Reply.NOT_ALLOWED, "SOCKS4 cannot authenticate; use SOCKS5")
+        except OSError as error:
+            self._reply_failure(SOCKS4_VERSION, error)
+            raise
         return self.connect_and_reply(SOCKS4_VERSION, request)
 
     def connect_and_reply(self, version: int, request: Request) -> UpstreamLease:
         """Connect to the target of a CONNECT request, then reply as
         ``version`` replies: succeeded, with BND the upstream socket's own
         address, or the failure's code (and raise it)."""
-        with self._failure_replied(version):
+        try:
             if request.command != Command.CONNECT:
                 raise SocksError(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command} not supported")
             lease = self.connect(request.host, request.port)
+        except OSError as error:
+            self._reply_failure(version, error)
+            raise
         try:
             bound = lease.sock.getsockname()
         except OSError:
@@ -7582,16 +7636,12 @@ class SocksSession(Session):
         self.send_quietly(self._encode_reply(version, Reply.SUCCEEDED, bound))
         return lease
 
-    @contextlib.contextmanager
-    def _failure_replied(self, version: int) -> Generator[None, None, None]:
-        """Reply to an OSError raised within with its code, as ``version``
-        replies, and let it go on."""
-        try:
-            yield
-        except OSError as error:
-            self.note_end()  # before the reply, which the client may follow with a stop
-            self.send_quietly(self._encode_reply(version, _reply_code(error)))
-            raise
+    def _reply_failure(self, version: int, error: OSError) -> None:
+        """Reply to the request that ``error`` ended with its code, as
+        ``version`` replies; the caller raises it on. (A try block, not a
+        context manager: every request passes through two of them.)"""
+        self.note_end()  # before the reply, which the client may follow with a stop
+        self.send_quietly(self._encode_reply(version, _reply_code(error)))
 
     @staticmethod
     def _encode_reply(version: int, reply: Reply, bound: tuple[Any, ...] = ("0.0.0.0", 0)) -> bytes:
@@ -11526,6 +11576,8 @@ class LinkSteering:
 
     def held(self, address: LocalAddress) -> Hold | None:
         """Why ``address`` takes fewer new connections than its health allows."""
+        if not self._states and not self.budget.spent:
+            return None  # the usual case, asked by every connection: no link's name is needed
         name = self.link_name(address)
         if name in self._states:
             return "barred"
