@@ -7029,7 +7029,8 @@ class _Direction:
                 break
         if self.eof and not (self.in_pipe or self.pending):
             self.done = True
-            self.close()
+            if self.pipe:
+                self.close()
             try:  # noqa: SIM105 (contextlib.suppress costs every connection three calls)
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError:
