@@ -5250,6 +5250,37 @@ def test_socks5_handshake_merged_with_first_payload(proxy: Dispatcher, echo_serv
         assert round_trip(sock, b" and more") == b"early payload and more"
 
 
+def test_a_socks5_connection_enters_no_context_manager_of_contextlib(
+    proxy: Dispatcher, echo_server: Server, log: pytest.LogCaptureFixture
+) -> None:
+    """A SOCKS5 CONNECT, its relay and its log line run in the proxy's thread
+    without contextlib's context managers: each costs every connection a few
+    Python calls, and a short connection's cost is mostly such calls. Every
+    function a thread started meanwhile enters is noted; the proxy's thread
+    is the one that runs dispatch's code."""
+    entered: list[tuple[int, str]] = []
+
+    def note(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            entered.append((threading.get_ident(), frame.f_code.co_filename))
+
+    threading.setprofile(note)
+    try:
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            sock.sendall(socks5_request(echo_server.host, echo_server.port))
+            assert socks5_reply(sock)[0] == Reply.SUCCEEDED
+            assert round_trip(sock, b"ping") == b"ping"
+        assert wait_for(lambda: len(exchanges(log)) == 1)
+    finally:
+        threading.setprofile(None)
+    seen = entered[:]
+    proxy_threads = {thread for thread, filename in seen if filename == dispatch.__file__}
+    assert len(proxy_threads) == 1
+    assert not [name for thread, name in seen if thread in proxy_threads and name.endswith("contextlib.py")]
+
+
 def test_socks4a_request_merged_with_first_payload(proxy: Dispatcher, echo_server: Server) -> None:
     with raw_client(proxy) as sock:
         sock.sendall(socks4_request("", echo_server.port, host="localhost") + b"early")
