@@ -13489,6 +13489,11 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"dispatch: error: {_shown(message)} (see: {self.prog} --help)\n")
 
 
+def _add_seconds(group: Any, flag: str, help_text: str, default: float | None = None) -> None:
+    """Add a duration option to ``group``: seconds within DURATION_RANGES[flag]."""
+    group.add_argument(flag, type=_duration(flag), default=default, metavar="SECONDS", help=help_text)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="dispatch",
@@ -13549,12 +13554,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "measured to carry; the default without weights) or round-robin (in turn, by the weights; "
         "the default when any ADDRESS has one)",
     )
-    links.add_argument(
-        "--sticky",
-        type=_duration("--sticky"),
-        default=0.0,
-        metavar="SECONDS",
-        help="keep a site's connections on one link while used within SECONDS (default off)",
+    _add_seconds(
+        links, "--sticky", "keep a site's connections on one link while used within SECONDS (default off)", default=0.0
     )
     links.add_argument(
         "--state-file",
@@ -13582,26 +13583,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help="what a link past its cap does (default backup)",
     )
     health = start.add_argument_group("health and failover")
-    health.add_argument(
+    _add_seconds(
+        health,
         "--connect-timeout",
-        type=_duration("--connect-timeout"),
+        f"give up a connect through a link after this long (default {DEFAULT_CONNECT_TIMEOUT:g})",
         default=DEFAULT_CONNECT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up a connect through a link after this long (default {DEFAULT_CONNECT_TIMEOUT:g})",
     )
-    health.add_argument(
+    _add_seconds(
+        health,
         "--hedge",
-        type=_duration("--hedge"),
+        f"race a connect unanswered this long through another link (default {DEFAULT_HEDGE:g})",
         default=DEFAULT_HEDGE,
-        metavar="SECONDS",
-        help=f"race a connect unanswered this long through another link (default {DEFAULT_HEDGE:g})",
     )
-    health.add_argument(
+    _add_seconds(
+        health,
         "--cooldown",
-        type=_duration("--cooldown"),
+        f"the longest wait between a failed link's retests (default {DEFAULT_COOLDOWN:g})",
         default=DEFAULT_COOLDOWN,
-        metavar="SECONDS",
-        help=f"the longest wait between a failed link's retests (default {DEFAULT_COOLDOWN:g})",
     )
     health.add_argument(
         "--check",
@@ -13611,12 +13609,11 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="test every link by a connect to this target (repeatable)",
     )
-    health.add_argument(
+    _add_seconds(
+        health,
         "--check-interval",
-        type=_duration("--check-interval"),
+        f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
         default=DEFAULT_CHECK_INTERVAL,
-        metavar="SECONDS",
-        help=f"how often --check tests each link (default {DEFAULT_CHECK_INTERVAL:g})",
     )
     names = start.add_argument_group("names")
     names.add_argument(
@@ -13657,42 +13654,30 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also show the pages to this host name (repeatable)",
     )
-    pages.add_argument(
-        "--stats",
-        type=_duration("--stats"),
-        metavar="SECONDS",
-        help="print each link's traffic this often, and at the end",
-    )
+    _add_seconds(pages, "--stats", "print each link's traffic this often, and at the end")
     pages.add_argument("--log-file", metavar="PATH", help=f"log here (default {default_log_path()}; -: stdout)")
     pages.add_argument(
         "-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="write debug logs to stdout"
     )
     limits = start.add_argument_group("limits")
-    limits.add_argument(
+    _add_seconds(
+        limits,
         "--handshake-timeout",
-        type=_duration("--handshake-timeout"),
+        f"close a client whose handshake takes longer (default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
         default=DEFAULT_HANDSHAKE_TIMEOUT,
-        metavar="SECONDS",
-        help=f"close a client whose handshake takes longer (default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
-    limits.add_argument(
-        "--idle-timeout",
-        type=_duration("--idle-timeout"),
-        metavar="SECONDS",
-        help="close a connection idle this long (default: never)",
-    )
+    _add_seconds(limits, "--idle-timeout", "close a connection idle this long (default: never)")
     limits.add_argument(
         "--max-connections",
         type=_positive,
         metavar="N",
         help="refuse new clients while N are open (default: what fits)",
     )
-    limits.add_argument(
+    _add_seconds(
+        limits,
         "--grace",
-        type=_duration("--grace"),
+        f"at a stop, how long open connections may go on (default {DEFAULT_GRACE:g})",
         default=DEFAULT_GRACE,
-        metavar="SECONDS",
-        help=f"at a stop, how long open connections may go on (default {DEFAULT_GRACE:g})",
     )
     rules = commands.add_parser(
         "rules",
