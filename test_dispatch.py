@@ -2870,14 +2870,24 @@ def test_usage_of_another_machine_or_a_future_period_is_ignored_with_one_warning
 
 
 def fill_links(proxy: Dispatcher, echo_server: Server, count: int, size: int) -> None:
-    """``count`` connections in turn, each echoing ``size`` bytes."""
+    """``count`` connections in turn, each echoing ``size`` bytes, and
+    ended: the proxy has counted all they carried."""
     for _ in range(count):
         with client_through(proxy, (echo_server.host, echo_server.port)) as client:
             assert round_trip(client, b"c" * size) == b"c" * size
+    assert wait_for(lambda: all(row["open"] == 0 for row in proxy.stats()))
+
+
+def caps_counted(proxy: Dispatcher) -> list[dispatch.CapReport]:
+    """The caps' reports once the meter has counted what the links carried
+    (the background task samples it every METER_INTERVAL; a test need not
+    wait for that)."""
+    proxy.sample_meter()
+    return proxy.status()["caps"]
 
 
 def cap_reached(proxy: Dispatcher) -> bool:
-    return all(report["reached"] for report in proxy.status()["caps"])
+    return all(report["reached"] for report in caps_counted(proxy))
 
 
 @pytest.mark.parametrize("action", ["backup", "stop"])
@@ -2922,7 +2932,7 @@ def test_usage_survives_a_restart_through_the_state_file(
     state = str(tmp_path / "state.json")
     first = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
     fill_links(first, echo_server, 1, 30_000)
-    assert wait_for(lambda: first.status()["caps"][0]["used_bytes"] >= 60_000)
+    assert wait_for(lambda: caps_counted(first)[0]["used_bytes"] >= 60_000)
     first.shutdown()  # writes the state file
     again = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
     assert again.status()["caps"][0]["used_bytes"] >= 60_000
@@ -2965,7 +2975,7 @@ def test_each_cap_is_on_the_page_in_stats_json_in_metrics_and_in_the_stats_lines
 ) -> None:
     proxy = make_proxy(["127.0.0.2"], caps=["127.0.0.2=100kB/day", "127.0.0.2=1MB/month"])
     fill_links(proxy, echo_server, 1, 40_000)  # 80 kB both ways
-    assert wait_for(lambda: proxy.status()["caps"][0]["used_bytes"] >= 80_000)
+    assert wait_for(lambda: caps_counted(proxy)[0]["used_bytes"] >= 80_000)
     day, month = proxy.status()["caps"]
     assert (day["cap"], day["cap_bytes"], day["reached"]) == ("127.0.0.2=100kB/day", 100_000, False)
     assert (month["cap"], month["used_bytes"]) == ("127.0.0.2=1MB/month", day["used_bytes"])
