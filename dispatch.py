@@ -4090,6 +4090,18 @@ def _kept_capacity(entry: object) -> float | None:
     return float(capacity) if 0 < capacity <= STATE_CAPACITY_LIMIT else None
 
 
+def read_state_part(path: str, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The state file at ``path`` and its part ``key`` (a JSON object), read
+    quietly: None where there is no such part, or where read_state finds the
+    file unusable (it says so)."""
+    try:
+        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return None
+    part = data.get(key) if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
+    return (data, part) if isinstance(part, dict) else None
+
+
 def read_state(path: str) -> dict[str, float]:
     """The capacities (bytes per second) a state file keeps, by link key.
 
@@ -4555,13 +4567,10 @@ def read_usage(path: str, today: datetime.date) -> dict[str, dict[datetime.date,
     this machine; nothing, with one warning, for another machine's usage
     or days after ``today`` (a future period). A file read_state finds
     unusable gives nothing, quietly: it has said so."""
-    try:
-        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
-    except (OSError, ValueError, RecursionError, MemoryError):
+    found = read_state_part(path, "usage")
+    if found is None:
         return {}
-    usage = data.get("usage") if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
-    if not isinstance(usage, dict):
-        return {}
+    data, usage = found
     if data.get("host") != socket.gethostname():
         logger.warning(
             "state file %s: the usage it keeps is of another machine (%.60r), ignored", path, data.get("host")
@@ -11522,13 +11531,10 @@ def read_link_states(path: str) -> dict[str, tuple[SteeredState, int | None]]:
     from "ready" and their weight alone; an unusable entry is left out,
     with one warning for them all. A file read_state finds unusable gives
     nothing, quietly: it has said so."""
-    try:
-        data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
-    except (OSError, ValueError, RecursionError, MemoryError):
+    found = read_state_part(path, "steered")
+    if found is None:
         return {}
-    steered = data.get("steered") if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
-    if not isinstance(steered, dict):
-        return {}
+    steered = found[1]
     kept: dict[str, tuple[SteeredState, int | None]] = {}
     for name, entry in steered.items():
         state = entry.get("state", "ready") if isinstance(entry, dict) else None
