@@ -644,7 +644,7 @@ def run_cli(arguments: list[str], use: Callable[[Listening, Callable[[], None]],
     def stoppable() -> bool:
         # The proxy listens before it handles SIGTERM, which must not reach
         # the default handler: that would end the test run.
-        return getattr(signal.getsignal(signal.SIGTERM), "__name__", "") == "request_stop"
+        return getattr(signal.getsignal(signal.SIGTERM), "__name__", "") == "on_stop_signal"
 
     def drive() -> None:
         if not wait_for(stoppable):

@@ -603,27 +603,63 @@ def run_on_one_cpu() -> set[int] | None:
 class _StopSignals:
     """Ctrl-C and SIGTERM while the proxy serves: the first asks it to stop
     (``stopping``), the second to cut the grace period short (``hurry``);
-    any more change nothing. The handlers only set events: an exception
-    raised from a handler could land anywhere, a logging call included, and
-    be lost. The handlers before are put back on leaving."""
+    any more change nothing. The handlers before are put back on leaving.
+
+    The Python-level handlers do nothing: a handler runs in the main thread
+    between any two of its steps, maybe inside ``stopping.wait()`` with the
+    event's own lock held, and setting the event there would wait for that
+    lock for ever. Instead each signal's number goes down a socket pair
+    (``signal.set_wakeup_fd``, written by the C-level handler) to a thread of
+    its own, which sets the events."""
+
+    _STOPPING = frozenset({signal.SIGINT, signal.SIGTERM})
 
     def __init__(self) -> None:
         self.stopping = threading.Event()
         self.hurry = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._wakeup, self._signalled = socket.socketpair()
+        self._previous_wakeup_fd = -1
+        self._reader = threading.Thread(target=self._read_signals, name="dispatch-signals", daemon=True)
 
     def __enter__(self) -> _StopSignals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self.request_stop)
+        self._wakeup.setblocking(False)  # as set_wakeup_fd requires: a full pair drops, never blocks
+        self._reader.start()
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.fileno(), warn_on_full_buffer=False)
+        for signum in self._STOPPING:
+            self._previous[signum] = signal.signal(signum, self.on_stop_signal)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        with contextlib.suppress(OSError):
+            self._wakeup.send(b"\0")  # no signal has number 0: the reader's sign to end
+        self._reader.join(timeout=1.0)
+        self._wakeup.close()
+        self._signalled.close()
 
-    def request_stop(self, signum: int, frame: Any) -> None:
-        """The signal handler: the first asks to stop, the second to stop at once."""
-        (self.hurry if self.stopping.is_set() else self.stopping).set()
+    @staticmethod
+    def on_stop_signal(signum: int, frame: Any) -> None:
+        """The Python-level handler, set once the wakeup byte's way is: a
+        handler must be set for that byte to be written, and this one keeps
+        Ctrl-C from raising KeyboardInterrupt."""
+
+    def _read_signals(self) -> None:
+        """The reader's thread: the first stop signal sets ``stopping``, the second ``hurry``."""
+        while True:
+            try:
+                signums = self._signalled.recv(64)
+            except OSError:
+                return
+            if not signums:
+                return
+            for signum in signums:
+                if signum == 0:
+                    return
+                if signum in self._STOPPING:
+                    (self.hurry if self.stopping.is_set() else self.stopping).set()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a stop; return whether one came."""

@@ -9912,6 +9912,35 @@ def test_cli_second_ctrl_c_closes_every_connection_at_once(
         assert re.search(r"-> 127\.0\.0\.1:\d+ via 127\.0\.0\.1 \(lo\): cut by shutdown, 4 B up, 4 B down", log.read())
 
 
+# A Python signal handler runs in the main thread between any two of its
+# steps, inside Event.wait() with the event's lock held too; a handler that
+# set the event there waited for that lock for ever (a CLI that ignored
+# Ctrl-C, now and then). The locks are held here on purpose.
+SIGNALLED_WHILE_HELD = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import dispatch
+with dispatch._StopSignals() as stop:
+    with stop.stopping._cond:
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(100000))
+    print("stopping", stop.wait(5), flush=True)
+    with stop.hurry._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100000))
+    print("hurry", stop.hurry.wait(5), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # the handler before is back: the default ends the process
+"""
+
+
+def test_a_stop_signal_landing_while_the_stop_event_is_held_still_stops() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_WHILE_HELD, HERE], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert (done.stdout, done.stderr) == ("stopping True\nhurry True\n", "")
+    assert done.returncode == -signal.SIGTERM
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
