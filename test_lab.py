@@ -1770,36 +1770,51 @@ def test_lab_a_bond_where_the_server_or_the_path_has_no_mptcp_falls_back_to_one_
     assert "s3cret" not in proxy.log() + json.dumps(lab_status(proxy))
 
 
-def test_lab_a_link_going_dark_mid_download_costs_the_bond_a_short_stall_and_is_used_again(
+def test_lab_a_link_going_dark_mid_download_costs_the_bond_a_stall_and_is_used_again(
     rules_lab: Any, lab_proxy: Callable[..., LabProxy], bond_server: Callable[..., str]
 ) -> None:
     """One 24 MB download through a bond of uplinks 1 and 2: uplink 2 goes
     dark a quarter of the way, and comes back at half way. The download goes
-    on over uplink 1 after a short stall, and uplink 2 carries again once
-    it is back."""
+    on over uplink 1 while uplink 2 is dark, to its last byte, and the bond's
+    next download goes over uplink 2 again.
+
+    How long the stall lasts and whether the dark subflow of the same
+    connection carries again are the kernel's: its MPTCP retransmission
+    timer backs off with the dark subflow's, one stall in twenty-odd runs
+    is over ten seconds, and a subflow marked stale is not always tried again
+    (mptcp_net-next issue 348). Both are printed; what dispatch keeps is that
+    the download lives through it and the bond keeps the link."""
     lab = rules_lab
     url = bond_server(lab)
     proxy = lab_proxy(lab, "--no-state", f"{url}+{lab.uplink(1).client_ifname}+{lab.uplink(2).client_ifname}")
     assert wait_for(lambda: len(mptcp_endpoints(lab)) == 2), proxy.log()
-    received, longest_gap, healed_at = 0, 0.0, None
+    received, longest_gap, received_while_dark, dark = 0, 0.0, 0, False
     try:
-        with proxy.client(import_netlab().HTTP_PORT) as client:
+        with proxy.client(import_netlab().HTTP_PORT, timeout=60) as client:
             client.sendall(f"GET /file?size={LAB_BOND_SIZE} HTTP/1.0\r\nHost: lab\r\n\r\n".encode())
             last = time.monotonic()
+            response = bytearray()
             while chunk := client.recv(1 << 16):
                 now = time.monotonic()
                 longest_gap, last = max(longest_gap, now - last), now
+                response += chunk
                 received += len(chunk)
-                if received > LAB_BOND_SIZE // 4 and not lab.is_dark(2) and healed_at is None:
+                if dark:
+                    received_while_dark += len(chunk)
+                if LAB_BOND_SIZE // 4 < received < LAB_BOND_SIZE // 2 and not dark and not received_while_dark:
                     lab.darken(2)
-                elif received > LAB_BOND_SIZE // 2 and lab.is_dark(2):
+                    dark = True
+                elif received > LAB_BOND_SIZE // 2 and dark:
                     lab.restore(2)
-                    healed_at = lab.counters()[2].rx_bytes
+                    dark = False
     finally:
         lab.restore(2)
-    assert received > LAB_BOND_SIZE
-    assert healed_at is not None
-    carried_after = lab.counters()[2].rx_bytes - healed_at
-    print(f"dark link: longest stall {longest_gap:.2f} s; uplink 2 carried {carried_after:,} B once back")
-    assert longest_gap < 5.0
-    assert carried_after > 1_000_000
+    head, _, body = bytes(response).partition(b"\r\n\r\n")
+    assert (head.split(b" ")[1:2], len(body)) == ([b"200"], LAB_BOND_SIZE)
+    assert received_while_dark > LAB_BOND_SIZE // 8  # the quarter to the half went by uplink 1 alone
+    assert mptcp_endpoints(lab).keys() == {lab.uplink(1).client_addr, lab.uplink(2).client_addr}
+    before = lab.counters()[2].rx_bytes
+    assert proxy.download(LAB_BOND_SIZE // 4) == LAB_BOND_SIZE // 4
+    carried_after = lab.counters()[2].rx_bytes - before
+    print(f"dark link: longest stall {longest_gap:.2f} s; the next download's {carried_after:,} B by uplink 2")
+    assert carried_after > LAB_BOND_SIZE // 16
