@@ -30,8 +30,9 @@ One more column is a reference rather than a peer: ``splice_relay.c`` (built wit
 each a blocking splice() loop.  What it reaches is what this machine gives any
 relay; dispatch's ratio to it shows what dispatch's own work costs.
 
-Measures, run in alternating rounds (each round visits every target in turn, so
-noise hits them all alike); the report shows the median over rounds:
+Measures, run in alternating rounds (each round visits every target in turn,
+starting one further along each time, so noise and the place in the order hit
+them all alike); the report shows the median over rounds:
 
 * bulk throughput, download and upload, 1 and 4 parallel streams (MB/s, 10^6 B);
 * short connections per second, 8 in parallel (connect, SOCKS5 handshake,
@@ -1245,9 +1246,14 @@ FAMILIES = tuple(dict.fromkeys(t.family for t in TESTS))
 
 
 def run_round(bench: Bench, number: int, families: Sequence[str]) -> None:
+    # Each round starts one target further along: the place in the order
+    # counts too (the proxy measured right after the direct transfer got 5-8 %
+    # less on a one-stream download, round after round, whichever code it ran).
+    shift = number % len(bench.targets)
+    targets = [*bench.targets[shift:], *bench.targets[:shift]]
     for test in (t for t in TESTS if t.family in families):
         key, proxies_only = test.key, test.proxies_only
-        for target in bench.targets:
+        for target in targets:
             if proxies_only and target.pid is None:
                 continue
             try:
