@@ -624,10 +624,14 @@ class _StopSignals:
 
     def __enter__(self) -> _StopSignals:
         self._wakeup.setblocking(False)  # as set_wakeup_fd requires: a full pair drops, never blocks
-        self._reader.start()
-        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.fileno(), warn_on_full_buffer=False)
+        try:  # ValueError outside the main thread, as signal.signal() raises there
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.fileno(), warn_on_full_buffer=False)
+        except BaseException:
+            self._close_pair()
+            raise
         for signum in self._STOPPING:
             self._previous[signum] = signal.signal(signum, self.on_stop_signal)
+        self._reader.start()  # a signal before it runs waits in the pair
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -637,6 +641,9 @@ class _StopSignals:
         with contextlib.suppress(OSError):
             self._wakeup.send(b"\0")  # no signal has number 0: the reader's sign to end
         self._reader.join(timeout=1.0)
+        self._close_pair()
+
+    def _close_pair(self) -> None:
         self._wakeup.close()
         self._signalled.close()
 

@@ -9941,6 +9941,24 @@ def test_a_stop_signal_landing_while_the_stop_event_is_held_still_stops() -> Non
     assert done.returncode == -signal.SIGTERM
 
 
+def test_stop_signals_outside_the_main_thread_raise_and_leave_nothing_running() -> None:
+    raised: list[BaseException] = []
+
+    def enter() -> None:
+        try:
+            with dispatch._StopSignals():
+                pass
+        except ValueError as error:
+            raised.append(error)
+
+    before = set(threading.enumerate())
+    helper = threading.Thread(target=enter)
+    helper.start()
+    helper.join(TIMEOUT)
+    assert [type(error) for error in raised] == [ValueError]  # as signal.signal() raises there
+    assert set(threading.enumerate()) == before
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
