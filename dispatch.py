@@ -345,7 +345,8 @@ class _PairWaiter:
         poller = self._poller
         if poller is None:
             return self._select(first_events, second_events, timeout)
-        # Unwatched, a socket's hang-up would wake every wait.
+        # Unwatched, a socket's hang-up would wake every wait. The two sockets
+        # are written out rather than looped over: every turn of every relay passes here.
         if first_events != self._first_registered:
             self._first_registered = first_events
             if first_events:
