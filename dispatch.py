@@ -119,6 +119,7 @@ import sys
 import threading
 import time
 import types
+import typing
 import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from http import HTTPStatus
@@ -1263,6 +1264,10 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # hop read another message than this one did.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,19}")
+# A request's method: letters, and the hyphens of registered ones
+# (VERSION-CONTROL, RFC 3253); its target: visible ASCII (RFC 9112, 3.2).
+_METHOD = re.compile(r"[A-Za-z][A-Za-z-]*")
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
 
 
@@ -1279,7 +1284,7 @@ def parse_request_line(line: str) -> tuple[str, str, str]:
     if len(parts) != 3:
         raise ValueError(f"bad request line {line[:80]!r}")
     method, target, version = parts
-    if not method.isascii() or not method.isalpha() or not target or not target.isprintable():
+    if not _METHOD.fullmatch(method) or not _VISIBLE_ASCII.fullmatch(target):
         raise ValueError(f"bad request line {line[:80]!r}")
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise ValueError(f"unsupported version {version[:20]!r}")
@@ -1356,10 +1361,14 @@ def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int
     return host, int(port_text)
 
 
+# The longest name DNS can carry, in characters (255 bytes on the wire).
+MAX_HOST_NAME = 253
+
+
 def _validate_target_host(host: str, authority: str) -> None:
     """Raise ValueError unless ``host`` (of ``authority``) is an IP address
     or a host name to look up (see _is_host_name)."""
-    if not _is_ip(host) and not _is_host_name(host):
+    if not _is_ip(host) and not (_is_host_name(host) and len(host.rstrip(".")) <= MAX_HOST_NAME):
         raise ValueError(f"bad host {authority[:80]!r}")
 
 
@@ -4115,9 +4124,13 @@ def _read_regular_file(path: str, limit: int) -> bytes:
     device (/dev/zero) is refused unread: either would hold the reader up."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     descriptor = os.open(path, flags)
-    with open(descriptor, "rb") as file:
+    try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(descriptor)  # open() has not taken it yet
+        raise
+    with open(descriptor, "rb") as file:
         data = file.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
@@ -6354,7 +6367,7 @@ class Upstream:
         if not families:
             raise SocksError(Reply.NETWORK_UNREACHABLE, "no link has an address yet")
         error: OSError | None = None
-        targets, first = self._allowed(client, (host, port), *self._targets(host, families, affinity))
+        targets, first = self._allowed(client, (host, port), absolute_form, *self._targets(host, families, affinity))
         tried = 0
         try:
             for family, ip in targets[:MAX_CONNECT_ADDRESSES]:
@@ -6405,36 +6418,44 @@ class Upstream:
         self,
         client: str | None,
         target: Target,
+        absolute_form: bool,
         targets: list[tuple[socket.AddressFamily, str]],
         first: LocalAddress | None,
     ) -> tuple[list[tuple[socket.AddressFamily, str]], LocalAddress | None]:
         """``targets``, the addresses of ``target`` (host, port), without
-        those ``client`` is refused, and ``first``; where that leaves none,
-        ``first`` is given back and the refusal raised (admit_target). A
-        name that only an upstream proxy looks up (no targets) is its
-        host's to judge."""
+        those ``client`` is refused (for plain HTTP requests where
+        ``absolute_form``), and ``first``; where that leaves none, ``first``
+        is given back and the refusal raised (admit_target). A name that
+        only an upstream proxy looks up (no targets) is its host's to judge."""
         host, port = target
-        allowed = [(family, ip) for family, ip in targets if not self.refuses(client, ip, port)]
+        allowed = [(family, ip) for family, ip in targets if not self.refuses(client, ip, port, absolute_form)]
         if targets and not allowed:
             if first is not None:
                 self.balancer.release(first)
             raise self._refusal(client, host, targets[0][1])
         return allowed, first
 
-    def refuses(self, client: str | None, ip: str, port: int) -> bool:
+    def refuses(self, client: str | None, ip: str, port: int, absolute_form: bool = False) -> bool:
         """Whether ``client`` (an IP address; None: this machine) is refused
         the target (``ip``, ``port``): see AccessPolicy.refuses_target. The
-        proxy itself (``listening``) is not refused."""
+        proxy itself (``listening``) is not refused plain HTTP requests
+        (``absolute_form``: its pages): they reach it in origin form, which
+        it answers only with its pages, and with a Via that stops it from
+        passing them on. A tunnel to it (a CONNECT, SOCKS or HTTP) is
+        refused: through it the client would speak to the proxy from this
+        machine's own address, which may reach everything."""
         if client is None or not self.access.refuses_target(client, ip, is_own_address):
             return False
-        return not self._is_this_proxy(ip, port)
+        return not (absolute_form and self._is_this_proxy(ip, port))
 
     def _is_this_proxy(self, ip: str, port: int) -> bool:
+        """Whether a TCP connection to (``ip``, ``port``) reaches the listener."""
         if self.listening is None or port != self.listening[1]:
             return False
         listening, target = _client_ip(self.listening[0]), _client_ip(ip)
-        if listening.is_unspecified:  # on every address of this machine
-            return target.is_loopback or is_own_address(target)
+        if listening.is_unspecified:  # every address of this machine, of its family (:: takes IPv4 too)
+            of_family = listening.version == 6 or target.version == 4
+            return of_family and (target.is_loopback or is_own_address(target))
         return target == listening
 
     def admit_target(self, client: str | None, host: str, ip: str, port: int) -> None:
@@ -7537,11 +7558,13 @@ class Session:
         """Connect to the target; the record names each local address tried,
         and at last the one that got through. ``absolute_form``: for plain
         HTTP requests; ``hops``: the Via of an HTTP request; ``site``: the
-        name of the site an address is for (see Upstream.connect). A client that hangs up meanwhile ends the
-        attempts (as Squid's half_closed_clients off: a client that closes
-        its sending side before its reply is taken to have left), except a
-        plain HTTP request's client: it may close its side once its request
-        is sent (HTTP/1.0 clients do), and the request is served all the same."""
+        name of the site an address is for (see Upstream.connect). A client
+        that hangs up meanwhile ends the attempts (as Squid's
+        half_closed_clients off: a client that closes its sending side
+        before its reply is taken to have left), except a plain HTTP
+        request's client, which may close its side once its request is sent
+        (HTTP/1.0 clients do), and a client that sent data ahead of its
+        reply: both are served all the same."""
         client = _client_ip_text(self.client_address[0])
         return self.context.upstream.connect(
             host,
@@ -7550,9 +7573,15 @@ class Session:
             client=client,
             absolute_form=absolute_form,
             hops=hops,
-            client_socket=self.connection if self.eof_is_hang_up and not absolute_form else None,
+            client_socket=self.connection if self._eof_would_be_hang_up(absolute_form) else None,
             site=site,
         )
+
+    def _eof_would_be_hang_up(self, absolute_form: bool) -> bool:
+        """Whether the client's EOF before its reply means it left: not where
+        it sent data ahead of the reply (early bytes the reader holds), for
+        its EOF is then the end of what it has to send."""
+        return self.eof_is_hang_up and not absolute_form and not self.reader.buffered
 
     def _via(self, local: LocalAddress) -> None:
         self.record.via = local
@@ -11277,9 +11306,10 @@ class Admission:
                 _shutdown_quietly(sock)
 
 
-# An HTTP request starts with its method, a token of letters; SOCKS starts
-# with its version.
-HTTP_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# An HTTP request starts with its method, a token of letters, or with an
+# empty line a client may send first (RFC 9112, 2.2); SOCKS starts with its
+# version.
+HTTP_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
 SESSIONS: dict[int, type[Session]] = {
     SOCKS4_VERSION: SocksSession,
     SOCKS5_VERSION: SocksSession,
@@ -11377,6 +11407,7 @@ class _Server(socketserver.ThreadingTCPServer):
         self._waiting_requests: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         self._idle_threads = 0  # waiting for a request, not yet promised one
         self._idle_lock = threading.Lock()
+        self._idle_dismissed = False  # stopped: a thread that has served leaves
         # stop() wakes the accept loop through this socket pair, so the loop
         # has no timer to wake on, and stopping takes no poll interval.
         self._wake_up, self._wake_up_sender = socket.socketpair()
@@ -11472,13 +11503,19 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def stop(self) -> None:
         """Stop accepting: once serve_until_stopped() has returned, or will
-        return as soon as the caller (its own thread) is back in it."""
+        return as soon as the caller (its own thread) is back in it. The
+        idle threads leave now, the others once they have served."""
         with self._loop_lock:
             self._stop_requested = True
         with contextlib.suppress(OSError):  # closed already: nothing is waiting
             self._wake_up_sender.send(b"\0")
         if self._loop_thread != threading.get_ident():
             self._loop_done.wait()
+        with self._idle_lock:
+            self._idle_dismissed = True
+            idle, self._idle_threads = self._idle_threads, 0
+        for _ in range(idle):
+            self._waiting_requests.put((None, None))
 
     def server_close(self) -> None:
         with self._loop_lock:
@@ -11519,10 +11556,10 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Serve connections in this thread until none comes for a while."""
-        while True:
+        while request is not None:  # None: dismissed by stop()
             super().process_request_thread(request, client_address)
             with self._idle_lock:
-                if self._idle_threads >= self.max_idle_threads:
+                if self._idle_dismissed or self._idle_threads >= self.max_idle_threads:
                     return
                 self._idle_threads += 1
             try:
@@ -11791,6 +11828,58 @@ GRACE_POLL = 0.1  # how often a grace period looks whether it was cut short
 START_POLL = 0.1  # how often start() looks whether the server thread ended before serving
 
 
+def listen_address_problem(host: str) -> str | None:
+    """What is wrong with ``host`` as an address to listen on (an IP
+    address or a name), in one line; None if nothing.
+
+    The system reads "" and "0" (and "127.1") as addresses too, the first
+    two as every address: what is meant is written out."""
+    if not host:
+        return "an empty address: write 0.0.0.0 (or ::) to listen on every address"
+    if _is_ip(host):
+        return None
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return None  # a name, looked up when the proxy listens
+    return f"{host!r} is a short form of {socket.inet_ntoa(packed)}: write it out"
+
+
+def _holds(value: object, kind: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``kind``: a class, None,
+    a union, Sequence[X] (any iterable but text or a mapping; each entry an
+    X), Mapping[K, V] or Literal. An int is no bool and a bool no int; an
+    int is a float."""
+    origin = getattr(kind, "__origin__", None)
+    arguments: tuple[Any, ...] = getattr(kind, "__args__", ())
+    if kind is None or kind is type(None):
+        return value is None
+    if origin is Literal:
+        return value in arguments
+    if isinstance(kind, types.UnionType) or origin is typing.Union:
+        return any(_holds(value, member) for member in arguments)
+    if origin in (Sequence, collections.abc.Sequence):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            return False
+        return all(_holds(entry, arguments[0]) for entry in value)
+    if origin in (Mapping, collections.abc.Mapping):
+        return isinstance(value, Mapping) and all(
+            _holds(key, arguments[0]) and _holds(entry, arguments[1]) for key, entry in value.items()
+        )
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    """The annotated type ``kind`` as an error message says it."""
+    if isinstance(kind, type):
+        return kind.__name__
+    return re.sub(r"\b(?:typing|collections\.abc|dispatch)\.", "", str(kind).replace("NoneType", "None"))
+
+
 def _seconds(default: float | None, *, zero_is_off: bool = False) -> Any:
     """A DispatcherOptions field of seconds: positive (or 0, which turns it
     off, where ``zero_is_off``) and at most MAX_DURATION."""
@@ -11878,8 +11967,26 @@ class DispatcherOptions:
     cap_action: str = "backup"
 
     def __post_init__(self) -> None:
+        self._validate_types()
         self._validate_settings()
         self._keep_collections()
+
+    def _validate_types(self) -> None:
+        """Each option against its annotation (the durations are checked
+        with their range); a collection read first, once, into a tuple."""
+        kinds = _option_types()
+        for field in dataclasses.fields(self):
+            name, kind = field.name, kinds[field.name]
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):  # a pathlib.Path as state_file
+                value = os.fspath(value)
+                self._keep(name, value)
+            elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, tuple)):
+                value = tuple(value)  # a generator is read once, here
+                self._keep(name, value)
+            if name not in _DURATION_OPTIONS and not _holds(value, kind):
+                got = repr(value) if field.repr else f"a {type(value).__name__}, not shown (passwords)"
+                raise ValueError(f"{name} must be {_type_name(kind)}; got {got}")
 
     def balance_for(self, links: Iterable[Link]) -> Balance:
         """The balance asked for; without one, round robin where a link was
@@ -11908,7 +12015,10 @@ class DispatcherOptions:
             number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
             if not (number and 0 <= seconds <= MAX_DURATION and (seconds > 0 or kind == "0 or more")):
                 raise ValueError(f"{field.name} must be {kind}, at most {MAX_DURATION:g} seconds; got {seconds!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+        problem = listen_address_problem(self.host)
+        if problem is not None:
+            raise ValueError(f"host: {problem}")
+        if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be a port number, 0 to 65535 (0: any free one); got {self.port!r}")
         if self.max_connections is not None and not self.max_connections >= 1:
             raise ValueError(f"max_connections must be at least 1; got {self.max_connections!r}")
@@ -11977,6 +12087,16 @@ class DispatcherOptions:
             raise
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
+
+
+# The options of seconds, whose range check checks their type too.
+_DURATION_OPTIONS = frozenset(field.name for field in dataclasses.fields(DispatcherOptions) if field.metadata)
+
+
+@functools.cache
+def _option_types() -> dict[str, Any]:
+    """The annotation of each of DispatcherOptions' options, as types."""
+    return typing.get_type_hints(DispatcherOptions)
 
 
 # ---------------------------------------------------------------------------
@@ -12142,7 +12262,20 @@ class Dispatcher:
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
+        # A Dispatcher serves once: "new", then "starting" (start()'s thread
+        # on its way), "serving", and "stopped" from the first shutdown().
+        self._life = "new"
+        self._life_lock = threading.Lock()
         self._server = _Server((options.host, options.port), self.admission, self.context, options.mptcp)
+        try:
+            self._set_up_listening(options, rules)
+        except BaseException:
+            self._server.server_close()
+            raise
+
+    def _set_up_listening(self, options: DispatcherOptions, rules: TransparentRules | None) -> None:
+        """What needs the listener's address: the bonds' record, the state
+        kept, the background tasks, transparent mode's listeners."""
         self.upstream.listening = self.address
         self._transparent_servers: list[_Server | TransparentUdp] = []
         self._rules: TransparentRules | None = None
@@ -12368,13 +12501,29 @@ class Dispatcher:
 
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` is called (from any thread, a signal
-        handler included)."""
-        self.capacities.load()
-        self.capacities.measure()  # starts each link's clock, from its remembered figure
-        self.bonds.start(self.capacities.of_interface)
-        self.tasks.start()
-        for server in self._transparent_servers:
-            threading.Thread(target=server.serve_until_stopped, name="dispatch-transparent", daemon=True).start()
+        handler included); at once if it was called before (a signal came
+        first). Raises RuntimeError if this Dispatcher serves already."""
+        with self._life_lock:
+            if self._life == "stopped":
+                return
+            if self._life != "new":
+                raise RuntimeError("this Dispatcher serves already")
+            self._life = "starting"
+        self._serve()
+
+    def _serve(self) -> None:
+        """Start the background work and serve, unless shutdown() came first;
+        under the lock, so that a shutdown() meanwhile stops all it started."""
+        with self._life_lock:
+            if self._life == "stopped":
+                return
+            self._life = "serving"
+            self.capacities.load()
+            self.capacities.measure()  # starts each link's clock, from its remembered figure
+            self.bonds.start(self.capacities.of_interface)
+            self.tasks.start()
+            for server in self._transparent_servers:
+                threading.Thread(target=server.serve_until_stopped, name="dispatch-transparent", daemon=True).start()
         self._serving.set()
         try:
             self._server.serve_until_stopped()
@@ -12384,31 +12533,46 @@ class Dispatcher:
     def start(self) -> Dispatcher:
         """Serve in a background thread; return self once it serves.
 
-        Raises what ended that thread if it ended before serving."""
+        Raises what ended that thread if it ended before serving, and
+        RuntimeError if it serves already or was shut down (each Dispatcher
+        serves once)."""
         failures: list[Exception] = []
 
         def serve() -> None:
             try:
-                self.serve_forever()
+                self._serve()
             except Exception as failure:  # raised by start(), in the caller's thread
                 failures.append(failure)
 
-        thread = self._thread = threading.Thread(target=serve, name="dispatch-server", daemon=True)
-        thread.start()
+        with self._life_lock:
+            if self._life == "stopped":
+                raise RuntimeError("this Dispatcher was shut down: make a new one to serve again")
+            if self._life != "new":
+                raise RuntimeError("this Dispatcher serves already")
+            self._life = "starting"
+            thread = self._thread = threading.Thread(target=serve, name="dispatch-server", daemon=True)
+            thread.start()
         while not self._serving.wait(START_POLL):
             if not thread.is_alive():
                 thread.join()
                 if failures:
                     raise failures[0]
+                if self._life == "stopped":
+                    raise RuntimeError("this Dispatcher was shut down before it served")
                 raise RuntimeError("the server thread ended before serving")
         return self
 
     def shutdown(self, grace: float = 0.0, cut_short: threading.Event | None = None) -> None:
         """Stop accepting, give open connections up to ``grace`` seconds to
         finish (less if ``cut_short`` is set meanwhile), then close them.
-        Safe to call more than once."""
+        Safe to call more than once; ValueError for a ``grace`` that is not
+        0 or more seconds, before anything stops."""
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= MAX_DURATION:
+            raise ValueError(f"grace must be 0 or more, at most {MAX_DURATION:g} seconds; got {grace!r}")
+        with self._life_lock:
+            self._life = "stopped"
+            thread, self._thread = self._thread, None
         self._server.stop()
-        thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._server.server_close()
@@ -13040,19 +13204,10 @@ def _port(text: str) -> int:
 
 
 def _listen_address(text: str) -> str:
-    """An address to listen on, as --ip takes it: an IP address or a name.
-
-    The system reads "" and "0" (and "127.1") as addresses too, the first
-    two as every address: what is meant is written out.
-    """
-    if not text:
-        raise argparse.ArgumentTypeError("an empty address: write 0.0.0.0 (or ::) to listen on every address")
-    if not _is_ip(text):
-        try:
-            packed = socket.inet_aton(text)
-        except OSError:
-            return text  # a name, looked up when the proxy listens
-        raise argparse.ArgumentTypeError(f"{text!r} is a short form of {socket.inet_ntoa(packed)}: write it out")
+    """An address to listen on, as --ip takes it (listen_address_problem)."""
+    problem = listen_address_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -13305,17 +13460,38 @@ def _start(args: argparse.Namespace) -> int:
             os.sched_setaffinity(0, cpus)
 
 
+class _HeldRecords(logging.Handler):
+    """Warnings logged before the log is set up (while the Dispatcher is
+    built, say that dnspython is missing): held for the banner, which
+    prints and logs them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
+    held = _HeldRecords()
+    logger.addHandler(held)
     try:
         dispatcher = _build_dispatcher(args)
     except _StartError as refusal:
+        logger.removeHandler(held)
+        for record in held.records:  # to the terminal, as ever without a log
+            logger.handle(record)
         return _error(str(refusal))
+    finally:
+        logger.removeHandler(held)
     try:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
         dispatcher.shutdown()
         return _error(f"cannot write the log: {_describe(error)}")
+    warnings = [f"warning: {record.getMessage()}" for record in held.records]
     directory = os.path.dirname(os.path.abspath(args.state_file or default_state_path()))
     try:
         system_proxy, told = take_system_proxy(directory, args.system_proxy, *dispatcher.address)
@@ -13325,7 +13501,8 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         return _error(f"system proxy: {error}")
     dispatcher.system_proxy = system_proxy
     try:
-        return _serve_until_signalled(dispatcher, args, _banner(dispatcher, args, descriptor_limit) + told, where)
+        banner = _banner(dispatcher, args, descriptor_limit) + warnings + told
+        return _serve_until_signalled(dispatcher, args, banner, where)
     finally:
         if system_proxy is not None:
             put_back_at_stop(system_proxy)

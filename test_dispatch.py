@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import random
 import re
 import resource
@@ -545,9 +546,13 @@ def test_parsers_take_any_bytes_without_surprise(parser: Callable[..., Any], dat
 
 def test_parse_request_line() -> None:
     assert dispatch.parse_request_line("GET http://h/ HTTP/1.1") == ("GET", "http://h/", "HTTP/1.1")
+    assert dispatch.parse_request_line("VERSION-CONTROL /r HTTP/1.1")[0] == "VERSION-CONTROL"  # RFC 3253
     for bad in ("GET http://h/", "GET  http://h/ HTTP/1.1", "G3T / HTTP/1.1", "GET / HTTP/2", "GET / HTTP/1.1 x"):
         with pytest.raises(ValueError):
             dispatch.parse_request_line(bad)
+    for target in ("/\xc3\xa9", "/\xa0x", "/\x7fx", "/a\tb"):  # read as latin-1: UTF-8, NBSP, DEL, a tab
+        with pytest.raises(ValueError):
+            dispatch.parse_request_line(f"GET {target} HTTP/1.1")
 
 
 @pytest.mark.parametrize(
@@ -2559,6 +2564,18 @@ def test_a_hostile_state_file_is_one_warning_and_the_proxy_serves(
     assert str(path) in warning
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("kind", ["a symbolic link to /dev/zero", "a FIFO", "a directory", "over the size limit"])
+def test_a_state_file_of_the_wrong_kind_leaves_no_descriptor_open(tmp_path: Any, kind: str) -> None:
+    path = tmp_path / "state.json"
+    hostile_state_file(kind, path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(OSError):
+            dispatch._read_regular_file(str(path), dispatch.STATE_FILE_LIMIT)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_state_file_keeps_only_the_links_of_this_run(
     make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
 ) -> None:
@@ -4381,12 +4398,17 @@ def test_name_too_long_for_a_socks5_upstream_gets_a_failure_reply(
     make_upstream: Callable[..., UpstreamServer],
     log: pytest.LogCaptureFixture,
 ) -> None:
+    """SOCKS4a carries names of any length; HTTP refuses those DNS cannot carry (400)."""
     proxy = make_proxy([make_upstream("microsocks").url.replace("socks5://", "socks5h://")])
     name = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".test"  # 261 bytes
-    status, _, body = http_exchange(proxy, f"CONNECT {name}:443 HTTP/1.1\r\n\r\n".encode())
-    assert status == HTTPStatus.BAD_GATEWAY
-    assert b"a name of more than 255 bytes cannot go to SOCKS5" in body
+    with raw_client(proxy) as sock:
+        sock.sendall(socks4_request("", 443, host=name))
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5b"
+    status, _, _ = http_exchange(proxy, f"CONNECT {name}:443 HTTP/1.1\r\n\r\n".encode())
+    assert status == HTTPStatus.BAD_REQUEST
     wait_until_all_closed(proxy)
+    socks4a, http = [e.result for e in exchanges(log) if e.target == f"{name}:443"]
+    assert socks4a == "a name of more than 255 bytes cannot go to SOCKS5" and http.startswith("400 bad host")
     assert "Traceback" not in log.text
 
 
@@ -4750,6 +4772,34 @@ def test_a_plain_http_request_whose_client_closes_its_side_after_it_is_served_af
     assert status == 200
 
 
+@pytest.mark.parametrize("protocol", ["socks5", "socks4", "http"])
+def test_a_client_that_sends_data_ahead_and_closes_its_side_during_a_slow_connect_is_served(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, fake_names: dict[str, list[str]], protocol: str
+) -> None:
+    """Its EOF ends what it has to send, not its wait for the answer: the
+    data reaches the target however long the connect takes."""
+    fake_names["slow.test"] = ["127.66.0.9", echo_server.host]
+    proxy = make_proxy(connect_timeout=1.0)
+    port = echo_server.port
+    request, replied = {
+        "socks5": (b"\x05\x01\x00" + socks5_request("slow.test", port), b"\x05\x00\x05\x00"),
+        "socks4": (socks4_request("", port, host="slow.test"), b"\x00\x5a"),
+        "http": (f"CONNECT slow.test:{port} HTTP/1.1\r\nHost: slow.test:{port}\r\n\r\n".encode(), b""),
+    }[protocol]
+    with socket.socket() as full:
+        full.bind(("127.66.0.9", port))
+        full.listen(0)
+        with socket.create_connection(("127.66.0.9", port), timeout=TIMEOUT), raw_client(proxy) as sock:
+            sock.sendall(request + b"sent ahead")
+            sock.shutdown(socket.SHUT_WR)
+            if protocol == "http":
+                assert read_response(sock)[::2] == (200, b"sent ahead")
+            else:
+                reply = recv_exactly(sock, {"socks5": 12, "socks4": 8}[protocol])
+                assert reply.startswith(replied)
+                assert read_all(sock) == b"sent ahead"
+
+
 @needs_ipv6
 def test_ipv6_target_without_ipv6_local_address_gets_reply_08(proxy: Dispatcher, log: pytest.LogCaptureFixture) -> None:
     assert socks5_code_for(proxy, socks5_request("::1", 80)) == Reply.ADDRESS_TYPE_NOT_SUPPORTED
@@ -4793,23 +4843,49 @@ def test_a_client_of_another_machine_is_refused_this_machines_own_targets_by_add
 
 
 def test_a_client_of_another_machine_may_ask_for_the_proxy_itself(make_proxy: Callable[..., Dispatcher]) -> None:
-    """A browser set to use the proxy asks it for its own pages in absolute form."""
+    """A browser set to use the proxy asks it for its own pages in absolute
+    form; a tunnel to it is refused (through it, the client would speak to
+    the proxy from this machine's own address)."""
     for host in ("127.0.0.1", "0.0.0.0"):
         proxy = make_proxy(host=host, allow=["127.0.0.0/8"])
-        with proxy.upstream.connect("127.0.0.1", proxy.address[1], client="192.0.2.50") as lease:
+        port = proxy.address[1]
+        with proxy.upstream.connect("127.0.0.1", port, client="192.0.2.50", absolute_form=True) as lease:
             lease.sock.settimeout(TIMEOUT)
             lease.sock.sendall(b"GET /proxy.pac HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_response(lease.sock)[0] == 200
+        with pytest.raises(dispatch.SocksError, match="only this machine may reach it"):
+            proxy.upstream.connect("127.0.0.1", port, client="192.0.2.50")
         with pytest.raises(dispatch.SocksError):
-            proxy.upstream.connect("127.0.0.1", refused_port(), client="192.0.2.50")
+            proxy.upstream.connect("127.0.0.1", refused_port(), client="192.0.2.50", absolute_form=True)
+
+
+@pytest.mark.parametrize(
+    ("listening", "target", "itself"),
+    [
+        ("0.0.0.0", "127.0.0.1", True),
+        ("0.0.0.0", "::1", False),  # 0.0.0.0 takes IPv4 alone: another program's port
+        ("::", "::1", True),
+        ("::", "127.0.0.1", True),
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "127.0.0.2", False),
+    ],
+)
+def test_only_the_listeners_own_family_and_address_are_the_proxy_itself(
+    listening: str, target: str, itself: bool
+) -> None:
+    upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
+    upstream.listening = (listening, 1080)
+    assert upstream.refuses("192.0.2.50", target, 1080, absolute_form=True) is not itself
+    assert upstream.refuses("192.0.2.50", target, 1080)  # a tunnel, or a datagram
+    assert upstream.refuses("192.0.2.50", target, 1081, absolute_form=True)
 
 
 def test_a_name_with_an_address_of_this_machine_among_others_is_given_the_others() -> None:
     upstream = dispatch.Upstream(dispatch.Balancer([], dispatch.Health()), dispatch.Meter())
     targets = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "192.0.2.7"), (socket.AF_INET6, "::1")]
     target = ("rebound.example", 80)
-    assert upstream._allowed("192.168.1.5", target, targets, None) == ([targets[1]], None)
-    assert upstream._allowed("127.0.0.1", target, targets, None) == (targets, None)
+    assert upstream._allowed("192.168.1.5", target, False, targets, None) == ([targets[1]], None)
+    assert upstream._allowed("127.0.0.1", target, False, targets, None) == (targets, None)
 
 
 def test_refused_targets_are_logged_at_most_once_a_second_with_a_count(
@@ -5995,6 +6071,9 @@ def test_hop_by_hop_headers_are_removed(proxy: Dispatcher, origin: str) -> None:
         b"GET ftp://127.0.0.1/ HTTP/1.1\r\n\r\n",
         b"CONNECT 127.0.0.1 HTTP/1.1\r\n\r\n",
         b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x",  # cut short
+        b"GET http://127.0.0.1/\xc3\xa9 HTTP/1.1\r\n\r\n",  # a target not in ASCII
+        b"CONNECT " + b".".join([b"a" * 63] * 4) + b":80 HTTP/1.1\r\n\r\n",  # a name of 255 characters
+        b"GET http://" + b".".join([b"a" * 63] * 4) + b"/ HTTP/1.1\r\n\r\n",
     ],
 )
 def test_malformed_request_gets_400(proxy: Dispatcher, request_bytes: bytes) -> None:
@@ -6004,6 +6083,13 @@ def test_malformed_request_gets_400(proxy: Dispatcher, request_bytes: bytes) -> 
         status, headers, body = read_response(sock)
     assert (status, headers["connection"]) == (400, "close")
     assert body.startswith(b"400 Bad Request: ")
+
+
+def test_an_empty_line_before_the_first_request_is_skipped(proxy: Dispatcher, origin: str) -> None:
+    """RFC 9112, 2.2: a server skips at least one empty line before a request."""
+    with raw_client(proxy) as sock:
+        sock.sendall(f"\r\nGET {origin}/after-crlf HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+        assert read_response(sock)[0] == 200
 
 
 def test_proxy_keeps_serving_after_a_malformed_request(proxy: Dispatcher, origin: str) -> None:
@@ -8534,6 +8620,92 @@ def test_shutdown_before_serving_makes_serve_forever_return_at_once(make_proxy: 
     proxy.serve_forever()  # returns: a stopped proxy stays stopped
 
 
+def test_a_dispatcher_serves_once(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
+    proxy = make_proxy()
+    with pytest.raises(RuntimeError, match="serves already"):
+        proxy.start()
+    with pytest.raises(RuntimeError, match="serves already"):
+        proxy.serve_forever()
+    assert [t.name for t in threading.enumerate()].count("dispatch-server") == 1
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"once") == b"once"
+    proxy.shutdown()
+    with pytest.raises(RuntimeError, match="was shut down: make a new one to serve again"):
+        proxy.start()
+
+
+def test_a_shutdown_racing_a_start_leaves_nothing_running() -> None:
+    """start() in one thread, shutdown() in another at once: shutdown stops
+    whatever start got going, and start raises if it did not serve."""
+    before = set(threading.enumerate())
+    for _ in range(50):
+        proxy = Dispatcher(["127.0.0.1"], port=0)
+        outcome: list[object] = []
+
+        def start(proxy: Dispatcher = proxy, outcome: list[object] = outcome) -> None:
+            try:
+                outcome.append(proxy.start())
+            except RuntimeError as error:
+                outcome.append(error)
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        proxy.shutdown()
+        starting.join(TIMEOUT)
+        (result,) = outcome
+        assert result is proxy or "shut down before it served" in str(result)
+        with pytest.raises(OSError):
+            socket.create_connection(proxy.address, timeout=1).close()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), thread.name
+
+
+@pytest.mark.parametrize("grace", [math.nan, -1.0, "5", None])
+def test_shutdown_refuses_a_bad_grace_before_anything_stops(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, grace: Any
+) -> None:
+    proxy = make_proxy()
+    with pytest.raises(ValueError, match="grace must be 0 or more"):
+        proxy.shutdown(grace=grace)
+    with client_through(proxy, (echo_server.host, echo_server.port)) as client:
+        assert round_trip(client, b"still serving") == b"still serving"
+
+
+def test_a_dispatcher_that_fails_after_listening_leaves_the_port_free(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def refused(*arguments: object) -> str:
+        raise OSError(errno.EACCES, "refused")
+
+    monkeypatch.setattr(dispatch, "endpoint_record_path", refused)
+    with pytest.raises(OSError, match="refused"):
+        Dispatcher(["127.0.0.1"], port=port, state_file=str(tmp_path / "state.json"))
+    monkeypatch.undo()
+    Dispatcher(["127.0.0.1"], port=port).shutdown()  # the port is free again
+
+
+def test_shutdown_lets_no_idle_thread_linger(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
+    """Threads that wait for the next connection leave at shutdown, not
+    after their idle second."""
+    before = set(threading.enumerate())
+    proxy = make_proxy()
+    clients = [client_through(proxy, (echo_server.host, echo_server.port)) for _ in range(20)]
+    for client in clients:
+        assert round_trip(client, b"x") == b"x"
+        client.close()
+    deadline = time.monotonic() + TIMEOUT
+    while proxy.open_connections() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proxy.shutdown()
+    lingering = [t for t in set(threading.enumerate()) - before if (t.join(0.3), t.is_alive())[1]]
+    assert lingering == []
+
+
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (Unix)")
 def test_a_signal_handler_can_stop_serve_forever(make_proxy: Callable[..., Dispatcher]) -> None:
     proxy = make_proxy(start=False)
@@ -8980,6 +9152,9 @@ def test_options_keep_what_they_were_given_as_checked() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.port = 1  # type: ignore[misc]
     assert "s3cret" not in repr(dispatch.DispatcherOptions(credentials=users, upstream_passwords={"al": "s3cret"}))
+    assert dispatch.DispatcherOptions(state_file=pathlib.Path("/var/lib/dispatch/state.json")).state_file == (
+        str(pathlib.Path("/var/lib/dispatch/state.json"))
+    )
 
 
 @pytest.mark.parametrize(
@@ -9006,6 +9181,17 @@ def test_options_keep_what_they_were_given_as_checked() -> None:
         ("dns", ["system", "192.0.2.53"], "dns: --dns system leaves names to the system's resolver"),
         ("credentials", {"": "s3cret"}, "credentials: a user name must be 1 to 255 bytes"),
         ("credentials", {"alice": ""}, "credentials: the password of user 'alice' must be 1 to 255 bytes"),
+        ("credentials", {"alice": 1}, "credentials must be Mapping[str, str] | None; got a dict, not shown"),
+        ("host", "", "host: an empty address: write 0.0.0.0 (or ::) to listen on every address"),
+        ("host", "0", "host: '0' is a short form of 0.0.0.0: write it out"),
+        ("host", None, "host must be str; got None"),
+        ("port", True, "port must be int; got True"),
+        ("pages", "no", "pages must be bool; got 'no'"),
+        ("max_connections", 1.5, "max_connections must be int | None; got 1.5"),
+        ("transparent", True, "transparent must be int | None; got True"),
+        ("allow", "10.0.0.0/8", "allow must be Sequence[str] | None; got '10.0.0.0/8'"),
+        ("dns", [1], "dns must be Sequence[str] | None; got (1,)"),
+        ("state_file", b"/tmp/state.json", "state_file must be str | None; got b'/tmp/state.json'"),
     ],
 )
 def test_each_bad_option_is_a_value_error_naming_it(option: str, value: Any, message: str) -> None:
@@ -9167,6 +9353,23 @@ def test_cli_start_suggests_a_cap_for_a_metered_link_that_has_none(
         "link usb0 is metered (the system says guessed yes): a data cap (--cap usb0=SIZE/month) "
         "or usb0@backup keeps it from carrying more than it should"
     ]
+
+
+def test_cli_start_prints_and_logs_what_it_found_while_it_was_built(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warning logged while the Dispatcher is made, before the log is set
+    up (dnspython missing), reaches the log file and the banner, once."""
+    monkeypatch.setattr(dispatch, "_has_dnspython", lambda: False)
+    log_file = tmp_path / "d.log"
+    assert run_cli(["127.0.0.1", "--no-state"], lambda running, stop: None, str(log_file)) == 0
+    printed = capsys.readouterr()
+    told = "the dnspython package is not installed: names are looked up by the system's resolver"
+    assert [line for line in printed.out.splitlines() if told in line] == [
+        f"warning: {told}, " + ("whose queries leave by the default route only")
+    ]
+    assert told not in printed.err
+    assert len([line for line in log_file.read_text().splitlines() if "WARNING" in line and told in line]) == 1
 
 
 def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: Any) -> None:

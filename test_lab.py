@@ -294,6 +294,16 @@ class TestLabTargetsOfThisMachine:
             status, _, body = read_response(sock)
         assert status == 200 and json.loads(body)["listening"] == f"0.0.0.0:{shared.proxy.address[1]}"
 
+    def test_a_tunnel_to_the_proxy_itself_is_refused(self, shared: SimpleNamespace) -> None:
+        """Through a tunnel to itself the client would speak to the proxy
+        from this machine's own address, and be given its loopback."""
+        port = shared.proxy.address[1]
+        for host in (shared.lab.uplink(1).client_addr, "127.0.0.1", "localhost"):
+            assert self.socks5_code(shared, shared.proxy, host, port) == Reply.NOT_ALLOWED, host
+            with self.client(shared, shared.proxy) as sock:
+                sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+                assert read_response(sock)[0] == 403, host
+
     def test_other_targets_are_reached_as_ever(self, shared: SimpleNamespace) -> None:
         lab = shared.lab
         with self.client(shared, shared.proxy) as sock:
