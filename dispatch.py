@@ -452,7 +452,9 @@ def default_log_path() -> str:
         return os.path.join(base, "dispatch", "Logs", "dispatch.log")
     if sys.platform == "darwin":
         return os.path.join(home, "Library", "Logs", "dispatch", "dispatch.log")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative path is to be ignored
+        base = os.path.join(home, ".local", "state")
     return os.path.join(base, "dispatch", "dispatch.log")
 
 
@@ -507,6 +509,7 @@ class AppendingFileHandler(logging.Handler):
         self.path = path
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         self._fd: int | None = os.open(path, flags, 0o644)
+        self._failing = False  # told on stderr once, until a line is written again
 
     def handle(self, record: logging.LogRecord) -> bool:
         if not self.filter(record):
@@ -522,6 +525,16 @@ class AppendingFileHandler(logging.Handler):
                 return  # closed: a line logged while the process ends
             while line:
                 line = line[os.write(fd, line) :]
+            self._failing = False
+        except OSError as error:  # a full disk, a gone device: said once, not a traceback a line
+            if not self._failing:
+                self._failing = True
+                with contextlib.suppress(OSError, ValueError):
+                    print(
+                        f"dispatch: cannot write the log {self.path}: {error.strerror or error}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         except Exception:
             self.handleError(record)
 
@@ -603,7 +616,8 @@ def run_on_one_cpu() -> set[int] | None:
 
 
 class _StopSignals:
-    """Ctrl-C and SIGTERM while the proxy serves: the first asks it to stop
+    """Ctrl-C, SIGTERM and SIGHUP (a terminal closed; unless ignored, as
+    under nohup) while the proxy serves: the first asks it to stop
     (``stopping``), the second to cut the grace period short (``hurry``);
     any more change nothing. The handlers before are put back on leaving.
 
@@ -614,7 +628,7 @@ class _StopSignals:
     (``signal.set_wakeup_fd``, written by the C-level handler) to a thread of
     its own, which sets the events."""
 
-    _STOPPING = frozenset({signal.SIGINT, signal.SIGTERM})
+    _STOPPING = frozenset({signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])})
 
     def __init__(self) -> None:
         self.stopping = threading.Event()
@@ -632,6 +646,8 @@ class _StopSignals:
             self._close_pair()
             raise
         for signum in self._STOPPING:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # nohup: the terminal's going is no stop
             self._previous[signum] = signal.signal(signum, self.on_stop_signal)
         self._reader.start()  # a signal before it runs waits in the pair
         return self
@@ -667,7 +683,7 @@ class _StopSignals:
             for signum in signums:
                 if signum == 0:
                     return
-                if signum in self._STOPPING:
+                if signum in self._previous:
                     (self.hurry if self.stopping.is_set() else self.stopping).set()
 
     def wait(self, timeout: float) -> bool:
@@ -1356,7 +1372,7 @@ def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int
         raise ValueError(f"bad host {authority[:80]!r}")
     if not port_text and default_port is not None:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {authority[:80]!r}")
     return host, int(port_text)
 
@@ -1884,6 +1900,10 @@ def parse_credentials(text: str) -> tuple[str, str]:
     return user, password
 
 
+# The largest login file read: some thousands of users; /dev/zero is refused.
+LOGIN_FILE_LIMIT = 1 << 20
+
+
 def read_auth_file(path: str) -> list[tuple[str, str]]:
     """The (user, password) pairs of a file of ``USER:PASS`` lines.
 
@@ -1894,10 +1914,13 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
     if not path:
         raise ValueError("the login file's path is empty")
     try:
-        with open(path, "rb") as file:
-            lines = file.read().splitlines()
+        with open(path, "rb") as file:  # not only a regular file: <(...) in a shell is a pipe
+            content = file.read(LOGIN_FILE_LIMIT + 1)
     except OSError as error:
         raise ValueError(f"cannot read {path}: {_describe(error)}") from None
+    if len(content) > LOGIN_FILE_LIMIT:
+        raise ValueError(f"{path} is larger than {LOGIN_FILE_LIMIT:,} bytes: no login file")
+    lines = content.splitlines()
     pairs = []
     for number, raw in enumerate(lines, 1):
         try:
@@ -2173,7 +2196,7 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return _client_ip(host).is_loopback  # ::ffff:127.0.0.1 too
     except ValueError:
         return False
 
@@ -4148,14 +4171,16 @@ def _kept_capacity(entry: object) -> float | None:
 
 
 def read_state_part(path: str, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The state file at ``path`` and its part ``key`` (a JSON object), read
-    quietly: None where there is no such part, or where read_state finds the
-    file unusable (it says so)."""
+    """The state file at ``path`` and its part ``key`` (a JSON object): None
+    where there is no such part, or where read_state finds the file
+    unusable (it says so); a part that is no object is one warning."""
     try:
         data = json.loads(_read_regular_file(path, STATE_FILE_LIMIT).decode("utf-8"))
     except (OSError, ValueError, RecursionError, MemoryError):
         return None
     part = data.get(key) if isinstance(data, dict) and data.get("format") == STATE_FORMAT else None
+    if part is not None and not isinstance(part, dict):
+        logger.warning("state file %s: its %s is not an object, left out", path, key)
     return (data, part) if isinstance(part, dict) else None
 
 
@@ -4212,9 +4237,10 @@ def write_state(path: str, capacities: Mapping[str, float], more: Mapping[str, o
     """Write ``capacities`` (by link key) to the state file at ``path``,
     atomically: readers see the old file or the new one, never half of one;
     ``more`` are further entries of the file (the usage of capped links,
-    the links' states), which readers of the capacities pass over.
-    Raises OSError."""
-    directory = os.path.dirname(os.path.abspath(path))
+    the links' states), which readers of the capacities pass over. A
+    symbolic link is written through, not replaced. Raises OSError."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     data = {
         "format": STATE_FORMAT,
@@ -4464,12 +4490,12 @@ def parse_cap(text: str) -> DataCap:
     if size <= 0:
         raise ValueError(f"{text!r}: a cap of 0 lets nothing through; leave the link out instead")
     period, at, first = period_text.strip().lower().partition("@")
-    if at and not (period == "month" and first.isdigit() and 1 <= int(first) <= 31):
+    if at and not (period == "month" and _is_number(first) and 1 <= int(first) <= 31):
         raise ValueError(f"{text!r}: only a month starts on a day, month@1 to month@31")
     if period in ("day", "month"):
         return DataCap(link.strip(), size, "month" if period == "month" else "day", first_day=int(first or 1))
     days = period[:-1]
-    if not (period.endswith("d") and days.isdigit() and 1 <= int(days) <= MAX_ROLLING_DAYS):
+    if not (period.endswith("d") and _is_number(days) and 1 <= int(days) <= MAX_ROLLING_DAYS):
         raise ValueError(f"{text!r}: the period is day, month, month@DAY or Nd (1 to {MAX_ROLLING_DAYS} days)")
     return DataCap(link.strip(), size, "rolling", days=int(days))
 
@@ -4635,20 +4661,26 @@ def read_usage(path: str, today: datetime.date) -> dict[str, dict[datetime.date,
         return {}
     kept: dict[str, dict[datetime.date, int]] = {}
     future = False
+    unusable = 0
     for link, days in usage.items():
         if not isinstance(days, dict):
+            unusable += 1
             continue
         for day_text, count in days.items():
             try:
                 day = datetime.date.fromisoformat(day_text)
             except (TypeError, ValueError):
+                unusable += 1
                 continue
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                unusable += 1
                 continue
             if day > today:
                 future = True
                 continue
             kept.setdefault(link, {})[day] = count
+    if unusable:
+        logger.warning("state file %s: usage entries left out, not a day and a byte count: %d", path, unusable)
     if future:
         logger.warning("state file %s: usage of days after today (%s), ignored", path, today.isoformat())
         return {}
@@ -11646,7 +11678,7 @@ class LinkSteering:
         names = [link.name for link in links.links]
         unknown = sorted(budget.links - set(names))
         if unknown:
-            raise ValueError(f"caps: no link is named {unknown[0]} (the links: {', '.join(names)})")
+            raise ValueError(f"caps: no link is named {hide_password(unknown[0])} (the links: {', '.join(names)})")
         self.links = links
         self.upstream = upstream
         self.budget = budget
@@ -11837,6 +11869,9 @@ def listen_address_problem(host: str) -> str | None:
     if not host:
         return "an empty address: write 0.0.0.0 (or ::) to listen on every address"
     if _is_ip(host):
+        ip = ipaddress.ip_address(host.partition("%")[0])
+        if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+            return f"{host!r} is a multicast or broadcast address: no client connects to it"
         return None
     try:
         packed = socket.inet_aton(host)
@@ -12033,6 +12068,8 @@ class DispatcherOptions:
         """Transparent mode's options together, the mark, MPTCP where it is had."""
         if self.transparent is not None and not 0 <= self.transparent <= 65535:
             raise ValueError(f"transparent must be a port number, 0 to 65535; got {self.transparent!r}")
+        if self.transparent and self.transparent == self.port:
+            raise ValueError(f"transparent: port {self.port} is the proxy's own port; give each its own")
         if self.transparent is None and (self.lan or self.local or self.apply_rules):
             raise ValueError("lan, local and apply_rules are for transparent mode: give transparent a port")
         if self.apply_rules and not (self.lan or self.local):
@@ -12593,6 +12630,11 @@ class Dispatcher:
         self.admission.close_all()
         # The sessions now see their sockets closed; let them log it.
         self.admission.wait_until_none_open(CLOSE_TIMEOUT)
+        # What they carried since the last sample counts against the caps,
+        # and is kept (the save above keeps what came before, should the
+        # grace period be cut by a kill).
+        self.sample_meter()
+        self.capacities.save()
         if rules is not None:
             rules.remove()
         if self._transparent_servers:
@@ -12689,6 +12731,7 @@ class Dispatcher:
 SERVICE_SYSTEMS = ("systemd", "launchd", "windows")
 DESCRIPTION = "dispatch: a SOCKS proxy that balances connections across network links"
 SERVICE_LOG_FILE = "/var/log/dispatch/dispatch.log"
+SERVICE_STATE_FILE = "/var/lib/dispatch/state.json"  # systemd's StateDirectory=dispatch
 LAUNCHD_LABEL = "org.dispatch.proxy"
 TASK_NAME = "dispatch"
 
@@ -12789,9 +12832,12 @@ def _systemd_unit(start_args: Sequence[str], executable: Sequence[str], user: st
     if not os.path.isabs(program) or _SYSTEMD_EXECUTABLE_REFUSES.intersection(program):
         raise ValueError(f"{program!r}: systemd needs an absolute path to the program, without quotes or backslashes")
     command = [*executable, "start"]
+    # A dynamic user has no home: the default log and state file would be
+    # under /, which ProtectSystem=strict keeps read-only.
     if not _carries_option(start_args, "--log-file"):
-        # A dynamic user has no writable home for the default log.
         command += ["--log-file", SERVICE_LOG_FILE]
+    if not _carries_option(start_args, "--state-file") and not _carries_option(start_args, "--no-state"):
+        command += ["--state-file", SERVICE_STATE_FILE]
     command += start_args
     words = [_systemd_word(program, executable=True)]
     words += [_systemd_word(argument) for argument in command[1:]]
@@ -13198,7 +13244,7 @@ def steer_link(
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    if not _is_number(text) or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
     return int(text)
 
@@ -13255,7 +13301,7 @@ def _number(text: str) -> float:
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not _is_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
 
@@ -13500,12 +13546,10 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         logger.error("system proxy: %s", error)
         return _error(f"system proxy: {error}")
     dispatcher.system_proxy = system_proxy
-    try:
-        banner = _banner(dispatcher, args, descriptor_limit) + warnings + told
+    banner = _banner(dispatcher, args, descriptor_limit) + warnings + told
+    if system_proxy is None:
         return _serve_until_signalled(dispatcher, args, banner, where)
-    finally:
-        if system_proxy is not None:
-            put_back_at_stop(system_proxy)
+    return _serve_until_signalled(dispatcher, args, banner, where, functools.partial(put_back_at_stop, system_proxy))
 
 
 def _system_proxy_command(args: argparse.Namespace) -> int:
@@ -13659,37 +13703,59 @@ def _print_banner(dispatcher: Dispatcher, banner: list[str], log_where: str) -> 
         (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
 
 
-def _serve_until_signalled(dispatcher: Dispatcher, args: argparse.Namespace, banner: list[str], log_where: str) -> int:
+def _serve_until_signalled(
+    dispatcher: Dispatcher,
+    args: argparse.Namespace,
+    banner: list[str],
+    log_where: str,
+    at_stop: Callable[[], None] = lambda: None,
+) -> int:
     """Print the banner, serve until Ctrl-C or SIGTERM, give the open
-    connections the grace period (cut short by a second signal), and print
-    the summary; returns the exit status."""
+    connections the grace period (cut short by a second signal), print the
+    summary and do ``at_stop`` (with the signals still held: a third cannot
+    cut it short); returns the exit status."""
     started = time.monotonic()
     with _StopSignals() as stop:
         try:
-            _print_banner(dispatcher, banner, log_where)
-            for line in metered_without_cap(dispatcher.links.links, dispatcher.steering.budget.links):
-                logger.warning("%s", line)
-            try:
-                dispatcher.start()
-            except Exception as failure:  # one line, exit status 1: a service manager restarts it
-                why = _describe(failure) if isinstance(failure, OSError) else str(failure) or type(failure).__name__
-                logger.error("cannot serve: %s", why)
-                return _error(f"cannot serve: {why}", 1)
-            _serve_until(stop, dispatcher, args.stats, started)
-            still_open = dispatcher.open_connections()
-            if still_open:
-                print(
-                    f"dispatch: stopping; {plural(still_open, 'open connection')} "
-                    f"{'gets' if still_open == 1 else 'get'} up to {args.grace:g} s to finish "
-                    "(Ctrl-C again to close them now)",
-                    flush=True,
-                )
-            logger.info("stopping with %s", plural(still_open, "open connection"))
+            return _serve_and_stop(dispatcher, args, banner, log_where, stop, started)
         finally:
-            dispatcher.shutdown(args.grace, cut_short=stop.hurry)
-        if stop.hurry.is_set() and still_open:
-            print("dispatch: a second signal: every connection closed at once", flush=True)
-            logger.info("a second signal: every connection closed at once")
+            at_stop()
+
+
+def _serve_and_stop(
+    dispatcher: Dispatcher,
+    args: argparse.Namespace,
+    banner: list[str],
+    log_where: str,
+    stop: _StopSignals,
+    started: float,
+) -> int:
+    """_serve_until_signalled's work, the stop signals held."""
+    try:
+        _print_banner(dispatcher, banner, log_where)
+        for line in metered_without_cap(dispatcher.links.links, dispatcher.steering.budget.links):
+            logger.warning("%s", line)
+        try:
+            dispatcher.start()
+        except Exception as failure:  # one line, exit status 1: a service manager restarts it
+            why = _describe(failure) if isinstance(failure, OSError) else str(failure) or type(failure).__name__
+            logger.error("cannot serve: %s", why)
+            return _error(f"cannot serve: {why}", 1)
+        _serve_until(stop, dispatcher, args.stats, started)
+        still_open = dispatcher.open_connections()
+        if still_open:
+            print(
+                f"dispatch: stopping; {plural(still_open, 'open connection')} "
+                f"{'gets' if still_open == 1 else 'get'} up to {args.grace:g} s to finish "
+                "(Ctrl-C again to close them now)",
+                flush=True,
+            )
+        logger.info("stopping with %s", plural(still_open, "open connection"))
+    finally:
+        dispatcher.shutdown(args.grace, cut_short=stop.hurry)
+    if stop.hurry.is_set() and still_open:
+        print("dispatch: a second signal: every connection closed at once", flush=True)
+        logger.info("a second signal: every connection closed at once")
     if args.stats:
         _print_stats(dispatcher, started, "at the end, after")
     print(_summary(dispatcher, time.monotonic() - started), flush=True)
@@ -13728,7 +13794,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-d", "--debug", action="store_true", help="write debug logs to stdout")
     parser.add_argument("-V", "--version", action="version", version=f"dispatch {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,start,rules,service,system-proxy}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{list,start,link,rules,service,system-proxy}"
+    )
     commands.add_parser("list", help="list the interfaces and their addresses")
     start = commands.add_parser(
         "start",
@@ -13984,6 +14052,8 @@ def _print_rules(args: argparse.Namespace) -> int:
     """``dispatch rules``: the script of TransparentRules, on stdout."""
     if not (args.lan or args.local):
         return _error("say what to redirect: --lan IFACE (repeatable), --local, or both")
+    if args.transparent == 0:  # start may take 0 (a free port, which its rules then name); a script may not
+        return _error("rules need the port to redirect to: --transparent 1 to 65535")
     try:
         rules = TransparentRules(args.transparent, lan_networks(args.lan), args.local, args.mark)
     except FirewallError as error:

@@ -278,6 +278,31 @@ def test_log_lines_read_as_the_standard_formatters_and_reach_the_file_whole(tmp_
     assert {tuple(line.split()[4:7:2]) for line in lines} == {(str(t), str(n)) for t in range(8) for n in range(500)}
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_log_that_cannot_be_written_is_told_once_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    handler = dispatch.AppendingFileHandler("/dev/full")
+    try:
+        for n in range(5):
+            handler.handle(logging.LogRecord("dispatch", logging.INFO, __file__, 1, "line %d", (n,), None))
+    finally:
+        handler.close()
+    assert capsys.readouterr().err == "dispatch: cannot write the log /dev/full: No space left on device\n"
+
+
+def test_loopback_is_known_in_its_ipv4_mapped_form_too() -> None:
+    assert dispatch._is_loopback("::ffff:127.0.0.1") and dispatch._is_loopback("::1")
+    assert not dispatch._is_loopback("::ffff:192.0.2.1")
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="XDG_STATE_HOME is the XDG systems'")
+def test_a_relative_xdg_state_home_is_ignored_as_the_spec_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/alice")
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")
+    assert dispatch.default_state_path() == "/home/alice/.local/state/dispatch/state.json"
+    monkeypatch.setenv("XDG_STATE_HOME", "/var/alice")
+    assert dispatch.default_log_path() == "/var/alice/dispatch/dispatch.log"
+
+
 # ---------------------------------------------------------------------------
 # Errors: reply codes, and the errno mapping
 # ---------------------------------------------------------------------------
@@ -2576,6 +2601,17 @@ def test_a_state_file_of_the_wrong_kind_leaves_no_descriptor_open(tmp_path: Any,
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links need a privilege on Windows")
+def test_a_state_file_that_is_a_symbolic_link_is_written_through(tmp_path: Any) -> None:
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "state.json"
+    link = tmp_path / "state.json"
+    link.symlink_to(target)
+    dispatch.write_state(str(link), {"127.0.0.2": 1.5})
+    assert link.is_symlink() and dispatch.read_state(str(target)) == {"127.0.0.2": 1.5}
+    assert sorted(path.name for path in (tmp_path / "kept").iterdir()) == ["state.json"]  # no temporary left
+
+
 def test_a_state_file_keeps_only_the_links_of_this_run(
     make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
 ) -> None:
@@ -2886,6 +2922,30 @@ def test_usage_of_another_machine_or_a_future_period_is_ignored_with_one_warning
     assert len(warnings_of(log)) == 1 and warned in warnings_of(log)[0]
 
 
+@pytest.mark.parametrize(
+    ("usage", "kept_by", "warned"),
+    [
+        (
+            {"usb0": {"TODAY": 1.5e9, "2020-13-01": 5, "YESTERDAY": 7}},
+            "usb0",
+            "usage entries left out, not a day and a byte count: 2",
+        ),
+        ({"usb0": "lots", "wlan0": {"YESTERDAY": 7}}, "wlan0", "usage entries left out, not a day and a byte count: 1"),
+        ("zzz", None, "its usage is not an object, left out"),
+    ],
+)
+def test_usage_entries_that_are_no_usage_are_left_out_with_one_warning(
+    tmp_path: Any, log: pytest.LogCaptureFixture, usage: Any, kept_by: str | None, warned: str
+) -> None:
+    path = str(tmp_path / "state.json")
+    today = datetime.date.today()
+    yesterday = today - datetime.timedelta(days=1)
+    text = json.dumps(usage).replace("YESTERDAY", yesterday.isoformat()).replace("TODAY", today.isoformat())
+    dispatch.write_state(path, {}, {"host": socket.gethostname(), "usage": json.loads(text)})
+    assert dispatch.read_usage(path, today) == ({kept_by: {yesterday: 7}} if kept_by else {})
+    assert len(warnings_of(log)) == 1 and warned in warnings_of(log)[0]
+
+
 def fill_links(proxy: Dispatcher, echo_server: Server, count: int, size: int) -> None:
     """``count`` connections in turn, each echoing ``size`` bytes, and
     ended: the proxy has counted all they carried."""
@@ -2951,6 +3011,20 @@ def test_usage_survives_a_restart_through_the_state_file(
     fill_links(first, echo_server, 1, 30_000)
     assert wait_for(lambda: caps_counted(first)[0]["used_bytes"] >= 60_000)
     first.shutdown()  # writes the state file
+    again = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
+    assert again.status()["caps"][0]["used_bytes"] >= 60_000
+
+
+def test_usage_carried_since_the_last_sample_is_counted_and_kept_at_shutdown(
+    make_proxy: Callable[..., Dispatcher], echo_server: Server, tmp_path: Any
+) -> None:
+    """No meter sample between the traffic and the stop: shutdown counts it."""
+    state = str(tmp_path / "state.json")
+    first = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
+    first.tasks.stop()  # no sample from here on but shutdown's own
+    fill_links(first, echo_server, 1, 30_000)
+    assert first.status()["caps"][0]["used_bytes"] == 0  # not sampled yet
+    first.shutdown()
     again = make_proxy(["127.0.0.2"], caps=["127.0.0.2=1MB/month"], state_file=state)
     assert again.status()["caps"][0]["used_bytes"] >= 60_000
 
@@ -8850,7 +8924,7 @@ def test_service_systemd_unit_runs_dispatch_start_and_verifies(
     (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == (
         f"ExecStart={sys.executable} {dispatch.__file__} start --log-file /var/log/dispatch/dispatch.log "
-        "--port 1081 wlan0@3 usb0@backup"
+        "--state-file /var/lib/dispatch/state.json --port 1081 wlan0@3 usb0@backup"
     )
     expected = {
         "Restart=on-failure",
@@ -8906,9 +8980,10 @@ def test_service_systemd_lets_a_bond_set_its_endpoints_and_raises_an_mptcp_serve
 
 
 def test_service_systemd_quotes_what_systemd_would_split(capsys: pytest.CaptureFixture[str]) -> None:
-    assert dispatch.main(["service", "systemd", "--log-file", "/var/log/my logs/d.log", "Ethernet 2", "wlan0@3"]) == 0
+    arguments = ["--log-file", "/var/log/my logs/d.log", "--no-state", "Ethernet 2", "wlan0@3"]
+    assert dispatch.main(["service", "systemd", *arguments]) == 0
     (exec_start,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ExecStart=")]
-    assert exec_start.endswith('start --log-file "/var/log/my logs/d.log" "Ethernet 2" wlan0@3')
+    assert exec_start.endswith('start --log-file "/var/log/my logs/d.log" --no-state "Ethernet 2" wlan0@3')
 
 
 def test_service_launchd_plist_parses(capsys: pytest.CaptureFixture[str]) -> None:
@@ -9184,6 +9259,9 @@ def test_options_keep_what_they_were_given_as_checked() -> None:
         ("credentials", {"alice": 1}, "credentials must be Mapping[str, str] | None; got a dict, not shown"),
         ("host", "", "host: an empty address: write 0.0.0.0 (or ::) to listen on every address"),
         ("host", "0", "host: '0' is a short form of 0.0.0.0: write it out"),
+        ("host", "224.0.0.1", "host: '224.0.0.1' is a multicast or broadcast address: no client connects to it"),
+        ("host", "255.255.255.255", "host: '255.255.255.255' is a multicast or broadcast address"),
+        ("host", "ff02::1", "host: 'ff02::1' is a multicast or broadcast address"),
         ("host", None, "host must be str; got None"),
         ("port", True, "port must be int; got True"),
         ("pages", "no", "pages must be bool; got 'no'"),
@@ -9960,6 +10038,26 @@ def test_cli_login_file_without_a_user_exits_2(
     )
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_cli_login_file_without_end_is_refused_unread(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dispatch.main(["start", "--port", "0", "--auth-file", "/dev/zero", "127.0.0.1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"dispatch: error: /dev/zero is larger than {dispatch.LOGIN_FILE_LIMIT:,} bytes: no login file"
+    ]
+
+
+def test_cli_odd_ports_and_a_password_in_a_cap_error_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "'١٠٨٠' is not a port number" in start_error_line(["--port", "١٠٨٠"], capsys)  # Arabic-Indic digits
+    line = start_error_line(["--transparent", "28446", "--port", "28446", "--local"], capsys)
+    assert "transparent: port 28446 is the proxy's own port" in line
+    cap = "socks5h://u:s3cret@127.0.0.9:9050=1GB/day"
+    assert dispatch.main(["start", "--port", "0", "--cap", cap, "socks5h://u:s3cret@127.0.0.1:9050"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "no link is named socks5h://u:***@127.0.0.9:9050" in line and "s3cret" not in line
+    assert dispatch.main(["rules", "--transparent", "0", "--local"]) == 2
+    assert capsys.readouterr().err == "dispatch: error: rules need the port to redirect to: --transparent 1 to 65535\n"
+
+
 def test_cli_login_file_with_an_empty_path_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert dispatch.main(["start", "--port", "0", "--auth-file", "", "127.0.0.1"]) == 2
     assert capsys.readouterr().err.splitlines() == ["dispatch: error: the login file's path is empty"]
@@ -10142,6 +10240,31 @@ def test_a_stop_signal_landing_while_the_stop_event_is_held_still_stops() -> Non
     )
     assert (done.stdout, done.stderr) == ("stopping True\nhurry True\n", "")
     assert done.returncode == -signal.SIGTERM
+
+
+HUNG_UP = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import dispatch
+if sys.argv[2] == "nohup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+with dispatch._StopSignals() as stop:
+    os.kill(os.getpid(), signal.SIGHUP)
+    print("stopping", stop.wait(1), flush=True)
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):  # the second, and more: nothing happens
+        os.kill(os.getpid(), signum)
+    time.sleep(0.2)
+    print("hurry", stop.hurry.is_set(), "still here", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP (Windows)")
+@pytest.mark.parametrize(("how", "stops"), [("terminal", True), ("nohup", False)])
+def test_sighup_stops_as_sigterm_does_unless_ignored_and_more_signals_change_nothing(how: str, stops: bool) -> None:
+    done = subprocess.run([sys.executable, "-c", HUNG_UP, HERE, how], capture_output=True, text=True, timeout=TIMEOUT)
+    # Under nohup, SIGINT and SIGTERM are the first and second; else SIGHUP was.
+    assert (done.stdout, done.stderr) == (f"stopping {stops}\nhurry True still here\n", "")
+    assert done.returncode == 0
 
 
 def test_stop_signals_outside_the_main_thread_raise_and_leave_nothing_running() -> None:
