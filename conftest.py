@@ -847,6 +847,17 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def recv_until(sock: socket.socket, end: bytes) -> bytes:
+    """Receive until what came ends with ``end``; all of it."""
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"closed before {end!r}, after {len(data)} bytes")
+        data += chunk
+    return data
+
+
 def closed_by_proxy(sock: socket.socket) -> bool:
     """Whether the proxy closes ``sock`` (EOF or reset) with nothing more to say."""
     try:

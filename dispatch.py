@@ -2817,6 +2817,12 @@ def _resolve_link(spec: str | LocalAddress, interfaces: _InterfaceTable, passwor
         local = LocalAddress(ip, weight, _interface_of(ip, interfaces.read(required=False)))
         return Link.of_address(local, weighted=weighted, backup=parsed.backup)
     interface = _require_interface(parsed.address, interfaces)
+    addresses = [ipaddress.ip_address(ip) for ip in interface.ips]
+    if addresses and all(a.is_loopback and not _is_usable_address(a) for a in addresses):
+        raise AddressError(
+            f"{parsed.address!r} is the loopback interface: its addresses reach only this machine; "
+            "name a link to the network (127.0.0.1, as an address, is taken to test with)"
+        )
     ips = _with_usable_addresses(interface).ips
     return Link.of_interface(interface.name, weight, ips, weighted=weighted, backup=parsed.backup)
 
@@ -3123,11 +3129,17 @@ class Health:
                 if outage.retest_at != math.inf:  # else under way: the result brings the next one forward
                     outage.retest_at = min(outage.retest_at, soon)
 
-    def sit_out(self, address: LocalAddress, error: OSError, target: Target) -> None:
+    def sit_out(self, address: LocalAddress, error: OSError, target: Target | None = None) -> None:
         """Put ``address`` out after a failure that came after its connect
         (an upstream proxy refusing a request it was sent), to be retested
-        against ``target``."""
+        against ``target``; None where the failure had no target (an
+        upstream proxy's UDP association): a target reached lately, else
+        the proxy's own port."""
         with self._lock:
+            if target is None:
+                latest = next(reversed(self._recent), None)
+                own = (address.proxy.host, address.proxy.port) if isinstance(address, ProxyAddress) else None
+                target = latest or next(iter(self.check_targets), own)
             self._put_out(address, _describe(error), target)
 
     def _put_out(self, address: LocalAddress, reason: str, target: Target | None, took: float | None = None) -> None:
@@ -6201,7 +6213,7 @@ def upstream_relay_address(proxy_ip: str, named: tuple[str, int]) -> Target:
         raise ProxyLinkError(
             Reply.GENERAL_FAILURE, f"the upstream proxy named its UDP relay {_format_endpoint(host, port)} {why}"
         )
-    return host, port
+    return str(relay), port  # as datagrams from it are told apart: ::ffff:a.b.c.d as a.b.c.d
 
 
 def takes_absolute_form(local: LocalAddress) -> bool:
@@ -6292,11 +6304,11 @@ class ProxiedUdpLease(UpstreamLease):
 
     def receive(self) -> tuple[bytes, Target]:
         """The next datagram from the proxy's relay and the target it came
-        from; SocksError for one that is not a whole SOCKS5 UDP datagram."""
-        while True:
-            datagram, sender = self.sock.recvfrom(UDP_BUFFER_SIZE)
-            if _split_host(sender) == self.relay:
-                break
+        from; SocksError for one that is not a whole SOCKS5 UDP datagram,
+        or not from the relay."""
+        datagram, sender = self.sock.recvfrom(UDP_BUFFER_SIZE)
+        if _split_host(sender) != self.relay:
+            raise SocksError(Reply.GENERAL_FAILURE, "a datagram from another sender than the relay")
         fragment, host, port, data = parse_udp_datagram(datagram)
         if fragment:
             raise SocksError(Reply.GENERAL_FAILURE, "a fragment")
@@ -6558,6 +6570,9 @@ class Upstream:
                 self.balancer.release(local)
                 if isinstance(error, ProxyLinkError):
                     self.proxy_failed(local, error)
+                if _is_link_failure(error):  # the next association goes by another link
+                    self.meter.failed(local)
+                    self.health.sit_out(local, error)
                 raise
         # Datagrams may go to any target. Those from a loopback address go
         # to loopback ones, which a device-bound socket could not reach; the
@@ -7537,7 +7552,10 @@ class Session:
             record.result = self.describe_end(error)
             self.note_end()
         if self.cut:
-            record.result = "cut by shutdown" if record.result == "ok" else f"{record.result}, cut by shutdown"
+            # A hang-up seen once the proxy stopping closed the client's
+            # socket was its own doing, not the client's.
+            result = record.result.removesuffix("client hung up").removesuffix(", ")
+            record.result = "cut by shutdown" if result in ("ok", "") else f"{result}, cut by shutdown"
         record.log()
 
     def note_end(self) -> None:
@@ -7915,8 +7933,11 @@ class UdpAssociation:
     def _from_target(self) -> None:
         try:
             data, source = self.upstream.recvfrom(UDP_BUFFER_SIZE) if self.proxied is None else self.proxied.receive()
-        except OSError:
+        except SocksError:
+            self.dropped += 1  # from the upstream's relay, but no datagram to pass on
             return
+        except OSError:
+            return  # nothing there after all, or an ICMP error: no datagram
         if self.client_port is None:
             self.dropped += 1  # the client has not spoken yet: nowhere to send it
             return
@@ -8895,12 +8916,15 @@ class HttpProxySession(Session):
     ) -> tuple[HTTPStatus, str, bytes, list[tuple[str, str]]]:
         control, status_of = self.context.control, self.context.status
         if control is None or status_of is None:
-            raise ControlError(HTTPStatus.NOT_FOUND, "no control API here (--no-pages)")
+            raise ControlError(HTTPStatus.NOT_FOUND, "no control API here (--no-page)")
         if not self._names_this_proxy(headers):
             raise ControlError(HTTPStatus.FORBIDDEN, "the Host header names no address of this proxy (see --page-host)")
-        name = urllib.parse.unquote(path[len(CONTROL_PATH) + 1 :])
-        if path != CONTROL_PATH and (not name or "/" in name):
+        # One segment after /api/links/; a proxy link's name has its slashes
+        # in it percent-encoded (socks5%3A%2F%2Fhost%3A1080).
+        named = path[len(CONTROL_PATH) + 1 :]
+        if path != CONTROL_PATH and (not named or "/" in named):
             raise ControlError(HTTPStatus.NOT_FOUND, f"no such API path: {path[:100]!r}")
+        name = urllib.parse.unquote(named)
         if path == CONTROL_PATH:
             if method not in ("GET", "HEAD"):
                 raise ControlError(
@@ -11429,6 +11453,9 @@ class _Server(socketserver.ThreadingTCPServer):
     max_idle_threads = 64
 
     handler: type[ConnectionHandler] = ConnectionHandler
+    # An IPv6 listener on every address (::) takes IPv4 clients too, as
+    # ::ffff:a.b.c.d, wherever the system can.
+    takes_ipv4_too = True
 
     def __init__(
         self, address: tuple[str, int], admission: Admission, context: SessionContext, mptcp: bool = False
@@ -11468,6 +11495,11 @@ class _Server(socketserver.ThreadingTCPServer):
                 raise
 
     def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # Said, not left to the system (Windows, the BSDs and Linux with
+            # bindv6only take IPv6 alone): the proxy knows what reaches it.
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.takes_ipv4_too else 1)
         # Windows lets another program bind a port that has SO_REUSEADDR and
         # take its clients; SO_EXCLUSIVEADDRUSE keeps the port this proxy's.
         if _EXCLUSIVE_PORTS:
@@ -11507,9 +11539,20 @@ class _Server(socketserver.ThreadingTCPServer):
                 if waiting and not self._stop_requested:
                     self._accept()
         finally:
+            self._dismiss_idle_threads()
             self._loop_done.set()
             if self._close_when_done:
                 self.server_close()
+
+    def _dismiss_idle_threads(self) -> None:
+        """The threads waiting for a next connection leave now, and those
+        serving one once it ends. In the loop's thread, after the loop:
+        not under process_request's hold of the lock (a signal handler)."""
+        with self._idle_lock:
+            self._idle_dismissed = True
+            for _ in range(self._idle_threads):
+                self._waiting_requests.put((None, None))  # never blocks
+            self._idle_threads = 0
 
     def _accept(self) -> None:
         """Take the client that waits as handle_request() does, by the steps
@@ -11536,18 +11579,13 @@ class _Server(socketserver.ThreadingTCPServer):
     def stop(self) -> None:
         """Stop accepting: once serve_until_stopped() has returned, or will
         return as soon as the caller (its own thread) is back in it. The
-        idle threads leave now, the others once they have served."""
+        idle threads leave then, the others once they have served."""
         with self._loop_lock:
             self._stop_requested = True
         with contextlib.suppress(OSError):  # closed already: nothing is waiting
             self._wake_up_sender.send(b"\0")
         if self._loop_thread != threading.get_ident():
             self._loop_done.wait()
-        with self._idle_lock:
-            self._idle_dismissed = True
-            idle, self._idle_threads = self._idle_threads, 0
-        for _ in range(idle):
-            self._waiting_requests.put((None, None))
 
     def server_close(self) -> None:
         with self._loop_lock:
@@ -11619,12 +11657,9 @@ class _TransparentServer(_Server):
 
     handler = TransparentHandler
 
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # The IPv4 listener has the IPv4 port: the original destination
-            # is read by each family's own option.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        super().server_bind()
+    # The IPv4 listener has the IPv4 port: the original destination is
+    # read by each family's own option.
+    takes_ipv4_too = False
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self.admission.admit(request, client_address, own_too=True)
@@ -12012,15 +12047,19 @@ class DispatcherOptions:
         kinds = _option_types()
         for field in dataclasses.fields(self):
             name, kind = field.name, kinds[field.name]
-            value = getattr(self, name)
+            given = value = getattr(self, name)
             if isinstance(value, os.PathLike):  # a pathlib.Path as state_file
                 value = os.fspath(value)
-                self._keep(name, value)
+            elif name in _LOGIN_OPTIONS and isinstance(value, Iterable) and not isinstance(value, (str, Mapping)):
+                with contextlib.suppress(TypeError, ValueError):  # (user, password) pairs, as read_auth_file gives
+                    value = types.MappingProxyType(dict(value))
             elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, tuple)):
                 value = tuple(value)  # a generator is read once, here
+            if value is not given:
                 self._keep(name, value)
             if name not in _DURATION_OPTIONS and not _holds(value, kind):
-                got = repr(value) if field.repr else f"a {type(value).__name__}, not shown (passwords)"
+                shown = value if isinstance(given, collections.abc.Iterator) else given  # read once: as kept
+                got = repr(shown) if field.repr else f"a {type(given).__name__}, not shown (passwords)"
                 raise ValueError(f"{name} must be {_type_name(kind)}; got {got}")
 
     def balance_for(self, links: Iterable[Link]) -> Balance:
@@ -12126,6 +12165,8 @@ class DispatcherOptions:
             raise ValueError(f"{name}: {error}") from None
 
 
+# The options of logins: a mapping, or (user, password) pairs.
+_LOGIN_OPTIONS = frozenset({"credentials", "upstream_passwords"})
 # The options of seconds, whose range check checks their type too.
 _DURATION_OPTIONS = frozenset(field.name for field in dataclasses.fields(DispatcherOptions) if field.metadata)
 
@@ -12302,7 +12343,9 @@ class Dispatcher:
         # A Dispatcher serves once: "new", then "starting" (start()'s thread
         # on its way), "serving", and "stopped" from the first shutdown().
         self._life = "new"
-        self._life_lock = threading.Lock()
+        # Reentrant: shutdown() may come from a signal or log handler in a
+        # thread that holds it (starting up).
+        self._life_lock = threading.RLock()
         self._server = _Server((options.host, options.port), self.admission, self.context, options.mptcp)
         try:
             self._set_up_listening(options, rules)
@@ -12561,6 +12604,10 @@ class Dispatcher:
             self.tasks.start()
             for server in self._transparent_servers:
                 threading.Thread(target=server.serve_until_stopped, name="dispatch-transparent", daemon=True).start()
+            if self._life == "stopped":  # by a handler in this thread, meanwhile: it stopped what had started
+                self.tasks.stop()
+                self.bonds.stop()
+                return
         self._serving.set()
         try:
             self._server.serve_until_stopped()
@@ -12610,7 +12657,8 @@ class Dispatcher:
             self._life = "stopped"
             thread, self._thread = self._thread, None
         self._server.stop()
-        if thread is not None and thread is not threading.current_thread():
+        # Not started yet (a handler in start()'s thread): it will find the stop and return.
+        if thread is not None and thread is not threading.current_thread() and thread.ident is not None:
             thread.join()
         self._server.server_close()
         for server in self._transparent_servers:
@@ -13518,6 +13566,13 @@ class _HeldRecords(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
+    def replay(self) -> None:
+        """Log the records held after all (once this handler is off the
+        logger): where start stops before its banner, to the log or,
+        without one yet, the terminal."""
+        for record in self.records:
+            logger.handle(record)
+
 
 def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
     """Start the proxy as the command line says, serve until a signal, stop."""
@@ -13527,8 +13582,7 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         dispatcher = _build_dispatcher(args)
     except _StartError as refusal:
         logger.removeHandler(held)
-        for record in held.records:  # to the terminal, as ever without a log
-            logger.handle(record)
+        held.replay()
         return _error(str(refusal))
     finally:
         logger.removeHandler(held)
@@ -13536,13 +13590,15 @@ def _serve(args: argparse.Namespace, descriptor_limit: int | None) -> int:
         where = _setup_logging(args.debug, args.log_file)
     except OSError as error:
         dispatcher.shutdown()
+        held.replay()
         return _error(f"cannot write the log: {_describe(error)}")
-    warnings = [f"warning: {record.getMessage()}" for record in held.records]
+    warnings = [f"{record.levelname.lower()}: {record.getMessage()}" for record in held.records]
     directory = os.path.dirname(os.path.abspath(args.state_file or default_state_path()))
     try:
         system_proxy, told = take_system_proxy(directory, args.system_proxy, *dispatcher.address)
     except SystemProxyError as error:
         dispatcher.shutdown()
+        held.replay()
         logger.error("system proxy: %s", error)
         return _error(f"system proxy: {error}")
     dispatcher.system_proxy = system_proxy
@@ -13700,7 +13756,11 @@ def _print_banner(dispatcher: Dispatcher, banner: list[str], log_where: str) -> 
     endpoint = _format_endpoint(*dispatcher.address)
     logger.info("dispatch %s started: listening on %s; dispatching to:", __version__, endpoint)
     for line in [*banner[2].splitlines(), *banner[3:]]:
-        (logger.warning if line.startswith("warning:") else logger.info)("%s", line)
+        (logger.warning if line.startswith(("warning:", "error:")) else logger.info)("%s", line)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _serve_until_signalled(
@@ -13715,11 +13775,15 @@ def _serve_until_signalled(
     summary and do ``at_stop`` (with the signals still held: a third cannot
     cut it short); returns the exit status."""
     started = time.monotonic()
-    with _StopSignals() as stop:
-        try:
-            return _serve_and_stop(dispatcher, args, banner, log_where, stop, started)
-        finally:
-            at_stop()
+    try:
+        with _StopSignals() as stop:
+            try:
+                return _serve_and_stop(dispatcher, args, banner, log_where, stop, started)
+            finally:
+                at_stop()
+                at_stop = _nothing  # done: not again below
+    finally:
+        at_stop()  # if the signals could not be taken
 
 
 def _serve_and_stop(

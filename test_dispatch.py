@@ -41,6 +41,7 @@ import threading
 import time
 import types
 import typing
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -82,6 +83,7 @@ from conftest import (
     read_request_head,
     read_response,
     recv_exactly,
+    recv_until,
     refusal_lines,
     refused_port,
     round_trip,
@@ -4583,6 +4585,27 @@ def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
     assert log.text.count(f"upstream proxy {upstream.url} failed: the upstream proxy: Connection refused") == 1
 
 
+def test_udp_through_a_stopped_upstream_puts_it_out_and_the_next_associations_go_by_another_link(
+    make_proxy: Callable[..., Dispatcher],
+    make_upstream: Callable[..., UpstreamServer],
+    udp_echo: UdpServer,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_upstream("dante")
+    proxy = make_proxy([upstream.url, "127.0.0.1"], balance="round-robin")
+    upstream.stop()
+    codes = []
+    for _ in range(6):
+        with raw_client(proxy) as sock:
+            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            codes.append(socks5_reply(sock)[0])
+    assert codes.count(Reply.SUCCEEDED) >= 5  # one failure at most: the link is out after it
+    assert f"sitting out: {upstream.url}: the upstream proxy: Connection refused" in log.text
+    (row,) = [row for row in proxy.stats() if row["link"] == upstream.url]
+    assert (row["state"], row["failed"]) == ("down", 1)
+
+
 @pytest.mark.parametrize(
     ("proxy_ip", "named", "relay"),
     [
@@ -4591,6 +4614,9 @@ def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
         ("203.0.113.5", ("198.51.100.7", 5001), ("198.51.100.7", 5001)),  # a relay host of its own
         ("127.0.0.1", ("127.0.0.1", 5002), ("127.0.0.1", 5002)),  # a proxy on loopback, its relay there too
         ("::1", ("127.0.0.1", 5003), ("127.0.0.1", 5003)),
+        # A proxy on a dual-stack socket names its IPv4 address mapped: the
+        # datagrams come from the IPv4 one, and are told apart by it.
+        ("127.0.0.1", ("::ffff:127.0.0.1", 5004), ("127.0.0.1", 5004)),
     ],
 )
 def test_upstream_relay_address_is_the_one_named_or_the_proxys_own(
@@ -4640,6 +4666,36 @@ def test_udp_through_an_upstream_that_names_no_usable_relay_is_refused_in_one_li
     proxy.shutdown()
     assert log.text.count(f"upstream proxy {url} failed: the upstream proxy named its UDP relay by a name") == 1
     assert "Traceback" not in log.text
+
+
+def test_udp_through_an_upstream_relay_named_mapped_comes_back_and_what_it_cannot_pass_is_counted(
+    make_proxy: Callable[..., Dispatcher], make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    """A proxy on a dual-stack socket names its relay ::ffff:127.0.0.1; the
+    relay answers each datagram with a fragment (dropped, and counted so)
+    and then the datagram itself."""
+    relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay.bind(("127.0.0.1", 0))
+    relay.settimeout(TIMEOUT)
+
+    def upstream_proxy(conn: socket.socket) -> None:
+        assert recv_exactly(conn, 3) == b"\x05\x01\x00"
+        conn.sendall(b"\x05\x00")
+        recv_exactly(conn, 10)  # UDP ASSOCIATE 0.0.0.0:0
+        conn.sendall(b"\x05\x00\x00" + dispatch.encode_socks5_address("::ffff:127.0.0.1", relay.getsockname()[1]))
+        datagram, sender = relay.recvfrom(65535)
+        relay.sendto(b"\x00\x00\x01" + datagram[3:], sender)  # a fragment
+        relay.sendto(datagram, sender)
+        conn.recv(1)  # held open until dispatch hangs up
+
+    with relay:
+        proxy = make_proxy([f"socks5://127.0.0.1:{make_server(upstream_proxy).port}"])
+        with udp_client(proxy) as client:
+            client.sendto(b"through", ("192.0.2.9", 7))
+            assert client.recvfrom(65535) == (b"through", ("192.0.2.9", 7))
+        wait_until_all_closed(proxy)
+    (exchange,) = [e for e in exchanges(log) if e.target == "UDP"]
+    assert exchange.result == "ok, 1 datagrams up, 1 down, 1 dropped"
 
 
 def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
@@ -6418,9 +6474,7 @@ def test_an_origin_reset_mid_body_resets_the_client(
     server = make_server(reset_mid_body)
     with raw_client(proxy) as client:
         client.sendall(f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\n\r\n".encode())
-        received = b""
-        while not received.endswith(b"part"):
-            received += client.recv(65536)
+        recv_until(client, b"part")
         client_has_part.set()
         with pytest.raises(ConnectionResetError):
             read_all(client)
@@ -8591,6 +8645,18 @@ def test_the_control_api_takes_a_change_from_dispatchs_own_page(proxy: Dispatche
     assert (code, answer) == (200, {"changed": "link 127.0.0.1 paused"})
 
 
+def test_a_proxy_link_is_steered_by_the_name_the_page_shows(
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer]
+) -> None:
+    """Its name has slashes: the API and ``dispatch link`` take it percent-encoded."""
+    url = make_upstream("microsocks").url
+    proxy = make_proxy([url, "127.0.0.1"])
+    assert dispatch.steer_link(proxy.address, url, {"action": "pause"}) == f"link {url} paused"
+    assert link_states(proxy)[url] == ("paused", 1)
+    path = "/api/links/" + urllib.parse.quote(url, safe="")
+    assert api_post(proxy, path, {"action": "resume"})[::2] == (200, {"changed": f"link {url} resumed"})
+
+
 def test_the_control_api_of_a_dispatch_listening_beyond_loopback_takes_changes_only_with_a_login(
     make_proxy: Callable[..., Dispatcher],
 ) -> None:
@@ -8749,18 +8815,17 @@ def test_shutdown_refuses_a_bad_grace_before_anything_stops(
 def test_a_dispatcher_that_fails_after_listening_leaves_the_port_free(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    listened: list[int] = []
 
-    def refused(*arguments: object) -> str:
+    def refused(port: int, state_file: str | None) -> str:
+        listened.append(port)  # it listens on it by now
         raise OSError(errno.EACCES, "refused")
 
     monkeypatch.setattr(dispatch, "endpoint_record_path", refused)
     with pytest.raises(OSError, match="refused"):
-        Dispatcher(["127.0.0.1"], port=port, state_file=str(tmp_path / "state.json"))
-    monkeypatch.undo()
-    Dispatcher(["127.0.0.1"], port=port).shutdown()  # the port is free again
+        Dispatcher(["127.0.0.1"], port=0, state_file=str(tmp_path / "state.json"))
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", listened[0]))  # the port is free again
 
 
 def test_shutdown_lets_no_idle_thread_linger(make_proxy: Callable[..., Dispatcher], echo_server: Server) -> None:
@@ -8778,6 +8843,28 @@ def test_shutdown_lets_no_idle_thread_linger(make_proxy: Callable[..., Dispatche
     proxy.shutdown()
     lingering = [t for t in set(threading.enumerate()) - before if (t.join(0.3), t.is_alive())[1]]
     assert lingering == []
+
+
+STOPPED_WHILE_STARTING = """
+import signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import dispatch
+proxy = dispatch.Dispatcher(["127.0.0.1"], port=0)
+load = proxy.capacities.load
+proxy.capacities.load = lambda: (time.sleep(0.5), load())  # the signal lands while it starts up
+signal.signal(signal.SIGALRM, lambda *_: proxy.shutdown())
+signal.setitimer(signal.ITIMER_REAL, 0.1)
+proxy.serve_forever()
+print("returned", [t.name for t in dispatch.threading.enumerate() if t.name.startswith("dispatch")], flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (Unix)")
+def test_a_signal_handler_stopping_serve_forever_while_it_starts_up_stops_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_STARTING, HERE], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert (done.stdout, done.stderr) == ("returned []\n", "")
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (Unix)")
@@ -8817,6 +8904,41 @@ def test_shutdown_from_the_accepting_thread_does_not_wait_for_itself(make_proxy:
     assert not serving.is_alive()
     with pytest.raises(OSError):
         socket.create_connection(proxy.address, timeout=1).close()
+
+
+def test_a_response_cut_by_shutdown_is_logged_so_not_as_a_hang_up(
+    proxy: Dispatcher, make_server: Callable[..., Server], log: pytest.LogCaptureFixture
+) -> None:
+    def answer_in_part(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npart")
+        conn.recv(1)  # until the proxy closes
+
+    server = make_server(answer_in_part)
+    with raw_client(proxy) as client:
+        client.sendall(f"GET http://127.0.0.1:{server.port}/big HTTP/1.1\r\n\r\n".encode())
+        recv_until(client, b"part")
+        proxy.shutdown()
+    (exchange,) = [e for e in exchanges(log) if e.target == f"GET http://127.0.0.1:{server.port}/big"]
+    assert exchange.result.startswith("200, ") and exchange.result.endswith(", cut by shutdown")
+    assert "client hung up" not in exchange.result
+
+
+@pytest.mark.parametrize(("kind", "logged"), [("http", "200, cut by shutdown"), ("socks", "cut by shutdown")])
+def test_a_hang_up_seen_once_stopping_closed_the_client_is_logged_as_the_cut(
+    proxy: Dispatcher, log: pytest.LogCaptureFixture, kind: str, logged: str
+) -> None:
+    """Stopping closes the client's socket: the reset the session sees then is the proxy's doing."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        made = {"http": dispatch.HttpProxySession, "socks": dispatch.SocksSession}[kind]
+        session = made(ours, ("192.0.2.7", 5000), dispatch.DeadlineReader(ours), proxy.context)
+        if isinstance(session, dispatch.HttpProxySession):
+            session.record.result, session.responded = "200", True  # the response had begun
+        session.cut = True
+        session.log(ConnectionResetError(errno.ECONNRESET, "reset"))
+    (exchange,) = [e for e in exchanges(log) if e.client == "192.0.2.7:5000"]
+    assert exchange.result == logged
 
 
 def test_shutdown_closes_open_connections(proxy: Dispatcher, echo_server: Server) -> None:
@@ -9227,6 +9349,8 @@ def test_options_keep_what_they_were_given_as_checked() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.port = 1  # type: ignore[misc]
     assert "s3cret" not in repr(dispatch.DispatcherOptions(credentials=users, upstream_passwords={"al": "s3cret"}))
+    pairs = dispatch.DispatcherOptions(credentials=[("alice", "s3cret")])  # as read_auth_file gives them
+    assert dict(pairs.credentials or {}) == {"alice": "s3cret"}
     assert dispatch.DispatcherOptions(state_file=pathlib.Path("/var/lib/dispatch/state.json")).state_file == (
         str(pathlib.Path("/var/lib/dispatch/state.json"))
     )
@@ -9268,7 +9392,7 @@ def test_options_keep_what_they_were_given_as_checked() -> None:
         ("max_connections", 1.5, "max_connections must be int | None; got 1.5"),
         ("transparent", True, "transparent must be int | None; got True"),
         ("allow", "10.0.0.0/8", "allow must be Sequence[str] | None; got '10.0.0.0/8'"),
-        ("dns", [1], "dns must be Sequence[str] | None; got (1,)"),
+        ("dns", [1], "dns must be Sequence[str] | None; got [1]"),
         ("state_file", b"/tmp/state.json", "state_file must be str | None; got b'/tmp/state.json'"),
     ],
 )
@@ -9483,6 +9607,17 @@ def test_cli_start_gives_the_dispatcher_the_options_its_arguments_say(tmp_path: 
     )
     no_state = dispatch._start_options(dispatch._build_parser().parse_args(["start", "--no-state"]))
     assert no_state.state_file is None and no_state.addresses == () and no_state.credentials == {}
+
+
+def test_cli_the_loopback_interface_is_no_link(capsys: pytest.CaptureFixture[str]) -> None:
+    """Its addresses are never usable: a proxy over it would wait for ever."""
+    interfaces = dispatch._interfaces()
+    loopback = [i.name for i in interfaces if i.ips and all(ipaddress.ip_address(ip).is_loopback for ip in i.ips)]
+    if not loopback:
+        pytest.skip("no loopback interface here")
+    assert dispatch.main(["start", "--port", "0", loopback[0]]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dispatch: error: {loopback[0]!r} is the loopback interface: its addresses reach only")
 
 
 @pytest.mark.parametrize(
@@ -10253,8 +10388,7 @@ with dispatch._StopSignals() as stop:
     print("stopping", stop.wait(1), flush=True)
     for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):  # the second, and more: nothing happens
         os.kill(os.getpid(), signum)
-    time.sleep(0.2)
-    print("hurry", stop.hurry.is_set(), "still here", flush=True)
+    print("hurry", stop.hurry.wait(5), "still here", flush=True)
 """
 
 
