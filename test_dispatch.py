@@ -4549,6 +4549,14 @@ def test_plain_http_request_line_to_an_http_upstream(
     assert f"Proxy-Authorization: Basic {base64.b64encode(b'al:pw').decode()}" in lines
 
 
+def udp_associate_code(proxy: Dispatcher) -> int:
+    """The reply code to a UDP ASSOCIATE from anywhere (0.0.0.0:0)."""
+    with raw_client(proxy) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        return socks5_reply(sock)[0]
+
+
 def test_udp_goes_through_a_socks5_upstreams_own_association(
     make_proxy: Callable[..., Dispatcher],
     make_upstream: Callable[..., UpstreamServer],
@@ -4578,28 +4586,19 @@ def test_udp_through_a_stopped_upstream_is_refused_and_logged_once(
     proxy = make_proxy([upstream.url])
     upstream.stop()
     for _ in range(2):
-        with raw_client(proxy) as sock:
-            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
-            assert recv_exactly(sock, 2) == b"\x05\x00"
-            assert socks5_reply(sock)[0] == Reply.HOST_UNREACHABLE
+        assert udp_associate_code(proxy) == Reply.HOST_UNREACHABLE
     assert log.text.count(f"upstream proxy {upstream.url} failed: the upstream proxy: Connection refused") == 1
 
 
 def test_udp_through_a_stopped_upstream_puts_it_out_and_the_next_associations_go_by_another_link(
-    make_proxy: Callable[..., Dispatcher],
-    make_upstream: Callable[..., UpstreamServer],
-    udp_echo: UdpServer,
-    log: pytest.LogCaptureFixture,
+    make_proxy: Callable[..., Dispatcher], make_upstream: Callable[..., UpstreamServer], log: pytest.LogCaptureFixture
 ) -> None:
     upstream = make_upstream("dante")
     proxy = make_proxy([upstream.url, "127.0.0.1"], balance="round-robin")
     upstream.stop()
     codes = []
     for _ in range(6):
-        with raw_client(proxy) as sock:
-            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
-            assert recv_exactly(sock, 2) == b"\x05\x00"
-            codes.append(socks5_reply(sock)[0])
+        codes.append(udp_associate_code(proxy))
     assert codes.count(Reply.SUCCEEDED) >= 5  # one failure at most: the link is out after it
     assert f"sitting out: {upstream.url}: the upstream proxy: Connection refused" in log.text
     (row,) = [row for row in proxy.stats() if row["link"] == upstream.url]
@@ -4658,10 +4657,7 @@ def test_udp_through_an_upstream_that_names_no_usable_relay_is_refused_in_one_li
     url = f"socks5://127.0.0.1:{upstream.port}"
     proxy = make_proxy([url])
     for _ in range(2):
-        with raw_client(proxy) as sock:
-            sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
-            assert recv_exactly(sock, 2) == b"\x05\x00"
-            assert socks5_reply(sock)[0] == Reply.GENERAL_FAILURE
+        assert udp_associate_code(proxy) == Reply.GENERAL_FAILURE
     wait_until_all_closed(proxy)
     proxy.shutdown()
     assert log.text.count(f"upstream proxy {url} failed: the upstream proxy named its UDP relay by a name") == 1
@@ -4705,10 +4701,7 @@ def test_udp_through_an_http_upstream_is_refused_and_the_log_says_why(
 ) -> None:
     upstream = make_upstream("pproxy-http")
     proxy = make_proxy([upstream.url])
-    with raw_client(proxy) as sock:
-        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
-        assert recv_exactly(sock, 2) == b"\x05\x00"
-        assert socks5_reply(sock)[0] == Reply.COMMAND_NOT_SUPPORTED
+    assert udp_associate_code(proxy) == Reply.COMMAND_NOT_SUPPORTED
     wait_until_all_closed(proxy)
     proxy.shutdown()
     (exchange,) = exchanges(log)
