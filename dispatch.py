@@ -1359,6 +1359,11 @@ def header_tokens(headers: Headers, name: str) -> list[str]:
     ]
 
 
+def _is_number(text: str) -> bool:
+    # isdigit() alone admits superscripts ("²") and other scripts' digits.
+    return text.isascii() and text.isdigit()
+
+
 def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int]:
     """Split ``host[:port]`` (``[v6]:port`` for IPv6); ValueError if malformed."""
     if authority.startswith("["):
@@ -1372,7 +1377,7 @@ def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int
         raise ValueError(f"bad host {authority[:80]!r}")
     if not port_text and default_port is not None:
         return host, default_port
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+    if not _is_number(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {authority[:80]!r}")
     return host, int(port_text)
 
@@ -2688,11 +2693,6 @@ def parse_address(text: str) -> AddressSpec:
             raise AddressError(f"{text!r} looks like a network prefix; for a weight write {address}@{suffix}")
         return AddressSpec(address, _weight(text, suffix))
     return AddressSpec(text)
-
-
-def _is_number(text: str) -> bool:
-    # isdigit() alone admits superscripts ("²") and other scripts' digits.
-    return text.isascii() and text.isdigit()
 
 
 def _weight(text: str, weight: str) -> int:
