@@ -1972,6 +1972,11 @@ def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+def _is_multicast_or_broadcast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` names many hosts: no one address to connect or relay to."""
+    return ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255")
+
+
 @functools.lru_cache(maxsize=1024)
 def _client_ip_text(host: str) -> str:
     """_client_ip(host) as text."""
@@ -6205,7 +6210,7 @@ def upstream_relay_address(proxy_ip: str, named: tuple[str, int]) -> Target:
         why = "at port 0"
     elif relay.is_unspecified:
         return proxy_ip, port
-    elif relay.is_multicast or relay == ipaddress.IPv4Address("255.255.255.255"):
+    elif _is_multicast_or_broadcast(relay):
         why = "at a multicast or broadcast address"
     elif relay.is_loopback and not _client_ip(proxy_ip).is_loopback:
         why = "on this machine's loopback, while the proxy is not on loopback"
@@ -11905,7 +11910,7 @@ def listen_address_problem(host: str) -> str | None:
         return "an empty address: write 0.0.0.0 (or ::) to listen on every address"
     if _is_ip(host):
         ip = ipaddress.ip_address(host.partition("%")[0])
-        if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        if _is_multicast_or_broadcast(ip):
             return f"{host!r} is a multicast or broadcast address: no client connects to it"
         return None
     try:
@@ -12043,7 +12048,8 @@ class DispatcherOptions:
 
     def _validate_types(self) -> None:
         """Each option against its annotation (the durations are checked
-        with their range); a collection read first, once, into a tuple."""
+        with their range); a sequence kept as a tuple, read once (a
+        generator), and logins given as pairs as a mapping."""
         kinds = _option_types()
         for field in dataclasses.fields(self):
             name, kind = field.name, kinds[field.name]
@@ -12052,7 +12058,7 @@ class DispatcherOptions:
                 value = os.fspath(value)
             elif name in _LOGIN_OPTIONS and isinstance(value, Iterable) and not isinstance(value, (str, Mapping)):
                 with contextlib.suppress(TypeError, ValueError):  # (user, password) pairs, as read_auth_file gives
-                    value = types.MappingProxyType(dict(value))
+                    value = dict(value)
             elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, tuple)):
                 value = tuple(value)  # a generator is read once, here
             if value is not given:
@@ -12120,29 +12126,22 @@ class DispatcherOptions:
             raise ValueError(f"mptcp: {unavailable}")
 
     def _keep_collections(self) -> None:
-        """Keep each collection as a tuple or a read-only mapping (a
-        generator is read once), each entry checked; page hosts as compared."""
+        """Keep each mapping as a read-only copy (the sequences are tuples
+        by now, see _validate_types), each entry checked; page hosts as
+        compared."""
         if self.addresses is not None:
-            self._keep("addresses", tuple(self.addresses))
             self._each("addresses", lambda address: isinstance(address, str) and parse_address(address), self.addresses)
-        self._keep("checks", tuple(self.checks))
         self._each("checks", parse_check_target, self.checks)
         self._keep("page_hosts", tuple(self._each("page_hosts", page_host, self.page_hosts)))
         if self.allow is not None:
-            self._keep("allow", tuple(self.allow))
             self._each("allow", lambda network: ipaddress.ip_network(network, strict=False), self.allow)
-        self._keep("allow_targets", tuple(self.allow_targets))
         self._each("allow_targets", lambda network: ipaddress.ip_network(network, strict=False), self.allow_targets)
-        self._keep("lan", tuple(self.lan))
-        if self.dns is not None:
-            self._keep("dns", tuple(self.dns))
         self._each("dns", parse_dns_option, [self.dns])
         for name in ("credentials", "upstream_passwords"):
             logins = getattr(self, name)
             if logins is not None:
                 self._keep(name, types.MappingProxyType(dict(logins)))
         self._each("credentials", lambda login: _encode_credential(*login), (self.credentials or {}).items())
-        self._keep("caps", tuple(self.caps))
         periods = [(cap.link, cap.period) for cap in self._each("caps", parse_cap, self.caps)]
         for link, period in periods:
             if periods.count((link, period)) > 1:
